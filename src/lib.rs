@@ -1,0 +1,17 @@
+//! keyward: a secrets vault and rotation broker for non-human identities.
+//!
+//! # Layout
+//!
+//! The modules follow the layers of DESIGN.md; an arrow only points down.
+//!
+//! - `cli`, `api` — the command line (through `client` only) and the gRPC
+//!   services (protobuf <-> domain mapping and error -> status mapping, no rules).
+//! - `core` — one request: authenticate -> authorize -> act -> audit.
+//! - `secrets`, `audit` — domain modules, each under its own storage prefix.
+//! - `barrier` — the seal, the keyring and AES-256-GCM around every value.
+//! - `storage` — the `Backend` trait and its sled implementation.
+//! - `client` — the public client that the CLI, examples and applications use.
+
+pub mod barrier;
+pub mod proto;
+pub mod storage;

@@ -1,0 +1,2 @@
+//! STUB: group commit is being written.
+pub struct GroupCommit;

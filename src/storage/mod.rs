@@ -1,0 +1,67 @@
+//! Storage: an ordered key/value `Backend` that knows nothing of encryption.
+//!
+//! Every byte a backend sees is ciphertext made by `barrier`, except the seal
+//! configuration needed to unseal. Domain modules never use a backend
+//! directly: they go through the barrier, each under its own key prefix.
+//!
+//! Durability: `put`, `delete` and `batch` return once the change is visible;
+//! `flush` blocks until every change made before it began is on disk.
+//! `GroupCommit` wraps a backend for async callers: concurrent callers of
+//! `GroupCommit::durable` share one flush.
+
+mod group_commit;
+mod sled_backend;
+
+pub use group_commit::GroupCommit;
+pub use sled_backend::SledBackend;
+
+/// Errors of a storage backend. Messages name the operation, never a value.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage i/o failed: {0}")]
+    Io(String),
+    #[error("storage is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// One operation of an atomic batch.
+#[derive(Clone)]
+pub enum BatchOp {
+    Put(Vec<u8>, Vec<u8>),
+    Delete(Vec<u8>),
+}
+
+/// The outcome of a compare-and-swap.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CasOutcome {
+    Swapped,
+    /// The stored value was not the expected one; it holds `current`.
+    Conflict { current: Option<Vec<u8>> },
+}
+
+/// An ordered key/value store.
+pub trait Backend: Send + Sync + 'static {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
+    fn put(&self, key: &[u8], value: &[u8]) -> Result<(), StorageError>;
+    fn delete(&self, key: &[u8]) -> Result<(), StorageError>;
+    /// All pairs whose key starts with `prefix`, in key order.
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError>;
+    /// Pairs with `start <= key < end`, in key order, at most `limit`.
+    fn scan_range(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError>;
+    /// Sets `key` to `new` (or removes it for `None`) only if it holds `expected`.
+    fn compare_and_swap(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<CasOutcome, StorageError>;
+    /// Applies every operation or none.
+    fn batch(&self, ops: Vec<BatchOp>) -> Result<(), StorageError>;
+    /// Blocks until every write made before the call is on disk.
+    fn flush(&self) -> Result<(), StorageError>;
+}

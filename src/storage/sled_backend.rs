@@ -1,0 +1,2 @@
+//! STUB: the sled implementation of `Backend` is being written.
+pub struct SledBackend;
