@@ -14,4 +14,5 @@
 
 pub mod barrier;
 pub mod proto;
+pub mod secrecy;
 pub mod storage;
