@@ -12,7 +12,9 @@
 //! - `storage` — the `Backend` trait and its sled implementation.
 //! - `client` — the public client that the CLI, examples and applications use.
 
+pub mod audit;
 pub mod barrier;
+pub mod metrics;
 pub mod proto;
 pub mod secrecy;
 pub mod storage;
