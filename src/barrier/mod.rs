@@ -76,7 +76,9 @@ pub struct BarrierOptions {
 
 impl Default for BarrierOptions {
     fn default() -> Self {
-        Self { max_encryptions_per_term: 1 << 30 }
+        Self {
+            max_encryptions_per_term: 1 << 30,
+        }
     }
 }
 

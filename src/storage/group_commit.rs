@@ -1,2 +1,327 @@
-//! STUB: group commit is being written.
-pub struct GroupCommit;
+//! Group commit: many async writers, one flush.
+//!
+//! A flush makes durable every write made before it *began*. A caller of
+//! [`GroupCommit::durable`] therefore needs a flush that starts after its call:
+//!
+//! - if no flush is running, it starts round `r = started + 1` itself;
+//! - if round `r` is running, its write may have missed it, so it asks for
+//!   round `r + 1`, which the runner starts as soon as `r` ends.
+//!
+//! Every caller that arrives while round `r` runs shares round `r + 1`: under
+//! load there are at most two rounds in play whatever the number of callers.
+//!
+//! The flush itself is blocking disk I/O and runs in `spawn_blocking`. The loop
+//! that chains rounds runs in its own task, so a caller that gives up (its
+//! future is dropped) never strands the callers waiting on the same round.
+//! The round bookkeeping sits under a std `Mutex` that is never held across an
+//! `.await`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::watch;
+
+use super::{Backend, StorageError};
+
+/// Shares `Backend::flush` between concurrent async callers.
+pub struct GroupCommit {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    backend: Arc<dyn Backend>,
+    rounds: Mutex<Rounds>,
+    /// The last finished round and its outcome.
+    done: watch::Sender<Finished>,
+    flushes: AtomicU64,
+}
+
+/// Round numbers start at 1; 0 means "none yet".
+struct Rounds {
+    /// The round running now, or the last one that ran.
+    started: u64,
+    /// The highest round any caller waits for.
+    requested: u64,
+    /// Whether a runner task is alive (it then owns starting the next round).
+    running: bool,
+}
+
+#[derive(Clone)]
+struct Finished {
+    round: u64,
+    result: Result<(), StorageError>,
+}
+
+impl std::fmt::Debug for GroupCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupCommit")
+            .field("flushes", &self.flush_count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl GroupCommit {
+    pub fn new(backend: Arc<dyn Backend>) -> Self {
+        let (done, _) = watch::channel(Finished {
+            round: 0,
+            result: Ok(()),
+        });
+        Self {
+            inner: Arc::new(Inner {
+                backend,
+                rounds: Mutex::new(Rounds {
+                    started: 0,
+                    requested: 0,
+                    running: false,
+                }),
+                done,
+                flushes: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Returns once every write made before this call is on disk, or the
+    /// error of the flush that should have made it so.
+    ///
+    /// Must be called from within a tokio runtime.
+    pub async fn durable(&self) -> Result<(), StorageError> {
+        let mut done = self.inner.done.subscribe();
+        let target = {
+            let mut rounds = self
+                .inner
+                .rounds
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            // The running round (if any) may have begun before our write.
+            let target = rounds.started + 1;
+            rounds.requested = rounds.requested.max(target);
+            if !rounds.running {
+                rounds.running = true;
+                rounds.started = target;
+                tokio::spawn(Inner::run(Arc::clone(&self.inner)));
+            }
+            target
+        };
+        let finished = done
+            .wait_for(|finished| finished.round >= target)
+            .await
+            .map_err(|_| StorageError::Io("flush: group commit stopped".into()))?;
+        // A later round also began after our write: its outcome is ours.
+        finished.result.clone()
+    }
+
+    /// How many flushes this group commit has run (failed ones included).
+    pub fn flush_count(&self) -> u64 {
+        self.inner.flushes.load(Ordering::Relaxed)
+    }
+}
+
+impl Inner {
+    /// Runs rounds back to back while callers wait for one not yet started.
+    async fn run(self: Arc<Self>) {
+        loop {
+            let backend = Arc::clone(&self.backend);
+            let result = tokio::task::spawn_blocking(move || backend.flush())
+                .await
+                .unwrap_or_else(|_| Err(StorageError::Io("flush: the flush task failed".into())));
+            self.flushes.fetch_add(1, Ordering::Relaxed);
+            if let Err(error) = &result {
+                tracing::error!(%error, "storage flush failed");
+            }
+
+            let mut rounds = self.rounds.lock().unwrap_or_else(PoisonError::into_inner);
+            self.done.send_replace(Finished {
+                round: rounds.started,
+                result,
+            });
+            if rounds.requested > rounds.started {
+                rounds.started += 1;
+            } else {
+                rounds.running = false;
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::storage::{BatchOp, CasOutcome, KeyValues, SledBackend};
+
+    #[tokio::test]
+    async fn concurrent_callers_share_flushes() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend: Arc<dyn Backend> = Arc::new(SledBackend::open(dir.path()).unwrap());
+        let commit = Arc::new(GroupCommit::new(Arc::clone(&backend)));
+
+        const CALLERS: u64 = 64;
+        let mut tasks = Vec::new();
+        for i in 0..CALLERS {
+            let backend = Arc::clone(&backend);
+            let commit = Arc::clone(&commit);
+            tasks.push(tokio::spawn(async move {
+                backend.put(format!("k{i}").as_bytes(), b"v").unwrap();
+                commit.durable().await
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        let flushes = commit.flush_count();
+        assert!(flushes >= 1);
+        assert!(
+            flushes < CALLERS / 4,
+            "{CALLERS} callers ran {flushes} flushes"
+        );
+
+        // A lone caller still gets its own flush.
+        commit.durable().await.unwrap();
+        assert_eq!(commit.flush_count(), flushes + 1);
+    }
+
+    /// A backend whose flush announces itself and then waits to be released.
+    struct GatedBackend {
+        entered: Mutex<mpsc::Sender<()>>,
+        release: Mutex<mpsc::Receiver<()>>,
+        fail: AtomicBool,
+    }
+
+    impl Backend for GatedBackend {
+        fn get(&self, _: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+            Ok(None)
+        }
+        fn put(&self, _: &[u8], _: &[u8]) -> Result<(), StorageError> {
+            Ok(())
+        }
+        fn delete(&self, _: &[u8]) -> Result<(), StorageError> {
+            Ok(())
+        }
+        fn scan_prefix(&self, _: &[u8]) -> Result<KeyValues, StorageError> {
+            Ok(Vec::new())
+        }
+        fn scan_range(&self, _: &[u8], _: &[u8], _: usize) -> Result<KeyValues, StorageError> {
+            Ok(Vec::new())
+        }
+        fn compare_and_swap(
+            &self,
+            _: &[u8],
+            _: Option<&[u8]>,
+            _: Option<&[u8]>,
+        ) -> Result<CasOutcome, StorageError> {
+            Ok(CasOutcome::Swapped)
+        }
+        fn batch(&self, _: Vec<BatchOp>) -> Result<(), StorageError> {
+            Ok(())
+        }
+        fn flush(&self) -> Result<(), StorageError> {
+            self.entered.lock().unwrap().send(()).unwrap();
+            self.release.lock().unwrap().recv().unwrap();
+            if self.fail.load(Ordering::SeqCst) {
+                Err(StorageError::Io("flush: disk on fire".into()))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    struct Gate {
+        backend: Arc<GatedBackend>,
+        entered: Arc<Mutex<mpsc::Receiver<()>>>,
+        release: mpsc::Sender<()>,
+    }
+
+    fn gate() -> Gate {
+        let (entered_tx, entered_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel();
+        Gate {
+            backend: Arc::new(GatedBackend {
+                entered: Mutex::new(entered_tx),
+                release: Mutex::new(release_rx),
+                fail: AtomicBool::new(false),
+            }),
+            entered: Arc::new(Mutex::new(entered_rx)),
+            release: release_tx,
+        }
+    }
+
+    impl Gate {
+        /// Waits until a flush has begun; fails the test after a long while.
+        async fn flush_began(&self) {
+            let entered = Arc::clone(&self.entered);
+            tokio::task::spawn_blocking(move || {
+                entered
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(30))
+                    .expect("a flush should have begun")
+            })
+            .await
+            .unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_caller_arriving_during_a_flush_waits_for_the_next_one() {
+        let gate = gate();
+        let commit = Arc::new(GroupCommit::new(gate.backend.clone()));
+
+        let first = tokio::spawn({
+            let commit = Arc::clone(&commit);
+            async move { commit.durable().await }
+        });
+        gate.flush_began().await;
+
+        // Round 1 is running: these callers' writes may have missed it.
+        let late: Vec<_> = (0..8)
+            .map(|_| {
+                let commit = Arc::clone(&commit);
+                tokio::spawn(async move { commit.durable().await })
+            })
+            .collect();
+        for _ in 0..8 {
+            tokio::task::yield_now().await;
+        }
+
+        gate.release.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        // Round 2 starts for the late callers, and they are still waiting.
+        gate.flush_began().await;
+        assert!(late.iter().all(|task| !task.is_finished()));
+
+        gate.release.send(()).unwrap();
+        for task in late {
+            task.await.unwrap().unwrap();
+        }
+        assert_eq!(commit.flush_count(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_failed_flush_is_reported_to_its_callers() {
+        let gate = gate();
+        let commit = Arc::new(GroupCommit::new(gate.backend.clone()));
+        let durable = |commit: &Arc<GroupCommit>| {
+            let commit = Arc::clone(commit);
+            tokio::spawn(async move { commit.durable().await })
+        };
+
+        gate.backend.fail.store(true, Ordering::SeqCst);
+        let failing = durable(&commit);
+        gate.flush_began().await;
+        gate.release.send(()).unwrap();
+        let error = failing.await.unwrap().unwrap_err();
+        assert!(error.to_string().contains("disk on fire"), "{error}");
+
+        gate.backend.fail.store(false, Ordering::SeqCst);
+        let working = durable(&commit);
+        gate.flush_began().await;
+        gate.release.send(()).unwrap();
+        working.await.unwrap().unwrap();
+        assert_eq!(commit.flush_count(), 2);
+    }
+}

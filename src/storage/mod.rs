@@ -16,13 +16,17 @@ pub use group_commit::GroupCommit;
 pub use sled_backend::SledBackend;
 
 /// Errors of a storage backend. Messages name the operation, never a value.
-#[derive(Debug, thiserror::Error)]
+/// `Clone` so that one failed group flush can be reported to every waiter.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StorageError {
     #[error("storage i/o failed: {0}")]
     Io(String),
     #[error("storage is corrupt: {0}")]
     Corrupt(String),
 }
+
+/// Key/value pairs in key order, as scans return them.
+pub type KeyValues = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// One operation of an atomic batch.
 #[derive(Clone)]
@@ -36,7 +40,9 @@ pub enum BatchOp {
 pub enum CasOutcome {
     Swapped,
     /// The stored value was not the expected one; it holds `current`.
-    Conflict { current: Option<Vec<u8>> },
+    Conflict {
+        current: Option<Vec<u8>>,
+    },
 }
 
 /// An ordered key/value store.
@@ -45,14 +51,10 @@ pub trait Backend: Send + Sync + 'static {
     fn put(&self, key: &[u8], value: &[u8]) -> Result<(), StorageError>;
     fn delete(&self, key: &[u8]) -> Result<(), StorageError>;
     /// All pairs whose key starts with `prefix`, in key order.
-    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError>;
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<KeyValues, StorageError>;
     /// Pairs with `start <= key < end`, in key order, at most `limit`.
-    fn scan_range(
-        &self,
-        start: &[u8],
-        end: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError>;
+    fn scan_range(&self, start: &[u8], end: &[u8], limit: usize)
+        -> Result<KeyValues, StorageError>;
     /// Sets `key` to `new` (or removes it for `None`) only if it holds `expected`.
     fn compare_and_swap(
         &self,
