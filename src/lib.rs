@@ -12,9 +12,19 @@
 //! - `storage` — the `Backend` trait and its sled implementation.
 //! - `client` — the public client that the CLI, examples and applications use.
 
+pub mod api;
 pub mod audit;
 pub mod barrier;
+pub mod client;
+pub mod config;
+pub mod core;
+pub mod dev;
 pub mod metrics;
+pub mod pki;
+pub mod policy;
 pub mod proto;
 pub mod secrecy;
+pub mod secrets;
+pub mod server;
 pub mod storage;
+pub mod token;

@@ -1,0 +1,326 @@
+//! api: the gRPC services. Each file maps one service's protobuf to domain
+//! types and calls the core; this file holds what every service shares: the
+//! per-call life cycle (`Call`) and the one mapping of domain errors to gRPC
+//! status codes. No business rule lives here.
+
+pub mod secrets;
+pub mod sys;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tonic::{Code, Request, Status};
+use zeroize::Zeroizing;
+
+use crate::audit::{AuditError, AuditEvent, Outcome};
+use crate::barrier::BarrierError;
+use crate::core::{AuthError, Authorized, Caller, Core, CoreError};
+use crate::policy::Capability;
+use crate::secrets::{InputError, SecretsError};
+
+/// A domain error on its way to the wire: a code and a message that is safe
+/// to show (no secret material ever reaches one).
+#[derive(Debug)]
+pub struct Failure {
+    code: Code,
+    message: String,
+}
+
+impl Failure {
+    fn new(code: Code, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn internal(detail: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %detail, "internal error");
+        Self::new(Code::Internal, "internal error; see the server log")
+    }
+}
+
+impl From<BarrierError> for Failure {
+    fn from(e: BarrierError) -> Self {
+        match e {
+            BarrierError::Sealed => Self::new(Code::Unavailable, "the vault is sealed"),
+            BarrierError::NotInitialized => {
+                Self::new(Code::Unavailable, "the vault is not initialized")
+            }
+            BarrierError::AlreadyInitialized => Self::new(Code::FailedPrecondition, e.to_string()),
+            BarrierError::InvalidSealParameters(_)
+            | BarrierError::MalformedShare(_)
+            | BarrierError::ShareOfAnotherVault
+            | BarrierError::DuplicateShare
+            | BarrierError::WrongShares => Self::new(Code::InvalidArgument, e.to_string()),
+            other => Self::internal(other),
+        }
+    }
+}
+
+impl From<AuthError> for Failure {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::MissingToken | AuthError::BadToken => {
+                Self::new(Code::Unauthenticated, e.to_string())
+            }
+            AuthError::Denied => Self::new(Code::PermissionDenied, e.to_string()),
+            AuthError::Barrier(b) => b.into(),
+            other => Self::internal(other),
+        }
+    }
+}
+
+impl From<AuditError> for Failure {
+    fn from(e: AuditError) -> Self {
+        tracing::error!(error = %e, "audit log write failed; refusing the request");
+        Self::new(
+            Code::Unavailable,
+            "the audit log cannot be written; request refused",
+        )
+    }
+}
+
+impl From<CoreError> for Failure {
+    fn from(e: CoreError) -> Self {
+        match e {
+            CoreError::Barrier(b) => b.into(),
+            CoreError::Auth(a) => a.into(),
+            CoreError::Audit(a) => a.into(),
+        }
+    }
+}
+
+impl From<InputError> for Failure {
+    fn from(e: InputError) -> Self {
+        Self::new(Code::InvalidArgument, e.to_string())
+    }
+}
+
+impl From<SecretsError> for Failure {
+    fn from(e: SecretsError) -> Self {
+        match e {
+            SecretsError::Input(i) => i.into(),
+            SecretsError::NotFound
+            | SecretsError::NoSuchVersion(_)
+            | SecretsError::NoSuchStage(_)
+            | SecretsError::Deleted(_)
+            | SecretsError::Destroyed(_) => Self::new(Code::NotFound, e.to_string()),
+            SecretsError::CasMismatch { .. } => Self::new(Code::FailedPrecondition, e.to_string()),
+            SecretsError::Barrier(b) => b.into(),
+            SecretsError::Corrupt => Self::internal(e),
+        }
+    }
+}
+
+/// The gRPC name of a code, as audit records and metrics write it.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Whether a call needs a token.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Status, unseal and init: answered sealed and without a token.
+    Open,
+    /// Everything else: the vault must be unsealed and the token valid.
+    Token,
+}
+
+/// One RPC from arrival to answer. Every path out of a handler goes through
+/// `fail` or `ok`, which write the audit record (before the answer leaves)
+/// and the metrics; if the audit record cannot be written, the call fails.
+pub struct Call {
+    core: Arc<Core>,
+    method: &'static str,
+    request_id: String,
+    source: Option<SocketAddr>,
+    token: Option<Zeroizing<String>>,
+    caller: Option<Caller>,
+    resource: Option<String>,
+    started: Instant,
+    finished: bool,
+}
+
+fn request_id<T>(req: &Request<T>) -> String {
+    let given = req
+        .metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    match given {
+        Some(id) => id.to_owned(),
+        None => uuid::Uuid::now_v7().to_string(),
+    }
+}
+
+fn bearer<T>(req: &Request<T>) -> Option<Zeroizing<String>> {
+    let value = req.metadata().get("authorization")?.to_str().ok()?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))?;
+    Some(Zeroizing::new(token.trim().to_owned()))
+}
+
+impl Call {
+    /// Starts a call: for `Access::Token`, checks the seal and the token.
+    pub fn begin<T>(
+        core: &Arc<Core>,
+        method: &'static str,
+        access: Access,
+        req: &Request<T>,
+    ) -> Result<Self, Status> {
+        let mut call = Self {
+            core: core.clone(),
+            method,
+            request_id: request_id(req),
+            source: req.remote_addr(),
+            token: bearer(req),
+            caller: None,
+            resource: None,
+            started: Instant::now(),
+            finished: false,
+        };
+        if access == Access::Token {
+            if core.is_sealed() {
+                return Err(call.fail(BarrierError::Sealed));
+            }
+            let authenticated = match call.token.as_deref() {
+                None => Err(AuthError::MissingToken),
+                Some(token) => core.gate.authenticate(token),
+            };
+            match authenticated {
+                Ok(caller) => call.caller = Some(caller),
+                Err(e) => return Err(call.fail(e)),
+            }
+        }
+        Ok(call)
+    }
+
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// Parses a piece of input; a refusal is audited and answered.
+    pub fn parse<T, E: Into<Failure>>(&mut self, parsed: Result<T, E>) -> Result<T, Status> {
+        parsed.map_err(|e| self.fail(e))
+    }
+
+    /// Checks the caller's policies for `capability` on `resource`.
+    pub fn authorize(
+        &mut self,
+        capability: Capability,
+        resource: String,
+    ) -> Result<Authorized, Status> {
+        let decision = match &self.caller {
+            Some(caller) => self.core.gate.authorize(caller, capability, &resource),
+            None => Err(AuthError::MissingToken),
+        };
+        self.resource = Some(resource);
+        decision.map_err(|e| self.fail(e))
+    }
+
+    /// Records the resource of a call that needs no policy check.
+    pub fn set_resource(&mut self, resource: impl Into<String>) {
+        self.resource = Some(resource.into());
+    }
+
+    /// Maps a domain result; an error is audited and answered.
+    pub fn check<T, E: Into<Failure>>(&mut self, result: Result<T, E>) -> Result<T, Status> {
+        result.map_err(|e| self.fail(e))
+    }
+
+    /// Ends the call with an error.
+    pub fn fail(&mut self, error: impl Into<Failure>) -> Status {
+        let failure = error.into();
+        let outcome = match failure.code {
+            Code::PermissionDenied | Code::Unauthenticated => Outcome::Denied,
+            _ => Outcome::Failed,
+        };
+        match self.finish(outcome, failure.code, Some(&failure.message), &[]) {
+            Ok(()) => Status::new(failure.code, failure.message),
+            Err(status) => status,
+        }
+    }
+
+    /// Ends the call successfully; `values` are the secret values it carried
+    /// (written to the audit log only as HMACs).
+    pub fn ok(mut self, values: &[(&str, &[u8])]) -> Result<(), Status> {
+        self.finish(Outcome::Allowed, Code::Ok, None, values)
+    }
+
+    fn finish(
+        &mut self,
+        outcome: Outcome,
+        code: Code,
+        error: Option<&str>,
+        values: &[(&str, &[u8])],
+    ) -> Result<(), Status> {
+        self.finished = true;
+        let source = self.source.map(|s| s.to_string());
+        let event = AuditEvent {
+            request_id: &self.request_id,
+            method: self.method,
+            resource: self.resource.as_deref(),
+            identity: self.caller.as_ref().map(|c| c.identity.as_str()),
+            accessor: self.caller.as_ref().map(|c| c.accessor.as_str()),
+            source: source.as_deref(),
+            outcome,
+            code: code_name(code),
+            error,
+            token: self.token.as_deref().map(|t| t.as_bytes()),
+            values,
+        };
+        let written = self.core.audit.append(&event);
+        let code = if written.is_ok() {
+            code
+        } else {
+            Code::Unavailable
+        };
+        self.core
+            .metrics
+            .observe_request(self.method, code_name(code), self.started.elapsed());
+        written.map_err(|e| {
+            let f = Failure::from(e);
+            Status::new(f.code, f.message)
+        })
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if !self.finished {
+            // A handler returned without answering through `ok` or `fail`
+            // (a bug, or the client went away mid-call): still audit it.
+            let _ = self.finish(
+                Outcome::Failed,
+                Code::Cancelled,
+                Some("call ended without an answer"),
+                &[],
+            );
+        }
+    }
+}

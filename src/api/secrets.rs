@@ -1,0 +1,218 @@
+//! `keyward.v1.Secrets`: versioned key/value secrets.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::{Access, Call};
+use crate::core::{now_ms, Core};
+use crate::policy::Capability;
+use crate::proto::v1::secrets_server::Secrets;
+use crate::proto::v1::*;
+use crate::secrecy::{SecretBytes, SecretData};
+use crate::secrets::{ListPrefix, PutRequest, SecretPath, Selector, Stage};
+
+pub struct SecretsService {
+    core: Arc<Core>,
+}
+
+impl SecretsService {
+    pub fn new(core: Arc<Core>) -> Self {
+        Self { core }
+    }
+}
+
+pub(crate) fn timestamp(ms: u64) -> Option<prost_types::Timestamp> {
+    (ms != 0).then(|| prost_types::Timestamp {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    })
+}
+
+#[tonic::async_trait]
+impl Secrets for SecretsService {
+    async fn put(
+        &self,
+        req: Request<PutSecretRequest>,
+    ) -> Result<Response<PutSecretResponse>, Status> {
+        let mut call = Call::begin(&self.core, "keyward.v1.Secrets/Put", Access::Token, &req)?;
+        let mut r = req.into_inner();
+        let path = call.parse(SecretPath::parse(&r.path))?;
+        call.authorize(Capability::Write, path.resource())?;
+        let data: SecretData = std::mem::take(&mut r.data)
+            .into_iter()
+            .map(|(k, v)| (k, SecretBytes::new(v)))
+            .collect();
+        let put = PutRequest {
+            path: path.clone(),
+            data,
+            cas: r.cas,
+            max_versions: r.max_versions,
+            owner: r.owner,
+            stage: Stage::Current,
+        };
+        let values: Vec<(String, SecretBytes)> = put
+            .data
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let version = call.check(self.core.secrets.put(put, now_ms()))?;
+        call.check(self.core.secrets.durable().await)?;
+        let refs: Vec<(&str, &[u8])> = values
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.expose()))
+            .collect();
+        call.ok(&refs)?;
+        Ok(Response::new(PutSecretResponse {
+            path: path.to_string(),
+            version,
+        }))
+    }
+
+    async fn get(
+        &self,
+        req: Request<GetSecretRequest>,
+    ) -> Result<Response<GetSecretResponse>, Status> {
+        let mut call = Call::begin(&self.core, "keyward.v1.Secrets/Get", Access::Token, &req)?;
+        let r = req.into_inner();
+        let path = call.parse(SecretPath::parse(&r.path))?;
+        let selector = match (r.version, r.stage.as_deref()) {
+            (Some(v), _) if v != 0 => Selector::Version(v),
+            (_, stage) => Selector::Stage(call.parse(Stage::parse(stage.unwrap_or("")))?),
+        };
+        call.authorize(Capability::Read, path.resource())?;
+        let found = call.check(self.core.secrets.get(&path, selector))?;
+        let refs: Vec<(&str, &[u8])> = found
+            .data
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.expose()))
+            .collect();
+        call.ok(&refs)?;
+        Ok(Response::new(GetSecretResponse {
+            path: path.to_string(),
+            version: found.version,
+            stage: found
+                .stage
+                .map(|s| s.as_str().to_owned())
+                .unwrap_or_default(),
+            data: found
+                .data
+                .iter()
+                .map(|(k, v)| (k.clone(), v.expose().to_vec()))
+                .collect(),
+            created_at: timestamp(found.created_at_ms),
+        }))
+    }
+
+    async fn list(
+        &self,
+        req: Request<ListSecretsRequest>,
+    ) -> Result<Response<ListSecretsResponse>, Status> {
+        let mut call = Call::begin(&self.core, "keyward.v1.Secrets/List", Access::Token, &req)?;
+        let prefix = call.parse(ListPrefix::parse(&req.get_ref().prefix))?;
+        call.authorize(Capability::List, prefix.resource())?;
+        let paths = call.check(self.core.secrets.list(&prefix))?;
+        call.ok(&[])?;
+        Ok(Response::new(ListSecretsResponse { paths }))
+    }
+
+    async fn metadata(
+        &self,
+        req: Request<SecretMetadataRequest>,
+    ) -> Result<Response<SecretMetadata>, Status> {
+        let mut call = Call::begin(
+            &self.core,
+            "keyward.v1.Secrets/Metadata",
+            Access::Token,
+            &req,
+        )?;
+        let path = call.parse(SecretPath::parse(&req.get_ref().path))?;
+        call.authorize(Capability::Read, path.resource())?;
+        let meta = call.check(self.core.secrets.metadata(&path))?;
+        call.ok(&[])?;
+        Ok(Response::new(SecretMetadata {
+            path: path.to_string(),
+            current_version: meta.current,
+            newest_version: meta.newest,
+            max_versions: meta.max_versions,
+            owner: meta.owner.clone(),
+            created_at: timestamp(meta.created_at_ms),
+            updated_at: timestamp(meta.updated_at_ms),
+            versions: meta
+                .versions
+                .iter()
+                .map(|v| crate::proto::v1::SecretVersion {
+                    version: v.version,
+                    created_at: timestamp(v.created_at_ms),
+                    deleted_at: timestamp(v.deleted_at_ms),
+                    destroyed: v.destroyed,
+                    stage: meta
+                        .stage_of(v.version)
+                        .map(|s| s.as_str().to_owned())
+                        .unwrap_or_default(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<DeleteSecretRequest>,
+    ) -> Result<Response<DeleteSecretResponse>, Status> {
+        let mut call = Call::begin(&self.core, "keyward.v1.Secrets/Delete", Access::Token, &req)?;
+        let path = call.parse(SecretPath::parse(&req.get_ref().path))?;
+        call.authorize(Capability::Delete, path.resource())?;
+        call.check(
+            self.core
+                .secrets
+                .delete(&path, req.get_ref().version, now_ms()),
+        )?;
+        call.check(self.core.secrets.durable().await)?;
+        call.ok(&[])?;
+        Ok(Response::new(DeleteSecretResponse {}))
+    }
+
+    async fn undelete(
+        &self,
+        req: Request<UndeleteSecretRequest>,
+    ) -> Result<Response<UndeleteSecretResponse>, Status> {
+        let mut call = Call::begin(
+            &self.core,
+            "keyward.v1.Secrets/Undelete",
+            Access::Token,
+            &req,
+        )?;
+        let path = call.parse(SecretPath::parse(&req.get_ref().path))?;
+        call.authorize(Capability::Write, path.resource())?;
+        call.check(
+            self.core
+                .secrets
+                .undelete(&path, req.get_ref().version, now_ms()),
+        )?;
+        call.check(self.core.secrets.durable().await)?;
+        call.ok(&[])?;
+        Ok(Response::new(UndeleteSecretResponse {}))
+    }
+
+    async fn destroy(
+        &self,
+        req: Request<DestroySecretRequest>,
+    ) -> Result<Response<DestroySecretResponse>, Status> {
+        let mut call = Call::begin(
+            &self.core,
+            "keyward.v1.Secrets/Destroy",
+            Access::Token,
+            &req,
+        )?;
+        let path = call.parse(SecretPath::parse(&req.get_ref().path))?;
+        call.authorize(Capability::Destroy, path.resource())?;
+        call.check(
+            self.core
+                .secrets
+                .destroy(&path, req.get_ref().version, now_ms()),
+        )?;
+        call.check(self.core.secrets.durable().await)?;
+        call.ok(&[])?;
+        Ok(Response::new(DestroySecretResponse {}))
+    }
+}

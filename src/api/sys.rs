@@ -1,0 +1,143 @@
+//! `keyward.v1.Sys`: init, unseal, seal, status, key rotation, audit hash.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::{Access, Call, Failure};
+use crate::core::Core;
+use crate::policy::Capability;
+use crate::proto::v1::sys_server::Sys;
+use crate::proto::v1::*;
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+pub struct SysService {
+    core: Arc<Core>,
+    health: tonic_health::server::HealthReporter,
+}
+
+impl SysService {
+    pub fn new(core: Arc<Core>, health: tonic_health::server::HealthReporter) -> Self {
+        Self { core, health }
+    }
+}
+
+/// Tells the health service whether the vault can serve.
+pub async fn publish_health(health: &tonic_health::server::HealthReporter, sealed: bool) {
+    use tonic_health::ServingStatus;
+    let status = if sealed {
+        ServingStatus::NotServing
+    } else {
+        ServingStatus::Serving
+    };
+    for name in ["", "keyward.v1.Secrets", "keyward.v1.Sys"] {
+        health.set_service_status(name, status).await;
+    }
+}
+
+fn status_message(core: &Core) -> StatusResponse {
+    let s = core.status();
+    StatusResponse {
+        sealed: s.sealed,
+        initialized: s.initialized,
+        version: VERSION.to_owned(),
+        progress: s.progress,
+        threshold: s.threshold,
+        shares: s.shares,
+        key_term: s.key_term,
+        audit_head: core.audit.head(),
+    }
+}
+
+#[tonic::async_trait]
+impl Sys for SysService {
+    async fn init(&self, req: Request<InitRequest>) -> Result<Response<InitResponse>, Status> {
+        let mut call = Call::begin(&self.core, "keyward.v1.Sys/Init", Access::Open, &req)?;
+        call.set_resource("sys/init");
+        let r = req.into_inner();
+        let shares = call.parse(u8::try_from(r.shares).map_err(|_| {
+            Failure::new(
+                tonic::Code::InvalidArgument,
+                "shares must be between 1 and 255",
+            )
+        }))?;
+        let threshold = call.parse(u8::try_from(r.threshold).map_err(|_| {
+            Failure::new(
+                tonic::Code::InvalidArgument,
+                "threshold must be between 1 and shares",
+            )
+        }))?;
+        let out = call.check(self.core.init(shares, threshold).await)?;
+        call.ok(&[])?;
+        Ok(Response::new(InitResponse {
+            shares: out.shares.iter().map(|s| s.0.as_str().to_owned()).collect(),
+            root_token: out.root_token.expose().to_owned(),
+        }))
+    }
+
+    async fn unseal(
+        &self,
+        req: Request<UnsealRequest>,
+    ) -> Result<Response<UnsealResponse>, Status> {
+        let mut call = Call::begin(&self.core, "keyward.v1.Sys/Unseal", Access::Open, &req)?;
+        call.set_resource("sys/unseal");
+        let r = req.into_inner();
+        let status = if r.reset {
+            self.core.reset_unseal().await
+        } else {
+            call.check(self.core.unseal(&r.share).await)?
+        };
+        publish_health(&self.health, status.sealed).await;
+        call.ok(&[])?;
+        Ok(Response::new(UnsealResponse {
+            sealed: status.sealed,
+            progress: status.progress,
+            threshold: status.threshold,
+        }))
+    }
+
+    async fn seal(&self, req: Request<SealRequest>) -> Result<Response<SealResponse>, Status> {
+        let mut call = Call::begin(&self.core, "keyward.v1.Sys/Seal", Access::Token, &req)?;
+        call.authorize(Capability::Admin, "sys/seal".into())?;
+        // Audit before the keys go: the record still carries the caller's HMACs.
+        call.ok(&[])?;
+        self.core.seal().await;
+        publish_health(&self.health, true).await;
+        Ok(Response::new(SealResponse {}))
+    }
+
+    async fn status(
+        &self,
+        req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let mut call = Call::begin(&self.core, "keyward.v1.Sys/Status", Access::Open, &req)?;
+        call.set_resource("sys/status");
+        let status = status_message(&self.core);
+        call.ok(&[])?;
+        Ok(Response::new(status))
+    }
+
+    async fn rotate_key(
+        &self,
+        req: Request<RotateKeyRequest>,
+    ) -> Result<Response<RotateKeyResponse>, Status> {
+        let mut call = Call::begin(&self.core, "keyward.v1.Sys/RotateKey", Access::Token, &req)?;
+        call.authorize(Capability::Admin, "sys/keyring".into())?;
+        let term = call.check(self.core.rotate_key().await)?;
+        call.ok(&[])?;
+        Ok(Response::new(RotateKeyResponse { term }))
+    }
+
+    async fn audit_hash(
+        &self,
+        req: Request<AuditHashRequest>,
+    ) -> Result<Response<AuditHashResponse>, Status> {
+        let mut call = Call::begin(&self.core, "keyward.v1.Sys/AuditHash", Access::Token, &req)?;
+        call.authorize(Capability::Read, "sys/audit-hash".into())?;
+        let r = req.into_inner();
+        let hash = call.check(self.core.audit.hmac(r.value.as_bytes()))?;
+        call.ok(&[("value", r.value.as_bytes())])?;
+        Ok(Response::new(AuditHashResponse { hash }))
+    }
+}

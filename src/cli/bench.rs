@@ -1,0 +1,160 @@
+//! `keyward bench`: closed-loop load against a live server over TLS. Each
+//! phase keeps `concurrency` requests in flight over `connections` TLS
+//! connections for a fixed time, then stops by itself. Throughput is read
+//! against `grpc.health.v1.Health/Check` (a no-op) on the same connections
+//! in the same run, so the ratios mean something on a noisy machine.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use serde_json::json;
+
+use super::output::{emit, Format};
+use super::BenchArgs;
+use keyward::client::{Client, ClientOptions, PutOptions};
+use keyward::secrecy::{SecretBytes, SecretData};
+
+#[derive(Debug, Default)]
+struct Phase {
+    ok: u64,
+    errors: u64,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Phase {
+    fn rps(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    fn percentile_ms(&self, p: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return 0.0;
+        }
+        let i = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies[i].as_secs_f64() * 1000.0
+    }
+}
+
+/// Runs `op` from `concurrency` workers for `duration`.
+async fn phase<F, Fut>(clients: &[Client], concurrency: usize, duration: Duration, op: F) -> Phase
+where
+    F: Fn(Client, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let op = Arc::new(op);
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = Vec::with_capacity(concurrency);
+    for w in 0..concurrency {
+        let client = clients[w % clients.len()].clone();
+        let op = op.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut p = Phase::default();
+            let mut i = 0u64;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let ok = op(client.clone(), (w as u64) << 32 | i).await;
+                i += 1;
+                if ok {
+                    p.ok += 1;
+                    p.latencies.push(t.elapsed());
+                } else {
+                    p.errors += 1;
+                }
+            }
+            p
+        }));
+    }
+    let mut total = Phase::default();
+    for t in tasks {
+        if let Ok(p) = t.await {
+            total.ok += p.ok;
+            total.errors += p.errors;
+            total.latencies.extend(p.latencies);
+        }
+    }
+    total.elapsed = start.elapsed();
+    total.latencies.sort_unstable();
+    total
+}
+
+pub async fn run(options: &ClientOptions, args: &BenchArgs, format: Format) -> Result<()> {
+    let concurrency = args.concurrency.max(1);
+    let duration = Duration::from_secs(args.seconds.max(1));
+    let mut clients = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        clients.push(Client::connect(options.clone()).await?);
+    }
+    let run_id = uuid::Uuid::new_v4().simple().to_string();
+    let get_path = format!("bench/{run_id}/get");
+    let mut data = SecretData::new();
+    data.insert("username".into(), SecretBytes::from("bench-user"));
+    data.insert(
+        "password".into(),
+        SecretBytes::from("bench-password-0123456789abcdef"),
+    );
+    clients[0]
+        .put(&get_path, &data, PutOptions::default())
+        .await?;
+
+    eprintln!(
+        "bench: {concurrency} in flight over {} TLS connections, {}s per phase",
+        clients.len(),
+        duration.as_secs()
+    );
+    eprintln!("bench: phase health (grpc.health.v1.Health/Check)");
+    let health = phase(&clients, concurrency, duration, |c, _| async move {
+        c.health().await.is_ok()
+    })
+    .await;
+    eprintln!("bench: phase get (keyward.v1.Secrets/Get)");
+    let path = Arc::new(get_path);
+    let get = phase(&clients, concurrency, duration, move |c, _| {
+        let path = path.clone();
+        async move { c.get(&path).await.is_ok() }
+    })
+    .await;
+    eprintln!("bench: phase put (keyward.v1.Secrets/Put, durable)");
+    let data = Arc::new(data);
+    let prefix = Arc::new(format!("bench/{run_id}/put"));
+    let put = phase(&clients, concurrency, duration, move |c, i| {
+        let data = data.clone();
+        let prefix = prefix.clone();
+        async move {
+            c.put(
+                &format!("{prefix}/{}", i % 1024),
+                &data,
+                PutOptions::default(),
+            )
+            .await
+            .is_ok()
+        }
+    })
+    .await;
+
+    let summary = json!({
+        "concurrency": concurrency,
+        "health_rps": health.rps().round(),
+        "get_rps": get.rps().round(),
+        "get_ratio": (get.rps() / health.rps().max(1e-9) * 1000.0).round() / 1000.0,
+        "get_p50_ms": (get.percentile_ms(0.50) * 1000.0).round() / 1000.0,
+        "get_p99_ms": (get.percentile_ms(0.99) * 1000.0).round() / 1000.0,
+        "health_p99_ms": (health.percentile_ms(0.99) * 1000.0).round() / 1000.0,
+        "put_rps": put.rps().round(),
+        "put_to_get": (put.rps() / get.rps().max(1e-9) * 1000.0).round() / 1000.0,
+        "errors": health.errors + get.errors + put.errors,
+    });
+    match format {
+        Format::Json => emit(format, &summary),
+        Format::Table => {
+            let line: Vec<String> = summary
+                .as_object()
+                .map(|m| m.iter().map(|(k, v)| format!("{k}={v}")).collect())
+                .unwrap_or_default();
+            println!("{}", line.join(" "));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! The command line of INTERFACE.md. Parses arguments with clap, talks to the
+//! server through `keyward::client`, prints JSON (`--format json`: exactly one
+//! document on stdout) or a table, and exits 0 on success, 1 when the server
+//! refuses or fails, 2 on a usage error.
+
+mod bench;
+mod output;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+pub use output::Format;
+
+#[derive(Parser)]
+#[command(
+    name = "keyward",
+    version,
+    about = "A secrets vault and rotation broker for non-human identities"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Clone)]
+pub struct Global {
+    /// Server address.
+    #[arg(long, global = true, env = "KEYWARD_ADDR", default_value = keyward::client::DEFAULT_ADDR)]
+    pub addr: String,
+    /// Bearer token.
+    #[arg(long, global = true, env = "KEYWARD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate that signed the server's certificate.
+    #[arg(long, global = true, env = "KEYWARD_CACERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate (for `login cert`).
+    #[arg(long, global = true, env = "KEYWARD_CLIENT_CERT")]
+    pub client_cert: Option<PathBuf>,
+    /// Key of the client certificate.
+    #[arg(long, global = true, env = "KEYWARD_CLIENT_KEY")]
+    pub client_key: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, global = true, env = "KEYWARD_FORMAT", value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run a development server: generated certificates, one unseal share, data kept in DIR.
+    Dev {
+        #[arg(long, default_value = keyward::config::DEFAULT_LISTEN)]
+        listen: String,
+        #[arg(long, default_value = keyward::config::DEFAULT_METRICS_LISTEN)]
+        metrics_listen: String,
+        #[arg(long, default_value = "./keyward-dev")]
+        data: PathBuf,
+    },
+    /// Run a production server from a TOML configuration file; it starts sealed.
+    Server {
+        #[arg(long)]
+        config: PathBuf,
+        /// Serve gRPC without TLS. Only for local experiments.
+        #[arg(long)]
+        insecure_plaintext: bool,
+    },
+    /// Seal operations.
+    #[command(subcommand)]
+    Operator(OperatorCommand),
+    /// Seal state, version and keyring term.
+    Status,
+    /// Versioned secrets.
+    #[command(subcommand)]
+    Secret(SecretCommand),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Measure throughput and latency against a live server.
+    Bench(BenchArgs),
+    /// Generate a CA, server and client certificates into a folder.
+    Certs {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum OperatorCommand {
+    /// Initialise the vault: prints the unseal shares and the root token once.
+    Init {
+        #[arg(long, default_value_t = 5)]
+        shares: u32,
+        #[arg(long, default_value_t = 3)]
+        threshold: u32,
+    },
+    /// Give one unseal share.
+    Unseal {
+        share: Option<String>,
+        /// Forget the shares given so far.
+        #[arg(long)]
+        reset: bool,
+    },
+    /// Seal the vault: every key leaves memory.
+    Seal,
+    /// Add a keyring term; new writes use it.
+    RotateKey,
+}
+
+#[derive(Subcommand)]
+pub enum SecretCommand {
+    /// Write a new version: FIELD=VALUE, FIELD=@file or FIELD=- (stdin).
+    Put {
+        path: String,
+        #[arg(required = true)]
+        fields: Vec<String>,
+        /// Write only if the newest version is this one (0: only if new).
+        #[arg(long)]
+        cas: Option<u64>,
+        #[arg(long)]
+        max_versions: Option<u32>,
+        #[arg(long)]
+        owner: Option<String>,
+    },
+    /// Read a version (default: current).
+    Get {
+        path: String,
+        #[arg(long)]
+        version: Option<u64>,
+        #[arg(long)]
+        stage: Option<String>,
+        /// Print only this field's raw value, no newline added.
+        #[arg(long)]
+        field: Option<String>,
+    },
+    /// Paths under a prefix.
+    List {
+        #[arg(default_value = "")]
+        prefix: String,
+    },
+    /// Versions, stages and times of a secret.
+    Metadata { path: String },
+    /// Soft-delete a version (default: current).
+    Delete {
+        path: String,
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    Undelete {
+        path: String,
+        #[arg(long)]
+        version: u64,
+    },
+    /// Remove a version's data for good.
+    Destroy {
+        path: String,
+        #[arg(long)]
+        version: u64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain of an audit file.
+    Verify { file: PathBuf },
+    /// The HMAC under which VALUE appears in the audit log.
+    Hash { value: String },
+}
+
+#[derive(Args, Clone)]
+pub struct BenchArgs {
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Seconds per measured phase.
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u64,
+    /// TLS connections shared by the workers.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+}
+
+/// A refusal that is the user's fault: exit 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let usage = e.downcast_ref::<UsageError>().is_some();
+            eprintln!("error: {e:#}");
+            ExitCode::from(if usage { 2 } else { 1 })
+        }
+    }
+}

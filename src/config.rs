@@ -1,0 +1,252 @@
+//! Server configuration: one TOML file, overridden by `KEYWARD_*` environment
+//! variables, parsed into typed values once, before any port is bound.
+//! Errors name the key, never echo a value (it could be secret).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use crate::secrets::DataLimits;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8270";
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9270";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("the configuration file is not valid TOML: {0}")]
+    Toml(String),
+    #[error("configuration key '{0}' is required")]
+    Missing(&'static str),
+    #[error("configuration key '{0}' has an invalid value: {1}")]
+    Invalid(String, &'static str),
+    #[error("unknown configuration key '{0}'")]
+    Unknown(String),
+}
+
+/// TLS files of the server.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Accept client certificates signed by this CA (for certificate login).
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub storage_path: PathBuf,
+    /// `None` only with `--insecure-plaintext`.
+    pub tls: Option<TlsConfig>,
+    pub audit_path: PathBuf,
+    /// `None` turns the metrics listener off.
+    pub metrics_listen: Option<SocketAddr>,
+    pub limits: DataLimits,
+}
+
+/// Where settings come from: tests fill one from a map.
+pub trait Source {
+    fn get(&self, key: &str) -> Option<String>;
+}
+
+/// A flat map of dotted keys (`storage.path`) to values.
+pub struct MapSource(pub BTreeMap<String, String>);
+
+impl Source for MapSource {
+    fn get(&self, key: &str) -> Option<String> {
+        self.0.get(key).cloned()
+    }
+}
+
+/// Every key the server knows, with the environment variable that overrides it.
+pub const KEYS: &[(&str, &str)] = &[
+    ("listen", "KEYWARD_LISTEN"),
+    ("storage.path", "KEYWARD_STORAGE_PATH"),
+    ("tls.cert", "KEYWARD_TLS_CERT"),
+    ("tls.key", "KEYWARD_TLS_KEY"),
+    ("tls.client_ca", "KEYWARD_TLS_CLIENT_CA"),
+    ("audit.path", "KEYWARD_AUDIT_PATH"),
+    ("metrics.listen", "KEYWARD_METRICS_LISTEN"),
+    ("limits.max_fields", "KEYWARD_LIMITS_MAX_FIELDS"),
+    (
+        "limits.max_version_bytes",
+        "KEYWARD_LIMITS_MAX_VERSION_BYTES",
+    ),
+    (
+        "limits.default_max_versions",
+        "KEYWARD_LIMITS_DEFAULT_MAX_VERSIONS",
+    ),
+];
+
+fn flatten(
+    prefix: &str,
+    table: &toml::Table,
+    out: &mut BTreeMap<String, String>,
+) -> Result<(), ConfigError> {
+    for (k, v) in table {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            toml::Value::Table(t) => flatten(&key, t, out)?,
+            toml::Value::String(s) => {
+                out.insert(key, s.clone());
+            }
+            toml::Value::Integer(i) => {
+                out.insert(key, i.to_string());
+            }
+            toml::Value::Boolean(b) => {
+                out.insert(key, b.to_string());
+            }
+            _ => {
+                return Err(ConfigError::Invalid(
+                    key,
+                    "expected a string, integer or boolean",
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads a TOML file and applies the environment overrides. Relative paths
+/// in the file are taken relative to the file's folder.
+pub fn load_file(path: &Path) -> Result<ServerConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::Toml(e.message().to_owned()))?;
+    let mut flat = BTreeMap::new();
+    flatten("", &table, &mut flat)?;
+    for key in flat.keys() {
+        if !KEYS.iter().any(|(k, _)| k == key) {
+            return Err(ConfigError::Unknown(key.clone()));
+        }
+    }
+    for (key, var) in KEYS {
+        if let Ok(v) = std::env::var(var) {
+            flat.insert((*key).to_owned(), v);
+        }
+    }
+    let base = path.parent().unwrap_or(Path::new("."));
+    parse(&MapSource(flat), base)
+}
+
+/// Builds the typed configuration from a source.
+pub fn parse(src: &dyn Source, base: &Path) -> Result<ServerConfig, ConfigError> {
+    let path = |key: &'static str| src.get(key).map(|v| base.join(v));
+    let addr = |key: &'static str, default: &str| -> Result<SocketAddr, ConfigError> {
+        src.get(key)
+            .unwrap_or_else(|| default.to_owned())
+            .parse()
+            .map_err(|_| {
+                ConfigError::Invalid(key.to_owned(), "expected HOST:PORT with an IP address")
+            })
+    };
+    let number = |key: &'static str, default: usize| -> Result<usize, ConfigError> {
+        match src.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| ConfigError::Invalid(key.to_owned(), "expected a positive integer")),
+        }
+    };
+    let defaults = DataLimits::default();
+    let limits = DataLimits {
+        max_fields: number("limits.max_fields", defaults.max_fields)?,
+        max_bytes: number("limits.max_version_bytes", defaults.max_bytes)?,
+        default_max_versions: u32::try_from(number(
+            "limits.default_max_versions",
+            defaults.default_max_versions as usize,
+        )?)
+        .map_err(|_| ConfigError::Invalid("limits.default_max_versions".into(), "too large"))?,
+        max_max_versions: defaults.max_max_versions,
+    };
+    if limits.max_fields == 0 || limits.max_bytes == 0 || limits.default_max_versions == 0 {
+        return Err(ConfigError::Invalid(
+            "limits".into(),
+            "limits must be at least 1",
+        ));
+    }
+    let tls = match (path("tls.cert"), path("tls.key")) {
+        (Some(cert), Some(key)) => Some(TlsConfig {
+            cert,
+            key,
+            client_ca: path("tls.client_ca"),
+        }),
+        (None, None) => None,
+        (Some(_), None) => return Err(ConfigError::Missing("tls.key")),
+        (None, Some(_)) => return Err(ConfigError::Missing("tls.cert")),
+    };
+    let metrics_listen = match src.get("metrics.listen").as_deref() {
+        Some("off") | Some("") => None,
+        _ => Some(addr("metrics.listen", DEFAULT_METRICS_LISTEN)?),
+    };
+    Ok(ServerConfig {
+        listen: addr("listen", DEFAULT_LISTEN)?,
+        storage_path: path("storage.path").ok_or(ConfigError::Missing("storage.path"))?,
+        tls,
+        audit_path: path("audit.path").ok_or(ConfigError::Missing("audit.path"))?,
+        metrics_listen,
+        limits,
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn src(pairs: &[(&str, &str)]) -> MapSource {
+        MapSource(
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn parses_the_fixed_keys() {
+        let c = parse(
+            &src(&[
+                ("listen", "127.0.0.1:1"),
+                ("storage.path", "data"),
+                ("tls.cert", "s.pem"),
+                ("tls.key", "k.pem"),
+                ("audit.path", "audit.log"),
+                ("metrics.listen", "off"),
+            ]),
+            Path::new("/etc/kw"),
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 1);
+        assert_eq!(c.storage_path, Path::new("/etc/kw/data"));
+        assert!(c.tls.unwrap().client_ca.is_none());
+        assert!(c.metrics_listen.is_none());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = parse(&src(&[("audit.path", "a")]), Path::new(".")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "configuration key 'storage.path' is required"
+        );
+        let e = parse(
+            &src(&[
+                ("storage.path", "d"),
+                ("audit.path", "a"),
+                ("listen", "nope"),
+            ]),
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("'listen'"), "{e}");
+        assert!(!e.to_string().contains("nope"), "{e}");
+    }
+}

@@ -1,0 +1,148 @@
+//! Core: the parts of one vault wired together, and the request life cycle
+//! (authenticate -> authorize -> act -> audit) that `api` drives.
+//!
+//! Owns no storage prefix of its own; it calls the domain modules. It knows
+//! nothing of protobuf or gRPC status codes.
+
+pub mod auth;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::audit::{AuditError, AuditLog};
+use crate::barrier::{Barrier, BarrierError, SealStatus, UnsealShare};
+use crate::metrics::Metrics;
+use crate::secrets::{DataLimits, SecretStore};
+use crate::token::format::TokenSecret;
+
+pub use auth::{AuthError, Authorized, Caller, Gate};
+
+/// Milliseconds since the Unix epoch; the one place the core reads the clock.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error(transparent)]
+    Barrier(#[from] BarrierError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+}
+
+/// What `init` hands back once: the unseal shares and the root token.
+pub struct InitOutput {
+    pub shares: Vec<UnsealShare>,
+    pub root_token: TokenSecret,
+}
+
+pub struct Core {
+    pub barrier: Arc<Barrier>,
+    pub gate: Gate,
+    pub secrets: SecretStore,
+    pub audit: AuditLog,
+    pub metrics: Arc<Metrics>,
+    /// Serialises init, unseal, seal and key rotation.
+    seal_lock: tokio::sync::Mutex<()>,
+}
+
+impl Core {
+    pub fn new(
+        barrier: Arc<Barrier>,
+        audit: AuditLog,
+        metrics: Arc<Metrics>,
+        limits: DataLimits,
+    ) -> Self {
+        Self {
+            gate: Gate::new(barrier.clone()),
+            secrets: SecretStore::new(barrier.clone(), limits),
+            barrier,
+            audit,
+            metrics,
+            seal_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn status(&self) -> SealStatus {
+        self.barrier.status()
+    }
+
+    pub fn is_sealed(&self) -> bool {
+        self.barrier.status().sealed
+    }
+
+    /// Initialises the vault, writes the root token, and seals again.
+    pub async fn init(&self, shares: u8, threshold: u8) -> Result<InitOutput, CoreError> {
+        let _guard = self.seal_lock.lock().await;
+        let shares = self.barrier.init(shares, threshold)?;
+        let root = self
+            .gate
+            .on_unseal()
+            .and_then(|()| self.gate.create_root_token(now_ms()));
+        let durable = self.barrier.durable().await;
+        self.gate.on_seal();
+        self.barrier.seal();
+        let root_token = root?;
+        durable?;
+        Ok(InitOutput { shares, root_token })
+    }
+
+    /// Gives one unseal share; at the threshold the vault opens.
+    pub async fn unseal(&self, share: &str) -> Result<SealStatus, CoreError> {
+        let _guard = self.seal_lock.lock().await;
+        let status = self.barrier.unseal(share)?;
+        if !status.sealed {
+            self.after_unseal()?;
+        }
+        Ok(status)
+    }
+
+    pub async fn reset_unseal(&self) -> SealStatus {
+        let _guard = self.seal_lock.lock().await;
+        self.barrier.reset_unseal();
+        self.barrier.status()
+    }
+
+    fn after_unseal(&self) -> Result<(), CoreError> {
+        let loaded = self
+            .gate
+            .on_unseal()
+            .map_err(CoreError::from)
+            .and_then(|()| Ok(self.barrier.derive_key("audit/hmac")?))
+            .map(|key| self.audit.set_hmac_key(Some(key)));
+        if loaded.is_err() {
+            self.gate.on_seal();
+            self.barrier.seal();
+        }
+        self.metrics.set_sealed(self.barrier.status().sealed);
+        loaded
+    }
+
+    pub async fn seal(&self) {
+        let _guard = self.seal_lock.lock().await;
+        self.gate.on_seal();
+        self.audit.set_hmac_key(None);
+        self.barrier.seal();
+        self.metrics.set_sealed(true);
+    }
+
+    pub async fn rotate_key(&self) -> Result<u32, CoreError> {
+        let _guard = self.seal_lock.lock().await;
+        let term = self.barrier.rotate_key()?;
+        self.barrier.durable().await?;
+        Ok(term)
+    }
+
+    /// Refreshes the gauges that are read, not counted.
+    pub fn refresh_gauges(&self) {
+        let status = self.barrier.status();
+        self.metrics.set_sealed(status.sealed);
+        self.metrics
+            .set_barrier_encryptions(status.key_term, status.term_encryptions);
+    }
+}

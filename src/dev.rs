@@ -1,0 +1,131 @@
+//! `keyward dev`: a one-command server for a laptop or a test. Certificates,
+//! storage, audit log and credentials all live in one folder; run again on
+//! the same folder, it unseals with the saved share and keeps every secret.
+//!
+//! The credentials file holds the unseal share and the root token in clear
+//! (mode 0600): that is what makes dev mode one command, and why it is not
+//! for production.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+use crate::config::{ServerConfig, TlsConfig};
+use crate::pki;
+use crate::secrets::DataLimits;
+use crate::server::Server;
+
+pub const CREDENTIALS_FILE: &str = "dev-credentials.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    #[error(transparent)]
+    Server(#[from] crate::server::ServerError),
+    #[error("cannot use the data folder {0}: {1}")]
+    Folder(PathBuf, std::io::Error),
+    #[error("the credentials file {0} is unreadable or corrupt")]
+    Credentials(PathBuf),
+    #[error("the vault in {0} is initialized but {CREDENTIALS_FILE} is missing; use another --data folder")]
+    MissingCredentials(PathBuf),
+    #[error("initialising or unsealing the dev vault failed: {0}")]
+    Core(#[from] crate::core::CoreError),
+}
+
+/// The contents of `dev-credentials.json`.
+#[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
+pub struct DevCredentials {
+    pub unseal_share: String,
+    pub root_token: String,
+}
+
+impl std::fmt::Debug for DevCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DevCredentials { [redacted] }")
+    }
+}
+
+/// A dev vault, opened and unsealed, ready to serve.
+pub struct DevVault {
+    pub server: Server,
+    pub credentials: DevCredentials,
+    pub certs: pki::CertPaths,
+    pub data_dir: PathBuf,
+}
+
+/// Opens (or creates) the dev vault in `data_dir` and unseals it.
+pub async fn open(
+    data_dir: &Path,
+    metrics_listen: Option<SocketAddr>,
+) -> Result<DevVault, DevError> {
+    create_private_dir(data_dir)?;
+    let certs = pki::ensure_dev_certs(&data_dir.join("certs"))?;
+    let config = ServerConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        storage_path: data_dir.join("data"),
+        tls: Some(TlsConfig {
+            cert: certs.server.clone(),
+            key: certs.server_key.clone(),
+            client_ca: Some(certs.ca.clone()),
+        }),
+        audit_path: data_dir.join("audit.log"),
+        metrics_listen,
+        limits: DataLimits::default(),
+    };
+    let server = Server::open(config)?;
+    let creds_path = data_dir.join(CREDENTIALS_FILE);
+    let core = server.core().clone();
+    if !core.status().initialized {
+        let out = core.init(1, 1).await?;
+        let creds = DevCredentials {
+            unseal_share: out
+                .shares
+                .first()
+                .map(|s| s.0.as_str().to_owned())
+                .unwrap_or_default(),
+            root_token: out.root_token.expose().to_owned(),
+        };
+        let mut json = serde_json::to_vec_pretty(&creds)
+            .map_err(|_| DevError::Credentials(creds_path.clone()))?;
+        let written = pki::write_file(&creds_path, &json, true);
+        json.zeroize();
+        written?;
+    }
+    let credentials = read_credentials(data_dir)?;
+    core.unseal(&credentials.unseal_share).await?;
+    Ok(DevVault {
+        server,
+        credentials,
+        certs,
+        data_dir: data_dir.to_owned(),
+    })
+}
+
+/// Reads `dev-credentials.json` of a dev folder.
+pub fn read_credentials(data_dir: &Path) -> Result<DevCredentials, DevError> {
+    let path = data_dir.join(CREDENTIALS_FILE);
+    let mut bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(DevError::MissingCredentials(path))
+        }
+        Err(_) => return Err(DevError::Credentials(path)),
+    };
+    let parsed = serde_json::from_slice(&bytes).map_err(|_| DevError::Credentials(path));
+    bytes.zeroize();
+    parsed
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), DevError> {
+    std::fs::create_dir_all(dir).map_err(|e| DevError::Folder(dir.to_owned(), e))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| DevError::Folder(dir.to_owned(), e))?;
+    }
+    Ok(())
+}

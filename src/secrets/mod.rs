@@ -1,0 +1,484 @@
+//! Secrets: versioned key/value secrets in the manner of Vault's KV v2, with
+//! the rotation stages `current`, `previous` and `pending`.
+//!
+//! Storage prefix `secrets/` (through the barrier only):
+//! - `secrets/meta/<path>`: the secret's metadata (`MetaRecord`);
+//! - `secrets/data/<path>#<version, 20 digits>`: one version's fields
+//!   (`#` cannot occur in a path, so one secret's versions never share a
+//!   prefix with another secret's).
+//!
+//! Writes to one path are serialised by a striped lock held only across the
+//! read-modify-write (no await under it); the metadata and data of a write go
+//! in one atomic batch, and the caller waits for `Barrier::durable` before it
+//! answers. This module knows nothing of tokens, policies or gRPC.
+
+mod path;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use prost::Message;
+use zeroize::{Zeroize, Zeroizing};
+
+pub use path::{DataLimits, InputError, ListPrefix, SecretPath, Stage};
+
+use crate::barrier::{Barrier, BarrierError, PlainOp};
+use crate::secrecy::{SecretBytes, SecretData};
+
+const META: &str = "secrets/meta/";
+const DATA: &str = "secrets/data/";
+const LOCK_STRIPES: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretsError {
+    #[error(transparent)]
+    Input(#[from] InputError),
+    #[error("no secret at this path")]
+    NotFound,
+    #[error("version {0} does not exist")]
+    NoSuchVersion(u64),
+    #[error("no version holds stage {0}")]
+    NoSuchStage(&'static str),
+    #[error("version {0} is deleted")]
+    Deleted(u64),
+    #[error("version {0} is destroyed")]
+    Destroyed(u64),
+    #[error("check-and-set failed: expected version {expected}, newest is {actual}")]
+    CasMismatch { expected: u64, actual: u64 },
+    #[error("stored secret record is corrupt")]
+    Corrupt,
+    #[error(transparent)]
+    Barrier(#[from] BarrierError),
+}
+
+/// One version's metadata.
+#[derive(Clone, PartialEq, Message)]
+pub struct VersionRecord {
+    #[prost(uint64, tag = "1")]
+    pub version: u64,
+    #[prost(uint64, tag = "2")]
+    pub created_at_ms: u64,
+    /// 0 when not deleted.
+    #[prost(uint64, tag = "3")]
+    pub deleted_at_ms: u64,
+    #[prost(bool, tag = "4")]
+    pub destroyed: bool,
+}
+
+/// A secret's metadata; versions in ascending order.
+#[derive(Clone, PartialEq, Message)]
+pub struct MetaRecord {
+    #[prost(message, repeated, tag = "1")]
+    pub versions: Vec<VersionRecord>,
+    #[prost(uint64, tag = "2")]
+    pub newest: u64,
+    #[prost(uint64, tag = "3")]
+    pub current: u64,
+    #[prost(uint64, tag = "4")]
+    pub previous: u64,
+    #[prost(uint64, tag = "5")]
+    pub pending: u64,
+    #[prost(uint32, tag = "6")]
+    pub max_versions: u32,
+    #[prost(string, tag = "7")]
+    pub owner: String,
+    #[prost(uint64, tag = "8")]
+    pub created_at_ms: u64,
+    #[prost(uint64, tag = "9")]
+    pub updated_at_ms: u64,
+}
+
+impl MetaRecord {
+    fn version(&self, version: u64) -> Option<&VersionRecord> {
+        self.versions
+            .binary_search_by_key(&version, |v| v.version)
+            .ok()
+            .map(|i| &self.versions[i])
+    }
+
+    fn version_mut(&mut self, version: u64) -> Option<&mut VersionRecord> {
+        match self.versions.binary_search_by_key(&version, |v| v.version) {
+            Ok(i) => Some(&mut self.versions[i]),
+            Err(_) => None,
+        }
+    }
+
+    /// The stage a version holds, if any.
+    pub fn stage_of(&self, version: u64) -> Option<Stage> {
+        if version == 0 {
+            None
+        } else if version == self.current {
+            Some(Stage::Current)
+        } else if version == self.pending {
+            Some(Stage::Pending)
+        } else if version == self.previous {
+            Some(Stage::Previous)
+        } else {
+            None
+        }
+    }
+
+    fn staged(&self, stage: Stage) -> u64 {
+        match stage {
+            Stage::Current => self.current,
+            Stage::Previous => self.previous,
+            Stage::Pending => self.pending,
+        }
+    }
+}
+
+/// The stored fields of one version. Encoded into a zeroized buffer.
+#[derive(Clone, PartialEq, Message)]
+struct FieldsRecord {
+    #[prost(btree_map = "string, bytes", tag = "1")]
+    fields: BTreeMap<String, Vec<u8>>,
+}
+
+/// A version read back.
+#[derive(Debug)]
+pub struct SecretVersion {
+    pub version: u64,
+    pub stage: Option<Stage>,
+    pub created_at_ms: u64,
+    pub data: SecretData,
+}
+
+/// Which version a read asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selector {
+    Version(u64),
+    Stage(Stage),
+}
+
+/// A write of a new version.
+#[derive(Debug)]
+pub struct PutRequest {
+    pub path: SecretPath,
+    pub data: SecretData,
+    /// Write only if the newest version is this one (0: only if none exists).
+    pub cas: Option<u64>,
+    pub max_versions: Option<u32>,
+    pub owner: Option<String>,
+    /// Where the new version goes: `Current` for a normal write (the old
+    /// current becomes previous), `Pending` for a rotation's new value.
+    pub stage: Stage,
+}
+
+pub struct SecretStore {
+    barrier: Arc<Barrier>,
+    limits: DataLimits,
+    stripes: Vec<Mutex<()>>,
+}
+
+fn meta_key(path: &SecretPath) -> String {
+    format!("{META}{path}")
+}
+
+fn data_key(path: &SecretPath, version: u64) -> String {
+    format!("{DATA}{path}#{version:020}")
+}
+
+fn data_prefix(path: &SecretPath) -> String {
+    format!("{DATA}{path}#")
+}
+
+impl SecretStore {
+    pub fn new(barrier: Arc<Barrier>, limits: DataLimits) -> Self {
+        Self {
+            barrier,
+            limits,
+            stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+        }
+    }
+
+    pub fn limits(&self) -> &DataLimits {
+        &self.limits
+    }
+
+    fn stripe(&self, path: &SecretPath) -> std::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        path.hash(&mut h);
+        let i = (h.finish() as usize) % LOCK_STRIPES;
+        // A poisoned stripe only means another writer panicked; the data is in storage.
+        self.stripes[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn metadata(&self, path: &SecretPath) -> Result<MetaRecord, SecretsError> {
+        let raw = self
+            .barrier
+            .get(&meta_key(path))?
+            .ok_or(SecretsError::NotFound)?;
+        MetaRecord::decode(raw.as_slice()).map_err(|_| SecretsError::Corrupt)
+    }
+
+    /// Writes a new version. Not durable until the caller awaits `durable`.
+    pub fn put(&self, req: PutRequest, now_ms: u64) -> Result<u64, SecretsError> {
+        self.limits.check(&req.data)?;
+        let max_versions = req
+            .max_versions
+            .map(|n| self.limits.check_max_versions(n))
+            .transpose()?;
+        let _guard = self.stripe(&req.path);
+        let mut meta = match self.metadata(&req.path) {
+            Ok(m) => m,
+            Err(SecretsError::NotFound) => MetaRecord {
+                max_versions: self.limits.default_max_versions,
+                created_at_ms: now_ms,
+                ..MetaRecord::default()
+            },
+            Err(e) => return Err(e),
+        };
+        if let Some(expected) = req.cas {
+            if expected != meta.newest {
+                return Err(SecretsError::CasMismatch {
+                    expected,
+                    actual: meta.newest,
+                });
+            }
+        }
+        if let Some(n) = max_versions {
+            meta.max_versions = n;
+        }
+        if let Some(owner) = req.owner {
+            meta.owner = owner;
+        }
+        let version = meta.newest + 1;
+        meta.newest = version;
+        meta.updated_at_ms = now_ms;
+        meta.versions.push(VersionRecord {
+            version,
+            created_at_ms: now_ms,
+            ..Default::default()
+        });
+        match req.stage {
+            Stage::Current => {
+                if meta.current != 0 {
+                    meta.previous = meta.current;
+                }
+                meta.current = version;
+            }
+            Stage::Pending => meta.pending = version,
+            Stage::Previous => return Err(InputError::BadStage.into()),
+        }
+        let pruned = prune(&mut meta);
+
+        let mut fields = FieldsRecord {
+            fields: req
+                .data
+                .iter()
+                .map(|(k, v)| (k.clone(), v.expose().to_vec()))
+                .collect(),
+        };
+        let encoded = Zeroizing::new(fields.encode_to_vec());
+        fields.fields.values_mut().for_each(|v| v.zeroize());
+        let meta_bytes = meta.encode_to_vec();
+        let meta_k = meta_key(&req.path);
+        let data_k = data_key(&req.path, version);
+        let pruned_keys: Vec<String> = pruned.iter().map(|v| data_key(&req.path, *v)).collect();
+        let mut ops = vec![
+            PlainOp::Put(&meta_k, &meta_bytes),
+            PlainOp::Put(&data_k, &encoded),
+        ];
+        ops.extend(pruned_keys.iter().map(|k| PlainOp::Delete(k)));
+        self.barrier.batch(&ops)?;
+        Ok(version)
+    }
+
+    /// Reads one version.
+    pub fn get(
+        &self,
+        path: &SecretPath,
+        selector: Selector,
+    ) -> Result<SecretVersion, SecretsError> {
+        let meta = self.metadata(path)?;
+        let version = match selector {
+            Selector::Version(0) => return Err(InputError::BadVersion.into()),
+            Selector::Version(v) => v,
+            Selector::Stage(stage) => match meta.staged(stage) {
+                0 => return Err(SecretsError::NoSuchStage(stage.as_str())),
+                v => v,
+            },
+        };
+        let record = meta
+            .version(version)
+            .ok_or(SecretsError::NoSuchVersion(version))?;
+        if record.destroyed {
+            return Err(SecretsError::Destroyed(version));
+        }
+        if record.deleted_at_ms != 0 {
+            return Err(SecretsError::Deleted(version));
+        }
+        let raw = self
+            .barrier
+            .get(&data_key(path, version))?
+            .ok_or(SecretsError::Corrupt)?;
+        let fields = FieldsRecord::decode(raw.as_slice()).map_err(|_| SecretsError::Corrupt)?;
+        let data = fields
+            .fields
+            .into_iter()
+            .map(|(k, v)| (k, SecretBytes::new(v)))
+            .collect();
+        Ok(SecretVersion {
+            version,
+            stage: meta.stage_of(version),
+            created_at_ms: record.created_at_ms,
+            data,
+        })
+    }
+
+    /// Paths under a prefix (segment-wise: `app` lists `app` and `app/...`, not `apple`).
+    pub fn list(&self, prefix: &ListPrefix) -> Result<Vec<String>, SecretsError> {
+        let keys = match prefix.path() {
+            None => self.barrier.scan_keys(META)?,
+            Some(p) => {
+                let mut keys = self.barrier.scan_keys(&format!("{META}{p}/"))?;
+                if self.barrier.get(&format!("{META}{p}"))?.is_some() {
+                    keys.insert(0, format!("{META}{p}"));
+                }
+                keys
+            }
+        };
+        Ok(keys
+            .into_iter()
+            .filter_map(|k| k.strip_prefix(META).map(str::to_owned))
+            .collect())
+    }
+
+    /// Soft-deletes a version (default: current). Undelete brings it back.
+    pub fn delete(
+        &self,
+        path: &SecretPath,
+        version: Option<u64>,
+        now_ms: u64,
+    ) -> Result<u64, SecretsError> {
+        self.update_version(path, version, |meta, v| {
+            let record = meta.version_mut(v).ok_or(SecretsError::NoSuchVersion(v))?;
+            if record.destroyed {
+                return Err(SecretsError::Destroyed(v));
+            }
+            if record.deleted_at_ms == 0 {
+                record.deleted_at_ms = now_ms;
+            }
+            meta.updated_at_ms = now_ms;
+            Ok(None)
+        })
+    }
+
+    pub fn undelete(
+        &self,
+        path: &SecretPath,
+        version: u64,
+        now_ms: u64,
+    ) -> Result<u64, SecretsError> {
+        self.update_version(path, Some(version), |meta, v| {
+            let record = meta.version_mut(v).ok_or(SecretsError::NoSuchVersion(v))?;
+            if record.destroyed {
+                return Err(SecretsError::Destroyed(v));
+            }
+            record.deleted_at_ms = 0;
+            meta.updated_at_ms = now_ms;
+            Ok(None)
+        })
+    }
+
+    /// Removes a version's data for good; its metadata stays, marked destroyed.
+    pub fn destroy(
+        &self,
+        path: &SecretPath,
+        version: u64,
+        now_ms: u64,
+    ) -> Result<u64, SecretsError> {
+        self.update_version(path, Some(version), |meta, v| {
+            let record = meta.version_mut(v).ok_or(SecretsError::NoSuchVersion(v))?;
+            record.destroyed = true;
+            meta.updated_at_ms = now_ms;
+            Ok(Some(v))
+        })
+    }
+
+    fn update_version(
+        &self,
+        path: &SecretPath,
+        version: Option<u64>,
+        change: impl FnOnce(&mut MetaRecord, u64) -> Result<Option<u64>, SecretsError>,
+    ) -> Result<u64, SecretsError> {
+        if version == Some(0) {
+            return Err(InputError::BadVersion.into());
+        }
+        let _guard = self.stripe(path);
+        let mut meta = self.metadata(path)?;
+        let v = match version {
+            Some(v) => v,
+            None if meta.current != 0 => meta.current,
+            None => return Err(SecretsError::NoSuchStage("current")),
+        };
+        let remove = change(&mut meta, v)?;
+        let meta_bytes = meta.encode_to_vec();
+        let meta_k = meta_key(path);
+        let removed_key = remove.map(|v| data_key(path, v));
+        let mut ops = vec![PlainOp::Put(&meta_k, &meta_bytes)];
+        if let Some(k) = &removed_key {
+            ops.push(PlainOp::Delete(k));
+        }
+        self.barrier.batch(&ops)?;
+        Ok(v)
+    }
+
+    /// Moves `pending` to `current` (the old current becomes `previous`).
+    pub fn promote_pending(
+        &self,
+        path: &SecretPath,
+        version: u64,
+        now_ms: u64,
+    ) -> Result<(), SecretsError> {
+        self.update_version(path, Some(version), |meta, v| {
+            if meta.pending != v {
+                return Err(SecretsError::NoSuchStage("pending"));
+            }
+            meta.previous = meta.current;
+            meta.current = v;
+            meta.pending = 0;
+            meta.updated_at_ms = now_ms;
+            Ok(None)
+        })
+        .map(|_| ())
+    }
+
+    /// Drops the `pending` stage (a rotation that did not verify).
+    pub fn clear_pending(&self, path: &SecretPath, now_ms: u64) -> Result<(), SecretsError> {
+        let _guard = self.stripe(path);
+        let mut meta = self.metadata(path)?;
+        meta.pending = 0;
+        meta.updated_at_ms = now_ms;
+        self.barrier.put(&meta_key(path), &meta.encode_to_vec())?;
+        Ok(())
+    }
+
+    /// Data keys of every version of a path, for tests and tools.
+    pub fn data_keys(&self, path: &SecretPath) -> Result<Vec<String>, SecretsError> {
+        Ok(self.barrier.scan_keys(&data_prefix(path))?)
+    }
+
+    pub async fn durable(&self) -> Result<(), SecretsError> {
+        Ok(self.barrier.durable().await?)
+    }
+}
+
+/// Drops the oldest versions beyond `max_versions`, never one that holds a
+/// stage; returns the versions whose data must be deleted.
+fn prune(meta: &mut MetaRecord) -> Vec<u64> {
+    let max = meta.max_versions.max(1) as usize;
+    let mut removed = Vec::new();
+    while meta.versions.len() > max {
+        let Some(pos) = meta
+            .versions
+            .iter()
+            .position(|v| meta.stage_of(v.version).is_none())
+        else {
+            break;
+        };
+        removed.push(meta.versions.remove(pos).version);
+    }
+    removed
+}

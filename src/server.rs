@@ -1,0 +1,150 @@
+//! The server: opens storage, barrier, audit and metrics, then serves the
+//! gRPC services (plus health and reflection) over TLS until shutdown.
+//!
+//! `Server::open` does everything that can fail on bad configuration before a
+//! port is used; `Server::serve` takes bound listeners and a shutdown future,
+//! so tests pass their own (port 0, a oneshot) and `main` passes signals.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, Server as TonicServer, ServerTlsConfig};
+
+use crate::api::secrets::SecretsService;
+use crate::api::sys::{publish_health, SysService};
+use crate::audit::AuditLog;
+use crate::barrier::{Barrier, BarrierOptions};
+use crate::config::ServerConfig;
+use crate::core::Core;
+use crate::metrics::Metrics;
+use crate::proto::v1::secrets_server::SecretsServer;
+use crate::proto::v1::sys_server::SysServer;
+use crate::storage::SledBackend;
+
+/// How long in-flight calls may take to finish after shutdown begins.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot open storage: {0}")]
+    Storage(String),
+    #[error("cannot open the audit log: {0}")]
+    Audit(String),
+    #[error("cannot read TLS file {0}: {1}")]
+    TlsFile(std::path::PathBuf, std::io::Error),
+    #[error("gRPC server failed: {0}")]
+    Transport(String),
+}
+
+pub struct Server {
+    core: Arc<Core>,
+    config: ServerConfig,
+}
+
+impl Server {
+    pub fn open(config: ServerConfig) -> Result<Self, ServerError> {
+        std::fs::create_dir_all(&config.storage_path)
+            .map_err(|e| ServerError::Storage(format!("{}: {e}", config.storage_path.display())))?;
+        let backend = SledBackend::open(&config.storage_path)
+            .map_err(|e| ServerError::Storage(e.to_string()))?;
+        let barrier = Barrier::new(Arc::new(backend), BarrierOptions::default())
+            .map_err(|e| ServerError::Storage(e.to_string()))?;
+        if let Some(dir) = config.audit_path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| ServerError::Audit(format!("{}: {e}", dir.display())))?;
+        }
+        let audit =
+            AuditLog::open(&config.audit_path).map_err(|e| ServerError::Audit(e.to_string()))?;
+        let metrics = Arc::new(Metrics::new());
+        let core = Arc::new(Core::new(Arc::new(barrier), audit, metrics, config.limits));
+        core.refresh_gauges();
+        Ok(Self { core, config })
+    }
+
+    pub fn core(&self) -> &Arc<Core> {
+        &self.core
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight calls for at
+    /// most `DRAIN_DEADLINE`.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        metrics_listener: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        publish_health(&health, self.core.is_sealed()).await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| ServerError::Transport(e.to_string()))?;
+
+        let mut builder = TonicServer::builder();
+        if let Some(tls) = &self.config.tls {
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).map_err(|e| ServerError::TlsFile(p.to_owned(), e))
+            };
+            let mut tls_config = ServerTlsConfig::new()
+                .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+            if let Some(ca) = &tls.client_ca {
+                tls_config = tls_config
+                    .client_ca_root(Certificate::from_pem(read(ca)?))
+                    .client_auth_optional(true);
+            }
+            builder = builder
+                .tls_config(tls_config)
+                .map_err(|e| ServerError::Transport(e.to_string()))?;
+        }
+
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let signal = async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        };
+        tokio::spawn(signal);
+
+        if let Some(listener) = metrics_listener {
+            let core = self.core.clone();
+            let refresh: Arc<dyn Fn() + Send + Sync> = Arc::new(move || core.refresh_gauges());
+            let mut rx = stop_rx.clone();
+            let metrics = self.core.metrics.clone();
+            tokio::spawn(async move {
+                crate::metrics::serve(listener, metrics, refresh, async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .await
+            });
+        }
+
+        let router = builder
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(SysServer::new(SysService::new(
+                self.core.clone(),
+                health.clone(),
+            )))
+            .add_service(SecretsServer::new(SecretsService::new(self.core.clone())));
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let mut rx = stop_rx.clone();
+        let serving = router.serve_with_incoming_shutdown(incoming, async move {
+            let _ = rx.wait_for(|s| *s).await;
+        });
+        tokio::pin!(serving);
+        let mut rx = stop_rx;
+        tokio::select! {
+            result = &mut serving => return result.map_err(|e| ServerError::Transport(e.to_string())),
+            _ = rx.wait_for(|s| *s) => {}
+        }
+        tracing::info!("shutting down: draining in-flight calls");
+        match tokio::time::timeout(DRAIN_DEADLINE, serving).await {
+            Ok(result) => result.map_err(|e| ServerError::Transport(e.to_string()))?,
+            Err(_) => tracing::warn!("drain deadline passed; closing remaining calls"),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,318 @@
+//! Starting servers for tests: in process (`TestServer`) or as a child
+//! process of the real binary (`ChildServer`).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use keyward::client::{Client, ClientOptions};
+use keyward::config::{ServerConfig, TlsConfig};
+use keyward::secrecy::{SecretBytes, SecretData};
+use keyward::secrets::DataLimits;
+use keyward::server::Server;
+
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A random suffix so tests never share names.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+pub fn data(pairs: &[(&str, &str)]) -> SecretData {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), SecretBytes::from(*v)))
+        .collect()
+}
+
+/// An in-process server over TLS on 127.0.0.1:0.
+pub struct TestServer {
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub ca: PathBuf,
+    pub root_token: String,
+    pub unseal_share: String,
+    pub audit_path: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// A dev vault: initialised with one share and unsealed.
+    pub async fn dev() -> Self {
+        install_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let vault = keyward::dev::open(dir.path(), None).await.unwrap();
+        let root_token = vault.credentials.root_token.clone();
+        let unseal_share = vault.credentials.unseal_share.clone();
+        let ca = vault.certs.ca.clone();
+        Self::serve(dir, vault.server, ca, root_token, unseal_share).await
+    }
+
+    /// A server that is not initialised yet (for init and unseal tests).
+    pub async fn uninitialized() -> Self {
+        install_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let certs = keyward::pki::ensure_dev_certs(&dir.path().join("certs")).unwrap();
+        let config = ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            storage_path: dir.path().join("data"),
+            tls: Some(TlsConfig {
+                cert: certs.server.clone(),
+                key: certs.server_key.clone(),
+                client_ca: Some(certs.ca.clone()),
+            }),
+            audit_path: dir.path().join("audit.log"),
+            metrics_listen: None,
+            limits: DataLimits::default(),
+        };
+        let server = Server::open(config).unwrap();
+        Self::serve(dir, server, certs.ca, String::new(), String::new()).await
+    }
+
+    async fn serve(
+        dir: tempfile::TempDir,
+        server: Server,
+        ca: PathBuf,
+        root_token: String,
+        unseal_share: String,
+    ) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics_addr = metrics_listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            server
+                .serve(listener, Some(metrics_listener), async move {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        let audit_path = dir.path().join("audit.log");
+        Self {
+            dir,
+            addr,
+            metrics_addr,
+            ca,
+            root_token,
+            unseal_share,
+            audit_path,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn options(&self, token: Option<&str>) -> ClientOptions {
+        ClientOptions {
+            addr: format!("https://{}", self.addr),
+            token: token.map(str::to_owned),
+            ca_cert: Some(self.ca.clone()),
+            ..ClientOptions::default()
+        }
+    }
+
+    /// A client holding the root token.
+    pub async fn root(&self) -> Client {
+        Client::connect(self.options(Some(&self.root_token)))
+            .await
+            .unwrap()
+    }
+
+    /// A client with no token.
+    pub async fn anonymous(&self) -> Client {
+        Client::connect(self.options(None)).await.unwrap()
+    }
+
+    /// Stops the server and waits for it.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+        // Move the folder out; Drop of Self then has nothing left to do.
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// The real `keyward` binary running `keyward dev` in a folder.
+pub struct ChildServer {
+    pub child: Child,
+    pub addr: String,
+    pub ca: PathBuf,
+    pub token: String,
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_keyward")
+}
+
+impl ChildServer {
+    /// Starts `keyward dev --data DIR` on a free port and waits for its
+    /// export lines. Its log goes to `stderr_path`.
+    pub fn start(data_dir: &Path, stderr_path: &Path) -> Self {
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(stderr_path)
+            .unwrap();
+        let mut child = Command::new(binary())
+            .args([
+                "dev",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "off",
+                "--data",
+            ])
+            .arg(data_dir)
+            .env("KEYWARD_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut vars = Vec::new();
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("export ") {
+                    vars.push(rest.to_owned());
+                    if vars.len() == 3 {
+                        let _ = tx.send(vars.clone());
+                    }
+                }
+            }
+        });
+        let vars = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("keyward dev did not print its export lines");
+        let get = |k: &str| {
+            vars.iter()
+                .find_map(|v| v.strip_prefix(&format!("{k}=")))
+                .unwrap()
+                .to_owned()
+        };
+        Self {
+            child,
+            addr: get("KEYWARD_ADDR"),
+            ca: PathBuf::from(get("KEYWARD_CACERT")),
+            token: get("KEYWARD_TOKEN"),
+        }
+    }
+
+    pub fn options(&self) -> ClientOptions {
+        ClientOptions {
+            addr: self.addr.clone(),
+            token: Some(self.token.clone()),
+            ca_cert: Some(self.ca.clone()),
+            ..ClientOptions::default()
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(self.options()).await.unwrap()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends a signal to the child by its process id.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs the CLI with the given environment; returns (status, stdout, stderr).
+pub fn cli(args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>) -> (i32, String, String) {
+    use std::io::Write;
+    let mut cmd = Command::new(binary());
+    cmd.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for var in [
+        "KEYWARD_ADDR",
+        "KEYWARD_TOKEN",
+        "KEYWARD_CACERT",
+        "KEYWARD_FORMAT",
+        "KEYWARD_CLIENT_CERT",
+        "KEYWARD_CLIENT_KEY",
+    ] {
+        cmd.env_remove(var);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    {
+        let mut input = child.stdin.take().unwrap();
+        if let Some(bytes) = stdin {
+            input.write_all(bytes).unwrap();
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Every file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}

@@ -1,0 +1,16 @@
+//! Integration tests: one binary of modules. Every test starts a real keyward
+//! server on 127.0.0.1 port 0 over TLS (in process, or as a child process
+//! where a crash is part of the test) and talks to it through the public
+//! client that the CLI uses.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod harness;
+
+mod audit;
+mod cli;
+mod crash;
+mod leaks;
+mod seal;
+mod secrets;
+mod server;

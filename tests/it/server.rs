@@ -1,0 +1,118 @@
+//! Health, reflection, metrics and plaintext refusal of the running server.
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::harness::{data, unique, TestServer};
+use keyward::client::PutOptions;
+
+#[tokio::test]
+async fn health_follows_the_seal() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    assert!(root.health().await.unwrap());
+    root.seal().await.unwrap();
+    assert!(
+        !root.health().await.unwrap(),
+        "a sealed server is NOT_SERVING"
+    );
+    server
+        .anonymous()
+        .await
+        .unseal(&server.unseal_share)
+        .await
+        .unwrap();
+    assert!(root.health().await.unwrap());
+}
+
+#[tokio::test]
+async fn reflection_lists_the_services() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let server = TestServer::dev().await;
+    let mut client = ServerReflectionClient::new(server.anonymous().await.channel());
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reply")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "keyward.v1.Sys",
+        "keyward.v1.Secrets",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
+    }
+}
+
+async fn scrape(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_method_and_code() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let path = unique("metered");
+    root.put(&path, &data(&[("a", "1")]), PutOptions::default())
+        .await
+        .unwrap();
+    root.get(&path).await.unwrap();
+    let _ = root.get(&unique("missing")).await;
+    let text = scrape(server.metrics_addr, "/metrics").await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let line = |needle: &str| {
+        text.lines()
+            .any(|l| l.starts_with("keyward_requests_total") && l.contains(needle))
+    };
+    assert!(
+        line(r#"method="keyward.v1.Secrets/Get""#) && line(r#"code="NOT_FOUND""#),
+        "{text}"
+    );
+    assert!(text.contains("keyward_request_duration_seconds"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("keyward_sealed") && l.trim_end().ends_with(" 0")),
+        "{text}"
+    );
+    assert!(text.contains("keyward_barrier_encryptions"), "{text}");
+    assert!(scrape(server.metrics_addr, "/nope")
+        .await
+        .starts_with("HTTP/1.1 404"));
+}
+
+#[tokio::test]
+async fn plaintext_clients_are_refused_by_a_tls_server() {
+    let server = TestServer::dev().await;
+    let options = keyward::client::ClientOptions {
+        addr: format!("http://{}", server.addr),
+        ..server.options(Some(&server.root_token))
+    };
+    match keyward::client::Client::connect(options).await {
+        Err(_) => {}
+        Ok(client) => assert!(
+            client.status().await.is_err(),
+            "a plaintext call to a TLS server must fail"
+        ),
+    }
+}
