@@ -5,15 +5,82 @@
 //! other key is written by a domain module through this type, which encrypts
 //! the value with AES-256-GCM under the active keyring term and the storage key
 //! as associated data: `term (4 bytes BE) || nonce (12) || ciphertext+tag`.
-//! It knows nothing of secrets, tokens or policies.
+//! It knows nothing of secrets, tokens or policies. Domain keys starting with
+//! `sys/seal` or `sys/keyring` are refused (`ReservedKey`) and never listed.
 //!
-//! STUB: the API below is the contract; the implementation is being written.
+//! # Parts
+//!
+//! - `shamir` — seal parameters, the split of the root key and the text
+//!   form of a share;
+//! - `keyring` — the keyring record, its terms and encryption counters;
+//! - `envelope` — the AEAD envelope.
+//!
+//! # Seal
+//!
+//! `init` makes a random 256-bit root key, a random vault id (8 bytes) and a
+//! keyring (a random derivation root and term 1, a random 256-bit key); it
+//! writes `sys/seal` (JSON: `version`, `vault_id` in hex, `shares`,
+//! `threshold`) and `sys/keyring` (the envelope of term 0, the root key, with
+//! `sys/keyring` as associated data) in one batch, flushes, and returns the
+//! shares. The root key is stored nowhere. The keyring's GCM tag is the
+//! verifier: shares that rebuild a wrong key fail to open it (`WrongShares`,
+//! progress back to 0).
+//!
+//! # Share text format
+//!
+//! `kwu1_` followed by base64url without padding (RFC 4648 §5) of 46 bytes:
+//!
+//! ```text
+//! vault id (8) || threshold (1) || share number (1, 1..=255) || share (32) || CRC-32 (4, BE)
+//! ```
+//!
+//! 67 ASCII characters in all, safe in shells, URLs and file names. The
+//! CRC-32 (IEEE) covers the 42 bytes before it, so a mistyped share is
+//! `MalformedShare` (every single-character typo is caught), a share of
+//! another vault is `ShareOfAnotherVault`, and a share number already given
+//! since the last reset is `DuplicateShare` and is not counted. The prefix
+//! lets secret scanners recognise a leaked share. Shares given so far are
+//! held in zeroized buffers; they are wiped at the threshold, on
+//! `reset_unseal`, and on `seal`.
+//!
+//! # Keyring terms
+//!
+//! `rotate_key` adds a term and makes it active; older terms still decrypt.
+//! Encryptions are counted per term; at `BarrierOptions::max_encryptions_per_term`
+//! a new term is made automatically. Counts survive restarts through
+//! reservations in the keyring record (see `keyring`): a restart assumes the
+//! active term used its whole reservation.
+//!
+//! # Concurrency
+//!
+//! The seal state sits under one `RwLock`. The hot path (`get`) takes the read
+//! lock just long enough to clone an `Arc` of the prepared keys, then reads
+//! the backend and decrypts without any lock. Writes of `sys/keyring` (a new
+//! term, a new reservation, once per 65,536 encryptions) and unseal are
+//! serialized by a second mutex, always taken before the state lock.
+//!
+//! # Known limits
+//!
+//! ring's AES key schedules and HKDF state, and vsss-rs' polynomials, are not
+//! zeroized on drop; every buffer of ours holding a key, a share or a
+//! plaintext is.
 
-use std::sync::Arc;
+mod envelope;
+mod keyring;
+mod shamir;
+#[cfg(test)]
+mod tests;
 
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use ring::hkdf;
+use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
-use crate::storage::{Backend, StorageError};
+use crate::storage::{Backend, BatchOp, GroupCommit, StorageError};
+use keyring::{KeySet, KeyringRecord, Unsealed};
+use shamir::{SealConfig, ShareBytes};
 
 /// Plaintext read back through the barrier; zeroized on drop.
 pub type Plaintext = Zeroizing<Vec<u8>>;
@@ -38,6 +105,14 @@ pub enum BarrierError {
     WrongShares,
     #[error("stored value under a barrier key failed to decrypt")]
     Decrypt,
+    /// The key starts with `sys/seal` or `sys/keyring`, which the barrier owns.
+    #[error("the key is reserved for the barrier's own records")]
+    ReservedKey,
+    #[error("invalid barrier options: {0}")]
+    InvalidOptions(&'static str),
+    /// The random generator or a primitive failed; names the step only.
+    #[error("cryptographic failure: {0}")]
+    Crypto(&'static str),
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -88,63 +163,379 @@ pub enum PlainOp<'a> {
     Delete(&'a str),
 }
 
-pub struct Barrier {
-    _backend: Arc<dyn Backend>,
+pub(crate) const KEY_LEN: usize = 32;
+/// A 256-bit key, zeroized on drop.
+pub(crate) type Key = Zeroizing<[u8; KEY_LEN]>;
+
+const SEAL_KEY: &str = "sys/seal";
+const KEYRING_KEY: &str = "sys/keyring";
+const RESERVED_PREFIXES: [&str; 2] = [SEAL_KEY, KEYRING_KEY];
+/// The envelope term of a record under the root key.
+const ROOT_TERM: u32 = 0;
+/// HKDF salt of `derive_key`; changing it changes every derived key.
+const DERIVE_SALT: &[u8] = b"keyward/barrier/derive_key/v1";
+
+pub(crate) fn random_key(rng: &SystemRandom) -> Result<Key, BarrierError> {
+    let mut key = Zeroizing::new([0u8; KEY_LEN]);
+    rng.fill(&mut key[..])
+        .map_err(|_| BarrierError::Crypto("the system random generator failed"))?;
+    Ok(key)
 }
 
-#[allow(unused_variables, clippy::todo)]
+fn is_reserved(key: &str) -> bool {
+    RESERVED_PREFIXES
+        .iter()
+        .any(|prefix| key.starts_with(prefix))
+}
+
+fn check_key(key: &str) -> Result<(), BarrierError> {
+    if is_reserved(key) {
+        return Err(BarrierError::ReservedKey);
+    }
+    Ok(())
+}
+
+fn key_text(key: Vec<u8>) -> Result<String, BarrierError> {
+    String::from_utf8(key)
+        .map_err(|_| StorageError::Corrupt("a stored key is not UTF-8".into()).into())
+}
+
+enum SealState {
+    /// No `sys/seal` in storage.
+    Uninitialized,
+    /// `given` holds the distinct shares given so far; its capacity is the
+    /// threshold, so it never reallocates (and leaves no copy behind).
+    Sealed {
+        config: SealConfig,
+        given: Vec<ShareBytes>,
+    },
+    /// `record` is the keyring as last written; `keys` its prepared form.
+    Unsealed {
+        config: SealConfig,
+        record: KeyringRecord,
+        keys: Arc<KeySet>,
+    },
+}
+
+impl SealState {
+    fn sealed(config: SealConfig) -> Self {
+        Self::Sealed {
+            config,
+            given: Vec::with_capacity(usize::from(config.threshold)),
+        }
+    }
+
+    fn status(&self, limit: u64) -> SealStatus {
+        match self {
+            Self::Uninitialized => SealStatus {
+                initialized: false,
+                sealed: true,
+                shares: 0,
+                threshold: 0,
+                progress: 0,
+                key_term: 0,
+                term_encryptions: 0,
+            },
+            Self::Sealed { config, given } => SealStatus {
+                initialized: true,
+                sealed: true,
+                shares: config.shares.into(),
+                threshold: config.threshold.into(),
+                progress: u32::try_from(given.len()).unwrap_or(u32::MAX),
+                key_term: 0,
+                term_encryptions: 0,
+            },
+            Self::Unsealed { config, keys, .. } => SealStatus {
+                initialized: true,
+                sealed: false,
+                shares: config.shares.into(),
+                threshold: config.threshold.into(),
+                progress: 0,
+                key_term: keys.active.term,
+                // Attempts past the limit wait for the next term; they are
+                // not encryptions.
+                term_encryptions: keys.active.count.load(Ordering::Relaxed).min(limit),
+            },
+        }
+    }
+}
+
+pub struct Barrier {
+    backend: Arc<dyn Backend>,
+    commit: GroupCommit,
+    options: BarrierOptions,
+    rng: SystemRandom,
+    state: RwLock<SealState>,
+    /// Serializes init, unseal and every write of `sys/keyring`, so that a
+    /// keyring write never races another one or a reload. Taken before `state`.
+    keyring_writes: Mutex<()>,
+}
+
+impl std::fmt::Debug for Barrier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Barrier")
+            .field("status", &self.status())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Barrier {
     /// Opens the barrier over a backend; it starts sealed (or uninitialized).
     pub fn new(backend: Arc<dyn Backend>, options: BarrierOptions) -> Result<Self, BarrierError> {
-        todo!()
+        if options.max_encryptions_per_term == 0 {
+            return Err(BarrierError::InvalidOptions(
+                "max_encryptions_per_term must be at least 1",
+            ));
+        }
+        let state = match backend.get(SEAL_KEY.as_bytes())? {
+            Some(record) => SealState::sealed(SealConfig::from_record(&record)?),
+            None => SealState::Uninitialized,
+        };
+        Ok(Self {
+            commit: GroupCommit::new(Arc::clone(&backend)),
+            backend,
+            options,
+            rng: SystemRandom::new(),
+            state: RwLock::new(state),
+            keyring_writes: Mutex::new(()),
+        })
     }
+
     pub fn status(&self) -> SealStatus {
-        todo!()
+        self.read().status(self.options.max_encryptions_per_term)
     }
+
     /// Makes a random 256-bit root key and keyring, splits the root key into
     /// `shares` shares of which `threshold` unseal, and leaves the barrier
     /// UNSEALED so the caller can write its first records; the caller seals.
     pub fn init(&self, shares: u8, threshold: u8) -> Result<Vec<UnsealShare>, BarrierError> {
-        todo!()
+        shamir::check_parameters(shares, threshold)?;
+        let _writes = self.lock_keyring_writes();
+        let mut state = self.write();
+        if !matches!(*state, SealState::Uninitialized)
+            || self.backend.get(SEAL_KEY.as_bytes())?.is_some()
+        {
+            return Err(BarrierError::AlreadyInitialized);
+        }
+
+        let mut vault_id = [0u8; shamir::VAULT_ID_LEN];
+        self.rng
+            .fill(&mut vault_id)
+            .map_err(|_| BarrierError::Crypto("the system random generator failed"))?;
+        let config = SealConfig::new(vault_id, shares, threshold)?;
+        let root_key = random_key(&self.rng)?;
+        let record = KeyringRecord::generate(&self.rng)?;
+
+        let split = shamir::split(&root_key, shares, threshold)?;
+        // Never hand out shares that do not give the key back.
+        let check = shamir::combine(split.get(..usize::from(threshold)).unwrap_or(&[]))?;
+        // Compared without an early exit, as any comparison of keys is.
+        let difference = check
+            .iter()
+            .zip(root_key.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if difference != 0 {
+            return Err(BarrierError::Crypto(
+                "the split of the root key does not combine",
+            ));
+        }
+        let texts = split
+            .iter()
+            .map(|share| shamir::encode(&vault_id, threshold, share).map(UnsealShare))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let keyring = self.seal_keyring(&root_key, &record)?;
+        self.backend.batch(vec![
+            BatchOp::Put(SEAL_KEY.into(), config.to_record()?),
+            BatchOp::Put(KEYRING_KEY.into(), keyring),
+        ])?;
+        self.backend.flush()?;
+
+        let unsealed = Arc::new(Unsealed {
+            root_key,
+            derivation_root: record.derivation_root.clone(),
+        });
+        let keys = Arc::new(KeySet::new(unsealed, &record, 0)?);
+        *state = SealState::Unsealed {
+            config,
+            record,
+            keys,
+        };
+        tracing::info!(shares, threshold, "vault initialized");
+        Ok(texts)
     }
+
     /// Adds one share; at the threshold, rebuilds the root key and opens the keyring.
+    ///
+    /// Any failure at the threshold (`WrongShares`, a storage error) resets
+    /// the progress: the shares given are wiped. On an unsealed vault this
+    /// returns the status and ignores the share.
     pub fn unseal(&self, share: &str) -> Result<SealStatus, BarrierError> {
-        todo!()
+        let _writes = self.lock_keyring_writes();
+        let mut state = self.write();
+        let limit = self.options.max_encryptions_per_term;
+        let (config, given) = match &mut *state {
+            SealState::Uninitialized => return Err(BarrierError::NotInitialized),
+            SealState::Unsealed { .. } => return Ok(state.status(limit)),
+            SealState::Sealed { config, given } => (*config, given),
+        };
+
+        let parsed = shamir::parse(share)?;
+        if parsed.vault_id != config.vault_id {
+            return Err(BarrierError::ShareOfAnotherVault);
+        }
+        if parsed.threshold != config.threshold {
+            return Err(BarrierError::MalformedShare(
+                "its threshold does not match this vault's seal",
+            ));
+        }
+        if given.iter().any(|known| known[0] == parsed.number()) {
+            return Err(BarrierError::DuplicateShare);
+        }
+        given.push(parsed.share);
+        if given.len() < usize::from(config.threshold) {
+            tracing::info!(
+                progress = given.len(),
+                threshold = config.threshold,
+                "unseal share accepted"
+            );
+            return Ok(state.status(limit));
+        }
+
+        // At the threshold: whatever happens next, the shares are used up.
+        let shares = std::mem::replace(given, Vec::with_capacity(usize::from(config.threshold)));
+        let root_key = shamir::combine(&shares);
+        drop(shares);
+        let root_key = root_key?;
+        let envelope = self
+            .backend
+            .get(KEYRING_KEY.as_bytes())?
+            .ok_or_else(|| StorageError::Corrupt("sys/keyring is missing".into()))?;
+        let record = match self.open_keyring(&root_key, &envelope) {
+            Ok(record) => record,
+            Err(error) => {
+                if matches!(error, BarrierError::WrongShares) {
+                    tracing::warn!("unseal failed: the shares do not open the keyring");
+                }
+                return Err(error);
+            }
+        };
+        // The process may have died anywhere inside the active reservation.
+        let count = record.term(record.active).map_or(0, |term| term.reserved);
+        let unsealed = Arc::new(Unsealed {
+            root_key,
+            derivation_root: record.derivation_root.clone(),
+        });
+        let keys = Arc::new(KeySet::new(unsealed, &record, count)?);
+        tracing::info!(term = record.active, "vault unsealed");
+        *state = SealState::Unsealed {
+            config,
+            record,
+            keys,
+        };
+        Ok(state.status(limit))
     }
+
     /// Forgets the shares given so far.
     pub fn reset_unseal(&self) {
-        todo!()
+        if let SealState::Sealed { given, .. } = &mut *self.write() {
+            given.clear();
+        }
     }
+
     /// Drops all key material from memory.
     pub fn seal(&self) {
-        todo!()
+        let mut state = self.write();
+        let config = match &*state {
+            SealState::Uninitialized => return,
+            SealState::Sealed { config, .. } | SealState::Unsealed { config, .. } => *config,
+        };
+        // Dropping the old state wipes the keyring record and the given
+        // shares; the prepared keys go with the last in-flight snapshot.
+        *state = SealState::sealed(config);
+        tracing::info!("vault sealed");
     }
+
     /// Adds a keyring term and makes it active; returns the new term.
     pub fn rotate_key(&self) -> Result<u32, BarrierError> {
-        todo!()
+        self.add_term(None)
     }
+
     /// A 32-byte key derived from the keyring for `purpose` (HKDF-SHA256),
     /// stable across restarts and key rotations (audit HMAC, token hashing).
+    ///
+    /// The input is the keyring's derivation root, a random 256-bit value of
+    /// its own, never a term key.
     pub fn derive_key(&self, purpose: &str) -> Result<Zeroizing<[u8; 32]>, BarrierError> {
-        todo!()
+        let keys = self.keys()?;
+        let failed = |_| BarrierError::Crypto("key derivation failed");
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, DERIVE_SALT)
+            .extract(&keys.unsealed.derivation_root[..]);
+        let info = [purpose.as_bytes()];
+        let okm = prk.expand(&info, hkdf::HKDF_SHA256).map_err(failed)?;
+        let mut out = Zeroizing::new([0u8; 32]);
+        okm.fill(&mut out[..]).map_err(failed)?;
+        Ok(out)
     }
+
     pub fn get(&self, key: &str) -> Result<Option<Plaintext>, BarrierError> {
-        todo!()
+        check_key(key)?;
+        let keys = self.keys()?;
+        match self.backend.get(key.as_bytes())? {
+            Some(envelope) => decrypt(&keys, key, &envelope).map(Some),
+            None => Ok(None),
+        }
     }
+
+    /// Encrypts `value` under the active term and stores it under `key`.
+    ///
+    /// Visible at once, durable after `durable()`. Once per 65,536
+    /// encryptions of a term (and when the term limit is reached) the call
+    /// also writes and flushes `sys/keyring` synchronously.
     pub fn put(&self, key: &str, value: &[u8]) -> Result<(), BarrierError> {
-        todo!()
+        check_key(key)?;
+        let envelope = self.encrypt(key, value)?;
+        self.backend.put(key.as_bytes(), &envelope)?;
+        Ok(())
     }
+
     pub fn delete(&self, key: &str) -> Result<(), BarrierError> {
-        todo!()
+        check_key(key)?;
+        self.keys()?;
+        self.backend.delete(key.as_bytes())?;
+        Ok(())
     }
+
     /// Keys and decrypted values under `prefix`, in key order.
     pub fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Plaintext)>, BarrierError> {
-        todo!()
+        check_key(prefix)?;
+        let keys = self.keys()?;
+        let mut out = Vec::new();
+        for (key, envelope) in self.backend.scan_prefix(prefix.as_bytes())? {
+            let key = key_text(key)?;
+            if is_reserved(&key) {
+                continue;
+            }
+            let value = decrypt(&keys, &key, &envelope)?;
+            out.push((key, value));
+        }
+        Ok(out)
     }
+
     /// Keys only under `prefix`, in key order, without decrypting.
     pub fn scan_keys(&self, prefix: &str) -> Result<Vec<String>, BarrierError> {
-        todo!()
+        check_key(prefix)?;
+        self.keys()?;
+        let mut out = Vec::new();
+        for (key, _) in self.backend.scan_prefix(prefix.as_bytes())? {
+            let key = key_text(key)?;
+            if !is_reserved(&key) {
+                out.push(key);
+            }
+        }
+        Ok(out)
     }
+
     /// Keys and decrypted values with `start <= key < end`, at most `limit`.
     pub fn scan_range(
         &self,
@@ -152,15 +543,237 @@ impl Barrier {
         end: &str,
         limit: usize,
     ) -> Result<Vec<(String, Plaintext)>, BarrierError> {
-        todo!()
+        let keys = self.keys()?;
+        // The barrier's own records may fall in the range: ask for room to skip them.
+        let pairs = self.backend.scan_range(
+            start.as_bytes(),
+            end.as_bytes(),
+            limit.saturating_add(RESERVED_PREFIXES.len()),
+        )?;
+        let mut out = Vec::with_capacity(pairs.len().min(limit));
+        for (key, envelope) in pairs {
+            if out.len() == limit {
+                break;
+            }
+            let key = key_text(key)?;
+            if is_reserved(&key) {
+                continue;
+            }
+            let value = decrypt(&keys, &key, &envelope)?;
+            out.push((key, value));
+        }
+        Ok(out)
     }
-    /// Applies every operation or none.
+
+    /// Applies every operation or none. Keys are checked before anything is
+    /// encrypted; each put counts as one encryption.
     pub fn batch(&self, ops: &[PlainOp<'_>]) -> Result<(), BarrierError> {
-        todo!()
+        for op in ops {
+            match op {
+                PlainOp::Put(key, _) | PlainOp::Delete(key) => check_key(key)?,
+            }
+        }
+        self.keys()?;
+        let mut sealed = Vec::with_capacity(ops.len());
+        for op in ops {
+            sealed.push(match op {
+                PlainOp::Put(key, value) => {
+                    BatchOp::Put(key.as_bytes().to_vec(), self.encrypt(key, value)?)
+                }
+                PlainOp::Delete(key) => BatchOp::Delete(key.as_bytes().to_vec()),
+            });
+        }
+        self.backend.batch(sealed)?;
+        Ok(())
     }
+
     /// Returns once every write made before the call is on disk; concurrent
     /// callers share one flush.
     pub async fn durable(&self) -> Result<(), BarrierError> {
-        todo!()
+        Ok(self.commit.durable().await?)
     }
+
+    /// How many flushes `durable` has run; for metrics and tests.
+    pub fn flush_count(&self) -> u64 {
+        self.commit.flush_count()
+    }
+}
+
+/// Internals.
+impl Barrier {
+    fn read(&self) -> RwLockReadGuard<'_, SealState> {
+        // Nothing panics while holding the lock; a poisoned lock still holds
+        // a consistent state (every change is one assignment).
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, SealState> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_keyring_writes(&self) -> MutexGuard<'_, ()> {
+        self.keyring_writes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A snapshot of the prepared keys: the read lock is held only to clone
+    /// an `Arc`.
+    fn keys(&self) -> Result<Arc<KeySet>, BarrierError> {
+        match &*self.read() {
+            SealState::Unsealed { keys, .. } => Ok(Arc::clone(keys)),
+            _ => Err(BarrierError::Sealed),
+        }
+    }
+
+    /// Seals `value` for `key` under the active term, counting the
+    /// encryption, raising the stored reservation first when the count
+    /// passes it, and making a new term when the count reaches the limit.
+    fn encrypt(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, BarrierError> {
+        let limit = self.options.max_encryptions_per_term;
+        loop {
+            let keys = self.keys()?;
+            let active = &keys.active;
+            let count = active
+                .count
+                .fetch_add(1, Ordering::AcqRel)
+                .saturating_add(1);
+            if count > limit {
+                // Exhausted: the first caller here makes the next term (a
+                // no-op for the others), then everyone retries on it.
+                self.add_term(Some(&keys))?;
+                continue;
+            }
+            if count > active.reserved.load(Ordering::Acquire) {
+                self.reserve(&keys, count)?;
+            }
+            let aead = keys
+                .key(active.term)
+                .ok_or(BarrierError::Crypto("the active term has no key"))?;
+            let envelope = envelope::seal(aead, active.term, key.as_bytes(), value, &self.rng)?;
+            if count == limit {
+                if let Err(error) = self.add_term(Some(&keys)) {
+                    // The value is sealed under a valid term; the next
+                    // encryption retries the rotation and reports its error.
+                    tracing::warn!(%error, term = active.term, "automatic key rotation failed");
+                }
+            }
+            return Ok(envelope);
+        }
+    }
+
+    /// Adds a term. With `exhausted`, only if those keys are still the
+    /// current ones (someone else may have rotated already); returns the
+    /// active term either way.
+    fn add_term(&self, exhausted: Option<&Arc<KeySet>>) -> Result<u32, BarrierError> {
+        let _writes = self.lock_keyring_writes();
+        let (record, current) = match &*self.read() {
+            SealState::Unsealed { record, keys, .. } => {
+                if exhausted.is_some_and(|old| !Arc::ptr_eq(old, keys)) {
+                    return Ok(keys.active.term);
+                }
+                (record.with_new_term(&self.rng)?, Arc::clone(keys))
+            }
+            _ => return Err(BarrierError::Sealed),
+        };
+        self.write_keyring(&current.unsealed.root_key, &record)?;
+        let keys = Arc::new(current.with_new_term(&record)?);
+        let term = record.active;
+        self.install(&current, record, Some(keys))?;
+        tracing::info!(term, "keyring term added");
+        Ok(term)
+    }
+
+    /// Raises the stored reservation of `keys`' active term to cover `count`.
+    fn reserve(&self, keys: &Arc<KeySet>, count: u64) -> Result<(), BarrierError> {
+        let _writes = self.lock_keyring_writes();
+        if keys.active.reserved.load(Ordering::Acquire) >= count {
+            return Ok(());
+        }
+        let mut record = match &*self.read() {
+            SealState::Unsealed {
+                record,
+                keys: current,
+                ..
+            } if Arc::ptr_eq(&current.unsealed, &keys.unsealed) => record.clone(),
+            _ => return Err(BarrierError::Sealed),
+        };
+        let reserved = record.reserve(
+            keys.active.term,
+            count,
+            self.options.max_encryptions_per_term,
+        )?;
+        self.write_keyring(&keys.unsealed.root_key, &record)?;
+        self.install(keys, record, None)?;
+        keys.active.reserved.fetch_max(reserved, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Makes `record` (and `keys`, if given) current, unless the vault was
+    /// sealed (or sealed and unsealed again) since `seen` was current.
+    fn install(
+        &self,
+        seen: &KeySet,
+        new_record: KeyringRecord,
+        new_keys: Option<Arc<KeySet>>,
+    ) -> Result<(), BarrierError> {
+        match &mut *self.write() {
+            SealState::Unsealed { record, keys, .. }
+                if Arc::ptr_eq(&keys.unsealed, &seen.unsealed) =>
+            {
+                *record = new_record;
+                if let Some(new_keys) = new_keys {
+                    *keys = new_keys;
+                }
+                Ok(())
+            }
+            _ => Err(BarrierError::Sealed),
+        }
+    }
+
+    /// Encrypts the keyring record under the root key.
+    fn seal_keyring(
+        &self,
+        root_key: &Key,
+        record: &KeyringRecord,
+    ) -> Result<Vec<u8>, BarrierError> {
+        let aead = keyring::aead_key(root_key)?;
+        envelope::seal(
+            &aead,
+            ROOT_TERM,
+            KEYRING_KEY.as_bytes(),
+            &record.encode(),
+            &self.rng,
+        )
+    }
+
+    /// Writes the keyring record and waits until it is on disk: encryptions
+    /// it reserves may follow at once. Caller holds `keyring_writes`.
+    fn write_keyring(&self, root_key: &Key, record: &KeyringRecord) -> Result<(), BarrierError> {
+        let envelope = self.seal_keyring(root_key, record)?;
+        self.backend.put(KEYRING_KEY.as_bytes(), &envelope)?;
+        self.backend.flush()?;
+        Ok(())
+    }
+
+    /// Opens `sys/keyring` with a candidate root key; a key that does not
+    /// open it means the shares were wrong.
+    fn open_keyring(&self, root_key: &Key, envelope: &[u8]) -> Result<KeyringRecord, BarrierError> {
+        if envelope::term(envelope).ok() != Some(ROOT_TERM) {
+            return Err(
+                StorageError::Corrupt("sys/keyring is not a root key envelope".into()).into(),
+            );
+        }
+        let aead = keyring::aead_key(root_key)?;
+        let plain = envelope::open(&aead, KEYRING_KEY.as_bytes(), envelope)
+            .map_err(|_| BarrierError::WrongShares)?;
+        Ok(KeyringRecord::decode(&plain)?)
+    }
+}
+
+/// Opens the envelope stored under `key` with the term it names.
+fn decrypt(keys: &KeySet, key: &str, envelope: &[u8]) -> Result<Plaintext, BarrierError> {
+    let term = envelope::term(envelope)?;
+    let aead = keys.key(term).ok_or(BarrierError::Decrypt)?;
+    envelope::open(aead, key.as_bytes(), envelope)
 }
