@@ -128,7 +128,10 @@ impl Server {
                 self.core.clone(),
                 health.clone(),
             )))
-            .add_service(SecretsServer::new(SecretsService::new(self.core.clone())));
+            .add_service(SecretsServer::new(SecretsService::new(self.core.clone())))
+            // -- identities, tokens, policies, login, governance (issue 3) go here --
+            // -- rotation (issue 4) goes here --
+            ;
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let mut rx = stop_rx.clone();
         let serving = router.serve_with_incoming_shutdown(incoming, async move {

@@ -79,6 +79,9 @@ pub enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    // -- identities, tokens, policies, login, report (issue 3) go here --
+
+    // -- rotation, providers (issue 4) go here --
     /// Measure throughput and latency against a live server.
     Bench(BenchArgs),
     /// Generate a CA, server and client certificates into a folder.

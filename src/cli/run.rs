@@ -273,6 +273,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             let hash = connect(&g).await?.audit_hash(&value).await?;
             emit(format, &json!({"hash": hash}));
         }
+        // -- identities, tokens, policies, login, report (issue 3) go here --
+
+        // -- rotation, providers (issue 4) go here --
         Command::Bench(args) => super::bench::run(&options(&g), &args, format).await?,
         Command::Certs { out } => {
             let paths = keyward::pki::ensure_dev_certs(&out)?;
