@@ -27,6 +27,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "keyward.v1.UnsealRequest",
             "keyward.v1.PutSecretRequest",
             "keyward.v1.GetSecretResponse",
+            "keyward.v1.AppRoleLogin",
+            "keyward.v1.OidcLogin",
+            "keyward.v1.TokenResponse",
+            "keyward.v1.LookupTokenRequest",
+            "keyward.v1.RevokeTokenRequest",
+            "keyward.v1.CreateSecretIdResponse",
+            "keyward.v1.AuditHashRequest",
         ])
         .compile_protos(&protos, &[std::path::PathBuf::from("proto")])?;
     Ok(())

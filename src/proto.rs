@@ -24,5 +24,12 @@ redacted_debug!(
     v1::InitResponse,
     v1::UnsealRequest,
     v1::PutSecretRequest,
-    v1::GetSecretResponse
+    v1::GetSecretResponse,
+    v1::AppRoleLogin,
+    v1::OidcLogin,
+    v1::TokenResponse,
+    v1::LookupTokenRequest,
+    v1::RevokeTokenRequest,
+    v1::CreateSecretIdResponse,
+    v1::AuditHashRequest
 );
