@@ -13,6 +13,7 @@
 //! - `client` — the public client that the CLI, examples and applications use.
 
 pub mod api;
+pub mod cidr;
 pub mod audit;
 pub mod barrier;
 pub mod client;
