@@ -14,5 +14,6 @@
 
 pub mod barrier;
 pub mod proto;
+pub mod rotation;
 pub mod secrecy;
 pub mod storage;
