@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod pki;
 pub mod policy;
 pub mod proto;
+pub mod rotation;
 pub mod secrecy;
 pub mod secrets;
 pub mod server;
