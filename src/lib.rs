@@ -13,6 +13,8 @@
 //! - `client` — the public client that the CLI, examples and applications use.
 
 pub mod barrier;
+pub mod policy;
 pub mod proto;
 pub mod secrecy;
 pub mod storage;
+pub mod token;
