@@ -13,9 +13,9 @@
 //! - `client` — the public client that the CLI, examples and applications use.
 
 pub mod api;
-pub mod cidr;
 pub mod audit;
 pub mod barrier;
+pub mod cidr;
 pub mod client;
 pub mod config;
 pub mod core;
