@@ -21,6 +21,7 @@ pub mod config;
 pub mod core;
 pub mod dev;
 pub mod metrics;
+pub mod oidc;
 pub mod pki;
 pub mod policy;
 pub mod proto;
