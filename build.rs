@@ -27,6 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "keyward.v1.UnsealRequest",
             "keyward.v1.PutSecretRequest",
             "keyward.v1.GetSecretResponse",
+            "keyward.provider.v1.Secret",
         ])
         .compile_protos(&protos, &[std::path::PathBuf::from("proto")])?;
     Ok(())
