@@ -33,3 +33,19 @@ redacted_debug!(
     v1::CreateSecretIdResponse,
     v1::AuditHashRequest
 );
+
+/// The external rotation provider protocol (`proto/keyward/provider/v1/`).
+/// `Secret` carries secret values: its `Debug` names the fields only.
+pub mod provider_v1 {
+    tonic::include_proto!("keyward.provider.v1");
+
+    impl std::fmt::Debug for Secret {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let mut names: Vec<&str> = self.fields.keys().map(String::as_str).collect();
+            names.sort_unstable();
+            f.debug_struct("Secret")
+                .field("fields", &names)
+                .finish_non_exhaustive()
+        }
+    }
+}

@@ -862,3 +862,263 @@ fn random_characters_are_uniform() {
         assert_eq!(outside, 0, "{charset:?}: characters outside the set");
     }
 }
+
+// ---------------------------------------------------------------- external
+
+/// An external provider: `examples/provider_plugin.rs`, built and started by
+/// the test on a unix socket, reached through `ExternalProvider`.
+mod external {
+    use super::*;
+    use keyward::rotation::providers::ExternalProvider;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::sync::OnceLock;
+
+    /// The plugin process, killed by its pid when the test ends (or fails).
+    struct Plugin {
+        child: Child,
+        socket: PathBuf,
+        dir: tempfile::TempDir,
+    }
+
+    impl Drop for Plugin {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// Builds the example once per test binary (cargo builds examples for a
+    /// plain `cargo test`, not for `cargo test --test rotation_providers`),
+    /// and returns the path cargo reports for it.
+    fn plugin_binary() -> &'static Path {
+        static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+        let built = BUILT.get_or_init(|| {
+            let mut cargo = Command::new(env!("CARGO"));
+            cargo.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+                "build",
+                "--example",
+                "provider_plugin",
+                "--message-format=json",
+            ]);
+            // Not the variables cargo sets for a running test: build scripts
+            // watch some (ring: CARGO_MANIFEST_DIR), so inheriting them would
+            // rebuild half the tree here and again at the next plain build.
+            const SET_FOR_TESTS: [&str; 8] = [
+                "CARGO_MANIFEST_",
+                "CARGO_PKG_",
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+                "OUT_DIR",
+            ];
+            for (name, _) in std::env::vars_os() {
+                let text = name.to_string_lossy();
+                if SET_FOR_TESTS.iter().any(|prefix| text.starts_with(prefix)) {
+                    cargo.env_remove(&name);
+                }
+            }
+            // The same profile as this test binary (target/<profile>/deps/).
+            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            if exe.ancestors().nth(2).and_then(Path::file_name) == Some("release".as_ref()) {
+                cargo.arg("--release");
+            }
+            let output = cargo
+                .stderr(Stdio::inherit())
+                .output()
+                .map_err(|e| e.to_string())?;
+            if !output.status.success() {
+                return Err(format!(
+                    "cargo build --example provider_plugin: {}",
+                    output.status
+                ));
+            }
+            String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+                .filter(|m| m["target"]["name"] == "provider_plugin")
+                .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+                .ok_or_else(|| "cargo reported no provider_plugin executable".to_owned())
+        });
+        match built {
+            Ok(path) => path,
+            Err(e) => panic!("cannot build the example plugin: {e}"),
+        }
+    }
+
+    fn start_plugin() -> Plugin {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("plugin.sock");
+        let child = Command::new(plugin_binary())
+            .arg("--socket")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut plugin = Plugin { child, socket, dir };
+        // Wait for the socket; a plugin that exits early fails the test.
+        // No deadline: a slow machine is not a failure.
+        while !plugin.socket.exists() {
+            if let Some(status) = plugin.child.try_wait().unwrap() {
+                panic!("the example plugin exited: {status}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        plugin
+    }
+
+    fn listed(keys_file: &Path) -> Vec<String> {
+        let text = std::fs::read_to_string(keys_file).unwrap();
+        let file: serde_json::Value = serde_json::from_str(&text).unwrap();
+        file["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k.as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    fn sha256_hex(key: &str) -> String {
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, key.as_bytes()))
+    }
+
+    #[tokio::test]
+    async fn rotates_through_the_example_plugin() {
+        let plugin = start_plugin();
+        let endpoint = format!("unix:{}", plugin.socket.display());
+        let external = ExternalProvider::connect("apikeys", &endpoint, None)
+            .await
+            .unwrap();
+        assert!(external
+            .settings()
+            .iter()
+            .any(|s| s.key == "keys_file" && s.required));
+        let mut registry = Registry::with_builtin();
+        registry.register(Arc::new(external)).unwrap();
+        let provider = registry.get("apikeys").unwrap();
+
+        // validate: from Describe, without a call.
+        for (pairs, key) in [
+            (&[][..], "`keys_file`"),
+            (&["keys_file=/x", "colour=red"][..], "`colour`"),
+        ] {
+            match provider.validate(&settings(pairs)) {
+                Err(ProviderError::InvalidSettings(m)) => assert!(m.contains(key), "{m}"),
+                other => panic!("{pairs:?}: {other:?}"),
+            }
+        }
+        let keys_file = plugin.dir.path().join("keys.json");
+        let config = settings(&[&format!("keys_file={}", keys_file.display())]);
+        provider.validate(&config).unwrap();
+        assert_eq!(provider.admin_secret(&config), None);
+
+        // The service accepts the current key.
+        let old_key = "ak_OldKeyThatIsCurrentlyInUse0123456789";
+        std::fs::write(
+            &keys_file,
+            format!("{{\"keys\": [\"{}\"]}}", sha256_hex(old_key)),
+        )
+        .unwrap();
+        let current = secret(&[("api_key", old_key), ("owner", "team-payments")]);
+        let input = RotationInput {
+            settings: &config,
+            admin: None,
+            current: Some(&current),
+        };
+
+        let pending = provider.generate(&input).await.unwrap();
+        let new_key = field(&pending, "api_key").to_owned();
+        assert!(
+            new_key.starts_with("ak_") && new_key.len() == 43,
+            "{new_key}"
+        );
+        assert_eq!(field(&pending, "owner"), "team-payments");
+        assert_ne!(
+            field(&provider.generate(&input).await.unwrap(), "api_key"),
+            new_key
+        );
+
+        // Before apply, the service refuses the pending key; the message
+        // does not hold it.
+        let error = provider.verify(&input, &pending).await.unwrap_err();
+        assert!(matches!(error, ProviderError::Refused(_)), "{error:?}");
+        assert_no_secret(&error, &[&new_key, old_key]);
+
+        provider.apply(&input, &pending).await.unwrap();
+        provider.apply(&input, &pending).await.unwrap();
+        provider.verify(&input, &pending).await.unwrap();
+        assert_eq!(
+            listed(&keys_file),
+            [sha256_hex(old_key), sha256_hex(&new_key)]
+        );
+        let on_disk = std::fs::read_to_string(&keys_file).unwrap();
+        assert!(
+            !on_disk.contains(&new_key),
+            "the key file holds hashes only"
+        );
+
+        // Promoted; retiring the current value is a no-op, the previous one
+        // is unlisted, twice is once.
+        let promoted = RotationInput {
+            current: Some(&pending),
+            ..input
+        };
+        provider.retire(&promoted, &pending).await.unwrap();
+        provider.retire(&promoted, &current).await.unwrap();
+        provider.retire(&promoted, &current).await.unwrap();
+        assert_eq!(listed(&keys_file), [sha256_hex(&new_key)]);
+
+        // A value the plugin cannot use, and settings it refuses.
+        let error = provider
+            .apply(&promoted, &secret(&[("owner", "x")]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, ProviderError::InvalidSecret(_)),
+            "{error:?}"
+        );
+        let relative = settings(&["keys_file=keys.json"]);
+        let bad = RotationInput {
+            settings: &relative,
+            ..promoted
+        };
+        let error = provider.generate(&bad).await.unwrap_err();
+        assert!(
+            matches!(error, ProviderError::InvalidSettings(_)),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_plugin_that_is_not_running_is_unreachable() {
+        let dir = tempfile::tempdir().unwrap();
+        let endpoint = format!("unix:{}", dir.path().join("absent.sock").display());
+        let error = ExternalProvider::connect("absent", &endpoint, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(error, ProviderError::Unreachable(_)), "{error:?}");
+        assert!(error.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn a_stopped_plugin_is_unreachable() {
+        let mut plugin = start_plugin();
+        let endpoint = format!("unix:{}", plugin.socket.display());
+        let provider = ExternalProvider::connect("apikeys", &endpoint, None)
+            .await
+            .unwrap();
+        plugin.child.kill().unwrap();
+        plugin.child.wait().unwrap();
+        let _ = std::fs::remove_file(&plugin.socket);
+        let settings = settings(&["keys_file=/nonexistent/keys.json"]);
+        let input = RotationInput {
+            settings: &settings,
+            admin: None,
+            current: None,
+        };
+        let error = provider.generate(&input).await.unwrap_err();
+        assert!(matches!(error, ProviderError::Unreachable(_)), "{error:?}");
+    }
+}

@@ -1,13 +1,16 @@
 //! The built-in providers: `random` (values nothing outside keyward holds)
 //! and `postgres`, `mysql`, `redis` (a user's password on a server, with the
-//! single and alternating strategies of `target`).
+//! single and alternating strategies of `target`); and `external`, the client
+//! of a provider that runs as its own process.
 
+pub mod external;
 pub mod mysql;
 pub mod postgres;
 pub mod random;
 pub mod redis;
 pub mod target;
 
+pub use external::{ExternalProvider, PluginEndpoint};
 pub use random::{Charset, RandomProvider};
 pub use target::{Login, Strategy, Target, TargetProvider, TargetSettings};
 
