@@ -148,6 +148,9 @@ impl Server {
             Ok(result) => result.map_err(|e| ServerError::Transport(e.to_string()))?,
             Err(_) => tracing::warn!("drain deadline passed; closing remaining calls"),
         }
+        if let Err(e) = self.core.audit.sync() {
+            tracing::error!(error = %e, "could not flush the audit log at shutdown");
+        }
         Ok(())
     }
 }

@@ -149,3 +149,38 @@ async fn rotate_key_keeps_old_values_readable() {
     );
     assert_eq!(root.status().await.unwrap().key_term, term);
 }
+
+/// A share with this vault's id and a valid checksum but forged bytes: it is
+/// accepted as well-formed, and refused once the threshold is reached.
+fn forge(share: &str) -> String {
+    use base64::Engine;
+    let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut raw = engine.decode(share.strip_prefix("kwu1_").unwrap()).unwrap();
+    assert_eq!(raw.len(), 46);
+    for b in &mut raw[10..42] {
+        *b ^= 0x5a;
+    }
+    let crc = crc32fast::hash(&raw[..42]);
+    raw[42..].copy_from_slice(&crc.to_be_bytes());
+    format!("kwu1_{}", engine.encode(raw))
+}
+
+#[tokio::test]
+async fn forged_shares_do_not_unseal_and_reset_progress() {
+    let server = TestServer::uninitialized().await;
+    let anon = server.anonymous().await;
+    let init = anon.init(3, 2).await.unwrap();
+
+    let r = anon.unseal(&init.shares[0]).await.unwrap();
+    assert_eq!(r.progress, 1);
+    let err = anon.unseal(&forge(&init.shares[1])).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::InvalidArgument));
+    assert!(err.to_string().contains("do not open this vault"), "{err}");
+    let status = anon.status().await.unwrap();
+    assert!(status.sealed);
+    assert_eq!(status.progress, 0, "a failed combination starts over");
+
+    // The real shares still open it afterwards.
+    anon.unseal(&init.shares[2]).await.unwrap();
+    assert!(!anon.unseal(&init.shares[1]).await.unwrap().sealed);
+}
