@@ -206,7 +206,11 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let usage = e.downcast_ref::<UsageError>().is_some();
+            let usage = e.downcast_ref::<UsageError>().is_some()
+                || matches!(
+                    e.downcast_ref::<keyward::client::ClientError>(),
+                    Some(keyward::client::ClientError::Config(..))
+                );
             eprintln!("error: {e:#}");
             ExitCode::from(if usage { 2 } else { 1 })
         }

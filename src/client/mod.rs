@@ -39,7 +39,15 @@ pub enum ClientError {
     Connect { addr: String, detail: String },
     /// The server answered with an error status.
     #[error("{}: {}", crate::api::code_name(.0.code()), .0.message())]
-    Status(#[from] tonic::Status),
+    Status(tonic::Status),
+}
+
+// Not `#[from]`: that would make the status the error's source, and error
+// chains would print its message twice.
+impl From<tonic::Status> for ClientError {
+    fn from(status: tonic::Status) -> Self {
+        Self::Status(status)
+    }
 }
 
 impl ClientError {
