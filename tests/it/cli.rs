@@ -85,3 +85,122 @@ async fn secret_commands_print_json_and_exit_codes_follow_the_contract() {
     let (code, _, _) = run(s(&["secret", "put", &path, "a=-", "b=-"]), Some(b"x"));
     assert_eq!(code, 2);
 }
+
+/// `keyward server --config FILE` starts uninitialised; the operator
+/// commands initialise and unseal it; SIGTERM stops it.
+#[tokio::test(flavor = "multi_thread")]
+async fn production_server_from_a_config_file() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let certs = keyward::pki::ensure_dev_certs(&dir.path().join("certs")).unwrap();
+    let config = dir.path().join("keyward.toml");
+    std::fs::write(
+        &config,
+        "listen = \"127.0.0.1:0\"\n[storage]\npath = \"data\"\n[tls]\ncert = \"certs/server.pem\"\n\
+         key = \"certs/server-key.pem\"\nclient_ca = \"certs/ca.pem\"\n[audit]\npath = \"logs/audit.log\"\n\
+         [metrics]\nlisten = \"off\"\n",
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(crate::harness::binary())
+        .args(["server", "--config"])
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("addr=").nth(1) {
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the server did not log its address");
+    let addr = format!("https://{addr}");
+    let ca = certs.ca.to_str().unwrap().to_owned();
+    let env = [
+        ("KEYWARD_ADDR", addr.as_str()),
+        ("KEYWARD_CACERT", ca.as_str()),
+    ];
+    let run =
+        |args: &[&str], env: &[(&str, &str)]| tokio::task::block_in_place(|| cli(args, env, None));
+
+    let (code, out, _) = run(&["status", "--format", "json"], &env);
+    assert_eq!(code, 0);
+    let status: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (status["initialized"].as_bool(), status["sealed"].as_bool()),
+        (Some(false), Some(true))
+    );
+
+    let (code, out, err) = run(
+        &[
+            "operator",
+            "init",
+            "--shares",
+            "3",
+            "--threshold",
+            "2",
+            "--format",
+            "json",
+        ],
+        &env,
+    );
+    assert_eq!(code, 0, "{err}");
+    let init: Value = serde_json::from_str(&out).unwrap();
+    let shares: Vec<String> = init["shares"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_owned())
+        .collect();
+    let token = init["root_token"].as_str().unwrap().to_owned();
+    for (i, share) in shares.iter().take(2).enumerate() {
+        let (code, out, _) = run(&["operator", "unseal", share, "--format", "json"], &env);
+        assert_eq!(code, 0);
+        let r: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(r["sealed"].as_bool(), Some(i == 0));
+    }
+    let mut with_token = env.to_vec();
+    with_token.push(("KEYWARD_TOKEN", token.as_str()));
+    assert_eq!(
+        run(&["secret", "put", "prod/db", "password=p"], &with_token).0,
+        0
+    );
+    let (code, out, _) = run(
+        &["secret", "get", "prod/db", "--field", "password"],
+        &with_token,
+    );
+    assert_eq!((code, out.as_str()), (0, "p"));
+    assert!(
+        dir.path().join("logs/audit.log").exists(),
+        "relative paths are taken from the config's folder"
+    );
+    assert!(dir.path().join("data").is_dir());
+
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn a_config_with_an_unknown_key_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[storage]\npath = \"d\"\npasword = \"hunter2\"\n").unwrap();
+    let (code, _, err) = cli(&["server", "--config", config.to_str().unwrap()], &[], None);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("unknown configuration key 'storage.pasword'"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+}
