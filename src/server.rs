@@ -26,6 +26,8 @@ use crate::storage::SledBackend;
 
 /// How long in-flight calls may take to finish after shutdown begins.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+/// How often the in-memory usage table is written (also at seal and shutdown).
+pub const USAGE_PERSIST_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -121,6 +123,25 @@ impl Server {
             });
         }
 
+        // Token expiry: one sleeper over the time-ordered index.
+        tokio::spawn(self.core.tokens.clone().run_sweeper(stop_rx.clone()));
+        // Usage: kept in memory on the request path, written periodically.
+        {
+            let core = self.core.clone();
+            let mut rx = stop_rx.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(USAGE_PERSIST_EVERY);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = async { let _ = rx.wait_for(|s| *s).await; } => return,
+                    }
+                    core.persist_usage().await;
+                }
+            });
+        }
+
         let router = builder
             .add_service(health_service)
             .add_service(reflection)
@@ -148,6 +169,7 @@ impl Server {
             Ok(result) => result.map_err(|e| ServerError::Transport(e.to_string()))?,
             Err(_) => tracing::warn!("drain deadline passed; closing remaining calls"),
         }
+        self.core.persist_usage().await;
         if let Err(e) = self.core.audit.sync() {
             tracing::error!(error = %e, "could not flush the audit log at shutdown");
         }
