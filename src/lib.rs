@@ -20,6 +20,7 @@ pub mod client;
 pub mod config;
 pub mod core;
 pub mod dev;
+pub mod duration;
 pub mod metrics;
 pub mod oidc;
 pub mod pki;

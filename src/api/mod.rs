@@ -3,6 +3,8 @@
 //! per-call life cycle (`Call`) and the one mapping of domain errors to gRPC
 //! status codes. No business rule lives here.
 
+pub mod auth;
+pub mod policies;
 pub mod secrets;
 pub mod sys;
 
@@ -82,7 +84,9 @@ impl From<TokenError> for Failure {
             }
             TokenError::NotFound => Self::new(Code::NotFound, e.to_string()),
             TokenError::ParentInvalid => Self::new(Code::Unauthenticated, e.to_string()),
-            TokenError::NotSubset(_) => Self::new(Code::PermissionDenied, e.to_string()),
+            TokenError::NotSubset(_) | TokenError::CidrNotSubset => {
+                Self::new(Code::PermissionDenied, e.to_string())
+            }
             TokenError::UnknownPolicy(_) | TokenError::InvalidRequest(_) => {
                 Self::new(Code::InvalidArgument, e.to_string())
             }
@@ -277,6 +281,11 @@ impl Call {
             }
         }
         Ok(call)
+    }
+
+    /// The authenticated caller (`Access::Token` calls).
+    pub fn caller(&self) -> Option<&Caller> {
+        self.caller.as_ref()
     }
 
     pub fn request_id(&self) -> &str {

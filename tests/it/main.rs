@@ -11,6 +11,8 @@ mod audit;
 mod cli;
 mod crash;
 mod leaks;
+mod policies;
 mod seal;
 mod secrets;
 mod server;
+mod tokens;
