@@ -237,6 +237,8 @@ pub enum AuditCommand {
 
 #[derive(Args, Clone)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    pub mode: Option<BenchMode>,
     /// Requests in flight at once.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
@@ -246,6 +248,27 @@ pub struct BenchArgs {
     /// TLS connections shared by the workers.
     #[arg(long, default_value_t = 4)]
     pub connections: usize,
+}
+
+#[derive(Subcommand, Clone)]
+pub enum BenchMode {
+    /// Start-up to ready with N live tokens in the store: writes them into a
+    /// fresh store in DIR, then times Server::open + unseal in a new process
+    /// and reports startup_ms and the RSS growth.
+    Startup {
+        /// Live tokens to write (writing stops after --write-seconds).
+        #[arg(long, default_value_t = 1_000_000)]
+        tokens: u64,
+        /// Folder of the store (default: a new temporary folder).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Longest time spent writing tokens.
+        #[arg(long, default_value_t = 180)]
+        write_seconds: u64,
+        /// Internal: only open and unseal the store in DIR, then report.
+        #[arg(long, hide = true)]
+        open_only: bool,
+    },
 }
 
 /// A refusal that is the user's fault: exit 2.

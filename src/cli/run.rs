@@ -284,7 +284,15 @@ pub async fn run(cli: Cli) -> Result<()> {
         // -- identities, tokens, policies, login, report (issue 3) go here --
 
         // -- rotation, providers (issue 4) go here --
-        Command::Bench(args) => super::bench::run(&options(&g), &args, format).await?,
+        Command::Bench(args) => match args.mode.clone() {
+            Some(super::BenchMode::Startup {
+                tokens,
+                dir,
+                write_seconds,
+                open_only,
+            }) => super::bench::startup(tokens, dir, write_seconds, open_only, format).await?,
+            None => super::bench::run(&options(&g), &args, format).await?,
+        },
         Command::Certs { out } => {
             let paths = keyward::pki::ensure_dev_certs(&out)?;
             emit(

@@ -74,7 +74,7 @@ pub enum TokenError {
     Barrier(#[from] BarrierError),
 }
 
-/// What a new token should be. See the contract in `notes`.
+/// What a new token should be (the contract with the identity work).
 #[derive(Debug, Clone)]
 pub struct TokenRequest {
     /// Inventory name of the owner; "root" for the root token.
