@@ -13,6 +13,8 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server as TonicServer, ServerTlsConfig};
 
+use crate::api::governance::GovernanceService;
+use crate::api::identities::IdentitiesService;
 use crate::api::secrets::SecretsService;
 use crate::api::sys::{publish_health, SysService};
 use crate::audit::AuditLog;
@@ -20,12 +22,16 @@ use crate::barrier::{Barrier, BarrierOptions};
 use crate::config::ServerConfig;
 use crate::core::Core;
 use crate::metrics::Metrics;
+use crate::proto::v1::governance_server::GovernanceServer;
+use crate::proto::v1::identities_server::IdentitiesServer;
 use crate::proto::v1::secrets_server::SecretsServer;
 use crate::proto::v1::sys_server::SysServer;
 use crate::storage::SledBackend;
 
 /// How long in-flight calls may take to finish after shutdown begins.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+/// How often the tokens of expired identities are looked for.
+pub const IDENTITY_SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -35,6 +41,8 @@ pub enum ServerError {
     Audit(String),
     #[error("cannot read TLS file {0}: {1}")]
     TlsFile(std::path::PathBuf, std::io::Error),
+    #[error("oidc.ca_file: {0}")]
+    OidcCa(String),
     #[error("gRPC server failed: {0}")]
     Transport(String),
 }
@@ -59,7 +67,10 @@ impl Server {
         let audit =
             AuditLog::open(&config.audit_path).map_err(|e| ServerError::Audit(e.to_string()))?;
         let metrics = Arc::new(Metrics::new());
-        let core = Arc::new(Core::new(Arc::new(barrier), audit, metrics, config.limits));
+        let mut core = Core::new(Arc::new(barrier), audit, metrics, config.limits);
+        core.set_oidc_ca(config.oidc_ca.as_deref())
+            .map_err(|e| ServerError::OidcCa(e.to_string()))?;
+        let core = Arc::new(core);
         core.refresh_gauges();
         Ok(Self { core, config })
     }
@@ -121,6 +132,36 @@ impl Server {
             });
         }
 
+        {
+            // Revokes the tokens of identities whose expiry passed (tokens
+            // also carry that expiry as a hard limit; this is the sweep).
+            let core = self.core.clone();
+            let mut rx = stop_rx.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(IDENTITY_SWEEP_EVERY);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = rx.wait_for(|s| *s) => return,
+                    }
+                    if core.is_sealed() {
+                        continue;
+                    }
+                    let core = core.clone();
+                    let swept = tokio::task::spawn_blocking(move || {
+                        core.identities.sweep_expired(&core.tokens, crate::core::now_ms())
+                    })
+                    .await;
+                    match swept {
+                        Ok(Ok(0)) => {}
+                        Ok(Ok(n)) => tracing::info!(revoked = n, "tokens of expired identities revoked"),
+                        Ok(Err(e)) => tracing::warn!(error = %e, "identity expiry sweep failed"),
+                        Err(e) => tracing::warn!(error = %e, "identity expiry sweep panicked"),
+                    }
+                }
+            });
+        }
+
         let router = builder
             .add_service(health_service)
             .add_service(reflection)
@@ -130,6 +171,8 @@ impl Server {
             )))
             .add_service(SecretsServer::new(SecretsService::new(self.core.clone())))
             // -- identities, tokens, policies, login, governance (issue 3) go here --
+            .add_service(IdentitiesServer::new(IdentitiesService::new(self.core.clone())))
+            .add_service(GovernanceServer::new(GovernanceService::new(self.core.clone())))
             // -- rotation (issue 4) goes here --
             ;
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));

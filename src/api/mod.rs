@@ -3,6 +3,8 @@
 //! per-call life cycle (`Call`) and the one mapping of domain errors to gRPC
 //! status codes. No business rule lives here.
 
+pub mod governance;
+pub mod identities;
 pub mod secrets;
 pub mod sys;
 
@@ -17,6 +19,8 @@ use crate::audit::{AuditError, AuditEvent, Outcome};
 use crate::barrier::BarrierError;
 use crate::core::{AuthError, Authorized, Caller, Core, CoreError};
 use crate::policy::Capability;
+use crate::identity::login::LoginError;
+use crate::identity::IdentityError;
 use crate::secrets::{InputError, SecretsError};
 
 /// A domain error on its way to the wire: a code and a message that is safe
@@ -110,6 +114,40 @@ impl From<SecretsError> for Failure {
             SecretsError::CasMismatch { .. } => Self::new(Code::FailedPrecondition, e.to_string()),
             SecretsError::Barrier(b) => b.into(),
             SecretsError::Corrupt => Self::internal(e),
+        }
+    }
+}
+
+impl From<IdentityError> for Failure {
+    fn from(e: IdentityError) -> Self {
+        match e {
+            IdentityError::InvalidName
+            | IdentityError::InvalidKind(_)
+            | IdentityError::Invalid(_)
+            | IdentityError::UnknownPolicy(_)
+            | IdentityError::UnknownIssuer(_) => Self::new(Code::InvalidArgument, e.to_string()),
+            IdentityError::NotFound => Self::new(Code::NotFound, e.to_string()),
+            IdentityError::AlreadyExists(_) | IdentityError::BindingTaken(_) => {
+                Self::new(Code::AlreadyExists, e.to_string())
+            }
+            IdentityError::Barrier(b) => b.into(),
+            IdentityError::Corrupt | IdentityError::Tokens(_) => Self::internal(e),
+        }
+    }
+}
+
+impl From<LoginError> for Failure {
+    fn from(e: LoginError) -> Self {
+        match e {
+            LoginError::Locked(_) => Self::new(Code::ResourceExhausted, e.to_string()),
+            LoginError::KeysUnavailable(_) => Self::new(Code::Unavailable, e.to_string()),
+            LoginError::Identity(i) => i.into(),
+            LoginError::Invalid
+            | LoginError::NoCertificate
+            | LoginError::UnboundCertificate
+            | LoginError::UnboundToken
+            | LoginError::Ambiguous
+            | LoginError::Oidc(_) => Self::new(Code::Unauthenticated, e.to_string()),
         }
     }
 }
@@ -233,6 +271,20 @@ impl Call {
 
     pub fn request_id(&self) -> &str {
         &self.request_id
+    }
+
+    /// Refuses (audited, `PERMISSION_DENIED`) unless the caller holds `root`
+    /// or every one of `policies`: nobody hands an identity more than they hold.
+    pub fn require_policy_subset(&mut self, policies: &[String]) -> Result<(), Status> {
+        let allowed = self.caller.as_ref().is_some_and(|c| {
+            c.policies.iter().any(|p| p == crate::policy::ROOT_POLICY)
+                || policies.iter().all(|p| c.policies.contains(p))
+        });
+        if allowed {
+            Ok(())
+        } else {
+            Err(self.fail(AuthError::Denied))
+        }
     }
 
     /// Parses a piece of input; a refusal is audited and answered.

@@ -23,6 +23,8 @@ use tonic::{Code, Request};
 // Calls of the identity, token and policy services (issue 3) go in
 // `client/identity.rs`, rotation calls (issue 4) in `client/rotation.rs`,
 // each as its own `impl Client` block.
+mod identities;
+mod login;
 
 use crate::proto::v1::secrets_client::SecretsClient;
 use crate::proto::v1::sys_client::SysClient;

@@ -31,7 +31,7 @@ fn fixture() -> Fixture {
     Fixture {
         _dir: dir,
         store: IdentityStore::new(barrier),
-        login: Login::new(JwksCache::new(None).unwrap(), ThrottleConfig::default()),
+        login: Login::new(JwksCache::files_only(), ThrottleConfig::default()),
     }
 }
 
