@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod oidc;
 pub mod pki;
 pub mod policy;
+pub mod policy_store;
 pub mod proto;
 pub mod rotation;
 pub mod secrecy;

@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server as TonicServer, ServerTlsConfig};
 
+use crate::api::auth::AuthService;
 use crate::api::governance::GovernanceService;
 use crate::api::identities::IdentitiesService;
 use crate::api::secrets::SecretsService;
@@ -22,6 +23,7 @@ use crate::barrier::{Barrier, BarrierOptions};
 use crate::config::ServerConfig;
 use crate::core::Core;
 use crate::metrics::Metrics;
+use crate::proto::v1::auth_server::AuthServer;
 use crate::proto::v1::governance_server::GovernanceServer;
 use crate::proto::v1::identities_server::IdentitiesServer;
 use crate::proto::v1::secrets_server::SecretsServer;
@@ -32,6 +34,8 @@ use crate::storage::SledBackend;
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 /// How often the tokens of expired identities are looked for.
 pub const IDENTITY_SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// How often the in-memory usage table is written (also at seal and shutdown).
+pub const USAGE_PERSIST_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -138,10 +142,19 @@ impl Server {
             let core = self.core.clone();
             let mut rx = stop_rx.clone();
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(IDENTITY_SWEEP_EVERY);
                 loop {
+                    // Sleep until the next identity expiry (at most
+                    // IDENTITY_SWEEP_EVERY), or until an expiry is set.
+                    let wait = match core.identities.next_expiry_ms() {
+                        Ok(Some(at)) => Duration::from_millis(
+                            at.saturating_sub(crate::core::now_ms()),
+                        )
+                        .clamp(Duration::from_millis(50), IDENTITY_SWEEP_EVERY),
+                        _ => IDENTITY_SWEEP_EVERY,
+                    };
                     tokio::select! {
-                        _ = tick.tick() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = core.identities.expiry_changed() => continue,
                         _ = rx.wait_for(|s| *s) => return,
                     }
                     if core.is_sealed() {
@@ -161,6 +174,24 @@ impl Server {
                 }
             });
         }
+        // Token expiry: one sleeper over the time-ordered index.
+        tokio::spawn(self.core.tokens.clone().run_sweeper(stop_rx.clone()));
+        // Usage: kept in memory on the request path, written periodically.
+        {
+            let core = self.core.clone();
+            let mut rx = stop_rx.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(USAGE_PERSIST_EVERY);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = async { let _ = rx.wait_for(|s| *s).await; } => return,
+                    }
+                    core.persist_usage().await;
+                }
+            });
+        }
 
         let router = builder
             .add_service(health_service)
@@ -171,6 +202,7 @@ impl Server {
             )))
             .add_service(SecretsServer::new(SecretsService::new(self.core.clone())))
             // -- identities, tokens, policies, login, governance (issue 3) go here --
+            .add_service(AuthServer::new(AuthService::new(self.core.clone())))
             .add_service(IdentitiesServer::new(IdentitiesService::new(self.core.clone())))
             .add_service(GovernanceServer::new(GovernanceService::new(self.core.clone())))
             // -- rotation (issue 4) goes here --
@@ -191,6 +223,7 @@ impl Server {
             Ok(result) => result.map_err(|e| ServerError::Transport(e.to_string()))?,
             Err(_) => tracing::warn!("drain deadline passed; closing remaining calls"),
         }
+        self.core.persist_usage().await;
         if let Err(e) = self.core.audit.sync() {
             tracing::error!(error = %e, "could not flush the audit log at shutdown");
         }

@@ -125,7 +125,7 @@ impl Identities for IdentitiesService {
             "keyward.v1.Identities/Create",
             Access::Token,
             &req,
-        )?;
+        ).await?;
         let r = req.into_inner();
         let name = call.parse(IdentityName::parse(&r.name))?;
         let kind = call.parse(IdentityKind::parse(&r.kind))?;
@@ -151,7 +151,7 @@ impl Identities for IdentitiesService {
     }
 
     async fn get(&self, req: Request<GetIdentityRequest>) -> Result<Response<Identity>, Status> {
-        let mut call = Call::begin(&self.core, "keyward.v1.Identities/Get", Access::Token, &req)?;
+        let mut call = Call::begin(&self.core, "keyward.v1.Identities/Get", Access::Token, &req).await?;
         let name = call.parse(IdentityName::parse(&req.get_ref().name))?;
         call.authorize(Capability::Read, name.resource())?;
         let found = call.check(self.core.identities.get(name.as_str()))?;
@@ -169,7 +169,7 @@ impl Identities for IdentitiesService {
             "keyward.v1.Identities/List",
             Access::Token,
             &req,
-        )?;
+        ).await?;
         let r = req.into_inner();
         let kind = if r.kind.is_empty() {
             None
@@ -203,7 +203,7 @@ impl Identities for IdentitiesService {
             "keyward.v1.Identities/Update",
             Access::Token,
             &req,
-        )?;
+        ).await?;
         let r = req.into_inner();
         let name = call.parse(IdentityName::parse(&r.name))?;
         call.authorize(Capability::Write, name.resource())?;
@@ -254,7 +254,7 @@ impl Identities for IdentitiesService {
             "keyward.v1.Identities/Delete",
             Access::Token,
             &req,
-        )?;
+        ).await?;
         let name = call.parse(IdentityName::parse(&req.get_ref().name))?;
         call.authorize(Capability::Delete, name.resource())?;
         let revoked = call.check(
@@ -262,6 +262,7 @@ impl Identities for IdentitiesService {
                 .identities
                 .delete(&name, &self.core.tokens, now_ms()),
         )?;
+        call.check(self.core.usage.forget(name.as_str()))?;
         call.check(self.core.barrier.durable().await)?;
         call.ok(&[])?;
         Ok(Response::new(DeleteIdentityResponse {
@@ -278,7 +279,7 @@ impl Identities for IdentitiesService {
             "keyward.v1.Identities/CreateSecretId",
             Access::Token,
             &req,
-        )?;
+        ).await?;
         let r = req.into_inner();
         let name = call.parse(IdentityName::parse(&r.name))?;
         let cidrs = call.parse(parse_cidrs(&r.cidrs))?;
@@ -308,7 +309,7 @@ impl Identities for IdentitiesService {
             "keyward.v1.Identities/BindCert",
             Access::Token,
             &req,
-        )?;
+        ).await?;
         let r = req.into_inner();
         let name = call.parse(IdentityName::parse(&r.name))?;
         call.authorize(Capability::Admin, name.resource())?;
@@ -326,7 +327,7 @@ impl Identities for IdentitiesService {
             "keyward.v1.Identities/BindOidc",
             Access::Token,
             &req,
-        )?;
+        ).await?;
         let r = req.into_inner();
         let name = call.parse(IdentityName::parse(&r.name))?;
         call.authorize(Capability::Admin, name.resource())?;
@@ -347,7 +348,7 @@ impl Identities for IdentitiesService {
             "keyward.v1.Identities/PutOidcIssuer",
             Access::Token,
             &req,
-        )?;
+        ).await?;
         let r = req.into_inner();
         let name = call.parse(
             IdentityName::parse(&r.name)
@@ -375,7 +376,7 @@ impl Identities for IdentitiesService {
             "keyward.v1.Identities/ListOidcIssuers",
             Access::Token,
             &req,
-        )?;
+        ).await?;
         call.authorize(Capability::List, "sys/oidc-issuer".to_owned())?;
         let issuers = call.check(self.core.identities.issuers())?;
         call.ok(&[])?;
@@ -392,7 +393,7 @@ impl IdentitiesService {
         disabled: bool,
         method: &'static str,
     ) -> Result<Response<Identity>, Status> {
-        let mut call = Call::begin(&self.core, method, Access::Token, &req)?;
+        let mut call = Call::begin(&self.core, method, Access::Token, &req).await?;
         let name = call.parse(IdentityName::parse(&req.get_ref().name))?;
         call.authorize(Capability::Write, name.resource())?;
         let (record, _revoked) = call.check(self.core.identities.set_disabled(

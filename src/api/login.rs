@@ -22,7 +22,7 @@ pub(crate) async fn login(
     core: &Arc<Core>,
     req: Request<LoginRequest>,
 ) -> Result<Response<TokenResponse>, Status> {
-    let mut call = Call::begin(core, "keyward.v1.Auth/Login", Access::Open, &req)?;
+    let mut call = Call::begin(core, "keyward.v1.Auth/Login", Access::Open, &req).await?;
     if core.is_sealed() {
         return Err(call.fail(BarrierError::Sealed));
     }

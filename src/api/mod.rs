@@ -3,7 +3,9 @@
 //! per-call life cycle (`Call`) and the one mapping of domain errors to gRPC
 //! status codes. No business rule lives here.
 
+pub mod auth;
 pub mod governance;
+pub mod login;
 pub mod identities;
 pub mod secrets;
 pub mod sys;
@@ -18,10 +20,12 @@ use zeroize::Zeroizing;
 use crate::audit::{AuditError, AuditEvent, Outcome};
 use crate::barrier::BarrierError;
 use crate::core::{AuthError, Authorized, Caller, Core, CoreError};
-use crate::policy::Capability;
 use crate::identity::login::LoginError;
 use crate::identity::IdentityError;
+use crate::policy::{Capability, PolicyError};
+use crate::policy_store::PolicyStoreError;
 use crate::secrets::{InputError, SecretsError};
+use crate::token::TokenError;
 
 /// A domain error on its way to the wire: a code and a message that is safe
 /// to show (no secret material ever reaches one).
@@ -66,13 +70,49 @@ impl From<BarrierError> for Failure {
 impl From<AuthError> for Failure {
     fn from(e: AuthError) -> Self {
         match e {
-            AuthError::MissingToken | AuthError::BadToken => {
+            AuthError::MissingToken | AuthError::BadToken | AuthError::SourceNotAllowed => {
                 Self::new(Code::Unauthenticated, e.to_string())
             }
             AuthError::Denied => Self::new(Code::PermissionDenied, e.to_string()),
             AuthError::Barrier(b) => b.into(),
             other => Self::internal(other),
         }
+    }
+}
+
+impl From<TokenError> for Failure {
+    fn from(e: TokenError) -> Self {
+        match e {
+            TokenError::Invalid | TokenError::SourceNotAllowed => {
+                Self::new(Code::Unauthenticated, e.to_string())
+            }
+            TokenError::NotFound => Self::new(Code::NotFound, e.to_string()),
+            TokenError::ParentInvalid => Self::new(Code::Unauthenticated, e.to_string()),
+            TokenError::NotSubset(_) => Self::new(Code::PermissionDenied, e.to_string()),
+            TokenError::UnknownPolicy(_) | TokenError::InvalidRequest(_) => {
+                Self::new(Code::InvalidArgument, e.to_string())
+            }
+            TokenError::Barrier(b) => b.into(),
+            TokenError::Corrupt | TokenError::Random => Self::internal(e),
+        }
+    }
+}
+
+impl From<PolicyStoreError> for Failure {
+    fn from(e: PolicyStoreError) -> Self {
+        match e {
+            PolicyStoreError::RootImmutable => Self::new(Code::InvalidArgument, e.to_string()),
+            PolicyStoreError::NotFound => Self::new(Code::NotFound, e.to_string()),
+            PolicyStoreError::Policy(p) => p.into(),
+            PolicyStoreError::Barrier(b) => b.into(),
+            PolicyStoreError::Corrupt(_) => Self::internal(e),
+        }
+    }
+}
+
+impl From<PolicyError> for Failure {
+    fn from(e: PolicyError) -> Self {
+        Self::new(Code::InvalidArgument, e.to_string())
     }
 }
 
@@ -236,7 +276,7 @@ fn bearer<T>(req: &Request<T>) -> Option<Zeroizing<String>> {
 
 impl Call {
     /// Starts a call: for `Access::Token`, checks the seal and the token.
-    pub fn begin<T>(
+    pub async fn begin<T>(
         core: &Arc<Core>,
         method: &'static str,
         access: Access,
@@ -259,10 +299,20 @@ impl Call {
             }
             let authenticated = match call.token.as_deref() {
                 None => Err(AuthError::MissingToken),
-                Some(token) => core.gate.authenticate(token),
+                Some(token) => core.gate.authenticate(token, call.source.map(|s| s.ip())),
             };
             match authenticated {
-                Ok(caller) => call.caller = Some(caller),
+                Ok(caller) => {
+                    let counted = caller.counted_use;
+                    call.caller = Some(caller);
+                    // A counted use is on disk before the call acts, so a
+                    // crash cannot hand the use back.
+                    if counted {
+                        if let Err(e) = core.barrier.durable().await {
+                            return Err(call.fail(e));
+                        }
+                    }
+                }
                 Err(e) => return Err(call.fail(e)),
             }
         }

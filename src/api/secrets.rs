@@ -35,7 +35,8 @@ impl Secrets for SecretsService {
         &self,
         req: Request<PutSecretRequest>,
     ) -> Result<Response<PutSecretResponse>, Status> {
-        let mut call = Call::begin(&self.core, "keyward.v1.Secrets/Put", Access::Token, &req)?;
+        let mut call =
+            Call::begin(&self.core, "keyward.v1.Secrets/Put", Access::Token, &req).await?;
         let mut r = req.into_inner();
         let path = call.parse(SecretPath::parse(&r.path))?;
         call.authorize(Capability::Write, path.resource())?;
@@ -73,7 +74,8 @@ impl Secrets for SecretsService {
         &self,
         req: Request<GetSecretRequest>,
     ) -> Result<Response<GetSecretResponse>, Status> {
-        let mut call = Call::begin(&self.core, "keyward.v1.Secrets/Get", Access::Token, &req)?;
+        let mut call =
+            Call::begin(&self.core, "keyward.v1.Secrets/Get", Access::Token, &req).await?;
         let r = req.into_inner();
         let path = call.parse(SecretPath::parse(&r.path))?;
         let selector = match (r.version, r.stage.as_deref()) {
@@ -108,7 +110,8 @@ impl Secrets for SecretsService {
         &self,
         req: Request<ListSecretsRequest>,
     ) -> Result<Response<ListSecretsResponse>, Status> {
-        let mut call = Call::begin(&self.core, "keyward.v1.Secrets/List", Access::Token, &req)?;
+        let mut call =
+            Call::begin(&self.core, "keyward.v1.Secrets/List", Access::Token, &req).await?;
         let prefix = call.parse(ListPrefix::parse(&req.get_ref().prefix))?;
         call.authorize(Capability::List, prefix.resource())?;
         let paths = call.check(self.core.secrets.list(&prefix))?;
@@ -125,7 +128,8 @@ impl Secrets for SecretsService {
             "keyward.v1.Secrets/Metadata",
             Access::Token,
             &req,
-        )?;
+        )
+        .await?;
         let path = call.parse(SecretPath::parse(&req.get_ref().path))?;
         call.authorize(Capability::Read, path.resource())?;
         let meta = call.check(self.core.secrets.metadata(&path))?;
@@ -159,7 +163,8 @@ impl Secrets for SecretsService {
         &self,
         req: Request<DeleteSecretRequest>,
     ) -> Result<Response<DeleteSecretResponse>, Status> {
-        let mut call = Call::begin(&self.core, "keyward.v1.Secrets/Delete", Access::Token, &req)?;
+        let mut call =
+            Call::begin(&self.core, "keyward.v1.Secrets/Delete", Access::Token, &req).await?;
         let path = call.parse(SecretPath::parse(&req.get_ref().path))?;
         call.authorize(Capability::Delete, path.resource())?;
         call.check(
@@ -181,7 +186,8 @@ impl Secrets for SecretsService {
             "keyward.v1.Secrets/Undelete",
             Access::Token,
             &req,
-        )?;
+        )
+        .await?;
         let path = call.parse(SecretPath::parse(&req.get_ref().path))?;
         call.authorize(Capability::Write, path.resource())?;
         call.check(
@@ -203,7 +209,8 @@ impl Secrets for SecretsService {
             "keyward.v1.Secrets/Destroy",
             Access::Token,
             &req,
-        )?;
+        )
+        .await?;
         let path = call.parse(SecretPath::parse(&req.get_ref().path))?;
         call.authorize(Capability::Destroy, path.resource())?;
         call.check(

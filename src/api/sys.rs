@@ -53,7 +53,7 @@ fn status_message(core: &Core) -> StatusResponse {
 #[tonic::async_trait]
 impl Sys for SysService {
     async fn init(&self, req: Request<InitRequest>) -> Result<Response<InitResponse>, Status> {
-        let mut call = Call::begin(&self.core, "keyward.v1.Sys/Init", Access::Open, &req)?;
+        let mut call = Call::begin(&self.core, "keyward.v1.Sys/Init", Access::Open, &req).await?;
         call.set_resource("sys/init");
         let r = req.into_inner();
         let shares = call.parse(u8::try_from(r.shares).map_err(|_| {
@@ -80,7 +80,7 @@ impl Sys for SysService {
         &self,
         req: Request<UnsealRequest>,
     ) -> Result<Response<UnsealResponse>, Status> {
-        let mut call = Call::begin(&self.core, "keyward.v1.Sys/Unseal", Access::Open, &req)?;
+        let mut call = Call::begin(&self.core, "keyward.v1.Sys/Unseal", Access::Open, &req).await?;
         call.set_resource("sys/unseal");
         let r = req.into_inner();
         let status = if r.reset {
@@ -98,7 +98,7 @@ impl Sys for SysService {
     }
 
     async fn seal(&self, req: Request<SealRequest>) -> Result<Response<SealResponse>, Status> {
-        let mut call = Call::begin(&self.core, "keyward.v1.Sys/Seal", Access::Token, &req)?;
+        let mut call = Call::begin(&self.core, "keyward.v1.Sys/Seal", Access::Token, &req).await?;
         call.authorize(Capability::Admin, "sys/seal".into())?;
         // Audit before the keys go: the record still carries the caller's HMACs.
         call.ok(&[])?;
@@ -111,7 +111,7 @@ impl Sys for SysService {
         &self,
         req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        let mut call = Call::begin(&self.core, "keyward.v1.Sys/Status", Access::Open, &req)?;
+        let mut call = Call::begin(&self.core, "keyward.v1.Sys/Status", Access::Open, &req).await?;
         call.set_resource("sys/status");
         let status = status_message(&self.core);
         call.ok(&[])?;
@@ -122,7 +122,8 @@ impl Sys for SysService {
         &self,
         req: Request<RotateKeyRequest>,
     ) -> Result<Response<RotateKeyResponse>, Status> {
-        let mut call = Call::begin(&self.core, "keyward.v1.Sys/RotateKey", Access::Token, &req)?;
+        let mut call =
+            Call::begin(&self.core, "keyward.v1.Sys/RotateKey", Access::Token, &req).await?;
         call.authorize(Capability::Admin, "sys/keyring".into())?;
         let term = call.check(self.core.rotate_key().await)?;
         call.ok(&[])?;
@@ -133,7 +134,8 @@ impl Sys for SysService {
         &self,
         req: Request<AuditHashRequest>,
     ) -> Result<Response<AuditHashResponse>, Status> {
-        let mut call = Call::begin(&self.core, "keyward.v1.Sys/AuditHash", Access::Token, &req)?;
+        let mut call =
+            Call::begin(&self.core, "keyward.v1.Sys/AuditHash", Access::Token, &req).await?;
         call.authorize(Capability::Read, "sys/audit-hash".into())?;
         let r = req.into_inner();
         let hash = call.check(self.core.audit.hmac(r.value.as_bytes()))?;

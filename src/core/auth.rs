@@ -1,26 +1,26 @@
 //! The authentication and authorisation seam: every RPC but status and
 //! unseal passes through `Gate::authenticate` and `Gate::authorize`.
 //!
-//! Storage prefix `auth/` (through the barrier only):
-//! - `auth/token/<hex keyed hash>`: a token record (`TokenRecord`).
+//! Owns no storage prefix: tokens live in `crate::token::TokenStore`
+//! (`tokens/`), policies in `crate::policy_store::PolicyStore` (`policies/`),
+//! usage in `super::usage::Usage` (`usage/`). This module wires them into
+//! one decision per request and must not read or write storage itself.
 //!
-//! Tokens are stored only as HMAC-SHA256 under a key derived from the
-//! keyring, so the data folder alone does not let anyone test a guessed
-//! token offline, and a lookup by hash never compares secret bytes.
-//!
-//! The foundation knows only the root token made by `init`; the identity,
-//! token and policy system replaces the body of this module, not its callers.
+//! `authenticate` reads the token (two barrier reads; a counted use also
+//! writes) and takes the compiled policy set of its policy list from the
+//! cache; `authorize` is then one allocation-free `PolicySet::check` and an
+//! in-memory usage note.
 
-use std::sync::{Arc, RwLock};
+use std::net::IpAddr;
+use std::sync::Arc;
 
-use prost::Message;
-use zeroize::Zeroizing;
-
-use crate::barrier::{Barrier, BarrierError};
+use crate::barrier::BarrierError;
 use crate::policy::Capability;
+use crate::policy_store::{CompiledSet, PolicyStore, PolicyStoreError};
 use crate::token::format::TokenSecret;
+use crate::token::{TokenError, TokenRequest, TokenStore};
 
-const TOKEN_PREFIX: &str = "auth/token/";
+use super::usage::Usage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -28,6 +28,8 @@ pub enum AuthError {
     MissingToken,
     #[error("the token is not valid")]
     BadToken,
+    #[error("the token is not valid from this source address")]
+    SourceNotAllowed,
     #[error("permission denied")]
     Denied,
     #[error("stored token record is corrupt")]
@@ -36,17 +38,24 @@ pub enum AuthError {
     Barrier(#[from] BarrierError),
 }
 
-/// A stored token; found by the keyed hash of the token text.
-#[derive(Clone, PartialEq, Message)]
-pub struct TokenRecord {
-    #[prost(string, tag = "1")]
-    pub accessor: String,
-    #[prost(string, tag = "2")]
-    pub identity: String,
-    #[prost(string, repeated, tag = "3")]
-    pub policies: Vec<String>,
-    #[prost(uint64, tag = "4")]
-    pub created_at_ms: u64,
+impl From<TokenError> for AuthError {
+    fn from(e: TokenError) -> Self {
+        match e {
+            TokenError::Invalid | TokenError::NotFound => AuthError::BadToken,
+            TokenError::SourceNotAllowed => AuthError::SourceNotAllowed,
+            TokenError::Barrier(b) => AuthError::Barrier(b),
+            _ => AuthError::Corrupt,
+        }
+    }
+}
+
+impl From<PolicyStoreError> for AuthError {
+    fn from(e: PolicyStoreError) -> Self {
+        match e {
+            PolicyStoreError::Barrier(b) => AuthError::Barrier(b),
+            _ => AuthError::Corrupt,
+        }
+    }
 }
 
 /// Who is calling, as established by `Gate::authenticate`.
@@ -55,6 +64,21 @@ pub struct Caller {
     pub identity: String,
     pub accessor: String,
     pub policies: Vec<String>,
+    /// 0 when the token never expires.
+    pub expires_at_ms: u64,
+    /// This call used up one of a limited token's uses: the count is written
+    /// but must be made durable before acting (`Call::begin` does).
+    pub counted_use: bool,
+    /// The compiled policies of the token.
+    pub set: Arc<CompiledSet>,
+}
+
+impl Caller {
+    pub fn is_root(&self) -> bool {
+        self.policies
+            .iter()
+            .any(|p| p == crate::policy::ROOT_POLICY)
+    }
 }
 
 /// Proof that a caller may use a capability on a resource. Only
@@ -76,84 +100,177 @@ impl Authorized {
 }
 
 pub struct Gate {
-    barrier: Arc<Barrier>,
-    /// HMAC key for token hashes; present while unsealed.
-    hash_key: RwLock<Option<ring::hmac::Key>>,
+    tokens: TokenStore,
+    policies: PolicyStore,
+    usage: Usage,
 }
 
 impl Gate {
-    pub fn new(barrier: Arc<Barrier>) -> Self {
+    pub fn new(tokens: TokenStore, policies: PolicyStore, usage: Usage) -> Self {
         Self {
-            barrier,
-            hash_key: RwLock::new(None),
+            tokens,
+            policies,
+            usage,
         }
     }
 
-    /// Loads the token hash key after an unseal.
+    /// Loads the token hash key after an unseal (and moves a foundation root
+    /// token into the token store).
     pub fn on_unseal(&self) -> Result<(), AuthError> {
-        let key = self.barrier.derive_key("auth/token-hash")?;
-        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_slice());
-        *self.hash_key.write().unwrap_or_else(|e| e.into_inner()) = Some(key);
+        self.tokens.on_unseal(super::now_ms())?;
         Ok(())
     }
 
     pub fn on_seal(&self) {
-        *self.hash_key.write().unwrap_or_else(|e| e.into_inner()) = None;
-    }
-
-    fn token_key(&self, token: &str) -> Result<String, AuthError> {
-        let guard = self.hash_key.read().unwrap_or_else(|e| e.into_inner());
-        let key = guard
-            .as_ref()
-            .ok_or(AuthError::Barrier(BarrierError::Sealed))?;
-        let tag = ring::hmac::sign(key, token.as_bytes());
-        Ok(format!("{TOKEN_PREFIX}{}", hex::encode(tag.as_ref())))
+        self.tokens.on_seal();
     }
 
     /// Makes the root token: policy `root`, no expiry. Shown once by `init`.
     pub fn create_root_token(&self, now_ms: u64) -> Result<TokenSecret, AuthError> {
-        let token = TokenSecret::generate().map_err(|_| AuthError::Corrupt)?;
-        let record = TokenRecord {
-            accessor: crate::token::format::new_accessor().map_err(|_| AuthError::Corrupt)?,
-            identity: "root".into(),
-            policies: vec!["root".into()],
-            created_at_ms: now_ms,
-        };
-        self.barrier
-            .put(&self.token_key(token.expose())?, &record.encode_to_vec())?;
-        Ok(token)
+        let issued = self.tokens.issue(
+            TokenRequest {
+                identity: "root".into(),
+                policies: vec![crate::policy::ROOT_POLICY.into()],
+                ttl: std::time::Duration::ZERO,
+                max_ttl: std::time::Duration::ZERO,
+                hard_expiry_ms: None,
+                uses: 0,
+                cidrs: Vec::new(),
+                parent_accessor: None,
+                method: "root",
+            },
+            now_ms,
+        )?;
+        Ok(issued.token)
     }
 
-    /// Finds the caller a token belongs to.
-    pub fn authenticate(&self, token: &str) -> Result<Caller, AuthError> {
-        if TokenSecret::parse(token).is_err() {
-            return Err(AuthError::BadToken);
-        }
-        let raw: Zeroizing<Vec<u8>> = self
-            .barrier
-            .get(&self.token_key(token)?)?
-            .ok_or(AuthError::BadToken)?;
-        let record = TokenRecord::decode(raw.as_slice()).map_err(|_| AuthError::Corrupt)?;
+    /// Finds the caller a token belongs to: known, not expired, allowed from
+    /// `source`; a limited token's use is counted.
+    pub fn authenticate(&self, token: &str, source: Option<IpAddr>) -> Result<Caller, AuthError> {
+        let now = super::now_ms();
+        let used = self.tokens.use_token(token, source, now)?;
+        let set = self.policies.compiled_set(&used.record.policies)?;
+        self.usage.record(&used.record.identity, None, now);
         Ok(Caller {
-            identity: record.identity,
-            accessor: record.accessor,
-            policies: record.policies,
+            identity: used.record.identity,
+            accessor: used.record.accessor,
+            policies: used.record.policies,
+            expires_at_ms: used.record.expires_at_ms,
+            counted_use: used.counted,
+            set,
         })
     }
 
-    /// Checks a capability on a resource against the caller's policies.
+    /// Checks a capability on a resource against the caller's policies. A
+    /// refusal is the same whether or not the resource exists.
     pub fn authorize(
         &self,
         caller: &Caller,
         capability: Capability,
         resource: &str,
     ) -> Result<Authorized, AuthError> {
-        if caller.policies.iter().any(|p| p == "root") {
-            return Ok(Authorized {
-                resource: resource.to_owned(),
-                capability,
-            });
+        match caller.set.check(resource, capability) {
+            Some(grant) => {
+                self.usage
+                    .record(&caller.identity, Some(grant), super::now_ms());
+                Ok(Authorized {
+                    resource: resource.to_owned(),
+                    capability,
+                })
+            }
+            None => Err(AuthError::Denied),
         }
-        Err(AuthError::Denied)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::barrier::{Barrier, BarrierOptions};
+    use crate::policy::Policy;
+    use crate::storage::SledBackend;
+
+    fn gate() -> (tempfile::TempDir, Gate, TokenStore, PolicyStore, Usage) {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = SledBackend::open(dir.path()).unwrap();
+        let barrier = Arc::new(Barrier::new(Arc::new(backend), BarrierOptions::default()).unwrap());
+        let shares = barrier.init(1, 1).unwrap();
+        barrier.unseal(&shares[0].0).unwrap();
+        let policies = PolicyStore::new(barrier.clone());
+        let tokens = TokenStore::new(barrier.clone(), Arc::new(policies.clone()));
+        let usage = Usage::new(barrier);
+        let gate = Gate::new(tokens.clone(), policies.clone(), usage.clone());
+        gate.on_unseal().unwrap();
+        (dir, gate, tokens, policies, usage)
+    }
+
+    #[test]
+    fn root_token_may_do_anything() {
+        let (_d, gate, ..) = gate();
+        let root = gate.create_root_token(super::super::now_ms()).unwrap();
+        let caller = gate.authenticate(root.expose(), None).unwrap();
+        assert!(caller.is_root());
+        assert_eq!(caller.identity, "root");
+        gate.authorize(&caller, Capability::Destroy, "secret/a/b")
+            .unwrap();
+        gate.authorize(&caller, Capability::Admin, "sys/seal")
+            .unwrap();
+    }
+
+    #[test]
+    fn policies_decide_and_usage_records_the_rule() {
+        let (_d, gate, tokens, policies, usage) = gate();
+        policies
+            .put(
+                &Policy::parse(
+                    "app",
+                    "[[rule]]\npath = \"secret/app/db\"\ncapabilities = [\"read\"]\n",
+                )
+                .unwrap(),
+            )
+            .unwrap();
+        let issued = tokens
+            .issue(
+                TokenRequest {
+                    identity: "svc".into(),
+                    policies: vec!["app".into()],
+                    ttl: std::time::Duration::from_secs(60),
+                    max_ttl: std::time::Duration::ZERO,
+                    hard_expiry_ms: None,
+                    uses: 0,
+                    cidrs: vec![],
+                    parent_accessor: None,
+                    method: "token",
+                },
+                super::super::now_ms(),
+            )
+            .unwrap();
+        let caller = gate.authenticate(issued.token.expose(), None).unwrap();
+        gate.authorize(&caller, Capability::Read, "secret/app/db")
+            .unwrap();
+        for (cap, res) in [
+            (Capability::Read, "secret/app/db-admin"),
+            (Capability::Write, "secret/app/db"),
+            (Capability::Read, "secret/app/db/x"),
+        ] {
+            assert!(matches!(
+                gate.authorize(&caller, cap, res),
+                Err(AuthError::Denied)
+            ));
+        }
+        let snap = usage.snapshot();
+        assert_eq!(snap.len(), 1);
+        assert_eq!(snap[0].identity, "svc");
+        assert_eq!(
+            snap[0].exercised,
+            vec![("app".to_owned(), "secret/app/db".to_owned())]
+        );
+        // Revocation is immediate.
+        assert_eq!(tokens.revoke_identity("svc", 0).unwrap(), 1);
+        assert!(matches!(
+            gate.authenticate(issued.token.expose(), None),
+            Err(AuthError::BadToken)
+        ));
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod auth;
 mod report;
+pub mod usage;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -16,10 +17,13 @@ use crate::identity::login::{Login, ThrottleConfig};
 use crate::identity::IdentityStore;
 use crate::metrics::Metrics;
 use crate::oidc::JwksCache;
+use crate::policy_store::PolicyStore;
 use crate::secrets::{DataLimits, SecretStore};
 use crate::token::format::TokenSecret;
+use crate::token::TokenStore;
 
 pub use auth::{AuthError, Authorized, Caller, Gate};
+pub use usage::{IdentityUsage, Usage};
 
 /// Milliseconds since the Unix epoch; the one place the core reads the clock.
 pub fn now_ms() -> u64 {
@@ -48,6 +52,9 @@ pub struct InitOutput {
 pub struct Core {
     pub barrier: Arc<Barrier>,
     pub gate: Gate,
+    pub tokens: TokenStore,
+    pub policies: PolicyStore,
+    pub usage: Usage,
     pub secrets: SecretStore,
     pub audit: AuditLog,
     pub metrics: Arc<Metrics>,
@@ -66,14 +73,20 @@ impl Core {
         metrics: Arc<Metrics>,
         limits: DataLimits,
     ) -> Self {
+        let policies = PolicyStore::new(barrier.clone());
+        let tokens = TokenStore::new(barrier.clone(), Arc::new(policies.clone()));
+        let usage = Usage::new(barrier.clone());
         Self {
-            gate: Gate::new(barrier.clone()),
+            gate: Gate::new(tokens.clone(), policies.clone(), usage.clone()),
+            tokens,
+            policies,
+            usage,
             secrets: SecretStore::new(barrier.clone(), limits),
+            identities: IdentityStore::new(barrier.clone()),
             barrier,
             audit,
             metrics,
             seal_lock: tokio::sync::Mutex::new(()),
-            identities: IdentityStore::new(barrier.clone()),
             login: Login::new(JwksCache::files_only(), ThrottleConfig::default()),
         }
     }
@@ -123,6 +136,7 @@ impl Core {
             .gate
             .on_unseal()
             .map_err(CoreError::from)
+            .and_then(|()| Ok(self.usage.load()?))
             .and_then(|()| Ok(self.barrier.derive_key("audit/hmac")?))
             .map(|key| self.audit.set_hmac_key(Some(key)));
         if loaded.is_err() {
@@ -135,6 +149,7 @@ impl Core {
 
     pub async fn seal(&self) {
         let _guard = self.seal_lock.lock().await;
+        self.persist_usage().await;
         self.gate.on_seal();
         self.audit.set_hmac_key(None);
         self.barrier.seal();
@@ -146,6 +161,21 @@ impl Core {
         let term = self.barrier.rotate_key()?;
         self.barrier.durable().await?;
         Ok(term)
+    }
+
+    /// Writes the usage table (changed identities only) and waits for disk.
+    /// A failure is logged: usage is advisory and must not block a seal.
+    pub async fn persist_usage(&self) {
+        if self.is_sealed() {
+            return;
+        }
+        let written = match self.usage.persist() {
+            Ok(n) => self.barrier.durable().await.map(|()| n),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "could not persist token usage");
+        }
     }
 
     /// Refreshes the gauges that are read, not counted.

@@ -1,7 +1,7 @@
 //! The token and policy stores as this module sees them.
 
 use super::{IdentityError, PolicyCatalog, TokenRevoker};
-use crate::core::PolicyStore;
+use crate::policy_store::PolicyStore;
 use crate::token::TokenStore;
 
 impl TokenRevoker for TokenStore {

@@ -19,6 +19,7 @@
 //! [`login`] turns presented credentials into a [`login::Grant`]; the caller
 //! issues the token.
 
+mod bridge;
 pub mod login;
 mod secret_id;
 
@@ -455,6 +456,8 @@ pub struct IdentityStore {
     /// Serialises read-modify-write of records and secret-ids (use counts,
     /// bindings), so two logins cannot both spend a secret-id's last use.
     write_lock: Mutex<()>,
+    /// Woken when an expiry is set, so the sweeper can sleep until the next one.
+    expiry_set: tokio::sync::Notify,
 }
 
 impl IdentityStore {
@@ -462,7 +465,24 @@ impl IdentityStore {
         Self {
             barrier,
             write_lock: Mutex::new(()),
+            expiry_set: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Resolves when an identity's expiry was set or changed since the last call.
+    pub async fn expiry_changed(&self) {
+        self.expiry_set.notified().await;
+    }
+
+    /// The earliest expiry not yet handled (identities whose tokens the
+    /// sweeper has still to revoke), if any.
+    pub fn next_expiry_ms(&self) -> Result<Option<u64>, IdentityError> {
+        Ok(self
+            .all()?
+            .iter()
+            .filter(|r| r.expires_at_ms != 0 && !r.expiry_handled)
+            .map(|r| r.expires_at_ms)
+            .min())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -560,6 +580,9 @@ impl IdentityStore {
             PlainOp::Put(&record_key, &bytes),
             PlainOp::Put(&role_key, record.name.as_bytes()),
         ])?;
+        if record.expires_at_ms != 0 {
+            self.expiry_set.notify_one();
+        }
         Ok(record)
     }
 
@@ -619,6 +642,7 @@ impl IdentityStore {
         if let Some(expires) = update.expires_at_ms {
             record.expires_at_ms = expires;
             record.expiry_handled = false;
+            self.expiry_set.notify_one();
         }
         let expired = record.is_expired(now_ms);
         if expired {

@@ -1,6 +1,12 @@
 //! Tokens: the bearer credentials keyward hands out.
 //!
-//! Only the text format lives here so far (pure: no storage, no clock); the
-//! token store, under its own `tokens/` prefix, comes later.
+//! - `format`: the `kwt_` text format (pure: no storage, no clock).
+//! - `store`: the token store under the `tokens/` prefix.
 
 pub mod format;
+pub mod store;
+
+pub use store::{
+    IssuedToken, LongLived, PolicyNames, SweepOutcome, TokenError, TokenInfo, TokenRecord,
+    TokenRequest, TokenStore, TokenUse,
+};

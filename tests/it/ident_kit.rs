@@ -15,15 +15,27 @@ use keyward::client::Client;
 use keyward::proto::v1::{CreateIdentityRequest, TokenResponse};
 
 /// A policy from TOML text, stored by the root client.
-pub async fn put_policy(root: &Client, name: &str, toml: &str) {
-    root.policy_put(name, toml).await.unwrap();
+pub async fn put_policy(server: &TestServer, name: &str, toml: &str) {
+    let (root, token) = (server.root().await, &server.root_token);
+    use keyward::proto::v1::policies_client::PoliciesClient;
+    use keyward::proto::v1::PutPolicyRequest;
+    let mut req = tonic::Request::new(PutPolicyRequest {
+        name: name.to_owned(),
+        document: toml.to_owned(),
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    PoliciesClient::new(root.channel())
+        .put(req)
+        .await
+        .unwrap_or_else(|e| panic!("policy put {name}: {e}"));
 }
 
 /// A policy reading `secret/<prefix>/**`, with a random name.
-pub async fn read_policy(root: &Client, prefix: &str) -> String {
+pub async fn read_policy(server: &TestServer, prefix: &str) -> String {
     let name = unique("read");
     put_policy(
-        root,
+        server,
         &name,
         &format!("[[rule]]\npath = \"secret/{prefix}/**\"\ncapabilities = [\"read\", \"list\"]\n"),
     )

@@ -18,7 +18,7 @@ async fn approle_login_gives_a_token_with_the_identity_policies() {
     let server = TestServer::dev().await;
     let root = server.root().await;
     let prefix = unique("app");
-    let policy = read_policy(&root, &prefix).await;
+    let policy = read_policy(&server, &prefix).await;
     root.put(
         &format!("{prefix}/db"),
         &data(&[("password", "pw")]),
@@ -222,7 +222,7 @@ async fn cert_login_by_subject_and_by_spiffe_id() {
     let server = TestServer::dev().await;
     let root = server.root().await;
     let prefix = unique("app");
-    let policy = read_policy(&root, &prefix).await;
+    let policy = read_policy(&server, &prefix).await;
     root.put(
         &format!("{prefix}/k"),
         &data(&[("v", "1")]),
@@ -309,7 +309,7 @@ async fn oidc_login_with_jwks_over_https_and_every_refusal() {
     .await
     .unwrap();
     let prefix = unique("app");
-    let policy = read_policy(&root, &prefix).await;
+    let policy = read_policy(&server, &prefix).await;
     let name = unique("runner");
     root.identity_create(create(&name, "ci-runner", "platform", &[policy]))
         .await

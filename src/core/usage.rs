@@ -1,0 +1,258 @@
+//! Usage recording: per identity, when it last used a token and which policy
+//! rules granted its requests, for governance ("grants never exercised",
+//! "dormant identities").
+//!
+//! Storage prefix `usage/` (through the barrier only; this module must not
+//! touch any other prefix): `usage/<hex identity name>` -> `UsageRecord`.
+//!
+//! The request path only updates memory (one mutex, no disk write); `persist`
+//! writes the identities changed since the last call, periodically and at seal
+//! and shutdown. `load` reads the stored records after an unseal (one record
+//! per identity, not per token).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use prost::Message;
+
+use crate::barrier::{Barrier, BarrierError, PlainOp};
+
+const PREFIX: &str = "usage/";
+
+/// What one identity has done, as governance reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityUsage {
+    pub identity: String,
+    pub last_used_ms: u64,
+    /// (policy, rule path) pairs that granted at least one request, sorted.
+    pub exercised: Vec<(String, String)>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct UsageRecord {
+    #[prost(string, tag = "1")]
+    identity: String,
+    #[prost(uint64, tag = "2")]
+    last_used_ms: u64,
+    #[prost(message, repeated, tag = "3")]
+    exercised: Vec<ExercisedRule>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct ExercisedRule {
+    #[prost(string, tag = "1")]
+    policy: String,
+    #[prost(string, tag = "2")]
+    path: String,
+}
+
+#[derive(Default)]
+struct Entry {
+    last_used_ms: u64,
+    exercised: HashSet<(Arc<str>, Arc<str>)>,
+    dirty: bool,
+}
+
+/// A cheap handle: clones share one table.
+#[derive(Clone)]
+pub struct Usage {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    barrier: Arc<Barrier>,
+    table: Mutex<HashMap<String, Entry>>,
+}
+
+impl Usage {
+    pub fn new(barrier: Arc<Barrier>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                barrier,
+                table: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Notes a use by `identity` at `now_ms` and, for a granted request, the
+    /// rule that granted it. Allocates only the first time an identity or a
+    /// rule is seen.
+    pub fn record(&self, identity: &str, grant: Option<(&Arc<str>, &Arc<str>)>, now_ms: u64) {
+        let mut table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = match table.get_mut(identity) {
+            Some(entry) => entry,
+            None => table.entry(identity.to_owned()).or_default(),
+        };
+        if now_ms > entry.last_used_ms {
+            entry.last_used_ms = now_ms;
+            entry.dirty = true;
+        }
+        if let Some((policy, path)) = grant {
+            let key = (policy.clone(), path.clone());
+            if !entry.exercised.contains(&key) {
+                entry.exercised.insert(key);
+                entry.dirty = true;
+            }
+        }
+    }
+
+    /// Every identity seen, in name order.
+    pub fn snapshot(&self) -> Vec<IdentityUsage> {
+        let table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<IdentityUsage> = table
+            .iter()
+            .map(|(identity, entry)| {
+                let mut exercised: Vec<(String, String)> = entry
+                    .exercised
+                    .iter()
+                    .map(|(p, r)| (p.to_string(), r.to_string()))
+                    .collect();
+                exercised.sort();
+                IdentityUsage {
+                    identity: identity.clone(),
+                    last_used_ms: entry.last_used_ms,
+                    exercised,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.identity.cmp(&b.identity));
+        out
+    }
+
+    /// Forgets an identity (it was deleted), in memory and in storage.
+    pub fn forget(&self, identity: &str) -> Result<(), BarrierError> {
+        self.inner
+            .table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(identity);
+        self.inner.barrier.delete(&key(identity))
+    }
+
+    /// Writes the identities changed since the last call; returns how many.
+    pub fn persist(&self) -> Result<usize, BarrierError> {
+        let records: Vec<(String, Vec<u8>)> = {
+            let mut table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
+            table
+                .iter_mut()
+                .filter(|(_, e)| e.dirty)
+                .map(|(identity, entry)| {
+                    entry.dirty = false;
+                    let mut exercised: Vec<ExercisedRule> = entry
+                        .exercised
+                        .iter()
+                        .map(|(p, r)| ExercisedRule {
+                            policy: p.to_string(),
+                            path: r.to_string(),
+                        })
+                        .collect();
+                    exercised.sort_by(|a, b| (&a.policy, &a.path).cmp(&(&b.policy, &b.path)));
+                    let record = UsageRecord {
+                        identity: identity.clone(),
+                        last_used_ms: entry.last_used_ms,
+                        exercised,
+                    };
+                    (key(identity), record.encode_to_vec())
+                })
+                .collect()
+        };
+        let ops: Vec<PlainOp<'_>> = records
+            .iter()
+            .map(|(k, v)| PlainOp::Put(k, v.as_slice()))
+            .collect();
+        let written = self.inner.barrier.batch(&ops);
+        if written.is_err() {
+            // Try again next time.
+            let mut table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
+            for (k, _) in &records {
+                if let Some(entry) = identity_of(k).and_then(|id| table.get_mut(&id)) {
+                    entry.dirty = true;
+                }
+            }
+        }
+        written.map(|()| records.len())
+    }
+
+    /// Merges the stored records into memory (after an unseal).
+    pub fn load(&self) -> Result<(), BarrierError> {
+        let stored = self.inner.barrier.scan_prefix(PREFIX)?;
+        let mut table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, raw) in stored {
+            let Ok(record) = UsageRecord::decode(raw.as_slice()) else {
+                tracing::warn!("skipping a corrupt usage record");
+                continue;
+            };
+            let entry = table.entry(record.identity).or_default();
+            entry.last_used_ms = entry.last_used_ms.max(record.last_used_ms);
+            for rule in record.exercised {
+                entry
+                    .exercised
+                    .insert((Arc::from(rule.policy), Arc::from(rule.path)));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn key(identity: &str) -> String {
+    format!("{PREFIX}{}", hex::encode(identity.as_bytes()))
+}
+
+fn identity_of(key: &str) -> Option<String> {
+    let bytes = hex::decode(key.strip_prefix(PREFIX)?).ok()?;
+    String::from_utf8(bytes).ok()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::barrier::BarrierOptions;
+    use crate::storage::SledBackend;
+
+    fn barrier() -> (tempfile::TempDir, Arc<Barrier>) {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = SledBackend::open(dir.path()).unwrap();
+        let barrier = Barrier::new(Arc::new(backend), BarrierOptions::default()).unwrap();
+        let shares = barrier.init(1, 1).unwrap();
+        barrier.unseal(&shares[0].0).unwrap();
+        (dir, Arc::new(barrier))
+    }
+
+    #[test]
+    fn records_last_use_and_rules_and_survives_persist_load() {
+        let (_dir, barrier) = barrier();
+        let usage = Usage::new(barrier.clone());
+        let policy: Arc<str> = Arc::from("app");
+        let path: Arc<str> = Arc::from("secret/app/**");
+        usage.record("svc", None, 10);
+        usage.record("svc", Some((&policy, &path)), 20);
+        usage.record("svc", Some((&policy, &path)), 15);
+        usage.record("bot", None, 5);
+        let snap = usage.snapshot();
+        assert_eq!(
+            snap,
+            vec![
+                IdentityUsage {
+                    identity: "bot".into(),
+                    last_used_ms: 5,
+                    exercised: vec![]
+                },
+                IdentityUsage {
+                    identity: "svc".into(),
+                    last_used_ms: 20,
+                    exercised: vec![("app".into(), "secret/app/**".into())]
+                },
+            ]
+        );
+        assert_eq!(usage.persist().unwrap(), 2);
+        assert_eq!(usage.persist().unwrap(), 0, "nothing changed since");
+        let fresh = Usage::new(barrier);
+        fresh.load().unwrap();
+        assert_eq!(fresh.snapshot(), snap);
+        fresh.forget("bot").unwrap();
+        let again = Usage::new(fresh.inner.barrier.clone());
+        again.load().unwrap();
+        assert_eq!(again.snapshot().len(), 1);
+    }
+}

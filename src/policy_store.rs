@@ -1,0 +1,343 @@
+//! Policy storage: named policies as TOML, plus the compiled form the request
+//! path checks.
+//!
+//! Storage prefix `policies/` (through the barrier only; this module must not
+//! touch any other prefix): `policies/<name>` -> the policy's TOML text. The
+//! built-in `root` policy is not stored and can be neither changed nor deleted.
+//!
+//! Compiled policies and compiled sets (one per distinct list of policy names,
+//! as tokens carry them) are cached; a put or delete clears the cache, so the
+//! next request compiles again. A name in a list that no longer exists grants
+//! nothing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use crate::barrier::{Barrier, BarrierError};
+use crate::policy::{CompiledPolicy, Decision, Policy, PolicyError, PolicySet, ROOT_POLICY};
+use crate::token::{PolicyNames, TokenError};
+
+const PREFIX: &str = "policies/";
+/// Distinct policy lists kept compiled; past this the cache starts again.
+const MAX_CACHED_SETS: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyStoreError {
+    #[error("the built-in root policy cannot be changed or deleted")]
+    RootImmutable,
+    #[error("policy not found")]
+    NotFound,
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("stored policy '{0}' is corrupt")]
+    Corrupt(String),
+    #[error(transparent)]
+    Barrier(#[from] BarrierError),
+}
+
+/// The policies of one token, compiled, with what usage recording needs to
+/// name the rule that granted.
+#[derive(Debug)]
+pub struct CompiledSet {
+    set: PolicySet,
+    /// Policy names, in the order of the set.
+    names: Vec<Arc<str>>,
+    /// Rule paths per policy, in file order.
+    rule_paths: Vec<Vec<Arc<str>>>,
+}
+
+impl CompiledSet {
+    pub fn set(&self) -> &PolicySet {
+        &self.set
+    }
+
+    /// Checks without allocating; on a grant, the names of the granting
+    /// policy and rule path (shared, not copied).
+    pub fn check(
+        &self,
+        resource: &str,
+        capability: crate::policy::Capability,
+    ) -> Option<(&Arc<str>, &Arc<str>)> {
+        match self.set.check(resource, capability) {
+            Decision::Allowed { policy, rule } => {
+                let p = usize::from(policy);
+                let name = self.names.get(p)?;
+                let path = self.rule_paths.get(p)?.get(usize::from(rule))?;
+                Some((name, path))
+            }
+            Decision::Denied => None,
+        }
+    }
+}
+
+/// A stored policy and its compiled form.
+type Entry = Arc<(Policy, Arc<CompiledPolicy>)>;
+
+#[derive(Default)]
+struct Cache {
+    /// `None`: known not to exist.
+    policies: HashMap<String, Option<Entry>>,
+    sets: HashMap<Vec<String>, Arc<CompiledSet>>,
+}
+
+/// A cheap handle: clones share one store and one cache.
+#[derive(Clone)]
+pub struct PolicyStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    barrier: Arc<Barrier>,
+    cache: RwLock<Cache>,
+}
+
+impl PolicyStore {
+    pub fn new(barrier: Arc<Barrier>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                barrier,
+                cache: RwLock::new(Cache::default()),
+            }),
+        }
+    }
+
+    fn clear_cache(&self) {
+        let mut cache = self.inner.cache.write().unwrap_or_else(|e| e.into_inner());
+        cache.policies.clear();
+        cache.sets.clear();
+    }
+
+    /// Stores (or replaces) a policy. `Policy::parse` has validated it.
+    pub fn put(&self, policy: &Policy) -> Result<(), PolicyStoreError> {
+        if policy.is_root() {
+            return Err(PolicyStoreError::RootImmutable);
+        }
+        self.inner.barrier.put(
+            &format!("{PREFIX}{}", policy.name()),
+            policy.to_toml().as_bytes(),
+        )?;
+        self.clear_cache();
+        Ok(())
+    }
+
+    pub fn get(&self, name: &str) -> Result<Option<Policy>, PolicyStoreError> {
+        if name == ROOT_POLICY {
+            return Ok(Some(Policy::root()));
+        }
+        if crate::policy::validate_name(name).is_err() {
+            return Ok(None);
+        }
+        match self.inner.barrier.get(&format!("{PREFIX}{name}"))? {
+            Some(raw) => {
+                let text = std::str::from_utf8(&raw)
+                    .map_err(|_| PolicyStoreError::Corrupt(name.to_owned()))?;
+                Policy::parse(name, text)
+                    .map(Some)
+                    .map_err(|_| PolicyStoreError::Corrupt(name.to_owned()))
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub fn exists(&self, name: &str) -> Result<bool, PolicyStoreError> {
+        if name == ROOT_POLICY {
+            return Ok(true);
+        }
+        if crate::policy::validate_name(name).is_err() {
+            return Ok(false);
+        }
+        Ok(self
+            .inner
+            .barrier
+            .get(&format!("{PREFIX}{name}"))?
+            .is_some())
+    }
+
+    /// Every policy name, `root` first, then in name order.
+    pub fn list(&self) -> Result<Vec<String>, PolicyStoreError> {
+        let mut names = vec![ROOT_POLICY.to_owned()];
+        for key in self.inner.barrier.scan_keys(PREFIX)? {
+            if let Some(name) = key.strip_prefix(PREFIX) {
+                names.push(name.to_owned());
+            }
+        }
+        Ok(names)
+    }
+
+    /// Deletes a policy; `NotFound` if there was none.
+    pub fn delete(&self, name: &str) -> Result<(), PolicyStoreError> {
+        if name == ROOT_POLICY {
+            return Err(PolicyStoreError::RootImmutable);
+        }
+        if !self.exists(name)? {
+            return Err(PolicyStoreError::NotFound);
+        }
+        self.inner.barrier.delete(&format!("{PREFIX}{name}"))?;
+        self.clear_cache();
+        Ok(())
+    }
+
+    fn compiled(&self, name: &str) -> Result<Option<Entry>, PolicyStoreError> {
+        if let Some(hit) = self
+            .inner
+            .cache
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .policies
+            .get(name)
+        {
+            return Ok(hit.clone());
+        }
+        let entry = self.get(name)?.map(|policy| {
+            let compiled = Arc::new(CompiledPolicy::compile(&policy));
+            Arc::new((policy, compiled))
+        });
+        self.inner
+            .cache
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .policies
+            .insert(name.to_owned(), entry.clone());
+        Ok(entry)
+    }
+
+    /// The compiled set for a token's policy list; cached, so after the first
+    /// request with a given list this is one hash lookup and no allocation.
+    pub fn compiled_set(&self, names: &[String]) -> Result<Arc<CompiledSet>, PolicyStoreError> {
+        if let Some(set) = self
+            .inner
+            .cache
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .sets
+            .get(names)
+        {
+            return Ok(set.clone());
+        }
+        let mut compiled = Vec::with_capacity(names.len());
+        let mut set_names = Vec::with_capacity(names.len());
+        let mut rule_paths = Vec::with_capacity(names.len());
+        for name in names {
+            if let Some(entry) = self.compiled(name)? {
+                let (policy, compiled_policy) = &*entry;
+                compiled.push(compiled_policy.clone());
+                set_names.push(Arc::<str>::from(name.as_str()));
+                rule_paths.push(
+                    policy
+                        .rules()
+                        .iter()
+                        .map(|r| Arc::<str>::from(r.path()))
+                        .collect(),
+                );
+            }
+        }
+        let set = Arc::new(CompiledSet {
+            set: PolicySet::new(compiled)?,
+            names: set_names,
+            rule_paths,
+        });
+        let mut cache = self.inner.cache.write().unwrap_or_else(|e| e.into_inner());
+        if cache.sets.len() >= MAX_CACHED_SETS {
+            cache.sets.clear();
+        }
+        cache.sets.insert(names.to_vec(), set.clone());
+        Ok(set)
+    }
+}
+
+impl PolicyNames for PolicyStore {
+    fn policy_exists(&self, name: &str) -> Result<bool, TokenError> {
+        self.exists(name).map_err(|e| match e {
+            PolicyStoreError::Barrier(b) => TokenError::Barrier(b),
+            _ => TokenError::Corrupt,
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::barrier::BarrierOptions;
+    use crate::policy::Capability;
+    use crate::storage::SledBackend;
+
+    pub(crate) fn unsealed_barrier() -> (tempfile::TempDir, Arc<Barrier>) {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = SledBackend::open(dir.path()).unwrap();
+        let barrier = Barrier::new(Arc::new(backend), BarrierOptions::default()).unwrap();
+        let shares = barrier.init(1, 1).unwrap();
+        barrier.unseal(&shares[0].0).unwrap();
+        (dir, Arc::new(barrier))
+    }
+
+    fn policy(name: &str, toml: &str) -> Policy {
+        Policy::parse(name, toml).unwrap()
+    }
+
+    #[test]
+    fn put_get_list_delete() {
+        let (_dir, barrier) = unsealed_barrier();
+        let store = PolicyStore::new(barrier);
+        let p = policy(
+            "app",
+            "[[rule]]\npath = \"secret/app/**\"\ncapabilities = [\"read\"]\n",
+        );
+        assert!(!store.exists("app").unwrap());
+        store.put(&p).unwrap();
+        assert!(store.exists("app").unwrap());
+        assert_eq!(store.get("app").unwrap(), Some(p));
+        assert_eq!(store.list().unwrap(), vec!["root", "app"]);
+        store.delete("app").unwrap();
+        assert!(store.get("app").unwrap().is_none());
+        assert!(matches!(
+            store.delete("app"),
+            Err(PolicyStoreError::NotFound)
+        ));
+    }
+
+    #[test]
+    fn root_is_builtin_and_immutable() {
+        let (_dir, barrier) = unsealed_barrier();
+        let store = PolicyStore::new(barrier);
+        assert!(store.exists("root").unwrap());
+        assert_eq!(store.get("root").unwrap(), Some(Policy::root()));
+        assert!(matches!(
+            store.put(&Policy::root()),
+            Err(PolicyStoreError::RootImmutable)
+        ));
+        assert!(matches!(
+            store.delete("root"),
+            Err(PolicyStoreError::RootImmutable)
+        ));
+    }
+
+    #[test]
+    fn compiled_cache_follows_put_and_delete() {
+        let (_dir, barrier) = unsealed_barrier();
+        let store = PolicyStore::new(barrier);
+        let names = vec!["app".to_owned()];
+        store
+            .put(&policy(
+                "app",
+                "[[rule]]\npath = \"secret/app/*\"\ncapabilities = [\"read\"]\n",
+            ))
+            .unwrap();
+        let set = store.compiled_set(&names).unwrap();
+        let (p, path) = set.check("secret/app/db", Capability::Read).unwrap();
+        assert_eq!((&**p, &**path), ("app", "secret/app/*"));
+        assert!(Arc::ptr_eq(&set, &store.compiled_set(&names).unwrap()));
+        store
+            .put(&policy(
+                "app",
+                "[[rule]]\npath = \"secret/other/*\"\ncapabilities = [\"read\"]\n",
+            ))
+            .unwrap();
+        let set = store.compiled_set(&names).unwrap();
+        assert!(set.check("secret/app/db", Capability::Read).is_none());
+        assert!(set.check("secret/other/db", Capability::Read).is_some());
+        store.delete("app").unwrap();
+        let set = store.compiled_set(&names).unwrap();
+        assert!(set.check("secret/other/db", Capability::Read).is_none());
+    }
+}

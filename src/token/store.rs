@@ -1,0 +1,764 @@
+//! The token store: issued tokens, found by the keyed hash of their text.
+//!
+//! Storage prefix `tokens/` (through the barrier only; this module must not
+//! touch any other prefix):
+//! - `tokens/hash/<hex HMAC of the token text>` -> the accessor;
+//! - `tokens/accessor/<accessor>` -> the `TokenRecord`;
+//! - `tokens/children/<parent accessor>/<child accessor>` -> empty;
+//! - `tokens/identity/<hex identity name>/<accessor>` -> empty;
+//! - `tokens/expiry/<16 hex digits, big-endian ms>/<accessor>` -> empty: the
+//!   time-ordered index one sweeper walks from its start.
+//!
+//! Nothing is loaded at start-up: a use reads two records, the sweeper reads
+//! only the head of the expiry index. Tokens are stored only as HMAC-SHA256
+//! under a key derived from the keyring (purpose `auth/token-hash`), so the
+//! data folder alone does not let anyone test a guessed token offline.
+//!
+//! Every write that links records (issue, revoke, renew, a counted use) holds
+//! one mutex, so a child can never be linked under a parent being revoked.
+//! Reads of unlimited tokens take no lock.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use prost::Message;
+use tokio::sync::Notify;
+
+use crate::barrier::{Barrier, BarrierError, PlainOp};
+use crate::cidr::Cidr;
+use crate::policy::ROOT_POLICY;
+use crate::token::format::{new_accessor, TokenSecret};
+
+const HASH_PREFIX: &str = "tokens/hash/";
+const ACCESSOR_PREFIX: &str = "tokens/accessor/";
+const CHILDREN_PREFIX: &str = "tokens/children/";
+const IDENTITY_PREFIX: &str = "tokens/identity/";
+const EXPIRY_PREFIX: &str = "tokens/expiry/";
+/// The first key after every `tokens/expiry/...` key (`0` follows `/`).
+const EXPIRY_END: &str = "tokens/expiry0";
+/// The foundation's prefix for the root token; migrated at unseal.
+const LEGACY_PREFIX: &str = "auth/token/";
+/// Key derivation purpose of the token hash key (shared with the foundation).
+const HASH_PURPOSE: &str = "auth/token-hash";
+/// Expired index entries handled per sweep step.
+const SWEEP_BATCH: usize = 256;
+/// The longest the sweeper sleeps without looking again.
+const MAX_SLEEP: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// Unknown, revoked, expired or malformed: one answer for all.
+    #[error("the token is not valid")]
+    Invalid,
+    #[error("the token is not valid from this source address")]
+    SourceNotAllowed,
+    #[error("no such token")]
+    NotFound,
+    #[error("the parent token is not valid")]
+    ParentInvalid,
+    #[error("policy '{0}' is not held by the parent token")]
+    NotSubset(String),
+    #[error("policy '{0}' does not exist")]
+    UnknownPolicy(String),
+    #[error("invalid token request: {0}")]
+    InvalidRequest(&'static str),
+    #[error("stored token record is corrupt")]
+    Corrupt,
+    #[error("the system random number generator failed")]
+    Random,
+    #[error(transparent)]
+    Barrier(#[from] BarrierError),
+}
+
+/// What a new token should be. See the contract in `notes`.
+#[derive(Debug, Clone)]
+pub struct TokenRequest {
+    /// Inventory name of the owner; "root" for the root token.
+    pub identity: String,
+    /// Validated names; each must exist (or be "root").
+    pub policies: Vec<String>,
+    /// Requested life; clamped to `max_ttl`. Zero only for `method: "root"`
+    /// (the token never expires).
+    pub ttl: Duration,
+    /// Cap on the life including renewals, from creation; zero = `ttl`.
+    pub max_ttl: Duration,
+    /// Absolute cap (ms since the epoch), e.g. a JWT's `exp`.
+    pub hard_expiry_ms: Option<u64>,
+    /// 0 = unlimited.
+    pub uses: u32,
+    pub cidrs: Vec<Cidr>,
+    /// None for login tokens (children of nobody).
+    pub parent_accessor: Option<String>,
+    /// "root" | "token" | "approle" | "cert" | "oidc"
+    pub method: &'static str,
+}
+
+/// A token just made; `token` is shown to its owner once.
+#[derive(Debug)]
+pub struct IssuedToken {
+    pub token: TokenSecret,
+    pub accessor: String,
+    /// 0 when the token never expires (the root token).
+    pub expires_at_ms: u64,
+    pub policies: Vec<String>,
+    pub identity: String,
+}
+
+/// A token whose total allowed life exceeds a threshold (governance).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LongLived {
+    pub accessor: String,
+    pub identity: String,
+    /// Total allowed life in seconds; `u64::MAX` when it never expires.
+    pub ttl_seconds: u64,
+}
+
+/// A stored token; found through `tokens/hash/` or by accessor.
+#[derive(Clone, PartialEq, Message)]
+pub struct TokenRecord {
+    #[prost(string, tag = "1")]
+    pub accessor: String,
+    #[prost(string, tag = "2")]
+    pub identity: String,
+    #[prost(string, repeated, tag = "3")]
+    pub policies: Vec<String>,
+    #[prost(uint64, tag = "4")]
+    pub created_at_ms: u64,
+    /// 0 = never.
+    #[prost(uint64, tag = "5")]
+    pub expires_at_ms: u64,
+    /// The default renew increment.
+    #[prost(uint64, tag = "6")]
+    pub ttl_ms: u64,
+    /// Renewals never go past this; 0 = never expires.
+    #[prost(uint64, tag = "7")]
+    pub max_expiry_ms: u64,
+    /// Uses left; 0 = unlimited.
+    #[prost(uint32, tag = "8")]
+    pub uses_remaining: u32,
+    #[prost(uint32, tag = "9")]
+    pub uses_total: u32,
+    #[prost(string, repeated, tag = "10")]
+    pub cidrs: Vec<String>,
+    #[prost(string, tag = "11")]
+    pub parent_accessor: String,
+    #[prost(string, tag = "12")]
+    pub method: String,
+    /// Hex HMAC of the token text, to remove `tokens/hash/` on revoke.
+    #[prost(string, tag = "13")]
+    pub hash: String,
+    /// As requested, for governance.
+    #[prost(uint64, tag = "14")]
+    pub max_ttl_ms: u64,
+    #[prost(uint64, tag = "15")]
+    pub hard_expiry_ms: u64,
+}
+
+impl TokenRecord {
+    fn is_expired(&self, now_ms: u64) -> bool {
+        self.expires_at_ms != 0 && now_ms >= self.expires_at_ms
+    }
+
+    fn cidr_blocks(&self) -> Result<Vec<Cidr>, TokenError> {
+        self.cidrs
+            .iter()
+            .map(|c| c.parse().map_err(|_| TokenError::Corrupt))
+            .collect()
+    }
+
+    /// The public view.
+    pub fn info(&self) -> TokenInfo {
+        TokenInfo {
+            accessor: self.accessor.clone(),
+            identity: self.identity.clone(),
+            policies: self.policies.clone(),
+            created_at_ms: self.created_at_ms,
+            expires_at_ms: self.expires_at_ms,
+            max_expiry_ms: self.max_expiry_ms,
+            uses_remaining: self.uses_remaining,
+            cidrs: self.cidrs.clone(),
+            parent_accessor: self.parent_accessor.clone(),
+            method: self.method.clone(),
+        }
+    }
+}
+
+/// What a lookup shows (never the token text).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenInfo {
+    pub accessor: String,
+    pub identity: String,
+    pub policies: Vec<String>,
+    pub created_at_ms: u64,
+    /// 0 = never.
+    pub expires_at_ms: u64,
+    /// 0 = never.
+    pub max_expiry_ms: u64,
+    /// 0 = unlimited.
+    pub uses_remaining: u32,
+    pub cidrs: Vec<String>,
+    pub parent_accessor: String,
+    pub method: String,
+}
+
+/// The answer to "may this token be used now, from here?".
+#[derive(Debug, Clone)]
+pub struct TokenUse {
+    pub record: TokenRecord,
+    /// A use was counted (and stored); the caller should wait for
+    /// `Barrier::durable` before acting.
+    pub counted: bool,
+}
+
+/// Whether a policy name exists; the store asks it on issue.
+pub trait PolicyNames: Send + Sync {
+    fn policy_exists(&self, name: &str) -> Result<bool, TokenError>;
+}
+
+/// A cheap handle: clones share one store.
+#[derive(Clone)]
+pub struct TokenStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    barrier: Arc<Barrier>,
+    policies: Arc<dyn PolicyNames>,
+    hash_key: RwLock<Option<ring::hmac::Key>>,
+    writes: Mutex<()>,
+    /// Wakes the sweeper: a new expiry, an unseal.
+    wake: Notify,
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn expiry_key(expires_at_ms: u64, accessor: &str) -> String {
+    format!("{EXPIRY_PREFIX}{expires_at_ms:016x}/{accessor}")
+}
+
+fn identity_prefix(identity: &str) -> String {
+    format!("{IDENTITY_PREFIX}{}/", hex::encode(identity.as_bytes()))
+}
+
+/// The smaller of two "0 = never" times.
+fn min_time(a: u64, b: u64) -> u64 {
+    match (a, b) {
+        (0, b) => b,
+        (a, 0) => a,
+        (a, b) => a.min(b),
+    }
+}
+
+impl TokenStore {
+    pub fn new(barrier: Arc<Barrier>, policies: Arc<dyn PolicyNames>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                barrier,
+                policies,
+                hash_key: RwLock::new(None),
+                writes: Mutex::new(()),
+                wake: Notify::new(),
+            }),
+        }
+    }
+
+    fn barrier(&self) -> &Barrier {
+        &self.inner.barrier
+    }
+
+    /// Loads the hash key after an unseal and moves a foundation root token
+    /// (`auth/token/`) into this store.
+    pub fn on_unseal(&self, now_ms: u64) -> Result<(), TokenError> {
+        let key = self.barrier().derive_key(HASH_PURPOSE)?;
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_slice());
+        *self
+            .inner
+            .hash_key
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(key);
+        self.migrate_legacy(now_ms)?;
+        self.inner.wake.notify_one();
+        Ok(())
+    }
+
+    pub fn on_seal(&self) {
+        *self
+            .inner
+            .hash_key
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn migrate_legacy(&self, now_ms: u64) -> Result<(), TokenError> {
+        let legacy = self.barrier().scan_prefix(LEGACY_PREFIX)?;
+        if legacy.is_empty() {
+            return Ok(());
+        }
+        let _guard = self.inner.writes.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, value) in legacy {
+            let hash = key.trim_start_matches(LEGACY_PREFIX).to_owned();
+            let mut record =
+                TokenRecord::decode(value.as_slice()).map_err(|_| TokenError::Corrupt)?;
+            record.hash = hash.clone();
+            if record.method.is_empty() {
+                record.method = "root".into();
+            }
+            if record.created_at_ms == 0 {
+                record.created_at_ms = now_ms;
+            }
+            let encoded = record.encode_to_vec();
+            let hash_key = format!("{HASH_PREFIX}{hash}");
+            let acc_key = format!("{ACCESSOR_PREFIX}{}", record.accessor);
+            let id_key = format!("{}{}", identity_prefix(&record.identity), record.accessor);
+            self.barrier().batch(&[
+                PlainOp::Put(&hash_key, record.accessor.as_bytes()),
+                PlainOp::Put(&acc_key, &encoded),
+                PlainOp::Put(&id_key, b""),
+                PlainOp::Delete(&key),
+            ])?;
+        }
+        Ok(())
+    }
+
+    fn hash(&self, token: &str) -> Result<String, TokenError> {
+        let guard = self
+            .inner
+            .hash_key
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        let key = guard
+            .as_ref()
+            .ok_or(TokenError::Barrier(BarrierError::Sealed))?;
+        Ok(hex::encode(
+            ring::hmac::sign(key, token.as_bytes()).as_ref(),
+        ))
+    }
+
+    fn record(&self, accessor: &str) -> Result<Option<TokenRecord>, TokenError> {
+        match self
+            .barrier()
+            .get(&format!("{ACCESSOR_PREFIX}{accessor}"))?
+        {
+            Some(raw) => TokenRecord::decode(raw.as_slice())
+                .map(Some)
+                .map_err(|_| TokenError::Corrupt),
+            None => Ok(None),
+        }
+    }
+
+    fn accessor_of(&self, token: &str) -> Result<Option<String>, TokenError> {
+        if TokenSecret::parse(token).is_err() {
+            return Ok(None);
+        }
+        let key = format!("{HASH_PREFIX}{}", self.hash(token)?);
+        match self.barrier().get(&key)? {
+            Some(raw) => String::from_utf8(raw.to_vec())
+                .map(Some)
+                .map_err(|_| TokenError::Corrupt),
+            None => Ok(None),
+        }
+    }
+
+    /// Makes a token. A child's policies must be a subset of its parent's
+    /// (a parent holding `root` may give anything) and it never outlives the
+    /// parent's maximum life.
+    pub fn issue(&self, req: TokenRequest, now_ms: u64) -> Result<IssuedToken, TokenError> {
+        let never = req.method == "root" && req.ttl.is_zero();
+        if req.ttl.is_zero() && !never {
+            return Err(TokenError::InvalidRequest("the TTL must be at least 1s"));
+        }
+        if req.identity.is_empty() {
+            return Err(TokenError::InvalidRequest("the token needs an identity"));
+        }
+        let mut seen = HashSet::new();
+        let policies: Vec<String> = req
+            .policies
+            .iter()
+            .filter(|p| seen.insert(p.as_str()))
+            .cloned()
+            .collect();
+        for policy in &policies {
+            if policy != ROOT_POLICY && !self.inner.policies.policy_exists(policy)? {
+                return Err(TokenError::UnknownPolicy(policy.clone()));
+            }
+        }
+        let _guard = self.inner.writes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cap_ms = req.hard_expiry_ms.unwrap_or(0);
+        if let Some(parent) = &req.parent_accessor {
+            let parent = self
+                .record(parent)?
+                .filter(|p| !p.is_expired(now_ms))
+                .ok_or(TokenError::ParentInvalid)?;
+            if !parent.policies.iter().any(|p| p == ROOT_POLICY) {
+                if let Some(extra) = policies.iter().find(|p| !parent.policies.contains(p)) {
+                    return Err(TokenError::NotSubset(extra.clone()));
+                }
+            }
+            cap_ms = min_time(cap_ms, parent.max_expiry_ms);
+        }
+        if cap_ms != 0 && cap_ms <= now_ms {
+            return Err(TokenError::InvalidRequest(
+                "the token would already be expired",
+            ));
+        }
+        let (expires_at_ms, max_expiry_ms, ttl_ms) = if never && cap_ms == 0 {
+            (0, 0, 0)
+        } else {
+            let max_ttl = if req.max_ttl.is_zero() {
+                req.ttl
+            } else {
+                req.max_ttl
+            };
+            let ttl = req.ttl.min(max_ttl);
+            let max_expiry = min_time(now_ms.saturating_add(duration_ms(max_ttl)), cap_ms);
+            let expires = min_time(now_ms.saturating_add(duration_ms(ttl)), max_expiry);
+            (expires, max_expiry, duration_ms(ttl))
+        };
+
+        let token = TokenSecret::generate().map_err(|_| TokenError::Random)?;
+        let accessor = new_accessor().map_err(|_| TokenError::Random)?;
+        let hash = self.hash(token.expose())?;
+        let record = TokenRecord {
+            accessor: accessor.clone(),
+            identity: req.identity.clone(),
+            policies: policies.clone(),
+            created_at_ms: now_ms,
+            expires_at_ms,
+            ttl_ms,
+            max_expiry_ms,
+            uses_remaining: req.uses,
+            uses_total: req.uses,
+            cidrs: req.cidrs.iter().map(|c| c.to_string()).collect(),
+            parent_accessor: req.parent_accessor.clone().unwrap_or_default(),
+            method: req.method.to_owned(),
+            hash: hash.clone(),
+            max_ttl_ms: duration_ms(req.max_ttl),
+            hard_expiry_ms: req.hard_expiry_ms.unwrap_or(0),
+        };
+        let encoded = record.encode_to_vec();
+        let hash_key = format!("{HASH_PREFIX}{hash}");
+        let acc_key = format!("{ACCESSOR_PREFIX}{accessor}");
+        let id_key = format!("{}{accessor}", identity_prefix(&req.identity));
+        let child_key = req
+            .parent_accessor
+            .as_ref()
+            .map(|p| format!("{CHILDREN_PREFIX}{p}/{accessor}"));
+        let exp_key = (expires_at_ms != 0).then(|| expiry_key(expires_at_ms, &accessor));
+        let mut ops = vec![
+            PlainOp::Put(&hash_key, accessor.as_bytes()),
+            PlainOp::Put(&acc_key, &encoded),
+            PlainOp::Put(&id_key, b""),
+        ];
+        if let Some(k) = &child_key {
+            ops.push(PlainOp::Put(k, b""));
+        }
+        if let Some(k) = &exp_key {
+            ops.push(PlainOp::Put(k, b""));
+        }
+        self.barrier().batch(&ops)?;
+        if exp_key.is_some() {
+            self.inner.wake.notify_one();
+        }
+        Ok(IssuedToken {
+            token,
+            accessor,
+            expires_at_ms,
+            policies,
+            identity: req.identity,
+        })
+    }
+
+    /// Checks a token for one use: known, not expired, from an allowed
+    /// source; counts the use of a limited token (the last one revokes it).
+    pub fn use_token(
+        &self,
+        token: &str,
+        source: Option<IpAddr>,
+        now_ms: u64,
+    ) -> Result<TokenUse, TokenError> {
+        let accessor = self.accessor_of(token)?.ok_or(TokenError::Invalid)?;
+        let record = self.record(&accessor)?.ok_or(TokenError::Invalid)?;
+        if record.is_expired(now_ms) {
+            // Do not wait for the sweeper; a failure here is the sweeper's job.
+            let _ = self.revoke(&accessor);
+            return Err(TokenError::Invalid);
+        }
+        if !Cidr::any_contains(&record.cidr_blocks()?, source) {
+            return Err(TokenError::SourceNotAllowed);
+        }
+        if record.uses_remaining == 0 {
+            return Ok(TokenUse {
+                record,
+                counted: false,
+            });
+        }
+        let _guard = self.inner.writes.lock().unwrap_or_else(|e| e.into_inner());
+        // Read again under the lock: concurrent uses must not share a count.
+        let mut record = self.record(&accessor)?.ok_or(TokenError::Invalid)?;
+        match record.uses_remaining {
+            0 => {}
+            1 => {
+                self.revoke_locked(&accessor)?;
+                record.uses_remaining = 0;
+            }
+            n => {
+                record.uses_remaining = n - 1;
+                self.barrier().put(
+                    &format!("{ACCESSOR_PREFIX}{accessor}"),
+                    &record.encode_to_vec(),
+                )?;
+            }
+        }
+        Ok(TokenUse {
+            record,
+            counted: true,
+        })
+    }
+
+    /// The record of a token, by its text; `None` if unknown or expired.
+    pub fn lookup_token(&self, token: &str, now_ms: u64) -> Result<Option<TokenInfo>, TokenError> {
+        match self.accessor_of(token)? {
+            Some(accessor) => self.lookup_accessor(&accessor, now_ms),
+            None => Ok(None),
+        }
+    }
+
+    /// The record of a token, by accessor; `None` if unknown or expired.
+    pub fn lookup_accessor(
+        &self,
+        accessor: &str,
+        now_ms: u64,
+    ) -> Result<Option<TokenInfo>, TokenError> {
+        Ok(self
+            .record(accessor)?
+            .filter(|r| !r.is_expired(now_ms))
+            .map(|r| r.info()))
+    }
+
+    /// The accessor of a token text, if the token is known.
+    pub fn accessor_for(&self, token: &str) -> Result<Option<String>, TokenError> {
+        self.accessor_of(token)
+    }
+
+    /// Extends a token's life to now + `increment` (default: its TTL), never
+    /// past its maximum life. A token that never expires is left as it is.
+    pub fn renew(
+        &self,
+        accessor: &str,
+        increment: Option<Duration>,
+        now_ms: u64,
+    ) -> Result<TokenInfo, TokenError> {
+        let _guard = self.inner.writes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut record = self
+            .record(accessor)?
+            .filter(|r| !r.is_expired(now_ms))
+            .ok_or(TokenError::NotFound)?;
+        if record.expires_at_ms == 0 {
+            return Ok(record.info());
+        }
+        let increment = increment.map_or(record.ttl_ms, duration_ms);
+        if increment == 0 {
+            return Err(TokenError::InvalidRequest(
+                "the increment must be at least 1s",
+            ));
+        }
+        let expires = min_time(now_ms.saturating_add(increment), record.max_expiry_ms);
+        let old_key = expiry_key(record.expires_at_ms, accessor);
+        let new_key = expiry_key(expires, accessor);
+        record.expires_at_ms = expires;
+        let acc_key = format!("{ACCESSOR_PREFIX}{accessor}");
+        let encoded = record.encode_to_vec();
+        self.barrier().batch(&[
+            PlainOp::Delete(&old_key),
+            PlainOp::Put(&new_key, b""),
+            PlainOp::Put(&acc_key, &encoded),
+        ])?;
+        self.inner.wake.notify_one();
+        Ok(record.info())
+    }
+
+    /// Revokes a token and, recursively, its children; returns how many
+    /// tokens were removed (0 if it was already gone).
+    pub fn revoke(&self, accessor: &str) -> Result<u32, TokenError> {
+        let _guard = self.inner.writes.lock().unwrap_or_else(|e| e.into_inner());
+        self.revoke_locked(accessor)
+    }
+
+    fn revoke_locked(&self, accessor: &str) -> Result<u32, TokenError> {
+        let mut pending = vec![accessor.to_owned()];
+        let mut seen = HashSet::new();
+        let mut keys: Vec<String> = Vec::new();
+        let mut count = 0u32;
+        while let Some(acc) = pending.pop() {
+            if !seen.insert(acc.clone()) {
+                continue;
+            }
+            let children_prefix = format!("{CHILDREN_PREFIX}{acc}/");
+            for key in self.barrier().scan_keys(&children_prefix)? {
+                if let Some(child) = key.strip_prefix(&children_prefix) {
+                    pending.push(child.to_owned());
+                }
+                keys.push(key);
+            }
+            let Some(record) = self.record(&acc)? else {
+                continue;
+            };
+            count = count.saturating_add(1);
+            keys.push(format!("{HASH_PREFIX}{}", record.hash));
+            keys.push(format!("{ACCESSOR_PREFIX}{acc}"));
+            keys.push(format!("{}{acc}", identity_prefix(&record.identity)));
+            if !record.parent_accessor.is_empty() {
+                keys.push(format!("{CHILDREN_PREFIX}{}/{acc}", record.parent_accessor));
+            }
+            if record.expires_at_ms != 0 {
+                keys.push(expiry_key(record.expires_at_ms, &acc));
+            }
+        }
+        let ops: Vec<PlainOp<'_>> = keys.iter().map(|k| PlainOp::Delete(k)).collect();
+        for chunk in ops.chunks(1024) {
+            self.barrier().batch(chunk)?;
+        }
+        Ok(count)
+    }
+
+    /// Revokes every token (and its children) of this identity; returns how many.
+    pub fn revoke_identity(&self, identity: &str, _now_ms: u64) -> Result<u32, TokenError> {
+        let _guard = self.inner.writes.lock().unwrap_or_else(|e| e.into_inner());
+        let prefix = identity_prefix(identity);
+        let mut count = 0u32;
+        for key in self.barrier().scan_keys(&prefix)? {
+            if let Some(accessor) = key.strip_prefix(&prefix) {
+                count = count.saturating_add(self.revoke_locked(accessor)?);
+            }
+        }
+        Ok(count)
+    }
+
+    /// Tokens whose total allowed life (max_ttl, or ttl when larger) exceeds
+    /// `threshold`. Reads every live token: for the governance report, never
+    /// for a request.
+    pub fn long_lived(
+        &self,
+        threshold: Duration,
+        now_ms: u64,
+    ) -> Result<Vec<LongLived>, TokenError> {
+        let threshold_ms = duration_ms(threshold);
+        let mut out = Vec::new();
+        for (_, raw) in self.barrier().scan_prefix(ACCESSOR_PREFIX)? {
+            let record = TokenRecord::decode(raw.as_slice()).map_err(|_| TokenError::Corrupt)?;
+            if record.is_expired(now_ms) {
+                continue;
+            }
+            let life_ms = if record.max_expiry_ms == 0 {
+                u64::MAX
+            } else {
+                record.max_ttl_ms.max(record.ttl_ms)
+            };
+            if life_ms > threshold_ms {
+                out.push(LongLived {
+                    accessor: record.accessor,
+                    identity: record.identity,
+                    ttl_seconds: if life_ms == u64::MAX {
+                        u64::MAX
+                    } else {
+                        life_ms / 1000
+                    },
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Revokes the tokens whose expiry is at or before `now_ms`, at most
+    /// `SWEEP_BATCH` of them; returns the next expiry still ahead, if any,
+    /// and whether more may be due.
+    pub fn sweep(&self, now_ms: u64) -> Result<SweepOutcome, TokenError> {
+        let head = self
+            .barrier()
+            .scan_range(EXPIRY_PREFIX, EXPIRY_END, SWEEP_BATCH)?;
+        let mut revoked = 0u32;
+        for (key, _) in &head {
+            let rest = key.strip_prefix(EXPIRY_PREFIX).unwrap_or_default();
+            let (time, accessor) = rest.split_once('/').unwrap_or((rest, ""));
+            let at = u64::from_str_radix(time, 16).unwrap_or(0);
+            if at > now_ms {
+                return Ok(SweepOutcome {
+                    revoked,
+                    next_ms: Some(at),
+                    more_due: false,
+                });
+            }
+            let _guard = self.inner.writes.lock().unwrap_or_else(|e| e.into_inner());
+            // Look again under the lock: a renew may have moved the expiry.
+            if self.record(accessor)?.is_some_and(|r| r.is_expired(now_ms)) {
+                revoked = revoked.saturating_add(self.revoke_locked(accessor)?);
+            }
+            // Gone already, or a stale or bad entry: drop it.
+            self.barrier().delete(key)?;
+        }
+        Ok(SweepOutcome {
+            revoked,
+            next_ms: None,
+            more_due: head.len() == SWEEP_BATCH,
+        })
+    }
+
+    /// The background sweeper: sleeps until the next expiry in the index (or
+    /// a new, earlier one, or an unseal), revokes what is due, until `stop`.
+    pub async fn run_sweeper(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let store = self.clone();
+            let now = crate::core::now_ms();
+            let outcome = tokio::task::spawn_blocking(move || store.sweep(now)).await;
+            let wait = match outcome {
+                Ok(Ok(o)) if o.more_due => Some(Duration::ZERO),
+                Ok(Ok(SweepOutcome {
+                    next_ms: Some(next),
+                    ..
+                })) => Some(Duration::from_millis(next.saturating_sub(now)).min(MAX_SLEEP)),
+                Ok(Ok(_)) => None,
+                Ok(Err(TokenError::Barrier(BarrierError::Sealed)))
+                | Ok(Err(TokenError::Barrier(BarrierError::NotInitialized))) => None,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "token expiry sweep failed; retrying");
+                    Some(Duration::from_secs(5))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "token expiry sweep panicked; retrying");
+                    Some(Duration::from_secs(5))
+                }
+            };
+            let sleep = async {
+                match wait {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = sleep => {}
+                _ = self.inner.wake.notified() => {}
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+            }
+        }
+    }
+}
+
+/// What one sweep step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SweepOutcome {
+    pub revoked: u32,
+    /// The first expiry still in the future.
+    pub next_ms: Option<u64>,
+    /// The batch was full: sweep again at once.
+    pub more_due: bool,
+}
+
+#[cfg(test)]
+mod tests;

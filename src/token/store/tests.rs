@@ -1,0 +1,328 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::barrier::BarrierOptions;
+use crate::storage::SledBackend;
+
+struct Names(Vec<&'static str>);
+
+impl PolicyNames for Names {
+    fn policy_exists(&self, name: &str) -> Result<bool, TokenError> {
+        Ok(self.0.contains(&name))
+    }
+}
+
+const T0: u64 = 1_000_000;
+
+fn store() -> (tempfile::TempDir, TokenStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = SledBackend::open(dir.path()).unwrap();
+    let barrier = Barrier::new(Arc::new(backend), BarrierOptions::default()).unwrap();
+    let shares = barrier.init(1, 1).unwrap();
+    barrier.unseal(&shares[0].0).unwrap();
+    let store = TokenStore::new(Arc::new(barrier), Arc::new(Names(vec!["a", "b", "c"])));
+    store.on_unseal(T0).unwrap();
+    (dir, store)
+}
+
+fn req(identity: &str, policies: &[&str], ttl_s: u64) -> TokenRequest {
+    TokenRequest {
+        identity: identity.into(),
+        policies: policies.iter().map(|p| p.to_string()).collect(),
+        ttl: Duration::from_secs(ttl_s),
+        max_ttl: Duration::ZERO,
+        hard_expiry_ms: None,
+        uses: 0,
+        cidrs: vec![],
+        parent_accessor: None,
+        method: "token",
+    }
+}
+
+fn root(store: &TokenStore) -> IssuedToken {
+    let mut r = req("root", &["root"], 0);
+    r.method = "root";
+    store.issue(r, T0).unwrap()
+}
+
+fn local() -> Option<IpAddr> {
+    Some("127.0.0.1".parse().unwrap())
+}
+
+#[test]
+fn issue_then_use_until_expiry() {
+    let (_d, s) = store();
+    let t = s.issue(req("svc", &["a"], 10), T0).unwrap();
+    assert_eq!(t.expires_at_ms, T0 + 10_000);
+    assert_eq!(t.identity, "svc");
+    let used = s.use_token(t.token.expose(), local(), T0 + 9_999).unwrap();
+    assert_eq!(used.record.accessor, t.accessor);
+    assert!(!used.counted);
+    assert!(matches!(
+        s.use_token(t.token.expose(), local(), T0 + 10_000),
+        Err(TokenError::Invalid)
+    ));
+    // Expired use revoked it: gone even for an earlier clock.
+    assert!(s.lookup_accessor(&t.accessor, T0).unwrap().is_none());
+}
+
+#[test]
+fn unknown_and_malformed_tokens_are_invalid() {
+    let (_d, s) = store();
+    assert!(matches!(
+        s.use_token("kwt_nope", local(), T0),
+        Err(TokenError::Invalid)
+    ));
+    let other = TokenSecret::generate().unwrap();
+    assert!(matches!(
+        s.use_token(other.expose(), local(), T0),
+        Err(TokenError::Invalid)
+    ));
+}
+
+#[test]
+fn root_never_expires() {
+    let (_d, s) = store();
+    let r = root(&s);
+    assert_eq!(r.expires_at_ms, 0);
+    s.use_token(r.token.expose(), None, u64::MAX - 1).unwrap();
+    let info = s.renew(&r.accessor, None, T0).unwrap();
+    assert_eq!(info.expires_at_ms, 0);
+}
+
+#[test]
+fn zero_ttl_refused_for_non_root() {
+    let (_d, s) = store();
+    assert!(matches!(
+        s.issue(req("svc", &["a"], 0), T0),
+        Err(TokenError::InvalidRequest(_))
+    ));
+}
+
+#[test]
+fn unknown_policy_refused() {
+    let (_d, s) = store();
+    assert!(matches!(
+        s.issue(req("svc", &["nope"], 10), T0),
+        Err(TokenError::UnknownPolicy(p)) if p == "nope"
+    ));
+}
+
+#[test]
+fn renew_is_capped_by_max_ttl() {
+    let (_d, s) = store();
+    let mut r = req("svc", &["a"], 10);
+    r.max_ttl = Duration::from_secs(25);
+    let t = s.issue(r, T0).unwrap();
+    let info = s.renew(&t.accessor, None, T0 + 5_000).unwrap();
+    assert_eq!(info.expires_at_ms, T0 + 15_000);
+    let info = s
+        .renew(&t.accessor, Some(Duration::from_secs(100)), T0 + 6_000)
+        .unwrap();
+    assert_eq!(info.expires_at_ms, T0 + 25_000);
+    // The sweeper sees only the new expiry.
+    let out = s.sweep(T0 + 20_000).unwrap();
+    assert_eq!(out.revoked, 0);
+    assert_eq!(out.next_ms, Some(T0 + 25_000));
+    assert_eq!(s.sweep(T0 + 25_000).unwrap().revoked, 1);
+}
+
+#[test]
+fn ttl_is_clamped_to_max_ttl_and_hard_expiry() {
+    let (_d, s) = store();
+    let mut r = req("svc", &["a"], 100);
+    r.max_ttl = Duration::from_secs(50);
+    assert_eq!(s.issue(r, T0).unwrap().expires_at_ms, T0 + 50_000);
+    let mut r = req("svc", &["a"], 100);
+    r.hard_expiry_ms = Some(T0 + 7_000);
+    assert_eq!(s.issue(r, T0).unwrap().expires_at_ms, T0 + 7_000);
+    let mut r = req("svc", &["a"], 100);
+    r.hard_expiry_ms = Some(T0);
+    assert!(s.issue(r, T0).is_err());
+}
+
+#[test]
+fn uses_are_counted_and_the_last_revokes() {
+    let (_d, s) = store();
+    let mut r = req("svc", &["a"], 100);
+    r.uses = 2;
+    let t = s.issue(r, T0).unwrap();
+    let first = s.use_token(t.token.expose(), local(), T0).unwrap();
+    assert!(first.counted);
+    assert_eq!(first.record.uses_remaining, 1);
+    let second = s.use_token(t.token.expose(), local(), T0).unwrap();
+    assert!(second.counted);
+    assert!(matches!(
+        s.use_token(t.token.expose(), local(), T0),
+        Err(TokenError::Invalid)
+    ));
+}
+
+#[test]
+fn cidr_binding() {
+    let (_d, s) = store();
+    let mut r = req("svc", &["a"], 100);
+    r.cidrs = vec!["127.0.0.1/32".parse().unwrap()];
+    let t = s.issue(r, T0).unwrap();
+    s.use_token(t.token.expose(), local(), T0).unwrap();
+    assert!(matches!(
+        s.use_token(t.token.expose(), Some("10.1.2.3".parse().unwrap()), T0),
+        Err(TokenError::SourceNotAllowed)
+    ));
+    assert!(matches!(
+        s.use_token(t.token.expose(), None, T0),
+        Err(TokenError::SourceNotAllowed)
+    ));
+}
+
+#[test]
+fn child_policies_must_be_a_subset() {
+    let (_d, s) = store();
+    let parent = s.issue(req("svc", &["a", "b"], 100), T0).unwrap();
+    let mut child = req("svc", &["a"], 10);
+    child.parent_accessor = Some(parent.accessor.clone());
+    s.issue(child.clone(), T0).unwrap();
+    child.policies = vec!["c".into()];
+    assert!(matches!(s.issue(child.clone(), T0), Err(TokenError::NotSubset(p)) if p == "c"));
+    child.policies = vec!["root".into()];
+    assert!(matches!(s.issue(child, T0), Err(TokenError::NotSubset(_))));
+    // Root may issue anything.
+    let r = root(&s);
+    let mut child = req("svc", &["c", "root"], 10);
+    child.parent_accessor = Some(r.accessor);
+    s.issue(child, T0).unwrap();
+}
+
+#[test]
+fn child_never_outlives_parent_max_life() {
+    let (_d, s) = store();
+    let parent = s.issue(req("svc", &["a"], 10), T0).unwrap();
+    let mut child = req("svc", &["a"], 100);
+    child.max_ttl = Duration::from_secs(1000);
+    child.parent_accessor = Some(parent.accessor);
+    assert_eq!(s.issue(child, T0).unwrap().expires_at_ms, T0 + 10_000);
+}
+
+#[test]
+fn revoke_cascades_to_children() {
+    let (_d, s) = store();
+    let a = s.issue(req("svc", &["a"], 100), T0).unwrap();
+    let mut r = req("svc", &["a"], 100);
+    r.parent_accessor = Some(a.accessor.clone());
+    let b = s.issue(r.clone(), T0).unwrap();
+    r.parent_accessor = Some(b.accessor.clone());
+    let c = s.issue(r, T0).unwrap();
+    let other = s.issue(req("svc", &["a"], 100), T0).unwrap();
+    assert_eq!(s.revoke(&a.accessor).unwrap(), 3);
+    for t in [&a, &b, &c] {
+        assert!(s.use_token(t.token.expose(), local(), T0).is_err());
+    }
+    s.use_token(other.token.expose(), local(), T0).unwrap();
+    assert_eq!(s.revoke(&a.accessor).unwrap(), 0);
+}
+
+#[test]
+fn revoke_identity_takes_every_token_of_it() {
+    let (_d, s) = store();
+    let a = s.issue(req("svc", &["a"], 100), T0).unwrap();
+    let b = s.issue(req("svc", &["b"], 100), T0).unwrap();
+    let mut child = req("bot", &["b"], 100);
+    child.parent_accessor = Some(b.accessor.clone());
+    let c = s.issue(child, T0).unwrap();
+    let keep = s.issue(req("svc2", &["a"], 100), T0).unwrap();
+    assert_eq!(s.revoke_identity("svc", T0).unwrap(), 3);
+    for t in [&a, &b, &c] {
+        assert!(s.use_token(t.token.expose(), local(), T0).is_err());
+    }
+    s.use_token(keep.token.expose(), local(), T0).unwrap();
+    assert_eq!(s.revoke_identity("nobody", T0).unwrap(), 0);
+}
+
+#[test]
+fn sweep_revokes_in_expiry_order() {
+    let (_d, s) = store();
+    let late = s.issue(req("svc", &["a"], 30), T0).unwrap();
+    let early = s.issue(req("svc", &["a"], 10), T0).unwrap();
+    let out = s.sweep(T0 + 5_000).unwrap();
+    assert_eq!((out.revoked, out.next_ms), (0, Some(T0 + 10_000)));
+    let out = s.sweep(T0 + 10_000).unwrap();
+    assert_eq!((out.revoked, out.next_ms), (1, Some(T0 + 30_000)));
+    assert!(s.lookup_accessor(&early.accessor, T0).unwrap().is_none());
+    assert!(s.lookup_accessor(&late.accessor, T0).unwrap().is_some());
+    let out = s.sweep(T0 + 40_000).unwrap();
+    assert_eq!((out.revoked, out.next_ms), (1, None));
+}
+
+#[test]
+fn long_lived_lists_tokens_over_the_threshold() {
+    let (_d, s) = store();
+    let r = root(&s);
+    let mut long = req("svc", &["a"], 3600);
+    long.max_ttl = Duration::from_secs(86_400 * 30);
+    let long = s.issue(long, T0).unwrap();
+    s.issue(req("svc", &["a"], 60), T0).unwrap();
+    let mut found = s.long_lived(Duration::from_secs(86_400), T0).unwrap();
+    found.sort_by_key(|l| l.ttl_seconds);
+    assert_eq!(
+        found,
+        vec![
+            LongLived {
+                accessor: long.accessor,
+                identity: "svc".into(),
+                ttl_seconds: 86_400 * 30
+            },
+            LongLived {
+                accessor: r.accessor,
+                identity: "root".into(),
+                ttl_seconds: u64::MAX
+            },
+        ]
+    );
+}
+
+#[test]
+fn lookup_by_token_and_accessor() {
+    let (_d, s) = store();
+    let t = s.issue(req("svc", &["a", "a", "b"], 100), T0).unwrap();
+    assert_eq!(t.policies, vec!["a", "b"]);
+    let by_token = s.lookup_token(t.token.expose(), T0).unwrap().unwrap();
+    let by_acc = s.lookup_accessor(&t.accessor, T0).unwrap().unwrap();
+    assert_eq!(by_token, by_acc);
+    assert_eq!(by_acc.identity, "svc");
+    assert_eq!(by_acc.method, "token");
+}
+
+#[test]
+fn legacy_root_token_is_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = SledBackend::open(dir.path()).unwrap();
+    let barrier = Arc::new(Barrier::new(Arc::new(backend), BarrierOptions::default()).unwrap());
+    let shares = barrier.init(1, 1).unwrap();
+    barrier.unseal(&shares[0].0).unwrap();
+    // As the foundation wrote it.
+    let token = TokenSecret::generate().unwrap();
+    let key = barrier.derive_key(HASH_PURPOSE).unwrap();
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_slice());
+    let hash = hex::encode(ring::hmac::sign(&key, token.expose().as_bytes()).as_ref());
+    let old = TokenRecord {
+        accessor: new_accessor().unwrap(),
+        identity: "root".into(),
+        policies: vec!["root".into()],
+        created_at_ms: 5,
+        ..Default::default()
+    };
+    barrier
+        .put(&format!("{LEGACY_PREFIX}{hash}"), &old.encode_to_vec())
+        .unwrap();
+    let s = TokenStore::new(barrier.clone(), Arc::new(Names(vec![])));
+    s.on_unseal(T0).unwrap();
+    let used = s.use_token(token.expose(), None, T0).unwrap();
+    assert_eq!(used.record.policies, vec!["root"]);
+    assert_eq!(used.record.method, "root");
+    assert!(barrier.scan_keys(LEGACY_PREFIX).unwrap().is_empty());
+    assert_eq!(s.revoke_identity("root", T0).unwrap(), 1);
+}
