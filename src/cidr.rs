@@ -51,6 +51,11 @@ impl Cidr {
         }
     }
 
+    /// Whether this whole network lies inside `outer`.
+    pub fn within(&self, outer: &Cidr) -> bool {
+        self.prefix >= outer.prefix && outer.contains(self.network)
+    }
+
     /// Whether any of `blocks` holds `addr`; an empty list holds everything.
     pub fn any_contains(blocks: &[Cidr], addr: Option<IpAddr>) -> bool {
         if blocks.is_empty() {

@@ -23,6 +23,7 @@ pub mod core;
 pub mod dev;
 pub mod governance;
 pub mod identity;
+pub mod duration;
 pub mod metrics;
 pub mod oidc;
 pub mod pki;

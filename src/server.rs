@@ -16,6 +16,7 @@ use tonic::transport::{Certificate, Identity, Server as TonicServer, ServerTlsCo
 use crate::api::auth::AuthService;
 use crate::api::governance::GovernanceService;
 use crate::api::identities::IdentitiesService;
+use crate::api::policies::PoliciesService;
 use crate::api::secrets::SecretsService;
 use crate::api::sys::{publish_health, SysService};
 use crate::audit::AuditLog;
@@ -26,6 +27,7 @@ use crate::metrics::Metrics;
 use crate::proto::v1::auth_server::AuthServer;
 use crate::proto::v1::governance_server::GovernanceServer;
 use crate::proto::v1::identities_server::IdentitiesServer;
+use crate::proto::v1::policies_server::PoliciesServer;
 use crate::proto::v1::secrets_server::SecretsServer;
 use crate::proto::v1::sys_server::SysServer;
 use crate::storage::SledBackend;
@@ -175,9 +177,9 @@ impl Server {
             });
         }
         // Token expiry: one sleeper over the time-ordered index.
-        tokio::spawn(self.core.tokens.clone().run_sweeper(stop_rx.clone()));
+        let sweeper = tokio::spawn(self.core.tokens.clone().run_sweeper(stop_rx.clone()));
         // Usage: kept in memory on the request path, written periodically.
-        {
+        let usage_writer = {
             let core = self.core.clone();
             let mut rx = stop_rx.clone();
             tokio::spawn(async move {
@@ -190,8 +192,8 @@ impl Server {
                     }
                     core.persist_usage().await;
                 }
-            });
-        }
+            })
+        };
 
         let router = builder
             .add_service(health_service)
@@ -201,8 +203,9 @@ impl Server {
                 health.clone(),
             )))
             .add_service(SecretsServer::new(SecretsService::new(self.core.clone())))
-            // -- identities, tokens, policies, login, governance (issue 3) go here --
             .add_service(AuthServer::new(AuthService::new(self.core.clone())))
+            .add_service(PoliciesServer::new(PoliciesService::new(self.core.clone())))
+            // -- identities, tokens, policies, login, governance (issue 3) go here --
             .add_service(IdentitiesServer::new(IdentitiesService::new(self.core.clone())))
             .add_service(GovernanceServer::new(GovernanceService::new(self.core.clone())))
             // -- rotation (issue 4) goes here --
@@ -215,14 +218,21 @@ impl Server {
         tokio::pin!(serving);
         let mut rx = stop_rx;
         tokio::select! {
-            result = &mut serving => return result.map_err(|e| ServerError::Transport(e.to_string())),
-            _ = rx.wait_for(|s| *s) => {}
+            result = &mut serving => {
+                sweeper.abort();
+                usage_writer.abort();
+                return result.map_err(|e| ServerError::Transport(e.to_string()));
+            }
+            _ = async { let _ = rx.wait_for(|s| *s).await; } => {}
         }
         tracing::info!("shutting down: draining in-flight calls");
         match tokio::time::timeout(DRAIN_DEADLINE, serving).await {
             Ok(result) => result.map_err(|e| ServerError::Transport(e.to_string()))?,
             Err(_) => tracing::warn!("drain deadline passed; closing remaining calls"),
         }
+        // The background tasks hold the store: wait for them to let go.
+        let _ = sweeper.await;
+        let _ = usage_writer.await;
         self.core.persist_usage().await;
         if let Err(e) = self.core.audit.sync() {
             tracing::error!(error = %e, "could not flush the audit log at shutdown");

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod governance;
 pub mod login;
 pub mod identities;
+pub mod policies;
 pub mod secrets;
 pub mod sys;
 
@@ -88,7 +89,9 @@ impl From<TokenError> for Failure {
             }
             TokenError::NotFound => Self::new(Code::NotFound, e.to_string()),
             TokenError::ParentInvalid => Self::new(Code::Unauthenticated, e.to_string()),
-            TokenError::NotSubset(_) => Self::new(Code::PermissionDenied, e.to_string()),
+            TokenError::NotSubset(_) | TokenError::CidrNotSubset => {
+                Self::new(Code::PermissionDenied, e.to_string())
+            }
             TokenError::UnknownPolicy(_) | TokenError::InvalidRequest(_) => {
                 Self::new(Code::InvalidArgument, e.to_string())
             }
@@ -317,6 +320,11 @@ impl Call {
             }
         }
         Ok(call)
+    }
+
+    /// The authenticated caller (`Access::Token` calls).
+    pub fn caller(&self) -> Option<&Caller> {
+        self.caller.as_ref()
     }
 
     pub fn request_id(&self) -> &str {

@@ -4,6 +4,7 @@
 //! against `grpc.health.v1.Health/Check` (a no-op) on the same connections
 //! in the same run, so the ratios mean something on a noisy machine.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,9 @@ use serde_json::json;
 use super::output::{emit, Format};
 use super::BenchArgs;
 use keyward::client::{Client, ClientOptions, PutOptions};
+use keyward::config::ServerConfig;
 use keyward::secrecy::{SecretBytes, SecretData};
+use keyward::server::Server;
 
 #[derive(Debug, Default)]
 struct Phase {
@@ -172,9 +175,16 @@ pub async fn run(options: &ClientOptions, args: &BenchArgs, format: Format) -> R
         "login_to_get": (login.rps() / get.rps().max(1e-9) * 1000.0).round() / 1000.0,
         "login_p99_ms": (login.percentile_ms(0.99) * 1000.0).round() / 1000.0,
         "errors": health.errors + get.errors + put.errors + login.errors,
+        // Local: PolicySet::check over a 50-rule policy (build with --release for the real figure).
+        "authz_ns": (keyward::policy::bench_check_ns(1_000_000)? * 10.0).round() / 10.0,
     });
+    print_summary(format, &summary);
+    Ok(())
+}
+
+fn print_summary(format: Format, summary: &serde_json::Value) {
     match format {
-        Format::Json => emit(format, &summary),
+        Format::Json => emit(format, summary),
         Format::Table => {
             let line: Vec<String> = summary
                 .as_object()
@@ -183,5 +193,171 @@ pub async fn run(options: &ClientOptions, args: &BenchArgs, format: Format) -> R
             println!("{}", line.join(" "));
         }
     }
+}
+
+/// Resident set size of this process in KiB, from /proc/self/status.
+fn rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn bench_config(dir: &Path) -> ServerConfig {
+    ServerConfig {
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        storage_path: dir.join("data"),
+        tls: None,
+        audit_path: dir.join("audit.log"),
+        metrics_listen: None,
+        limits: keyward::secrets::DataLimits::default(),
+    }
+}
+
+const SHARE_FILE: &str = "bench-unseal-share";
+
+/// `keyward bench startup`: see `BenchMode::Startup`.
+pub async fn startup(
+    tokens: u64,
+    dir: Option<PathBuf>,
+    write_seconds: u64,
+    open_only: bool,
+    format: Format,
+) -> Result<()> {
+    if open_only {
+        let dir = dir.ok_or_else(|| anyhow::anyhow!("--open-only needs --dir"))?;
+        return open_and_report(&dir, format).await;
+    }
+    let temporary = dir.is_none();
+    let dir = match dir {
+        Some(d) => d,
+        None => tempfile_dir()?,
+    };
+    if dir.join("data").exists() {
+        anyhow::bail!("{} already holds a store: give a new --dir", dir.display());
+    }
+    std::fs::create_dir_all(&dir)?;
+    // Write the tokens straight into a fresh store.
+    let written = {
+        let server = Server::open(bench_config(&dir))?;
+        let core = server.core().clone();
+        let init = core.init(1, 1).await?;
+        let share = init
+            .shares
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("init gave no share"))?;
+        write_private(&dir.join(SHARE_FILE), share.0.as_bytes())?;
+        core.unseal(&share.0).await?;
+        let policy = keyward::policy::Policy::parse(
+            "bench",
+            "[[rule]]\npath = \"secret/bench/**\"\ncapabilities = [\"read\"]\n",
+        )?;
+        core.policies.put(&policy)?;
+        let limit = Duration::from_secs(write_seconds.max(1));
+        let store = core.tokens.clone();
+        let started = Instant::now();
+        let written = tokio::task::spawn_blocking(move || -> Result<u64> {
+            let now = keyward::core::now_ms();
+            let mut n = 0u64;
+            while n < tokens && started.elapsed() < limit {
+                store.issue(
+                    keyward::token::TokenRequest {
+                        identity: format!("bench-{}", n % 1000),
+                        policies: vec!["bench".into()],
+                        ttl: Duration::from_secs(30 * 86_400),
+                        max_ttl: Duration::from_secs(30 * 86_400),
+                        hard_expiry_ms: None,
+                        uses: 0,
+                        cidrs: Vec::new(),
+                        parent_accessor: None,
+                        method: "token",
+                    },
+                    now,
+                )?;
+                n += 1;
+                if n % 100_000 == 0 {
+                    eprintln!(
+                        "bench: {n} tokens written in {:.0}s",
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+            }
+            Ok(n)
+        })
+        .await??;
+        core.barrier.durable().await?;
+        let write_s = started.elapsed().as_secs_f64();
+        eprintln!("bench: {written} tokens written in {write_s:.1}s");
+        core.seal().await;
+        written
+    };
+    // Time the start-up in a fresh process, so nothing written above is cached.
+    let exe = std::env::current_exe()?;
+    let out = std::process::Command::new(exe)
+        .args([
+            "bench",
+            "startup",
+            "--open-only",
+            "--format",
+            "json",
+            "--dir",
+        ])
+        .arg(&dir)
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        anyhow::bail!("the start-up measurement failed");
+    }
+    let mut report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    if let Some(map) = report.as_object_mut() {
+        map.insert("tokens".into(), json!(written));
+        map.insert("tokens_requested".into(), json!(tokens));
+    }
+    print_summary(format, &report);
+    if temporary {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "keyward-bench-startup-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    Ok(dir)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    options.open(path)?.write_all(bytes)?;
+    Ok(())
+}
+
+async fn open_and_report(dir: &Path, format: Format) -> Result<()> {
+    let share = zeroize::Zeroizing::new(std::fs::read_to_string(dir.join(SHARE_FILE))?);
+    let rss_before = rss_kib().unwrap_or(0);
+    let started = Instant::now();
+    let server = Server::open(bench_config(dir))?;
+    let opened = started.elapsed();
+    let status = server.core().unseal(share.trim()).await?;
+    let ready = started.elapsed();
+    if status.sealed {
+        anyhow::bail!("the store did not unseal");
+    }
+    let rss_after = rss_kib().unwrap_or(0);
+    let report = json!({
+        "startup_ms": (ready.as_secs_f64() * 1000.0 * 10.0).round() / 10.0,
+        "open_ms": (opened.as_secs_f64() * 1000.0 * 10.0).round() / 10.0,
+        "rss_before_kib": rss_before,
+        "rss_after_kib": rss_after,
+        "rss_growth_mib": ((rss_after.saturating_sub(rss_before)) as f64 / 1024.0 * 10.0).round() / 10.0,
+    });
+    print_summary(format, &report);
     Ok(())
 }

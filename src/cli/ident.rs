@@ -160,22 +160,11 @@ pub struct ReportArgs {
     pub long_ttl: Option<String>,
 }
 
-/// Parses `90s`, `15m`, `1h`, `30d` (and a bare number of seconds) to seconds.
+/// Parses `90s`, `15m`, `1h`, `30d` (`keyward::duration`) to seconds.
 pub fn parse_duration(text: &str) -> Result<u64> {
-    let bad = || UsageError(format!("'{text}' is not a duration such as 90s, 15m, 1h or 30d"));
-    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => text.split_at(i),
-        None => (text, "s"),
-    };
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    let factor = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(bad().into()),
-    };
-    Ok(n.checked_mul(factor).ok_or_else(bad)?)
+    text.parse::<keyward::duration::TtlText>()
+        .map(|d| d.as_secs())
+        .map_err(|e| UsageError(e.to_string()).into())
 }
 
 fn seconds(text: &Option<String>) -> Result<u64> {

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use keyward::duration::TtlText;
 
 pub use output::Format;
 
@@ -80,6 +81,12 @@ pub enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Named policies of rules over resource paths.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Tokens: issue a child, look up, renew, revoke.
+    #[command(subcommand)]
+    Token(TokenCommand),
     // -- identities, tokens, policies, login, report (issue 3) go here --
     /// The inventory of non-human identities, secret-ids and login bindings.
     #[command(subcommand)]
@@ -178,6 +185,61 @@ pub enum SecretCommand {
 }
 
 #[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Store (or replace) a policy from a TOML file (`-`: stdin).
+    Put { name: String, file: PathBuf },
+    /// Print a policy's TOML.
+    Get { name: String },
+    /// Every policy name.
+    List,
+    /// Delete a policy (tokens holding it lose its grants at once).
+    Delete { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Issue a child of the current token; its policies must be a subset.
+    Issue {
+        /// A policy of the new token (repeat for several).
+        #[arg(long = "policy", value_name = "P")]
+        policies: Vec<String>,
+        /// Life of the token, e.g. 90s, 15m, 1h, 30d (default 1h).
+        #[arg(long, value_name = "D")]
+        ttl: Option<TtlText>,
+        /// Cap on its life including renewals (default 24h, or the TTL if longer).
+        #[arg(long, value_name = "D")]
+        max_ttl: Option<TtlText>,
+        /// Number of uses (default unlimited).
+        #[arg(long, value_name = "N")]
+        uses: Option<u32>,
+        /// Source addresses allowed to use it (repeat for several).
+        #[arg(long = "cidr", value_name = "CIDR")]
+        cidrs: Vec<keyward::cidr::Cidr>,
+    },
+    /// Show a token: the current one, one by its text, or one by accessor.
+    Lookup {
+        /// A token's text (the global `--token` is the caller's own).
+        #[arg(id = "token_text", value_name = "TOKEN", conflicts_with = "accessor")]
+        token: Option<String>,
+        #[arg(long, value_name = "A")]
+        accessor: Option<String>,
+    },
+    /// Extend the current token's life (never past its max TTL).
+    Renew {
+        #[arg(long, value_name = "D")]
+        increment: Option<TtlText>,
+    },
+    /// Revoke a token and its descendants: the current one, one by its text, or by accessor.
+    Revoke {
+        /// A token's text (the global `--token` is the caller's own).
+        #[arg(id = "token_text", value_name = "TOKEN", conflicts_with = "accessor")]
+        token: Option<String>,
+        #[arg(long, value_name = "A")]
+        accessor: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
 pub enum AuditCommand {
     /// Check the hash chain of an audit file.
     Verify { file: PathBuf },
@@ -187,6 +249,8 @@ pub enum AuditCommand {
 
 #[derive(Args, Clone)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    pub mode: Option<BenchMode>,
     /// Requests in flight at once.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
@@ -196,6 +260,27 @@ pub struct BenchArgs {
     /// TLS connections shared by the workers.
     #[arg(long, default_value_t = 4)]
     pub connections: usize,
+}
+
+#[derive(Subcommand, Clone)]
+pub enum BenchMode {
+    /// Start-up to ready with N live tokens in the store: writes them into a
+    /// fresh store in DIR, then times Server::open + unseal in a new process
+    /// and reports startup_ms and the RSS growth.
+    Startup {
+        /// Live tokens to write (writing stops after --write-seconds).
+        #[arg(long, default_value_t = 1_000_000)]
+        tokens: u64,
+        /// Folder of the store (default: a new temporary folder).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Longest time spent writing tokens.
+        #[arg(long, default_value_t = 180)]
+        write_seconds: u64,
+        /// Internal: only open and unseal the store in DIR, then report.
+        #[arg(long, hide = true)]
+        open_only: bool,
+    },
 }
 
 /// A refusal that is the user's fault: exit 2.

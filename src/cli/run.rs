@@ -8,8 +8,11 @@ use base64::Engine;
 use serde_json::{json, Value};
 
 use super::output::{emit, Format};
-use super::{AuditCommand, Cli, Command, Global, OperatorCommand, SecretCommand, UsageError};
-use keyward::client::{Client, ClientOptions, PutOptions};
+use super::{
+    AuditCommand, Cli, Command, Global, OperatorCommand, PolicyCommand, SecretCommand,
+    TokenCommand, UsageError,
+};
+use keyward::client::{Client, ClientOptions, IssueOptions, PutOptions};
 use keyward::secrecy::{SecretBytes, SecretData};
 
 fn options(g: &Global) -> ClientOptions {
@@ -276,6 +279,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             let hash = connect(&g).await?.audit_hash(&value).await?;
             emit(format, &json!({"hash": hash}));
         }
+        Command::Policy(cmd) => policy(&g, format, cmd).await?,
+        Command::Token(cmd) => token(&g, format, cmd).await?,
         // -- identities, tokens, policies, login, report (issue 3) go here --
         Command::Identity(cmd) => super::ident::identity(&g, format, cmd).await?,
         Command::OidcIssuer(cmd) => super::ident::oidc_issuer(&g, format, cmd).await?,
@@ -283,7 +288,15 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Report(args) => super::ident::report(&g, format, args).await?,
 
         // -- rotation, providers (issue 4) go here --
-        Command::Bench(args) => super::bench::run(&options(&g), &args, format).await?,
+        Command::Bench(args) => match args.mode.clone() {
+            Some(super::BenchMode::Startup {
+                tokens,
+                dir,
+                write_seconds,
+                open_only,
+            }) => super::bench::startup(tokens, dir, write_seconds, open_only, format).await?,
+            None => super::bench::run(&options(&g), &args, format).await?,
+        },
         Command::Certs { out } => {
             let paths = keyward::pki::ensure_dev_certs(&out)?;
             emit(
@@ -379,6 +392,106 @@ async fn secret(g: &Global, format: Format, cmd: SecretCommand) -> Result<()> {
         SecretCommand::Destroy { path, version } => {
             connect(g).await?.destroy(&path, version).await?;
             emit(format, &json!({"path": path, "destroyed": version}));
+        }
+    }
+    Ok(())
+}
+
+async fn policy(g: &Global, format: Format, cmd: PolicyCommand) -> Result<()> {
+    match cmd {
+        PolicyCommand::Put { name, file } => {
+            let document = if file.as_os_str() == "-" {
+                let mut text = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut text)
+                    .context("reading the policy from stdin")?;
+                text
+            } else {
+                std::fs::read_to_string(&file)
+                    .map_err(|e| UsageError(format!("cannot read {}: {e}", file.display())))?
+            };
+            let rules = connect(g).await?.policy_put(&name, &document).await?;
+            emit(format, &json!({"name": name, "rules": rules}));
+        }
+        PolicyCommand::Get { name } => {
+            let document = connect(g).await?.policy_get(&name).await?;
+            match format {
+                Format::Json => emit(format, &json!({"name": name, "document": document})),
+                Format::Table => print!("{document}"),
+            }
+        }
+        PolicyCommand::List => {
+            let names = connect(g).await?.policy_list().await?;
+            emit(format, &json!({"policies": names}));
+        }
+        PolicyCommand::Delete { name } => {
+            connect(g).await?.policy_delete(&name).await?;
+            emit(format, &json!({"name": name, "deleted": true}));
+        }
+    }
+    Ok(())
+}
+
+fn token_info_json(i: &keyward::proto::v1::TokenInfo) -> Value {
+    json!({
+        "accessor": i.accessor, "identity": i.identity, "policies": i.policies,
+        "created_at": rfc3339(&i.created_at), "expires_at": rfc3339(&i.expires_at),
+        "max_expires_at": rfc3339(&i.max_expires_at),
+        "uses_left": if i.uses_left == 0 { Value::Null } else { json!(i.uses_left) },
+        "cidrs": i.cidrs,
+        "parent_accessor": if i.parent_accessor.is_empty() { Value::Null } else { json!(i.parent_accessor) },
+        "method": i.method,
+    })
+}
+
+async fn token(g: &Global, format: Format, cmd: TokenCommand) -> Result<()> {
+    match cmd {
+        TokenCommand::Issue {
+            policies,
+            ttl,
+            max_ttl,
+            uses,
+            cidrs,
+        } => {
+            let r = connect(g)
+                .await?
+                .issue_token(IssueOptions {
+                    policies,
+                    ttl: ttl.map(|t| t.as_duration()),
+                    max_ttl: max_ttl.map(|t| t.as_duration()),
+                    uses: uses.unwrap_or(0),
+                    cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
+                })
+                .await?;
+            emit(
+                format,
+                &json!({"token": r.token, "accessor": r.accessor, "expires_at": rfc3339(&r.expires_at), "policies": r.policies}),
+            );
+        }
+        TokenCommand::Lookup { token, accessor } => {
+            let client = connect(g).await?;
+            let info = match (token, accessor) {
+                (Some(t), _) => client.lookup_token(&t).await?,
+                (None, Some(a)) => client.lookup_accessor(&a).await?,
+                (None, None) => client.lookup_self().await?,
+            };
+            emit(format, &token_info_json(&info));
+        }
+        TokenCommand::Renew { increment } => {
+            let info = connect(g)
+                .await?
+                .renew_self(increment.map(|t| t.as_duration()))
+                .await?;
+            emit(format, &token_info_json(&info));
+        }
+        TokenCommand::Revoke { token, accessor } => {
+            let client = connect(g).await?;
+            let revoked = match (token, accessor) {
+                (Some(t), _) => client.revoke_token(&t).await?,
+                (None, Some(a)) => client.revoke_accessor(&a).await?,
+                (None, None) => client.revoke_self().await?,
+            };
+            emit(format, &json!({"revoked": revoked}));
         }
     }
     Ok(())

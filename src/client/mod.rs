@@ -25,6 +25,10 @@ use tonic::{Code, Request};
 // each as its own `impl Client` block.
 mod identities;
 mod login;
+mod auth;
+mod policies;
+
+pub use auth::IssueOptions;
 
 use crate::proto::v1::secrets_client::SecretsClient;
 use crate::proto::v1::sys_client::SysClient;

@@ -60,6 +60,8 @@ pub enum TokenError {
     ParentInvalid,
     #[error("policy '{0}' is not held by the parent token")]
     NotSubset(String),
+    #[error("the child's CIDR blocks must lie inside the parent token's")]
+    CidrNotSubset,
     #[error("policy '{0}' does not exist")]
     UnknownPolicy(String),
     #[error("invalid token request: {0}")]
@@ -72,7 +74,7 @@ pub enum TokenError {
     Barrier(#[from] BarrierError),
 }
 
-/// What a new token should be. See the contract in `notes`.
+/// What a new token should be (the contract with the identity work).
 #[derive(Debug, Clone)]
 pub struct TokenRequest {
     /// Inventory name of the owner; "root" for the root token.
@@ -388,14 +390,32 @@ impl TokenStore {
         }
         let _guard = self.inner.writes.lock().unwrap_or_else(|e| e.into_inner());
         let mut cap_ms = req.hard_expiry_ms.unwrap_or(0);
+        let mut cidrs = req.cidrs.clone();
         if let Some(parent) = &req.parent_accessor {
             let parent = self
                 .record(parent)?
                 .filter(|p| !p.is_expired(now_ms))
                 .ok_or(TokenError::ParentInvalid)?;
+            if parent.uses_total != 0 {
+                return Err(TokenError::InvalidRequest(
+                    "a token with a use limit cannot issue child tokens",
+                ));
+            }
             if !parent.policies.iter().any(|p| p == ROOT_POLICY) {
                 if let Some(extra) = policies.iter().find(|p| !parent.policies.contains(p)) {
                     return Err(TokenError::NotSubset(extra.clone()));
+                }
+            }
+            // A child is bound at least as tightly as its parent.
+            let parent_cidrs = parent.cidr_blocks()?;
+            if !parent_cidrs.is_empty() {
+                if cidrs.is_empty() {
+                    cidrs = parent_cidrs;
+                } else if !cidrs
+                    .iter()
+                    .all(|c| parent_cidrs.iter().any(|outer| c.within(outer)))
+                {
+                    return Err(TokenError::CidrNotSubset);
                 }
             }
             cap_ms = min_time(cap_ms, parent.max_expiry_ms);
@@ -432,7 +452,7 @@ impl TokenStore {
             max_expiry_ms,
             uses_remaining: req.uses,
             uses_total: req.uses,
-            cidrs: req.cidrs.iter().map(|c| c.to_string()).collect(),
+            cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
             parent_accessor: req.parent_accessor.clone().unwrap_or_default(),
             method: req.method.to_owned(),
             hash: hash.clone(),
@@ -579,6 +599,25 @@ impl TokenStore {
         ])?;
         self.inner.wake.notify_one();
         Ok(record.info())
+    }
+
+    /// Whether `ancestor` is a strict ancestor of `accessor` (its parent,
+    /// grandparent, ...). Walks at most 64 levels up.
+    pub fn is_descendant(&self, accessor: &str, ancestor: &str) -> Result<bool, TokenError> {
+        let mut current = accessor.to_owned();
+        for _ in 0..64 {
+            let Some(record) = self.record(&current)? else {
+                return Ok(false);
+            };
+            if record.parent_accessor.is_empty() {
+                return Ok(false);
+            }
+            if record.parent_accessor == ancestor {
+                return Ok(true);
+            }
+            current = record.parent_accessor;
+        }
+        Ok(false)
     }
 
     /// Revokes a token and, recursively, its children; returns how many

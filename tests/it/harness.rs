@@ -54,6 +54,17 @@ impl TestServer {
         Self::serve(dir, vault.server, ca, root_token, unseal_share).await
     }
 
+    /// Stops this dev server and starts a new one on the same folder (it
+    /// unseals with the stored dev credentials).
+    pub async fn restart(self) -> Self {
+        let dir = self.stop().await;
+        let vault = keyward::dev::open(dir.path(), None).await.unwrap();
+        let root_token = vault.credentials.root_token.clone();
+        let unseal_share = vault.credentials.unseal_share.clone();
+        let ca = vault.certs.ca.clone();
+        Self::serve(dir, vault.server, ca, root_token, unseal_share).await
+    }
+
     /// A server that is not initialised yet (for init and unseal tests).
     pub async fn uninitialized() -> Self {
         install_crypto();

@@ -16,17 +16,10 @@ use keyward::proto::v1::{CreateIdentityRequest, TokenResponse};
 
 /// A policy from TOML text, stored by the root client.
 pub async fn put_policy(server: &TestServer, name: &str, toml: &str) {
-    let (root, token) = (server.root().await, &server.root_token);
-    use keyward::proto::v1::policies_client::PoliciesClient;
-    use keyward::proto::v1::PutPolicyRequest;
-    let mut req = tonic::Request::new(PutPolicyRequest {
-        name: name.to_owned(),
-        document: toml.to_owned(),
-    });
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    PoliciesClient::new(root.channel())
-        .put(req)
+    server
+        .root()
+        .await
+        .policy_put(name, toml)
         .await
         .unwrap_or_else(|e| panic!("policy put {name}: {e}"));
 }

@@ -15,6 +15,8 @@ mod crash;
 mod governance;
 mod leaks;
 mod login;
+mod policies;
 mod seal;
 mod secrets;
 mod server;
+mod tokens;

@@ -326,3 +326,61 @@ fn legacy_root_token_is_migrated() {
     assert!(barrier.scan_keys(LEGACY_PREFIX).unwrap().is_empty());
     assert_eq!(s.revoke_identity("root", T0).unwrap(), 1);
 }
+
+#[test]
+fn children_inherit_cidrs_and_limited_parents_cannot_issue() {
+    let (_d, s) = store();
+    let mut p = req("svc", &["a"], 100);
+    p.cidrs = vec!["10.0.0.0/8".parse().unwrap()];
+    let parent = s.issue(p, T0).unwrap();
+    let mut c = req("svc", &["a"], 10);
+    c.parent_accessor = Some(parent.accessor.clone());
+    let child = s.issue(c.clone(), T0).unwrap();
+    assert!(matches!(
+        s.use_token(child.token.expose(), local(), T0),
+        Err(TokenError::SourceNotAllowed)
+    ));
+    c.cidrs = vec!["10.1.0.0/16".parse().unwrap()];
+    s.issue(c.clone(), T0).unwrap();
+    c.cidrs = vec!["127.0.0.1/32".parse().unwrap()];
+    assert!(matches!(s.issue(c, T0), Err(TokenError::CidrNotSubset)));
+
+    let mut limited = req("svc", &["a"], 100);
+    limited.uses = 5;
+    let limited = s.issue(limited, T0).unwrap();
+    let mut c = req("svc", &["a"], 10);
+    c.parent_accessor = Some(limited.accessor);
+    assert!(matches!(s.issue(c, T0), Err(TokenError::InvalidRequest(_))));
+}
+
+#[test]
+fn descendants_are_found_upwards() {
+    let (_d, s) = store();
+    let a = s.issue(req("svc", &["a"], 100), T0).unwrap();
+    let mut r = req("svc", &["a"], 100);
+    r.parent_accessor = Some(a.accessor.clone());
+    let b = s.issue(r.clone(), T0).unwrap();
+    r.parent_accessor = Some(b.accessor.clone());
+    let c = s.issue(r, T0).unwrap();
+    assert!(s.is_descendant(&c.accessor, &a.accessor).unwrap());
+    assert!(s.is_descendant(&b.accessor, &a.accessor).unwrap());
+    assert!(!s.is_descendant(&a.accessor, &c.accessor).unwrap());
+    assert!(!s.is_descendant(&a.accessor, &a.accessor).unwrap());
+}
+
+#[test]
+fn revoke_counts_each_token_once() {
+    let (_d, s) = store();
+    let r = root(&s);
+    let mut c = req("root", &["a"], 900);
+    c.max_ttl = Duration::from_secs(3600);
+    c.uses = 5;
+    c.cidrs = vec!["127.0.0.1/32".parse().unwrap()];
+    c.parent_accessor = Some(r.accessor.clone());
+    let t = s.issue(c, T0).unwrap();
+    s.use_token(t.token.expose(), local(), T0).unwrap();
+    s.use_token(t.token.expose(), local(), T0).unwrap();
+    s.renew(&t.accessor, Some(Duration::from_secs(1800)), T0)
+        .unwrap();
+    assert_eq!(s.revoke(&t.accessor).unwrap(), 1);
+}
