@@ -142,7 +142,11 @@ impl GovernanceGauges {
             .set(n(report.unused_grants.len()));
         self.long_lived_tokens.set(n(report.long_lived.len()));
         for kind in ["identity", "secret-id"] {
-            let count = report.expiring_soon.iter().filter(|e| e.kind == kind).count();
+            let count = report
+                .expiring_soon
+                .iter()
+                .filter(|e| e.kind == kind)
+                .count();
             self.expiring
                 .get_or_create(&KindLabels {
                     kind: kind.to_owned(),

@@ -148,10 +148,10 @@ impl Server {
                     // Sleep until the next identity expiry (at most
                     // IDENTITY_SWEEP_EVERY), or until an expiry is set.
                     let wait = match core.identities.next_expiry_ms() {
-                        Ok(Some(at)) => Duration::from_millis(
-                            at.saturating_sub(crate::core::now_ms()),
-                        )
-                        .clamp(Duration::from_millis(50), IDENTITY_SWEEP_EVERY),
+                        Ok(Some(at)) => {
+                            Duration::from_millis(at.saturating_sub(crate::core::now_ms()))
+                                .clamp(Duration::from_millis(50), IDENTITY_SWEEP_EVERY)
+                        }
                         _ => IDENTITY_SWEEP_EVERY,
                     };
                     tokio::select! {
@@ -164,12 +164,15 @@ impl Server {
                     }
                     let core = core.clone();
                     let swept = tokio::task::spawn_blocking(move || {
-                        core.identities.sweep_expired(&core.tokens, crate::core::now_ms())
+                        core.identities
+                            .sweep_expired(&core.tokens, crate::core::now_ms())
                     })
                     .await;
                     match swept {
                         Ok(Ok(0)) => {}
-                        Ok(Ok(n)) => tracing::info!(revoked = n, "tokens of expired identities revoked"),
+                        Ok(Ok(n)) => {
+                            tracing::info!(revoked = n, "tokens of expired identities revoked")
+                        }
                         Ok(Err(e)) => tracing::warn!(error = %e, "identity expiry sweep failed"),
                         Err(e) => tracing::warn!(error = %e, "identity expiry sweep panicked"),
                     }

@@ -34,7 +34,8 @@ impl Governance for GovernanceService {
             "keyward.v1.Governance/Report",
             Access::Token,
             &req,
-        ).await?;
+        )
+        .await?;
         let r = req.into_inner();
         call.authorize(Capability::Read, "sys/governance".to_owned())?;
         let report = call.check(self.core.governance_report(

@@ -125,7 +125,8 @@ impl Identities for IdentitiesService {
             "keyward.v1.Identities/Create",
             Access::Token,
             &req,
-        ).await?;
+        )
+        .await?;
         let r = req.into_inner();
         let name = call.parse(IdentityName::parse(&r.name))?;
         let kind = call.parse(IdentityKind::parse(&r.kind))?;
@@ -140,18 +141,15 @@ impl Identities for IdentitiesService {
             policies: r.policies,
             expires_at_ms: expiry_from(r.expires_in_seconds, now),
         };
-        let record = call.check(
-            self.core
-                .identities
-                .create(new, &self.core.policies, now),
-        )?;
+        let record = call.check(self.core.identities.create(new, &self.core.policies, now))?;
         call.check(self.core.barrier.durable().await)?;
         call.ok(&[])?;
         Ok(Response::new(identity_message(&record, None)))
     }
 
     async fn get(&self, req: Request<GetIdentityRequest>) -> Result<Response<Identity>, Status> {
-        let mut call = Call::begin(&self.core, "keyward.v1.Identities/Get", Access::Token, &req).await?;
+        let mut call =
+            Call::begin(&self.core, "keyward.v1.Identities/Get", Access::Token, &req).await?;
         let name = call.parse(IdentityName::parse(&req.get_ref().name))?;
         call.authorize(Capability::Read, name.resource())?;
         let found = call.check(self.core.identities.get(name.as_str()))?;
@@ -169,7 +167,8 @@ impl Identities for IdentitiesService {
             "keyward.v1.Identities/List",
             Access::Token,
             &req,
-        ).await?;
+        )
+        .await?;
         let r = req.into_inner();
         let kind = if r.kind.is_empty() {
             None
@@ -203,7 +202,8 @@ impl Identities for IdentitiesService {
             "keyward.v1.Identities/Update",
             Access::Token,
             &req,
-        ).await?;
+        )
+        .await?;
         let r = req.into_inner();
         let name = call.parse(IdentityName::parse(&r.name))?;
         call.authorize(Capability::Write, name.resource())?;
@@ -254,14 +254,15 @@ impl Identities for IdentitiesService {
             "keyward.v1.Identities/Delete",
             Access::Token,
             &req,
-        ).await?;
+        )
+        .await?;
         let name = call.parse(IdentityName::parse(&req.get_ref().name))?;
         call.authorize(Capability::Delete, name.resource())?;
-        let revoked = call.check(
-            self.core
-                .identities
-                .delete(&name, &self.core.tokens, now_ms()),
-        )?;
+        let revoked = call.check(self.core.identities.delete(
+            &name,
+            &self.core.tokens,
+            now_ms(),
+        ))?;
         call.check(self.core.usage.forget(name.as_str()))?;
         call.check(self.core.barrier.durable().await)?;
         call.ok(&[])?;
@@ -279,7 +280,8 @@ impl Identities for IdentitiesService {
             "keyward.v1.Identities/CreateSecretId",
             Access::Token,
             &req,
-        ).await?;
+        )
+        .await?;
         let r = req.into_inner();
         let name = call.parse(IdentityName::parse(&r.name))?;
         let cidrs = call.parse(parse_cidrs(&r.cidrs))?;
@@ -289,11 +291,7 @@ impl Identities for IdentitiesService {
             uses: r.uses,
             cidrs,
         };
-        let made = call.check(
-            self.core
-                .identities
-                .create_secret_id(&name, spec, now_ms()),
-        )?;
+        let made = call.check(self.core.identities.create_secret_id(&name, spec, now_ms()))?;
         call.check(self.core.barrier.durable().await)?;
         call.ok(&[("secret_id", made.secret_id.expose().as_bytes())])?;
         Ok(Response::new(CreateSecretIdResponse {
@@ -309,7 +307,8 @@ impl Identities for IdentitiesService {
             "keyward.v1.Identities/BindCert",
             Access::Token,
             &req,
-        ).await?;
+        )
+        .await?;
         let r = req.into_inner();
         let name = call.parse(IdentityName::parse(&r.name))?;
         call.authorize(Capability::Admin, name.resource())?;
@@ -327,7 +326,8 @@ impl Identities for IdentitiesService {
             "keyward.v1.Identities/BindOidc",
             Access::Token,
             &req,
-        ).await?;
+        )
+        .await?;
         let r = req.into_inner();
         let name = call.parse(IdentityName::parse(&r.name))?;
         call.authorize(Capability::Admin, name.resource())?;
@@ -348,7 +348,8 @@ impl Identities for IdentitiesService {
             "keyward.v1.Identities/PutOidcIssuer",
             Access::Token,
             &req,
-        ).await?;
+        )
+        .await?;
         let r = req.into_inner();
         let name = call.parse(
             IdentityName::parse(&r.name)
@@ -376,7 +377,8 @@ impl Identities for IdentitiesService {
             "keyward.v1.Identities/ListOidcIssuers",
             Access::Token,
             &req,
-        ).await?;
+        )
+        .await?;
         call.authorize(Capability::List, "sys/oidc-issuer".to_owned())?;
         let issuers = call.check(self.core.identities.issuers())?;
         call.ok(&[])?;

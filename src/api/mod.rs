@@ -5,8 +5,8 @@
 
 pub mod auth;
 pub mod governance;
-pub mod login;
 pub mod identities;
+pub mod login;
 pub mod policies;
 pub mod secrets;
 pub mod sys;

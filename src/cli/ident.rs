@@ -340,9 +340,9 @@ pub async fn identity(g: &Global, format: Format, cmd: IdentityCommand) -> Resul
         } => {
             let mut pairs = Vec::new();
             for (i, c) in claims.iter().enumerate() {
-                let (k, v) = c.split_once('=').ok_or_else(|| {
-                    UsageError(format!("--claim {} is not KEY=VALUE", i + 1))
-                })?;
+                let (k, v) = c
+                    .split_once('=')
+                    .ok_or_else(|| UsageError(format!("--claim {} is not KEY=VALUE", i + 1)))?;
                 pairs.push((k.to_owned(), v.to_owned()));
             }
             let i = connect(g)

@@ -73,7 +73,12 @@ impl Client {
         let req = self.request(IdentityNameRequest {
             name: name.to_owned(),
         });
-        Ok(self.identities().delete(req).await?.into_inner().revoked_tokens)
+        Ok(self
+            .identities()
+            .delete(req)
+            .await?
+            .into_inner()
+            .revoked_tokens)
     }
 
     /// A new secret-id (shown once). `ttl_seconds`/`uses` 0: unlimited.

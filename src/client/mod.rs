@@ -23,9 +23,9 @@ use tonic::{Code, Request};
 // Calls of the identity, token and policy services (issue 3) go in
 // `client/identity.rs`, rotation calls (issue 4) in `client/rotation.rs`,
 // each as its own `impl Client` block.
+mod auth;
 mod identities;
 mod login;
-mod auth;
 mod policies;
 
 pub use auth::IssueOptions;

@@ -188,7 +188,10 @@ impl Core {
     }
 
     /// Trusts `ca` (PEM) for fetching OIDC issuers' key sets over HTTPS.
-    pub fn set_oidc_ca(&mut self, ca: Option<&std::path::Path>) -> Result<(), crate::oidc::OidcError> {
+    pub fn set_oidc_ca(
+        &mut self,
+        ca: Option<&std::path::Path>,
+    ) -> Result<(), crate::oidc::OidcError> {
         self.login = Login::new(JwksCache::new(ca)?, ThrottleConfig::default());
         Ok(())
     }

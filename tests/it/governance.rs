@@ -20,8 +20,13 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
 }
 
 fn gauge(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 #[tokio::test]
@@ -86,7 +91,12 @@ async fn report_of_a_known_fixture() {
         .collect();
     assert_eq!(kinds.len(), 6, "every kind is listed: {kinds:?}");
     assert_eq!(
-        (kinds["ci-runner"], kinds["bot"], kinds["ai-agent"], kinds["workload"]),
+        (
+            kinds["ci-runner"],
+            kinds["bot"],
+            kinds["ai-agent"],
+            kinds["workload"]
+        ),
         (1, 1, 1, 0)
     );
     assert_eq!(r.unowned, vec![bot.clone()]);
@@ -139,17 +149,24 @@ async fn report_of_a_known_fixture() {
     );
 
     let text = scrape(server.metrics_addr).await;
-    assert_eq!(gauge(&text, r#"keyward_identities{kind="bot"}"#), Some(1.0), "{text}");
-    assert_eq!(gauge(&text, r#"keyward_identities{kind="ci-runner"}"#), Some(1.0));
+    assert_eq!(
+        gauge(&text, r#"keyward_identities{kind="bot"}"#),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        gauge(&text, r#"keyward_identities{kind="ci-runner"}"#),
+        Some(1.0)
+    );
     assert_eq!(gauge(&text, "keyward_identities_unowned"), Some(1.0));
     assert_eq!(gauge(&text, "keyward_unused_grants"), Some(1.0));
     assert_eq!(gauge(&text, "keyward_failed_logins"), Some(2.0));
     assert_eq!(
-        gauge(&text, r#"keyward_credentials_expiring_soon{kind="secret-id"}"#),
+        gauge(
+            &text,
+            r#"keyward_credentials_expiring_soon{kind="secret-id"}"#
+        ),
         Some(1.0)
     );
-    assert!(
-        !text.contains(&runner),
-        "no identity name in metric labels"
-    );
+    assert!(!text.contains(&runner), "no identity name in metric labels");
 }

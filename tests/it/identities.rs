@@ -34,11 +34,17 @@ async fn create_get_list_update_and_delete() {
         Code::AlreadyExists
     );
     assert_eq!(
-        code(root.identity_create(create("bad/name", "bot", "x", &[])).await),
+        code(
+            root.identity_create(create("bad/name", "bot", "x", &[]))
+                .await
+        ),
         Code::InvalidArgument
     );
     assert_eq!(
-        code(root.identity_create(create(&unique("k"), "robot", "x", &[])).await),
+        code(
+            root.identity_create(create(&unique("k"), "robot", "x", &[]))
+                .await
+        ),
         Code::InvalidArgument
     );
     let no_policy = root
@@ -229,12 +235,19 @@ async fn identity_calls_are_authorised_and_policies_cannot_be_widened() {
     put_policy(
         &server,
         &admin_policy,
-        &format!(
-            "[[rule]]\npath = \"identity/{team}-*\"\ncapabilities = [\"read\", \"write\", \"issue\"]\n"
-        ),
+        &["worker", "w2", "w3"]
+            .iter()
+            .map(|n| {
+                format!(
+                    "[[rule]]\npath = \"identity/{team}-{n}\"\ncapabilities = [\"read\", \"write\", \"issue\"]\n"
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
     )
     .await;
-    let (role_id, secret_id) = approle_identity(&root, &unique("admin"), &[admin_policy.clone()]).await;
+    let (role_id, secret_id) =
+        approle_identity(&root, &unique("admin"), &[admin_policy.clone()]).await;
     let (_, admin) = login(&server, &role_id, &secret_id).await;
 
     let mine = format!("{team}-worker");
@@ -243,7 +256,10 @@ async fn identity_calls_are_authorised_and_policies_cannot_be_widened() {
         .await
         .unwrap();
     admin.identity_secret_id(&mine, 60, 1, &[]).await.unwrap();
-    let other = root.identity_create(create(&unique("x"), "bot", "o", &[])).await.unwrap();
+    let other = root
+        .identity_create(create(&unique("x"), "bot", "o", &[]))
+        .await
+        .unwrap();
     assert_eq!(
         code(admin.identity_get(&other.name).await),
         Code::PermissionDenied
@@ -322,7 +338,7 @@ async fn secret_ids_are_shown_once_and_never_stored_or_logged() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn identity_and_login_from_the_command_line() {
     let server = TestServer::dev().await;
     let addr = format!("https://{}", server.addr);
@@ -335,7 +351,15 @@ async fn identity_and_login_from_the_command_line() {
     ];
     let name = unique("cli");
     let (status, out, err) = cli(
-        &["identity", "create", &name, "--kind", "ai-agent", "--expires", "30d"],
+        &[
+            "identity",
+            "create",
+            &name,
+            "--kind",
+            "ai-agent",
+            "--expires",
+            "30d",
+        ],
         &env,
         None,
     );
@@ -350,7 +374,17 @@ async fn identity_and_login_from_the_command_line() {
     );
     assert_eq!(status, 1, "refused by the server: {err}");
     let (status, out, err) = cli(
-        &["identity", "secret-id", &name, "--ttl", "1h", "--uses", "3", "--cidr", "127.0.0.0/8"],
+        &[
+            "identity",
+            "secret-id",
+            &name,
+            "--ttl",
+            "1h",
+            "--uses",
+            "3",
+            "--cidr",
+            "127.0.0.0/8",
+        ],
         &env,
         None,
     );
@@ -361,7 +395,16 @@ async fn identity_and_login_from_the_command_line() {
     assert!(sid["expires_at"].is_string());
     let no_token = [env[0], env[1], env[3]];
     let (status, out, err) = cli(
-        &["login", "approle", "--role-id", &role_id, "--secret-id", "-", "--ttl", "15m"],
+        &[
+            "login",
+            "approle",
+            "--role-id",
+            &role_id,
+            "--secret-id",
+            "-",
+            "--ttl",
+            "15m",
+        ],
         &no_token,
         Some(secret_id.as_bytes()),
     );

@@ -105,7 +105,10 @@ async fn secret_id_ttl_uses_and_cidr_are_enforced() {
     assert!(brief.expires_at.is_some());
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     assert_eq!(
-        code(anon.login_approle(&brief.role_id, &brief.secret_id, 0).await),
+        code(
+            anon.login_approle(&brief.role_id, &brief.secret_id, 0)
+                .await
+        ),
         Code::Unauthenticated,
         "expired secret-id"
     );
@@ -190,10 +193,7 @@ async fn many_failures_from_one_address_lock_it_out() {
     for i in 0..20 {
         // A different unknown role-id each time: only the source limit applies.
         assert_eq!(
-            code(
-                anon.login_approle(&format!("{:032x}", i), &wrong, 0)
-                    .await
-            ),
+            code(anon.login_approle(&format!("{:032x}", i), &wrong, 0).await),
             Code::Unauthenticated
         );
     }
@@ -381,7 +381,10 @@ async fn oidc_login_with_jwks_over_https_and_every_refusal() {
     }
     // An issuer that does not exist.
     assert_eq!(
-        code(anon.login_oidc("no-such", &es.token(&claims(&repo, 60)), 0).await),
+        code(
+            anon.login_oidc("no-such", &es.token(&claims(&repo, 60)), 0)
+                .await
+        ),
         Code::Unauthenticated
     );
 }
