@@ -75,6 +75,9 @@ pub struct GovernanceGauges {
     expiring: Family<KindLabels, Gauge>,
     failed_logins: Gauge,
     failed_login_sources: Gauge,
+    /// When the gauges were last set: the report scans every identity and
+    /// token, so scrapes reuse it for a while.
+    last_set: Mutex<Option<std::time::Instant>>,
 }
 
 impl GovernanceGauges {
@@ -124,6 +127,17 @@ impl GovernanceGauges {
             "Distinct (identity, source address) pairs with failed logins",
             self.failed_login_sources.clone(),
         );
+    }
+
+    /// Whether the gauges are older than `every` (or were never set); if so,
+    /// the caller refreshes them now.
+    pub fn due(&self, every: Duration) -> bool {
+        let mut last = self.last_set.lock().unwrap_or_else(PoisonError::into_inner);
+        let due = last.is_none_or(|t| t.elapsed() >= every);
+        if due {
+            *last = Some(std::time::Instant::now());
+        }
+        due
     }
 
     /// Sets every gauge from `report`.

@@ -10,6 +10,9 @@ use crate::governance::{self, Inputs, LongLivedToken, Report, UsageEntry};
 use crate::identity::IdentityError;
 use crate::policy::Policy;
 
+/// The governance gauges are recomputed at most this often (at a scrape).
+pub const GAUGES_EVERY: Duration = Duration::from_secs(30);
+
 impl Core {
     /// The governance report now. `dormant_after_ms` / `long_ttl` of 0 take
     /// the defaults (30 days, 24 hours).
@@ -82,7 +85,7 @@ impl Core {
 
     /// Sets the governance gauges from a fresh report (at each scrape).
     pub(crate) fn refresh_governance_gauges(&self) {
-        if self.is_sealed() {
+        if self.is_sealed() || !self.metrics.governance.due(GAUGES_EVERY) {
             return;
         }
         match self.governance_report(0, Duration::ZERO) {

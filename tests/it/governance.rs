@@ -65,9 +65,14 @@ async fn report_of_a_known_fixture() {
     tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
 
     let runner = format!("a-{}", unique("runner"));
-    root.identity_create(create(&runner, "ci-runner", "platform", &[policy.clone()]))
-        .await
-        .unwrap();
+    root.identity_create(create(
+        &runner,
+        "ci-runner",
+        "platform",
+        std::slice::from_ref(&policy),
+    ))
+    .await
+    .unwrap();
     let sid = root
         .identity_secret_id(&runner, 2 * 86400, 0, &[])
         .await

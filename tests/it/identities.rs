@@ -247,12 +247,17 @@ async fn identity_calls_are_authorised_and_policies_cannot_be_widened() {
     )
     .await;
     let (role_id, secret_id) =
-        approle_identity(&root, &unique("admin"), &[admin_policy.clone()]).await;
+        approle_identity(&root, &unique("admin"), std::slice::from_ref(&admin_policy)).await;
     let (_, admin) = login(&server, &role_id, &secret_id).await;
 
     let mine = format!("{team}-worker");
     admin
-        .identity_create(create(&mine, "workload", "team", &[admin_policy.clone()]))
+        .identity_create(create(
+            &mine,
+            "workload",
+            "team",
+            std::slice::from_ref(&admin_policy),
+        ))
         .await
         .unwrap();
     admin.identity_secret_id(&mine, 60, 1, &[]).await.unwrap();
@@ -289,7 +294,12 @@ async fn identity_calls_are_authorised_and_policies_cannot_be_widened() {
     assert_eq!(
         code(
             admin
-                .identity_create(create(&format!("{team}-w2"), "bot", "o", &[wider.clone()]))
+                .identity_create(create(
+                    &format!("{team}-w2"),
+                    "bot",
+                    "o",
+                    std::slice::from_ref(&wider)
+                ))
                 .await
         ),
         Code::PermissionDenied,
@@ -326,7 +336,7 @@ async fn secret_ids_are_shown_once_and_never_stored_or_logged() {
             file.display()
         );
         assert!(
-            !contains(&bytes, secret_id[4..].as_bytes()),
+            !contains(&bytes, &secret_id.as_bytes()[4..]),
             "secret-id body in {}",
             file.display()
         );

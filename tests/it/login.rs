@@ -27,7 +27,7 @@ async fn approle_login_gives_a_token_with_the_identity_policies() {
     .await
     .unwrap();
     let name = unique("svc");
-    let (role_id, secret_id) = approle_identity(&root, &name, &[policy.clone()]).await;
+    let (role_id, secret_id) = approle_identity(&root, &name, std::slice::from_ref(&policy)).await;
     let (t, client) = login(&server, &role_id, &secret_id).await;
     assert!(t.token.starts_with("kwt_"));
     assert_eq!(t.policies, vec![policy]);
@@ -232,9 +232,14 @@ async fn cert_login_by_subject_and_by_spiffe_id() {
     .unwrap();
 
     let by_dn = unique("dn");
-    root.identity_create(create(&by_dn, "workload", "team", &[policy.clone()]))
-        .await
-        .unwrap();
+    root.identity_create(create(
+        &by_dn,
+        "workload",
+        "team",
+        std::slice::from_ref(&policy),
+    ))
+    .await
+    .unwrap();
     let cn = unique("host");
     root.identity_bind_cert(&by_dn, Some(&format!("CN={cn}, O=keyward dev")), None)
         .await
