@@ -71,6 +71,7 @@ pub(crate) async fn login(
         },
         now,
     ))?;
+    call.set_subject(&issued.identity, &issued.accessor);
     call.check(core.barrier.durable().await)?;
     call.ok(&[("token", issued.token.expose().as_bytes())])?;
     Ok(Response::new(TokenResponse {

@@ -237,6 +237,8 @@ pub struct Call {
     source: Option<SocketAddr>,
     token: Option<Zeroizing<String>>,
     caller: Option<Caller>,
+    /// Who a tokenless call (a login) authenticated as: (identity, new accessor).
+    subject: Option<(String, String)>,
     resource: Option<String>,
     started: Instant,
     finished: bool,
@@ -292,6 +294,7 @@ impl Call {
             source: req.remote_addr(),
             token: bearer(req),
             caller: None,
+            subject: None,
             resource: None,
             started: Instant::now(),
             finished: false,
@@ -364,6 +367,12 @@ impl Call {
         decision.map_err(|e| self.fail(e))
     }
 
+    /// Names, for the audit record, the identity and token accessor a login
+    /// call produced.
+    pub fn set_subject(&mut self, identity: &str, accessor: &str) {
+        self.subject = Some((identity.to_owned(), accessor.to_owned()));
+    }
+
     /// Records the resource of a call that needs no policy check.
     pub fn set_resource(&mut self, resource: impl Into<String>) {
         self.resource = Some(resource.into());
@@ -406,8 +415,16 @@ impl Call {
             request_id: &self.request_id,
             method: self.method,
             resource: self.resource.as_deref(),
-            identity: self.caller.as_ref().map(|c| c.identity.as_str()),
-            accessor: self.caller.as_ref().map(|c| c.accessor.as_str()),
+            identity: self
+                .caller
+                .as_ref()
+                .map(|c| c.identity.as_str())
+                .or(self.subject.as_ref().map(|s| s.0.as_str())),
+            accessor: self
+                .caller
+                .as_ref()
+                .map(|c| c.accessor.as_str())
+                .or(self.subject.as_ref().map(|s| s.1.as_str())),
             source: source.as_deref(),
             outcome,
             code: code_name(code),

@@ -172,6 +172,18 @@ async fn repeated_failures_are_throttled_counted_and_audited() {
         1
     );
     assert!(!audit.contains(&secret_id), "the secret-id is never logged");
+    // The successful login names the identity and its new token's accessor.
+    let (t, _) = login(&server, &r2, &s2).await;
+    let audit = std::fs::read_to_string(&server.audit_path).unwrap();
+    let record = audit
+        .lines()
+        .filter(|l| l.contains("keyward.v1.Auth/Login"))
+        .last()
+        .unwrap();
+    assert!(
+        record.contains(&other) && record.contains(&t.accessor) && !record.contains(&t.token),
+        "{record}"
+    );
 
     let report = root.governance_report(0, 0).await.unwrap();
     let mine: Vec<_> = report
