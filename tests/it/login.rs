@@ -177,8 +177,7 @@ async fn repeated_failures_are_throttled_counted_and_audited() {
     let audit = std::fs::read_to_string(&server.audit_path).unwrap();
     let record = audit
         .lines()
-        .filter(|l| l.contains("keyward.v1.Auth/Login"))
-        .last()
+        .rfind(|l| l.contains("keyward.v1.Auth/Login"))
         .unwrap();
     assert!(
         record.contains(&other) && record.contains(&t.accessor) && !record.contains(&t.token),
