@@ -44,6 +44,10 @@ pub struct ServerConfig {
     /// `None` turns the metrics listener off.
     pub metrics_listen: Option<SocketAddr>,
     pub limits: DataLimits,
+    /// CA bundle (PEM) trusted when fetching OIDC issuers' JWKS over HTTPS;
+    /// `None`: only `--jwks-file` issuers work. For a public issuer point it
+    /// at the system bundle, e.g. `/etc/ssl/certs/ca-certificates.crt`.
+    pub oidc_ca: Option<PathBuf>,
 }
 
 /// Where settings come from: tests fill one from a map.
@@ -68,6 +72,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("tls.key", "KEYWARD_TLS_KEY"),
     ("tls.client_ca", "KEYWARD_TLS_CLIENT_CA"),
     ("audit.path", "KEYWARD_AUDIT_PATH"),
+    ("oidc.ca_file", "KEYWARD_OIDC_CA_FILE"),
     ("metrics.listen", "KEYWARD_METRICS_LISTEN"),
     ("limits.max_fields", "KEYWARD_LIMITS_MAX_FIELDS"),
     (
@@ -193,6 +198,7 @@ pub fn parse(src: &dyn Source, base: &Path) -> Result<ServerConfig, ConfigError>
         audit_path: path("audit.path").ok_or(ConfigError::Missing("audit.path"))?,
         metrics_listen,
         limits,
+        oidc_ca: path("oidc.ca_file"),
     })
 }
 

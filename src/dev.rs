@@ -74,6 +74,9 @@ pub async fn open(
         audit_path: data_dir.join("audit.log"),
         metrics_listen,
         limits: DataLimits::default(),
+        // A dev server fetches JWKS only from servers its own CA signed
+        // (a local test issuer); production names a bundle in the config.
+        oidc_ca: Some(certs.ca.clone()),
     };
     let server = Server::open(config)?;
     let creds_path = data_dir.join(CREDENTIALS_FILE);

@@ -7,7 +7,8 @@
 //! - `cli`, `api` — the command line (through `client` only) and the gRPC
 //!   services (protobuf <-> domain mapping and error -> status mapping, no rules).
 //! - `core` — one request: authenticate -> authorize -> act -> audit.
-//! - `secrets`, `audit` — domain modules, each under its own storage prefix.
+//! - `secrets`, `audit`, `identity` — domain modules, each under its own storage prefix.
+//! - `governance` — the report on identities, grants and credentials (no storage).
 //! - `barrier` — the seal, the keyring and AES-256-GCM around every value.
 //! - `storage` — the `Backend` trait and its sled implementation.
 //! - `client` — the public client that the CLI, examples and applications use.
@@ -21,6 +22,8 @@ pub mod config;
 pub mod core;
 pub mod dev;
 pub mod duration;
+pub mod governance;
+pub mod identity;
 pub mod metrics;
 pub mod oidc;
 pub mod pki;

@@ -56,6 +56,122 @@ struct MethodLabels {
     method: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: String,
+}
+
+/// The governance report's figures as gauges, set from a fresh report at
+/// each scrape (`Core::refresh_governance_gauges`). Counts only: no label
+/// names an identity or a source address.
+#[derive(Debug, Default)]
+pub struct GovernanceGauges {
+    identities: Family<KindLabels, Gauge>,
+    unowned: Gauge,
+    dormant: Gauge,
+    unused_grants: Gauge,
+    identities_with_unused_grants: Gauge,
+    long_lived_tokens: Gauge,
+    expiring: Family<KindLabels, Gauge>,
+    failed_logins: Gauge,
+    failed_login_sources: Gauge,
+    /// When the gauges were last set: the report scans every identity and
+    /// token, so scrapes reuse it for a while.
+    last_set: Mutex<Option<std::time::Instant>>,
+}
+
+impl GovernanceGauges {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "identities",
+            "Identities in the inventory by kind",
+            self.identities.clone(),
+        );
+        registry.register(
+            "identities_unowned",
+            "Identities with no owner",
+            self.unowned.clone(),
+        );
+        registry.register(
+            "identities_dormant",
+            "Identities unused for 30 days or more",
+            self.dormant.clone(),
+        );
+        registry.register(
+            "unused_grants",
+            "Granting policy rules that their identity never exercised",
+            self.unused_grants.clone(),
+        );
+        registry.register(
+            "identities_with_unused_grants",
+            "Identities holding at least one grant they never used",
+            self.identities_with_unused_grants.clone(),
+        );
+        registry.register(
+            "long_lived_tokens",
+            "Live tokens whose allowed life exceeds 24 hours",
+            self.long_lived_tokens.clone(),
+        );
+        registry.register(
+            "credentials_expiring_soon",
+            "Identities and secret-ids expiring within 7 days, by kind",
+            self.expiring.clone(),
+        );
+        registry.register(
+            "failed_logins",
+            "Failed logins since the server started",
+            self.failed_logins.clone(),
+        );
+        registry.register(
+            "failed_login_sources",
+            "Distinct (identity, source address) pairs with failed logins",
+            self.failed_login_sources.clone(),
+        );
+    }
+
+    /// Whether the gauges are older than `every` (or were never set); if so,
+    /// the caller refreshes them now.
+    pub fn due(&self, every: Duration) -> bool {
+        let mut last = self.last_set.lock().unwrap_or_else(PoisonError::into_inner);
+        let due = last.is_none_or(|t| t.elapsed() >= every);
+        if due {
+            *last = Some(std::time::Instant::now());
+        }
+        due
+    }
+
+    /// Sets every gauge from `report`.
+    pub fn set(&self, report: &crate::governance::Report) {
+        let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        let u = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        for (kind, count) in &report.by_kind {
+            self.identities
+                .get_or_create(&KindLabels { kind: kind.clone() })
+                .set(u(*count));
+        }
+        self.unowned.set(n(report.unowned.len()));
+        self.dormant.set(n(report.dormant.len()));
+        self.unused_grants.set(u(report.unused_grant_count()));
+        self.identities_with_unused_grants
+            .set(n(report.unused_grants.len()));
+        self.long_lived_tokens.set(n(report.long_lived.len()));
+        for kind in ["identity", "secret-id"] {
+            let count = report
+                .expiring_soon
+                .iter()
+                .filter(|e| e.kind == kind)
+                .count();
+            self.expiring
+                .get_or_create(&KindLabels {
+                    kind: kind.to_owned(),
+                })
+                .set(n(count));
+        }
+        self.failed_logins.set(u(report.failed_login_count()));
+        self.failed_login_sources.set(n(report.failed_logins.len()));
+    }
+}
+
 fn duration_histogram() -> Histogram {
     Histogram::new(DURATION_BUCKETS)
 }
@@ -71,6 +187,8 @@ pub struct Metrics {
     sealed: Gauge,
     key_term: Gauge,
     encryptions: Gauge<u64, AtomicU64>,
+    /// The governance report's figures.
+    pub governance: GovernanceGauges,
 }
 
 impl Default for Metrics {
@@ -111,7 +229,10 @@ impl Metrics {
             "Encryptions under the active barrier key",
             encryptions.clone(),
         );
+        let governance = GovernanceGauges::default();
+        governance.register(&mut registry);
         Self {
+            governance,
             registry: Mutex::new(registry),
             requests,
             request_series: AtomicUsize::new(0),

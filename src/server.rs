@@ -14,6 +14,8 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server as TonicServer, ServerTlsConfig};
 
 use crate::api::auth::AuthService;
+use crate::api::governance::GovernanceService;
+use crate::api::identities::IdentitiesService;
 use crate::api::policies::PoliciesService;
 use crate::api::secrets::SecretsService;
 use crate::api::sys::{publish_health, SysService};
@@ -23,6 +25,8 @@ use crate::config::ServerConfig;
 use crate::core::Core;
 use crate::metrics::Metrics;
 use crate::proto::v1::auth_server::AuthServer;
+use crate::proto::v1::governance_server::GovernanceServer;
+use crate::proto::v1::identities_server::IdentitiesServer;
 use crate::proto::v1::policies_server::PoliciesServer;
 use crate::proto::v1::secrets_server::SecretsServer;
 use crate::proto::v1::sys_server::SysServer;
@@ -30,6 +34,8 @@ use crate::storage::SledBackend;
 
 /// How long in-flight calls may take to finish after shutdown begins.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+/// How often the tokens of expired identities are looked for.
+pub const IDENTITY_SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// How often the in-memory usage table is written (also at seal and shutdown).
 pub const USAGE_PERSIST_EVERY: Duration = Duration::from_secs(60);
 
@@ -41,6 +47,8 @@ pub enum ServerError {
     Audit(String),
     #[error("cannot read TLS file {0}: {1}")]
     TlsFile(std::path::PathBuf, std::io::Error),
+    #[error("oidc.ca_file: {0}")]
+    OidcCa(String),
     #[error("gRPC server failed: {0}")]
     Transport(String),
 }
@@ -65,7 +73,10 @@ impl Server {
         let audit =
             AuditLog::open(&config.audit_path).map_err(|e| ServerError::Audit(e.to_string()))?;
         let metrics = Arc::new(Metrics::new());
-        let core = Arc::new(Core::new(Arc::new(barrier), audit, metrics, config.limits));
+        let mut core = Core::new(Arc::new(barrier), audit, metrics, config.limits);
+        core.set_oidc_ca(config.oidc_ca.as_deref())
+            .map_err(|e| ServerError::OidcCa(e.to_string()))?;
+        let core = Arc::new(core);
         core.refresh_gauges();
         Ok(Self { core, config })
     }
@@ -127,6 +138,47 @@ impl Server {
             });
         }
 
+        {
+            // Revokes the tokens of identities whose expiry passed (tokens
+            // also carry that expiry as a hard limit; this is the sweep).
+            let core = self.core.clone();
+            let mut rx = stop_rx.clone();
+            tokio::spawn(async move {
+                loop {
+                    // Sleep until the next identity expiry (at most
+                    // IDENTITY_SWEEP_EVERY), or until an expiry is set.
+                    let wait = match core.identities.next_expiry_ms() {
+                        Ok(Some(at)) => {
+                            Duration::from_millis(at.saturating_sub(crate::core::now_ms()))
+                                .clamp(Duration::from_millis(50), IDENTITY_SWEEP_EVERY)
+                        }
+                        _ => IDENTITY_SWEEP_EVERY,
+                    };
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = core.identities.expiry_changed() => continue,
+                        _ = rx.wait_for(|s| *s) => return,
+                    }
+                    if core.is_sealed() {
+                        continue;
+                    }
+                    let core = core.clone();
+                    let swept = tokio::task::spawn_blocking(move || {
+                        core.identities
+                            .sweep_expired(&core.tokens, crate::core::now_ms())
+                    })
+                    .await;
+                    match swept {
+                        Ok(Ok(0)) => {}
+                        Ok(Ok(n)) => {
+                            tracing::info!(revoked = n, "tokens of expired identities revoked")
+                        }
+                        Ok(Err(e)) => tracing::warn!(error = %e, "identity expiry sweep failed"),
+                        Err(e) => tracing::warn!(error = %e, "identity expiry sweep panicked"),
+                    }
+                }
+            });
+        }
         // Token expiry: one sleeper over the time-ordered index.
         let sweeper = tokio::spawn(self.core.tokens.clone().run_sweeper(stop_rx.clone()));
         // Usage: kept in memory on the request path, written periodically.
@@ -157,6 +209,8 @@ impl Server {
             .add_service(AuthServer::new(AuthService::new(self.core.clone())))
             .add_service(PoliciesServer::new(PoliciesService::new(self.core.clone())))
             // -- identities, tokens, policies, login, governance (issue 3) go here --
+            .add_service(IdentitiesServer::new(IdentitiesService::new(self.core.clone())))
+            .add_service(GovernanceServer::new(GovernanceService::new(self.core.clone())))
             // -- rotation (issue 4) goes here --
             ;
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));

@@ -1,4 +1,4 @@
-//! `keyward.v1.Auth`: login (filled in by the identity work) and the caller's
+//! `keyward.v1.Auth`: login (in `api/login.rs`) and the caller's
 //! tokens: issue a child, look up, renew, revoke.
 //!
 //! Resources (INTERFACE.md roots): issuing a child needs `issue` on
@@ -155,13 +155,9 @@ fn caller_of(call: &Call) -> Result<Caller, Status> {
 
 #[tonic::async_trait]
 impl Auth for AuthService {
+    /// Role-id + secret-id, certificate or OIDC login (`api/login.rs`).
     async fn login(&self, req: Request<LoginRequest>) -> Result<Response<TokenResponse>, Status> {
-        let mut call = Call::begin(&self.core, "keyward.v1.Auth/Login", Access::Open, &req).await?;
-        call.set_resource("sys/login");
-        Err(call.fail(Failure::new(
-            Code::Unimplemented,
-            "login is not available on this server yet",
-        )))
+        super::login::login(&self.core, req).await
     }
 
     async fn issue_token(

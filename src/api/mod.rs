@@ -4,6 +4,9 @@
 //! status codes. No business rule lives here.
 
 pub mod auth;
+pub mod governance;
+pub mod identities;
+pub mod login;
 pub mod policies;
 pub mod secrets;
 pub mod sys;
@@ -18,6 +21,8 @@ use zeroize::Zeroizing;
 use crate::audit::{AuditError, AuditEvent, Outcome};
 use crate::barrier::BarrierError;
 use crate::core::{AuthError, Authorized, Caller, Core, CoreError};
+use crate::identity::login::LoginError;
+use crate::identity::IdentityError;
 use crate::policy::{Capability, PolicyError};
 use crate::policy_store::PolicyStoreError;
 use crate::secrets::{InputError, SecretsError};
@@ -156,6 +161,40 @@ impl From<SecretsError> for Failure {
     }
 }
 
+impl From<IdentityError> for Failure {
+    fn from(e: IdentityError) -> Self {
+        match e {
+            IdentityError::InvalidName
+            | IdentityError::InvalidKind(_)
+            | IdentityError::Invalid(_)
+            | IdentityError::UnknownPolicy(_)
+            | IdentityError::UnknownIssuer(_) => Self::new(Code::InvalidArgument, e.to_string()),
+            IdentityError::NotFound => Self::new(Code::NotFound, e.to_string()),
+            IdentityError::AlreadyExists(_) | IdentityError::BindingTaken(_) => {
+                Self::new(Code::AlreadyExists, e.to_string())
+            }
+            IdentityError::Barrier(b) => b.into(),
+            IdentityError::Corrupt | IdentityError::Tokens(_) => Self::internal(e),
+        }
+    }
+}
+
+impl From<LoginError> for Failure {
+    fn from(e: LoginError) -> Self {
+        match e {
+            LoginError::Locked(_) => Self::new(Code::ResourceExhausted, e.to_string()),
+            LoginError::KeysUnavailable(_) => Self::new(Code::Unavailable, e.to_string()),
+            LoginError::Identity(i) => i.into(),
+            LoginError::Invalid
+            | LoginError::NoCertificate
+            | LoginError::UnboundCertificate
+            | LoginError::UnboundToken
+            | LoginError::Ambiguous
+            | LoginError::Oidc(_) => Self::new(Code::Unauthenticated, e.to_string()),
+        }
+    }
+}
+
 /// The gRPC name of a code, as audit records and metrics write it.
 pub fn code_name(code: Code) -> &'static str {
     match code {
@@ -198,6 +237,8 @@ pub struct Call {
     source: Option<SocketAddr>,
     token: Option<Zeroizing<String>>,
     caller: Option<Caller>,
+    /// Who a tokenless call (a login) authenticated as: (identity, new accessor).
+    subject: Option<(String, String)>,
     resource: Option<String>,
     started: Instant,
     finished: bool,
@@ -253,6 +294,7 @@ impl Call {
             source: req.remote_addr(),
             token: bearer(req),
             caller: None,
+            subject: None,
             resource: None,
             started: Instant::now(),
             finished: false,
@@ -292,6 +334,20 @@ impl Call {
         &self.request_id
     }
 
+    /// Refuses (audited, `PERMISSION_DENIED`) unless the caller holds `root`
+    /// or every one of `policies`: nobody hands an identity more than they hold.
+    pub fn require_policy_subset(&mut self, policies: &[String]) -> Result<(), Status> {
+        let allowed = self.caller.as_ref().is_some_and(|c| {
+            c.policies.iter().any(|p| p == crate::policy::ROOT_POLICY)
+                || policies.iter().all(|p| c.policies.contains(p))
+        });
+        if allowed {
+            Ok(())
+        } else {
+            Err(self.fail(AuthError::Denied))
+        }
+    }
+
     /// Parses a piece of input; a refusal is audited and answered.
     pub fn parse<T, E: Into<Failure>>(&mut self, parsed: Result<T, E>) -> Result<T, Status> {
         parsed.map_err(|e| self.fail(e))
@@ -309,6 +365,12 @@ impl Call {
         };
         self.resource = Some(resource);
         decision.map_err(|e| self.fail(e))
+    }
+
+    /// Names, for the audit record, the identity and token accessor a login
+    /// call produced.
+    pub fn set_subject(&mut self, identity: &str, accessor: &str) {
+        self.subject = Some((identity.to_owned(), accessor.to_owned()));
     }
 
     /// Records the resource of a call that needs no policy check.
@@ -353,8 +415,16 @@ impl Call {
             request_id: &self.request_id,
             method: self.method,
             resource: self.resource.as_deref(),
-            identity: self.caller.as_ref().map(|c| c.identity.as_str()),
-            accessor: self.caller.as_ref().map(|c| c.accessor.as_str()),
+            identity: self
+                .caller
+                .as_ref()
+                .map(|c| c.identity.as_str())
+                .or(self.subject.as_ref().map(|s| s.0.as_str())),
+            accessor: self
+                .caller
+                .as_ref()
+                .map(|c| c.accessor.as_str())
+                .or(self.subject.as_ref().map(|s| s.1.as_str())),
             source: source.as_deref(),
             outcome,
             code: code_name(code),

@@ -137,6 +137,30 @@ pub async fn run(options: &ClientOptions, args: &BenchArgs, format: Format) -> R
     })
     .await;
 
+    // Role-id/secret-id logins at the same concurrency: one identity with
+    // one unlimited secret-id, made here; each token lives a minute.
+    let bench_identity = format!("bench-{run_id}");
+    clients[0]
+        .identity_create(keyward::proto::v1::CreateIdentityRequest {
+            name: bench_identity.clone(),
+            kind: "service-account".into(),
+            owner: "bench".into(),
+            description: "made by keyward bench".into(),
+            policies: Vec::new(),
+            expires_in_seconds: 3600,
+        })
+        .await?;
+    let sid = clients[0]
+        .identity_secret_id(&bench_identity, 3600, 0, &[])
+        .await?;
+    eprintln!("bench: phase login (keyward.v1.Auth/Login, approle)");
+    let creds = Arc::new((sid.role_id.clone(), sid.secret_id.clone()));
+    let login = phase(&clients, concurrency, duration, move |c, _| {
+        let creds = creds.clone();
+        async move { c.login_approle(&creds.0, &creds.1, 60).await.is_ok() }
+    })
+    .await;
+
     let summary = json!({
         "concurrency": concurrency,
         "health_rps": health.rps().round(),
@@ -147,7 +171,10 @@ pub async fn run(options: &ClientOptions, args: &BenchArgs, format: Format) -> R
         "health_p99_ms": (health.percentile_ms(0.99) * 1000.0).round() / 1000.0,
         "put_rps": put.rps().round(),
         "put_to_get": (put.rps() / get.rps().max(1e-9) * 1000.0).round() / 1000.0,
-        "errors": health.errors + get.errors + put.errors,
+        "login_rps": login.rps().round(),
+        "login_to_get": (login.rps() / get.rps().max(1e-9) * 1000.0).round() / 1000.0,
+        "login_p99_ms": (login.percentile_ms(0.99) * 1000.0).round() / 1000.0,
+        "errors": health.errors + get.errors + put.errors + login.errors,
         // Local: PolicySet::check over a 50-rule policy (build with --release for the real figure).
         "authz_ns": (keyward::policy::bench_check_ns(1_000_000)? * 10.0).round() / 10.0,
     });
@@ -183,6 +210,7 @@ fn bench_config(dir: &Path) -> ServerConfig {
         audit_path: dir.join("audit.log"),
         metrics_listen: None,
         limits: keyward::secrets::DataLimits::default(),
+        oidc_ca: None,
     }
 }
 

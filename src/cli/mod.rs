@@ -4,6 +4,7 @@
 //! refuses or fails, 2 on a usage error.
 
 mod bench;
+mod ident;
 mod output;
 mod run;
 
@@ -87,6 +88,17 @@ pub enum Command {
     #[command(subcommand)]
     Token(TokenCommand),
     // -- identities, tokens, policies, login, report (issue 3) go here --
+    /// The inventory of non-human identities, secret-ids and login bindings.
+    #[command(subcommand)]
+    Identity(ident::IdentityCommand),
+    /// OIDC issuers whose tokens `login oidc` accepts.
+    #[command(subcommand)]
+    OidcIssuer(ident::OidcIssuerCommand),
+    /// Exchange a credential for a short-lived token.
+    #[command(subcommand)]
+    Login(ident::LoginCommand),
+    /// The governance report: identities, owners, dormancy, unused grants, credentials.
+    Report(ident::ReportArgs),
 
     // -- rotation, providers (issue 4) go here --
     /// Measure throughput and latency against a live server.

@@ -26,11 +26,11 @@ fn options(g: &Global) -> ClientOptions {
     }
 }
 
-async fn connect(g: &Global) -> Result<Client> {
+pub(super) async fn connect(g: &Global) -> Result<Client> {
     Ok(Client::connect(options(g)).await?)
 }
 
-fn rfc3339(ts: &Option<prost_types::Timestamp>) -> Value {
+pub(super) fn rfc3339(ts: &Option<prost_types::Timestamp>) -> Value {
     match ts {
         Some(t) => chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32)
             .map(|d| Value::String(d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
@@ -282,6 +282,10 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Policy(cmd) => policy(&g, format, cmd).await?,
         Command::Token(cmd) => token(&g, format, cmd).await?,
         // -- identities, tokens, policies, login, report (issue 3) go here --
+        Command::Identity(cmd) => super::ident::identity(&g, format, cmd).await?,
+        Command::OidcIssuer(cmd) => super::ident::oidc_issuer(&g, format, cmd).await?,
+        Command::Login(cmd) => super::ident::login(&g, format, cmd).await?,
+        Command::Report(args) => super::ident::report(&g, format, args).await?,
 
         // -- rotation, providers (issue 4) go here --
         Command::Bench(args) => match args.mode.clone() {

@@ -24,6 +24,8 @@ use tonic::{Code, Request};
 // `client/identity.rs`, rotation calls (issue 4) in `client/rotation.rs`,
 // each as its own `impl Client` block.
 mod auth;
+mod identities;
+mod login;
 mod policies;
 
 pub use auth::IssueOptions;

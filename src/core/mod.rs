@@ -5,6 +5,7 @@
 //! nothing of protobuf or gRPC status codes.
 
 pub mod auth;
+mod report;
 pub mod usage;
 
 use std::sync::Arc;
@@ -12,7 +13,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::audit::{AuditError, AuditLog};
 use crate::barrier::{Barrier, BarrierError, SealStatus, UnsealShare};
+use crate::identity::login::{Login, ThrottleConfig};
+use crate::identity::IdentityStore;
 use crate::metrics::Metrics;
+use crate::oidc::JwksCache;
 use crate::policy_store::PolicyStore;
 use crate::secrets::{DataLimits, SecretStore};
 use crate::token::format::TokenSecret;
@@ -56,6 +60,10 @@ pub struct Core {
     pub metrics: Arc<Metrics>,
     /// Serialises init, unseal, seal and key rotation.
     seal_lock: tokio::sync::Mutex<()>,
+    /// The identity inventory, secret-ids, bindings and OIDC issuers.
+    pub identities: IdentityStore,
+    /// Login checks and their brute-force state (in memory).
+    pub login: Login,
 }
 
 impl Core {
@@ -74,10 +82,12 @@ impl Core {
             policies,
             usage,
             secrets: SecretStore::new(barrier.clone(), limits),
+            identities: IdentityStore::new(barrier.clone()),
             barrier,
             audit,
             metrics,
             seal_lock: tokio::sync::Mutex::new(()),
+            login: Login::new(JwksCache::files_only(), ThrottleConfig::default()),
         }
     }
 
@@ -174,5 +184,15 @@ impl Core {
         self.metrics.set_sealed(status.sealed);
         self.metrics
             .set_barrier_encryptions(status.key_term, status.term_encryptions);
+        self.refresh_governance_gauges();
+    }
+
+    /// Trusts `ca` (PEM) for fetching OIDC issuers' key sets over HTTPS.
+    pub fn set_oidc_ca(
+        &mut self,
+        ca: Option<&std::path::Path>,
+    ) -> Result<(), crate::oidc::OidcError> {
+        self.login = Login::new(JwksCache::new(ca)?, ThrottleConfig::default());
+        Ok(())
     }
 }

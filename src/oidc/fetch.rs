@@ -73,6 +73,18 @@ impl JwksCache {
         })
     }
 
+    /// A cache for file sources only (no trust roots; URL sources fail).
+    pub fn files_only() -> Self {
+        Self {
+            tls: None,
+            ttl: DEFAULT_TTL,
+            min_refetch: DEFAULT_MIN_REFETCH,
+            timeout: DEFAULT_TIMEOUT,
+            max_bytes: DEFAULT_MAX_BYTES,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
     pub fn with_ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
         self

@@ -6,11 +6,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod harness;
+mod ident_kit;
+mod identities;
 
 mod audit;
 mod cli;
 mod crash;
+mod governance;
 mod leaks;
+mod login;
 mod policies;
 mod seal;
 mod secrets;

@@ -416,7 +416,7 @@ async fn audit_records_name_identity_and_accessor() {
 }
 
 #[tokio::test]
-async fn login_is_not_implemented_here() {
+async fn login_without_a_method_is_refused() {
     let server = TestServer::dev().await;
     let mut client =
         keyward::proto::v1::auth_client::AuthClient::new(server.anonymous().await.channel());
@@ -424,7 +424,8 @@ async fn login_is_not_implemented_here() {
         .login(keyward::proto::v1::LoginRequest::default())
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
+    // Login itself is tested in tests/it/login.rs.
+    assert_eq!(err.code(), Code::InvalidArgument);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,0 +1,411 @@
+//! `keyward.v1.Identities`: the inventory, secret-ids, login bindings and
+//! OIDC issuers.
+//!
+//! Resources and capabilities: `identity/<name>` — `write` to create, update,
+//! disable and enable, `read` to get, `delete` to delete, `issue` to make a
+//! secret-id, `admin` to bind a certificate or OIDC claims (a binding decides
+//! who can become the identity); `list` on `identity` to list;
+//! `sys/oidc-issuer/<name>` — `admin` to put an issuer, `list` on
+//! `sys/oidc-issuer` to list them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::secrets::timestamp;
+use super::{Access, Call};
+use crate::cidr::Cidr;
+use crate::core::{now_ms, Core};
+use crate::identity::{
+    last_used_ms, IdentityError, IdentityKind, IdentityName, IdentityRecord, IdentityUpdate,
+    IssuerRecord, ListFilter, NewIdentity, SecretIdSpec,
+};
+use crate::policy::Capability;
+use crate::proto::v1::identities_server::Identities;
+use crate::proto::v1::*;
+
+pub struct IdentitiesService {
+    core: Arc<Core>,
+}
+
+impl IdentitiesService {
+    pub fn new(core: Arc<Core>) -> Self {
+        Self { core }
+    }
+}
+
+/// Last token use per identity, from `usage`.
+pub(crate) fn token_use(core: &Core) -> HashMap<String, u64> {
+    core.usage
+        .snapshot()
+        .into_iter()
+        .map(|u| (u.identity, u.last_used_ms))
+        .collect()
+}
+
+pub(crate) fn identity_message(record: &IdentityRecord, token_use: Option<u64>) -> Identity {
+    Identity {
+        name: record.name.clone(),
+        kind: record.kind.clone(),
+        owner: record.owner.clone(),
+        description: record.description.clone(),
+        policies: record.policies.clone(),
+        expires_at: timestamp(record.expires_at_ms),
+        disabled: record.disabled,
+        created_at: timestamp(record.created_at_ms),
+        last_used_at: timestamp(last_used_ms(record, token_use)),
+        role_id: record.role_id.clone(),
+        cert_bindings: record
+            .cert_bindings
+            .iter()
+            .map(|b| CertBinding {
+                subject: b.subject.clone(),
+                spiffe_id: b.spiffe_id.clone(),
+            })
+            .collect(),
+        oidc_bindings: record
+            .oidc_bindings
+            .iter()
+            .map(|b| OidcBinding {
+                issuer: b.issuer.clone(),
+                claims: b
+                    .claims
+                    .iter()
+                    .map(|c| (c.key.clone(), c.value.clone()))
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+fn issuer_message(r: &IssuerRecord) -> OidcIssuer {
+    OidcIssuer {
+        name: r.name.clone(),
+        issuer_url: r.issuer_url.clone(),
+        jwks_file: r.jwks_file.clone(),
+        jwks_url: r.jwks_url.clone(),
+        audience: r.audience.clone(),
+    }
+}
+
+fn expiry_from(seconds: u64, now: u64) -> u64 {
+    if seconds == 0 {
+        0
+    } else {
+        now.saturating_add(seconds.saturating_mul(1000))
+    }
+}
+
+fn parse_cidrs(texts: &[String]) -> Result<Vec<Cidr>, IdentityError> {
+    texts
+        .iter()
+        .map(|t| {
+            t.parse::<Cidr>()
+                .map_err(|e| IdentityError::Invalid(e.to_string()))
+        })
+        .collect()
+}
+
+impl IdentitiesService {
+    fn one(&self, record: &IdentityRecord) -> Identity {
+        let used = token_use(&self.core).get(&record.name).copied();
+        identity_message(record, used)
+    }
+}
+
+#[tonic::async_trait]
+impl Identities for IdentitiesService {
+    async fn create(
+        &self,
+        req: Request<CreateIdentityRequest>,
+    ) -> Result<Response<Identity>, Status> {
+        let mut call = Call::begin(
+            &self.core,
+            "keyward.v1.Identities/Create",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        let r = req.into_inner();
+        let name = call.parse(IdentityName::parse(&r.name))?;
+        let kind = call.parse(IdentityKind::parse(&r.kind))?;
+        call.authorize(Capability::Write, name.resource())?;
+        call.require_policy_subset(&r.policies)?;
+        let now = now_ms();
+        let new = NewIdentity {
+            name,
+            kind,
+            owner: r.owner,
+            description: r.description,
+            policies: r.policies,
+            expires_at_ms: expiry_from(r.expires_in_seconds, now),
+        };
+        let record = call.check(self.core.identities.create(new, &self.core.policies, now))?;
+        call.check(self.core.barrier.durable().await)?;
+        call.ok(&[])?;
+        Ok(Response::new(identity_message(&record, None)))
+    }
+
+    async fn get(&self, req: Request<GetIdentityRequest>) -> Result<Response<Identity>, Status> {
+        let mut call =
+            Call::begin(&self.core, "keyward.v1.Identities/Get", Access::Token, &req).await?;
+        let name = call.parse(IdentityName::parse(&req.get_ref().name))?;
+        call.authorize(Capability::Read, name.resource())?;
+        let found = call.check(self.core.identities.get(name.as_str()))?;
+        let record = call.check(found.ok_or(IdentityError::NotFound))?;
+        call.ok(&[])?;
+        Ok(Response::new(self.one(&record)))
+    }
+
+    async fn list(
+        &self,
+        req: Request<ListIdentitiesRequest>,
+    ) -> Result<Response<ListIdentitiesResponse>, Status> {
+        let mut call = Call::begin(
+            &self.core,
+            "keyward.v1.Identities/List",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        let r = req.into_inner();
+        let kind = if r.kind.is_empty() {
+            None
+        } else {
+            Some(call.parse(IdentityKind::parse(&r.kind))?)
+        };
+        call.authorize(Capability::List, "identity".to_owned())?;
+        let used = token_use(&self.core);
+        let filter = ListFilter {
+            kind,
+            no_owner: r.no_owner,
+            dormant_ms: r.dormant_seconds.saturating_mul(1000),
+        };
+        let lookup = |name: &str| used.get(name).copied();
+        let records = call.check(self.core.identities.list(&filter, &lookup, now_ms()))?;
+        call.ok(&[])?;
+        Ok(Response::new(ListIdentitiesResponse {
+            identities: records
+                .iter()
+                .map(|r| identity_message(r, used.get(&r.name).copied()))
+                .collect(),
+        }))
+    }
+
+    async fn update(
+        &self,
+        req: Request<UpdateIdentityRequest>,
+    ) -> Result<Response<Identity>, Status> {
+        let mut call = Call::begin(
+            &self.core,
+            "keyward.v1.Identities/Update",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        let r = req.into_inner();
+        let name = call.parse(IdentityName::parse(&r.name))?;
+        call.authorize(Capability::Write, name.resource())?;
+        if r.set_policies {
+            call.require_policy_subset(&r.policies)?;
+        }
+        let now = now_ms();
+        let update = IdentityUpdate {
+            owner: r.owner,
+            description: r.description,
+            policies: r.set_policies.then_some(r.policies),
+            expires_at_ms: r.expires_in_seconds.map(|s| expiry_from(s, now)),
+        };
+        let record = call.check(self.core.identities.update(
+            &name,
+            update,
+            &self.core.policies,
+            &self.core.tokens,
+            now,
+        ))?;
+        call.check(self.core.barrier.durable().await)?;
+        call.ok(&[])?;
+        Ok(Response::new(self.one(&record)))
+    }
+
+    async fn disable(
+        &self,
+        req: Request<IdentityNameRequest>,
+    ) -> Result<Response<Identity>, Status> {
+        self.set_disabled(req, true, "keyward.v1.Identities/Disable")
+            .await
+    }
+
+    async fn enable(
+        &self,
+        req: Request<IdentityNameRequest>,
+    ) -> Result<Response<Identity>, Status> {
+        self.set_disabled(req, false, "keyward.v1.Identities/Enable")
+            .await
+    }
+
+    async fn delete(
+        &self,
+        req: Request<IdentityNameRequest>,
+    ) -> Result<Response<DeleteIdentityResponse>, Status> {
+        let mut call = Call::begin(
+            &self.core,
+            "keyward.v1.Identities/Delete",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        let name = call.parse(IdentityName::parse(&req.get_ref().name))?;
+        call.authorize(Capability::Delete, name.resource())?;
+        let revoked = call.check(self.core.identities.delete(
+            &name,
+            &self.core.tokens,
+            now_ms(),
+        ))?;
+        call.check(self.core.usage.forget(name.as_str()))?;
+        call.check(self.core.barrier.durable().await)?;
+        call.ok(&[])?;
+        Ok(Response::new(DeleteIdentityResponse {
+            revoked_tokens: revoked,
+        }))
+    }
+
+    async fn create_secret_id(
+        &self,
+        req: Request<CreateSecretIdRequest>,
+    ) -> Result<Response<CreateSecretIdResponse>, Status> {
+        let mut call = Call::begin(
+            &self.core,
+            "keyward.v1.Identities/CreateSecretId",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        let r = req.into_inner();
+        let name = call.parse(IdentityName::parse(&r.name))?;
+        let cidrs = call.parse(parse_cidrs(&r.cidrs))?;
+        call.authorize(Capability::Issue, name.resource())?;
+        let spec = SecretIdSpec {
+            ttl_ms: r.ttl_seconds.saturating_mul(1000),
+            uses: r.uses,
+            cidrs,
+        };
+        let made = call.check(self.core.identities.create_secret_id(&name, spec, now_ms()))?;
+        call.check(self.core.barrier.durable().await)?;
+        call.ok(&[("secret_id", made.secret_id.expose().as_bytes())])?;
+        Ok(Response::new(CreateSecretIdResponse {
+            role_id: made.role_id.clone(),
+            secret_id: made.secret_id.expose().to_owned(),
+            expires_at: timestamp(made.expires_at_ms),
+        }))
+    }
+
+    async fn bind_cert(&self, req: Request<BindCertRequest>) -> Result<Response<Identity>, Status> {
+        let mut call = Call::begin(
+            &self.core,
+            "keyward.v1.Identities/BindCert",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        let r = req.into_inner();
+        let name = call.parse(IdentityName::parse(&r.name))?;
+        call.authorize(Capability::Admin, name.resource())?;
+        let subject = (!r.subject.is_empty()).then_some(r.subject.as_str());
+        let spiffe = (!r.spiffe_id.is_empty()).then_some(r.spiffe_id.as_str());
+        let record = call.check(self.core.identities.bind_cert(&name, subject, spiffe))?;
+        call.check(self.core.barrier.durable().await)?;
+        call.ok(&[])?;
+        Ok(Response::new(self.one(&record)))
+    }
+
+    async fn bind_oidc(&self, req: Request<BindOidcRequest>) -> Result<Response<Identity>, Status> {
+        let mut call = Call::begin(
+            &self.core,
+            "keyward.v1.Identities/BindOidc",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        let r = req.into_inner();
+        let name = call.parse(IdentityName::parse(&r.name))?;
+        call.authorize(Capability::Admin, name.resource())?;
+        let mut claims: Vec<(String, String)> = r.claims.into_iter().collect();
+        claims.sort();
+        let record = call.check(self.core.identities.bind_oidc(&name, &r.issuer, claims))?;
+        call.check(self.core.barrier.durable().await)?;
+        call.ok(&[])?;
+        Ok(Response::new(self.one(&record)))
+    }
+
+    async fn put_oidc_issuer(
+        &self,
+        req: Request<PutOidcIssuerRequest>,
+    ) -> Result<Response<OidcIssuer>, Status> {
+        let mut call = Call::begin(
+            &self.core,
+            "keyward.v1.Identities/PutOidcIssuer",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        let r = req.into_inner();
+        let name = call.parse(
+            IdentityName::parse(&r.name)
+                .map_err(|_| IdentityError::Invalid("issuer name: [A-Za-z0-9._-]".into())),
+        )?;
+        call.authorize(Capability::Admin, format!("sys/oidc-issuer/{name}"))?;
+        let stored = call.check(self.core.identities.put_issuer(IssuerRecord {
+            name: r.name,
+            issuer_url: r.issuer_url,
+            jwks_file: r.jwks_file,
+            jwks_url: r.jwks_url,
+            audience: r.audience,
+        }))?;
+        call.check(self.core.barrier.durable().await)?;
+        call.ok(&[])?;
+        Ok(Response::new(issuer_message(&stored)))
+    }
+
+    async fn list_oidc_issuers(
+        &self,
+        req: Request<ListOidcIssuersRequest>,
+    ) -> Result<Response<ListOidcIssuersResponse>, Status> {
+        let mut call = Call::begin(
+            &self.core,
+            "keyward.v1.Identities/ListOidcIssuers",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        call.authorize(Capability::List, "sys/oidc-issuer".to_owned())?;
+        let issuers = call.check(self.core.identities.issuers())?;
+        call.ok(&[])?;
+        Ok(Response::new(ListOidcIssuersResponse {
+            issuers: issuers.iter().map(issuer_message).collect(),
+        }))
+    }
+}
+
+impl IdentitiesService {
+    async fn set_disabled(
+        &self,
+        req: Request<IdentityNameRequest>,
+        disabled: bool,
+        method: &'static str,
+    ) -> Result<Response<Identity>, Status> {
+        let mut call = Call::begin(&self.core, method, Access::Token, &req).await?;
+        let name = call.parse(IdentityName::parse(&req.get_ref().name))?;
+        call.authorize(Capability::Write, name.resource())?;
+        let (record, _revoked) = call.check(self.core.identities.set_disabled(
+            &name,
+            disabled,
+            &self.core.tokens,
+            now_ms(),
+        ))?;
+        call.check(self.core.barrier.durable().await)?;
+        call.ok(&[])?;
+        Ok(Response::new(self.one(&record)))
+    }
+}

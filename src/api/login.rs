@@ -1,0 +1,84 @@
+//! `Auth.Login`: the body of the `Auth` service's `Login` method. Needs no
+//! token. The identity module checks the credential and says what it
+//! entitles to; the token store issues the token (a child of nobody).
+//! Every outcome is audited by `Call`, with the method as resource
+//! (`auth/login/<method>`) and, once known, the identity.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::secrets::timestamp;
+use super::{Access, Call};
+use crate::barrier::BarrierError;
+use crate::core::{now_ms, Core};
+use crate::identity::login::{token_ttl, MAX_LOGIN_TTL};
+use crate::identity::IdentityError;
+use crate::proto::v1::login_request::Method;
+use crate::proto::v1::{LoginRequest, TokenResponse};
+use crate::token::TokenRequest;
+
+pub(crate) async fn login(
+    core: &Arc<Core>,
+    req: Request<LoginRequest>,
+) -> Result<Response<TokenResponse>, Status> {
+    let mut call = Call::begin(core, "keyward.v1.Auth/Login", Access::Open, &req).await?;
+    if core.is_sealed() {
+        return Err(call.fail(BarrierError::Sealed));
+    }
+    let source = req.remote_addr().map(|a| a.ip());
+    let leaf: Option<Vec<u8>> = req
+        .peer_certs()
+        .and_then(|certs| certs.first().map(|c| c.as_ref().to_vec()));
+    let r = req.into_inner();
+    let now = now_ms();
+    let grant = match r.method {
+        Some(Method::Approle(a)) => {
+            call.set_resource("auth/login/approle");
+            core.login
+                .approle(&core.identities, &a.role_id, &a.secret_id, source, now)
+        }
+        Some(Method::Cert(_)) => {
+            call.set_resource("auth/login/cert");
+            core.login
+                .cert(&core.identities, leaf.as_deref(), source, now)
+        }
+        Some(Method::Oidc(o)) => {
+            call.set_resource("auth/login/oidc");
+            core.login
+                .oidc(&core.identities, &o.issuer, &o.jwt, source, now)
+                .await
+        }
+        None => {
+            return Err(call.fail(IdentityError::Invalid(
+                "give a login method: approle, cert or oidc".into(),
+            )))
+        }
+    };
+    let grant = call.check(grant)?;
+    call.set_resource(format!("identity/{}", grant.identity));
+    let issued = call.check(core.tokens.issue(
+        TokenRequest {
+            identity: grant.identity.clone(),
+            policies: grant.policies.clone(),
+            ttl: token_ttl(r.ttl_seconds),
+            max_ttl: MAX_LOGIN_TTL,
+            hard_expiry_ms: grant.hard_expiry_ms,
+            uses: 0,
+            cidrs: Vec::new(),
+            parent_accessor: None,
+            method: grant.method,
+        },
+        now,
+    ))?;
+    call.set_subject(&issued.identity, &issued.accessor);
+    call.check(core.barrier.durable().await)?;
+    call.ok(&[("token", issued.token.expose().as_bytes())])?;
+    Ok(Response::new(TokenResponse {
+        token: issued.token.expose().to_owned(),
+        accessor: issued.accessor.clone(),
+        expires_at: timestamp(issued.expires_at_ms),
+        policies: issued.policies.clone(),
+        identity: issued.identity.clone(),
+    }))
+}

@@ -1,0 +1,1059 @@
+//! The inventory of non-human identities and their login bindings.
+//!
+//! Storage prefix `identities/` (through the barrier only):
+//! - `identities/record/<name>`: an [`IdentityRecord`];
+//! - `identities/role/<role-id>`: the name of the identity with that role-id;
+//! - `identities/secret-id/<hex keyed hash>`: a [`SecretIdRecord`]; the
+//!   secret-id itself is never stored, only HMAC-SHA256 under a key derived
+//!   from the keyring (`identities/secret-id-hash`), as tokens are;
+//! - `identities/sid-of/<name>/<hex keyed hash>`: index of an identity's
+//!   secret-ids (so delete does not scan every secret-id);
+//! - `identities/cert/<subject|spiffe>/<hex of the normalised value>`: the
+//!   identity a certificate binding names;
+//! - `identities/issuer/<name>`: an OIDC issuer ([`IssuerRecord`]).
+//!
+//! Tokens are not this module's: disabling, expiring or deleting an identity
+//! asks the token store (through [`TokenRevoker`]) to revoke every token of
+//! the identity. It must not read `tokens/`, `policies/` or `usage/`.
+//!
+//! [`login`] turns presented credentials into a [`login::Grant`]; the caller
+//! issues the token.
+
+mod bridge;
+pub mod login;
+mod secret_id;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use prost::Message;
+
+use crate::barrier::{Barrier, BarrierError, PlainOp};
+use crate::cidr::Cidr;
+
+pub use secret_id::{SecretIdText, SECRET_ID_PREFIX};
+
+const RECORD_PREFIX: &str = "identities/record/";
+const ROLE_PREFIX: &str = "identities/role/";
+const SECRET_ID_RECORD_PREFIX: &str = "identities/secret-id/";
+const SECRET_IDS_OF_PREFIX: &str = "identities/sid-of/";
+const CERT_PREFIX: &str = "identities/cert/";
+const ISSUER_PREFIX: &str = "identities/issuer/";
+
+/// Longest identity name, in bytes.
+pub const MAX_NAME_LEN: usize = 128;
+/// Most policies, bindings or CIDR blocks on one record.
+pub const MAX_LIST: usize = 64;
+/// Longest owner, description, subject or claim text, in bytes.
+pub const MAX_TEXT: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("invalid identity name: 1 to {MAX_NAME_LEN} characters of [A-Za-z0-9._-], starting with a letter or digit, and not 'root'")]
+    InvalidName,
+    #[error("unknown identity kind '{0}': one of service-account, bot, api-client, ci-runner, workload, ai-agent")]
+    InvalidKind(String),
+    #[error("invalid input: {0}")]
+    Invalid(String),
+    #[error("no such identity")]
+    NotFound,
+    #[error("identity {0} already exists")]
+    AlreadyExists(String),
+    #[error("the binding is already held by identity {0}")]
+    BindingTaken(String),
+    #[error("no such policy: {0}")]
+    UnknownPolicy(String),
+    #[error("no such OIDC issuer: {0}")]
+    UnknownIssuer(String),
+    #[error("stored identity data is corrupt")]
+    Corrupt,
+    #[error("token store: {0}")]
+    Tokens(String),
+    #[error(transparent)]
+    Barrier(#[from] BarrierError),
+}
+
+/// What an identity is; governance counts by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IdentityKind {
+    ServiceAccount,
+    Bot,
+    ApiClient,
+    CiRunner,
+    Workload,
+    AiAgent,
+}
+
+impl IdentityKind {
+    pub const ALL: [IdentityKind; 6] = [
+        Self::ServiceAccount,
+        Self::Bot,
+        Self::ApiClient,
+        Self::CiRunner,
+        Self::Workload,
+        Self::AiAgent,
+    ];
+
+    pub fn parse(text: &str) -> Result<Self, IdentityError> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str() == text)
+            .ok_or_else(|| IdentityError::InvalidKind(printable(text)))
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::ServiceAccount => "service-account",
+            Self::Bot => "bot",
+            Self::ApiClient => "api-client",
+            Self::CiRunner => "ci-runner",
+            Self::Workload => "workload",
+            Self::AiAgent => "ai-agent",
+        }
+    }
+}
+
+impl fmt::Display for IdentityKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// User text as it may appear in an error: short, no control characters.
+fn printable(text: &str) -> String {
+    text.chars()
+        .take(64)
+        .flat_map(char::escape_debug)
+        .collect::<String>()
+}
+
+/// A valid identity name: also a valid resource path segment
+/// (`identity/<name>`), and never `root` (the root token's identity).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IdentityName(String);
+
+impl IdentityName {
+    pub fn parse(text: &str) -> Result<Self, IdentityError> {
+        let bytes = text.as_bytes();
+        let ok = !bytes.is_empty()
+            && bytes.len() <= MAX_NAME_LEN
+            && bytes[0].is_ascii_alphanumeric()
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            && text != "root";
+        if ok {
+            Ok(Self(text.to_owned()))
+        } else {
+            Err(IdentityError::InvalidName)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The resource policies name it by: `identity/<name>`.
+    pub fn resource(&self) -> String {
+        format!("identity/{}", self.0)
+    }
+}
+
+impl fmt::Display for IdentityName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A stored identity.
+#[derive(Clone, PartialEq, Message)]
+pub struct IdentityRecord {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(string, tag = "2")]
+    pub kind: String,
+    #[prost(string, tag = "3")]
+    pub owner: String,
+    #[prost(string, tag = "4")]
+    pub description: String,
+    #[prost(string, repeated, tag = "5")]
+    pub policies: Vec<String>,
+    /// 0: never expires.
+    #[prost(uint64, tag = "6")]
+    pub expires_at_ms: u64,
+    #[prost(bool, tag = "7")]
+    pub disabled: bool,
+    #[prost(uint64, tag = "8")]
+    pub created_at_ms: u64,
+    /// Last successful login (token use is recorded by `usage`).
+    #[prost(uint64, tag = "9")]
+    pub last_login_ms: u64,
+    #[prost(string, tag = "10")]
+    pub role_id: String,
+    #[prost(message, repeated, tag = "11")]
+    pub cert_bindings: Vec<CertBinding>,
+    #[prost(message, repeated, tag = "12")]
+    pub oidc_bindings: Vec<OidcBinding>,
+    /// Set once the tokens of an expired identity have been revoked.
+    #[prost(bool, tag = "13")]
+    pub expiry_handled: bool,
+}
+
+impl IdentityRecord {
+    pub fn kind(&self) -> Result<IdentityKind, IdentityError> {
+        IdentityKind::parse(&self.kind).map_err(|_| IdentityError::Corrupt)
+    }
+
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        self.expires_at_ms != 0 && self.expires_at_ms <= now_ms
+    }
+
+    /// Whether it may log in now: enabled and not expired.
+    pub fn is_active(&self, now_ms: u64) -> bool {
+        !self.disabled && !self.is_expired(now_ms)
+    }
+}
+
+/// A certificate the identity logs in with: by subject DN or by SPIFFE ID.
+#[derive(Clone, PartialEq, Message)]
+pub struct CertBinding {
+    /// Normalised (see [`normalise_dn`]); empty when `spiffe_id` is set.
+    #[prost(string, tag = "1")]
+    pub subject: String,
+    #[prost(string, tag = "2")]
+    pub spiffe_id: String,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct ClaimPair {
+    #[prost(string, tag = "1")]
+    pub key: String,
+    #[prost(string, tag = "2")]
+    pub value: String,
+}
+
+/// Bound claims `(key, value)`, all of which must match.
+pub type ClaimSet = Vec<(String, String)>;
+
+/// JWTs of `issuer` whose claims all match log in as the identity.
+#[derive(Clone, PartialEq, Message)]
+pub struct OidcBinding {
+    #[prost(string, tag = "1")]
+    pub issuer: String,
+    #[prost(message, repeated, tag = "2")]
+    pub claims: Vec<ClaimPair>,
+}
+
+impl OidcBinding {
+    pub fn claim_pairs(&self) -> Vec<(String, String)> {
+        self.claims
+            .iter()
+            .map(|c| (c.key.clone(), c.value.clone()))
+            .collect()
+    }
+}
+
+/// A stored secret-id: found by the keyed hash of its text.
+#[derive(Clone, PartialEq, Message)]
+pub struct SecretIdRecord {
+    #[prost(string, tag = "1")]
+    pub identity: String,
+    #[prost(string, tag = "2")]
+    pub role_id: String,
+    #[prost(uint64, tag = "3")]
+    pub created_at_ms: u64,
+    /// 0: never expires.
+    #[prost(uint64, tag = "4")]
+    pub expires_at_ms: u64,
+    /// 0: unlimited.
+    #[prost(uint32, tag = "5")]
+    pub uses_left: u32,
+    #[prost(string, repeated, tag = "6")]
+    pub cidrs: Vec<String>,
+    /// A short non-secret handle for reports (`sid_` + 12 hex of the hash).
+    #[prost(string, tag = "7")]
+    pub handle: String,
+}
+
+/// A stored OIDC issuer.
+#[derive(Clone, PartialEq, Message)]
+pub struct IssuerRecord {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(string, tag = "2")]
+    pub issuer_url: String,
+    #[prost(string, tag = "3")]
+    pub jwks_file: String,
+    #[prost(string, tag = "4")]
+    pub jwks_url: String,
+    #[prost(string, tag = "5")]
+    pub audience: String,
+}
+
+impl IssuerRecord {
+    /// The checked form the `oidc` module verifies with.
+    pub fn config(&self) -> Result<crate::oidc::IssuerConfig, crate::oidc::OidcError> {
+        use crate::oidc::{HttpsUrl, IssuerConfig, JwksSource};
+        let source = if self.jwks_url.is_empty() {
+            JwksSource::File(self.jwks_file.clone().into())
+        } else {
+            JwksSource::Url(HttpsUrl::parse(&self.jwks_url)?)
+        };
+        IssuerConfig::new(&self.name, &self.issuer_url, &self.audience, source)
+    }
+}
+
+/// What the token store does for this module. `TokenStore` implements it.
+pub trait TokenRevoker {
+    /// Revokes every token of `identity`; returns how many.
+    fn revoke_identity(&self, identity: &str, now_ms: u64) -> Result<u32, IdentityError>;
+}
+
+/// Whether a policy exists. `PolicyStore` implements it.
+pub trait PolicyCatalog {
+    fn policy_exists(&self, name: &str) -> Result<bool, IdentityError>;
+}
+
+/// A new identity, parsed.
+#[derive(Debug, Clone)]
+pub struct NewIdentity {
+    pub name: IdentityName,
+    pub kind: IdentityKind,
+    pub owner: String,
+    pub description: String,
+    pub policies: Vec<String>,
+    /// 0: never.
+    pub expires_at_ms: u64,
+}
+
+/// Changes to an identity; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct IdentityUpdate {
+    pub owner: Option<String>,
+    pub description: Option<String>,
+    pub policies: Option<Vec<String>>,
+    /// `Some(0)`: never expires.
+    pub expires_at_ms: Option<u64>,
+}
+
+/// Filters of `list`.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub kind: Option<IdentityKind>,
+    pub no_owner: bool,
+    /// Only identities unused for at least this long; 0: no filter.
+    pub dormant_ms: u64,
+}
+
+/// A secret-id as made: the text is shown once.
+pub struct NewSecretId {
+    pub role_id: String,
+    pub secret_id: SecretIdText,
+    /// 0: never.
+    pub expires_at_ms: u64,
+}
+
+/// How a secret-id is limited.
+#[derive(Debug, Clone, Default)]
+pub struct SecretIdSpec {
+    /// 0: never expires.
+    pub ttl_ms: u64,
+    /// 0: unlimited.
+    pub uses: u32,
+    pub cidrs: Vec<Cidr>,
+}
+
+/// When an identity was last used: the later of its last login and its last
+/// token use (from `usage`).
+pub fn last_used_ms(record: &IdentityRecord, token_use_ms: Option<u64>) -> u64 {
+    record.last_login_ms.max(token_use_ms.unwrap_or(0))
+}
+
+/// Whether `record` has been unused for at least `dormant_ms` (never used
+/// counts from its creation).
+pub fn is_dormant(record: &IdentityRecord, last_used: u64, dormant_ms: u64, now_ms: u64) -> bool {
+    let since = if last_used == 0 {
+        record.created_at_ms
+    } else {
+        last_used
+    };
+    now_ms.saturating_sub(since) >= dormant_ms
+}
+
+fn check_text(what: &str, text: &str) -> Result<(), IdentityError> {
+    if text.len() > MAX_TEXT || text.chars().any(char::is_control) {
+        return Err(IdentityError::Invalid(format!(
+            "{what} must be at most {MAX_TEXT} bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// A subject DN in one canonical form: `K=V` attributes with upper-case
+/// short names, separated by `,`, sorted. `CN=a,O=b`, `CN=a, O=b` and
+/// `O=b,CN=a` all normalise to `CN=a,O=b`. Values with escaped commas or other
+/// RFC 4514 escapes are refused (write a SPIFFE ID binding instead).
+pub fn normalise_dn(text: &str) -> Result<String, IdentityError> {
+    let bad = || {
+        IdentityError::Invalid(
+            "subject must be K=V pairs separated by commas, e.g. 'CN=ci,O=acme'".into(),
+        )
+    };
+    if text.contains(['\\', '+', '"', ';']) || text.chars().any(char::is_control) {
+        return Err(bad());
+    }
+    let mut parts = Vec::new();
+    for piece in text.split(',') {
+        let (key, value) = piece.split_once('=').ok_or_else(bad)?;
+        let (key, value) = (key.trim(), value.trim());
+        if key.is_empty()
+            || value.is_empty()
+            || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.')
+        {
+            return Err(bad());
+        }
+        parts.push(format!("{}={value}", key.to_ascii_uppercase()));
+    }
+    if parts.is_empty() || text.len() > MAX_TEXT {
+        return Err(bad());
+    }
+    // Certificates list attributes in either order; compare as a set.
+    parts.sort();
+    Ok(parts.join(","))
+}
+
+/// A SPIFFE ID: `spiffe://trust-domain/path`.
+pub fn check_spiffe_id(text: &str) -> Result<(), IdentityError> {
+    let ok = text
+        .strip_prefix("spiffe://")
+        .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'))
+        && text.len() <= 2048
+        && text.bytes().all(|b| b.is_ascii_graphic());
+    if ok {
+        Ok(())
+    } else {
+        Err(IdentityError::Invalid(
+            "SPIFFE ID must be spiffe://TRUST-DOMAIN/PATH".into(),
+        ))
+    }
+}
+
+fn cert_key(binding: &CertBinding) -> String {
+    if binding.spiffe_id.is_empty() {
+        format!("{CERT_PREFIX}subject/{}", hex::encode(&binding.subject))
+    } else {
+        format!("{CERT_PREFIX}spiffe/{}", hex::encode(&binding.spiffe_id))
+    }
+}
+
+/// The identity store.
+pub struct IdentityStore {
+    barrier: Arc<Barrier>,
+    /// Serialises read-modify-write of records and secret-ids (use counts,
+    /// bindings), so two logins cannot both spend a secret-id's last use.
+    write_lock: Mutex<()>,
+    /// Woken when an expiry is set, so the sweeper can sleep until the next one.
+    expiry_set: tokio::sync::Notify,
+}
+
+impl IdentityStore {
+    pub fn new(barrier: Arc<Barrier>) -> Self {
+        Self {
+            barrier,
+            write_lock: Mutex::new(()),
+            expiry_set: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Resolves when an identity's expiry was set or changed since the last call.
+    pub async fn expiry_changed(&self) {
+        self.expiry_set.notified().await;
+    }
+
+    /// The earliest expiry not yet handled (identities whose tokens the
+    /// sweeper has still to revoke), if any.
+    pub fn next_expiry_ms(&self) -> Result<Option<u64>, IdentityError> {
+        Ok(self
+            .all()?
+            .iter()
+            .filter(|r| r.expires_at_ms != 0 && !r.expiry_handled)
+            .map(|r| r.expires_at_ms)
+            .min())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.write_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M, IdentityError> {
+        M::decode(bytes).map_err(|_| IdentityError::Corrupt)
+    }
+
+    pub fn get(&self, name: &str) -> Result<Option<IdentityRecord>, IdentityError> {
+        match self.barrier.get(&format!("{RECORD_PREFIX}{name}"))? {
+            Some(raw) => Ok(Some(Self::decode(&raw)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn require(&self, name: &IdentityName) -> Result<IdentityRecord, IdentityError> {
+        self.get(name.as_str())?.ok_or(IdentityError::NotFound)
+    }
+
+    fn put_record(&self, record: &IdentityRecord) -> Result<(), IdentityError> {
+        self.barrier.put(
+            &format!("{RECORD_PREFIX}{}", record.name),
+            &record.encode_to_vec(),
+        )?;
+        Ok(())
+    }
+
+    /// Every identity, in name order.
+    pub fn all(&self) -> Result<Vec<IdentityRecord>, IdentityError> {
+        self.barrier
+            .scan_prefix(RECORD_PREFIX)?
+            .iter()
+            .map(|(_, raw)| Self::decode(raw))
+            .collect()
+    }
+
+    fn check_policies(
+        policies: &[String],
+        catalog: &dyn PolicyCatalog,
+    ) -> Result<Vec<String>, IdentityError> {
+        if policies.len() > MAX_LIST {
+            return Err(IdentityError::Invalid(format!(
+                "at most {MAX_LIST} policies"
+            )));
+        }
+        let mut out: Vec<String> = Vec::with_capacity(policies.len());
+        for p in policies {
+            if !catalog.policy_exists(p)? {
+                return Err(IdentityError::UnknownPolicy(printable(p)));
+            }
+            if !out.contains(p) {
+                out.push(p.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn create(
+        &self,
+        new: NewIdentity,
+        catalog: &dyn PolicyCatalog,
+        now_ms: u64,
+    ) -> Result<IdentityRecord, IdentityError> {
+        check_text("owner", &new.owner)?;
+        check_text("description", &new.description)?;
+        let policies = Self::check_policies(&new.policies, catalog)?;
+        let _guard = self.lock();
+        if self.get(new.name.as_str())?.is_some() {
+            return Err(IdentityError::AlreadyExists(new.name.to_string()));
+        }
+        let role_id = secret_id::new_role_id()?;
+        let record = IdentityRecord {
+            name: new.name.to_string(),
+            kind: new.kind.as_str().to_owned(),
+            owner: new.owner,
+            description: new.description,
+            policies,
+            expires_at_ms: new.expires_at_ms,
+            disabled: false,
+            created_at_ms: now_ms,
+            last_login_ms: 0,
+            role_id: role_id.clone(),
+            cert_bindings: Vec::new(),
+            oidc_bindings: Vec::new(),
+            expiry_handled: false,
+        };
+        let bytes = record.encode_to_vec();
+        let record_key = format!("{RECORD_PREFIX}{}", record.name);
+        let role_key = format!("{ROLE_PREFIX}{role_id}");
+        self.barrier.batch(&[
+            PlainOp::Put(&record_key, &bytes),
+            PlainOp::Put(&role_key, record.name.as_bytes()),
+        ])?;
+        if record.expires_at_ms != 0 {
+            self.expiry_set.notify_one();
+        }
+        Ok(record)
+    }
+
+    /// Identities matching `filter`; `token_use` gives the last token use of
+    /// an identity (from `usage`).
+    pub fn list(
+        &self,
+        filter: &ListFilter,
+        token_use: &dyn Fn(&str) -> Option<u64>,
+        now_ms: u64,
+    ) -> Result<Vec<IdentityRecord>, IdentityError> {
+        let mut out = Vec::new();
+        for record in self.all()? {
+            if filter.kind.is_some_and(|k| record.kind != k.as_str()) {
+                continue;
+            }
+            if filter.no_owner && !record.owner.is_empty() {
+                continue;
+            }
+            let last = last_used_ms(&record, token_use(&record.name));
+            if filter.dormant_ms != 0 && !is_dormant(&record, last, filter.dormant_ms, now_ms) {
+                continue;
+            }
+            out.push(record);
+        }
+        Ok(out)
+    }
+
+    /// Applies `update`. An expiry moved into the past revokes the tokens.
+    pub fn update(
+        &self,
+        name: &IdentityName,
+        update: IdentityUpdate,
+        catalog: &dyn PolicyCatalog,
+        tokens: &dyn TokenRevoker,
+        now_ms: u64,
+    ) -> Result<IdentityRecord, IdentityError> {
+        let policies = update
+            .policies
+            .as_ref()
+            .map(|p| Self::check_policies(p, catalog))
+            .transpose()?;
+        let _guard = self.lock();
+        let mut record = self.require(name)?;
+        if let Some(owner) = update.owner {
+            check_text("owner", &owner)?;
+            record.owner = owner;
+        }
+        if let Some(description) = update.description {
+            check_text("description", &description)?;
+            record.description = description;
+        }
+        let policies_changed = policies.as_ref().is_some_and(|p| *p != record.policies);
+        if let Some(p) = policies {
+            record.policies = p;
+        }
+        if let Some(expires) = update.expires_at_ms {
+            record.expires_at_ms = expires;
+            record.expiry_handled = false;
+            self.expiry_set.notify_one();
+        }
+        let expired = record.is_expired(now_ms);
+        if expired {
+            record.expiry_handled = true;
+        }
+        self.put_record(&record)?;
+        // Tokens carry the policies they were issued with: a narrowed identity
+        // must not keep wider tokens alive.
+        if expired || policies_changed {
+            tokens.revoke_identity(&record.name, now_ms)?;
+        }
+        Ok(record)
+    }
+
+    /// Disables (revoking every token at once) or enables an identity.
+    pub fn set_disabled(
+        &self,
+        name: &IdentityName,
+        disabled: bool,
+        tokens: &dyn TokenRevoker,
+        now_ms: u64,
+    ) -> Result<(IdentityRecord, u32), IdentityError> {
+        let record = {
+            let _guard = self.lock();
+            let mut record = self.require(name)?;
+            record.disabled = disabled;
+            self.put_record(&record)?;
+            record
+        };
+        let revoked = if disabled {
+            tokens.revoke_identity(&record.name, now_ms)?
+        } else {
+            0
+        };
+        Ok((record, revoked))
+    }
+
+    /// Deletes an identity, its secret-ids and bindings, and revokes its tokens.
+    pub fn delete(
+        &self,
+        name: &IdentityName,
+        tokens: &dyn TokenRevoker,
+        now_ms: u64,
+    ) -> Result<u32, IdentityError> {
+        {
+            let _guard = self.lock();
+            let record = self.require(name)?;
+            let mut keys = vec![
+                format!("{RECORD_PREFIX}{}", record.name),
+                format!("{ROLE_PREFIX}{}", record.role_id),
+            ];
+            let index = format!("{SECRET_IDS_OF_PREFIX}{}/", record.name);
+            for key in self.barrier.scan_keys(&index)? {
+                if let Some(hash) = key.strip_prefix(&index) {
+                    keys.push(format!("{SECRET_ID_RECORD_PREFIX}{hash}"));
+                }
+                keys.push(key);
+            }
+            for binding in &record.cert_bindings {
+                keys.push(cert_key(binding));
+            }
+            let ops: Vec<PlainOp<'_>> = keys.iter().map(|k| PlainOp::Delete(k)).collect();
+            self.barrier.batch(&ops)?;
+        }
+        tokens.revoke_identity(name.as_str(), now_ms)
+    }
+
+    /// Revokes the tokens of identities whose expiry has passed (once each);
+    /// returns how many tokens were revoked. Tokens also carry the identity's
+    /// expiry as a hard limit, so this is the second line, not the first.
+    pub fn sweep_expired(
+        &self,
+        tokens: &dyn TokenRevoker,
+        now_ms: u64,
+    ) -> Result<u32, IdentityError> {
+        let mut revoked = 0;
+        for record in self.all()? {
+            if record.is_expired(now_ms) && !record.expiry_handled {
+                revoked += tokens.revoke_identity(&record.name, now_ms)?;
+                let _guard = self.lock();
+                if let Some(mut fresh) = self.get(&record.name)? {
+                    if fresh.is_expired(now_ms) {
+                        fresh.expiry_handled = true;
+                        self.put_record(&fresh)?;
+                    }
+                }
+            }
+        }
+        Ok(revoked)
+    }
+
+    /// Makes a secret-id for role-id login; its text is returned once.
+    pub fn create_secret_id(
+        &self,
+        name: &IdentityName,
+        spec: SecretIdSpec,
+        now_ms: u64,
+    ) -> Result<NewSecretId, IdentityError> {
+        if spec.cidrs.len() > MAX_LIST {
+            return Err(IdentityError::Invalid(format!(
+                "at most {MAX_LIST} CIDR blocks"
+            )));
+        }
+        let record = self.require(name)?;
+        let text = SecretIdText::generate()?;
+        let hash = self.secret_id_hash(&text)?;
+        let expires_at_ms = if spec.ttl_ms == 0 {
+            0
+        } else {
+            now_ms.saturating_add(spec.ttl_ms)
+        };
+        let stored = SecretIdRecord {
+            identity: record.name.clone(),
+            role_id: record.role_id.clone(),
+            created_at_ms: now_ms,
+            expires_at_ms,
+            uses_left: spec.uses,
+            cidrs: spec.cidrs.iter().map(ToString::to_string).collect(),
+            handle: format!("sid_{}", &hash[..12]),
+        };
+        let bytes = stored.encode_to_vec();
+        let key = format!("{SECRET_ID_RECORD_PREFIX}{hash}");
+        let index = format!("{SECRET_IDS_OF_PREFIX}{}/{hash}", record.name);
+        self.barrier
+            .batch(&[PlainOp::Put(&key, &bytes), PlainOp::Put(&index, b"")])?;
+        Ok(NewSecretId {
+            role_id: record.role_id,
+            secret_id: text,
+            expires_at_ms,
+        })
+    }
+
+    fn secret_id_hash(&self, text: &SecretIdText) -> Result<String, IdentityError> {
+        let key = self.barrier.derive_key("identities/secret-id-hash")?;
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_slice());
+        Ok(hex::encode(
+            ring::hmac::sign(&key, text.expose().as_bytes()).as_ref(),
+        ))
+    }
+
+    /// Every stored secret-id (for governance: expiry dates, never the text).
+    pub fn secret_ids(&self) -> Result<Vec<SecretIdRecord>, IdentityError> {
+        self.barrier
+            .scan_prefix(SECRET_ID_RECORD_PREFIX)?
+            .iter()
+            .map(|(_, raw)| Self::decode(raw))
+            .collect()
+    }
+
+    /// The identity of a role-id, if any.
+    pub fn by_role_id(&self, role_id: &str) -> Result<Option<IdentityRecord>, IdentityError> {
+        if role_id.is_empty() || role_id.len() > 128 {
+            return Ok(None);
+        }
+        match self.barrier.get(&format!("{ROLE_PREFIX}{role_id}"))? {
+            Some(name) => {
+                let name = std::str::from_utf8(&name).map_err(|_| IdentityError::Corrupt)?;
+                self.get(name)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Checks a role-id + secret-id pair and spends one use of the secret-id.
+    /// `Ok(None)` for every refusal, whatever its reason (unknown, expired,
+    /// used up, wrong role, wrong source), so a caller learns nothing.
+    pub fn spend_secret_id(
+        &self,
+        role_id: &str,
+        secret_id: &str,
+        source: Option<IpAddr>,
+        now_ms: u64,
+    ) -> Result<Option<SecretIdRecord>, IdentityError> {
+        let Ok(text) = SecretIdText::parse(secret_id) else {
+            return Ok(None);
+        };
+        let hash = self.secret_id_hash(&text)?;
+        let key = format!("{SECRET_ID_RECORD_PREFIX}{hash}");
+        let _guard = self.lock();
+        let Some(raw) = self.barrier.get(&key)? else {
+            return Ok(None);
+        };
+        let mut record: SecretIdRecord = Self::decode(&raw)?;
+        let index = format!("{SECRET_IDS_OF_PREFIX}{}/{hash}", record.identity);
+        if record.expires_at_ms != 0 && record.expires_at_ms <= now_ms {
+            self.barrier
+                .batch(&[PlainOp::Delete(&key), PlainOp::Delete(&index)])?;
+            return Ok(None);
+        }
+        if record.role_id != role_id {
+            return Ok(None);
+        }
+        let cidrs: Vec<Cidr> = record
+            .cidrs
+            .iter()
+            .map(|c| c.parse().map_err(|_| IdentityError::Corrupt))
+            .collect::<Result<_, _>>()?;
+        if !Cidr::any_contains(&cidrs, source) {
+            return Ok(None);
+        }
+        match record.uses_left {
+            0 => {}
+            1 => {
+                record.uses_left = 0;
+                self.barrier
+                    .batch(&[PlainOp::Delete(&key), PlainOp::Delete(&index)])?;
+                return Ok(Some(record));
+            }
+            n => {
+                record.uses_left = n - 1;
+                self.barrier.put(&key, &record.encode_to_vec())?;
+            }
+        }
+        Ok(Some(record))
+    }
+
+    /// Notes a successful login.
+    pub fn record_login(&self, name: &str, now_ms: u64) -> Result<(), IdentityError> {
+        let _guard = self.lock();
+        if let Some(mut record) = self.get(name)? {
+            // One write per second at most per identity: login throughput is
+            // not spent on a timestamp nobody reads at millisecond precision.
+            if now_ms.saturating_sub(record.last_login_ms) >= 1000 {
+                record.last_login_ms = now_ms;
+                self.put_record(&record)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Binds a certificate (subject DN or SPIFFE ID) to an identity.
+    pub fn bind_cert(
+        &self,
+        name: &IdentityName,
+        subject: Option<&str>,
+        spiffe_id: Option<&str>,
+    ) -> Result<IdentityRecord, IdentityError> {
+        let binding = match (subject, spiffe_id) {
+            (Some(dn), None) => CertBinding {
+                subject: normalise_dn(dn)?,
+                spiffe_id: String::new(),
+            },
+            (None, Some(id)) => {
+                check_spiffe_id(id)?;
+                CertBinding {
+                    subject: String::new(),
+                    spiffe_id: id.to_owned(),
+                }
+            }
+            _ => {
+                return Err(IdentityError::Invalid(
+                    "give exactly one of a subject DN or a SPIFFE ID".into(),
+                ))
+            }
+        };
+        let _guard = self.lock();
+        let mut record = self.require(name)?;
+        let key = cert_key(&binding);
+        if let Some(holder) = self.barrier.get(&key)? {
+            let holder = String::from_utf8_lossy(&holder).into_owned();
+            if holder != record.name {
+                return Err(IdentityError::BindingTaken(holder));
+            }
+        }
+        if !record.cert_bindings.contains(&binding) {
+            if record.cert_bindings.len() >= MAX_LIST {
+                return Err(IdentityError::Invalid(format!(
+                    "at most {MAX_LIST} certificate bindings"
+                )));
+            }
+            record.cert_bindings.push(binding);
+        }
+        let bytes = record.encode_to_vec();
+        let record_key = format!("{RECORD_PREFIX}{}", record.name);
+        self.barrier.batch(&[
+            PlainOp::Put(&record_key, &bytes),
+            PlainOp::Put(&key, record.name.as_bytes()),
+        ])?;
+        Ok(record)
+    }
+
+    /// The identity bound to a certificate's SPIFFE ID or subject, if any
+    /// (SPIFFE IDs first: they are the stronger name).
+    pub fn by_cert(
+        &self,
+        subject: Option<&str>,
+        spiffe_ids: &[String],
+    ) -> Result<Option<IdentityRecord>, IdentityError> {
+        let mut bindings: Vec<CertBinding> = spiffe_ids
+            .iter()
+            .map(|id| CertBinding {
+                subject: String::new(),
+                spiffe_id: id.clone(),
+            })
+            .collect();
+        if let Some(dn) = subject.and_then(|s| normalise_dn(s).ok()) {
+            bindings.push(CertBinding {
+                subject: dn,
+                spiffe_id: String::new(),
+            });
+        }
+        for binding in &bindings {
+            if let Some(name) = self.barrier.get(&cert_key(binding))? {
+                let name = std::str::from_utf8(&name).map_err(|_| IdentityError::Corrupt)?;
+                if let Some(record) = self.get(name)? {
+                    if record.cert_bindings.contains(binding) {
+                        return Ok(Some(record));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Binds JWTs of an issuer with these claims to an identity.
+    pub fn bind_oidc(
+        &self,
+        name: &IdentityName,
+        issuer: &str,
+        claims: Vec<(String, String)>,
+    ) -> Result<IdentityRecord, IdentityError> {
+        if claims.is_empty() || claims.len() > MAX_LIST {
+            return Err(IdentityError::Invalid(format!(
+                "give 1 to {MAX_LIST} bound claims KEY=VALUE (a binding without claims would admit every token of the issuer)"
+            )));
+        }
+        for (k, v) in &claims {
+            if k.is_empty() {
+                return Err(IdentityError::Invalid("a claim key is empty".into()));
+            }
+            check_text("claim", k)?;
+            check_text("claim value", v)?;
+        }
+        if self.issuer(issuer)?.is_none() {
+            return Err(IdentityError::UnknownIssuer(printable(issuer)));
+        }
+        let binding = OidcBinding {
+            issuer: issuer.to_owned(),
+            claims: claims
+                .into_iter()
+                .map(|(key, value)| ClaimPair { key, value })
+                .collect(),
+        };
+        let _guard = self.lock();
+        let mut record = self.require(name)?;
+        if !record.oidc_bindings.contains(&binding) {
+            if record.oidc_bindings.len() >= MAX_LIST {
+                return Err(IdentityError::Invalid(format!(
+                    "at most {MAX_LIST} OIDC bindings"
+                )));
+            }
+            record.oidc_bindings.push(binding);
+        }
+        self.put_record(&record)?;
+        Ok(record)
+    }
+
+    /// Identities with a binding to `issuer`, with that binding's claims.
+    pub fn oidc_candidates(
+        &self,
+        issuer: &str,
+    ) -> Result<Vec<(IdentityRecord, Vec<ClaimSet>)>, IdentityError> {
+        let mut out = Vec::new();
+        for record in self.all()? {
+            let bound: Vec<ClaimSet> = record
+                .oidc_bindings
+                .iter()
+                .filter(|b| b.issuer == issuer)
+                .map(OidcBinding::claim_pairs)
+                .collect();
+            if !bound.is_empty() {
+                out.push((record, bound));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores (or replaces) an OIDC issuer; the record is checked first.
+    pub fn put_issuer(&self, issuer: IssuerRecord) -> Result<IssuerRecord, IdentityError> {
+        if IdentityName::parse(&issuer.name).is_err() {
+            return Err(IdentityError::Invalid(
+                "issuer name: 1 to 128 characters of [A-Za-z0-9._-]".into(),
+            ));
+        }
+        if issuer.jwks_file.is_empty() == issuer.jwks_url.is_empty() {
+            return Err(IdentityError::Invalid(
+                "give exactly one of a JWKS file or a JWKS URL".into(),
+            ));
+        }
+        issuer
+            .config()
+            .map_err(|e| IdentityError::Invalid(e.to_string()))?;
+        self.barrier.put(
+            &format!("{ISSUER_PREFIX}{}", issuer.name),
+            &issuer.encode_to_vec(),
+        )?;
+        Ok(issuer)
+    }
+
+    pub fn issuer(&self, name: &str) -> Result<Option<IssuerRecord>, IdentityError> {
+        match self.barrier.get(&format!("{ISSUER_PREFIX}{name}"))? {
+            Some(raw) => Ok(Some(Self::decode(&raw)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn issuers(&self) -> Result<Vec<IssuerRecord>, IdentityError> {
+        self.barrier
+            .scan_prefix(ISSUER_PREFIX)?
+            .iter()
+            .map(|(_, raw)| Self::decode(raw))
+            .collect()
+    }
+}

@@ -1,0 +1,485 @@
+//! Identity store and login logic against a real barrier on a temporary sled.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::login::{Login, LoginError, Throttle, ThrottleConfig};
+use super::*;
+use crate::barrier::BarrierOptions;
+use crate::oidc::JwksCache;
+use crate::storage::SledBackend;
+
+const NOW: u64 = 1_700_000_000_000;
+const LOCAL: Option<IpAddr> = Some(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    store: IdentityStore,
+    login: Login,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = SledBackend::open(dir.path()).unwrap();
+    let barrier = Barrier::new(Arc::new(backend), BarrierOptions::default()).unwrap();
+    let shares = barrier.init(1, 1).unwrap();
+    barrier.unseal(shares[0].0.as_str()).unwrap();
+    let barrier = Arc::new(barrier);
+    Fixture {
+        _dir: dir,
+        store: IdentityStore::new(barrier),
+        login: Login::new(JwksCache::files_only(), ThrottleConfig::default()),
+    }
+}
+
+struct AllPolicies;
+impl PolicyCatalog for AllPolicies {
+    fn policy_exists(&self, name: &str) -> Result<bool, IdentityError> {
+        Ok(name != "missing")
+    }
+}
+
+#[derive(Default)]
+struct Revocations(Mutex<Vec<String>>, AtomicU32);
+impl TokenRevoker for Revocations {
+    fn revoke_identity(&self, identity: &str, _now_ms: u64) -> Result<u32, IdentityError> {
+        self.0.lock().unwrap().push(identity.to_owned());
+        self.1.fetch_add(1, Ordering::SeqCst);
+        Ok(2)
+    }
+}
+
+fn new(name: &str) -> NewIdentity {
+    NewIdentity {
+        name: IdentityName::parse(name).unwrap(),
+        kind: IdentityKind::CiRunner,
+        owner: "platform".into(),
+        description: "builds".into(),
+        policies: vec!["app-read".into()],
+        expires_at_ms: 0,
+    }
+}
+
+fn name(text: &str) -> IdentityName {
+    IdentityName::parse(text).unwrap()
+}
+
+#[test]
+fn names_and_kinds_are_parsed() {
+    for ok in ["ci", "ci-runner.prod_1", "A1"] {
+        assert!(IdentityName::parse(ok).is_ok(), "{ok}");
+    }
+    for bad in ["", "root", "-x", ".x", "a/b", "a b", &"x".repeat(129)] {
+        assert!(IdentityName::parse(bad).is_err(), "{bad:?}");
+    }
+    for kind in IdentityKind::ALL {
+        assert_eq!(IdentityKind::parse(kind.as_str()).unwrap(), kind);
+    }
+    assert!(matches!(
+        IdentityKind::parse("robot"),
+        Err(IdentityError::InvalidKind(_))
+    ));
+}
+
+#[test]
+fn subjects_normalise_to_a_sorted_set() {
+    assert_eq!(normalise_dn("CN=ci, o=acme").unwrap(), "CN=ci,O=acme");
+    assert_eq!(normalise_dn("O=acme,CN=ci").unwrap(), "CN=ci,O=acme");
+    for bad in ["", "CN", "CN=", "CN=a\\,b", "=x"] {
+        assert!(normalise_dn(bad).is_err(), "{bad:?}");
+    }
+    assert!(check_spiffe_id("spiffe://acme.test/ci").is_ok());
+    assert!(check_spiffe_id("https://acme.test/ci").is_err());
+    assert!(check_spiffe_id("spiffe://").is_err());
+}
+
+#[test]
+fn create_get_list_update_and_unknown_policies() {
+    let f = fixture();
+    let created = f.store.create(new("ci"), &AllPolicies, NOW).unwrap();
+    assert_eq!(created.role_id.len(), 32);
+    assert!(matches!(
+        f.store.create(new("ci"), &AllPolicies, NOW),
+        Err(IdentityError::AlreadyExists(_))
+    ));
+    let mut bad = new("other");
+    bad.policies = vec!["missing".into()];
+    assert!(matches!(
+        f.store.create(bad, &AllPolicies, NOW),
+        Err(IdentityError::UnknownPolicy(_))
+    ));
+    let mut bot = new("bot");
+    bot.kind = IdentityKind::Bot;
+    bot.owner = String::new();
+    f.store.create(bot, &AllPolicies, NOW).unwrap();
+
+    let none = |_: &str| None;
+    let all = f.store.list(&ListFilter::default(), &none, NOW).unwrap();
+    assert_eq!(all.len(), 2);
+    let unowned = ListFilter {
+        no_owner: true,
+        ..Default::default()
+    };
+    let names: Vec<String> = f
+        .store
+        .list(&unowned, &none, NOW)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    assert_eq!(names, vec!["bot"]);
+    let bots = ListFilter {
+        kind: Some(IdentityKind::CiRunner),
+        ..Default::default()
+    };
+    assert_eq!(f.store.list(&bots, &none, NOW).unwrap().len(), 1);
+    let dormant = ListFilter {
+        dormant_ms: 1000,
+        ..Default::default()
+    };
+    let used = |n: &str| (n == "ci").then_some(NOW + 5000);
+    let names: Vec<String> = f
+        .store
+        .list(&dormant, &used, NOW + 5000)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    assert_eq!(names, vec!["bot"], "ci was used just now");
+
+    let revoked = Revocations::default();
+    let updated = f
+        .store
+        .update(
+            &name("ci"),
+            IdentityUpdate {
+                owner: Some("sre".into()),
+                ..Default::default()
+            },
+            &AllPolicies,
+            &revoked,
+            NOW,
+        )
+        .unwrap();
+    assert_eq!(
+        (updated.owner.as_str(), updated.description.as_str()),
+        ("sre", "builds")
+    );
+    assert!(revoked.0.lock().unwrap().is_empty());
+    f.store
+        .update(
+            &name("ci"),
+            IdentityUpdate {
+                policies: Some(vec!["narrow".into()]),
+                ..Default::default()
+            },
+            &AllPolicies,
+            &revoked,
+            NOW,
+        )
+        .unwrap();
+    assert_eq!(
+        *revoked.0.lock().unwrap(),
+        vec!["ci"],
+        "narrowed policies revoke"
+    );
+}
+
+#[test]
+fn disable_expire_and_delete_revoke_tokens() {
+    let f = fixture();
+    let revoked = Revocations::default();
+    f.store.create(new("ci"), &AllPolicies, NOW).unwrap();
+    let (rec, n) = f
+        .store
+        .set_disabled(&name("ci"), true, &revoked, NOW)
+        .unwrap();
+    assert!(rec.disabled);
+    assert_eq!(n, 2);
+    let (rec, n) = f
+        .store
+        .set_disabled(&name("ci"), false, &revoked, NOW)
+        .unwrap();
+    assert!(!rec.disabled);
+    assert_eq!(n, 0);
+
+    let mut short = new("short");
+    short.expires_at_ms = NOW + 1000;
+    f.store.create(short, &AllPolicies, NOW).unwrap();
+    assert_eq!(f.store.sweep_expired(&revoked, NOW).unwrap(), 0);
+    assert_eq!(f.store.sweep_expired(&revoked, NOW + 1000).unwrap(), 2);
+    assert_eq!(
+        f.store.sweep_expired(&revoked, NOW + 2000).unwrap(),
+        0,
+        "once"
+    );
+
+    let sid = f
+        .store
+        .create_secret_id(&name("ci"), SecretIdSpec::default(), NOW)
+        .unwrap();
+    assert_eq!(f.store.delete(&name("ci"), &revoked, NOW).unwrap(), 2);
+    assert!(f.store.get("ci").unwrap().is_none());
+    assert!(f.store.by_role_id(&sid.role_id).unwrap().is_none());
+    assert!(f.store.secret_ids().unwrap().is_empty());
+    assert_eq!(
+        *revoked.0.lock().unwrap(),
+        vec!["ci", "short", "ci"],
+        "disable, expiry, delete"
+    );
+}
+
+#[test]
+fn secret_ids_are_hashed_and_spent() {
+    let f = fixture();
+    f.store.create(new("ci"), &AllPolicies, NOW).unwrap();
+    let sid = f
+        .store
+        .create_secret_id(
+            &name("ci"),
+            SecretIdSpec {
+                ttl_ms: 60_000,
+                uses: 2,
+                cidrs: vec!["127.0.0.0/8".parse().unwrap()],
+            },
+            NOW,
+        )
+        .unwrap();
+    let text = sid.secret_id.expose().to_owned();
+    assert!(text.starts_with("kws_") && text.len() == 47);
+    assert!(!format!("{:?}", sid.secret_id).contains(&text));
+    let stored = f.store.secret_ids().unwrap();
+    assert_eq!(stored.len(), 1);
+    assert!(!format!("{stored:?}").contains(&text[4..]));
+
+    let other: Option<IpAddr> = Some("10.1.2.3".parse().unwrap());
+    assert!(f
+        .store
+        .spend_secret_id(&sid.role_id, &text, other, NOW)
+        .unwrap()
+        .is_none());
+    assert!(f
+        .store
+        .spend_secret_id("0".repeat(32).as_str(), &text, LOCAL, NOW)
+        .unwrap()
+        .is_none());
+    assert!(f
+        .store
+        .spend_secret_id(&sid.role_id, &text, LOCAL, NOW)
+        .unwrap()
+        .is_some());
+    assert!(f
+        .store
+        .spend_secret_id(&sid.role_id, &text, LOCAL, NOW)
+        .unwrap()
+        .is_some());
+    assert!(
+        f.store
+            .spend_secret_id(&sid.role_id, &text, LOCAL, NOW)
+            .unwrap()
+            .is_none(),
+        "two uses only"
+    );
+    assert!(f.store.secret_ids().unwrap().is_empty());
+
+    let sid = f
+        .store
+        .create_secret_id(
+            &name("ci"),
+            SecretIdSpec {
+                ttl_ms: 1000,
+                ..Default::default()
+            },
+            NOW,
+        )
+        .unwrap();
+    assert!(f
+        .store
+        .spend_secret_id(&sid.role_id, sid.secret_id.expose(), LOCAL, NOW + 1000)
+        .unwrap()
+        .is_none());
+}
+
+#[test]
+fn approle_login_checks_the_identity_and_throttles() {
+    let f = fixture();
+    let revoked = Revocations::default();
+    f.store.create(new("ci"), &AllPolicies, NOW).unwrap();
+    let sid = f
+        .store
+        .create_secret_id(&name("ci"), SecretIdSpec::default(), NOW)
+        .unwrap();
+    let grant = f
+        .login
+        .approle(&f.store, &sid.role_id, sid.secret_id.expose(), LOCAL, NOW)
+        .unwrap();
+    assert_eq!(grant.identity, "ci");
+    assert_eq!(grant.policies, vec!["app-read"]);
+    assert_eq!(grant.hard_expiry_ms, None);
+    assert_eq!(f.store.get("ci").unwrap().unwrap().last_login_ms, NOW);
+
+    f.store
+        .set_disabled(&name("ci"), true, &revoked, NOW)
+        .unwrap();
+    assert!(matches!(
+        f.login
+            .approle(&f.store, &sid.role_id, sid.secret_id.expose(), LOCAL, NOW),
+        Err(LoginError::Invalid)
+    ));
+    f.store
+        .set_disabled(&name("ci"), false, &revoked, NOW)
+        .unwrap();
+
+    let wrong = SecretIdText::generate().unwrap();
+    for _ in 0..4 {
+        assert!(matches!(
+            f.login
+                .approle(&f.store, &sid.role_id, wrong.expose(), LOCAL, NOW),
+            Err(LoginError::Invalid)
+        ));
+    }
+    assert!(matches!(
+        f.login
+            .approle(&f.store, &sid.role_id, sid.secret_id.expose(), LOCAL, NOW),
+        Err(LoginError::Locked(30))
+    ));
+    assert!(f
+        .login
+        .approle(
+            &f.store,
+            &sid.role_id,
+            sid.secret_id.expose(),
+            LOCAL,
+            NOW + 30_000
+        )
+        .is_ok());
+    let failures = f.login.failed_logins();
+    assert_eq!(failures.len(), 1);
+    assert_eq!(
+        (failures[0].identity.as_str(), failures[0].count),
+        ("ci", 6),
+        "1 disabled + 4 wrong + 1 locked out"
+    );
+}
+
+#[test]
+fn throttle_backs_off_doubling_and_forgets_old_failures() {
+    let t = Throttle::new(ThrottleConfig {
+        backoff_ms: 1000,
+        max_backoff_ms: 4000,
+        window_ms: 10_000,
+        ..Default::default()
+    });
+    t.fail("k", 2, 0);
+    assert!(t.check("k", 0).is_ok());
+    t.fail("k", 2, 0);
+    assert_eq!(t.check("k", 0), Err(1));
+    assert!(t.check("k", 1000).is_ok());
+    t.fail("k", 2, 1000);
+    assert_eq!(t.check("k", 1000), Err(2));
+    t.fail("k", 2, 3000);
+    t.fail("k", 2, 3000);
+    assert_eq!(t.check("k", 3000), Err(4), "capped");
+    t.fail("k", 2, 100_000);
+    assert!(
+        t.check("k", 100_000).is_ok(),
+        "window passed: counts afresh"
+    );
+    t.clear("k");
+    assert!(t.check("k", 100_000).is_ok());
+}
+
+#[test]
+fn cert_bindings_find_the_identity() {
+    let f = fixture();
+    f.store.create(new("ci"), &AllPolicies, NOW).unwrap();
+    f.store.create(new("web"), &AllPolicies, NOW).unwrap();
+    f.store
+        .bind_cert(&name("ci"), Some("CN=ci, O=acme"), None)
+        .unwrap();
+    f.store
+        .bind_cert(&name("web"), None, Some("spiffe://acme.test/web"))
+        .unwrap();
+    assert!(matches!(
+        f.store.bind_cert(&name("web"), Some("O=acme,CN=ci"), None),
+        Err(IdentityError::BindingTaken(_))
+    ));
+    assert!(f.store.bind_cert(&name("web"), None, None).is_err());
+    let found = f.store.by_cert(Some("O=acme,CN=ci"), &[]).unwrap().unwrap();
+    assert_eq!(found.name, "ci");
+    let found = f
+        .store
+        .by_cert(Some("CN=other"), &["spiffe://acme.test/web".into()])
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.name, "web");
+    assert!(f.store.by_cert(Some("CN=nobody"), &[]).unwrap().is_none());
+
+    // A real certificate from the dev CA.
+    let dir = tempfile::tempdir().unwrap();
+    let paths = crate::pki::ensure_dev_certs(dir.path()).unwrap();
+    let issuer = crate::pki::load_issuer(&paths).unwrap();
+    let (pem, _) =
+        crate::pki::issue_client_cert(&issuer, "ci", Some("spiffe://acme.test/x")).unwrap();
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+    let names = login::cert_names(&der).unwrap();
+    assert_eq!(names.subject.as_deref(), Some("CN=ci,O=keyward dev"));
+    assert_eq!(names.spiffe_ids, vec!["spiffe://acme.test/x"]);
+    assert!(matches!(
+        f.login.cert(&f.store, Some(&der), LOCAL, NOW),
+        Err(LoginError::UnboundCertificate)
+    ));
+    f.store
+        .bind_cert(&name("ci"), None, Some("spiffe://acme.test/x"))
+        .unwrap();
+    let grant = f.login.cert(&f.store, Some(&der), LOCAL, NOW).unwrap();
+    assert_eq!((grant.identity.as_str(), grant.method), ("ci", "cert"));
+    assert!(matches!(
+        f.login.cert(&f.store, None, LOCAL, NOW),
+        Err(LoginError::NoCertificate)
+    ));
+}
+
+#[test]
+fn issuers_and_oidc_bindings_are_checked() {
+    let f = fixture();
+    f.store.create(new("ci"), &AllPolicies, NOW).unwrap();
+    let issuer = IssuerRecord {
+        name: "gh".into(),
+        issuer_url: "https://token.actions.example".into(),
+        jwks_file: "/tmp/jwks.json".into(),
+        jwks_url: String::new(),
+        audience: "keyward".into(),
+    };
+    let mut both = issuer.clone();
+    both.jwks_url = "https://x/jwks".into();
+    assert!(f.store.put_issuer(both).is_err());
+    let mut http = issuer.clone();
+    http.issuer_url = "http://x".into();
+    assert!(f.store.put_issuer(http).is_err());
+    f.store.put_issuer(issuer).unwrap();
+    assert_eq!(f.store.issuers().unwrap().len(), 1);
+    assert!(matches!(
+        f.store
+            .bind_oidc(&name("ci"), "nope", vec![("sub".into(), "x".into())]),
+        Err(IdentityError::UnknownIssuer(_))
+    ));
+    assert!(f.store.bind_oidc(&name("ci"), "gh", vec![]).is_err());
+    f.store
+        .bind_oidc(
+            &name("ci"),
+            "gh",
+            vec![("repository".into(), "acme/app".into())],
+        )
+        .unwrap();
+    let candidates = f.store.oidc_candidates("gh").unwrap();
+    assert_eq!(candidates.len(), 1);
+    assert_eq!(
+        candidates[0].1,
+        vec![vec![("repository".to_owned(), "acme/app".to_owned())]]
+    );
+}
