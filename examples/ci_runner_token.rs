@@ -64,5 +64,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "read {} version {} (fields: {:?})",
         secret.path, secret.version, fields
     );
+    // The job is done: its token goes now rather than at its expiry.
+    client.revoke_self().await?;
     Ok(())
 }

@@ -12,7 +12,7 @@ use super::secrets::timestamp;
 use super::{Access, Call};
 use crate::barrier::BarrierError;
 use crate::core::{now_ms, Core};
-use crate::identity::login::{token_ttl, MAX_LOGIN_TTL};
+use crate::identity::login::{token_ttl, LoginError, MAX_LOGIN_TTL};
 use crate::identity::IdentityError;
 use crate::proto::v1::login_request::Method;
 use crate::proto::v1::{LoginRequest, TokenResponse};
@@ -72,6 +72,16 @@ pub(crate) async fn login(
         now,
     ))?;
     call.set_subject(&issued.identity, &issued.accessor);
+    // A disable, delete or expiry that ran between the credential check and
+    // the issue revoked the identity's tokens before this one existed: look
+    // again now that it is stored, and take it back if the identity is gone.
+    let still_active = call
+        .check(core.identities.get(&grant.identity))?
+        .is_some_and(|record| record.is_active(now_ms()));
+    if !still_active {
+        call.check(core.tokens.revoke(&issued.accessor))?;
+        return Err(call.fail(LoginError::Invalid));
+    }
     call.check(core.barrier.durable().await)?;
     call.ok(&[("token", issued.token.expose().as_bytes())])?;
     Ok(Response::new(TokenResponse {
