@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server as TonicServer, ServerTlsConfig};
 
+use crate::api::rotation::RotationService;
 use crate::api::secrets::SecretsService;
 use crate::api::sys::{publish_health, SysService};
 use crate::audit::AuditLog;
@@ -20,6 +21,7 @@ use crate::barrier::{Barrier, BarrierOptions};
 use crate::config::ServerConfig;
 use crate::core::Core;
 use crate::metrics::Metrics;
+use crate::proto::v1::rotation_server::RotationServer;
 use crate::proto::v1::secrets_server::SecretsServer;
 use crate::proto::v1::sys_server::SysServer;
 use crate::storage::SledBackend;
@@ -102,11 +104,16 @@ impl Server {
         }
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let core_for_signal = self.core.clone();
         let signal = async move {
             shutdown.await;
             let _ = stop_tx.send(true);
+            // Rotation workers stop at a step boundary; Watch streams end.
+            core_for_signal.begin_shutdown();
         };
         tokio::spawn(signal);
+        // -- rotation (issue 4): the scheduler runs while unsealed --
+        crate::rotation::scheduler::start(&self.core);
 
         if let Some(listener) = metrics_listener {
             let core = self.core.clone();
@@ -131,7 +138,7 @@ impl Server {
             .add_service(SecretsServer::new(SecretsService::new(self.core.clone())))
             // -- identities, tokens, policies, login, governance (issue 3) go here --
             // -- rotation (issue 4) goes here --
-            ;
+            .add_service(RotationServer::new(RotationService::new(self.core.clone())));
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let mut rx = stop_rx.clone();
         let serving = router.serve_with_incoming_shutdown(incoming, async move {
@@ -148,6 +155,8 @@ impl Server {
             Ok(result) => result.map_err(|e| ServerError::Transport(e.to_string()))?,
             Err(_) => tracing::warn!("drain deadline passed; closing remaining calls"),
         }
+        // -- rotation (issue 4): wait for workers to reach a step boundary --
+        self.core.rotation.wait_stopped(DRAIN_DEADLINE).await;
         if let Err(e) = self.core.audit.sync() {
             tracing::error!(error = %e, "could not flush the audit log at shutdown");
         }

@@ -3,6 +3,7 @@
 //! per-call life cycle (`Call`) and the one mapping of domain errors to gRPC
 //! status codes. No business rule lives here.
 
+pub mod rotation;
 pub mod secrets;
 pub mod sys;
 
@@ -110,6 +111,47 @@ impl From<SecretsError> for Failure {
             SecretsError::CasMismatch { .. } => Self::new(Code::FailedPrecondition, e.to_string()),
             SecretsError::Barrier(b) => b.into(),
             SecretsError::Corrupt => Self::internal(e),
+        }
+    }
+}
+
+// -- rotation (issue 4) --
+impl From<crate::rotation::policy::PolicyError> for Failure {
+    fn from(e: crate::rotation::policy::PolicyError) -> Self {
+        use crate::rotation::policy::PolicyError;
+        match e {
+            PolicyError::Path(i) => i.into(),
+            PolicyError::UnknownProvider(_) => Self::new(Code::NotFound, e.to_string()),
+            other => Self::new(Code::InvalidArgument, other.to_string()),
+        }
+    }
+}
+
+impl From<crate::rotation::RotationError> for Failure {
+    fn from(e: crate::rotation::RotationError) -> Self {
+        use crate::rotation::provider::{ProviderError, RegistryError};
+        use crate::rotation::RotationError;
+        match e {
+            RotationError::Policy(p) => p.into(),
+            RotationError::NoPolicy | RotationError::NoRun => {
+                Self::new(Code::NotFound, e.to_string())
+            }
+            RotationError::Secrets(s) => s.into(),
+            RotationError::Barrier(b) => b.into(),
+            RotationError::Audit(a) => a.into(),
+            RotationError::Provider(ProviderError::InvalidSettings(m)) => {
+                Self::new(Code::InvalidArgument, m)
+            }
+            RotationError::Provider(ProviderError::Unreachable(m)) => {
+                Self::new(Code::Unavailable, format!("provider unreachable: {m}"))
+            }
+            RotationError::Provider(p) => Self::new(Code::FailedPrecondition, p.to_string()),
+            RotationError::Registry(r @ RegistryError::NameTaken(_)) => {
+                Self::new(Code::AlreadyExists, r.to_string())
+            }
+            RotationError::Registry(r) => Self::new(Code::InvalidArgument, r.to_string()),
+            RotationError::Stopping => Self::new(Code::Unavailable, e.to_string()),
+            RotationError::Corrupt => Self::internal(e),
         }
     }
 }
@@ -233,6 +275,11 @@ impl Call {
 
     pub fn request_id(&self) -> &str {
         &self.request_id
+    }
+
+    /// The authenticated caller (for checks a stream makes after the call).
+    pub fn caller(&self) -> Option<&Caller> {
+        self.caller.as_ref()
     }
 
     /// Parses a piece of input; a refusal is audited and answered.

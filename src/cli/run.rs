@@ -23,11 +23,11 @@ fn options(g: &Global) -> ClientOptions {
     }
 }
 
-async fn connect(g: &Global) -> Result<Client> {
+pub(super) async fn connect(g: &Global) -> Result<Client> {
     Ok(Client::connect(options(g)).await?)
 }
 
-fn rfc3339(ts: &Option<prost_types::Timestamp>) -> Value {
+pub(super) fn rfc3339(ts: &Option<prost_types::Timestamp>) -> Value {
     match ts {
         Some(t) => chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32)
             .map(|d| Value::String(d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
@@ -279,6 +279,11 @@ pub async fn run(cli: Cli) -> Result<()> {
         // -- identities, tokens, policies, login, report (issue 3) go here --
 
         // -- rotation, providers (issue 4) go here --
+        Command::Rotation(cmd) => super::rotation::rotation(&g, format, cmd).await?,
+        Command::Rotate { path, no_wait } => {
+            super::rotation::rotate(&g, format, &path, no_wait).await?
+        }
+        Command::Provider(cmd) => super::rotation::provider(&g, format, cmd).await?,
         Command::Bench(args) => super::bench::run(&options(&g), &args, format).await?,
         Command::Certs { out } => {
             let paths = keyward::pki::ensure_dev_certs(&out)?;

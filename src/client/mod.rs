@@ -24,6 +24,12 @@ use tonic::{Code, Request};
 // `client/identity.rs`, rotation calls (issue 4) in `client/rotation.rs`,
 // each as its own `impl Client` block.
 
+// -- rotation (issue 4) --
+mod rotation;
+mod watch;
+pub use rotation::{RotationPolicySpec, ScheduleSpec, WatchStream};
+pub use watch::FreshSecret;
+
 use crate::proto::v1::secrets_client::SecretsClient;
 use crate::proto::v1::sys_client::SysClient;
 use crate::proto::v1::*;
