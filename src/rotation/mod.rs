@@ -355,12 +355,25 @@ impl Broker {
 
     // ------------------------------------------------------------ policies
 
+    /// Sets (or replaces) a policy; its first run is due at the schedule's
+    /// next time after `now_ms`, with jitter.
     pub fn set_policy(
         &self,
         spec: &PolicySpec,
         now_ms: u64,
     ) -> Result<PolicyRecord, RotationError> {
         let next_due = spec.schedule.next_due(now_ms).map_err(PolicyError::from)?;
+        self.set_policy_due_at(spec, next_due, now_ms)
+    }
+
+    /// Sets (or replaces) a policy whose first run is due at `next_due` (an
+    /// import that keeps an existing schedule; the benchmark).
+    pub fn set_policy_due_at(
+        &self,
+        spec: &PolicySpec,
+        next_due: u64,
+        now_ms: u64,
+    ) -> Result<PolicyRecord, RotationError> {
         let _guard = self.lock();
         let old = self.policy(&spec.path)?;
         let mut record = PolicyRecord::from_spec(spec, next_due, now_ms);

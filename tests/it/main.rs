@@ -6,11 +6,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod harness;
+#[path = "../support/pg_cluster.rs"]
+#[allow(dead_code)]
+mod pg_cluster;
 
 mod audit;
 mod cli;
 mod crash;
 mod leaks;
+mod rotation;
 mod seal;
 mod secrets;
 mod server;
