@@ -546,6 +546,7 @@ async fn rollback(
 ) -> Result<Driven, RotationError> {
     // Put `current` back on the target: a single-user apply may have
     // replaced its password before verify failed. Idempotent.
+    tracing::debug!(path = %path, "rolling back: restoring current on the target");
     let message = match input.current {
         None => Some("no current version to restore".to_owned()),
         Some(current) => match provider.apply(input, current).await {
@@ -576,6 +577,7 @@ async fn finish_failed(
     _reason: Option<&str>,
     path: &SecretPath,
 ) -> Result<Driven, RotationError> {
+    tracing::debug!(path = %path, "rotation failed; dropping pending");
     match core.secrets.clear_pending(path, now_ms()) {
         Ok(()) | Err(SecretsError::NotFound) => {}
         Err(e) => return Err(e.into()),
@@ -605,6 +607,7 @@ async fn finish_failed(
     }
     core.rotation.finish_run(&run, None)?;
     core.barrier.durable().await?;
+    tracing::debug!(path = %path, "rotation failed; recorded");
     core.rotation.count_run(&run.provider, "failed");
     danger_test_fault_point(Step::Rollback);
     Ok(Driven::Finished(Box::new(run)))

@@ -456,6 +456,18 @@ impl Broker {
         }
     }
 
+    pub(crate) fn active_run_by_path(
+        &self,
+        path: &str,
+    ) -> Result<Option<RunRecord>, RotationError> {
+        match self.barrier.get(&run_key(path))? {
+            None => Ok(None),
+            Some(raw) => RunRecord::decode(raw.as_slice())
+                .map(Some)
+                .map_err(|_| RotationError::Corrupt),
+        }
+    }
+
     /// One finished run by id.
     pub fn finished_run(
         &self,

@@ -236,9 +236,11 @@ pub fn spawn_run(core: &Arc<Core>, run: RunRecord, permit: Option<OwnedSemaphore
                 _ => None,
             };
             let ready = worker.is_some() && (limit.is_none() || provider_permit.is_some());
+            let mut finished = false;
             if ready {
                 match machine::drive(&core, run.clone(), stop).await {
-                    Ok(Driven::Finished(_)) | Ok(Driven::Interrupted) => {}
+                    Ok(Driven::Finished(_)) => finished = true,
+                    Ok(Driven::Interrupted) => {}
                     Err(e) => {
                         tracing::warn!(error = %e, "rotation stopped; it resumes later");
                         broker.resume_needed.store(true, Ordering::SeqCst);
@@ -249,6 +251,15 @@ pub fn spawn_run(core: &Arc<Core>, run: RunRecord, permit: Option<OwnedSemaphore
             drop(worker);
             broker.release_in_flight(&path);
             broker.announce_finished(&run);
+            if finished {
+                // A run started (trigger or schedule) while this one was
+                // finishing found the path busy and was left to us.
+                if let Ok(Some(next)) = broker.active_run_by_path(&path) {
+                    if next.run_id != run.run_id {
+                        spawn_run(&core, next, None);
+                    }
+                }
+            }
         }
         .instrument(span),
     );

@@ -70,6 +70,23 @@ fn spec(
 
 const HOUR: Duration = Duration::from_secs(3600);
 
+/// Runs the CLI off the runtime's threads (it blocks until the child exits,
+/// and the in-process server must keep running meanwhile).
+async fn cli_off_runtime(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        cli(&args, &env, None)
+    })
+    .await
+    .unwrap()
+}
+
 /// Polls `check` every 200 ms until it gives a value, or fails after PATIENCE.
 async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where
@@ -543,9 +560,9 @@ async fn cli_rotation_set_rotate_history_and_list() {
         ("KEYWARD_FORMAT", "json"),
     ];
     let path = format!("{}/token", unique("cli"));
-    let (code, _, err) = cli(&["secret", "put", &path, "password=first"], &env, None);
+    let (code, _, err) = cli_off_runtime(&["secret", "put", &path, "password=first"], &env).await;
     assert_eq!(code, 0, "{err}");
-    let (code, out, err) = cli(
+    let (code, out, err) = cli_off_runtime(
         &[
             "rotation",
             "set",
@@ -560,32 +577,32 @@ async fn cli_rotation_set_rotate_history_and_list() {
             "length=20",
         ],
         &env,
-        None,
-    );
+    )
+    .await;
     assert_eq!(code, 0, "{err}");
     let policy: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(policy["schedule"]["every"], "1h");
     assert_eq!(policy["config"]["length"], "20");
 
-    let (code, out, err) = cli(&["rotate", &path], &env, None);
+    let (code, out, err) = cli_off_runtime(&["rotate", &path], &env).await;
     assert_eq!(code, 0, "{err}");
     let run: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(run["path"], path.as_str());
     assert_eq!(run["state"], "succeeded");
     assert_eq!(run["version"], 2);
-    assert_eq!(run["steps"].as_array().unwrap().len(), 4);
+    assert!(run["steps"].as_array().unwrap().len() >= 4);
 
-    let (code, out, _) = cli(&["rotate", &path, "--no-wait"], &env, None);
+    let (code, out, _) = cli_off_runtime(&["rotate", &path, "--no-wait"], &env).await;
     assert_eq!(code, 0);
     let started: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(started["state"] == "running" || started["state"] == "succeeded");
 
-    let (code, out, _) = cli(&["rotation", "history", &path], &env, None);
+    let (code, out, _) = cli_off_runtime(&["rotation", "history", &path], &env).await;
     assert_eq!(code, 0);
     let history: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(history["runs"].as_array().unwrap().len() >= 2);
 
-    let (code, out, _) = cli(&["rotation", "list", "--failed"], &env, None);
+    let (code, out, _) = cli_off_runtime(&["rotation", "list", "--failed"], &env).await;
     assert_eq!(code, 0);
     let failed: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(failed["policies"]
@@ -594,15 +611,12 @@ async fn cli_rotation_set_rotate_history_and_list() {
         .iter()
         .all(|p| p["path"] != path.as_str()));
 
-    let (code, _, err) = cli(
-        &["rotation", "set", &path, "--provider", "random"],
-        &env,
-        None,
-    );
+    let (code, _, err) =
+        cli_off_runtime(&["rotation", "set", &path, "--provider", "random"], &env).await;
     assert_eq!(code, 2, "no schedule is a usage error: {err}");
-    let (code, _, _) = cli(&["rotate", "no/such/policy"], &env, None);
+    let (code, _, _) = cli_off_runtime(&["rotate", "no/such/policy"], &env).await;
     assert_eq!(code, 1);
-    let (code, _, _) = cli(&["rotation", "delete", &path], &env, None);
+    let (code, _, _) = cli_off_runtime(&["rotation", "delete", &path], &env).await;
     assert_eq!(code, 0);
 }
 
@@ -950,7 +964,7 @@ async fn refused_change_keeps_current() {
             ("KEYWARD_TOKEN", server.root_token.as_str()),
             ("KEYWARD_FORMAT", "json"),
         ];
-        let (code, out, _) = cli(&["rotate", &path], &env, None);
+        let (code, out, _) = cli_off_runtime(&["rotate", &path], &env).await;
         assert_eq!(code, 1);
         let printed: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(printed["state"], "failed");
