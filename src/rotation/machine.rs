@@ -345,7 +345,7 @@ pub async fn drive(
             Some(p) => p,
             None if step == Step::Rollback => {
                 // Nothing can be put back on a target we cannot reach.
-                return finish_failed(core, run, None, &path).await;
+                return finish_failed(core, run, &path).await;
             }
             None => {
                 let e = ProviderError::Internal(format!(
@@ -360,7 +360,7 @@ pub async fn drive(
             Ok(a) => a,
             Err(e) if step == Step::Rollback => {
                 tracing::warn!(path = %path, error = %e, "rollback without admin secret");
-                return finish_failed(core, run, None, &path).await;
+                return finish_failed(core, run, &path).await;
             }
             Err(e) => {
                 let version = run.pending_version;
@@ -448,7 +448,7 @@ pub async fn drive(
             }
             Step::Retire => {
                 // A run record never rests at Retire; treat as finished.
-                return finish_failed(core, run, None, &path).await;
+                return finish_failed(core, run, &path).await;
             }
         }
     }
@@ -558,7 +558,7 @@ async fn rollback(
             Err(e) => Some(format!("could not restore current on the target: {e}")),
         },
     };
-    finish_failed(core, run_with_rollback(&mut run, message), None, path).await
+    finish_failed(core, run_with_rollback(&mut run, message), path).await
 }
 
 fn run_with_rollback(run: &mut RunRecord, message: Option<String>) -> RunRecord {
@@ -574,7 +574,6 @@ fn run_with_rollback(run: &mut RunRecord, message: Option<String>) -> RunRecord 
 async fn finish_failed(
     core: &Arc<Core>,
     mut run: RunRecord,
-    _reason: Option<&str>,
     path: &SecretPath,
 ) -> Result<Driven, RotationError> {
     tracing::debug!(path = %path, "rotation failed; dropping pending");

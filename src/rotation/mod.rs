@@ -179,6 +179,8 @@ pub struct Broker {
     /// worker stopped on a storage error).
     pub(crate) resume_needed: AtomicBool,
     run_counter: AtomicU64,
+    /// Passes of the sleeper over the indexes (for the benchmark and tests).
+    pub(crate) sleeper_passes: AtomicU64,
     runs: Family<RunLabels, Counter>,
     steps: Family<StepLabels, Counter>,
     /// Held by the sleeper and every worker; shutdown waits for all to drop.
@@ -214,6 +216,7 @@ impl Broker {
             finished: broadcast::channel(1024).0,
             resume_needed: AtomicBool::new(true),
             run_counter: AtomicU64::new(0),
+            sleeper_passes: AtomicU64::new(0),
             runs,
             steps,
             guard: Mutex::new(Some(guard)),
@@ -224,6 +227,11 @@ impl Broker {
 
     pub fn options(&self) -> &BrokerOptions {
         &self.options
+    }
+
+    /// How many times the scheduler has looked at its indexes so far.
+    pub fn sleeper_passes(&self) -> u64 {
+        self.sleeper_passes.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> MutexGuard<'_, ()> {

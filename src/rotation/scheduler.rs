@@ -94,6 +94,7 @@ async fn sleeper(core: &Arc<Core>) {
             }
         }
 
+        broker.sleeper_passes.fetch_add(1, Ordering::Relaxed);
         let now = now_ms();
         let mut next: Option<u64> = None;
         let mut busy = false;
