@@ -1305,3 +1305,172 @@ async fn crash_after_each_step_postgres_resumes_and_current_logs_in() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------- external plugin
+
+/// `examples/provider_plugin.rs` registered through the server
+/// (`Rotation.RegisterProvider`) and used by a policy.
+mod external {
+    use super::*;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::sync::OnceLock;
+
+    struct Plugin {
+        child: Child,
+        socket: PathBuf,
+        dir: tempfile::TempDir,
+    }
+
+    impl Drop for Plugin {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// Builds the example once (see tests/rotation_providers.rs for why
+    /// cargo's test variables are removed).
+    fn plugin_binary() -> &'static Path {
+        static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+        let built = BUILT.get_or_init(|| {
+            let mut cargo = Command::new(env!("CARGO"));
+            cargo.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+                "build",
+                "--example",
+                "provider_plugin",
+                "--message-format=json",
+            ]);
+            const SET_FOR_TESTS: [&str; 8] = [
+                "CARGO_MANIFEST_",
+                "CARGO_PKG_",
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+                "OUT_DIR",
+            ];
+            for (name, _) in std::env::vars_os() {
+                let text = name.to_string_lossy();
+                if SET_FOR_TESTS.iter().any(|prefix| text.starts_with(prefix)) {
+                    cargo.env_remove(&name);
+                }
+            }
+            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            if exe.ancestors().nth(2).and_then(Path::file_name) == Some("release".as_ref()) {
+                cargo.arg("--release");
+            }
+            let output = cargo
+                .stderr(Stdio::inherit())
+                .output()
+                .map_err(|e| e.to_string())?;
+            if !output.status.success() {
+                return Err(format!(
+                    "cargo build --example provider_plugin: {}",
+                    output.status
+                ));
+            }
+            String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+                .filter(|m| m["target"]["name"] == "provider_plugin")
+                .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+                .ok_or_else(|| "cargo reported no provider_plugin executable".to_owned())
+        });
+        match built {
+            Ok(path) => path,
+            Err(e) => panic!("cannot build the example plugin: {e}"),
+        }
+    }
+
+    fn start_plugin() -> Plugin {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("plugin.sock");
+        let child = Command::new(plugin_binary())
+            .arg("--socket")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut plugin = Plugin { child, socket, dir };
+        while !plugin.socket.exists() {
+            if let Some(status) = plugin.child.try_wait().unwrap() {
+                panic!("the example plugin exited: {status}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        plugin
+    }
+
+    fn sha256_hex(key: &str) -> String {
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, key.as_bytes()))
+    }
+
+    fn listed(keys_file: &Path) -> Vec<String> {
+        let text = std::fs::read_to_string(keys_file).unwrap();
+        let file: serde_json::Value = serde_json::from_str(&text).unwrap();
+        file["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k.as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn registered_plugin_rotates_and_retires() {
+        let plugin = tokio::task::spawn_blocking(start_plugin).await.unwrap();
+        let server = TestServer::dev().await;
+        let root = server.root().await;
+        let endpoint = format!("unix:{}", plugin.socket.display());
+        let name = format!("apikeys{}", suffix());
+        let registered = root
+            .register_provider(&name, &endpoint, None)
+            .await
+            .unwrap();
+        assert!(registered.settings.iter().any(|k| k == "keys_file"));
+        let taken = root
+            .register_provider("random", &endpoint, None)
+            .await
+            .unwrap_err();
+        assert_eq!(taken.code(), Some(tonic::Code::AlreadyExists));
+
+        let keys_file = plugin.dir.path().join("keys.json");
+        let old_key = "ak_OldKeyThatIsCurrentlyInUse0123456789";
+        std::fs::write(
+            &keys_file,
+            format!("{{\"keys\": [\"{}\"]}}", sha256_hex(old_key)),
+        )
+        .unwrap();
+        let path = format!("{}/api", unique("plugin"));
+        root.put(&path, &data(&[("api_key", old_key)]), PutOptions::default())
+            .await
+            .unwrap();
+        let file = keys_file.display().to_string();
+        root.set_rotation_policy(
+            &path,
+            &spec(&name, HOUR, Duration::from_secs(1), &[("keys_file", &file)]),
+        )
+        .await
+        .unwrap();
+        let run = root.rotate(&path, true).await.unwrap();
+        assert_eq!(run.state, "succeeded", "{:?}", steps(&run));
+        let new_key = root
+            .get(&path)
+            .await
+            .unwrap()
+            .field_str("api_key")
+            .unwrap()
+            .to_owned();
+        assert_ne!(new_key, old_key);
+        assert!(listed(&keys_file).contains(&sha256_hex(&new_key)));
+        let done = eventually("the plugin's retire", || retired(&root, &path)).await;
+        assert!(has_step(&done, "retire", "ok"), "{:?}", steps(&done));
+        assert_eq!(
+            listed(&keys_file),
+            [sha256_hex(&new_key)],
+            "the old key is unlisted"
+        );
+    }
+}
