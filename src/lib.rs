@@ -9,6 +9,10 @@
 //! - `core` — one request: authenticate -> authorize -> act -> audit.
 //! - `secrets`, `audit`, `identity` — domain modules, each under its own storage prefix.
 //! - `governance` — the report on identities, grants and credentials (no storage).
+//! - `secrets`, `audit` — domain modules, each under its own storage prefix.
+//! - `rotation` — the rotation broker (`rotation/`): policies, the persisted
+//!   state machine of each run, the scheduler and its workers, and the
+//!   providers that change credentials on their targets.
 //! - `barrier` — the seal, the keyring and AES-256-GCM around every value.
 //! - `storage` — the `Backend` trait and its sled implementation.
 //! - `client` — the public client that the CLI, examples and applications use.

@@ -75,6 +75,10 @@ pub struct GovernanceGauges {
     expiring: Family<KindLabels, Gauge>,
     failed_logins: Gauge,
     failed_login_sources: Gauge,
+    rotations_overdue: Gauge,
+    rotation_failed: Gauge,
+    /// Per mille, so an integer gauge carries three decimals.
+    rotation_compliance_permille: Gauge,
     /// When the gauges were last set: the report scans every identity and
     /// token, so scrapes reuse it for a while.
     last_set: Mutex<Option<std::time::Instant>>,
@@ -127,6 +131,30 @@ impl GovernanceGauges {
             "Distinct (identity, source address) pairs with failed logins",
             self.failed_login_sources.clone(),
         );
+        registry.register(
+            "rotations_overdue",
+            "Secrets whose scheduled rotation is overdue",
+            self.rotations_overdue.clone(),
+        );
+        registry.register(
+            "rotation_failed",
+            "Secrets whose last rotation failed",
+            self.rotation_failed.clone(),
+        );
+        registry.register(
+            "rotation_compliance_permille",
+            "Share of rotation policies that ran on schedule, in thousandths",
+            self.rotation_compliance_permille.clone(),
+        );
+    }
+
+    /// Sets the rotation gauges from the broker's summary.
+    pub fn set_rotation(&self, summary: &crate::rotation::RotationSummary) {
+        let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        self.rotations_overdue.set(n(summary.overdue.len()));
+        self.rotation_failed.set(n(summary.last_failures.len()));
+        self.rotation_compliance_permille
+            .set((summary.compliance * 1000.0).round() as i64);
     }
 
     /// Whether the gauges are older than `every` (or were never set); if so,

@@ -17,6 +17,7 @@ use crate::api::auth::AuthService;
 use crate::api::governance::GovernanceService;
 use crate::api::identities::IdentitiesService;
 use crate::api::policies::PoliciesService;
+use crate::api::rotation::RotationService;
 use crate::api::secrets::SecretsService;
 use crate::api::sys::{publish_health, SysService};
 use crate::audit::AuditLog;
@@ -28,6 +29,7 @@ use crate::proto::v1::auth_server::AuthServer;
 use crate::proto::v1::governance_server::GovernanceServer;
 use crate::proto::v1::identities_server::IdentitiesServer;
 use crate::proto::v1::policies_server::PoliciesServer;
+use crate::proto::v1::rotation_server::RotationServer;
 use crate::proto::v1::secrets_server::SecretsServer;
 use crate::proto::v1::sys_server::SysServer;
 use crate::storage::SledBackend;
@@ -119,11 +121,16 @@ impl Server {
         }
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let core_for_signal = self.core.clone();
         let signal = async move {
             shutdown.await;
             let _ = stop_tx.send(true);
+            // Rotation workers stop at a step boundary; Watch streams end.
+            core_for_signal.begin_shutdown();
         };
         tokio::spawn(signal);
+        // -- rotation (issue 4): the scheduler runs while unsealed --
+        crate::rotation::scheduler::start(&self.core);
 
         if let Some(listener) = metrics_listener {
             let core = self.core.clone();
@@ -209,10 +216,14 @@ impl Server {
             .add_service(AuthServer::new(AuthService::new(self.core.clone())))
             .add_service(PoliciesServer::new(PoliciesService::new(self.core.clone())))
             // -- identities, tokens, policies, login, governance (issue 3) go here --
-            .add_service(IdentitiesServer::new(IdentitiesService::new(self.core.clone())))
-            .add_service(GovernanceServer::new(GovernanceService::new(self.core.clone())))
+            .add_service(IdentitiesServer::new(IdentitiesService::new(
+                self.core.clone(),
+            )))
+            .add_service(GovernanceServer::new(GovernanceService::new(
+                self.core.clone(),
+            )))
             // -- rotation (issue 4) goes here --
-            ;
+            .add_service(RotationServer::new(RotationService::new(self.core.clone())));
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let mut rx = stop_rx.clone();
         let serving = router.serve_with_incoming_shutdown(incoming, async move {
@@ -237,6 +248,8 @@ impl Server {
         let _ = sweeper.await;
         let _ = usage_writer.await;
         self.core.persist_usage().await;
+        // -- rotation (issue 4): wait for workers to reach a step boundary --
+        self.core.rotation.wait_stopped(DRAIN_DEADLINE).await;
         if let Err(e) = self.core.audit.sync() {
             tracing::error!(error = %e, "could not flush the audit log at shutdown");
         }

@@ -1,6 +1,6 @@
 //! `keyward.v1.Governance`: the report of DESIGN.md. Needs `read` on
-//! `sys/governance`. The rotation fields are the rotation broker's and stay
-//! empty here.
+//! `sys/governance`. The identity figures come from `Core::governance_report`,
+//! the rotation figures from the rotation broker's summary.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +8,7 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 use super::{Access, Call};
-use crate::core::Core;
+use crate::core::{now_ms, Core};
 use crate::policy::Capability;
 use crate::proto::v1::governance_server::Governance;
 use crate::proto::v1::*;
@@ -42,7 +42,26 @@ impl Governance for GovernanceService {
             r.dormant_after_seconds.saturating_mul(1000),
             Duration::from_secs(r.long_ttl_seconds),
         ))?;
+        let rotation = call.check(self.core.rotation.rotation_summary(now_ms()))?;
         call.ok(&[])?;
+        let failures: std::collections::HashMap<&str, &str> = rotation
+            .last_failures
+            .iter()
+            .map(|(path, message)| (path.as_str(), message.as_str()))
+            .collect();
+        let overdue_rotations = rotation
+            .overdue
+            .iter()
+            .map(|(path, due_ms)| RotationStatus {
+                path: path.clone(),
+                due_at_unix: due_ms / 1000,
+                last_failure: failures
+                    .get(path.as_str())
+                    .copied()
+                    .unwrap_or("")
+                    .to_owned(),
+            })
+            .collect();
         Ok(Response::new(ReportResponse {
             identities_total: report.identities_total,
             identities_by_kind: report
@@ -88,10 +107,17 @@ impl Governance for GovernanceService {
                     count: f.count,
                 })
                 .collect(),
-            // Filled by the rotation broker (issue 4).
-            overdue_rotations: Vec::new(),
-            rotation_compliance: 0.0,
-            rotation_failures: Vec::new(),
+            overdue_rotations,
+            rotation_compliance: rotation.compliance,
+            rotation_failures: rotation
+                .last_failures
+                .iter()
+                .map(|(path, message)| RotationStatus {
+                    path: path.clone(),
+                    due_at_unix: 0,
+                    last_failure: message.clone(),
+                })
+                .collect(),
         }))
     }
 }

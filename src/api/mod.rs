@@ -8,6 +8,7 @@ pub mod governance;
 pub mod identities;
 pub mod login;
 pub mod policies;
+pub mod rotation;
 pub mod secrets;
 pub mod sys;
 
@@ -191,6 +192,47 @@ impl From<LoginError> for Failure {
             | LoginError::UnboundToken
             | LoginError::Ambiguous
             | LoginError::Oidc(_) => Self::new(Code::Unauthenticated, e.to_string()),
+        }
+    }
+}
+
+// -- rotation (issue 4) --
+impl From<crate::rotation::policy::PolicyError> for Failure {
+    fn from(e: crate::rotation::policy::PolicyError) -> Self {
+        use crate::rotation::policy::PolicyError;
+        match e {
+            PolicyError::Path(i) => i.into(),
+            PolicyError::UnknownProvider(_) => Self::new(Code::NotFound, e.to_string()),
+            other => Self::new(Code::InvalidArgument, other.to_string()),
+        }
+    }
+}
+
+impl From<crate::rotation::RotationError> for Failure {
+    fn from(e: crate::rotation::RotationError) -> Self {
+        use crate::rotation::provider::{ProviderError, RegistryError};
+        use crate::rotation::RotationError;
+        match e {
+            RotationError::Policy(p) => p.into(),
+            RotationError::NoPolicy | RotationError::NoRun => {
+                Self::new(Code::NotFound, e.to_string())
+            }
+            RotationError::Secrets(s) => s.into(),
+            RotationError::Barrier(b) => b.into(),
+            RotationError::Audit(a) => a.into(),
+            RotationError::Provider(ProviderError::InvalidSettings(m)) => {
+                Self::new(Code::InvalidArgument, m)
+            }
+            RotationError::Provider(ProviderError::Unreachable(m)) => {
+                Self::new(Code::Unavailable, format!("provider unreachable: {m}"))
+            }
+            RotationError::Provider(p) => Self::new(Code::FailedPrecondition, p.to_string()),
+            RotationError::Registry(r @ RegistryError::NameTaken(_)) => {
+                Self::new(Code::AlreadyExists, r.to_string())
+            }
+            RotationError::Registry(r) => Self::new(Code::InvalidArgument, r.to_string()),
+            RotationError::Stopping => Self::new(Code::Unavailable, e.to_string()),
+            RotationError::Corrupt => Self::internal(e),
         }
     }
 }

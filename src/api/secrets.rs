@@ -12,6 +12,9 @@ use crate::proto::v1::*;
 use crate::secrecy::{SecretBytes, SecretData};
 use crate::secrets::{ListPrefix, PutRequest, SecretPath, Selector, Stage};
 
+/// The most paths and prefixes one `Watch` may name.
+pub const MAX_WATCHED: usize = 256;
+
 pub struct SecretsService {
     core: Arc<Core>,
 }
@@ -31,6 +34,109 @@ pub(crate) fn timestamp(ms: u64) -> Option<prost_types::Timestamp> {
 
 #[tonic::async_trait]
 impl Secrets for SecretsService {
+    type WatchStream = tokio_stream::wrappers::ReceiverStream<Result<WatchEvent, Status>>;
+
+    /// New `current` versions of the named paths and of the paths under the
+    /// named prefixes. Each event is checked again against the caller's
+    /// policies (`read` on that path), so a prefix never leaks a path the
+    /// caller may not read. Ends at shutdown, or with ABORTED if the
+    /// watcher fell behind.
+    async fn watch(
+        &self,
+        req: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let mut call =
+            Call::begin(&self.core, "keyward.v1.Secrets/Watch", Access::Token, &req).await?;
+        let r = req.into_inner();
+        if r.paths.is_empty() && r.prefixes.is_empty() {
+            return Err(call.fail(super::Failure::new(
+                tonic::Code::InvalidArgument,
+                "name at least one path or prefix to watch",
+            )));
+        }
+        if r.paths.len() + r.prefixes.len() > MAX_WATCHED {
+            return Err(call.fail(super::Failure::new(
+                tonic::Code::InvalidArgument,
+                format!("at most {MAX_WATCHED} paths and prefixes per watch"),
+            )));
+        }
+        let mut paths = Vec::with_capacity(r.paths.len());
+        for p in &r.paths {
+            let path = call.parse(SecretPath::parse(p))?;
+            call.authorize(Capability::Read, path.resource())?;
+            paths.push(path.to_string());
+        }
+        let mut prefixes = Vec::with_capacity(r.prefixes.len());
+        for p in &r.prefixes {
+            let prefix = call.parse(ListPrefix::parse(p))?;
+            call.authorize(Capability::Read, prefix.resource())?;
+            prefixes.push(prefix.path().map(|p| p.to_string()));
+        }
+        let Some(caller) = call.caller().cloned() else {
+            return Err(call.fail(crate::core::AuthError::MissingToken));
+        };
+        // Subscribe before answering, so nothing after the answer is missed.
+        let mut changes = self.core.secrets.subscribe();
+        call.ok(&[])?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let core = self.core.clone();
+        let mut stop = core.shutdown_signal();
+        let watched = move |path: &str| {
+            paths.iter().any(|p| p == path)
+                || prefixes.iter().any(|prefix| match prefix {
+                    None => true,
+                    Some(prefix) => {
+                        path == prefix
+                            || (path.starts_with(prefix.as_str())
+                                && path.as_bytes().get(prefix.len()) == Some(&b'/'))
+                    }
+                })
+        };
+        tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                tokio::select! {
+                    change = changes.recv() => match change {
+                        Ok(change) => {
+                            if !watched(change.path.as_str()) {
+                                continue;
+                            }
+                            let allowed = core
+                                .gate
+                                .authorize(&caller, Capability::Read, &change.path.resource())
+                                .is_ok();
+                            if !allowed {
+                                continue;
+                            }
+                            let event = WatchEvent {
+                                path: change.path.to_string(),
+                                version: change.version,
+                                created_at: timestamp(change.at_ms),
+                            };
+                            if tx.send(Ok(event)).await.is_err() {
+                                break;
+                            }
+                        }
+                        Err(RecvError::Lagged(_)) => {
+                            let _ = tx
+                                .send(Err(Status::aborted(
+                                    "the watcher fell behind; read the secrets again and watch again",
+                                )))
+                                .await;
+                            break;
+                        }
+                        Err(RecvError::Closed) => break,
+                    },
+                    _ = crate::core::until_stopped(&mut stop) => break,
+                    _ = tx.closed() => break,
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
     async fn put(
         &self,
         req: Request<PutSecretRequest>,

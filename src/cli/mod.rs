@@ -6,6 +6,7 @@
 mod bench;
 mod ident;
 mod output;
+mod rotation;
 mod run;
 
 use std::path::PathBuf;
@@ -101,6 +102,19 @@ pub enum Command {
     Report(ident::ReportArgs),
 
     // -- rotation, providers (issue 4) go here --
+    /// Rotation policies: provider, schedule, grace period, settings.
+    #[command(subcommand)]
+    Rotation(RotationCommand),
+    /// Rotate a secret now; waits and prints the steps (exit 1 if it failed).
+    Rotate {
+        path: String,
+        /// Answer at once instead of waiting for the rotation to finish.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// External rotation providers (keyward.provider.v1 plugins).
+    #[command(subcommand)]
+    Provider(ProviderCommand),
     /// Measure throughput and latency against a live server.
     Bench(BenchArgs),
     /// Generate a CA, server and client certificates into a folder.
@@ -245,6 +259,56 @@ pub enum AuditCommand {
     Verify { file: PathBuf },
     /// The HMAC under which VALUE appears in the audit log.
     Hash { value: String },
+}
+
+#[derive(Subcommand)]
+pub enum RotationCommand {
+    /// Set (or replace) the rotation policy of a secret.
+    Set {
+        path: String,
+        #[arg(long)]
+        provider: String,
+        /// Rotate every D (90s, 15m, 1h, 30d; at least 1s).
+        #[arg(long, conflicts_with = "cron")]
+        every: Option<String>,
+        /// Rotate at the times of a cron expression (UTC).
+        #[arg(long)]
+        cron: Option<String>,
+        /// How long `previous` keeps working after a rotation.
+        #[arg(long, default_value = "1h")]
+        grace: String,
+        /// Provider settings KEY=VALUE (secret references, never credentials).
+        #[arg(long = "config")]
+        config: Vec<String>,
+    },
+    /// Show a secret's rotation policy and its last outcome.
+    Get { path: String },
+    /// Every rotation policy.
+    List {
+        /// Only those due now.
+        #[arg(long)]
+        due: bool,
+        /// Only those whose last rotation failed.
+        #[arg(long)]
+        failed: bool,
+    },
+    /// The recent rotations of a secret, newest first, with their steps.
+    History { path: String },
+    /// Remove a secret's rotation policy.
+    Delete { path: String },
+}
+
+#[derive(Subcommand)]
+pub enum ProviderCommand {
+    /// Register an external provider by its endpoint (unix:PATH or https://...).
+    Register {
+        name: String,
+        #[arg(long)]
+        endpoint: String,
+        /// CA certificate that signed an https plugin's certificate.
+        #[arg(long)]
+        plugin_ca: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Clone)]

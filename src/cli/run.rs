@@ -288,6 +288,11 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Report(args) => super::ident::report(&g, format, args).await?,
 
         // -- rotation, providers (issue 4) go here --
+        Command::Rotation(cmd) => super::rotation::rotation(&g, format, cmd).await?,
+        Command::Rotate { path, no_wait } => {
+            super::rotation::rotate(&g, format, &path, no_wait).await?
+        }
+        Command::Provider(cmd) => super::rotation::provider(&g, format, cmd).await?,
         Command::Bench(args) => match args.mode.clone() {
             Some(super::BenchMode::Startup {
                 tokens,

@@ -30,6 +30,12 @@ mod policies;
 
 pub use auth::IssueOptions;
 
+// -- rotation (issue 4) --
+mod rotation;
+mod watch;
+pub use rotation::{RotationPolicySpec, ScheduleSpec, WatchStream};
+pub use watch::FreshSecret;
+
 use crate::proto::v1::secrets_client::SecretsClient;
 use crate::proto::v1::sys_client::SysClient;
 use crate::proto::v1::*;

@@ -18,6 +18,7 @@ use crate::identity::IdentityStore;
 use crate::metrics::Metrics;
 use crate::oidc::JwksCache;
 use crate::policy_store::PolicyStore;
+use crate::rotation::{Broker, BrokerOptions};
 use crate::secrets::{DataLimits, SecretStore};
 use crate::token::format::TokenSecret;
 use crate::token::TokenStore;
@@ -49,6 +50,12 @@ pub struct InitOutput {
     pub root_token: TokenSecret,
 }
 
+/// Resolves once `signal` (from `Core::shutdown_signal`) turns `true`, or
+/// its sender is gone. Holds no guard across an await, so it is `Send`.
+pub async fn until_stopped(signal: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = signal.wait_for(|stopping| *stopping).await;
+}
+
 pub struct Core {
     pub barrier: Arc<Barrier>,
     pub gate: Gate,
@@ -64,6 +71,11 @@ pub struct Core {
     pub identities: IdentityStore,
     /// Login checks and their brute-force state (in memory).
     pub login: Login,
+    /// The rotation broker (issue 4): policies, runs, the scheduler's state.
+    pub rotation: Broker,
+    /// Set once when the server begins to shut down; long-running tasks
+    /// and streams (scheduler, workers, `Watch`) select on it.
+    shutdown: tokio::sync::watch::Sender<bool>,
 }
 
 impl Core {
@@ -83,6 +95,8 @@ impl Core {
             usage,
             secrets: SecretStore::new(barrier.clone(), limits),
             identities: IdentityStore::new(barrier.clone()),
+            rotation: Broker::new(barrier.clone(), &metrics, BrokerOptions::default()),
+            shutdown: tokio::sync::watch::channel(false).0,
             barrier,
             audit,
             metrics,
@@ -142,9 +156,23 @@ impl Core {
         if loaded.is_err() {
             self.gate.on_seal();
             self.barrier.seal();
+        } else {
+            self.rotation.on_unseal();
         }
         self.metrics.set_sealed(self.barrier.status().sealed);
         loaded
+    }
+
+    /// Tells long-running tasks and streams that the server is stopping.
+    pub fn begin_shutdown(&self) {
+        let _ = self.shutdown.send(true);
+        self.rotation.on_seal();
+    }
+
+    /// A receiver that turns `true` when shutdown begins (await it with
+    /// [`until_stopped`]).
+    pub fn shutdown_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.shutdown.subscribe()
     }
 
     pub async fn seal(&self) {
@@ -154,6 +182,7 @@ impl Core {
         self.audit.set_hmac_key(None);
         self.barrier.seal();
         self.metrics.set_sealed(true);
+        self.rotation.on_seal();
     }
 
     pub async fn rotate_key(&self) -> Result<u32, CoreError> {

@@ -92,5 +92,9 @@ impl Core {
             Ok(report) => self.metrics.governance.set(&report),
             Err(e) => tracing::warn!(error = %e, "governance gauges not refreshed"),
         }
+        match self.rotation.rotation_summary(now_ms()) {
+            Ok(summary) => self.metrics.governance.set_rotation(&summary),
+            Err(e) => tracing::warn!(error = %e, "rotation gauges not refreshed"),
+        }
     }
 }

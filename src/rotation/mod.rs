@@ -1,16 +1,865 @@
-//! Rotation: the providers that change a credential on its target.
+//! Rotation: the broker that changes credentials on a schedule, safely.
 //!
-//! A rotation runs four provider steps in the manner of AWS Secrets Manager:
-//! `generate` the new value (stored by the broker as `pending`), `apply` it on
-//! the target, `verify` that it works, and after the grace period `retire`
-//! the value that was `current` before (now `previous`). `provider` holds the
-//! contract every provider implements and the `Registry` that finds one by
-//! name; `providers` holds the built-in ones (`random`, `postgres`, `mysql`,
-//! `redis`).
+//! A rotation runs the four provider steps in the manner of AWS Secrets
+//! Manager: `generate` the new value (stored as the secret's `pending`
+//! version), `apply` it on the target, `verify` that it works, `promote` it
+//! to `current` (the old one becomes `previous`), and after the grace period
+//! `retire` the previous value on the target.
 //!
-//! Providers own no storage prefix and never touch storage or the barrier:
-//! the broker resolves secrets, persists every step and hands providers only
-//! the values they need. Provider errors never carry secret material.
+//! - `provider`, `providers`: the contract and the built-in providers.
+//! - `schedule`: durations, [`schedule::Schedule`], jitter, [`schedule::RetryBackoff`].
+//! - `policy`: checked rotation policies and their stored form.
+//! - `machine`: the persisted state machine of one run, and retire.
+//! - `scheduler`: the one sleeper over the due index and the worker pool.
+//! - this file: the [`Broker`] that owns the storage prefix and the shared state.
+//!
+//! # Storage prefix `rotation/` (through the barrier only)
+//!
+//! - `rotation/policy/<path>`: a [`policy::PolicyRecord`];
+//! - `rotation/due/<16 hex digits: due ms, big-endian>/<path>`: the due index (empty values);
+//! - `rotation/retire/<16 hex digits>/<path>`: retires waiting for their grace period;
+//! - `rotation/run/<path>`: the run in progress ([`machine::RunRecord`]), the resume point;
+//! - `rotation/history/<path>#<run id>`: finished runs, newest 50 per secret kept;
+//! - `rotation/provider/<name>`: registered external providers.
+//!
+//! Secret values are read and written only through `secrets::SecretStore`
+//! (never under `secrets/` directly); providers never see storage. Policy
+//! records and indexes change together in one atomic batch, under one lock
+//! held only across the read-modify-write (no await under it).
 
+pub mod machine;
+pub mod policy;
 pub mod provider;
 pub mod providers;
+pub mod schedule;
+pub mod scheduler;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prost::Message;
+use tokio::sync::{broadcast, Notify, Semaphore};
+
+use crate::audit::AuditError;
+use crate::barrier::{Barrier, BarrierError, PlainOp};
+use crate::metrics::Metrics;
+use crate::secrets::{SecretPath, SecretsError};
+
+use machine::{RunRecord, Step};
+use policy::{PolicyError, PolicyRecord, PolicySpec};
+use provider::{Provider, ProviderError, Registry, RegistryError};
+use schedule::RetryBackoff;
+
+pub(crate) const POLICY: &str = "rotation/policy/";
+pub(crate) const DUE: &str = "rotation/due/";
+pub(crate) const RETIRE: &str = "rotation/retire/";
+pub(crate) const RUN: &str = "rotation/run/";
+pub(crate) const HISTORY: &str = "rotation/history/";
+pub(crate) const PROVIDER: &str = "rotation/provider/";
+/// Finished runs kept per secret.
+pub const HISTORY_KEPT: usize = 50;
+
+/// Errors of the broker. Messages never hold a secret value.
+#[derive(Debug, thiserror::Error)]
+pub enum RotationError {
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("no rotation policy on this secret")]
+    NoPolicy,
+    #[error("no such rotation run")]
+    NoRun,
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
+    #[error(transparent)]
+    Barrier(#[from] BarrierError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("stored rotation record is corrupt")]
+    Corrupt,
+    #[error("the server is shutting down")]
+    Stopping,
+}
+
+/// Sizes of the worker pool and how rotations are retried.
+#[derive(Debug, Clone, Copy)]
+pub struct BrokerOptions {
+    /// Rotations running at once.
+    pub workers: usize,
+    /// Rotations running at once against one provider that has a target
+    /// (every provider but `random`).
+    pub per_provider: usize,
+    pub backoff: RetryBackoff,
+}
+
+impl Default for BrokerOptions {
+    fn default() -> Self {
+        Self {
+            workers: 16,
+            per_provider: 4,
+            backoff: RetryBackoff::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RunLabels {
+    provider: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabels {
+    step: String,
+    outcome: String,
+}
+
+/// What `keyward report` shows of rotation (see [`Broker::rotation_summary`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RotationSummary {
+    /// Secrets past their due time by more than the tolerance, with the due time.
+    pub overdue: Vec<(String, u64)>,
+    /// The share of rotation policies that ran on schedule (1.0 with none).
+    pub compliance: f64,
+    /// Secrets whose last rotation failed, with its message.
+    pub last_failures: Vec<(String, String)>,
+}
+
+/// A run that finished, for `Rotate` callers waiting on it.
+#[derive(Debug, Clone)]
+pub struct RunFinished {
+    pub path: String,
+    pub run_id: String,
+}
+
+/// One entry of the due or retire index.
+#[derive(Debug, Clone)]
+pub(crate) struct IndexEntry {
+    pub key: String,
+    pub due_ms: u64,
+    pub path: String,
+    pub value: Vec<u8>,
+}
+
+/// A registered external provider, as stored.
+#[derive(Clone, PartialEq, Message)]
+pub struct ProviderRecord {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(string, tag = "2")]
+    pub endpoint: String,
+    #[prost(bytes = "vec", tag = "3")]
+    pub ca_pem: Vec<u8>,
+}
+
+/// The rotation broker's shared state. Lives in `Core`; the scheduler and
+/// the workers take the `Core` as a parameter.
+pub struct Broker {
+    barrier: Arc<Barrier>,
+    options: BrokerOptions,
+    registry: RwLock<Registry>,
+    external: RwLock<BTreeMap<String, Arc<dyn Provider>>>,
+    /// Serialises every read-modify-write of policy records and indexes.
+    records: Mutex<()>,
+    /// Wakes the sleeper: a policy changed, a run was triggered, unseal, stop.
+    pub(crate) wake: Notify,
+    /// Runs (by path) and retires (by `retire:` + index key) with a worker.
+    in_flight: Mutex<HashSet<String>>,
+    pub(crate) workers: Arc<Semaphore>,
+    per_provider: Mutex<HashMap<String, Arc<Semaphore>>>,
+    finished: broadcast::Sender<RunFinished>,
+    /// Active runs must be looked up and resumed (after unseal, or after a
+    /// worker stopped on a storage error).
+    pub(crate) resume_needed: AtomicBool,
+    run_counter: AtomicU64,
+    /// Passes of the sleeper over the indexes (for the benchmark and tests).
+    pub(crate) sleeper_passes: AtomicU64,
+    runs: Family<RunLabels, Counter>,
+    steps: Family<StepLabels, Counter>,
+    /// Held by the sleeper and every worker; shutdown waits for all to drop.
+    pub(crate) guard: Mutex<Option<tokio::sync::mpsc::Sender<()>>>,
+    guard_rx: tokio::sync::Mutex<Option<tokio::sync::mpsc::Receiver<()>>>,
+}
+
+impl Broker {
+    pub fn new(barrier: Arc<Barrier>, metrics: &Metrics, options: BrokerOptions) -> Self {
+        machine::init_danger_test_fault_point();
+        let runs = Family::<RunLabels, Counter>::default();
+        let steps = Family::<StepLabels, Counter>::default();
+        metrics.register(
+            "rotations",
+            "Finished rotations by provider and outcome (succeeded, failed)",
+            runs.clone(),
+        );
+        metrics.register(
+            "rotation_steps",
+            "Rotation steps by step and outcome (ok, failed, skipped)",
+            steps.clone(),
+        );
+        let (guard, guard_rx) = tokio::sync::mpsc::channel(1);
+        Self {
+            barrier,
+            registry: RwLock::new(Registry::with_builtin()),
+            external: RwLock::new(BTreeMap::new()),
+            records: Mutex::new(()),
+            wake: Notify::new(),
+            in_flight: Mutex::new(HashSet::new()),
+            workers: Arc::new(Semaphore::new(options.workers.max(1))),
+            per_provider: Mutex::new(HashMap::new()),
+            finished: broadcast::channel(1024).0,
+            resume_needed: AtomicBool::new(true),
+            run_counter: AtomicU64::new(0),
+            sleeper_passes: AtomicU64::new(0),
+            runs,
+            steps,
+            guard: Mutex::new(Some(guard)),
+            guard_rx: tokio::sync::Mutex::new(Some(guard_rx)),
+            options,
+        }
+    }
+
+    pub fn options(&self) -> &BrokerOptions {
+        &self.options
+    }
+
+    /// How many times the scheduler has looked at its indexes so far.
+    pub fn sleeper_passes(&self) -> u64 {
+        self.sleeper_passes.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ()> {
+        self.records.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A snapshot of the providers: built-in and registered.
+    pub fn registry(&self) -> Registry {
+        self.registry
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn provider(&self, name: &str) -> Option<Arc<dyn Provider>> {
+        self.registry
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+    }
+
+    /// Called after an unseal: active runs are resumed by the sleeper.
+    pub fn on_unseal(&self) {
+        self.resume_needed.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    /// Called after a seal: the sleeper waits for the next unseal.
+    pub fn on_seal(&self) {
+        self.wake.notify_one();
+    }
+
+    pub(crate) fn subscribe_finished(&self) -> broadcast::Receiver<RunFinished> {
+        self.finished.subscribe()
+    }
+
+    pub(crate) fn announce_finished(&self, run: &RunRecord) {
+        let _ = self.finished.send(RunFinished {
+            path: run.path.clone(),
+            run_id: run.run_id.clone(),
+        });
+    }
+
+    pub(crate) fn count_run(&self, provider: &str, outcome: &str) {
+        self.runs
+            .get_or_create(&RunLabels {
+                provider: provider.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn count_step(&self, step: &str, outcome: &str) {
+        self.steps
+            .get_or_create(&StepLabels {
+                step: step.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Marks `key` as having a worker; false if one already has it.
+    pub(crate) fn claim_in_flight(&self, key: &str) -> bool {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key.to_owned())
+    }
+
+    pub(crate) fn release_in_flight(&self, key: &str) {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(key);
+    }
+
+    pub(crate) fn is_in_flight(&self, key: &str) -> bool {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(key)
+    }
+
+    /// The concurrency limit of one provider (`random` has none but the pool's).
+    pub(crate) fn provider_limit(&self, provider: &str) -> Option<Arc<Semaphore>> {
+        if provider == "random" {
+            return None;
+        }
+        let mut map = self
+            .per_provider
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        Some(
+            map.entry(provider.to_owned())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.options.per_provider.max(1))))
+                .clone(),
+        )
+    }
+
+    pub(crate) fn new_run_id(&self, now_ms: u64) -> String {
+        let n = self.run_counter.fetch_add(1, Ordering::Relaxed);
+        let salt = schedule::random_below(1 << 24);
+        format!("{now_ms:016x}-{salt:06x}{n:06x}")
+    }
+
+    /// A guard the shutdown waits for; `None` once shutdown began.
+    pub(crate) fn task_guard(&self) -> Option<tokio::sync::mpsc::Sender<()>> {
+        self.guard
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Waits (at most `deadline`) for the sleeper and every worker to stop.
+    /// The caller has signalled shutdown through `Core::begin_shutdown`.
+    pub async fn wait_stopped(&self, deadline: std::time::Duration) {
+        self.guard
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        self.wake.notify_one();
+        let rx = self.guard_rx.lock().await.take();
+        if let Some(mut rx) = rx {
+            if tokio::time::timeout(deadline, rx.recv()).await.is_err() {
+                tracing::warn!("rotation workers did not stop before the deadline");
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ policies
+
+    /// Sets (or replaces) a policy; its first run is due at the schedule's
+    /// next time after `now_ms`, with jitter.
+    pub fn set_policy(
+        &self,
+        spec: &PolicySpec,
+        now_ms: u64,
+    ) -> Result<PolicyRecord, RotationError> {
+        let next_due = spec.schedule.next_due(now_ms).map_err(PolicyError::from)?;
+        self.set_policy_due_at(spec, next_due, now_ms)
+    }
+
+    /// Sets (or replaces) a policy whose first run is due at `next_due` (an
+    /// import that keeps an existing schedule; the benchmark).
+    pub fn set_policy_due_at(
+        &self,
+        spec: &PolicySpec,
+        next_due: u64,
+        now_ms: u64,
+    ) -> Result<PolicyRecord, RotationError> {
+        let _guard = self.lock();
+        let old = self.policy(&spec.path)?;
+        let mut record = PolicyRecord::from_spec(spec, next_due, now_ms);
+        let mut ops_keys = Vec::new();
+        if let Some(old) = &old {
+            record.created_at_ms = old.created_at_ms;
+            record.last_run_ms = old.last_run_ms;
+            record.last_state = old.last_state.clone();
+            record.last_error = old.last_error.clone();
+            record.last_success_ms = old.last_success_ms;
+            record.last_due_ms = old.last_due_ms;
+            record.last_on_time = old.last_on_time;
+            ops_keys.push(due_key(old.next_due_ms, &old.path));
+        }
+        let bytes = record.encode_to_vec();
+        let pkey = policy_key(&spec.path);
+        let dkey = due_key(next_due, &record.path);
+        let mut ops: Vec<PlainOp<'_>> = ops_keys.iter().map(|k| PlainOp::Delete(k)).collect();
+        ops.push(PlainOp::Put(&pkey, &bytes));
+        ops.push(PlainOp::Put(&dkey, b""));
+        self.barrier.batch(&ops)?;
+        self.wake.notify_one();
+        Ok(record)
+    }
+
+    pub fn policy(&self, path: &SecretPath) -> Result<Option<PolicyRecord>, RotationError> {
+        match self.barrier.get(&policy_key(path))? {
+            None => Ok(None),
+            Some(raw) => PolicyRecord::decode(raw.as_slice())
+                .map(Some)
+                .map_err(|_| RotationError::Corrupt),
+        }
+    }
+
+    pub fn policies(&self) -> Result<Vec<PolicyRecord>, RotationError> {
+        self.barrier
+            .scan_prefix(POLICY)?
+            .into_iter()
+            .map(|(_, raw)| {
+                PolicyRecord::decode(raw.as_slice()).map_err(|_| RotationError::Corrupt)
+            })
+            .collect()
+    }
+
+    /// Removes the policy and its due entry. A run in progress finishes;
+    /// a retire already scheduled still happens.
+    pub fn delete_policy(&self, path: &SecretPath) -> Result<(), RotationError> {
+        let _guard = self.lock();
+        let old = self.policy(path)?.ok_or(RotationError::NoPolicy)?;
+        let pkey = policy_key(path);
+        let dkey = due_key(old.next_due_ms, &old.path);
+        self.barrier
+            .batch(&[PlainOp::Delete(&pkey), PlainOp::Delete(&dkey)])?;
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Finished runs of a secret, newest first.
+    pub fn history(&self, path: &SecretPath) -> Result<Vec<RunRecord>, RotationError> {
+        let mut runs: Vec<RunRecord> = self
+            .barrier
+            .scan_prefix(&history_prefix(path))?
+            .into_iter()
+            .map(|(_, raw)| RunRecord::decode(raw.as_slice()).map_err(|_| RotationError::Corrupt))
+            .collect::<Result<_, _>>()?;
+        if let Some(active) = self.active_run(path)? {
+            runs.push(active);
+        }
+        runs.sort_by(|a, b| b.run_id.cmp(&a.run_id));
+        Ok(runs)
+    }
+
+    /// The run in progress on a secret, if any.
+    pub fn active_run(&self, path: &SecretPath) -> Result<Option<RunRecord>, RotationError> {
+        match self.barrier.get(&run_key(path.as_str()))? {
+            None => Ok(None),
+            Some(raw) => RunRecord::decode(raw.as_slice())
+                .map(Some)
+                .map_err(|_| RotationError::Corrupt),
+        }
+    }
+
+    pub(crate) fn active_run_by_path(
+        &self,
+        path: &str,
+    ) -> Result<Option<RunRecord>, RotationError> {
+        match self.barrier.get(&run_key(path))? {
+            None => Ok(None),
+            Some(raw) => RunRecord::decode(raw.as_slice())
+                .map(Some)
+                .map_err(|_| RotationError::Corrupt),
+        }
+    }
+
+    /// One finished run by id.
+    pub fn finished_run(
+        &self,
+        path: &SecretPath,
+        run_id: &str,
+    ) -> Result<Option<RunRecord>, RotationError> {
+        match self.barrier.get(&history_key(path.as_str(), run_id))? {
+            None => Ok(None),
+            Some(raw) => RunRecord::decode(raw.as_slice())
+                .map(Some)
+                .map_err(|_| RotationError::Corrupt),
+        }
+    }
+
+    /// Starts a manual run, or returns the one already in progress. The
+    /// caller spawns it (`scheduler::spawn_run`) and awaits `durable`.
+    pub fn trigger(
+        &self,
+        path: &SecretPath,
+        now_ms: u64,
+    ) -> Result<(RunRecord, bool), RotationError> {
+        let _guard = self.lock();
+        let mut policy = self.policy(path)?.ok_or(RotationError::NoPolicy)?;
+        if let Some(active) = self.active_run(path)? {
+            return Ok((active, false));
+        }
+        let run = RunRecord::start(self.new_run_id(now_ms), &policy, "manual", 0, now_ms);
+        policy.last_state = "running".into();
+        policy.last_run_ms = now_ms;
+        let rkey = run_key(&run.path);
+        let pkey = policy_key(path);
+        let (rbytes, pbytes) = (run.encode_to_vec(), policy.encode_to_vec());
+        self.barrier
+            .batch(&[PlainOp::Put(&rkey, &rbytes), PlainOp::Put(&pkey, &pbytes)])?;
+        Ok((run, true))
+    }
+
+    /// Claims a due entry for a scheduled run: writes the run, moves the due
+    /// entry to the next occurrence. `None` when the entry was stale or a run
+    /// is still in progress on the secret (that occurrence is skipped, the
+    /// next one stays scheduled).
+    pub(crate) fn claim_due(
+        &self,
+        key: &str,
+        due_ms: u64,
+        path: &str,
+        now_ms: u64,
+    ) -> Result<Option<RunRecord>, RotationError> {
+        let _guard = self.lock();
+        let Ok(secret_path) = SecretPath::parse(path) else {
+            self.barrier.delete(key)?;
+            return Ok(None);
+        };
+        let Some(mut policy) = self.policy(&secret_path)? else {
+            self.barrier.delete(key)?;
+            return Ok(None);
+        };
+        if policy.next_due_ms != due_ms {
+            self.barrier.delete(key)?;
+            return Ok(None);
+        }
+        let schedule = policy.schedule().map_err(PolicyError::from)?;
+        // The next occurrence counts from now, so a long outage does not
+        // cause a burst of catch-up runs.
+        let next_due = schedule
+            .next_due(now_ms.max(due_ms))
+            .map_err(PolicyError::from)?;
+        let active = self.barrier.get(&run_key(path))?.is_some();
+        policy.next_due_ms = next_due;
+        let run = if active {
+            None
+        } else {
+            policy.last_due_ms = due_ms;
+            policy.last_on_time = now_ms <= due_ms + policy.tolerance_ms(now_ms);
+            policy.last_state = "running".into();
+            policy.last_run_ms = now_ms;
+            Some(RunRecord::start(
+                self.new_run_id(now_ms),
+                &policy,
+                "schedule",
+                due_ms,
+                now_ms,
+            ))
+        };
+        let pkey = policy_key(&secret_path);
+        let nkey = due_key(next_due, path);
+        let rkey = run_key(path);
+        let pbytes = policy.encode_to_vec();
+        let rbytes = run.as_ref().map(Message::encode_to_vec);
+        let mut ops = vec![
+            PlainOp::Delete(key),
+            PlainOp::Put(&nkey, b""),
+            PlainOp::Put(&pkey, &pbytes),
+        ];
+        if let Some(bytes) = &rbytes {
+            ops.push(PlainOp::Put(&rkey, bytes));
+        }
+        self.barrier.batch(&ops)?;
+        Ok(run)
+    }
+
+    /// Saves a run in progress (the resume point).
+    pub(crate) fn save_run(&self, run: &RunRecord) -> Result<(), RotationError> {
+        self.barrier
+            .put(&run_key(&run.path), &run.encode_to_vec())?;
+        Ok(())
+    }
+
+    /// Ends a run: moves it to the history, records the outcome on the
+    /// policy, and (after a promotion) schedules the retire, in one batch.
+    pub(crate) fn finish_run(
+        &self,
+        run: &RunRecord,
+        retire: Option<&machine::RetireRecord>,
+    ) -> Result<(), RotationError> {
+        let _guard = self.lock();
+        let path = SecretPath::parse(&run.path).map_err(|_| RotationError::Corrupt)?;
+        let policy = self.policy(&path)?.map(|mut p| {
+            p.last_state = run.state.clone();
+            p.last_run_ms = run.started_ms;
+            if run.state == "succeeded" {
+                p.last_success_ms = run.finished_ms;
+                p.last_error.clear();
+            } else {
+                p.last_error = run.last_error.clone();
+            }
+            p
+        });
+        let rkey = run_key(&run.path);
+        let hkey = history_key(&run.path, &run.run_id);
+        let pkey = policy_key(&path);
+        let hbytes = run.encode_to_vec();
+        let pbytes = policy.as_ref().map(Message::encode_to_vec);
+        let retire_key_text = retire.map(|r| retire_key(r.retire_at_ms, &r.path));
+        let retire_bytes = retire.map(Message::encode_to_vec);
+        let old: Vec<String> = {
+            let mut keys = self.barrier.scan_keys(&history_prefix(&path))?;
+            keys.retain(|k| k != &hkey);
+            let excess = (keys.len() + 1).saturating_sub(HISTORY_KEPT);
+            keys.truncate(excess);
+            keys
+        };
+        let mut ops = vec![PlainOp::Delete(&rkey), PlainOp::Put(&hkey, &hbytes)];
+        if let Some(bytes) = &pbytes {
+            ops.push(PlainOp::Put(&pkey, bytes));
+        }
+        if let (Some(k), Some(v)) = (&retire_key_text, &retire_bytes) {
+            ops.push(PlainOp::Put(k, v));
+        }
+        ops.extend(old.iter().map(|k| PlainOp::Delete(k)));
+        self.barrier.batch(&ops)?;
+        if retire.is_some() {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Ends a retire: appends its step to the run's history and drops the
+    /// retire entry.
+    pub(crate) fn finish_retire(
+        &self,
+        key: &str,
+        retire: &machine::RetireRecord,
+        step: machine::StepRecord,
+    ) -> Result<(), RotationError> {
+        let _guard = self.lock();
+        let hkey = history_key(&retire.path, &retire.run_id);
+        let updated = match self.barrier.get(&hkey)? {
+            Some(raw) => {
+                let mut run =
+                    RunRecord::decode(raw.as_slice()).map_err(|_| RotationError::Corrupt)?;
+                run.steps.push(step);
+                Some(run.encode_to_vec())
+            }
+            None => None,
+        };
+        let mut ops = vec![PlainOp::Delete(key)];
+        if let Some(bytes) = &updated {
+            ops.push(PlainOp::Put(&hkey, bytes));
+        }
+        self.barrier.batch(&ops)?;
+        Ok(())
+    }
+
+    /// Runs in progress, to resume.
+    pub(crate) fn active_runs(&self) -> Result<Vec<RunRecord>, RotationError> {
+        self.barrier
+            .scan_prefix(RUN)?
+            .into_iter()
+            .map(|(_, raw)| RunRecord::decode(raw.as_slice()).map_err(|_| RotationError::Corrupt))
+            .collect()
+    }
+
+    /// The first entries of an index (`DUE` or `RETIRE`), in time order.
+    pub(crate) fn index_head(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<IndexEntry>, RotationError> {
+        let end = format!("{}\u{7f}", prefix.trim_end_matches('/'));
+        let mut out = Vec::new();
+        for (key, value) in self.barrier.scan_range(prefix, &end, limit)? {
+            let Some(rest) = key.strip_prefix(prefix) else {
+                continue;
+            };
+            let Some((ms, path)) = rest.split_once('/') else {
+                continue;
+            };
+            let Ok(ms) = u64::from_str_radix(ms, 16) else {
+                continue;
+            };
+            let path = path.to_owned();
+            out.push(IndexEntry {
+                key,
+                due_ms: ms,
+                path,
+                value: value.to_vec(),
+            });
+        }
+        Ok(out)
+    }
+
+    // ------------------------------------------------------------ providers
+
+    /// Connects to an external provider and registers it under `name`; it
+    /// is kept across restarts and reconnected at unseal.
+    pub async fn register_external(
+        &self,
+        name: &str,
+        endpoint: &str,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<Arc<providers::ExternalProvider>, RotationError> {
+        if Registry::with_builtin().get(name).is_some() {
+            return Err(RegistryError::NameTaken(name.to_owned()).into());
+        }
+        let provider =
+            Arc::new(providers::ExternalProvider::connect(name, endpoint, ca_pem).await?);
+        self.install_external(name, provider.clone())?;
+        let record = ProviderRecord {
+            name: name.to_owned(),
+            endpoint: endpoint.to_owned(),
+            ca_pem: ca_pem.map(<[u8]>::to_vec).unwrap_or_default(),
+        };
+        self.barrier
+            .put(&format!("{PROVIDER}{name}"), &record.encode_to_vec())?;
+        Ok(provider)
+    }
+
+    fn install_external(
+        &self,
+        name: &str,
+        provider: Arc<dyn Provider>,
+    ) -> Result<(), RotationError> {
+        let mut external = self
+            .external
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        external.insert(name.to_owned(), provider);
+        let mut registry = Registry::with_builtin();
+        for p in external.values() {
+            registry.register(p.clone())?;
+        }
+        *self
+            .registry
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = registry;
+        Ok(())
+    }
+
+    /// Reconnects the registered external providers (after unseal). A plugin
+    /// that does not answer is logged and tried again at the next unseal.
+    pub(crate) async fn reload_external(&self) {
+        let records = match self.barrier.scan_prefix(PROVIDER) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read registered rotation providers");
+                return;
+            }
+        };
+        for (_, raw) in records {
+            let Ok(record) = ProviderRecord::decode(raw.as_slice()) else {
+                continue;
+            };
+            if self.provider(&record.name).is_some() {
+                continue;
+            }
+            let ca = (!record.ca_pem.is_empty()).then_some(record.ca_pem.as_slice());
+            match providers::ExternalProvider::connect(&record.name, &record.endpoint, ca).await {
+                Ok(p) => {
+                    if let Err(e) = self.install_external(&record.name, Arc::new(p)) {
+                        tracing::warn!(provider = %record.name, error = %e, "cannot register provider");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(provider = %record.name, error = %e, "rotation provider not reachable")
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ governance
+
+    /// Overdue secrets, the compliance rate (the share of policies that are
+    /// not overdue, whose last scheduled run started on time and whose last
+    /// run did not fail) and the last failure of each failing secret.
+    pub fn rotation_summary(&self, now_ms: u64) -> Result<RotationSummary, RotationError> {
+        let policies = self.policies()?;
+        let mut overdue = Vec::new();
+        let mut last_failures = Vec::new();
+        let mut on_schedule = 0usize;
+        for p in &policies {
+            let late = p.is_overdue(now_ms);
+            if late {
+                overdue.push((p.path.clone(), p.next_due_ms));
+            }
+            let failed = p.last_state == "failed";
+            if failed {
+                last_failures.push((p.path.clone(), p.last_error.clone()));
+            }
+            let started_on_time = p.last_due_ms == 0 || p.last_on_time;
+            if !late && !failed && started_on_time {
+                on_schedule += 1;
+            }
+        }
+        let compliance = if policies.is_empty() {
+            1.0
+        } else {
+            on_schedule as f64 / policies.len() as f64
+        };
+        Ok(RotationSummary {
+            overdue,
+            compliance,
+            last_failures,
+        })
+    }
+}
+
+impl Step {
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Generate => "generate",
+            Step::Apply => "apply",
+            Step::Verify => "verify",
+            Step::Promote => "promote",
+            Step::Rollback => "rollback",
+            Step::Retire => "retire",
+        }
+    }
+}
+
+pub(crate) fn policy_key(path: &SecretPath) -> String {
+    format!("{POLICY}{path}")
+}
+
+pub(crate) fn due_key(ms: u64, path: &str) -> String {
+    format!("{DUE}{ms:016x}/{path}")
+}
+
+pub(crate) fn retire_key(ms: u64, path: &str) -> String {
+    format!("{RETIRE}{ms:016x}/{path}")
+}
+
+pub(crate) fn run_key(path: &str) -> String {
+    format!("{RUN}{path}")
+}
+
+fn history_prefix(path: &SecretPath) -> String {
+    format!("{HISTORY}{path}#")
+}
+
+pub(crate) fn history_key(path: &str, run_id: &str) -> String {
+    format!("{HISTORY}{path}#{run_id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_keys_sort_by_time() {
+        let a = due_key(999, "zzz");
+        let b = due_key(1000, "aaa");
+        let c = due_key(u64::MAX / 2, "a");
+        assert!(a < b && b < c, "{a} {b} {c}");
+        assert_eq!(a, "rotation/due/00000000000003e7/zzz");
+    }
+}

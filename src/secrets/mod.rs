@@ -11,6 +11,10 @@
 //! read-modify-write (no await under it); the metadata and data of a write go
 //! in one atomic batch, and the caller waits for `Barrier::durable` before it
 //! answers. This module knows nothing of tokens, policies or gRPC.
+//!
+//! Every new `current` version (a write, or a rotation's promotion) is
+//! announced on a broadcast channel ([`SecretStore::subscribe`]) with its
+//! path and number, never its value: `Secrets.Watch` is fed from it.
 
 mod path;
 
@@ -168,7 +172,19 @@ pub struct SecretStore {
     barrier: Arc<Barrier>,
     limits: DataLimits,
     stripes: Vec<Mutex<()>>,
+    changes: tokio::sync::broadcast::Sender<CurrentChanged>,
 }
+
+/// A new `current` version: what watchers are told (no value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CurrentChanged {
+    pub path: SecretPath,
+    pub version: u64,
+    pub at_ms: u64,
+}
+
+/// How many announcements a slow watcher may fall behind before it is cut off.
+pub const WATCH_BACKLOG: usize = 4096;
 
 fn meta_key(path: &SecretPath) -> String {
     format!("{META}{path}")
@@ -188,7 +204,22 @@ impl SecretStore {
             barrier,
             limits,
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            changes: tokio::sync::broadcast::channel(WATCH_BACKLOG).0,
         }
+    }
+
+    /// Announcements of new `current` versions, from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<CurrentChanged> {
+        self.changes.subscribe()
+    }
+
+    fn announce(&self, path: &SecretPath, version: u64, at_ms: u64) {
+        // No receiver is not an error: nobody is watching.
+        let _ = self.changes.send(CurrentChanged {
+            path: path.clone(),
+            version,
+            at_ms,
+        });
     }
 
     pub fn limits(&self) -> &DataLimits {
@@ -282,6 +313,9 @@ impl SecretStore {
         ];
         ops.extend(pruned_keys.iter().map(|k| PlainOp::Delete(k)));
         self.barrier.batch(&ops)?;
+        if req.stage == Stage::Current {
+            self.announce(&req.path, version, now_ms);
+        }
         Ok(version)
     }
 
@@ -441,8 +475,9 @@ impl SecretStore {
             meta.pending = 0;
             meta.updated_at_ms = now_ms;
             Ok(None)
-        })
-        .map(|_| ())
+        })?;
+        self.announce(path, version, now_ms);
+        Ok(())
     }
 
     /// Drops the `pending` stage (a rotation that did not verify).

@@ -38,6 +38,8 @@ pub struct TestServer {
     pub root_token: String,
     pub unseal_share: String,
     pub audit_path: PathBuf,
+    /// The server's core, for library-level checks (e.g. governance figures).
+    pub core: std::sync::Arc<keyward::core::Core>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -99,6 +101,7 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         let metrics_addr = metrics_listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let core = server.core().clone();
         let task = tokio::spawn(async move {
             server
                 .serve(listener, Some(metrics_listener), async move {
@@ -116,6 +119,7 @@ impl TestServer {
             root_token,
             unseal_share,
             audit_path,
+            core,
             stop: Some(stop),
             task: Some(task),
         }
@@ -179,6 +183,11 @@ impl ChildServer {
     /// Starts `keyward dev --data DIR` on a free port and waits for its
     /// export lines. Its log goes to `stderr_path`.
     pub fn start(data_dir: &Path, stderr_path: &Path) -> Self {
+        Self::start_with_env(data_dir, stderr_path, &[])
+    }
+
+    /// Like `start`, with extra environment variables (e.g. a test fault point).
+    pub fn start_with_env(data_dir: &Path, stderr_path: &Path, env: &[(&str, &str)]) -> Self {
         let stderr = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -195,6 +204,8 @@ impl ChildServer {
             ])
             .arg(data_dir)
             .env("KEYWARD_LOG", "debug")
+            .env_remove("KEYWARD_TEST_CRASH_AFTER")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr))

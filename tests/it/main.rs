@@ -8,6 +8,9 @@
 mod harness;
 mod ident_kit;
 mod identities;
+#[path = "../support/pg_cluster.rs"]
+#[allow(dead_code)]
+mod pg_cluster;
 
 mod audit;
 mod cli;
@@ -16,6 +19,7 @@ mod governance;
 mod leaks;
 mod login;
 mod policies;
+mod rotation;
 mod seal;
 mod secrets;
 mod server;

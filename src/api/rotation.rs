@@ -1,0 +1,277 @@
+//! `keyward.v1.Rotation`: rotation policies, manual triggers, history and
+//! provider registration. Maps protobuf to the broker's types; the rules
+//! live in `rotation/`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use super::secrets::timestamp;
+use super::{Access, Call};
+use crate::core::{now_ms, Core};
+use crate::policy::Capability;
+use crate::proto::v1::rotation_server::Rotation;
+use crate::proto::v1::*;
+use crate::rotation::machine::RunRecord;
+use crate::rotation::policy::{PolicyRecord, PolicySpec};
+use crate::rotation::schedule::Schedule;
+use crate::rotation::scheduler::spawn_run;
+use crate::rotation::RotationError;
+use crate::secrets::SecretPath;
+
+/// How long `Rotate` with `wait` waits before answering `running`.
+pub const ROTATE_WAIT_LIMIT: Duration = Duration::from_secs(300);
+
+pub struct RotationService {
+    core: Arc<Core>,
+}
+
+impl RotationService {
+    pub fn new(core: Arc<Core>) -> Self {
+        Self { core }
+    }
+}
+
+fn resource(path: &SecretPath) -> String {
+    format!("rotation/{path}")
+}
+
+pub(crate) fn policy_message(p: &PolicyRecord) -> RotationPolicy {
+    RotationPolicy {
+        path: p.path.clone(),
+        provider: p.provider.clone(),
+        every_seconds: p.every_seconds,
+        cron: p.cron.clone(),
+        grace_seconds: p.grace_seconds,
+        settings: p.settings.clone().into_iter().collect(),
+        next_due: timestamp(p.next_due_ms),
+        last_run: timestamp(p.last_run_ms),
+        last_state: p.last_state.clone(),
+        last_error: p.last_error.clone(),
+        last_success: timestamp(p.last_success_ms),
+        created_at: timestamp(p.created_at_ms),
+    }
+}
+
+pub(crate) fn run_message(r: &RunRecord) -> RotationRun {
+    RotationRun {
+        path: r.path.clone(),
+        run_id: r.run_id.clone(),
+        version: r.version,
+        state: r.state.clone(),
+        steps: r
+            .steps
+            .iter()
+            .map(|s| RotationStep {
+                step: s.step.clone(),
+                attempt: s.attempt,
+                outcome: s.outcome.clone(),
+                version: s.version,
+                message: s.message.clone(),
+                at: timestamp(s.at_ms),
+            })
+            .collect(),
+        trigger: r.trigger.clone(),
+        started_at: timestamp(r.started_ms),
+        finished_at: timestamp(r.finished_ms),
+    }
+}
+
+#[tonic::async_trait]
+impl Rotation for RotationService {
+    async fn set_policy(
+        &self,
+        req: Request<SetRotationPolicyRequest>,
+    ) -> Result<Response<RotationPolicy>, Status> {
+        let mut call = Call::begin(
+            &self.core,
+            "keyward.v1.Rotation/SetPolicy",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        let r = req.into_inner();
+        let path = call.parse(SecretPath::parse(&r.path))?;
+        let schedule = call.parse(
+            Schedule::from_parts(r.every_seconds, &r.cron)
+                .map_err(crate::rotation::policy::PolicyError::from),
+        )?;
+        let registry = self.core.rotation.registry();
+        let spec = call.parse(PolicySpec::parse(
+            path.as_str(),
+            &r.provider,
+            schedule,
+            Duration::from_secs(r.grace_seconds),
+            r.settings.into_iter().collect(),
+            &registry,
+        ))?;
+        // The broker reads the secrets a policy names on the caller's
+        // behalf: the caller must be able to read them too.
+        for referenced in spec.referenced_secrets() {
+            call.authorize(Capability::Read, referenced.resource())?;
+        }
+        call.authorize(Capability::Write, resource(&path))?;
+        let record = call.check(self.core.rotation.set_policy(&spec, now_ms()))?;
+        call.check(self.core.barrier.durable().await)?;
+        call.ok(&[])?;
+        Ok(Response::new(policy_message(&record)))
+    }
+
+    async fn get_policy(
+        &self,
+        req: Request<GetRotationPolicyRequest>,
+    ) -> Result<Response<RotationPolicy>, Status> {
+        let mut call = Call::begin(
+            &self.core,
+            "keyward.v1.Rotation/GetPolicy",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        let path = call.parse(SecretPath::parse(&req.get_ref().path))?;
+        call.authorize(Capability::Read, resource(&path))?;
+        let found = call.check(self.core.rotation.policy(&path))?;
+        let record = call.check(found.ok_or(RotationError::NoPolicy))?;
+        call.ok(&[])?;
+        Ok(Response::new(policy_message(&record)))
+    }
+
+    async fn list_policies(
+        &self,
+        req: Request<ListRotationPoliciesRequest>,
+    ) -> Result<Response<ListRotationPoliciesResponse>, Status> {
+        let mut call = Call::begin(
+            &self.core,
+            "keyward.v1.Rotation/ListPolicies",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        call.authorize(Capability::List, "rotation".to_owned())?;
+        let r = req.get_ref();
+        let now = now_ms();
+        let all = call.check(self.core.rotation.policies())?;
+        let policies = all
+            .iter()
+            .filter(|p| !r.due || p.next_due_ms <= now)
+            .filter(|p| !r.failed || p.last_state == "failed")
+            .map(policy_message)
+            .collect();
+        call.ok(&[])?;
+        Ok(Response::new(ListRotationPoliciesResponse { policies }))
+    }
+
+    async fn delete_policy(
+        &self,
+        req: Request<DeleteRotationPolicyRequest>,
+    ) -> Result<Response<DeleteRotationPolicyResponse>, Status> {
+        let mut call = Call::begin(
+            &self.core,
+            "keyward.v1.Rotation/DeletePolicy",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        let path = call.parse(SecretPath::parse(&req.get_ref().path))?;
+        call.authorize(Capability::Write, resource(&path))?;
+        call.check(self.core.rotation.delete_policy(&path))?;
+        call.check(self.core.barrier.durable().await)?;
+        call.ok(&[])?;
+        Ok(Response::new(DeleteRotationPolicyResponse {}))
+    }
+
+    async fn rotate(&self, req: Request<RotateRequest>) -> Result<Response<RotationRun>, Status> {
+        let mut call = Call::begin(
+            &self.core,
+            "keyward.v1.Rotation/Rotate",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        let r = req.into_inner();
+        let path = call.parse(SecretPath::parse(&r.path))?;
+        call.authorize(Capability::Rotate, resource(&path))?;
+        let broker = &self.core.rotation;
+        let mut finished = broker.subscribe_finished();
+        let (run, _new) = call.check(broker.trigger(&path, now_ms()))?;
+        call.check(self.core.barrier.durable().await)?;
+        spawn_run(&self.core, run.clone(), None);
+        if !r.wait {
+            call.ok(&[])?;
+            return Ok(Response::new(run_message(&run)));
+        }
+        let mut stop = self.core.shutdown_signal();
+        let deadline = tokio::time::Instant::now() + ROTATE_WAIT_LIMIT;
+        let done = loop {
+            if let Some(done) = call.check(broker.finished_run(&path, &run.run_id))? {
+                break done;
+            }
+            if tokio::time::Instant::now() >= deadline || *stop.borrow() {
+                let now = call.check(broker.active_run(&path))?;
+                break now.unwrap_or(run);
+            }
+            // Woken by a finished run, or look again every second (a
+            // missed announcement cannot hang the call).
+            tokio::select! {
+                _ = finished.recv() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = crate::core::until_stopped(&mut stop) => {}
+            }
+        };
+        call.ok(&[])?;
+        Ok(Response::new(run_message(&done)))
+    }
+
+    async fn history(
+        &self,
+        req: Request<RotationHistoryRequest>,
+    ) -> Result<Response<RotationHistoryResponse>, Status> {
+        let mut call = Call::begin(
+            &self.core,
+            "keyward.v1.Rotation/History",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        let path = call.parse(SecretPath::parse(&req.get_ref().path))?;
+        call.authorize(Capability::Read, resource(&path))?;
+        let runs = call.check(self.core.rotation.history(&path))?;
+        call.ok(&[])?;
+        Ok(Response::new(RotationHistoryResponse {
+            runs: runs.iter().map(run_message).collect(),
+        }))
+    }
+
+    async fn register_provider(
+        &self,
+        req: Request<RegisterProviderRequest>,
+    ) -> Result<Response<RegisterProviderResponse>, Status> {
+        let mut call = Call::begin(
+            &self.core,
+            "keyward.v1.Rotation/RegisterProvider",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        let r = req.into_inner();
+        call.authorize(
+            Capability::Admin,
+            format!("sys/rotation/providers/{}", r.name),
+        )?;
+        let ca = (!r.ca_pem.is_empty()).then_some(r.ca_pem.as_slice());
+        let provider = call.check(
+            self.core
+                .rotation
+                .register_external(&r.name, &r.endpoint, ca)
+                .await,
+        )?;
+        call.check(self.core.barrier.durable().await)?;
+        call.ok(&[])?;
+        Ok(Response::new(RegisterProviderResponse {
+            name: r.name,
+            description: provider.description().to_owned(),
+            settings: provider.settings().iter().map(|s| s.key.clone()).collect(),
+        }))
+    }
+}

@@ -1,0 +1,392 @@
+//! When rotations run: durations as written on the command line (`90s`,
+//! `15m`, `1h`, `30d`), the [`Schedule`] of a policy (an interval or a cron
+//! expression), the jitter that spreads secrets due together, and the
+//! [`RetryBackoff`] of failed steps. Pure values: time is a parameter.
+//!
+//! No storage prefix; touches nothing but its inputs.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use croner::parser::{CronParser, Seconds};
+use croner::Cron;
+use ring::rand::{SecureRandom, SystemRandom};
+
+/// The shortest interval a schedule accepts.
+pub const MIN_EVERY: Duration = Duration::from_secs(1);
+/// The longest duration accepted anywhere (100 years).
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+/// Jitter added to a due time is at most this share of the interval ...
+pub const JITTER_SHARE: f64 = 0.05;
+/// ... and never more than this.
+pub const MAX_JITTER: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScheduleError {
+    #[error("a duration is a whole number and a unit s, m, h or d, e.g. 90s, 15m, 1h, 30d")]
+    BadDuration,
+    #[error("a duration must be at most 100 years")]
+    TooLong,
+    #[error("the interval must be at least 1s")]
+    TooShort,
+    #[error("give exactly one of an interval (--every) and a cron expression (--cron)")]
+    OneOf,
+    #[error("invalid cron expression: {0}")]
+    BadCron(String),
+    #[error("the cron expression never matches again")]
+    NoNextRun,
+}
+
+/// Parses `90s`, `15m`, `1h`, `30d` (also a bare number of seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, ScheduleError> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().map_err(|_| ScheduleError::BadDuration)?;
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(ScheduleError::BadDuration),
+    };
+    let secs = n.checked_mul(scale).ok_or(ScheduleError::TooLong)?;
+    let d = Duration::from_secs(secs);
+    if d > MAX_DURATION {
+        return Err(ScheduleError::TooLong);
+    }
+    Ok(d)
+}
+
+/// Writes a duration back the way `parse_duration` reads it.
+pub fn format_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s != 0 && s % 86_400 == 0 {
+        format!("{}d", s / 86_400)
+    } else if s != 0 && s % 3600 == 0 {
+        format!("{}h", s / 3600)
+    } else if s != 0 && s % 60 == 0 {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// When a policy's rotations are due.
+#[derive(Debug, Clone)]
+pub enum Schedule {
+    /// Every interval, counted from the start of the last run.
+    Every(Duration),
+    /// At the times a cron expression matches (UTC; five fields, or six
+    /// with seconds first).
+    Cron { expression: String, cron: Box<Cron> },
+}
+
+impl PartialEq for Schedule {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Every(a), Self::Every(b)) => a == b,
+            (Self::Cron { expression: a, .. }, Self::Cron { expression: b, .. }) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Schedule {
+    pub fn every(interval: Duration) -> Result<Self, ScheduleError> {
+        if interval < MIN_EVERY {
+            return Err(ScheduleError::TooShort);
+        }
+        if interval > MAX_DURATION {
+            return Err(ScheduleError::TooLong);
+        }
+        Ok(Self::Every(interval))
+    }
+
+    pub fn cron(expression: &str) -> Result<Self, ScheduleError> {
+        let expression = expression.trim();
+        let cron = CronParser::builder()
+            .seconds(Seconds::Optional)
+            .build()
+            .parse(expression)
+            .map_err(|e| ScheduleError::BadCron(e.to_string()))?;
+        Ok(Self::Cron {
+            expression: expression.to_owned(),
+            cron: Box::new(cron),
+        })
+    }
+
+    /// From the wire: exactly one of `every_seconds` and `cron`.
+    pub fn from_parts(every_seconds: u64, cron: &str) -> Result<Self, ScheduleError> {
+        match (every_seconds, cron.trim().is_empty()) {
+            (0, false) => Self::cron(cron),
+            (s, true) if s > 0 => Self::every(Duration::from_secs(s)),
+            _ => Err(ScheduleError::OneOf),
+        }
+    }
+
+    pub fn every_seconds(&self) -> u64 {
+        match self {
+            Self::Every(d) => d.as_secs(),
+            Self::Cron { .. } => 0,
+        }
+    }
+
+    pub fn cron_expression(&self) -> &str {
+        match self {
+            Self::Every(_) => "",
+            Self::Cron { expression, .. } => expression,
+        }
+    }
+
+    /// The next due time strictly after `after_ms`, before jitter.
+    pub fn next_after(&self, after_ms: u64) -> Result<u64, ScheduleError> {
+        match self {
+            Self::Every(d) => Ok(after_ms.saturating_add(d.as_millis() as u64)),
+            Self::Cron { cron, .. } => {
+                let start = chrono::DateTime::from_timestamp_millis(after_ms as i64)
+                    .ok_or(ScheduleError::NoNextRun)?;
+                let next = cron
+                    .find_next_occurrence(&start, false)
+                    .map_err(|_| ScheduleError::NoNextRun)?;
+                Ok(next.timestamp_millis().max(0) as u64)
+            }
+        }
+    }
+
+    /// The typical gap between runs, for jitter and overdue tolerance.
+    pub fn period_ms(&self, now_ms: u64) -> u64 {
+        match self {
+            Self::Every(d) => d.as_millis() as u64,
+            Self::Cron { .. } => {
+                let a = self.next_after(now_ms).unwrap_or(now_ms);
+                let b = self.next_after(a).unwrap_or(a);
+                b.saturating_sub(a).max(1000)
+            }
+        }
+    }
+
+    /// The most jitter added to a due time: 5 % of the period, at most 30 s.
+    pub fn max_jitter_ms(&self, now_ms: u64) -> u64 {
+        let share = (self.period_ms(now_ms) as f64 * JITTER_SHARE) as u64;
+        share.min(MAX_JITTER.as_millis() as u64)
+    }
+
+    /// The next due time after `after_ms`, with jitter, so that many secrets
+    /// on one schedule do not reach their targets at the same moment.
+    pub fn next_due(&self, after_ms: u64) -> Result<u64, ScheduleError> {
+        let base = self.next_after(after_ms)?;
+        Ok(base + random_below(self.max_jitter_ms(after_ms) + 1))
+    }
+}
+
+impl FromStr for Schedule {
+    type Err = ScheduleError;
+
+    /// `every 15m` or `cron 0 3 * * *`, as `rotation get` shows them.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(rest) = s.strip_prefix("every ") {
+            Self::every(parse_duration(rest)?)
+        } else if let Some(rest) = s.strip_prefix("cron ") {
+            Self::cron(rest)
+        } else {
+            Err(ScheduleError::OneOf)
+        }
+    }
+}
+
+/// A uniform random number in `0..bound` (0 if `bound` is 0). Not secret:
+/// jitter only; falls back to 0 if the system generator fails.
+pub fn random_below(bound: u64) -> u64 {
+    if bound <= 1 {
+        return 0;
+    }
+    let mut bytes = [0u8; 8];
+    if SystemRandom::new().fill(&mut bytes).is_err() {
+        return 0;
+    }
+    u64::from_le_bytes(bytes) % bound
+}
+
+/// Errors of [`RetryBackoff::try_new`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackoffError {
+    #[error("the first delay must be more than zero and at most the largest")]
+    BadDelays,
+    #[error("a rotation needs at least one attempt, and at most 20")]
+    BadAttempts,
+    #[error("jitter is a share from 0 to 1")]
+    BadJitter,
+}
+
+/// Exponential back-off with jitter between the attempts of a rotation:
+/// attempt `n` (from 1) is followed by a wait of `initial * 2^(n-1)`, capped
+/// at `max`, of which a random share up to `jitter` is taken off ("equal
+/// jitter" when `jitter` is 0.5), so retries of many secrets spread out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryBackoff {
+    initial: Duration,
+    max: Duration,
+    attempts: u32,
+    jitter: f64,
+}
+
+impl Default for RetryBackoff {
+    /// 3 attempts, waits of about 1 s and 2 s, half of each random.
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+            attempts: 3,
+            jitter: 0.5,
+        }
+    }
+}
+
+impl RetryBackoff {
+    pub fn try_new(
+        initial: Duration,
+        max: Duration,
+        attempts: u32,
+        jitter: f64,
+    ) -> Result<Self, BackoffError> {
+        if initial.is_zero() || initial > max {
+            return Err(BackoffError::BadDelays);
+        }
+        if attempts == 0 || attempts > 20 {
+            return Err(BackoffError::BadAttempts);
+        }
+        if !(0.0..=1.0).contains(&jitter) {
+            return Err(BackoffError::BadJitter);
+        }
+        Ok(Self {
+            initial,
+            max,
+            attempts,
+            jitter,
+        })
+    }
+
+    /// How many times a rotation is tried before it is rolled back.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// The longest wait after attempt `attempt` (from 1), before jitter.
+    pub fn ceiling(&self, attempt: u32) -> Duration {
+        let factor = 1u32
+            .checked_shl(attempt.saturating_sub(1))
+            .unwrap_or(u32::MAX);
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+
+    /// The wait after attempt `attempt`, with `random` in `0.0..1.0`
+    /// choosing how much jitter is taken off.
+    pub fn delay_with(&self, attempt: u32, random: f64) -> Duration {
+        let ceiling = self.ceiling(attempt);
+        ceiling.mul_f64(1.0 - self.jitter * random.clamp(0.0, 1.0))
+    }
+
+    /// The wait after attempt `attempt`, with fresh randomness.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let random = random_below(1_000_000) as f64 / 1_000_000.0;
+        self.delay_with(attempt, random)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_and_print() {
+        for (text, secs) in [("90s", 90), ("15m", 900), ("1h", 3600), ("30d", 2_592_000)] {
+            let d = parse_duration(text);
+            assert_eq!(d, Ok(Duration::from_secs(secs)), "{text}");
+        }
+        assert_eq!(format_duration(Duration::from_secs(90)), "90s");
+        assert_eq!(format_duration(Duration::from_secs(3600)), "1h");
+        for bad in ["", "h", "1x", "-1s", "1.5h", "99999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn schedules_parse_and_refuse() {
+        assert!(Schedule::every(Duration::from_secs(1)).is_ok());
+        assert_eq!(
+            Schedule::every(Duration::from_millis(500)),
+            Err(ScheduleError::TooShort)
+        );
+        assert_eq!(Schedule::from_parts(0, ""), Err(ScheduleError::OneOf));
+        assert_eq!(
+            Schedule::from_parts(5, "* * * * *"),
+            Err(ScheduleError::OneOf)
+        );
+        assert!(matches!(
+            Schedule::cron("61 * * * *"),
+            Err(ScheduleError::BadCron(_))
+        ));
+        let every: Schedule = "every 15m".parse().unwrap_or(Schedule::Every(MIN_EVERY));
+        assert_eq!(every.every_seconds(), 900);
+    }
+
+    #[test]
+    fn next_times() {
+        let every = Schedule::every(Duration::from_secs(2));
+        assert_eq!(every.and_then(|s| s.next_after(1_000)), Ok(3_000));
+        // 2026-01-01T00:00:00Z, then every day at 03:00.
+        let midnight = 1_767_225_600_000;
+        let cron = Schedule::cron("0 3 * * *");
+        assert_eq!(
+            cron.and_then(|s| s.next_after(midnight)),
+            Ok(midnight + 3 * 3_600_000)
+        );
+        let seconds = Schedule::cron("*/10 * * * * *");
+        assert_eq!(
+            seconds.and_then(|s| s.next_after(midnight)),
+            Ok(midnight + 10_000)
+        );
+    }
+
+    #[test]
+    fn jitter_stays_within_its_bound() {
+        let s = Schedule::Every(Duration::from_secs(100));
+        assert_eq!(s.max_jitter_ms(0), 5_000);
+        for _ in 0..100 {
+            let due = s.next_due(0).unwrap_or(0);
+            assert!((100_000..=105_000).contains(&due), "{due}");
+        }
+        let long = Schedule::Every(Duration::from_secs(86_400));
+        assert_eq!(long.max_jitter_ms(0), 30_000);
+    }
+
+    #[test]
+    fn backoff_grows_caps_and_jitters() {
+        let b = RetryBackoff::try_new(Duration::from_millis(100), Duration::from_secs(1), 5, 0.5);
+        let b = b.unwrap_or_default();
+        assert_eq!(b.ceiling(1), Duration::from_millis(100));
+        assert_eq!(b.ceiling(2), Duration::from_millis(200));
+        assert_eq!(b.ceiling(4), Duration::from_millis(800));
+        assert_eq!(b.ceiling(5), Duration::from_secs(1));
+        assert_eq!(b.ceiling(40), Duration::from_secs(1));
+        assert_eq!(b.delay_with(2, 0.0), Duration::from_millis(200));
+        assert_eq!(b.delay_with(2, 1.0), Duration::from_millis(100));
+        for _ in 0..100 {
+            let d = b.delay(3);
+            assert!(d >= Duration::from_millis(200) && d <= Duration::from_millis(400));
+        }
+        assert!(RetryBackoff::try_new(Duration::ZERO, Duration::from_secs(1), 3, 0.5).is_err());
+        assert!(
+            RetryBackoff::try_new(Duration::from_secs(2), Duration::from_secs(1), 3, 0.5).is_err()
+        );
+        assert!(
+            RetryBackoff::try_new(Duration::from_secs(1), Duration::from_secs(1), 0, 0.5).is_err()
+        );
+        assert!(
+            RetryBackoff::try_new(Duration::from_secs(1), Duration::from_secs(1), 3, 1.5).is_err()
+        );
+    }
+}
