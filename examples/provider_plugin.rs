@@ -20,7 +20,7 @@
 //! ```text
 //! cargo run --example provider_plugin -- --socket /run/keyward/apikeys.sock
 //! keyward provider register apikeys --endpoint unix:/run/keyward/apikeys.sock
-//! keyward rotation set secret/app/api --provider apikeys --every 30d --grace 1d \
+//! keyward rotation set app/api --provider apikeys --every 30d --grace 1d \
 //!     --config keys_file=/srv/toy/keys.json
 //! ```
 //!
