@@ -30,6 +30,20 @@ pub struct IdentitiesService {
 }
 
 impl IdentitiesService {
+    /// A secret-id or a binding lets its maker log in as the identity, so
+    /// making one needs every policy the identity holds (or `root`), as
+    /// attaching those policies does.
+    fn require_holds_policies_of(
+        &self,
+        call: &mut Call,
+        name: &IdentityName,
+    ) -> Result<(), Status> {
+        match call.check(self.core.identities.get(name.as_str()))? {
+            Some(record) => call.require_policy_subset(&record.policies),
+            None => Ok(()),
+        }
+    }
+
     pub fn new(core: Arc<Core>) -> Self {
         Self { core }
     }
@@ -286,6 +300,7 @@ impl Identities for IdentitiesService {
         let name = call.parse(IdentityName::parse(&r.name))?;
         let cidrs = call.parse(parse_cidrs(&r.cidrs))?;
         call.authorize(Capability::Issue, name.resource())?;
+        self.require_holds_policies_of(&mut call, &name)?;
         let spec = SecretIdSpec {
             ttl_ms: r.ttl_seconds.saturating_mul(1000),
             uses: r.uses,
@@ -312,6 +327,7 @@ impl Identities for IdentitiesService {
         let r = req.into_inner();
         let name = call.parse(IdentityName::parse(&r.name))?;
         call.authorize(Capability::Admin, name.resource())?;
+        self.require_holds_policies_of(&mut call, &name)?;
         let subject = (!r.subject.is_empty()).then_some(r.subject.as_str());
         let spiffe = (!r.spiffe_id.is_empty()).then_some(r.spiffe_id.as_str());
         let record = call.check(self.core.identities.bind_cert(&name, subject, spiffe))?;
@@ -331,6 +347,7 @@ impl Identities for IdentitiesService {
         let r = req.into_inner();
         let name = call.parse(IdentityName::parse(&r.name))?;
         call.authorize(Capability::Admin, name.resource())?;
+        self.require_holds_policies_of(&mut call, &name)?;
         let mut claims: Vec<(String, String)> = r.claims.into_iter().collect();
         claims.sort();
         let record = call.check(self.core.identities.bind_oidc(&name, &r.issuer, claims))?;

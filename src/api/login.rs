@@ -75,9 +75,15 @@ pub(crate) async fn login(
     // A disable, delete or expiry that ran between the credential check and
     // the issue revoked the identity's tokens before this one existed: look
     // again now that it is stored, and take it back if the identity is gone.
+    // An update that narrowed its policies or brought its expiry forward
+    // revoked its tokens too: the new one must match the record as it is now.
     let still_active = call
         .check(core.identities.get(&grant.identity))?
-        .is_some_and(|record| record.is_active(now_ms()));
+        .is_some_and(|record| {
+            record.is_active(now_ms())
+                && record.policies == grant.policies
+                && (record.expires_at_ms == 0 || issued.expires_at_ms <= record.expires_at_ms)
+        });
     if !still_active {
         call.check(core.tokens.revoke(&issued.accessor))?;
         return Err(call.fail(LoginError::Invalid));

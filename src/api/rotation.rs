@@ -111,6 +111,10 @@ impl Rotation for RotationService {
         for referenced in spec.referenced_secrets() {
             call.authorize(Capability::Read, referenced.resource())?;
         }
+        // The broker will replace the secret's current value: whoever sets
+        // the policy must be able to write (and read) that secret.
+        call.authorize(Capability::Read, path.resource())?;
+        call.authorize(Capability::Write, path.resource())?;
         call.authorize(Capability::Write, resource(&path))?;
         let record = call.check(self.core.rotation.set_policy(&spec, now_ms()))?;
         call.check(self.core.barrier.durable().await)?;

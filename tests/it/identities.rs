@@ -313,6 +313,17 @@ async fn identity_calls_are_authorised_and_policies_cannot_be_widened() {
         ),
         Code::PermissionDenied
     );
+    // `issue` on an identity that holds more than the caller is no way up:
+    // a secret-id for it would log in with its policies.
+    let richer = format!("{team}-w3");
+    root.identity_create(create(&richer, "bot", "o", &["root".into()]))
+        .await
+        .unwrap();
+    assert_eq!(
+        code(admin.identity_secret_id(&richer, 60, 1, &[]).await),
+        Code::PermissionDenied,
+        "a secret-id needs every policy its identity holds"
+    );
     assert_eq!(
         code(server.anonymous().await.identity_get(&mine).await),
         Code::Unauthenticated

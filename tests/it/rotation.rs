@@ -1481,3 +1481,47 @@ mod external {
         );
     }
 }
+
+/// A grant on `rotation/...` alone does not let a caller have the broker
+/// overwrite a secret it cannot write.
+#[tokio::test]
+async fn setting_a_policy_needs_write_on_the_secret() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let path = unique("rot/guarded");
+    root.put(
+        &path,
+        &data(&[("password", "keep-me")]),
+        PutOptions::default(),
+    )
+    .await
+    .unwrap();
+    let name = unique("rotonly");
+    root.policy_put(
+        &name,
+        "[[rule]]\npath = \"rotation/**\"\ncapabilities = [\"read\", \"write\", \"rotate\"]\n",
+    )
+    .await
+    .unwrap();
+    let issued = root
+        .issue_token(keyward::client::IssueOptions {
+            policies: vec![name],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let rotator = root.with_token(&issued.token).unwrap();
+    let refused = rotator
+        .set_rotation_policy(&path, &spec("random", HOUR, HOUR, &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(tonic::Code::PermissionDenied));
+    assert!(
+        root.rotation_policy(&path).await.is_err(),
+        "no policy was set"
+    );
+    // Root may.
+    root.set_rotation_policy(&path, &spec("random", HOUR, HOUR, &[]))
+        .await
+        .unwrap();
+}

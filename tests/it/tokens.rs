@@ -313,6 +313,16 @@ async fn revoke_and_lookup_by_accessor() {
         code(other_c.revoke_accessor(&victim.accessor).await),
         Code::PermissionDenied
     );
+    // A token pasted into the accessor field is refused without being
+    // echoed into the message (nor, through it, into the audit log).
+    let pasted = root.lookup_accessor(&other.token).await.unwrap_err();
+    assert_eq!(pasted.code(), Some(Code::InvalidArgument));
+    assert!(
+        !pasted.to_string().contains(&other.token[4..20]),
+        "{pasted}"
+    );
+    let audit = std::fs::read_to_string(&server.audit_path).unwrap();
+    assert!(!audit.contains(&other.token[4..20]));
     // Root looks up and revokes by accessor.
     let info = root.lookup_accessor(&victim.accessor).await.unwrap();
     assert_eq!(info.policies, vec![p.clone()]);
