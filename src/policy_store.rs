@@ -8,7 +8,9 @@
 //! Compiled policies and compiled sets (one per distinct list of policy names,
 //! as tokens carry them) are cached; a put or delete clears the cache, so the
 //! next request compiles again. A name in a list that no longer exists grants
-//! nothing.
+//! nothing. A compile that raced a put or delete is not cached: the cache
+//! carries a generation that every clear bumps, and a result is inserted only
+//! if the generation read before its storage read is still current.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -78,6 +80,12 @@ struct Cache {
     /// `None`: known not to exist.
     policies: HashMap<String, Option<Entry>>,
     sets: HashMap<Vec<String>, Arc<CompiledSet>>,
+    /// Bumped by every `clear_cache`. A compile reads it (under the lock,
+    /// with its cache miss) before it reads storage, and inserts its result
+    /// only if it is unchanged, checked under the write lock: a put or
+    /// delete that cleared the cache in between must not have the stale
+    /// policy put back.
+    generation: u64,
 }
 
 /// A cheap handle: clones share one store and one cache.
@@ -105,6 +113,37 @@ impl PolicyStore {
         let mut cache = self.inner.cache.write().unwrap_or_else(|e| e.into_inner());
         cache.policies.clear();
         cache.sets.clear();
+        cache.generation = cache.generation.wrapping_add(1);
+    }
+
+    /// Caches a compiled policy read at `generation`; refused (false) if the
+    /// cache was cleared since.
+    fn insert_policy_if_current(&self, generation: u64, name: &str, entry: Option<Entry>) -> bool {
+        let mut cache = self.inner.cache.write().unwrap_or_else(|e| e.into_inner());
+        if cache.generation != generation {
+            return false;
+        }
+        cache.policies.insert(name.to_owned(), entry);
+        true
+    }
+
+    /// Caches a compiled set begun at `generation`; refused (false) if the
+    /// cache was cleared since.
+    fn insert_set_if_current(
+        &self,
+        generation: u64,
+        names: &[String],
+        set: Arc<CompiledSet>,
+    ) -> bool {
+        let mut cache = self.inner.cache.write().unwrap_or_else(|e| e.into_inner());
+        if cache.generation != generation {
+            return false;
+        }
+        if cache.sets.len() >= MAX_CACHED_SETS {
+            cache.sets.clear();
+        }
+        cache.sets.insert(names.to_vec(), set);
+        true
     }
 
     /// Stores (or replaces) a policy. `Policy::parse` has validated it.
@@ -178,42 +217,33 @@ impl PolicyStore {
     }
 
     fn compiled(&self, name: &str) -> Result<Option<Entry>, PolicyStoreError> {
-        if let Some(hit) = self
-            .inner
-            .cache
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .policies
-            .get(name)
-        {
-            return Ok(hit.clone());
-        }
+        let generation = {
+            let cache = self.inner.cache.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(hit) = cache.policies.get(name) {
+                return Ok(hit.clone());
+            }
+            cache.generation
+        };
         let entry = self.get(name)?.map(|policy| {
             let compiled = Arc::new(CompiledPolicy::compile(&policy));
             Arc::new((policy, compiled))
         });
-        self.inner
-            .cache
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .policies
-            .insert(name.to_owned(), entry.clone());
+        // A refused insert still answers this request with what storage held
+        // when it was read; only the cache must not keep it.
+        self.insert_policy_if_current(generation, name, entry.clone());
         Ok(entry)
     }
 
     /// The compiled set for a token's policy list; cached, so after the first
     /// request with a given list this is one hash lookup and no allocation.
     pub fn compiled_set(&self, names: &[String]) -> Result<Arc<CompiledSet>, PolicyStoreError> {
-        if let Some(set) = self
-            .inner
-            .cache
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .sets
-            .get(names)
-        {
-            return Ok(set.clone());
-        }
+        let generation = {
+            let cache = self.inner.cache.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(set) = cache.sets.get(names) {
+                return Ok(set.clone());
+            }
+            cache.generation
+        };
         let mut compiled = Vec::with_capacity(names.len());
         let mut set_names = Vec::with_capacity(names.len());
         let mut rule_paths = Vec::with_capacity(names.len());
@@ -236,11 +266,7 @@ impl PolicyStore {
             names: set_names,
             rule_paths,
         });
-        let mut cache = self.inner.cache.write().unwrap_or_else(|e| e.into_inner());
-        if cache.sets.len() >= MAX_CACHED_SETS {
-            cache.sets.clear();
-        }
-        cache.sets.insert(names.to_vec(), set.clone());
+        self.insert_set_if_current(generation, names, set.clone());
         Ok(set)
     }
 }
@@ -339,5 +365,57 @@ mod tests {
         store.delete("app").unwrap();
         let set = store.compiled_set(&names).unwrap();
         assert!(set.check("secret/other/db", Capability::Read).is_none());
+    }
+    #[test]
+    fn stale_compile_is_not_cached_after_a_concurrent_write() {
+        let (_dir, barrier) = unsealed_barrier();
+        let store = PolicyStore::new(barrier);
+        let names = vec!["app".to_owned()];
+        let wide = "[[rule]]\npath = \"secret/app/*\"\ncapabilities = [\"read\"]\n";
+        let narrow = "[[rule]]\npath = \"secret/app/public\"\ncapabilities = [\"read\"]\n";
+        store.put(&policy("app", wide)).unwrap();
+
+        // A compile reads the generation and the stored (wide) policy...
+        let generation = store.inner.cache.read().unwrap().generation;
+        let stale_policy = store.get("app").unwrap().unwrap();
+        let stale_compiled = Arc::new(CompiledPolicy::compile(&stale_policy));
+        let stale_entry = Arc::new((stale_policy.clone(), stale_compiled.clone()));
+        let stale_set = Arc::new(CompiledSet {
+            set: PolicySet::new(vec![stale_compiled]).unwrap(),
+            names: vec![Arc::from("app")],
+            rule_paths: vec![vec![Arc::from("secret/app/*")]],
+        });
+        // ...then a put narrows it and clears the cache before the insert.
+        store.put(&policy("app", narrow)).unwrap();
+        assert!(!store.insert_policy_if_current(generation, "app", Some(stale_entry)));
+        assert!(!store.insert_set_if_current(generation, &names, stale_set));
+        {
+            let cache = store.inner.cache.read().unwrap();
+            assert!(cache.policies.is_empty());
+            assert!(cache.sets.is_empty());
+        }
+        let set = store.compiled_set(&names).unwrap();
+        assert!(set.check("secret/app/db", Capability::Read).is_none());
+        assert!(set.check("secret/app/public", Capability::Read).is_some());
+
+        // The same race against a delete: nothing may grant afterwards.
+        let generation = store.inner.cache.read().unwrap().generation;
+        let set_before = store.compiled_set(&names).unwrap();
+        store.delete("app").unwrap();
+        assert!(!store.insert_set_if_current(generation, &names, set_before));
+        assert!(!store.insert_policy_if_current(generation, "app", None));
+        let set = store.compiled_set(&names).unwrap();
+        assert!(set.check("secret/app/public", Capability::Read).is_none());
+
+        // With no write in between, the insert is taken.
+        let generation = store.inner.cache.read().unwrap().generation;
+        assert!(store.insert_policy_if_current(generation, "app", None));
+        assert!(store
+            .inner
+            .cache
+            .read()
+            .unwrap()
+            .policies
+            .contains_key("app"));
     }
 }

@@ -14,6 +14,10 @@
 //! under a key derived from the keyring (purpose `auth/token-hash`), so the
 //! data folder alone does not let anyone test a guessed token offline.
 //!
+//! A revoke deletes a tree children first, each token's records in the same
+//! atomic batch as the `tokens/children/` link to it, so a revoke cut short by
+//! a storage error never leaves a usable token unreachable from its parent.
+//!
 //! Every write that links records (issue, revoke, renew, a counted use) holds
 //! one mutex, so a child can never be linked under a parent being revoked.
 //! Reads of unlimited tokens take no lock.
@@ -44,6 +48,9 @@ const LEGACY_PREFIX: &str = "auth/token/";
 const HASH_PURPOSE: &str = "auth/token-hash";
 /// Expired index entries handled per sweep step.
 const SWEEP_BATCH: usize = 256;
+/// Deletes per storage batch when revoking a tree; a token's own keys are
+/// never split across batches.
+const REVOKE_BATCH_OPS: usize = 1024;
 /// The longest the sweeper sleeps without looking again.
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
 
@@ -628,40 +635,86 @@ impl TokenStore {
     }
 
     fn revoke_locked(&self, accessor: &str) -> Result<u32, TokenError> {
-        let mut pending = vec![accessor.to_owned()];
+        let (count, batches) = self.revoke_plan(accessor, REVOKE_BATCH_OPS)?;
+        for batch in &batches {
+            let ops: Vec<PlainOp<'_>> = batch.iter().map(|k| PlainOp::Delete(k)).collect();
+            self.barrier().batch(&ops)?;
+        }
+        Ok(count)
+    }
+
+    /// The deletes that revoke `accessor` and its descendants, as batches to
+    /// apply in order, and how many tokens they remove.
+    ///
+    /// Each token's keys form one group: its hash, accessor, identity and
+    /// expiry records together with the `tokens/children/...` link that leads
+    /// to it. Groups are ordered children before parents and never split
+    /// across batches (a batch is atomic), so if a batch fails part-way every
+    /// token still usable keeps the link from its parent, which is still
+    /// there too: revoking again finds it.
+    fn revoke_plan(
+        &self,
+        accessor: &str,
+        max_ops: usize,
+    ) -> Result<(u32, Vec<Vec<String>>), TokenError> {
+        // (accessor, the link key it was found by), parents before children.
+        let mut pending: Vec<(String, Option<String>)> = vec![(accessor.to_owned(), None)];
         let mut seen = HashSet::new();
-        let mut keys: Vec<String> = Vec::new();
+        let mut groups: Vec<Vec<String>> = Vec::new();
         let mut count = 0u32;
-        while let Some(acc) = pending.pop() {
+        while let Some((acc, link)) = pending.pop() {
             if !seen.insert(acc.clone()) {
+                // Reached twice (a corrupt index): the extra link goes in a
+                // group of its own, deleted before the token's group; the
+                // link that found it first stays until that group.
+                if let Some(link) = link {
+                    groups.push(vec![link]);
+                }
                 continue;
             }
             let children_prefix = format!("{CHILDREN_PREFIX}{acc}/");
             for key in self.barrier().scan_keys(&children_prefix)? {
                 if let Some(child) = key.strip_prefix(&children_prefix) {
-                    pending.push(child.to_owned());
+                    pending.push((child.to_owned(), Some(key.clone())));
+                } else {
+                    groups.push(vec![key]);
                 }
-                keys.push(key);
             }
-            let Some(record) = self.record(&acc)? else {
-                continue;
-            };
-            count = count.saturating_add(1);
-            keys.push(format!("{HASH_PREFIX}{}", record.hash));
-            keys.push(format!("{ACCESSOR_PREFIX}{acc}"));
-            keys.push(format!("{}{acc}", identity_prefix(&record.identity)));
-            if !record.parent_accessor.is_empty() {
-                keys.push(format!("{CHILDREN_PREFIX}{}/{acc}", record.parent_accessor));
+            let mut group: Vec<String> = link.into_iter().collect();
+            if let Some(record) = self.record(&acc)? {
+                count = count.saturating_add(1);
+                group.push(format!("{HASH_PREFIX}{}", record.hash));
+                group.push(format!("{ACCESSOR_PREFIX}{acc}"));
+                group.push(format!("{}{acc}", identity_prefix(&record.identity)));
+                if record.expires_at_ms != 0 {
+                    group.push(expiry_key(record.expires_at_ms, &acc));
+                }
+                if !record.parent_accessor.is_empty() {
+                    let own_link = format!("{CHILDREN_PREFIX}{}/{acc}", record.parent_accessor);
+                    if !group.contains(&own_link) {
+                        group.push(own_link);
+                    }
+                }
             }
-            if record.expires_at_ms != 0 {
-                keys.push(expiry_key(record.expires_at_ms, &acc));
+            if !group.is_empty() {
+                groups.push(group);
             }
         }
-        let ops: Vec<PlainOp<'_>> = keys.iter().map(|k| PlainOp::Delete(k)).collect();
-        for chunk in ops.chunks(1024) {
-            self.barrier().batch(chunk)?;
+        // Every token was reached from its parent, after it: reversed, each
+        // group comes after all of its descendants'.
+        groups.reverse();
+        let mut batches: Vec<Vec<String>> = Vec::new();
+        let mut current: Vec<String> = Vec::new();
+        for group in groups {
+            if !current.is_empty() && current.len().saturating_add(group.len()) > max_ops {
+                batches.push(std::mem::take(&mut current));
+            }
+            current.extend(group);
         }
-        Ok(count)
+        if !current.is_empty() {
+            batches.push(current);
+        }
+        Ok((count, batches))
     }
 
     /// Revokes every token (and its children) of this identity; returns how many.

@@ -384,3 +384,121 @@ fn revoke_counts_each_token_once() {
         .unwrap();
     assert_eq!(s.revoke(&t.accessor).unwrap(), 1);
 }
+
+/// p -> a; a -> b, c; b -> d, e. Returns (p, [a, b, c, d, e]) and each
+/// tree token's parent index (None for a, whose parent p stays).
+fn revoke_tree(s: &TokenStore) -> (IssuedToken, Vec<IssuedToken>, Vec<Option<usize>>) {
+    let p = s.issue(req("svc", &["a"], 100), T0).unwrap();
+    let parents: Vec<Option<usize>> = vec![None, Some(0), Some(0), Some(1), Some(1)];
+    let mut tree: Vec<IssuedToken> = Vec::new();
+    for parent in &parents {
+        let mut r = req("svc", &["a"], 100);
+        r.parent_accessor = Some(match parent {
+            None => p.accessor.clone(),
+            Some(i) => tree[*i].accessor.clone(),
+        });
+        tree.push(s.issue(r, T0).unwrap());
+    }
+    (p, tree, parents)
+}
+
+#[test]
+fn revoke_plan_deletes_children_first_with_their_links() {
+    for max_ops in [1, 5, 12, 1024] {
+        let (_d, s) = store();
+        let (p, tree, parents) = revoke_tree(&s);
+        let (count, batches) = s.revoke_plan(&tree[0].accessor, max_ops).unwrap();
+        assert_eq!(count, 5);
+        let batch_of = |key: &str| {
+            let found: Vec<usize> = (0..batches.len())
+                .filter(|&i| batches[i].iter().any(|k| k == key))
+                .collect();
+            assert_eq!(found.len(), 1, "{key} in one batch, max_ops {max_ops}");
+            found[0]
+        };
+        let mut at = Vec::new();
+        for (i, t) in tree.iter().enumerate() {
+            let record = s.record(&t.accessor).unwrap().unwrap();
+            let parent = match parents[i] {
+                None => &p.accessor,
+                Some(j) => &tree[j].accessor,
+            };
+            let link = batch_of(&format!("{CHILDREN_PREFIX}{parent}/{}", t.accessor));
+            // The token's records go in the same batch as the link to it.
+            for key in [
+                format!("{HASH_PREFIX}{}", record.hash),
+                format!("{ACCESSOR_PREFIX}{}", t.accessor),
+                format!("{}{}", identity_prefix("svc"), t.accessor),
+                expiry_key(record.expires_at_ms, &t.accessor),
+            ] {
+                assert_eq!(batch_of(&key), link, "max_ops {max_ops}");
+            }
+            at.push(link);
+        }
+        // Children no later than their parents.
+        for (i, parent) in parents.iter().enumerate() {
+            if let Some(j) = parent {
+                assert!(at[i] <= at[*j], "max_ops {max_ops}");
+            }
+        }
+        if max_ops == 1 {
+            assert_eq!(batches.len(), 5);
+        }
+        if max_ops == 1024 {
+            assert_eq!(batches.len(), 1);
+        }
+    }
+}
+
+#[test]
+fn revoke_cut_short_leaves_every_live_token_reachable() {
+    // One token per batch: stop after each number of batches, as a storage
+    // error part-way would.
+    let (_d, s) = store();
+    let (_, tree, _) = revoke_tree(&s);
+    let batches = s.revoke_plan(&tree[0].accessor, 1).unwrap().1.len();
+    for applied in 0..=batches {
+        let (_d, s) = store();
+        let (p, tree, parents) = revoke_tree(&s);
+        let (_, plan) = s.revoke_plan(&tree[0].accessor, 1).unwrap();
+        for batch in &plan[..applied] {
+            let ops: Vec<PlainOp<'_>> = batch.iter().map(|k| PlainOp::Delete(k)).collect();
+            s.barrier().batch(&ops).unwrap();
+        }
+        let mut live = 0u32;
+        for (i, t) in tree.iter().enumerate() {
+            let usable = s.use_token(t.token.expose(), local(), T0).is_ok();
+            let parent = match parents[i] {
+                None => &p.accessor,
+                Some(j) => &tree[j].accessor,
+            };
+            let link = format!("{CHILDREN_PREFIX}{parent}/{}", t.accessor);
+            let linked = s.barrier().get(&link).unwrap().is_some();
+            // Usable exactly while linked; and then its parent is usable too.
+            assert_eq!(usable, linked, "after {applied} batches");
+            if usable {
+                live += 1;
+                assert!(s
+                    .use_token(
+                        match parents[i] {
+                            None => p.token.expose(),
+                            Some(j) => tree[j].token.expose(),
+                        },
+                        local(),
+                        T0
+                    )
+                    .is_ok());
+            } else {
+                assert!(s.lookup_accessor(&t.accessor, T0).unwrap().is_none());
+            }
+        }
+        assert_eq!(live, 5 - applied as u32);
+        // Revoking the parent again finds every token left.
+        assert_eq!(s.revoke(&tree[0].accessor).unwrap(), live);
+        for t in &tree {
+            assert!(s.use_token(t.token.expose(), local(), T0).is_err());
+        }
+        assert!(s.barrier().scan_keys(CHILDREN_PREFIX).unwrap().is_empty());
+        s.use_token(p.token.expose(), local(), T0).unwrap();
+    }
+}
