@@ -32,15 +32,31 @@ pub(crate) fn timestamp(ms: u64) -> Option<prost_types::Timestamp> {
     })
 }
 
+/// How often a `Watch` checks its token again between events.
+pub const WATCH_RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The status a `Watch` ends with when its token no longer holds.
+fn watch_ended(e: crate::core::AuthError) -> Status {
+    use crate::core::AuthError;
+    match e {
+        AuthError::Barrier(_) | AuthError::Corrupt => {
+            Status::unavailable("the token cannot be checked again; watch again")
+        }
+        _ => Status::unauthenticated("the token was revoked or has expired; the watch ended"),
+    }
+}
+
 #[tonic::async_trait]
 impl Secrets for SecretsService {
     type WatchStream = tokio_stream::wrappers::ReceiverStream<Result<WatchEvent, Status>>;
 
     /// New `current` versions of the named paths and of the paths under the
     /// named prefixes. Each event is checked again against the caller's
-    /// policies (`read` on that path), so a prefix never leaks a path the
-    /// caller may not read. Ends at shutdown, or with ABORTED if the
-    /// watcher fell behind.
+    /// policies as they stand then (`read` on that path), so a prefix never
+    /// leaks a path the caller may not read. The token is checked again on
+    /// each event and every [`WATCH_RECHECK`]: once it is revoked or expired
+    /// the stream ends with UNAUTHENTICATED. Ends at shutdown, or with
+    /// ABORTED if the watcher fell behind.
     async fn watch(
         &self,
         req: Request<WatchRequest>,
@@ -72,7 +88,7 @@ impl Secrets for SecretsService {
             call.authorize(Capability::Read, prefix.resource())?;
             prefixes.push(prefix.path().map(|p| p.to_string()));
         }
-        let Some(caller) = call.caller().cloned() else {
+        let Some(mut caller) = call.caller().cloned() else {
             return Err(call.fail(crate::core::AuthError::MissingToken));
         };
         // Subscribe before answering, so nothing after the answer is missed.
@@ -94,12 +110,32 @@ impl Secrets for SecretsService {
         };
         tokio::spawn(async move {
             use tokio::sync::broadcast::error::RecvError;
+            let mut tick = tokio::time::interval(WATCH_RECHECK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
+                    _ = tick.tick() => {
+                        match core.gate.refresh(&caller) {
+                            Ok(fresh) => caller = fresh,
+                            Err(e) => {
+                                let _ = tx.send(Err(watch_ended(e))).await;
+                                break;
+                            }
+                        }
+                    }
                     change = changes.recv() => match change {
                         Ok(change) => {
                             if !watched(change.path.as_str()) {
                                 continue;
+                            }
+                            // The token as it stands now: revoked, expired
+                            // or narrowed since the watch began.
+                            match core.gate.refresh(&caller) {
+                                Ok(fresh) => caller = fresh,
+                                Err(e) => {
+                                    let _ = tx.send(Err(watch_ended(e))).await;
+                                    break;
+                                }
                             }
                             let allowed = core
                                 .gate

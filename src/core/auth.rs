@@ -161,6 +161,28 @@ impl Gate {
         })
     }
 
+    /// The caller as its token stands now: `BadToken` once the token was
+    /// revoked (or its identity disabled, which revokes its tokens) or has
+    /// expired; otherwise the caller with the token's current policies,
+    /// compiled afresh. No use of a limited token is counted. For
+    /// long-lived calls (`Watch`) that must not outlive their authority.
+    pub fn refresh(&self, caller: &Caller) -> Result<Caller, AuthError> {
+        let now = super::now_ms();
+        let info = self
+            .tokens
+            .lookup_accessor(&caller.accessor, now)?
+            .ok_or(AuthError::BadToken)?;
+        let set = self.policies.compiled_set(&info.policies)?;
+        Ok(Caller {
+            identity: info.identity,
+            accessor: info.accessor,
+            policies: info.policies,
+            expires_at_ms: info.expires_at_ms,
+            counted_use: false,
+            set,
+        })
+    }
+
     /// Checks a capability on a resource against the caller's policies. A
     /// refusal is the same whether or not the resource exists.
     pub fn authorize(

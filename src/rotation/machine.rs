@@ -43,7 +43,7 @@ use super::provider::{Provider, ProviderError, ProviderSettings, RotationInput};
 use super::RotationError;
 use crate::audit::{AuditEvent, Outcome};
 use crate::core::{now_ms, Core};
-use crate::secrecy::SecretData;
+use crate::secrecy::{SecretBytes, SecretData};
 use crate::secrets::{PutRequest, SecretPath, SecretsError, Selector, Stage};
 
 /// The audit identity of the broker's own actions.
@@ -442,7 +442,12 @@ pub async fn drive(
                     }
                 }
             }
-            Step::Promote => return promote(core, run, &path).await,
+            Step::Promote => {
+                if let Some(driven) = promote(core, &mut run, &path).await? {
+                    return Ok(driven);
+                }
+                // Nothing to promote: on to the rollback.
+            }
             Step::Rollback => {
                 return rollback(core, run, provider.as_ref(), &input, &path).await;
             }
@@ -491,19 +496,34 @@ async fn failed_attempt(
     Ok(())
 }
 
+/// Promotes pending. `None` when there was nothing to promote (the pending
+/// version was changed or removed outside the run): recorded as a failed
+/// attempt, and the run goes on to the rollback.
 async fn promote(
     core: &Arc<Core>,
-    mut run: RunRecord,
+    run: &mut RunRecord,
     path: &SecretPath,
-) -> Result<Driven, RotationError> {
-    let meta = core.secrets.metadata(path)?;
+) -> Result<Option<Driven>, RotationError> {
+    let meta = match core.secrets.metadata(path) {
+        Ok(m) => m,
+        Err(e @ SecretsError::NotFound) => return promote_failed(core, run, &e).await,
+        Err(e) => return Err(e.into()),
+    };
     let previous = if meta.current == run.pending_version {
         // Promoted before a crash; the record did not say so yet.
         meta.previous
     } else {
         let before = meta.current;
-        core.secrets
-            .promote_pending(path, run.pending_version, now_ms())?;
+        match core
+            .secrets
+            .promote_pending(path, run.pending_version, now_ms())
+        {
+            Ok(_) => {}
+            Err(e @ (SecretsError::NoSuchStage(_) | SecretsError::NotFound)) => {
+                return promote_failed(core, run, &e).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
         before
     };
     core.secrets.durable().await?;
@@ -530,11 +550,41 @@ async fn promote(
         previous_version: previous,
         retire_at_ms: now + run.grace_seconds * 1000,
     });
-    core.rotation.finish_run(&run, retire.as_ref())?;
+    core.rotation.finish_run(run, retire.as_ref())?;
     core.barrier.durable().await?;
     core.rotation.count_run(&run.provider, "succeeded");
     danger_test_fault_point(Step::Promote);
-    Ok(Driven::Finished(Box::new(run)))
+    Ok(Some(Driven::Finished(Box::new(run.clone()))))
+}
+
+/// Records a promote that found nothing to promote and sends the run to the
+/// rollback (current is put back on the target there).
+async fn promote_failed(
+    core: &Core,
+    run: &mut RunRecord,
+    error: &SecretsError,
+) -> Result<Option<Driven>, RotationError> {
+    let message = format!(
+        "the pending version {} cannot be promoted: {error}",
+        run.pending_version
+    );
+    audit_step(
+        core,
+        &run.run_id,
+        &run.path,
+        Step::Promote,
+        Some(&message),
+        &SecretData::new(),
+    )?;
+    core.rotation.count_step("promote", "failed");
+    tracing::warn!(path = %run.path, error = %message, "rotation step failed");
+    let version = run.pending_version;
+    run.record(Step::Promote, "failed", version, message.clone());
+    run.last_error = format!("promote (attempt {}): {message}", run.attempt);
+    run.step = Step::Rollback as i32;
+    core.rotation.save_run(run)?;
+    core.barrier.durable().await?;
+    Ok(None)
 }
 
 async fn rollback(
@@ -612,6 +662,19 @@ async fn finish_failed(
     Ok(Driven::Finished(Box::new(run)))
 }
 
+/// The `username` of `previous` if one of `others` has the same one.
+fn shared_username<'a>(
+    previous: &'a SecretData,
+    others: [Option<&SecretData>; 2],
+) -> Option<&'a str> {
+    let user = previous.get("username").and_then(SecretBytes::expose_str)?;
+    others
+        .into_iter()
+        .flatten()
+        .any(|o| o.get("username").and_then(SecretBytes::expose_str) == Some(user))
+        .then_some(user)
+}
+
 /// Retires the version a promotion replaced, after its grace period.
 /// Retryable failures are tried again with back-off; the outcome is added
 /// to the run's history either way and the retire entry removed.
@@ -629,7 +692,7 @@ pub async fn retire(
         if *stop.borrow() {
             return Err(RotationError::Stopping);
         }
-        let outcome: Result<(), ProviderError> = async {
+        let outcome: Result<Option<String>, ProviderError> = async {
             let provider = core.rotation.provider(&record.provider).ok_or_else(|| {
                 ProviderError::Internal(format!("provider `{}` is not registered", record.provider))
             })?;
@@ -650,16 +713,24 @@ pub async fn retire(
                     )))
                 }
             };
+            let pending = staged(core, &path, Stage::Pending)
+                .map_err(|e| ProviderError::Internal(e.to_string()))?;
+            if let Some(user) = shared_username(&previous, [current.as_ref(), pending.as_ref()]) {
+                // Never lock out a user that is current or about to be.
+                return Ok(Some(format!(
+                    "nothing retired: user `{user}` is in the current or pending value"
+                )));
+            }
             let input = RotationInput {
                 settings: &settings,
                 admin: admin.as_ref(),
                 current: current.as_ref(),
             };
-            provider.retire(&input, &previous).await
+            provider.retire(&input, &previous).await.map(|()| None)
         }
         .await;
         match outcome {
-            Ok(()) => {
+            Ok(note) => {
                 audit_step(
                     core,
                     &record.run_id,
@@ -674,7 +745,7 @@ pub async fn retire(
                     attempt,
                     outcome: "ok".into(),
                     version: record.previous_version,
-                    message: String::new(),
+                    message: note.unwrap_or_default(),
                     at_ms: now_ms(),
                 };
             }

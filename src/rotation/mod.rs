@@ -660,6 +660,32 @@ impl Broker {
         Ok(())
     }
 
+    /// Moves a retire entry to `at_ms`: a run on the same secret is in
+    /// progress, and a retire must not touch the target while it is.
+    pub(crate) fn postpone_retire(
+        &self,
+        key: &str,
+        retire: &machine::RetireRecord,
+        at_ms: u64,
+    ) -> Result<(), RotationError> {
+        let _guard = self.lock();
+        if self.barrier.get(key)?.is_none() {
+            // Finished (or postponed) meanwhile.
+            return Ok(());
+        }
+        let mut moved = retire.clone();
+        moved.retire_at_ms = at_ms;
+        let new_key = retire_key(at_ms, &moved.path);
+        let bytes = moved.encode_to_vec();
+        if new_key == key {
+            self.barrier.put(key, &bytes)?;
+        } else {
+            self.barrier
+                .batch(&[PlainOp::Delete(key), PlainOp::Put(&new_key, &bytes)])?;
+        }
+        Ok(())
+    }
+
     /// Runs in progress, to resume.
     pub(crate) fn active_runs(&self) -> Result<Vec<RunRecord>, RotationError> {
         self.barrier

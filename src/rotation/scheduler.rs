@@ -33,6 +33,15 @@ use crate::core::{now_ms, Core};
 pub const MAX_SLEEP: Duration = Duration::from_secs(60);
 /// Index entries read per look.
 const HEAD: usize = 256;
+/// How much later a retire is tried again when a run on the same secret is
+/// in progress (on a worker or recorded in `rotation/run/<path>`).
+pub const RETIRE_POSTPONE: Duration = Duration::from_secs(2);
+
+/// Whether a run on `path` is on a worker or recorded. A storage error
+/// counts as a run, so the retire waits rather than risk the target.
+fn run_on_path(core: &Core, path: &str) -> bool {
+    core.rotation.is_in_flight(path) || !matches!(core.rotation.active_run_by_path(path), Ok(None))
+}
 
 /// Starts the sleeper. Returns `false` if shutdown already began.
 pub fn start(core: &Arc<Core>) -> bool {
@@ -125,6 +134,15 @@ async fn sleeper(core: &Arc<Core>) {
                         break;
                     };
                     match RetireRecord::decode(value.as_slice()) {
+                        Ok(record) if run_on_path(core, &record.path) => {
+                            drop(permit);
+                            let at = now + RETIRE_POSTPONE.as_millis() as u64;
+                            tracing::debug!(path = %record.path, "a run is in progress; retire postponed");
+                            if let Err(e) = broker.postpone_retire(&key, &record, at) {
+                                tracing::warn!(path = %record.path, error = %e, "cannot postpone a retire");
+                            }
+                            next = Some(next.map_or(at, |n| n.min(at)));
+                        }
                         Ok(record) => spawn_retire(core, key, record, permit),
                         Err(_) => {
                             tracing::warn!(key = %key, "dropping a corrupt retire entry");
@@ -266,13 +284,26 @@ pub fn spawn_run(core: &Arc<Core>, run: RunRecord, permit: Option<OwnedSemaphore
     );
 }
 
+/// Retires on a worker. The retire holds the secret's path in flight too,
+/// so no run starts on the secret while it touches the target; a run
+/// started meanwhile is left to it and started when it is done.
 fn spawn_retire(core: &Arc<Core>, key: String, record: RetireRecord, permit: OwnedSemaphorePermit) {
     let broker = &core.rotation;
     let flight = format!("retire:{key}");
     if !broker.claim_in_flight(&flight) {
         return;
     }
+    if !broker.claim_in_flight(&record.path) {
+        // A run is on a worker: try again after it.
+        broker.release_in_flight(&flight);
+        let at = now_ms() + RETIRE_POSTPONE.as_millis() as u64;
+        if let Err(e) = broker.postpone_retire(&key, &record, at) {
+            tracing::warn!(path = %record.path, error = %e, "cannot postpone a retire");
+        }
+        return;
+    }
     let Some(guard) = broker.task_guard() else {
+        broker.release_in_flight(&record.path);
         broker.release_in_flight(&flight);
         return;
     };
@@ -289,12 +320,29 @@ fn spawn_retire(core: &Arc<Core>, key: String, record: RetireRecord, permit: Own
                 Some(s) => acquire(s, &mut stop).await,
                 None => None,
             };
+            let path = record.path.clone();
             if limit.is_none() || provider_permit.is_some() {
-                if let Err(e) = machine::retire(&core, &key, record, stop).await {
-                    tracing::warn!(error = %e, "retire stopped; it is tried again later");
+                if matches!(broker.active_run_by_path(&path), Ok(None)) {
+                    if let Err(e) = machine::retire(&core, &key, record, stop).await {
+                        tracing::warn!(error = %e, "retire stopped; it is tried again later");
+                    }
+                } else {
+                    // A run was recorded between the look and the claim.
+                    let at = now_ms() + RETIRE_POSTPONE.as_millis() as u64;
+                    if let Err(e) = broker.postpone_retire(&key, &record, at) {
+                        tracing::warn!(error = %e, "cannot postpone a retire");
+                    }
                 }
             }
+            drop(provider_permit);
+            broker.release_in_flight(&path);
             broker.release_in_flight(&flight);
+            // A run recorded while the retire held the path found it busy
+            // and was left to us.
+            if let Ok(Some(next)) = broker.active_run_by_path(&path) {
+                spawn_run(&core, next, None);
+            }
+            broker.wake.notify_one();
         }
         .instrument(span),
     );

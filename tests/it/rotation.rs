@@ -1482,6 +1482,180 @@ mod external {
     }
 }
 
+// ---------------------------------------------------------------- serialising
+
+/// Records a run on `path` straight in storage, as a crash would leave it,
+/// from the secret's policy; `step` and `pending_version` as given.
+fn record_run(
+    server: &TestServer,
+    path: &str,
+    step: keyward::rotation::machine::Step,
+    pending_version: u64,
+) -> keyward::rotation::machine::RunRecord {
+    use prost::Message;
+    let secret = keyward::secrets::SecretPath::parse(path).unwrap();
+    let policy = server.core.rotation.policy(&secret).unwrap().unwrap();
+    let mut run = keyward::rotation::machine::RunRecord::start(
+        unique("run"),
+        &policy,
+        "manual",
+        0,
+        keyward::core::now_ms(),
+    );
+    run.step = step as i32;
+    run.pending_version = pending_version;
+    server
+        .core
+        .barrier
+        .put(&format!("rotation/run/{}", run.path), &run.encode_to_vec())
+        .unwrap();
+    run
+}
+
+/// The retire entries of `path` (their keys carry the due time).
+fn retire_entries(server: &TestServer, path: &str) -> Vec<String> {
+    let secret = keyward::secrets::SecretPath::parse(path).unwrap();
+    let suffix = format!("/{}", secret.as_str());
+    server
+        .core
+        .barrier
+        .scan_keys("rotation/retire/")
+        .unwrap()
+        .into_iter()
+        .filter(|k| k.ends_with(&suffix))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_retire_waits_while_a_run_on_the_same_secret_is_recorded() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let path = format!("{}/api-key", unique("rot"));
+    root.put(
+        &path,
+        &data(&[("password", "initial-value-1")]),
+        PutOptions::default(),
+    )
+    .await
+    .unwrap();
+    root.set_rotation_policy(
+        &path,
+        &spec(
+            "random",
+            HOUR,
+            Duration::from_secs(2),
+            &[("fields", "password")],
+        ),
+    )
+    .await
+    .unwrap();
+    let first = root.rotate(&path, true).await.unwrap();
+    assert_eq!(first.state, "succeeded", "{:?}", steps(&first));
+    // The next run is recorded (between apply and promote) before the
+    // retire of the first one is due.
+    record_run(&server, &path, keyward::rotation::machine::Step::Promote, 0);
+    let scheduled = retire_entries(&server, &path);
+    assert_eq!(scheduled.len(), 1, "one retire is scheduled");
+
+    // Well past the grace period the retire has not run: it was moved on.
+    eventually("the retire to be postponed", || async {
+        let now = retire_entries(&server, &path);
+        (now.len() == 1 && now != scheduled).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        retired(&root, &path).await.is_none(),
+        "a retire ran while a run was recorded"
+    );
+    assert_eq!(
+        retire_entries(&server, &path).len(),
+        1,
+        "the retire is kept"
+    );
+
+    // Once the run is gone, the retire runs.
+    let secret = keyward::secrets::SecretPath::parse(&path).unwrap();
+    server
+        .core
+        .barrier
+        .delete(&format!("rotation/run/{}", secret.as_str()))
+        .unwrap();
+    let done = eventually("the retire step", || retired(&root, &path)).await;
+    assert!(has_step(&done, "retire", "ok"), "{:?}", steps(&done));
+    assert_eq!(done.run_id, first.run_id);
+    assert!(retire_entries(&server, &path).is_empty());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_pending_version_gone_before_promote_rolls_back_and_the_schedule_goes_on() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let path = format!("{}/api-key", unique("rot"));
+    root.put(
+        &path,
+        &data(&[("password", "initial-value-1")]),
+        PutOptions::default(),
+    )
+    .await
+    .unwrap();
+    root.set_rotation_policy(
+        &path,
+        &spec("random", HOUR, Duration::ZERO, &[("fields", "password")]),
+    )
+    .await
+    .unwrap();
+    // A run at Promote whose pending version was removed outside it (there
+    // is no pending version 7), resumed as after a restart.
+    let stuck = record_run(&server, &path, keyward::rotation::machine::Step::Promote, 7);
+    server.core.rotation.on_unseal();
+    let failed = eventually("the stuck run to finish", || async {
+        root.rotation_history(&path)
+            .await
+            .ok()?
+            .into_iter()
+            .find(|r| r.run_id == stuck.run_id && r.state != "running")
+    })
+    .await;
+    assert_eq!(failed.state, "failed", "{:?}", steps(&failed));
+    assert!(
+        has_step(&failed, "promote", "failed"),
+        "{:?}",
+        steps(&failed)
+    );
+    assert!(
+        failed.steps.iter().any(|s| s.step == "rollback"),
+        "{:?}",
+        steps(&failed)
+    );
+    assert!(
+        failed
+            .steps
+            .iter()
+            .any(|s| s.step == "promote" && s.message.contains("cannot be promoted")),
+        "{:?}",
+        failed.steps
+    );
+    let current = root.get(&path).await.unwrap();
+    assert_eq!(
+        (current.version, current.field_str("password")),
+        (1, Some("initial-value-1")),
+        "current is kept"
+    );
+    let secret = keyward::secrets::SecretPath::parse(&path).unwrap();
+    assert!(server.core.rotation.active_run(&secret).unwrap().is_none());
+    let policy = root.rotation_policy(&path).await.unwrap();
+    assert_eq!(policy.last_state, "failed");
+
+    // The next run is not held back by it.
+    let next = root.rotate(&path, true).await.unwrap();
+    assert_eq!(next.state, "succeeded", "{:?}", steps(&next));
+    assert_ne!(next.run_id, stuck.run_id);
+    assert_eq!(root.get(&path).await.unwrap().version, 2);
+    server.stop().await;
+}
+
 /// A grant on `rotation/...` alone does not let a caller have the broker
 /// overwrite a secret it cannot write.
 #[tokio::test]

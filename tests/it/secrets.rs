@@ -338,3 +338,111 @@ async fn tokens_are_required_and_checked() {
     );
     assert_eq!(root.get(&path).await.unwrap().field_str("a"), Some("1"));
 }
+
+#[tokio::test]
+async fn a_watch_ends_when_its_token_is_revoked() {
+    use keyward::client::IssueOptions;
+    use std::time::Duration;
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let prefix = unique("watched");
+    let policy = unique("watcher");
+    root.policy_put(
+        &policy,
+        &format!("[[rule]]\npath = \"secret/{prefix}/**\"\ncapabilities = [\"read\", \"list\"]\n"),
+    )
+    .await
+    .unwrap();
+    let issued = root
+        .issue_token(IssueOptions {
+            policies: vec![policy.clone()],
+            ..IssueOptions::default()
+        })
+        .await
+        .unwrap();
+    let user = root.with_token(&issued.token).unwrap();
+    let path = format!("{prefix}/db");
+    root.put(&path, &data(&[("password", "one")]), PutOptions::default())
+        .await
+        .unwrap();
+    let mut stream = user.watch(&[], &[&prefix]).await.unwrap();
+
+    // While the token holds, events come.
+    root.put(&path, &data(&[("password", "two")]), PutOptions::default())
+        .await
+        .unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .expect("an event")
+        .unwrap()
+        .expect("the stream is open");
+    assert_eq!((event.path.as_str(), event.version), (path.as_str(), 2));
+
+    // Revoked: the stream ends with UNAUTHENTICATED, even with no event.
+    root.revoke_accessor(&issued.accessor).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .expect("the watch to end after the revoke");
+    let status = ended.expect_err("the watch ends with an error, not an event");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+
+    // And no event reaches it afterwards.
+    root.put(
+        &path,
+        &data(&[("password", "three")]),
+        PutOptions::default(),
+    )
+    .await
+    .unwrap();
+    let after = tokio::time::timeout(Duration::from_secs(5), stream.message()).await;
+    assert!(
+        matches!(after, Ok(Ok(None)) | Ok(Err(_))),
+        "an event after the revoke: {after:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_watch_stops_delivering_paths_its_narrowed_policy_no_longer_reads() {
+    use keyward::client::IssueOptions;
+    use std::time::Duration;
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let prefix = unique("narrowed");
+    let policy = unique("watcher");
+    let rules = |paths: &[&str]| {
+        paths
+            .iter()
+            .map(|p| format!("[[rule]]\npath = \"secret/{prefix}/{p}\"\ncapabilities = [\"read\", \"list\"]\n"))
+            .collect::<String>()
+    };
+    root.policy_put(&policy, &rules(&["**"])).await.unwrap();
+    let issued = root
+        .issue_token(IssueOptions {
+            policies: vec![policy.clone()],
+            ..IssueOptions::default()
+        })
+        .await
+        .unwrap();
+    let user = root.with_token(&issued.token).unwrap();
+    let (a, b) = (format!("{prefix}/a"), format!("{prefix}/b"));
+    let mut stream = user.watch(&[], &[&prefix]).await.unwrap();
+    // Narrowed to `b` only while the watch is open.
+    root.policy_put(&policy, &rules(&["b"])).await.unwrap();
+    root.put(&a, &data(&[("k", "1")]), PutOptions::default())
+        .await
+        .unwrap();
+    root.put(&b, &data(&[("k", "1")]), PutOptions::default())
+        .await
+        .unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .expect("an event")
+        .unwrap()
+        .expect("the stream is open");
+    assert_eq!(
+        event.path, b,
+        "a path the policy no longer reads was delivered"
+    );
+    server.stop().await;
+}
