@@ -15,6 +15,8 @@
 
 #[path = "support/pg_cluster.rs"]
 mod pg_cluster;
+#[path = "support/plugin.rs"]
+mod plugin;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -869,105 +871,9 @@ fn random_characters_are_uniform() {
 /// the test on a unix socket, reached through `ExternalProvider`.
 mod external {
     use super::*;
+    use crate::plugin::start_plugin;
     use keyward::rotation::providers::ExternalProvider;
-    use std::path::{Path, PathBuf};
-    use std::process::{Child, Command, Stdio};
-    use std::sync::OnceLock;
-
-    /// The plugin process, killed by its pid when the test ends (or fails).
-    struct Plugin {
-        child: Child,
-        socket: PathBuf,
-        dir: tempfile::TempDir,
-    }
-
-    impl Drop for Plugin {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
-    /// Builds the example once per test binary (cargo builds examples for a
-    /// plain `cargo test`, not for `cargo test --test rotation_providers`),
-    /// and returns the path cargo reports for it.
-    fn plugin_binary() -> &'static Path {
-        static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-        let built = BUILT.get_or_init(|| {
-            let mut cargo = Command::new(env!("CARGO"));
-            cargo.current_dir(env!("CARGO_MANIFEST_DIR")).args([
-                "build",
-                "--example",
-                "provider_plugin",
-                "--message-format=json",
-            ]);
-            // Not the variables cargo sets for a running test: build scripts
-            // watch some (ring: CARGO_MANIFEST_DIR), so inheriting them would
-            // rebuild half the tree here and again at the next plain build.
-            const SET_FOR_TESTS: [&str; 8] = [
-                "CARGO_MANIFEST_",
-                "CARGO_PKG_",
-                "CARGO_CRATE_NAME",
-                "CARGO_BIN_",
-                "CARGO_PRIMARY_PACKAGE",
-                "CARGO_TARGET_TMPDIR",
-                "CARGO_RUSTC_CURRENT_DIR",
-                "OUT_DIR",
-            ];
-            for (name, _) in std::env::vars_os() {
-                let text = name.to_string_lossy();
-                if SET_FOR_TESTS.iter().any(|prefix| text.starts_with(prefix)) {
-                    cargo.env_remove(&name);
-                }
-            }
-            // The same profile as this test binary (target/<profile>/deps/).
-            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-            if exe.ancestors().nth(2).and_then(Path::file_name) == Some("release".as_ref()) {
-                cargo.arg("--release");
-            }
-            let output = cargo
-                .stderr(Stdio::inherit())
-                .output()
-                .map_err(|e| e.to_string())?;
-            if !output.status.success() {
-                return Err(format!(
-                    "cargo build --example provider_plugin: {}",
-                    output.status
-                ));
-            }
-            String::from_utf8_lossy(&output.stdout)
-                .lines()
-                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-                .filter(|m| m["target"]["name"] == "provider_plugin")
-                .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-                .ok_or_else(|| "cargo reported no provider_plugin executable".to_owned())
-        });
-        match built {
-            Ok(path) => path,
-            Err(e) => panic!("cannot build the example plugin: {e}"),
-        }
-    }
-
-    fn start_plugin() -> Plugin {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("plugin.sock");
-        let child = Command::new(plugin_binary())
-            .arg("--socket")
-            .arg(&socket)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut plugin = Plugin { child, socket, dir };
-        // Wait for the socket; a plugin that exits early fails the test.
-        // No deadline: a slow machine is not a failure.
-        while !plugin.socket.exists() {
-            if let Some(status) = plugin.child.try_wait().unwrap() {
-                panic!("the example plugin exited: {status}");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        plugin
-    }
+    use std::path::Path;
 
     fn listed(keys_file: &Path) -> Vec<String> {
         let text = std::fs::read_to_string(keys_file).unwrap();

@@ -11,6 +11,8 @@ mod identities;
 #[path = "../support/pg_cluster.rs"]
 #[allow(dead_code)]
 mod pg_cluster;
+#[path = "../support/plugin.rs"]
+mod plugin;
 
 mod audit;
 mod cli;
