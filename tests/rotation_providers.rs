@@ -13,13 +13,14 @@
     reason = "tests fail by panicking"
 )]
 
+#[path = "support/db_target.rs"]
+mod db_target;
 #[path = "support/pg_cluster.rs"]
 mod pg_cluster;
 #[path = "support/plugin.rs"]
 mod plugin;
 
-use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use keyward::rotation::provider::{
     Provider, ProviderError, ProviderSettings, Registry, RotationInput,
@@ -28,12 +29,7 @@ use keyward::rotation::providers::random::random_string;
 use keyward::rotation::providers::Charset;
 use keyward::secrecy::{SecretBytes, SecretData};
 
-const MARIADB_START: &str = "MariaDB is not reachable at 127.0.0.1:3306 as root with no password; \
-    start it (as root) with `start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd` \
-    (see TESTING.md)";
-const REDIS_START: &str = "Redis is not reachable at 127.0.0.1:6379; start it (as root) with \
-    `redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save \"\" --appendonly no \
-    --dir /var/lib/redis --logfile /var/log/redis/ci.log` (see TESTING.md)";
+use db_target::{password, with_cleanup, Kind, Target};
 
 // ---------------------------------------------------------------- helpers
 
@@ -54,16 +50,6 @@ fn field<'a>(data: &'a SecretData, name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no UTF-8 field {name}"))
 }
 
-fn suffix() -> String {
-    let s = random_string(10, Charset::Hex).unwrap();
-    s.expose_str().unwrap().to_owned()
-}
-
-fn password() -> String {
-    let s = random_string(24, Charset::Alnum).unwrap();
-    format!("init{}", s.expose_str().unwrap())
-}
-
 fn provider(name: &str) -> Arc<dyn Provider> {
     Registry::with_builtin()
         .get(name)
@@ -80,339 +66,46 @@ fn assert_no_secret(error: &ProviderError, secrets: &[&str]) {
     }
 }
 
+/// The target's admin secret as the providers take it.
+fn admin_secret(target: &Target) -> SecretData {
+    target
+        .admin()
+        .into_iter()
+        .map(|(k, v)| (k, SecretBytes::from(v)))
+        .collect()
+}
+
+/// An admin secret that is refused: the right admin with a wrong password.
+/// Redis's default user takes any password, so there the admin is a user
+/// made for the test.
+async fn admin_with_wrong_password(target: &Target, wrong: &str) -> SecretData {
+    let mut admin = admin_secret(target);
+    if target.kind == Kind::Redis {
+        let name = target.user("admin");
+        target.create_user(&name, &password()).await;
+        admin.insert("username".into(), SecretBytes::from(name.as_str()));
+    }
+    admin.insert("password".into(), SecretBytes::from(wrong));
+    admin
+}
+
 /// A port on 127.0.0.1 where nothing listens.
 fn closed_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
 }
 
-/// Runs `body`, then `service.cleanup()` even if `body` panicked.
-async fn with_cleanup<F>(service: Arc<Service>, body: F)
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    let outcome = tokio::spawn(body).await;
-    service.cleanup().await;
-    if let Err(error) = outcome {
-        std::panic::resume_unwind(error.into_panic());
-    }
-}
-
-// ---------------------------------------------------------------- services
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Postgres,
-    Mysql,
-    Redis,
-}
-
-/// One real server, the users a test made on it, and independent login
-/// checks.
-struct Service {
-    kind: Kind,
-    suffix: String,
-    users: Mutex<Vec<String>>,
-}
-
-impl Service {
-    async fn new(kind: Kind) -> Arc<Self> {
-        let service = Arc::new(Self {
-            kind,
-            suffix: suffix(),
-            users: Mutex::new(Vec::new()),
-        });
-        // Fail early, naming the server and how to start it.
-        match kind {
-            Kind::Postgres => {
-                pg_cluster::cluster();
-            }
-            Kind::Mysql => {
-                mysql_admin().await;
-            }
-            Kind::Redis => {
-                redis_admin().await;
-            }
-        }
-        service
-    }
-
-    fn provider(&self) -> Arc<dyn Provider> {
-        provider(match self.kind {
-            Kind::Postgres => "postgres",
-            Kind::Mysql => "mysql",
-            Kind::Redis => "redis",
-        })
-    }
-
-    fn port(&self) -> u16 {
-        match self.kind {
-            Kind::Postgres => pg_cluster::cluster().port,
-            Kind::Mysql => 3306,
-            Kind::Redis => 6379,
-        }
-    }
-
-    /// The admin secret: the cluster's superuser, MariaDB's root, Redis's
-    /// default user.
-    fn admin(&self) -> SecretData {
-        let port = self.port().to_string();
-        match self.kind {
-            Kind::Postgres => {
-                let pg = pg_cluster::cluster();
-                secret(&[
-                    ("host", "127.0.0.1"),
-                    ("port", &port),
-                    ("username", &pg.admin_user),
-                    ("password", &pg.admin_password),
-                    ("database", "postgres"),
-                ])
-            }
-            Kind::Mysql => secret(&[
-                ("host", "127.0.0.1"),
-                ("port", &port),
-                ("username", "root"),
-                ("password", ""),
-                ("database", "test"),
-            ]),
-            Kind::Redis => secret(&[
-                ("host", "127.0.0.1"),
-                ("port", &port),
-                ("username", "default"),
-                ("password", ""),
-            ]),
-        }
-    }
-
-    /// A name unique to this test.
-    fn user(&self, role: &str) -> String {
-        format!("kw_{}_{role}", self.suffix)
-    }
-
-    async fn create_user(&self, name: &str, password: &str) {
-        self.users.lock().unwrap().push(name.to_owned());
-        match self.kind {
-            Kind::Postgres => {
-                let client = pg_admin().await;
-                client
-                    .batch_execute(&format!(
-                        "CREATE ROLE \"{name}\" LOGIN PASSWORD '{password}'"
-                    ))
-                    .await
-                    .unwrap();
-            }
-            Kind::Mysql => {
-                use mysql_async::prelude::Queryable;
-                let mut conn = mysql_admin().await;
-                conn.query_drop(format!(
-                    "CREATE USER '{name}'@'%' IDENTIFIED BY '{password}'"
-                ))
-                .await
-                .unwrap();
-                conn.disconnect().await.unwrap();
-            }
-            Kind::Redis => {
-                let mut conn = redis_admin().await;
-                redis::cmd("ACL")
-                    .arg("SETUSER")
-                    .arg(name)
-                    .arg("on")
-                    .arg(format!(">{password}"))
-                    .arg("+ping")
-                    .query_async::<()>(&mut conn)
-                    .await
-                    .unwrap();
-            }
-        }
-    }
-
-    /// An admin secret that is refused: the right admin with a wrong
-    /// password. Redis's default user takes any password, so there the admin
-    /// is a user made for the test.
-    async fn admin_with_wrong_password(&self, wrong: &str) -> SecretData {
-        let mut admin = self.admin();
-        if self.kind == Kind::Redis {
-            let name = self.user("admin");
-            self.create_user(&name, &password()).await;
-            admin.insert("username".into(), SecretBytes::from(name.as_str()));
-        }
-        admin.insert("password".into(), SecretBytes::from(wrong));
-        admin
-    }
-
-    /// Whether `name` logs in with `password`, checked with the driver. Any
-    /// failure other than a refused password fails the test.
-    async fn can_login(&self, name: &str, password: &str) -> bool {
-        match self.kind {
-            Kind::Postgres => {
-                let pg = pg_cluster::cluster();
-                let result = tokio_postgres::Config::new()
-                    .host("127.0.0.1")
-                    .port(pg.port)
-                    .user(name)
-                    .password(password)
-                    .dbname("postgres")
-                    .connect(tokio_postgres::NoTls)
-                    .await;
-                match result {
-                    Ok(_) => true,
-                    Err(e)
-                        if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD) =>
-                    {
-                        false
-                    }
-                    Err(e) => panic!("PostgreSQL login check failed: {e:?}"),
-                }
-            }
-            Kind::Mysql => {
-                let opts = mysql_async::OptsBuilder::default()
-                    .ip_or_hostname("127.0.0.1")
-                    .tcp_port(3306)
-                    .user(Some(name))
-                    .pass(Some(password))
-                    .prefer_socket(false);
-                match mysql_async::Conn::new(opts).await {
-                    Ok(conn) => {
-                        conn.disconnect().await.unwrap();
-                        true
-                    }
-                    Err(mysql_async::Error::Server(e)) if e.code == 1045 => false,
-                    Err(e) => panic!("MariaDB login check failed: {e:?}"),
-                }
-            }
-            Kind::Redis => {
-                let info = redis::ConnectionAddr::Tcp("127.0.0.1".into(), 6379);
-                let info = redis::IntoConnectionInfo::into_connection_info(info)
-                    .unwrap()
-                    .set_redis_settings(
-                        redis::RedisConnectionInfo::default()
-                            .set_username(name)
-                            .set_password(password),
-                    );
-                let client = redis::Client::open(info).unwrap();
-                match client.get_multiplexed_async_connection().await {
-                    Ok(_) => true,
-                    Err(e) if e.kind() == redis::ErrorKind::AuthenticationFailed => false,
-                    Err(e) => panic!("Redis login check failed: {e:?}"),
-                }
-            }
-        }
-    }
-
-    /// Whether `name` exists on the server.
-    async fn user_exists(&self, name: &str) -> bool {
-        match self.kind {
-            Kind::Redis => {
-                let mut conn = redis_admin().await;
-                let found: redis::Value = redis::cmd("ACL")
-                    .arg("GETUSER")
-                    .arg(name)
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
-                found != redis::Value::Nil
-            }
-            Kind::Mysql => {
-                use mysql_async::prelude::Queryable;
-                let mut conn = mysql_admin().await;
-                let n: Option<u64> = conn
-                    .exec_first(
-                        "SELECT COUNT(*) FROM mysql.user WHERE user = ?",
-                        (name.to_owned(),),
-                    )
-                    .await
-                    .unwrap();
-                conn.disconnect().await.unwrap();
-                n.unwrap_or(0) > 0
-            }
-            Kind::Postgres => {
-                let client = pg_admin().await;
-                let row = client
-                    .query_one("SELECT count(*) FROM pg_roles WHERE rolname = $1", &[&name])
-                    .await
-                    .unwrap();
-                row.get::<_, i64>(0) > 0
-            }
-        }
-    }
-
-    /// Drops every user this test made. The private PostgreSQL cluster is
-    /// removed as a whole at the end of the run, so its roles stay.
-    async fn cleanup(&self) {
-        let users = std::mem::take(&mut *self.users.lock().unwrap());
-        match self.kind {
-            Kind::Postgres => {}
-            Kind::Mysql => {
-                use mysql_async::prelude::Queryable;
-                let mut conn = mysql_admin().await;
-                for user in users {
-                    conn.query_drop(format!("DROP USER IF EXISTS '{user}'@'%'"))
-                        .await
-                        .unwrap();
-                }
-                conn.disconnect().await.unwrap();
-            }
-            Kind::Redis => {
-                let mut conn = redis_admin().await;
-                for user in users {
-                    redis::cmd("ACL")
-                        .arg("DELUSER")
-                        .arg(user)
-                        .query_async::<()>(&mut conn)
-                        .await
-                        .unwrap();
-                }
-            }
-        }
-    }
-}
-
-async fn pg_admin() -> tokio_postgres::Client {
-    let pg = pg_cluster::cluster();
-    let (client, connection) = tokio_postgres::Config::new()
-        .host("127.0.0.1")
-        .port(pg.port)
-        .user(&pg.admin_user)
-        .password(&pg.admin_password)
-        .dbname("postgres")
-        .connect(tokio_postgres::NoTls)
-        .await
-        .expect("the private PostgreSQL cluster refused its admin");
-    tokio::spawn(connection);
-    client
-}
-
-async fn mysql_admin() -> mysql_async::Conn {
-    let opts = mysql_async::OptsBuilder::default()
-        .ip_or_hostname("127.0.0.1")
-        .tcp_port(3306)
-        .user(Some("root"))
-        .prefer_socket(false);
-    match mysql_async::Conn::new(opts).await {
-        Ok(conn) => conn,
-        Err(e) => panic!("{MARIADB_START}: {e}"),
-    }
-}
-
-async fn redis_admin() -> redis::aio::MultiplexedConnection {
-    let client = redis::Client::open("redis://127.0.0.1:6379/").unwrap();
-    match client.get_multiplexed_async_connection().await {
-        Ok(conn) => conn,
-        Err(e) => panic!("{REDIS_START}: {e}"),
-    }
-}
-
 // ---------------------------------------------------------------- scenarios
 
 /// Single: apply replaces the password, the old one is refused at once, the
 /// new one logs in; apply is idempotent; retire changes nothing.
-async fn single_rotation(service: Arc<Service>) {
+async fn single_rotation(service: Arc<Target>) {
     let user = service.user("app");
     let initial = password();
     service.create_user(&user, &initial).await;
     assert!(service.can_login(&user, &initial).await);
 
-    let provider = service.provider();
+    let provider = provider(service.provider());
     let settings = settings(&[
         "admin_secret=db/admin",
         "strategy=single",
@@ -420,7 +113,7 @@ async fn single_rotation(service: Arc<Service>) {
     ]);
     provider.validate(&settings).unwrap();
     assert_eq!(provider.admin_secret(&settings), Some("db/admin"));
-    let admin = service.admin();
+    let admin = admin_secret(&service);
     let current = secret(&[("username", &user), ("password", &initial)]);
     let input = RotationInput {
         settings: &settings,
@@ -466,20 +159,20 @@ async fn single_rotation(service: Arc<Service>) {
 /// Alternating: the other user gets the new password; the old user keeps
 /// working until retire, and is refused after it; the next rotation goes
 /// back to the first user.
-async fn alternating_rotation(service: Arc<Service>) {
+async fn alternating_rotation(service: Arc<Target>) {
     let (a, b) = (service.user("a"), service.user("b"));
     let (pw_a, pw_b) = (password(), password());
     service.create_user(&a, &pw_a).await;
     service.create_user(&b, &pw_b).await;
 
-    let provider = service.provider();
+    let provider = provider(service.provider());
     let settings = settings(&[
         "admin_secret=db/admin",
         "strategy=alternating",
         &format!("usernames={a},{b}"),
     ]);
     provider.validate(&settings).unwrap();
-    let admin = service.admin();
+    let admin = admin_secret(&service);
 
     // No current value yet: the first user of the pair.
     let first = RotationInput {
@@ -530,11 +223,11 @@ async fn alternating_rotation(service: Arc<Service>) {
 }
 
 /// A closed port: apply and verify fail fast with a retryable Unreachable.
-async fn unreachable_target(service: Arc<Service>) {
-    let provider = service.provider();
+async fn unreachable_target(service: Arc<Target>) {
+    let provider = provider(service.provider());
     let user = service.user("app");
     let settings = settings(&["admin_secret=db/admin", &format!("username={user}")]);
-    let mut admin = service.admin();
+    let mut admin = admin_secret(&service);
     admin.insert("port".into(), SecretBytes::from(closed_port().to_string()));
     let input = RotationInput {
         settings: &settings,
@@ -555,13 +248,13 @@ async fn unreachable_target(service: Arc<Service>) {
 
 /// The admin's password is wrong: Refused, and the message holds neither
 /// the wrong admin password nor the pending one.
-async fn refused_admin(service: Arc<Service>) {
-    let provider = service.provider();
+async fn refused_admin(service: Arc<Target>) {
+    let provider = provider(service.provider());
     let user = service.user("app");
     let initial = password();
     service.create_user(&user, &initial).await;
     let wrong = format!("wrong-{}", password());
-    let admin = service.admin_with_wrong_password(&wrong).await;
+    let admin = admin_with_wrong_password(&service, &wrong).await;
     let settings = settings(&["admin_secret=db/admin", &format!("username={user}")]);
     let input = RotationInput {
         settings: &settings,
@@ -578,13 +271,13 @@ async fn refused_admin(service: Arc<Service>) {
 
 /// A user that does not exist: apply is refused, creates nothing, and does
 /// not echo the password.
-async fn missing_user(service: Arc<Service>) {
-    let provider = service.provider();
+async fn missing_user(service: Arc<Target>) {
+    let provider = provider(service.provider());
     let user = service.user("ghost");
     // Registered for cleanup in case a broken provider creates it.
-    service.users.lock().unwrap().push(user.clone());
+    service.track_user(&user);
     let settings = settings(&["admin_secret=db/admin", &format!("username={user}")]);
-    let admin = service.admin();
+    let admin = admin_secret(&service);
     let input = RotationInput {
         settings: &settings,
         admin: Some(&admin),
@@ -598,13 +291,13 @@ async fn missing_user(service: Arc<Service>) {
 }
 
 /// A value naming a user the policy does not rotate is never acted on.
-async fn foreign_user_is_not_touched(service: Arc<Service>) {
-    let provider = service.provider();
+async fn foreign_user_is_not_touched(service: Arc<Target>) {
+    let provider = provider(service.provider());
     let (user, other) = (service.user("app"), service.user("other"));
     let other_password = password();
     service.create_user(&other, &other_password).await;
     let settings = settings(&["admin_secret=db/admin", &format!("username={user}")]);
-    let admin = service.admin();
+    let admin = admin_secret(&service);
     let input = RotationInput {
         settings: &settings,
         admin: Some(&admin),
@@ -626,37 +319,37 @@ macro_rules! service_tests {
 
             #[tokio::test]
             async fn single_rotation() {
-                let service = Service::new($kind).await;
+                let service = Target::new($kind).await;
                 with_cleanup(service.clone(), super::single_rotation(service)).await;
             }
 
             #[tokio::test]
             async fn alternating_rotation() {
-                let service = Service::new($kind).await;
+                let service = Target::new($kind).await;
                 with_cleanup(service.clone(), super::alternating_rotation(service)).await;
             }
 
             #[tokio::test]
             async fn unreachable_target() {
-                let service = Service::new($kind).await;
+                let service = Target::new($kind).await;
                 with_cleanup(service.clone(), super::unreachable_target(service)).await;
             }
 
             #[tokio::test]
             async fn refused_admin() {
-                let service = Service::new($kind).await;
+                let service = Target::new($kind).await;
                 with_cleanup(service.clone(), super::refused_admin(service)).await;
             }
 
             #[tokio::test]
             async fn missing_user() {
-                let service = Service::new($kind).await;
+                let service = Target::new($kind).await;
                 with_cleanup(service.clone(), super::missing_user(service)).await;
             }
 
             #[tokio::test]
             async fn foreign_user_is_not_touched() {
-                let service = Service::new($kind).await;
+                let service = Target::new($kind).await;
                 with_cleanup(service.clone(), super::foreign_user_is_not_touched(service)).await;
             }
         }
@@ -671,12 +364,12 @@ service_tests!(redis_acl, Kind::Redis);
 /// plaintext password never reaches the server log.
 #[tokio::test]
 async fn postgres_plaintext_password_never_reaches_the_server_log() {
-    let service = Service::new(Kind::Postgres).await;
+    let service = Target::new(Kind::Postgres).await;
     let user = service.user("logged");
     service.create_user(&user, &password()).await;
-    let provider = service.provider();
+    let provider = provider(service.provider());
     let settings = settings(&["admin_secret=db/admin", &format!("username={user}")]);
-    let admin = service.admin();
+    let admin = admin_secret(&service);
     let input = RotationInput {
         settings: &settings,
         admin: Some(&admin),

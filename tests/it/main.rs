@@ -5,6 +5,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "../support/db_target.rs"]
+#[allow(dead_code)]
+mod db_target;
 mod harness;
 mod ident_kit;
 mod identities;

@@ -1,6 +1,6 @@
-//! The rotation broker over TLS through the public client, against real
-//! targets (TESTING.md): the private scram-sha-256 PostgreSQL cluster of
-//! `tests/support/pg_cluster.rs`, MariaDB on 127.0.0.1:3306 and Redis on
+//! The rotation broker over TLS through the public client, against the real
+//! targets of `tests/support/db_target.rs` (TESTING.md): the private
+//! scram-sha-256 PostgreSQL cluster, MariaDB on 127.0.0.1:3306 and Redis on
 //! 127.0.0.1:6379. Logins are checked with the drivers directly, never with
 //! the provider under test.
 //!
@@ -15,41 +15,18 @@
 //! - a scheduled rotation (`every 2s`) without a trigger, seen by Watch.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::db_target::{password, pg_admin, suffix, with_cleanup, Kind, Target};
 use crate::harness::{cli, data, unique, ChildServer, TestServer};
-use crate::pg_cluster;
 use keyward::client::{Client, PutOptions, RotationPolicySpec, ScheduleSpec};
 use keyward::proto::v1::RotationRun;
-use keyward::rotation::providers::random::random_string;
-use keyward::rotation::providers::Charset;
-
-const MARIADB_START: &str = "MariaDB is not reachable at 127.0.0.1:3306 as root with no password; \
-    start it (as root) with `start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd` \
-    (see TESTING.md)";
-const REDIS_START: &str = "Redis is not reachable at 127.0.0.1:6379; start it (as root) with \
-    `redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save \"\" --appendonly no \
-    --dir /var/lib/redis --logfile /var/log/redis/ci.log` (see TESTING.md)";
 
 /// How long a test waits for something the server does by itself. Not a
 /// timing assertion: only a bound so a broken server fails instead of hanging.
 const PATIENCE: Duration = Duration::from_secs(90);
 
 // ---------------------------------------------------------------- helpers
-
-fn password() -> String {
-    let s = random_string(24, Charset::Alnum).unwrap();
-    format!("init{}", s.expose_str().unwrap())
-}
-
-fn suffix() -> String {
-    random_string(10, Charset::Hex)
-        .unwrap()
-        .expose_str()
-        .unwrap()
-        .to_owned()
-}
 
 fn spec(
     provider: &str,
@@ -128,266 +105,20 @@ async fn retired(client: &Client, path: &str) -> Option<RotationRun> {
 
 // ---------------------------------------------------------------- targets
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Postgres,
-    Mysql,
-    Redis,
-}
-
-/// One real server and the users a test made on it.
-struct Target {
-    kind: Kind,
-    suffix: String,
-    users: Mutex<Vec<String>>,
-}
-
-impl Target {
-    async fn new(kind: Kind) -> Arc<Self> {
-        match kind {
-            Kind::Postgres => {
-                pg_cluster::cluster();
-            }
-            Kind::Mysql => drop(mysql_admin().await),
-            Kind::Redis => drop(redis_admin().await),
-        }
-        Arc::new(Self {
-            kind,
-            suffix: suffix(),
-            users: Mutex::new(Vec::new()),
-        })
+/// Stores the target's admin secret at `path`, with `overrides` applied.
+async fn put_admin(target: &Target, client: &Client, path: &str, overrides: &[(&str, &str)]) {
+    let mut fields: BTreeMap<String, String> = target.admin().into_iter().collect();
+    for (k, v) in overrides {
+        fields.insert((*k).to_owned(), (*v).to_owned());
     }
-
-    fn provider(&self) -> &'static str {
-        match self.kind {
-            Kind::Postgres => "postgres",
-            Kind::Mysql => "mysql",
-            Kind::Redis => "redis",
-        }
-    }
-
-    fn port(&self) -> u16 {
-        match self.kind {
-            Kind::Postgres => pg_cluster::cluster().port,
-            Kind::Mysql => 3306,
-            Kind::Redis => 6379,
-        }
-    }
-
-    /// Fields of the admin secret.
-    fn admin(&self) -> Vec<(String, String)> {
-        let port = self.port().to_string();
-        let pairs: Vec<(&str, String)> = match self.kind {
-            Kind::Postgres => {
-                let pg = pg_cluster::cluster();
-                vec![
-                    ("username", pg.admin_user.clone()),
-                    ("password", pg.admin_password.clone()),
-                    ("database", "postgres".into()),
-                ]
-            }
-            Kind::Mysql => vec![
-                ("username", "root".into()),
-                ("password", String::new()),
-                ("database", "test".into()),
-            ],
-            Kind::Redis => vec![("username", "default".into()), ("password", String::new())],
-        };
-        let mut out = vec![
-            ("host".to_owned(), "127.0.0.1".to_owned()),
-            ("port".to_owned(), port),
-        ];
-        out.extend(pairs.into_iter().map(|(k, v)| (k.to_owned(), v)));
-        out
-    }
-
-    async fn put_admin(&self, client: &Client, path: &str, overrides: &[(&str, &str)]) {
-        let mut fields: BTreeMap<String, String> = self.admin().into_iter().collect();
-        for (k, v) in overrides {
-            fields.insert((*k).to_owned(), (*v).to_owned());
-        }
-        let pairs: Vec<(&str, &str)> = fields
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        client
-            .put(path, &data(&pairs), PutOptions::default())
-            .await
-            .unwrap();
-    }
-
-    fn user(&self, role: &str) -> String {
-        format!("kw_{}_{role}", self.suffix)
-    }
-
-    async fn create_user(&self, name: &str, password: &str) {
-        self.users.lock().unwrap().push(name.to_owned());
-        match self.kind {
-            Kind::Postgres => {
-                pg_admin()
-                    .await
-                    .batch_execute(&format!(
-                        "CREATE ROLE \"{name}\" LOGIN PASSWORD '{password}'"
-                    ))
-                    .await
-                    .unwrap();
-            }
-            Kind::Mysql => {
-                use mysql_async::prelude::Queryable;
-                let mut conn = mysql_admin().await;
-                conn.query_drop(format!(
-                    "CREATE USER '{name}'@'%' IDENTIFIED BY '{password}'"
-                ))
-                .await
-                .unwrap();
-                conn.disconnect().await.unwrap();
-            }
-            Kind::Redis => {
-                let mut conn = redis_admin().await;
-                redis::cmd("ACL")
-                    .arg("SETUSER")
-                    .arg(name)
-                    .arg("on")
-                    .arg(format!(">{password}"))
-                    .arg("+ping")
-                    .query_async::<()>(&mut conn)
-                    .await
-                    .unwrap();
-            }
-        }
-    }
-
-    /// Whether `name` logs in with `password` (checked with the driver).
-    async fn can_login(&self, name: &str, password: &str) -> bool {
-        match self.kind {
-            Kind::Postgres => {
-                let result = tokio_postgres::Config::new()
-                    .host("127.0.0.1")
-                    .port(self.port())
-                    .user(name)
-                    .password(password)
-                    .dbname("postgres")
-                    .connect(tokio_postgres::NoTls)
-                    .await;
-                match result {
-                    Ok(_) => true,
-                    Err(e)
-                        if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD) =>
-                    {
-                        false
-                    }
-                    Err(e) => panic!("PostgreSQL login check failed: {e:?}"),
-                }
-            }
-            Kind::Mysql => {
-                let opts = mysql_async::OptsBuilder::default()
-                    .ip_or_hostname("127.0.0.1")
-                    .tcp_port(3306)
-                    .user(Some(name))
-                    .pass(Some(password))
-                    .prefer_socket(false);
-                match mysql_async::Conn::new(opts).await {
-                    Ok(conn) => {
-                        conn.disconnect().await.unwrap();
-                        true
-                    }
-                    Err(mysql_async::Error::Server(e)) if e.code == 1045 => false,
-                    Err(e) => panic!("MariaDB login check failed: {e:?}"),
-                }
-            }
-            Kind::Redis => {
-                let info = redis::ConnectionAddr::Tcp("127.0.0.1".into(), 6379);
-                let info = redis::IntoConnectionInfo::into_connection_info(info)
-                    .unwrap()
-                    .set_redis_settings(
-                        redis::RedisConnectionInfo::default()
-                            .set_username(name)
-                            .set_password(password),
-                    );
-                let client = redis::Client::open(info).unwrap();
-                match client.get_multiplexed_async_connection().await {
-                    Ok(_) => true,
-                    Err(e) if e.kind() == redis::ErrorKind::AuthenticationFailed => false,
-                    Err(e) => panic!("Redis login check failed: {e:?}"),
-                }
-            }
-        }
-    }
-
-    async fn cleanup(&self) {
-        let users = std::mem::take(&mut *self.users.lock().unwrap());
-        match self.kind {
-            Kind::Postgres => {}
-            Kind::Mysql => {
-                use mysql_async::prelude::Queryable;
-                let mut conn = mysql_admin().await;
-                for user in users {
-                    conn.query_drop(format!("DROP USER IF EXISTS '{user}'@'%'"))
-                        .await
-                        .unwrap();
-                }
-                conn.disconnect().await.unwrap();
-            }
-            Kind::Redis => {
-                let mut conn = redis_admin().await;
-                for user in users {
-                    redis::cmd("ACL")
-                        .arg("DELUSER")
-                        .arg(user)
-                        .query_async::<()>(&mut conn)
-                        .await
-                        .unwrap();
-                }
-            }
-        }
-    }
-}
-
-async fn pg_admin() -> tokio_postgres::Client {
-    let pg = pg_cluster::cluster();
-    let (client, connection) = tokio_postgres::Config::new()
-        .host("127.0.0.1")
-        .port(pg.port)
-        .user(&pg.admin_user)
-        .password(&pg.admin_password)
-        .dbname("postgres")
-        .connect(tokio_postgres::NoTls)
-        .await
-        .expect("the private PostgreSQL cluster refused its admin");
-    tokio::spawn(connection);
+    let pairs: Vec<(&str, &str)> = fields
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     client
-}
-
-async fn mysql_admin() -> mysql_async::Conn {
-    let opts = mysql_async::OptsBuilder::default()
-        .ip_or_hostname("127.0.0.1")
-        .tcp_port(3306)
-        .user(Some("root"))
-        .prefer_socket(false);
-    match mysql_async::Conn::new(opts).await {
-        Ok(conn) => conn,
-        Err(e) => panic!("{MARIADB_START}: {e}"),
-    }
-}
-
-async fn redis_admin() -> redis::aio::MultiplexedConnection {
-    let client = redis::Client::open("redis://127.0.0.1:6379/").unwrap();
-    match client.get_multiplexed_async_connection().await {
-        Ok(conn) => conn,
-        Err(e) => panic!("{REDIS_START}: {e}"),
-    }
-}
-
-/// Runs `body`, then the target's cleanup even if `body` panicked.
-async fn with_cleanup<F>(target: Arc<Target>, body: F)
-where
-    F: std::future::Future<Output = ()> + Send + 'static,
-{
-    let outcome = tokio::spawn(body).await;
-    target.cleanup().await;
-    if let Err(error) = outcome {
-        std::panic::resume_unwind(error.into_panic());
-    }
+        .put(path, &data(&pairs), PutOptions::default())
+        .await
+        .unwrap();
 }
 
 // ---------------------------------------------------------------- random
@@ -632,7 +363,7 @@ async fn single_user(kind: Kind) {
         let root = server.root().await;
         let prefix = unique("single");
         let (admin, path) = (format!("{prefix}/admin"), format!("{prefix}/app"));
-        t.put_admin(&root, &admin, &[]).await;
+        put_admin(&t, &root, &admin, &[]).await;
         let user = t.user("app");
         let initial = password();
         t.create_user(&user, &initial).await;
@@ -690,7 +421,7 @@ async fn alternating_users(kind: Kind) {
         let root = server.root().await;
         let prefix = unique("alt");
         let (admin, path) = (format!("{prefix}/admin"), format!("{prefix}/app"));
-        t.put_admin(&root, &admin, &[]).await;
+        put_admin(&t, &root, &admin, &[]).await;
         let (a, b) = (t.user("a"), t.user("b"));
         let (pa, pb) = (password(), password());
         t.create_user(&a, &pa).await;
@@ -808,8 +539,7 @@ async fn unreachable_target_rolls_back_and_the_next_scheduled_run_still_runs() {
             .local_addr()
             .unwrap()
             .port();
-        t.put_admin(&root, &admin, &[("port", &closed.to_string())])
-            .await;
+        put_admin(&t, &root, &admin, &[("port", &closed.to_string())]).await;
         let user = t.user("app");
         let initial = password();
         t.create_user(&user, &initial).await;
@@ -883,7 +613,7 @@ async fn unreachable_target_rolls_back_and_the_next_scheduled_run_still_runs() {
         assert!(report.rotation_compliance < 1.0);
 
         // The schedule keeps running: a scheduled run after the fix works.
-        t.put_admin(&root, &admin, &[]).await;
+        put_admin(&t, &root, &admin, &[]).await;
         root.set_rotation_policy(
             &path,
             &spec(
@@ -927,8 +657,7 @@ async fn refused_change_keeps_current() {
         let root = server.root().await;
         let prefix = unique("refused");
         let (admin, path) = (format!("{prefix}/admin"), format!("{prefix}/app"));
-        t.put_admin(&root, &admin, &[("password", "wrong-admin-password")])
-            .await;
+        put_admin(&t, &root, &admin, &[("password", "wrong-admin-password")]).await;
         let user = t.user("app");
         let initial = password();
         t.create_user(&user, &initial).await;
@@ -1001,7 +730,7 @@ async fn verify_failure_after_apply_rolls_the_target_back() {
         pg.batch_execute(&format!("REVOKE CONNECT ON DATABASE \"{db}\" FROM PUBLIC"))
             .await
             .unwrap();
-        t.put_admin(&root, &admin, &[("database", &db)]).await;
+        put_admin(&t, &root, &admin, &[("database", &db)]).await;
         let user = t.user("app");
         let initial = password();
         t.create_user(&user, &initial).await;
@@ -1279,7 +1008,7 @@ async fn crash_after_each_step_postgres_resumes_and_current_logs_in() {
                     initial2.clone(),
                 );
                 Box::pin(async move {
-                    t.put_admin(&c, &admin, &[]).await;
+                    put_admin(&t, &c, &admin, &[]).await;
                     c.put(
                         &path,
                         &data(&[("username", &user), ("password", &initial)]),
