@@ -568,6 +568,22 @@ impl Barrier {
     /// Applies every operation or none. Keys are checked before anything is
     /// encrypted; each put counts as one encryption.
     pub fn batch(&self, ops: &[PlainOp<'_>]) -> Result<(), BarrierError> {
+        let sealed = self.seal_ops(ops)?;
+        self.backend.batch(sealed)?;
+        Ok(())
+    }
+
+    /// Applies the operations one at a time, in order: a crash keeps a prefix
+    /// of them (see `storage`). Keys are checked and every value encrypted
+    /// before the first write, so a refused key or a sealed barrier writes
+    /// nothing.
+    pub fn write_in_order(&self, ops: &[PlainOp<'_>]) -> Result<(), BarrierError> {
+        let sealed = self.seal_ops(ops)?;
+        self.backend.apply_in_order(sealed)?;
+        Ok(())
+    }
+
+    fn seal_ops(&self, ops: &[PlainOp<'_>]) -> Result<Vec<BatchOp>, BarrierError> {
         for op in ops {
             match op {
                 PlainOp::Put(key, _) | PlainOp::Delete(key) => check_key(key)?,
@@ -583,8 +599,7 @@ impl Barrier {
                 PlainOp::Delete(key) => BatchOp::Delete(key.as_bytes().to_vec()),
             });
         }
-        self.backend.batch(sealed)?;
-        Ok(())
+        Ok(sealed)
     }
 
     /// Returns once every write made before the call is on disk; concurrent

@@ -333,7 +333,7 @@ impl Login {
             }
         }
         self.throttle.clear(&role);
-        store.record_login(&identity.name, now_ms)?;
+        store.record_login(&identity, now_ms)?;
         Ok(Grant {
             hard_expiry_ms: identity_expiry(&identity),
             identity: identity.name,
@@ -392,7 +392,7 @@ impl Login {
                 ))
             }
         };
-        store.record_login(&identity.name, now_ms)?;
+        store.record_login(&identity, now_ms)?;
         Ok(Grant {
             hard_expiry_ms: identity_expiry(&identity),
             identity: identity.name,
@@ -472,7 +472,7 @@ impl Login {
                 ))
             }
         };
-        store.record_login(&identity.name, now_ms)?;
+        store.record_login(&identity, now_ms)?;
         let jwt_exp = u64::try_from(verified.expires_at_unix())
             .unwrap_or(0)
             .saturating_mul(1000);

@@ -859,8 +859,14 @@ impl IdentityStore {
         Ok(Some(record))
     }
 
-    /// Notes a successful login.
-    pub fn record_login(&self, name: &str, now_ms: u64) -> Result<(), IdentityError> {
+    /// Notes a successful login of `seen`, the record as the login read it.
+    pub fn record_login(&self, seen: &IdentityRecord, now_ms: u64) -> Result<(), IdentityError> {
+        // Within the second of the last noted login: nothing to write, and no
+        // need to read the record again under the lock.
+        if now_ms.saturating_sub(seen.last_login_ms) < 1000 {
+            return Ok(());
+        }
+        let name = seen.name.as_str();
         let _guard = self.lock();
         if let Some(mut record) = self.get(name)? {
             // One write per second at most per identity: login throughput is

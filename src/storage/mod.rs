@@ -4,8 +4,17 @@
 //! configuration needed to unseal. Domain modules never use a backend
 //! directly: they go through the barrier, each under its own key prefix.
 //!
-//! Durability: `put`, `delete` and `batch` return once the change is visible;
-//! `flush` blocks until every change made before it began is on disk.
+//! Durability: `put`, `delete`, `batch` and `apply_in_order` return once the
+//! change is visible; `flush` blocks until every change made before it began
+//! is on disk.
+//!
+//! Atomicity: `batch` applies all of its operations or none. `apply_in_order`
+//! applies them one by one, and a crash keeps a prefix of them: never a later
+//! operation without every earlier one. A caller orders its writes so that
+//! each prefix is harmless (indexes before the record that makes an entry
+//! usable, say). It exists because an atomic batch is expensive in sled 0.34:
+//! each one seals and writes the log buffer twice, synchronously, under a
+//! lock that stops every other reader and writer.
 //! `GroupCommit` wraps a backend for async callers: concurrent callers of
 //! `GroupCommit::durable` share one flush.
 
@@ -64,6 +73,18 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<CasOutcome, StorageError>;
     /// Applies every operation or none.
     fn batch(&self, ops: Vec<BatchOp>) -> Result<(), StorageError>;
+    /// Applies the operations one at a time, in order. Not atomic: after a
+    /// crash any prefix of them may be there, never a later one without the
+    /// earlier ones. An error stops at the failed operation.
+    fn apply_in_order(&self, ops: Vec<BatchOp>) -> Result<(), StorageError> {
+        for op in ops {
+            match op {
+                BatchOp::Put(key, value) => self.put(&key, &value)?,
+                BatchOp::Delete(key) => self.delete(&key)?,
+            }
+        }
+        Ok(())
+    }
     /// Blocks until every write made before the call is on disk.
     fn flush(&self) -> Result<(), StorageError>;
 }

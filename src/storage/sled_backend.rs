@@ -1,8 +1,16 @@
 //! The embedded default backend: one sled database, one default tree.
 //!
-//! sled 0.34 calls are synchronous. Reads and writes touch its page cache and
-//! are cheap; `flush` does disk I/O and an fsync, so async callers go through
-//! `GroupCommit`, which runs it in `spawn_blocking` and shares it.
+//! sled 0.34 calls are synchronous. Reads and single writes touch its page
+//! cache and are cheap; `flush` does disk I/O and an fsync, so async callers
+//! go through `GroupCommit`, which runs it in `spawn_blocking` and shares it.
+//! An atomic batch is not cheap: sled seals and writes its log buffer before
+//! and after the batch (two synchronous writes) while holding a lock that
+//! excludes every other operation; the hot paths use `apply_in_order`.
+//!
+//! `apply_in_order` keeps the trait's default (one insert or remove after
+//! another). Its prefix promise rests on sled's recovery, which replays the
+//! log in order and stops at the first gap or torn message, so a write that
+//! survived a crash has every write logged before it.
 
 use std::path::Path;
 

@@ -102,8 +102,17 @@ pub fn looks_like_token(text: &str) -> bool {
 /// A fresh accessor, `kwa_` + 24 base62 characters (143 bits).
 pub fn new_accessor() -> Result<String, TokenFormatError> {
     let rng = SystemRandom::new();
+    accessor_from(|buf| rng.fill(buf))
+}
+
+/// An accessor whose characters are drawn from the bytes `fill` gives, by
+/// the same unbiased rejection as a random one: the token store derives a
+/// token's accessor from a keyed hash of its text this way.
+pub fn accessor_from(
+    fill: impl FnMut(&mut [u8]) -> Result<(), Unspecified>,
+) -> Result<String, TokenFormatError> {
     let mut body = [0u8; ACCESSOR_BODY_LEN];
-    fill_base62(&mut body, |buf| rng.fill(buf))?;
+    fill_base62(&mut body, fill)?;
     let mut accessor = String::with_capacity(ACCESSOR_LEN);
     accessor.push_str(ACCESSOR_PREFIX);
     accessor.extend(body.iter().map(|b| char::from(*b)));

@@ -1,18 +1,32 @@
-//! The token store: issued tokens, found by the keyed hash of their text.
+//! The token store: issued tokens, found by keyed hashes of their text.
 //!
 //! Storage prefix `tokens/` (through the barrier only; this module must not
 //! touch any other prefix):
-//! - `tokens/hash/<hex HMAC of the token text>` -> the accessor;
 //! - `tokens/accessor/<accessor>` -> the `TokenRecord`;
 //! - `tokens/children/<parent accessor>/<child accessor>` -> empty;
 //! - `tokens/identity/<hex identity name>/<accessor>` -> empty;
-//! - `tokens/expiry/<16 hex digits, big-endian ms>/<accessor>` -> empty: the
-//!   time-ordered index one sweeper walks from its start.
+//! - `tokens/expiry/<16 hex digits, big-endian ms>/<accessor>` ->
+//!   `<identity name>/<parent accessor>`: the time-ordered index one
+//!   sweeper walks from its start (the value names the other index entries,
+//!   so an entry whose record is gone still leads to them);
+//! - `tokens/hash/<hex HMAC of the token text>` -> the accessor, for tokens
+//!   issued before accessors were derived (read, never written for new ones).
 //!
-//! Nothing is loaded at start-up: a use reads two records, the sweeper reads
-//! only the head of the expiry index. Tokens are stored only as HMAC-SHA256
-//! under a key derived from the keyring (purpose `auth/token-hash`), so the
-//! data folder alone does not let anyone test a guessed token offline.
+//! A token's accessor is derived from its text: base62 drawn from
+//! HMAC-SHA256 under a keyring key (purpose `auth/token-accessor`), so a use
+//! reads one record. The record also holds the token's HMAC under a second
+//! key (purpose `auth/token-hash`), checked in constant time on every use.
+//! Neither key is stored, so the data folder alone does not let anyone test
+//! a guessed token offline, and an accessor (shown to operators, written to
+//! the audit log) tells nothing of the token. Nothing is loaded at start-up:
+//! the sweeper reads only the head of the expiry index.
+//!
+//! An issue writes its records one by one in an order whose every prefix is
+//! harmless (expiry entry, record, identity and children entries, hash last;
+//! `Barrier::write_in_order`), not as one atomic batch, which in sled costs
+//! two synchronous log writes and stalls every other request. A crash can
+//! leave the first few of them, never a usable token without its index
+//! entries; the sweeper removes the leftovers when their expiry comes.
 //!
 //! A revoke deletes a tree children first, each token's records in the same
 //! atomic batch as the `tokens/children/` link to it, so a revoke cut short by
@@ -24,6 +38,7 @@
 
 use std::collections::HashSet;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -33,7 +48,7 @@ use tokio::sync::Notify;
 use crate::barrier::{Barrier, BarrierError, PlainOp};
 use crate::cidr::Cidr;
 use crate::policy::ROOT_POLICY;
-use crate::token::format::{new_accessor, TokenSecret};
+use crate::token::format::{accessor_from, TokenSecret};
 
 const HASH_PREFIX: &str = "tokens/hash/";
 const ACCESSOR_PREFIX: &str = "tokens/accessor/";
@@ -46,6 +61,8 @@ const EXPIRY_END: &str = "tokens/expiry0";
 const LEGACY_PREFIX: &str = "auth/token/";
 /// Key derivation purpose of the token hash key (shared with the foundation).
 const HASH_PURPOSE: &str = "auth/token-hash";
+/// Key derivation purpose of the key accessors are derived under.
+const ACCESSOR_PURPOSE: &str = "auth/token-accessor";
 /// Expired index entries handled per sweep step.
 const SWEEP_BATCH: usize = 256;
 /// Deletes per storage batch when revoking a tree; a token's own keys are
@@ -163,6 +180,10 @@ pub struct TokenRecord {
     pub max_ttl_ms: u64,
     #[prost(uint64, tag = "15")]
     pub hard_expiry_ms: u64,
+    /// The accessor is derived from the token text: there is no
+    /// `tokens/hash/` record.
+    #[prost(bool, tag = "16")]
+    pub derived: bool,
 }
 
 impl TokenRecord {
@@ -232,13 +253,24 @@ pub struct TokenStore {
     inner: Arc<Inner>,
 }
 
+struct TokenKeys {
+    hash: ring::hmac::Key,
+    accessor: ring::hmac::Key,
+}
+
 struct Inner {
     barrier: Arc<Barrier>,
     policies: Arc<dyn PolicyNames>,
-    hash_key: RwLock<Option<ring::hmac::Key>>,
+    /// Present while unsealed.
+    keys: RwLock<Option<TokenKeys>>,
     writes: Mutex<()>,
-    /// Wakes the sweeper: a new expiry, an unseal.
+    /// Wakes the sweeper: a new expiry earlier than its planned wake, an unseal.
     wake: Notify,
+    /// When the sleeping sweeper plans to wake (ms; `u64::MAX`: not before
+    /// it is woken); 0 while a sweep runs. An issue wakes it only for an
+    /// expiry before this, so a stream of logins does not rescan the index
+    /// head once per login.
+    sweep_planned_ms: AtomicU64,
 }
 
 fn duration_ms(d: Duration) -> u64 {
@@ -247,6 +279,12 @@ fn duration_ms(d: Duration) -> u64 {
 
 fn expiry_key(expires_at_ms: u64, accessor: &str) -> String {
     format!("{EXPIRY_PREFIX}{expires_at_ms:016x}/{accessor}")
+}
+
+/// The value of an expiry entry, `<identity>/<parent accessor>`: what names
+/// the index entries besides the record (an accessor holds no `/`).
+fn expiry_value(identity: &str, parent_accessor: &str) -> String {
+    format!("{identity}/{parent_accessor}")
 }
 
 fn identity_prefix(identity: &str) -> String {
@@ -268,9 +306,10 @@ impl TokenStore {
             inner: Arc::new(Inner {
                 barrier,
                 policies,
-                hash_key: RwLock::new(None),
+                keys: RwLock::new(None),
                 writes: Mutex::new(()),
                 wake: Notify::new(),
+                sweep_planned_ms: AtomicU64::new(0),
             }),
         }
     }
@@ -279,27 +318,35 @@ impl TokenStore {
         &self.inner.barrier
     }
 
-    /// Loads the hash key after an unseal and moves a foundation root token
-    /// (`auth/token/`) into this store.
+    /// Tells the sweeper of a new expiry, if it comes before its planned wake.
+    fn expiry_added(&self, at_ms: u64) {
+        if at_ms < self.inner.sweep_planned_ms.load(Ordering::Acquire) {
+            self.inner.wake.notify_one();
+        }
+    }
+
+    /// Loads the hash and accessor keys after an unseal and moves a
+    /// foundation root token (`auth/token/`) into this store.
     pub fn on_unseal(&self, now_ms: u64) -> Result<(), TokenError> {
-        let key = self.barrier().derive_key(HASH_PURPOSE)?;
-        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_slice());
-        *self
-            .inner
-            .hash_key
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = Some(key);
+        let key = |purpose| -> Result<ring::hmac::Key, TokenError> {
+            let key = self.barrier().derive_key(purpose)?;
+            Ok(ring::hmac::Key::new(
+                ring::hmac::HMAC_SHA256,
+                key.as_slice(),
+            ))
+        };
+        let keys = TokenKeys {
+            hash: key(HASH_PURPOSE)?,
+            accessor: key(ACCESSOR_PURPOSE)?,
+        };
+        *self.inner.keys.write().unwrap_or_else(|e| e.into_inner()) = Some(keys);
         self.migrate_legacy(now_ms)?;
         self.inner.wake.notify_one();
         Ok(())
     }
 
     pub fn on_seal(&self) {
-        *self
-            .inner
-            .hash_key
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = None;
+        *self.inner.keys.write().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     fn migrate_legacy(&self, now_ms: u64) -> Result<(), TokenError> {
@@ -333,18 +380,42 @@ impl TokenStore {
         Ok(())
     }
 
-    fn hash(&self, token: &str) -> Result<String, TokenError> {
-        let guard = self
-            .inner
-            .hash_key
-            .read()
-            .unwrap_or_else(|e| e.into_inner());
-        let key = guard
+    fn with_keys<T>(
+        &self,
+        f: impl FnOnce(&TokenKeys) -> Result<T, TokenError>,
+    ) -> Result<T, TokenError> {
+        let guard = self.inner.keys.read().unwrap_or_else(|e| e.into_inner());
+        f(guard
             .as_ref()
-            .ok_or(TokenError::Barrier(BarrierError::Sealed))?;
-        Ok(hex::encode(
-            ring::hmac::sign(key, token.as_bytes()).as_ref(),
-        ))
+            .ok_or(TokenError::Barrier(BarrierError::Sealed))?)
+    }
+
+    fn hash(&self, token: &str) -> Result<String, TokenError> {
+        self.with_keys(|keys| {
+            Ok(hex::encode(
+                ring::hmac::sign(&keys.hash, token.as_bytes()).as_ref(),
+            ))
+        })
+    }
+
+    /// The accessor of `token`: base62 drawn from HMAC(counter || token),
+    /// one counter value per 32 bytes asked for.
+    fn derive_accessor(&self, token: &str) -> Result<String, TokenError> {
+        self.with_keys(|keys| {
+            let mut counter = 0u32;
+            accessor_from(|buf| {
+                for chunk in buf.chunks_mut(ring::digest::SHA256_OUTPUT_LEN) {
+                    let mut ctx = ring::hmac::Context::with_key(&keys.accessor);
+                    ctx.update(&counter.to_be_bytes());
+                    ctx.update(token.as_bytes());
+                    let tag = ctx.sign();
+                    chunk.copy_from_slice(&tag.as_ref()[..chunk.len()]);
+                    counter = counter.wrapping_add(1);
+                }
+                Ok(())
+            })
+            .map_err(|_| TokenError::Corrupt)
+        })
     }
 
     fn record(&self, accessor: &str) -> Result<Option<TokenRecord>, TokenError> {
@@ -359,15 +430,34 @@ impl TokenStore {
         }
     }
 
-    fn accessor_of(&self, token: &str) -> Result<Option<String>, TokenError> {
+    /// The record of a token text, if the token is known: one read for a
+    /// derived accessor, two for a token from before (`tokens/hash/`).
+    fn find(&self, token: &str) -> Result<Option<TokenRecord>, TokenError> {
         if TokenSecret::parse(token).is_err() {
             return Ok(None);
         }
-        let key = format!("{HASH_PREFIX}{}", self.hash(token)?);
-        match self.barrier().get(&key)? {
-            Some(raw) => String::from_utf8(raw.to_vec())
-                .map(Some)
-                .map_err(|_| TokenError::Corrupt),
+        // The stored HMAC must match too (in constant time, by ring).
+        let verified = |record: TokenRecord| -> Result<Option<TokenRecord>, TokenError> {
+            let Ok(tag) = hex::decode(&record.hash) else {
+                return Err(TokenError::Corrupt);
+            };
+            self.with_keys(
+                |keys| Ok(ring::hmac::verify(&keys.hash, token.as_bytes(), &tag).is_ok()),
+            )
+            .map(|same| same.then_some(record))
+        };
+        if let Some(record) = self.record(&self.derive_accessor(token)?)? {
+            if record.derived {
+                return verified(record);
+            }
+        }
+        let hash_key = format!("{HASH_PREFIX}{}", self.hash(token)?);
+        let Some(raw) = self.barrier().get(&hash_key)? else {
+            return Ok(None);
+        };
+        let accessor = String::from_utf8(raw.to_vec()).map_err(|_| TokenError::Corrupt)?;
+        match self.record(&accessor)? {
+            Some(record) => verified(record),
             None => Ok(None),
         }
     }
@@ -395,7 +485,15 @@ impl TokenStore {
                 return Err(TokenError::UnknownPolicy(policy.clone()));
             }
         }
-        let _guard = self.inner.writes.lock().unwrap_or_else(|e| e.into_inner());
+        // The write lock keeps a child from being linked under a parent being
+        // revoked. A token without a parent links to nothing: a login (the
+        // hot path) does not queue behind other writes. (A login checks its
+        // identity again once the token is stored, for a disable or delete
+        // that ran meanwhile.)
+        let _guard = req
+            .parent_accessor
+            .is_some()
+            .then(|| self.inner.writes.lock().unwrap_or_else(|e| e.into_inner()));
         let mut cap_ms = req.hard_expiry_ms.unwrap_or(0);
         let mut cidrs = req.cidrs.clone();
         if let Some(parent) = &req.parent_accessor {
@@ -447,7 +545,11 @@ impl TokenStore {
         };
 
         let token = TokenSecret::generate().map_err(|_| TokenError::Random)?;
-        let accessor = new_accessor().map_err(|_| TokenError::Random)?;
+        let accessor = self.derive_accessor(token.expose())?;
+        if self.record(&accessor)?.is_some() {
+            // 143 bits: never seen; refuse rather than overwrite.
+            return Err(TokenError::Random);
+        }
         let hash = self.hash(token.expose())?;
         let record = TokenRecord {
             accessor: accessor.clone(),
@@ -465,9 +567,9 @@ impl TokenStore {
             hash: hash.clone(),
             max_ttl_ms: duration_ms(req.max_ttl),
             hard_expiry_ms: req.hard_expiry_ms.unwrap_or(0),
+            derived: true,
         };
         let encoded = record.encode_to_vec();
-        let hash_key = format!("{HASH_PREFIX}{hash}");
         let acc_key = format!("{ACCESSOR_PREFIX}{accessor}");
         let id_key = format!("{}{accessor}", identity_prefix(&req.identity));
         let child_key = req
@@ -475,20 +577,27 @@ impl TokenStore {
             .as_ref()
             .map(|p| format!("{CHILDREN_PREFIX}{p}/{accessor}"));
         let exp_key = (expires_at_ms != 0).then(|| expiry_key(expires_at_ms, &accessor));
-        let mut ops = vec![
-            PlainOp::Put(&hash_key, accessor.as_bytes()),
-            PlainOp::Put(&acc_key, &encoded),
-            PlainOp::Put(&id_key, b""),
-        ];
+        let exp_value = expiry_value(&req.identity, &record.parent_accessor);
+        // In the order a crash may cut (see `Barrier::write_in_order`): the
+        // expiry entry first, so that whatever prefix survives is found and
+        // removed by the sweeper; the record last, so that a token is usable
+        // only once every index entry is stored.
+        let mut ops = Vec::with_capacity(4);
+        if let Some(k) = &exp_key {
+            ops.push(PlainOp::Put(k, exp_value.as_bytes()));
+        }
+        ops.push(PlainOp::Put(&id_key, b""));
         if let Some(k) = &child_key {
             ops.push(PlainOp::Put(k, b""));
         }
-        if let Some(k) = &exp_key {
-            ops.push(PlainOp::Put(k, b""));
-        }
-        self.barrier().batch(&ops)?;
+        ops.push(PlainOp::Put(&acc_key, &encoded));
         if exp_key.is_some() {
-            self.inner.wake.notify_one();
+            self.barrier().write_in_order(&ops)?;
+            self.expiry_added(expires_at_ms);
+        } else {
+            // Nothing would sweep a partial write of a token that never
+            // expires (root tokens): those stay atomic.
+            self.barrier().batch(&ops)?;
         }
         Ok(IssuedToken {
             token,
@@ -507,8 +616,8 @@ impl TokenStore {
         source: Option<IpAddr>,
         now_ms: u64,
     ) -> Result<TokenUse, TokenError> {
-        let accessor = self.accessor_of(token)?.ok_or(TokenError::Invalid)?;
-        let record = self.record(&accessor)?.ok_or(TokenError::Invalid)?;
+        let record = self.find(token)?.ok_or(TokenError::Invalid)?;
+        let accessor = record.accessor.clone();
         if record.is_expired(now_ms) {
             // Do not wait for the sweeper; a failure here is the sweeper's job.
             let _ = self.revoke(&accessor);
@@ -548,10 +657,10 @@ impl TokenStore {
 
     /// The record of a token, by its text; `None` if unknown or expired.
     pub fn lookup_token(&self, token: &str, now_ms: u64) -> Result<Option<TokenInfo>, TokenError> {
-        match self.accessor_of(token)? {
-            Some(accessor) => self.lookup_accessor(&accessor, now_ms),
-            None => Ok(None),
-        }
+        Ok(self
+            .find(token)?
+            .filter(|r| !r.is_expired(now_ms))
+            .map(|r| r.info()))
     }
 
     /// The record of a token, by accessor; `None` if unknown or expired.
@@ -568,7 +677,7 @@ impl TokenStore {
 
     /// The accessor of a token text, if the token is known.
     pub fn accessor_for(&self, token: &str) -> Result<Option<String>, TokenError> {
-        self.accessor_of(token)
+        Ok(self.find(token)?.map(|record| record.accessor))
     }
 
     /// Extends a token's life to now + `increment` (default: its TTL), never
@@ -604,7 +713,7 @@ impl TokenStore {
             PlainOp::Put(&new_key, b""),
             PlainOp::Put(&acc_key, &encoded),
         ])?;
-        self.inner.wake.notify_one();
+        self.expiry_added(expires);
         Ok(record.info())
     }
 
@@ -683,7 +792,9 @@ impl TokenStore {
             let mut group: Vec<String> = link.into_iter().collect();
             if let Some(record) = self.record(&acc)? {
                 count = count.saturating_add(1);
-                group.push(format!("{HASH_PREFIX}{}", record.hash));
+                if !record.derived {
+                    group.push(format!("{HASH_PREFIX}{}", record.hash));
+                }
                 group.push(format!("{ACCESSOR_PREFIX}{acc}"));
                 group.push(format!("{}{acc}", identity_prefix(&record.identity)));
                 if record.expires_at_ms != 0 {
@@ -773,7 +884,7 @@ impl TokenStore {
             .barrier()
             .scan_range(EXPIRY_PREFIX, EXPIRY_END, SWEEP_BATCH)?;
         let mut revoked = 0u32;
-        for (key, _) in &head {
+        for (key, value) in &head {
             let rest = key.strip_prefix(EXPIRY_PREFIX).unwrap_or_default();
             let (time, accessor) = rest.split_once('/').unwrap_or((rest, ""));
             let at = u64::from_str_radix(time, 16).unwrap_or(0);
@@ -786,8 +897,15 @@ impl TokenStore {
             }
             let _guard = self.inner.writes.lock().unwrap_or_else(|e| e.into_inner());
             // Look again under the lock: a renew may have moved the expiry.
-            if self.record(accessor)?.is_some_and(|r| r.is_expired(now_ms)) {
-                revoked = revoked.saturating_add(self.revoke_locked(accessor)?);
+            match self.record(accessor)? {
+                Some(record) if record.is_expired(now_ms) => {
+                    revoked = revoked.saturating_add(self.revoke_locked(accessor)?);
+                }
+                Some(_) => {}
+                // An issue cut short by a crash: its record was never
+                // written, but index entries before it may have been.
+                None if !accessor.is_empty() => self.drop_orphans(accessor, value)?,
+                None => {}
             }
             // Gone already, or a stale or bad entry: drop it.
             self.barrier().delete(key)?;
@@ -799,6 +917,27 @@ impl TokenStore {
         })
     }
 
+    /// Deletes the index entries an expiry entry's value names for
+    /// `accessor`, whose record does not exist.
+    fn drop_orphans(&self, accessor: &str, value: &[u8]) -> Result<(), TokenError> {
+        let Some((identity, parent)) = std::str::from_utf8(value)
+            .ok()
+            .and_then(|v| v.rsplit_once('/'))
+        else {
+            return Ok(());
+        };
+        let mut keys = Vec::with_capacity(2);
+        if !identity.is_empty() {
+            keys.push(format!("{}{accessor}", identity_prefix(identity)));
+        }
+        if !parent.is_empty() {
+            keys.push(format!("{CHILDREN_PREFIX}{parent}/{accessor}"));
+        }
+        let ops: Vec<PlainOp<'_>> = keys.iter().map(|k| PlainOp::Delete(k)).collect();
+        self.barrier().batch(&ops)?;
+        Ok(())
+    }
+
     /// The background sweeper: sleeps until the next expiry in the index (or
     /// a new, earlier one, or an unseal), revokes what is due, until `stop`.
     pub async fn run_sweeper(self, mut stop: tokio::sync::watch::Receiver<bool>) {
@@ -806,6 +945,9 @@ impl TokenStore {
             if *stop.borrow() {
                 return;
             }
+            // An expiry added from here on wakes the next round (a stored
+            // permit), whatever this sweep finds.
+            self.inner.sweep_planned_ms.store(0, Ordering::Release);
             let store = self.clone();
             let now = crate::core::now_ms();
             let outcome = tokio::task::spawn_blocking(move || store.sweep(now)).await;
@@ -827,6 +969,10 @@ impl TokenStore {
                     Some(Duration::from_secs(5))
                 }
             };
+            let planned = wait.map_or(u64::MAX, |d| now.saturating_add(duration_ms(d)));
+            self.inner
+                .sweep_planned_ms
+                .store(planned, Ordering::Release);
             let sleep = async {
                 match wait {
                     Some(d) => tokio::time::sleep(d).await,

@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::*;
 use crate::barrier::BarrierOptions;
 use crate::storage::SledBackend;
+use crate::token::format::new_accessor;
 
 struct Names(Vec<&'static str>);
 
@@ -426,7 +427,6 @@ fn revoke_plan_deletes_children_first_with_their_links() {
             let link = batch_of(&format!("{CHILDREN_PREFIX}{parent}/{}", t.accessor));
             // The token's records go in the same batch as the link to it.
             for key in [
-                format!("{HASH_PREFIX}{}", record.hash),
                 format!("{ACCESSOR_PREFIX}{}", t.accessor),
                 format!("{}{}", identity_prefix("svc"), t.accessor),
                 expiry_key(record.expires_at_ms, &t.accessor),
@@ -501,4 +501,152 @@ fn revoke_cut_short_leaves_every_live_token_reachable() {
         assert!(s.barrier().scan_keys(CHILDREN_PREFIX).unwrap().is_empty());
         s.use_token(p.token.expose(), local(), T0).unwrap();
     }
+}
+
+#[test]
+fn accessors_are_derived_and_no_hash_record_is_written() {
+    let (_d, s) = store();
+    let t = s.issue(req("svc", &["a"], 100), T0).unwrap();
+    assert!(s.barrier().scan_keys(HASH_PREFIX).unwrap().is_empty());
+    assert_eq!(s.derive_accessor(t.token.expose()).unwrap(), t.accessor);
+    assert!(crate::token::format::looks_like_accessor(&t.accessor));
+    let record = s.record(&t.accessor).unwrap().unwrap();
+    assert!(record.derived);
+    assert_ne!(record.hash, "", "the keyed hash is kept and checked");
+    assert_eq!(
+        s.accessor_for(t.token.expose()).unwrap(),
+        Some(t.accessor.clone())
+    );
+
+    // A well-formed token that was never issued finds nothing.
+    let other = TokenSecret::generate().unwrap();
+    assert_eq!(s.accessor_for(other.expose()).unwrap(), None);
+
+    // The record must carry the token's own hash: one under a derived
+    // accessor with another hash is refused.
+    let mut forged = record.clone();
+    forged.hash = s.hash(other.expose()).unwrap();
+    s.barrier()
+        .put(
+            &format!("{ACCESSOR_PREFIX}{}", t.accessor),
+            &forged.encode_to_vec(),
+        )
+        .unwrap();
+    assert!(matches!(
+        s.use_token(t.token.expose(), local(), T0),
+        Err(TokenError::Invalid)
+    ));
+}
+
+#[test]
+fn tokens_stored_before_derived_accessors_still_work_and_revoke() {
+    let (_d, s) = store();
+    // As the store wrote a token before accessors were derived: a random
+    // accessor, a `tokens/hash/` record, an empty expiry entry.
+    let token = TokenSecret::generate().unwrap();
+    let hash = s.hash(token.expose()).unwrap();
+    let accessor = new_accessor().unwrap();
+    let old = TokenRecord {
+        accessor: accessor.clone(),
+        identity: "svc".into(),
+        policies: vec!["a".into()],
+        created_at_ms: T0,
+        expires_at_ms: T0 + 10_000,
+        ttl_ms: 10_000,
+        max_expiry_ms: T0 + 10_000,
+        method: "token".into(),
+        hash: hash.clone(),
+        ..Default::default()
+    };
+    let hash_key = format!("{HASH_PREFIX}{hash}");
+    let acc_key = format!("{ACCESSOR_PREFIX}{accessor}");
+    let id_key = format!("{}{accessor}", identity_prefix("svc"));
+    let exp_key = expiry_key(T0 + 10_000, &accessor);
+    s.barrier()
+        .batch(&[
+            PlainOp::Put(&hash_key, accessor.as_bytes()),
+            PlainOp::Put(&acc_key, &old.encode_to_vec()),
+            PlainOp::Put(&id_key, b""),
+            PlainOp::Put(&exp_key, b""),
+        ])
+        .unwrap();
+
+    let used = s.use_token(token.expose(), local(), T0).unwrap();
+    assert_eq!(used.record.accessor, accessor);
+    assert_eq!(s.revoke(&accessor).unwrap(), 1);
+    for key in [&hash_key, &acc_key, &id_key, &exp_key] {
+        assert!(s.barrier().get(key).unwrap().is_none(), "{key} left behind");
+    }
+    assert!(matches!(
+        s.use_token(token.expose(), local(), T0),
+        Err(TokenError::Invalid)
+    ));
+}
+
+/// An issue writes its keys one by one; a crash may keep any prefix of
+/// them. Each prefix short of the record is unusable, and the sweeper
+/// removes it when its expiry comes.
+#[test]
+fn every_prefix_of_a_cut_issue_is_swept() {
+    let (_d, s) = store();
+    let parent = s.issue(req("svc", &["a"], 1000), T0).unwrap();
+    let mut r = req("svc", &["a"], 10);
+    r.parent_accessor = Some(parent.accessor.clone());
+    let full = s.issue(r, T0).unwrap();
+    let record = s.record(&full.accessor).unwrap().unwrap();
+    let acc = &full.accessor;
+    let keys = [
+        expiry_key(record.expires_at_ms, acc),
+        format!("{}{acc}", identity_prefix("svc")),
+        format!("{CHILDREN_PREFIX}{}/{acc}", parent.accessor),
+        format!("{ACCESSOR_PREFIX}{acc}"),
+    ];
+    let values: Vec<Vec<u8>> = keys
+        .iter()
+        .map(|k| s.barrier().get(k).unwrap().unwrap().to_vec())
+        .collect();
+    assert_eq!(
+        values[0],
+        format!("svc/{}", parent.accessor).into_bytes(),
+        "the expiry entry names the other entries"
+    );
+    for kept in 1..keys.len() {
+        for key in &keys {
+            s.barrier().delete(key).unwrap();
+        }
+        for (key, value) in keys.iter().zip(&values).take(kept) {
+            s.barrier().put(key, value).unwrap();
+        }
+        assert!(
+            s.use_token(full.token.expose(), local(), T0).is_err(),
+            "usable with only {kept} of its keys"
+        );
+        s.sweep(record.expires_at_ms).unwrap();
+        for key in &keys {
+            assert!(
+                s.barrier().get(key).unwrap().is_none(),
+                "{key} left after a cut at {kept}"
+            );
+        }
+    }
+    // The parent was not touched.
+    assert!(s.use_token(parent.token.expose(), local(), T0).is_ok());
+}
+
+#[tokio::test]
+async fn an_issue_wakes_the_sweeper_only_for_an_earlier_expiry() {
+    let (_d, s) = store();
+    async fn woken(s: &TokenStore) -> bool {
+        tokio::time::timeout(Duration::from_millis(50), s.inner.wake.notified())
+            .await
+            .is_ok()
+    }
+    assert!(woken(&s).await, "the unseal woke the sweeper");
+    s.inner
+        .sweep_planned_ms
+        .store(T0 + 50_000, Ordering::Release);
+    s.issue(req("svc", &["a"], 100), T0).unwrap();
+    assert!(!woken(&s).await, "an expiry after the planned wake-up");
+    s.issue(req("svc", &["a"], 10), T0).unwrap();
+    assert!(woken(&s).await, "an expiry before the planned wake-up");
 }
