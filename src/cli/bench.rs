@@ -346,6 +346,7 @@ async fn open_and_report(dir: &Path, format: Format) -> Result<()> {
     let started = Instant::now();
     let server = Server::open(bench_config(dir))?;
     let opened = started.elapsed();
+    let rss_opened = rss_kib().unwrap_or(0);
     let status = server.core().unseal(share.trim()).await?;
     let ready = started.elapsed();
     if status.sealed {
@@ -356,6 +357,7 @@ async fn open_and_report(dir: &Path, format: Format) -> Result<()> {
         "startup_ms": (ready.as_secs_f64() * 1000.0 * 10.0).round() / 10.0,
         "open_ms": (opened.as_secs_f64() * 1000.0 * 10.0).round() / 10.0,
         "rss_before_kib": rss_before,
+        "rss_opened_kib": rss_opened,
         "rss_after_kib": rss_after,
         "rss_growth_mib": ((rss_after.saturating_sub(rss_before)) as f64 / 1024.0 * 10.0).round() / 10.0,
     });

@@ -455,3 +455,80 @@ async fn oidc_issuer_with_a_jwks_file() {
         .await;
     assert_eq!(code(bad), Code::InvalidArgument);
 }
+
+/// `examples/ci_runner_token.rs`, as the README tells a CI job to run it:
+/// it exchanges the job's JWT for a token, reads one secret, prints neither
+/// the value nor the token, and revokes its token before it exits.
+#[tokio::test]
+async fn the_ci_runner_example_logs_in_reads_and_revokes_its_token() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let es = Signer::es256("k-example");
+    let jwks_https = jwks_server(&server, jwks(&[&es])).await;
+    let issuer = unique("ci");
+    root.oidc_issuer_put(PutOidcIssuerRequest {
+        name: issuer.clone(),
+        issuer_url: ISSUER.into(),
+        jwks_file: String::new(),
+        jwks_url: jwks_https.url.clone(),
+        audience: AUDIENCE.into(),
+    })
+    .await
+    .unwrap();
+    let prefix = unique("deploy");
+    let policy = read_policy(&server, &prefix).await;
+    let name = unique("runner");
+    root.identity_create(create(&name, "ci-runner", "platform", &[policy]))
+        .await
+        .unwrap();
+    let repo = format!("acme/{}", unique("repo"));
+    root.identity_bind_oidc(&name, &issuer, &[("repository".into(), repo.clone())])
+        .await
+        .unwrap();
+    let path = format!("{prefix}/deploy-key");
+    let value = format!("deploy-key-{}", unique("v"));
+    root.put(&path, &data(&[("key", &value)]), PutOptions::default())
+        .await
+        .unwrap();
+
+    let jwt = es.token(&claims(&repo, 300));
+    let addr = format!("https://{}", server.addr);
+    let ca = server.ca.display().to_string();
+    let example = crate::plugin::example_binary("ci_runner_token");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(example)
+            .arg(&path)
+            .env_remove("KEYWARD_TOKEN")
+            .env_remove("KEYWARD_JWT_FILE")
+            .env("KEYWARD_ADDR", &addr)
+            .env("KEYWARD_CACERT", &ca)
+            .env("KEYWARD_OIDC_ISSUER", &issuer)
+            .env("KEYWARD_JWT", &jwt)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}\n{stdout}\n{stderr}", out.status);
+    assert!(
+        stdout.contains("version 1") && stdout.contains("\"key\""),
+        "{stdout}"
+    );
+    assert!(stderr.contains(&format!("logged in as {name}")), "{stderr}");
+    let printed = format!("{stdout}{stderr}");
+    assert!(!printed.contains(&value), "the secret value was printed");
+    assert!(!printed.contains("kwt_"), "a token was printed");
+
+    // The accessor it printed names a token that is gone.
+    let accessor = stderr
+        .split_whitespace()
+        .find(|w| w.starts_with("kwa_"))
+        .expect("the example names its token's accessor");
+    assert_eq!(
+        code(root.lookup_accessor(accessor).await),
+        Code::NotFound,
+        "the example's token outlived the job"
+    );
+}
