@@ -342,9 +342,22 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
 
 async fn open_and_report(dir: &Path, format: Format) -> Result<()> {
     let share = zeroize::Zeroizing::new(std::fs::read_to_string(dir.join(SHARE_FILE))?);
-    let rss_before = rss_kib().unwrap_or(0);
-    let started = Instant::now();
-    let server = Server::open(bench_config(dir))?;
+    // The process that wrote the store may still be letting go of sled's
+    // folder lock: a refused open is cheap (it fails before reading
+    // anything), so try again, measuring only the open that succeeds.
+    let mut attempts = 0;
+    let (server, rss_before, started) = loop {
+        let rss_before = rss_kib().unwrap_or(0);
+        let started = Instant::now();
+        match Server::open(bench_config(dir)) {
+            Ok(server) => break (server, rss_before, started),
+            Err(e) if e.to_string().contains("could not acquire lock") && attempts < 300 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     let opened = started.elapsed();
     let rss_opened = rss_kib().unwrap_or(0);
     let status = server.core().unseal(share.trim()).await?;

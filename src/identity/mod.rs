@@ -648,10 +648,16 @@ impl IdentityStore {
         if expired {
             record.expiry_handled = true;
         }
-        self.put_record(&record)?;
         // Tokens carry the policies they were issued with: a narrowed identity
-        // must not keep wider tokens alive.
-        if expired || policies_changed {
+        // must not keep wider tokens alive. Revoked before the record is
+        // written (a crash between the two leaves no token of the old record)
+        // and again after it (for a login that ran in between).
+        let revoke = expired || policies_changed;
+        if revoke {
+            tokens.revoke_identity(&record.name, now_ms)?;
+        }
+        self.put_record(&record)?;
+        if revoke {
             tokens.revoke_identity(&record.name, now_ms)?;
         }
         Ok(record)
@@ -665,6 +671,14 @@ impl IdentityStore {
         tokens: &dyn TokenRevoker,
         now_ms: u64,
     ) -> Result<(IdentityRecord, u32), IdentityError> {
+        // Tokens are revoked before the record says disabled, so that a crash
+        // between the two cannot leave a disabled identity with live tokens,
+        // and again after it, for a login that ran in between.
+        let mut revoked = 0;
+        if disabled {
+            self.require(name)?;
+            revoked += tokens.revoke_identity(name.as_str(), now_ms)?;
+        }
         let record = {
             let _guard = self.lock();
             let mut record = self.require(name)?;
@@ -672,11 +686,9 @@ impl IdentityStore {
             self.put_record(&record)?;
             record
         };
-        let revoked = if disabled {
-            tokens.revoke_identity(&record.name, now_ms)?
-        } else {
-            0
-        };
+        if disabled {
+            revoked += tokens.revoke_identity(&record.name, now_ms)?;
+        }
         Ok((record, revoked))
     }
 
@@ -687,6 +699,9 @@ impl IdentityStore {
         tokens: &dyn TokenRevoker,
         now_ms: u64,
     ) -> Result<u32, IdentityError> {
+        // As for a disable: revoked before and after the records go.
+        self.require(name)?;
+        let mut revoked = tokens.revoke_identity(name.as_str(), now_ms)?;
         {
             let _guard = self.lock();
             let record = self.require(name)?;
@@ -707,7 +722,8 @@ impl IdentityStore {
             let ops: Vec<PlainOp<'_>> = keys.iter().map(|k| PlainOp::Delete(k)).collect();
             self.barrier.batch(&ops)?;
         }
-        tokens.revoke_identity(name.as_str(), now_ms)
+        revoked += tokens.revoke_identity(name.as_str(), now_ms)?;
+        Ok(revoked)
     }
 
     /// Revokes the tokens of identities whose expiry has passed (once each);

@@ -42,13 +42,26 @@ impl PolicyCatalog for AllPolicies {
     }
 }
 
+/// Records the identities revoked (once per call) and models their tokens:
+/// two live ones for an identity until it is revoked, two again after
+/// `logged_in`.
 #[derive(Default)]
-struct Revocations(Mutex<Vec<String>>, AtomicU32);
+struct Revocations(
+    Mutex<Vec<String>>,
+    AtomicU32,
+    Mutex<std::collections::HashMap<String, u32>>,
+);
+impl Revocations {
+    fn logged_in(&self, identity: &str) {
+        self.2.lock().unwrap().insert(identity.to_owned(), 2);
+    }
+}
 impl TokenRevoker for Revocations {
     fn revoke_identity(&self, identity: &str, _now_ms: u64) -> Result<u32, IdentityError> {
         self.0.lock().unwrap().push(identity.to_owned());
         self.1.fetch_add(1, Ordering::SeqCst);
-        Ok(2)
+        let mut live = self.2.lock().unwrap();
+        Ok(std::mem::take(live.entry(identity.to_owned()).or_insert(2)))
     }
 }
 
@@ -183,8 +196,8 @@ fn create_get_list_update_and_unknown_policies() {
         .unwrap();
     assert_eq!(
         *revoked.0.lock().unwrap(),
-        vec!["ci"],
-        "narrowed policies revoke"
+        vec!["ci", "ci"],
+        "narrowed policies revoke, before the record is written and after"
     );
 }
 
@@ -221,14 +234,15 @@ fn disable_expire_and_delete_revoke_tokens() {
         .store
         .create_secret_id(&name("ci"), SecretIdSpec::default(), NOW)
         .unwrap();
+    revoked.logged_in("ci");
     assert_eq!(f.store.delete(&name("ci"), &revoked, NOW).unwrap(), 2);
     assert!(f.store.get("ci").unwrap().is_none());
     assert!(f.store.by_role_id(&sid.role_id).unwrap().is_none());
     assert!(f.store.secret_ids().unwrap().is_empty());
     assert_eq!(
         *revoked.0.lock().unwrap(),
-        vec!["ci", "short", "ci"],
-        "disable, expiry, delete"
+        vec!["ci", "ci", "short", "ci", "ci"],
+        "disable (before and after), expiry, delete (before and after)"
     );
 }
 

@@ -143,19 +143,24 @@ impl Inner {
     async fn run(self: Arc<Self>) {
         let mut chained = false;
         loop {
-            let inner = Arc::clone(&self);
-            let result = tokio::task::spawn_blocking(move || {
-                if chained {
-                    if !inner.linger.is_zero() {
-                        std::thread::sleep(inner.linger);
-                    }
-                    let mut rounds = inner.rounds.lock().unwrap_or_else(PoisonError::into_inner);
-                    rounds.started += 1;
+            if chained {
+                if !self.linger.is_zero() {
+                    // On a blocking thread: the timer wheel would round 1 ms
+                    // up to 2. Failing to sleep is no reason not to flush.
+                    let linger = self.linger;
+                    let _ = tokio::task::spawn_blocking(move || std::thread::sleep(linger)).await;
                 }
-                inner.backend.flush()
-            })
-            .await
-            .unwrap_or_else(|_| Err(StorageError::Io("flush: the flush task failed".into())));
+                self.rounds
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .started += 1;
+            }
+            let backend = Arc::clone(&self.backend);
+            // A flush task that cannot run (the runtime is shutting down)
+            // fails this round for its callers, like a failed flush.
+            let result = tokio::task::spawn_blocking(move || backend.flush())
+                .await
+                .unwrap_or_else(|_| Err(StorageError::Io("flush: the flush task failed".into())));
             self.flushes.fetch_add(1, Ordering::Relaxed);
             if let Err(error) = &result {
                 tracing::error!(%error, "storage flush failed");

@@ -11,6 +11,12 @@
 //! another). Its prefix promise rests on sled's recovery, which replays the
 //! log in order and stops at the first gap or torn message, so a write that
 //! survived a crash has every write logged before it.
+//!
+//! Known limit: sled writes a log message larger than a quarter of a segment
+//! (128 KiB here: a large secret version, or a leaf holding several) to a
+//! file of its own under `blobs/` and never syncs that file. A killed
+//! process loses nothing (the kernel holds the file), but after a power
+//! loss such a value can be missing while later writes survive.
 
 use std::path::Path;
 

@@ -3,14 +3,21 @@
 //! Storage prefix `tokens/` (through the barrier only; this module must not
 //! touch any other prefix):
 //! - `tokens/accessor/<accessor>` -> the `TokenRecord`;
+//! - `tokens/ttl/<hex identity name>/<16 hex digits, big-endian ms>/<accessor>`
+//!   -> the parent's accessor (empty for none): each identity's tokens in
+//!   expiry order (`ffff...` for never). Both the identity index (revoking
+//!   an identity reads its part) and the sweeper's time-ordered index (it
+//!   keeps the earliest expiry of each identity in memory: one read per
+//!   identity, in the background, after an unseal);
 //! - `tokens/children/<parent accessor>/<child accessor>` -> empty;
-//! - `tokens/identity/<hex identity name>/<accessor>` -> empty;
-//! - `tokens/expiry/<16 hex digits, big-endian ms>/<accessor>` ->
-//!   `<identity name>/<parent accessor>`: the time-ordered index one
-//!   sweeper walks from its start (the value names the other index entries,
-//!   so an entry whose record is gone still leads to them);
-//! - `tokens/hash/<hex HMAC of the token text>` -> the accessor, for tokens
-//!   issued before accessors were derived (read, never written for new ones).
+//! - tokens stored before derived accessors (`TokenRecord::derived` false)
+//!   have instead `tokens/hash/<hex HMAC of the token text>` -> the
+//!   accessor, `tokens/identity/<hex identity name>/<accessor>` and
+//!   `tokens/expiry/<16 hex digits>/<accessor>` (the old global index, swept
+//!   until it is empty); read and removed, never written for new tokens.
+//!
+//! Two keys per token (three for a child): with a million tokens, what sled
+//! holds in memory for its pages is what start-up costs (README, Benchmarks).
 //!
 //! A token's accessor is derived from its text: base62 drawn from
 //! HMAC-SHA256 under a keyring key (purpose `auth/token-accessor`), so a use
@@ -18,25 +25,25 @@
 //! key (purpose `auth/token-hash`), checked in constant time on every use.
 //! Neither key is stored, so the data folder alone does not let anyone test
 //! a guessed token offline, and an accessor (shown to operators, written to
-//! the audit log) tells nothing of the token. Nothing is loaded at start-up:
-//! the sweeper reads only the head of the expiry index.
+//! the audit log) tells nothing of the token. Nothing is loaded at start-up.
 //!
 //! An issue writes its records one by one in an order whose every prefix is
-//! harmless (expiry entry, record, identity and children entries, hash last;
+//! harmless (`tokens/ttl/` entry, children link, record last;
 //! `Barrier::write_in_order`), not as one atomic batch, which in sled costs
 //! two synchronous log writes and stalls every other request. A crash can
-//! leave the first few of them, never a usable token without its index
-//! entries; the sweeper removes the leftovers when their expiry comes.
+//! leave the first of them, never a usable token without its index entries;
+//! the sweeper removes the leftovers when their expiry comes.
 //!
 //! A revoke deletes a tree children first, each token's records in the same
 //! atomic batch as the `tokens/children/` link to it, so a revoke cut short by
 //! a storage error never leaves a usable token unreachable from its parent.
 //!
-//! Every write that links records (issue, revoke, renew, a counted use) holds
-//! one mutex, so a child can never be linked under a parent being revoked.
-//! Reads of unlimited tokens take no lock.
+//! Every write that links records (issuing a child, revoke, renew, a counted
+//! use, the sweeper) holds one mutex, so a child can never be linked under a
+//! parent being revoked. Issuing a token without a parent links nothing and
+//! takes no lock; reads of unlimited tokens take none either.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -55,6 +62,11 @@ const ACCESSOR_PREFIX: &str = "tokens/accessor/";
 const CHILDREN_PREFIX: &str = "tokens/children/";
 const IDENTITY_PREFIX: &str = "tokens/identity/";
 const EXPIRY_PREFIX: &str = "tokens/expiry/";
+/// `tokens/ttl/<hex identity>/<16 hex digits, ms>/<accessor>`.
+const TTL_PREFIX: &str = "tokens/ttl/";
+/// The expiry written in the key of a token that never expires: it sorts
+/// after every real one, so the sweeper never reaches it.
+const NEVER: u64 = u64::MAX;
 /// The first key after every `tokens/expiry/...` key (`0` follows `/`).
 const EXPIRY_END: &str = "tokens/expiry0";
 /// The foundation's prefix for the root token; migrated at unseal.
@@ -68,6 +80,9 @@ const SWEEP_BATCH: usize = 256;
 /// Deletes per storage batch when revoking a tree; a token's own keys are
 /// never split across batches.
 const REVOKE_BATCH_OPS: usize = 1024;
+/// How long past its expiry an index entry without a record is left alone
+/// (its issue may still be writing) before the sweeper drops it.
+const ORPHAN_GRACE_MS: u64 = 60_000;
 /// The longest the sweeper sleeps without looking again.
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
 
@@ -141,7 +156,8 @@ pub struct LongLived {
     pub ttl_seconds: u64,
 }
 
-/// A stored token; found through `tokens/hash/` or by accessor.
+/// A stored token, under `tokens/accessor/`: found by its accessor, which
+/// for a token issued now is derived from the token text.
 #[derive(Clone, PartialEq, Message)]
 pub struct TokenRecord {
     #[prost(string, tag = "1")]
@@ -172,7 +188,8 @@ pub struct TokenRecord {
     pub parent_accessor: String,
     #[prost(string, tag = "12")]
     pub method: String,
-    /// Hex HMAC of the token text, to remove `tokens/hash/` on revoke.
+    /// Hex HMAC of the token text, checked on every use (and, for a token
+    /// stored before derived accessors, the key of its `tokens/hash/` record).
     #[prost(string, tag = "13")]
     pub hash: String,
     /// As requested, for governance.
@@ -180,8 +197,9 @@ pub struct TokenRecord {
     pub max_ttl_ms: u64,
     #[prost(uint64, tag = "15")]
     pub hard_expiry_ms: u64,
-    /// The accessor is derived from the token text: there is no
-    /// `tokens/hash/` record.
+    /// Issued with a derived accessor and indexed under `tokens/ttl/`;
+    /// false: the layout before (`tokens/hash/`, `tokens/identity/`,
+    /// `tokens/expiry/`).
     #[prost(bool, tag = "16")]
     pub derived: bool,
 }
@@ -266,25 +284,115 @@ struct Inner {
     writes: Mutex<()>,
     /// Wakes the sweeper: a new expiry earlier than its planned wake, an unseal.
     wake: Notify,
-    /// When the sleeping sweeper plans to wake (ms; `u64::MAX`: not before
-    /// it is woken); 0 while a sweep runs. An issue wakes it only for an
-    /// expiry before this, so a stream of logins does not rescan the index
-    /// head once per login.
+    /// When the sleeping sweeper plans to wake (ms); `u64::MAX` while a
+    /// sweep runs or when nothing is planned, so that any expiry wakes it.
+    /// An issue wakes it only for an expiry before this, so a stream of
+    /// logins does not rescan the index once per login.
     sweep_planned_ms: AtomicU64,
+    /// The earliest expiry of each identity's part of `tokens/ttl/`.
+    heads: Mutex<Heads>,
+}
+
+/// Where the sweeper looks next: per identity (hex, as in the keys), a time
+/// no later than its first `tokens/ttl/` entry. Filled from storage by the
+/// sweeper (one read per identity), lowered by every issue. An identity
+/// being swept collects the expiries issued meanwhile in `during_sweep`, so
+/// an entry written behind the sweeper's scan is never lost from view.
+#[derive(Default)]
+struct Heads {
+    loaded: bool,
+    by_identity: HashMap<String, u64>,
+    order: BTreeSet<(u64, String)>,
+    during_sweep: HashMap<String, u64>,
+}
+
+impl Heads {
+    fn set(&mut self, identity: &str, at_ms: u64) {
+        if let Some(old) = self.by_identity.insert(identity.to_owned(), at_ms) {
+            self.order.remove(&(old, identity.to_owned()));
+        }
+        if at_ms != NEVER {
+            self.order.insert((at_ms, identity.to_owned()));
+        }
+    }
+
+    fn lower(&mut self, identity: &str, at_ms: u64) {
+        if let Some(pending) = self.during_sweep.get_mut(identity) {
+            *pending = (*pending).min(at_ms);
+        }
+        let current = self.by_identity.get(identity).copied().unwrap_or(NEVER);
+        if at_ms < current {
+            self.set(identity, at_ms);
+        }
+    }
+
+    fn earliest(&self) -> Option<u64> {
+        self.order.first().map(|(at, _)| *at)
+    }
+
+    /// Takes the identity with the earliest head if it is due, and starts
+    /// collecting the expiries issued for it while it is swept.
+    fn start_sweep(&mut self, now_ms: u64) -> Option<(u64, String)> {
+        let (at, identity) = self.order.first().cloned()?;
+        if at > now_ms {
+            return None;
+        }
+        self.order.remove(&(at, identity.clone()));
+        self.during_sweep.insert(identity.clone(), NEVER);
+        Some((at, identity))
+    }
+
+    /// Ends the sweep of `identity`: its head is `next` as the sweep found
+    /// it, or an earlier expiry issued meanwhile.
+    fn finish_sweep(&mut self, identity: &str, next: u64) {
+        let pending = self.during_sweep.remove(identity).unwrap_or(NEVER);
+        self.set(identity, next.min(pending));
+    }
 }
 
 fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// A key of the index of tokens stored before `tokens/ttl/` (read only).
 fn expiry_key(expires_at_ms: u64, accessor: &str) -> String {
     format!("{EXPIRY_PREFIX}{expires_at_ms:016x}/{accessor}")
 }
 
-/// The value of an expiry entry, `<identity>/<parent accessor>`: what names
-/// the index entries besides the record (an accessor holds no `/`).
-fn expiry_value(identity: &str, parent_accessor: &str) -> String {
-    format!("{identity}/{parent_accessor}")
+fn ttl_prefix_hex(identity_hex: &str) -> String {
+    format!("{TTL_PREFIX}{identity_hex}/")
+}
+
+/// The `tokens/ttl/` key of a token (`0` = never expires).
+fn ttl_key(identity: &str, expires_at_ms: u64, accessor: &str) -> String {
+    let at = if expires_at_ms == 0 {
+        NEVER
+    } else {
+        expires_at_ms
+    };
+    format!(
+        "{}{at:016x}/{accessor}",
+        ttl_prefix_hex(&hex::encode(identity.as_bytes()))
+    )
+}
+
+/// (hex identity, expiry, accessor) of a `tokens/ttl/` key.
+fn parse_ttl_key(key: &str) -> Option<(&str, u64, &str)> {
+    let rest = key.strip_prefix(TTL_PREFIX)?;
+    let (identity_hex, rest) = rest.split_once('/')?;
+    let (at, accessor) = rest.split_once('/')?;
+    if at.len() != 16 || accessor.is_empty() {
+        return None;
+    }
+    Some((identity_hex, u64::from_str_radix(at, 16).ok()?, accessor))
+}
+
+/// The first key after every key that starts with `prefix` (which ends in
+/// `/`; `0` follows `/`).
+fn prefix_end(prefix: &str) -> String {
+    let mut end = prefix.trim_end_matches('/').to_owned();
+    end.push('0');
+    end
 }
 
 fn identity_prefix(identity: &str) -> String {
@@ -309,13 +417,18 @@ impl TokenStore {
                 keys: RwLock::new(None),
                 writes: Mutex::new(()),
                 wake: Notify::new(),
-                sweep_planned_ms: AtomicU64::new(0),
+                sweep_planned_ms: AtomicU64::new(u64::MAX),
+                heads: Mutex::new(Heads::default()),
             }),
         }
     }
 
     fn barrier(&self) -> &Barrier {
         &self.inner.barrier
+    }
+
+    fn heads(&self) -> std::sync::MutexGuard<'_, Heads> {
+        self.inner.heads.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Tells the sweeper of a new expiry, if it comes before its planned wake.
@@ -446,9 +559,11 @@ impl TokenStore {
             )
             .map(|same| same.then_some(record))
         };
+        // The HMAC decides, not `derived`: a record rewritten by an older
+        // binary (which drops fields it does not know) is still this token.
         if let Some(record) = self.record(&self.derive_accessor(token)?)? {
-            if record.derived {
-                return verified(record);
+            if let Some(record) = verified(record)? {
+                return Ok(Some(record));
             }
         }
         let hash_key = format!("{HASH_PREFIX}{}", self.hash(token)?);
@@ -571,28 +686,25 @@ impl TokenStore {
         };
         let encoded = record.encode_to_vec();
         let acc_key = format!("{ACCESSOR_PREFIX}{accessor}");
-        let id_key = format!("{}{accessor}", identity_prefix(&req.identity));
+        let ttl = ttl_key(&req.identity, expires_at_ms, &accessor);
         let child_key = req
             .parent_accessor
             .as_ref()
             .map(|p| format!("{CHILDREN_PREFIX}{p}/{accessor}"));
-        let exp_key = (expires_at_ms != 0).then(|| expiry_key(expires_at_ms, &accessor));
-        let exp_value = expiry_value(&req.identity, &record.parent_accessor);
         // In the order a crash may cut (see `Barrier::write_in_order`): the
-        // expiry entry first, so that whatever prefix survives is found and
-        // removed by the sweeper; the record last, so that a token is usable
-        // only once every index entry is stored.
-        let mut ops = Vec::with_capacity(4);
-        if let Some(k) = &exp_key {
-            ops.push(PlainOp::Put(k, exp_value.as_bytes()));
-        }
-        ops.push(PlainOp::Put(&id_key, b""));
+        // index entry first (its value names the parent), so that whatever
+        // prefix survives is found and removed by the sweeper; the record
+        // last, so that a token is usable only once its index entries are.
+        let mut ops = Vec::with_capacity(3);
+        ops.push(PlainOp::Put(&ttl, record.parent_accessor.as_bytes()));
         if let Some(k) = &child_key {
             ops.push(PlainOp::Put(k, b""));
         }
         ops.push(PlainOp::Put(&acc_key, &encoded));
-        if exp_key.is_some() {
+        if expires_at_ms != 0 {
             self.barrier().write_in_order(&ops)?;
+            self.heads()
+                .lower(&hex::encode(req.identity.as_bytes()), expires_at_ms);
             self.expiry_added(expires_at_ms);
         } else {
             // Nothing would sweep a partial write of a token that never
@@ -703,16 +815,34 @@ impl TokenStore {
             ));
         }
         let expires = min_time(now_ms.saturating_add(increment), record.max_expiry_ms);
-        let old_key = expiry_key(record.expires_at_ms, accessor);
-        let new_key = expiry_key(expires, accessor);
+        let (old_key, new_key) = if record.derived {
+            (
+                ttl_key(&record.identity, record.expires_at_ms, accessor),
+                ttl_key(&record.identity, expires, accessor),
+            )
+        } else {
+            (
+                expiry_key(record.expires_at_ms, accessor),
+                expiry_key(expires, accessor),
+            )
+        };
+        let value = if record.derived {
+            record.parent_accessor.clone()
+        } else {
+            String::new()
+        };
         record.expires_at_ms = expires;
         let acc_key = format!("{ACCESSOR_PREFIX}{accessor}");
         let encoded = record.encode_to_vec();
         self.barrier().batch(&[
             PlainOp::Delete(&old_key),
-            PlainOp::Put(&new_key, b""),
+            PlainOp::Put(&new_key, value.as_bytes()),
             PlainOp::Put(&acc_key, &encoded),
         ])?;
+        if record.derived {
+            self.heads()
+                .lower(&hex::encode(record.identity.as_bytes()), expires);
+        }
         self.expiry_added(expires);
         Ok(record.info())
     }
@@ -792,13 +922,15 @@ impl TokenStore {
             let mut group: Vec<String> = link.into_iter().collect();
             if let Some(record) = self.record(&acc)? {
                 count = count.saturating_add(1);
-                if !record.derived {
-                    group.push(format!("{HASH_PREFIX}{}", record.hash));
-                }
                 group.push(format!("{ACCESSOR_PREFIX}{acc}"));
-                group.push(format!("{}{acc}", identity_prefix(&record.identity)));
-                if record.expires_at_ms != 0 {
-                    group.push(expiry_key(record.expires_at_ms, &acc));
+                if record.derived {
+                    group.push(ttl_key(&record.identity, record.expires_at_ms, &acc));
+                } else {
+                    group.push(format!("{HASH_PREFIX}{}", record.hash));
+                    group.push(format!("{}{acc}", identity_prefix(&record.identity)));
+                    if record.expires_at_ms != 0 {
+                        group.push(expiry_key(record.expires_at_ms, &acc));
+                    }
                 }
                 if !record.parent_accessor.is_empty() {
                     let own_link = format!("{CHILDREN_PREFIX}{}/{acc}", record.parent_accessor);
@@ -831,10 +963,24 @@ impl TokenStore {
     /// Revokes every token (and its children) of this identity; returns how many.
     pub fn revoke_identity(&self, identity: &str, _now_ms: u64) -> Result<u32, TokenError> {
         let _guard = self.inner.writes.lock().unwrap_or_else(|e| e.into_inner());
-        let prefix = identity_prefix(identity);
         let mut count = 0u32;
-        for key in self.barrier().scan_keys(&prefix)? {
-            if let Some(accessor) = key.strip_prefix(&prefix) {
+        let prefix = ttl_prefix_hex(&hex::encode(identity.as_bytes()));
+        for (key, value) in self.barrier().scan_prefix(&prefix)? {
+            match parse_ttl_key(&key) {
+                Some((_, _, accessor)) if self.record(accessor)?.is_some() => {
+                    count = count.saturating_add(self.revoke_locked(accessor)?);
+                }
+                Some((_, _, accessor)) => {
+                    self.drop_orphans(accessor, &value)?;
+                    self.barrier().delete(&key)?;
+                }
+                None => self.barrier().delete(&key)?,
+            }
+        }
+        // Tokens stored before `tokens/ttl/`.
+        let legacy = identity_prefix(identity);
+        for key in self.barrier().scan_keys(&legacy)? {
+            if let Some(accessor) = key.strip_prefix(&legacy) {
                 count = count.saturating_add(self.revoke_locked(accessor)?);
             }
         }
@@ -876,15 +1022,138 @@ impl TokenStore {
         Ok(out)
     }
 
-    /// Revokes the tokens whose expiry is at or before `now_ms`, at most
-    /// `SWEEP_BATCH` of them; returns the next expiry still ahead, if any,
-    /// and whether more may be due.
+    /// Revokes the tokens whose expiry has passed, at most `SWEEP_BATCH` of
+    /// them per call, earliest identity first; returns the next expiry still
+    /// ahead, if any. Reads only index heads: one key per identity the first
+    /// time (`load_heads`), then the due part of each due identity.
     pub fn sweep(&self, now_ms: u64) -> Result<SweepOutcome, TokenError> {
+        let legacy = self.sweep_legacy(now_ms)?;
+        if legacy.more_due {
+            return Ok(legacy);
+        }
+        self.load_heads()?;
+        let mut revoked = legacy.revoked;
+        let mut budget = SWEEP_BATCH;
+        loop {
+            let picked = self.heads().start_sweep(now_ms);
+            let Some((at, identity)) = picked else {
+                break;
+            };
+            let swept = self.sweep_identity(&identity, now_ms, budget);
+            match swept {
+                Ok((n, next, used)) => {
+                    self.heads().finish_sweep(&identity, next);
+                    revoked = revoked.saturating_add(n);
+                    budget = budget.saturating_sub(used.max(1));
+                }
+                Err(e) => {
+                    self.heads().finish_sweep(&identity, at);
+                    return Err(e);
+                }
+            }
+            if budget == 0 {
+                return Ok(SweepOutcome {
+                    revoked,
+                    next_ms: None,
+                    more_due: true,
+                });
+            }
+        }
+        let next = match (legacy.next_ms, self.heads().earliest()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Ok(SweepOutcome {
+            revoked,
+            next_ms: next,
+            more_due: false,
+        })
+    }
+
+    /// Sweeps the due head of one identity's `tokens/ttl/` entries (at most
+    /// `budget`); returns what it revoked, the identity's next expiry
+    /// (`now_ms` if more may be due, `NEVER` if none is left) and how many
+    /// entries it handled.
+    fn sweep_identity(
+        &self,
+        identity_hex: &str,
+        now_ms: u64,
+        budget: usize,
+    ) -> Result<(u32, u64, usize), TokenError> {
+        let prefix = ttl_prefix_hex(identity_hex);
+        let entries = self
+            .barrier()
+            .scan_range(&prefix, &prefix_end(&prefix), budget)?;
+        let mut revoked = 0u32;
+        for (used, (key, value)) in entries.iter().enumerate() {
+            let Some((_, at, accessor)) = parse_ttl_key(key) else {
+                self.barrier().delete(key)?;
+                continue;
+            };
+            if at > now_ms {
+                return Ok((revoked, at, used));
+            }
+            let _guard = self.inner.writes.lock().unwrap_or_else(|e| e.into_inner());
+            // Look again under the lock: a renew may have moved the entry.
+            match self.record(accessor)? {
+                Some(record) if record.is_expired(now_ms) => {
+                    revoked = revoked.saturating_add(self.revoke_locked(accessor)?);
+                }
+                // A renew moved it (this entry is stale), or nothing to do.
+                Some(_) => {}
+                // An issue still writing (it takes no lock) whose expiry
+                // passed meanwhile: leave it to a later round.
+                None if at.saturating_add(ORPHAN_GRACE_MS) > now_ms => {
+                    return Ok((revoked, at.saturating_add(ORPHAN_GRACE_MS), used));
+                }
+                // An issue cut short by a crash: the record was never
+                // written, but its children link may have been.
+                None => self.drop_orphans(accessor, value)?,
+            }
+            // Gone with the token already, or stale: make sure.
+            self.barrier().delete(key)?;
+        }
+        let next = if entries.len() == budget {
+            now_ms
+        } else {
+            NEVER
+        };
+        Ok((revoked, next, entries.len()))
+    }
+
+    /// Fills the per-identity heads from storage, once: the first
+    /// `tokens/ttl/` key of each identity, one read each.
+    fn load_heads(&self) -> Result<(), TokenError> {
+        if self.heads().loaded {
+            return Ok(());
+        }
+        let end = prefix_end(TTL_PREFIX);
+        let mut cursor = TTL_PREFIX.to_owned();
+        loop {
+            let first = self.barrier().scan_range(&cursor, &end, 1)?;
+            let Some((key, _)) = first.first() else {
+                break;
+            };
+            let Some((identity_hex, at, _)) = parse_ttl_key(key) else {
+                // Not a key this store writes: step over it.
+                cursor = format!("{key}\0");
+                continue;
+            };
+            self.heads().lower(identity_hex, at);
+            cursor = prefix_end(&ttl_prefix_hex(identity_hex));
+        }
+        self.heads().loaded = true;
+        Ok(())
+    }
+
+    /// The index of tokens stored before `tokens/ttl/`: walked from its start
+    /// until it is empty.
+    fn sweep_legacy(&self, now_ms: u64) -> Result<SweepOutcome, TokenError> {
         let head = self
             .barrier()
             .scan_range(EXPIRY_PREFIX, EXPIRY_END, SWEEP_BATCH)?;
         let mut revoked = 0u32;
-        for (key, value) in &head {
+        for (key, _) in &head {
             let rest = key.strip_prefix(EXPIRY_PREFIX).unwrap_or_default();
             let (time, accessor) = rest.split_once('/').unwrap_or((rest, ""));
             let at = u64::from_str_radix(time, 16).unwrap_or(0);
@@ -897,15 +1166,8 @@ impl TokenStore {
             }
             let _guard = self.inner.writes.lock().unwrap_or_else(|e| e.into_inner());
             // Look again under the lock: a renew may have moved the expiry.
-            match self.record(accessor)? {
-                Some(record) if record.is_expired(now_ms) => {
-                    revoked = revoked.saturating_add(self.revoke_locked(accessor)?);
-                }
-                Some(_) => {}
-                // An issue cut short by a crash: its record was never
-                // written, but index entries before it may have been.
-                None if !accessor.is_empty() => self.drop_orphans(accessor, value)?,
-                None => {}
+            if self.record(accessor)?.is_some_and(|r| r.is_expired(now_ms)) {
+                revoked = revoked.saturating_add(self.revoke_locked(accessor)?);
             }
             // Gone already, or a stale or bad entry: drop it.
             self.barrier().delete(key)?;
@@ -917,25 +1179,17 @@ impl TokenStore {
         })
     }
 
-    /// Deletes the index entries an expiry entry's value names for
+    /// Deletes the children link a `tokens/ttl/` entry's value names for
     /// `accessor`, whose record does not exist.
     fn drop_orphans(&self, accessor: &str, value: &[u8]) -> Result<(), TokenError> {
-        let Some((identity, parent)) = std::str::from_utf8(value)
-            .ok()
-            .and_then(|v| v.rsplit_once('/'))
-        else {
-            return Ok(());
-        };
-        let mut keys = Vec::with_capacity(2);
-        if !identity.is_empty() {
-            keys.push(format!("{}{accessor}", identity_prefix(identity)));
+        match std::str::from_utf8(value) {
+            Ok(parent) if !parent.is_empty() && !parent.contains('/') => {
+                self.barrier()
+                    .delete(&format!("{CHILDREN_PREFIX}{parent}/{accessor}"))?;
+                Ok(())
+            }
+            _ => Ok(()),
         }
-        if !parent.is_empty() {
-            keys.push(format!("{CHILDREN_PREFIX}{parent}/{accessor}"));
-        }
-        let ops: Vec<PlainOp<'_>> = keys.iter().map(|k| PlainOp::Delete(k)).collect();
-        self.barrier().batch(&ops)?;
-        Ok(())
     }
 
     /// The background sweeper: sleeps until the next expiry in the index (or
@@ -947,7 +1201,9 @@ impl TokenStore {
             }
             // An expiry added from here on wakes the next round (a stored
             // permit), whatever this sweep finds.
-            self.inner.sweep_planned_ms.store(0, Ordering::Release);
+            self.inner
+                .sweep_planned_ms
+                .store(u64::MAX, Ordering::Release);
             let store = self.clone();
             let now = crate::core::now_ms();
             let outcome = tokio::task::spawn_blocking(move || store.sweep(now)).await;

@@ -428,8 +428,7 @@ fn revoke_plan_deletes_children_first_with_their_links() {
             // The token's records go in the same batch as the link to it.
             for key in [
                 format!("{ACCESSOR_PREFIX}{}", t.accessor),
-                format!("{}{}", identity_prefix("svc"), t.accessor),
-                expiry_key(record.expires_at_ms, &t.accessor),
+                ttl_key("svc", record.expires_at_ms, &t.accessor),
             ] {
                 assert_eq!(batch_of(&key), link, "max_ops {max_ops}");
             }
@@ -573,7 +572,10 @@ fn tokens_stored_before_derived_accessors_still_work_and_revoke() {
 
     let used = s.use_token(token.expose(), local(), T0).unwrap();
     assert_eq!(used.record.accessor, accessor);
-    assert_eq!(s.revoke(&accessor).unwrap(), 1);
+    // Revoking the identity reaches it through the old index, beside a new token.
+    let new = s.issue(req("svc", &["a"], 100), T0).unwrap();
+    assert_eq!(s.revoke_identity("svc", T0).unwrap(), 2);
+    assert!(s.lookup_accessor(&new.accessor, T0).unwrap().is_none());
     for key in [&hash_key, &acc_key, &id_key, &exp_key] {
         assert!(s.barrier().get(key).unwrap().is_none(), "{key} left behind");
     }
@@ -596,8 +598,7 @@ fn every_prefix_of_a_cut_issue_is_swept() {
     let record = s.record(&full.accessor).unwrap().unwrap();
     let acc = &full.accessor;
     let keys = [
-        expiry_key(record.expires_at_ms, acc),
-        format!("{}{acc}", identity_prefix("svc")),
+        ttl_key("svc", record.expires_at_ms, acc),
         format!("{CHILDREN_PREFIX}{}/{acc}", parent.accessor),
         format!("{ACCESSOR_PREFIX}{acc}"),
     ];
@@ -607,8 +608,8 @@ fn every_prefix_of_a_cut_issue_is_swept() {
         .collect();
     assert_eq!(
         values[0],
-        format!("svc/{}", parent.accessor).into_bytes(),
-        "the expiry entry names the other entries"
+        parent.accessor.clone().into_bytes(),
+        "the index entry names the children link"
     );
     for kept in 1..keys.len() {
         for key in &keys {
@@ -621,7 +622,19 @@ fn every_prefix_of_a_cut_issue_is_swept() {
             s.use_token(full.token.expose(), local(), T0).is_err(),
             "usable with only {kept} of its keys"
         );
-        s.sweep(record.expires_at_ms).unwrap();
+        // The process that restarts after the crash knows nothing in memory.
+        let restarted = TokenStore::new(s.inner.barrier.clone(), Arc::new(Names(vec!["a"])));
+        restarted.on_unseal(T0).unwrap();
+        // Within the grace period an entry without a record is left alone
+        // (its issue may still be writing); after it, the leftovers go.
+        restarted.sweep(record.expires_at_ms).unwrap();
+        assert!(
+            s.barrier().get(&keys[0]).unwrap().is_some(),
+            "dropped in the grace period"
+        );
+        restarted
+            .sweep(record.expires_at_ms + ORPHAN_GRACE_MS)
+            .unwrap();
         for key in &keys {
             assert!(
                 s.barrier().get(key).unwrap().is_none(),
@@ -649,4 +662,80 @@ async fn an_issue_wakes_the_sweeper_only_for_an_earlier_expiry() {
     assert!(!woken(&s).await, "an expiry after the planned wake-up");
     s.issue(req("svc", &["a"], 10), T0).unwrap();
     assert!(woken(&s).await, "an expiry before the planned wake-up");
+    // While a sweep runs (or nothing is planned), any expiry wakes it.
+    s.inner.sweep_planned_ms.store(u64::MAX, Ordering::Release);
+    s.issue(req("svc", &["a"], 100_000), T0).unwrap();
+    assert!(woken(&s).await, "an expiry issued during a sweep");
+}
+
+/// A new store over the same data knows no heads: the sweeper finds every
+/// identity's due tokens from storage, one read per identity to start.
+#[test]
+fn the_sweeper_finds_every_identity_after_a_restart() {
+    let (_d, s) = store();
+    let mut issued = Vec::new();
+    for (identity, ttl_s) in [("a-svc", 10), ("b-svc", 30), ("c-svc", 20), ("a-svc", 50)] {
+        issued.push((ttl_s, s.issue(req(identity, &["a"], ttl_s), T0).unwrap()));
+    }
+    let restarted = TokenStore::new(s.inner.barrier.clone(), Arc::new(Names(vec!["a"])));
+    restarted.on_unseal(T0).unwrap();
+    let outcome = restarted.sweep(T0 + 25_000).unwrap();
+    assert_eq!(
+        outcome.revoked, 2,
+        "the 10 s and 20 s tokens of two identities"
+    );
+    assert_eq!(outcome.next_ms, Some(T0 + 30_000));
+    for (ttl_s, t) in &issued {
+        let live = restarted
+            .lookup_accessor(&t.accessor, T0)
+            .unwrap()
+            .is_some();
+        assert_eq!(live, *ttl_s > 25, "{ttl_s} s token");
+    }
+    let outcome = restarted.sweep(T0 + 60_000).unwrap();
+    assert_eq!(outcome.revoked, 2);
+    assert_eq!(outcome.next_ms, None);
+    assert!(restarted
+        .barrier()
+        .scan_keys(TTL_PREFIX)
+        .unwrap()
+        .is_empty());
+}
+
+/// An expiry issued while the sweeper scans that identity is kept as its
+/// head even when the scan found nothing.
+#[test]
+fn an_issue_during_a_sweep_of_its_identity_is_not_lost() {
+    let mut heads = Heads::default();
+    heads.set("x", T0);
+    heads.set("y", T0 + 9_000);
+    // The sweeper takes x ...
+    assert_eq!(heads.start_sweep(T0), Some((T0, "x".to_owned())));
+    assert_eq!(heads.start_sweep(T0), None, "y is not due");
+    // ... an issue lands behind its scan, later than the old head ...
+    heads.lower("x", T0 + 5_000);
+    // ... and the scan found nothing left.
+    heads.finish_sweep("x", NEVER);
+    assert_eq!(heads.earliest(), Some(T0 + 5_000));
+    assert_eq!(heads.order.len(), 2);
+    // Without an issue meanwhile, an identity with nothing left drops out.
+    assert_eq!(
+        heads.start_sweep(T0 + 5_000),
+        Some((T0 + 5_000, "x".to_owned()))
+    );
+    heads.finish_sweep("x", NEVER);
+    assert_eq!(heads.earliest(), Some(T0 + 9_000));
+}
+
+#[test]
+fn revoking_an_identity_also_clears_entries_a_crash_left() {
+    let (_d, s) = store();
+    let t = s.issue(req("svc", &["a"], 100), T0).unwrap();
+    // An issue cut short: its index entry without a record.
+    let orphan = new_accessor().unwrap();
+    let key = ttl_key("svc", T0 + 100_000, &orphan);
+    s.barrier().put(&key, b"").unwrap();
+    assert_eq!(s.revoke_identity("svc", T0).unwrap(), 1);
+    assert!(s.lookup_accessor(&t.accessor, T0).unwrap().is_none());
+    assert!(s.barrier().scan_keys(TTL_PREFIX).unwrap().is_empty());
 }
