@@ -672,8 +672,9 @@ impl IdentityStore {
         now_ms: u64,
     ) -> Result<(IdentityRecord, u32), IdentityError> {
         // Tokens are revoked before the record says disabled, so that a crash
-        // between the two cannot leave a disabled identity with live tokens,
-        // and again after it, for a login that ran in between.
+        // between the two cannot leave a disabled identity with the tokens it
+        // had, and again after it, for a login that ran in between (only a
+        // crash right after the write can spare such a token).
         let mut revoked = 0;
         if disabled {
             self.require(name)?;

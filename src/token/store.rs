@@ -284,10 +284,11 @@ struct Inner {
     writes: Mutex<()>,
     /// Wakes the sweeper: a new expiry earlier than its planned wake, an unseal.
     wake: Notify,
-    /// When the sleeping sweeper plans to wake (ms); `u64::MAX` while a
-    /// sweep runs or when nothing is planned, so that any expiry wakes it.
-    /// An issue wakes it only for an expiry before this, so a stream of
-    /// logins does not rescan the index once per login.
+    /// When the sleeping sweeper plans to wake (ms; `u64::MAX`: nothing
+    /// planned); the sweep's start time while it runs (the heads it misses
+    /// then are looked at when it ends). An issue wakes it only for an
+    /// expiry before this, so a stream of logins does not sweep once per
+    /// login.
     sweep_planned_ms: AtomicU64,
     /// The earliest expiry of each identity's part of `tokens/ttl/`.
     heads: Mutex<Heads>,
@@ -381,7 +382,7 @@ fn parse_ttl_key(key: &str) -> Option<(&str, u64, &str)> {
     let rest = key.strip_prefix(TTL_PREFIX)?;
     let (identity_hex, rest) = rest.split_once('/')?;
     let (at, accessor) = rest.split_once('/')?;
-    if at.len() != 16 || accessor.is_empty() {
+    if identity_hex.is_empty() || at.len() != 16 || accessor.is_empty() {
         return None;
     }
     Some((identity_hex, u64::from_str_radix(at, 16).ok()?, accessor))
@@ -390,7 +391,7 @@ fn parse_ttl_key(key: &str) -> Option<(&str, u64, &str)> {
 /// The first key after every key that starts with `prefix` (which ends in
 /// `/`; `0` follows `/`).
 fn prefix_end(prefix: &str) -> String {
-    let mut end = prefix.trim_end_matches('/').to_owned();
+    let mut end = prefix.strip_suffix('/').unwrap_or(prefix).to_owned();
     end.push('0');
     end
 }
@@ -702,9 +703,12 @@ impl TokenStore {
         }
         ops.push(PlainOp::Put(&acc_key, &encoded));
         if expires_at_ms != 0 {
-            self.barrier().write_in_order(&ops)?;
+            // The head first: a head earlier than the entries is harmless,
+            // an entry the heads do not cover would be found only after a
+            // restart.
             self.heads()
                 .lower(&hex::encode(req.identity.as_bytes()), expires_at_ms);
+            self.barrier().write_in_order(&ops)?;
             self.expiry_added(expires_at_ms);
         } else {
             // Nothing would sweep a partial write of a token that never
@@ -965,14 +969,13 @@ impl TokenStore {
         let _guard = self.inner.writes.lock().unwrap_or_else(|e| e.into_inner());
         let mut count = 0u32;
         let prefix = ttl_prefix_hex(&hex::encode(identity.as_bytes()));
-        for (key, value) in self.barrier().scan_prefix(&prefix)? {
+        for key in self.barrier().scan_keys(&prefix)? {
             match parse_ttl_key(&key) {
-                Some((_, _, accessor)) if self.record(accessor)?.is_some() => {
-                    count = count.saturating_add(self.revoke_locked(accessor)?);
-                }
                 Some((_, _, accessor)) => {
-                    self.drop_orphans(accessor, &value)?;
-                    self.barrier().delete(&key)?;
+                    // No record: an issue still writing (which this must not
+                    // undo: its record would then be found by nothing), or one
+                    // a crash cut short. The sweeper drops the latter.
+                    count = count.saturating_add(self.revoke_locked(accessor)?);
                 }
                 None => self.barrier().delete(&key)?,
             }
@@ -1199,14 +1202,13 @@ impl TokenStore {
             if *stop.borrow() {
                 return;
             }
-            // An expiry added from here on wakes the next round (a stored
-            // permit), whatever this sweep finds.
-            self.inner
-                .sweep_planned_ms
-                .store(u64::MAX, Ordering::Release);
             let store = self.clone();
             let now = crate::core::now_ms();
+            // While it sweeps, no new token (all expire after `now`) wakes
+            // it; what they add to the heads is looked at once it is done.
+            self.inner.sweep_planned_ms.store(now, Ordering::Release);
             let outcome = tokio::task::spawn_blocking(move || store.sweep(now)).await;
+            let swept = matches!(outcome, Ok(Ok(_)));
             let wait = match outcome {
                 Ok(Ok(o)) if o.more_due => Some(Duration::ZERO),
                 Ok(Ok(SweepOutcome {
@@ -1229,6 +1231,11 @@ impl TokenStore {
             self.inner
                 .sweep_planned_ms
                 .store(planned, Ordering::Release);
+            // A head lowered after the sweep last read them, before `planned`
+            // was stored, woke nobody: look again at once.
+            if swept && self.heads().earliest().is_some_and(|at| at < planned) {
+                continue;
+            }
             let sleep = async {
                 match wait {
                     Some(d) => tokio::time::sleep(d).await,
