@@ -31,8 +31,9 @@
 //! harmless (`tokens/ttl/` entry, children link, record last;
 //! `Barrier::write_in_order`), not as one atomic batch, which in sled costs
 //! two synchronous log writes and stalls every other request. A crash can
-//! leave the first of them, never a usable token without its index entries;
-//! the sweeper removes the leftovers when their expiry comes.
+//! leave the first one or two of them, never a usable token without its
+//! index entries; the sweeper removes the leftovers a grace period after their
+//! expiry (an issue still writing looks the same until then).
 //!
 //! A revoke deletes a tree children first, each token's records in the same
 //! atomic batch as the `tokens/children/` link to it, so a revoke cut short by
@@ -296,7 +297,7 @@ struct Inner {
 
 /// Where the sweeper looks next: per identity (hex, as in the keys), a time
 /// no later than its first `tokens/ttl/` entry. Filled from storage by the
-/// sweeper (one read per identity), lowered by every issue. An identity
+/// sweeper (one read per identity), lowered by every issue and renew. An identity
 /// being swept collects the expiries issued meanwhile in `during_sweep`, so
 /// an entry written behind the sweeper's scan is never lost from view.
 #[derive(Default)]
@@ -889,9 +890,9 @@ impl TokenStore {
     /// The deletes that revoke `accessor` and its descendants, as batches to
     /// apply in order, and how many tokens they remove.
     ///
-    /// Each token's keys form one group: its hash, accessor, identity and
-    /// expiry records together with the `tokens/children/...` link that leads
-    /// to it. Groups are ordered children before parents and never split
+    /// Each token's keys form one group: its record and `tokens/ttl/` entry
+    /// (or, stored before, its hash, identity and expiry entries) together
+    /// with the `tokens/children/...` link that leads to it. Groups are ordered children before parents and never split
     /// across batches (a batch is atomic), so if a batch fails part-way every
     /// token still usable keeps the link from its parent, which is still
     /// there too: revoking again finds it.
@@ -1088,13 +1089,15 @@ impl TokenStore {
             .barrier()
             .scan_range(&prefix, &prefix_end(&prefix), budget)?;
         let mut revoked = 0u32;
+        // The earliest time an entry left in its grace period is due again.
+        let mut again = NEVER;
         for (used, (key, value)) in entries.iter().enumerate() {
             let Some((_, at, accessor)) = parse_ttl_key(key) else {
                 self.barrier().delete(key)?;
                 continue;
             };
             if at > now_ms {
-                return Ok((revoked, at, used));
+                return Ok((revoked, at.min(again), used));
             }
             let _guard = self.inner.writes.lock().unwrap_or_else(|e| e.into_inner());
             // Look again under the lock: a renew may have moved the entry.
@@ -1104,10 +1107,13 @@ impl TokenStore {
                 }
                 // A renew moved it (this entry is stale), or nothing to do.
                 Some(_) => {}
+                // Revoked since the scan (with a parent, say): nothing left.
+                None if self.barrier().get(key)?.is_none() => continue,
                 // An issue still writing (it takes no lock) whose expiry
                 // passed meanwhile: leave it to a later round.
                 None if at.saturating_add(ORPHAN_GRACE_MS) > now_ms => {
-                    return Ok((revoked, at.saturating_add(ORPHAN_GRACE_MS), used));
+                    again = again.min(at.saturating_add(ORPHAN_GRACE_MS));
+                    continue;
                 }
                 // An issue cut short by a crash: the record was never
                 // written, but its children link may have been.
@@ -1116,10 +1122,13 @@ impl TokenStore {
             // Gone with the token already, or stale: make sure.
             self.barrier().delete(key)?;
         }
-        let next = if entries.len() == budget {
-            now_ms
-        } else {
-            NEVER
+        let next = match (entries.len() == budget, again) {
+            // Full: more may be due at once.
+            (true, NEVER) => now_ms,
+            // Full, with entries in their grace period at its start, which
+            // the next scan reads again: not at once, but soon.
+            (true, again) => again.min(now_ms.saturating_add(1000)),
+            (false, again) => again,
         };
         Ok((revoked, next, entries.len()))
     }

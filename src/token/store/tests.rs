@@ -757,3 +757,31 @@ fn ttl_keys_parse_and_prefixes_end_where_they_should() {
     let end = prefix_end(&ttl_prefix_hex("ab"));
     assert!(ttl_prefix_hex("ab") < end && end < ttl_prefix_hex("ab0c"));
 }
+
+/// Neither an entry its parent's cascade already removed nor one in its
+/// grace period holds up the due tokens behind it.
+#[test]
+fn a_sweep_goes_past_cascaded_and_in_grace_entries() {
+    let (_d, s) = store();
+    let parent = s.issue(req("svc", &["a"], 10), T0).unwrap();
+    let mut child = req("svc", &["a"], 20);
+    child.parent_accessor = Some(parent.accessor.clone());
+    let child = s.issue(child, T0).unwrap();
+    // An entry without a record, due before the later token.
+    let orphan = new_accessor().unwrap();
+    s.barrier()
+        .put(&ttl_key("svc", T0 + 15_000, &orphan), b"")
+        .unwrap();
+    let later = s.issue(req("svc", &["a"], 30), T0).unwrap();
+
+    let outcome = s.sweep(T0 + 40_000).unwrap();
+    // The parent's cascade took the child; the later token is not held up.
+    assert_eq!(outcome.revoked, 3);
+    for t in [&parent, &child, &later] {
+        assert!(s.lookup_accessor(&t.accessor, T0).unwrap().is_none());
+    }
+    // The orphan waits for its grace period, and the sweeper knows when.
+    assert_eq!(outcome.next_ms, Some(T0 + 15_000 + ORPHAN_GRACE_MS));
+    s.sweep(T0 + 15_000 + ORPHAN_GRACE_MS).unwrap();
+    assert!(s.barrier().scan_keys(TTL_PREFIX).unwrap().is_empty());
+}
