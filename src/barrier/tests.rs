@@ -1,6 +1,6 @@
 //! Barrier tests over a real sled folder.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 
@@ -14,19 +14,7 @@ struct Vault {
 }
 
 fn open_at(path: &Path, options: BarrierOptions) -> (Arc<SledBackend>, Barrier) {
-    // sled lets go of its folder lock only once its own background work on
-    // the dropped database has ended, which can take a moment: wait for it.
-    let mut attempts = 0;
-    let backend = loop {
-        match SledBackend::open(path) {
-            Ok(backend) => break Arc::new(backend),
-            Err(e) if e.to_string().contains("could not acquire lock") && attempts < 200 => {
-                attempts += 1;
-                std::thread::sleep(std::time::Duration::from_millis(25));
-            }
-            Err(e) => panic!("open {}: {e}", path.display()),
-        }
-    };
+    let backend = Arc::new(SledBackend::open(path).unwrap());
     let barrier = Barrier::new(backend.clone(), options).unwrap();
     (backend, barrier)
 }

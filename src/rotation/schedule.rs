@@ -63,11 +63,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, ScheduleError> {
 /// Writes a duration back the way `parse_duration` reads it.
 pub fn format_duration(d: Duration) -> String {
     let s = d.as_secs();
-    if s != 0 && s % 86_400 == 0 {
+    if s != 0 && s.is_multiple_of(86_400) {
         format!("{}d", s / 86_400)
-    } else if s != 0 && s % 3600 == 0 {
+    } else if s != 0 && s.is_multiple_of(3600) {
         format!("{}h", s / 3600)
-    } else if s != 0 && s % 60 == 0 {
+    } else if s != 0 && s.is_multiple_of(60) {
         format!("{}m", s / 60)
     } else {
         format!("{s}s")

@@ -22,6 +22,9 @@ use std::path::Path;
 
 use super::{Backend, BatchOp, CasOutcome, KeyValues, StorageError};
 
+/// How long an open waits for the folder lock (see `SledBackend::open`).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// A `Backend` over a sled database folder.
 pub struct SledBackend {
     db: sled::Db,
@@ -44,13 +47,26 @@ fn sled_error(operation: &'static str, error: sled::Error) -> StorageError {
 
 impl SledBackend {
     /// Opens (or creates) the sled database in the folder `path`. sled locks
-    /// the folder: a second open in another process fails with `Io`.
+    /// the folder: an open while another process holds it fails with `Io`
+    /// after `LOCK_WAIT`. The wait is there because sled lets go of the lock
+    /// only when the background work of a dropped database has ended, a
+    /// moment after the drop: a reopen in the same process (a restart in
+    /// tests or the start-up bench) would otherwise fail now and then.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StorageError> {
-        let db = sled::Config::new()
-            .path(path.as_ref())
-            .open()
-            .map_err(|e| sled_error("open", e))?;
-        Ok(Self { db })
+        let started = std::time::Instant::now();
+        loop {
+            match sled::Config::new().path(path.as_ref()).open() {
+                Ok(db) => return Ok(Self { db }),
+                // sled says so only in the message (kind `Other`).
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && started.elapsed() < LOCK_WAIT =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(sled_error("open", e)),
+            }
+        }
     }
 
     fn collect(
