@@ -94,6 +94,21 @@ async fn a_token_expires_and_is_swept() {
         matches!(root.lookup_accessor(&second.accessor).await, Err(e) if e.code() == Some(Code::NotFound))
     })
     .await;
+    // Gone from storage, not only refused: the record and its index entry.
+    // (Nothing uses the second token, so only the sweeper can remove them.)
+    let barrier = &server.core.barrier;
+    eventually("the record and its index entry are deleted", || async {
+        let record = barrier
+            .get(&format!("tokens/accessor/{}", second.accessor))
+            .unwrap();
+        let indexed = barrier
+            .scan_keys("tokens/ttl/")
+            .unwrap()
+            .iter()
+            .any(|k| k.ends_with(&second.accessor));
+        record.is_none() && !indexed
+    })
+    .await;
 }
 
 #[tokio::test]
