@@ -625,7 +625,7 @@ impl IdentityStore {
             .as_ref()
             .map(|p| Self::check_policies(p, catalog))
             .transpose()?;
-        let _guard = self.lock();
+        let guard = self.lock();
         let mut record = self.require(name)?;
         if let Some(owner) = update.owner {
             check_text("owner", &owner)?;
@@ -657,6 +657,9 @@ impl IdentityStore {
             tokens.revoke_identity(&record.name, now_ms)?;
         }
         self.put_record(&record)?;
+        // The second pass needs no identity lock: logins (which take it to
+        // spend a secret-id) need not wait for it.
+        drop(guard);
         if revoke {
             tokens.revoke_identity(&record.name, now_ms)?;
         }

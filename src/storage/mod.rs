@@ -75,7 +75,9 @@ pub trait Backend: Send + Sync + 'static {
     fn batch(&self, ops: Vec<BatchOp>) -> Result<(), StorageError>;
     /// Applies the operations one at a time, in order. Not atomic: after a
     /// crash any prefix of them may be there, never a later one without the
-    /// earlier ones. An error stops at the failed operation.
+    /// earlier ones (in sled, for values that fit its log: see
+    /// `sled_backend` for larger ones after a power loss). An error stops at
+    /// the failed operation.
     fn apply_in_order(&self, ops: Vec<BatchOp>) -> Result<(), StorageError> {
         for op in ops {
             match op {

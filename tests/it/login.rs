@@ -304,16 +304,24 @@ fn claims(repo: &str, exp_in: i64) -> serde_json::Value {
            "repository": repo, "ref": "refs/heads/main", "iat": now - 5, "nbf": now - 5, "exp": now + exp_in})
 }
 
-#[tokio::test]
-async fn oidc_login_with_jwks_over_https_and_every_refusal() {
-    let server = TestServer::dev().await;
-    let root = server.root().await;
-    let anon = server.anonymous().await;
-    let es = Signer::es256("k-es");
-    let ed = Signer::eddsa("k-ed");
-    let stranger = Signer::es256("k-stranger");
-    let jwks_https = jwks_server(&server, jwks(&[&es, &ed])).await;
+/// An OIDC issuer whose JWKS (of `signers`) is served over HTTPS, and a
+/// `ci-runner` identity bound to it by `repository` (plus `extra` claims),
+/// with read on `prefix`.
+struct OidcRunner {
+    issuer: String,
+    prefix: String,
+    name: String,
+    repo: String,
+    _jwks: JwksServer,
+}
 
+async fn oidc_runner(
+    server: &TestServer,
+    root: &Client,
+    signers: &[&Signer],
+    extra: &[(&str, &str)],
+) -> OidcRunner {
+    let jwks_https = jwks_server(server, jwks(signers)).await;
     let issuer = unique("ci");
     root.oidc_issuer_put(PutOidcIssuerRequest {
         name: issuer.clone(),
@@ -325,22 +333,45 @@ async fn oidc_login_with_jwks_over_https_and_every_refusal() {
     .await
     .unwrap();
     let prefix = unique("app");
-    let policy = read_policy(&server, &prefix).await;
+    let policy = read_policy(server, &prefix).await;
     let name = unique("runner");
     root.identity_create(create(&name, "ci-runner", "platform", &[policy]))
         .await
         .unwrap();
     let repo = format!("acme/{}", unique("repo"));
-    root.identity_bind_oidc(
-        &name,
-        &issuer,
-        &[
-            ("repository".into(), repo.clone()),
-            ("ref".into(), "refs/heads/main".into()),
-        ],
-    )
-    .await
-    .unwrap();
+    let mut bound = vec![("repository".to_owned(), repo.clone())];
+    bound.extend(
+        extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    root.identity_bind_oidc(&name, &issuer, &bound)
+        .await
+        .unwrap();
+    OidcRunner {
+        issuer,
+        prefix,
+        name,
+        repo,
+        _jwks: jwks_https,
+    }
+}
+
+#[tokio::test]
+async fn oidc_login_with_jwks_over_https_and_every_refusal() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let anon = server.anonymous().await;
+    let es = Signer::es256("k-es");
+    let ed = Signer::eddsa("k-ed");
+    let stranger = Signer::es256("k-stranger");
+    let OidcRunner {
+        issuer,
+        prefix,
+        name,
+        repo,
+        _jwks,
+    } = oidc_runner(&server, &root, &[&es, &ed], &[("ref", "refs/heads/main")]).await;
 
     // Valid ES256 and EdDSA tokens; the keyward token dies with the JWT.
     for signer in [&es, &ed] {
@@ -464,27 +495,13 @@ async fn the_ci_runner_example_logs_in_reads_and_revokes_its_token() {
     let server = TestServer::dev().await;
     let root = server.root().await;
     let es = Signer::es256("k-example");
-    let jwks_https = jwks_server(&server, jwks(&[&es])).await;
-    let issuer = unique("ci");
-    root.oidc_issuer_put(PutOidcIssuerRequest {
-        name: issuer.clone(),
-        issuer_url: ISSUER.into(),
-        jwks_file: String::new(),
-        jwks_url: jwks_https.url.clone(),
-        audience: AUDIENCE.into(),
-    })
-    .await
-    .unwrap();
-    let prefix = unique("deploy");
-    let policy = read_policy(&server, &prefix).await;
-    let name = unique("runner");
-    root.identity_create(create(&name, "ci-runner", "platform", &[policy]))
-        .await
-        .unwrap();
-    let repo = format!("acme/{}", unique("repo"));
-    root.identity_bind_oidc(&name, &issuer, &[("repository".into(), repo.clone())])
-        .await
-        .unwrap();
+    let OidcRunner {
+        issuer,
+        prefix,
+        name,
+        repo,
+        _jwks,
+    } = oidc_runner(&server, &root, &[&es], &[]).await;
     let path = format!("{prefix}/deploy-key");
     let value = format!("deploy-key-{}", unique("v"));
     root.put(&path, &data(&[("key", &value)]), PutOptions::default())

@@ -1167,10 +1167,9 @@ fn retire_entries(server: &TestServer, path: &str) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test]
-async fn a_retire_waits_while_a_run_on_the_same_secret_is_recorded() {
-    let server = TestServer::dev().await;
-    let root = server.root().await;
+/// A new secret (`password` = `initial-value-1`) rotated by `random` every
+/// hour with `grace`; returns its path.
+async fn hourly_random_secret(root: &Client, grace: Duration) -> String {
     let path = format!("{}/api-key", unique("rot"));
     root.put(
         &path,
@@ -1181,15 +1180,18 @@ async fn a_retire_waits_while_a_run_on_the_same_secret_is_recorded() {
     .unwrap();
     root.set_rotation_policy(
         &path,
-        &spec(
-            "random",
-            HOUR,
-            Duration::from_secs(2),
-            &[("fields", "password")],
-        ),
+        &spec("random", HOUR, grace, &[("fields", "password")]),
     )
     .await
     .unwrap();
+    path
+}
+
+#[tokio::test]
+async fn a_retire_waits_while_a_run_on_the_same_secret_is_recorded() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let path = hourly_random_secret(&root, Duration::from_secs(2)).await;
     let first = root.rotate(&path, true).await.unwrap();
     assert_eq!(first.state, "succeeded", "{:?}", steps(&first));
     // The next run is recorded (between apply and promote) before the
@@ -1233,20 +1235,7 @@ async fn a_retire_waits_while_a_run_on_the_same_secret_is_recorded() {
 async fn a_pending_version_gone_before_promote_rolls_back_and_the_schedule_goes_on() {
     let server = TestServer::dev().await;
     let root = server.root().await;
-    let path = format!("{}/api-key", unique("rot"));
-    root.put(
-        &path,
-        &data(&[("password", "initial-value-1")]),
-        PutOptions::default(),
-    )
-    .await
-    .unwrap();
-    root.set_rotation_policy(
-        &path,
-        &spec("random", HOUR, Duration::ZERO, &[("fields", "password")]),
-    )
-    .await
-    .unwrap();
+    let path = hourly_random_secret(&root, Duration::ZERO).await;
     // A run at Promote whose pending version was removed outside it (there
     // is no pending version 7), resumed as after a restart.
     let stuck = record_run(&server, &path, keyward::rotation::machine::Step::Promote, 7);
