@@ -22,6 +22,7 @@ pub mod audit;
 pub mod barrier;
 pub mod cidr;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod core;
 pub mod dev;
