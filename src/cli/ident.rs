@@ -4,8 +4,8 @@ use anyhow::Result;
 use clap::{ArgGroup, Args, Subcommand};
 use serde_json::{json, Value};
 
+use super::common::{connect, rfc3339, rfc3339_unix, seconds_or_never, text_or_null};
 use super::output::{emit, Format};
-use super::run::{connect, rfc3339};
 use super::{Global, UsageError};
 use keyward::proto::v1::{
     CreateIdentityRequest, Identity, ListIdentitiesRequest, PutOidcIssuerRequest, TokenResponse,
@@ -15,51 +15,13 @@ use keyward::proto::v1::{
 #[derive(Subcommand)]
 pub enum IdentityCommand {
     /// Add an identity to the inventory.
-    Create {
-        name: String,
-        /// service-account, bot, api-client, ci-runner, workload or ai-agent.
-        #[arg(long)]
-        kind: String,
-        #[arg(long)]
-        owner: Option<String>,
-        #[arg(long)]
-        description: Option<String>,
-        #[arg(long = "policy")]
-        policies: Vec<String>,
-        /// Expires after this long (e.g. 90d).
-        #[arg(long)]
-        expires: Option<String>,
-    },
+    Create(CreateArgs),
     Get {
         name: String,
     },
-    List {
-        #[arg(long)]
-        kind: Option<String>,
-        /// Only identities without an owner.
-        #[arg(long)]
-        no_owner: bool,
-        /// Only identities unused for at least this long (e.g. 30d).
-        #[arg(long)]
-        dormant: Option<String>,
-    },
+    List(ListArgs),
     /// Change owner, description, policies or expiry.
-    Update {
-        name: String,
-        #[arg(long)]
-        owner: Option<String>,
-        #[arg(long)]
-        description: Option<String>,
-        /// Replaces the policy list (repeat for several).
-        #[arg(long = "policy")]
-        policies: Vec<String>,
-        /// Removes every policy.
-        #[arg(long, conflicts_with = "policies")]
-        no_policies: bool,
-        /// Expires after this long from now, or `never`.
-        #[arg(long)]
-        expires: Option<String>,
-    },
+    Update(UpdateArgs),
     /// Disable an identity: every token it holds stops working at once.
     Disable {
         name: String,
@@ -72,32 +34,147 @@ pub enum IdentityCommand {
         name: String,
     },
     /// Make a secret-id for role-id login (shown once).
-    SecretId {
-        name: String,
-        #[arg(long)]
-        ttl: Option<String>,
-        #[arg(long)]
-        uses: Option<u32>,
-        #[arg(long = "cidr")]
-        cidrs: Vec<String>,
-    },
+    SecretId(SecretIdArgs),
     /// Bind a client certificate by subject DN or SPIFFE ID.
-    #[command(group(ArgGroup::new("cert").required(true).args(["subject", "spiffe_id"])))]
-    BindCert {
-        name: String,
-        #[arg(long)]
-        subject: Option<String>,
-        #[arg(long)]
-        spiffe_id: Option<String>,
-    },
+    BindCert(BindCertArgs),
     /// Bind JWTs of an OIDC issuer whose claims all match.
-    BindOidc {
-        name: String,
-        #[arg(long)]
-        issuer: String,
-        #[arg(long = "claim", required = true)]
-        claims: Vec<String>,
-    },
+    BindOidc(BindOidcArgs),
+}
+
+// The argument structs carry no doc comment: the variant's is the help text.
+
+#[derive(Args)]
+pub struct CreateArgs {
+    name: String,
+    /// service-account, bot, api-client, ci-runner, workload or ai-agent.
+    #[arg(long)]
+    kind: String,
+    #[arg(long)]
+    owner: Option<String>,
+    #[arg(long)]
+    description: Option<String>,
+    #[arg(long = "policy")]
+    policies: Vec<String>,
+    /// Expires after this long (e.g. 90d).
+    #[arg(long)]
+    expires: Option<String>,
+}
+
+impl CreateArgs {
+    fn request(self) -> Result<CreateIdentityRequest> {
+        Ok(CreateIdentityRequest {
+            expires_in_seconds: seconds(&self.expires)?,
+            name: self.name,
+            kind: self.kind,
+            owner: self.owner.unwrap_or_default(),
+            description: self.description.unwrap_or_default(),
+            policies: self.policies,
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    #[arg(long)]
+    kind: Option<String>,
+    /// Only identities without an owner.
+    #[arg(long)]
+    no_owner: bool,
+    /// Only identities unused for at least this long (e.g. 30d).
+    #[arg(long)]
+    dormant: Option<String>,
+}
+
+impl ListArgs {
+    fn request(self) -> Result<ListIdentitiesRequest> {
+        Ok(ListIdentitiesRequest {
+            dormant_seconds: seconds(&self.dormant)?,
+            kind: self.kind.unwrap_or_default(),
+            no_owner: self.no_owner,
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct UpdateArgs {
+    name: String,
+    #[arg(long)]
+    owner: Option<String>,
+    #[arg(long)]
+    description: Option<String>,
+    /// Replaces the policy list (repeat for several).
+    #[arg(long = "policy")]
+    policies: Vec<String>,
+    /// Removes every policy.
+    #[arg(long, conflicts_with = "policies")]
+    no_policies: bool,
+    /// Expires after this long from now, or `never`.
+    #[arg(long)]
+    expires: Option<String>,
+}
+
+impl UpdateArgs {
+    fn request(self) -> Result<UpdateIdentityRequest> {
+        // 0 on the wire is "never"; a duration is at least a second.
+        let expires_in_seconds = match self.expires.as_deref() {
+            None => None,
+            Some("never") => Some(0),
+            Some(d) => Some(parse_duration(d)?.max(1)),
+        };
+        Ok(UpdateIdentityRequest {
+            set_policies: self.no_policies || !self.policies.is_empty(),
+            name: self.name,
+            owner: self.owner,
+            description: self.description,
+            policies: self.policies,
+            expires_in_seconds,
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct SecretIdArgs {
+    name: String,
+    #[arg(long)]
+    ttl: Option<String>,
+    #[arg(long)]
+    uses: Option<u32>,
+    #[arg(long = "cidr")]
+    cidrs: Vec<String>,
+}
+
+#[derive(Args)]
+#[command(group(ArgGroup::new("cert").required(true).args(["subject", "spiffe_id"])))]
+pub struct BindCertArgs {
+    name: String,
+    #[arg(long)]
+    subject: Option<String>,
+    #[arg(long)]
+    spiffe_id: Option<String>,
+}
+
+#[derive(Args)]
+pub struct BindOidcArgs {
+    name: String,
+    #[arg(long)]
+    issuer: String,
+    #[arg(long = "claim", required = true)]
+    claims: Vec<String>,
+}
+
+impl BindOidcArgs {
+    /// The `--claim KEY=VALUE` pairs; a value is never echoed.
+    fn claims(&self) -> Result<Vec<(String, String)>> {
+        self.claims
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                c.split_once('=')
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .ok_or_else(|| UsageError(format!("--claim {} is not KEY=VALUE", i + 1)).into())
+            })
+            .collect()
+    }
 }
 
 #[derive(Subcommand)]
@@ -207,7 +284,7 @@ pub fn identity_json(i: &Identity) -> Value {
         .collect();
     json!({
         "name": i.name, "kind": i.kind,
-        "owner": if i.owner.is_empty() { Value::Null } else { Value::String(i.owner.clone()) },
+        "owner": text_or_null(&i.owner),
         "description": i.description, "policies": i.policies,
         "expires_at": rfc3339(&i.expires_at), "disabled": i.disabled,
         "created_at": rfc3339(&i.created_at), "last_used_at": rfc3339(&i.last_used_at),
@@ -220,146 +297,77 @@ pub fn token_json(t: &TokenResponse) -> Value {
            "policies": t.policies, "identity": t.identity})
 }
 
+/// `keyward identity ...`: each subcommand's arguments become a request
+/// (a usage error before any connection), then one call, then its output.
 pub async fn identity(g: &Global, format: Format, cmd: IdentityCommand) -> Result<()> {
-    match cmd {
-        IdentityCommand::Create {
-            name,
-            kind,
-            owner,
-            description,
-            policies,
-            expires,
-        } => {
-            let expires_in_seconds = seconds(&expires)?;
-            let i = connect(g)
-                .await?
-                .identity_create(CreateIdentityRequest {
-                    name,
-                    kind,
-                    owner: owner.unwrap_or_default(),
-                    description: description.unwrap_or_default(),
-                    policies,
-                    expires_in_seconds,
-                })
-                .await?;
-            emit(format, &identity_json(&i));
+    let shown = match cmd {
+        IdentityCommand::Create(args) => {
+            let request = args.request()?;
+            identity_json(&connect(g).await?.identity_create(request).await?)
         }
         IdentityCommand::Get { name } => {
-            let i = connect(g).await?.identity_get(&name).await?;
-            emit(format, &identity_json(&i));
+            identity_json(&connect(g).await?.identity_get(&name).await?)
         }
-        IdentityCommand::List {
-            kind,
-            no_owner,
-            dormant,
-        } => {
-            let dormant_seconds = seconds(&dormant)?;
-            let list = connect(g)
-                .await?
-                .identity_list(ListIdentitiesRequest {
-                    kind: kind.unwrap_or_default(),
-                    no_owner,
-                    dormant_seconds,
-                })
-                .await?;
-            let items: Vec<Value> = list.iter().map(identity_json).collect();
-            emit(format, &json!({ "identities": items }));
+        IdentityCommand::List(args) => {
+            let request = args.request()?;
+            let list = connect(g).await?.identity_list(request).await?;
+            json!({ "identities": list.iter().map(identity_json).collect::<Vec<_>>() })
         }
-        IdentityCommand::Update {
-            name,
-            owner,
-            description,
-            policies,
-            no_policies,
-            expires,
-        } => {
-            let expires_in_seconds = match expires.as_deref() {
-                None => None,
-                Some("never") => Some(0),
-                Some(d) => Some(parse_duration(d)?.max(1)),
-            };
-            let set_policies = no_policies || !policies.is_empty();
-            let i = connect(g)
-                .await?
-                .identity_update(UpdateIdentityRequest {
-                    name,
-                    owner,
-                    description,
-                    set_policies,
-                    policies,
-                    expires_in_seconds,
-                })
-                .await?;
-            emit(format, &identity_json(&i));
+        IdentityCommand::Update(args) => {
+            let request = args.request()?;
+            identity_json(&connect(g).await?.identity_update(request).await?)
         }
         IdentityCommand::Disable { name } => {
-            let i = connect(g).await?.identity_disable(&name).await?;
-            emit(format, &identity_json(&i));
+            identity_json(&connect(g).await?.identity_disable(&name).await?)
         }
         IdentityCommand::Enable { name } => {
-            let i = connect(g).await?.identity_enable(&name).await?;
-            emit(format, &identity_json(&i));
+            identity_json(&connect(g).await?.identity_enable(&name).await?)
         }
         IdentityCommand::Delete { name } => {
             let revoked = connect(g).await?.identity_delete(&name).await?;
-            emit(
-                format,
-                &json!({"name": name, "deleted": true, "revoked_tokens": revoked}),
-            );
+            json!({"name": name, "deleted": true, "revoked_tokens": revoked})
         }
-        IdentityCommand::SecretId {
-            name,
-            ttl,
-            uses,
-            cidrs,
-        } => {
-            let r = connect(g)
+        IdentityCommand::SecretId(args) => secret_id(g, args).await?,
+        IdentityCommand::BindCert(args) => identity_json(
+            &connect(g)
                 .await?
-                .identity_secret_id(&name, seconds(&ttl)?, uses.unwrap_or(0), &cidrs)
-                .await?;
-            emit(
-                format,
-                &json!({"role_id": r.role_id, "secret_id": r.secret_id, "expires_at": rfc3339(&r.expires_at)}),
-            );
+                .identity_bind_cert(
+                    &args.name,
+                    args.subject.as_deref(),
+                    args.spiffe_id.as_deref(),
+                )
+                .await?,
+        ),
+        IdentityCommand::BindOidc(args) => {
+            let claims = args.claims()?;
+            identity_json(
+                &connect(g)
+                    .await?
+                    .identity_bind_oidc(&args.name, &args.issuer, &claims)
+                    .await?,
+            )
         }
-        IdentityCommand::BindCert {
-            name,
-            subject,
-            spiffe_id,
-        } => {
-            let i = connect(g)
-                .await?
-                .identity_bind_cert(&name, subject.as_deref(), spiffe_id.as_deref())
-                .await?;
-            emit(format, &identity_json(&i));
-        }
-        IdentityCommand::BindOidc {
-            name,
-            issuer,
-            claims,
-        } => {
-            let mut pairs = Vec::new();
-            for (i, c) in claims.iter().enumerate() {
-                let (k, v) = c
-                    .split_once('=')
-                    .ok_or_else(|| UsageError(format!("--claim {} is not KEY=VALUE", i + 1)))?;
-                pairs.push((k.to_owned(), v.to_owned()));
-            }
-            let i = connect(g)
-                .await?
-                .identity_bind_oidc(&name, &issuer, &pairs)
-                .await?;
-            emit(format, &identity_json(&i));
-        }
-    }
+    };
+    emit(format, &shown);
     Ok(())
+}
+
+/// A new secret-id: printed once, never stored in the clear.
+async fn secret_id(g: &Global, args: SecretIdArgs) -> Result<Value> {
+    let ttl = seconds(&args.ttl)?;
+    let r = connect(g)
+        .await?
+        .identity_secret_id(&args.name, ttl, args.uses.unwrap_or(0), &args.cidrs)
+        .await?;
+    Ok(
+        json!({"role_id": r.role_id, "secret_id": r.secret_id, "expires_at": rfc3339(&r.expires_at)}),
+    )
 }
 
 pub async fn oidc_issuer(g: &Global, format: Format, cmd: OidcIssuerCommand) -> Result<()> {
     let show = |i: &keyward::proto::v1::OidcIssuer| {
         json!({"name": i.name, "issuer": i.issuer_url,
-               "jwks_file": if i.jwks_file.is_empty() { Value::Null } else { Value::String(i.jwks_file.clone()) },
-               "jwks_url": if i.jwks_url.is_empty() { Value::Null } else { Value::String(i.jwks_url.clone()) },
+               "jwks_file": text_or_null(&i.jwks_file), "jwks_url": text_or_null(&i.jwks_url),
                "audience": i.audience})
     };
     match cmd {
@@ -446,17 +454,17 @@ pub async fn report(g: &Global, format: Format, args: ReportArgs) -> Result<()> 
     let long_lived: Vec<Value> = r
         .long_lived_tokens
         .iter()
-        .map(|t| json!({"accessor": t.accessor, "identity": t.identity, "ttl_seconds": t.ttl_seconds}))
+        .map(|t| {
+            json!({"accessor": t.accessor, "identity": t.identity,
+                   "ttl_seconds": seconds_or_never(format, t.ttl_seconds)})
+        })
         .collect();
     let expiring: Vec<Value> = r
         .expiring_soon
         .iter()
         .map(|e| {
-            let at = prost_types::Timestamp {
-                seconds: i64::try_from(e.expires_at_unix).unwrap_or(i64::MAX),
-                nanos: 0,
-            };
-            json!({"kind": e.kind, "name": e.name, "identity": e.identity, "expires_at": rfc3339(&Some(at))})
+            json!({"kind": e.kind, "name": e.name, "identity": e.identity,
+                   "expires_at": rfc3339_unix(e.expires_at_unix)})
         })
         .collect();
     let failed: Vec<Value> = r

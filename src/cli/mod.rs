@@ -4,10 +4,12 @@
 //! refuses or fails, 2 on a usage error.
 
 mod bench;
+mod common;
 mod ident;
 mod output;
 mod rotation;
 mod run;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -88,7 +90,6 @@ pub enum Command {
     /// Tokens: issue a child, look up, renew, revoke.
     #[command(subcommand)]
     Token(TokenCommand),
-    // -- identities, tokens, policies, login, report (issue 3) go here --
     /// The inventory of non-human identities, secret-ids and login bindings.
     #[command(subcommand)]
     Identity(ident::IdentityCommand),
@@ -100,8 +101,6 @@ pub enum Command {
     Login(ident::LoginCommand),
     /// The governance report: identities, owners, dormancy, unused grants, credentials.
     Report(ident::ReportArgs),
-
-    // -- rotation, providers (issue 4) go here --
     /// Rotation policies: provider, schedule, grace period, settings.
     #[command(subcommand)]
     Rotation(RotationCommand),

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use anyhow::Result;
 use serde_json::{json, Value};
 
+use super::common::{connect, rfc3339, text_or_null};
 use super::output::{emit, Format};
-use super::run::{connect, rfc3339};
 use super::{Global, ProviderCommand, RotationCommand, UsageError};
 use keyward::client::{RotationPolicySpec, ScheduleSpec};
 use keyward::proto::v1::{RotationPolicy, RotationRun};
@@ -45,8 +45,7 @@ pub fn policy_json(p: &RotationPolicy) -> Value {
         "path": p.path, "provider": p.provider, "schedule": schedule,
         "grace": format_duration(std::time::Duration::from_secs(p.grace_seconds)),
         "config": config, "next_due": rfc3339(&p.next_due), "last_run": rfc3339(&p.last_run),
-        "last_state": if p.last_state.is_empty() { Value::Null } else { Value::String(p.last_state.clone()) },
-        "last_error": if p.last_error.is_empty() { Value::Null } else { Value::String(p.last_error.clone()) },
+        "last_state": text_or_null(&p.last_state), "last_error": text_or_null(&p.last_error),
         "last_success": rfc3339(&p.last_success), "created_at": rfc3339(&p.created_at),
     })
 }
@@ -57,7 +56,7 @@ pub fn run_json(r: &RotationRun) -> Value {
         .iter()
         .map(|s| {
             json!({"step": s.step, "attempt": s.attempt, "outcome": s.outcome, "version": s.version,
-                   "message": if s.message.is_empty() { Value::Null } else { Value::String(s.message.clone()) },
+                   "message": text_or_null(&s.message),
                    "at": rfc3339(&s.at)})
         })
         .collect();

@@ -204,3 +204,55 @@ fn a_config_with_an_unknown_key_is_refused_by_name() {
     );
     assert!(!err.contains("hunter2"), "{err}");
 }
+
+/// "Never" is `null` in JSON (a root token's life is `u64::MAX` on the wire,
+/// which JSON readers holding doubles cannot say) and `never` in a table;
+/// `status` reports the crate's version.
+#[tokio::test(flavor = "multi_thread")]
+async fn never_prints_as_null_in_json_and_status_gives_the_crate_version() {
+    let server = TestServer::dev().await;
+    let addr = format!("https://{}", server.addr);
+    let ca = server.ca.to_str().unwrap().to_owned();
+    let env = [
+        ("KEYWARD_ADDR", addr.as_str()),
+        ("KEYWARD_CACERT", ca.as_str()),
+        ("KEYWARD_TOKEN", server.root_token.as_str()),
+    ];
+    let run = |args: &[&str]| {
+        let (code, out, err) = tokio::task::block_in_place(|| cli(args, &env, None));
+        assert_eq!(code, 0, "{args:?}: {err}");
+        out
+    };
+
+    let json = |out: String| serde_json::from_str::<Value>(&out).unwrap();
+    let report = json(run(&["report", "--format", "json"]));
+    let root = report["long_lived_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["identity"] == "root")
+        .unwrap_or_else(|| panic!("no root token among the long-lived: {report}"));
+    assert_eq!(root["ttl_seconds"], Value::Null, "{root}");
+    let table = run(&["report"]);
+    assert!(table.contains("never"), "{table}");
+    assert!(!table.contains(&u64::MAX.to_string()), "{table}");
+
+    let me = json(run(&["token", "lookup", "--format", "json"]));
+    assert_eq!(me["identity"], "root");
+    assert_eq!(
+        (&me["expires_at"], &me["max_expires_at"]),
+        (&Value::Null, &Value::Null),
+        "{me}"
+    );
+    let table = run(&["token", "lookup"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("expires_at") && l.ends_with("never")),
+        "{table}"
+    );
+
+    let status = json(run(&["status", "--format", "json"]));
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(env!("CARGO_PKG_VERSION"), "0.3.0");
+}

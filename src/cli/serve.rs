@@ -1,0 +1,143 @@
+//! `keyward dev` and `keyward server`: the two commands that run a server in
+//! this process until SIGINT or SIGTERM, logging to stderr.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use tokio::net::TcpListener;
+
+use super::UsageError;
+
+/// `keyward dev`: a dev server with its certificates and one unseal share in
+/// `data`; prints the `export` lines that point a shell at it.
+pub(super) async fn dev(listen: &str, metrics_listen: &str, data: &Path) -> Result<()> {
+    init_tracing();
+    let listen = parse_addr(listen, "--listen")?;
+    let metrics = if metrics_listen == "off" {
+        None
+    } else {
+        Some(parse_addr(metrics_listen, "--metrics-listen")?)
+    };
+    let vault = keyward::dev::open(data, metrics).await?;
+    let listener = bind(listen).await?;
+    let metrics_listener = bind_optional(metrics).await?;
+    print_dev_exports(&vault, &listener, metrics_listener.as_ref())?;
+    tracing::info!(addr = %listener.local_addr()?, "serving");
+    vault
+        .server
+        .serve(listener, metrics_listener, shutdown_signal())
+        .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// What a shell needs to talk to the dev server (the root token included:
+/// a dev server is for one person's experiments).
+fn print_dev_exports(
+    vault: &keyward::dev::DevVault,
+    listener: &TcpListener,
+    metrics_listener: Option<&TcpListener>,
+) -> Result<()> {
+    let bound = listener.local_addr()?;
+    let data_dir = std::fs::canonicalize(&vault.data_dir).unwrap_or(vault.data_dir.clone());
+    let ca = std::fs::canonicalize(&vault.certs.ca).unwrap_or(vault.certs.ca.clone());
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "keyward dev server: data in {}", data_dir.display())?;
+    if let Some(m) = metrics_listener {
+        writeln!(out, "metrics: http://{}/metrics", m.local_addr()?)?;
+    }
+    writeln!(out, "Run these in your shell to use it:")?;
+    writeln!(out, "export KEYWARD_ADDR=https://{bound}")?;
+    writeln!(out, "export KEYWARD_CACERT={}", ca.display())?;
+    writeln!(out, "export KEYWARD_TOKEN={}", vault.credentials.root_token)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// `keyward server --config FILE`: a production server; it starts sealed
+/// (or uninitialised).
+pub(super) async fn server(config: &Path, insecure_plaintext: bool) -> Result<()> {
+    init_tracing();
+    let mut config = keyward::config::load_file(config)?;
+    if insecure_plaintext {
+        config.tls = None;
+    } else if config.tls.is_none() {
+        return Err(UsageError(
+            "tls.cert and tls.key are required (or --insecure-plaintext for local experiments)"
+                .into(),
+        )
+        .into());
+    }
+    let listen = config.listen;
+    let metrics = config.metrics_listen;
+    let server = keyward::server::Server::open(config)?;
+    let listener = bind(listen).await?;
+    let metrics_listener = bind_optional(metrics).await?;
+    if insecure_plaintext {
+        tracing::warn!("serving WITHOUT TLS (--insecure-plaintext): tokens and secrets cross the network in clear");
+    }
+    tracing::info!(addr = %listener.local_addr()?, sealed = server.core().is_sealed(), "serving");
+    server
+        .serve(listener, metrics_listener, shutdown_signal())
+        .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn parse_addr(text: &str, what: &str) -> Result<SocketAddr> {
+    text.parse().map_err(|_| {
+        UsageError(format!(
+            "{what} must be HOST:PORT with an IP address, e.g. 127.0.0.1:8270"
+        ))
+        .into()
+    })
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))
+}
+
+async fn bind_optional(addr: Option<SocketAddr>) -> Result<Option<TcpListener>> {
+    match addr {
+        Some(addr) => Ok(Some(bind(addr).await?)),
+        None => Ok(None),
+    }
+}
+
+/// Resolves on SIGINT (Ctrl-C) or, on Unix, SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYWARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: a log file or a pipe gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .try_init();
+}
