@@ -2,6 +2,14 @@
 //! certificate for `localhost`, `127.0.0.1` and `::1`, and client
 //! certificates. Made at run time with rcgen; no key is ever committed.
 //! Private keys are written with mode 0600.
+//!
+//! The profile is RFC 5280's, so strict verifiers accept the chain: every
+//! certificate has a Subject Key Identifier; the CA has a critical
+//! `basicConstraints CA:true` and the key usages keyCertSign and cRLSign
+//! only; each leaf has an Authority Key Identifier naming the CA's key, a
+//! critical `CA:false`, the key usage digitalSignature (the keys are ECDSA
+//! P-256, which sign and never encipher, so not keyEncipherment) and one
+//! extended key usage: serverAuth or clientAuth.
 
 use std::path::{Path, PathBuf};
 
@@ -83,6 +91,20 @@ fn name(cn: &str) -> DistinguishedName {
     dn
 }
 
+/// The RFC 5280 profile of an end-entity certificate for one purpose: SKI and
+/// `CA:false` (rcgen writes both for `ExplicitNoCa`), AKI from the issuer's
+/// key identifier, digitalSignature, and `purpose` as the only extended key
+/// usage.
+fn leaf_params(cn: &str, purpose: ExtendedKeyUsagePurpose) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name(cn);
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.use_authority_key_identifier_extension = true;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![purpose];
+    params
+}
+
 /// Makes a CA, a server certificate and a client certificate in `dir`
 /// (created if missing), unless all files are already there.
 pub fn ensure_dev_certs(dir: &Path) -> Result<CertPaths, PkiError> {
@@ -96,26 +118,19 @@ pub fn ensure_dev_certs(dir: &Path) -> Result<CertPaths, PkiError> {
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.distinguished_name = name("keyward dev CA");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca_cert = ca_params.self_signed(&ca_key)?;
     write_file(&paths.ca, ca_cert.pem().as_bytes(), false)?;
     write_file(&paths.ca_key, ca_key.serialize_pem().as_bytes(), true)?;
     let issuer = Issuer::new(ca_params, ca_key);
 
     let server_key = KeyPair::generate()?;
-    let mut server_params = CertificateParams::new(vec!["localhost".to_owned()])?;
-    server_params
-        .subject_alt_names
-        .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
-    server_params
-        .subject_alt_names
-        .push(SanType::IpAddress(std::net::Ipv6Addr::LOCALHOST.into()));
-    server_params.distinguished_name = name("localhost");
-    server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let mut server_params = leaf_params("localhost", ExtendedKeyUsagePurpose::ServerAuth);
+    server_params.subject_alt_names = vec![
+        SanType::DnsName("localhost".try_into()?),
+        SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
+        SanType::IpAddress(std::net::Ipv6Addr::LOCALHOST.into()),
+    ];
     let server_cert = server_params.signed_by(&server_key, &issuer)?;
     write_file(&paths.server, server_cert.pem().as_bytes(), false)?;
     write_file(
@@ -152,12 +167,10 @@ pub fn issue_client_cert(
     spiffe_id: Option<&str>,
 ) -> Result<(String, String), PkiError> {
     let key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.distinguished_name = name(cn);
+    let mut params = leaf_params(cn, ExtendedKeyUsagePurpose::ClientAuth);
     if let Some(id) = spiffe_id {
         params.subject_alt_names.push(SanType::URI(id.try_into()?));
     }
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let cert = params.signed_by(&key, issuer)?;
     Ok((cert.pem(), key.serialize_pem()))
 }

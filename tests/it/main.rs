@@ -18,6 +18,8 @@ mod pg_cluster;
 mod plugin;
 
 mod audit;
+mod certs;
+mod cidr;
 mod cli;
 mod crash;
 mod governance;
