@@ -24,7 +24,7 @@ use super::capability::Capability;
 ///
 /// but not make one, neither by a struct literal
 ///
-/// ```compile_fail,E0451
+/// ```compile_fail
 /// use keyward::policy::{Authorized, Capability};
 ///
 /// let forged = Authorized {
