@@ -21,6 +21,8 @@
 //! path and number, never its value: `Secrets.Watch` is fed from it.
 
 mod path;
+#[cfg(test)]
+mod proof_tests;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
