@@ -105,10 +105,10 @@ enum Target {
 }
 
 impl AuthService {
-    fn target(call: &mut Call, token: &str, acc: &str) -> Result<Target, Status> {
+    fn target(call: &mut Call, token: &str, acc: &str) -> Result<Target, Failure> {
         match (token.is_empty(), acc.is_empty()) {
             (true, true) => Ok(Target::Own),
-            (false, false) => Err(call.fail(AuthInputError::Both).into()),
+            (false, false) => Err(call.fail(AuthInputError::Both)),
             (false, true) => Ok(Target::Held(token.to_owned())),
             (true, false) => Ok(Target::Named(call.check(accessor(acc))?)),
         }
@@ -122,7 +122,7 @@ impl AuthService {
         caller: &Caller,
         target: Target,
         capability: Capability,
-    ) -> Result<String, Status> {
+    ) -> Result<String, Failure> {
         let acc = match target {
             Target::Own => caller.accessor.clone(),
             Target::Held(text) => {
@@ -131,7 +131,7 @@ impl AuthService {
                     Some(acc) => acc,
                     None => {
                         call.set_resource(TOKEN_RESOURCE);
-                        return Err(call.fail(TokenError::NotFound).into());
+                        return Err(call.fail(TokenError::NotFound));
                     }
                 }
             }

@@ -9,7 +9,7 @@
 //!
 //! Errors are [`Failure`]s: a transport-neutral [`FailureKind`] and a safe
 //! message. The mapping of domain errors to kinds is in `failure.rs`; a
-//! transport maps kinds to its own codes once (`api::status`).
+//! transport maps kinds to its own codes once (`api::grpc_code`).
 //!
 //! Owns no storage prefix; it reaches the domain only through `Core`.
 
