@@ -22,6 +22,7 @@
 use std::time::{Duration, Instant};
 
 use keyward::core::now_ms;
+use keyward::policy::Capability;
 use keyward::rotation::policy::PolicySpec;
 use keyward::rotation::schedule::Schedule;
 use keyward::secrecy::{SecretBytes, SecretData};
@@ -70,14 +71,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let baseline_ms = (cpu_ticks() - b0) * 1000 / ticks_per_second().max(1);
     let _ = bw;
 
-    // 1. N secrets due at the same moment.
+    // 1. N secrets due at the same moment, written as the root token would.
+    let root = core
+        .gate
+        .authenticate(&vault.credentials.root_token, None)?;
     let t0 = now_ms();
     let mut paths = Vec::with_capacity(due);
     for i in 0..due {
         let path = SecretPath::parse(&format!("bench/due/s{i}"))?;
         let mut data = SecretData::new();
         data.insert("password".into(), SecretBytes::from("initial"));
+        let proof = core
+            .gate
+            .authorize(&root, Capability::Write, &path.resource())?;
         core.secrets.put(
+            &proof,
             PutRequest {
                 path: path.clone(),
                 data,

@@ -16,7 +16,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use crate::barrier::{Barrier, BarrierError};
-use crate::policy::{CompiledPolicy, Decision, Policy, PolicyError, PolicySet, ROOT_POLICY};
+use crate::policy::{
+    Authorized, Capability, CompiledPolicy, Decision, Policy, PolicyError, PolicySet, ROOT_POLICY,
+};
 use crate::token::{PolicyNames, TokenError};
 
 const PREFIX: &str = "policies/";
@@ -33,9 +35,16 @@ pub enum PolicyStoreError {
     Policy(#[from] PolicyError),
     #[error("stored policy '{0}' is corrupt")]
     Corrupt(String),
+    /// The proof handed to a write is for another policy or capability (a
+    /// bug in the caller: it checked one thing and wrote another).
+    #[error("the write's authorization is for another policy or capability")]
+    WrongProof,
     #[error(transparent)]
     Barrier(#[from] BarrierError),
 }
+
+/// The granting policy's name and rule path, shared with the compiled set.
+pub type GrantNames<'a> = (&'a Arc<str>, &'a Arc<str>);
 
 /// The policies of one token, compiled, with what usage recording needs to
 /// name the rule that granted.
@@ -55,20 +64,30 @@ impl CompiledSet {
 
     /// Checks without allocating; on a grant, the names of the granting
     /// policy and rule path (shared, not copied).
-    pub fn check(
-        &self,
-        resource: &str,
-        capability: crate::policy::Capability,
-    ) -> Option<(&Arc<str>, &Arc<str>)> {
+    pub fn check(&self, resource: &str, capability: Capability) -> Option<GrantNames<'_>> {
         match self.set.check(resource, capability) {
-            Decision::Allowed { policy, rule } => {
-                let p = usize::from(policy);
-                let name = self.names.get(p)?;
-                let path = self.rule_paths.get(p)?.get(usize::from(rule))?;
-                Some((name, path))
-            }
+            Decision::Allowed { policy, rule } => self.grant(policy, rule),
             Decision::Denied => None,
         }
+    }
+
+    /// [`CompiledSet::check`], minting the proof a domain write requires.
+    pub fn authorize(
+        &self,
+        resource: &str,
+        capability: Capability,
+    ) -> Option<(Authorized, GrantNames<'_>)> {
+        let proof = self.set.authorize(resource, capability)?;
+        let (policy, rule) = proof.rule()?;
+        let grant = self.grant(policy, rule)?;
+        Some((proof, grant))
+    }
+
+    fn grant(&self, policy: u16, rule: u16) -> Option<GrantNames<'_>> {
+        let p = usize::from(policy);
+        let name = self.names.get(p)?;
+        let path = self.rule_paths.get(p)?.get(usize::from(rule))?;
+        Some((name, path))
     }
 }
 
@@ -146,11 +165,13 @@ impl PolicyStore {
         true
     }
 
-    /// Stores (or replaces) a policy. `Policy::parse` has validated it.
-    pub fn put(&self, policy: &Policy) -> Result<(), PolicyStoreError> {
+    /// Stores (or replaces) a policy. `Policy::parse` has validated it;
+    /// `proof` is `write` on `policy/<name>`.
+    pub fn put(&self, proof: &Authorized, policy: &Policy) -> Result<(), PolicyStoreError> {
         if policy.is_root() {
             return Err(PolicyStoreError::RootImmutable);
         }
+        require(proof, Capability::Write, policy.name())?;
         self.inner.barrier.put(
             &format!("{PREFIX}{}", policy.name()),
             policy.to_toml().as_bytes(),
@@ -203,11 +224,13 @@ impl PolicyStore {
         Ok(names)
     }
 
-    /// Deletes a policy; `NotFound` if there was none.
-    pub fn delete(&self, name: &str) -> Result<(), PolicyStoreError> {
+    /// Deletes a policy; `NotFound` if there was none. `proof` is `delete`
+    /// on `policy/<name>`.
+    pub fn delete(&self, proof: &Authorized, name: &str) -> Result<(), PolicyStoreError> {
         if name == ROOT_POLICY {
             return Err(PolicyStoreError::RootImmutable);
         }
+        require(proof, Capability::Delete, name)?;
         if !self.exists(name)? {
             return Err(PolicyStoreError::NotFound);
         }
@@ -271,6 +294,15 @@ impl PolicyStore {
     }
 }
 
+/// Refuses a write whose proof is not `capability` on `policy/<name>`.
+fn require(proof: &Authorized, capability: Capability, name: &str) -> Result<(), PolicyStoreError> {
+    if proof.grants_under(capability, "policy", name) {
+        Ok(())
+    } else {
+        Err(PolicyStoreError::WrongProof)
+    }
+}
+
 impl PolicyNames for PolicyStore {
     fn policy_exists(&self, name: &str) -> Result<bool, TokenError> {
         self.exists(name).map_err(|e| match e {
@@ -301,6 +333,53 @@ mod tests {
         Policy::parse(name, toml).unwrap()
     }
 
+    /// A proof as a root token's check mints it.
+    fn proof(capability: Capability, name: &str) -> Authorized {
+        PolicySet::compile([&Policy::root()])
+            .unwrap()
+            .authorize(&format!("policy/{name}"), capability)
+            .unwrap()
+    }
+
+    fn put(store: &PolicyStore, p: &Policy) -> Result<(), PolicyStoreError> {
+        store.put(&proof(Capability::Write, p.name()), p)
+    }
+
+    fn delete(store: &PolicyStore, name: &str) -> Result<(), PolicyStoreError> {
+        store.delete(&proof(Capability::Delete, name), name)
+    }
+
+    #[test]
+    fn a_write_needs_the_proof_for_its_policy_and_capability() {
+        let (_dir, barrier) = unsealed_barrier();
+        let store = PolicyStore::new(barrier);
+        let p = policy(
+            "app",
+            "[[rule]]\npath = \"secret/app/**\"\ncapabilities = [\"read\"]\n",
+        );
+        for wrong in [
+            proof(Capability::Write, "other"),
+            proof(Capability::Read, "app"),
+            proof(Capability::Write, "app/x"),
+        ] {
+            assert!(matches!(
+                store.put(&wrong, &p),
+                Err(PolicyStoreError::WrongProof)
+            ));
+        }
+        assert!(!store.exists("app").unwrap());
+        store.put(&proof(Capability::Write, "app"), &p).unwrap();
+        assert!(matches!(
+            store.delete(&proof(Capability::Write, "app"), "app"),
+            Err(PolicyStoreError::WrongProof)
+        ));
+        assert!(store.exists("app").unwrap());
+        store
+            .delete(&proof(Capability::Delete, "app"), "app")
+            .unwrap();
+        assert!(!store.exists("app").unwrap());
+    }
+
     #[test]
     fn put_get_list_delete() {
         let (_dir, barrier) = unsealed_barrier();
@@ -310,14 +389,14 @@ mod tests {
             "[[rule]]\npath = \"secret/app/**\"\ncapabilities = [\"read\"]\n",
         );
         assert!(!store.exists("app").unwrap());
-        store.put(&p).unwrap();
+        put(&store, &p).unwrap();
         assert!(store.exists("app").unwrap());
         assert_eq!(store.get("app").unwrap(), Some(p));
         assert_eq!(store.list().unwrap(), vec!["root", "app"]);
-        store.delete("app").unwrap();
+        delete(&store, "app").unwrap();
         assert!(store.get("app").unwrap().is_none());
         assert!(matches!(
-            store.delete("app"),
+            delete(&store, "app"),
             Err(PolicyStoreError::NotFound)
         ));
     }
@@ -329,11 +408,11 @@ mod tests {
         assert!(store.exists("root").unwrap());
         assert_eq!(store.get("root").unwrap(), Some(Policy::root()));
         assert!(matches!(
-            store.put(&Policy::root()),
+            put(&store, &Policy::root()),
             Err(PolicyStoreError::RootImmutable)
         ));
         assert!(matches!(
-            store.delete("root"),
+            delete(&store, "root"),
             Err(PolicyStoreError::RootImmutable)
         ));
     }
@@ -343,26 +422,30 @@ mod tests {
         let (_dir, barrier) = unsealed_barrier();
         let store = PolicyStore::new(barrier);
         let names = vec!["app".to_owned()];
-        store
-            .put(&policy(
+        put(
+            &store,
+            &policy(
                 "app",
                 "[[rule]]\npath = \"secret/app/*\"\ncapabilities = [\"read\"]\n",
-            ))
-            .unwrap();
+            ),
+        )
+        .unwrap();
         let set = store.compiled_set(&names).unwrap();
         let (p, path) = set.check("secret/app/db", Capability::Read).unwrap();
         assert_eq!((&**p, &**path), ("app", "secret/app/*"));
         assert!(Arc::ptr_eq(&set, &store.compiled_set(&names).unwrap()));
-        store
-            .put(&policy(
+        put(
+            &store,
+            &policy(
                 "app",
                 "[[rule]]\npath = \"secret/other/*\"\ncapabilities = [\"read\"]\n",
-            ))
-            .unwrap();
+            ),
+        )
+        .unwrap();
         let set = store.compiled_set(&names).unwrap();
         assert!(set.check("secret/app/db", Capability::Read).is_none());
         assert!(set.check("secret/other/db", Capability::Read).is_some());
-        store.delete("app").unwrap();
+        delete(&store, "app").unwrap();
         let set = store.compiled_set(&names).unwrap();
         assert!(set.check("secret/other/db", Capability::Read).is_none());
     }
@@ -373,7 +456,7 @@ mod tests {
         let names = vec!["app".to_owned()];
         let wide = "[[rule]]\npath = \"secret/app/*\"\ncapabilities = [\"read\"]\n";
         let narrow = "[[rule]]\npath = \"secret/app/public\"\ncapabilities = [\"read\"]\n";
-        store.put(&policy("app", wide)).unwrap();
+        put(&store, &policy("app", wide)).unwrap();
 
         // A compile reads the generation and the stored (wide) policy...
         let generation = store.inner.cache.read().unwrap().generation;
@@ -386,7 +469,7 @@ mod tests {
             rule_paths: vec![vec![Arc::from("secret/app/*")]],
         });
         // ...then a put narrows it and clears the cache before the insert.
-        store.put(&policy("app", narrow)).unwrap();
+        put(&store, &policy("app", narrow)).unwrap();
         assert!(!store.insert_policy_if_current(generation, "app", Some(stale_entry)));
         assert!(!store.insert_set_if_current(generation, &names, stale_set));
         {
@@ -401,7 +484,7 @@ mod tests {
         // The same race against a delete: nothing may grant afterwards.
         let generation = store.inner.cache.read().unwrap().generation;
         let set_before = store.compiled_set(&names).unwrap();
-        store.delete("app").unwrap();
+        delete(&store, "app").unwrap();
         assert!(!store.insert_set_if_current(generation, &names, set_before));
         assert!(!store.insert_policy_if_current(generation, "app", None));
         let set = store.compiled_set(&names).unwrap();

@@ -12,10 +12,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 use super::secrets::timestamp;
-use super::{Access, Call, Failure};
+use super::{begin, Access, Call, Failure};
 use crate::cidr::Cidr;
 use crate::core::{now_ms, Caller, Core};
 use crate::policy::{validate_name, Capability, ROOT_POLICY};
@@ -60,7 +60,7 @@ enum AuthInputError {
 
 impl From<AuthInputError> for Failure {
     fn from(e: AuthInputError) -> Self {
-        Failure::new(Code::InvalidArgument, e.to_string())
+        Failure::invalid(e.to_string())
     }
 }
 
@@ -105,12 +105,12 @@ enum Target {
 }
 
 impl AuthService {
-    fn target(call: &mut Call, token: &str, acc: &str) -> Result<Target, Status> {
+    fn target(call: &mut Call, token: &str, acc: &str) -> Result<Target, Failure> {
         match (token.is_empty(), acc.is_empty()) {
             (true, true) => Ok(Target::Own),
             (false, false) => Err(call.fail(AuthInputError::Both)),
             (false, true) => Ok(Target::Held(token.to_owned())),
-            (true, false) => Ok(Target::Named(call.parse(accessor(acc))?)),
+            (true, false) => Ok(Target::Named(call.check(accessor(acc))?)),
         }
     }
 
@@ -122,7 +122,7 @@ impl AuthService {
         caller: &Caller,
         target: Target,
         capability: Capability,
-    ) -> Result<String, Status> {
+    ) -> Result<String, Failure> {
         let acc = match target {
             Target::Own => caller.accessor.clone(),
             Target::Held(text) => {
@@ -149,12 +149,6 @@ impl AuthService {
     }
 }
 
-fn caller_of(call: &Call) -> Result<Caller, Status> {
-    call.caller()
-        .cloned()
-        .ok_or_else(|| Status::unauthenticated("no token"))
-}
-
 #[tonic::async_trait]
 impl Auth for AuthService {
     /// Role-id + secret-id, certificate or OIDC login (`api/login.rs`).
@@ -166,28 +160,28 @@ impl Auth for AuthService {
         &self,
         req: Request<IssueTokenRequest>,
     ) -> Result<Response<TokenResponse>, Status> {
-        let mut call = Call::begin(
+        let mut call = begin(
             &self.core,
             "keyward.v1.Auth/IssueToken",
             Access::Token,
             &req,
         )
         .await?;
-        let caller = caller_of(&call)?;
+        let caller = call.require_caller()?;
         let r = req.into_inner();
         for name in &r.policies {
             if name != ROOT_POLICY && validate_name(name).is_err() {
-                return Err(call.fail(AuthInputError::PolicyName));
+                return Err(call.fail(AuthInputError::PolicyName).into());
             }
         }
-        let ttl = call.parse(seconds(r.ttl_seconds, "the TTL"))?;
-        let max_ttl = call.parse(seconds(r.max_ttl_seconds, "the max TTL"))?;
+        let ttl = call.check(seconds(r.ttl_seconds, "the TTL"))?;
+        let max_ttl = call.check(seconds(r.max_ttl_seconds, "the max TTL"))?;
         let cidrs = r
             .cidrs
             .iter()
             .map(|c| c.parse::<Cidr>().map_err(AuthInputError::from))
             .collect::<Result<Vec<_>, _>>();
-        let cidrs = call.parse(cidrs)?;
+        let cidrs = call.check(cidrs)?;
         call.authorize(Capability::Issue, TOKEN_RESOURCE.to_owned())?;
         let ttl = ttl.unwrap_or(DEFAULT_TTL);
         let max_ttl = max_ttl.unwrap_or_else(|| DEFAULT_MAX_TTL.max(ttl));
@@ -221,20 +215,20 @@ impl Auth for AuthService {
         &self,
         req: Request<LookupTokenRequest>,
     ) -> Result<Response<TokenInfo>, Status> {
-        let mut call = Call::begin(
+        let mut call = begin(
             &self.core,
             "keyward.v1.Auth/LookupToken",
             Access::Token,
             &req,
         )
         .await?;
-        let caller = caller_of(&call)?;
+        let caller = call.require_caller()?;
         let r = req.get_ref();
         let target = Self::target(&mut call, &r.token, &r.accessor)?;
         let acc = self.resolve(&mut call, &caller, target, Capability::Read)?;
         let info = call.check(self.core.tokens.lookup_accessor(&acc, now_ms()))?;
         let Some(info) = info else {
-            return Err(call.fail(TokenError::NotFound));
+            return Err(call.fail(TokenError::NotFound).into());
         };
         call.ok(&[])?;
         Ok(Response::new(token_info(info)))
@@ -244,15 +238,15 @@ impl Auth for AuthService {
         &self,
         req: Request<RenewTokenRequest>,
     ) -> Result<Response<TokenInfo>, Status> {
-        let mut call = Call::begin(
+        let mut call = begin(
             &self.core,
             "keyward.v1.Auth/RenewToken",
             Access::Token,
             &req,
         )
         .await?;
-        let caller = caller_of(&call)?;
-        let increment = call.parse(seconds(req.get_ref().increment_seconds, "the increment"))?;
+        let caller = call.require_caller()?;
+        let increment = call.check(seconds(req.get_ref().increment_seconds, "the increment"))?;
         let acc = self.resolve(&mut call, &caller, Target::Own, Capability::Write)?;
         let info = call.check(self.core.tokens.renew(&acc, increment, now_ms()))?;
         call.check(self.core.barrier.durable().await)?;
@@ -264,20 +258,20 @@ impl Auth for AuthService {
         &self,
         req: Request<RevokeTokenRequest>,
     ) -> Result<Response<RevokeTokenResponse>, Status> {
-        let mut call = Call::begin(
+        let mut call = begin(
             &self.core,
             "keyward.v1.Auth/RevokeToken",
             Access::Token,
             &req,
         )
         .await?;
-        let caller = caller_of(&call)?;
+        let caller = call.require_caller()?;
         let r = req.get_ref();
         let target = Self::target(&mut call, &r.token, &r.accessor)?;
         let acc = self.resolve(&mut call, &caller, target, Capability::Delete)?;
         let revoked = call.check(self.core.tokens.revoke(&acc))?;
         if revoked == 0 {
-            return Err(call.fail(TokenError::NotFound));
+            return Err(call.fail(TokenError::NotFound).into());
         }
         call.check(self.core.barrier.durable().await)?;
         call.ok(&[])?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use super::{Access, Call};
+use super::{begin, Access};
 use crate::core::{now_ms, Core};
 use crate::policy::Capability;
 use crate::proto::v1::governance_server::Governance;
@@ -29,7 +29,7 @@ impl Governance for GovernanceService {
         &self,
         req: Request<ReportRequest>,
     ) -> Result<Response<ReportResponse>, Status> {
-        let mut call = Call::begin(
+        let mut call = begin(
             &self.core,
             "keyward.v1.Governance/Report",
             Access::Token,

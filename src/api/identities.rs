@@ -14,7 +14,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::secrets::timestamp;
-use super::{Access, Call};
+use super::{begin, Access, Call, Failure};
 use crate::cidr::Cidr;
 use crate::core::{now_ms, Core};
 use crate::identity::{
@@ -37,7 +37,7 @@ impl IdentitiesService {
         &self,
         call: &mut Call,
         name: &IdentityName,
-    ) -> Result<(), Status> {
+    ) -> Result<(), Failure> {
         match call.check(self.core.identities.get(name.as_str()))? {
             Some(record) => call.require_policy_subset(&record.policies),
             None => Ok(()),
@@ -134,7 +134,7 @@ impl Identities for IdentitiesService {
         &self,
         req: Request<CreateIdentityRequest>,
     ) -> Result<Response<Identity>, Status> {
-        let mut call = Call::begin(
+        let mut call = begin(
             &self.core,
             "keyward.v1.Identities/Create",
             Access::Token,
@@ -142,8 +142,8 @@ impl Identities for IdentitiesService {
         )
         .await?;
         let r = req.into_inner();
-        let name = call.parse(IdentityName::parse(&r.name))?;
-        let kind = call.parse(IdentityKind::parse(&r.kind))?;
+        let name = call.check(IdentityName::parse(&r.name))?;
+        let kind = call.check(IdentityKind::parse(&r.kind))?;
         call.authorize(Capability::Write, name.resource())?;
         call.require_policy_subset(&r.policies)?;
         let now = now_ms();
@@ -162,9 +162,8 @@ impl Identities for IdentitiesService {
     }
 
     async fn get(&self, req: Request<GetIdentityRequest>) -> Result<Response<Identity>, Status> {
-        let mut call =
-            Call::begin(&self.core, "keyward.v1.Identities/Get", Access::Token, &req).await?;
-        let name = call.parse(IdentityName::parse(&req.get_ref().name))?;
+        let mut call = begin(&self.core, "keyward.v1.Identities/Get", Access::Token, &req).await?;
+        let name = call.check(IdentityName::parse(&req.get_ref().name))?;
         call.authorize(Capability::Read, name.resource())?;
         let found = call.check(self.core.identities.get(name.as_str()))?;
         let record = call.check(found.ok_or(IdentityError::NotFound))?;
@@ -176,7 +175,7 @@ impl Identities for IdentitiesService {
         &self,
         req: Request<ListIdentitiesRequest>,
     ) -> Result<Response<ListIdentitiesResponse>, Status> {
-        let mut call = Call::begin(
+        let mut call = begin(
             &self.core,
             "keyward.v1.Identities/List",
             Access::Token,
@@ -187,7 +186,7 @@ impl Identities for IdentitiesService {
         let kind = if r.kind.is_empty() {
             None
         } else {
-            Some(call.parse(IdentityKind::parse(&r.kind))?)
+            Some(call.check(IdentityKind::parse(&r.kind))?)
         };
         call.authorize(Capability::List, "identity".to_owned())?;
         let used = token_use(&self.core);
@@ -211,7 +210,7 @@ impl Identities for IdentitiesService {
         &self,
         req: Request<UpdateIdentityRequest>,
     ) -> Result<Response<Identity>, Status> {
-        let mut call = Call::begin(
+        let mut call = begin(
             &self.core,
             "keyward.v1.Identities/Update",
             Access::Token,
@@ -219,7 +218,7 @@ impl Identities for IdentitiesService {
         )
         .await?;
         let r = req.into_inner();
-        let name = call.parse(IdentityName::parse(&r.name))?;
+        let name = call.check(IdentityName::parse(&r.name))?;
         call.authorize(Capability::Write, name.resource())?;
         if r.set_policies {
             call.require_policy_subset(&r.policies)?;
@@ -263,14 +262,14 @@ impl Identities for IdentitiesService {
         &self,
         req: Request<IdentityNameRequest>,
     ) -> Result<Response<DeleteIdentityResponse>, Status> {
-        let mut call = Call::begin(
+        let mut call = begin(
             &self.core,
             "keyward.v1.Identities/Delete",
             Access::Token,
             &req,
         )
         .await?;
-        let name = call.parse(IdentityName::parse(&req.get_ref().name))?;
+        let name = call.check(IdentityName::parse(&req.get_ref().name))?;
         call.authorize(Capability::Delete, name.resource())?;
         let revoked = call.check(self.core.identities.delete(
             &name,
@@ -289,7 +288,7 @@ impl Identities for IdentitiesService {
         &self,
         req: Request<CreateSecretIdRequest>,
     ) -> Result<Response<CreateSecretIdResponse>, Status> {
-        let mut call = Call::begin(
+        let mut call = begin(
             &self.core,
             "keyward.v1.Identities/CreateSecretId",
             Access::Token,
@@ -297,8 +296,8 @@ impl Identities for IdentitiesService {
         )
         .await?;
         let r = req.into_inner();
-        let name = call.parse(IdentityName::parse(&r.name))?;
-        let cidrs = call.parse(parse_cidrs(&r.cidrs))?;
+        let name = call.check(IdentityName::parse(&r.name))?;
+        let cidrs = call.check(parse_cidrs(&r.cidrs))?;
         call.authorize(Capability::Issue, name.resource())?;
         self.require_holds_policies_of(&mut call, &name)?;
         let spec = SecretIdSpec {
@@ -317,7 +316,7 @@ impl Identities for IdentitiesService {
     }
 
     async fn bind_cert(&self, req: Request<BindCertRequest>) -> Result<Response<Identity>, Status> {
-        let mut call = Call::begin(
+        let mut call = begin(
             &self.core,
             "keyward.v1.Identities/BindCert",
             Access::Token,
@@ -325,7 +324,7 @@ impl Identities for IdentitiesService {
         )
         .await?;
         let r = req.into_inner();
-        let name = call.parse(IdentityName::parse(&r.name))?;
+        let name = call.check(IdentityName::parse(&r.name))?;
         call.authorize(Capability::Admin, name.resource())?;
         self.require_holds_policies_of(&mut call, &name)?;
         let subject = (!r.subject.is_empty()).then_some(r.subject.as_str());
@@ -337,7 +336,7 @@ impl Identities for IdentitiesService {
     }
 
     async fn bind_oidc(&self, req: Request<BindOidcRequest>) -> Result<Response<Identity>, Status> {
-        let mut call = Call::begin(
+        let mut call = begin(
             &self.core,
             "keyward.v1.Identities/BindOidc",
             Access::Token,
@@ -345,7 +344,7 @@ impl Identities for IdentitiesService {
         )
         .await?;
         let r = req.into_inner();
-        let name = call.parse(IdentityName::parse(&r.name))?;
+        let name = call.check(IdentityName::parse(&r.name))?;
         call.authorize(Capability::Admin, name.resource())?;
         self.require_holds_policies_of(&mut call, &name)?;
         let mut claims: Vec<(String, String)> = r.claims.into_iter().collect();
@@ -360,7 +359,7 @@ impl Identities for IdentitiesService {
         &self,
         req: Request<PutOidcIssuerRequest>,
     ) -> Result<Response<OidcIssuer>, Status> {
-        let mut call = Call::begin(
+        let mut call = begin(
             &self.core,
             "keyward.v1.Identities/PutOidcIssuer",
             Access::Token,
@@ -368,7 +367,7 @@ impl Identities for IdentitiesService {
         )
         .await?;
         let r = req.into_inner();
-        let name = call.parse(
+        let name = call.check(
             IdentityName::parse(&r.name)
                 .map_err(|_| IdentityError::Invalid("issuer name: [A-Za-z0-9._-]".into())),
         )?;
@@ -389,7 +388,7 @@ impl Identities for IdentitiesService {
         &self,
         req: Request<ListOidcIssuersRequest>,
     ) -> Result<Response<ListOidcIssuersResponse>, Status> {
-        let mut call = Call::begin(
+        let mut call = begin(
             &self.core,
             "keyward.v1.Identities/ListOidcIssuers",
             Access::Token,
@@ -412,8 +411,8 @@ impl IdentitiesService {
         disabled: bool,
         method: &'static str,
     ) -> Result<Response<Identity>, Status> {
-        let mut call = Call::begin(&self.core, method, Access::Token, &req).await?;
-        let name = call.parse(IdentityName::parse(&req.get_ref().name))?;
+        let mut call = begin(&self.core, method, Access::Token, &req).await?;
+        let name = call.check(IdentityName::parse(&req.get_ref().name))?;
         call.authorize(Capability::Write, name.resource())?;
         let (record, _revoked) = call.check(self.core.identities.set_disabled(
             &name,

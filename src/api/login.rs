@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::secrets::timestamp;
-use super::{Access, Call};
+use super::{begin, Access};
 use crate::barrier::BarrierError;
 use crate::core::{now_ms, Core};
 use crate::identity::login::{token_ttl, LoginError, MAX_LOGIN_TTL};
@@ -22,9 +22,9 @@ pub(crate) async fn login(
     core: &Arc<Core>,
     req: Request<LoginRequest>,
 ) -> Result<Response<TokenResponse>, Status> {
-    let mut call = Call::begin(core, "keyward.v1.Auth/Login", Access::Open, &req).await?;
+    let mut call = begin(core, "keyward.v1.Auth/Login", Access::Open, &req).await?;
     if core.is_sealed() {
-        return Err(call.fail(BarrierError::Sealed));
+        return Err(call.fail(BarrierError::Sealed).into());
     }
     let source = req.remote_addr().map(|a| a.ip());
     let leaf: Option<Vec<u8>> = req
@@ -50,9 +50,11 @@ pub(crate) async fn login(
                 .await
         }
         None => {
-            return Err(call.fail(IdentityError::Invalid(
-                "give a login method: approle, cert or oidc".into(),
-            )))
+            return Err(call
+                .fail(IdentityError::Invalid(
+                    "give a login method: approle, cert or oidc".into(),
+                ))
+                .into())
         }
     };
     let grant = call.check(grant)?;
@@ -86,7 +88,7 @@ pub(crate) async fn login(
         });
     if !still_active {
         call.check(core.tokens.revoke(&issued.accessor))?;
-        return Err(call.fail(LoginError::Invalid));
+        return Err(call.fail(LoginError::Invalid).into());
     }
     call.check(core.barrier.durable().await)?;
     call.ok(&[("token", issued.token.expose().as_bytes())])?;

@@ -5,9 +5,9 @@
 
 use std::sync::Arc;
 
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
-use super::{Access, Call, Failure};
+use super::{begin, Access, Failure, FailureKind};
 use crate::core::Core;
 use crate::policy::{validate_name, Capability, Policy, ROOT_POLICY};
 use crate::proto::v1::policies_server::Policies;
@@ -41,16 +41,17 @@ impl Policies for PoliciesService {
         &self,
         req: Request<PutPolicyRequest>,
     ) -> Result<Response<PutPolicyResponse>, Status> {
-        let mut call =
-            Call::begin(&self.core, "keyward.v1.Policies/Put", Access::Token, &req).await?;
+        let mut call = begin(&self.core, "keyward.v1.Policies/Put", Access::Token, &req).await?;
         let r = req.get_ref();
-        let name = call.parse(readable_name(&r.name))?;
-        call.authorize(Capability::Write, resource(name))?;
+        let name = call.check(readable_name(&r.name))?;
+        let proof = call.authorize(Capability::Write, resource(name))?;
         if name == ROOT_POLICY {
-            return Err(call.fail(crate::policy_store::PolicyStoreError::RootImmutable));
+            return Err(call
+                .fail(crate::policy_store::PolicyStoreError::RootImmutable)
+                .into());
         }
-        let policy = call.parse(Policy::parse(name, &r.document))?;
-        call.check(self.core.policies.put(&policy))?;
+        let policy = call.check(Policy::parse(name, &r.document))?;
+        call.check(self.core.policies.put(&proof, &policy))?;
         call.check(self.core.barrier.durable().await)?;
         call.ok(&[])?;
         Ok(Response::new(PutPolicyResponse {
@@ -63,13 +64,14 @@ impl Policies for PoliciesService {
         &self,
         req: Request<GetPolicyRequest>,
     ) -> Result<Response<PolicyDocument>, Status> {
-        let mut call =
-            Call::begin(&self.core, "keyward.v1.Policies/Get", Access::Token, &req).await?;
-        let name = call.parse(readable_name(&req.get_ref().name))?;
+        let mut call = begin(&self.core, "keyward.v1.Policies/Get", Access::Token, &req).await?;
+        let name = call.check(readable_name(&req.get_ref().name))?;
         call.authorize(Capability::Read, resource(name))?;
         let found = call.check(self.core.policies.get(name))?;
         let Some(policy) = found else {
-            return Err(call.fail(Failure::new(Code::NotFound, "policy not found")));
+            return Err(call
+                .fail(Failure::new(FailureKind::NotFound, "policy not found"))
+                .into());
         };
         call.ok(&[])?;
         Ok(Response::new(PolicyDocument {
@@ -82,8 +84,7 @@ impl Policies for PoliciesService {
         &self,
         req: Request<ListPoliciesRequest>,
     ) -> Result<Response<ListPoliciesResponse>, Status> {
-        let mut call =
-            Call::begin(&self.core, "keyward.v1.Policies/List", Access::Token, &req).await?;
+        let mut call = begin(&self.core, "keyward.v1.Policies/List", Access::Token, &req).await?;
         call.authorize(Capability::List, "policy".to_owned())?;
         let names = call.check(self.core.policies.list())?;
         call.ok(&[])?;
@@ -94,16 +95,16 @@ impl Policies for PoliciesService {
         &self,
         req: Request<DeletePolicyRequest>,
     ) -> Result<Response<DeletePolicyResponse>, Status> {
-        let mut call = Call::begin(
+        let mut call = begin(
             &self.core,
             "keyward.v1.Policies/Delete",
             Access::Token,
             &req,
         )
         .await?;
-        let name = call.parse(readable_name(&req.get_ref().name))?;
-        call.authorize(Capability::Delete, resource(name))?;
-        call.check(self.core.policies.delete(name))?;
+        let name = call.check(readable_name(&req.get_ref().name))?;
+        let proof = call.authorize(Capability::Delete, resource(name))?;
+        call.check(self.core.policies.delete(&proof, name))?;
         call.check(self.core.barrier.durable().await)?;
         call.ok(&[])?;
         Ok(Response::new(DeletePolicyResponse {}))

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 use super::secrets::timestamp;
-use super::{Access, Call};
+use super::{begin, Access};
 use crate::core::{now_ms, Core};
 use crate::policy::Capability;
 use crate::proto::v1::rotation_server::Rotation;
@@ -84,7 +84,7 @@ impl Rotation for RotationService {
         &self,
         req: Request<SetRotationPolicyRequest>,
     ) -> Result<Response<RotationPolicy>, Status> {
-        let mut call = Call::begin(
+        let mut call = begin(
             &self.core,
             "keyward.v1.Rotation/SetPolicy",
             Access::Token,
@@ -92,13 +92,13 @@ impl Rotation for RotationService {
         )
         .await?;
         let r = req.into_inner();
-        let path = call.parse(SecretPath::parse(&r.path))?;
-        let schedule = call.parse(
+        let path = call.check(SecretPath::parse(&r.path))?;
+        let schedule = call.check(
             Schedule::from_parts(r.every_seconds, &r.cron)
                 .map_err(crate::rotation::policy::PolicyError::from),
         )?;
         let registry = self.core.rotation.registry();
-        let spec = call.parse(PolicySpec::parse(
+        let spec = call.check(PolicySpec::parse(
             path.as_str(),
             &r.provider,
             schedule,
@@ -126,14 +126,14 @@ impl Rotation for RotationService {
         &self,
         req: Request<GetRotationPolicyRequest>,
     ) -> Result<Response<RotationPolicy>, Status> {
-        let mut call = Call::begin(
+        let mut call = begin(
             &self.core,
             "keyward.v1.Rotation/GetPolicy",
             Access::Token,
             &req,
         )
         .await?;
-        let path = call.parse(SecretPath::parse(&req.get_ref().path))?;
+        let path = call.check(SecretPath::parse(&req.get_ref().path))?;
         call.authorize(Capability::Read, resource(&path))?;
         let found = call.check(self.core.rotation.policy(&path))?;
         let record = call.check(found.ok_or(RotationError::NoPolicy))?;
@@ -145,7 +145,7 @@ impl Rotation for RotationService {
         &self,
         req: Request<ListRotationPoliciesRequest>,
     ) -> Result<Response<ListRotationPoliciesResponse>, Status> {
-        let mut call = Call::begin(
+        let mut call = begin(
             &self.core,
             "keyward.v1.Rotation/ListPolicies",
             Access::Token,
@@ -170,14 +170,14 @@ impl Rotation for RotationService {
         &self,
         req: Request<DeleteRotationPolicyRequest>,
     ) -> Result<Response<DeleteRotationPolicyResponse>, Status> {
-        let mut call = Call::begin(
+        let mut call = begin(
             &self.core,
             "keyward.v1.Rotation/DeletePolicy",
             Access::Token,
             &req,
         )
         .await?;
-        let path = call.parse(SecretPath::parse(&req.get_ref().path))?;
+        let path = call.check(SecretPath::parse(&req.get_ref().path))?;
         call.authorize(Capability::Write, resource(&path))?;
         call.check(self.core.rotation.delete_policy(&path))?;
         call.check(self.core.barrier.durable().await)?;
@@ -186,7 +186,7 @@ impl Rotation for RotationService {
     }
 
     async fn rotate(&self, req: Request<RotateRequest>) -> Result<Response<RotationRun>, Status> {
-        let mut call = Call::begin(
+        let mut call = begin(
             &self.core,
             "keyward.v1.Rotation/Rotate",
             Access::Token,
@@ -194,7 +194,7 @@ impl Rotation for RotationService {
         )
         .await?;
         let r = req.into_inner();
-        let path = call.parse(SecretPath::parse(&r.path))?;
+        let path = call.check(SecretPath::parse(&r.path))?;
         call.authorize(Capability::Rotate, resource(&path))?;
         let broker = &self.core.rotation;
         let mut finished = broker.subscribe_finished();
@@ -231,14 +231,14 @@ impl Rotation for RotationService {
         &self,
         req: Request<RotationHistoryRequest>,
     ) -> Result<Response<RotationHistoryResponse>, Status> {
-        let mut call = Call::begin(
+        let mut call = begin(
             &self.core,
             "keyward.v1.Rotation/History",
             Access::Token,
             &req,
         )
         .await?;
-        let path = call.parse(SecretPath::parse(&req.get_ref().path))?;
+        let path = call.check(SecretPath::parse(&req.get_ref().path))?;
         call.authorize(Capability::Read, resource(&path))?;
         let runs = call.check(self.core.rotation.history(&path))?;
         call.ok(&[])?;
@@ -251,7 +251,7 @@ impl Rotation for RotationService {
         &self,
         req: Request<RegisterProviderRequest>,
     ) -> Result<Response<RegisterProviderResponse>, Status> {
-        let mut call = Call::begin(
+        let mut call = begin(
             &self.core,
             "keyward.v1.Rotation/RegisterProvider",
             Access::Token,

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::{Access, Call};
+use super::{begin, Access, Failure, FailureKind};
 use crate::core::{now_ms, Core};
 use crate::policy::Capability;
 use crate::proto::v1::secrets_server::Secrets;
@@ -35,15 +35,20 @@ pub(crate) fn timestamp(ms: u64) -> Option<prost_types::Timestamp> {
 /// How often a `Watch` checks its token again between events.
 pub const WATCH_RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// The status a `Watch` ends with when its token no longer holds.
+/// How a `Watch` ends when its token no longer holds.
 fn watch_ended(e: crate::core::AuthError) -> Status {
     use crate::core::AuthError;
-    match e {
-        AuthError::Barrier(_) | AuthError::Corrupt => {
-            Status::unavailable("the token cannot be checked again; watch again")
-        }
-        _ => Status::unauthenticated("the token was revoked or has expired; the watch ended"),
-    }
+    let failure = match e {
+        AuthError::Barrier(_) | AuthError::Corrupt => Failure::new(
+            FailureKind::Unavailable,
+            "the token cannot be checked again; watch again",
+        ),
+        _ => Failure::new(
+            FailureKind::Unauthenticated,
+            "the token was revoked or has expired; the watch ended",
+        ),
+    };
+    failure.into()
 }
 
 #[tonic::async_trait]
@@ -61,36 +66,31 @@ impl Secrets for SecretsService {
         &self,
         req: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let mut call =
-            Call::begin(&self.core, "keyward.v1.Secrets/Watch", Access::Token, &req).await?;
+        let mut call = begin(&self.core, "keyward.v1.Secrets/Watch", Access::Token, &req).await?;
         let r = req.into_inner();
         if r.paths.is_empty() && r.prefixes.is_empty() {
-            return Err(call.fail(super::Failure::new(
-                tonic::Code::InvalidArgument,
-                "name at least one path or prefix to watch",
-            )));
+            let refused = Failure::invalid("name at least one path or prefix to watch");
+            return Err(call.fail(refused).into());
         }
         if r.paths.len() + r.prefixes.len() > MAX_WATCHED {
-            return Err(call.fail(super::Failure::new(
-                tonic::Code::InvalidArgument,
-                format!("at most {MAX_WATCHED} paths and prefixes per watch"),
-            )));
+            let refused = Failure::invalid(format!(
+                "at most {MAX_WATCHED} paths and prefixes per watch"
+            ));
+            return Err(call.fail(refused).into());
         }
         let mut paths = Vec::with_capacity(r.paths.len());
         for p in &r.paths {
-            let path = call.parse(SecretPath::parse(p))?;
+            let path = call.check(SecretPath::parse(p))?;
             call.authorize(Capability::Read, path.resource())?;
             paths.push(path.to_string());
         }
         let mut prefixes = Vec::with_capacity(r.prefixes.len());
         for p in &r.prefixes {
-            let prefix = call.parse(ListPrefix::parse(p))?;
+            let prefix = call.check(ListPrefix::parse(p))?;
             call.authorize(Capability::Read, prefix.resource())?;
             prefixes.push(prefix.path().map(|p| p.to_string()));
         }
-        let Some(mut caller) = call.caller().cloned() else {
-            return Err(call.fail(crate::core::AuthError::MissingToken));
-        };
+        let mut caller = call.require_caller()?;
         // Subscribe before answering, so nothing after the answer is missed.
         let mut changes = self.core.secrets.subscribe();
         call.ok(&[])?;
@@ -154,11 +154,11 @@ impl Secrets for SecretsService {
                             }
                         }
                         Err(RecvError::Lagged(_)) => {
-                            let _ = tx
-                                .send(Err(Status::aborted(
-                                    "the watcher fell behind; read the secrets again and watch again",
-                                )))
-                                .await;
+                            let behind = Failure::new(
+                                FailureKind::Aborted,
+                                "the watcher fell behind; read the secrets again and watch again",
+                            );
+                            let _ = tx.send(Err(behind.into())).await;
                             break;
                         }
                         Err(RecvError::Closed) => break,
@@ -177,11 +177,10 @@ impl Secrets for SecretsService {
         &self,
         req: Request<PutSecretRequest>,
     ) -> Result<Response<PutSecretResponse>, Status> {
-        let mut call =
-            Call::begin(&self.core, "keyward.v1.Secrets/Put", Access::Token, &req).await?;
+        let mut call = begin(&self.core, "keyward.v1.Secrets/Put", Access::Token, &req).await?;
         let mut r = req.into_inner();
-        let path = call.parse(SecretPath::parse(&r.path))?;
-        call.authorize(Capability::Write, path.resource())?;
+        let path = call.check(SecretPath::parse(&r.path))?;
+        let proof = call.authorize(Capability::Write, path.resource())?;
         let data: SecretData = std::mem::take(&mut r.data)
             .into_iter()
             .map(|(k, v)| (k, SecretBytes::new(v)))
@@ -199,7 +198,7 @@ impl Secrets for SecretsService {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let version = call.check(self.core.secrets.put(put, now_ms()))?;
+        let version = call.check(self.core.secrets.put(&proof, put, now_ms()))?;
         call.check(self.core.secrets.durable().await)?;
         let refs: Vec<(&str, &[u8])> = values
             .iter()
@@ -216,13 +215,12 @@ impl Secrets for SecretsService {
         &self,
         req: Request<GetSecretRequest>,
     ) -> Result<Response<GetSecretResponse>, Status> {
-        let mut call =
-            Call::begin(&self.core, "keyward.v1.Secrets/Get", Access::Token, &req).await?;
+        let mut call = begin(&self.core, "keyward.v1.Secrets/Get", Access::Token, &req).await?;
         let r = req.into_inner();
-        let path = call.parse(SecretPath::parse(&r.path))?;
+        let path = call.check(SecretPath::parse(&r.path))?;
         let selector = match (r.version, r.stage.as_deref()) {
             (Some(v), _) if v != 0 => Selector::Version(v),
-            (_, stage) => Selector::Stage(call.parse(Stage::parse(stage.unwrap_or("")))?),
+            (_, stage) => Selector::Stage(call.check(Stage::parse(stage.unwrap_or("")))?),
         };
         call.authorize(Capability::Read, path.resource())?;
         let found = call.check(self.core.secrets.get(&path, selector))?;
@@ -252,9 +250,8 @@ impl Secrets for SecretsService {
         &self,
         req: Request<ListSecretsRequest>,
     ) -> Result<Response<ListSecretsResponse>, Status> {
-        let mut call =
-            Call::begin(&self.core, "keyward.v1.Secrets/List", Access::Token, &req).await?;
-        let prefix = call.parse(ListPrefix::parse(&req.get_ref().prefix))?;
+        let mut call = begin(&self.core, "keyward.v1.Secrets/List", Access::Token, &req).await?;
+        let prefix = call.check(ListPrefix::parse(&req.get_ref().prefix))?;
         call.authorize(Capability::List, prefix.resource())?;
         let paths = call.check(self.core.secrets.list(&prefix))?;
         call.ok(&[])?;
@@ -265,14 +262,14 @@ impl Secrets for SecretsService {
         &self,
         req: Request<SecretMetadataRequest>,
     ) -> Result<Response<SecretMetadata>, Status> {
-        let mut call = Call::begin(
+        let mut call = begin(
             &self.core,
             "keyward.v1.Secrets/Metadata",
             Access::Token,
             &req,
         )
         .await?;
-        let path = call.parse(SecretPath::parse(&req.get_ref().path))?;
+        let path = call.check(SecretPath::parse(&req.get_ref().path))?;
         call.authorize(Capability::Read, path.resource())?;
         let meta = call.check(self.core.secrets.metadata(&path))?;
         call.ok(&[])?;
@@ -305,14 +302,13 @@ impl Secrets for SecretsService {
         &self,
         req: Request<DeleteSecretRequest>,
     ) -> Result<Response<DeleteSecretResponse>, Status> {
-        let mut call =
-            Call::begin(&self.core, "keyward.v1.Secrets/Delete", Access::Token, &req).await?;
-        let path = call.parse(SecretPath::parse(&req.get_ref().path))?;
-        call.authorize(Capability::Delete, path.resource())?;
+        let mut call = begin(&self.core, "keyward.v1.Secrets/Delete", Access::Token, &req).await?;
+        let path = call.check(SecretPath::parse(&req.get_ref().path))?;
+        let proof = call.authorize(Capability::Delete, path.resource())?;
         call.check(
             self.core
                 .secrets
-                .delete(&path, req.get_ref().version, now_ms()),
+                .delete(&proof, &path, req.get_ref().version, now_ms()),
         )?;
         call.check(self.core.secrets.durable().await)?;
         call.ok(&[])?;
@@ -323,19 +319,19 @@ impl Secrets for SecretsService {
         &self,
         req: Request<UndeleteSecretRequest>,
     ) -> Result<Response<UndeleteSecretResponse>, Status> {
-        let mut call = Call::begin(
+        let mut call = begin(
             &self.core,
             "keyward.v1.Secrets/Undelete",
             Access::Token,
             &req,
         )
         .await?;
-        let path = call.parse(SecretPath::parse(&req.get_ref().path))?;
-        call.authorize(Capability::Write, path.resource())?;
+        let path = call.check(SecretPath::parse(&req.get_ref().path))?;
+        let proof = call.authorize(Capability::Write, path.resource())?;
         call.check(
             self.core
                 .secrets
-                .undelete(&path, req.get_ref().version, now_ms()),
+                .undelete(&proof, &path, req.get_ref().version, now_ms()),
         )?;
         call.check(self.core.secrets.durable().await)?;
         call.ok(&[])?;
@@ -346,19 +342,19 @@ impl Secrets for SecretsService {
         &self,
         req: Request<DestroySecretRequest>,
     ) -> Result<Response<DestroySecretResponse>, Status> {
-        let mut call = Call::begin(
+        let mut call = begin(
             &self.core,
             "keyward.v1.Secrets/Destroy",
             Access::Token,
             &req,
         )
         .await?;
-        let path = call.parse(SecretPath::parse(&req.get_ref().path))?;
-        call.authorize(Capability::Destroy, path.resource())?;
+        let path = call.check(SecretPath::parse(&req.get_ref().path))?;
+        let proof = call.authorize(Capability::Destroy, path.resource())?;
         call.check(
             self.core
                 .secrets
-                .destroy(&path, req.get_ref().version, now_ms()),
+                .destroy(&proof, &path, req.get_ref().version, now_ms()),
         )?;
         call.check(self.core.secrets.durable().await)?;
         call.ok(&[])?;

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::{Access, Call, Failure};
+use super::{begin, Access, Failure};
 use crate::core::Core;
 use crate::policy::Capability;
 use crate::proto::v1::sys_server::Sys;
@@ -53,21 +53,17 @@ fn status_message(core: &Core) -> StatusResponse {
 #[tonic::async_trait]
 impl Sys for SysService {
     async fn init(&self, req: Request<InitRequest>) -> Result<Response<InitResponse>, Status> {
-        let mut call = Call::begin(&self.core, "keyward.v1.Sys/Init", Access::Open, &req).await?;
+        let mut call = begin(&self.core, "keyward.v1.Sys/Init", Access::Open, &req).await?;
         call.set_resource("sys/init");
         let r = req.into_inner();
-        let shares = call.parse(u8::try_from(r.shares).map_err(|_| {
-            Failure::new(
-                tonic::Code::InvalidArgument,
-                "shares must be between 1 and 255",
-            )
-        }))?;
-        let threshold = call.parse(u8::try_from(r.threshold).map_err(|_| {
-            Failure::new(
-                tonic::Code::InvalidArgument,
-                "threshold must be between 1 and shares",
-            )
-        }))?;
+        let shares = call.check(
+            u8::try_from(r.shares)
+                .map_err(|_| Failure::invalid("shares must be between 1 and 255")),
+        )?;
+        let threshold = call.check(
+            u8::try_from(r.threshold)
+                .map_err(|_| Failure::invalid("threshold must be between 1 and shares")),
+        )?;
         let out = call.check(self.core.init(shares, threshold).await)?;
         call.ok(&[])?;
         Ok(Response::new(InitResponse {
@@ -80,7 +76,7 @@ impl Sys for SysService {
         &self,
         req: Request<UnsealRequest>,
     ) -> Result<Response<UnsealResponse>, Status> {
-        let mut call = Call::begin(&self.core, "keyward.v1.Sys/Unseal", Access::Open, &req).await?;
+        let mut call = begin(&self.core, "keyward.v1.Sys/Unseal", Access::Open, &req).await?;
         call.set_resource("sys/unseal");
         let r = req.into_inner();
         let status = if r.reset {
@@ -98,7 +94,7 @@ impl Sys for SysService {
     }
 
     async fn seal(&self, req: Request<SealRequest>) -> Result<Response<SealResponse>, Status> {
-        let mut call = Call::begin(&self.core, "keyward.v1.Sys/Seal", Access::Token, &req).await?;
+        let mut call = begin(&self.core, "keyward.v1.Sys/Seal", Access::Token, &req).await?;
         call.authorize(Capability::Admin, "sys/seal".into())?;
         // Audit before the keys go: the record still carries the caller's HMACs.
         call.ok(&[])?;
@@ -111,7 +107,7 @@ impl Sys for SysService {
         &self,
         req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        let mut call = Call::begin(&self.core, "keyward.v1.Sys/Status", Access::Open, &req).await?;
+        let mut call = begin(&self.core, "keyward.v1.Sys/Status", Access::Open, &req).await?;
         call.set_resource("sys/status");
         let status = status_message(&self.core);
         call.ok(&[])?;
@@ -122,8 +118,7 @@ impl Sys for SysService {
         &self,
         req: Request<RotateKeyRequest>,
     ) -> Result<Response<RotateKeyResponse>, Status> {
-        let mut call =
-            Call::begin(&self.core, "keyward.v1.Sys/RotateKey", Access::Token, &req).await?;
+        let mut call = begin(&self.core, "keyward.v1.Sys/RotateKey", Access::Token, &req).await?;
         call.authorize(Capability::Admin, "sys/keyring".into())?;
         let term = call.check(self.core.rotate_key().await)?;
         call.ok(&[])?;
@@ -134,8 +129,7 @@ impl Sys for SysService {
         &self,
         req: Request<AuditHashRequest>,
     ) -> Result<Response<AuditHashResponse>, Status> {
-        let mut call =
-            Call::begin(&self.core, "keyward.v1.Sys/AuditHash", Access::Token, &req).await?;
+        let mut call = begin(&self.core, "keyward.v1.Sys/AuditHash", Access::Token, &req).await?;
         call.authorize(Capability::Read, "sys/audit-hash".into())?;
         let r = req.into_inner();
         let hash = call.check(self.core.audit.hmac(r.value.as_bytes()))?;

@@ -50,7 +50,7 @@ pub enum ClientError {
     #[error("cannot connect to {addr}: {detail}")]
     Connect { addr: String, detail: String },
     /// The server answered with an error status.
-    #[error("{}: {}", crate::api::code_name(.0.code()), .0.message())]
+    #[error("{}: {}", crate::proto::code_name(.0.code()), .0.message())]
     Status(tonic::Status),
 }
 

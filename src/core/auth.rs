@@ -15,12 +15,17 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::barrier::BarrierError;
+use crate::clock::Clock;
 use crate::policy::Capability;
 use crate::policy_store::{CompiledSet, PolicyStore, PolicyStoreError};
 use crate::token::format::TokenSecret;
 use crate::token::{TokenError, TokenRequest, TokenStore};
 
 use super::usage::Usage;
+
+/// The one proof of a policy check, minted by `policy` through
+/// [`Gate::authorize`]; re-exported here, where requests get it.
+pub use crate::policy::Authorized;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -81,43 +86,27 @@ impl Caller {
     }
 }
 
-/// Proof that a caller may use a capability on a resource. Only
-/// `Gate::authorize` makes one; domain actions that need a check take it.
-#[derive(Debug)]
-pub struct Authorized {
-    resource: String,
-    capability: Capability,
-}
-
-impl Authorized {
-    pub fn resource(&self) -> &str {
-        &self.resource
-    }
-
-    pub fn capability(&self) -> Capability {
-        self.capability
-    }
-}
-
 pub struct Gate {
     tokens: TokenStore,
     policies: PolicyStore,
     usage: Usage,
+    clock: Clock,
 }
 
 impl Gate {
-    pub fn new(tokens: TokenStore, policies: PolicyStore, usage: Usage) -> Self {
+    pub fn new(tokens: TokenStore, policies: PolicyStore, usage: Usage, clock: Clock) -> Self {
         Self {
             tokens,
             policies,
             usage,
+            clock,
         }
     }
 
     /// Loads the token hash key after an unseal (and moves a foundation root
     /// token into the token store).
     pub fn on_unseal(&self) -> Result<(), AuthError> {
-        self.tokens.on_unseal(super::now_ms())?;
+        self.tokens.on_unseal(self.clock.now_ms())?;
         Ok(())
     }
 
@@ -147,7 +136,7 @@ impl Gate {
     /// Finds the caller a token belongs to: known, not expired, allowed from
     /// `source`; a limited token's use is counted.
     pub fn authenticate(&self, token: &str, source: Option<IpAddr>) -> Result<Caller, AuthError> {
-        let now = super::now_ms();
+        let now = self.clock.now_ms();
         let used = self.tokens.use_token(token, source, now)?;
         let set = self.policies.compiled_set(&used.record.policies)?;
         self.usage.record(&used.record.identity, None, now);
@@ -167,7 +156,7 @@ impl Gate {
     /// compiled afresh. No use of a limited token is counted. For
     /// long-lived calls (`Watch`) that must not outlive their authority.
     pub fn refresh(&self, caller: &Caller) -> Result<Caller, AuthError> {
-        let now = super::now_ms();
+        let now = self.clock.now_ms();
         let info = self
             .tokens
             .lookup_accessor(&caller.accessor, now)?
@@ -183,22 +172,20 @@ impl Gate {
         })
     }
 
-    /// Checks a capability on a resource against the caller's policies. A
-    /// refusal is the same whether or not the resource exists.
+    /// Checks a capability on a resource against the caller's policies and
+    /// hands back the proof a domain write requires. A refusal is the same
+    /// whether or not the resource exists.
     pub fn authorize(
         &self,
         caller: &Caller,
         capability: Capability,
         resource: &str,
     ) -> Result<Authorized, AuthError> {
-        match caller.set.check(resource, capability) {
-            Some(grant) => {
+        match caller.set.authorize(resource, capability) {
+            Some((proof, grant)) => {
                 self.usage
-                    .record(&caller.identity, Some(grant), super::now_ms());
-                Ok(Authorized {
-                    resource: resource.to_owned(),
-                    capability,
-                })
+                    .record(&caller.identity, Some(grant), self.clock.now_ms());
+                Ok(proof)
             }
             None => Err(AuthError::Denied),
         }
@@ -222,7 +209,12 @@ mod tests {
         let policies = PolicyStore::new(barrier.clone());
         let tokens = TokenStore::new(barrier.clone(), Arc::new(policies.clone()));
         let usage = Usage::new(barrier);
-        let gate = Gate::new(tokens.clone(), policies.clone(), usage.clone());
+        let gate = Gate::new(
+            tokens.clone(),
+            policies.clone(),
+            usage.clone(),
+            Clock::system(),
+        );
         gate.on_unseal().unwrap();
         (dir, gate, tokens, policies, usage)
     }
@@ -230,12 +222,14 @@ mod tests {
     #[test]
     fn root_token_may_do_anything() {
         let (_d, gate, ..) = gate();
-        let root = gate.create_root_token(super::super::now_ms()).unwrap();
+        let root = gate.create_root_token(Clock::system().now_ms()).unwrap();
         let caller = gate.authenticate(root.expose(), None).unwrap();
         assert!(caller.is_root());
         assert_eq!(caller.identity, "root");
-        gate.authorize(&caller, Capability::Destroy, "secret/a/b")
+        let proof = gate
+            .authorize(&caller, Capability::Destroy, "secret/a/b")
             .unwrap();
+        assert!(proof.grants(Capability::Destroy, "secret/a/b"));
         gate.authorize(&caller, Capability::Admin, "sys/seal")
             .unwrap();
     }
@@ -243,8 +237,14 @@ mod tests {
     #[test]
     fn policies_decide_and_usage_records_the_rule() {
         let (_d, gate, tokens, policies, usage) = gate();
+        let root = gate.create_root_token(Clock::system().now_ms()).unwrap();
+        let root = gate.authenticate(root.expose(), None).unwrap();
+        let proof = gate
+            .authorize(&root, Capability::Write, "policy/app")
+            .unwrap();
         policies
             .put(
+                &proof,
                 &Policy::parse(
                     "app",
                     "[[rule]]\npath = \"secret/app/db\"\ncapabilities = [\"read\"]\n",
@@ -265,7 +265,7 @@ mod tests {
                     parent_accessor: None,
                     method: "token",
                 },
-                super::super::now_ms(),
+                Clock::system().now_ms(),
             )
             .unwrap();
         let caller = gate.authenticate(issued.token.expose(), None).unwrap();
@@ -282,10 +282,11 @@ mod tests {
             ));
         }
         let snap = usage.snapshot();
-        assert_eq!(snap.len(), 1);
-        assert_eq!(snap[0].identity, "svc");
+        let svc: Vec<_> = snap.iter().filter(|u| u.identity != "root").collect();
+        assert_eq!(svc.len(), 1);
+        assert_eq!(svc[0].identity, "svc");
         assert_eq!(
-            snap[0].exercised,
+            svc[0].exercised,
             vec![("app".to_owned(), "secret/app/db".to_owned())]
         );
         // Revocation is immediate.

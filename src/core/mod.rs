@@ -5,6 +5,7 @@
 //! nothing of protobuf or gRPC status codes.
 
 pub mod auth;
+pub mod call;
 mod report;
 pub mod usage;
 
@@ -89,7 +90,12 @@ impl Core {
         let tokens = TokenStore::new(barrier.clone(), Arc::new(policies.clone()));
         let usage = Usage::new(barrier.clone());
         Self {
-            gate: Gate::new(tokens.clone(), policies.clone(), usage.clone()),
+            gate: Gate::new(
+                tokens.clone(),
+                policies.clone(),
+                usage.clone(),
+                crate::clock::Clock::system(),
+            ),
             tokens,
             policies,
             usage,

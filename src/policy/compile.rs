@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use super::authorized::Authorized;
 use super::capability::{Capability, CapabilitySet};
 use super::document::{GlobSegment, Policy, PolicyError, ResourceRoot};
 
@@ -21,36 +22,6 @@ pub enum Decision {
 impl Decision {
     pub fn is_allowed(self) -> bool {
         matches!(self, Decision::Allowed { .. })
-    }
-}
-
-/// Proof that a capability on a resource was granted; only this module makes
-/// one, so code that acts on a resource can require it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Authorized<'a> {
-    resource: &'a str,
-    capability: Capability,
-    policy: u16,
-    rule: u16,
-}
-
-impl<'a> Authorized<'a> {
-    pub fn resource(&self) -> &'a str {
-        self.resource
-    }
-
-    pub fn capability(&self) -> Capability {
-        self.capability
-    }
-
-    /// The index of the granting policy in its set.
-    pub fn policy(&self) -> u16 {
-        self.policy
-    }
-
-    /// The index of the granting rule in its policy.
-    pub fn rule(&self) -> u16 {
-        self.rule
     }
 }
 
@@ -236,15 +207,14 @@ impl PolicySet {
         granted.unwrap_or(Decision::Denied)
     }
 
-    /// [`PolicySet::check`], returning the proof the acting code requires.
-    pub fn authorize<'a>(&self, resource: &'a str, cap: Capability) -> Option<Authorized<'a>> {
+    /// [`PolicySet::check`], returning the proof a domain write requires:
+    /// the one way to mint an [`Authorized`] for a caller. Allocates only on
+    /// a grant (the proof owns its resource path).
+    pub fn authorize(&self, resource: &str, cap: Capability) -> Option<Authorized> {
         match self.check(resource, cap) {
-            Decision::Allowed { policy, rule } => Some(Authorized {
-                resource,
-                capability: cap,
-                policy,
-                rule,
-            }),
+            Decision::Allowed { policy, rule } => {
+                Some(Authorized::granted(resource, cap, policy, rule))
+            }
             Decision::Denied => None,
         }
     }
@@ -630,7 +600,7 @@ mod tests {
         let proof = s.authorize("secret/a/b", Capability::Read).unwrap();
         assert_eq!(proof.resource(), "secret/a/b");
         assert_eq!(proof.capability(), Capability::Read);
-        assert_eq!((proof.policy(), proof.rule()), (0, 0));
+        assert_eq!(proof.rule(), Some((0, 0)));
         assert!(s.authorize("secret/a/b", Capability::Write).is_none());
     }
 

@@ -7,6 +7,7 @@
 //!
 //! - [`Policy`]: parsed from the TOML of INTERFACE.md and written back to it.
 //! - [`CompiledPolicy`], [`PolicySet`]: the request-path form.
+//! - [`Authorized`]: the proof a check mints and a domain write requires.
 //! - [`bench_check_ns`]: the `authz_ns` benchmark figure.
 //!
 //! # Matching
@@ -39,14 +40,16 @@
 //! deny on `secret/app/admin/*` hides the values below `secret/app/admin` but
 //! not the listing of their names; deny `secret/app/admin/**` to hide both.
 
+mod authorized;
 mod bench;
 mod capability;
 mod compile;
 mod document;
 
+pub use authorized::Authorized;
 pub use bench::bench_check_ns;
 pub use capability::{Capability, CapabilitySet, UnknownCapability};
-pub use compile::{Authorized, CompiledPolicy, Decision, PolicySet};
+pub use compile::{CompiledPolicy, Decision, PolicySet};
 pub use document::{
     validate_name, Policy, PolicyError, ResourceRoot, Rule, RuleProblem, MAX_PATH_BYTES,
     MAX_PATH_SEGMENTS, MAX_POLICY_BYTES, MAX_RULES, ROOT_POLICY,

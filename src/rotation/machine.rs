@@ -43,6 +43,7 @@ use super::provider::{Provider, ProviderError, ProviderSettings, RotationInput};
 use super::RotationError;
 use crate::audit::{AuditEvent, Outcome};
 use crate::core::{now_ms, Core};
+use crate::policy::{Authorized, Capability};
 use crate::secrecy::{SecretBytes, SecretData};
 use crate::secrets::{PutRequest, SecretPath, SecretsError, Selector, Stage};
 
@@ -378,6 +379,7 @@ pub async fn drive(
             Step::Generate => match provider.generate(&input).await {
                 Ok(value) => {
                     let version = core.secrets.put(
+                        &Authorized::for_broker(path.resource(), Capability::Write),
                         PutRequest {
                             path: path.clone(),
                             data: value.clone(),

@@ -12,11 +12,17 @@
 //! in one atomic batch, and the caller waits for `Barrier::durable` before it
 //! answers. This module knows nothing of tokens, policies or gRPC.
 //!
+//! A write (put, delete, undelete, destroy) takes the [`Authorized`] proof
+//! of the policy check for its capability on the path's resource
+//! (`secret/<path>`), and refuses one made for anything else.
+//!
 //! Every new `current` version (a write, or a rotation's promotion) is
 //! announced on a broadcast channel ([`SecretStore::subscribe`]) with its
 //! path and number, never its value: `Secrets.Watch` is fed from it.
 
 mod path;
+#[cfg(test)]
+mod proof_tests;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -27,6 +33,7 @@ use zeroize::{Zeroize, Zeroizing};
 pub use path::{DataLimits, InputError, ListPrefix, SecretPath, Stage};
 
 use crate::barrier::{Barrier, BarrierError, PlainOp};
+use crate::policy::{Authorized, Capability};
 use crate::secrecy::{SecretBytes, SecretData};
 
 const META: &str = "secrets/meta/";
@@ -51,8 +58,25 @@ pub enum SecretsError {
     CasMismatch { expected: u64, actual: u64 },
     #[error("stored secret record is corrupt")]
     Corrupt,
+    /// The proof handed to a write is for another path or capability (a bug
+    /// in the caller: it checked one thing and wrote another).
+    #[error("the write's authorization is for another path or capability")]
+    WrongProof,
     #[error(transparent)]
     Barrier(#[from] BarrierError),
+}
+
+/// Refuses a write whose proof is not `capability` on `secret/<path>`.
+fn require(
+    proof: &Authorized,
+    capability: Capability,
+    path: &SecretPath,
+) -> Result<(), SecretsError> {
+    if proof.grants_under(capability, "secret", path.as_str()) {
+        Ok(())
+    } else {
+        Err(SecretsError::WrongProof)
+    }
 }
 
 /// One version's metadata.
@@ -244,7 +268,14 @@ impl SecretStore {
     }
 
     /// Writes a new version. Not durable until the caller awaits `durable`.
-    pub fn put(&self, req: PutRequest, now_ms: u64) -> Result<u64, SecretsError> {
+    /// `proof` is `write` on the path.
+    pub fn put(
+        &self,
+        proof: &Authorized,
+        req: PutRequest,
+        now_ms: u64,
+    ) -> Result<u64, SecretsError> {
+        require(proof, Capability::Write, &req.path)?;
         self.limits.check(&req.data)?;
         let max_versions = req
             .max_versions
@@ -380,12 +411,15 @@ impl SecretStore {
     }
 
     /// Soft-deletes a version (default: current). Undelete brings it back.
+    /// `proof` is `delete` on the path.
     pub fn delete(
         &self,
+        proof: &Authorized,
         path: &SecretPath,
         version: Option<u64>,
         now_ms: u64,
     ) -> Result<u64, SecretsError> {
+        require(proof, Capability::Delete, path)?;
         self.update_version(path, version, |meta, v| {
             let record = meta.version_mut(v).ok_or(SecretsError::NoSuchVersion(v))?;
             if record.destroyed {
@@ -399,12 +433,15 @@ impl SecretStore {
         })
     }
 
+    /// Brings back a soft-deleted version. `proof` is `write` on the path.
     pub fn undelete(
         &self,
+        proof: &Authorized,
         path: &SecretPath,
         version: u64,
         now_ms: u64,
     ) -> Result<u64, SecretsError> {
+        require(proof, Capability::Write, path)?;
         self.update_version(path, Some(version), |meta, v| {
             let record = meta.version_mut(v).ok_or(SecretsError::NoSuchVersion(v))?;
             if record.destroyed {
@@ -416,13 +453,16 @@ impl SecretStore {
         })
     }
 
-    /// Removes a version's data for good; its metadata stays, marked destroyed.
+    /// Removes a version's data for good; its metadata stays, marked
+    /// destroyed. `proof` is `destroy` on the path.
     pub fn destroy(
         &self,
+        proof: &Authorized,
         path: &SecretPath,
         version: u64,
         now_ms: u64,
     ) -> Result<u64, SecretsError> {
+        require(proof, Capability::Destroy, path)?;
         self.update_version(path, Some(version), |meta, v| {
             let record = meta.version_mut(v).ok_or(SecretsError::NoSuchVersion(v))?;
             record.destroyed = true;

@@ -1,0 +1,506 @@
+//! The request seam: one call from arrival to answer, whatever the
+//! transport. A handler (gRPC in `api`, later HTTP) describes the request in
+//! a [`RequestMeta`], then reads top to bottom: [`Call::begin`] (seal and
+//! token), [`Call::check`] the parsed input, [`Call::authorize`] (the proof a
+//! domain write requires), act through the domain and [`Call::check`] its
+//! result, [`Call::ok`] (record). Every way out writes the audit record
+//! before the answer leaves, and a call dropped without an answer is still
+//! audited (`Drop`). If the audit record cannot be written, the call fails.
+//!
+//! Errors are [`Failure`]s: a transport-neutral [`FailureKind`] and a safe
+//! message. The mapping of domain errors to kinds is in `failure.rs`; a
+//! transport maps kinds to its own codes once (`api::grpc_code`).
+//!
+//! Owns no storage prefix; it reaches the domain only through `Core`.
+
+mod failure;
+
+pub use failure::{Failure, FailureKind};
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use zeroize::Zeroizing;
+
+use crate::audit::{AuditEvent, Outcome};
+use crate::barrier::BarrierError;
+use crate::policy::{Authorized, Capability};
+
+use super::auth::{AuthError, Caller};
+use super::Core;
+
+/// Whether a call needs a token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Status, unseal, init and login: answered without a token (init,
+    /// unseal and status even while sealed).
+    Open,
+    /// Everything else: the vault must be unsealed and the token valid.
+    Token,
+}
+
+/// What the seam needs to know of a request, read from the transport's
+/// metadata by the transport's layer.
+pub struct RequestMeta {
+    /// The method as audit records and metrics name it, e.g.
+    /// `keyward.v1.Secrets/Get`.
+    pub method: &'static str,
+    /// From [`request_id`].
+    pub request_id: String,
+    /// The peer address.
+    pub source: Option<SocketAddr>,
+    /// The bearer token, if one was sent (see [`bearer`]).
+    pub token: Option<Zeroizing<String>>,
+}
+
+impl std::fmt::Debug for RequestMeta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestMeta")
+            .field("method", &self.method)
+            .field("request_id", &self.request_id)
+            .field("source", &self.source)
+            .field("token", &self.token.as_ref().map(|_| "[redacted]"))
+            .finish()
+    }
+}
+
+/// The request id of a call: the client's own (`x-request-id`), if it is 1
+/// to 64 ASCII letters, digits and dashes, else a new one unique to this
+/// process run: a random prefix chosen at start-up and a counter (no system
+/// call per request, unlike a UUID).
+pub fn request_id(given: Option<&str>) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static PREFIX: OnceLock<String> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let given = given.filter(|v| {
+        !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    });
+    match given {
+        Some(id) => id.to_owned(),
+        None => {
+            let prefix =
+                PREFIX.get_or_init(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_owned());
+            format!("{prefix}-{:x}", COUNTER.fetch_add(1, Ordering::Relaxed))
+        }
+    }
+}
+
+/// The token of an `authorization: Bearer <token>` header value.
+pub fn bearer(header: &str) -> Option<Zeroizing<String>> {
+    let token = header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))?;
+    Some(Zeroizing::new(token.trim().to_owned()))
+}
+
+/// One request from arrival to answer. Every path out of a handler goes
+/// through `fail` or `ok`, which write the audit record (before the answer
+/// leaves) and the metrics; a call dropped before either is audited as
+/// `CANCELLED`.
+pub struct Call {
+    core: Arc<Core>,
+    method: &'static str,
+    request_id: String,
+    source: Option<SocketAddr>,
+    token: Option<Zeroizing<String>>,
+    caller: Option<Caller>,
+    /// Who a tokenless call (a login) authenticated as: (identity, new accessor).
+    subject: Option<(String, String)>,
+    resource: Option<String>,
+    started: Instant,
+    finished: bool,
+}
+
+impl Call {
+    /// Starts a call: for `Access::Token`, checks the seal and the token. A
+    /// refusal is audited before it is returned.
+    pub async fn begin(
+        core: &Arc<Core>,
+        meta: RequestMeta,
+        access: Access,
+    ) -> Result<Self, Failure> {
+        let mut call = Self {
+            core: core.clone(),
+            method: meta.method,
+            request_id: meta.request_id,
+            source: meta.source,
+            token: meta.token,
+            caller: None,
+            subject: None,
+            resource: None,
+            started: Instant::now(),
+            finished: false,
+        };
+        if access == Access::Token {
+            if core.is_sealed() {
+                return Err(call.fail(BarrierError::Sealed));
+            }
+            let authenticated = match call.token.as_deref() {
+                None => Err(AuthError::MissingToken),
+                Some(token) => core.gate.authenticate(token, call.source.map(|s| s.ip())),
+            };
+            let caller = match authenticated {
+                Ok(caller) => caller,
+                Err(e) => return Err(call.fail(e)),
+            };
+            let counted = caller.counted_use;
+            call.caller = Some(caller);
+            // A counted use is on disk before the call acts, so a crash
+            // cannot hand the use back.
+            if counted {
+                if let Err(e) = core.barrier.durable().await {
+                    return Err(call.fail(e));
+                }
+            }
+        }
+        Ok(call)
+    }
+
+    /// The authenticated caller (`Access::Token` calls).
+    pub fn caller(&self) -> Option<&Caller> {
+        self.caller.as_ref()
+    }
+
+    /// The authenticated caller, or an audited `UNAUTHENTICATED` for a call
+    /// that has none.
+    pub fn require_caller(&mut self) -> Result<Caller, Failure> {
+        match &self.caller {
+            Some(caller) => Ok(caller.clone()),
+            None => Err(self.fail(AuthError::MissingToken)),
+        }
+    }
+
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// The peer address.
+    pub fn source(&self) -> Option<SocketAddr> {
+        self.source
+    }
+
+    /// Refuses (audited, `Denied`) unless the caller holds `root` or every
+    /// one of `policies`: nobody hands an identity more than they hold.
+    pub fn require_policy_subset(&mut self, policies: &[String]) -> Result<(), Failure> {
+        let allowed = self
+            .caller
+            .as_ref()
+            .is_some_and(|c| c.is_root() || policies.iter().all(|p| c.policies.contains(p)));
+        if allowed {
+            Ok(())
+        } else {
+            Err(self.fail(AuthError::Denied))
+        }
+    }
+
+    /// Passes a result through: parsed input before the check, the domain's
+    /// answer after it. An error ends the call (audited, then returned).
+    pub fn check<T, E: Into<Failure>>(&mut self, result: Result<T, E>) -> Result<T, Failure> {
+        result.map_err(|e| self.fail(e))
+    }
+
+    /// Checks the caller's policies for `capability` on `resource`, which
+    /// becomes the call's audited resource. The proof is what a domain write
+    /// requires.
+    pub fn authorize(
+        &mut self,
+        capability: Capability,
+        resource: String,
+    ) -> Result<Authorized, Failure> {
+        let decision = match &self.caller {
+            Some(caller) => self.core.gate.authorize(caller, capability, &resource),
+            None => Err(AuthError::MissingToken),
+        };
+        self.resource = Some(resource);
+        decision.map_err(|e| self.fail(e))
+    }
+
+    /// Names, for the audit record, the identity and token accessor a login
+    /// call produced.
+    pub fn set_subject(&mut self, identity: &str, accessor: &str) {
+        self.subject = Some((identity.to_owned(), accessor.to_owned()));
+    }
+
+    /// Records the resource of a call that needs no policy check.
+    pub fn set_resource(&mut self, resource: impl Into<String>) {
+        self.resource = Some(resource.into());
+    }
+
+    /// Ends the call with an error: audits it and hands back what to answer
+    /// (`Unavailable` instead, if the audit record cannot be written).
+    pub fn fail(&mut self, error: impl Into<Failure>) -> Failure {
+        let failure = error.into();
+        let kind = failure.kind();
+        match self.finish(
+            kind.outcome(),
+            kind.code_name(),
+            Some(failure.message()),
+            &[],
+        ) {
+            Ok(()) => failure,
+            Err(audit_down) => audit_down,
+        }
+    }
+
+    /// Ends the call successfully; `values` are the secret values it carried
+    /// (written to the audit log only as HMACs).
+    pub fn ok(mut self, values: &[(&str, &[u8])]) -> Result<(), Failure> {
+        self.finish(Outcome::Allowed, "OK", None, values)
+    }
+
+    fn finish(
+        &mut self,
+        outcome: Outcome,
+        code: &'static str,
+        error: Option<&str>,
+        values: &[(&str, &[u8])],
+    ) -> Result<(), Failure> {
+        self.finished = true;
+        let source = self.source.map(|s| s.to_string());
+        let (identity, accessor) = match (&self.caller, &self.subject) {
+            (Some(c), _) => (Some(c.identity.as_str()), Some(c.accessor.as_str())),
+            (None, Some((identity, accessor))) => {
+                (Some(identity.as_str()), Some(accessor.as_str()))
+            }
+            (None, None) => (None, None),
+        };
+        let event = AuditEvent {
+            request_id: &self.request_id,
+            method: self.method,
+            resource: self.resource.as_deref(),
+            identity,
+            accessor,
+            source: source.as_deref(),
+            outcome,
+            code,
+            error,
+            token: self.token.as_deref().map(|t| t.as_bytes()),
+            values,
+        };
+        let written = self.core.audit.append(&event).map_err(Failure::from);
+        let code = match &written {
+            Ok(()) => code,
+            Err(f) => f.kind().code_name(),
+        };
+        self.core
+            .metrics
+            .observe_request(self.method, code, self.started.elapsed());
+        written
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if !self.finished {
+            // A handler returned without answering through `ok` or `fail`
+            // (a bug, or the client went away mid-call): still audit it.
+            let kind = FailureKind::Cancelled;
+            let _ = self.finish(
+                kind.outcome(),
+                kind.code_name(),
+                Some("call ended without an answer"),
+                &[],
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use std::path::{Path, PathBuf};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::audit::AuditLog;
+    use crate::barrier::{Barrier, BarrierOptions};
+    use crate::clock::Clock;
+    use crate::metrics::Metrics;
+    use crate::secrets::DataLimits;
+    use crate::storage::SledBackend;
+    use crate::token::TokenRequest;
+
+    struct Vault {
+        _dir: tempfile::TempDir,
+        core: Arc<Core>,
+        audit: PathBuf,
+        root: String,
+    }
+
+    async fn vault() -> Vault {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = SledBackend::open(dir.path().join("data")).unwrap();
+        let barrier = Barrier::new(Arc::new(backend), BarrierOptions::default()).unwrap();
+        let audit = dir.path().join("audit.log");
+        let core = Arc::new(Core::new(
+            Arc::new(barrier),
+            AuditLog::open(&audit).unwrap(),
+            Arc::new(Metrics::new()),
+            DataLimits::default(),
+        ));
+        let init = core.init(1, 1).await.unwrap();
+        core.unseal(&init.shares[0].0).await.unwrap();
+        Vault {
+            root: init.root_token.expose().to_owned(),
+            _dir: dir,
+            core,
+            audit,
+        }
+    }
+
+    /// A token that holds no policy: it authenticates, and may do nothing.
+    fn powerless_token(core: &Core) -> String {
+        let issued = core
+            .tokens
+            .issue(
+                TokenRequest {
+                    identity: "svc".into(),
+                    policies: Vec::new(),
+                    ttl: Duration::from_secs(60),
+                    max_ttl: Duration::ZERO,
+                    hard_expiry_ms: None,
+                    uses: 0,
+                    cidrs: Vec::new(),
+                    parent_accessor: None,
+                    method: "token",
+                },
+                Clock::system().now_ms(),
+            )
+            .unwrap();
+        issued.token.expose().to_owned()
+    }
+
+    fn meta(request_id: &str, token: Option<&str>) -> RequestMeta {
+        RequestMeta {
+            method: "keyward.v1.Secrets/Put",
+            request_id: request_id.to_owned(),
+            source: Some("127.0.0.1:40000".parse().unwrap()),
+            token: token.map(|t| Zeroizing::new(t.to_owned())),
+        }
+    }
+
+    /// The audit record of `request_id` (exactly one).
+    fn record(audit: &Path, request_id: &str) -> serde_json::Value {
+        let text = std::fs::read_to_string(audit).unwrap();
+        let mut found: Vec<serde_json::Value> = text
+            .lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+            .filter(|r| r["request_id"] == request_id)
+            .collect();
+        assert_eq!(found.len(), 1, "records of {request_id}: {found:?}");
+        found.remove(0)
+    }
+
+    #[tokio::test]
+    async fn a_denied_call_is_audited_with_the_grpc_code_name() {
+        let v = vault().await;
+        let token = powerless_token(&v.core);
+        let mut call = Call::begin(&v.core, meta("req-denied", Some(&token)), Access::Token)
+            .await
+            .unwrap();
+        let refused = call
+            .authorize(Capability::Write, "secret/app/db".into())
+            .unwrap_err();
+        assert_eq!(refused.kind(), FailureKind::Denied);
+        drop(call);
+        let r = record(&v.audit, "req-denied");
+        assert_eq!(r["code"], "PERMISSION_DENIED");
+        assert_eq!(r["outcome"], "denied");
+        assert_eq!(r["resource"], "secret/app/db");
+        assert_eq!(r["identity"], "svc");
+        assert_eq!(r["method"], "keyward.v1.Secrets/Put");
+        assert_eq!(r["source"], "127.0.0.1:40000");
+        assert!(!r.to_string().contains(&token));
+    }
+
+    #[tokio::test]
+    async fn a_call_without_a_token_is_refused_and_audited() {
+        let v = vault().await;
+        let refused = Call::begin(&v.core, meta("req-anon", None), Access::Token)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(refused.kind(), FailureKind::Unauthenticated);
+        let r = record(&v.audit, "req-anon");
+        assert_eq!(r["code"], "UNAUTHENTICATED");
+        assert_eq!(r["outcome"], "denied");
+    }
+
+    #[tokio::test]
+    async fn a_domain_failure_is_audited_with_its_kind() {
+        let v = vault().await;
+        let mut call = Call::begin(&v.core, meta("req-missing", Some(&v.root)), Access::Token)
+            .await
+            .unwrap();
+        let path = call
+            .check(crate::secrets::SecretPath::parse("app/db"))
+            .unwrap();
+        call.authorize(Capability::Read, path.resource()).unwrap();
+        let missing = v
+            .core
+            .secrets
+            .get(&path, crate::secrets::Selector::Version(1));
+        let failed = call.check(missing).unwrap_err();
+        assert_eq!(failed.kind(), FailureKind::NotFound);
+        let r = record(&v.audit, "req-missing");
+        assert_eq!(r["code"], "NOT_FOUND");
+        assert_eq!(r["outcome"], "failed");
+        assert_eq!(r["identity"], "root");
+    }
+
+    #[tokio::test]
+    async fn a_call_dropped_without_an_answer_is_still_audited() {
+        let v = vault().await;
+        let mut call = Call::begin(&v.core, meta("req-dropped", Some(&v.root)), Access::Token)
+            .await
+            .unwrap();
+        call.authorize(Capability::Write, "secret/app/db".into())
+            .unwrap();
+        drop(call);
+        let r = record(&v.audit, "req-dropped");
+        assert_eq!(r["code"], "CANCELLED");
+        assert_eq!(r["outcome"], "failed");
+        assert_eq!(r["resource"], "secret/app/db");
+    }
+
+    #[tokio::test]
+    async fn an_answered_call_is_audited_once() {
+        let v = vault().await;
+        let mut call = Call::begin(&v.core, meta("req-ok", Some(&v.root)), Access::Token)
+            .await
+            .unwrap();
+        call.authorize(Capability::Write, "secret/app/db".into())
+            .unwrap();
+        call.ok(&[("password", b"hunter2")]).unwrap();
+        let r = record(&v.audit, "req-ok");
+        assert_eq!(r["code"], "OK");
+        assert_eq!(r["outcome"], "allowed");
+        assert!(!r.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn request_ids_are_kept_when_well_formed_and_made_otherwise() {
+        assert_eq!(request_id(Some("abc-123")), "abc-123");
+        for bad in ["", "a b", "ä", &"x".repeat(65)] {
+            let made = request_id(Some(bad));
+            assert_ne!(made, bad);
+            assert!(!made.is_empty());
+        }
+        assert_ne!(request_id(None), request_id(None));
+    }
+
+    #[test]
+    fn bearer_takes_the_token_of_the_header() {
+        assert_eq!(
+            bearer("Bearer kwt_x").as_deref().map(String::as_str),
+            Some("kwt_x")
+        );
+        assert_eq!(
+            bearer("bearer kwt_x ").as_deref().map(String::as_str),
+            Some("kwt_x")
+        );
+        assert!(bearer("Basic abc").is_none());
+    }
+}
