@@ -197,9 +197,9 @@ impl From<LoginError> for Failure {
 }
 
 // -- rotation (issue 4) --
-impl From<crate::rotation::policy::PolicyError> for Failure {
-    fn from(e: crate::rotation::policy::PolicyError) -> Self {
-        use crate::rotation::policy::PolicyError;
+impl From<crate::rotation::policy::RotationPolicyError> for Failure {
+    fn from(e: crate::rotation::policy::RotationPolicyError) -> Self {
+        use crate::rotation::policy::RotationPolicyError as PolicyError;
         match e {
             PolicyError::Path(i) => i.into(),
             PolicyError::UnknownProvider(_) => Self::new(Code::NotFound, e.to_string()),
@@ -210,8 +210,8 @@ impl From<crate::rotation::policy::PolicyError> for Failure {
 
 impl From<crate::rotation::RotationError> for Failure {
     fn from(e: crate::rotation::RotationError) -> Self {
-        use crate::rotation::provider::{ProviderError, RegistryError};
         use crate::rotation::RotationError;
+        use crate::rotation::{provider::ProviderError, providers::RegistryError};
         match e {
             RotationError::Policy(p) => p.into(),
             RotationError::NoPolicy | RotationError::NoRun => {

@@ -21,6 +21,7 @@ use crate::db_target::{password, pg_admin, suffix, with_cleanup, Kind, Target};
 use crate::harness::{cli, data, unique, ChildServer, TestServer};
 use keyward::client::{Client, PutOptions, RotationPolicySpec, ScheduleSpec};
 use keyward::proto::v1::RotationRun;
+use keyward::rotation::record::{RotationStep, RunRecord, Trigger};
 
 /// How long a test waits for something the server does by itself. Not a
 /// timing assertion: only a bound so a broken server fails instead of hanging.
@@ -597,7 +598,7 @@ async fn unreachable_target_rolls_back_and_the_next_scheduled_run_still_runs() {
         let summary = server
             .core
             .rotation
-            .rotation_summary(keyward::core::now_ms())
+            .rotation_summary(server.core.rotation.clock().now_ms())
             .unwrap();
         assert!(summary
             .last_failures
@@ -1130,25 +1131,19 @@ mod external {
 fn record_run(
     server: &TestServer,
     path: &str,
-    step: keyward::rotation::machine::Step,
+    step: RotationStep,
     pending_version: u64,
-) -> keyward::rotation::machine::RunRecord {
-    use prost::Message;
+) -> RunRecord {
     let secret = keyward::secrets::SecretPath::parse(path).unwrap();
     let policy = server.core.rotation.policy(&secret).unwrap().unwrap();
-    let mut run = keyward::rotation::machine::RunRecord::start(
-        unique("run"),
-        &policy,
-        "manual",
-        0,
-        keyward::core::now_ms(),
-    );
-    run.step = step as i32;
+    let now = server.core.rotation.clock().now_ms();
+    let mut run = RunRecord::start(unique("run"), &policy, Trigger::Manual, 0, now);
+    run.step = step;
     run.pending_version = pending_version;
     server
         .core
         .barrier
-        .put(&format!("rotation/run/{}", run.path), &run.encode_to_vec())
+        .put(&format!("rotation/run/{}", run.path), &run.encode())
         .unwrap();
     run
 }
@@ -1196,7 +1191,7 @@ async fn a_retire_waits_while_a_run_on_the_same_secret_is_recorded() {
     assert_eq!(first.state, "succeeded", "{:?}", steps(&first));
     // The next run is recorded (between apply and promote) before the
     // retire of the first one is due.
-    record_run(&server, &path, keyward::rotation::machine::Step::Promote, 0);
+    record_run(&server, &path, RotationStep::Promote, 0);
     let scheduled = retire_entries(&server, &path);
     assert_eq!(scheduled.len(), 1, "one retire is scheduled");
 
@@ -1238,7 +1233,7 @@ async fn a_pending_version_gone_before_promote_rolls_back_and_the_schedule_goes_
     let path = hourly_random_secret(&root, Duration::ZERO).await;
     // A run at Promote whose pending version was removed outside it (there
     // is no pending version 7), resumed as after a restart.
-    let stuck = record_run(&server, &path, keyward::rotation::machine::Step::Promote, 7);
+    let stuck = record_run(&server, &path, RotationStep::Promote, 7);
     server.core.rotation.on_unseal();
     let failed = eventually("the stuck run to finish", || async {
         root.rotation_history(&path)
