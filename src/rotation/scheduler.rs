@@ -401,3 +401,281 @@ async fn retire_on_worker(broker: &Broker, key: &str, record: RetireRecord, shut
         tracing::warn!(error = %e, "retire stopped; it is tried again later");
     }
 }
+
+/// The scheduler and the state machine on a real (temporary) store, with
+/// tokio's clock paused: grace periods, back-off and schedules pass without
+/// sleeping, and what is asserted is read from the records' own times.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::audit::AuditLog;
+    use crate::barrier::{Barrier, BarrierOptions};
+    use crate::clock::{Clock, ShutdownTrigger};
+    use crate::metrics::Metrics;
+    use crate::rotation::policy::PolicySpec;
+    use crate::rotation::provider::{
+        BoxFuture, Provider, ProviderError, ProviderSettings, RotationInput,
+    };
+    use crate::rotation::record::{RotationStep, RunState, StepOutcome, Trigger};
+    use crate::rotation::schedule::Schedule;
+    use crate::rotation::{BrokerOptions, RotationDeps};
+    use crate::secrecy::{SecretBytes, SecretData};
+    use crate::secrets::{DataLimits, PutRequest, SecretPath, Selector, Stage};
+    use crate::storage::SledBackend;
+
+    /// 2026-01-01T00:00:00Z.
+    const START_MS: u64 = 1_767_225_600_000;
+    const HOUR: Duration = Duration::from_secs(3600);
+    /// A bound on paused time, so a broken scheduler fails the test.
+    const PATIENCE: Duration = Duration::from_secs(10 * 3600);
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        broker: Broker,
+        stop: ShutdownTrigger,
+        task: JoinHandle<()>,
+    }
+
+    impl Fixture {
+        fn start() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let backend = SledBackend::open(&dir.path().join("data")).unwrap();
+            let barrier = Barrier::new(Arc::new(backend), BarrierOptions::default()).unwrap();
+            let shares = barrier.init(1, 1).unwrap();
+            barrier.unseal(&shares[0].0).unwrap();
+            let barrier = Arc::new(barrier);
+            let audit = AuditLog::open(&dir.path().join("audit.log")).unwrap();
+            audit.set_hmac_key(Some(barrier.derive_key("audit/hmac").unwrap()));
+            let deps = RotationDeps {
+                secrets: Arc::new(crate::secrets::SecretStore::new(
+                    barrier.clone(),
+                    DataLimits::default(),
+                )),
+                audit: Arc::new(audit),
+                barrier,
+                clock: Clock::starting_at(START_MS),
+            };
+            let broker = Broker::new(deps, &Metrics::new(), BrokerOptions::default());
+            broker
+                .install_external("alwaysfails", Arc::new(FailsVerify))
+                .unwrap();
+            let stop = ShutdownTrigger::new();
+            let task = start(broker.clone(), stop.signal());
+            Self {
+                _dir: dir,
+                broker,
+                stop,
+                task,
+            }
+        }
+
+        fn now(&self) -> u64 {
+            self.broker.clock().now_ms()
+        }
+
+        /// A secret with `password` = `initial`, rotated by `provider` every
+        /// hour with `grace`, its first run due now.
+        fn secret(&self, name: &str, provider: &str, grace: Duration) -> SecretPath {
+            let path = SecretPath::parse(name).unwrap();
+            let data: SecretData = [("password".to_owned(), SecretBytes::from("initial"))]
+                .into_iter()
+                .collect();
+            let put = PutRequest {
+                path: path.clone(),
+                data,
+                cas: None,
+                max_versions: None,
+                owner: None,
+                stage: Stage::Current,
+            };
+            self.broker.deps().secrets.put(put, self.now()).unwrap();
+            let spec = PolicySpec::parse(
+                path.as_str(),
+                provider,
+                Schedule::every(HOUR).unwrap(),
+                grace,
+                Default::default(),
+                &self.broker.registry(),
+            )
+            .unwrap();
+            let now = self.now();
+            self.broker.set_policy_due_at(&spec, now, now).unwrap();
+            path
+        }
+
+        /// Waits (on the paused clock) for a finished run of `path` that
+        /// `done` accepts.
+        async fn run_where(
+            &self,
+            path: &SecretPath,
+            done: impl Fn(&RunRecord) -> bool,
+        ) -> RunRecord {
+            let deadline = self.now() + PATIENCE.as_millis() as u64;
+            loop {
+                let history = self.broker.history(path).unwrap();
+                if let Some(run) = history.into_iter().find(|r| done(r)) {
+                    return run;
+                }
+                assert!(self.now() < deadline, "gave up waiting on {path}");
+                self.broker.clock().sleep(Duration::from_millis(100)).await;
+            }
+        }
+
+        async fn stop(self) {
+            self.stop.trigger();
+            tokio::time::timeout(PATIENCE, self.task)
+                .await
+                .expect("the scheduler stops")
+                .unwrap();
+        }
+    }
+
+    fn has(run: &RunRecord, step: RotationStep) -> Option<&crate::rotation::record::StepRecord> {
+        run.steps.iter().find(|s| s.step == step)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_due_rotation_runs_and_its_retire_waits_for_the_grace_period() {
+        let f = Fixture::start();
+        let grace = Duration::from_secs(600);
+        let path = f.secret("app/key", "random", grace);
+
+        let run = f.run_where(&path, |r| r.state != RunState::Running).await;
+        assert_eq!(run.state, RunState::Succeeded, "{:?}", run.steps);
+        assert_eq!(run.trigger, Trigger::Schedule);
+        let kinds: Vec<_> = run.steps.iter().map(|s| (s.step, s.outcome)).collect();
+        assert_eq!(
+            kinds[..4],
+            [
+                (RotationStep::Generate, StepOutcome::Ok),
+                (RotationStep::Apply, StepOutcome::Ok),
+                (RotationStep::Verify, StepOutcome::Ok),
+                (RotationStep::Promote, StepOutcome::Ok),
+            ]
+        );
+        let secrets = &f.broker.deps().secrets;
+        let current = secrets.get(&path, Selector::Stage(Stage::Current)).unwrap();
+        assert_eq!(current.version, 2);
+        let password = current.data.get("password").map(SecretBytes::expose);
+        assert_ne!(password, Some(&b"initial"[..]));
+
+        // The retire follows on its own, not before the grace period.
+        let retired = f
+            .run_where(&path, |r| has(r, RotationStep::Retire).is_some())
+            .await;
+        let promoted_at = has(&retired, RotationStep::Promote).unwrap().at_ms;
+        let retire = has(&retired, RotationStep::Retire).unwrap();
+        assert_eq!((retire.outcome, retire.version), (StepOutcome::Ok, 1));
+        assert!(
+            retire.at_ms >= promoted_at + grace.as_millis() as u64,
+            "retired at {} before the grace period ended ({promoted_at} + {grace:?})",
+            retire.at_ms
+        );
+
+        // The next scheduled run comes an hour (plus jitter) after the first.
+        let second = f
+            .run_where(&path, |r| {
+                r.run_id != run.run_id && r.state != RunState::Running
+            })
+            .await;
+        assert_eq!(second.state, RunState::Succeeded);
+        assert!(second.started_ms >= run.started_ms + HOUR.as_millis() as u64);
+        f.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_value_that_never_verifies_is_rolled_back_after_three_attempts() {
+        let f = Fixture::start();
+        let path = f.secret("app/db", "alwaysfails", Duration::ZERO);
+        let run = f.run_where(&path, |r| r.state != RunState::Running).await;
+        assert_eq!(run.state, RunState::Failed, "{:?}", run.steps);
+        let verifies: Vec<_> = run
+            .steps
+            .iter()
+            .filter(|s| s.step == RotationStep::Verify)
+            .collect();
+        assert_eq!(verifies.len(), 3, "{:?}", run.steps);
+        assert!(verifies.iter().all(|s| s.outcome == StepOutcome::Failed));
+        let mut versions: Vec<u64> = verifies.iter().map(|s| s.version).collect();
+        versions.dedup();
+        assert_eq!(versions.len(), 3, "a fresh value each attempt");
+        // The back-off waited between attempts (on the clock).
+        assert!(verifies[1].at_ms > verifies[0].at_ms);
+        // The rollback restored current, which verifies: one outcome.
+        let rollback = run.steps.last().unwrap();
+        assert_eq!(
+            (rollback.step, rollback.outcome),
+            (RotationStep::Rollback, StepOutcome::Ok),
+            "{:?}",
+            run.steps
+        );
+        let secrets = &f.broker.deps().secrets;
+        let current = secrets.get(&path, Selector::Stage(Stage::Current)).unwrap();
+        assert_eq!(current.version, 1, "current never moved");
+        assert!(secrets.get(&path, Selector::Stage(Stage::Pending)).is_err());
+        let policy = f.broker.policy(&path).unwrap().unwrap();
+        assert_eq!(policy.last_state(), Ok(Some(RunState::Failed)));
+        f.stop().await;
+    }
+
+    /// Generates `new-<n>` values that never verify; the current value
+    /// (what a rollback restores) does.
+    struct FailsVerify;
+
+    impl Provider for FailsVerify {
+        fn name(&self) -> &str {
+            "alwaysfails"
+        }
+
+        fn validate(&self, _: &ProviderSettings) -> Result<(), ProviderError> {
+            Ok(())
+        }
+
+        fn admin_secret<'s>(&self, _: &'s ProviderSettings) -> Option<&'s str> {
+            None
+        }
+
+        fn generate<'a>(
+            &'a self,
+            _: &'a RotationInput<'a>,
+        ) -> BoxFuture<'a, Result<SecretData, ProviderError>> {
+            Box::pin(async {
+                Ok([("password".to_owned(), SecretBytes::from("never-works"))]
+                    .into_iter()
+                    .collect())
+            })
+        }
+
+        fn apply<'a>(
+            &'a self,
+            _: &'a RotationInput<'a>,
+            _: &'a SecretData,
+        ) -> BoxFuture<'a, Result<(), ProviderError>> {
+            Box::pin(async { Ok(()) })
+        }
+
+        fn verify<'a>(
+            &'a self,
+            input: &'a RotationInput<'a>,
+            pending: &'a SecretData,
+        ) -> BoxFuture<'a, Result<(), ProviderError>> {
+            Box::pin(async move {
+                let password = |d: &'a SecretData| d.get("password").map(SecretBytes::expose);
+                if input.current.and_then(password) == password(pending) {
+                    Ok(())
+                } else {
+                    Err(ProviderError::Refused("login refused".into()))
+                }
+            })
+        }
+
+        fn retire<'a>(
+            &'a self,
+            _: &'a RotationInput<'a>,
+            _: &'a SecretData,
+        ) -> BoxFuture<'a, Result<(), ProviderError>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+}
