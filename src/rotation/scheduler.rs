@@ -440,7 +440,7 @@ mod tests {
     impl Fixture {
         fn start() -> Self {
             let dir = tempfile::tempdir().unwrap();
-            let backend = SledBackend::open(&dir.path().join("data")).unwrap();
+            let backend = SledBackend::open(dir.path().join("data")).unwrap();
             let barrier = Barrier::new(Arc::new(backend), BarrierOptions::default()).unwrap();
             let shares = barrier.init(1, 1).unwrap();
             barrier.unseal(&shares[0].0).unwrap();
