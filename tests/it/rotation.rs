@@ -302,7 +302,7 @@ async fn cli_rotation_set_rotate_history_and_list() {
             "--provider",
             "random",
             "--every",
-            "1h",
+            "1h30m",
             "--grace",
             "0s",
             "--config",
@@ -313,7 +313,8 @@ async fn cli_rotation_set_rotate_history_and_list() {
     .await;
     assert_eq!(code, 0, "{err}");
     let policy: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(policy["schedule"]["every"], "1h");
+    // The one duration grammar: `--every` takes what `--ttl` takes.
+    assert_eq!(policy["schedule"]["every"], "1h30m");
     assert_eq!(policy["config"]["length"], "20");
 
     let (code, out, err) = cli_off_runtime(&["rotate", &path], &env).await;
