@@ -1011,4 +1011,21 @@ mod tests {
         assert!(a < b && b < c, "{a} {b} {c}");
         assert_eq!(a, "rotation/due/00000000000003e7/zzz");
     }
+
+    #[test]
+    fn a_policy_with_an_unknown_last_state_is_corrupt() {
+        let mut policy = PolicyRecord {
+            path: "app/db".into(),
+            ..Default::default()
+        };
+        assert!(decode_policy(&policy.encode_to_vec()).is_ok());
+        policy.set_last_state(RunState::Failed);
+        let back = decode_policy(&policy.encode_to_vec()).map(|p| p.last_state());
+        assert!(matches!(back, Ok(Ok(Some(RunState::Failed)))));
+        policy.last_state = "paused".into();
+        assert!(matches!(
+            decode_policy(&policy.encode_to_vec()),
+            Err(RotationError::Corrupt)
+        ));
+    }
 }
