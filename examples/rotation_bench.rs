@@ -21,7 +21,7 @@
 
 use std::time::{Duration, Instant};
 
-use keyward::core::now_ms;
+use keyward::clock::ShutdownTrigger;
 use keyward::policy::Capability;
 use keyward::rotation::policy::PolicySpec;
 use keyward::rotation::schedule::Schedule;
@@ -63,6 +63,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let core = vault.server.core().clone();
     let registry = core.rotation.registry();
     let workers = core.rotation.options().workers;
+    let clock = core.rotation.clock().clone();
 
     // 0. Baseline: the same process, empty, scheduler not started.
     let window = Duration::from_secs(10);
@@ -75,7 +76,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = core
         .gate
         .authenticate(&vault.credentials.root_token, None)?;
-    let t0 = now_ms();
+    let t0 = clock.now_ms();
     let mut paths = Vec::with_capacity(due);
     for i in 0..due {
         let path = SecretPath::parse(&format!("bench/due/s{i}"))?;
@@ -109,7 +110,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     core.barrier.durable().await?;
     let start = Instant::now();
-    keyward::rotation::scheduler::start(&core);
+    let stop = ShutdownTrigger::new();
+    let scheduler = keyward::rotation::scheduler::start(core.rotation.clone(), stop.signal());
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let done = core
@@ -133,7 +135,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let with_retires = start.elapsed();
 
     // 2. M policies scheduled, none due.
-    let t1 = now_ms();
+    let t1 = clock.now_ms();
     for i in 0..idle {
         let spec = PolicySpec::parse(
             &format!("bench/idle/s{i}"),
@@ -168,7 +170,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         idle + due,
         window.as_secs(),
     );
-    core.begin_shutdown();
-    core.rotation.wait_stopped(Duration::from_secs(10)).await;
+    stop.trigger();
+    let _ = tokio::time::timeout(Duration::from_secs(10), scheduler).await;
     Ok(())
 }

@@ -122,15 +122,20 @@ impl Server {
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let core_for_signal = self.core.clone();
+        let rotation_stop = crate::clock::ShutdownTrigger::new();
+        let rotation_shutdown = rotation_stop.signal();
         let signal = async move {
             shutdown.await;
             let _ = stop_tx.send(true);
+            rotation_stop.trigger();
             // Rotation workers stop at a step boundary; Watch streams end.
             core_for_signal.begin_shutdown();
         };
         tokio::spawn(signal);
-        // -- rotation (issue 4): the scheduler runs while unsealed --
-        crate::rotation::scheduler::start(&self.core);
+        // The rotation scheduler runs while unsealed; its task ends once its
+        // workers have stopped at a step boundary.
+        let rotation =
+            crate::rotation::scheduler::start(self.core.rotation.clone(), rotation_shutdown);
 
         if let Some(listener) = metrics_listener {
             let core = self.core.clone();
@@ -248,8 +253,12 @@ impl Server {
         let _ = sweeper.await;
         let _ = usage_writer.await;
         self.core.persist_usage().await;
-        // -- rotation (issue 4): wait for workers to reach a step boundary --
-        self.core.rotation.wait_stopped(DRAIN_DEADLINE).await;
+        if tokio::time::timeout(DRAIN_DEADLINE, rotation)
+            .await
+            .is_err()
+        {
+            tracing::warn!("rotation workers did not stop before the deadline");
+        }
         if let Err(e) = self.core.audit.sync() {
             tracing::error!(error = %e, "could not flush the audit log at shutdown");
         }

@@ -22,11 +22,10 @@ mod plugin;
 
 use std::sync::Arc;
 
-use keyward::rotation::provider::{
-    Provider, ProviderError, ProviderSettings, Registry, RotationInput,
-};
+use keyward::rotation::provider::{Provider, ProviderError, ProviderSettings, RotationInput};
 use keyward::rotation::providers::random::random_string;
 use keyward::rotation::providers::Charset;
+use keyward::rotation::providers::Registry;
 use keyward::secrecy::{SecretBytes, SecretData};
 
 use db_target::{password, with_cleanup, Kind, Target};

@@ -13,8 +13,8 @@ use crate::core::{now_ms, Core};
 use crate::policy::Capability;
 use crate::proto::v1::rotation_server::Rotation;
 use crate::proto::v1::*;
-use crate::rotation::machine::RunRecord;
 use crate::rotation::policy::{PolicyRecord, PolicySpec};
+use crate::rotation::record::RunRecord;
 use crate::rotation::schedule::Schedule;
 use crate::rotation::scheduler::spawn_run;
 use crate::rotation::RotationError;
@@ -59,20 +59,20 @@ pub(crate) fn run_message(r: &RunRecord) -> RotationRun {
         path: r.path.clone(),
         run_id: r.run_id.clone(),
         version: r.version,
-        state: r.state.clone(),
+        state: r.state.as_str().to_owned(),
         steps: r
             .steps
             .iter()
             .map(|s| RotationStep {
-                step: s.step.clone(),
+                step: s.step.name().to_owned(),
                 attempt: s.attempt,
-                outcome: s.outcome.clone(),
+                outcome: s.outcome.as_str().to_owned(),
                 version: s.version,
                 message: s.message.clone(),
                 at: timestamp(s.at_ms),
             })
             .collect(),
-        trigger: r.trigger.clone(),
+        trigger: r.trigger.as_str().to_owned(),
         started_at: timestamp(r.started_ms),
         finished_at: timestamp(r.finished_ms),
     }
@@ -95,7 +95,7 @@ impl Rotation for RotationService {
         let path = call.check(SecretPath::parse(&r.path))?;
         let schedule = call.check(
             Schedule::from_parts(r.every_seconds, &r.cron)
-                .map_err(crate::rotation::policy::PolicyError::from),
+                .map_err(crate::rotation::policy::RotationPolicyError::from),
         )?;
         let registry = self.core.rotation.registry();
         let spec = call.check(PolicySpec::parse(
@@ -200,7 +200,7 @@ impl Rotation for RotationService {
         let mut finished = broker.subscribe_finished();
         let (run, _new) = call.check(broker.trigger(&path, now_ms()))?;
         call.check(self.core.barrier.durable().await)?;
-        spawn_run(&self.core, run.clone(), None);
+        spawn_run(&self.core.rotation, run.clone(), None);
         if !r.wait {
             call.ok(&[])?;
             return Ok(Response::new(run_message(&run)));

@@ -9,11 +9,11 @@ use super::common::{connect, rfc3339, text_or_null};
 use super::output::{emit, Format};
 use super::{Global, ProviderCommand, RotationCommand, UsageError};
 use keyward::client::{RotationPolicySpec, ScheduleSpec};
+use keyward::duration;
 use keyward::proto::v1::{RotationPolicy, RotationRun};
-use keyward::rotation::schedule::{format_duration, parse_duration};
 
 fn duration_arg(flag: &str, text: &str) -> Result<std::time::Duration> {
-    parse_duration(text).map_err(|e| UsageError(format!("{flag}: {e}")).into())
+    duration::parse(text).map_err(|e| UsageError(format!("{flag}: {e}")).into())
 }
 
 /// `KEY=VALUE` pairs; the value is never echoed in an error.
@@ -32,7 +32,7 @@ fn config_pairs(pairs: &[String]) -> Result<BTreeMap<String, String>> {
 
 pub fn policy_json(p: &RotationPolicy) -> Value {
     let schedule = if p.cron.is_empty() {
-        json!({"every": format_duration(std::time::Duration::from_secs(p.every_seconds))})
+        json!({"every": duration::format(std::time::Duration::from_secs(p.every_seconds))})
     } else {
         json!({"cron": p.cron})
     };
@@ -43,7 +43,7 @@ pub fn policy_json(p: &RotationPolicy) -> Value {
         .collect();
     json!({
         "path": p.path, "provider": p.provider, "schedule": schedule,
-        "grace": format_duration(std::time::Duration::from_secs(p.grace_seconds)),
+        "grace": duration::format(std::time::Duration::from_secs(p.grace_seconds)),
         "config": config, "next_due": rfc3339(&p.next_due), "last_run": rfc3339(&p.last_run),
         "last_state": text_or_null(&p.last_state), "last_error": text_or_null(&p.last_error),
         "last_success": rfc3339(&p.last_success), "created_at": rfc3339(&p.created_at),

@@ -19,7 +19,7 @@ use crate::identity::IdentityStore;
 use crate::metrics::Metrics;
 use crate::oidc::JwksCache;
 use crate::policy_store::PolicyStore;
-use crate::rotation::{Broker, BrokerOptions};
+use crate::rotation::{Broker, BrokerOptions, RotationDeps};
 use crate::secrets::{DataLimits, SecretStore};
 use crate::token::format::TokenSecret;
 use crate::token::TokenStore;
@@ -63,8 +63,8 @@ pub struct Core {
     pub tokens: TokenStore,
     pub policies: PolicyStore,
     pub usage: Usage,
-    pub secrets: SecretStore,
-    pub audit: AuditLog,
+    pub secrets: Arc<SecretStore>,
+    pub audit: Arc<AuditLog>,
     pub metrics: Arc<Metrics>,
     /// Serialises init, unseal, seal and key rotation.
     seal_lock: tokio::sync::Mutex<()>,
@@ -89,6 +89,14 @@ impl Core {
         let policies = PolicyStore::new(barrier.clone());
         let tokens = TokenStore::new(barrier.clone(), Arc::new(policies.clone()));
         let usage = Usage::new(barrier.clone());
+        let secrets = Arc::new(SecretStore::new(barrier.clone(), limits));
+        let audit = Arc::new(audit);
+        let rotation_deps = RotationDeps {
+            secrets: secrets.clone(),
+            audit: audit.clone(),
+            barrier: barrier.clone(),
+            clock: crate::clock::Clock::system(),
+        };
         Self {
             gate: Gate::new(
                 tokens.clone(),
@@ -99,9 +107,9 @@ impl Core {
             tokens,
             policies,
             usage,
-            secrets: SecretStore::new(barrier.clone(), limits),
+            secrets,
             identities: IdentityStore::new(barrier.clone()),
-            rotation: Broker::new(barrier.clone(), &metrics, BrokerOptions::default()),
+            rotation: Broker::new(rotation_deps, &metrics, BrokerOptions::default()),
             shutdown: tokio::sync::watch::channel(false).0,
             barrier,
             audit,

@@ -23,7 +23,9 @@
 //! request id, generated values as HMACs only) and a metric.
 //!
 //! No storage of its own: it reads and writes secrets through
-//! `secrets::SecretStore` and its records through the [`super::Broker`].
+//! `secrets::SecretStore` and its records through the [`super::Broker`],
+//! whose [`super::RotationDeps`] are all it uses. Time comes from the
+//! broker's clock, so a paused tokio clock drives back-off and grace.
 //!
 //! # Test-only fault point
 //!
@@ -33,157 +35,20 @@
 //! the crash tests and is DANGER for anything else: never set it on a real
 //! server.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
-
-use prost::Message;
-use tokio::sync::watch;
+use std::sync::OnceLock;
 
 use super::provider::{Provider, ProviderError, ProviderSettings, RotationInput};
-use super::RotationError;
+use super::record::{RetireRecord, RotationStep, RunRecord, RunState, StepOutcome, StepRecord};
+use super::schedule::RetryBackoff;
+use super::{Broker, RotationError};
 use crate::audit::{AuditEvent, Outcome};
-use crate::core::{now_ms, Core};
+use crate::clock::{Clock, Shutdown};
 use crate::policy::{Authorized, Capability};
 use crate::secrecy::{SecretBytes, SecretData};
-use crate::secrets::{PutRequest, SecretPath, SecretsError, Selector, Stage};
+use crate::secrets::{PutRequest, SecretPath, SecretStore, SecretsError, Selector, Stage};
 
 /// The audit identity of the broker's own actions.
 pub const BROKER_IDENTITY: &str = "rotation-broker";
-
-/// The steps of a run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
-#[repr(i32)]
-pub enum Step {
-    Generate = 0,
-    Apply = 1,
-    Verify = 2,
-    Promote = 3,
-    Rollback = 4,
-    Retire = 5,
-}
-
-/// One step as it happened.
-#[derive(Clone, PartialEq, Message)]
-pub struct StepRecord {
-    #[prost(string, tag = "1")]
-    pub step: String,
-    #[prost(uint32, tag = "2")]
-    pub attempt: u32,
-    /// ok | failed | skipped
-    #[prost(string, tag = "3")]
-    pub outcome: String,
-    #[prost(uint64, tag = "4")]
-    pub version: u64,
-    #[prost(string, tag = "5")]
-    pub message: String,
-    #[prost(uint64, tag = "6")]
-    pub at_ms: u64,
-}
-
-/// A run: its resume point while it runs (`rotation/run/<path>`), its
-/// record once finished (`rotation/history/...`). It holds a copy of the
-/// policy it started with, so a policy change does not alter a run midway.
-#[derive(Clone, PartialEq, Message)]
-pub struct RunRecord {
-    #[prost(string, tag = "1")]
-    pub run_id: String,
-    #[prost(string, tag = "2")]
-    pub path: String,
-    #[prost(string, tag = "3")]
-    pub provider: String,
-    #[prost(btree_map = "string, string", tag = "4")]
-    pub settings: BTreeMap<String, String>,
-    #[prost(uint64, tag = "5")]
-    pub grace_seconds: u64,
-    /// schedule | manual
-    #[prost(string, tag = "6")]
-    pub trigger: String,
-    #[prost(uint64, tag = "7")]
-    pub due_ms: u64,
-    #[prost(uint64, tag = "8")]
-    pub started_ms: u64,
-    #[prost(enumeration = "Step", tag = "9")]
-    pub step: i32,
-    /// From 1.
-    #[prost(uint32, tag = "10")]
-    pub attempt: u32,
-    #[prost(uint64, tag = "11")]
-    pub pending_version: u64,
-    /// The next attempt does not start before this (back-off).
-    #[prost(uint64, tag = "12")]
-    pub not_before_ms: u64,
-    /// running | succeeded | failed
-    #[prost(string, tag = "13")]
-    pub state: String,
-    #[prost(message, repeated, tag = "14")]
-    pub steps: Vec<StepRecord>,
-    #[prost(uint64, tag = "15")]
-    pub finished_ms: u64,
-    /// The current version after the run.
-    #[prost(uint64, tag = "16")]
-    pub version: u64,
-    #[prost(string, tag = "17")]
-    pub last_error: String,
-}
-
-/// A retire waiting for its grace period (`rotation/retire/<ms>/<path>`).
-#[derive(Clone, PartialEq, Message)]
-pub struct RetireRecord {
-    #[prost(string, tag = "1")]
-    pub run_id: String,
-    #[prost(string, tag = "2")]
-    pub path: String,
-    #[prost(string, tag = "3")]
-    pub provider: String,
-    #[prost(btree_map = "string, string", tag = "4")]
-    pub settings: BTreeMap<String, String>,
-    #[prost(uint64, tag = "5")]
-    pub previous_version: u64,
-    #[prost(uint64, tag = "6")]
-    pub retire_at_ms: u64,
-}
-
-impl RunRecord {
-    pub fn start(
-        run_id: String,
-        policy: &super::policy::PolicyRecord,
-        trigger: &str,
-        due_ms: u64,
-        now_ms: u64,
-    ) -> Self {
-        Self {
-            run_id,
-            path: policy.path.clone(),
-            provider: policy.provider.clone(),
-            settings: policy.settings.clone(),
-            grace_seconds: policy.grace_seconds,
-            trigger: trigger.to_owned(),
-            due_ms,
-            started_ms: now_ms,
-            step: Step::Generate as i32,
-            attempt: 1,
-            state: "running".into(),
-            ..Self::default()
-        }
-    }
-
-    pub fn current_step(&self) -> Step {
-        Step::try_from(self.step).unwrap_or(Step::Rollback)
-    }
-
-    fn record(&mut self, step: Step, outcome: &str, version: u64, message: String) -> StepRecord {
-        let r = StepRecord {
-            step: step.name().to_owned(),
-            attempt: self.attempt,
-            outcome: outcome.to_owned(),
-            version,
-            message,
-            at_ms: now_ms(),
-        };
-        self.steps.push(r.clone());
-        r
-    }
-}
 
 // ---------------------------------------------------------------- fault point
 
@@ -203,7 +68,7 @@ pub fn init_danger_test_fault_point() {
 }
 
 /// Kills the process (SIGKILL) if the fault point names `step`.
-fn danger_test_fault_point(step: Step) {
+fn danger_test_fault_point(step: RotationStep) {
     let armed = DANGER_TEST_CRASH_AFTER
         .get()
         .and_then(Option::as_deref)
@@ -220,11 +85,13 @@ fn danger_test_fault_point(step: Step) {
 
 // ---------------------------------------------------------------- audit
 
+/// The audit record of one step (and its metric). `failed` is the reason
+/// the step failed; generated values appear as HMACs only.
 fn audit_step(
-    core: &Core,
+    broker: &Broker,
     run_id: &str,
     path: &str,
-    step: Step,
+    step: RotationStep,
     failed: Option<&str>,
     values: &SecretData,
 ) -> Result<(), RotationError> {
@@ -234,7 +101,7 @@ fn audit_step(
         .iter()
         .map(|(k, v)| (k.as_str(), v.expose()))
         .collect();
-    core.audit.append(&AuditEvent {
+    broker.deps().audit.append(&AuditEvent {
         request_id: run_id,
         method: &method,
         resource: Some(&resource),
@@ -254,24 +121,15 @@ fn audit_step(
     Ok(())
 }
 
-// ---------------------------------------------------------------- the run
-
-/// How a drive ended.
-#[derive(Debug)]
-pub enum Driven {
-    /// Finished (succeeded or failed); the record is in the history.
-    Finished(Box<RunRecord>),
-    /// Shutdown came: the run stays recorded and resumes at the next start.
-    Interrupted,
-}
+// ---------------------------------------------------------------- reading secrets
 
 /// A secret's version by stage, `None` if it has none.
 fn staged(
-    core: &Core,
+    secrets: &SecretStore,
     path: &SecretPath,
     stage: Stage,
 ) -> Result<Option<SecretData>, RotationError> {
-    match core.secrets.get(path, Selector::Stage(stage)) {
+    match secrets.get(path, Selector::Stage(stage)) {
         Ok(v) => Ok(Some(v.data)),
         Err(SecretsError::NotFound | SecretsError::NoSuchStage(_)) => Ok(None),
         Err(SecretsError::Deleted(_) | SecretsError::Destroyed(_)) => Ok(None),
@@ -281,7 +139,7 @@ fn staged(
 
 /// The admin secret the settings name, if the provider takes one.
 fn admin_secret(
-    core: &Core,
+    secrets: &SecretStore,
     provider: &dyn Provider,
     settings: &ProviderSettings,
 ) -> Result<Result<Option<SecretData>, ProviderError>, RotationError> {
@@ -293,7 +151,7 @@ fn admin_secret(
             "`admin_secret` is not a secret path".into(),
         )));
     };
-    match staged(core, &path, Stage::Current)? {
+    match staged(secrets, &path, Stage::Current)? {
         Some(data) => Ok(Ok(Some(data))),
         None => Ok(Err(ProviderError::InvalidSecret(format!(
             "the admin secret {path} has no current version"
@@ -301,162 +159,225 @@ fn admin_secret(
     }
 }
 
-/// Waits until `until_ms`, or returns false if shutdown came first.
-async fn sleep_until(until_ms: u64, stop: &mut watch::Receiver<bool>) -> bool {
-    let now = now_ms();
-    if until_ms <= now {
-        return !*stop.borrow();
+/// Waits until the clock reads `until_ms`; false if shutdown came first.
+async fn sleep_until(clock: &Clock, until_ms: u64, shutdown: &Shutdown) -> bool {
+    if shutdown.is_triggered() {
+        return false;
     }
-    let wait = std::time::Duration::from_millis(until_ms - now);
-    let slept = tokio::select! {
-        _ = tokio::time::sleep(wait) => true,
-        _ = crate::core::until_stopped(stop) => false,
-    };
-    slept && !*stop.borrow()
+    tokio::select! {
+        _ = clock.sleep_until_ms(until_ms) => !shutdown.is_triggered(),
+        _ = shutdown.wait() => false,
+    }
 }
 
-/// Persists the run and makes it durable; then the fault point.
-async fn persist(core: &Core, run: &RunRecord, after: Step) -> Result<(), RotationError> {
-    core.rotation.save_run(run)?;
-    core.barrier.durable().await?;
-    danger_test_fault_point(after);
-    Ok(())
+// ---------------------------------------------------------------- the run
+
+/// How a drive ended.
+#[derive(Debug)]
+pub enum Driven {
+    /// Finished (succeeded or failed); the record is in the history.
+    Finished(Box<RunRecord>),
+    /// Shutdown came: the run stays recorded and resumes at the next start.
+    Interrupted,
+}
+
+/// After one step: go on with the next, or the run is over.
+enum Flow {
+    Next,
+    Done(Driven),
+}
+
+/// What every step of one run reads; the run record itself is passed
+/// beside it, mutably.
+struct RunContext<'a> {
+    broker: &'a Broker,
+    path: SecretPath,
+    settings: ProviderSettings,
+    backoff: RetryBackoff,
+}
+
+impl RunContext<'_> {
+    fn secrets(&self) -> &SecretStore {
+        &self.broker.deps().secrets
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.broker.clock().now_ms()
+    }
+
+    /// Persists the run and makes it durable; then the fault point.
+    async fn persist(&self, run: &RunRecord, after: RotationStep) -> Result<(), RotationError> {
+        self.broker.save_run(run)?;
+        self.broker.deps().barrier.durable().await?;
+        danger_test_fault_point(after);
+        Ok(())
+    }
+
+    /// A step that worked: audited, counted, recorded, the run moved on to
+    /// `next` and persisted.
+    async fn step_ok(
+        &self,
+        run: &mut RunRecord,
+        step: RotationStep,
+        version: u64,
+        values: &SecretData,
+        next: RotationStep,
+    ) -> Result<(), RotationError> {
+        audit_step(self.broker, &run.run_id, &run.path, step, None, values)?;
+        self.broker.count_step(step, StepOutcome::Ok);
+        run.record(step, StepOutcome::Ok, version, String::new(), self.now_ms());
+        run.step = next;
+        self.persist(run, step).await
+    }
 }
 
 /// Runs (or resumes) a rotation to its end, or to a step boundary when
 /// shutdown comes. A storage or audit error stops it where it is; it is
 /// resumed later from its record.
 pub async fn drive(
-    core: &Arc<Core>,
+    broker: &Broker,
     mut run: RunRecord,
-    mut stop: watch::Receiver<bool>,
+    shutdown: &Shutdown,
 ) -> Result<Driven, RotationError> {
-    let path = SecretPath::parse(&run.path).map_err(|_| RotationError::Corrupt)?;
-    let settings = ProviderSettings::new(run.settings.clone())?;
-    let backoff = core.rotation.options().backoff;
+    let cx = RunContext {
+        broker,
+        path: SecretPath::parse(&run.path).map_err(|_| RotationError::Corrupt)?,
+        settings: ProviderSettings::new(run.settings.clone())?,
+        backoff: broker.options().backoff,
+    };
     loop {
-        if *stop.borrow() {
+        if shutdown.is_triggered() {
             return Ok(Driven::Interrupted);
         }
-        let step = run.current_step();
-        if step == Step::Generate && !sleep_until(run.not_before_ms, &mut stop).await {
+        let backing_off = run.step == RotationStep::Generate;
+        if backing_off && !sleep_until(broker.clock(), run.not_before_ms, shutdown).await {
             return Ok(Driven::Interrupted);
         }
-        let provider = match core.rotation.provider(&run.provider) {
-            Some(p) => p,
-            None if step == Step::Rollback => {
-                // Nothing can be put back on a target we cannot reach.
-                return finish_failed(core, run, &path).await;
-            }
-            None => {
-                let e = ProviderError::Internal(format!(
-                    "provider `{}` is not registered",
-                    run.provider
-                ));
-                failed_attempt(core, &mut run, step, 0, &e, false, &backoff).await?;
-                continue;
-            }
-        };
-        let admin = match admin_secret(core, provider.as_ref(), &settings)? {
-            Ok(a) => a,
-            Err(e) if step == Step::Rollback => {
-                tracing::warn!(path = %path, error = %e, "rollback without admin secret");
-                return finish_failed(core, run, &path).await;
-            }
-            Err(e) => {
-                let version = run.pending_version;
-                failed_attempt(core, &mut run, step, version, &e, false, &backoff).await?;
-                continue;
-            }
-        };
-        let current = staged(core, &path, Stage::Current)?;
-        let input = RotationInput {
-            settings: &settings,
-            admin: admin.as_ref(),
-            current: current.as_ref(),
-        };
-        match step {
-            Step::Generate => match provider.generate(&input).await {
-                Ok(value) => {
-                    let version = core.secrets.put(
-                        &Authorized::for_broker(path.resource(), Capability::Write),
-                        PutRequest {
-                            path: path.clone(),
-                            data: value.clone(),
-                            cas: None,
-                            max_versions: None,
-                            owner: None,
-                            stage: Stage::Pending,
-                        },
-                        now_ms(),
-                    )?;
-                    audit_step(core, &run.run_id, &run.path, step, None, &value)?;
-                    core.rotation.count_step(step.name(), "ok");
-                    run.pending_version = version;
-                    run.record(step, "ok", version, String::new());
-                    run.step = Step::Apply as i32;
-                    persist(core, &run, step).await?;
-                }
-                Err(e) => {
-                    let retry = e.is_retryable() || matches!(e, ProviderError::Internal(_));
-                    failed_attempt(core, &mut run, step, 0, &e, retry, &backoff).await?;
-                }
-            },
-            Step::Apply | Step::Verify => {
-                let pending = match core
-                    .secrets
-                    .get(&path, Selector::Version(run.pending_version))
-                {
-                    Ok(v) => v.data,
-                    Err(e) => {
-                        // The pending value is gone (destroyed by hand?): a
-                        // fresh one is needed.
-                        let e = ProviderError::InvalidSecret(format!(
-                            "the pending version {} cannot be read: {e}",
-                            run.pending_version
-                        ));
-                        let version = run.pending_version;
-                        failed_attempt(core, &mut run, step, version, &e, true, &backoff).await?;
-                        continue;
-                    }
-                };
-                let result = if step == Step::Apply {
-                    provider.apply(&input, &pending).await
-                } else {
-                    provider.verify(&input, &pending).await
-                };
-                match result {
-                    Ok(()) => {
-                        audit_step(core, &run.run_id, &run.path, step, None, &SecretData::new())?;
-                        core.rotation.count_step(step.name(), "ok");
-                        run.record(step, "ok", run.pending_version, String::new());
-                        run.step = if step == Step::Apply {
-                            Step::Verify as i32
-                        } else {
-                            Step::Promote as i32
-                        };
-                        persist(core, &run, step).await?;
-                    }
-                    Err(e) => {
-                        let retry = !matches!(e, ProviderError::InvalidSettings(_));
-                        let version = run.pending_version;
-                        failed_attempt(core, &mut run, step, version, &e, retry, &backoff).await?;
-                    }
-                }
-            }
-            Step::Promote => {
-                if let Some(driven) = promote(core, &mut run, &path).await? {
-                    return Ok(driven);
-                }
-                // Nothing to promote: on to the rollback.
-            }
-            Step::Rollback => {
-                return rollback(core, run, provider.as_ref(), &input, &path).await;
-            }
-            Step::Retire => {
-                // A run record never rests at Retire; treat as finished.
-                return finish_failed(core, run, &path).await;
-            }
+        if let Flow::Done(driven) = run_step(&cx, &mut run).await? {
+            return Ok(driven);
+        }
+    }
+}
+
+/// Runs the step the record is at.
+async fn run_step(cx: &RunContext<'_>, run: &mut RunRecord) -> Result<Flow, RotationError> {
+    let step = run.step;
+    let rolling_back = step == RotationStep::Rollback;
+    let Some(provider) = cx.broker.provider(&run.provider) else {
+        if rolling_back {
+            // Nothing can be put back on a target we cannot reach.
+            return finish_failed(cx, run).await.map(Flow::Done);
+        }
+        let e = ProviderError::Internal(format!("provider `{}` is not registered", run.provider));
+        failed_attempt(cx, run, step, 0, &e, false).await?;
+        return Ok(Flow::Next);
+    };
+    let admin = match admin_secret(cx.secrets(), provider.as_ref(), &cx.settings)? {
+        Ok(a) => a,
+        Err(e) if rolling_back => {
+            tracing::warn!(path = %cx.path, error = %e, "rollback without admin secret");
+            return finish_failed(cx, run).await.map(Flow::Done);
+        }
+        Err(e) => {
+            let version = run.pending_version;
+            failed_attempt(cx, run, step, version, &e, false).await?;
+            return Ok(Flow::Next);
+        }
+    };
+    let current = staged(cx.secrets(), &cx.path, Stage::Current)?;
+    let input = RotationInput {
+        settings: &cx.settings,
+        admin: admin.as_ref(),
+        current: current.as_ref(),
+    };
+    match step {
+        RotationStep::Generate => generate(cx, run, provider.as_ref(), &input).await?,
+        RotationStep::Apply | RotationStep::Verify => {
+            apply_or_verify(cx, run, provider.as_ref(), &input).await?
+        }
+        RotationStep::Promote => return promote(cx, run).await,
+        RotationStep::Rollback => {
+            rollback(cx, run, provider.as_ref(), &input).await;
+            return finish_failed(cx, run).await.map(Flow::Done);
+        }
+        RotationStep::Retire => {
+            // A run record never rests at Retire (retires have their own
+            // records): end it rather than act on the target.
+            return finish_failed(cx, run).await.map(Flow::Done);
+        }
+    }
+    Ok(Flow::Next)
+}
+
+/// Generate: a new value, stored as `pending` before anything touches
+/// the target.
+async fn generate(
+    cx: &RunContext<'_>,
+    run: &mut RunRecord,
+    provider: &dyn Provider,
+    input: &RotationInput<'_>,
+) -> Result<(), RotationError> {
+    let step = RotationStep::Generate;
+    let value = match provider.generate(input).await {
+        Ok(value) => value,
+        Err(e) => {
+            let retry = e.is_retryable() || matches!(e, ProviderError::Internal(_));
+            return failed_attempt(cx, run, step, 0, &e, retry).await;
+        }
+    };
+    let version = cx.secrets().put(
+        &Authorized::for_broker(cx.path.resource(), Capability::Write),
+        PutRequest {
+            path: cx.path.clone(),
+            data: value.clone(),
+            cas: None,
+            max_versions: None,
+            owner: None,
+            stage: Stage::Pending,
+        },
+        cx.now_ms(),
+    )?;
+    run.pending_version = version;
+    cx.step_ok(run, step, version, &value, RotationStep::Apply)
+        .await
+}
+
+/// Apply (make pending valid on the target) or verify (log in with it).
+async fn apply_or_verify(
+    cx: &RunContext<'_>,
+    run: &mut RunRecord,
+    provider: &dyn Provider,
+    input: &RotationInput<'_>,
+) -> Result<(), RotationError> {
+    let step = run.step;
+    let version = run.pending_version;
+    let pending = match cx.secrets().get(&cx.path, Selector::Version(version)) {
+        Ok(v) => v.data,
+        Err(e) => {
+            // The pending value is gone (destroyed by hand?): a fresh one
+            // is needed.
+            let e = ProviderError::InvalidSecret(format!(
+                "the pending version {version} cannot be read: {e}"
+            ));
+            return failed_attempt(cx, run, step, version, &e, true).await;
+        }
+    };
+    let (result, next) = if step == RotationStep::Apply {
+        (provider.apply(input, &pending).await, RotationStep::Verify)
+    } else {
+        (
+            provider.verify(input, &pending).await,
+            RotationStep::Promote,
+        )
+    };
+    match result {
+        Ok(()) => {
+            cx.step_ok(run, step, version, &SecretData::new(), next)
+                .await
+        }
+        Err(e) => {
+            let retry = !matches!(e, ProviderError::InvalidSettings(_));
+            failed_attempt(cx, run, step, version, &e, retry).await
         }
     }
 }
@@ -464,83 +385,69 @@ pub async fn drive(
 /// Records a failed attempt: another attempt after a back-off with a fresh
 /// value, or the rollback after the last one.
 async fn failed_attempt(
-    core: &Core,
+    cx: &RunContext<'_>,
     run: &mut RunRecord,
-    step: Step,
+    step: RotationStep,
     version: u64,
     error: &ProviderError,
     retryable: bool,
-    backoff: &super::schedule::RetryBackoff,
 ) -> Result<(), RotationError> {
     let message = error.to_string();
+    let failed = Some(message.as_str());
     audit_step(
-        core,
+        cx.broker,
         &run.run_id,
         &run.path,
         step,
-        Some(&message),
+        failed,
         &SecretData::new(),
     )?;
-    core.rotation.count_step(step.name(), "failed");
+    cx.broker.count_step(step, StepOutcome::Failed);
     tracing::warn!(path = %run.path, step = step.name(), attempt = run.attempt, error = %message, "rotation step failed");
-    run.record(step, "failed", version, message.clone());
+    let now = cx.now_ms();
+    run.record(step, StepOutcome::Failed, version, message.clone(), now);
     run.last_error = format!("{} (attempt {}): {message}", step.name(), run.attempt);
-    if retryable && run.attempt < backoff.attempts() {
-        let wait = backoff.delay(run.attempt);
+    if retryable && run.attempt < cx.backoff.attempts() {
+        let wait = cx.backoff.delay(run.attempt);
         run.attempt += 1;
-        run.step = Step::Generate as i32;
-        run.not_before_ms = now_ms() + wait.as_millis() as u64;
+        run.step = RotationStep::Generate;
+        run.not_before_ms = now + wait.as_millis() as u64;
     } else {
-        run.step = Step::Rollback as i32;
+        run.step = RotationStep::Rollback;
     }
-    core.rotation.save_run(run)?;
-    core.barrier.durable().await?;
+    cx.broker.save_run(run)?;
+    cx.broker.deps().barrier.durable().await?;
     Ok(())
 }
 
-/// Promotes pending. `None` when there was nothing to promote (the pending
-/// version was changed or removed outside the run): recorded as a failed
-/// attempt, and the run goes on to the rollback.
-async fn promote(
-    core: &Arc<Core>,
-    run: &mut RunRecord,
-    path: &SecretPath,
-) -> Result<Option<Driven>, RotationError> {
-    let meta = match core.secrets.metadata(path) {
-        Ok(m) => m,
-        Err(e @ SecretsError::NotFound) => return promote_failed(core, run, &e).await,
-        Err(e) => return Err(e.into()),
+/// Promotes pending and ends the run (scheduling the retire of the value it
+/// replaced). When there is nothing to promote (the pending version was
+/// changed or removed outside the run) that is a failed attempt, and the
+/// run goes on to the rollback.
+async fn promote(cx: &RunContext<'_>, run: &mut RunRecord) -> Result<Flow, RotationError> {
+    let Some(previous) = promote_pending(cx, run).await? else {
+        return Ok(Flow::Next);
     };
-    let previous = if meta.current == run.pending_version {
-        // Promoted before a crash; the record did not say so yet.
-        meta.previous
-    } else {
-        let before = meta.current;
-        match core
-            .secrets
-            .promote_pending(path, run.pending_version, now_ms())
-        {
-            Ok(_) => {}
-            Err(e @ (SecretsError::NoSuchStage(_) | SecretsError::NotFound)) => {
-                return promote_failed(core, run, &e).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-        before
-    };
-    core.secrets.durable().await?;
+    cx.secrets().durable().await?;
+    let step = RotationStep::Promote;
     audit_step(
-        core,
+        cx.broker,
         &run.run_id,
         &run.path,
-        Step::Promote,
+        step,
         None,
         &SecretData::new(),
     )?;
-    core.rotation.count_step("promote", "ok");
-    run.record(Step::Promote, "ok", run.pending_version, String::new());
-    let now = now_ms();
-    run.state = "succeeded".into();
+    cx.broker.count_step(step, StepOutcome::Ok);
+    let now = cx.now_ms();
+    run.record(
+        step,
+        StepOutcome::Ok,
+        run.pending_version,
+        String::new(),
+        now,
+    );
+    run.state = RunState::Succeeded;
     run.finished_ms = now;
     run.version = run.pending_version;
     run.last_error.clear();
@@ -552,117 +459,161 @@ async fn promote(
         previous_version: previous,
         retire_at_ms: now + run.grace_seconds * 1000,
     });
-    core.rotation.finish_run(run, retire.as_ref())?;
-    core.barrier.durable().await?;
-    core.rotation.count_run(&run.provider, "succeeded");
-    danger_test_fault_point(Step::Promote);
-    Ok(Some(Driven::Finished(Box::new(run.clone()))))
+    cx.broker.finish_run(run, retire.as_ref())?;
+    cx.broker.deps().barrier.durable().await?;
+    cx.broker.count_run(&run.provider, RunState::Succeeded);
+    danger_test_fault_point(step);
+    Ok(Flow::Done(Driven::Finished(Box::new(run.clone()))))
+}
+
+/// Makes pending current; the version it replaced (`previous`), or `None`
+/// when there was nothing to promote (recorded, and the run sent to the
+/// rollback).
+async fn promote_pending(
+    cx: &RunContext<'_>,
+    run: &mut RunRecord,
+) -> Result<Option<u64>, RotationError> {
+    let meta = match cx.secrets().metadata(&cx.path) {
+        Ok(m) => m,
+        Err(e @ SecretsError::NotFound) => return promote_failed(cx, run, &e).await,
+        Err(e) => return Err(e.into()),
+    };
+    if meta.current == run.pending_version {
+        // Promoted before a crash; the record did not say so yet.
+        return Ok(Some(meta.previous));
+    }
+    let promoted = cx
+        .secrets()
+        .promote_pending(&cx.path, run.pending_version, cx.now_ms());
+    match promoted {
+        Ok(_) => Ok(Some(meta.current)),
+        Err(e @ (SecretsError::NoSuchStage(_) | SecretsError::NotFound)) => {
+            promote_failed(cx, run, &e).await
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Records a promote that found nothing to promote and sends the run to the
 /// rollback (current is put back on the target there).
 async fn promote_failed(
-    core: &Core,
+    cx: &RunContext<'_>,
     run: &mut RunRecord,
     error: &SecretsError,
-) -> Result<Option<Driven>, RotationError> {
-    let message = format!(
-        "the pending version {} cannot be promoted: {error}",
-        run.pending_version
-    );
+) -> Result<Option<u64>, RotationError> {
+    let step = RotationStep::Promote;
+    let version = run.pending_version;
+    let message = format!("the pending version {version} cannot be promoted: {error}");
+    let failed = Some(message.as_str());
     audit_step(
-        core,
+        cx.broker,
         &run.run_id,
         &run.path,
-        Step::Promote,
-        Some(&message),
+        step,
+        failed,
         &SecretData::new(),
     )?;
-    core.rotation.count_step("promote", "failed");
+    cx.broker.count_step(step, StepOutcome::Failed);
     tracing::warn!(path = %run.path, error = %message, "rotation step failed");
-    let version = run.pending_version;
-    run.record(Step::Promote, "failed", version, message.clone());
+    run.record(
+        step,
+        StepOutcome::Failed,
+        version,
+        message.clone(),
+        cx.now_ms(),
+    );
     run.last_error = format!("promote (attempt {}): {message}", run.attempt);
-    run.step = Step::Rollback as i32;
-    core.rotation.save_run(run)?;
-    core.barrier.durable().await?;
+    run.step = RotationStep::Rollback;
+    cx.broker.save_run(run)?;
+    cx.broker.deps().barrier.durable().await?;
     Ok(None)
 }
 
+/// Puts `current` back on the target (a single-user apply may have replaced
+/// its password before verify failed) and records how that went.
+/// Idempotent.
 async fn rollback(
-    core: &Arc<Core>,
-    mut run: RunRecord,
+    cx: &RunContext<'_>,
+    run: &mut RunRecord,
     provider: &dyn Provider,
     input: &RotationInput<'_>,
-    path: &SecretPath,
-) -> Result<Driven, RotationError> {
-    // Put `current` back on the target: a single-user apply may have
-    // replaced its password before verify failed. Idempotent.
-    tracing::debug!(path = %path, "rolling back: restoring current on the target");
-    let message = match input.current {
-        None => Some("no current version to restore".to_owned()),
-        Some(current) => match provider.apply(input, current).await {
-            Ok(()) => match provider.verify(input, current).await {
-                Ok(()) => None,
-                Err(e) => Some(format!("current does not verify after rollback: {e}")),
-            },
-            Err(ProviderError::InvalidSecret(m)) => Some(format!("skipped: {m}")),
-            Err(e) => Some(format!("could not restore current on the target: {e}")),
+) {
+    tracing::debug!(path = %cx.path, "rolling back: restoring current on the target");
+    let (outcome, message) = restore_current(provider, input).await;
+    let now = cx.now_ms();
+    run.record(RotationStep::Rollback, outcome, 0, message, now);
+}
+
+/// Applies and verifies `current` on the target: the rollback's outcome.
+async fn restore_current(
+    provider: &dyn Provider,
+    input: &RotationInput<'_>,
+) -> (StepOutcome, String) {
+    let Some(current) = input.current else {
+        return (
+            StepOutcome::Skipped,
+            "no current version to restore".to_owned(),
+        );
+    };
+    match provider.apply(input, current).await {
+        Ok(()) => match provider.verify(input, current).await {
+            Ok(()) => (StepOutcome::Ok, String::new()),
+            Err(e) => (
+                StepOutcome::Failed,
+                format!("current does not verify after rollback: {e}"),
+            ),
         },
-    };
-    finish_failed(core, run_with_rollback(&mut run, message), path).await
+        Err(ProviderError::InvalidSecret(m)) => (StepOutcome::Skipped, format!("skipped: {m}")),
+        Err(e) => (
+            StepOutcome::Failed,
+            format!("could not restore current on the target: {e}"),
+        ),
+    }
 }
 
-fn run_with_rollback(run: &mut RunRecord, message: Option<String>) -> RunRecord {
-    let outcome = match &message {
-        None => "ok",
-        Some(m) if m.starts_with("skipped") || m.starts_with("no current") => "skipped",
-        Some(_) => "failed",
-    };
-    run.record(Step::Rollback, outcome, 0, message.unwrap_or_default());
-    run.clone()
-}
-
-async fn finish_failed(
-    core: &Arc<Core>,
-    mut run: RunRecord,
-    path: &SecretPath,
-) -> Result<Driven, RotationError> {
-    tracing::debug!(path = %path, "rotation failed; dropping pending");
-    match core.secrets.clear_pending(path, now_ms()) {
+/// Ends a failed run: drops pending, records the failure (history, policy,
+/// audit, metrics).
+async fn finish_failed(cx: &RunContext<'_>, run: &mut RunRecord) -> Result<Driven, RotationError> {
+    tracing::debug!(path = %cx.path, "rotation failed; dropping pending");
+    match cx.secrets().clear_pending(&cx.path, cx.now_ms()) {
         Ok(()) | Err(SecretsError::NotFound) => {}
         Err(e) => return Err(e.into()),
     }
     let last = run.steps.last().cloned();
-    let failed_msg = last
-        .as_ref()
-        .filter(|s| s.outcome == "failed")
-        .map(|s| s.message.clone());
+    let reason = match &last {
+        Some(s) if s.outcome == StepOutcome::Failed => s.message.clone(),
+        _ => run.last_error.clone(),
+    };
+    let step = RotationStep::Rollback;
     audit_step(
-        core,
+        cx.broker,
         &run.run_id,
         &run.path,
-        Step::Rollback,
-        Some(failed_msg.as_deref().unwrap_or(run.last_error.as_str())),
+        step,
+        Some(&reason),
         &SecretData::new(),
     )?;
-    core.rotation.count_step(
-        "rollback",
-        last.map(|s| s.outcome).as_deref().unwrap_or("ok"),
-    );
-    run.state = "failed".into();
-    run.finished_ms = now_ms();
-    run.version = core.secrets.metadata(path).map(|m| m.current).unwrap_or(0);
+    let outcome = last.map_or(StepOutcome::Ok, |s| s.outcome);
+    cx.broker.count_step(step, outcome);
+    run.state = RunState::Failed;
+    run.finished_ms = cx.now_ms();
+    run.version = cx
+        .secrets()
+        .metadata(&cx.path)
+        .map(|m| m.current)
+        .unwrap_or(0);
     if run.last_error.is_empty() {
         run.last_error = "the rotation failed".into();
     }
-    core.rotation.finish_run(&run, None)?;
-    core.barrier.durable().await?;
-    tracing::debug!(path = %path, "rotation failed; recorded");
-    core.rotation.count_run(&run.provider, "failed");
-    danger_test_fault_point(Step::Rollback);
-    Ok(Driven::Finished(Box::new(run)))
+    cx.broker.finish_run(run, None)?;
+    cx.broker.deps().barrier.durable().await?;
+    tracing::debug!(path = %cx.path, "rotation failed; recorded");
+    cx.broker.count_run(&run.provider, RunState::Failed);
+    danger_test_fault_point(step);
+    Ok(Driven::Finished(Box::new(run.clone())))
 }
+
+// ---------------------------------------------------------------- retire
 
 /// The `username` of `previous` if one of `others` has the same one.
 fn shared_username<'a>(
@@ -681,144 +632,132 @@ fn shared_username<'a>(
 /// Retryable failures are tried again with back-off; the outcome is added
 /// to the run's history either way and the retire entry removed.
 pub async fn retire(
-    core: &Arc<Core>,
+    broker: &Broker,
     key: &str,
     record: RetireRecord,
-    mut stop: watch::Receiver<bool>,
+    shutdown: &Shutdown,
 ) -> Result<(), RotationError> {
     let path = SecretPath::parse(&record.path).map_err(|_| RotationError::Corrupt)?;
     let settings = ProviderSettings::new(record.settings.clone())?;
-    let backoff = core.rotation.options().backoff;
+    let backoff = broker.options().backoff;
     let mut attempt = 1;
     let step = loop {
-        if *stop.borrow() {
+        if shutdown.is_triggered() {
             return Err(RotationError::Stopping);
         }
-        let outcome: Result<Option<String>, ProviderError> = async {
-            let provider = core.rotation.provider(&record.provider).ok_or_else(|| {
-                ProviderError::Internal(format!("provider `{}` is not registered", record.provider))
-            })?;
-            let admin = admin_secret(core, provider.as_ref(), &settings)
-                .map_err(|e| ProviderError::Internal(e.to_string()))??;
-            let current = staged(core, &path, Stage::Current)
-                .map_err(|e| ProviderError::Internal(e.to_string()))?;
-            let previous = match core
-                .secrets
-                .get(&path, Selector::Version(record.previous_version))
-            {
-                Ok(v) => v.data,
-                // Destroyed or pruned: nothing left to retire with.
-                Err(_) => {
-                    return Err(ProviderError::InvalidSecret(format!(
-                        "version {} cannot be read",
-                        record.previous_version
-                    )))
-                }
-            };
-            let pending = staged(core, &path, Stage::Pending)
-                .map_err(|e| ProviderError::Internal(e.to_string()))?;
-            if let Some(user) = shared_username(&previous, [current.as_ref(), pending.as_ref()]) {
-                // Never lock out a user that is current or about to be.
-                return Ok(Some(format!(
-                    "nothing retired: user `{user}` is in the current or pending value"
-                )));
+        let outcome = retire_once(broker, &record, &path, &settings).await;
+        let failed = outcome.as_ref().err().map(ToString::to_string);
+        audit_step(
+            broker,
+            &record.run_id,
+            &record.path,
+            RotationStep::Retire,
+            failed.as_deref(),
+            &SecretData::new(),
+        )?;
+        let retry = match &outcome {
+            Err(e) => e.is_retryable() || matches!(e, ProviderError::Refused(_)),
+            Ok(_) => false,
+        };
+        if retry && attempt < backoff.attempts() {
+            broker.count_step(RotationStep::Retire, StepOutcome::Failed);
+            let at = broker.clock().now_ms() + backoff.delay(attempt).as_millis() as u64;
+            if !sleep_until(broker.clock(), at, shutdown).await {
+                return Err(RotationError::Stopping);
             }
-            let input = RotationInput {
-                settings: &settings,
-                admin: admin.as_ref(),
-                current: current.as_ref(),
-            };
-            provider.retire(&input, &previous).await.map(|()| None)
+            attempt += 1;
+            continue;
         }
-        .await;
-        match outcome {
-            Ok(note) => {
-                audit_step(
-                    core,
-                    &record.run_id,
-                    &record.path,
-                    Step::Retire,
-                    None,
-                    &SecretData::new(),
-                )?;
-                core.rotation.count_step("retire", "ok");
-                break StepRecord {
-                    step: "retire".into(),
-                    attempt,
-                    outcome: "ok".into(),
-                    version: record.previous_version,
-                    message: note.unwrap_or_default(),
-                    at_ms: now_ms(),
-                };
-            }
-            Err(e) => {
-                let message = e.to_string();
-                audit_step(
-                    core,
-                    &record.run_id,
-                    &record.path,
-                    Step::Retire,
-                    Some(&message),
-                    &SecretData::new(),
-                )?;
-                core.rotation.count_step("retire", "failed");
-                let retry = e.is_retryable() || matches!(e, ProviderError::Refused(_));
-                if retry && attempt < backoff.attempts() {
-                    let wait = backoff.delay(attempt);
-                    attempt += 1;
-                    if !sleep_until(now_ms() + wait.as_millis() as u64, &mut stop).await {
-                        return Err(RotationError::Stopping);
-                    }
-                    continue;
-                }
-                break StepRecord {
-                    step: "retire".into(),
-                    attempt,
-                    outcome: "failed".into(),
-                    version: record.previous_version,
-                    message,
-                    at_ms: now_ms(),
-                };
-            }
-        }
+        break retire_step(broker, &record, attempt, outcome);
     };
-    core.rotation.finish_retire(key, &record, step)?;
-    core.barrier.durable().await?;
-    danger_test_fault_point(Step::Retire);
+    broker.finish_retire(key, &record, step)?;
+    broker.deps().barrier.durable().await?;
+    danger_test_fault_point(RotationStep::Retire);
     Ok(())
 }
 
+/// The last attempt's step record (and its metric).
+fn retire_step(
+    broker: &Broker,
+    record: &RetireRecord,
+    attempt: u32,
+    outcome: Result<Option<String>, ProviderError>,
+) -> StepRecord {
+    let (outcome, message) = match outcome {
+        Ok(note) => (StepOutcome::Ok, note.unwrap_or_default()),
+        Err(e) => (StepOutcome::Failed, e.to_string()),
+    };
+    broker.count_step(RotationStep::Retire, outcome);
+    StepRecord {
+        step: RotationStep::Retire,
+        attempt,
+        outcome,
+        version: record.previous_version,
+        message,
+        at_ms: broker.clock().now_ms(),
+    }
+}
+
+/// One attempt at the retire: `Ok(Some(note))` when there was nothing to
+/// do on the target, and why.
+async fn retire_once(
+    broker: &Broker,
+    record: &RetireRecord,
+    path: &SecretPath,
+    settings: &ProviderSettings,
+) -> Result<Option<String>, ProviderError> {
+    let internal = |e: RotationError| ProviderError::Internal(e.to_string());
+    let secrets = &broker.deps().secrets;
+    let provider = broker.provider(&record.provider).ok_or_else(|| {
+        ProviderError::Internal(format!("provider `{}` is not registered", record.provider))
+    })?;
+    let admin = admin_secret(secrets, provider.as_ref(), settings).map_err(internal)??;
+    let current = staged(secrets, path, Stage::Current).map_err(internal)?;
+    let Ok(previous) = secrets.get(path, Selector::Version(record.previous_version)) else {
+        // Destroyed or pruned: nothing left to retire with.
+        return Err(ProviderError::InvalidSecret(format!(
+            "version {} cannot be read",
+            record.previous_version
+        )));
+    };
+    let pending = staged(secrets, path, Stage::Pending).map_err(internal)?;
+    let others = [current.as_ref(), pending.as_ref()];
+    if let Some(user) = shared_username(&previous.data, others) {
+        // Never lock out a user that is current or about to be.
+        return Ok(Some(format!(
+            "nothing retired: user `{user}` is in the current or pending value"
+        )));
+    }
+    let input = RotationInput {
+        settings,
+        admin: admin.as_ref(),
+        current: current.as_ref(),
+    };
+    provider.retire(&input, &previous.data).await.map(|()| None)
+}
+
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
+    fn data(pairs: &[(&str, &str)]) -> SecretData {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), SecretBytes::from(*v)))
+            .collect()
+    }
+
     #[test]
-    fn records_round_trip_and_steps_have_names() {
-        let mut run = RunRecord {
-            run_id: "r1".into(),
-            path: "app/db".into(),
-            step: Step::Verify as i32,
-            attempt: 2,
-            ..RunRecord::default()
-        };
-        run.record(Step::Apply, "ok", 3, String::new());
-        let back = RunRecord::decode(run.encode_to_vec().as_slice()).ok();
-        assert_eq!(back.as_ref(), Some(&run));
-        assert_eq!(run.current_step(), Step::Verify);
-        let names: Vec<&str> = [
-            Step::Generate,
-            Step::Apply,
-            Step::Verify,
-            Step::Promote,
-            Step::Rollback,
-            Step::Retire,
-        ]
-        .iter()
-        .map(|s| s.name())
-        .collect();
+    fn a_user_in_current_or_pending_is_never_retired() {
+        let previous = data(&[("username", "a"), ("password", "p1")]);
+        let other = data(&[("username", "b")]);
+        let same = data(&[("username", "a")]);
+        assert_eq!(shared_username(&previous, [Some(&other), None]), None);
         assert_eq!(
-            names,
-            ["generate", "apply", "verify", "promote", "rollback", "retire"]
+            shared_username(&previous, [Some(&other), Some(&same)]),
+            Some("a")
         );
+        assert_eq!(shared_username(&data(&[]), [Some(&same), None]), None);
     }
 }

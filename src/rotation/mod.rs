@@ -6,19 +6,31 @@
 //! to `current` (the old one becomes `previous`), and after the grace period
 //! `retire` the previous value on the target.
 //!
-//! - `provider`, `providers`: the contract and the built-in providers.
-//! - `schedule`: durations, [`schedule::Schedule`], jitter, [`schedule::RetryBackoff`].
+//! - `provider`: the contract a provider implements; `providers`: the
+//!   built-in ones and the registry that finds one by name.
+//! - `schedule`: [`schedule::Schedule`], jitter, [`schedule::RetryBackoff`]
+//!   (durations are `crate::duration`'s one grammar).
 //! - `policy`: checked rotation policies and their stored form.
+//! - `record`: runs and retires, their typed state and versioned stored form.
 //! - `machine`: the persisted state machine of one run, and retire.
 //! - `scheduler`: the one sleeper over the due index and the worker pool.
-//! - this file: the [`Broker`] that owns the storage prefix and the shared state.
+//! - this file: the [`Broker`] that owns the storage prefix and the shared
+//!   state, and [`RotationDeps`], the handles it uses.
+//!
+//! # Dependencies
+//!
+//! The broker takes exactly what it uses, in [`RotationDeps`]: the secret
+//! store (values are read and written through it), the audit log (every
+//! step is a record), the barrier (its own prefix, seal state, flushes) and
+//! the clock. It never sees `core`; the server starts its scheduler with a
+//! [`crate::clock::Shutdown`] ([`scheduler::start`]).
 //!
 //! # Storage prefix `rotation/` (through the barrier only)
 //!
 //! - `rotation/policy/<path>`: a [`policy::PolicyRecord`];
 //! - `rotation/due/<16 hex digits: due ms, big-endian>/<path>`: the due index (empty values);
 //! - `rotation/retire/<16 hex digits>/<path>`: retires waiting for their grace period;
-//! - `rotation/run/<path>`: the run in progress ([`machine::RunRecord`]), the resume point;
+//! - `rotation/run/<path>`: the run in progress ([`record::RunRecord`]), the resume point;
 //! - `rotation/history/<path>#<run id>`: finished runs, newest 50 per secret kept;
 //! - `rotation/provider/<name>`: registered external providers.
 //!
@@ -31,12 +43,13 @@ pub mod machine;
 pub mod policy;
 pub mod provider;
 pub mod providers;
+pub mod record;
 pub mod schedule;
 pub mod scheduler;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -44,14 +57,18 @@ use prometheus_client::metrics::family::Family;
 use prost::Message;
 use tokio::sync::{broadcast, Notify, Semaphore};
 
-use crate::audit::AuditError;
+use crate::audit::{AuditError, AuditLog};
 use crate::barrier::{Barrier, BarrierError, PlainOp};
+use crate::clock::{Clock, Shutdown};
 use crate::metrics::Metrics;
-use crate::secrets::{SecretPath, SecretsError};
+use crate::secrets::{SecretPath, SecretStore, SecretsError};
 
-use machine::{RunRecord, Step};
-use policy::{PolicyError, PolicyRecord, PolicySpec};
-use provider::{Provider, ProviderError, Registry, RegistryError};
+use policy::{PolicyRecord, PolicySpec, RotationPolicyError};
+use provider::{Provider, ProviderError};
+use providers::{Registry, RegistryError};
+use record::{
+    RecordError, RetireRecord, RotationStep, RunRecord, RunState, StepOutcome, StepRecord, Trigger,
+};
 use schedule::RetryBackoff;
 
 pub(crate) const POLICY: &str = "rotation/policy/";
@@ -67,7 +84,7 @@ pub const HISTORY_KEPT: usize = 50;
 #[derive(Debug, thiserror::Error)]
 pub enum RotationError {
     #[error(transparent)]
-    Policy(#[from] PolicyError),
+    Policy(#[from] RotationPolicyError),
     #[error("no rotation policy on this secret")]
     NoPolicy,
     #[error("no such rotation run")]
@@ -159,37 +176,59 @@ pub struct ProviderRecord {
     pub ca_pem: Vec<u8>,
 }
 
-/// The rotation broker's shared state. Lives in `Core`; the scheduler and
-/// the workers take the `Core` as a parameter.
+/// What the broker uses, and nothing more.
+pub struct RotationDeps {
+    /// Secret values: read, written as `pending`, promoted, cleared.
+    pub secrets: Arc<SecretStore>,
+    /// One record per step, as `rotation-broker`.
+    pub audit: Arc<AuditLog>,
+    /// The `rotation/` prefix, the seal state and flushes.
+    pub barrier: Arc<Barrier>,
+    /// Wall time for records and due times, and every sleep.
+    pub clock: Clock,
+}
+
+/// The rotation broker: a cheap handle (clones share one state), held by
+/// `core` for the request path and cloned into the scheduler and each
+/// worker.
+#[derive(Clone)]
 pub struct Broker {
-    barrier: Arc<Barrier>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    deps: RotationDeps,
     options: BrokerOptions,
     registry: RwLock<Registry>,
     external: RwLock<BTreeMap<String, Arc<dyn Provider>>>,
     /// Serialises every read-modify-write of policy records and indexes.
     records: Mutex<()>,
     /// Wakes the sleeper: a policy changed, a run was triggered, unseal, stop.
-    pub(crate) wake: Notify,
+    wake: Notify,
     /// Runs (by path) and retires (by `retire:` + index key) with a worker.
     in_flight: Mutex<HashSet<String>>,
-    pub(crate) workers: Arc<Semaphore>,
+    workers: Arc<Semaphore>,
     per_provider: Mutex<HashMap<String, Arc<Semaphore>>>,
     finished: broadcast::Sender<RunFinished>,
     /// Active runs must be looked up and resumed (after unseal, or after a
     /// worker stopped on a storage error).
-    pub(crate) resume_needed: AtomicBool,
+    resume_needed: AtomicBool,
     run_counter: AtomicU64,
     /// Passes of the sleeper over the indexes (for the benchmark and tests).
-    pub(crate) sleeper_passes: AtomicU64,
+    sleeper_passes: AtomicU64,
     runs: Family<RunLabels, Counter>,
     steps: Family<StepLabels, Counter>,
-    /// Held by the sleeper and every worker; shutdown waits for all to drop.
-    pub(crate) guard: Mutex<Option<tokio::sync::mpsc::Sender<()>>>,
-    guard_rx: tokio::sync::Mutex<Option<tokio::sync::mpsc::Receiver<()>>>,
+    /// Held by the sleeper and every worker; the scheduler's task ends
+    /// when all have dropped theirs (see [`scheduler::start`]).
+    guard: Mutex<Option<tokio::sync::mpsc::Sender<()>>>,
+    guard_rx: Mutex<Option<tokio::sync::mpsc::Receiver<()>>>,
+    /// The server's shutdown, given when the scheduler starts; workers
+    /// select on it. No worker starts before it is set.
+    shutdown: OnceLock<Shutdown>,
 }
 
 impl Broker {
-    pub fn new(barrier: Arc<Barrier>, metrics: &Metrics, options: BrokerOptions) -> Self {
+    pub fn new(deps: RotationDeps, metrics: &Metrics, options: BrokerOptions) -> Self {
         machine::init_danger_test_fault_point();
         let runs = Family::<RunLabels, Counter>::default();
         let steps = Family::<StepLabels, Counter>::default();
@@ -204,8 +243,8 @@ impl Broker {
             steps.clone(),
         );
         let (guard, guard_rx) = tokio::sync::mpsc::channel(1);
-        Self {
-            barrier,
+        let shared = Shared {
+            deps,
             registry: RwLock::new(Registry::with_builtin()),
             external: RwLock::new(BTreeMap::new()),
             records: Mutex::new(()),
@@ -220,34 +259,101 @@ impl Broker {
             runs,
             steps,
             guard: Mutex::new(Some(guard)),
-            guard_rx: tokio::sync::Mutex::new(Some(guard_rx)),
+            guard_rx: Mutex::new(Some(guard_rx)),
+            shutdown: OnceLock::new(),
             options,
+        };
+        Self {
+            shared: Arc::new(shared),
         }
     }
 
+    /// The handles the broker was made with.
+    pub fn deps(&self) -> &RotationDeps {
+        &self.shared.deps
+    }
+
+    /// The broker's clock (records' wall time, every sleep).
+    pub fn clock(&self) -> &Clock {
+        &self.shared.deps.clock
+    }
+
+    fn barrier(&self) -> &Barrier {
+        &self.shared.deps.barrier
+    }
+
+    pub(crate) fn is_sealed(&self) -> bool {
+        self.barrier().status().sealed
+    }
+
+    /// Wakes the sleeper to look at its indexes now.
+    pub(crate) fn wake(&self) {
+        self.shared.wake.notify_one();
+    }
+
+    /// Resolves at the next [`Broker::wake`] (or one made before, not yet seen).
+    pub(crate) async fn woken(&self) {
+        self.shared.wake.notified().await;
+    }
+
+    /// The worker pool.
+    pub(crate) fn workers(&self) -> &Arc<Semaphore> {
+        &self.shared.workers
+    }
+
+    /// Whether recorded runs must be looked up and resumed; clears the flag.
+    pub(crate) fn take_resume_needed(&self) -> bool {
+        self.shared.resume_needed.swap(false, Ordering::SeqCst)
+    }
+
+    /// Asks the sleeper to look up and resume recorded runs.
+    pub(crate) fn set_resume_needed(&self) {
+        self.shared.resume_needed.store(true, Ordering::SeqCst);
+    }
+
+    pub(crate) fn count_pass(&self) {
+        self.shared.sleeper_passes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records the server's shutdown for the workers; false if it was set
+    /// already (the scheduler was started before).
+    pub(crate) fn set_shutdown(&self, shutdown: Shutdown) -> bool {
+        self.shared.shutdown.set(shutdown).is_ok()
+    }
+
+    /// The server's shutdown; `None` before the scheduler started.
+    pub(crate) fn shutdown(&self) -> Option<Shutdown> {
+        self.shared.shutdown.get().cloned()
+    }
+
     pub fn options(&self) -> &BrokerOptions {
-        &self.options
+        &self.shared.options
     }
 
     /// How many times the scheduler has looked at its indexes so far.
     pub fn sleeper_passes(&self) -> u64 {
-        self.sleeper_passes.load(Ordering::Relaxed)
+        self.shared.sleeper_passes.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> MutexGuard<'_, ()> {
-        self.records.lock().unwrap_or_else(PoisonError::into_inner)
+        self.shared
+            .records
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// A snapshot of the providers: built-in and registered.
     pub fn registry(&self) -> Registry {
-        self.registry
+        self.shared
+            .registry
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
 
     pub fn provider(&self, name: &str) -> Option<Arc<dyn Provider>> {
-        self.registry
+        self.shared
+            .registry
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(name)
@@ -255,61 +361,67 @@ impl Broker {
 
     /// Called after an unseal: active runs are resumed by the sleeper.
     pub fn on_unseal(&self) {
-        self.resume_needed.store(true, Ordering::SeqCst);
-        self.wake.notify_one();
+        self.shared.resume_needed.store(true, Ordering::SeqCst);
+        self.wake();
     }
 
     /// Called after a seal: the sleeper waits for the next unseal.
     pub fn on_seal(&self) {
-        self.wake.notify_one();
+        self.wake();
     }
 
     pub(crate) fn subscribe_finished(&self) -> broadcast::Receiver<RunFinished> {
-        self.finished.subscribe()
+        self.shared.finished.subscribe()
     }
 
     pub(crate) fn announce_finished(&self, run: &RunRecord) {
-        let _ = self.finished.send(RunFinished {
+        let _ = self.shared.finished.send(RunFinished {
             path: run.path.clone(),
             run_id: run.run_id.clone(),
         });
     }
 
-    pub(crate) fn count_run(&self, provider: &str, outcome: &str) {
-        self.runs
+    /// Counts a finished run by its end state.
+    pub(crate) fn count_run(&self, provider: &str, state: RunState) {
+        self.shared
+            .runs
             .get_or_create(&RunLabels {
                 provider: provider.to_owned(),
-                outcome: outcome.to_owned(),
+                outcome: state.as_str().to_owned(),
             })
             .inc();
     }
 
-    pub(crate) fn count_step(&self, step: &str, outcome: &str) {
-        self.steps
+    pub(crate) fn count_step(&self, step: RotationStep, outcome: StepOutcome) {
+        self.shared
+            .steps
             .get_or_create(&StepLabels {
-                step: step.to_owned(),
-                outcome: outcome.to_owned(),
+                step: step.name().to_owned(),
+                outcome: outcome.as_str().to_owned(),
             })
             .inc();
     }
 
     /// Marks `key` as having a worker; false if one already has it.
     pub(crate) fn claim_in_flight(&self, key: &str) -> bool {
-        self.in_flight
+        self.shared
+            .in_flight
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(key.to_owned())
     }
 
     pub(crate) fn release_in_flight(&self, key: &str) {
-        self.in_flight
+        self.shared
+            .in_flight
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(key);
     }
 
     pub(crate) fn is_in_flight(&self, key: &str) -> bool {
-        self.in_flight
+        self.shared
+            .in_flight
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .contains(key)
@@ -321,43 +433,51 @@ impl Broker {
             return None;
         }
         let mut map = self
+            .shared
             .per_provider
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         Some(
             map.entry(provider.to_owned())
-                .or_insert_with(|| Arc::new(Semaphore::new(self.options.per_provider.max(1))))
+                .or_insert_with(|| {
+                    Arc::new(Semaphore::new(self.shared.options.per_provider.max(1)))
+                })
                 .clone(),
         )
     }
 
     pub(crate) fn new_run_id(&self, now_ms: u64) -> String {
-        let n = self.run_counter.fetch_add(1, Ordering::Relaxed);
+        let n = self.shared.run_counter.fetch_add(1, Ordering::Relaxed);
         let salt = schedule::random_below(1 << 24);
         format!("{now_ms:016x}-{salt:06x}{n:06x}")
     }
 
     /// A guard the shutdown waits for; `None` once shutdown began.
     pub(crate) fn task_guard(&self) -> Option<tokio::sync::mpsc::Sender<()>> {
-        self.guard
+        self.shared
+            .guard
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
 
-    /// Waits (at most `deadline`) for the sleeper and every worker to stop.
-    /// The caller has signalled shutdown through `Core::begin_shutdown`.
-    pub async fn wait_stopped(&self, deadline: std::time::Duration) {
-        self.guard
+    /// After shutdown: no new worker starts, and this resolves once the
+    /// sleeper and every worker have stopped (each at a step boundary).
+    pub(crate) async fn close_and_wait(&self) {
+        self.shared
+            .guard
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        self.wake.notify_one();
-        let rx = self.guard_rx.lock().await.take();
+        let rx = self
+            .shared
+            .guard_rx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         if let Some(mut rx) = rx {
-            if tokio::time::timeout(deadline, rx.recv()).await.is_err() {
-                tracing::warn!("rotation workers did not stop before the deadline");
-            }
+            // `None` once every guard is dropped; nothing is ever sent.
+            while rx.recv().await.is_some() {}
         }
     }
 
@@ -370,7 +490,10 @@ impl Broker {
         spec: &PolicySpec,
         now_ms: u64,
     ) -> Result<PolicyRecord, RotationError> {
-        let next_due = spec.schedule.next_due(now_ms).map_err(PolicyError::from)?;
+        let next_due = spec
+            .schedule
+            .next_due(now_ms)
+            .map_err(RotationPolicyError::from)?;
         self.set_policy_due_at(spec, next_due, now_ms)
     }
 
@@ -402,27 +525,23 @@ impl Broker {
         let mut ops: Vec<PlainOp<'_>> = ops_keys.iter().map(|k| PlainOp::Delete(k)).collect();
         ops.push(PlainOp::Put(&pkey, &bytes));
         ops.push(PlainOp::Put(&dkey, b""));
-        self.barrier.batch(&ops)?;
-        self.wake.notify_one();
+        self.barrier().batch(&ops)?;
+        self.wake();
         Ok(record)
     }
 
     pub fn policy(&self, path: &SecretPath) -> Result<Option<PolicyRecord>, RotationError> {
-        match self.barrier.get(&policy_key(path))? {
+        match self.barrier().get(&policy_key(path))? {
             None => Ok(None),
-            Some(raw) => PolicyRecord::decode(raw.as_slice())
-                .map(Some)
-                .map_err(|_| RotationError::Corrupt),
+            Some(raw) => decode_policy(raw.as_slice()).map(Some),
         }
     }
 
     pub fn policies(&self) -> Result<Vec<PolicyRecord>, RotationError> {
-        self.barrier
+        self.barrier()
             .scan_prefix(POLICY)?
             .into_iter()
-            .map(|(_, raw)| {
-                PolicyRecord::decode(raw.as_slice()).map_err(|_| RotationError::Corrupt)
-            })
+            .map(|(_, raw)| decode_policy(raw.as_slice()))
             .collect()
     }
 
@@ -433,19 +552,19 @@ impl Broker {
         let old = self.policy(path)?.ok_or(RotationError::NoPolicy)?;
         let pkey = policy_key(path);
         let dkey = due_key(old.next_due_ms, &old.path);
-        self.barrier
+        self.barrier()
             .batch(&[PlainOp::Delete(&pkey), PlainOp::Delete(&dkey)])?;
-        self.wake.notify_one();
+        self.wake();
         Ok(())
     }
 
     /// Finished runs of a secret, newest first.
     pub fn history(&self, path: &SecretPath) -> Result<Vec<RunRecord>, RotationError> {
         let mut runs: Vec<RunRecord> = self
-            .barrier
+            .barrier()
             .scan_prefix(&history_prefix(path))?
             .into_iter()
-            .map(|(_, raw)| RunRecord::decode(raw.as_slice()).map_err(|_| RotationError::Corrupt))
+            .map(|(_, raw)| decode_run(raw.as_slice()))
             .collect::<Result<_, _>>()?;
         if let Some(active) = self.active_run(path)? {
             runs.push(active);
@@ -456,11 +575,9 @@ impl Broker {
 
     /// The run in progress on a secret, if any.
     pub fn active_run(&self, path: &SecretPath) -> Result<Option<RunRecord>, RotationError> {
-        match self.barrier.get(&run_key(path.as_str()))? {
+        match self.barrier().get(&run_key(path.as_str()))? {
             None => Ok(None),
-            Some(raw) => RunRecord::decode(raw.as_slice())
-                .map(Some)
-                .map_err(|_| RotationError::Corrupt),
+            Some(raw) => decode_run(raw.as_slice()).map(Some),
         }
     }
 
@@ -468,11 +585,9 @@ impl Broker {
         &self,
         path: &str,
     ) -> Result<Option<RunRecord>, RotationError> {
-        match self.barrier.get(&run_key(path))? {
+        match self.barrier().get(&run_key(path))? {
             None => Ok(None),
-            Some(raw) => RunRecord::decode(raw.as_slice())
-                .map(Some)
-                .map_err(|_| RotationError::Corrupt),
+            Some(raw) => decode_run(raw.as_slice()).map(Some),
         }
     }
 
@@ -482,11 +597,9 @@ impl Broker {
         path: &SecretPath,
         run_id: &str,
     ) -> Result<Option<RunRecord>, RotationError> {
-        match self.barrier.get(&history_key(path.as_str(), run_id))? {
+        match self.barrier().get(&history_key(path.as_str(), run_id))? {
             None => Ok(None),
-            Some(raw) => RunRecord::decode(raw.as_slice())
-                .map(Some)
-                .map_err(|_| RotationError::Corrupt),
+            Some(raw) => decode_run(raw.as_slice()).map(Some),
         }
     }
 
@@ -502,13 +615,13 @@ impl Broker {
         if let Some(active) = self.active_run(path)? {
             return Ok((active, false));
         }
-        let run = RunRecord::start(self.new_run_id(now_ms), &policy, "manual", 0, now_ms);
-        policy.last_state = "running".into();
+        let run = RunRecord::start(self.new_run_id(now_ms), &policy, Trigger::Manual, 0, now_ms);
+        policy.set_last_state(RunState::Running);
         policy.last_run_ms = now_ms;
         let rkey = run_key(&run.path);
         let pkey = policy_key(path);
-        let (rbytes, pbytes) = (run.encode_to_vec(), policy.encode_to_vec());
-        self.barrier
+        let (rbytes, pbytes) = (run.encode(), policy.encode_to_vec());
+        self.barrier()
             .batch(&[PlainOp::Put(&rkey, &rbytes), PlainOp::Put(&pkey, &pbytes)])?;
         Ok((run, true))
     }
@@ -526,36 +639,36 @@ impl Broker {
     ) -> Result<Option<RunRecord>, RotationError> {
         let _guard = self.lock();
         let Ok(secret_path) = SecretPath::parse(path) else {
-            self.barrier.delete(key)?;
+            self.barrier().delete(key)?;
             return Ok(None);
         };
         let Some(mut policy) = self.policy(&secret_path)? else {
-            self.barrier.delete(key)?;
+            self.barrier().delete(key)?;
             return Ok(None);
         };
         if policy.next_due_ms != due_ms {
-            self.barrier.delete(key)?;
+            self.barrier().delete(key)?;
             return Ok(None);
         }
-        let schedule = policy.schedule().map_err(PolicyError::from)?;
+        let schedule = policy.schedule().map_err(RotationPolicyError::from)?;
         // The next occurrence counts from now, so a long outage does not
         // cause a burst of catch-up runs.
         let next_due = schedule
             .next_due(now_ms.max(due_ms))
-            .map_err(PolicyError::from)?;
-        let active = self.barrier.get(&run_key(path))?.is_some();
+            .map_err(RotationPolicyError::from)?;
+        let active = self.barrier().get(&run_key(path))?.is_some();
         policy.next_due_ms = next_due;
         let run = if active {
             None
         } else {
             policy.last_due_ms = due_ms;
             policy.last_on_time = now_ms <= due_ms + policy.tolerance_ms(now_ms);
-            policy.last_state = "running".into();
+            policy.set_last_state(RunState::Running);
             policy.last_run_ms = now_ms;
             Some(RunRecord::start(
                 self.new_run_id(now_ms),
                 &policy,
-                "schedule",
+                Trigger::Schedule,
                 due_ms,
                 now_ms,
             ))
@@ -564,7 +677,7 @@ impl Broker {
         let nkey = due_key(next_due, path);
         let rkey = run_key(path);
         let pbytes = policy.encode_to_vec();
-        let rbytes = run.as_ref().map(Message::encode_to_vec);
+        let rbytes = run.as_ref().map(RunRecord::encode);
         let mut ops = vec![
             PlainOp::Delete(key),
             PlainOp::Put(&nkey, b""),
@@ -573,14 +686,13 @@ impl Broker {
         if let Some(bytes) = &rbytes {
             ops.push(PlainOp::Put(&rkey, bytes));
         }
-        self.barrier.batch(&ops)?;
+        self.barrier().batch(&ops)?;
         Ok(run)
     }
 
     /// Saves a run in progress (the resume point).
     pub(crate) fn save_run(&self, run: &RunRecord) -> Result<(), RotationError> {
-        self.barrier
-            .put(&run_key(&run.path), &run.encode_to_vec())?;
+        self.barrier().put(&run_key(&run.path), &run.encode())?;
         Ok(())
     }
 
@@ -589,14 +701,14 @@ impl Broker {
     pub(crate) fn finish_run(
         &self,
         run: &RunRecord,
-        retire: Option<&machine::RetireRecord>,
+        retire: Option<&RetireRecord>,
     ) -> Result<(), RotationError> {
         let _guard = self.lock();
         let path = SecretPath::parse(&run.path).map_err(|_| RotationError::Corrupt)?;
         let policy = self.policy(&path)?.map(|mut p| {
-            p.last_state = run.state.clone();
+            p.set_last_state(run.state);
             p.last_run_ms = run.started_ms;
-            if run.state == "succeeded" {
+            if run.state == RunState::Succeeded {
                 p.last_success_ms = run.finished_ms;
                 p.last_error.clear();
             } else {
@@ -607,12 +719,12 @@ impl Broker {
         let rkey = run_key(&run.path);
         let hkey = history_key(&run.path, &run.run_id);
         let pkey = policy_key(&path);
-        let hbytes = run.encode_to_vec();
+        let hbytes = run.encode();
         let pbytes = policy.as_ref().map(Message::encode_to_vec);
         let retire_key_text = retire.map(|r| retire_key(r.retire_at_ms, &r.path));
         let retire_bytes = retire.map(Message::encode_to_vec);
         let old: Vec<String> = {
-            let mut keys = self.barrier.scan_keys(&history_prefix(&path))?;
+            let mut keys = self.barrier().scan_keys(&history_prefix(&path))?;
             keys.retain(|k| k != &hkey);
             let excess = (keys.len() + 1).saturating_sub(HISTORY_KEPT);
             keys.truncate(excess);
@@ -626,9 +738,9 @@ impl Broker {
             ops.push(PlainOp::Put(k, v));
         }
         ops.extend(old.iter().map(|k| PlainOp::Delete(k)));
-        self.barrier.batch(&ops)?;
+        self.barrier().batch(&ops)?;
         if retire.is_some() {
-            self.wake.notify_one();
+            self.wake();
         }
         Ok(())
     }
@@ -638,17 +750,16 @@ impl Broker {
     pub(crate) fn finish_retire(
         &self,
         key: &str,
-        retire: &machine::RetireRecord,
-        step: machine::StepRecord,
+        retire: &RetireRecord,
+        step: StepRecord,
     ) -> Result<(), RotationError> {
         let _guard = self.lock();
         let hkey = history_key(&retire.path, &retire.run_id);
-        let updated = match self.barrier.get(&hkey)? {
+        let updated = match self.barrier().get(&hkey)? {
             Some(raw) => {
-                let mut run =
-                    RunRecord::decode(raw.as_slice()).map_err(|_| RotationError::Corrupt)?;
+                let mut run = decode_run(raw.as_slice())?;
                 run.steps.push(step);
-                Some(run.encode_to_vec())
+                Some(run.encode())
             }
             None => None,
         };
@@ -656,7 +767,7 @@ impl Broker {
         if let Some(bytes) = &updated {
             ops.push(PlainOp::Put(&hkey, bytes));
         }
-        self.barrier.batch(&ops)?;
+        self.barrier().batch(&ops)?;
         Ok(())
     }
 
@@ -665,11 +776,11 @@ impl Broker {
     pub(crate) fn postpone_retire(
         &self,
         key: &str,
-        retire: &machine::RetireRecord,
+        retire: &RetireRecord,
         at_ms: u64,
     ) -> Result<(), RotationError> {
         let _guard = self.lock();
-        if self.barrier.get(key)?.is_none() {
+        if self.barrier().get(key)?.is_none() {
             // Finished (or postponed) meanwhile.
             return Ok(());
         }
@@ -678,9 +789,9 @@ impl Broker {
         let new_key = retire_key(at_ms, &moved.path);
         let bytes = moved.encode_to_vec();
         if new_key == key {
-            self.barrier.put(key, &bytes)?;
+            self.barrier().put(key, &bytes)?;
         } else {
-            self.barrier
+            self.barrier()
                 .batch(&[PlainOp::Delete(key), PlainOp::Put(&new_key, &bytes)])?;
         }
         Ok(())
@@ -688,10 +799,10 @@ impl Broker {
 
     /// Runs in progress, to resume.
     pub(crate) fn active_runs(&self) -> Result<Vec<RunRecord>, RotationError> {
-        self.barrier
+        self.barrier()
             .scan_prefix(RUN)?
             .into_iter()
-            .map(|(_, raw)| RunRecord::decode(raw.as_slice()).map_err(|_| RotationError::Corrupt))
+            .map(|(_, raw)| decode_run(raw.as_slice()))
             .collect()
     }
 
@@ -703,7 +814,7 @@ impl Broker {
     ) -> Result<Vec<IndexEntry>, RotationError> {
         let end = format!("{}\u{7f}", prefix.trim_end_matches('/'));
         let mut out = Vec::new();
-        for (key, value) in self.barrier.scan_range(prefix, &end, limit)? {
+        for (key, value) in self.barrier().scan_range(prefix, &end, limit)? {
             let Some(rest) = key.strip_prefix(prefix) else {
                 continue;
             };
@@ -745,7 +856,7 @@ impl Broker {
             endpoint: endpoint.to_owned(),
             ca_pem: ca_pem.map(<[u8]>::to_vec).unwrap_or_default(),
         };
-        self.barrier
+        self.barrier()
             .put(&format!("{PROVIDER}{name}"), &record.encode_to_vec())?;
         Ok(provider)
     }
@@ -756,6 +867,7 @@ impl Broker {
         provider: Arc<dyn Provider>,
     ) -> Result<(), RotationError> {
         let mut external = self
+            .shared
             .external
             .write()
             .unwrap_or_else(PoisonError::into_inner);
@@ -765,6 +877,7 @@ impl Broker {
             registry.register(p.clone())?;
         }
         *self
+            .shared
             .registry
             .write()
             .unwrap_or_else(PoisonError::into_inner) = registry;
@@ -774,7 +887,7 @@ impl Broker {
     /// Reconnects the registered external providers (after unseal). A plugin
     /// that does not answer is logged and tried again at the next unseal.
     pub(crate) async fn reload_external(&self) {
-        let records = match self.barrier.scan_prefix(PROVIDER) {
+        let records = match self.barrier().scan_prefix(PROVIDER) {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read registered rotation providers");
@@ -817,7 +930,7 @@ impl Broker {
             if late {
                 overdue.push((p.path.clone(), p.next_due_ms));
             }
-            let failed = p.last_state == "failed";
+            let failed = p.last_state()? == Some(RunState::Failed);
             if failed {
                 last_failures.push((p.path.clone(), p.last_error.clone()));
             }
@@ -839,16 +952,26 @@ impl Broker {
     }
 }
 
-impl Step {
-    pub fn name(self) -> &'static str {
-        match self {
-            Step::Generate => "generate",
-            Step::Apply => "apply",
-            Step::Verify => "verify",
-            Step::Promote => "promote",
-            Step::Rollback => "rollback",
-            Step::Retire => "retire",
-        }
+/// Reads a stored run; an unreadable one is logged (with why) and corrupt.
+fn decode_run(raw: &[u8]) -> Result<RunRecord, RotationError> {
+    RunRecord::decode(raw).map_err(corrupt)
+}
+
+/// Reads a stored policy, its last state checked like a run's.
+fn decode_policy(raw: &[u8]) -> Result<PolicyRecord, RotationError> {
+    let policy = PolicyRecord::decode(raw).map_err(|_| corrupt(RecordError::Malformed))?;
+    policy.last_state()?;
+    Ok(policy)
+}
+
+fn corrupt(e: RecordError) -> RotationError {
+    tracing::error!(error = %e, "cannot read a stored rotation record");
+    RotationError::Corrupt
+}
+
+impl From<RecordError> for RotationError {
+    fn from(e: RecordError) -> Self {
+        corrupt(e)
     }
 }
 
@@ -887,5 +1010,22 @@ mod tests {
         let c = due_key(u64::MAX / 2, "a");
         assert!(a < b && b < c, "{a} {b} {c}");
         assert_eq!(a, "rotation/due/00000000000003e7/zzz");
+    }
+
+    #[test]
+    fn a_policy_with_an_unknown_last_state_is_corrupt() {
+        let mut policy = PolicyRecord {
+            path: "app/db".into(),
+            ..Default::default()
+        };
+        assert!(decode_policy(&policy.encode_to_vec()).is_ok());
+        policy.set_last_state(RunState::Failed);
+        let back = decode_policy(&policy.encode_to_vec()).map(|p| p.last_state());
+        assert!(matches!(back, Ok(Ok(Some(RunState::Failed)))));
+        policy.last_state = "paused".into();
+        assert!(matches!(
+            decode_policy(&policy.encode_to_vec()),
+            Err(RotationError::Corrupt)
+        ));
     }
 }

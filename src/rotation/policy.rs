@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use prost::Message;
 
-use super::provider::{ProviderError, ProviderSettings, Registry};
+use super::provider::{ProviderError, ProviderSettings};
+use super::providers::Registry;
+use super::record::{RecordError, RunState};
 use super::schedule::{Schedule, ScheduleError, MAX_DURATION};
 use crate::secrets::{InputError, SecretPath};
 
@@ -32,7 +34,7 @@ const CREDENTIAL_WORDS: [&str; 9] = [
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PolicyError {
+pub enum RotationPolicyError {
     #[error(transparent)]
     Path(#[from] InputError),
     #[error(transparent)]
@@ -71,16 +73,16 @@ impl PolicySpec {
         grace: Duration,
         settings: BTreeMap<String, String>,
         registry: &Registry,
-    ) -> Result<Self, PolicyError> {
+    ) -> Result<Self, RotationPolicyError> {
         let path = SecretPath::parse(path)?;
         if grace > MAX_DURATION {
-            return Err(PolicyError::GraceTooLong);
+            return Err(RotationPolicyError::GraceTooLong);
         }
         let settings = ProviderSettings::new(settings)?;
         check_no_credentials(&settings, &path)?;
         let found = registry
             .get(provider)
-            .ok_or_else(|| PolicyError::UnknownProvider(provider.to_owned()))?;
+            .ok_or_else(|| RotationPolicyError::UnknownProvider(provider.to_owned()))?;
         found.validate(&settings)?;
         Ok(Self {
             path,
@@ -109,19 +111,19 @@ fn references(settings: &ProviderSettings) -> Vec<SecretPath> {
 pub fn check_no_credentials(
     settings: &ProviderSettings,
     rotated: &SecretPath,
-) -> Result<(), PolicyError> {
+) -> Result<(), RotationPolicyError> {
     for (key, value) in settings.iter() {
         let lower = key.to_ascii_lowercase();
         if lower.ends_with("_secret") {
             let target = SecretPath::parse(value)
-                .map_err(|_| PolicyError::BadSecretReference(key.into()))?;
+                .map_err(|_| RotationPolicyError::BadSecretReference(key.into()))?;
             if &target == rotated {
-                return Err(PolicyError::SelfReference);
+                return Err(RotationPolicyError::SelfReference);
             }
             continue;
         }
         if lower == "secret" || CREDENTIAL_WORDS.iter().any(|w| lower.contains(w)) {
-            return Err(PolicyError::InlineCredential(key.to_owned()));
+            return Err(RotationPolicyError::InlineCredential(key.to_owned()));
         }
     }
     Ok(())
@@ -147,7 +149,9 @@ pub struct PolicyRecord {
     pub next_due_ms: u64,
     #[prost(uint64, tag = "8")]
     pub last_run_ms: u64,
-    /// succeeded | failed | running | "" (never ran).
+    /// The [`RunState`] of the last run by name, "" if it never ran; read
+    /// and written through [`PolicyRecord::last_state`] and
+    /// [`PolicyRecord::set_last_state`].
     #[prost(string, tag = "9")]
     pub last_state: String,
     #[prost(string, tag = "10")]
@@ -177,6 +181,19 @@ impl PolicyRecord {
             created_at_ms: now_ms,
             ..Self::default()
         }
+    }
+
+    /// The state of the last run; `None` if it never ran. An unknown name
+    /// is an error (a record this code cannot read), never a guess.
+    pub fn last_state(&self) -> Result<Option<RunState>, RecordError> {
+        if self.last_state.is_empty() {
+            return Ok(None);
+        }
+        self.last_state.parse().map(Some)
+    }
+
+    pub fn set_last_state(&mut self, state: RunState) {
+        self.last_state = state.as_str().to_owned();
     }
 
     /// The schedule, parsed again (it was checked when set).
@@ -213,7 +230,7 @@ impl PolicyRecord {
 mod tests {
     use super::*;
 
-    fn spec(provider: &str, pairs: &[(&str, &str)]) -> Result<PolicySpec, PolicyError> {
+    fn spec(provider: &str, pairs: &[(&str, &str)]) -> Result<PolicySpec, RotationPolicyError> {
         let settings = pairs
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -244,7 +261,7 @@ mod tests {
         for key in ["password", "admin_password", "api_key", "Token", "secret"] {
             let err = spec("random", &[(key, "hunter2-secret-value")]);
             match err {
-                Err(PolicyError::InlineCredential(k)) => assert_eq!(k, key),
+                Err(RotationPolicyError::InlineCredential(k)) => assert_eq!(k, key),
                 other => panic!("{key}: {other:?}"),
             }
             let shown = format!("{:?}", spec("random", &[(key, "hunter2-secret-value")]));
@@ -255,11 +272,11 @@ mod tests {
                 "postgres",
                 &[("admin_secret", "not a path"), ("username", "a")]
             ),
-            Err(PolicyError::BadSecretReference(_))
+            Err(RotationPolicyError::BadSecretReference(_))
         ));
         assert_eq!(
             spec("postgres", &[("admin_secret", "app/db"), ("username", "a")]),
-            Err(PolicyError::SelfReference)
+            Err(RotationPolicyError::SelfReference)
         );
     }
 
@@ -267,11 +284,11 @@ mod tests {
     fn unknown_providers_and_bad_settings_are_refused() {
         assert!(matches!(
             spec("nope", &[]),
-            Err(PolicyError::UnknownProvider(_))
+            Err(RotationPolicyError::UnknownProvider(_))
         ));
         assert!(matches!(
             spec("random", &[("length", "2")]),
-            Err(PolicyError::Settings(_))
+            Err(RotationPolicyError::Settings(_))
         ));
     }
 }

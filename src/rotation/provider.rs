@@ -1,6 +1,6 @@
 //! The provider contract: the four steps of a rotation, the settings a
-//! provider is configured with, its errors, and the `Registry` that finds a
-//! provider by name at run time.
+//! provider is configured with, and its errors. Nothing else: the built-in
+//! providers and the registry that finds one by name live in `providers`.
 //!
 //! # The steps
 //!
@@ -28,7 +28,6 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 
 use crate::secrecy::SecretData;
 
@@ -249,81 +248,6 @@ pub trait Provider: Send + Sync {
     ) -> BoxFuture<'a, Result<(), ProviderError>>;
 }
 
-/// Errors of [`Registry::register`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RegistryError {
-    #[error("a provider named `{0}` is already registered")]
-    NameTaken(String),
-    #[error("a provider name must be 1 to 64 characters of [a-z0-9_-] starting with a letter")]
-    InvalidName,
-}
-
-/// Providers by name.
-#[derive(Clone, Default)]
-pub struct Registry {
-    providers: BTreeMap<String, Arc<dyn Provider>>,
-}
-
-impl Registry {
-    /// A registry with no provider.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// A registry with the built-in providers: `random`, `postgres`, `mysql`
-    /// and `redis`.
-    pub fn with_builtin() -> Self {
-        use super::providers;
-        let builtin: [Arc<dyn Provider>; 4] = [
-            Arc::new(providers::RandomProvider::new()),
-            Arc::new(providers::PostgresProvider::default()),
-            Arc::new(providers::MysqlProvider::default()),
-            Arc::new(providers::RedisProvider::default()),
-        ];
-        let providers = builtin
-            .into_iter()
-            .map(|p| (p.name().to_owned(), p))
-            .collect();
-        Self { providers }
-    }
-
-    /// Adds a provider under its own name; a name already taken (a built-in
-    /// one included) is refused.
-    pub fn register(&mut self, provider: Arc<dyn Provider>) -> Result<(), RegistryError> {
-        let name = provider.name();
-        let well_formed = !name.is_empty()
-            && name.len() <= 64
-            && name.starts_with(|c: char| c.is_ascii_lowercase())
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'));
-        if !well_formed {
-            return Err(RegistryError::InvalidName);
-        }
-        if self.providers.contains_key(name) {
-            return Err(RegistryError::NameTaken(name.to_owned()));
-        }
-        self.providers.insert(name.to_owned(), provider);
-        Ok(())
-    }
-
-    /// The provider named `name`.
-    pub fn get(&self, name: &str) -> Option<Arc<dyn Provider>> {
-        self.providers.get(name).cloned()
-    }
-
-    /// The registered names, in order.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.providers.keys().map(String::as_str)
-    }
-}
-
-impl std::fmt::Debug for Registry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.providers.keys()).finish()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,17 +271,5 @@ mod tests {
         let err = ProviderSettings::parse_pairs(["hunter2 secret=x"]).err();
         let shown = format!("{err:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
-    }
-
-    #[test]
-    fn registry_refuses_a_taken_name() {
-        let mut registry = Registry::with_builtin();
-        let names: Vec<_> = registry.names().collect();
-        assert_eq!(names, ["mysql", "postgres", "random", "redis"]);
-        let again = Arc::new(crate::rotation::providers::RandomProvider::new());
-        assert_eq!(
-            registry.register(again),
-            Err(RegistryError::NameTaken("random".into()))
-        );
     }
 }

@@ -1,7 +1,7 @@
-//! When rotations run: durations as written on the command line (`90s`,
-//! `15m`, `1h`, `30d`), the [`Schedule`] of a policy (an interval or a cron
+//! When rotations run: the [`Schedule`] of a policy (an interval or a cron
 //! expression), the jitter that spreads secrets due together, and the
-//! [`RetryBackoff`] of failed steps. Pure values: time is a parameter.
+//! [`RetryBackoff`] of failed steps. Intervals are written in the one
+//! duration grammar of `crate::duration`. Pure values: time is a parameter.
 //!
 //! No storage prefix; touches nothing but its inputs.
 
@@ -12,10 +12,12 @@ use croner::parser::{CronParser, Seconds};
 use croner::Cron;
 use ring::rand::{SecureRandom, SystemRandom};
 
+use crate::duration::{self, DurationError};
+
 /// The shortest interval a schedule accepts.
 pub const MIN_EVERY: Duration = Duration::from_secs(1);
 /// The longest duration accepted anywhere (100 years).
-pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+pub const MAX_DURATION: Duration = Duration::from_secs(crate::duration::MAX_SECONDS);
 /// Jitter added to a due time is at most this share of the interval ...
 pub const JITTER_SHARE: f64 = 0.05;
 /// ... and never more than this.
@@ -23,8 +25,8 @@ pub const MAX_JITTER: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ScheduleError {
-    #[error("a duration is a whole number and a unit s, m, h or d, e.g. 90s, 15m, 1h, 30d")]
-    BadDuration,
+    #[error(transparent)]
+    Duration(#[from] DurationError),
     #[error("a duration must be at most 100 years")]
     TooLong,
     #[error("the interval must be at least 1s")]
@@ -35,43 +37,6 @@ pub enum ScheduleError {
     BadCron(String),
     #[error("the cron expression never matches again")]
     NoNextRun,
-}
-
-/// Parses `90s`, `15m`, `1h`, `30d` (also a bare number of seconds).
-pub fn parse_duration(text: &str) -> Result<Duration, ScheduleError> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number.parse().map_err(|_| ScheduleError::BadDuration)?;
-    let scale = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(ScheduleError::BadDuration),
-    };
-    let secs = n.checked_mul(scale).ok_or(ScheduleError::TooLong)?;
-    let d = Duration::from_secs(secs);
-    if d > MAX_DURATION {
-        return Err(ScheduleError::TooLong);
-    }
-    Ok(d)
-}
-
-/// Writes a duration back the way `parse_duration` reads it.
-pub fn format_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    if s != 0 && s.is_multiple_of(86_400) {
-        format!("{}d", s / 86_400)
-    } else if s != 0 && s.is_multiple_of(3600) {
-        format!("{}h", s / 3600)
-    } else if s != 0 && s.is_multiple_of(60) {
-        format!("{}m", s / 60)
-    } else {
-        format!("{s}s")
-    }
 }
 
 /// When a policy's rotations are due.
@@ -188,7 +153,7 @@ impl FromStr for Schedule {
     /// `every 15m` or `cron 0 3 * * *`, as `rotation get` shows them.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if let Some(rest) = s.strip_prefix("every ") {
-            Self::every(parse_duration(rest)?)
+            Self::every(duration::parse(rest)?)
         } else if let Some(rest) = s.strip_prefix("cron ") {
             Self::cron(rest)
         } else {
@@ -301,16 +266,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations_parse_and_print() {
-        for (text, secs) in [("90s", 90), ("15m", 900), ("1h", 3600), ("30d", 2_592_000)] {
-            let d = parse_duration(text);
-            assert_eq!(d, Ok(Duration::from_secs(secs)), "{text}");
+    fn intervals_take_the_one_duration_grammar() {
+        for (text, secs) in [
+            ("every 90s", 90),
+            ("every 1h30m", 5400),
+            ("every 30d", 2_592_000),
+        ] {
+            let every = text.parse::<Schedule>().map(|s| s.every_seconds());
+            assert_eq!(every, Ok(secs), "{text}");
         }
-        assert_eq!(format_duration(Duration::from_secs(90)), "90s");
-        assert_eq!(format_duration(Duration::from_secs(3600)), "1h");
-        for bad in ["", "h", "1x", "-1s", "1.5h", "99999999999999999d"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
+        assert!(matches!(
+            "every 1x".parse::<Schedule>(),
+            Err(ScheduleError::Duration(_))
+        ));
+        assert_eq!("every 0s".parse::<Schedule>(), Err(ScheduleError::TooShort));
     }
 
     #[test]

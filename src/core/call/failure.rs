@@ -283,9 +283,9 @@ impl From<LoginError> for Failure {
     }
 }
 
-impl From<crate::rotation::policy::PolicyError> for Failure {
-    fn from(e: crate::rotation::policy::PolicyError) -> Self {
-        use crate::rotation::policy::PolicyError;
+impl From<crate::rotation::policy::RotationPolicyError> for Failure {
+    fn from(e: crate::rotation::policy::RotationPolicyError) -> Self {
+        use crate::rotation::policy::RotationPolicyError as PolicyError;
         match e {
             PolicyError::Path(i) => i.into(),
             PolicyError::UnknownProvider(_) => Self::new(FailureKind::NotFound, e.to_string()),
@@ -296,7 +296,8 @@ impl From<crate::rotation::policy::PolicyError> for Failure {
 
 impl From<crate::rotation::RotationError> for Failure {
     fn from(e: crate::rotation::RotationError) -> Self {
-        use crate::rotation::provider::{ProviderError, RegistryError};
+        use crate::rotation::provider::ProviderError;
+        use crate::rotation::providers::RegistryError;
         use crate::rotation::RotationError;
         match e {
             RotationError::Policy(p) => p.into(),

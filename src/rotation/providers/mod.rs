@@ -1,17 +1,21 @@
 //! The built-in providers: `random` (values nothing outside keyward holds)
 //! and `postgres`, `mysql`, `redis` (a user's password on a server, with the
-//! single and alternating strategies of `target`); and `external`, the client
-//! of a provider that runs as its own process.
+//! single and alternating strategies of `target`); `external`, the client
+//! of a provider that runs as its own process; and the [`Registry`] that
+//! finds any of them by name. The contract they implement is
+//! `rotation::provider`.
 
 pub mod external;
 pub mod mysql;
 pub mod postgres;
 pub mod random;
 pub mod redis;
+pub mod registry;
 pub mod target;
 
 pub use external::{ExternalProvider, PluginEndpoint};
 pub use random::{Charset, RandomProvider};
+pub use registry::{Registry, RegistryError};
 pub use target::{Login, Strategy, Target, TargetProvider, TargetSettings};
 
 /// The `postgres` provider.
