@@ -21,7 +21,6 @@
 
 use std::time::{Duration, Instant};
 
-use keyward::core::now_ms;
 use keyward::rotation::policy::PolicySpec;
 use keyward::rotation::schedule::Schedule;
 use keyward::secrecy::{SecretBytes, SecretData};
@@ -60,6 +59,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let vault = keyward::dev::open(dir.path(), None).await?;
     let core = vault.server.core().clone();
+    let now_ms = || core.clock().now_ms();
     let registry = core.rotation.registry();
     let workers = core.rotation.options().workers;
 
@@ -160,7 +160,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         idle + due,
         window.as_secs(),
     );
-    core.begin_shutdown();
+    vault.server.shutdown_trigger().trigger();
+    core.rotation.on_seal();
     core.rotation.wait_stopped(Duration::from_secs(10)).await;
     Ok(())
 }

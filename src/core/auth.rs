@@ -117,7 +117,7 @@ impl Gate {
     /// Loads the token hash key after an unseal (and moves a foundation root
     /// token into the token store).
     pub fn on_unseal(&self) -> Result<(), AuthError> {
-        self.tokens.on_unseal(super::now_ms())?;
+        self.tokens.on_unseal(self.tokens.clock().now_ms())?;
         Ok(())
     }
 
@@ -147,7 +147,7 @@ impl Gate {
     /// Finds the caller a token belongs to: known, not expired, allowed from
     /// `source`; a limited token's use is counted.
     pub fn authenticate(&self, token: &str, source: Option<IpAddr>) -> Result<Caller, AuthError> {
-        let now = super::now_ms();
+        let now = self.tokens.clock().now_ms();
         let used = self.tokens.use_token(token, source, now)?;
         let set = self.policies.compiled_set(&used.record.policies)?;
         self.usage.record(&used.record.identity, None, now);
@@ -167,7 +167,7 @@ impl Gate {
     /// compiled afresh. No use of a limited token is counted. For
     /// long-lived calls (`Watch`) that must not outlive their authority.
     pub fn refresh(&self, caller: &Caller) -> Result<Caller, AuthError> {
-        let now = super::now_ms();
+        let now = self.tokens.clock().now_ms();
         let info = self
             .tokens
             .lookup_accessor(&caller.accessor, now)?
@@ -194,7 +194,7 @@ impl Gate {
         match caller.set.check(resource, capability) {
             Some(grant) => {
                 self.usage
-                    .record(&caller.identity, Some(grant), super::now_ms());
+                    .record(&caller.identity, Some(grant), self.tokens.clock().now_ms());
                 Ok(Authorized {
                     resource: resource.to_owned(),
                     capability,
@@ -220,7 +220,11 @@ mod tests {
         let shares = barrier.init(1, 1).unwrap();
         barrier.unseal(&shares[0].0).unwrap();
         let policies = PolicyStore::new(barrier.clone());
-        let tokens = TokenStore::new(barrier.clone(), Arc::new(policies.clone()));
+        let tokens = TokenStore::new(
+            barrier.clone(),
+            Arc::new(policies.clone()),
+            crate::clock::Clock::system(),
+        );
         let usage = Usage::new(barrier);
         let gate = Gate::new(tokens.clone(), policies.clone(), usage.clone());
         gate.on_unseal().unwrap();
@@ -230,7 +234,9 @@ mod tests {
     #[test]
     fn root_token_may_do_anything() {
         let (_d, gate, ..) = gate();
-        let root = gate.create_root_token(super::super::now_ms()).unwrap();
+        let root = gate
+            .create_root_token(crate::clock::Clock::system().now_ms())
+            .unwrap();
         let caller = gate.authenticate(root.expose(), None).unwrap();
         assert!(caller.is_root());
         assert_eq!(caller.identity, "root");
@@ -265,7 +271,7 @@ mod tests {
                     parent_accessor: None,
                     method: "token",
                 },
-                super::super::now_ms(),
+                tokens.clock().now_ms(),
             )
             .unwrap();
         let caller = gate.authenticate(issued.token.expose(), None).unwrap();

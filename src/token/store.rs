@@ -55,6 +55,7 @@ use tokio::sync::Notify;
 
 use crate::barrier::{Barrier, BarrierError, PlainOp};
 use crate::cidr::Cidr;
+use crate::clock::{Clock, Shutdown};
 use crate::policy::ROOT_POLICY;
 use crate::token::format::{accessor_from, TokenSecret};
 
@@ -280,6 +281,8 @@ struct TokenKeys {
 struct Inner {
     barrier: Arc<Barrier>,
     policies: Arc<dyn PolicyNames>,
+    /// What the sweeper and the gate judge expiry by.
+    clock: Clock,
     /// Present while unsealed.
     keys: RwLock<Option<TokenKeys>>,
     writes: Mutex<()>,
@@ -411,11 +414,12 @@ fn min_time(a: u64, b: u64) -> u64 {
 }
 
 impl TokenStore {
-    pub fn new(barrier: Arc<Barrier>, policies: Arc<dyn PolicyNames>) -> Self {
+    pub fn new(barrier: Arc<Barrier>, policies: Arc<dyn PolicyNames>, clock: Clock) -> Self {
         Self {
             inner: Arc::new(Inner {
                 barrier,
                 policies,
+                clock,
                 keys: RwLock::new(None),
                 writes: Mutex::new(()),
                 wake: Notify::new(),
@@ -427,6 +431,11 @@ impl TokenStore {
 
     fn barrier(&self) -> &Barrier {
         &self.inner.barrier
+    }
+
+    /// The clock this store's expiries are judged by.
+    pub fn clock(&self) -> &Clock {
+        &self.inner.clock
     }
 
     fn heads(&self) -> std::sync::MutexGuard<'_, Heads> {
@@ -1205,14 +1214,15 @@ impl TokenStore {
     }
 
     /// The background sweeper: sleeps until the next expiry in the index (or
-    /// a new, earlier one, or an unseal), revokes what is due, until `stop`.
-    pub async fn run_sweeper(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+    /// a new, earlier one, or an unseal), revokes what is due, until
+    /// `shutdown`.
+    pub async fn run_sweeper(self, shutdown: Shutdown) {
         loop {
-            if *stop.borrow() {
+            if shutdown.is_triggered() {
                 return;
             }
             let store = self.clone();
-            let now = crate::core::now_ms();
+            let now = self.inner.clock.now_ms();
             // While it sweeps, no new token (all expire after `now`) wakes
             // it; what they add to the heads is looked at once it is done.
             self.inner.sweep_planned_ms.store(now, Ordering::Release);
@@ -1247,14 +1257,14 @@ impl TokenStore {
             }
             let sleep = async {
                 match wait {
-                    Some(d) => tokio::time::sleep(d).await,
+                    Some(d) => self.inner.clock.sleep(d).await,
                     None => std::future::pending::<()>().await,
                 }
             };
             tokio::select! {
                 _ = sleep => {}
                 _ = self.inner.wake.notified() => {}
-                _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+                _ = shutdown.wait() => return,
             }
         }
     }

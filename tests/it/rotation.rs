@@ -597,7 +597,7 @@ async fn unreachable_target_rolls_back_and_the_next_scheduled_run_still_runs() {
         let summary = server
             .core
             .rotation
-            .rotation_summary(keyward::core::now_ms())
+            .rotation_summary(server.core.clock().now_ms())
             .unwrap();
         assert!(summary
             .last_failures
@@ -1141,7 +1141,7 @@ fn record_run(
         &policy,
         "manual",
         0,
-        keyward::core::now_ms(),
+        server.core.clock().now_ms(),
     );
     run.step = step as i32;
     run.pending_version = pending_version;
