@@ -188,3 +188,81 @@ impl Core {
         RotationRefresh::register(self.rotation.clone(), &self.metrics, self.clock.clone());
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::barrier::BarrierOptions;
+    use crate::identity::login::ThrottleConfig;
+    use crate::identity::{IdentityKind, IdentityName, NewIdentity, PolicyCatalog};
+    use crate::oidc::JwksCache;
+    use crate::storage::SledBackend;
+
+    struct AnyPolicy;
+    impl PolicyCatalog for AnyPolicy {
+        fn policy_exists(&self, _name: &str) -> Result<bool, IdentityError> {
+            Ok(true)
+        }
+    }
+
+    fn identity(name: &str) -> NewIdentity {
+        NewIdentity {
+            name: IdentityName::parse(name).unwrap(),
+            kind: IdentityKind::Bot,
+            owner: "team".into(),
+            description: String::new(),
+            policies: vec![],
+            expires_at_ms: 0,
+        }
+    }
+
+    /// Dormancy follows the clock: on a paused clock, an identity unused for
+    /// longer than the threshold is dormant, one used since is not, and
+    /// after the default 30 days without use both are.
+    #[tokio::test(start_paused = true)]
+    async fn dormancy_follows_the_paused_clock() {
+        const DAY: Duration = Duration::from_secs(86_400);
+        let dir = tempfile::tempdir().unwrap();
+        let backend = SledBackend::open(dir.path()).unwrap();
+        let barrier = Barrier::new(Arc::new(backend), BarrierOptions::default()).unwrap();
+        let shares = barrier.init(1, 1).unwrap();
+        barrier.unseal(&shares[0].0).unwrap();
+        let barrier = Arc::new(barrier);
+        let clock = Clock::starting_at(1_700_000_000_000);
+        let policies = PolicyStore::new(barrier.clone());
+        let sources = GovernanceSources {
+            identities: Arc::new(IdentityStore::new(barrier.clone())),
+            usage: Usage::new(barrier.clone()),
+            tokens: TokenStore::new(barrier, Arc::new(policies.clone()), clock.clone()),
+            policies,
+            login: Arc::new(Login::new(
+                JwksCache::files_only(),
+                ThrottleConfig::default(),
+            )),
+        };
+        for name in ["idle", "used"] {
+            sources
+                .identities
+                .create(identity(name), &AnyPolicy, clock.now_ms())
+                .unwrap();
+        }
+        let dormant = |after: Duration| {
+            let after_ms = after.as_millis() as u64;
+            sources
+                .report(clock.now_ms(), after_ms, Duration::ZERO)
+                .unwrap()
+                .dormant
+        };
+        assert!(dormant(Duration::from_secs(2)).is_empty(), "just made");
+
+        tokio::time::advance(Duration::from_secs(3)).await;
+        sources.usage.record("used", None, clock.now_ms());
+        assert_eq!(dormant(Duration::from_secs(2)), vec!["idle"]);
+
+        tokio::time::advance(29 * DAY).await;
+        assert!(dormant(Duration::ZERO).is_empty(), "under 30 days");
+        tokio::time::advance(DAY + Duration::from_secs(1)).await;
+        assert_eq!(dormant(Duration::ZERO), vec!["idle", "used"]);
+    }
+}
