@@ -63,7 +63,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let core = vault.server.core().clone();
     let registry = core.rotation.registry();
     let workers = core.rotation.options().workers;
-    let clock = core.rotation.clock().clone();
+    let clock = core.clock().clone();
 
     // 0. Baseline: the same process, empty, scheduler not started.
     let window = Duration::from_secs(10);
@@ -111,7 +111,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     core.barrier.durable().await?;
     let start = Instant::now();
     let stop = ShutdownTrigger::new();
-    let scheduler = keyward::rotation::scheduler::start(core.rotation.clone(), stop.signal());
+    let scheduler = keyward::rotation::scheduler::start((*core.rotation).clone(), stop.signal());
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let done = core

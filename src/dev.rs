@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
+use crate::clock::Clock;
 use crate::config::{ServerConfig, TlsConfig};
 use crate::pki;
 use crate::secrets::DataLimits;
@@ -61,6 +62,16 @@ pub async fn open(
     data_dir: &Path,
     metrics_listen: Option<SocketAddr>,
 ) -> Result<DevVault, DevError> {
+    open_with_clock(data_dir, metrics_listen, Clock::system()).await
+}
+
+/// [`open`] with the clock every part of the vault reads (tests pass one
+/// they pause and advance).
+pub async fn open_with_clock(
+    data_dir: &Path,
+    metrics_listen: Option<SocketAddr>,
+    clock: Clock,
+) -> Result<DevVault, DevError> {
     create_private_dir(data_dir)?;
     let certs = pki::ensure_dev_certs(&data_dir.join("certs"))?;
     let config = ServerConfig {
@@ -78,7 +89,7 @@ pub async fn open(
         // (a local test issuer); production names a bundle in the config.
         oidc_ca: Some(certs.ca.clone()),
     };
-    let server = Server::open(config)?;
+    let server = Server::open_with_clock(config, clock)?;
     let creds_path = data_dir.join(CREDENTIALS_FILE);
     let core = server.core().clone();
     if !core.status().initialized {

@@ -1,8 +1,8 @@
 //! Governance: the questions asked of non-human identities, answered from
 //! the inventory, the usage record, the policies, the token store and the
 //! login failure counts. [`report`] is a pure function of those inputs (time
-//! is a parameter); the `Governance` service gathers them and the metrics
-//! endpoint exports the same numbers as gauges.
+//! is a parameter); the `Governance` service gathers them, and
+//! [`GovernanceGauges`] exports the same numbers as Prometheus gauges.
 //!
 //! Owns no storage prefix and touches no storage. The rotation figures of the
 //! report (overdue rotations, compliance, failures) belong to the rotation
@@ -10,8 +10,13 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+
 use crate::identity::login::FailedLogins;
 use crate::identity::{is_dormant, last_used_ms, IdentityKind, IdentityRecord, SecretIdRecord};
+use crate::metrics::Metrics;
 use crate::policy::Policy;
 
 /// Dormant after this long unused, when the request says nothing.
@@ -181,6 +186,111 @@ pub fn report(inputs: Inputs<'_>) -> Report {
         long_lived,
         expiring_soon,
         failed_logins: inputs.failed_logins,
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: String,
+}
+
+/// The report's figures as gauges, set from a fresh report before a scrape
+/// (see `core::report`). Counts only: no label names an identity or a
+/// source address.
+#[derive(Debug, Clone, Default)]
+pub struct GovernanceGauges {
+    identities: Family<KindLabels, Gauge>,
+    unowned: Gauge,
+    dormant: Gauge,
+    unused_grants: Gauge,
+    identities_with_unused_grants: Gauge,
+    long_lived_tokens: Gauge,
+    expiring: Family<KindLabels, Gauge>,
+    failed_logins: Gauge,
+    failed_login_sources: Gauge,
+}
+
+impl GovernanceGauges {
+    /// Registers the gauges with `metrics`; set them with [`GovernanceGauges::set`].
+    pub fn register(metrics: &Metrics) -> Self {
+        let gauges = Self::default();
+        metrics.register(
+            "identities",
+            "Identities in the inventory by kind",
+            gauges.identities.clone(),
+        );
+        metrics.register(
+            "identities_unowned",
+            "Identities with no owner",
+            gauges.unowned.clone(),
+        );
+        metrics.register(
+            "identities_dormant",
+            "Identities unused for 30 days or more",
+            gauges.dormant.clone(),
+        );
+        metrics.register(
+            "unused_grants",
+            "Granting policy rules that their identity never exercised",
+            gauges.unused_grants.clone(),
+        );
+        metrics.register(
+            "identities_with_unused_grants",
+            "Identities holding at least one grant they never used",
+            gauges.identities_with_unused_grants.clone(),
+        );
+        metrics.register(
+            "long_lived_tokens",
+            "Live tokens whose allowed life exceeds 24 hours",
+            gauges.long_lived_tokens.clone(),
+        );
+        metrics.register(
+            "credentials_expiring_soon",
+            "Identities and secret-ids expiring within 7 days, by kind",
+            gauges.expiring.clone(),
+        );
+        metrics.register(
+            "failed_logins",
+            "Failed logins since the server started",
+            gauges.failed_logins.clone(),
+        );
+        metrics.register(
+            "failed_login_sources",
+            "Distinct (identity, source address) pairs with failed logins",
+            gauges.failed_login_sources.clone(),
+        );
+        gauges
+    }
+
+    /// Sets every gauge from `report`.
+    pub fn set(&self, report: &Report) {
+        let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        let u = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        for (kind, count) in &report.by_kind {
+            self.identities
+                .get_or_create(&KindLabels { kind: kind.clone() })
+                .set(u(*count));
+        }
+        self.unowned.set(n(report.unowned.len()));
+        self.dormant.set(n(report.dormant.len()));
+        self.unused_grants.set(u(report.unused_grant_count()));
+        self.identities_with_unused_grants
+            .set(n(report.unused_grants.len()));
+        self.long_lived_tokens.set(n(report.long_lived.len()));
+        for kind in ["identity", "secret-id"] {
+            let count = report
+                .expiring_soon
+                .iter()
+                .filter(|e| e.kind == kind)
+                .count();
+            self.expiring
+                .get_or_create(&KindLabels {
+                    kind: kind.to_owned(),
+                })
+                .set(n(count));
+        }
+        self.failed_logins.set(u(report.failed_login_count()));
+        self.failed_login_sources.set(n(report.failed_logins.len()));
     }
 }
 

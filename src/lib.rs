@@ -30,6 +30,7 @@ pub mod duration;
 pub mod governance;
 pub mod identity;
 pub mod metrics;
+pub mod metrics_http;
 pub mod oidc;
 pub mod pki;
 pub mod policy;

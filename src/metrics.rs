@@ -1,12 +1,14 @@
-//! Metrics: Prometheus families, every name prefixed `keyward_`, and the `/metrics` listener.
+//! Metrics: Prometheus families, every name prefixed `keyward_`.
 //!
-//! No storage prefix: this module holds counters in memory only and must not read the store
-//! or the barrier; the server refreshes store-derived gauges in the `before_scrape` hook of
-//! [`serve`]. Labels never carry secrets, paths or identities: only method names and codes.
-//!
-//! Later modules add their families with one call, [`Metrics::register`] (or
+//! No storage prefix, and no domain module: this module holds counters in memory only, must
+//! not read the store or the barrier, and names nothing else in the crate. Each domain
+//! publishes its own families through it: [`Metrics::register`] (or
 //! [`Metrics::register_collector`] for values computed at scrape time); the registry adds the
-//! `keyward_` prefix, and counters get `_total`.
+//! `keyward_` prefix, and counters get `_total`. Gauges read from the store are set just
+//! before a scrape by a [`Refresh`] their owner registers with [`Metrics::on_scrape`].
+//! Labels never carry secrets, paths or identities: only method names, codes and kinds.
+//!
+//! The `/metrics` HTTP listener is `metrics_http`.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -19,9 +21,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Metric, Registry, Unit};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
 
 /// The prefix of every metric name (the registry adds the `_`).
 pub const PREFIX: &str = "keyward";
@@ -38,13 +37,6 @@ pub const DURATION_BUCKETS: [f64; 15] = [
 /// client calling made-up methods cannot grow the registry without bound.
 pub const MAX_REQUEST_SERIES: usize = 512;
 
-/// The longest request head `/metrics` reads.
-pub const MAX_REQUEST_HEAD: usize = 8 * 1024;
-/// How long a client has to send its request head, and then to take the response.
-pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Scrapes served at the same time; more connections are closed at once.
-pub const MAX_CONNECTIONS: usize = 16;
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     method: String,
@@ -54,150 +46,6 @@ struct RequestLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabels {
     method: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct KindLabels {
-    kind: String,
-}
-
-/// The governance report's figures as gauges, set from a fresh report at
-/// each scrape (`Core::refresh_governance_gauges`). Counts only: no label
-/// names an identity or a source address.
-#[derive(Debug, Default)]
-pub struct GovernanceGauges {
-    identities: Family<KindLabels, Gauge>,
-    unowned: Gauge,
-    dormant: Gauge,
-    unused_grants: Gauge,
-    identities_with_unused_grants: Gauge,
-    long_lived_tokens: Gauge,
-    expiring: Family<KindLabels, Gauge>,
-    failed_logins: Gauge,
-    failed_login_sources: Gauge,
-    rotations_overdue: Gauge,
-    rotation_failed: Gauge,
-    /// Per mille, so an integer gauge carries three decimals.
-    rotation_compliance_permille: Gauge,
-    /// When the gauges were last set: the report scans every identity and
-    /// token, so scrapes reuse it for a while.
-    last_set: Mutex<Option<std::time::Instant>>,
-}
-
-impl GovernanceGauges {
-    fn register(&self, registry: &mut Registry) {
-        registry.register(
-            "identities",
-            "Identities in the inventory by kind",
-            self.identities.clone(),
-        );
-        registry.register(
-            "identities_unowned",
-            "Identities with no owner",
-            self.unowned.clone(),
-        );
-        registry.register(
-            "identities_dormant",
-            "Identities unused for 30 days or more",
-            self.dormant.clone(),
-        );
-        registry.register(
-            "unused_grants",
-            "Granting policy rules that their identity never exercised",
-            self.unused_grants.clone(),
-        );
-        registry.register(
-            "identities_with_unused_grants",
-            "Identities holding at least one grant they never used",
-            self.identities_with_unused_grants.clone(),
-        );
-        registry.register(
-            "long_lived_tokens",
-            "Live tokens whose allowed life exceeds 24 hours",
-            self.long_lived_tokens.clone(),
-        );
-        registry.register(
-            "credentials_expiring_soon",
-            "Identities and secret-ids expiring within 7 days, by kind",
-            self.expiring.clone(),
-        );
-        registry.register(
-            "failed_logins",
-            "Failed logins since the server started",
-            self.failed_logins.clone(),
-        );
-        registry.register(
-            "failed_login_sources",
-            "Distinct (identity, source address) pairs with failed logins",
-            self.failed_login_sources.clone(),
-        );
-        registry.register(
-            "rotations_overdue",
-            "Secrets whose scheduled rotation is overdue",
-            self.rotations_overdue.clone(),
-        );
-        registry.register(
-            "rotation_failed",
-            "Secrets whose last rotation failed",
-            self.rotation_failed.clone(),
-        );
-        registry.register(
-            "rotation_compliance_permille",
-            "Share of rotation policies that ran on schedule, in thousandths",
-            self.rotation_compliance_permille.clone(),
-        );
-    }
-
-    /// Sets the rotation gauges from the broker's summary.
-    pub fn set_rotation(&self, summary: &crate::rotation::RotationSummary) {
-        let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
-        self.rotations_overdue.set(n(summary.overdue.len()));
-        self.rotation_failed.set(n(summary.last_failures.len()));
-        self.rotation_compliance_permille
-            .set((summary.compliance * 1000.0).round() as i64);
-    }
-
-    /// Whether the gauges are older than `every` (or were never set); if so,
-    /// the caller refreshes them now.
-    pub fn due(&self, every: Duration) -> bool {
-        let mut last = self.last_set.lock().unwrap_or_else(PoisonError::into_inner);
-        let due = last.is_none_or(|t| t.elapsed() >= every);
-        if due {
-            *last = Some(std::time::Instant::now());
-        }
-        due
-    }
-
-    /// Sets every gauge from `report`.
-    pub fn set(&self, report: &crate::governance::Report) {
-        let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
-        let u = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        for (kind, count) in &report.by_kind {
-            self.identities
-                .get_or_create(&KindLabels { kind: kind.clone() })
-                .set(u(*count));
-        }
-        self.unowned.set(n(report.unowned.len()));
-        self.dormant.set(n(report.dormant.len()));
-        self.unused_grants.set(u(report.unused_grant_count()));
-        self.identities_with_unused_grants
-            .set(n(report.unused_grants.len()));
-        self.long_lived_tokens.set(n(report.long_lived.len()));
-        for kind in ["identity", "secret-id"] {
-            let count = report
-                .expiring_soon
-                .iter()
-                .filter(|e| e.kind == kind)
-                .count();
-            self.expiring
-                .get_or_create(&KindLabels {
-                    kind: kind.to_owned(),
-                })
-                .set(n(count));
-        }
-        self.failed_logins.set(u(report.failed_login_count()));
-        self.failed_login_sources.set(n(report.failed_logins.len()));
-    }
 }
 
 fn duration_histogram() -> Histogram {
@@ -215,8 +63,55 @@ pub struct Metrics {
     sealed: Gauge,
     key_term: Gauge,
     encryptions: Gauge<u64, AtomicU64>,
-    /// The governance report's figures.
-    pub governance: GovernanceGauges,
+    /// Run before each scrape, in the order registered.
+    refreshers: Mutex<Vec<Arc<dyn Refresh>>>,
+}
+
+/// Sets gauges whose values live elsewhere (in the store), just before a scrape. The module
+/// that owns the gauges implements it and registers it with [`Metrics::on_scrape`]; it runs
+/// on a blocking thread, so it may read the store.
+pub trait Refresh: Send + Sync {
+    fn refresh(&self, metrics: &Metrics);
+}
+
+/// Lets a costly [`Refresh`] run at most once per period: scrapes in between reuse the values
+/// it set last. The caller gives the time (this module reads no clock).
+#[derive(Debug)]
+pub struct RefreshEvery {
+    every_ms: u64,
+    /// When it last ran (ms); `u64::MAX`: never.
+    last_ms: AtomicU64,
+}
+
+impl RefreshEvery {
+    pub fn new(every: Duration) -> Self {
+        Self {
+            every_ms: u64::try_from(every.as_millis()).unwrap_or(u64::MAX),
+            last_ms: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// Whether a refresh is due at `now_ms`; if so, it counts as done now. Two scrapes at the
+    /// same moment may both refresh: harmless.
+    pub fn due(&self, now_ms: u64) -> bool {
+        let last = self.last_ms.load(Ordering::Acquire);
+        let due = last == u64::MAX || now_ms.saturating_sub(last) >= self.every_ms;
+        if due {
+            self.last_ms.store(now_ms, Ordering::Release);
+        }
+        due
+    }
+
+    /// Makes the next call due (the refresh could not run: try again at the next scrape).
+    pub fn reset(&self) {
+        self.last_ms.store(u64::MAX, Ordering::Release);
+    }
+}
+
+impl std::fmt::Debug for dyn Refresh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Refresh")
+    }
 }
 
 impl Default for Metrics {
@@ -257,10 +152,8 @@ impl Metrics {
             "Encryptions under the active barrier key",
             encryptions.clone(),
         );
-        let governance = GovernanceGauges::default();
-        governance.register(&mut registry);
         Self {
-            governance,
+            refreshers: Mutex::new(Vec::new()),
             registry: Mutex::new(registry),
             requests,
             request_series: AtomicUsize::new(0),
@@ -325,6 +218,26 @@ impl Metrics {
         self.lock().register_collector(collector);
     }
 
+    /// Runs `refresh` before every scrape from now on.
+    pub fn on_scrape(&self, refresh: Arc<dyn Refresh>) {
+        self.refreshers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(refresh);
+    }
+
+    /// Runs every registered [`Refresh`] (blocking: they may read the store).
+    pub fn refresh(&self) {
+        let refreshers = self
+            .refreshers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        for refresher in refreshers {
+            refresher.refresh(self);
+        }
+    }
+
     /// The registry itself, for anything the helpers above do not cover.
     pub fn registry(&self) -> &Mutex<Registry> {
         &self.registry
@@ -341,7 +254,8 @@ impl Metrics {
         }
     }
 
-    fn try_encode(&self) -> Result<String, std::fmt::Error> {
+    /// The OpenMetrics text, or the encoder's error.
+    pub fn try_encode(&self) -> Result<String, std::fmt::Error> {
         let mut text = String::with_capacity(4096);
         prometheus_client::encoding::text::encode(&mut text, &self.lock())?;
         Ok(text)
@@ -353,246 +267,9 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` resolves; any other path is 404.
-///
-/// One request per connection (`Connection: close`); the head may be at most
-/// [`MAX_REQUEST_HEAD`] bytes (else 431) and must arrive within [`IO_TIMEOUT`] (else 408).
-/// `before_scrape` runs on a blocking thread before each encode. At shutdown the listener
-/// closes and scrapes still in flight are dropped.
-pub async fn serve(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    before_scrape: Arc<dyn Fn() + Send + Sync>,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
-    serve_with_timeout(listener, metrics, before_scrape, shutdown, IO_TIMEOUT).await;
-}
-
-/// [`serve`] with the I/O timeout as a parameter (tests shorten it).
-async fn serve_with_timeout(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    before_scrape: Arc<dyn Fn() + Send + Sync>,
-    shutdown: impl std::future::Future<Output = ()>,
-    io_timeout: Duration,
-) {
-    tokio::pin!(shutdown);
-    let mut connections = JoinSet::new();
-    loop {
-        while connections.try_join_next().is_some() {}
-        let accepted = tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, _peer)) => {
-                if connections.len() >= MAX_CONNECTIONS {
-                    drop(stream);
-                    continue;
-                }
-                let metrics = Arc::clone(&metrics);
-                let before_scrape = Arc::clone(&before_scrape);
-                connections.spawn(async move {
-                    if let Err(error) = handle(stream, metrics, before_scrape, io_timeout).await {
-                        tracing::debug!(%error, "metrics connection ended with an error");
-                    }
-                });
-            }
-            Err(error) => {
-                // Out of file descriptors and the like: do not spin.
-                tracing::warn!(%error, "metrics listener accept failed");
-                tokio::select! {
-                    () = &mut shutdown => break,
-                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
-                }
-            }
-        }
-    }
-    connections.shutdown().await;
-}
-
-/// What the request head asks for.
-#[derive(Debug, PartialEq, Eq)]
-enum Request {
-    Metrics,
-    NotFound,
-    Bad,
-}
-
-/// Parses the request line of a complete head.
-fn parse_request(head: &[u8]) -> Request {
-    let line_end = head
-        .windows(2)
-        .position(|pair| pair == b"\r\n")
-        .unwrap_or(head.len());
-    let Ok(line) = std::str::from_utf8(&head[..line_end]) else {
-        return Request::Bad;
-    };
-    let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Request::Bad;
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Request::Bad;
-    }
-    let path = target.split_once('?').map_or(target, |(path, _)| path);
-    if method == "GET" && path == "/metrics" {
-        Request::Metrics
-    } else {
-        Request::NotFound
-    }
-}
-
-/// Reads the head up to the blank line. `Ok(None)`: too long.
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
-    let mut head = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let read = stream.read(&mut chunk).await?;
-        if read == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        // Look for the end across the chunk boundary too.
-        let search_from = head.len().saturating_sub(3);
-        head.extend_from_slice(&chunk[..read]);
-        if head[search_from..]
-            .windows(4)
-            .any(|window| window == b"\r\n\r\n")
-        {
-            return Ok(Some(head));
-        }
-        if head.len() > MAX_REQUEST_HEAD {
-            return Ok(None);
-        }
-    }
-}
-
-async fn handle(
-    mut stream: TcpStream,
-    metrics: Arc<Metrics>,
-    before_scrape: Arc<dyn Fn() + Send + Sync>,
-    io_timeout: Duration,
-) -> std::io::Result<()> {
-    let head = match tokio::time::timeout(io_timeout, read_head(&mut stream)).await {
-        Ok(head) => head?,
-        Err(_) => {
-            return respond(
-                &mut stream,
-                io_timeout,
-                "408 Request Timeout",
-                "text/plain",
-                b"",
-            )
-            .await;
-        }
-    };
-    let Some(head) = head else {
-        return respond(
-            &mut stream,
-            io_timeout,
-            "431 Request Header Fields Too Large",
-            "text/plain",
-            b"request head too large\n",
-        )
-        .await;
-    };
-    match parse_request(&head) {
-        Request::Metrics => {
-            let scraped = tokio::task::spawn_blocking(move || {
-                before_scrape();
-                metrics.try_encode()
-            })
-            .await;
-            match scraped {
-                Ok(Ok(text)) => {
-                    respond(
-                        &mut stream,
-                        io_timeout,
-                        "200 OK",
-                        CONTENT_TYPE,
-                        text.as_bytes(),
-                    )
-                    .await
-                }
-                _ => {
-                    tracing::error!("encoding metrics failed");
-                    respond(
-                        &mut stream,
-                        io_timeout,
-                        "500 Internal Server Error",
-                        "text/plain",
-                        b"encoding metrics failed\n",
-                    )
-                    .await
-                }
-            }
-        }
-        Request::NotFound => {
-            respond(
-                &mut stream,
-                io_timeout,
-                "404 Not Found",
-                "text/plain",
-                b"not found\n",
-            )
-            .await
-        }
-        Request::Bad => {
-            respond(
-                &mut stream,
-                io_timeout,
-                "400 Bad Request",
-                "text/plain",
-                b"bad request\n",
-            )
-            .await
-        }
-    }
-}
-
-/// Writes a whole response, then closes: our side first, then waits briefly for the client,
-/// so unread request bytes do not turn the close into a reset that loses the response.
-async fn respond(
-    stream: &mut TcpStream,
-    io_timeout: Duration,
-    status: &str,
-    content_type: &str,
-    body: &[u8],
-) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    let write = async {
-        stream.write_all(head.as_bytes()).await?;
-        stream.write_all(body).await?;
-        stream.shutdown().await
-    };
-    tokio::time::timeout(io_timeout, write)
-        .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-    let mut sink = [0u8; 1024];
-    let drain = async {
-        let mut left = 64 * 1024usize;
-        while left > 0 {
-            match stream.read(&mut sink).await {
-                Ok(0) | Err(_) => break,
-                Ok(read) => left = left.saturating_sub(read),
-            }
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
-    Ok(())
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpStream;
-
     use super::*;
 
     fn sample() -> Metrics {
@@ -677,176 +354,25 @@ mod tests {
     }
 
     #[test]
-    fn parses_request_lines() {
-        assert_eq!(
-            parse_request(b"GET /metrics HTTP/1.1\r\n\r\n"),
-            Request::Metrics
-        );
-        assert_eq!(
-            parse_request(b"GET /metrics?x=1 HTTP/1.0\r\nHost: a\r\n\r\n"),
-            Request::Metrics
-        );
-        assert_eq!(
-            parse_request(b"POST /metrics HTTP/1.1\r\n\r\n"),
-            Request::NotFound
-        );
-        assert_eq!(
-            parse_request(b"GET /metricsx HTTP/1.1\r\n\r\n"),
-            Request::NotFound
-        );
-        assert_eq!(parse_request(b"GET /metrics\r\n\r\n"), Request::Bad);
-        assert_eq!(parse_request(b"GET /metrics SPDY/3\r\n\r\n"), Request::Bad);
-        assert_eq!(parse_request(b"\xff\xfe\r\n\r\n"), Request::Bad);
+    fn a_costly_refresh_runs_once_a_period() {
+        let every = RefreshEvery::new(Duration::from_secs(30));
+        assert!(every.due(1_000));
+        assert!(!every.due(30_999));
+        assert!(every.due(31_000));
     }
 
-    struct Server {
-        addr: std::net::SocketAddr,
-        scrapes: Arc<AtomicUsize>,
-        stop: tokio::sync::oneshot::Sender<()>,
-        task: tokio::task::JoinHandle<()>,
-    }
-
-    /// A server on 127.0.0.1:0 with a short I/O timeout; its hook counts scrapes and
-    /// sets the sealed gauge.
-    async fn start(metrics: Arc<Metrics>) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let scrapes = Arc::new(AtomicUsize::new(0));
-        let hook = {
-            let scrapes = Arc::clone(&scrapes);
-            let metrics = Arc::clone(&metrics);
-            Arc::new(move || {
-                scrapes.fetch_add(1, Ordering::SeqCst);
+    #[test]
+    fn refreshers_run_before_a_scrape() {
+        struct Sealed;
+        impl Refresh for Sealed {
+            fn refresh(&self, metrics: &Metrics) {
                 metrics.set_sealed(true);
-            }) as Arc<dyn Fn() + Send + Sync>
-        };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let shutdown = async move {
-            let _ = stopped.await;
-        };
-        let timeout = Duration::from_millis(200);
-        let task = tokio::spawn(serve_with_timeout(
-            listener, metrics, hook, shutdown, timeout,
-        ));
-        Server {
-            addr,
-            scrapes,
-            stop,
-            task,
+            }
         }
-    }
-
-    impl Server {
-        async fn shut_down(self) {
-            self.stop.send(()).unwrap();
-            tokio::time::timeout(Duration::from_secs(5), self.task)
-                .await
-                .unwrap()
-                .unwrap();
-        }
-    }
-
-    async fn exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        stream.write_all(request).await.unwrap();
-        let mut response = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
-            .await
-            .unwrap()
-            .unwrap();
-        String::from_utf8(response).unwrap()
-    }
-
-    #[tokio::test]
-    async fn serves_metrics() {
-        let metrics = Arc::new(sample());
-        let server = start(Arc::clone(&metrics)).await;
-
-        let response = exchange(
-            server.addr,
-            b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n",
-        )
-        .await;
-        let (head, body) = response.split_once("\r\n\r\n").unwrap();
-        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
-        assert!(
-            head.contains(&format!("Content-Type: {CONTENT_TYPE}\r\n")),
-            "{head}"
-        );
-        assert!(
-            head.contains(&format!("Content-Length: {}\r\n", body.len())),
-            "{head}"
-        );
-        assert!(head.contains("Connection: close"), "{head}");
-        assert!(
-            body.contains(
-                "keyward_requests_total{method=\"keyward.v1.Secrets/Get\",code=\"OK\"} 2\n"
-            ),
-            "{body}"
-        );
-        // The hook ran before the encode.
-        assert!(body.contains("keyward_sealed 1\n"), "{body}");
-        assert_eq!(server.scrapes.load(Ordering::SeqCst), 1);
-        assert!(body.ends_with("# EOF\n"));
-
-        server.shut_down().await;
-    }
-
-    #[tokio::test]
-    async fn other_paths_are_not_found() {
-        let server = start(Arc::new(Metrics::new())).await;
-        let response = exchange(server.addr, b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n").await;
-        assert!(
-            response.starts_with("HTTP/1.1 404 Not Found\r\n"),
-            "{response}"
-        );
-        let response = exchange(server.addr, b"nonsense\r\n\r\n").await;
-        assert!(
-            response.starts_with("HTTP/1.1 400 Bad Request\r\n"),
-            "{response}"
-        );
-        assert_eq!(server.scrapes.load(Ordering::SeqCst), 0);
-        server.shut_down().await;
-    }
-
-    #[tokio::test]
-    async fn oversize_head_is_refused() {
-        let server = start(Arc::new(Metrics::new())).await;
-        let mut request = b"GET /metrics HTTP/1.1\r\n".to_vec();
-        while request.len() <= MAX_REQUEST_HEAD + 100 {
-            request.extend_from_slice(b"X-Filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
-        }
-        let response = exchange(server.addr, &request).await;
-        assert!(
-            response.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
-            "{response}"
-        );
-        assert_eq!(server.scrapes.load(Ordering::SeqCst), 0);
-        server.shut_down().await;
-    }
-
-    #[tokio::test]
-    async fn slow_client_times_out() {
-        let server = start(Arc::new(Metrics::new())).await;
-        let response = exchange(server.addr, b"GET /metrics HTTP/1.1\r\n").await;
-        assert!(
-            response.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
-            "{response}"
-        );
-        assert_eq!(server.scrapes.load(Ordering::SeqCst), 0);
-        server.shut_down().await;
-    }
-
-    #[tokio::test]
-    async fn shutdown_stops_the_listener() {
-        let server = start(Arc::new(Metrics::new())).await;
-        let addr = server.addr;
-        // A connection that never sends anything does not hold up shutdown.
-        let _idle = TcpStream::connect(addr).await.unwrap();
-        // Accepted in order: once this one is answered, the idle one is being served.
-        let response = exchange(addr, b"GET /other HTTP/1.1\r\n\r\n").await;
-        assert!(response.starts_with("HTTP/1.1 404"), "{response}");
-        server.shut_down().await;
-        assert!(TcpStream::connect(addr).await.is_err());
+        let metrics = Metrics::new();
+        metrics.on_scrape(Arc::new(Sealed));
+        assert!(metrics.encode().contains("keyward_sealed 0\n"));
+        metrics.refresh();
+        assert!(metrics.encode().contains("keyward_sealed 1\n"));
     }
 }

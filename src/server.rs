@@ -4,13 +4,20 @@
 //! `Server::open` does everything that can fail on bad configuration before a
 //! port is used; `Server::serve` takes bound listeners and a shutdown future,
 //! so tests pass their own (port 0, a oneshot) and `main` passes signals.
+//!
+//! The server owns the one [`ShutdownTrigger`] and the one task set
+//! ([`tasks::Tasks`]): each background task gets a clone of the signal and
+//! only the handles it uses (never the `Core`), and is awaited at shutdown
+//! within [`DRAIN_DEADLINE`].
+
+mod tasks;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
+use tonic::transport::server::{Router, TcpIncoming};
 use tonic::transport::{Certificate, Identity, Server as TonicServer, ServerTlsConfig};
 
 use crate::api::auth::AuthService;
@@ -22,8 +29,10 @@ use crate::api::secrets::SecretsService;
 use crate::api::sys::{publish_health, SysService};
 use crate::audit::AuditLog;
 use crate::barrier::{Barrier, BarrierOptions};
+use crate::clock::{Clock, ShutdownTrigger};
 use crate::config::ServerConfig;
 use crate::core::Core;
+use crate::identity::expiry::IdentityExpiry;
 use crate::metrics::Metrics;
 use crate::proto::v1::auth_server::AuthServer;
 use crate::proto::v1::governance_server::GovernanceServer;
@@ -32,12 +41,13 @@ use crate::proto::v1::policies_server::PoliciesServer;
 use crate::proto::v1::rotation_server::RotationServer;
 use crate::proto::v1::secrets_server::SecretsServer;
 use crate::proto::v1::sys_server::SysServer;
+use crate::rotation::Broker;
 use crate::storage::SledBackend;
+
+pub use tasks::Tasks;
 
 /// How long in-flight calls may take to finish after shutdown begins.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
-/// How often the tokens of expired identities are looked for.
-pub const IDENTITY_SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// How often the in-memory usage table is written (also at seal and shutdown).
 pub const USAGE_PERSIST_EVERY: Duration = Duration::from_secs(60);
 
@@ -58,10 +68,18 @@ pub enum ServerError {
 pub struct Server {
     core: Arc<Core>,
     config: ServerConfig,
+    /// The one shutdown signal: every task and long stream holds a clone.
+    shutdown: ShutdownTrigger,
 }
 
 impl Server {
+    /// Opens the server on the system clock.
     pub fn open(config: ServerConfig) -> Result<Self, ServerError> {
+        Self::open_with_clock(config, Clock::system())
+    }
+
+    /// Opens the server; every part of it reads `clock`.
+    pub fn open_with_clock(config: ServerConfig, clock: Clock) -> Result<Self, ServerError> {
         std::fs::create_dir_all(&config.storage_path)
             .map_err(|e| ServerError::Storage(format!("{}: {e}", config.storage_path.display())))?;
         let backend = SledBackend::open(&config.storage_path)
@@ -75,26 +93,53 @@ impl Server {
         let audit =
             AuditLog::open(&config.audit_path).map_err(|e| ServerError::Audit(e.to_string()))?;
         let metrics = Arc::new(Metrics::new());
-        let mut core = Core::new(Arc::new(barrier), audit, metrics, config.limits);
+        let shutdown = ShutdownTrigger::new();
+        let mut core = Core::new(
+            Arc::new(barrier),
+            audit,
+            metrics,
+            config.limits,
+            clock,
+            shutdown.signal(),
+        );
         core.set_oidc_ca(config.oidc_ca.as_deref())
             .map_err(|e| ServerError::OidcCa(e.to_string()))?;
         let core = Arc::new(core);
-        core.refresh_gauges();
-        Ok(Self { core, config })
+        core.publish_gauges();
+        Ok(Self {
+            core,
+            config,
+            shutdown,
+        })
     }
 
     pub fn core(&self) -> &Arc<Core> {
         &self.core
     }
 
-    /// Serves until `shutdown` resolves, then drains in-flight calls for at
-    /// most `DRAIN_DEADLINE`.
+    /// The server's shutdown trigger, for tools that run the core without
+    /// serving it (the trigger stops what the core started).
+    pub fn shutdown_trigger(&self) -> &ShutdownTrigger {
+        &self.shutdown
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight calls and the
+    /// background tasks, each for at most `DRAIN_DEADLINE`.
     pub async fn serve(
         self,
         listener: TcpListener,
         metrics_listener: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
+        let router = self.router().await?;
+        let tasks = self.start_tasks(metrics_listener);
+        let served = self.serve_until(router, listener, shutdown).await;
+        self.stop(tasks).await;
+        served
+    }
+
+    /// The gRPC services, health and reflection, over TLS if configured.
+    async fn router(&self) -> Result<Router, ServerError> {
         let (health, health_service) = tonic_health::server::health_reporter();
         publish_health(&health, self.core.is_sealed()).await;
         let reflection = tonic_reflection::server::Builder::configure()
@@ -102,166 +147,129 @@ impl Server {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| ServerError::Transport(e.to_string()))?;
-
         let mut builder = TonicServer::builder();
-        if let Some(tls) = &self.config.tls {
-            let read = |p: &std::path::Path| {
-                std::fs::read(p).map_err(|e| ServerError::TlsFile(p.to_owned(), e))
-            };
-            let mut tls_config = ServerTlsConfig::new()
-                .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
-            if let Some(ca) = &tls.client_ca {
-                tls_config = tls_config
-                    .client_ca_root(Certificate::from_pem(read(ca)?))
-                    .client_auth_optional(true);
-            }
+        if let Some(tls) = self.tls_config()? {
             builder = builder
-                .tls_config(tls_config)
+                .tls_config(tls)
                 .map_err(|e| ServerError::Transport(e.to_string()))?;
         }
+        let core = &self.core;
+        Ok(builder
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(SysServer::new(SysService::new(core.clone(), health)))
+            .add_service(SecretsServer::new(SecretsService::new(core.clone())))
+            .add_service(AuthServer::new(AuthService::new(core.clone())))
+            .add_service(PoliciesServer::new(PoliciesService::new(core.clone())))
+            .add_service(IdentitiesServer::new(IdentitiesService::new(core.clone())))
+            .add_service(GovernanceServer::new(GovernanceService::new(core.clone())))
+            .add_service(RotationServer::new(RotationService::new(core.clone()))))
+    }
 
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let core_for_signal = self.core.clone();
-        let rotation_stop = crate::clock::ShutdownTrigger::new();
-        let rotation_shutdown = rotation_stop.signal();
-        let signal = async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-            rotation_stop.trigger();
-            // Rotation workers stop at a step boundary; Watch streams end.
-            core_for_signal.begin_shutdown();
+    /// The server's certificate and, if configured, the CA of client
+    /// certificates (optional: a certificate is one login among several).
+    fn tls_config(&self) -> Result<Option<ServerTlsConfig>, ServerError> {
+        let Some(tls) = &self.config.tls else {
+            return Ok(None);
         };
-        tokio::spawn(signal);
-        // The rotation scheduler runs while unsealed; its task ends once its
-        // workers have stopped at a step boundary.
-        let rotation =
-            crate::rotation::scheduler::start(self.core.rotation.clone(), rotation_shutdown);
-
-        if let Some(listener) = metrics_listener {
-            let core = self.core.clone();
-            let refresh: Arc<dyn Fn() + Send + Sync> = Arc::new(move || core.refresh_gauges());
-            let mut rx = stop_rx.clone();
-            let metrics = self.core.metrics.clone();
-            tokio::spawn(async move {
-                crate::metrics::serve(listener, metrics, refresh, async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                })
-                .await
-            });
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| ServerError::TlsFile(p.to_owned(), e))
+        };
+        let mut config =
+            ServerTlsConfig::new().identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+        if let Some(ca) = &tls.client_ca {
+            config = config
+                .client_ca_root(Certificate::from_pem(read(ca)?))
+                .client_auth_optional(true);
         }
+        Ok(Some(config))
+    }
 
-        {
-            // Revokes the tokens of identities whose expiry passed (tokens
-            // also carry that expiry as a hard limit; this is the sweep).
-            let core = self.core.clone();
-            let mut rx = stop_rx.clone();
-            tokio::spawn(async move {
-                loop {
-                    // Sleep until the next identity expiry (at most
-                    // IDENTITY_SWEEP_EVERY), or until an expiry is set.
-                    let wait = match core.identities.next_expiry_ms() {
-                        Ok(Some(at)) => {
-                            Duration::from_millis(at.saturating_sub(crate::core::now_ms()))
-                                .clamp(Duration::from_millis(50), IDENTITY_SWEEP_EVERY)
-                        }
-                        _ => IDENTITY_SWEEP_EVERY,
-                    };
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = core.identities.expiry_changed() => continue,
-                        _ = rx.wait_for(|s| *s) => return,
-                    }
-                    if core.is_sealed() {
-                        continue;
-                    }
-                    let core = core.clone();
-                    let swept = tokio::task::spawn_blocking(move || {
-                        core.identities
-                            .sweep_expired(&core.tokens, crate::core::now_ms())
-                    })
-                    .await;
-                    match swept {
-                        Ok(Ok(0)) => {}
-                        Ok(Ok(n)) => {
-                            tracing::info!(revoked = n, "tokens of expired identities revoked")
-                        }
-                        Ok(Err(e)) => tracing::warn!(error = %e, "identity expiry sweep failed"),
-                        Err(e) => tracing::warn!(error = %e, "identity expiry sweep panicked"),
-                    }
-                }
+    /// Starts the background tasks, each with the handles it uses.
+    fn start_tasks(&self, metrics_listener: Option<TcpListener>) -> Tasks {
+        let core = &self.core;
+        let clock = core.clock().clone();
+        let mut tasks = Tasks::new(self.shutdown.signal());
+        if let Some(listener) = metrics_listener {
+            let metrics = core.metrics.clone();
+            tasks.spawn("metrics-listener", move |shutdown| {
+                crate::metrics_http::serve(listener, metrics, shutdown)
             });
         }
         // Token expiry: one sleeper over the time-ordered index.
-        let sweeper = tokio::spawn(self.core.tokens.clone().run_sweeper(stop_rx.clone()));
-        // Usage: kept in memory on the request path, written periodically.
-        let usage_writer = {
-            let core = self.core.clone();
-            let mut rx = stop_rx.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(USAGE_PERSIST_EVERY);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! {
-                        _ = tick.tick() => {}
-                        _ = async { let _ = rx.wait_for(|s| *s).await; } => return,
-                    }
-                    core.persist_usage().await;
-                }
-            })
-        };
-
-        let router = builder
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(SysServer::new(SysService::new(
-                self.core.clone(),
-                health.clone(),
-            )))
-            .add_service(SecretsServer::new(SecretsService::new(self.core.clone())))
-            .add_service(AuthServer::new(AuthService::new(self.core.clone())))
-            .add_service(PoliciesServer::new(PoliciesService::new(self.core.clone())))
-            // -- identities, tokens, policies, login, governance (issue 3) go here --
-            .add_service(IdentitiesServer::new(IdentitiesService::new(
-                self.core.clone(),
-            )))
-            .add_service(GovernanceServer::new(GovernanceService::new(
-                self.core.clone(),
-            )))
-            // -- rotation (issue 4) goes here --
-            .add_service(RotationServer::new(RotationService::new(self.core.clone())));
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        let mut rx = stop_rx.clone();
-        let serving = router.serve_with_incoming_shutdown(incoming, async move {
-            let _ = rx.wait_for(|s| *s).await;
+        let tokens = core.tokens.clone();
+        tasks.spawn("token-sweeper", move |shutdown| {
+            tokens.run_sweeper(shutdown)
         });
+        // Revokes the tokens of identities whose expiry passed.
+        let expiry = IdentityExpiry {
+            identities: core.identities.clone(),
+            tokens: Arc::new(core.tokens.clone()),
+            barrier: core.barrier.clone(),
+            clock: clock.clone(),
+        };
+        tasks.spawn("identity-expiry", move |shutdown| expiry.run(shutdown));
+        // Usage: kept in memory on the request path, written periodically.
+        let usage = core.usage.clone();
+        tasks.spawn("usage-flush", move |shutdown| {
+            usage.run_flusher(clock, USAGE_PERSIST_EVERY, shutdown)
+        });
+        // Rotation: the scheduler runs while unsealed; its task ends once its
+        // workers have stopped at a step boundary.
+        let broker = Broker::clone(&core.rotation);
+        tasks.spawn("rotation-scheduler", move |shutdown| async move {
+            if let Err(e) = crate::rotation::scheduler::start(broker, shutdown).await {
+                tracing::error!(error = %e, "rotation scheduler failed");
+            }
+        });
+        tasks
+    }
+
+    /// Serves calls until `shutdown` resolves (or the server's own trigger
+    /// fires), then lets in-flight calls finish within `DRAIN_DEADLINE`.
+    async fn serve_until(
+        &self,
+        router: Router,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ServerError> {
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let signal = self.shutdown.signal();
+        let serving =
+            router.serve_with_incoming_shutdown(incoming, async move { signal.wait().await });
         tokio::pin!(serving);
-        let mut rx = stop_rx;
         tokio::select! {
             result = &mut serving => {
-                sweeper.abort();
-                usage_writer.abort();
                 return result.map_err(|e| ServerError::Transport(e.to_string()));
             }
-            _ = async { let _ = rx.wait_for(|s| *s).await; } => {}
+            () = shutdown => {}
         }
         tracing::info!("shutting down: draining in-flight calls");
+        self.begin_shutdown();
         match tokio::time::timeout(DRAIN_DEADLINE, serving).await {
-            Ok(result) => result.map_err(|e| ServerError::Transport(e.to_string()))?,
-            Err(_) => tracing::warn!("drain deadline passed; closing remaining calls"),
+            Ok(result) => result.map_err(|e| ServerError::Transport(e.to_string())),
+            Err(_) => {
+                tracing::warn!("drain deadline passed; closing remaining calls");
+                Ok(())
+            }
         }
-        // The background tasks hold the store: wait for them to let go.
-        let _ = sweeper.await;
-        let _ = usage_writer.await;
+    }
+
+    /// Tells every task and stream to stop; rotation workers stop at a step
+    /// boundary. Idempotent.
+    fn begin_shutdown(&self) {
+        self.shutdown.trigger();
+        self.core.rotation.on_seal();
+    }
+
+    /// Stops the background tasks, then writes what is kept in memory.
+    async fn stop(&self, tasks: Tasks) {
+        self.begin_shutdown();
+        tasks.drain(DRAIN_DEADLINE).await;
+        // The calls have drained and the tasks let go of the store.
         self.core.persist_usage().await;
-        if tokio::time::timeout(DRAIN_DEADLINE, rotation)
-            .await
-            .is_err()
-        {
-            tracing::warn!("rotation workers did not stop before the deadline");
-        }
         if let Err(e) = self.core.audit.sync() {
             tracing::error!(error = %e, "could not flush the audit log at shutdown");
         }
-        Ok(())
     }
 }

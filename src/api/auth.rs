@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 use super::secrets::timestamp;
 use super::{begin, Access, Call, Failure};
 use crate::cidr::Cidr;
-use crate::core::{now_ms, Caller, Core};
+use crate::core::{Caller, Core};
 use crate::policy::{validate_name, Capability, ROOT_POLICY};
 use crate::proto::v1::auth_server::Auth;
 use crate::proto::v1::*;
@@ -197,7 +197,7 @@ impl Auth for AuthService {
                 parent_accessor: Some(caller.accessor.clone()),
                 method: "token",
             },
-            now_ms(),
+            self.core.clock().now_ms(),
         ))?;
         call.check(self.core.barrier.durable().await)?;
         call.set_resource(format!("{TOKEN_RESOURCE}/{}", issued.accessor));
@@ -226,7 +226,11 @@ impl Auth for AuthService {
         let r = req.get_ref();
         let target = Self::target(&mut call, &r.token, &r.accessor)?;
         let acc = self.resolve(&mut call, &caller, target, Capability::Read)?;
-        let info = call.check(self.core.tokens.lookup_accessor(&acc, now_ms()))?;
+        let info = call.check(
+            self.core
+                .tokens
+                .lookup_accessor(&acc, self.core.clock().now_ms()),
+        )?;
         let Some(info) = info else {
             return Err(call.fail(TokenError::NotFound).into());
         };
@@ -248,7 +252,11 @@ impl Auth for AuthService {
         let caller = call.require_caller()?;
         let increment = call.check(seconds(req.get_ref().increment_seconds, "the increment"))?;
         let acc = self.resolve(&mut call, &caller, Target::Own, Capability::Write)?;
-        let info = call.check(self.core.tokens.renew(&acc, increment, now_ms()))?;
+        let info = call.check(self.core.tokens.renew(
+            &acc,
+            increment,
+            self.core.clock().now_ms(),
+        ))?;
         call.check(self.core.barrier.durable().await)?;
         call.ok(&[])?;
         Ok(Response::new(token_info(info)))

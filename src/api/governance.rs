@@ -8,7 +8,7 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 use super::{begin, Access};
-use crate::core::{now_ms, Core};
+use crate::core::Core;
 use crate::policy::Capability;
 use crate::proto::v1::governance_server::Governance;
 use crate::proto::v1::*;
@@ -42,7 +42,11 @@ impl Governance for GovernanceService {
             r.dormant_after_seconds.saturating_mul(1000),
             Duration::from_secs(r.long_ttl_seconds),
         ))?;
-        let rotation = call.check(self.core.rotation.rotation_summary(now_ms()))?;
+        let rotation = call.check(
+            self.core
+                .rotation
+                .rotation_summary(self.core.clock().now_ms()),
+        )?;
         call.ok(&[])?;
         let failures: std::collections::HashMap<&str, &str> = rotation
             .last_failures

@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 use super::secrets::timestamp;
 use super::{begin, Access, Call, Failure};
 use crate::cidr::Cidr;
-use crate::core::{now_ms, Core};
+use crate::core::Core;
 use crate::identity::{
     last_used_ms, IdentityError, IdentityKind, IdentityName, IdentityRecord, IdentityUpdate,
     IssuerRecord, ListFilter, NewIdentity, SecretIdSpec,
@@ -146,7 +146,7 @@ impl Identities for IdentitiesService {
         let kind = call.check(IdentityKind::parse(&r.kind))?;
         call.authorize(Capability::Write, name.resource())?;
         call.require_policy_subset(&r.policies)?;
-        let now = now_ms();
+        let now = self.core.clock().now_ms();
         let new = NewIdentity {
             name,
             kind,
@@ -196,7 +196,11 @@ impl Identities for IdentitiesService {
             dormant_ms: r.dormant_seconds.saturating_mul(1000),
         };
         let lookup = |name: &str| used.get(name).copied();
-        let records = call.check(self.core.identities.list(&filter, &lookup, now_ms()))?;
+        let records = call.check(self.core.identities.list(
+            &filter,
+            &lookup,
+            self.core.clock().now_ms(),
+        ))?;
         call.ok(&[])?;
         Ok(Response::new(ListIdentitiesResponse {
             identities: records
@@ -223,7 +227,7 @@ impl Identities for IdentitiesService {
         if r.set_policies {
             call.require_policy_subset(&r.policies)?;
         }
-        let now = now_ms();
+        let now = self.core.clock().now_ms();
         let update = IdentityUpdate {
             owner: r.owner,
             description: r.description,
@@ -274,7 +278,7 @@ impl Identities for IdentitiesService {
         let revoked = call.check(self.core.identities.delete(
             &name,
             &self.core.tokens,
-            now_ms(),
+            self.core.clock().now_ms(),
         ))?;
         call.check(self.core.usage.forget(name.as_str()))?;
         call.check(self.core.barrier.durable().await)?;
@@ -305,7 +309,11 @@ impl Identities for IdentitiesService {
             uses: r.uses,
             cidrs,
         };
-        let made = call.check(self.core.identities.create_secret_id(&name, spec, now_ms()))?;
+        let made = call.check(self.core.identities.create_secret_id(
+            &name,
+            spec,
+            self.core.clock().now_ms(),
+        ))?;
         call.check(self.core.barrier.durable().await)?;
         call.ok(&[("secret_id", made.secret_id.expose().as_bytes())])?;
         Ok(Response::new(CreateSecretIdResponse {
@@ -418,7 +426,7 @@ impl IdentitiesService {
             &name,
             disabled,
             &self.core.tokens,
-            now_ms(),
+            self.core.clock().now_ms(),
         ))?;
         call.check(self.core.barrier.durable().await)?;
         call.ok(&[])?;

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use super::secrets::timestamp;
 use super::{begin, Access};
 use crate::barrier::BarrierError;
-use crate::core::{now_ms, Core};
+use crate::core::Core;
 use crate::identity::login::{token_ttl, LoginError, MAX_LOGIN_TTL};
 use crate::identity::IdentityError;
 use crate::proto::v1::login_request::Method;
@@ -31,7 +31,7 @@ pub(crate) async fn login(
         .peer_certs()
         .and_then(|certs| certs.first().map(|c| c.as_ref().to_vec()));
     let r = req.into_inner();
-    let now = now_ms();
+    let now = core.clock().now_ms();
     let grant = match r.method {
         Some(Method::Approle(a)) => {
             call.set_resource("auth/login/approle");
@@ -82,7 +82,7 @@ pub(crate) async fn login(
     let still_active = call
         .check(core.identities.get(&grant.identity))?
         .is_some_and(|record| {
-            record.is_active(now_ms())
+            record.is_active(core.clock().now_ms())
                 && record.policies == grant.policies
                 && (record.expires_at_ms == 0 || issued.expires_at_ms <= record.expires_at_ms)
         });

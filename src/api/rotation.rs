@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use super::secrets::timestamp;
 use super::{begin, Access};
-use crate::core::{now_ms, Core};
+use crate::core::Core;
 use crate::policy::Capability;
 use crate::proto::v1::rotation_server::Rotation;
 use crate::proto::v1::*;
@@ -116,7 +116,11 @@ impl Rotation for RotationService {
         call.authorize(Capability::Read, path.resource())?;
         call.authorize(Capability::Write, path.resource())?;
         call.authorize(Capability::Write, resource(&path))?;
-        let record = call.check(self.core.rotation.set_policy(&spec, now_ms()))?;
+        let record = call.check(
+            self.core
+                .rotation
+                .set_policy(&spec, self.core.clock().now_ms()),
+        )?;
         call.check(self.core.barrier.durable().await)?;
         call.ok(&[])?;
         Ok(Response::new(policy_message(&record)))
@@ -154,7 +158,7 @@ impl Rotation for RotationService {
         .await?;
         call.authorize(Capability::List, "rotation".to_owned())?;
         let r = req.get_ref();
-        let now = now_ms();
+        let now = self.core.clock().now_ms();
         let all = call.check(self.core.rotation.policies())?;
         let policies = all
             .iter()
@@ -198,20 +202,20 @@ impl Rotation for RotationService {
         call.authorize(Capability::Rotate, resource(&path))?;
         let broker = &self.core.rotation;
         let mut finished = broker.subscribe_finished();
-        let (run, _new) = call.check(broker.trigger(&path, now_ms()))?;
+        let (run, _new) = call.check(broker.trigger(&path, self.core.clock().now_ms()))?;
         call.check(self.core.barrier.durable().await)?;
         spawn_run(&self.core.rotation, run.clone(), None);
         if !r.wait {
             call.ok(&[])?;
             return Ok(Response::new(run_message(&run)));
         }
-        let mut stop = self.core.shutdown_signal();
+        let stop = self.core.shutdown_signal();
         let deadline = tokio::time::Instant::now() + ROTATE_WAIT_LIMIT;
         let done = loop {
             if let Some(done) = call.check(broker.finished_run(&path, &run.run_id))? {
                 break done;
             }
-            if tokio::time::Instant::now() >= deadline || *stop.borrow() {
+            if tokio::time::Instant::now() >= deadline || stop.is_triggered() {
                 let now = call.check(broker.active_run(&path))?;
                 break now.unwrap_or(run);
             }
@@ -220,7 +224,7 @@ impl Rotation for RotationService {
             tokio::select! {
                 _ = finished.recv() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = crate::core::until_stopped(&mut stop) => {}
+                _ = stop.wait() => {}
             }
         };
         call.ok(&[])?;

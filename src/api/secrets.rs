@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{begin, Access, Failure, FailureKind};
-use crate::core::{now_ms, Core};
+use crate::core::Core;
 use crate::policy::Capability;
 use crate::proto::v1::secrets_server::Secrets;
 use crate::proto::v1::*;
@@ -96,7 +96,7 @@ impl Secrets for SecretsService {
         call.ok(&[])?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let core = self.core.clone();
-        let mut stop = core.shutdown_signal();
+        let stop = core.shutdown_signal();
         let watched = move |path: &str| {
             paths.iter().any(|p| p == path)
                 || prefixes.iter().any(|prefix| match prefix {
@@ -163,7 +163,7 @@ impl Secrets for SecretsService {
                         }
                         Err(RecvError::Closed) => break,
                     },
-                    _ = crate::core::until_stopped(&mut stop) => break,
+                    _ = stop.wait() => break,
                     _ = tx.closed() => break,
                 }
             }
@@ -198,7 +198,11 @@ impl Secrets for SecretsService {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let version = call.check(self.core.secrets.put(&proof, put, now_ms()))?;
+        let version = call.check(
+            self.core
+                .secrets
+                .put(&proof, put, self.core.clock().now_ms()),
+        )?;
         call.check(self.core.secrets.durable().await)?;
         let refs: Vec<(&str, &[u8])> = values
             .iter()
@@ -305,11 +309,12 @@ impl Secrets for SecretsService {
         let mut call = begin(&self.core, "keyward.v1.Secrets/Delete", Access::Token, &req).await?;
         let path = call.check(SecretPath::parse(&req.get_ref().path))?;
         let proof = call.authorize(Capability::Delete, path.resource())?;
-        call.check(
-            self.core
-                .secrets
-                .delete(&proof, &path, req.get_ref().version, now_ms()),
-        )?;
+        call.check(self.core.secrets.delete(
+            &proof,
+            &path,
+            req.get_ref().version,
+            self.core.clock().now_ms(),
+        ))?;
         call.check(self.core.secrets.durable().await)?;
         call.ok(&[])?;
         Ok(Response::new(DeleteSecretResponse {}))
@@ -328,11 +333,12 @@ impl Secrets for SecretsService {
         .await?;
         let path = call.check(SecretPath::parse(&req.get_ref().path))?;
         let proof = call.authorize(Capability::Write, path.resource())?;
-        call.check(
-            self.core
-                .secrets
-                .undelete(&proof, &path, req.get_ref().version, now_ms()),
-        )?;
+        call.check(self.core.secrets.undelete(
+            &proof,
+            &path,
+            req.get_ref().version,
+            self.core.clock().now_ms(),
+        ))?;
         call.check(self.core.secrets.durable().await)?;
         call.ok(&[])?;
         Ok(Response::new(UndeleteSecretResponse {}))
@@ -351,11 +357,12 @@ impl Secrets for SecretsService {
         .await?;
         let path = call.check(SecretPath::parse(&req.get_ref().path))?;
         let proof = call.authorize(Capability::Destroy, path.resource())?;
-        call.check(
-            self.core
-                .secrets
-                .destroy(&proof, &path, req.get_ref().version, now_ms()),
-        )?;
+        call.check(self.core.secrets.destroy(
+            &proof,
+            &path,
+            req.get_ref().version,
+            self.core.clock().now_ms(),
+        ))?;
         call.check(self.core.secrets.durable().await)?;
         call.ok(&[])?;
         Ok(Response::new(DestroySecretResponse {}))

@@ -261,7 +261,7 @@ pub async fn startup(
         let store = core.tokens.clone();
         let started = Instant::now();
         let written = tokio::task::spawn_blocking(move || -> Result<u64> {
-            let now = keyward::core::now_ms();
+            let now = store.clock().now_ms();
             let mut n = 0u64;
             while n < tokens && started.elapsed() < limit {
                 store.issue(

@@ -207,7 +207,11 @@ mod tests {
         let shares = barrier.init(1, 1).unwrap();
         barrier.unseal(&shares[0].0).unwrap();
         let policies = PolicyStore::new(barrier.clone());
-        let tokens = TokenStore::new(barrier.clone(), Arc::new(policies.clone()));
+        let tokens = TokenStore::new(
+            barrier.clone(),
+            Arc::new(policies.clone()),
+            crate::clock::Clock::system(),
+        );
         let usage = Usage::new(barrier);
         let gate = Gate::new(
             tokens.clone(),

@@ -10,10 +10,10 @@ mod report;
 pub mod usage;
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::audit::{AuditError, AuditLog};
 use crate::barrier::{Barrier, BarrierError, SealStatus, UnsealShare};
+use crate::clock::{Clock, Shutdown};
 use crate::identity::login::{Login, ThrottleConfig};
 use crate::identity::IdentityStore;
 use crate::metrics::Metrics;
@@ -26,14 +26,6 @@ use crate::token::TokenStore;
 
 pub use auth::{AuthError, Authorized, Caller, Gate};
 pub use usage::{IdentityUsage, Usage};
-
-/// Milliseconds since the Unix epoch; the one place the core reads the clock.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
@@ -51,12 +43,6 @@ pub struct InitOutput {
     pub root_token: TokenSecret,
 }
 
-/// Resolves once `signal` (from `Core::shutdown_signal`) turns `true`, or
-/// its sender is gone. Holds no guard across an await, so it is `Send`.
-pub async fn until_stopped(signal: &mut tokio::sync::watch::Receiver<bool>) {
-    let _ = signal.wait_for(|stopping| *stopping).await;
-}
-
 pub struct Core {
     pub barrier: Arc<Barrier>,
     pub gate: Gate,
@@ -69,25 +55,30 @@ pub struct Core {
     /// Serialises init, unseal, seal and key rotation.
     seal_lock: tokio::sync::Mutex<()>,
     /// The identity inventory, secret-ids, bindings and OIDC issuers.
-    pub identities: IdentityStore,
+    pub identities: Arc<IdentityStore>,
     /// Login checks and their brute-force state (in memory).
-    pub login: Login,
+    pub login: Arc<Login>,
     /// The rotation broker (issue 4): policies, runs, the scheduler's state.
-    pub rotation: Broker,
-    /// Set once when the server begins to shut down; long-running tasks
-    /// and streams (scheduler, workers, `Watch`) select on it.
-    shutdown: tokio::sync::watch::Sender<bool>,
+    pub rotation: Arc<Broker>,
+    /// The one clock every part of this vault reads.
+    clock: Clock,
+    /// The server's shutdown, for long streams (`Watch`) and workers.
+    shutdown: Shutdown,
 }
 
 impl Core {
+    /// Wires the parts together. `clock` is the time every part reads;
+    /// `shutdown` is the server's signal (see `server`).
     pub fn new(
         barrier: Arc<Barrier>,
         audit: AuditLog,
         metrics: Arc<Metrics>,
         limits: DataLimits,
+        clock: Clock,
+        shutdown: Shutdown,
     ) -> Self {
         let policies = PolicyStore::new(barrier.clone());
-        let tokens = TokenStore::new(barrier.clone(), Arc::new(policies.clone()));
+        let tokens = TokenStore::new(barrier.clone(), Arc::new(policies.clone()), clock.clone());
         let usage = Usage::new(barrier.clone());
         let secrets = Arc::new(SecretStore::new(barrier.clone(), limits));
         let audit = Arc::new(audit);
@@ -95,28 +86,47 @@ impl Core {
             secrets: secrets.clone(),
             audit: audit.clone(),
             barrier: barrier.clone(),
-            clock: crate::clock::Clock::system(),
+            clock: clock.clone(),
         };
         Self {
             gate: Gate::new(
                 tokens.clone(),
                 policies.clone(),
                 usage.clone(),
-                crate::clock::Clock::system(),
+                clock.clone(),
             ),
             tokens,
             policies,
             usage,
             secrets,
-            identities: IdentityStore::new(barrier.clone()),
-            rotation: Broker::new(rotation_deps, &metrics, BrokerOptions::default()),
-            shutdown: tokio::sync::watch::channel(false).0,
+            identities: Arc::new(IdentityStore::new(barrier.clone())),
+            rotation: Arc::new(Broker::new(
+                rotation_deps,
+                &metrics,
+                BrokerOptions::default(),
+            )),
             barrier,
             audit,
             metrics,
             seal_lock: tokio::sync::Mutex::new(()),
-            login: Login::new(JwksCache::files_only(), ThrottleConfig::default()),
+            login: Arc::new(Login::new(
+                JwksCache::files_only(),
+                ThrottleConfig::default(),
+            )),
+            clock,
+            shutdown,
         }
+    }
+
+    /// The clock every part of this vault reads.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// The server's shutdown signal: long streams select on
+    /// [`Shutdown::wait`] and end when it fires.
+    pub fn shutdown_signal(&self) -> Shutdown {
+        self.shutdown.clone()
     }
 
     pub fn status(&self) -> SealStatus {
@@ -134,7 +144,7 @@ impl Core {
         let root = self
             .gate
             .on_unseal()
-            .and_then(|()| self.gate.create_root_token(now_ms()));
+            .and_then(|()| self.gate.create_root_token(self.clock.now_ms()));
         let durable = self.barrier.durable().await;
         self.gate.on_seal();
         self.barrier.seal();
@@ -177,18 +187,6 @@ impl Core {
         loaded
     }
 
-    /// Tells long-running tasks and streams that the server is stopping.
-    pub fn begin_shutdown(&self) {
-        let _ = self.shutdown.send(true);
-        self.rotation.on_seal();
-    }
-
-    /// A receiver that turns `true` when shutdown begins (await it with
-    /// [`until_stopped`]).
-    pub fn shutdown_signal(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.shutdown.subscribe()
-    }
-
     pub async fn seal(&self) {
         let _guard = self.seal_lock.lock().await;
         self.persist_usage().await;
@@ -207,27 +205,8 @@ impl Core {
     }
 
     /// Writes the usage table (changed identities only) and waits for disk.
-    /// A failure is logged: usage is advisory and must not block a seal.
     pub async fn persist_usage(&self) {
-        if self.is_sealed() {
-            return;
-        }
-        let written = match self.usage.persist() {
-            Ok(n) => self.barrier.durable().await.map(|()| n),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = written {
-            tracing::warn!(error = %e, "could not persist token usage");
-        }
-    }
-
-    /// Refreshes the gauges that are read, not counted.
-    pub fn refresh_gauges(&self) {
-        let status = self.barrier.status();
-        self.metrics.set_sealed(status.sealed);
-        self.metrics
-            .set_barrier_encryptions(status.key_term, status.term_encryptions);
-        self.refresh_governance_gauges();
+        self.usage.flush().await;
     }
 
     /// Trusts `ca` (PEM) for fetching OIDC issuers' key sets over HTTPS.
@@ -235,7 +214,7 @@ impl Core {
         &mut self,
         ca: Option<&std::path::Path>,
     ) -> Result<(), crate::oidc::OidcError> {
-        self.login = Login::new(JwksCache::new(ca)?, ThrottleConfig::default());
+        self.login = Arc::new(Login::new(JwksCache::new(ca)?, ThrottleConfig::default()));
         Ok(())
     }
 }

@@ -9,13 +9,18 @@
 //! writes the identities changed since the last call, periodically and at seal
 //! and shutdown. `load` reads the stored records after an unseal (one record
 //! per identity, not per token).
+//!
+//! The periodic writer ([`Usage::run_flusher`]) is a background task of the
+//! server that holds this handle (the table and the barrier) and nothing else.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use prost::Message;
 
 use crate::barrier::{Barrier, BarrierError, PlainOp};
+use crate::clock::{Clock, Shutdown};
 
 const PREFIX: &str = "usage/";
 
@@ -171,6 +176,34 @@ impl Usage {
             }
         }
         written.map(|()| records.len())
+    }
+
+    /// Writes the changed identities and waits for disk; nothing while
+    /// sealed. A failure is logged: usage is advisory and must not block a
+    /// seal or a shutdown.
+    pub async fn flush(&self) {
+        if self.inner.barrier.status().sealed {
+            return;
+        }
+        let written = match self.persist() {
+            Ok(n) => self.inner.barrier.durable().await.map(|()| n),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "could not persist token usage");
+        }
+    }
+
+    /// The periodic writer: flushes every `every` until `shutdown` (the
+    /// server flushes once more after its calls have drained).
+    pub async fn run_flusher(self, clock: Clock, every: Duration, shutdown: Shutdown) {
+        loop {
+            tokio::select! {
+                _ = clock.sleep(every) => {}
+                _ = shutdown.wait() => return,
+            }
+            self.flush().await;
+        }
     }
 
     /// Merges the stored records into memory (after an unseal).

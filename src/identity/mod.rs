@@ -20,6 +20,7 @@
 //! issues the token.
 
 mod bridge;
+pub mod expiry;
 pub mod login;
 mod secret_id;
 

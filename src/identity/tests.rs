@@ -497,3 +497,57 @@ fn issuers_and_oidc_bindings_are_checked() {
         vec![vec![("repository".to_owned(), "acme/app".to_owned())]]
     );
 }
+
+/// The expiry sweep as the server runs it, on a paused clock: it sleeps until
+/// the identity's expiry, revokes its tokens then and not before, and stops
+/// at shutdown.
+#[tokio::test(start_paused = true)]
+async fn the_expiry_sweep_revokes_when_the_clock_passes_the_expiry() {
+    use crate::clock::{Clock, ShutdownTrigger};
+    use expiry::IdentityExpiry;
+
+    let dir = tempfile::tempdir().unwrap();
+    let backend = SledBackend::open(dir.path()).unwrap();
+    let barrier = Barrier::new(Arc::new(backend), BarrierOptions::default()).unwrap();
+    let shares = barrier.init(1, 1).unwrap();
+    barrier.unseal(shares[0].0.as_str()).unwrap();
+    let barrier = Arc::new(barrier);
+    let store = Arc::new(IdentityStore::new(barrier.clone()));
+    let revoked = Arc::new(Revocations::default());
+    let clock = Clock::starting_at(NOW);
+    let mut short = new("short");
+    short.expires_at_ms = NOW + 60_000;
+    store.create(short, &AllPolicies, NOW).unwrap();
+
+    let stop = ShutdownTrigger::new();
+    let sweep = tokio::spawn(
+        IdentityExpiry {
+            identities: store.clone(),
+            tokens: revoked.clone(),
+            barrier,
+            clock: clock.clone(),
+        }
+        .run(stop.signal()),
+    );
+    let revocations = || revoked.1.load(Ordering::SeqCst);
+    tokio::time::advance(std::time::Duration::from_secs(59)).await;
+    tokio::task::yield_now().await;
+    assert_eq!(revocations(), 0, "not before the expiry");
+    // Past it: wait for the revocation (each poll moves the paused clock).
+    tokio::time::advance(std::time::Duration::from_secs(2)).await;
+    let mut polls = 0;
+    while revocations() == 0 {
+        polls += 1;
+        assert!(polls < 1000, "the sweep never revoked the expired identity");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(clock.now_ms() < NOW + 60_000 + expiry::SWEEP_EVERY.as_millis() as u64 + 1_000);
+    assert_eq!(*revoked.0.lock().unwrap(), vec!["short"]);
+    // Once: later sweeps (one every SWEEP_EVERY) leave it alone.
+    for _ in 0..20 {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    assert_eq!(revocations(), 1);
+    stop.trigger();
+    sweep.await.unwrap();
+}

@@ -39,6 +39,7 @@
 //! records and indexes change together in one atomic batch, under one lock
 //! held only across the read-modify-write (no await under it).
 
+pub mod gauges;
 pub mod machine;
 pub mod policy;
 pub mod provider;

@@ -18,7 +18,10 @@
 //!
 //! Every new `current` version (a write, or a rotation's promotion) is
 //! announced on a broadcast channel ([`SecretStore::subscribe`]) with its
-//! path and number, never its value: `Secrets.Watch` is fed from it.
+//! path and number, never its value. A [`Watch`] ([`SecretStore::watch`]) is
+//! one watcher's view of it: the paths its [`WatchFilter`] names, until the
+//! server's shutdown; `Secrets.Watch` checks each against the caller's
+//! policies and sends it.
 
 mod path;
 #[cfg(test)]
@@ -33,6 +36,7 @@ use zeroize::{Zeroize, Zeroizing};
 pub use path::{DataLimits, InputError, ListPrefix, SecretPath, Stage};
 
 use crate::barrier::{Barrier, BarrierError, PlainOp};
+use crate::clock::Shutdown;
 use crate::policy::{Authorized, Capability};
 use crate::secrecy::{SecretBytes, SecretData};
 
@@ -210,6 +214,89 @@ pub struct CurrentChanged {
 /// How many announcements a slow watcher may fall behind before it is cut off.
 pub const WATCH_BACKLOG: usize = 4096;
 
+/// The paths one watcher names: exact paths, and prefixes (a path under a
+/// prefix, or the prefix itself; the root prefix names every path).
+#[derive(Debug, Clone, Default)]
+pub struct WatchFilter {
+    paths: Vec<String>,
+    /// `None`: the root prefix.
+    prefixes: Vec<Option<String>>,
+}
+
+impl WatchFilter {
+    pub fn add_path(&mut self, path: &SecretPath) {
+        self.paths.push(path.to_string());
+    }
+
+    pub fn add_prefix(&mut self, prefix: &ListPrefix) {
+        self.prefixes.push(prefix.path().map(|p| p.to_string()));
+    }
+
+    /// How many paths and prefixes it names.
+    pub fn len(&self) -> usize {
+        self.paths.len() + self.prefixes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether `path` is named, exactly or under a prefix (`a/b` is under
+    /// `a`, `a-b` is not).
+    pub fn matches(&self, path: &str) -> bool {
+        self.paths.iter().any(|p| p == path)
+            || self.prefixes.iter().any(|prefix| match prefix {
+                None => true,
+                Some(prefix) => {
+                    path == prefix
+                        || (path.starts_with(prefix.as_str())
+                            && path.as_bytes().get(prefix.len()) == Some(&b'/'))
+                }
+            })
+    }
+}
+
+/// What a [`Watch`] yields next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Watched {
+    /// A new `current` version of a path the filter names.
+    Changed(CurrentChanged),
+    /// The watcher fell more than [`WATCH_BACKLOG`] announcements behind:
+    /// it must read again and watch again.
+    FellBehind,
+    /// The server is stopping (or the store is gone).
+    Ended,
+}
+
+/// One watcher's view of new `current` versions: those its filter names,
+/// until shutdown. Made by [`SecretStore::watch`].
+pub struct Watch {
+    changes: tokio::sync::broadcast::Receiver<CurrentChanged>,
+    filter: WatchFilter,
+    shutdown: Shutdown,
+}
+
+impl Watch {
+    /// The next change the filter names. Cancel-safe: use it in `select!`.
+    pub async fn next(&mut self) -> Watched {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            let change = tokio::select! {
+                change = self.changes.recv() => change,
+                _ = self.shutdown.wait() => return Watched::Ended,
+            };
+            match change {
+                Ok(change) if self.filter.matches(change.path.as_str()) => {
+                    return Watched::Changed(change)
+                }
+                Ok(_) => continue,
+                Err(RecvError::Lagged(_)) => return Watched::FellBehind,
+                Err(RecvError::Closed) => return Watched::Ended,
+            }
+        }
+    }
+}
+
 fn meta_key(path: &SecretPath) -> String {
     format!("{META}{path}")
 }
@@ -235,6 +322,17 @@ impl SecretStore {
     /// Announcements of new `current` versions, from now on.
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<CurrentChanged> {
         self.changes.subscribe()
+    }
+
+    /// The new `current` versions of the paths `filter` names, from now on
+    /// (subscribe before answering the watcher, so nothing after the answer
+    /// is missed), until `shutdown`.
+    pub fn watch(&self, filter: WatchFilter, shutdown: Shutdown) -> Watch {
+        Watch {
+            changes: self.changes.subscribe(),
+            filter,
+            shutdown,
+        }
     }
 
     fn announce(&self, path: &SecretPath, version: u64, at_ms: u64) {
@@ -556,4 +654,103 @@ fn prune(meta: &mut MetaRecord) -> Vec<u64> {
         removed.push(meta.versions.remove(pos).version);
     }
     removed
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::barrier::BarrierOptions;
+    use crate::clock::ShutdownTrigger;
+    use crate::storage::SledBackend;
+
+    fn store() -> (tempfile::TempDir, SecretStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = SledBackend::open(dir.path()).unwrap();
+        let barrier = Barrier::new(Arc::new(backend), BarrierOptions::default()).unwrap();
+        let shares = barrier.init(1, 1).unwrap();
+        barrier.unseal(&shares[0].0).unwrap();
+        (
+            dir,
+            SecretStore::new(Arc::new(barrier), DataLimits::default()),
+        )
+    }
+
+    fn put(store: &SecretStore, path: &str) -> u64 {
+        let mut data = SecretData::new();
+        data.insert("v".into(), SecretBytes::from("x"));
+        let proof = crate::policy::PolicySet::compile([&crate::policy::Policy::root()])
+            .unwrap()
+            .authorize(&format!("secret/{path}"), Capability::Write)
+            .unwrap();
+        store
+            .put(
+                &proof,
+                PutRequest {
+                    path: SecretPath::parse(path).unwrap(),
+                    data,
+                    cas: None,
+                    max_versions: None,
+                    owner: None,
+                    stage: Stage::Current,
+                },
+                1_000,
+            )
+            .unwrap()
+    }
+
+    #[test]
+    fn a_filter_names_paths_and_what_is_under_prefixes() {
+        let mut filter = WatchFilter::default();
+        assert!(filter.is_empty());
+        filter.add_path(&SecretPath::parse("app/db").unwrap());
+        filter.add_prefix(&ListPrefix::parse("team").unwrap());
+        assert_eq!(filter.len(), 2);
+        for (path, named) in [
+            ("app/db", true),
+            ("app/db/x", false),
+            ("app/dbx", false),
+            ("team", true),
+            ("team/a/b", true),
+            ("team-b/a", false),
+            ("other", false),
+        ] {
+            assert_eq!(filter.matches(path), named, "{path}");
+        }
+        let mut everything = WatchFilter::default();
+        everything.add_prefix(&ListPrefix::parse("").unwrap());
+        assert!(everything.matches("any/path"));
+    }
+
+    #[tokio::test]
+    async fn a_watch_yields_the_named_changes_then_ends_at_shutdown() {
+        let (_dir, store) = store();
+        let mut filter = WatchFilter::default();
+        filter.add_prefix(&ListPrefix::parse("app").unwrap());
+        let stop = ShutdownTrigger::new();
+        let mut watch = store.watch(filter, stop.signal());
+        put(&store, "other/x");
+        let version = put(&store, "app/db");
+        match watch.next().await {
+            Watched::Changed(change) => {
+                assert_eq!(change.path.as_str(), "app/db");
+                assert_eq!(change.version, version);
+            }
+            other => panic!("expected the change of app/db, got {other:?}"),
+        }
+        stop.trigger();
+        assert_eq!(watch.next().await, Watched::Ended);
+    }
+
+    #[tokio::test]
+    async fn a_watcher_that_falls_behind_is_told() {
+        let (_dir, store) = store();
+        let mut filter = WatchFilter::default();
+        filter.add_path(&SecretPath::parse("app/db").unwrap());
+        let mut watch = store.watch(filter, Shutdown::never());
+        for _ in 0..=WATCH_BACKLOG {
+            store.announce(&SecretPath::parse("app/db").unwrap(), 1, 0);
+        }
+        assert_eq!(watch.next().await, Watched::FellBehind);
+    }
 }

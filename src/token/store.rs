@@ -55,6 +55,7 @@ use tokio::sync::Notify;
 
 use crate::barrier::{Barrier, BarrierError, PlainOp};
 use crate::cidr::Cidr;
+use crate::clock::{Clock, Shutdown};
 use crate::policy::ROOT_POLICY;
 use crate::token::format::{accessor_from, TokenSecret};
 
@@ -280,6 +281,8 @@ struct TokenKeys {
 struct Inner {
     barrier: Arc<Barrier>,
     policies: Arc<dyn PolicyNames>,
+    /// What the sweeper and the gate judge expiry by.
+    clock: Clock,
     /// Present while unsealed.
     keys: RwLock<Option<TokenKeys>>,
     writes: Mutex<()>,
@@ -410,12 +413,66 @@ fn min_time(a: u64, b: u64) -> u64 {
     }
 }
 
+/// What a token's parent (or the request's hard expiry) bounds it by.
+struct Bounds {
+    /// The latest the token may live to (ms; 0: unbounded).
+    cap_ms: u64,
+    cidrs: Vec<Cidr>,
+}
+
+/// A new token's expiry, maximum expiry and TTL (ms; all 0: never expires).
+#[derive(Clone, Copy)]
+struct Lifetime {
+    expires_at_ms: u64,
+    max_expiry_ms: u64,
+    ttl_ms: u64,
+}
+
+impl Lifetime {
+    /// The life a request asks for, within `cap_ms`: the TTL within the
+    /// maximum TTL (the TTL when none is given), both ending by the cap.
+    fn of(req: &TokenRequest, cap_ms: u64, now_ms: u64) -> Result<Self, TokenError> {
+        if cap_ms != 0 && cap_ms <= now_ms {
+            return Err(TokenError::InvalidRequest(
+                "the token would already be expired",
+            ));
+        }
+        if req.never_expires() && cap_ms == 0 {
+            return Ok(Self {
+                expires_at_ms: 0,
+                max_expiry_ms: 0,
+                ttl_ms: 0,
+            });
+        }
+        let max_ttl = if req.max_ttl.is_zero() {
+            req.ttl
+        } else {
+            req.max_ttl
+        };
+        let ttl = req.ttl.min(max_ttl);
+        let max_expiry_ms = min_time(now_ms.saturating_add(duration_ms(max_ttl)), cap_ms);
+        Ok(Self {
+            expires_at_ms: min_time(now_ms.saturating_add(duration_ms(ttl)), max_expiry_ms),
+            max_expiry_ms,
+            ttl_ms: duration_ms(ttl),
+        })
+    }
+}
+
+impl TokenRequest {
+    /// A root token without a TTL never expires (no other token may).
+    fn never_expires(&self) -> bool {
+        self.method == "root" && self.ttl.is_zero()
+    }
+}
+
 impl TokenStore {
-    pub fn new(barrier: Arc<Barrier>, policies: Arc<dyn PolicyNames>) -> Self {
+    pub fn new(barrier: Arc<Barrier>, policies: Arc<dyn PolicyNames>, clock: Clock) -> Self {
         Self {
             inner: Arc::new(Inner {
                 barrier,
                 policies,
+                clock,
                 keys: RwLock::new(None),
                 writes: Mutex::new(()),
                 wake: Notify::new(),
@@ -427,6 +484,11 @@ impl TokenStore {
 
     fn barrier(&self) -> &Barrier {
         &self.inner.barrier
+    }
+
+    /// The clock this store's expiries are judged by.
+    pub fn clock(&self) -> &Clock {
+        &self.inner.clock
     }
 
     fn heads(&self) -> std::sync::MutexGuard<'_, Heads> {
@@ -583,8 +645,33 @@ impl TokenStore {
     /// (a parent holding `root` may give anything) and it never outlives the
     /// parent's maximum life.
     pub fn issue(&self, req: TokenRequest, now_ms: u64) -> Result<IssuedToken, TokenError> {
-        let never = req.method == "root" && req.ttl.is_zero();
-        if req.ttl.is_zero() && !never {
+        let policies = self.checked_policies(&req)?;
+        // The write lock keeps a child from being linked under a parent being
+        // revoked. A token without a parent links to nothing: a login (the
+        // hot path) does not queue behind other writes. (A login checks its
+        // identity again once the token is stored, for a disable or delete
+        // that ran meanwhile.)
+        let _guard = req
+            .parent_accessor
+            .is_some()
+            .then(|| self.inner.writes.lock().unwrap_or_else(|e| e.into_inner()));
+        let bounds = self.parent_bounds(&req, &policies, now_ms)?;
+        let life = Lifetime::of(&req, bounds.cap_ms, now_ms)?;
+        let (token, record) = self.new_record(&req, policies, bounds.cidrs, life, now_ms)?;
+        self.store_issued(&record)?;
+        Ok(IssuedToken {
+            token,
+            accessor: record.accessor,
+            expires_at_ms: record.expires_at_ms,
+            policies: record.policies,
+            identity: req.identity,
+        })
+    }
+
+    /// The request's policies, each once, every one known; refuses a request
+    /// without a TTL (but the root token's) or an identity.
+    fn checked_policies(&self, req: &TokenRequest) -> Result<Vec<String>, TokenError> {
+        if req.ttl.is_zero() && !req.never_expires() {
             return Err(TokenError::InvalidRequest("the TTL must be at least 1s"));
         }
         if req.identity.is_empty() {
@@ -602,65 +689,65 @@ impl TokenStore {
                 return Err(TokenError::UnknownPolicy(policy.clone()));
             }
         }
-        // The write lock keeps a child from being linked under a parent being
-        // revoked. A token without a parent links to nothing: a login (the
-        // hot path) does not queue behind other writes. (A login checks its
-        // identity again once the token is stored, for a disable or delete
-        // that ran meanwhile.)
-        let _guard = req
-            .parent_accessor
-            .is_some()
-            .then(|| self.inner.writes.lock().unwrap_or_else(|e| e.into_inner()));
-        let mut cap_ms = req.hard_expiry_ms.unwrap_or(0);
-        let mut cidrs = req.cidrs.clone();
-        if let Some(parent) = &req.parent_accessor {
-            let parent = self
-                .record(parent)?
-                .filter(|p| !p.is_expired(now_ms))
-                .ok_or(TokenError::ParentInvalid)?;
-            if parent.uses_total != 0 {
-                return Err(TokenError::InvalidRequest(
-                    "a token with a use limit cannot issue child tokens",
-                ));
-            }
-            if !parent.policies.iter().any(|p| p == ROOT_POLICY) {
-                if let Some(extra) = policies.iter().find(|p| !parent.policies.contains(p)) {
-                    return Err(TokenError::NotSubset(extra.clone()));
-                }
-            }
-            // A child is bound at least as tightly as its parent.
-            let parent_cidrs = parent.cidr_blocks()?;
-            if !parent_cidrs.is_empty() {
-                if cidrs.is_empty() {
-                    cidrs = parent_cidrs;
-                } else if !cidrs
-                    .iter()
-                    .all(|c| parent_cidrs.iter().any(|outer| c.within(outer)))
-                {
-                    return Err(TokenError::CidrNotSubset);
-                }
-            }
-            cap_ms = min_time(cap_ms, parent.max_expiry_ms);
-        }
-        if cap_ms != 0 && cap_ms <= now_ms {
+        Ok(policies)
+    }
+
+    /// What the parent (if any) allows: its policies must include the
+    /// child's, the child is bound to (a subset of) its CIDR blocks and ends
+    /// by its maximum life. Called under the write lock.
+    fn parent_bounds(
+        &self,
+        req: &TokenRequest,
+        policies: &[String],
+        now_ms: u64,
+    ) -> Result<Bounds, TokenError> {
+        let mut bounds = Bounds {
+            cap_ms: req.hard_expiry_ms.unwrap_or(0),
+            cidrs: req.cidrs.clone(),
+        };
+        let Some(parent) = &req.parent_accessor else {
+            return Ok(bounds);
+        };
+        let parent = self
+            .record(parent)?
+            .filter(|p| !p.is_expired(now_ms))
+            .ok_or(TokenError::ParentInvalid)?;
+        if parent.uses_total != 0 {
             return Err(TokenError::InvalidRequest(
-                "the token would already be expired",
+                "a token with a use limit cannot issue child tokens",
             ));
         }
-        let (expires_at_ms, max_expiry_ms, ttl_ms) = if never && cap_ms == 0 {
-            (0, 0, 0)
-        } else {
-            let max_ttl = if req.max_ttl.is_zero() {
-                req.ttl
-            } else {
-                req.max_ttl
-            };
-            let ttl = req.ttl.min(max_ttl);
-            let max_expiry = min_time(now_ms.saturating_add(duration_ms(max_ttl)), cap_ms);
-            let expires = min_time(now_ms.saturating_add(duration_ms(ttl)), max_expiry);
-            (expires, max_expiry, duration_ms(ttl))
-        };
+        if !parent.policies.iter().any(|p| p == ROOT_POLICY) {
+            if let Some(extra) = policies.iter().find(|p| !parent.policies.contains(p)) {
+                return Err(TokenError::NotSubset(extra.clone()));
+            }
+        }
+        // A child is bound at least as tightly as its parent.
+        let parent_cidrs = parent.cidr_blocks()?;
+        if !parent_cidrs.is_empty() {
+            if bounds.cidrs.is_empty() {
+                bounds.cidrs = parent_cidrs;
+            } else if !bounds
+                .cidrs
+                .iter()
+                .all(|c| parent_cidrs.iter().any(|outer| c.within(outer)))
+            {
+                return Err(TokenError::CidrNotSubset);
+            }
+        }
+        bounds.cap_ms = min_time(bounds.cap_ms, parent.max_expiry_ms);
+        Ok(bounds)
+    }
 
+    /// A fresh token and its record (not stored yet).
+    fn new_record(
+        &self,
+        req: &TokenRequest,
+        policies: Vec<String>,
+        cidrs: Vec<Cidr>,
+        life: Lifetime,
+        now_ms: u64,
+    ) -> Result<(TokenSecret, TokenRecord), TokenError> {
         let token = TokenSecret::generate().map_err(|_| TokenError::Random)?;
         let accessor = self.derive_accessor(token.expose())?;
         if self.record(&accessor)?.is_some() {
@@ -669,60 +756,63 @@ impl TokenStore {
         }
         let hash = self.hash(token.expose())?;
         let record = TokenRecord {
-            accessor: accessor.clone(),
+            accessor,
             identity: req.identity.clone(),
-            policies: policies.clone(),
+            policies,
             created_at_ms: now_ms,
-            expires_at_ms,
-            ttl_ms,
-            max_expiry_ms,
+            expires_at_ms: life.expires_at_ms,
+            ttl_ms: life.ttl_ms,
+            max_expiry_ms: life.max_expiry_ms,
             uses_remaining: req.uses,
             uses_total: req.uses,
             cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
             parent_accessor: req.parent_accessor.clone().unwrap_or_default(),
             method: req.method.to_owned(),
-            hash: hash.clone(),
+            hash,
             max_ttl_ms: duration_ms(req.max_ttl),
             hard_expiry_ms: req.hard_expiry_ms.unwrap_or(0),
             derived: true,
         };
+        Ok((token, record))
+    }
+
+    /// Writes a new token's index entries and record, in the order a crash
+    /// may cut (see `Barrier::write_in_order`): the index entry first (its
+    /// value names the parent), so that whatever prefix survives is found
+    /// and removed by the sweeper; the record last, so that a token is
+    /// usable only once its index entries are.
+    fn store_issued(&self, record: &TokenRecord) -> Result<(), TokenError> {
         let encoded = record.encode_to_vec();
-        let acc_key = format!("{ACCESSOR_PREFIX}{accessor}");
-        let ttl = ttl_key(&req.identity, expires_at_ms, &accessor);
-        let child_key = req
-            .parent_accessor
-            .as_ref()
-            .map(|p| format!("{CHILDREN_PREFIX}{p}/{accessor}"));
-        // In the order a crash may cut (see `Barrier::write_in_order`): the
-        // index entry first (its value names the parent), so that whatever
-        // prefix survives is found and removed by the sweeper; the record
-        // last, so that a token is usable only once its index entries are.
+        let acc_key = format!("{ACCESSOR_PREFIX}{}", record.accessor);
+        let ttl = ttl_key(&record.identity, record.expires_at_ms, &record.accessor);
+        let child_key = (!record.parent_accessor.is_empty()).then(|| {
+            format!(
+                "{CHILDREN_PREFIX}{}/{}",
+                record.parent_accessor, record.accessor
+            )
+        });
         let mut ops = Vec::with_capacity(3);
         ops.push(PlainOp::Put(&ttl, record.parent_accessor.as_bytes()));
         if let Some(k) = &child_key {
             ops.push(PlainOp::Put(k, b""));
         }
         ops.push(PlainOp::Put(&acc_key, &encoded));
-        if expires_at_ms != 0 {
+        if record.expires_at_ms != 0 {
             // The head first: a head earlier than the entries is harmless,
             // an entry the heads do not cover would be found only after a
             // restart.
-            self.heads()
-                .lower(&hex::encode(req.identity.as_bytes()), expires_at_ms);
+            self.heads().lower(
+                &hex::encode(record.identity.as_bytes()),
+                record.expires_at_ms,
+            );
             self.barrier().write_in_order(&ops)?;
-            self.expiry_added(expires_at_ms);
+            self.expiry_added(record.expires_at_ms);
         } else {
             // Nothing would sweep a partial write of a token that never
             // expires (root tokens): those stay atomic.
             self.barrier().batch(&ops)?;
         }
-        Ok(IssuedToken {
-            token,
-            accessor,
-            expires_at_ms,
-            policies,
-            identity: req.identity,
-        })
+        Ok(())
     }
 
     /// Checks a token for one use: known, not expired, from an allowed
@@ -1205,14 +1295,15 @@ impl TokenStore {
     }
 
     /// The background sweeper: sleeps until the next expiry in the index (or
-    /// a new, earlier one, or an unseal), revokes what is due, until `stop`.
-    pub async fn run_sweeper(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+    /// a new, earlier one, or an unseal), revokes what is due, until
+    /// `shutdown`.
+    pub async fn run_sweeper(self, shutdown: Shutdown) {
         loop {
-            if *stop.borrow() {
+            if shutdown.is_triggered() {
                 return;
             }
             let store = self.clone();
-            let now = crate::core::now_ms();
+            let now = self.inner.clock.now_ms();
             // While it sweeps, no new token (all expire after `now`) wakes
             // it; what they add to the heads is looked at once it is done.
             self.inner.sweep_planned_ms.store(now, Ordering::Release);
@@ -1247,14 +1338,14 @@ impl TokenStore {
             }
             let sleep = async {
                 match wait {
-                    Some(d) => tokio::time::sleep(d).await,
+                    Some(d) => self.inner.clock.sleep(d).await,
                     None => std::future::pending::<()>().await,
                 }
             };
             tokio::select! {
                 _ = sleep => {}
                 _ = self.inner.wake.notified() => {}
-                _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+                _ = shutdown.wait() => return,
             }
         }
     }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::harness::{data, unique, ChildServer};
+use crate::harness::{data, eventually, unique, ChildServer};
 use keyward::client::PutOptions;
 
 #[tokio::test]
@@ -35,8 +35,13 @@ async fn acknowledged_writes_survive_sigkill() {
             }
         }));
     }
-    // Kill while writers are still going: some writes are in flight.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Kill while writers are still going: once some writes are acknowledged
+    // (the event, whatever the machine's speed), others are in flight.
+    eventually("some writes are acknowledged", || {
+        let n = acked.lock().unwrap().len();
+        async move { n >= 20 }
+    })
+    .await;
     server.signal("KILL");
     for t in tasks {
         t.await.unwrap();
@@ -148,7 +153,12 @@ async fn acknowledged_logins_survive_sigkill() {
             }
         }));
     }
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    // Kill once logins are being answered (the event, not a fixed sleep).
+    eventually("some logins are answered", || {
+        let n = tokens.lock().unwrap().len();
+        async move { n >= 20 }
+    })
+    .await;
     server.signal("KILL");
     for t in tasks {
         t.await.unwrap();

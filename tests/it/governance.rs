@@ -61,8 +61,6 @@ async fn report_of_a_known_fixture() {
     let mut req = create(&agent, "ai-agent", "ml-team", &[]);
     req.expires_in_seconds = 3 * 86400;
     root.identity_create(req).await.unwrap();
-    // Both are now unused for over a second.
-    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
 
     let runner = format!("a-{}", unique("runner"));
     root.identity_create(create(
@@ -78,7 +76,6 @@ async fn report_of_a_known_fixture() {
         .await
         .unwrap();
     let (t, client) = login(&server, &sid.role_id, &sid.secret_id).await;
-    client.get(&format!("{prefix}/k")).await.unwrap();
     let anon = server.anonymous().await;
     for _ in 0..2 {
         assert!(anon
@@ -87,7 +84,24 @@ async fn report_of_a_known_fixture() {
             .is_err());
     }
 
-    let r = root.governance_report(1, 60).await.unwrap();
+    // Dormant after one second: wait for the report in which the bot and the
+    // agent have been unused for a second while the runner, used just
+    // before each look, has not (the event, not a fixed sleep).
+    let mut looks = 0;
+    let r = loop {
+        client.get(&format!("{prefix}/k")).await.unwrap();
+        let report = root.governance_report(1, 60).await.unwrap();
+        if report.dormant == vec![bot.clone(), agent.clone()] {
+            break report;
+        }
+        looks += 1;
+        assert!(
+            looks < 600,
+            "the bot and the agent never were the only dormant ones (30 s): {:?}",
+            report.dormant
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     assert_eq!(r.identities_total, 3);
     let kinds: HashMap<String, u64> = r
         .identities_by_kind

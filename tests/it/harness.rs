@@ -29,6 +29,23 @@ pub fn data(pairs: &[(&str, &str)]) -> SecretData {
         .collect()
 }
 
+/// Waits for an event: polls `check` every 50 ms until it is true, for at
+/// most 30 s (a generous bound, not a timing assertion), then fails naming
+/// `what`.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..600 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
 /// An in-process server over TLS on 127.0.0.1:0.
 pub struct TestServer {
     pub dir: tempfile::TempDir,

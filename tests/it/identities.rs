@@ -3,7 +3,7 @@
 
 use tonic::Code;
 
-use crate::harness::{cli, contains, data, files_under, unique, TestServer};
+use crate::harness::{cli, contains, data, eventually, files_under, unique, TestServer};
 use crate::ident_kit::*;
 use keyward::client::{Client, PutOptions};
 use keyward::proto::v1::{ListIdentitiesRequest, UpdateIdentityRequest};
@@ -191,8 +191,11 @@ async fn deleted_and_expired_identities_lose_their_tokens() {
     let (t, client) = login(&server, &sid.role_id, &sid.secret_id).await;
     assert!(t.expires_at.unwrap().seconds <= now_unix() + 2);
     client.get(&path).await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
-    assert_eq!(code(client.get(&path).await), Code::Unauthenticated);
+    // Waits for the expiry itself; the token ends with its identity.
+    eventually("the token ends with its identity's expiry", || async {
+        matches!(client.get(&path).await, Err(e) if e.code() == Some(Code::Unauthenticated))
+    })
+    .await;
     assert_eq!(
         code(
             server
@@ -215,15 +218,10 @@ async fn deleted_and_expired_identities_lose_their_tokens() {
     })
     .await
     .unwrap();
-    let mut outcome = Ok(());
-    for _ in 0..100 {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        outcome = client.get(&path).await.map(|_| ());
-        if outcome.is_err() {
-            break;
-        }
-    }
-    assert_eq!(code(outcome), Code::Unauthenticated);
+    eventually("the tokens of the expired identity are refused", || async {
+        matches!(client.get(&path).await, Err(e) if e.code() == Some(Code::Unauthenticated))
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tonic::Code;
 
-use crate::harness::{cli, data, unique, TestServer};
+use crate::harness::{cli, data, eventually, unique, TestServer};
 use keyward::client::{Client, ClientError, IssueOptions, PutOptions};
 
 fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> Code {
@@ -40,21 +40,6 @@ async fn reader_policy(root: &Client, prefix: &str) -> String {
     .await
     .unwrap();
     name
-}
-
-/// Polls `check` every 100 ms until it is true, for at most 15 s.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..150 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting until {what}");
 }
 
 #[tokio::test]

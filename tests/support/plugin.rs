@@ -101,12 +101,17 @@ pub fn start_plugin() -> Plugin {
         .spawn()
         .unwrap();
     let mut plugin = Plugin { child, socket, dir };
-    // Wait for the socket; a plugin that exits early fails the test.
-    // No deadline: a slow machine is not a failure.
+    // Wait for the socket (the event); a plugin that exits early fails the
+    // test. The bound is generous: only a plugin that hangs reaches it.
+    let started = std::time::Instant::now();
     while !plugin.socket.exists() {
         if let Some(status) = plugin.child.try_wait().unwrap() {
             panic!("the example plugin exited: {status}");
         }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "the example plugin made no socket in 120 s"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     plugin

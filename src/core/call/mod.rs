@@ -339,6 +339,8 @@ mod tests {
             AuditLog::open(&audit).unwrap(),
             Arc::new(Metrics::new()),
             DataLimits::default(),
+            crate::clock::Clock::system(),
+            crate::clock::Shutdown::never(),
         ));
         let init = core.init(1, 1).await.unwrap();
         core.unseal(&init.shares[0].0).await.unwrap();

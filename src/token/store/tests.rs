@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::barrier::BarrierOptions;
+use crate::clock::{Clock, ShutdownTrigger};
 use crate::storage::SledBackend;
 use crate::token::format::new_accessor;
 
@@ -25,7 +26,11 @@ fn store() -> (tempfile::TempDir, TokenStore) {
     let barrier = Barrier::new(Arc::new(backend), BarrierOptions::default()).unwrap();
     let shares = barrier.init(1, 1).unwrap();
     barrier.unseal(&shares[0].0).unwrap();
-    let store = TokenStore::new(Arc::new(barrier), Arc::new(Names(vec!["a", "b", "c"])));
+    let store = TokenStore::new(
+        Arc::new(barrier),
+        Arc::new(Names(vec!["a", "b", "c"])),
+        Clock::starting_at(T0),
+    );
     store.on_unseal(T0).unwrap();
     (dir, store)
 }
@@ -319,7 +324,11 @@ fn legacy_root_token_is_migrated() {
     barrier
         .put(&format!("{LEGACY_PREFIX}{hash}"), &old.encode_to_vec())
         .unwrap();
-    let s = TokenStore::new(barrier.clone(), Arc::new(Names(vec![])));
+    let s = TokenStore::new(
+        barrier.clone(),
+        Arc::new(Names(vec![])),
+        Clock::starting_at(T0),
+    );
     s.on_unseal(T0).unwrap();
     let used = s.use_token(token.expose(), None, T0).unwrap();
     assert_eq!(used.record.policies, vec!["root"]);
@@ -623,7 +632,11 @@ fn every_prefix_of_a_cut_issue_is_swept() {
             "usable with only {kept} of its keys"
         );
         // The process that restarts after the crash knows nothing in memory.
-        let restarted = TokenStore::new(s.inner.barrier.clone(), Arc::new(Names(vec!["a"])));
+        let restarted = TokenStore::new(
+            s.inner.barrier.clone(),
+            Arc::new(Names(vec!["a"])),
+            s.clock().clone(),
+        );
         restarted.on_unseal(T0).unwrap();
         // Within the grace period an entry without a record is left alone
         // (its issue may still be writing); after it, the leftovers go.
@@ -677,7 +690,11 @@ fn the_sweeper_finds_every_identity_after_a_restart() {
     for (identity, ttl_s) in [("a-svc", 10), ("b-svc", 30), ("c-svc", 20), ("a-svc", 50)] {
         issued.push((ttl_s, s.issue(req(identity, &["a"], ttl_s), T0).unwrap()));
     }
-    let restarted = TokenStore::new(s.inner.barrier.clone(), Arc::new(Names(vec!["a"])));
+    let restarted = TokenStore::new(
+        s.inner.barrier.clone(),
+        Arc::new(Names(vec!["a"])),
+        s.clock().clone(),
+    );
     restarted.on_unseal(T0).unwrap();
     let outcome = restarted.sweep(T0 + 25_000).unwrap();
     assert_eq!(
@@ -740,7 +757,11 @@ fn revoking_an_identity_leaves_an_entry_without_record_to_the_sweeper() {
     assert_eq!(s.revoke_identity("svc", T0).unwrap(), 1);
     assert!(s.lookup_accessor(&t.accessor, T0).unwrap().is_none());
     assert!(s.barrier().get(&key).unwrap().is_some());
-    let restarted = TokenStore::new(s.inner.barrier.clone(), Arc::new(Names(vec!["a"])));
+    let restarted = TokenStore::new(
+        s.inner.barrier.clone(),
+        Arc::new(Names(vec!["a"])),
+        s.clock().clone(),
+    );
     restarted.on_unseal(T0).unwrap();
     restarted.sweep(T0 + 100_000 + ORPHAN_GRACE_MS).unwrap();
     assert!(s.barrier().scan_keys(TTL_PREFIX).unwrap().is_empty());
@@ -784,4 +805,31 @@ fn a_sweep_goes_past_cascaded_and_in_grace_entries() {
     assert_eq!(outcome.next_ms, Some(T0 + 15_000 + ORPHAN_GRACE_MS));
     s.sweep(T0 + 15_000 + ORPHAN_GRACE_MS).unwrap();
     assert!(s.barrier().scan_keys(TTL_PREFIX).unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_running_sweeper_revokes_a_token_once_it_expires() {
+    let (_d, s) = store();
+    let t = s.issue(req("svc", &["a"], 10), T0).unwrap();
+    let stop = ShutdownTrigger::new();
+    let sweeper = tokio::spawn(s.clone().run_sweeper(stop.signal()));
+    let gone = |s: &TokenStore| s.lookup_accessor(&t.accessor, T0).unwrap().is_none();
+    // Nothing is due before the expiry, however long the sweeper runs.
+    tokio::time::advance(Duration::from_secs(9)).await;
+    tokio::task::yield_now().await;
+    assert!(!gone(&s));
+    // Past it, the sweeper wakes and revokes it (waiting on the event, with
+    // paused time: each poll advances the clock a little).
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let mut polls = 0;
+    while !gone(&s) {
+        polls += 1;
+        assert!(polls < 1000, "the sweeper did not revoke the expired token");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Soon after (a sweep that began before the advance sleeps the rest of
+    // its wait from when it ends: about a second more).
+    assert!(s.clock().now_ms() <= T0 + 15_000, "revoked late");
+    stop.trigger();
+    sweeper.await.unwrap();
 }
