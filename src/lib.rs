@@ -2,20 +2,56 @@
 //!
 //! # Layout
 //!
-//! The modules follow the layers of DESIGN.md; an arrow only points down.
+//! The modules follow the layers of DESIGN.md; an arrow only points down, and
+//! `../shared/tools/layers.py src` checks it.
 //!
-//! - `cli`, `api` — the command line (through `client` only) and the gRPC
-//!   services (protobuf <-> domain mapping and error -> status mapping, no rules).
-//! - `core` — one request: authenticate -> authorize -> act -> audit.
-//! - `secrets`, `audit`, `identity` — domain modules, each under its own storage prefix.
-//! - `governance` — the report on identities, grants and credentials (no storage).
-//! - `secrets`, `audit` — domain modules, each under its own storage prefix.
-//! - `rotation` — the rotation broker (`rotation/`): policies, the persisted
-//!   state machine of each run, the scheduler and its workers, and the
-//!   providers that change credentials on their targets.
-//! - `barrier` — the seal, the keyring and AES-256-GCM around every value.
-//! - `storage` — the `Backend` trait and its sled implementation.
-//! - `client` — the public client that the CLI, examples and applications use.
+//! ```text
+//!  cli (through client)        api (gRPC: wire <-> domain, FailureKind -> code)
+//!                     \           /
+//!      server (listeners, the task set)   core (Call: begin -> authorize -> act -> audit)
+//!                                   |
+//!  secrets  identity  token  policy_store  rotation  governance  (domain, one prefix each)
+//!                                   |
+//!           audit   barrier (seal, keyring, AES-256-GCM)   metrics
+//!                                   |
+//!                     storage (Backend trait, sled)
+//!  leaves: clock (Clock, Shutdown), policy, oidc, cidr, duration, secrecy, proto, pki, config
+//! ```
+//!
+//! - `cli` — the command line; it talks to a server only through `client`
+//!   (shared helpers in `cli/common.rs`; `dev` and `server` in `cli/serve.rs`).
+//! - `client` — the public client that the CLI, examples and applications
+//!   use; it shares only `proto` and `secrecy` with the server.
+//! - `api` — one file per gRPC service: reads the request's metadata into a
+//!   `core::call::RequestMeta`, parses protobuf into domain types, calls the
+//!   domain, and maps `core::call::FailureKind` to a gRPC code in one function.
+//! - `server` — opens storage, barrier, audit and metrics before any port is
+//!   bound; serves gRPC; owns the `ShutdownTrigger` and the task set
+//!   (`server/tasks.rs`: every background task named, traced and awaited
+//!   with a deadline). `metrics_http` is the small `/metrics` listener.
+//! - `core` — the parts of one vault wired together, and the request seam
+//!   (`core/call/`): `Call` writes the audit record on every way out (on
+//!   `Drop` too); `Failure` is the transport-neutral error and the one place
+//!   a domain error becomes a kind. `core/auth.rs` is the `Gate`: token
+//!   authentication and the policy check, which alone mints
+//!   `policy::Authorized`.
+//! - Domain modules, each under its own storage prefix and knowing nothing
+//!   of gRPC: `secrets` (versioned key/value, `Watch`), `identity` (the
+//!   inventory, secret-ids, bindings, login checks, the expiry sweep),
+//!   `token` (issue, use, revoke, the expiry sweeper), `policy_store`,
+//!   `rotation` (policies, typed run records, the scheduler and its workers,
+//!   providers; it takes `RotationDeps`, never the core), `governance` (the
+//!   report and its gauges).
+//! - `audit` — the hash-chained, fail-closed audit log; `barrier` — the seal,
+//!   the keyring and AES-256-GCM around every value; `metrics` — Prometheus
+//!   families, with no domain import (owners register `Refresh` hooks).
+//! - `storage` — the `Backend` trait and its sled implementation with group
+//!   commit.
+//! - Leaves used by anyone: `clock` (the one `Clock`, wall time driven by
+//!   tokio's clock so tests pause it; the one `Shutdown`), `policy` (pure
+//!   rules, globs, the `Authorized` proof), `oidc` (JWT and JWKS), `cidr`,
+//!   `duration` (the one duration grammar), `secrecy` (secret types),
+//!   `proto`, `pki` (dev certificates), `config`.
 
 pub mod api;
 pub mod audit;
