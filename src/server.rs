@@ -72,8 +72,8 @@ impl Server {
             std::fs::create_dir_all(dir)
                 .map_err(|e| ServerError::Audit(format!("{}: {e}", dir.display())))?;
         }
-        let audit =
-            AuditLog::open(&config.audit_path).map_err(|e| ServerError::Audit(e.to_string()))?;
+        let audit = AuditLog::open(&config.audit_path, crate::clock::Clock::system())
+            .map_err(|e| ServerError::Audit(e.to_string()))?;
         let metrics = Arc::new(Metrics::new());
         let mut core = Core::new(Arc::new(barrier), audit, metrics, config.limits);
         core.set_oidc_ca(config.oidc_ca.as_deref())
