@@ -366,18 +366,8 @@ impl AuditLog {
     /// value must not hold up other requests.
     fn render(&self, event: &AuditEvent<'_>) -> Vec<u8> {
         let key = self.key.read().unwrap_or_else(PoisonError::into_inner);
-        let key = key.as_ref();
-        let token = event
-            .token
-            .filter(|token| !token.is_empty())
-            .map(|token| key.map(|key| hmac::sign(key, token)));
-        let values: Vec<Option<hmac::Tag>> = event
-            .values
-            .iter()
-            .map(|(_, value)| key.map(|key| hmac::sign(key, value)))
-            .collect();
         let mut fields = Vec::with_capacity(FIELDS_CAPACITY);
-        write_fields(&mut fields, event, token.as_ref(), &values);
+        write_fields(&mut fields, event, key.as_ref());
         fields
     }
 
@@ -707,13 +697,10 @@ fn decode_hash(text: &[u8]) -> Option<[u8; 32]> {
 }
 
 /// Writes the part of a record's body between the time and `prev` into `buf`:
-/// `,"request_id":` up to the end of `data`.
-fn write_fields(
-    buf: &mut Vec<u8>,
-    event: &AuditEvent<'_>,
-    token: Option<&Option<hmac::Tag>>,
-    values: &[Option<hmac::Tag>],
-) {
+/// `,"request_id":` up to the end of `data`, the token and values as HMACs
+/// under `key` (`"unavailable"` without one).
+fn write_fields(buf: &mut Vec<u8>, event: &AuditEvent<'_>, key: Option<&hmac::Key>) {
+    let protected = |value: &[u8]| key.map(|key| hmac::sign(key, value));
     buf.extend_from_slice(b",\"request_id\":");
     push_json_str(buf, event.request_id);
     buf.extend_from_slice(b",\"method\":");
@@ -727,19 +714,19 @@ fn write_fields(
     buf.extend_from_slice(b"\",\"code\":");
     push_json_str(buf, event.code);
     push_optional(buf, b"error", event.error);
-    if let Some(tag) = token {
+    if let Some(token) = event.token.filter(|token| !token.is_empty()) {
         buf.extend_from_slice(b",\"token\":");
-        push_protected(buf, tag.as_ref());
+        push_protected(buf, protected(token).as_ref());
     }
     if !event.values.is_empty() {
         buf.extend_from_slice(b",\"data\":{");
-        for (i, ((name, _), tag)) in event.values.iter().zip(values).enumerate() {
+        for (i, (name, value)) in event.values.iter().enumerate() {
             if i > 0 {
                 buf.push(b',');
             }
             push_json_str(buf, name);
             buf.push(b':');
-            push_protected(buf, tag.as_ref());
+            push_protected(buf, protected(value).as_ref());
         }
         buf.push(b'}');
     }
