@@ -90,8 +90,8 @@ impl Server {
             std::fs::create_dir_all(dir)
                 .map_err(|e| ServerError::Audit(format!("{}: {e}", dir.display())))?;
         }
-        let audit =
-            AuditLog::open(&config.audit_path).map_err(|e| ServerError::Audit(e.to_string()))?;
+        let audit = AuditLog::open(&config.audit_path, clock.clone())
+            .map_err(|e| ServerError::Audit(e.to_string()))?;
         let metrics = Arc::new(Metrics::new());
         let shutdown = ShutdownTrigger::new();
         let mut core = Core::new(

@@ -201,7 +201,7 @@ impl Auth for AuthService {
         ))?;
         call.check(self.core.barrier.durable().await)?;
         call.set_resource(format!("{TOKEN_RESOURCE}/{}", issued.accessor));
-        call.ok(&[])?;
+        call.ok_async(&[]).await?;
         Ok(Response::new(TokenResponse {
             token: issued.token.expose().to_owned(),
             accessor: issued.accessor,

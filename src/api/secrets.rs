@@ -208,7 +208,7 @@ impl Secrets for SecretsService {
             .iter()
             .map(|(k, v)| (k.as_str(), v.expose()))
             .collect();
-        call.ok(&refs)?;
+        call.ok_async(&refs).await?;
         Ok(Response::new(PutSecretResponse {
             path: path.to_string(),
             version,
@@ -233,7 +233,7 @@ impl Secrets for SecretsService {
             .iter()
             .map(|(k, v)| (k.as_str(), v.expose()))
             .collect();
-        call.ok(&refs)?;
+        call.ok_async(&refs).await?;
         Ok(Response::new(GetSecretResponse {
             path: path.to_string(),
             version: found.version,

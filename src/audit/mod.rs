@@ -38,12 +38,23 @@
 //!
 //! # Durability
 //!
-//! [`AuditLog::append`] writes the whole line with one `write_all` on an `O_APPEND` file before
-//! it returns, so the record is in the file (the page cache) and survives a crash of the process.
-//! There is no fsync per record: a power loss may lose the newest records. [`AuditLog::sync`]
-//! flushes to disk (at shutdown). If the write fails the chain does not advance, a partial line
-//! is cut off again, and the caller must fail the request (fail closed). If the partial line
-//! cannot be cut off, every later append fails until the log is reopened.
+//! [`AuditLog::append`] and [`AuditLog::append_async`] return only once the record is in the
+//! file (the page cache: it survives a crash of the process). There is no fsync per record: a
+//! power loss may lose the newest records. [`AuditLog::sync`] flushes to disk (at shutdown). If
+//! the write fails the chain does not advance, a partial write is cut off again, and every
+//! caller whose record it held gets the error and must fail its request (fail closed). If the
+//! partial write cannot be cut off, every later append fails until the log is reopened.
+//!
+//! # Batches
+//!
+//! A caller renders its record (HMACs included) without any lock and queues it; whoever then
+//! holds the chain writes every queued record with one `write_all`, numbering and chaining them
+//! in queue order, and tells each caller the outcome. An async caller ([`AuditLog::append_async`])
+//! queues its record and yields once before it writes, so the other calls ready on its thread
+//! queue theirs meanwhile; one that finds the chain busy waits for its answer without holding a
+//! thread. Under load a `write` carries many records; a lone caller only yields once. Whoever lets go of the chain looks at the
+//! queue again, so no record is left behind. The time in a record is taken when its batch is
+//! written, so times never go back along the chain.
 //!
 //! One process writes a log file at a time; [`verify_file`] may read it while it is written.
 //!
@@ -65,12 +76,15 @@ use std::fs::{File, Metadata, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, TryLockError};
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
 use ring::{digest, hmac};
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 use zeroize::Zeroizing;
+
+use crate::clock::Clock;
 
 /// The `prev` of the first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -87,6 +101,8 @@ const HASH_KEY: &[u8] = b",\"hash\":\"";
 const SUFFIX_LEN: usize = HASH_KEY.len() + 64 + 2;
 /// A record buffer that grew past this is given back after the append.
 const KEEP_BUFFER: usize = 64 * 1024;
+/// What a rendered record's fields usually fit in.
+const FIELDS_CAPACITY: usize = 512;
 const TAIL_CHUNK: u64 = 8 * 1024;
 
 /// Errors of the audit log. Messages name the file and the broken rule, never a value.
@@ -193,15 +209,31 @@ struct Chain {
     len: u64,
     /// The record being built, reused across appends.
     buf: Vec<u8>,
+    /// The second of the last record's time and its text up to the seconds
+    /// (`2025-01-02T03:04:05`): most records share it with the one before.
+    second: Option<(u64, [u8; 19])>,
     /// A partial line could not be cut off: refuse to write after it.
     broken: bool,
+}
+
+/// A record waiting for the chain: its body between the time and `prev`
+/// (`,"request_id":` up to the end of `data`), and where its outcome goes.
+struct Queued {
+    fields: Vec<u8>,
+    done: oneshot::Sender<Result<(), AuditError>>,
 }
 
 /// The append side of the audit log. Share it behind an `Arc`.
 pub struct AuditLog {
     path: PathBuf,
+    clock: Clock,
     chain: Mutex<Chain>,
-    key: RwLock<Option<Zeroizing<[u8; 32]>>>,
+    /// Records rendered and waiting for whoever holds `chain` next.
+    queue: Mutex<Vec<Queued>>,
+    /// The audit HMAC key, expanded once (ring keeps the inner and outer
+    /// hash states; like its AES key schedules they are not zeroized on
+    /// drop, see README "Security model").
+    key: RwLock<Option<hmac::Key>>,
 }
 
 impl fmt::Debug for AuditLog {
@@ -220,7 +252,8 @@ impl fmt::Debug for AuditLog {
 
 impl AuditLog {
     /// Opens the log at `path`, creating it with mode 0600, or resumes it from its last record.
-    pub fn open(path: &Path) -> Result<Self, AuditError> {
+    /// Records carry the time `clock` gives.
+    pub fn open(path: &Path, clock: Clock) -> Result<Self, AuditError> {
         let io_err = |source| AuditError::Io {
             path: path.to_owned(),
             source,
@@ -244,61 +277,131 @@ impl AuditLog {
         };
         Ok(Self {
             path: path.to_owned(),
+            clock,
             chain: Mutex::new(Chain {
                 file,
                 seq,
                 head,
                 len,
                 buf: Vec::with_capacity(1024),
+                second: None,
                 broken: false,
             }),
+            queue: Mutex::new(Vec::new()),
             key: RwLock::new(None),
         })
     }
 
     /// Sets the audit HMAC key (at unseal) or clears it (`None`, at seal). The old key is zeroized.
     pub fn set_hmac_key(&self, key: Option<Zeroizing<[u8; 32]>>) {
+        let key = key.map(|key| hmac::Key::new(hmac::HMAC_SHA256, &key[..]));
         let mut slot = self.key.write().unwrap_or_else(PoisonError::into_inner);
         *slot = key;
     }
 
     /// Writes one record before returning. An error means the caller must fail the request.
+    ///
+    /// Blocks the thread while another batch is written; async callers use
+    /// [`Self::append_async`], which lets their records share a `write`.
     pub fn append(&self, event: &AuditEvent<'_>) -> Result<(), AuditError> {
-        // HMACs first, outside the chain lock: a large value must not hold up other requests.
-        let (token, values) = {
-            let key = self.hmac_key();
-            let token = event
-                .token
-                .filter(|token| !token.is_empty())
-                .map(|token| key.as_ref().map(|key| hmac::sign(key, token)));
-            let values: Vec<Option<hmac::Tag>> = event
-                .values
+        let fields = self.render(event);
+        let mut chain = self.lock_chain();
+        let queued = self.take_queue();
+        let result = self.write_records(
+            &mut chain,
+            queued
                 .iter()
-                .map(|(_, value)| key.as_ref().map(|key| hmac::sign(key, value)))
-                .collect();
-            (token, values)
-        };
+                .map(|q| q.fields.as_slice())
+                .chain(std::iter::once(fields.as_slice())),
+        );
+        drop(chain);
+        answer(queued, &result);
+        self.drain();
+        result
+    }
 
-        let mut guard = self.lock_chain();
-        let chain = &mut *guard;
+    /// Writes one record, in a batch with the records of other callers, and
+    /// returns once it is written. An error means the caller must fail the
+    /// request. The record is queued when the future is first polled; a
+    /// future dropped after that does not take its record back.
+    pub async fn append_async(&self, event: &AuditEvent<'_>) -> Result<(), AuditError> {
+        let fields = self.render(event);
+        let (done, outcome) = oneshot::channel();
+        self.lock_queue().push(Queued { fields, done });
+        // Let the other calls that are ready on this thread run up to their own
+        // record first, so that one `write` takes them all.
+        tokio::task::yield_now().await;
+        self.drain();
+        // The sender is answered before it is dropped; should it not be, fail closed.
+        outcome.await.unwrap_or(Err(AuditError::Broken))
+    }
+
+    /// Writes the queued records if the chain is free; otherwise its holder
+    /// will, as it looks at the queue again after letting go of the chain.
+    fn drain(&self) {
+        loop {
+            let mut chain = match self.chain.try_lock() {
+                Ok(chain) => chain,
+                Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+                Err(TryLockError::WouldBlock) => return,
+            };
+            let queued = self.take_queue();
+            if !queued.is_empty() {
+                let result =
+                    self.write_records(&mut chain, queued.iter().map(|q| q.fields.as_slice()));
+                drop(chain);
+                answer(queued, &result);
+            } else {
+                drop(chain);
+            }
+            // A caller that queued while the chain was held left its record to us.
+            if self.lock_queue().is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// The HMACs of an event's token and values, and the part of its record
+    /// from `,"request_id":` to the end of `data`. Takes no chain lock: a large
+    /// value must not hold up other requests.
+    fn render(&self, event: &AuditEvent<'_>) -> Vec<u8> {
+        let key = self.key.read().unwrap_or_else(PoisonError::into_inner);
+        let mut fields = Vec::with_capacity(FIELDS_CAPACITY);
+        write_fields(&mut fields, event, key.as_ref());
+        fields
+    }
+
+    /// Numbers, times and chains `records` (each as [`Self::render`] made it)
+    /// and writes them with one `write_all`: all of them or none.
+    fn write_records<'a>(
+        &self,
+        chain: &mut Chain,
+        records: impl Iterator<Item = &'a [u8]>,
+    ) -> Result<(), AuditError> {
         if chain.broken {
             return Err(AuditError::Broken);
         }
-        let seq = chain.seq + 1;
+        let now_ms = self.clock.now_ms();
+        let mut seq = chain.seq;
+        let mut head = chain.head;
         chain.buf.clear();
-        write_body(
-            &mut chain.buf,
-            seq,
-            Utc::now(),
-            event,
-            token.as_ref(),
-            &values,
-            &chain.head,
-        );
-        let hash = chain_hash(&chain.head, &chain.buf);
-        chain.buf.extend_from_slice(HASH_KEY);
-        push_hex(&mut chain.buf, &hash);
-        chain.buf.extend_from_slice(b"\"}\n");
+        for fields in records {
+            seq += 1;
+            let start = chain.buf.len();
+            chain.buf.extend_from_slice(b"{\"seq\":");
+            push_u64(&mut chain.buf, seq);
+            chain.buf.extend_from_slice(b",\"time\":\"");
+            push_time_ms(&mut chain.buf, now_ms, &mut chain.second);
+            chain.buf.push(b'"');
+            chain.buf.extend_from_slice(fields);
+            chain.buf.extend_from_slice(b",\"prev\":\"");
+            push_hex(&mut chain.buf, &head);
+            chain.buf.push(b'"');
+            head = chain_hash(&head, &chain.buf[start..]);
+            chain.buf.extend_from_slice(HASH_KEY);
+            push_hex(&mut chain.buf, &head);
+            chain.buf.extend_from_slice(b"\"}\n");
+        }
 
         let result = chain.file.write_all(&chain.buf);
         let written = chain.buf.len() as u64;
@@ -308,12 +411,12 @@ impl AuditLog {
         match result {
             Ok(()) => {
                 chain.seq = seq;
-                chain.head = hash;
+                chain.head = head;
                 chain.len += written;
                 Ok(())
             }
             Err(error) => {
-                // Cut off whatever part of the line reached the file, so the next record
+                // Cut off whatever part of the batch reached the file, so the next record
                 // starts on a line of its own.
                 if chain.file.set_len(chain.len).is_err() {
                     chain.broken = true;
@@ -324,10 +427,19 @@ impl AuditLog {
         }
     }
 
+    fn take_queue(&self) -> Vec<Queued> {
+        std::mem::take(&mut *self.lock_queue())
+    }
+
+    fn lock_queue(&self) -> MutexGuard<'_, Vec<Queued>> {
+        // Pushing and taking cannot panic half-way.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// `hmac-sha256:<hex>` of `value` under the audit key, as the log records it.
     pub fn hmac(&self, value: &[u8]) -> Result<String, AuditError> {
-        let key = self.hmac_key().ok_or(AuditError::NoKey)?;
-        let tag = hmac::sign(&key, value);
+        let key = self.key.read().unwrap_or_else(PoisonError::into_inner);
+        let tag = hmac::sign(key.as_ref().ok_or(AuditError::NoKey)?, value);
         Ok(format!("hmac-sha256:{}", hex::encode(tag.as_ref())))
     }
 
@@ -345,16 +457,35 @@ impl AuditLog {
         })
     }
 
-    fn hmac_key(&self) -> Option<hmac::Key> {
-        let slot = self.key.read().unwrap_or_else(PoisonError::into_inner);
-        slot.as_ref()
-            .map(|key| hmac::Key::new(hmac::HMAC_SHA256, &key[..]))
-    }
-
     fn lock_chain(&self) -> MutexGuard<'_, Chain> {
         // Nothing under this lock panics; should something, the state is still whole
         // (it only changes after a successful write).
         self.chain.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Tells every queued caller the outcome of the write that held its record.
+fn answer(queued: Vec<Queued>, result: &Result<(), AuditError>) {
+    for q in queued {
+        // A caller that gave up is not waiting; its record was written all the same.
+        let _ = q.done.send(match result {
+            Ok(()) => Ok(()),
+            Err(error) => Err(error.for_another_caller()),
+        });
+    }
+}
+
+impl AuditError {
+    /// The same failure, for another caller whose record was in the same write.
+    fn for_another_caller(&self) -> AuditError {
+        match self {
+            AuditError::Write(error) => {
+                AuditError::Write(io::Error::new(error.kind(), error.to_string()))
+            }
+            AuditError::NoKey => AuditError::NoKey,
+            // Nothing else fails a write; whatever it is, the record is not written.
+            _ => AuditError::Broken,
+        }
     }
 }
 
@@ -565,21 +696,12 @@ fn decode_hash(text: &[u8]) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// Writes the body of a record (everything before `,"hash":`) into `buf`.
-fn write_body(
-    buf: &mut Vec<u8>,
-    seq: u64,
-    time: DateTime<Utc>,
-    event: &AuditEvent<'_>,
-    token: Option<&Option<hmac::Tag>>,
-    values: &[Option<hmac::Tag>],
-    prev: &[u8; 32],
-) {
-    buf.extend_from_slice(b"{\"seq\":");
-    push_u64(buf, seq);
-    buf.extend_from_slice(b",\"time\":\"");
-    push_time(buf, time);
-    buf.extend_from_slice(b"\",\"request_id\":");
+/// Writes the part of a record's body between the time and `prev` into `buf`:
+/// `,"request_id":` up to the end of `data`, the token and values as HMACs
+/// under `key` (`"unavailable"` without one).
+fn write_fields(buf: &mut Vec<u8>, event: &AuditEvent<'_>, key: Option<&hmac::Key>) {
+    let protected = |value: &[u8]| key.map(|key| hmac::sign(key, value));
+    buf.extend_from_slice(b",\"request_id\":");
     push_json_str(buf, event.request_id);
     buf.extend_from_slice(b",\"method\":");
     push_json_str(buf, event.method);
@@ -592,25 +714,22 @@ fn write_body(
     buf.extend_from_slice(b"\",\"code\":");
     push_json_str(buf, event.code);
     push_optional(buf, b"error", event.error);
-    if let Some(tag) = token {
+    if let Some(token) = event.token.filter(|token| !token.is_empty()) {
         buf.extend_from_slice(b",\"token\":");
-        push_protected(buf, tag.as_ref());
+        push_protected(buf, protected(token).as_ref());
     }
     if !event.values.is_empty() {
         buf.extend_from_slice(b",\"data\":{");
-        for (i, ((name, _), tag)) in event.values.iter().zip(values).enumerate() {
+        for (i, (name, value)) in event.values.iter().enumerate() {
             if i > 0 {
                 buf.push(b',');
             }
             push_json_str(buf, name);
             buf.push(b':');
-            push_protected(buf, tag.as_ref());
+            push_protected(buf, protected(value).as_ref());
         }
         buf.push(b'}');
     }
-    buf.extend_from_slice(b",\"prev\":\"");
-    push_hex(buf, prev);
-    buf.push(b'"');
 }
 
 fn push_optional(buf: &mut Vec<u8>, name: &[u8], value: Option<&str>) {
@@ -675,6 +794,36 @@ fn push_padded(buf: &mut Vec<u8>, value: u32, width: usize) {
         buf.push(b'0');
     }
     buf.extend_from_slice(&digits[at..]);
+}
+
+/// [`push_time`] of `now_ms` (milliseconds since the epoch), reusing the text up
+/// to the seconds from `second` when the second is the same.
+fn push_time_ms(buf: &mut Vec<u8>, now_ms: u64, second: &mut Option<(u64, [u8; 19])>) {
+    let secs = now_ms / 1000;
+    let prefix = match second {
+        Some((at, prefix)) if *at == secs => *prefix,
+        _ => {
+            let mut text = Vec::with_capacity(24);
+            let time = i64::try_from(now_ms)
+                .ok()
+                .and_then(DateTime::<Utc>::from_timestamp_millis)
+                .unwrap_or_default();
+            push_time(&mut text, time);
+            // `YYYY-MM-DDTHH:MM:SS.mmmZ`; a year past 9999 is longer and not kept.
+            let (Some(head), 24) = (text.get(..19), text.len()) else {
+                buf.extend_from_slice(&text);
+                return;
+            };
+            let mut prefix = [0u8; 19];
+            prefix.copy_from_slice(head);
+            *second = Some((secs, prefix));
+            prefix
+        }
+    };
+    buf.extend_from_slice(&prefix);
+    buf.push(b'.');
+    push_padded(buf, (now_ms % 1000) as u32, 3);
+    buf.push(b'Z');
 }
 
 /// RFC 3339, UTC, milliseconds: `2025-01-02T03:04:05.678Z`.

@@ -32,7 +32,7 @@ fn event<'a>(request_id: &'a str, values: &'a [(&'a str, &'a [u8])]) -> AuditEve
 /// A log at `dir/audit.log` with records 1..=n, written under key 7.
 fn log_with(dir: &Path, n: u64) -> (PathBuf, AuditLog) {
     let path = dir.join("audit.log");
-    let log = AuditLog::open(&path).unwrap();
+    let log = AuditLog::open(&path, Clock::system()).unwrap();
     log.set_hmac_key(key(7));
     for i in 1..=n {
         let id = format!("req-{i}");
@@ -181,7 +181,7 @@ fn resume_continues_seq_and_chain() {
     let head = log.head();
     drop(log);
 
-    let log = AuditLog::open(&path).unwrap();
+    let log = AuditLog::open(&path, Clock::system()).unwrap();
     assert_eq!(log.head(), head);
     log.set_hmac_key(key(7));
     // A last record longer than one tail chunk.
@@ -194,7 +194,7 @@ fn resume_continues_seq_and_chain() {
     let head = log.head();
     drop(log);
 
-    let log = AuditLog::open(&path).unwrap();
+    let log = AuditLog::open(&path, Clock::system()).unwrap();
     assert_eq!(log.head(), head);
     log.append(&event("req-5", &[])).unwrap();
 
@@ -325,7 +325,7 @@ fn truncated_tail_is_found_and_refused_on_open() {
         Some("truncated record (no newline at the end)")
     );
     assert!(matches!(
-        AuditLog::open(&path),
+        AuditLog::open(&path, Clock::system()),
         Err(AuditError::Corrupt { .. })
     ));
 
@@ -333,7 +333,7 @@ fn truncated_tail_is_found_and_refused_on_open() {
     fs::write(&path, &bytes[..bytes.len() - 40]).unwrap();
     assert_bad(&path, 5, 5);
     assert!(matches!(
-        AuditLog::open(&path),
+        AuditLog::open(&path, Clock::system()),
         Err(AuditError::Corrupt { .. })
     ));
 
@@ -343,7 +343,7 @@ fn truncated_tail_is_found_and_refused_on_open() {
     lines[3] = lines[3].replace("req-4", "req-Y");
     write_lines(&path, &lines);
     assert!(matches!(
-        AuditLog::open(&path),
+        AuditLog::open(&path, Clock::system()),
         Err(AuditError::Corrupt { .. })
     ));
 }
@@ -381,7 +381,7 @@ fn secrets_never_appear_raw() {
 #[test]
 fn hmac_is_deterministic_and_keyed() {
     let dir = tempfile::tempdir().unwrap();
-    let log = AuditLog::open(&dir.path().join("audit.log")).unwrap();
+    let log = AuditLog::open(&dir.path().join("audit.log"), Clock::system()).unwrap();
     assert!(matches!(log.hmac(PASSWORD), Err(AuditError::NoKey)));
 
     log.set_hmac_key(key(1));
@@ -404,7 +404,7 @@ fn failed_write_fails_the_append_and_keeps_the_chain() {
     if !path.exists() {
         return;
     }
-    let log = AuditLog::open(path).unwrap();
+    let log = AuditLog::open(path, Clock::system()).unwrap();
     log.set_hmac_key(key(7));
     let error = log.append(&event("req-1", &[])).unwrap_err();
     assert!(matches!(error, AuditError::Write(_)), "{error}");
@@ -418,7 +418,10 @@ fn failed_write_fails_the_append_and_keeps_the_chain() {
 fn open_fails_in_a_missing_directory() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gone").join("audit.log");
-    assert!(matches!(AuditLog::open(&path), Err(AuditError::Io { .. })));
+    assert!(matches!(
+        AuditLog::open(&path, Clock::system()),
+        Err(AuditError::Io { .. })
+    ));
 }
 
 #[test]
@@ -499,4 +502,173 @@ fn append_speed() {
         log.append(&event(&id, &[("password", PASSWORD)])).unwrap();
     }
     println!("append: {:?} per record", start.elapsed() / n);
+}
+
+/// Polls a future once, with a waker that does nothing.
+fn poll_once<F: std::future::Future + Unpin>(future: &mut F) -> std::task::Poll<F::Output> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    std::pin::Pin::new(future).poll(&mut cx)
+}
+
+#[test]
+fn time_comes_from_the_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    // 2025-01-02T03:04:05.678Z
+    let log = AuditLog::open(&path, Clock::starting_at(1_735_787_045_678)).unwrap();
+    log.append(&event("req-1", &[])).unwrap();
+    let record: serde_json::Value = serde_json::from_str(&read_lines(&path)[0]).unwrap();
+    let time = record["time"].as_str().unwrap();
+    assert!(time.starts_with("2025-01-02T03:04:0"), "{time}");
+    assert_eq!(time.len(), "2025-01-02T03:04:05.678Z".len());
+}
+
+#[test]
+fn records_queued_while_the_chain_is_busy_go_out_in_one_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, log) = log_with(dir.path(), 1);
+    let ids: Vec<String> = (0..8).map(|i| format!("queued-{i}")).collect();
+    let events: Vec<AuditEvent<'_>> = ids.iter().map(|id| event(id, &[])).collect();
+    let len_before = fs::metadata(&path).unwrap().len();
+    let mut waiting: Vec<_> = {
+        // Another caller is writing: every record queues and waits.
+        let busy = log.lock_chain();
+        let mut waiting: Vec<_> = events
+            .iter()
+            .map(|e| Box::pin(log.append_async(e)))
+            .collect();
+        for future in &mut waiting {
+            assert!(poll_once(future).is_pending());
+        }
+        assert_eq!(log.lock_queue().len(), 8);
+        drop(busy);
+        waiting
+    };
+    // Whoever takes the chain next writes them all; here a sync append.
+    log.append(&event("sync", &[])).unwrap();
+    assert!(log.lock_queue().is_empty());
+    for future in &mut waiting {
+        assert!(matches!(poll_once(future), std::task::Poll::Ready(Ok(()))));
+    }
+    let lines = read_lines(&path);
+    assert_eq!(lines.len(), 10);
+    // In queue order, then the sync caller's record, all in one write.
+    for (i, line) in lines[1..9].iter().enumerate() {
+        let record: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(record["request_id"], format!("queued-{i}"));
+        assert_eq!(record["seq"], i as u64 + 2);
+    }
+    assert!(lines[9].contains("\"request_id\":\"sync\""));
+    assert!(fs::metadata(&path).unwrap().len() > len_before);
+    assert!(verify_file(&path).unwrap().ok);
+}
+
+#[test]
+fn a_dropped_caller_still_has_its_record_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, log) = log_with(dir.path(), 0);
+    {
+        let busy = log.lock_chain();
+        let ev = event("gave-up", &[]);
+        let mut future = Box::pin(log.append_async(&ev));
+        assert!(poll_once(&mut future).is_pending());
+        drop(future);
+        drop(busy);
+    }
+    log.append(&event("next", &[])).unwrap();
+    let lines = read_lines(&path);
+    assert_eq!(lines.len(), 2);
+    assert!(lines[0].contains("\"request_id\":\"gave-up\""));
+    assert!(verify_file(&path).unwrap().ok);
+}
+
+#[test]
+fn a_failed_batch_fails_every_waiting_caller() {
+    let path = Path::new("/dev/full");
+    if !path.exists() {
+        return;
+    }
+    let log = AuditLog::open(path, Clock::system()).unwrap();
+    log.set_hmac_key(key(7));
+    let ids: Vec<String> = (0..5).map(|i| format!("req-{i}")).collect();
+    let events: Vec<AuditEvent<'_>> = ids.iter().map(|id| event(id, &[])).collect();
+    let busy = log.lock_chain();
+    let mut waiting: Vec<_> = events
+        .iter()
+        .map(|e| Box::pin(log.append_async(e)))
+        .collect();
+    for future in &mut waiting {
+        assert!(poll_once(future).is_pending());
+    }
+    drop(busy);
+    log.drain();
+    for future in &mut waiting {
+        match poll_once(future) {
+            std::task::Poll::Ready(Err(AuditError::Write(_))) => {}
+            other => panic!("expected a write error, got {:?}", other.map(|r| r.is_ok())),
+        }
+    }
+    assert_eq!(log.head(), GENESIS);
+    // The partial write cannot be cut off a device: later callers fail too.
+    let ev = event("after", &[]);
+    let mut future = Box::pin(log.append_async(&ev));
+    // Queued, then (after its one yield) written by itself.
+    assert!(poll_once(&mut future).is_pending());
+    assert!(matches!(
+        poll_once(&mut future),
+        std::task::Poll::Ready(Err(AuditError::Broken))
+    ));
+}
+
+#[test]
+fn concurrent_async_and_sync_appends_make_one_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, log) = log_with(dir.path(), 0);
+    let log = Arc::new(log);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .build()
+        .unwrap();
+    let threads: Vec<_> = (0..2)
+        .map(|t| {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for i in 0..50 {
+                    let id = format!("sync-{t}-{i}");
+                    log.append(&event(&id, &[("password", PASSWORD)])).unwrap();
+                }
+            })
+        })
+        .collect();
+    runtime.block_on(async {
+        let tasks: Vec<_> = (0..16)
+            .map(|t| {
+                let log = Arc::clone(&log);
+                tokio::spawn(async move {
+                    for i in 0..50 {
+                        let id = format!("async-{t}-{i}");
+                        let values: [(&str, &[u8]); 1] = [("password", PASSWORD)];
+                        log.append_async(&event(&id, &values)).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+    });
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    let report = verify_file(&path).unwrap();
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.records, 16 * 50 + 2 * 50);
+    let ids: std::collections::HashSet<String> = read_lines(&path)
+        .iter()
+        .map(|line| {
+            let record: serde_json::Value = serde_json::from_str(line).unwrap();
+            record["request_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(ids.len(), 900);
 }

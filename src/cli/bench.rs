@@ -3,6 +3,11 @@
 //! connections for a fixed time, then stops by itself. Throughput is read
 //! against `grpc.health.v1.Health/Check` (a no-op) on the same connections
 //! in the same run, so the ratios mean something on a noisy machine.
+//!
+//! With `--server-pid PID` (the pid of the server on the same machine) each
+//! phase also reports the server's CPU time per call, read from
+//! `/proc/PID/stat` before and after the phase: user + system time of every
+//! thread, those that ended during the phase included.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,7 +18,7 @@ use serde_json::json;
 
 use super::output::{emit, Format};
 use super::BenchArgs;
-use keyward::client::{Client, ClientOptions, PutOptions};
+use keyward::client::{Client, ClientOptions, IssueOptions, PutOptions};
 use keyward::config::ServerConfig;
 use keyward::secrecy::{SecretBytes, SecretData};
 use keyward::server::Server;
@@ -24,11 +29,19 @@ struct Phase {
     errors: u64,
     elapsed: Duration,
     latencies: Vec<Duration>,
+    /// CPU time the server spent during the phase (with `--server-pid`).
+    server_cpu: Option<Duration>,
 }
 
 impl Phase {
     fn rps(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Server CPU microseconds per answered call.
+    fn cpu_us_per_op(&self) -> Option<f64> {
+        let cpu = self.server_cpu?;
+        Some(cpu.as_secs_f64() * 1e6 / (self.ok.max(1) as f64))
     }
 
     fn percentile_ms(&self, p: f64) -> f64 {
@@ -40,8 +53,56 @@ impl Phase {
     }
 }
 
-/// Runs `op` from `concurrency` workers for `duration`.
-async fn phase<F, Fut>(clients: &[Client], concurrency: usize, duration: Duration, op: F) -> Phase
+/// User + system CPU time of process `pid` so far, from `/proc/PID/stat`
+/// (fields 14 and 15, in clock ticks of `USER_HZ`, which Linux fixes at 100
+/// for every reader of `/proc`). It counts the threads that have ended too.
+fn process_cpu(pid: u32) -> Result<Duration> {
+    const USER_HZ: u64 = 100;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| anyhow::anyhow!("/proc/{pid}/stat has no command name"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (the state).
+    let ticks = |field: usize| -> Result<u64> {
+        let text = fields
+            .get(field - 3)
+            .ok_or_else(|| anyhow::anyhow!("/proc/{pid}/stat is too short"))?;
+        Ok(text.parse()?)
+    };
+    let total = ticks(14)?.saturating_add(ticks(15)?);
+    Ok(Duration::from_millis(total.saturating_mul(1000 / USER_HZ)))
+}
+
+/// Runs `op` from `concurrency` workers for `duration`, and reads the CPU
+/// time the server at `server_pid` used meanwhile.
+async fn phase<F, Fut>(
+    clients: &[Client],
+    concurrency: usize,
+    duration: Duration,
+    server_pid: Option<u32>,
+    op: F,
+) -> Result<Phase>
+where
+    F: Fn(Client, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let cpu_before = server_pid.map(process_cpu).transpose()?;
+    let mut total = run_phase(clients, concurrency, duration, op).await;
+    if let (Some(pid), Some(before)) = (server_pid, cpu_before) {
+        total.server_cpu = Some(process_cpu(pid)?.saturating_sub(before));
+    }
+    Ok(total)
+}
+
+async fn run_phase<F, Fut>(
+    clients: &[Client],
+    concurrency: usize,
+    duration: Duration,
+    op: F,
+) -> Phase
 where
     F: Fn(Client, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = bool> + Send,
@@ -86,6 +147,11 @@ where
 pub async fn run(options: &ClientOptions, args: &BenchArgs, format: Format) -> Result<()> {
     let concurrency = args.concurrency.max(1);
     let duration = Duration::from_secs(args.seconds.max(1));
+    let server_pid = args.server_pid;
+    if let Some(pid) = server_pid {
+        // Fail before the load starts if the pid cannot be read.
+        process_cpu(pid)?;
+    }
     let mut clients = Vec::new();
     for _ in 0..args.connections.max(1) {
         clients.push(Client::connect(options.clone()).await?);
@@ -108,21 +174,25 @@ pub async fn run(options: &ClientOptions, args: &BenchArgs, format: Format) -> R
         duration.as_secs()
     );
     eprintln!("bench: phase health (grpc.health.v1.Health/Check)");
-    let health = phase(&clients, concurrency, duration, |c, _| async move {
-        c.health().await.is_ok()
-    })
-    .await;
+    let health = phase(
+        &clients,
+        concurrency,
+        duration,
+        server_pid,
+        |c, _| async move { c.health().await.is_ok() },
+    )
+    .await?;
     eprintln!("bench: phase get (keyward.v1.Secrets/Get)");
     let path = Arc::new(get_path);
-    let get = phase(&clients, concurrency, duration, move |c, _| {
+    let get = phase(&clients, concurrency, duration, server_pid, move |c, _| {
         let path = path.clone();
         async move { c.get(&path).await.is_ok() }
     })
-    .await;
+    .await?;
     eprintln!("bench: phase put (keyward.v1.Secrets/Put, durable)");
     let data = Arc::new(data);
     let prefix = Arc::new(format!("bench/{run_id}/put"));
-    let put = phase(&clients, concurrency, duration, move |c, i| {
+    let put = phase(&clients, concurrency, duration, server_pid, move |c, i| {
         let data = data.clone();
         let prefix = prefix.clone();
         async move {
@@ -135,14 +205,20 @@ pub async fn run(options: &ClientOptions, args: &BenchArgs, format: Format) -> R
             .is_ok()
         }
     })
-    .await;
+    .await?;
 
     // Role-id/secret-id logins at the same concurrency: one identity with
     // one unlimited secret-id, made here; each token lives a minute.
-    let bench_identity = format!("bench-{run_id}");
+    let bench_name = format!("bench-{run_id}");
+    clients[0]
+        .policy_put(
+            &bench_name,
+            &format!("[[rule]]\npath = \"secret/bench/{run_id}/**\"\ncapabilities = [\"read\"]\n"),
+        )
+        .await?;
     clients[0]
         .identity_create(keyward::proto::v1::CreateIdentityRequest {
-            name: bench_identity.clone(),
+            name: bench_name.clone(),
             kind: "service-account".into(),
             owner: "bench".into(),
             description: "made by keyward bench".into(),
@@ -151,33 +227,76 @@ pub async fn run(options: &ClientOptions, args: &BenchArgs, format: Format) -> R
         })
         .await?;
     let sid = clients[0]
-        .identity_secret_id(&bench_identity, 3600, 0, &[])
+        .identity_secret_id(&bench_name, 3600, 0, &[])
         .await?;
     eprintln!("bench: phase login (keyward.v1.Auth/Login, approle)");
     let creds = Arc::new((sid.role_id.clone(), sid.secret_id.clone()));
-    let login = phase(&clients, concurrency, duration, move |c, _| {
+    let login = phase(&clients, concurrency, duration, server_pid, move |c, _| {
         let creds = creds.clone();
         async move { c.login_approle(&creds.0, &creds.1, 60).await.is_ok() }
     })
-    .await;
+    .await?;
 
-    let summary = json!({
+    // Child tokens of the bench's own token, with one named policy; each
+    // lives a minute (durable before the answer, like a login).
+    eprintln!("bench: phase issue (keyward.v1.Auth/IssueToken, child tokens)");
+    let policies = Arc::new(vec![bench_name.clone()]);
+    let issue = phase(&clients, concurrency, duration, server_pid, move |c, _| {
+        let policies = policies.clone();
+        async move {
+            c.issue_token(IssueOptions {
+                policies: policies.to_vec(),
+                ttl: Some(Duration::from_secs(60)),
+                ..IssueOptions::default()
+            })
+            .await
+            .is_ok()
+        }
+    })
+    .await?;
+
+    let ratio = |a: f64, b: f64| (a / b.max(1e-9) * 1000.0).round() / 1000.0;
+    let ms = |v: f64| (v * 1000.0).round() / 1000.0;
+    let mut summary = json!({
         "concurrency": concurrency,
         "health_rps": health.rps().round(),
         "get_rps": get.rps().round(),
-        "get_ratio": (get.rps() / health.rps().max(1e-9) * 1000.0).round() / 1000.0,
-        "get_p50_ms": (get.percentile_ms(0.50) * 1000.0).round() / 1000.0,
-        "get_p99_ms": (get.percentile_ms(0.99) * 1000.0).round() / 1000.0,
-        "health_p99_ms": (health.percentile_ms(0.99) * 1000.0).round() / 1000.0,
+        "get_ratio": ratio(get.rps(), health.rps()),
+        "get_p50_ms": ms(get.percentile_ms(0.50)),
+        "get_p99_ms": ms(get.percentile_ms(0.99)),
+        "health_p99_ms": ms(health.percentile_ms(0.99)),
+        "p99_ratio": ratio(get.percentile_ms(0.99), health.percentile_ms(0.99)),
         "put_rps": put.rps().round(),
-        "put_to_get": (put.rps() / get.rps().max(1e-9) * 1000.0).round() / 1000.0,
+        "put_to_get": ratio(put.rps(), get.rps()),
         "login_rps": login.rps().round(),
-        "login_to_get": (login.rps() / get.rps().max(1e-9) * 1000.0).round() / 1000.0,
-        "login_p99_ms": (login.percentile_ms(0.99) * 1000.0).round() / 1000.0,
-        "errors": health.errors + get.errors + put.errors + login.errors,
+        "login_to_get": ratio(login.rps(), get.rps()),
+        "login_p99_ms": ms(login.percentile_ms(0.99)),
+        "issue_rps": issue.rps().round(),
+        "issue_to_get": ratio(issue.rps(), get.rps()),
+        "issue_p99_ms": ms(issue.percentile_ms(0.99)),
+        "errors": health.errors + get.errors + put.errors + login.errors + issue.errors,
         // Local: PolicySet::check over a 50-rule policy (build with --release for the real figure).
         "authz_ns": (keyward::policy::bench_check_ns(1_000_000)? * 10.0).round() / 10.0,
     });
+    if let (Some(map), Some(health_cpu), Some(get_cpu)) = (
+        summary.as_object_mut(),
+        health.cpu_us_per_op(),
+        get.cpu_us_per_op(),
+    ) {
+        let us = |v: Option<f64>| v.map(|v| (v * 10.0).round() / 10.0);
+        map.insert("health_cpu_us_per_op".into(), json!(us(Some(health_cpu))));
+        map.insert("get_cpu_us_per_op".into(), json!(us(Some(get_cpu))));
+        map.insert("put_cpu_us_per_op".into(), json!(us(put.cpu_us_per_op())));
+        map.insert(
+            "login_cpu_us_per_op".into(),
+            json!(us(login.cpu_us_per_op())),
+        );
+        map.insert(
+            "issue_cpu_us_per_op".into(),
+            json!(us(issue.cpu_us_per_op())),
+        );
+        map.insert("cpu_ratio".into(), json!(ratio(get_cpu, health_cpu)));
+    }
     print_summary(format, &summary);
     Ok(())
 }

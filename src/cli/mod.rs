@@ -323,6 +323,9 @@ pub struct BenchArgs {
     /// TLS connections shared by the workers.
     #[arg(long, default_value_t = 4)]
     pub connections: usize,
+    /// The server's pid (same machine): report its CPU time per call.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
 }
 
 #[derive(Subcommand, Clone)]

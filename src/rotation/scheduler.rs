@@ -445,7 +445,7 @@ mod tests {
             let shares = barrier.init(1, 1).unwrap();
             barrier.unseal(&shares[0].0).unwrap();
             let barrier = Arc::new(barrier);
-            let audit = AuditLog::open(&dir.path().join("audit.log")).unwrap();
+            let audit = AuditLog::open(&dir.path().join("audit.log"), Clock::system()).unwrap();
             audit.set_hmac_key(Some(barrier.derive_key("audit/hmac").unwrap()));
             let deps = RotationDeps {
                 secrets: Arc::new(crate::secrets::SecretStore::new(

@@ -57,6 +57,7 @@ use crate::barrier::{Barrier, BarrierError, PlainOp};
 use crate::cidr::Cidr;
 use crate::clock::{Clock, Shutdown};
 use crate::policy::ROOT_POLICY;
+use crate::token::cache::{self, VerifiedTokens};
 use crate::token::format::{accessor_from, TokenSecret};
 
 const HASH_PREFIX: &str = "tokens/hash/";
@@ -296,6 +297,8 @@ struct Inner {
     sweep_planned_ms: AtomicU64,
     /// The earliest expiry of each identity's part of `tokens/ttl/`.
     heads: Mutex<Heads>,
+    /// Unlimited tokens already verified (`token::cache`).
+    verified: VerifiedTokens,
 }
 
 /// Where the sweeper looks next: per identity (hex, as in the keys), a time
@@ -478,6 +481,7 @@ impl TokenStore {
                 wake: Notify::new(),
                 sweep_planned_ms: AtomicU64::new(u64::MAX),
                 heads: Mutex::new(Heads::default()),
+                verified: VerifiedTokens::new(),
             }),
         }
     }
@@ -517,6 +521,7 @@ impl TokenStore {
             accessor: key(ACCESSOR_PURPOSE)?,
         };
         *self.inner.keys.write().unwrap_or_else(|e| e.into_inner()) = Some(keys);
+        self.inner.verified.invalidate();
         self.migrate_legacy(now_ms)?;
         self.inner.wake.notify_one();
         Ok(())
@@ -524,6 +529,7 @@ impl TokenStore {
 
     pub fn on_seal(&self) {
         *self.inner.keys.write().unwrap_or_else(|e| e.into_inner()) = None;
+        self.inner.verified.invalidate();
     }
 
     fn migrate_legacy(&self, now_ms: u64) -> Result<(), TokenError> {
@@ -823,6 +829,11 @@ impl TokenStore {
         source: Option<IpAddr>,
         now_ms: u64,
     ) -> Result<TokenUse, TokenError> {
+        let tag = self.with_keys(|keys| Ok(cache::tag(&keys.hash, token)))?;
+        let generation = self.inner.verified.generation();
+        if let Some(hit) = self.inner.verified.get(&tag, source, now_ms) {
+            return hit;
+        }
         let record = self.find(token)?.ok_or(TokenError::Invalid)?;
         let accessor = record.accessor.clone();
         if record.is_expired(now_ms) {
@@ -830,10 +841,12 @@ impl TokenStore {
             let _ = self.revoke(&accessor);
             return Err(TokenError::Invalid);
         }
-        if !Cidr::any_contains(&record.cidr_blocks()?, source) {
+        let cidrs = record.cidr_blocks()?;
+        if !Cidr::any_contains(&cidrs, source) {
             return Err(TokenError::SourceNotAllowed);
         }
         if record.uses_remaining == 0 {
+            self.inner.verified.insert(tag, &record, cidrs, generation);
             return Ok(TokenUse {
                 record,
                 counted: false,
@@ -910,6 +923,7 @@ impl TokenStore {
             ));
         }
         let expires = min_time(now_ms.saturating_add(increment), record.max_expiry_ms);
+        let _forget = self.inner.verified.invalidate_on_drop([accessor]);
         let (old_key, new_key) = if record.derived {
             (
                 ttl_key(&record.identity, record.expires_at_ms, accessor),
@@ -970,6 +984,9 @@ impl TokenStore {
 
     fn revoke_locked(&self, accessor: &str) -> Result<u32, TokenError> {
         let (count, batches) = self.revoke_plan(accessor, REVOKE_BATCH_OPS)?;
+        let revoked = batches.iter().flatten();
+        let _forget = (self.inner.verified)
+            .invalidate_on_drop(revoked.filter_map(|key| key.strip_prefix(ACCESSOR_PREFIX)));
         for batch in &batches {
             let ops: Vec<PlainOp<'_>> = batch.iter().map(|k| PlainOp::Delete(k)).collect();
             self.barrier().batch(&ops)?;
