@@ -100,7 +100,7 @@ impl TestServer {
             audit_path: dir.path().join("audit.log"),
             metrics_listen: None,
             limits: DataLimits::default(),
-            oidc_ca: None,
+            oidc: Default::default(),
         };
         let server = Server::open(config).unwrap();
         Self::serve(dir, server, certs.ca, String::new(), String::new()).await
