@@ -14,7 +14,7 @@
 //! - a failed load is remembered, and the source is not tried again for a
 //!   back-off (5 s, doubling to 5 min); logins meanwhile fail at once;
 //! - the host's every resolved address must be public unless
-//!   `oidc.allow_private_hosts` ([`hosts`](super::hosts)), and the
+//!   `oidc.allow_private_hosts` (see `hosts.rs`), and the
 //!   connection goes to a checked address;
 //! - a login is told only [`JwksError::Unavailable`]; the cause goes to the
 //!   server log, once per failed load;
@@ -475,7 +475,7 @@ impl HttpFailure {
 }
 
 /// Resolves the URL's host once, checks every address (see
-/// [`hosts`](super::hosts)), and connects to the checked addresses in turn.
+/// `hosts.rs`), and connects to the checked addresses in turn.
 async fn connect(url: &HttpsUrl, allow_private_hosts: bool) -> Result<TcpStream, HttpFailure> {
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((url.host(), url.port()))
         .await
