@@ -14,6 +14,12 @@
 //!     --claim repository=acme/app --claim ref=refs/heads/main
 //! ```
 //!
+//! The server fetches the issuer's key set itself: it trusts the CA bundle of
+//! `oidc.ca_file`, and connects only to public addresses unless
+//! `oidc.allow_private_hosts = true` (an issuer inside a private network, or
+//! a test issuer on loopback, as this example's test uses). A key set given
+//! with `--jwks-file` must be a file under the server's `oidc.jwks_dir`.
+//!
 //! In the job (KEYWARD_ADDR and KEYWARD_CACERT as for the CLI; no KEYWARD_TOKEN):
 //!
 //! ```sh

@@ -44,10 +44,23 @@ pub struct ServerConfig {
     /// `None` turns the metrics listener off.
     pub metrics_listen: Option<SocketAddr>,
     pub limits: DataLimits,
-    /// CA bundle (PEM) trusted when fetching OIDC issuers' JWKS over HTTPS;
+    pub oidc: OidcConfig,
+}
+
+/// How the server loads OIDC issuers' key sets (`oidc.*`).
+#[derive(Debug, Clone, Default)]
+pub struct OidcConfig {
+    /// `oidc.ca_file`: CA bundle (PEM) trusted when fetching JWKS over HTTPS;
     /// `None`: only `--jwks-file` issuers work. For a public issuer point it
     /// at the system bundle, e.g. `/etc/ssl/certs/ca-certificates.crt`.
-    pub oidc_ca: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    /// `oidc.jwks_dir`: the folder every `--jwks-file` must be under;
+    /// `None`: `--jwks-file` is refused.
+    pub jwks_dir: Option<PathBuf>,
+    /// `oidc.allow_private_hosts`: also fetch JWKS from loopback, private
+    /// and link-local addresses (off: an issuer admin could otherwise make
+    /// the server connect into its own network).
+    pub allow_private_hosts: bool,
 }
 
 /// Where settings come from: tests fill one from a map.
@@ -73,6 +86,11 @@ pub const KEYS: &[(&str, &str)] = &[
     ("tls.client_ca", "KEYWARD_TLS_CLIENT_CA"),
     ("audit.path", "KEYWARD_AUDIT_PATH"),
     ("oidc.ca_file", "KEYWARD_OIDC_CA_FILE"),
+    ("oidc.jwks_dir", "KEYWARD_OIDC_JWKS_DIR"),
+    (
+        "oidc.allow_private_hosts",
+        "KEYWARD_OIDC_ALLOW_PRIVATE_HOSTS",
+    ),
     ("metrics.listen", "KEYWARD_METRICS_LISTEN"),
     ("limits.max_fields", "KEYWARD_LIMITS_MAX_FIELDS"),
     (
@@ -160,6 +178,16 @@ pub fn parse(src: &dyn Source, base: &Path) -> Result<ServerConfig, ConfigError>
                 .map_err(|_| ConfigError::Invalid(key.to_owned(), "expected a positive integer")),
         }
     };
+    let flag = |key: &'static str| -> Result<bool, ConfigError> {
+        match src.get(key).as_deref() {
+            None | Some("false") => Ok(false),
+            Some("true") => Ok(true),
+            Some(_) => Err(ConfigError::Invalid(
+                key.to_owned(),
+                "expected true or false",
+            )),
+        }
+    };
     let defaults = DataLimits::default();
     let limits = DataLimits {
         max_fields: number("limits.max_fields", defaults.max_fields)?,
@@ -198,7 +226,11 @@ pub fn parse(src: &dyn Source, base: &Path) -> Result<ServerConfig, ConfigError>
         audit_path: path("audit.path").ok_or(ConfigError::Missing("audit.path"))?,
         metrics_listen,
         limits,
-        oidc_ca: path("oidc.ca_file"),
+        oidc: OidcConfig {
+            ca_file: path("oidc.ca_file"),
+            jwks_dir: path("oidc.jwks_dir"),
+            allow_private_hosts: flag("oidc.allow_private_hosts")?,
+        },
     })
 }
 
@@ -234,6 +266,25 @@ mod tests {
         assert_eq!(c.storage_path, Path::new("/etc/kw/data"));
         assert!(c.tls.unwrap().client_ca.is_none());
         assert!(c.metrics_listen.is_none());
+        assert!(c.oidc.jwks_dir.is_none());
+        assert!(!c.oidc.allow_private_hosts);
+    }
+
+    #[test]
+    fn oidc_keys() {
+        let base = [("storage.path", "d"), ("audit.path", "a")];
+        let mut pairs = base.to_vec();
+        pairs.extend([
+            ("oidc.jwks_dir", "jwks"),
+            ("oidc.allow_private_hosts", "true"),
+        ]);
+        let c = parse(&src(&pairs), Path::new("/etc/kw")).unwrap();
+        assert_eq!(c.oidc.jwks_dir.as_deref(), Some(Path::new("/etc/kw/jwks")));
+        assert!(c.oidc.allow_private_hosts);
+        let mut pairs = base.to_vec();
+        pairs.push(("oidc.allow_private_hosts", "yes"));
+        let e = parse(&src(&pairs), Path::new(".")).unwrap_err();
+        assert!(e.to_string().contains("'oidc.allow_private_hosts'"), "{e}");
     }
 
     #[test]

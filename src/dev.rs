@@ -13,12 +13,14 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::clock::Clock;
-use crate::config::{ServerConfig, TlsConfig};
+use crate::config::{OidcConfig, ServerConfig, TlsConfig};
 use crate::pki;
 use crate::secrets::DataLimits;
 use crate::server::Server;
 
 pub const CREDENTIALS_FILE: &str = "dev-credentials.json";
+/// The dev server's `oidc.jwks_dir`, in its data folder.
+pub const JWKS_DIR: &str = "jwks";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
@@ -72,9 +74,22 @@ pub async fn open_with_clock(
     metrics_listen: Option<SocketAddr>,
     clock: Clock,
 ) -> Result<DevVault, DevError> {
+    open_with(data_dir, metrics_listen, clock, |_| {}).await
+}
+
+/// [`open_with_clock`], with a last word on the configuration before the
+/// server opens (tests set `oidc.allow_private_hosts` this way).
+pub async fn open_with(
+    data_dir: &Path,
+    metrics_listen: Option<SocketAddr>,
+    clock: Clock,
+    adjust: impl FnOnce(&mut ServerConfig),
+) -> Result<DevVault, DevError> {
     create_private_dir(data_dir)?;
     let certs = pki::ensure_dev_certs(&data_dir.join("certs"))?;
-    let config = ServerConfig {
+    let jwks_dir = data_dir.join(JWKS_DIR);
+    create_owned_dir(&jwks_dir)?;
+    let mut config = ServerConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         storage_path: data_dir.join("data"),
         tls: Some(TlsConfig {
@@ -85,10 +100,15 @@ pub async fn open_with_clock(
         audit_path: data_dir.join("audit.log"),
         metrics_listen,
         limits: DataLimits::default(),
-        // A dev server fetches JWKS only from servers its own CA signed
-        // (a local test issuer); production names a bundle in the config.
-        oidc_ca: Some(certs.ca.clone()),
+        oidc: OidcConfig {
+            // A dev server fetches JWKS only from servers its own CA signed
+            // (a local test issuer); production names a bundle in the config.
+            ca_file: Some(certs.ca.clone()),
+            jwks_dir: Some(jwks_dir),
+            allow_private_hosts: false,
+        },
     };
+    adjust(&mut config);
     let server = Server::open_with_clock(config, clock)?;
     let creds_path = data_dir.join(CREDENTIALS_FILE);
     let core = server.core().clone();
@@ -142,4 +162,20 @@ fn create_private_dir(dir: &Path) -> Result<(), DevError> {
             .map_err(|e| DevError::Folder(dir.to_owned(), e))?;
     }
     Ok(())
+}
+
+/// Creates `dir` (mode 0700 on Unix) if it does not exist; one that exists
+/// is left as it is.
+fn create_owned_dir(dir: &Path) -> Result<(), DevError> {
+    let mut builder = std::fs::DirBuilder::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    match builder.create(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(DevError::Folder(dir.to_owned(), e)),
+    }
 }

@@ -102,7 +102,7 @@ impl Server {
             clock,
             shutdown.signal(),
         );
-        core.set_oidc_ca(config.oidc_ca.as_deref())
+        core.set_oidc(&config.oidc)
             .map_err(|e| ServerError::OidcCa(e.to_string()))?;
         let core = Arc::new(core);
         core.publish_gauges();

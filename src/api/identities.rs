@@ -5,7 +5,9 @@
 //! disable and enable, `read` to get, `delete` to delete, `issue` to make a
 //! secret-id, `admin` to bind a certificate or OIDC claims (a binding decides
 //! who can become the identity); `list` on `identity` to list;
-//! `sys/oidc-issuer/<name>` — `admin` to put an issuer, `list` on
+//! `sys/oidc-issuer/<name>` — `admin` to put an issuer, and to change one
+//! that identities are bound to (its key set, URL or audience), every policy
+//! those identities hold, as binding them needs; `list` on
 //! `sys/oidc-issuer` to list them.
 
 use std::collections::HashMap;
@@ -100,6 +102,19 @@ fn issuer_message(r: &IssuerRecord) -> OidcIssuer {
         jwks_file: r.jwks_file.clone(),
         jwks_url: r.jwks_url.clone(),
         audience: r.audience.clone(),
+    }
+}
+
+/// Why an issuer put ended: the store refused it (not audited yet), or the
+/// caller lacks the bound identities' policies (audited already).
+enum IssuerPutError {
+    Store(IdentityError),
+    Denied(Failure),
+}
+
+impl From<IdentityError> for IssuerPutError {
+    fn from(e: IdentityError) -> Self {
+        Self::Store(e)
     }
 }
 
@@ -380,13 +395,28 @@ impl Identities for IdentitiesService {
                 .map_err(|_| IdentityError::Invalid("issuer name: [A-Za-z0-9._-]".into())),
         )?;
         call.authorize(Capability::Admin, format!("sys/oidc-issuer/{name}"))?;
-        let stored = call.check(self.core.identities.put_issuer(IssuerRecord {
+        let issuer = IssuerRecord {
             name: r.name,
             issuer_url: r.issuer_url,
             jwks_file: r.jwks_file,
             jwks_url: r.jwks_url,
             audience: r.audience,
-        }))?;
+        };
+        // The issuer's key set decides who logs in as the identities bound
+        // to it: changing it needs what binding them needs.
+        let put = self.core.identities.put_issuer(
+            issuer,
+            self.core.oidc_jwks_dir(),
+            |bound_policies: &[String]| {
+                call.require_policy_subset(bound_policies)
+                    .map_err(IssuerPutError::Denied)
+            },
+        );
+        let stored = match put {
+            Ok(stored) => stored,
+            Err(IssuerPutError::Denied(audited)) => return Err(audited.into()),
+            Err(IssuerPutError::Store(e)) => return Err(call.fail(e).into()),
+        };
         call.check(self.core.barrier.durable().await)?;
         call.ok(&[])?;
         Ok(Response::new(issuer_message(&stored)))

@@ -329,7 +329,7 @@ fn bench_config(dir: &Path) -> ServerConfig {
         audit_path: dir.join("audit.log"),
         metrics_listen: None,
         limits: keyward::secrets::DataLimits::default(),
-        oidc_ca: None,
+        oidc: Default::default(),
     }
 }
 

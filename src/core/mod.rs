@@ -60,6 +60,8 @@ pub struct Core {
     pub login: Arc<Login>,
     /// The rotation broker (issue 4): policies, runs, the scheduler's state.
     pub rotation: Arc<Broker>,
+    /// `oidc.jwks_dir` (see [`Core::set_oidc`]).
+    oidc_jwks_dir: Option<std::path::PathBuf>,
     /// The one clock every part of this vault reads.
     clock: Clock,
     /// The server's shutdown, for long streams (`Watch`) and workers.
@@ -113,6 +115,7 @@ impl Core {
                 JwksCache::files_only(),
                 ThrottleConfig::default(),
             )),
+            oidc_jwks_dir: None,
             clock,
             shutdown,
         }
@@ -209,12 +212,22 @@ impl Core {
         self.usage.flush().await;
     }
 
-    /// Trusts `ca` (PEM) for fetching OIDC issuers' key sets over HTTPS.
-    pub fn set_oidc_ca(
+    /// How OIDC key sets are loaded: the CA trusted for HTTPS, the folder
+    /// key set files must be under, whether private hosts are fetched from.
+    pub fn set_oidc(
         &mut self,
-        ca: Option<&std::path::Path>,
+        oidc: &crate::config::OidcConfig,
     ) -> Result<(), crate::oidc::OidcError> {
-        self.login = Arc::new(Login::new(JwksCache::new(ca)?, ThrottleConfig::default()));
+        let jwks = JwksCache::new(oidc.ca_file.as_deref())?
+            .with_jwks_dir(oidc.jwks_dir.as_deref())
+            .danger_allow_private_hosts(oidc.allow_private_hosts);
+        self.login = Arc::new(Login::new(jwks, ThrottleConfig::default()));
+        self.oidc_jwks_dir = oidc.jwks_dir.clone();
         Ok(())
+    }
+
+    /// `oidc.jwks_dir`: the folder an issuer's `--jwks-file` must be under.
+    pub fn oidc_jwks_dir(&self) -> Option<&std::path::Path> {
+        self.oidc_jwks_dir.as_deref()
     }
 }

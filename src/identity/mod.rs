@@ -25,10 +25,13 @@ pub mod login;
 mod secret_id;
 
 #[cfg(test)]
+mod issuer_tests;
+#[cfg(test)]
 mod tests;
 
 use std::fmt;
 use std::net::IpAddr;
+use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use prost::Message;
@@ -1048,25 +1051,73 @@ impl IdentityStore {
     }
 
     /// Stores (or replaces) an OIDC issuer; the record is checked first.
-    pub fn put_issuer(&self, issuer: IssuerRecord) -> Result<IssuerRecord, IdentityError> {
+    ///
+    /// Whoever sets an issuer's key set, URL or audience decides who can log
+    /// in as every identity bound to it. So unless the stored issuer is
+    /// already exactly this one, `may_rebind` is asked about the policies of
+    /// every identity with a binding that names the issuer, and its refusal
+    /// ends the put. That holds whether or not an issuer of the name is
+    /// stored now: bindings outlive their issuer, so re-creating a removed
+    /// issuer that bindings still name needs the same as changing it. The
+    /// check and the write happen under the store's lock, so no binding can
+    /// be added between them.
+    ///
+    /// A `jwks_file` must name a regular file under `jwks_dir`
+    /// (`oidc.jwks_dir`; without one, files are refused); its real path is
+    /// stored.
+    pub fn put_issuer<E: From<IdentityError>>(
+        &self,
+        mut issuer: IssuerRecord,
+        jwks_dir: Option<&Path>,
+        may_rebind: impl FnOnce(&[String]) -> Result<(), E>,
+    ) -> Result<IssuerRecord, E> {
+        use crate::oidc::{confine_jwks_file, JwksError};
         if IdentityName::parse(&issuer.name).is_err() {
             return Err(IdentityError::Invalid(
                 "issuer name: 1 to 128 characters of [A-Za-z0-9._-]".into(),
-            ));
+            )
+            .into());
         }
         if issuer.jwks_file.is_empty() == issuer.jwks_url.is_empty() {
             return Err(IdentityError::Invalid(
                 "give exactly one of a JWKS file or a JWKS URL".into(),
-            ));
+            )
+            .into());
+        }
+        if !issuer.jwks_file.is_empty() {
+            let invalid = |e: JwksError| IdentityError::Invalid(e.to_string());
+            let dir = jwks_dir.ok_or_else(|| invalid(JwksError::NoJwksDir))?;
+            let real = confine_jwks_file(dir, Path::new(&issuer.jwks_file)).map_err(invalid)?;
+            issuer.jwks_file = real
+                .to_str()
+                .ok_or_else(|| IdentityError::Invalid("the JWKS file path is not UTF-8".into()))?
+                .to_owned();
         }
         issuer
             .config()
             .map_err(|e| IdentityError::Invalid(e.to_string()))?;
-        self.barrier.put(
-            &format!("{ISSUER_PREFIX}{}", issuer.name),
-            &issuer.encode_to_vec(),
-        )?;
+        let _guard = self.lock();
+        if self.issuer(&issuer.name)?.as_ref() != Some(&issuer) {
+            may_rebind(&self.policies_bound_to(&issuer.name)?)?;
+        }
+        self.barrier
+            .put(
+                &format!("{ISSUER_PREFIX}{}", issuer.name),
+                &issuer.encode_to_vec(),
+            )
+            .map_err(IdentityError::from)?;
         Ok(issuer)
+    }
+
+    /// Every policy held by an identity with a binding to `issuer`, sorted.
+    fn policies_bound_to(&self, issuer: &str) -> Result<Vec<String>, IdentityError> {
+        let mut held = std::collections::BTreeSet::new();
+        for record in self.all()? {
+            if record.oidc_bindings.iter().any(|b| b.issuer == issuer) {
+                held.extend(record.policies);
+            }
+        }
+        Ok(held.into_iter().collect())
     }
 
     pub fn issuer(&self, name: &str) -> Result<Option<IssuerRecord>, IdentityError> {

@@ -462,20 +462,25 @@ fn cert_bindings_find_the_identity() {
 fn issuers_and_oidc_bindings_are_checked() {
     let f = fixture();
     f.store.create(new("ci"), &AllPolicies, NOW).unwrap();
+    let jwks_dir = tempfile::tempdir().unwrap();
+    std::fs::write(jwks_dir.path().join("jwks.json"), "{}").unwrap();
+    let (dir, anyone) = (Some(jwks_dir.path()), |_: &[String]| {
+        Ok::<_, IdentityError>(())
+    });
     let issuer = IssuerRecord {
         name: "gh".into(),
         issuer_url: "https://token.actions.example".into(),
-        jwks_file: "/tmp/jwks.json".into(),
+        jwks_file: "jwks.json".into(),
         jwks_url: String::new(),
         audience: "keyward".into(),
     };
     let mut both = issuer.clone();
     both.jwks_url = "https://x/jwks".into();
-    assert!(f.store.put_issuer(both).is_err());
+    assert!(f.store.put_issuer(both, dir, anyone).is_err());
     let mut http = issuer.clone();
     http.issuer_url = "http://x".into();
-    assert!(f.store.put_issuer(http).is_err());
-    f.store.put_issuer(issuer).unwrap();
+    assert!(f.store.put_issuer(http, dir, anyone).is_err());
+    f.store.put_issuer(issuer, dir, anyone).unwrap();
     assert_eq!(f.store.issuers().unwrap().len(), 1);
     assert!(matches!(
         f.store

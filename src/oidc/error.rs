@@ -4,6 +4,7 @@
 //! token-derived text ever shown is the `alg` name, and only when it is a
 //! short run of ASCII letters and digits.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -80,6 +81,35 @@ pub enum JwksError {
     Timeout { url: String, timeout: Duration },
     #[error("fetching {url}: HTTP status {status}")]
     Status { url: String, status: u16 },
+    /// A key set file was named but the server has no `oidc.jwks_dir`.
+    #[error("key set files are refused: the server has no oidc.jwks_dir")]
+    NoJwksDir,
+    /// The path climbs with `..`, or leads (perhaps through a symbolic link)
+    /// out of `oidc.jwks_dir`. The path is not named: it came from the caller.
+    #[error("the key set file must be under oidc.jwks_dir (no '..', no link out of it)")]
+    OutsideJwksDir,
+    #[error("key set file {0} is not a regular file")]
+    NotRegularFile(PathBuf),
+    #[error("reading key set file {path} timed out after {timeout:?}")]
+    ReadTimeout { path: PathBuf, timeout: Duration },
+    /// The host resolved to an address keyward does not fetch from unless
+    /// `oidc.allow_private_hosts` is set (loopback, private, link-local...).
+    #[error("fetching {url}: refused to connect to {addr}, a {kind} address (oidc.allow_private_hosts is off)")]
+    PrivateAddress {
+        url: String,
+        addr: IpAddr,
+        kind: &'static str,
+    },
+    /// An earlier load of this key set failed; no new attempt is made until
+    /// the back-off has passed.
+    #[error("an earlier load failed; the next attempt is in {0:?}")]
+    BackingOff(Duration),
+    /// What a login is told when the key set could not be had, whatever the
+    /// cause: the cause (a URL, an address, a TLS or file error) is in the
+    /// server log only, so a caller cannot use logins to probe the network
+    /// or the file system. Shown after "the issuer's key set is unavailable: ".
+    #[error("the reason is in the server log")]
+    Unavailable,
 }
 
 /// The `alg` name as it may appear in an error: short ASCII letters and

@@ -7,10 +7,26 @@
 //! the system bundle, e.g. `/etc/ssl/certs/ca-certificates.crt`, for a
 //! public issuer). A refresh that fails is an error: a stale set is not
 //! served past its TTL, so a key the issuer withdrew stops working.
+//!
+//! Logins are unauthenticated, so nothing a caller does may turn into
+//! unbounded work or into a probe of the network:
+//! - one load per source at a time: concurrent logins wait for it;
+//! - a failed load is remembered, and the source is not tried again for a
+//!   back-off (5 s, doubling to 5 min); logins meanwhile fail at once;
+//! - the host's every resolved address must be public unless
+//!   `oidc.allow_private_hosts` (see `hosts.rs`), and the
+//!   connection goes to a checked address;
+//! - a login is told only [`JwksError::Unavailable`]; the cause goes to the
+//!   server log, once per failed load;
+//! - a file must be a regular file under `oidc.jwks_dir`
+//!   ([`confine_jwks_file`]); it is read with a size cap and a deadline, off
+//!   the async threads.
 
 use std::collections::HashMap;
-use std::io;
-use std::path::{Path, PathBuf};
+use std::fmt;
+use std::io::{self, Read as _};
+use std::net::SocketAddr;
+use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -21,6 +37,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::error::JwksError;
+use super::hosts::non_public;
 use super::issuer::{HttpsUrl, IssuerConfig, JwksSource};
 use super::jwks::Jwks;
 use super::jwt::{verify, VerifiedJwt};
@@ -32,30 +49,52 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(5 * 60);
 /// have rotated its keys), but not more often than this, so forged `kid`s
 /// cannot turn keyward into a flood against the issuer.
 pub const DEFAULT_MIN_REFETCH: Duration = Duration::from_secs(30);
-/// Deadline for connect, TLS handshake, request and response together.
+/// Deadline for connect, TLS handshake, request and response together; and
+/// for reading a key set file.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most bytes read for one key set: the whole HTTP response (status line,
 /// headers, chunk framing and body), or the file.
 pub const DEFAULT_MAX_BYTES: usize = 1024 * 1024;
+/// After a failed load a source is not tried again for this long; each
+/// further failure doubles it, up to [`MAX_FAILURE_BACKOFF`].
+pub const FIRST_FAILURE_BACKOFF: Duration = Duration::from_secs(5);
+pub const MAX_FAILURE_BACKOFF: Duration = Duration::from_secs(5 * 60);
 
 const MAX_HEADERS: usize = 100;
 
-struct Entry {
+struct Loaded {
     jwks: Arc<Jwks>,
     fetched_at: Instant,
 }
 
-/// Key sets by source, each kept for a TTL.
-///
-/// Two concurrent misses for one source may both fetch; the later result
-/// wins. That costs one extra request and keeps the lock out of any await.
+/// The last load failed at `at`; the next one may start at `at + backoff`.
+struct Failed {
+    at: Instant,
+    backoff: Duration,
+}
+
+/// What the cache knows of one source.
+#[derive(Default)]
+struct Slot {
+    loaded: Option<Loaded>,
+    failed: Option<Failed>,
+    /// Held for the whole of a load, so one source has one load at a time.
+    loading: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Key sets by source, each kept for a TTL; failed loads are remembered with
+/// a back-off (see the module doc).
 pub struct JwksCache {
     tls: Option<Arc<rustls::ClientConfig>>,
     ttl: Duration,
     min_refetch: Duration,
     timeout: Duration,
     max_bytes: usize,
-    entries: Mutex<HashMap<JwksSource, Entry>>,
+    first_backoff: Duration,
+    max_backoff: Duration,
+    jwks_dir: Option<PathBuf>,
+    allow_private_hosts: bool,
+    entries: Mutex<HashMap<JwksSource, Slot>>,
 }
 
 impl JwksCache {
@@ -65,15 +104,12 @@ impl JwksCache {
         let tls = ca.map(client_config).transpose()?.map(Arc::new);
         Ok(Self {
             tls,
-            ttl: DEFAULT_TTL,
-            min_refetch: DEFAULT_MIN_REFETCH,
-            timeout: DEFAULT_TIMEOUT,
-            max_bytes: DEFAULT_MAX_BYTES,
-            entries: Mutex::new(HashMap::new()),
+            ..Self::files_only()
         })
     }
 
     /// A cache for file sources only (no trust roots; URL sources fail).
+    /// Files still need [`Self::with_jwks_dir`].
     pub fn files_only() -> Self {
         Self {
             tls: None,
@@ -81,6 +117,10 @@ impl JwksCache {
             min_refetch: DEFAULT_MIN_REFETCH,
             timeout: DEFAULT_TIMEOUT,
             max_bytes: DEFAULT_MAX_BYTES,
+            first_backoff: FIRST_FAILURE_BACKOFF,
+            max_backoff: MAX_FAILURE_BACKOFF,
+            jwks_dir: None,
+            allow_private_hosts: false,
             entries: Mutex::new(HashMap::new()),
         }
     }
@@ -105,6 +145,29 @@ impl JwksCache {
         self
     }
 
+    /// The back-off after a failed load, and its ceiling.
+    pub fn with_failure_backoff(mut self, first: Duration, max: Duration) -> Self {
+        self.first_backoff = first;
+        self.max_backoff = max.max(first);
+        self
+    }
+
+    /// The folder key set files must be under (`oidc.jwks_dir`); `None`
+    /// refuses every file source.
+    pub fn with_jwks_dir(mut self, dir: Option<&Path>) -> Self {
+        self.jwks_dir = dir.map(Path::to_owned);
+        self
+    }
+
+    /// `oidc.allow_private_hosts`: also fetch from loopback, private,
+    /// link-local and other non-public addresses. For tests and for issuers
+    /// inside a private network; it lets whoever may configure an issuer make
+    /// the server connect into that network.
+    pub fn danger_allow_private_hosts(mut self, allow: bool) -> Self {
+        self.allow_private_hosts = allow;
+        self
+    }
+
     /// The key set of `source`, from the cache while younger than the TTL.
     pub async fn jwks(&self, source: &JwksSource) -> Result<Arc<Jwks>, OidcError> {
         if let Some((jwks, _)) = self.cached(source, self.ttl) {
@@ -113,27 +176,59 @@ impl JwksCache {
         self.refresh(source).await
     }
 
-    /// Loads `source` again, whatever the cache holds.
+    /// Loads `source` again, whatever the cache holds, unless a load failed
+    /// less than the back-off ago ([`JwksError::BackingOff`]). A caller that
+    /// waited for another's load of the same source gets that load's result.
     pub async fn refresh(&self, source: &JwksSource) -> Result<Arc<Jwks>, OidcError> {
-        let bytes = match source {
-            JwksSource::File(path) => read_file(path, self.max_bytes).await?,
-            JwksSource::Url(url) => self.fetch(url).await?,
-        };
-        let jwks = Arc::new(Jwks::parse(&bytes)?);
-        tracing::debug!(keys = jwks.keys().len(), "JWKS loaded");
-        self.lock().insert(
-            source.clone(),
-            Entry {
-                jwks: Arc::clone(&jwks),
-                fetched_at: Instant::now(),
-            },
-        );
-        Ok(jwks)
+        let loading = Arc::clone(&self.lock().entry(source.clone()).or_default().loading);
+        let waited_from = Instant::now();
+        let _one_load = loading.lock().await;
+        if let Some(earlier) = self.settled_since(source, waited_from) {
+            return earlier;
+        }
+        let loaded = match source {
+            JwksSource::File(path) => self.read_file(path).await,
+            JwksSource::Url(url) => self.fetch(url).await,
+        }
+        .and_then(|bytes| Jwks::parse(&bytes));
+        let mut entries = self.lock();
+        let slot = entries.entry(source.clone()).or_default();
+        match loaded {
+            Ok(jwks) => {
+                let jwks = Arc::new(jwks);
+                tracing::debug!(keys = jwks.keys().len(), "JWKS loaded");
+                slot.failed = None;
+                slot.loaded = Some(Loaded {
+                    jwks: Arc::clone(&jwks),
+                    fetched_at: Instant::now(),
+                });
+                Ok(jwks)
+            }
+            Err(e) => {
+                let backoff = match &slot.failed {
+                    Some(failed) => (failed.backoff * 2).min(self.max_backoff),
+                    None => self.first_backoff,
+                };
+                slot.failed = Some(Failed {
+                    at: Instant::now(),
+                    backoff,
+                });
+                // The one place the cause is told: logins get `Unavailable`.
+                tracing::warn!(
+                    %source,
+                    error = %e,
+                    retry_in_secs = backoff.as_secs(),
+                    "loading an OIDC key set failed",
+                );
+                Err(e.into())
+            }
+        }
     }
 
     /// [`verify`] with the issuer's cached key set; on an unknown `kid` the
     /// set is loaded once more (at most once per minimum refetch interval)
-    /// and the token tried again.
+    /// and the token tried again. A key set that cannot be had is
+    /// [`JwksError::Unavailable`], whatever the cause (logged by the load).
     pub async fn verify(
         &self,
         jwt: &str,
@@ -144,27 +239,78 @@ impl JwksCache {
         let source = issuer.jwks();
         let (jwks, fetched_at) = match self.cached(source, self.ttl) {
             Some(hit) => hit,
-            None => (self.refresh(source).await?, Instant::now()),
+            None => (self.refresh_for_login(source).await?, Instant::now()),
         };
         match verify(jwt, issuer, &jwks, now_unix, leeway_secs) {
             Err(OidcError::UnknownKey) if fetched_at.elapsed() >= self.min_refetch => {
-                let jwks = self.refresh(source).await?;
+                let jwks = self.refresh_for_login(source).await?;
                 verify(jwt, issuer, &jwks, now_unix, leeway_secs)
             }
             result => result,
         }
     }
 
-    fn cached(&self, source: &JwksSource, max_age: Duration) -> Option<(Arc<Jwks>, Instant)> {
-        let entries = self.lock();
-        let entry = entries.get(source)?;
-        (entry.fetched_at.elapsed() < max_age).then(|| (Arc::clone(&entry.jwks), entry.fetched_at))
+    async fn refresh_for_login(&self, source: &JwksSource) -> Result<Arc<Jwks>, OidcError> {
+        self.refresh(source).await.map_err(|e| {
+            if let OidcError::Jwks(JwksError::BackingOff(retry_in)) = e {
+                tracing::debug!(%source, ?retry_in, "OIDC key set backing off after a failure");
+            }
+            OidcError::Jwks(JwksError::Unavailable)
+        })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<JwksSource, Entry>> {
-        // Every write is a single insert, so the map is whole even after a
-        // panic elsewhere poisoned the lock.
+    fn cached(&self, source: &JwksSource, max_age: Duration) -> Option<(Arc<Jwks>, Instant)> {
+        let entries = self.lock();
+        let loaded = entries.get(source)?.loaded.as_ref()?;
+        (loaded.fetched_at.elapsed() < max_age)
+            .then(|| (Arc::clone(&loaded.jwks), loaded.fetched_at))
+    }
+
+    /// What a caller that waited for the load lock from `since` gets without
+    /// loading: the back-off of a recent failure, or a set loaded meanwhile.
+    fn settled_since(
+        &self,
+        source: &JwksSource,
+        since: Instant,
+    ) -> Option<Result<Arc<Jwks>, OidcError>> {
+        let entries = self.lock();
+        let slot = entries.get(source)?;
+        if let Some(failed) = &slot.failed {
+            let retry_at = failed.at + failed.backoff;
+            let now = Instant::now();
+            if now < retry_at {
+                return Some(Err(JwksError::BackingOff(retry_at - now).into()));
+            }
+        }
+        let loaded = slot.loaded.as_ref()?;
+        (loaded.fetched_at >= since).then(|| Ok(Arc::clone(&loaded.jwks)))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<JwksSource, Slot>> {
+        // Every write replaces whole fields, so the map is whole even after
+        // a panic elsewhere poisoned the lock.
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn read_file(&self, path: &Path) -> Result<Vec<u8>, JwksError> {
+        let dir = self.jwks_dir.clone().ok_or(JwksError::NoJwksDir)?;
+        let (file, max_bytes) = (path.to_owned(), self.max_bytes);
+        // Off the async threads; if the open or read still blocks (the file
+        // was swapped for a FIFO after the check), the login does not wait
+        // past the deadline, and the back-off keeps later logins from
+        // pinning more threads.
+        let read = tokio::task::spawn_blocking(move || read_confined(&dir, &file, max_bytes));
+        match tokio::time::timeout(self.timeout, read).await {
+            Err(_elapsed) => Err(JwksError::ReadTimeout {
+                path: path.to_owned(),
+                timeout: self.timeout,
+            }),
+            Ok(Err(join)) => Err(JwksError::Read {
+                path: path.to_owned(),
+                source: io::Error::other(join.to_string()),
+            }),
+            Ok(Ok(read)) => read,
+        }
     }
 
     async fn fetch(&self, url: &HttpsUrl) -> Result<Vec<u8>, JwksError> {
@@ -173,7 +319,8 @@ impl JwksCache {
             .clone()
             .ok_or_else(|| JwksError::NoTrustRoots(url.to_string()))?;
         tracing::info!(%url, "fetching JWKS");
-        match tokio::time::timeout(self.timeout, get(tls, url, self.max_bytes)).await {
+        let get = get(tls, url, self.max_bytes, self.allow_private_hosts);
+        match tokio::time::timeout(self.timeout, get).await {
             Err(_elapsed) => Err(JwksError::Timeout {
                 url: url.to_string(),
                 timeout: self.timeout,
@@ -182,6 +329,84 @@ impl JwksCache {
             Ok(Err(failure)) => Err(failure.into_error(url)),
         }
     }
+}
+
+impl fmt::Display for JwksSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File(path) => write!(f, "{}", path.display()),
+            Self::Url(url) => write!(f, "{url}"),
+        }
+    }
+}
+
+/// The real path of the key set file `given` names, if it is a regular file
+/// under `dir` (`oidc.jwks_dir`); a relative `given` is taken relative to
+/// `dir`.
+///
+/// A path with a `..` component, or one that does not start with `dir`, is
+/// refused before anything is looked up, so the answer says nothing about
+/// files outside the folder. The path is then resolved (symbolic links
+/// included) and must still be under the resolved `dir`, so a link cannot
+/// lead out of it. Only a regular file passes: a FIFO, a device or a
+/// folder would block a reader or never end.
+pub fn confine_jwks_file(dir: &Path, given: &Path) -> Result<PathBuf, JwksError> {
+    if given.as_os_str().is_empty()
+        || given
+            .components()
+            .any(|c| matches!(c, Component::ParentDir))
+    {
+        return Err(JwksError::OutsideJwksDir);
+    }
+    let real_dir = std::fs::canonicalize(dir).map_err(|source| JwksError::Read {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let candidate = if given.is_absolute() {
+        given.to_owned()
+    } else {
+        real_dir.join(given)
+    };
+    if !(candidate.starts_with(dir) || candidate.starts_with(&real_dir)) {
+        return Err(JwksError::OutsideJwksDir);
+    }
+    let real = std::fs::canonicalize(&candidate).map_err(|source| JwksError::Read {
+        path: candidate.clone(),
+        source,
+    })?;
+    if !real.starts_with(&real_dir) || real == real_dir {
+        return Err(JwksError::OutsideJwksDir);
+    }
+    let meta = std::fs::metadata(&real).map_err(|source| JwksError::Read {
+        path: real.clone(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(JwksError::NotRegularFile(real));
+    }
+    Ok(real)
+}
+
+/// Reads at most `max_bytes` of the file `path` names under `dir`. Blocking.
+fn read_confined(dir: &Path, path: &Path, max_bytes: usize) -> Result<Vec<u8>, JwksError> {
+    let real = confine_jwks_file(dir, path)?;
+    let read_error = |source| JwksError::Read {
+        path: real.clone(),
+        source,
+    };
+    let file = std::fs::File::open(&real).map_err(read_error)?;
+    // The file opened may not be the one checked: look at what was opened.
+    if !file.metadata().map_err(read_error)?.is_file() {
+        return Err(JwksError::NotRegularFile(real));
+    }
+    let mut bytes = Vec::new();
+    file.take(max_bytes as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    if bytes.len() > max_bytes {
+        return Err(JwksError::TooLarge(max_bytes));
+    }
+    Ok(bytes)
 }
 
 fn client_config(ca: &Path) -> Result<rustls::ClientConfig, JwksError> {
@@ -210,28 +435,13 @@ fn client_config(ca: &Path) -> Result<rustls::ClientConfig, JwksError> {
     Ok(config)
 }
 
-async fn read_file(path: &PathBuf, max_bytes: usize) -> Result<Vec<u8>, JwksError> {
-    let read_error = |source| JwksError::Read {
-        path: path.clone(),
-        source,
-    };
-    let file = tokio::fs::File::open(path).await.map_err(read_error)?;
-    let mut bytes = Vec::new();
-    file.take(max_bytes as u64 + 1)
-        .read_to_end(&mut bytes)
-        .await
-        .map_err(read_error)?;
-    if bytes.len() > max_bytes {
-        return Err(JwksError::TooLarge(max_bytes));
-    }
-    Ok(bytes)
-}
-
 /// Why one GET failed, before the URL is attached.
 #[derive(Debug)]
 pub(crate) enum HttpFailure {
     Io(io::Error),
+    Resolve(io::Error),
     Tls(io::Error),
+    NotPublic(std::net::IpAddr, &'static str),
     Status(u16),
     TooLarge(usize),
     Protocol(&'static str),
@@ -245,10 +455,15 @@ impl HttpFailure {
                 url,
                 reason: e.to_string(),
             },
+            Self::Resolve(e) => JwksError::Fetch {
+                url,
+                reason: format!("resolving the host: {e}"),
+            },
             Self::Tls(e) => JwksError::Fetch {
                 url,
                 reason: format!("TLS: {e}"),
             },
+            Self::NotPublic(addr, kind) => JwksError::PrivateAddress { url, addr, kind },
             Self::Status(status) => JwksError::Status { url, status },
             Self::TooLarge(max) => JwksError::TooLarge(max),
             Self::Protocol(reason) => JwksError::Fetch {
@@ -259,16 +474,40 @@ impl HttpFailure {
     }
 }
 
+/// Resolves the URL's host once, checks every address (see
+/// `hosts.rs`), and connects to the checked addresses in turn.
+async fn connect(url: &HttpsUrl, allow_private_hosts: bool) -> Result<TcpStream, HttpFailure> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((url.host(), url.port()))
+        .await
+        .map_err(HttpFailure::Resolve)?
+        .collect();
+    if !allow_private_hosts {
+        if let Some((ip, kind)) = addrs
+            .iter()
+            .find_map(|a| non_public(a.ip()).map(|kind| (a.ip(), kind)))
+        {
+            return Err(HttpFailure::NotPublic(ip, kind));
+        }
+    }
+    let mut last = HttpFailure::Protocol("the host name resolved to no address");
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = HttpFailure::Io(e),
+        }
+    }
+    Err(last)
+}
+
 async fn get(
     tls: Arc<rustls::ClientConfig>,
     url: &HttpsUrl,
     max_bytes: usize,
+    allow_private_hosts: bool,
 ) -> Result<Vec<u8>, HttpFailure> {
     let server_name = ServerName::try_from(url.host().to_owned())
         .map_err(|_| HttpFailure::Protocol("host is not a valid TLS server name"))?;
-    let tcp = TcpStream::connect((url.host(), url.port()))
-        .await
-        .map_err(HttpFailure::Io)?;
+    let tcp = connect(url, allow_private_hosts).await?;
     tcp.set_nodelay(true).map_err(HttpFailure::Io)?;
     let mut stream = tokio_rustls::TlsConnector::from(tls)
         .connect(server_name, tcp)

@@ -658,7 +658,9 @@ async fn file_sources_are_cached_for_the_ttl() {
     std::fs::write(&path, jwks_json(&[&one])).unwrap();
     let source = JwksSource::File(path.clone());
 
-    let cache = JwksCache::new(None).unwrap();
+    let cache = JwksCache::new(None)
+        .unwrap()
+        .with_jwks_dir(Some(dir.path()));
     assert_eq!(
         cache.jwks(&source).await.unwrap().keys()[0].kid(),
         Some("ed-1")
@@ -673,7 +675,10 @@ async fn file_sources_are_cached_for_the_ttl() {
         Some("ed-2")
     );
 
-    let uncached = JwksCache::new(None).unwrap().with_ttl(Duration::ZERO);
+    let uncached = JwksCache::new(None)
+        .unwrap()
+        .with_jwks_dir(Some(dir.path()))
+        .with_ttl(Duration::ZERO);
     std::fs::write(&path, jwks_json(&[&one])).unwrap();
     assert_eq!(
         uncached.jwks(&source).await.unwrap().keys()[0].kid(),
@@ -691,7 +696,10 @@ async fn file_sources_are_cached_for_the_ttl() {
         Err(OidcError::Jwks(JwksError::Read { .. }))
     ));
     std::fs::write(&path, vec![b' '; 2000]).unwrap();
-    let small = JwksCache::new(None).unwrap().with_max_bytes(1000);
+    let small = JwksCache::new(None)
+        .unwrap()
+        .with_jwks_dir(Some(dir.path()))
+        .with_max_bytes(1000);
     assert!(matches!(
         small.jwks(&source).await,
         Err(OidcError::Jwks(JwksError::TooLarge(1000)))
@@ -821,6 +829,7 @@ async fn jwks_over_https_is_fetched_cached_and_refetched_on_unknown_kid() {
         let issuer = issuer_with(JwksSource::Url(server.url.clone()));
         let cache = JwksCache::new(Some(&certs.ca))
             .unwrap()
+            .danger_allow_private_hosts(true)
             .with_min_refetch_interval(Duration::ZERO);
 
         let verified = cache
@@ -869,7 +878,9 @@ async fn jwks_over_https_is_fetched_cached_and_refetched_on_unknown_kid() {
         assert_eq!(server.hits(), 3);
 
         // With the default interval a fresh set is not fetched again.
-        let cache = JwksCache::new(Some(&certs.ca)).unwrap();
+        let cache = JwksCache::new(Some(&certs.ca))
+            .unwrap()
+            .danger_allow_private_hosts(true);
         assert!(cache
             .verify(&two.token(&claims()), &issuer, NOW, 0)
             .await
@@ -894,6 +905,7 @@ async fn https_fetch_failures_are_jwks_errors() {
     // A certificate from another CA.
     let err = JwksCache::new(Some(&other.ca))
         .unwrap()
+        .danger_allow_private_hosts(true)
         .jwks(&source)
         .await
         .unwrap_err();
@@ -913,6 +925,7 @@ async fn https_fetch_failures_are_jwks_errors() {
     assert!(matches!(
         JwksCache::new(Some(&certs.ca))
             .unwrap()
+            .danger_allow_private_hosts(true)
             .with_max_bytes(4000)
             .jwks(&source)
             .await,
@@ -922,7 +935,11 @@ async fn https_fetch_failures_are_jwks_errors() {
     // A body that is not a key set.
     server.set_body(b"<html>maintenance</html>".to_vec());
     assert!(matches!(
-        JwksCache::new(Some(&certs.ca)).unwrap().jwks(&source).await,
+        JwksCache::new(Some(&certs.ca))
+            .unwrap()
+            .danger_allow_private_hosts(true)
+            .jwks(&source)
+            .await,
         Err(OidcError::Jwks(JwksError::Syntax(_)))
     ));
 
@@ -947,6 +964,7 @@ async fn closed_port_fails_at_once() {
     // A refused connection is a Fetch error, not a wait for the deadline.
     let cache = JwksCache::new(Some(&certs.ca))
         .unwrap()
+        .danger_allow_private_hosts(true)
         .with_timeout(Duration::from_secs(60));
     let err = cache.jwks(&source).await.unwrap_err();
     assert!(
@@ -972,11 +990,205 @@ async fn silent_server_hits_the_deadline() {
         JwksSource::Url(HttpsUrl::parse(&format!("https://127.0.0.1:{port}/jwks")).unwrap());
     let cache = JwksCache::new(Some(&certs.ca))
         .unwrap()
+        .danger_allow_private_hosts(true)
         .with_timeout(Duration::from_millis(300));
     let err = cache.jwks(&source).await.unwrap_err();
     held.abort();
     assert!(
         matches!(err, OidcError::Jwks(JwksError::Timeout { .. })),
+        "{err}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Failed loads back off; logins learn nothing of the cause; only public
+// addresses; only regular files under the jwks folder.
+
+/// A TCP listener on 127.0.0.1 that counts connections and drops each.
+async fn counting_listener() -> (u16, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            drop(tcp);
+        }
+    });
+    (port, accepted, task)
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_loads_back_off_doubling_to_the_ceiling() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jwks.json");
+    let source = JwksSource::File(path.clone());
+    let cache = JwksCache::files_only()
+        .with_jwks_dir(Some(dir.path()))
+        .with_failure_backoff(Duration::from_secs(5), Duration::from_secs(20));
+    let backing_off = |r: Result<Arc<Jwks>, OidcError>| {
+        matches!(r, Err(OidcError::Jwks(JwksError::BackingOff(_))))
+    };
+
+    // Missing: a read error, then no new attempt for 5 s even though the
+    // file is there now.
+    assert!(matches!(
+        cache.jwks(&source).await,
+        Err(OidcError::Jwks(JwksError::Read { .. }))
+    ));
+    std::fs::write(&path, "not json").unwrap();
+    assert!(backing_off(cache.jwks(&source).await));
+    tokio::time::advance(Duration::from_millis(4_900)).await;
+    assert!(backing_off(cache.refresh(&source).await));
+    // Tried again after 5 s: fails (not a key set); 10 s of quiet now.
+    tokio::time::advance(Duration::from_millis(100)).await;
+    assert!(matches!(
+        cache.jwks(&source).await,
+        Err(OidcError::Jwks(JwksError::Syntax(_)))
+    ));
+    tokio::time::advance(Duration::from_secs(9)).await;
+    assert!(backing_off(cache.jwks(&source).await));
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert!(!backing_off(cache.jwks(&source).await));
+    // 20 s, then the ceiling: 20 s again.
+    tokio::time::advance(Duration::from_secs(19)).await;
+    assert!(backing_off(cache.jwks(&source).await));
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert!(!backing_off(cache.jwks(&source).await));
+    tokio::time::advance(Duration::from_secs(19)).await;
+    assert!(backing_off(cache.jwks(&source).await));
+    // A good load clears the back-off.
+    let ed = Signer::ed("ed-1");
+    std::fs::write(&path, jwks_json(&[&ed])).unwrap();
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert!(cache.jwks(&source).await.is_ok());
+    assert!(cache.refresh(&source).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_login_is_told_one_generic_message_and_backs_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = crate::pki::ensure_dev_certs(dir.path()).unwrap();
+    let (port, accepted, task) = counting_listener().await;
+    let url = HttpsUrl::parse(&format!("https://127.0.0.1:{port}/jwks")).unwrap();
+    let issuer = issuer_with(JwksSource::Url(url));
+    let cache = JwksCache::new(Some(&certs.ca))
+        .unwrap()
+        .danger_allow_private_hosts(true);
+    let token = Signer::ed("ed-1").token(&claims());
+    for _ in 0..5 {
+        let err = cache.verify(&token, &issuer, NOW, 0).await.unwrap_err();
+        assert!(
+            matches!(err, OidcError::Jwks(JwksError::Unavailable)),
+            "{err}"
+        );
+        let shown = err.to_string();
+        assert!(!shown.contains(&port.to_string()), "{shown}");
+        assert!(!shown.contains("127.0.0.1"), "{shown}");
+    }
+    task.abort();
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection in all");
+}
+
+#[tokio::test]
+async fn concurrent_logins_share_one_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = crate::pki::ensure_dev_certs(dir.path()).unwrap();
+    let ed = Signer::ed("ed-1");
+    let server = start_jwks_server(&certs, jwks_json(&[&ed]), false).await;
+    let issuer = issuer_with(JwksSource::Url(server.url.clone()));
+    let cache = Arc::new(
+        JwksCache::new(Some(&certs.ca))
+            .unwrap()
+            .danger_allow_private_hosts(true),
+    );
+    let token = Arc::new(ed.token(&claims()));
+    let logins: Vec<_> = (0..8)
+        .map(|_| {
+            let (cache, issuer, token) = (cache.clone(), issuer.clone(), token.clone());
+            tokio::spawn(async move { cache.verify(&token, &issuer, NOW, 0).await.is_ok() })
+        })
+        .collect();
+    for login in logins {
+        assert!(login.await.unwrap());
+    }
+    assert_eq!(server.hits(), 1);
+}
+
+#[tokio::test]
+async fn non_public_hosts_are_refused_before_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = crate::pki::ensure_dev_certs(dir.path()).unwrap();
+    let (port, accepted, task) = counting_listener().await;
+    for host in ["127.0.0.1", "[::ffff:127.0.0.1]", "localhost"] {
+        let url = HttpsUrl::parse(&format!("https://{host}:{port}/jwks")).unwrap();
+        let cache = JwksCache::new(Some(&certs.ca)).unwrap();
+        let err = cache.jwks(&JwksSource::Url(url)).await.unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                OidcError::Jwks(JwksError::PrivateAddress {
+                    kind: "loopback",
+                    ..
+                })
+            ),
+            "{host}: {err}"
+        );
+    }
+    task.abort();
+    assert_eq!(accepted.load(Ordering::SeqCst), 0);
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn files_outside_the_folder_or_not_regular_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks_dir = dir.path().join("jwks");
+    std::fs::create_dir(&jwks_dir).unwrap();
+    let ed = Signer::ed("ed-1");
+    let outside = dir.path().join("outside.json");
+    std::fs::write(&outside, jwks_json(&[&ed])).unwrap();
+    std::os::unix::fs::symlink(&outside, jwks_dir.join("link.json")).unwrap();
+    let fifo = jwks_dir.join("fifo.json");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+
+    let cache = JwksCache::files_only().with_jwks_dir(Some(&jwks_dir));
+    let load = |path: std::path::PathBuf| {
+        let cache = &cache;
+        async move { cache.jwks(&JwksSource::File(path)).await.unwrap_err() }
+    };
+    for path in [
+        outside.clone(),
+        jwks_dir.join("link.json"),
+        jwks_dir.join("../outside.json"),
+    ] {
+        let err = load(path.clone()).await;
+        assert!(
+            matches!(err, OidcError::Jwks(JwksError::OutsideJwksDir)),
+            "{}: {err}",
+            path.display()
+        );
+    }
+    // A FIFO nobody writes to would block an open for ever.
+    let err = tokio::time::timeout(Duration::from_secs(60), load(fifo))
+        .await
+        .expect("reading a FIFO hung");
+    assert!(
+        matches!(err, OidcError::Jwks(JwksError::NotRegularFile(_))),
+        "{err}"
+    );
+    // Without a folder no file is read.
+    let err = JwksCache::files_only()
+        .jwks(&JwksSource::File(outside))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, OidcError::Jwks(JwksError::NoJwksDir)),
         "{err}"
     );
 }

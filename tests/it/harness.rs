@@ -64,9 +64,17 @@ pub struct TestServer {
 impl TestServer {
     /// A dev vault: initialised with one share and unsealed.
     pub async fn dev() -> Self {
+        Self::dev_with(|_| {}).await
+    }
+
+    /// [`Self::dev`] with its configuration adjusted before it opens.
+    pub async fn dev_with(adjust: impl FnOnce(&mut ServerConfig)) -> Self {
         install_crypto();
         let dir = tempfile::tempdir().unwrap();
-        let vault = keyward::dev::open(dir.path(), None).await.unwrap();
+        let clock = keyward::clock::Clock::system();
+        let vault = keyward::dev::open_with(dir.path(), None, clock, adjust)
+            .await
+            .unwrap();
         let root_token = vault.credentials.root_token.clone();
         let unseal_share = vault.credentials.unseal_share.clone();
         let ca = vault.certs.ca.clone();
@@ -100,7 +108,7 @@ impl TestServer {
             audit_path: dir.path().join("audit.log"),
             metrics_listen: None,
             limits: DataLimits::default(),
-            oidc_ca: None,
+            oidc: Default::default(),
         };
         let server = Server::open(config).unwrap();
         Self::serve(dir, server, certs.ca, String::new(), String::new()).await

@@ -365,7 +365,7 @@ async fn oidc_runner(
 
 #[tokio::test]
 async fn oidc_login_with_jwks_over_https_and_every_refusal() {
-    let server = TestServer::dev().await;
+    let server = TestServer::dev_with(|c| c.oidc.allow_private_hosts = true).await;
     let root = server.root().await;
     let anon = server.anonymous().await;
     let es = Signer::es256("k-es");
@@ -447,7 +447,7 @@ async fn oidc_issuer_with_a_jwks_file() {
     let server = TestServer::dev().await;
     let root = server.root().await;
     let ed = Signer::eddsa("file-key");
-    let file = server.dir.path().join("jwks.json");
+    let file = server.dir.path().join("jwks").join("jwks.json");
     std::fs::write(&file, jwks(&[&ed])).unwrap();
     let issuer = unique("file");
     root.oidc_issuer_put(PutOidcIssuerRequest {
@@ -498,7 +498,7 @@ async fn oidc_issuer_with_a_jwks_file() {
 /// the value nor the token, and revokes its token before it exits.
 #[tokio::test]
 async fn the_ci_runner_example_logs_in_reads_and_revokes_its_token() {
-    let server = TestServer::dev().await;
+    let server = TestServer::dev_with(|c| c.oidc.allow_private_hosts = true).await;
     let root = server.root().await;
     let es = Signer::es256("k-example");
     let OidcRunner {
