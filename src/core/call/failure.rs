@@ -257,7 +257,9 @@ impl From<IdentityError> for Failure {
             | IdentityError::Invalid(_)
             | IdentityError::UnknownPolicy(_)
             | IdentityError::UnknownIssuer(_) => Self::invalid(e.to_string()),
-            IdentityError::NotFound => Self::new(FailureKind::NotFound, e.to_string()),
+            IdentityError::NotFound
+            | IdentityError::NoSuchBinding
+            | IdentityError::NoSuchSecretId => Self::new(FailureKind::NotFound, e.to_string()),
             IdentityError::AlreadyExists(_) | IdentityError::BindingTaken(_) => {
                 Self::new(FailureKind::AlreadyExists, e.to_string())
             }
