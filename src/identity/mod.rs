@@ -8,8 +8,9 @@
 //!   from the keyring (`identities/secret-id-hash`), as tokens are;
 //! - `identities/sid-of/<name>/<hex keyed hash>`: index of an identity's
 //!   secret-ids (so delete does not scan every secret-id);
-//! - `identities/cert/<subject|spiffe>/<hex of the normalised value>`: the
-//!   identity a certificate binding names;
+//! - `identities/cert/<subject|spiffe>/<hex of the value>`: the identity a
+//!   certificate binding names (a subject by its canonical, escaped RFC 4514
+//!   text, [`Dn::canonical`]; logins then compare the RDN structure);
 //! - `identities/issuer/<name>`: an OIDC issuer ([`IssuerRecord`]).
 //!
 //! Tokens are not this module's: disabling, expiring or deleting an identity
