@@ -236,7 +236,9 @@ impl Identities for IdentitiesService {
         let now = self.core.clock().now_ms();
         let expires_at_ms = r.expires_in_seconds.map(|s| expiry_from(s, now));
         // A later expiry (or none) keeps the identity's access alive longer:
-        // it needs the policies the identity keeps (new ones were checked).
+        // it needs the policies the identity keeps (new ones were checked),
+        // and the store applies it only if they are still those.
+        let mut checked_policies = None;
         if let (Some(new), false) = (expires_at_ms, r.set_policies) {
             let found = call.check(self.core.identities.get(name.as_str()))?;
             if let Some(record) = found {
@@ -247,6 +249,7 @@ impl Identities for IdentitiesService {
                 };
                 if later {
                     call.require_policy_subset(&record.policies)?;
+                    checked_policies = Some(record.policies);
                 }
             }
         }
@@ -255,6 +258,7 @@ impl Identities for IdentitiesService {
             description: r.description,
             policies: r.set_policies.then_some(r.policies),
             expires_at_ms,
+            checked_policies,
         };
         let record = call.check(self.core.identities.update(
             &name,
@@ -527,18 +531,25 @@ impl IdentitiesService {
         let mut call = begin(&self.core, method, Access::Token, &req).await?;
         let name = call.check(IdentityName::parse(&req.get_ref().name))?;
         call.authorize(Capability::Write, name.resource())?;
+        // Enabling gives the identity's policies back to whoever holds its
+        // credentials: it needs them, as attaching them does, and the store
+        // applies it only if they are still those.
+        let mut checked = None;
         if !disabled {
-            // Enabling gives the identity's policies back to whoever holds
-            // its credentials: it needs them, as attaching them does.
-            self.require_holds_policies_of(&mut call, &name)?;
+            let found = call.check(self.core.identities.get(name.as_str()))?;
+            let record = call.check(found.ok_or(IdentityError::NotFound))?;
+            call.require_policy_subset(&record.policies)?;
+            checked = Some(record.policies);
         }
-        let (record, _tokens, _secret_ids) = call.check(self.core.identities.set_disabled(
-            &name,
-            disabled,
-            req.get_ref().keep_secret_ids,
-            &self.core.tokens,
-            self.core.clock().now_ms(),
-        ))?;
+        let (record, _tokens, _secret_ids) =
+            call.check(self.core.identities.set_disabled_checked(
+                &name,
+                disabled,
+                req.get_ref().keep_secret_ids,
+                checked.as_deref(),
+                &self.core.tokens,
+                self.core.clock().now_ms(),
+            ))?;
         call.check(self.core.barrier.durable().await)?;
         call.ok(&[])?;
         Ok(Response::new(self.one(&record)))

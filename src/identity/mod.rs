@@ -67,6 +67,8 @@ pub enum IdentityError {
     NotFound,
     #[error("the identity has no such binding")]
     NoSuchBinding,
+    #[error("the identity's policies changed while the request was checked; try again")]
+    PoliciesChanged,
     #[error("the identity has no secret-id with that accessor")]
     NoSuchSecretId,
     #[error("identity {0} already exists")]
@@ -421,6 +423,10 @@ pub struct IdentityUpdate {
     pub policies: Option<Vec<String>>,
     /// `Some(0)`: never expires.
     pub expires_at_ms: Option<u64>,
+    /// The policies the caller was checked against (for a change that gives
+    /// access back): the update is refused if the identity's policies are no
+    /// longer these when it is applied.
+    pub checked_policies: Option<Vec<String>>,
 }
 
 /// Which binding `unbind` removes, as `identity get` lists them.
@@ -687,6 +693,12 @@ impl IdentityStore {
             .transpose()?;
         let guard = self.lock();
         let mut record = self.require(name)?;
+        if update
+            .checked_policies
+            .is_some_and(|checked| checked != record.policies)
+        {
+            return Err(IdentityError::PoliciesChanged);
+        }
         if let Some(owner) = update.owner {
             check_text("owner", &owner)?;
             record.owner = owner;
@@ -738,6 +750,21 @@ impl IdentityStore {
         tokens: &dyn TokenRevoker,
         now_ms: u64,
     ) -> Result<(IdentityRecord, u32, u32), IdentityError> {
+        self.set_disabled_checked(name, disabled, keep_secret_ids, None, tokens, now_ms)
+    }
+
+    /// [`Self::set_disabled`], refused with `PoliciesChanged` if
+    /// `checked_policies` (those the caller of an enable was checked
+    /// against) are no longer the identity's when it is applied.
+    pub fn set_disabled_checked(
+        &self,
+        name: &IdentityName,
+        disabled: bool,
+        keep_secret_ids: bool,
+        checked_policies: Option<&[String]>,
+        tokens: &dyn TokenRevoker,
+        now_ms: u64,
+    ) -> Result<(IdentityRecord, u32, u32), IdentityError> {
         // Tokens are revoked before the record says disabled, so that a crash
         // between the two cannot leave a disabled identity with the tokens it
         // had, and again after it, for a login that ran in between (only a
@@ -750,6 +777,9 @@ impl IdentityStore {
         let (record, secret_ids) = {
             let _guard = self.lock();
             let mut record = self.require(name)?;
+            if checked_policies.is_some_and(|checked| checked != record.policies.as_slice()) {
+                return Err(IdentityError::PoliciesChanged);
+            }
             record.disabled = disabled;
             let bytes = record.encode_to_vec();
             let record_key = format!("{RECORD_PREFIX}{}", record.name);

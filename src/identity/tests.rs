@@ -627,3 +627,89 @@ async fn the_expiry_sweep_revokes_when_the_clock_passes_the_expiry() {
     stop.trigger();
     sweep.await.unwrap();
 }
+
+#[test]
+fn an_enable_or_extension_checked_against_old_policies_is_refused() {
+    let f = fixture();
+    let revoked = Revocations::default();
+    f.store.create(new("ci"), &AllPolicies, NOW).unwrap();
+    f.store
+        .set_disabled(&name("ci"), true, false, &revoked, NOW)
+        .unwrap();
+    // The caller was checked against policies the identity no longer has
+    // (a policy was attached in between): refused.
+    let stale = vec!["narrow".to_owned()];
+    assert!(matches!(
+        f.store
+            .set_disabled_checked(&name("ci"), false, false, Some(&stale), &revoked, NOW),
+        Err(IdentityError::PoliciesChanged)
+    ));
+    assert!(f.store.get("ci").unwrap().unwrap().disabled);
+    let current = vec!["app-read".to_owned()];
+    let (record, _, _) = f
+        .store
+        .set_disabled_checked(&name("ci"), false, false, Some(&current), &revoked, NOW)
+        .unwrap();
+    assert!(!record.disabled);
+    let extend = |checked: Vec<String>| IdentityUpdate {
+        expires_at_ms: Some(0),
+        checked_policies: Some(checked),
+        ..Default::default()
+    };
+    assert!(matches!(
+        f.store
+            .update(&name("ci"), extend(stale), &AllPolicies, &revoked, NOW),
+        Err(IdentityError::PoliciesChanged)
+    ));
+    f.store
+        .update(&name("ci"), extend(current), &AllPolicies, &revoked, NOW)
+        .unwrap();
+}
+
+#[test]
+fn secret_ids_are_listed_revoked_and_killed_by_a_disable() {
+    let f = fixture();
+    let revoked = Revocations::default();
+    f.store.create(new("ci"), &AllPolicies, NOW).unwrap();
+    let one = f
+        .store
+        .create_secret_id(&name("ci"), SecretIdSpec::default(), NOW)
+        .unwrap();
+    let two = f
+        .store
+        .create_secret_id(&name("ci"), SecretIdSpec::default(), NOW + 1)
+        .unwrap();
+    let listed = f.store.list_secret_ids(&name("ci"), NOW).unwrap();
+    assert_eq!(listed.len(), 2);
+    let first = listed[0].handle.clone();
+    assert!(matches!(
+        f.store.revoke_secret_id(&name("ci"), "sid_000000000000"),
+        Err(IdentityError::NoSuchSecretId)
+    ));
+    f.store
+        .revoke_secret_id(
+            &name("ci"),
+            &first.to_ascii_uppercase().replace("SID_", "sid_"),
+        )
+        .unwrap();
+    assert!(f
+        .store
+        .spend_secret_id(&one.role_id, one.secret_id.expose(), LOCAL, NOW)
+        .unwrap()
+        .is_none());
+    assert!(f
+        .store
+        .spend_secret_id(&two.role_id, two.secret_id.expose(), LOCAL, NOW)
+        .unwrap()
+        .is_some());
+    let (_, _, gone) = f
+        .store
+        .set_disabled(&name("ci"), true, false, &revoked, NOW)
+        .unwrap();
+    assert_eq!(gone, 1);
+    assert!(f
+        .store
+        .list_secret_ids(&name("ci"), NOW)
+        .unwrap()
+        .is_empty());
+}

@@ -263,6 +263,7 @@ impl From<IdentityError> for Failure {
             IdentityError::AlreadyExists(_) | IdentityError::BindingTaken(_) => {
                 Self::new(FailureKind::AlreadyExists, e.to_string())
             }
+            IdentityError::PoliciesChanged => Self::new(FailureKind::Conflict, e.to_string()),
             IdentityError::Barrier(b) => b.into(),
             IdentityError::Corrupt | IdentityError::Tokens(_) => Self::internal(e),
         }
