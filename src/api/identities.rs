@@ -1,10 +1,16 @@
 //! `keyward.v1.Identities`: the inventory, secret-ids, login bindings and
 //! OIDC issuers.
 //!
-//! Resources and capabilities: `identity/<name>` — `write` to create, update,
-//! disable and enable, `read` to get, `delete` to delete, `issue` to make a
-//! secret-id, `admin` to bind a certificate or OIDC claims (a binding decides
-//! who can become the identity); `list` on `identity` to list;
+//! Resources and capabilities: `identity/<name>` — `write` to create, update
+//! and disable, `read` to get and to list its secret-ids (accessors, never
+//! values), `delete` to delete, `issue` to make a secret-id, `admin` to bind
+//! a certificate or OIDC claims (a binding decides who can become the
+//! identity); `write` to revoke one secret-id or remove one binding (they
+//! only take access away); `list` on `identity` to list.
+//! What gives access back needs what granting it needs: creating with
+//! policies, changing policies, enabling, and moving the expiry later (or
+//! removing it) need every policy the identity holds (or will hold), as do
+//! making a secret-id and binding;
 //! `sys/oidc-issuer/<name>` — `admin` to put an issuer, and to change one
 //! that identities are bound to (its key set, URL or audience), every policy
 //! those identities hold, as binding them needs; `list` on
@@ -21,7 +27,7 @@ use crate::cidr::Cidr;
 use crate::core::Core;
 use crate::identity::{
     last_used_ms, IdentityError, IdentityKind, IdentityName, IdentityRecord, IdentityUpdate,
-    IssuerRecord, ListFilter, NewIdentity, SecretIdSpec,
+    IssuerRecord, ListFilter, NewIdentity, SecretIdSpec, Unbind,
 };
 use crate::policy::Capability;
 use crate::proto::v1::identities_server::Identities;
@@ -243,11 +249,31 @@ impl Identities for IdentitiesService {
             call.require_policy_subset(&r.policies)?;
         }
         let now = self.core.clock().now_ms();
+        let expires_at_ms = r.expires_in_seconds.map(|s| expiry_from(s, now));
+        // A later expiry (or none) keeps the identity's access alive longer:
+        // it needs the policies the identity keeps (new ones were checked),
+        // and the store applies it only if they are still those.
+        let mut checked_policies = None;
+        if let (Some(new), false) = (expires_at_ms, r.set_policies) {
+            let found = call.check(self.core.identities.get(name.as_str()))?;
+            if let Some(record) = found {
+                let later = match (record.expires_at_ms, new) {
+                    (0, _) => false,
+                    (_, 0) => true,
+                    (old, new) => new > old,
+                };
+                if later {
+                    call.require_policy_subset(&record.policies)?;
+                    checked_policies = Some(record.policies);
+                }
+            }
+        }
         let update = IdentityUpdate {
             owner: r.owner,
             description: r.description,
             policies: r.set_policies.then_some(r.policies),
-            expires_at_ms: r.expires_in_seconds.map(|s| expiry_from(s, now)),
+            expires_at_ms,
+            checked_policies,
         };
         let record = call.check(self.core.identities.update(
             &name,
@@ -378,6 +404,89 @@ impl Identities for IdentitiesService {
         Ok(Response::new(self.one(&record)))
     }
 
+    async fn list_secret_ids(
+        &self,
+        req: Request<IdentityNameRequest>,
+    ) -> Result<Response<ListSecretIdsResponse>, Status> {
+        let mut call = begin(
+            &self.core,
+            "keyward.v1.Identities/ListSecretIds",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        let name = call.check(IdentityName::parse(&req.get_ref().name))?;
+        call.authorize(Capability::Read, name.resource())?;
+        let listed = call.check(
+            self.core
+                .identities
+                .list_secret_ids(&name, self.core.clock().now_ms()),
+        )?;
+        call.ok(&[])?;
+        Ok(Response::new(ListSecretIdsResponse {
+            secret_ids: listed
+                .into_iter()
+                .map(|s| SecretIdInfo {
+                    accessor: s.handle,
+                    created_at: timestamp(s.created_at_ms),
+                    expires_at: timestamp(s.expires_at_ms),
+                    uses_left: s.uses_left,
+                    cidrs: s.cidrs,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn revoke_secret_id(
+        &self,
+        req: Request<RevokeSecretIdRequest>,
+    ) -> Result<Response<RevokeSecretIdResponse>, Status> {
+        let mut call = begin(
+            &self.core,
+            "keyward.v1.Identities/RevokeSecretId",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        let r = req.into_inner();
+        let name = call.check(IdentityName::parse(&r.name))?;
+        call.authorize(Capability::Write, name.resource())?;
+        call.check(self.core.identities.revoke_secret_id(&name, &r.accessor))?;
+        call.check(self.core.barrier.durable().await)?;
+        call.ok(&[])?;
+        Ok(Response::new(RevokeSecretIdResponse {}))
+    }
+
+    async fn unbind(&self, req: Request<UnbindRequest>) -> Result<Response<Identity>, Status> {
+        use crate::proto::v1::unbind_request::Binding;
+        let mut call = begin(
+            &self.core,
+            "keyward.v1.Identities/Unbind",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        let r = req.into_inner();
+        let name = call.check(IdentityName::parse(&r.name))?;
+        let which =
+            match r.binding {
+                Some(Binding::CertSubject(dn)) => Unbind::CertSubject(dn),
+                Some(Binding::CertSpiffe(id)) => Unbind::CertSpiffe(id),
+                Some(Binding::OidcIssuer(issuer)) => Unbind::OidcIssuer(issuer),
+                None => return Err(call
+                    .fail(IdentityError::Invalid(
+                        "give the binding: a certificate subject, a SPIFFE ID or an OIDC issuer"
+                            .into(),
+                    ))
+                    .into()),
+            };
+        call.authorize(Capability::Write, name.resource())?;
+        let record = call.check(self.core.identities.unbind(&name, &which))?;
+        call.check(self.core.barrier.durable().await)?;
+        call.ok(&[])?;
+        Ok(Response::new(self.one(&record)))
+    }
+
     async fn put_oidc_issuer(
         &self,
         req: Request<PutOidcIssuerRequest>,
@@ -452,12 +561,25 @@ impl IdentitiesService {
         let mut call = begin(&self.core, method, Access::Token, &req).await?;
         let name = call.check(IdentityName::parse(&req.get_ref().name))?;
         call.authorize(Capability::Write, name.resource())?;
-        let (record, _revoked) = call.check(self.core.identities.set_disabled(
-            &name,
-            disabled,
-            &self.core.tokens,
-            self.core.clock().now_ms(),
-        ))?;
+        // Enabling gives the identity's policies back to whoever holds its
+        // credentials: it needs them, as attaching them does, and the store
+        // applies it only if they are still those.
+        let mut checked = None;
+        if !disabled {
+            let found = call.check(self.core.identities.get(name.as_str()))?;
+            let record = call.check(found.ok_or(IdentityError::NotFound))?;
+            call.require_policy_subset(&record.policies)?;
+            checked = Some(record.policies);
+        }
+        let (record, _tokens, _secret_ids) =
+            call.check(self.core.identities.set_disabled_checked(
+                &name,
+                disabled,
+                req.get_ref().keep_secret_ids,
+                checked.as_deref(),
+                &self.core.tokens,
+                self.core.clock().now_ms(),
+            ))?;
         call.check(self.core.barrier.durable().await)?;
         call.ok(&[])?;
         Ok(Response::new(self.one(&record)))

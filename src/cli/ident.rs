@@ -8,8 +8,8 @@ use super::common::{connect, rfc3339, rfc3339_unix, seconds_or_never, text_or_nu
 use super::output::{emit, Format};
 use super::{Global, UsageError};
 use keyward::proto::v1::{
-    CreateIdentityRequest, Identity, ListIdentitiesRequest, PutOidcIssuerRequest, TokenResponse,
-    UpdateIdentityRequest,
+    unbind_request, CreateIdentityRequest, Identity, ListIdentitiesRequest, PutOidcIssuerRequest,
+    TokenResponse, UpdateIdentityRequest,
 };
 
 #[derive(Subcommand)]
@@ -22,10 +22,15 @@ pub enum IdentityCommand {
     List(ListArgs),
     /// Change owner, description, policies or expiry.
     Update(UpdateArgs),
-    /// Disable an identity: every token it holds stops working at once.
+    /// Disable an identity: every token it holds stops working at once and
+    /// its secret-ids are revoked (unless --keep-secret-ids).
     Disable {
         name: String,
+        /// Keep the secret-ids: they work again after an enable.
+        #[arg(long)]
+        keep_secret_ids: bool,
     },
+    /// Enable an identity (needs every policy it holds).
     Enable {
         name: String,
     },
@@ -33,8 +38,10 @@ pub enum IdentityCommand {
     Delete {
         name: String,
     },
-    /// Make a secret-id for role-id login (shown once).
+    /// Make a secret-id for role-id login (shown once); or list or revoke them.
     SecretId(SecretIdArgs),
+    /// Remove one binding, as `identity get` lists it.
+    Unbind(UnbindArgs),
     /// Bind a client certificate by subject DN or SPIFFE ID.
     BindCert(BindCertArgs),
     /// Bind JWTs of an OIDC issuer whose claims all match.
@@ -133,14 +140,64 @@ impl UpdateArgs {
 }
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct SecretIdArgs {
-    name: String,
+    #[command(subcommand)]
+    action: Option<SecretIdCommand>,
+    /// The identity (an identity named `list` or `revoke`: give `-- NAME`).
+    #[arg(required = true)]
+    name: Option<String>,
     #[arg(long)]
     ttl: Option<String>,
     #[arg(long)]
     uses: Option<u32>,
     #[arg(long = "cidr")]
     cidrs: Vec<String>,
+}
+
+#[derive(Subcommand)]
+pub enum SecretIdCommand {
+    /// The identity's live secret-ids: accessors and expiry, never values.
+    List { name: String },
+    /// Revoke one secret-id by its accessor.
+    Revoke {
+        name: String,
+        #[arg(long)]
+        accessor: String,
+    },
+}
+
+#[derive(Args)]
+#[command(group(ArgGroup::new("binding").required(true).args(["cert_subject", "cert_spiffe", "oidc_issuer"])))]
+pub struct UnbindArgs {
+    name: String,
+    /// A subject DN binding (any RFC 4514 spelling of it).
+    #[arg(long)]
+    cert_subject: Option<String>,
+    /// A SPIFFE ID binding.
+    #[arg(long)]
+    cert_spiffe: Option<String>,
+    /// Every OIDC binding to this issuer.
+    #[arg(long)]
+    oidc_issuer: Option<String>,
+}
+
+impl UnbindArgs {
+    fn binding(self) -> Result<(String, unbind_request::Binding)> {
+        use unbind_request::Binding;
+        let binding = match (self.cert_subject, self.cert_spiffe, self.oidc_issuer) {
+            (Some(dn), None, None) => Binding::CertSubject(dn),
+            (None, Some(id), None) => Binding::CertSpiffe(id),
+            (None, None, Some(issuer)) => Binding::OidcIssuer(issuer),
+            _ => {
+                return Err(UsageError(
+                    "give one of --cert-subject, --cert-spiffe or --oidc-issuer".into(),
+                )
+                .into())
+            }
+        };
+        Ok((self.name, binding))
+    }
 }
 
 #[derive(Args)]
@@ -317,9 +374,15 @@ pub async fn identity(g: &Global, format: Format, cmd: IdentityCommand) -> Resul
             let request = args.request()?;
             identity_json(&connect(g).await?.identity_update(request).await?)
         }
-        IdentityCommand::Disable { name } => {
-            identity_json(&connect(g).await?.identity_disable(&name).await?)
-        }
+        IdentityCommand::Disable {
+            name,
+            keep_secret_ids,
+        } => identity_json(
+            &connect(g)
+                .await?
+                .identity_disable_with(&name, keep_secret_ids)
+                .await?,
+        ),
         IdentityCommand::Enable { name } => {
             identity_json(&connect(g).await?.identity_enable(&name).await?)
         }
@@ -328,6 +391,10 @@ pub async fn identity(g: &Global, format: Format, cmd: IdentityCommand) -> Resul
             json!({"name": name, "deleted": true, "revoked_tokens": revoked})
         }
         IdentityCommand::SecretId(args) => secret_id(g, args).await?,
+        IdentityCommand::Unbind(args) => {
+            let (name, binding) = args.binding()?;
+            identity_json(&connect(g).await?.identity_unbind(&name, binding).await?)
+        }
         IdentityCommand::BindCert(args) => identity_json(
             &connect(g)
                 .await?
@@ -352,12 +419,38 @@ pub async fn identity(g: &Global, format: Format, cmd: IdentityCommand) -> Resul
     Ok(())
 }
 
-/// A new secret-id: printed once, never stored in the clear.
+/// A new secret-id: printed once, never stored in the clear. Or the list
+/// of an identity's secret-ids (accessors only), or one revoked.
 async fn secret_id(g: &Global, args: SecretIdArgs) -> Result<Value> {
+    match args.action {
+        Some(SecretIdCommand::List { name }) => {
+            let list = connect(g).await?.identity_secret_ids(&name).await?;
+            let items: Vec<Value> = list
+                .iter()
+                .map(|s| {
+                    json!({"accessor": s.accessor, "created_at": rfc3339(&s.created_at),
+                           "expires_at": rfc3339(&s.expires_at), "uses_left": s.uses_left,
+                           "cidrs": s.cidrs})
+                })
+                .collect();
+            return Ok(json!({"name": name, "secret_ids": items}));
+        }
+        Some(SecretIdCommand::Revoke { name, accessor }) => {
+            connect(g)
+                .await?
+                .identity_revoke_secret_id(&name, &accessor)
+                .await?;
+            return Ok(json!({"name": name, "accessor": accessor, "revoked": true}));
+        }
+        None => {}
+    }
+    let name = args
+        .name
+        .ok_or_else(|| UsageError("give the identity's NAME".into()))?;
     let ttl = seconds(&args.ttl)?;
     let r = connect(g)
         .await?
-        .identity_secret_id(&args.name, ttl, args.uses.unwrap_or(0), &args.cidrs)
+        .identity_secret_id(&name, ttl, args.uses.unwrap_or(0), &args.cidrs)
         .await?;
     Ok(
         json!({"role_id": r.role_id, "secret_id": r.secret_id, "expires_at": rfc3339(&r.expires_at)}),

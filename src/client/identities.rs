@@ -53,25 +53,81 @@ impl Client {
             .into_inner())
     }
 
-    /// Disables an identity; every token it holds stops working at once.
+    /// Disables an identity; every token it holds stops working at once,
+    /// and its secret-ids are revoked.
     pub async fn identity_disable(&self, name: &str) -> Result<Identity, ClientError> {
+        self.identity_disable_with(name, false).await
+    }
+
+    /// Disables an identity; with `keep_secret_ids` its secret-ids stay
+    /// (they work again once it is enabled).
+    pub async fn identity_disable_with(
+        &self,
+        name: &str,
+        keep_secret_ids: bool,
+    ) -> Result<Identity, ClientError> {
         let req = self.request(IdentityNameRequest {
             name: name.to_owned(),
+            keep_secret_ids,
         });
         Ok(self.identities().disable(req).await?.into_inner())
     }
 
+    /// Enables an identity (needs every policy it holds).
     pub async fn identity_enable(&self, name: &str) -> Result<Identity, ClientError> {
         let req = self.request(IdentityNameRequest {
             name: name.to_owned(),
+            keep_secret_ids: false,
         });
         Ok(self.identities().enable(req).await?.into_inner())
+    }
+
+    /// The identity's live secret-ids: accessors and limits, never values.
+    pub async fn identity_secret_ids(&self, name: &str) -> Result<Vec<SecretIdInfo>, ClientError> {
+        let req = self.request(IdentityNameRequest {
+            name: name.to_owned(),
+            keep_secret_ids: false,
+        });
+        Ok(self
+            .identities()
+            .list_secret_ids(req)
+            .await?
+            .into_inner()
+            .secret_ids)
+    }
+
+    /// Revokes one secret-id by its accessor.
+    pub async fn identity_revoke_secret_id(
+        &self,
+        name: &str,
+        accessor: &str,
+    ) -> Result<(), ClientError> {
+        let req = self.request(RevokeSecretIdRequest {
+            name: name.to_owned(),
+            accessor: accessor.to_owned(),
+        });
+        self.identities().revoke_secret_id(req).await?;
+        Ok(())
+    }
+
+    /// Removes one binding of an identity.
+    pub async fn identity_unbind(
+        &self,
+        name: &str,
+        binding: unbind_request::Binding,
+    ) -> Result<Identity, ClientError> {
+        let req = self.request(UnbindRequest {
+            name: name.to_owned(),
+            binding: Some(binding),
+        });
+        Ok(self.identities().unbind(req).await?.into_inner())
     }
 
     /// Deletes an identity; returns how many tokens were revoked.
     pub async fn identity_delete(&self, name: &str) -> Result<u32, ClientError> {
         let req = self.request(IdentityNameRequest {
             name: name.to_owned(),
+            keep_secret_ids: false,
         });
         Ok(self
             .identities()

@@ -1,19 +1,20 @@
 //! Login: role-id + secret-id, client certificate, OIDC/JWT. Each method
 //! checks the presented credential against the inventory and hands back a
 //! [`Grant`] (who, which policies, how long at most); the caller issues the
-//! token. Brute force is throttled here, in memory: repeated failures for one
-//! role-id or one source address lock it out for a back-off period, and every
-//! failure is counted by identity and source for governance.
+//! token. Brute force is throttled here, in memory: repeated failures of one
+//! role-id from one source, or from one source at all, lock that pair (or
+//! that source) out for a back-off period (see [`ThrottleConfig`]), and
+//! every failure is counted by identity and source for governance.
 //!
 //! Owns no storage prefix: it reads and writes through [`IdentityStore`].
 //! Time is a parameter.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use super::{IdentityError, IdentityRecord, IdentityStore};
+use super::{Dn, IdentityError, IdentityRecord, IdentityStore};
 use crate::oidc::{JwksCache, OidcError};
 
 /// TTL of a login token when the request names none.
@@ -83,26 +84,37 @@ fn identity_expiry(record: &IdentityRecord) -> Option<u64> {
 }
 
 /// Brute-force limits.
+///
+/// Failures are counted per role-id *and source* together, and per source
+/// alone; never per role-id alone. Knowing a role-id (which is not a secret)
+/// therefore lets a caller lock out only itself: the service that owns the
+/// role-id, logging in from another address, is not affected. There is no
+/// global ceiling per role-id: a secret-id has 256 random bits, so spreading
+/// guesses over many sources gains nothing, while such a ceiling would give
+/// back the lock-out this design takes away. A source is an IPv4 address or
+/// an IPv6 /64 (one host usually holds a whole /64); IPv4-mapped IPv6
+/// addresses count as the IPv4 address.
 #[derive(Debug, Clone, Copy)]
 pub struct ThrottleConfig {
-    /// Failures of one role-id before it is locked out.
-    pub role_failures: u32,
-    /// Failures from one source address before it is locked out (higher:
-    /// many clients may share an address).
+    /// Failures of one role-id from one source before that pair is locked out.
+    pub role_source_failures: u32,
+    /// Failures from one source, whatever the role-id or method, before the
+    /// source is locked out (higher: many clients may share an address).
     pub source_failures: u32,
     /// Failures older than this are forgotten.
     pub window_ms: u64,
     /// First lock-out; doubles with each further failure, up to `max_backoff_ms`.
     pub backoff_ms: u64,
     pub max_backoff_ms: u64,
-    /// Keys tracked at most (memory bound).
+    /// Entries (role-id and source pairs, sources) tracked at most: past it,
+    /// the least recently touched entry is forgotten to make room.
     pub max_keys: usize,
 }
 
 impl Default for ThrottleConfig {
     fn default() -> Self {
         Self {
-            role_failures: 5,
+            role_source_failures: 5,
             source_failures: 20,
             window_ms: 15 * 60 * 1000,
             backoff_ms: 30 * 1000,
@@ -112,73 +124,219 @@ impl Default for ThrottleConfig {
     }
 }
 
+/// Where a login came from, as the throttle counts it: an IPv4 address, an
+/// IPv6 /64, or unknown (no peer address, e.g. over a Unix socket).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SourceNet {
+    V4(std::net::Ipv4Addr),
+    /// The upper 64 bits of an IPv6 address.
+    V6(u64),
+    Unknown,
+}
+
+impl SourceNet {
+    pub fn of(source: Option<IpAddr>) -> Self {
+        match source.map(|ip| ip.to_canonical()) {
+            Some(IpAddr::V4(v4)) => Self::V4(v4),
+            Some(IpAddr::V6(v6)) => Self::V6((u128::from(v6) >> 64) as u64),
+            None => Self::Unknown,
+        }
+    }
+}
+
+/// What the throttle counts failures of.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ThrottleKey {
+    /// One role-id (cut to 64 characters; real ones have 32) from one source.
+    RoleSource(Box<str>, SourceNet),
+    Source(SourceNet),
+}
+
+impl ThrottleKey {
+    pub fn role_source(role_id: &str, source: SourceNet) -> Self {
+        let cut: String = role_id.chars().take(64).collect();
+        Self::RoleSource(cut.into_boxed_str(), source)
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct Strikes {
     failures: u32,
-    last_ms: u64,
+    last_failure_ms: u64,
     locked_until_ms: u64,
+    /// Attempts admitted and not yet settled.
+    in_flight: u32,
+    /// Position in the eviction order.
+    touched: (u64, u64),
 }
 
-/// Failure counts and lock-outs by key (`role:<id>`, `src:<ip>`).
+impl Strikes {
+    /// Forgets failures older than the window (unless still locked).
+    fn age(&mut self, now_ms: u64, window_ms: u64) {
+        if self.failures != 0
+            && now_ms.saturating_sub(self.last_failure_ms) >= window_ms
+            && self.locked_until_ms <= now_ms
+        {
+            self.failures = 0;
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct ThrottleState {
+    map: HashMap<ThrottleKey, Strikes>,
+    /// (last touched ms, sequence) -> key: the oldest entry is evicted first.
+    order: BTreeMap<(u64, u64), ThrottleKey>,
+    seq: u64,
+}
+
+impl ThrottleState {
+    /// The entry of `key`, made if missing (evicting the least recently
+    /// touched entries past `max_keys`), marked as touched now.
+    fn touch(&mut self, key: &ThrottleKey, now_ms: u64, max_keys: usize) -> &mut Strikes {
+        self.seq += 1;
+        let position = (now_ms, self.seq);
+        if let Some(s) = self.map.get(key) {
+            self.order.remove(&s.touched);
+        } else {
+            while self.map.len() >= max_keys.max(1) {
+                let Some((_, oldest)) = self.order.pop_first() else {
+                    break;
+                };
+                self.map.remove(&oldest);
+            }
+        }
+        self.order.insert(position, key.clone());
+        let s = self.map.entry(key.clone()).or_default();
+        s.touched = position;
+        s
+    }
+}
+
+/// Failure counts, lock-outs and attempts in flight, by [`ThrottleKey`].
+///
+/// Checking and counting are one step: [`Throttle::admit`] reserves a place
+/// for the attempt under the same lock that checks the count, so a burst of
+/// concurrent attempts cannot all pass the check before any failure is
+/// counted. Of a key with `n` failures and limit `l`, at most `l - n`
+/// attempts are admitted at once (one at a time after a lock-out expires).
 #[derive(Debug, Default)]
 pub struct Throttle {
     config: ThrottleConfig,
-    strikes: Mutex<HashMap<String, Strikes>>,
+    state: Mutex<ThrottleState>,
+}
+
+/// An admitted login attempt: settle it with [`Attempt::failed`] or
+/// [`Attempt::succeeded`]; dropped unsettled (the server could not decide),
+/// it counts as neither.
+#[derive(Debug)]
+pub struct Attempt<'a> {
+    throttle: &'a Throttle,
+    keys: Vec<(ThrottleKey, u32)>,
+    settled: bool,
 }
 
 impl Throttle {
     pub fn new(config: ThrottleConfig) -> Self {
         Self {
             config,
-            strikes: Mutex::new(HashMap::new()),
+            state: Mutex::new(ThrottleState::default()),
         }
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Strikes>> {
-        self.strikes.lock().unwrap_or_else(PoisonError::into_inner)
+    fn state(&self) -> std::sync::MutexGuard<'_, ThrottleState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// `Err(seconds)` while `key` is locked out.
-    pub fn check(&self, key: &str, now_ms: u64) -> Result<(), u64> {
-        match self.map().get(key) {
-            Some(s) if s.locked_until_ms > now_ms => {
-                Err((s.locked_until_ms - now_ms).div_ceil(1000).max(1))
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// Counts a failure of `key`; at `limit` failures it is locked out.
-    pub fn fail(&self, key: &str, limit: u32, now_ms: u64) {
+    /// Admits an attempt counted under each `(key, limit)`, or `Err(seconds
+    /// to wait)` while one of them is locked out or has as many attempts in
+    /// flight as it has failures left.
+    pub fn admit(&self, keys: Vec<(ThrottleKey, u32)>, now_ms: u64) -> Result<Attempt<'_>, u64> {
         let cfg = self.config;
-        let mut map = self.map();
-        if map.len() >= cfg.max_keys && !map.contains_key(key) {
-            map.retain(|_, s| {
-                now_ms.saturating_sub(s.last_ms) < cfg.window_ms || s.locked_until_ms > now_ms
-            });
-            if map.len() >= cfg.max_keys {
-                map.retain(|_, s| s.locked_until_ms > now_ms);
+        let mut state = self.state();
+        for (key, limit) in &keys {
+            let limit = (*limit).max(1);
+            if let Some(s) = state.map.get_mut(key) {
+                s.age(now_ms, cfg.window_ms);
+                if s.locked_until_ms > now_ms {
+                    return Err((s.locked_until_ms - now_ms).div_ceil(1000).max(1));
+                }
+                let allowance = limit.saturating_sub(s.failures).max(1);
+                if s.in_flight >= allowance {
+                    return Err(1);
+                }
             }
         }
-        let s = map.entry(key.to_owned()).or_default();
-        if now_ms.saturating_sub(s.last_ms) >= cfg.window_ms && s.locked_until_ms <= now_ms {
-            s.failures = 0;
+        for (key, _) in &keys {
+            let s = state.touch(key, now_ms, cfg.max_keys);
+            s.in_flight = s.in_flight.saturating_add(1);
         }
-        s.failures = s.failures.saturating_add(1);
-        s.last_ms = now_ms;
-        if s.failures >= limit.max(1) {
-            let doublings = (s.failures - limit.max(1)).min(20);
-            let backoff = cfg
-                .backoff_ms
-                .saturating_mul(1u64 << doublings)
-                .min(cfg.max_backoff_ms);
-            s.locked_until_ms = now_ms.saturating_add(backoff);
+        drop(state);
+        Ok(Attempt {
+            throttle: self,
+            keys,
+            settled: false,
+        })
+    }
+
+    /// How many entries are tracked (for tests of the memory bound).
+    pub fn tracked(&self) -> usize {
+        self.state().map.len()
+    }
+}
+
+impl Attempt<'_> {
+    /// Counts a failure under each key; at its limit a key is locked out.
+    pub fn failed(mut self, now_ms: u64) {
+        self.settled = true;
+        let cfg = self.throttle.config;
+        let mut state = self.throttle.state();
+        for (key, limit) in &self.keys {
+            let limit = (*limit).max(1);
+            let s = state.touch(key, now_ms, cfg.max_keys);
+            s.in_flight = s.in_flight.saturating_sub(1);
+            s.age(now_ms, cfg.window_ms);
+            s.failures = s.failures.saturating_add(1);
+            s.last_failure_ms = now_ms;
+            if s.failures >= limit {
+                let doublings = (s.failures - limit).min(20);
+                let backoff = cfg
+                    .backoff_ms
+                    .saturating_mul(1u64 << doublings)
+                    .min(cfg.max_backoff_ms);
+                s.locked_until_ms = now_ms.saturating_add(backoff);
+            }
         }
     }
 
-    /// Forgets the failures of `key` (after a success).
-    pub fn clear(&self, key: &str) {
-        self.map().remove(key);
+    /// Ends the attempt; a role-id's failures from this source are forgotten
+    /// (the source's own count stays: others may share the address).
+    pub fn succeeded(mut self) {
+        self.settled = true;
+        let mut state = self.throttle.state();
+        for (key, _) in &self.keys {
+            if let Some(s) = state.map.get_mut(key) {
+                s.in_flight = s.in_flight.saturating_sub(1);
+                if matches!(key, ThrottleKey::RoleSource(..)) {
+                    s.failures = 0;
+                    s.locked_until_ms = 0;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let mut state = self.throttle.state();
+        for (key, _) in &self.keys {
+            if let Some(s) = state.map.get_mut(key) {
+                s.in_flight = s.in_flight.saturating_sub(1);
+            }
+        }
     }
 }
 
@@ -196,18 +354,6 @@ pub struct Login {
     config: ThrottleConfig,
     failures: Mutex<HashMap<(String, String), u64>>,
     jwks: JwksCache,
-}
-
-fn role_key(role_id: &str) -> String {
-    let cut: String = role_id.chars().take(128).collect();
-    format!("role:{cut}")
-}
-
-fn source_key(source: Option<IpAddr>) -> String {
-    match source {
-        Some(ip) => format!("src:{ip}"),
-        None => "src:unknown".to_owned(),
-    }
 }
 
 fn source_text(source: Option<IpAddr>) -> String {
@@ -250,30 +396,45 @@ impl Login {
         *map.entry(key).or_insert(0) += 1;
     }
 
-    fn check_throttle(&self, keys: &[&str], now_ms: u64) -> Result<(), LoginError> {
-        for key in keys {
-            self.throttle
-                .check(key, now_ms)
-                .map_err(LoginError::Locked)?;
+    /// Admits an attempt from `source` (and of `role_id`, for role-id
+    /// login), or refuses it while locked out, counting the refusal for
+    /// governance under `identity`.
+    fn admit(
+        &self,
+        role_id: Option<&str>,
+        source: Option<IpAddr>,
+        now_ms: u64,
+        identity: impl FnOnce() -> Result<String, IdentityError>,
+    ) -> Result<Attempt<'_>, LoginError> {
+        let net = SourceNet::of(source);
+        let mut keys = Vec::with_capacity(2);
+        if let Some(role_id) = role_id {
+            keys.push((
+                ThrottleKey::role_source(role_id, net),
+                self.config.role_source_failures,
+            ));
         }
-        Ok(())
+        keys.push((ThrottleKey::Source(net), self.config.source_failures));
+        match self.throttle.admit(keys, now_ms) {
+            Ok(attempt) => Ok(attempt),
+            Err(seconds) => {
+                self.count_failure(&identity()?, source);
+                Err(LoginError::Locked(seconds))
+            }
+        }
     }
 
     /// Counts a failure for governance and the throttle.
     fn failed(
         &self,
         identity: &str,
-        role: Option<&str>,
+        attempt: Attempt<'_>,
         source: Option<IpAddr>,
         now_ms: u64,
         error: LoginError,
     ) -> LoginError {
         self.count_failure(identity, source);
-        if let Some(role) = role {
-            self.throttle.fail(role, self.config.role_failures, now_ms);
-        }
-        self.throttle
-            .fail(&source_key(source), self.config.source_failures, now_ms);
+        attempt.failed(now_ms);
         error
     }
 
@@ -292,28 +453,20 @@ impl Login {
         source: Option<IpAddr>,
         now_ms: u64,
     ) -> Result<Grant, LoginError> {
-        let role = role_key(role_id);
-        let src = source_key(source);
-        if let Err(e) = self.check_throttle(&[&role, &src], now_ms) {
-            let who = store.by_role_id(role_id)?.map(|r| r.name);
-            self.count_failure(who.as_deref().unwrap_or(UNKNOWN_IDENTITY), source);
-            return Err(e);
-        }
+        let attempt = self.admit(Some(role_id), source, now_ms, || {
+            Ok(store
+                .by_role_id(role_id)?
+                .map_or_else(|| UNKNOWN_IDENTITY.to_owned(), |r| r.name))
+        })?;
         let identity = match store.by_role_id(role_id)? {
             Some(record) if record.is_active(now_ms) => record,
             Some(record) => {
-                return Err(self.failed(
-                    &record.name,
-                    Some(&role),
-                    source,
-                    now_ms,
-                    LoginError::Invalid,
-                ))
+                return Err(self.failed(&record.name, attempt, source, now_ms, LoginError::Invalid))
             }
             None => {
                 return Err(self.failed(
                     UNKNOWN_IDENTITY,
-                    Some(&role),
+                    attempt,
                     source,
                     now_ms,
                     LoginError::Invalid,
@@ -325,14 +478,14 @@ impl Login {
             _ => {
                 return Err(self.failed(
                     &identity.name,
-                    Some(&role),
+                    attempt,
                     source,
                     now_ms,
                     LoginError::Invalid,
                 ))
             }
         }
-        self.throttle.clear(&role);
+        attempt.succeeded();
         store.record_login(&identity, now_ms)?;
         Ok(Grant {
             hard_expiry_ms: identity_expiry(&identity),
@@ -351,15 +504,11 @@ impl Login {
         source: Option<IpAddr>,
         now_ms: u64,
     ) -> Result<Grant, LoginError> {
-        let src = source_key(source);
-        if let Err(e) = self.check_throttle(&[&src], now_ms) {
-            self.count_failure(UNKNOWN_IDENTITY, source);
-            return Err(e);
-        }
+        let attempt = self.admit(None, source, now_ms, || Ok(UNKNOWN_IDENTITY.to_owned()))?;
         let Some(der) = leaf else {
             return Err(self.failed(
                 UNKNOWN_IDENTITY,
-                None,
+                attempt,
                 source,
                 now_ms,
                 LoginError::NoCertificate,
@@ -370,28 +519,29 @@ impl Login {
             None => {
                 return Err(self.failed(
                     UNKNOWN_IDENTITY,
-                    None,
+                    attempt,
                     source,
                     now_ms,
                     LoginError::UnboundCertificate,
                 ))
             }
         };
-        let identity = match store.by_cert(names.subject.as_deref(), &names.spiffe_ids)? {
+        let identity = match store.by_cert(names.subject.as_ref(), &names.spiffe_ids)? {
             Some(record) if record.is_active(now_ms) => record,
             Some(record) => {
-                return Err(self.failed(&record.name, None, source, now_ms, LoginError::Invalid))
+                return Err(self.failed(&record.name, attempt, source, now_ms, LoginError::Invalid))
             }
             None => {
                 return Err(self.failed(
                     UNKNOWN_IDENTITY,
-                    None,
+                    attempt,
                     source,
                     now_ms,
                     LoginError::UnboundCertificate,
                 ))
             }
         };
+        attempt.succeeded();
         store.record_login(&identity, now_ms)?;
         Ok(Grant {
             hard_expiry_ms: identity_expiry(&identity),
@@ -410,13 +560,15 @@ impl Login {
         source: Option<IpAddr>,
         now_ms: u64,
     ) -> Result<Grant, LoginError> {
-        let src = source_key(source);
-        if let Err(e) = self.check_throttle(&[&src], now_ms) {
-            self.count_failure(UNKNOWN_IDENTITY, source);
-            return Err(e);
-        }
+        let attempt = self.admit(None, source, now_ms, || Ok(UNKNOWN_IDENTITY.to_owned()))?;
         let Some(record) = store.issuer(issuer)? else {
-            return Err(self.failed(UNKNOWN_IDENTITY, None, source, now_ms, LoginError::Invalid));
+            return Err(self.failed(
+                UNKNOWN_IDENTITY,
+                attempt,
+                source,
+                now_ms,
+                LoginError::Invalid,
+            ));
         };
         let config = record
             .config()
@@ -433,7 +585,7 @@ impl Login {
             Err(e) => {
                 return Err(self.failed(
                     UNKNOWN_IDENTITY,
-                    None,
+                    attempt,
                     source,
                     now_ms,
                     LoginError::Oidc(e),
@@ -452,11 +604,13 @@ impl Login {
             .collect();
         let identity = match matching.as_slice() {
             [one] if one.is_active(now_ms) => one.clone(),
-            [one] => return Err(self.failed(&one.name, None, source, now_ms, LoginError::Invalid)),
+            [one] => {
+                return Err(self.failed(&one.name, attempt, source, now_ms, LoginError::Invalid))
+            }
             [] => {
                 return Err(self.failed(
                     UNKNOWN_IDENTITY,
-                    None,
+                    attempt,
                     source,
                     now_ms,
                     LoginError::UnboundToken,
@@ -465,13 +619,14 @@ impl Login {
             _ => {
                 return Err(self.failed(
                     UNKNOWN_IDENTITY,
-                    None,
+                    attempt,
                     source,
                     now_ms,
                     LoginError::Ambiguous,
                 ))
             }
         };
+        attempt.succeeded();
         store.record_login(&identity, now_ms)?;
         let jwt_exp = u64::try_from(verified.expires_at_unix())
             .unwrap_or(0)
@@ -488,8 +643,8 @@ impl Login {
 /// The names of a certificate that bindings can match.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct CertNames {
-    /// `K=V,...` as [`super::normalise_dn`] writes it, when it can.
-    pub subject: Option<String>,
+    /// The subject's RDNs, when every value is a string.
+    pub subject: Option<Dn>,
     pub spiffe_ids: Vec<String>,
 }
 
@@ -498,23 +653,7 @@ pub fn cert_names(der: &[u8]) -> Option<CertNames> {
     use x509_parser::extensions::GeneralName;
     use x509_parser::prelude::FromDer;
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
-    let registry = x509_parser::objects::oid_registry();
-    let mut parts = Vec::new();
-    let mut complete = true;
-    for attr in cert.subject().iter_attributes() {
-        match (
-            x509_parser::objects::oid2abbrev(attr.attr_type(), registry),
-            attr.as_str(),
-        ) {
-            (Ok(key), Ok(value)) => parts.push(format!("{key}={value}")),
-            _ => complete = false,
-        }
-    }
-    let subject = if complete && !parts.is_empty() {
-        super::normalise_dn(&parts.join(",")).ok()
-    } else {
-        None
-    };
+    let subject = Dn::from_x509(cert.subject());
     let mut spiffe_ids = Vec::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {

@@ -8,8 +8,9 @@
 //!   from the keyring (`identities/secret-id-hash`), as tokens are;
 //! - `identities/sid-of/<name>/<hex keyed hash>`: index of an identity's
 //!   secret-ids (so delete does not scan every secret-id);
-//! - `identities/cert/<subject|spiffe>/<hex of the normalised value>`: the
-//!   identity a certificate binding names;
+//! - `identities/cert/<subject|spiffe>/<hex of the value>`: the identity a
+//!   certificate binding names (a subject by its canonical, escaped RFC 4514
+//!   text, [`Dn::canonical`]; logins then compare the RDN structure);
 //! - `identities/issuer/<name>`: an OIDC issuer ([`IssuerRecord`]).
 //!
 //! Tokens are not this module's: disabling, expiring or deleting an identity
@@ -20,6 +21,7 @@
 //! issues the token.
 
 mod bridge;
+pub mod dn;
 pub mod expiry;
 pub mod login;
 mod secret_id;
@@ -39,6 +41,7 @@ use prost::Message;
 use crate::barrier::{Barrier, BarrierError, PlainOp};
 use crate::cidr::Cidr;
 
+pub use dn::{Dn, DnAttribute};
 pub use secret_id::{SecretIdText, SECRET_ID_PREFIX};
 
 const RECORD_PREFIX: &str = "identities/record/";
@@ -65,6 +68,12 @@ pub enum IdentityError {
     Invalid(String),
     #[error("no such identity")]
     NotFound,
+    #[error("the identity has no such binding")]
+    NoSuchBinding,
+    #[error("the identity's policies changed while the request was checked; try again")]
+    PoliciesChanged,
+    #[error("the identity has no secret-id with that accessor")]
+    NoSuchSecretId,
     #[error("identity {0} already exists")]
     AlreadyExists(String),
     #[error("the binding is already held by identity {0}")]
@@ -225,11 +234,86 @@ impl IdentityRecord {
 /// A certificate the identity logs in with: by subject DN or by SPIFFE ID.
 #[derive(Clone, PartialEq, Message)]
 pub struct CertBinding {
-    /// Normalised (see [`normalise_dn`]); empty when `spiffe_id` is set.
+    /// The DN's canonical text ([`Dn::canonical`]), shown and used for the
+    /// storage key; empty when `spiffe_id` is set.
     #[prost(string, tag = "1")]
     pub subject: String,
     #[prost(string, tag = "2")]
     pub spiffe_id: String,
+    /// The DN as structure, parsed when the binding was made; what a
+    /// certificate's subject is compared with. Empty in bindings made
+    /// before it existed: their `subject` (which could hold no escapes) is
+    /// parsed instead.
+    #[prost(message, repeated, tag = "3")]
+    pub rdns: Vec<StoredRdn>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct StoredRdn {
+    #[prost(message, repeated, tag = "1")]
+    pub attributes: Vec<StoredAttribute>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct StoredAttribute {
+    #[prost(string, tag = "1")]
+    pub oid: String,
+    #[prost(string, tag = "2")]
+    pub value: String,
+}
+
+impl CertBinding {
+    fn subject(dn: &Dn) -> Self {
+        Self {
+            subject: dn.canonical(),
+            spiffe_id: String::new(),
+            rdns: dn
+                .rdns()
+                .iter()
+                .map(|rdn| StoredRdn {
+                    attributes: rdn
+                        .iter()
+                        .map(|a| StoredAttribute {
+                            oid: a.oid.clone(),
+                            value: a.value.clone(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    fn spiffe(id: &str) -> Self {
+        Self {
+            subject: String::new(),
+            spiffe_id: id.to_owned(),
+            rdns: Vec::new(),
+        }
+    }
+
+    /// The subject DN of a binding by subject, as structure.
+    pub fn dn(&self) -> Option<Dn> {
+        if !self.spiffe_id.is_empty() {
+            return None;
+        }
+        if self.rdns.is_empty() {
+            return Dn::parse(&self.subject).ok();
+        }
+        Dn::from_rdns(
+            self.rdns
+                .iter()
+                .map(|rdn| {
+                    rdn.attributes
+                        .iter()
+                        .map(|a| DnAttribute {
+                            oid: a.oid.clone(),
+                            value: a.value.clone(),
+                        })
+                        .collect()
+                })
+                .collect(),
+        )
+    }
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -342,6 +426,20 @@ pub struct IdentityUpdate {
     pub policies: Option<Vec<String>>,
     /// `Some(0)`: never expires.
     pub expires_at_ms: Option<u64>,
+    /// The policies the caller was checked against (for a change that gives
+    /// access back): the update is refused if the identity's policies are no
+    /// longer these when it is applied.
+    pub checked_policies: Option<Vec<String>>,
+}
+
+/// Which binding `unbind` removes, as `identity get` lists them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unbind {
+    /// A subject DN (compared as structure, so any spelling of it).
+    CertSubject(String),
+    CertSpiffe(String),
+    /// Every OIDC binding of the identity to this issuer.
+    OidcIssuer(String),
 }
 
 /// Filters of `list`.
@@ -395,39 +493,6 @@ fn check_text(what: &str, text: &str) -> Result<(), IdentityError> {
         )));
     }
     Ok(())
-}
-
-/// A subject DN in one canonical form: `K=V` attributes with upper-case
-/// short names, separated by `,`, sorted. `CN=a,O=b`, `CN=a, O=b` and
-/// `O=b,CN=a` all normalise to `CN=a,O=b`. Values with escaped commas or other
-/// RFC 4514 escapes are refused (write a SPIFFE ID binding instead).
-pub fn normalise_dn(text: &str) -> Result<String, IdentityError> {
-    let bad = || {
-        IdentityError::Invalid(
-            "subject must be K=V pairs separated by commas, e.g. 'CN=ci,O=acme'".into(),
-        )
-    };
-    if text.contains(['\\', '+', '"', ';']) || text.chars().any(char::is_control) {
-        return Err(bad());
-    }
-    let mut parts = Vec::new();
-    for piece in text.split(',') {
-        let (key, value) = piece.split_once('=').ok_or_else(bad)?;
-        let (key, value) = (key.trim(), value.trim());
-        if key.is_empty()
-            || value.is_empty()
-            || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.')
-        {
-            return Err(bad());
-        }
-        parts.push(format!("{}={value}", key.to_ascii_uppercase()));
-    }
-    if parts.is_empty() || text.len() > MAX_TEXT {
-        return Err(bad());
-    }
-    // Certificates list attributes in either order; compare as a set.
-    parts.sort();
-    Ok(parts.join(","))
 }
 
 /// A SPIFFE ID: `spiffe://trust-domain/path`.
@@ -631,6 +696,12 @@ impl IdentityStore {
             .transpose()?;
         let guard = self.lock();
         let mut record = self.require(name)?;
+        if update
+            .checked_policies
+            .is_some_and(|checked| checked != record.policies)
+        {
+            return Err(IdentityError::PoliciesChanged);
+        }
         if let Some(owner) = update.owner {
             check_text("owner", &owner)?;
             record.owner = owner;
@@ -670,14 +741,33 @@ impl IdentityStore {
         Ok(record)
     }
 
-    /// Disables (revoking every token at once) or enables an identity.
+    /// Disables (revoking every token at once, and every secret-id unless
+    /// `keep_secret_ids`) or enables an identity. A secret-id revoked here
+    /// does not come back with a later enable: a leaked one stays dead.
+    /// Returns the record and how many tokens and secret-ids were revoked.
     pub fn set_disabled(
         &self,
         name: &IdentityName,
         disabled: bool,
+        keep_secret_ids: bool,
         tokens: &dyn TokenRevoker,
         now_ms: u64,
-    ) -> Result<(IdentityRecord, u32), IdentityError> {
+    ) -> Result<(IdentityRecord, u32, u32), IdentityError> {
+        self.set_disabled_checked(name, disabled, keep_secret_ids, None, tokens, now_ms)
+    }
+
+    /// [`Self::set_disabled`], refused with `PoliciesChanged` if
+    /// `checked_policies` (those the caller of an enable was checked
+    /// against) are no longer the identity's when it is applied.
+    pub fn set_disabled_checked(
+        &self,
+        name: &IdentityName,
+        disabled: bool,
+        keep_secret_ids: bool,
+        checked_policies: Option<&[String]>,
+        tokens: &dyn TokenRevoker,
+        now_ms: u64,
+    ) -> Result<(IdentityRecord, u32, u32), IdentityError> {
         // Tokens are revoked before the record says disabled, so that a crash
         // between the two cannot leave a disabled identity with the tokens it
         // had, and again after it, for a login that ran in between (only a
@@ -687,17 +777,102 @@ impl IdentityStore {
             self.require(name)?;
             revoked += tokens.revoke_identity(name.as_str(), now_ms)?;
         }
-        let record = {
+        let (record, secret_ids) = {
             let _guard = self.lock();
             let mut record = self.require(name)?;
+            if checked_policies.is_some_and(|checked| checked != record.policies.as_slice()) {
+                return Err(IdentityError::PoliciesChanged);
+            }
             record.disabled = disabled;
-            self.put_record(&record)?;
-            record
+            let bytes = record.encode_to_vec();
+            let record_key = format!("{RECORD_PREFIX}{}", record.name);
+            let mut keys = Vec::new();
+            if disabled && !keep_secret_ids {
+                keys = self.secret_id_keys(&record.name)?;
+            }
+            // The record and the secret-ids in one atomic batch: a disabled
+            // identity never keeps the secret-ids the operator revoked.
+            let mut ops = vec![PlainOp::Put(&record_key, &bytes)];
+            ops.extend(keys.iter().map(|k| PlainOp::Delete(k)));
+            self.barrier.batch(&ops)?;
+            (record, u32::try_from(keys.len() / 2).unwrap_or(u32::MAX))
         };
         if disabled {
             revoked += tokens.revoke_identity(&record.name, now_ms)?;
         }
-        Ok((record, revoked))
+        Ok((record, revoked, secret_ids))
+    }
+
+    /// The storage keys of an identity's secret-ids: each record and its
+    /// index entry.
+    fn secret_id_keys(&self, identity: &str) -> Result<Vec<String>, IdentityError> {
+        let index = format!("{SECRET_IDS_OF_PREFIX}{identity}/");
+        let mut keys = Vec::new();
+        for key in self.barrier.scan_keys(&index)? {
+            if let Some(hash) = key.strip_prefix(&index) {
+                keys.push(format!("{SECRET_ID_RECORD_PREFIX}{hash}"));
+            }
+            keys.push(key);
+        }
+        Ok(keys)
+    }
+
+    /// The live secret-ids of an identity, by accessor (their `handle`);
+    /// never their text, which is not stored.
+    pub fn list_secret_ids(
+        &self,
+        name: &IdentityName,
+        now_ms: u64,
+    ) -> Result<Vec<SecretIdRecord>, IdentityError> {
+        let record = self.require(name)?;
+        let index = format!("{SECRET_IDS_OF_PREFIX}{}/", record.name);
+        let mut out = Vec::new();
+        for key in self.barrier.scan_keys(&index)? {
+            let Some(hash) = key.strip_prefix(&index) else {
+                continue;
+            };
+            if let Some(raw) = self
+                .barrier
+                .get(&format!("{SECRET_ID_RECORD_PREFIX}{hash}"))?
+            {
+                let sid: SecretIdRecord = Self::decode(&raw)?;
+                if sid.expires_at_ms == 0 || sid.expires_at_ms > now_ms {
+                    out.push(sid);
+                }
+            }
+        }
+        out.sort_by(|a, b| (a.created_at_ms, &a.handle).cmp(&(b.created_at_ms, &b.handle)));
+        Ok(out)
+    }
+
+    /// Revokes one secret-id of an identity by its accessor. Tokens it was
+    /// already exchanged for are not revoked.
+    pub fn revoke_secret_id(
+        &self,
+        name: &IdentityName,
+        accessor: &str,
+    ) -> Result<(), IdentityError> {
+        let hex_part = accessor
+            .strip_prefix("sid_")
+            .filter(|h| h.len() == 12 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(str::to_ascii_lowercase)
+            .ok_or(IdentityError::NoSuchSecretId)?;
+        let _guard = self.lock();
+        let record = self.require(name)?;
+        let index = format!("{SECRET_IDS_OF_PREFIX}{}/", record.name);
+        let mut ops_keys = Vec::new();
+        for key in self.barrier.scan_keys(&format!("{index}{hex_part}"))? {
+            if let Some(hash) = key.strip_prefix(&index) {
+                ops_keys.push(format!("{SECRET_ID_RECORD_PREFIX}{hash}"));
+            }
+            ops_keys.push(key);
+        }
+        if ops_keys.is_empty() {
+            return Err(IdentityError::NoSuchSecretId);
+        }
+        let ops: Vec<PlainOp<'_>> = ops_keys.iter().map(|k| PlainOp::Delete(k)).collect();
+        self.barrier.batch(&ops)?;
+        Ok(())
     }
 
     /// Deletes an identity, its secret-ids and bindings, and revokes its tokens.
@@ -717,13 +892,7 @@ impl IdentityStore {
                 format!("{RECORD_PREFIX}{}", record.name),
                 format!("{ROLE_PREFIX}{}", record.role_id),
             ];
-            let index = format!("{SECRET_IDS_OF_PREFIX}{}/", record.name);
-            for key in self.barrier.scan_keys(&index)? {
-                if let Some(hash) = key.strip_prefix(&index) {
-                    keys.push(format!("{SECRET_ID_RECORD_PREFIX}{hash}"));
-                }
-                keys.push(key);
-            }
+            keys.extend(self.secret_id_keys(&record.name)?);
             for binding in &record.cert_bindings {
                 keys.push(cert_key(binding));
             }
@@ -903,7 +1072,8 @@ impl IdentityStore {
         Ok(())
     }
 
-    /// Binds a certificate (subject DN or SPIFFE ID) to an identity.
+    /// Binds a certificate (subject DN or SPIFFE ID) to an identity. A DN
+    /// is parsed here, once, into the structure logins compare with.
     pub fn bind_cert(
         &self,
         name: &IdentityName,
@@ -911,16 +1081,10 @@ impl IdentityStore {
         spiffe_id: Option<&str>,
     ) -> Result<IdentityRecord, IdentityError> {
         let binding = match (subject, spiffe_id) {
-            (Some(dn), None) => CertBinding {
-                subject: normalise_dn(dn)?,
-                spiffe_id: String::new(),
-            },
+            (Some(dn), None) => CertBinding::subject(&Dn::parse(dn)?),
             (None, Some(id)) => {
                 check_spiffe_id(id)?;
-                CertBinding {
-                    subject: String::new(),
-                    spiffe_id: id.to_owned(),
-                }
+                CertBinding::spiffe(id)
             }
             _ => {
                 return Err(IdentityError::Invalid(
@@ -937,7 +1101,7 @@ impl IdentityStore {
                 return Err(IdentityError::BindingTaken(holder));
             }
         }
-        if !record.cert_bindings.contains(&binding) {
+        if !record.cert_bindings.iter().any(|b| cert_key(b) == key) {
             if record.cert_bindings.len() >= MAX_LIST {
                 return Err(IdentityError::Invalid(format!(
                     "at most {MAX_LIST} certificate bindings"
@@ -955,36 +1119,97 @@ impl IdentityStore {
     }
 
     /// The identity bound to a certificate's SPIFFE ID or subject, if any
-    /// (SPIFFE IDs first: they are the stronger name).
+    /// (SPIFFE IDs first: they are the stronger name). The subject is the
+    /// certificate's own RDNs; a binding matches only if its parsed DN is
+    /// the same structure.
     pub fn by_cert(
         &self,
-        subject: Option<&str>,
+        subject: Option<&Dn>,
         spiffe_ids: &[String],
     ) -> Result<Option<IdentityRecord>, IdentityError> {
-        let mut bindings: Vec<CertBinding> = spiffe_ids
-            .iter()
-            .map(|id| CertBinding {
-                subject: String::new(),
-                spiffe_id: id.clone(),
-            })
-            .collect();
-        if let Some(dn) = subject.and_then(|s| normalise_dn(s).ok()) {
-            bindings.push(CertBinding {
-                subject: dn,
-                spiffe_id: String::new(),
-            });
+        for id in spiffe_ids {
+            let probe = CertBinding::spiffe(id);
+            if let Some(record) = self.cert_holder(&probe)? {
+                if record.cert_bindings.iter().any(|b| b.spiffe_id == *id) {
+                    return Ok(Some(record));
+                }
+            }
         }
-        for binding in &bindings {
-            if let Some(name) = self.barrier.get(&cert_key(binding))? {
-                let name = std::str::from_utf8(&name).map_err(|_| IdentityError::Corrupt)?;
-                if let Some(record) = self.get(name)? {
-                    if record.cert_bindings.contains(binding) {
-                        return Ok(Some(record));
-                    }
+        if let Some(dn) = subject {
+            let probe = CertBinding::subject(dn);
+            if let Some(record) = self.cert_holder(&probe)? {
+                if record
+                    .cert_bindings
+                    .iter()
+                    .any(|b| b.dn().as_ref() == Some(dn))
+                {
+                    return Ok(Some(record));
                 }
             }
         }
         Ok(None)
+    }
+
+    fn cert_holder(&self, binding: &CertBinding) -> Result<Option<IdentityRecord>, IdentityError> {
+        match self.barrier.get(&cert_key(binding))? {
+            Some(name) => {
+                let name = std::str::from_utf8(&name).map_err(|_| IdentityError::Corrupt)?;
+                self.get(name)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Removes one binding (the certificate subject or SPIFFE ID given, or
+    /// every OIDC binding to an issuer). Tokens already issued through it
+    /// are not revoked: disable the identity for that.
+    pub fn unbind(
+        &self,
+        name: &IdentityName,
+        which: &Unbind,
+    ) -> Result<IdentityRecord, IdentityError> {
+        let dn = match which {
+            Unbind::CertSubject(text) => Some(Dn::parse(text)?),
+            _ => None,
+        };
+        let _guard = self.lock();
+        let mut record = self.require(name)?;
+        let mut freed: Vec<String> = Vec::new();
+        match which {
+            Unbind::CertSubject(_) => record.cert_bindings.retain(|b| {
+                let hit = b.spiffe_id.is_empty() && b.dn() == dn;
+                if hit {
+                    freed.push(cert_key(b));
+                }
+                !hit
+            }),
+            Unbind::CertSpiffe(id) => record.cert_bindings.retain(|b| {
+                let hit = b.spiffe_id == *id;
+                if hit {
+                    freed.push(cert_key(b));
+                }
+                !hit
+            }),
+            Unbind::OidcIssuer(issuer) => {
+                let before = record.oidc_bindings.len();
+                record.oidc_bindings.retain(|b| b.issuer != *issuer);
+                if record.oidc_bindings.len() != before {
+                    freed.push(String::new());
+                }
+            }
+        }
+        if freed.is_empty() {
+            return Err(IdentityError::NoSuchBinding);
+        }
+        let bytes = record.encode_to_vec();
+        let record_key = format!("{RECORD_PREFIX}{}", record.name);
+        // One atomic batch: the record and its index entries.
+        let mut ops = vec![PlainOp::Put(&record_key, &bytes)];
+        for key in freed.iter().filter(|k| !k.is_empty()) {
+            ops.push(PlainOp::Delete(key));
+        }
+        self.barrier.batch(&ops)?;
+        Ok(record)
     }
 
     /// Binds JWTs of an issuer with these claims to an identity.

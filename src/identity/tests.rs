@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::login::{Login, LoginError, Throttle, ThrottleConfig};
+use super::login::{Login, LoginError, SourceNet, Throttle, ThrottleConfig, ThrottleKey};
 use super::*;
 use crate::barrier::BarrierOptions;
 use crate::oidc::JwksCache;
@@ -99,10 +99,12 @@ fn names_and_kinds_are_parsed() {
 
 #[test]
 fn subjects_normalise_to_a_sorted_set() {
-    assert_eq!(normalise_dn("CN=ci, o=acme").unwrap(), "CN=ci,O=acme");
-    assert_eq!(normalise_dn("O=acme,CN=ci").unwrap(), "CN=ci,O=acme");
-    for bad in ["", "CN", "CN=", "CN=a\\,b", "=x"] {
-        assert!(normalise_dn(bad).is_err(), "{bad:?}");
+    let canonical = |t: &str| Dn::parse(t).unwrap().canonical();
+    assert_eq!(canonical("CN=ci, o=acme"), "CN=ci,O=acme");
+    assert_eq!(canonical("O=acme,CN=ci"), "CN=ci,O=acme");
+    assert_eq!(canonical("CN=a\\,b"), "CN=a\\,b");
+    for bad in ["", "CN", "CN=", "=x"] {
+        assert!(Dn::parse(bad).is_err(), "{bad:?}");
     }
     assert!(check_spiffe_id("spiffe://acme.test/ci").is_ok());
     assert!(check_spiffe_id("https://acme.test/ci").is_err());
@@ -206,15 +208,15 @@ fn disable_expire_and_delete_revoke_tokens() {
     let f = fixture();
     let revoked = Revocations::default();
     f.store.create(new("ci"), &AllPolicies, NOW).unwrap();
-    let (rec, n) = f
+    let (rec, n, _) = f
         .store
-        .set_disabled(&name("ci"), true, &revoked, NOW)
+        .set_disabled(&name("ci"), true, false, &revoked, NOW)
         .unwrap();
     assert!(rec.disabled);
     assert_eq!(n, 2);
-    let (rec, n) = f
+    let (rec, n, _) = f
         .store
-        .set_disabled(&name("ci"), false, &revoked, NOW)
+        .set_disabled(&name("ci"), false, false, &revoked, NOW)
         .unwrap();
     assert!(!rec.disabled);
     assert_eq!(n, 0);
@@ -336,7 +338,7 @@ fn approle_login_checks_the_identity_and_throttles() {
     assert_eq!(f.store.get("ci").unwrap().unwrap().last_login_ms, NOW);
 
     f.store
-        .set_disabled(&name("ci"), true, &revoked, NOW)
+        .set_disabled(&name("ci"), true, true, &revoked, NOW)
         .unwrap();
     assert!(matches!(
         f.login
@@ -344,7 +346,7 @@ fn approle_login_checks_the_identity_and_throttles() {
         Err(LoginError::Invalid)
     ));
     f.store
-        .set_disabled(&name("ci"), false, &revoked, NOW)
+        .set_disabled(&name("ci"), false, false, &revoked, NOW)
         .unwrap();
 
     let wrong = SecretIdText::generate().unwrap();
@@ -387,23 +389,78 @@ fn throttle_backs_off_doubling_and_forgets_old_failures() {
         window_ms: 10_000,
         ..Default::default()
     });
-    t.fail("k", 2, 0);
-    assert!(t.check("k", 0).is_ok());
-    t.fail("k", 2, 0);
-    assert_eq!(t.check("k", 0), Err(1));
-    assert!(t.check("k", 1000).is_ok());
-    t.fail("k", 2, 1000);
-    assert_eq!(t.check("k", 1000), Err(2));
-    t.fail("k", 2, 3000);
-    t.fail("k", 2, 3000);
-    assert_eq!(t.check("k", 3000), Err(4), "capped");
-    t.fail("k", 2, 100_000);
+    let key = || vec![(ThrottleKey::Source(SourceNet::Unknown), 2)];
+    let fail = |now| t.admit(key(), now).unwrap().failed(now);
+    fail(0);
+    assert!(t.admit(key(), 0).is_ok());
+    fail(0);
+    assert_eq!(t.admit(key(), 0).unwrap_err(), 1);
+    fail(1000);
+    assert_eq!(t.admit(key(), 1000).unwrap_err(), 2);
+    fail(3000);
+    fail(7000);
+    assert_eq!(t.admit(key(), 7000).unwrap_err(), 4, "capped");
+    fail(100_000);
     assert!(
-        t.check("k", 100_000).is_ok(),
+        t.admit(key(), 100_000).is_ok(),
         "window passed: counts afresh"
     );
-    t.clear("k");
-    assert!(t.check("k", 100_000).is_ok());
+}
+
+#[test]
+fn throttle_admits_no_more_attempts_than_failures_left() {
+    let t = Throttle::new(ThrottleConfig::default());
+    let a = SourceNet::of(Some("192.0.2.1".parse().unwrap()));
+    let key = || vec![(ThrottleKey::role_source("r", a), 3)];
+    // Three attempts in flight at once: a fourth is refused before any of
+    // them has failed (check and count are one step).
+    let held: Vec<_> = (0..3).map(|_| t.admit(key(), NOW).unwrap()).collect();
+    assert!(t.admit(key(), NOW).is_err());
+    // One ends without a verdict (a server fault): its place is free again.
+    let mut held = held.into_iter();
+    drop(held.next());
+    let again = t.admit(key(), NOW).unwrap();
+    for attempt in held.chain([again]) {
+        attempt.failed(NOW);
+    }
+    assert!(t.admit(key(), NOW).is_err(), "three failures: locked");
+    // Another source, and the same address as IPv4-mapped IPv6 is the same.
+    let b = SourceNet::of(Some("192.0.2.2".parse().unwrap()));
+    assert!(t
+        .admit(vec![(ThrottleKey::role_source("r", b), 3)], NOW)
+        .is_ok());
+    let mapped = SourceNet::of(Some("::ffff:192.0.2.1".parse().unwrap()));
+    assert_eq!(mapped, a);
+    // IPv6 counts per /64.
+    let v6 = |t: &str| SourceNet::of(Some(t.parse().unwrap()));
+    assert_eq!(v6("2001:db8:1:2::1"), v6("2001:db8:1:2:ffff::9"));
+    assert_ne!(v6("2001:db8:1:2::1"), v6("2001:db8:1:3::1"));
+}
+
+#[test]
+fn throttle_memory_is_bounded_by_evicting_the_oldest() {
+    let t = Throttle::new(ThrottleConfig {
+        max_keys: 4,
+        ..Default::default()
+    });
+    let src = |i: u8| SourceNet::of(Some(std::net::Ipv4Addr::new(10, 0, 0, i).into()));
+    for i in 0..3 {
+        t.admit(vec![(ThrottleKey::Source(src(i)), 1)], NOW + u64::from(i))
+            .unwrap()
+            .failed(NOW + u64::from(i));
+    }
+    assert!(t
+        .admit(vec![(ThrottleKey::Source(src(0)), 1)], NOW + 5)
+        .is_err());
+    for i in 10..100 {
+        drop(t.admit(vec![(ThrottleKey::Source(src(i)), 1)], NOW + u64::from(i)));
+        assert!(t.tracked() <= 4);
+    }
+    assert!(
+        t.admit(vec![(ThrottleKey::Source(src(0)), 1)], NOW + 200)
+            .is_ok(),
+        "the oldest entry was forgotten"
+    );
 }
 
 #[test]
@@ -422,15 +479,31 @@ fn cert_bindings_find_the_identity() {
         Err(IdentityError::BindingTaken(_))
     ));
     assert!(f.store.bind_cert(&name("web"), None, None).is_err());
-    let found = f.store.by_cert(Some("O=acme,CN=ci"), &[]).unwrap().unwrap();
+    let dn = |t: &str| Dn::parse(t).unwrap();
+    let found = f
+        .store
+        .by_cert(Some(&dn("O=acme,CN=ci")), &[])
+        .unwrap()
+        .unwrap();
     assert_eq!(found.name, "ci");
     let found = f
         .store
-        .by_cert(Some("CN=other"), &["spiffe://acme.test/web".into()])
+        .by_cert(Some(&dn("CN=other")), &["spiffe://acme.test/web".into()])
         .unwrap()
         .unwrap();
     assert_eq!(found.name, "web");
-    assert!(f.store.by_cert(Some("CN=nobody"), &[]).unwrap().is_none());
+    assert!(f
+        .store
+        .by_cert(Some(&dn("CN=nobody")), &[])
+        .unwrap()
+        .is_none());
+    assert!(
+        f.store
+            .by_cert(Some(&dn("CN=ci\\,O=acme")), &[])
+            .unwrap()
+            .is_none(),
+        "one attribute holding a comma is not two"
+    );
 
     // A real certificate from the dev CA.
     let dir = tempfile::tempdir().unwrap();
@@ -441,7 +514,10 @@ fn cert_bindings_find_the_identity() {
     use rustls::pki_types::pem::PemObject;
     let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
     let names = login::cert_names(&der).unwrap();
-    assert_eq!(names.subject.as_deref(), Some("CN=ci,O=keyward dev"));
+    assert_eq!(
+        names.subject.map(|d| d.canonical()).as_deref(),
+        Some("CN=ci,O=keyward dev")
+    );
     assert_eq!(names.spiffe_ids, vec!["spiffe://acme.test/x"]);
     assert!(matches!(
         f.login.cert(&f.store, Some(&der), LOCAL, NOW),
@@ -555,4 +631,90 @@ async fn the_expiry_sweep_revokes_when_the_clock_passes_the_expiry() {
     assert_eq!(revocations(), 1);
     stop.trigger();
     sweep.await.unwrap();
+}
+
+#[test]
+fn an_enable_or_extension_checked_against_old_policies_is_refused() {
+    let f = fixture();
+    let revoked = Revocations::default();
+    f.store.create(new("ci"), &AllPolicies, NOW).unwrap();
+    f.store
+        .set_disabled(&name("ci"), true, false, &revoked, NOW)
+        .unwrap();
+    // The caller was checked against policies the identity no longer has
+    // (a policy was attached in between): refused.
+    let stale = vec!["narrow".to_owned()];
+    assert!(matches!(
+        f.store
+            .set_disabled_checked(&name("ci"), false, false, Some(&stale), &revoked, NOW),
+        Err(IdentityError::PoliciesChanged)
+    ));
+    assert!(f.store.get("ci").unwrap().unwrap().disabled);
+    let current = vec!["app-read".to_owned()];
+    let (record, _, _) = f
+        .store
+        .set_disabled_checked(&name("ci"), false, false, Some(&current), &revoked, NOW)
+        .unwrap();
+    assert!(!record.disabled);
+    let extend = |checked: Vec<String>| IdentityUpdate {
+        expires_at_ms: Some(0),
+        checked_policies: Some(checked),
+        ..Default::default()
+    };
+    assert!(matches!(
+        f.store
+            .update(&name("ci"), extend(stale), &AllPolicies, &revoked, NOW),
+        Err(IdentityError::PoliciesChanged)
+    ));
+    f.store
+        .update(&name("ci"), extend(current), &AllPolicies, &revoked, NOW)
+        .unwrap();
+}
+
+#[test]
+fn secret_ids_are_listed_revoked_and_killed_by_a_disable() {
+    let f = fixture();
+    let revoked = Revocations::default();
+    f.store.create(new("ci"), &AllPolicies, NOW).unwrap();
+    let one = f
+        .store
+        .create_secret_id(&name("ci"), SecretIdSpec::default(), NOW)
+        .unwrap();
+    let two = f
+        .store
+        .create_secret_id(&name("ci"), SecretIdSpec::default(), NOW + 1)
+        .unwrap();
+    let listed = f.store.list_secret_ids(&name("ci"), NOW).unwrap();
+    assert_eq!(listed.len(), 2);
+    let first = listed[0].handle.clone();
+    assert!(matches!(
+        f.store.revoke_secret_id(&name("ci"), "sid_000000000000"),
+        Err(IdentityError::NoSuchSecretId)
+    ));
+    f.store
+        .revoke_secret_id(
+            &name("ci"),
+            &first.to_ascii_uppercase().replace("SID_", "sid_"),
+        )
+        .unwrap();
+    assert!(f
+        .store
+        .spend_secret_id(&one.role_id, one.secret_id.expose(), LOCAL, NOW)
+        .unwrap()
+        .is_none());
+    assert!(f
+        .store
+        .spend_secret_id(&two.role_id, two.secret_id.expose(), LOCAL, NOW)
+        .unwrap()
+        .is_some());
+    let (_, _, gone) = f
+        .store
+        .set_disabled(&name("ci"), true, false, &revoked, NOW)
+        .unwrap();
+    assert_eq!(gone, 1);
+    assert!(f
+        .store
+        .list_secret_ids(&name("ci"), NOW)
+        .unwrap()
+        .is_empty());
 }

@@ -31,4 +31,5 @@ mod seal;
 mod secrets;
 mod server;
 mod tokens;
+mod trust_identity;
 mod trust_oidc;

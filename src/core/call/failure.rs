@@ -257,10 +257,13 @@ impl From<IdentityError> for Failure {
             | IdentityError::Invalid(_)
             | IdentityError::UnknownPolicy(_)
             | IdentityError::UnknownIssuer(_) => Self::invalid(e.to_string()),
-            IdentityError::NotFound => Self::new(FailureKind::NotFound, e.to_string()),
+            IdentityError::NotFound
+            | IdentityError::NoSuchBinding
+            | IdentityError::NoSuchSecretId => Self::new(FailureKind::NotFound, e.to_string()),
             IdentityError::AlreadyExists(_) | IdentityError::BindingTaken(_) => {
                 Self::new(FailureKind::AlreadyExists, e.to_string())
             }
+            IdentityError::PoliciesChanged => Self::new(FailureKind::Conflict, e.to_string()),
             IdentityError::Barrier(b) => b.into(),
             IdentityError::Corrupt | IdentityError::Tokens(_) => Self::internal(e),
         }
