@@ -211,6 +211,7 @@ fn bench_config(dir: &Path) -> ServerConfig {
         metrics_listen: None,
         limits: keyward::secrets::DataLimits::default(),
         oidc_ca: None,
+        server_limits: keyward::config::ServerLimits::default(),
     }
 }
 

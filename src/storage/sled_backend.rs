@@ -45,6 +45,74 @@ fn sled_error(operation: &'static str, error: sled::Error) -> StorageError {
     }
 }
 
+/// Makes the storage folder (and missing parents) with mode 0700, or
+/// checks that an existing one is its owner's alone. Never changes the mode
+/// of a folder it did not make.
+fn prepare_folder(path: &Path) -> Result<(), StorageError> {
+    let named = |e: std::io::Error| StorageError::Io(format!("{}: {e}", path.display()));
+    match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_dir() => Err(StorageError::Io(format!(
+            "{}: not a folder",
+            path.display()
+        ))),
+        Ok(meta) => check_private(path, &meta),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut builder = std::fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::DirBuilderExt;
+                builder.mode(0o700);
+            }
+            builder.create(path).map_err(named)
+        }
+        Err(e) => Err(named(e)),
+    }
+}
+
+/// Refuses a storage folder that group or others may enter, list or write.
+fn check_private(path: &Path, meta: &std::fs::Metadata) -> Result<(), StorageError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(StorageError::Io(format!(
+                "the storage folder {} is open to other users (mode {mode:04o}); \
+                 it must be its owner's alone: chmod 700 it, or name a new folder \
+                 (keyward makes it with mode 0700)",
+                path.display()
+            )));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, meta);
+    Ok(())
+}
+
+/// Sets what sled made directly in the folder to the owner alone: files
+/// 0600, folders 0700 (the folder itself already is).
+fn keep_private(path: &Path) -> Result<(), StorageError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let named = |e: std::io::Error| StorageError::Io(format!("{}: {e}", path.display()));
+        for entry in std::fs::read_dir(path).map_err(named)? {
+            let entry = entry.map_err(named)?;
+            let meta = entry.metadata().map_err(named)?;
+            let mode = meta.permissions().mode() & 0o7777;
+            let private = if meta.is_dir() { 0o700 } else { 0o600 };
+            if mode & 0o077 != 0 && (meta.is_dir() || meta.is_file()) {
+                std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(private))
+                    .map_err(named)?;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
 impl SledBackend {
     /// Opens (or creates) the sled database in the folder `path`. sled locks
     /// the folder: an open while another process holds it fails with `Io`
@@ -52,11 +120,20 @@ impl SledBackend {
     /// only when the background work of a dropped database has ended, a
     /// moment after the drop: a reopen in the same process (a restart in
     /// tests or the start-up bench) would otherwise fail now and then.
+    ///
+    /// The folder is keyward's alone: a missing one is made with mode 0700
+    /// (and the files sled makes in it are set to 0600); an existing one that
+    /// other users can enter or read is refused, naming it and its mode,
+    /// and left as it is.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StorageError> {
+        prepare_folder(path.as_ref())?;
         let started = std::time::Instant::now();
         loop {
             match sled::Config::new().path(path.as_ref()).open() {
-                Ok(db) => return Ok(Self { db }),
+                Ok(db) => {
+                    keep_private(path.as_ref())?;
+                    return Ok(Self { db });
+                }
                 // sled says so only in the message (kind `Other`).
                 Err(sled::Error::Io(e))
                     if e.to_string().contains("could not acquire lock")

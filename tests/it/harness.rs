@@ -101,6 +101,7 @@ impl TestServer {
             metrics_listen: None,
             limits: DataLimits::default(),
             oidc_ca: None,
+            server_limits: keyward::config::ServerLimits::default(),
         };
         let server = Server::open(config).unwrap();
         Self::serve(dir, server, certs.ca, String::new(), String::new()).await
