@@ -355,4 +355,30 @@ mod tests {
         assert!(e.to_string().contains("'listen'"), "{e}");
         assert!(!e.to_string().contains("nope"), "{e}");
     }
+
+    #[test]
+    fn server_limits_have_defaults_and_refuse_zero_and_a_too_small_request() {
+        let base = [("storage.path", "d"), ("audit.path", "a")];
+        let c = parse(&src(&base), Path::new(".")).unwrap();
+        assert_eq!(c.server_limits, ServerLimits::default());
+        let with = |extra: (&str, &str)| {
+            let mut pairs = base.to_vec();
+            pairs.push(extra);
+            parse(&src(&pairs), Path::new("."))
+        };
+        let c = with(("limits.max_watch_per_identity", "3")).unwrap();
+        assert_eq!(c.server_limits.max_watch_per_identity, 3);
+        for key in [
+            "limits.max_connections",
+            "limits.max_concurrent_streams",
+            "limits.max_watch_per_identity",
+            "limits.max_request_bytes",
+        ] {
+            let e = with((key, "0")).unwrap_err();
+            assert!(e.to_string().contains(key), "{e}");
+        }
+        // A request must have room for the largest secret version.
+        let e = with(("limits.max_request_bytes", "524288")).unwrap_err();
+        assert!(e.to_string().contains("limits.max_request_bytes"), "{e}");
+    }
 }

@@ -66,6 +66,11 @@ type GrpcRouter =
 pub enum ServerError {
     #[error("cannot open storage: {0}")]
     Storage(String),
+    #[error(
+        "the storage folder {0} is open to other users (mode {1:04o}): chmod 700 it, or name \
+         a new folder (keyward makes it with mode 0700)"
+    )]
+    StorageFolderOpen(std::path::PathBuf, u32),
     #[error("cannot open the audit log: {0}")]
     Audit(String),
     #[error("cannot read TLS file {0}: {1}")]
@@ -100,6 +105,7 @@ impl Server {
     /// is open to other users (`SledBackend::open`); so is a TLS key file
     /// others can read. A missing audit folder is made with mode 0700.
     pub fn open_with_clock(config: ServerConfig, clock: Clock) -> Result<Self, ServerError> {
+        check_storage_folder(&config.storage_path)?;
         if let Some(tls) = &config.tls {
             check_key_file(&tls.key)?;
         }
@@ -331,6 +337,29 @@ impl Server {
             tracing::error!(error = %e, "could not flush the audit log at shutdown");
         }
     }
+}
+
+/// Refuses an existing storage folder that group or others may enter, list
+/// or write (a missing one is made with mode 0700 by `SledBackend::open`).
+/// Its mode is never changed: keyward does not lock down what it did not
+/// create.
+fn check_storage_folder(path: &std::path::Path) -> Result<(), ServerError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = match std::fs::metadata(path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(ServerError::Storage(format!("{}: {e}", path.display()))),
+        };
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(ServerError::StorageFolderOpen(path.to_owned(), mode));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }
 
 /// Refuses a TLS private key file that other users can read: it must be

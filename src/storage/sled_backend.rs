@@ -45,17 +45,13 @@ fn sled_error(operation: &'static str, error: sled::Error) -> StorageError {
     }
 }
 
-/// Makes the storage folder (and missing parents) with mode 0700, or
-/// checks that an existing one is its owner's alone. Never changes the mode
-/// of a folder it did not make.
+/// Makes a missing storage folder (and missing parents) with mode 0700. An
+/// existing folder is left as it is: whether it may be used is the opener's
+/// decision (the server refuses one open to other users).
 fn prepare_folder(path: &Path) -> Result<(), StorageError> {
     let named = |e: std::io::Error| StorageError::Io(format!("{}: {e}", path.display()));
     match std::fs::metadata(path) {
-        Ok(meta) if !meta.is_dir() => Err(StorageError::Io(format!(
-            "{}: not a folder",
-            path.display()
-        ))),
-        Ok(meta) => check_private(path, &meta),
+        Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut builder = std::fs::DirBuilder::new();
             builder.recursive(true);
@@ -68,26 +64,6 @@ fn prepare_folder(path: &Path) -> Result<(), StorageError> {
         }
         Err(e) => Err(named(e)),
     }
-}
-
-/// Refuses a storage folder that group or others may enter, list or write.
-fn check_private(path: &Path, meta: &std::fs::Metadata) -> Result<(), StorageError> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(StorageError::Io(format!(
-                "the storage folder {} is open to other users (mode {mode:04o}); \
-                 it must be its owner's alone: chmod 700 it, or name a new folder \
-                 (keyward makes it with mode 0700)",
-                path.display()
-            )));
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = (path, meta);
-    Ok(())
 }
 
 /// Sets what sled made directly in the folder to the owner alone: files
@@ -121,10 +97,9 @@ impl SledBackend {
     /// moment after the drop: a reopen in the same process (a restart in
     /// tests or the start-up bench) would otherwise fail now and then.
     ///
-    /// The folder is keyward's alone: a missing one is made with mode 0700
-    /// (and the files sled makes in it are set to 0600); an existing one that
-    /// other users can enter or read is refused, naming it and its mode,
-    /// and left as it is.
+    /// A missing folder is made with mode 0700, and the files sled makes
+    /// directly in it are set to 0600 (folders 0700). An existing folder's
+    /// own mode is never changed.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StorageError> {
         prepare_folder(path.as_ref())?;
         let started = std::time::Instant::now();

@@ -17,6 +17,16 @@ pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// A temporary folder only its owner may enter: `keyward dev` refuses an
+/// existing folder open to other users.
+pub fn private_tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()
+        .unwrap()
+}
+
 /// A random suffix so tests never share names.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
@@ -65,7 +75,7 @@ impl TestServer {
     /// A dev vault: initialised with one share and unsealed.
     pub async fn dev() -> Self {
         install_crypto();
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_tempdir();
         let vault = keyward::dev::open(dir.path(), None).await.unwrap();
         let root_token = vault.credentials.root_token.clone();
         let unseal_share = vault.credentials.unseal_share.clone();
