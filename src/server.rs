@@ -101,9 +101,9 @@ impl Server {
 
     /// Opens the server; every part of it reads `clock`.
     ///
-    /// The storage folder is made with mode 0700 if missing and refused if it
-    /// is open to other users (`SledBackend::open`); so is a TLS key file
-    /// others can read. A missing audit folder is made with mode 0700.
+    /// An existing storage folder open to other users is refused, and so is
+    /// a TLS key file others can read; a missing storage folder is made with
+    /// mode 0700 (`SledBackend::open`), and so is a missing audit folder.
     pub fn open_with_clock(config: ServerConfig, clock: Clock) -> Result<Self, ServerError> {
         check_storage_folder(&config.storage_path)?;
         if let Some(tls) = &config.tls {

@@ -67,7 +67,7 @@ fn prepare_folder(path: &Path) -> Result<(), StorageError> {
 }
 
 /// Sets what sled made directly in the folder to the owner alone: files
-/// 0600, folders 0700 (the folder itself already is).
+/// 0600, folders 0700 (the folder's own mode is the opener's concern).
 fn keep_private(path: &Path) -> Result<(), StorageError> {
     #[cfg(unix)]
     {
