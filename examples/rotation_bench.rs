@@ -59,7 +59,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let due: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let idle: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(100_000);
     let dir = tempfile::tempdir()?;
-    let vault = keyward::dev::open(dir.path(), None).await?;
+    // A fresh folder: `dev` refuses an existing one open to other users.
+    let vault = keyward::dev::open(&dir.path().join("dev"), None).await?;
     let core = vault.server.core().clone();
     let registry = core.rotation.registry();
     let workers = core.rotation.options().workers;

@@ -45,6 +45,8 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
     pub limits: DataLimits,
     pub oidc: OidcConfig,
+    /// Bounds on connections, streams and request sizes (`limits.*`).
+    pub server_limits: ServerLimits,
 }
 
 /// How the server loads OIDC issuers' key sets (`oidc.*`).
@@ -61,6 +63,102 @@ pub struct OidcConfig {
     /// and link-local addresses (off: an issuer admin could otherwise make
     /// the server connect into its own network).
     pub allow_private_hosts: bool,
+}
+
+// --- Limits on connections, streams and requests (`limits.*`) ---
+
+/// How much one server lets its callers hold at once. Over a limit the
+/// caller gets `RESOURCE_EXHAUSTED` (a Watch, an oversized request) or its
+/// connection is closed at once (a connection over `max_connections`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Open connections (TCP, counted from accept, before TLS).
+    pub max_connections: usize,
+    /// HTTP/2 streams (calls) in flight on one connection; a client queues
+    /// the calls over it (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+    pub max_concurrent_streams: u32,
+    /// Open `Watch` streams of one identity, all its tokens together (a
+    /// child token has its parent's identity).
+    pub max_watch_per_identity: usize,
+    /// The largest request message, in bytes.
+    pub max_request_bytes: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 512,
+            max_concurrent_streams: 128,
+            max_watch_per_identity: 64,
+            max_request_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// What a request may carry beyond one secret version's data (path, field
+/// names, options): `limits.max_request_bytes` must leave this much room
+/// above `limits.max_version_bytes`.
+pub const REQUEST_OVERHEAD_BYTES: usize = 64 * 1024;
+
+/// The `limits.*` keys of [`ServerLimits`], with their variables (known
+/// keys, like [`KEYS`]).
+pub const SERVER_LIMIT_KEYS: &[(&str, &str)] = &[
+    ("limits.max_connections", "KEYWARD_LIMITS_MAX_CONNECTIONS"),
+    (
+        "limits.max_concurrent_streams",
+        "KEYWARD_LIMITS_MAX_CONCURRENT_STREAMS",
+    ),
+    (
+        "limits.max_watch_per_identity",
+        "KEYWARD_LIMITS_MAX_WATCH_PER_IDENTITY",
+    ),
+    (
+        "limits.max_request_bytes",
+        "KEYWARD_LIMITS_MAX_REQUEST_BYTES",
+    ),
+];
+
+/// Reads the `limits.*` keys of [`ServerLimits`]; each is at least 1, and a
+/// request has room for the largest secret version.
+fn parse_server_limits(
+    src: &dyn Source,
+    max_version_bytes: usize,
+) -> Result<ServerLimits, ConfigError> {
+    let number = |key: &'static str, default: usize| -> Result<usize, ConfigError> {
+        let value = match src.get(key) {
+            None => default,
+            Some(v) => v
+                .parse()
+                .map_err(|_| ConfigError::Invalid(key.to_owned(), "expected a positive integer"))?,
+        };
+        if value == 0 {
+            return Err(ConfigError::Invalid(key.to_owned(), "must be at least 1"));
+        }
+        Ok(value)
+    };
+    let defaults = ServerLimits::default();
+    let streams = number(
+        "limits.max_concurrent_streams",
+        defaults.max_concurrent_streams as usize,
+    )?;
+    let limits = ServerLimits {
+        max_connections: number("limits.max_connections", defaults.max_connections)?,
+        max_concurrent_streams: u32::try_from(streams).map_err(|_| {
+            ConfigError::Invalid("limits.max_concurrent_streams".into(), "too large")
+        })?,
+        max_watch_per_identity: number(
+            "limits.max_watch_per_identity",
+            defaults.max_watch_per_identity,
+        )?,
+        max_request_bytes: number("limits.max_request_bytes", defaults.max_request_bytes)?,
+    };
+    if limits.max_request_bytes < max_version_bytes.saturating_add(REQUEST_OVERHEAD_BYTES) {
+        return Err(ConfigError::Invalid(
+            "limits.max_request_bytes".into(),
+            "must exceed limits.max_version_bytes by at least 65536",
+        ));
+    }
+    Ok(limits)
 }
 
 /// Where settings come from: tests fill one from a map.
@@ -145,12 +243,13 @@ pub fn load_file(path: &Path) -> Result<ServerConfig, ConfigError> {
         .map_err(|e: toml::de::Error| ConfigError::Toml(e.message().to_owned()))?;
     let mut flat = BTreeMap::new();
     flatten("", &table, &mut flat)?;
+    let known = || KEYS.iter().chain(SERVER_LIMIT_KEYS);
     for key in flat.keys() {
-        if !KEYS.iter().any(|(k, _)| k == key) {
+        if !known().any(|(k, _)| k == key) {
             return Err(ConfigError::Unknown(key.clone()));
         }
     }
-    for (key, var) in KEYS {
+    for (key, var) in known() {
         if let Ok(v) = std::env::var(var) {
             flat.insert((*key).to_owned(), v);
         }
@@ -231,6 +330,7 @@ pub fn parse(src: &dyn Source, base: &Path) -> Result<ServerConfig, ConfigError>
             jwks_dir: path("oidc.jwks_dir"),
             allow_private_hosts: flag("oidc.allow_private_hosts")?,
         },
+        server_limits: parse_server_limits(src, limits.max_bytes)?,
     })
 }
 
@@ -305,5 +405,31 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("'listen'"), "{e}");
         assert!(!e.to_string().contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn server_limits_have_defaults_and_refuse_zero_and_a_too_small_request() {
+        let base = [("storage.path", "d"), ("audit.path", "a")];
+        let c = parse(&src(&base), Path::new(".")).unwrap();
+        assert_eq!(c.server_limits, ServerLimits::default());
+        let with = |extra: (&str, &str)| {
+            let mut pairs = base.to_vec();
+            pairs.push(extra);
+            parse(&src(&pairs), Path::new("."))
+        };
+        let c = with(("limits.max_watch_per_identity", "3")).unwrap();
+        assert_eq!(c.server_limits.max_watch_per_identity, 3);
+        for key in [
+            "limits.max_connections",
+            "limits.max_concurrent_streams",
+            "limits.max_watch_per_identity",
+            "limits.max_request_bytes",
+        ] {
+            let e = with((key, "0")).unwrap_err();
+            assert!(e.to_string().contains(key), "{e}");
+        }
+        // A request must have room for the largest secret version.
+        let e = with(("limits.max_request_bytes", "524288")).unwrap_err();
+        assert!(e.to_string().contains("limits.max_request_bytes"), "{e}");
     }
 }

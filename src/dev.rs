@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::clock::Clock;
-use crate::config::{OidcConfig, ServerConfig, TlsConfig};
+use crate::config::{OidcConfig, ServerConfig, ServerLimits, TlsConfig};
 use crate::pki;
 use crate::secrets::DataLimits;
 use crate::server::Server;
@@ -30,6 +30,12 @@ pub enum DevError {
     Server(#[from] crate::server::ServerError),
     #[error("cannot use the data folder {0}: {1}")]
     Folder(PathBuf, std::io::Error),
+    #[error(
+        "the data folder {0} is open to other users (mode {1:04o}); it would hold the root \
+         token and the unseal share: name a new folder (keyward makes it with mode 0700) \
+         or chmod 700 this one"
+    )]
+    OpenFolder(PathBuf, u32),
     #[error("the credentials file {0} is unreadable or corrupt")]
     Credentials(PathBuf),
     #[error("the vault in {0} is initialized but {CREDENTIALS_FILE} is missing; use another --data folder")]
@@ -100,6 +106,7 @@ pub async fn open_with(
         audit_path: data_dir.join("audit.log"),
         metrics_listen,
         limits: DataLimits::default(),
+        server_limits: ServerLimits::default(),
         oidc: OidcConfig {
             // A dev server fetches JWKS only from servers its own CA signed
             // (a local test issuer); production names a bundle in the config.
@@ -153,15 +160,43 @@ pub fn read_credentials(data_dir: &Path) -> Result<DevCredentials, DevError> {
     parsed
 }
 
+/// Makes the data folder (and missing parents) with mode 0700, or checks
+/// that an existing one is its owner's alone: it will hold the root token
+/// and the unseal share. A folder keyward did not make keeps its mode
+/// (`--data /tmp` is refused, not locked down).
 fn create_private_dir(dir: &Path) -> Result<(), DevError> {
-    std::fs::create_dir_all(dir).map_err(|e| DevError::Folder(dir.to_owned(), e))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| DevError::Folder(dir.to_owned(), e))?;
+    match std::fs::metadata(dir) {
+        Ok(meta) if !meta.is_dir() => Err(DevError::Folder(
+            dir.to_owned(),
+            std::io::Error::other("not a folder"),
+        )),
+        Ok(meta) => {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = meta.permissions().mode() & 0o7777;
+                if mode & 0o077 != 0 {
+                    return Err(DevError::OpenFolder(dir.to_owned(), mode));
+                }
+            }
+            #[cfg(not(unix))]
+            let _ = meta;
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut builder = std::fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::DirBuilderExt;
+                builder.mode(0o700);
+            }
+            builder
+                .create(dir)
+                .map_err(|e| DevError::Folder(dir.to_owned(), e))
+        }
+        Err(e) => Err(DevError::Folder(dir.to_owned(), e)),
     }
-    Ok(())
 }
 
 /// Creates `dir` (mode 0700 on Unix) if it does not exist; one that exists

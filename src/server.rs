@@ -10,6 +10,7 @@
 //! only the handles it uses (never the `Core`), and is awaited at shutdown
 //! within [`DRAIN_DEADLINE`].
 
+mod limits;
 mod tasks;
 
 use std::future::Future;
@@ -17,8 +18,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt as _;
 use tonic::transport::server::{Router, TcpIncoming};
 use tonic::transport::{Certificate, Identity, Server as TonicServer, ServerTlsConfig};
+use tower::layer::util::{Identity as NoLayer, Stack};
+use tower::util::MapResponseLayer;
 
 use crate::api::auth::AuthService;
 use crate::api::governance::GovernanceService;
@@ -30,7 +34,7 @@ use crate::api::sys::{publish_health, SysService};
 use crate::audit::AuditLog;
 use crate::barrier::{Barrier, BarrierOptions};
 use crate::clock::{Clock, ShutdownTrigger};
-use crate::config::ServerConfig;
+use crate::config::{ServerConfig, ServerLimits};
 use crate::core::Core;
 use crate::identity::expiry::IdentityExpiry;
 use crate::metrics::Metrics;
@@ -50,15 +54,32 @@ pub use tasks::Tasks;
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 /// How often the in-memory usage table is written (also at seal and shutdown).
 pub const USAGE_PERSIST_EVERY: Duration = Duration::from_secs(60);
+/// How long a new connection may take to finish its TLS handshake; it holds
+/// a connection slot (`limits.max_connections`) until then.
+pub const TLS_HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The gRPC router with the transport's layers (see `limits`).
+type GrpcRouter =
+    Router<Stack<MapResponseLayer<fn(limits::GrpcResponse) -> limits::GrpcResponse>, NoLayer>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("cannot open storage: {0}")]
     Storage(String),
+    #[error(
+        "the storage folder {0} is open to other users (mode {1:04o}): chmod 700 it, or name \
+         a new folder (keyward makes it with mode 0700)"
+    )]
+    StorageFolderOpen(std::path::PathBuf, u32),
     #[error("cannot open the audit log: {0}")]
     Audit(String),
     #[error("cannot read TLS file {0}: {1}")]
     TlsFile(std::path::PathBuf, std::io::Error),
+    #[error(
+        "the TLS key file {0} is open to other users (mode {1:04o}): make it readable by its \
+         owner only (chmod 600), or by root and one group (root-owned, chmod 640)"
+    )]
+    KeyFileOpen(std::path::PathBuf, u32),
     #[error("oidc.ca_file: {0}")]
     OidcCa(String),
     #[error("gRPC server failed: {0}")]
@@ -79,15 +100,21 @@ impl Server {
     }
 
     /// Opens the server; every part of it reads `clock`.
+    ///
+    /// An existing storage folder open to other users is refused, and so is
+    /// a TLS key file others can read; a missing storage folder is made with
+    /// mode 0700 (`SledBackend::open`), and so is a missing audit folder.
     pub fn open_with_clock(config: ServerConfig, clock: Clock) -> Result<Self, ServerError> {
-        std::fs::create_dir_all(&config.storage_path)
-            .map_err(|e| ServerError::Storage(format!("{}: {e}", config.storage_path.display())))?;
+        check_storage_folder(&config.storage_path)?;
+        if let Some(tls) = &config.tls {
+            check_key_file(&tls.key)?;
+        }
         let backend = SledBackend::open(&config.storage_path)
             .map_err(|e| ServerError::Storage(e.to_string()))?;
         let barrier = Barrier::new(Arc::new(backend), BarrierOptions::default())
             .map_err(|e| ServerError::Storage(e.to_string()))?;
         if let Some(dir) = config.audit_path.parent() {
-            std::fs::create_dir_all(dir)
+            create_private_dirs(dir)
                 .map_err(|e| ServerError::Audit(format!("{}: {e}", dir.display())))?;
         }
         let audit = AuditLog::open(&config.audit_path, clock.clone())
@@ -138,32 +165,63 @@ impl Server {
         served
     }
 
-    /// The gRPC services, health and reflection, over TLS if configured.
-    async fn router(&self) -> Result<Router, ServerError> {
+    /// The gRPC services, health and reflection (as `grpc.reflection.v1`
+    /// and, for the tools that still ask for it, `v1alpha`), over TLS if
+    /// configured, within the configured limits.
+    async fn router(&self) -> Result<GrpcRouter, ServerError> {
+        let limits: ServerLimits = self.config.server_limits;
+        let max = limits.max_request_bytes;
         let (health, health_service) = tonic_health::server::health_reporter();
         publish_health(&health, self.core.is_sealed()).await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| ServerError::Transport(e.to_string()))?;
-        let mut builder = TonicServer::builder();
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let transport = |e: tonic_reflection::server::Error| ServerError::Transport(e.to_string());
+        let reflection_v1 = reflection().build_v1().map_err(transport)?;
+        let reflection_v1alpha = reflection().build_v1alpha().map_err(transport)?;
+        let mut builder = TonicServer::builder()
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .layer(MapResponseLayer::new(
+                limits::oversized_is_exhausted as fn(_) -> _,
+            ));
         if let Some(tls) = self.tls_config()? {
             builder = builder
                 .tls_config(tls)
                 .map_err(|e| ServerError::Transport(e.to_string()))?;
         }
         let core = &self.core;
+        let secrets =
+            SecretsService::new(core.clone()).with_watch_limit(limits.max_watch_per_identity);
         Ok(builder
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(SysServer::new(SysService::new(core.clone(), health)))
-            .add_service(SecretsServer::new(SecretsService::new(core.clone())))
-            .add_service(AuthServer::new(AuthService::new(core.clone())))
-            .add_service(PoliciesServer::new(PoliciesService::new(core.clone())))
-            .add_service(IdentitiesServer::new(IdentitiesService::new(core.clone())))
-            .add_service(GovernanceServer::new(GovernanceService::new(core.clone())))
-            .add_service(RotationServer::new(RotationService::new(core.clone()))))
+            .add_service(health_service.max_decoding_message_size(max))
+            .add_service(reflection_v1.max_decoding_message_size(max))
+            .add_service(reflection_v1alpha.max_decoding_message_size(max))
+            .add_service(
+                SysServer::new(SysService::new(core.clone(), health))
+                    .max_decoding_message_size(max),
+            )
+            .add_service(SecretsServer::new(secrets).max_decoding_message_size(max))
+            .add_service(
+                AuthServer::new(AuthService::new(core.clone())).max_decoding_message_size(max),
+            )
+            .add_service(
+                PoliciesServer::new(PoliciesService::new(core.clone()))
+                    .max_decoding_message_size(max),
+            )
+            .add_service(
+                IdentitiesServer::new(IdentitiesService::new(core.clone()))
+                    .max_decoding_message_size(max),
+            )
+            .add_service(
+                GovernanceServer::new(GovernanceService::new(core.clone()))
+                    .max_decoding_message_size(max),
+            )
+            .add_service(
+                RotationServer::new(RotationService::new(core.clone()))
+                    .max_decoding_message_size(max),
+            ))
     }
 
     /// The server's certificate and, if configured, the CA of client
@@ -175,8 +233,9 @@ impl Server {
         let read = |p: &std::path::Path| {
             std::fs::read(p).map_err(|e| ServerError::TlsFile(p.to_owned(), e))
         };
-        let mut config =
-            ServerTlsConfig::new().identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+        let mut config = ServerTlsConfig::new()
+            .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?))
+            .timeout(TLS_HANDSHAKE_DEADLINE);
         if let Some(ca) = &tls.client_ca {
             config = config
                 .client_ca_root(Certificate::from_pem(read(ca)?))
@@ -229,11 +288,17 @@ impl Server {
     /// fires), then lets in-flight calls finish within `DRAIN_DEADLINE`.
     async fn serve_until(
         &self,
-        router: Router,
+        router: GrpcRouter,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServerError> {
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let gate = limits::ConnectionGate::new(self.config.server_limits.max_connections);
+        let incoming = TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .filter_map(move |accepted| match accepted {
+                Ok(stream) => gate.admit(stream).map(Ok),
+                Err(e) => Some(Err(e)),
+            });
         let signal = self.shutdown.signal();
         let serving =
             router.serve_with_incoming_shutdown(incoming, async move { signal.wait().await });
@@ -272,4 +337,60 @@ impl Server {
             tracing::error!(error = %e, "could not flush the audit log at shutdown");
         }
     }
+}
+
+/// Refuses an existing storage folder that group or others may enter, list
+/// or write (a missing one is made with mode 0700 by `SledBackend::open`).
+/// Its mode is never changed: keyward does not lock down what it did not
+/// create.
+fn check_storage_folder(path: &std::path::Path) -> Result<(), ServerError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = match std::fs::metadata(path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(ServerError::Storage(format!("{}: {e}", path.display()))),
+        };
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(ServerError::StorageFolderOpen(path.to_owned(), mode));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+/// Refuses a TLS private key file that other users can read: it must be
+/// its owner's alone, or (as PostgreSQL allows) owned by root and readable
+/// by one group besides. Its mode is never changed.
+fn check_key_file(path: &std::path::Path) -> Result<(), ServerError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).map_err(|e| ServerError::TlsFile(path.to_owned(), e))?;
+        let mode = meta.mode() & 0o7777;
+        let owner_only = mode & 0o077 == 0;
+        let root_and_group = meta.uid() == 0 && mode & 0o037 == 0;
+        if !(owner_only || root_and_group) {
+            return Err(ServerError::KeyFileOpen(path.to_owned(), mode));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+/// Creates `dir` and its missing parents with mode 0700 (an existing folder
+/// is left as it is: keyward does not change what it did not create).
+fn create_private_dirs(dir: &std::path::Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir)
 }

@@ -1,10 +1,13 @@
 //! `keyward.v1.Secrets`: versioned key/value secrets.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use tonic::{Request, Response, Status};
 
 use super::{begin, Access, Failure, FailureKind};
+use crate::config::ServerLimits;
+use crate::core::auth::Caller;
 use crate::core::Core;
 use crate::policy::Capability;
 use crate::proto::v1::secrets_server::Secrets;
@@ -17,12 +20,86 @@ pub const MAX_WATCHED: usize = 256;
 
 pub struct SecretsService {
     core: Arc<Core>,
+    watches: Arc<OpenWatches>,
 }
 
 impl SecretsService {
+    /// The service, with the default Watch limit per identity.
     pub fn new(core: Arc<Core>) -> Self {
-        Self { core }
+        Self {
+            core,
+            watches: Arc::new(OpenWatches::new(
+                ServerLimits::default().max_watch_per_identity,
+            )),
+        }
     }
+
+    /// At most `limit` open `Watch` streams per identity
+    /// (`limits.max_watch_per_identity`).
+    pub fn with_watch_limit(mut self, limit: usize) -> Self {
+        self.watches = Arc::new(OpenWatches::new(limit));
+        self
+    }
+}
+
+/// The open `Watch` streams of each identity. Counted per identity, not per
+/// token: a caller could otherwise mint child tokens (which keep its
+/// identity) to open as many as it likes.
+struct OpenWatches {
+    limit: usize,
+    open: Mutex<HashMap<String, usize>>,
+}
+
+/// One open watch; its count goes back when the stream ends.
+struct WatchSlot {
+    watches: Arc<OpenWatches>,
+    identity: String,
+}
+
+impl OpenWatches {
+    fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A slot for one more watch of `identity`, or `None` at the limit.
+    fn take(self: &Arc<Self>, identity: &str) -> Option<WatchSlot> {
+        // Nothing panics under this lock; a poisoned one still counts right.
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(identity.to_owned()).or_insert(0);
+        if *count >= self.limit {
+            return None;
+        }
+        *count += 1;
+        Some(WatchSlot {
+            watches: self.clone(),
+            identity: identity.to_owned(),
+        })
+    }
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut open = self.watches.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.identity) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.identity);
+            }
+        }
+    }
+}
+
+/// Whether a listed path may be shown to `caller`: only if it could list or
+/// read that path on its own. A list answers secret paths only (never
+/// folders), so nothing is said about a path the caller is denied. A check,
+/// not an authorization: no usage is recorded for the paths it lets through.
+fn visible_to(caller: &Caller, path: &str) -> bool {
+    let resource = format!("secret/{path}");
+    caller.set.check(&resource, Capability::List).is_some()
+        || caller.set.check(&resource, Capability::Read).is_some()
 }
 
 pub(crate) fn timestamp(ms: u64) -> Option<prost_types::Timestamp> {
@@ -61,7 +138,9 @@ impl Secrets for SecretsService {
     /// leaks a path the caller may not read. The token is checked again on
     /// each event and every [`WATCH_RECHECK`]: once it is revoked or expired
     /// the stream ends with UNAUTHENTICATED. Ends at shutdown, or with
-    /// ABORTED if the watcher fell behind.
+    /// ABORTED if the watcher fell behind. An identity may hold at most
+    /// `limits.max_watch_per_identity` open watches, over all its tokens:
+    /// one more is RESOURCE_EXHAUSTED.
     async fn watch(
         &self,
         req: Request<WatchRequest>,
@@ -91,6 +170,17 @@ impl Secrets for SecretsService {
             prefixes.push(prefix.path().map(|p| p.to_string()));
         }
         let mut caller = call.require_caller()?;
+        let Some(slot) = self.watches.take(&caller.identity) else {
+            let refused = Failure::new(
+                FailureKind::Exhausted,
+                format!(
+                    "this identity has {} watches open, the most allowed \
+                     (limits.max_watch_per_identity); end one first",
+                    self.watches.limit
+                ),
+            );
+            return Err(call.fail(refused).into());
+        };
         // Subscribe before answering, so nothing after the answer is missed.
         let mut changes = self.core.secrets.subscribe();
         call.ok(&[])?;
@@ -110,6 +200,8 @@ impl Secrets for SecretsService {
         };
         tokio::spawn(async move {
             use tokio::sync::broadcast::error::RecvError;
+            // Held while the stream lasts.
+            let _slot = slot;
             let mut tick = tokio::time::interval(WATCH_RECHECK);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -250,6 +342,9 @@ impl Secrets for SecretsService {
         }))
     }
 
+    /// The secret paths under a prefix (the caller needs `list` on the
+    /// prefix) that the caller could list or read one by one: a path under
+    /// a denied part of the prefix is left out.
     async fn list(
         &self,
         req: Request<ListSecretsRequest>,
@@ -257,7 +352,12 @@ impl Secrets for SecretsService {
         let mut call = begin(&self.core, "keyward.v1.Secrets/List", Access::Token, &req).await?;
         let prefix = call.check(ListPrefix::parse(&req.get_ref().prefix))?;
         call.authorize(Capability::List, prefix.resource())?;
-        let paths = call.check(self.core.secrets.list(&prefix))?;
+        let caller = call.require_caller()?;
+        let paths = call.check(
+            self.core
+                .secrets
+                .list(&prefix, |path| visible_to(&caller, path)),
+        )?;
         call.ok(&[])?;
         Ok(Response::new(ListSecretsResponse { paths }))
     }

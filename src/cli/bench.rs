@@ -330,6 +330,7 @@ fn bench_config(dir: &Path) -> ServerConfig {
         metrics_listen: None,
         limits: keyward::secrets::DataLimits::default(),
         oidc: Default::default(),
+        server_limits: keyward::config::ServerLimits::default(),
     }
 }
 

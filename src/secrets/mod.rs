@@ -490,8 +490,14 @@ impl SecretStore {
         })
     }
 
-    /// Paths under a prefix (segment-wise: `app` lists `app` and `app/...`, not `apple`).
-    pub fn list(&self, prefix: &ListPrefix) -> Result<Vec<String>, SecretsError> {
+    /// Paths under a prefix (segment-wise: `app` lists `app` and `app/...`,
+    /// not `apple`) that `visible` admits: the caller's own check of each
+    /// path (this module knows nothing of policies).
+    pub fn list(
+        &self,
+        prefix: &ListPrefix,
+        visible: impl Fn(&str) -> bool,
+    ) -> Result<Vec<String>, SecretsError> {
         let keys = match prefix.path() {
             None => self.barrier.scan_keys(META)?,
             Some(p) => {
@@ -505,6 +511,7 @@ impl SecretStore {
         Ok(keys
             .into_iter()
             .filter_map(|k| k.strip_prefix(META).map(str::to_owned))
+            .filter(|path| visible(path))
             .collect())
     }
 

@@ -45,6 +45,50 @@ fn sled_error(operation: &'static str, error: sled::Error) -> StorageError {
     }
 }
 
+/// Makes a missing storage folder (and missing parents) with mode 0700. An
+/// existing folder is left as it is: whether it may be used is the opener's
+/// decision (the server refuses one open to other users).
+fn prepare_folder(path: &Path) -> Result<(), StorageError> {
+    let named = |e: std::io::Error| StorageError::Io(format!("{}: {e}", path.display()));
+    match std::fs::metadata(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut builder = std::fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::DirBuilderExt;
+                builder.mode(0o700);
+            }
+            builder.create(path).map_err(named)
+        }
+        Err(e) => Err(named(e)),
+    }
+}
+
+/// Sets what sled made directly in the folder to the owner alone: files
+/// 0600, folders 0700 (the folder's own mode is the opener's concern).
+fn keep_private(path: &Path) -> Result<(), StorageError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let named = |e: std::io::Error| StorageError::Io(format!("{}: {e}", path.display()));
+        for entry in std::fs::read_dir(path).map_err(named)? {
+            let entry = entry.map_err(named)?;
+            let meta = entry.metadata().map_err(named)?;
+            let mode = meta.permissions().mode() & 0o7777;
+            let private = if meta.is_dir() { 0o700 } else { 0o600 };
+            if mode & 0o077 != 0 && (meta.is_dir() || meta.is_file()) {
+                std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(private))
+                    .map_err(named)?;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
 impl SledBackend {
     /// Opens (or creates) the sled database in the folder `path`. sled locks
     /// the folder: an open while another process holds it fails with `Io`
@@ -52,11 +96,19 @@ impl SledBackend {
     /// only when the background work of a dropped database has ended, a
     /// moment after the drop: a reopen in the same process (a restart in
     /// tests or the start-up bench) would otherwise fail now and then.
+    ///
+    /// A missing folder is made with mode 0700, and the files sled makes
+    /// directly in it are set to 0600 (folders 0700). An existing folder's
+    /// own mode is never changed.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StorageError> {
+        prepare_folder(path.as_ref())?;
         let started = std::time::Instant::now();
         loop {
             match sled::Config::new().path(path.as_ref()).open() {
-                Ok(db) => return Ok(Self { db }),
+                Ok(db) => {
+                    keep_private(path.as_ref())?;
+                    return Ok(Self { db });
+                }
                 // sled says so only in the message (kind `Other`).
                 Err(sled::Error::Io(e))
                     if e.to_string().contains("could not acquire lock")

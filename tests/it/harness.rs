@@ -17,6 +17,16 @@ pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// A temporary folder only its owner may enter: `keyward dev` refuses an
+/// existing folder open to other users.
+pub fn private_tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()
+        .unwrap()
+}
+
 /// A random suffix so tests never share names.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
@@ -70,7 +80,7 @@ impl TestServer {
     /// [`Self::dev`] with its configuration adjusted before it opens.
     pub async fn dev_with(adjust: impl FnOnce(&mut ServerConfig)) -> Self {
         install_crypto();
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_tempdir();
         let clock = keyward::clock::Clock::system();
         let vault = keyward::dev::open_with(dir.path(), None, clock, adjust)
             .await
@@ -109,6 +119,7 @@ impl TestServer {
             metrics_listen: None,
             limits: DataLimits::default(),
             oidc: Default::default(),
+            server_limits: keyward::config::ServerLimits::default(),
         };
         let server = Server::open(config).unwrap();
         Self::serve(dir, server, certs.ca, String::new(), String::new()).await

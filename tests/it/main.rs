@@ -32,4 +32,5 @@ mod secrets;
 mod server;
 mod tokens;
 mod trust_identity;
+mod trust_limits;
 mod trust_oidc;
