@@ -31,3 +31,4 @@ mod seal;
 mod secrets;
 mod server;
 mod tokens;
+mod trust_rotation;
