@@ -572,7 +572,7 @@ async fn an_invalid_provider_name_changes_nothing() {
     let server = TestServer::dev().await;
     let root = server.root().await;
     let plugin = RecordingPlugin::start("admin").await;
-    for bad in ["Bad Name", "UPPER", "x/y", ""] {
+    for bad in ["Bad Name", "UPPER", "x/y"] {
         let refused = root
             .register_provider(bad, &plugin.endpoint, None)
             .await
@@ -589,6 +589,12 @@ async fn an_invalid_provider_name_changes_nothing() {
         .await
         .unwrap();
     assert_eq!(registered.name, good);
+    // An empty name is refused before the policy check.
+    let empty = root
+        .register_provider("", &plugin.endpoint, None)
+        .await
+        .unwrap_err();
+    assert_eq!(code(&empty), Some(Code::InvalidArgument), "{empty}");
     // And with a token that holds only that name.
     let token = root
         .issue_token(IssueOptions {
