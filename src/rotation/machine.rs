@@ -353,7 +353,7 @@ async fn run_step(cx: &RunContext<'_>, run: &mut RunRecord) -> Result<Flow, Rota
     let Some(provider) = cx.broker.provider(&run.provider) else {
         if rolling_back {
             // Nothing can be put back on a target we cannot reach.
-            return finish_failed(cx, run).await.map(Flow::Done);
+            return finish_failed(cx, run, false).await.map(Flow::Done);
         }
         let e = ProviderError::Internal(format!("provider `{}` is not registered", run.provider));
         failed_attempt(cx, run, step, 0, &StepFailure::new(&e, false)).await?;
@@ -375,7 +375,30 @@ async fn run_step(cx: &RunContext<'_>, run: &mut RunRecord) -> Result<Flow, Rota
         Ok(a) => a,
         Err(e) if rolling_back => {
             tracing::warn!(path = %cx.path, error = %e.message, "rollback without admin secret");
-            return finish_failed(cx, run).await.map(Flow::Done);
+            // If this attempt reached the target, its value may be live
+            // there and current could not be put back: keep it as pending
+            // rather than lose it.
+            let attempt = run.attempt;
+            let applied = run
+                .steps
+                .iter()
+                .any(|s| s.step == RotationStep::Apply && s.attempt == attempt);
+            if applied {
+                let version = run.pending_version;
+                let message = format!(
+                    "current not restored on the target ({}); pending version {version} is kept",
+                    e.message
+                );
+                let now = cx.now_ms();
+                run.record(
+                    RotationStep::Rollback,
+                    StepOutcome::Failed,
+                    version,
+                    message,
+                    now,
+                );
+            }
+            return finish_failed(cx, run, applied).await.map(Flow::Done);
         }
         Err(e) => {
             let version = run.pending_version;
@@ -397,12 +420,12 @@ async fn run_step(cx: &RunContext<'_>, run: &mut RunRecord) -> Result<Flow, Rota
         RotationStep::Promote => return promote(cx, run).await,
         RotationStep::Rollback => {
             rollback(cx, run, provider.as_ref(), &input).await;
-            return finish_failed(cx, run).await.map(Flow::Done);
+            return finish_failed(cx, run, false).await.map(Flow::Done);
         }
         RotationStep::Retire => {
             // A run record never rests at Retire (retires have their own
             // records): end it rather than act on the target.
-            return finish_failed(cx, run).await.map(Flow::Done);
+            return finish_failed(cx, run, false).await.map(Flow::Done);
         }
     }
     Ok(Flow::Next)
@@ -672,13 +695,20 @@ async fn restore_current(
     }
 }
 
-/// Ends a failed run: drops pending, records the failure (history, policy,
-/// audit, metrics).
-async fn finish_failed(cx: &RunContext<'_>, run: &mut RunRecord) -> Result<Driven, RotationError> {
-    tracing::debug!(path = %cx.path, "rotation failed; dropping pending");
-    match cx.secrets().clear_pending(&cx.path, cx.now_ms()) {
-        Ok(()) | Err(SecretsError::NotFound) => {}
-        Err(e) => return Err(e.into()),
+/// Ends a failed run: drops pending (unless `keep_pending`: it may be the
+/// value live on the target), records the failure (history, policy, audit,
+/// metrics).
+async fn finish_failed(
+    cx: &RunContext<'_>,
+    run: &mut RunRecord,
+    keep_pending: bool,
+) -> Result<Driven, RotationError> {
+    if !keep_pending {
+        tracing::debug!(path = %cx.path, "rotation failed; dropping pending");
+        match cx.secrets().clear_pending(&cx.path, cx.now_ms()) {
+            Ok(()) | Err(SecretsError::NotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     let last = run.steps.last().cloned();
     let reason = match &last {

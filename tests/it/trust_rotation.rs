@@ -42,6 +42,15 @@ type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
 struct Recorder {
     reference_key: String,
     received: Received,
+    /// When set, `Apply` says it has applied (`applied`) and then waits for
+    /// `release` before it answers: a test acts between apply and verify.
+    hold: Option<Arc<Hold>>,
+}
+
+#[derive(Default)]
+struct Hold {
+    applied: tokio::sync::Notify,
+    release: tokio::sync::Notify,
 }
 
 impl Recorder {
@@ -92,6 +101,10 @@ impl Provider for Recorder {
     ) -> Result<Response<pb::ApplyResponse>, Status> {
         let r = req.into_inner();
         self.keep("apply", &[r.admin.as_ref(), r.current.as_ref()]);
+        if let Some(hold) = &self.hold {
+            hold.applied.notify_one();
+            hold.release.notified().await;
+        }
         Ok(Response::new(pb::ApplyResponse {}))
     }
 
@@ -124,12 +137,17 @@ struct RecordingPlugin {
 
 impl RecordingPlugin {
     async fn start(reference_key: &str) -> Self {
+        Self::start_with(reference_key, None).await
+    }
+
+    async fn start_with(reference_key: &str, hold: Option<Arc<Hold>>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let socket: PathBuf = dir.path().join("plugin.sock");
         let listener = tokio::net::UnixListener::bind(&socket).unwrap();
         let recorder = Recorder {
             reference_key: reference_key.to_owned(),
             received: Arc::default(),
+            hold,
         };
         let service = ProviderServer::new(recorder.clone());
         let task = tokio::spawn(async move {
@@ -430,6 +448,86 @@ async fn a_run_stops_reading_once_the_setter_loses_read() {
     let run = root.rotate(&mine, true).await.unwrap();
     assert_eq!(run.state, "failed", "{:?}", step_messages(&run));
     assert!(!plugin.received(admin_v2));
+}
+
+/// Read revoked between apply and verify: verify is not called with the
+/// admin secret, nor is the rollback; the value apply may have made live on
+/// the target is kept as `pending`, not dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_revoked_mid_run_keeps_the_applied_value() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let shared = format!("{}/db-admin", unique("shared"));
+    root.put(
+        &shared,
+        &data(&[("password", "admin-MID-RUN")]),
+        PutOptions::default(),
+    )
+    .await
+    .unwrap();
+    let hold = Arc::new(Hold::default());
+    let plugin = RecordingPlugin::start_with("admin", Some(hold.clone())).await;
+    let name = provider_name("rec");
+    root.register_provider(&name, &plugin.endpoint, None)
+        .await
+        .unwrap();
+    let own = unique("own");
+    let policy = unique("setter");
+    let with_admin = format!(
+        "[[rule]]\npath = \"secret/{own}/**\"\ncapabilities = [\"read\", \"write\"]\n\n\
+         [[rule]]\npath = \"rotation/{own}/**\"\ncapabilities = [\"write\", \"rotate\"]\n\n\
+         [[rule]]\npath = \"secret/{shared}\"\ncapabilities = [\"read\"]\n"
+    );
+    put_policy(&server, &policy, &with_admin).await;
+    let identity = unique("setter");
+    let (role_id, secret_id) =
+        approle_identity(&root, &identity, std::slice::from_ref(&policy)).await;
+    let setter = login(&server, &role_id, &secret_id).await.1;
+    let mine = format!("{own}/app");
+    setter
+        .put(
+            &mine,
+            &data(&[("password", "mine-1")]),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap();
+    setter
+        .set_rotation_policy(&mine, &spec(&name, &[("admin", &shared)]))
+        .await
+        .unwrap();
+
+    let rotating = {
+        let root = root.clone();
+        let mine = mine.clone();
+        tokio::spawn(async move { root.rotate(&mine, true).await.unwrap() })
+    };
+    hold.applied.notified().await;
+    let pending = root.get_with(&mine, None, Some("pending")).await.unwrap();
+    put_policy(
+        &server,
+        &policy,
+        &with_admin.replace(&format!("secret/{shared}"), "secret/nothing-here"),
+    )
+    .await;
+    plugin.forget();
+    hold.release.notify_one();
+    let run = rotating.await.unwrap();
+
+    assert_eq!(run.state, "failed", "{:?}", step_messages(&run));
+    assert!(
+        !plugin.received("admin-MID-RUN"),
+        "nothing read after the revocation"
+    );
+    assert_eq!(plugin.calls("verify") + plugin.calls("apply"), 0);
+    let messages = step_messages(&run).join("\n");
+    assert!(messages.contains("is kept"), "{messages}");
+    let kept = root.get_with(&mine, None, Some("pending")).await.unwrap();
+    assert_eq!(kept.version, pending.version, "the applied value is kept");
+    assert_eq!(
+        root.get(&mine).await.unwrap().field_str("password"),
+        Some("mine-1")
+    );
 }
 
 /// A policy stored before setters were recorded has its reference read by
