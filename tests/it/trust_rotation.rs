@@ -719,3 +719,50 @@ async fn an_invalid_provider_name_changes_nothing() {
         .await
         .unwrap();
 }
+
+/// The CLI: `provider register` of a taken name fails; `--replace` works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_provider_register_replace() {
+    let server = TestServer::dev().await;
+    let first = RecordingPlugin::start("admin").await;
+    let second = RecordingPlugin::start("admin").await;
+    let name = provider_name("cli");
+    let addr = format!("https://{}", server.addr);
+    let ca = server.ca.display().to_string();
+    let env: Vec<(String, String)> = [
+        ("KEYWARD_ADDR", addr.as_str()),
+        ("KEYWARD_CACERT", ca.as_str()),
+        ("KEYWARD_TOKEN", server.root_token.as_str()),
+        ("KEYWARD_FORMAT", "json"),
+    ]
+    .iter()
+    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+    .collect();
+    let run = |args: Vec<String>| {
+        let env = env.clone();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            crate::harness::cli(&args, &env, None)
+        })
+    };
+    let register = |endpoint: &str, replace: bool| {
+        let mut args: Vec<String> = ["provider", "register", &name, "--endpoint", endpoint]
+            .iter()
+            .map(|a| (*a).to_owned())
+            .collect();
+        if replace {
+            args.push("--replace".into());
+        }
+        args
+    };
+    let (code, _, err) = run(register(&first.endpoint, false)).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(register(&second.endpoint, false)).await.unwrap();
+    assert_ne!(code, 0);
+    assert!(err.contains("already registered"), "{err}");
+    let (code, out, err) = run(register(&second.endpoint, true)).await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&name), "{out}");
+}
