@@ -104,6 +104,13 @@ impl Rotation for RotationService {
             Schedule::from_parts(r.every_seconds, &r.cron)
                 .map_err(crate::rotation::policy::RotationPolicyError::from),
         )?;
+        // The policy itself first, so nobody without it makes the server
+        // call a plugin. The broker will replace the secret's current
+        // value: whoever sets the policy must be able to write (and read)
+        // that secret.
+        call.authorize(Capability::Write, resource(&path))?;
+        call.authorize(Capability::Read, path.resource())?;
+        call.authorize(Capability::Write, path.resource())?;
         // The provider says which setting is a secret reference (an
         // external one is asked again now).
         let spec = call.check(
@@ -125,11 +132,7 @@ impl Rotation for RotationService {
             call.authorize(Capability::Read, referenced.resource())?;
         }
         let spec = spec.set_by(Setter::new(caller.identity, caller.policies));
-        // The broker will replace the secret's current value: whoever sets
-        // the policy must be able to write (and read) that secret.
-        call.authorize(Capability::Read, path.resource())?;
-        call.authorize(Capability::Write, path.resource())?;
-        call.authorize(Capability::Write, resource(&path))?;
+        call.set_resource(resource(&path));
         let record = call.check(
             self.core
                 .rotation
