@@ -13,12 +13,17 @@ use crate::core::Core;
 use crate::policy::Capability;
 use crate::proto::v1::rotation_server::Rotation;
 use crate::proto::v1::*;
-use crate::rotation::policy::{PolicyRecord, PolicySpec};
+use crate::rotation::policy::PolicyRecord;
+use crate::rotation::providers::Registry;
+use crate::rotation::reads::Setter;
 use crate::rotation::record::RunRecord;
 use crate::rotation::schedule::Schedule;
 use crate::rotation::scheduler::spawn_run;
-use crate::rotation::RotationError;
+use crate::rotation::{Replacing, RotationError};
 use crate::secrets::SecretPath;
+
+/// The collection of registered providers; `admin` on it may replace one.
+const PROVIDERS: &str = "sys/rotation/providers";
 
 /// How long `Rotate` with `wait` waits before answering `running`.
 pub const ROTATE_WAIT_LIMIT: Duration = Duration::from_secs(300);
@@ -51,6 +56,7 @@ pub(crate) fn policy_message(p: &PolicyRecord) -> RotationPolicy {
         last_error: p.last_error.clone(),
         last_success: timestamp(p.last_success_ms),
         created_at: timestamp(p.created_at_ms),
+        set_by: p.set_by.clone(),
     }
 }
 
@@ -91,31 +97,42 @@ impl Rotation for RotationService {
             &req,
         )
         .await?;
+        let caller = call.require_caller()?;
         let r = req.into_inner();
         let path = call.check(SecretPath::parse(&r.path))?;
         let schedule = call.check(
             Schedule::from_parts(r.every_seconds, &r.cron)
                 .map_err(crate::rotation::policy::RotationPolicyError::from),
         )?;
-        let registry = self.core.rotation.registry();
-        let spec = call.check(PolicySpec::parse(
-            path.as_str(),
-            &r.provider,
-            schedule,
-            Duration::from_secs(r.grace_seconds),
-            r.settings.into_iter().collect(),
-            &registry,
-        ))?;
-        // The broker reads the secrets a policy names on the caller's
-        // behalf: the caller must be able to read them too.
+        // The policy itself first, so nobody without it makes the server
+        // call a plugin. The broker will replace the secret's current
+        // value: whoever sets the policy must be able to write (and read)
+        // that secret.
+        call.authorize(Capability::Write, resource(&path))?;
+        call.authorize(Capability::Read, path.resource())?;
+        call.authorize(Capability::Write, path.resource())?;
+        // The provider says which setting is a secret reference (an
+        // external one is asked again now).
+        let spec = call.check(
+            self.core
+                .rotation
+                .check_policy(
+                    &path,
+                    &r.provider,
+                    schedule,
+                    Duration::from_secs(r.grace_seconds),
+                    r.settings.into_iter().collect(),
+                )
+                .await,
+        )?;
+        // The broker reads the secret a policy names on the caller's
+        // behalf: the caller must be able to read it too (and still be
+        // able to at every run: the policy records who set it).
         for referenced in spec.referenced_secrets() {
             call.authorize(Capability::Read, referenced.resource())?;
         }
-        // The broker will replace the secret's current value: whoever sets
-        // the policy must be able to write (and read) that secret.
-        call.authorize(Capability::Read, path.resource())?;
-        call.authorize(Capability::Write, path.resource())?;
-        call.authorize(Capability::Write, resource(&path))?;
+        let spec = spec.set_by(Setter::new(caller.identity, caller.policies));
+        call.set_resource(resource(&path));
         let record = call.check(
             self.core
                 .rotation
@@ -262,24 +279,36 @@ impl Rotation for RotationService {
             &req,
         )
         .await?;
+        let caller = call.require_caller()?;
         let r = req.into_inner();
-        call.authorize(
-            Capability::Admin,
-            format!("sys/rotation/providers/{}", r.name),
-        )?;
+        call.check(Registry::check_name(&r.name).map_err(RotationError::from))?;
+        if r.replace {
+            // Replacing a live plugin redirects every policy that uses it
+            // (and the secrets they hand it): that needs the whole
+            // collection, not one name.
+            call.authorize(Capability::Admin, PROVIDERS.to_owned())?;
+            call.set_resource(format!("{PROVIDERS}/{}", r.name));
+        } else {
+            call.authorize(Capability::Admin, format!("{PROVIDERS}/{}", r.name))?;
+        }
         let ca = (!r.ca_pem.is_empty()).then_some(r.ca_pem.as_slice());
-        let provider = call.check(
-            self.core
-                .rotation
-                .register_external(&r.name, &r.endpoint, ca)
-                .await,
-        )?;
+        let replacing = r.replace.then(|| Replacing {
+            identity: &caller.identity,
+            accessor: &caller.accessor,
+            request_id: call.request_id(),
+        });
+        let registered = self
+            .core
+            .rotation
+            .register_external(&r.name, &r.endpoint, ca, replacing)
+            .await;
+        let provider = call.check(registered)?;
         call.check(self.core.barrier.durable().await)?;
         call.ok(&[])?;
         Ok(Response::new(RegisterProviderResponse {
             name: r.name,
-            description: provider.description().to_owned(),
-            settings: provider.settings().iter().map(|s| s.key.clone()).collect(),
+            description: provider.description(),
+            settings: provider.settings().into_iter().map(|s| s.key).collect(),
         }))
     }
 }

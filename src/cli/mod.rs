@@ -307,6 +307,10 @@ pub enum ProviderCommand {
         /// CA certificate that signed an https plugin's certificate.
         #[arg(long)]
         plugin_ca: Option<PathBuf>,
+        /// Replace the endpoint of a provider registered under NAME (needs
+        /// admin on sys/rotation/providers; audited).
+        #[arg(long)]
+        replace: bool,
     },
 }
 

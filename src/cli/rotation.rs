@@ -47,6 +47,7 @@ pub fn policy_json(p: &RotationPolicy) -> Value {
         "config": config, "next_due": rfc3339(&p.next_due), "last_run": rfc3339(&p.last_run),
         "last_state": text_or_null(&p.last_state), "last_error": text_or_null(&p.last_error),
         "last_success": rfc3339(&p.last_success), "created_at": rfc3339(&p.created_at),
+        "set_by": text_or_null(&p.set_by),
     })
 }
 
@@ -126,6 +127,7 @@ pub async fn provider(g: &Global, format: Format, cmd: ProviderCommand) -> Resul
             name,
             endpoint,
             plugin_ca,
+            replace,
         } => {
             let ca = match plugin_ca {
                 Some(p) => Some(
@@ -134,10 +136,12 @@ pub async fn provider(g: &Global, format: Format, cmd: ProviderCommand) -> Resul
                 ),
                 None => None,
             };
-            let r = connect(g)
-                .await?
-                .register_provider(&name, &endpoint, ca)
-                .await?;
+            let client = connect(g).await?;
+            let r = if replace {
+                client.replace_provider(&name, &endpoint, ca).await?
+            } else {
+                client.register_provider(&name, &endpoint, ca).await?
+            };
             emit(
                 format,
                 &json!({"name": r.name, "description": r.description, "settings": r.settings}),

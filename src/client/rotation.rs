@@ -106,17 +106,44 @@ impl Client {
         Ok(self.rotation().history(req).await?.into_inner().runs)
     }
 
-    /// Registers an external provider (`unix:PATH` or `https://...`).
+    /// Registers an external provider (`unix:PATH` or `https://...`). A
+    /// name that is registered already is `ALREADY_EXISTS`: see
+    /// [`Client::replace_provider`].
     pub async fn register_provider(
         &self,
         name: &str,
         endpoint: &str,
         ca_pem: Option<Vec<u8>>,
     ) -> Result<RegisterProviderResponse, ClientError> {
+        self.send_register_provider(name, endpoint, ca_pem, false)
+            .await
+    }
+
+    /// Registers an external provider under `name`, replacing the endpoint
+    /// of one registered already (`provider register --replace`). Needs
+    /// `admin` on `sys/rotation/providers`; audited with both endpoints.
+    pub async fn replace_provider(
+        &self,
+        name: &str,
+        endpoint: &str,
+        ca_pem: Option<Vec<u8>>,
+    ) -> Result<RegisterProviderResponse, ClientError> {
+        self.send_register_provider(name, endpoint, ca_pem, true)
+            .await
+    }
+
+    async fn send_register_provider(
+        &self,
+        name: &str,
+        endpoint: &str,
+        ca_pem: Option<Vec<u8>>,
+        replace: bool,
+    ) -> Result<RegisterProviderResponse, ClientError> {
         let req = self.request(RegisterProviderRequest {
             name: name.to_owned(),
             endpoint: endpoint.to_owned(),
             ca_pem: ca_pem.unwrap_or_default(),
+            replace,
         });
         Ok(self.rotation().register_provider(req).await?.into_inner())
     }

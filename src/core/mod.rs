@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod call;
+mod reads;
 mod report;
 pub mod usage;
 
@@ -84,11 +85,17 @@ impl Core {
         let usage = Usage::new(barrier.clone());
         let secrets = Arc::new(SecretStore::new(barrier.clone(), limits));
         let audit = Arc::new(audit);
+        let identities = Arc::new(IdentityStore::new(barrier.clone()));
         let rotation_deps = RotationDeps {
             secrets: secrets.clone(),
             audit: audit.clone(),
             barrier: barrier.clone(),
             clock: clock.clone(),
+            reads: Arc::new(reads::SetterReads::new(
+                policies.clone(),
+                identities.clone(),
+                clock.clone(),
+            )),
         };
         Self {
             gate: Gate::new(
@@ -101,7 +108,7 @@ impl Core {
             policies,
             usage,
             secrets,
-            identities: Arc::new(IdentityStore::new(barrier.clone())),
+            identities,
             rotation: Arc::new(Broker::new(
                 rotation_deps,
                 &metrics,

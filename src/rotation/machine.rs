@@ -37,7 +37,9 @@
 
 use std::sync::OnceLock;
 
+use super::policy::secret_references;
 use super::provider::{Provider, ProviderError, ProviderSettings, RotationInput};
+use super::reads::Setter;
 use super::record::{RetireRecord, RotationStep, RunRecord, RunState, StepOutcome, StepRecord};
 use super::schedule::RetryBackoff;
 use super::{Broker, RotationError};
@@ -137,25 +139,110 @@ fn staged(
     }
 }
 
-/// The admin secret the settings name, if the provider takes one.
+/// Why a step cannot go on, and whether a later attempt may succeed.
+#[derive(Debug, Clone)]
+struct StepFailure {
+    message: String,
+    retryable: bool,
+}
+
+impl StepFailure {
+    fn new(error: &impl ToString, retryable: bool) -> Self {
+        Self {
+            message: error.to_string(),
+            retryable,
+        }
+    }
+}
+
+/// The audit record of a secret reference read (or refused) on behalf of
+/// the policy's setter: names the setter and the path, never the value.
+fn audit_reference(
+    broker: &Broker,
+    run_id: &str,
+    setter: &Setter,
+    resource: &str,
+    refused: Option<&str>,
+) -> Result<(), RotationError> {
+    broker.deps().audit.append(&AuditEvent {
+        request_id: run_id,
+        method: "keyward.rotation/ReadReference",
+        resource: Some(resource),
+        identity: Some(if setter.is_known() {
+            setter.identity.as_str()
+        } else {
+            "unknown"
+        }),
+        accessor: None,
+        source: None,
+        outcome: if refused.is_some() {
+            Outcome::Denied
+        } else {
+            Outcome::Allowed
+        },
+        code: if refused.is_some() {
+            "PERMISSION_DENIED"
+        } else {
+            "OK"
+        },
+        error: refused,
+        token: None,
+        values: &[],
+    })?;
+    Ok(())
+}
+
+/// The admin secret the settings name, if the provider takes one. It is
+/// read only if the policy's setter may read it now (the broker's
+/// [`super::reads::ReadCheck`]), and the read or the refusal is audited in
+/// the setter's name. A policy that does not record its setter (set by an
+/// older keyward) has no reference read at all.
 fn admin_secret(
-    secrets: &SecretStore,
+    broker: &Broker,
+    run_id: &str,
     provider: &dyn Provider,
     settings: &ProviderSettings,
-) -> Result<Result<Option<SecretData>, ProviderError>, RotationError> {
-    let Some(path) = provider.admin_secret(settings) else {
+    setter: &Setter,
+) -> Result<Result<Option<SecretData>, StepFailure>, RotationError> {
+    let references = match secret_references(provider, settings) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(StepFailure::new(&e, false))),
+    };
+    let Some(path) = references.into_iter().next() else {
         return Ok(Ok(None));
     };
-    let Ok(path) = SecretPath::parse(path) else {
-        return Ok(Err(ProviderError::InvalidSettings(
-            "`admin_secret` is not a secret path".into(),
-        )));
+    let resource = path.resource();
+    let decision = if setter.is_known() {
+        broker
+            .deps()
+            .reads
+            .may_read(setter, &resource)
+            .map_err(|e| StepFailure::new(&e, e.is_retryable()))
+    } else {
+        Err(StepFailure::new(
+            &format!(
+                "this policy does not record who set it (set before keyward recorded setters); set it again (`keyward rotation set`) to let the broker read {resource}"
+            ),
+            false,
+        ))
     };
-    match staged(secrets, &path, Stage::Current)? {
+    let refused = decision.as_ref().err().map(|f| f.message.as_str());
+    audit_reference(broker, run_id, setter, &resource, refused)?;
+    if let Err(refusal) = decision {
+        tracing::warn!(resource = %resource, setter = %setter.identity, reason = %refusal.message, "secret reference not read");
+        return Ok(Err(StepFailure {
+            message: format!("secret reference not read: {}", refusal.message),
+            retryable: refusal.retryable,
+        }));
+    }
+    match staged(&broker.deps().secrets, &path, Stage::Current)? {
         Some(data) => Ok(Ok(Some(data))),
-        None => Ok(Err(ProviderError::InvalidSecret(format!(
-            "the admin secret {path} has no current version"
-        )))),
+        None => Ok(Err(StepFailure::new(
+            &ProviderError::InvalidSecret(format!(
+                "the admin secret {path} has no current version"
+            )),
+            false,
+        ))),
     }
 }
 
@@ -266,21 +353,56 @@ async fn run_step(cx: &RunContext<'_>, run: &mut RunRecord) -> Result<Flow, Rota
     let Some(provider) = cx.broker.provider(&run.provider) else {
         if rolling_back {
             // Nothing can be put back on a target we cannot reach.
-            return finish_failed(cx, run).await.map(Flow::Done);
+            return finish_failed(cx, run, false).await.map(Flow::Done);
         }
         let e = ProviderError::Internal(format!("provider `{}` is not registered", run.provider));
-        failed_attempt(cx, run, step, 0, &e, false).await?;
+        failed_attempt(cx, run, step, 0, &StepFailure::new(&e, false)).await?;
         return Ok(Flow::Next);
     };
-    let admin = match admin_secret(cx.secrets(), provider.as_ref(), &cx.settings)? {
+    if step == RotationStep::Promote {
+        // Promote calls no provider: nothing is read for it.
+        return promote(cx, run).await;
+    }
+    let setter = run.setter.clone();
+    let admin = admin_secret(
+        cx.broker,
+        &run.run_id,
+        provider.as_ref(),
+        &cx.settings,
+        &setter,
+    )?;
+    let admin = match admin {
         Ok(a) => a,
         Err(e) if rolling_back => {
-            tracing::warn!(path = %cx.path, error = %e, "rollback without admin secret");
-            return finish_failed(cx, run).await.map(Flow::Done);
+            tracing::warn!(path = %cx.path, error = %e.message, "rollback without admin secret");
+            // If this attempt reached the target, its value may be live
+            // there and current could not be put back: keep it as pending
+            // rather than lose it.
+            let attempt = run.attempt;
+            let applied = run
+                .steps
+                .iter()
+                .any(|s| s.step == RotationStep::Apply && s.attempt == attempt);
+            if applied {
+                let version = run.pending_version;
+                let message = format!(
+                    "current not restored on the target ({}); pending version {version} is kept",
+                    e.message
+                );
+                let now = cx.now_ms();
+                run.record(
+                    RotationStep::Rollback,
+                    StepOutcome::Failed,
+                    version,
+                    message,
+                    now,
+                );
+            }
+            return finish_failed(cx, run, applied).await.map(Flow::Done);
         }
         Err(e) => {
             let version = run.pending_version;
-            failed_attempt(cx, run, step, version, &e, false).await?;
+            failed_attempt(cx, run, step, version, &e).await?;
             return Ok(Flow::Next);
         }
     };
@@ -298,12 +420,12 @@ async fn run_step(cx: &RunContext<'_>, run: &mut RunRecord) -> Result<Flow, Rota
         RotationStep::Promote => return promote(cx, run).await,
         RotationStep::Rollback => {
             rollback(cx, run, provider.as_ref(), &input).await;
-            return finish_failed(cx, run).await.map(Flow::Done);
+            return finish_failed(cx, run, false).await.map(Flow::Done);
         }
         RotationStep::Retire => {
             // A run record never rests at Retire (retires have their own
             // records): end it rather than act on the target.
-            return finish_failed(cx, run).await.map(Flow::Done);
+            return finish_failed(cx, run, false).await.map(Flow::Done);
         }
     }
     Ok(Flow::Next)
@@ -322,7 +444,7 @@ async fn generate(
         Ok(value) => value,
         Err(e) => {
             let retry = e.is_retryable() || matches!(e, ProviderError::Internal(_));
-            return failed_attempt(cx, run, step, 0, &e, retry).await;
+            return failed_attempt(cx, run, step, 0, &StepFailure::new(&e, retry)).await;
         }
     };
     let version = cx.secrets().put(
@@ -359,7 +481,7 @@ async fn apply_or_verify(
             let e = ProviderError::InvalidSecret(format!(
                 "the pending version {version} cannot be read: {e}"
             ));
-            return failed_attempt(cx, run, step, version, &e, true).await;
+            return failed_attempt(cx, run, step, version, &StepFailure::new(&e, true)).await;
         }
     };
     let (result, next) = if step == RotationStep::Apply {
@@ -377,7 +499,7 @@ async fn apply_or_verify(
         }
         Err(e) => {
             let retry = !matches!(e, ProviderError::InvalidSettings(_));
-            failed_attempt(cx, run, step, version, &e, retry).await
+            failed_attempt(cx, run, step, version, &StepFailure::new(&e, retry)).await
         }
     }
 }
@@ -389,10 +511,10 @@ async fn failed_attempt(
     run: &mut RunRecord,
     step: RotationStep,
     version: u64,
-    error: &ProviderError,
-    retryable: bool,
+    failure: &StepFailure,
 ) -> Result<(), RotationError> {
-    let message = error.to_string();
+    let message = failure.message.clone();
+    let retryable = failure.retryable;
     let failed = Some(message.as_str());
     audit_step(
         cx.broker,
@@ -458,6 +580,8 @@ async fn promote(cx: &RunContext<'_>, run: &mut RunRecord) -> Result<Flow, Rotat
         settings: run.settings.clone(),
         previous_version: previous,
         retire_at_ms: now + run.grace_seconds * 1000,
+        set_by: run.setter.identity.clone(),
+        set_by_policies: run.setter.policies.clone(),
     });
     cx.broker.finish_run(run, retire.as_ref())?;
     cx.broker.deps().barrier.durable().await?;
@@ -571,13 +695,20 @@ async fn restore_current(
     }
 }
 
-/// Ends a failed run: drops pending, records the failure (history, policy,
-/// audit, metrics).
-async fn finish_failed(cx: &RunContext<'_>, run: &mut RunRecord) -> Result<Driven, RotationError> {
-    tracing::debug!(path = %cx.path, "rotation failed; dropping pending");
-    match cx.secrets().clear_pending(&cx.path, cx.now_ms()) {
-        Ok(()) | Err(SecretsError::NotFound) => {}
-        Err(e) => return Err(e.into()),
+/// Ends a failed run: drops pending (unless `keep_pending`: it may be the
+/// value live on the target), records the failure (history, policy, audit,
+/// metrics).
+async fn finish_failed(
+    cx: &RunContext<'_>,
+    run: &mut RunRecord,
+    keep_pending: bool,
+) -> Result<Driven, RotationError> {
+    if !keep_pending {
+        tracing::debug!(path = %cx.path, "rotation failed; dropping pending");
+        match cx.secrets().clear_pending(&cx.path, cx.now_ms()) {
+            Ok(()) | Err(SecretsError::NotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     let last = run.steps.last().cloned();
     let reason = match &last {
@@ -646,7 +777,7 @@ pub async fn retire(
             return Err(RotationError::Stopping);
         }
         let outcome = retire_once(broker, &record, &path, &settings).await;
-        let failed = outcome.as_ref().err().map(ToString::to_string);
+        let failed = outcome.as_ref().err().map(|f| f.message.clone());
         audit_step(
             broker,
             &record.run_id,
@@ -655,10 +786,7 @@ pub async fn retire(
             failed.as_deref(),
             &SecretData::new(),
         )?;
-        let retry = match &outcome {
-            Err(e) => e.is_retryable() || matches!(e, ProviderError::Refused(_)),
-            Ok(_) => false,
-        };
+        let retry = outcome.as_ref().is_err_and(|f| f.retryable);
         if retry && attempt < backoff.attempts() {
             broker.count_step(RotationStep::Retire, StepOutcome::Failed);
             let at = broker.clock().now_ms() + backoff.delay(attempt).as_millis() as u64;
@@ -681,11 +809,11 @@ fn retire_step(
     broker: &Broker,
     record: &RetireRecord,
     attempt: u32,
-    outcome: Result<Option<String>, ProviderError>,
+    outcome: Result<Option<String>, StepFailure>,
 ) -> StepRecord {
     let (outcome, message) = match outcome {
         Ok(note) => (StepOutcome::Ok, note.unwrap_or_default()),
-        Err(e) => (StepOutcome::Failed, e.to_string()),
+        Err(f) => (StepOutcome::Failed, f.message),
     };
     broker.count_step(RotationStep::Retire, outcome);
     StepRecord {
@@ -705,20 +833,31 @@ async fn retire_once(
     record: &RetireRecord,
     path: &SecretPath,
     settings: &ProviderSettings,
-) -> Result<Option<String>, ProviderError> {
-    let internal = |e: RotationError| ProviderError::Internal(e.to_string());
+) -> Result<Option<String>, StepFailure> {
+    // A failure of the provider is tried again if the target may come back
+    // or refused (the grace period may still hold a lock on it).
+    let provider_failure = |e: ProviderError| {
+        let retry = e.is_retryable() || matches!(e, ProviderError::Refused(_));
+        StepFailure::new(&e, retry)
+    };
+    let internal = |e: RotationError| StepFailure::new(&e, false);
     let secrets = &broker.deps().secrets;
     let provider = broker.provider(&record.provider).ok_or_else(|| {
-        ProviderError::Internal(format!("provider `{}` is not registered", record.provider))
+        provider_failure(ProviderError::Internal(format!(
+            "provider `{}` is not registered",
+            record.provider
+        )))
     })?;
-    let admin = admin_secret(secrets, provider.as_ref(), settings).map_err(internal)??;
+    let setter = record.setter();
+    let admin = admin_secret(broker, &record.run_id, provider.as_ref(), settings, &setter)
+        .map_err(internal)??;
     let current = staged(secrets, path, Stage::Current).map_err(internal)?;
     let Ok(previous) = secrets.get(path, Selector::Version(record.previous_version)) else {
         // Destroyed or pruned: nothing left to retire with.
-        return Err(ProviderError::InvalidSecret(format!(
+        return Err(provider_failure(ProviderError::InvalidSecret(format!(
             "version {} cannot be read",
             record.previous_version
-        )));
+        ))));
     };
     let pending = staged(secrets, path, Stage::Pending).map_err(internal)?;
     let others = [current.as_ref(), pending.as_ref()];
@@ -733,7 +872,11 @@ async fn retire_once(
         admin: admin.as_ref(),
         current: current.as_ref(),
     };
-    provider.retire(&input, &previous.data).await.map(|()| None)
+    provider
+        .retire(&input, &previous.data)
+        .await
+        .map(|()| None)
+        .map_err(provider_failure)
 }
 
 #[cfg(test)]

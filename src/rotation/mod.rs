@@ -13,6 +13,8 @@
 //! - `policy`: checked rotation policies and their stored form.
 //! - `record`: runs and retires, their typed state and versioned stored form.
 //! - `machine`: the persisted state machine of one run, and retire.
+//! - `reads`: who set a policy, and the check that they may still read the
+//!   secret it names ([`reads::ReadCheck`]).
 //! - `scheduler`: the one sleeper over the due index and the worker pool.
 //! - this file: the [`Broker`] that owns the storage prefix and the shared
 //!   state, and [`RotationDeps`], the handles it uses.
@@ -21,8 +23,9 @@
 //!
 //! The broker takes exactly what it uses, in [`RotationDeps`]: the secret
 //! store (values are read and written through it), the audit log (every
-//! step is a record), the barrier (its own prefix, seal state, flushes) and
-//! the clock. It never sees `core`; the server starts its scheduler with a
+//! step is a record), the barrier (its own prefix, seal state, flushes),
+//! the clock, and a [`reads::ReadCheck`] (may a policy's setter still read
+//! the secret it names?). It never sees `core`; the server starts its scheduler with a
 //! [`crate::clock::Shutdown`] ([`scheduler::start`]).
 //!
 //! # Storage prefix `rotation/` (through the barrier only)
@@ -44,6 +47,7 @@ pub mod machine;
 pub mod policy;
 pub mod provider;
 pub mod providers;
+pub mod reads;
 pub mod record;
 pub mod schedule;
 pub mod scheduler;
@@ -58,7 +62,7 @@ use prometheus_client::metrics::family::Family;
 use prost::Message;
 use tokio::sync::{broadcast, Notify, Semaphore};
 
-use crate::audit::{AuditError, AuditLog};
+use crate::audit::{AuditError, AuditEvent, AuditLog, Outcome};
 use crate::barrier::{Barrier, BarrierError, PlainOp};
 use crate::clock::{Clock, Shutdown};
 use crate::metrics::Metrics;
@@ -67,6 +71,7 @@ use crate::secrets::{SecretPath, SecretStore, SecretsError};
 use policy::{PolicyRecord, PolicySpec, RotationPolicyError};
 use provider::{Provider, ProviderError};
 use providers::{Registry, RegistryError};
+use reads::ReadCheck;
 use record::{
     RecordError, RetireRecord, RotationStep, RunRecord, RunState, StepOutcome, StepRecord, Trigger,
 };
@@ -177,6 +182,15 @@ pub struct ProviderRecord {
     pub ca_pem: Vec<u8>,
 }
 
+/// Who replaces a registered provider, for the audit record of the
+/// replacement ([`Broker::register_external`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Replacing<'a> {
+    pub identity: &'a str,
+    pub accessor: &'a str,
+    pub request_id: &'a str,
+}
+
 /// What the broker uses, and nothing more.
 pub struct RotationDeps {
     /// Secret values: read, written as `pending`, promoted, cleared.
@@ -187,6 +201,9 @@ pub struct RotationDeps {
     pub barrier: Arc<Barrier>,
     /// Wall time for records and due times, and every sleep.
     pub clock: Clock,
+    /// Whether a policy's setter may read a secret now: asked before every
+    /// read of a secret reference.
+    pub reads: Arc<dyn ReadCheck>,
 }
 
 /// The rotation broker: a cheap handle (clones share one state), held by
@@ -204,6 +221,9 @@ struct Shared {
     external: RwLock<BTreeMap<String, Arc<dyn Provider>>>,
     /// Serialises every read-modify-write of policy records and indexes.
     records: Mutex<()>,
+    /// Serialises provider registrations (held across the plugin's
+    /// `Describe`, so an async lock).
+    registrations: tokio::sync::Mutex<()>,
     /// Wakes the sleeper: a policy changed, a run was triggered, unseal, stop.
     wake: Notify,
     /// Runs (by path) and retires (by `retire:` + index key) with a worker.
@@ -249,6 +269,7 @@ impl Broker {
             registry: RwLock::new(Registry::with_builtin()),
             external: RwLock::new(BTreeMap::new()),
             records: Mutex::new(()),
+            registrations: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
             in_flight: Mutex::new(HashSet::new()),
             workers: Arc::new(Semaphore::new(options.workers.max(1))),
@@ -484,8 +505,36 @@ impl Broker {
 
     // ------------------------------------------------------------ policies
 
+    /// Checks a policy as [`PolicySpec::parse`] does, after asking its
+    /// provider to describe itself again (an external plugin's `Describe`),
+    /// so its secret reference is the one the provider names now. The
+    /// caller must then hold `read` on each of
+    /// [`PolicySpec::referenced_secrets`].
+    pub async fn check_policy(
+        &self,
+        path: &SecretPath,
+        provider: &str,
+        schedule: schedule::Schedule,
+        grace: std::time::Duration,
+        settings: BTreeMap<String, String>,
+    ) -> Result<PolicySpec, RotationError> {
+        let found = self
+            .provider(provider)
+            .ok_or_else(|| RotationPolicyError::UnknownProvider(provider.to_owned()))?;
+        found.describe().await?;
+        Ok(PolicySpec::parse(
+            path.as_str(),
+            provider,
+            schedule,
+            grace,
+            settings,
+            &self.registry(),
+        )?)
+    }
+
     /// Sets (or replaces) a policy; its first run is due at the schedule's
-    /// next time after `now_ms`, with jitter.
+    /// next time after `now_ms`, with jitter. The policy records
+    /// `spec.setter`, whose `read` every run checks again.
     pub fn set_policy(
         &self,
         spec: &PolicySpec,
@@ -840,28 +889,79 @@ impl Broker {
 
     /// Connects to an external provider and registers it under `name`; it
     /// is kept across restarts and reconnected at unseal.
+    ///
+    /// Everything is checked before anything changes: the name, the
+    /// endpoint, whether the name is taken, and the plugin's `Describe`. A
+    /// name that is taken is refused ([`RegistryError::NameTaken`]) unless
+    /// `replace` says who replaces it (the caller holds `admin` on the
+    /// whole collection; `api` checks that); a built-in provider is never
+    /// replaced. A replacement is audited, with the old and the new
+    /// endpoint, before it takes effect: if that record cannot be written,
+    /// nothing changes. Registrations are serialised.
     pub async fn register_external(
         &self,
         name: &str,
         endpoint: &str,
         ca_pem: Option<&[u8]>,
+        replace: Option<Replacing<'_>>,
     ) -> Result<Arc<providers::ExternalProvider>, RotationError> {
+        Registry::check_name(name)?;
         if Registry::with_builtin().get(name).is_some() {
+            return Err(RegistryError::NameTaken(name.to_owned()).into());
+        }
+        providers::PluginEndpoint::parse(endpoint)?;
+        let _registering = self.shared.registrations.lock().await;
+        let key = format!("{PROVIDER}{name}");
+        let old = match self.barrier().get(&key)? {
+            Some(raw) => Some(ProviderRecord::decode(raw.as_slice()).map_err(|_| {
+                tracing::error!(provider = %name, "cannot read a stored provider registration");
+                RotationError::Corrupt
+            })?),
+            None => None,
+        };
+        let live = self
+            .shared
+            .external
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(name);
+        if (old.is_some() || live) && replace.is_none() {
             return Err(RegistryError::NameTaken(name.to_owned()).into());
         }
         let provider =
             Arc::new(providers::ExternalProvider::connect(name, endpoint, ca_pem).await?);
-        self.install_external(name, provider.clone())?;
+        if let Some(who) = replace {
+            let before = old.as_ref().map_or("none", |o| o.endpoint.as_str());
+            let note = format!("provider endpoint replaced: `{before}` -> `{endpoint}`");
+            let resource = format!("sys/rotation/providers/{name}");
+            self.shared.deps.audit.append(&AuditEvent {
+                request_id: who.request_id,
+                method: "keyward.rotation/ReplaceProvider",
+                resource: Some(&resource),
+                identity: Some(who.identity),
+                accessor: Some(who.accessor),
+                source: None,
+                outcome: Outcome::Allowed,
+                code: "OK",
+                error: Some(&note),
+                token: None,
+                values: &[],
+            })?;
+            tracing::info!(provider = %name, old = %before, new = %endpoint, identity = %who.identity, "rotation provider endpoint replaced");
+        }
         let record = ProviderRecord {
             name: name.to_owned(),
             endpoint: endpoint.to_owned(),
             ca_pem: ca_pem.map(<[u8]>::to_vec).unwrap_or_default(),
         };
-        self.barrier()
-            .put(&format!("{PROVIDER}{name}"), &record.encode_to_vec())?;
+        self.barrier().put(&key, &record.encode_to_vec())?;
+        self.install_external(name, provider.clone())?;
         Ok(provider)
     }
 
+    /// Puts `provider` in the registry under `name` (replacing one of that
+    /// name). The new registry is built and checked first: a refused
+    /// provider leaves everything as it was.
     fn install_external(
         &self,
         name: &str,
@@ -872,11 +972,13 @@ impl Broker {
             .external
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        external.insert(name.to_owned(), provider);
+        let mut next = external.clone();
+        next.insert(name.to_owned(), provider);
         let mut registry = Registry::with_builtin();
-        for p in external.values() {
+        for p in next.values() {
             registry.register(p.clone())?;
         }
+        *external = next;
         *self
             .shared
             .registry

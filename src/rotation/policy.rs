@@ -5,23 +5,29 @@
 //! `rotation/mod.rs`; this file touches no storage).
 //!
 //! Settings never hold credentials: they are shown by `rotation get` and
-//! kept in every backup. A key that names a credential (`password`,
-//! `token`, `api_key`, ...) is refused; a key ending in `_secret` must hold
-//! the path of a secret, which the broker resolves at each step.
+//! kept in every backup. The provider's own description decides which
+//! setting is a secret reference ([`Provider::admin_secret_key`], compared
+//! exactly, case included): that setting must hold the path of a secret,
+//! which the broker resolves at each step on behalf of whoever set the
+//! policy (see `reads`). Any other key that names a credential (`password`,
+//! `token`, `api_key`, `secret`, ..., in any case) is refused.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use prost::Message;
 
-use super::provider::{ProviderError, ProviderSettings};
+use super::provider::{Provider, ProviderError, ProviderSettings};
 use super::providers::Registry;
+use super::reads::Setter;
 use super::record::{RecordError, RunState};
 use super::schedule::{Schedule, ScheduleError, MAX_DURATION};
 use crate::secrets::{InputError, SecretPath};
 
-/// Words that mark a settings key as an inline credential.
-const CREDENTIAL_WORDS: [&str; 9] = [
+/// Words that mark a settings key as an inline credential (unless it is
+/// the provider's secret reference).
+const CREDENTIAL_WORDS: [&str; 10] = [
+    "secret",
     "password",
     "passwd",
     "pwd",
@@ -43,7 +49,7 @@ pub enum RotationPolicyError {
     UnknownProvider(String),
     #[error(transparent)]
     Settings(#[from] ProviderError),
-    #[error("setting `{0}` looks like an inline credential; store it as a secret and name it (e.g. admin_secret=PATH)")]
+    #[error("setting `{0}` looks like an inline credential, and the provider does not read it as a secret reference; store the credential as a secret and name it under the provider's reference key (e.g. admin_secret=PATH)")]
     InlineCredential(String),
     #[error("setting `{0}` must name a secret path")]
     BadSecretReference(String),
@@ -61,11 +67,20 @@ pub struct PolicySpec {
     pub schedule: Schedule,
     pub grace: Duration,
     pub settings: ProviderSettings,
+    /// The secrets the broker will read for the provider, as the provider
+    /// describes its settings: whoever sets the policy must hold `read` on
+    /// each.
+    references: Vec<SecretPath>,
+    /// Who sets it; unknown until [`PolicySpec::set_by`] (a policy with an
+    /// unknown setter never has its references read).
+    pub setter: Setter,
 }
 
 impl PolicySpec {
     /// Checks every part; the provider validates its own settings (without
-    /// touching its target).
+    /// touching its target) and says which of them is a secret reference.
+    /// An external provider answers from its last `Describe`: the broker
+    /// asks it again first ([`super::Broker::check_policy`]).
     pub fn parse(
         path: &str,
         provider: &str,
@@ -79,10 +94,10 @@ impl PolicySpec {
             return Err(RotationPolicyError::GraceTooLong);
         }
         let settings = ProviderSettings::new(settings)?;
-        check_no_credentials(&settings, &path)?;
         let found = registry
             .get(provider)
             .ok_or_else(|| RotationPolicyError::UnknownProvider(provider.to_owned()))?;
+        let references = check_settings(found.as_ref(), &settings, &path)?;
         found.validate(&settings)?;
         Ok(Self {
             path,
@@ -90,43 +105,67 @@ impl PolicySpec {
             schedule,
             grace,
             settings,
+            references,
+            setter: Setter::default(),
         })
     }
 
-    /// The secret paths the settings refer to (keys ending in `_secret`).
-    pub fn referenced_secrets(&self) -> Vec<SecretPath> {
-        references(&self.settings)
+    /// Records who sets the policy.
+    pub fn set_by(mut self, setter: Setter) -> Self {
+        self.setter = setter;
+        self
+    }
+
+    /// The secret paths the broker will read for the provider (its secret
+    /// reference, as the provider describes its settings).
+    pub fn referenced_secrets(&self) -> &[SecretPath] {
+        &self.references
     }
 }
 
-fn references(settings: &ProviderSettings) -> Vec<SecretPath> {
-    settings
-        .iter()
-        .filter(|(k, _)| k.ends_with("_secret"))
-        .filter_map(|(_, v)| SecretPath::parse(v).ok())
-        .collect()
+/// The secret paths `provider` reads from `settings`: the value under its
+/// secret reference key, if set. The broker's read at run time and the
+/// check at set time both come through here, so they cannot disagree.
+pub fn secret_references(
+    provider: &dyn Provider,
+    settings: &ProviderSettings,
+) -> Result<Vec<SecretPath>, RotationPolicyError> {
+    let Some(key) = provider.admin_secret_key() else {
+        return Ok(Vec::new());
+    };
+    match settings.get(&key) {
+        None => Ok(Vec::new()),
+        Some(value) => SecretPath::parse(value)
+            .map(|path| vec![path])
+            .map_err(|_| RotationPolicyError::BadSecretReference(key)),
+    }
 }
 
-/// Refuses settings that carry a credential instead of naming one.
-pub fn check_no_credentials(
+/// Refuses settings that carry a credential instead of naming one, and
+/// returns the secret paths the provider reads from them (which may not be
+/// the rotated secret itself).
+pub fn check_settings(
+    provider: &dyn Provider,
     settings: &ProviderSettings,
     rotated: &SecretPath,
-) -> Result<(), RotationPolicyError> {
-    for (key, value) in settings.iter() {
-        let lower = key.to_ascii_lowercase();
-        if lower.ends_with("_secret") {
-            let target = SecretPath::parse(value)
-                .map_err(|_| RotationPolicyError::BadSecretReference(key.into()))?;
-            if &target == rotated {
-                return Err(RotationPolicyError::SelfReference);
-            }
+) -> Result<Vec<SecretPath>, RotationPolicyError> {
+    let reference_key = provider.admin_secret_key();
+    for (key, _) in settings.iter() {
+        if reference_key.as_deref() == Some(key) {
             continue;
         }
-        if lower == "secret" || CREDENTIAL_WORDS.iter().any(|w| lower.contains(w)) {
+        // A heuristic on the key's name, not a comparison of keys: read
+        // case-blind, so `Password` and `Admin_Secret` are caught too.
+        let lower = key.to_ascii_lowercase();
+        if CREDENTIAL_WORDS.iter().any(|w| lower.contains(w)) {
             return Err(RotationPolicyError::InlineCredential(key.to_owned()));
         }
     }
-    Ok(())
+    let references = secret_references(provider, settings)?;
+    if references.iter().any(|r| r == rotated) {
+        return Err(RotationPolicyError::SelfReference);
+    }
+    Ok(references)
 }
 
 /// What the broker stores for a policy. `next_due_ms` is also the key of its
@@ -166,6 +205,13 @@ pub struct PolicyRecord {
     /// Whether the last scheduled run started within its tolerance.
     #[prost(bool, tag = "14")]
     pub last_on_time: bool,
+    /// The identity that set the policy; "" in records written before it
+    /// was recorded (see [`Setter`]).
+    #[prost(string, tag = "15")]
+    pub set_by: String,
+    /// The policies its token held then.
+    #[prost(string, repeated, tag = "16")]
+    pub set_by_policies: Vec<String>,
 }
 
 impl PolicyRecord {
@@ -179,8 +225,15 @@ impl PolicyRecord {
             settings: spec.settings.as_map().clone(),
             next_due_ms,
             created_at_ms: now_ms,
+            set_by: spec.setter.identity.clone(),
+            set_by_policies: spec.setter.policies.clone(),
             ..Self::default()
         }
+    }
+
+    /// Who set the policy.
+    pub fn setter(&self) -> Setter {
+        Setter::new(self.set_by.clone(), self.set_by_policies.clone())
     }
 
     /// The state of the last run; `None` if it never ran. An unknown name
@@ -252,8 +305,13 @@ mod tests {
             "postgres",
             &[("admin_secret", "db/admin"), ("username", "app")],
         );
-        let refs = pg.map(|s| s.referenced_secrets()).unwrap_or_default();
-        assert_eq!(refs.len(), 1);
+        let refs = pg.map(|s| {
+            s.referenced_secrets()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(refs, Ok(vec!["db/admin".to_owned()]));
     }
 
     #[test]
@@ -290,5 +348,98 @@ mod tests {
             spec("random", &[("length", "2")]),
             Err(RotationPolicyError::Settings(_))
         ));
+    }
+
+    /// A provider whose reference key is `key`; its steps are never run.
+    struct Describes(&'static str);
+
+    impl Provider for Describes {
+        fn name(&self) -> &str {
+            "describes"
+        }
+
+        fn validate(&self, _: &ProviderSettings) -> Result<(), ProviderError> {
+            Ok(())
+        }
+
+        fn admin_secret_key(&self) -> Option<String> {
+            Some(self.0.to_owned())
+        }
+
+        fn generate<'a>(
+            &'a self,
+            _: &'a super::super::provider::RotationInput<'a>,
+        ) -> super::super::provider::BoxFuture<'a, Result<crate::secrecy::SecretData, ProviderError>>
+        {
+            Box::pin(async { Err(ProviderError::Internal("not run".into())) })
+        }
+
+        fn apply<'a>(
+            &'a self,
+            _: &'a super::super::provider::RotationInput<'a>,
+            _: &'a crate::secrecy::SecretData,
+        ) -> super::super::provider::BoxFuture<'a, Result<(), ProviderError>> {
+            Box::pin(async { Err(ProviderError::Internal("not run".into())) })
+        }
+
+        fn verify<'a>(
+            &'a self,
+            _: &'a super::super::provider::RotationInput<'a>,
+            _: &'a crate::secrecy::SecretData,
+        ) -> super::super::provider::BoxFuture<'a, Result<(), ProviderError>> {
+            Box::pin(async { Err(ProviderError::Internal("not run".into())) })
+        }
+
+        fn retire<'a>(
+            &'a self,
+            _: &'a super::super::provider::RotationInput<'a>,
+            _: &'a crate::secrecy::SecretData,
+        ) -> super::super::provider::BoxFuture<'a, Result<(), ProviderError>> {
+            Box::pin(async { Err(ProviderError::Internal("not run".into())) })
+        }
+    }
+
+    fn check(
+        key: &'static str,
+        pairs: &[(&str, &str)],
+    ) -> Result<Vec<String>, RotationPolicyError> {
+        let settings = ProviderSettings::new(
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        )?;
+        let rotated = SecretPath::parse("app/db")?;
+        check_settings(&Describes(key), &settings, &rotated)
+            .map(|refs| refs.iter().map(ToString::to_string).collect())
+    }
+
+    #[test]
+    fn the_provider_names_its_reference_and_keys_compare_exactly() {
+        // Whatever key the provider describes is the reference, in any case.
+        assert_eq!(
+            check("admin", &[("admin", "prod/db")]),
+            Ok(vec!["prod/db".into()])
+        );
+        assert_eq!(
+            check("Admin_Secret", &[("Admin_Secret", "prod/db")]),
+            Ok(vec!["prod/db".into()])
+        );
+        // The same key in another case is not the reference, and a name
+        // that looks like a credential is refused, in any case.
+        assert_eq!(
+            check("Admin_Secret", &[("admin_secret", "prod/db")]),
+            Err(RotationPolicyError::InlineCredential("admin_secret".into()))
+        );
+        assert_eq!(
+            check("admin", &[("db_SECRET", "prod/db")]),
+            Err(RotationPolicyError::InlineCredential("db_SECRET".into()))
+        );
+        // No reference set: nothing is read.
+        assert_eq!(check("admin", &[("note", "x")]), Ok(vec![]));
+        assert_eq!(
+            check("admin", &[("admin", "app/db")]),
+            Err(RotationPolicyError::SelfReference)
+        );
     }
 }

@@ -131,7 +131,12 @@ impl ProviderSettings {
         Self::new(map)
     }
 
-    /// The value of `key`, if set.
+    /// The value of `key`, if set. Keys are compared exactly, case
+    /// included: `Admin_Secret` and `admin_secret` are different keys. Every
+    /// comparison of keys (this, [`ProviderSettings::only_keys`], a
+    /// provider's secret reference) is exact; only the check for keys that
+    /// look like inline credentials reads names case-blind, and refuses more
+    /// for it.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.0.get(key).map(String::as_str)
     }
@@ -212,9 +217,31 @@ pub trait Provider: Send + Sync {
     /// no target.
     fn validate(&self, settings: &ProviderSettings) -> Result<(), ProviderError>;
 
-    /// The path of the secret the broker must resolve and pass as
-    /// [`RotationInput::admin`], if any.
-    fn admin_secret<'s>(&self, settings: &'s ProviderSettings) -> Option<&'s str>;
+    /// The settings key whose value is the path of a secret the broker
+    /// resolves and passes as [`RotationInput::admin`], if the provider
+    /// takes one (`admin_secret` for the database providers; an external
+    /// provider names it in `Describe`).
+    ///
+    /// This is the provider's own description of which setting is a secret
+    /// reference, and the only one: a policy's other settings are passed
+    /// through as text and never resolved. Keys are compared exactly (case
+    /// included), here as everywhere ([`ProviderSettings::get`]).
+    fn admin_secret_key(&self) -> Option<String>;
+
+    /// The path the settings name under [`Provider::admin_secret_key`], if
+    /// any: the one secret the broker reads for this provider besides the
+    /// rotated one.
+    fn admin_secret<'s>(&self, settings: &'s ProviderSettings) -> Option<&'s str> {
+        self.admin_secret_key().and_then(|key| settings.get(&key))
+    }
+
+    /// Asks the provider to describe itself again, when a policy is set, so
+    /// that the settings are checked (and their secret reference found)
+    /// against what it says now. An external provider calls its plugin's
+    /// `Describe`; a built-in one knows itself, so the default does nothing.
+    fn describe(&self) -> BoxFuture<'_, Result<(), ProviderError>> {
+        Box::pin(async { Ok(()) })
+    }
 
     /// Makes the new value. No effect on any target; fresh randomness on
     /// every call.

@@ -25,6 +25,8 @@ use std::str::FromStr;
 
 use prost::Message;
 
+use super::reads::Setter;
+
 /// The format this code writes (see the module doc).
 pub const RUN_FORMAT: u32 = 1;
 
@@ -212,6 +214,9 @@ pub struct RunRecord {
     /// The current version after the run.
     pub version: u64,
     pub last_error: String,
+    /// Who set the policy the run started from: the broker reads the
+    /// policy's secret reference only while this setter may.
+    pub setter: Setter,
 }
 
 impl RunRecord {
@@ -241,6 +246,7 @@ impl RunRecord {
             finished_ms: 0,
             version: 0,
             last_error: String::new(),
+            setter: policy.setter(),
         }
     }
 
@@ -286,6 +292,8 @@ impl RunRecord {
             finished_ms: self.finished_ms,
             version: self.version,
             last_error: self.last_error.clone(),
+            set_by: self.setter.identity.clone(),
+            set_by_policies: self.setter.policies.clone(),
         }
         .encode_to_vec()
     }
@@ -319,6 +327,7 @@ impl RunRecord {
             finished_ms: stored.finished_ms,
             version: stored.version,
             last_error: stored.last_error,
+            setter: Setter::new(stored.set_by, stored.set_by_policies),
         })
     }
 }
@@ -339,6 +348,19 @@ pub struct RetireRecord {
     pub previous_version: u64,
     #[prost(uint64, tag = "6")]
     pub retire_at_ms: u64,
+    /// Who set the policy of the run (see [`RunRecord::setter`]); "" in
+    /// records written before it was recorded.
+    #[prost(string, tag = "7")]
+    pub set_by: String,
+    #[prost(string, repeated, tag = "8")]
+    pub set_by_policies: Vec<String>,
+}
+
+impl RetireRecord {
+    /// Who set the policy of the run.
+    pub fn setter(&self) -> Setter {
+        Setter::new(self.set_by.clone(), self.set_by_policies.clone())
+    }
 }
 
 // ---------------------------------------------------------------- stored form
@@ -388,7 +410,7 @@ impl TryFrom<StoredStep> for StepRecord {
     }
 }
 
-/// [`RunRecord`] as stored (tags 1-17 of format 0, kept; 18 is new).
+/// [`RunRecord`] as stored (tags 1-17 of format 0, kept; 18-20 are new).
 #[derive(Clone, PartialEq, Message)]
 struct StoredRun {
     #[prost(string, tag = "1")]
@@ -428,6 +450,12 @@ struct StoredRun {
     /// 0 when absent: written before the field existed.
     #[prost(uint32, tag = "18")]
     format: u32,
+    /// "" and empty in records written before the setter was recorded
+    /// (any format: an absent field reads as empty).
+    #[prost(string, tag = "19")]
+    set_by: String,
+    #[prost(string, repeated, tag = "20")]
+    set_by_policies: Vec<String>,
 }
 
 #[cfg(test)]
@@ -439,6 +467,8 @@ mod tests {
         let policy = super::super::policy::PolicyRecord {
             path: "app/db".into(),
             provider: "random".into(),
+            set_by: "svc".into(),
+            set_by_policies: vec!["app".into()],
             ..Default::default()
         };
         let mut run = RunRecord::start("r1".into(), &policy, Trigger::Manual, 0, 5);
@@ -478,6 +508,7 @@ mod tests {
     fn records_without_a_format_still_load() {
         let old = RunRecord::decode(&legacy("failed", 4, "apply", "skipped")).unwrap();
         assert_eq!(old.state, RunState::Failed);
+        assert!(!old.setter.is_known(), "an old record names no setter");
         assert_eq!(old.trigger, Trigger::Schedule);
         assert_eq!(old.step, RotationStep::Rollback);
         assert_eq!(

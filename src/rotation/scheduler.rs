@@ -455,6 +455,7 @@ mod tests {
                 audit: Arc::new(audit),
                 barrier,
                 clock: Clock::starting_at(START_MS),
+                reads: Arc::new(crate::rotation::reads::NoReads),
             };
             let broker = Broker::new(deps, &Metrics::new(), BrokerOptions::default());
             broker
@@ -640,7 +641,7 @@ mod tests {
             Ok(())
         }
 
-        fn admin_secret<'s>(&self, _: &'s ProviderSettings) -> Option<&'s str> {
+        fn admin_secret_key(&self) -> Option<String> {
             None
         }
 

@@ -34,3 +34,4 @@ mod tokens;
 mod trust_identity;
 mod trust_limits;
 mod trust_oidc;
+mod trust_rotation;

@@ -3,10 +3,11 @@
 //! unix socket (`unix:PATH`) or over HTTPS, so a provider can be written in
 //! any language. `examples/provider_plugin.rs` is one.
 //!
-//! [`ExternalProvider::connect`] calls `Describe` once; the settings keys it
+//! [`ExternalProvider::connect`] calls `Describe`, and so does
+//! [`Provider::describe`] each time a policy is set: the settings keys it
 //! returns are what [`Provider::validate`] checks (unknown and missing
-//! required keys), since validation runs when a policy is set and must not
-//! wait on the plugin. Each step is one RPC with the policy's settings passed
+//! required keys), and its `admin_secret_key` is the one setting the broker
+//! resolves as a secret (whose `read` the policy's setter must hold). Each step is one RPC with the policy's settings passed
 //! through; gRPC status codes map to [`ProviderError`] as the .proto says. A
 //! plugin's status message is shown, but first every value of the secrets of
 //! that call is cut out of it, control characters are dropped and it is
@@ -18,6 +19,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{PoisonError, RwLock};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
@@ -52,7 +54,8 @@ pub enum PluginEndpoint {
 
 impl PluginEndpoint {
     /// Parses `unix:PATH` or `https://...`; anything else (plain `http`
-    /// included: step requests carry secrets) is refused.
+    /// included: step requests carry secrets) is refused, and so is an
+    /// `https` endpoint with user info.
     pub fn parse(text: &str) -> Result<Self, ProviderError> {
         if let Some(path) = text.strip_prefix("unix:") {
             let path = path.strip_prefix("//").unwrap_or(path);
@@ -63,8 +66,15 @@ impl PluginEndpoint {
             }
             return Ok(Self::Unix(PathBuf::from(path)));
         }
-        if text.starts_with("https://") && text.parse::<Uri>().is_ok() {
-            return Ok(Self::Https(text.to_owned()));
+        if text.starts_with("https://") {
+            // No user info (`https://user:pass@host`): an endpoint is shown
+            // and audited, so it must never carry a credential.
+            let usable = text
+                .parse::<Uri>()
+                .is_ok_and(|uri| uri.authority().is_some_and(|a| !a.as_str().contains('@')));
+            if usable {
+                return Ok(Self::Https(text.to_owned()));
+            }
         }
         Err(ProviderError::InvalidSettings(
             "a provider endpoint is `unix:PATH` or `https://HOST[:PORT]`".into(),
@@ -80,13 +90,19 @@ pub struct PluginSetting {
     pub description: String,
 }
 
-/// A provider served by another process.
-#[derive(Debug, Clone)]
-pub struct ExternalProvider {
-    name: String,
+/// What the plugin said of itself in its last `Describe`.
+#[derive(Debug, Clone, Default)]
+struct Described {
     description: String,
     settings: Vec<PluginSetting>,
     admin_secret_key: Option<String>,
+}
+
+/// A provider served by another process.
+#[derive(Debug)]
+pub struct ExternalProvider {
+    name: String,
+    described: RwLock<Described>,
     client: ProviderClient<Channel>,
 }
 
@@ -105,38 +121,29 @@ impl ExternalProvider {
             PluginEndpoint::Unix(path) => unix_channel(path)?,
             PluginEndpoint::Https(uri) => https_channel(&uri, ca_pem)?,
         };
-        let mut client = ProviderClient::new(channel);
-        let described = client
-            .describe(pb::DescribeRequest {})
-            .await
-            .map_err(|status| map_status(&status, &name, "Describe", &[]))?
-            .into_inner();
-        let admin_secret_key = Some(described.admin_secret_key).filter(|k| !k.is_empty());
+        let client = ProviderClient::new(channel);
+        let described = ask_describe(&client, &name).await?;
         Ok(Self {
-            description: described.description,
-            settings: described
-                .settings
-                .into_iter()
-                .map(|s| PluginSetting {
-                    key: s.key,
-                    required: s.required,
-                    description: s.description,
-                })
-                .collect(),
-            admin_secret_key,
             name,
+            described: RwLock::new(described),
             client,
         })
     }
 
     /// What the plugin says it does.
-    pub fn description(&self) -> &str {
-        &self.description
+    pub fn description(&self) -> String {
+        self.read_described().description.clone()
     }
 
     /// The settings keys the plugin takes.
-    pub fn settings(&self) -> &[PluginSetting] {
-        &self.settings
+    pub fn settings(&self) -> Vec<PluginSetting> {
+        self.read_described().settings.clone()
+    }
+
+    fn read_described(&self) -> std::sync::RwLockReadGuard<'_, Described> {
+        self.described
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn failure(&self, step: &str, secrets: &[&SecretData]) -> impl Fn(Status) -> ProviderError {
@@ -145,6 +152,32 @@ impl ExternalProvider {
         let values = secret_values(secrets);
         move |status| map_status_with(&status, &name, &step, &values)
     }
+}
+
+/// Calls the plugin's `Describe`.
+async fn ask_describe(
+    client: &ProviderClient<Channel>,
+    name: &str,
+) -> Result<Described, ProviderError> {
+    let described = client
+        .clone()
+        .describe(pb::DescribeRequest {})
+        .await
+        .map_err(|status| map_status(&status, name, "Describe", &[]))?
+        .into_inner();
+    Ok(Described {
+        description: described.description,
+        settings: described
+            .settings
+            .into_iter()
+            .map(|s| PluginSetting {
+                key: s.key,
+                required: s.required,
+                description: s.description,
+            })
+            .collect(),
+        admin_secret_key: Some(described.admin_secret_key).filter(|k| !k.is_empty()),
+    })
 }
 
 fn unix_channel(path: PathBuf) -> Result<Channel, ProviderError> {
@@ -277,18 +310,32 @@ impl Provider for ExternalProvider {
     }
 
     fn validate(&self, settings: &ProviderSettings) -> Result<(), ProviderError> {
-        let known: Vec<&str> = self.settings.iter().map(|s| s.key.as_str()).collect();
+        let described = self.read_described();
+        let known: Vec<&str> = described.settings.iter().map(|s| s.key.as_str()).collect();
         settings.only_keys(&known)?;
-        for setting in self.settings.iter().filter(|s| s.required) {
+        for setting in described.settings.iter().filter(|s| s.required) {
             settings.require(&setting.key)?;
         }
         Ok(())
     }
 
-    fn admin_secret<'s>(&self, settings: &'s ProviderSettings) -> Option<&'s str> {
-        self.admin_secret_key
-            .as_deref()
-            .and_then(|key| settings.get(key))
+    fn admin_secret_key(&self) -> Option<String> {
+        self.read_described().admin_secret_key.clone()
+    }
+
+    /// Asks the plugin's `Describe` again and keeps what it says now: a
+    /// policy is checked against it, and the broker reads the admin secret
+    /// under the key it names (a plugin that changes its answer later is
+    /// still held to the setter's `read` at every run).
+    fn describe(&self) -> BoxFuture<'_, Result<(), ProviderError>> {
+        Box::pin(async move {
+            let described = ask_describe(&self.client, &self.name).await?;
+            *self
+                .described
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = described;
+            Ok(())
+        })
     }
 
     fn generate<'a>(
@@ -411,7 +458,13 @@ mod tests {
                 "https://plugins.internal:8443".into()
             ))
         );
-        for bad in ["http://127.0.0.1:9000", "unix:", "/run/p.sock", "https://"] {
+        for bad in [
+            "http://127.0.0.1:9000",
+            "unix:",
+            "/run/p.sock",
+            "https://",
+            "https://user:pw@plugins.internal:8443",
+        ] {
             assert!(PluginEndpoint::parse(bad).is_err(), "{bad}");
         }
     }

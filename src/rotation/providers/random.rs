@@ -181,7 +181,7 @@ impl Provider for RandomProvider {
         RandomSettings::parse(settings).map(|_| ())
     }
 
-    fn admin_secret<'s>(&self, _settings: &'s ProviderSettings) -> Option<&'s str> {
+    fn admin_secret_key(&self) -> Option<String> {
         None
     }
 

@@ -50,20 +50,28 @@ impl Registry {
     /// one included) is refused.
     pub fn register(&mut self, provider: Arc<dyn Provider>) -> Result<(), RegistryError> {
         let name = provider.name();
+        Self::check_name(name)?;
+        if self.providers.contains_key(name) {
+            return Err(RegistryError::NameTaken(name.to_owned()));
+        }
+        self.providers.insert(name.to_owned(), provider);
+        Ok(())
+    }
+
+    /// Refuses a name that is not 1 to 64 characters of `[a-z0-9_-]`
+    /// starting with a letter; checked before anything is registered.
+    pub fn check_name(name: &str) -> Result<(), RegistryError> {
         let well_formed = !name.is_empty()
             && name.len() <= 64
             && name.starts_with(|c: char| c.is_ascii_lowercase())
             && name
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'));
-        if !well_formed {
-            return Err(RegistryError::InvalidName);
+        if well_formed {
+            Ok(())
+        } else {
+            Err(RegistryError::InvalidName)
         }
-        if self.providers.contains_key(name) {
-            return Err(RegistryError::NameTaken(name.to_owned()));
-        }
-        self.providers.insert(name.to_owned(), provider);
-        Ok(())
     }
 
     /// The provider named `name`.

@@ -408,8 +408,8 @@ impl<T: Target> Provider for TargetProvider<T> {
         TargetSettings::parse(settings).map(|_| ())
     }
 
-    fn admin_secret<'s>(&self, settings: &'s ProviderSettings) -> Option<&'s str> {
-        settings.get("admin_secret")
+    fn admin_secret_key(&self) -> Option<String> {
+        Some("admin_secret".to_owned())
     }
 
     fn generate<'a>(
