@@ -323,15 +323,18 @@ impl AuditLog {
     /// Writes one record, in a batch with the records of other callers, and
     /// returns once it is written. An error means the caller must fail the
     /// request. The record is queued when the future is first polled; a
-    /// future dropped after that does not take its record back.
+    /// future dropped after that does not take its record back: it is
+    /// written then, or by whoever holds the chain.
     pub async fn append_async(&self, event: &AuditEvent<'_>) -> Result<(), AuditError> {
         let fields = self.render(event);
         let (done, outcome) = oneshot::channel();
         self.lock_queue().push(Queued { fields, done });
-        // Let the other calls that are ready on this thread run up to their own
-        // record first, so that one `write` takes them all.
-        tokio::task::yield_now().await;
-        self.drain();
+        {
+            let _drain = DrainOnDrop(self);
+            // Let the other calls that are ready on this thread run up to their
+            // own record first, so that one `write` takes them all.
+            tokio::task::yield_now().await;
+        }
         // The sender is answered before it is dropped; should it not be, fail closed.
         outcome.await.unwrap_or(Err(AuditError::Broken))
     }
@@ -450,6 +453,7 @@ impl AuditLog {
 
     /// Flushes the file to disk (at shutdown; appends do not).
     pub fn sync(&self) -> Result<(), AuditError> {
+        self.drain();
         let chain = self.lock_chain();
         chain.file.sync_data().map_err(|source| AuditError::Io {
             path: self.path.clone(),
@@ -461,6 +465,16 @@ impl AuditLog {
         // Nothing under this lock panics; should something, the state is still whole
         // (it only changes after a successful write).
         self.chain.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Writes the queue when dropped: an async caller's record is written even if
+/// its future is dropped while it yields.
+struct DrainOnDrop<'a>(&'a AuditLog);
+
+impl Drop for DrainOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.drain();
     }
 }
 

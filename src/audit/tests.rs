@@ -579,6 +579,14 @@ fn a_dropped_caller_still_has_its_record_written() {
     let lines = read_lines(&path);
     assert_eq!(lines.len(), 2);
     assert!(lines[0].contains("\"request_id\":\"gave-up\""));
+    // With the chain free, a caller dropped while it yields writes its record at once.
+    let ev = event("gave-up-too", &[]);
+    let mut future = Box::pin(log.append_async(&ev));
+    assert!(poll_once(&mut future).is_pending());
+    drop(future);
+    let lines = read_lines(&path);
+    assert_eq!(lines.len(), 3);
+    assert!(lines[2].contains("\"request_id\":\"gave-up-too\""));
     assert!(verify_file(&path).unwrap().ok);
 }
 
