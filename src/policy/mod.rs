@@ -36,9 +36,10 @@
 //! Listing is checked on the prefix being listed: `secret list secret/app` asks
 //! `check("secret/app", List)`. So a rule must match the prefix itself:
 //! `secret/app/**` (since `**` matches zero segments) or `secret/app` allow it;
-//! `secret/app/*` does not (it allows listing below `secret/app/x`). Likewise a
-//! deny on `secret/app/admin/*` hides the values below `secret/app/admin` but
-//! not the listing of their names; deny `secret/app/admin/**` to hide both.
+//! `secret/app/*` does not (it allows listing below `secret/app/x`). The
+//! answer then names only the paths the caller could `list` or `read` one by
+//! one (`api/secrets.rs`): a deny on `secret/app/admin/**` hides the names
+//! below `secret/app/admin` as well as their values.
 
 mod authorized;
 mod bench;
