@@ -13,7 +13,7 @@ use crate::policy::Capability;
 use crate::proto::v1::secrets_server::Secrets;
 use crate::proto::v1::*;
 use crate::secrecy::{SecretBytes, SecretData};
-use crate::secrets::{ListPrefix, PutRequest, SecretPath, Selector, Stage};
+use crate::secrets::{ListPrefix, PutRequest, SecretPath, Selector, Stage, WatchFilter, Watched};
 
 /// The most paths and prefixes one `Watch` may name.
 pub const MAX_WATCHED: usize = 256;
@@ -157,17 +157,16 @@ impl Secrets for SecretsService {
             ));
             return Err(call.fail(refused).into());
         }
-        let mut paths = Vec::with_capacity(r.paths.len());
+        let mut filter = WatchFilter::default();
         for p in &r.paths {
             let path = call.check(SecretPath::parse(p))?;
             call.authorize(Capability::Read, path.resource())?;
-            paths.push(path.to_string());
+            filter.add_path(&path);
         }
-        let mut prefixes = Vec::with_capacity(r.prefixes.len());
         for p in &r.prefixes {
             let prefix = call.check(ListPrefix::parse(p))?;
             call.authorize(Capability::Read, prefix.resource())?;
-            prefixes.push(prefix.path().map(|p| p.to_string()));
+            filter.add_prefix(&prefix);
         }
         let mut caller = call.require_caller()?;
         let Some(slot) = self.watches.take(&caller.identity) else {
@@ -182,81 +181,58 @@ impl Secrets for SecretsService {
             return Err(call.fail(refused).into());
         };
         // Subscribe before answering, so nothing after the answer is missed.
-        let mut changes = self.core.secrets.subscribe();
+        let mut watch = self.core.secrets.watch(filter, self.core.shutdown_signal());
         call.ok(&[])?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let core = self.core.clone();
-        let stop = core.shutdown_signal();
-        let watched = move |path: &str| {
-            paths.iter().any(|p| p == path)
-                || prefixes.iter().any(|prefix| match prefix {
-                    None => true,
-                    Some(prefix) => {
-                        path == prefix
-                            || (path.starts_with(prefix.as_str())
-                                && path.as_bytes().get(prefix.len()) == Some(&b'/'))
-                    }
-                })
-        };
         tokio::spawn(async move {
-            use tokio::sync::broadcast::error::RecvError;
             // Held while the stream lasts.
             let _slot = slot;
             let mut tick = tokio::time::interval(WATCH_RECHECK);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        match core.gate.refresh(&caller) {
-                            Ok(fresh) => caller = fresh,
-                            Err(e) => {
-                                let _ = tx.send(Err(watch_ended(e))).await;
-                                break;
-                            }
-                        }
-                    }
-                    change = changes.recv() => match change {
-                        Ok(change) => {
-                            if !watched(change.path.as_str()) {
-                                continue;
-                            }
-                            // The token as it stands now: revoked, expired
-                            // or narrowed since the watch began.
-                            match core.gate.refresh(&caller) {
-                                Ok(fresh) => caller = fresh,
-                                Err(e) => {
-                                    let _ = tx.send(Err(watch_ended(e))).await;
-                                    break;
-                                }
-                            }
-                            let allowed = core
-                                .gate
-                                .authorize(&caller, Capability::Read, &change.path.resource())
-                                .is_ok();
-                            if !allowed {
-                                continue;
-                            }
-                            let event = WatchEvent {
-                                path: change.path.to_string(),
-                                version: change.version,
-                                created_at: timestamp(change.at_ms),
-                            };
-                            if tx.send(Ok(event)).await.is_err() {
-                                break;
-                            }
-                        }
-                        Err(RecvError::Lagged(_)) => {
-                            let behind = Failure::new(
-                                FailureKind::Aborted,
-                                "the watcher fell behind; read the secrets again and watch again",
-                            );
-                            let _ = tx.send(Err(behind.into())).await;
-                            break;
-                        }
-                        Err(RecvError::Closed) => break,
-                    },
-                    _ = stop.wait() => break,
+                let change = tokio::select! {
+                    _ = tick.tick() => None,
+                    watched = watch.next() => Some(watched),
                     _ = tx.closed() => break,
+                };
+                let change = match change {
+                    None => None,
+                    Some(Watched::Changed(change)) => Some(change),
+                    Some(Watched::FellBehind) => {
+                        let behind = Failure::new(
+                            FailureKind::Aborted,
+                            "the watcher fell behind; read the secrets again and watch again",
+                        );
+                        let _ = tx.send(Err(behind.into())).await;
+                        break;
+                    }
+                    Some(Watched::Ended) => break,
+                };
+                // The token as it stands now: revoked, expired or narrowed
+                // since the watch began (on each event and every tick).
+                match core.gate.refresh(&caller) {
+                    Ok(fresh) => caller = fresh,
+                    Err(e) => {
+                        let _ = tx.send(Err(watch_ended(e))).await;
+                        break;
+                    }
+                }
+                let Some(change) = change else { continue };
+                let allowed = core
+                    .gate
+                    .authorize(&caller, Capability::Read, &change.path.resource())
+                    .is_ok();
+                if !allowed {
+                    continue;
+                }
+                let event = WatchEvent {
+                    path: change.path.to_string(),
+                    version: change.version,
+                    created_at: timestamp(change.at_ms),
+                };
+                if tx.send(Ok(event)).await.is_err() {
+                    break;
                 }
             }
         });
