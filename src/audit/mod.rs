@@ -323,15 +323,19 @@ impl AuditLog {
     /// Writes one record, in a batch with the records of other callers, and
     /// returns once it is written. An error means the caller must fail the
     /// request. The record is queued when the future is first polled; a
-    /// future dropped after that does not take its record back.
+    /// future dropped after that does not take its record back, and it is
+    /// written before the drop returns (not left for a later caller).
     pub async fn append_async(&self, event: &AuditEvent<'_>) -> Result<(), AuditError> {
         let fields = self.render(event);
         let (done, outcome) = oneshot::channel();
         self.lock_queue().push(Queued { fields, done });
+        // Drains however this future ends: at the end of the yield, or when
+        // the caller goes away during it (a cancelled request).
+        let drain = DrainOnDrop(self);
         // Let the other calls that are ready on this thread run up to their own
         // record first, so that one `write` takes them all.
         tokio::task::yield_now().await;
-        self.drain();
+        drop(drain);
         // The sender is answered before it is dropped; should it not be, fail closed.
         outcome.await.unwrap_or(Err(AuditError::Broken))
     }
@@ -461,6 +465,15 @@ impl AuditLog {
         // Nothing under this lock panics; should something, the state is still whole
         // (it only changes after a successful write).
         self.chain.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Writes the queued records when dropped (`AuditLog::append_async`).
+struct DrainOnDrop<'a>(&'a AuditLog);
+
+impl Drop for DrainOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.drain();
     }
 }
 

@@ -1,0 +1,480 @@
+//! Review of issue 11's hot path from a low-privileged caller's side: the
+//! verified-token cache must honour every revocation on the very next
+//! request, use limits must hold under concurrency, audit batches must fail
+//! closed and keep the chain whole, and a record must not depend on a later
+//! request to reach the file.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tonic::Code;
+
+use crate::harness::{cli, data, unique, TestServer};
+use crate::ident_kit::{approle_identity, login, read_policy};
+use keyward::client::{Client, ClientError, IssueOptions, PutOptions};
+
+fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> Code {
+    r.expect_err("the call should have been refused")
+        .code()
+        .expect("a server status, not a local error")
+}
+
+/// A secret under a fresh prefix and a policy that reads it and may issue
+/// tokens: (path, policy).
+async fn secret_and_reader(root: &Client) -> (String, String) {
+    let prefix = unique("hot");
+    let path = format!("{prefix}/db");
+    root.put(&path, &data(&[("password", "pw")]), PutOptions::default())
+        .await
+        .unwrap();
+    let policy = unique("reader");
+    root.policy_put(
+        &policy,
+        &format!(
+            "[[rule]]\npath = \"secret/{prefix}/**\"\ncapabilities = [\"read\", \"list\"]\n\
+             [[rule]]\npath = \"sys/token\"\ncapabilities = [\"issue\"]\n"
+        ),
+    )
+    .await
+    .unwrap();
+    (path, policy)
+}
+
+fn opts(policy: &str) -> IssueOptions {
+    IssueOptions {
+        policies: vec![policy.to_owned()],
+        ..IssueOptions::default()
+    }
+}
+
+/// Uses a token twice (the second use is served from the cache).
+async fn warm(client: &Client, path: &str) {
+    client.get(path).await.unwrap();
+    client.get(path).await.unwrap();
+}
+
+fn records(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_revoked_token_is_refused_on_the_next_request_even_after_it_was_cached() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let (path, policy) = secret_and_reader(&root).await;
+
+    // By its text, held by someone else.
+    let t = root.issue_token(opts(&policy)).await.unwrap();
+    let user = root.with_token(&t.token).unwrap();
+    warm(&user, &path).await;
+    assert_eq!(root.revoke_token(&t.token).await.unwrap(), 1);
+    assert_eq!(code(user.get(&path).await), Code::Unauthenticated);
+
+    // By accessor.
+    let t = root.issue_token(opts(&policy)).await.unwrap();
+    let user = root.with_token(&t.token).unwrap();
+    warm(&user, &path).await;
+    assert_eq!(root.revoke_accessor(&t.accessor).await.unwrap(), 1);
+    assert_eq!(code(user.get(&path).await), Code::Unauthenticated);
+
+    // By itself.
+    let t = root.issue_token(opts(&policy)).await.unwrap();
+    let user = root.with_token(&t.token).unwrap();
+    warm(&user, &path).await;
+    assert_eq!(user.revoke_self().await.unwrap(), 1);
+    assert_eq!(code(user.get(&path).await), Code::Unauthenticated);
+
+    // A parent's revoke reaches its cached child and grandchild.
+    let parent = root.issue_token(opts(&policy)).await.unwrap();
+    let parent_client = root.with_token(&parent.token).unwrap();
+    let child = parent_client.issue_token(opts(&policy)).await.unwrap();
+    let child_client = root.with_token(&child.token).unwrap();
+    let grandchild = child_client.issue_token(opts(&policy)).await.unwrap();
+    let grandchild_client = root.with_token(&grandchild.token).unwrap();
+    for c in [&parent_client, &child_client, &grandchild_client] {
+        warm(c, &path).await;
+    }
+    assert_eq!(root.revoke_accessor(&parent.accessor).await.unwrap(), 3);
+    for c in [&parent_client, &child_client, &grandchild_client] {
+        assert_eq!(code(c.get(&path).await), Code::Unauthenticated);
+    }
+}
+
+#[tokio::test]
+async fn disabling_deleting_or_narrowing_an_identity_refuses_its_cached_tokens_at_once() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let prefix = unique("idc");
+    let path = format!("{prefix}/db");
+    root.put(&path, &data(&[("password", "pw")]), PutOptions::default())
+        .await
+        .unwrap();
+    let policy = read_policy(&server, &prefix).await;
+    let other = read_policy(&server, &unique("other")).await;
+
+    let name = unique("svc");
+    let (role, sid) = approle_identity(&root, &name, std::slice::from_ref(&policy)).await;
+    let (_, client) = login(&server, &role, &sid).await;
+    warm(&client, &path).await;
+    root.identity_disable(&name).await.unwrap();
+    assert_eq!(code(client.get(&path).await), Code::Unauthenticated);
+
+    let name = unique("svc");
+    let (role, sid) = approle_identity(&root, &name, std::slice::from_ref(&policy)).await;
+    let (_, client) = login(&server, &role, &sid).await;
+    warm(&client, &path).await;
+    root.identity_delete(&name).await.unwrap();
+    assert_eq!(code(client.get(&path).await), Code::Unauthenticated);
+
+    let name = unique("svc");
+    let (role, sid) = approle_identity(&root, &name, &[policy.clone(), other]).await;
+    let (_, client) = login(&server, &role, &sid).await;
+    warm(&client, &path).await;
+    root.identity_update(keyward::proto::v1::UpdateIdentityRequest {
+        name: name.clone(),
+        owner: None,
+        description: None,
+        set_policies: true,
+        policies: vec![policy.clone()],
+        expires_in_seconds: None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(code(client.get(&path).await), Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn a_cached_token_is_refused_on_the_first_request_after_its_expiry() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let (path, policy) = secret_and_reader(&root).await;
+    let t = root
+        .issue_token(IssueOptions {
+            ttl: Some(Duration::from_secs(1)),
+            ..opts(&policy)
+        })
+        .await
+        .unwrap();
+    let user = root.with_token(&t.token).unwrap();
+    warm(&user, &path).await;
+    let expires = t.expires_at.as_ref().unwrap();
+    let expires_ms = expires.seconds as u64 * 1000 + expires.nanos as u64 / 1_000_000;
+    // Past the expiry by the server's clock (it follows the system's).
+    tokio::time::sleep(server.core.clock().until_ms(expires_ms + 50)).await;
+    assert_eq!(code(user.get(&path).await), Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn a_renewed_then_revoked_token_is_refused() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let (path, policy) = secret_and_reader(&root).await;
+    let t = root.issue_token(opts(&policy)).await.unwrap();
+    let user = root.with_token(&t.token).unwrap();
+    warm(&user, &path).await;
+    user.renew_self(Some(Duration::from_secs(1800)))
+        .await
+        .unwrap();
+    warm(&user, &path).await;
+    assert_eq!(root.revoke_accessor(&t.accessor).await.unwrap(), 1);
+    assert_eq!(code(user.get(&path).await), Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn a_use_limited_token_is_not_used_more_than_n_times_under_32_concurrent_calls() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let (path, policy) = secret_and_reader(&root).await;
+    let t = root
+        .issue_token(IssueOptions {
+            uses: 5,
+            ..opts(&policy)
+        })
+        .await
+        .unwrap();
+    let user = root.with_token(&t.token).unwrap();
+    let mut calls = Vec::new();
+    for _ in 0..32 {
+        let user = user.clone();
+        let path = path.clone();
+        calls.push(tokio::spawn(async move { user.get(&path).await }));
+    }
+    let mut ok = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) => assert_eq!(e.code(), Some(Code::Unauthenticated), "{e}"),
+        }
+    }
+    assert_eq!(ok, 5, "exactly the 5 uses the token was issued with");
+    assert_eq!(code(user.get(&path).await), Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn a_cidr_bound_token_is_refused_from_another_source_on_every_use() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let (path, policy) = secret_and_reader(&root).await;
+    let t = root
+        .issue_token(IssueOptions {
+            cidrs: vec!["10.0.0.0/8".into()],
+            ..opts(&policy)
+        })
+        .await
+        .unwrap();
+    let user = root.with_token(&t.token).unwrap();
+    for _ in 0..3 {
+        assert_eq!(code(user.get(&path).await), Code::Unauthenticated);
+    }
+    // Bound to loopback: allowed, cached, and still bound.
+    let t = root
+        .issue_token(IssueOptions {
+            cidrs: vec!["127.0.0.0/8".into()],
+            ..opts(&policy)
+        })
+        .await
+        .unwrap();
+    let user = root.with_token(&t.token).unwrap();
+    warm(&user, &path).await;
+    let child = user
+        .issue_token(IssueOptions {
+            cidrs: vec!["10.0.0.0/8".into()],
+            ..opts(&policy)
+        })
+        .await;
+    assert_eq!(code(child), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn seal_and_unseal_forget_cached_tokens_and_a_later_revoke_holds() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let (path, policy) = secret_and_reader(&root).await;
+    let t = root.issue_token(opts(&policy)).await.unwrap();
+    let user = root.with_token(&t.token).unwrap();
+    warm(&user, &path).await;
+    root.seal().await.unwrap();
+    assert_eq!(code(user.get(&path).await), Code::Unavailable);
+    root.unseal(&server.unseal_share).await.unwrap();
+    warm(&user, &path).await;
+    root.revoke_accessor(&t.accessor).await.unwrap();
+    assert_eq!(code(user.get(&path).await), Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn a_revoke_racing_requests_is_final_once_it_returns() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let (path, policy) = secret_and_reader(&root).await;
+    for _round in 0..3 {
+        let t = root.issue_token(opts(&policy)).await.unwrap();
+        let user = root.with_token(&t.token).unwrap();
+        warm(&user, &path).await;
+        let revoked = Arc::new(AtomicBool::new(false));
+        let after = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (user, path, revoked, after) =
+                (user.clone(), path.clone(), revoked.clone(), after.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let started_after = revoked.load(Ordering::SeqCst);
+                    let result = user.get(&path).await;
+                    if started_after {
+                        assert_eq!(
+                            code(result),
+                            Code::Unauthenticated,
+                            "a request sent after the revoke returned was served"
+                        );
+                        if after.fetch_add(1, Ordering::SeqCst) >= 200 {
+                            return;
+                        }
+                    }
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(root.revoke_accessor(&t.accessor).await.unwrap(), 1);
+        revoked.store(true, Ordering::SeqCst);
+        for task in tasks {
+            task.await.unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn forged_tokens_near_a_cached_one_and_a_flood_of_invalid_ones_are_refused() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let (path, policy) = secret_and_reader(&root).await;
+    let t = root.issue_token(opts(&policy)).await.unwrap();
+    let user = root.with_token(&t.token).unwrap();
+    warm(&user, &path).await;
+    let real = t.token.clone();
+    let flip = |i: usize| {
+        let mut bytes = real.clone().into_bytes();
+        bytes[i] = if bytes[i] == b'A' { b'B' } else { b'A' };
+        String::from_utf8(bytes).unwrap()
+    };
+    let mut forged = vec![
+        real[..real.len() - 1].to_owned(),
+        format!("{real}A"),
+        format!("{real} x"),
+        flip(real.len() - 1),
+        flip(10),
+        real.to_uppercase(),
+    ];
+    for i in 0..500 {
+        forged.push(format!("kwt_{}{i:08}", &real[4..real.len() - 14]));
+    }
+    for f in &forged {
+        let Ok(client) = root.with_token(f) else {
+            continue;
+        };
+        assert_eq!(code(client.get(&path).await), Code::Unauthenticated);
+    }
+    // The real one still works.
+    user.get(&path).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_denied_call_is_recorded_with_its_code_and_writes_nothing() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let (path, policy) = secret_and_reader(&root).await;
+    let t = root.issue_token(opts(&policy)).await.unwrap();
+    let user = root.with_token(&t.token).unwrap();
+    warm(&user, &path).await;
+    assert_eq!(
+        code(
+            user.put(&path, &data(&[("password", "evil")]), PutOptions::default())
+                .await
+        ),
+        Code::PermissionDenied
+    );
+    let evil_policy = unique("evil");
+    assert_eq!(
+        code(
+            user.policy_put(
+                &evil_policy,
+                "[[rule]]\npath = \"**\"\ncapabilities = [\"read\"]\n"
+            )
+            .await
+        ),
+        Code::PermissionDenied
+    );
+    let got = root.get(&path).await.unwrap();
+    assert_eq!(got.version, 1);
+    assert_eq!(code(root.policy_get(&evil_policy).await), Code::NotFound);
+    let all = records(&server.audit_path);
+    let denied: Vec<&Value> = all
+        .iter()
+        .filter(|r| r["accessor"] == t.accessor.as_str() && r["code"] == "PERMISSION_DENIED")
+        .collect();
+    assert_eq!(denied.len(), 2, "{denied:?}");
+    assert_eq!(denied[0]["resource"], format!("secret/{path}"));
+    assert_eq!(denied[1]["resource"], format!("policy/{evil_policy}"));
+}
+
+#[tokio::test]
+async fn with_an_unwritable_audit_log_no_call_is_answered_ok() {
+    let server = TestServer::dev_with(|c| c.audit_path = "/dev/full".into()).await;
+    let root = server.root().await;
+    let path = unique("full");
+    // The write happens, but its answer needs a record.
+    assert_eq!(
+        code(
+            root.put(&path, &data(&[("password", "pw")]), PutOptions::default())
+                .await
+        ),
+        Code::Unavailable
+    );
+    let mut calls = Vec::new();
+    for _ in 0..32 {
+        let (root, path) = (root.clone(), path.clone());
+        calls.push(tokio::spawn(async move { root.get(&path).await }));
+    }
+    for call in calls {
+        assert_eq!(code(call.await.unwrap()), Code::Unavailable);
+    }
+    assert_eq!(
+        code(root.issue_token(IssueOptions::default()).await),
+        Code::Unavailable
+    );
+    assert_eq!(code(root.lookup_self().await), Code::Unavailable);
+}
+
+#[tokio::test]
+async fn sixty_four_concurrent_gets_leave_a_verifiable_chain_with_one_record_each() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let (path, policy) = secret_and_reader(&root).await;
+    let t = root.issue_token(opts(&policy)).await.unwrap();
+    let user = root.with_token(&t.token).unwrap();
+    let mut calls = Vec::new();
+    for _ in 0..64 {
+        let (user, path) = (user.clone(), path.clone());
+        calls.push(tokio::spawn(async move { user.get(&path).await }));
+    }
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    let dir = server.stop().await;
+    let log = dir.path().join("audit.log");
+    let (status, out, err) = cli(
+        &["audit", "verify", log.to_str().unwrap(), "--format", "json"],
+        &[],
+        None,
+    );
+    let report: Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out} / {err}"));
+    assert_eq!(status, 0, "{report}");
+    assert_eq!(report["ok"], true, "{report}");
+    let gets = records(&log)
+        .into_iter()
+        .filter(|r| r["accessor"] == t.accessor.as_str() && r["method"] == "keyward.v1.Secrets/Get")
+        .filter(|r| r["code"] == "OK")
+        .count();
+    assert_eq!(gets, 64);
+}
+
+/// A Get whose caller went away after its record was queued (the client
+/// cancelled while the call yielded to let others batch) must still reach
+/// the file, without waiting for some later request to write it.
+#[tokio::test]
+async fn a_record_queued_by_a_dropped_append_is_written_without_a_later_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = keyward::audit::AuditLog::open(&path, keyward::clock::Clock::system()).unwrap();
+    let event = keyward::audit::AuditEvent {
+        request_id: "cancelled-get",
+        method: "keyward.v1.Secrets/Get",
+        resource: Some("secret/app/db"),
+        identity: Some("svc"),
+        accessor: None,
+        source: None,
+        outcome: keyward::audit::Outcome::Allowed,
+        code: "OK",
+        error: None,
+        token: None,
+        values: &[],
+    };
+    // Polled once (it queues its record and yields), then dropped.
+    tokio::select! {
+        biased;
+        _ = log.append_async(&event) => panic!("a lone append yields once before writing"),
+        _ = std::future::ready(()) => {}
+    }
+    log.sync().unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        text.contains("\"request_id\":\"cancelled-get\""),
+        "the record waits in the queue for another caller: {text:?}"
+    );
+    assert!(keyward::audit::verify_file(&path).unwrap().ok);
+}
