@@ -478,3 +478,86 @@ async fn a_record_queued_by_a_dropped_append_is_written_without_a_later_call() {
     );
     assert!(keyward::audit::verify_file(&path).unwrap().ok);
 }
+
+#[tokio::test]
+async fn narrowing_or_deleting_a_policy_is_seen_by_a_cached_token_at_once() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let (path, policy) = secret_and_reader(&root).await;
+    let t = root.issue_token(opts(&policy)).await.unwrap();
+    let user = root.with_token(&t.token).unwrap();
+    warm(&user, &path).await;
+    root.policy_put(
+        &policy,
+        "[[rule]]\npath = \"secret/nothing/**\"\ncapabilities = [\"read\"]\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(code(user.get(&path).await), Code::PermissionDenied);
+
+    let (path, policy) = secret_and_reader(&root).await;
+    let t = root.issue_token(opts(&policy)).await.unwrap();
+    let user = root.with_token(&t.token).unwrap();
+    warm(&user, &path).await;
+    root.policy_delete(&policy).await.unwrap();
+    assert_eq!(code(user.get(&path).await), Code::PermissionDenied);
+}
+
+/// Batched (Get, IssueToken) and single (Put, refusals) records written at
+/// once, some calls cancelled by their client mid-flight: the chain stays
+/// whole and every answered call has its record.
+#[tokio::test]
+async fn mixed_batched_single_and_cancelled_calls_keep_the_chain_whole() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let (path, policy) = secret_and_reader(&root).await;
+    let t = root.issue_token(opts(&policy)).await.unwrap();
+    let user = root.with_token(&t.token).unwrap();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let mut calls = Vec::new();
+    for i in 0..96u64 {
+        let (user, root, path, policy, answered) = (
+            user.clone(),
+            root.clone(),
+            path.clone(),
+            policy.clone(),
+            answered.clone(),
+        );
+        calls.push(tokio::spawn(async move {
+            match i % 4 {
+                0 => {
+                    user.get(&path).await.unwrap();
+                    answered.fetch_add(1, Ordering::SeqCst);
+                }
+                1 => {
+                    let refused = user
+                        .put(&path, &data(&[("password", "x")]), PutOptions::default())
+                        .await;
+                    assert_eq!(code(refused), Code::PermissionDenied);
+                    answered.fetch_add(1, Ordering::SeqCst);
+                }
+                2 => {
+                    user.issue_token(opts(&policy)).await.unwrap();
+                    answered.fetch_add(1, Ordering::SeqCst);
+                }
+                _ => {
+                    // Cancelled after a varying delay.
+                    let wait = Duration::from_micros(100 * (i % 20));
+                    let _ = tokio::time::timeout(wait, root.get(&path)).await;
+                }
+            }
+        }));
+    }
+    for call in calls {
+        call.await.unwrap();
+    }
+    let dir = server.stop().await;
+    let log = dir.path().join("audit.log");
+    let report = keyward::audit::verify_file(&log).unwrap();
+    assert!(report.ok, "{report:?}");
+    let mine = records(&log)
+        .into_iter()
+        .filter(|r| r["accessor"] == t.accessor.as_str())
+        .count();
+    assert_eq!(mine, answered.load(Ordering::SeqCst));
+}
