@@ -561,3 +561,54 @@ async fn mixed_batched_single_and_cancelled_calls_keep_the_chain_whole() {
         .count();
     assert_eq!(mine, answered.load(Ordering::SeqCst));
 }
+
+/// A login stuck on a key-set host that never answers, given up by its
+/// client: the server drops the call, and the call still has its record.
+#[tokio::test]
+async fn a_call_its_client_cancels_mid_flight_is_recorded_as_cancelled() {
+    let server = TestServer::dev_with(|c| c.oidc.allow_private_hosts = true).await;
+    let root = server.root().await;
+    // Accepts and holds every connection, saying nothing.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            held.push(tcp);
+        }
+    });
+    root.oidc_issuer_put(keyward::proto::v1::PutOidcIssuerRequest {
+        name: "slow".into(),
+        issuer_url: "https://ci.example.test".into(),
+        jwks_file: String::new(),
+        jwks_url: format!("https://127.0.0.1:{port}/jwks"),
+        audience: "keyward-test".into(),
+    })
+    .await
+    .unwrap();
+    let anon = server.anonymous().await;
+    let jwt = crate::ident_kit::Signer::es256("k").token(&serde_json::json!({
+        "iss": "https://ci.example.test", "aud": "keyward-test", "sub": "repo:acme/app",
+        "iat": crate::ident_kit::now_unix() - 5, "nbf": crate::ident_kit::now_unix() - 5,
+        "exp": crate::ident_kit::now_unix() + 300,
+    }));
+    let login = anon.login_oidc("slow", &jwt, 0);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), login)
+            .await
+            .is_err(),
+        "the login should still be waiting for the key set"
+    );
+    let audit = server.audit_path.clone();
+    crate::harness::eventually("the cancelled login is recorded", || {
+        let audit = audit.clone();
+        async move {
+            records(&audit)
+                .iter()
+                .any(|r| r["method"] == "keyward.v1.Auth/Login" && r["code"] == "CANCELLED")
+        }
+    })
+    .await;
+    silent.abort();
+    assert!(keyward::audit::verify_file(&server.audit_path).unwrap().ok);
+}
