@@ -612,3 +612,32 @@ async fn a_call_its_client_cancels_mid_flight_is_recorded_as_cancelled() {
     silent.abort();
     assert!(keyward::audit::verify_file(&server.audit_path).unwrap().ok);
 }
+
+#[tokio::test]
+async fn a_cached_token_of_an_identity_is_refused_on_the_first_request_after_the_identity_expires()
+{
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let prefix = unique("idexp");
+    let path = format!("{prefix}/db");
+    root.put(&path, &data(&[("password", "pw")]), PutOptions::default())
+        .await
+        .unwrap();
+    let policy = read_policy(&server, &prefix).await;
+    let name = unique("svc");
+    let mut request = crate::ident_kit::create(
+        &name,
+        "service-account",
+        "team-a",
+        std::slice::from_ref(&policy),
+    );
+    request.expires_in_seconds = 2;
+    let created = root.identity_create(request).await.unwrap();
+    let sid = root.identity_secret_id(&name, 0, 0, &[]).await.unwrap();
+    let (_, client) = login(&server, &sid.role_id, &sid.secret_id).await;
+    warm(&client, &path).await;
+    let expires = created.expires_at.as_ref().unwrap();
+    let expires_ms = expires.seconds as u64 * 1000 + expires.nanos as u64 / 1_000_000;
+    tokio::time::sleep(server.core.clock().until_ms(expires_ms + 50)).await;
+    assert_eq!(code(client.get(&path).await), Code::Unauthenticated);
+}
