@@ -53,7 +53,8 @@
 //! queues its record and yields once before it writes, so the other calls ready on its thread
 //! queue theirs meanwhile; one that finds the chain busy waits for its answer without holding a
 //! thread. Under load a `write` carries many records; a lone caller only yields once. Whoever lets go of the chain looks at the
-//! queue again, so no record is left behind. The time in a record is taken when its batch is
+//! queue again, and a caller that goes away during its yield (a cancelled request) writes the queue as it is dropped, so no
+//! record is left behind waiting for a later caller. The time in a record is taken when its batch is
 //! written, so times never go back along the chain.
 //!
 //! One process writes a log file at a time; [`verify_file`] may read it while it is written.

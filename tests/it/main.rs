@@ -26,6 +26,7 @@ mod governance;
 mod leaks;
 mod login;
 mod policies;
+mod review_hot_path;
 mod rotation;
 mod seal;
 mod secrets;
