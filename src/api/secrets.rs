@@ -185,6 +185,7 @@ impl Secrets for SecretsService {
         call.ok(&[])?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let core = self.core.clone();
+        let stop = core.shutdown_signal();
         tokio::spawn(async move {
             // Held while the stream lasts.
             let _slot = slot;
@@ -231,7 +232,13 @@ impl Secrets for SecretsService {
                     version: change.version,
                     created_at: timestamp(change.at_ms),
                 };
-                if tx.send(Ok(event)).await.is_err() {
+                // A client that stops reading must not hold the task past
+                // shutdown.
+                let sent = tokio::select! {
+                    sent = tx.send(Ok(event)) => sent.is_ok(),
+                    _ = stop.wait() => false,
+                };
+                if !sent {
                     break;
                 }
             }
