@@ -105,6 +105,9 @@ const KEEP_BUFFER: usize = 64 * 1024;
 /// What a rendered record's fields usually fit in.
 const FIELDS_CAPACITY: usize = 512;
 const TAIL_CHUNK: u64 = 8 * 1024;
+/// How many unauthenticated calls per (source, method, outcome, code) are
+/// written one by one in a window before the rest are counted.
+pub const AGGREGATE_AFTER: u32 = 10;
 /// How long repeats of an unauthenticated call are counted before their
 /// aggregate record is written.
 pub const AGGREGATE_WINDOW_MS: u64 = 60_000;
@@ -292,11 +295,12 @@ struct AggregateKey {
     code: String,
 }
 
-/// The repeats of one key in its window: `count` calls not written one by
-/// one, the last at `last_ms`.
+/// One key in its window: `written` calls written one by one, then `count`
+/// calls counted, the last at `last_ms`.
 #[derive(Clone, Copy)]
 struct Tally {
     window_start_ms: u64,
+    written: u32,
     last_ms: u64,
     count: u64,
 }
@@ -433,9 +437,10 @@ impl AuditLog {
 
     /// Records a call that carries no identity (a bad or missing token, a
     /// failed login, a status or other open call that changed nothing), so
-    /// that a loop of them cannot grow the log without bound. The first such
-    /// call per (source address, method, outcome, code) in a window of
-    /// [`AGGREGATE_WINDOW_MS`] is written as usual; the repeats are counted
+    /// that a loop of them cannot grow the log without bound. The first
+    /// [`AGGREGATE_AFTER`] such calls per (source address, method, outcome,
+    /// code) in a window of [`AGGREGATE_WINDOW_MS`] are written as usual;
+    /// the repeats are counted
     /// in memory and written as one aggregate record
     /// (`"aggregate":true,"count":N,"window_start","window_end"`) when the
     /// window has ended (looked at by later such calls), when the table
@@ -466,15 +471,19 @@ impl AuditLog {
                     open
                 });
             }
-            let counted = match aggregates.tallies.get_mut(&key) {
+            let (counted, open) = match aggregates.tallies.get_mut(&key) {
                 Some(tally) if now.saturating_sub(tally.window_start_ms) < AGGREGATE_WINDOW_MS => {
-                    tally.count += 1;
-                    tally.last_ms = tally.last_ms.max(now);
-                    true
+                    if tally.written < AGGREGATE_AFTER {
+                        (false, true)
+                    } else {
+                        tally.count += 1;
+                        tally.last_ms = tally.last_ms.max(now);
+                        (true, true)
+                    }
                 }
-                _ => false,
+                _ => (false, false),
             };
-            if !counted {
+            if !open {
                 if let Some(tally) = aggregates.tallies.remove(&key) {
                     if tally.count > 0 {
                         due.push((key.clone(), tally));
@@ -495,12 +504,18 @@ impl AuditLog {
         }
         self.append(event)?;
         let mut aggregates = self.lock_aggregates();
-        if aggregates.tallies.len() < MAX_AGGREGATES {
-            aggregates.tallies.entry(key).or_insert(Tally {
-                window_start_ms: now,
-                last_ms: now,
-                count: 0,
-            });
+        if let Some(tally) = aggregates.tallies.get_mut(&key) {
+            tally.written = tally.written.saturating_add(1);
+        } else if aggregates.tallies.len() < MAX_AGGREGATES {
+            aggregates.tallies.insert(
+                key,
+                Tally {
+                    window_start_ms: now,
+                    written: 1,
+                    last_ms: now,
+                    count: 0,
+                },
+            );
         }
         Ok(())
     }
@@ -542,10 +557,11 @@ impl AuditLog {
         if result.is_err() {
             let mut aggregates = self.lock_aggregates();
             for (key, tally) in due {
-                let kept = aggregates
-                    .tallies
-                    .entry(key)
-                    .or_insert(Tally { count: 0, ..tally });
+                let kept = aggregates.tallies.entry(key).or_insert(Tally {
+                    written: AGGREGATE_AFTER,
+                    count: 0,
+                    ..tally
+                });
                 kept.count += tally.count;
                 kept.window_start_ms = kept.window_start_ms.min(tally.window_start_ms);
                 kept.last_ms = kept.last_ms.max(tally.last_ms);

@@ -31,6 +31,7 @@ mod seal;
 mod secrets;
 mod server;
 mod tokens;
+mod trust_audit;
 mod trust_identity;
 mod trust_limits;
 mod trust_oidc;
