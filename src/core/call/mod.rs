@@ -6,6 +6,11 @@
 //! result, [`Call::ok`] (record). Every way out writes the audit record
 //! before the answer leaves, and a call dropped without an answer is still
 //! audited (`Drop`). If the audit record cannot be written, the call fails.
+//! A call that changes state ([`class`]) also writes a request record before
+//! it acts: at `begin` for token calls, through [`Call::record_request`] for
+//! open ones; its answer is then the outcome record. A call that names
+//! nobody and changed nothing is recorded through
+//! `AuditLog::append_unauthenticated`, which counts repeats.
 //!
 //! Errors are [`Failure`]s: a transport-neutral [`FailureKind`] and a safe
 //! message. The mapping of domain errors to kinds is in `failure.rs`; a
