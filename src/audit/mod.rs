@@ -77,6 +77,7 @@ use std::fs::{File, Metadata, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, TryLockError};
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
@@ -282,6 +283,8 @@ pub struct AuditLog {
     key: RwLock<Option<hmac::Key>>,
     /// Repeats of unauthenticated calls, counted until their window ends.
     aggregates: Mutex<Aggregates>,
+    /// When any append next looks for ended windows ([`Self::write_ended_windows`]).
+    next_sweep_ms: AtomicU64,
 }
 
 /// What repeats of unauthenticated calls are counted under.
@@ -309,6 +312,23 @@ struct Tally {
 struct Aggregates {
     tallies: HashMap<AggregateKey, Tally>,
     next_sweep_ms: u64,
+}
+
+impl Aggregates {
+    /// Takes out the tallies whose window has ended; those with repeats are
+    /// returned, to be written.
+    fn sweep(&mut self, now: u64) -> Vec<(AggregateKey, Tally)> {
+        self.next_sweep_ms = now.saturating_add(SWEEP_EVERY_MS);
+        let mut due = Vec::new();
+        self.tallies.retain(|key, tally| {
+            let open = now.saturating_sub(tally.window_start_ms) < AGGREGATE_WINDOW_MS;
+            if !open && tally.count > 0 {
+                due.push((key.clone(), *tally));
+            }
+            open
+        });
+        due
+    }
 }
 
 impl fmt::Debug for AuditLog {
@@ -365,6 +385,7 @@ impl AuditLog {
             queue: Mutex::new(Vec::new()),
             key: RwLock::new(None),
             aggregates: Mutex::new(Aggregates::default()),
+            next_sweep_ms: AtomicU64::new(0),
         })
     }
 
@@ -389,6 +410,7 @@ impl AuditLog {
         event: &AuditEvent<'_>,
         phase: Option<Phase>,
     ) -> Result<(), AuditError> {
+        self.write_ended_windows();
         let fields = self.render(event, phase);
         self.append_rendered(fields)
     }
@@ -424,6 +446,7 @@ impl AuditLog {
         event: &AuditEvent<'_>,
         phase: Option<Phase>,
     ) -> Result<(), AuditError> {
+        self.write_ended_windows();
         let fields = self.render(event, phase);
         let (done, outcome) = oneshot::channel();
         self.lock_queue().push(Queued { fields, done });
@@ -440,12 +463,11 @@ impl AuditLog {
     /// that a loop of them cannot grow the log without bound. The first
     /// [`AGGREGATE_AFTER`] such calls per (source address, method, outcome,
     /// code) in a window of [`AGGREGATE_WINDOW_MS`] are written as usual;
-    /// the repeats are counted
-    /// in memory and written as one aggregate record
-    /// (`"aggregate":true,"count":N,"window_start","window_end"`) when the
-    /// window has ended (looked at by later such calls), when the table
-    /// of [`MAX_AGGREGATES`] keys is full, or at [`Self::flush_aggregates`]
-    /// (at shutdown, through [`Self::sync`]). The written records plus the
+    /// the repeats are counted in memory and written as one aggregate
+    /// record (`"aggregate":true,"count":N,"window_start","window_end"`)
+    /// when the window has ended (looked for by any later append, at most
+    /// once a second), when the table of [`MAX_AGGREGATES`] keys is full, or
+    /// at [`Self::flush_aggregates`] (at shutdown, through [`Self::sync`]). The written records plus the
     /// counts of the aggregate records are exactly the calls made.
     ///
     /// An error means this call's own record could not be written: the
@@ -462,14 +484,7 @@ impl AuditLog {
         let counted = {
             let mut aggregates = self.lock_aggregates();
             if now >= aggregates.next_sweep_ms {
-                aggregates.next_sweep_ms = now.saturating_add(SWEEP_EVERY_MS);
-                aggregates.tallies.retain(|key, tally| {
-                    let open = now.saturating_sub(tally.window_start_ms) < AGGREGATE_WINDOW_MS;
-                    if !open && tally.count > 0 {
-                        due.push((key.clone(), *tally));
-                    }
-                    open
-                });
+                due = aggregates.sweep(now);
             }
             let (counted, open) = match aggregates.tallies.get_mut(&key) {
                 Some(tally) if now.saturating_sub(tally.window_start_ms) < AGGREGATE_WINDOW_MS => {
@@ -568,6 +583,23 @@ impl AuditLog {
             }
         }
         result
+    }
+
+    /// Writes the aggregates whose window has ended, looked for at most once
+    /// per [`SWEEP_EVERY_MS`] by any append, so that counts do not wait for
+    /// the next unauthenticated call.
+    fn write_ended_windows(&self) {
+        let now = self.clock.now_ms();
+        if now < self.next_sweep_ms.load(Ordering::Relaxed) {
+            return;
+        }
+        self.next_sweep_ms
+            .store(now.saturating_add(SWEEP_EVERY_MS), Ordering::Relaxed);
+        let due = self.lock_aggregates().sweep(now);
+        if !due.is_empty() {
+            // On failure the counts are kept and written with a later record.
+            let _ = self.write_aggregates(due);
+        }
     }
 
     fn lock_aggregates(&self) -> MutexGuard<'_, Aggregates> {

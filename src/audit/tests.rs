@@ -839,3 +839,22 @@ fn verify_names_requests_without_an_outcome() {
     assert!(lines[3].contains(",\"phase\":\"outcome\""));
     assert!(!lines[5].contains("phase"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_ended_window_is_written_by_the_next_append_of_any_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, log) = log_with(dir.path(), 0);
+    let get = "keyward.v1.Secrets/Get";
+    let calls = AGGREGATE_AFTER as u64 + 5;
+    for i in 0..calls {
+        let id = format!("bad-{i}");
+        log.append_unauthenticated(&anonymous(&id, get, "10.0.0.9:1"))
+            .unwrap();
+    }
+    tokio::time::advance(std::time::Duration::from_millis(AGGREGATE_WINDOW_MS)).await;
+    log.append(&event("authenticated", &[])).unwrap();
+    let records = parsed(&path);
+    assert_eq!(records[records.len() - 2]["count"], 5);
+    assert_eq!(records[records.len() - 1]["request_id"], "authenticated");
+    assert_eq!(calls_recorded(&records, get), calls + 1);
+}
