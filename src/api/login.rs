@@ -58,6 +58,8 @@ pub(crate) async fn login(
         }
     };
     let grant = call.check(grant)?;
+    // The credential checks out: record the request before the token is issued.
+    call.record_request()?;
     call.set_resource(format!("identity/{}", grant.identity));
     let issued = call.check(core.tokens.issue(
         TokenRequest {

@@ -64,6 +64,11 @@ impl Sys for SysService {
             u8::try_from(r.threshold)
                 .map_err(|_| Failure::invalid("threshold must be between 1 and shares")),
         )?;
+        if !self.core.status().initialized {
+            // A change: recorded before it acts. An init of an initialized
+            // vault changes nothing and stays one (aggregatable) record.
+            call.record_request()?;
+        }
         let out = call.check(self.core.init(shares, threshold).await)?;
         call.ok(&[])?;
         Ok(Response::new(InitResponse {
@@ -79,6 +84,12 @@ impl Sys for SysService {
         let mut call = begin(&self.core, "keyward.v1.Sys/Unseal", Access::Open, &req).await?;
         call.set_resource("sys/unseal");
         let r = req.into_inner();
+        if self.core.is_sealed() {
+            // A share or a reset changes the unseal progress: recorded before
+            // it acts. On an unsealed vault unseal changes nothing and stays
+            // one (aggregatable) record.
+            call.record_request()?;
+        }
         let status = if r.reset {
             self.core.reset_unseal().await
         } else {
@@ -96,10 +107,16 @@ impl Sys for SysService {
     async fn seal(&self, req: Request<SealRequest>) -> Result<Response<SealResponse>, Status> {
         let mut call = begin(&self.core, "keyward.v1.Sys/Seal", Access::Token, &req).await?;
         call.authorize(Capability::Admin, "sys/seal".into())?;
-        // Audit before the keys go: the record still carries the caller's HMACs.
-        call.ok(&[])?;
+        // Sealing is the safe direction: a caller allowed to seal seals even
+        // when the audit log cannot be written (the failure goes to the
+        // server log). The request record goes first, while the audit key
+        // still gives the caller's HMACs.
+        call.record_request_or_log();
         self.core.seal().await;
         publish_health(&self.health, true).await;
+        if let Err(e) = call.ok(&[]) {
+            tracing::error!(error = %e.message(), "sealed; its audit outcome record was not written");
+        }
         Ok(Response::new(SealResponse {}))
     }
 

@@ -72,11 +72,13 @@
 //! line in its place holds `n + 1`); records `n` and `n + 1` swapped give `n`; an inserted record
 //! gives its own line number; a truncated last line gives its line number.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::fs::{File, Metadata, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, TryLockError};
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
@@ -105,6 +107,17 @@ const KEEP_BUFFER: usize = 64 * 1024;
 /// What a rendered record's fields usually fit in.
 const FIELDS_CAPACITY: usize = 512;
 const TAIL_CHUNK: u64 = 8 * 1024;
+/// How many unauthenticated calls per (source, method, outcome, code) are
+/// written one by one in a window before the rest are counted.
+pub const AGGREGATE_AFTER: u32 = 10;
+/// How long repeats of an unauthenticated call are counted before their
+/// aggregate record is written.
+pub const AGGREGATE_WINDOW_MS: u64 = 60_000;
+/// The most (source, method, outcome, code) tallies kept at once; a full
+/// table is written out and emptied.
+pub const MAX_AGGREGATES: usize = 4096;
+/// How often, at most, a call looks for windows that have ended.
+const SWEEP_EVERY_MS: u64 = 1_000;
 
 /// Errors of the audit log. Messages name the file and the broken rule, never a value.
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +152,25 @@ impl Outcome {
             Outcome::Allowed => "allowed",
             Outcome::Denied => "denied",
             Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// Which record of a state-changing call this is. Reads write one record,
+/// without a phase; a call that changes state writes its `request` before it
+/// acts (and does not act if that fails) and its `outcome` after, both under
+/// the same `request_id`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Request,
+    Outcome,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Request => "request",
+            Phase::Outcome => "outcome",
         }
     }
 }
@@ -186,7 +218,8 @@ impl fmt::Debug for AuditEvent<'_> {
     }
 }
 
-/// The result of [`verify_file`]; serialises as `{"records", "ok", "first_bad"}`.
+/// The result of [`verify_file`]; serialises as
+/// `{"records", "ok", "first_bad", "unanswered", "in_flight_at_end"}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct VerifyReport {
     /// Lines in the file, a torn last line included.
@@ -194,9 +227,23 @@ pub struct VerifyReport {
     pub ok: bool,
     /// The `seq` expected at the first line that fails (its 1-based line number).
     pub first_bad: Option<u64>,
+    /// Request records (`"phase":"request"`) with no outcome, followed by a
+    /// change call that began and ended after them: a change whose result
+    /// was never recorded. Up to the first bad line.
+    pub unanswered: Vec<Unanswered>,
+    /// Request records with no outcome after which no change call began
+    /// and ended: in flight when the log was read, or cut off by a crash.
+    pub in_flight_at_end: Vec<Unanswered>,
     /// Why that line fails, for humans; not part of the JSON.
     #[serde(skip)]
     pub reason: Option<&'static str>,
+}
+
+/// A request record without its outcome.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Unanswered {
+    pub seq: u64,
+    pub request_id: String,
 }
 
 /// The tail of the chain and the file it is written to.
@@ -235,6 +282,54 @@ pub struct AuditLog {
     /// hash states; like its AES key schedules they are not zeroized on
     /// drop, see README "Security model").
     key: RwLock<Option<hmac::Key>>,
+    /// Repeats of unauthenticated calls, counted until their window ends.
+    aggregates: Mutex<Aggregates>,
+    /// When any append next looks for ended windows ([`Self::write_ended_windows`]).
+    next_sweep_ms: AtomicU64,
+}
+
+/// What repeats of unauthenticated calls are counted under.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct AggregateKey {
+    /// The peer's address without its port: a new connection per call
+    /// counts under the same key.
+    source: String,
+    method: String,
+    outcome: Outcome,
+    code: String,
+}
+
+/// One key in its window: `written` calls written one by one, then `count`
+/// calls counted, the last at `last_ms`.
+#[derive(Clone, Copy)]
+struct Tally {
+    window_start_ms: u64,
+    written: u32,
+    last_ms: u64,
+    count: u64,
+}
+
+#[derive(Default)]
+struct Aggregates {
+    tallies: HashMap<AggregateKey, Tally>,
+    next_sweep_ms: u64,
+}
+
+impl Aggregates {
+    /// Takes out the tallies whose window has ended; those with repeats are
+    /// returned, to be written.
+    fn sweep(&mut self, now: u64) -> Vec<(AggregateKey, Tally)> {
+        self.next_sweep_ms = now.saturating_add(SWEEP_EVERY_MS);
+        let mut due = Vec::new();
+        self.tallies.retain(|key, tally| {
+            let open = now.saturating_sub(tally.window_start_ms) < AGGREGATE_WINDOW_MS;
+            if !open && tally.count > 0 {
+                due.push((key.clone(), *tally));
+            }
+            open
+        });
+        due
+    }
 }
 
 impl fmt::Debug for AuditLog {
@@ -290,6 +385,8 @@ impl AuditLog {
             }),
             queue: Mutex::new(Vec::new()),
             key: RwLock::new(None),
+            aggregates: Mutex::new(Aggregates::default()),
+            next_sweep_ms: AtomicU64::new(0),
         })
     }
 
@@ -305,7 +402,22 @@ impl AuditLog {
     /// Blocks the thread while another batch is written; async callers use
     /// [`Self::append_async`], which lets their records share a `write`.
     pub fn append(&self, event: &AuditEvent<'_>) -> Result<(), AuditError> {
-        let fields = self.render(event);
+        self.append_phase(event, None)
+    }
+
+    /// [`Self::append`] of one record of a state-changing call (`phase`).
+    pub fn append_phase(
+        &self,
+        event: &AuditEvent<'_>,
+        phase: Option<Phase>,
+    ) -> Result<(), AuditError> {
+        self.write_ended_windows();
+        let fields = self.render(event, phase);
+        self.append_rendered(fields)
+    }
+
+    /// Writes one rendered record (and whatever is queued) before returning.
+    fn append_rendered(&self, fields: Vec<u8>) -> Result<(), AuditError> {
         let mut chain = self.lock_chain();
         let queued = self.take_queue();
         let result = self.write_records(
@@ -327,7 +439,17 @@ impl AuditLog {
     /// future dropped after that does not take its record back: it is
     /// written then, or by whoever holds the chain.
     pub async fn append_async(&self, event: &AuditEvent<'_>) -> Result<(), AuditError> {
-        let fields = self.render(event);
+        self.append_async_phase(event, None).await
+    }
+
+    /// [`Self::append_async`] of one record of a state-changing call (`phase`).
+    pub async fn append_async_phase(
+        &self,
+        event: &AuditEvent<'_>,
+        phase: Option<Phase>,
+    ) -> Result<(), AuditError> {
+        self.write_ended_windows();
+        let fields = self.render(event, phase);
         let (done, outcome) = oneshot::channel();
         self.lock_queue().push(Queued { fields, done });
         {
@@ -338,6 +460,157 @@ impl AuditLog {
         }
         // The sender is answered before it is dropped; should it not be, fail closed.
         outcome.await.unwrap_or(Err(AuditError::Broken))
+    }
+
+    /// Records a call that carries no identity (a bad or missing token, a
+    /// failed login, a status or other open call that changed nothing), so
+    /// that a loop of them cannot grow the log without bound. The first
+    /// [`AGGREGATE_AFTER`] such calls per (source address, method, outcome,
+    /// code) in a window of [`AGGREGATE_WINDOW_MS`] are written as usual;
+    /// the repeats are counted in memory and written as one aggregate
+    /// record (`"aggregate":true,"count":N,"window_start","window_end"`)
+    /// when the window has ended (looked for by any later append, at most
+    /// once a second), when the table of [`MAX_AGGREGATES`] keys is full, or
+    /// at [`Self::flush_aggregates`] (at shutdown, through [`Self::sync`]). The written records plus the
+    /// counts of the aggregate records are exactly the calls made.
+    ///
+    /// An error means this call's own record could not be written: the
+    /// caller fails the request, as for [`Self::append`].
+    pub fn append_unauthenticated(&self, event: &AuditEvent<'_>) -> Result<(), AuditError> {
+        let now = self.clock.now_ms();
+        let key = AggregateKey {
+            source: event.source.map(source_host).unwrap_or_default().to_owned(),
+            method: event.method.to_owned(),
+            outcome: event.outcome,
+            code: event.code.to_owned(),
+        };
+        let mut due = Vec::new();
+        let counted = {
+            let mut aggregates = self.lock_aggregates();
+            if now >= aggregates.next_sweep_ms {
+                due = aggregates.sweep(now);
+            }
+            let (counted, open) = match aggregates.tallies.get_mut(&key) {
+                Some(tally) if now.saturating_sub(tally.window_start_ms) < AGGREGATE_WINDOW_MS => {
+                    if tally.written < AGGREGATE_AFTER {
+                        (false, true)
+                    } else {
+                        tally.count += 1;
+                        tally.last_ms = tally.last_ms.max(now);
+                        (true, true)
+                    }
+                }
+                _ => (false, false),
+            };
+            if !open {
+                if let Some(tally) = aggregates.tallies.remove(&key) {
+                    if tally.count > 0 {
+                        due.push((key.clone(), tally));
+                    }
+                }
+                if aggregates.tallies.len() >= MAX_AGGREGATES {
+                    due.extend(aggregates.tallies.drain().filter(|(_, t)| t.count > 0));
+                }
+            }
+            counted
+        };
+        if !due.is_empty() {
+            // On failure the counts are kept and written with a later record.
+            let _ = self.write_aggregates(due);
+        }
+        if counted {
+            return Ok(());
+        }
+        self.append(event)?;
+        let mut aggregates = self.lock_aggregates();
+        if let Some(tally) = aggregates.tallies.get_mut(&key) {
+            tally.written = tally.written.saturating_add(1);
+        } else if aggregates.tallies.len() < MAX_AGGREGATES {
+            aggregates.tallies.insert(
+                key,
+                Tally {
+                    window_start_ms: now,
+                    written: 1,
+                    last_ms: now,
+                    count: 0,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Writes every counted repeat as its aggregate record now and empties
+    /// the table. Should the write fail, the counts are kept for the next try.
+    pub fn flush_aggregates(&self) -> Result<(), AuditError> {
+        let due: Vec<_> = self
+            .lock_aggregates()
+            .tallies
+            .drain()
+            .filter(|(_, tally)| tally.count > 0)
+            .collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        self.write_aggregates(due)
+    }
+
+    /// Writes one aggregate record per tally in one batch; on failure the
+    /// counts go back into the table (added to any counted meanwhile).
+    fn write_aggregates(&self, due: Vec<(AggregateKey, Tally)>) -> Result<(), AuditError> {
+        let mut chain = self.lock_chain();
+        let queued = self.take_queue();
+        let rendered: Vec<Vec<u8>> = due
+            .iter()
+            .map(|(key, tally)| render_aggregate(key, tally))
+            .collect();
+        let result = self.write_records(
+            &mut chain,
+            queued
+                .iter()
+                .map(|q| q.fields.as_slice())
+                .chain(rendered.iter().map(Vec::as_slice)),
+        );
+        drop(chain);
+        answer(queued, &result);
+        self.drain();
+        if result.is_err() {
+            let mut aggregates = self.lock_aggregates();
+            for (key, tally) in due {
+                let kept = aggregates.tallies.entry(key).or_insert(Tally {
+                    written: AGGREGATE_AFTER,
+                    count: 0,
+                    ..tally
+                });
+                kept.count += tally.count;
+                kept.window_start_ms = kept.window_start_ms.min(tally.window_start_ms);
+                kept.last_ms = kept.last_ms.max(tally.last_ms);
+            }
+        }
+        result
+    }
+
+    /// Writes the aggregates whose window has ended, looked for at most once
+    /// per [`SWEEP_EVERY_MS`] by any append, so that counts do not wait for
+    /// the next unauthenticated call.
+    fn write_ended_windows(&self) {
+        let now = self.clock.now_ms();
+        if now < self.next_sweep_ms.load(Ordering::Relaxed) {
+            return;
+        }
+        self.next_sweep_ms
+            .store(now.saturating_add(SWEEP_EVERY_MS), Ordering::Relaxed);
+        let due = self.lock_aggregates().sweep(now);
+        if !due.is_empty() {
+            // On failure the counts are kept and written with a later record.
+            let _ = self.write_aggregates(due);
+        }
+    }
+
+    fn lock_aggregates(&self) -> MutexGuard<'_, Aggregates> {
+        // Counting and draining cannot panic half-way.
+        self.aggregates
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Writes the queued records if the chain is free; otherwise its holder
@@ -368,10 +641,10 @@ impl AuditLog {
     /// The HMACs of an event's token and values, and the part of its record
     /// from `,"request_id":` to the end of `data`. Takes no chain lock: a large
     /// value must not hold up other requests.
-    fn render(&self, event: &AuditEvent<'_>) -> Vec<u8> {
+    fn render(&self, event: &AuditEvent<'_>, phase: Option<Phase>) -> Vec<u8> {
         let key = self.key.read().unwrap_or_else(PoisonError::into_inner);
         let mut fields = Vec::with_capacity(FIELDS_CAPACITY);
-        write_fields(&mut fields, event, key.as_ref());
+        write_fields(&mut fields, event, key.as_ref(), phase);
         fields
     }
 
@@ -452,14 +725,17 @@ impl AuditLog {
         hex::encode(self.lock_chain().head)
     }
 
-    /// Flushes the file to disk (at shutdown; appends do not).
+    /// Writes the counted repeats ([`Self::flush_aggregates`]) and flushes
+    /// the file to disk (at shutdown; appends do not).
     pub fn sync(&self) -> Result<(), AuditError> {
         self.drain();
+        let flushed = self.flush_aggregates();
         let chain = self.lock_chain();
         chain.file.sync_data().map_err(|source| AuditError::Io {
             path: self.path.clone(),
             source,
-        })
+        })?;
+        flushed
     }
 
     fn lock_chain(&self) -> MutexGuard<'_, Chain> {
@@ -566,8 +842,9 @@ struct RecordHead {
     hash: String,
     #[serde(rename = "time")]
     _time: serde::de::IgnoredAny,
-    #[serde(rename = "request_id")]
-    _request_id: serde::de::IgnoredAny,
+    request_id: String,
+    #[serde(default)]
+    phase: Option<String>,
     #[serde(rename = "method")]
     _method: serde::de::IgnoredAny,
     #[serde(rename = "outcome")]
@@ -578,6 +855,8 @@ struct RecordHead {
 
 struct CheckedRecord {
     seq: u64,
+    request_id: String,
+    phase: Option<String>,
     prev: [u8; 32],
     hash: [u8; 32],
 }
@@ -608,6 +887,8 @@ fn check_record(line: &[u8]) -> Result<CheckedRecord, &'static str> {
     }
     Ok(CheckedRecord {
         seq: head.seq,
+        request_id: head.request_id,
+        phase: head.phase,
         prev,
         hash,
     })
@@ -627,6 +908,7 @@ fn verify_reader<R: BufRead>(mut reader: R) -> io::Result<VerifyReport> {
     let mut line = Vec::with_capacity(1024);
     let mut records = 0u64;
     let mut prev = [0u8; 32];
+    let mut calls = OpenRequests::default();
     let failure = loop {
         line.clear();
         let read = reader
@@ -656,12 +938,16 @@ fn verify_reader<R: BufRead>(mut reader: R) -> io::Result<VerifyReport> {
             break Some((records, "prev is not the hash of the previous record", true));
         }
         prev = checked.hash;
+        calls.note(checked);
     };
+    let (unanswered, in_flight_at_end) = calls.unanswered();
     let Some((first_bad, reason, at_line_start)) = failure else {
         return Ok(VerifyReport {
             records,
             ok: true,
             first_bad: None,
+            unanswered,
+            in_flight_at_end,
             reason: None,
         });
     };
@@ -670,8 +956,64 @@ fn verify_reader<R: BufRead>(mut reader: R) -> io::Result<VerifyReport> {
         records,
         ok: false,
         first_bad: Some(first_bad),
+        unanswered,
+        in_flight_at_end,
         reason: Some(reason),
     })
+}
+
+/// The request records of state-changing calls still waiting for their
+/// outcome, while [`verify_reader`] walks the chain.
+#[derive(Default)]
+struct OpenRequests {
+    /// request_id -> the `seq`s of its request records with no outcome yet
+    /// (a client may reuse its own request id).
+    open: HashMap<String, Vec<u64>>,
+    /// The newest request record whose outcome was found.
+    last_answered: u64,
+}
+
+impl OpenRequests {
+    fn note(&mut self, record: CheckedRecord) {
+        match record.phase.as_deref() {
+            Some("request") => self
+                .open
+                .entry(record.request_id)
+                .or_default()
+                .push(record.seq),
+            Some("outcome") => {
+                if let Some(seqs) = self.open.get_mut(&record.request_id) {
+                    if !seqs.is_empty() {
+                        let request = seqs.remove(0);
+                        self.last_answered = self.last_answered.max(request);
+                    }
+                    if seqs.is_empty() {
+                        self.open.remove(&record.request_id);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The requests with no outcome, in log order: those before the newest
+    /// answered request (a later change began and ended while they never
+    /// did), and those after it (in flight at the end of the log).
+    fn unanswered(self) -> (Vec<Unanswered>, Vec<Unanswered>) {
+        let mut all: Vec<Unanswered> = self
+            .open
+            .into_iter()
+            .flat_map(|(request_id, seqs)| {
+                seqs.into_iter().map(move |seq| Unanswered {
+                    seq,
+                    request_id: request_id.clone(),
+                })
+            })
+            .collect();
+        all.sort_by_key(|u| u.seq);
+        let last_answered = self.last_answered;
+        all.into_iter().partition(|u| u.seq < last_answered)
+    }
 }
 
 /// Counts the lines (a last one without newline included) left in `reader`.
@@ -714,7 +1056,12 @@ fn decode_hash(text: &[u8]) -> Option<[u8; 32]> {
 /// Writes the part of a record's body between the time and `prev` into `buf`:
 /// `,"request_id":` up to the end of `data`, the token and values as HMACs
 /// under `key` (`"unavailable"` without one).
-fn write_fields(buf: &mut Vec<u8>, event: &AuditEvent<'_>, key: Option<&hmac::Key>) {
+fn write_fields(
+    buf: &mut Vec<u8>,
+    event: &AuditEvent<'_>,
+    key: Option<&hmac::Key>,
+    phase: Option<Phase>,
+) {
     let protected = |value: &[u8]| key.map(|key| hmac::sign(key, value));
     buf.extend_from_slice(b",\"request_id\":");
     push_json_str(buf, event.request_id);
@@ -729,6 +1076,11 @@ fn write_fields(buf: &mut Vec<u8>, event: &AuditEvent<'_>, key: Option<&hmac::Ke
     buf.extend_from_slice(b"\",\"code\":");
     push_json_str(buf, event.code);
     push_optional(buf, b"error", event.error);
+    if let Some(phase) = phase {
+        buf.extend_from_slice(b",\"phase\":\"");
+        buf.extend_from_slice(phase.as_str().as_bytes());
+        buf.push(b'"');
+    }
     if let Some(token) = event.token.filter(|token| !token.is_empty()) {
         buf.extend_from_slice(b",\"token\":");
         push_protected(buf, protected(token).as_ref());
@@ -745,6 +1097,37 @@ fn write_fields(buf: &mut Vec<u8>, event: &AuditEvent<'_>, key: Option<&hmac::Ke
         }
         buf.push(b'}');
     }
+}
+
+/// The address of a `host:port` source without its port.
+fn source_host(source: &str) -> &str {
+    match source.parse::<std::net::SocketAddr>() {
+        Ok(_) => source
+            .rsplit_once(':')
+            .map(|(host, _)| host.trim_start_matches('[').trim_end_matches(']'))
+            .unwrap_or(source),
+        Err(_) => source,
+    }
+}
+
+/// The fields of an aggregate record, between the time and `prev`.
+fn render_aggregate(key: &AggregateKey, tally: &Tally) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(FIELDS_CAPACITY);
+    buf.extend_from_slice(b",\"request_id\":\"aggregate\",\"method\":");
+    push_json_str(&mut buf, &key.method);
+    push_optional(&mut buf, b"source", Some(&key.source));
+    buf.extend_from_slice(b",\"outcome\":\"");
+    buf.extend_from_slice(key.outcome.as_str().as_bytes());
+    buf.extend_from_slice(b"\",\"code\":");
+    push_json_str(&mut buf, &key.code);
+    buf.extend_from_slice(b",\"aggregate\":true,\"count\":");
+    push_u64(&mut buf, tally.count);
+    buf.extend_from_slice(b",\"window_start\":\"");
+    push_time_ms(&mut buf, tally.window_start_ms, &mut None);
+    buf.extend_from_slice(b"\",\"window_end\":\"");
+    push_time_ms(&mut buf, tally.last_ms, &mut None);
+    buf.push(b'"');
+    buf
 }
 
 fn push_optional(buf: &mut Vec<u8>, name: &[u8], value: Option<&str>) {

@@ -75,12 +75,15 @@ fn append_then_verify() {
             records: 5,
             ok: true,
             first_bad: None,
+            unanswered: Vec::new(),
+            in_flight_at_end: Vec::new(),
             reason: None
         }
     );
     assert_eq!(
         serde_json::to_value(&report).unwrap(),
-        serde_json::json!({"records": 5, "ok": true, "first_bad": null})
+        serde_json::json!({"records": 5, "ok": true, "first_bad": null,
+            "unanswered": [], "in_flight_at_end": []})
     );
     let lines = read_lines(&path);
     let last: serde_json::Value = serde_json::from_str(&lines[4]).unwrap();
@@ -679,4 +682,187 @@ fn concurrent_async_and_sync_appends_make_one_chain() {
         })
         .collect();
     assert_eq!(ids.len(), 900);
+}
+
+/// An event of a caller with no identity from `source`.
+fn anonymous<'a>(request_id: &'a str, method: &'a str, source: &'a str) -> AuditEvent<'a> {
+    AuditEvent {
+        request_id,
+        method,
+        resource: None,
+        identity: None,
+        accessor: None,
+        source: Some(source),
+        outcome: Outcome::Denied,
+        code: "UNAUTHENTICATED",
+        error: Some("invalid token"),
+        token: Some(TOKEN),
+        values: &[],
+    }
+}
+
+fn parsed(path: &Path) -> Vec<serde_json::Value> {
+    read_lines(path)
+        .iter()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+/// Records written one by one plus the counts of aggregate records.
+fn calls_recorded(records: &[serde_json::Value], method: &str) -> u64 {
+    records
+        .iter()
+        .filter(|r| r["method"] == method)
+        .map(|r| r["count"].as_u64().unwrap_or(1))
+        .sum()
+}
+
+#[tokio::test(start_paused = true)]
+async fn repeats_of_unauthenticated_calls_are_counted_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = AuditLog::open(&path, Clock::starting_at(1_735_787_045_678)).unwrap();
+    log.set_hmac_key(key(7));
+    let get = "keyward.v1.Secrets/Get";
+    // Each call on a new connection: the port differs, the address does not.
+    for i in 0..1000u32 {
+        let id = format!("bad-{i}");
+        let source = format!("10.0.0.1:{}", 20000 + i);
+        log.append_unauthenticated(&anonymous(&id, get, &source))
+            .unwrap();
+    }
+    let first = AGGREGATE_AFTER as usize;
+    assert_eq!(
+        read_lines(&path).len(),
+        first,
+        "only the first are written at once"
+    );
+    // The window ends: the next call writes the aggregate, then itself.
+    tokio::time::advance(std::time::Duration::from_millis(AGGREGATE_WINDOW_MS)).await;
+    log.append_unauthenticated(&anonymous("bad-x", get, "10.0.0.1:1"))
+        .unwrap();
+    let records = parsed(&path);
+    assert_eq!(records.len(), first + 2);
+    let aggregate = &records[first];
+    assert_eq!(aggregate["aggregate"], true);
+    assert_eq!(aggregate["count"], 1000 - first as u64);
+    assert_eq!(aggregate["source"], "10.0.0.1");
+    assert_eq!(aggregate["code"], "UNAUTHENTICATED");
+    assert_eq!(aggregate["outcome"], "denied");
+    assert!(
+        aggregate["window_start"].as_str().unwrap() <= aggregate["window_end"].as_str().unwrap()
+    );
+    assert!(records[first + 1].get("aggregate").is_none());
+    // Another source is written on its own; the rest goes out at sync (shutdown).
+    log.append_unauthenticated(&anonymous("other", get, "10.0.0.2:1"))
+        .unwrap();
+    for i in 0..30 {
+        let id = format!("again-{i}");
+        log.append_unauthenticated(&anonymous(&id, get, "10.0.0.1:2"))
+            .unwrap();
+    }
+    log.sync().unwrap();
+    let records = parsed(&path);
+    assert_eq!(calls_recorded(&records, get), 1000 + 1 + 1 + 30);
+    assert!(verify_file(&path).unwrap().ok);
+    assert!(!fs::read_to_string(&path).unwrap().contains("s3cr3t"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_table_is_written_out_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = AuditLog::open(&path, Clock::system()).unwrap();
+    let status = "keyward.v1.Sys/Status";
+    let sources = MAX_AGGREGATES + 10;
+    for round in 0..2 + AGGREGATE_AFTER as usize {
+        for s in 0..sources {
+            let id = format!("r{round}-{s}");
+            let source = format!("10.{}.{}.{}:1", s >> 16, (s >> 8) & 0xff, s & 0xff);
+            log.append_unauthenticated(&anonymous(&id, status, &source))
+                .unwrap();
+        }
+    }
+    assert!(log.lock_aggregates().tallies.len() <= MAX_AGGREGATES);
+    log.flush_aggregates().unwrap();
+    assert!(log.lock_aggregates().tallies.is_empty());
+    let records = parsed(&path);
+    assert_eq!(
+        calls_recorded(&records, status),
+        (2 + AGGREGATE_AFTER as u64) * sources as u64
+    );
+    assert!(verify_file(&path).unwrap().ok);
+}
+
+#[test]
+fn counts_survive_a_failed_flush() {
+    let log = AuditLog::open(Path::new("/dev/full"), Clock::system()).unwrap();
+    let get = "keyward.v1.Secrets/Get";
+    let tally = Tally {
+        window_start_ms: 1,
+        written: AGGREGATE_AFTER,
+        last_ms: 2,
+        count: 5,
+    };
+    let key = AggregateKey {
+        source: "10.0.0.1".into(),
+        method: get.into(),
+        outcome: Outcome::Denied,
+        code: "UNAUTHENTICATED".into(),
+    };
+    log.lock_aggregates().tallies.insert(key.clone(), tally);
+    assert!(log.flush_aggregates().is_err());
+    assert_eq!(log.lock_aggregates().tallies[&key].count, 5);
+}
+
+fn change(log: &AuditLog, request_id: &str, phase: Phase) {
+    log.append_phase(&event(request_id, &[]), Some(phase))
+        .unwrap();
+}
+
+#[test]
+fn verify_names_requests_without_an_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, log) = log_with(dir.path(), 1);
+    change(&log, "lost", Phase::Request);
+    change(&log, "done", Phase::Request);
+    change(&log, "done", Phase::Outcome);
+    change(&log, "slow", Phase::Request);
+    log.append(&event("read", &[])).unwrap();
+    change(&log, "cut", Phase::Request);
+    let report = verify_file(&path).unwrap();
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.records, 7);
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(
+        json["unanswered"],
+        serde_json::json!([{"seq": 2, "request_id": "lost"}])
+    );
+    assert_eq!(
+        json["in_flight_at_end"],
+        serde_json::json!([{"seq": 5, "request_id": "slow"}, {"seq": 7, "request_id": "cut"}])
+    );
+    let lines = read_lines(&path);
+    assert!(lines[1].contains(",\"phase\":\"request\""));
+    assert!(lines[3].contains(",\"phase\":\"outcome\""));
+    assert!(!lines[5].contains("phase"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ended_window_is_written_by_the_next_append_of_any_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, log) = log_with(dir.path(), 0);
+    let get = "keyward.v1.Secrets/Get";
+    let calls = AGGREGATE_AFTER as u64 + 5;
+    for i in 0..calls {
+        let id = format!("bad-{i}");
+        log.append_unauthenticated(&anonymous(&id, get, "10.0.0.9:1"))
+            .unwrap();
+    }
+    tokio::time::advance(std::time::Duration::from_millis(AGGREGATE_WINDOW_MS)).await;
+    log.append(&event("authenticated", &[])).unwrap();
+    let records = parsed(&path);
+    assert_eq!(records[records.len() - 2]["count"], 5);
+    assert_eq!(records[records.len() - 1]["request_id"], "authenticated");
+    assert_eq!(calls_recorded(&records, get), calls + 1);
 }

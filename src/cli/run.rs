@@ -100,6 +100,14 @@ async fn audit(g: &Global, format: Format, cmd: AuditCommand) -> Result<()> {
         AuditCommand::Verify { file } => {
             let report = keyward::audit::verify_file(&file)?;
             emit(format, &serde_json::to_value(&report)?);
+            // Not a broken chain: a change whose outcome was never written
+            // (cut off by a crash or a failed write). Named, not fatal.
+            if !report.unanswered.is_empty() {
+                eprintln!(
+                    "warning: {} request record(s) have no outcome record (see \"unanswered\")",
+                    report.unanswered.len()
+                );
+            }
             if !report.ok {
                 anyhow::bail!(
                     "the audit chain is broken at record {}",

@@ -32,6 +32,7 @@ mod seal;
 mod secrets;
 mod server;
 mod tokens;
+mod trust_audit;
 mod trust_identity;
 mod trust_limits;
 mod trust_oidc;

@@ -403,6 +403,7 @@ async fn audit_records_name_identity_and_accessor() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .filter(|r: &Value| r["accessor"] == issued.accessor.as_str())
+        .filter(|r: &Value| r["phase"] != "request")
         .collect();
     let get = records
         .iter()
@@ -420,7 +421,7 @@ async fn audit_records_name_identity_and_accessor() {
     let issue = text
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .find(|r| r["method"] == "keyward.v1.Auth/IssueToken")
+        .find(|r| r["method"] == "keyward.v1.Auth/IssueToken" && r["phase"] != "request")
         .unwrap();
     assert_eq!(issue["resource"], format!("sys/token/{}", issued.accessor));
 }

@@ -6,6 +6,11 @@
 //! result, [`Call::ok`] (record). Every way out writes the audit record
 //! before the answer leaves, and a call dropped without an answer is still
 //! audited (`Drop`). If the audit record cannot be written, the call fails.
+//! A call that changes state ([`class`]) also writes a request record before
+//! it acts: at `begin` for token calls, through [`Call::record_request`] for
+//! open ones; its answer is then the outcome record. A call that names
+//! nobody and changed nothing is recorded through
+//! `AuditLog::append_unauthenticated`, which counts repeats.
 //!
 //! Errors are [`Failure`]s: a transport-neutral [`FailureKind`] and a safe
 //! message. The mapping of domain errors to kinds is in `failure.rs`; a
@@ -23,7 +28,7 @@ use std::time::Instant;
 
 use zeroize::Zeroizing;
 
-use crate::audit::{AuditEvent, Outcome};
+use crate::audit::{AuditEvent, Outcome, Phase};
 use crate::barrier::BarrierError;
 use crate::policy::{Authorized, Capability};
 
@@ -38,6 +43,62 @@ pub enum Access {
     Open,
     /// Everything else: the vault must be unsealed and the token valid.
     Token,
+}
+
+/// Whether a method changes state. A change writes two audit records under
+/// its request id: `"phase":"request"` before it acts (if that record
+/// cannot be written, the call does not act and answers `UNAVAILABLE`) and
+/// `"phase":"outcome"` with its answer. A read writes one record, without
+/// a phase.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    Read,
+    Change,
+}
+
+/// The class of every method, in one place. A method missing here is a read.
+pub fn class(method: &str) -> Class {
+    match method {
+        "keyward.v1.Secrets/Put"
+        | "keyward.v1.Secrets/Delete"
+        | "keyward.v1.Secrets/Undelete"
+        | "keyward.v1.Secrets/Destroy"
+        | "keyward.v1.Auth/Login"
+        | "keyward.v1.Auth/IssueToken"
+        | "keyward.v1.Auth/RenewToken"
+        | "keyward.v1.Auth/RevokeToken"
+        | "keyward.v1.Rotation/SetPolicy"
+        | "keyward.v1.Rotation/DeletePolicy"
+        | "keyward.v1.Rotation/Rotate"
+        | "keyward.v1.Rotation/RegisterProvider"
+        | "keyward.v1.Policies/Put"
+        | "keyward.v1.Policies/Delete"
+        | "keyward.v1.Identities/Create"
+        | "keyward.v1.Identities/Update"
+        | "keyward.v1.Identities/Delete"
+        | "keyward.v1.Identities/Disable"
+        | "keyward.v1.Identities/Enable"
+        | "keyward.v1.Identities/BindCert"
+        | "keyward.v1.Identities/BindOidc"
+        | "keyward.v1.Identities/Unbind"
+        | "keyward.v1.Identities/CreateSecretId"
+        | "keyward.v1.Identities/RevokeSecretId"
+        | "keyward.v1.Identities/PutOidcIssuer"
+        | "keyward.v1.Sys/Init"
+        | "keyward.v1.Sys/Unseal"
+        | "keyward.v1.Sys/Seal"
+        | "keyward.v1.Sys/RotateKey" => Class::Change,
+        _ => Class::Read,
+    }
+}
+
+/// Where [`Call::begin`] leaves the request record of a change: written
+/// there for token calls, which are authenticated by then; an open call
+/// (login, init, unseal) writes it itself with [`Call::record_request`]
+/// once it knows it will act, so that a failed login stays one record; a
+/// seal writes it with [`Call::record_request_or_log`].
+fn requested_at_begin(method: &str, access: Access) -> bool {
+    access == Access::Token && class(method) == Class::Change && method != "keyward.v1.Sys/Seal"
 }
 
 /// What the seam needs to know of a request, read from the transport's
@@ -111,6 +172,8 @@ pub struct Call {
     resource: Option<String>,
     started: Instant,
     finished: bool,
+    /// The request record of this change is written: the answer is its outcome.
+    requested: bool,
 }
 
 impl Call {
@@ -132,6 +195,7 @@ impl Call {
             resource: None,
             started: Instant::now(),
             finished: false,
+            requested: false,
         };
         if access == Access::Token {
             if core.is_sealed() {
@@ -154,8 +218,59 @@ impl Call {
                     return Err(call.fail(e));
                 }
             }
+            if requested_at_begin(call.method, access) {
+                call.record_request()?;
+            }
         }
         Ok(call)
+    }
+
+    /// Writes the request record of a change before it acts; a call that
+    /// cannot write it ends (audited if possible) with `UNAVAILABLE` and must
+    /// not act. Once per call; a read writes nothing here.
+    pub fn record_request(&mut self) -> Result<(), Failure> {
+        if self.requested || class(self.method) == Class::Read {
+            return Ok(());
+        }
+        let source = self.source.map(|s| s.to_string());
+        let event = self.event(Outcome::Allowed, "OK", None, &[], source.as_deref());
+        match self.core.audit.append_phase(&event, Some(Phase::Request)) {
+            Ok(()) => {
+                self.requested = true;
+                Ok(())
+            }
+            Err(e) => {
+                let failure = Failure::from(e);
+                let kind = failure.kind();
+                // Its own record most likely fails too; the answer is
+                // `UNAVAILABLE` either way.
+                let _ = self.finish(
+                    kind.outcome(),
+                    kind.code_name(),
+                    Some(failure.message()),
+                    &[],
+                );
+                Err(failure)
+            }
+        }
+    }
+
+    /// [`Self::record_request`] for the one change that goes ahead without
+    /// the log: sealing is the safe direction, so an operator can seal a
+    /// vault whose audit log cannot be written. The failure goes to the
+    /// server log.
+    pub fn record_request_or_log(&mut self) {
+        let source = self.source.map(|s| s.to_string());
+        let event = self.event(Outcome::Allowed, "OK", None, &[], source.as_deref());
+        match self.core.audit.append_phase(&event, Some(Phase::Request)) {
+            Ok(()) => self.requested = true,
+            Err(e) => tracing::error!(
+                method = self.method,
+                request_id = %self.request_id,
+                error = %e,
+                "audit request record not written; going ahead"
+            ),
+        }
     }
 
     /// The authenticated caller (`Access::Token` calls).
@@ -258,7 +373,14 @@ impl Call {
         self.finished = true;
         let source = self.source.map(|s| s.to_string());
         let event = self.event(Outcome::Allowed, "OK", None, values, source.as_deref());
-        let written = self.core.audit.append_async(&event).await;
+        let written = if self.unidentified() {
+            self.core.audit.append_unauthenticated(&event)
+        } else {
+            self.core
+                .audit
+                .append_async_phase(&event, self.phase())
+                .await
+        };
         self.after_audit("OK", written.map_err(Failure::from))
     }
 
@@ -272,8 +394,25 @@ impl Call {
         self.finished = true;
         let source = self.source.map(|s| s.to_string());
         let event = self.event(outcome, code, error, values, source.as_deref());
-        let written = self.core.audit.append(&event).map_err(Failure::from);
-        self.after_audit(code, written)
+        let written = if self.unidentified() {
+            self.core.audit.append_unauthenticated(&event)
+        } else {
+            self.core.audit.append_phase(&event, self.phase())
+        };
+        self.after_audit(code, written.map_err(Failure::from))
+    }
+
+    /// A call that names nobody and changed nothing (a bad or missing token,
+    /// a failed login, a status): its record may be counted into an
+    /// aggregate (`AuditLog::append_unauthenticated`), so that a loop of
+    /// them cannot fill the disk.
+    fn unidentified(&self) -> bool {
+        self.caller.is_none() && self.subject.is_none() && !self.requested
+    }
+
+    /// The phase of the answer's record: `outcome` after a request record.
+    fn phase(&self) -> Option<Phase> {
+        self.requested.then_some(Phase::Outcome)
     }
 
     /// The audit record of this call's answer.
@@ -413,13 +552,14 @@ mod tests {
         }
     }
 
-    /// The audit record of `request_id` (exactly one).
+    /// The answer's audit record of `request_id` (exactly one; a change
+    /// also has its request record, which is not returned).
     fn record(audit: &Path, request_id: &str) -> serde_json::Value {
         let text = std::fs::read_to_string(audit).unwrap();
         let mut found: Vec<serde_json::Value> = text
             .lines()
             .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
-            .filter(|r| r["request_id"] == request_id)
+            .filter(|r| r["request_id"] == request_id && r["phase"] != "request")
             .collect();
         assert_eq!(found.len(), 1, "records of {request_id}: {found:?}");
         found.remove(0)

@@ -1,0 +1,346 @@
+//! Issue 10 items 9 and 12: a change is recorded before it acts (and does
+//! not act without its record), unauthenticated callers cannot grow the
+//! audit log without bound, and seal works with the log down.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde_json::Value;
+use tonic::Code;
+
+use crate::harness::{cli, data, unique, TestServer};
+use crate::ident_kit::approle_identity;
+use keyward::audit::{AuditEvent, AuditLog, Outcome, Phase};
+use keyward::client::{Client, IssueOptions, PutOptions};
+
+fn records(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn code<T: std::fmt::Debug>(r: Result<T, keyward::client::ClientError>) -> Code {
+    r.unwrap_err().code().unwrap()
+}
+
+/// A dev server whose audit log cannot be written (every write fails).
+async fn audit_down() -> TestServer {
+    TestServer::dev_with(|c| c.audit_path = "/dev/full".into()).await
+}
+
+#[tokio::test]
+async fn a_write_whose_request_record_cannot_be_written_does_not_act() {
+    let server = audit_down().await;
+    let root = server.root().await;
+    let path = unique("unrecorded");
+    let put = root
+        .put(&path, &data(&[("k", "v")]), PutOptions::default())
+        .await;
+    assert_eq!(code(put), Code::Unavailable);
+    let issued = root.issue_token(IssueOptions::default()).await;
+    assert_eq!(code(issued), Code::Unavailable);
+
+    // With the log back (a restart on the same folder writes a new file),
+    // the secret was never written.
+    let server = server.restart().await;
+    let root = server.root().await;
+    assert_eq!(code(root.get(&path).await), Code::NotFound);
+}
+
+#[tokio::test]
+async fn seal_goes_ahead_when_the_log_cannot_be_written() {
+    let server = audit_down().await;
+    let root = server.root().await;
+    assert!(!server.core.is_sealed());
+    root.seal().await.unwrap();
+    assert!(server.core.is_sealed());
+}
+
+#[tokio::test]
+async fn a_change_leaves_a_request_and_an_outcome_and_a_read_one_record() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let path = unique("paired");
+    root.put(&path, &data(&[("k", "v1")]), PutOptions::default())
+        .await
+        .unwrap();
+    root.put(&path, &data(&[("k", "v2")]), PutOptions::default())
+        .await
+        .unwrap();
+    root.get(&path).await.unwrap();
+    root.metadata(&path).await.unwrap();
+    root.delete(&path, Some(2)).await.unwrap();
+    root.undelete(&path, 2).await.unwrap();
+    root.destroy(&path, 1).await.unwrap();
+    let policy = unique("pol");
+    let document = format!("[[rule]]\npath = \"secret/{path}\"\ncapabilities = [\"read\"]\n");
+    root.policy_put(&policy, &document).await.unwrap();
+    root.policy_get(&policy).await.unwrap();
+    let child = root
+        .issue_token(IssueOptions {
+            policies: vec![policy.clone()],
+            ..IssueOptions::default()
+        })
+        .await
+        .unwrap();
+    let child = root.with_token(&child.token).unwrap();
+    child.renew_self(None).await.unwrap();
+    child.revoke_self().await.unwrap();
+    let name = unique("svc");
+    let (role_id, secret_id) = approle_identity(&root, &name, &[]).await;
+    server
+        .anonymous()
+        .await
+        .login_approle(&role_id, &secret_id, 0)
+        .await
+        .unwrap();
+    root.identity_disable(&name).await.unwrap();
+    root.rotate_key().await.unwrap();
+    // A denied change is still a pair: the request, then its refusal.
+    let weak = root
+        .issue_token(IssueOptions {
+            policies: vec![policy.clone()],
+            ..IssueOptions::default()
+        })
+        .await
+        .unwrap();
+    let weak = root.with_token(&weak.token).unwrap();
+    assert_eq!(
+        code(
+            weak.put(&path, &data(&[("k", "x")]), PutOptions::default())
+                .await
+        ),
+        Code::PermissionDenied
+    );
+    root.policy_delete(&policy).await.unwrap();
+
+    let all = records(&server.audit_path);
+    let mut by_id: HashMap<&str, Vec<&Value>> = HashMap::new();
+    for r in &all {
+        by_id
+            .entry(r["request_id"].as_str().unwrap())
+            .or_default()
+            .push(r);
+    }
+    let mut changes: HashMap<&str, usize> = HashMap::new();
+    let mut reads: HashMap<&str, usize> = HashMap::new();
+    for (id, rs) in &by_id {
+        let method = rs[0]["method"].as_str().unwrap();
+        let phases: Vec<&str> = rs
+            .iter()
+            .map(|r| r["phase"].as_str().unwrap_or(""))
+            .collect();
+        if phases[0] == "request" {
+            assert_eq!(phases, ["request", "outcome"], "{id} {method}: {rs:?}");
+            assert!(rs[0]["seq"].as_u64() < rs[1]["seq"].as_u64());
+            assert_eq!(rs[1]["method"], method);
+            *changes.entry(method).or_default() += 1;
+        } else {
+            assert_eq!(phases, [""], "a read has one record: {id} {method}: {rs:?}");
+            *reads.entry(method).or_default() += 1;
+        }
+    }
+    for method in [
+        "Secrets/Put",
+        "Secrets/Delete",
+        "Secrets/Undelete",
+        "Secrets/Destroy",
+        "Policies/Put",
+        "Policies/Delete",
+        "Auth/IssueToken",
+        "Auth/RenewToken",
+        "Auth/RevokeToken",
+        "Auth/Login",
+        "Identities/Create",
+        "Identities/CreateSecretId",
+        "Identities/Disable",
+        "Sys/RotateKey",
+    ] {
+        let method = format!("keyward.v1.{method}");
+        assert!(
+            changes.contains_key(method.as_str()),
+            "{method}: {changes:?}"
+        );
+        assert!(!reads.contains_key(method.as_str()), "{method}: {reads:?}");
+    }
+    assert_eq!(changes["keyward.v1.Secrets/Put"], 3, "{changes:?}");
+    for method in ["Secrets/Get", "Secrets/Metadata", "Policies/Get"] {
+        let method = format!("keyward.v1.{method}");
+        assert!(reads.contains_key(method.as_str()), "{method}: {reads:?}");
+        assert!(!changes.contains_key(method.as_str()), "{method}");
+    }
+    let denied = all
+        .iter()
+        .find(|r| r["code"] == "PERMISSION_DENIED" && r["method"] == "keyward.v1.Secrets/Put")
+        .unwrap();
+    assert_eq!(denied["phase"], "outcome");
+
+    let (status, report) = verify(&server.audit_path);
+    assert_eq!(status, 0, "{report}");
+    assert_eq!(report["ok"], true);
+    assert_eq!(report["unanswered"], serde_json::json!([]));
+}
+
+fn verify(path: &Path) -> (i32, Value) {
+    let (code, out, err) = cli(
+        &[
+            "audit",
+            "verify",
+            path.to_str().unwrap(),
+            "--format",
+            "json",
+        ],
+        &[],
+        None,
+    );
+    let report: Value =
+        serde_json::from_str(&out).unwrap_or_else(|_| panic!("not JSON: {out} / {err}"));
+    (code, report)
+}
+
+fn change(log: &AuditLog, request_id: &str, phase: Option<Phase>) {
+    log.append_phase(
+        &AuditEvent {
+            request_id,
+            method: "keyward.v1.Secrets/Put",
+            resource: Some("secret/app/db"),
+            identity: Some("svc"),
+            accessor: None,
+            source: Some("127.0.0.1:1"),
+            outcome: Outcome::Allowed,
+            code: "OK",
+            error: None,
+            token: None,
+            values: &[],
+        },
+        phase,
+    )
+    .unwrap();
+}
+
+#[tokio::test]
+async fn verify_reports_unanswered_requests_and_names_the_last_as_in_flight() {
+    let dir = crate::harness::private_tempdir();
+    let path = dir.path().join("audit.log");
+    let log = AuditLog::open(&path, keyward::clock::Clock::system()).unwrap();
+    change(&log, "answered", Some(Phase::Request));
+    change(&log, "answered", Some(Phase::Outcome));
+    change(&log, "a-read", None);
+    change(&log, "cut-off", Some(Phase::Request));
+    drop(log);
+
+    let (status, report) = verify(&path);
+    assert_eq!(status, 0, "{report}");
+    assert_eq!(report["ok"], true);
+    assert_eq!(report["records"], 4);
+    assert_eq!(report["first_bad"], Value::Null);
+    assert_eq!(report["unanswered"], serde_json::json!([]));
+    assert_eq!(
+        report["in_flight_at_end"],
+        serde_json::json!([{"seq": 4, "request_id": "cut-off"}])
+    );
+
+    // The log goes on: a later change began and ended, so "cut-off" never
+    // got its outcome; the newest request is in flight.
+    let log = AuditLog::open(&path, keyward::clock::Clock::system()).unwrap();
+    change(&log, "later", Some(Phase::Request));
+    change(&log, "later", Some(Phase::Outcome));
+    change(&log, "newest", Some(Phase::Request));
+    drop(log);
+    let (status, report) = verify(&path);
+    assert_eq!(status, 0, "{report}");
+    assert_eq!(report["ok"], true);
+    assert_eq!(
+        report["unanswered"],
+        serde_json::json!([{"seq": 4, "request_id": "cut-off"}])
+    );
+    assert_eq!(
+        report["in_flight_at_end"],
+        serde_json::json!([{"seq": 7, "request_id": "newest"}])
+    );
+}
+
+#[tokio::test]
+async fn unauthenticated_loops_grow_the_log_by_a_bounded_amount_and_are_counted_exactly() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let anon = server.anonymous().await;
+    let bad = Client::connect(server.options(Some(&format!("kwt_{}", "B".repeat(43)))))
+        .await
+        .unwrap();
+    let path = unique("target");
+    root.put(&path, &data(&[("k", "v")]), PutOptions::default())
+        .await
+        .unwrap();
+    let missing = unique("missing");
+    let role_id = format!("kwr_{}", "C".repeat(20));
+    let wrong = format!("kws_{}", "A".repeat(43));
+
+    let started = std::time::Instant::now();
+    let before = std::fs::metadata(&server.audit_path).unwrap().len();
+    let before_lines = records(&server.audit_path).len();
+    let mut made: HashMap<&str, u64> = HashMap::new();
+    for i in 0..2000u32 {
+        match i % 3 {
+            0 => {
+                assert_eq!(code(bad.get(&path).await), Code::Unauthenticated);
+                *made.entry("keyward.v1.Secrets/Get").or_default() += 1;
+            }
+            1 => {
+                let _ = anon.login_approle(&role_id, &wrong, 0).await.unwrap_err();
+                *made.entry("keyward.v1.Auth/Login").or_default() += 1;
+            }
+            _ => {
+                anon.status().await.unwrap();
+                *made.entry("keyward.v1.Sys/Status").or_default() += 1;
+            }
+        }
+        // Authenticated calls are still written one per call.
+        if i % 100 == 0 {
+            let _ = root.get(&missing).await.unwrap_err();
+        }
+    }
+    let grown = std::fs::metadata(&server.audit_path).unwrap().len() - before;
+    let new: Vec<Value> = records(&server.audit_path).split_off(before_lines);
+    // Each (method, code) key writes at most AGGREGATE_AFTER records plus
+    // one aggregate per window of a minute; a slow machine may span more
+    // windows, so the bound counts them. In one window: 20 authenticated
+    // + at most 5 keys * 11 = 75 records, under 100 records' worth.
+    let windows = started.elapsed().as_secs() / 60 + 1;
+    let per_window = 5 * (u64::from(keyward::audit::AGGREGATE_AFTER) + 1);
+    let bound = 20 + per_window * windows;
+    assert!(
+        (new.len() as u64) <= bound && (windows > 1 || new.len() < 100),
+        "{} records, {grown} bytes for 2000 unauthenticated calls",
+        new.len()
+    );
+    let per_record = grown / new.len() as u64;
+    assert!(grown <= bound * per_record.max(600), "{grown} bytes");
+    let authenticated = new
+        .iter()
+        .filter(|r| r["resource"] == format!("secret/{missing}"))
+        .count();
+    assert_eq!(authenticated, 20);
+
+    // Shutdown writes the counted repeats.
+    let dir = server.stop().await;
+    let audit = dir.path().join("audit.log");
+    let all = records(&audit);
+    let mut counted: HashMap<&str, u64> = HashMap::new();
+    for r in &all[before_lines..] {
+        let method = r["method"].as_str().unwrap();
+        if r["identity"].is_null() && made.contains_key(method) {
+            *counted.entry(method).or_default() += r["count"].as_u64().unwrap_or(1);
+        }
+    }
+    assert_eq!(counted, made);
+    assert_eq!(counted.values().sum::<u64>(), 2000);
+    assert!(all
+        .iter()
+        .any(|r| r["aggregate"] == true && r["source"] == "127.0.0.1"));
+    let (status, report) = verify(&audit);
+    assert_eq!(status, 0, "{report}");
+    assert_eq!(report["ok"], true);
+}
