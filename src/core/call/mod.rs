@@ -22,6 +22,7 @@ mod failure;
 
 pub use failure::{Failure, FailureKind};
 
+use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -371,8 +372,9 @@ impl Call {
     /// own record is written.
     pub async fn ok_async(mut self, values: &[(&str, &[u8])]) -> Result<(), Failure> {
         self.finished = true;
-        let source = self.source.map(|s| s.to_string());
-        let event = self.event(Outcome::Allowed, "OK", None, values, source.as_deref());
+        let mut text = AddrText::default();
+        let source = self.source.map(|s| text.format(s));
+        let event = self.event(Outcome::Allowed, "OK", None, values, source);
         let written = if self.unidentified() {
             self.core.audit.append_unauthenticated(&event)
         } else {
@@ -392,8 +394,9 @@ impl Call {
         values: &[(&str, &[u8])],
     ) -> Result<(), Failure> {
         self.finished = true;
-        let source = self.source.map(|s| s.to_string());
-        let event = self.event(outcome, code, error, values, source.as_deref());
+        let mut text = AddrText::default();
+        let source = self.source.map(|s| text.format(s));
+        let event = self.event(outcome, code, error, values, source);
         let written = if self.unidentified() {
             self.core.audit.append_unauthenticated(&event)
         } else {
@@ -457,6 +460,45 @@ impl Call {
             .metrics
             .observe_request(self.method, code, self.started.elapsed());
         written
+    }
+}
+
+/// A peer address as text, on the stack: the audit record's `source`
+/// without a `String` a call.
+struct AddrText {
+    buf: [u8; 64],
+    len: usize,
+}
+
+impl Default for AddrText {
+    fn default() -> Self {
+        Self {
+            buf: [0; 64],
+            len: 0,
+        }
+    }
+}
+
+impl fmt::Write for AddrText {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let end = self.len + s.len();
+        let slot = self.buf.get_mut(self.len..end).ok_or(fmt::Error)?;
+        slot.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+impl AddrText {
+    /// `addr` as `Display` writes it (at most 64 bytes: an IPv6 address with
+    /// a scope id and a port).
+    fn format(&mut self, addr: SocketAddr) -> &str {
+        self.len = 0;
+        if write!(self, "{addr}").is_err() {
+            self.len = 0;
+        }
+        // Only whole `&str`s were copied in, so this is UTF-8.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
     }
 }
 
