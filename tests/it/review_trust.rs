@@ -283,3 +283,68 @@ async fn a_root_issued_token_cannot_use_up_the_watch_budget_of_other_root_issued
         .await
         .expect("the root token is not counted against the attacker's");
 }
+
+/// Listing under a denied folder through look-alike prefixes (a trailing
+/// slash, doubled slashes, `.` segments, a prefix cut inside the folder's
+/// name, other case, the root) never names a path under the denied folder;
+/// whatever each answers, the hidden names are not in it.
+#[tokio::test]
+async fn look_alike_list_prefixes_do_not_reveal_names_under_a_denied_folder() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let app = unique("app");
+    let open = format!("{app}/db");
+    let hidden = [
+        format!("{app}/admin/root-password"),
+        format!("{app}/admin/deep/er/key"),
+        format!("{app}/x/admin/k"),
+    ];
+    for path in std::iter::once(&open).chain(&hidden) {
+        root.put(path, &data(&[("v", "x")]), PutOptions::default())
+            .await
+            .unwrap();
+    }
+    let policy = unique("no-admin");
+    root.policy_put(
+        &policy,
+        &format!(
+            "[[rule]]\npath = \"secret/{app}/**\"\ncapabilities = [\"read\", \"list\"]\n\n\
+             [[rule]]\npath = \"secret/{app}/admin/**\"\ncapabilities = [\"deny\"]\n\n\
+             [[rule]]\npath = \"secret/{app}/*/admin/**\"\ncapabilities = [\"deny\"]\n"
+        ),
+    )
+    .await
+    .unwrap();
+    let token = root
+        .issue_token(IssueOptions {
+            policies: vec![policy],
+            ..IssueOptions::default()
+        })
+        .await
+        .unwrap();
+    let user = root.with_token(&token.token).unwrap();
+    assert_eq!(user.list(&app).await.unwrap(), [open.clone()]);
+    for prefix in [
+        format!("{app}/"),
+        format!("{app}/admin/"),
+        format!("{app}//admin"),
+        format!("{app}/./admin"),
+        format!("{app}/admin/."),
+        format!("{app}/ad"),
+        format!("{app}/ADMIN"),
+        format!("{app}/x"),
+        format!("{app}/x/admin"),
+        format!("/{app}"),
+        format!("secret/{app}"),
+        String::new(),
+        "/".to_owned(),
+        "*".to_owned(),
+        "**".to_owned(),
+    ] {
+        if let Ok(listed) = user.list(&prefix).await {
+            for path in &hidden {
+                assert!(!listed.contains(path), "{prefix:?} listed {path}");
+            }
+        }
+    }
+}
