@@ -323,7 +323,7 @@ async fn look_alike_list_prefixes_do_not_reveal_names_under_a_denied_folder() {
         .await
         .unwrap();
     let user = root.with_token(&token.token).unwrap();
-    assert_eq!(user.list(&app).await.unwrap(), [open.clone()]);
+    assert_eq!(user.list(&app).await.unwrap(), std::slice::from_ref(&open));
     for prefix in [
         format!("{app}/"),
         format!("{app}/admin/"),
