@@ -92,6 +92,10 @@ impl Drop for WatchSlot {
     }
 }
 
+/// The identity of the root token and of every token it issues (never an
+/// inventory name: `IdentityName` refuses it, and no name has a space).
+const ROOT_LINEAGE: &str = "root";
+
 /// Whether a listed path may be shown to `caller`: only if it could list or
 /// read that path on its own. A list answers secret paths only (never
 /// folders), so nothing is said about a path the caller is denied. A check,
@@ -169,7 +173,17 @@ impl Secrets for SecretsService {
             filter.add_prefix(&prefix);
         }
         let mut caller = call.require_caller()?;
-        let Some(slot) = self.watches.take(&caller.identity) else {
+        // Every token the root token issues is `root`: counting them as one
+        // identity would let one low-privileged token handed out by an
+        // operator use up the budget of all the others (and of root). That
+        // lineage is counted per token root issued, children included.
+        let budget = if caller.identity == ROOT_LINEAGE {
+            let head = self.core.tokens.lineage_head(&caller.accessor);
+            format!("{ROOT_LINEAGE} {}", call.check(head)?)
+        } else {
+            caller.identity.clone()
+        };
+        let Some(slot) = self.watches.take(&budget) else {
             let refused = Failure::new(
                 FailureKind::Exhausted,
                 format!(

@@ -956,6 +956,31 @@ impl TokenStore {
         Ok(record.info())
     }
 
+    /// The token a lineage without an inventory identity (the root
+    /// token's: every token it issues, and their children, is `root`) is
+    /// counted under for per-identity budgets: the ancestor of `accessor`
+    /// issued directly by a token that has no parent, or `accessor` itself
+    /// when it has no parent or was issued so. Walks at most 64 levels up.
+    pub fn lineage_head(&self, accessor: &str) -> Result<String, TokenError> {
+        let mut current = accessor.to_owned();
+        for _ in 0..64 {
+            let Some(record) = self.record(&current)? else {
+                break;
+            };
+            if record.parent_accessor.is_empty() {
+                break;
+            }
+            let Some(parent) = self.record(&record.parent_accessor)? else {
+                break;
+            };
+            if parent.parent_accessor.is_empty() {
+                break;
+            }
+            current = record.parent_accessor;
+        }
+        Ok(current)
+    }
+
     /// Whether `ancestor` is a strict ancestor of `accessor` (its parent,
     /// grandparent, ...). Walks at most 64 levels up.
     pub fn is_descendant(&self, accessor: &str, ancestor: &str) -> Result<bool, TokenError> {

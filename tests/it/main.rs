@@ -27,6 +27,7 @@ mod leaks;
 mod login;
 mod policies;
 mod review_hot_path;
+mod review_trust;
 mod rotation;
 mod seal;
 mod secrets;

@@ -128,15 +128,15 @@ impl Provider for Recorder {
 }
 
 /// A [`Recorder`] served on a unix socket; stopped when dropped.
-struct RecordingPlugin {
+pub(crate) struct RecordingPlugin {
     recorder: Recorder,
-    endpoint: String,
+    pub(crate) endpoint: String,
     _dir: tempfile::TempDir,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl RecordingPlugin {
-    async fn start(reference_key: &str) -> Self {
+    pub(crate) async fn start(reference_key: &str) -> Self {
         Self::start_with(reference_key, None).await
     }
 
@@ -165,7 +165,7 @@ impl RecordingPlugin {
     }
 
     /// Whether any call carried `value` in a secret.
-    fn received(&self, value: &str) -> bool {
+    pub(crate) fn received(&self, value: &str) -> bool {
         self.recorder
             .received
             .lock()
@@ -198,7 +198,7 @@ impl Drop for RecordingPlugin {
 
 // ---------------------------------------------------------------- helpers
 
-fn spec(provider: &str, pairs: &[(&str, &str)]) -> RotationPolicySpec {
+pub(crate) fn spec(provider: &str, pairs: &[(&str, &str)]) -> RotationPolicySpec {
     RotationPolicySpec {
         provider: provider.to_owned(),
         schedule: ScheduleSpec::Every(Duration::from_secs(24 * 3600)),
