@@ -271,6 +271,15 @@ pub(crate) fn parse(text: &str) -> Result<ParsedShare, BarrierError> {
     })
 }
 
+/// Reads a share's text form and writes it back: the entry point of the
+/// share fuzz target and its corpus replay (a share that parses must come
+/// back as the same text, whitespace trimmed). Not an API: hidden from docs.
+#[doc(hidden)]
+pub fn share_text_round_trip(text: &str) -> Result<Zeroizing<String>, BarrierError> {
+    let parsed = parse(text)?;
+    encode(&parsed.vault_id, parsed.threshold, &parsed.share)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
