@@ -1,5 +1,7 @@
 //! Replays the committed fuzz corpus on stable, without libFuzzer: every file
-//! under `fuzz/corpus/TARGET/` and `fuzz/regressions/TARGET/` goes through
+//! under `fuzz/corpus/TARGET/` (the minimised corpus of the fuzz runs),
+//! `fuzz/seeds/TARGET/` (hand-made starting inputs) and
+//! `fuzz/regressions/TARGET/` (crashes found, once fixed) goes through
 //! the function the fuzz target `TARGET` calls (`fuzz/src/lib.rs`, included
 //! here), which must not panic and asserts its parser's invariants. So CI
 //! catches a parser regression on the inputs fuzzing found interesting, and
@@ -44,7 +46,12 @@ fn replay(target: &str) {
         "fuzz/corpus/{target}/ is empty: the corpus was not committed"
     );
     let mut failed = Vec::new();
-    for file in corpus.iter().chain(&inputs("regressions", target)) {
+    let seeds = inputs("seeds", target);
+    for file in corpus
+        .iter()
+        .chain(&seeds)
+        .chain(&inputs("regressions", target))
+    {
         let data = fs::read(file).unwrap();
         if catch_unwind(AssertUnwindSafe(|| run(&data))).is_err() {
             failed.push(file.display().to_string());
@@ -126,7 +133,7 @@ fn the_seeds_reach_past_checksums_and_signatures() {
     let seed = |target: &str, name: &str| {
         fs::read(
             Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("fuzz/corpus")
+                .join("fuzz/seeds")
                 .join(target)
                 .join(format!("seed-{name}")),
         )

@@ -95,6 +95,41 @@ fn resource() -> impl Strategy<Value = String> {
         })
 }
 
+/// A resource made from a pattern, so that it matches or nearly matches: each
+/// `*` becomes one segment, each `**` none to two, then one segment may be
+/// dropped or one added.
+fn near(pattern: String) -> impl Strategy<Value = (String, String)> {
+    let segments = pattern.split('/').count();
+    (
+        prop::collection::vec(select(&["a", "b", "c"][..]), 2 * segments),
+        prop::collection::vec(0usize..3, segments),
+        prop_oneof![Just(None), (0..=segments, prop::bool::ANY).prop_map(Some)],
+    )
+        .prop_map(move |(fill, runs, edit)| {
+            let mut out: Vec<&str> = Vec::new();
+            for (i, seg) in pattern.split('/').enumerate() {
+                match seg {
+                    "*" => out.push(fill[2 * i]),
+                    "**" => out.extend(&fill[2 * i..2 * i + runs[i].min(2)]),
+                    literal => out.push(literal),
+                }
+            }
+            match edit {
+                Some((at, true)) if at < out.len() && at > 0 => {
+                    out.remove(at);
+                }
+                Some((at, _)) => out.insert(at.clamp(1, out.len()), "a"),
+                None => {}
+            }
+            (pattern.clone(), out.join("/"))
+        })
+}
+
+/// A pattern and a resource: unrelated, or near each other.
+fn pattern_and_resource() -> impl Strategy<Value = (String, String)> {
+    prop_oneof![(pattern(), resource()), pattern().prop_flat_map(near)]
+}
+
 fn one_rule(path: &str, caps: &[Capability]) -> String {
     let caps: Vec<String> = caps.iter().map(|c| format!("\"{c}\"")).collect();
     format!(
@@ -109,7 +144,7 @@ proptest! {
     /// The compiled matcher (two pointers with one backtrack point) agrees
     /// with the naive recursive matcher.
     #[test]
-    fn glob_matching_agrees_with_the_naive_matcher(p in pattern(), r in resource()) {
+    fn glob_matching_agrees_with_the_naive_matcher((p, r) in pattern_and_resource()) {
         let policy = Policy::parse("p", &one_rule(&p, &[Capability::Read])).unwrap();
         let allowed = CompiledPolicy::compile(&policy)
             .check(&r, Capability::Read)
@@ -184,7 +219,7 @@ proptest! {
     #[test]
     fn policy_set_decides_as_the_union_and_deny_model(
         policies in prop::collection::vec(prop::collection::vec(rule(), 1..5), 1..4),
-        resources in prop::collection::vec(resource(), 1..6),
+        resources in prop::collection::vec(pattern_and_resource(), 1..6),
     ) {
         let parsed: Vec<Policy> = policies
             .iter()
@@ -199,7 +234,7 @@ proptest! {
             })
             .collect();
         let set = PolicySet::compile(&parsed).unwrap();
-        for resource in &resources {
+        for (_, resource) in &resources {
             for cap in Capability::ALL {
                 let model = model_decision(&policies, resource, cap);
                 prop_assert_eq!(set.check(resource, cap), model, "{} {}", resource, cap);
