@@ -904,6 +904,13 @@ pub fn verify_file(path: &Path) -> Result<VerifyReport, AuditError> {
     verify_reader(BufReader::with_capacity(64 * 1024, file)).map_err(io_err)
 }
 
+/// [`verify_file`] over bytes in memory: the entry point of the audit fuzz
+/// target and its corpus replay. Not an API: hidden from docs.
+#[doc(hidden)]
+pub fn verify_bytes(bytes: &[u8]) -> io::Result<VerifyReport> {
+    verify_reader(bytes)
+}
+
 fn verify_reader<R: BufRead>(mut reader: R) -> io::Result<VerifyReport> {
     let mut line = Vec::with_capacity(1024);
     let mut records = 0u64;

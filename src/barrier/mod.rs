@@ -80,6 +80,8 @@ use zeroize::Zeroizing;
 
 use crate::storage::{Backend, BatchOp, GroupCommit, StorageError};
 use keyring::{KeySet, KeyringRecord, Unsealed};
+#[doc(hidden)]
+pub use shamir::share_text_round_trip;
 use shamir::{SealConfig, ShareBytes};
 
 /// Plaintext read back through the barrier; zeroized on drop.

@@ -271,6 +271,15 @@ pub(crate) fn parse(text: &str) -> Result<ParsedShare, BarrierError> {
     })
 }
 
+/// Reads a share's text form and writes it back: the entry point of the
+/// share fuzz target and its corpus replay (a share that parses must come
+/// back as the same text, whitespace trimmed). Not an API: hidden from docs.
+#[doc(hidden)]
+pub fn share_text_round_trip(text: &str) -> Result<Zeroizing<String>, BarrierError> {
+    let parsed = parse(text)?;
+    encode(&parsed.vault_id, parsed.threshold, &parsed.share)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -405,5 +414,75 @@ mod tests {
             SealConfig::from_record(b"nope"),
             Err(StorageError::Corrupt(_))
         ));
+    }
+}
+
+/// Split and combine against the definition of a threshold scheme, over
+/// random keys and every (shares, threshold) up to 5.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Every (shares, threshold) that `check_parameters` accepts, N <= 5.
+    fn parameters() -> impl Strategy<Value = (u8, u8)> {
+        (1u8..=5)
+            .prop_flat_map(|n| (Just(n), if n == 1 { 1u8..=1 } else { 2u8..=n }))
+            .prop_filter("accepted parameters", |(n, k)| {
+                check_parameters(*n, *k).is_ok()
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            failure_persistence: None,
+            ..ProptestConfig::with_cases(64)
+        })]
+
+        /// Every subset of at least `threshold` shares rebuilds the key;
+        /// every non-empty smaller subset gives some other key.
+        #[test]
+        fn every_threshold_subset_and_no_smaller_one_rebuilds_the_key(
+            key in prop::array::uniform32(any::<u8>()),
+            (shares, threshold) in parameters(),
+        ) {
+            let split = split(&key, shares, threshold).unwrap();
+            prop_assert_eq!(split.len(), usize::from(shares));
+            for subset in 1u32..(1 << shares) {
+                let chosen: Vec<ShareBytes> = split
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| subset & (1 << i) != 0)
+                    .map(|(_, share)| share.clone())
+                    .collect();
+                let combined = combine(&chosen).unwrap();
+                if chosen.len() >= usize::from(threshold) {
+                    prop_assert_eq!(*combined, key, "subset {:b}", subset);
+                } else {
+                    prop_assert_ne!(*combined, key, "subset {:b}", subset);
+                }
+            }
+        }
+
+        /// The text form reads back to the same vault, threshold and share.
+        #[test]
+        fn the_text_form_round_trips(
+            vault_id in prop::array::uniform8(any::<u8>()),
+            threshold in 1u8..,
+            number in 1u8..,
+            body in prop::array::uniform32(any::<u8>()),
+        ) {
+            let mut share = [0u8; SHARE_LEN];
+            share[0] = number;
+            share[1..].copy_from_slice(&body);
+            let text = encode(&vault_id, threshold, &share).unwrap();
+            let parsed = parse(&format!(" {}\n", text.as_str())).unwrap();
+            prop_assert_eq!(parsed.vault_id, vault_id);
+            prop_assert_eq!(parsed.threshold, threshold);
+            prop_assert_eq!(*parsed.share, share);
+            let printed = share_text_round_trip(&text).unwrap();
+            prop_assert_eq!(printed.as_str(), text.as_str());
+        }
     }
 }
