@@ -343,20 +343,21 @@ pub fn jwks(data: &[u8]) {
 
 // ----------------------------------------------------------------- cert ---
 
-/// Client-certificate names (`src/identity/login.rs` `cert_names`, and
-/// `normalise_dn`, `check_spiffe_id` in `src/identity/mod.rs`). Mode 0: a
-/// DER certificate; mode 1: a DN as text, whose normal form is a fixed point;
-/// mode 2: a SPIFFE ID.
+/// Client-certificate names (`src/identity/login.rs` `cert_names`, the DN
+/// parser `src/identity/dn.rs` and `check_spiffe_id` in
+/// `src/identity/mod.rs`). Mode 0: a DER certificate, whose subject's
+/// canonical text, where it parses, names the same DN; mode 1: a DN as text,
+/// whose canonical text parses back to the same DN; mode 2: a SPIFFE ID.
 pub fn cert(data: &[u8]) {
+    use keyward::identity::Dn;
     let Some((m, rest)) = mode(data) else { return };
     match m % 3 {
         0 => {
             if let Some(names) = keyward::identity::login::cert_names(rest) {
                 if let Some(subject) = &names.subject {
-                    assert_eq!(
-                        keyward::identity::normalise_dn(subject).ok().as_ref(),
-                        Some(subject)
-                    );
+                    if let Ok(again) = Dn::parse(&subject.canonical()) {
+                        assert_eq!(&again, subject);
+                    }
                 }
                 for id in &names.spiffe_ids {
                     assert!(id.starts_with("spiffe://"));
@@ -365,11 +366,9 @@ pub fn cert(data: &[u8]) {
         }
         1 => {
             let s = text(rest);
-            if let Ok(normal) = keyward::identity::normalise_dn(&s) {
-                assert_eq!(
-                    keyward::identity::normalise_dn(&normal).ok().as_ref(),
-                    Some(&normal)
-                );
+            if let Ok(dn) = Dn::parse(&s) {
+                let canonical = dn.canonical();
+                assert_eq!(Dn::parse(&canonical).ok().as_ref(), Some(&dn));
             }
         }
         _ => {
