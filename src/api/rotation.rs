@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use super::secrets::timestamp;
+use super::secrets::{timestamp, ROOT_LINEAGE};
 use super::{begin, Access};
 use crate::core::Core;
 use crate::policy::Capability;
@@ -131,7 +131,18 @@ impl Rotation for RotationService {
         for referenced in spec.referenced_secrets() {
             call.authorize(Capability::Read, referenced.resource())?;
         }
-        let spec = spec.set_by(Setter::new(caller.identity, caller.policies));
+        // A root-lineage token without the `root` policy lends only its own
+        // authority: the policy records its accessor, and runs read
+        // references only while that token is live. A root-policy token's
+        // authority is the vault's own (revoking the initial root token
+        // after setup must not stop rotations).
+        let accessor = if caller.identity == ROOT_LINEAGE && !caller.is_root() {
+            caller.accessor.clone()
+        } else {
+            String::new()
+        };
+        let spec =
+            spec.set_by(Setter::new(caller.identity, caller.policies).with_accessor(accessor));
         call.set_resource(resource(&path));
         let record = call.check(
             self.core

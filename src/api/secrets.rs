@@ -94,7 +94,7 @@ impl Drop for WatchSlot {
 
 /// The identity of the root token and of every token it issues (never an
 /// inventory name: `IdentityName` refuses it, and no name has a space).
-const ROOT_LINEAGE: &str = "root";
+pub(super) const ROOT_LINEAGE: &str = "root";
 
 /// Whether a listed path may be shown to `caller`: only if it could list or
 /// read that path on its own. A list answers secret paths only (never

@@ -94,6 +94,7 @@ impl Core {
             reads: Arc::new(reads::SetterReads::new(
                 policies.clone(),
                 identities.clone(),
+                tokens.clone(),
                 clock.clone(),
             )),
         };

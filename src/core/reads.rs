@@ -3,8 +3,9 @@
 //! rotation policy still read the secret it names
 //! ([`crate::rotation::reads::ReadCheck`])?
 //!
-//! Owns no storage prefix; it reads policies through `PolicyStore` and
-//! identities through `IdentityStore`, and writes nothing.
+//! Owns no storage prefix; it reads policies through `PolicyStore`,
+//! identities through `IdentityStore` and tokens through `TokenStore`, and
+//! writes nothing.
 
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ use crate::identity::IdentityStore;
 use crate::policy::Capability;
 use crate::policy_store::PolicyStore;
 use crate::rotation::reads::{ReadCheck, ReadRefused, Setter};
+use crate::token::TokenStore;
 
 /// The identity of the root token and of the tokens it issues; never an
 /// identity of the inventory (`IdentityName` refuses it).
@@ -22,14 +24,21 @@ const ROOT_IDENTITY: &str = "root";
 pub struct SetterReads {
     policies: PolicyStore,
     identities: Arc<IdentityStore>,
+    tokens: TokenStore,
     clock: Clock,
 }
 
 impl SetterReads {
-    pub fn new(policies: PolicyStore, identities: Arc<IdentityStore>, clock: Clock) -> Self {
+    pub fn new(
+        policies: PolicyStore,
+        identities: Arc<IdentityStore>,
+        tokens: TokenStore,
+        clock: Clock,
+    ) -> Self {
         Self {
             policies,
             identities,
+            tokens,
             clock,
         }
     }
@@ -37,12 +46,24 @@ impl SetterReads {
     /// The policies the setter holds now: those its token held when it set
     /// the policy and, for an identity of the inventory, that the identity
     /// (enabled, unexpired) still holds. `root` is the root token's
-    /// identity, never one of the inventory: its recorded policies stand.
+    /// identity, never one of the inventory: its recorded policies stand,
+    /// while the setting token is live if the policy records its accessor.
     fn held_now(&self, setter: &Setter, resource: &str) -> Result<Vec<String>, ReadRefused> {
         let unavailable = |e: &dyn std::fmt::Display| {
             tracing::warn!(identity = %setter.identity, error = %e, "cannot check a rotation setter's grants");
             ReadRefused::Unavailable(resource.to_owned())
         };
+        // A recorded accessor (a root-lineage token without the `root`
+        // policy) lends its authority only while that token is live.
+        if !setter.accessor.is_empty() {
+            let live = self
+                .tokens
+                .lookup_accessor(&setter.accessor, self.clock.now_ms())
+                .map_err(|e| unavailable(&e))?;
+            if live.is_none() {
+                return Err(ReadRefused::TokenGone(setter.accessor.clone()));
+            }
+        }
         if setter.identity == ROOT_IDENTITY {
             return Ok(setter.policies.clone());
         }

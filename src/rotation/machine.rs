@@ -582,6 +582,7 @@ async fn promote(cx: &RunContext<'_>, run: &mut RunRecord) -> Result<Flow, Rotat
         retire_at_ms: now + run.grace_seconds * 1000,
         set_by: run.setter.identity.clone(),
         set_by_policies: run.setter.policies.clone(),
+        set_by_accessor: run.setter.accessor.clone(),
     });
     cx.broker.finish_run(run, retire.as_ref())?;
     cx.broker.deps().barrier.durable().await?;

@@ -212,6 +212,10 @@ pub struct PolicyRecord {
     /// The policies its token held then.
     #[prost(string, repeated, tag = "16")]
     pub set_by_policies: Vec<String>,
+    /// The accessor of the setting token, for a root-lineage token without
+    /// the `root` policy; "" otherwise and in older records.
+    #[prost(string, tag = "17")]
+    pub set_by_accessor: String,
 }
 
 impl PolicyRecord {
@@ -227,6 +231,7 @@ impl PolicyRecord {
             created_at_ms: now_ms,
             set_by: spec.setter.identity.clone(),
             set_by_policies: spec.setter.policies.clone(),
+            set_by_accessor: spec.setter.accessor.clone(),
             ..Self::default()
         }
     }
@@ -234,6 +239,7 @@ impl PolicyRecord {
     /// Who set the policy.
     pub fn setter(&self) -> Setter {
         Setter::new(self.set_by.clone(), self.set_by_policies.clone())
+            .with_accessor(self.set_by_accessor.clone())
     }
 
     /// The state of the last run; `None` if it never ran. An unknown name

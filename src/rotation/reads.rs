@@ -30,10 +30,19 @@
 /// for them until the policy is set again (the safe reading: nobody
 /// authorised those reads, so none is done; policies without a reference,
 /// such as `random`, run as before).
+///
+/// A token of the root lineage (identity `root`) that does not hold the
+/// `root` policy also records its accessor: its authority ends with the
+/// token, so a run reads a reference only while that token is live (not
+/// revoked, not expired). A token holding the `root` policy records none
+/// (its authority is the vault's own, and revoking the initial root token
+/// after setup must not stop rotations); "" also in older records.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Setter {
     pub identity: String,
     pub policies: Vec<String>,
+    /// The accessor of the setting token, or "" (see above).
+    pub accessor: String,
 }
 
 impl Setter {
@@ -41,7 +50,15 @@ impl Setter {
         Self {
             identity: identity.into(),
             policies,
+            accessor: String::new(),
         }
+    }
+
+    /// The same setter, bound to the life of the token `accessor` ("" for
+    /// none).
+    pub fn with_accessor(mut self, accessor: impl Into<String>) -> Self {
+        self.accessor = accessor.into();
+        self
     }
 
     /// Whether the record says who set the policy.
@@ -58,6 +75,8 @@ pub enum ReadRefused {
     NoIdentity(String),
     #[error("the identity `{0}` that set this policy is disabled or expired")]
     Inactive(String),
+    #[error("the token that set this policy (accessor {0}) was revoked or has expired; set the policy again")]
+    TokenGone(String),
     #[error("`{identity}`, who set this policy, may no longer read {resource}")]
     Denied { identity: String, resource: String },
     /// The policies or identities could not be read (sealed, storage):
@@ -77,7 +96,8 @@ impl ReadRefused {
 /// "May this setter read this resource now?", answered from the current
 /// policies and identities. Implemented by `core`.
 pub trait ReadCheck: Send + Sync {
-    /// `Ok` if `setter` may read `resource` (`secret/<path>`) now.
+    /// `Ok` if `setter` may read `resource` (`secret/<path>`) now (and,
+    /// when it records a token accessor, that token is still live).
     fn may_read(&self, setter: &Setter, resource: &str) -> Result<(), ReadRefused>;
 }
 

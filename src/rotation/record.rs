@@ -294,6 +294,7 @@ impl RunRecord {
             last_error: self.last_error.clone(),
             set_by: self.setter.identity.clone(),
             set_by_policies: self.setter.policies.clone(),
+            set_by_accessor: self.setter.accessor.clone(),
         }
         .encode_to_vec()
     }
@@ -327,7 +328,8 @@ impl RunRecord {
             finished_ms: stored.finished_ms,
             version: stored.version,
             last_error: stored.last_error,
-            setter: Setter::new(stored.set_by, stored.set_by_policies),
+            setter: Setter::new(stored.set_by, stored.set_by_policies)
+                .with_accessor(stored.set_by_accessor),
         })
     }
 }
@@ -354,12 +356,16 @@ pub struct RetireRecord {
     pub set_by: String,
     #[prost(string, repeated, tag = "8")]
     pub set_by_policies: Vec<String>,
+    /// The setting token's accessor, if the policy records one.
+    #[prost(string, tag = "9")]
+    pub set_by_accessor: String,
 }
 
 impl RetireRecord {
     /// Who set the policy of the run.
     pub fn setter(&self) -> Setter {
         Setter::new(self.set_by.clone(), self.set_by_policies.clone())
+            .with_accessor(self.set_by_accessor.clone())
     }
 }
 
@@ -456,6 +462,9 @@ struct StoredRun {
     set_by: String,
     #[prost(string, repeated, tag = "20")]
     set_by_policies: Vec<String>,
+    /// The setting token's accessor, if the policy records one.
+    #[prost(string, tag = "21")]
+    set_by_accessor: String,
 }
 
 #[cfg(test)]

@@ -357,7 +357,6 @@ async fn look_alike_list_prefixes_do_not_reveal_names_under_a_denied_folder() {
 /// operator revoked the token (the documented answer to a leak). An
 /// inventory identity is covered (disable it); the root lineage is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known hole: a revoked root-issued token's rotation policies keep reading its references"]
 async fn a_revoked_root_issued_setter_no_longer_has_references_read() {
     use crate::trust_rotation::{spec, RecordingPlugin};
     let server = TestServer::dev().await;
@@ -413,4 +412,123 @@ async fn a_revoked_root_issued_setter_no_longer_has_references_read() {
         !plugin.received(admin_value),
         "the broker handed the plugin a secret on a revoked token's authority: {run:?}"
     );
+}
+
+/// The root token's own policies keep running after the operator revokes
+/// it (as they should once setup is done): a `root`-policy token's
+/// authority is the vault's, not the token's, so no accessor is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_set_by_the_root_token_survives_its_revocation() {
+    use crate::trust_rotation::{spec, step_messages, RecordingPlugin};
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    // A second root-policy token that is not the root token's child (a
+    // revoke takes the children with it).
+    let (role_id, secret_id) =
+        approle_identity(&root, &unique("operator"), &["root".to_owned()]).await;
+    let (_, operator) = login(&server, &role_id, &secret_id).await;
+    let shared = format!("{}/db-admin", unique("shared"));
+    let admin_value = "db-admin-password-ROOT-SET";
+    root.put(
+        &shared,
+        &data(&[("password", admin_value)]),
+        PutOptions::default(),
+    )
+    .await
+    .unwrap();
+    let plugin = RecordingPlugin::start("admin").await;
+    let provider = unique("rec");
+    root.register_provider(&provider, &plugin.endpoint, None)
+        .await
+        .unwrap();
+    let mine = format!("{}/app", unique("own"));
+    root.put(&mine, &data(&[("password", "m-1")]), PutOptions::default())
+        .await
+        .unwrap();
+    root.set_rotation_policy(&mine, &spec(&provider, &[("admin", &shared)]))
+        .await
+        .unwrap();
+
+    let root_accessor = root.lookup_self().await.unwrap().accessor;
+    operator.revoke_accessor(&root_accessor).await.unwrap();
+    assert!(
+        root.lookup_self().await.is_err(),
+        "the root token is revoked"
+    );
+    let run = operator.rotate(&mine, true).await.unwrap();
+    assert_eq!(run.state, "succeeded", "{:?}", step_messages(&run));
+    assert!(plugin.received(admin_value));
+}
+
+/// A root-issued setter whose token expires stops the reads just as a
+/// revoked one does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_root_issued_setter_no_longer_has_references_read() {
+    use crate::harness::eventually;
+    use crate::trust_rotation::{spec, step_messages, RecordingPlugin};
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let shared = format!("{}/db-admin", unique("shared"));
+    let admin_value = "db-admin-password-AFTER-EXPIRY";
+    root.put(
+        &shared,
+        &data(&[("password", admin_value)]),
+        PutOptions::default(),
+    )
+    .await
+    .unwrap();
+    let plugin = RecordingPlugin::start("admin").await;
+    let provider = unique("rec");
+    root.register_provider(&provider, &plugin.endpoint, None)
+        .await
+        .unwrap();
+    let own = unique("own");
+    let policy = unique("setter");
+    root.policy_put(
+        &policy,
+        &format!(
+            "[[rule]]\npath = \"secret/{own}/**\"\ncapabilities = [\"read\", \"write\"]\n\n\
+             [[rule]]\npath = \"rotation/{own}/**\"\ncapabilities = [\"read\", \"write\", \"rotate\"]\n\n\
+             [[rule]]\npath = \"secret/{shared}\"\ncapabilities = [\"read\"]\n"
+        ),
+    )
+    .await
+    .unwrap();
+    let short = root
+        .issue_token(IssueOptions {
+            policies: vec![policy],
+            ttl: Some(std::time::Duration::from_secs(3)),
+            max_ttl: Some(std::time::Duration::from_secs(3)),
+            ..IssueOptions::default()
+        })
+        .await
+        .unwrap();
+    let setter = root.with_token(&short.token).unwrap();
+    let mine = format!("{own}/app");
+    setter
+        .put(&mine, &data(&[("password", "m-1")]), PutOptions::default())
+        .await
+        .unwrap();
+    setter
+        .set_rotation_policy(&mine, &spec(&provider, &[("admin", &shared)]))
+        .await
+        .unwrap();
+
+    let accessor = short.accessor.clone();
+    eventually("the setter token expires", || {
+        let root = root.clone();
+        let accessor = accessor.clone();
+        async move { root.lookup_accessor(&accessor).await.is_err() }
+    })
+    .await;
+    let run = root.rotate(&mine, true).await.unwrap();
+    assert_eq!(run.state, "failed", "{:?}", step_messages(&run));
+    let messages = step_messages(&run).join("\n");
+    assert!(
+        messages.contains(&format!(
+            "the token that set this policy (accessor {accessor}) was revoked or has expired; set the policy again"
+        )),
+        "{messages}"
+    );
+    assert!(!plugin.received(admin_value));
 }

@@ -215,7 +215,7 @@ fn provider_name(prefix: &str) -> String {
     unique(prefix)
 }
 
-fn step_messages(run: &RotationRun) -> Vec<String> {
+pub(crate) fn step_messages(run: &RotationRun) -> Vec<String> {
     run.steps
         .iter()
         .map(|s| format!("{} {}: {}", s.step, s.outcome, s.message))
