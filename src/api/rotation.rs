@@ -190,7 +190,7 @@ impl Rotation for RotationService {
         let all = call.check(self.core.rotation.policies())?;
         let policies = all
             .iter()
-            .filter(|p| !r.due || p.next_due_ms <= now)
+            .filter(|p| !r.due || (p.next_due_ms != 0 && p.next_due_ms <= now))
             .filter(|p| !r.failed || p.last_state == "failed")
             .map(policy_message)
             .collect();

@@ -75,7 +75,7 @@ use reads::ReadCheck;
 use record::{
     RecordError, RetireRecord, RotationStep, RunRecord, RunState, StepOutcome, StepRecord, Trigger,
 };
-use schedule::RetryBackoff;
+use schedule::{RetryBackoff, ScheduleError};
 
 pub(crate) const POLICY: &str = "rotation/policy/";
 pub(crate) const DUE: &str = "rotation/due/";
@@ -703,9 +703,21 @@ impl Broker {
         let schedule = policy.schedule().map_err(RotationPolicyError::from)?;
         // The next occurrence counts from now, so a long outage does not
         // cause a burst of catch-up runs.
-        let next_due = schedule
-            .next_due(now_ms.max(due_ms))
-            .map_err(RotationPolicyError::from)?;
+        // A schedule with no next run within the search bound (an old
+        // stored expression) leaves the policy never due: no due entry.
+        let next_due = match schedule.next_due(now_ms.max(due_ms)) {
+            Ok(next) => next,
+            Err(ScheduleError::NoNextRun) => {
+                tracing::warn!(
+                    path,
+                    cron = schedule.cron_expression(),
+                    "rotation schedule has no next run within the search bound; \
+                     the policy is never due again"
+                );
+                0
+            }
+            Err(e) => return Err(RotationPolicyError::from(e).into()),
+        };
         let active = self.barrier().get(&run_key(path))?.is_some();
         policy.next_due_ms = next_due;
         let run = if active {
@@ -728,11 +740,10 @@ impl Broker {
         let rkey = run_key(path);
         let pbytes = policy.encode_to_vec();
         let rbytes = run.as_ref().map(RunRecord::encode);
-        let mut ops = vec![
-            PlainOp::Delete(key),
-            PlainOp::Put(&nkey, b""),
-            PlainOp::Put(&pkey, &pbytes),
-        ];
+        let mut ops = vec![PlainOp::Delete(key), PlainOp::Put(&pkey, &pbytes)];
+        if next_due != 0 {
+            ops.push(PlainOp::Put(&nkey, b""));
+        }
         if let Some(bytes) = &rbytes {
             ops.push(PlainOp::Put(&rkey, bytes));
         }

@@ -8,6 +8,7 @@
 use std::str::FromStr;
 use std::time::Duration;
 
+use chrono::Datelike;
 use croner::parser::{CronParser, Seconds};
 use croner::Cron;
 use ring::rand::{SecureRandom, SystemRandom};
@@ -22,6 +23,16 @@ pub const MAX_DURATION: Duration = Duration::from_secs(crate::duration::MAX_SECO
 pub const JITTER_SHARE: f64 = 0.05;
 /// ... and never more than this.
 pub const MAX_JITTER: Duration = Duration::from_secs(30);
+/// A cron search looks at most this many calendar years ahead (from the year
+/// of its start); finding nothing there counts as "no next run". Long enough
+/// for any day-of-month/weekday combination (29 February on a Monday recurs
+/// within 40 years), short enough that one search stays cheap.
+pub const MAX_SEARCH_YEARS: i32 = 50;
+/// croner's bit for a plain value in a field (`croner::component::ALL_BIT`,
+/// which the crate does not export).
+const CRON_VALUE_BIT: u8 = 1;
+/// Days in each month, 29 for February (a leap year always comes).
+const MONTH_DAYS: [u16; 12] = [31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ScheduleError {
@@ -37,6 +48,11 @@ pub enum ScheduleError {
     BadCron(String),
     #[error("the cron expression never matches again")]
     NoNextRun,
+    #[error(
+        "invalid cron expression: {0}: no month it allows has a day of month it allows \
+         (such as 30 February or 31 April), so it would never run"
+    )]
+    ImpossibleDate(String),
 }
 
 /// When a policy's rotations are due.
@@ -77,6 +93,9 @@ impl Schedule {
             .build()
             .parse(expression)
             .map_err(|e| ScheduleError::BadCron(e.to_string()))?;
+        if !day_can_occur(&cron) {
+            return Err(ScheduleError::ImpossibleDate(expression.to_owned()));
+        }
         Ok(Self::Cron {
             expression: expression.to_owned(),
             cron: Box::new(cron),
@@ -106,14 +125,17 @@ impl Schedule {
         }
     }
 
-    /// The next due time strictly after `after_ms`, before jitter.
+    /// The next due time strictly after `after_ms`, before jitter. A cron
+    /// search is bounded: it looks [`MAX_SEARCH_YEARS`] ahead at most, and
+    /// finding nothing there is [`ScheduleError::NoNextRun`].
     pub fn next_after(&self, after_ms: u64) -> Result<u64, ScheduleError> {
         match self {
             Self::Every(d) => Ok(after_ms.saturating_add(d.as_millis() as u64)),
             Self::Cron { cron, .. } => {
                 let start = chrono::DateTime::from_timestamp_millis(after_ms as i64)
                     .ok_or(ScheduleError::NoNextRun)?;
-                let next = cron
+                let bounded = bounded_years(cron, start.year());
+                let next = bounded
                     .find_next_occurrence(&start, false)
                     .map_err(|_| ScheduleError::NoNextRun)?;
                 Ok(next.timestamp_millis().max(0) as u64)
@@ -160,6 +182,45 @@ impl FromStr for Schedule {
             Err(ScheduleError::OneOf)
         }
     }
+}
+
+/// Whether some calendar day can satisfy the day-of-month and month fields
+/// of `cron` (structurally: for each allowed month, is one of the allowed
+/// days of month within its length, 29 for February). Sound for croner's
+/// rules: a restricted day of week matches on its own (OR, the default)
+/// unless `+`/`dom_and_dow` asks for both (AND); so only a `*` day of week
+/// or AND mode makes the day of month decide. `L`/`W` days are not judged
+/// here (the bounded search covers them).
+fn day_can_occur(cron: &Cron) -> bool {
+    let pattern = &cron.pattern;
+    let dom_decides = pattern.is_dow_wildcard() || pattern.matches_dom_and_dow();
+    if !dom_decides || pattern.days.has_modifiers() {
+        return true;
+    }
+    let days = pattern.days.values();
+    pattern.months.values().iter().any(|&month| {
+        let length = MONTH_DAYS
+            .get(usize::from(month).wrapping_sub(1))
+            .copied()
+            .unwrap_or(31);
+        days.iter().any(|&day| (1..=length).contains(&day))
+    })
+}
+
+/// `cron` with its years limited to `from_year ..= from_year +
+/// MAX_SEARCH_YEARS`, so a search runs through the calendar of those years
+/// only and steps over the later ones a year at a time.
+fn bounded_years(cron: &Cron, from_year: i32) -> Cron {
+    let mut bounded = cron.clone();
+    let years = &mut bounded.pattern.years;
+    let last = from_year.saturating_add(MAX_SEARCH_YEARS);
+    for year in years.min..=years.max {
+        let inside = (from_year..=last).contains(&i32::from(year));
+        if !inside && years.unset_bit(year, CRON_VALUE_BIT).is_err() {
+            break;
+        }
+    }
+    bounded
 }
 
 /// A uniform random number in `0..bound` (0 if `bound` is 0). Not secret:
@@ -318,6 +379,90 @@ mod tests {
             seconds.and_then(|s| s.next_after(midnight)),
             Ok(midnight + 10_000)
         );
+    }
+
+    /// Milliseconds of a UTC calendar time, for the tests.
+    fn at(y: i32, mo: u32, d: u32, h: u32, mi: u32) -> u64 {
+        use chrono::TimeZone;
+        chrono::Utc
+            .with_ymd_and_hms(y, mo, d, h, mi, 0)
+            .single()
+            .map_or(0, |t| t.timestamp_millis() as u64)
+    }
+
+    #[test]
+    fn impossible_dates_are_refused_at_parse() {
+        for expr in [
+            "0 0 30 2 *",
+            "5 0 31 4 *",
+            "0 0 30,31 2 *",
+            "0 0 31 4,6,9,11 *",
+        ] {
+            let err = Schedule::cron(expr);
+            assert_eq!(
+                err,
+                Err(ScheduleError::ImpossibleDate(expr.to_owned())),
+                "{expr}"
+            );
+            let text = err.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(
+                text.contains(expr) && text.contains("30 February"),
+                "{text}"
+            );
+        }
+        // AND mode (`+`): the day of month must match too.
+        assert!(matches!(
+            Schedule::cron("0 0 30 2 +1"),
+            Err(ScheduleError::ImpossibleDate(_))
+        ));
+        // OR mode (default): Mondays in February match on their own.
+        let jan = at(2026, 1, 1, 0, 0);
+        let or = Schedule::cron("0 0 30 2 1").and_then(|s| s.next_after(jan));
+        assert_eq!(or, Ok(at(2026, 2, 2, 0, 0)));
+    }
+
+    #[test]
+    fn possible_dates_are_accepted_and_run() {
+        let jan = at(2026, 1, 1, 0, 0);
+        for (expr, after, next) in [
+            ("0 0 29 2 *", jan, at(2028, 2, 29, 0, 0)),
+            // 2100 is no leap year: eight years to the next 29 February.
+            ("0 0 29 2 *", at(2096, 3, 1, 0, 0), at(2104, 2, 29, 0, 0)),
+            ("0 3 * * *", jan, at(2026, 1, 1, 3, 0)),
+            ("*/5 * * * *", jan + 1, at(2026, 1, 1, 0, 5)),
+            ("0 0 31 * *", jan, at(2026, 1, 31, 0, 0)),
+            ("0 0 31 * *", at(2026, 4, 1, 0, 0), at(2026, 5, 31, 0, 0)),
+            ("0 0 L 2 *", jan, at(2026, 2, 28, 0, 0)),
+        ] {
+            let got = Schedule::cron(expr).and_then(|s| s.next_after(after));
+            assert_eq!(got, Ok(next), "{expr} after {after}");
+        }
+    }
+
+    #[test]
+    fn the_search_is_bounded() {
+        // Parsed without the schedule's check, as an old stored policy might.
+        let raw = CronParser::builder()
+            .seconds(Seconds::Optional)
+            .build()
+            .parse("0 0 30 2 *");
+        assert!(raw.is_ok());
+        let Ok(raw) = raw else { return };
+        let never = Schedule::Cron {
+            expression: "0 0 30 2 *".to_owned(),
+            cron: Box::new(raw),
+        };
+        let jan = at(2026, 1, 1, 0, 0);
+        assert_eq!(never.next_after(jan), Err(ScheduleError::NoNextRun));
+        assert_eq!(never.next_due(jan), Err(ScheduleError::NoNextRun));
+        // The bound keeps every year up to MAX_SEARCH_YEARS ahead.
+        let far = Schedule::cron("0 0 1 1 *").and_then(|s| s.next_after(at(2026, 1, 1, 0, 1)));
+        assert_eq!(far, Ok(at(2027, 1, 1, 0, 0)));
+        let yearly = CronParser::builder().build().parse("0 0 1 1 *");
+        assert!(yearly.is_ok());
+        let Ok(yearly) = yearly else { return };
+        let years = bounded_years(&yearly, 2026).pattern.years.values();
+        assert_eq!((years.first(), years.last()), (Some(&2026), Some(&2076)));
     }
 
     #[test]
