@@ -187,7 +187,13 @@ impl Dn {
                 return Err(bad("too many attributes"));
             }
         }
-        Self::from_rdns(rdns).ok_or_else(|| bad("empty"))
+        let dn = Self::from_rdns(rdns).ok_or_else(|| bad("empty"))?;
+        // The canonical text (long attribute names, escapes) can be longer
+        // than what was typed; it must parse again, so it keeps the limit.
+        if dn.canonical().len() > MAX_TEXT {
+            return Err(bad("at most 1024 bytes once written in canonical form"));
+        }
+        Ok(dn)
     }
 
     /// The subject of a parsed certificate; `None` if an attribute's value
@@ -258,6 +264,26 @@ fn escape(value: &str) -> String {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// Found by fuzzing: `E=` is written `EMAILADDRESS=` in canonical form,
+    /// so a name near the length limit grew past it and its canonical text
+    /// no longer parsed.
+    #[test]
+    fn every_parsed_name_s_canonical_text_parses_back() {
+        let long = (0..60)
+            .map(|i| format!("E=a{i:010}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert!(long.len() <= MAX_TEXT);
+        let refused = Dn::parse(&long).unwrap_err();
+        assert!(refused.to_string().contains("canonical"), "{refused}");
+        let fits = (0..20)
+            .map(|i| format!("E=a{i:010}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let dn = Dn::parse(&fits).unwrap();
+        assert_eq!(Dn::parse(&dn.canonical()).unwrap(), dn);
+    }
 
     #[test]
     fn parses_escapes_and_compares_as_structure() {
