@@ -108,6 +108,7 @@ impl Dn {
         let bytes = text.as_bytes();
         let mut rdns: Vec<Vec<DnAttribute>> = Vec::new();
         let mut rdn: Vec<DnAttribute> = Vec::new();
+        let mut attributes = 0usize;
         let mut i = 0;
         loop {
             // The type, up to '='.
@@ -175,6 +176,12 @@ impl Dn {
                 return Err(bad("an attribute has an empty value"));
             }
             rdn.push(DnAttribute { oid, value });
+            // Counted per attribute, however they are grouped, so the limit
+            // does not depend on their order (the canonical text sorts them).
+            attributes += 1;
+            if attributes > super::MAX_LIST {
+                return Err(bad("too many attributes"));
+            }
             match end {
                 Some(b'+') => {}
                 Some(_) => rdns.push(std::mem::take(&mut rdn)),
@@ -182,9 +189,6 @@ impl Dn {
                     rdns.push(rdn);
                     break;
                 }
-            }
-            if rdns.len() + rdn.len() > super::MAX_LIST {
-                return Err(bad("too many attributes"));
             }
         }
         let dn = Self::from_rdns(rdns).ok_or_else(|| bad("empty"))?;
@@ -277,6 +281,14 @@ mod tests {
         assert!(long.len() <= MAX_TEXT);
         let refused = Dn::parse(&long).unwrap_err();
         assert!(refused.to_string().contains("canonical"), "{refused}");
+        // The attribute limit holds however the attributes are grouped
+        // (also found by fuzzing: 64 single RDNs and one more at the end
+        // passed, while the sorted canonical text put a `+` group last).
+        let many = (0..65)
+            .map(|i| format!("CN=a{i}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert!(Dn::parse(&many).is_err());
         let fits = (0..20)
             .map(|i| format!("E=a{i:010}"))
             .collect::<Vec<_>>()
