@@ -94,7 +94,7 @@ pub async fn open_with(
     create_private_dir(data_dir)?;
     let certs = pki::ensure_dev_certs(&data_dir.join("certs"))?;
     let jwks_dir = data_dir.join(JWKS_DIR);
-    create_owned_dir(&jwks_dir)?;
+    create_private_dir(&jwks_dir)?;
     let mut config = ServerConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         storage_path: data_dir.join("data"),
@@ -195,22 +195,6 @@ fn create_private_dir(dir: &Path) -> Result<(), DevError> {
                 .create(dir)
                 .map_err(|e| DevError::Folder(dir.to_owned(), e))
         }
-        Err(e) => Err(DevError::Folder(dir.to_owned(), e)),
-    }
-}
-
-/// Creates `dir` (mode 0700 on Unix) if it does not exist; one that exists
-/// is left as it is.
-fn create_owned_dir(dir: &Path) -> Result<(), DevError> {
-    let mut builder = std::fs::DirBuilder::new();
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        builder.mode(0o700);
-    }
-    match builder.create(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
         Err(e) => Err(DevError::Folder(dir.to_owned(), e)),
     }
 }
