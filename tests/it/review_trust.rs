@@ -358,23 +358,15 @@ async fn look_alike_list_prefixes_do_not_reveal_names_under_a_denied_folder() {
 /// inventory identity is covered (disable it); the root lineage is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_root_issued_setter_no_longer_has_references_read() {
-    use crate::trust_rotation::{spec, RecordingPlugin};
+    use crate::trust_rotation::{spec, AdminReference};
     let server = TestServer::dev().await;
     let root = server.root().await;
-    let shared = format!("{}/db-admin", unique("shared"));
     let admin_value = "db-admin-password-AFTER-REVOKE";
-    root.put(
-        &shared,
-        &data(&[("password", admin_value)]),
-        PutOptions::default(),
-    )
-    .await
-    .unwrap();
-    let plugin = RecordingPlugin::start("admin").await;
-    let provider = unique("rec");
-    root.register_provider(&provider, &plugin.endpoint, None)
-        .await
-        .unwrap();
+    let AdminReference {
+        shared,
+        plugin,
+        provider,
+    } = AdminReference::start(&root, admin_value).await;
     let own = unique("own");
     let policy = unique("setter");
     root.policy_put(
@@ -419,7 +411,7 @@ async fn a_revoked_root_issued_setter_no_longer_has_references_read() {
 /// authority is the vault's, not the token's, so no accessor is recorded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_set_by_the_root_token_survives_its_revocation() {
-    use crate::trust_rotation::{spec, step_messages, RecordingPlugin};
+    use crate::trust_rotation::{spec, step_messages, AdminReference};
     let server = TestServer::dev().await;
     let root = server.root().await;
     // A second root-policy token that is not the root token's child (a
@@ -427,20 +419,12 @@ async fn a_policy_set_by_the_root_token_survives_its_revocation() {
     let (role_id, secret_id) =
         approle_identity(&root, &unique("operator"), &["root".to_owned()]).await;
     let (_, operator) = login(&server, &role_id, &secret_id).await;
-    let shared = format!("{}/db-admin", unique("shared"));
     let admin_value = "db-admin-password-ROOT-SET";
-    root.put(
-        &shared,
-        &data(&[("password", admin_value)]),
-        PutOptions::default(),
-    )
-    .await
-    .unwrap();
-    let plugin = RecordingPlugin::start("admin").await;
-    let provider = unique("rec");
-    root.register_provider(&provider, &plugin.endpoint, None)
-        .await
-        .unwrap();
+    let AdminReference {
+        shared,
+        plugin,
+        provider,
+    } = AdminReference::start(&root, admin_value).await;
     let mine = format!("{}/app", unique("own"));
     root.put(&mine, &data(&[("password", "m-1")]), PutOptions::default())
         .await
@@ -465,23 +449,15 @@ async fn a_policy_set_by_the_root_token_survives_its_revocation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_root_issued_setter_no_longer_has_references_read() {
     use crate::harness::eventually;
-    use crate::trust_rotation::{spec, step_messages, RecordingPlugin};
+    use crate::trust_rotation::{spec, step_messages, AdminReference};
     let server = TestServer::dev().await;
     let root = server.root().await;
-    let shared = format!("{}/db-admin", unique("shared"));
     let admin_value = "db-admin-password-AFTER-EXPIRY";
-    root.put(
-        &shared,
-        &data(&[("password", admin_value)]),
-        PutOptions::default(),
-    )
-    .await
-    .unwrap();
-    let plugin = RecordingPlugin::start("admin").await;
-    let provider = unique("rec");
-    root.register_provider(&provider, &plugin.endpoint, None)
-        .await
-        .unwrap();
+    let AdminReference {
+        shared,
+        plugin,
+        provider,
+    } = AdminReference::start(&root, admin_value).await;
     let own = unique("own");
     let policy = unique("setter");
     root.policy_put(

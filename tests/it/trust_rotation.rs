@@ -210,6 +210,44 @@ pub(crate) fn spec(provider: &str, pairs: &[(&str, &str)]) -> RotationPolicySpec
     }
 }
 
+/// The usual setting of a reference test: a shared admin secret holding
+/// `password = admin_value` (written by root), and a [`RecordingPlugin`]
+/// whose reference key is `admin`, registered under a fresh name.
+pub(crate) struct AdminReference {
+    /// The shared admin secret's path.
+    pub(crate) shared: String,
+    pub(crate) plugin: RecordingPlugin,
+    /// The registered provider's name.
+    pub(crate) provider: String,
+}
+
+impl AdminReference {
+    pub(crate) async fn start(root: &Client, admin_value: &str) -> Self {
+        Self::start_with(root, admin_value, None).await
+    }
+
+    async fn start_with(root: &Client, admin_value: &str, hold: Option<Arc<Hold>>) -> Self {
+        let shared = format!("{}/db-admin", unique("shared"));
+        root.put(
+            &shared,
+            &data(&[("password", admin_value)]),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap();
+        let plugin = RecordingPlugin::start_with("admin", hold).await;
+        let provider = provider_name("rec");
+        root.register_provider(&provider, &plugin.endpoint, None)
+            .await
+            .unwrap();
+        Self {
+            shared,
+            plugin,
+            provider,
+        }
+    }
+}
+
 /// A provider name no other test uses (`[a-z0-9_-]`).
 fn provider_name(prefix: &str) -> String {
     unique(prefix)
@@ -330,20 +368,12 @@ async fn a_reference_under_the_plugins_own_key_needs_read() {
 async fn a_run_stops_reading_once_the_setter_loses_read() {
     let server = TestServer::dev().await;
     let root = server.root().await;
-    let shared = format!("{}/db-admin", unique("shared"));
     let admin_v1 = "db-admin-password-VALUE-ONE";
-    root.put(
-        &shared,
-        &data(&[("password", admin_v1)]),
-        PutOptions::default(),
-    )
-    .await
-    .unwrap();
-    let plugin = RecordingPlugin::start("admin").await;
-    let name = provider_name("rec");
-    root.register_provider(&name, &plugin.endpoint, None)
-        .await
-        .unwrap();
+    let AdminReference {
+        shared,
+        plugin,
+        provider: name,
+    } = AdminReference::start(&root, admin_v1).await;
 
     let own = unique("own");
     let grants = |with_admin: bool| {
@@ -457,20 +487,12 @@ async fn a_run_stops_reading_once_the_setter_loses_read() {
 async fn a_read_revoked_mid_run_keeps_the_applied_value() {
     let server = TestServer::dev().await;
     let root = server.root().await;
-    let shared = format!("{}/db-admin", unique("shared"));
-    root.put(
-        &shared,
-        &data(&[("password", "admin-MID-RUN")]),
-        PutOptions::default(),
-    )
-    .await
-    .unwrap();
     let hold = Arc::new(Hold::default());
-    let plugin = RecordingPlugin::start_with("admin", Some(hold.clone())).await;
-    let name = provider_name("rec");
-    root.register_provider(&name, &plugin.endpoint, None)
-        .await
-        .unwrap();
+    let AdminReference {
+        shared,
+        plugin,
+        provider: name,
+    } = AdminReference::start_with(&root, "admin-MID-RUN", Some(hold.clone())).await;
     let own = unique("own");
     let policy = unique("setter");
     let with_admin = format!(
@@ -536,20 +558,12 @@ async fn a_read_revoked_mid_run_keeps_the_applied_value() {
 async fn a_policy_without_a_recorded_setter_reads_no_reference() {
     let server = TestServer::dev().await;
     let root = server.root().await;
-    let shared = format!("{}/db-admin", unique("shared"));
     let admin_value = "db-admin-password-OLD-POLICY";
-    root.put(
-        &shared,
-        &data(&[("password", admin_value)]),
-        PutOptions::default(),
-    )
-    .await
-    .unwrap();
-    let plugin = RecordingPlugin::start("admin").await;
-    let name = provider_name("rec");
-    root.register_provider(&name, &plugin.endpoint, None)
-        .await
-        .unwrap();
+    let AdminReference {
+        shared,
+        plugin,
+        provider: name,
+    } = AdminReference::start(&root, admin_value).await;
     let mine = format!("{}/app", unique("own"));
     root.put(&mine, &data(&[("password", "v1")]), PutOptions::default())
         .await
