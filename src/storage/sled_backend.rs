@@ -489,6 +489,63 @@ mod tests {
         assert_eq!(db.get(b"gone").unwrap(), None);
     }
 
+    /// Writes made while the export walks (from its sink, so the order is
+    /// fixed) change nothing in what it hands out: every key as it was at
+    /// the start, once, and no key made after.
+    #[test]
+    fn export_is_the_store_at_its_start_whatever_is_written_meanwhile() {
+        let (_dir, db) = open();
+        for key in ["a", "b", "c", "d", "e", "f", "g"] {
+            db.put(key.as_bytes(), format!("{key}0").as_bytes()).unwrap();
+        }
+        let mut out = std::collections::BTreeMap::new();
+        let mut writes_done = false;
+        let count = db
+            .export(&mut |key, value| {
+                assert!(
+                    out.insert(key.to_vec(), value.to_vec()).is_none(),
+                    "a key handed out twice"
+                );
+                if !writes_done {
+                    writes_done = true;
+                    // After the walk's first key ("a"):
+                    db.put(b"a", b"a1").unwrap(); // already walked
+                    db.put(b"c", b"c1").unwrap(); // not walked yet
+                    db.delete(b"d").unwrap(); // removed before the walk gets there
+                    db.delete(b"e").unwrap(); // removed, then made again
+                    db.put(b"e", b"e1").unwrap();
+                    db.put(b"bb", b"new").unwrap(); // made after the start
+                    db.batch(vec![
+                        BatchOp::Put(b"f".to_vec(), b"f1".to_vec()),
+                        BatchOp::Delete(b"g".to_vec()),
+                    ])
+                    .unwrap();
+                    assert_eq!(
+                        db.compare_and_swap(b"b", Some(b"b0"), Some(b"b1")).unwrap(),
+                        CasOutcome::Swapped
+                    );
+                }
+                Ok(())
+            })
+            .unwrap();
+        let expected: std::collections::BTreeMap<Vec<u8>, Vec<u8>> =
+            ["a", "b", "c", "d", "e", "f", "g"]
+                .iter()
+                .map(|k| (k.as_bytes().to_vec(), format!("{k}0").into_bytes()))
+                .collect();
+        assert_eq!(out, expected);
+        assert_eq!(count, 7);
+        // The writes themselves happened, and a second export sees them.
+        assert_eq!(db.get(b"c").unwrap(), Some(b"c1".to_vec()));
+        let mut second = 0;
+        db.export(&mut |_, _| {
+            second += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(second, 6, "a b bb c e f");
+    }
+
     #[test]
     fn data_survives_reopen_after_flush() {
         let dir = tempfile::tempdir().unwrap();
