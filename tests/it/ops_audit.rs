@@ -128,23 +128,55 @@ async fn a_rotation_that_cannot_make_its_file_fails_the_request_and_drops_nothin
     let blocker = server.dir.path().join("audit.log.new");
     std::fs::create_dir(&blocker).unwrap();
     let mut failed = Vec::new();
+    let mut done = Vec::new();
     for i in 0..40 {
         let put = root
             .put(&format!("ops/blocked/{i}"), &data(&[("v", "x")]), PutOptions::default())
             .await;
         if put.is_err() {
             failed.push(i);
+        } else {
+            done.push(i);
         }
     }
     assert!(!failed.is_empty(), "no write needed a rotation");
     assert!(rotated_files(&server.audit_path).is_empty());
     std::fs::remove_dir(&blocker).unwrap();
     write_some(&server, 10).await;
-    // Fail closed: a refused change did not happen.
-    for i in failed {
-        let got = root.get(&format!("ops/blocked/{i}")).await;
-        assert_eq!(got.err().and_then(|e| e.code()), Some(tonic::Code::NotFound));
+    let log: String = chain_files(&server.audit_path)
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap())
+        .collect();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let put_requests = lines
+        .iter()
+        .filter(|r| r["method"] == "keyward.v1.Secrets/Put" && r["phase"] == "request")
+        .count();
+    // Nothing dropped: every acknowledged write has its outcome record,
+    // and its request record under the same request id.
+    for i in &done {
+        let resource = format!("secret/ops/blocked/{i}");
+        let outcome = lines
+            .iter()
+            .find(|r| r["resource"] == resource.as_str() && r["phase"] == "outcome")
+            .unwrap_or_else(|| panic!("{resource}: no outcome record"));
+        assert!(lines
+            .iter()
+            .any(|r| r["request_id"] == outcome["request_id"] && r["phase"] == "request"));
     }
+    // Fail closed: a refused write acted only if its request record was
+    // written (it was its outcome record that could not be).
+    let mut acted = 0;
+    for i in failed {
+        match root.get(&format!("ops/blocked/{i}")).await {
+            Ok(_) => acted += 1,
+            Err(e) => assert_eq!(e.code(), Some(tonic::Code::NotFound)),
+        }
+    }
+    assert!(put_requests >= done.len() + 10 + acted, "a write acted without its request record");
     assert!(!rotated_files(&server.audit_path).is_empty());
     assert!(verify_files(&chain_files(&server.audit_path)).unwrap().ok);
 }
