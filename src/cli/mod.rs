@@ -362,6 +362,12 @@ pub enum BenchMode {
         #[arg(long, hide = true)]
         open_only: bool,
     },
+    /// Snapshot save and restore times and file size over a store made by
+    /// `bench startup --dir DIR` (its data is left as it was).
+    Snapshot {
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 /// A refusal that is the user's fault: exit 2.

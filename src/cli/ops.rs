@@ -154,3 +154,77 @@ pub fn audit_verify(format: Format, files: &[PathBuf]) -> Result<()> {
     }
     Ok(())
 }
+
+/// `bench snapshot --dir DIR`: over a store made by `bench startup --dir DIR`
+/// (say with 1,000,000 tokens), times taking a snapshot to a file (the work
+/// of `operator snapshot save` without the TLS stream), restoring it into a
+/// new folder, and, as this machine's baseline in the same run, copying the
+/// file. Prints one JSON line.
+pub async fn bench_snapshot(dir: &std::path::Path, format: Format) -> Result<()> {
+    use std::time::Instant;
+    let share = zeroize::Zeroizing::new(std::fs::read_to_string(dir.join("bench-unseal-share"))?);
+    let config = keyward::config::ServerConfig {
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        storage_path: dir.join("data"),
+        tls: None,
+        audit_path: dir.join("audit.log"),
+        metrics_listen: None,
+        limits: keyward::secrets::DataLimits::default(),
+        oidc: Default::default(),
+        server_limits: keyward::config::ServerLimits::default(),
+        audit: Default::default(),
+    };
+    let server = keyward::server::Server::open(config)?;
+    let core = server.core().clone();
+    if core.unseal(share.trim()).await?.sealed {
+        anyhow::bail!("the store did not unseal");
+    }
+    let file = dir.join("bench.snap");
+    let started = Instant::now();
+    let barrier = core.barrier.clone();
+    let scratch = dir.join("data");
+    let taken = tokio::task::spawn_blocking(move || {
+        keyward::snapshot::take(&barrier, &scratch, "bench".into())
+    })
+    .await??;
+    let keys = taken.header.keys;
+    {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&file)?);
+        out.write_all(&taken.head())?;
+        std::io::copy(&mut taken.content()?, &mut out)?;
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    }
+    let save_s = started.elapsed().as_secs_f64();
+    drop(core);
+    drop(server);
+    let bytes = std::fs::metadata(&file)?.len();
+
+    let copy = dir.join("bench.snap.copy");
+    let started = Instant::now();
+    std::fs::copy(&file, &copy)?;
+    std::fs::File::open(&copy)?.sync_all()?;
+    let copy_s = started.elapsed().as_secs_f64();
+    std::fs::remove_file(&copy)?;
+
+    let target = dir.join(format!("restored-{}", uuid::Uuid::new_v4()));
+    let started = Instant::now();
+    let restored = keyward::snapshot::restore(&file, &target, false)?;
+    let restore_s = started.elapsed().as_secs_f64();
+    let round = |x: f64| (x * 100.0).round() / 100.0;
+    let report = json!({
+        "keys": keys,
+        "restored_keys": restored.keys,
+        "file_bytes": bytes,
+        "save_s": round(save_s),
+        "restore_s": round(restore_s),
+        "copy_s": round(copy_s),
+        "save_to_copy": round(save_s / copy_s.max(1e-9)),
+        "restore_to_copy": round(restore_s / copy_s.max(1e-9)),
+    });
+    match format {
+        Format::Json => println!("{report}"),
+        Format::Table => emit(format, &report),
+    }
+    std::fs::remove_dir_all(&target)?;
+    Ok(())
+}

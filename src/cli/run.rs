@@ -116,6 +116,7 @@ async fn bench(g: &Global, format: Format, args: BenchArgs) -> Result<()> {
             write_seconds,
             open_only,
         }) => super::bench::startup(tokens, dir, write_seconds, open_only, format).await,
+        Some(BenchMode::Snapshot { dir }) => super::ops::bench_snapshot(&dir, format).await,
         None => super::bench::run(&options(g), &args, format).await,
     }
 }
