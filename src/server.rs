@@ -246,7 +246,7 @@ impl Server {
                     SysService::new(core.clone(), health)
                         .with_snapshot_dir(self.config.storage_path.clone()),
                 )
-                    .max_decoding_message_size(max),
+                .max_decoding_message_size(max),
             )
             .add_service(SecretsServer::new(secrets).max_decoding_message_size(max))
             .add_service(
@@ -321,7 +321,9 @@ impl Server {
         });
         // SIGHUP reopens the audit file (logrotate moved it).
         let audit = core.audit.clone();
-        tasks.spawn("audit-reopen", move |shutdown| reopen_audit_on_hangup(audit, shutdown));
+        tasks.spawn("audit-reopen", move |shutdown| {
+            reopen_audit_on_hangup(audit, shutdown)
+        });
         // Rotation: the scheduler runs while unsealed; its task ends once its
         // workers have stopped at a step boundary.
         let broker = Broker::clone(&core.rotation);

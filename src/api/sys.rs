@@ -84,8 +84,13 @@ impl Sys for SysService {
         &self,
         req: Request<SnapshotSaveRequest>,
     ) -> Result<Response<Self::SnapshotSaveStream>, Status> {
-        let mut call =
-            begin(&self.core, "keyward.v1.Sys/SnapshotSave", Access::Token, &req).await?;
+        let mut call = begin(
+            &self.core,
+            "keyward.v1.Sys/SnapshotSave",
+            Access::Token,
+            &req,
+        )
+        .await?;
         call.authorize(Capability::Admin, "sys/snapshot".into())?;
         let barrier = self.core.barrier.clone();
         let dir = self.snapshot_dir.clone();
@@ -140,7 +145,9 @@ impl Sys for SysService {
                 let _ = tx.blocking_send(Ok(first));
             }
         });
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
     }
 
     async fn init(&self, req: Request<InitRequest>) -> Result<Response<InitResponse>, Status> {

@@ -850,17 +850,29 @@ impl AuditLog {
             error
         };
         if let Err(e) = file.write_all(&chain.buf) {
-            return Err(undo(AuditError::Io { path: fresh.clone(), source: e }));
+            return Err(undo(AuditError::Io {
+                path: fresh.clone(),
+                source: e,
+            }));
         }
         if let Err(e) = chain.file.sync_data() {
-            return Err(undo(AuditError::Io { path: self.path.clone(), source: e }));
+            return Err(undo(AuditError::Io {
+                path: self.path.clone(),
+                source: e,
+            }));
         }
         if let Err(e) = std::fs::rename(&self.path, &rotated) {
-            return Err(undo(AuditError::Io { path: rotated.clone(), source: e }));
+            return Err(undo(AuditError::Io {
+                path: rotated.clone(),
+                source: e,
+            }));
         }
         if let Err(e) = std::fs::rename(&fresh, &self.path) {
             let _ = std::fs::rename(&rotated, &self.path);
-            return Err(undo(AuditError::Io { path: self.path.clone(), source: e }));
+            return Err(undo(AuditError::Io {
+                path: self.path.clone(),
+                source: e,
+            }));
         }
         chain.file = file;
         chain.seq = seq;
@@ -906,7 +918,10 @@ impl AuditLog {
             .mode(0o600)
             .open(&self.path)
             .map_err(io_err)?;
-        let (new, old) = (file.metadata().map_err(io_err)?, chain.file.metadata().map_err(io_err)?);
+        let (new, old) = (
+            file.metadata().map_err(io_err)?,
+            chain.file.metadata().map_err(io_err)?,
+        );
         {
             use std::os::unix::fs::MetadataExt;
             if new.dev() == old.dev() && new.ino() == old.ino() {
@@ -1019,7 +1034,11 @@ fn continue_fields(reason: Reason, previous: Option<&std::ffi::OsStr>) -> Vec<u8
         },
     );
     if let Some(previous) = previous {
-        push_optional(&mut buf, b"previous_file", Some(&previous.to_string_lossy()));
+        push_optional(
+            &mut buf,
+            b"previous_file",
+            Some(&previous.to_string_lossy()),
+        );
     }
     buf
 }

@@ -136,7 +136,12 @@ impl Taken {
 }
 
 /// Appends one pair to `out` and the digest.
-fn frame(out: &mut impl Write, sha: &mut digest::Context, key: &[u8], value: &[u8]) -> io::Result<u64> {
+fn frame(
+    out: &mut impl Write,
+    sha: &mut digest::Context,
+    key: &[u8],
+    value: &[u8],
+) -> io::Result<u64> {
     let mut written = 0u64;
     for part in [key, value] {
         let len = u32::try_from(part.len())
@@ -154,7 +159,11 @@ fn frame(out: &mut impl Write, sha: &mut digest::Context, key: &[u8], value: &[u
 /// Takes a snapshot of the unsealed vault behind `barrier`; the content
 /// goes to an unlinked file made in `scratch_dir` (mode 0600). Blocking:
 /// run it on a blocking thread.
-pub fn take(barrier: &Barrier, scratch_dir: &Path, now_rfc3339: String) -> Result<Taken, SnapshotError> {
+pub fn take(
+    barrier: &Barrier,
+    scratch_dir: &Path,
+    now_rfc3339: String,
+) -> Result<Taken, SnapshotError> {
     let (vault_id, key_term) = barrier.snapshot_identity()?;
     let hmac_key = barrier.derive_key(SNAPSHOT_PURPOSE)?;
     let scratch = scratch_dir.join(format!(".snapshot-{}.tmp", uuid::Uuid::new_v4()));
@@ -175,17 +184,21 @@ pub fn take(barrier: &Barrier, scratch_dir: &Path, now_rfc3339: String) -> Resul
     let mut sha = digest::Context::new(&digest::SHA256);
     let mut content_bytes = 0u64;
     let mut io_failure = None;
-    let keys = barrier.export(&mut |key, value| match frame(&mut out, &mut sha, key, value) {
-        Ok(n) => {
-            content_bytes += n;
-            Ok(())
-        }
-        Err(e) => {
-            let message = e.to_string();
-            io_failure = Some(e);
-            Err(StorageError::Io(format!("snapshot scratch file: {message}")))
-        }
-    });
+    let keys = barrier.export(
+        &mut |key, value| match frame(&mut out, &mut sha, key, value) {
+            Ok(n) => {
+                content_bytes += n;
+                Ok(())
+            }
+            Err(e) => {
+                let message = e.to_string();
+                io_failure = Some(e);
+                Err(StorageError::Io(format!(
+                    "snapshot scratch file: {message}"
+                )))
+            }
+        },
+    );
     if let Some(e) = io_failure {
         return Err(named(e));
     }
@@ -210,9 +223,9 @@ pub fn take(barrier: &Barrier, scratch_dir: &Path, now_rfc3339: String) -> Resul
 /// Reads the magic line and the header; leaves `reader` at the content.
 fn read_header(reader: &mut impl BufRead) -> Result<Header, SnapshotError> {
     let mut magic = vec![0u8; MAGIC.len()];
-    reader
-        .read_exact(&mut magic)
-        .map_err(|_| SnapshotError::Damaged("it does not begin with the snapshot magic line".into()))?;
+    reader.read_exact(&mut magic).map_err(|_| {
+        SnapshotError::Damaged("it does not begin with the snapshot magic line".into())
+    })?;
     if magic != MAGIC {
         return Err(SnapshotError::Damaged(
             "it does not begin with the snapshot magic line (keyward-snapshot 1)".into(),
@@ -225,7 +238,9 @@ fn read_header(reader: &mut impl BufRead) -> Result<Header, SnapshotError> {
         .read_until(b'\n', &mut line)
         .map_err(|e| SnapshotError::Damaged(format!("the header cannot be read: {e}")))?;
     if line.pop() != Some(b'\n') {
-        return Err(SnapshotError::Damaged("the header line is cut off or too long".into()));
+        return Err(SnapshotError::Damaged(
+            "the header line is cut off or too long".into(),
+        ));
     }
     let header: Header = serde_json::from_slice(&line)
         .map_err(|_| SnapshotError::Damaged("the header is not a snapshot header".into()))?;
@@ -267,16 +282,23 @@ fn walk(
         }
         for (i, item) in [&mut key, &mut value].into_iter().enumerate() {
             if i == 1 {
-                if read_full(reader, &mut len).map_err(|e| SnapshotError::Io("content".into(), e))? != 4 {
+                if read_full(reader, &mut len)
+                    .map_err(|e| SnapshotError::Io("content".into(), e))?
+                    != 4
+                {
                     return Err(damaged("the content ends inside a pair"));
                 }
             }
             let n = u32::from_be_bytes(len);
             if n > MAX_ITEM || read + 4 + u64::from(n) > header.content_bytes {
-                return Err(damaged("a pair is longer than the content the header names"));
+                return Err(damaged(
+                    "a pair is longer than the content the header names",
+                ));
             }
             item.resize(n as usize, 0);
-            if read_full(reader, item).map_err(|e| SnapshotError::Io("content".into(), e))? != item.len() {
+            if read_full(reader, item).map_err(|e| SnapshotError::Io("content".into(), e))?
+                != item.len()
+            {
                 return Err(damaged("the content ends inside a pair"));
             }
             sha.update(&len);
@@ -290,7 +312,9 @@ fn walk(
         return Err(damaged("the content is not as long as the header says"));
     }
     if hex::encode(sha.finish().as_ref()) != header.sha256 {
-        return Err(damaged("the SHA-256 of the content does not match the header"));
+        return Err(damaged(
+            "the SHA-256 of the content does not match the header",
+        ));
     }
     if pairs != header.keys {
         return Err(damaged("the number of keys does not match the header"));
@@ -324,7 +348,8 @@ pub fn check(file: &Path) -> Result<Header, SnapshotError> {
         if key == SEAL_KEY {
             let seal: serde_json::Value = serde_json::from_slice(value)
                 .map_err(|_| SnapshotError::Damaged("its seal configuration is not JSON".into()))?;
-            seal_ok = seal.get("vault_id").and_then(|v| v.as_str()) == Some(header.vault_id.as_str());
+            seal_ok =
+                seal.get("vault_id").and_then(|v| v.as_str()) == Some(header.vault_id.as_str());
         }
         Ok(())
     })?;
@@ -378,7 +403,9 @@ pub fn restore(file: &Path, target: &Path, force: bool) -> Result<Restored, Snap
     let mut reader = BufReader::with_capacity(1 << 20, File::open(file).map_err(named)?);
     let again = read_header(&mut reader)?;
     if again != header {
-        return Err(SnapshotError::Damaged("the file changed while it was restored".into()));
+        return Err(SnapshotError::Damaged(
+            "the file changed while it was restored".into(),
+        ));
     }
     // The file is read again: a change since `check` fails the SHA-256 at
     // the end and leaves the mark `writing` (the vault will not unseal).

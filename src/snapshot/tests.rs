@@ -14,7 +14,10 @@ fn vault(dir: &Path) -> (Arc<Barrier>, Vec<UnsealShare>) {
     let shares = barrier.init(1, 1).unwrap();
     for i in 0..100 {
         barrier
-            .put(&format!("secrets/app/{i}"), format!("plain-value-{i}").as_bytes())
+            .put(
+                &format!("secrets/app/{i}"),
+                format!("plain-value-{i}").as_bytes(),
+            )
             .unwrap();
     }
     (Arc::new(barrier), shares)
@@ -31,7 +34,10 @@ fn a_snapshot_restores_and_unseals_with_the_original_share() {
     let dir = tempfile::tempdir().unwrap();
     let (barrier, shares) = vault(dir.path());
     let taken = take(&barrier, dir.path(), "2026-12-02T00:00:00Z".into()).unwrap();
-    assert_eq!(taken.header.keys, 102, "100 values, the seal and the keyring");
+    assert_eq!(
+        taken.header.keys, 102,
+        "100 values, the seal and the keyring"
+    );
     let file = dir.path().join("snap");
     write_file(taken, &file);
     let bytes = std::fs::read(&file).unwrap();
@@ -69,7 +75,10 @@ fn a_flipped_byte_is_refused_and_nothing_is_written() {
     let target = dir.path().join("restored");
     let error = restore(&file, &target, false).unwrap_err();
     assert!(error.to_string().contains("SHA-256"), "{error}");
-    assert!(!target.exists(), "a damaged snapshot made the target folder");
+    assert!(
+        !target.exists(),
+        "a damaged snapshot made the target folder"
+    );
 }
 
 #[test]

@@ -42,9 +42,10 @@ pub(crate) fn read(db: &sled::Db) -> Result<Option<u32>, StorageError> {
     let meta = db.open_tree(META_TREE).map_err(io("format version"))?;
     match meta.get(FORMAT_KEY).map_err(io("format version"))? {
         Some(bytes) => {
-            let raw: [u8; 4] = bytes.as_ref().try_into().map_err(|_| {
-                StorageError::Corrupt("the format version is not 4 bytes".into())
-            })?;
+            let raw: [u8; 4] = bytes
+                .as_ref()
+                .try_into()
+                .map_err(|_| StorageError::Corrupt("the format version is not 4 bytes".into()))?;
             Ok(Some(u32::from_be_bytes(raw)))
         }
         None if db.is_empty() => Ok(None),
@@ -149,7 +150,10 @@ mod tests {
             write(&db, CURRENT + 1).unwrap();
         }
         let error = SledBackend::open(dir.path()).unwrap_err().to_string();
-        assert!(error.contains(&format!("format version {}", CURRENT + 1)), "{error}");
+        assert!(
+            error.contains(&format!("format version {}", CURRENT + 1)),
+            "{error}"
+        );
         assert!(error.contains(&format!("version {CURRENT}")), "{error}");
     }
 }

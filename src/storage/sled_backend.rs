@@ -207,7 +207,9 @@ impl SledBackend {
         {
             let mut capture = self.capture.write().unwrap_or_else(PoisonError::into_inner);
             if capture.is_some() {
-                return Err(StorageError::Io("export: a snapshot is already running".into()));
+                return Err(StorageError::Io(
+                    "export: a snapshot is already running".into(),
+                ));
             }
             *capture = Some(Mutex::new(Captured::default()));
         }
@@ -247,7 +249,10 @@ impl SledBackend {
                 capture.as_ref().and_then(|map| {
                     let mut captured = map.lock().unwrap_or_else(PoisonError::into_inner);
                     captured.cursor = Some(key.to_vec());
-                    captured.kept.get(key.as_ref()).map(|(before, _)| before.clone())
+                    captured
+                        .kept
+                        .get(key.as_ref())
+                        .map(|(before, _)| before.clone())
                 })
             };
             let value = match kept {
@@ -496,7 +501,8 @@ mod tests {
     fn export_is_the_store_at_its_start_whatever_is_written_meanwhile() {
         let (_dir, db) = open();
         for key in ["a", "b", "c", "d", "e", "f", "g"] {
-            db.put(key.as_bytes(), format!("{key}0").as_bytes()).unwrap();
+            db.put(key.as_bytes(), format!("{key}0").as_bytes())
+                .unwrap();
         }
         let mut out = std::collections::BTreeMap::new();
         let mut writes_done = false;

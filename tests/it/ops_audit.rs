@@ -35,9 +35,17 @@ async fn rotated_files_verify_as_one_chain_and_each_break_names_its_file() {
     let server = TestServer::dev_with(|c| c.audit.max_bytes = 4096).await;
     write_some(&server, 40).await;
     let files = chain_files(&server.audit_path);
-    assert!(files.len() >= 4, "a small max_bytes made {} files", files.len());
+    assert!(
+        files.len() >= 4,
+        "a small max_bytes made {} files",
+        files.len()
+    );
     for file in &files {
-        assert!(std::fs::metadata(file).unwrap().len() <= 4096, "{}", file.display());
+        assert!(
+            std::fs::metadata(file).unwrap().len() <= 4096,
+            "{}",
+            file.display()
+        );
     }
     let report = verify_files(&files).unwrap();
     assert!(report.ok, "{report:?}");
@@ -46,7 +54,10 @@ async fn rotated_files_verify_as_one_chain_and_each_break_names_its_file() {
     let second = std::fs::read_to_string(&files[1]).unwrap();
     let first_line = second.lines().next().unwrap();
     assert!(first_line.contains(CONTINUE_METHOD), "{first_line}");
-    assert!(first_line.contains("\"previous_file\":\"audit.log.000001\""), "{first_line}");
+    assert!(
+        first_line.contains("\"previous_file\":\"audit.log.000001\""),
+        "{first_line}"
+    );
     // One file alone that begins with the continuing record verifies too.
     assert!(verify_files(&files[1..2]).unwrap().ok);
     // The CLI takes several files.
@@ -80,14 +91,22 @@ async fn rotated_files_verify_as_one_chain_and_each_break_names_its_file() {
     std::fs::write(middle, changed).unwrap();
     let report = verify_files(&edited).unwrap();
     assert!(!report.ok);
-    assert_eq!(report.file.as_deref(), Some(middle.to_str().unwrap()), "{report:?}");
+    assert_eq!(
+        report.file.as_deref(),
+        Some(middle.to_str().unwrap()),
+        "{report:?}"
+    );
 
     // The middle file missing.
     let mut missing = copy("missing");
     missing.remove(1);
     let report = verify_files(&missing).unwrap();
     assert!(!report.ok);
-    assert_eq!(report.file.as_deref(), Some(missing[1].to_str().unwrap()), "{report:?}");
+    assert_eq!(
+        report.file.as_deref(),
+        Some(missing[1].to_str().unwrap()),
+        "{report:?}"
+    );
     assert_eq!(report.line, Some(1));
     assert!(report.reason.unwrap().contains("missing"), "{report:?}");
 
@@ -96,7 +115,11 @@ async fn rotated_files_verify_as_one_chain_and_each_break_names_its_file() {
     swapped.swap(1, 2);
     let report = verify_files(&swapped).unwrap();
     assert!(!report.ok);
-    assert_eq!(report.file.as_deref(), Some(swapped[1].to_str().unwrap()), "{report:?}");
+    assert_eq!(
+        report.file.as_deref(),
+        Some(swapped[1].to_str().unwrap()),
+        "{report:?}"
+    );
     // And through the CLI: exit 1, naming the file.
     let names: Vec<String> = swapped.iter().map(|f| f.display().to_string()).collect();
     let mut args = vec!["audit", "verify"];
@@ -131,7 +154,11 @@ async fn a_rotation_that_cannot_make_its_file_fails_the_request_and_drops_nothin
     let mut done = Vec::new();
     for i in 0..40 {
         let put = root
-            .put(&format!("ops/blocked/{i}"), &data(&[("v", "x")]), PutOptions::default())
+            .put(
+                &format!("ops/blocked/{i}"),
+                &data(&[("v", "x")]),
+                PutOptions::default(),
+            )
             .await;
         if put.is_err() {
             failed.push(i);
@@ -176,7 +203,10 @@ async fn a_rotation_that_cannot_make_its_file_fails_the_request_and_drops_nothin
             Err(e) => assert_eq!(e.code(), Some(tonic::Code::NotFound)),
         }
     }
-    assert!(put_requests >= done.len() + 10 + acted, "a write acted without its request record");
+    assert!(
+        put_requests >= done.len() + 10 + acted,
+        "a write acted without its request record"
+    );
     assert!(!rotated_files(&server.audit_path).is_empty());
     assert!(verify_files(&chain_files(&server.audit_path)).unwrap().ok);
 }
@@ -194,12 +224,24 @@ async fn reopen_after_a_move_begins_a_new_file_that_continues_the_chain() {
     server.core.audit.reopen().unwrap();
     write_some(&server, 2).await;
     let text = std::fs::read_to_string(&server.audit_path).unwrap();
-    assert!(text.lines().next().unwrap().contains("\"reason\":\"reopen\""));
-    assert!(verify_files(&[moved.clone(), server.audit_path.clone()]).unwrap().ok);
+    assert!(text
+        .lines()
+        .next()
+        .unwrap()
+        .contains("\"reason\":\"reopen\""));
+    assert!(
+        verify_files(&[moved.clone(), server.audit_path.clone()])
+            .unwrap()
+            .ok
+    );
     // A second reopen with the file in place changes nothing.
     server.core.audit.reopen().unwrap();
     write_some(&server, 1).await;
-    assert!(verify_files(&[moved, server.audit_path.clone()]).unwrap().ok);
+    assert!(
+        verify_files(&[moved, server.audit_path.clone()])
+            .unwrap()
+            .ok
+    );
 }
 
 #[tokio::test]
@@ -227,7 +269,9 @@ async fn sighup_to_the_server_process_reopens_the_audit_file() {
         .unwrap();
     let report = verify_files(&[moved, audit.clone()]).unwrap();
     assert!(report.ok, "{report:?}");
-    assert!(std::fs::read_to_string(&audit).unwrap().contains("ops/hup/2"));
+    assert!(std::fs::read_to_string(&audit)
+        .unwrap()
+        .contains("ops/hup/2"));
 }
 
 #[tokio::test]
@@ -260,13 +304,23 @@ async fn the_syslog_sink_gets_every_record_and_a_closed_socket_fails_the_request
     let refused = root
         .put("ops/syslog-2", &data(&[("v", "y")]), PutOptions::default())
         .await;
-    assert!(refused.is_err(), "a request succeeded with its syslog sink gone");
+    assert!(
+        refused.is_err(),
+        "a request succeeded with its syslog sink gone"
+    );
     // A syslog daemon back on the socket: the sink reconnects, and the
     // refused change did not happen.
     let receiver = UnixDatagram::bind(&socket_path).unwrap();
     let got = root.get("ops/syslog-2").await;
-    assert_eq!(got.err().and_then(|e| e.code()), Some(tonic::Code::NotFound));
-    receiver.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    assert_eq!(
+        got.err().and_then(|e| e.code()),
+        Some(tonic::Code::NotFound)
+    );
+    receiver
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let n = receiver.recv(&mut buf).unwrap();
-    assert!(std::str::from_utf8(&buf[..n]).unwrap().contains("ops/syslog-2"));
+    assert!(std::str::from_utf8(&buf[..n])
+        .unwrap()
+        .contains("ops/syslog-2"));
 }

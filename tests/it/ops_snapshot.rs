@@ -128,22 +128,39 @@ async fn a_snapshot_under_six_writers_restores_every_write_acknowledged_before_i
         before.len(),
         during.load(Ordering::SeqCst)
     );
-    assert!(during.load(Ordering::SeqCst) >= 18, "the server kept acknowledging writes");
+    assert!(
+        during.load(Ordering::SeqCst) >= 18,
+        "the server kept acknowledging writes"
+    );
 
     // Ciphertext only: no stored value in clear.
     let snapshot = std::fs::read(&file).unwrap();
-    assert!(!contains(&snapshot, marker.as_bytes()), "a secret value is in the snapshot in clear");
+    assert!(
+        !contains(&snapshot, marker.as_bytes()),
+        "a secret value is in the snapshot in clear"
+    );
 
     // The source's audit log records the save and still verifies.
     let source_audit = std::fs::read_to_string(&source.audit_path).unwrap();
     assert!(source_audit.contains("\"method\":\"keyward.v1.Sys/SnapshotSave\""));
-    assert!(keyward::audit::verify_files(&audit_files(&source.audit_path)).unwrap().ok);
+    assert!(
+        keyward::audit::verify_files(&audit_files(&source.audit_path))
+            .unwrap()
+            .ok
+    );
 
     let restored = restore_into_new_folder(&source, &file).await;
     let client = restored.root().await;
     for (path, (value, _)) in before {
-        let secret = client.get(path).await.unwrap_or_else(|e| panic!("{path}: {e}"));
-        assert_eq!(secret.data.get("v").unwrap().expose(), value.as_bytes(), "{path}");
+        let secret = client
+            .get(path)
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(
+            secret.data.get("v").unwrap().expose(),
+            value.as_bytes(),
+            "{path}"
+        );
     }
     // Writes acknowledged after it began: there with their value, or absent.
     for (path, (value, b)) in &acked {
@@ -164,9 +181,16 @@ async fn a_snapshot_under_six_writers_restores_every_write_acknowledged_before_i
     // and verifies.
     let restored_audit = std::fs::read_to_string(&restored.audit_path).unwrap();
     let first = restored_audit.lines().next().unwrap();
-    assert!(first.contains("\"method\":\"keyward.v1.Sys/SnapshotRestore\""), "{first}");
+    assert!(
+        first.contains("\"method\":\"keyward.v1.Sys/SnapshotRestore\""),
+        "{first}"
+    );
     assert!(first.contains("\"snapshot\":\"vault.snap\""), "{first}");
-    assert!(keyward::audit::verify_files(&audit_files(&restored.audit_path)).unwrap().ok);
+    assert!(
+        keyward::audit::verify_files(&audit_files(&restored.audit_path))
+            .unwrap()
+            .ok
+    );
 }
 
 #[tokio::test]
@@ -280,7 +304,10 @@ async fn a_snapshot_altered_and_rehashed_is_refused_at_unseal() {
     )
     .unwrap();
     // ... and the first unseal refuses it.
-    let error = TestServer::open_dev(dir).await.err().expect("the altered snapshot opened");
+    let error = TestServer::open_dev(dir)
+        .await
+        .err()
+        .expect("the altered snapshot opened");
     let message = error.to_string();
     assert!(message.contains("HMAC"), "{message}");
     assert!(message.contains("vault.snap"), "{message}");
@@ -311,10 +338,18 @@ async fn snapshot_save_needs_admin_on_sys_snapshot() {
         .await
         .unwrap();
     let user = root.with_token(&issued.token).unwrap();
-    let refused = user.snapshot_save().await.err().expect("a low-privileged token got a snapshot");
+    let refused = user
+        .snapshot_save()
+        .await
+        .err()
+        .expect("a low-privileged token got a snapshot");
     assert_eq!(refused.code(), Some(Code::PermissionDenied), "{refused}");
     let anonymous = server.anonymous().await;
-    let refused = anonymous.snapshot_save().await.err().expect("no token got a snapshot");
+    let refused = anonymous
+        .snapshot_save()
+        .await
+        .err()
+        .expect("no token got a snapshot");
     assert_eq!(refused.code(), Some(Code::Unauthenticated), "{refused}");
     // The denial is audited.
     let audit = std::fs::read_to_string(&server.audit_path).unwrap();

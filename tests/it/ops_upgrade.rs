@@ -40,8 +40,11 @@ async fn the_fixture_store_of_this_release_opens_and_reads_its_secret() {
         std::fs::Permissions::from_mode(0o600),
     )
     .unwrap();
-    std::fs::set_permissions(dir.path().join("data"), std::fs::Permissions::from_mode(0o700))
-        .unwrap();
+    std::fs::set_permissions(
+        dir.path().join("data"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
     let server = TestServer::open_dev(dir).await.unwrap();
     let secret = server.root().await.get(KNOWN_PATH).await.unwrap();
     assert_eq!(
@@ -61,7 +64,10 @@ async fn a_store_of_a_newer_format_is_refused_naming_both_versions() {
         meta.insert("format", &newer.to_be_bytes()).unwrap();
         db.flush().unwrap();
     }
-    let error = TestServer::open_dev(dir).await.err().expect("a newer store opened");
+    let error = TestServer::open_dev(dir)
+        .await
+        .err()
+        .expect("a newer store opened");
     let message = error.to_string();
     let current = keyward::storage::format::CURRENT;
     assert!(
@@ -82,7 +88,11 @@ async fn write_fixture() {
     server
         .root()
         .await
-        .put(KNOWN_PATH, &data(&[("password", KNOWN_VALUE)]), PutOptions::default())
+        .put(
+            KNOWN_PATH,
+            &data(&[("password", KNOWN_VALUE)]),
+            PutOptions::default(),
+        )
         .await
         .unwrap();
     let dir = server.stop().await;
