@@ -42,6 +42,9 @@ const SNAPSHOT_CHUNK: usize = 256 * 1024;
 fn snapshot_failure(e: crate::snapshot::SnapshotError) -> Failure {
     match e {
         crate::snapshot::SnapshotError::Barrier(b) => b.into(),
+        crate::snapshot::SnapshotError::Storage(crate::storage::StorageError::Busy(message)) => {
+            Failure::new(crate::core::call::FailureKind::Conflict, message)
+        }
         other => Failure::internal(other),
     }
 }

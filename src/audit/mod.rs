@@ -396,6 +396,7 @@ impl AuditLog {
 
     /// [`Self::open`] with rotation and a syslog sink.
     pub fn open_with(path: &Path, clock: Clock, options: AuditOptions) -> Result<Self, AuditError> {
+        finish_rotation(path)?;
         let io_err = |source| AuditError::Io {
             path: path.to_owned(),
             source,
@@ -417,10 +418,35 @@ impl AuditLog {
             // A device or a pipe: nothing to resume (tests write to /dev/full).
             (0, [0; 32], 0)
         };
-        let next_rotated = rotated_files(path)
-            .last()
-            .map_or(1, |(number, _)| number + 1);
-        Ok(Self {
+        let rotated = rotated_files(path);
+        let next_rotated = rotated.last().map_or(1, |(number, _)| number + 1);
+        // A new file after rotated ones (the current one was moved away
+        // while the server was down) continues their chain.
+        let continued = match rotated.last() {
+            Some((_, last)) if len == 0 && meta.is_file() => {
+                let last_file = File::open(last).map_err(|source| AuditError::Io {
+                    path: last.clone(),
+                    source,
+                })?;
+                let last_len = last_file
+                    .metadata()
+                    .map_err(|source| AuditError::Io {
+                        path: last.clone(),
+                        source,
+                    })?
+                    .len();
+                Some((
+                    resume(&last_file, last_len, last)?,
+                    last.file_name().map(ToOwned::to_owned),
+                ))
+            }
+            _ => None,
+        };
+        let (seq, head) = match &continued {
+            Some(((seq, head), _)) => (*seq, *head),
+            None => (seq, head),
+        };
+        let log = Self {
             path: path.to_owned(),
             clock,
             options,
@@ -440,7 +466,12 @@ impl AuditLog {
             key: RwLock::new(None),
             aggregates: Mutex::new(Aggregates::default()),
             next_sweep_ms: AtomicU64::new(0),
-        })
+        };
+        if let Some((_, previous)) = continued {
+            let fields = continue_fields(Reason::Reopen, previous.as_deref());
+            log.append_rendered(fields)?;
+        }
+        Ok(log)
     }
 
     /// Sets the audit HMAC key (at unseal) or clears it (`None`, at seal). The old key is zeroized.
@@ -1041,6 +1072,27 @@ fn continue_fields(reason: Reason, previous: Option<&std::ffi::OsStr>) -> Vec<u8
         );
     }
     buf
+}
+
+/// Finishes or undoes a rotation a crash cut short: a `<path>.new` with no file at `path` becomes the
+/// file (the current one had been renamed to its number); one beside an
+/// existing file is removed (the rotation had not renamed anything).
+fn finish_rotation(path: &Path) -> Result<(), AuditError> {
+    let fresh = path_with(path, ".new");
+    if !fresh.is_file() {
+        return Ok(());
+    }
+    let outcome = if path.exists() {
+        std::fs::remove_file(&fresh)
+    } else {
+        std::fs::rename(&fresh, path)
+    };
+    outcome.map_err(|source| AuditError::Io {
+        path: fresh.clone(),
+        source,
+    })?;
+    tracing::warn!(path = %path.display(), "an audit rotation cut short by a crash was completed or undone");
+    Ok(())
 }
 
 /// `path` with `suffix` added to its file name.

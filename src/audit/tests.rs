@@ -926,3 +926,42 @@ fn a_file_beginning_mid_chain_without_a_continuing_record_fails() {
     assert!(!report.ok);
     assert_eq!(report.line, Some(1));
 }
+
+/// A crash between the renames of a rotation, or a current file moved away
+/// while the server was down: the next open continues the chain.
+#[test]
+fn an_open_after_a_cut_rotation_continues_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let options = AuditOptions {
+        max_bytes: 1024,
+        max_files: 0,
+        syslog: None,
+    };
+    let log = AuditLog::open_with(&path, Clock::system(), options.clone()).unwrap();
+    for i in 0..20 {
+        log.append(&event(&format!("a-{i}"), &[])).unwrap();
+    }
+    drop(log);
+    // The current file gone (as if renamed to its number and the new one
+    // never put in place): the open begins a file that continues the chain.
+    let last = rotated_files(&path).last().unwrap().0;
+    fs::rename(&path, dir.path().join(format!("audit.log.{:06}", last + 1))).unwrap();
+    let log = AuditLog::open_with(&path, Clock::system(), options.clone()).unwrap();
+    log.append(&event("after", &[])).unwrap();
+    drop(log);
+    let mut files: Vec<PathBuf> = rotated_files(&path).into_iter().map(|(_, p)| p).collect();
+    files.push(path.clone());
+    let report = verify_files(&files).unwrap();
+    assert!(report.ok, "{report:?}");
+    // A leftover `.new` beside the current file is removed; rotation works again.
+    fs::write(dir.path().join("audit.log.new"), b"x").unwrap();
+    let log = AuditLog::open_with(&path, Clock::system(), options).unwrap();
+    assert!(!dir.path().join("audit.log.new").exists());
+    for i in 0..20 {
+        log.append(&event(&format!("b-{i}"), &[])).unwrap();
+    }
+    let mut files: Vec<PathBuf> = rotated_files(&path).into_iter().map(|(_, p)| p).collect();
+    files.push(path.clone());
+    assert!(verify_files(&files).unwrap().ok);
+}

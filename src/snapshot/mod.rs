@@ -58,6 +58,8 @@ pub enum SnapshotError {
     NewerFormat { found: u32, supported: u32 },
     #[error("the target store is not empty: restore into an empty folder, or add --force to replace what it holds")]
     NotEmpty,
+    #[error("{0} holds files that are not a keyward store; --force replaces only a store")]
+    NotAStore(String),
     #[error(transparent)]
     Barrier(#[from] BarrierError),
     #[error(transparent)]
@@ -380,6 +382,18 @@ pub struct Restored {
 /// never opens.
 pub fn restore(file: &Path, target: &Path, force: bool) -> Result<Restored, SnapshotError> {
     let header = check(file)?;
+    // A folder holding anything but a keyward store is never written into;
+    // one holding anything at all needs --force.
+    if let Ok(entries) = std::fs::read_dir(target) {
+        if entries.count() > 0 {
+            if !force {
+                return Err(SnapshotError::NotEmpty);
+            }
+            if !target.join("db").is_file() || !target.join("conf").is_file() {
+                return Err(SnapshotError::NotAStore(target.display().to_string()));
+            }
+        }
+    }
     let backend = SledBackend::open(target)?;
     if !backend.is_empty() {
         if !force {

@@ -124,3 +124,24 @@ fn a_rehashed_snapshot_is_refused_at_unseal() {
     assert!(again.status().sealed);
     assert!(again.get("secrets/app/1").is_err());
 }
+
+#[test]
+fn a_folder_holding_other_files_is_never_written_into() {
+    let dir = tempfile::tempdir().unwrap();
+    let (barrier, _) = vault(dir.path());
+    let file = dir.path().join("snap");
+    write_file(take(&barrier, dir.path(), "t".into()).unwrap(), &file);
+    let target = dir.path().join("elsewhere");
+    std::fs::create_dir(&target).unwrap();
+    std::fs::write(target.join("notes.txt"), b"mine").unwrap();
+    assert!(matches!(
+        restore(&file, &target, false),
+        Err(SnapshotError::NotEmpty)
+    ));
+    assert!(matches!(
+        restore(&file, &target, true),
+        Err(SnapshotError::NotAStore(_))
+    ));
+    let names: Vec<_> = std::fs::read_dir(&target).unwrap().collect();
+    assert_eq!(names.len(), 1, "only the file that was there");
+}

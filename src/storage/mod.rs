@@ -33,6 +33,9 @@ pub enum StorageError {
     Io(String),
     #[error("storage is corrupt: {0}")]
     Corrupt(String),
+    /// The operation cannot run now (another snapshot is running).
+    #[error("storage is busy: {0}")]
+    Busy(String),
     #[error(
         "the store has format version {found}, newer than this binary supports (version \
          {supported}): run the release that wrote it, or a later one"

@@ -207,8 +207,8 @@ impl SledBackend {
         {
             let mut capture = self.capture.write().unwrap_or_else(PoisonError::into_inner);
             if capture.is_some() {
-                return Err(StorageError::Io(
-                    "export: a snapshot is already running".into(),
+                return Err(StorageError::Busy(
+                    "a snapshot is already running; try again when it has finished".into(),
                 ));
             }
             *capture = Some(Mutex::new(Captured::default()));
@@ -550,6 +550,13 @@ mod tests {
         })
         .unwrap();
         assert_eq!(second, 6, "a b bb c e f");
+        // One snapshot at a time: a second one while one runs is refused.
+        db.export(&mut |_, _| {
+            let nested = db.export(&mut |_, _| Ok(()));
+            assert!(matches!(nested, Err(StorageError::Busy(_))), "{nested:?}");
+            Ok(())
+        })
+        .unwrap();
     }
 
     #[test]
