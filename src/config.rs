@@ -47,7 +47,12 @@ pub struct ServerConfig {
     pub oidc: OidcConfig,
     /// Bounds on connections, streams and request sizes (`limits.*`).
     pub server_limits: ServerLimits,
+    /// `audit.max_bytes`, `audit.max_files`, `audit.syslog`, `audit.syslog_socket`.
+    pub audit: crate::audit::AuditOptions,
 }
+
+/// Where `audit.syslog = true` sends records unless `audit.syslog_socket` names another socket.
+pub const DEFAULT_SYSLOG_SOCKET: &str = "/dev/log";
 
 /// How the server loads OIDC issuers' key sets (`oidc.*`).
 #[derive(Debug, Clone, Default)]
@@ -183,6 +188,10 @@ pub const KEYS: &[(&str, &str)] = &[
     ("tls.key", "KEYWARD_TLS_KEY"),
     ("tls.client_ca", "KEYWARD_TLS_CLIENT_CA"),
     ("audit.path", "KEYWARD_AUDIT_PATH"),
+    ("audit.max_bytes", "KEYWARD_AUDIT_MAX_BYTES"),
+    ("audit.max_files", "KEYWARD_AUDIT_MAX_FILES"),
+    ("audit.syslog", "KEYWARD_AUDIT_SYSLOG"),
+    ("audit.syslog_socket", "KEYWARD_AUDIT_SYSLOG_SOCKET"),
     ("oidc.ca_file", "KEYWARD_OIDC_CA_FILE"),
     ("oidc.jwks_dir", "KEYWARD_OIDC_JWKS_DIR"),
     (
@@ -331,6 +340,20 @@ pub fn parse(src: &dyn Source, base: &Path) -> Result<ServerConfig, ConfigError>
             allow_private_hosts: flag("oidc.allow_private_hosts")?,
         },
         server_limits: parse_server_limits(src, limits.max_bytes)?,
+        audit: crate::audit::AuditOptions {
+            max_bytes: number("audit.max_bytes", 0)? as u64,
+            max_files: u32::try_from(number("audit.max_files", 0)?)
+                .map_err(|_| ConfigError::Invalid("audit.max_files".into(), "too large"))?,
+            syslog: if flag("audit.syslog")? {
+                Some(
+                    src.get("audit.syslog_socket")
+                        .map(PathBuf::from)
+                        .unwrap_or_else(|| PathBuf::from(DEFAULT_SYSLOG_SOCKET)),
+                )
+            } else {
+                None
+            },
+        },
     })
 }
 

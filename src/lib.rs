@@ -45,6 +45,8 @@
 //! - `audit` — the hash-chained, fail-closed audit log; `barrier` — the seal,
 //!   the keyring and AES-256-GCM around every value; `metrics` — Prometheus
 //!   families, with no domain import (owners register `Refresh` hooks).
+//! - `snapshot` — point-in-time snapshots of the whole store (logical,
+//!   ciphertext as stored) and their offline restore.
 //! - `storage` — the `Backend` trait and its sled implementation with group
 //!   commit.
 //! - Leaves used by anyone: `clock` (the one `Clock`, wall time driven by
@@ -76,5 +78,6 @@ pub mod rotation;
 pub mod secrecy;
 pub mod secrets;
 pub mod server;
+pub mod snapshot;
 pub mod storage;
 pub mod token;

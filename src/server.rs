@@ -58,6 +58,32 @@ pub const USAGE_PERSIST_EVERY: Duration = Duration::from_secs(60);
 /// a connection slot (`limits.max_connections`) until then.
 pub const TLS_HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 
+/// Reopens the audit file at each SIGHUP until shutdown (see `AuditLog::reopen`).
+async fn reopen_audit_on_hangup(audit: Arc<AuditLog>, shutdown: crate::clock::Shutdown) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(hangup) => hangup,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGHUP: the audit file is not reopened on it");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => return,
+            got = hangup.recv() => {
+                if got.is_none() {
+                    return;
+                }
+                match audit.reopen() {
+                    Ok(()) => tracing::info!("SIGHUP: audit file reopened"),
+                    Err(error) => tracing::error!(%error, "SIGHUP: audit file not reopened"),
+                }
+            }
+        }
+    }
+}
+
 /// The gRPC router with the transport's layers (see `limits`).
 type GrpcRouter =
     Router<Stack<MapResponseLayer<fn(limits::GrpcResponse) -> limits::GrpcResponse>, NoLayer>>;
@@ -111,14 +137,31 @@ impl Server {
         }
         let backend = SledBackend::open(&config.storage_path)
             .map_err(|e| ServerError::Storage(e.to_string()))?;
+        // A store made by `snapshot restore` and not unsealed since.
+        let restored = crate::barrier::restore::read_marker(&backend)
+            .map_err(|e| ServerError::Storage(e.to_string()))?;
         let barrier = Barrier::new(Arc::new(backend), BarrierOptions::default())
             .map_err(|e| ServerError::Storage(e.to_string()))?;
         if let Some(dir) = config.audit_path.parent() {
             create_private_dirs(dir)
                 .map_err(|e| ServerError::Audit(format!("{}: {e}", dir.display())))?;
         }
-        let audit = AuditLog::open(&config.audit_path, clock.clone())
+        let audit = AuditLog::open_with(&config.audit_path, clock.clone(), config.audit.clone())
             .map_err(|e| ServerError::Audit(e.to_string()))?;
+        if let Some(marker) = restored {
+            // The restored vault's audit log begins with where it came from.
+            audit
+                .append_note(
+                    "keyward.v1.Sys/SnapshotRestore",
+                    "sys/snapshot",
+                    &[
+                        ("snapshot", &marker.snapshot),
+                        ("sha256", &marker.sha256),
+                        ("hmac_check", "at the first unseal"),
+                    ],
+                )
+                .map_err(|e| ServerError::Audit(e.to_string()))?;
+        }
         let metrics = Arc::new(Metrics::new());
         let shutdown = ShutdownTrigger::new();
         let mut core = Core::new(
@@ -199,8 +242,11 @@ impl Server {
             .add_service(reflection_v1.max_decoding_message_size(max))
             .add_service(reflection_v1alpha.max_decoding_message_size(max))
             .add_service(
-                SysServer::new(SysService::new(core.clone(), health))
-                    .max_decoding_message_size(max),
+                SysServer::new(
+                    SysService::new(core.clone(), health)
+                        .with_snapshot_dir(self.config.storage_path.clone()),
+                )
+                .max_decoding_message_size(max),
             )
             .add_service(SecretsServer::new(secrets).max_decoding_message_size(max))
             .add_service(
@@ -272,6 +318,11 @@ impl Server {
         let usage = core.usage.clone();
         tasks.spawn("usage-flush", move |shutdown| {
             usage.run_flusher(clock, USAGE_PERSIST_EVERY, shutdown)
+        });
+        // SIGHUP reopens the audit file (logrotate moved it).
+        let audit = core.audit.clone();
+        tasks.spawn("audit-reopen", move |shutdown| {
+            reopen_audit_on_hangup(audit, shutdown)
         });
         // Rotation: the scheduler runs while unsealed; its task ends once its
         // workers have stopped at a step boundary.

@@ -15,11 +15,37 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub struct SysService {
     core: Arc<Core>,
     health: tonic_health::server::HealthReporter,
+    /// Where a snapshot's content is staged (an unlinked file) while it is
+    /// streamed: the storage folder, so a snapshot never lands in a tmpfs.
+    snapshot_dir: std::path::PathBuf,
 }
 
 impl SysService {
     pub fn new(core: Arc<Core>, health: tonic_health::server::HealthReporter) -> Self {
-        Self { core, health }
+        Self {
+            core,
+            health,
+            snapshot_dir: std::env::temp_dir(),
+        }
+    }
+
+    /// Stages snapshots in `dir` (the server passes its storage folder).
+    pub fn with_snapshot_dir(mut self, dir: std::path::PathBuf) -> Self {
+        self.snapshot_dir = dir;
+        self
+    }
+}
+
+/// How much of a snapshot file one streamed chunk carries.
+const SNAPSHOT_CHUNK: usize = 256 * 1024;
+
+fn snapshot_failure(e: crate::snapshot::SnapshotError) -> Failure {
+    match e {
+        crate::snapshot::SnapshotError::Barrier(b) => b.into(),
+        crate::snapshot::SnapshotError::Storage(crate::storage::StorageError::Busy(message)) => {
+            Failure::new(crate::core::call::FailureKind::Conflict, message)
+        }
+        other => Failure::internal(other),
     }
 }
 
@@ -52,6 +78,81 @@ fn status_message(core: &Core) -> StatusResponse {
 
 #[tonic::async_trait]
 impl Sys for SysService {
+    type SnapshotSaveStream = tokio_stream::wrappers::ReceiverStream<Result<SnapshotChunk, Status>>;
+
+    /// Takes the snapshot (the server goes on serving: see
+    /// `storage::SledBackend::export`), records the call, then streams the
+    /// file: the first chunk carries the magic line, the header and the size.
+    async fn snapshot_save(
+        &self,
+        req: Request<SnapshotSaveRequest>,
+    ) -> Result<Response<Self::SnapshotSaveStream>, Status> {
+        let mut call = begin(
+            &self.core,
+            "keyward.v1.Sys/SnapshotSave",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        call.authorize(Capability::Admin, "sys/snapshot".into())?;
+        let barrier = self.core.barrier.clone();
+        let dir = self.snapshot_dir.clone();
+        let now = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(
+            i64::try_from(self.core.clock().now_ms()).unwrap_or(0),
+        )
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let taken = tokio::task::spawn_blocking(move || crate::snapshot::take(&barrier, &dir, now))
+            .await
+            .map_err(Failure::internal)
+            .and_then(|taken| taken.map_err(snapshot_failure));
+        let taken = call.check(taken)?;
+        tracing::info!(keys = taken.header.keys, sha256 = %taken.header.sha256, "snapshot taken");
+        call.ok(&[])?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut first = SnapshotChunk {
+                data: taken.head(),
+                total_bytes: taken.file_bytes(),
+                keys: taken.header.keys,
+                sha256: taken.header.sha256.clone(),
+            };
+            let mut content = match taken.content() {
+                Ok(content) => content,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(Status::internal(format!("snapshot: {e}"))));
+                    return;
+                }
+            };
+            let mut buf = vec![0u8; SNAPSHOT_CHUNK];
+            loop {
+                let n = match content.read(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(Status::internal(format!("snapshot: {e}"))));
+                        return;
+                    }
+                };
+                if n == 0 {
+                    break;
+                }
+                first.data.extend_from_slice(&buf[..n]);
+                let chunk = std::mem::take(&mut first);
+                // The caller went away: stop reading.
+                if tx.blocking_send(Ok(chunk)).is_err() {
+                    return;
+                }
+            }
+            if !first.data.is_empty() {
+                let _ = tx.blocking_send(Ok(first));
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
     async fn init(&self, req: Request<InitRequest>) -> Result<Response<InitResponse>, Status> {
         let mut call = begin(&self.core, "keyward.v1.Sys/Init", Access::Open, &req).await?;
         call.set_resource("sys/init");

@@ -132,6 +132,9 @@ pub enum AuditError {
     Broken,
     #[error("the audit key is not set (the vault is sealed)")]
     NoKey,
+    /// A second sink (syslog) did not take a record.
+    #[error("audit sink failed: {0}")]
+    Sink(String),
 }
 
 /// What became of a request.
@@ -246,9 +249,35 @@ pub struct Unanswered {
     pub request_id: String,
 }
 
+/// Where else records go and when the file rotates (`audit.*` of the config).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditOptions {
+    /// Rotate before a write would take the file past this many bytes; 0: never.
+    pub max_bytes: u64,
+    /// Rotated files kept (the oldest beyond are removed); 0: keep all.
+    pub max_files: u32,
+    /// Also send every record to this local syslog socket (a unix
+    /// datagram socket, `/dev/log` by default when `audit.syslog = true`).
+    pub syslog: Option<PathBuf>,
+}
+
+/// The `method` of the record that begins a file continuing the chain of
+/// the file before it (after a rotation or a reopen).
+pub const CONTINUE_METHOD: &str = "keyward.audit/Continue";
+
+/// How long a syslog send may block (the receiver's queue is full) before it fails.
+const SYSLOG_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// `<PRI>` of every syslog datagram: facility authpriv (10), severity info (6).
+const SYSLOG_PRI: &[u8] = b"<86>keyward: ";
+
 /// The tail of the chain and the file it is written to.
 struct Chain {
     file: File,
+    /// The syslog socket, connected; `None` until the first send (and
+    /// after a failed one, which reconnects at the next).
+    syslog: Option<std::os::unix::net::UnixDatagram>,
+    /// The number the next rotated file gets (`<path>.000001`, ...).
+    next_rotated: u64,
     /// `seq` of the newest record, 0 for an empty file.
     seq: u64,
     /// Hash of the newest record, zeros for an empty file.
@@ -262,6 +291,17 @@ struct Chain {
     second: Option<(u64, [u8; 19])>,
     /// A partial line could not be cut off: refuse to write after it.
     broken: bool,
+    /// `seq` and hash of the last record in `buf` once rendered.
+    pending: (u64, [u8; 32]),
+}
+
+/// Why a new file begins.
+#[derive(Clone, Copy)]
+enum Reason {
+    /// `audit.max_bytes` was reached.
+    Rotate,
+    /// The file was reopened (SIGHUP) and is a new one.
+    Reopen,
 }
 
 /// A record waiting for the chain: its body between the time and `prev`
@@ -275,6 +315,7 @@ struct Queued {
 pub struct AuditLog {
     path: PathBuf,
     clock: Clock,
+    options: AuditOptions,
     chain: Mutex<Chain>,
     /// Records rendered and waiting for whoever holds `chain` next.
     queue: Mutex<Vec<Queued>>,
@@ -350,6 +391,12 @@ impl AuditLog {
     /// Opens the log at `path`, creating it with mode 0600, or resumes it from its last record.
     /// Records carry the time `clock` gives.
     pub fn open(path: &Path, clock: Clock) -> Result<Self, AuditError> {
+        Self::open_with(path, clock, AuditOptions::default())
+    }
+
+    /// [`Self::open`] with rotation and a syslog sink.
+    pub fn open_with(path: &Path, clock: Clock, options: AuditOptions) -> Result<Self, AuditError> {
+        finish_rotation(path)?;
         let io_err = |source| AuditError::Io {
             path: path.to_owned(),
             source,
@@ -371,23 +418,60 @@ impl AuditLog {
             // A device or a pipe: nothing to resume (tests write to /dev/full).
             (0, [0; 32], 0)
         };
-        Ok(Self {
+        let rotated = rotated_files(path);
+        let next_rotated = rotated.last().map_or(1, |(number, _)| number + 1);
+        // A new file after rotated ones (the current one was moved away
+        // while the server was down) continues their chain.
+        let continued = match rotated.last() {
+            Some((_, last)) if len == 0 && meta.is_file() => {
+                let last_file = File::open(last).map_err(|source| AuditError::Io {
+                    path: last.clone(),
+                    source,
+                })?;
+                let last_len = last_file
+                    .metadata()
+                    .map_err(|source| AuditError::Io {
+                        path: last.clone(),
+                        source,
+                    })?
+                    .len();
+                Some((
+                    resume(&last_file, last_len, last)?,
+                    last.file_name().map(ToOwned::to_owned),
+                ))
+            }
+            _ => None,
+        };
+        let (seq, head) = match &continued {
+            Some(((seq, head), _)) => (*seq, *head),
+            None => (seq, head),
+        };
+        let log = Self {
             path: path.to_owned(),
             clock,
+            options,
             chain: Mutex::new(Chain {
                 file,
+                syslog: None,
+                next_rotated,
                 seq,
                 head,
                 len,
                 buf: Vec::with_capacity(1024),
                 second: None,
                 broken: false,
+                pending: (seq, head),
             }),
             queue: Mutex::new(Vec::new()),
             key: RwLock::new(None),
             aggregates: Mutex::new(Aggregates::default()),
             next_sweep_ms: AtomicU64::new(0),
-        })
+        };
+        if let Some((_, previous)) = continued {
+            let fields = continue_fields(Reason::Reopen, previous.as_deref());
+            log.append_rendered(fields)?;
+        }
+        Ok(log)
     }
 
     /// Sets the audit HMAC key (at unseal) or clears it (`None`, at seal). The old key is zeroized.
@@ -658,7 +742,26 @@ impl AuditLog {
         if chain.broken {
             return Err(AuditError::Broken);
         }
+        let records: Vec<&[u8]> = records.collect();
         let now_ms = self.clock.now_ms();
+        self.render_batch(chain, &records, now_ms);
+        let max = self.options.max_bytes;
+        if max > 0 && chain.len > 0 && chain.len + chain.buf.len() as u64 > max {
+            // The batch would take the file past its size: the next file
+            // begins (or the request fails; nothing is dropped).
+            self.rotate(chain, now_ms, Reason::Rotate)?;
+            self.render_batch(chain, &records, now_ms);
+        }
+        let result = self.write_batch(chain);
+        if chain.buf.capacity() > KEEP_BUFFER {
+            chain.buf = Vec::with_capacity(1024);
+        }
+        result
+    }
+
+    /// Numbers, times and chains `records` into `chain.buf` (the chain's
+    /// state is not changed); `chain.pending` gets the new tail.
+    fn render_batch(&self, chain: &mut Chain, records: &[&[u8]], now_ms: u64) {
         let mut seq = chain.seq;
         let mut head = chain.head;
         chain.buf.clear();
@@ -679,18 +782,23 @@ impl AuditLog {
             push_hex(&mut chain.buf, &head);
             chain.buf.extend_from_slice(b"\"}\n");
         }
+        chain.pending = (seq, head);
+    }
 
+    /// Writes `chain.buf` (rendered by [`Self::render_batch`]) to the file
+    /// and then to syslog; advances the chain once the file holds it.
+    fn write_batch(&self, chain: &mut Chain) -> Result<(), AuditError> {
+        let (seq, head) = chain.pending;
         let result = chain.file.write_all(&chain.buf);
         let written = chain.buf.len() as u64;
-        if chain.buf.capacity() > KEEP_BUFFER {
-            chain.buf = Vec::with_capacity(1024);
-        }
         match result {
             Ok(()) => {
                 chain.seq = seq;
                 chain.head = head;
                 chain.len += written;
-                Ok(())
+                // The file holds the records (the chain goes on); a sink
+                // that refuses them fails the request all the same.
+                self.send_syslog(chain)
             }
             Err(error) => {
                 // Cut off whatever part of the batch reached the file, so the next record
@@ -702,6 +810,204 @@ impl AuditLog {
                 Err(AuditError::Write(error))
             }
         }
+    }
+
+    /// Sends the records in `chain.buf` to syslog, one datagram each, if
+    /// configured. A send the socket refuses (no listener, a full queue for
+    /// [`SYSLOG_SEND_TIMEOUT`], a record over its datagram size) is a
+    /// failure; one reconnect is tried first (a restarted syslog daemon
+    /// makes a new socket).
+    fn send_syslog(&self, chain: &mut Chain) -> Result<(), AuditError> {
+        let Some(socket_path) = &self.options.syslog else {
+            return Ok(());
+        };
+        let mut datagram = Vec::new();
+        let mut lines = chain.buf.split(|&b| b == b'\n').filter(|l| !l.is_empty());
+        let mut line = lines.next();
+        let mut retried = false;
+        while let Some(record) = line {
+            datagram.clear();
+            datagram.extend_from_slice(SYSLOG_PRI);
+            datagram.extend_from_slice(record);
+            let sent = match &chain.syslog {
+                Some(socket) => socket.send(&datagram).map(|_| ()),
+                None => Err(io::Error::new(io::ErrorKind::NotConnected, "not connected")),
+            };
+            match sent {
+                Ok(()) => line = lines.next(),
+                Err(error) => {
+                    chain.syslog = None;
+                    if retried {
+                        tracing::error!(socket = %socket_path.display(), %error, "audit syslog send failed");
+                        return Err(AuditError::Sink(format!(
+                            "syslog socket {}: {error}",
+                            socket_path.display()
+                        )));
+                    }
+                    retried = true;
+                    chain.syslog = connect_syslog(socket_path).ok();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Begins a new file that continues the chain: its first record
+    /// ([`CONTINUE_METHOD`]) carries the hash of the last record before it.
+    /// Rotation: the new file is made (`<path>.new`) and its first record
+    /// written before the current file is renamed to `<path>.NNNNNN` and the
+    /// new one put in its place; any failure leaves the current file and
+    /// the chain as they were, and the caller's request fails.
+    fn rotate(&self, chain: &mut Chain, now_ms: u64, reason: Reason) -> Result<(), AuditError> {
+        let fresh = path_with(&self.path, ".new");
+        let io_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| AuditError::Io { path, source }
+        };
+        let rotated = path_with(&self.path, &format!(".{:06}", chain.next_rotated));
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&fresh)
+            .map_err(io_err(&fresh))?;
+        let fields = continue_fields(reason, rotated.file_name());
+        self.render_batch(chain, &[fields.as_slice()], now_ms);
+        let (seq, head) = chain.pending;
+        let undo = |error: AuditError| {
+            let _ = std::fs::remove_file(&fresh);
+            tracing::error!(path = %self.path.display(), %error, "audit rotation failed");
+            error
+        };
+        if let Err(e) = file.write_all(&chain.buf) {
+            return Err(undo(AuditError::Io {
+                path: fresh.clone(),
+                source: e,
+            }));
+        }
+        if let Err(e) = chain.file.sync_data() {
+            return Err(undo(AuditError::Io {
+                path: self.path.clone(),
+                source: e,
+            }));
+        }
+        if let Err(e) = std::fs::rename(&self.path, &rotated) {
+            return Err(undo(AuditError::Io {
+                path: rotated.clone(),
+                source: e,
+            }));
+        }
+        if let Err(e) = std::fs::rename(&fresh, &self.path) {
+            let _ = std::fs::rename(&rotated, &self.path);
+            return Err(undo(AuditError::Io {
+                path: self.path.clone(),
+                source: e,
+            }));
+        }
+        chain.file = file;
+        chain.seq = seq;
+        chain.head = head;
+        chain.len = chain.buf.len() as u64;
+        chain.next_rotated += 1;
+        tracing::info!(path = %self.path.display(), rotated = %rotated.display(), "audit log rotated");
+        self.prune();
+        self.send_syslog(chain)
+    }
+
+    /// Removes the oldest rotated files beyond `audit.max_files`.
+    fn prune(&self) {
+        let keep = self.options.max_files as usize;
+        if keep == 0 {
+            return;
+        }
+        let files = rotated_files(&self.path);
+        let extra = files.len().saturating_sub(keep);
+        for (_, path) in files.into_iter().take(extra) {
+            if let Err(error) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), %error, "old audit file not removed");
+            }
+        }
+    }
+
+    /// Reopens the file at the log's path (on SIGHUP, after logrotate moved
+    /// the file away). If the path still names the file being written,
+    /// nothing changes. If it names a new empty file (or none, which is
+    /// made), that file continues the chain: its first record carries the
+    /// hash of the last record of the moved file. A non-empty file that is
+    /// not ours is refused, and writing goes on in the old one.
+    pub fn reopen(&self) -> Result<(), AuditError> {
+        let mut chain = self.lock_chain();
+        let io_err = |source| AuditError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&self.path)
+            .map_err(io_err)?;
+        let (new, old) = (
+            file.metadata().map_err(io_err)?,
+            chain.file.metadata().map_err(io_err)?,
+        );
+        {
+            use std::os::unix::fs::MetadataExt;
+            if new.dev() == old.dev() && new.ino() == old.ino() {
+                return Ok(());
+            }
+        }
+        if new.len() != 0 {
+            return Err(AuditError::Corrupt {
+                path: self.path.clone(),
+                reason: "reopen found another non-empty file at the audit path; still writing to the moved file",
+            });
+        }
+        let queued = self.take_queue();
+        let now_ms = self.clock.now_ms();
+        let fields = continue_fields(Reason::Reopen, None);
+        self.render_batch(&mut chain, &[fields.as_slice()], now_ms);
+        let previous = std::mem::replace(&mut chain.file, file);
+        let previous_len = chain.len;
+        chain.len = 0;
+        let result = self.write_batch(&mut chain);
+        if result.is_err() {
+            chain.file = previous;
+            chain.len = previous_len;
+        } else {
+            let _ = previous.sync_data();
+            tracing::info!(path = %self.path.display(), "audit log reopened: a new file continues the chain");
+        }
+        let batch = self.write_records(&mut chain, queued.iter().map(|q| q.fields.as_slice()));
+        drop(chain);
+        answer(queued, &batch);
+        self.drain();
+        result
+    }
+
+    /// Writes a record of the server itself (no request): `method`,
+    /// `resource`, outcome `allowed`, and `fields` as extra string fields
+    /// (names must not be those of a record's own fields).
+    pub fn append_note(
+        &self,
+        method: &str,
+        resource: &str,
+        fields: &[(&str, &str)],
+    ) -> Result<(), AuditError> {
+        let mut buf = Vec::with_capacity(FIELDS_CAPACITY);
+        buf.extend_from_slice(b",\"request_id\":\"system\",\"method\":");
+        push_json_str(&mut buf, method);
+        push_optional(&mut buf, b"resource", Some(resource));
+        buf.extend_from_slice(b",\"outcome\":\"allowed\",\"code\":\"OK\"");
+        for (name, value) in fields {
+            buf.push(b',');
+            push_json_str(&mut buf, name);
+            buf.push(b':');
+            push_json_str(&mut buf, value);
+        }
+        self.append_rendered(buf)
     }
 
     fn take_queue(&self) -> Vec<Queued> {
@@ -745,6 +1051,90 @@ impl AuditLog {
     }
 }
 
+/// The fields of the record that begins a continuing file.
+fn continue_fields(reason: Reason, previous: Option<&std::ffi::OsStr>) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(FIELDS_CAPACITY);
+    buf.extend_from_slice(b",\"request_id\":\"system\",\"method\":");
+    push_json_str(&mut buf, CONTINUE_METHOD);
+    buf.extend_from_slice(b",\"outcome\":\"allowed\",\"code\":\"OK\",\"reason\":");
+    push_json_str(
+        &mut buf,
+        match reason {
+            Reason::Rotate => "rotate",
+            Reason::Reopen => "reopen",
+        },
+    );
+    if let Some(previous) = previous {
+        push_optional(
+            &mut buf,
+            b"previous_file",
+            Some(&previous.to_string_lossy()),
+        );
+    }
+    buf
+}
+
+/// Finishes or undoes a rotation a crash cut short: a `<path>.new` with no file at `path` becomes the
+/// file (the current one had been renamed to its number); one beside an
+/// existing file is removed (the rotation had not renamed anything).
+fn finish_rotation(path: &Path) -> Result<(), AuditError> {
+    let fresh = path_with(path, ".new");
+    if !fresh.is_file() {
+        return Ok(());
+    }
+    let outcome = if path.exists() {
+        std::fs::remove_file(&fresh)
+    } else {
+        std::fs::rename(&fresh, path)
+    };
+    outcome.map_err(|source| AuditError::Io {
+        path: fresh.clone(),
+        source,
+    })?;
+    tracing::warn!(path = %path.display(), "an audit rotation cut short by a crash was completed or undone");
+    Ok(())
+}
+
+/// `path` with `suffix` added to its file name.
+fn path_with(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
+/// The rotated files of the log at `path` (`<name>.NNNNNN`), oldest first.
+pub fn rotated_files(path: &Path) -> Vec<(u64, PathBuf)> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let digits = file.strip_prefix(&name)?.strip_prefix('.')?;
+            if digits.len() < 6 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            Some((digits.parse().ok()?, entry.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn connect_syslog(path: &Path) -> io::Result<std::os::unix::net::UnixDatagram> {
+    let socket = std::os::unix::net::UnixDatagram::unbound()?;
+    socket.connect(path)?;
+    socket.set_write_timeout(Some(SYSLOG_SEND_TIMEOUT))?;
+    Ok(socket)
+}
+
 /// Writes the queue when dropped: an async caller's record is written even if
 /// its future is dropped while it yields.
 struct DrainOnDrop<'a>(&'a AuditLog);
@@ -774,6 +1164,7 @@ impl AuditError {
                 AuditError::Write(io::Error::new(error.kind(), error.to_string()))
             }
             AuditError::NoKey => AuditError::NoKey,
+            AuditError::Sink(message) => AuditError::Sink(message.clone()),
             // Nothing else fails a write; whatever it is, the record is not written.
             _ => AuditError::Broken,
         }
@@ -845,8 +1236,7 @@ struct RecordHead {
     request_id: String,
     #[serde(default)]
     phase: Option<String>,
-    #[serde(rename = "method")]
-    _method: serde::de::IgnoredAny,
+    method: String,
     #[serde(rename = "outcome")]
     _outcome: Outcome,
     #[serde(rename = "code")]
@@ -854,6 +1244,8 @@ struct RecordHead {
 }
 
 struct CheckedRecord {
+    /// A record that begins a file continuing the chain of another.
+    continues: bool,
     seq: u64,
     request_id: String,
     phase: Option<String>,
@@ -886,6 +1278,7 @@ fn check_record(line: &[u8]) -> Result<CheckedRecord, &'static str> {
         return Err("hash does not match the record");
     }
     Ok(CheckedRecord {
+        continues: head.method == CONTINUE_METHOD,
         seq: head.seq,
         request_id: head.request_id,
         phase: head.phase,
@@ -912,45 +1305,12 @@ pub fn verify_bytes(bytes: &[u8]) -> io::Result<VerifyReport> {
 }
 
 fn verify_reader<R: BufRead>(mut reader: R) -> io::Result<VerifyReport> {
-    let mut line = Vec::with_capacity(1024);
-    let mut records = 0u64;
-    let mut prev = [0u8; 32];
-    let mut calls = OpenRequests::default();
-    let failure = loop {
-        line.clear();
-        let read = reader
-            .by_ref()
-            .take(MAX_RECORD_BYTES as u64 + 1)
-            .read_until(b'\n', &mut line)?;
-        if read == 0 {
-            break None;
-        }
-        records += 1;
-        let Some(text) = line.strip_suffix(b"\n") else {
-            let reason = if line.len() > MAX_RECORD_BYTES {
-                "record is too long"
-            } else {
-                "truncated record (no newline at the end)"
-            };
-            break Some((records, reason, false));
-        };
-        let checked = match check_record(text) {
-            Ok(checked) => checked,
-            Err(reason) => break Some((records, reason, true)),
-        };
-        if checked.seq != records {
-            break Some((records, "seq is not the previous seq + 1", true));
-        }
-        if checked.prev != prev {
-            break Some((records, "prev is not the hash of the previous record", true));
-        }
-        prev = checked.hash;
-        calls.note(checked);
-    };
-    let (unanswered, in_flight_at_end) = calls.unanswered();
-    let Some((first_bad, reason, at_line_start)) = failure else {
+    let mut walk = Walk::default();
+    let failure = walk.file(&mut reader, false)?;
+    let (unanswered, in_flight_at_end) = walk.calls.unanswered();
+    let Some(bad) = failure else {
         return Ok(VerifyReport {
-            records,
+            records: walk.records,
             ok: true,
             first_bad: None,
             unanswered,
@@ -958,14 +1318,180 @@ fn verify_reader<R: BufRead>(mut reader: R) -> io::Result<VerifyReport> {
             reason: None,
         });
     };
-    records += count_lines(&mut reader, at_line_start)?;
+    let records = walk.records + count_lines(&mut reader, bad.at_line_start)?;
     Ok(VerifyReport {
         records,
         ok: false,
-        first_bad: Some(first_bad),
+        first_bad: Some(bad.expected_seq),
         unanswered,
         in_flight_at_end,
-        reason: Some(reason),
+        reason: Some(bad.reason),
+    })
+}
+
+/// The state of a walk along the chain, over one file or several.
+#[derive(Default)]
+struct Walk {
+    /// Lines read so far, over all files.
+    records: u64,
+    /// Whether a first record was read (the chain's start is known).
+    started: bool,
+    /// The `seq` the next record must carry, once started.
+    next_seq: u64,
+    /// The hash the next record's `prev` must be.
+    prev: [u8; 32],
+    calls: OpenRequests,
+}
+
+/// The first line of a walk that fails.
+struct Bad {
+    /// Its 1-based line number in its file.
+    line: u64,
+    /// The `seq` the chain expected there.
+    expected_seq: u64,
+    reason: &'static str,
+    at_line_start: bool,
+}
+
+impl Walk {
+    /// Walks one file. The chain's first file begins at `seq` 1 with a
+    /// `prev` of zeros, or with a continuing record ([`CONTINUE_METHOD`]:
+    /// the files before it are not given). A later file (`continues`) must
+    /// begin where the file before it ended.
+    fn file<R: BufRead>(&mut self, reader: &mut R, continues: bool) -> io::Result<Option<Bad>> {
+        let mut line = Vec::with_capacity(1024);
+        let mut in_file = 0u64;
+        loop {
+            line.clear();
+            let read = reader
+                .by_ref()
+                .take(MAX_RECORD_BYTES as u64 + 1)
+                .read_until(b'\n', &mut line)?;
+            if read == 0 {
+                return Ok(None);
+            }
+            self.records += 1;
+            in_file += 1;
+            let expected_seq = if self.started { self.next_seq } else { 1 };
+            let bad = |reason, at_line_start| {
+                Ok(Some(Bad {
+                    line: in_file,
+                    expected_seq,
+                    reason,
+                    at_line_start,
+                }))
+            };
+            let Some(text) = line.strip_suffix(b"\n") else {
+                let reason = if line.len() > MAX_RECORD_BYTES {
+                    "record is too long"
+                } else {
+                    "truncated record (no newline at the end)"
+                };
+                return bad(reason, false);
+            };
+            let checked = match check_record(text) {
+                Ok(checked) => checked,
+                Err(reason) => return bad(reason, true),
+            };
+            if !self.started {
+                self.started = true;
+                if checked.continues {
+                    self.next_seq = checked.seq;
+                    self.prev = checked.prev;
+                } else {
+                    self.next_seq = 1;
+                }
+            }
+            if in_file == 1
+                && continues
+                && (checked.seq != self.next_seq || checked.prev != self.prev)
+            {
+                return bad(
+                    "the file does not continue the file before it: a file is missing or the \
+                     files are out of order",
+                    true,
+                );
+            }
+            if checked.seq != self.next_seq {
+                return bad("seq is not the previous seq + 1", true);
+            }
+            if checked.prev != self.prev {
+                return bad("prev is not the hash of the previous record", true);
+            }
+            self.prev = checked.hash;
+            self.next_seq = checked.seq + 1;
+            self.calls.note(checked);
+        }
+    }
+}
+
+/// The result of [`verify_files`]; serialises as `{"records", "ok",
+/// "first_bad", "file", "line", "reason", "files", "unanswered",
+/// "in_flight_at_end"}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ChainReport {
+    /// Lines in all files (after a failure, the rest of that file is counted too).
+    pub records: u64,
+    pub ok: bool,
+    /// The `seq` the chain expected at the first line that fails.
+    pub first_bad: Option<u64>,
+    /// The file holding that line, as given.
+    pub file: Option<String>,
+    /// Its 1-based line number in that file.
+    pub line: Option<u64>,
+    pub reason: Option<&'static str>,
+    /// `seq` of the chain's first and last record checked.
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    pub unanswered: Vec<Unanswered>,
+    pub in_flight_at_end: Vec<Unanswered>,
+}
+
+/// Checks `paths`, in the order given, as one chain: each file after the
+/// first must begin with the record that follows the last record of the
+/// file before it. Names the file and line of the first failure; a missing
+/// middle file or two files swapped fail at the first record of the file
+/// after the gap. Files made by rotation sort by name
+/// (`audit.log.000001`, ...), before the current `audit.log`.
+pub fn verify_files(paths: &[PathBuf]) -> Result<ChainReport, AuditError> {
+    let mut walk = Walk::default();
+    for (i, path) in paths.iter().enumerate() {
+        let io_err = |source| AuditError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let file = File::open(path).map_err(io_err)?;
+        let mut reader = BufReader::with_capacity(64 * 1024, file);
+        let failure = walk.file(&mut reader, i > 0).map_err(io_err)?;
+        if let Some(bad) = failure {
+            let rest = count_lines(&mut reader, bad.at_line_start).map_err(io_err)?;
+            let (unanswered, in_flight_at_end) = walk.calls.unanswered();
+            return Ok(ChainReport {
+                records: walk.records + rest,
+                ok: false,
+                first_bad: Some(bad.expected_seq),
+                file: Some(path.display().to_string()),
+                line: Some(bad.line),
+                reason: Some(bad.reason),
+                first_seq: None,
+                last_seq: None,
+                unanswered,
+                in_flight_at_end,
+            });
+        }
+    }
+    let (unanswered, in_flight_at_end) = walk.calls.unanswered();
+    Ok(ChainReport {
+        records: walk.records,
+        ok: true,
+        first_bad: None,
+        file: None,
+        line: None,
+        reason: None,
+        first_seq: walk.started.then_some(walk.next_seq - walk.records),
+        last_seq: walk.started.then_some(walk.next_seq - 1),
+        unanswered,
+        in_flight_at_end,
     })
 }
 

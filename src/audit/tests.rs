@@ -866,3 +866,102 @@ async fn an_ended_window_is_written_by_the_next_append_of_any_kind() {
     assert_eq!(records[records.len() - 1]["request_id"], "authenticated");
     assert_eq!(calls_recorded(&records, get), calls + 1);
 }
+
+/// Batched async appends keep their order and chain across rotations: every
+/// record lands once, the files verify as one chain, and no file is larger
+/// than `max_bytes` unless one batch alone is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn async_batches_stay_chained_across_rotations() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let options = AuditOptions {
+        max_bytes: 2048,
+        max_files: 0,
+        syslog: None,
+    };
+    let log = Arc::new(AuditLog::open_with(&path, Clock::system(), options).unwrap());
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..25 {
+                let id = format!("r-{t}-{i}");
+                log.append_async(&event(&id, &[])).await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let mut files: Vec<PathBuf> = rotated_files(&path).into_iter().map(|(_, p)| p).collect();
+    assert!(files.len() >= 3, "{files:?}");
+    files.push(path.clone());
+    let report = verify_files(&files).unwrap();
+    assert!(report.ok, "{report:?}");
+    let mut ids = std::collections::BTreeSet::new();
+    let mut continuing = 0;
+    for file in &files {
+        for line in read_lines(file) {
+            if line.contains(CONTINUE_METHOD) {
+                continuing += 1;
+            } else {
+                let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+                assert!(ids.insert(value["request_id"].as_str().unwrap().to_owned()));
+            }
+        }
+    }
+    assert_eq!(ids.len(), 200, "every record written once");
+    assert_eq!(continuing, files.len() - 1);
+    assert_eq!(report.records, 200 + continuing as u64);
+}
+
+#[test]
+fn a_file_beginning_mid_chain_without_a_continuing_record_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _log) = log_with(dir.path(), 5);
+    let lines = read_lines(&path);
+    // The first two records cut away: the file now begins at seq 3.
+    write_lines(&path, &lines[2..]);
+    let report = verify_files(std::slice::from_ref(&path)).unwrap();
+    assert!(!report.ok);
+    assert_eq!(report.line, Some(1));
+}
+
+/// A crash between the renames of a rotation, or a current file moved away
+/// while the server was down: the next open continues the chain.
+#[test]
+fn an_open_after_a_cut_rotation_continues_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let options = AuditOptions {
+        max_bytes: 1024,
+        max_files: 0,
+        syslog: None,
+    };
+    let log = AuditLog::open_with(&path, Clock::system(), options.clone()).unwrap();
+    for i in 0..20 {
+        log.append(&event(&format!("a-{i}"), &[])).unwrap();
+    }
+    drop(log);
+    // The current file gone (as if renamed to its number and the new one
+    // never put in place): the open begins a file that continues the chain.
+    let last = rotated_files(&path).last().unwrap().0;
+    fs::rename(&path, dir.path().join(format!("audit.log.{:06}", last + 1))).unwrap();
+    let log = AuditLog::open_with(&path, Clock::system(), options.clone()).unwrap();
+    log.append(&event("after", &[])).unwrap();
+    drop(log);
+    let mut files: Vec<PathBuf> = rotated_files(&path).into_iter().map(|(_, p)| p).collect();
+    files.push(path.clone());
+    let report = verify_files(&files).unwrap();
+    assert!(report.ok, "{report:?}");
+    // A leftover `.new` beside the current file is removed; rotation works again.
+    fs::write(dir.path().join("audit.log.new"), b"x").unwrap();
+    let log = AuditLog::open_with(&path, Clock::system(), options).unwrap();
+    assert!(!dir.path().join("audit.log.new").exists());
+    for i in 0..20 {
+        log.append(&event(&format!("b-{i}"), &[])).unwrap();
+    }
+    let mut files: Vec<PathBuf> = rotated_files(&path).into_iter().map(|(_, p)| p).collect();
+    files.push(path.clone());
+    assert!(verify_files(&files).unwrap().ok);
+}

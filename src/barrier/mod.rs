@@ -67,6 +67,7 @@
 
 mod envelope;
 mod keyring;
+pub mod restore;
 mod shamir;
 #[cfg(test)]
 mod tests;
@@ -115,6 +116,10 @@ pub enum BarrierError {
     /// The random generator or a primitive failed; names the step only.
     #[error("cryptographic failure: {0}")]
     Crypto(&'static str),
+    /// A restored store whose snapshot does not carry this vault's HMAC
+    /// (see `restore`); the vault stays sealed.
+    #[error("{0}")]
+    SnapshotRejected(String),
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -170,6 +175,7 @@ pub(crate) const KEY_LEN: usize = 32;
 pub(crate) type Key = Zeroizing<[u8; KEY_LEN]>;
 
 const SEAL_KEY: &str = "sys/seal";
+// `restore::MARKER_KEY` (`sys/seal-restore`) falls under the `sys/seal` prefix.
 const KEYRING_KEY: &str = "sys/keyring";
 const RESERVED_PREFIXES: [&str; 2] = [SEAL_KEY, KEYRING_KEY];
 /// The envelope term of a record under the root key.
@@ -422,6 +428,8 @@ impl Barrier {
                 return Err(error);
             }
         };
+        // A restored store opens only if its snapshot carries this vault's HMAC.
+        restore::check_at_unseal(self.backend.as_ref(), &record.derivation_root)?;
         // The process may have died anywhere inside the active reservation.
         let count = record.term(record.active).map_or(0, |term| term.reserved);
         let unsealed = Arc::new(Unsealed {
@@ -470,14 +478,29 @@ impl Barrier {
     /// its own, never a term key.
     pub fn derive_key(&self, purpose: &str) -> Result<Zeroizing<[u8; 32]>, BarrierError> {
         let keys = self.keys()?;
-        let failed = |_| BarrierError::Crypto("key derivation failed");
-        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, DERIVE_SALT)
-            .extract(&keys.unsealed.derivation_root[..]);
-        let info = [purpose.as_bytes()];
-        let okm = prk.expand(&info, hkdf::HKDF_SHA256).map_err(failed)?;
-        let mut out = Zeroizing::new([0u8; 32]);
-        okm.fill(&mut out[..]).map_err(failed)?;
-        Ok(out)
+        derive_from_root(&keys.unsealed.derivation_root, purpose)
+    }
+
+    /// What a snapshot header names: the vault id (hex) and the active
+    /// keyring term. Needs an unsealed vault.
+    pub fn snapshot_identity(&self) -> Result<(String, u32), BarrierError> {
+        match &*self.read() {
+            SealState::Unsealed { config, keys, .. } => {
+                Ok((hex::encode(config.vault_id), keys.active.term))
+            }
+            _ => Err(BarrierError::Sealed),
+        }
+    }
+
+    /// Hands every stored pair as it was at one instant, ciphertext and the
+    /// seal configuration as stored, to `sink` (see `storage`); returns the
+    /// count. Needs an unsealed vault.
+    pub fn export(
+        &self,
+        sink: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), StorageError>,
+    ) -> Result<u64, BarrierError> {
+        self.keys()?;
+        Ok(self.backend.export(sink)?)
     }
 
     pub fn get(&self, key: &str) -> Result<Option<Plaintext>, BarrierError> {
@@ -786,6 +809,17 @@ impl Barrier {
             .map_err(|_| BarrierError::WrongShares)?;
         Ok(KeyringRecord::decode(&plain)?)
     }
+}
+
+/// HKDF-SHA256 of the keyring's derivation root for `purpose`.
+fn derive_from_root(root: &Key, purpose: &str) -> Result<Zeroizing<[u8; 32]>, BarrierError> {
+    let failed = |_| BarrierError::Crypto("key derivation failed");
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, DERIVE_SALT).extract(&root[..]);
+    let info = [purpose.as_bytes()];
+    let okm = prk.expand(&info, hkdf::HKDF_SHA256).map_err(failed)?;
+    let mut out = Zeroizing::new([0u8; 32]);
+    okm.fill(&mut out[..]).map_err(failed)?;
+    Ok(out)
 }
 
 /// Opens the envelope stored under `key` with the term it names.

@@ -6,6 +6,7 @@
 mod bench;
 mod common;
 mod ident;
+mod ops;
 mod output;
 mod rotation;
 mod run;
@@ -116,6 +117,9 @@ pub enum Command {
     Provider(ProviderCommand),
     /// Measure throughput and latency against a live server.
     Bench(BenchArgs),
+    /// Offline snapshot operations (no server): restore.
+    #[command(subcommand)]
+    Snapshot(ops::SnapshotCommand),
     /// Generate a CA, server and client certificates into a folder.
     Certs {
         #[arg(long)]
@@ -143,6 +147,9 @@ pub enum OperatorCommand {
     Seal,
     /// Add a keyring term; new writes use it.
     RotateKey,
+    /// Snapshots of the whole store.
+    #[command(subcommand)]
+    Snapshot(ops::OperatorSnapshotCommand),
 }
 
 #[derive(Subcommand)]
@@ -254,8 +261,12 @@ pub enum TokenCommand {
 
 #[derive(Subcommand)]
 pub enum AuditCommand {
-    /// Check the hash chain of an audit file.
-    Verify { file: PathBuf },
+    /// Check the hash chain of audit files, in the order given, as one chain
+    /// (rotated files first: `audit.log.0* audit.log`).
+    Verify {
+        #[arg(required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
+    },
     /// The HMAC under which VALUE appears in the audit log.
     Hash { value: String },
 }
@@ -350,6 +361,12 @@ pub enum BenchMode {
         /// Internal: only open and unseal the store in DIR, then report.
         #[arg(long, hide = true)]
         open_only: bool,
+    },
+    /// Snapshot save and restore times and file size over a store made by
+    /// `bench startup --dir DIR` (its data is left as it was).
+    Snapshot {
+        #[arg(long)]
+        dir: PathBuf,
     },
 }
 

@@ -46,6 +46,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Provider(cmd) => super::rotation::provider(&g, format, cmd).await,
         Command::Bench(args) => bench(&g, format, args).await,
         Command::Certs { out } => certs(format, &out),
+        Command::Snapshot(cmd) => super::ops::snapshot(format, cmd),
     }
 }
 
@@ -78,6 +79,7 @@ async fn operator(g: &Global, format: Format, cmd: OperatorCommand) -> Result<()
             let term = client.rotate_key().await?;
             emit(format, &json!({"term": term}));
         }
+        OperatorCommand::Snapshot(cmd) => super::ops::snapshot_save(g, format, cmd).await?,
     }
     Ok(())
 }
@@ -97,27 +99,7 @@ async fn status(g: &Global, format: Format) -> Result<()> {
 
 async fn audit(g: &Global, format: Format, cmd: AuditCommand) -> Result<()> {
     match cmd {
-        AuditCommand::Verify { file } => {
-            let report = keyward::audit::verify_file(&file)?;
-            emit(format, &serde_json::to_value(&report)?);
-            // Not a broken chain: a change whose outcome was never written
-            // (cut off by a crash or a failed write). Named, not fatal.
-            if !report.unanswered.is_empty() {
-                eprintln!(
-                    "warning: {} request record(s) have no outcome record (see \"unanswered\")",
-                    report.unanswered.len()
-                );
-            }
-            if !report.ok {
-                anyhow::bail!(
-                    "the audit chain is broken at record {}",
-                    report
-                        .first_bad
-                        .map(|s| s.to_string())
-                        .unwrap_or_else(|| "?".into())
-                );
-            }
-        }
+        AuditCommand::Verify { files } => super::ops::audit_verify(format, &files)?,
         AuditCommand::Hash { value } => {
             let hash = connect(g).await?.audit_hash(&value).await?;
             emit(format, &json!({"hash": hash}));
@@ -134,6 +116,7 @@ async fn bench(g: &Global, format: Format, args: BenchArgs) -> Result<()> {
             write_seconds,
             open_only,
         }) => super::bench::startup(tokens, dir, write_seconds, open_only, format).await,
+        Some(BenchMode::Snapshot { dir }) => super::ops::bench_snapshot(&dir, format).await,
         None => super::bench::run(&options(g), &args, format).await,
     }
 }

@@ -33,6 +33,8 @@ pub use auth::IssueOptions;
 // -- rotation (issue 4) --
 mod rotation;
 mod watch;
+// -- operations (issue 16) --
+pub mod snapshot;
 pub use rotation::{RotationPolicySpec, ScheduleSpec, WatchStream};
 pub use watch::FreshSecret;
 

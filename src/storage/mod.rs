@@ -18,6 +18,7 @@
 //! `GroupCommit` wraps a backend for async callers: concurrent callers of
 //! `GroupCommit::durable` share one flush.
 
+pub mod format;
 mod group_commit;
 mod sled_backend;
 
@@ -32,6 +33,14 @@ pub enum StorageError {
     Io(String),
     #[error("storage is corrupt: {0}")]
     Corrupt(String),
+    /// The operation cannot run now (another snapshot is running).
+    #[error("storage is busy: {0}")]
+    Busy(String),
+    #[error(
+        "the store has format version {found}, newer than this binary supports (version \
+         {supported}): run the release that wrote it, or a later one"
+    )]
+    NewerFormat { found: u32, supported: u32 },
 }
 
 /// Key/value pairs in key order, as scans return them.
@@ -89,4 +98,14 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// Blocks until every write made before the call is on disk.
     fn flush(&self) -> Result<(), StorageError>;
+    /// Hands every pair, as it was at one instant, to `sink` while writes
+    /// go on (for snapshots; see `SledBackend::export`); returns the count.
+    fn export(
+        &self,
+        _sink: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), StorageError>,
+    ) -> Result<u64, StorageError> {
+        Err(StorageError::Io(
+            "export: this backend cannot take snapshots".into(),
+        ))
+    }
 }

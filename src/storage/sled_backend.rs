@@ -18,9 +18,11 @@
 //! process loses nothing (the kernel holds the file), but after a power
 //! loss such a value can be missing while later writes survive.
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Mutex, PoisonError, RwLock};
 
-use super::{Backend, BatchOp, CasOutcome, KeyValues, StorageError};
+use super::{format, Backend, BatchOp, CasOutcome, KeyValues, StorageError};
 
 /// How long an open waits for the folder lock (see `SledBackend::open`).
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
@@ -28,6 +30,21 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 /// A `Backend` over a sled database folder.
 pub struct SledBackend {
     db: sled::Db,
+    /// While a snapshot runs: the value each key had when it began, kept by
+    /// the first write to the key after that (see `export`). Every write
+    /// holds the read side of this lock from its pre-image to its write; a
+    /// snapshot takes the write side only to begin and to end.
+    capture: RwLock<Option<Mutex<Captured>>>,
+}
+
+/// What a running snapshot keeps.
+#[derive(Default)]
+struct Captured {
+    /// Key -> its value when the snapshot began (`None`: it did not exist)
+    /// and whether the walk had already handed the key out when it was kept.
+    kept: BTreeMap<Vec<u8>, (Option<Vec<u8>>, bool)>,
+    /// The last key the walk handed out.
+    cursor: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for SledBackend {
@@ -106,8 +123,12 @@ impl SledBackend {
         loop {
             match sled::Config::new().path(path.as_ref()).open() {
                 Ok(db) => {
+                    format::check_and_migrate(&db)?;
                     keep_private(path.as_ref())?;
-                    return Ok(Self { db });
+                    return Ok(Self {
+                        db,
+                        capture: RwLock::new(None),
+                    });
                 }
                 // sled says so only in the message (kind `Other`).
                 Err(sled::Error::Io(e))
@@ -119,6 +140,153 @@ impl SledBackend {
                 Err(e) => return Err(sled_error("open", e)),
             }
         }
+    }
+
+    /// Runs `write` under the capture lock, keeping the pre-image of each
+    /// of `keys` first if a snapshot is running and the key has none yet.
+    fn captured<T>(
+        &self,
+        keys: &mut dyn Iterator<Item = &[u8]>,
+        write: impl FnOnce() -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        let capture = self.capture.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(map) = capture.as_ref() {
+            for key in keys {
+                let known = map
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .kept
+                    .contains_key(key);
+                if !known {
+                    // The first write after the snapshot began: no other
+                    // write to this key happened since, so this is the value
+                    // the key had then. A racing first writer may read the
+                    // same value; `or_insert` keeps one.
+                    let before = self.get(key)?;
+                    let mut captured = map.lock().unwrap_or_else(PoisonError::into_inner);
+                    let passed = captured
+                        .cursor
+                        .as_deref()
+                        .is_some_and(|cursor| key <= cursor);
+                    captured
+                        .kept
+                        .entry(key.to_vec())
+                        .or_insert((before, passed));
+                }
+            }
+        }
+        let out = write();
+        drop(capture);
+        out
+    }
+
+    /// A point-in-time copy of every key and value, handed to `sink` one
+    /// pair at a time, while writes go on; returns the number of pairs.
+    ///
+    /// Consistency: beginning takes the capture lock's write side, so it
+    /// waits for the writes in flight and stops new ones for that moment
+    /// only; the instant it holds the lock is the snapshot's point in time
+    /// T0. From then on every write keeps, before it changes a key, the
+    /// key's value at T0 (the first write after T0 to a key reads it; no
+    /// write came between). The walk reads each live pair and then looks
+    /// for a kept value: a live value written after T0 was written after
+    /// its pre-image was kept, so the walk finds the pre-image and hands it
+    /// out instead. The walk notes the last key it handed out (the cursor,
+    /// under the same mutex as the kept values); a key first written after
+    /// the walk passed it was handed out already, with its value at T0 (no
+    /// write to it came between). A key kept before the walk reached it and
+    /// not met by the walk (removed after T0, perhaps made again after the
+    /// walk passed its place) is handed out at the end from its kept value;
+    /// keys made after T0 (kept as absent) are skipped. Every key of T0 is
+    /// thus handed out once, with its value at T0, and no other key.
+    /// The pairs are not in key order.
+    pub fn export(
+        &self,
+        sink: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), StorageError>,
+    ) -> Result<u64, StorageError> {
+        {
+            let mut capture = self.capture.write().unwrap_or_else(PoisonError::into_inner);
+            if capture.is_some() {
+                return Err(StorageError::Busy(
+                    "a snapshot is already running; try again when it has finished".into(),
+                ));
+            }
+            *capture = Some(Mutex::new(Captured::default()));
+        }
+        let mut met = std::collections::BTreeSet::new();
+        let result = self.walk(sink, &mut met);
+        let captured = self
+            .capture
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let mut count = result?;
+        let captured = captured
+            .map(|m| m.into_inner().unwrap_or_else(PoisonError::into_inner))
+            .unwrap_or_default();
+        for (key, (before, passed)) in captured.kept {
+            if let Some(value) = before {
+                if !passed && !met.contains(&key) {
+                    sink(&key, &value)?;
+                    count += 1;
+                }
+            }
+        }
+        Ok(count)
+    }
+
+    /// The walk of `export`; `met` gets the keys it found a kept value for.
+    fn walk(
+        &self,
+        sink: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), StorageError>,
+        met: &mut std::collections::BTreeSet<Vec<u8>>,
+    ) -> Result<u64, StorageError> {
+        let mut count = 0u64;
+        for item in self.db.iter() {
+            let (key, live) = item.map_err(|e| sled_error("export", e))?;
+            let kept = {
+                let capture = self.capture.read().unwrap_or_else(PoisonError::into_inner);
+                capture.as_ref().and_then(|map| {
+                    let mut captured = map.lock().unwrap_or_else(PoisonError::into_inner);
+                    captured.cursor = Some(key.to_vec());
+                    captured
+                        .kept
+                        .get(key.as_ref())
+                        .map(|(before, _)| before.clone())
+                })
+            };
+            let value = match kept {
+                // Changed since T0: its value then, or absent then.
+                Some(Some(before)) => {
+                    met.insert(key.to_vec());
+                    before
+                }
+                Some(None) => continue,
+                None => live.to_vec(),
+            };
+            sink(&key, &value)?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// Records the format version of restored pairs and migrates them to
+    /// this binary's (see `format`).
+    pub fn restore_format(&self, version: u32) -> Result<(), StorageError> {
+        format::write(&self.db, version)?;
+        format::check_and_migrate(&self.db)
+    }
+
+    /// Whether the store holds no key at all.
+    pub fn is_empty(&self) -> bool {
+        self.db.is_empty()
+    }
+
+    /// Removes every key (a forced restore); the format version stays.
+    pub fn clear(&self) -> Result<(), StorageError> {
+        self.captured(&mut std::iter::empty(), || {
+            self.db.clear().map_err(|e| sled_error("clear", e))
+        })
     }
 
     fn collect(
@@ -142,17 +310,21 @@ impl Backend for SledBackend {
     }
 
     fn put(&self, key: &[u8], value: &[u8]) -> Result<(), StorageError> {
-        self.db
-            .insert(key, value)
-            .map(|_| ())
-            .map_err(|e| sled_error("put", e))
+        self.captured(&mut std::iter::once(key), || {
+            self.db
+                .insert(key, value)
+                .map(|_| ())
+                .map_err(|e| sled_error("put", e))
+        })
     }
 
     fn delete(&self, key: &[u8]) -> Result<(), StorageError> {
-        self.db
-            .remove(key)
-            .map(|_| ())
-            .map_err(|e| sled_error("delete", e))
+        self.captured(&mut std::iter::once(key), || {
+            self.db
+                .remove(key)
+                .map(|_| ())
+                .map_err(|e| sled_error("delete", e))
+        })
     }
 
     fn scan_prefix(&self, prefix: &[u8]) -> Result<KeyValues, StorageError> {
@@ -178,11 +350,12 @@ impl Backend for SledBackend {
         expected: Option<&[u8]>,
         new: Option<&[u8]>,
     ) -> Result<CasOutcome, StorageError> {
-        match self
-            .db
-            .compare_and_swap(key, expected, new)
-            .map_err(|e| sled_error("compare_and_swap", e))?
-        {
+        let swapped = self.captured(&mut std::iter::once(key), || {
+            self.db
+                .compare_and_swap(key, expected, new)
+                .map_err(|e| sled_error("compare_and_swap", e))
+        })?;
+        match swapped {
             Ok(()) => Ok(CasOutcome::Swapped),
             Err(conflict) => Ok(CasOutcome::Conflict {
                 current: conflict.current.map(|v| v.to_vec()),
@@ -191,6 +364,12 @@ impl Backend for SledBackend {
     }
 
     fn batch(&self, ops: Vec<BatchOp>) -> Result<(), StorageError> {
+        let keys: Vec<Vec<u8>> = ops
+            .iter()
+            .map(|op| match op {
+                BatchOp::Put(key, _) | BatchOp::Delete(key) => key.clone(),
+            })
+            .collect();
         let mut batch = sled::Batch::default();
         for op in ops {
             match op {
@@ -198,9 +377,18 @@ impl Backend for SledBackend {
                 BatchOp::Delete(key) => batch.remove(key),
             }
         }
-        self.db
-            .apply_batch(batch)
-            .map_err(|e| sled_error("batch", e))
+        self.captured(&mut keys.iter().map(Vec::as_slice), || {
+            self.db
+                .apply_batch(batch)
+                .map_err(|e| sled_error("batch", e))
+        })
+    }
+
+    fn export(
+        &self,
+        sink: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), StorageError>,
+    ) -> Result<u64, StorageError> {
+        SledBackend::export(self, sink)
     }
 
     fn flush(&self) -> Result<(), StorageError> {
@@ -304,6 +492,71 @@ mod tests {
         assert_eq!(db.get(b"a").unwrap(), Some(b"1".to_vec()));
         assert_eq!(db.get(b"b").unwrap(), Some(b"2".to_vec()));
         assert_eq!(db.get(b"gone").unwrap(), None);
+    }
+
+    /// Writes made while the export walks (from its sink, so the order is
+    /// fixed) change nothing in what it hands out: every key as it was at
+    /// the start, once, and no key made after.
+    #[test]
+    fn export_is_the_store_at_its_start_whatever_is_written_meanwhile() {
+        let (_dir, db) = open();
+        for key in ["a", "b", "c", "d", "e", "f", "g"] {
+            db.put(key.as_bytes(), format!("{key}0").as_bytes())
+                .unwrap();
+        }
+        let mut out = std::collections::BTreeMap::new();
+        let mut writes_done = false;
+        let count = db
+            .export(&mut |key, value| {
+                assert!(
+                    out.insert(key.to_vec(), value.to_vec()).is_none(),
+                    "a key handed out twice"
+                );
+                if !writes_done {
+                    writes_done = true;
+                    // After the walk's first key ("a"):
+                    db.put(b"a", b"a1").unwrap(); // already walked
+                    db.put(b"c", b"c1").unwrap(); // not walked yet
+                    db.delete(b"d").unwrap(); // removed before the walk gets there
+                    db.delete(b"e").unwrap(); // removed, then made again
+                    db.put(b"e", b"e1").unwrap();
+                    db.put(b"bb", b"new").unwrap(); // made after the start
+                    db.batch(vec![
+                        BatchOp::Put(b"f".to_vec(), b"f1".to_vec()),
+                        BatchOp::Delete(b"g".to_vec()),
+                    ])
+                    .unwrap();
+                    assert_eq!(
+                        db.compare_and_swap(b"b", Some(b"b0"), Some(b"b1")).unwrap(),
+                        CasOutcome::Swapped
+                    );
+                }
+                Ok(())
+            })
+            .unwrap();
+        let expected: std::collections::BTreeMap<Vec<u8>, Vec<u8>> =
+            ["a", "b", "c", "d", "e", "f", "g"]
+                .iter()
+                .map(|k| (k.as_bytes().to_vec(), format!("{k}0").into_bytes()))
+                .collect();
+        assert_eq!(out, expected);
+        assert_eq!(count, 7);
+        // The writes themselves happened, and a second export sees them.
+        assert_eq!(db.get(b"c").unwrap(), Some(b"c1".to_vec()));
+        let mut second = 0;
+        db.export(&mut |_, _| {
+            second += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(second, 6, "a b bb c e f");
+        // One snapshot at a time: a second one while one runs is refused.
+        db.export(&mut |_, _| {
+            let nested = db.export(&mut |_, _| Ok(()));
+            assert!(matches!(nested, Err(StorageError::Busy(_))), "{nested:?}");
+            Ok(())
+        })
+        .unwrap();
     }
 
     #[test]

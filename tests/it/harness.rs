@@ -102,6 +102,17 @@ impl TestServer {
         Self::serve(dir, vault.server, ca, root_token, unseal_share).await
     }
 
+    /// A dev server over an existing dev folder (a restored snapshot, a
+    /// fixture): it unseals with the folder's dev credentials.
+    pub async fn open_dev(dir: tempfile::TempDir) -> Result<Self, keyward::dev::DevError> {
+        install_crypto();
+        let vault = keyward::dev::open(dir.path(), None).await?;
+        let root_token = vault.credentials.root_token.clone();
+        let unseal_share = vault.credentials.unseal_share.clone();
+        let ca = vault.certs.ca.clone();
+        Ok(Self::serve(dir, vault.server, ca, root_token, unseal_share).await)
+    }
+
     /// A server that is not initialised yet (for init and unseal tests).
     pub async fn uninitialized() -> Self {
         install_crypto();
@@ -120,6 +131,7 @@ impl TestServer {
             limits: DataLimits::default(),
             oidc: Default::default(),
             server_limits: keyward::config::ServerLimits::default(),
+            audit: Default::default(),
         };
         let server = Server::open(config).unwrap();
         Self::serve(dir, server, certs.ca, String::new(), String::new()).await
