@@ -12,11 +12,15 @@
 //!
 //! Files: `listen.rs` (TLS, connection bounds, serving, drain), `reply.rs`
 //! (envelope, errors, request reading), one file per group of routes, each
-//! with its own `routes()`: `sys.rs`.
+//! with its own `routes()`: `sys.rs`, `kv.rs` (KV v2 at `secret/`),
+//! `token.rs` (`auth/token/*`), `login.rs` (AppRole, JWT, cert logins).
 
+pub mod kv;
 pub mod listen;
+pub mod login;
 pub mod reply;
 pub mod sys;
+pub mod token;
 
 use std::sync::Arc;
 
@@ -66,6 +70,9 @@ impl HttpState {
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .merge(sys::routes())
+        .merge(kv::routes())
+        .merge(token::routes())
+        .merge(login::routes())
         // OIDC discovery (src/http/oidc.rs) merges here: `.merge(oidc::routes())`.
         .fallback(not_found)
         .with_state(state)

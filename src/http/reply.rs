@@ -38,9 +38,11 @@ pub fn http_status(kind: FailureKind) -> StatusCode {
     }
 }
 
-/// Vault's error body: `{"errors": [message]}` with `status`.
+/// Vault's error body: `{"errors": [message]}` with `status` (`[]` for an
+/// empty message, as Vault answers a plain 404).
 pub fn errors(status: StatusCode, message: &str) -> Response {
-    json_response(status, &json!({ "errors": [message] }))
+    let list: Vec<&str> = if message.is_empty() { vec![] } else { vec![message] };
+    json_response(status, &json!({ "errors": list }))
 }
 
 /// A failure of the seam, answered the Vault way.
@@ -52,6 +54,27 @@ impl IntoResponse for Failure {
     fn into_response(self) -> Response {
         failure(&self)
     }
+}
+
+// So a handler returning `Result<Response, Response>` can `?` a failure.
+impl From<Failure> for Response {
+    fn from(f: Failure) -> Self {
+        failure(&f)
+    }
+}
+
+/// What a handler answers: either way a response.
+pub type Answer = Result<Response, Response>;
+
+/// Milliseconds since the epoch as Vault writes times (RFC 3339, UTC,
+/// microseconds); 0 is "".
+pub fn time(ms: u64) -> String {
+    if ms == 0 {
+        return String::new();
+    }
+    chrono::DateTime::from_timestamp_millis(ms as i64)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+        .unwrap_or_default()
 }
 
 pub fn json_response(status: StatusCode, body: &Value) -> Response {
@@ -88,6 +111,8 @@ pub struct Envelope {
     pub lease_duration: u64,
     pub renewable: bool,
     pub mount_type: Option<&'static str>,
+    /// Vault's `warnings` (`null` when there are none).
+    pub warnings: Vec<String>,
 }
 
 impl Envelope {
@@ -99,6 +124,7 @@ impl Envelope {
             lease_duration: 0,
             renewable: false,
             mount_type: None,
+            warnings: Vec::new(),
         }
     }
 
@@ -122,7 +148,7 @@ impl Envelope {
             "lease_duration": self.lease_duration,
             "data": self.data,
             "wrap_info": null,
-            "warnings": null,
+            "warnings": if self.warnings.is_empty() { Value::Null } else { json!(self.warnings) },
             "auth": self.auth,
         });
         if let (Some(t), Some(map)) = (self.mount_type, v.as_object_mut()) {
@@ -190,6 +216,12 @@ impl VaultRequest {
 
     pub fn request_id(&self) -> &str {
         &self.request_id
+    }
+
+    /// The token the request carries, to answer it back to its sender
+    /// (lookup-self's `id`, renew-self's `client_token`).
+    pub fn token_text(&self) -> Option<String> {
+        self.token.as_ref().map(|t| t.as_str().to_owned())
     }
 
     /// Whether a token header was sent.
