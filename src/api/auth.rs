@@ -216,11 +216,7 @@ impl Auth for AuthService {
             r.uses,
             &r.cidrs,
         )?;
-        let issued = call.check(
-            self.core
-                .tokens
-                .issue(request, self.core.clock().now_ms()),
-        )?;
+        let issued = call.check(self.core.tokens.issue(request, self.core.clock().now_ms()))?;
         call.check(self.core.barrier.durable().await)?;
         call.set_resource(format!("{TOKEN_RESOURCE}/{}", issued.accessor));
         call.ok_async(&[]).await?;

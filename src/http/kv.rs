@@ -124,10 +124,12 @@ async fn read(state: &HttpState, req: &VaultRequest, path: &str) -> Answer {
     let (mut call, path) = begin_path(state, req, "keyward.v1.Secrets/Get", path).await?;
     let selector = match req.param("version") {
         None | Some("") | Some("0") => Selector::Stage(Stage::Current),
-        Some(v) => Selector::Version(call.check(
-            v.parse::<u64>()
-                .map_err(|_| Failure::invalid("version must be a positive integer")),
-        )?),
+        Some(v) => Selector::Version(
+            call.check(
+                v.parse::<u64>()
+                    .map_err(|_| Failure::invalid("version must be a positive integer")),
+            )?,
+        ),
     };
     call.authorize(Capability::Read, path.resource())?;
     let found = call.check(state.core.secrets.get(&path, selector))?;
@@ -213,12 +215,11 @@ async fn put(state: &HttpState, req: &VaultRequest, path: &str) -> Answer {
         .map(|(k, v)| (k.as_str(), v.expose()))
         .collect();
     call.ok_async(&refs).await?;
-    Ok(Envelope::data(
-        req.request_id(),
-        version_metadata(version, now, 0, false),
+    Ok(
+        Envelope::data(req.request_id(), version_metadata(version, now, 0, false))
+            .kv()
+            .into_response(),
     )
-    .kv()
-    .into_response())
 }
 
 /// `DELETE secret/data/<path>`: soft-deletes the newest version.

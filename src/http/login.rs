@@ -45,7 +45,10 @@ fn require_write(req: &VaultRequest) -> Result<(), axum::response::Response> {
 }
 
 /// Starts a login call (no token; refused while sealed), as gRPC's Login.
-async fn begin_login(state: &HttpState, req: &VaultRequest) -> Result<Call, axum::response::Response> {
+async fn begin_login(
+    state: &HttpState,
+    req: &VaultRequest,
+) -> Result<Call, axum::response::Response> {
     let mut call = req
         .begin(&state.core, "keyward.v1.Auth/Login", Access::Open)
         .await?;
@@ -260,8 +263,15 @@ async fn secret_id(
             .filter(|s| !s.is_empty())
             .map(str::to_owned)
             .collect(),
-        Some(Value::Array(a)) => a.iter().filter_map(|c| c.as_str().map(str::to_owned)).collect(),
-        Some(_) => return Err(call.fail(Failure::invalid("cidr_list must be a list")).into()),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|c| c.as_str().map(str::to_owned))
+            .collect(),
+        Some(_) => {
+            return Err(call
+                .fail(Failure::invalid("cidr_list must be a list"))
+                .into())
+        }
     };
     let cidrs = call.check(parse_cidrs(&cidr_texts))?;
     call.authorize(Capability::Issue, name.resource())?;

@@ -41,7 +41,11 @@ pub fn http_status(kind: FailureKind) -> StatusCode {
 /// Vault's error body: `{"errors": [message]}` with `status` (`[]` for an
 /// empty message, as Vault answers a plain 404).
 pub fn errors(status: StatusCode, message: &str) -> Response {
-    let list: Vec<&str> = if message.is_empty() { vec![] } else { vec![message] };
+    let list: Vec<&str> = if message.is_empty() {
+        vec![]
+    } else {
+        vec![message]
+    };
     json_response(status, &json!({ "errors": list }))
 }
 
@@ -197,12 +201,14 @@ impl VaultRequest {
         );
         let body = match axum::body::to_bytes(body, max_body).await {
             Ok(b) => b,
-            Err(_) => return Err(errors(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!(
+            Err(_) => {
+                return Err(errors(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!(
                     "the request body is larger than limits.max_request_bytes ({max_body} bytes)"
                 ),
-            )),
+                ))
+            }
         };
         Ok(Self {
             method: parts.method,

@@ -110,12 +110,22 @@ fn refuse_unsupported(body: &Map<String, Value>) -> Result<(), Failure> {
 }
 
 /// The body as a JSON object (an empty body is `{}`).
-fn object(req: &VaultRequest, call: &mut Call) -> Result<Map<String, Value>, axum::response::Response> {
+fn object(
+    req: &VaultRequest,
+    call: &mut Call,
+) -> Result<Map<String, Value>, axum::response::Response> {
     req.json::<Map<String, Value>>(call)
 }
 
 /// Vault's `auth` block for a token just issued or renewed.
-fn auth_block(token: &str, accessor: &str, policies: &[String], expires_at_ms: u64, now_ms: u64, uses: u32) -> Value {
+fn auth_block(
+    token: &str,
+    accessor: &str,
+    policies: &[String],
+    expires_at_ms: u64,
+    now_ms: u64,
+    uses: u32,
+) -> Value {
     json!({
         "client_token": token,
         "accessor": accessor,
@@ -200,7 +210,10 @@ async fn create(state: &HttpState, req: &VaultRequest) -> Answer {
         )?,
     };
     let cidrs: Vec<String> = match body.get("bound_cidrs") {
-        Some(Value::Array(a)) => a.iter().filter_map(|c| c.as_str().map(str::to_owned)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|c| c.as_str().map(str::to_owned))
+            .collect(),
         _ => Vec::new(),
     };
     let request = child_request(&mut call, policies, ttl, max_ttl, uses, &cidrs)?;

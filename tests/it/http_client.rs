@@ -38,7 +38,6 @@ impl HttpClient {
     }
 
     /// A client presenting `cert`/`key` (PEM files) to the server.
-    #[allow(dead_code)]
     pub fn with_client_cert(addr: SocketAddr, ca: &Path, cert: &Path, key: &Path) -> Self {
         Self::build(addr, ca, Some((cert, key)))
     }
