@@ -243,8 +243,25 @@ enum VersionsOp {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct VersionsBody {
+    /// Numbers, or numbers written as strings (the CLIs send `["2"]`).
     #[serde(default)]
-    versions: Vec<u64>,
+    versions: Vec<Value>,
+}
+
+/// The version numbers of a `versions` list.
+fn version_numbers(values: &[Value]) -> Result<Vec<u64>, Failure> {
+    values
+        .iter()
+        .map(|v| match v {
+            Value::Number(n) => n.as_u64(),
+            Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        })
+        .map(|n| {
+            n.filter(|n| *n > 0)
+                .ok_or_else(|| Failure::invalid("versions must be positive version numbers"))
+        })
+        .collect()
 }
 
 /// The most versions one `delete/`, `undelete/` or `destroy/` may name.
@@ -268,10 +285,11 @@ async fn versions_op(state: &HttpState, req: &VaultRequest, path: &str, op: Vers
             )))
             .into());
     }
+    let versions = call.check(version_numbers(&body.versions))?;
     let proof = call.authorize(capability, path.resource())?;
     let now = state.core.clock().now_ms();
     let secrets = &state.core.secrets;
-    for v in body.versions {
+    for v in versions {
         let done = match op {
             VersionsOp::Delete => secrets.delete(&proof, &path, Some(v), now),
             VersionsOp::Undelete => secrets.undelete(&proof, &path, v, now),

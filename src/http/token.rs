@@ -295,7 +295,7 @@ fn lookup_data(info: &TokenInfo, id: Option<&str>, now_ms: u64) -> Value {
         "meta": { "identity": info.identity },
         "num_uses": info.uses_remaining,
         "orphan": info.parent_accessor.is_empty(),
-        "path": format!("auth/{}/login", info.method),
+        "path": if info.method == "token" { "auth/token/create".to_owned() } else { format!("auth/{}/login", info.method) },
         "policies": info.policies,
         "renewable": info.expires_at_ms != 0,
         "ttl": ttl,
