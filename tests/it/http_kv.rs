@@ -99,9 +99,7 @@ async fn kv_v2_data_versions_and_metadata() {
         .await;
     assert_eq!(a.status, 200, "{}", a.text);
     assert_eq!(a.json["data"]["keys"], json!(["db"]));
-    let a = http
-        .get(&format!("/v1/secret/metadata/?list=true"), root)
-        .await;
+    let a = http.get("/v1/secret/metadata/?list=true", root).await;
     assert!(
         a.json["data"]["keys"]
             .as_array()

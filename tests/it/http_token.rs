@@ -227,7 +227,7 @@ async fn approle_login_role_id_and_secret_id() {
     )
     .await;
     let name = unique("bot");
-    let (role_id, secret_id) = approle_identity(&root, &name, &[policy.clone()]).await;
+    let (role_id, secret_id) = approle_identity(&root, &name, std::slice::from_ref(&policy)).await;
     let rt = Some(server.root_token.as_str());
     // role-id read.
     let a = http
