@@ -155,20 +155,27 @@ fn unverified_iss(jwt: &str) -> Option<String> {
     claims.get("iss")?.as_str().map(str::to_owned)
 }
 
-/// `POST auth/jwt/login {"role": IDENTITY, "jwt"}`: the issuer whose URL is
-/// the token's `iss` checks it (as `login oidc --issuer`); the identity it
-/// maps to must be `role`.
+/// `POST auth/jwt/login {"role": IDENTITY, "jwt"}`: the issuer `role` is
+/// bound to whose URL is the token's `iss` checks it (as `login oidc
+/// --issuer`); the identity it maps to must be `role`.
 async fn jwt_login(State(state): State<HttpState>, req: Request) -> Answer {
     let req = VaultRequest::read(req, state.limits.max_request_bytes).await?;
     require_write(&req)?;
     let mut call = begin_login(&state, &req).await?;
     call.set_resource("auth/login/oidc");
     let body: JwtBody = req.json(&mut call)?;
+    // The issuer: one the role's identity is bound to whose URL is the
+    // JWT's `iss` (several issuers may share a URL). Every miss is the same
+    // refusal as a bad JWT.
     let issuers = call.check(state.core.identities.issuers())?;
+    let role = call.check(state.core.identities.get(&body.role))?;
     let iss = unverified_iss(&body.jwt);
-    let issuer = iss
-        .as_deref()
-        .and_then(|iss| issuers.iter().find(|i| i.issuer_url == iss));
+    let issuer = match (&role, iss.as_deref()) {
+        (Some(role), Some(iss)) => issuers
+            .iter()
+            .find(|i| i.issuer_url == iss && role.oidc_bindings.iter().any(|b| b.issuer == i.name)),
+        _ => None,
+    };
     let Some(issuer) = issuer else {
         return Err(call.fail(LoginError::Invalid).into());
     };

@@ -371,3 +371,135 @@ async fn cert_login_uses_the_connections_client_certificate() {
     assert_eq!(a.json["auth"]["metadata"]["identity"], name);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn jwt_login_finds_the_issuer_by_iss_and_checks_the_role() {
+    use super::ident_kit::{jwks, now_unix, Signer};
+    use keyward::proto::v1::PutOidcIssuerRequest;
+    let server = TestServer::dev().await;
+    let http = HttpClient::new(server.http_addr, &server.ca);
+    let root = server.root().await;
+    let iss = format!("https://{}.example.test", unique("ci"));
+    let signer = Signer::eddsa("http-key");
+    let file = server.dir.path().join("jwks").join("http-jwks.json");
+    std::fs::write(&file, jwks(&[&signer])).unwrap();
+    let issuer = unique("iss");
+    root.oidc_issuer_put(PutOidcIssuerRequest {
+        name: issuer.clone(),
+        issuer_url: iss.clone(),
+        jwks_file: file.display().to_string(),
+        jwks_url: String::new(),
+        audience: "keyward-test".into(),
+    })
+    .await
+    .unwrap();
+    let name = unique("runner");
+    root.identity_create(super::ident_kit::create(
+        &name,
+        "ci-runner",
+        "platform",
+        &[],
+    ))
+    .await
+    .unwrap();
+    root.identity_bind_oidc(&name, &issuer, &[("repository".into(), "acme/h".into())])
+        .await
+        .unwrap();
+    let other = unique("other");
+    root.identity_create(super::ident_kit::create(
+        &other,
+        "ci-runner",
+        "platform",
+        &[],
+    ))
+    .await
+    .unwrap();
+    let now = now_unix();
+    let claims = |repo: &str, iss: &str| {
+        json!({"iss": iss, "aud": "keyward-test", "sub": "x", "repository": repo,
+               "iat": now - 5, "nbf": now - 5, "exp": now + 120})
+    };
+    let jwt = signer.token(&claims("acme/h", &iss));
+    let a = http
+        .call(
+            "POST",
+            "/v1/auth/jwt/login",
+            None,
+            Some(json!({"role": name, "jwt": jwt})),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.json["auth"]["metadata"]["identity"], name);
+    // The same JWT for another role, a JWT of an unknown iss, a claim that
+    // binds nobody, a forged signature, an unknown role: each 403.
+    let refusals = [
+        json!({"role": other, "jwt": jwt}),
+        json!({"role": name, "jwt": signer.token(&claims("acme/h", "https://evil.test"))}),
+        json!({"role": name, "jwt": signer.token(&claims("acme/other", &iss))}),
+        json!({"role": name, "jwt": Signer::eddsa("http-key").token(&claims("acme/h", &iss))}),
+        json!({"role": unique("nobody"), "jwt": jwt}),
+    ];
+    let mut bodies = Vec::new();
+    for body in refusals {
+        let a = http
+            .call("POST", "/v1/auth/jwt/login", None, Some(body))
+            .await;
+        assert_eq!(a.status, 403, "{}", a.text);
+        bodies.push(a.error());
+    }
+    // What the HTTP layer decides (another role, an unknown iss, an unknown
+    // role) says nothing of which it was; the JWT checks' own messages are
+    // gRPC's (the domain's).
+    assert_eq!(bodies[0], bodies[1], "{bodies:?}");
+    assert_eq!(bodies[0], bodies[4], "{bodies:?}");
+    // A body missing the role is 400 naming it.
+    let a = http
+        .call(
+            "POST",
+            "/v1/auth/jwt/login",
+            None,
+            Some(json!({"jwt": jwt})),
+        )
+        .await;
+    assert_eq!(a.status, 400, "{}", a.text);
+    assert!(a.error().contains("role"), "{}", a.text);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_are_closed_at_once() {
+    let server = TestServer::dev_with(|c| c.server_limits.max_connections = 2).await;
+    // Two connections that never finish their handshake hold both slots.
+    let _a = tokio::net::TcpStream::connect(server.http_addr)
+        .await
+        .unwrap();
+    let _b = tokio::net::TcpStream::connect(server.http_addr)
+        .await
+        .unwrap();
+    // The third is accepted and closed: it reads end-of-file (waited for
+    // with a generous bound, not timed).
+    let mut c = tokio::net::TcpStream::connect(server.http_addr)
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        tokio::io::AsyncReadExt::read(&mut c, &mut buf),
+    )
+    .await
+    .expect("the third connection is closed");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    drop((_a, _b));
+    // Once they are gone, requests are served again.
+    let http = HttpClient::new(server.http_addr, &server.ca);
+    super::harness::eventually("a slot is free again", || async {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            http.get("/v1/sys/health", None),
+        )
+        .await
+        .is_ok_and(|a| a.status == 200)
+    })
+    .await;
+    server.stop().await;
+}
