@@ -96,7 +96,7 @@ fn token_info(i: crate::token::TokenInfo) -> TokenInfo {
 }
 
 /// Which token a lookup or revoke is about.
-enum Target {
+pub(crate) enum Target {
     Own,
     /// Found by its text: the caller holds it.
     Held(String),
@@ -105,7 +105,7 @@ enum Target {
 }
 
 impl AuthService {
-    fn target(call: &mut Call, token: &str, acc: &str) -> Result<Target, Failure> {
+    pub(crate) fn target(call: &mut Call, token: &str, acc: &str) -> Result<Target, Failure> {
         match (token.is_empty(), acc.is_empty()) {
             (true, true) => Ok(Target::Own),
             (false, false) => Err(call.fail(AuthInputError::Both)),
@@ -116,7 +116,7 @@ impl AuthService {
 
     /// Resolves the target to an accessor, checking `capability` where the
     /// caller is neither the token nor its ancestor.
-    fn resolve(
+    pub(crate) fn resolve(
         &self,
         call: &mut Call,
         caller: &Caller,
@@ -149,6 +149,46 @@ impl AuthService {
     }
 }
 
+/// Checks the input of a child token (policy names, TTLs, CIDRs) and the
+/// caller's `issue` on `sys/token`, and makes the request with the
+/// defaults. Shared by gRPC's IssueToken and HTTP's `auth/token/create`.
+pub(crate) fn child_request(
+    call: &mut Call,
+    policies: Vec<String>,
+    ttl_seconds: u64,
+    max_ttl_seconds: u64,
+    uses: u32,
+    cidr_texts: &[String],
+) -> Result<TokenRequest, Failure> {
+    let caller = call.require_caller()?;
+    for name in &policies {
+        if name != ROOT_POLICY && validate_name(name).is_err() {
+            return Err(call.fail(AuthInputError::PolicyName));
+        }
+    }
+    let ttl = call.check(seconds(ttl_seconds, "the TTL"))?;
+    let max_ttl = call.check(seconds(max_ttl_seconds, "the max TTL"))?;
+    let cidrs = cidr_texts
+        .iter()
+        .map(|c| c.parse::<Cidr>().map_err(AuthInputError::from))
+        .collect::<Result<Vec<_>, _>>();
+    let cidrs = call.check(cidrs)?;
+    call.authorize(Capability::Issue, TOKEN_RESOURCE.to_owned())?;
+    let ttl = ttl.unwrap_or(DEFAULT_TTL);
+    let max_ttl = max_ttl.unwrap_or_else(|| DEFAULT_MAX_TTL.max(ttl));
+    Ok(TokenRequest {
+        identity: caller.identity.clone(),
+        policies,
+        ttl,
+        max_ttl,
+        hard_expiry_ms: None,
+        uses,
+        cidrs,
+        parent_accessor: Some(caller.accessor.clone()),
+        method: "token",
+    })
+}
+
 #[tonic::async_trait]
 impl Auth for AuthService {
     /// Role-id + secret-id, certificate or OIDC login (`api/login.rs`).
@@ -167,38 +207,16 @@ impl Auth for AuthService {
             &req,
         )
         .await?;
-        let caller = call.require_caller()?;
         let r = req.into_inner();
-        for name in &r.policies {
-            if name != ROOT_POLICY && validate_name(name).is_err() {
-                return Err(call.fail(AuthInputError::PolicyName).into());
-            }
-        }
-        let ttl = call.check(seconds(r.ttl_seconds, "the TTL"))?;
-        let max_ttl = call.check(seconds(r.max_ttl_seconds, "the max TTL"))?;
-        let cidrs = r
-            .cidrs
-            .iter()
-            .map(|c| c.parse::<Cidr>().map_err(AuthInputError::from))
-            .collect::<Result<Vec<_>, _>>();
-        let cidrs = call.check(cidrs)?;
-        call.authorize(Capability::Issue, TOKEN_RESOURCE.to_owned())?;
-        let ttl = ttl.unwrap_or(DEFAULT_TTL);
-        let max_ttl = max_ttl.unwrap_or_else(|| DEFAULT_MAX_TTL.max(ttl));
-        let issued = call.check(self.core.tokens.issue(
-            TokenRequest {
-                identity: caller.identity.clone(),
-                policies: r.policies,
-                ttl,
-                max_ttl,
-                hard_expiry_ms: None,
-                uses: r.uses,
-                cidrs,
-                parent_accessor: Some(caller.accessor.clone()),
-                method: "token",
-            },
-            self.core.clock().now_ms(),
-        ))?;
+        let request = child_request(
+            &mut call,
+            r.policies,
+            r.ttl_seconds,
+            r.max_ttl_seconds,
+            r.uses,
+            &r.cidrs,
+        )?;
+        let issued = call.check(self.core.tokens.issue(request, self.core.clock().now_ms()))?;
         call.check(self.core.barrier.durable().await)?;
         call.set_resource(format!("{TOKEN_RESOURCE}/{}", issued.accessor));
         call.ok_async(&[]).await?;

@@ -41,7 +41,7 @@ impl IdentitiesService {
     /// A secret-id or a binding lets its maker log in as the identity, so
     /// making one needs every policy the identity holds (or `root`), as
     /// attaching those policies does.
-    fn require_holds_policies_of(
+    pub(crate) fn require_holds_policies_of(
         &self,
         call: &mut Call,
         name: &IdentityName,
@@ -132,7 +132,7 @@ fn expiry_from(seconds: u64, now: u64) -> u64 {
     }
 }
 
-fn parse_cidrs(texts: &[String]) -> Result<Vec<Cidr>, IdentityError> {
+pub(crate) fn parse_cidrs(texts: &[String]) -> Result<Vec<Cidr>, IdentityError> {
     texts
         .iter()
         .map(|t| {

@@ -58,6 +58,28 @@ pub(crate) async fn login(
         }
     };
     let grant = call.check(grant)?;
+    let issued = issue_login(core, &mut call, &grant, r.ttl_seconds).await?;
+    call.ok(&[("token", issued.token.expose().as_bytes())])?;
+    Ok(Response::new(TokenResponse {
+        token: issued.token.expose().to_owned(),
+        accessor: issued.accessor.clone(),
+        expires_at: timestamp(issued.expires_at_ms),
+        policies: issued.policies.clone(),
+        identity: issued.identity.clone(),
+    }))
+}
+
+/// Issues the token of a login whose credential checked out (`grant`):
+/// records the request, issues, checks the identity again, makes it
+/// durable. The caller answers with `call.ok`. Shared by gRPC's Login and
+/// the HTTP logins (`http::login`), so the rules are written once.
+pub(crate) async fn issue_login(
+    core: &Arc<Core>,
+    call: &mut crate::core::call::Call,
+    grant: &crate::identity::login::Grant,
+    ttl_seconds: u64,
+) -> Result<crate::token::IssuedToken, crate::core::call::Failure> {
+    let now = core.clock().now_ms();
     // The credential checks out: record the request before the token is issued.
     call.record_request()?;
     call.set_resource(format!("identity/{}", grant.identity));
@@ -65,7 +87,7 @@ pub(crate) async fn login(
         TokenRequest {
             identity: grant.identity.clone(),
             policies: grant.policies.clone(),
-            ttl: token_ttl(r.ttl_seconds),
+            ttl: token_ttl(ttl_seconds),
             max_ttl: MAX_LOGIN_TTL,
             hard_expiry_ms: grant.hard_expiry_ms,
             uses: 0,
@@ -90,15 +112,8 @@ pub(crate) async fn login(
         });
     if !still_active {
         call.check(core.tokens.revoke(&issued.accessor))?;
-        return Err(call.fail(LoginError::Invalid).into());
+        return Err(call.fail(LoginError::Invalid));
     }
     call.check(core.barrier.durable().await)?;
-    call.ok(&[("token", issued.token.expose().as_bytes())])?;
-    Ok(Response::new(TokenResponse {
-        token: issued.token.expose().to_owned(),
-        accessor: issued.accessor.clone(),
-        expires_at: timestamp(issued.expires_at_ms),
-        policies: issued.policies.clone(),
-        identity: issued.identity.clone(),
-    }))
+    Ok(issued)
 }

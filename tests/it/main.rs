@@ -9,6 +9,7 @@
 #[allow(dead_code)]
 mod db_target;
 mod harness;
+mod http_client;
 mod ident_kit;
 mod identities;
 #[path = "../support/pg_cluster.rs"]
@@ -23,6 +24,10 @@ mod cidr;
 mod cli;
 mod crash;
 mod governance;
+mod http_clients;
+mod http_kv;
+mod http_sys;
+mod http_token;
 mod leaks;
 mod login;
 mod ops_audit;
