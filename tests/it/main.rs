@@ -22,6 +22,7 @@ mod certs;
 mod cidr;
 mod cli;
 mod crash;
+mod dynamic_creds;
 mod governance;
 mod leaks;
 mod login;
