@@ -510,6 +510,8 @@ impl LeaseStore {
         self.barrier().batch(&ops)?;
         tracing::warn!(lease = %id, failures = record.failures, error = %record.last_error,
             "lease revocation failed; retrying");
+        // The sleeper may be sleeping past the retry time.
+        self.inner.wake.notify_one();
         Ok(())
     }
 
