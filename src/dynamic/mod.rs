@@ -517,6 +517,7 @@ impl DynamicStore {
         // The lease first, durably: a crash from here on leaves a lease
         // whose revocation removes whatever the target got.
         self.leases.create(&record).await?;
+        crate::lease::danger_test_fault_point("recorded");
         let made = targets::create(
             kind,
             &admin,
@@ -535,6 +536,7 @@ impl DynamicStore {
             }
             return Err(e.into());
         }
+        crate::lease::danger_test_fault_point("created");
         Ok(Issued {
             lease: record,
             password,

@@ -55,6 +55,36 @@ const MAX_BACKOFF_MS: u64 = 300_000;
 /// Longest error text kept in a record.
 const MAX_ERROR_LEN: usize = 512;
 
+/// # Test-only fault point
+///
+/// `KEYWARD_TEST_LEASE_CRASH_AFTER=<step>` (`recorded`: the lease is on
+/// disk, no user made yet; `created`: the user is made, no answer sent;
+/// `marked`: a revocation is marked on disk, the target not yet touched),
+/// read once, kills the process with SIGKILL at that point. It exists for
+/// the crash tests and is DANGER for anything else: never set it on a real
+/// server.
+static DANGER_TEST_CRASH_AFTER: OnceLock<Option<String>> = OnceLock::new();
+
+/// Kills the process (SIGKILL) if the fault point names `step`.
+pub fn danger_test_fault_point(step: &str) {
+    let armed = DANGER_TEST_CRASH_AFTER
+        .get_or_init(|| {
+            std::env::var("KEYWARD_TEST_LEASE_CRASH_AFTER")
+                .ok()
+                .filter(|s| !s.is_empty())
+        })
+        .as_deref()
+        .is_some_and(|s| s == step);
+    if armed {
+        tracing::error!(step, "test fault point: killing the process");
+        let pid = std::process::id().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid])
+            .status();
+        std::process::abort();
+    }
+}
+
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 #[derive(Debug, thiserror::Error)]
@@ -385,6 +415,7 @@ impl LeaseStore {
             return Ok(None);
         };
         self.barrier().durable().await?;
+        danger_test_fault_point("marked");
         self.attempt(record).await.map(Some)
     }
 

@@ -23,6 +23,7 @@ mod cidr;
 mod cli;
 mod crash;
 mod dynamic_creds;
+mod dynamic_crash;
 mod governance;
 mod leaks;
 mod login;
