@@ -274,7 +274,9 @@ impl Server {
         });
         // Lease expiry and revocation: one sleeper over the time-ordered index.
         let leases = core.leases.clone();
-        tasks.spawn("lease-sweeper", move |shutdown| leases.run_sweeper(shutdown));
+        tasks.spawn("lease-sweeper", move |shutdown| {
+            leases.run_sweeper(shutdown)
+        });
         // Revokes the tokens of identities whose expiry passed.
         let expiry = IdentityExpiry {
             identities: core.identities.clone(),

@@ -122,7 +122,8 @@ impl Leases for LeasesService {
                 ))
                 .into());
         };
-        let increment = (r.increment_seconds != 0).then(|| Duration::from_secs(r.increment_seconds));
+        let increment =
+            (r.increment_seconds != 0).then(|| Duration::from_secs(r.increment_seconds));
         let renewed = call.check(
             self.core
                 .leases

@@ -26,7 +26,10 @@ impl Client {
         DynamicClient::new(self.channel.clone())
     }
 
-    pub async fn dynamic_role_put(&self, spec: &DynamicRoleSpec) -> Result<DynamicRole, ClientError> {
+    pub async fn dynamic_role_put(
+        &self,
+        spec: &DynamicRoleSpec,
+    ) -> Result<DynamicRole, ClientError> {
         let req = self.request(PutDynamicRoleRequest {
             name: spec.name.clone(),
             provider: spec.provider.clone(),
@@ -59,7 +62,11 @@ impl Client {
 
     /// A new credential from `role` under a lease this client's token
     /// holds; `ttl` defaults to the role's.
-    pub async fn creds(&self, role: &str, ttl: Option<Duration>) -> Result<CredsResponse, ClientError> {
+    pub async fn creds(
+        &self,
+        role: &str,
+        ttl: Option<Duration>,
+    ) -> Result<CredsResponse, ClientError> {
         let req = self.request(CredsRequest {
             role: role.to_owned(),
             ttl_seconds: ttl.map_or(0, |d| d.as_secs()),

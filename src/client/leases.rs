@@ -30,7 +30,11 @@ impl Client {
         Ok(self.leases().list(req).await?.into_inner().leases)
     }
 
-    pub async fn lease_renew(&self, id: &str, increment: Option<Duration>) -> Result<Lease, ClientError> {
+    pub async fn lease_renew(
+        &self,
+        id: &str,
+        increment: Option<Duration>,
+    ) -> Result<Lease, ClientError> {
         let req = self.request(LeaseRenewRequest {
             lease_id: id.to_owned(),
             increment_seconds: increment.map_or(0, |d| d.as_secs()),

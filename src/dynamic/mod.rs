@@ -260,16 +260,14 @@ impl RoleSpec {
             )));
         }
         let admin_secret = config.get("admin_secret").ok_or_else(|| {
-            DynamicError::Invalid("setting `admin_secret` (the path of the admin login's secret) is required".into())
+            DynamicError::Invalid(
+                "setting `admin_secret` (the path of the admin login's secret) is required".into(),
+            )
         })?;
         let admin_secret = SecretPath::parse(admin_secret)
             .map_err(|e| DynamicError::Invalid(format!("admin_secret: {e}")))?;
         let roles: Vec<String> = match config.get("roles") {
-            Some(list) => list
-                .split(',')
-                .map(str::trim)
-                .map(str::to_owned)
-                .collect(),
+            Some(list) => list.split(',').map(str::trim).map(str::to_owned).collect(),
             None => Vec::new(),
         };
         for r in &roles {
@@ -298,7 +296,9 @@ impl RoleSpec {
             ));
         }
         if max_ttl > MAX_TTL {
-            return Err(DynamicError::Invalid("--max-ttl must be at most 366d".into()));
+            return Err(DynamicError::Invalid(
+                "--max-ttl must be at most 366d".into(),
+            ));
         }
         Ok(Self {
             name: name.to_owned(),
@@ -454,7 +454,10 @@ impl DynamicStore {
         holder: &Holder,
     ) -> Result<Issued, DynamicError> {
         let role = self.get_role(role)?;
-        if !proof.grants(crate::policy::Capability::Issue, &format!("dynamic/{}", role.name)) {
+        if !proof.grants(
+            crate::policy::Capability::Issue,
+            &format!("dynamic/{}", role.name),
+        ) {
             return Err(DynamicError::Invalid(
                 "the proof does not cover this role".into(),
             ));
@@ -524,7 +527,11 @@ impl DynamicStore {
             &username,
             &password,
             &role.roles,
-            &role.acl.split_whitespace().map(str::to_owned).collect::<Vec<_>>(),
+            &role
+                .acl
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>(),
             max_expiry,
         )
         .await;
@@ -534,7 +541,7 @@ impl DynamicStore {
             if let Err(undo) = self.leases.revoke(&record.id).await {
                 tracing::warn!(lease = %record.id, error = %undo, "failed issue not undone; the sweeper retries");
             }
-            return Err(e.into());
+            return Err(e);
         }
         crate::lease::danger_test_fault_point("created");
         Ok(Issued {
@@ -555,8 +562,12 @@ fn read_admin(secrets: &SecretStore, path: &str, kind: Kind) -> Result<Login, Dy
         .map_err(|e| {
             DynamicError::AdminSecret(format!("admin secret `{path}` cannot be read: {e}"))
         })?;
-    Login::from_secret(&version.data, &format!("the admin secret `{path}`"), kind.default_port())
-        .map_err(|e| DynamicError::AdminSecret(e.to_string()))
+    Login::from_secret(
+        &version.data,
+        &format!("the admin secret `{path}`"),
+        kind.default_port(),
+    )
+    .map_err(|e| DynamicError::AdminSecret(e.to_string()))
 }
 
 /// Removes lease users on their targets with the admin login the lease names.
@@ -585,13 +596,29 @@ mod tests {
     fn acl_rules_outside_the_allowlist_are_refused() {
         assert!(check_acl("~app:* %R~ro:* &chan +@read -flushall allkeys allchannels").is_ok());
         for bad in [
-            "nopass", "on", "off", ">secret", "<x", "#abc", "!abc", "reset", "resetpass",
-            "resetkeys", "(~x +get)", "~", "+", "", "+get >pw",
+            "nopass",
+            "on",
+            "off",
+            ">secret",
+            "<x",
+            "#abc",
+            "!abc",
+            "reset",
+            "resetpass",
+            "resetkeys",
+            "(~x +get)",
+            "~",
+            "+",
+            "",
+            "+get >pw",
         ] {
             let refused = check_acl(bad);
             assert!(refused.is_err(), "{bad}");
             let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
-            assert!(!message.contains("secret") && !message.contains("abc"), "{message}");
+            assert!(
+                !message.contains("secret") && !message.contains("abc"),
+                "{message}"
+            );
         }
     }
 
@@ -604,17 +631,76 @@ mod tests {
                 .collect::<BTreeMap<_, _>>()
         };
         let h = Duration::from_secs(3600);
-        let ok = RoleSpec::parse("app", "postgres", &cfg(&[("admin_secret", "db/admin"), ("roles", "r1,r2")]), h, h);
-        assert_eq!(ok.map(|s| s.roles).ok(), Some(vec!["r1".to_owned(), "r2".to_owned()]));
-        let cases: &[(&str, &str, Vec<(&str, &str)>, Duration, Duration, &str)] = &[
-            ("App", "postgres", vec![("admin_secret", "a")], h, h, "role name"),
-            ("app", "ldap", vec![("admin_secret", "a")], h, h, "provider `ldap`"),
+        let ok = RoleSpec::parse(
+            "app",
+            "postgres",
+            &cfg(&[("admin_secret", "db/admin"), ("roles", "r1,r2")]),
+            h,
+            h,
+        );
+        assert_eq!(
+            ok.map(|s| s.roles).ok(),
+            Some(vec!["r1".to_owned(), "r2".to_owned()])
+        );
+        type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, Duration, Duration, &'a str);
+        let cases: &[Case] = &[
+            (
+                "App",
+                "postgres",
+                vec![("admin_secret", "a")],
+                h,
+                h,
+                "role name",
+            ),
+            (
+                "app",
+                "ldap",
+                vec![("admin_secret", "a")],
+                h,
+                h,
+                "provider `ldap`",
+            ),
             ("app", "postgres", vec![], h, h, "admin_secret"),
-            ("app", "postgres", vec![("admin_secret", "a"), ("sql", "x")], h, h, "`sql`"),
-            ("app", "postgres", vec![("admin_secret", "a"), ("roles", "a;drop")], h, h, "roles="),
-            ("app", "mysql", vec![("admin_secret", "a"), ("roles", "a,b")], h, h, "one default role"),
-            ("app", "redis", vec![("admin_secret", "a"), ("acl", "nopass")], h, h, "acl="),
-            ("app", "postgres", vec![("admin_secret", "a")], h * 2, h, "--max-ttl"),
+            (
+                "app",
+                "postgres",
+                vec![("admin_secret", "a"), ("sql", "x")],
+                h,
+                h,
+                "`sql`",
+            ),
+            (
+                "app",
+                "postgres",
+                vec![("admin_secret", "a"), ("roles", "a;drop")],
+                h,
+                h,
+                "roles=",
+            ),
+            (
+                "app",
+                "mysql",
+                vec![("admin_secret", "a"), ("roles", "a,b")],
+                h,
+                h,
+                "one default role",
+            ),
+            (
+                "app",
+                "redis",
+                vec![("admin_secret", "a"), ("acl", "nopass")],
+                h,
+                h,
+                "acl=",
+            ),
+            (
+                "app",
+                "postgres",
+                vec![("admin_secret", "a")],
+                h * 2,
+                h,
+                "--max-ttl",
+            ),
         ];
         for (name, provider, pairs, ttl, max, rule) in cases {
             let message = RoleSpec::parse(name, provider, &cfg(pairs), *ttl, *max)

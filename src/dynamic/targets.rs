@@ -140,9 +140,10 @@ async fn pg_create(
     let verifier = Zeroizing::new(postgres_protocol::password::scram_sha_256(
         password.expose(),
     ));
-    let until = chrono::DateTime::from_timestamp_millis(i64::try_from(valid_until_ms).unwrap_or(i64::MAX))
-        .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f+00").to_string())
-        .unwrap_or_else(|| "infinity".to_owned());
+    let until =
+        chrono::DateTime::from_timestamp_millis(i64::try_from(valid_until_ms).unwrap_or(i64::MAX))
+            .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f+00").to_string())
+            .unwrap_or_else(|| "infinity".to_owned());
     let mut statement = Zeroizing::new(format!(
         "CREATE ROLE {} LOGIN PASSWORD {} VALID UNTIL {}",
         quote_ident(user),
@@ -177,7 +178,9 @@ async fn my_create(
         quote_string(user),
         quote_string(password.expose_str().unwrap_or_default()).map(Zeroizing::new),
     ) else {
-        return Err(ProviderError::Internal("a generated name or password is not quotable".into()).into());
+        return Err(
+            ProviderError::Internal("a generated name or password is not quotable".into()).into(),
+        );
     };
     let mut statements = vec![Zeroizing::new(format!(
         "CREATE USER {user_lit}@'%' IDENTIFIED BY {}",
@@ -185,7 +188,9 @@ async fn my_create(
     ))];
     for role in roles {
         let role_lit = quote_string(role).unwrap_or_default();
-        statements.push(Zeroizing::new(format!("GRANT {role_lit} TO {user_lit}@'%'")));
+        statements.push(Zeroizing::new(format!(
+            "GRANT {role_lit} TO {user_lit}@'%'"
+        )));
         statements.push(Zeroizing::new(format!(
             "SET DEFAULT ROLE {role_lit} FOR {user_lit}@'%'"
         )));
@@ -215,7 +220,11 @@ async fn redis_create(
     let digest = ring::digest::digest(&ring::digest::SHA256, password.expose());
     let hash = Zeroizing::new(format!("#{}", hex::encode(digest.as_ref())));
     let mut cmd = ::redis::cmd("ACL");
-    cmd.arg("SETUSER").arg(user).arg("reset").arg("on").arg(hash.as_str());
+    cmd.arg("SETUSER")
+        .arg(user)
+        .arg("reset")
+        .arg("on")
+        .arg(hash.as_str());
     for rule in rules {
         cmd.arg(rule.as_str());
     }
@@ -307,8 +316,12 @@ async fn my_drop(admin: &Login, user: &str) -> Result<(), ProviderError> {
 async fn redis_drop(admin: &Login, user: &str) -> Result<(), ProviderError> {
     let mut conn = redis::connect(admin).await?;
     let call = Call::new("Redis", admin, format!("delete ACL user `{user}`"));
-    let found: ::redis::Value =
-        redis::command(&mut conn, ::redis::cmd("ACL").arg("GETUSER").arg(user), &call).await?;
+    let found: ::redis::Value = redis::command(
+        &mut conn,
+        ::redis::cmd("ACL").arg("GETUSER").arg(user),
+        &call,
+    )
+    .await?;
     if found == ::redis::Value::Nil {
         return Ok(());
     }
@@ -324,7 +337,11 @@ async fn redis_drop(admin: &Login, user: &str) -> Result<(), ProviderError> {
         &call,
     )
     .await?;
-    let _: ::redis::Value =
-        redis::command(&mut conn, ::redis::cmd("ACL").arg("DELUSER").arg(user), &call).await?;
+    let _: ::redis::Value = redis::command(
+        &mut conn,
+        ::redis::cmd("ACL").arg("DELUSER").arg(user),
+        &call,
+    )
+    .await?;
     Ok(())
 }

@@ -579,7 +579,9 @@ impl LeaseStore {
     /// One round of the sleeper: revokes what is due at `now_ms` (at most
     /// `SWEEP_BATCH`); returns the next expiry ahead, and whether more is due.
     pub async fn sweep(&self, now_ms: u64) -> Result<(Option<u64>, bool), LeaseError> {
-        let head = self.barrier().scan_range(EXP_PREFIX, EXP_END, SWEEP_BATCH)?;
+        let head = self
+            .barrier()
+            .scan_range(EXP_PREFIX, EXP_END, SWEEP_BATCH)?;
         let mut due = Vec::new();
         let mut next = None;
         for (key, _) in &head {
@@ -615,7 +617,10 @@ impl LeaseStore {
     /// The time of the first entry of the expiry index.
     fn first_at(&self) -> Result<Option<u64>, LeaseError> {
         let head = self.barrier().scan_range(EXP_PREFIX, EXP_END, 1)?;
-        Ok(head.first().and_then(|(k, _)| parse_exp_key(k)).map(|(at, _)| at))
+        Ok(head
+            .first()
+            .and_then(|(k, _)| parse_exp_key(k))
+            .map(|(at, _)| at))
     }
 
     /// The sleeper: sleeps until the first expiry in the index (or a wake:

@@ -70,14 +70,23 @@ async fn the_sleeper_revokes_at_expiry_and_not_before() {
     let (_d, store, recorder) = store();
     let trigger = ShutdownTrigger::new();
     tokio::spawn(store.clone().run_sweeper(trigger.signal()));
-    store.create(&lease("a", "acc1", 10_000, 60_000)).await.unwrap();
-    store.create(&lease("b", "acc1", 30_000, 60_000)).await.unwrap();
+    store
+        .create(&lease("a", "acc1", 10_000, 60_000))
+        .await
+        .unwrap();
+    store
+        .create(&lease("b", "acc1", 30_000, 60_000))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(9_000)).await;
     settle().await;
     assert!(recorder.revoked.lock().unwrap().is_empty());
     tokio::time::sleep(Duration::from_millis(2_000)).await;
     settle().await;
-    assert_eq!(*recorder.revoked.lock().unwrap(), vec!["kw_app_a".to_owned()]);
+    assert_eq!(
+        *recorder.revoked.lock().unwrap(),
+        vec!["kw_app_a".to_owned()]
+    );
     assert!(store.get("dynamic/app/a").unwrap().is_none());
     assert!(store.get("dynamic/app/b").unwrap().is_some());
     trigger.trigger();
@@ -86,15 +95,25 @@ async fn the_sleeper_revokes_at_expiry_and_not_before() {
 #[tokio::test(start_paused = true)]
 async fn renew_is_capped_by_max_ttl_and_the_token() {
     let (_d, store, _r) = store();
-    store.create(&lease("a", "acc1", 10_000, 60_000)).await.unwrap();
+    store
+        .create(&lease("a", "acc1", 10_000, 60_000))
+        .await
+        .unwrap();
     let r = store
         .renew("dynamic/app/a", Some(Duration::from_secs(3600)), 0)
         .await
         .unwrap();
     assert_eq!(r.expires_ms, T0 + 60_000);
-    store.create(&lease("b", "acc1", 10_000, 60_000)).await.unwrap();
+    store
+        .create(&lease("b", "acc1", 10_000, 60_000))
+        .await
+        .unwrap();
     let r = store
-        .renew("dynamic/app/b", Some(Duration::from_secs(3600)), T0 + 20_000)
+        .renew(
+            "dynamic/app/b",
+            Some(Duration::from_secs(3600)),
+            T0 + 20_000,
+        )
         .await
         .unwrap();
     assert_eq!(r.expires_ms, T0 + 20_000);
@@ -109,14 +128,26 @@ async fn a_revoked_token_marks_its_leases_and_only_its_own() {
     let (_d, store, recorder) = store();
     let trigger = ShutdownTrigger::new();
     tokio::spawn(store.clone().run_sweeper(trigger.signal()));
-    store.create(&lease("a", "acc1", 600_000, 600_000)).await.unwrap();
-    store.create(&lease("b", "acc2", 600_000, 600_000)).await.unwrap();
+    store
+        .create(&lease("a", "acc1", 600_000, 600_000))
+        .await
+        .unwrap();
+    store
+        .create(&lease("b", "acc2", 600_000, 600_000))
+        .await
+        .unwrap();
     store.tokens_revoked(&["acc1"]);
     settle().await;
-    assert_eq!(*recorder.revoked.lock().unwrap(), vec!["kw_app_a".to_owned()]);
+    assert_eq!(
+        *recorder.revoked.lock().unwrap(),
+        vec!["kw_app_a".to_owned()]
+    );
     assert!(store.get("dynamic/app/b").unwrap().is_some());
     // A revoking lease cannot be renewed.
-    store.create(&lease("c", "acc3", 600_000, 600_000)).await.unwrap();
+    store
+        .create(&lease("c", "acc3", 600_000, 600_000))
+        .await
+        .unwrap();
     recorder.failing.store(true, Ordering::SeqCst);
     assert_eq!(
         store.revoke("dynamic/app/c").await.unwrap(),
@@ -135,18 +166,28 @@ async fn a_failing_revocation_is_retried_with_back_off_and_listed() {
     let trigger = ShutdownTrigger::new();
     tokio::spawn(store.clone().run_sweeper(trigger.signal()));
     recorder.failing.store(true, Ordering::SeqCst);
-    store.create(&lease("a", "acc1", 1_000, 60_000)).await.unwrap();
+    store
+        .create(&lease("a", "acc1", 1_000, 60_000))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(20)).await;
     settle().await;
     let failed = store.list("", true).unwrap();
     assert_eq!(failed.len(), 1);
     // 1 + 2 + 4 + 8 s of back-off fit in 20 s, not many more.
-    assert!((3..=6).contains(&failed[0].failures), "{}", failed[0].failures);
+    assert!(
+        (3..=6).contains(&failed[0].failures),
+        "{}",
+        failed[0].failures
+    );
     assert_eq!(store.failed_count().unwrap(), 1);
     recorder.failing.store(false, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_secs(40)).await;
     settle().await;
-    assert_eq!(*recorder.revoked.lock().unwrap(), vec!["kw_app_a".to_owned()]);
+    assert_eq!(
+        *recorder.revoked.lock().unwrap(),
+        vec!["kw_app_a".to_owned()]
+    );
     assert_eq!(store.failed_count().unwrap(), 0);
     assert!(store.list("", false).unwrap().is_empty());
     trigger.trigger();

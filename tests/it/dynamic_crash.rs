@@ -14,17 +14,23 @@ const PATIENCE: Duration = Duration::from_secs(120);
 async fn users_of(role: &str) -> Vec<String> {
     let c = crate::db_target::pg_admin().await;
     let pattern = format!("kw\\_{}\\_%", role.replace('_', "\\_"));
-    c.query("SELECT rolname FROM pg_roles WHERE rolname LIKE $1", &[&pattern])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    c.query(
+        "SELECT rolname FROM pg_roles WHERE rolname LIKE $1",
+        &[&pattern],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
 }
 
 async fn define(client: &Client, target: &Target, role: &str, ttl: u64) {
     let pairs = target.admin();
-    let pairs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let pairs: Vec<(&str, &str)> = pairs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     let admin = format!("dyn/{role}/admin");
     client
         .put(&admin, &data(&pairs), PutOptions::default())
@@ -59,14 +65,14 @@ async fn a_crash_at_each_step_of_an_issue_leaves_no_user_after_the_sweep() {
         let vault = dir.path().join("vault");
         let log = dir.path().join("server.log");
         let role = format!("crash_{step}_{}", suffix());
-        let armed = ChildServer::start_with_env(
-            &vault,
-            &log,
-            &[("KEYWARD_TEST_LEASE_CRASH_AFTER", step)],
-        );
+        let armed =
+            ChildServer::start_with_env(&vault, &log, &[("KEYWARD_TEST_LEASE_CRASH_AFTER", step)]);
         let client = armed.client().await;
         define(&client, &target, &role, 2).await;
-        assert!(client.creds(&role, None).await.is_err(), "no answer after a kill");
+        assert!(
+            client.creds(&role, None).await.is_err(),
+            "no answer after a kill"
+        );
         killed(armed, step).await;
         assert_eq!(users_of(&role).await.len(), usize::from(made), "{step}");
         let restarted = ChildServer::start(&vault, &log);
@@ -109,10 +115,13 @@ async fn a_crash_between_marking_and_dropping_is_finished_after_restart() {
     assert!(target.user_exists(&c.username).await);
     let restarted = ChildServer::start(&vault, &log);
     let r = role.clone();
-    eventually("the marked lease's user is dropped after restart", move || {
-        let r = r.clone();
-        async move { users_of(&r).await.is_empty() }
-    })
+    eventually(
+        "the marked lease's user is dropped after restart",
+        move || {
+            let r = r.clone();
+            async move { users_of(&r).await.is_empty() }
+        },
+    )
     .await;
     drop(restarted);
 }

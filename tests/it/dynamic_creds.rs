@@ -23,21 +23,31 @@ fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> Code {
 }
 
 fn message<T: std::fmt::Debug>(r: Result<T, ClientError>) -> String {
-    r.expect_err("the call should have been refused").to_string()
+    r.expect_err("the call should have been refused")
+        .to_string()
 }
 
 /// Stores the target's admin login as a secret; returns its path.
 async fn admin_secret(root: &Client, target: &Target) -> String {
     let path = unique("dyn/admin");
     let pairs = target.admin();
-    let pairs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let pairs: Vec<(&str, &str)> = pairs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     root.put(&path, &data(&pairs), PutOptions::default())
         .await
         .unwrap();
     path
 }
 
-fn spec(name: &str, provider: &str, config: &[(&str, &str)], ttl: u64, max: u64) -> DynamicRoleSpec {
+fn spec(
+    name: &str,
+    provider: &str,
+    config: &[(&str, &str)],
+    ttl: u64,
+    max: u64,
+) -> DynamicRoleSpec {
     DynamicRoleSpec {
         name: name.to_owned(),
         provider: provider.to_owned(),
@@ -75,12 +85,15 @@ async fn users_of_role(kind: Kind, role: &str) -> Vec<String> {
     match kind {
         Kind::Postgres => {
             let c = pg_admin().await;
-            c.query("SELECT rolname FROM pg_roles WHERE rolname LIKE $1", &[&pattern])
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.get(0))
-                .collect()
+            c.query(
+                "SELECT rolname FROM pg_roles WHERE rolname LIKE $1",
+                &[&pattern],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
         }
         Kind::Mysql => {
             let mut conn = mysql_admin().await;
@@ -99,7 +112,10 @@ async fn users_of_role(kind: Kind, role: &str) -> Vec<String> {
                 .await
                 .unwrap();
             let prefix = format!("kw_{role}_");
-            users.into_iter().filter(|u| u.starts_with(&prefix)).collect()
+            users
+                .into_iter()
+                .filter(|u| u.starts_with(&prefix))
+                .collect()
         }
     }
 }
@@ -156,7 +172,11 @@ async fn postgres_creds_use_the_granted_role_and_end_on_revoke_renew_and_expiry(
     .unwrap();
 
     let c = root.creds(&role, None).await.unwrap();
-    assert!(c.username.starts_with(&format!("kw_{role}_")), "{}", c.username);
+    assert!(
+        c.username.starts_with(&format!("kw_{role}_")),
+        "{}",
+        c.username
+    );
     assert!(c.lease_id.starts_with(&format!("dynamic/{role}/")));
     assert!(c.renewable);
     assert!(!format!("{c:?}").contains(&c.password));
@@ -175,8 +195,8 @@ async fn postgres_creds_use_the_granted_role_and_end_on_revoke_renew_and_expiry(
         .lease_renew(&c.lease_id, Some(Duration::from_secs(86_400)))
         .await
         .unwrap();
-    let max = renewed.max_expires_at.clone().unwrap().seconds;
-    assert_eq!(renewed.expires_at.clone().unwrap().seconds, max);
+    let max = renewed.max_expires_at.unwrap().seconds;
+    assert_eq!(renewed.expires_at.unwrap().seconds, max);
     assert!(max > before.expires_at.unwrap().seconds);
 
     // Revoke by id: the session ends and the user is gone.
@@ -186,7 +206,10 @@ async fn postgres_creds_use_the_granted_role_and_end_on_revoke_renew_and_expiry(
     assert_eq!(code(root.lease_lookup(&c.lease_id).await), Code::NotFound);
 
     // Expiry: a short lease is revoked by the sleeper.
-    let short = root.creds(&role, Some(Duration::from_secs(2))).await.unwrap();
+    let short = root
+        .creds(&role, Some(Duration::from_secs(2)))
+        .await
+        .unwrap();
     assert!(target.can_login(&short.username, &short.password).await);
     gone(&target, &short.username).await;
     let t = root.clone();
@@ -257,7 +280,9 @@ async fn mariadb_creds_get_the_role_as_default_and_revoke_prefix_removes_all() {
         3
     );
     assert_eq!(
-        root.lease_revoke_prefix(&format!("dynamic/{role}")).await.unwrap(),
+        root.lease_revoke_prefix(&format!("dynamic/{role}"))
+            .await
+            .unwrap(),
         (3, 0)
     );
     for c in &issued {
@@ -265,7 +290,10 @@ async fn mariadb_creds_get_the_role_as_default_and_revoke_prefix_removes_all() {
     }
     // Its open session was killed.
     assert!(conn.query_drop("SELECT 1").await.is_err());
-    for s in [format!("DROP TABLE {table}"), format!("DROP ROLE {granted}")] {
+    for s in [
+        format!("DROP TABLE {table}"),
+        format!("DROP ROLE {granted}"),
+    ] {
         my.query_drop(s).await.unwrap();
     }
     server.stop().await;
@@ -351,9 +379,15 @@ async fn disabling_an_identity_revokes_its_leases() {
     let root = server.root().await;
     let admin = admin_secret(&root, &target).await;
     let role = role_name("id");
-    root.dynamic_role_put(&spec(&role, "postgres", &[("admin_secret", &admin)], 3600, 3600))
-        .await
-        .unwrap();
+    root.dynamic_role_put(&spec(
+        &role,
+        "postgres",
+        &[("admin_secret", &admin)],
+        3600,
+        3600,
+    ))
+    .await
+    .unwrap();
     let policy = unique("p");
     root.policy_put(
         &policy,
@@ -386,32 +420,63 @@ async fn bad_input_is_refused_with_the_rule_and_creates_nothing() {
         root.dynamic_role_put(&spec(
             &role,
             "postgres",
-            &[("admin_secret", &admin), ("roles", "kw_role_that_is_not_there")],
+            &[
+                ("admin_secret", &admin),
+                ("roles", "kw_role_that_is_not_there"),
+            ],
             60,
             60,
         ))
         .await,
     );
-    assert!(missing_role.contains("kw_role_that_is_not_there") && missing_role.contains("does not exist"), "{missing_role}");
+    assert!(
+        missing_role.contains("kw_role_that_is_not_there")
+            && missing_role.contains("does not exist"),
+        "{missing_role}"
+    );
     let nopass = message(
-        root.dynamic_role_put(&spec(&role, "redis", &[("admin_secret", &rd_admin), ("acl", "~x:* nopass")], 60, 60))
-            .await,
+        root.dynamic_role_put(&spec(
+            &role,
+            "redis",
+            &[("admin_secret", &rd_admin), ("acl", "~x:* nopass")],
+            60,
+            60,
+        ))
+        .await,
     );
     assert!(nopass.contains("`nopass` is not allowed"), "{nopass}");
     let no_secret = message(
-        root.dynamic_role_put(&spec(&role, "postgres", &[("admin_secret", "dyn/none/here")], 60, 60))
-            .await,
+        root.dynamic_role_put(&spec(
+            &role,
+            "postgres",
+            &[("admin_secret", "dyn/none/here")],
+            60,
+            60,
+        ))
+        .await,
     );
     assert!(no_secret.contains("dyn/none/here"), "{no_secret}");
     let past = code(
-        root.dynamic_role_put(&spec(&role, "postgres", &[("admin_secret", &admin)], 120, 60))
-            .await,
+        root.dynamic_role_put(&spec(
+            &role,
+            "postgres",
+            &[("admin_secret", &admin)],
+            120,
+            60,
+        ))
+        .await,
     );
     assert_eq!(past, Code::InvalidArgument);
 
-    root.dynamic_role_put(&spec(&role, "postgres", &[("admin_secret", &admin)], 60, 120))
-        .await
-        .unwrap();
+    root.dynamic_role_put(&spec(
+        &role,
+        "postgres",
+        &[("admin_secret", &admin)],
+        60,
+        120,
+    ))
+    .await
+    .unwrap();
     let too_long = message(root.creds(&role, Some(Duration::from_secs(3600))).await);
     assert!(too_long.contains("max TTL"), "{too_long}");
     // The admin secret goes away: a clear error, no user made.
@@ -449,26 +514,47 @@ async fn a_low_privileged_caller_cannot_issue_define_or_touch_others_leases() {
     // (else the role would lend the server's read of it).
     assert_eq!(
         code(
-            low.dynamic_role_put(&spec("mine", "postgres", &[("admin_secret", &admin)], 60, 60))
-                .await
+            low.dynamic_role_put(&spec(
+                "mine",
+                "postgres",
+                &[("admin_secret", &admin)],
+                60,
+                60
+            ))
+            .await
         ),
         Code::PermissionDenied
     );
     let theirs = root.creds(&other, None).await.unwrap();
     let mine = low.creds(&allowed, None).await.unwrap();
-    assert_eq!(code(low.lease_lookup(&theirs.lease_id).await), Code::PermissionDenied);
-    assert_eq!(code(low.lease_renew(&theirs.lease_id, None).await), Code::PermissionDenied);
-    assert_eq!(code(low.lease_revoke(&theirs.lease_id).await), Code::PermissionDenied);
+    assert_eq!(
+        code(low.lease_lookup(&theirs.lease_id).await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(low.lease_renew(&theirs.lease_id, None).await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(low.lease_revoke(&theirs.lease_id).await),
+        Code::PermissionDenied
+    );
     // A lease that does not exist is refused the same way.
     assert_eq!(
-        code(low.lease_lookup(&format!("dynamic/{other}/nosuchlease")).await),
+        code(
+            low.lease_lookup(&format!("dynamic/{other}/nosuchlease"))
+                .await
+        ),
         Code::PermissionDenied
     );
     assert_eq!(
         code(low.lease_revoke_prefix(&format!("dynamic/{other}")).await),
         Code::PermissionDenied
     );
-    assert_eq!(code(low.lease_list("", false).await), Code::PermissionDenied);
+    assert_eq!(
+        code(low.lease_list("", false).await),
+        Code::PermissionDenied
+    );
     assert!(target.user_exists(&theirs.username).await);
     // Its own lease it may revoke.
     assert_eq!(low.lease_revoke(&mine.lease_id).await.unwrap(), (1, 0));
@@ -484,9 +570,15 @@ async fn a_refusing_target_is_retried_visibly_and_revoked_once_it_answers() {
     let root = server.root().await;
     let admin = admin_secret(&root, &target).await;
     let role = role_name("retry");
-    root.dynamic_role_put(&spec(&role, "postgres", &[("admin_secret", &admin)], 600, 600))
-        .await
-        .unwrap();
+    root.dynamic_role_put(&spec(
+        &role,
+        "postgres",
+        &[("admin_secret", &admin)],
+        600,
+        600,
+    ))
+    .await
+    .unwrap();
     let c = root.creds(&role, None).await.unwrap();
     // The admin login stops working (a wrong port: nothing listens there).
     let saved = target.admin();
@@ -500,8 +592,13 @@ async fn a_refusing_target_is_retried_visibly_and_revoked_once_it_answers() {
         let root = root.clone();
         let admin = admin.clone();
         async move {
-            let pairs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-            root.put(&admin, &data(&pairs), PutOptions::default()).await.unwrap();
+            let pairs: Vec<(&str, &str)> = pairs
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            root.put(&admin, &data(&pairs), PutOptions::default())
+                .await
+                .unwrap();
         }
     };
     put(broken).await;
@@ -511,7 +608,10 @@ async fn a_refusing_target_is_retried_visibly_and_revoked_once_it_answers() {
     assert!(failed[0].failures >= 1 && !failed[0].last_error.is_empty());
     assert!(!failed[0].last_error.contains(&c.password));
     let metrics = reqwest_metrics(&server).await;
-    assert!(metrics.contains("keyward_lease_revocations_failing 1"), "{metrics}");
+    assert!(
+        metrics.contains("keyward_lease_revocations_failing 1"),
+        "{metrics}"
+    );
     assert!(target.user_exists(&c.username).await);
     // Back: the sleeper's retry removes it.
     put(saved).await;
