@@ -642,7 +642,14 @@ mod tests {
             ok.map(|s| s.roles).ok(),
             Some(vec!["r1".to_owned(), "r2".to_owned()])
         );
-        type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, Duration, Duration, &'a str);
+        type Case<'a> = (
+            &'a str,
+            &'a str,
+            Vec<(&'a str, &'a str)>,
+            Duration,
+            Duration,
+            &'a str,
+        );
         let cases: &[Case] = &[
             (
                 "App",

@@ -648,3 +648,89 @@ async fn a_restart_leaves_no_user_behind() {
     let _ = server.root().await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_issues_lists_and_revokes_with_one_json_document_each() {
+    let target = Target::new(Kind::Redis).await;
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let admin = admin_secret(&root, &target).await;
+    let addr = format!("https://{}", server.addr);
+    let ca = server.ca.to_str().unwrap().to_owned();
+    let env = [
+        ("KEYWARD_ADDR", addr.as_str()),
+        ("KEYWARD_CACERT", ca.as_str()),
+        ("KEYWARD_TOKEN", server.root_token.as_str()),
+    ];
+    let run = |args: &[&str]| tokio::task::block_in_place(|| crate::harness::cli(args, &env, None));
+    let role = role_name("cli");
+    let admin_cfg = format!("admin_secret={admin}");
+    let (code, out, err) = run(&[
+        "dynamic",
+        "role",
+        "put",
+        &role,
+        "--provider",
+        "redis",
+        "--config",
+        &admin_cfg,
+        "--config",
+        "acl=~cli:* +get",
+        "--ttl",
+        "10m",
+        "--max-ttl",
+        "1h",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["config"]["acl"], "~cli:* +get");
+    let (code, out, err) = run(&["creds", &role, "--ttl", "5m", "--format", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let c: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for key in [
+        "lease_id",
+        "username",
+        "password",
+        "host",
+        "port",
+        "database",
+        "expires_at",
+        "renewable",
+    ] {
+        assert!(c.get(key).is_some(), "{key} in {out}");
+    }
+    let user = c["username"].as_str().unwrap().to_owned();
+    let password = c["password"].as_str().unwrap().to_owned();
+    assert!(target.can_login(&user, &password).await);
+    // The password is shown once: not in the audit log, not on disk.
+    server.core.barrier.durable().await.unwrap();
+    for file in crate::harness::files_under(server.dir.path()) {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        assert!(
+            !crate::harness::contains(&bytes, password.as_bytes()),
+            "{}",
+            file.display()
+        );
+    }
+    let (code, out, _) = run(&["lease", "list", "--failed", "--format", "json"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["leases"],
+        serde_json::json!([])
+    );
+    // Bad input: exit 1 with the rule on stderr; a TTL past the max.
+    let (code, _, err) = run(&["creds", &role, "--ttl", "2h", "--format", "json"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("max TTL"), "{err}");
+    let prefix = format!("dynamic/{role}");
+    let (code, out, err) = run(&["lease", "revoke", "--prefix", &prefix, "--format", "json"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["revoked"],
+        1
+    );
+    assert!(!target.user_exists(&user).await);
+    server.stop().await;
+}
