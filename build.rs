@@ -35,6 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "keyward.v1.CreateSecretIdResponse",
             "keyward.v1.AuditHashRequest",
             "keyward.provider.v1.Secret",
+            "keyward.v1.CredsResponse",
         ])
         .compile_protos(&protos, &[std::path::PathBuf::from("proto")])?;
     Ok(())

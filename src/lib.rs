@@ -44,7 +44,9 @@
 //!   `token` (issue, use, revoke, the expiry sweeper), `policy_store`,
 //!   `rotation` (policies, typed run records, the scheduler and its workers,
 //!   providers; it takes `RotationDeps`, never the core), `governance` (the
-//!   report and its gauges).
+//!   report and its gauges), `lease` (leases of dynamic credentials, their
+//!   expiry index and sleeper), `dynamic` (dynamic roles, users made on
+//!   PostgreSQL, MariaDB and Redis under a lease).
 //! - `audit` — the hash-chained, fail-closed audit log; `barrier` — the seal,
 //!   the keyring and AES-256-GCM around every value; `metrics` — Prometheus
 //!   families, with no domain import (owners register `Refresh` hooks).
@@ -68,9 +70,11 @@ pub mod config;
 pub mod core;
 pub mod dev;
 pub mod duration;
+pub mod dynamic;
 pub mod governance;
 pub mod http;
 pub mod identity;
+pub mod lease;
 pub mod metrics;
 pub mod metrics_http;
 pub mod oidc;

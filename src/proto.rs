@@ -34,6 +34,19 @@ redacted_debug!(
     v1::AuditHashRequest
 );
 
+/// A dynamic credential: everything but the password.
+impl std::fmt::Debug for v1::CredsResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredsResponse")
+            .field("lease_id", &self.lease_id)
+            .field("username", &self.username)
+            .field("password", &"[redacted]")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The external rotation provider protocol (`proto/keyward/provider/v1/`).
 /// `Secret` carries secret values: its `Debug` names the fields only.
 pub mod provider_v1 {

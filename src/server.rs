@@ -283,6 +283,18 @@ impl Server {
             .add_service(
                 RotationServer::new(RotationService::new(core.clone()))
                     .max_decoding_message_size(max),
+            )
+            .add_service(
+                crate::proto::v1::dynamic_server::DynamicServer::new(
+                    crate::api::dynamic::DynamicService::new(core.clone()),
+                )
+                .max_decoding_message_size(max),
+            )
+            .add_service(
+                crate::proto::v1::leases_server::LeasesServer::new(
+                    crate::api::leases::LeasesService::new(core.clone()),
+                )
+                .max_decoding_message_size(max),
             );
         Ok((router, health_for_http))
     }
@@ -352,6 +364,11 @@ impl Server {
         let tokens = core.tokens.clone();
         tasks.spawn("token-sweeper", move |shutdown| {
             tokens.run_sweeper(shutdown)
+        });
+        // Lease expiry and revocation: one sleeper over the time-ordered index.
+        let leases = core.leases.clone();
+        tasks.spawn("lease-sweeper", move |shutdown| {
+            leases.run_sweeper(shutdown)
         });
         // Revokes the tokens of identities whose expiry passed.
         let expiry = IdentityExpiry {

@@ -6,8 +6,10 @@
 //! rule lives here: which domain error is which kind is decided in core.
 
 pub mod auth;
+pub mod dynamic;
 pub mod governance;
 pub mod identities;
+pub mod leases;
 pub mod login;
 pub mod policies;
 pub mod rotation;

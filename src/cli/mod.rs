@@ -5,6 +5,7 @@
 
 mod bench;
 mod common;
+mod dynamic;
 mod ident;
 mod ops;
 mod output;
@@ -115,6 +116,19 @@ pub enum Command {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Dynamic credentials: roles that make a database user per requester.
+    #[command(subcommand)]
+    Dynamic(dynamic::DynamicCommand),
+    /// A new database credential from a dynamic role, under a lease.
+    Creds {
+        role: String,
+        /// Lease TTL (default: the role's; at most its max TTL).
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+    /// Leases of dynamic credentials: lookup, list, renew, revoke.
+    #[command(subcommand)]
+    Lease(dynamic::LeaseCommand),
     /// External rotation providers (keyward.provider.v1 plugins).
     #[command(subcommand)]
     Provider(ProviderCommand),

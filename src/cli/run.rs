@@ -45,6 +45,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             super::rotation::rotate(&g, format, &path, no_wait).await
         }
         Command::Provider(cmd) => super::rotation::provider(&g, format, cmd).await,
+        Command::Dynamic(cmd) => super::dynamic::dynamic(&g, format, cmd).await,
+        Command::Creds { role, ttl } => super::dynamic::creds(&g, format, &role, ttl).await,
+        Command::Lease(cmd) => super::dynamic::lease(&g, format, cmd).await,
         Command::Bench(args) => bench(&g, format, args).await,
         Command::Certs { out } => certs(format, &out),
         Command::Snapshot(cmd) => super::ops::snapshot(format, cmd),

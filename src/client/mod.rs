@@ -24,6 +24,9 @@ use tonic::{Code, Request};
 // `client/identity.rs`, rotation calls (issue 4) in `client/rotation.rs`,
 // each as its own `impl Client` block.
 mod auth;
+mod dynamic;
+mod leases;
+pub use dynamic::DynamicRoleSpec;
 mod identities;
 mod login;
 mod policies;

@@ -61,6 +61,10 @@ pub struct Core {
     pub login: Arc<Login>,
     /// The rotation broker (issue 4): policies, runs, the scheduler's state.
     pub rotation: Arc<Broker>,
+    /// Leases of dynamic credentials (issue 12), and their sleeper.
+    pub leases: crate::lease::LeaseStore,
+    /// Dynamic roles and the issue of credentials under a lease.
+    pub dynamic: crate::dynamic::DynamicStore,
     /// `oidc.jwks_dir` (see [`Core::set_oidc`]).
     oidc_jwks_dir: Option<std::path::PathBuf>,
     /// The one clock every part of this vault reads.
@@ -98,7 +102,19 @@ impl Core {
                 clock.clone(),
             )),
         };
+        let leases = crate::lease::LeaseStore::new(barrier.clone(), clock.clone());
+        // A lease ends with its token: every revoke tells the lease store.
+        tokens.set_revoke_listener(Arc::new(leases.clone()));
+        crate::lease::LeaseGauges::register(&metrics, leases.clone());
+        let dynamic = crate::dynamic::DynamicStore::new(
+            barrier.clone(),
+            secrets.clone(),
+            leases.clone(),
+            clock.clone(),
+        );
         Self {
+            leases,
+            dynamic,
             gate: Gate::new(
                 tokens.clone(),
                 policies.clone(),

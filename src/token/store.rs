@@ -263,6 +263,13 @@ pub struct TokenUse {
     pub counted: bool,
 }
 
+/// Told of the tokens a revoke removed (with their children, with their
+/// identity, at expiry), after they are gone: the leases they hold end
+/// with them (`lease::LeaseStore` implements it; set in `core`).
+pub trait RevokeListener: Send + Sync {
+    fn tokens_revoked(&self, accessors: &[&str]);
+}
+
 /// Whether a policy name exists; the store asks it on issue.
 pub trait PolicyNames: Send + Sync {
     fn policy_exists(&self, name: &str) -> Result<bool, TokenError>;
@@ -299,6 +306,8 @@ struct Inner {
     heads: Mutex<Heads>,
     /// Unlimited tokens already verified (`token::cache`).
     verified: VerifiedTokens,
+    /// Told of every revoked token ([`TokenStore::set_revoke_listener`]).
+    revoked: std::sync::OnceLock<Arc<dyn RevokeListener>>,
 }
 
 /// Where the sweeper looks next: per identity (hex, as in the keys), a time
@@ -482,12 +491,18 @@ impl TokenStore {
                 sweep_planned_ms: AtomicU64::new(u64::MAX),
                 heads: Mutex::new(Heads::default()),
                 verified: VerifiedTokens::new(),
+                revoked: std::sync::OnceLock::new(),
             }),
         }
     }
 
     fn barrier(&self) -> &Barrier {
         &self.inner.barrier
+    }
+
+    /// Sets (once) who is told of revoked tokens.
+    pub fn set_revoke_listener(&self, listener: Arc<dyn RevokeListener>) {
+        let _ = self.inner.revoked.set(listener);
     }
 
     /// The clock this store's expiries are judged by.
@@ -1015,6 +1030,14 @@ impl TokenStore {
         for batch in &batches {
             let ops: Vec<PlainOp<'_>> = batch.iter().map(|k| PlainOp::Delete(k)).collect();
             self.barrier().batch(&ops)?;
+        }
+        if let Some(listener) = self.inner.revoked.get() {
+            let gone: Vec<&str> = batches
+                .iter()
+                .flatten()
+                .filter_map(|key| key.strip_prefix(ACCESSOR_PREFIX))
+                .collect();
+            listener.tokens_revoked(&gone);
         }
         Ok(count)
     }

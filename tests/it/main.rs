@@ -23,6 +23,8 @@ mod certs;
 mod cidr;
 mod cli;
 mod crash;
+mod dynamic_crash;
+mod dynamic_creds;
 mod governance;
 mod http_clients;
 mod http_kv;

@@ -325,3 +325,40 @@ impl From<crate::rotation::RotationError> for Failure {
         }
     }
 }
+
+impl From<crate::lease::LeaseError> for Failure {
+    fn from(e: crate::lease::LeaseError) -> Self {
+        use crate::lease::LeaseError;
+        match e {
+            LeaseError::NotFound => Self::new(FailureKind::NotFound, e.to_string()),
+            LeaseError::Revoking | LeaseError::Expired => {
+                Self::new(FailureKind::Conflict, e.to_string())
+            }
+            LeaseError::Invalid(m) => Self::invalid(m),
+            LeaseError::Barrier(b) => b.into(),
+            LeaseError::Corrupt => Self::internal(e),
+        }
+    }
+}
+
+impl From<crate::dynamic::DynamicError> for Failure {
+    fn from(e: crate::dynamic::DynamicError) -> Self {
+        use crate::dynamic::DynamicError;
+        use crate::rotation::provider::ProviderError;
+        match e {
+            DynamicError::Invalid(m) => Self::invalid(m),
+            DynamicError::UnknownRole(_) => Self::new(FailureKind::NotFound, e.to_string()),
+            DynamicError::AdminSecret(m) => Self::new(FailureKind::Conflict, m),
+            DynamicError::Target(ProviderError::Unreachable(m)) => {
+                Self::new(FailureKind::Unavailable, format!("target unreachable: {m}"))
+            }
+            DynamicError::Target(ProviderError::InvalidSecret(m)) => {
+                Self::new(FailureKind::Conflict, format!("invalid admin secret: {m}"))
+            }
+            DynamicError::Target(p) => Self::new(FailureKind::Upstream, p.to_string()),
+            DynamicError::Lease(l) => l.into(),
+            DynamicError::Barrier(b) => b.into(),
+            DynamicError::Corrupt => Self::internal(e),
+        }
+    }
+}

@@ -88,7 +88,12 @@ pub fn class(method: &str) -> Class {
         | "keyward.v1.Sys/Init"
         | "keyward.v1.Sys/Unseal"
         | "keyward.v1.Sys/Seal"
-        | "keyward.v1.Sys/RotateKey" => Class::Change,
+        | "keyward.v1.Sys/RotateKey"
+        | "keyward.v1.Dynamic/PutRole"
+        | "keyward.v1.Dynamic/DeleteRole"
+        | "keyward.v1.Dynamic/Creds"
+        | "keyward.v1.Leases/Renew"
+        | "keyward.v1.Leases/Revoke" => Class::Change,
         _ => Class::Read,
     }
 }

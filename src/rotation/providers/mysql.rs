@@ -94,7 +94,7 @@ impl Target for Mysql {
     }
 }
 
-async fn connect(login: &Login) -> Result<Conn, ProviderError> {
+pub(crate) async fn connect(login: &Login) -> Result<Conn, ProviderError> {
     let password = login.password_str();
     let opts = OptsBuilder::default()
         .ip_or_hostname(login.host.as_str())
@@ -113,7 +113,7 @@ async fn connect(login: &Login) -> Result<Conn, ProviderError> {
 /// Maps a driver error to a message built from non-secret parts only: the
 /// server's error number and SQLSTATE, or the I/O error kind. The server's
 /// message text is not used: a syntax error quotes the statement.
-fn map_error(error: &mysql_async::Error, call: &Call) -> ProviderError {
+pub(crate) fn map_error(error: &mysql_async::Error, call: &Call) -> ProviderError {
     use mysql_async::{DriverError, Error};
     match error {
         Error::Server(server) => {

@@ -79,7 +79,7 @@ impl Target for Postgres {
     }
 }
 
-async fn connect(login: &Login) -> Result<tokio_postgres::Client, ProviderError> {
+pub(crate) async fn connect(login: &Login) -> Result<tokio_postgres::Client, ProviderError> {
     let mut config = tokio_postgres::Config::new();
     config
         .host(&login.host)
@@ -109,7 +109,7 @@ async fn connect(login: &Login) -> Result<tokio_postgres::Client, ProviderError>
 /// Maps a driver error to a message built from non-secret parts only: the
 /// SQLSTATE code (and its meaning for the usual ones) or the I/O error kind.
 /// The server's message text is not used: it may quote the statement.
-fn map_error(error: &tokio_postgres::Error, call: &Call) -> ProviderError {
+pub(crate) fn map_error(error: &tokio_postgres::Error, call: &Call) -> ProviderError {
     if let Some(db) = error.as_db_error() {
         let code = db.code().code();
         let meaning = match code {

@@ -97,7 +97,7 @@ impl Target for Redis {
     }
 }
 
-async fn connect(login: &Login) -> Result<MultiplexedConnection, ProviderError> {
+pub(crate) async fn connect(login: &Login) -> Result<MultiplexedConnection, ProviderError> {
     let call = Call::new(SERVER, login, format!("log in as `{}`", login.username));
     let mut settings = RedisConnectionInfo::default().set_skip_set_lib_name();
     let password = login.password_str();
@@ -123,7 +123,7 @@ async fn connect(login: &Login) -> Result<MultiplexedConnection, ProviderError> 
     .await
 }
 
-async fn command<T: ::redis::FromRedisValue>(
+pub(crate) async fn command<T: ::redis::FromRedisValue>(
     conn: &mut MultiplexedConnection,
     cmd: &::redis::Cmd,
     call: &Call,
@@ -137,7 +137,7 @@ async fn command<T: ::redis::FromRedisValue>(
 /// Maps a client error to a message built from non-secret parts only: the
 /// error kind and the server's error code (`WRONGPASS`, `NOPERM`). The
 /// server's detail is not used: it may quote the command's arguments.
-fn map_error(error: &RedisError, call: &Call) -> ProviderError {
+pub(crate) fn map_error(error: &RedisError, call: &Call) -> ProviderError {
     if error.is_connection_refusal() {
         return call.unreachable("connection refused");
     }
