@@ -9,6 +9,7 @@ pub mod auth;
 pub mod governance;
 pub mod identities;
 pub mod login;
+pub mod pki;
 pub mod policies;
 pub mod rotation;
 pub mod secrets;

@@ -7,6 +7,7 @@ mod bench;
 mod common;
 mod ident;
 mod output;
+mod pki;
 mod rotation;
 mod run;
 mod serve;
@@ -114,6 +115,9 @@ pub enum Command {
     /// External rotation providers (keyward.provider.v1 plugins).
     #[command(subcommand)]
     Provider(ProviderCommand),
+    /// Short-lived workload certificates: CA, roles, issue, sign, inventory, CRL.
+    #[command(subcommand)]
+    Pki(pki::PkiCommand),
     /// Measure throughput and latency against a live server.
     Bench(BenchArgs),
     /// Generate a CA, server and client certificates into a folder.

@@ -44,6 +44,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             super::rotation::rotate(&g, format, &path, no_wait).await
         }
         Command::Provider(cmd) => super::rotation::provider(&g, format, cmd).await,
+        Command::Pki(cmd) => super::pki::pki(&g, format, cmd).await,
         Command::Bench(args) => bench(&g, format, args).await,
         Command::Certs { out } => certs(format, &out),
     }

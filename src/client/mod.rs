@@ -26,6 +26,7 @@ use tonic::{Code, Request};
 mod auth;
 mod identities;
 mod login;
+mod pki;
 mod policies;
 
 pub use auth::IssueOptions;

@@ -19,6 +19,8 @@ use crate::identity::login::{Login, ThrottleConfig};
 use crate::identity::IdentityStore;
 use crate::metrics::Metrics;
 use crate::oidc::JwksCache;
+use crate::pki::trust::ClientTrust;
+use crate::pki::PkiStore;
 use crate::policy_store::PolicyStore;
 use crate::rotation::{Broker, BrokerOptions, RotationDeps};
 use crate::secrets::{DataLimits, SecretStore};
@@ -61,6 +63,9 @@ pub struct Core {
     pub login: Arc<Login>,
     /// The rotation broker (issue 4): policies, runs, the scheduler's state.
     pub rotation: Arc<Broker>,
+    /// The PKI (issue 12): CA, roles, inventory, and the run-time trust
+    /// store of client certificates.
+    pub pki: Arc<PkiStore>,
     /// `oidc.jwks_dir` (see [`Core::set_oidc`]).
     oidc_jwks_dir: Option<std::path::PathBuf>,
     /// The one clock every part of this vault reads.
@@ -86,6 +91,7 @@ impl Core {
         let secrets = Arc::new(SecretStore::new(barrier.clone(), limits));
         let audit = Arc::new(audit);
         let identities = Arc::new(IdentityStore::new(barrier.clone()));
+        let barrier_for_pki = barrier.clone();
         let rotation_deps = RotationDeps {
             secrets: secrets.clone(),
             audit: audit.clone(),
@@ -123,6 +129,7 @@ impl Core {
                 JwksCache::files_only(),
                 ThrottleConfig::default(),
             )),
+            pki: Arc::new(PkiStore::new(barrier_for_pki, Arc::new(ClientTrust::new()))),
             oidc_jwks_dir: None,
             clock,
             shutdown,
@@ -193,6 +200,10 @@ impl Core {
             self.barrier.seal();
         } else {
             self.rotation.on_unseal();
+            // The PKI's CA joins the client-certificate trust store.
+            if let Err(e) = self.pki.refresh_trust(self.clock.now_ms()) {
+                tracing::error!(error = %e, "PKI trust store not loaded at unseal");
+            }
         }
         self.metrics.set_sealed(self.barrier.status().sealed);
         loaded

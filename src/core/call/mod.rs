@@ -88,7 +88,15 @@ pub fn class(method: &str) -> Class {
         | "keyward.v1.Sys/Init"
         | "keyward.v1.Sys/Unseal"
         | "keyward.v1.Sys/Seal"
-        | "keyward.v1.Sys/RotateKey" => Class::Change,
+        | "keyward.v1.Sys/RotateKey"
+        | "keyward.v1.Pki/Init"
+        | "keyward.v1.Pki/IntermediateCsr"
+        | "keyward.v1.Pki/IntermediateSetSigned"
+        | "keyward.v1.Pki/PutRole"
+        | "keyward.v1.Pki/DeleteRole"
+        | "keyward.v1.Pki/Issue"
+        | "keyward.v1.Pki/Sign"
+        | "keyward.v1.Pki/Revoke" => Class::Change,
         _ => Class::Read,
     }
 }
