@@ -38,3 +38,5 @@ mod trust_identity;
 mod trust_limits;
 mod trust_oidc;
 mod trust_rotation;
+mod pki_chain;
+mod pki_kit;
