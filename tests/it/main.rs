@@ -40,3 +40,4 @@ mod trust_oidc;
 mod trust_rotation;
 mod pki_chain;
 mod pki_kit;
+mod pki_access;
