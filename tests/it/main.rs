@@ -41,3 +41,4 @@ mod trust_rotation;
 mod pki_chain;
 mod pki_kit;
 mod pki_access;
+mod pki_login;
