@@ -272,3 +272,32 @@ async fn pki_private_keys_are_not_in_the_audit_log_or_the_store() {
         }
     }
 }
+
+#[tokio::test]
+async fn pki_figures_are_in_the_governance_report() {
+    let (server, root) = pki_server("gov").await;
+    root.pki_role_put(role("gov2", "gov")).await.unwrap();
+    let a = root.pki_issue(req("gov", &[], &["a.gov.svc.test"], 60)).await.unwrap();
+    root.pki_issue(req("gov", &[], &["b.gov.svc.test"], 60)).await.unwrap();
+    // 8 days: valid, not expiring within the report's 7 days.
+    let mut long = role("gov-long", "gov");
+    long.max_ttl_seconds = 8 * 24 * 3600;
+    root.pki_role_put(long).await.unwrap();
+    root.pki_issue(req("gov-long", &[], &["c.gov.svc.test"], 8 * 24 * 3600))
+        .await
+        .unwrap();
+    root.pki_revoke(&a.serial).await.unwrap();
+    let r = root.governance_report(0, 0).await.unwrap();
+    let by_role: Vec<(String, u64)> = r
+        .certificates_by_role
+        .iter()
+        .map(|c| (c.key.clone(), c.count))
+        .collect();
+    assert_eq!(by_role, vec![("gov".into(), 1), ("gov-long".into(), 1)]);
+    assert_eq!(r.certificates_expiring_soon, 1);
+    assert_eq!(r.certificates_revoked, 1);
+    // The report needs read on sys/governance: a PKI user does not get it.
+    let low = token_with(&server, ISSUE_WEB).await;
+    assert_eq!(code(low.governance_report(0, 0).await), Code::PermissionDenied);
+    server.stop().await;
+}
