@@ -42,3 +42,4 @@ mod pki_chain;
 mod pki_kit;
 mod pki_access;
 mod pki_login;
+mod pki_cli;
