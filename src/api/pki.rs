@@ -43,8 +43,11 @@ impl PkiService {
     /// policies the caller must hold; returns the first one's name for the
     /// inventory.
     fn require_holds_identities(&self, call: &mut Call, built: &Built) -> Result<String, Failure> {
-        let names = cert_names(&built.der)
-            .ok_or_else(|| call.fail(PkiError::Invalid("issued certificate does not parse".into())))?;
+        let names = cert_names(&built.der).ok_or_else(|| {
+            call.fail(PkiError::Invalid(
+                "issued certificate does not parse".into(),
+            ))
+        })?;
         let mut holders = Vec::new();
         for id in &names.spiffe_ids {
             let found = self.core.identities.by_cert(None, std::slice::from_ref(id));
@@ -131,12 +134,11 @@ impl Pki for PkiService {
             r.ttl_seconds
         };
         let now = self.core.clock().now_ms();
-        call.check(self.core.pki.init_root(
-            &proof,
-            &r.common_name,
-            ttl.saturating_mul(1000),
-            now,
-        ))?;
+        call.check(
+            self.core
+                .pki
+                .init_root(&proof, &r.common_name, ttl.saturating_mul(1000), now),
+        )?;
         call.check(self.core.barrier.durable().await)?;
         let chain = call.check(self.core.pki.ca_chain())?;
         call.ok(&[])?;
@@ -240,8 +242,7 @@ impl Pki for PkiService {
         &self,
         req: Request<PkiRoleName>,
     ) -> Result<Response<PkiDeleteRoleResponse>, Status> {
-        let mut call =
-            begin(&self.core, "keyward.v1.Pki/DeleteRole", Access::Token, &req).await?;
+        let mut call = begin(&self.core, "keyward.v1.Pki/DeleteRole", Access::Token, &req).await?;
         let r = req.into_inner();
         call.check(check_role_name(&r.name))?;
         let proof = call.authorize(Capability::Admin, role_resource(&r.name))?;
@@ -270,7 +271,10 @@ impl Pki for PkiService {
         self.hand_out(call, built).await
     }
 
-    async fn sign(&self, req: Request<PkiSignRequest>) -> Result<Response<PkiIssueResponse>, Status> {
+    async fn sign(
+        &self,
+        req: Request<PkiSignRequest>,
+    ) -> Result<Response<PkiIssueResponse>, Status> {
         let mut call = begin(&self.core, "keyward.v1.Pki/Sign", Access::Token, &req).await?;
         let r = req.into_inner();
         call.check(check_role_name(&r.role))?;
@@ -285,7 +289,10 @@ impl Pki for PkiService {
         self.hand_out(call, built).await
     }
 
-    async fn list(&self, req: Request<PkiListRequest>) -> Result<Response<PkiListResponse>, Status> {
+    async fn list(
+        &self,
+        req: Request<PkiListRequest>,
+    ) -> Result<Response<PkiListResponse>, Status> {
         let mut call = begin(&self.core, "keyward.v1.Pki/List", Access::Token, &req).await?;
         let r = req.into_inner();
         call.authorize(Capability::List, CERTS_RESOURCE.to_owned())?;
@@ -306,7 +313,11 @@ impl Pki for PkiService {
         let r = req.into_inner();
         let serial = call.check(crate::pki::store::normalize_serial(&r.serial))?;
         let proof = call.authorize(Capability::Delete, format!("{CERTS_RESOURCE}/{serial}"))?;
-        let record = call.check(self.core.pki.revoke(&proof, &serial, self.core.clock().now_ms()))?;
+        let record = call.check(self.core.pki.revoke(
+            &proof,
+            &serial,
+            self.core.clock().now_ms(),
+        ))?;
         call.check(self.core.barrier.durable().await)?;
         call.ok(&[])?;
         Ok(Response::new(record_message(&record)))

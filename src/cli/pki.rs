@@ -199,7 +199,12 @@ pub async fn pki(g: &Global, format: Format, cmd: PkiCommand) -> Result<()> {
             emit(format, &role_json(&client.pki_role_get(&name).await?));
         }
         PkiCommand::Role(RoleCommand::List) => {
-            let roles: Vec<Value> = client.pki_role_list().await?.iter().map(role_json).collect();
+            let roles: Vec<Value> = client
+                .pki_role_list()
+                .await?
+                .iter()
+                .map(role_json)
+                .collect();
             emit(format, &json!({"roles": roles}));
         }
         PkiCommand::Role(RoleCommand::Delete { name }) => {
@@ -240,7 +245,12 @@ pub async fn pki(g: &Global, format: Format, cmd: PkiCommand) -> Result<()> {
         }
         PkiCommand::List { expiring } => {
             let within = seconds("--expiring", &expiring)?;
-            let certs: Vec<Value> = client.pki_list(within).await?.iter().map(record_json).collect();
+            let certs: Vec<Value> = client
+                .pki_list(within)
+                .await?
+                .iter()
+                .map(record_json)
+                .collect();
             emit(format, &json!({"certificates": certs}));
         }
         PkiCommand::Revoke { serial } => {

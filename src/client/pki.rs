@@ -77,7 +77,10 @@ impl Client {
     }
 
     /// A new key and certificate; the response's `private_key` is secret.
-    pub async fn pki_issue(&self, request: PkiIssueRequest) -> Result<PkiIssueResponse, ClientError> {
+    pub async fn pki_issue(
+        &self,
+        request: PkiIssueRequest,
+    ) -> Result<PkiIssueResponse, ClientError> {
         Ok(self.pki().issue(self.request(request)).await?.into_inner())
     }
 

@@ -84,7 +84,10 @@ pub fn ensure_dev_certs(dir: &Path) -> Result<CertPaths, PkiError> {
     let issuer = Issuer::new(ca_params, ca_key);
 
     let server_key = KeyPair::generate()?;
-    let mut server_params = leaf_params(dev_name("localhost"), &[ExtendedKeyUsagePurpose::ServerAuth]);
+    let mut server_params = leaf_params(
+        dev_name("localhost"),
+        &[ExtendedKeyUsagePurpose::ServerAuth],
+    );
     server_params.subject_alt_names = vec![
         SanType::DnsName("localhost".try_into()?),
         SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),

@@ -24,8 +24,8 @@ pub mod names;
 pub mod store;
 pub mod trust;
 
-pub use dev::{ensure_dev_certs, issue_client_cert, load_issuer, CertPaths};
 pub(crate) use dev::write_file;
+pub use dev::{ensure_dev_certs, issue_client_cert, load_issuer, CertPaths};
 pub use store::{Built, CertRecord, KeyType, PkiFigures, PkiStore, Role, RoleSpec};
 
 use std::path::PathBuf;
@@ -54,7 +54,9 @@ pub enum PkiError {
     NoRole(String),
     #[error("no certificate with serial {0} in the inventory")]
     NoCert(String),
-    #[error("the PKI has no CA yet: run `keyward pki init` or `pki intermediate csr` / `set-signed`")]
+    #[error(
+        "the PKI has no CA yet: run `keyward pki init` or `pki intermediate csr` / `set-signed`"
+    )]
     NoCa,
     #[error("the PKI has a CA already; it is not replaced")]
     CaExists,

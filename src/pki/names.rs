@@ -164,7 +164,9 @@ impl SpiffePattern {
             });
         }
         if parts.len() < 2 {
-            return Err(bad("needs a path after the trust domain (use '**' for any)"));
+            return Err(bad(
+                "needs a path after the trust domain (use '**' for any)",
+            ));
         }
         Ok(Self {
             text: text.to_owned(),
@@ -264,9 +266,18 @@ mod tests {
 
     #[test]
     fn spiffe_star_is_one_segment_and_double_star_any() {
-        assert!(sp("spiffe://acme.test/ns/*/sa", "spiffe://acme.test/ns/web/sa"));
-        assert!(!sp("spiffe://acme.test/ns/*/sa", "spiffe://acme.test/ns/a/b/sa"));
-        assert!(sp("spiffe://acme.test/ns/**", "spiffe://acme.test/ns/a/b/c"));
+        assert!(sp(
+            "spiffe://acme.test/ns/*/sa",
+            "spiffe://acme.test/ns/web/sa"
+        ));
+        assert!(!sp(
+            "spiffe://acme.test/ns/*/sa",
+            "spiffe://acme.test/ns/a/b/sa"
+        ));
+        assert!(sp(
+            "spiffe://acme.test/ns/**",
+            "spiffe://acme.test/ns/a/b/c"
+        ));
         assert!(sp("spiffe://acme.test/ns/**", "spiffe://acme.test/ns"));
         assert!(!sp("spiffe://acme.test/ns/**", "spiffe://acme.test/nsx/a"));
         assert!(!sp("spiffe://acme.test/ns/**", "spiffe://other.test/ns/a"));

@@ -246,7 +246,10 @@ impl std::fmt::Debug for Built {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Built")
             .field("record", &self.record)
-            .field("private_key", &self.private_key.as_ref().map(|_| "[redacted]"))
+            .field(
+                "private_key",
+                &self.private_key.as_ref().map(|_| "[redacted]"),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -419,10 +422,9 @@ impl PkiStore {
         if self.ca()?.is_some() {
             return Err(PkiError::CaExists);
         }
-        let key_pem = self
-            .barrier
-            .get(PENDING_KEY)?
-            .ok_or_else(|| PkiError::Invalid("no intermediate is pending: run `pki intermediate csr` first".into()))?;
+        let key_pem = self.barrier.get(PENDING_KEY)?.ok_or_else(|| {
+            PkiError::Invalid("no intermediate is pending: run `pki intermediate csr` first".into())
+        })?;
         let key_text = std::str::from_utf8(&key_pem).map_err(|_| PkiError::Corrupt)?;
         let key = KeyPair::from_pem(key_text)?;
         let ders = pem_to_der(pem)?;
@@ -431,7 +433,9 @@ impl PkiStore {
             .map(|d| {
                 x509_parser::parse_x509_certificate(d)
                     .map(|(_, c)| c)
-                    .map_err(|_| PkiError::Invalid("a certificate in the file does not parse".into()))
+                    .map_err(|_| {
+                        PkiError::Invalid("a certificate in the file does not parse".into())
+                    })
             })
             .collect::<Result<_, _>>()?;
         let leaf = &parsed[0];
@@ -566,8 +570,18 @@ impl PkiStore {
             .ok_or_else(|| PkiError::NoRole(name.to_owned()))
     }
 
-    fn not_after(&self, role: &Role, ca: &CaCert, ttl_secs: u64, now_ms: u64) -> Result<u64, PkiError> {
-        let ttl = if ttl_secs == 0 { role.max_ttl_secs } else { ttl_secs };
+    fn not_after(
+        &self,
+        role: &Role,
+        ca: &CaCert,
+        ttl_secs: u64,
+        now_ms: u64,
+    ) -> Result<u64, PkiError> {
+        let ttl = if ttl_secs == 0 {
+            role.max_ttl_secs
+        } else {
+            ttl_secs
+        };
         if ttl > role.max_ttl_secs {
             return Err(PkiError::Invalid(format!(
                 "--ttl {ttl}s is past role {:?}'s --max-ttl {}s",
@@ -592,7 +606,11 @@ impl PkiStore {
         serial: &[u8],
     ) -> rcgen::CertificateParams {
         let first = names.first().map(String::as_str).unwrap_or_default();
-        let cn = if first.len() <= 64 { first.to_owned() } else { hex::encode(serial) };
+        let cn = if first.len() <= 64 {
+            first.to_owned()
+        } else {
+            hex::encode(serial)
+        };
         let mut params = leaf_params(name("keyward", &cn), &role.purposes());
         params.subject_alt_names = sans;
         set_validity(&mut params, not_before_ms, not_after_ms);
@@ -617,7 +635,14 @@ impl PkiStore {
         let not_after = self.not_after(&role, &ca, ttl_secs, now_ms)?;
         let serial = random_serial().map_err(|_| PkiError::Random)?;
         let names: Vec<String> = spiffe.iter().chain(dns).cloned().collect();
-        let params = Self::leaf(&role, sans, &names, now_ms.saturating_sub(BACKDATE_MS), not_after, &serial);
+        let params = Self::leaf(
+            &role,
+            sans,
+            &names,
+            now_ms.saturating_sub(BACKDATE_MS),
+            not_after,
+            &serial,
+        );
         let key = KeyPair::generate_for(role.key_type.algorithm())?;
         let cert = params.signed_by(&key, &issuer)?;
         Ok(Built {
@@ -664,7 +689,9 @@ impl PkiStore {
             rcgen::Error::UnsupportedSignatureAlgorithm => PkiError::Invalid(
                 "the CSR's key type is not supported: use ec-p256 or ed25519".into(),
             ),
-            _ => PkiError::Invalid("the CSR does not parse (give a PEM CERTIFICATE REQUEST)".into()),
+            _ => {
+                PkiError::Invalid("the CSR does not parse (give a PEM CERTIFICATE REQUEST)".into())
+            }
         })?;
         if csr.public_key.algorithm() != role.key_type.algorithm() {
             return Err(PkiError::Invalid(format!(
@@ -691,7 +718,14 @@ impl PkiStore {
         let not_after = self.not_after(&role, &ca, ttl_secs, now_ms)?;
         let serial = random_serial().map_err(|_| PkiError::Random)?;
         let names: Vec<String> = spiffe.iter().chain(&dns).cloned().collect();
-        let params = Self::leaf(&role, sans, &names, now_ms.saturating_sub(BACKDATE_MS), not_after, &serial);
+        let params = Self::leaf(
+            &role,
+            sans,
+            &names,
+            now_ms.saturating_sub(BACKDATE_MS),
+            not_after,
+            &serial,
+        );
         let signed = CertificateSigningRequestParams {
             params,
             public_key: csr.public_key,
@@ -727,7 +761,11 @@ impl PkiStore {
 
     /// The inventory, soonest expiry first; with `expiring_within_ms`, only
     /// valid certificates that expire within it.
-    pub fn list(&self, expiring_within_ms: Option<u64>, now_ms: u64) -> Result<Vec<CertRecord>, PkiError> {
+    pub fn list(
+        &self,
+        expiring_within_ms: Option<u64>,
+        now_ms: u64,
+    ) -> Result<Vec<CertRecord>, PkiError> {
         let mut out: Vec<CertRecord> = self
             .barrier
             .scan_prefix(CERTS)?
@@ -736,9 +774,7 @@ impl PkiStore {
             .collect::<Result<_, _>>()?;
         if let Some(within) = expiring_within_ms {
             out.retain(|c: &CertRecord| {
-                c.revoked_at_ms == 0
-                    && c.not_after_ms > now_ms
-                    && c.not_after_ms - now_ms <= within
+                c.revoked_at_ms == 0 && c.not_after_ms > now_ms && c.not_after_ms - now_ms <= within
             });
         }
         out.sort_by(|a, b| (a.not_after_ms, &a.serial).cmp(&(b.not_after_ms, &b.serial)));
@@ -747,9 +783,18 @@ impl PkiStore {
 
     /// Revokes a certificate: it enters the CRL, and `login cert` refuses
     /// it from now on. Revoking it again changes nothing.
-    pub fn revoke(&self, proof: &Authorized, serial: &str, now_ms: u64) -> Result<CertRecord, PkiError> {
+    pub fn revoke(
+        &self,
+        proof: &Authorized,
+        serial: &str,
+        now_ms: u64,
+    ) -> Result<CertRecord, PkiError> {
         let serial = normalize_serial(serial)?;
-        require(proof, Capability::Delete, &format!("{}/{serial}", super::CERTS_RESOURCE))?;
+        require(
+            proof,
+            Capability::Delete,
+            &format!("{}/{serial}", super::CERTS_RESOURCE),
+        )?;
         let key = format!("{CERTS}{serial}");
         let mut record: CertRecord = match self.barrier.get(&key)? {
             None => return Err(PkiError::NoCert(serial)),

@@ -68,11 +68,7 @@ impl ClientTrust {
     }
 
     /// The PKI's signing CA and its CRL (empty when there is no CA yet).
-    pub fn set_issued(
-        &self,
-        anchors: Vec<CertificateDer<'static>>,
-        crl: Option<Vec<u8>>,
-    ) {
+    pub fn set_issued(&self, anchors: Vec<CertificateDer<'static>>, crl: Option<Vec<u8>>) {
         if let Ok(mut a) = self.anchors.write() {
             a.issued = anchors;
             a.crl = crl.map(CertificateRevocationListDer::from);
@@ -84,7 +80,10 @@ impl ClientTrust {
 
     fn rebuild(&self) -> Result<(), String> {
         let (roots, crls) = {
-            let a = self.anchors.read().map_err(|_| "trust store lock poisoned")?;
+            let a = self
+                .anchors
+                .read()
+                .map_err(|_| "trust store lock poisoned")?;
             let mut roots = RootCertStore::empty();
             for cert in a.configured.iter().chain(&a.issued) {
                 roots

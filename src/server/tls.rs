@@ -26,9 +26,8 @@ pub(super) fn server_config(
     tls: &TlsConfig,
     trust: &Arc<ClientTrust>,
 ) -> Result<Arc<rustls::ServerConfig>, ServerError> {
-    let read = |p: &std::path::Path| {
-        std::fs::read(p).map_err(|e| ServerError::TlsFile(p.to_owned(), e))
-    };
+    let read =
+        |p: &std::path::Path| std::fs::read(p).map_err(|e| ServerError::TlsFile(p.to_owned(), e));
     let bad = |p: &std::path::Path, what: &str| {
         ServerError::TlsFile(
             p.to_owned(),

@@ -29,7 +29,12 @@ async fn pki_low_privileged_caller_issues_on_its_role_only() {
     let low = token_with(&server, ISSUE_WEB).await;
     // Allowed: its role, names inside the patterns.
     let ok = low
-        .pki_issue(req("web", &["spiffe://acme.test/web/api"], &["api.web.svc.test"], 60))
+        .pki_issue(req(
+            "web",
+            &["spiffe://acme.test/web/api"],
+            &["api.web.svc.test"],
+            60,
+        ))
         .await
         .unwrap();
     assert!(!ok.private_key.is_empty());
@@ -39,31 +44,49 @@ async fn pki_low_privileged_caller_issues_on_its_role_only() {
         Code::PermissionDenied
     );
     assert_eq!(
-        code(low.pki_issue(req("nosuch", &[], &["x.db.svc.test"], 60)).await),
+        code(
+            low.pki_issue(req("nosuch", &[], &["x.db.svc.test"], 60))
+                .await
+        ),
         Code::PermissionDenied
     );
     assert_eq!(code(low.pki_init("mine", 0).await), Code::PermissionDenied);
-    assert_eq!(code(low.pki_intermediate_csr("mine").await), Code::PermissionDenied);
+    assert_eq!(
+        code(low.pki_intermediate_csr("mine").await),
+        Code::PermissionDenied
+    );
     let mut wider = role("web", "web");
     wider.allow_dns = vec!["*.test".into()];
     assert_eq!(code(low.pki_role_put(wider).await), Code::PermissionDenied);
-    assert_eq!(code(low.pki_role_delete("web").await), Code::PermissionDenied);
+    assert_eq!(
+        code(low.pki_role_delete("web").await),
+        Code::PermissionDenied
+    );
     assert_eq!(code(low.pki_role_get("web").await), Code::PermissionDenied);
     assert_eq!(code(low.pki_list(0).await), Code::PermissionDenied);
-    assert_eq!(code(low.pki_revoke(&ok.serial).await), Code::PermissionDenied);
+    assert_eq!(
+        code(low.pki_revoke(&ok.serial).await),
+        Code::PermissionDenied
+    );
     // Public knowledge: the chain and the CRL.
     assert_eq!(low.pki_ca().await.unwrap().len(), 1);
     assert!(!low.pki_crl().await.unwrap().is_empty());
     // No token at all.
     let anon = server.anonymous().await;
     assert_eq!(
-        code(anon.pki_issue(req("web", &[], &["api.web.svc.test"], 60)).await),
+        code(
+            anon.pki_issue(req("web", &[], &["api.web.svc.test"], 60))
+                .await
+        ),
         Code::Unauthenticated
     );
     assert_eq!(code(anon.pki_ca().await), Code::Unauthenticated);
     // The audit log names each denial against its resource.
     let audit = std::fs::read_to_string(&server.audit_path).unwrap();
-    assert!(audit.contains("\"resource\":\"pki/db\""), "denied issue not audited");
+    assert!(
+        audit.contains("\"resource\":\"pki/db\""),
+        "denied issue not audited"
+    );
     assert!(audit.contains("\"resource\":\"sys/pki/ca\""));
     server.stop().await;
 }
@@ -79,17 +102,29 @@ async fn pki_a_certificate_that_logs_in_as_an_identity_needs_all_its_policies() 
     )
     .await;
     let payments = unique("payments");
-    root.identity_create(create(&payments, "workload", "team-pay", std::slice::from_ref(&secret_reader)))
+    root.identity_create(create(
+        &payments,
+        "workload",
+        "team-pay",
+        std::slice::from_ref(&secret_reader),
+    ))
+    .await
+    .unwrap();
+    let pay_id = format!("spiffe://acme.test/web/{payments}");
+    root.identity_bind_cert(&payments, None, Some(&pay_id))
         .await
         .unwrap();
-    let pay_id = format!("spiffe://acme.test/web/{payments}");
-    root.identity_bind_cert(&payments, None, Some(&pay_id)).await.unwrap();
     // An identity bound by subject: the subject of an issued certificate is
     // O=keyward, CN=<first name>.
     let by_dn = unique("bydn");
-    root.identity_create(create(&by_dn, "workload", "team-pay", std::slice::from_ref(&secret_reader)))
-        .await
-        .unwrap();
+    root.identity_create(create(
+        &by_dn,
+        "workload",
+        "team-pay",
+        std::slice::from_ref(&secret_reader),
+    ))
+    .await
+    .unwrap();
     root.identity_bind_cert(&by_dn, Some("CN=pay.web.svc.test, O=keyward"), None)
         .await
         .unwrap();
@@ -101,7 +136,10 @@ async fn pki_a_certificate_that_logs_in_as_an_identity_needs_all_its_policies() 
         .unwrap();
     // The identity's SPIFFE ID, by issue and by sign, also hidden behind a
     // first unbound name: denied.
-    for spiffe in [vec![pay_id.as_str()], vec!["spiffe://acme.test/web/other", pay_id.as_str()]] {
+    for spiffe in [
+        vec![pay_id.as_str()],
+        vec!["spiffe://acme.test/web/other", pay_id.as_str()],
+    ] {
         assert_eq!(
             code(low.pki_issue(req("web", &spiffe, &[], 60)).await),
             Code::PermissionDenied,
@@ -109,10 +147,16 @@ async fn pki_a_certificate_that_logs_in_as_an_identity_needs_all_its_policies() 
         );
     }
     let (csr_pem, _) = csr(&[&pay_id], &rcgen::PKCS_ECDSA_P256_SHA256);
-    assert_eq!(code(low.pki_sign("web", &csr_pem, 60).await), Code::PermissionDenied);
+    assert_eq!(
+        code(low.pki_sign("web", &csr_pem, 60).await),
+        Code::PermissionDenied
+    );
     // The subject binding: a DNS name that becomes the bound CN.
     assert_eq!(
-        code(low.pki_issue(req("web", &[], &["pay.web.svc.test"], 60)).await),
+        code(
+            low.pki_issue(req("web", &[], &["pay.web.svc.test"], 60))
+                .await
+        ),
         Code::PermissionDenied
     );
     // Nothing was recorded for the refused ones.
@@ -122,15 +166,16 @@ async fn pki_a_certificate_that_logs_in_as_an_identity_needs_all_its_policies() 
     // A caller holding the identity's policies may; the inventory names it.
     let both = token_with(
         &server,
-        &format!(
-            "{ISSUE_WEB}[[rule]]\npath = \"secret/pay/**\"\ncapabilities = [\"read\"]\n"
-        ),
+        &format!("{ISSUE_WEB}[[rule]]\npath = \"secret/pay/**\"\ncapabilities = [\"read\"]\n"),
     )
     .await;
     // `token_with` stores its own policy: the caller must hold the very
     // policy the identity holds, not an equivalent one.
     assert_eq!(
-        code(both.pki_issue(req("web", &[pay_id.as_str()], &[], 60)).await),
+        code(
+            both.pki_issue(req("web", &[pay_id.as_str()], &[], 60))
+                .await
+        ),
         Code::PermissionDenied
     );
     let holder = {
@@ -165,25 +210,84 @@ async fn pki_bad_input_is_refused_naming_the_rule() {
     let root = server.root().await;
     root.pki_role_put(role("web", "web")).await.unwrap();
     // Before any CA.
-    let (c, m) = refusal(root.pki_issue(req("web", &[], &["a.web.svc.test"], 60)).await);
+    let (c, m) = refusal(
+        root.pki_issue(req("web", &[], &["a.web.svc.test"], 60))
+            .await,
+    );
     assert_eq!(c, Code::InvalidArgument);
     assert!(m.contains("pki init"), "{m}");
     root.pki_init("t", 0).await.unwrap();
     let cases: Vec<(PkiIssueRequest, Code, &str)> = vec![
-        (req("nosuch", &[], &["a.web.svc.test"], 60), Code::NotFound, "no PKI role"),
-        (req("Web", &[], &["a.web.svc.test"], 60), Code::InvalidArgument, "role name"),
-        (req("web", &[], &[], 60), Code::InvalidArgument, "at least one"),
-        (req("web", &[], &["a.web.svc.test"], 7200), Code::InvalidArgument, "--max-ttl"),
-        (req("web", &[], &["a.db.svc.test"], 60), Code::PermissionDenied, "--allow-dns"),
-        (req("web", &[], &["a.b.web.svc.test"], 60), Code::PermissionDenied, "--allow-dns"),
-        (req("web", &[], &["*.web.svc.test"], 60), Code::PermissionDenied, "--allow-wildcard-dns"),
-        (req("web", &[], &["A.web.svc.test"], 60), Code::InvalidArgument, "lower-case"),
-        (req("web", &[], &["a.web.svc.test."], 60), Code::InvalidArgument, "ends with '.'"),
-        (req("web", &[], &["127.0.0.1"], 60), Code::InvalidArgument, "IP address"),
-        (req("web", &["spiffe://acme.test/db/x"], &[], 60), Code::PermissionDenied, "--allow-spiffe"),
-        (req("web", &["spiffe://acme.test/web/../db"], &[], 60), Code::InvalidArgument, "'..'"),
-        (req("web", &["spiffe://ACME.test/web/x"], &[], 60), Code::InvalidArgument, "trust domain"),
-        (req("web", &["https://acme.test/web/x"], &[], 60), Code::InvalidArgument, "spiffe://"),
+        (
+            req("nosuch", &[], &["a.web.svc.test"], 60),
+            Code::NotFound,
+            "no PKI role",
+        ),
+        (
+            req("Web", &[], &["a.web.svc.test"], 60),
+            Code::InvalidArgument,
+            "role name",
+        ),
+        (
+            req("web", &[], &[], 60),
+            Code::InvalidArgument,
+            "at least one",
+        ),
+        (
+            req("web", &[], &["a.web.svc.test"], 7200),
+            Code::InvalidArgument,
+            "--max-ttl",
+        ),
+        (
+            req("web", &[], &["a.db.svc.test"], 60),
+            Code::PermissionDenied,
+            "--allow-dns",
+        ),
+        (
+            req("web", &[], &["a.b.web.svc.test"], 60),
+            Code::PermissionDenied,
+            "--allow-dns",
+        ),
+        (
+            req("web", &[], &["*.web.svc.test"], 60),
+            Code::PermissionDenied,
+            "--allow-wildcard-dns",
+        ),
+        (
+            req("web", &[], &["A.web.svc.test"], 60),
+            Code::InvalidArgument,
+            "lower-case",
+        ),
+        (
+            req("web", &[], &["a.web.svc.test."], 60),
+            Code::InvalidArgument,
+            "ends with '.'",
+        ),
+        (
+            req("web", &[], &["127.0.0.1"], 60),
+            Code::InvalidArgument,
+            "IP address",
+        ),
+        (
+            req("web", &["spiffe://acme.test/db/x"], &[], 60),
+            Code::PermissionDenied,
+            "--allow-spiffe",
+        ),
+        (
+            req("web", &["spiffe://acme.test/web/../db"], &[], 60),
+            Code::InvalidArgument,
+            "'..'",
+        ),
+        (
+            req("web", &["spiffe://ACME.test/web/x"], &[], 60),
+            Code::InvalidArgument,
+            "trust domain",
+        ),
+        (
+            req("web", &["https://acme.test/web/x"], &[], 60),
+            Code::InvalidArgument,
+            "spiffe://",
+        ),
     ];
     for (r, want, text) in cases {
         let what = format!("{r:?}");
@@ -191,19 +295,60 @@ async fn pki_bad_input_is_refused_naming_the_rule() {
         assert_eq!(c, want, "{what}: {m}");
         assert!(m.contains(text), "{what}: {m:?} does not name {text:?}");
     }
-    assert!(root.pki_list(0).await.unwrap().is_empty(), "a refused request was recorded");
+    assert!(
+        root.pki_list(0).await.unwrap().is_empty(),
+        "a refused request was recorded"
+    );
     // Wildcards with the flag, where the pattern has '*'.
     let mut wild = role("wild", "web");
     wild.allow_wildcard_dns = true;
     root.pki_role_put(wild).await.unwrap();
-    root.pki_issue(req("wild", &[], &["*.web.svc.test"], 60)).await.unwrap();
+    root.pki_issue(req("wild", &[], &["*.web.svc.test"], 60))
+        .await
+        .unwrap();
     // Roles.
     for (mut r, text) in [
-        ({ let mut r = role("r1", "x"); r.allow_dns = vec!["**.x.test".into()]; r }, "'*' is one label"),
-        ({ let mut r = role("r2", "x"); r.allow_spiffe = vec!["spiffe://**/x".into()]; r }, "trust domain"),
-        ({ let mut r = role("r3", "x"); r.allow_spiffe = vec![]; r.allow_dns = vec![]; r }, "at least one"),
-        ({ let mut r = role("r4", "x"); r.max_ttl_seconds = 0; r }, "--max-ttl"),
-        ({ let mut r = role("r5", "x"); r.key_type = "rsa-2048".into(); r }, "RSA is not offered"),
+        (
+            {
+                let mut r = role("r1", "x");
+                r.allow_dns = vec!["**.x.test".into()];
+                r
+            },
+            "'*' is one label",
+        ),
+        (
+            {
+                let mut r = role("r2", "x");
+                r.allow_spiffe = vec!["spiffe://**/x".into()];
+                r
+            },
+            "trust domain",
+        ),
+        (
+            {
+                let mut r = role("r3", "x");
+                r.allow_spiffe = vec![];
+                r.allow_dns = vec![];
+                r
+            },
+            "at least one",
+        ),
+        (
+            {
+                let mut r = role("r4", "x");
+                r.max_ttl_seconds = 0;
+                r
+            },
+            "--max-ttl",
+        ),
+        (
+            {
+                let mut r = role("r5", "x");
+                r.key_type = "rsa-2048".into();
+                r
+            },
+            "RSA is not offered",
+        ),
     ] {
         r.name = r.name.clone();
         let (c, m) = refusal(root.pki_role_put(r).await);
@@ -211,7 +356,10 @@ async fn pki_bad_input_is_refused_naming_the_rule() {
         assert!(m.contains(text), "{m:?} does not name {text:?}");
     }
     // CSRs.
-    let (good, _) = csr(&["spiffe://acme.test/web/a"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let (good, _) = csr(
+        &["spiffe://acme.test/web/a"],
+        &rcgen::PKCS_ECDSA_P256_SHA256,
+    );
     let tampered = {
         // Flip one character of the base64 body near its end (in the signature).
         let mut lines: Vec<String> = good.lines().map(str::to_owned).collect();
@@ -268,7 +416,11 @@ async fn pki_private_keys_are_not_in_the_audit_log_or_the_store() {
     for f in files {
         let bytes = std::fs::read(&f).unwrap();
         for needle in [body.as_bytes(), secret_chunk.as_bytes(), &der, &scalar] {
-            assert!(!contains(&bytes, needle), "the private key is in {}", f.display());
+            assert!(
+                !contains(&bytes, needle),
+                "the private key is in {}",
+                f.display()
+            );
         }
     }
 }
@@ -277,8 +429,13 @@ async fn pki_private_keys_are_not_in_the_audit_log_or_the_store() {
 async fn pki_figures_are_in_the_governance_report() {
     let (server, root) = pki_server("gov").await;
     root.pki_role_put(role("gov2", "gov")).await.unwrap();
-    let a = root.pki_issue(req("gov", &[], &["a.gov.svc.test"], 60)).await.unwrap();
-    root.pki_issue(req("gov", &[], &["b.gov.svc.test"], 60)).await.unwrap();
+    let a = root
+        .pki_issue(req("gov", &[], &["a.gov.svc.test"], 60))
+        .await
+        .unwrap();
+    root.pki_issue(req("gov", &[], &["b.gov.svc.test"], 60))
+        .await
+        .unwrap();
     // 8 days: valid, not expiring within the report's 7 days.
     let mut long = role("gov-long", "gov");
     long.max_ttl_seconds = 8 * 24 * 3600;
@@ -298,6 +455,9 @@ async fn pki_figures_are_in_the_governance_report() {
     assert_eq!(r.certificates_revoked, 1);
     // The report needs read on sys/governance: a PKI user does not get it.
     let low = token_with(&server, ISSUE_WEB).await;
-    assert_eq!(code(low.governance_report(0, 0).await), Code::PermissionDenied);
+    assert_eq!(
+        code(low.governance_report(0, 0).await),
+        Code::PermissionDenied
+    );
     server.stop().await;
 }

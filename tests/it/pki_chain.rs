@@ -32,7 +32,11 @@ async fn pki_root_chain_passes_openssl_and_a_strict_verifier_for_its_purposes_on
     let ca = write(dir.path(), "ca.pem", &root.pki_ca().await.unwrap().concat());
     // Role with both purposes (neither flag given).
     let both = root
-        .pki_issue(issue_req("web", &["spiffe://acme.test/web/api"], &["api.web.svc.test"]))
+        .pki_issue(issue_req(
+            "web",
+            &["spiffe://acme.test/web/api"],
+            &["api.web.svc.test"],
+        ))
         .await
         .unwrap();
     let leaf = write(dir.path(), "both.pem", &both.certificate);
@@ -110,7 +114,9 @@ async fn pki_sign_from_a_csr_passes_the_verifiers_and_uses_only_the_csr_key_and_
     let (ok, text) = strict_verify(&ca, &[], &leaf, None, true);
     assert!(ok, "{text}");
     // The certificate carries the CSR's key.
-    let csr_der = rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes()).unwrap();
+    let csr_der =
+        rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+            .unwrap();
     let (_, csr_x) =
         x509_parser::certification_request::X509CertificationRequest::from_der(&csr_der).unwrap();
     let leaf_der = CertificateDer::from_pem_slice(signed.certificate.as_bytes()).unwrap();
@@ -122,13 +128,18 @@ async fn pki_sign_from_a_csr_passes_the_verifiers_and_uses_only_the_csr_key_and_
     // A CSR asking to be a CA gets no CA certificate: refused outright.
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
     let mut params = rcgen::CertificateParams::default();
-    params.subject_alt_names = vec![rcgen::SanType::URI("spiffe://acme.test/batch/x".try_into().unwrap())];
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        "spiffe://acme.test/batch/x".try_into().unwrap(),
+    )];
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let ca_csr = params.serialize_request(&key).unwrap().pem().unwrap();
     let signed = root.pki_sign("batch-ed", &ca_csr, 300).await.unwrap();
     let der = CertificateDer::from_pem_slice(signed.certificate.as_bytes()).unwrap();
     let (_, x) = x509_parser::parse_x509_certificate(&der).unwrap();
-    assert!(!x.basic_constraints().unwrap().unwrap().value.ca, "the CSR's CA:true was used");
+    assert!(
+        !x.basic_constraints().unwrap().unwrap().value.ca,
+        "the CSR's CA:true was used"
+    );
     server.stop().await;
 }
 
@@ -139,11 +150,15 @@ async fn pki_intermediate_signed_outside_chains_to_the_outside_root() {
     let dir = private_tempdir();
     // The outside CA, made here with rcgen.
     let outside_key = rcgen::KeyPair::generate().unwrap();
-    let mut outside_params = keyward::pki::builder::ca_params(keyward::pki::builder::name("Outside", "Outside Root"));
+    let mut outside_params =
+        keyward::pki::builder::ca_params(keyward::pki::builder::name("Outside", "Outside Root"));
     outside_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(1));
     let outside_cert = outside_params.self_signed(&outside_key).unwrap();
     let outside_issuer = rcgen::Issuer::new(outside_params, outside_key);
-    let csr_pem = root.pki_intermediate_csr("keyward intermediate").await.unwrap();
+    let csr_pem = root
+        .pki_intermediate_csr("keyward intermediate")
+        .await
+        .unwrap();
     // Setting a certificate for another key is refused, naming the rule.
     let other_key = rcgen::KeyPair::generate().unwrap();
     let other = keyward::pki::builder::ca_params(keyward::pki::builder::name("x", "y"))
@@ -155,7 +170,10 @@ async fn pki_intermediate_signed_outside_chains_to_the_outside_root() {
     // The outside CA signs the CSR as a CA.
     let mut req = rcgen::CertificateSigningRequestParams::from_pem(&csr_pem).unwrap();
     req.params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
-    req.params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+    req.params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
     req.params.use_authority_key_identifier_extension = true;
     let inter = req.signed_by(&outside_issuer).unwrap();
     let chain = root
@@ -174,7 +192,13 @@ async fn pki_intermediate_signed_outside_chains_to_the_outside_root() {
     let leaf = write(dir.path(), "leaf.pem", &issued.certificate);
     let (ok, text) = openssl_verify(&anchor, Some(&inter_path), &leaf, "sslserver");
     assert!(ok, "{text}");
-    let (ok, text) = strict_verify(&anchor, &[&inter_path], &leaf, Some("gw.edge.svc.test"), true);
+    let (ok, text) = strict_verify(
+        &anchor,
+        &[&inter_path],
+        &leaf,
+        Some("gw.edge.svc.test"),
+        true,
+    );
     assert!(ok, "{text}");
     // Without the intermediate the outside root alone does not reach it.
     assert!(!openssl_verify(&anchor, None, &leaf, "sslserver").0);
@@ -211,7 +235,11 @@ async fn pki_issued_client_and_server_complete_a_mutual_tls_handshake() {
         .await
         .unwrap();
     let cli = root
-        .pki_issue(issue_req("mesh-client", &["spiffe://acme.test/mesh/app"], &[]))
+        .pki_issue(issue_req(
+            "mesh-client",
+            &["spiffe://acme.test/mesh/app"],
+            &[],
+        ))
         .await
         .unwrap();
     let mut roots = rustls::RootCertStore::empty();
@@ -258,7 +286,10 @@ async fn pki_issued_client_and_server_complete_a_mutual_tls_handshake() {
     let (got, peer) = accept.await.unwrap();
     assert_eq!(&got, b"ping");
     let names = keyward::identity::login::cert_names(&peer).unwrap();
-    assert_eq!(names.spiffe_ids, vec!["spiffe://acme.test/mesh/app".to_owned()]);
+    assert_eq!(
+        names.spiffe_ids,
+        vec!["spiffe://acme.test/mesh/app".to_owned()]
+    );
 
     // The client certificate cannot serve: the server role's name check and
     // purpose refuse it.
@@ -319,7 +350,12 @@ async fn pki_revoked_serial_is_in_the_crl_and_the_inventory() {
         .iter_revoked_certificates()
         .map(|r| hex::encode(r.raw_serial()))
         .collect();
-    assert_eq!(serials, vec![a.serial.clone()], "b ({}) must not be listed", b.serial);
+    assert_eq!(
+        serials,
+        vec![a.serial.clone()],
+        "b ({}) must not be listed",
+        b.serial
+    );
     // The CRL is signed by the CA: openssl checks it.
     let dir = private_tempdir();
     let ca = write(dir.path(), "ca.pem", &root.pki_ca().await.unwrap().concat());
@@ -357,7 +393,10 @@ async fn pki_revoked_serial_is_in_the_crl_and_the_inventory() {
             .status
             .success()
     };
-    assert!(!verify(&leaf_a), "revoked certificate accepted with the CRL");
+    assert!(
+        !verify(&leaf_a),
+        "revoked certificate accepted with the CRL"
+    );
     assert!(verify(&leaf_b));
     // The inventory: both, a marked revoked; --expiring leaves a out.
     let listed = root.pki_list(0).await.unwrap();
@@ -374,6 +413,9 @@ async fn pki_revoked_serial_is_in_the_crl_and_the_inventory() {
     let (c, msg) = refusal(root.pki_revoke("serial-7").await);
     assert_eq!(c, tonic::Code::InvalidArgument);
     assert!(msg.contains("hex digits"), "{msg}");
-    assert_eq!(code(root.pki_revoke("0badc0de").await), tonic::Code::NotFound);
+    assert_eq!(
+        code(root.pki_revoke("0badc0de").await),
+        tonic::Code::NotFound
+    );
     server.stop().await;
 }

@@ -60,7 +60,9 @@ pub async fn token_with(server: &TestServer, toml: &str) -> Client {
         })
         .await
         .unwrap();
-    Client::connect(server.options(Some(&t.token))).await.unwrap()
+    Client::connect(server.options(Some(&t.token)))
+        .await
+        .unwrap()
 }
 
 pub fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
@@ -70,17 +72,21 @@ pub fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
 }
 
 /// `openssl verify` with `-purpose`; returns (ok, output).
-pub fn openssl_verify(ca: &Path, untrusted: Option<&Path>, leaf: &Path, purpose: &str) -> (bool, String) {
+pub fn openssl_verify(
+    ca: &Path,
+    untrusted: Option<&Path>,
+    leaf: &Path,
+    purpose: &str,
+) -> (bool, String) {
     let mut cmd = Command::new("openssl");
     cmd.args(["verify", "-x509_strict", "-purpose", purpose, "-CAfile"])
         .arg(ca);
     if let Some(u) = untrusted {
         cmd.arg("-untrusted").arg(u);
     }
-    let out = cmd
-        .arg(leaf)
-        .output()
-        .unwrap_or_else(|e| panic!("this test needs the openssl CLI (apt-get install openssl): {e}"));
+    let out = cmd.arg(leaf).output().unwrap_or_else(|e| {
+        panic!("this test needs the openssl CLI (apt-get install openssl): {e}")
+    });
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -141,11 +147,13 @@ pub fn csr(sans: &[&str], alg: &'static rcgen::SignatureAlgorithm) -> (String, S
     let key = rcgen::KeyPair::generate_for(alg).unwrap();
     let mut params = rcgen::CertificateParams::default();
     for s in sans {
-        params.subject_alt_names.push(if s.starts_with("spiffe://") {
-            rcgen::SanType::URI((*s).try_into().unwrap())
-        } else {
-            rcgen::SanType::DnsName((*s).try_into().unwrap())
-        });
+        params
+            .subject_alt_names
+            .push(if s.starts_with("spiffe://") {
+                rcgen::SanType::URI((*s).try_into().unwrap())
+            } else {
+                rcgen::SanType::DnsName((*s).try_into().unwrap())
+            });
     }
     let csr = params.serialize_request(&key).unwrap().pem().unwrap();
     (csr, key.serialize_pem())
