@@ -63,6 +63,17 @@ pub enum PkiCommand {
         #[arg(long)]
         der: Option<PathBuf>,
     },
+    /// Certificates issued (ec-p256, key made by the server) and signed
+    /// from a CSR per second, beside Health/Check and Secrets/Get in the
+    /// same run. Makes a root if there is none and a role `bench-<id>`.
+    Bench {
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -256,6 +267,11 @@ pub async fn pki(g: &Global, format: Format, cmd: PkiCommand) -> Result<()> {
         PkiCommand::Revoke { serial } => {
             emit(format, &record_json(&client.pki_revoke(&serial).await?));
         }
+        PkiCommand::Bench {
+            concurrency,
+            seconds,
+            connections,
+        } => bench(g, format, concurrency, seconds, connections).await?,
         PkiCommand::Crl { der } => {
             let bytes = client.pki_crl().await?;
             if let Some(path) = der {
@@ -285,4 +301,109 @@ fn crl_pem(der: &[u8]) -> String {
     }
     out.push_str("-----END X509 CRL-----\n");
     out
+}
+
+async fn bench(
+    g: &Global,
+    format: Format,
+    concurrency: usize,
+    seconds: u64,
+    connections: usize,
+) -> Result<()> {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::bench::phase;
+    use keyward::client::PutOptions;
+    use keyward::secrecy::{SecretBytes, SecretData};
+
+    let concurrency = concurrency.max(1);
+    let duration = Duration::from_secs(seconds.max(1));
+    let mut clients = Vec::new();
+    for _ in 0..connections.max(1) {
+        clients.push(connect(g).await?);
+    }
+    let c0 = &clients[0];
+    if c0.pki_ca().await.is_err() {
+        c0.pki_init("keyward bench root", 0).await?;
+    }
+    let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let role = format!("bench-{id}");
+    c0.pki_role_put(PkiRole {
+        name: role.clone(),
+        allow_spiffe: vec![format!("spiffe://bench.test/{id}/**")],
+        allow_dns: vec![],
+        max_ttl_seconds: 3600,
+        key_type: "ec-p256".into(),
+        client: true,
+        server: false,
+        allow_wildcard_dns: false,
+    })
+    .await?;
+    let get_path = format!("bench/{id}/get");
+    let mut data = SecretData::new();
+    data.insert(
+        "password".into(),
+        SecretBytes::from("bench-password-0123456789"),
+    );
+    c0.put(&get_path, &data, PutOptions::default()).await?;
+    // One CSR, made here (the workload's side), signed again and again.
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        format!("spiffe://bench.test/{id}/w").as_str().try_into()?,
+    )];
+    let csr = Arc::new(params.serialize_request(&key)?.pem()?);
+
+    eprintln!(
+        "pki bench: {concurrency} in flight over {} connections, {}s per phase",
+        clients.len(),
+        duration.as_secs()
+    );
+    let health = phase(&clients, concurrency, duration, None, |c, _| async move {
+        c.health().await.is_ok()
+    })
+    .await?;
+    let path = Arc::new(get_path);
+    let get = phase(&clients, concurrency, duration, None, move |c, _| {
+        let path = path.clone();
+        async move { c.get(&path).await.is_ok() }
+    })
+    .await?;
+    let (r, i) = (Arc::new(role.clone()), Arc::new(id.clone()));
+    let issue = phase(&clients, concurrency, duration, None, move |c, n| {
+        let (r, i) = (r.clone(), i.clone());
+        async move {
+            c.pki_issue(keyward::proto::v1::PkiIssueRequest {
+                role: r.to_string(),
+                spiffe_ids: vec![format!("spiffe://bench.test/{i}/w{}", n % 1024)],
+                dns_names: vec![],
+                ttl_seconds: 600,
+            })
+            .await
+            .is_ok()
+        }
+    })
+    .await?;
+    let r = Arc::new(role.clone());
+    let sign = phase(&clients, concurrency, duration, None, move |c, _| {
+        let (r, csr) = (r.clone(), csr.clone());
+        async move { c.pki_sign(&r, &csr, 600).await.is_ok() }
+    })
+    .await?;
+    let ratio = |a: f64, b: f64| (a / b.max(1e-9) * 1000.0).round() / 1000.0;
+    let round = |v: f64| (v * 10.0).round() / 10.0;
+    let summary = json!({
+        "concurrency": concurrency, "connections": clients.len(), "seconds": duration.as_secs(),
+        "health_per_s": round(health.rps()), "get_per_s": round(get.rps()),
+        "issue_per_s": round(issue.rps()), "sign_per_s": round(sign.rps()),
+        "issue_vs_get": ratio(issue.rps(), get.rps()), "sign_vs_get": ratio(sign.rps(), get.rps()),
+        "issue_vs_health": ratio(issue.rps(), health.rps()),
+        "issue_p99_ms": round(issue.percentile_ms(0.99)), "sign_p99_ms": round(sign.percentile_ms(0.99)),
+        "errors": health.errors + get.errors + issue.errors + sign.errors,
+    });
+    // One line a script can read, then the document.
+    eprintln!("pki-bench {summary}");
+    emit(format, &summary);
+    Ok(())
 }
