@@ -34,6 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "keyward.v1.RevokeTokenRequest",
             "keyward.v1.CreateSecretIdResponse",
             "keyward.v1.AuditHashRequest",
+            "keyward.v1.PkiIssueResponse",
             "keyward.provider.v1.Secret",
             "keyward.v1.CredsResponse",
         ])

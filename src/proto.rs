@@ -47,6 +47,16 @@ impl std::fmt::Debug for v1::CredsResponse {
     }
 }
 
+/// Names the certificate, never the private key.
+impl std::fmt::Debug for v1::PkiIssueResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PkiIssueResponse")
+            .field("serial", &self.serial)
+            .field("private_key", &"[redacted]")
+            .finish_non_exhaustive()
+    }
+}
+
 /// The external rotation provider protocol (`proto/keyward/provider/v1/`).
 /// `Secret` carries secret values: its `Debug` names the fields only.
 pub mod provider_v1 {

@@ -12,6 +12,7 @@
 
 mod limits;
 mod tasks;
+mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -20,13 +21,14 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt as _;
 use tonic::transport::server::{Router, TcpIncoming};
-use tonic::transport::{Certificate, Identity, Server as TonicServer, ServerTlsConfig};
+use tonic::transport::Server as TonicServer;
 use tower::layer::util::{Identity as NoLayer, Stack};
 use tower::util::MapResponseLayer;
 
 use crate::api::auth::AuthService;
 use crate::api::governance::GovernanceService;
 use crate::api::identities::IdentitiesService;
+use crate::api::pki::PkiService;
 use crate::api::policies::PoliciesService;
 use crate::api::rotation::RotationService;
 use crate::api::secrets::SecretsService;
@@ -41,6 +43,7 @@ use crate::metrics::Metrics;
 use crate::proto::v1::auth_server::AuthServer;
 use crate::proto::v1::governance_server::GovernanceServer;
 use crate::proto::v1::identities_server::IdentitiesServer;
+use crate::proto::v1::pki_server::PkiServer;
 use crate::proto::v1::policies_server::PoliciesServer;
 use crate::proto::v1::rotation_server::RotationServer;
 use crate::proto::v1::secrets_server::SecretsServer;
@@ -245,11 +248,6 @@ impl Server {
             .layer(MapResponseLayer::new(
                 limits::oversized_is_exhausted as fn(_) -> _,
             ));
-        if let Some(tls) = self.tls_config()? {
-            builder = builder
-                .tls_config(tls)
-                .map_err(|e| ServerError::Transport(e.to_string()))?;
-        }
         let core = &self.core;
         let secrets =
             SecretsService::new(core.clone()).with_watch_limit(limits.max_watch_per_identity);
@@ -295,6 +293,9 @@ impl Server {
                     crate::api::leases::LeasesService::new(core.clone()),
                 )
                 .max_decoding_message_size(max),
+            )
+            .add_service(
+                PkiServer::new(PkiService::new(core.clone())).max_decoding_message_size(max),
             );
         Ok((router, health_for_http))
     }
@@ -327,26 +328,6 @@ impl Server {
             crate::http::listen::serve(listener, tls, router, limits, shutdown)
         });
         Ok(())
-    }
-
-    /// The server's certificate and, if configured, the CA of client
-    /// certificates (optional: a certificate is one login among several).
-    fn tls_config(&self) -> Result<Option<ServerTlsConfig>, ServerError> {
-        let Some(tls) = &self.config.tls else {
-            return Ok(None);
-        };
-        let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| ServerError::TlsFile(p.to_owned(), e))
-        };
-        let mut config = ServerTlsConfig::new()
-            .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?))
-            .timeout(TLS_HANDSHAKE_DEADLINE);
-        if let Some(ca) = &tls.client_ca {
-            config = config
-                .client_ca_root(Certificate::from_pem(read(ca)?))
-                .client_auth_optional(true);
-        }
-        Ok(Some(config))
     }
 
     /// Starts the background tasks, each with the handles it uses.
@@ -415,8 +396,18 @@ impl Server {
                 Err(e) => Some(Err(e)),
             });
         let signal = self.shutdown.signal();
-        let serving =
-            router.serve_with_incoming_shutdown(incoming, async move { signal.wait().await });
+        let stop = async move { signal.wait().await };
+        // TLS is keyward's own (server/tls.rs): the client-certificate trust
+        // store changes at run time (PKI).
+        let serving: std::pin::Pin<
+            Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+        > = match &self.config.tls {
+            Some(tls) => {
+                let config = tls::server_config(tls, self.core.pki.trust())?;
+                Box::pin(router.serve_with_incoming_shutdown(tls::accept(incoming, config), stop))
+            }
+            None => Box::pin(router.serve_with_incoming_shutdown(incoming, stop)),
+        };
         tokio::pin!(serving);
         tokio::select! {
             result = &mut serving => {

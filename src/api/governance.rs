@@ -47,6 +47,10 @@ impl Governance for GovernanceService {
                 .rotation
                 .rotation_summary(self.core.clock().now_ms()),
         )?;
+        let pki = call.check(self.core.pki.figures(
+            crate::governance::EXPIRING_WITHIN_MS,
+            self.core.clock().now_ms(),
+        ))?;
         call.ok(&[])?;
         let failures: std::collections::HashMap<&str, &str> = rotation
             .last_failures
@@ -122,6 +126,13 @@ impl Governance for GovernanceService {
                     last_failure: message.clone(),
                 })
                 .collect(),
+            certificates_by_role: pki
+                .valid_by_role
+                .into_iter()
+                .map(|(key, count)| CountByKey { key, count })
+                .collect(),
+            certificates_expiring_soon: pki.expiring_soon,
+            certificates_revoked: pki.revoked,
         }))
     }
 }

@@ -11,6 +11,7 @@ pub mod governance;
 pub mod identities;
 pub mod leases;
 pub mod login;
+pub mod pki;
 pub mod policies;
 pub mod rotation;
 pub mod secrets;

@@ -24,9 +24,9 @@ use keyward::secrecy::{SecretBytes, SecretData};
 use keyward::server::Server;
 
 #[derive(Debug, Default)]
-struct Phase {
+pub(super) struct Phase {
     ok: u64,
-    errors: u64,
+    pub(super) errors: u64,
     elapsed: Duration,
     latencies: Vec<Duration>,
     /// CPU time the server spent during the phase (with `--server-pid`).
@@ -34,7 +34,7 @@ struct Phase {
 }
 
 impl Phase {
-    fn rps(&self) -> f64 {
+    pub(super) fn rps(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
@@ -44,7 +44,7 @@ impl Phase {
         Some(cpu.as_secs_f64() * 1e6 / (self.ok.max(1) as f64))
     }
 
-    fn percentile_ms(&self, p: f64) -> f64 {
+    pub(super) fn percentile_ms(&self, p: f64) -> f64 {
         if self.latencies.is_empty() {
             return 0.0;
         }
@@ -78,7 +78,7 @@ fn process_cpu(pid: u32) -> Result<Duration> {
 
 /// Runs `op` from `concurrency` workers for `duration`, and reads the CPU
 /// time the server at `server_pid` used meanwhile.
-async fn phase<F, Fut>(
+pub(super) async fn phase<F, Fut>(
     clients: &[Client],
     concurrency: usize,
     duration: Duration,

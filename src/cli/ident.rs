@@ -584,6 +584,11 @@ pub async fn report(g: &Global, format: Format, args: ReportArgs) -> Result<()> 
             "overdue_rotations": rotations(&r.overdue_rotations),
             "rotation_compliance": r.rotation_compliance,
             "rotation_failures": rotations(&r.rotation_failures),
+            "certificates_by_role": r.certificates_by_role.iter()
+                .map(|c| (c.key.clone(), json!(c.count)))
+                .collect::<serde_json::Map<String, Value>>(),
+            "certificates_expiring_soon": r.certificates_expiring_soon,
+            "certificates_revoked": r.certificates_revoked,
         }),
     );
     Ok(())

@@ -9,6 +9,7 @@ mod dynamic;
 mod ident;
 mod ops;
 mod output;
+mod pki;
 mod rotation;
 mod run;
 mod serve;
@@ -132,6 +133,9 @@ pub enum Command {
     /// External rotation providers (keyward.provider.v1 plugins).
     #[command(subcommand)]
     Provider(ProviderCommand),
+    /// Short-lived workload certificates: CA, roles, issue, sign, inventory, CRL.
+    #[command(subcommand)]
+    Pki(pki::PkiCommand),
     /// Measure throughput and latency against a live server.
     Bench(BenchArgs),
     /// Offline snapshot operations (no server): restore.

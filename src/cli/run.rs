@@ -48,6 +48,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Dynamic(cmd) => super::dynamic::dynamic(&g, format, cmd).await,
         Command::Creds { role, ttl } => super::dynamic::creds(&g, format, &role, ttl).await,
         Command::Lease(cmd) => super::dynamic::lease(&g, format, cmd).await,
+        Command::Pki(cmd) => super::pki::pki(&g, format, cmd).await,
         Command::Bench(args) => bench(&g, format, args).await,
         Command::Certs { out } => certs(format, &out),
         Command::Snapshot(cmd) => super::ops::snapshot(format, cmd),

@@ -29,6 +29,7 @@ mod leases;
 pub use dynamic::DynamicRoleSpec;
 mod identities;
 mod login;
+mod pki;
 mod policies;
 
 pub use auth::IssueOptions;

@@ -19,6 +19,8 @@ use crate::identity::login::{Login, ThrottleConfig};
 use crate::identity::IdentityStore;
 use crate::metrics::Metrics;
 use crate::oidc::JwksCache;
+use crate::pki::trust::ClientTrust;
+use crate::pki::PkiStore;
 use crate::policy_store::PolicyStore;
 use crate::rotation::{Broker, BrokerOptions, RotationDeps};
 use crate::secrets::{DataLimits, SecretStore};
@@ -65,6 +67,9 @@ pub struct Core {
     pub leases: crate::lease::LeaseStore,
     /// Dynamic roles and the issue of credentials under a lease.
     pub dynamic: crate::dynamic::DynamicStore,
+    /// The PKI (issue 12): CA, roles, inventory, and the run-time trust
+    /// store of client certificates.
+    pub pki: Arc<PkiStore>,
     /// `oidc.jwks_dir` (see [`Core::set_oidc`]).
     oidc_jwks_dir: Option<std::path::PathBuf>,
     /// The one clock every part of this vault reads.
@@ -90,6 +95,7 @@ impl Core {
         let secrets = Arc::new(SecretStore::new(barrier.clone(), limits));
         let audit = Arc::new(audit);
         let identities = Arc::new(IdentityStore::new(barrier.clone()));
+        let barrier_for_pki = barrier.clone();
         let rotation_deps = RotationDeps {
             secrets: secrets.clone(),
             audit: audit.clone(),
@@ -139,6 +145,7 @@ impl Core {
                 JwksCache::files_only(),
                 ThrottleConfig::default(),
             )),
+            pki: Arc::new(PkiStore::new(barrier_for_pki, Arc::new(ClientTrust::new()))),
             oidc_jwks_dir: None,
             clock,
             shutdown,
@@ -209,6 +216,10 @@ impl Core {
             self.barrier.seal();
         } else {
             self.rotation.on_unseal();
+            // The PKI's CA joins the client-certificate trust store.
+            if let Err(e) = self.pki.refresh_trust(self.clock.now_ms()) {
+                tracing::error!(error = %e, "PKI trust store not loaded at unseal");
+            }
         }
         self.metrics.set_sealed(self.barrier.status().sealed);
         loaded

@@ -51,7 +51,7 @@ pub enum RuleProblem {
     EmptyCapabilities,
     #[error("deny cannot be combined with other capabilities: it refuses them all")]
     DenyWithGrants,
-    #[error("path must start with one of the resource roots secret/, rotation/, identity/, policy/, dynamic/, sys/")]
+    #[error("path must start with one of the resource roots secret/, rotation/, identity/, policy/, dynamic/, sys/, pki/")]
     UnknownRoot,
     #[error("path has an empty segment (a leading, trailing or doubled '/')")]
     EmptySegment,
@@ -76,10 +76,11 @@ pub enum ResourceRoot {
     Policy = 3,
     Dynamic = 4,
     Sys = 5,
+    Pki = 6,
 }
 
 impl ResourceRoot {
-    pub const COUNT: usize = 6;
+    pub const COUNT: usize = 7;
     pub const ALL: [ResourceRoot; Self::COUNT] = [
         ResourceRoot::Secret,
         ResourceRoot::Rotation,
@@ -87,6 +88,7 @@ impl ResourceRoot {
         ResourceRoot::Policy,
         ResourceRoot::Dynamic,
         ResourceRoot::Sys,
+        ResourceRoot::Pki,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -97,6 +99,7 @@ impl ResourceRoot {
             ResourceRoot::Policy => "policy",
             ResourceRoot::Dynamic => "dynamic",
             ResourceRoot::Sys => "sys",
+            ResourceRoot::Pki => "pki",
         }
     }
 
@@ -109,6 +112,7 @@ impl ResourceRoot {
             "policy" => Some(ResourceRoot::Policy),
             "dynamic" => Some(ResourceRoot::Dynamic),
             "sys" => Some(ResourceRoot::Sys),
+            "pki" => Some(ResourceRoot::Pki),
             _ => None,
         }
     }

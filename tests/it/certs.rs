@@ -23,7 +23,7 @@ fn has_verifier(python: &Path) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-fn python() -> &'static Path {
+pub(crate) fn python() -> &'static Path {
     static PYTHON: OnceLock<PathBuf> = OnceLock::new();
     PYTHON.get_or_init(|| {
         let system = PathBuf::from("python3");

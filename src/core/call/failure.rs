@@ -14,6 +14,7 @@ use crate::core::auth::AuthError;
 use crate::core::CoreError;
 use crate::identity::login::LoginError;
 use crate::identity::IdentityError;
+use crate::pki::PkiError;
 use crate::policy::PolicyError;
 use crate::policy_store::PolicyStoreError;
 use crate::secrets::{InputError, SecretsError};
@@ -245,6 +246,21 @@ impl From<SecretsError> for Failure {
             SecretsError::CasMismatch { .. } => Self::new(FailureKind::Conflict, e.to_string()),
             SecretsError::Barrier(b) => b.into(),
             SecretsError::Corrupt | SecretsError::WrongProof => Self::internal(e),
+        }
+    }
+}
+
+impl From<PkiError> for Failure {
+    fn from(e: PkiError) -> Self {
+        match e {
+            PkiError::Invalid(_) | PkiError::NoCa => Self::invalid(e.to_string()),
+            PkiError::NameNotAllowed(_) => Self::new(FailureKind::Denied, e.to_string()),
+            PkiError::NoRole(_) | PkiError::NoCert(_) => {
+                Self::new(FailureKind::NotFound, e.to_string())
+            }
+            PkiError::CaExists => Self::new(FailureKind::Conflict, e.to_string()),
+            PkiError::Barrier(b) => b.into(),
+            other => Self::internal(other),
         }
     }
 }

@@ -93,7 +93,15 @@ pub fn class(method: &str) -> Class {
         | "keyward.v1.Dynamic/DeleteRole"
         | "keyward.v1.Dynamic/Creds"
         | "keyward.v1.Leases/Renew"
-        | "keyward.v1.Leases/Revoke" => Class::Change,
+        | "keyward.v1.Leases/Revoke"
+        | "keyward.v1.Pki/Init"
+        | "keyward.v1.Pki/IntermediateCsr"
+        | "keyward.v1.Pki/IntermediateSetSigned"
+        | "keyward.v1.Pki/PutRole"
+        | "keyward.v1.Pki/DeleteRole"
+        | "keyward.v1.Pki/Issue"
+        | "keyward.v1.Pki/Sign"
+        | "keyward.v1.Pki/Revoke" => Class::Change,
         _ => Class::Read,
     }
 }

@@ -1,32 +1,15 @@
 //! Certificates for development and tests: a private CA, a server
 //! certificate for `localhost`, `127.0.0.1` and `::1`, and client
-//! certificates. Made at run time with rcgen; no key is ever committed.
-//! Private keys are written with mode 0600.
-//!
-//! The profile is RFC 5280's, so strict verifiers accept the chain: every
-//! certificate has a Subject Key Identifier; the CA has a critical
-//! `basicConstraints CA:true` and the key usages keyCertSign and cRLSign
-//! only; each leaf has an Authority Key Identifier naming the CA's key, a
-//! critical `CA:false`, the key usage digitalSignature (the keys are ECDSA
-//! P-256, which sign and never encipher, so not keyEncipherment) and one
-//! extended key usage: serverAuth or clientAuth.
+//! certificates. Made at run time with rcgen through the one builder
+//! ([`super::builder`]) that issued certificates use too; no key is ever
+//! committed. Private keys are written with mode 0600.
 
 use std::path::{Path, PathBuf};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
-};
+use rcgen::{ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType};
 
-#[derive(Debug, thiserror::Error)]
-pub enum PkiError {
-    #[error("certificate generation failed: {0}")]
-    Generate(#[from] rcgen::Error),
-    #[error("cannot write {0}: {1}")]
-    Write(PathBuf, std::io::Error),
-    #[error("cannot read {0}: {1}")]
-    Read(PathBuf, std::io::Error),
-}
+use super::builder::{ca_params, dev_name, leaf_params};
+use super::PkiError;
 
 /// The files of a certificate folder.
 #[derive(Debug, Clone)]
@@ -84,27 +67,6 @@ pub(crate) fn write_file(path: &Path, contents: &[u8], private: bool) -> Result<
         .map_err(|e| PkiError::Write(path.to_owned(), e))
 }
 
-fn name(cn: &str) -> DistinguishedName {
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, "keyward dev");
-    dn.push(DnType::CommonName, cn);
-    dn
-}
-
-/// The RFC 5280 profile of an end-entity certificate for one purpose: SKI and
-/// `CA:false` (rcgen writes both for `ExplicitNoCa`), AKI from the issuer's
-/// key identifier, digitalSignature, and `purpose` as the only extended key
-/// usage.
-fn leaf_params(cn: &str, purpose: ExtendedKeyUsagePurpose) -> CertificateParams {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = name(cn);
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.use_authority_key_identifier_extension = true;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![purpose];
-    params
-}
-
 /// Makes a CA, a server certificate and a client certificate in `dir`
 /// (created if missing), unless all files are already there.
 pub fn ensure_dev_certs(dir: &Path) -> Result<CertPaths, PkiError> {
@@ -115,17 +77,17 @@ pub fn ensure_dev_certs(dir: &Path) -> Result<CertPaths, PkiError> {
     std::fs::create_dir_all(dir).map_err(|e| PkiError::Write(dir.to_owned(), e))?;
 
     let ca_key = KeyPair::generate()?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.distinguished_name = name("keyward dev CA");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_params = ca_params(dev_name("keyward dev CA"));
     let ca_cert = ca_params.self_signed(&ca_key)?;
     write_file(&paths.ca, ca_cert.pem().as_bytes(), false)?;
     write_file(&paths.ca_key, ca_key.serialize_pem().as_bytes(), true)?;
     let issuer = Issuer::new(ca_params, ca_key);
 
     let server_key = KeyPair::generate()?;
-    let mut server_params = leaf_params("localhost", ExtendedKeyUsagePurpose::ServerAuth);
+    let mut server_params = leaf_params(
+        dev_name("localhost"),
+        &[ExtendedKeyUsagePurpose::ServerAuth],
+    );
     server_params.subject_alt_names = vec![
         SanType::DnsName("localhost".try_into()?),
         SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
@@ -167,7 +129,7 @@ pub fn issue_client_cert(
     spiffe_id: Option<&str>,
 ) -> Result<(String, String), PkiError> {
     let key = KeyPair::generate()?;
-    let mut params = leaf_params(cn, ExtendedKeyUsagePurpose::ClientAuth);
+    let mut params = leaf_params(dev_name(cn), &[ExtendedKeyUsagePurpose::ClientAuth]);
     if let Some(id) = spiffe_id {
         params.subject_alt_names.push(SanType::URI(id.try_into()?));
     }

@@ -1,0 +1,333 @@
+//! `keyward.v1.Pki`: short-lived workload certificates.
+//!
+//! Resources (see `pki`): `pki/<role>` — `issue` to issue and sign, `admin`
+//! to put and delete, `read` to get; `list` on `pki` to list roles;
+//! `sys/pki/ca` — `admin` to make the CA; `sys/pki/certs` — `list` for the
+//! inventory; `sys/pki/certs/<serial>` — `delete` to revoke. The CA chain
+//! and the CRL need a valid token only.
+//!
+//! A certificate is a login: one whose SPIFFE ID or subject matches an
+//! identity's certificate binding logs in as that identity. So issuing or
+//! signing one also needs every policy each such identity holds, the rule
+//! (`Call::require_policy_subset`) that making that identity's secret-id
+//! or binding needs; otherwise `issue` on a role would be a way to become
+//! anyone its patterns cover.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::secrets::timestamp;
+use super::{begin, Access, Call, Failure};
+use crate::core::Core;
+use crate::identity::login::cert_names;
+use crate::pki::store::{check_role_name, role_resource};
+use crate::pki::{Built, CertRecord, PkiError, Role, RoleSpec, CA_RESOURCE, CERTS_RESOURCE};
+use crate::policy::Capability;
+use crate::proto::v1::pki_server::Pki;
+use crate::proto::v1::*;
+
+/// A root made by `pki init` without `--ttl`: ten years.
+const DEFAULT_ROOT_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
+
+pub struct PkiService {
+    core: Arc<Core>,
+}
+
+impl PkiService {
+    pub fn new(core: Arc<Core>) -> Self {
+        Self { core }
+    }
+
+    /// The identities a certificate would make its holder, each of whose
+    /// policies the caller must hold; returns the first one's name for the
+    /// inventory.
+    fn require_holds_identities(&self, call: &mut Call, built: &Built) -> Result<String, Failure> {
+        let names = cert_names(&built.der).ok_or_else(|| {
+            call.fail(PkiError::Invalid(
+                "issued certificate does not parse".into(),
+            ))
+        })?;
+        let mut holders = Vec::new();
+        for id in &names.spiffe_ids {
+            let found = self.core.identities.by_cert(None, std::slice::from_ref(id));
+            if let Some(record) = call.check(found)? {
+                holders.push(record);
+            }
+        }
+        if let Some(dn) = &names.subject {
+            if let Some(record) = call.check(self.core.identities.by_cert(Some(dn), &[]))? {
+                holders.push(record);
+            }
+        }
+        for record in &holders {
+            call.require_policy_subset(&record.policies)?;
+        }
+        Ok(holders.first().map(|r| r.name.clone()).unwrap_or_default())
+    }
+
+    /// Records a built certificate (durably) and answers it.
+    async fn hand_out(
+        &self,
+        mut call: Call,
+        mut built: Built,
+    ) -> Result<Response<PkiIssueResponse>, Status> {
+        built.record.identity = self.require_holds_identities(&mut call, &built)?;
+        built.record.requested_by = call
+            .caller()
+            .map(|c| c.identity.clone())
+            .unwrap_or_default();
+        call.check(self.core.pki.record(&built))?;
+        call.check(self.core.barrier.durable().await)?;
+        let key = built
+            .private_key
+            .as_ref()
+            .map(|k| k.as_str().to_owned())
+            .unwrap_or_default();
+        call.ok(&[("private_key", key.as_bytes())])?;
+        Ok(Response::new(PkiIssueResponse {
+            certificate: built.certificate_pem.clone(),
+            private_key: key,
+            ca_chain: built.ca_chain.clone(),
+            serial: built.record.serial.clone(),
+            expires_at: timestamp(built.record.not_after_ms),
+        }))
+    }
+}
+
+fn role_message(r: &Role) -> PkiRole {
+    PkiRole {
+        name: r.name.clone(),
+        allow_spiffe: r.allow_spiffe.clone(),
+        allow_dns: r.allow_dns.clone(),
+        max_ttl_seconds: r.max_ttl_secs,
+        key_type: r.key_type.as_str().to_owned(),
+        client: r.client,
+        server: r.server,
+        allow_wildcard_dns: r.allow_wildcard_dns,
+    }
+}
+
+fn record_message(c: &CertRecord) -> PkiCertRecord {
+    PkiCertRecord {
+        serial: c.serial.clone(),
+        role: c.role.clone(),
+        identity: c.identity.clone(),
+        requested_by: c.requested_by.clone(),
+        sans: c.sans.clone(),
+        issued_at: timestamp(c.issued_at_ms),
+        expires_at: timestamp(c.not_after_ms),
+        revoked_at: timestamp(c.revoked_at_ms),
+        origin: c.origin.clone(),
+    }
+}
+
+#[tonic::async_trait]
+impl Pki for PkiService {
+    async fn init(&self, req: Request<PkiInitRequest>) -> Result<Response<PkiCaResponse>, Status> {
+        let mut call = begin(&self.core, "keyward.v1.Pki/Init", Access::Token, &req).await?;
+        let r = req.into_inner();
+        let proof = call.authorize(Capability::Admin, CA_RESOURCE.to_owned())?;
+        let ttl = if r.ttl_seconds == 0 {
+            DEFAULT_ROOT_TTL_SECS
+        } else {
+            r.ttl_seconds
+        };
+        let now = self.core.clock().now_ms();
+        call.check(
+            self.core
+                .pki
+                .init_root(&proof, &r.common_name, ttl.saturating_mul(1000), now),
+        )?;
+        call.check(self.core.barrier.durable().await)?;
+        let chain = call.check(self.core.pki.ca_chain())?;
+        call.ok(&[])?;
+        Ok(Response::new(PkiCaResponse { ca_chain: chain }))
+    }
+
+    async fn intermediate_csr(
+        &self,
+        req: Request<PkiIntermediateCsrRequest>,
+    ) -> Result<Response<PkiCsrResponse>, Status> {
+        let mut call = begin(
+            &self.core,
+            "keyward.v1.Pki/IntermediateCsr",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        let r = req.into_inner();
+        let proof = call.authorize(Capability::Admin, CA_RESOURCE.to_owned())?;
+        let csr = call.check(self.core.pki.intermediate_csr(&proof, &r.common_name))?;
+        call.check(self.core.barrier.durable().await)?;
+        call.ok(&[])?;
+        Ok(Response::new(PkiCsrResponse { csr }))
+    }
+
+    async fn intermediate_set_signed(
+        &self,
+        req: Request<PkiSetSignedRequest>,
+    ) -> Result<Response<PkiCaResponse>, Status> {
+        let mut call = begin(
+            &self.core,
+            "keyward.v1.Pki/IntermediateSetSigned",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        let r = req.into_inner();
+        let proof = call.authorize(Capability::Admin, CA_RESOURCE.to_owned())?;
+        let now = self.core.clock().now_ms();
+        call.check(self.core.pki.set_signed(&proof, &r.certificate, now))?;
+        call.check(self.core.barrier.durable().await)?;
+        let chain = call.check(self.core.pki.ca_chain())?;
+        call.ok(&[])?;
+        Ok(Response::new(PkiCaResponse { ca_chain: chain }))
+    }
+
+    async fn ca(&self, req: Request<PkiCaRequest>) -> Result<Response<PkiCaResponse>, Status> {
+        let mut call = begin(&self.core, "keyward.v1.Pki/Ca", Access::Token, &req).await?;
+        call.set_resource(CA_RESOURCE);
+        let chain = call.check(self.core.pki.ca_chain())?;
+        call.ok(&[])?;
+        Ok(Response::new(PkiCaResponse { ca_chain: chain }))
+    }
+
+    async fn put_role(&self, req: Request<PkiRole>) -> Result<Response<PkiRole>, Status> {
+        let mut call = begin(&self.core, "keyward.v1.Pki/PutRole", Access::Token, &req).await?;
+        let r = req.into_inner();
+        call.check(check_role_name(&r.name))?;
+        let proof = call.authorize(Capability::Admin, role_resource(&r.name))?;
+        let spec = RoleSpec {
+            allow_spiffe: r.allow_spiffe,
+            allow_dns: r.allow_dns,
+            max_ttl_secs: r.max_ttl_seconds,
+            key_type: r.key_type,
+            client: r.client,
+            server: r.server,
+            allow_wildcard_dns: r.allow_wildcard_dns,
+        };
+        let role = call.check(self.core.pki.put_role(&proof, &r.name, spec))?;
+        call.check(self.core.barrier.durable().await)?;
+        call.ok(&[])?;
+        Ok(Response::new(role_message(&role)))
+    }
+
+    async fn get_role(&self, req: Request<PkiRoleName>) -> Result<Response<PkiRole>, Status> {
+        let mut call = begin(&self.core, "keyward.v1.Pki/GetRole", Access::Token, &req).await?;
+        let r = req.into_inner();
+        call.check(check_role_name(&r.name))?;
+        call.authorize(Capability::Read, role_resource(&r.name))?;
+        let role = call
+            .check(self.core.pki.role(&r.name))?
+            .ok_or_else(|| call.fail(PkiError::NoRole(r.name.clone())))?;
+        call.ok(&[])?;
+        Ok(Response::new(role_message(&role)))
+    }
+
+    async fn list_roles(
+        &self,
+        req: Request<PkiListRolesRequest>,
+    ) -> Result<Response<PkiListRolesResponse>, Status> {
+        let mut call = begin(&self.core, "keyward.v1.Pki/ListRoles", Access::Token, &req).await?;
+        call.authorize(Capability::List, "pki".to_owned())?;
+        let roles = call.check(self.core.pki.roles())?;
+        call.ok(&[])?;
+        Ok(Response::new(PkiListRolesResponse {
+            roles: roles.iter().map(role_message).collect(),
+        }))
+    }
+
+    async fn delete_role(
+        &self,
+        req: Request<PkiRoleName>,
+    ) -> Result<Response<PkiDeleteRoleResponse>, Status> {
+        let mut call = begin(&self.core, "keyward.v1.Pki/DeleteRole", Access::Token, &req).await?;
+        let r = req.into_inner();
+        call.check(check_role_name(&r.name))?;
+        let proof = call.authorize(Capability::Admin, role_resource(&r.name))?;
+        call.check(self.core.pki.delete_role(&proof, &r.name))?;
+        call.check(self.core.barrier.durable().await)?;
+        call.ok(&[])?;
+        Ok(Response::new(PkiDeleteRoleResponse {}))
+    }
+
+    async fn issue(
+        &self,
+        req: Request<PkiIssueRequest>,
+    ) -> Result<Response<PkiIssueResponse>, Status> {
+        let mut call = begin(&self.core, "keyward.v1.Pki/Issue", Access::Token, &req).await?;
+        let r = req.into_inner();
+        call.check(check_role_name(&r.role))?;
+        let proof = call.authorize(Capability::Issue, role_resource(&r.role))?;
+        let built = call.check(self.core.pki.build_issue(
+            &proof,
+            &r.role,
+            &r.spiffe_ids,
+            &r.dns_names,
+            r.ttl_seconds,
+            self.core.clock().now_ms(),
+        ))?;
+        self.hand_out(call, built).await
+    }
+
+    async fn sign(
+        &self,
+        req: Request<PkiSignRequest>,
+    ) -> Result<Response<PkiIssueResponse>, Status> {
+        let mut call = begin(&self.core, "keyward.v1.Pki/Sign", Access::Token, &req).await?;
+        let r = req.into_inner();
+        call.check(check_role_name(&r.role))?;
+        let proof = call.authorize(Capability::Issue, role_resource(&r.role))?;
+        let built = call.check(self.core.pki.build_sign(
+            &proof,
+            &r.role,
+            &r.csr,
+            r.ttl_seconds,
+            self.core.clock().now_ms(),
+        ))?;
+        self.hand_out(call, built).await
+    }
+
+    async fn list(
+        &self,
+        req: Request<PkiListRequest>,
+    ) -> Result<Response<PkiListResponse>, Status> {
+        let mut call = begin(&self.core, "keyward.v1.Pki/List", Access::Token, &req).await?;
+        let r = req.into_inner();
+        call.authorize(Capability::List, CERTS_RESOURCE.to_owned())?;
+        let within = (r.expiring_within_seconds != 0)
+            .then(|| r.expiring_within_seconds.saturating_mul(1000));
+        let certs = call.check(self.core.pki.list(within, self.core.clock().now_ms()))?;
+        call.ok(&[])?;
+        Ok(Response::new(PkiListResponse {
+            certificates: certs.iter().map(record_message).collect(),
+        }))
+    }
+
+    async fn revoke(
+        &self,
+        req: Request<PkiRevokeRequest>,
+    ) -> Result<Response<PkiCertRecord>, Status> {
+        let mut call = begin(&self.core, "keyward.v1.Pki/Revoke", Access::Token, &req).await?;
+        let r = req.into_inner();
+        let serial = call.check(crate::pki::store::normalize_serial(&r.serial))?;
+        let proof = call.authorize(Capability::Delete, format!("{CERTS_RESOURCE}/{serial}"))?;
+        let record = call.check(self.core.pki.revoke(
+            &proof,
+            &serial,
+            self.core.clock().now_ms(),
+        ))?;
+        call.check(self.core.barrier.durable().await)?;
+        call.ok(&[])?;
+        Ok(Response::new(record_message(&record)))
+    }
+
+    async fn crl(&self, req: Request<PkiCrlRequest>) -> Result<Response<PkiCrlResponse>, Status> {
+        let mut call = begin(&self.core, "keyward.v1.Pki/Crl", Access::Token, &req).await?;
+        call.set_resource(CERTS_RESOURCE);
+        let der = call.check(self.core.pki.crl(self.core.clock().now_ms()))?;
+        call.ok(&[])?;
+        Ok(Response::new(PkiCrlResponse { der }))
+    }
+}

@@ -1,0 +1,890 @@
+//! The PKI's state, through the barrier under the prefix `pki/` (every value
+//! encrypted; no other module reads it):
+//!
+//! - `pki/ca/key`: the signing CA's private key (PKCS#8 PEM);
+//! - `pki/ca/cert`: its certificate, the chain above it and how it was made;
+//! - `pki/pending/key`, `pki/pending/csr`: an intermediate waiting for its
+//!   outside signature;
+//! - `pki/crl-number`: the last CRL number;
+//! - `pki/roles/<name>`: a role;
+//! - `pki/certs/<serial hex>`: the inventory, one record per certificate
+//!   (serial, role, identity, SANs, expiry, revocation; never a private key).
+//!
+//! Crash order: an issued certificate's inventory record is written (and
+//! made durable by the caller) before the certificate leaves, so a crash
+//! can leave a record of a certificate nobody received, never a certificate
+//! with no record. A new CA's key and certificate are written in one batch.
+//! A server-generated private key is never stored.
+
+use std::sync::Arc;
+
+use rcgen::{
+    CertificateRevocationListParams, CertificateSigningRequestParams, ExtendedKeyUsagePurpose,
+    Issuer, KeyIdMethod, KeyPair, RevokedCertParams, SanType, SerialNumber,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use super::builder::{
+    ca_params, leaf_params, name, offset_of_ms, random_serial, set_serial, set_validity,
+};
+use super::names::{DnsName, DnsPattern, SpiffeId, SpiffePattern};
+use super::trust::ClientTrust;
+use super::PkiError;
+use crate::barrier::{Barrier, PlainOp};
+use crate::policy::{Authorized, Capability};
+
+const CA_KEY: &str = "pki/ca/key";
+const CA_CERT: &str = "pki/ca/cert";
+const PENDING_KEY: &str = "pki/pending/key";
+const PENDING_CSR: &str = "pki/pending/csr";
+const CRL_NUMBER: &str = "pki/crl-number";
+const ROLES: &str = "pki/roles/";
+const CERTS: &str = "pki/certs/";
+
+/// How far back `notBefore` is set, for clocks a little behind ours.
+const BACKDATE_MS: u64 = 30_000;
+/// At most this many SANs in one certificate.
+const MAX_SANS: usize = 32;
+/// How long a CRL is valid (`nextUpdate`); a new one is made on every call.
+const CRL_VALIDITY_MS: u64 = 24 * 3600 * 1000;
+
+/// The key type of a role's certificates. RSA is left out: ring cannot
+/// generate RSA keys, and the `rsa` crate's open timing advisory
+/// (RUSTSEC-2023-0071) concerns private-key operations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeyType {
+    #[serde(rename = "ec-p256")]
+    EcP256,
+    #[serde(rename = "ed25519")]
+    Ed25519,
+}
+
+impl KeyType {
+    pub fn parse(text: &str) -> Result<Self, PkiError> {
+        match text {
+            "" | "ec-p256" => Ok(Self::EcP256),
+            "ed25519" => Ok(Self::Ed25519),
+            other => Err(PkiError::Invalid(format!(
+                "key type {other:?}: use ec-p256 or ed25519 (RSA is not offered)"
+            ))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::EcP256 => "ec-p256",
+            Self::Ed25519 => "ed25519",
+        }
+    }
+
+    fn algorithm(self) -> &'static rcgen::SignatureAlgorithm {
+        match self {
+            Self::EcP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            Self::Ed25519 => &rcgen::PKCS_ED25519,
+        }
+    }
+}
+
+/// A role: which names its certificates may carry, for how long, for what.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Role {
+    pub name: String,
+    pub allow_spiffe: Vec<String>,
+    pub allow_dns: Vec<String>,
+    pub max_ttl_secs: u64,
+    pub key_type: KeyType,
+    pub client: bool,
+    pub server: bool,
+    pub allow_wildcard_dns: bool,
+}
+
+/// A role as asked for, before it is checked.
+#[derive(Clone, Debug, Default)]
+pub struct RoleSpec {
+    pub allow_spiffe: Vec<String>,
+    pub allow_dns: Vec<String>,
+    pub max_ttl_secs: u64,
+    pub key_type: String,
+    pub client: bool,
+    pub server: bool,
+    pub allow_wildcard_dns: bool,
+}
+
+/// A role name: 1 to 64 of `[a-z0-9_-]`.
+pub fn check_role_name(name: &str) -> Result<(), PkiError> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    {
+        return Err(PkiError::Invalid(format!(
+            "role name {name:?}: 1 to 64 of lower-case letters, digits, '_' and '-'"
+        )));
+    }
+    Ok(())
+}
+
+/// The resource a role is used and managed under: `pki/<role>`.
+pub fn role_resource(name: &str) -> String {
+    format!("pki/{name}")
+}
+
+impl Role {
+    fn purposes(&self) -> Vec<ExtendedKeyUsagePurpose> {
+        let mut out = Vec::new();
+        if self.server {
+            out.push(ExtendedKeyUsagePurpose::ServerAuth);
+        }
+        if self.client {
+            out.push(ExtendedKeyUsagePurpose::ClientAuth);
+        }
+        out
+    }
+
+    /// The SANs of a request, each checked against the role's patterns.
+    fn check_sans(&self, spiffe: &[String], dns: &[String]) -> Result<Vec<SanType>, PkiError> {
+        if spiffe.is_empty() && dns.is_empty() {
+            return Err(PkiError::Invalid(
+                "give at least one --spiffe-id or --dns name".into(),
+            ));
+        }
+        if spiffe.len() + dns.len() > MAX_SANS {
+            return Err(PkiError::Invalid(format!(
+                "at most {MAX_SANS} names in one certificate"
+            )));
+        }
+        let mut sans = Vec::new();
+        for text in spiffe {
+            let id = SpiffeId::parse(text)?;
+            let allowed = self
+                .allow_spiffe
+                .iter()
+                .filter_map(|p| SpiffePattern::parse(p).ok())
+                .any(|p| p.matches(&id));
+            if !allowed {
+                return Err(PkiError::NameNotAllowed(format!(
+                    "SPIFFE ID {text:?} matches none of role {:?}'s --allow-spiffe patterns",
+                    self.name
+                )));
+            }
+            sans.push(SanType::URI(id.as_str().try_into()?));
+        }
+        for text in dns {
+            let dns_name = DnsName::parse(text)?;
+            if dns_name.is_wildcard() && !self.allow_wildcard_dns {
+                return Err(PkiError::NameNotAllowed(format!(
+                    "DNS name {text:?} is a wildcard and role {:?} was not made with \
+                     --allow-wildcard-dns",
+                    self.name
+                )));
+            }
+            let allowed = self
+                .allow_dns
+                .iter()
+                .filter_map(|p| DnsPattern::parse(p).ok())
+                .any(|p| p.matches(&dns_name, self.allow_wildcard_dns));
+            if !allowed {
+                return Err(PkiError::NameNotAllowed(format!(
+                    "DNS name {text:?} matches none of role {:?}'s --allow-dns patterns",
+                    self.name
+                )));
+            }
+            sans.push(SanType::DnsName(dns_name.as_str().try_into()?));
+        }
+        Ok(sans)
+    }
+}
+
+/// How the signing CA was made.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct CaCert {
+    /// `root` (made by `pki init`) or `intermediate` (signed outside).
+    kind: String,
+    cert_pem: String,
+    /// The certificates above it, nearest first (empty for a root).
+    parents_pem: Vec<String>,
+    not_after_ms: u64,
+}
+
+/// One issued certificate in the inventory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertRecord {
+    /// Lower-case hex of the serial number's bytes.
+    pub serial: String,
+    pub role: String,
+    /// The identity the certificate can log in as (its binding matches a
+    /// SAN or the subject), or empty.
+    pub identity: String,
+    /// The identity of the token that asked for it.
+    pub requested_by: String,
+    pub sans: Vec<String>,
+    pub issued_at_ms: u64,
+    pub not_after_ms: u64,
+    /// 0 while valid.
+    pub revoked_at_ms: u64,
+    /// `issue` (key made by keyward) or `sign` (from a CSR).
+    pub origin: String,
+}
+
+/// A certificate made but not yet handed out: the caller checks who it
+/// makes the holder, then [`PkiStore::record`]s it.
+pub struct Built {
+    pub der: Vec<u8>,
+    pub certificate_pem: String,
+    /// PKCS#8 PEM of a key keyward generated (`issue`); `None` for `sign`.
+    pub private_key: Option<Zeroizing<String>>,
+    /// The signing CA, then the certificates above it.
+    pub ca_chain: Vec<String>,
+    pub record: CertRecord,
+}
+
+impl std::fmt::Debug for Built {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Built")
+            .field("record", &self.record)
+            .field(
+                "private_key",
+                &self.private_key.as_ref().map(|_| "[redacted]"),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// Figures for the governance report.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PkiFigures {
+    /// (role, certificates that are neither expired nor revoked).
+    pub valid_by_role: Vec<(String, u64)>,
+    pub expiring_soon: u64,
+    pub revoked: u64,
+}
+
+pub struct PkiStore {
+    barrier: Arc<Barrier>,
+    trust: Arc<ClientTrust>,
+}
+
+fn require(proof: &Authorized, capability: Capability, resource: &str) -> Result<(), PkiError> {
+    if proof.grants(capability, resource) {
+        Ok(())
+    } else {
+        Err(PkiError::WrongProof)
+    }
+}
+
+fn pem_to_der(pem: &str) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
+    let certs = certs.map_err(|_| PkiError::Invalid("not a PEM certificate".into()))?;
+    if certs.is_empty() {
+        return Err(PkiError::Invalid("no PEM certificate found".into()));
+    }
+    Ok(certs)
+}
+
+fn der_to_pem(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(chunk));
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
+fn not_after_ms(der: &[u8]) -> Result<u64, PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|_| PkiError::Invalid("the certificate does not parse".into()))?;
+    let secs = cert.validity().not_after.timestamp();
+    Ok(u64::try_from(secs).unwrap_or(0).saturating_mul(1000))
+}
+
+/// Lower-case hex without separators, from `aa:bb`, `AABB` or `0xaabb`.
+pub fn normalize_serial(text: &str) -> Result<String, PkiError> {
+    let t = text.trim().trim_start_matches("0x").replace(':', "");
+    if t.is_empty() || t.len() > 40 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(PkiError::Invalid(format!(
+            "serial {text:?}: hex digits (colons allowed), at most 20 bytes"
+        )));
+    }
+    Ok(t.to_ascii_lowercase())
+}
+
+impl PkiStore {
+    pub fn new(barrier: Arc<Barrier>, trust: Arc<ClientTrust>) -> Self {
+        Self { barrier, trust }
+    }
+
+    /// The run-time trust store of client certificates (`login cert`).
+    pub fn trust(&self) -> &Arc<ClientTrust> {
+        &self.trust
+    }
+
+    fn ca(&self) -> Result<Option<CaCert>, PkiError> {
+        match self.barrier.get(CA_CERT)? {
+            None => Ok(None),
+            Some(bytes) => Ok(Some(
+                serde_json::from_slice(&bytes).map_err(|_| PkiError::Corrupt)?,
+            )),
+        }
+    }
+
+    fn issuer(&self) -> Result<(Issuer<'static, KeyPair>, CaCert), PkiError> {
+        let ca = self.ca()?.ok_or(PkiError::NoCa)?;
+        let key_pem = self.barrier.get(CA_KEY)?.ok_or(PkiError::Corrupt)?;
+        let key_text = std::str::from_utf8(&key_pem).map_err(|_| PkiError::Corrupt)?;
+        let key = KeyPair::from_pem(key_text)?;
+        let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, key)?;
+        Ok((issuer, ca))
+    }
+
+    /// The signing CA's certificate, then those above it (PEM).
+    pub fn ca_chain(&self) -> Result<Vec<String>, PkiError> {
+        let ca = self.ca()?.ok_or(PkiError::NoCa)?;
+        let mut chain = vec![ca.cert_pem];
+        chain.extend(ca.parents_pem);
+        Ok(chain)
+    }
+
+    /// `pki init`: makes an internal root (ECDSA P-256) valid for `ttl_ms`.
+    /// A CA that exists is not replaced.
+    pub fn init_root(
+        &self,
+        proof: &Authorized,
+        common_name: &str,
+        ttl_ms: u64,
+        now_ms: u64,
+    ) -> Result<String, PkiError> {
+        require(proof, Capability::Admin, super::CA_RESOURCE)?;
+        check_common_name(common_name)?;
+        if self.ca()?.is_some() {
+            return Err(PkiError::CaExists);
+        }
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = ca_params(name("keyward", common_name));
+        let not_after = now_ms.saturating_add(ttl_ms);
+        set_validity(&mut params, now_ms.saturating_sub(BACKDATE_MS), not_after);
+        set_serial(&mut params, &random_serial().map_err(|_| PkiError::Random)?);
+        let cert = params.self_signed(&key)?;
+        let record = CaCert {
+            kind: "root".into(),
+            cert_pem: cert.pem(),
+            parents_pem: Vec::new(),
+            not_after_ms: not_after_ms(cert.der())?,
+        };
+        let key_pem = Zeroizing::new(key.serialize_pem());
+        let json = serde_json::to_vec(&record).map_err(|_| PkiError::Corrupt)?;
+        self.barrier.batch(&[
+            PlainOp::Put(CA_KEY, key_pem.as_bytes()),
+            PlainOp::Put(CA_CERT, &json),
+            PlainOp::Delete(PENDING_KEY),
+            PlainOp::Delete(PENDING_CSR),
+        ])?;
+        self.refresh_trust(now_ms)?;
+        Ok(record.cert_pem)
+    }
+
+    /// `pki intermediate csr`: a new key (kept, encrypted, until the signed
+    /// certificate comes back) and a CSR for it. Asking again replaces the
+    /// pending key.
+    pub fn intermediate_csr(
+        &self,
+        proof: &Authorized,
+        common_name: &str,
+    ) -> Result<String, PkiError> {
+        require(proof, Capability::Admin, super::CA_RESOURCE)?;
+        check_common_name(common_name)?;
+        if self.ca()?.is_some() {
+            return Err(PkiError::CaExists);
+        }
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let params = ca_params(name("keyward", common_name));
+        let csr = params.serialize_request(&key)?.pem()?;
+        let key_pem = Zeroizing::new(key.serialize_pem());
+        self.barrier.batch(&[
+            PlainOp::Put(PENDING_KEY, key_pem.as_bytes()),
+            PlainOp::Put(PENDING_CSR, csr.as_bytes()),
+        ])?;
+        Ok(csr)
+    }
+
+    /// `pki intermediate set-signed`: the certificate for the pending key
+    /// (first in `pem`), then optionally the chain above it. It must be a
+    /// CA that may sign certificates and CRLs, for the pending key, and each
+    /// certificate must be signed by the next.
+    pub fn set_signed(&self, proof: &Authorized, pem: &str, now_ms: u64) -> Result<(), PkiError> {
+        require(proof, Capability::Admin, super::CA_RESOURCE)?;
+        if self.ca()?.is_some() {
+            return Err(PkiError::CaExists);
+        }
+        let key_pem = self.barrier.get(PENDING_KEY)?.ok_or_else(|| {
+            PkiError::Invalid("no intermediate is pending: run `pki intermediate csr` first".into())
+        })?;
+        let key_text = std::str::from_utf8(&key_pem).map_err(|_| PkiError::Corrupt)?;
+        let key = KeyPair::from_pem(key_text)?;
+        let ders = pem_to_der(pem)?;
+        let parsed: Vec<_> = ders
+            .iter()
+            .map(|d| {
+                x509_parser::parse_x509_certificate(d)
+                    .map(|(_, c)| c)
+                    .map_err(|_| {
+                        PkiError::Invalid("a certificate in the file does not parse".into())
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        let leaf = &parsed[0];
+        if leaf.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(PkiError::Invalid(
+                "the signed certificate is not for the pending key (was it made from this CSR?)"
+                    .into(),
+            ));
+        }
+        let is_ca = leaf
+            .basic_constraints()
+            .ok()
+            .flatten()
+            .is_some_and(|bc| bc.value.ca);
+        let usage = leaf.key_usage().ok().flatten().map(|ku| ku.value);
+        if !is_ca || !usage.is_some_and(|u| u.key_cert_sign() && u.crl_sign()) {
+            return Err(PkiError::Invalid(
+                "the signed certificate must be a CA (basicConstraints CA:true) with the key \
+                 usages keyCertSign and cRLSign"
+                    .into(),
+            ));
+        }
+        if !leaf.validity().is_valid_at(
+            x509_parser::time::ASN1Time::from_timestamp(i64::try_from(now_ms / 1000).unwrap_or(0))
+                .map_err(|_| PkiError::Corrupt)?,
+        ) {
+            return Err(PkiError::Invalid(
+                "the signed certificate is not valid now".into(),
+            ));
+        }
+        for pair in parsed.windows(2) {
+            if pair[0]
+                .verify_signature(Some(pair[1].public_key()))
+                .is_err()
+            {
+                return Err(PkiError::Invalid(
+                    "each certificate in the file must be signed by the next one".into(),
+                ));
+            }
+        }
+        let record = CaCert {
+            kind: "intermediate".into(),
+            cert_pem: der_to_pem(&ders[0]),
+            parents_pem: ders[1..].iter().map(|d| der_to_pem(d)).collect(),
+            not_after_ms: not_after_ms(&ders[0])?,
+        };
+        let json = serde_json::to_vec(&record).map_err(|_| PkiError::Corrupt)?;
+        self.barrier.batch(&[
+            PlainOp::Put(CA_KEY, &key_pem),
+            PlainOp::Put(CA_CERT, &json),
+            PlainOp::Delete(PENDING_KEY),
+            PlainOp::Delete(PENDING_CSR),
+        ])?;
+        self.refresh_trust(now_ms)?;
+        Ok(())
+    }
+
+    pub fn put_role(
+        &self,
+        proof: &Authorized,
+        name: &str,
+        spec: RoleSpec,
+    ) -> Result<Role, PkiError> {
+        check_role_name(name)?;
+        require(proof, Capability::Admin, &role_resource(name))?;
+        for p in &spec.allow_spiffe {
+            SpiffePattern::parse(p)?;
+        }
+        for p in &spec.allow_dns {
+            DnsPattern::parse(p)?;
+        }
+        if spec.allow_spiffe.is_empty() && spec.allow_dns.is_empty() {
+            return Err(PkiError::Invalid(
+                "a role needs at least one --allow-spiffe or --allow-dns pattern".into(),
+            ));
+        }
+        if spec.max_ttl_secs == 0 {
+            return Err(PkiError::Invalid("--max-ttl must be at least 1s".into()));
+        }
+        let (client, server) = if spec.client || spec.server {
+            (spec.client, spec.server)
+        } else {
+            (true, true)
+        };
+        let role = Role {
+            name: name.to_owned(),
+            allow_spiffe: spec.allow_spiffe,
+            allow_dns: spec.allow_dns,
+            max_ttl_secs: spec.max_ttl_secs,
+            key_type: KeyType::parse(&spec.key_type)?,
+            client,
+            server,
+            allow_wildcard_dns: spec.allow_wildcard_dns,
+        };
+        let json = serde_json::to_vec(&role).map_err(|_| PkiError::Corrupt)?;
+        self.barrier.put(&format!("{ROLES}{name}"), &json)?;
+        Ok(role)
+    }
+
+    pub fn role(&self, name: &str) -> Result<Option<Role>, PkiError> {
+        check_role_name(name)?;
+        match self.barrier.get(&format!("{ROLES}{name}"))? {
+            None => Ok(None),
+            Some(b) => Ok(Some(
+                serde_json::from_slice(&b).map_err(|_| PkiError::Corrupt)?,
+            )),
+        }
+    }
+
+    pub fn roles(&self) -> Result<Vec<Role>, PkiError> {
+        self.barrier
+            .scan_prefix(ROLES)?
+            .iter()
+            .map(|(_, b)| serde_json::from_slice(b).map_err(|_| PkiError::Corrupt))
+            .collect()
+    }
+
+    pub fn delete_role(&self, proof: &Authorized, name: &str) -> Result<(), PkiError> {
+        check_role_name(name)?;
+        require(proof, Capability::Admin, &role_resource(name))?;
+        if self.role(name)?.is_none() {
+            return Err(PkiError::NoRole(name.to_owned()));
+        }
+        self.barrier.delete(&format!("{ROLES}{name}"))?;
+        Ok(())
+    }
+
+    fn role_for_use(&self, proof: &Authorized, name: &str) -> Result<Role, PkiError> {
+        check_role_name(name)?;
+        require(proof, Capability::Issue, &role_resource(name))?;
+        self.role(name)?
+            .ok_or_else(|| PkiError::NoRole(name.to_owned()))
+    }
+
+    fn not_after(
+        &self,
+        role: &Role,
+        ca: &CaCert,
+        ttl_secs: u64,
+        now_ms: u64,
+    ) -> Result<u64, PkiError> {
+        let ttl = if ttl_secs == 0 {
+            role.max_ttl_secs
+        } else {
+            ttl_secs
+        };
+        if ttl > role.max_ttl_secs {
+            return Err(PkiError::Invalid(format!(
+                "--ttl {ttl}s is past role {:?}'s --max-ttl {}s",
+                role.name, role.max_ttl_secs
+            )));
+        }
+        let not_after = now_ms.saturating_add(ttl.saturating_mul(1000));
+        if not_after > ca.not_after_ms {
+            return Err(PkiError::Invalid(
+                "the certificate would outlive its CA: ask for a shorter --ttl".into(),
+            ));
+        }
+        Ok(not_after)
+    }
+
+    fn leaf(
+        role: &Role,
+        sans: Vec<SanType>,
+        names: &[String],
+        not_before_ms: u64,
+        not_after_ms: u64,
+        serial: &[u8],
+    ) -> rcgen::CertificateParams {
+        let first = names.first().map(String::as_str).unwrap_or_default();
+        let cn = if first.len() <= 64 {
+            first.to_owned()
+        } else {
+            hex::encode(serial)
+        };
+        let mut params = leaf_params(name("keyward", &cn), &role.purposes());
+        params.subject_alt_names = sans;
+        set_validity(&mut params, not_before_ms, not_after_ms);
+        set_serial(&mut params, serial);
+        params
+    }
+
+    /// `pki issue`: a new key of the role's type and a certificate for it
+    /// with the names asked for, each allowed by the role.
+    pub fn build_issue(
+        &self,
+        proof: &Authorized,
+        role_name: &str,
+        spiffe: &[String],
+        dns: &[String],
+        ttl_secs: u64,
+        now_ms: u64,
+    ) -> Result<Built, PkiError> {
+        let role = self.role_for_use(proof, role_name)?;
+        let sans = role.check_sans(spiffe, dns)?;
+        let (issuer, ca) = self.issuer()?;
+        let not_after = self.not_after(&role, &ca, ttl_secs, now_ms)?;
+        let serial = random_serial().map_err(|_| PkiError::Random)?;
+        let names: Vec<String> = spiffe.iter().chain(dns).cloned().collect();
+        let params = Self::leaf(
+            &role,
+            sans,
+            &names,
+            now_ms.saturating_sub(BACKDATE_MS),
+            not_after,
+            &serial,
+        );
+        let key = KeyPair::generate_for(role.key_type.algorithm())?;
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(Built {
+            der: cert.der().to_vec(),
+            certificate_pem: cert.pem(),
+            private_key: Some(Zeroizing::new(key.serialize_pem())),
+            ca_chain: self.ca_chain()?,
+            record: CertRecord {
+                serial: hex::encode(serial),
+                role: role.name,
+                identity: String::new(),
+                requested_by: String::new(),
+                sans: names,
+                issued_at_ms: now_ms,
+                not_after_ms: not_after_ms(cert.der())?,
+                revoked_at_ms: 0,
+                origin: "issue".into(),
+            },
+        })
+    }
+
+    /// `pki sign`: a certificate for the public key of a CSR whose signature
+    /// checks out. Only its key and its requested SANs (SPIFFE IDs and DNS
+    /// names, each allowed by the role) are used; its subject, key usages,
+    /// basic constraints and anything else it asks for are not.
+    pub fn build_sign(
+        &self,
+        proof: &Authorized,
+        role_name: &str,
+        csr_pem: &str,
+        ttl_secs: u64,
+        now_ms: u64,
+    ) -> Result<Built, PkiError> {
+        let role = self.role_for_use(proof, role_name)?;
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| match e {
+            rcgen::Error::InvalidCertificationRequestSignature => {
+                PkiError::Invalid("the CSR's signature does not verify".into())
+            }
+            rcgen::Error::UnsupportedExtension => PkiError::Invalid(
+                "the CSR asks for an extension other than SANs, key usage, extended key usage \
+                 and basic constraints"
+                    .into(),
+            ),
+            rcgen::Error::UnsupportedSignatureAlgorithm => PkiError::Invalid(
+                "the CSR's key type is not supported: use ec-p256 or ed25519".into(),
+            ),
+            _ => {
+                PkiError::Invalid("the CSR does not parse (give a PEM CERTIFICATE REQUEST)".into())
+            }
+        })?;
+        if csr.public_key.algorithm() != role.key_type.algorithm() {
+            return Err(PkiError::Invalid(format!(
+                "the CSR's key is not of role {:?}'s key type {}",
+                role.name,
+                role.key_type.as_str()
+            )));
+        }
+        let mut spiffe = Vec::new();
+        let mut dns = Vec::new();
+        for san in &csr.params.subject_alt_names {
+            match san {
+                SanType::URI(u) => spiffe.push(u.as_str().to_owned()),
+                SanType::DnsName(d) => dns.push(d.as_str().to_owned()),
+                _ => {
+                    return Err(PkiError::NameNotAllowed(
+                        "the CSR asks for a SAN other than a SPIFFE ID (URI) or DNS name".into(),
+                    ))
+                }
+            }
+        }
+        let sans = role.check_sans(&spiffe, &dns)?;
+        let (issuer, ca) = self.issuer()?;
+        let not_after = self.not_after(&role, &ca, ttl_secs, now_ms)?;
+        let serial = random_serial().map_err(|_| PkiError::Random)?;
+        let names: Vec<String> = spiffe.iter().chain(&dns).cloned().collect();
+        let params = Self::leaf(
+            &role,
+            sans,
+            &names,
+            now_ms.saturating_sub(BACKDATE_MS),
+            not_after,
+            &serial,
+        );
+        let signed = CertificateSigningRequestParams {
+            params,
+            public_key: csr.public_key,
+        }
+        .signed_by(&issuer)?;
+        Ok(Built {
+            der: signed.der().to_vec(),
+            certificate_pem: signed.pem(),
+            private_key: None,
+            ca_chain: self.ca_chain()?,
+            record: CertRecord {
+                serial: hex::encode(serial),
+                role: role.name,
+                identity: String::new(),
+                requested_by: String::new(),
+                sans: names,
+                issued_at_ms: now_ms,
+                not_after_ms: not_after_ms(signed.der())?,
+                revoked_at_ms: 0,
+                origin: "sign".into(),
+            },
+        })
+    }
+
+    /// Writes the inventory record of a built certificate; only then may it
+    /// be handed out (see the crash order above).
+    pub fn record(&self, built: &Built) -> Result<(), PkiError> {
+        let json = serde_json::to_vec(&built.record).map_err(|_| PkiError::Corrupt)?;
+        self.barrier
+            .put(&format!("{CERTS}{}", built.record.serial), &json)?;
+        Ok(())
+    }
+
+    /// The inventory, soonest expiry first; with `expiring_within_ms`, only
+    /// valid certificates that expire within it.
+    pub fn list(
+        &self,
+        expiring_within_ms: Option<u64>,
+        now_ms: u64,
+    ) -> Result<Vec<CertRecord>, PkiError> {
+        let mut out: Vec<CertRecord> = self
+            .barrier
+            .scan_prefix(CERTS)?
+            .iter()
+            .map(|(_, b)| serde_json::from_slice(b).map_err(|_| PkiError::Corrupt))
+            .collect::<Result<_, _>>()?;
+        if let Some(within) = expiring_within_ms {
+            out.retain(|c: &CertRecord| {
+                c.revoked_at_ms == 0 && c.not_after_ms > now_ms && c.not_after_ms - now_ms <= within
+            });
+        }
+        out.sort_by(|a, b| (a.not_after_ms, &a.serial).cmp(&(b.not_after_ms, &b.serial)));
+        Ok(out)
+    }
+
+    /// Revokes a certificate: it enters the CRL, and `login cert` refuses
+    /// it from now on. Revoking it again changes nothing.
+    pub fn revoke(
+        &self,
+        proof: &Authorized,
+        serial: &str,
+        now_ms: u64,
+    ) -> Result<CertRecord, PkiError> {
+        let serial = normalize_serial(serial)?;
+        require(
+            proof,
+            Capability::Delete,
+            &format!("{}/{serial}", super::CERTS_RESOURCE),
+        )?;
+        let key = format!("{CERTS}{serial}");
+        let mut record: CertRecord = match self.barrier.get(&key)? {
+            None => return Err(PkiError::NoCert(serial)),
+            Some(b) => serde_json::from_slice(&b).map_err(|_| PkiError::Corrupt)?,
+        };
+        if record.revoked_at_ms == 0 {
+            record.revoked_at_ms = now_ms;
+            let json = serde_json::to_vec(&record).map_err(|_| PkiError::Corrupt)?;
+            self.barrier.put(&key, &json)?;
+        }
+        self.refresh_trust(now_ms)?;
+        Ok(record)
+    }
+
+    /// A CRL signed by the CA: every revoked certificate not yet expired.
+    pub fn crl(&self, now_ms: u64) -> Result<Vec<u8>, PkiError> {
+        let (issuer, _) = self.issuer()?;
+        let revoked: Vec<RevokedCertParams> = self
+            .list(None, now_ms)?
+            .into_iter()
+            .filter(|c| c.revoked_at_ms != 0 && c.not_after_ms > now_ms)
+            .filter_map(|c| {
+                Some(RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&hex::decode(&c.serial).ok()?),
+                    revocation_time: offset_of_ms(c.revoked_at_ms),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+            })
+            .collect();
+        let number = self.next_crl_number()?;
+        let params = CertificateRevocationListParams {
+            this_update: offset_of_ms(now_ms.saturating_sub(BACKDATE_MS)),
+            next_update: offset_of_ms(now_ms.saturating_add(CRL_VALIDITY_MS)),
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: revoked,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&issuer)?.der().to_vec())
+    }
+
+    fn next_crl_number(&self) -> Result<u64, PkiError> {
+        let last = match self.barrier.get(CRL_NUMBER)? {
+            Some(b) => u64::from_be_bytes(b.as_slice().try_into().map_err(|_| PkiError::Corrupt)?),
+            None => 0,
+        };
+        let next = last + 1;
+        self.barrier.put(CRL_NUMBER, &next.to_be_bytes())?;
+        Ok(next)
+    }
+
+    /// Hands the CA and a fresh CRL to the client-certificate trust store;
+    /// after unseal, `pki init`, `set-signed` and every revoke.
+    pub fn refresh_trust(&self, now_ms: u64) -> Result<(), PkiError> {
+        match self.ca()? {
+            None => self.trust.set_issued(Vec::new(), None),
+            Some(ca) => {
+                let anchor = pem_to_der(&ca.cert_pem)?;
+                let crl = self.crl(now_ms)?;
+                self.trust.set_issued(anchor, Some(crl));
+            }
+        }
+        Ok(())
+    }
+
+    /// Figures for the governance report.
+    pub fn figures(&self, expiring_within_ms: u64, now_ms: u64) -> Result<PkiFigures, PkiError> {
+        let mut by_role = std::collections::BTreeMap::<String, u64>::new();
+        let mut figures = PkiFigures::default();
+        for c in self.list(None, now_ms)? {
+            if c.revoked_at_ms != 0 {
+                figures.revoked += 1;
+            } else if c.not_after_ms > now_ms {
+                *by_role.entry(c.role.clone()).or_default() += 1;
+                if c.not_after_ms - now_ms <= expiring_within_ms {
+                    figures.expiring_soon += 1;
+                }
+            }
+        }
+        figures.valid_by_role = by_role.into_iter().collect();
+        Ok(figures)
+    }
+}
+
+fn check_common_name(cn: &str) -> Result<(), PkiError> {
+    if cn.is_empty() || cn.len() > 64 || cn.chars().any(char::is_control) {
+        return Err(PkiError::Invalid(
+            "--common-name must be 1 to 64 bytes without control characters".into(),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,150 @@
+//! A workload goes from a CSR to a token with no long-lived secret: its key
+//! is made on its side, keyward signs its CSR, and `login cert` accepts the
+//! certificate at once: the TLS trust store changes at run time when
+//! `pki init` makes the CA, without a restart. The dev CA stays trusted; a
+//! revoked certificate is refused at the handshake; after a restart the
+//! trust store is loaded again at unseal.
+
+use tonic::Code;
+
+use crate::harness::{data, unique, TestServer};
+use crate::ident_kit::{create, read_policy};
+use crate::pki_kit::*;
+use keyward::client::{Client, ClientError, PutOptions};
+
+/// A client presenting `cert_pem` with `key_pem`.
+async fn with_cert(
+    server: &TestServer,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Client, ClientError> {
+    let dir = server.dir.path().join(unique("workload"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("c.pem"), cert_pem).unwrap();
+    std::fs::write(dir.join("k.pem"), key_pem).unwrap();
+    let mut options = server.options(None);
+    options.client_cert = Some(dir.join("c.pem"));
+    options.client_key = Some(dir.join("k.pem"));
+    Client::connect(options).await
+}
+
+/// `login cert` over a new connection presenting the certificate.
+async fn login(
+    server: &TestServer,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<keyward::proto::v1::TokenResponse, ClientError> {
+    with_cert(server, cert_pem, key_pem)
+        .await?
+        .login_cert(0)
+        .await
+}
+
+#[tokio::test]
+async fn pki_from_a_csr_to_a_token_without_a_restart_and_revocation_takes_it_back() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let prefix = unique("wl");
+    let policy = read_policy(&server, &prefix).await;
+    root.put(
+        &format!("{prefix}/db"),
+        &data(&[("password", "x")]),
+        PutOptions::default(),
+    )
+    .await
+    .unwrap();
+    let name = unique("worker");
+    root.identity_create(create(
+        &name,
+        "workload",
+        "team-w",
+        std::slice::from_ref(&policy),
+    ))
+    .await
+    .unwrap();
+    let spiffe = format!("spiffe://acme.test/work/{name}");
+    root.identity_bind_cert(&name, None, Some(&spiffe))
+        .await
+        .unwrap();
+
+    // The workload's key never leaves it; only the CSR does.
+    let (csr_pem, key_pem) = csr(&[&spiffe], &rcgen::PKCS_ECDSA_P256_SHA256);
+    // Before the PKI exists, the same kind of certificate from an unknown
+    // CA is refused.
+    let stranger_key = rcgen::KeyPair::generate().unwrap();
+    let stranger_ca =
+        keyward::pki::builder::ca_params(keyward::pki::builder::name("x", "stranger"));
+    let stranger_issuer = rcgen::Issuer::new(stranger_ca, stranger_key);
+    let mut leaf = keyward::pki::builder::leaf_params(
+        keyward::pki::builder::name("x", "w"),
+        &[rcgen::ExtendedKeyUsagePurpose::ClientAuth],
+    );
+    leaf.subject_alt_names = vec![rcgen::SanType::URI(spiffe.as_str().try_into().unwrap())];
+    let wk = rcgen::KeyPair::from_pem(&key_pem).unwrap();
+    let forged = leaf.signed_by(&wk, &stranger_issuer).unwrap();
+    assert!(login(&server, &forged.pem(), &key_pem).await.is_err());
+
+    // The operator makes the PKI and signs the CSR: no restart.
+    root.pki_init("keyward workloads", 0).await.unwrap();
+    let mut r = role("work", "work");
+    r.client = true;
+    root.pki_role_put(r).await.unwrap();
+    let signed = root.pki_sign("work", &csr_pem, 600).await.unwrap();
+    let token = login(&server, &signed.certificate, &key_pem).await.unwrap();
+    assert_eq!(token.identity, name);
+    assert!(token.policies.contains(&policy));
+    let as_workload = server.anonymous().await.with_token(&token.token).unwrap();
+    as_workload.get(&format!("{prefix}/db")).await.unwrap();
+    // Still not the stranger's.
+    assert!(login(&server, &forged.pem(), &key_pem).await.is_err());
+    // The dev CA stays trusted beside the PKI's.
+    let dev = keyward::pki::CertPaths::in_dir(&server.dir.path().join("certs"));
+    let dev_issuer = keyward::pki::load_issuer(&dev).unwrap();
+    let dev_name = unique("devw");
+    root.identity_create(create(&dev_name, "workload", "team-w", &[]))
+        .await
+        .unwrap();
+    let dev_id = format!("spiffe://acme.test/dev/{dev_name}");
+    root.identity_bind_cert(&dev_name, None, Some(&dev_id))
+        .await
+        .unwrap();
+    let (dev_pem, dev_key) =
+        keyward::pki::issue_client_cert(&dev_issuer, "devw", Some(&dev_id)).unwrap();
+    assert_eq!(
+        login(&server, &dev_pem, &dev_key).await.unwrap().identity,
+        dev_name
+    );
+
+    // A second certificate for the same workload, kept for after the restart.
+    let (csr2, key2) = csr(&[&spiffe], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let signed2 = root.pki_sign("work", &csr2, 600).await.unwrap();
+
+    // Revoked: refused at once (the handshake fails), the other one works.
+    root.pki_revoke(&signed.serial).await.unwrap();
+    let refused = login(&server, &signed.certificate, &key_pem).await;
+    assert!(refused.is_err(), "a revoked certificate logged in");
+    assert_ne!(refused.unwrap_err().code(), Some(Code::Ok));
+    assert_eq!(
+        login(&server, &signed2.certificate, &key2)
+            .await
+            .unwrap()
+            .identity,
+        name
+    );
+
+    // After a restart the trust store is rebuilt at unseal.
+    let server = server.restart().await;
+    assert_eq!(
+        login(&server, &signed2.certificate, &key2)
+            .await
+            .unwrap()
+            .identity,
+        name
+    );
+    assert!(login(&server, &signed.certificate, &key_pem).await.is_err());
+    assert_eq!(
+        login(&server, &dev_pem, &dev_key).await.unwrap().identity,
+        dev_name
+    );
+    server.stop().await;
+}
