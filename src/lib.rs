@@ -41,7 +41,8 @@
 //!   `token` (issue, use, revoke, the expiry sweeper), `policy_store`,
 //!   `rotation` (policies, typed run records, the scheduler and its workers,
 //!   providers; it takes `RotationDeps`, never the core), `governance` (the
-//!   report and its gauges).
+//!   report and its gauges), `lifecycle` (per-identity read sets,
+//!   decommission runs, attestations, policy suggestions; `LifecycleDeps`).
 //! - `audit` — the hash-chained, fail-closed audit log; `barrier` — the seal,
 //!   the keyring and AES-256-GCM around every value; `metrics` — Prometheus
 //!   families, with no domain import (owners register `Refresh` hooks).
@@ -65,6 +66,7 @@ pub mod dev;
 pub mod duration;
 pub mod governance;
 pub mod identity;
+pub mod lifecycle;
 pub mod metrics;
 pub mod metrics_http;
 pub mod oidc;

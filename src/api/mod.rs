@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod governance;
 pub mod identities;
+pub mod lifecycle;
 pub mod login;
 pub mod policies;
 pub mod rotation;

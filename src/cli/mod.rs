@@ -6,6 +6,7 @@
 mod bench;
 mod common;
 mod ident;
+mod lifecycle;
 mod output;
 mod rotation;
 mod run;
@@ -207,6 +208,9 @@ pub enum PolicyCommand {
     List,
     /// Delete a policy (tokens holding it lose its grants at once).
     Delete { name: String },
+    /// A policy of exactly what an identity used, with the diff against
+    /// the policies it holds.
+    Suggest(lifecycle::SuggestArgs),
 }
 
 #[derive(Subcommand)]

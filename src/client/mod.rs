@@ -25,6 +25,7 @@ use tonic::{Code, Request};
 // each as its own `impl Client` block.
 mod auth;
 mod identities;
+mod lifecycle;
 mod login;
 mod policies;
 
