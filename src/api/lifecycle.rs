@@ -273,6 +273,7 @@ impl Lifecycle for LifecycleService {
             added: suggestion.added.clone(),
             removed: suggestion.removed.clone(),
             applied_as,
+            review: suggestion.review.clone(),
         }))
     }
 }

@@ -79,6 +79,7 @@ fn suggest_json(s: &SuggestResponse) -> Value {
     json!({
         "identity": s.name, "policy": s.document, "rules": rules, "generalised": generalised,
         "diff": {"added": s.added, "removed": s.removed},
+        "review": s.review,
         "applied_as": if s.applied_as.is_empty() { Value::Null } else { json!(s.applied_as) },
     })
 }
@@ -166,6 +167,9 @@ pub async fn suggest(g: &Global, format: Format, args: SuggestArgs) -> Result<()
         }
         for a in &s.added {
             eprintln!("+ {a}");
+        }
+        for r in &s.review {
+            eprintln!("# review (exercised; only reads are recorded per path): {r}");
         }
         if !s.applied_as.is_empty() {
             eprintln!("# stored as policy {}", s.applied_as);

@@ -3,8 +3,12 @@
 //! Inputs: the read set (`read` on each secret path it read, since a time)
 //! and the usage record's exercised rules. Reads are exact; for everything
 //! else only the rule that granted it is recorded (not the path nor the
-//! capability), so an exercised rule that grants more than `read` is kept
-//! as written minus `read` (which the read set covers), and said so.
+//! capability). So an exercised rule on `secret/` that grants more than
+//! `read` is not put in the policy (its reads are already there, path by
+//! path; whether it listed or wrote is unknown): it is listed under
+//! `review`, for a person to add back what the identity needs. An
+//! exercised rule on another root (`identity/`, `rotation/`, `sys/`, ...),
+//! where no per-path record exists, is kept as written, and said so.
 //! Where an identity read [`GENERALISE_AT`] or more paths directly under one
 //! folder, those become one `folder/*` rule, and the output names each such
 //! generalisation. Rules never exercised are left out: the diff shows them
@@ -43,6 +47,9 @@ pub struct Suggestion {
     pub removed: Vec<String>,
     /// Suggested rules that no held policy has as such, as `path [caps]`.
     pub added: Vec<String>,
+    /// Exercised `secret/` rules granting more than `read`, left out of the
+    /// policy (only reads are recorded per path), as `policy: path [caps]`.
+    pub review: Vec<String>,
 }
 
 impl Suggestion {
@@ -116,7 +123,7 @@ pub fn suggest(
             }
         }
     }
-    // Exercised rules that grant more than read: kept as written, less read.
+    // Exercised rules that grant more than read.
     let used: BTreeSet<(&str, &str)> = exercised
         .iter()
         .map(|(p, r)| (p.as_str(), r.as_str()))
@@ -126,19 +133,28 @@ pub fn suggest(
             if rule.is_deny() || !used.contains(&(policy.name(), rule.path())) {
                 continue;
             }
+            let on_secrets = rule.path().starts_with("secret/") || rule.path() == "secret";
             let caps: Vec<Capability> = rule
                 .capabilities()
                 .iter()
-                .filter(|c| *c != Capability::Read)
+                .filter(|c| !(on_secrets && *c == Capability::Read))
                 .collect();
             if caps.is_empty() {
+                continue;
+            }
+            if on_secrets {
+                s.review.push(format!(
+                    "{}: {}",
+                    policy.name(),
+                    rule_text(rule.path(), &rule.capabilities().iter().collect::<Vec<_>>())
+                ));
                 continue;
             }
             s.rules.push(SuggestedRule {
                 path: rule.path().to_owned(),
                 capabilities: caps,
                 why: format!(
-                    "kept from policy {}: exercised; only the rule is recorded for uses other than reads",
+                    "kept from policy {}: exercised; uses outside secret/ are recorded by rule only",
                     policy.name()
                 ),
             });
@@ -246,13 +262,23 @@ mod tests {
         // The suggestion is a policy file keyward reads back.
         let back = Policy::parse("narrow", &s.to_toml()).unwrap();
         assert_eq!(back.rules().len(), 3);
-        // An exercised list rule is kept without read.
+        // An exercised secret rule granting more than read goes to review,
+        // not into the policy; one on another root is kept as written.
+        let ops = Policy::parse(
+            "ops",
+            "[[rule]]\npath = \"rotation/app/*\"\ncapabilities = [\"read\", \"rotate\"]\n",
+        )
+        .unwrap();
         let s = suggest(
             &[],
-            &[("wide".into(), "secret/app/**".into())],
-            std::slice::from_ref(&held),
+            &[
+                ("wide".into(), "secret/app/**".into()),
+                ("ops".into(), "rotation/app/*".into()),
+            ],
+            &[held, ops],
         );
-        assert_eq!(s.rules[0].path, "secret/app/**");
-        assert_eq!(s.rules[0].capabilities, [Capability::List]);
+        assert_eq!(s.review, ["wide: secret/app/** [read, list]"]);
+        assert_eq!(s.rules[0].path, "rotation/app/*");
+        assert_eq!(s.rules[0].capabilities, [Capability::Read, Capability::Rotate]);
     }
 }
