@@ -77,8 +77,14 @@ impl Default for GovernanceConfig {
 
 /// The `governance.*` keys, with their variables (known keys, like [`KEYS`]).
 pub const GOVERNANCE_KEYS: &[(&str, &str)] = &[
-    ("governance.recertify_every", "KEYWARD_GOVERNANCE_RECERTIFY_EVERY"),
-    ("governance.unattested_grace", "KEYWARD_GOVERNANCE_UNATTESTED_GRACE"),
+    (
+        "governance.recertify_every",
+        "KEYWARD_GOVERNANCE_RECERTIFY_EVERY",
+    ),
+    (
+        "governance.unattested_grace",
+        "KEYWARD_GOVERNANCE_UNATTESTED_GRACE",
+    ),
     (
         "governance.disable_unattested",
         "KEYWARD_GOVERNANCE_DISABLE_UNATTESTED",

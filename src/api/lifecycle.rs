@@ -47,7 +47,11 @@ impl From<LifecycleError> for Failure {
 fn decommission_message(run: &DecommissionRun, dry_run: bool) -> DecommissionResponse {
     DecommissionResponse {
         name: run.identity.clone(),
-        run_id: if dry_run { String::new() } else { run.id.clone() },
+        run_id: if dry_run {
+            String::new()
+        } else {
+            run.id.clone()
+        },
         dry_run,
         done: run.is_done(),
         revoked_tokens: run.revoked_tokens,
@@ -117,8 +121,17 @@ impl Lifecycle for LifecycleService {
         Ok(Response::new(decommission_message(&run, run.id.is_empty())))
     }
 
-    async fn attest(&self, req: Request<AttestRequest>) -> Result<Response<AttestResponse>, Status> {
-        let mut call = begin(&self.core, "keyward.v1.Lifecycle/Attest", Access::Token, &req).await?;
+    async fn attest(
+        &self,
+        req: Request<AttestRequest>,
+    ) -> Result<Response<AttestResponse>, Status> {
+        let mut call = begin(
+            &self.core,
+            "keyward.v1.Lifecycle/Attest",
+            Access::Token,
+            &req,
+        )
+        .await?;
         let r = req.into_inner();
         let name = call.check(IdentityName::parse(&r.name))?;
         call.authorize(Capability::Attest, name.resource())?;
@@ -167,7 +180,13 @@ impl Lifecycle for LifecycleService {
     }
 
     async fn reads(&self, req: Request<ReadsRequest>) -> Result<Response<ReadsResponse>, Status> {
-        let mut call = begin(&self.core, "keyward.v1.Lifecycle/Reads", Access::Token, &req).await?;
+        let mut call = begin(
+            &self.core,
+            "keyward.v1.Lifecycle/Reads",
+            Access::Token,
+            &req,
+        )
+        .await?;
         let name = call.check(IdentityName::parse(&req.get_ref().name))?;
         call.authorize(Capability::Read, name.resource())?;
         let reads = call.check(self.core.reads.of(name.as_str()))?;
@@ -191,7 +210,13 @@ impl Lifecycle for LifecycleService {
         &self,
         req: Request<SuggestRequest>,
     ) -> Result<Response<SuggestResponse>, Status> {
-        let mut call = begin(&self.core, "keyward.v1.Lifecycle/Suggest", Access::Token, &req).await?;
+        let mut call = begin(
+            &self.core,
+            "keyward.v1.Lifecycle/Suggest",
+            Access::Token,
+            &req,
+        )
+        .await?;
         let r = req.into_inner();
         let name = call.check(IdentityName::parse(&r.name))?;
         if !r.apply_as.is_empty() {
@@ -223,7 +248,10 @@ impl Lifecycle for LifecycleService {
                 return Err(call
                     .fail(Failure::new(
                         FailureKind::AlreadyExists,
-                        format!("policy {} already exists; suggest applies only as a new policy", r.apply_as),
+                        format!(
+                            "policy {} already exists; suggest applies only as a new policy",
+                            r.apply_as
+                        ),
                     ))
                     .into());
             }
@@ -235,7 +263,8 @@ impl Lifecycle for LifecycleService {
                     ))
                     .into());
             }
-            let policy = call.check(Policy::parse(&r.apply_as, &document).map_err(Failure::from))?;
+            let policy =
+                call.check(Policy::parse(&r.apply_as, &document).map_err(Failure::from))?;
             call.check(
                 self.core
                     .policies

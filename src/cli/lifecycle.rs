@@ -160,7 +160,11 @@ pub async fn suggest(g: &Global, format: Format, args: SuggestArgs) -> Result<()
     } else {
         print!("{}", s.document);
         for g in &s.generalised {
-            eprintln!("# generalised: {} stands for {} paths", g.rule, g.paths.len());
+            eprintln!(
+                "# generalised: {} stands for {} paths",
+                g.rule,
+                g.paths.len()
+            );
         }
         for r in &s.removed {
             eprintln!("- {r}");

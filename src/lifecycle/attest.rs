@@ -91,10 +91,7 @@ pub fn status_of(
     settings: &RecertSettings,
     now_ms: u64,
 ) -> AttestStatus {
-    let base = last
-        .map(|a| a.at_ms)
-        .unwrap_or(0)
-        .max(record.created_at_ms);
+    let base = last.map(|a| a.at_ms).unwrap_or(0).max(record.created_at_ms);
     let due_at_ms = base.saturating_add(ms(settings.every));
     let overdue_at_ms = due_at_ms.saturating_add(ms(settings.grace));
     let state = if now_ms >= overdue_at_ms {
@@ -239,7 +236,12 @@ impl Lifecycle {
     }
 
     /// The recertifier: a pass every `every` (and at start) until `shutdown`.
-    pub async fn run_recertifier(self, settings: RecertSettings, every: Duration, shutdown: Shutdown) {
+    pub async fn run_recertifier(
+        self,
+        settings: RecertSettings,
+        every: Duration,
+        shutdown: Shutdown,
+    ) {
         loop {
             if let Err(e) = self.enforce_attestation(&settings).await {
                 tracing::warn!(error = %e, "recertification pass failed");
@@ -323,9 +325,18 @@ mod tests {
             created_at_ms: 1_000,
             ..Default::default()
         };
-        assert_eq!(status_of(&record, None, &settings, 10_999).state, AttestState::Current);
-        assert_eq!(status_of(&record, None, &settings, 11_000).state, AttestState::Due);
-        assert_eq!(status_of(&record, None, &settings, 16_000).state, AttestState::Overdue);
+        assert_eq!(
+            status_of(&record, None, &settings, 10_999).state,
+            AttestState::Current
+        );
+        assert_eq!(
+            status_of(&record, None, &settings, 11_000).state,
+            AttestState::Due
+        );
+        assert_eq!(
+            status_of(&record, None, &settings, 16_000).state,
+            AttestState::Overdue
+        );
         let last = Attestation {
             identity: "svc".into(),
             by: "owner".into(),

@@ -130,7 +130,10 @@ fn danger_test_fault_point(after: &str) {
 
 impl Lifecycle {
     /// The stored run of `identity`, if any.
-    pub fn decommission_run(&self, identity: &str) -> Result<Option<DecommissionRun>, LifecycleError> {
+    pub fn decommission_run(
+        &self,
+        identity: &str,
+    ) -> Result<Option<DecommissionRun>, LifecycleError> {
         match self.deps.barrier.get(&run_key(identity))? {
             None => Ok(None),
             Some(raw) => DecommissionRun::decode(raw.as_slice())
@@ -185,12 +188,12 @@ impl Lifecycle {
                 u32::try_from(self.deps.identities.list_secret_ids(name, now)?.len())
                     .unwrap_or(u32::MAX);
             for revoker in &self.deps.revokers {
-                let n = revoker
-                    .count_identity(name.as_str())
-                    .map_err(|message| LifecycleError::Revoker {
+                let n = revoker.count_identity(name.as_str()).map_err(|message| {
+                    LifecycleError::Revoker {
                         kind: revoker.kind().as_str(),
                         message,
-                    })?;
+                    }
+                })?;
                 match revoker.kind() {
                     CredentialKind::Lease => run.revoked_leases += n,
                     CredentialKind::Certificate => run.revoked_certificates += n,
@@ -213,7 +216,11 @@ impl Lifecycle {
     }
 
     /// Step 1: what it read and what it could read.
-    fn plan(&self, record: &IdentityRecord, now_ms: u64) -> Result<DecommissionRun, LifecycleError> {
+    fn plan(
+        &self,
+        record: &IdentityRecord,
+        now_ms: u64,
+    ) -> Result<DecommissionRun, LifecycleError> {
         let reads = self.deps.reads.of(&record.name)?;
         let mut to_rotate = Vec::new();
         let mut not_rotatable = Vec::new();
@@ -228,7 +235,8 @@ impl Lifecycle {
             }
         }
         let compiled = self.deps.policies.compiled_set(&record.policies)?;
-        let everything = ListPrefix::parse("").map_err(|e| LifecycleError::Invalid(e.to_string()))?;
+        let everything =
+            ListPrefix::parse("").map_err(|e| LifecycleError::Invalid(e.to_string()))?;
         let read: std::collections::HashSet<&str> =
             reads.paths.iter().map(|(p, _, _)| p.as_str()).collect();
         let readable_never_read = self.deps.secrets.list(&everything, |path| {
@@ -402,7 +410,9 @@ impl Lifecycle {
             } else if !resumed {
                 match self.resume_decommissions().await {
                     Ok(_) => resumed = true,
-                    Err(e) => tracing::warn!(error = %e, "could not resume decommissions; trying again"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not resume decommissions; trying again")
+                    }
                 }
             }
             tokio::select! {

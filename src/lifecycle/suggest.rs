@@ -60,7 +60,10 @@ impl Suggestion {
             if i > 0 {
                 out.push('\n');
             }
-            out.push_str(&format!("# {}\n[[rule]]\npath = {:?}\ncapabilities = [", rule.why, rule.path));
+            out.push_str(&format!(
+                "# {}\n[[rule]]\npath = {:?}\ncapabilities = [",
+                rule.why, rule.path
+            ));
             let caps: Vec<String> = rule
                 .capabilities
                 .iter()
@@ -163,7 +166,10 @@ pub fn suggest(
     // Deny rules of held policies stay: they only narrow.
     for policy in held {
         for rule in policy.rules().iter().filter(|r| r.is_deny()) {
-            if s.rules.iter().any(|r| r.path == rule.path() && r.capabilities == [Capability::Deny]) {
+            if s.rules
+                .iter()
+                .any(|r| r.path == rule.path() && r.capabilities == [Capability::Deny])
+            {
                 continue;
             }
             s.rules.push(SuggestedRule {
@@ -279,6 +285,9 @@ mod tests {
         );
         assert_eq!(s.review, ["wide: secret/app/** [read, list]"]);
         assert_eq!(s.rules[0].path, "rotation/app/*");
-        assert_eq!(s.rules[0].capabilities, [Capability::Read, Capability::Rotate]);
+        assert_eq!(
+            s.rules[0].capabilities,
+            [Capability::Read, Capability::Rotate]
+        );
     }
 }

@@ -42,11 +42,15 @@ async fn each_lifecycle_call_needs_its_capability_and_nothing_less() {
     let (_, svc) = login(&server, &role_id, &secret_id).await;
     for i in 0..9 {
         let path = format!("{prefix}/shards/s{i}");
-        root.put(&path, &data(&[("v", "x")]), PutOptions::default()).await.unwrap();
+        root.put(&path, &data(&[("v", "x")]), PutOptions::default())
+            .await
+            .unwrap();
         svc.get(&path).await.unwrap();
     }
     let single = format!("{prefix}/db");
-    root.put(&single, &data(&[("v", "x")]), PutOptions::default()).await.unwrap();
+    root.put(&single, &data(&[("v", "x")]), PutOptions::default())
+        .await
+        .unwrap();
     svc.get(&single).await.unwrap();
 
     // Everything on the identity but admin, attest and read.
@@ -71,10 +75,16 @@ async fn each_lifecycle_call_needs_its_capability_and_nothing_less() {
     .await;
     for caller in [&writer, &lookalike] {
         for dry_run in [true, false] {
-            let e = caller.identity_decommission(&target, dry_run).await.unwrap_err();
+            let e = caller
+                .identity_decommission(&target, dry_run)
+                .await
+                .unwrap_err();
             assert_eq!(code(&e), Some(Code::PermissionDenied), "{e}");
         }
-        let e = caller.identity_attest(&target, "looks fine").await.unwrap_err();
+        let e = caller
+            .identity_attest(&target, "looks fine")
+            .await
+            .unwrap_err();
         assert_eq!(code(&e), Some(Code::PermissionDenied), "{e}");
         let e = caller.policy_suggest(&target, 0, None).await.unwrap_err();
         assert_eq!(code(&e), Some(Code::PermissionDenied), "{e}");
@@ -92,16 +102,28 @@ async fn each_lifecycle_call_needs_its_capability_and_nothing_less() {
         "[[rule]]\npath = \"identity/nobody\"\ncapabilities = [\"admin\"]\n",
     )
     .await;
-    let e1 = admin_of_all.identity_decommission(&ghost, false).await.unwrap_err();
-    let e2 = admin_of_all.identity_decommission(&target, false).await.unwrap_err();
+    let e1 = admin_of_all
+        .identity_decommission(&ghost, false)
+        .await
+        .unwrap_err();
+    let e2 = admin_of_all
+        .identity_decommission(&target, false)
+        .await
+        .unwrap_err();
     assert_eq!((code(&e1), e1.to_string()), (code(&e2), e2.to_string()));
     let e = root.identity_decommission(&ghost, false).await.unwrap_err();
     assert_eq!(code(&e), Some(Code::NotFound));
 
     // Bad input is refused naming the rule; no token is refused first.
-    let e = root.identity_decommission("../etc", false).await.unwrap_err();
+    let e = root
+        .identity_decommission("../etc", false)
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), Some(Code::InvalidArgument), "{e}");
-    let e = root.identity_attest(&target, "two\nlines").await.unwrap_err();
+    let e = root
+        .identity_attest(&target, "two\nlines")
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), Some(Code::InvalidArgument), "{e}");
     assert!(e.to_string().contains("control"), "{e}");
     let anon = server.anonymous().await;
@@ -115,11 +137,17 @@ async fn each_lifecycle_call_needs_its_capability_and_nothing_less() {
         &format!("[[rule]]\npath = \"identity/{target}\"\ncapabilities = [\"attest\"]\n"),
     )
     .await;
-    let status = attester.identity_attest(&target, "still needed").await.unwrap();
+    let status = attester
+        .identity_attest(&target, "still needed")
+        .await
+        .unwrap();
     assert_eq!(status.attested_by, attester_name);
     assert_eq!(status.state, "current");
     assert_eq!(status.note, "still needed");
-    let e = attester.identity_decommission(&target, true).await.unwrap_err();
+    let e = attester
+        .identity_decommission(&target, true)
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), Some(Code::PermissionDenied));
 
     // `read` on the identity gives its reads and a suggestion, but --apply
@@ -140,7 +168,12 @@ async fn each_lifecycle_call_needs_its_capability_and_nothing_less() {
     let rules: Vec<(&str, Vec<&str>)> = s
         .rules
         .iter()
-        .map(|r| (r.path.as_str(), r.capabilities.iter().map(String::as_str).collect()))
+        .map(|r| {
+            (
+                r.path.as_str(),
+                r.capabilities.iter().map(String::as_str).collect(),
+            )
+        })
         .collect();
     assert_eq!(
         rules,
@@ -164,13 +197,25 @@ async fn each_lifecycle_call_needs_its_capability_and_nothing_less() {
     assert!(s.applied_as.is_empty());
 
     let forbidden = unique("forbidden");
-    let e = auditor.policy_suggest(&target, 0, Some(&forbidden)).await.unwrap_err();
+    let e = auditor
+        .policy_suggest(&target, 0, Some(&forbidden))
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), Some(Code::PermissionDenied), "{e}");
-    assert!(root.policy_get(&forbidden).await.is_err(), "nothing was written");
-    let applied = auditor.policy_suggest(&target, 0, Some(&narrow)).await.unwrap();
+    assert!(
+        root.policy_get(&forbidden).await.is_err(),
+        "nothing was written"
+    );
+    let applied = auditor
+        .policy_suggest(&target, 0, Some(&narrow))
+        .await
+        .unwrap();
     assert_eq!(applied.applied_as, narrow);
     let stored = root.policy_get(&narrow).await.unwrap();
-    assert!(stored.contains(&format!("secret/{prefix}/shards/*")), "{stored}");
+    assert!(
+        stored.contains(&format!("secret/{prefix}/shards/*")),
+        "{stored}"
+    );
     // Never over an existing policy (here: the identity's own).
     let (_, overwriter) = holder(
         &server,

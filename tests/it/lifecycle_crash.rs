@@ -50,7 +50,9 @@ fn random_every_day() -> RotationPolicySpec {
         provider: "random".into(),
         schedule: ScheduleSpec::Every(Duration::from_secs(86_400)),
         grace: Duration::from_secs(1),
-        settings: [("fields".to_owned(), "password".to_owned())].into_iter().collect(),
+        settings: [("fields".to_owned(), "password".to_owned())]
+            .into_iter()
+            .collect(),
     }
 }
 
@@ -65,7 +67,9 @@ async fn reads_answered_before_a_sigkill_are_in_the_read_set_after_restart() {
     let mut read = Vec::new();
     for i in 0..3 {
         let path = format!("{prefix}/s{i}");
-        root.put(&path, &data(&[("v", "x")]), PutOptions::default()).await.unwrap();
+        root.put(&path, &data(&[("v", "x")]), PutOptions::default())
+            .await
+            .unwrap();
         svc.get(&path).await.unwrap();
         read.push(path);
     }
@@ -98,19 +102,30 @@ async fn a_decommission_killed_between_steps_resumes_after_restart() {
         let paths = [format!("{prefix}/a"), format!("{prefix}/b")];
         let mut before = Vec::new();
         for path in &paths {
-            root.put(path, &data(&[("password", "initial")]), PutOptions::default())
+            root.put(
+                path,
+                &data(&[("password", "initial")]),
+                PutOptions::default(),
+            )
+            .await
+            .unwrap();
+            root.set_rotation_policy(path, &random_every_day())
                 .await
                 .unwrap();
-            root.set_rotation_policy(path, &random_every_day()).await.unwrap();
             svc.get(path).await.unwrap();
             before.push(root.get(path).await.unwrap().version);
         }
         let plain = format!("{prefix}/plain");
-        root.put(&plain, &data(&[("v", "x")]), PutOptions::default()).await.unwrap();
+        root.put(&plain, &data(&[("v", "x")]), PutOptions::default())
+            .await
+            .unwrap();
         svc.get(&plain).await.unwrap();
 
         let cut = root.identity_decommission(&name, false).await;
-        assert!(cut.is_err(), "the server died in the middle ({crash_after})");
+        assert!(
+            cut.is_err(),
+            "the server died in the middle ({crash_after})"
+        );
         let mut server = server;
         assert!(!server.wait().success(), "killed by the fault point");
 
@@ -144,7 +159,11 @@ async fn a_decommission_killed_between_steps_resumes_after_restart() {
         assert!(root.identity_get(&name).await.unwrap().disabled);
         for (path, old) in paths.iter().zip(&before) {
             let runs = root.rotation_history(path).await.unwrap();
-            assert_eq!(runs.len(), 1, "one rotation of {path} ({crash_after}): {runs:?}");
+            assert_eq!(
+                runs.len(),
+                1,
+                "one rotation of {path} ({crash_after}): {runs:?}"
+            );
             assert!(root.get(path).await.unwrap().version > *old);
         }
         let svc_again = root.with_token(&token).unwrap();

@@ -20,7 +20,12 @@ use keyward::proto::v1::RotationRun;
 
 const PATIENCE: Duration = Duration::from_secs(120);
 
-pub fn alternating(provider: &str, admin: &str, users: &str, grace: Duration) -> RotationPolicySpec {
+pub fn alternating(
+    provider: &str,
+    admin: &str,
+    users: &str,
+    grace: Duration,
+) -> RotationPolicySpec {
     RotationPolicySpec {
         provider: provider.to_owned(),
         schedule: ScheduleSpec::Every(Duration::from_secs(86_400)),
@@ -42,13 +47,15 @@ async fn retired(root: &Client, path: &str, run_id: &str) -> RotationRun {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         let runs = root.rotation_history(path).await.unwrap();
-        if let Some(retire) = runs
-            .iter()
-            .find(|r| r.steps.iter().any(|s| s.step == "retire" && s.outcome == "ok"))
-        {
+        if let Some(retire) = runs.iter().find(|r| {
+            r.steps
+                .iter()
+                .any(|s| s.step == "retire" && s.outcome == "ok")
+        }) {
             // The run the decommission started promoted the value retired.
             assert!(
-                runs.iter().any(|r| r.run_id == run_id && r.state == "succeeded"),
+                runs.iter()
+                    .any(|r| r.run_id == run_id && r.state == "succeeded"),
                 "the decommission's run {run_id} succeeded: {runs:?}"
             );
             return retire.clone();
@@ -62,8 +69,14 @@ async fn retired(root: &Client, path: &str, run_id: &str) -> RotationRun {
 }
 
 async fn put_fields(client: &Client, path: &str, fields: &[(String, String)]) {
-    let pairs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    client.put(path, &data(&pairs), PutOptions::default()).await.unwrap();
+    let pairs: Vec<(&str, &str)> = fields
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    client
+        .put(path, &data(&pairs), PutOptions::default())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -86,25 +99,42 @@ async fn decommission_revokes_rotates_what_was_read_and_lists_the_rest() {
             t.create_user(&a, &pa).await;
             t.create_user(&b, &pb).await;
             let path = format!("{prefix}/app/{name}");
-            root.put(&path, &data(&[("username", &a), ("password", &pa)]), PutOptions::default())
-                .await
-                .unwrap();
+            root.put(
+                &path,
+                &data(&[("username", &a), ("password", &pa)]),
+                PutOptions::default(),
+            )
+            .await
+            .unwrap();
             root.set_rotation_policy(
                 &path,
-                &alternating(t.provider(), &admin, &format!("{a},{b}"), Duration::from_secs(2)),
+                &alternating(
+                    t.provider(),
+                    &admin,
+                    &format!("{a},{b}"),
+                    Duration::from_secs(2),
+                ),
             )
             .await
             .unwrap();
             rotated_users.push((t.clone(), path, a, pa));
         }
         let plain = format!("{prefix}/app/plain");
-        root.put(&plain, &data(&[("token", "plain-value")]), PutOptions::default())
-            .await
-            .unwrap();
+        root.put(
+            &plain,
+            &data(&[("token", "plain-value")]),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap();
         let unread = format!("{prefix}/app/unread");
-        root.put(&unread, &data(&[("token", "unread-value")]), PutOptions::default())
-            .await
-            .unwrap();
+        root.put(
+            &unread,
+            &data(&[("token", "unread-value")]),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap();
 
         let policy = unique("decom-read");
         put_policy(
@@ -114,7 +144,8 @@ async fn decommission_revokes_rotates_what_was_read_and_lists_the_rest() {
         )
         .await;
         let name = unique("svc");
-        let (role_id, secret_id) = approle_identity(&root, &name, std::slice::from_ref(&policy)).await;
+        let (role_id, secret_id) =
+            approle_identity(&root, &name, std::slice::from_ref(&policy)).await;
         let spare = root.identity_secret_id(&name, 0, 0, &[]).await.unwrap();
         let (_, svc) = login(&server, &role_id, &secret_id).await;
         for (_, path, _, _) in &rotated_users {
@@ -129,9 +160,17 @@ async fn decommission_revokes_rotates_what_was_read_and_lists_the_rest() {
             rotated_users.iter().map(|(_, p, _, _)| p.clone()).collect();
         expected_rotated.sort();
         let planned: Vec<&str> = plan.rotated.iter().map(|r| r.path.as_str()).collect();
-        assert_eq!(planned, expected_rotated.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(
+            planned,
+            expected_rotated
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+        );
         assert_eq!(plan.revoked_secret_ids, 2, "two live secret-ids would go");
-        svc.get(&plain).await.expect("a dry run leaves the token working");
+        svc.get(&plain)
+            .await
+            .expect("a dry run leaves the token working");
         assert!(!root.identity_get(&name).await.unwrap().disabled);
 
         let done = root.identity_decommission(&name, false).await.unwrap();
@@ -141,14 +180,24 @@ async fn decommission_revokes_rotates_what_was_read_and_lists_the_rest() {
         assert_eq!(done.revoked_leases, 0);
         assert_eq!(done.revoked_certificates, 0);
         let rotated: Vec<&str> = done.rotated.iter().map(|r| r.path.as_str()).collect();
-        assert_eq!(rotated, expected_rotated.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(
+            rotated,
+            expected_rotated
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+        );
         assert_eq!(done.not_rotatable, vec![plain.clone()]);
         assert_eq!(done.readable_never_read, vec![unread.clone()]);
         assert_eq!(done.requested_by, "root");
 
         // Its token and both secret-ids are dead; it is disabled.
         let refused = svc.get(&plain).await.unwrap_err();
-        assert_eq!(refused.code(), Some(tonic::Code::Unauthenticated), "{refused}");
+        assert_eq!(
+            refused.code(),
+            Some(tonic::Code::Unauthenticated),
+            "{refused}"
+        );
         let anon = server.anonymous().await;
         for sid in [&secret_id, &spare.secret_id] {
             assert!(anon.login_approle(&role_id, sid, 0).await.is_err());
@@ -158,7 +207,12 @@ async fn decommission_revokes_rotates_what_was_read_and_lists_the_rest() {
         // Each secret rotated; once its grace passed the old credential is
         // refused and the current one logs in.
         for (t, path, old_user, old_password) in &rotated_users {
-            let run_id = &done.rotated.iter().find(|r| &r.path == path).unwrap().run_id;
+            let run_id = &done
+                .rotated
+                .iter()
+                .find(|r| &r.path == path)
+                .unwrap()
+                .run_id;
             retired(&root, path, run_id).await;
             assert!(
                 !t.can_login(old_user, old_password).await,
@@ -179,9 +233,11 @@ async fn decommission_revokes_rotates_what_was_read_and_lists_the_rest() {
         let audit = std::fs::read_to_string(&server.audit_path).unwrap();
         for r in &done.rotated {
             assert!(
-                audit.lines().any(|l| l.contains("keyward.lifecycle/DecommissionRotate")
-                    && l.contains(&r.run_id)
-                    && l.contains(&done.run_id)),
+                audit
+                    .lines()
+                    .any(|l| l.contains("keyward.lifecycle/DecommissionRotate")
+                        && l.contains(&r.run_id)
+                        && l.contains(&done.run_id)),
                 "no cause record for {}",
                 r.run_id
             );

@@ -132,7 +132,10 @@ async fn an_unattested_identity_is_due_then_overdue_then_disabled_and_attesting_
         trigger.signal(),
     ));
     settle().await;
-    assert_eq!(state_of(&core, &settings, "ignored-svc"), AttestState::Current);
+    assert_eq!(
+        state_of(&core, &settings, "ignored-svc"),
+        AttestState::Current
+    );
 
     tokio::time::advance(9 * DAY).await;
     settle().await;
@@ -145,24 +148,42 @@ async fn an_unattested_identity_is_due_then_overdue_then_disabled_and_attesting_
     tokio::time::advance(DAY + DAY / 2).await;
     settle().await;
     assert_eq!(state_of(&core, &settings, "ignored-svc"), AttestState::Due);
-    assert_eq!(state_of(&core, &settings, "attested-svc"), AttestState::Current);
+    assert_eq!(
+        state_of(&core, &settings, "attested-svc"),
+        AttestState::Current
+    );
     assert!(!disabled(&core, "ignored-svc"), "due is not yet overdue");
 
     // Day 12.5: past its grace, the recertifier disables it and revokes
     // its token; the attested one keeps working.
     tokio::time::advance(2 * DAY).await;
     settle().await;
-    assert_eq!(state_of(&core, &settings, "ignored-svc"), AttestState::Overdue);
+    assert_eq!(
+        state_of(&core, &settings, "ignored-svc"),
+        AttestState::Overdue
+    );
     assert!(disabled(&core, "ignored-svc"));
     let now = core.clock().now_ms();
-    assert!(core.tokens.lookup_token(&ignored_token, now).unwrap().is_none());
+    assert!(core
+        .tokens
+        .lookup_token(&ignored_token, now)
+        .unwrap()
+        .is_none());
     assert!(!disabled(&core, "attested-svc"));
-    assert!(core.tokens.lookup_token(&attested_token, now).unwrap().is_some());
+    assert!(core
+        .tokens
+        .lookup_token(&attested_token, now)
+        .unwrap()
+        .is_some());
     let audit = std::fs::read_to_string(&v.audit).unwrap();
-    assert!(audit.lines().any(|l| l.contains("keyward.lifecycle/DisableUnattested")
-        && l.contains("identity/ignored-svc")));
-    assert!(!audit.lines().any(|l| l.contains("keyward.lifecycle/DisableUnattested")
-        && l.contains("identity/attested-svc")));
+    assert!(audit
+        .lines()
+        .any(|l| l.contains("keyward.lifecycle/DisableUnattested")
+            && l.contains("identity/ignored-svc")));
+    assert!(!audit
+        .lines()
+        .any(|l| l.contains("keyward.lifecycle/DisableUnattested")
+            && l.contains("identity/attested-svc")));
 
     // Day 19.5: the attested one (attested on day 9) is due, day 21.5 overdue.
     tokio::time::advance(7 * DAY).await;
@@ -180,9 +201,57 @@ async fn an_unattested_identity_is_due_then_overdue_then_disabled_and_attesting_
     };
     let late = identity(&core, "late-svc");
     tokio::time::advance(30 * DAY).await;
-    assert!(core.lifecycle.enforce_attestation(&lenient).await.unwrap().is_empty());
-    assert_eq!(state_of(&core, &lenient, late.as_str()), AttestState::Overdue);
+    assert!(core
+        .lifecycle
+        .enforce_attestation(&lenient)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        state_of(&core, &lenient, late.as_str()),
+        AttestState::Overdue
+    );
 
     trigger.trigger();
     task.await.unwrap();
+}
+
+#[test]
+fn governance_settings_parse_with_defaults_and_refuse_bad_values_by_key() {
+    use keyward::config::{parse, MapSource};
+    let base = |extra: &[(&str, &str)]| {
+        let mut map: std::collections::BTreeMap<String, String> = [
+            ("storage.path", "data"),
+            ("audit.path", "audit.log"),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+        for (k, v) in extra {
+            map.insert((*k).to_owned(), (*v).to_owned());
+        }
+        parse(&MapSource(map), std::path::Path::new("/tmp"))
+    };
+    let c = base(&[]).unwrap();
+    assert_eq!(c.governance, GovernanceConfig::default());
+    assert_eq!(c.governance.every, 90 * DAY);
+    assert_eq!(c.governance.grace, 14 * DAY);
+    assert!(!c.governance.disable_unattested);
+    let c = base(&[
+        ("governance.recertify_every", "30d"),
+        ("governance.unattested_grace", "1d"),
+        ("governance.disable_unattested", "true"),
+    ])
+    .unwrap();
+    assert_eq!((c.governance.every, c.governance.grace), (30 * DAY, DAY));
+    assert!(c.governance.disable_unattested);
+    for (key, bad) in [
+        ("governance.recertify_every", "soon"),
+        ("governance.recertify_every", "0s"),
+        ("governance.disable_unattested", "yes"),
+    ] {
+        let e = base(&[(key, bad)]).unwrap_err().to_string();
+        assert!(e.contains(key), "{e}");
+        assert!(!e.contains(bad) || bad == "0s", "the value is not echoed: {e}");
+    }
 }

@@ -25,6 +25,7 @@ mod crash;
 mod governance;
 mod leaks;
 mod lifecycle_access;
+mod lifecycle_cli;
 mod lifecycle_crash;
 mod lifecycle_decommission;
 mod lifecycle_recert;
