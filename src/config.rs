@@ -54,6 +54,77 @@ pub struct ServerConfig {
     pub audit: crate::audit::AuditOptions,
     /// `http.listen`: the HTTPS listener; `None` (`off`) turns it off.
     pub http_listen: Option<SocketAddr>,
+    /// Owner recertification (`governance.*`).
+    pub governance: GovernanceConfig,
+}
+
+/// Owner recertification (`governance.*`): an identity is due for
+/// attestation `recertify_every` after its last one (or its creation), and
+/// overdue `unattested_grace` later; with `disable_unattested` an overdue
+/// identity is disabled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GovernanceConfig {
+    /// `governance.recertify_every`, default 90d.
+    pub every: std::time::Duration,
+    /// `governance.unattested_grace`, default 14d.
+    pub grace: std::time::Duration,
+    /// `governance.disable_unattested`, default false.
+    pub disable_unattested: bool,
+}
+
+impl Default for GovernanceConfig {
+    fn default() -> Self {
+        Self {
+            every: std::time::Duration::from_secs(90 * 86_400),
+            grace: std::time::Duration::from_secs(14 * 86_400),
+            disable_unattested: false,
+        }
+    }
+}
+
+/// The `governance.*` keys, with their variables (known keys, like [`KEYS`]).
+pub const GOVERNANCE_KEYS: &[(&str, &str)] = &[
+    (
+        "governance.recertify_every",
+        "KEYWARD_GOVERNANCE_RECERTIFY_EVERY",
+    ),
+    (
+        "governance.unattested_grace",
+        "KEYWARD_GOVERNANCE_UNATTESTED_GRACE",
+    ),
+    (
+        "governance.disable_unattested",
+        "KEYWARD_GOVERNANCE_DISABLE_UNATTESTED",
+    ),
+];
+
+fn parse_governance(src: &dyn Source) -> Result<GovernanceConfig, ConfigError> {
+    let defaults = GovernanceConfig::default();
+    let duration = |key: &'static str, default| match src.get(key) {
+        None => Ok(default),
+        Some(v) => match crate::duration::parse(&v) {
+            Ok(d) if !d.is_zero() => Ok(d),
+            _ => Err(ConfigError::Invalid(
+                key.to_owned(),
+                "expected a duration such as 90d, at least 1s",
+            )),
+        },
+    };
+    let disable_unattested = match src.get("governance.disable_unattested").as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => {
+            return Err(ConfigError::Invalid(
+                "governance.disable_unattested".into(),
+                "expected true or false",
+            ))
+        }
+    };
+    Ok(GovernanceConfig {
+        every: duration("governance.recertify_every", defaults.every)?,
+        grace: duration("governance.unattested_grace", defaults.grace)?,
+        disable_unattested,
+    })
 }
 
 /// Where `audit.syslog = true` sends records unless `audit.syslog_socket` names another socket.
@@ -258,7 +329,7 @@ pub fn load_file(path: &Path) -> Result<ServerConfig, ConfigError> {
         .map_err(|e: toml::de::Error| ConfigError::Toml(e.message().to_owned()))?;
     let mut flat = BTreeMap::new();
     flatten("", &table, &mut flat)?;
-    let known = || KEYS.iter().chain(SERVER_LIMIT_KEYS);
+    let known = || KEYS.iter().chain(SERVER_LIMIT_KEYS).chain(GOVERNANCE_KEYS);
     for key in flat.keys() {
         if !known().any(|(k, _)| k == key) {
             return Err(ConfigError::Unknown(key.clone()));
@@ -365,6 +436,7 @@ pub fn parse(src: &dyn Source, base: &Path) -> Result<ServerConfig, ConfigError>
                 None
             },
         },
+        governance: parse_governance(src)?,
     })
 }
 

@@ -110,6 +110,7 @@ pub async fn open_with(
         limits: DataLimits::default(),
         server_limits: ServerLimits::default(),
         audit: Default::default(),
+        governance: Default::default(),
         oidc: OidcConfig {
             // A dev server fetches JWKS only from servers its own CA signed
             // (a local test issuer); production names a bundle in the config.

@@ -47,6 +47,8 @@
 //!   report and its gauges), `lease` (leases of dynamic credentials, their
 //!   expiry index and sleeper), `dynamic` (dynamic roles, users made on
 //!   PostgreSQL, MariaDB and Redis under a lease).
+//!   report and its gauges), `lifecycle` (per-identity read sets,
+//!   decommission runs, attestations, policy suggestions; `LifecycleDeps`).
 //! - `audit` — the hash-chained, fail-closed audit log; `barrier` — the seal,
 //!   the keyring and AES-256-GCM around every value; `metrics` — Prometheus
 //!   families, with no domain import (owners register `Refresh` hooks).
@@ -75,6 +77,7 @@ pub mod governance;
 pub mod http;
 pub mod identity;
 pub mod lease;
+pub mod lifecycle;
 pub mod metrics;
 pub mod metrics_http;
 pub mod oidc;

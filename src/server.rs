@@ -296,6 +296,15 @@ impl Server {
             )
             .add_service(
                 PkiServer::new(PkiService::new(core.clone())).max_decoding_message_size(max),
+            )
+            .add_service(
+                crate::proto::v1::lifecycle_server::LifecycleServer::new(
+                    crate::api::lifecycle::LifecycleService::new(
+                        core.clone(),
+                        self.config.governance,
+                    ),
+                )
+                .max_decoding_message_size(max),
             );
         Ok((router, health_for_http))
     }
@@ -376,6 +385,27 @@ impl Server {
             if let Err(e) = crate::rotation::scheduler::start(broker, shutdown).await {
                 tracing::error!(error = %e, "rotation scheduler failed");
             }
+        });
+        // Lifecycle (issue 13): read times, unfinished decommissions after
+        // an unseal, the recertifier and its gauges.
+        let lifecycle_clock = core.clock().clone();
+        let reads = core.reads.clone();
+        tasks.spawn("read-set-flush", move |shutdown| {
+            reads.run_flusher(lifecycle_clock, USAGE_PERSIST_EVERY, shutdown)
+        });
+        let lifecycle = core.lifecycle.clone();
+        tasks.spawn("decommission-resume", move |shutdown| {
+            lifecycle.run_resumer(shutdown)
+        });
+        let governance = self.config.governance;
+        crate::lifecycle::attest::AttestGauges::register(
+            core.lifecycle.clone(),
+            governance,
+            &core.metrics,
+        );
+        let lifecycle = core.lifecycle.clone();
+        tasks.spawn("recertifier", move |shutdown| {
+            lifecycle.run_recertifier(governance, crate::lifecycle::attest::PASS_EVERY, shutdown)
         });
         tasks
     }

@@ -10,6 +10,7 @@ pub mod dynamic;
 pub mod governance;
 pub mod identities;
 pub mod leases;
+pub mod lifecycle;
 pub mod login;
 pub mod pki;
 pub mod policies;

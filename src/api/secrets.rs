@@ -317,6 +317,16 @@ impl Secrets for SecretsService {
         };
         call.authorize(Capability::Read, path.resource())?;
         let found = call.check(self.core.secrets.get(&path, selector))?;
+        // The read set (issue 13): a path new to this identity is on disk
+        // before the answer leaves; a known one is a lookup in memory.
+        let noted = match call.caller() {
+            Some(c) => {
+                let now = self.core.clock().now_ms();
+                self.core.reads.note(&c.identity, path.as_str(), now).await
+            }
+            None => Ok(()),
+        };
+        call.check(noted)?;
         let refs: Vec<(&str, &[u8])> = found
             .data
             .iter()

@@ -333,6 +333,7 @@ fn bench_config(dir: &Path) -> ServerConfig {
         server_limits: keyward::config::ServerLimits::default(),
         audit: Default::default(),
         http_listen: None,
+        governance: Default::default(),
     }
 }
 

@@ -38,6 +38,16 @@ pub enum IdentityCommand {
     Delete {
         name: String,
     },
+    /// Disable, revoke everything it holds, rotate every secret it read.
+    Decommission(super::lifecycle::DecommissionArgs),
+    /// Record that you (an owner) attest the identity is still needed.
+    Attest(super::lifecycle::AttestArgs),
+    /// Every identity's recertification standing (due, overdue).
+    Attestations,
+    /// The secret paths an identity read.
+    Reads {
+        name: String,
+    },
     /// Make a secret-id for role-id login (shown once); or list or revoke them.
     SecretId(SecretIdArgs),
     /// Remove one binding, as `identity get` lists it.
@@ -358,6 +368,12 @@ pub fn token_json(t: &TokenResponse) -> Value {
 /// (a usage error before any connection), then one call, then its output.
 pub async fn identity(g: &Global, format: Format, cmd: IdentityCommand) -> Result<()> {
     let shown = match cmd {
+        IdentityCommand::Decommission(args) => {
+            return super::lifecycle::decommission(g, format, args).await
+        }
+        IdentityCommand::Attest(args) => return super::lifecycle::attest(g, format, args).await,
+        IdentityCommand::Attestations => return super::lifecycle::attestations(g, format).await,
+        IdentityCommand::Reads { name } => return super::lifecycle::reads(g, format, name).await,
         IdentityCommand::Create(args) => {
             let request = args.request()?;
             identity_json(&connect(g).await?.identity_create(request).await?)

@@ -8,6 +8,7 @@ mod common;
 mod dynamic;
 mod ident;
 mod ops;
+mod lifecycle;
 mod output;
 mod pki;
 mod rotation;
@@ -235,6 +236,9 @@ pub enum PolicyCommand {
     List,
     /// Delete a policy (tokens holding it lose its grants at once).
     Delete { name: String },
+    /// A policy of exactly what an identity used, with the diff against
+    /// the policies it holds.
+    Suggest(lifecycle::SuggestArgs),
 }
 
 #[derive(Subcommand)]

@@ -5,6 +5,9 @@ use serde_json::Value;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
+    /// `toml` is the same choice: `policy suggest --format toml` prints the
+    /// policy file where other commands print their table.
+    #[value(alias = "toml")]
     Table,
     Json,
 }

@@ -267,6 +267,7 @@ async fn policy(g: &Global, format: Format, cmd: PolicyCommand) -> Result<()> {
             connect(g).await?.policy_delete(&name).await?;
             emit(format, &json!({"name": name, "deleted": true}));
         }
+        PolicyCommand::Suggest(args) => super::lifecycle::suggest(g, format, args).await?,
     }
     Ok(())
 }

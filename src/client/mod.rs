@@ -28,6 +28,7 @@ mod dynamic;
 mod leases;
 pub use dynamic::DynamicRoleSpec;
 mod identities;
+mod lifecycle;
 mod login;
 mod pki;
 mod policies;

@@ -17,6 +17,7 @@ use crate::barrier::{Barrier, BarrierError, SealStatus, UnsealShare};
 use crate::clock::{Clock, Shutdown};
 use crate::identity::login::{Login, ThrottleConfig};
 use crate::identity::IdentityStore;
+use crate::lifecycle::{Lifecycle, LifecycleDeps, ReadSet};
 use crate::metrics::Metrics;
 use crate::oidc::JwksCache;
 use crate::pki::trust::ClientTrust;
@@ -76,6 +77,10 @@ pub struct Core {
     clock: Clock,
     /// The server's shutdown, for long streams (`Watch`) and workers.
     shutdown: Shutdown,
+    /// Per identity, the secret paths it read (issue 13; see `lifecycle::reads`).
+    pub reads: ReadSet,
+    /// Decommission, attestation, suggestions (issue 13).
+    pub lifecycle: Lifecycle,
 }
 
 impl Core {
@@ -118,6 +123,25 @@ impl Core {
             leases.clone(),
             clock.clone(),
         );
+        let rotation = Arc::new(Broker::new(
+            rotation_deps,
+            &metrics,
+            BrokerOptions::default(),
+        ));
+        let reads = ReadSet::new(barrier.clone());
+        let lifecycle = Lifecycle::new(LifecycleDeps {
+            barrier: barrier.clone(),
+            audit: audit.clone(),
+            clock: clock.clone(),
+            identities: identities.clone(),
+            tokens: Arc::new(tokens.clone()),
+            policies: policies.clone(),
+            secrets: secrets.clone(),
+            broker: Broker::clone(&rotation),
+            reads: reads.clone(),
+            // Leases and certificates register here once they exist.
+            revokers: Vec::new(),
+        });
         Self {
             leases,
             dynamic,
@@ -132,11 +156,7 @@ impl Core {
             usage,
             secrets,
             identities,
-            rotation: Arc::new(Broker::new(
-                rotation_deps,
-                &metrics,
-                BrokerOptions::default(),
-            )),
+            rotation,
             barrier,
             audit,
             metrics,
@@ -149,6 +169,8 @@ impl Core {
             oidc_jwks_dir: None,
             clock,
             shutdown,
+            reads,
+            lifecycle,
         }
     }
 
@@ -245,6 +267,7 @@ impl Core {
     /// Writes the usage table (changed identities only) and waits for disk.
     pub async fn persist_usage(&self) {
         self.usage.flush().await;
+        self.reads.flush().await;
     }
 
     /// How OIDC key sets are loaded: the CA trusted for HTTPS, the folder

@@ -20,11 +20,13 @@ pub enum Capability {
     Issue = 6,
     Admin = 7,
     Deny = 8,
+    /// Record an owner's attestation of an identity (`identity/<name>`).
+    Attest = 9,
 }
 
 impl Capability {
     /// Every capability, in the canonical order used when writing a policy back.
-    pub const ALL: [Capability; 9] = [
+    pub const ALL: [Capability; 10] = [
         Capability::Read,
         Capability::List,
         Capability::Write,
@@ -34,6 +36,7 @@ impl Capability {
         Capability::Issue,
         Capability::Admin,
         Capability::Deny,
+        Capability::Attest,
     ];
 
     /// The word used in policy files and on the wire.
@@ -48,6 +51,7 @@ impl Capability {
             Capability::Issue => "issue",
             Capability::Admin => "admin",
             Capability::Deny => "deny",
+            Capability::Attest => "attest",
         }
     }
 
@@ -62,9 +66,9 @@ impl fmt::Display for Capability {
     }
 }
 
-/// A word that is not one of the nine capabilities.
+/// A word that is not one of the capabilities.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown capability {word:?}; expected one of read, list, write, delete, destroy, rotate, issue, admin, deny")]
+#[error("unknown capability {word:?}; expected one of read, list, write, delete, destroy, rotate, issue, admin, deny, attest")]
 pub struct UnknownCapability {
     /// The refused word (policy text is not secret), cut to 64 characters.
     pub word: String,
@@ -91,7 +95,7 @@ impl CapabilitySet {
     pub const EMPTY: CapabilitySet = CapabilitySet(0);
 
     /// Every capability except `deny`: what the built-in `root` policy grants.
-    pub const ALL_GRANTS: CapabilitySet = CapabilitySet(0x1ff & !Capability::Deny.bit());
+    pub const ALL_GRANTS: CapabilitySet = CapabilitySet(0x3ff & !Capability::Deny.bit());
 
     pub const fn new() -> Self {
         Self::EMPTY
@@ -183,7 +187,7 @@ mod tests {
         let both = set.union(CapabilitySet::new().with(Capability::Deny));
         assert!(both.contains(Capability::Deny));
         assert!(CapabilitySet::EMPTY.is_empty());
-        assert_eq!(CapabilitySet::ALL_GRANTS.len(), 8);
+        assert_eq!(CapabilitySet::ALL_GRANTS.len(), 9);
         assert!(!CapabilitySet::ALL_GRANTS.contains(Capability::Deny));
         assert_eq!(format!("{set:?}"), "{Read, List}");
     }

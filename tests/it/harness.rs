@@ -135,6 +135,7 @@ impl TestServer {
             server_limits: keyward::config::ServerLimits::default(),
             audit: Default::default(),
             http_listen: None,
+            governance: Default::default(),
         };
         let server = Server::open(config).unwrap();
         Self::serve(dir, server, certs.ca, String::new(), String::new()).await

@@ -108,6 +108,7 @@ impl Limited {
             server_limits: limits,
             audit: Default::default(),
             http_listen: None,
+            governance: Default::default(),
         };
         let server = Server::open(config).unwrap();
         let core = server.core().clone();
