@@ -173,6 +173,8 @@ pub async fn bench_snapshot(dir: &std::path::Path, format: Format) -> Result<()>
         oidc: Default::default(),
         server_limits: keyward::config::ServerLimits::default(),
         audit: Default::default(),
+        http_listen: None,
+        governance: Default::default(),
     };
     let server = keyward::server::Server::open(config)?;
     let core = server.core().clone();
