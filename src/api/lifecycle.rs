@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::secrets::timestamp;
 use super::{begin, Access, Failure, FailureKind};
+use crate::core::auth::Caller;
 use crate::core::Core;
 use crate::identity::IdentityName;
 use crate::lifecycle::attest::{status_of, AttestStatus, RecertSettings};
@@ -44,8 +45,52 @@ impl From<LifecycleError> for Failure {
     }
 }
 
-fn decommission_message(run: &DecommissionRun, dry_run: bool) -> DecommissionResponse {
+/// Whether `caller` may see that the secret `path` exists: only if it could
+/// list or read it on its own (as `secret list` decides). A decommission
+/// and a read set name paths the identity read, which its admin need not
+/// be allowed to see.
+fn visible_to(caller: &Caller, path: &str) -> bool {
+    let resource = format!("secret/{path}");
+    caller.set.check(&resource, Capability::List).is_some()
+        || caller.set.check(&resource, Capability::Read).is_some()
+}
+
+/// Leaves out of `paths` what `caller` may not see; counts it in `hidden`.
+fn only_visible(caller: &Caller, paths: &[String], hidden: &mut u32) -> Vec<String> {
+    paths
+        .iter()
+        .filter(|p| {
+            let shown = visible_to(caller, p);
+            *hidden += u32::from(!shown);
+            shown
+        })
+        .cloned()
+        .collect()
+}
+
+fn decommission_message(
+    run: &DecommissionRun,
+    dry_run: bool,
+    caller: &Caller,
+) -> DecommissionResponse {
+    let mut hidden = 0;
+    let not_rotatable = only_visible(caller, &run.not_rotatable, &mut hidden);
+    let readable_never_read = only_visible(caller, &run.readable_never_read, &mut hidden);
+    let rotated: Vec<RotatedSecret> = run
+        .rotated
+        .iter()
+        .filter(|r| {
+            let shown = visible_to(caller, &r.path);
+            hidden += u32::from(!shown);
+            shown
+        })
+        .map(|r| RotatedSecret {
+            path: r.path.clone(),
+            run_id: r.run_id.clone(),
+        })
+        .collect();
     DecommissionResponse {
+        hidden_paths: hidden,
         name: run.identity.clone(),
         run_id: if dry_run {
             String::new()
@@ -58,16 +103,9 @@ fn decommission_message(run: &DecommissionRun, dry_run: bool) -> DecommissionRes
         revoked_secret_ids: run.revoked_secret_ids,
         revoked_leases: run.revoked_leases,
         revoked_certificates: run.revoked_certificates,
-        rotated: run
-            .rotated
-            .iter()
-            .map(|r| RotatedSecret {
-                path: r.path.clone(),
-                run_id: r.run_id.clone(),
-            })
-            .collect(),
-        not_rotatable: run.not_rotatable.clone(),
-        readable_never_read: run.readable_never_read.clone(),
+        rotated,
+        not_rotatable,
+        readable_never_read,
         read_set_dropped: run.read_set_dropped,
         removed_bindings: run.removed_bindings,
         requested_by: run.requested_by.clone(),
@@ -118,7 +156,11 @@ impl Lifecycle for LifecycleService {
         let run = call.check(done)?;
         call.ok(&[])?;
         // A dry run answers a plan (no run id) unless a run already exists.
-        Ok(Response::new(decommission_message(&run, run.id.is_empty())))
+        Ok(Response::new(decommission_message(
+            &run,
+            run.id.is_empty(),
+            &caller,
+        )))
     }
 
     async fn attest(
@@ -189,13 +231,18 @@ impl Lifecycle for LifecycleService {
         .await?;
         let name = call.check(IdentityName::parse(&req.get_ref().name))?;
         call.authorize(Capability::Read, name.resource())?;
+        let caller = call.require_caller()?;
         let reads = call.check(self.core.reads.of(name.as_str()))?;
         call.ok(&[])?;
+        let shown = reads
+            .paths
+            .iter()
+            .filter(|(p, _, _)| visible_to(&caller, p));
+        let hidden = reads.paths.len() - shown.clone().count();
         Ok(Response::new(ReadsResponse {
             name: name.as_str().to_owned(),
-            paths: reads
-                .paths
-                .iter()
+            hidden: u32::try_from(hidden).unwrap_or(u32::MAX),
+            paths: shown
                 .map(|(path, first, last)| ReadPath {
                     path: path.clone(),
                     first_read: timestamp(*first),

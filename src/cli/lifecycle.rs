@@ -53,7 +53,7 @@ fn decommission_json(d: &DecommissionResponse) -> Value {
         "rotated": rotated, "not_rotatable": d.not_rotatable,
         "readable_never_read": d.readable_never_read,
         "read_set_truncated": d.read_set_dropped > 0, "read_set_dropped": d.read_set_dropped,
-        "requested_by": d.requested_by,
+        "requested_by": d.requested_by, "hidden_paths": d.hidden_paths,
     })
 }
 
@@ -136,7 +136,7 @@ pub async fn reads(g: &Global, format: Format, name: String) -> Result<()> {
         .collect();
     emit(
         format,
-        &json!({"name": r.name, "paths": paths, "dropped": r.dropped}),
+        &json!({"name": r.name, "paths": paths, "dropped": r.dropped, "hidden": r.hidden}),
     );
     Ok(())
 }

@@ -5,8 +5,7 @@ use serde_json::Value;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
-    /// `toml` is the same choice: `policy suggest --format toml` prints the
-    /// policy file where other commands print their table.
+    /// Readable lines (alias `toml`: `policy suggest` prints its policy file).
     #[value(alias = "toml")]
     Table,
     Json,

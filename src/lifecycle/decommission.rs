@@ -222,8 +222,8 @@ impl Lifecycle {
         now_ms: u64,
     ) -> Result<DecommissionRun, LifecycleError> {
         let reads = self.deps.reads.of(&record.name)?;
-        let mut to_rotate = Vec::new();
-        let mut not_rotatable = Vec::new();
+        let mut to_rotate: Vec<String> = Vec::new();
+        let mut not_rotatable: Vec<String> = Vec::new();
         for (path, _, _) in &reads.paths {
             let Ok(parsed) = SecretPath::parse(path) else {
                 continue;
@@ -235,6 +235,11 @@ impl Lifecycle {
             }
         }
         let compiled = self.deps.policies.compiled_set(&record.policies)?;
+        // A read set that dropped paths to keep its bound cannot say what
+        // was never read (an identity could read one secret, then many
+        // others to push it out): every readable secret is then presumed
+        // read, and rotated if it can be.
+        let truncated = reads.dropped > 0;
         let everything =
             ListPrefix::parse("").map_err(|e| LifecycleError::Invalid(e.to_string()))?;
         let read: std::collections::HashSet<&str> =
@@ -245,6 +250,21 @@ impl Lifecycle {
                     .check(&format!("secret/{path}"), Capability::Read)
                     .is_some()
         })?;
+        let mut readable_never_read = readable_never_read;
+        if truncated {
+            for path in std::mem::take(&mut readable_never_read) {
+                let Ok(parsed) = SecretPath::parse(&path) else {
+                    continue;
+                };
+                if self.deps.broker.policy(&parsed)?.is_some() {
+                    to_rotate.push(path);
+                } else {
+                    not_rotatable.push(path);
+                }
+            }
+            to_rotate.sort();
+            not_rotatable.sort();
+        }
         Ok(DecommissionRun {
             id: format!("decom-{}", uuid::Uuid::now_v7().simple()),
             identity: record.name.clone(),
@@ -326,16 +346,22 @@ impl Lifecycle {
     fn revoke(&self, run: &mut DecommissionRun) -> Result<(), LifecycleError> {
         let name = IdentityName::parse(&run.identity)?;
         let now = self.deps.clock.now_ms();
-        let (record, tokens, secret_ids) = self.deps.identities.set_disabled(
-            &name,
-            true,
-            false,
-            self.deps.tokens.as_ref(),
-            now,
-        )?;
-        run.revoked_tokens += tokens;
-        run.revoked_secret_ids += secret_ids;
-        for binding in bindings_of(&record) {
+        let disabled =
+            self.deps
+                .identities
+                .set_disabled(&name, true, false, self.deps.tokens.as_ref(), now);
+        let record = match disabled {
+            Ok((record, tokens, secret_ids)) => {
+                run.revoked_tokens += tokens;
+                run.revoked_secret_ids += secret_ids;
+                Some(record)
+            }
+            // Deleted since the plan: its delete revoked its tokens,
+            // secret-ids and bindings; what it read is still rotated.
+            Err(IdentityError::NotFound) => None,
+            Err(e) => return Err(e.into()),
+        };
+        for binding in record.as_ref().map(bindings_of).unwrap_or_default() {
             match self.deps.identities.unbind(&name, &binding) {
                 Ok(_) => run.removed_bindings += 1,
                 Err(IdentityError::NoSuchBinding) => {}
@@ -411,7 +437,12 @@ impl Lifecycle {
                 match self.resume_decommissions().await {
                     Ok(_) => resumed = true,
                     Err(e) => {
-                        tracing::warn!(error = %e, "could not resume decommissions; trying again")
+                        tracing::warn!(error = %e, "could not resume decommissions; trying again");
+                        // Not every second: each attempt writes an audit record.
+                        tokio::select! {
+                            _ = self.deps.clock.sleep(RESUME_RETRY) => {}
+                            _ = shutdown.wait() => return,
+                        }
                     }
                 }
             }
@@ -422,6 +453,9 @@ impl Lifecycle {
         }
     }
 }
+
+/// How long the resumer waits after a failed resume.
+pub const RESUME_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How often the resumer looks at the seal.
 pub const RESUME_CHECK: std::time::Duration = std::time::Duration::from_secs(1);

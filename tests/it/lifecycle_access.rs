@@ -94,6 +94,33 @@ async fn each_lifecycle_call_needs_its_capability_and_nothing_less() {
     assert!(!root.identity_get(&target).await.unwrap().disabled);
     svc.get(&single).await.expect("nothing was revoked");
 
+    // An admin of the identity who may not see its secrets learns counts,
+    // not paths (a plan is no way to enumerate secret paths).
+    let (_, blind_admin) = holder(
+        &server,
+        &root,
+        &format!("[[rule]]\npath = \"identity/{target}\"\ncapabilities = [\"admin\", \"read\"]\n"),
+    )
+    .await;
+    let plan = blind_admin
+        .identity_decommission(&target, true)
+        .await
+        .unwrap();
+    assert!(plan.rotated.is_empty() && plan.not_rotatable.is_empty());
+    assert!(plan.readable_never_read.is_empty());
+    assert_eq!(plan.hidden_paths, 10);
+    let reads = blind_admin.identity_reads(&target).await.unwrap();
+    assert!(reads.paths.is_empty());
+    assert_eq!(reads.hidden, 10);
+    assert_eq!(
+        root.identity_decommission(&target, true)
+            .await
+            .unwrap()
+            .not_rotatable
+            .len(),
+        10
+    );
+
     // A denial does not say whether the identity exists.
     let ghost = unique("ghost");
     let (_, admin_of_all) = holder(
@@ -158,6 +185,7 @@ async fn each_lifecycle_call_needs_its_capability_and_nothing_less() {
         &root,
         &format!(
             "[[rule]]\npath = \"identity/{target}\"\ncapabilities = [\"read\"]\n\
+             [[rule]]\npath = \"secret/{prefix}/**\"\ncapabilities = [\"list\"]\n\
              [[rule]]\npath = \"policy/{narrow}\"\ncapabilities = [\"write\"]\n"
         ),
     )
@@ -233,5 +261,50 @@ async fn each_lifecycle_call_needs_its_capability_and_nothing_less() {
     assert_eq!(code(&e), Some(Code::AlreadyExists), "{e}");
     let kept = root.policy_get(&reader_policy).await.unwrap();
     assert!(kept.contains("**"), "the held policy is unchanged: {kept}");
+    server.stop().await;
+}
+
+/// An identity that pushed a path out of its read set (past the bound)
+/// cannot hide it: every secret it could read is then presumed read.
+#[tokio::test]
+async fn a_truncated_read_set_presumes_every_readable_secret_read() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let prefix = unique("trunc");
+    let policy = unique("trunc-read");
+    put_policy(
+        &server,
+        &policy,
+        &format!("[[rule]]\npath = \"secret/{prefix}/**\"\ncapabilities = [\"read\"]\n"),
+    )
+    .await;
+    let name = unique("hider");
+    approle_identity(&root, &name, std::slice::from_ref(&policy)).await;
+    let paths: Vec<String> = ["hidden", "noise1", "noise2", "never"]
+        .iter()
+        .map(|p| format!("{prefix}/{p}"))
+        .collect();
+    for p in &paths {
+        root.put(p, &data(&[("v", "x")]), PutOptions::default())
+            .await
+            .unwrap();
+    }
+    // The same store, a read set bounded at 2: the first read is pushed out.
+    let small = keyward::lifecycle::ReadSet::with_bound(server.core.barrier.clone(), 2);
+    for (i, p) in paths[..3].iter().enumerate() {
+        small.note(&name, p, 1_000 + i as u64).await.unwrap();
+    }
+    let reads = root.identity_reads(&name).await.unwrap();
+    assert_eq!(reads.paths.len(), 2);
+    assert_eq!(reads.dropped, 1);
+    let plan = root.identity_decommission(&name, true).await.unwrap();
+    assert_eq!(plan.read_set_dropped, 1);
+    assert!(plan.readable_never_read.is_empty(), "{plan:?}");
+    let mut all = paths.clone();
+    all.sort();
+    assert_eq!(
+        plan.not_rotatable, all,
+        "every readable secret is presumed read"
+    );
     server.stop().await;
 }

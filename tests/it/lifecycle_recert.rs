@@ -220,13 +220,11 @@ async fn an_unattested_identity_is_due_then_overdue_then_disabled_and_attesting_
 fn governance_settings_parse_with_defaults_and_refuse_bad_values_by_key() {
     use keyward::config::{parse, MapSource};
     let base = |extra: &[(&str, &str)]| {
-        let mut map: std::collections::BTreeMap<String, String> = [
-            ("storage.path", "data"),
-            ("audit.path", "audit.log"),
-        ]
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
+        let mut map: std::collections::BTreeMap<String, String> =
+            [("storage.path", "data"), ("audit.path", "audit.log")]
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
         for (k, v) in extra {
             map.insert((*k).to_owned(), (*v).to_owned());
         }
@@ -252,6 +250,9 @@ fn governance_settings_parse_with_defaults_and_refuse_bad_values_by_key() {
     ] {
         let e = base(&[(key, bad)]).unwrap_err().to_string();
         assert!(e.contains(key), "{e}");
-        assert!(!e.contains(bad) || bad == "0s", "the value is not echoed: {e}");
+        assert!(
+            !e.contains(bad) || bad == "0s",
+            "the value is not echoed: {e}"
+        );
     }
 }
