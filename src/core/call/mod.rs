@@ -101,7 +101,10 @@ pub fn class(method: &str) -> Class {
         | "keyward.v1.Pki/DeleteRole"
         | "keyward.v1.Pki/Issue"
         | "keyward.v1.Pki/Sign"
-        | "keyward.v1.Pki/Revoke" => Class::Change,
+        | "keyward.v1.Pki/Revoke"
+        | "keyward.v1.Lifecycle/Decommission"
+        | "keyward.v1.Lifecycle/Attest"
+        | "keyward.v1.Lifecycle/Suggest" => Class::Change,
         _ => Class::Read,
     }
 }
