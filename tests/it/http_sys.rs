@@ -49,6 +49,12 @@ async fn an_unknown_path_is_vaults_404() {
         assert_eq!(a.status, 404, "{path}: {}", a.text);
         assert!(a.json["errors"].is_array(), "{path}: {}", a.text);
     }
+    // Vault's old GET auth/token/lookup/<token>: not served, and the token
+    // in the path is not echoed back.
+    let path = format!("/v1/auth/token/lookup/{}", server.root_token);
+    let a = http.get(&path, Some(&server.root_token)).await;
+    assert_eq!(a.status, 404, "{}", a.text);
+    assert!(!a.text.contains(&server.root_token), "{}", a.text);
     server.stop().await;
 }
 
