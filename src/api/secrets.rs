@@ -100,7 +100,7 @@ pub(super) const ROOT_LINEAGE: &str = "root";
 /// read that path on its own. A list answers secret paths only (never
 /// folders), so nothing is said about a path the caller is denied. A check,
 /// not an authorization: no usage is recorded for the paths it lets through.
-fn visible_to(caller: &Caller, path: &str) -> bool {
+pub(crate) fn visible_to(caller: &Caller, path: &str) -> bool {
     let resource = format!("secret/{path}");
     caller.set.check(&resource, Capability::List).is_some()
         || caller.set.check(&resource, Capability::Read).is_some()

@@ -67,7 +67,7 @@ pub enum Command {
         #[arg(long, default_value = keyward::config::DEFAULT_METRICS_LISTEN)]
         metrics_listen: String,
         /// The HTTPS listener (Vault-compatible API); `off` disables it.
-        #[arg(long, default_value = keyward::config::DEFAULT_HTTP_LISTEN)]
+        #[arg(long, env = "KEYWARD_HTTP_LISTEN", default_value = keyward::config::DEFAULT_HTTP_LISTEN)]
         http_listen: String,
         #[arg(long, default_value = "./keyward-dev")]
         data: PathBuf,

@@ -37,7 +37,7 @@ pub(super) async fn dev(
     print_dev_exports(&vault, &listener, metrics_listener.as_ref())?;
     if let Some(http_listener) = http_listener {
         print_vault_exports(&vault, &http_listener)?;
-        tracing::info!(addr = %http_listener.local_addr()?, "serving the Vault-compatible API");
+        tracing::info!(https = %http_listener.local_addr()?, "serving the Vault-compatible API");
         vault.server = vault.server.with_http_listener(http_listener);
     }
     tracing::info!(addr = %listener.local_addr()?, "serving");
@@ -107,7 +107,7 @@ pub(super) async fn server(config: &Path, insecure_plaintext: bool) -> Result<()
     let listener = bind(listen).await?;
     let metrics_listener = bind_optional(metrics).await?;
     if let Some(http_listener) = bind_optional(http).await? {
-        tracing::info!(addr = %http_listener.local_addr()?, "serving the Vault-compatible API");
+        tracing::info!(https = %http_listener.local_addr()?, "serving the Vault-compatible API");
         server = server.with_http_listener(http_listener);
     }
     if insecure_plaintext {

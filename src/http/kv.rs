@@ -67,11 +67,8 @@ async fn kv(State(state): State<HttpState>, Path(rest): Path<String>, req: Reque
         "config" if path.is_empty() => Err(method_not_allowed(m, "GET")),
         _ => Err(errors(
             StatusCode::NOT_FOUND,
-            &format!(
-                "no handler for route \"secret/{}\": the KV v2 mount serves data/, metadata/, \
-                 delete/, undelete/, destroy/ and config",
-                op.chars().take(64).collect::<String>()
-            ),
+            "no handler for this route: the KV v2 mount secret/ serves data/, metadata/, \
+             delete/, undelete/, destroy/ and config",
         )),
     }
 }
@@ -353,9 +350,7 @@ async fn list(state: &HttpState, req: &VaultRequest, prefix: &str) -> Answer {
     call.authorize(Capability::List, prefix.resource())?;
     let caller = call.require_caller()?;
     let paths = call.check(state.core.secrets.list(&prefix, |path| {
-        let resource = format!("{MOUNT}/{path}");
-        caller.set.check(&resource, Capability::List).is_some()
-            || caller.set.check(&resource, Capability::Read).is_some()
+        crate::api::secrets::visible_to(&caller, path)
     }))?;
     call.ok(&[])?;
     let under = prefix.path().map(|p| format!("{p}/")).unwrap_or_default();

@@ -28,7 +28,6 @@ pub mod token;
 
 use std::sync::Arc;
 
-use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Router;
@@ -82,12 +81,13 @@ pub fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
-/// Vault's answer to a path it has no handler for.
-async fn not_found(req: Request) -> Response {
-    let path = req.uri().path();
-    let shown: String = path.chars().take(200).collect();
+/// Vault's answer to a path it has no handler for. The path is not echoed:
+/// a client that puts a token in a path (Vault's old `lookup/<token>`)
+/// must not find it in an answer a proxy might log.
+async fn not_found() -> Response {
     reply::errors(
         StatusCode::NOT_FOUND,
-        &format!("no handler for route \"{shown}\""),
+        "no handler for this route: keyward serves Vault's KV v2 at secret/, auth/token, \
+         auth/approle, auth/jwt, auth/cert and sys/ (see the README's compatibility table)",
     )
 }

@@ -104,6 +104,7 @@ async fn production_server_from_a_config_file() {
     let mut child = std::process::Command::new(crate::harness::binary())
         .args(["server", "--config"])
         .arg(&config)
+        .env("KEYWARD_HTTP_LISTEN", "127.0.0.1:0")
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()

@@ -256,6 +256,8 @@ impl ChildServer {
                 "127.0.0.1:0",
                 "--metrics-listen",
                 "off",
+                "--http-listen",
+                "127.0.0.1:0",
                 "--data",
             ])
             .arg(data_dir)

@@ -49,6 +49,12 @@ async fn an_unknown_path_is_vaults_404() {
         assert_eq!(a.status, 404, "{path}: {}", a.text);
         assert!(a.json["errors"].is_array(), "{path}: {}", a.text);
     }
+    // Vault's old GET auth/token/lookup/<token>: not served, and the token
+    // in the path is not echoed back.
+    let path = format!("/v1/auth/token/lookup/{}", server.root_token);
+    let a = http.get(&path, Some(&server.root_token)).await;
+    assert_eq!(a.status, 404, "{}", a.text);
+    assert!(!a.text.contains(&server.root_token), "{}", a.text);
     server.stop().await;
 }
 
@@ -195,4 +201,59 @@ async fn a_body_over_the_limit_is_413_naming_the_rule() {
     assert_eq!(a.status, 400, "{}", a.text);
     assert!(a.error().contains("not valid JSON"), "{}", a.text);
     server.stop().await;
+}
+
+/// An outsider looping over the HTTPS listener, a new connection each time
+/// (a new source port), grows the audit log by a bounded amount, and the
+/// counted repeats add up to the calls made.
+#[tokio::test]
+async fn unauthenticated_http_loops_are_counted_not_written_one_by_one() {
+    let server = TestServer::dev().await;
+    let http = HttpClient::new(server.http_addr, &server.ca);
+    let records = |p: &std::path::Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let before = records(&server.audit_path).len();
+    let bad = format!("kwt_{}", "B".repeat(49));
+    let mut made = std::collections::HashMap::<&str, u64>::new();
+    for i in 0..150u32 {
+        match i % 3 {
+            0 => {
+                let a = http.get("/v1/secret/data/anything", Some(&bad)).await;
+                assert_eq!(a.status, 403);
+                *made.entry("keyward.v1.Secrets/Get").or_default() += 1;
+            }
+            1 => {
+                let body = json!({"role_id": format!("kwr_{}", "C".repeat(20)), "secret_id": "x"});
+                let a = http
+                    .call("POST", "/v1/auth/approle/login", None, Some(body))
+                    .await;
+                assert!(a.status == 403 || a.status == 429, "{}", a.text);
+                *made.entry("keyward.v1.Auth/Login").or_default() += 1;
+            }
+            _ => {
+                assert_eq!(http.get("/v1/sys/health", None).await.status, 200);
+                *made.entry("keyward.v1.Sys/Status").or_default() += 1;
+            }
+        }
+    }
+    let written = records(&server.audit_path).len() - before;
+    assert!(
+        written < 100,
+        "{written} records for 150 unauthenticated calls"
+    );
+    let dir = server.stop().await;
+    let all = records(&dir.path().join("audit.log"));
+    let mut counted = std::collections::HashMap::<&str, u64>::new();
+    for r in &all[before..] {
+        let method = r["method"].as_str().unwrap();
+        if r["identity"].is_null() && made.contains_key(method) {
+            *counted.entry(method).or_default() += r["count"].as_u64().unwrap_or(1);
+        }
+    }
+    assert_eq!(counted, made);
 }

@@ -417,6 +417,7 @@ fn run_server(config: &Path) -> (i32, String) {
     let mut child = std::process::Command::new(crate::harness::binary())
         .args(["server", "--config"])
         .arg(config)
+        .env("KEYWARD_HTTP_LISTEN", "127.0.0.1:0")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
