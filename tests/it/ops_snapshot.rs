@@ -341,15 +341,13 @@ async fn snapshot_save_needs_admin_on_sys_snapshot() {
     let refused = user
         .snapshot_save()
         .await
-        .err()
-        .expect("a low-privileged token got a snapshot");
+        .expect_err("a low-privileged token got a snapshot");
     assert_eq!(refused.code(), Some(Code::PermissionDenied), "{refused}");
     let anonymous = server.anonymous().await;
     let refused = anonymous
         .snapshot_save()
         .await
-        .err()
-        .expect("no token got a snapshot");
+        .expect_err("no token got a snapshot");
     assert_eq!(refused.code(), Some(Code::Unauthenticated), "{refused}");
     // The denial is audited.
     let audit = std::fs::read_to_string(&server.audit_path).unwrap();
