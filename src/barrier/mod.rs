@@ -495,10 +495,7 @@ impl Barrier {
     /// Hands every stored pair as it was at one instant, ciphertext and the
     /// seal configuration as stored, to `sink` (see `storage`); returns the
     /// count. Needs an unsealed vault.
-    pub fn export(
-        &self,
-        sink: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), StorageError>,
-    ) -> Result<u64, BarrierError> {
+    pub fn export(&self, sink: &mut crate::storage::ExportSink<'_>) -> Result<u64, BarrierError> {
         self.keys()?;
         Ok(self.backend.export(sink)?)
     }

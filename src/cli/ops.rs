@@ -70,7 +70,7 @@ pub async fn snapshot_save(g: &Global, format: Format, cmd: OperatorSnapshotComm
         written += chunk.data.len() as u64;
         if show && (written - shown >= 4 << 20 || written == total) {
             shown = written;
-            let percent = if total > 0 { written * 100 / total } else { 0 };
+            let percent = (written * 100).checked_div(total).unwrap_or(0);
             eprint!(
                 "\rsnapshot: {} / {} MiB ({percent}%)",
                 written >> 20,

@@ -261,12 +261,15 @@ fn read_header(reader: &mut impl BufRead) -> Result<Header, SnapshotError> {
     Ok(header)
 }
 
+/// Where `walk` hands each pair.
+type PairSink<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), SnapshotError> + 'a;
+
 /// Walks the content: checks its framing, length, pair count and SHA-256
 /// against the header, and hands each pair to `each`.
 fn walk(
     reader: &mut impl Read,
     header: &Header,
-    each: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), SnapshotError>,
+    each: &mut PairSink<'_>,
 ) -> Result<(), SnapshotError> {
     let damaged = |what: &str| SnapshotError::Damaged(what.to_owned());
     let mut sha = digest::Context::new(&digest::SHA256);
@@ -283,13 +286,12 @@ fn walk(
             Err(e) => return Err(SnapshotError::Io("content".into(), e)),
         }
         for (i, item) in [&mut key, &mut value].into_iter().enumerate() {
-            if i == 1 {
-                if read_full(reader, &mut len)
+            if i == 1
+                && read_full(reader, &mut len)
                     .map_err(|e| SnapshotError::Io("content".into(), e))?
                     != 4
-                {
-                    return Err(damaged("the content ends inside a pair"));
-                }
+            {
+                return Err(damaged("the content ends inside a pair"));
             }
             let n = u32::from_be_bytes(len);
             if n > MAX_ITEM || read + 4 + u64::from(n) > header.content_bytes {

@@ -43,6 +43,9 @@ pub enum StorageError {
     NewerFormat { found: u32, supported: u32 },
 }
 
+/// Where `Backend::export` hands each pair.
+pub type ExportSink<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), StorageError> + 'a;
+
 /// Key/value pairs in key order, as scans return them.
 pub type KeyValues = Vec<(Vec<u8>, Vec<u8>)>;
 
@@ -100,10 +103,7 @@ pub trait Backend: Send + Sync + 'static {
     fn flush(&self) -> Result<(), StorageError>;
     /// Hands every pair, as it was at one instant, to `sink` while writes
     /// go on (for snapshots; see `SledBackend::export`); returns the count.
-    fn export(
-        &self,
-        _sink: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), StorageError>,
-    ) -> Result<u64, StorageError> {
+    fn export(&self, _sink: &mut ExportSink<'_>) -> Result<u64, StorageError> {
         Err(StorageError::Io(
             "export: this backend cannot take snapshots".into(),
         ))

@@ -200,10 +200,7 @@ impl SledBackend {
     /// keys made after T0 (kept as absent) are skipped. Every key of T0 is
     /// thus handed out once, with its value at T0, and no other key.
     /// The pairs are not in key order.
-    pub fn export(
-        &self,
-        sink: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), StorageError>,
-    ) -> Result<u64, StorageError> {
+    pub fn export(&self, sink: &mut crate::storage::ExportSink<'_>) -> Result<u64, StorageError> {
         {
             let mut capture = self.capture.write().unwrap_or_else(PoisonError::into_inner);
             if capture.is_some() {
@@ -238,7 +235,7 @@ impl SledBackend {
     /// The walk of `export`; `met` gets the keys it found a kept value for.
     fn walk(
         &self,
-        sink: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), StorageError>,
+        sink: &mut crate::storage::ExportSink<'_>,
         met: &mut std::collections::BTreeSet<Vec<u8>>,
     ) -> Result<u64, StorageError> {
         let mut count = 0u64;
@@ -384,10 +381,7 @@ impl Backend for SledBackend {
         })
     }
 
-    fn export(
-        &self,
-        sink: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), StorageError>,
-    ) -> Result<u64, StorageError> {
+    fn export(&self, sink: &mut crate::storage::ExportSink<'_>) -> Result<u64, StorageError> {
         SledBackend::export(self, sink)
     }
 

@@ -341,19 +341,81 @@ async fn snapshot_save_needs_admin_on_sys_snapshot() {
     let refused = user
         .snapshot_save()
         .await
-        .err()
-        .expect("a low-privileged token got a snapshot");
+        .expect_err("a low-privileged token got a snapshot");
     assert_eq!(refused.code(), Some(Code::PermissionDenied), "{refused}");
     let anonymous = server.anonymous().await;
     let refused = anonymous
         .snapshot_save()
         .await
-        .err()
-        .expect("no token got a snapshot");
+        .expect_err("no token got a snapshot");
     assert_eq!(refused.code(), Some(Code::Unauthenticated), "{refused}");
     // The denial is audited.
     let audit = std::fs::read_to_string(&server.audit_path).unwrap();
     assert!(audit
         .lines()
         .any(|l| l.contains("Sys/SnapshotSave") && l.contains("\"outcome\":\"denied\"")));
+}
+
+/// The commands end to end, with the real binary: `operator snapshot save`
+/// against a `keyward dev` process, `snapshot restore` into a new dev
+/// folder, and a dev server on it that unseals with the source's
+/// credentials and serves the data.
+#[tokio::test]
+async fn the_save_and_restore_commands_round_trip_through_the_binary() {
+    let dir = private_tempdir();
+    let source_dir = dir.path().join("source");
+    let child = crate::harness::ChildServer::start(&source_dir, &dir.path().join("source.log"));
+    let value = unique("cli-snapshot-value");
+    child
+        .client()
+        .await
+        .put("ops/cli", &data(&[("v", &value)]), PutOptions::default())
+        .await
+        .unwrap();
+    let file = dir.path().join("cli.snap");
+    let ca = child.ca.display().to_string();
+    let env = [
+        ("KEYWARD_ADDR", child.addr.as_str()),
+        ("KEYWARD_TOKEN", child.token.as_str()),
+        ("KEYWARD_CACERT", ca.as_str()),
+    ];
+    let (code, stdout, stderr) = cli(
+        &[
+            "--format",
+            "json",
+            "operator",
+            "snapshot",
+            "save",
+            file.to_str().unwrap(),
+        ],
+        &env,
+        None,
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let out: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(out["bytes"], std::fs::metadata(&file).unwrap().len());
+    assert!(!file.with_file_name("cli.snap.partial").exists());
+    assert!(!contains(&std::fs::read(&file).unwrap(), value.as_bytes()));
+
+    let target = private_tempdir();
+    let (code, _, stderr) = cli(
+        &[
+            "snapshot",
+            "restore",
+            file.to_str().unwrap(),
+            "--storage-path",
+            target.path().join("data").to_str().unwrap(),
+        ],
+        &[],
+        None,
+    );
+    assert_eq!(code, 0, "{stderr}");
+    std::fs::copy(
+        source_dir.join(keyward::dev::CREDENTIALS_FILE),
+        target.path().join(keyward::dev::CREDENTIALS_FILE),
+    )
+    .unwrap();
+    let restored = TestServer::open_dev(target).await.unwrap();
+    let secret = restored.root().await.get("ops/cli").await.unwrap();
+    assert_eq!(secret.data.get("v").unwrap().expose(), value.as_bytes());
 }
