@@ -147,6 +147,9 @@ impl From<BarrierError> for Failure {
                 Self::new(FailureKind::Unavailable, "the vault is not initialized")
             }
             BarrierError::AlreadyInitialized => Self::new(FailureKind::Conflict, e.to_string()),
+            // A restored store whose snapshot fails its HMAC: the vault stays
+            // sealed, and the caller is told why (the message names the file).
+            BarrierError::SnapshotRejected(_) => Self::new(FailureKind::Conflict, e.to_string()),
             BarrierError::InvalidSealParameters(_)
             | BarrierError::MalformedShare(_)
             | BarrierError::ShareOfAnotherVault
