@@ -134,6 +134,9 @@ async fn bench(g: &Global, format: Format, args: BenchArgs) -> Result<()> {
             write_seconds,
             open_only,
         }) => super::bench::startup(tokens, dir, write_seconds, open_only, format).await,
+        Some(BenchMode::Instructions { requests }) => {
+            super::bench::instructions(&args, requests, format).await
+        }
         None => super::bench::run(&options(g), &args, format).await,
     }
 }
