@@ -18,8 +18,9 @@ pub mod rotation;
 pub mod secrets;
 pub mod sys;
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
+use tonic::metadata::{Ascii, MetadataKey};
 use tonic::{Code, Request, Status};
 
 use crate::core::call::{bearer, request_id, RequestMeta};
@@ -54,13 +55,18 @@ impl From<Failure> for Status {
 /// (`x-request-id`), the peer address and the bearer token
 /// (`authorization`).
 fn request_meta<T>(method: &'static str, req: &Request<T>) -> RequestMeta {
+    // Parsed once: a lookup by `&str` parses the header name on every call.
+    static REQUEST_ID: LazyLock<MetadataKey<Ascii>> =
+        LazyLock::new(|| MetadataKey::from_static("x-request-id"));
+    static AUTHORIZATION: LazyLock<MetadataKey<Ascii>> =
+        LazyLock::new(|| MetadataKey::from_static("authorization"));
     let metadata = req.metadata();
-    let text = |name: &str| metadata.get(name).and_then(|v| v.to_str().ok());
+    let text = |name: &MetadataKey<Ascii>| metadata.get(name).and_then(|v| v.to_str().ok());
     RequestMeta {
         method,
-        request_id: request_id(text("x-request-id")),
+        request_id: request_id(text(&REQUEST_ID)),
         source: req.remote_addr(),
-        token: text("authorization").and_then(bearer),
+        token: text(&AUTHORIZATION).and_then(bearer),
     }
 }
 

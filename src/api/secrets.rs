@@ -333,17 +333,20 @@ impl Secrets for SecretsService {
             .map(|(k, v)| (k.as_str(), v.expose()))
             .collect();
         call.ok_async(&refs).await?;
+        drop(refs);
         Ok(Response::new(GetSecretResponse {
-            path: path.to_string(),
+            path: path.into_string(),
             version: found.version,
             stage: found
                 .stage
                 .map(|s| s.as_str().to_owned())
                 .unwrap_or_default(),
+            // The names move; each value is copied once into the answer and
+            // its `SecretBytes` zeroized here.
             data: found
                 .data
-                .iter()
-                .map(|(k, v)| (k.clone(), v.expose().to_vec()))
+                .into_iter()
+                .map(|(k, v)| (k, v.expose().to_vec()))
                 .collect(),
             created_at: timestamp(found.created_at_ms),
         }))

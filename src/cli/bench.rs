@@ -301,6 +301,250 @@ pub async fn run(options: &ClientOptions, args: &BenchArgs, format: Format) -> R
     Ok(())
 }
 
+/// Runs `op` from `concurrency` workers until `requests` calls are
+/// answered or refused (each call is made exactly once).
+async fn run_count<F, Fut>(clients: &[Client], concurrency: usize, requests: u64, op: F) -> Phase
+where
+    F: Fn(Client, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let op = Arc::new(op);
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(concurrency);
+    for w in 0..concurrency {
+        let client = clients[w % clients.len()].clone();
+        let (op, next) = (op.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut p = Phase::default();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= requests {
+                    break p;
+                }
+                if op(client.clone(), i).await {
+                    p.ok += 1;
+                } else {
+                    p.errors += 1;
+                }
+            }
+        }));
+    }
+    let mut total = Phase::default();
+    for t in tasks {
+        if let Ok(p) = t.await {
+            total.ok += p.ok;
+            total.errors += p.errors;
+        }
+    }
+    total.elapsed = start.elapsed();
+    total
+}
+
+/// A `keyward dev` server run under valgrind's callgrind, which counts the
+/// instructions the server executes: a count that does not depend on what
+/// else the machine is doing. Killed (it is our own child) when dropped.
+struct CallgrindServer {
+    child: std::process::Child,
+    dir: PathBuf,
+    options: ClientOptions,
+}
+
+impl Drop for CallgrindServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl CallgrindServer {
+    /// Starts `keyward dev` on a free loopback port in a new folder under
+    /// valgrind, and reads the address, CA and root token it prints.
+    fn start() -> Result<Self> {
+        use std::io::BufRead;
+        for tool in ["valgrind", "callgrind_control"] {
+            let found = std::process::Command::new(tool)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if !found {
+                anyhow::bail!("{tool} is needed (Debian: apt-get install valgrind)");
+            }
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "keyward-bench-instructions-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let child = std::process::Command::new("valgrind")
+            .arg("--tool=callgrind")
+            .arg(format!(
+                "--callgrind-out-file={}",
+                dir.join("callgrind.out").display()
+            ))
+            .arg(std::env::current_exe()?)
+            .args(["dev", "--listen", "127.0.0.1:0", "--metrics-listen", "off"])
+            .arg("--data")
+            .arg(dir.join("dev"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(dir.join("server.log"))?)
+            .spawn()?;
+        let mut server = Self {
+            child,
+            dir,
+            options: ClientOptions::default(),
+        };
+        let stdout = server
+            .child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout of the server"))?;
+        let (mut addr, mut ca, mut token) = (None, None, None);
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line?;
+            if let Some(v) = line.strip_prefix("export KEYWARD_ADDR=") {
+                addr = Some(v.to_owned());
+            } else if let Some(v) = line.strip_prefix("export KEYWARD_CACERT=") {
+                ca = Some(PathBuf::from(v));
+            } else if let Some(v) = line.strip_prefix("export KEYWARD_TOKEN=") {
+                token = Some(v.to_owned());
+                break;
+            }
+        }
+        match (addr, ca, token) {
+            (Some(addr), Some(ca), Some(token)) => {
+                server.options = ClientOptions {
+                    addr,
+                    token: Some(token),
+                    ca_cert: Some(ca),
+                    ..ClientOptions::default()
+                };
+                Ok(server)
+            }
+            _ => anyhow::bail!(
+                "the server under valgrind stopped before it was ready; see {}",
+                server.dir.join("server.log").display()
+            ),
+        }
+    }
+
+    /// Dumps callgrind's counters (which zeroes them) and returns the
+    /// instructions counted since the previous dump.
+    fn dump(&self) -> Result<u64> {
+        let before = self.dump_files()?;
+        let status = std::process::Command::new("callgrind_control")
+            .arg("--dump")
+            .arg(self.child.id().to_string())
+            .stdout(std::process::Stdio::null())
+            .status()?;
+        if !status.success() {
+            anyhow::bail!("callgrind_control --dump failed");
+        }
+        // callgrind_control returns once the dump is written.
+        let newest = self
+            .dump_files()?
+            .into_iter()
+            .filter(|f| !before.contains(f))
+            .max_by_key(|f| dump_number(f))
+            .ok_or_else(|| anyhow::anyhow!("callgrind wrote no dump"))?;
+        let text = std::fs::read_to_string(&newest)?;
+        callgrind_total(&text).ok_or_else(|| anyhow::anyhow!("{} has no totals", newest.display()))
+    }
+
+    fn dump_files(&self) -> Result<Vec<PathBuf>> {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if name.starts_with("callgrind.out.") {
+                files.push(path);
+            }
+        }
+        Ok(files)
+    }
+}
+
+/// The instructions a callgrind dump counted: its `summary:` (or
+/// `totals:`) line, whose first number is the first event, `Ir`.
+fn callgrind_total(dump: &str) -> Option<u64> {
+    dump.lines()
+        .find_map(|l| {
+            l.strip_prefix("summary:")
+                .or_else(|| l.strip_prefix("totals:"))
+        })
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// The part number of a dump file (`callgrind.out.3` is 3).
+fn dump_number(path: &Path) -> u64 {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .and_then(|e| e.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `keyward bench instructions`: see `BenchMode::Instructions`.
+pub async fn instructions(args: &BenchArgs, requests: u64, format: Format) -> Result<()> {
+    let concurrency = args.concurrency.max(1);
+    let requests = requests.max(1);
+    eprintln!("bench: starting keyward dev under valgrind --tool=callgrind (slow)");
+    let server = tokio::task::spawn_blocking(CallgrindServer::start).await??;
+    let mut clients = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        clients.push(Client::connect(server.options.clone()).await?);
+    }
+    let path = Arc::new(format!("bench/{}/get", uuid::Uuid::new_v4().simple()));
+    let mut data = SecretData::new();
+    data.insert("username".into(), SecretBytes::from("bench-user"));
+    data.insert(
+        "password".into(),
+        SecretBytes::from("bench-password-0123456789abcdef"),
+    );
+    clients[0].put(&path, &data, PutOptions::default()).await?;
+    let health = |c: Client, _| async move { c.health().await.is_ok() };
+    let get = {
+        let path = path.clone();
+        move |c: Client, _| {
+            let path = path.clone();
+            async move { c.get(&path).await.is_ok() }
+        }
+    };
+    // Warm up: connections, allocator, the verified-token cache.
+    let warm = (requests / 10).max(concurrency as u64);
+    run_count(&clients, concurrency, warm, health).await;
+    run_count(&clients, concurrency, warm, get.clone()).await;
+    let mut counted = Vec::new();
+    for name in ["health", "get"] {
+        eprintln!("bench: {requests} calls of {name} under callgrind");
+        let srv = &server;
+        tokio::task::block_in_place(|| srv.dump())?;
+        let phase = match name {
+            "health" => run_count(&clients, concurrency, requests, health).await,
+            _ => run_count(&clients, concurrency, requests, get.clone()).await,
+        };
+        let ir = tokio::task::block_in_place(|| srv.dump())?;
+        if phase.errors > 0 {
+            anyhow::bail!("{} of the {name} calls failed", phase.errors);
+        }
+        counted.push(ir as f64 / requests as f64);
+    }
+    drop(clients);
+    drop(server);
+    let (health_ir, get_ir) = (counted[0], counted[1]);
+    let summary = json!({
+        "concurrency": concurrency,
+        "requests": requests,
+        "health_instructions_per_op": health_ir.round(),
+        "get_instructions_per_op": get_ir.round(),
+        "instructions_ratio": (get_ir / health_ir.max(1.0) * 1000.0).round() / 1000.0,
+    });
+    print_summary(format, &summary);
+    Ok(())
+}
+
 fn print_summary(format: Format, summary: &serde_json::Value) {
     match format {
         Format::Json => emit(format, summary),
@@ -509,4 +753,21 @@ async fn open_and_report(dir: &Path, format: Format) -> Result<()> {
     });
     print_summary(format, &report);
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dump_gives_its_instruction_count_and_part_number() {
+        let dump = "version: 1\ncreator: callgrind-3.19.0\nevents: Ir\n\
+                    fn=(1) main\n0 12\nsummary: 322454801\ntotals: 322454801\n";
+        assert_eq!(callgrind_total(dump), Some(322_454_801));
+        assert_eq!(callgrind_total("totals: 7 3\n"), Some(7));
+        assert_eq!(callgrind_total("events: Ir\n"), None);
+        assert_eq!(dump_number(Path::new("/tmp/x/callgrind.out.4")), 4);
+        assert_eq!(dump_number(Path::new("/tmp/x/callgrind.out")), 0);
+    }
 }

@@ -393,6 +393,15 @@ pub enum BenchMode {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Server instructions per call, Get against the no-op health check:
+    /// starts `keyward dev` under valgrind's callgrind (a count that does
+    /// not depend on machine load), makes REQUESTS calls of each, and
+    /// prints the instructions per call and their ratio.
+    Instructions {
+        /// Calls of each kind counted.
+        #[arg(long, default_value_t = 2000)]
+        requests: u64,
+    },
 }
 
 /// A refusal that is the user's fault: exit 2.

@@ -81,9 +81,18 @@ impl SecretPath {
         &self.0
     }
 
+    /// The path as text, without a copy.
+    pub fn into_string(self) -> String {
+        self.0
+    }
+
     /// The policy resource this path is, e.g. `secret/app/db`.
     pub fn resource(&self) -> String {
-        format!("secret/{}", self.0)
+        // By hand, not `format!`: this is made on every request.
+        let mut resource = String::with_capacity(7 + self.0.len());
+        resource.push_str("secret/");
+        resource.push_str(&self.0);
+        resource
     }
 }
 
