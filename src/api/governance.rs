@@ -47,6 +47,7 @@ impl Governance for GovernanceService {
                 .rotation
                 .rotation_summary(self.core.clock().now_ms()),
         )?;
+        let lease_revocations_failing = call.check(self.core.leases.failed_count())? as u64;
         call.ok(&[])?;
         let failures: std::collections::HashMap<&str, &str> = rotation
             .last_failures
@@ -122,6 +123,7 @@ impl Governance for GovernanceService {
                     last_failure: message.clone(),
                 })
                 .collect(),
+            lease_revocations_failing,
         }))
     }
 }

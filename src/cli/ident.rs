@@ -584,6 +584,7 @@ pub async fn report(g: &Global, format: Format, args: ReportArgs) -> Result<()> 
             "overdue_rotations": rotations(&r.overdue_rotations),
             "rotation_compliance": r.rotation_compliance,
             "rotation_failures": rotations(&r.rotation_failures),
+            "lease_revocations_failing": r.lease_revocations_failing,
         }),
     );
     Ok(())

@@ -607,6 +607,8 @@ async fn a_refusing_target_is_retried_visibly_and_revoked_once_it_answers() {
     assert_eq!(failed.len(), 1);
     assert!(failed[0].failures >= 1 && !failed[0].last_error.is_empty());
     assert!(!failed[0].last_error.contains(&c.password));
+    let report = root.governance_report(86_400, 86_400).await.unwrap();
+    assert_eq!(report.lease_revocations_failing, 1);
     let metrics = reqwest_metrics(&server).await;
     assert!(
         metrics.contains("keyward_lease_revocations_failing 1"),
