@@ -556,6 +556,24 @@ async fn a_low_privileged_caller_cannot_issue_define_or_touch_others_leases() {
         Code::PermissionDenied
     );
     assert!(target.user_exists(&theirs.username).await);
+    // Look-alike ids are refused as input, not resolved.
+    for bad in [
+        format!("dynamic/{allowed}/../{other}"),
+        format!("dynamic/{other}/*"),
+        "dynamic//x".to_owned(),
+    ] {
+        assert_eq!(
+            code(low.lease_revoke(&bad).await),
+            Code::InvalidArgument,
+            "{bad}"
+        );
+    }
+    // No token, no credential.
+    let anonymous = server.anonymous().await;
+    assert_eq!(
+        code(anonymous.creds(&allowed, None).await),
+        Code::Unauthenticated
+    );
     // Its own lease it may revoke.
     assert_eq!(low.lease_revoke(&mine.lease_id).await.unwrap(), (1, 0));
     assert!(!target.user_exists(&mine.username).await);
