@@ -158,6 +158,14 @@ impl Dynamic for DynamicService {
         };
         let ttl = (r.ttl_seconds != 0).then(|| Duration::from_secs(r.ttl_seconds));
         let issued = call.check(self.core.dynamic.issue(&proof, &r.role, ttl, &holder).await)?;
+        // A token revoked while this call ran may have been told of its
+        // leases before this one was written: look again, and undo.
+        let now = self.core.clock().now_ms();
+        let still = call.check(self.core.tokens.lookup_accessor(&caller.accessor, now))?;
+        if still.is_none() {
+            let _ = self.core.leases.revoke(&issued.lease.id).await;
+            return Err(call.fail(crate::core::AuthError::BadToken).into());
+        }
         let password = issued.password.expose_str().unwrap_or_default().to_owned();
         call.ok(&[("password", password.as_bytes())])?;
         let lease = issued.lease;

@@ -51,6 +51,7 @@ impl Governance for GovernanceService {
             crate::governance::EXPIRING_WITHIN_MS,
             self.core.clock().now_ms(),
         ))?;
+        let lease_revocations_failing = call.check(self.core.leases.failed_count())? as u64;
         call.ok(&[])?;
         let failures: std::collections::HashMap<&str, &str> = rotation
             .last_failures
@@ -133,6 +134,7 @@ impl Governance for GovernanceService {
                 .collect(),
             certificates_expiring_soon: pki.expiring_soon,
             certificates_revoked: pki.revoked,
+            lease_revocations_failing,
         }))
     }
 }

@@ -605,6 +605,7 @@ pub async fn report(g: &Global, format: Format, args: ReportArgs) -> Result<()> 
                 .collect::<serde_json::Map<String, Value>>(),
             "certificates_expiring_soon": r.certificates_expiring_soon,
             "certificates_revoked": r.certificates_revoked,
+            "lease_revocations_failing": r.lease_revocations_failing,
         }),
     );
     Ok(())

@@ -556,6 +556,24 @@ async fn a_low_privileged_caller_cannot_issue_define_or_touch_others_leases() {
         Code::PermissionDenied
     );
     assert!(target.user_exists(&theirs.username).await);
+    // Look-alike ids are refused as input, not resolved.
+    for bad in [
+        format!("dynamic/{allowed}/../{other}"),
+        format!("dynamic/{other}/*"),
+        "dynamic//x".to_owned(),
+    ] {
+        assert_eq!(
+            code(low.lease_revoke(&bad).await),
+            Code::InvalidArgument,
+            "{bad}"
+        );
+    }
+    // No token, no credential.
+    let anonymous = server.anonymous().await;
+    assert_eq!(
+        code(anonymous.creds(&allowed, None).await),
+        Code::Unauthenticated
+    );
     // Its own lease it may revoke.
     assert_eq!(low.lease_revoke(&mine.lease_id).await.unwrap(), (1, 0));
     assert!(!target.user_exists(&mine.username).await);
@@ -607,6 +625,8 @@ async fn a_refusing_target_is_retried_visibly_and_revoked_once_it_answers() {
     assert_eq!(failed.len(), 1);
     assert!(failed[0].failures >= 1 && !failed[0].last_error.is_empty());
     assert!(!failed[0].last_error.contains(&c.password));
+    let report = root.governance_report(86_400, 86_400).await.unwrap();
+    assert_eq!(report.lease_revocations_failing, 1);
     let metrics = reqwest_metrics(&server).await;
     assert!(
         metrics.contains("keyward_lease_revocations_failing 1"),
