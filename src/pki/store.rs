@@ -266,6 +266,10 @@ pub struct PkiFigures {
 pub struct PkiStore {
     barrier: Arc<Barrier>,
     trust: Arc<ClientTrust>,
+    /// Serialises the changes of the CA (init, intermediate CSR,
+    /// set-signed), so two at once cannot both find no CA and the second
+    /// replace the first. Nothing awaits under it.
+    ca_lock: std::sync::Mutex<()>,
 }
 
 fn require(proof: &Authorized, capability: Capability, resource: &str) -> Result<(), PkiError> {
@@ -317,7 +321,11 @@ pub fn normalize_serial(text: &str) -> Result<String, PkiError> {
 
 impl PkiStore {
     pub fn new(barrier: Arc<Barrier>, trust: Arc<ClientTrust>) -> Self {
-        Self { barrier, trust }
+        Self {
+            barrier,
+            trust,
+            ca_lock: std::sync::Mutex::new(()),
+        }
     }
 
     /// The run-time trust store of client certificates (`login cert`).
@@ -362,6 +370,7 @@ impl PkiStore {
     ) -> Result<String, PkiError> {
         require(proof, Capability::Admin, super::CA_RESOURCE)?;
         check_common_name(common_name)?;
+        let _guard = self.ca_lock.lock().map_err(|_| PkiError::Corrupt)?;
         if self.ca()?.is_some() {
             return Err(PkiError::CaExists);
         }
@@ -399,6 +408,7 @@ impl PkiStore {
     ) -> Result<String, PkiError> {
         require(proof, Capability::Admin, super::CA_RESOURCE)?;
         check_common_name(common_name)?;
+        let _guard = self.ca_lock.lock().map_err(|_| PkiError::Corrupt)?;
         if self.ca()?.is_some() {
             return Err(PkiError::CaExists);
         }
@@ -419,6 +429,7 @@ impl PkiStore {
     /// certificate must be signed by the next.
     pub fn set_signed(&self, proof: &Authorized, pem: &str, now_ms: u64) -> Result<(), PkiError> {
         require(proof, Capability::Admin, super::CA_RESOURCE)?;
+        let _guard = self.ca_lock.lock().map_err(|_| PkiError::Corrupt)?;
         if self.ca()?.is_some() {
             return Err(PkiError::CaExists);
         }

@@ -72,7 +72,15 @@ where
     let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
         let mut incoming = std::pin::pin!(incoming);
-        while let Some(accepted) = incoming.next().await {
+        loop {
+            // Ends (closing the listener) once the server stops reading.
+            let accepted = tokio::select! {
+                next = incoming.next() => match next {
+                    Some(accepted) => accepted,
+                    None => break,
+                },
+                () = tx.closed() => break,
+            };
             match accepted {
                 Ok(stream) => {
                     let acceptor = acceptor.clone();
@@ -94,9 +102,6 @@ where
                         break;
                     }
                 }
-            }
-            if tx.is_closed() {
-                break;
             }
         }
     });

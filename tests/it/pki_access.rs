@@ -461,3 +461,25 @@ async fn pki_figures_are_in_the_governance_report() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pki_concurrent_inits_make_one_ca() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let calls: Vec<_> = (0..8)
+        .map(|i| {
+            let c = root.clone();
+            tokio::spawn(async move { c.pki_init(&format!("root {i}"), 0).await })
+        })
+        .collect();
+    let mut made = Vec::new();
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(chain) => made.push(chain),
+            Err(e) => assert_eq!(e.code(), Some(Code::FailedPrecondition), "{e}"),
+        }
+    }
+    assert_eq!(made.len(), 1, "more than one CA was made");
+    assert_eq!(root.pki_ca().await.unwrap(), made[0]);
+    server.stop().await;
+}

@@ -148,3 +148,18 @@ async fn pki_from_a_csr_to_a_token_without_a_restart_and_revocation_takes_it_bac
     );
     server.stop().await;
 }
+
+/// keyward runs the TLS handshakes itself now (server/tls.rs): once the
+/// server stops, its accept task ends and the listening socket is closed,
+/// as it was with tonic's own TLS.
+#[tokio::test]
+async fn pki_tls_listener_is_closed_when_the_server_stops() {
+    let server = TestServer::dev().await;
+    let addr = server.addr;
+    assert!(tokio::net::TcpStream::connect(addr).await.is_ok());
+    let _dir = server.stop().await;
+    crate::harness::eventually("the listener is closed", || async move {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
+}
