@@ -318,11 +318,15 @@ impl Server {
         listener: TcpListener,
         health: tonic_health::server::HealthReporter,
     ) -> Result<(), ServerError> {
+        // The gRPC listener's configuration, run-time client trust included
+        // (so `auth/cert/login` accepts what the PKI issues, and refuses what
+        // it revoked, as `login cert` does), offering HTTP/1.1 beside h2.
         let tls = match &self.config.tls {
-            Some(tls) => Some(
-                crate::http::listen::tls_config(tls)
-                    .map_err(|e| ServerError::Transport(e.to_string()))?,
-            ),
+            Some(tls) => {
+                let mut config = (*tls::server_config(tls, self.core.pki.trust())?).clone();
+                config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+                Some(Arc::new(config))
+            }
             None => None,
         };
         let hook = move |sealed: bool| {

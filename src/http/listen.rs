@@ -17,7 +17,6 @@
 //! is refused by the handlers (`super::reply::read_body`).
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,14 +26,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower::ServiceExt as _;
 
 use crate::clock::Shutdown;
-use crate::config::{ServerLimits, TlsConfig};
+use crate::config::ServerLimits;
 
 /// How long a new connection may take to finish its TLS handshake, and an
 /// HTTP/1 connection to send a request head; it holds a connection slot
@@ -50,53 +47,6 @@ pub struct Peer {
     /// The client's leaf certificate (DER), verified against the client CA
     /// during the handshake; `None` without one.
     pub client_cert: Option<Arc<Vec<u8>>>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ListenError {
-    #[error("cannot read TLS file {0}: {1}")]
-    TlsFile(std::path::PathBuf, String),
-    #[error("TLS configuration of the HTTPS listener: {0}")]
-    Tls(String),
-}
-
-/// The listener's TLS settings from the server's TLS files: the gRPC
-/// listener's certificate and key, the client CA (optional client
-/// certificates), ALPN `h2` and `http/1.1`, the ring provider.
-pub fn tls_config(tls: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, ListenError> {
-    let file_error =
-        |p: &Path, e: &dyn std::fmt::Display| ListenError::TlsFile(p.to_owned(), e.to_string());
-    let certs = CertificateDer::pem_file_iter(&tls.cert)
-        .map_err(|e| file_error(&tls.cert, &e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_error(&tls.cert, &e))?;
-    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| file_error(&tls.key, &e))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ListenError::Tls(e.to_string()))?;
-    let builder = match &tls.client_ca {
-        None => builder.with_no_client_auth(),
-        Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(ca).map_err(|e| file_error(ca, &e))? {
-                roots
-                    .add(cert.map_err(|e| file_error(ca, &e))?)
-                    .map_err(|e| file_error(ca, &e))?;
-            }
-            let verifier =
-                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
-                    .allow_unauthenticated()
-                    .build()
-                    .map_err(|e| ListenError::Tls(e.to_string()))?;
-            builder.with_client_cert_verifier(verifier)
-        }
-    };
-    let mut config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| ListenError::Tls(e.to_string()))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
 }
 
 /// Serves `router` on `listener` (TLS unless `tls` is `None`, which only
