@@ -34,6 +34,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "keyward.v1.RevokeTokenRequest",
             "keyward.v1.CreateSecretIdResponse",
             "keyward.v1.AuditHashRequest",
+            "keyward.v1.ExchangeTokenRequest",
+            "keyward.v1.IdentityTokenResponse",
             "keyward.provider.v1.Secret",
         ])
         .compile_protos(&protos, &[std::path::PathBuf::from("proto")])?;

@@ -107,6 +107,7 @@ pub async fn open_with(
         metrics_listen,
         limits: DataLimits::default(),
         server_limits: ServerLimits::default(),
+        federation: Default::default(),
         oidc: OidcConfig {
             // A dev server fetches JWKS only from servers its own CA signed
             // (a local test issuer); production names a bundle in the config.

@@ -41,7 +41,8 @@
 //!   `token` (issue, use, revoke, the expiry sweeper), `policy_store`,
 //!   `rotation` (policies, typed run records, the scheduler and its workers,
 //!   providers; it takes `RotationDeps`, never the core), `governance` (the
-//!   report and its gauges).
+//!   report and its gauges), `federation` (delegated tokens' rules; keyward
+//!   as an OIDC issuer: signing keys and roles under `federation/`).
 //! - `audit` — the hash-chained, fail-closed audit log; `barrier` — the seal,
 //!   the keyring and AES-256-GCM around every value; `metrics` — Prometheus
 //!   families, with no domain import (owners register `Refresh` hooks).
@@ -63,6 +64,7 @@ pub mod config;
 pub mod core;
 pub mod dev;
 pub mod duration;
+pub mod federation;
 pub mod governance;
 pub mod identity;
 pub mod metrics;

@@ -131,6 +131,7 @@ impl Server {
         );
         core.set_oidc(&config.oidc)
             .map_err(|e| ServerError::OidcCa(e.to_string()))?;
+        core.federation.set_config(config.federation.clone());
         let core = Arc::new(core);
         core.publish_gauges();
         Ok(Self {

@@ -92,6 +92,9 @@ fn token_info(i: crate::token::TokenInfo) -> TokenInfo {
         cidrs: i.cidrs,
         parent_accessor: i.parent_accessor,
         method: i.method,
+        may_act: i.may_act,
+        actor_identity: i.actor_identity,
+        actor_accessor: i.actor_accessor,
     }
 }
 
@@ -183,9 +186,10 @@ impl Auth for AuthService {
             .collect::<Result<Vec<_>, _>>();
         let cidrs = call.check(cidrs)?;
         call.authorize(Capability::Issue, TOKEN_RESOURCE.to_owned())?;
+        let delegation = super::federation::may_act(&self.core, &mut call, &r.may_act)?;
         let ttl = ttl.unwrap_or(DEFAULT_TTL);
         let max_ttl = max_ttl.unwrap_or_else(|| DEFAULT_MAX_TTL.max(ttl));
-        let issued = call.check(self.core.tokens.issue(
+        let issued = call.check(self.core.tokens.issue_with(
             TokenRequest {
                 identity: caller.identity.clone(),
                 policies: r.policies,
@@ -197,6 +201,7 @@ impl Auth for AuthService {
                 parent_accessor: Some(caller.accessor.clone()),
                 method: "token",
             },
+            delegation,
             self.core.clock().now_ms(),
         ))?;
         call.check(self.core.barrier.durable().await)?;
@@ -284,5 +289,13 @@ impl Auth for AuthService {
         call.check(self.core.barrier.durable().await)?;
         call.ok(&[])?;
         Ok(Response::new(RevokeTokenResponse { revoked }))
+    }
+
+    /// RFC 8693 exchange (`api/federation.rs`).
+    async fn exchange_token(
+        &self,
+        req: Request<ExchangeTokenRequest>,
+    ) -> Result<Response<TokenResponse>, Status> {
+        super::federation::exchange(&self.core, req).await
     }
 }

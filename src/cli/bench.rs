@@ -331,6 +331,7 @@ fn bench_config(dir: &Path) -> ServerConfig {
         limits: keyward::secrets::DataLimits::default(),
         oidc: Default::default(),
         server_limits: keyward::config::ServerLimits::default(),
+        federation: Default::default(),
     }
 }
 

@@ -16,6 +16,8 @@ use keyward::proto::v1::{
 pub enum IdentityCommand {
     /// Add an identity to the inventory.
     Create(CreateArgs),
+    /// A signed identity token (JWT) of the caller's identity for an OIDC role.
+    Token(super::federation::IdentityTokenArgs),
     Get {
         name: String,
     },
@@ -358,6 +360,9 @@ pub fn token_json(t: &TokenResponse) -> Value {
 /// (a usage error before any connection), then one call, then its output.
 pub async fn identity(g: &Global, format: Format, cmd: IdentityCommand) -> Result<()> {
     let shown = match cmd {
+        IdentityCommand::Token(args) => {
+            return super::federation::identity_token(g, format, args).await
+        }
         IdentityCommand::Create(args) => {
             let request = args.request()?;
             identity_json(&connect(g).await?.identity_create(request).await?)

@@ -24,11 +24,13 @@ use tonic::{Code, Request};
 // `client/identity.rs`, rotation calls (issue 4) in `client/rotation.rs`,
 // each as its own `impl Client` block.
 mod auth;
+mod federation;
 mod identities;
 mod login;
 mod policies;
 
 pub use auth::IssueOptions;
+pub use federation::ExchangeOptions;
 
 // -- rotation (issue 4) --
 mod rotation;

@@ -67,6 +67,8 @@ pub struct Core {
     clock: Clock,
     /// The server's shutdown, for long streams (`Watch`) and workers.
     shutdown: Shutdown,
+    /// Delegation rules and the OIDC issuer (`federation/`).
+    pub federation: Arc<crate::federation::Federation>,
 }
 
 impl Core {
@@ -124,6 +126,7 @@ impl Core {
                 ThrottleConfig::default(),
             )),
             oidc_jwks_dir: None,
+            federation: Arc::new(crate::federation::Federation::default()),
             clock,
             shutdown,
         }

@@ -120,6 +120,7 @@ impl TestServer {
             limits: DataLimits::default(),
             oidc: Default::default(),
             server_limits: keyward::config::ServerLimits::default(),
+            federation: Default::default(),
         };
         let server = Server::open(config).unwrap();
         Self::serve(dir, server, certs.ca, String::new(), String::new()).await

@@ -22,6 +22,7 @@ mod certs;
 mod cidr;
 mod cli;
 mod crash;
+mod delegation_exchange;
 mod governance;
 mod leaks;
 mod login;

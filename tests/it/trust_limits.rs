@@ -106,6 +106,7 @@ impl Limited {
             limits: DataLimits::default(),
             oidc: Default::default(),
             server_limits: limits,
+            federation: Default::default(),
         };
         let server = Server::open(config).unwrap();
         let core = server.core().clone();

@@ -12,6 +12,7 @@ use crate::audit::{AuditError, Outcome};
 use crate::barrier::BarrierError;
 use crate::core::auth::AuthError;
 use crate::core::CoreError;
+use crate::federation::delegation::DelegationError;
 use crate::identity::login::LoginError;
 use crate::identity::IdentityError;
 use crate::policy::PolicyError;
@@ -162,7 +163,9 @@ impl From<AuthError> for Failure {
             AuthError::MissingToken | AuthError::BadToken | AuthError::SourceNotAllowed => {
                 Self::new(FailureKind::Unauthenticated, e.to_string())
             }
-            AuthError::Denied => Self::new(FailureKind::Denied, e.to_string()),
+            AuthError::Denied | AuthError::ExchangeOnly => {
+                Self::new(FailureKind::Denied, e.to_string())
+            }
             AuthError::Barrier(b) => b.into(),
             other => Self::internal(other),
         }
@@ -176,7 +179,9 @@ impl From<TokenError> for Failure {
                 Self::new(FailureKind::Unauthenticated, e.to_string())
             }
             TokenError::NotFound => Self::new(FailureKind::NotFound, e.to_string()),
-            TokenError::ParentInvalid => Self::new(FailureKind::Unauthenticated, e.to_string()),
+            TokenError::ParentInvalid | TokenError::ActorInvalid => {
+                Self::new(FailureKind::Unauthenticated, e.to_string())
+            }
             TokenError::NotSubset(_) | TokenError::CidrNotSubset => {
                 Self::new(FailureKind::Denied, e.to_string())
             }
@@ -185,6 +190,23 @@ impl From<TokenError> for Failure {
             }
             TokenError::Barrier(b) => b.into(),
             TokenError::Corrupt | TokenError::Random => Self::internal(e),
+        }
+    }
+}
+
+impl From<DelegationError> for Failure {
+    fn from(e: DelegationError) -> Self {
+        match e {
+            DelegationError::SubjectInvalid => {
+                Self::new(FailureKind::Unauthenticated, e.to_string())
+            }
+            DelegationError::Root => Self::invalid(e.to_string()),
+            DelegationError::NotExchangeOnly
+            | DelegationError::NotNamedActor
+            | DelegationError::Chained
+            | DelegationError::ActorKind { .. }
+            | DelegationError::ActorUnknown
+            | DelegationError::NotSubset(_) => Self::new(FailureKind::Denied, e.to_string()),
         }
     }
 }
