@@ -10,6 +10,9 @@ use crate::secrets::DataLimits;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8270";
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9270";
+/// The HTTPS listener (Vault-compatible API, dashboard, OIDC discovery):
+/// Vault's own port, so its clients find it where they expect.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8200";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -49,6 +52,8 @@ pub struct ServerConfig {
     pub server_limits: ServerLimits,
     /// `delegation.*` and `oidc_provider.*` (issue 17).
     pub federation: FederationConfig,
+    /// `http.listen`: the HTTPS listener; `None` (`off`) turns it off.
+    pub http_listen: Option<SocketAddr>,
 }
 
 /// Delegated tokens (`delegation.*`) and keyward as an OIDC issuer
@@ -307,6 +312,7 @@ pub const KEYS: &[(&str, &str)] = &[
         "KEYWARD_OIDC_ALLOW_PRIVATE_HOSTS",
     ),
     ("metrics.listen", "KEYWARD_METRICS_LISTEN"),
+    ("http.listen", "KEYWARD_HTTP_LISTEN"),
     ("limits.max_fields", "KEYWARD_LIMITS_MAX_FIELDS"),
     (
         "limits.max_version_bytes",
@@ -440,7 +446,12 @@ pub fn parse(src: &dyn Source, base: &Path) -> Result<ServerConfig, ConfigError>
         Some("off") | Some("") => None,
         _ => Some(addr("metrics.listen", DEFAULT_METRICS_LISTEN)?),
     };
+    let http_listen = match src.get("http.listen").as_deref() {
+        Some("off") | Some("") => None,
+        _ => Some(addr("http.listen", DEFAULT_HTTP_LISTEN)?),
+    };
     Ok(ServerConfig {
+        http_listen,
         listen: addr("listen", DEFAULT_LISTEN)?,
         storage_path: path("storage.path").ok_or(ConfigError::Missing("storage.path"))?,
         tls,
@@ -491,6 +502,23 @@ mod tests {
         assert!(c.metrics_listen.is_none());
         assert!(c.oidc.jwks_dir.is_none());
         assert!(!c.oidc.allow_private_hosts);
+    }
+
+    #[test]
+    fn http_listen_has_vaults_port_and_can_be_off() {
+        let base = [("storage.path", "d"), ("audit.path", "a")];
+        let c = parse(&src(&base), Path::new(".")).unwrap();
+        assert_eq!(c.http_listen, Some("127.0.0.1:8200".parse().unwrap()));
+        let mut pairs = base.to_vec();
+        pairs.push(("http.listen", "off"));
+        assert_eq!(
+            parse(&src(&pairs), Path::new(".")).unwrap().http_listen,
+            None
+        );
+        let mut pairs = base.to_vec();
+        pairs.push(("http.listen", "localhost"));
+        let e = parse(&src(&pairs), Path::new(".")).unwrap_err();
+        assert!(e.to_string().contains("'http.listen'"), "{e}");
     }
 
     #[test]

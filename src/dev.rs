@@ -105,6 +105,8 @@ pub async fn open_with(
         }),
         audit_path: data_dir.join("audit.log"),
         metrics_listen,
+        // `keyward dev --http-listen` binds the HTTPS listener itself.
+        http_listen: None,
         limits: DataLimits::default(),
         server_limits: ServerLimits::default(),
         federation: Default::default(),

@@ -35,6 +35,9 @@
 //!   a domain error becomes a kind. `core/auth.rs` is the `Gate`: token
 //!   authentication and the policy check, which alone mints
 //!   `policy::Authorized`.
+//! - `http` — the one HTTPS listener (`http.listen`): the Vault-compatible
+//!   `/v1/` API through the same request seam as `api`, one `routes()` per
+//!   file; `FailureKind` -> HTTP status in one function (`http/reply.rs`).
 //! - Domain modules, each under its own storage prefix and knowing nothing
 //!   of gRPC: `secrets` (versioned key/value, `Watch`), `identity` (the
 //!   inventory, secret-ids, bindings, login checks, the expiry sweep),
@@ -66,6 +69,7 @@ pub mod dev;
 pub mod duration;
 pub mod federation;
 pub mod governance;
+pub mod http;
 pub mod identity;
 pub mod metrics;
 pub mod metrics_http;

@@ -91,6 +91,8 @@ pub struct Server {
     config: ServerConfig,
     /// The one shutdown signal: every task and long stream holds a clone.
     shutdown: ShutdownTrigger,
+    /// The HTTPS listener (`http.listen`), served beside gRPC if given.
+    http_listener: Option<TcpListener>,
 }
 
 impl Server {
@@ -138,6 +140,7 @@ impl Server {
             core,
             config,
             shutdown,
+            http_listener: None,
         })
     }
 
@@ -151,16 +154,26 @@ impl Server {
         &self.shutdown
     }
 
+    /// Also serves the HTTPS listener (Vault-compatible API, `src/http/`)
+    /// on `listener`, with the gRPC listener's certificate and limits.
+    pub fn with_http_listener(mut self, listener: TcpListener) -> Self {
+        self.http_listener = Some(listener);
+        self
+    }
+
     /// Serves until `shutdown` resolves, then drains in-flight calls and the
     /// background tasks, each for at most `DRAIN_DEADLINE`.
     pub async fn serve(
-        self,
+        mut self,
         listener: TcpListener,
         metrics_listener: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
-        let router = self.router().await?;
-        let tasks = self.start_tasks(metrics_listener);
+        let (router, health) = self.router().await?;
+        let mut tasks = self.start_tasks(metrics_listener);
+        if let Some(listener) = self.http_listener.take() {
+            self.start_http(&mut tasks, listener, health)?;
+        }
         let served = self.serve_until(router, listener, shutdown).await;
         self.stop(tasks).await;
         served
@@ -169,11 +182,14 @@ impl Server {
     /// The gRPC services, health and reflection (as `grpc.reflection.v1`
     /// and, for the tools that still ask for it, `v1alpha`), over TLS if
     /// configured, within the configured limits.
-    async fn router(&self) -> Result<GrpcRouter, ServerError> {
+    async fn router(
+        &self,
+    ) -> Result<(GrpcRouter, tonic_health::server::HealthReporter), ServerError> {
         let limits: ServerLimits = self.config.server_limits;
         let max = limits.max_request_bytes;
         let (health, health_service) = tonic_health::server::health_reporter();
         publish_health(&health, self.core.is_sealed()).await;
+        let health_for_http = health.clone();
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -195,7 +211,7 @@ impl Server {
         let core = &self.core;
         let secrets =
             SecretsService::new(core.clone()).with_watch_limit(limits.max_watch_per_identity);
-        Ok(builder
+        let router = builder
             .add_service(health_service.max_decoding_message_size(max))
             .add_service(reflection_v1.max_decoding_message_size(max))
             .add_service(reflection_v1alpha.max_decoding_message_size(max))
@@ -222,7 +238,38 @@ impl Server {
             .add_service(
                 RotationServer::new(RotationService::new(core.clone()))
                     .max_decoding_message_size(max),
-            ))
+            );
+        Ok((router, health_for_http))
+    }
+
+    /// Starts the HTTPS listener as the task `http-listener`: the gRPC
+    /// listener's certificate (plain HTTP only with `--insecure-plaintext`),
+    /// its limits, and the gRPC health service told of HTTP seals.
+    fn start_http(
+        &self,
+        tasks: &mut Tasks,
+        listener: TcpListener,
+        health: tonic_health::server::HealthReporter,
+    ) -> Result<(), ServerError> {
+        let tls = match &self.config.tls {
+            Some(tls) => Some(
+                crate::http::listen::tls_config(tls)
+                    .map_err(|e| ServerError::Transport(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let hook = move |sealed: bool| {
+            let health = health.clone();
+            tokio::spawn(async move { publish_health(&health, sealed).await });
+        };
+        let state = crate::http::HttpState::new(self.core.clone(), self.config.server_limits)
+            .with_seal_hook(Arc::new(hook));
+        let router = crate::http::router(state);
+        let limits = self.config.server_limits;
+        tasks.spawn("http-listener", move |shutdown| {
+            crate::http::listen::serve(listener, tls, router, limits, shutdown)
+        });
+        Ok(())
     }
 
     /// The server's certificate and, if configured, the CA of client

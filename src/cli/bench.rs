@@ -332,6 +332,7 @@ fn bench_config(dir: &Path) -> ServerConfig {
         oidc: Default::default(),
         server_limits: keyward::config::ServerLimits::default(),
         federation: Default::default(),
+        http_listen: None,
     }
 }
 

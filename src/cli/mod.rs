@@ -63,6 +63,9 @@ pub enum Command {
         listen: String,
         #[arg(long, default_value = keyward::config::DEFAULT_METRICS_LISTEN)]
         metrics_listen: String,
+        /// The HTTPS listener (Vault-compatible API); `off` disables it.
+        #[arg(long, default_value = keyward::config::DEFAULT_HTTP_LISTEN)]
+        http_listen: String,
         #[arg(long, default_value = "./keyward-dev")]
         data: PathBuf,
     },

@@ -23,8 +23,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Dev {
             listen,
             metrics_listen,
+            http_listen,
             data,
-        } => super::serve::dev(&listen, &metrics_listen, &data).await,
+        } => super::serve::dev(&listen, &metrics_listen, &http_listen, &data).await,
         Command::Server {
             config,
             insecure_plaintext,

@@ -12,7 +12,12 @@ use super::UsageError;
 
 /// `keyward dev`: a dev server with its certificates and one unseal share in
 /// `data`; prints the `export` lines that point a shell at it.
-pub(super) async fn dev(listen: &str, metrics_listen: &str, data: &Path) -> Result<()> {
+pub(super) async fn dev(
+    listen: &str,
+    metrics_listen: &str,
+    http_listen: &str,
+    data: &Path,
+) -> Result<()> {
     init_tracing();
     let listen = parse_addr(listen, "--listen")?;
     let metrics = if metrics_listen == "off" {
@@ -20,10 +25,21 @@ pub(super) async fn dev(listen: &str, metrics_listen: &str, data: &Path) -> Resu
     } else {
         Some(parse_addr(metrics_listen, "--metrics-listen")?)
     };
-    let vault = keyward::dev::open(data, metrics).await?;
+    let http = if http_listen == "off" {
+        None
+    } else {
+        Some(parse_addr(http_listen, "--http-listen")?)
+    };
+    let mut vault = keyward::dev::open(data, metrics).await?;
     let listener = bind(listen).await?;
     let metrics_listener = bind_optional(metrics).await?;
+    let http_listener = bind_optional(http).await?;
     print_dev_exports(&vault, &listener, metrics_listener.as_ref())?;
+    if let Some(http_listener) = http_listener {
+        print_vault_exports(&vault, &http_listener)?;
+        tracing::info!(addr = %http_listener.local_addr()?, "serving the Vault-compatible API");
+        vault.server = vault.server.with_http_listener(http_listener);
+    }
     tracing::info!(addr = %listener.local_addr()?, "serving");
     vault
         .server
@@ -56,6 +72,20 @@ fn print_dev_exports(
     Ok(())
 }
 
+/// What the `vault` and `bao` CLIs (and hvac) need to reach the dev
+/// server's Vault-compatible API.
+fn print_vault_exports(vault: &keyward::dev::DevVault, listener: &TcpListener) -> Result<()> {
+    let bound = listener.local_addr()?;
+    let ca = std::fs::canonicalize(&vault.certs.ca).unwrap_or(vault.certs.ca.clone());
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "For Vault clients (vault, bao, hvac):")?;
+    writeln!(out, "export VAULT_ADDR=https://{bound}")?;
+    writeln!(out, "export VAULT_CACERT={}", ca.display())?;
+    writeln!(out, "export VAULT_TOKEN={}", vault.credentials.root_token)?;
+    out.flush()?;
+    Ok(())
+}
+
 /// `keyward server --config FILE`: a production server; it starts sealed
 /// (or uninitialised).
 pub(super) async fn server(config: &Path, insecure_plaintext: bool) -> Result<()> {
@@ -72,9 +102,14 @@ pub(super) async fn server(config: &Path, insecure_plaintext: bool) -> Result<()
     }
     let listen = config.listen;
     let metrics = config.metrics_listen;
-    let server = keyward::server::Server::open(config)?;
+    let http = config.http_listen;
+    let mut server = keyward::server::Server::open(config)?;
     let listener = bind(listen).await?;
     let metrics_listener = bind_optional(metrics).await?;
+    if let Some(http_listener) = bind_optional(http).await? {
+        tracing::info!(addr = %http_listener.local_addr()?, "serving the Vault-compatible API");
+        server = server.with_http_listener(http_listener);
+    }
     if insecure_plaintext {
         tracing::warn!("serving WITHOUT TLS (--insecure-plaintext): tokens and secrets cross the network in clear");
     }

@@ -61,6 +61,8 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// The HTTPS listener (Vault-compatible API), also on port 0.
+    pub http_addr: SocketAddr,
     pub ca: PathBuf,
     pub root_token: String,
     pub unseal_share: String,
@@ -121,6 +123,7 @@ impl TestServer {
             oidc: Default::default(),
             server_limits: keyward::config::ServerLimits::default(),
             federation: Default::default(),
+            http_listen: None,
         };
         let server = Server::open(config).unwrap();
         Self::serve(dir, server, certs.ca, String::new(), String::new()).await
@@ -137,6 +140,9 @@ impl TestServer {
         let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let metrics_addr = metrics_listener.local_addr().unwrap();
+        let http_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http_addr = http_listener.local_addr().unwrap();
+        let server = server.with_http_listener(http_listener);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let core = server.core().clone();
         let task = tokio::spawn(async move {
@@ -152,6 +158,7 @@ impl TestServer {
             dir,
             addr,
             metrics_addr,
+            http_addr,
             ca,
             root_token,
             unseal_share,

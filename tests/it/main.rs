@@ -9,6 +9,7 @@
 #[allow(dead_code)]
 mod db_target;
 mod harness;
+mod http_client;
 mod ident_kit;
 mod identities;
 #[path = "../support/pg_cluster.rs"]
@@ -24,6 +25,7 @@ mod cli;
 mod crash;
 mod delegation_exchange;
 mod governance;
+mod http_sys;
 mod leaks;
 mod login;
 mod policies;

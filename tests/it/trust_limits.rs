@@ -107,6 +107,7 @@ impl Limited {
             oidc: Default::default(),
             server_limits: limits,
             federation: Default::default(),
+            http_listen: None,
         };
         let server = Server::open(config).unwrap();
         let core = server.core().clone();

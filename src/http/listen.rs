@@ -1,0 +1,217 @@
+//! The one HTTPS listener: accepts connections within
+//! `limits.max_connections`, finishes TLS within the handshake deadline,
+//! and serves HTTP/1.1 and HTTP/2 (ALPN) with the router of `super::router`
+//! until shutdown, then lets in-flight requests finish.
+//!
+//! The same certificate and key as the gRPC listener; the client CA, when
+//! configured, makes a client certificate optional (it is one login among
+//! several: `auth/cert/login`). The peer address and the verified leaf
+//! certificate reach handlers as a [`Peer`] request extension.
+//!
+//! Bounds (the gRPC listener's, with the same settings): connections are
+//! counted from accept, before TLS, in a pool of their own of
+//! `limits.max_connections`; over it a connection is closed at once. A TLS
+//! handshake and an HTTP/1 request head must each arrive within
+//! [`HANDSHAKE_DEADLINE`]; HTTP/2 streams per connection are
+//! `limits.max_concurrent_streams`; a body over `limits.max_request_bytes`
+//! is refused by the handlers (`super::reply::read_body`).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tower::ServiceExt as _;
+
+use crate::clock::Shutdown;
+use crate::config::{ServerLimits, TlsConfig};
+
+/// How long a new connection may take to finish its TLS handshake, and an
+/// HTTP/1 connection to send a request head; it holds a connection slot
+/// until then.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+/// How long in-flight requests may take to finish after shutdown begins.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Who is on the other end of a connection, for every request on it.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// The client's leaf certificate (DER), verified against the client CA
+    /// during the handshake; `None` without one.
+    pub client_cert: Option<Arc<Vec<u8>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("cannot read TLS file {0}: {1}")]
+    TlsFile(std::path::PathBuf, String),
+    #[error("TLS configuration of the HTTPS listener: {0}")]
+    Tls(String),
+}
+
+/// The listener's TLS settings from the server's TLS files: the gRPC
+/// listener's certificate and key, the client CA (optional client
+/// certificates), ALPN `h2` and `http/1.1`, the ring provider.
+pub fn tls_config(tls: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, ListenError> {
+    let file_error =
+        |p: &Path, e: &dyn std::fmt::Display| ListenError::TlsFile(p.to_owned(), e.to_string());
+    let certs = CertificateDer::pem_file_iter(&tls.cert)
+        .map_err(|e| file_error(&tls.cert, &e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(&tls.cert, &e))?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| file_error(&tls.key, &e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ListenError::Tls(e.to_string()))?;
+    let builder = match &tls.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(ca).map_err(|e| file_error(ca, &e))? {
+                roots
+                    .add(cert.map_err(|e| file_error(ca, &e))?)
+                    .map_err(|e| file_error(ca, &e))?;
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .allow_unauthenticated()
+                    .build()
+                    .map_err(|e| ListenError::Tls(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| ListenError::Tls(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Serves `router` on `listener` (TLS unless `tls` is `None`, which only
+/// `--insecure-plaintext` asks for) until `shutdown` fires, then waits for
+/// in-flight requests for at most [`DRAIN_DEADLINE`].
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    router: axum::Router,
+    limits: ServerLimits,
+    shutdown: Shutdown,
+) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let full = Arc::new(AtomicBool::new(false));
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HANDSHAKE_DEADLINE)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams);
+    let builder = Arc::new(builder);
+    loop {
+        let (stream, addr) = tokio::select! {
+            () = shutdown.wait() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause, go on.
+                    tracing::warn!(error = %e, "HTTPS accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if !full.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    limit = limits.max_connections,
+                    "HTTPS connection limit reached (limits.max_connections): closing new connections"
+                );
+            }
+            drop(stream);
+            continue;
+        };
+        full.store(false, Ordering::Relaxed);
+        let _ = stream.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        let builder = builder.clone();
+        // Taken now, so the drain also waits for connections mid-handshake.
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let Some(acceptor) = acceptor else {
+                let peer = Peer {
+                    addr,
+                    client_cert: None,
+                };
+                serve_connection(&builder, watcher, TokioIo::new(stream), router, peer).await;
+                return;
+            };
+            let tls = match tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(stream)).await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %addr, "TLS handshake deadline passed");
+                    return;
+                }
+            };
+            let client_cert = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|leaf| Arc::new(leaf.as_ref().to_vec()));
+            let peer = Peer { addr, client_cert };
+            serve_connection(&builder, watcher, TokioIo::new(tls), router, peer).await;
+        });
+    }
+    drop(listener);
+    tracing::info!("HTTPS listener: draining in-flight requests");
+    if tokio::time::timeout(DRAIN_DEADLINE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTPS drain deadline passed; closing remaining connections");
+    }
+}
+
+/// Serves one connection; every request carries `peer`.
+async fn serve_connection<I>(
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    io: I,
+    router: axum::Router,
+    peer: Peer,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = router.map_request(move |mut req: Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(peer.clone());
+        req.map(axum::body::Body::new)
+    });
+    let connection = builder.serve_connection(io, TowerToHyperService::new(service));
+    if let Err(e) = watcher.watch(connection.into_owned()).await {
+        tracing::debug!(error = %e, "HTTPS connection ended with an error");
+    }
+}

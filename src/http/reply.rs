@@ -1,0 +1,335 @@
+//! What every Vault-compatible handler shares: reading a request into the
+//! core's request seam ([`VaultRequest`], [`VaultRequest::begin`]), the
+//! response envelope ([`Envelope`]), Vault's `{"errors": [...]}` and the
+//! one mapping of the seam's failure kinds to HTTP statuses
+//! ([`http_status`]). No business rule lives here.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::Request;
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use zeroize::Zeroizing;
+
+use super::listen::Peer;
+use crate::core::call::{bearer, request_id, Access, Call, Failure, FailureKind, RequestMeta};
+use crate::core::Core;
+
+/// The HTTP status a failure kind is answered with: the one place HTTP
+/// statuses are chosen for the seam's failures (gRPC's is `api::grpc_code`).
+/// As Vault does: a bad token and a denial are both 403; a lost
+/// check-and-set and an existing name are 400; a sealed vault is 503.
+pub fn http_status(kind: FailureKind) -> StatusCode {
+    match kind {
+        FailureKind::InvalidInput | FailureKind::AlreadyExists | FailureKind::Conflict => {
+            StatusCode::BAD_REQUEST
+        }
+        FailureKind::NotFound => StatusCode::NOT_FOUND,
+        FailureKind::Denied | FailureKind::Unauthenticated => StatusCode::FORBIDDEN,
+        FailureKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        FailureKind::Exhausted => StatusCode::TOO_MANY_REQUESTS,
+        FailureKind::Upstream => StatusCode::BAD_GATEWAY,
+        FailureKind::Aborted => StatusCode::CONFLICT,
+        FailureKind::Cancelled | FailureKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// Vault's error body: `{"errors": [message]}` with `status`.
+pub fn errors(status: StatusCode, message: &str) -> Response {
+    json_response(status, &json!({ "errors": [message] }))
+}
+
+/// A failure of the seam, answered the Vault way.
+pub fn failure(f: &Failure) -> Response {
+    errors(http_status(f.kind()), f.message())
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        failure(&self)
+    }
+}
+
+pub fn json_response(status: StatusCode, body: &Value) -> Response {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        bytes,
+    )
+        .into_response()
+}
+
+/// 204 No Content: what Vault answers a write with no data.
+pub fn no_content() -> Response {
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// 405 for a method a path does not serve, naming those it does.
+pub fn method_not_allowed(method: &Method, allowed: &str) -> Response {
+    errors(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &format!("method {method} is not supported here; use {allowed}"),
+    )
+}
+
+/// Vault's response envelope around `data` (or `auth`).
+pub struct Envelope {
+    pub request_id: String,
+    pub data: Value,
+    pub auth: Value,
+    pub lease_duration: u64,
+    pub renewable: bool,
+    pub mount_type: Option<&'static str>,
+}
+
+impl Envelope {
+    pub fn data(request_id: &str, data: Value) -> Self {
+        Self {
+            request_id: request_id.to_owned(),
+            data,
+            auth: Value::Null,
+            lease_duration: 0,
+            renewable: false,
+            mount_type: None,
+        }
+    }
+
+    pub fn auth(request_id: &str, auth: Value) -> Self {
+        Self {
+            auth,
+            ..Self::data(request_id, Value::Null)
+        }
+    }
+
+    pub fn kv(mut self) -> Self {
+        self.mount_type = Some("kv");
+        self
+    }
+
+    pub fn into_value(self) -> Value {
+        let mut v = json!({
+            "request_id": self.request_id,
+            "lease_id": "",
+            "renewable": self.renewable,
+            "lease_duration": self.lease_duration,
+            "data": self.data,
+            "wrap_info": null,
+            "warnings": null,
+            "auth": self.auth,
+        });
+        if let (Some(t), Some(map)) = (self.mount_type, v.as_object_mut()) {
+            map.insert("mount_type".into(), json!(t));
+        }
+        v
+    }
+}
+
+impl IntoResponse for Envelope {
+    fn into_response(self) -> Response {
+        json_response(StatusCode::OK, &self.into_value())
+    }
+}
+
+/// One request as the Vault handlers see it: method, path after `/v1/`,
+/// query pairs, the token, the peer, and the body (read within the limit).
+pub struct VaultRequest {
+    pub method: Method,
+    pub query: BTreeMap<String, String>,
+    pub peer: Option<Peer>,
+    token: Option<Zeroizing<String>>,
+    request_id: String,
+    body: Bytes,
+}
+
+impl VaultRequest {
+    /// Reads `req`: headers, then the body, refused past `max_body` bytes
+    /// (`limits.max_request_bytes`) with 413 naming the limit; a namespace
+    /// other than the root one is refused (keyward has none).
+    pub async fn read(req: Request, max_body: usize) -> Result<Self, Response> {
+        let (parts, body) = req.into_parts();
+        check_namespace(&parts.headers)?;
+        let query = parts
+            .uri
+            .query()
+            .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+            .unwrap_or_default();
+        let peer = parts.extensions.get::<Peer>().cloned();
+        let token = token_of(&parts.headers);
+        let request_id = request_id(
+            parts
+                .headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok()),
+        );
+        let body = match axum::body::to_bytes(body, max_body).await {
+            Ok(b) => b,
+            Err(_) => return Err(errors(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!(
+                    "the request body is larger than limits.max_request_bytes ({max_body} bytes)"
+                ),
+            )),
+        };
+        Ok(Self {
+            method: parts.method,
+            query,
+            peer,
+            token,
+            request_id,
+            body,
+        })
+    }
+
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// Whether a token header was sent.
+    pub fn has_token(&self) -> bool {
+        self.token.is_some()
+    }
+
+    /// The query parameter `name`, if given.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.query.get(name).map(String::as_str)
+    }
+
+    /// A Vault `LIST`: the `LIST` method, or `GET` with `?list=true`.
+    pub fn is_list(&self) -> bool {
+        self.method.as_str() == "LIST"
+            || (self.method == Method::GET && self.param("list") == Some("true"))
+    }
+
+    /// The seam's description of this request under `method`.
+    pub fn meta(&self, method: &'static str) -> RequestMeta {
+        RequestMeta {
+            method,
+            request_id: self.request_id.clone(),
+            source: self.peer.as_ref().map(|p| p.addr),
+            token: self.token.clone(),
+        }
+    }
+
+    /// Starts the call (`Call::begin`); a refusal is audited and answered.
+    pub async fn begin(
+        &self,
+        core: &Arc<Core>,
+        method: &'static str,
+        access: Access,
+    ) -> Result<Call, Response> {
+        Call::begin(core, self.meta(method), access)
+            .await
+            .map_err(|f| failure(&f))
+    }
+
+    /// The body as JSON of type `T` (an empty body is `{}`); malformed JSON
+    /// or a field `T` does not know is an audited 400 naming the problem.
+    pub fn json<T: DeserializeOwned>(&self, call: &mut Call) -> Result<T, Response> {
+        let bytes: &[u8] = if self.body.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &self.body
+        };
+        call.check(serde_json::from_slice::<T>(bytes).map_err(|e| {
+            // serde_json's message names the field and the position, never
+            // the value of a string.
+            Failure::invalid(format!(
+                "the request body is not valid JSON for this endpoint: {e}"
+            ))
+        }))
+        .map_err(|f| failure(&f))
+    }
+}
+
+/// The token of a request: `X-Vault-Token`, else `Authorization: Bearer`.
+fn token_of(headers: &HeaderMap) -> Option<Zeroizing<String>> {
+    if let Some(v) = headers.get("x-vault-token").and_then(|v| v.to_str().ok()) {
+        let v = v.trim();
+        if !v.is_empty() {
+            return Some(Zeroizing::new(v.to_owned()));
+        }
+    }
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer)
+}
+
+/// `X-Vault-Namespace` is accepted empty or naming the root namespace;
+/// keyward has no namespaces, and serving another one's request from the
+/// root would mix what the client keeps apart.
+fn check_namespace(headers: &HeaderMap) -> Result<(), Response> {
+    let Some(ns) = headers.get("x-vault-namespace") else {
+        return Ok(());
+    };
+    let ns = ns.to_str().unwrap_or("?").trim().trim_matches('/');
+    if ns.is_empty() || ns == "root" {
+        Ok(())
+    } else {
+        Err(errors(
+            StatusCode::BAD_REQUEST,
+            "keyward has no namespaces: X-Vault-Namespace must be empty or root",
+        ))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_kind_has_vaults_status() {
+        let expected = [
+            (FailureKind::InvalidInput, 400),
+            (FailureKind::NotFound, 404),
+            (FailureKind::AlreadyExists, 400),
+            (FailureKind::Denied, 403),
+            (FailureKind::Unauthenticated, 403),
+            (FailureKind::Unavailable, 503),
+            (FailureKind::Conflict, 400),
+            (FailureKind::Upstream, 502),
+            (FailureKind::Exhausted, 429),
+            (FailureKind::Aborted, 409),
+            (FailureKind::Cancelled, 500),
+            (FailureKind::Internal, 500),
+        ];
+        assert_eq!(expected.len(), FailureKind::ALL.len());
+        for (kind, code) in expected {
+            assert_eq!(http_status(kind).as_u16(), code, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn the_token_comes_from_either_header() {
+        let mut h = HeaderMap::new();
+        assert!(token_of(&h).is_none());
+        h.insert(header::AUTHORIZATION, "Bearer kwt_b".parse().unwrap());
+        assert_eq!(token_of(&h).unwrap().as_str(), "kwt_b");
+        h.insert("x-vault-token", "kwt_v".parse().unwrap());
+        assert_eq!(token_of(&h).unwrap().as_str(), "kwt_v");
+    }
+
+    #[test]
+    fn only_the_root_namespace_is_accepted() {
+        let mut h = HeaderMap::new();
+        assert!(check_namespace(&h).is_ok());
+        for ok in ["", "root", "root/"] {
+            h.insert("x-vault-namespace", ok.parse().unwrap());
+            assert!(check_namespace(&h).is_ok(), "{ok}");
+        }
+        h.insert("x-vault-namespace", "team-a".parse().unwrap());
+        assert_eq!(
+            check_namespace(&h).unwrap_err().status(),
+            StatusCode::BAD_REQUEST
+        );
+    }
+}
