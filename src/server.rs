@@ -238,6 +238,12 @@ impl Server {
             .add_service(
                 RotationServer::new(RotationService::new(core.clone()))
                     .max_decoding_message_size(max),
+            )
+            .add_service(
+                crate::proto::v1::federation_server::FederationServer::new(
+                    crate::api::federation::FederationService::new(core.clone()),
+                )
+                .max_decoding_message_size(max),
             );
         Ok((router, health_for_http))
     }
@@ -320,6 +326,11 @@ impl Server {
         let usage = core.usage.clone();
         tasks.spawn("usage-flush", move |shutdown| {
             usage.run_flusher(clock, USAGE_PERSIST_EVERY, shutdown)
+        });
+        // OIDC signing keys: a new one every oidc_provider.rotation_period.
+        let federation = core.federation.clone();
+        tasks.spawn("oidc-key-rotation", move |shutdown| {
+            federation.run_rotation(shutdown)
         });
         // Rotation: the scheduler runs while unsealed; its task ends once its
         // workers have stopped at a step boundary.

@@ -135,6 +135,7 @@ pub(crate) async fn exchange(
         Err(e) => return Err(call.fail(e).into()),
     };
     call.check(core.barrier.durable().await)?;
+    core.federation.count_exchange(kind.unwrap_or_default());
     call.set_resource(format!("{TOKEN_RESOURCE}/{}", issued.accessor));
     call.ok_async(&[("subject_token", r.subject_token.as_bytes())])
         .await?;
@@ -145,4 +146,231 @@ pub(crate) async fn exchange(
         policies: issued.policies,
         identity: issued.identity,
     }))
+}
+
+// --- keyward as an OIDC issuer (`keyward.v1.Federation`) ---
+
+use crate::federation::issuer::{self, IdentityFacts, IssuerError, RoleRecord, TokenClaims};
+use crate::policy::Capability;
+use crate::proto::v1::federation_server::Federation;
+use crate::proto::v1::{
+    DiscoveryRequest, DiscoveryResponse, GetOidcRoleRequest, IdentityTokenRequest,
+    IdentityTokenResponse, OidcRole, RotateOidcKeyRequest, RotateOidcKeyResponse,
+};
+
+/// Roles and keys: `admin` on `sys/oidc/role/<name>` and `sys/oidc/keys`.
+pub const OIDC_RESOURCE: &str = "sys/oidc";
+
+pub struct FederationService {
+    core: Arc<Core>,
+}
+
+impl FederationService {
+    pub fn new(core: Arc<Core>) -> Self {
+        Self { core }
+    }
+}
+
+fn role_wire(r: RoleRecord) -> OidcRole {
+    OidcRole {
+        name: r.name,
+        audiences: r.audiences,
+        max_ttl_seconds: r.max_ttl_secs,
+        claims: r.claims.into_iter().collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl Federation for FederationService {
+    async fn put_oidc_role(&self, req: Request<OidcRole>) -> Result<Response<OidcRole>, Status> {
+        let mut call = begin(
+            &self.core,
+            "keyward.v1.Federation/PutOidcRole",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        let r = req.into_inner();
+        let role = RoleRecord {
+            name: r.name,
+            audiences: r.audiences,
+            max_ttl_secs: r.max_ttl_seconds,
+            claims: r.claims.into_iter().collect(),
+        };
+        call.check(role.validate())?;
+        call.authorize(
+            Capability::Admin,
+            format!("{OIDC_RESOURCE}/role/{}", role.name),
+        )?;
+        call.check(self.core.federation.issuer.put_role(&role))?;
+        call.check(self.core.barrier.durable().await)?;
+        call.ok(&[])?;
+        Ok(Response::new(role_wire(role)))
+    }
+
+    async fn get_oidc_role(
+        &self,
+        req: Request<GetOidcRoleRequest>,
+    ) -> Result<Response<OidcRole>, Status> {
+        let mut call = begin(
+            &self.core,
+            "keyward.v1.Federation/GetOidcRole",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        let name = req.into_inner().name;
+        if validate_name(&name).is_err() {
+            return Err(call
+                .fail(IssuerError::BadRole(
+                    "the name must match [a-z0-9][a-z0-9_-]{0,63}".into(),
+                ))
+                .into());
+        }
+        call.authorize(Capability::Read, format!("{OIDC_RESOURCE}/role/{name}"))?;
+        let role = call.check(self.core.federation.issuer.role(&name))?;
+        let Some(role) = role else {
+            return Err(call.fail(IssuerError::NoRole).into());
+        };
+        call.ok(&[])?;
+        Ok(Response::new(role_wire(role)))
+    }
+
+    async fn identity_token(
+        &self,
+        req: Request<IdentityTokenRequest>,
+    ) -> Result<Response<IdentityTokenResponse>, Status> {
+        let mut call = begin(
+            &self.core,
+            "keyward.v1.Federation/IdentityToken",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        let caller = call.require_caller()?;
+        let r = req.into_inner();
+        if validate_name(&r.role).is_err() {
+            return Err(call
+                .fail(IssuerError::BadRole(
+                    "the name must match [a-z0-9][a-z0-9_-]{0,63}".into(),
+                ))
+                .into());
+        }
+        if r.ttl_seconds > crate::duration::MAX_SECONDS {
+            return Err(call.fail(ExchangeInputError::TooLong).into());
+        }
+        call.authorize(Capability::Issue, format!("{OIDC_RESOURCE}/{}", r.role))?;
+        // A delegated token acts for its subject, and a JWT could not carry
+        // the actor chain to the relying party: refused.
+        if caller.actor.is_some() {
+            return Err(call.fail(DelegationError::Chained).into());
+        }
+        let role = call.check(self.core.federation.issuer.role(&r.role))?;
+        let Some(role) = role else {
+            return Err(call.fail(IssuerError::NoRole).into());
+        };
+        let audience = (!r.audience.is_empty()).then_some(r.audience.as_str());
+        let ttl = (r.ttl_seconds != 0).then_some(r.ttl_seconds);
+        let (audience, ttl) = call.check(issuer::choose(&role, audience, ttl))?;
+        let config = self.core.federation.config();
+        let (Some(iss), Some(trust_domain)) = (config.issuer, config.trust_domain) else {
+            return Err(call.fail(IssuerError::NotConfigured).into());
+        };
+        let identity = call.check(self.core.identities.get(&caller.identity))?;
+        let Some(identity) = identity.filter(|i| !i.disabled) else {
+            return Err(call.fail(IssuerError::NotAnIdentity).into());
+        };
+        let now = self.core.clock().now_ms();
+        let mut exp = now.saturating_add(ttl.saturating_mul(1000));
+        if caller.expires_at_ms != 0 {
+            exp = exp.min(caller.expires_at_ms);
+        }
+        // Whole seconds, never past the caller's token.
+        exp -= exp % 1000;
+        if exp <= now - now % 1000 {
+            return Err(call.fail(IssuerError::CallerExpiring).into());
+        }
+        let jti = uuid::Uuid::new_v4().simple().to_string();
+        let token = call.check(self.core.federation.issuer.sign(
+            &config.algorithm,
+            &TokenClaims {
+                issuer: &iss,
+                trust_domain: &trust_domain,
+                who: IdentityFacts {
+                    name: &identity.name,
+                    kind: &identity.kind,
+                    owner: &identity.owner,
+                },
+                audience: &audience,
+                role: &role,
+                now_ms: now,
+                exp_ms: exp,
+                jti: &jti,
+            },
+        ))?;
+        call.check(self.core.barrier.durable().await)?;
+        // The audit record names the jti (never the token).
+        call.set_resource(format!("{OIDC_RESOURCE}/{}/jti/{jti}", role.name));
+        call.ok_async(&[]).await?;
+        self.core.federation.count_issued(&role.name, &audience);
+        Ok(Response::new(IdentityTokenResponse {
+            token: token.to_string(),
+            expires_at: timestamp(exp),
+            jti,
+        }))
+    }
+
+    async fn rotate_oidc_key(
+        &self,
+        req: Request<RotateOidcKeyRequest>,
+    ) -> Result<Response<RotateOidcKeyResponse>, Status> {
+        let mut call = begin(
+            &self.core,
+            "keyward.v1.Federation/RotateOidcKey",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        call.authorize(Capability::Admin, format!("{OIDC_RESOURCE}/keys"))?;
+        let config = self.core.federation.config();
+        let now = self.core.clock().now_ms();
+        let kid = call.check(self.core.federation.issuer.rotate(&config.algorithm, now))?;
+        call.check(self.core.barrier.durable().await)?;
+        let keys = call.check(self.core.federation.issuer.keys())?;
+        let jwks: serde_json::Value =
+            serde_json::from_str(&issuer::jwks_json(&keys, now)).unwrap_or_default();
+        let published = jwks["keys"]
+            .as_array()
+            .map(|ks| {
+                ks.iter()
+                    .filter_map(|k| k["kid"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        call.ok(&[])?;
+        Ok(Response::new(RotateOidcKeyResponse { kid, published }))
+    }
+
+    async fn discovery(
+        &self,
+        req: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        let mut call = begin(
+            &self.core,
+            "keyward.v1.Federation/Discovery",
+            Access::Open,
+            &req,
+        )
+        .await?;
+        if self.core.is_sealed() {
+            return Err(call.fail(crate::barrier::BarrierError::Sealed).into());
+        }
+        call.set_resource(OIDC_RESOURCE);
+        let (doc, jwks) = call.check(self.core.federation.discovery())?;
+        call.ok(&[])?;
+        Ok(Response::new(DiscoveryResponse {
+            openid_configuration: doc,
+            jwks,
+        }))
+    }
 }

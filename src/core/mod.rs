@@ -88,6 +88,11 @@ impl Core {
         let secrets = Arc::new(SecretStore::new(barrier.clone(), limits));
         let audit = Arc::new(audit);
         let identities = Arc::new(IdentityStore::new(barrier.clone()));
+        let federation = Arc::new(crate::federation::Federation::new(
+            barrier.clone(),
+            clock.clone(),
+            &metrics,
+        ));
         let rotation_deps = RotationDeps {
             secrets: secrets.clone(),
             audit: audit.clone(),
@@ -126,7 +131,7 @@ impl Core {
                 ThrottleConfig::default(),
             )),
             oidc_jwks_dir: None,
-            federation: Arc::new(crate::federation::Federation::default()),
+            federation,
             clock,
             shutdown,
         }
@@ -205,6 +210,7 @@ impl Core {
         let _guard = self.seal_lock.lock().await;
         self.persist_usage().await;
         self.gate.on_seal();
+        self.federation.issuer.on_seal();
         self.audit.set_hmac_key(None);
         self.barrier.seal();
         self.metrics.set_sealed(true);

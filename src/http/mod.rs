@@ -15,6 +15,7 @@
 //! with its own `routes()`: `sys.rs`.
 
 pub mod listen;
+pub mod oidc;
 pub mod reply;
 pub mod sys;
 
@@ -66,6 +67,7 @@ impl HttpState {
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .merge(sys::routes())
+        .merge(oidc::routes())
         // OIDC discovery (src/http/oidc.rs) merges here: `.merge(oidc::routes())`.
         .fallback(not_found)
         .with_state(state)

@@ -171,12 +171,14 @@ impl VaultRequest {
         );
         let body = match axum::body::to_bytes(body, max_body).await {
             Ok(b) => b,
-            Err(_) => return Err(errors(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!(
+            Err(_) => {
+                return Err(errors(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!(
                     "the request body is larger than limits.max_request_bytes ({max_body} bytes)"
                 ),
-            )),
+                ))
+            }
         };
         Ok(Self {
             method: parts.method,

@@ -194,6 +194,24 @@ impl From<TokenError> for Failure {
     }
 }
 
+impl From<crate::federation::issuer::IssuerError> for Failure {
+    fn from(e: crate::federation::issuer::IssuerError) -> Self {
+        use crate::federation::issuer::IssuerError as E;
+        match e {
+            E::NotConfigured => Self::new(FailureKind::Conflict, e.to_string()),
+            E::NoRole => Self::new(FailureKind::NotFound, e.to_string()),
+            E::BadRole(_)
+            | E::UnknownAudience(_)
+            | E::AudienceNeeded
+            | E::TtlTooLong { .. }
+            | E::CallerExpiring => Self::invalid(e.to_string()),
+            E::NotAnIdentity => Self::new(FailureKind::Denied, e.to_string()),
+            E::Barrier(b) => b.into(),
+            E::Crypto | E::Corrupt => Self::internal(e),
+        }
+    }
+}
+
 impl From<DelegationError> for Failure {
     fn from(e: DelegationError) -> Self {
         match e {
