@@ -24,6 +24,7 @@ mod cidr;
 mod cli;
 mod crash;
 mod delegation_exchange;
+mod federation_issuer;
 mod governance;
 mod http_sys;
 mod leaks;
