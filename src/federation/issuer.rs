@@ -308,7 +308,7 @@ pub fn public_jwk(record: &KeyRecord) -> Value {
 /// every retired key whose tokens may still be live), newest first.
 pub fn jwks_json(keys: &[KeyRecord], now_ms: u64) -> String {
     let mut published: Vec<&KeyRecord> = keys.iter().filter(|k| is_published(k, now_ms)).collect();
-    published.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms));
+    published.sort_by_key(|k| std::cmp::Reverse(k.created_at_ms));
     json!({ "keys": published.into_iter().map(public_jwk).collect::<Vec<_>>() }).to_string()
 }
 
