@@ -35,6 +35,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "keyward.v1.CreateSecretIdResponse",
             "keyward.v1.AuditHashRequest",
             "keyward.v1.PkiIssueResponse",
+            "keyward.v1.ExchangeTokenRequest",
+            "keyward.v1.IdentityTokenResponse",
             "keyward.provider.v1.Secret",
             "keyward.v1.CredsResponse",
         ])

@@ -52,6 +52,8 @@ pub struct ServerConfig {
     pub server_limits: ServerLimits,
     /// `audit.max_bytes`, `audit.max_files`, `audit.syslog`, `audit.syslog_socket`.
     pub audit: crate::audit::AuditOptions,
+    /// `delegation.*` and `oidc_provider.*` (issue 17).
+    pub federation: FederationConfig,
     /// `http.listen`: the HTTPS listener; `None` (`off`) turns it off.
     pub http_listen: Option<SocketAddr>,
     /// Owner recertification (`governance.*`).
@@ -78,6 +80,38 @@ impl Default for GovernanceConfig {
             every: std::time::Duration::from_secs(90 * 86_400),
             grace: std::time::Duration::from_secs(14 * 86_400),
             disable_unattested: false,
+        }
+    }
+}
+
+/// Delegated tokens (`delegation.*`) and keyward as an OIDC issuer
+/// (`oidc_provider.*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FederationConfig {
+    /// `delegation.max_ttl`: the longest a delegated token lives.
+    pub delegation_max_ttl: std::time::Duration,
+    /// `delegation.actor_kinds`: identity kinds that may act for others.
+    pub actor_kinds: Vec<String>,
+    /// `oidc_provider.issuer`: the public URL relying parties fetch
+    /// `/.well-known/openid-configuration` from; `None`: no identity tokens.
+    pub issuer: Option<String>,
+    /// `oidc_provider.trust_domain`: the SPIFFE trust domain of `sub`.
+    pub trust_domain: Option<String>,
+    /// `oidc_provider.algorithm`: `ES256` (default) or `EdDSA`.
+    pub algorithm: String,
+    /// `oidc_provider.rotation_period`: a new signing key this often.
+    pub rotation_period: std::time::Duration,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            delegation_max_ttl: std::time::Duration::from_secs(15 * 60),
+            actor_kinds: vec!["ai-agent".to_owned(), "bot".to_owned()],
+            issuer: None,
+            trust_domain: None,
+            algorithm: "ES256".to_owned(),
+            rotation_period: std::time::Duration::from_secs(30 * 86_400),
         }
     }
 }
@@ -129,6 +163,89 @@ fn parse_governance(src: &dyn Source) -> Result<GovernanceConfig, ConfigError> {
 
 /// Where `audit.syslog = true` sends records unless `audit.syslog_socket` names another socket.
 pub const DEFAULT_SYSLOG_SOCKET: &str = "/dev/log";
+
+/// The `delegation.*` and `oidc_provider.*` keys (known keys, like [`KEYS`]).
+pub const FEDERATION_KEYS: &[(&str, &str)] = &[
+    ("delegation.max_ttl", "KEYWARD_DELEGATION_MAX_TTL"),
+    ("delegation.actor_kinds", "KEYWARD_DELEGATION_ACTOR_KINDS"),
+    ("oidc_provider.issuer", "KEYWARD_OIDC_PROVIDER_ISSUER"),
+    (
+        "oidc_provider.trust_domain",
+        "KEYWARD_OIDC_PROVIDER_TRUST_DOMAIN",
+    ),
+    ("oidc_provider.algorithm", "KEYWARD_OIDC_PROVIDER_ALGORITHM"),
+    (
+        "oidc_provider.rotation_period",
+        "KEYWARD_OIDC_PROVIDER_ROTATION_PERIOD",
+    ),
+];
+
+/// Reads the `delegation.*` and `oidc_provider.*` keys.
+pub fn parse_federation(src: &dyn Source) -> Result<FederationConfig, ConfigError> {
+    let defaults = FederationConfig::default();
+    let duration = |key: &'static str, default| match src.get(key) {
+        None => Ok(default),
+        Some(v) => crate::duration::parse(&v)
+            .map_err(|_| ConfigError::Invalid(key.to_owned(), "expected a duration like 15m")),
+    };
+    let actor_kinds = match src.get("delegation.actor_kinds") {
+        None => defaults.actor_kinds,
+        Some(v) => v
+            .split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    };
+    let issuer = src.get("oidc_provider.issuer");
+    if let Some(url) = &issuer {
+        if !url.starts_with("https://") || url.ends_with('/') || url.contains(['?', '#']) {
+            return Err(ConfigError::Invalid(
+                "oidc_provider.issuer".into(),
+                "expected an https:// URL without a trailing '/', query or fragment",
+            ));
+        }
+    }
+    let trust_domain = src.get("oidc_provider.trust_domain");
+    if let Some(td) = &trust_domain {
+        let ok = !td.is_empty()
+            && td.len() <= 255
+            && td.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+            });
+        if !ok {
+            return Err(ConfigError::Invalid(
+                "oidc_provider.trust_domain".into(),
+                "expected a SPIFFE trust domain: [a-z0-9._-], at most 255 bytes",
+            ));
+        }
+    }
+    let algorithm = match src.get("oidc_provider.algorithm").as_deref() {
+        None | Some("ES256") => "ES256".to_owned(),
+        Some("EdDSA") => "EdDSA".to_owned(),
+        Some(_) => {
+            return Err(ConfigError::Invalid(
+                "oidc_provider.algorithm".into(),
+                "expected ES256 or EdDSA",
+            ))
+        }
+    };
+    let config = FederationConfig {
+        delegation_max_ttl: duration("delegation.max_ttl", defaults.delegation_max_ttl)?,
+        actor_kinds,
+        issuer,
+        trust_domain,
+        algorithm,
+        rotation_period: duration("oidc_provider.rotation_period", defaults.rotation_period)?,
+    };
+    if config.delegation_max_ttl.is_zero() || config.rotation_period.is_zero() {
+        return Err(ConfigError::Invalid(
+            "delegation.max_ttl".into(),
+            "durations must be at least 1s",
+        ));
+    }
+    Ok(config)
+}
 
 /// How the server loads OIDC issuers' key sets (`oidc.*`).
 #[derive(Debug, Clone, Default)]
@@ -309,6 +426,11 @@ fn flatten(
             toml::Value::Boolean(b) => {
                 out.insert(key, b.to_string());
             }
+            // A list of words (`delegation.actor_kinds`): read as a comma list.
+            toml::Value::Array(items) if items.iter().all(|i| i.is_str()) => {
+                let words: Vec<&str> = items.iter().filter_map(|i| i.as_str()).collect();
+                out.insert(key, words.join(","));
+            }
             _ => {
                 return Err(ConfigError::Invalid(
                     key,
@@ -329,7 +451,12 @@ pub fn load_file(path: &Path) -> Result<ServerConfig, ConfigError> {
         .map_err(|e: toml::de::Error| ConfigError::Toml(e.message().to_owned()))?;
     let mut flat = BTreeMap::new();
     flatten("", &table, &mut flat)?;
-    let known = || KEYS.iter().chain(SERVER_LIMIT_KEYS).chain(GOVERNANCE_KEYS);
+    let known = || {
+        KEYS.iter()
+            .chain(SERVER_LIMIT_KEYS)
+            .chain(GOVERNANCE_KEYS)
+            .chain(FEDERATION_KEYS)
+    };
     for key in flat.keys() {
         if !known().any(|(k, _)| k == key) {
             return Err(ConfigError::Unknown(key.clone()));
@@ -437,6 +564,7 @@ pub fn parse(src: &dyn Source, base: &Path) -> Result<ServerConfig, ConfigError>
             },
         },
         governance: parse_governance(src)?,
+        federation: parse_federation(src)?,
     })
 }
 

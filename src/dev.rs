@@ -111,6 +111,7 @@ pub async fn open_with(
         server_limits: ServerLimits::default(),
         audit: Default::default(),
         governance: Default::default(),
+        federation: Default::default(),
         oidc: OidcConfig {
             // A dev server fetches JWKS only from servers its own CA signed
             // (a local test issuer); production names a bundle in the config.

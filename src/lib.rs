@@ -46,9 +46,10 @@
 //!   providers; it takes `RotationDeps`, never the core), `governance` (the
 //!   report and its gauges), `lease` (leases of dynamic credentials, their
 //!   expiry index and sleeper), `dynamic` (dynamic roles, users made on
-//!   PostgreSQL, MariaDB and Redis under a lease).
-//!   report and its gauges), `lifecycle` (per-identity read sets,
-//!   decommission runs, attestations, policy suggestions; `LifecycleDeps`).
+//!   PostgreSQL, MariaDB and Redis under a lease), `lifecycle` (per-identity
+//!   read sets, decommission runs, attestations, policy suggestions;
+//!   `LifecycleDeps`), `federation` (delegated tokens' rules; keyward as an
+//!   OIDC issuer: signing keys and roles under `federation/`).
 //! - `audit` — the hash-chained, fail-closed audit log; `barrier` — the seal,
 //!   the keyring and AES-256-GCM around every value; `metrics` — Prometheus
 //!   families, with no domain import (owners register `Refresh` hooks).
@@ -73,6 +74,7 @@ pub mod core;
 pub mod dev;
 pub mod duration;
 pub mod dynamic;
+pub mod federation;
 pub mod governance;
 pub mod http;
 pub mod identity;

@@ -55,6 +55,9 @@ pub struct CompiledSet {
     names: Vec<Arc<str>>,
     /// Rule paths per policy, in file order.
     rule_paths: Vec<Vec<Arc<str>>>,
+    /// A delegated token's set: the actor's policies, which must allow too
+    /// (and both sides skip rules written with `delegated = false`).
+    actor: Option<Arc<CompiledSet>>,
 }
 
 impl CompiledSet {
@@ -65,10 +68,29 @@ impl CompiledSet {
     /// Checks without allocating; on a grant, the names of the granting
     /// policy and rule path (shared, not copied).
     pub fn check(&self, resource: &str, capability: Capability) -> Option<GrantNames<'_>> {
-        match self.set.check(resource, capability) {
+        if !self.actor_allows(resource, capability) {
+            return None;
+        }
+        match self
+            .set
+            .check_as(resource, capability, self.actor.is_some())
+        {
             Decision::Allowed { policy, rule } => self.grant(policy, rule),
             Decision::Denied => None,
         }
+    }
+
+    /// Whether this is a delegated token's set (subject and actor sides).
+    pub fn is_delegated(&self) -> bool {
+        self.actor.is_some()
+    }
+
+    /// For a delegated token: the actor's side allows it too. True for any
+    /// other token.
+    fn actor_allows(&self, resource: &str, capability: Capability) -> bool {
+        self.actor
+            .as_ref()
+            .is_none_or(|actor| actor.set.check_as(resource, capability, true).is_allowed())
     }
 
     /// [`CompiledSet::check`], minting the proof a domain write requires.
@@ -77,7 +99,12 @@ impl CompiledSet {
         resource: &str,
         capability: Capability,
     ) -> Option<(Authorized, GrantNames<'_>)> {
-        let proof = self.set.authorize(resource, capability)?;
+        if !self.actor_allows(resource, capability) {
+            return None;
+        }
+        let proof = self
+            .set
+            .authorize_as(resource, capability, self.actor.is_some())?;
         let (policy, rule) = proof.rule()?;
         let grant = self.grant(policy, rule)?;
         Some((proof, grant))
@@ -288,8 +315,40 @@ impl PolicyStore {
             set: PolicySet::new(compiled)?,
             names: set_names,
             rule_paths,
+            actor: None,
         });
         self.insert_set_if_current(generation, names, set.clone());
+        Ok(set)
+    }
+
+    /// The set of a delegated token: `subject` policies (whose grants are
+    /// recorded) and `actor` policies, both of which must allow; cached like
+    /// any set (under a key no plain list can have: names hold no NUL).
+    pub fn delegated_set(
+        &self,
+        subject: &[String],
+        actor: &[String],
+    ) -> Result<Arc<CompiledSet>, PolicyStoreError> {
+        let mut key = Vec::with_capacity(subject.len() + actor.len() + 1);
+        key.extend_from_slice(subject);
+        key.push("\0actor".to_owned());
+        key.extend_from_slice(actor);
+        let generation = {
+            let cache = self.inner.cache.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(set) = cache.sets.get(&key) {
+                return Ok(set.clone());
+            }
+            cache.generation
+        };
+        let subject = self.compiled_set(subject)?;
+        let actor = self.compiled_set(actor)?;
+        let set = Arc::new(CompiledSet {
+            set: subject.set.clone(),
+            names: subject.names.clone(),
+            rule_paths: subject.rule_paths.clone(),
+            actor: Some(actor),
+        });
+        self.insert_set_if_current(generation, &key, set.clone());
         Ok(set)
     }
 }
@@ -467,6 +526,7 @@ mod tests {
             set: PolicySet::new(vec![stale_compiled]).unwrap(),
             names: vec![Arc::from("app")],
             rule_paths: vec![vec![Arc::from("secret/app/*")]],
+            actor: None,
         });
         // ...then a put narrows it and clears the cache before the insert.
         put(&store, &policy("app", narrow)).unwrap();

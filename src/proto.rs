@@ -31,7 +31,9 @@ redacted_debug!(
     v1::LookupTokenRequest,
     v1::RevokeTokenRequest,
     v1::CreateSecretIdResponse,
-    v1::AuditHashRequest
+    v1::AuditHashRequest,
+    v1::ExchangeTokenRequest,
+    v1::IdentityTokenResponse
 );
 
 /// A dynamic credential: everything but the password.

@@ -179,6 +179,7 @@ impl Server {
         );
         core.set_oidc(&config.oidc)
             .map_err(|e| ServerError::OidcCa(e.to_string()))?;
+        core.federation.set_config(config.federation.clone());
         let core = Arc::new(core);
         core.publish_gauges();
         Ok(Self {
@@ -305,6 +306,12 @@ impl Server {
                     ),
                 )
                 .max_decoding_message_size(max),
+            )
+            .add_service(
+                crate::proto::v1::federation_server::FederationServer::new(
+                    crate::api::federation::FederationService::new(core.clone()),
+                )
+                .max_decoding_message_size(max),
             );
         Ok((router, health_for_http))
     }
@@ -381,6 +388,11 @@ impl Server {
         let audit = core.audit.clone();
         tasks.spawn("audit-reopen", move |shutdown| {
             reopen_audit_on_hangup(audit, shutdown)
+        });
+        // OIDC signing keys: a new one every oidc_provider.rotation_period.
+        let federation = core.federation.clone();
+        tasks.spawn("oidc-key-rotation", move |shutdown| {
+            federation.run_rotation(shutdown)
         });
         // Rotation: the scheduler runs while unsealed; its task ends once its
         // workers have stopped at a step boundary.

@@ -92,6 +92,9 @@ fn token_info(i: crate::token::TokenInfo) -> TokenInfo {
         cidrs: i.cidrs,
         parent_accessor: i.parent_accessor,
         method: i.method,
+        may_act: i.may_act,
+        actor_identity: i.actor_identity,
+        actor_accessor: i.actor_accessor,
     }
 }
 
@@ -216,7 +219,13 @@ impl Auth for AuthService {
             r.uses,
             &r.cidrs,
         )?;
-        let issued = call.check(self.core.tokens.issue(request, self.core.clock().now_ms()))?;
+        // `--may-act`: an exchange-only token naming the agent (issue 17).
+        let delegation = super::federation::may_act(&self.core, &mut call, &r.may_act)?;
+        let issued = call.check(self.core.tokens.issue_with(
+            request,
+            delegation,
+            self.core.clock().now_ms(),
+        ))?;
         call.check(self.core.barrier.durable().await)?;
         call.set_resource(format!("{TOKEN_RESOURCE}/{}", issued.accessor));
         call.ok_async(&[]).await?;
@@ -302,5 +311,13 @@ impl Auth for AuthService {
         call.check(self.core.barrier.durable().await)?;
         call.ok(&[])?;
         Ok(Response::new(RevokeTokenResponse { revoked }))
+    }
+
+    /// RFC 8693 exchange (`api/federation.rs`).
+    async fn exchange_token(
+        &self,
+        req: Request<ExchangeTokenRequest>,
+    ) -> Result<Response<TokenResponse>, Status> {
+        super::federation::exchange(&self.core, req).await
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod dynamic;
+pub mod federation;
 pub mod governance;
 pub mod identities;
 pub mod leases;

@@ -10,7 +10,8 @@
 //!
 //! ```text
 //! {"seq":N,"time":"2025-01-02T03:04:05.678Z","request_id":"..","method":"..","resource":"..",
-//!  "identity":"..","accessor":"..","source":"..","outcome":"allowed|denied|failed","code":"OK",
+//!  "identity":"..","accessor":"..","actor_identity":"..","actor_accessor":"..",
+//!  "subject_accessor":"..","source":"..","outcome":"allowed|denied|failed","code":"OK",
 //!  "error":"..","token":"hmac-sha256:<hex>","data":{"field":"hmac-sha256:<hex>"},
 //!  "prev":"<64 hex>","hash":"<64 hex>"}
 //! ```
@@ -189,6 +190,9 @@ pub struct AuditEvent<'a> {
     pub resource: Option<&'a str>,
     pub identity: Option<&'a str>,
     pub accessor: Option<&'a str>,
+    /// A delegated token's actor chain: `identity` acts for nobody but is
+    /// the subject; these name the agent acting for it.
+    pub actor: Option<AuditActor<'a>>,
     /// The peer address.
     pub source: Option<&'a str>,
     pub outcome: Outcome,
@@ -202,6 +206,16 @@ pub struct AuditEvent<'a> {
     pub values: &'a [(&'a str, &'a [u8])],
 }
 
+/// Who acted with a delegated token (RFC 8693 `act`), written after the
+/// accessor as `"actor_identity"`, `"actor_accessor"`, `"subject_accessor"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AuditActor<'a> {
+    pub identity: &'a str,
+    pub accessor: &'a str,
+    /// The subject's token, which the delegated token was made from.
+    pub subject_accessor: &'a str,
+}
+
 impl fmt::Debug for AuditEvent<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let fields: Vec<&str> = self.values.iter().map(|(name, _)| *name).collect();
@@ -211,6 +225,7 @@ impl fmt::Debug for AuditEvent<'_> {
             .field("resource", &self.resource)
             .field("identity", &self.identity)
             .field("accessor", &self.accessor)
+            .field("actor", &self.actor)
             .field("source", &self.source)
             .field("outcome", &self.outcome)
             .field("code", &self.code)
@@ -1603,6 +1618,11 @@ fn write_fields(
     push_optional(buf, b"resource", event.resource);
     push_optional(buf, b"identity", event.identity);
     push_optional(buf, b"accessor", event.accessor);
+    if let Some(actor) = &event.actor {
+        push_optional(buf, b"actor_identity", Some(actor.identity));
+        push_optional(buf, b"actor_accessor", Some(actor.accessor));
+        push_optional(buf, b"subject_accessor", Some(actor.subject_accessor));
+    }
     push_optional(buf, b"source", event.source);
     buf.extend_from_slice(b",\"outcome\":\"");
     buf.extend_from_slice(event.outcome.as_str().as_bytes());

@@ -576,6 +576,7 @@ fn bench_config(dir: &Path) -> ServerConfig {
         oidc: Default::default(),
         server_limits: keyward::config::ServerLimits::default(),
         audit: Default::default(),
+        federation: Default::default(),
         http_listen: None,
         governance: Default::default(),
     }

@@ -16,6 +16,8 @@ use keyward::proto::v1::{
 pub enum IdentityCommand {
     /// Add an identity to the inventory.
     Create(CreateArgs),
+    /// A signed identity token (JWT) of the caller's identity for an OIDC role.
+    Token(super::federation::IdentityTokenArgs),
     Get {
         name: String,
     },
@@ -374,6 +376,9 @@ pub async fn identity(g: &Global, format: Format, cmd: IdentityCommand) -> Resul
         IdentityCommand::Attest(args) => return super::lifecycle::attest(g, format, args).await,
         IdentityCommand::Attestations => return super::lifecycle::attestations(g, format).await,
         IdentityCommand::Reads { name } => return super::lifecycle::reads(g, format, name).await,
+        IdentityCommand::Token(args) => {
+            return super::federation::identity_token(g, format, args).await
+        }
         IdentityCommand::Create(args) => {
             let request = args.request()?;
             identity_json(&connect(g).await?.identity_create(request).await?)

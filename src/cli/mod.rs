@@ -6,9 +6,10 @@
 mod bench;
 mod common;
 mod dynamic;
+mod federation;
 mod ident;
-mod ops;
 mod lifecycle;
+mod ops;
 mod output;
 mod pki;
 mod rotation;
@@ -106,6 +107,9 @@ pub enum Command {
     /// Exchange a credential for a short-lived token.
     #[command(subcommand)]
     Login(ident::LoginCommand),
+    /// keyward as an OIDC issuer: roles and signing keys.
+    #[command(subcommand)]
+    Oidc(federation::OidcCommand),
     /// The governance report: identities, owners, dormancy, unused grants, credentials.
     Report(ident::ReportArgs),
     /// Rotation policies: provider, schedule, grace period, settings.
@@ -260,7 +264,14 @@ pub enum TokenCommand {
         /// Source addresses allowed to use it (repeat for several).
         #[arg(long = "cidr", value_name = "CIDR")]
         cidrs: Vec<keyward::cidr::Cidr>,
+        /// Make an exchange-only token that only this identity (an agent)
+        /// may use, with `token exchange` (RFC 8693 may_act).
+        #[arg(long, value_name = "IDENTITY")]
+        may_act: Option<String>,
     },
+    /// Exchange a subject's exchange-only token for a delegated token, with
+    /// this (the agent's) token as the actor.
+    Exchange(federation::ExchangeArgs),
     /// Show a token: the current one, one by its text, or one by accessor.
     Lookup {
         /// A token's text (the global `--token` is the caller's own).

@@ -175,6 +175,7 @@ pub async fn bench_snapshot(dir: &std::path::Path, format: Format) -> Result<()>
         audit: Default::default(),
         http_listen: None,
         governance: Default::default(),
+        federation: Default::default(),
     };
     let server = keyward::server::Server::open(config)?;
     let core = server.core().clone();

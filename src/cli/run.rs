@@ -39,6 +39,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Identity(cmd) => super::ident::identity(&g, format, cmd).await,
         Command::OidcIssuer(cmd) => super::ident::oidc_issuer(&g, format, cmd).await,
         Command::Login(cmd) => super::ident::login(&g, format, cmd).await,
+        Command::Oidc(cmd) => super::federation::oidc(&g, format, cmd).await,
         Command::Report(args) => super::ident::report(&g, format, args).await,
         Command::Rotation(cmd) => super::rotation::rotation(&g, format, cmd).await,
         Command::Rotate { path, no_wait } => {
@@ -285,6 +286,10 @@ fn token_info_json(format: Format, i: &keyward::proto::v1::TokenInfo) -> Value {
         "cidrs": i.cidrs,
         "parent_accessor": text_or_null(&i.parent_accessor),
         "method": i.method,
+        "may_act": text_or_null(&i.may_act),
+        "actor": if i.actor_accessor.is_empty() { Value::Null } else {
+            json!({"identity": i.actor_identity, "accessor": i.actor_accessor})
+        },
     })
 }
 
@@ -296,17 +301,19 @@ async fn token(g: &Global, format: Format, cmd: TokenCommand) -> Result<()> {
             max_ttl,
             uses,
             cidrs,
+            may_act,
         } => {
-            let r = connect(g)
-                .await?
-                .issue_token(IssueOptions {
-                    policies,
-                    ttl: ttl.map(|t| t.as_duration()),
-                    max_ttl: max_ttl.map(|t| t.as_duration()),
-                    uses: uses.unwrap_or(0),
-                    cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
-                })
-                .await?;
+            let options = IssueOptions {
+                policies,
+                ttl: ttl.map(|t| t.as_duration()),
+                max_ttl: max_ttl.map(|t| t.as_duration()),
+                uses: uses.unwrap_or(0),
+                cidrs: cidrs.iter().map(|c| c.to_string()).collect(),
+            };
+            if let Some(agent) = may_act {
+                return super::federation::issue_may_act(g, format, options, &agent).await;
+            }
+            let r = connect(g).await?.issue_token(options).await?;
             emit(
                 format,
                 &json!({"token": r.token, "accessor": r.accessor, "expires_at": rfc3339(&r.expires_at), "policies": r.policies}),
@@ -321,6 +328,7 @@ async fn token(g: &Global, format: Format, cmd: TokenCommand) -> Result<()> {
             };
             emit(format, &token_info_json(format, &info));
         }
+        TokenCommand::Exchange(args) => super::federation::exchange(g, format, args).await?,
         TokenCommand::Renew { increment } => {
             let info = connect(g)
                 .await?

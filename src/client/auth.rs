@@ -21,7 +21,7 @@ pub struct IssueOptions {
 }
 
 impl Client {
-    fn auth(&self) -> AuthClient<Channel> {
+    pub(crate) fn auth(&self) -> AuthClient<Channel> {
         AuthClient::new(self.channel.clone())
     }
 
@@ -34,6 +34,7 @@ impl Client {
             max_ttl_seconds: options.max_ttl.map_or(0, |d| d.as_secs()),
             uses: options.uses,
             cidrs: options.cidrs,
+            ..Default::default()
         });
         Ok(self.auth().issue_token(req).await?.into_inner())
     }

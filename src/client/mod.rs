@@ -27,6 +27,7 @@ mod auth;
 mod dynamic;
 mod leases;
 pub use dynamic::DynamicRoleSpec;
+mod federation;
 mod identities;
 mod lifecycle;
 mod login;
@@ -34,6 +35,7 @@ mod pki;
 mod policies;
 
 pub use auth::IssueOptions;
+pub use federation::ExchangeOptions;
 
 // -- rotation (issue 4) --
 mod rotation;

@@ -37,6 +37,12 @@ pub enum AuthError {
     SourceNotAllowed,
     #[error("permission denied")]
     Denied,
+    /// A `may_act` token, good for `token exchange` by the agent it names
+    /// and for nothing else.
+    #[error(
+        "this token is exchange-only: only the identity it names may use it, with 'token exchange'"
+    )]
+    ExchangeOnly,
     #[error("stored token record is corrupt")]
     Corrupt,
     #[error(transparent)]
@@ -74,15 +80,40 @@ pub struct Caller {
     /// This call used up one of a limited token's uses: the count is written
     /// but must be made durable before acting (`Call::begin` does).
     pub counted_use: bool,
-    /// The compiled policies of the token.
+    /// The compiled policies of the token (for a delegated token, both the
+    /// subject's and the actor's sides).
     pub set: Arc<CompiledSet>,
+    /// A delegated token: who acts, for whom (`identity` is the subject).
+    pub actor: Option<ActorChain>,
+}
+
+/// The actor chain of a delegated token (RFC 8693 `act`), for the audit
+/// record of every request made with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActorChain {
+    pub actor_identity: String,
+    pub actor_accessor: String,
+    /// The subject's token (the delegated token's parent).
+    pub subject_accessor: String,
+}
+
+impl ActorChain {
+    fn of(record_actor: &str, actor_accessor: &str, parent: &str) -> Option<Self> {
+        (!actor_accessor.is_empty()).then(|| ActorChain {
+            actor_identity: record_actor.to_owned(),
+            actor_accessor: actor_accessor.to_owned(),
+            subject_accessor: parent.to_owned(),
+        })
+    }
 }
 
 impl Caller {
     pub fn is_root(&self) -> bool {
-        self.policies
-            .iter()
-            .any(|p| p == crate::policy::ROOT_POLICY)
+        self.actor.is_none()
+            && self
+                .policies
+                .iter()
+                .any(|p| p == crate::policy::ROOT_POLICY)
     }
 }
 
@@ -138,15 +169,45 @@ impl Gate {
     pub fn authenticate(&self, token: &str, source: Option<IpAddr>) -> Result<Caller, AuthError> {
         let now = self.clock.now_ms();
         let used = self.tokens.use_token(token, source, now)?;
-        let set = self.policies.compiled_set(&used.record.policies)?;
+        // Here, where every call's token is authenticated, so that no
+        // handler can forget it: an exchange-only token acts for nobody
+        // (`token exchange` reads it as the subject token, not through here).
+        if used.record.is_exchange_only() {
+            return Err(AuthError::ExchangeOnly);
+        }
+        let set = self.set_of(
+            &used.record.policies,
+            &used.record.actor_policies,
+            used.record.is_delegated(),
+        )?;
         self.usage.record(&used.record.identity, None, now);
         Ok(Caller {
+            actor: ActorChain::of(
+                &used.record.actor_identity,
+                &used.record.actor_accessor,
+                &used.record.parent_accessor,
+            ),
             identity: used.record.identity,
             accessor: used.record.accessor,
             policies: used.record.policies,
             expires_at_ms: used.record.expires_at_ms,
             counted_use: used.counted,
             set,
+        })
+    }
+
+    /// The compiled set of a token: for a delegated one, its own (the
+    /// subject's side) and its actor's policies, both of which must allow.
+    fn set_of(
+        &self,
+        policies: &[String],
+        actor_policies: &[String],
+        delegated: bool,
+    ) -> Result<Arc<CompiledSet>, AuthError> {
+        Ok(if delegated {
+            self.policies.delegated_set(policies, actor_policies)?
+        } else {
+            self.policies.compiled_set(policies)?
         })
     }
 
@@ -161,8 +222,17 @@ impl Gate {
             .tokens
             .lookup_accessor(&caller.accessor, now)?
             .ok_or(AuthError::BadToken)?;
-        let set = self.policies.compiled_set(&info.policies)?;
+        if !info.may_act.is_empty() {
+            return Err(AuthError::ExchangeOnly);
+        }
+        let delegated = !info.actor_accessor.is_empty();
+        let set = self.set_of(&info.policies, &info.actor_policies, delegated)?;
         Ok(Caller {
+            actor: ActorChain::of(
+                &info.actor_identity,
+                &info.actor_accessor,
+                &info.parent_accessor,
+            ),
             identity: info.identity,
             accessor: info.accessor,
             policies: info.policies,

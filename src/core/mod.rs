@@ -81,6 +81,8 @@ pub struct Core {
     pub reads: ReadSet,
     /// Decommission, attestation, suggestions (issue 13).
     pub lifecycle: Lifecycle,
+    /// Delegation rules and the OIDC issuer (`federation/`).
+    pub federation: Arc<crate::federation::Federation>,
 }
 
 impl Core {
@@ -101,6 +103,11 @@ impl Core {
         let audit = Arc::new(audit);
         let identities = Arc::new(IdentityStore::new(barrier.clone()));
         let barrier_for_pki = barrier.clone();
+        let federation = Arc::new(crate::federation::Federation::new(
+            barrier.clone(),
+            clock.clone(),
+            &metrics,
+        ));
         let rotation_deps = RotationDeps {
             secrets: secrets.clone(),
             audit: audit.clone(),
@@ -167,6 +174,7 @@ impl Core {
             )),
             pki: Arc::new(PkiStore::new(barrier_for_pki, Arc::new(ClientTrust::new()))),
             oidc_jwks_dir: None,
+            federation,
             clock,
             shutdown,
             reads,
@@ -251,6 +259,7 @@ impl Core {
         let _guard = self.seal_lock.lock().await;
         self.persist_usage().await;
         self.gate.on_seal();
+        self.federation.issuer.on_seal();
         self.audit.set_hmac_key(None);
         self.barrier.seal();
         self.metrics.set_sealed(true);

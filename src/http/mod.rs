@@ -22,6 +22,7 @@
 pub mod kv;
 pub mod listen;
 pub mod login;
+pub mod oidc;
 pub mod reply;
 pub mod sys;
 pub mod token;
@@ -76,6 +77,7 @@ pub fn router(state: HttpState) -> Router {
         .merge(kv::routes())
         .merge(token::routes())
         .merge(login::routes())
+        .merge(oidc::routes())
         // OIDC discovery (src/http/oidc.rs) merges here: `.merge(oidc::routes())`.
         .fallback(not_found)
         .with_state(state)

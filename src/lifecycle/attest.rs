@@ -209,6 +209,7 @@ impl Lifecycle {
                 resource: Some(&resource),
                 identity: Some(LIFECYCLE_IDENTITY),
                 accessor: None,
+                actor: None,
                 source: None,
                 outcome: Outcome::Allowed,
                 code: "OK",

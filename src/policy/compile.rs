@@ -38,6 +38,8 @@ struct CompiledRule {
     index: u16,
     capabilities: CapabilitySet,
     deny: bool,
+    /// A grant that reaches delegated tokens too (`delegated = false` off).
+    delegated: bool,
     /// Segments after the root; consecutive `**` are merged into one.
     segments: Box<[Seg]>,
     /// Bounds on the number of resource segments after the root this rule can
@@ -82,6 +84,7 @@ impl CompiledPolicy {
                 index,
                 capabilities: rule.capabilities,
                 deny: rule.capabilities.contains(Capability::Deny),
+                delegated: rule.grants_delegated(),
                 segments: segments.into_boxed_slice(),
                 min_len: fixed,
                 max_len: if open { usize::MAX } else { fixed },
@@ -108,13 +111,15 @@ impl CompiledPolicy {
         if cap == Capability::Deny {
             return Decision::Denied;
         }
-        match self.verdict(&resource, cap) {
+        match self.verdict(&resource, cap, false) {
             Verdict::Grant(rule) => Decision::Allowed { policy: 0, rule },
             Verdict::Deny | Verdict::Silent => Decision::Denied,
         }
     }
 
-    fn verdict(&self, resource: &Resource<'_>, cap: Capability) -> Verdict {
+    /// `delegated`: the holder is a delegated token, which rules with
+    /// `delegated = false` grant nothing (their denies still apply).
+    fn verdict(&self, resource: &Resource<'_>, cap: Capability, delegated: bool) -> Verdict {
         let rules = self
             .by_root
             .get(resource.root as usize)
@@ -124,7 +129,11 @@ impl CompiledPolicy {
             if resource.len < rule.min_len || resource.len > rule.max_len {
                 continue;
             }
-            if !rule.deny && (grant.is_some() || !rule.capabilities.contains(cap)) {
+            if !rule.deny
+                && (grant.is_some()
+                    || !rule.capabilities.contains(cap)
+                    || (delegated && !rule.delegated))
+            {
                 // Cannot change the outcome: skip the walk.
                 continue;
             }
@@ -188,6 +197,12 @@ impl PolicySet {
     /// May the holder use `cap` on `resource`? Does not allocate. Asking for
     /// `Capability::Deny` is always denied.
     pub fn check(&self, resource: &str, cap: Capability) -> Decision {
+        self.check_as(resource, cap, false)
+    }
+
+    /// [`PolicySet::check`] for a delegated token (`delegated`): rules
+    /// written with `delegated = false` grant it nothing.
+    pub fn check_as(&self, resource: &str, cap: Capability, delegated: bool) -> Decision {
         let Some(resource) = Resource::parse(resource) else {
             return Decision::Denied;
         };
@@ -196,7 +211,7 @@ impl PolicySet {
         }
         let mut granted = None;
         for (policy, compiled) in (0..=u16::MAX).zip(self.policies.iter()) {
-            match compiled.verdict(&resource, cap) {
+            match compiled.verdict(&resource, cap, delegated) {
                 Verdict::Deny => return Decision::Denied,
                 Verdict::Grant(rule) if granted.is_none() => {
                     granted = Some(Decision::Allowed { policy, rule });
@@ -211,7 +226,18 @@ impl PolicySet {
     /// the one way to mint an [`Authorized`] for a caller. Allocates only on
     /// a grant (the proof owns its resource path).
     pub fn authorize(&self, resource: &str, cap: Capability) -> Option<Authorized> {
-        match self.check(resource, cap) {
+        self.authorize_as(resource, cap, false)
+    }
+
+    /// [`PolicySet::authorize`] for a delegated token (see
+    /// [`PolicySet::check_as`]).
+    pub fn authorize_as(
+        &self,
+        resource: &str,
+        cap: Capability,
+        delegated: bool,
+    ) -> Option<Authorized> {
+        match self.check_as(resource, cap, delegated) {
             Decision::Allowed { policy, rule } => {
                 Some(Authorized::granted(resource, cap, policy, rule))
             }
@@ -414,6 +440,42 @@ mod tests {
         for (glob, resource, want) in table {
             assert_eq!(glob_matches(glob, resource), *want, "{glob} vs {resource}");
         }
+    }
+
+    #[test]
+    fn delegated_false_rules_grant_nothing_to_delegated_tokens() {
+        let text = "[[rule]]\npath = \"secret/app/**\"\ncapabilities = [\"read\"]\n\
+                    [[rule]]\npath = \"secret/app/danger\"\ncapabilities = [\"delete\"]\ndelegated = false\n\
+                    [[rule]]\npath = \"secret/app/never\"\ncapabilities = [\"deny\"]\ndelegated = false\n";
+        let p = Policy::parse("app", text).unwrap();
+        // Written back as it was read.
+        assert_eq!(Policy::parse("app", &p.to_toml()).unwrap(), p);
+        assert!(p.to_toml().contains("delegated = false"));
+        let s = set(&[p]);
+        assert!(s
+            .check("secret/app/danger", Capability::Delete)
+            .is_allowed());
+        assert!(s
+            .check_as("secret/app/x", Capability::Read, true)
+            .is_allowed());
+        assert_eq!(
+            s.check_as("secret/app/danger", Capability::Delete, true),
+            Decision::Denied
+        );
+        // A deny applies to every token, whatever `delegated` says.
+        assert_eq!(
+            s.check("secret/app/never", Capability::Read),
+            Decision::Denied
+        );
+        assert_eq!(
+            s.check_as("secret/app/never", Capability::Read, true),
+            Decision::Denied
+        );
+        let bad = Policy::parse(
+            "app",
+            "[[rule]]\npath = \"secret/a\"\ncapabilities = [\"read\"]\ndelegated = \"no\"\n",
+        );
+        assert!(bad.is_err());
     }
 
     #[test]

@@ -198,6 +198,9 @@ fn parse_segment(part: &str, segment: usize) -> Result<GlobSegment, RuleProblem>
 pub struct Rule {
     pub(crate) path: PathGlob,
     pub(crate) capabilities: CapabilitySet,
+    /// `delegated = false`: the rule grants nothing to a delegated token (a
+    /// deny rule refuses every token whatever this says).
+    pub(crate) delegated: bool,
 }
 
 impl Rule {
@@ -212,6 +215,12 @@ impl Rule {
 
     pub fn is_deny(&self) -> bool {
         self.capabilities.contains(Capability::Deny)
+    }
+
+    /// Whether the rule's grants reach a delegated token (`delegated`,
+    /// default true).
+    pub fn grants_delegated(&self) -> bool {
+        self.delegated
     }
 }
 
@@ -235,6 +244,8 @@ struct PolicyFile {
 struct RuleFile {
     path: String,
     capabilities: Vec<String>,
+    #[serde(default)]
+    delegated: Option<bool>,
 }
 
 /// Refuses a name that users may not give a policy: anything outside
@@ -308,6 +319,7 @@ impl Policy {
                 .map(|root| Rule {
                     path: PathGlob::everything_under(root),
                     capabilities: CapabilitySet::ALL_GRANTS,
+                    delegated: true,
                 })
                 .collect(),
         }
@@ -346,6 +358,9 @@ impl Policy {
                 rule.path.text,
                 caps.join(", ")
             );
+            if !rule.delegated {
+                out.push_str("delegated = false\n");
+            }
         }
         out
     }
@@ -366,7 +381,11 @@ fn parse_rule(table: toml::Table) -> Result<Rule, RuleProblem> {
     if capabilities.contains(Capability::Deny) && capabilities.len() > 1 {
         return Err(RuleProblem::DenyWithGrants);
     }
-    Ok(Rule { path, capabilities })
+    Ok(Rule {
+        path,
+        capabilities,
+        delegated: file.delegated.unwrap_or(true),
+    })
 }
 
 #[cfg(test)]

@@ -109,6 +109,7 @@ fn audit_step(
         resource: Some(&resource),
         identity: Some(BROKER_IDENTITY),
         accessor: None,
+        actor: None,
         source: None,
         outcome: if failed.is_some() {
             Outcome::Failed
@@ -174,6 +175,7 @@ fn audit_reference(
             "unknown"
         }),
         accessor: None,
+        actor: None,
         source: None,
         outcome: if refused.is_some() {
             Outcome::Denied

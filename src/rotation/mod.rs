@@ -951,6 +951,7 @@ impl Broker {
                 resource: Some(&resource),
                 identity: Some(who.identity),
                 accessor: Some(who.accessor),
+                actor: None,
                 source: None,
                 outcome: Outcome::Allowed,
                 code: "OK",

@@ -9,6 +9,6 @@ pub mod format;
 pub mod store;
 
 pub use store::{
-    IssuedToken, LongLived, PolicyNames, RevokeListener, SweepOutcome, TokenError, TokenInfo,
-    TokenRecord, TokenRequest, TokenStore, TokenUse,
+    Delegation, IssuedToken, LongLived, PolicyNames, RevokeListener, SweepOutcome, TokenError,
+    TokenInfo, TokenRecord, TokenRequest, TokenStore, TokenUse,
 };

@@ -100,6 +100,8 @@ pub enum TokenError {
     NotFound,
     #[error("the parent token is not valid")]
     ParentInvalid,
+    #[error("the actor token is not valid")]
+    ActorInvalid,
     #[error("policy '{0}' is not held by the parent token")]
     NotSubset(String),
     #[error("the child's CIDR blocks must lie inside the parent token's")]
@@ -205,6 +207,19 @@ pub struct TokenRecord {
     /// `tokens/expiry/`).
     #[prost(bool, tag = "16")]
     pub derived: bool,
+    /// An exchange-only token (RFC 8693 `may_act`): the one identity that
+    /// may exchange it; it is refused for any other use.
+    #[prost(string, tag = "17")]
+    pub may_act: String,
+    /// A delegated token: the actor's identity and token (revoking that
+    /// token revokes this one) and the actor token's policies, which must
+    /// allow every use too.
+    #[prost(string, tag = "18")]
+    pub actor_identity: String,
+    #[prost(string, tag = "19")]
+    pub actor_accessor: String,
+    #[prost(string, repeated, tag = "20")]
+    pub actor_policies: Vec<String>,
 }
 
 impl TokenRecord {
@@ -232,7 +247,21 @@ impl TokenRecord {
             cidrs: self.cidrs.clone(),
             parent_accessor: self.parent_accessor.clone(),
             method: self.method.clone(),
+            may_act: self.may_act.clone(),
+            actor_identity: self.actor_identity.clone(),
+            actor_accessor: self.actor_accessor.clone(),
+            actor_policies: self.actor_policies.clone(),
         }
+    }
+
+    /// A delegated token (made by an exchange).
+    pub fn is_delegated(&self) -> bool {
+        !self.actor_accessor.is_empty()
+    }
+
+    /// An exchange-only token (`may_act`).
+    pub fn is_exchange_only(&self) -> bool {
+        !self.may_act.is_empty()
     }
 }
 
@@ -252,6 +281,22 @@ pub struct TokenInfo {
     pub cidrs: Vec<String>,
     pub parent_accessor: String,
     pub method: String,
+    /// Exchange-only token: the identity that may exchange it ("" if none).
+    pub may_act: String,
+    /// Delegated token: the actor's identity and token ("" if none).
+    pub actor_identity: String,
+    pub actor_accessor: String,
+    pub actor_policies: Vec<String>,
+}
+
+/// The RFC 8693 parts of a new token (none for an ordinary token).
+#[derive(Debug, Clone, Default)]
+pub struct Delegation {
+    /// An exchange-only token that this identity alone may exchange.
+    pub may_act: Option<String>,
+    /// A delegated token: the actor's token (accessor), which must be live
+    /// and which bounds its life; revoking it revokes this token.
+    pub actor_accessor: Option<String>,
 }
 
 /// The answer to "may this token be used now, from here?".
@@ -666,19 +711,50 @@ impl TokenStore {
     /// (a parent holding `root` may give anything) and it never outlives the
     /// parent's maximum life.
     pub fn issue(&self, req: TokenRequest, now_ms: u64) -> Result<IssuedToken, TokenError> {
+        self.issue_with(req, Delegation::default(), now_ms)
+    }
+
+    /// [`TokenStore::issue`] of an exchange-only or a delegated token. A
+    /// delegated token also lives no longer than its actor's token, holds its
+    /// policies as `actor_policies` and is linked under it as a child, so
+    /// revoking either token (or disabling either identity) revokes it.
+    pub fn issue_with(
+        &self,
+        req: TokenRequest,
+        delegation: Delegation,
+        now_ms: u64,
+    ) -> Result<IssuedToken, TokenError> {
         let policies = self.checked_policies(&req)?;
         // The write lock keeps a child from being linked under a parent being
         // revoked. A token without a parent links to nothing: a login (the
         // hot path) does not queue behind other writes. (A login checks its
         // identity again once the token is stored, for a disable or delete
         // that ran meanwhile.)
-        let _guard = req
-            .parent_accessor
-            .is_some()
+        let _guard = (req.parent_accessor.is_some() || delegation.actor_accessor.is_some())
             .then(|| self.inner.writes.lock().unwrap_or_else(|e| e.into_inner()));
-        let bounds = self.parent_bounds(&req, &policies, now_ms)?;
+        let mut bounds = self.parent_bounds(&req, &policies, now_ms)?;
+        let actor = match &delegation.actor_accessor {
+            Some(acc) => {
+                let actor = self
+                    .record(acc)?
+                    .filter(|a| !a.is_expired(now_ms))
+                    .ok_or(TokenError::ActorInvalid)?;
+                if actor.is_delegated() || actor.is_exchange_only() {
+                    return Err(TokenError::ActorInvalid);
+                }
+                bounds.cap_ms = min_time(bounds.cap_ms, actor.expires_at_ms);
+                Some(actor)
+            }
+            None => None,
+        };
         let life = Lifetime::of(&req, bounds.cap_ms, now_ms)?;
-        let (token, record) = self.new_record(&req, policies, bounds.cidrs, life, now_ms)?;
+        let (token, mut record) = self.new_record(&req, policies, bounds.cidrs, life, now_ms)?;
+        record.may_act = delegation.may_act.unwrap_or_default();
+        if let Some(actor) = actor {
+            record.actor_identity = actor.identity;
+            record.actor_accessor = actor.accessor;
+            record.actor_policies = actor.policies;
+        }
         self.store_issued(&record)?;
         Ok(IssuedToken {
             token,
@@ -733,6 +809,11 @@ impl TokenStore {
             .record(parent)?
             .filter(|p| !p.is_expired(now_ms))
             .ok_or(TokenError::ParentInvalid)?;
+        if parent.is_delegated() {
+            return Err(TokenError::InvalidRequest(
+                "a delegated token cannot issue child tokens or be exchanged again",
+            ));
+        }
         if parent.uses_total != 0 {
             return Err(TokenError::InvalidRequest(
                 "a token with a use limit cannot issue child tokens",
@@ -793,6 +874,7 @@ impl TokenStore {
             max_ttl_ms: duration_ms(req.max_ttl),
             hard_expiry_ms: req.hard_expiry_ms.unwrap_or(0),
             derived: true,
+            ..TokenRecord::default()
         };
         Ok((token, record))
     }
@@ -812,9 +894,18 @@ impl TokenStore {
                 record.parent_accessor, record.accessor
             )
         });
-        let mut ops = Vec::with_capacity(3);
+        let actor_key = record.is_delegated().then(|| {
+            format!(
+                "{CHILDREN_PREFIX}{}/{}",
+                record.actor_accessor, record.accessor
+            )
+        });
+        let mut ops = Vec::with_capacity(4);
         ops.push(PlainOp::Put(&ttl, record.parent_accessor.as_bytes()));
         if let Some(k) = &child_key {
+            ops.push(PlainOp::Put(k, b""));
+        }
+        if let Some(k) = &actor_key {
             ops.push(PlainOp::Put(k, b""));
         }
         ops.push(PlainOp::Put(&acc_key, &encoded));
@@ -1092,8 +1183,11 @@ impl TokenStore {
                         group.push(expiry_key(record.expires_at_ms, &acc));
                     }
                 }
-                if !record.parent_accessor.is_empty() {
-                    let own_link = format!("{CHILDREN_PREFIX}{}/{acc}", record.parent_accessor);
+                for linked_from in [&record.parent_accessor, &record.actor_accessor] {
+                    if linked_from.is_empty() {
+                        continue;
+                    }
+                    let own_link = format!("{CHILDREN_PREFIX}{linked_from}/{acc}");
                     if !group.contains(&own_link) {
                         group.push(own_link);
                     }

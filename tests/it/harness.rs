@@ -134,6 +134,7 @@ impl TestServer {
             oidc: Default::default(),
             server_limits: keyward::config::ServerLimits::default(),
             audit: Default::default(),
+            federation: Default::default(),
             http_listen: None,
             governance: Default::default(),
         };

@@ -457,6 +457,7 @@ async fn a_record_queued_by_a_dropped_append_is_written_without_a_later_call() {
         resource: Some("secret/app/db"),
         identity: Some("svc"),
         accessor: None,
+        actor: None,
         source: None,
         outcome: keyward::audit::Outcome::Allowed,
         code: "OK",

@@ -208,6 +208,7 @@ fn change(log: &AuditLog, request_id: &str, phase: Option<Phase>) {
             resource: Some("secret/app/db"),
             identity: Some("svc"),
             accessor: None,
+            actor: None,
             source: Some("127.0.0.1:1"),
             outcome: Outcome::Allowed,
             code: "OK",

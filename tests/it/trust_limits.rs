@@ -107,6 +107,7 @@ impl Limited {
             oidc: Default::default(),
             server_limits: limits,
             audit: Default::default(),
+            federation: Default::default(),
             http_listen: None,
             governance: Default::default(),
         };

@@ -12,6 +12,7 @@ use crate::audit::{AuditError, Outcome};
 use crate::barrier::BarrierError;
 use crate::core::auth::AuthError;
 use crate::core::CoreError;
+use crate::federation::delegation::DelegationError;
 use crate::identity::login::LoginError;
 use crate::identity::IdentityError;
 use crate::pki::PkiError;
@@ -166,7 +167,9 @@ impl From<AuthError> for Failure {
             AuthError::MissingToken | AuthError::BadToken | AuthError::SourceNotAllowed => {
                 Self::new(FailureKind::Unauthenticated, e.to_string())
             }
-            AuthError::Denied => Self::new(FailureKind::Denied, e.to_string()),
+            AuthError::Denied | AuthError::ExchangeOnly => {
+                Self::new(FailureKind::Denied, e.to_string())
+            }
             AuthError::Barrier(b) => b.into(),
             other => Self::internal(other),
         }
@@ -180,7 +183,9 @@ impl From<TokenError> for Failure {
                 Self::new(FailureKind::Unauthenticated, e.to_string())
             }
             TokenError::NotFound => Self::new(FailureKind::NotFound, e.to_string()),
-            TokenError::ParentInvalid => Self::new(FailureKind::Unauthenticated, e.to_string()),
+            TokenError::ParentInvalid | TokenError::ActorInvalid => {
+                Self::new(FailureKind::Unauthenticated, e.to_string())
+            }
             TokenError::NotSubset(_) | TokenError::CidrNotSubset => {
                 Self::new(FailureKind::Denied, e.to_string())
             }
@@ -189,6 +194,41 @@ impl From<TokenError> for Failure {
             }
             TokenError::Barrier(b) => b.into(),
             TokenError::Corrupt | TokenError::Random => Self::internal(e),
+        }
+    }
+}
+
+impl From<crate::federation::issuer::IssuerError> for Failure {
+    fn from(e: crate::federation::issuer::IssuerError) -> Self {
+        use crate::federation::issuer::IssuerError as E;
+        match e {
+            E::NotConfigured => Self::new(FailureKind::Conflict, e.to_string()),
+            E::NoRole => Self::new(FailureKind::NotFound, e.to_string()),
+            E::BadRole(_)
+            | E::UnknownAudience(_)
+            | E::AudienceNeeded
+            | E::TtlTooLong { .. }
+            | E::CallerExpiring => Self::invalid(e.to_string()),
+            E::NotAnIdentity => Self::new(FailureKind::Denied, e.to_string()),
+            E::Barrier(b) => b.into(),
+            E::Crypto | E::Corrupt => Self::internal(e),
+        }
+    }
+}
+
+impl From<DelegationError> for Failure {
+    fn from(e: DelegationError) -> Self {
+        match e {
+            DelegationError::SubjectInvalid => {
+                Self::new(FailureKind::Unauthenticated, e.to_string())
+            }
+            DelegationError::Root => Self::invalid(e.to_string()),
+            DelegationError::NotExchangeOnly
+            | DelegationError::NotNamedActor
+            | DelegationError::Chained
+            | DelegationError::ActorKind { .. }
+            | DelegationError::ActorUnknown
+            | DelegationError::NotSubset(_) => Self::new(FailureKind::Denied, e.to_string()),
         }
     }
 }

@@ -68,6 +68,10 @@ pub fn class(method: &str) -> Class {
         | "keyward.v1.Auth/IssueToken"
         | "keyward.v1.Auth/RenewToken"
         | "keyward.v1.Auth/RevokeToken"
+        | "keyward.v1.Auth/ExchangeToken"
+        | "keyward.v1.Federation/PutOidcRole"
+        | "keyward.v1.Federation/IdentityToken"
+        | "keyward.v1.Federation/RotateOidcKey"
         | "keyward.v1.Rotation/SetPolicy"
         | "keyward.v1.Rotation/DeletePolicy"
         | "keyward.v1.Rotation/Rotate"
@@ -329,7 +333,12 @@ impl Call {
         let allowed = self
             .caller
             .as_ref()
-            .is_some_and(|c| c.is_root() || policies.iter().all(|p| c.policies.contains(p)));
+            // A delegated token hands no policies on (its actor's side
+            // would not bind the identity it names).
+            .is_some_and(|c| {
+                c.actor.is_none()
+                    && (c.is_root() || policies.iter().all(|p| c.policies.contains(p)))
+            });
         if allowed {
             Ok(())
         } else {
@@ -466,6 +475,15 @@ impl Call {
             resource: self.resource.as_deref(),
             identity,
             accessor,
+            actor: self
+                .caller
+                .as_ref()
+                .and_then(|c| c.actor.as_ref())
+                .map(|a| crate::audit::AuditActor {
+                    identity: &a.actor_identity,
+                    accessor: &a.actor_accessor,
+                    subject_accessor: &a.subject_accessor,
+                }),
             source,
             outcome,
             code,
