@@ -6,16 +6,17 @@
 //! `../shared/tools/layers.py src` checks it.
 //!
 //! ```text
-//!  cli (through client)        api (gRPC: wire <-> domain, FailureKind -> code)
-//!                     \           /
-//!      server (listeners, the task set)   core (Call: begin -> authorize -> act -> audit)
+//!  cli (through client)   api (gRPC)   http (Vault-compatible HTTPS, OIDC discovery)
+//!                     \           |          /       (wire <-> domain, FailureKind -> code/status)
+//!      server (listeners, task set, TLS)   core (Call: begin -> authorize -> act -> audit)
 //!                                   |
-//!  secrets  identity  token  policy_store  rotation  governance  (domain, one prefix each)
+//!  secrets  identity  token  policy_store  rotation  governance  lease  dynamic
+//!  pki  federation  lifecycle  snapshot                               (domain)
 //!                                   |
 //!           audit   barrier (seal, keyring, AES-256-GCM)   metrics
 //!                                   |
-//!                     storage (Backend trait, sled)
-//!  leaves: clock (Clock, Shutdown), policy, oidc, cidr, duration, secrecy, proto, pki, config
+//!                     storage (Backend trait, sled, format versions, export)
+//!  leaves: clock (Clock, Shutdown), policy, oidc, cidr, duration, secrecy, proto, config
 //! ```
 //!
 //! - `cli` — the command line; it talks to a server only through `client`
@@ -55,13 +56,16 @@
 //!   families, with no domain import (owners register `Refresh` hooks).
 //! - `snapshot` — point-in-time snapshots of the whole store (logical,
 //!   ciphertext as stored) and their offline restore.
+//! - `pki` — the one certificate builder (dev certificates and issued ones),
+//!   the CA, roles, the inventory and CRL, and the run-time client trust the
+//!   TLS listeners verify against.
 //! - `storage` — the `Backend` trait and its sled implementation with group
-//!   commit.
+//!   commit, the store's format version, and the point-in-time export.
 //! - Leaves used by anyone: `clock` (the one `Clock`, wall time driven by
 //!   tokio's clock so tests pause it; the one `Shutdown`), `policy` (pure
 //!   rules, globs, the `Authorized` proof), `oidc` (JWT and JWKS), `cidr`,
 //!   `duration` (the one duration grammar), `secrecy` (secret types),
-//!   `proto`, `pki` (dev certificates), `config`.
+//!   `proto`, `config`.
 
 pub mod api;
 pub mod audit;
