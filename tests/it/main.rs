@@ -25,6 +25,7 @@ mod crash;
 mod governance;
 mod leaks;
 mod login;
+mod ops_attack;
 mod ops_audit;
 mod ops_snapshot;
 mod ops_upgrade;
