@@ -162,6 +162,16 @@ impl Server {
                     &[
                         ("snapshot", &marker.snapshot),
                         ("sha256", &marker.sha256),
+                        // When the snapshot was taken: a restore of an old
+                        // one (a rollback) shows as such in the audit log.
+                        (
+                            "snapshot_created_at",
+                            marker.signed_field("created_at").unwrap_or("?"),
+                        ),
+                        (
+                            "snapshot_key_term",
+                            marker.signed_field("key_term").unwrap_or("?"),
+                        ),
                         ("hmac_check", "at the first unseal"),
                     ],
                 )

@@ -879,7 +879,20 @@ impl AuditLog {
             let path = path.to_owned();
             move |source| AuditError::Io { path, source }
         };
-        let rotated = path_with(&self.path, &format!(".{:06}", chain.next_rotated));
+        // The next number free: a numbered file that appeared since the
+        // count (copied back, say) is never replaced by the rename below.
+        let number = rotated_files(&self.path)
+            .last()
+            .map_or(chain.next_rotated, |(last, _)| {
+                chain.next_rotated.max(last + 1)
+            });
+        let rotated = path_with(&self.path, &format!(".{number:06}"));
+        if rotated.exists() {
+            return Err(AuditError::Io {
+                path: rotated,
+                source: io::Error::new(io::ErrorKind::AlreadyExists, "rotated file exists"),
+            });
+        }
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
@@ -924,7 +937,7 @@ impl AuditLog {
         chain.seq = seq;
         chain.head = head;
         chain.len = chain.buf.len() as u64;
-        chain.next_rotated += 1;
+        chain.next_rotated = number + 1;
         tracing::info!(path = %self.path.display(), rotated = %rotated.display(), "audit log rotated");
         self.prune();
         self.send_syslog(chain)

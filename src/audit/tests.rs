@@ -968,3 +968,37 @@ fn an_open_after_a_cut_rotation_continues_the_chain() {
     files.push(path.clone());
     assert!(verify_files(&files).unwrap().ok);
 }
+
+/// Attack: a rotation renamed the current file onto `<path>.NNNNNN` with
+/// the number it had counted at open, replacing whatever file had that
+/// name since (an archived file copied back, a second writer), so a
+/// rotation could destroy audit records. It now takes the next number free.
+#[test]
+fn a_rotation_never_replaces_an_existing_numbered_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let options = AuditOptions {
+        max_bytes: 1024,
+        max_files: 0,
+        syslog: None,
+    };
+    let log = AuditLog::open_with(&path, Clock::system(), options).unwrap();
+    // Appears after the open counted the rotated files (none).
+    let precious = path_with(&path, ".000001");
+    fs::write(&precious, b"precious\n").unwrap();
+    let mut i = 0;
+    while rotated_files(&path).len() < 3 {
+        log.append(&event(&format!("r-{i}"), &[])).unwrap();
+        i += 1;
+        assert!(i < 1000, "no rotation");
+    }
+    assert_eq!(fs::read(&precious).unwrap(), b"precious\n");
+    let mut files: Vec<PathBuf> = rotated_files(&path)
+        .into_iter()
+        .map(|(_, p)| p)
+        .filter(|p| *p != precious)
+        .collect();
+    files.push(path.clone());
+    let report = verify_files(&files).unwrap();
+    assert!(report.ok, "{report:?}");
+}

@@ -37,6 +37,15 @@ pub struct RestoreMarker {
     pub hmac: String,
 }
 
+impl RestoreMarker {
+    /// A field of the signed header text (`created_at`, `key_term`, ...).
+    pub fn signed_field(&self, name: &str) -> Option<&str> {
+        self.signed
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix('='))
+    }
+}
+
 pub const WRITING: &str = "writing";
 pub const RESTORED: &str = "restored";
 

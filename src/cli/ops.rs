@@ -46,16 +46,51 @@ pub async fn snapshot_save(g: &Global, format: Format, cmd: OperatorSnapshotComm
         name.push(".partial");
         file.with_file_name(name)
     };
-    let mut out = {
+    // Whatever is at FILE.partial already (a save cut short, or a name
+    // someone else made in a shared folder: a symlink, a file others can
+    // read) is removed, never written through nor reused: the snapshot goes
+    // into a file made here (O_EXCL, so no symlink is followed), mode 0600.
+    match std::fs::remove_file(&partial) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot remove {}", partial.display()));
+        }
+    }
+    let out = {
         use std::os::unix::fs::OpenOptionsExt;
         std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
             .open(&partial)
             .with_context(|| format!("cannot write {}", partial.display()))?
     };
+    // A save that fails leaves no `.partial` behind.
+    let streamed = stream_into(&mut stream, out, &partial).await;
+    let (written, keys, sha256) = match streamed {
+        Ok(done) => done,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&partial, &file)
+        .with_context(|| format!("cannot rename {} to {}", partial.display(), file.display()))?;
+    emit(
+        format,
+        &json!({"file": file.display().to_string(), "bytes": written, "keys": keys, "sha256": sha256}),
+    );
+    Ok(())
+}
+
+/// Writes the streamed chunks into `out` and syncs it; returns (bytes,
+/// keys, sha256). Progress goes to stderr when it is a terminal.
+async fn stream_into(
+    stream: &mut keyward::client::snapshot::SnapshotStream,
+    mut out: std::fs::File,
+    partial: &std::path::Path,
+) -> Result<(u64, u64, String)> {
     let show = std::io::stderr().is_terminal();
     let (mut written, mut total, mut keys, mut sha256) = (0u64, 0u64, 0u64, String::new());
     let mut shown = 0u64;
@@ -83,19 +118,11 @@ pub async fn snapshot_save(g: &Global, format: Format, cmd: OperatorSnapshotComm
     }
     if written != total {
         anyhow::bail!(
-            "the snapshot stream ended after {written} of {total} bytes; {} is incomplete",
-            partial.display()
+            "the snapshot stream ended after {written} of {total} bytes; nothing was saved"
         );
     }
     out.sync_all()?;
-    drop(out);
-    std::fs::rename(&partial, &file)
-        .with_context(|| format!("cannot rename {} to {}", partial.display(), file.display()))?;
-    emit(
-        format,
-        &json!({"file": file.display().to_string(), "bytes": written, "keys": keys, "sha256": sha256}),
-    );
-    Ok(())
+    Ok((written, keys, sha256))
 }
 
 /// `snapshot restore FILE (--storage-path PATH | --config FILE) [--force]`.

@@ -252,6 +252,14 @@ fn read_header(reader: &mut impl BufRead) -> Result<Header, SnapshotError> {
             supported: FORMAT,
         });
     }
+    // Version 0 was never written: a store marked so opens nowhere. Refused
+    // here, before anything is written (the header is not under the
+    // SHA-256, and its HMAC is checked only at the first unseal).
+    if header.store_format == 0 {
+        return Err(SnapshotError::Damaged(
+            "its header names store format 0, which no release writes".into(),
+        ));
+    }
     if header.store_format > format::CURRENT {
         return Err(SnapshotError::Storage(StorageError::NewerFormat {
             found: header.store_format,

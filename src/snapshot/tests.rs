@@ -145,3 +145,30 @@ fn a_folder_holding_other_files_is_never_written_into() {
     let names: Vec<_> = std::fs::read_dir(&target).unwrap().collect();
     assert_eq!(names.len(), 1, "only the file that was there");
 }
+
+/// Attack: the header is outside the SHA-256 and its HMAC waits for the
+/// first unseal, so an edit of `store_format` to 0 passed `check`, the
+/// restore wrote every pair and then failed, leaving a store no binary
+/// opens. It is refused before anything is written.
+#[test]
+fn a_header_naming_store_format_0_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (barrier, _) = vault(dir.path());
+    let taken = take(&barrier, dir.path(), "t".into()).unwrap();
+    let mut header = taken.header.clone();
+    header.store_format = 0;
+    let mut out = MAGIC.to_vec();
+    out.extend(serde_json::to_vec(&header).unwrap());
+    out.push(b'\n');
+    taken.content().unwrap().read_to_end(&mut out).unwrap();
+    let file = dir.path().join("snap");
+    std::fs::write(&file, out).unwrap();
+    let target = dir.path().join("restored");
+    let error = restore(&file, &target, false).unwrap_err();
+    assert!(matches!(error, SnapshotError::Damaged(_)), "{error}");
+    assert!(error.to_string().contains("store format 0"), "{error}");
+    assert!(
+        !target.exists(),
+        "a refused snapshot made the target folder"
+    );
+}

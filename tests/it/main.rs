@@ -39,6 +39,7 @@ mod lifecycle_crash;
 mod lifecycle_decommission;
 mod lifecycle_recert;
 mod login;
+mod ops_attack;
 mod ops_audit;
 mod ops_snapshot;
 mod ops_upgrade;
