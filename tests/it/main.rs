@@ -24,6 +24,7 @@ mod cidr;
 mod cli;
 mod crash;
 mod governance;
+mod http_attack;
 mod http_clients;
 mod http_kv;
 mod http_sys;
