@@ -182,3 +182,43 @@ async fn a_trickled_body_does_not_hold_a_connection_for_ever() {
     assert!(text.starts_with("HTTP/1.1 408"), "answer: {text}");
     assert!(text.contains("body"), "the rule is named: {text}");
 }
+
+/// An outsider opens HTTP/2 connections (TLS, ALPN h2, the client
+/// preface) and then sends nothing: no head deadline applies to HTTP/2, so
+/// each held one of `limits.max_connections` slots for ever. Now a
+/// connection with nothing in flight is closed after the idle deadline.
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed() {
+    let server = TestServer::dev().await;
+    super::harness::install_crypto();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&server.ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(server.http_addr)
+        .await
+        .unwrap();
+    let mut tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    // The client preface and an empty SETTINGS frame, then silence.
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    // Generous: the deadline is 30 s (listen::IDLE_DEADLINE); without one
+    // the connection stays open and this bound fails the test.
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(90), tls.read_to_end(&mut sink)).await;
+    assert!(
+        closed.is_ok(),
+        "an idle HTTP/2 connection is still open after 90 s"
+    );
+}
