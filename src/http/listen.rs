@@ -37,6 +37,14 @@ use crate::config::ServerLimits;
 /// HTTP/1 connection to send a request head; it holds a connection slot
 /// until then.
 pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a connection may sit with no request in flight and no byte
+/// read or written before it is closed, so idle connections (an HTTP/2
+/// connection that opened no stream, notably) cannot hold every slot.
+/// HTTP/1 connections are closed sooner, by the head deadline.
+pub const IDLE_DEADLINE: Duration = Duration::from_secs(30);
+/// How often a connection checks whether it has been idle too long.
+const IDLE_CHECK: Duration = Duration::from_secs(5);
+
 /// How long in-flight requests may take to finish after shutdown begins.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -111,7 +119,7 @@ pub async fn serve(
                     addr,
                     client_cert: None,
                 };
-                serve_connection(&builder, watcher, TokioIo::new(stream), router, peer).await;
+                serve_connection(&builder, watcher, stream, router, peer).await;
                 return;
             };
             let tls = match tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(stream)).await
@@ -133,7 +141,7 @@ pub async fn serve(
                 .and_then(|chain| chain.first())
                 .map(|leaf| Arc::new(leaf.as_ref().to_vec()));
             let peer = Peer { addr, client_cert };
-            serve_connection(&builder, watcher, TokioIo::new(tls), router, peer).await;
+            serve_connection(&builder, watcher, tls, router, peer).await;
         });
     }
     drop(listener);
@@ -146,7 +154,9 @@ pub async fn serve(
     }
 }
 
-/// Serves one connection; every request carries `peer`.
+/// Serves one connection; every request carries `peer`. A connection
+/// with no request in flight and no byte moved for [`IDLE_DEADLINE`] is
+/// closed.
 async fn serve_connection<I>(
     builder: &auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
@@ -154,14 +164,159 @@ async fn serve_connection<I>(
     router: axum::Router,
     peer: Peer,
 ) where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = router.map_request(move |mut req: Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(peer.clone());
-        req.map(axum::body::Body::new)
+    let activity = Arc::new(Activity::new());
+    let io = TokioIo::new(Tracked {
+        inner: io,
+        activity: activity.clone(),
     });
+    let in_flight = activity.clone();
+    let service = router
+        .map_request(move |mut req: Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(peer.clone());
+            req.map(axum::body::Body::new)
+        })
+        .map_future(move |answer| {
+            // Counted until the answer is made or the request dropped.
+            let guard = InFlight::new(in_flight.clone());
+            async move {
+                let answer = answer.await;
+                drop(guard);
+                answer
+            }
+        });
     let connection = builder.serve_connection(io, TowerToHyperService::new(service));
-    if let Err(e) = watcher.watch(connection.into_owned()).await {
-        tracing::debug!(error = %e, "HTTPS connection ended with an error");
+    let connection = watcher.watch(connection.into_owned());
+    tokio::pin!(connection);
+    loop {
+        tokio::select! {
+            ended = &mut connection => {
+                if let Err(e) = ended {
+                    tracing::debug!(error = %e, "HTTPS connection ended with an error");
+                }
+                return;
+            }
+            () = tokio::time::sleep(IDLE_CHECK) => {
+                if activity.idle_for() >= IDLE_DEADLINE {
+                    tracing::debug!("HTTPS connection idle past the deadline: closed");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// When a connection last moved a byte, and its requests in flight.
+struct Activity {
+    start: std::time::Instant,
+    /// Milliseconds after `start` of the last byte read or written.
+    last_ms: std::sync::atomic::AtomicU64,
+    in_flight: std::sync::atomic::AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            start: std::time::Instant::now(),
+            last_ms: std::sync::atomic::AtomicU64::new(0),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// How long nothing has happened; zero while a request is in flight.
+    fn idle_for(&self) -> Duration {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
+        let now = self.start.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// One request in flight on a connection, for as long as it lives.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(activity: Arc<Activity>) -> Self {
+        activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(activity)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+/// A connection's stream that notes when bytes move.
+struct Tracked<I> {
+    inner: I,
+    activity: Arc<Activity>,
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Tracked<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Tracked<I> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -262,24 +262,7 @@ async fn secret_id(
                 .ok_or_else(|| Failure::invalid("num_uses must be a whole number")),
         )?,
     };
-    let cidr_texts: Vec<String> = match body.get("cidr_list") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::String(s)) => s
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|c| c.as_str().map(str::to_owned))
-            .collect(),
-        Some(_) => {
-            return Err(call
-                .fail(Failure::invalid("cidr_list must be a list"))
-                .into())
-        }
-    };
+    let cidr_texts = call.check(super::reply::string_list(&body, "cidr_list"))?;
     let cidrs = call.check(parse_cidrs(&cidr_texts))?;
     call.authorize(Capability::Issue, name.resource())?;
     IdentitiesService::new(Arc::clone(&state.core)).require_holds_policies_of(&mut call, &name)?;

@@ -199,9 +199,26 @@ impl VaultRequest {
                 .get("x-request-id")
                 .and_then(|v| v.to_str().ok()),
         );
-        let body = match axum::body::to_bytes(body, max_body).await {
-            Ok(b) => b,
+        // The body is read before any token check: without a deadline an
+        // outsider trickling it would hold a connection slot for ever.
+        let read = tokio::time::timeout(BODY_DEADLINE, axum::body::to_bytes(body, max_body));
+        let body = match read.await {
+            Ok(Ok(b)) => b,
             Err(_) => {
+                let mut answer = errors(
+                    StatusCode::REQUEST_TIMEOUT,
+                    &format!(
+                        "the request body did not arrive within {} seconds",
+                        BODY_DEADLINE.as_secs()
+                    ),
+                );
+                answer.headers_mut().insert(
+                    header::CONNECTION,
+                    axum::http::HeaderValue::from_static("close"),
+                );
+                return Err(answer);
+            }
+            Ok(Err(_)) => {
                 return Err(errors(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     &format!(
@@ -277,13 +294,71 @@ impl VaultRequest {
             &self.body
         };
         call.check(serde_json::from_slice::<T>(bytes).map_err(|e| {
-            // serde_json's message names the field and the position, never
-            // the value of a string.
             Failure::invalid(format!(
-                "the request body is not valid JSON for this endpoint: {e}"
+                "the request body is not valid JSON for this endpoint: {}",
+                json_error_text(&e)
             ))
         }))
         .map_err(|f| failure(&f))
+    }
+}
+
+/// How long a request body may take to arrive once its head is read (the
+/// head itself is bounded by `listen::HANDSHAKE_DEADLINE`); past it the
+/// answer is 408 and the connection is closed.
+pub const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// serde_json's message for a body it refused, without the value it
+/// refused: serde quotes it (`invalid type: string "...", expected a map`),
+/// and a request body carries secrets. The kind of value, what was
+/// expected and the position stay.
+fn json_error_text(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    if e.classify() != serde_json::error::Category::Data {
+        // Syntax and end-of-input messages name characters expected, never
+        // the input.
+        return text;
+    }
+    for lead in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = text.strip_prefix(lead) {
+            if let Some(at) = rest.rfind(", expected ") {
+                let kind = rest[..at].split(' ').next().unwrap_or("value");
+                return format!("{lead}{kind}{}", &rest[at..]);
+            }
+            // A refusal of this shape without the usual tail: say no more.
+            return format!("{lead}a value of the wrong kind");
+        }
+    }
+    text
+}
+
+/// A Vault list field (`bound_cidrs`, `cidr_list`): a JSON list of
+/// strings, or one comma-separated string, as Vault takes them; absent or
+/// null is empty. Anything else is refused naming the field, never dropped:
+/// these fields restrict what is issued, and a restriction silently lost
+/// is a wider credential than the caller asked for.
+pub fn string_list(
+    body: &serde_json::Map<String, Value>,
+    name: &str,
+) -> Result<Vec<String>, Failure> {
+    let refuse = || {
+        Failure::invalid(format!(
+            "{name} must be a list of strings or a comma-separated string"
+        ))
+    };
+    match body.get(name) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| v.as_str().map(|s| s.trim().to_owned()).ok_or_else(refuse))
+            .collect(),
+        Some(_) => Err(refuse()),
     }
 }
 

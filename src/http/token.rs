@@ -209,13 +209,7 @@ async fn create(state: &HttpState, req: &VaultRequest) -> Answer {
                 .ok_or_else(|| Failure::invalid("num_uses must be a whole number")),
         )?,
     };
-    let cidrs: Vec<String> = match body.get("bound_cidrs") {
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|c| c.as_str().map(str::to_owned))
-            .collect(),
-        _ => Vec::new(),
-    };
+    let cidrs = call.check(super::reply::string_list(&body, "bound_cidrs"))?;
     let request = child_request(&mut call, policies, ttl, max_ttl, uses, &cidrs)?;
     let now = state.core.clock().now_ms();
     let issued = call.check(state.core.tokens.issue(request, now))?;

@@ -28,6 +28,7 @@ mod dynamic_crash;
 mod dynamic_creds;
 mod federation_issuer;
 mod governance;
+mod http_attack;
 mod http_clients;
 mod http_kv;
 mod http_sys;
