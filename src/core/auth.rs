@@ -76,6 +76,10 @@ pub struct Caller {
     pub counted_use: bool,
     /// The compiled policies of the token.
     pub set: Arc<CompiledSet>,
+    /// The token's audit HMAC kept with its verified-token cache entry
+    /// (`None` unless this call was a cache hit); only for this caller's own
+    /// token.
+    pub audit_mac: Option<Arc<crate::audit::TokenMac>>,
 }
 
 impl Caller {
@@ -147,6 +151,7 @@ impl Gate {
             expires_at_ms: used.record.expires_at_ms,
             counted_use: used.counted,
             set,
+            audit_mac: used.audit_mac,
         })
     }
 
@@ -169,6 +174,7 @@ impl Gate {
             expires_at_ms: info.expires_at_ms,
             counted_use: false,
             set,
+            audit_mac: None,
         })
     }
 
