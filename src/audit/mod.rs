@@ -326,6 +326,45 @@ struct Queued {
     done: oneshot::Sender<Result<(), AuditError>>,
 }
 
+/// A token's audit HMAC, remembered between calls with the same token (the
+/// verified-token cache keeps one per cached token) so that a call does not
+/// compute it again. It is bound to the generation of the audit key it was
+/// made under: [`AuditLog::set_hmac_key`] (seal, unseal, any key change)
+/// starts a new generation, and a remembered HMAC of another generation is
+/// computed afresh, so a record never carries an HMAC under an old key.
+/// Holds no secret (the HMAC is what the log records); `Debug` shows nothing.
+#[derive(Default)]
+pub struct TokenMac {
+    slot: Mutex<Option<(u64, [u8; 32])>>,
+}
+
+impl fmt::Debug for TokenMac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TokenMac")
+    }
+}
+
+impl TokenMac {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The remembered HMAC if it is of `generation`; else HMAC of `token`
+    /// under `key` (which is of `generation`), remembered.
+    fn get_or_sign(&self, generation: u64, key: &hmac::Key, token: &[u8]) -> [u8; 32] {
+        let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+        match *slot {
+            Some((made, tag)) if made == generation => tag,
+            _ => {
+                let mut tag = [0u8; 32];
+                tag.copy_from_slice(hmac::sign(key, token).as_ref());
+                *slot = Some((generation, tag));
+                tag
+            }
+        }
+    }
+}
+
 /// The append side of the audit log. Share it behind an `Arc`.
 pub struct AuditLog {
     path: PathBuf,
@@ -338,6 +377,9 @@ pub struct AuditLog {
     /// hash states; like its AES key schedules they are not zeroized on
     /// drop, see README "Security model").
     key: RwLock<Option<hmac::Key>>,
+    /// Bumped by every [`Self::set_hmac_key`], under `key`'s write lock: a
+    /// [`TokenMac`] made under an older key is never used.
+    key_generation: AtomicU64,
     /// Repeats of unauthenticated calls, counted until their window ends.
     aggregates: Mutex<Aggregates>,
     /// When any append next looks for ended windows ([`Self::write_ended_windows`]).
@@ -479,6 +521,7 @@ impl AuditLog {
             }),
             queue: Mutex::new(Vec::new()),
             key: RwLock::new(None),
+            key_generation: AtomicU64::new(0),
             aggregates: Mutex::new(Aggregates::default()),
             next_sweep_ms: AtomicU64::new(0),
         };
@@ -494,6 +537,9 @@ impl AuditLog {
         let key = key.map(|key| hmac::Key::new(hmac::HMAC_SHA256, &key[..]));
         let mut slot = self.key.write().unwrap_or_else(PoisonError::into_inner);
         *slot = key;
+        // Under the write lock: a reader holding the read lock sees the key
+        // and its generation together.
+        self.key_generation.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Writes one record before returning. An error means the caller must fail the request.
@@ -510,8 +556,19 @@ impl AuditLog {
         event: &AuditEvent<'_>,
         phase: Option<Phase>,
     ) -> Result<(), AuditError> {
+        self.append_phase_with(event, phase, None)
+    }
+
+    /// [`Self::append_phase`] with the token's HMAC remembered in `mac`
+    /// (see [`TokenMac`]); `mac` must belong to `event.token`.
+    pub fn append_phase_with(
+        &self,
+        event: &AuditEvent<'_>,
+        phase: Option<Phase>,
+        mac: Option<&TokenMac>,
+    ) -> Result<(), AuditError> {
         self.write_ended_windows();
-        let fields = self.render(event, phase);
+        let fields = self.render(event, phase, mac);
         self.append_rendered(fields)
     }
 
@@ -547,8 +604,19 @@ impl AuditLog {
         event: &AuditEvent<'_>,
         phase: Option<Phase>,
     ) -> Result<(), AuditError> {
+        self.append_async_with(event, phase, None).await
+    }
+
+    /// [`Self::append_async_phase`] with the token's HMAC remembered in
+    /// `mac` (see [`TokenMac`]); `mac` must belong to `event.token`.
+    pub async fn append_async_with(
+        &self,
+        event: &AuditEvent<'_>,
+        phase: Option<Phase>,
+        mac: Option<&TokenMac>,
+    ) -> Result<(), AuditError> {
         self.write_ended_windows();
-        let fields = self.render(event, phase);
+        let fields = self.render(event, phase, mac);
         let (done, outcome) = oneshot::channel();
         self.lock_queue().push(Queued { fields, done });
         {
@@ -740,10 +808,27 @@ impl AuditLog {
     /// The HMACs of an event's token and values, and the part of its record
     /// from `,"request_id":` to the end of `data`. Takes no chain lock: a large
     /// value must not hold up other requests.
-    fn render(&self, event: &AuditEvent<'_>, phase: Option<Phase>) -> Vec<u8> {
+    ///
+    /// With `mac`, the token's HMAC is taken from it when it was made under
+    /// the current key (the generation is read under the same read lock as
+    /// the key), else computed and kept there.
+    fn render(
+        &self,
+        event: &AuditEvent<'_>,
+        phase: Option<Phase>,
+        mac: Option<&TokenMac>,
+    ) -> Vec<u8> {
         let key = self.key.read().unwrap_or_else(PoisonError::into_inner);
+        let token = event.token.filter(|token| !token.is_empty());
+        let token_tag = match (key.as_ref(), token, mac) {
+            (Some(key), Some(token), Some(mac)) => {
+                let generation = self.key_generation.load(Ordering::Relaxed);
+                Some(mac.get_or_sign(generation, key, token))
+            }
+            _ => None,
+        };
         let mut fields = Vec::with_capacity(FIELDS_CAPACITY);
-        write_fields(&mut fields, event, key.as_ref(), phase);
+        write_fields(&mut fields, event, key.as_ref(), phase, token_tag.as_ref());
         fields
     }
 
@@ -1617,11 +1702,13 @@ fn decode_hash(text: &[u8]) -> Option<[u8; 32]> {
 /// Writes the part of a record's body between the time and `prev` into `buf`:
 /// `,"request_id":` up to the end of `data`, the token and values as HMACs
 /// under `key` (`"unavailable"` without one).
+/// `token_tag`, when given, is the token's HMAC under `key`, already computed.
 fn write_fields(
     buf: &mut Vec<u8>,
     event: &AuditEvent<'_>,
     key: Option<&hmac::Key>,
     phase: Option<Phase>,
+    token_tag: Option<&[u8; 32]>,
 ) {
     let protected = |value: &[u8]| key.map(|key| hmac::sign(key, value));
     buf.extend_from_slice(b",\"request_id\":");
@@ -1649,7 +1736,10 @@ fn write_fields(
     }
     if let Some(token) = event.token.filter(|token| !token.is_empty()) {
         buf.extend_from_slice(b",\"token\":");
-        push_protected(buf, protected(token).as_ref());
+        match token_tag {
+            Some(tag) => push_protected(buf, Some(&tag[..])),
+            None => push_protected(buf, protected(token).as_ref().map(|tag| tag.as_ref())),
+        }
     }
     if !event.values.is_empty() {
         buf.extend_from_slice(b",\"data\":{");
@@ -1659,7 +1749,7 @@ fn write_fields(
             }
             push_json_str(buf, name);
             buf.push(b':');
-            push_protected(buf, protected(value).as_ref());
+            push_protected(buf, protected(value).as_ref().map(|tag| tag.as_ref()));
         }
         buf.push(b'}');
     }
@@ -1706,7 +1796,7 @@ fn push_optional(buf: &mut Vec<u8>, name: &[u8], value: Option<&str>) {
 }
 
 /// `"hmac-sha256:<hex>"`, or `"unavailable"` without a key.
-fn push_protected(buf: &mut Vec<u8>, tag: Option<&hmac::Tag>) {
+fn push_protected(buf: &mut Vec<u8>, tag: Option<&[u8]>) {
     buf.push(b'"');
     match tag {
         Some(tag) => push_hmac(buf, tag),
@@ -1715,9 +1805,9 @@ fn push_protected(buf: &mut Vec<u8>, tag: Option<&hmac::Tag>) {
     buf.push(b'"');
 }
 
-fn push_hmac(buf: &mut Vec<u8>, tag: &hmac::Tag) {
+fn push_hmac(buf: &mut Vec<u8>, tag: &[u8]) {
     buf.extend_from_slice(HMAC_PREFIX);
-    push_hex(buf, tag.as_ref());
+    push_hex(buf, tag);
 }
 
 fn push_hex(buf: &mut Vec<u8>, bytes: &[u8]) {

@@ -1002,3 +1002,85 @@ fn a_rotation_never_replaces_an_existing_numbered_file() {
     let report = verify_files(&files).unwrap();
     assert!(report.ok, "{report:?}");
 }
+
+/// The `token` field of each record of the log at `path`.
+fn token_fields(path: &Path) -> Vec<String> {
+    read_lines(path)
+        .iter()
+        .map(|line| {
+            let record: serde_json::Value = serde_json::from_str(line).unwrap();
+            record["token"].as_str().unwrap_or_default().to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn a_remembered_token_hmac_is_reused_only_under_the_key_it_was_made_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = AuditLog::open(&path, Clock::system()).unwrap();
+    let mac = TokenMac::new();
+    let values: [(&str, &[u8]); 1] = [("password", PASSWORD)];
+
+    // Key 1: computed once, then taken from `mac`; both equal `hmac`.
+    log.set_hmac_key(key(1));
+    let under_1 = log.hmac(TOKEN).unwrap();
+    log.append_phase_with(&event("a", &values), None, Some(&mac))
+        .unwrap();
+    assert!(mac.slot.lock().unwrap().is_some());
+    log.append_phase_with(&event("b", &values), None, Some(&mac))
+        .unwrap();
+
+    // An audit key change: the remembered HMAC is of the old key and is not used.
+    log.set_hmac_key(key(2));
+    let under_2 = log.hmac(TOKEN).unwrap();
+    assert_ne!(under_1, under_2);
+    log.append_phase_with(&event("c", &values), None, Some(&mac))
+        .unwrap();
+
+    // Seal (no key): "unavailable", whatever `mac` holds.
+    log.set_hmac_key(None);
+    log.append_phase_with(&event("d", &values), None, Some(&mac))
+        .unwrap();
+
+    // Unseal with key 2 again: a new generation, computed afresh (same value).
+    log.set_hmac_key(key(2));
+    let stale = mac.slot.lock().unwrap().unwrap().0;
+    log.append_phase_with(&event("e", &values), None, Some(&mac))
+        .unwrap();
+    assert_ne!(mac.slot.lock().unwrap().unwrap().0, stale);
+
+    // Back to key 1: a record under key 1 again, not key 2's remembered value.
+    log.set_hmac_key(key(1));
+    log.append_phase_with(&event("f", &values), None, Some(&mac))
+        .unwrap();
+    // And a record without `mac` agrees.
+    log.append(&event("g", &values)).unwrap();
+
+    let expected: Vec<&str> = vec![
+        &under_1,
+        &under_1,
+        &under_2,
+        UNAVAILABLE,
+        &under_2,
+        &under_1,
+        &under_1,
+    ];
+    assert_eq!(token_fields(&path), expected);
+    let text = fs::read(&path).unwrap();
+    assert!(!text.windows(TOKEN.len()).any(|w| w == TOKEN));
+    assert!(verify_file(&path).unwrap().ok);
+}
+
+#[test]
+fn a_token_mac_shows_nothing_in_debug() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::open(&dir.path().join("audit.log"), Clock::system()).unwrap();
+    log.set_hmac_key(key(3));
+    let mac = TokenMac::new();
+    let values: [(&str, &[u8]); 0] = [];
+    log.append_phase_with(&event("a", &values), None, Some(&mac))
+        .unwrap();
+    let tag = hex::encode(mac.slot.lock().unwrap().unwrap().1);
+    assert!(!format!("{mac:?}").contains(&tag[..16]));
+}

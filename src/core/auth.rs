@@ -85,6 +85,10 @@ pub struct Caller {
     pub set: Arc<CompiledSet>,
     /// A delegated token: who acts, for whom (`identity` is the subject).
     pub actor: Option<ActorChain>,
+    /// The token's audit HMAC kept with its verified-token cache entry
+    /// (`None` unless this call was a cache hit); only for this caller's own
+    /// token.
+    pub audit_mac: Option<Arc<crate::audit::TokenMac>>,
 }
 
 /// The actor chain of a delegated token (RFC 8693 `act`), for the audit
@@ -193,6 +197,7 @@ impl Gate {
             expires_at_ms: used.record.expires_at_ms,
             counted_use: used.counted,
             set,
+            audit_mac: used.audit_mac,
         })
     }
 
@@ -239,6 +244,7 @@ impl Gate {
             expires_at_ms: info.expires_at_ms,
             counted_use: false,
             set,
+            audit_mac: None,
         })
     }
 

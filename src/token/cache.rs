@@ -27,6 +27,10 @@
 //!   tries to cache it after is refused by the generation it noted before its
 //!   read, so a revoked token never comes back. Seal and unseal empty the
 //!   whole cache.
+//! - The token's audit HMAC (`audit::TokenMac`) is kept with its entry so
+//!   a record does not compute it again; it goes with the entry, and one
+//!   made under an older audit key is never used (the audit log checks the
+//!   key's generation).
 //! - Policies are not cached here: a token names its policies and the caller
 //!   compiles them from the policy store on every use, so a policy change is
 //!   seen at once too.
@@ -36,8 +40,9 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 
+use crate::audit::TokenMac;
 use crate::cidr::Cidr;
 
 use super::store::{TokenError, TokenRecord, TokenUse};
@@ -58,6 +63,9 @@ pub fn tag(hash_key: &ring::hmac::Key, token: &str) -> Tag {
 struct Entry {
     record: TokenRecord,
     cidrs: Vec<Cidr>,
+    /// The token's audit HMAC, once a record has computed it; bound to the
+    /// audit key's generation (see `audit::TokenMac`), gone with the entry.
+    audit_mac: Arc<TokenMac>,
 }
 
 #[derive(Default)]
@@ -127,6 +135,7 @@ impl VerifiedTokens {
         Some(Ok(TokenUse {
             record: entry.record.clone(),
             counted: false,
+            audit_mac: Some(entry.audit_mac.clone()),
         }))
     }
 
@@ -148,7 +157,14 @@ impl VerifiedTokens {
         // Not needed on a hit; the key already is this HMAC.
         record.hash = String::new();
         table.tags.insert(record.accessor.clone(), tag);
-        table.entries.insert(tag, Entry { record, cidrs });
+        table.entries.insert(
+            tag,
+            Entry {
+                record,
+                cidrs,
+                audit_mac: Arc::new(TokenMac::new()),
+            },
+        );
     }
 
     /// Forgets every token (at seal and unseal).

@@ -306,6 +306,9 @@ pub struct TokenUse {
     /// A use was counted (and stored); the caller should wait for
     /// `Barrier::durable` before acting.
     pub counted: bool,
+    /// The token's audit HMAC kept by the verified-token cache (a hit); `None`
+    /// on the full path.
+    pub audit_mac: Option<Arc<crate::audit::TokenMac>>,
 }
 
 /// Told of the tokens a revoke removed (with their children, with their
@@ -956,6 +959,7 @@ impl TokenStore {
             return Ok(TokenUse {
                 record,
                 counted: false,
+                audit_mac: None,
             });
         }
         let _guard = self.inner.writes.lock().unwrap_or_else(|e| e.into_inner());
@@ -978,6 +982,7 @@ impl TokenStore {
         Ok(TokenUse {
             record,
             counted: true,
+            audit_mac: None,
         })
     }
 

@@ -44,6 +44,7 @@ mod ops_attack;
 mod ops_audit;
 mod ops_snapshot;
 mod ops_upgrade;
+mod perf2_audit_mac;
 mod pki_access;
 mod pki_chain;
 mod pki_cli;
