@@ -421,3 +421,19 @@ impl From<crate::dynamic::DynamicError> for Failure {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A restored store whose snapshot fails its HMAC says so to the caller
+    /// (a conflict with the stored state, gRPC `FAILED_PRECONDITION`, HTTP
+    /// 400), never as an opaque internal error.
+    #[test]
+    fn a_rejected_snapshot_is_a_conflict_with_its_message() {
+        let why = "the snapshot vault.snap failed its HMAC check";
+        let failure = Failure::from(BarrierError::SnapshotRejected(why.to_owned()));
+        assert_eq!(failure.kind(), FailureKind::Conflict);
+        assert!(failure.message().contains(why), "{}", failure.message());
+    }
+}
