@@ -270,6 +270,12 @@ pub struct PkiStore {
     /// set-signed), so two at once cannot both find no CA and the second
     /// replace the first. Nothing awaits under it.
     ca_lock: std::sync::Mutex<()>,
+    /// The last CRL built (DER) and when it was built: `crl` serves it for
+    /// half its validity, so a caller looping `pki crl` neither signs nor
+    /// writes a CRL number each time. Held while the CRL is built, so two
+    /// builds never take the same number. Rebuilt on every revoke, init,
+    /// set-signed and unseal (`refresh_trust`).
+    last_crl: std::sync::Mutex<Option<(Vec<u8>, u64)>>,
 }
 
 fn require(proof: &Authorized, capability: Capability, resource: &str) -> Result<(), PkiError> {
@@ -325,6 +331,7 @@ impl PkiStore {
             barrier,
             trust,
             ca_lock: std::sync::Mutex::new(()),
+            last_crl: std::sync::Mutex::new(None),
         }
     }
 
@@ -822,6 +829,19 @@ impl PkiStore {
 
     /// A CRL signed by the CA: every revoked certificate not yet expired.
     pub fn crl(&self, now_ms: u64) -> Result<Vec<u8>, PkiError> {
+        let mut last = self.last_crl.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((der, built_ms)) = last.as_ref() {
+            if now_ms >= *built_ms && now_ms - built_ms < CRL_VALIDITY_MS / 2 {
+                return Ok(der.clone());
+            }
+        }
+        let der = self.build_crl(now_ms)?;
+        *last = Some((der.clone(), now_ms));
+        Ok(der)
+    }
+
+    /// A new CRL under the next CRL number (`last_crl`'s lock is held).
+    fn build_crl(&self, now_ms: u64) -> Result<Vec<u8>, PkiError> {
         let (issuer, _) = self.issuer()?;
         let revoked: Vec<RevokedCertParams> = self
             .list(None, now_ms)?
@@ -865,7 +885,13 @@ impl PkiStore {
             None => self.trust.set_issued(Vec::new(), None),
             Some(ca) => {
                 let anchor = pem_to_der(&ca.cert_pem)?;
-                let crl = self.crl(now_ms)?;
+                // A change of the revoked set: never the cached CRL.
+                let crl = {
+                    let mut last = self.last_crl.lock().unwrap_or_else(|e| e.into_inner());
+                    let der = self.build_crl(now_ms)?;
+                    *last = Some((der.clone(), now_ms));
+                    der
+                };
                 self.trust.set_issued(anchor, Some(crl));
             }
         }

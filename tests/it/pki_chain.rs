@@ -335,6 +335,10 @@ async fn pki_revoked_serial_is_in_the_crl_and_the_inventory() {
         .pki_issue(issue_req("crl", &[], &["b.crl.svc.test"]))
         .await
         .unwrap();
+    // Asking again does not make (sign, number, store) a new CRL: a loop of
+    // `pki crl` by any token holder gets the same one until a revoke.
+    let before = root.pki_crl().await.unwrap();
+    assert_eq!(root.pki_crl().await.unwrap(), before);
     // Revoke accepts the colon form openssl prints.
     let colon: Vec<String> = hex::decode(&a.serial)
         .unwrap()
@@ -345,6 +349,7 @@ async fn pki_revoked_serial_is_in_the_crl_and_the_inventory() {
     assert_eq!(rec.serial, a.serial);
     assert!(rec.revoked_at.is_some());
     let der = root.pki_crl().await.unwrap();
+    assert_ne!(der, before, "a revoke must replace the served CRL");
     let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(&der).unwrap();
     let serials: Vec<String> = crl
         .iter_revoked_certificates()
