@@ -60,6 +60,30 @@ pub struct ServerConfig {
     pub governance: GovernanceConfig,
 }
 
+impl ServerConfig {
+    /// A loopback server on an ephemeral port, without TLS and with the
+    /// metrics and HTTPS listeners off; every other setting at its default.
+    /// Tests, benchmarks and tools start from it and set what they need
+    /// (`ServerConfig { tls: Some(..), ..ServerConfig::local(..) }`), so a new
+    /// setting is added here once rather than at every construction.
+    pub fn local(storage_path: PathBuf, audit_path: PathBuf) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            storage_path,
+            tls: None,
+            audit_path,
+            metrics_listen: None,
+            limits: DataLimits::default(),
+            oidc: OidcConfig::default(),
+            server_limits: ServerLimits::default(),
+            audit: Default::default(),
+            federation: FederationConfig::default(),
+            http_listen: None,
+            governance: GovernanceConfig::default(),
+        }
+    }
+}
+
 /// Owner recertification (`governance.*`): an identity is due for
 /// attestation `recertify_every` after its last one (or its creation), and
 /// overdue `unattested_grace` later; with `disable_unattested` an overdue

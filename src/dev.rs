@@ -13,9 +13,8 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::clock::Clock;
-use crate::config::{OidcConfig, ServerConfig, ServerLimits, TlsConfig};
+use crate::config::{OidcConfig, ServerConfig, TlsConfig};
 use crate::pki;
-use crate::secrets::DataLimits;
 use crate::server::Server;
 
 pub const CREDENTIALS_FILE: &str = "dev-credentials.json";
@@ -96,22 +95,14 @@ pub async fn open_with(
     let jwks_dir = data_dir.join(JWKS_DIR);
     create_private_dir(&jwks_dir)?;
     let mut config = ServerConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        storage_path: data_dir.join("data"),
         tls: Some(TlsConfig {
             cert: certs.server.clone(),
             key: certs.server_key.clone(),
             client_ca: Some(certs.ca.clone()),
         }),
-        audit_path: data_dir.join("audit.log"),
         metrics_listen,
         // `keyward dev --http-listen` binds the HTTPS listener itself.
         http_listen: None,
-        limits: DataLimits::default(),
-        server_limits: ServerLimits::default(),
-        audit: Default::default(),
-        governance: Default::default(),
-        federation: Default::default(),
         oidc: OidcConfig {
             // A dev server fetches JWKS only from servers its own CA signed
             // (a local test issuer); production names a bundle in the config.
@@ -119,6 +110,7 @@ pub async fn open_with(
             jwks_dir: Some(jwks_dir),
             allow_private_hosts: false,
         },
+        ..ServerConfig::local(data_dir.join("data"), data_dir.join("audit.log"))
     };
     adjust(&mut config);
     let server = Server::open_with_clock(config, clock)?;

@@ -566,20 +566,7 @@ fn rss_kib() -> Option<u64> {
 }
 
 fn bench_config(dir: &Path) -> ServerConfig {
-    ServerConfig {
-        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-        storage_path: dir.join("data"),
-        tls: None,
-        audit_path: dir.join("audit.log"),
-        metrics_listen: None,
-        limits: keyward::secrets::DataLimits::default(),
-        oidc: Default::default(),
-        server_limits: keyward::config::ServerLimits::default(),
-        audit: Default::default(),
-        federation: Default::default(),
-        http_listen: None,
-        governance: Default::default(),
-    }
+    ServerConfig::local(dir.join("data"), dir.join("audit.log"))
 }
 
 const SHARE_FILE: &str = "bench-unseal-share";

@@ -190,20 +190,7 @@ pub fn audit_verify(format: Format, files: &[PathBuf]) -> Result<()> {
 pub async fn bench_snapshot(dir: &std::path::Path, format: Format) -> Result<()> {
     use std::time::Instant;
     let share = zeroize::Zeroizing::new(std::fs::read_to_string(dir.join("bench-unseal-share"))?);
-    let config = keyward::config::ServerConfig {
-        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-        storage_path: dir.join("data"),
-        tls: None,
-        audit_path: dir.join("audit.log"),
-        metrics_listen: None,
-        limits: keyward::secrets::DataLimits::default(),
-        oidc: Default::default(),
-        server_limits: keyward::config::ServerLimits::default(),
-        audit: Default::default(),
-        http_listen: None,
-        governance: Default::default(),
-        federation: Default::default(),
-    };
+    let config = keyward::config::ServerConfig::local(dir.join("data"), dir.join("audit.log"));
     let server = keyward::server::Server::open(config)?;
     let core = server.core().clone();
     if core.unseal(share.trim()).await?.sealed {

@@ -10,7 +10,6 @@ use std::time::Duration;
 use keyward::client::{Client, ClientOptions};
 use keyward::config::{ServerConfig, TlsConfig};
 use keyward::secrecy::{SecretBytes, SecretData};
-use keyward::secrets::DataLimits;
 use keyward::server::Server;
 
 pub fn install_crypto() {
@@ -121,22 +120,12 @@ impl TestServer {
         let dir = tempfile::tempdir().unwrap();
         let certs = keyward::pki::ensure_dev_certs(&dir.path().join("certs")).unwrap();
         let config = ServerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            storage_path: dir.path().join("data"),
             tls: Some(TlsConfig {
                 cert: certs.server.clone(),
                 key: certs.server_key.clone(),
                 client_ca: Some(certs.ca.clone()),
             }),
-            audit_path: dir.path().join("audit.log"),
-            metrics_listen: None,
-            limits: DataLimits::default(),
-            oidc: Default::default(),
-            server_limits: keyward::config::ServerLimits::default(),
-            audit: Default::default(),
-            federation: Default::default(),
-            http_listen: None,
-            governance: Default::default(),
+            ..ServerConfig::local(dir.path().join("data"), dir.path().join("audit.log"))
         };
         let server = Server::open(config).unwrap();
         Self::serve(dir, server, certs.ca, String::new(), String::new()).await

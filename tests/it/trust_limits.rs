@@ -14,7 +14,6 @@ use tonic::Code;
 use crate::harness::{data, eventually, install_crypto, unique, TestServer};
 use keyward::client::{Client, ClientOptions, IssueOptions, PutOptions};
 use keyward::config::{ServerConfig, ServerLimits, TlsConfig};
-use keyward::secrets::DataLimits;
 use keyward::server::Server;
 
 fn mode(path: &Path) -> u32 {
@@ -94,22 +93,13 @@ impl Limited {
         let dir = tempfile::tempdir().unwrap();
         let certs = keyward::pki::ensure_dev_certs(&dir.path().join("certs")).unwrap();
         let config = ServerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            storage_path: dir.path().join("data"),
             tls: Some(TlsConfig {
                 cert: certs.server.clone(),
                 key: certs.server_key.clone(),
                 client_ca: Some(certs.ca.clone()),
             }),
-            audit_path: dir.path().join("audit.log"),
-            metrics_listen: None,
-            limits: DataLimits::default(),
-            oidc: Default::default(),
             server_limits: limits,
-            audit: Default::default(),
-            federation: Default::default(),
-            http_listen: None,
-            governance: Default::default(),
+            ..ServerConfig::local(dir.path().join("data"), dir.path().join("audit.log"))
         };
         let server = Server::open(config).unwrap();
         let core = server.core().clone();
