@@ -15,8 +15,9 @@ use tonic::{Request, Response, Status};
 
 use super::secrets::timestamp;
 use super::{begin, Access};
+use crate::core::call::{Call, Failure};
 use crate::core::Core;
-use crate::dynamic::{check_role_name, Holder, RoleRecord, RoleSpec};
+use crate::dynamic::{check_role_name, Holder, Issued, RoleRecord, RoleSpec};
 use crate::policy::Capability;
 use crate::proto::v1::dynamic_server::Dynamic;
 use crate::proto::v1::*;
@@ -141,31 +142,9 @@ impl Dynamic for DynamicService {
 
     async fn creds(&self, req: Request<CredsRequest>) -> Result<Response<CredsResponse>, Status> {
         let mut call = begin(&self.core, "keyward.v1.Dynamic/Creds", Access::Token, &req).await?;
-        let caller = call.require_caller()?;
         let r = req.into_inner();
-        call.check(check_role_name(&r.role))?;
-        let proof = call.authorize(Capability::Issue, resource(&r.role))?;
-        // The lease never outlives the token: its current end and its
-        // latest possible one (renewals included).
-        let now = self.core.clock().now_ms();
-        let token = call.check(self.core.tokens.lookup_accessor(&caller.accessor, now))?;
-        let token = call.check(token.ok_or(crate::core::AuthError::BadToken))?;
-        let holder = Holder {
-            accessor: caller.accessor.clone(),
-            identity: caller.identity.clone(),
-            expires_ms: token.expires_at_ms,
-            max_expiry_ms: token.max_expiry_ms,
-        };
         let ttl = (r.ttl_seconds != 0).then(|| Duration::from_secs(r.ttl_seconds));
-        let issued = call.check(self.core.dynamic.issue(&proof, &r.role, ttl, &holder).await)?;
-        // A token revoked while this call ran may have been told of its
-        // leases before this one was written: look again, and undo.
-        let now = self.core.clock().now_ms();
-        let still = call.check(self.core.tokens.lookup_accessor(&caller.accessor, now))?;
-        if still.is_none() {
-            let _ = self.core.leases.revoke(&issued.lease.id).await;
-            return Err(call.fail(crate::core::AuthError::BadToken).into());
-        }
+        let issued = issue_creds(&self.core, &mut call, &r.role, ttl).await?;
         let password = issued.password.expose_str().unwrap_or_default().to_owned();
         call.ok(&[("password", password.as_bytes())])?;
         let lease = issued.lease;
@@ -180,4 +159,40 @@ impl Dynamic for DynamicService {
             renewable: true,
         }))
     }
+}
+
+/// `Creds` up to its answer, for both transports (the Vault API's
+/// `database/creds/<role>` too): `issue` on `dynamic/<role>`, a lease held
+/// by the calling token that never outlives it. The caller answers with
+/// [`Call::ok`] naming the password.
+pub async fn issue_creds(
+    core: &Arc<Core>,
+    call: &mut Call,
+    role: &str,
+    ttl: Option<Duration>,
+) -> Result<Issued, Failure> {
+    let caller = call.require_caller()?;
+    call.check(check_role_name(role))?;
+    let proof = call.authorize(Capability::Issue, resource(role))?;
+    // The lease never outlives the token: its current end and its
+    // latest possible one (renewals included).
+    let now = core.clock().now_ms();
+    let token = call.check(core.tokens.lookup_accessor(&caller.accessor, now))?;
+    let token = call.check(token.ok_or(crate::core::AuthError::BadToken))?;
+    let holder = Holder {
+        accessor: caller.accessor.clone(),
+        identity: caller.identity.clone(),
+        expires_ms: token.expires_at_ms,
+        max_expiry_ms: token.max_expiry_ms,
+    };
+    let issued = call.check(core.dynamic.issue(&proof, role, ttl, &holder).await)?;
+    // A token revoked while this call ran may have been told of its
+    // leases before this one was written: look again, and undo.
+    let now = core.clock().now_ms();
+    let still = call.check(core.tokens.lookup_accessor(&caller.accessor, now))?;
+    if still.is_none() {
+        let _ = core.leases.revoke(&issued.lease.id).await;
+        return Err(call.fail(crate::core::AuthError::BadToken));
+    }
+    Ok(issued)
 }

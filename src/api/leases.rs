@@ -48,37 +48,16 @@ fn lease_message(r: &LeaseRecord) -> Lease {
     }
 }
 
-impl LeasesService {
-    /// The lease `id`, if the caller holds it or has `capability` on
-    /// `sys/leases/<id>`; a refusal does not tell whether it exists.
-    fn owned_or_allowed(
-        &self,
-        call: &mut Call,
-        id: &str,
-        capability: Capability,
-    ) -> Result<LeaseRecord, Failure> {
-        let id = call.check(check_prefix(id))?.to_owned();
-        let caller = call.require_caller()?;
-        let found = call.check(self.core.leases.get(&id))?;
-        let resource = format!("sys/leases/{id}");
-        match found {
-            Some(record) if record.accessor == caller.accessor => {
-                call.set_resource(resource);
-                Ok(record)
-            }
-            found => {
-                call.authorize(capability, resource)?;
-                call.check(found.ok_or(LeaseError::NotFound))
-            }
-        }
-    }
-}
-
 #[tonic::async_trait]
 impl Leases for LeasesService {
     async fn lookup(&self, req: Request<LeaseLookupRequest>) -> Result<Response<Lease>, Status> {
         let mut call = begin(&self.core, "keyward.v1.Leases/Lookup", Access::Token, &req).await?;
-        let record = self.owned_or_allowed(&mut call, &req.get_ref().lease_id, Capability::Read)?;
+        let record = owned_or_allowed(
+            &self.core,
+            &mut call,
+            &req.get_ref().lease_id,
+            Capability::Read,
+        )?;
         call.ok(&[])?;
         Ok(Response::new(lease_message(&record)))
     }
@@ -110,26 +89,9 @@ impl Leases for LeasesService {
     async fn renew(&self, req: Request<LeaseRenewRequest>) -> Result<Response<Lease>, Status> {
         let mut call = begin(&self.core, "keyward.v1.Leases/Renew", Access::Token, &req).await?;
         let r = req.into_inner();
-        let record = self.owned_or_allowed(&mut call, &r.lease_id, Capability::Write)?;
-        // Never past the end of the token that holds the lease.
-        let now = self.core.clock().now_ms();
-        let holder = call.check(self.core.tokens.lookup_accessor(&record.accessor, now))?;
-        let Some(holder) = holder else {
-            return Err(call
-                .fail(Failure::new(
-                    crate::core::call::FailureKind::Conflict,
-                    "the token that holds this lease is no longer valid; the lease is being revoked",
-                ))
-                .into());
-        };
         let increment =
             (r.increment_seconds != 0).then(|| Duration::from_secs(r.increment_seconds));
-        let renewed = call.check(
-            self.core
-                .leases
-                .renew(&record.id, increment, holder.expires_at_ms)
-                .await,
-        )?;
+        let renewed = renew(&self.core, &mut call, &r.lease_id, increment).await?;
         call.ok(&[])?;
         Ok(Response::new(lease_message(&renewed)))
     }
@@ -141,18 +103,8 @@ impl Leases for LeasesService {
         let mut call = begin(&self.core, "keyward.v1.Leases/Revoke", Access::Token, &req).await?;
         let r = req.into_inner();
         let (revoked, pending) = match (r.lease_id.is_empty(), r.prefix.is_empty()) {
-            (false, true) => {
-                let record = self.owned_or_allowed(&mut call, &r.lease_id, Capability::Delete)?;
-                match call.check(self.core.leases.revoke(&record.id).await)? {
-                    Some(crate::lease::Revoked::Done) | None => (1, 0),
-                    Some(crate::lease::Revoked::Pending(_)) => (0, 1),
-                }
-            }
-            (true, false) => {
-                let prefix = call.check(check_prefix(&r.prefix))?.to_owned();
-                call.authorize(Capability::Delete, format!("sys/leases/{prefix}/**"))?;
-                call.check(self.core.leases.revoke_prefix(&prefix).await)?
-            }
+            (false, true) => revoke(&self.core, &mut call, &r.lease_id).await?,
+            (true, false) => revoke_prefix(&self.core, &mut call, &r.prefix).await?,
             _ => {
                 return Err(call
                     .fail(Failure::new(
@@ -165,4 +117,76 @@ impl Leases for LeasesService {
         call.ok(&[])?;
         Ok(Response::new(LeaseRevokeResponse { revoked, pending }))
     }
+}
+
+// The rules of each lease call up to its answer, for both transports (the
+// Vault API's `sys/leases/*` too); the caller answers with `Call::ok`.
+
+/// The lease `id`, if the caller holds it or has `capability` on
+/// `sys/leases/<id>`; a refusal does not tell whether it exists.
+pub fn owned_or_allowed(
+    core: &Core,
+    call: &mut Call,
+    id: &str,
+    capability: Capability,
+) -> Result<LeaseRecord, Failure> {
+    let id = call.check(check_prefix(id))?.to_owned();
+    let caller = call.require_caller()?;
+    let found = call.check(core.leases.get(&id))?;
+    let resource = format!("sys/leases/{id}");
+    match found {
+        Some(record) if record.accessor == caller.accessor => {
+            call.set_resource(resource);
+            Ok(record)
+        }
+        found => {
+            call.authorize(capability, resource)?;
+            call.check(found.ok_or(LeaseError::NotFound))
+        }
+    }
+}
+
+/// Renews lease `id` by `increment` (the role's TTL if `None`), never past
+/// the end of the token that holds it.
+pub async fn renew(
+    core: &Core,
+    call: &mut Call,
+    id: &str,
+    increment: Option<Duration>,
+) -> Result<LeaseRecord, Failure> {
+    let record = owned_or_allowed(core, call, id, Capability::Write)?;
+    let now = core.clock().now_ms();
+    let holder = call.check(core.tokens.lookup_accessor(&record.accessor, now))?;
+    let Some(holder) = holder else {
+        return Err(call.fail(Failure::new(
+            crate::core::call::FailureKind::Conflict,
+            "the token that holds this lease is no longer valid; the lease is being revoked",
+        )));
+    };
+    call.check(
+        core.leases
+            .renew(&record.id, increment, holder.expires_at_ms)
+            .await,
+    )
+}
+
+/// Revokes lease `id`: (revoked, still pending on its target).
+pub async fn revoke(core: &Core, call: &mut Call, id: &str) -> Result<(u32, u32), Failure> {
+    let record = owned_or_allowed(core, call, id, Capability::Delete)?;
+    match call.check(core.leases.revoke(&record.id).await)? {
+        Some(crate::lease::Revoked::Done) | None => Ok((1, 0)),
+        Some(crate::lease::Revoked::Pending(_)) => Ok((0, 1)),
+    }
+}
+
+/// Revokes every lease under `prefix` (`delete` on `sys/leases/<prefix>/**`):
+/// (revoked, still pending).
+pub async fn revoke_prefix(
+    core: &Core,
+    call: &mut Call,
+    prefix: &str,
+) -> Result<(u32, u32), Failure> {
+    let prefix = call.check(check_prefix(prefix))?.to_owned();
+    call.authorize(Capability::Delete, format!("sys/leases/{prefix}/**"))?;
+    call.check(core.leases.revoke_prefix(&prefix).await)
 }

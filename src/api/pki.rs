@@ -39,46 +39,13 @@ impl PkiService {
         Self { core }
     }
 
-    /// The identities a certificate would make its holder, each of whose
-    /// policies the caller must hold; returns the first one's name for the
-    /// inventory.
-    fn require_holds_identities(&self, call: &mut Call, built: &Built) -> Result<String, Failure> {
-        let names = cert_names(&built.der).ok_or_else(|| {
-            call.fail(PkiError::Invalid(
-                "issued certificate does not parse".into(),
-            ))
-        })?;
-        let mut holders = Vec::new();
-        for id in &names.spiffe_ids {
-            let found = self.core.identities.by_cert(None, std::slice::from_ref(id));
-            if let Some(record) = call.check(found)? {
-                holders.push(record);
-            }
-        }
-        if let Some(dn) = &names.subject {
-            if let Some(record) = call.check(self.core.identities.by_cert(Some(dn), &[]))? {
-                holders.push(record);
-            }
-        }
-        for record in &holders {
-            call.require_policy_subset(&record.policies)?;
-        }
-        Ok(holders.first().map(|r| r.name.clone()).unwrap_or_default())
-    }
-
     /// Records a built certificate (durably) and answers it.
     async fn hand_out(
         &self,
         mut call: Call,
         mut built: Built,
     ) -> Result<Response<PkiIssueResponse>, Status> {
-        built.record.identity = self.require_holds_identities(&mut call, &built)?;
-        built.record.requested_by = call
-            .caller()
-            .map(|c| c.identity.clone())
-            .unwrap_or_default();
-        call.check(self.core.pki.record(&built))?;
-        call.check(self.core.barrier.durable().await)?;
+        record_built(&self.core, &mut call, &mut built).await?;
         let key = built
             .private_key
             .as_ref()
@@ -258,16 +225,14 @@ impl Pki for PkiService {
     ) -> Result<Response<PkiIssueResponse>, Status> {
         let mut call = begin(&self.core, "keyward.v1.Pki/Issue", Access::Token, &req).await?;
         let r = req.into_inner();
-        call.check(check_role_name(&r.role))?;
-        let proof = call.authorize(Capability::Issue, role_resource(&r.role))?;
-        let built = call.check(self.core.pki.build_issue(
-            &proof,
+        let built = build_issue(
+            &self.core,
+            &mut call,
             &r.role,
             &r.spiffe_ids,
             &r.dns_names,
             r.ttl_seconds,
-            self.core.clock().now_ms(),
-        ))?;
+        )?;
         self.hand_out(call, built).await
     }
 
@@ -277,15 +242,7 @@ impl Pki for PkiService {
     ) -> Result<Response<PkiIssueResponse>, Status> {
         let mut call = begin(&self.core, "keyward.v1.Pki/Sign", Access::Token, &req).await?;
         let r = req.into_inner();
-        call.check(check_role_name(&r.role))?;
-        let proof = call.authorize(Capability::Issue, role_resource(&r.role))?;
-        let built = call.check(self.core.pki.build_sign(
-            &proof,
-            &r.role,
-            &r.csr,
-            r.ttl_seconds,
-            self.core.clock().now_ms(),
-        ))?;
+        let built = build_sign(&self.core, &mut call, &r.role, &r.csr, r.ttl_seconds)?;
         self.hand_out(call, built).await
     }
 
@@ -330,4 +287,93 @@ impl Pki for PkiService {
         call.ok(&[])?;
         Ok(Response::new(PkiCrlResponse { der }))
     }
+}
+
+// Issue and sign up to their answer, for both transports (the Vault API's
+// `pki/issue/<role>` and `pki/sign/<role>` too): build with
+// [`build_issue`] or [`build_sign`], then [`record_built`], then answer
+// with `Call::ok` naming the private key.
+
+/// A new key and a certificate for it from role `role` (`issue` on
+/// `pki/<role>`).
+pub fn build_issue(
+    core: &Core,
+    call: &mut Call,
+    role: &str,
+    spiffe_ids: &[String],
+    dns_names: &[String],
+    ttl_seconds: u64,
+) -> Result<Built, Failure> {
+    call.check(check_role_name(role))?;
+    let proof = call.authorize(Capability::Issue, role_resource(role))?;
+    call.check(core.pki.build_issue(
+        &proof,
+        role,
+        spiffe_ids,
+        dns_names,
+        ttl_seconds,
+        core.clock().now_ms(),
+    ))
+}
+
+/// A certificate for the key of `csr` from role `role` (`issue` on
+/// `pki/<role>`).
+pub fn build_sign(
+    core: &Core,
+    call: &mut Call,
+    role: &str,
+    csr: &str,
+    ttl_seconds: u64,
+) -> Result<Built, Failure> {
+    call.check(check_role_name(role))?;
+    let proof = call.authorize(Capability::Issue, role_resource(role))?;
+    call.check(
+        core.pki
+            .build_sign(&proof, role, csr, ttl_seconds, core.clock().now_ms()),
+    )
+}
+
+/// Refuses a certificate that would log in as an identity whose policies
+/// the caller does not all hold, then records it in the inventory
+/// (durably) with who asked.
+pub async fn record_built(core: &Core, call: &mut Call, built: &mut Built) -> Result<(), Failure> {
+    built.record.identity = require_holds_identities(core, call, built)?;
+    built.record.requested_by = call
+        .caller()
+        .map(|c| c.identity.clone())
+        .unwrap_or_default();
+    call.check(core.pki.record(built))?;
+    call.check(core.barrier.durable().await)?;
+    Ok(())
+}
+
+/// The identities a certificate would make its holder, each of whose
+/// policies the caller must hold; returns the first one's name for the
+/// inventory.
+fn require_holds_identities(
+    core: &Core,
+    call: &mut Call,
+    built: &Built,
+) -> Result<String, Failure> {
+    let names = cert_names(&built.der).ok_or_else(|| {
+        call.fail(PkiError::Invalid(
+            "issued certificate does not parse".into(),
+        ))
+    })?;
+    let mut holders = Vec::new();
+    for id in &names.spiffe_ids {
+        let found = core.identities.by_cert(None, std::slice::from_ref(id));
+        if let Some(record) = call.check(found)? {
+            holders.push(record);
+        }
+    }
+    if let Some(dn) = &names.subject {
+        if let Some(record) = call.check(core.identities.by_cert(Some(dn), &[]))? {
+            holders.push(record);
+        }
+    }
+    for record in &holders {
+        call.require_policy_subset(&record.policies)?;
+    }
+    Ok(holders.first().map(|r| r.name.clone()).unwrap_or_default())
 }

@@ -23,7 +23,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::reply::{
-    errors, json_response, method_not_allowed, no_content, time, Answer, Envelope, VaultRequest,
+    errors, json_response, no_content, time, Answer, Envelope, Methods, Route, VaultRequest,
 };
 use super::HttpState;
 use crate::core::call::{Access, Call, Failure};
@@ -34,6 +34,9 @@ use crate::secrets::{ListPrefix, PutRequest, SecretPath, Selector, Stage};
 /// The one KV mount.
 pub const MOUNT: &str = "secret";
 
+/// `sys/mounts` and the CLIs' preflight: reads (keyward's mounts are fixed).
+const MOUNTS: Route = Route::new(Methods::Get, "keyward.v1.Sys/Mounts", Access::Token);
+
 pub fn routes() -> Router<HttpState> {
     Router::new()
         .route("/v1/secret/{*rest}", any(kv))
@@ -43,7 +46,7 @@ pub fn routes() -> Router<HttpState> {
 
 /// Dispatches `secret/<op>/<path>` on the operation and the method.
 async fn kv(State(state): State<HttpState>, Path(rest): Path<String>, req: Request) -> Answer {
-    let req = VaultRequest::read(req, state.limits.max_request_bytes).await?;
+    let req = VaultRequest::read(req, &state).await?;
     let (op, path) = match rest.split_once('/') {
         Some((op, path)) => (op, path),
         None => (rest.as_str(), ""),
@@ -54,22 +57,28 @@ async fn kv(State(state): State<HttpState>, Path(rest): Path<String>, req: Reque
         "data" if *m == Method::GET && !req.is_list() => read(&state, &req, path).await,
         "data" if write => put(&state, &req, path).await,
         "data" if *m == Method::DELETE => delete_newest(&state, &req, path).await,
-        "data" => Err(method_not_allowed(m, "GET, PUT, POST or DELETE")),
+        "data" => Err(req
+            .method_not_allowed(&state, "GET, PUT, POST or DELETE")
+            .await),
         "metadata" if req.is_list() => list(&state, &req, path).await,
         "metadata" if *m == Method::GET => metadata(&state, &req, path).await,
         "metadata" if *m == Method::DELETE => delete_metadata(&state, &req, path).await,
-        "metadata" => Err(method_not_allowed(m, "GET, LIST or DELETE")),
+        "metadata" => Err(req.method_not_allowed(&state, "GET, LIST or DELETE").await),
         "delete" if write => versions_op(&state, &req, path, VersionsOp::Delete).await,
         "undelete" if write => versions_op(&state, &req, path, VersionsOp::Undelete).await,
         "destroy" if write => versions_op(&state, &req, path, VersionsOp::Destroy).await,
-        "delete" | "undelete" | "destroy" => Err(method_not_allowed(m, "PUT or POST")),
+        "delete" | "undelete" | "destroy" => {
+            Err(req.method_not_allowed(&state, "PUT or POST").await)
+        }
         "config" if path.is_empty() && *m == Method::GET => config(&state, &req).await,
-        "config" if path.is_empty() => Err(method_not_allowed(m, "GET")),
-        _ => Err(errors(
-            StatusCode::NOT_FOUND,
-            "no handler for this route: the KV v2 mount secret/ serves data/, metadata/, \
-             delete/, undelete/, destroy/ and config",
-        )),
+        "config" if path.is_empty() => Err(req.method_not_allowed(&state, "GET").await),
+        _ => Err(req
+            .not_found(
+                &state,
+                "no handler for this route: the KV v2 mount secret/ serves data/, metadata/, \
+                 delete/, undelete/, destroy/ and config",
+            )
+            .await),
     }
 }
 
@@ -454,13 +463,7 @@ async fn ui_mount(
     Path(path): Path<String>,
     req: Request,
 ) -> Answer {
-    let req = VaultRequest::read(req, state.limits.max_request_bytes).await?;
-    if req.method != Method::GET {
-        return Err(method_not_allowed(&req.method, "GET"));
-    }
-    let mut call = req
-        .begin(&state.core, "keyward.v1.Sys/Mounts", Access::Token)
-        .await?;
+    let (req, mut call) = VaultRequest::start(req, &state, MOUNTS).await?;
     call.set_resource("sys/internal/ui/mounts");
     let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
     if first != MOUNT {
@@ -481,16 +484,7 @@ async fn ui_mount(
 
 /// `GET sys/mounts`: the one KV mount (`read` on `sys/mounts`).
 async fn mounts(State(state): State<HttpState>, req: Request) -> Answer {
-    let req = VaultRequest::read(req, state.limits.max_request_bytes).await?;
-    if req.method != Method::GET {
-        return Err(method_not_allowed(
-            &req.method,
-            "GET (keyward's mounts are fixed)",
-        ));
-    }
-    let mut call = req
-        .begin(&state.core, "keyward.v1.Sys/Mounts", Access::Token)
-        .await?;
+    let (req, mut call) = VaultRequest::start(req, &state, MOUNTS).await?;
     call.authorize(Capability::Read, "sys/mounts".into())?;
     call.ok(&[])?;
     let mounts = json!({ format!("{MOUNT}/"): mount_json() });

@@ -10,7 +10,6 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, Request, State};
-use axum::http::Method;
 use axum::response::IntoResponse;
 use axum::routing::any;
 use axum::Router;
@@ -18,7 +17,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::reply::{method_not_allowed, Answer, Envelope, VaultRequest};
+use super::reply::{Answer, Envelope, Methods, Route, VaultRequest};
 use super::HttpState;
 use crate::api::identities::{parse_cidrs, IdentitiesService};
 use crate::barrier::BarrierError;
@@ -36,26 +35,21 @@ pub fn routes() -> Router<HttpState> {
         .route("/v1/auth/cert/login", any(cert_login))
 }
 
-fn require_write(req: &VaultRequest) -> Result<(), axum::response::Response> {
-    if req.method == Method::POST || req.method == Method::PUT {
-        Ok(())
-    } else {
-        Err(method_not_allowed(&req.method, "PUT or POST"))
-    }
-}
+/// A login: no token; as gRPC's Login.
+const LOGIN: Route = Route::new(Methods::Write, "keyward.v1.Auth/Login", Access::Open);
 
-/// Starts a login call (no token; refused while sealed), as gRPC's Login.
+/// Starts a login call (refused while sealed) on `resource`.
 async fn begin_login(
     state: &HttpState,
-    req: &VaultRequest,
-) -> Result<Call, axum::response::Response> {
-    let mut call = req
-        .begin(&state.core, "keyward.v1.Auth/Login", Access::Open)
-        .await?;
+    req: Request,
+    resource: &'static str,
+) -> Result<(VaultRequest, Call), axum::response::Response> {
+    let (req, mut call) = VaultRequest::start(req, state, LOGIN).await?;
+    call.set_resource(resource);
     if state.core.is_sealed() {
         return Err(call.fail(BarrierError::Sealed).into());
     }
-    Ok(call)
+    Ok((req, call))
 }
 
 /// Issues the token of a checked credential and answers Vault's `auth`.
@@ -98,10 +92,7 @@ struct ApproleBody {
 
 /// `POST auth/approle/login {"role_id", "secret_id"}`.
 async fn approle_login(State(state): State<HttpState>, req: Request) -> Answer {
-    let req = VaultRequest::read(req, state.limits.max_request_bytes).await?;
-    require_write(&req)?;
-    let mut call = begin_login(&state, &req).await?;
-    call.set_resource("auth/login/approle");
+    let (req, mut call) = begin_login(&state, req, "auth/login/approle").await?;
     let body: ApproleBody = req.json(&mut call)?;
     let source = req.peer.as_ref().map(|p| p.addr.ip());
     let now = state.core.clock().now_ms();
@@ -118,10 +109,7 @@ async fn approle_login(State(state): State<HttpState>, req: Request) -> Answer {
 /// `POST auth/cert/login`: the client certificate this connection
 /// presented (verified against `tls.client_ca` in the handshake).
 async fn cert_login(State(state): State<HttpState>, req: Request) -> Answer {
-    let req = VaultRequest::read(req, state.limits.max_request_bytes).await?;
-    require_write(&req)?;
-    let mut call = begin_login(&state, &req).await?;
-    call.set_resource("auth/login/cert");
+    let (req, mut call) = begin_login(&state, req, "auth/login/cert").await?;
     // Vault's optional `name` (a certificate role) has no keyward meaning:
     // the certificate alone names the identity.
     let _: serde_json::Map<String, Value> = req.json(&mut call)?;
@@ -159,10 +147,7 @@ fn unverified_iss(jwt: &str) -> Option<String> {
 /// bound to whose URL is the token's `iss` checks it (as `login oidc
 /// --issuer`); the identity it maps to must be `role`.
 async fn jwt_login(State(state): State<HttpState>, req: Request) -> Answer {
-    let req = VaultRequest::read(req, state.limits.max_request_bytes).await?;
-    require_write(&req)?;
-    let mut call = begin_login(&state, &req).await?;
-    call.set_resource("auth/login/oidc");
+    let (req, mut call) = begin_login(&state, req, "auth/login/oidc").await?;
     let body: JwtBody = req.json(&mut call)?;
     // The issuer: one the role's identity is bound to whose URL is the
     // JWT's `iss` (several issuers may share a URL). Every miss is the same
@@ -197,13 +182,8 @@ async fn jwt_login(State(state): State<HttpState>, req: Request) -> Answer {
 /// `GET auth/approle/role/<name>/role-id`: the identity's role-id (`read`
 /// on `identity/<name>`, as gRPC's Identities/Get that shows it).
 async fn role_id(State(state): State<HttpState>, Path(name): Path<String>, req: Request) -> Answer {
-    let req = VaultRequest::read(req, state.limits.max_request_bytes).await?;
-    if req.method != Method::GET {
-        return Err(method_not_allowed(&req.method, "GET"));
-    }
-    let mut call = req
-        .begin(&state.core, "keyward.v1.Identities/Get", Access::Token)
-        .await?;
+    let route = Route::new(Methods::Get, "keyward.v1.Identities/Get", Access::Token);
+    let (req, mut call) = VaultRequest::start(req, &state, route).await?;
     let name = call.check(IdentityName::parse(&name))?;
     call.authorize(Capability::Read, name.resource())?;
     let found = call.check(state.core.identities.get(name.as_str()))?;
@@ -220,15 +200,12 @@ async fn secret_id(
     Path(name): Path<String>,
     req: Request,
 ) -> Answer {
-    let req = VaultRequest::read(req, state.limits.max_request_bytes).await?;
-    require_write(&req)?;
-    let mut call = req
-        .begin(
-            &state.core,
-            "keyward.v1.Identities/CreateSecretId",
-            Access::Token,
-        )
-        .await?;
+    let route = Route::new(
+        Methods::Write,
+        "keyward.v1.Identities/CreateSecretId",
+        Access::Token,
+    );
+    let (req, mut call) = VaultRequest::start(req, &state, route).await?;
     let body: serde_json::Map<String, Value> = req.json(&mut call)?;
     for k in body.keys() {
         if !matches!(k.as_str(), "ttl" | "num_uses" | "cidr_list" | "metadata") {

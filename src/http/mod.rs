@@ -26,14 +26,18 @@ pub mod oidc;
 pub mod reply;
 pub mod sys;
 pub mod token;
+// Dynamic credentials, leases and PKI (issue 15's last routes).
+pub mod dynamic;
+pub mod pki;
 
 use std::sync::Arc;
 
-use axum::http::StatusCode;
+use axum::extract::{Request, State};
 use axum::response::Response;
 use axum::Router;
 
 use crate::config::ServerLimits;
+use crate::core::call;
 use crate::core::Core;
 
 /// What every handler of the listener is given.
@@ -79,6 +83,9 @@ pub fn router(state: HttpState) -> Router {
         .merge(login::routes())
         .merge(oidc::routes())
         // OIDC discovery (src/http/oidc.rs) merges here: `.merge(oidc::routes())`.
+        // Dynamic credentials, leases and PKI.
+        .merge(dynamic::routes())
+        .merge(pki::routes())
         .fallback(not_found)
         .with_state(state)
 }
@@ -86,10 +93,22 @@ pub fn router(state: HttpState) -> Router {
 /// Vault's answer to a path it has no handler for. The path is not echoed:
 /// a client that puts a token in a path (Vault's old `lookup/<token>`)
 /// must not find it in an answer a proxy might log.
-async fn not_found() -> Response {
-    reply::errors(
-        StatusCode::NOT_FOUND,
+/// Audited (`reply::refuse`) without the path, the token or the body.
+async fn not_found(State(state): State<HttpState>, req: Request) -> Response {
+    let request_id = call::request_id(
+        req.headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+    );
+    let source = req.extensions().get::<listen::Peer>().map(|p| p.addr);
+    reply::refuse(
+        &state.core,
+        reply::Refusal::NotFound,
+        &request_id,
+        source,
         "no handler for this route: keyward serves Vault's KV v2 at secret/, auth/token, \
-         auth/approle, auth/jwt, auth/cert and sys/ (see the README's compatibility table)",
+         auth/approle, auth/jwt, auth/cert, database/creds, pki/, sys/leases and sys/ (see the \
+         README's compatibility table)",
     )
+    .await
 }

@@ -7,12 +7,12 @@
 //! into the aggregated unauthenticated audit records.
 
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Router;
 
-use super::reply::{failure, method_not_allowed, VaultRequest};
+use super::reply::{failure, Methods, Route, VaultRequest};
 use super::HttpState;
 use crate::core::call::Access;
 
@@ -34,18 +34,13 @@ async fn jwks(State(state): State<HttpState>, req: Request) -> Response {
 }
 
 async fn serve(state: HttpState, req: Request, configuration: bool) -> Response {
-    let req = match VaultRequest::read(req, state.limits.max_request_bytes).await {
-        Ok(req) => req,
-        Err(r) => return r,
-    };
-    if req.method != Method::GET && req.method != Method::HEAD {
-        return method_not_allowed(&req.method, "GET or HEAD");
-    }
-    let mut call = match req
-        .begin(&state.core, "keyward.v1.Federation/Discovery", Access::Open)
-        .await
-    {
-        Ok(call) => call,
+    let route = Route::new(
+        Methods::GetOrHead,
+        "keyward.v1.Federation/Discovery",
+        Access::Open,
+    );
+    let (_req, mut call) = match VaultRequest::start(req, &state, route).await {
+        Ok(started) => started,
         Err(r) => return r,
     };
     call.set_resource("sys/oidc");

@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
 use super::listen::Peer;
+use super::HttpState;
 use crate::core::call::{bearer, request_id, Access, Call, Failure, FailureKind, RequestMeta};
 use crate::core::Core;
 
@@ -99,17 +100,134 @@ pub fn no_content() -> Response {
     StatusCode::NO_CONTENT.into_response()
 }
 
-/// 405 for a method a path does not serve, naming those it does.
-pub fn method_not_allowed(method: &Method, allowed: &str) -> Response {
-    errors(
-        StatusCode::METHOD_NOT_ALLOWED,
-        &format!("method {method} is not supported here; use {allowed}"),
-    )
+/// Which methods a route serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Methods {
+    Get,
+    GetOrHead,
+    /// PUT or POST (Vault treats them alike).
+    Write,
+    GetOrWrite,
+}
+
+impl Methods {
+    pub fn allows(self, m: &Method) -> bool {
+        let write = *m == Method::PUT || *m == Method::POST;
+        match self {
+            Self::Get => *m == Method::GET,
+            Self::GetOrHead => *m == Method::GET || *m == Method::HEAD,
+            Self::Write => write,
+            Self::GetOrWrite => *m == Method::GET || write,
+        }
+    }
+
+    pub fn text(self) -> &'static str {
+        match self {
+            Self::Get => "GET",
+            Self::GetOrHead => "GET or HEAD",
+            Self::Write => "PUT or POST",
+            Self::GetOrWrite => "GET, PUT or POST",
+        }
+    }
+}
+
+/// A route for [`VaultRequest::start`]: the methods it serves, and the
+/// seam method and access of its call.
+#[derive(Clone, Copy, Debug)]
+pub struct Route {
+    pub methods: Methods,
+    pub seam: &'static str,
+    pub access: Access,
+}
+
+impl Route {
+    pub const fn new(methods: Methods, seam: &'static str, access: Access) -> Self {
+        Self {
+            methods,
+            seam,
+            access,
+        }
+    }
+}
+
+/// An answer the listener gives before any seam call of its own: each is
+/// audited under a method of its own (`keyward.v1.Http/...`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// 404: no handler for the path.
+    NotFound,
+    /// 405: the path does not serve the method.
+    MethodNotAllowed,
+    /// 408: the body did not arrive in time.
+    Timeout,
+    /// 413: the body is over `limits.max_request_bytes`.
+    TooLarge,
+}
+
+impl Refusal {
+    /// (the audited method, the failure kind audited, the HTTP status).
+    fn parts(self) -> (&'static str, FailureKind, StatusCode) {
+        match self {
+            Self::NotFound => (
+                "keyward.v1.Http/NotFound",
+                FailureKind::NotFound,
+                StatusCode::NOT_FOUND,
+            ),
+            Self::MethodNotAllowed => (
+                "keyward.v1.Http/MethodNotAllowed",
+                FailureKind::InvalidInput,
+                StatusCode::METHOD_NOT_ALLOWED,
+            ),
+            Self::Timeout => (
+                "keyward.v1.Http/BodyTimeout",
+                FailureKind::Cancelled,
+                StatusCode::REQUEST_TIMEOUT,
+            ),
+            Self::TooLarge => (
+                "keyward.v1.Http/BodyTooLarge",
+                FailureKind::Exhausted,
+                StatusCode::PAYLOAD_TOO_LARGE,
+            ),
+        }
+    }
+}
+
+/// Answers `refusal` with `message`, after auditing it through the seam as
+/// a call that names nobody: no token (not even its HMAC), no body and no
+/// path (a client may put a token in one) reach the record, which carries
+/// the request id, the source and the rule; repeats from one source are counted into aggregate records,
+/// so a flood of them cannot grow the log without bound. If the record
+/// cannot be written, the answer is that failure (503), as for any call.
+pub async fn refuse(
+    core: &Arc<Core>,
+    refusal: Refusal,
+    request_id: &str,
+    source: Option<std::net::SocketAddr>,
+    message: &str,
+) -> Response {
+    let (method, kind, status) = refusal.parts();
+    let meta = RequestMeta {
+        method,
+        request_id: request_id.to_owned(),
+        source,
+        token: None,
+    };
+    let mut call = match Call::begin(core, meta, Access::Open).await {
+        Ok(call) => call,
+        Err(f) => return failure(&f),
+    };
+    let audited = call.fail(Failure::new(kind, message));
+    if audited.kind() != kind {
+        return failure(&audited);
+    }
+    errors(status, message)
 }
 
 /// Vault's response envelope around `data` (or `auth`).
 pub struct Envelope {
     pub request_id: String,
+    /// The lease of a dynamic credential ("" for none).
+    pub lease_id: String,
     pub data: Value,
     pub auth: Value,
     pub lease_duration: u64,
@@ -123,6 +241,7 @@ impl Envelope {
     pub fn data(request_id: &str, data: Value) -> Self {
         Self {
             request_id: request_id.to_owned(),
+            lease_id: String::new(),
             data,
             auth: Value::Null,
             lease_duration: 0,
@@ -147,7 +266,7 @@ impl Envelope {
     pub fn into_value(self) -> Value {
         let mut v = json!({
             "request_id": self.request_id,
-            "lease_id": "",
+            "lease_id": self.lease_id,
             "renewable": self.renewable,
             "lease_duration": self.lease_duration,
             "data": self.data,
@@ -180,10 +299,13 @@ pub struct VaultRequest {
 }
 
 impl VaultRequest {
-    /// Reads `req`: headers, then the body, refused past `max_body` bytes
-    /// (`limits.max_request_bytes`) with 413 naming the limit; a namespace
-    /// other than the root one is refused (keyward has none).
-    pub async fn read(req: Request, max_body: usize) -> Result<Self, Response> {
+    /// Reads `req`: headers, then the body, refused past
+    /// `limits.max_request_bytes` with 413 naming the limit, or when it does
+    /// not arrive within [`BODY_DEADLINE`] with 408 (both audited, see
+    /// [`refuse`]); a namespace other than the root one is refused
+    /// (keyward has none).
+    pub async fn read(req: Request, state: &HttpState) -> Result<Self, Response> {
+        let max_body = state.limits.max_request_bytes;
         let (parts, body) = req.into_parts();
         check_namespace(&parts.headers)?;
         let query = parts
@@ -199,19 +321,25 @@ impl VaultRequest {
                 .get("x-request-id")
                 .and_then(|v| v.to_str().ok()),
         );
+        let mut req = Self {
+            method: parts.method,
+            query,
+            peer,
+            token,
+            request_id,
+            body: Bytes::new(),
+        };
         // The body is read before any token check: without a deadline an
         // outsider trickling it would hold a connection slot for ever.
         let read = tokio::time::timeout(BODY_DEADLINE, axum::body::to_bytes(body, max_body));
-        let body = match read.await {
-            Ok(Ok(b)) => b,
+        match read.await {
+            Ok(Ok(b)) => req.body = b,
             Err(_) => {
-                let mut answer = errors(
-                    StatusCode::REQUEST_TIMEOUT,
-                    &format!(
-                        "the request body did not arrive within {} seconds",
-                        BODY_DEADLINE.as_secs()
-                    ),
+                let message = format!(
+                    "the request body did not arrive within {} seconds",
+                    BODY_DEADLINE.as_secs()
                 );
+                let mut answer = req.refuse(state, Refusal::Timeout, &message).await;
                 answer.headers_mut().insert(
                     header::CONNECTION,
                     axum::http::HeaderValue::from_static("close"),
@@ -219,22 +347,76 @@ impl VaultRequest {
                 return Err(answer);
             }
             Ok(Err(_)) => {
-                return Err(errors(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    &format!(
+                let message = format!(
                     "the request body is larger than limits.max_request_bytes ({max_body} bytes)"
-                ),
-                ))
+                );
+                return Err(req.refuse(state, Refusal::TooLarge, &message).await);
             }
-        };
-        Ok(Self {
-            method: parts.method,
-            query,
-            peer,
-            token,
-            request_id,
-            body,
-        })
+        }
+        Ok(req)
+    }
+
+    /// The prelude of a handler: reads the request ([`Self::read`]),
+    /// answers a method `route` does not serve with an audited 405, and
+    /// begins the seam call ([`Self::begin`]). Handlers that serve several
+    /// operations on one path read once and call [`Self::allow`] and
+    /// [`Self::begin`] per operation instead.
+    pub async fn start(
+        req: Request,
+        state: &HttpState,
+        route: Route,
+    ) -> Result<(Self, Call), Response> {
+        let req = Self::read(req, state).await?;
+        req.allow(state, route.methods).await?;
+        let call = req.begin(&state.core, route.seam, route.access).await?;
+        Ok((req, call))
+    }
+
+    /// [`Self::start`], then the body as JSON of type `T` ([`Self::json`]).
+    pub async fn start_json<T: DeserializeOwned>(
+        req: Request,
+        state: &HttpState,
+        route: Route,
+    ) -> Result<(Self, Call, T), Response> {
+        let (req, mut call) = Self::start(req, state, route).await?;
+        let body = req.json(&mut call)?;
+        Ok((req, call, body))
+    }
+
+    /// An audited 405 unless `methods` has this request's method.
+    pub async fn allow(&self, state: &HttpState, methods: Methods) -> Result<(), Response> {
+        if methods.allows(&self.method) {
+            Ok(())
+        } else {
+            Err(self.method_not_allowed(state, methods.text()).await)
+        }
+    }
+
+    /// An audited 405 naming the methods this path serves (`allowed`).
+    pub async fn method_not_allowed(&self, state: &HttpState, allowed: &str) -> Response {
+        let message = format!(
+            "method {} is not supported here; use {allowed}",
+            self.method
+        );
+        self.refuse(state, Refusal::MethodNotAllowed, &message)
+            .await
+    }
+
+    /// An audited 404 for a path under a route that has no such operation.
+    pub async fn not_found(&self, state: &HttpState, message: &str) -> Response {
+        self.refuse(state, Refusal::NotFound, message).await
+    }
+
+    /// Answers `refusal` with `message`, audited by [`refuse`].
+    async fn refuse(&self, state: &HttpState, refusal: Refusal, message: &str) -> Response {
+        refuse(
+            &state.core,
+            refusal,
+            &self.request_id,
+            self.peer.as_ref().map(|p| p.addr),
+            message,
+        )
+        .await
     }
 
     pub fn request_id(&self) -> &str {

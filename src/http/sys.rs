@@ -12,7 +12,7 @@ use axum::Router;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::reply::{self, failure, json_response, method_not_allowed, VaultRequest};
+use super::reply::{self, failure, json_response, Methods, Route, VaultRequest};
 use super::HttpState;
 use crate::core::call::{Access, Failure};
 use crate::core::Core;
@@ -52,21 +52,15 @@ fn seal_status_body(core: &Core) -> Value {
     })
 }
 
-/// A status read (`Sys/Status`), audited like gRPC's, answered by `body`.
+/// A status read (`Sys/Status`), audited like gRPC's, on `resource`.
 async fn status_read(
     state: &HttpState,
     req: Request,
     resource: &'static str,
-    allowed: &[Method],
+    methods: Methods,
 ) -> Result<(VaultRequest, crate::core::call::Call), Response> {
-    let req = VaultRequest::read(req, state.limits.max_request_bytes).await?;
-    if !allowed.contains(&req.method) {
-        let names: Vec<&str> = allowed.iter().map(Method::as_str).collect();
-        return Err(method_not_allowed(&req.method, &names.join(" or ")));
-    }
-    let mut call = req
-        .begin(&state.core, "keyward.v1.Sys/Status", Access::Open)
-        .await?;
+    let route = Route::new(methods, "keyward.v1.Sys/Status", Access::Open);
+    let (req, mut call) = VaultRequest::start(req, state, route).await?;
     call.set_resource(resource);
     Ok((req, call))
 }
@@ -76,11 +70,10 @@ async fn status_read(
 /// `activecode`, `standbycode`, `sealedcode`, `uninitcode`. keyward has no
 /// standby node, so `standbyok` changes nothing.
 async fn health(State(state): State<HttpState>, req: Request) -> Response {
-    let (req, call) =
-        match status_read(&state, req, "sys/health", &[Method::GET, Method::HEAD]).await {
-            Ok(x) => x,
-            Err(r) => return r,
-        };
+    let (req, call) = match status_read(&state, req, "sys/health", Methods::GetOrHead).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
     let s = state.core.status();
     let code = |name: &str, default: u16| -> Result<StatusCode, String> {
         match req.param(name) {
@@ -131,7 +124,7 @@ async fn health(State(state): State<HttpState>, req: Request) -> Response {
 
 /// `GET sys/seal-status`.
 async fn seal_status(State(state): State<HttpState>, req: Request) -> Response {
-    let (_req, call) = match status_read(&state, req, "sys/seal-status", &[Method::GET]).await {
+    let (_req, call) = match status_read(&state, req, "sys/seal-status", Methods::Get).await {
         Ok(x) => x,
         Err(r) => return r,
     };
@@ -144,7 +137,7 @@ async fn seal_status(State(state): State<HttpState>, req: Request) -> Response {
 
 /// `GET sys/leader`: keyward runs one active node, which is always itself.
 async fn leader(State(state): State<HttpState>, req: Request) -> Response {
-    let (_req, call) = match status_read(&state, req, "sys/leader", &[Method::GET]).await {
+    let (_req, call) = match status_read(&state, req, "sys/leader", Methods::Get).await {
         Ok(x) => x,
         Err(r) => return r,
     };
@@ -167,18 +160,9 @@ async fn leader(State(state): State<HttpState>, req: Request) -> Response {
 
 /// `PUT|POST sys/seal` (token; `admin` on `sys/seal`, as gRPC's Seal).
 async fn seal(State(state): State<HttpState>, req: Request) -> Response {
-    let req = match VaultRequest::read(req, state.limits.max_request_bytes).await {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
-    if req.method != Method::PUT && req.method != Method::POST {
-        return method_not_allowed(&req.method, "PUT or POST");
-    }
-    let mut call = match req
-        .begin(&state.core, "keyward.v1.Sys/Seal", Access::Token)
-        .await
-    {
-        Ok(c) => c,
+    let route = Route::new(Methods::Write, "keyward.v1.Sys/Seal", Access::Token);
+    let (_req, mut call) = match VaultRequest::start(req, &state, route).await {
+        Ok(started) => started,
         Err(r) => return r,
     };
     if let Err(f) = call.authorize(Capability::Admin, "sys/seal".into()) {
@@ -209,18 +193,9 @@ struct UnsealBody {
 
 /// `PUT|POST sys/unseal {"key": SHARE}` or `{"reset": true}`.
 async fn unseal(State(state): State<HttpState>, req: Request) -> Response {
-    let req = match VaultRequest::read(req, state.limits.max_request_bytes).await {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
-    if req.method != Method::PUT && req.method != Method::POST {
-        return method_not_allowed(&req.method, "PUT or POST");
-    }
-    let mut call = match req
-        .begin(&state.core, "keyward.v1.Sys/Unseal", Access::Open)
-        .await
-    {
-        Ok(c) => c,
+    let route = Route::new(Methods::Write, "keyward.v1.Sys/Unseal", Access::Open);
+    let (req, mut call) = match VaultRequest::start(req, &state, route).await {
+        Ok(started) => started,
         Err(r) => return r,
     };
     call.set_resource("sys/unseal");
@@ -277,7 +252,7 @@ struct InitBody {
 /// "root_token"}` (the shares in keyward's format, the same in both lists).
 async fn init(State(state): State<HttpState>, req: Request) -> Response {
     if req.method() == Method::GET {
-        let (_req, call) = match status_read(&state, req, "sys/init", &[Method::GET]).await {
+        let (_req, call) = match status_read(&state, req, "sys/init", Methods::Get).await {
             Ok(x) => x,
             Err(r) => return r,
         };
@@ -287,12 +262,14 @@ async fn init(State(state): State<HttpState>, req: Request) -> Response {
             Err(f) => failure(&f),
         };
     }
-    let req = match VaultRequest::read(req, state.limits.max_request_bytes).await {
+    // GET was served above: any other method but PUT or POST is refused
+    // naming all three.
+    let req = match VaultRequest::read(req, &state).await {
         Ok(r) => r,
         Err(r) => return r,
     };
-    if req.method != Method::PUT && req.method != Method::POST {
-        return method_not_allowed(&req.method, "GET, PUT or POST");
+    if let Err(r) = req.allow(&state, Methods::GetOrWrite).await {
+        return r;
     }
     let mut call = match req
         .begin(&state.core, "keyward.v1.Sys/Init", Access::Open)

@@ -13,7 +13,7 @@ use axum::routing::any;
 use axum::Router;
 use serde_json::{json, Map, Value};
 
-use super::reply::{method_not_allowed, no_content, time, Answer, Envelope, VaultRequest};
+use super::reply::{no_content, time, Answer, Envelope, VaultRequest};
 use super::HttpState;
 use crate::api::auth::{child_request, AuthService, Target};
 use crate::core::call::{Access, Call, Failure};
@@ -25,7 +25,7 @@ pub fn routes() -> Router<HttpState> {
 }
 
 async fn token(State(state): State<HttpState>, Path(op): Path<String>, req: Request) -> Answer {
-    let req = VaultRequest::read(req, state.limits.max_request_bytes).await?;
+    let req = VaultRequest::read(req, &state).await?;
     let m = &req.method;
     let write = *m == Method::POST || *m == Method::PUT;
     match op.as_str() {
@@ -37,21 +37,28 @@ async fn token(State(state): State<HttpState>, Path(op): Path<String>, req: Requ
         "revoke-self" if write => revoke(&state, &req, Which::Own).await,
         "revoke" if write => revoke(&state, &req, Which::Body).await,
         "revoke-accessor" if write => revoke(&state, &req, Which::Accessor).await,
-        "lookup-self" => Err(method_not_allowed(m, "GET, PUT or POST")),
+        "lookup-self" => Err(req.method_not_allowed(&state, "GET, PUT or POST").await),
         "create" | "lookup" | "lookup-accessor" | "renew-self" | "renew" | "revoke-self"
-        | "revoke" | "revoke-accessor" => Err(method_not_allowed(m, "PUT or POST")),
-        _ => Err(super::reply::errors(
-            axum::http::StatusCode::NOT_FOUND,
-            "no handler for this route: auth/token serves create, lookup, lookup-self, \
-             lookup-accessor, renew, renew-self, revoke, revoke-self, revoke-accessor",
-        )),
+        | "revoke" | "revoke-accessor" => Err(req.method_not_allowed(&state, "PUT or POST").await),
+        _ => Err(req
+            .not_found(
+                &state,
+                "no handler for this route: auth/token serves create, lookup, lookup-self, \
+                 lookup-accessor, renew, renew-self, revoke, revoke-self, revoke-accessor",
+            )
+            .await),
     }
 }
 
 /// Seconds from a Vault duration field: a number, digits, or keyward's
 /// duration grammar (`90s`, `15m`, `1h`, `30d`); absent or "" is 0.
 fn seconds_of(body: &Map<String, Value>, name: &str) -> Result<u64, Failure> {
-    match body.get(name) {
+    seconds_value(body.get(name), name)
+}
+
+/// [`seconds_of`] for a value already taken out of a body.
+pub(super) fn seconds_value(value: Option<&Value>, name: &str) -> Result<u64, Failure> {
+    match value {
         None | Some(Value::Null) => Ok(0),
         Some(Value::Number(n)) => n
             .as_u64()

@@ -18,6 +18,8 @@ pub struct Answer {
     pub status: u16,
     pub json: Value,
     pub text: String,
+    /// The body as sent (DER answers are not text).
+    pub bytes: Vec<u8>,
 }
 
 impl Answer {
@@ -102,7 +104,12 @@ impl HttpClient {
             .unwrap();
         let text = String::from_utf8_lossy(&bytes).into_owned();
         let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Answer { status, json, text }
+        Answer {
+            status,
+            json,
+            text,
+            bytes: bytes.to_vec(),
+        }
     }
 
     /// `method path` with `token` in `X-Vault-Token` and a JSON body.

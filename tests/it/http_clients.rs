@@ -14,7 +14,7 @@ use super::harness::{unique, TestServer};
 use super::ident_kit::{approle_identity, put_policy};
 
 /// The venv with `bao` and hvac: made and filled on first use.
-fn vault_clients() -> PathBuf {
+pub(crate) fn vault_clients() -> PathBuf {
     static VENV: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     VENV.get_or_init(|| {
         let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/vault-clients-venv");
