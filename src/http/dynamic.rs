@@ -169,9 +169,10 @@ async fn renew_lease(state: HttpState, req: Request, named: Option<String>) -> A
 struct RevokeBody {
     #[serde(default)]
     lease_id: Option<String>,
-    /// Vault's `sync`: keyward always revokes before it answers, so only
-    /// `true` (the default) is accepted.
+    /// Vault's `sync`: accepted either way; keyward always revokes before
+    /// it answers (a client that would wait less gets more, never less).
     #[serde(default)]
+    #[allow(dead_code)]
     sync: Option<bool>,
 }
 
@@ -182,16 +183,8 @@ struct RevokePrefixBody {
     #[serde(default)]
     prefix: Option<String>,
     #[serde(default)]
+    #[allow(dead_code)]
     sync: Option<bool>,
-}
-
-fn refuse_async(call: &mut Call, sync: Option<bool>) -> Result<(), Failure> {
-    if sync == Some(false) {
-        return Err(call.fail(Failure::invalid(
-            "sync: false is not supported: keyward revokes before it answers",
-        )));
-    }
-    Ok(())
 }
 
 /// 204 when every user is gone; 202 with a warning when a target could
@@ -227,7 +220,6 @@ async fn revoke_named(
 /// `sys/leases/<id>`): the user is dropped on its target before the answer.
 async fn revoke_lease(state: HttpState, req: Request, named: Option<String>) -> Answer {
     let (req, mut call, body) = VaultRequest::start_json::<RevokeBody>(req, &state, REVOKE).await?;
-    refuse_async(&mut call, body.sync)?;
     let id = lease_id_of(&mut call, named.as_deref(), body.lease_id)?;
     let (_, pending) = api_leases::revoke(&state.core, &mut call, &id).await?;
     call.ok(&[])?;
@@ -243,7 +235,6 @@ async fn revoke_prefix(
 ) -> Answer {
     let (req, mut call, body) =
         VaultRequest::start_json::<RevokePrefixBody>(req, &state, REVOKE).await?;
-    refuse_async(&mut call, body.sync)?;
     let trim = |p: &str| p.trim().trim_end_matches('/').to_owned();
     if let Some(given) = body.prefix.as_deref().map(trim) {
         if !given.is_empty() && given != trim(&prefix) {

