@@ -253,7 +253,7 @@ fn line_hits(line: &str, out: &mut Vec<(Kind, String)>) {
                 .is_some_and(|p| p.len() >= 8 && p.bytes().all(|b| b.is_ascii_digit()));
             let last_ok = parts
                 .last()
-                .is_some_and(|p| p.len() >= 16 && p.bytes().all(is_base62) && mixed(p));
+                .is_some_and(|p| p.len() >= 16 && p.bytes().all(is_base62));
             if parts.len() >= 3 && first_ok && last_ok && body.len() <= 255 {
                 out.push((Kind::SlackToken, whole.to_owned()));
             }
