@@ -249,7 +249,7 @@ async fn run(g: &Global, format: Format, sarif: bool, args: &ScanArgs) -> Result
             }
         }
         if args.revoke {
-            for ((kind, text), _) in &collected.hits {
+            for (kind, text) in collected.hits.keys() {
                 if *kind != Kind::KeywardToken {
                     continue;
                 }

@@ -210,7 +210,7 @@ fn line_hits(line: &str, out: &mut Vec<(Kind, String)>) {
         let last_ok = body
             .bytes()
             .last()
-            .and_then(|c| base64_index(c))
+            .and_then(base64_index)
             .is_some_and(|i| i % 4 == 0);
         if body.len() == 43 && last_ok && mixed(body) {
             out.push((Kind::KeywardSecretId, whole.to_owned()));
