@@ -92,6 +92,7 @@ pub mod policy;
 pub mod policy_store;
 pub mod proto;
 pub mod rotation;
+pub mod scan;
 pub mod secrecy;
 pub mod secrets;
 pub mod server;

@@ -100,3 +100,6 @@ pub fn code_name(code: tonic::Code) -> &'static str {
         Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
+
+// Candidate values of a scan may be secrets: never printed.
+redacted_debug!(v1::ScanMatchRequest);

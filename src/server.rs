@@ -322,6 +322,12 @@ impl Server {
                     crate::api::federation::FederationService::new(core.clone()),
                 )
                 .max_decoding_message_size(max),
+            )
+            .add_service(
+                crate::proto::v1::scan_server::ScanServer::new(crate::api::scan::ScanService::new(
+                    core.clone(),
+                ))
+                .max_decoding_message_size(max),
             );
         Ok((router, health_for_http))
     }

@@ -16,6 +16,7 @@ pub mod login;
 pub mod pki;
 pub mod policies;
 pub mod rotation;
+pub mod scan;
 pub mod secrets;
 pub mod sys;
 

@@ -14,6 +14,7 @@ mod output;
 mod pki;
 mod rotation;
 mod run;
+mod scan;
 mod serve;
 
 use std::path::PathBuf;
@@ -151,6 +152,9 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Find leaked credentials and stored secrets' values in files and git
+    /// history (exit 1 when anything is found).
+    Scan(scan::ScanArgs),
 }
 
 #[derive(Subcommand)]

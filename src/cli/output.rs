@@ -8,6 +8,8 @@ pub enum Format {
     /// Readable lines (alias `toml`: `policy suggest` prints its policy file).
     #[value(alias = "toml")]
     Table,
+    /// Alias `sarif`: `scan` prints a SARIF 2.1.0 log, other commands JSON.
+    #[value(alias = "sarif")]
     Json,
 }
 

@@ -43,6 +43,8 @@ mod watch;
 // -- operations (issue 16) --
 pub mod snapshot;
 pub use rotation::{RotationPolicySpec, ScheduleSpec, WatchStream};
+// -- discovery scan (issue 13) --
+mod scan;
 pub use watch::FreshSecret;
 
 use crate::proto::v1::secrets_client::SecretsClient;

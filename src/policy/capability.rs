@@ -22,11 +22,13 @@ pub enum Capability {
     Deny = 8,
     /// Record an owner's attestation of an identity (`identity/<name>`).
     Attest = 9,
+    /// Match candidate values against stored fingerprints (`sys/scan`).
+    Scan = 10,
 }
 
 impl Capability {
     /// Every capability, in the canonical order used when writing a policy back.
-    pub const ALL: [Capability; 10] = [
+    pub const ALL: [Capability; 11] = [
         Capability::Read,
         Capability::List,
         Capability::Write,
@@ -37,6 +39,7 @@ impl Capability {
         Capability::Admin,
         Capability::Deny,
         Capability::Attest,
+        Capability::Scan,
     ];
 
     /// The word used in policy files and on the wire.
@@ -52,6 +55,7 @@ impl Capability {
             Capability::Admin => "admin",
             Capability::Deny => "deny",
             Capability::Attest => "attest",
+            Capability::Scan => "scan",
         }
     }
 
@@ -68,7 +72,7 @@ impl fmt::Display for Capability {
 
 /// A word that is not one of the capabilities.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown capability {word:?}; expected one of read, list, write, delete, destroy, rotate, issue, admin, deny, attest")]
+#[error("unknown capability {word:?}; expected one of read, list, write, delete, destroy, rotate, issue, admin, deny, attest, scan")]
 pub struct UnknownCapability {
     /// The refused word (policy text is not secret), cut to 64 characters.
     pub word: String,
@@ -95,7 +99,7 @@ impl CapabilitySet {
     pub const EMPTY: CapabilitySet = CapabilitySet(0);
 
     /// Every capability except `deny`: what the built-in `root` policy grants.
-    pub const ALL_GRANTS: CapabilitySet = CapabilitySet(0x3ff & !Capability::Deny.bit());
+    pub const ALL_GRANTS: CapabilitySet = CapabilitySet(0x7ff & !Capability::Deny.bit());
 
     pub const fn new() -> Self {
         Self::EMPTY
@@ -187,7 +191,7 @@ mod tests {
         let both = set.union(CapabilitySet::new().with(Capability::Deny));
         assert!(both.contains(Capability::Deny));
         assert!(CapabilitySet::EMPTY.is_empty());
-        assert_eq!(CapabilitySet::ALL_GRANTS.len(), 9);
+        assert_eq!(CapabilitySet::ALL_GRANTS.len(), 10);
         assert!(!CapabilitySet::ALL_GRANTS.contains(Capability::Deny));
         assert_eq!(format!("{set:?}"), "{Read, List}");
     }

@@ -23,6 +23,7 @@
 //! server's shutdown; `Secrets.Watch` checks each against the caller's
 //! policies and sends it.
 
+mod fingerprint;
 mod path;
 #[cfg(test)]
 mod proof_tests;
@@ -33,6 +34,7 @@ use std::sync::{Arc, Mutex};
 use prost::Message;
 use zeroize::{Zeroize, Zeroizing};
 
+pub use fingerprint::ValueMatch;
 pub use path::{DataLimits, InputError, ListPrefix, SecretPath, Stage};
 
 use crate::barrier::{Barrier, BarrierError, PlainOp};
@@ -411,6 +413,7 @@ impl SecretStore {
             },
             Err(e) => return Err(e),
         };
+        let staged_before = fingerprint::staged(&meta);
         if let Some(expected) = req.cas {
             if expected != meta.newest {
                 return Err(SecretsError::CasMismatch {
@@ -458,11 +461,19 @@ impl SecretStore {
         let meta_k = meta_key(&req.path);
         let data_k = data_key(&req.path, version);
         let pruned_keys: Vec<String> = pruned.iter().map(|v| data_key(&req.path, *v)).collect();
+        let prints = self.print_ops(
+            &req.path,
+            staged_before,
+            None,
+            &meta,
+            Some((version, &req.data)),
+        )?;
         let mut ops = vec![
             PlainOp::Put(&meta_k, &meta_bytes),
             PlainOp::Put(&data_k, &encoded),
         ];
         ops.extend(pruned_keys.iter().map(|k| PlainOp::Delete(k)));
+        prints.extend_batch(&mut ops);
         self.barrier.batch(&ops)?;
         if req.stage == Stage::Current {
             self.announce(&req.path, version, now_ms);
@@ -614,14 +625,17 @@ impl SecretStore {
             None if meta.current != 0 => meta.current,
             None => return Err(SecretsError::NoSuchStage("current")),
         };
+        let staged_before = fingerprint::staged(&meta);
         let remove = change(&mut meta, v)?;
         let meta_bytes = meta.encode_to_vec();
         let meta_k = meta_key(path);
         let removed_key = remove.map(|v| data_key(path, v));
+        let prints = self.print_ops(path, staged_before, Some(v), &meta, None)?;
         let mut ops = vec![PlainOp::Put(&meta_k, &meta_bytes)];
         if let Some(k) = &removed_key {
             ops.push(PlainOp::Delete(k));
         }
+        prints.extend_batch(&mut ops);
         self.barrier.batch(&ops)?;
         Ok(v)
     }
@@ -651,9 +665,14 @@ impl SecretStore {
     pub fn clear_pending(&self, path: &SecretPath, now_ms: u64) -> Result<(), SecretsError> {
         let _guard = self.stripe(path);
         let mut meta = self.metadata(path)?;
+        let staged_before = fingerprint::staged(&meta);
         meta.pending = 0;
         meta.updated_at_ms = now_ms;
-        self.barrier.put(&meta_key(path), &meta.encode_to_vec())?;
+        let prints = self.print_ops(path, staged_before, None, &meta, None)?;
+        let (meta_k, meta_bytes) = (meta_key(path), meta.encode_to_vec());
+        let mut ops = vec![PlainOp::Put(&meta_k, &meta_bytes)];
+        prints.extend_batch(&mut ops);
+        self.barrier.batch(&ops)?;
         Ok(())
     }
 

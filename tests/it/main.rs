@@ -54,6 +54,7 @@ mod policies;
 mod review_hot_path;
 mod review_trust;
 mod rotation;
+mod scan;
 mod seal;
 mod secrets;
 mod server;

@@ -1,0 +1,300 @@
+//! Discovery scan, the local half: walking files and a git repository's
+//! history, and the detectors ([`detect`]). Pure and client-side: no
+//! storage, no server, no network. `keyward scan` (cli/scan.rs) runs it and
+//! asks the server (`keyward.v1.Scan/Match`) about the candidate values; the
+//! server side of the match is `secrets::fingerprint`.
+//!
+//! Files: every regular file under the roots (symbolic links are not
+//! followed), except `.git` folders, files larger than
+//! [`Limits::max_file_bytes`] and binary files (a NUL byte in the first
+//! 8 KiB). `.env` files, CI configuration and Kubernetes manifests are
+//! files like any other: the detectors and the candidate extraction read
+//! `KEY=VALUE`, YAML and JSON alike.
+//!
+//! History: `git log -p --all` of the repository (run as the `git` program
+//! on the local machine), bounded by [`Limits::max_commits`] and
+//! [`Limits::max_history_bytes`]; only the lines each commit added are
+//! read, numbered as in that commit's version of the file.
+
+pub mod detect;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+pub use detect::{candidates, detect, detect_text, worth_checking, Candidate, Hit, Kind};
+
+/// Bounds of one scan.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Larger files are skipped (counted in [`WalkStats::skipped_large`]).
+    pub max_file_bytes: u64,
+    /// Commits read from the history at most (newest first).
+    pub max_commits: u32,
+    /// Bytes of `git log -p` output read at most.
+    pub max_history_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_file_bytes: 4 * 1024 * 1024,
+            max_commits: 10_000,
+            max_history_bytes: 512 * 1024 * 1024,
+        }
+    }
+}
+
+/// What a walk read and skipped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WalkStats {
+    pub files: u64,
+    pub bytes: u64,
+    pub skipped_binary: u64,
+    pub skipped_large: u64,
+    pub commits: u64,
+    /// The history was cut at a bound.
+    pub truncated: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("cannot read {path}: {error}")]
+    Read { path: String, error: std::io::Error },
+    #[error("cannot run git in {path}: {error}")]
+    GitStart { path: String, error: std::io::Error },
+    #[error("git log failed in {path} (is it a git repository?): {stderr}")]
+    Git { path: String, stderr: String },
+}
+
+/// One text handed to the visitor: a file's path (as given under its root),
+/// the commit for history, and its numbered lines.
+pub struct Text<'a> {
+    pub path: &'a str,
+    pub commit: Option<&'a str>,
+    pub lines: &'a [(u64, &'a str)],
+}
+
+fn read_error(path: &Path, error: std::io::Error) -> ScanError {
+    ScanError::Read {
+        path: path.display().to_string(),
+        error,
+    }
+}
+
+/// Visits every text file under `root` (or `root` itself if it is a file).
+pub fn walk_files(
+    root: &Path,
+    limits: &Limits,
+    visit: &mut dyn FnMut(Text<'_>),
+) -> Result<WalkStats, ScanError> {
+    let mut stats = WalkStats::default();
+    let mut stack = vec![root.to_path_buf()];
+    let mut buf = Vec::new();
+    while let Some(path) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| read_error(&path, e))?;
+        if meta.is_dir() {
+            if path != root && path.file_name().is_some_and(|n| n == ".git") {
+                continue;
+            }
+            let mut entries: Vec<_> = std::fs::read_dir(&path)
+                .map_err(|e| read_error(&path, e))?
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .collect();
+            // Reverse order on the stack: files come out sorted.
+            entries.sort_unstable_by(|a, b| b.cmp(a));
+            stack.extend(entries);
+            continue;
+        }
+        if !meta.is_file() {
+            continue;
+        }
+        if meta.len() > limits.max_file_bytes {
+            stats.skipped_large += 1;
+            continue;
+        }
+        buf.clear();
+        std::fs::File::open(&path)
+            .and_then(|f| f.take(limits.max_file_bytes).read_to_end(&mut buf))
+            .map_err(|e| read_error(&path, e))?;
+        if buf[..buf.len().min(8192)].contains(&0) {
+            stats.skipped_binary += 1;
+            continue;
+        }
+        stats.files += 1;
+        stats.bytes += buf.len() as u64;
+        let text = String::from_utf8_lossy(&buf);
+        let lines: Vec<(u64, &str)> = text.lines().zip(1u64..).map(|(l, n)| (n, l)).collect();
+        let shown = path.display().to_string();
+        visit(Text {
+            path: &shown,
+            commit: None,
+            lines: &lines,
+        });
+    }
+    Ok(stats)
+}
+
+/// Marks a commit line in the `git log` output; no diff line starts with it.
+const COMMIT_MARK: &str = "\u{1}commit ";
+
+/// Visits the lines each commit of the repository at `repo` added, per
+/// (commit, file), newest commit first.
+pub fn walk_history(
+    repo: &Path,
+    limits: &Limits,
+    visit: &mut dyn FnMut(Text<'_>),
+) -> Result<WalkStats, ScanError> {
+    let shown = repo.display().to_string();
+    let mut child = Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args([
+            "-c",
+            "core.quotePath=false",
+            "log",
+            "-p",
+            "--all",
+            "--no-color",
+            "--no-ext-diff",
+            "--no-renames",
+            "--unified=0",
+            "--format=format:\u{1}commit %H",
+        ])
+        .arg(format!("--max-count={}", limits.max_commits))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|error| ScanError::GitStart {
+            path: shown.clone(),
+            error,
+        })?;
+    let mut stats = WalkStats::default();
+    let Some(stdout) = child.stdout.take() else {
+        return Err(ScanError::Git {
+            path: shown,
+            stderr: "no output pipe".into(),
+        });
+    };
+    let mut reader = BufReader::new(stdout);
+    let mut commit = String::new();
+    let mut file: Option<String> = None;
+    let mut added: Vec<(u64, String)> = Vec::new();
+    let mut next_line = 0u64;
+    let mut raw = Vec::new();
+    let flush = |commit: &str,
+                 file: &Option<String>,
+                 added: &mut Vec<(u64, String)>,
+                 visit: &mut dyn FnMut(Text<'_>)| {
+        if let Some(path) = file {
+            if !added.is_empty() {
+                let lines: Vec<(u64, &str)> = added.iter().map(|(n, l)| (*n, l.as_str())).collect();
+                visit(Text {
+                    path,
+                    commit: Some(commit),
+                    lines: &lines,
+                });
+            }
+        }
+        added.clear();
+    };
+    loop {
+        raw.clear();
+        let n = reader
+            .read_until(b'\n', &mut raw)
+            .map_err(|e| read_error(repo, e))?;
+        if n == 0 {
+            break;
+        }
+        stats.bytes += n as u64;
+        if stats.bytes > limits.max_history_bytes {
+            stats.truncated = true;
+            break;
+        }
+        let line = String::from_utf8_lossy(&raw);
+        let line = line.trim_end_matches(['\n', '\r']);
+        if let Some(hash) = line.strip_prefix(COMMIT_MARK) {
+            flush(&commit, &file, &mut added, visit);
+            commit = hash.to_owned();
+            file = None;
+            stats.commits += 1;
+        } else if line.starts_with("diff --git ") {
+            flush(&commit, &file, &mut added, visit);
+            file = None;
+        } else if let Some(path) = line.strip_prefix("+++ ") {
+            flush(&commit, &file, &mut added, visit);
+            file = path.strip_prefix("b/").map(str::to_owned);
+            if file.is_some() {
+                stats.files += 1;
+            }
+        } else if let Some(hunk) = line.strip_prefix("@@ ") {
+            // `@@ -a,b +c,d @@`: added lines are numbered from c.
+            next_line = hunk
+                .split(' ')
+                .find_map(|p| p.strip_prefix('+'))
+                .and_then(|p| p.split(',').next())
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(1);
+        } else if let Some(text) = line.strip_prefix('+') {
+            if file.is_some() {
+                added.push((next_line, text.to_owned()));
+                next_line += 1;
+            }
+        }
+    }
+    flush(&commit, &file, &mut added, visit);
+    if stats.truncated {
+        // Stop git; what was read is reported, marked truncated.
+        let _ = child.kill();
+    }
+    let mut stderr = String::new();
+    if let Some(err) = child.stderr.take() {
+        let _ = err.take(4096).read_to_string(&mut stderr);
+    }
+    let status = child.wait().map_err(|e| read_error(repo, e))?;
+    if !status.success() && !stats.truncated {
+        return Err(ScanError::Git {
+            path: shown,
+            stderr: stderr.trim().to_owned(),
+        });
+    }
+    Ok(stats)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a test fails by panicking")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_walk_skips_git_internals_binaries_and_large_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join(".git/objects")).unwrap();
+        std::fs::create_dir_all(root.join("k8s")).unwrap();
+        std::fs::write(root.join(".git/config"), "x").unwrap();
+        std::fs::write(root.join(".env"), "A=1\nB=2\n").unwrap();
+        std::fs::write(root.join("k8s/deploy.yaml"), "kind: Secret\n").unwrap();
+        std::fs::write(root.join("image.bin"), [1u8, 0, 2, 3]).unwrap();
+        std::fs::write(root.join("big.txt"), vec![b'a'; 2048]).unwrap();
+        let limits = Limits {
+            max_file_bytes: 1024,
+            ..Limits::default()
+        };
+        let mut seen = Vec::new();
+        let stats = walk_files(root, &limits, &mut |t| {
+            seen.push((t.path.to_owned(), t.lines.len()));
+        })
+        .unwrap();
+        let names: Vec<String> = seen
+            .iter()
+            .map(|(p, _)| p.rsplit('/').next().unwrap().to_owned())
+            .collect();
+        assert_eq!(names, [".env", "deploy.yaml"]);
+        assert_eq!(seen[0].1, 2);
+        assert_eq!(stats.skipped_binary, 1);
+        assert_eq!(stats.skipped_large, 1);
+    }
+}

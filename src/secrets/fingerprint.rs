@@ -1,0 +1,323 @@
+//! Keyed fingerprints of stored values, for the discovery scan
+//! (`keyward.v1.Scan/Match`): which secret a value found in a file is,
+//! without the server ever revealing a value.
+//!
+//! A fingerprint is HMAC-SHA256 of one field's value under a key derived
+//! from the keyring for the purpose `scan/value-fingerprint` (so a copy of
+//! the store without the keyring cannot test a guess against them). The
+//! fingerprints of a version exist while it holds a stage (`current`,
+//! `previous`, `pending`) and is not destroyed; they are written and
+//! dropped in the same batch as the metadata change that decides it (put,
+//! promotion, clearing a pending version, destroy), under the path's
+//! write lock. A write costs one HMAC per field.
+//!
+//! Storage prefix `scan/` (through the barrier):
+//! - `scan/fp/<hex fingerprint>/<path>#<version, 20 digits>`: the field
+//!   names of that version holding the value;
+//! - `scan/ver/<path>#<version, 20 digits>`: the fingerprint keys written
+//!   for that version, so they can be dropped without its data.
+//!
+//! Versions written before this existed have no fingerprints until the
+//! next write of their secret.
+
+use std::collections::BTreeMap;
+
+use prost::Message;
+
+use super::{data_key, MetaRecord, SecretPath, SecretStore, SecretsError};
+use crate::secrecy::SecretData;
+
+const FP: &str = "scan/fp/";
+const VER: &str = "scan/ver/";
+/// The derivation purpose of the fingerprint key.
+const PURPOSE: &str = "scan/value-fingerprint";
+
+#[derive(Clone, PartialEq, Message)]
+struct FieldNames {
+    #[prost(string, repeated, tag = "1")]
+    fields: Vec<String>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct VersionPrints {
+    #[prost(string, repeated, tag = "1")]
+    keys: Vec<String>,
+}
+
+/// A stored version holding a value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValueMatch {
+    pub path: String,
+    pub version: u64,
+    pub fields: Vec<String>,
+}
+
+/// The writes and deletes that keep the fingerprints in step with a
+/// metadata change; added to the change's batch.
+#[derive(Default)]
+pub(super) struct PrintOps {
+    pub puts: Vec<(String, Vec<u8>)>,
+    pub deletes: Vec<String>,
+}
+
+impl PrintOps {
+    pub fn extend_batch<'a>(&'a self, ops: &mut Vec<crate::barrier::PlainOp<'a>>) {
+        use crate::barrier::PlainOp;
+        ops.extend(self.puts.iter().map(|(k, v)| PlainOp::Put(k, v)));
+        ops.extend(self.deletes.iter().map(|k| PlainOp::Delete(k)));
+    }
+}
+
+/// `<path>#<version>` as in the data keys (the `#` and 20 digits).
+fn version_suffix(path: &SecretPath, version: u64) -> String {
+    let data = data_key(path, version);
+    let at = data.rfind('#').unwrap_or(0);
+    format!("{path}{}", &data[at..])
+}
+
+/// The staged versions of a metadata record (0 for none).
+pub(super) fn staged(meta: &MetaRecord) -> [u64; 3] {
+    [meta.current, meta.previous, meta.pending]
+}
+
+fn holds_prints(meta: &MetaRecord, version: u64) -> bool {
+    version != 0
+        && staged(meta).contains(&version)
+        && meta
+            .versions
+            .iter()
+            .any(|v| v.version == version && !v.destroyed)
+}
+
+impl SecretStore {
+    fn print_key(&self) -> Result<ring::hmac::Key, SecretsError> {
+        let key = self.barrier.derive_key(PURPOSE)?;
+        Ok(ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            key.as_slice(),
+        ))
+    }
+
+    /// The fingerprint changes of a metadata change from `before` (staged
+    /// versions) to `after`, plus the fingerprints of `new`'s fields.
+    pub(super) fn print_ops(
+        &self,
+        path: &SecretPath,
+        before: [u64; 3],
+        touched: Option<u64>,
+        after: &MetaRecord,
+        new: Option<(u64, &SecretData)>,
+    ) -> Result<PrintOps, SecretsError> {
+        let mut ops = PrintOps::default();
+        let mut gone: Vec<u64> = before
+            .into_iter()
+            .chain(touched)
+            .filter(|v| *v != 0 && !holds_prints(after, *v))
+            .collect();
+        gone.sort_unstable();
+        gone.dedup();
+        for version in gone {
+            let ver_key = format!("{VER}{}", version_suffix(path, version));
+            if let Some(raw) = self.barrier.get(&ver_key)? {
+                let prints =
+                    VersionPrints::decode(raw.as_slice()).map_err(|_| SecretsError::Corrupt)?;
+                ops.deletes.extend(prints.keys);
+                ops.deletes.push(ver_key);
+            }
+        }
+        if let Some((version, data)) = new {
+            if holds_prints(after, version) {
+                let key = self.print_key()?;
+                let suffix = version_suffix(path, version);
+                let mut by_print: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                for (field, value) in data.iter() {
+                    let tag = ring::hmac::sign(&key, value.expose());
+                    by_print
+                        .entry(hex::encode(tag.as_ref()))
+                        .or_default()
+                        .push(field.clone());
+                }
+                let mut written = VersionPrints::default();
+                for (print, fields) in by_print {
+                    let k = format!("{FP}{print}/{suffix}");
+                    ops.puts
+                        .push((k.clone(), FieldNames { fields }.encode_to_vec()));
+                    written.keys.push(k);
+                }
+                ops.puts
+                    .push((format!("{VER}{suffix}"), written.encode_to_vec()));
+            }
+        }
+        Ok(ops)
+    }
+
+    /// The stored versions (holding a stage, not destroyed) one of whose
+    /// fields is exactly `value`. The value is neither kept nor logged.
+    pub fn match_value(&self, value: &[u8]) -> Result<Vec<ValueMatch>, SecretsError> {
+        let key = self.print_key()?;
+        let print = hex::encode(ring::hmac::sign(&key, value).as_ref());
+        let prefix = format!("{FP}{print}/");
+        let mut out = Vec::new();
+        for (k, raw) in self.barrier.scan_prefix(&prefix)? {
+            let Some(rest) = k.strip_prefix(&prefix) else {
+                continue;
+            };
+            let Some((path, version)) = rest.rsplit_once('#') else {
+                return Err(SecretsError::Corrupt);
+            };
+            let version: u64 = version.parse().map_err(|_| SecretsError::Corrupt)?;
+            let names = FieldNames::decode(raw.as_slice()).map_err(|_| SecretsError::Corrupt)?;
+            out.push(ValueMatch {
+                path: path.to_owned(),
+                version,
+                fields: names.fields,
+            });
+        }
+        Ok(out)
+    }
+
+    /// How many fingerprint keys the store holds (for tests and tools).
+    pub fn fingerprint_count(&self) -> Result<usize, SecretsError> {
+        Ok(self.barrier.scan_keys(FP)?.len())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a test fails by panicking")]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::barrier::{Barrier, BarrierOptions};
+    use crate::policy::Capability;
+    use crate::secrecy::SecretBytes;
+    use crate::secrets::{DataLimits, PutRequest, Stage};
+    use crate::storage::SledBackend;
+
+    fn store() -> (tempfile::TempDir, SecretStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = SledBackend::open(dir.path()).unwrap();
+        let barrier = Barrier::new(Arc::new(backend), BarrierOptions::default()).unwrap();
+        let shares = barrier.init(1, 1).unwrap();
+        barrier.unseal(&shares[0].0).unwrap();
+        let store = SecretStore::new(Arc::new(barrier), DataLimits::default());
+        (dir, store)
+    }
+
+    fn proof(path: &str, cap: Capability) -> crate::policy::Authorized {
+        crate::policy::PolicySet::compile([&crate::policy::Policy::root()])
+            .unwrap()
+            .authorize(&format!("secret/{path}"), cap)
+            .unwrap()
+    }
+
+    fn put(store: &SecretStore, path: &str, fields: &[(&str, &str)], stage: Stage) -> u64 {
+        let data: SecretData = fields
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), SecretBytes::from(*v)))
+            .collect();
+        let req = PutRequest {
+            path: SecretPath::parse(path).unwrap(),
+            data,
+            cas: None,
+            max_versions: None,
+            owner: None,
+            stage,
+        };
+        store
+            .put(&proof(path, Capability::Write), req, 1_000)
+            .unwrap()
+    }
+
+    fn matched(store: &SecretStore, value: &str) -> Vec<(String, u64, Vec<String>)> {
+        store
+            .match_value(value.as_bytes())
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.path, m.version, m.fields))
+            .collect()
+    }
+
+    #[test]
+    fn current_and_previous_match_older_and_destroyed_do_not() {
+        let (_dir, store) = store();
+        put(
+            &store,
+            "app/db",
+            &[("password", "first-Value-0001"), ("user", "u-Value-Same-1")],
+            Stage::Current,
+        );
+        put(
+            &store,
+            "app/db",
+            &[("password", "second-Value-002"), ("user", "u-Value-Same-1")],
+            Stage::Current,
+        );
+        assert_eq!(
+            matched(&store, "first-Value-0001"),
+            [("app/db".into(), 1, vec!["password".into()])]
+        );
+        assert_eq!(
+            matched(&store, "second-Value-002"),
+            [("app/db".into(), 2, vec!["password".into()])]
+        );
+        assert_eq!(matched(&store, "u-Value-Same-1").len(), 2);
+        // A third value: version 1 holds no stage any more.
+        put(
+            &store,
+            "app/db",
+            &[("password", "third-Value-0003")],
+            Stage::Current,
+        );
+        assert!(matched(&store, "first-Value-0001").is_empty());
+        assert_eq!(matched(&store, "second-Value-002").len(), 1);
+        // Destroying the previous version drops its fingerprints at once.
+        let path = SecretPath::parse("app/db").unwrap();
+        store
+            .destroy(&proof("app/db", Capability::Destroy), &path, 2, 2_000)
+            .unwrap();
+        assert!(matched(&store, "second-Value-002").is_empty());
+        assert_eq!(matched(&store, "third-Value-0003").len(), 1);
+        // Nothing else close matches, and the keys hold no value.
+        assert!(matched(&store, "third-Value-0004").is_empty());
+        assert_eq!(store.fingerprint_count().unwrap(), 1);
+    }
+
+    #[test]
+    fn pending_values_match_until_cleared_and_promotion_drops_the_old_previous() {
+        let (_dir, store) = store();
+        let path = SecretPath::parse("svc/key").unwrap();
+        put(
+            &store,
+            "svc/key",
+            &[("k", "v1-aaaaaaaaaaaa")],
+            Stage::Current,
+        );
+        put(
+            &store,
+            "svc/key",
+            &[("k", "v2-bbbbbbbbbbbb")],
+            Stage::Current,
+        );
+        let p = put(
+            &store,
+            "svc/key",
+            &[("k", "v3-cccccccccccc")],
+            Stage::Pending,
+        );
+        assert_eq!(matched(&store, "v3-cccccccccccc").len(), 1);
+        store.promote_pending(&path, p, 2_000).unwrap();
+        assert!(matched(&store, "v1-aaaaaaaaaaaa").is_empty());
+        assert_eq!(matched(&store, "v2-bbbbbbbbbbbb").len(), 1);
+        let q = put(
+            &store,
+            "svc/key",
+            &[("k", "v4-dddddddddddd")],
+            Stage::Pending,
+        );
+        assert_eq!(q, 4);
+        store.clear_pending(&path, 3_000).unwrap();
+        assert!(matched(&store, "v4-dddddddddddd").is_empty());
+        assert_eq!(matched(&store, "v3-cccccccccccc").len(), 1);
+    }
+}
