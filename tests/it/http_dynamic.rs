@@ -272,6 +272,40 @@ async fn database_creds_and_leases_have_vaults_shapes_and_codes() {
             a.json["data"]["username"].as_str().unwrap().to_owned(),
         ));
     }
+    // LIST sys/leases/lookup/<prefix>: the names right under it.
+    let a = http
+        .call("LIST", "/v1/sys/leases/lookup/dynamic/", tok, None)
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert!(
+        a.json["data"]["keys"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(format!("{role}/"))),
+        "{}",
+        a.text
+    );
+    let a = http
+        .get(
+            &format!("/v1/sys/leases/lookup/dynamic/{role}?list=true"),
+            tok,
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let mut keys: Vec<String> = a.json["data"]["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| format!("dynamic/{role}/{}", k.as_str().unwrap()))
+        .collect();
+    keys.sort();
+    let mut issued: Vec<String> = users.iter().map(|(l, _)| l.clone()).collect();
+    issued.sort();
+    assert_eq!(keys, issued);
+    let a = http
+        .get(&format!("/v1/sys/leases/lookup/dynamic/{role}"), tok)
+        .await;
+    assert_eq!(a.status, 405, "a plain GET: {}", a.text);
     let a = http
         .call("PUT", &format!("/v1/sys/revoke/{}", users[0].0), tok, None)
         .await;
@@ -304,6 +338,7 @@ async fn database_creds_and_leases_have_vaults_shapes_and_codes() {
         "keyward.v1.Leases/Lookup",
         "keyward.v1.Leases/Renew",
         "keyward.v1.Leases/Revoke",
+        "keyward.v1.Leases/List",
     ] {
         assert!(audit.contains(method), "{method} is audited");
     }
@@ -368,6 +403,15 @@ async fn a_low_privileged_token_is_403_on_each_endpoint() {
         .call("PUT", "/v1/sys/leases/revoke-prefix/dynamic", low, None)
         .await;
     assert_eq!(a.status, 403, "revoke-prefix: {}", a.text);
+    let a = http
+        .call(
+            "LIST",
+            &format!("/v1/sys/leases/lookup/dynamic/{role}"),
+            low,
+            None,
+        )
+        .await;
+    assert_eq!(a.status, 403, "list: {}", a.text);
     assert!(target.user_exists(&user).await, "nothing was revoked");
     assert!(root.lease_lookup(&lease).await.is_ok());
 
