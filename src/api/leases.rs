@@ -68,18 +68,7 @@ impl Leases for LeasesService {
     ) -> Result<Response<LeaseListResponse>, Status> {
         let mut call = begin(&self.core, "keyward.v1.Leases/List", Access::Token, &req).await?;
         let r = req.get_ref();
-        let prefix = if r.prefix.is_empty() {
-            String::new()
-        } else {
-            call.check(check_prefix(&r.prefix))?.to_owned()
-        };
-        let resource = if prefix.is_empty() {
-            "sys/leases".to_owned()
-        } else {
-            format!("sys/leases/{prefix}")
-        };
-        call.authorize(Capability::List, resource)?;
-        let leases = call.check(self.core.leases.list(&prefix, r.failed))?;
+        let leases = list(&self.core, &mut call, &r.prefix, r.failed)?;
         call.ok(&[])?;
         Ok(Response::new(LeaseListResponse {
             leases: leases.iter().map(lease_message).collect(),
@@ -144,6 +133,28 @@ pub fn owned_or_allowed(
             call.check(found.ok_or(LeaseError::NotFound))
         }
     }
+}
+
+/// The leases under `prefix` ("" for all; `list` on `sys/leases/<prefix>`,
+/// or `sys/leases`), only the failing ones if `failed`.
+pub fn list(
+    core: &Core,
+    call: &mut Call,
+    prefix: &str,
+    failed: bool,
+) -> Result<Vec<LeaseRecord>, Failure> {
+    let prefix = if prefix.is_empty() {
+        String::new()
+    } else {
+        call.check(check_prefix(prefix))?.to_owned()
+    };
+    let resource = if prefix.is_empty() {
+        "sys/leases".to_owned()
+    } else {
+        format!("sys/leases/{prefix}")
+    };
+    call.authorize(Capability::List, resource)?;
+    call.check(core.leases.list(&prefix, failed))
 }
 
 /// Renews lease `id` by `increment` (the role's TTL if `None`), never past

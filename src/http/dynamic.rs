@@ -30,6 +30,7 @@ pub fn routes() -> Router<HttpState> {
     Router::new()
         .route("/v1/database/creds/{role}", any(creds))
         .route("/v1/sys/leases/lookup", any(lookup))
+        .route("/v1/sys/leases/lookup/{*prefix}", any(list))
         .route("/v1/sys/leases/renew", any(renew))
         .route("/v1/sys/leases/renew/{*id}", any(renew_named))
         .route("/v1/sys/leases/revoke", any(revoke))
@@ -44,6 +45,7 @@ pub fn routes() -> Router<HttpState> {
 
 const CREDS: Route = Route::new(Methods::Get, "keyward.v1.Dynamic/Creds", Access::Token);
 const LOOKUP: Route = Route::new(Methods::Write, "keyward.v1.Leases/Lookup", Access::Token);
+const LIST: Route = Route::new(Methods::Get, "keyward.v1.Leases/List", Access::Token);
 const RENEW: Route = Route::new(Methods::Write, "keyward.v1.Leases/Renew", Access::Token);
 const REVOKE: Route = Route::new(Methods::Write, "keyward.v1.Leases/Revoke", Access::Token);
 
@@ -120,6 +122,40 @@ async fn lookup(State(state): State<HttpState>, req: Request) -> Answer {
         }),
     )
     .into_response())
+}
+
+/// `LIST sys/leases/lookup/<prefix>` (or `GET ?list=true`): the names
+/// right under the prefix, lease ids and sub-prefixes (`role/`), as Vault
+/// answers (`list` on `sys/leases/<prefix>`); none is 404.
+async fn list(State(state): State<HttpState>, Path(prefix): Path<String>, req: Request) -> Answer {
+    let req = VaultRequest::read(req, &state).await?;
+    if !req.is_list() {
+        return Err(req
+            .method_not_allowed(&state, "LIST (or GET with ?list=true)")
+            .await);
+    }
+    let mut call = req.begin(&state.core, LIST.seam, LIST.access).await?;
+    let leases = api_leases::list(&state.core, &mut call, &prefix, false)?;
+    call.ok(&[])?;
+    let under = format!("{}/", prefix.trim_end_matches('/'));
+    let mut keys: Vec<String> = Vec::new();
+    for lease in &leases {
+        let Some(rest) = lease.id.strip_prefix(&under) else {
+            continue;
+        };
+        let key = match rest.split_once('/') {
+            Some((folder, _)) => format!("{folder}/"),
+            None => rest.to_owned(),
+        };
+        if !key.is_empty() && !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    keys.sort();
+    if keys.is_empty() {
+        return Err(super::reply::errors(axum::http::StatusCode::NOT_FOUND, ""));
+    }
+    Ok(Envelope::data(req.request_id(), json!({ "keys": keys })).into_response())
 }
 
 #[derive(Deserialize)]

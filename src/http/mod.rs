@@ -11,9 +11,11 @@
 //! the seam's, the same as gRPC's. Owns no storage prefix.
 //!
 //! Files: `listen.rs` (TLS, connection bounds, serving, drain), `reply.rs`
-//! (envelope, errors, request reading), one file per group of routes, each
+//! (envelope, errors, the handler prelude `VaultRequest::start` and the
+//! audited refusals 404/405/408/413), one file per group of routes, each
 //! with its own `routes()`: `sys.rs`, `kv.rs` (KV v2 at `secret/`),
-//! `token.rs` (`auth/token/*`), `login.rs` (AppRole, JWT, cert logins).
+//! `token.rs` (`auth/token/*`), `login.rs` (AppRole, JWT, cert logins),
+//! `dynamic.rs` (`database/creds`, `sys/leases/*`), `pki.rs` (`pki/*`).
 
 // A handler's error is its answer (a `Response`, 128 bytes), returned once
 // per request on the way out; boxing it would only add an allocation.

@@ -20,6 +20,11 @@ use crate::http_client::{Answer, HttpClient};
 
 /// A PostgreSQL dynamic role `role` whose admin login is stored in keyward.
 async fn pg_role(root: &Client, target: &Target) -> String {
+    pg_role_and_admin(root, target).await.0
+}
+
+/// [`pg_role`], and the path of its admin login's secret.
+async fn pg_role_and_admin(root: &Client, target: &Target) -> (String, String) {
     let admin = unique("dyn/admin");
     let pairs = target.admin();
     let pairs: Vec<(&str, &str)> = pairs
@@ -31,6 +36,7 @@ async fn pg_role(root: &Client, target: &Target) -> String {
         .unwrap();
     let role = format!("hpg_{}", suffix());
     let config: BTreeMap<String, String> = [("admin_secret".to_owned(), admin)].into();
+    let admin_path = config["admin_secret"].clone();
     root.dynamic_role_put(&DynamicRoleSpec {
         name: role.clone(),
         provider: "postgres".into(),
@@ -40,7 +46,7 @@ async fn pg_role(root: &Client, target: &Target) -> String {
     })
     .await
     .unwrap();
-    role
+    (role, admin_path)
 }
 
 /// A token holding only the policy `document`.
@@ -272,6 +278,42 @@ async fn database_creds_and_leases_have_vaults_shapes_and_codes() {
             a.json["data"]["username"].as_str().unwrap().to_owned(),
         ));
     }
+    // LIST sys/leases/lookup/<prefix>: the names right under it.
+    let a = http
+        .call("LIST", "/v1/sys/leases/lookup/dynamic/", tok, None)
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert!(
+        a.json["data"]["keys"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(format!("{role}/"))),
+        "{}",
+        a.text
+    );
+    let a = http
+        .get(
+            &format!("/v1/sys/leases/lookup/dynamic/{role}?list=true"),
+            tok,
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let mut keys: Vec<String> = a.json["data"]["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| format!("dynamic/{role}/{}", k.as_str().unwrap()))
+        .collect();
+    keys.sort();
+    let mut issued: Vec<String> = users.iter().map(|(l, _)| l.clone()).collect();
+    issued.sort();
+    assert_eq!(keys, issued);
+    let a = http
+        .get(&format!("/v1/sys/leases/lookup/dynamic/{role}"), tok)
+        .await;
+    assert_eq!(a.status, 405, "a plain GET: {}", a.text);
+    let a = http.call("LIST", "/v1/sys/leases/lookup/", tok, None).await;
+    assert_eq!(a.status, 404, "no prefix: {}", a.text);
     let a = http
         .call("PUT", &format!("/v1/sys/revoke/{}", users[0].0), tok, None)
         .await;
@@ -304,6 +346,7 @@ async fn database_creds_and_leases_have_vaults_shapes_and_codes() {
         "keyward.v1.Leases/Lookup",
         "keyward.v1.Leases/Renew",
         "keyward.v1.Leases/Revoke",
+        "keyward.v1.Leases/List",
     ] {
         assert!(audit.contains(method), "{method} is audited");
     }
@@ -368,6 +411,15 @@ async fn a_low_privileged_token_is_403_on_each_endpoint() {
         .call("PUT", "/v1/sys/leases/revoke-prefix/dynamic", low, None)
         .await;
     assert_eq!(a.status, 403, "revoke-prefix: {}", a.text);
+    let a = http
+        .call(
+            "LIST",
+            &format!("/v1/sys/leases/lookup/dynamic/{role}"),
+            low,
+            None,
+        )
+        .await;
+    assert_eq!(a.status, 403, "list: {}", a.text);
     assert!(target.user_exists(&user).await, "nothing was revoked");
     assert!(root.lease_lookup(&lease).await.is_ok());
 
@@ -428,7 +480,7 @@ async fn a_lease_crosses_between_http_and_grpc() {
     let target = Target::new(Kind::Postgres).await;
     let server = TestServer::dev().await;
     let root = server.root().await;
-    let role = pg_role(&root, &target).await;
+    let (role, admin) = pg_role_and_admin(&root, &target).await;
     let http = HttpClient::new(server.http_addr, &server.ca);
     let tok = Some(server.root_token.as_str());
 
@@ -491,6 +543,67 @@ async fn a_lease_crosses_between_http_and_grpc() {
     assert_eq!(a.status, 200, "{}", a.text);
     let user = a.json["data"]["username"].as_str().unwrap().to_owned();
     root.revoke_token(&child.token).await.unwrap();
+    dropped(&target, &user).await;
+
+    // A target that refuses the revoke (its admin login broken): 202 with
+    // a warning, the user still there, the lease kept (no longer
+    // renewable); once the login is mended, a revoke over HTTP ends it.
+    let a = http.get(&format!("/v1/database/creds/{role}"), tok).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let lease = lease_of(&a);
+    let user = a.json["data"]["username"].as_str().unwrap().to_owned();
+    let good = target.admin();
+    let broken: Vec<(&str, &str)> = good
+        .iter()
+        .map(|(k, v)| {
+            if k == "password" {
+                (k.as_str(), "not-the-admin-password")
+            } else {
+                (k.as_str(), v.as_str())
+            }
+        })
+        .collect();
+    root.put(&admin, &data(&broken), PutOptions::default())
+        .await
+        .unwrap();
+    let a = http
+        .call(
+            "PUT",
+            "/v1/sys/leases/revoke",
+            tok,
+            Some(json!({ "lease_id": lease })),
+        )
+        .await;
+    assert_eq!(a.status, 202, "{}", a.text);
+    assert!(
+        a.json["warnings"][0].as_str().unwrap().contains("retries"),
+        "{}",
+        a.text
+    );
+    assert!(target.user_exists(&user).await, "the target refused");
+    let a = http
+        .call(
+            "PUT",
+            "/v1/sys/leases/lookup",
+            tok,
+            Some(json!({ "lease_id": lease })),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.json["data"]["renewable"], false, "{}", a.text);
+    let good: Vec<(&str, &str)> = good.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    root.put(&admin, &data(&good), PutOptions::default())
+        .await
+        .unwrap();
+    let a = http
+        .call(
+            "PUT",
+            "/v1/sys/leases/revoke",
+            tok,
+            Some(json!({ "lease_id": lease })),
+        )
+        .await;
+    assert!(a.status == 204 || a.status == 404, "{}", a.text);
     dropped(&target, &user).await;
     server.stop().await;
 }

@@ -61,6 +61,9 @@ assert renewed["lease_id"] == lease, renewed
 assert 0 < renewed["lease_duration"] <= 3600, renewed
 renewed = root.sys.renew_lease(lease_id=lease)
 assert renewed["lease_id"] == lease, renewed
+listed = root.sys.list_leases(prefix="dynamic/" + db_role)
+assert lease[len("dynamic/" + db_role + "/"):] in listed["data"]["keys"], listed
+expect(exc.Forbidden, low.sys.list_leases, prefix="dynamic/" + db_role)
 expect(exc.Forbidden, low.sys.read_lease, lease_id=lease)
 expect(exc.Forbidden, low.sys.renew_lease, lease_id=lease, increment=60)
 expect(exc.Forbidden, low.sys.revoke_lease, lease_id=lease)
