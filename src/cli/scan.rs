@@ -49,6 +49,11 @@ pub struct ScanArgs {
 
 /// Candidates sent in one `Scan.Match` call (the server's bound).
 const BATCH: usize = 1000;
+/// A refusal by the server's rate limit is retried after this long (a
+/// large tree has more candidates than a minute's allowance) ...
+const RATE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+/// ... this many times in all before the scan fails.
+const MAX_WAITS: u32 = 40;
 
 /// `--format sarif` parses as `json` (an alias, so the global format stays
 /// one enum for every command); the scan looks at what was written.
@@ -222,10 +227,26 @@ async fn run(g: &Global, format: Format, sarif: bool, args: &ScanArgs) -> Result
         let values: Vec<&Held> = collected.candidates.keys().collect();
         for chunk in values.chunks(BATCH) {
             let sent: Vec<String> = chunk.iter().map(|v| v.0.as_str().to_owned()).collect();
-            let answer = client
-                .scan_match(sent)
-                .await
-                .context("matching candidate values against the stored secrets")?;
+            let mut waits = 0;
+            let answer = loop {
+                match client.scan_match(sent.clone()).await {
+                    Err(e)
+                        if e.code() == Some(tonic::Code::ResourceExhausted)
+                            && waits < MAX_WAITS =>
+                    {
+                        waits += 1;
+                        eprintln!(
+                            "note: the server's scan rate limit is reached; waiting {} s ({waits}/{MAX_WAITS})",
+                            RATE_WAIT.as_secs()
+                        );
+                        tokio::time::sleep(RATE_WAIT).await;
+                    }
+                    other => {
+                        break other
+                            .context("matching candidate values against the stored secrets")?
+                    }
+                }
+            };
             checked += u64::from(answer.checked);
             for m in answer.matches {
                 let Some(value) = chunk.get(m.candidate as usize) else {

@@ -139,16 +139,27 @@ pub fn worth_checking(value: &str) -> bool {
     if chars < MIN_CANDIDATE_CHARS || value.len() > MAX_CANDIDATE_BYTES {
         return false;
     }
-    let mut counts: std::collections::HashMap<char, u32> = std::collections::HashMap::new();
-    for c in value.chars() {
-        *counts.entry(c).or_default() += 1;
-    }
+    // Counts per character: an array for ASCII (nearly every candidate), a
+    // map otherwise.
+    let counts: Vec<u32> = if value.is_ascii() {
+        let mut table = [0u32; 128];
+        for b in value.bytes() {
+            table[usize::from(b)] += 1;
+        }
+        table.into_iter().filter(|k| *k > 0).collect()
+    } else {
+        let mut map: std::collections::HashMap<char, u32> = std::collections::HashMap::new();
+        for c in value.chars() {
+            *map.entry(c).or_default() += 1;
+        }
+        map.into_values().collect()
+    };
     if counts.len() < MIN_DISTINCT {
         return false;
     }
     let n = chars as f64;
     let bits: f64 = counts
-        .values()
+        .iter()
         .map(|&k| {
             let p = f64::from(k) / n;
             -p * p.log2()

@@ -15,7 +15,7 @@ use tonic::Code;
 
 use crate::harness::{cli, contains, data, files_under, unique, ChildServer, TestServer};
 use crate::ident_kit::{approle_identity, login, put_policy};
-use keyward::client::{Client, IssueOptions, PutOptions};
+use keyward::client::{Client, IssueOptions, PutOptions, RotationPolicySpec, ScheduleSpec};
 
 /// A random value that passes the scanner's strength rule.
 fn strong(prefix: &str) -> String {
@@ -276,11 +276,33 @@ async fn a_scan_finds_every_planted_credential_and_no_decoy() {
     let (code, out, err) = run(&["scan", decoys.to_str().unwrap(), "--format", "json"]);
     assert_eq!(code, 0, "{err}\n{out}");
 
-    // --revoke: the tokens found stop working.
-    let (code, out, err) = run(&["scan", dir_s, "--revoke", "--format", "json"]);
+    // --revoke: the tokens found stop working; --rotate: the stored secret
+    // found in the working tree (it has a rotation policy) rotates.
+    root.set_rotation_policy(
+        &db_path,
+        &RotationPolicySpec {
+            provider: "random".into(),
+            schedule: ScheduleSpec::Every(std::time::Duration::from_secs(86_400)),
+            grace: std::time::Duration::from_secs(1),
+            settings: [("fields".to_owned(), "password".to_owned())]
+                .into_iter()
+                .collect(),
+        },
+    )
+    .await
+    .unwrap();
+    let (code, out, err) = run(&["scan", dir_s, "--revoke", "--rotate", "--format", "json"]);
     assert_eq!(code, 1, "{err}");
     let doc: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(doc["revoked"].as_array().unwrap().len(), 2, "{out}");
+    let rotated = doc["rotated"].as_array().unwrap();
+    assert_eq!(rotated.len(), 1, "{out}");
+    assert_eq!(rotated[0]["path"], db_path.as_str());
+    assert!(!rotated[0]["run_id"].as_str().unwrap().is_empty(), "{out}");
+    crate::harness::eventually("the found secret rotated", || async {
+        root.get(&db_path).await.unwrap().version >= 2
+    })
+    .await;
     for t in [&t1, &t2] {
         let e = server
             .anonymous()
