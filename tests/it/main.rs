@@ -63,3 +63,6 @@ mod trust_identity;
 mod trust_limits;
 mod trust_oidc;
 mod trust_rotation;
+mod federation_figures;
+mod federation_rotation;
+mod federation_claims;
