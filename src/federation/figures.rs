@@ -136,10 +136,8 @@ impl Table {
             let sum = sums.entry(key.as_str()).or_insert(0);
             *sum = sum.saturating_add(*count);
         }
-        let mut out: Vec<(String, u64)> = sums
-            .into_iter()
-            .map(|(k, n)| (k.to_owned(), n))
-            .collect();
+        let mut out: Vec<(String, u64)> =
+            sums.into_iter().map(|(k, n)| (k.to_owned(), n)).collect();
         out.sort_by(|x, y| y.1.cmp(&x.1).then_with(|| x.0.cmp(&y.0)));
         out
     }

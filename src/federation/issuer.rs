@@ -762,18 +762,21 @@ mod tests {
 
     #[test]
     fn templates_name_metadata_labels_and_nothing_secret() {
-        let (_d, issuer) = issuer();
+        let (_d, signer) = issuer();
         let mut r = role();
         r.claims = [
-            ("env".to_owned(), "{{identity.metadata.env}}/{{ identity.name }}".to_owned()),
+            (
+                "env".to_owned(),
+                "{{identity.metadata.env}}/{{ identity.name }}".to_owned(),
+            ),
             ("raw".to_owned(), "{{identity.metadata.looks}}".to_owned()),
         ]
         .into();
         r.validate().unwrap();
-        let token = issuer
+        let token = signer
             .sign("ES256", &claims(&r, 1_000_000, 1_600_000))
             .unwrap();
-        let jwks = jwks_json(&issuer.keys().unwrap(), 1_000_000);
+        let jwks = jwks_json(&signer.keys().unwrap(), 1_000_000);
         let c = verify(&token, &jwks);
         assert_eq!(c["env"], "prod/ci-1");
         // A label that looks like a field is not expanded again.

@@ -74,7 +74,10 @@ async fn claim_templates_use_identity_metadata_and_never_a_secret() {
     let e = ci.identity_token(&role, None, None).await.unwrap_err();
     assert_eq!(e.code(), Some(Code::FailedPrecondition), "{e}");
     // (Claims are filled in name order: `cost` is the first to fail.)
-    assert!(e.to_string().contains("metadata label 'cost-center'"), "{e}");
+    assert!(
+        e.to_string().contains("metadata label 'cost-center'"),
+        "{e}"
+    );
     assert!(e.to_string().contains("claim 'cost'"), "{e}");
     let audit = std::fs::read_to_string(&server.audit_path).unwrap();
     assert_eq!(audit.matches("/jti/").count(), 0);
@@ -113,7 +116,14 @@ async fn claim_templates_use_identity_metadata_and_never_a_secret() {
         ("KEYWARD_FORMAT", "json"),
     ];
     let (status, out, err) = cli(
-        &["identity", "metadata", &name, "env=staging", "--remove", "tmp"],
+        &[
+            "identity",
+            "metadata",
+            &name,
+            "env=staging",
+            "--remove",
+            "tmp",
+        ],
         &env,
         None,
     );

@@ -57,7 +57,9 @@ async fn identity_tokens_and_delegations_are_counted_reported_and_kept() {
     let (server, _issuer) = issuer_server().await;
     let (role, _ci_name, ci) = role_and_identity(&server, &["sts.example", "b.example"]).await;
     for audience in ["sts.example", "sts.example", "b.example"] {
-        ci.identity_token(&role, Some(audience), None).await.unwrap();
+        ci.identity_token(&role, Some(audience), None)
+            .await
+            .unwrap();
     }
     // Refused: an unknown audience, a TTL past the role's. Not counted.
     assert!(ci
@@ -82,8 +84,12 @@ async fn identity_tokens_and_delegations_are_counted_reported_and_kept() {
     )
     .await
     .unwrap();
-    let (subject_name, subject) =
-        identity(&server, "service-account", &[subject_policy.clone()]).await;
+    let (subject_name, subject) = identity(
+        &server,
+        "service-account",
+        std::slice::from_ref(&subject_policy),
+    )
+    .await;
     let (agent_name, agent) = identity(&server, "ai-agent", &[]).await;
     let (_other_name, other_agent) = identity(&server, "ai-agent", &[]).await;
     for _ in 0..2 {
@@ -126,12 +132,10 @@ async fn identity_tokens_and_delegations_are_counted_reported_and_kept() {
         assert_eq!(r.delegations_by_delegator.len(), 1, "{r:?}");
     };
     check(&root.governance_report(0, 0).await.unwrap());
-    let issued_series = format!(
-        "keyward_identity_tokens_issued_total{{role=\"{role}\",audience=\"sts.example\"}}"
-    );
-    let delegation_series = format!(
-        "keyward_delegations_total{{agent=\"{agent_name}\",delegator=\"{subject_name}\"}}"
-    );
+    let issued_series =
+        format!("keyward_identity_tokens_issued_total{{role=\"{role}\",audience=\"sts.example\"}}");
+    let delegation_series =
+        format!("keyward_delegations_total{{agent=\"{agent_name}\",delegator=\"{subject_name}\"}}");
     let text = scrape(server.metrics_addr).await;
     assert_eq!(series(&text, &issued_series), Some(2), "{text}");
     assert_eq!(series(&text, &delegation_series), Some(2), "{text}");

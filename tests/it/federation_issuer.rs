@@ -69,7 +69,10 @@ pub(crate) async fn role_and_identity(
 }
 
 /// Fetches the discovery document and the JWKS it names over HTTPS.
-pub(crate) async fn fetch_keys(server: &TestServer, issuer: &str) -> (Value, jsonwebtoken::jwk::JwkSet) {
+pub(crate) async fn fetch_keys(
+    server: &TestServer,
+    issuer: &str,
+) -> (Value, jsonwebtoken::jwk::JwkSet) {
     let http = HttpClient::new(server.http_addr, &server.ca);
     let doc = http.get("/.well-known/openid-configuration", None).await;
     assert_eq!(doc.status, 200, "{}", doc.text);

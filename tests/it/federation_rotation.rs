@@ -40,7 +40,13 @@ async fn advance_to(server: &TestServer, at_ms: u64) {
 
 /// The relying party's check: signature with the published key, iss, aud,
 /// sub, and exp against the test's (paused) clock.
-fn relying_party_accepts(token: &str, keys: &jsonwebtoken::jwk::JwkSet, issuer: &str, sub: &str, now_secs: u64) -> Value {
+fn relying_party_accepts(
+    token: &str,
+    keys: &jsonwebtoken::jwk::JwkSet,
+    issuer: &str,
+    sub: &str,
+    now_secs: u64,
+) -> Value {
     let claims = verify(token, keys, &validation(issuer, AUDIENCE)).expect("verifies");
     assert_eq!(claims["sub"], sub);
     assert_eq!(claims["iss"], issuer);
@@ -167,7 +173,11 @@ async fn a_scheduled_rotation_keeps_b_trusting_a_and_the_old_key_leaves_after_th
     assert_eq!(first[0].kid, old_kid);
 
     // 2. A's schedule: at created + period the background task rotates.
-    advance_to(&a, first[0].created_at_ms + PERIOD.as_millis() as u64 + 1000).await;
+    advance_to(
+        &a,
+        first[0].created_at_ms + PERIOD.as_millis() as u64 + 1000,
+    )
+    .await;
     eventually("A rotates its signing key by its schedule", || async {
         a.core
             .federation
@@ -198,7 +208,10 @@ async fn a_scheduled_rotation_keeps_b_trusting_a_and_the_old_key_leaves_after_th
     logs_in_to_b(new.token.clone()).await.unwrap();
     // The relying party sees both keys and accepts both tokens.
     let (_, keys) = fetch_keys(&a, &issuer).await;
-    assert!(keys.find(&old_kid).is_some(), "the old key is still published");
+    assert!(
+        keys.find(&old_kid).is_some(),
+        "the old key is still published"
+    );
     assert!(keys.find(&new_kid).is_some());
     let now = a.core.clock().now_secs();
     relying_party_accepts(&new.token, &keys, &issuer, &sub, now);
