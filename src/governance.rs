@@ -82,6 +82,12 @@ pub struct Report {
     pub long_lived: Vec<LongLivedToken>,
     pub expiring_soon: Vec<ExpiringCredential>,
     pub failed_logins: Vec<FailedLogins>,
+    /// Filled by federation (`Core::governance_report`): identity tokens
+    /// issued as (role, audience, count), and delegated tokens by agent and
+    /// by delegator, highest count first.
+    pub identity_tokens_issued: Vec<(String, String, u64)>,
+    pub delegations_by_agent: Vec<(String, u64)>,
+    pub delegations_by_delegator: Vec<(String, u64)>,
 }
 
 impl Report {
@@ -186,6 +192,9 @@ pub fn report(inputs: Inputs<'_>) -> Report {
         long_lived,
         expiring_soon,
         failed_logins: inputs.failed_logins,
+        identity_tokens_issued: Vec::new(),
+        delegations_by_agent: Vec::new(),
+        delegations_by_delegator: Vec::new(),
     }
 }
 

@@ -439,6 +439,12 @@ impl Server {
         tasks.spawn("recertifier", move |shutdown| {
             lifecycle.run_recertifier(governance, crate::lifecycle::attest::PASS_EVERY, shutdown)
         });
+        // Federation figures: counted in memory, written periodically.
+        let figures = core.federation.figures.clone();
+        let figures_clock = core.clock().clone();
+        tasks.spawn("federation-figures-flush", move |shutdown| {
+            figures.run_flusher(figures_clock, USAGE_PERSIST_EVERY, shutdown)
+        });
         tasks
     }
 

@@ -135,7 +135,8 @@ pub(crate) async fn exchange(
         Err(e) => return Err(call.fail(e).into()),
     };
     call.check(core.barrier.durable().await)?;
-    core.federation.count_exchange(kind.unwrap_or_default());
+    core.federation
+        .count_exchange(&caller.identity, &issued.identity);
     call.set_resource(format!("{TOKEN_RESOURCE}/{}", issued.accessor));
     call.ok_async(&[("subject_token", r.subject_token.as_bytes())])
         .await?;
@@ -300,6 +301,7 @@ impl Federation for FederationService {
                     name: &identity.name,
                     kind: &identity.kind,
                     owner: &identity.owner,
+                    metadata: &identity.metadata,
                 },
                 audience: &audience,
                 role: &role,

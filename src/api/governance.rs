@@ -135,6 +135,25 @@ impl Governance for GovernanceService {
             certificates_expiring_soon: pki.expiring_soon,
             certificates_revoked: pki.revoked,
             lease_revocations_failing,
+            identity_tokens_issued: report
+                .identity_tokens_issued
+                .into_iter()
+                .map(|(role, audience, count)| IdentityTokenCount {
+                    role,
+                    audience,
+                    count,
+                })
+                .collect(),
+            delegations_by_agent: report
+                .delegations_by_agent
+                .into_iter()
+                .map(|(key, count)| CountByKey { key, count })
+                .collect(),
+            delegations_by_delegator: report
+                .delegations_by_delegator
+                .into_iter()
+                .map(|(key, count)| CountByKey { key, count })
+                .collect(),
         }))
     }
 }

@@ -98,6 +98,11 @@ pub(crate) fn identity_message(record: &IdentityRecord, token_use: Option<u64>) 
                     .collect(),
             })
             .collect(),
+        metadata: record
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     }
 }
 
@@ -548,6 +553,30 @@ impl Identities for IdentitiesService {
         Ok(Response::new(ListOidcIssuersResponse {
             issuers: issuers.iter().map(issuer_message).collect(),
         }))
+    }
+
+    async fn set_metadata(
+        &self,
+        req: Request<SetIdentityMetadataRequest>,
+    ) -> Result<Response<Identity>, Status> {
+        let mut call = begin(
+            &self.core,
+            "keyward.v1.Identities/SetMetadata",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        let r = req.into_inner();
+        let name = call.check(IdentityName::parse(&r.name))?;
+        call.authorize(Capability::Write, name.resource())?;
+        let record = call.check(self.core.identities.set_metadata(
+            &name,
+            r.set.into_iter().collect(),
+            &r.remove,
+        ))?;
+        call.check(self.core.barrier.durable().await)?;
+        call.ok(&[])?;
+        Ok(Response::new(self.one(&record)))
     }
 }
 

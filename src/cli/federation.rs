@@ -184,3 +184,33 @@ pub async fn identity_token(g: &Global, format: Format, args: IdentityTokenArgs)
     );
     Ok(())
 }
+
+#[derive(Args)]
+pub struct MetadataArgs {
+    name: String,
+    /// Labels to set, KEY=VALUE (keys: [a-z0-9_-]{1,64}).
+    #[arg(value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// A key to remove (repeat).
+    #[arg(long = "remove", value_name = "KEY")]
+    remove: Vec<String>,
+}
+
+/// `keyward identity metadata NAME [KEY=VALUE]... [--remove KEY]...`.
+pub async fn set_metadata(g: &Global, args: MetadataArgs) -> Result<serde_json::Value> {
+    let mut set = HashMap::new();
+    for (i, pair) in args.set.iter().enumerate() {
+        let Some((k, v)) = pair.split_once('=') else {
+            return Err(UsageError(format!("label {} is not KEY=VALUE", i + 1)).into());
+        };
+        set.insert(k.to_owned(), v.to_owned());
+    }
+    if set.is_empty() && args.remove.is_empty() {
+        return Err(UsageError("give KEY=VALUE labels to set or --remove KEY".into()).into());
+    }
+    let identity = connect(g)
+        .await?
+        .identity_set_metadata(&args.name, set, args.remove)
+        .await?;
+    Ok(super::ident::identity_json(&identity))
+}

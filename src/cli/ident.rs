@@ -58,6 +58,9 @@ pub enum IdentityCommand {
     BindCert(BindCertArgs),
     /// Bind JWTs of an OIDC issuer whose claims all match.
     BindOidc(BindOidcArgs),
+    /// Set (KEY=VALUE) or remove (--remove KEY) metadata labels; public,
+    /// like the owner: OIDC role claims may name them.
+    Metadata(super::federation::MetadataArgs),
 }
 
 // The argument structs carry no doc comment: the variant's is the help text.
@@ -358,6 +361,7 @@ pub fn identity_json(i: &Identity) -> Value {
         "expires_at": rfc3339(&i.expires_at), "disabled": i.disabled,
         "created_at": rfc3339(&i.created_at), "last_used_at": rfc3339(&i.last_used_at),
         "role_id": i.role_id, "cert_bindings": certs, "oidc_bindings": oidc,
+        "metadata": i.metadata.iter().collect::<std::collections::BTreeMap<_, _>>(),
     })
 }
 
@@ -435,6 +439,7 @@ pub async fn identity(g: &Global, format: Format, cmd: IdentityCommand) -> Resul
                     .await?,
             )
         }
+        IdentityCommand::Metadata(args) => super::federation::set_metadata(g, args).await?,
     };
     emit(format, &shown);
     Ok(())
@@ -611,6 +616,15 @@ pub async fn report(g: &Global, format: Format, args: ReportArgs) -> Result<()> 
             "certificates_expiring_soon": r.certificates_expiring_soon,
             "certificates_revoked": r.certificates_revoked,
             "lease_revocations_failing": r.lease_revocations_failing,
+            "identity_tokens_issued": r.identity_tokens_issued.iter()
+                .map(|c| json!({"role": c.role, "audience": c.audience, "count": c.count}))
+                .collect::<Vec<Value>>(),
+            "delegations_by_agent": r.delegations_by_agent.iter()
+                .map(|c| (c.key.clone(), json!(c.count)))
+                .collect::<serde_json::Map<String, Value>>(),
+            "delegations_by_delegator": r.delegations_by_delegator.iter()
+                .map(|c| (c.key.clone(), json!(c.count)))
+                .collect::<serde_json::Map<String, Value>>(),
         }),
     );
     Ok(())

@@ -53,6 +53,21 @@ impl Client {
             .into_inner())
     }
 
+    /// Sets and removes metadata labels of an identity.
+    pub async fn identity_set_metadata(
+        &self,
+        name: &str,
+        set: std::collections::HashMap<String, String>,
+        remove: Vec<String>,
+    ) -> Result<Identity, ClientError> {
+        let req = self.request(crate::proto::v1::SetIdentityMetadataRequest {
+            name: name.to_owned(),
+            set,
+            remove,
+        });
+        Ok(self.identities().set_metadata(req).await?.into_inner())
+    }
+
     /// Disables an identity; every token it holds stops working at once,
     /// and its secret-ids are revoked.
     pub async fn identity_disable(&self, name: &str) -> Result<Identity, ClientError> {

@@ -250,6 +250,10 @@ impl Core {
             if let Err(e) = self.pki.refresh_trust(self.clock.now_ms()) {
                 tracing::error!(error = %e, "PKI trust store not loaded at unseal");
             }
+            // The federation figures (advisory: an unseal does not fail on them).
+            if let Err(e) = self.federation.figures.load() {
+                tracing::warn!(error = %e, "federation figures not loaded at unseal");
+            }
         }
         self.metrics.set_sealed(self.barrier.status().sealed);
         loaded
@@ -277,6 +281,7 @@ impl Core {
     pub async fn persist_usage(&self) {
         self.usage.flush().await;
         self.reads.flush().await;
+        self.federation.figures.flush().await;
     }
 
     /// How OIDC key sets are loaded: the CA trusted for HTTPS, the folder

@@ -165,8 +165,14 @@ impl Core {
         dormant_after_ms: u64,
         long_ttl: Duration,
     ) -> Result<Report, IdentityError> {
-        self.governance_sources()
-            .report(self.clock.now_ms(), dormant_after_ms, long_ttl)
+        let mut report =
+            self.governance_sources()
+                .report(self.clock.now_ms(), dormant_after_ms, long_ttl)?;
+        let figures = self.federation.figures.report();
+        report.identity_tokens_issued = figures.identity_tokens;
+        report.delegations_by_agent = figures.delegations_by_agent;
+        report.delegations_by_delegator = figures.delegations_by_delegator;
+        Ok(report)
     }
 
     /// Registers the gauges read from the store (barrier, governance,

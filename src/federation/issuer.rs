@@ -42,8 +42,10 @@ pub const MAX_ROLE_TTL_SECS: u64 = 24 * 3600;
 const RESERVED_CLAIMS: &[&str] = &[
     "iss", "sub", "aud", "iat", "nbf", "exp", "jti", "kind", "owner", "azp", "act", "may_act",
 ];
-/// What a claim template may name.
+/// What a claim template may name, besides `identity.metadata.KEY`.
 const TEMPLATE_FIELDS: &[&str] = &["identity.name", "identity.kind", "identity.owner"];
+/// A template names one metadata label as `{{identity.metadata.KEY}}`.
+const METADATA_FIELD: &str = "identity.metadata.";
 
 #[derive(Debug, thiserror::Error)]
 pub enum IssuerError {
@@ -63,6 +65,8 @@ pub enum IssuerError {
     NotAnIdentity,
     #[error("the caller's token expires before the identity token could start")]
     CallerExpiring,
+    #[error("claim '{claim}' of this role names metadata label '{key}', which the identity does not have (set it with 'keyward identity metadata')")]
+    MissingMetadata { claim: String, key: String },
     #[error("the signing key could not be made or used")]
     Crypto,
     #[error("a stored federation record is corrupt")]
@@ -161,9 +165,12 @@ fn check_template(template: &str) -> Result<(), IssuerError> {
             ));
         };
         let field = after[..end].trim();
-        if !TEMPLATE_FIELDS.contains(&field) {
+        let metadata_key = field
+            .strip_prefix(METADATA_FIELD)
+            .is_some_and(|key| crate::identity::check_metadata_key(key).is_ok());
+        if !TEMPLATE_FIELDS.contains(&field) && !metadata_key {
             return Err(IssuerError::BadRole(format!(
-                "a claim template may use {{{{identity.name}}}}, {{{{identity.kind}}}} and {{{{identity.owner}}}}; not '{}'",
+                "a claim template may use {{{{identity.name}}}}, {{{{identity.kind}}}}, {{{{identity.owner}}}} and {{{{identity.metadata.KEY}}}}; not '{}'",
                 field.chars().take(64).collect::<String>()
             )));
         }
@@ -172,15 +179,21 @@ fn check_template(template: &str) -> Result<(), IssuerError> {
     Ok(())
 }
 
-/// What a template may read of an identity: never a secret.
+/// What a template may read of an identity: its name, kind, owner and
+/// metadata labels, all public (`identity get` shows them); never a secret,
+/// a secret-id or a token, which this type does not hold.
 #[derive(Debug, Clone)]
 pub struct IdentityFacts<'a> {
     pub name: &'a str,
     pub kind: &'a str,
     pub owner: &'a str,
+    pub metadata: &'a BTreeMap<String, String>,
 }
 
-fn render(template: &str, who: &IdentityFacts<'_>) -> String {
+/// Fills a template's fields, in one pass (a value that looks like a
+/// field is not expanded again). A metadata label the identity lacks is an
+/// error naming `claim` and the key: nothing is issued.
+fn render(claim: &str, template: &str, who: &IdentityFacts<'_>) -> Result<String, IssuerError> {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
     while let Some(start) = rest.find("{{") {
@@ -188,18 +201,30 @@ fn render(template: &str, who: &IdentityFacts<'_>) -> String {
         let after = &rest[start + 2..];
         let Some(end) = after.find("}}") else {
             out.push_str(&rest[start..]);
-            return out;
+            return Ok(out);
         };
-        out.push_str(match after[..end].trim() {
-            "identity.name" => who.name,
-            "identity.kind" => who.kind,
-            "identity.owner" => who.owner,
-            _ => "",
-        });
+        let field = after[..end].trim();
+        match field {
+            "identity.name" => out.push_str(who.name),
+            "identity.kind" => out.push_str(who.kind),
+            "identity.owner" => out.push_str(who.owner),
+            _ => {
+                if let Some(key) = field.strip_prefix(METADATA_FIELD) {
+                    let value =
+                        who.metadata
+                            .get(key)
+                            .ok_or_else(|| IssuerError::MissingMetadata {
+                                claim: claim.to_owned(),
+                                key: key.to_owned(),
+                            })?;
+                    out.push_str(value);
+                }
+            }
+        }
         rest = &after[end + 2..];
     }
     out.push_str(rest);
-    out
+    Ok(out)
 }
 
 /// A key pair ready to sign.
@@ -343,10 +368,10 @@ pub struct TokenClaims<'a> {
 }
 
 /// The claims of an identity token, as JSON.
-pub fn claims_json(c: &TokenClaims<'_>) -> Map<String, Value> {
+pub fn claims_json(c: &TokenClaims<'_>) -> Result<Map<String, Value>, IssuerError> {
     let mut claims = Map::new();
     for (key, template) in &c.role.claims {
-        claims.insert(key.clone(), Value::String(render(template, &c.who)));
+        claims.insert(key.clone(), Value::String(render(key, template, &c.who)?));
     }
     let now = c.now_ms / 1000;
     claims.insert("iss".into(), json!(c.issuer));
@@ -364,7 +389,7 @@ pub fn claims_json(c: &TokenClaims<'_>) -> Map<String, Value> {
     claims.insert("jti".into(), json!(c.jti));
     claims.insert("kind".into(), json!(c.who.kind));
     claims.insert("owner".into(), json!(c.who.owner));
-    claims
+    Ok(claims)
 }
 
 /// Signing keys and roles of one vault.
@@ -481,6 +506,8 @@ impl Issuer {
         alg: &str,
         claims: &TokenClaims<'_>,
     ) -> Result<Zeroizing<String>, IssuerError> {
+        // First: a template that cannot be filled stores and signs nothing.
+        let payload = Value::Object(claims_json(claims)?);
         let mut key = self.signing_key(alg, claims.now_ms)?;
         if claims.exp_ms > key.record.max_exp_ms {
             // Raise the stored bound ahead of the token, in steps.
@@ -503,7 +530,6 @@ impl Issuer {
             }
         }
         let header = json!({"alg": key.record.alg, "kid": key.record.kid, "typ": "JWT"});
-        let payload = Value::Object(claims_json(claims));
         let mut text = String::new();
         text.push_str(&URL_SAFE_NO_PAD.encode(header.to_string()));
         text.push('.');
@@ -590,6 +616,14 @@ mod tests {
         }
     }
 
+    static META: std::sync::LazyLock<BTreeMap<String, String>> = std::sync::LazyLock::new(|| {
+        [
+            ("env".to_owned(), "prod".to_owned()),
+            ("looks".to_owned(), "{{identity.owner}}".to_owned()),
+        ]
+        .into()
+    });
+
     fn claims<'a>(role: &'a RoleRecord, now_ms: u64, exp_ms: u64) -> TokenClaims<'a> {
         TokenClaims {
             issuer: "https://kw.example",
@@ -598,6 +632,7 @@ mod tests {
                 name: "ci-1",
                 kind: "ci-runner",
                 owner: "team-a",
+                metadata: &META,
             },
             audience: "sts.example",
             role,
@@ -723,6 +758,67 @@ mod tests {
                 max: 600
             })
         ));
+    }
+
+    #[test]
+    fn templates_name_metadata_labels_and_nothing_secret() {
+        let (_d, signer) = issuer();
+        let mut r = role();
+        r.claims = [
+            (
+                "env".to_owned(),
+                "{{identity.metadata.env}}/{{ identity.name }}".to_owned(),
+            ),
+            ("raw".to_owned(), "{{identity.metadata.looks}}".to_owned()),
+        ]
+        .into();
+        r.validate().unwrap();
+        let token = signer
+            .sign("ES256", &claims(&r, 1_000_000, 1_600_000))
+            .unwrap();
+        let jwks = jwks_json(&signer.keys().unwrap(), 1_000_000);
+        let c = verify(&token, &jwks);
+        assert_eq!(c["env"], "prod/ci-1");
+        // A label that looks like a field is not expanded again.
+        assert_eq!(c["raw"], "{{identity.owner}}");
+        // A label the identity lacks: a clear error, and nothing signed or
+        // stored (no key was made for it).
+        let (_d2, fresh) = issuer();
+        let mut missing = role();
+        missing.claims = [("team".to_owned(), "{{identity.metadata.team}}".to_owned())].into();
+        missing.validate().unwrap();
+        let e = fresh
+            .sign("ES256", &claims(&missing, 1_000_000, 1_600_000))
+            .unwrap_err();
+        assert!(
+            matches!(&e, IssuerError::MissingMetadata { claim, key } if claim == "team" && key == "team"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("'team'"), "{e}");
+        assert!(fresh.keys().unwrap().is_empty());
+        // Only the identity's public fields may be named: not a secret, a
+        // token, a secret-id, the role-id, the whole metadata map, or a
+        // malformed key.
+        for bad in [
+            "{{secret.password}}",
+            "{{secret/data/app/db}}",
+            "{{token}}",
+            "{{identity.token}}",
+            "{{identity.secret_id}}",
+            "{{identity.role_id}}",
+            "{{identity.metadata}}",
+            "{{identity.metadata.}}",
+            "{{identity.metadata.Bad Key}}",
+            "{{identity.metadata.a.b}}",
+            "{{identity.metadata.env",
+        ] {
+            let mut b = role();
+            b.claims = [("k".to_owned(), bad.to_owned())].into();
+            assert!(
+                matches!(b.validate(), Err(IssuerError::BadRole(_))),
+                "{bad} was accepted"
+            );
+        }
     }
 
     #[test]

@@ -5,17 +5,16 @@
 //!   how long), pure; the tokens themselves live in `token` (`tokens/`).
 //!
 //! Storage prefix `federation/` (through the barrier only): the OIDC
-//! signing keys and roles (`federation/keys/`, `federation/roles/`). This
+//! signing keys and roles (`federation/keys/`, `federation/roles/`), and
+//! the governance figures (`federation/figures`, see `figures`). This
 //! module must not touch any other prefix; it reads tokens and identities
 //! through their modules' public calls only.
 
 pub mod delegation;
+pub mod figures;
 pub mod issuer;
 
 use std::sync::{Arc, RwLock};
-
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 
 use crate::barrier::Barrier;
 use crate::clock::{Clock, Shutdown};
@@ -28,32 +27,18 @@ pub struct Federation {
     /// Signing keys and roles (`federation/`).
     pub issuer: issuer::Issuer,
     clock: Clock,
-    /// `keyward_oidc_identity_tokens_total{role,audience}`.
-    issued: Family<Vec<(String, String)>, Counter>,
-    /// `keyward_delegations_total{agent_kind}`.
-    exchanged: Family<Vec<(String, String)>, Counter>,
+    /// Identity tokens and delegations counted for governance and
+    /// `/metrics`, persisted under `federation/figures`.
+    pub figures: figures::Figures,
 }
 
 impl Federation {
     pub fn new(barrier: Arc<Barrier>, clock: Clock, metrics: &Metrics) -> Self {
-        let issued = Family::<Vec<(String, String)>, Counter>::default();
-        let exchanged = Family::<Vec<(String, String)>, Counter>::default();
-        metrics.register(
-            "keyward_oidc_identity_tokens",
-            "Identity tokens (JWTs) issued, by OIDC role and audience",
-            issued.clone(),
-        );
-        metrics.register(
-            "keyward_delegations",
-            "Delegated tokens made by token exchange, by the actor's kind",
-            exchanged.clone(),
-        );
         Self {
             config: RwLock::new(FederationConfig::default()),
+            figures: figures::Figures::new(barrier.clone(), metrics),
             issuer: issuer::Issuer::new(barrier),
             clock,
-            issued,
-            exchanged,
         }
     }
 
@@ -72,19 +57,12 @@ impl Federation {
 
     /// Counts an identity token of `role` for `audience`.
     pub fn count_issued(&self, role: &str, audience: &str) {
-        self.issued
-            .get_or_create(&vec![
-                ("role".to_owned(), role.to_owned()),
-                ("audience".to_owned(), audience.to_owned()),
-            ])
-            .inc();
+        self.figures.count_issued(role, audience);
     }
 
-    /// Counts a delegated token made for an actor of `kind`.
-    pub fn count_exchange(&self, kind: &str) {
-        self.exchanged
-            .get_or_create(&vec![("agent_kind".to_owned(), kind.to_owned())])
-            .inc();
+    /// Counts a delegated token made for `agent`, acting for `delegator`.
+    pub fn count_exchange(&self, agent: &str, delegator: &str) {
+        self.figures.count_delegation(agent, delegator);
     }
 
     /// The background task `oidc-key-rotation`: a new signing key every

@@ -214,6 +214,11 @@ pub struct IdentityRecord {
     /// Set once the tokens of an expired identity have been revoked.
     #[prost(bool, tag = "13")]
     pub expiry_handled: bool,
+    /// Labels an operator gives the identity (`identity metadata`), public
+    /// like its owner: OIDC role claim templates may put them in identity
+    /// tokens, so they must never hold a secret.
+    #[prost(btree_map = "string, string", tag = "14")]
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 impl IdentityRecord {
@@ -486,6 +491,26 @@ pub fn is_dormant(record: &IdentityRecord, last_used: u64, dormant_ms: u64, now_
     now_ms.saturating_sub(since) >= dormant_ms
 }
 
+/// Metadata labels per identity, key length and value length.
+pub const MAX_METADATA: usize = 32;
+pub const MAX_METADATA_KEY: usize = 64;
+pub const MAX_METADATA_VALUE: usize = 256;
+
+/// A metadata key: 1 to [`MAX_METADATA_KEY`] of `[a-z0-9_-]`.
+pub fn check_metadata_key(key: &str) -> Result<(), IdentityError> {
+    if key.is_empty()
+        || key.len() > MAX_METADATA_KEY
+        || !key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'))
+    {
+        return Err(IdentityError::Invalid(format!(
+            "a metadata key is 1 to {MAX_METADATA_KEY} of [a-z0-9_-]"
+        )));
+    }
+    Ok(())
+}
+
 fn check_text(what: &str, text: &str) -> Result<(), IdentityError> {
     if text.len() > MAX_TEXT || text.chars().any(char::is_control) {
         return Err(IdentityError::Invalid(format!(
@@ -641,6 +666,7 @@ impl IdentityStore {
             cert_bindings: Vec::new(),
             oidc_bindings: Vec::new(),
             expiry_handled: false,
+            metadata: Default::default(),
         };
         let bytes = record.encode_to_vec();
         let record_key = format!("{RECORD_PREFIX}{}", record.name);
@@ -738,6 +764,41 @@ impl IdentityStore {
         if revoke {
             tokens.revoke_identity(&record.name, now_ms)?;
         }
+        Ok(record)
+    }
+
+    /// Sets and removes metadata labels of an identity (removals first).
+    /// Keys are 1 to [`MAX_METADATA_KEY`] of `[a-z0-9_-]`; values at most
+    /// [`MAX_METADATA_VALUE`] bytes without control characters; at most
+    /// [`MAX_METADATA`] labels. Grants nothing, so no token is revoked.
+    pub fn set_metadata(
+        &self,
+        name: &IdentityName,
+        set: std::collections::BTreeMap<String, String>,
+        remove: &[String],
+    ) -> Result<IdentityRecord, IdentityError> {
+        for key in set.keys().chain(remove.iter()) {
+            check_metadata_key(key)?;
+        }
+        for value in set.values() {
+            if value.len() > MAX_METADATA_VALUE || value.chars().any(char::is_control) {
+                return Err(IdentityError::Invalid(format!(
+                    "a metadata value must be at most {MAX_METADATA_VALUE} bytes without control characters"
+                )));
+            }
+        }
+        let _guard = self.lock();
+        let mut record = self.require(name)?;
+        for key in remove {
+            record.metadata.remove(key);
+        }
+        record.metadata.extend(set);
+        if record.metadata.len() > MAX_METADATA {
+            return Err(IdentityError::Invalid(format!(
+                "an identity has at most {MAX_METADATA} metadata labels"
+            )));
+        }
+        self.put_record(&record)?;
         Ok(record)
     }
 

@@ -14,7 +14,7 @@ use crate::ident_kit::{create, login};
 use keyward::client::{Client, ClientError};
 use keyward::proto::v1::PutOidcIssuerRequest;
 
-const TRUST_DOMAIN: &str = "a.keyward.test";
+pub(crate) const TRUST_DOMAIN: &str = "a.keyward.test";
 
 fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> Code {
     r.expect_err("the call should have been refused")
@@ -23,7 +23,7 @@ fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> Code {
 }
 
 /// A dev server whose issuer URL is its own HTTPS listener.
-async fn issuer_server() -> (TestServer, String) {
+pub(crate) async fn issuer_server() -> (TestServer, String) {
     let server = TestServer::dev().await;
     let issuer = format!("https://127.0.0.1:{}", server.http_addr.port());
     let mut config = server.core.federation.config();
@@ -35,7 +35,10 @@ async fn issuer_server() -> (TestServer, String) {
 
 /// A role with `audiences`, and a ci-runner identity (logged in) whose
 /// policy may use it.
-async fn role_and_identity(server: &TestServer, audiences: &[&str]) -> (String, String, Client) {
+pub(crate) async fn role_and_identity(
+    server: &TestServer,
+    audiences: &[&str],
+) -> (String, String, Client) {
     let root = server.root().await;
     let role = unique("cloud");
     root.put_oidc_role(
@@ -66,7 +69,10 @@ async fn role_and_identity(server: &TestServer, audiences: &[&str]) -> (String, 
 }
 
 /// Fetches the discovery document and the JWKS it names over HTTPS.
-async fn fetch_keys(server: &TestServer, issuer: &str) -> (Value, jsonwebtoken::jwk::JwkSet) {
+pub(crate) async fn fetch_keys(
+    server: &TestServer,
+    issuer: &str,
+) -> (Value, jsonwebtoken::jwk::JwkSet) {
     let http = HttpClient::new(server.http_addr, &server.ca);
     let doc = http.get("/.well-known/openid-configuration", None).await;
     assert_eq!(doc.status, 200, "{}", doc.text);
@@ -84,7 +90,7 @@ async fn fetch_keys(server: &TestServer, issuer: &str) -> (Value, jsonwebtoken::
     (doc.json, serde_json::from_str(&keys.text).unwrap())
 }
 
-fn validation(issuer: &str, audience: &str) -> jsonwebtoken::Validation {
+pub(crate) fn validation(issuer: &str, audience: &str) -> jsonwebtoken::Validation {
     let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
     v.set_issuer(&[issuer]);
     v.set_audience(&[audience]);
@@ -93,7 +99,7 @@ fn validation(issuer: &str, audience: &str) -> jsonwebtoken::Validation {
     v
 }
 
-fn verify(
+pub(crate) fn verify(
     token: &str,
     keys: &jsonwebtoken::jwk::JwkSet,
     validation: &jsonwebtoken::Validation,

@@ -202,7 +202,9 @@ impl From<crate::federation::issuer::IssuerError> for Failure {
     fn from(e: crate::federation::issuer::IssuerError) -> Self {
         use crate::federation::issuer::IssuerError as E;
         match e {
-            E::NotConfigured => Self::new(FailureKind::Conflict, e.to_string()),
+            E::NotConfigured | E::MissingMetadata { .. } => {
+                Self::new(FailureKind::Conflict, e.to_string())
+            }
             E::NoRole => Self::new(FailureKind::NotFound, e.to_string()),
             E::BadRole(_)
             | E::UnknownAudience(_)
