@@ -12,8 +12,9 @@
 //!   digests (past it the identity's path set is *saturated*: it is no longer
 //!   learned and `new_path` is no longer raised for it), 24 hour counters,
 //!   and the rate state (three numbers);
-//! - tokens followed for `token_reuse`: [`MAX_TOKENS`] (expired entries are
-//!   pruned; past it new tokens are not followed);
+//! - tokens followed for `token_reuse` (the network each was last used
+//!   from): [`MAX_TOKENS`] (entries older than the window are pruned; past
+//!   it new tokens are not followed);
 //! - sources followed for failed logins: [`MAX_FAIL_SOURCES`]; past it the
 //!   failures of further sources are counted together as one source, so a
 //!   flood from many addresses is still seen and memory does not grow;
@@ -204,8 +205,8 @@ pub struct Detector {
     baselines: HashMap<String, Baseline>,
     /// Identities whose baseline changed since the last [`Detector::take_dirty`].
     dirty: HashSet<String>,
-    /// Token accessor -> (source, when).
-    tokens: HashMap<String, (IpAddr, u64)>,
+    /// Token accessor -> (source network, source, when).
+    tokens: HashMap<String, (String, IpAddr, u64)>,
     fails: HashMap<IpAddr, FailWindow>,
     fails_elsewhere: FailWindow,
     decommissions: VecDeque<Decommissioned>,
@@ -462,12 +463,15 @@ impl Detector {
         b.requests = b.requests.saturating_add(1);
         b.last_ms = b.last_ms.max(now);
         self.dirty.insert(identity.to_owned());
-        // The same token from two sources at once.
+        // The same token from two sources (networks) at once: replicas that
+        // share a subnet and a token are common, a token copied elsewhere
+        // is not.
         if let (Some(accessor), Some(ip)) = (obs.accessor.as_deref(), obs.source) {
             let window = self.cfg.token_reuse_window.as_millis() as u64;
-            let previous = self.tokens.get(accessor).copied();
-            if let Some((other, at)) = previous {
-                if other != ip && now.saturating_sub(at) <= window {
+            let net = network_of(ip);
+            let previous = self.tokens.get(accessor).cloned();
+            if let Some((other_net, other, at)) = previous {
+                if other_net != net && now.saturating_sub(at) <= window {
                     if let Some(b) = self.baselines.get_mut(identity) {
                         if warm && b.may_raise(Kind::TokenReuse, now) {
                             found.push(Finding {
@@ -484,25 +488,25 @@ impl Detector {
                     }
                 }
             }
-            self.follow_token(accessor, ip, now);
+            self.follow_token(accessor, net, ip, now);
         }
         found
     }
 
-    fn follow_token(&mut self, accessor: &str, ip: IpAddr, now: u64) {
+    fn follow_token(&mut self, accessor: &str, net: String, ip: IpAddr, now: u64) {
         if let Some(entry) = self.tokens.get_mut(accessor) {
-            *entry = (ip, now);
+            *entry = (net, ip, now);
             return;
         }
         if self.tokens.len() >= MAX_TOKENS {
             let window = self.cfg.token_reuse_window.as_millis() as u64;
             self.tokens
-                .retain(|_, (_, at)| now.saturating_sub(*at) <= window);
+                .retain(|_, (_, _, at)| now.saturating_sub(*at) <= window);
             if self.tokens.len() >= MAX_TOKENS {
                 return;
             }
         }
-        self.tokens.insert(accessor.to_owned(), (ip, now));
+        self.tokens.insert(accessor.to_owned(), (net, ip, now));
     }
 
     /// Frees a slot for a new identity: forgets the least recently seen.

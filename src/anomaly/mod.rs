@@ -82,7 +82,7 @@ pub enum Kind {
     UnusualHour,
     /// A burst of failed logins or bad tokens from one source.
     FailedLogins,
-    /// The same token used from two sources within a short window.
+    /// The same token used from two source networks within a short window.
     TokenReuse,
     /// A secret it never read, read right after a sibling's decommission.
     SiblingRead,
@@ -411,6 +411,11 @@ struct Inner {
     rx: Mutex<Option<mpsc::Receiver<Observation>>>,
     dropped: AtomicU64,
     dropped_metric: Counter,
+    /// Observations queued, and those the worker has taken in.
+    queued: AtomicU64,
+    handled: AtomicU64,
+    /// What the detector holds: (baselines, tokens followed, failure sources).
+    held: Mutex<(usize, usize, usize)>,
     events: Mutex<Ring>,
     watch: broadcast::Sender<Event>,
     counted: Family<Vec<(String, String)>, Counter>,
@@ -449,6 +454,9 @@ impl Anomalies {
                 rx: Mutex::new(Some(rx)),
                 dropped: AtomicU64::new(0),
                 dropped_metric,
+                queued: AtomicU64::new(0),
+                handled: AtomicU64::new(0),
+                held: Mutex::new((0, 0, 0)),
                 events: Mutex::new(Ring {
                     next_id: 1,
                     persisted_below: 1,
@@ -483,12 +491,30 @@ impl Anomalies {
         if self.inner.tx.try_send(observation).is_err() {
             self.inner.dropped.fetch_add(1, Ordering::Relaxed);
             self.inner.dropped_metric.inc();
+        } else {
+            self.inner.queued.fetch_add(1, Ordering::AcqRel);
         }
     }
 
     /// Observations dropped because the queue was full.
     pub fn dropped(&self) -> u64 {
         self.inner.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Observations the worker has taken in so far (tests wait on it).
+    pub fn handled(&self) -> u64 {
+        self.inner.handled.load(Ordering::Acquire)
+    }
+
+    /// Observations queued so far (taken in or waiting).
+    pub fn queued(&self) -> u64 {
+        self.inner.queued.load(Ordering::Acquire)
+    }
+
+    /// What the detector holds: (baselines, tokens followed, failure
+    /// sources), as of the last observation handled.
+    pub fn held(&self) -> (usize, usize, usize) {
+        *self.inner.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Events, oldest first: of `identity` if given, at or after `since_ms`,
@@ -636,6 +662,8 @@ impl Anomalies {
             let response = detector.config().response(finding.kind);
             self.raise(deps, finding, response, obs.at_ms).await;
         }
+        *self.inner.held.lock().unwrap_or_else(|e| e.into_inner()) = detector.sizes();
+        self.inner.handled.fetch_add(1, Ordering::Release);
     }
 
     /// A decommission that went through (the identity is now disabled; a

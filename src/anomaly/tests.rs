@@ -27,7 +27,8 @@ fn obs(identity: &str, at_ms: u64, source: &str, cap: &'static str, path: &str) 
     Observation {
         at_ms,
         identity: Some(identity.to_owned()),
-        accessor: Some(format!("acc-{identity}")),
+        // One token per host, as replicas that each log in.
+        accessor: Some(format!("acc-{identity}-{source}")),
         source: Some(ip(source)),
         method: "keyward.v1.Secrets/Get",
         resource: Some(path.to_owned()),
@@ -145,7 +146,7 @@ fn a_new_source_network_is_raised_once() {
     );
     assert_eq!(kinds(&f), vec![Kind::NewSource]);
     assert!(f[0].detail.contains("203.0.113.0/24"), "{}", f[0].detail);
-    assert_eq!(f[0].accessor.as_deref(), Some("acc-svc"));
+    assert_eq!(f[0].accessor.as_deref(), Some("acc-svc-203.0.113.9"));
     // Another host of a known /24 is not new; the same new one is learned.
     let f = d.observe(
         &obs("svc", at + 2 * MIN, "10.0.1.250", "read", PATHS[0]),
@@ -233,20 +234,21 @@ fn activity_at_an_hour_it_is_never_active_is_raised() {
 fn the_same_token_from_two_sources_at_once_is_raised() {
     let (mut d, _, next) = trained();
     let at = next + 10 * HOUR;
+    let shared = |at: u64, source: &str| Observation {
+        accessor: Some("acc-shared".into()),
+        ..obs("svc", at, source, "read", PATHS[0])
+    };
+    assert!(d.observe(&shared(at, "10.0.1.7"), &mut no_owner).is_empty());
+    // Another host of the same /24 (replicas behind one subnet): no event.
     assert!(d
-        .observe(&obs("svc", at, "10.0.1.7", "read", PATHS[0]), &mut no_owner)
+        .observe(&shared(at + 500, "10.0.1.23"), &mut no_owner)
         .is_empty());
-    let f = d.observe(
-        &obs("svc", at + 1000, "10.0.1.23", "read", PATHS[0]),
-        &mut no_owner,
-    );
+    // Another network it knows, while the token is in use: a copy.
+    let f = d.observe(&shared(at + 1000, "10.0.2.9"), &mut no_owner);
     assert_eq!(kinds(&f), vec![Kind::TokenReuse]);
-    assert_eq!(f[0].accessor.as_deref(), Some("acc-svc"));
-    // Long after, another source is a move, not a copy.
-    let f = d.observe(
-        &obs("svc", at + DAY, "10.0.2.9", "read", PATHS[0]),
-        &mut no_owner,
-    );
+    assert_eq!(f[0].accessor.as_deref(), Some("acc-shared"));
+    // Long after, another network is a move, not a copy.
+    let f = d.observe(&shared(at + DAY, "192.168.5.10"), &mut no_owner);
     assert_eq!(f, Vec::new());
 }
 

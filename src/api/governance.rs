@@ -153,10 +153,18 @@ impl Governance for GovernanceService {
         let r = req.into_inner();
         call.authorize(Capability::Read, ANOMALIES_RESOURCE.to_owned())?;
         let identity = (!r.identity.is_empty()).then_some(r.identity.as_str());
+        let within = match r.within_seconds {
+            0 => 0,
+            s => self
+                .core
+                .clock()
+                .now_ms()
+                .saturating_sub(s.saturating_mul(1000)),
+        };
         let anomalies = self
             .core
             .anomalies
-            .list(identity, r.since_unix_ms, r.limit as usize)
+            .list(identity, r.since_unix_ms.max(within), r.limit as usize)
             .into_iter()
             .map(anomaly_message)
             .collect();

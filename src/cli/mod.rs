@@ -15,6 +15,8 @@ mod pki;
 mod rotation;
 mod run;
 mod serve;
+// -- anomaly detection (issue 13) --
+mod anomalies;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -151,6 +153,9 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Anomalies detected by comparing identities with their baselines.
+    #[command(subcommand)]
+    Anomalies(anomalies::AnomaliesCommand),
 }
 
 #[derive(Subcommand)]

@@ -44,6 +44,9 @@ mod watch;
 pub mod snapshot;
 pub use rotation::{RotationPolicySpec, ScheduleSpec, WatchStream};
 pub use watch::FreshSecret;
+// -- anomaly detection (issue 13) --
+mod anomalies;
+pub use anomalies::AnomalyStream;
 
 use crate::proto::v1::secrets_client::SecretsClient;
 use crate::proto::v1::sys_client::SysClient;

@@ -63,3 +63,5 @@ mod trust_identity;
 mod trust_limits;
 mod trust_oidc;
 mod trust_rotation;
+// -- anomaly detection (issue 13) --
+mod anomaly;
