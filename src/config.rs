@@ -58,6 +58,8 @@ pub struct ServerConfig {
     pub http_listen: Option<SocketAddr>,
     /// Owner recertification (`governance.*`).
     pub governance: GovernanceConfig,
+    /// Anomaly detection (`anomaly.*`, issue 13).
+    pub anomaly: crate::anomaly::AnomalyConfig,
 }
 
 impl ServerConfig {
@@ -80,6 +82,7 @@ impl ServerConfig {
             federation: FederationConfig::default(),
             http_listen: None,
             governance: GovernanceConfig::default(),
+            anomaly: crate::anomaly::AnomalyConfig::default(),
         }
     }
 }
@@ -480,6 +483,7 @@ pub fn load_file(path: &Path) -> Result<ServerConfig, ConfigError> {
             .chain(SERVER_LIMIT_KEYS)
             .chain(GOVERNANCE_KEYS)
             .chain(FEDERATION_KEYS)
+            .chain(crate::anomaly::ANOMALY_KEYS)
     };
     for key in flat.keys() {
         if !known().any(|(k, _)| k == key) {
@@ -589,6 +593,8 @@ pub fn parse(src: &dyn Source, base: &Path) -> Result<ServerConfig, ConfigError>
         },
         governance: parse_governance(src)?,
         federation: parse_federation(src)?,
+        anomaly: crate::anomaly::parse_config(&|key| src.get(key))
+            .map_err(|(key, why)| ConfigError::Invalid(key, why))?,
     })
 }
 

@@ -99,3 +99,5 @@ pub mod server;
 pub mod snapshot;
 pub mod storage;
 pub mod token;
+// -- anomaly detection (issue 13) --
+pub mod anomaly;

@@ -190,6 +190,7 @@ impl Server {
         core.set_oidc(&config.oidc)
             .map_err(|e| ServerError::OidcCa(e.to_string()))?;
         core.federation.set_config(config.federation.clone());
+        core.anomalies.configure(config.anomaly.clone());
         let core = Arc::new(core);
         core.publish_gauges();
         Ok(Self {
@@ -444,6 +445,12 @@ impl Server {
         let figures_clock = core.clock().clone();
         tasks.spawn("federation-figures-flush", move |shutdown| {
             figures.run_flusher(figures_clock, USAGE_PERSIST_EVERY, shutdown)
+        });
+        // Anomaly detection (issue 13): the worker that owns the baselines.
+        let anomalies = core.anomalies.clone();
+        let anomaly_deps = core.anomaly_deps();
+        tasks.spawn("anomaly-detector", move |shutdown| {
+            anomalies.run(anomaly_deps, shutdown)
         });
         tasks
     }

@@ -156,4 +156,130 @@ impl Governance for GovernanceService {
                 .collect(),
         }))
     }
+
+    /// The anomalies kept, oldest first. Needs `read` on `sys/anomalies`.
+    async fn list_anomalies(
+        &self,
+        req: Request<ListAnomaliesRequest>,
+    ) -> Result<Response<ListAnomaliesResponse>, Status> {
+        let mut call = begin(
+            &self.core,
+            "keyward.v1.Governance/ListAnomalies",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        let r = req.into_inner();
+        call.authorize(Capability::Read, ANOMALIES_RESOURCE.to_owned())?;
+        let identity = (!r.identity.is_empty()).then_some(r.identity.as_str());
+        let within = match r.within_seconds {
+            0 => 0,
+            s => self
+                .core
+                .clock()
+                .now_ms()
+                .saturating_sub(s.saturating_mul(1000)),
+        };
+        let anomalies = self
+            .core
+            .anomalies
+            .list(identity, r.since_unix_ms.max(within), r.limit as usize)
+            .into_iter()
+            .map(anomaly_message)
+            .collect();
+        call.ok(&[])?;
+        Ok(Response::new(ListAnomaliesResponse { anomalies }))
+    }
+
+    type WatchAnomaliesStream = tokio_stream::wrappers::ReceiverStream<Result<Anomaly, Status>>;
+
+    /// Anomalies as they are detected. Needs `read` on `sys/anomalies`,
+    /// checked again (with the token) before each event is sent: a revoked
+    /// token or a narrowed policy ends the stream. Ends at shutdown, or with
+    /// ABORTED if the watcher fell behind by more than
+    /// `anomaly::WATCH_BUFFER` events.
+    async fn watch_anomalies(
+        &self,
+        req: Request<WatchAnomaliesRequest>,
+    ) -> Result<Response<Self::WatchAnomaliesStream>, Status> {
+        let mut call = begin(
+            &self.core,
+            "keyward.v1.Governance/WatchAnomalies",
+            Access::Token,
+            &req,
+        )
+        .await?;
+        let r = req.into_inner();
+        call.authorize(Capability::Read, ANOMALIES_RESOURCE.to_owned())?;
+        let mut caller = call.require_caller()?;
+        // Subscribe before answering, so nothing after the answer is missed.
+        let mut events = self.core.anomalies.subscribe();
+        call.ok(&[])?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let core = self.core.clone();
+        let stop = core.shutdown_signal();
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    got = events.recv() => got,
+                    _ = tx.closed() => break,
+                    _ = stop.wait() => break,
+                };
+                let event = match event {
+                    Ok(event) => event,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        let behind = Status::aborted(
+                            "the watcher fell behind; list the anomalies and watch again",
+                        );
+                        let _ = tx.send(Err(behind)).await;
+                        break;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                };
+                if !r.identity.is_empty() && event.identity.as_deref() != Some(&r.identity) {
+                    continue;
+                }
+                // The token and its policies as they stand now.
+                let still = core.gate.refresh(&caller).and_then(|fresh| {
+                    core.gate
+                        .authorize(&fresh, Capability::Read, ANOMALIES_RESOURCE)
+                        .map(|_| fresh)
+                });
+                match still {
+                    Ok(fresh) => caller = fresh,
+                    Err(e) => {
+                        let ended = Status::from(crate::core::call::Failure::from(e));
+                        let _ = tx.send(Err(ended)).await;
+                        break;
+                    }
+                }
+                let sent = tokio::select! {
+                    sent = tx.send(Ok(anomaly_message(event))) => sent.is_ok(),
+                    _ = stop.wait() => false,
+                };
+                if !sent {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+}
+
+/// The resource of `anomalies list` and `WatchAnomalies`.
+pub const ANOMALIES_RESOURCE: &str = "sys/anomalies";
+
+fn anomaly_message(e: crate::anomaly::Event) -> Anomaly {
+    Anomaly {
+        id: e.id,
+        at_unix_ms: e.at_ms,
+        kind: e.kind.as_str().to_owned(),
+        identity: e.identity.unwrap_or_default(),
+        accessor: e.accessor.unwrap_or_default(),
+        source: e.source.unwrap_or_default(),
+        detail: e.detail,
+        response: e.response,
+    }
 }

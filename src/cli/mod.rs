@@ -16,6 +16,8 @@ mod rotation;
 mod run;
 mod scan;
 mod serve;
+// -- anomaly detection (issue 13) --
+mod anomalies;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -155,6 +157,9 @@ pub enum Command {
     /// Find leaked credentials and stored secrets' values in files and git
     /// history (exit 1 when anything is found).
     Scan(scan::ScanArgs),
+    /// Anomalies detected by comparing identities with their baselines.
+    #[command(subcommand)]
+    Anomalies(anomalies::AnomaliesCommand),
 }
 
 #[derive(Subcommand)]

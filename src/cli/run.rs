@@ -54,6 +54,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Certs { out } => certs(format, &out),
         Command::Snapshot(cmd) => super::ops::snapshot(format, cmd),
         Command::Scan(args) => super::scan::scan(&g, format, args).await,
+        Command::Anomalies(cmd) => super::anomalies::anomalies(&g, format, cmd).await,
     }
 }
 

@@ -46,6 +46,9 @@ pub use rotation::{RotationPolicySpec, ScheduleSpec, WatchStream};
 // -- discovery scan (issue 13) --
 mod scan;
 pub use watch::FreshSecret;
+// -- anomaly detection (issue 13) --
+mod anomalies;
+pub use anomalies::AnomalyStream;
 
 use crate::proto::v1::secrets_client::SecretsClient;
 use crate::proto::v1::sys_client::SysClient;

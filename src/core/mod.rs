@@ -83,6 +83,8 @@ pub struct Core {
     pub lifecycle: Lifecycle,
     /// Delegation rules and the OIDC issuer (`federation/`).
     pub federation: Arc<crate::federation::Federation>,
+    /// Anomaly detection (issue 13): the seam's queue, the events, the stream.
+    pub anomalies: crate::anomaly::Anomalies,
 }
 
 impl Core {
@@ -136,6 +138,7 @@ impl Core {
             BrokerOptions::default(),
         ));
         let reads = ReadSet::new(barrier.clone());
+        let anomalies = crate::anomaly::Anomalies::new(&metrics);
         let lifecycle = Lifecycle::new(LifecycleDeps {
             barrier: barrier.clone(),
             audit: audit.clone(),
@@ -179,6 +182,7 @@ impl Core {
             shutdown,
             reads,
             lifecycle,
+            anomalies,
         }
     }
 
@@ -296,6 +300,17 @@ impl Core {
         self.login = Arc::new(Login::new(jwks, ThrottleConfig::default()));
         self.oidc_jwks_dir = oidc.jwks_dir.clone();
         Ok(())
+    }
+
+    /// What the anomaly worker uses (see `anomaly::Anomalies::run`).
+    pub fn anomaly_deps(&self) -> crate::anomaly::AnomalyDeps {
+        crate::anomaly::AnomalyDeps {
+            barrier: self.barrier.clone(),
+            audit: self.audit.clone(),
+            clock: self.clock.clone(),
+            identities: self.identities.clone(),
+            tokens: self.tokens.clone(),
+        }
     }
 
     /// `oidc.jwks_dir`: the folder an issuer's `--jwks-file` must be under.

@@ -71,3 +71,5 @@ mod trust_rotation;
 mod http_dynamic;
 mod http_pki;
 mod http_prelude;
+// -- anomaly detection (issue 13) --
+mod anomaly;

@@ -205,6 +205,8 @@ pub struct Call {
     finished: bool,
     /// The request record of this change is written: the answer is its outcome.
     requested: bool,
+    /// The capability the call was authorized for (anomaly baselines).
+    capability: Option<Capability>,
 }
 
 impl Call {
@@ -227,6 +229,7 @@ impl Call {
             started: Instant::now(),
             finished: false,
             requested: false,
+            capability: None,
         };
         if access == Access::Token {
             if core.is_sealed() {
@@ -365,6 +368,7 @@ impl Call {
             None => Err(AuthError::MissingToken),
         };
         self.resource = Some(resource);
+        self.capability = Some(capability);
         decision.map_err(|e| self.fail(e))
     }
 
@@ -418,7 +422,9 @@ impl Call {
                 .append_async_with(&event, self.phase(), self.audit_mac())
                 .await
         };
-        self.after_audit("OK", written.map_err(Failure::from))
+        let answered = self.after_audit("OK", written.map_err(Failure::from));
+        self.observe(&answered, "OK");
+        answered
     }
 
     fn finish(
@@ -439,7 +445,40 @@ impl Call {
                 .audit
                 .append_phase_with(&event, self.phase(), self.audit_mac())
         };
-        self.after_audit(code, written.map_err(Failure::from))
+        let answered = self.after_audit(code, written.map_err(Failure::from));
+        self.observe(&answered, code);
+        answered
+    }
+
+    /// Hands the answered call to the anomaly detector: copies its
+    /// identity, accessor and resource into an observation and queues it
+    /// without waiting (`Anomalies::observe`; a full queue drops it). Only
+    /// calls the detector uses are copied: those of an identity, and failed
+    /// authentications.
+    fn observe(&self, answered: &Result<(), Failure>, code: &'static str) {
+        let code = match answered {
+            Ok(()) => code,
+            Err(f) => f.kind().code_name(),
+        };
+        let (identity, accessor) = match (&self.caller, &self.subject) {
+            (Some(c), _) => (Some(&c.identity), Some(&c.accessor)),
+            (None, Some((identity, accessor))) => (Some(identity), Some(accessor)),
+            (None, None) => (None, None),
+        };
+        if identity.is_none() && code != "UNAUTHENTICATED" && self.method != "keyward.v1.Auth/Login"
+        {
+            return;
+        }
+        self.core.anomalies.observe(crate::anomaly::Observation {
+            at_ms: self.core.clock().now_ms(),
+            identity: identity.cloned(),
+            accessor: accessor.cloned(),
+            source: self.source.map(|s| s.ip()),
+            method: self.method,
+            resource: self.resource.clone(),
+            capability: self.capability.map(Capability::as_str),
+            code,
+        });
     }
 
     /// The remembered audit HMAC of this call's token: the caller was

@@ -1,0 +1,571 @@
+//! The detector: per-identity baselines and the rules that compare a request
+//! with them. Pure and synchronous: it is given observations (with their
+//! time) and answers findings; the worker in `mod.rs` owns it, feeds it,
+//! and persists what it learned. Nothing here reads a clock or the store.
+//!
+//! # Bounds
+//!
+//! - identities with a baseline: [`MAX_IDENTITIES`]; past it the identity
+//!   seen least recently is forgotten (it warms up again if it returns);
+//! - per identity: [`MAX_NETWORKS`] source networks (the least recently seen
+//!   is replaced), [`MAX_PATHS`] (capability, path) pairs kept as 64-bit
+//!   digests (past it the identity's path set is *saturated*: it is no longer
+//!   learned and `new_path` is no longer raised for it), 24 hour counters,
+//!   and the rate state (three numbers);
+//! - tokens followed for `token_reuse` (the network each was last used
+//!   from): [`MAX_TOKENS`] (entries older than the window are pruned; past
+//!   it new tokens are not followed);
+//! - sources followed for failed logins: [`MAX_FAIL_SOURCES`]; past it the
+//!   failures of further sources are counted together as one source, so a
+//!   flood from many addresses is still seen and memory does not grow;
+//! - recent decommissions: [`MAX_DECOMMISSIONS`].
+//!
+//! A baseline is about 2 KiB at its bounds (128 digests, 32 networks), so
+//! the worst case is about 20 MiB for 10 000 identities, plus about 5 MiB of
+//! token entries.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::{AnomalyConfig, Kind, Observation};
+
+pub const MAX_IDENTITIES: usize = 10_000;
+pub const MAX_NETWORKS: usize = 32;
+pub const MAX_PATHS: usize = 128;
+pub const MAX_TOKENS: usize = 50_000;
+pub const MAX_FAIL_SOURCES: usize = 4_096;
+pub const MAX_DECOMMISSIONS: usize = 256;
+/// At most one event of a kind per identity within this long; the rest are
+/// learned silently.
+pub const COOLDOWN_MS: u64 = 60_000;
+
+const MINUTE_MS: u64 = 60_000;
+const HOUR_MS: u64 = 3_600_000;
+/// Weight of the newest active minute in the rate's moving average.
+const EWMA_ALPHA: f64 = 0.05;
+/// The busiest minute learned decays with a half-life of a week.
+const PEAK_HALF_LIFE_MINUTES: f64 = 7.0 * 24.0 * 60.0;
+
+/// A finding: what the worker turns into an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub kind: Kind,
+    /// `None` for failed logins, which name no identity.
+    pub identity: Option<String>,
+    pub accessor: Option<String>,
+    pub source: Option<IpAddr>,
+    /// What was seen, in words; no secret (paths and addresses only).
+    pub detail: String,
+}
+
+/// What one identity did, as learned.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Baseline {
+    pub first_ms: u64,
+    pub last_ms: u64,
+    pub requests: u64,
+    /// Network (`10.0.1.0/24`, `2001:db8::/64`) and when last seen.
+    pub networks: Vec<(String, u64)>,
+    /// Digests of `capability path` pairs used.
+    pub paths: HashSet<u64>,
+    pub paths_saturated: bool,
+    /// Requests per UTC hour of day.
+    pub hours: [u32; 24],
+    /// The minute being counted (minutes since the epoch) and its count.
+    pub minute: u64,
+    pub minute_count: u32,
+    pub rate_flagged: bool,
+    /// Moving average of requests per active minute.
+    pub ewma: f64,
+    /// The busiest minute, decaying.
+    pub peak: f64,
+    /// Per kind, when it was last raised (for [`COOLDOWN_MS`]).
+    #[serde(default)]
+    pub raised_ms: Vec<(String, u64)>,
+}
+
+impl Baseline {
+    fn warm(&self, cfg: &AnomalyConfig, now_ms: u64) -> bool {
+        self.requests >= cfg.warmup_requests
+            && now_ms.saturating_sub(self.first_ms) >= cfg.warmup_age.as_millis() as u64
+    }
+
+    /// The rate above which a minute is "far above" the baseline.
+    pub fn rate_threshold(&self, cfg: &AnomalyConfig) -> f64 {
+        f64::from(cfg.rate_floor).max(f64::from(cfg.rate_factor) * self.ewma.max(self.peak))
+    }
+
+    /// Closes the counted minute and opens `minute`.
+    fn roll(&mut self, minute: u64) {
+        if minute <= self.minute {
+            return;
+        }
+        let gap = (minute - self.minute).min(1_000_000) as f64;
+        if self.minute_count > 0 {
+            let count = f64::from(self.minute_count);
+            self.ewma = self.ewma * (1.0 - EWMA_ALPHA) + EWMA_ALPHA * count;
+            self.ewma *= (1.0 - EWMA_ALPHA).powf(gap - 1.0);
+            let decay = 0.5f64.powf(gap / PEAK_HALF_LIFE_MINUTES);
+            self.peak = (self.peak * decay).max(count);
+        } else {
+            self.ewma *= (1.0 - EWMA_ALPHA).powf(gap);
+            self.peak *= 0.5f64.powf(gap / PEAK_HALF_LIFE_MINUTES);
+        }
+        self.minute = minute;
+        self.minute_count = 0;
+        self.rate_flagged = false;
+    }
+
+    /// Whether `kind` may be raised now (cooldown), noting it if so.
+    fn may_raise(&mut self, kind: Kind, now_ms: u64) -> bool {
+        match self.raised_ms.iter_mut().find(|(k, _)| k == kind.as_str()) {
+            Some((_, at)) if now_ms.saturating_sub(*at) < COOLDOWN_MS => false,
+            Some((_, at)) => {
+                *at = now_ms;
+                true
+            }
+            None => {
+                self.raised_ms.push((kind.as_str().to_owned(), now_ms));
+                true
+            }
+        }
+    }
+}
+
+/// The network a source belongs to: IPv4 /24, IPv6 /64.
+pub fn network_of(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            format!("{}.{}.{}.0/24", o[0], o[1], o[2])
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return network_of(IpAddr::V4(v4));
+            }
+            let s = v6.segments();
+            let net = std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
+            format!("{net}/64")
+        }
+    }
+}
+
+/// A stable 64-bit digest of a (capability, path) pair: the first 8 bytes
+/// of its SHA-256, so nobody can pick a path that passes for another.
+pub fn path_digest(capability: &str, resource: &str) -> u64 {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(capability.as_bytes());
+    ctx.update(b" ");
+    ctx.update(resource.as_bytes());
+    let d = ctx.finish();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&d.as_ref()[..8]);
+    u64::from_be_bytes(first)
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct FailWindow {
+    start_ms: u64,
+    count: u32,
+    flagged: bool,
+}
+
+impl FailWindow {
+    /// Counts one failure; true when the burst threshold is first reached
+    /// in this window.
+    fn count(&mut self, now_ms: u64, window_ms: u64, burst: u32) -> bool {
+        if now_ms.saturating_sub(self.start_ms) > window_ms || self.count == 0 {
+            *self = FailWindow {
+                start_ms: now_ms,
+                count: 0,
+                flagged: false,
+            };
+        }
+        self.count = self.count.saturating_add(1);
+        if self.count >= burst && !self.flagged {
+            self.flagged = true;
+            return true;
+        }
+        false
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Decommissioned {
+    identity: String,
+    owner: String,
+    at_ms: u64,
+}
+
+/// The baselines and the short-lived state of the rules.
+pub struct Detector {
+    cfg: AnomalyConfig,
+    baselines: HashMap<String, Baseline>,
+    /// Identities whose baseline changed since the last [`Detector::take_dirty`].
+    dirty: HashSet<String>,
+    /// Token accessor -> (source network, source, when).
+    tokens: HashMap<String, (String, IpAddr, u64)>,
+    fails: HashMap<IpAddr, FailWindow>,
+    fails_elsewhere: FailWindow,
+    decommissions: VecDeque<Decommissioned>,
+}
+
+impl Detector {
+    pub fn new(cfg: AnomalyConfig) -> Self {
+        Self {
+            cfg,
+            baselines: HashMap::new(),
+            dirty: HashSet::new(),
+            tokens: HashMap::new(),
+            fails: HashMap::new(),
+            fails_elsewhere: FailWindow::default(),
+            decommissions: VecDeque::new(),
+        }
+    }
+
+    pub fn config(&self) -> &AnomalyConfig {
+        &self.cfg
+    }
+
+    pub fn baseline(&self, identity: &str) -> Option<&Baseline> {
+        self.baselines.get(identity)
+    }
+
+    /// How much state is held: (baselines, tokens followed, failure sources).
+    pub fn sizes(&self) -> (usize, usize, usize) {
+        (self.baselines.len(), self.tokens.len(), self.fails.len())
+    }
+
+    /// Puts back a stored baseline (after an unseal); the one in memory wins.
+    pub fn restore(&mut self, identity: String, baseline: Baseline) {
+        if self.baselines.len() < MAX_IDENTITIES {
+            self.baselines.entry(identity).or_insert(baseline);
+        }
+    }
+
+    /// The baselines changed since the last call, to be written.
+    pub fn take_dirty(&mut self) -> Vec<(String, Baseline)> {
+        let names: Vec<String> = self.dirty.drain().collect();
+        names
+            .into_iter()
+            .filter_map(|n| self.baselines.get(&n).cloned().map(|b| (n, b)))
+            .collect()
+    }
+
+    /// Marks a baseline to be written again (its write failed).
+    pub fn mark_dirty(&mut self, identity: String) {
+        self.dirty.insert(identity);
+    }
+
+    /// Notes that `identity` (of `owner`) was decommissioned at `at_ms`.
+    pub fn note_decommission(&mut self, identity: &str, owner: &str, at_ms: u64) {
+        if owner.is_empty() {
+            return;
+        }
+        if self.decommissions.len() >= MAX_DECOMMISSIONS {
+            self.decommissions.pop_front();
+        }
+        self.decommissions.push_back(Decommissioned {
+            identity: identity.to_owned(),
+            owner: owner.to_owned(),
+            at_ms,
+        });
+    }
+
+    /// A decommissioned sibling of `identity` within the window, if any;
+    /// `owner_of` is asked only when a decommission is recent.
+    fn sibling_of(
+        &mut self,
+        identity: &str,
+        now_ms: u64,
+        owner_of: &mut dyn FnMut(&str) -> Option<String>,
+    ) -> Option<String> {
+        let window = self.cfg.sibling_window.as_millis() as u64;
+        while let Some(front) = self.decommissions.front() {
+            if now_ms.saturating_sub(front.at_ms) > window {
+                self.decommissions.pop_front();
+            } else {
+                break;
+            }
+        }
+        if self.decommissions.iter().all(|d| d.identity == identity) {
+            return None;
+        }
+        let owner = owner_of(identity).filter(|o| !o.is_empty())?;
+        self.decommissions
+            .iter()
+            .rev()
+            .find(|d| d.identity != identity && d.owner == owner && d.at_ms <= now_ms)
+            .map(|d| d.identity.clone())
+    }
+
+    /// Compares one request with its identity's baseline, then learns from
+    /// it. Returns what does not fit.
+    pub fn observe(
+        &mut self,
+        obs: &Observation,
+        owner_of: &mut dyn FnMut(&str) -> Option<String>,
+    ) -> Vec<Finding> {
+        let mut found = Vec::new();
+        let Some(identity) = obs.identity.as_deref() else {
+            if obs.is_failed_auth() {
+                self.count_failure(obs, &mut found);
+            }
+            return found;
+        };
+        if !obs.is_ok() {
+            // Denied and failed calls are not behaviour to learn; a denial
+            // is in the audit log and the governance report already.
+            return found;
+        }
+        let now = obs.at_ms;
+        // Sibling check first: it needs `self` while no baseline is borrowed.
+        let new_read = obs.capability == Some("read")
+            && obs
+                .resource
+                .as_deref()
+                .is_some_and(|r| r.starts_with("secret/"));
+        let digest = match (obs.capability, obs.resource.as_deref()) {
+            (Some(cap), Some(resource)) => Some(path_digest(cap, resource)),
+            _ => None,
+        };
+        let known_path = digest.is_some_and(|d| {
+            self.baselines
+                .get(identity)
+                .is_some_and(|b| b.paths.contains(&d))
+        });
+        let sibling = if new_read && !known_path && !self.decommissions.is_empty() {
+            self.sibling_of(identity, now, owner_of)
+        } else {
+            None
+        };
+        self.make_room(identity);
+        let cfg = &self.cfg;
+        let b = self
+            .baselines
+            .entry(identity.to_owned())
+            .or_insert_with(|| Baseline {
+                first_ms: now,
+                last_ms: now,
+                minute: now / MINUTE_MS,
+                ..Baseline::default()
+            });
+        let warm = b.warm(cfg, now);
+        let raise = |found: &mut Vec<Finding>, b: &mut Baseline, kind: Kind, detail: String| {
+            if warm && b.may_raise(kind, now) {
+                found.push(Finding {
+                    kind,
+                    identity: Some(identity.to_owned()),
+                    accessor: obs.accessor.clone(),
+                    source: obs.source,
+                    detail,
+                });
+            }
+        };
+
+        // Use after long dormancy.
+        let idle = now.saturating_sub(b.last_ms);
+        if idle >= cfg.dormant_after.as_millis() as u64 {
+            raise(
+                &mut found,
+                b,
+                Kind::DormantUse,
+                format!("first use after {} days idle", idle / 86_400_000),
+            );
+        }
+        // Source network.
+        if let Some(ip) = obs.source {
+            let net = network_of(ip);
+            match b.networks.iter_mut().find(|(n, _)| *n == net) {
+                Some((_, seen)) => *seen = now,
+                None => {
+                    raise(
+                        &mut found,
+                        b,
+                        Kind::NewSource,
+                        format!("source network {net} never seen for this identity"),
+                    );
+                    if b.networks.len() >= MAX_NETWORKS {
+                        if let Some(oldest) = b
+                            .networks
+                            .iter()
+                            .enumerate()
+                            .min_by_key(|(_, (_, seen))| *seen)
+                            .map(|(i, _)| i)
+                        {
+                            b.networks.swap_remove(oldest);
+                        }
+                    }
+                    b.networks.push((net, now));
+                }
+            }
+        }
+        // Paths and capabilities.
+        if let (Some(d), Some(resource)) = (digest, obs.resource.as_deref()) {
+            if !b.paths.contains(&d) {
+                let cap = obs.capability.unwrap_or("");
+                if let Some(sibling) = &sibling {
+                    raise(
+                        &mut found,
+                        b,
+                        Kind::SiblingRead,
+                        format!(
+                            "first read of {resource} right after the decommission of \
+                             {sibling} (same owner)"
+                        ),
+                    );
+                } else if !b.paths_saturated {
+                    raise(
+                        &mut found,
+                        b,
+                        Kind::NewPath,
+                        format!("{cap} on {resource}, outside what it used"),
+                    );
+                }
+                if b.paths.len() < MAX_PATHS {
+                    b.paths.insert(d);
+                } else {
+                    b.paths_saturated = true;
+                }
+            }
+        }
+        // Hours of activity.
+        let hour = ((now / HOUR_MS) % 24) as usize;
+        if b.hours[hour] == 0 && b.hours[(hour + 23) % 24] == 0 && b.hours[(hour + 1) % 24] == 0 {
+            raise(
+                &mut found,
+                b,
+                Kind::UnusualHour,
+                format!("active at {hour:02}:00 UTC, an hour it is never active"),
+            );
+        }
+        b.hours[hour] = b.hours[hour].saturating_add(1);
+        // Request rate.
+        b.roll(now / MINUTE_MS);
+        b.minute_count = b.minute_count.saturating_add(1);
+        let threshold = b.rate_threshold(cfg);
+        if !b.rate_flagged && f64::from(b.minute_count) > threshold {
+            raise(
+                &mut found,
+                b,
+                Kind::RateSpike,
+                format!(
+                    "{} requests this minute; baseline {:.1}/min, threshold {:.0}/min",
+                    b.minute_count,
+                    b.ewma.max(b.peak),
+                    threshold
+                ),
+            );
+            b.rate_flagged = true;
+        }
+        b.requests = b.requests.saturating_add(1);
+        b.last_ms = b.last_ms.max(now);
+        self.dirty.insert(identity.to_owned());
+        // The same token from two sources (networks) at once: replicas that
+        // share a subnet and a token are common, a token copied elsewhere
+        // is not.
+        if let (Some(accessor), Some(ip)) = (obs.accessor.as_deref(), obs.source) {
+            let window = self.cfg.token_reuse_window.as_millis() as u64;
+            let net = network_of(ip);
+            let previous = self.tokens.get(accessor).cloned();
+            if let Some((other_net, other, at)) = previous {
+                if other_net != net && now.saturating_sub(at) <= window {
+                    if let Some(b) = self.baselines.get_mut(identity) {
+                        if warm && b.may_raise(Kind::TokenReuse, now) {
+                            found.push(Finding {
+                                kind: Kind::TokenReuse,
+                                identity: Some(identity.to_owned()),
+                                accessor: Some(accessor.to_owned()),
+                                source: Some(ip),
+                                detail: format!(
+                                    "token used from {ip} and from {other} within {} s",
+                                    window / 1000
+                                ),
+                            });
+                        }
+                    }
+                }
+            }
+            self.follow_token(accessor, net, ip, now);
+        }
+        found
+    }
+
+    fn follow_token(&mut self, accessor: &str, net: String, ip: IpAddr, now: u64) {
+        if let Some(entry) = self.tokens.get_mut(accessor) {
+            *entry = (net, ip, now);
+            return;
+        }
+        if self.tokens.len() >= MAX_TOKENS {
+            let window = self.cfg.token_reuse_window.as_millis() as u64;
+            self.tokens
+                .retain(|_, (_, _, at)| now.saturating_sub(*at) <= window);
+            if self.tokens.len() >= MAX_TOKENS {
+                return;
+            }
+        }
+        self.tokens.insert(accessor.to_owned(), (net, ip, now));
+    }
+
+    /// Frees a slot for a new identity: forgets the least recently seen.
+    fn make_room(&mut self, identity: &str) {
+        if self.baselines.len() < MAX_IDENTITIES || self.baselines.contains_key(identity) {
+            return;
+        }
+        if let Some(oldest) = self
+            .baselines
+            .iter()
+            .min_by_key(|(_, b)| b.last_ms)
+            .map(|(n, _)| n.clone())
+        {
+            self.baselines.remove(&oldest);
+            self.dirty.remove(&oldest);
+        }
+    }
+
+    /// A failed login (or a bad token): counted per source; a burst is a
+    /// finding that names no identity.
+    fn count_failure(&mut self, obs: &Observation, found: &mut Vec<Finding>) {
+        let now = obs.at_ms;
+        let window = self.cfg.failed_login_window.as_millis() as u64;
+        let burst = self.cfg.failed_login_burst;
+        let ip = obs.source;
+        let slot = match ip {
+            Some(ip) if self.fails.contains_key(&ip) => self.fails.get_mut(&ip),
+            Some(ip) => {
+                if self.fails.len() >= MAX_FAIL_SOURCES {
+                    self.fails
+                        .retain(|_, w| now.saturating_sub(w.start_ms) <= window);
+                }
+                if self.fails.len() < MAX_FAIL_SOURCES {
+                    Some(self.fails.entry(ip).or_default())
+                } else {
+                    None
+                }
+            }
+            None => None,
+        };
+        let (hit, from) = match slot {
+            Some(w) => (w.count(now, window, burst), ip.map(|i| i.to_string())),
+            None => (
+                self.fails_elsewhere.count(now, window, burst),
+                Some("many sources".to_owned()),
+            ),
+        };
+        if hit {
+            found.push(Finding {
+                kind: Kind::FailedLogins,
+                identity: None,
+                accessor: None,
+                source: ip,
+                detail: format!(
+                    "{burst} failed logins or bad tokens from {} within {} s",
+                    from.unwrap_or_else(|| "an unknown source".to_owned()),
+                    window / 1000
+                ),
+            });
+        }
+    }
+}
