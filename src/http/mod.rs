@@ -26,6 +26,7 @@ pub mod oidc;
 pub mod reply;
 pub mod sys;
 pub mod token;
+pub mod ui;
 
 use std::sync::Arc;
 
@@ -45,6 +46,8 @@ pub struct HttpState {
     /// Told when a request of this listener seals or unseals the vault (the
     /// server points it at the gRPC health service).
     on_seal_change: Option<Arc<dyn Fn(bool) + Send + Sync>>,
+    /// `governance.*` (recertification), for the dashboard's attestations.
+    pub governance: crate::config::GovernanceConfig,
 }
 
 impl HttpState {
@@ -53,7 +56,14 @@ impl HttpState {
             core,
             limits,
             on_seal_change: None,
+            governance: crate::config::GovernanceConfig::default(),
         }
+    }
+
+    /// The recertification settings the dashboard shows attestations by.
+    pub fn with_governance(mut self, governance: crate::config::GovernanceConfig) -> Self {
+        self.governance = governance;
+        self
     }
 
     /// Calls `hook(sealed)` after an HTTP seal or unseal.
@@ -79,6 +89,7 @@ pub fn router(state: HttpState) -> Router {
         .merge(login::routes())
         .merge(oidc::routes())
         // OIDC discovery (src/http/oidc.rs) merges here: `.merge(oidc::routes())`.
+        .merge(ui::routes())
         .fallback(not_found)
         .with_state(state)
 }
