@@ -63,3 +63,4 @@ mod trust_identity;
 mod trust_limits;
 mod trust_oidc;
 mod trust_rotation;
+mod ui;

@@ -20,7 +20,10 @@
 //! Every answer carries a strict CSP (`default-src 'none'`, styles from
 //! `/ui/style.css` only, no script), `X-Frame-Options: DENY`,
 //! `Cache-Control: no-store`, `X-Content-Type-Options: nosniff` and
-//! `Referrer-Policy: no-referrer`. The only POSTs, sign-in and sign-out,
+//! `Referrer-Policy: same-origin` (not `no-referrer`: under it a browser
+//! sends `Origin: null` on a form POST, and the Origin check below needs
+//! the real one; the dashboard's URLs hold no secret anyway). The only
+//! POSTs, sign-in and sign-out,
 //! need an `Origin` equal to the listener's own (`https://<Host>`), on top
 //! of `SameSite=Strict`.
 
@@ -79,7 +82,7 @@ fn harden(mut r: Response) -> Response {
     );
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     r
 }

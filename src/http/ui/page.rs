@@ -56,7 +56,7 @@ pub fn frame(title: &str, signed_in: bool, body: &str) -> String {
     let mut out = String::with_capacity(body.len() + 1024);
     out.push_str("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">");
     out.push_str("<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">");
-    out.push_str("<meta name=\"referrer\" content=\"no-referrer\">");
+    out.push_str("<meta name=\"referrer\" content=\"same-origin\">");
     let _ = write!(out, "<title>{} · keyward</title>", esc(title));
     out.push_str("<link rel=\"stylesheet\" href=\"/ui/style.css\"></head><body><header>");
     out.push_str("<a href=\"/ui/\">keyward governance</a>");
