@@ -787,3 +787,137 @@ async fn chromium_signs_in_and_reads_the_seeded_counts() {
     assert!(!stdout.contains(&token) && !stderr.contains(&token));
     stop.trigger();
 }
+
+/// The real `keyward dev` binary with debug logging: after sign-ins (good,
+/// bad and look-alike tokens), pages and a sign-out, no token value is in
+/// its log, its audit log, or any file of its folder but the dev
+/// credentials file that holds the root token by design.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_token_reaches_the_servers_log() {
+    use std::io::BufRead as _;
+    let dir = super::harness::private_tempdir();
+    let log_path = dir.path().join("server.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = std::process::Command::new(super::harness::binary())
+        .args([
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "off",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--data",
+        ])
+        .arg(dir.path().join("vault"))
+        .env("KEYWARD_LOG", "debug")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::from(log))
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut vars = Vec::new();
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(rest) = line.strip_prefix("export ") {
+                vars.push(rest.to_owned());
+                if vars.len() == 6 {
+                    let _ = tx.send(vars.clone());
+                }
+            }
+        }
+    });
+    let vars = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("keyward dev did not print its export lines");
+    let get = |k: &str| {
+        vars.iter()
+            .find_map(|v| v.strip_prefix(&format!("{k}=")))
+            .unwrap()
+            .to_owned()
+    };
+    let token = get("KEYWARD_TOKEN");
+    let ca = PathBuf::from(get("KEYWARD_CACERT"));
+    let http: SocketAddr = get("VAULT_ADDR")
+        .strip_prefix("https://")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let root = Client::connect(ClientOptions {
+        addr: get("KEYWARD_ADDR"),
+        token: Some(token.clone()),
+        ca_cert: Some(ca.clone()),
+        ..ClientOptions::default()
+    })
+    .await
+    .unwrap();
+    root.policy_put(
+        "ui-narrow",
+        "[[rule]]\npath = \"secret/ui-narrow/**\"\ncapabilities = [\"read\"]\n",
+    )
+    .await
+    .unwrap();
+    let narrow = root
+        .issue_token(IssueOptions {
+            policies: vec!["ui-narrow".into()],
+            ..IssueOptions::default()
+        })
+        .await
+        .unwrap()
+        .token;
+    let ui = Browserless::new(http, &ca);
+    let look_alike = format!("{}Z", &token[..token.len() - 1]);
+    assert_eq!(ui.sign_in(&look_alike).await.status, 403);
+    let s = ui.session_of(&token).await;
+    assert_eq!(ui.get("/ui/", Some(&s)).await.status, 200);
+    assert_eq!(ui.get("/ui/?token=x", Some(&s)).await.status, 200);
+    let n = ui.session_of(&narrow).await;
+    assert_eq!(ui.get("/ui/", Some(&n)).await.status, 403);
+    let cookie = format!("kw_ui={s}");
+    let origin = ui.origin();
+    ui.send(
+        "POST",
+        "/ui/sign-out",
+        &[("cookie", &cookie), ("origin", &origin)],
+        Vec::new(),
+    )
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let log = std::fs::read(&log_path).unwrap();
+    assert!(!log.is_empty(), "debug logging wrote nothing");
+    let secrets = [
+        token.clone(),
+        look_alike.clone(),
+        s.clone(),
+        narrow.clone(),
+        n.clone(),
+    ];
+    for secret in &secrets {
+        assert!(
+            !contains(&log, secret.as_bytes()),
+            "a token or session id in the log"
+        );
+    }
+    for file in files_under(dir.path()) {
+        if file
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().contains("cred"))
+        {
+            continue;
+        }
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        for secret in &secrets {
+            assert!(
+                !contains(&bytes, secret.as_bytes()),
+                "a token or session id in {}",
+                file.display()
+            );
+        }
+    }
+}

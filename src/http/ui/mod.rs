@@ -34,7 +34,7 @@ pub mod views;
 use std::sync::Arc;
 
 use axum::extract::{Path, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
@@ -352,9 +352,6 @@ async fn overview(
     Extension(sessions): Extension<Arc<Sessions>>,
     req: Request,
 ) -> Response {
-    if req.method() != Method::GET {
-        return html(StatusCode::METHOD_NOT_ALLOWED, String::new());
-    }
     let (req, _) = req.into_parts();
     let mut call = match begin_page(&state, &sessions, &req, "keyward.ui/Overview").await {
         Ok(c) => c,

@@ -246,6 +246,10 @@ pub fn overview(
             "Every grant was used.",
         ),
     );
+    // A token's identity may be no identity record (the root token's):
+    // linked only when there is a page to go to.
+    let known: std::collections::HashSet<&str> =
+        identities.iter().map(|i| i.name.as_str()).collect();
     let rows: Vec<Vec<String>> = report
         .long_lived
         .iter()
@@ -255,7 +259,12 @@ pub fn overview(
             } else {
                 format!("{} h", t.ttl_seconds / 3600)
             };
-            vec![identity_link(&t.identity), esc(&t.accessor), esc(&life)]
+            let who = if known.contains(t.identity.as_str()) {
+                identity_link(&t.identity)
+            } else {
+                esc(&t.identity)
+            };
+            vec![who, esc(&t.accessor), esc(&life)]
         })
         .collect();
     section(
