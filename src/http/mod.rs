@@ -31,6 +31,7 @@ pub mod token;
 // Dynamic credentials, leases and PKI (issue 15's last routes).
 pub mod dynamic;
 pub mod pki;
+pub mod ui;
 
 use std::sync::Arc;
 
@@ -51,6 +52,8 @@ pub struct HttpState {
     /// Told when a request of this listener seals or unseals the vault (the
     /// server points it at the gRPC health service).
     on_seal_change: Option<Arc<dyn Fn(bool) + Send + Sync>>,
+    /// `governance.*` (recertification), for the dashboard's attestations.
+    pub governance: crate::config::GovernanceConfig,
 }
 
 impl HttpState {
@@ -59,7 +62,14 @@ impl HttpState {
             core,
             limits,
             on_seal_change: None,
+            governance: crate::config::GovernanceConfig::default(),
         }
+    }
+
+    /// The recertification settings the dashboard shows attestations by.
+    pub fn with_governance(mut self, governance: crate::config::GovernanceConfig) -> Self {
+        self.governance = governance;
+        self
     }
 
     /// Calls `hook(sealed)` after an HTTP seal or unseal.
@@ -88,6 +98,7 @@ pub fn router(state: HttpState) -> Router {
         // Dynamic credentials, leases and PKI.
         .merge(dynamic::routes())
         .merge(pki::routes())
+        .merge(ui::routes())
         .fallback(not_found)
         .with_state(state)
 }

@@ -73,3 +73,4 @@ mod http_pki;
 mod http_prelude;
 // -- anomaly detection (issue 13) --
 mod anomaly;
+mod ui;
