@@ -39,6 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "keyward.v1.IdentityTokenResponse",
             "keyward.provider.v1.Secret",
             "keyward.v1.CredsResponse",
+            "keyward.provider.v1.CreateResponse",
         ])
         .compile_protos(&protos, &[std::path::PathBuf::from("proto")])?;
     Ok(())

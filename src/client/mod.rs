@@ -44,6 +44,9 @@ mod watch;
 pub mod snapshot;
 pub use rotation::{RotationPolicySpec, ScheduleSpec, WatchStream};
 pub use watch::FreshSecret;
+// -- dynamic credentials kept fresh (issue 12) --
+mod fresh_creds;
+pub use fresh_creds::{DynamicCredential, FreshCredential, RefreshOptions};
 
 use crate::proto::v1::secrets_client::SecretsClient;
 use crate::proto::v1::sys_client::SysClient;

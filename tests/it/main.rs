@@ -63,3 +63,7 @@ mod trust_identity;
 mod trust_limits;
 mod trust_oidc;
 mod trust_rotation;
+
+mod decommission_creds;
+mod dynamic_plugin;
+mod dynamic_refresh;
