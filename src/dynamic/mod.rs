@@ -773,12 +773,14 @@ impl DynamicStore {
                 return Err(e.into());
             }
         };
+        // Made, and keyward does not know its name yet: the harder case
+        // for a crash (the plugin's Revoke finds it by the lease id).
+        crate::lease::danger_test_fault_point("created");
         record.username = account.username;
         record.host = account.host;
         record.port = u32::from(account.port);
         record.database = account.database;
         self.leases.set_account(&record).await?;
-        crate::lease::danger_test_fault_point("created");
         Ok(Issued {
             lease: record,
             password: account.password,

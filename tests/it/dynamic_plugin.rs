@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::db_target::suffix;
-use crate::harness::{contains, TestServer};
+use crate::harness::{cli, contains, eventually, ChildServer, TestServer};
 use crate::plugin::{start_plugin, start_plugin_with};
 use keyward::client::{ClientError, DynamicRoleSpec};
 
@@ -57,7 +57,7 @@ fn sha256_hex(text: &str) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()))
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_plugin_role_issues_renews_and_revokes_through_create_and_revoke() {
     let plugin = tokio::task::spawn_blocking(start_plugin).await.unwrap();
     let server = TestServer::dev().await;
@@ -157,13 +157,58 @@ async fn a_plugin_role_issues_renews_and_revokes_through_create_and_revoke() {
         .unwrap()
         .is_empty());
 
+    // The command line: `dynamic role put --provider PLUGIN`, `creds`,
+    // `lease revoke`.
+    let addr = format!("https://{}", server.addr);
+    let ca = server.ca.to_str().unwrap().to_owned();
+    let env = [
+        ("KEYWARD_ADDR", addr.as_str()),
+        ("KEYWARD_CACERT", ca.as_str()),
+        ("KEYWARD_TOKEN", server.root_token.as_str()),
+    ];
+    let run = |args: &[&str]| tokio::task::block_in_place(|| cli(args, &env, None));
+    let cli_role = format!("toycli_{}", suffix());
+    let users_cfg = format!("users_file={users_text}");
+    let (code, out, err) = run(&[
+        "dynamic",
+        "role",
+        "put",
+        &cli_role,
+        "--provider",
+        &provider,
+        "--config",
+        &users_cfg,
+        "--ttl",
+        "10m",
+        "--max-ttl",
+        "1h",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["provider"], provider.as_str());
+    let (code, out, err) = run(&["creds", &cli_role, "--format", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let d: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let d_user = d["username"].as_str().unwrap().to_owned();
+    let d_password = d["password"].as_str().unwrap().to_owned();
+    let d_lease = d["lease_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        accounts(&users),
+        vec![(d_user, sha256_hex(&d_password), d_lease.clone())]
+    );
+    let (code, _, err) = run(&["lease", "revoke", &d_lease, "--format", "json"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(accounts(&users).is_empty());
+
     // No password the plugin made reached the audit log (which did record
     // the calls).
     let audit_path = server.audit_path.clone();
     let _dir = server.stop().await;
     let audit = std::fs::read(&audit_path).unwrap();
     assert!(contains(&audit, format!("dynamic/{role}").as_bytes()));
-    for password in [&c.password, &a.password, &b.password] {
+    for password in [&c.password, &a.password, &b.password, &d_password] {
         assert!(!contains(&audit, password.as_bytes()));
     }
     drop(plugin);
@@ -222,4 +267,65 @@ async fn a_plugin_without_create_is_refused_clearly_and_leaves_no_lease() {
         .is_empty());
     assert!(accounts(&users).is_empty());
     server.stop().await;
+}
+
+/// A crash right after the plugin made the account, before keyward knew
+/// its name: after a restart the sweeper's revocation reaches the plugin
+/// with the lease id alone, and the account goes.
+#[tokio::test]
+async fn a_crash_after_create_leaves_no_account_after_the_sweep() {
+    let plugin = tokio::task::spawn_blocking(start_plugin).await.unwrap();
+    let users = plugin.dir.path().join("users.json");
+    let users_text = users.to_str().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let vault = dir.path().join("vault");
+    let log = dir.path().join("server.log");
+    let mut armed = ChildServer::start_with_env(
+        &vault,
+        &log,
+        &[("KEYWARD_TEST_LEASE_CRASH_AFTER", "created")],
+    );
+    let client = armed.client().await;
+    let provider = format!("toy{}", suffix());
+    client
+        .register_provider(
+            &provider,
+            &format!("unix:{}", plugin.socket.display()),
+            None,
+        )
+        .await
+        .unwrap();
+    let role = format!("crash_{}", suffix());
+    let mut role_spec = spec(&role, &provider, &[("users_file", &users_text)]);
+    role_spec.ttl = Duration::from_secs(2);
+    role_spec.max_ttl = Duration::from_secs(2);
+    client.dynamic_role_put(&role_spec).await.unwrap();
+    assert!(
+        client.creds(&role, None).await.is_err(),
+        "no answer after a kill"
+    );
+    let status = tokio::task::spawn_blocking(move || armed.wait())
+        .await
+        .unwrap();
+    assert!(!status.success(), "killed after Create: {status:?}");
+    let made = accounts(&users);
+    assert_eq!(made.len(), 1, "the plugin made the account");
+    assert!(made[0].2.starts_with(&format!("dynamic/{role}/")));
+
+    let restarted = ChildServer::start(&vault, &log);
+    let client = restarted.client().await;
+    let u = users.clone();
+    eventually("the account made before the crash is revoked", move || {
+        let u = u.clone();
+        async move { accounts(&u).is_empty() }
+    })
+    .await;
+    let c = client.clone();
+    eventually("no lease left", move || {
+        let c = c.clone();
+        async move { c.lease_list("", false).await.unwrap().is_empty() }
+    })
+    .await;
+    drop(restarted);
+    drop(plugin);
 }
