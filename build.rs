@@ -40,6 +40,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "keyward.provider.v1.Secret",
             "keyward.v1.CredsResponse",
             "keyward.v1.ScanMatchRequest",
+            "keyward.provider.v1.CreateResponse",
         ])
         .compile_protos(&protos, &[std::path::PathBuf::from("proto")])?;
     Ok(())

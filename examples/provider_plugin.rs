@@ -17,6 +17,25 @@
 //!
 //! Settings (`--config`): `keys_file=PATH` (required), `prefix=ak_`.
 //!
+//! It also makes dynamic credentials (`Create`/`Revoke`): accounts of the
+//! same toy service, listed in a users file `{"users": [{"username",
+//! "password_sha256", "lease_id", "max_expires_at_ms"}, ...]}`. Create makes
+//! the name (`<role>_<12 hex digits>`) and a 32-character password and
+//! lists the account under its lease id (again for the same lease: the
+//! entry is replaced); Revoke unlists every account of the lease id (or of
+//! the username), and an account already gone is success. Dynamic role
+//! settings: `users_file=PATH` (required).
+//!
+//! ```text
+//! keyward dynamic role put toy --provider apikeys \
+//!     --config users_file=/srv/toy/users.json --ttl 1h --max-ttl 24h
+//! keyward creds toy --format json
+//! ```
+//!
+//! With `--old-protocol` it behaves as a plugin built before Create and
+//! Revoke existed: Describe says nothing of them and both answer
+//! UNIMPLEMENTED (for tests of keyward's error).
+//!
 //! ```text
 //! cargo run --example provider_plugin -- --socket /run/keyward/apikeys.sock
 //! keyward provider register apikeys --endpoint unix:/run/keyward/apikeys.sock
@@ -36,9 +55,9 @@ use std::sync::Mutex;
 
 use keyward::proto::provider_v1::provider_server::{Provider, ProviderServer};
 use keyward::proto::provider_v1::{
-    ApplyRequest, ApplyResponse, DescribeRequest, DescribeResponse, GenerateRequest,
-    GenerateResponse, RetireRequest, RetireResponse, Secret, SettingKey, VerifyRequest,
-    VerifyResponse,
+    ApplyRequest, ApplyResponse, CreateRequest, CreateResponse, DescribeRequest, DescribeResponse,
+    GenerateRequest, GenerateResponse, RetireRequest, RetireResponse, RevokeRequest,
+    RevokeResponse, Secret, SettingKey, VerifyRequest, VerifyResponse,
 };
 use keyward::rotation::providers::random::random_string;
 use keyward::rotation::providers::Charset;
@@ -53,6 +72,43 @@ const KEY_LENGTH: usize = 40;
 #[derive(Default, Serialize, Deserialize)]
 struct KeyFile {
     keys: Vec<String>,
+}
+
+/// One account of the toy service (dynamic credentials).
+#[derive(Clone, Serialize, Deserialize)]
+struct User {
+    username: String,
+    password_sha256: String,
+    lease_id: String,
+    max_expires_at_ms: u64,
+}
+
+/// The users file of the toy service.
+#[derive(Default, Serialize, Deserialize)]
+struct UserFile {
+    users: Vec<User>,
+}
+
+/// The `users_file` of a dynamic role (the only key it takes).
+fn users_file(settings: &HashMap<String, String>) -> Result<PathBuf, Status> {
+    if let Some(key) = settings.keys().find(|k| k.as_str() != "users_file") {
+        return Err(Status::invalid_argument(format!("unknown key `{key}`")));
+    }
+    settings
+        .get("users_file")
+        .filter(|p| Path::new(p).is_absolute())
+        .map(PathBuf::from)
+        .ok_or_else(|| Status::invalid_argument("`users_file` must be an absolute path"))
+}
+
+/// A lease id as keyward makes them: printable, short.
+fn check_lease_id(id: &str) -> Result<(), Status> {
+    if id.is_empty() || id.len() > 256 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Status::invalid_argument(
+            "a lease id is 1 to 256 printable characters",
+        ));
+    }
+    Ok(())
 }
 
 /// The settings of one request.
@@ -107,13 +163,49 @@ fn key_hash(key: &[u8]) -> String {
 }
 
 /// The API keys provider. The mutex serialises read-modify-write of the key
-/// files within this process.
+/// and users files within this process.
 #[derive(Default)]
 struct ApiKeys {
     files: Mutex<()>,
+    /// Behave as a plugin of the protocol before Create and Revoke.
+    old_protocol: bool,
 }
 
 impl ApiKeys {
+    /// Runs `change` on the users file and writes it back by rename.
+    fn update_users(
+        &self,
+        path: &Path,
+        change: impl FnOnce(&mut UserFile) -> bool,
+    ) -> Result<(), Status> {
+        let _guard = self
+            .files
+            .lock()
+            .map_err(|_| Status::internal("the users file lock is poisoned"))?;
+        let mut file: UserFile = match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|_| Status::failed_precondition("the users file is not valid"))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => UserFile::default(),
+            Err(e) => {
+                return Err(Status::unavailable(format!(
+                    "cannot read the users file: {}",
+                    e.kind()
+                )))
+            }
+        };
+        if change(&mut file) {
+            let text = serde_json::to_vec_pretty(&file)
+                .map_err(|_| Status::internal("cannot encode the users file"))?;
+            let tmp = path.with_extension("json.tmp");
+            std::fs::write(&tmp, text)
+                .and_then(|()| std::fs::rename(&tmp, path))
+                .map_err(|e| {
+                    Status::unavailable(format!("cannot write the users file: {}", e.kind()))
+                })?;
+        }
+        Ok(())
+    }
+
     /// Runs `change` on the key file and writes it back (atomically, by
     /// rename) if it returns true.
     fn update(&self, path: &Path, change: impl FnOnce(&mut KeyFile) -> bool) -> Result<(), Status> {
@@ -168,6 +260,15 @@ impl Provider for ApiKeys {
             required,
             description: description.into(),
         };
+        let dynamic_settings = if self.old_protocol {
+            Vec::new()
+        } else {
+            vec![setting(
+                "users_file",
+                true,
+                "absolute path of the service's users file",
+            )]
+        };
         Ok(Response::new(DescribeResponse {
             name: "apikeys".into(),
             description: "API keys of a service that lists their SHA-256 in a JSON file".into(),
@@ -176,6 +277,8 @@ impl Provider for ApiKeys {
                 setting("prefix", false, "prefix of generated keys (default ak_)"),
             ],
             admin_secret_key: String::new(),
+            dynamic_credentials: !self.old_protocol,
+            dynamic_settings,
         }))
     }
 
@@ -246,13 +349,89 @@ impl Provider for ApiKeys {
         })?;
         Ok(Response::new(RetireResponse {}))
     }
+
+    async fn create(
+        &self,
+        request: Request<CreateRequest>,
+    ) -> Result<Response<CreateResponse>, Status> {
+        if self.old_protocol {
+            return Err(Status::unimplemented("Create"));
+        }
+        let request = request.into_inner();
+        let path = users_file(&request.settings)?;
+        check_lease_id(&request.lease_id)?;
+        let role: String = request
+            .role
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .take(32)
+            .collect();
+        let tail =
+            random_string(12, Charset::Hex).map_err(|_| Status::internal("no randomness"))?;
+        let username = format!(
+            "{}_{}",
+            if role.is_empty() { "toy" } else { &role },
+            String::from_utf8_lossy(tail.expose())
+        );
+        let password =
+            random_string(32, Charset::Alnum).map_err(|_| Status::internal("no randomness"))?;
+        let user = User {
+            username: username.clone(),
+            password_sha256: key_hash(password.expose()),
+            lease_id: request.lease_id.clone(),
+            max_expires_at_ms: request.max_expires_at_ms,
+        };
+        self.update_users(&path, |file| {
+            // Again for the same lease: the new account replaces the old.
+            file.users.retain(|u| u.lease_id != user.lease_id);
+            file.users.push(user);
+            true
+        })?;
+        Ok(Response::new(CreateResponse {
+            username,
+            password: password.expose().to_vec(),
+            host: String::new(),
+            port: 0,
+            database: String::new(),
+        }))
+    }
+
+    async fn revoke(
+        &self,
+        request: Request<RevokeRequest>,
+    ) -> Result<Response<RevokeResponse>, Status> {
+        if self.old_protocol {
+            return Err(Status::unimplemented("Revoke"));
+        }
+        let request = request.into_inner();
+        let path = users_file(&request.settings)?;
+        check_lease_id(&request.lease_id)?;
+        self.update_users(&path, |file| {
+            let before = file.users.len();
+            file.users.retain(|u| {
+                u.lease_id != request.lease_id
+                    && (request.username.is_empty() || u.username != request.username)
+            });
+            file.users.len() != before
+        })?;
+        Ok(Response::new(RevokeResponse {}))
+    }
 }
 
-fn socket_path() -> Result<PathBuf, Box<dyn Error>> {
+/// `--socket PATH [--old-protocol]`.
+fn arguments() -> Result<(PathBuf, bool), Box<dyn Error>> {
     let mut args = std::env::args().skip(1);
-    match (args.next().as_deref(), args.next(), args.next()) {
-        (Some("--socket"), Some(path), None) => Ok(PathBuf::from(path)),
-        _ => Err("usage: provider_plugin --socket PATH".into()),
+    match (
+        args.next().as_deref(),
+        args.next(),
+        args.next().as_deref(),
+        args.next(),
+    ) {
+        (Some("--socket"), Some(path), None, None) => Ok((PathBuf::from(path), false)),
+        (Some("--socket"), Some(path), Some("--old-protocol"), None) => {
+            Ok((PathBuf::from(path), true))
+        }
+        _ => Err("usage: provider_plugin --socket PATH [--old-protocol]".into()),
     }
 }
 
@@ -274,7 +453,7 @@ async fn shutdown() {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
-    let socket = socket_path()?;
+    let (socket, old_protocol) = arguments()?;
     // A socket left by a previous run that was killed.
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket)?;
@@ -284,7 +463,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
         socket.display()
     );
     let served = tonic::transport::Server::builder()
-        .add_service(ProviderServer::new(ApiKeys::default()))
+        .add_service(ProviderServer::new(ApiKeys {
+            old_protocol,
+            ..ApiKeys::default()
+        }))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown())
         .await;
     let _ = std::fs::remove_file(&socket);

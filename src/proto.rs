@@ -73,6 +73,18 @@ pub mod provider_v1 {
                 .finish_non_exhaustive()
         }
     }
+
+    /// The account a plugin made for a lease: the password is never shown.
+    impl std::fmt::Debug for CreateResponse {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("CreateResponse")
+                .field("username", &self.username)
+                .field("host", &self.host)
+                .field("port", &self.port)
+                .field("database", &self.database)
+                .finish_non_exhaustive()
+        }
+    }
 }
 
 /// The gRPC name of a status code (`NOT_FOUND`, ...), as the client prints

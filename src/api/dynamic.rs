@@ -75,7 +75,9 @@ impl Dynamic for DynamicService {
         ))?;
         // The server will log in with the admin secret for whoever issues
         // from this role: the one defining it must be able to read it.
-        call.authorize(Capability::Read, spec.admin_secret.resource())?;
+        if let Some(admin) = &spec.admin_secret {
+            call.authorize(Capability::Read, admin.resource())?;
+        }
         call.set_resource(resource(&r.name));
         call.check(self.core.dynamic.check_target(&spec).await)?;
         let record = call.check(self.core.dynamic.put_role(&proof, &spec, &caller.identity))?;

@@ -25,10 +25,11 @@ pub enum RoleCommand {
     /// Define (or replace) a role. Needs admin on dynamic/NAME and read on the admin secret.
     Put {
         name: String,
-        /// postgres, mysql or redis.
+        /// postgres, mysql, redis, or a registered plugin that serves Create/Revoke.
         #[arg(long)]
         provider: String,
-        /// admin_secret=PATH, roles=R1,R2 (postgres, mysql), acl=RULES (redis).
+        /// admin_secret=PATH, roles=R1,R2 (postgres, mysql), acl=RULES (redis); a
+        /// plugin's own keys (admin_secret optional).
         #[arg(long = "config")]
         config: Vec<String>,
         /// Default lease TTL.

@@ -13,9 +13,10 @@ use crate::proto::v1::*;
 #[derive(Debug, Clone)]
 pub struct DynamicRoleSpec {
     pub name: String,
-    /// `postgres`, `mysql` or `redis`.
+    /// `postgres`, `mysql`, `redis`, or a registered plugin that serves
+    /// `Create`/`Revoke`.
     pub provider: String,
-    /// `admin_secret=PATH`, `roles=r1,r2`, `acl=RULES`.
+    /// `admin_secret=PATH`, `roles=r1,r2`, `acl=RULES`; a plugin's own keys.
     pub config: BTreeMap<String, String>,
     pub ttl: Duration,
     pub max_ttl: Duration,

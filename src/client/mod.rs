@@ -49,6 +49,9 @@ pub use watch::FreshSecret;
 // -- anomaly detection (issue 13) --
 mod anomalies;
 pub use anomalies::AnomalyStream;
+// -- dynamic credentials kept fresh (issue 12) --
+mod fresh_creds;
+pub use fresh_creds::{DynamicCredential, FreshCredential, RefreshOptions};
 
 use crate::proto::v1::secrets_client::SecretsClient;
 use crate::proto::v1::sys_client::SysClient;

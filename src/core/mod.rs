@@ -137,8 +137,11 @@ impl Core {
             &metrics,
             BrokerOptions::default(),
         ));
+        // Dynamic roles on a plugin find it among the broker's providers.
+        dynamic.set_plugins(Arc::new(Broker::clone(&rotation)));
         let reads = ReadSet::new(barrier.clone());
         let anomalies = crate::anomaly::Anomalies::new(&metrics);
+        let pki = Arc::new(PkiStore::new(barrier_for_pki, Arc::new(ClientTrust::new())));
         let lifecycle = Lifecycle::new(LifecycleDeps {
             barrier: barrier.clone(),
             audit: audit.clone(),
@@ -149,8 +152,14 @@ impl Core {
             secrets: secrets.clone(),
             broker: Broker::clone(&rotation),
             reads: reads.clone(),
-            // Leases and certificates register here once they exist.
-            revokers: Vec::new(),
+            // A decommission revokes the identity's leases and certificates.
+            revokers: vec![
+                Arc::new(leases.clone()),
+                Arc::new(crate::pki::revoker::IdentityCerts::new(
+                    pki.clone(),
+                    clock.clone(),
+                )),
+            ],
         });
         Self {
             leases,
@@ -175,7 +184,7 @@ impl Core {
                 JwksCache::files_only(),
                 ThrottleConfig::default(),
             )),
-            pki: Arc::new(PkiStore::new(barrier_for_pki, Arc::new(ClientTrust::new()))),
+            pki,
             oidc_jwks_dir: None,
             federation,
             clock,

@@ -9,8 +9,16 @@
 //! from an allowlist (`acl=`, see [`check_acl`]). Names are generated
 //! (`kw_<role>_<16 hex digits>`), never taken from the caller.
 //!
+//! A role may also name a registered external provider (a plugin, see
+//! `rotation::providers::external`) that serves `Create` and `Revoke`: the
+//! plugin makes the account's name and password; keyward keeps the lease.
+//! Its `--config` keys are the ones the plugin's `Describe` lists as
+//! `dynamic_settings`, and `admin_secret` (optional), which keyward reads
+//! and hands over.
+//!
 //! Issue order (crash safety): the lease is written and flushed first, the
-//! user is made on the target second. A crash in between leaves a lease
+//! user is made on the target second. A plugin is given the lease id, and
+//! its `Revoke` finds the account by it, so the same holds for plugins. A crash in between leaves a lease
 //! whose revocation finds no user (success); a crash after leaves a lease
 //! the sleeper revokes at its expiry. A failed create revokes the lease at
 //! once (dropping whatever part of the user was made).
@@ -18,7 +26,7 @@
 mod targets;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prost::Message;
@@ -27,11 +35,12 @@ use crate::barrier::{Barrier, BarrierError};
 use crate::clock::Clock;
 use crate::lease::{BoxFuture, LeaseError, LeaseRecord, LeaseStore, Revoker};
 use crate::policy::Authorized;
-use crate::rotation::provider::ProviderError;
+use crate::rotation::provider::{Provider, ProviderError};
+use crate::rotation::providers::external::{DynamicCall, ExternalProvider};
 use crate::rotation::providers::random::random_string;
 use crate::rotation::providers::target::{new_password, Login};
 use crate::rotation::providers::Charset;
-use crate::secrecy::SecretBytes;
+use crate::secrecy::{SecretBytes, SecretData};
 use crate::secrets::{SecretPath, SecretStore, Selector, Stage};
 
 const ROLE_PREFIX: &str = "dynamic/roles/";
@@ -81,7 +90,7 @@ impl Kind {
             "mysql" => Ok(Self::Mysql),
             "redis" => Ok(Self::Redis),
             other => Err(DynamicError::Invalid(format!(
-                "provider `{}`: dynamic credentials are made by the built-in providers postgres, mysql and redis; external plugins have no Create/Revoke yet",
+                "provider `{}`: not a built-in provider of dynamic credentials (postgres, mysql, redis)",
                 short(other)
             ))),
         }
@@ -102,6 +111,64 @@ impl Kind {
             Self::Redis => 6379,
         }
     }
+}
+
+/// Who makes a role's accounts: a built-in provider or a registered plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    Builtin(Kind),
+    /// The registered name of an external provider.
+    Plugin(String),
+}
+
+impl Backend {
+    /// A built-in name, or any well-formed provider name (a plugin: whether
+    /// it is registered and serves `Create` is checked against the target,
+    /// see [`DynamicStore::check_target`]).
+    pub fn parse(name: &str) -> Result<Self, DynamicError> {
+        if let Ok(kind) = Kind::parse(name) {
+            return Ok(Self::Builtin(kind));
+        }
+        if crate::rotation::providers::Registry::check_name(name).is_ok() {
+            return Ok(Self::Plugin(name.to_owned()));
+        }
+        Err(DynamicError::Invalid(format!(
+            "provider `{}`: dynamic credentials are made by postgres, mysql, redis or a registered plugin (1 to 64 of a-z, 0-9, '_' and '-', starting with a letter)",
+            short(name)
+        )))
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Builtin(kind) => kind.as_str(),
+            Self::Plugin(name) => name,
+        }
+    }
+}
+
+/// The registered providers, as the dynamic module sees them.
+pub trait Plugins: Send + Sync {
+    fn provider(&self, name: &str) -> Option<Arc<dyn Provider>>;
+}
+
+impl Plugins for crate::rotation::Broker {
+    fn provider(&self, name: &str) -> Option<Arc<dyn Provider>> {
+        crate::rotation::Broker::provider(self, name)
+    }
+}
+
+type PluginSlot = Arc<OnceLock<Arc<dyn Plugins>>>;
+
+fn plugin_of(slot: &PluginSlot, name: &str) -> Result<Arc<ExternalProvider>, DynamicError> {
+    slot.get()
+        .and_then(|p| p.provider(name))
+        .and_then(Provider::into_external)
+        .ok_or_else(|| {
+            DynamicError::Invalid(format!(
+                "provider `{}` is neither built in (postgres, mysql, redis) nor a registered, connected plugin (`keyward provider register`)",
+                short(name)
+            ))
+        })
 }
 
 fn short(text: &str) -> String {
@@ -132,17 +199,22 @@ pub struct RoleRecord {
     /// The identity that defined it.
     #[prost(string, tag = "9")]
     pub set_by: String,
+    /// A plugin role's `--config` pairs (`admin_secret` apart).
+    #[prost(btree_map = "string, string", tag = "10")]
+    pub settings: BTreeMap<String, String>,
 }
 
 impl RoleRecord {
-    pub fn kind(&self) -> Result<Kind, DynamicError> {
-        Kind::parse(&self.provider)
+    pub fn backend(&self) -> Result<Backend, DynamicError> {
+        Backend::parse(&self.provider)
     }
 
     /// The settings as `KEY=VALUE` pairs (no secret among them).
     pub fn config(&self) -> BTreeMap<String, String> {
-        let mut out = BTreeMap::new();
-        out.insert("admin_secret".to_owned(), self.admin_secret.clone());
+        let mut out = self.settings.clone();
+        if !self.admin_secret.is_empty() {
+            out.insert("admin_secret".to_owned(), self.admin_secret.clone());
+        }
         if !self.roles.is_empty() {
             out.insert("roles".to_owned(), self.roles.join(","));
         }
@@ -228,8 +300,11 @@ pub fn check_acl(rules: &str) -> Result<Vec<String>, DynamicError> {
 #[derive(Debug, Clone)]
 pub struct RoleSpec {
     pub name: String,
-    pub kind: Kind,
-    pub admin_secret: SecretPath,
+    pub backend: Backend,
+    /// Required for the built-in providers; optional for a plugin.
+    pub admin_secret: Option<SecretPath>,
+    /// A plugin role's other `--config` pairs.
+    pub settings: BTreeMap<String, String>,
     pub roles: Vec<String>,
     pub acl: Vec<String>,
     pub ttl: Duration,
@@ -246,7 +321,12 @@ impl RoleSpec {
         max_ttl: Duration,
     ) -> Result<Self, DynamicError> {
         check_role_name(name)?;
-        let kind = Kind::parse(provider)?;
+        let kind = match Backend::parse(provider)? {
+            Backend::Builtin(kind) => kind,
+            Backend::Plugin(plugin) => {
+                return Self::parse_plugin(name, plugin, config, ttl, max_ttl)
+            }
+        };
         let allowed: &[&str] = match kind {
             Kind::Postgres | Kind::Mysql => &["admin_secret", "roles"],
             Kind::Redis => &["admin_secret", "acl"],
@@ -287,29 +367,66 @@ impl RoleSpec {
             Kind::Redis => check_acl(config.get("acl").map(String::as_str).unwrap_or(""))?,
             _ => Vec::new(),
         };
-        if ttl < Duration::from_secs(1) {
-            return Err(DynamicError::Invalid("--ttl must be at least 1s".into()));
-        }
-        if max_ttl < ttl {
-            return Err(DynamicError::Invalid(
-                "--max-ttl must be at least --ttl".into(),
-            ));
-        }
-        if max_ttl > MAX_TTL {
-            return Err(DynamicError::Invalid(
-                "--max-ttl must be at most 366d".into(),
-            ));
-        }
+        check_ttls(ttl, max_ttl)?;
         Ok(Self {
             name: name.to_owned(),
-            kind,
-            admin_secret,
+            backend: Backend::Builtin(kind),
+            admin_secret: Some(admin_secret),
+            settings: BTreeMap::new(),
             roles,
             acl,
             ttl,
             max_ttl,
         })
     }
+
+    /// A plugin role: `admin_secret` (optional) is keyward's; the other
+    /// keys are checked against the plugin's `Describe` in
+    /// [`DynamicStore::check_target`].
+    fn parse_plugin(
+        name: &str,
+        plugin: String,
+        config: &BTreeMap<String, String>,
+        ttl: Duration,
+        max_ttl: Duration,
+    ) -> Result<Self, DynamicError> {
+        let mut settings = config.clone();
+        let admin_secret = match settings.remove("admin_secret") {
+            Some(path) => Some(
+                SecretPath::parse(&path)
+                    .map_err(|e| DynamicError::Invalid(format!("admin_secret: {e}")))?,
+            ),
+            None => None,
+        };
+        check_ttls(ttl, max_ttl)?;
+        Ok(Self {
+            name: name.to_owned(),
+            backend: Backend::Plugin(plugin),
+            admin_secret,
+            settings,
+            roles: Vec::new(),
+            acl: Vec::new(),
+            ttl,
+            max_ttl,
+        })
+    }
+}
+
+fn check_ttls(ttl: Duration, max_ttl: Duration) -> Result<(), DynamicError> {
+    if ttl < Duration::from_secs(1) {
+        return Err(DynamicError::Invalid("--ttl must be at least 1s".into()));
+    }
+    if max_ttl < ttl {
+        return Err(DynamicError::Invalid(
+            "--max-ttl must be at least --ttl".into(),
+        ));
+    }
+    if max_ttl > MAX_TTL {
+        return Err(DynamicError::Invalid(
+            "--max-ttl must be at most 366d".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Who asks for a credential: the token that will hold the lease.
@@ -348,6 +465,8 @@ pub struct DynamicStore {
     secrets: Arc<SecretStore>,
     leases: LeaseStore,
     clock: Clock,
+    /// The registered plugins (set once, after the broker exists).
+    plugins: PluginSlot,
 }
 
 impl DynamicStore {
@@ -358,15 +477,23 @@ impl DynamicStore {
         leases: LeaseStore,
         clock: Clock,
     ) -> Self {
+        let plugins: PluginSlot = Arc::default();
         leases.set_revoker(Arc::new(TargetRevoker {
             secrets: secrets.clone(),
+            plugins: plugins.clone(),
         }));
         Self {
             barrier,
             secrets,
             leases,
             clock,
+            plugins,
         }
+    }
+
+    /// Where registered plugins are found (the rotation broker); set once.
+    pub fn set_plugins(&self, plugins: Arc<dyn Plugins>) {
+        let _ = self.plugins.set(plugins);
     }
 
     pub fn leases(&self) -> &LeaseStore {
@@ -377,8 +504,27 @@ impl DynamicStore {
     /// secret exists and logs in, and every granted role exists there.
     /// Nothing is created on the target.
     pub async fn check_target(&self, spec: &RoleSpec) -> Result<(), DynamicError> {
-        let admin = read_admin(&self.secrets, spec.admin_secret.as_str(), spec.kind)?;
-        targets::check(spec.kind, &admin, &spec.roles).await
+        match &spec.backend {
+            Backend::Builtin(kind) => {
+                let path = spec.admin_secret.as_ref().ok_or_else(|| {
+                    DynamicError::Invalid("setting `admin_secret` is required".into())
+                })?;
+                let admin = read_admin(&self.secrets, path.as_str(), *kind)?;
+                targets::check(*kind, &admin, &spec.roles).await
+            }
+            Backend::Plugin(name) => {
+                let plugin = plugin_of(&self.plugins, name)?;
+                // What the plugin says now, not at its registration.
+                plugin.refresh().await?;
+                plugin
+                    .validate_dynamic(&spec.settings)
+                    .map_err(|e| DynamicError::Invalid(e.to_string()))?;
+                if let Some(path) = &spec.admin_secret {
+                    read_admin_data(&self.secrets, path.as_str())?;
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Stores a role (replacing one of the same name).
@@ -396,8 +542,13 @@ impl DynamicStore {
         }
         let record = RoleRecord {
             name: spec.name.clone(),
-            provider: spec.kind.as_str().to_owned(),
-            admin_secret: spec.admin_secret.as_str().to_owned(),
+            provider: spec.backend.name().to_owned(),
+            admin_secret: spec
+                .admin_secret
+                .as_ref()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_default(),
+            settings: spec.settings.clone(),
             roles: spec.roles.clone(),
             acl: spec.acl.join(" "),
             ttl_ms: ms(spec.ttl),
@@ -462,7 +613,7 @@ impl DynamicStore {
                 "the proof does not cover this role".into(),
             ));
         }
-        let kind = role.kind()?;
+        let backend = role.backend()?;
         let ttl_ms = match ttl {
             Some(d) if ms(d) > role.max_ttl_ms => {
                 return Err(DynamicError::Invalid(format!(
@@ -476,6 +627,12 @@ impl DynamicStore {
             }
             Some(d) => ms(d),
             None => role.ttl_ms,
+        };
+        let kind = match backend {
+            Backend::Builtin(kind) => kind,
+            Backend::Plugin(name) => {
+                return self.issue_plugin(&role, &name, ttl_ms, holder).await;
+            }
         };
         let admin = read_admin(&self.secrets, &role.admin_secret, kind)?;
         let now = self.clock.now_ms();
@@ -515,6 +672,7 @@ impl DynamicStore {
             revoking: false,
             failures: 0,
             last_error: String::new(),
+            settings: BTreeMap::new(),
         };
         let password = new_password()?;
         // The lease first, durably: a crash from here on leaves a lease
@@ -549,6 +707,98 @@ impl DynamicStore {
             password,
         })
     }
+
+    /// [`Self::issue`] on a plugin: the lease first (no username yet; the
+    /// plugin's `Revoke` finds the account by the lease id), then `Create`,
+    /// then the account's name and address written into the lease.
+    async fn issue_plugin(
+        &self,
+        role: &RoleRecord,
+        name: &str,
+        ttl_ms: u64,
+        holder: &Holder,
+    ) -> Result<Issued, DynamicError> {
+        let plugin = plugin_of(&self.plugins, name)?;
+        // Replaced since the role was put by a plugin without Create: said
+        // before any lease is written.
+        if plugin.dynamic_settings().is_none() {
+            plugin
+                .validate_dynamic(&role.settings)
+                .map_err(|e| DynamicError::Invalid(e.to_string()))?;
+        }
+        let admin = match role.admin_secret.as_str() {
+            "" => None,
+            path => Some(read_admin_data(&self.secrets, path)?),
+        };
+        let now = self.clock.now_ms();
+        let max_expiry = min_nonzero(now.saturating_add(role.max_ttl_ms), holder.max_expiry_ms);
+        let expires = min_nonzero(now.saturating_add(ttl_ms), holder.expires_ms).min(max_expiry);
+        if expires <= now {
+            return Err(DynamicError::Invalid(
+                "the token ends now: a lease cannot outlive its token".into(),
+            ));
+        }
+        let lease_key = random_string(24, Charset::Alnum)?;
+        let mut record = LeaseRecord {
+            id: format!(
+                "dynamic/{}/{}",
+                role.name,
+                lease_key.expose_str().unwrap_or_default()
+            ),
+            accessor: holder.accessor.clone(),
+            identity: holder.identity.clone(),
+            role: role.name.clone(),
+            provider: name.to_owned(),
+            admin_secret: role.admin_secret.clone(),
+            created_ms: now,
+            expires_ms: expires,
+            max_expiry_ms: max_expiry,
+            ttl_ms: role.ttl_ms,
+            settings: role.settings.clone(),
+            ..LeaseRecord::default()
+        };
+        self.leases.create(&record).await?;
+        crate::lease::danger_test_fault_point("recorded");
+        let call = DynamicCall {
+            settings: &role.settings,
+            admin: admin.as_ref(),
+            lease_id: &record.id,
+        };
+        let account = match plugin.create_account(&call, &role.name, max_expiry).await {
+            Ok(account) => account,
+            Err(e) => {
+                if let Err(undo) = self.leases.revoke(&record.id).await {
+                    tracing::warn!(lease = %record.id, error = %undo, "failed issue not undone; the sweeper retries");
+                }
+                return Err(e.into());
+            }
+        };
+        // Made, and keyward does not know its name yet: the harder case
+        // for a crash (the plugin's Revoke finds it by the lease id).
+        crate::lease::danger_test_fault_point("created");
+        record.username = account.username;
+        record.host = account.host;
+        record.port = u32::from(account.port);
+        record.database = account.database;
+        self.leases.set_account(&record).await?;
+        Ok(Issued {
+            lease: record,
+            password: account.password,
+        })
+    }
+}
+
+/// The current version of the secret at `path`, for a plugin (passed as
+/// `admin` as it is).
+fn read_admin_data(secrets: &SecretStore, path: &str) -> Result<SecretData, DynamicError> {
+    let parsed = SecretPath::parse(path)
+        .map_err(|e| DynamicError::AdminSecret(format!("admin secret `{path}`: {e}")))?;
+    let version = secrets
+        .get(&parsed, Selector::Stage(Stage::Current))
+        .map_err(|e| {
+            DynamicError::AdminSecret(format!("admin secret `{path}` cannot be read: {e}"))
+        })?;
+    Ok(version.data)
 }
 
 /// Reads and parses the admin login of a role: the current version of the
@@ -573,12 +823,41 @@ fn read_admin(secrets: &SecretStore, path: &str, kind: Kind) -> Result<Login, Dy
 /// Removes lease users on their targets with the admin login the lease names.
 struct TargetRevoker {
     secrets: Arc<SecretStore>,
+    plugins: PluginSlot,
+}
+
+impl TargetRevoker {
+    /// A plugin's `Revoke` for the lease (by id, and by name when known).
+    async fn revoke_on_plugin(&self, name: &str, lease: &LeaseRecord) -> Result<(), String> {
+        let plugin = plugin_of(&self.plugins, name).map_err(|_| {
+            format!(
+                "provider `{}` is not connected; the revocation is retried",
+                short(name)
+            )
+        })?;
+        let admin = match lease.admin_secret.as_str() {
+            "" => None,
+            path => Some(read_admin_data(&self.secrets, path).map_err(|e| e.to_string())?),
+        };
+        let call = DynamicCall {
+            settings: &lease.settings,
+            admin: admin.as_ref(),
+            lease_id: &lease.id,
+        };
+        plugin
+            .revoke_account(&call, &lease.username)
+            .await
+            .map_err(|e| e.to_string())
+    }
 }
 
 impl Revoker for TargetRevoker {
     fn revoke<'a>(&'a self, lease: &'a LeaseRecord) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
-            let kind = Kind::parse(&lease.provider).map_err(|e| e.to_string())?;
+            let kind = match Backend::parse(&lease.provider).map_err(|e| e.to_string())? {
+                Backend::Builtin(kind) => kind,
+                Backend::Plugin(name) => return self.revoke_on_plugin(&name, lease).await,
+            };
             let admin =
                 read_admin(&self.secrets, &lease.admin_secret, kind).map_err(|e| e.to_string())?;
             targets::drop_user(kind, &admin, &lease.username)
@@ -661,11 +940,19 @@ mod tests {
             ),
             (
                 "app",
-                "ldap",
+                "Ldap!",
                 vec![("admin_secret", "a")],
                 h,
                 h,
-                "provider `ldap`",
+                "provider `Ldap!`",
+            ),
+            (
+                "app",
+                "someplugin",
+                vec![("admin_secret", "a")],
+                h * 2,
+                h,
+                "--max-ttl",
             ),
             ("app", "postgres", vec![], h, h, "admin_secret"),
             (

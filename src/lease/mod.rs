@@ -38,6 +38,8 @@ use tokio::sync::Notify;
 use crate::barrier::{Barrier, BarrierError, PlainOp};
 use crate::clock::{Clock, Shutdown};
 
+mod identity;
+
 const REC_PREFIX: &str = "leases/rec/";
 const EXP_PREFIX: &str = "leases/exp/";
 /// The first key after every `leases/exp/...` key (`0` follows `/`).
@@ -151,6 +153,10 @@ pub struct LeaseRecord {
     pub failures: u32,
     #[prost(string, tag = "17")]
     pub last_error: String,
+    /// A plugin role's `--config` pairs, for its `Revoke` (no secret among
+    /// them; empty for the built-in providers).
+    #[prost(btree_map = "string, string", tag = "18")]
+    pub settings: std::collections::BTreeMap<String, String>,
 }
 
 /// Acts on the target of a lease: removes the user it names. Idempotent
@@ -280,6 +286,26 @@ impl LeaseStore {
         ])?;
         self.barrier().durable().await?;
         self.wake_if_before(record.expires_ms);
+        Ok(())
+    }
+
+    /// Writes the account a plugin made (name, address) into its lease,
+    /// durably; the rest of the stored record is kept. A lease revoked
+    /// meanwhile is left as it is (its revocation went by the lease id).
+    pub async fn set_account(&self, account: &LeaseRecord) -> Result<(), LeaseError> {
+        {
+            let _guard = self.lock();
+            let Some(mut record) = self.get(&account.id)? else {
+                return Ok(());
+            };
+            record.username = account.username.clone();
+            record.host = account.host.clone();
+            record.port = account.port;
+            record.database = account.database.clone();
+            self.barrier()
+                .put(&rec_key(&account.id), &record.encode_to_vec())?;
+        }
+        self.barrier().durable().await?;
         Ok(())
     }
 

@@ -200,3 +200,36 @@ fn prefixes_are_whole_segments() {
         assert!(check_prefix(bad).is_err(), "{bad}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_decommission_revokes_the_identitys_leases_once_and_counts_them() {
+    let (_d, store, recorder) = store();
+    for (id, identity) in [("a", "svc"), ("b", "svc"), ("c", "other")] {
+        let mut record = lease(id, &format!("acc-{id}"), 60_000, 120_000);
+        record.identity = identity.into();
+        store.create(&record).await.unwrap();
+    }
+    assert_eq!(store.count_identity("svc").unwrap(), 2);
+    assert_eq!(store.count_identity("nobody").unwrap(), 0);
+    // A lease already marked by the revocation of its token still counts
+    // for the revoke (it ends with the identity), not as live.
+    store.tokens_revoked(&["acc-a"]);
+    assert_eq!(store.count_identity("svc").unwrap(), 1);
+    assert_eq!(store.revoke_identity("svc", T0).unwrap(), 2);
+    // Marked, not yet dropped: no renew from now on.
+    assert!(matches!(
+        store.renew("dynamic/app/b", None, 0).await,
+        Err(LeaseError::Revoking)
+    ));
+    // The normal path (the sleeper's round) drops the users.
+    store.sweep(T0).await.unwrap();
+    let mut revoked = recorder.revoked.lock().unwrap().clone();
+    revoked.sort();
+    assert_eq!(revoked, vec!["kw_app_a".to_owned(), "kw_app_b".to_owned()]);
+    // Asking again finds nothing and does not fail; the other identity's
+    // lease is untouched.
+    assert_eq!(store.revoke_identity("svc", T0).unwrap(), 0);
+    assert_eq!(store.count_identity("svc").unwrap(), 0);
+    assert_eq!(store.count_identity("other").unwrap(), 1);
+    assert!(!store.get("dynamic/app/c").unwrap().unwrap().revoking);
+}

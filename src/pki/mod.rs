@@ -21,6 +21,7 @@
 pub mod builder;
 pub mod dev;
 pub mod names;
+pub mod revoker;
 pub mod store;
 pub mod trust;
 

@@ -827,6 +827,56 @@ impl PkiStore {
         Ok(record)
     }
 
+    /// The serials of the valid (neither revoked nor expired) certificates
+    /// that make their holder `identity` (a SAN matched its binding) or
+    /// that `identity`'s tokens asked for.
+    pub fn valid_serials_of_identity(
+        &self,
+        identity: &str,
+        now_ms: u64,
+    ) -> Result<Vec<String>, PkiError> {
+        Ok(self
+            .list(None, now_ms)?
+            .into_iter()
+            .filter(|c| c.revoked_at_ms == 0 && c.not_after_ms > now_ms)
+            .filter(|c| c.identity == identity || c.requested_by == identity)
+            .map(|c| c.serial)
+            .collect())
+    }
+
+    /// Revokes every valid certificate of `identity` (see
+    /// [`Self::valid_serials_of_identity`]) without a caller's
+    /// authorization: the server's own act when the identity is
+    /// decommissioned. They enter the CRL and the trust store at once.
+    /// Returns how many; asking again answers 0.
+    pub fn revoke_identity(&self, identity: &str, now_ms: u64) -> Result<u32, PkiError> {
+        let serials = self.valid_serials_of_identity(identity, now_ms)?;
+        if serials.is_empty() {
+            return Ok(0);
+        }
+        let mut records = Vec::with_capacity(serials.len());
+        for serial in &serials {
+            let key = format!("{CERTS}{serial}");
+            let Some(raw) = self.barrier.get(&key)? else {
+                continue;
+            };
+            let mut record: CertRecord =
+                serde_json::from_slice(&raw).map_err(|_| PkiError::Corrupt)?;
+            if record.revoked_at_ms == 0 {
+                record.revoked_at_ms = now_ms;
+                let json = serde_json::to_vec(&record).map_err(|_| PkiError::Corrupt)?;
+                records.push((key, json));
+            }
+        }
+        let ops: Vec<PlainOp<'_>> = records
+            .iter()
+            .map(|(k, v)| PlainOp::Put(k.as_str(), v.as_slice()))
+            .collect();
+        self.barrier.batch(&ops)?;
+        self.refresh_trust(now_ms)?;
+        Ok(u32::try_from(records.len()).unwrap_or(u32::MAX))
+    }
+
     /// A CRL signed by the CA: every revoked certificate not yet expired.
     pub fn crl(&self, now_ms: u64) -> Result<Vec<u8>, PkiError> {
         let mut last = self.last_crl.lock().unwrap_or_else(|e| e.into_inner());

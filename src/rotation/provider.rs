@@ -243,6 +243,14 @@ pub trait Provider: Send + Sync {
         Box::pin(async { Ok(()) })
     }
 
+    /// The external plugin behind this provider, if it is one (dynamic
+    /// credentials call its `Create`/`Revoke`).
+    fn into_external(
+        self: std::sync::Arc<Self>,
+    ) -> Option<std::sync::Arc<crate::rotation::providers::ExternalProvider>> {
+        None
+    }
+
     /// Makes the new value. No effect on any target; fresh randomness on
     /// every call.
     fn generate<'a>(

@@ -74,3 +74,7 @@ mod http_prelude;
 // -- anomaly detection (issue 13) --
 mod anomaly;
 mod ui;
+
+mod decommission_creds;
+mod dynamic_plugin;
+mod dynamic_refresh;

@@ -80,6 +80,7 @@ impl Provider for Recorder {
                 description: "the secret the plugin is handed".into(),
             }],
             admin_secret_key: self.reference_key.clone(),
+            ..Default::default()
         }))
     }
 
@@ -124,6 +125,22 @@ impl Provider for Recorder {
         let r = req.into_inner();
         self.keep("retire", &[r.admin.as_ref(), r.current.as_ref()]);
         Ok(Response::new(pb::RetireResponse {}))
+    }
+
+    // A rotation-only plugin: no dynamic credentials (what a plugin of the
+    // older protocol answers).
+    async fn create(
+        &self,
+        _: Request<pb::CreateRequest>,
+    ) -> Result<Response<pb::CreateResponse>, Status> {
+        Err(Status::unimplemented("Create"))
+    }
+
+    async fn revoke(
+        &self,
+        _: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        Err(Status::unimplemented("Revoke"))
     }
 }
 

@@ -92,11 +92,17 @@ fn build_example(name: &str) -> Result<PathBuf, String> {
 
 /// Starts the example plugin on a unix socket in a new temporary folder.
 pub fn start_plugin() -> Plugin {
+    start_plugin_with(&[])
+}
+
+/// [`start_plugin`] with more arguments (`--old-protocol`).
+pub fn start_plugin_with(extra: &[&str]) -> Plugin {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("plugin.sock");
     let child = Command::new(example_binary("provider_plugin"))
         .arg("--socket")
         .arg(&socket)
+        .args(extra)
         .stdin(Stdio::null())
         .spawn()
         .unwrap();

@@ -96,7 +96,44 @@ struct Described {
     description: String,
     settings: Vec<PluginSetting>,
     admin_secret_key: Option<String>,
+    /// Serves `Create` and `Revoke` (dynamic credentials).
+    dynamic_credentials: bool,
+    /// The `--config` keys of a dynamic role.
+    dynamic_settings: Vec<PluginSetting>,
 }
+
+/// An account a plugin made for a lease (`Create`). The password is shown
+/// once to the requester, never stored nor printed.
+pub struct PluginAccount {
+    pub username: String,
+    pub password: SecretBytes,
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+}
+
+impl std::fmt::Debug for PluginAccount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginAccount")
+            .field("username", &self.username)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("database", &self.database)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a dynamic-credential call hands the plugin.
+pub struct DynamicCall<'a> {
+    /// The role's `--config` pairs, `admin_secret` left out.
+    pub settings: &'a std::collections::BTreeMap<String, String>,
+    /// The role's resolved admin secret, if it names one.
+    pub admin: Option<&'a SecretData>,
+    pub lease_id: &'a str,
+}
+
+/// The longest username a plugin may return.
+const MAX_PLUGIN_USERNAME: usize = 128;
 
 /// A provider served by another process.
 #[derive(Debug)]
@@ -146,6 +183,156 @@ impl ExternalProvider {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The `--config` keys of a dynamic role on this plugin, as its last
+    /// `Describe` gave them; `None` if it does not make dynamic credentials
+    /// (an older plugin).
+    pub fn dynamic_settings(&self) -> Option<Vec<PluginSetting>> {
+        let described = self.read_described();
+        described
+            .dynamic_credentials
+            .then(|| described.dynamic_settings.clone())
+    }
+
+    /// Asks `Describe` again (a dynamic role is checked against what the
+    /// plugin says now).
+    pub async fn refresh(&self) -> Result<(), ProviderError> {
+        Provider::describe(self).await
+    }
+
+    /// Checks a dynamic role's settings against the plugin's
+    /// `dynamic_settings`: unknown and missing required keys.
+    pub fn validate_dynamic(
+        &self,
+        settings: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), ProviderError> {
+        let Some(known) = self.dynamic_settings() else {
+            return Err(self.no_dynamic());
+        };
+        if let Some(key) = settings
+            .keys()
+            .find(|k| !known.iter().any(|s| &s.key == *k))
+        {
+            let keys: Vec<&str> = known.iter().map(|s| s.key.as_str()).collect();
+            return Err(ProviderError::InvalidSettings(format!(
+                "setting `{}` is not known to provider `{}`; it takes {}",
+                key.chars().take(64).collect::<String>(),
+                self.name,
+                if keys.is_empty() {
+                    "none".to_owned()
+                } else {
+                    keys.join(", ")
+                }
+            )));
+        }
+        if let Some(missing) = known
+            .iter()
+            .find(|s| s.required && !settings.contains_key(&s.key))
+        {
+            return Err(ProviderError::InvalidSettings(format!(
+                "setting `{}` is required by provider `{}`",
+                missing.key, self.name
+            )));
+        }
+        Ok(())
+    }
+
+    fn no_dynamic(&self) -> ProviderError {
+        ProviderError::InvalidSettings(format!(
+            "provider `{}` does not make dynamic credentials: it serves no Create/Revoke (a plugin of the older protocol, or one for rotation only)",
+            self.name
+        ))
+    }
+
+    /// A status from `Create`/`Revoke`: UNIMPLEMENTED (an older plugin) is
+    /// said plainly; anything else maps as the steps' statuses do.
+    fn dynamic_failure(
+        &self,
+        step: &str,
+        secrets: &[&SecretData],
+    ) -> impl Fn(Status) -> ProviderError {
+        let general = self.failure(step, secrets);
+        let old = self.no_dynamic();
+        move |status| {
+            if status.code() == Code::Unimplemented {
+                old.clone()
+            } else {
+                general(status)
+            }
+        }
+    }
+
+    /// `Create`: the plugin makes an account for the lease `call.lease_id`,
+    /// its name and password its own; `max_expires_at_ms` is the lease's
+    /// latest possible end.
+    pub async fn create_account(
+        &self,
+        call: &DynamicCall<'_>,
+        role: &str,
+        max_expires_at_ms: u64,
+    ) -> Result<PluginAccount, ProviderError> {
+        let request = pb::CreateRequest {
+            settings: call
+                .settings
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            admin: call.admin.map(to_proto),
+            role: role.to_owned(),
+            lease_id: call.lease_id.to_owned(),
+            max_expires_at_ms,
+        };
+        let secrets: Vec<&SecretData> = call.admin.into_iter().collect();
+        let response = self
+            .client
+            .clone()
+            .create(request)
+            .await
+            .map_err(self.dynamic_failure("Create", &secrets))?
+            .into_inner();
+        let username_ok = !response.username.is_empty()
+            && response.username.len() <= MAX_PLUGIN_USERNAME
+            && response.username.chars().all(|c| c.is_ascii_graphic());
+        if !username_ok || response.password.is_empty() {
+            return Err(ProviderError::Internal(format!(
+                "provider `{}` (Create) returned no usable username and password (a username is 1 to {MAX_PLUGIN_USERNAME} printable ASCII characters)",
+                self.name
+            )));
+        }
+        Ok(PluginAccount {
+            username: response.username,
+            password: SecretBytes::new(response.password),
+            host: response.host,
+            port: u16::try_from(response.port).unwrap_or(0),
+            database: response.database,
+        })
+    }
+
+    /// `Revoke`: the plugin removes the account of `call.lease_id`
+    /// (`username` when known). Idempotent on the plugin's side.
+    pub async fn revoke_account(
+        &self,
+        call: &DynamicCall<'_>,
+        username: &str,
+    ) -> Result<(), ProviderError> {
+        let request = pb::RevokeRequest {
+            settings: call
+                .settings
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            admin: call.admin.map(to_proto),
+            lease_id: call.lease_id.to_owned(),
+            username: username.to_owned(),
+        };
+        let secrets: Vec<&SecretData> = call.admin.into_iter().collect();
+        self.client
+            .clone()
+            .revoke(request)
+            .await
+            .map(|_| ())
+            .map_err(self.dynamic_failure("Revoke", &secrets))
+    }
+
     fn failure(&self, step: &str, secrets: &[&SecretData]) -> impl Fn(Status) -> ProviderError {
         let name = self.name.clone();
         let step = step.to_owned();
@@ -177,6 +364,16 @@ async fn ask_describe(
             })
             .collect(),
         admin_secret_key: Some(described.admin_secret_key).filter(|k| !k.is_empty()),
+        dynamic_credentials: described.dynamic_credentials,
+        dynamic_settings: described
+            .dynamic_settings
+            .into_iter()
+            .map(|s| PluginSetting {
+                key: s.key,
+                required: s.required,
+                description: s.description,
+            })
+            .collect(),
     })
 }
 
@@ -321,6 +518,10 @@ impl Provider for ExternalProvider {
 
     fn admin_secret_key(&self) -> Option<String> {
         self.read_described().admin_secret_key.clone()
+    }
+
+    fn into_external(self: std::sync::Arc<Self>) -> Option<std::sync::Arc<ExternalProvider>> {
+        Some(self)
     }
 
     /// Asks the plugin's `Describe` again and keeps what it says now: a

@@ -1,0 +1,290 @@
+//! Benchmark (not a test): PostgreSQL dynamic credentials issued per
+//! second with 16 and with 64 calls in flight, and revoked per second (by
+//! lease id with 16 in flight, and one `revoke --prefix` of everything
+//! left), each beside a no-op gRPC call (`grpc.health.v1.Health/Check`) on
+//! the same in-process dev server with as many in flight, printed as a
+//! ratio. At the end it counts the `kw_<role>_` users left in PostgreSQL
+//! (there must be none).
+//!
+//! The admin login comes from the environment: `BENCH_PG_HOST`
+//! (127.0.0.1), `BENCH_PG_PORT` (5432), `BENCH_PG_USER` (postgres),
+//! `BENCH_PG_PASSWORD` (empty), `BENCH_PG_DATABASE` (postgres).
+//!
+//! ```sh
+//! cargo run --release --example dynamic_bench -- [SECONDS]
+//! ```
+//!
+//! Prints one line per phase, then one `summary` line of `key=value` pairs
+//! (calls per second, p99 in milliseconds, ratios to the no-op call, the
+//! 1-minute load average before and after, users left). Figures depend on
+//! the machine and its load; the ratios less so.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keyward::client::{Client, ClientOptions, DynamicRoleSpec, PutOptions};
+use keyward::secrecy::{SecretBytes, SecretData};
+
+/// Calls per second and 99th percentile latency of one phase.
+#[derive(Clone, Copy)]
+struct Stats {
+    rate: f64,
+    p99_ms: f64,
+}
+
+fn stats(name: &str, in_flight: usize, mut latencies: Vec<Duration>, elapsed: f64) -> Stats {
+    latencies.sort();
+    let rate = latencies.len() as f64 / elapsed;
+    let p99 = latencies
+        .get(latencies.len().saturating_mul(99) / 100)
+        .copied()
+        .unwrap_or_default();
+    let p99_ms = p99.as_secs_f64() * 1000.0;
+    println!(
+        "phase={name} in_flight={in_flight} calls={} seconds={elapsed:.2} per_second={rate:.0} p99_ms={p99_ms:.2}",
+        latencies.len()
+    );
+    Stats { rate, p99_ms }
+}
+
+/// `in_flight` workers, each on its own connection, call `op` for
+/// `seconds`; `op` returns what to keep (a lease id).
+async fn timed<F, Fut>(
+    name: &str,
+    clients: &[Client],
+    in_flight: usize,
+    seconds: u64,
+    op: F,
+) -> (Stats, Vec<String>)
+where
+    F: Fn(Client) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Option<String>> + Send,
+{
+    let start = Instant::now();
+    let until = start + Duration::from_secs(seconds);
+    let kept = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..in_flight {
+        let client = clients[i % clients.len()].clone();
+        let op = op.clone();
+        let kept = kept.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while Instant::now() < until {
+                let t = Instant::now();
+                if let Some(id) = op(client.clone()).await {
+                    kept.lock().unwrap().push(id);
+                }
+                latencies.push(t.elapsed());
+            }
+            latencies
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let kept = std::mem::take(&mut *kept.lock().unwrap());
+    (stats(name, in_flight, all, elapsed), kept)
+}
+
+/// Revokes `ids` by id, `in_flight` at a time.
+async fn revoke_all(clients: &[Client], ids: Vec<String>, in_flight: usize) -> Stats {
+    let queue = Arc::new(Mutex::new(ids));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..in_flight {
+        let client = clients[i % clients.len()].clone();
+        let queue = queue.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let Some(id) = queue.lock().unwrap().pop() else {
+                    break;
+                };
+                let t = Instant::now();
+                let (done, pending) = client.lease_revoke(&id).await.unwrap();
+                assert_eq!((done, pending), (1, 0), "lease {id} not revoked at once");
+                latencies.push(t.elapsed());
+            }
+            latencies
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    stats(
+        "revoke_by_id",
+        in_flight,
+        all,
+        start.elapsed().as_secs_f64(),
+    )
+}
+
+fn env(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+fn load1() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn push(line: &mut String, name: &str, s: Stats) {
+    write!(
+        line,
+        " {name}_per_second={:.0} {name}_p99_ms={:.2}",
+        s.rate, s.p99_ms
+    )
+    .unwrap();
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let seconds: u64 = std::env::args()
+        .nth(1)
+        .map_or(5, |a| a.parse().expect("SECONDS is a whole number"));
+    let pg_host = env("BENCH_PG_HOST", "127.0.0.1");
+    let pg_port = env("BENCH_PG_PORT", "5432");
+    let pg_user = env("BENCH_PG_USER", "postgres");
+    let pg_password = env("BENCH_PG_PASSWORD", "");
+    let pg_database = env("BENCH_PG_DATABASE", "postgres");
+    let load_before = load1();
+
+    let dir = tempfile::Builder::new()
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir()
+        .unwrap();
+    let vault = keyward::dev::open(&dir.path().join("kw"), None)
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let root_token = vault.credentials.root_token.clone();
+    let ca = vault.certs.ca.clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(vault.server.serve(listener, None, async move {
+        let _ = stopped.await;
+    }));
+    let options = ClientOptions {
+        addr: format!("https://{addr}"),
+        token: Some(root_token),
+        ca_cert: Some(ca),
+        ..ClientOptions::default()
+    };
+    // One connection per 4 calls in flight (HTTP/2 multiplexes).
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        clients.push(Client::connect(options.clone()).await.unwrap());
+    }
+    let root = clients[0].clone();
+
+    let mut admin = SecretData::new();
+    for (k, v) in [
+        ("host", &pg_host),
+        ("port", &pg_port),
+        ("username", &pg_user),
+        ("password", &pg_password),
+        ("database", &pg_database),
+    ] {
+        admin.insert(k.into(), SecretBytes::from(v.as_str()));
+    }
+    root.put("bench/pg-admin", &admin, PutOptions::default())
+        .await
+        .unwrap();
+    let role = format!("bench{}", std::process::id());
+    root.dynamic_role_put(&DynamicRoleSpec {
+        name: role.clone(),
+        provider: "postgres".into(),
+        config: [("admin_secret".to_owned(), "bench/pg-admin".to_owned())]
+            .into_iter()
+            .collect::<BTreeMap<_, _>>(),
+        ttl: Duration::from_secs(3600),
+        max_ttl: Duration::from_secs(7200),
+    })
+    .await
+    .unwrap();
+
+    let noop = |c: Client| async move {
+        assert!(c.health().await.unwrap());
+        None
+    };
+    let issue = {
+        let role = role.clone();
+        move |c: Client| {
+            let role = role.clone();
+            async move { Some(c.creds(&role, None).await.unwrap().lease_id) }
+        }
+    };
+    let (noop16, _) = timed("grpc_noop", &clients, 16, seconds, noop).await;
+    let (issue16, mut leases) = timed("issue", &clients, 16, seconds, issue.clone()).await;
+    let (noop64, _) = timed("grpc_noop", &clients, 64, seconds, noop).await;
+    let (issue64, more) = timed("issue", &clients, 64, seconds, issue).await;
+    leases.extend(more);
+    // Half by id, the rest with one revoke --prefix.
+    let by_prefix = leases.split_off(leases.len() / 2);
+    let revoke16 = revoke_all(&clients, leases, 16).await;
+    let t = Instant::now();
+    let (done, pending) = root
+        .lease_revoke_prefix(&format!("dynamic/{role}"))
+        .await
+        .unwrap();
+    let prefix_seconds = t.elapsed().as_secs_f64();
+    let prefix_rate = f64::from(done) / prefix_seconds;
+    println!(
+        "phase=revoke_prefix leases={} revoked={done} pending={pending} seconds={prefix_seconds:.2} per_second={prefix_rate:.0}",
+        by_prefix.len()
+    );
+
+    // Users left behind, looked up in PostgreSQL itself.
+    let (pg, conn) = tokio_postgres::Config::new()
+        .host(&pg_host)
+        .port(pg_port.parse().unwrap())
+        .user(&pg_user)
+        .password(&pg_password)
+        .dbname(&pg_database)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let pattern = format!("kw\\_{role}\\_%");
+    let left: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM pg_roles WHERE rolname LIKE $1",
+            &[&pattern],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    let mut line = format!(
+        "summary target=keyward-inprocess seconds={seconds} load1_before={load_before} load1_after={}",
+        load1()
+    );
+    push(&mut line, "grpc_noop_16", noop16);
+    push(&mut line, "issue_16", issue16);
+    push(&mut line, "grpc_noop_64", noop64);
+    push(&mut line, "issue_64", issue64);
+    push(&mut line, "revoke_by_id_16", revoke16);
+    write!(
+        line,
+        " revoke_prefix_per_second={prefix_rate:.0} ratio_issue_16={:.3} ratio_issue_64={:.3} ratio_revoke_16={:.3} users_left={left}",
+        issue16.rate / noop16.rate,
+        issue64.rate / noop64.rate,
+        revoke16.rate / noop16.rate,
+    )
+    .unwrap();
+    println!("{line}");
+    let _ = stop.send(());
+    let _ = server.await;
+    assert_eq!(left, 0, "users left behind in PostgreSQL");
+}
