@@ -277,6 +277,10 @@ pub struct Barrier {
     /// Serializes init, unseal and every write of `sys/keyring`, so that a
     /// keyring write never races another one or a reload. Taken before `state`.
     keyring_writes: Mutex<()>,
+    /// The `sys/keyring` envelope this node last read or wrote; on a shared
+    /// store a keyring write is a compare-and-swap against it, so a node
+    /// never overwrites a term or reservation another node wrote.
+    keyring_seen: Mutex<Option<Vec<u8>>>,
 }
 
 impl std::fmt::Debug for Barrier {
@@ -306,11 +310,32 @@ impl Barrier {
             rng: SystemRandom::new(),
             state: RwLock::new(state),
             keyring_writes: Mutex::new(()),
+            keyring_seen: Mutex::new(None),
         })
     }
 
     pub fn status(&self) -> SealStatus {
+        self.refresh_if_initialized_elsewhere();
         self.read().status(self.options.max_encryptions_per_term)
+    }
+
+    /// On a shared store, a barrier that opened before another node ran
+    /// `init` reads the seal configuration again (it would stay
+    /// "uninitialized" otherwise). A read error leaves the state as it is.
+    fn refresh_if_initialized_elsewhere(&self) {
+        if !self.backend.is_shared() || !matches!(*self.read(), SealState::Uninitialized) {
+            return;
+        }
+        let Ok(Some(record)) = self.backend.get(SEAL_KEY.as_bytes()) else {
+            return;
+        };
+        let Ok(config) = SealConfig::from_record(&record) else {
+            return;
+        };
+        let mut state = self.write();
+        if matches!(*state, SealState::Uninitialized) {
+            *state = SealState::sealed(config);
+        }
     }
 
     /// Makes a random 256-bit root key and keyring, splits the root key into
@@ -355,9 +380,10 @@ impl Barrier {
         let keyring = self.seal_keyring(&root_key, &record)?;
         self.backend.batch(vec![
             BatchOp::Put(SEAL_KEY.into(), config.to_record()?),
-            BatchOp::Put(KEYRING_KEY.into(), keyring),
+            BatchOp::Put(KEYRING_KEY.into(), keyring.clone()),
         ])?;
         self.backend.flush()?;
+        *self.keyring_seen() = Some(keyring);
 
         let unsealed = Arc::new(Unsealed {
             root_key,
@@ -379,6 +405,7 @@ impl Barrier {
     /// the progress: the shares given are wiped. On an unsealed vault this
     /// returns the status and ignores the share.
     pub fn unseal(&self, share: &str) -> Result<SealStatus, BarrierError> {
+        self.refresh_if_initialized_elsewhere();
         let _writes = self.lock_keyring_writes();
         let mut state = self.write();
         let limit = self.options.max_encryptions_per_term;
@@ -420,7 +447,10 @@ impl Barrier {
             .get(KEYRING_KEY.as_bytes())?
             .ok_or_else(|| StorageError::Corrupt("sys/keyring is missing".into()))?;
         let record = match self.open_keyring(&root_key, &envelope) {
-            Ok(record) => record,
+            Ok(record) => {
+                *self.keyring_seen() = Some(envelope.clone());
+                record
+            }
             Err(error) => {
                 if matches!(error, BarrierError::WrongShares) {
                     tracing::warn!("unseal failed: the shares do not open the keyring");
@@ -498,6 +528,12 @@ impl Barrier {
     pub fn export(&self, sink: &mut crate::storage::ExportSink<'_>) -> Result<u64, BarrierError> {
         self.keys()?;
         Ok(self.backend.export(sink)?)
+    }
+
+    /// Whether other nodes write the same store (see `Backend::is_shared`):
+    /// callers must not cache stored records across requests then.
+    pub fn is_shared_store(&self) -> bool {
+        self.backend.is_shared()
     }
 
     pub fn get(&self, key: &str) -> Result<Option<Plaintext>, BarrierError> {
@@ -788,9 +824,36 @@ impl Barrier {
     /// it reserves may follow at once. Caller holds `keyring_writes`.
     fn write_keyring(&self, root_key: &Key, record: &KeyringRecord) -> Result<(), BarrierError> {
         let envelope = self.seal_keyring(root_key, record)?;
-        self.backend.put(KEYRING_KEY.as_bytes(), &envelope)?;
+        if self.backend.is_shared() {
+            let seen = self.keyring_seen().clone();
+            let outcome = self.backend.compare_and_swap(
+                KEYRING_KEY.as_bytes(),
+                seen.as_deref(),
+                Some(&envelope),
+            )?;
+            if outcome != crate::storage::CasOutcome::Swapped {
+                // Fail closed: another node added a term or a reservation.
+                // Loading it while unsealed is not built yet (see
+                // `storage::etcd_backend`); a seal and unseal loads it.
+                return Err(StorageError::Busy(
+                    "sys/keyring was changed by another node (a new key term or encryption \
+                     reservation); seal and unseal this node to load it"
+                        .into(),
+                )
+                .into());
+            }
+        } else {
+            self.backend.put(KEYRING_KEY.as_bytes(), &envelope)?;
+        }
         self.backend.flush()?;
+        *self.keyring_seen() = Some(envelope);
         Ok(())
+    }
+
+    fn keyring_seen(&self) -> MutexGuard<'_, Option<Vec<u8>>> {
+        self.keyring_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Opens `sys/keyring` with a candidate root key; a key that does not
