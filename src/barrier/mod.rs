@@ -771,12 +771,37 @@ impl Barrier {
             } if Arc::ptr_eq(&current.unsealed, &keys.unsealed) => record.clone(),
             _ => return Err(BarrierError::Sealed),
         };
-        let reserved = record.reserve(
-            keys.active.term,
-            count,
-            self.options.max_encryptions_per_term,
-        )?;
-        self.write_keyring(&keys.unsealed.root_key, &record)?;
+        let limit = self.options.max_encryptions_per_term;
+        let term = keys.active.term;
+        let mut reserved = record.reserve(term, count, limit)?;
+        if let Some(stored) = self.swap_keyring(&keys.unsealed.root_key, &record)? {
+            // Another node reserved (shared store). Same terms: this node's
+            // counting jumps past everything reserved so far and reserves
+            // above it, so the nodes' ranges of the count do not overlap and
+            // the stored reservation bounds the cluster's encryptions of the
+            // term (up to the encryptions in flight on this node at the
+            // jump). Another term: fail closed.
+            let same_terms = stored.active == record.active
+                && stored.terms.len() == record.terms.len();
+            if !same_terms {
+                return Err(keyring_changed());
+            }
+            let high = stored.term(term).map_or(0, |t| t.reserved);
+            let jumped = keys
+                .active
+                .count
+                .fetch_max(high, Ordering::AcqRel)
+                .max(high)
+                .saturating_add(1);
+            record = stored;
+            reserved = record.reserve(term, count.max(jumped), limit)?;
+            if self
+                .swap_keyring(&keys.unsealed.root_key, &record)?
+                .is_some()
+            {
+                return Err(keyring_changed());
+            }
+        }
         self.install(keys, record, None)?;
         keys.active.reserved.fetch_max(reserved, Ordering::AcqRel);
         Ok(())
@@ -823,6 +848,25 @@ impl Barrier {
     /// Writes the keyring record and waits until it is on disk: encryptions
     /// it reserves may follow at once. Caller holds `keyring_writes`.
     fn write_keyring(&self, root_key: &Key, record: &KeyringRecord) -> Result<(), BarrierError> {
+        if let Some(stored) = self.swap_keyring(root_key, record)? {
+            // Fail closed: another node added a term (a reservation alone is
+            // merged by `reserve`). Loading a new term while unsealed is not
+            // built yet; a seal and unseal loads it.
+            drop(stored);
+            return Err(keyring_changed());
+        }
+        Ok(())
+    }
+
+    /// Writes the keyring record; on a shared store only if the stored one
+    /// is still the one this node last saw. Returns the stored record that
+    /// another node wrote instead (nothing was written then), opened with
+    /// `root_key`. Caller holds `keyring_writes`.
+    fn swap_keyring(
+        &self,
+        root_key: &Key,
+        record: &KeyringRecord,
+    ) -> Result<Option<KeyringRecord>, BarrierError> {
         let envelope = self.seal_keyring(root_key, record)?;
         if self.backend.is_shared() {
             let seen = self.keyring_seen().clone();
@@ -831,23 +875,19 @@ impl Barrier {
                 seen.as_deref(),
                 Some(&envelope),
             )?;
-            if outcome != crate::storage::CasOutcome::Swapped {
-                // Fail closed: another node added a term or a reservation.
-                // Loading it while unsealed is not built yet (see
-                // `storage::etcd_backend`); a seal and unseal loads it.
-                return Err(StorageError::Busy(
-                    "sys/keyring was changed by another node (a new key term or encryption \
-                     reservation); seal and unseal this node to load it"
-                        .into(),
-                )
-                .into());
+            if let crate::storage::CasOutcome::Conflict { current } = outcome {
+                let current = current
+                    .ok_or_else(|| StorageError::Corrupt("sys/keyring is missing".into()))?;
+                let stored = self.open_keyring(root_key, &current)?;
+                *self.keyring_seen() = Some(current);
+                return Ok(Some(stored));
             }
         } else {
             self.backend.put(KEYRING_KEY.as_bytes(), &envelope)?;
         }
         self.backend.flush()?;
         *self.keyring_seen() = Some(envelope);
-        Ok(())
+        Ok(None)
     }
 
     fn keyring_seen(&self) -> MutexGuard<'_, Option<Vec<u8>>> {
@@ -869,6 +909,16 @@ impl Barrier {
             .map_err(|_| BarrierError::WrongShares)?;
         Ok(KeyringRecord::decode(&plain)?)
     }
+}
+
+/// The keyring changed under this node in a way it cannot merge.
+fn keyring_changed() -> BarrierError {
+    StorageError::Busy(
+        "sys/keyring was changed by another node (a new key term, or a reservation raced \
+         twice); seal and unseal this node to load it"
+            .into(),
+    )
+    .into()
 }
 
 /// HKDF-SHA256 of the keyring's derivation root for `purpose`.

@@ -63,3 +63,8 @@ mod trust_identity;
 mod trust_limits;
 mod trust_oidc;
 mod trust_rotation;
+#[path = "../support/etcd_kit.rs"]
+#[allow(dead_code)]
+mod etcd_kit;
+mod backend_contract;
+mod etcd_cluster;
