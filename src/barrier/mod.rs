@@ -781,8 +781,8 @@ impl Barrier {
             // the stored reservation bounds the cluster's encryptions of the
             // term (up to the encryptions in flight on this node at the
             // jump). Another term: fail closed.
-            let same_terms = stored.active == record.active
-                && stored.terms.len() == record.terms.len();
+            let same_terms =
+                stored.active == record.active && stored.terms.len() == record.terms.len();
             if !same_terms {
                 return Err(keyring_changed());
             }

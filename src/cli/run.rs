@@ -53,6 +53,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench(&g, format, args).await,
         Command::Certs { out } => certs(format, &out),
         Command::Snapshot(cmd) => super::ops::snapshot(format, cmd),
+        Command::Migrate { from, to } => super::migrate::migrate(format, &from, &to),
     }
 }
 

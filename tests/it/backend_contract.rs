@@ -65,7 +65,8 @@ pub fn contract(b: &dyn Backend) {
         }
     );
     assert_eq!(
-        b.compare_and_swap(b"c/1", Some(b"v1"), Some(b"v2")).unwrap(),
+        b.compare_and_swap(b"c/1", Some(b"v1"), Some(b"v2"))
+            .unwrap(),
         CasOutcome::Swapped
     );
     assert_eq!(
@@ -125,7 +126,10 @@ pub fn contract(b: &dyn Backend) {
     assert!(exported.contains(&kv("b/1", "x2")));
     assert!(exported.contains(&kv("m/01099", "1099")));
     assert_eq!(
-        exported.iter().filter(|(k, _)| k.starts_with(b"m/")).count(),
+        exported
+            .iter()
+            .filter(|(k, _)| k.starts_with(b"m/"))
+            .count(),
         1100
     );
 }

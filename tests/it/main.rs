@@ -19,6 +19,7 @@ mod pg_cluster;
 mod plugin;
 
 mod audit;
+mod backend_contract;
 mod certs;
 mod cidr;
 mod cli;
@@ -26,6 +27,10 @@ mod crash;
 mod delegation_exchange;
 mod dynamic_crash;
 mod dynamic_creds;
+mod etcd_cluster;
+#[path = "../support/etcd_kit.rs"]
+#[allow(dead_code)]
+mod etcd_kit;
 mod federation_issuer;
 mod governance;
 mod http_attack;
@@ -63,8 +68,3 @@ mod trust_identity;
 mod trust_limits;
 mod trust_oidc;
 mod trust_rotation;
-#[path = "../support/etcd_kit.rs"]
-#[allow(dead_code)]
-mod etcd_kit;
-mod backend_contract;
-mod etcd_cluster;

@@ -150,7 +150,10 @@ impl EtcdCluster {
                     .unwrap_or_default()
             })
             .collect();
-        panic!("etcd cluster not healthy within 60 s; logs:\n{}", logs.join("\n"));
+        panic!(
+            "etcd cluster not healthy within 60 s; logs:\n{}",
+            logs.join("\n")
+        );
     }
 }
 
