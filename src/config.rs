@@ -60,6 +60,69 @@ pub struct ServerConfig {
     pub governance: GovernanceConfig,
     /// Anomaly detection (`anomaly.*`, issue 13).
     pub anomaly: crate::anomaly::AnomalyConfig,
+    /// `storage.backend`: sled in `storage_path` (the default) or etcd.
+    pub storage_backend: StorageBackend,
+    /// `cluster.node_id`: this node's name among the nodes of one store.
+    pub node_id: String,
+}
+
+/// Where the store lives (`storage.backend`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageBackend {
+    /// sled in `storage.path` (one process owns it).
+    Sled,
+    /// An etcd cluster (`storage.etcd.*`), shared by several nodes.
+    Etcd(crate::storage::EtcdOptions),
+}
+
+/// The prefix of `storage.etcd.prefix` when none is given.
+pub const DEFAULT_ETCD_PREFIX: &str = "keyward/";
+
+/// Reads `storage.backend` and `storage.etcd.*`.
+fn parse_storage_backend(src: &dyn Source, base: &Path) -> Result<StorageBackend, ConfigError> {
+    match src.get("storage.backend").as_deref() {
+        None | Some("sled") => Ok(StorageBackend::Sled),
+        Some("etcd") => {
+            let endpoints: Vec<String> = src
+                .get("storage.etcd.endpoints")
+                .ok_or(ConfigError::Missing("storage.etcd.endpoints"))?
+                .split(',')
+                .map(|e| e.trim().to_owned())
+                .filter(|e| !e.is_empty())
+                .collect();
+            if endpoints.is_empty()
+                || endpoints
+                    .iter()
+                    .any(|e| !(e.starts_with("http://") || e.starts_with("https://")))
+            {
+                return Err(ConfigError::Invalid(
+                    "storage.etcd.endpoints".into(),
+                    "expected a list of http://HOST:PORT or https://HOST:PORT",
+                ));
+            }
+            let prefix = src
+                .get("storage.etcd.prefix")
+                .unwrap_or_else(|| DEFAULT_ETCD_PREFIX.to_owned());
+            if prefix.is_empty() {
+                return Err(ConfigError::Invalid(
+                    "storage.etcd.prefix".into(),
+                    "must not be empty",
+                ));
+            }
+            let path = |key: &str| src.get(key).map(|v| base.join(v));
+            Ok(StorageBackend::Etcd(crate::storage::EtcdOptions {
+                endpoints,
+                prefix,
+                ca: path("storage.etcd.ca"),
+                cert: path("storage.etcd.cert"),
+                key: path("storage.etcd.key"),
+            }))
+        }
+        Some(_) => Err(ConfigError::Invalid(
+            "storage.backend".into(),
+            "expected sled or etcd",
+        )),
+    }
 }
 
 impl ServerConfig {
@@ -83,9 +146,14 @@ impl ServerConfig {
             http_listen: None,
             governance: GovernanceConfig::default(),
             anomaly: crate::anomaly::AnomalyConfig::default(),
+            storage_backend: StorageBackend::Sled,
+            node_id: DEFAULT_NODE_ID.to_owned(),
         }
     }
 }
+
+/// `cluster.node_id` when none is given.
+pub const DEFAULT_NODE_ID: &str = "kw1";
 
 /// Owner recertification (`governance.*`): an identity is due for
 /// attestation `recertify_every` after its last one (or its creation), and
@@ -429,6 +497,13 @@ pub const KEYS: &[(&str, &str)] = &[
         "limits.default_max_versions",
         "KEYWARD_LIMITS_DEFAULT_MAX_VERSIONS",
     ),
+    ("storage.backend", "KEYWARD_STORAGE_BACKEND"),
+    ("storage.etcd.endpoints", "KEYWARD_STORAGE_ETCD_ENDPOINTS"),
+    ("storage.etcd.prefix", "KEYWARD_STORAGE_ETCD_PREFIX"),
+    ("storage.etcd.ca", "KEYWARD_STORAGE_ETCD_CA"),
+    ("storage.etcd.cert", "KEYWARD_STORAGE_ETCD_CERT"),
+    ("storage.etcd.key", "KEYWARD_STORAGE_ETCD_KEY"),
+    ("cluster.node_id", "KEYWARD_CLUSTER_NODE_ID"),
 ];
 
 fn flatten(
@@ -595,6 +670,10 @@ pub fn parse(src: &dyn Source, base: &Path) -> Result<ServerConfig, ConfigError>
         federation: parse_federation(src)?,
         anomaly: crate::anomaly::parse_config(&|key| src.get(key))
             .map_err(|(key, why)| ConfigError::Invalid(key, why))?,
+        storage_backend: parse_storage_backend(src, base)?,
+        node_id: src
+            .get("cluster.node_id")
+            .unwrap_or_else(|| DEFAULT_NODE_ID.to_owned()),
     })
 }
 

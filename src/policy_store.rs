@@ -165,6 +165,11 @@ impl PolicyStore {
     /// Caches a compiled policy read at `generation`; refused (false) if the
     /// cache was cleared since.
     fn insert_policy_if_current(&self, generation: u64, name: &str, entry: Option<Entry>) -> bool {
+        // On a shared store (etcd) another node may change a policy at any
+        // time: nothing is cached, every request compiles from storage.
+        if self.inner.barrier.is_shared_store() {
+            return false;
+        }
         let mut cache = self.inner.cache.write().unwrap_or_else(|e| e.into_inner());
         if cache.generation != generation {
             return false;
@@ -181,6 +186,11 @@ impl PolicyStore {
         names: &[String],
         set: Arc<CompiledSet>,
     ) -> bool {
+        // On a shared store (etcd) another node may change a policy at any
+        // time: nothing is cached, every request compiles from storage.
+        if self.inner.barrier.is_shared_store() {
+            return false;
+        }
         let mut cache = self.inner.cache.write().unwrap_or_else(|e| e.into_inner());
         if cache.generation != generation {
             return false;

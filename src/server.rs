@@ -140,12 +140,20 @@ impl Server {
         if let Some(tls) = &config.tls {
             check_key_file(&tls.key)?;
         }
-        let backend = SledBackend::open(&config.storage_path)
-            .map_err(|e| ServerError::Storage(e.to_string()))?;
+        let backend: Arc<dyn crate::storage::Backend> = match &config.storage_backend {
+            crate::config::StorageBackend::Sled => Arc::new(
+                SledBackend::open(&config.storage_path)
+                    .map_err(|e| ServerError::Storage(e.to_string()))?,
+            ),
+            crate::config::StorageBackend::Etcd(options) => Arc::new(
+                crate::storage::EtcdBackend::open(options)
+                    .map_err(|e| ServerError::Storage(e.to_string()))?,
+            ),
+        };
         // A store made by `snapshot restore` and not unsealed since.
-        let restored = crate::barrier::restore::read_marker(&backend)
+        let restored = crate::barrier::restore::read_marker(backend.as_ref())
             .map_err(|e| ServerError::Storage(e.to_string()))?;
-        let barrier = Barrier::new(Arc::new(backend), BarrierOptions::default())
+        let barrier = Barrier::new(backend, BarrierOptions::default())
             .map_err(|e| ServerError::Storage(e.to_string()))?;
         if let Some(dir) = config.audit_path.parent() {
             create_private_dirs(dir)

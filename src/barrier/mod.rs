@@ -277,6 +277,10 @@ pub struct Barrier {
     /// Serializes init, unseal and every write of `sys/keyring`, so that a
     /// keyring write never races another one or a reload. Taken before `state`.
     keyring_writes: Mutex<()>,
+    /// The `sys/keyring` envelope this node last read or wrote; on a shared
+    /// store a keyring write is a compare-and-swap against it, so a node
+    /// never overwrites a term or reservation another node wrote.
+    keyring_seen: Mutex<Option<Vec<u8>>>,
 }
 
 impl std::fmt::Debug for Barrier {
@@ -306,11 +310,32 @@ impl Barrier {
             rng: SystemRandom::new(),
             state: RwLock::new(state),
             keyring_writes: Mutex::new(()),
+            keyring_seen: Mutex::new(None),
         })
     }
 
     pub fn status(&self) -> SealStatus {
+        self.refresh_if_initialized_elsewhere();
         self.read().status(self.options.max_encryptions_per_term)
+    }
+
+    /// On a shared store, a barrier that opened before another node ran
+    /// `init` reads the seal configuration again (it would stay
+    /// "uninitialized" otherwise). A read error leaves the state as it is.
+    fn refresh_if_initialized_elsewhere(&self) {
+        if !self.backend.is_shared() || !matches!(*self.read(), SealState::Uninitialized) {
+            return;
+        }
+        let Ok(Some(record)) = self.backend.get(SEAL_KEY.as_bytes()) else {
+            return;
+        };
+        let Ok(config) = SealConfig::from_record(&record) else {
+            return;
+        };
+        let mut state = self.write();
+        if matches!(*state, SealState::Uninitialized) {
+            *state = SealState::sealed(config);
+        }
     }
 
     /// Makes a random 256-bit root key and keyring, splits the root key into
@@ -355,9 +380,10 @@ impl Barrier {
         let keyring = self.seal_keyring(&root_key, &record)?;
         self.backend.batch(vec![
             BatchOp::Put(SEAL_KEY.into(), config.to_record()?),
-            BatchOp::Put(KEYRING_KEY.into(), keyring),
+            BatchOp::Put(KEYRING_KEY.into(), keyring.clone()),
         ])?;
         self.backend.flush()?;
+        *self.keyring_seen() = Some(keyring);
 
         let unsealed = Arc::new(Unsealed {
             root_key,
@@ -379,6 +405,7 @@ impl Barrier {
     /// the progress: the shares given are wiped. On an unsealed vault this
     /// returns the status and ignores the share.
     pub fn unseal(&self, share: &str) -> Result<SealStatus, BarrierError> {
+        self.refresh_if_initialized_elsewhere();
         let _writes = self.lock_keyring_writes();
         let mut state = self.write();
         let limit = self.options.max_encryptions_per_term;
@@ -420,7 +447,10 @@ impl Barrier {
             .get(KEYRING_KEY.as_bytes())?
             .ok_or_else(|| StorageError::Corrupt("sys/keyring is missing".into()))?;
         let record = match self.open_keyring(&root_key, &envelope) {
-            Ok(record) => record,
+            Ok(record) => {
+                *self.keyring_seen() = Some(envelope.clone());
+                record
+            }
             Err(error) => {
                 if matches!(error, BarrierError::WrongShares) {
                     tracing::warn!("unseal failed: the shares do not open the keyring");
@@ -498,6 +528,12 @@ impl Barrier {
     pub fn export(&self, sink: &mut crate::storage::ExportSink<'_>) -> Result<u64, BarrierError> {
         self.keys()?;
         Ok(self.backend.export(sink)?)
+    }
+
+    /// Whether other nodes write the same store (see `Backend::is_shared`):
+    /// callers must not cache stored records across requests then.
+    pub fn is_shared_store(&self) -> bool {
+        self.backend.is_shared()
     }
 
     pub fn get(&self, key: &str) -> Result<Option<Plaintext>, BarrierError> {
@@ -735,12 +771,37 @@ impl Barrier {
             } if Arc::ptr_eq(&current.unsealed, &keys.unsealed) => record.clone(),
             _ => return Err(BarrierError::Sealed),
         };
-        let reserved = record.reserve(
-            keys.active.term,
-            count,
-            self.options.max_encryptions_per_term,
-        )?;
-        self.write_keyring(&keys.unsealed.root_key, &record)?;
+        let limit = self.options.max_encryptions_per_term;
+        let term = keys.active.term;
+        let mut reserved = record.reserve(term, count, limit)?;
+        if let Some(stored) = self.swap_keyring(&keys.unsealed.root_key, &record)? {
+            // Another node reserved (shared store). Same terms: this node's
+            // counting jumps past everything reserved so far and reserves
+            // above it, so the nodes' ranges of the count do not overlap and
+            // the stored reservation bounds the cluster's encryptions of the
+            // term (up to the encryptions in flight on this node at the
+            // jump). Another term: fail closed.
+            let same_terms =
+                stored.active == record.active && stored.terms.len() == record.terms.len();
+            if !same_terms {
+                return Err(keyring_changed());
+            }
+            let high = stored.term(term).map_or(0, |t| t.reserved);
+            let jumped = keys
+                .active
+                .count
+                .fetch_max(high, Ordering::AcqRel)
+                .max(high)
+                .saturating_add(1);
+            record = stored;
+            reserved = record.reserve(term, count.max(jumped), limit)?;
+            if self
+                .swap_keyring(&keys.unsealed.root_key, &record)?
+                .is_some()
+            {
+                return Err(keyring_changed());
+            }
+        }
         self.install(keys, record, None)?;
         keys.active.reserved.fetch_max(reserved, Ordering::AcqRel);
         Ok(())
@@ -787,10 +848,52 @@ impl Barrier {
     /// Writes the keyring record and waits until it is on disk: encryptions
     /// it reserves may follow at once. Caller holds `keyring_writes`.
     fn write_keyring(&self, root_key: &Key, record: &KeyringRecord) -> Result<(), BarrierError> {
-        let envelope = self.seal_keyring(root_key, record)?;
-        self.backend.put(KEYRING_KEY.as_bytes(), &envelope)?;
-        self.backend.flush()?;
+        if let Some(stored) = self.swap_keyring(root_key, record)? {
+            // Fail closed: another node added a term (a reservation alone is
+            // merged by `reserve`). Loading a new term while unsealed is not
+            // built yet; a seal and unseal loads it.
+            drop(stored);
+            return Err(keyring_changed());
+        }
         Ok(())
+    }
+
+    /// Writes the keyring record; on a shared store only if the stored one
+    /// is still the one this node last saw. Returns the stored record that
+    /// another node wrote instead (nothing was written then), opened with
+    /// `root_key`. Caller holds `keyring_writes`.
+    fn swap_keyring(
+        &self,
+        root_key: &Key,
+        record: &KeyringRecord,
+    ) -> Result<Option<KeyringRecord>, BarrierError> {
+        let envelope = self.seal_keyring(root_key, record)?;
+        if self.backend.is_shared() {
+            let seen = self.keyring_seen().clone();
+            let outcome = self.backend.compare_and_swap(
+                KEYRING_KEY.as_bytes(),
+                seen.as_deref(),
+                Some(&envelope),
+            )?;
+            if let crate::storage::CasOutcome::Conflict { current } = outcome {
+                let current = current
+                    .ok_or_else(|| StorageError::Corrupt("sys/keyring is missing".into()))?;
+                let stored = self.open_keyring(root_key, &current)?;
+                *self.keyring_seen() = Some(current);
+                return Ok(Some(stored));
+            }
+        } else {
+            self.backend.put(KEYRING_KEY.as_bytes(), &envelope)?;
+        }
+        self.backend.flush()?;
+        *self.keyring_seen() = Some(envelope);
+        Ok(None)
+    }
+
+    fn keyring_seen(&self) -> MutexGuard<'_, Option<Vec<u8>>> {
+        self.keyring_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Opens `sys/keyring` with a candidate root key; a key that does not
@@ -806,6 +909,16 @@ impl Barrier {
             .map_err(|_| BarrierError::WrongShares)?;
         Ok(KeyringRecord::decode(&plain)?)
     }
+}
+
+/// The keyring changed under this node in a way it cannot merge.
+fn keyring_changed() -> BarrierError {
+    StorageError::Busy(
+        "sys/keyring was changed by another node (a new key term, or a reservation raced \
+         twice); seal and unseal this node to load it"
+            .into(),
+    )
+    .into()
 }
 
 /// HKDF-SHA256 of the keyring's derivation root for `purpose`.

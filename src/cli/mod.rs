@@ -9,6 +9,7 @@ mod dynamic;
 mod federation;
 mod ident;
 mod lifecycle;
+mod migrate;
 mod ops;
 mod output;
 mod pki;
@@ -160,6 +161,14 @@ pub enum Command {
     /// Anomalies detected by comparing identities with their baselines.
     #[command(subcommand)]
     Anomalies(anomalies::AnomaliesCommand),
+    /// Copy a single-node vault's store (ciphertext, keys unchanged) into an
+    /// empty etcd prefix: --from sled:DIR --to etcd:CONFIG. Offline.
+    Migrate {
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+    },
 }
 
 #[derive(Subcommand)]

@@ -55,6 +55,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Snapshot(cmd) => super::ops::snapshot(format, cmd),
         Command::Scan(args) => super::scan::scan(&g, format, args).await,
         Command::Anomalies(cmd) => super::anomalies::anomalies(&g, format, cmd).await,
+        Command::Migrate { from, to } => super::migrate::migrate(format, &from, &to),
     }
 }
 

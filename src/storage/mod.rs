@@ -18,10 +18,12 @@
 //! `GroupCommit` wraps a backend for async callers: concurrent callers of
 //! `GroupCommit::durable` share one flush.
 
+mod etcd_backend;
 pub mod format;
 mod group_commit;
 mod sled_backend;
 
+pub use etcd_backend::{EtcdBackend, EtcdOptions};
 pub use group_commit::GroupCommit;
 pub use sled_backend::SledBackend;
 
@@ -107,5 +109,11 @@ pub trait Backend: Send + Sync + 'static {
         Err(StorageError::Io(
             "export: this backend cannot take snapshots".into(),
         ))
+    }
+    /// Whether other keyward processes may write this store at the same
+    /// time (etcd): in-memory caches of stored records must then not be
+    /// trusted across requests (see `etcd_backend`).
+    fn is_shared(&self) -> bool {
+        false
     }
 }

@@ -955,7 +955,11 @@ impl TokenStore {
             return Err(TokenError::SourceNotAllowed);
         }
         if record.uses_remaining == 0 {
-            self.inner.verified.insert(tag, &record, cidrs, generation);
+            // On a shared store (etcd) another node may revoke the token at
+            // any time: nothing is cached, every use reads the record.
+            if !self.inner.barrier.is_shared_store() {
+                self.inner.verified.insert(tag, &record, cidrs, generation);
+            }
             return Ok(TokenUse {
                 record,
                 counted: false,

@@ -387,3 +387,13 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
+
+impl TestServer {
+    /// A server over `config` as given (not initialised here), serving with
+    /// the CA `ca` (its certificates are the caller's): nodes of a cluster.
+    pub async fn from_config(dir: tempfile::TempDir, config: ServerConfig, ca: PathBuf) -> Self {
+        install_crypto();
+        let server = Server::open(config).unwrap();
+        Self::serve(dir, server, ca, String::new(), String::new()).await
+    }
+}

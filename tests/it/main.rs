@@ -19,6 +19,7 @@ mod pg_cluster;
 mod plugin;
 
 mod audit;
+mod backend_contract;
 mod certs;
 mod cidr;
 mod cli;
@@ -28,6 +29,10 @@ mod dynamic_crash;
 mod dynamic_creds;
 mod federation_claims;
 mod federation_figures;
+mod etcd_cluster;
+#[path = "../support/etcd_kit.rs"]
+#[allow(dead_code)]
+mod etcd_kit;
 mod federation_issuer;
 mod federation_rotation;
 mod governance;

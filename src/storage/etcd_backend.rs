@@ -1,0 +1,661 @@
+//! A backend on an etcd v3 cluster (`[storage] backend = "etcd"`), so that
+//! several keyward nodes share one store that etcd replicates with Raft.
+//!
+//! # Keys
+//!
+//! Every key lives under the configured prefix (`storage.etcd.prefix`,
+//! `keyward/` by default), so several vaults can share a cluster:
+//! `PREFIX d/KEY` holds the barrier's value for `KEY` (ciphertext, or the
+//! plaintext seal configuration), `PREFIX m/format` the store's format
+//! version (a big-endian u32, as `format` keeps it in sled's meta tree).
+//!
+//! # Calling async etcd from the synchronous trait
+//!
+//! `Backend` is synchronous and is called from async handlers (on worker
+//! threads of a multi-thread runtime), from `spawn_blocking`, from plain
+//! threads and, in tests, from current-thread runtimes. The etcd client is
+//! async. The backend therefore owns a small runtime of its own (one worker
+//! thread, `keyward-etcd`) that alone runs the client; a call spawns its
+//! request there and waits for the answer on a std channel:
+//!
+//! - on a worker of a multi-thread runtime the wait is wrapped in
+//!   `tokio::task::block_in_place`, so the caller's other tasks move to
+//!   another worker while it waits;
+//! - anywhere else (a current-thread runtime, a blocking-pool thread, a
+//!   thread with no runtime) it simply blocks the thread. `block_in_place`
+//!   would panic on a current-thread runtime, and it is not needed: the
+//!   request runs on the backend's own runtime, which never waits for the
+//!   caller's, so the wait cannot deadlock; it stalls that one runtime for
+//!   the round trip, as any synchronous I/O would.
+//!
+//! Every request is bounded by `REQUEST_TIMEOUT` on the client and by
+//! `WAIT_BOUND` on the wait, so a lost cluster is an error, never a hang.
+//! Dropping the backend shuts its runtime down in the background (allowed
+//! from async code, where a plain runtime drop would panic).
+//!
+//! # Semantics against the trait
+//!
+//! - `put`, `delete`, `batch`, `apply_in_order` return once etcd answered,
+//!   that is once the change is committed on a quorum: `flush` is a no-op.
+//! - `batch` is one etcd transaction. etcd refuses a transaction with more
+//!   than 128 operations or a request over 1.5 MiB (its defaults); such a
+//!   batch cannot be split without losing its atomicity, so it is refused
+//!   whole ([`StorageError::Io`] naming the limit), never half applied.
+//!   Several operations on one key in a batch are folded to the last one
+//!   (etcd refuses a transaction naming a key twice; the outcome is the same).
+//! - `apply_in_order` sends consecutive chunks within those limits, each
+//!   one transaction, one after another: a failure keeps a prefix of whole
+//!   chunks, which is what the trait promises.
+//! - `compare_and_swap` is a transaction comparing the key's value (or, for
+//!   "absent", its version with 0); when the comparison fails the same
+//!   transaction reads the current value.
+//! - Scans and `export` page through the range 512 keys at a time, every
+//!   page read at the revision of the first, so a scan is one consistent
+//!   view even while writes go on (etcd keeps that revision as long as no
+//!   compaction passes it; a compacted revision is an error, never a mix).
+//! - When etcd has raised its NOSPACE alarm (the backend quota is full),
+//!   every write fails with an error saying so; reads go on.
+//!
+//! Error messages name the operation and etcd's reason, never a key or value.
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions, Txn,
+    TxnOp, TxnOpResponse,
+};
+
+use super::{format, Backend, BatchOp, CasOutcome, ExportSink, KeyValues, StorageError};
+
+/// etcd's default `--max-txn-ops`.
+pub const MAX_TXN_OPS: usize = 128;
+/// etcd's default `--max-request-bytes` (1.5 MiB), less room for framing.
+pub const MAX_REQUEST_BYTES: usize = 1_572_864 - 4096;
+/// Keys per page of a scan.
+const PAGE: i64 = 512;
+/// The bound on one etcd request (the client's own timeout).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The bound on waiting for an answer: a little past the request's own.
+const WAIT_BOUND: Duration = Duration::from_secs(15);
+
+/// Where the data keys start, under the prefix.
+const DATA: &[u8] = b"d/";
+/// The format version's key, under the prefix.
+const FORMAT_KEY: &[u8] = b"m/format";
+
+/// How to reach the cluster (`[storage.etcd]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdOptions {
+    /// `http://host:port` or `https://host:port`, one per member.
+    pub endpoints: Vec<String>,
+    /// Every key of this vault starts with it.
+    pub prefix: String,
+    /// The CA that signed the members' certificates (turns TLS on).
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key for mTLS (both or neither).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl EtcdOptions {
+    /// Plaintext endpoints under `prefix` (loopback tests).
+    pub fn plaintext(endpoints: Vec<String>, prefix: impl Into<String>) -> Self {
+        Self {
+            endpoints,
+            prefix: prefix.into(),
+            ca: None,
+            cert: None,
+            key: None,
+        }
+    }
+}
+
+/// A `Backend` on an etcd cluster. See the module doc.
+pub struct EtcdBackend {
+    client: Client,
+    runtime: Option<tokio::runtime::Runtime>,
+    /// `PREFIX d/`.
+    data: Vec<u8>,
+    /// `PREFIX m/format`.
+    format_key: Vec<u8>,
+}
+
+impl std::fmt::Debug for EtcdBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdBackend").finish_non_exhaustive()
+    }
+}
+
+impl Drop for EtcdBackend {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Maps an etcd client error to ours; the messages of etcd name the failed
+/// check (`etcdserver: mvcc: database space exceeded`), never a key or value.
+fn etcd_error(operation: &'static str, error: etcd_client::Error) -> StorageError {
+    if let etcd_client::Error::GRpcStatus(status) = &error {
+        let message = status.message();
+        if message.contains("database space exceeded") || message.contains("NOSPACE") {
+            return StorageError::Io(format!(
+                "{operation}: the etcd cluster is out of space (NOSPACE alarm): writes are \
+                 refused until an operator compacts and defragments etcd (or raises \
+                 --quota-backend-bytes) and disarms the alarm; reads go on"
+            ));
+        }
+        return StorageError::Io(format!(
+            "{operation}: etcd answered {:?}: {message}",
+            status.code()
+        ));
+    }
+    StorageError::Io(format!("{operation}: etcd: {error}"))
+}
+
+/// The first key after every key starting with `prefix` (etcd's range end);
+/// empty when there is none (all bytes 0xff).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    Vec::new()
+}
+
+fn read_file(path: &PathBuf) -> Result<Vec<u8>, StorageError> {
+    std::fs::read(path)
+        .map_err(|e| StorageError::Io(format!("etcd TLS file {}: {e}", path.display())))
+}
+
+/// The size etcd counts for one operation, roughly: key, value, framing.
+fn op_bytes(op: &BatchOp) -> usize {
+    match op {
+        BatchOp::Put(key, value) => key.len() + value.len() + 16,
+        BatchOp::Delete(key) => key.len() + 16,
+    }
+}
+
+/// Keeps the last operation on each key, in the order of those last
+/// operations (etcd refuses a transaction that names a key twice).
+fn fold(ops: Vec<BatchOp>) -> Vec<BatchOp> {
+    let key = |op: &BatchOp| match op {
+        BatchOp::Put(k, _) | BatchOp::Delete(k) => k.clone(),
+    };
+    let mut last = std::collections::HashMap::new();
+    for (i, op) in ops.iter().enumerate() {
+        last.insert(key(op), i);
+    }
+    ops.into_iter()
+        .enumerate()
+        .filter(|(i, op)| last.get(&key(op)) == Some(i))
+        .map(|(_, op)| op)
+        .collect()
+}
+
+impl EtcdBackend {
+    /// Connects to the cluster and checks (or writes) the format version.
+    /// The connection is made lazily by the client: an unreachable cluster
+    /// shows as the format check's error after `REQUEST_TIMEOUT`.
+    pub fn open(options: &EtcdOptions) -> Result<Self, StorageError> {
+        if options.endpoints.is_empty() {
+            return Err(StorageError::Io("etcd: no endpoints configured".into()));
+        }
+        let mut connect = ConnectOptions::new()
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        if let Some(ca) = &options.ca {
+            let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read_file(ca)?));
+            match (&options.cert, &options.key) {
+                (Some(cert), Some(key)) => {
+                    tls = tls.identity(Identity::from_pem(read_file(cert)?, read_file(key)?));
+                }
+                (None, None) => {}
+                _ => {
+                    return Err(StorageError::Io(
+                        "etcd: storage.etcd.cert and storage.etcd.key go together".into(),
+                    ))
+                }
+            }
+            connect = connect.with_tls(tls);
+        } else if options.cert.is_some() || options.key.is_some() {
+            return Err(StorageError::Io(
+                "etcd: a client certificate needs storage.etcd.ca".into(),
+            ));
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("keyward-etcd")
+            .enable_all()
+            .build()
+            .map_err(|e| StorageError::Io(format!("etcd: cannot start its runtime: {e}")))?;
+        let endpoints = options.endpoints.clone();
+        let (tx, rx) = mpsc::sync_channel(1);
+        runtime.spawn(async move {
+            let _ = tx.send(Client::connect(endpoints, Some(connect)).await);
+        });
+        let client = wait(rx)?.map_err(|e| etcd_error("connect", e))?;
+        let prefix = options.prefix.as_bytes();
+        let backend = Self {
+            client,
+            runtime: Some(runtime),
+            data: [prefix, DATA].concat(),
+            format_key: [prefix, FORMAT_KEY].concat(),
+        };
+        backend.check_format()?;
+        Ok(backend)
+    }
+
+    /// Runs `work` with a client on the backend's runtime and waits for it
+    /// (see the module doc on why this cannot deadlock).
+    fn call<T, F, Fut>(&self, work: F) -> Result<T, StorageError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, StorageError>> + Send + 'static,
+    {
+        let runtime = self
+            .runtime
+            .as_ref()
+            .ok_or_else(|| StorageError::Io("etcd: the backend is closed".into()))?;
+        let (tx, rx) = mpsc::sync_channel(1);
+        let future = work(self.client.clone());
+        runtime.spawn(async move {
+            let _ = tx.send(future.await);
+        });
+        wait(rx)?
+    }
+
+    fn data_key(&self, key: &[u8]) -> Vec<u8> {
+        [self.data.as_slice(), key].concat()
+    }
+
+    /// The store's format version: written on a new (empty) prefix, refused
+    /// when newer than this binary's.
+    fn check_format(&self) -> Result<(), StorageError> {
+        let key = self.format_key.clone();
+        let data = self.data.clone();
+        let current = format::CURRENT.to_be_bytes().to_vec();
+        let found = self.call(move |mut client| async move {
+            let stored = client
+                .get(key.clone(), None)
+                .await
+                .map_err(|e| etcd_error("format version", e))?;
+            if let Some(kv) = stored.kvs().first() {
+                return Ok(Some(kv.value().to_vec()));
+            }
+            let any = client
+                .get(
+                    data.clone(),
+                    Some(
+                        GetOptions::new()
+                            .with_range(prefix_end(&data))
+                            .with_limit(1)
+                            .with_keys_only(),
+                    ),
+                )
+                .await
+                .map_err(|e| etcd_error("format version", e))?;
+            if !any.kvs().is_empty() {
+                return Err(StorageError::Corrupt(
+                    "the etcd prefix holds data but no format version".into(),
+                ));
+            }
+            // Written only if still absent: two nodes starting at once agree.
+            client
+                .txn(
+                    Txn::new()
+                        .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+                        .and_then([TxnOp::put(key, current, None)]),
+                )
+                .await
+                .map_err(|e| etcd_error("format version", e))?;
+            Ok(None)
+        })?;
+        if let Some(bytes) = found {
+            let raw: [u8; 4] = bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| StorageError::Corrupt("the format version is not 4 bytes".into()))?;
+            let version = u32::from_be_bytes(raw);
+            if version > format::CURRENT {
+                return Err(StorageError::NewerFormat {
+                    found: version,
+                    supported: format::CURRENT,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The store's format version, as recorded (`migrate` copies it).
+    pub fn set_format_version(&self, version: u32) -> Result<(), StorageError> {
+        let key = self.format_key.clone();
+        self.call(move |mut client| async move {
+            client
+                .put(key, version.to_be_bytes().to_vec(), None)
+                .await
+                .map_err(|e| etcd_error("format version", e))?;
+            Ok(())
+        })
+    }
+
+    /// Whether no data key exists under the prefix (`migrate` refuses to
+    /// copy into a prefix that holds a vault already).
+    pub fn is_empty(&self) -> Result<bool, StorageError> {
+        Ok(self
+            .scan_range_raw(self.data.clone(), prefix_end(&self.data), 1)?
+            .is_empty())
+    }
+
+    /// Pages through `[start, end)` (raw etcd keys; an empty `end` means the
+    /// end of the data keys), at most `limit` pairs, all at one revision.
+    fn scan_range_raw(
+        &self,
+        start: Vec<u8>,
+        end: Vec<u8>,
+        limit: usize,
+    ) -> Result<KeyValues, StorageError> {
+        let strip = self.data.len();
+        let end = if end.is_empty() {
+            prefix_end(&self.data)
+        } else {
+            end
+        };
+        let mut out: KeyValues = Vec::new();
+        self.scan_pages(start, end, limit, &mut |key, value| {
+            out.push((key[strip..].to_vec(), value));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Hands every pair of `[start, end)` to `sink`, page by page at the
+    /// revision of the first page; returns the count.
+    fn scan_pages(
+        &self,
+        mut start: Vec<u8>,
+        end: Vec<u8>,
+        limit: usize,
+        sink: &mut dyn FnMut(Vec<u8>, Vec<u8>) -> Result<(), StorageError>,
+    ) -> Result<u64, StorageError> {
+        let mut revision = 0i64;
+        let mut handed = 0u64;
+        let mut left = limit;
+        while left > 0 {
+            let page = PAGE.min(i64::try_from(left).unwrap_or(PAGE));
+            let range_end = end.clone();
+            let from = start.clone();
+            let (kvs, more, rev) = self.call(move |mut client| async move {
+                let mut options = GetOptions::new().with_range(range_end).with_limit(page);
+                if revision > 0 {
+                    options = options.with_revision(revision);
+                }
+                let mut answer = client
+                    .get(from, Some(options))
+                    .await
+                    .map_err(|e| etcd_error("scan", e))?;
+                let rev = answer.header().map_or(0, |h| h.revision());
+                let more = answer.more();
+                let kvs: Vec<(Vec<u8>, Vec<u8>)> = answer
+                    .take_kvs()
+                    .into_iter()
+                    .map(|kv| {
+                        let (k, v) = kv.into_key_value();
+                        (k, v)
+                    })
+                    .collect();
+                Ok((kvs, more, rev))
+            })?;
+            if revision == 0 {
+                revision = rev;
+            }
+            let Some(last) = kvs.last().map(|(k, _)| k.clone()) else {
+                break;
+            };
+            left = left.saturating_sub(kvs.len());
+            for (key, value) in kvs {
+                sink(key, value)?;
+                handed += 1;
+            }
+            if !more {
+                break;
+            }
+            // The next page starts just after the last key.
+            start = [last.as_slice(), &[0u8]].concat();
+        }
+        Ok(handed)
+    }
+
+    /// Sends `ops` (within the limits) as one transaction.
+    fn txn(&self, ops: Vec<BatchOp>, operation: &'static str) -> Result<(), StorageError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let txn_ops: Vec<TxnOp> = ops
+            .into_iter()
+            .map(|op| match op {
+                BatchOp::Put(key, value) => TxnOp::put(self.data_key(&key), value, None),
+                BatchOp::Delete(key) => TxnOp::delete(self.data_key(&key), None),
+            })
+            .collect();
+        self.call(move |mut client| async move {
+            client
+                .txn(Txn::new().and_then(txn_ops))
+                .await
+                .map_err(|e| etcd_error(operation, e))?;
+            Ok(())
+        })
+    }
+}
+
+/// Waits for an answer from the backend's runtime (see the module doc).
+fn wait<T>(rx: mpsc::Receiver<T>) -> Result<T, StorageError> {
+    let receive = || {
+        rx.recv_timeout(WAIT_BOUND)
+            .map_err(|_| StorageError::Io("etcd: no answer from the etcd client in time".into()))
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(receive)
+        }
+        _ => receive(),
+    }
+}
+
+impl Backend for EtcdBackend {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        let key = self.data_key(key);
+        self.call(move |mut client| async move {
+            let mut answer = client
+                .get(key, None)
+                .await
+                .map_err(|e| etcd_error("get", e))?;
+            Ok(answer
+                .take_kvs()
+                .into_iter()
+                .next()
+                .map(|kv| kv.into_key_value().1))
+        })
+    }
+
+    fn put(&self, key: &[u8], value: &[u8]) -> Result<(), StorageError> {
+        if key.len() + value.len() > MAX_REQUEST_BYTES {
+            return Err(StorageError::Io(format!(
+                "put: the value is larger than etcd's request limit ({MAX_REQUEST_BYTES} bytes)"
+            )));
+        }
+        let key = self.data_key(key);
+        let value = value.to_vec();
+        self.call(move |mut client| async move {
+            client
+                .put(key, value, None)
+                .await
+                .map_err(|e| etcd_error("put", e))?;
+            Ok(())
+        })
+    }
+
+    fn delete(&self, key: &[u8]) -> Result<(), StorageError> {
+        let key = self.data_key(key);
+        self.call(move |mut client| async move {
+            client
+                .delete(key, None)
+                .await
+                .map_err(|e| etcd_error("delete", e))?;
+            Ok(())
+        })
+    }
+
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<KeyValues, StorageError> {
+        let start = self.data_key(prefix);
+        let end = prefix_end(&start);
+        self.scan_range_raw(start, end, usize::MAX)
+    }
+
+    fn scan_range(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<KeyValues, StorageError> {
+        if start >= end || limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.scan_range_raw(self.data_key(start), self.data_key(end), limit)
+    }
+
+    fn compare_and_swap(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<CasOutcome, StorageError> {
+        let key = self.data_key(key);
+        let compare = match expected {
+            Some(value) => Compare::value(key.clone(), CompareOp::Equal, value.to_vec()),
+            None => Compare::version(key.clone(), CompareOp::Equal, 0),
+        };
+        let write = match new {
+            Some(value) => TxnOp::put(key.clone(), value.to_vec(), None),
+            None => TxnOp::delete(key.clone(), None),
+        };
+        self.call(move |mut client| async move {
+            let answer = client
+                .txn(
+                    Txn::new()
+                        .when([compare])
+                        .and_then([write])
+                        .or_else([TxnOp::get(key, None)]),
+                )
+                .await
+                .map_err(|e| etcd_error("compare_and_swap", e))?;
+            if answer.succeeded() {
+                return Ok(CasOutcome::Swapped);
+            }
+            let current = answer.op_responses().into_iter().find_map(|r| match r {
+                TxnOpResponse::Get(mut get) => Some(
+                    get.take_kvs()
+                        .into_iter()
+                        .next()
+                        .map(|kv| kv.into_key_value().1),
+                ),
+                _ => None,
+            });
+            Ok(CasOutcome::Conflict {
+                current: current.flatten(),
+            })
+        })
+    }
+
+    fn batch(&self, ops: Vec<BatchOp>) -> Result<(), StorageError> {
+        let ops = fold(ops);
+        let bytes: usize = ops.iter().map(op_bytes).sum();
+        if ops.len() > MAX_TXN_OPS || bytes > MAX_REQUEST_BYTES {
+            return Err(StorageError::Io(format!(
+                "batch: {} operations of {bytes} bytes exceed one etcd transaction \
+                 ({MAX_TXN_OPS} operations, {MAX_REQUEST_BYTES} bytes); an atomic batch cannot \
+                 be split, so nothing was written",
+                ops.len()
+            )));
+        }
+        self.txn(ops, "batch")
+    }
+
+    fn apply_in_order(&self, ops: Vec<BatchOp>) -> Result<(), StorageError> {
+        let mut chunk: Vec<BatchOp> = Vec::new();
+        let mut chunk_bytes = 0usize;
+        for op in ops {
+            let size = op_bytes(&op);
+            if size > MAX_REQUEST_BYTES {
+                // Stop before it: the earlier operations are a prefix.
+                self.txn(fold(std::mem::take(&mut chunk)), "apply_in_order")?;
+                return Err(StorageError::Io(format!(
+                    "apply_in_order: an operation is larger than etcd's request limit \
+                     ({MAX_REQUEST_BYTES} bytes)"
+                )));
+            }
+            if chunk.len() == MAX_TXN_OPS || chunk_bytes + size > MAX_REQUEST_BYTES {
+                self.txn(fold(std::mem::take(&mut chunk)), "apply_in_order")?;
+                chunk_bytes = 0;
+            }
+            chunk_bytes += size;
+            chunk.push(op);
+        }
+        self.txn(fold(chunk), "apply_in_order")
+    }
+
+    /// A no-op: an answered etcd write is committed on a quorum already.
+    fn flush(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
+
+    /// Every data pair at one etcd revision (the first page's), while
+    /// writes go on.
+    fn export(&self, sink: &mut ExportSink<'_>) -> Result<u64, StorageError> {
+        let strip = self.data.len();
+        self.scan_pages(
+            self.data.clone(),
+            prefix_end(&self.data),
+            usize::MAX,
+            &mut |key, value| sink(&key[strip..], &value),
+        )
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_increments_the_last_byte_below_0xff() {
+        assert_eq!(prefix_end(b"kw/d/"), b"kw/d0".to_vec());
+        assert_eq!(prefix_end(b"a\xff\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff"), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn fold_keeps_the_last_operation_per_key() {
+        let ops = vec![
+            BatchOp::Put(b"a".to_vec(), b"1".to_vec()),
+            BatchOp::Put(b"b".to_vec(), b"1".to_vec()),
+            BatchOp::Delete(b"a".to_vec()),
+        ];
+        let folded = fold(ops);
+        assert_eq!(folded.len(), 2);
+        assert!(matches!(&folded[0], BatchOp::Put(k, _) if k == b"b"));
+        assert!(matches!(&folded[1], BatchOp::Delete(k) if k == b"a"));
+    }
+}

@@ -1,0 +1,260 @@
+//! The `Backend` contract, one suite run against every backend: sled in a
+//! temporary folder and etcd on a real 3-member loopback cluster
+//! (`etcd_kit`). Each backend must give the same answers.
+
+use keyward::storage::{Backend, BatchOp, CasOutcome, EtcdBackend, EtcdOptions, SledBackend};
+
+use crate::etcd_kit::EtcdCluster;
+
+fn kv(k: &str, v: &str) -> (Vec<u8>, Vec<u8>) {
+    (k.as_bytes().to_vec(), v.as_bytes().to_vec())
+}
+
+/// What every backend promises (see `storage::Backend`).
+pub fn contract(b: &dyn Backend) {
+    // get / put / delete
+    assert_eq!(b.get(b"a/1").unwrap(), None);
+    b.put(b"a/1", b"one").unwrap();
+    assert_eq!(b.get(b"a/1").unwrap().as_deref(), Some(&b"one"[..]));
+    b.put(b"a/1", b"uno").unwrap();
+    assert_eq!(b.get(b"a/1").unwrap().as_deref(), Some(&b"uno"[..]));
+    b.delete(b"a/1").unwrap();
+    assert_eq!(b.get(b"a/1").unwrap(), None);
+    b.delete(b"a/never").unwrap();
+
+    // binary keys and values, empty value
+    b.put(b"bin/\x00\xff", b"").unwrap();
+    assert_eq!(b.get(b"bin/\x00\xff").unwrap().as_deref(), Some(&b""[..]));
+
+    // scan_prefix in key order, only the prefix
+    for k in ["p/b", "p/a", "p/c", "pa", "q/a"] {
+        b.put(k.as_bytes(), k.as_bytes()).unwrap();
+    }
+    assert_eq!(
+        b.scan_prefix(b"p/").unwrap(),
+        vec![kv("p/a", "p/a"), kv("p/b", "p/b"), kv("p/c", "p/c")]
+    );
+    assert_eq!(b.scan_prefix(b"none/").unwrap(), vec![]);
+
+    // scan_range: [start, end), limit, empty and inverted ranges
+    assert_eq!(
+        b.scan_range(b"p/a", b"p/c", 10).unwrap(),
+        vec![kv("p/a", "p/a"), kv("p/b", "p/b")]
+    );
+    assert_eq!(b.scan_range(b"p/", b"p0", 2).unwrap().len(), 2);
+    assert_eq!(b.scan_range(b"p/c", b"p/a", 10).unwrap(), vec![]);
+    assert_eq!(b.scan_range(b"p/a", b"p/a", 10).unwrap(), vec![]);
+    assert_eq!(b.scan_range(b"p/a", b"p/z", 0).unwrap(), vec![]);
+
+    // compare_and_swap: absent -> value, value -> value, value -> absent
+    assert_eq!(
+        b.compare_and_swap(b"c/1", None, Some(b"v1")).unwrap(),
+        CasOutcome::Swapped
+    );
+    assert_eq!(
+        b.compare_and_swap(b"c/1", None, Some(b"v2")).unwrap(),
+        CasOutcome::Conflict {
+            current: Some(b"v1".to_vec())
+        }
+    );
+    assert_eq!(
+        b.compare_and_swap(b"c/1", Some(b"wrong"), Some(b"v2"))
+            .unwrap(),
+        CasOutcome::Conflict {
+            current: Some(b"v1".to_vec())
+        }
+    );
+    assert_eq!(
+        b.compare_and_swap(b"c/1", Some(b"v1"), Some(b"v2"))
+            .unwrap(),
+        CasOutcome::Swapped
+    );
+    assert_eq!(
+        b.compare_and_swap(b"c/1", Some(b"v2"), None).unwrap(),
+        CasOutcome::Swapped
+    );
+    assert_eq!(b.get(b"c/1").unwrap(), None);
+    assert_eq!(
+        b.compare_and_swap(b"c/1", Some(b"v2"), None).unwrap(),
+        CasOutcome::Conflict { current: None }
+    );
+
+    // batch: all of it, including two operations on one key (the last wins)
+    b.batch(vec![
+        BatchOp::Put(b"b/1".to_vec(), b"x".to_vec()),
+        BatchOp::Put(b"b/2".to_vec(), b"y".to_vec()),
+        BatchOp::Put(b"b/1".to_vec(), b"x2".to_vec()),
+        BatchOp::Delete(b"p/a".to_vec()),
+    ])
+    .unwrap();
+    assert_eq!(b.get(b"b/1").unwrap().as_deref(), Some(&b"x2"[..]));
+    assert_eq!(b.get(b"b/2").unwrap().as_deref(), Some(&b"y"[..]));
+    assert_eq!(b.get(b"p/a").unwrap(), None);
+    b.batch(vec![]).unwrap();
+
+    // apply_in_order: in order; over several etcd transactions (300 ops)
+    let ops: Vec<BatchOp> = (0..300)
+        .map(|i| BatchOp::Put(format!("o/{i:04}").into_bytes(), vec![b'v'; 10]))
+        .chain([BatchOp::Delete(b"o/0000".to_vec())])
+        .collect();
+    b.apply_in_order(ops).unwrap();
+    let listed = b.scan_prefix(b"o/").unwrap();
+    assert_eq!(listed.len(), 299);
+    assert_eq!(listed[0].0, b"o/0001".to_vec());
+
+    // scans past one etcd page (512 keys): 1100 keys, in order
+    let many: Vec<BatchOp> = (0..1100)
+        .map(|i| BatchOp::Put(format!("m/{i:05}").into_bytes(), i.to_string().into_bytes()))
+        .collect();
+    b.apply_in_order(many).unwrap();
+    let all = b.scan_prefix(b"m/").unwrap();
+    assert_eq!(all.len(), 1100);
+    assert!(all.windows(2).all(|w| w[0].0 < w[1].0));
+    assert_eq!(b.scan_range(b"m/", b"m0", 700).unwrap().len(), 700);
+
+    b.flush().unwrap();
+
+    // export: every pair once
+    let mut exported = Vec::new();
+    let count = b
+        .export(&mut |k, v| {
+            exported.push((k.to_vec(), v.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(count as usize, exported.len());
+    assert!(exported.contains(&kv("b/1", "x2")));
+    assert!(exported.contains(&kv("m/01099", "1099")));
+    assert_eq!(
+        exported
+            .iter()
+            .filter(|(k, _)| k.starts_with(b"m/"))
+            .count(),
+        1100
+    );
+}
+
+#[test]
+fn sled_backend_keeps_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = SledBackend::open(dir.path()).unwrap();
+    contract(&backend);
+}
+
+fn etcd_backend(cluster: &EtcdCluster, prefix: &str) -> EtcdBackend {
+    EtcdBackend::open(&EtcdOptions::plaintext(cluster.endpoints(), prefix)).unwrap()
+}
+
+#[test]
+fn etcd_backend_keeps_the_contract_and_etcds_limits() {
+    let cluster = EtcdCluster::start(3);
+    let backend = etcd_backend(&cluster, "kw-contract/");
+    contract(&backend);
+    assert!(backend.is_shared());
+
+    // Another prefix on the same cluster sees none of it.
+    let other = etcd_backend(&cluster, "kw-other/");
+    assert_eq!(other.scan_prefix(b"").unwrap(), vec![]);
+    assert!(other.is_empty().unwrap());
+    assert!(!backend.is_empty().unwrap());
+
+    // A batch over 128 operations cannot be one transaction: refused whole.
+    let ops: Vec<BatchOp> = (0..129)
+        .map(|i| BatchOp::Put(format!("big/{i:03}").into_bytes(), b"v".to_vec()))
+        .collect();
+    let error = backend.batch(ops).unwrap_err().to_string();
+    assert!(error.contains("129 operations"), "{error}");
+    assert!(error.contains("nothing was written"), "{error}");
+    assert_eq!(backend.scan_prefix(b"big/").unwrap(), vec![]);
+    // Over 1.5 MiB in all: refused whole too.
+    let ops: Vec<BatchOp> = (0..4)
+        .map(|i| BatchOp::Put(format!("fat/{i}").into_bytes(), vec![7u8; 500_000]))
+        .collect();
+    assert!(backend.batch(ops).is_err());
+    assert_eq!(backend.scan_prefix(b"fat/").unwrap(), vec![]);
+    // apply_in_order with the same bytes goes through (several transactions).
+    let ops: Vec<BatchOp> = (0..4)
+        .map(|i| BatchOp::Put(format!("fat/{i}").into_bytes(), vec![7u8; 500_000]))
+        .collect();
+    backend.apply_in_order(ops).unwrap();
+    assert_eq!(backend.scan_prefix(b"fat/").unwrap().len(), 4);
+
+    // A second open of the same prefix sees the data (format version kept).
+    drop(backend);
+    let again = etcd_backend(&cluster, "kw-contract/");
+    assert_eq!(again.get(b"b/1").unwrap().as_deref(), Some(&b"x2"[..]));
+}
+
+/// The synchronous trait called from async code: on a current-thread
+/// runtime (where `block_in_place` would panic) and on a multi-thread one.
+#[tokio::test]
+async fn etcd_backend_works_from_a_current_thread_runtime() {
+    let cluster = EtcdCluster::start(1);
+    let backend = etcd_backend(&cluster, "kw-ct/");
+    backend.put(b"k", b"v").unwrap();
+    assert_eq!(backend.get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
+    // Dropped inside the runtime: no panic.
+    drop(backend);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_backend_works_from_multi_thread_workers() {
+    let cluster = EtcdCluster::start(1);
+    let backend = std::sync::Arc::new(etcd_backend(&cluster, "kw-mt/"));
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let backend = backend.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..20 {
+                let key = format!("t{t}/{i}");
+                backend.put(key.as_bytes(), b"v").unwrap();
+                assert!(backend.get(key.as_bytes()).unwrap().is_some());
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(backend.scan_prefix(b"t").unwrap().len(), 160);
+}
+
+/// A lost cluster is an error within the request bound, never a hang.
+#[test]
+fn etcd_backend_reports_a_lost_cluster() {
+    let mut cluster = EtcdCluster::start(1);
+    let backend = etcd_backend(&cluster, "kw-lost/");
+    backend.put(b"k", b"v").unwrap();
+    cluster.members[0].kill();
+    let error = backend.put(b"k", b"w").unwrap_err().to_string();
+    assert!(error.contains("put"), "{error}");
+}
+
+/// etcd's NOSPACE alarm: writes fail with a clear error, reads go on.
+#[test]
+fn etcd_backend_fails_writes_closed_when_etcd_is_out_of_space() {
+    let cluster = EtcdCluster::start_with(
+        1,
+        crate::etcd_kit::EtcdFlags {
+            quota_backend_bytes: Some(2 * 1024 * 1024),
+        },
+    );
+    let backend = etcd_backend(&cluster, "kw-full/");
+    backend.put(b"keep", b"readable").unwrap();
+    let mut refused = None;
+    for i in 0..200 {
+        if let Err(e) = backend.put(format!("fill/{i}").as_bytes(), &vec![1u8; 200_000]) {
+            refused = Some(e.to_string());
+            break;
+        }
+    }
+    let refused = refused.expect("etcd never ran out of space");
+    assert!(refused.contains("out of space"), "{refused}");
+    assert!(refused.contains("NOSPACE"), "{refused}");
+    // Still refused (the alarm stays), reads still answered.
+    assert!(backend.put(b"small", b"x").is_err());
+    assert_eq!(
+        backend.get(b"keep").unwrap().as_deref(),
+        Some(&b"readable"[..])
+    );
+    assert!(!backend.scan_prefix(b"fill/").unwrap().is_empty());
+}
