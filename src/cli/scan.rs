@@ -213,7 +213,12 @@ async fn run(g: &Global, format: Format, sarif: bool, args: &ScanArgs) -> Result
             findings.push(Finding {
                 place: place.clone(),
                 kind: *kind,
-                preview: preview(&text.0),
+                // A PEM block's text is its BEGIN line: not secret.
+                preview: if *kind == Kind::PrivateKey {
+                    text.0.to_string()
+                } else {
+                    preview(&text.0)
+                },
                 stored: None,
             });
         }

@@ -92,7 +92,13 @@ pub fn walk_files(
     let mut stack = vec![root.to_path_buf()];
     let mut buf = Vec::new();
     while let Some(path) = stack.pop() {
-        let meta = std::fs::symlink_metadata(&path).map_err(|e| read_error(&path, e))?;
+        // A root given as a symbolic link is followed; links under it are not.
+        let meta = if path == root {
+            std::fs::metadata(&path)
+        } else {
+            std::fs::symlink_metadata(&path)
+        }
+        .map_err(|e| read_error(&path, e))?;
         if meta.is_dir() {
             if path != root && path.file_name().is_some_and(|n| n == ".git") {
                 continue;
@@ -153,11 +159,16 @@ pub fn walk_history(
         .args([
             "-c",
             "core.quotePath=false",
+            "-c",
+            "core.fsmonitor=false",
             "log",
             "-p",
             "--all",
             "--no-color",
+            // A scanned repository's configuration runs no program of its
+            // own: no external diff, no textconv filter.
             "--no-ext-diff",
+            "--no-textconv",
             "--no-renames",
             "--unified=0",
             "--format=format:\u{1}commit %H",
@@ -296,5 +307,53 @@ mod tests {
         assert_eq!(seen[0].1, 2);
         assert_eq!(stats.skipped_binary, 1);
         assert_eq!(stats.skipped_large, 1);
+    }
+
+    #[test]
+    fn the_history_yields_added_lines_with_their_numbers_and_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let git = |args: &[&str]| {
+            let ok = Command::new("git")
+                .arg("-C")
+                .arg(root)
+                .args(["-c", "user.name=t", "-c", "user.email=t@t.invalid"])
+                .args(["-c", "commit.gpgsign=false"])
+                .args(args)
+                .output()
+                .unwrap()
+                .status
+                .success();
+            assert!(ok, "git {args:?}");
+        };
+        git(&["init", "-q"]);
+        std::fs::write(root.join("a.env"), "X=1\nSECRET=old-value\n").unwrap();
+        git(&["add", "-A"]);
+        git(&["commit", "-q", "-m", "one"]);
+        std::fs::write(root.join("a.env"), "X=1\n").unwrap();
+        git(&["commit", "-q", "-am", "two"]);
+        let mut seen = Vec::new();
+        let stats = walk_history(root, &Limits::default(), &mut |t| {
+            for (n, l) in t.lines {
+                seen.push((
+                    t.path.to_owned(),
+                    t.commit.unwrap().len(),
+                    *n,
+                    (*l).to_owned(),
+                ));
+            }
+        })
+        .unwrap();
+        assert_eq!(stats.commits, 2);
+        assert_eq!(
+            seen,
+            [
+                ("a.env".to_owned(), 40, 1, "X=1".to_owned()),
+                ("a.env".to_owned(), 40, 2, "SECRET=old-value".to_owned()),
+            ]
+        );
+        // Not a repository: an error, not an empty history.
+        let plain = tempfile::tempdir().unwrap();
+        assert!(walk_history(plain.path(), &Limits::default(), &mut |_| {}).is_err());
     }
 }
