@@ -114,7 +114,22 @@ async fn a_new_source_and_a_new_path_are_listed_streamed_counted_and_audited() {
     let (name, _svc, token) = warm_reader(&server, &root, &prefix).await;
     let mut watch = root.watch_anomalies(Some(&name)).await.unwrap();
 
-    // Another /24: a source this identity never used.
+    // A secret it may read but never did, from where it always reads.
+    let planted = format!("{prefix}/never");
+    get_from(&server, "127.0.0.1", &token, &planted)
+        .await
+        .unwrap();
+    let path_event = listed(&root, Some(&name), "new_path").await;
+    assert!(path_event.detail.contains(&format!("secret/{planted}")));
+    let streamed = tokio::time::timeout(Duration::from_secs(30), watch.message())
+        .await
+        .expect("no anomaly streamed within 30 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(streamed.kind, "new_path");
+
+    // Another /24: a source this identity never used (the same token, in
+    // use a moment ago from 127.0.0.1, is also a token_reuse).
     get_from(&server, "127.0.1.1", &token, &format!("{prefix}/a"))
         .await
         .unwrap();
@@ -128,20 +143,13 @@ async fn a_new_source_and_a_new_path_are_listed_streamed_counted_and_audited() {
     assert_eq!(event.source, "127.0.1.1");
     assert!(event.detail.contains("127.0.1.0/24"), "{}", event.detail);
     assert_eq!(event.response, "alert");
-
-    // A secret it may read but never did.
-    let planted = format!("{prefix}/never");
-    get_from(&server, "127.0.0.1", &token, &planted)
-        .await
-        .unwrap();
-    let path_event = listed(&root, Some(&name), "new_path").await;
-    assert!(path_event.detail.contains(&format!("secret/{planted}")));
-    let streamed = tokio::time::timeout(Duration::from_secs(30), watch.message())
+    let reuse = tokio::time::timeout(Duration::from_secs(30), watch.message())
         .await
         .unwrap()
         .unwrap()
         .unwrap();
-    assert_eq!(streamed.kind, "new_path");
+    assert_eq!(reuse.kind, "token_reuse");
+    assert_eq!(reuse.accessor, event.accessor);
 
     // Counted, and in the audit log with its kind and identity.
     let metrics = scrape(server.metrics_addr).await;
@@ -156,8 +164,12 @@ async fn a_new_source_and_a_new_path_are_listed_streamed_counted_and_audited() {
         .map(|l| serde_json::from_str(l).unwrap())
         .filter(|r: &serde_json::Value| r["method"] == "keyward.anomaly/Detected")
         .collect();
-    assert_eq!(records.len(), 2, "{records:?}");
-    assert_eq!(records[0]["kind"], "new_source");
+    let kinds: Vec<&str> = records
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, vec!["new_path", "new_source", "token_reuse"]);
+    assert_eq!(records[1]["anomaly_source"], "127.0.1.1");
     assert_eq!(records[0]["anomaly_identity"], name.as_str());
     // No token and no secret value in the audit records of anomalies, the
     // events, or the server's answer.
@@ -273,7 +285,8 @@ async fn a_first_read_right_after_a_siblings_decommission_is_flagged() {
     assert_eq!(event.response, "alert");
 }
 
-#[tokio::test]
+// The CLI runs as a child process and blocks while the server answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listing_needs_read_on_sys_anomalies_and_a_low_privileged_caller_cannot_watch() {
     let server = TestServer::dev_with(quick(|_| {})).await;
     let root = server.root().await;
@@ -336,7 +349,9 @@ async fn listing_needs_read_on_sys_anomalies_and_a_low_privileged_caller_cannot_
                 .iter()
                 .map(|a| a["kind"].as_str().unwrap())
                 .collect();
-            assert_eq!(kinds, vec!["new_source"]);
+            // The token that warmed up from 127.0.0.1, a moment later from
+            // 127.0.1.1: a new source, and a token in two places.
+            assert_eq!(kinds, vec!["new_source", "token_reuse"]);
             assert!(watch.is_ok());
         } else {
             assert_eq!(status, 1, "caller {i}: {stdout}");
