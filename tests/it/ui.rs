@@ -667,6 +667,11 @@ async fn chromium_signs_in_and_reads_the_seeded_counts() {
             core.usage.record(name, None, core.clock().now_ms());
         }
     }
+    // svc-a read the rotated secret (the read set a decommission uses).
+    core.reads
+        .note(&names[0].0, &format!("{prefix}/db"), core.clock().now_ms())
+        .await
+        .unwrap();
     let stop = keyward::clock::ShutdownTrigger::new();
     let governance = keyward::config::GovernanceConfig {
         every: Duration::from_secs(30 * 86_400),
@@ -763,7 +768,7 @@ async fn chromium_signs_in_and_reads_the_seeded_counts() {
     assert_eq!(id["identity-kind"], "service-account");
     assert_eq!(id["identity-owner"], "team-a");
     assert_eq!(id["unused-rules-count"], "1");
-    assert_eq!(id["reads-count"], "0");
+    assert_eq!(id["reads-count"], "1", "{seen}");
     assert_eq!(id["attestation-state"], "due");
     assert_eq!(id["identity-tokens"], "0");
     assert_eq!(

@@ -77,6 +77,8 @@ with sync_playwright() as p:
         viewport={"width": 1200, "height": 900},
     )
     page = ctx.new_page()
+    # A generous bound on every wait (a loaded machine), never a sleep.
+    page.set_default_timeout(90000)
     page.on("request", lambda r: seen["urls"].append(r.url))
     page.goto(base + "/ui/")
     # No session: the sign-in form.
@@ -84,7 +86,7 @@ with sync_playwright() as p:
     page.fill('[data-testid="token"]', token)
     page.click('[data-testid="sign-in"]')
     try:
-        page.wait_for_selector('[data-testid="identities-total"]', timeout=20000)
+        page.wait_for_selector('[data-testid="identities-total"]')
     except Exception:
         page.screenshot(path=artifacts + "/sign-in-failed.png", full_page=True)
         print("after sign-in at", page.url, page.content()[:2000], file=sys.stderr)
