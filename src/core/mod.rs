@@ -138,7 +138,9 @@ impl Core {
             BrokerOptions::default(),
         ));
         // Dynamic roles on a plugin find it among the broker's providers.
-        dynamic.set_plugins(Arc::new(Broker::clone(&rotation)));
+        let plugins: std::sync::Weak<dyn crate::dynamic::Plugins> =
+            Arc::downgrade(&rotation) as std::sync::Weak<Broker>;
+        dynamic.set_plugins(plugins);
         let reads = ReadSet::new(barrier.clone());
         let anomalies = crate::anomaly::Anomalies::new(&metrics);
         let pki = Arc::new(PkiStore::new(barrier_for_pki, Arc::new(ClientTrust::new())));

@@ -26,7 +26,7 @@
 mod targets;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use prost::Message;
@@ -157,10 +157,14 @@ impl Plugins for crate::rotation::Broker {
     }
 }
 
-type PluginSlot = Arc<OnceLock<Arc<dyn Plugins>>>;
+/// Weak: the broker reaches the lease store (through the token store's
+/// revoke listener), so a strong handle here would be a cycle that keeps
+/// the storage open after the server stops.
+type PluginSlot = Arc<OnceLock<Weak<dyn Plugins>>>;
 
 fn plugin_of(slot: &PluginSlot, name: &str) -> Result<Arc<ExternalProvider>, DynamicError> {
     slot.get()
+        .and_then(Weak::upgrade)
         .and_then(|p| p.provider(name))
         .and_then(Provider::into_external)
         .ok_or_else(|| {
@@ -491,8 +495,9 @@ impl DynamicStore {
         }
     }
 
-    /// Where registered plugins are found (the rotation broker); set once.
-    pub fn set_plugins(&self, plugins: Arc<dyn Plugins>) {
+    /// Where registered plugins are found (the rotation broker, held
+    /// weakly); set once.
+    pub fn set_plugins(&self, plugins: Weak<dyn Plugins>) {
         let _ = self.plugins.set(plugins);
     }
 
