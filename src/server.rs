@@ -366,8 +366,8 @@ impl Server {
             tokio::spawn(async move { publish_health(&health, sealed).await });
         };
         let state = crate::http::HttpState::new(self.core.clone(), self.config.server_limits)
-            .with_seal_hook(Arc::new(hook))
-            .with_governance(self.config.governance);
+            .with_seal_hook(Arc::new(hook));
+        let state = state.with_governance(self.config.governance);
         let router = crate::http::router(state);
         let limits = self.config.server_limits;
         tasks.spawn("http-listener", move |shutdown| {

@@ -415,6 +415,13 @@ async fn a_low_privileged_token_sees_only_what_it_may_and_no_token_leaks() {
     pages.push(page);
     let page = ui.get(&format!("/ui/identity/{other}"), Some(&v)).await;
     assert_eq!(page.status, 403, "{}", page.text);
+    assert_hardened(&page);
+    for odd in ["%3Cscript%3E", "a%2Fb", "..%2F..", "%FF"] {
+        let p = ui.get(&format!("/ui/identity/{odd}"), Some(&v)).await;
+        assert_eq!(p.status, 400, "{odd}: {}", p.text);
+        assert_hardened(&p);
+        assert!(!p.text.contains("<script>"), "{odd}");
+    }
     assert!(!page.text.contains(&other) || page.text.contains("may not"));
     pages.push(page);
 

@@ -33,7 +33,7 @@ pub mod views;
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -381,10 +381,17 @@ async fn overview(
 async fn identity(
     State(state): State<HttpState>,
     Extension(sessions): Extension<Arc<Sessions>>,
-    Path(name): Path<String>,
     req: Request,
 ) -> Response {
     let (req, _) = req.into_parts();
+    // Read from the path itself rather than by an extractor, so a malformed
+    // one is this handler's hardened page, not the router's bare 400.
+    let name = req
+        .uri
+        .path()
+        .strip_prefix("/ui/identity/")
+        .unwrap_or_default()
+        .to_owned();
     let mut call = match begin_page(&state, &sessions, &req, "keyward.ui/Identity").await {
         Ok(c) => c,
         Err(r) => return r,
