@@ -137,9 +137,7 @@ async fn pg_create(
 ) -> Result<(), DynamicError> {
     let client = postgres::connect(admin).await?;
     pg_missing_roles(&client, admin, roles).await?;
-    let verifier = Zeroizing::new(postgres_protocol::password::scram_sha_256(
-        password.expose(),
-    ));
+    let verifier = postgres::scram_verifier(password).await;
     let until =
         chrono::DateTime::from_timestamp_millis(i64::try_from(valid_until_ms).unwrap_or(i64::MAX))
             .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f+00").to_string())

@@ -27,12 +27,12 @@ mod crash;
 mod delegation_exchange;
 mod dynamic_crash;
 mod dynamic_creds;
-mod federation_claims;
-mod federation_figures;
 mod etcd_cluster;
 #[path = "../support/etcd_kit.rs"]
 #[allow(dead_code)]
 mod etcd_kit;
+mod federation_claims;
+mod federation_figures;
 mod federation_issuer;
 mod federation_rotation;
 mod governance;

@@ -39,9 +39,7 @@ impl Target for Postgres {
         password: &SecretBytes,
     ) -> Result<(), ProviderError> {
         let client = connect(admin).await?;
-        let verifier = Zeroizing::new(postgres_protocol::password::scram_sha_256(
-            password.expose(),
-        ));
+        let verifier = scram_verifier(password).await;
         let statement = Zeroizing::new(format!(
             "ALTER ROLE {} PASSWORD {}",
             quote_ident(user),
@@ -173,5 +171,21 @@ mod tests {
         assert_eq!(quote_literal("abc"), "'abc'");
         assert_eq!(quote_literal("it's"), "'it''s'");
         assert_eq!(quote_literal("a\\'b"), "E'a\\\\''b'");
+    }
+}
+
+/// PostgreSQL's SCRAM-SHA-256 verifier of `password`: 4096 PBKDF2 rounds
+/// (milliseconds of CPU), so it runs on the blocking pool rather than on an
+/// async worker, where it would stall every other request on that worker.
+pub(crate) async fn scram_verifier(password: &SecretBytes) -> Zeroizing<String> {
+    let password = Zeroizing::new(password.expose().to_vec());
+    let made = tokio::task::spawn_blocking(move || {
+        Zeroizing::new(postgres_protocol::password::scram_sha_256(&password))
+    })
+    .await;
+    match made {
+        Ok(verifier) => verifier,
+        // Only a panic in the hash itself (or a runtime shutting down) gets here.
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
 }
