@@ -66,7 +66,7 @@ pub fn migrate(format: Format, from: &str, to: &str) -> Result<()> {
             chunk_bytes = 0;
         }
         copied += 1;
-        if copied % 1000 == 0 {
+        if copied.is_multiple_of(1000) {
             eprintln!("migrate: {copied} keys copied");
         }
         Ok(())

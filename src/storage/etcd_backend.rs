@@ -80,6 +80,15 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// The bound on waiting for an answer: a little past the request's own.
 const WAIT_BOUND: Duration = Duration::from_secs(15);
 
+/// Marks an error of a request that never reached etcd (see `call`).
+const NOT_SENT: &str = "an etcd member could not be reached, the request was not sent";
+/// How often such a request is sent again (to another member, if the
+/// client's balancer picks one), with a growing pause of 20 ms per try.
+const NOT_SENT_RETRIES: u64 = 12;
+/// The largest answer the client decodes: a page of a scan is halved until
+/// its answer fits (one value is at most etcd's 1.5 MiB request limit).
+const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
+
 /// Where the data keys start, under the prefix.
 const DATA: &[u8] = b"d/";
 /// The format version's key, under the prefix.
@@ -147,6 +156,9 @@ fn etcd_error(operation: &'static str, error: etcd_client::Error) -> StorageErro
                  refused until an operator compacts and defragments etcd (or raises \
                  --quota-backend-bytes) and disarms the alarm; reads go on"
             ));
+        }
+        if status.code() == tonic::Code::Unavailable && message.contains("tcp connect error") {
+            return StorageError::Io(format!("{operation}: {NOT_SENT}: {message}"));
         }
         return StorageError::Io(format!(
             "{operation}: etcd answered {:?}: {message}",
@@ -255,10 +267,16 @@ impl EtcdBackend {
 
     /// Runs `work` with a client on the backend's runtime and waits for it
     /// (see the module doc on why this cannot deadlock).
+    ///
+    /// A request that etcd never received (the TCP connection to the member
+    /// the client picked was refused: a member is down) is sent again, up to
+    /// `NOT_SENT_RETRIES` times, so one member down of three is not an error.
+    /// Only such requests are retried: a request that may have reached etcd
+    /// is never sent twice (a compare-and-swap would misreport its outcome).
     fn call<T, F, Fut>(&self, work: F) -> Result<T, StorageError>
     where
         T: Send + 'static,
-        F: FnOnce(Client) -> Fut,
+        F: FnOnce(Client) -> Fut + Clone + Send + 'static,
         Fut: std::future::Future<Output = Result<T, StorageError>> + Send + 'static,
     {
         let runtime = self
@@ -266,9 +284,21 @@ impl EtcdBackend {
             .as_ref()
             .ok_or_else(|| StorageError::Io("etcd: the backend is closed".into()))?;
         let (tx, rx) = mpsc::sync_channel(1);
-        let future = work(self.client.clone());
+        let client = self.client.clone();
         runtime.spawn(async move {
-            let _ = tx.send(future.await);
+            let mut tries = 0u64;
+            let out = loop {
+                match (work.clone())(client.clone()).await {
+                    Err(StorageError::Io(message))
+                        if message.contains(NOT_SENT) && tries < NOT_SENT_RETRIES =>
+                    {
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(20 * tries)).await;
+                    }
+                    other => break other,
+                }
+            };
+            let _ = tx.send(out);
         });
         wait(rx)?
     }
@@ -393,15 +423,29 @@ impl EtcdBackend {
             let page = PAGE.min(i64::try_from(left).unwrap_or(PAGE));
             let range_end = end.clone();
             let from = start.clone();
-            let (kvs, more, rev) = self.call(move |mut client| async move {
-                let mut options = GetOptions::new().with_range(range_end).with_limit(page);
-                if revision > 0 {
-                    options = options.with_revision(revision);
-                }
-                let mut answer = client
-                    .get(from, Some(options))
-                    .await
-                    .map_err(|e| etcd_error("scan", e))?;
+            let (kvs, more, rev) = self.call(move |client| async move {
+                let mut kv = client
+                    .kv_client()
+                    .max_decoding_message_size(MAX_ANSWER_BYTES);
+                let mut page = page;
+                let mut answer = loop {
+                    let mut options = GetOptions::new()
+                        .with_range(range_end.clone())
+                        .with_limit(page);
+                    if revision > 0 {
+                        options = options.with_revision(revision);
+                    }
+                    match kv.get(from.clone(), Some(options)).await {
+                        Ok(answer) => break answer,
+                        // The page's values are too large for one answer.
+                        Err(etcd_client::Error::GRpcStatus(status))
+                            if status.code() == tonic::Code::OutOfRange && page > 1 =>
+                        {
+                            page /= 2;
+                        }
+                        Err(e) => return Err(etcd_error("scan", e)),
+                    }
+                };
                 let rev = answer.header().map_or(0, |h| h.revision());
                 let more = answer.more();
                 let kvs: Vec<(Vec<u8>, Vec<u8>)> = answer
