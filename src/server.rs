@@ -145,10 +145,15 @@ impl Server {
                 SledBackend::open(&config.storage_path)
                     .map_err(|e| ServerError::Storage(e.to_string()))?,
             ),
+            #[cfg(feature = "etcd")]
             crate::config::StorageBackend::Etcd(options) => Arc::new(
                 crate::storage::EtcdBackend::open(options)
                     .map_err(|e| ServerError::Storage(e.to_string()))?,
             ),
+            #[cfg(not(feature = "etcd"))]
+            crate::config::StorageBackend::Etcd(_) => {
+                return Err(ServerError::Storage(crate::storage::NO_ETCD.to_owned()))
+            }
         };
         // A store made by `snapshot restore` and not unsealed since.
         let restored = crate::barrier::restore::read_marker(backend.as_ref())

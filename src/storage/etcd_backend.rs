@@ -67,7 +67,9 @@ use etcd_client::{
     TxnOp, TxnOpResponse,
 };
 
-use super::{format, Backend, BatchOp, CasOutcome, ExportSink, KeyValues, StorageError};
+use super::{
+    format, Backend, BatchOp, CasOutcome, EtcdOptions, ExportSink, KeyValues, StorageError,
+};
 
 /// etcd's default `--max-txn-ops`.
 pub const MAX_TXN_OPS: usize = 128;
@@ -93,33 +95,6 @@ const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
 const DATA: &[u8] = b"d/";
 /// The format version's key, under the prefix.
 const FORMAT_KEY: &[u8] = b"m/format";
-
-/// How to reach the cluster (`[storage.etcd]`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EtcdOptions {
-    /// `http://host:port` or `https://host:port`, one per member.
-    pub endpoints: Vec<String>,
-    /// Every key of this vault starts with it.
-    pub prefix: String,
-    /// The CA that signed the members' certificates (turns TLS on).
-    pub ca: Option<PathBuf>,
-    /// Client certificate and key for mTLS (both or neither).
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-}
-
-impl EtcdOptions {
-    /// Plaintext endpoints under `prefix` (loopback tests).
-    pub fn plaintext(endpoints: Vec<String>, prefix: impl Into<String>) -> Self {
-        Self {
-            endpoints,
-            prefix: prefix.into(),
-            ca: None,
-            cert: None,
-            key: None,
-        }
-    }
-}
 
 /// A `Backend` on an etcd cluster. See the module doc.
 pub struct EtcdBackend {

@@ -18,12 +18,21 @@
 //! `GroupCommit` wraps a backend for async callers: concurrent callers of
 //! `GroupCommit::durable` share one flush.
 
+#[cfg(feature = "etcd")]
 mod etcd_backend;
+mod etcd_options;
 pub mod format;
 mod group_commit;
 mod sled_backend;
 
-pub use etcd_backend::{EtcdBackend, EtcdOptions};
+#[cfg(feature = "etcd")]
+pub use etcd_backend::EtcdBackend;
+pub use etcd_options::EtcdOptions;
+
+/// What a binary built without the `etcd` feature says when asked for etcd.
+pub const NO_ETCD: &str =
+    "storage.backend = \"etcd\" needs a keyward built with the `etcd` feature \
+     (cargo build --release --features etcd; etcd-client's build needs protoc)";
 pub use group_commit::GroupCommit;
 pub use sled_backend::SledBackend;
 

@@ -19,6 +19,7 @@ mod pg_cluster;
 mod plugin;
 
 mod audit;
+#[cfg(feature = "etcd")]
 mod backend_contract;
 mod certs;
 mod cidr;
@@ -27,7 +28,9 @@ mod crash;
 mod delegation_exchange;
 mod dynamic_crash;
 mod dynamic_creds;
+#[cfg(feature = "etcd")]
 mod etcd_cluster;
+#[cfg(feature = "etcd")]
 #[path = "../support/etcd_kit.rs"]
 #[allow(dead_code)]
 mod etcd_kit;
