@@ -52,6 +52,21 @@ impl Governance for GovernanceService {
             self.core.clock().now_ms(),
         ))?;
         let lease_revocations_failing = call.check(self.core.leases.failed_count())? as u64;
+        let anomalies_recent = self
+            .core
+            .anomalies
+            .counts(
+                self.core
+                    .clock()
+                    .now_ms()
+                    .saturating_sub(ANOMALY_REPORT_WINDOW_MS),
+            )
+            .into_iter()
+            .map(|(kind, count)| CountByKey {
+                key: kind.as_str().to_owned(),
+                count,
+            })
+            .collect();
         call.ok(&[])?;
         let failures: std::collections::HashMap<&str, &str> = rotation
             .last_failures
@@ -135,6 +150,7 @@ impl Governance for GovernanceService {
             certificates_expiring_soon: pki.expiring_soon,
             certificates_revoked: pki.revoked,
             lease_revocations_failing,
+            anomalies_recent,
         }))
     }
 
@@ -248,6 +264,9 @@ impl Governance for GovernanceService {
         )))
     }
 }
+
+/// The report's `anomalies_recent` counts events of this long (24 h).
+const ANOMALY_REPORT_WINDOW_MS: u64 = 24 * 3_600_000;
 
 /// The resource of `anomalies list` and `WatchAnomalies`.
 pub const ANOMALIES_RESOURCE: &str = "sys/anomalies";

@@ -611,6 +611,9 @@ pub async fn report(g: &Global, format: Format, args: ReportArgs) -> Result<()> 
             "certificates_expiring_soon": r.certificates_expiring_soon,
             "certificates_revoked": r.certificates_revoked,
             "lease_revocations_failing": r.lease_revocations_failing,
+            "anomalies_recent": r.anomalies_recent.iter()
+                .map(|c| (c.key.clone(), json!(c.count)))
+                .collect::<serde_json::Map<String, Value>>(),
         }),
     );
     Ok(())

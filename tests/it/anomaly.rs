@@ -171,6 +171,17 @@ async fn a_new_source_and_a_new_path_are_listed_streamed_counted_and_audited() {
     assert_eq!(kinds, vec!["new_path", "new_source", "token_reuse"]);
     assert_eq!(records[1]["anomaly_source"], "127.0.1.1");
     assert_eq!(records[0]["anomaly_identity"], name.as_str());
+    // The governance report counts the last day's events by kind.
+    let report = root.governance_report(0, 0).await.unwrap();
+    let recent: Vec<(&str, u64)> = report
+        .anomalies_recent
+        .iter()
+        .map(|c| (c.key.as_str(), c.count))
+        .collect();
+    assert_eq!(
+        recent,
+        vec![("new_source", 1), ("new_path", 1), ("token_reuse", 1)]
+    );
     // No token and no secret value in the audit records of anomalies, the
     // events, or the server's answer.
     let values = root.get(&planted).await.unwrap();
