@@ -176,6 +176,10 @@ impl FailWindow {
     /// Counts one failure; true when the burst threshold is first reached
     /// in this window.
     fn count(&mut self, now_ms: u64, window_ms: u64, burst: u32) -> bool {
+        self.count_n(1, now_ms, window_ms, burst)
+    }
+
+    fn count_n(&mut self, n: u32, now_ms: u64, window_ms: u64, burst: u32) -> bool {
         if now_ms.saturating_sub(self.start_ms) > window_ms || self.count == 0 {
             *self = FailWindow {
                 start_ms: now_ms,
@@ -183,7 +187,7 @@ impl FailWindow {
                 flagged: false,
             };
         }
-        self.count = self.count.saturating_add(1);
+        self.count = self.count.saturating_add(n);
         if self.count >= burst && !self.flagged {
             self.flagged = true;
             return true;
@@ -209,6 +213,8 @@ pub struct Detector {
     tokens: HashMap<String, (String, IpAddr, u64)>,
     fails: HashMap<IpAddr, FailWindow>,
     fails_elsewhere: FailWindow,
+    /// Failed logins per identity named (by the login module's counts).
+    identity_fails: HashMap<String, FailWindow>,
     decommissions: VecDeque<Decommissioned>,
 }
 
@@ -221,6 +227,7 @@ impl Detector {
             tokens: HashMap::new(),
             fails: HashMap::new(),
             fails_elsewhere: FailWindow::default(),
+            identity_fails: HashMap::new(),
             decommissions: VecDeque::new(),
         }
     }
@@ -523,6 +530,45 @@ impl Detector {
             self.baselines.remove(&oldest);
             self.dirty.remove(&oldest);
         }
+    }
+
+    /// `failures` more failed logins of `identity` (the login module knows
+    /// whose role or certificate was tried; the seam does not): a burst is
+    /// a finding that names the identity. At most [`MAX_FAIL_SOURCES`]
+    /// identities are followed.
+    pub fn count_identity_failures(
+        &mut self,
+        identity: &str,
+        failures: u64,
+        now_ms: u64,
+    ) -> Option<Finding> {
+        let window = self.cfg.failed_login_window.as_millis() as u64;
+        let burst = self.cfg.failed_login_burst;
+        if !self.identity_fails.contains_key(identity) {
+            if self.identity_fails.len() >= MAX_FAIL_SOURCES {
+                self.identity_fails
+                    .retain(|_, w| now_ms.saturating_sub(w.start_ms) <= window);
+            }
+            if self.identity_fails.len() >= MAX_FAIL_SOURCES {
+                return None;
+            }
+        }
+        let w = self.identity_fails.entry(identity.to_owned()).or_default();
+        let n = u32::try_from(failures).unwrap_or(u32::MAX);
+        if !w.count_n(n, now_ms, window, burst) {
+            return None;
+        }
+        Some(Finding {
+            kind: Kind::FailedLogins,
+            identity: Some(identity.to_owned()),
+            accessor: None,
+            source: None,
+            detail: format!(
+                "{} failed logins as this identity within {} s",
+                w.count,
+                window / 1000
+            ),
+        })
     }
 
     /// A failed login (or a bad token): counted per source; a burst is a

@@ -49,6 +49,7 @@ use tokio::sync::{broadcast, mpsc};
 use crate::audit::AuditLog;
 use crate::barrier::{Barrier, PlainOp};
 use crate::clock::{Clock, Shutdown};
+use crate::identity::login::{Login, UNKNOWN_IDENTITY};
 use crate::identity::{IdentityName, IdentityStore};
 use crate::metrics::Metrics;
 use crate::token::TokenStore;
@@ -63,6 +64,9 @@ pub const CHANNEL_CAPACITY: usize = 8_192;
 pub const MAX_EVENTS: usize = 10_000;
 /// How often baselines and events are written.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(60);
+/// After a failed login, the login module's counts by identity are read
+/// once within this long (not on every failure: a flood stays cheap).
+pub const LOGIN_CHECK_AFTER: Duration = Duration::from_secs(1);
 /// Events a slow `WatchAnomalies` subscriber may fall behind by.
 pub const WATCH_BUFFER: usize = 256;
 
@@ -397,6 +401,8 @@ pub struct AnomalyDeps {
     pub identities: Arc<IdentityStore>,
     /// `revoke-token`, and the tokens a disable revokes.
     pub tokens: TokenStore,
+    /// Whose logins failed (it counts them by identity).
+    pub login: Arc<Login>,
 }
 
 /// The detector's front: a cheap handle (clones share everything).
@@ -572,6 +578,10 @@ impl Anomalies {
         let mut loaded = false;
         let flush = deps.clock.sleep(FLUSH_EVERY);
         tokio::pin!(flush);
+        let login_check = deps.clock.sleep(LOGIN_CHECK_AFTER);
+        tokio::pin!(login_check);
+        let mut login_pending = false;
+        let mut login_seen = LoginCounts::default();
         loop {
             tokio::select! {
                 got = rx.recv() => {
@@ -579,7 +589,21 @@ impl Anomalies {
                     if !loaded {
                         loaded = self.load(&deps, &mut detector);
                     }
+                    if observation.method == LOGIN_METHOD && observation.is_failed_auth() && !login_pending {
+                        login_pending = true;
+                        login_check.as_mut().reset(tokio::time::Instant::now() + LOGIN_CHECK_AFTER);
+                    }
                     self.handle(&deps, &mut detector, observation).await;
+                }
+                _ = &mut login_check, if login_pending => {
+                    login_pending = false;
+                    let now = deps.clock.now_ms();
+                    for (identity, more) in login_seen.update(&deps.login) {
+                        if let Some(finding) = detector.count_identity_failures(&identity, more, now) {
+                            let response = detector.config().response(finding.kind);
+                            self.raise(&deps, finding, response, now).await;
+                        }
+                    }
                 }
                 _ = &mut flush => {
                     if !loaded {
@@ -875,6 +899,36 @@ impl Anomalies {
                 }
             }
         }
+    }
+}
+
+/// The login module's failure counts by identity, as last read.
+#[derive(Default)]
+struct LoginCounts {
+    seen: std::collections::HashMap<String, u64>,
+}
+
+impl LoginCounts {
+    /// Reads the counts again; answers the identities with more failures
+    /// than last time, and how many more. The map is as bounded as the
+    /// login module's (past its bound, failures count as unknown, which is
+    /// left out here).
+    fn update(&mut self, login: &Login) -> Vec<(String, u64)> {
+        let mut totals: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+        for f in login.failed_logins() {
+            if f.identity != UNKNOWN_IDENTITY {
+                *totals.entry(f.identity).or_insert(0) += f.count;
+            }
+        }
+        let mut more = Vec::new();
+        for (identity, total) in &totals {
+            let before = self.seen.get(identity).copied().unwrap_or(0);
+            if *total > before {
+                more.push((identity.clone(), total - before));
+            }
+        }
+        self.seen = totals;
+        more
     }
 }
 

@@ -376,3 +376,21 @@ fn config_refuses_anything_but_alert_for_failed_logins() {
         assert!(ANOMALY_KEYS.iter().any(|(k, _)| *k == key), "{key}");
     }
 }
+
+#[test]
+fn a_burst_of_failed_logins_as_one_identity_is_raised_once_per_window() {
+    let mut d = Detector::new(cfg());
+    assert_eq!(d.count_identity_failures("svc", 5, T0), None);
+    let f = d.count_identity_failures("svc", 15, T0 + 1000).unwrap();
+    assert_eq!(f.kind, Kind::FailedLogins);
+    assert_eq!(f.identity.as_deref(), Some("svc"));
+    assert_eq!(d.count_identity_failures("svc", 50, T0 + 2000), None);
+    // A new window, a new burst.
+    assert!(d
+        .count_identity_failures("svc", 25, T0 + 10 * MIN)
+        .is_some());
+    // Bounded: identities past the bound are not followed.
+    for i in 0..(MAX_FAIL_SOURCES + 10) {
+        d.count_identity_failures(&format!("id{i}"), 1, T0 + 11 * MIN);
+    }
+}

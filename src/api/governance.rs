@@ -52,6 +52,21 @@ impl Governance for GovernanceService {
             self.core.clock().now_ms(),
         ))?;
         let lease_revocations_failing = call.check(self.core.leases.failed_count())? as u64;
+        let anomalies_recent = self
+            .core
+            .anomalies
+            .counts(
+                self.core
+                    .clock()
+                    .now_ms()
+                    .saturating_sub(ANOMALY_REPORT_WINDOW_MS),
+            )
+            .into_iter()
+            .map(|(kind, count)| CountByKey {
+                key: kind.as_str().to_owned(),
+                count,
+            })
+            .collect();
         call.ok(&[])?;
         let failures: std::collections::HashMap<&str, &str> = rotation
             .last_failures
@@ -154,6 +169,7 @@ impl Governance for GovernanceService {
                 .into_iter()
                 .map(|(key, count)| CountByKey { key, count })
                 .collect(),
+            anomalies_recent,
         }))
     }
 
@@ -267,6 +283,9 @@ impl Governance for GovernanceService {
         )))
     }
 }
+
+/// The report's `anomalies_recent` counts events of this long (24 h).
+const ANOMALY_REPORT_WINDOW_MS: u64 = 24 * 3_600_000;
 
 /// The resource of `anomalies list` and `WatchAnomalies`.
 pub const ANOMALIES_RESOURCE: &str = "sys/anomalies";

@@ -625,6 +625,9 @@ pub async fn report(g: &Global, format: Format, args: ReportArgs) -> Result<()> 
             "delegations_by_delegator": r.delegations_by_delegator.iter()
                 .map(|c| (c.key.clone(), json!(c.count)))
                 .collect::<serde_json::Map<String, Value>>(),
+            "anomalies_recent": r.anomalies_recent.iter()
+                .map(|c| (c.key.clone(), json!(c.count)))
+                .collect::<serde_json::Map<String, Value>>(),
         }),
     );
     Ok(())

@@ -321,6 +321,7 @@ impl Core {
             clock: self.clock.clone(),
             identities: self.identities.clone(),
             tokens: self.tokens.clone(),
+            login: self.login.clone(),
         }
     }
 

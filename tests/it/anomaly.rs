@@ -171,6 +171,17 @@ async fn a_new_source_and_a_new_path_are_listed_streamed_counted_and_audited() {
     assert_eq!(kinds, vec!["new_path", "new_source", "token_reuse"]);
     assert_eq!(records[1]["anomaly_source"], "127.0.1.1");
     assert_eq!(records[0]["anomaly_identity"], name.as_str());
+    // The governance report counts the last day's events by kind.
+    let report = root.governance_report(0, 0).await.unwrap();
+    let recent: Vec<(&str, u64)> = report
+        .anomalies_recent
+        .iter()
+        .map(|c| (c.key.as_str(), c.count))
+        .collect();
+    assert_eq!(
+        recent,
+        vec![("new_source", 1), ("new_path", 1), ("token_reuse", 1)]
+    );
     // No token and no secret value in the audit records of anomalies, the
     // events, or the server's answer.
     let values = root.get(&planted).await.unwrap();
@@ -428,14 +439,21 @@ async fn an_unauthenticated_failed_login_flood_only_alerts_and_holds_no_state_pe
             "{e}"
         );
     }
-    let event = listed(&root, None, "failed_logins").await;
-    assert_eq!(event.response, "alert");
-    assert_eq!(event.identity, "");
-    assert_eq!(event.source, "127.0.0.1");
-    // One event per burst window, not one per attempt.
+    // Per identity: the login module knows whose role was tried.
+    let per_identity = listed(&root, Some(&name), "failed_logins").await;
+    assert_eq!(per_identity.response, "alert");
+    assert!(per_identity
+        .detail
+        .contains("failed logins as this identity"));
+    // Per source: names no identity.
     let all = root.list_anomalies(None, None, 0).await.unwrap();
-    let bursts = all.iter().filter(|a| a.kind == "failed_logins").count();
-    assert_eq!(bursts, 1, "{all:?}");
+    let bursts: Vec<&Anomaly> = all.iter().filter(|a| a.kind == "failed_logins").collect();
+    let per_source: Vec<&&Anomaly> = bursts.iter().filter(|a| a.identity.is_empty()).collect();
+    assert_eq!(per_source.len(), 1, "{all:?}");
+    assert_eq!(per_source[0].response, "alert");
+    assert_eq!(per_source[0].source, "127.0.0.1");
+    // One event per burst window and key, not one per attempt.
+    assert_eq!(bursts.len(), 2, "{all:?}");
     // Nobody was locked out by the detector: the identity works.
     assert!(!root.identity_get(&name).await.unwrap().disabled);
     svc.get(&format!("{prefix}/a")).await.unwrap();
