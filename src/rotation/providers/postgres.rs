@@ -160,20 +160,6 @@ pub fn quote_literal(text: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quoting() {
-        assert_eq!(quote_ident("app"), "\"app\"");
-        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
-        assert_eq!(quote_literal("abc"), "'abc'");
-        assert_eq!(quote_literal("it's"), "'it''s'");
-        assert_eq!(quote_literal("a\\'b"), "E'a\\\\''b'");
-    }
-}
-
 /// PostgreSQL's SCRAM-SHA-256 verifier of `password`: 4096 PBKDF2 rounds
 /// (milliseconds of CPU), so it runs on the blocking pool rather than on an
 /// async worker, where it would stall every other request on that worker.
@@ -187,5 +173,19 @@ pub(crate) async fn scram_verifier(password: &SecretBytes) -> Zeroizing<String> 
         Ok(verifier) => verifier,
         // Only a panic in the hash itself (or a runtime shutting down) gets here.
         Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_ident("app"), "\"app\"");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_literal("abc"), "'abc'");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal("a\\'b"), "E'a\\\\''b'");
     }
 }
