@@ -26,6 +26,7 @@ mod crash;
 mod delegation_exchange;
 mod dynamic_crash;
 mod dynamic_creds;
+mod fed17_attack;
 mod federation_claims;
 mod federation_figures;
 mod federation_issuer;
