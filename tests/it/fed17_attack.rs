@@ -438,3 +438,69 @@ async fn discovery_serves_public_keys_only_and_nothing_else() {
         .await;
     assert_eq!(post.status, 405, "{}", post.text);
 }
+
+/// HIT: a rotation policy set with a delegated token lent the subject's
+/// standing authority to the broker: every later run read the referenced
+/// secret on the subject's policies, after the delegated token was revoked
+/// (or had expired, 15 minutes on), so the agent's minutes became a
+/// permanent read for the plugin. The policy must record the delegated
+/// token and stop reading once it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_policy_set_by_a_delegated_token_dies_with_it() {
+    use crate::trust_rotation::{spec, AdminReference};
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let admin_value = "db-admin-password-AFTER-DELEGATION";
+    let AdminReference {
+        shared,
+        plugin,
+        provider,
+    } = AdminReference::start(&root, admin_value).await;
+    let own = unique("own");
+    let policy = unique("setter");
+    root.policy_put(
+        &policy,
+        &format!(
+            "[[rule]]\npath = \"secret/{own}/**\"\ncapabilities = [\"read\", \"write\"]\n\n\
+             [[rule]]\npath = \"rotation/{own}/**\"\ncapabilities = [\"read\", \"write\", \"rotate\"]\n\n\
+             [[rule]]\npath = \"secret/{shared}\"\ncapabilities = [\"read\"]\n\n\
+             [[rule]]\npath = \"sys/token\"\ncapabilities = [\"issue\"]\n"
+        ),
+    )
+    .await
+    .unwrap();
+    let (_, subject) = logged_in(&server, "service-account", std::slice::from_ref(&policy)).await;
+    let (agent_name, agent) = logged_in(&server, "ai-agent", std::slice::from_ref(&policy)).await;
+    let may_act = subject
+        .issue_may_act_token(
+            IssueOptions {
+                policies: vec![policy.clone()],
+                ..IssueOptions::default()
+            },
+            &agent_name,
+        )
+        .await
+        .unwrap();
+    let d = agent
+        .exchange_token(&may_act.token, ExchangeOptions::default())
+        .await
+        .unwrap();
+    let delegated = agent.with_token(&d.token).unwrap();
+    let mine = format!("{own}/app");
+    delegated
+        .put(&mine, &data(&[("password", "m-1")]), PutOptions::default())
+        .await
+        .unwrap();
+    delegated
+        .set_rotation_policy(&mine, &spec(&provider, &[("admin", &shared)]))
+        .await
+        .unwrap();
+    // The subject withdraws the delegation: the delegated token is gone.
+    subject.revoke_token(&may_act.token).await.unwrap();
+    assert_eq!(code(delegated.get(&mine).await), Code::Unauthenticated);
+    let run = root.rotate(&mine, true).await;
+    assert!(
+        !plugin.received(admin_value),
+        "the broker handed the plugin a secret on a revoked delegated token's authority: {run:?}"
+    );
+}
