@@ -136,11 +136,14 @@ impl Rotation for RotationService {
         // references only while that token is live. A root-policy token's
         // authority is the vault's own (revoking the initial root token
         // after setup must not stop rotations).
-        let accessor = if caller.identity == ROOT_LINEAGE && !caller.is_root() {
-            caller.accessor.clone()
-        } else {
-            String::new()
-        };
+        // A delegated token lends its subject's authority only for its
+        // own life (minutes), not to every later run: recorded too.
+        let accessor =
+            if (caller.identity == ROOT_LINEAGE && !caller.is_root()) || caller.actor.is_some() {
+                caller.accessor.clone()
+            } else {
+                String::new()
+            };
         let spec =
             spec.set_by(Setter::new(caller.identity, caller.policies).with_accessor(accessor));
         call.set_resource(resource(&path));

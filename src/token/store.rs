@@ -474,6 +474,28 @@ fn min_time(a: u64, b: u64) -> u64 {
 }
 
 /// What a token's parent (or the request's hard expiry) bounds it by.
+/// The addresses both lists of CIDR blocks allow (an empty list allows
+/// every address). Two blocks are either disjoint or one lies within the
+/// other, so the overlap is the blocks of each side that lie within a block
+/// of the other.
+fn cidr_intersection(a: &[Cidr], b: &[Cidr]) -> Vec<Cidr> {
+    if a.is_empty() {
+        return b.to_vec();
+    }
+    if b.is_empty() {
+        return a.to_vec();
+    }
+    let mut out: Vec<Cidr> = Vec::new();
+    for (inner, outer) in [(a, b), (b, a)] {
+        for c in inner {
+            if outer.iter().any(|o| c.within(o)) && !out.contains(c) {
+                out.push(*c);
+            }
+        }
+    }
+    out
+}
+
 struct Bounds {
     /// The latest the token may live to (ms; 0: unbounded).
     cap_ms: u64,
@@ -746,6 +768,18 @@ impl TokenStore {
                     return Err(TokenError::ActorInvalid);
                 }
                 bounds.cap_ms = min_time(bounds.cap_ms, actor.expires_at_ms);
+                // Bound to the source addresses both tokens allow: an
+                // agent's token bound to a network must not yield a token
+                // with the agent's rights usable from anywhere.
+                let actor_cidrs = actor.cidr_blocks()?;
+                if !actor_cidrs.is_empty() {
+                    bounds.cidrs = cidr_intersection(&bounds.cidrs, &actor_cidrs);
+                    if bounds.cidrs.is_empty() {
+                        return Err(TokenError::InvalidRequest(
+                            "the subject token's and the actor token's CIDR blocks do not overlap",
+                        ));
+                    }
+                }
                 Some(actor)
             }
             None => None,

@@ -34,6 +34,7 @@ mod etcd_cluster;
 #[path = "../support/etcd_kit.rs"]
 #[allow(dead_code)]
 mod etcd_kit;
+mod fed17_attack;
 mod federation_claims;
 mod federation_figures;
 mod federation_issuer;
