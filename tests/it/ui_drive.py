@@ -49,7 +49,7 @@ IDENTITY = [
     "unused-rules-count",
     "reads-count",
     "attestation-state",
-    "anomalies-unavailable",
+    "anomalies-count",
 ]
 
 
