@@ -77,6 +77,7 @@ mod trust_limits;
 mod trust_oidc;
 mod trust_rotation;
 // The Vault API's dynamic credentials, leases, PKI and refusals.
+mod http_attack15;
 mod http_dynamic;
 mod http_pki;
 mod http_prelude;
