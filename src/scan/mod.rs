@@ -356,4 +356,112 @@ mod tests {
         let plain = tempfile::tempdir().unwrap();
         assert!(walk_history(plain.path(), &Limits::default(), &mut |_| {}).is_err());
     }
+
+    fn run_git(dir: &Path, args: &[&str]) {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(["-c", "user.name=t", "-c", "user.email=t@t.invalid"])
+            .args(["-c", "commit.gpgsign=false"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A script that leaves `marker` behind when run.
+    fn trap(dir: &Path, marker: &Path) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let script = dir.join("trap.sh");
+        std::fs::write(
+            &script,
+            format!("#!/bin/sh\ntouch '{}'\nexit 1\n", marker.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        script
+    }
+
+    #[test]
+    fn a_signed_commit_in_a_hostile_repository_runs_no_gpg_program() {
+        // The repository asks `git log` to verify signatures with a program
+        // of its own; a commit carrying any `gpgsig` header triggers it.
+        let outside = tempfile::tempdir().unwrap();
+        let marker = outside.path().join("ran");
+        let script = trap(outside.path(), &marker);
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        run_git(root, &["init", "-q"]);
+        std::fs::write(root.join("a.env"), "X=1\n").unwrap();
+        run_git(root, &["add", "-A"]);
+        run_git(root, &["commit", "-q", "-m", "one"]);
+        let tree = Command::new("git")
+            .arg("-C")
+            .arg(root)
+            .args(["rev-parse", "HEAD^{tree}"])
+            .output()
+            .unwrap();
+        let tree = String::from_utf8(tree.stdout).unwrap();
+        let object = format!(
+            "tree {}\nauthor a <a@a> 0 +0000\ncommitter a <a@a> 0 +0000\n\
+             gpgsig -----BEGIN PGP SIGNATURE-----\n \n x\n -----END PGP SIGNATURE-----\n\nsigned\n",
+            tree.trim()
+        );
+        std::fs::write(outside.path().join("obj"), object).unwrap();
+        let hashed = Command::new("git")
+            .arg("-C")
+            .arg(root)
+            .args(["hash-object", "-t", "commit", "-w"])
+            .arg(outside.path().join("obj"))
+            .output()
+            .unwrap();
+        let signed = String::from_utf8(hashed.stdout).unwrap();
+        run_git(root, &["update-ref", "refs/heads/signed", signed.trim()]);
+        run_git(root, &["config", "log.showSignature", "true"]);
+        run_git(root, &["config", "gpg.program", &script.display().to_string()]);
+        run_git(root, &["config", "gpg.ssh.program", &script.display().to_string()]);
+        run_git(root, &["config", "gpg.x509.program", &script.display().to_string()]);
+        let stats = walk_history(root, &Limits::default(), &mut |_| {}).unwrap();
+        assert_eq!(stats.commits, 2);
+        assert!(!marker.exists(), "the repository's gpg.program ran");
+    }
+
+    #[test]
+    fn a_partial_clone_fetches_nothing_and_runs_no_remote_command() {
+        // A partial clone whose blobs are missing: `git log -p` would fetch
+        // them from the promisor remote, here an `ext::` command that the
+        // repository itself allows.
+        let outside = tempfile::tempdir().unwrap();
+        let marker = outside.path().join("ran");
+        let _ = trap(outside.path(), &marker);
+        let source = outside.path().join("source");
+        std::fs::create_dir_all(&source).unwrap();
+        run_git(&source, &["init", "-q"]);
+        std::fs::write(source.join("a.env"), "SECRET=value-of-the-source\n").unwrap();
+        run_git(&source, &["add", "-A"]);
+        run_git(&source, &["commit", "-q", "-m", "one"]);
+        run_git(&source, &["config", "uploadpack.allowFilter", "true"]);
+        let dir = tempfile::tempdir().unwrap();
+        let clone = dir.path().join("clone");
+        let url = format!("file://{}", source.display());
+        let ok = Command::new("git")
+            .args(["clone", "-q", "--no-local", "--no-checkout", "--filter=blob:none"])
+            .arg(&url)
+            .arg(&clone)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "partial clone");
+        let command = format!("ext::sh {}", outside.path().join("trap.sh").display());
+        run_git(&clone, &["config", "remote.origin.url", &command]);
+        run_git(&clone, &["config", "protocol.ext.allow", "always"]);
+        run_git(&clone, &["config", "protocol.allow", "always"]);
+        // Fails (the blobs are missing) or reads what is there; never fetches.
+        let _ = walk_history(&clone, &Limits::default(), &mut |_| {});
+        assert!(!marker.exists(), "the promisor remote's command ran");
+    }
 }
