@@ -198,7 +198,7 @@ async fn table_and_sarif_output_cannot_be_forged_by_file_names_or_owners() {
     assert_eq!(findings.len(), 2, "{out}");
     assert!(findings.iter().any(|l| l.contains("keyward-stored-secret")
         && l.contains("team-x\\u{1b}[2J")
-        && l.contains("\\n")));
+        && l.contains("\\u{a}FORGED")));
 
     let (code, out, err) = run(&["scan", dir_s, "--format", "sarif"]);
     assert_eq!(code, 1, "{err}\n{out}");
