@@ -101,7 +101,7 @@ async fn child_tokens_share_their_identitys_allowance_and_a_refusal_spends_nothi
     )
     .await;
     let (role_id, secret_id) =
-        approle_identity(&root, &unique("atkparent"), &[policy.clone()]).await;
+        approle_identity(&root, &unique("atkparent"), std::slice::from_ref(&policy)).await;
     let parent = login(&server, &role_id, &secret_id).await.1;
     // A second login of the same identity and a child token: the same
     // bucket, however many tokens the identity holds.
