@@ -90,7 +90,7 @@ async fn a_blind_match_names_each_owner_once_and_counts_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn child_tokens_share_their_identitys_allowance_and_a_refusal_spends_nothing() {
+async fn child_tokens_share_their_identitys_allowance_and_weak_candidates_are_free() {
     let server = TestServer::dev().await;
     let root = server.root().await;
     let policy = unique("atkchild");
