@@ -11,7 +11,8 @@
 //! (full at first, refilled continuously on the server's clock), beyond
 //! which the whole call is refused with `RESOURCE_EXHAUSTED` before
 //! anything is checked. A match on a secret the caller may not `read`
-//! names only the secret's owner.
+//! names only the secret's owner, once per candidate and owner however many
+//! secrets, versions or fields of that owner hold the value.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -150,6 +151,10 @@ impl Scan for ScanService {
         let mut matches = Vec::new();
         let mut metas = HashMap::new();
         for (index, value) in &strong {
+            // Owners already named for this candidate without a path: one
+            // answer per owner, so a blind caller learns no count of the
+            // secrets, versions or fields holding the value.
+            let mut blind_owners = std::collections::HashSet::new();
             let found = self.core.secrets.match_value(value.as_bytes());
             for m in call.check(found)? {
                 if !metas.contains_key(&m.path) {
@@ -175,7 +180,7 @@ impl Scan for ScanService {
                         version: m.version,
                         stage,
                     });
-                } else {
+                } else if blind_owners.insert(owner.clone()) {
                     matches.push(ScanMatch {
                         candidate: *index,
                         owner,

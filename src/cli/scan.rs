@@ -346,10 +346,46 @@ async fn run(g: &Global, format: Format, sarif: bool, args: &ScanArgs) -> Result
     Ok(!findings.is_empty())
 }
 
+/// `text` safe to print on a terminal: control characters (a newline, an
+/// escape sequence) and bidirectional overrides, which a scanned file's name
+/// or a secret's owner may hold to forge or hide a line of the output, are
+/// written as `\u{..}` escapes.
+fn shown(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if c.is_control() || bidi {
+            out.push_str(&c.escape_unicode().to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A file path as a SARIF `uri` (RFC 3986): every byte but the unreserved
+/// characters and `/` percent-encoded.
+fn uri_of(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for b in path.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 fn location(p: &Place) -> String {
     match &p.commit {
-        Some(c) => format!("{}:{} (commit {})", p.file, p.line, &c[..c.len().min(12)]),
-        None => format!("{}:{}", p.file, p.line),
+        Some(c) => format!(
+            "{}:{} (commit {})",
+            shown(&p.file),
+            p.line,
+            shown(&c[..c.len().min(12)])
+        ),
+        None => format!("{}:{}", shown(&p.file), p.line),
     }
 }
 
@@ -381,7 +417,7 @@ fn finding_line(f: &Finding) -> String {
         "{}  {}  {}",
         location(&f.place),
         f.kind.rule_id(),
-        message(f)
+        shown(&message(f))
     )
 }
 
@@ -432,7 +468,7 @@ fn sarif_log(findings: &[Finding]) -> Value {
                 "message": {"text": message(f)},
                 "locations": [{
                     "physicalLocation": {
-                        "artifactLocation": {"uri": f.place.file.trim_start_matches("./")},
+                        "artifactLocation": {"uri": uri_of(f.place.file.trim_start_matches("./"))},
                         "region": {"startLine": f.place.line.max(1)},
                     }
                 }],

@@ -15,6 +15,12 @@
 //! on the local machine), bounded by [`Limits::max_commits`] and
 //! [`Limits::max_history_bytes`]; only the lines each commit added are
 //! read, numbered as in that commit's version of the file.
+//!
+//! A scanned repository is hostile: `git` is run so that none of the
+//! programs its configuration names runs (external diff, textconv,
+//! fsmonitor, pager, the `gpg.program` of `log.showSignature`) and nothing
+//! is fetched (a partial clone's promisor remote: `GIT_NO_LAZY_FETCH`,
+//! `GIT_ALLOW_PROTOCOL=none`); a partial clone missing blobs fails instead.
 
 pub mod detect;
 
@@ -154,6 +160,12 @@ pub fn walk_history(
 ) -> Result<WalkStats, ScanError> {
     let shown = repo.display().to_string();
     let mut child = Command::new("git")
+        // A partial clone would fetch missing objects from its promisor
+        // remote, whose URL (an `ext::` command, an SSH command) the
+        // scanned repository chooses: no lazy fetch, no transport at all.
+        .env("GIT_NO_LAZY_FETCH", "1")
+        .env("GIT_ALLOW_PROTOCOL", "none")
+        .arg("--no-pager")
         .arg("-C")
         .arg(repo)
         .args([
@@ -161,14 +173,19 @@ pub fn walk_history(
             "core.quotePath=false",
             "-c",
             "core.fsmonitor=false",
+            // `log.showSignature` would run the repository's `gpg.program`
+            // on any commit carrying a signature header.
+            "-c",
+            "log.showSignature=false",
             "log",
             "-p",
             "--all",
             "--no-color",
             // A scanned repository's configuration runs no program of its
-            // own: no external diff, no textconv filter.
+            // own: no external diff, no textconv filter, no signature check.
             "--no-ext-diff",
             "--no-textconv",
+            "--no-show-signature",
             "--no-renames",
             "--unified=0",
             "--format=format:\u{1}commit %H",
@@ -278,6 +295,7 @@ pub fn walk_history(
 #[allow(clippy::unwrap_used, reason = "a test fails by panicking")]
 mod tests {
     use super::*;
+    use std::os::unix::ffi::OsStrExt;
 
     #[test]
     fn the_walk_skips_git_internals_binaries_and_large_files() {
@@ -355,5 +373,207 @@ mod tests {
         // Not a repository: an error, not an empty history.
         let plain = tempfile::tempdir().unwrap();
         assert!(walk_history(plain.path(), &Limits::default(), &mut |_| {}).is_err());
+    }
+
+    fn run_git(dir: &Path, args: &[&str]) {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(["-c", "user.name=t", "-c", "user.email=t@t.invalid"])
+            .args(["-c", "commit.gpgsign=false"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A script that leaves `marker` behind when run.
+    fn trap(dir: &Path, marker: &Path) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let script = dir.join("trap.sh");
+        std::fs::write(
+            &script,
+            format!("#!/bin/sh\ntouch '{}'\nexit 1\n", marker.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        script
+    }
+
+    #[test]
+    fn a_signed_commit_in_a_hostile_repository_runs_no_gpg_program() {
+        // The repository asks `git log` to verify signatures with a program
+        // of its own; a commit carrying any `gpgsig` header triggers it.
+        let outside = tempfile::tempdir().unwrap();
+        let marker = outside.path().join("ran");
+        let script = trap(outside.path(), &marker);
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        run_git(root, &["init", "-q"]);
+        std::fs::write(root.join("a.env"), "X=1\n").unwrap();
+        run_git(root, &["add", "-A"]);
+        run_git(root, &["commit", "-q", "-m", "one"]);
+        let tree = Command::new("git")
+            .arg("-C")
+            .arg(root)
+            .args(["rev-parse", "HEAD^{tree}"])
+            .output()
+            .unwrap();
+        let tree = String::from_utf8(tree.stdout).unwrap();
+        let object = format!(
+            "tree {}\nauthor a <a@a> 0 +0000\ncommitter a <a@a> 0 +0000\n\
+             gpgsig -----BEGIN PGP SIGNATURE-----\n \n x\n -----END PGP SIGNATURE-----\n\nsigned\n",
+            tree.trim()
+        );
+        std::fs::write(outside.path().join("obj"), object).unwrap();
+        let hashed = Command::new("git")
+            .arg("-C")
+            .arg(root)
+            .args(["hash-object", "-t", "commit", "-w"])
+            .arg(outside.path().join("obj"))
+            .output()
+            .unwrap();
+        let signed = String::from_utf8(hashed.stdout).unwrap();
+        run_git(root, &["update-ref", "refs/heads/signed", signed.trim()]);
+        run_git(root, &["config", "log.showSignature", "true"]);
+        run_git(
+            root,
+            &["config", "gpg.program", &script.display().to_string()],
+        );
+        run_git(
+            root,
+            &["config", "gpg.ssh.program", &script.display().to_string()],
+        );
+        run_git(
+            root,
+            &["config", "gpg.x509.program", &script.display().to_string()],
+        );
+        let stats = walk_history(root, &Limits::default(), &mut |_| {}).unwrap();
+        assert_eq!(stats.commits, 2);
+        assert!(!marker.exists(), "the repository's gpg.program ran");
+    }
+
+    #[test]
+    fn a_partial_clone_fetches_nothing_and_runs_no_remote_command() {
+        // A partial clone whose blobs are missing: `git log -p` would fetch
+        // them from the promisor remote, here an `ext::` command that the
+        // repository itself allows.
+        let outside = tempfile::tempdir().unwrap();
+        let marker = outside.path().join("ran");
+        let _ = trap(outside.path(), &marker);
+        let source = outside.path().join("source");
+        std::fs::create_dir_all(&source).unwrap();
+        run_git(&source, &["init", "-q"]);
+        std::fs::write(source.join("a.env"), "SECRET=value-of-the-source\n").unwrap();
+        run_git(&source, &["add", "-A"]);
+        run_git(&source, &["commit", "-q", "-m", "one"]);
+        run_git(&source, &["config", "uploadpack.allowFilter", "true"]);
+        let dir = tempfile::tempdir().unwrap();
+        let clone = dir.path().join("clone");
+        let url = format!("file://{}", source.display());
+        let ok = Command::new("git")
+            .args([
+                "clone",
+                "-q",
+                "--no-local",
+                "--no-checkout",
+                "--filter=blob:none",
+            ])
+            .arg(&url)
+            .arg(&clone)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "partial clone");
+        let command = format!("ext::sh {}", outside.path().join("trap.sh").display());
+        run_git(&clone, &["config", "remote.origin.url", &command]);
+        run_git(&clone, &["config", "protocol.ext.allow", "always"]);
+        run_git(&clone, &["config", "protocol.allow", "always"]);
+        // Fails (the blobs are missing) or reads what is there; never fetches.
+        let _ = walk_history(&clone, &Limits::default(), &mut |_| {});
+        assert!(!marker.exists(), "the promisor remote's command ran");
+    }
+
+    #[test]
+    fn a_hostile_repository_configuration_runs_none_of_its_programs() {
+        // Every configuration hook of a repository that `git log -p` might
+        // obey points at a script that leaves a marker behind.
+        let outside = tempfile::tempdir().unwrap();
+        let marker = outside.path().join("ran");
+        let script = trap(outside.path(), &marker);
+        let script = script.display().to_string();
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        run_git(root, &["init", "-q"]);
+        std::fs::write(root.join(".gitattributes"), "*.env diff=evil filter=evil\n").unwrap();
+        std::fs::write(root.join("a.env"), "X=1\nSECRET=old-value\n").unwrap();
+        run_git(root, &["add", "-A"]);
+        run_git(root, &["commit", "-q", "-m", "one"]);
+        std::fs::write(root.join("a.env"), "X=2\n").unwrap();
+        run_git(root, &["commit", "-q", "-am", "two"]);
+        for (key, value) in [
+            ("diff.external", script.as_str()),
+            ("diff.evil.command", script.as_str()),
+            ("diff.evil.textconv", script.as_str()),
+            ("filter.evil.smudge", script.as_str()),
+            ("filter.evil.clean", script.as_str()),
+            ("filter.evil.process", script.as_str()),
+            ("core.fsmonitor", script.as_str()),
+            ("core.pager", script.as_str()),
+            ("pager.log", script.as_str()),
+            ("core.hooksPath", outside.path().to_str().unwrap()),
+        ] {
+            run_git(root, &["config", key, value]);
+        }
+        let mut added = Vec::new();
+        walk_history(root, &Limits::default(), &mut |t| {
+            added.extend(t.lines.iter().map(|(_, l)| (*l).to_owned()));
+        })
+        .unwrap();
+        assert!(!marker.exists(), "a program of the repository ran");
+        // The real added lines were read, not a converted text.
+        assert!(added.iter().any(|l| l == "SECRET=old-value"), "{added:?}");
+    }
+
+    #[test]
+    fn the_walk_stays_in_the_tree_and_skips_devices_fifos_and_odd_names() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret.env"), "OUTSIDE=1\n").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let link = |target: &Path, name: &str| {
+            std::os::unix::fs::symlink(target, root.join(name)).unwrap();
+        };
+        link(&outside.path().join("secret.env"), "leak.env");
+        link(outside.path(), "leakdir");
+        link(Path::new("/dev/zero"), "zero");
+        link(Path::new("/proc/self/environ"), "environ");
+        let fifo = root.join("pipe");
+        let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success());
+        // A deep chain of folders and names that look like options, hold a
+        // newline or are not UTF-8.
+        let mut deep = root.to_path_buf();
+        for _ in 0..200 {
+            deep.push("d");
+        }
+        std::fs::create_dir_all(&deep).unwrap();
+        std::fs::write(deep.join("deep.env"), "DEEP=1\n").unwrap();
+        std::fs::write(root.join("--output=x"), "OPT=1\n").unwrap();
+        std::fs::write(root.join("new\nline"), "NL=1\n").unwrap();
+        let odd = std::ffi::OsStr::from_bytes(b"bad-\xff-name");
+        std::fs::write(root.join(odd), "ODD=1\n").unwrap();
+        let mut seen = Vec::new();
+        let stats = walk_files(root, &Limits::default(), &mut |t| {
+            seen.extend(t.lines.iter().map(|(_, l)| (*l).to_owned()));
+        })
+        .unwrap();
+        seen.sort();
+        assert_eq!(seen, ["DEEP=1", "NL=1", "ODD=1", "OPT=1"]);
+        assert_eq!(stats.files, 4);
     }
 }

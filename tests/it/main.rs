@@ -67,6 +67,7 @@ mod review_hot_path;
 mod review_trust;
 mod rotation;
 mod scan;
+mod scan_attack;
 mod seal;
 mod secrets;
 mod server;
