@@ -64,3 +64,4 @@ mod trust_limits;
 mod trust_oidc;
 mod trust_rotation;
 mod ui;
+mod ui_attack;
