@@ -89,3 +89,4 @@ mod ui;
 mod decommission_creds;
 mod dynamic_plugin;
 mod dynamic_refresh;
+mod ui_attack;

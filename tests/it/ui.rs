@@ -22,14 +22,14 @@ use keyward::client::{
 };
 
 /// One answer of the listener, headers included.
-struct Page {
-    status: u16,
-    headers: hyper::HeaderMap,
-    text: String,
+pub(super) struct Page {
+    pub(super) status: u16,
+    pub(super) headers: hyper::HeaderMap,
+    pub(super) text: String,
 }
 
 impl Page {
-    fn header(&self, name: &str) -> String {
+    pub(super) fn header(&self, name: &str) -> String {
         self.headers
             .get(name)
             .and_then(|v| v.to_str().ok())
@@ -38,7 +38,7 @@ impl Page {
     }
 
     /// The session id the answer's `Set-Cookie` gives, if any.
-    fn session(&self) -> Option<String> {
+    pub(super) fn session(&self) -> Option<String> {
         let c = self.header("set-cookie");
         let v = c.strip_prefix("kw_ui=")?.split(';').next()?;
         (!v.is_empty()).then(|| v.to_owned())
@@ -55,13 +55,13 @@ impl Page {
 
 /// A TLS client of the HTTPS listener trusting the test CA, one connection
 /// per request.
-struct Browserless {
+pub(super) struct Browserless {
     addr: SocketAddr,
     tls: Arc<rustls::ClientConfig>,
 }
 
 impl Browserless {
-    fn new(addr: SocketAddr, ca: &Path) -> Self {
+    pub(super) fn new(addr: SocketAddr, ca: &Path) -> Self {
         install_crypto();
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_file_iter(ca).unwrap() {
@@ -76,11 +76,11 @@ impl Browserless {
         }
     }
 
-    fn origin(&self) -> String {
+    pub(super) fn origin(&self) -> String {
         format!("https://localhost:{}", self.addr.port())
     }
 
-    async fn send(
+    pub(super) async fn send(
         &self,
         method: &str,
         path: &str,
@@ -123,7 +123,7 @@ impl Browserless {
         }
     }
 
-    async fn get(&self, path: &str, session: Option<&str>) -> Page {
+    pub(super) async fn get(&self, path: &str, session: Option<&str>) -> Page {
         let cookie = session.map(|s| format!("kw_ui={s}"));
         let mut headers = Vec::new();
         if let Some(c) = &cookie {
@@ -133,7 +133,7 @@ impl Browserless {
     }
 
     /// POSTs the sign-in form with `token` from this listener's origin.
-    async fn sign_in(&self, token: &str) -> Page {
+    pub(super) async fn sign_in(&self, token: &str) -> Page {
         let body: String = form_urlencoded::Serializer::new(String::new())
             .append_pair("token", token)
             .finish();
@@ -150,7 +150,7 @@ impl Browserless {
         .await
     }
 
-    async fn session_of(&self, token: &str) -> String {
+    pub(super) async fn session_of(&self, token: &str) -> String {
         let a = self.sign_in(token).await;
         assert_eq!(a.status, 303, "{}", a.text);
         assert_eq!(a.header("location"), "/ui/");
@@ -158,7 +158,7 @@ impl Browserless {
     }
 }
 
-fn assert_hardened(p: &Page) {
+pub(super) fn assert_hardened(p: &Page) {
     let csp = p.header("content-security-policy");
     assert!(csp.contains("default-src 'none'"), "{csp}");
     assert!(

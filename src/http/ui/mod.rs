@@ -36,7 +36,7 @@ use std::sync::Arc;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Extension, Router};
 use zeroize::Zeroizing;
 
@@ -64,11 +64,28 @@ pub fn routes() -> Router<HttpState> {
         .route("/ui/sign-in", get(sign_in_form).post(sign_in))
         .route("/ui/sign-out", post(sign_out))
         .route("/ui/identity/{name}", get(identity))
+        // Any other path under /ui/ is this router's own (hardened) 404,
+        // not the listener's bare one.
+        .route("/ui/{*rest}", any(not_found))
+        // Every answer of these routes, the router's own 405s included,
+        // carries the dashboard's headers.
+        .layer(axum::middleware::map_response(harden))
         .layer(Extension(Arc::new(Sessions::default())))
 }
 
+async fn not_found() -> Response {
+    html(
+        StatusCode::NOT_FOUND,
+        page::problem("Not found", "There is no such page.", false),
+    )
+}
+
 /// The security headers every dashboard answer carries.
-fn harden(mut r: Response) -> Response {
+async fn harden(r: Response) -> Response {
+    harden_now(r)
+}
+
+fn harden_now(mut r: Response) -> Response {
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_SECURITY_POLICY,
@@ -88,7 +105,7 @@ fn harden(mut r: Response) -> Response {
 }
 
 fn html(status: StatusCode, body: String) -> Response {
-    harden(
+    harden_now(
         (
             status,
             [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
@@ -99,7 +116,7 @@ fn html(status: StatusCode, body: String) -> Response {
 }
 
 fn redirect(to: &'static str) -> Response {
-    harden((StatusCode::SEE_OTHER, [(header::LOCATION, to)]).into_response())
+    harden_now((StatusCode::SEE_OTHER, [(header::LOCATION, to)]).into_response())
 }
 
 fn cookie_header(value: &str) -> HeaderValue {
@@ -223,7 +240,7 @@ async fn to_overview() -> Response {
 }
 
 async fn style() -> Response {
-    harden(
+    harden_now(
         (
             StatusCode::OK,
             [(header::CONTENT_TYPE, "text/css; charset=utf-8")],

@@ -11,8 +11,11 @@
 //! by use), and never past its token's own expiry. At most
 //! [`MAX_SESSIONS`] are kept; a sign-in over the bound first drops the
 //! expired ones, then the oldest. Only a caller with a valid token can
-//! create a session, so the worst a flood can do is sign other people out
-//! early (they sign in again), never grow memory.
+//! create a session, and one token holds at most [`MAX_PER_TOKEN`]: a
+//! sign-in past that ends the token's own oldest session. So a flood of
+//! sign-ins with one token (or with bad ones, which make none) signs no one
+//! else out; it would take [`MAX_SESSIONS`] / [`MAX_PER_TOKEN`] distinct
+//! valid tokens, and even then memory stays bounded.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -25,11 +28,15 @@ use zeroize::Zeroizing;
 pub const SESSION_LIFETIME: Duration = Duration::from_secs(15 * 60);
 /// The most sessions kept at once.
 pub const MAX_SESSIONS: usize = 1024;
+/// The most sessions one token holds at once.
+pub const MAX_PER_TOKEN: usize = 8;
 /// The cookie's name.
 pub const COOKIE: &str = "kw_ui";
 
 struct Session {
     token: Zeroizing<String>,
+    /// SHA-256 of the token, to count one token's sessions.
+    token_digest: [u8; 32],
     created_ms: u64,
     expires_ms: u64,
 }
@@ -90,7 +97,25 @@ impl Sessions {
         let mut raw = Zeroizing::new([0u8; 32]);
         self.rng.fill(raw.as_mut()).ok()?;
         let id = hex::encode(raw.as_ref());
+        let token_digest = digest(&token);
         let mut map = self.lock();
+        // This token's own sessions first: past its share, its oldest go.
+        loop {
+            let own: Vec<([u8; 32], u64)> = map
+                .iter()
+                .filter(|(_, s)| s.token_digest == token_digest)
+                .map(|(k, s)| (*k, s.created_ms))
+                .collect();
+            if own.len() < MAX_PER_TOKEN.min(self.max) {
+                break;
+            }
+            match own.iter().min_by_key(|(_, at)| *at) {
+                Some((k, _)) => {
+                    map.remove(k);
+                }
+                None => break,
+            }
+        }
         if map.len() >= self.max {
             map.retain(|_, s| s.expires_ms > now_ms);
         }
@@ -110,6 +135,7 @@ impl Sessions {
             digest(&id),
             Session {
                 token,
+                token_digest,
                 created_ms: now_ms,
                 expires_ms,
             },
@@ -191,6 +217,22 @@ mod tests {
         assert!(s.token(&a, 12).is_none());
         for id in [&b, &c, &d] {
             assert!(s.token(id, 12).is_some());
+        }
+    }
+
+    #[test]
+    fn one_token_floods_only_its_own_sessions() {
+        let s = Sessions::with_bound(MAX_PER_TOKEN * 4);
+        let victim = s.create(tok("kwt_victim"), 0, 1_000).unwrap();
+        let mut mine = Vec::new();
+        for t in 1..=(MAX_PER_TOKEN as u64 * 10) {
+            mine.push(s.create(tok("kwt_attacker"), t, 1_000).unwrap());
+        }
+        assert_eq!(s.len(), MAX_PER_TOKEN + 1);
+        assert_eq!(s.token(&victim, 999).unwrap().as_str(), "kwt_victim");
+        for (i, id) in mine.iter().enumerate() {
+            let live = s.token(id, 999).is_some();
+            assert_eq!(live, i >= mine.len() - MAX_PER_TOKEN, "session {i}");
         }
     }
 
