@@ -65,5 +65,6 @@ mod trust_oidc;
 mod trust_rotation;
 
 mod decommission_creds;
+mod dyn12_attack;
 mod dynamic_plugin;
 mod dynamic_refresh;
