@@ -314,6 +314,13 @@ async fn a_plugins_bad_account_fields_are_refused_and_leave_no_lease() {
             },
         ),
         (
+            "password not UTF-8 (the caller would get an empty one)",
+            pb::CreateResponse {
+                password: vec![0xff, 0xfe, 0xfd, 0x80, 0x81, 0x82, 0x83, 0x84],
+                ..good_account()
+            },
+        ),
+        (
             "host with a terminal escape",
             pb::CreateResponse {
                 host: "toy\x1b[2J.internal".into(),
