@@ -299,9 +299,12 @@ impl ExternalProvider {
         if !username_ok
             || response.password.is_empty()
             || response.password.len() > MAX_PLUGIN_PASSWORD
+            // Handed to the caller as a string: bytes that are not UTF-8
+            // would reach it as an empty password.
+            || std::str::from_utf8(&response.password).is_err()
         {
             return Err(ProviderError::Internal(format!(
-                "provider `{}` (Create) returned no usable username and password (a username is 1 to {MAX_PLUGIN_USERNAME} printable ASCII characters, a password 1 to {MAX_PLUGIN_PASSWORD} bytes)",
+                "provider `{}` (Create) returned no usable username and password (a username is 1 to {MAX_PLUGIN_USERNAME} printable ASCII characters, a password 1 to {MAX_PLUGIN_PASSWORD} bytes of UTF-8)",
                 self.name
             )));
         }
