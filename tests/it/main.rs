@@ -87,6 +87,7 @@ mod anomaly;
 mod ui;
 
 mod decommission_creds;
+mod dyn12_attack;
 mod dynamic_plugin;
 mod dynamic_refresh;
 mod ui_attack;

@@ -134,6 +134,10 @@ pub struct DynamicCall<'a> {
 
 /// The longest username a plugin may return.
 const MAX_PLUGIN_USERNAME: usize = 128;
+/// The longest password a plugin may return, in bytes.
+const MAX_PLUGIN_PASSWORD: usize = 1024;
+/// The longest host or database a plugin may return, in bytes.
+const MAX_PLUGIN_FIELD: usize = 255;
 
 /// A provider served by another process.
 #[derive(Debug)]
@@ -292,9 +296,25 @@ impl ExternalProvider {
         let username_ok = !response.username.is_empty()
             && response.username.len() <= MAX_PLUGIN_USERNAME
             && response.username.chars().all(|c| c.is_ascii_graphic());
-        if !username_ok || response.password.is_empty() {
+        if !username_ok
+            || response.password.is_empty()
+            || response.password.len() > MAX_PLUGIN_PASSWORD
+            // Handed to the caller as a string: bytes that are not UTF-8
+            // would reach it as an empty password.
+            || std::str::from_utf8(&response.password).is_err()
+        {
             return Err(ProviderError::Internal(format!(
-                "provider `{}` (Create) returned no usable username and password (a username is 1 to {MAX_PLUGIN_USERNAME} printable ASCII characters)",
+                "provider `{}` (Create) returned no usable username and password (a username is 1 to {MAX_PLUGIN_USERNAME} printable ASCII characters, a password 1 to {MAX_PLUGIN_PASSWORD} bytes of UTF-8)",
+                self.name
+            )));
+        }
+        // Stored in the lease and shown by `lease list`: no escapes, no
+        // megabytes.
+        let field_ok =
+            |text: &str| text.len() <= MAX_PLUGIN_FIELD && text.chars().all(|c| !c.is_control());
+        if !field_ok(&response.host) || !field_ok(&response.database) {
+            return Err(ProviderError::Internal(format!(
+                "provider `{}` (Create) returned an unusable host or database (at most {MAX_PLUGIN_FIELD} bytes, no control characters)",
                 self.name
             )));
         }
