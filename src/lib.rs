@@ -11,12 +11,13 @@
 //!      server (listeners, task set, TLS)   core (Call: begin -> authorize -> act -> audit)
 //!                                   |
 //!  secrets  identity  token  policy_store  rotation  governance  lease  dynamic
-//!  pki  federation  lifecycle  snapshot                               (domain)
+//!  pki  federation  lifecycle  snapshot  anomaly                      (domain)
 //!                                   |
 //!           audit   barrier (seal, keyring, AES-256-GCM)   metrics
 //!                                   |
-//!                     storage (Backend trait, sled, format versions, export)
-//!  leaves: clock (Clock, Shutdown), policy, oidc, cidr, duration, secrecy, proto, config
+//!                     storage (Backend trait, sled, etcd, format versions, export)
+//!  leaves: clock (Clock, Shutdown), policy, oidc, cidr, duration, secrecy, proto, config,
+//!          scan (the discovery scan's detectors and walks; only `token::format` below it)
 //! ```
 //!
 //! - `cli` — the command line; it talks to a server only through `client`
@@ -38,7 +39,8 @@
 //!   `policy::Authorized`.
 //! - `http` — the one HTTPS listener (`http.listen`): the Vault-compatible
 //!   `/v1/` API through the same request seam as `api`, one `routes()` per
-//!   file; `FailureKind` -> HTTP status in one function (`http/reply.rs`).
+//!   file; `FailureKind` -> HTTP status in one function (`http/reply.rs`);
+//!   the governance dashboard under `/ui/` (`http/ui/`).
 //! - Domain modules, each under its own storage prefix and knowing nothing
 //!   of gRPC: `secrets` (versioned key/value, `Watch`), `identity` (the
 //!   inventory, secret-ids, bindings, login checks, the expiry sweep),
@@ -50,7 +52,9 @@
 //!   PostgreSQL, MariaDB and Redis under a lease), `lifecycle` (per-identity
 //!   read sets, decommission runs, attestations, policy suggestions;
 //!   `LifecycleDeps`), `federation` (delegated tokens' rules; keyward as an
-//!   OIDC issuer: signing keys and roles under `federation/`).
+//!   OIDC issuer: signing keys and roles under `federation/`), `anomaly`
+//!   (per-identity baselines fed from the request seam through a bounded
+//!   queue, the events, their responses; `AnomalyDeps`).
 //! - `audit` — the hash-chained, fail-closed audit log; `barrier` — the seal,
 //!   the keyring and AES-256-GCM around every value; `metrics` — Prometheus
 //!   families, with no domain import (owners register `Refresh` hooks).
@@ -60,12 +64,14 @@
 //!   the CA, roles, the inventory and CRL, and the run-time client trust the
 //!   TLS listeners verify against.
 //! - `storage` — the `Backend` trait and its sled implementation with group
-//!   commit, the store's format version, and the point-in-time export.
+//!   commit, the etcd implementation (feature `etcd`), the store's format
+//!   version, and the point-in-time export.
 //! - Leaves used by anyone: `clock` (the one `Clock`, wall time driven by
 //!   tokio's clock so tests pause it; the one `Shutdown`), `policy` (pure
 //!   rules, globs, the `Authorized` proof), `oidc` (JWT and JWKS), `cidr`,
 //!   `duration` (the one duration grammar), `secrecy` (secret types),
-//!   `proto`, `config`.
+//!   `proto`, `config`; `scan` (the discovery scan's detectors and file and
+//!   git-history walks, run by the CLI; the server side is `Scan/Match`).
 
 pub mod api;
 pub mod audit;
