@@ -942,3 +942,6 @@ fn event_key(id: u64) -> String {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod attack_tests;
