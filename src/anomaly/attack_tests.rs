@@ -86,8 +86,10 @@ fn an_unauthenticated_flood_cannot_crowd_out_the_calls_of_identities() {
 /// cause without a credential only alerts.
 #[test]
 fn failed_logins_only_alert_even_if_the_config_struct_says_otherwise() {
-    let mut cfg = AnomalyConfig::default();
-    cfg.responses = [Response::DisableIdentity; 8];
+    let cfg = AnomalyConfig {
+        responses: [Response::DisableIdentity; 8],
+        ..AnomalyConfig::default()
+    };
     assert_eq!(cfg.response(Kind::FailedLogins), Response::Alert);
     assert_eq!(cfg.response(Kind::TokenReuse), Response::DisableIdentity);
 }
@@ -97,8 +99,10 @@ fn failed_logins_only_alert_even_if_the_config_struct_says_otherwise() {
 /// finding of another kind is made for it, and its baseline is untouched.
 #[test]
 fn failed_logins_naming_a_victim_make_only_a_failed_logins_finding() {
-    let mut cfg = AnomalyConfig::default();
-    cfg.responses = [Response::DisableIdentity; 8];
+    let cfg = AnomalyConfig {
+        responses: [Response::DisableIdentity; 8],
+        ..AnomalyConfig::default()
+    };
     let mut d = Detector::new(cfg);
     let mut found = Vec::new();
     for i in 0..100u64 {
@@ -126,9 +130,11 @@ fn failed_logins_naming_a_victim_make_only_a_failed_logins_finding() {
 /// never touched by them).
 #[test]
 fn denied_calls_of_an_identity_raise_nothing() {
-    let mut cfg = AnomalyConfig::default();
-    cfg.warmup_requests = 0;
-    cfg.warmup_age = std::time::Duration::ZERO;
+    let cfg = AnomalyConfig {
+        warmup_requests: 0,
+        warmup_age: std::time::Duration::ZERO,
+        ..AnomalyConfig::default()
+    };
     let mut d = Detector::new(cfg);
     for i in 0..1_000u64 {
         let f = d.observe(

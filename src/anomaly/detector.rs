@@ -15,7 +15,8 @@
 //! - tokens followed for `token_reuse` (the network each was last used
 //!   from): [`MAX_TOKENS`] (entries older than the window are pruned; past
 //!   it new tokens are not followed);
-//! - sources followed for failed logins: [`MAX_FAIL_SOURCES`]; past it the
+//! - source networks (IPv4 /24, IPv6 /64) followed for failed logins:
+//!   [`MAX_FAIL_SOURCES`]; past it the
 //!   failures of further sources are counted together as one source, so a
 //!   flood from many addresses is still seen and memory does not grow;
 //! - recent decommissions: [`MAX_DECOMMISSIONS`].
@@ -149,6 +150,18 @@ pub fn network_of(ip: IpAddr) -> String {
             let net = std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
             format!("{net}/64")
         }
+    }
+}
+
+/// The first address of the network a source belongs to (IPv4 /24, IPv6
+/// /64; an IPv4-mapped IPv6 address counts as IPv4).
+pub fn network_base(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4((u32::from(v4) & 0xffff_ff00).into()),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => network_base(IpAddr::V4(v4)),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
     }
 }
 
@@ -577,7 +590,10 @@ impl Detector {
         let now = obs.at_ms;
         let window = self.cfg.failed_login_window.as_millis() as u64;
         let burst = self.cfg.failed_login_burst;
-        let ip = obs.source;
+        // Counted per network (IPv4 /24, IPv6 /64), like sources in the
+        // baselines: an outsider picking a new address for each guess from
+        // its own network is still one source.
+        let ip = obs.source.map(network_base);
         let slot = match ip {
             Some(ip) if self.fails.contains_key(&ip) => self.fails.get_mut(&ip),
             Some(ip) => {
@@ -594,7 +610,7 @@ impl Detector {
             None => None,
         };
         let (hit, from) = match slot {
-            Some(w) => (w.count(now, window, burst), ip.map(|i| i.to_string())),
+            Some(w) => (w.count(now, window, burst), obs.source.map(network_of)),
             None => (
                 self.fails_elsewhere.count(now, window, burst),
                 Some("many sources".to_owned()),
@@ -605,7 +621,7 @@ impl Detector {
                 kind: Kind::FailedLogins,
                 identity: None,
                 accessor: None,
-                source: ip,
+                source: obs.source,
                 detail: format!(
                     "{burst} failed logins or bad tokens from {} within {} s",
                     from.unwrap_or_else(|| "an unknown source".to_owned()),
