@@ -154,3 +154,75 @@ fn denied_calls_of_an_identity_raise_nothing() {
     }
     assert_eq!(d.sizes(), (0, 0, 0));
 }
+
+/// Evasion: after its first `new_path` event, an identity reads a hundred
+/// more secrets it never read within the minute, then goes quiet. The one
+/// event per kind and minute must not hide them: the count is told once
+/// the cooldown is over, and with the next event of the kind.
+#[test]
+fn the_cooldown_does_not_hide_the_rest_of_a_burst() {
+    let cfg = AnomalyConfig {
+        warmup_requests: 0,
+        warmup_age: std::time::Duration::ZERO,
+        ..AnomalyConfig::default()
+    };
+    let mut d = Detector::new(cfg);
+    let read = |at_ms: u64, path: String| Observation {
+        at_ms,
+        identity: Some("insider".into()),
+        accessor: Some("acc".into()),
+        source: Some("10.1.2.3".parse().unwrap()),
+        method: "keyward.v1.Secrets/Get",
+        resource: Some(path),
+        capability: Some("read"),
+        code: "OK",
+    };
+    d.observe(
+        &read(T0 - 5 * detector::COOLDOWN_MS, "secret/mine".into()),
+        &mut no_owner,
+    );
+    let mut found = Vec::new();
+    for i in 0..101u64 {
+        found.extend(d.observe(
+            &read(T0 + 1000 + i, format!("secret/other/{i}")),
+            &mut no_owner,
+        ));
+    }
+    let paths: Vec<&Finding> = found.iter().filter(|f| f.kind == Kind::NewPath).collect();
+    assert_eq!(paths.len(), 1, "{found:?}");
+    // Within the cooldown nothing more is told...
+    assert!(d.held_back(T0 + 30_000).is_empty());
+    // ...after it, the hundred held back are.
+    let told = d.held_back(T0 + 1000 + detector::COOLDOWN_MS);
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert_eq!(told[0].kind, Kind::NewPath);
+    assert_eq!(told[0].identity.as_deref(), Some("insider"));
+    assert!(
+        told[0].detail.contains("100 more new_path"),
+        "{}",
+        told[0].detail
+    );
+    // Told once.
+    assert!(d.held_back(T0 + 10 * detector::COOLDOWN_MS).is_empty());
+    // With another event of the kind, the count rides along instead.
+    for i in 0..5u64 {
+        d.observe(
+            &read(
+                T0 + 20 * detector::COOLDOWN_MS + i,
+                format!("secret/more/{i}"),
+            ),
+            &mut no_owner,
+        );
+    }
+    let next = d.observe(
+        &read(T0 + 30 * detector::COOLDOWN_MS, "secret/last".into()),
+        &mut no_owner,
+    );
+    let last: Vec<&Finding> = next.iter().filter(|f| f.kind == Kind::NewPath).collect();
+    assert_eq!(last.len(), 1, "{next:?}");
+    assert!(
+        last[0].detail.contains("and 4 more of this kind held back"),
+        "{}",
+        last[0].detail
+    );
+}

@@ -622,6 +622,12 @@ impl Anomalies {
                     if !loaded {
                         loaded = self.load(&deps, &mut detector);
                     }
+                    // The tails of bursts the cooldown held back: told, not
+                    // acted on again (the first event of each had the response).
+                    let now = deps.clock.now_ms();
+                    for finding in detector.held_back(now) {
+                        self.raise(&deps, finding, Response::Alert, now).await;
+                    }
                     self.flush(&deps, &mut detector).await;
                     flush.as_mut().reset(tokio::time::Instant::now() + FLUSH_EVERY);
                 }
