@@ -65,3 +65,4 @@ mod trust_oidc;
 mod trust_rotation;
 // -- anomaly detection (issue 13) --
 mod anomaly;
+mod anomaly_attack;
