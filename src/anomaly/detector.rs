@@ -15,7 +15,8 @@
 //! - tokens followed for `token_reuse` (the network each was last used
 //!   from): [`MAX_TOKENS`] (entries older than the window are pruned; past
 //!   it new tokens are not followed);
-//! - sources followed for failed logins: [`MAX_FAIL_SOURCES`]; past it the
+//! - source networks (IPv4 /24, IPv6 /64) followed for failed logins:
+//!   [`MAX_FAIL_SOURCES`]; past it the
 //!   failures of further sources are counted together as one source, so a
 //!   flood from many addresses is still seen and memory does not grow;
 //! - recent decommissions: [`MAX_DECOMMISSIONS`].
@@ -84,6 +85,12 @@ pub struct Baseline {
     /// Per kind, when it was last raised (for [`COOLDOWN_MS`]).
     #[serde(default)]
     pub raised_ms: Vec<(String, u64)>,
+    /// Per kind, findings held back by [`COOLDOWN_MS`] since it was last
+    /// raised: told with the next event of the kind, or by
+    /// [`Detector::held_back`] once the cooldown is over, so a burst cannot
+    /// hide behind its first event.
+    #[serde(default)]
+    pub held_back: Vec<(String, u32)>,
 }
 
 impl Baseline {
@@ -118,19 +125,43 @@ impl Baseline {
         self.rate_flagged = false;
     }
 
-    /// Whether `kind` may be raised now (cooldown), noting it if so.
-    fn may_raise(&mut self, kind: Kind, now_ms: u64) -> bool {
+    /// Whether `kind` may be raised now (cooldown), noting it if so: then
+    /// `Some(findings held back since it was last raised)`; `None` (and
+    /// one more held back) within the cooldown.
+    fn may_raise(&mut self, kind: Kind, now_ms: u64) -> Option<u32> {
         match self.raised_ms.iter_mut().find(|(k, _)| k == kind.as_str()) {
-            Some((_, at)) if now_ms.saturating_sub(*at) < COOLDOWN_MS => false,
+            Some((_, at)) if now_ms.saturating_sub(*at) < COOLDOWN_MS => {
+                match self.held_back.iter_mut().find(|(k, _)| k == kind.as_str()) {
+                    Some((_, n)) => *n = n.saturating_add(1),
+                    None => self.held_back.push((kind.as_str().to_owned(), 1)),
+                }
+                None
+            }
             Some((_, at)) => {
                 *at = now_ms;
-                true
+                Some(self.take_held_back(kind))
             }
             None => {
                 self.raised_ms.push((kind.as_str().to_owned(), now_ms));
-                true
+                Some(self.take_held_back(kind))
             }
         }
+    }
+
+    fn take_held_back(&mut self, kind: Kind) -> u32 {
+        match self.held_back.iter().position(|(k, _)| k == kind.as_str()) {
+            Some(i) => self.held_back.swap_remove(i).1,
+            None => 0,
+        }
+    }
+}
+
+/// The words added to an event's detail for findings held back before it.
+fn held_back_note(held: u32) -> String {
+    if held == 0 {
+        String::new()
+    } else {
+        format!(" (and {held} more of this kind held back by the one-a-minute limit)")
     }
 }
 
@@ -149,6 +180,18 @@ pub fn network_of(ip: IpAddr) -> String {
             let net = std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
             format!("{net}/64")
         }
+    }
+}
+
+/// The first address of the network a source belongs to (IPv4 /24, IPv6
+/// /64; an IPv4-mapped IPv6 address counts as IPv4).
+pub fn network_base(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4((u32::from(v4) & 0xffff_ff00).into()),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => network_base(IpAddr::V4(v4)),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
     }
 }
 
@@ -361,13 +404,16 @@ impl Detector {
             });
         let warm = b.warm(cfg, now);
         let raise = |found: &mut Vec<Finding>, b: &mut Baseline, kind: Kind, detail: String| {
-            if warm && b.may_raise(kind, now) {
+            if !warm {
+                return;
+            }
+            if let Some(held) = b.may_raise(kind, now) {
                 found.push(Finding {
                     kind,
                     identity: Some(identity.to_owned()),
                     accessor: obs.accessor.clone(),
                     source: obs.source,
-                    detail,
+                    detail: detail + &held_back_note(held),
                 });
             }
         };
@@ -480,15 +526,21 @@ impl Detector {
             if let Some((other_net, other, at)) = previous {
                 if other_net != net && now.saturating_sub(at) <= window {
                     if let Some(b) = self.baselines.get_mut(identity) {
-                        if warm && b.may_raise(Kind::TokenReuse, now) {
+                        let held = if warm {
+                            b.may_raise(Kind::TokenReuse, now)
+                        } else {
+                            None
+                        };
+                        if let Some(held) = held {
                             found.push(Finding {
                                 kind: Kind::TokenReuse,
                                 identity: Some(identity.to_owned()),
                                 accessor: Some(accessor.to_owned()),
                                 source: Some(ip),
                                 detail: format!(
-                                    "token used from {ip} and from {other} within {} s",
-                                    window / 1000
+                                    "token used from {ip} and from {other} within {} s{}",
+                                    window / 1000,
+                                    held_back_note(held)
                                 ),
                             });
                         }
@@ -514,6 +566,46 @@ impl Detector {
             }
         }
         self.tokens.insert(accessor.to_owned(), (net, ip, now));
+    }
+
+    /// Findings held back by the cooldown whose cooldown is over, one per
+    /// identity and kind, counting them (the worker calls it every
+    /// [`super::FLUSH_EVERY`]): the tail of a burst is told even when the
+    /// identity then goes quiet.
+    pub fn held_back(&mut self, now_ms: u64) -> Vec<Finding> {
+        let mut found = Vec::new();
+        for (identity, b) in &mut self.baselines {
+            if b.held_back.is_empty() {
+                continue;
+            }
+            let due: Vec<Kind> = b
+                .held_back
+                .iter()
+                .filter_map(|(k, _)| Kind::parse(k))
+                .filter(|k| {
+                    b.raised_ms
+                        .iter()
+                        .any(|(r, at)| r == k.as_str() && now_ms.saturating_sub(*at) >= COOLDOWN_MS)
+                })
+                .collect();
+            for kind in due {
+                let held = b.may_raise(kind, now_ms).unwrap_or(0);
+                if held > 0 {
+                    found.push(Finding {
+                        kind,
+                        identity: Some(identity.clone()),
+                        accessor: None,
+                        source: None,
+                        detail: format!(
+                            "{held} more {} findings held back by the one-a-minute limit",
+                            kind.as_str()
+                        ),
+                    });
+                    self.dirty.insert(identity.clone());
+                }
+            }
+        }
+        found
     }
 
     /// Frees a slot for a new identity: forgets the least recently seen.
@@ -577,7 +669,10 @@ impl Detector {
         let now = obs.at_ms;
         let window = self.cfg.failed_login_window.as_millis() as u64;
         let burst = self.cfg.failed_login_burst;
-        let ip = obs.source;
+        // Counted per network (IPv4 /24, IPv6 /64), like sources in the
+        // baselines: an outsider picking a new address for each guess from
+        // its own network is still one source.
+        let ip = obs.source.map(network_base);
         let slot = match ip {
             Some(ip) if self.fails.contains_key(&ip) => self.fails.get_mut(&ip),
             Some(ip) => {
@@ -594,7 +689,7 @@ impl Detector {
             None => None,
         };
         let (hit, from) = match slot {
-            Some(w) => (w.count(now, window, burst), ip.map(|i| i.to_string())),
+            Some(w) => (w.count(now, window, burst), obs.source.map(network_of)),
             None => (
                 self.fails_elsewhere.count(now, window, burst),
                 Some("many sources".to_owned()),
@@ -605,7 +700,7 @@ impl Detector {
                 kind: Kind::FailedLogins,
                 identity: None,
                 accessor: None,
-                source: ip,
+                source: obs.source,
                 detail: format!(
                     "{burst} failed logins or bad tokens from {} within {} s",
                     from.unwrap_or_else(|| "an unknown source".to_owned()),

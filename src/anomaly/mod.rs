@@ -60,6 +60,11 @@ const BASELINE_PREFIX: &str = "anomaly/baseline/";
 const EVENT_PREFIX: &str = "anomaly/events/";
 /// Observations waiting for the worker; past it they are dropped and counted.
 pub const CHANNEL_CAPACITY: usize = 8_192;
+/// Room in the queue kept for the calls of identities: a failed
+/// authentication (which anyone can make without a credential) is dropped
+/// once less than this is free, so a flood of them cannot crowd out the
+/// calls the baselines are about.
+pub const RESERVED_FOR_IDENTITIES: usize = CHANNEL_CAPACITY / 2;
 /// Events kept (in memory and in storage); the oldest go first.
 pub const MAX_EVENTS: usize = 10_000;
 /// How often baselines and events are written.
@@ -211,7 +216,13 @@ impl Default for AnomalyConfig {
 }
 
 impl AnomalyConfig {
+    /// The response of `kind`; always `alert` for kinds an outsider can
+    /// cause, whatever `responses` holds (the field is public, so this is
+    /// checked where it is read, not only in `set_response`).
     pub fn response(&self, kind: Kind) -> Response {
+        if kind.needs_no_credential() {
+            return Response::Alert;
+        }
         self.responses[kind.index()]
     }
 
@@ -494,7 +505,9 @@ impl Anomalies {
         if !observation.wanted() {
             return;
         }
-        if self.inner.tx.try_send(observation).is_err() {
+        let crowding =
+            observation.identity.is_none() && self.inner.tx.capacity() <= RESERVED_FOR_IDENTITIES;
+        if crowding || self.inner.tx.try_send(observation).is_err() {
             self.inner.dropped.fetch_add(1, Ordering::Relaxed);
             self.inner.dropped_metric.inc();
         } else {
@@ -608,6 +621,12 @@ impl Anomalies {
                 _ = &mut flush => {
                     if !loaded {
                         loaded = self.load(&deps, &mut detector);
+                    }
+                    // The tails of bursts the cooldown held back: told, not
+                    // acted on again (the first event of each had the response).
+                    let now = deps.clock.now_ms();
+                    for finding in detector.held_back(now) {
+                        self.raise(&deps, finding, Response::Alert, now).await;
                     }
                     self.flush(&deps, &mut detector).await;
                     flush.as_mut().reset(tokio::time::Instant::now() + FLUSH_EVERY);
@@ -942,3 +961,6 @@ fn event_key(id: u64) -> String {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod attack_tests;

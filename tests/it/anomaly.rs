@@ -25,7 +25,7 @@ use keyward::proto::v1::secrets_client::SecretsClient;
 use keyward::proto::v1::{Anomaly, GetSecretRequest};
 
 /// Short warm-up: 20 calls, no minimum age.
-fn quick(
+pub(crate) fn quick(
     adjust: impl FnOnce(&mut AnomalyConfig),
 ) -> impl FnOnce(&mut keyward::config::ServerConfig) {
     move |c| {
@@ -37,7 +37,11 @@ fn quick(
 
 /// A reader identity of `secret/<prefix>/**` with two secrets it has read
 /// 15 times each (warm): (name, client, token).
-async fn warm_reader(server: &TestServer, root: &Client, prefix: &str) -> (String, Client, String) {
+pub(crate) async fn warm_reader(
+    server: &TestServer,
+    root: &Client,
+    prefix: &str,
+) -> (String, Client, String) {
     let policy = read_policy(server, prefix).await;
     for leaf in ["a", "b", "never"] {
         root.put(

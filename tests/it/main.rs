@@ -86,6 +86,7 @@ mod http_prelude;
 mod anomaly;
 mod ui;
 
+mod anomaly_attack;
 mod decommission_creds;
 mod dyn12_attack;
 mod dynamic_plugin;
