@@ -390,7 +390,9 @@ pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 impl TestServer {
     /// A server over `config` as given (not initialised here), serving with
-    /// the CA `ca` (its certificates are the caller's): nodes of a cluster.
+    /// the CA `ca` (its certificates are the caller's): nodes of a cluster
+    /// (the etcd tests, built with the `etcd` feature only).
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     pub async fn from_config(dir: tempfile::TempDir, config: ServerConfig, ca: PathBuf) -> Self {
         install_crypto();
         let server = Server::open(config).unwrap();
