@@ -25,12 +25,13 @@
 //! new one is had. The password is never shown by `Debug`.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tonic::Code;
 
 use super::{Client, ClientError};
+use crate::clock::Clock;
 use crate::proto::v1::CredsResponse;
 
 /// When and how the lease is kept.
@@ -106,13 +107,6 @@ pub struct FreshCredential {
     client: Client,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 fn ts_ms(ts: Option<prost_types::Timestamp>) -> u64 {
     ts.map_or(0, |t| {
         u64::try_from(t.seconds)
@@ -158,6 +152,7 @@ impl FreshCredential {
             options,
             tx,
             expires_ms: expires,
+            clock: Clock::system(),
         };
         let task = tokio::spawn(keeper.run());
         Ok(Self { rx, task, client })
@@ -206,12 +201,15 @@ struct Keeper {
     tx: watch::Sender<Arc<DynamicCredential>>,
     /// The current lease's end, as the server said.
     expires_ms: u64,
+    /// Wall time for comparing with the lease's end (tokio's clock, so a
+    /// paused test clock moves it too).
+    clock: Clock,
 }
 
 impl Keeper {
     /// The wait before the next renewal: the fraction of what remains.
     fn wait(&self) -> Duration {
-        let left = self.expires_ms.saturating_sub(now_ms());
+        let left = self.expires_ms.saturating_sub(self.clock.now_ms());
         let wait = Duration::from_millis(left).mul_f64(self.options.renew_fraction);
         wait.max(self.options.min_wait)
     }
@@ -240,7 +238,7 @@ impl Keeper {
                     // at the next try rather than renewing a dead lease.
                     tokio::time::sleep(retry).await;
                     retry = (retry * 2).min(self.options.max_retry_wait);
-                    if now_ms() >= self.expires_ms {
+                    if self.clock.now_ms() >= self.expires_ms {
                         if let Err(e) = self.replace().await {
                             tracing::debug!(role = %self.role, error = %e, "no new dynamic credential yet");
                         }
