@@ -92,3 +92,5 @@ mod dyn12_attack;
 mod dynamic_plugin;
 mod dynamic_refresh;
 mod ui_attack;
+#[cfg(feature = "etcd")]
+mod ha_counters;
