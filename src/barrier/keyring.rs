@@ -161,13 +161,9 @@ impl KeyringRecord {
             a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
         };
         let root_same = same(&self.derivation_root[..], &newer.derivation_root[..]);
-        let terms_same = self
-            .terms
-            .iter()
-            .zip(&newer.terms)
-            .all(|(old, new)| {
-                old.term == new.term && new.reserved >= old.reserved && same(&old.key[..], &new.key[..])
-            });
+        let terms_same = self.terms.iter().zip(&newer.terms).all(|(old, new)| {
+            old.term == new.term && new.reserved >= old.reserved && same(&old.key[..], &new.key[..])
+        });
         root_same && terms_same && newer.active >= self.active
     }
 
@@ -327,7 +323,10 @@ pub(crate) struct KeySet {
 impl KeySet {
     /// Prepares every term of `record`. The node holds no range yet: its
     /// count of the active term starts at the stored reservation.
-    pub(crate) fn new(unsealed: Arc<Unsealed>, record: &KeyringRecord) -> Result<Self, BarrierError> {
+    pub(crate) fn new(
+        unsealed: Arc<Unsealed>,
+        record: &KeyringRecord,
+    ) -> Result<Self, BarrierError> {
         let keys = record
             .terms
             .iter()

@@ -787,7 +787,10 @@ impl Barrier {
         loop {
             let keys = self.keys()?;
             let active = &keys.active;
-            let taken = active.taken.fetch_add(1, Ordering::AcqRel).saturating_add(1);
+            let taken = active
+                .taken
+                .fetch_add(1, Ordering::AcqRel)
+                .saturating_add(1);
             if taken > active.end - active.start {
                 self.next_range(&keys)?;
                 continue;
@@ -1076,10 +1079,8 @@ const KEYRING_ATTEMPTS: usize = 64;
 
 /// Other nodes won every compare-and-swap of the keyring.
 fn keyring_contended() -> BarrierError {
-    StorageError::Busy(
-        "sys/keyring: other nodes changed it at every attempt; try again".into(),
-    )
-    .into()
+    StorageError::Busy("sys/keyring: other nodes changed it at every attempt; try again".into())
+        .into()
 }
 
 /// The stored keyring does not extend this node's: fail closed.

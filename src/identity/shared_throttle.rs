@@ -361,7 +361,8 @@ impl SharedThrottle {
                     q.last_failure_ms = q.last_failure_ms.max(p.last_failure_ms);
                 }
                 None if full => {
-                    self.dropped.fetch_add(u64::from(p.failures), Ordering::Relaxed);
+                    self.dropped
+                        .fetch_add(u64::from(p.failures), Ordering::Relaxed);
                 }
                 None => {
                     pending.insert(tag, p);
@@ -440,11 +441,11 @@ impl SharedThrottle {
                 return Ok(());
             }
         }
-        Err(IdentityError::Barrier(crate::barrier::BarrierError::Storage(
-            crate::storage::StorageError::Busy(
+        Err(IdentityError::Barrier(
+            crate::barrier::BarrierError::Storage(crate::storage::StorageError::Busy(
                 "a login throttle record changed at every attempt".into(),
-            ),
-        )))
+            )),
+        ))
     }
 
     /// Flushes every `flush_every_ms` until `shutdown`, then once more. A

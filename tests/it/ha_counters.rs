@@ -31,7 +31,12 @@ fn backend(etcd: &EtcdCluster, prefix: &str) -> Arc<EtcdBackend> {
 
 /// `n` barriers on one vault, each with its own etcd connection: the first
 /// one initialized, every one unsealed with the share.
-fn barrier_nodes(etcd: &EtcdCluster, prefix: &str, n: usize, options: BarrierOptions) -> Vec<Barrier> {
+fn barrier_nodes(
+    etcd: &EtcdCluster,
+    prefix: &str,
+    n: usize,
+    options: BarrierOptions,
+) -> Vec<Barrier> {
     let nodes: Vec<Barrier> = (0..n)
         .map(|_| Barrier::new(backend(etcd, prefix), options.clone()).unwrap())
         .collect();
@@ -238,7 +243,14 @@ async fn node(
 }
 
 /// Three keyward servers on one vault, unsealed; the root token's clients.
-async fn three_servers(etcd: &EtcdCluster, prefix: &str) -> (Vec<TestServer>, Vec<keyward::client::Client>, tempfile::TempDir) {
+async fn three_servers(
+    etcd: &EtcdCluster,
+    prefix: &str,
+) -> (
+    Vec<TestServer>,
+    Vec<keyward::client::Client>,
+    tempfile::TempDir,
+) {
     let certs_dir = private_tempdir();
     let certs = keyward::pki::ensure_dev_certs(&certs_dir.path().join("certs")).unwrap();
     let mut servers = Vec::new();
@@ -336,7 +348,11 @@ async fn use_counts_and_key_terms_hold_across_servers() {
     let term = roots[0].rotate_key().await.unwrap();
     assert_eq!(term, 2);
     roots[0]
-        .put(&path, &data(&[("k", "under term 2")]), PutOptions::default())
+        .put(
+            &path,
+            &data(&[("k", "under term 2")]),
+            PutOptions::default(),
+        )
         .await
         .unwrap();
     let read = roots[1].get(&path).await.unwrap();
@@ -346,12 +362,15 @@ async fn use_counts_and_key_terms_hold_across_servers() {
         .put(&path, &data(&[("k", "from node 3")]), PutOptions::default())
         .await
         .unwrap();
-    assert_eq!(roots[0].get(&path).await.unwrap().field_str("k"), Some("from node 3"));
+    assert_eq!(
+        roots[0].get(&path).await.unwrap().field_str("k"),
+        Some("from node 3")
+    );
 }
 
 /// Failed logins on node 1 lock the role-id (from this address) on node 2
-/// once node 1 has flushed its counts; etcd holds throttle records, never
-/// the role-id in a key name.
+/// once node 1 has flushed its counts; no throttle key name in etcd holds
+/// the role-id or the address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn login_failures_on_one_node_count_on_another() {
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
@@ -396,8 +415,12 @@ async fn login_failures_on_one_node_count_on_another() {
     .await;
     let raw = backend(&etcd, &prefix);
     assert!(!raw.scan_prefix(b"identities/throttle/").unwrap().is_empty());
-    for (key, _) in raw.scan_prefix(b"identities/").unwrap() {
-        assert!(!crate::harness::contains(&key, sid.role_id.as_bytes()));
+    // The throttle's key names are HMACs: no role-id, no address. (The
+    // role-id index `identities/role/` names role-ids by design.)
+    let throttle = raw.scan_prefix(b"identities/throttle/").unwrap();
+    for (key, _) in &throttle {
+        assert!(!crate::harness::contains(key, sid.role_id.as_bytes()));
+        assert!(!crate::harness::contains(key, b"127.0.0.1"));
     }
     let three = servers[2].anonymous().await;
     assert_eq!(
@@ -451,7 +474,10 @@ fn a_login_flood_writes_a_bounded_number_of_keys() {
                 let source = std::net::IpAddr::from([10, n as u8, (round % 250) as u8, i as u8]);
                 let role = format!("made-up-{n}-{round}-{i}");
                 let secret = format!("kws_{}", "B".repeat(43));
-                if login.approle(store, &role, &secret, Some(source), now).is_err() {
+                if login
+                    .approle(store, &role, &secret, Some(source), now)
+                    .is_err()
+                {
                     refused += 1;
                 }
                 now += 1;
@@ -473,6 +499,9 @@ fn a_login_flood_writes_a_bounded_number_of_keys() {
         let figures = shared.figures();
         assert!(figures.flushes <= 20, "{figures:?}");
         assert!(figures.slots_written <= figures.flushes * 4, "{figures:?}");
-        assert!(figures.dropped > 0, "the pending cap was never met: {figures:?}");
+        assert!(
+            figures.dropped > 0,
+            "the pending cap was never met: {figures:?}"
+        );
     }
 }
