@@ -466,6 +466,14 @@ impl Server {
         tasks.spawn("anomaly-detector", move |shutdown| {
             anomalies.run(anomaly_deps, shutdown)
         });
+        // On a shared store (etcd): login throttle counts shared with the
+        // other nodes, written in bounded batches.
+        if let Some(shared) = core.login.shared() {
+            let throttle_clock = core.clock().clone();
+            tasks.spawn("login-throttle-flush", move |shutdown| {
+                shared.run_flusher(throttle_clock, shutdown)
+            });
+        }
         tasks
     }
 

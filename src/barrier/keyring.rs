@@ -9,12 +9,16 @@
 //! ```
 //!
 //! Encryptions are counted in memory; the record holds, per term, a
-//! *reservation*: a count the term may reach before the record must be
-//! written again. A reservation is written before any encryption above the
-//! old one is made, in blocks of `RESERVATION_BLOCK`, so a term costs one
-//! keyring write per block. On unseal the active term's count is taken to be
-//! its whole reservation (the process may have died anywhere inside it): the
-//! count can only be overestimated, never under.
+//! *reservation*: how far the term's count has been handed out. A node takes
+//! a *range* of the count, `reserved..reserved + block` (capped at the
+//! term's limit), by writing the record with the higher reservation before
+//! it makes any encryption in that range; on a shared store (etcd) that
+//! write is a compare-and-swap, so two nodes never hold overlapping ranges
+//! and the stored reservation bounds the encryptions of the whole cluster.
+//! A term costs one keyring write per block (`RESERVATION_BLOCK` by
+//! default). On unseal a node holds no range: its count starts at the
+//! stored reservation (the process may have died anywhere inside its last
+//! range), so the count can only be overestimated, never under.
 //!
 //! Binary rather than JSON so that no key ever sits in an intermediate
 //! `String` that is not zeroized.
@@ -118,15 +122,16 @@ impl KeyringRecord {
         self.terms.get(index)
     }
 
-    /// Raises `term`'s reservation so that encryption number `count` is
-    /// covered: to the next block boundary, capped at `limit` (the term is
-    /// retired there anyway). Returns the new reservation.
-    pub(crate) fn reserve(
+    /// Takes the next range of `term`'s count: `(start, end)` with
+    /// `end = min(start + block, limit)`, where `start` is the stored
+    /// reservation, and raises the reservation to `end`. `None` when the
+    /// term is used up (its reservation reached `limit`).
+    pub(crate) fn take_range(
         &mut self,
         term: u32,
-        count: u64,
+        block: u64,
         limit: u64,
-    ) -> Result<u64, BarrierError> {
+    ) -> Result<Option<(u64, u64)>, BarrierError> {
         let index = term
             .checked_sub(1)
             .and_then(|i| usize::try_from(i).ok())
@@ -135,11 +140,31 @@ impl KeyringRecord {
                 "reserving encryptions for an unknown term",
             ))?;
         let record = &mut self.terms[index];
-        let block_end = count
-            .div_ceil(RESERVATION_BLOCK)
-            .saturating_mul(RESERVATION_BLOCK);
-        record.reserved = record.reserved.max(block_end.min(limit)).max(count);
-        Ok(record.reserved)
+        let start = record.reserved;
+        if start >= limit {
+            return Ok(None);
+        }
+        let end = start.saturating_add(block.max(1)).min(limit);
+        record.reserved = end;
+        Ok(Some((start, end)))
+    }
+
+    /// Whether `newer` keeps every term of this record unchanged (same key,
+    /// reservation never lower) and the same derivation root: what another
+    /// node may write. Anything else (a term removed or replaced, a
+    /// reservation rolled back) is refused by the caller.
+    pub(crate) fn is_extended_by(&self, newer: &KeyringRecord) -> bool {
+        if newer.terms.len() < self.terms.len() {
+            return false;
+        }
+        let same = |a: &[u8], b: &[u8]| {
+            a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        };
+        let root_same = same(&self.derivation_root[..], &newer.derivation_root[..]);
+        let terms_same = self.terms.iter().zip(&newer.terms).all(|(old, new)| {
+            old.term == new.term && new.reserved >= old.reserved && same(&old.key[..], &new.key[..])
+        });
+        root_same && terms_same && newer.active >= self.active
     }
 
     pub(crate) fn encode(&self) -> Zeroizing<Vec<u8>> {
@@ -252,13 +277,37 @@ pub(crate) struct Unsealed {
     pub derivation_root: Key,
 }
 
-/// The active term and its counters.
+/// The active term and this node's range of its count.
 pub(crate) struct ActiveTerm {
     pub term: u32,
-    /// Encryptions made (or begun) under this term.
-    pub count: AtomicU64,
-    /// Encryptions the stored keyring allows before it must be written again.
-    pub reserved: AtomicU64,
+    /// This node may make encryptions number `start + 1 ..= end` of the
+    /// term: a range taken in the stored keyring (see `take_range`).
+    pub start: u64,
+    pub end: u64,
+    /// Encryptions taken from the range (or begun); past `end - start` the
+    /// caller takes the next range instead.
+    pub taken: AtomicU64,
+}
+
+impl ActiveTerm {
+    fn empty_at(term: u32, at: u64) -> Self {
+        Self {
+            term,
+            start: at,
+            end: at,
+            taken: AtomicU64::new(0),
+        }
+    }
+
+    /// Where this node's count of the term stands (start of the range plus
+    /// what it used of it).
+    pub fn position(&self) -> u64 {
+        let used = self
+            .taken
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .min(self.end - self.start);
+        self.start + used
+    }
 }
 
 /// An immutable snapshot of the prepared keys, swapped whole when a term is
@@ -272,11 +321,11 @@ pub(crate) struct KeySet {
 }
 
 impl KeySet {
-    /// Prepares every term of `record`; the active term starts at `count`.
+    /// Prepares every term of `record`. The node holds no range yet: its
+    /// count of the active term starts at the stored reservation.
     pub(crate) fn new(
         unsealed: Arc<Unsealed>,
         record: &KeyringRecord,
-        count: u64,
     ) -> Result<Self, BarrierError> {
         let keys = record
             .terms
@@ -287,35 +336,44 @@ impl KeySet {
         Ok(Self {
             unsealed,
             keys,
-            active: ActiveTerm {
-                term: record.active,
-                count: AtomicU64::new(count),
-                reserved: AtomicU64::new(reserved),
-            },
+            active: ActiveTerm::empty_at(record.active, reserved),
         })
     }
 
-    /// The snapshot after `record`, which is this snapshot's keyring plus
-    /// one new active term: only the new term's key is prepared.
-    pub(crate) fn with_new_term(&self, record: &KeyringRecord) -> Result<Self, BarrierError> {
-        let new = record
-            .term(record.active)
-            .filter(|term| usize::try_from(term.term).ok() == Some(self.keys.len() + 1))
-            .ok_or(BarrierError::Crypto(
-                "the new term does not follow the current ones",
-            ))?;
-        let mut keys = Vec::with_capacity(self.keys.len() + 1);
+    /// The snapshot after `record`, which extends this snapshot's keyring
+    /// (see `KeyringRecord::is_extended_by`): only the new terms' keys are
+    /// prepared. The node holds no range of the active term.
+    pub(crate) fn extended(&self, record: &KeyringRecord) -> Result<Self, BarrierError> {
+        let mut keys = Vec::with_capacity(record.terms.len());
         keys.extend(self.keys.iter().cloned());
-        keys.push(Arc::new(aead_key(&new.key)?));
+        for term in record.terms.iter().skip(self.keys.len()) {
+            keys.push(Arc::new(aead_key(&term.key)?));
+        }
+        let reserved = record.term(record.active).map_or(0, |t| t.reserved);
         Ok(Self {
             unsealed: Arc::clone(&self.unsealed),
             keys,
-            active: ActiveTerm {
-                term: new.term,
-                count: AtomicU64::new(0),
-                reserved: AtomicU64::new(new.reserved),
-            },
+            active: ActiveTerm::empty_at(record.active, reserved),
         })
+    }
+
+    /// The same keys with the range `start..end` of the active term.
+    pub(crate) fn with_range(&self, start: u64, end: u64) -> Self {
+        Self {
+            unsealed: Arc::clone(&self.unsealed),
+            keys: self.keys.clone(),
+            active: ActiveTerm {
+                term: self.active.term,
+                start,
+                end,
+                taken: AtomicU64::new(0),
+            },
+        }
+    }
+
+    /// How many terms are prepared.
+    pub(crate) fn terms(&self) -> usize {
+        self.keys.len()
     }
 
     /// The prepared key of `term`, if the keyring has it.
@@ -339,7 +397,7 @@ mod tests {
             .unwrap()
             .with_new_term(&rng)
             .unwrap();
-        record.reserve(1, 5, u64::MAX).unwrap();
+        record.take_range(1, RESERVATION_BLOCK, u64::MAX).unwrap();
         let decoded = KeyringRecord::decode(&record.encode()).unwrap();
         assert_eq!(decoded.active, 2);
         assert_eq!(*decoded.derivation_root, *record.derivation_root);
@@ -380,25 +438,35 @@ mod tests {
     }
 
     #[test]
-    fn reservations_grow_by_blocks_up_to_the_limit() {
+    fn ranges_follow_each_other_up_to_the_limit() {
         let rng = SystemRandom::new();
         let mut record = KeyringRecord::generate(&rng).unwrap();
-        assert_eq!(record.reserve(1, 1, u64::MAX).unwrap(), RESERVATION_BLOCK);
-        assert_eq!(
-            record.reserve(1, RESERVATION_BLOCK, u64::MAX).unwrap(),
-            RESERVATION_BLOCK
-        );
-        assert_eq!(
-            record.reserve(1, RESERVATION_BLOCK + 1, u64::MAX).unwrap(),
-            2 * RESERVATION_BLOCK
-        );
-        assert_eq!(
-            record.reserve(1, 3, 10).unwrap(),
-            2 * RESERVATION_BLOCK,
-            "never lowered"
-        );
-        let mut small = KeyringRecord::generate(&rng).unwrap();
-        assert_eq!(small.reserve(1, 3, 10).unwrap(), 10);
-        assert!(small.reserve(2, 1, 10).is_err());
+        assert_eq!(record.take_range(1, 4, 10).unwrap(), Some((0, 4)));
+        assert_eq!(record.take_range(1, 4, 10).unwrap(), Some((4, 8)));
+        assert_eq!(record.take_range(1, 4, 10).unwrap(), Some((8, 10)));
+        assert_eq!(record.take_range(1, 4, 10).unwrap(), None);
+        assert_eq!(record.terms[0].reserved, 10);
+        assert!(record.take_range(2, 4, 10).is_err());
+    }
+
+    #[test]
+    fn only_an_extension_is_accepted() {
+        let rng = SystemRandom::new();
+        let mut old = KeyringRecord::generate(&rng).unwrap();
+        old.take_range(1, 8, 100).unwrap();
+        let mut newer = old.with_new_term(&rng).unwrap();
+        newer.take_range(1, 8, 100).unwrap();
+        assert!(old.is_extended_by(&newer));
+        assert!(old.is_extended_by(&old.clone()));
+        assert!(!newer.is_extended_by(&old), "a term removed");
+        let mut rolled_back = old.clone();
+        rolled_back.terms[0].reserved = 0;
+        assert!(!old.is_extended_by(&rolled_back), "a reservation lowered");
+        let mut replaced = newer.clone();
+        replaced.terms[0].key = random_key(&rng).unwrap();
+        assert!(!old.is_extended_by(&replaced), "a term key replaced");
+        let mut other_root = newer.clone();
+        other_root.derivation_root = random_key(&rng).unwrap();
+        assert!(!old.is_extended_by(&other_root), "another derivation root");
     }
 }

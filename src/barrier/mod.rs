@@ -47,16 +47,24 @@
 //!
 //! `rotate_key` adds a term and makes it active; older terms still decrypt.
 //! Encryptions are counted per term; at `BarrierOptions::max_encryptions_per_term`
-//! a new term is made automatically. Counts survive restarts through
-//! reservations in the keyring record (see `keyring`): a restart assumes the
-//! active term used its whole reservation.
+//! a new term is made automatically. Each node encrypts only inside a range
+//! of the term's count that it took in the keyring record (see `keyring`);
+//! on a shared store (etcd) ranges are taken by compare-and-swap, so the
+//! limit holds for the whole cluster, and a restart starts after every
+//! range handed out.
+//!
+//! On a shared store another node may add a term. This node loads it (after
+//! checking that the stored keyring only extends the one it holds) when its
+//! own keyring write meets the change, and before it reads a value sealed
+//! under a term it does not know.
 //!
 //! # Concurrency
 //!
 //! The seal state sits under one `RwLock`. The hot path (`get`) takes the read
 //! lock just long enough to clone an `Arc` of the prepared keys, then reads
-//! the backend and decrypts without any lock. Writes of `sys/keyring` (a new
-//! term, a new reservation, once per 65,536 encryptions) and unseal are
+//! the backend and decrypts without any lock. An encryption takes its number
+//! from the active range with one atomic add. Writes of `sys/keyring` (a new
+//! term, a new range, once per 65,536 encryptions), reloads and unseal are
 //! serialized by a second mutex, always taken before the state lock.
 //!
 //! # Known limits
@@ -154,15 +162,24 @@ pub struct BarrierOptions {
     /// A new keyring term is made automatically after this many encryptions
     /// under one term (random 96-bit nonces stay safe far beyond it).
     pub max_encryptions_per_term: u64,
+    /// Encryptions per range a node takes in the keyring record (one
+    /// keyring write each). Smaller ranges waste less of a term when a node
+    /// stops, and cost more writes.
+    pub reservation_block: u64,
 }
 
 impl Default for BarrierOptions {
     fn default() -> Self {
         Self {
             max_encryptions_per_term: 1 << 30,
+            reservation_block: keyring::RESERVATION_BLOCK,
         }
     }
 }
+
+/// Ranges of encryption counts a barrier remembers having taken (for
+/// `Barrier::taken_ranges`); older ones are forgotten.
+const RANGES_KEPT: usize = 4096;
 
 /// A plaintext operation of an atomic batch.
 pub enum PlainOp<'a> {
@@ -260,9 +277,9 @@ impl SealState {
                 threshold: config.threshold.into(),
                 progress: 0,
                 key_term: keys.active.term,
-                // Attempts past the limit wait for the next term; they are
+                // Attempts past the range wait for the next one; they are
                 // not encryptions.
-                term_encryptions: keys.active.count.load(Ordering::Relaxed).min(limit),
+                term_encryptions: keys.active.position().min(limit),
             },
         }
     }
@@ -281,6 +298,8 @@ pub struct Barrier {
     /// store a keyring write is a compare-and-swap against it, so a node
     /// never overwrites a term or reservation another node wrote.
     keyring_seen: Mutex<Option<Vec<u8>>>,
+    /// `(term, start, end)` of the last ranges this barrier took.
+    ranges: Mutex<std::collections::VecDeque<(u32, u64, u64)>>,
 }
 
 impl std::fmt::Debug for Barrier {
@@ -299,6 +318,11 @@ impl Barrier {
                 "max_encryptions_per_term must be at least 1",
             ));
         }
+        if options.reservation_block == 0 {
+            return Err(BarrierError::InvalidOptions(
+                "reservation_block must be at least 1",
+            ));
+        }
         let state = match backend.get(SEAL_KEY.as_bytes())? {
             Some(record) => SealState::sealed(SealConfig::from_record(&record)?),
             None => SealState::Uninitialized,
@@ -311,6 +335,7 @@ impl Barrier {
             state: RwLock::new(state),
             keyring_writes: Mutex::new(()),
             keyring_seen: Mutex::new(None),
+            ranges: Mutex::new(std::collections::VecDeque::new()),
         })
     }
 
@@ -389,7 +414,7 @@ impl Barrier {
             root_key,
             derivation_root: record.derivation_root.clone(),
         });
-        let keys = Arc::new(KeySet::new(unsealed, &record, 0)?);
+        let keys = Arc::new(KeySet::new(unsealed, &record)?);
         *state = SealState::Unsealed {
             config,
             record,
@@ -460,13 +485,13 @@ impl Barrier {
         };
         // A restored store opens only if its snapshot carries this vault's HMAC.
         restore::check_at_unseal(self.backend.as_ref(), &record.derivation_root)?;
-        // The process may have died anywhere inside the active reservation.
-        let count = record.term(record.active).map_or(0, |term| term.reserved);
+        // The process may have died anywhere inside its last range: the
+        // count starts after every range handed out (`KeySet::new`).
         let unsealed = Arc::new(Unsealed {
             root_key,
             derivation_root: record.derivation_root.clone(),
         });
-        let keys = Arc::new(KeySet::new(unsealed, &record, count)?);
+        let keys = Arc::new(KeySet::new(unsealed, &record)?);
         tracing::info!(term = record.active, "vault unsealed");
         *state = SealState::Unsealed {
             config,
@@ -538,11 +563,64 @@ impl Barrier {
 
     pub fn get(&self, key: &str) -> Result<Option<Plaintext>, BarrierError> {
         check_key(key)?;
-        let keys = self.keys()?;
+        let mut keys = self.keys()?;
         match self.backend.get(key.as_bytes())? {
-            Some(envelope) => decrypt(&keys, key, &envelope).map(Some),
+            Some(envelope) => self.decrypt(&mut keys, key, &envelope).map(Some),
             None => Ok(None),
         }
+    }
+
+    /// The value of `key` with a stamp of the stored record, for
+    /// `compare_and_swap`.
+    pub fn get_stamped(&self, key: &str) -> Result<Option<(Plaintext, Stamp)>, BarrierError> {
+        check_key(key)?;
+        let mut keys = self.keys()?;
+        match self.backend.get(key.as_bytes())? {
+            Some(envelope) => {
+                let value = self.decrypt(&mut keys, key, &envelope)?;
+                Ok(Some((value, Stamp(envelope))))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Stores `new` under `key` (removes it for `None`) only if the stored
+    /// record is still the one `expected` stamped (`None`: absent). Returns
+    /// whether it did; on `false` nothing was written and the caller reads
+    /// again. Every envelope has a fresh random nonce, so a stamp names one
+    /// write: a value written again, even the same plaintext, does not match.
+    pub fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&Stamp>,
+        new: Option<&[u8]>,
+    ) -> Result<bool, BarrierError> {
+        check_key(key)?;
+        self.keys()?;
+        let envelope = match new {
+            Some(value) => Some(self.encrypt(key, value)?),
+            None => None,
+        };
+        let outcome = self.backend.compare_and_swap(
+            key.as_bytes(),
+            expected.map(|stamp| stamp.0.as_slice()),
+            envelope.as_deref(),
+        )?;
+        Ok(outcome == crate::storage::CasOutcome::Swapped)
+    }
+
+    /// The ranges of encryption counts this barrier took, `(term, start,
+    /// end)`, oldest first (the last few thousand): encryptions `start + 1
+    /// ..= end` of the term were this node's alone. For tests and
+    /// diagnostics; holds no key material.
+    #[doc(hidden)]
+    pub fn taken_ranges(&self) -> Vec<(u32, u64, u64)> {
+        self.ranges
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .copied()
+            .collect()
     }
 
     /// Encrypts `value` under the active term and stores it under `key`.
@@ -567,14 +645,14 @@ impl Barrier {
     /// Keys and decrypted values under `prefix`, in key order.
     pub fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Plaintext)>, BarrierError> {
         check_key(prefix)?;
-        let keys = self.keys()?;
+        let mut keys = self.keys()?;
         let mut out = Vec::new();
         for (key, envelope) in self.backend.scan_prefix(prefix.as_bytes())? {
             let key = key_text(key)?;
             if is_reserved(&key) {
                 continue;
             }
-            let value = decrypt(&keys, &key, &envelope)?;
+            let value = self.decrypt(&mut keys, &key, &envelope)?;
             out.push((key, value));
         }
         Ok(out)
@@ -601,7 +679,7 @@ impl Barrier {
         end: &str,
         limit: usize,
     ) -> Result<Vec<(String, Plaintext)>, BarrierError> {
-        let keys = self.keys()?;
+        let mut keys = self.keys()?;
         // The barrier's own records may fall in the range: ask for room to skip them.
         let pairs = self.backend.scan_range(
             start.as_bytes(),
@@ -617,7 +695,7 @@ impl Barrier {
             if is_reserved(&key) {
                 continue;
             }
-            let value = decrypt(&keys, &key, &envelope)?;
+            let value = self.decrypt(&mut keys, &key, &envelope)?;
             out.push((key, value));
         }
         Ok(out)
@@ -699,32 +777,30 @@ impl Barrier {
         }
     }
 
-    /// Seals `value` for `key` under the active term, counting the
-    /// encryption, raising the stored reservation first when the count
-    /// passes it, and making a new term when the count reaches the limit.
+    /// Seals `value` for `key` under the active term. The encryption takes
+    /// the next number of this node's range; past the range's end the node
+    /// takes the next range (or, the term used up, makes or loads the next
+    /// term) and tries again. The encryption numbered at the limit makes the
+    /// next term.
     fn encrypt(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, BarrierError> {
         let limit = self.options.max_encryptions_per_term;
         loop {
             let keys = self.keys()?;
             let active = &keys.active;
-            let count = active
-                .count
+            let taken = active
+                .taken
                 .fetch_add(1, Ordering::AcqRel)
                 .saturating_add(1);
-            if count > limit {
-                // Exhausted: the first caller here makes the next term (a
-                // no-op for the others), then everyone retries on it.
-                self.add_term(Some(&keys))?;
+            if taken > active.end - active.start {
+                self.next_range(&keys)?;
                 continue;
             }
-            if count > active.reserved.load(Ordering::Acquire) {
-                self.reserve(&keys, count)?;
-            }
+            let number = active.start + taken;
             let aead = keys
                 .key(active.term)
                 .ok_or(BarrierError::Crypto("the active term has no key"))?;
             let envelope = envelope::seal(aead, active.term, key.as_bytes(), value, &self.rng)?;
-            if count == limit {
+            if number == limit {
                 if let Err(error) = self.add_term(Some(&keys)) {
                     // The value is sealed under a valid term; the next
                     // encryption retries the rotation and reports its error.
@@ -735,76 +811,176 @@ impl Barrier {
         }
     }
 
-    /// Adds a term. With `exhausted`, only if those keys are still the
-    /// current ones (someone else may have rotated already); returns the
-    /// active term either way.
-    fn add_term(&self, exhausted: Option<&Arc<KeySet>>) -> Result<u32, BarrierError> {
+    /// Gives this node a new range of the active term's count, in place of
+    /// `spent` (a no-op if `spent` is no longer current: another caller did
+    /// it). The range is written into `sys/keyring` before any encryption in
+    /// it; on a shared store by compare-and-swap, merging what other nodes
+    /// wrote and trying again. A used-up term makes (or loads) the next one.
+    fn next_range(&self, spent: &Arc<KeySet>) -> Result<(), BarrierError> {
         let _writes = self.lock_keyring_writes();
-        let (record, current) = match &*self.read() {
-            SealState::Unsealed { record, keys, .. } => {
-                if exhausted.is_some_and(|old| !Arc::ptr_eq(old, keys)) {
-                    return Ok(keys.active.term);
-                }
-                (record.with_new_term(&self.rng)?, Arc::clone(keys))
+        let limit = self.options.max_encryptions_per_term;
+        let block = self.options.reservation_block;
+        for _ in 0..KEYRING_ATTEMPTS {
+            let (mut record, current) = self.current(spent)?;
+            if !Arc::ptr_eq(&current, spent) {
+                return Ok(());
             }
-            _ => return Err(BarrierError::Sealed),
-        };
-        self.write_keyring(&current.unsealed.root_key, &record)?;
-        let keys = Arc::new(current.with_new_term(&record)?);
-        let term = record.active;
-        self.install(&current, record, Some(keys))?;
-        tracing::info!(term, "keyring term added");
-        Ok(term)
+            let term = current.active.term;
+            let Some((start, end)) = record.take_range(term, block, limit)? else {
+                // Used up: the next term (another node may make it first).
+                let new = record.with_new_term(&self.rng)?;
+                match self.swap_keyring(&current.unsealed.root_key, &new)? {
+                    None => {
+                        let keys = Arc::new(current.extended(&new)?);
+                        tracing::info!(term = new.active, "keyring term added");
+                        return self.install(&current, new, Some(keys));
+                    }
+                    Some((stored, envelope)) => {
+                        self.adopt(&current, stored, envelope)?;
+                        continue;
+                    }
+                }
+            };
+            match self.swap_keyring(&current.unsealed.root_key, &record)? {
+                None => {
+                    self.note_range(term, start, end);
+                    let keys = Arc::new(current.with_range(start, end));
+                    return self.install(&current, record, Some(keys));
+                }
+                Some((stored, envelope)) => {
+                    // Another node wrote first: take its record as ours
+                    // (a new term included) and take a range above it.
+                    self.adopt(&current, stored, envelope)?;
+                }
+            }
+        }
+        Err(keyring_contended())
     }
 
-    /// Raises the stored reservation of `keys`' active term to cover `count`.
-    fn reserve(&self, keys: &Arc<KeySet>, count: u64) -> Result<(), BarrierError> {
+    /// Adds a term. With `exhausted`, only if those keys are still the
+    /// current ones and no other node added one since (the term may already
+    /// have been replaced); returns the active term either way.
+    fn add_term(&self, exhausted: Option<&Arc<KeySet>>) -> Result<u32, BarrierError> {
         let _writes = self.lock_keyring_writes();
-        if keys.active.reserved.load(Ordering::Acquire) >= count {
-            return Ok(());
-        }
-        let mut record = match &*self.read() {
-            SealState::Unsealed {
-                record,
-                keys: current,
-                ..
-            } if Arc::ptr_eq(&current.unsealed, &keys.unsealed) => record.clone(),
-            _ => return Err(BarrierError::Sealed),
-        };
-        let limit = self.options.max_encryptions_per_term;
-        let term = keys.active.term;
-        let mut reserved = record.reserve(term, count, limit)?;
-        if let Some(stored) = self.swap_keyring(&keys.unsealed.root_key, &record)? {
-            // Another node reserved (shared store). Same terms: this node's
-            // counting jumps past everything reserved so far and reserves
-            // above it, so the nodes' ranges of the count do not overlap and
-            // the stored reservation bounds the cluster's encryptions of the
-            // term (up to the encryptions in flight on this node at the
-            // jump). Another term: fail closed.
-            let same_terms =
-                stored.active == record.active && stored.terms.len() == record.terms.len();
-            if !same_terms {
-                return Err(keyring_changed());
+        for _ in 0..KEYRING_ATTEMPTS {
+            let (record, current) = match &*self.read() {
+                SealState::Unsealed { record, keys, .. } => (record.clone(), Arc::clone(keys)),
+                _ => return Err(BarrierError::Sealed),
+            };
+            if let Some(old) = exhausted {
+                if !Arc::ptr_eq(&old.unsealed, &current.unsealed) {
+                    return Err(BarrierError::Sealed);
+                }
+                if old.active.term != current.active.term {
+                    return Ok(current.active.term);
+                }
             }
-            let high = stored.term(term).map_or(0, |t| t.reserved);
-            let jumped = keys
-                .active
-                .count
-                .fetch_max(high, Ordering::AcqRel)
-                .max(high)
-                .saturating_add(1);
-            record = stored;
-            reserved = record.reserve(term, count.max(jumped), limit)?;
-            if self
-                .swap_keyring(&keys.unsealed.root_key, &record)?
-                .is_some()
+            let new = record.with_new_term(&self.rng)?;
+            match self.swap_keyring(&current.unsealed.root_key, &new)? {
+                None => {
+                    let keys = Arc::new(current.extended(&new)?);
+                    let term = new.active;
+                    self.install(&current, new, Some(keys))?;
+                    tracing::info!(term, "keyring term added");
+                    return Ok(term);
+                }
+                // Another node wrote the keyring: load what it wrote and,
+                // unless that already retired the exhausted term, add a
+                // term on top of it.
+                Some((stored, envelope)) => self.adopt(&current, stored, envelope)?,
+            }
+        }
+        Err(keyring_contended())
+    }
+
+    /// The current record and keys, if the vault is still unsealed with the
+    /// root key of `seen`.
+    fn current(&self, seen: &KeySet) -> Result<(KeyringRecord, Arc<KeySet>), BarrierError> {
+        match &*self.read() {
+            SealState::Unsealed { record, keys, .. }
+                if Arc::ptr_eq(&keys.unsealed, &seen.unsealed) =>
             {
-                return Err(keyring_changed());
+                Ok((record.clone(), Arc::clone(keys)))
             }
+            _ => Err(BarrierError::Sealed),
         }
-        self.install(keys, record, None)?;
-        keys.active.reserved.fetch_max(reserved, Ordering::AcqRel);
+    }
+
+    /// Makes `stored`, a keyring another node wrote, this node's, if it
+    /// only extends the one this node holds (same terms and keys, no
+    /// reservation lowered). Same terms: the record is replaced and the
+    /// node keeps its range (the stored reservation is above it, since the
+    /// range was written by compare-and-swap). New terms: their keys are
+    /// prepared and the node holds no range of the new active term.
+    /// `envelope` is the stored form, against which the next keyring write
+    /// compares; a record that is not an extension is refused and not
+    /// remembered, so this node never writes over it either. Caller holds
+    /// `keyring_writes`.
+    fn adopt(
+        &self,
+        current: &Arc<KeySet>,
+        stored: KeyringRecord,
+        envelope: Vec<u8>,
+    ) -> Result<(), BarrierError> {
+        let (record, keys) = self.current(current)?;
+        if !record.is_extended_by(&stored) {
+            tracing::error!("sys/keyring in storage does not extend this node's keyring");
+            return Err(keyring_not_extended());
+        }
+        let same_terms = stored.terms.len() == keys.terms() && stored.active == keys.active.term;
+        if same_terms {
+            self.install(&keys, stored, None)?;
+        } else {
+            let new_keys = Arc::new(keys.extended(&stored)?);
+            let term = stored.active;
+            self.install(&keys, stored, Some(new_keys))?;
+            tracing::info!(term, "keyring term written by another node loaded");
+        }
+        *self.keyring_seen() = Some(envelope);
         Ok(())
+    }
+
+    /// Reads `sys/keyring` and adopts it if another node changed it (shared
+    /// store only): before reading a value sealed under a term this node
+    /// does not know. Returns the keys to use.
+    fn reload(&self, seen: &Arc<KeySet>) -> Result<Arc<KeySet>, BarrierError> {
+        let _writes = self.lock_keyring_writes();
+        let (_, current) = self.current(seen)?;
+        let stored = self
+            .backend
+            .get(KEYRING_KEY.as_bytes())?
+            .ok_or_else(|| StorageError::Corrupt("sys/keyring is missing".into()))?;
+        if self.keyring_seen().as_deref() == Some(stored.as_slice()) {
+            return Ok(current);
+        }
+        let record = self.open_keyring(&current.unsealed.root_key, &stored)?;
+        self.adopt(&current, record, stored)?;
+        Ok(self.current(seen)?.1)
+    }
+
+    fn note_range(&self, term: u32, start: u64, end: u64) {
+        let mut ranges = self.ranges.lock().unwrap_or_else(PoisonError::into_inner);
+        if ranges.len() == RANGES_KEPT {
+            ranges.pop_front();
+        }
+        ranges.push_back((term, start, end));
+    }
+
+    /// Opens the envelope stored under `key`. On a shared store, a term this
+    /// node does not know may be one another node just added: the keyring
+    /// is read again (once) before giving up.
+    /// `keys` is replaced by the reloaded ones, so that a scan reloads once.
+    fn decrypt(
+        &self,
+        keys: &mut Arc<KeySet>,
+        key: &str,
+        envelope: &[u8],
+    ) -> Result<Plaintext, BarrierError> {
+        let term = envelope::term(envelope)?;
+        if keys.key(term).is_none() && term != ROOT_TERM && self.backend.is_shared() {
+            *keys = self.reload(keys)?;
+        }
+        decrypt(keys, key, envelope)
     }
 
     /// Makes `record` (and `keys`, if given) current, unless the vault was
@@ -845,28 +1021,16 @@ impl Barrier {
         )
     }
 
-    /// Writes the keyring record and waits until it is on disk: encryptions
-    /// it reserves may follow at once. Caller holds `keyring_writes`.
-    fn write_keyring(&self, root_key: &Key, record: &KeyringRecord) -> Result<(), BarrierError> {
-        if let Some(stored) = self.swap_keyring(root_key, record)? {
-            // Fail closed: another node added a term (a reservation alone is
-            // merged by `reserve`). Loading a new term while unsealed is not
-            // built yet; a seal and unseal loads it.
-            drop(stored);
-            return Err(keyring_changed());
-        }
-        Ok(())
-    }
-
-    /// Writes the keyring record; on a shared store only if the stored one
-    /// is still the one this node last saw. Returns the stored record that
-    /// another node wrote instead (nothing was written then), opened with
-    /// `root_key`. Caller holds `keyring_writes`.
+    /// Writes the keyring record and waits until it is on disk (encryptions
+    /// it reserves may follow at once); on a shared store only if the stored
+    /// one is still the one this node last saw. Returns the stored record
+    /// that another node wrote instead (nothing was written then), opened
+    /// with `root_key`, and its envelope. Caller holds `keyring_writes`.
     fn swap_keyring(
         &self,
         root_key: &Key,
         record: &KeyringRecord,
-    ) -> Result<Option<KeyringRecord>, BarrierError> {
+    ) -> Result<Option<(KeyringRecord, Vec<u8>)>, BarrierError> {
         let envelope = self.seal_keyring(root_key, record)?;
         if self.backend.is_shared() {
             let seen = self.keyring_seen().clone();
@@ -879,8 +1043,7 @@ impl Barrier {
                 let current = current
                     .ok_or_else(|| StorageError::Corrupt("sys/keyring is missing".into()))?;
                 let stored = self.open_keyring(root_key, &current)?;
-                *self.keyring_seen() = Some(current);
-                return Ok(Some(stored));
+                return Ok(Some((stored, current)));
             }
         } else {
             self.backend.put(KEYRING_KEY.as_bytes(), &envelope)?;
@@ -911,14 +1074,34 @@ impl Barrier {
     }
 }
 
-/// The keyring changed under this node in a way it cannot merge.
-fn keyring_changed() -> BarrierError {
-    StorageError::Busy(
-        "sys/keyring was changed by another node (a new key term, or a reservation raced \
-         twice); seal and unseal this node to load it"
+/// Keyring writes tried before giving up when other nodes keep winning.
+const KEYRING_ATTEMPTS: usize = 64;
+
+/// Other nodes won every compare-and-swap of the keyring.
+fn keyring_contended() -> BarrierError {
+    StorageError::Busy("sys/keyring: other nodes changed it at every attempt; try again".into())
+        .into()
+}
+
+/// The stored keyring does not extend this node's: fail closed.
+fn keyring_not_extended() -> BarrierError {
+    StorageError::Corrupt(
+        "sys/keyring in storage removes or replaces a key term this node holds, or lowers a \
+         reservation; refusing it"
             .into(),
     )
     .into()
+}
+
+/// A stamp of one stored record, from `Barrier::get_stamped`: the envelope
+/// as stored (ciphertext only). `Debug` shows its length.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Stamp(Vec<u8>);
+
+impl std::fmt::Debug for Stamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Stamp({} bytes)", self.0.len())
+    }
 }
 
 /// HKDF-SHA256 of the keyring's derivation root for `purpose`.

@@ -541,6 +541,7 @@ fn rotate_key_keeps_old_values_readable() {
 fn a_new_term_is_made_at_the_encryption_limit() {
     let options = BarrierOptions {
         max_encryptions_per_term: 10,
+        ..BarrierOptions::default()
     };
     let vault = Vault::with_options(options.clone());
     let barrier = &vault.barrier;
@@ -583,6 +584,7 @@ fn a_restart_assumes_the_whole_reservation_was_used() {
     // Small limit: the reservation is capped at the limit.
     let options = BarrierOptions {
         max_encryptions_per_term: 10,
+        ..BarrierOptions::default()
     };
     let vault = Vault::with_options(options.clone());
     let shares = vault.barrier.init(1, 1).unwrap();
@@ -631,6 +633,7 @@ fn a_restart_assumes_the_whole_reservation_was_used() {
 fn concurrent_writers_across_automatic_rotations() {
     let options = BarrierOptions {
         max_encryptions_per_term: 7,
+        ..BarrierOptions::default()
     };
     let vault = Vault::with_options(options);
     let barrier = &vault.barrier;
@@ -772,6 +775,7 @@ fn options_are_checked() {
         backend,
         BarrierOptions {
             max_encryptions_per_term: 0,
+            ..BarrierOptions::default()
         },
     )
     .unwrap_err();

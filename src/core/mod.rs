@@ -163,6 +163,7 @@ impl Core {
                 )),
             ],
         });
+        let login = Arc::new(login_for(&barrier, JwksCache::files_only()));
         Self {
             leases,
             dynamic,
@@ -182,10 +183,7 @@ impl Core {
             audit,
             metrics,
             seal_lock: tokio::sync::Mutex::new(()),
-            login: Arc::new(Login::new(
-                JwksCache::files_only(),
-                ThrottleConfig::default(),
-            )),
+            login,
             pki,
             oidc_jwks_dir: None,
             federation,
@@ -308,7 +306,7 @@ impl Core {
         let jwks = JwksCache::new(oidc.ca_file.as_deref())?
             .with_jwks_dir(oidc.jwks_dir.as_deref())
             .danger_allow_private_hosts(oidc.allow_private_hosts);
-        self.login = Arc::new(Login::new(jwks, ThrottleConfig::default()));
+        self.login = Arc::new(login_for(&self.barrier, jwks));
         self.oidc_jwks_dir = oidc.jwks_dir.clone();
         Ok(())
     }
@@ -329,4 +327,20 @@ impl Core {
     pub fn oidc_jwks_dir(&self) -> Option<&std::path::Path> {
         self.oidc_jwks_dir.as_deref()
     }
+}
+
+/// The login methods; on a shared store (etcd) their throttle counts are
+/// shared with the other nodes (`identity::shared_throttle`).
+fn login_for(barrier: &Arc<Barrier>, jwks: JwksCache) -> Login {
+    let login = Login::new(jwks, ThrottleConfig::default());
+    if !barrier.is_shared_store() {
+        return login;
+    }
+    login.with_shared(Arc::new(
+        crate::identity::shared_throttle::SharedThrottle::new(
+            barrier.clone(),
+            ThrottleConfig::default(),
+            crate::identity::shared_throttle::SharedThrottleConfig::default(),
+        ),
+    ))
 }

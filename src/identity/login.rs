@@ -4,16 +4,19 @@
 //! token. Brute force is throttled here, in memory: repeated failures of one
 //! role-id from one source, or from one source at all, lock that pair (or
 //! that source) out for a back-off period (see [`ThrottleConfig`]), and
-//! every failure is counted by identity and source for governance.
+//! every failure is counted by identity and source for governance. On a
+//! shared store (etcd) the counts are also shared between nodes, in bounded
+//! batches (see [`super::shared_throttle`]).
 //!
 //! Owns no storage prefix: it reads and writes through [`IdentityStore`].
 //! Time is a parameter.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use super::shared_throttle::{SharedThrottle, Stored};
 use super::{Dn, IdentityError, IdentityRecord, IdentityStore};
 use crate::oidc::{JwksCache, OidcError};
 
@@ -283,9 +286,28 @@ impl Throttle {
     pub fn tracked(&self) -> usize {
         self.state().map.len()
     }
+
+    /// Takes in a count another node shared: the entry of `key` keeps the
+    /// larger failure count and the later lock-out end.
+    pub fn absorb(&self, key: &ThrottleKey, shared: &Stored, now_ms: u64) {
+        let cfg = self.config;
+        let mut state = self.state();
+        let s = state.touch(key, now_ms, cfg.max_keys);
+        s.age(now_ms, cfg.window_ms);
+        if shared.failures > s.failures {
+            s.failures = shared.failures;
+            s.last_failure_ms = s.last_failure_ms.max(shared.last_failure_ms);
+        }
+        s.locked_until_ms = s.locked_until_ms.max(shared.locked_until_ms);
+    }
 }
 
 impl Attempt<'_> {
+    /// The keys this attempt counts under, with their limits.
+    pub fn keys(&self) -> &[(ThrottleKey, u32)] {
+        &self.keys
+    }
+
     /// Counts a failure under each key; at its limit a key is locked out.
     pub fn failed(mut self, now_ms: u64) {
         self.settled = true;
@@ -354,6 +376,8 @@ pub struct Login {
     config: ThrottleConfig,
     failures: Mutex<HashMap<(String, String), u64>>,
     jwks: JwksCache,
+    /// On a shared store: the counts shared with the other nodes.
+    shared: Option<Arc<SharedThrottle>>,
 }
 
 fn source_text(source: Option<IpAddr>) -> String {
@@ -367,7 +391,19 @@ impl Login {
             config,
             failures: Mutex::new(HashMap::new()),
             jwks,
+            shared: None,
         }
+    }
+
+    /// Shares the throttle counts with other nodes through `shared`.
+    pub fn with_shared(mut self, shared: Arc<SharedThrottle>) -> Self {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// The shared counts, if any (its flusher runs as a server task).
+    pub fn shared(&self) -> Option<Arc<SharedThrottle>> {
+        self.shared.clone()
     }
 
     /// Failed logins so far, by identity and source, in order.
@@ -415,6 +451,17 @@ impl Login {
             ));
         }
         keys.push((ThrottleKey::Source(net), self.config.source_failures));
+        if let Some(shared) = &self.shared {
+            // What the other nodes counted (flushed so far). A read error
+            // leaves this node's own count to decide.
+            for (key, _) in &keys {
+                match shared.stored(key, now_ms) {
+                    Ok(Some(stored)) => self.throttle.absorb(key, &stored, now_ms),
+                    Ok(None) => {}
+                    Err(error) => tracing::warn!(%error, "shared login throttle unreadable"),
+                }
+            }
+        }
         match self.throttle.admit(keys, now_ms) {
             Ok(attempt) => Ok(attempt),
             Err(seconds) => {
@@ -434,6 +481,11 @@ impl Login {
         error: LoginError,
     ) -> LoginError {
         self.count_failure(identity, source);
+        if let Some(shared) = &self.shared {
+            for (key, limit) in attempt.keys() {
+                shared.note_failure(key, *limit, now_ms);
+            }
+        }
         attempt.failed(now_ms);
         error
     }

@@ -11,7 +11,9 @@
 //! - `identities/cert/<subject|spiffe>/<hex of the value>`: the identity a
 //!   certificate binding names (a subject by its canonical, escaped RFC 4514
 //!   text, [`Dn::canonical`]; logins then compare the RDN structure);
-//! - `identities/issuer/<name>`: an OIDC issuer ([`IssuerRecord`]).
+//! - `identities/issuer/<name>`: an OIDC issuer ([`IssuerRecord`]);
+//! - `identities/throttle/<slot>`: login throttle counts shared between
+//!   nodes on a shared store ([`shared_throttle`]).
 //!
 //! Tokens are not this module's: disabling, expiring or deleting an identity
 //! asks the token store (through [`TokenRevoker`]) to revoke every token of
@@ -25,6 +27,7 @@ pub mod dn;
 pub mod expiry;
 pub mod login;
 mod secret_id;
+pub mod shared_throttle;
 
 #[cfg(test)]
 mod issuer_tests;
@@ -48,6 +51,8 @@ const RECORD_PREFIX: &str = "identities/record/";
 const ROLE_PREFIX: &str = "identities/role/";
 const SECRET_ID_RECORD_PREFIX: &str = "identities/secret-id/";
 const SECRET_IDS_OF_PREFIX: &str = "identities/sid-of/";
+/// Compare-and-swap attempts on one secret-id record before giving up.
+const SPEND_ATTEMPTS: usize = 64;
 const CERT_PREFIX: &str = "identities/cert/";
 const ISSUER_PREFIX: &str = "identities/issuer/";
 
@@ -1076,41 +1081,63 @@ impl IdentityStore {
         let hash = self.secret_id_hash(&text)?;
         let key = format!("{SECRET_ID_RECORD_PREFIX}{hash}");
         let _guard = self.lock();
-        let Some(raw) = self.barrier.get(&key)? else {
-            return Ok(None);
-        };
-        let mut record: SecretIdRecord = Self::decode(&raw)?;
-        let index = format!("{SECRET_IDS_OF_PREFIX}{}/{hash}", record.identity);
-        if record.expires_at_ms != 0 && record.expires_at_ms <= now_ms {
-            self.barrier
-                .batch(&[PlainOp::Delete(&key), PlainOp::Delete(&index)])?;
-            return Ok(None);
-        }
-        if record.role_id != role_id {
-            return Ok(None);
-        }
-        let cidrs: Vec<Cidr> = record
-            .cidrs
-            .iter()
-            .map(|c| c.parse().map_err(|_| IdentityError::Corrupt))
-            .collect::<Result<_, _>>()?;
-        if !Cidr::any_contains(&cidrs, source) {
-            return Ok(None);
-        }
-        match record.uses_left {
-            0 => {}
-            1 => {
-                record.uses_left = 0;
+        // Counted by compare-and-swap on the record, so that presentations
+        // on several nodes (etcd) never share a use: a conflict means
+        // another use (or a revocation) won; read again.
+        for _ in 0..SPEND_ATTEMPTS {
+            let Some((raw, stamp)) = self.barrier.get_stamped(&key)? else {
+                return Ok(None);
+            };
+            let mut record: SecretIdRecord = Self::decode(&raw)?;
+            let index = format!("{SECRET_IDS_OF_PREFIX}{}/{hash}", record.identity);
+            if record.expires_at_ms != 0 && record.expires_at_ms <= now_ms {
                 self.barrier
                     .batch(&[PlainOp::Delete(&key), PlainOp::Delete(&index)])?;
-                return Ok(Some(record));
+                return Ok(None);
             }
-            n => {
-                record.uses_left = n - 1;
-                self.barrier.put(&key, &record.encode_to_vec())?;
+            if record.role_id != role_id {
+                return Ok(None);
+            }
+            let cidrs: Vec<Cidr> = record
+                .cidrs
+                .iter()
+                .map(|c| c.parse().map_err(|_| IdentityError::Corrupt))
+                .collect::<Result<_, _>>()?;
+            if !Cidr::any_contains(&cidrs, source) {
+                return Ok(None);
+            }
+            match record.uses_left {
+                0 => return Ok(Some(record)),
+                1 => {
+                    // The last use: removing the record is the use.
+                    if !self.barrier.compare_and_swap(&key, Some(&stamp), None)? {
+                        continue;
+                    }
+                    // An index entry without its record is skipped by every
+                    // reader; failing the login for it would waste the use.
+                    if let Err(error) = self.barrier.delete(&index) {
+                        tracing::warn!(%error, "a used-up secret-id's index entry stays");
+                    }
+                    record.uses_left = 0;
+                    return Ok(Some(record));
+                }
+                n => {
+                    record.uses_left = n - 1;
+                    let encoded = record.encode_to_vec();
+                    if self
+                        .barrier
+                        .compare_and_swap(&key, Some(&stamp), Some(&encoded))?
+                    {
+                        return Ok(Some(record));
+                    }
+                }
             }
         }
-        Ok(Some(record))
+        Err(IdentityError::Barrier(BarrierError::Storage(
+            crate::storage::StorageError::Busy(
+                "the secret-id's use count changed at every attempt; try again".into(),
+            ),
+        )))
     }
 
     /// Notes a successful login of `seen`, the record as the login read it.

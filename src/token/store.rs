@@ -70,6 +70,9 @@ const TTL_PREFIX: &str = "tokens/ttl/";
 /// The expiry written in the key of a token that never expires: it sorts
 /// after every real one, so the sweeper never reaches it.
 const NEVER: u64 = u64::MAX;
+/// Compare-and-swap attempts on one token record before giving up (each
+/// conflict is another node's use, renewal or revocation winning).
+const USE_ATTEMPTS: usize = 64;
 /// The first key after every `tokens/expiry/...` key (`0` follows `/`).
 const EXPIRY_END: &str = "tokens/expiry0";
 /// The foundation's prefix for the root token; migrated at unseal.
@@ -220,11 +223,16 @@ pub struct TokenRecord {
     pub actor_accessor: String,
     #[prost(string, repeated, tag = "20")]
     pub actor_policies: Vec<String>,
+    /// The last use of a limited token was counted (by compare-and-swap,
+    /// so on exactly one node) and its revocation is under way: the token
+    /// is refused as if expired.
+    #[prost(bool, tag = "21")]
+    pub spent: bool,
 }
 
 impl TokenRecord {
     fn is_expired(&self, now_ms: u64) -> bool {
-        self.expires_at_ms != 0 && now_ms >= self.expires_at_ms
+        self.spent || (self.expires_at_ms != 0 && now_ms >= self.expires_at_ms)
     }
 
     fn cidr_blocks(&self) -> Result<Vec<Cidr>, TokenError> {
@@ -1000,28 +1008,59 @@ impl TokenStore {
                 audit_mac: None,
             });
         }
-        let _guard = self.inner.writes.lock().unwrap_or_else(|e| e.into_inner());
-        // Read again under the lock: concurrent uses must not share a count.
-        let mut record = self.record(&accessor)?.ok_or(TokenError::Invalid)?;
-        match record.uses_remaining {
-            0 => {}
-            1 => {
-                self.revoke_locked(&accessor)?;
-                record.uses_remaining = 0;
-            }
-            n => {
-                record.uses_remaining = n - 1;
-                self.barrier().put(
-                    &format!("{ACCESSOR_PREFIX}{accessor}"),
-                    &record.encode_to_vec(),
-                )?;
-            }
-        }
+        let record = self.count_use(&accessor, now_ms)?;
         Ok(TokenUse {
             record,
             counted: true,
             audit_mac: None,
         })
+    }
+
+    /// Counts one use of a limited token by compare-and-swap on its record,
+    /// so that uses on several nodes (etcd) never share a count: each
+    /// counted use wrote a record another use must have read. The last use
+    /// marks the record `spent` the same way (every node refuses it from
+    /// then on) and then revokes the token. A conflict means another use,
+    /// renewal or revocation won: read again and retry.
+    fn count_use(&self, accessor: &str, now_ms: u64) -> Result<TokenRecord, TokenError> {
+        let _guard = self.inner.writes.lock().unwrap_or_else(|e| e.into_inner());
+        let acc_key = format!("{ACCESSOR_PREFIX}{accessor}");
+        for _ in 0..USE_ATTEMPTS {
+            let Some((raw, stamp)) = self.barrier().get_stamped(&acc_key)? else {
+                return Err(TokenError::Invalid);
+            };
+            let mut record =
+                TokenRecord::decode(raw.as_slice()).map_err(|_| TokenError::Corrupt)?;
+            if record.is_expired(now_ms) {
+                return Err(TokenError::Invalid);
+            }
+            match record.uses_remaining {
+                0 => return Ok(record),
+                1 => {
+                    record.spent = true;
+                    let spent = record.encode_to_vec();
+                    if !(self.barrier()).compare_and_swap(&acc_key, Some(&stamp), Some(&spent))? {
+                        continue;
+                    }
+                    self.revoke_locked(accessor)?;
+                    record.spent = false;
+                    record.uses_remaining = 0;
+                    return Ok(record);
+                }
+                n => {
+                    record.uses_remaining = n - 1;
+                    let encoded = record.encode_to_vec();
+                    if (self.barrier()).compare_and_swap(&acc_key, Some(&stamp), Some(&encoded))? {
+                        return Ok(record);
+                    }
+                }
+            }
+        }
+        Err(TokenError::Barrier(BarrierError::Storage(
+            crate::storage::StorageError::Busy(
+                "the token's use count changed at every attempt; try again".into(),
+            ),
+        )))
     }
 
     /// The record of a token, by its text; `None` if unknown or expired.
@@ -1058,6 +1097,9 @@ impl TokenStore {
         now_ms: u64,
     ) -> Result<TokenInfo, TokenError> {
         let _guard = self.inner.writes.lock().unwrap_or_else(|e| e.into_inner());
+        if self.inner.barrier.is_shared_store() {
+            return self.renew_shared(accessor, increment, now_ms);
+        }
         let mut record = self
             .record(accessor)?
             .filter(|r| !r.is_expired(now_ms))
@@ -1103,6 +1145,80 @@ impl TokenStore {
         }
         self.expiry_added(expires);
         Ok(record.info())
+    }
+
+    /// `renew` on a shared store: the record is written by compare-and-swap
+    /// (a plain write could undo a use counted meanwhile on another node).
+    /// The new expiry entry is written first and the old one removed last,
+    /// so a crash or a lost race leaves at most a stale entry, which the
+    /// sweeper drops.
+    /// Caller holds `writes`.
+    fn renew_shared(
+        &self,
+        accessor: &str,
+        increment: Option<Duration>,
+        now_ms: u64,
+    ) -> Result<TokenInfo, TokenError> {
+        let acc_key = format!("{ACCESSOR_PREFIX}{accessor}");
+        for _ in 0..USE_ATTEMPTS {
+            let Some((raw, stamp)) = self.barrier().get_stamped(&acc_key)? else {
+                return Err(TokenError::NotFound);
+            };
+            let mut record =
+                TokenRecord::decode(raw.as_slice()).map_err(|_| TokenError::Corrupt)?;
+            if record.is_expired(now_ms) {
+                return Err(TokenError::NotFound);
+            }
+            if record.expires_at_ms == 0 {
+                return Ok(record.info());
+            }
+            let increment = increment.map_or(record.ttl_ms, duration_ms);
+            if increment == 0 {
+                return Err(TokenError::InvalidRequest(
+                    "the increment must be at least 1s",
+                ));
+            }
+            let expires = min_time(now_ms.saturating_add(increment), record.max_expiry_ms);
+            let (old_key, new_key, value) = if record.derived {
+                (
+                    ttl_key(&record.identity, record.expires_at_ms, accessor),
+                    ttl_key(&record.identity, expires, accessor),
+                    record.parent_accessor.clone(),
+                )
+            } else {
+                (
+                    expiry_key(record.expires_at_ms, accessor),
+                    expiry_key(expires, accessor),
+                    String::new(),
+                )
+            };
+            let moved = old_key != new_key;
+            if moved {
+                self.barrier().put(&new_key, value.as_bytes())?;
+            }
+            record.expires_at_ms = expires;
+            let encoded = record.encode_to_vec();
+            if !(self.barrier()).compare_and_swap(&acc_key, Some(&stamp), Some(&encoded))? {
+                // The entry just written stays: another node's renewal may
+                // have written the same one, and a stale entry is harmless
+                // (the sweeper checks the record and drops it).
+                continue;
+            }
+            if moved {
+                self.barrier().delete(&old_key)?;
+            }
+            if record.derived {
+                self.heads()
+                    .lower(&hex::encode(record.identity.as_bytes()), expires);
+            }
+            self.expiry_added(expires);
+            return Ok(record.info());
+        }
+        Err(TokenError::Barrier(BarrierError::Storage(
+            crate::storage::StorageError::Busy(
+                "the token record changed at every attempt; try again".into(),
+            ),
+        )))
     }
 
     /// The token a lineage without an inventory identity (the root

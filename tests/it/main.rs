@@ -92,3 +92,7 @@ mod dyn12_attack;
 mod dynamic_plugin;
 mod dynamic_refresh;
 mod ui_attack;
+
+// issue 14: cluster-wide counters
+#[cfg(feature = "etcd")]
+mod ha_counters;
