@@ -304,6 +304,40 @@ impl SharedThrottle {
         }
     }
 
+    /// A successful login of `key` (a role-id from a source): its failures
+    /// are forgotten here and in the shared record, as the in-memory
+    /// throttle forgets them, so that the other nodes (and this one, which
+    /// reads the shared count at each admission) do not count them again.
+    /// One read; a write only when the shared record holds the key.
+    pub fn succeeded(&self, key: &ThrottleKey, now_ms: u64) -> Result<(), IdentityError> {
+        let (tag, slot) = self.tag(key)?;
+        self.pending().remove(&tag);
+        let key = slot_key(slot);
+        for _ in 0..SLOT_ATTEMPTS {
+            let Some((raw, stamp)) = self.barrier.get_stamped(&key)? else {
+                return Ok(());
+            };
+            let mut record = decode(&raw)?;
+            let before = record.len();
+            record.retain(|(t, s)| *t != tag && self.live(s, now_ms));
+            if record.len() == before {
+                return Ok(());
+            }
+            let value = (!record.is_empty()).then(|| encode(&record));
+            if self
+                .barrier
+                .compare_and_swap(&key, Some(&stamp), value.as_deref())?
+            {
+                return Ok(());
+            }
+        }
+        Err(IdentityError::Barrier(
+            crate::barrier::BarrierError::Storage(crate::storage::StorageError::Busy(
+                "a login throttle record changed at every attempt".into(),
+            )),
+        ))
+    }
+
     /// Writes pending counts: at most `max_slots_per_flush` records, the
     /// slots with the most pending failures first; the others go back to
     /// the pending table (those older than the window are forgotten).
