@@ -308,7 +308,8 @@ impl SharedThrottle {
     /// are forgotten here and in the shared record, as the in-memory
     /// throttle forgets them, so that the other nodes (and this one, which
     /// reads the shared count at each admission) do not count them again.
-    /// One read; a write only when the shared record holds the key.
+    /// A lock-out in force stays. One read; a write only when the shared
+    /// record holds the key.
     pub fn succeeded(&self, key: &ThrottleKey, now_ms: u64) -> Result<(), IdentityError> {
         let (tag, slot) = self.tag(key)?;
         self.pending().remove(&tag);
@@ -319,7 +320,11 @@ impl SharedThrottle {
             };
             let mut record = decode(&raw)?;
             let before = record.len();
-            record.retain(|(t, s)| *t != tag && self.live(s, now_ms));
+            // A lock-out stays: on one node a success cannot happen while
+            // the key is locked, so a lock this node had not read yet (the
+            // flush gap) was set by failures it must not wipe.
+            record
+                .retain(|(t, s)| (*t != tag || s.locked_until_ms > now_ms) && self.live(s, now_ms));
             if record.len() == before {
                 return Ok(());
             }
