@@ -490,6 +490,22 @@ impl Login {
         error
     }
 
+    /// Ends a successful attempt: the role-id's failures from this source
+    /// are forgotten in memory and, on a shared store, in the shared record
+    /// too (otherwise the next admission would read them back).
+    fn succeeded(&self, attempt: Attempt<'_>, now_ms: u64) {
+        if let Some(shared) = &self.shared {
+            for (key, _) in attempt.keys() {
+                if matches!(key, ThrottleKey::RoleSource(..)) {
+                    if let Err(error) = shared.succeeded(key, now_ms) {
+                        tracing::warn!(%error, "shared login throttle not reset");
+                    }
+                }
+            }
+        }
+        attempt.succeeded();
+    }
+
     /// Counts a refusal that happened before any credential was checked
     /// (a locked-out caller, or a request the server could not handle).
     pub fn note_refusal(&self, identity: &str, source: Option<IpAddr>) {
@@ -537,7 +553,7 @@ impl Login {
                 ))
             }
         }
-        attempt.succeeded();
+        self.succeeded(attempt, now_ms);
         store.record_login(&identity, now_ms)?;
         Ok(Grant {
             hard_expiry_ms: identity_expiry(&identity),

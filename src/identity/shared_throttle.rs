@@ -108,7 +108,6 @@ pub struct SharedThrottle {
     barrier: Arc<Barrier>,
     throttle: ThrottleConfig,
     config: SharedThrottleConfig,
-    key: Mutex<Option<ring::hmac::Key>>,
     pending: Mutex<HashMap<Tag, Pending>>,
     flushes: AtomicU64,
     slots_written: AtomicU64,
@@ -220,7 +219,6 @@ impl SharedThrottle {
                 max_slots_per_flush: config.max_slots_per_flush.max(1),
                 max_pending: config.max_pending.max(1),
             },
-            key: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
             flushes: AtomicU64::new(0),
             slots_written: AtomicU64::new(0),
@@ -244,19 +242,12 @@ impl SharedThrottle {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The tag and slot of `key` (needs an unsealed vault).
+    /// The tag and slot of `key` (needs an unsealed vault). The HMAC key
+    /// is derived again for each call and never kept: a sealed node holds
+    /// no key material, so nothing can be named (or noted) while sealed.
     fn tag(&self, key: &ThrottleKey) -> Result<(Tag, u32), IdentityError> {
-        let mut cached = self.key.lock().unwrap_or_else(PoisonError::into_inner);
-        let hmac = match &*cached {
-            Some(hmac) => hmac.clone(),
-            None => {
-                let derived = self.barrier.derive_key(PURPOSE)?;
-                let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_slice());
-                *cached = Some(hmac.clone());
-                hmac
-            }
-        };
-        drop(cached);
+        let derived = self.barrier.derive_key(PURPOSE)?;
+        let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_slice());
         let sum = ring::hmac::sign(&hmac, &key_bytes(key));
         let mut tag = [0u8; TAG_LEN];
         tag.copy_from_slice(&sum.as_ref()[..TAG_LEN]);
@@ -311,6 +302,45 @@ impl SharedThrottle {
                 );
             }
         }
+    }
+
+    /// A successful login of `key` (a role-id from a source): its failures
+    /// are forgotten here and in the shared record, as the in-memory
+    /// throttle forgets them, so that the other nodes (and this one, which
+    /// reads the shared count at each admission) do not count them again.
+    /// A lock-out in force stays. One read; a write only when the shared
+    /// record holds the key.
+    pub fn succeeded(&self, key: &ThrottleKey, now_ms: u64) -> Result<(), IdentityError> {
+        let (tag, slot) = self.tag(key)?;
+        self.pending().remove(&tag);
+        let key = slot_key(slot);
+        for _ in 0..SLOT_ATTEMPTS {
+            let Some((raw, stamp)) = self.barrier.get_stamped(&key)? else {
+                return Ok(());
+            };
+            let mut record = decode(&raw)?;
+            let before = record.len();
+            // A lock-out stays: on one node a success cannot happen while
+            // the key is locked, so a lock this node had not read yet (the
+            // flush gap) was set by failures it must not wipe.
+            record
+                .retain(|(t, s)| (*t != tag || s.locked_until_ms > now_ms) && self.live(s, now_ms));
+            if record.len() == before {
+                return Ok(());
+            }
+            let value = (!record.is_empty()).then(|| encode(&record));
+            if self
+                .barrier
+                .compare_and_swap(&key, Some(&stamp), value.as_deref())?
+            {
+                return Ok(());
+            }
+        }
+        Err(IdentityError::Barrier(
+            crate::barrier::BarrierError::Storage(crate::storage::StorageError::Busy(
+                "a login throttle record changed at every attempt".into(),
+            )),
+        ))
     }
 
     /// Writes pending counts: at most `max_slots_per_flush` records, the
@@ -501,6 +531,36 @@ mod tests {
         assert!(decode(&bytes[..bytes.len() - 1]).is_err());
         assert!(decode(b"KWT0\0\0").is_err());
         assert!(decode(&encode(&[])).unwrap().is_empty());
+    }
+
+    /// A sealed node holds no key material: the throttle's HMAC key (derived
+    /// from the keyring) must not outlive the seal, and no failure can be
+    /// named (or noted) while sealed.
+    #[test]
+    fn the_hmac_key_does_not_outlive_a_seal() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = crate::storage::SledBackend::open(dir.path()).unwrap();
+        let barrier =
+            Barrier::new(Arc::new(backend), crate::barrier::BarrierOptions::default()).unwrap();
+        let shares = barrier.init(1, 1).unwrap();
+        barrier.unseal(&shares[0].0).unwrap();
+        let barrier = Arc::new(barrier);
+        let shared = SharedThrottle::new(
+            Arc::clone(&barrier),
+            ThrottleConfig::default(),
+            SharedThrottleConfig::default(),
+        );
+        let key = ThrottleKey::Source(SourceNet::V4(std::net::Ipv4Addr::new(10, 0, 0, 1)));
+        assert!(shared.tag(&key).is_ok());
+        shared.note_failure(&key, 5, 1);
+        barrier.seal();
+        assert!(
+            shared.tag(&key).is_err(),
+            "the throttle HMAC key was still usable after the vault was sealed"
+        );
+        shared.note_failure(&key, 5, 2);
+        let pending = shared.pending();
+        assert_eq!(pending.values().map(|p| p.failures).sum::<u32>(), 1);
     }
 
     #[test]

@@ -718,3 +718,74 @@ fn secret_ids_are_listed_revoked_and_killed_by_a_disable() {
         .unwrap()
         .is_empty());
 }
+
+/// On a shared store a successful login must forget the role-id's failures
+/// from that source as on sled: before the fix the shared record kept them
+/// and the next admission read them back, so one more typo after a success
+/// locked the role-id out on every node.
+#[test]
+fn a_success_clears_the_shared_throttle_count() {
+    use super::shared_throttle::{SharedThrottle, SharedThrottleConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let backend = SledBackend::open(dir.path()).unwrap();
+    let barrier = Barrier::new(Arc::new(backend), BarrierOptions::default()).unwrap();
+    let shares = barrier.init(1, 1).unwrap();
+    barrier.unseal(shares[0].0.as_str()).unwrap();
+    let barrier = Arc::new(barrier);
+    let f = Fixture {
+        _dir: dir,
+        store: IdentityStore::new(barrier.clone()),
+        login: Login::new(JwksCache::files_only(), ThrottleConfig::default()),
+    };
+    let shared = Arc::new(SharedThrottle::new(
+        barrier,
+        ThrottleConfig::default(),
+        SharedThrottleConfig::default(),
+    ));
+    let login =
+        Login::new(JwksCache::files_only(), ThrottleConfig::default()).with_shared(shared.clone());
+    let other =
+        Login::new(JwksCache::files_only(), ThrottleConfig::default()).with_shared(shared.clone());
+    f.store.create(new("ci"), &AllPolicies, NOW).unwrap();
+    let sid = f
+        .store
+        .create_secret_id(&name("ci"), SecretIdSpec::default(), NOW)
+        .unwrap();
+    let wrong = SecretIdText::generate().unwrap();
+    for i in 0..4 {
+        assert!(matches!(
+            login.approle(&f.store, &sid.role_id, wrong.expose(), LOCAL, NOW + i),
+            Err(LoginError::Invalid)
+        ));
+    }
+    shared.flush(NOW + 10).unwrap();
+    login
+        .approle(
+            &f.store,
+            &sid.role_id,
+            sid.secret_id.expose(),
+            LOCAL,
+            NOW + 20,
+        )
+        .unwrap();
+    shared.flush(NOW + 30).unwrap();
+    // One typo after the success, on this node and on another one.
+    for (n, node) in [&login, &other].into_iter().enumerate() {
+        let at = NOW + 40 + 10 * n as u64;
+        assert!(matches!(
+            node.approle(&f.store, &sid.role_id, wrong.expose(), LOCAL, at),
+            Err(LoginError::Invalid)
+        ));
+        let result = node.approle(
+            &f.store,
+            &sid.role_id,
+            sid.secret_id.expose(),
+            LOCAL,
+            at + 1,
+        );
+        assert!(
+            result.is_ok(),
+            "node {n}: one failure after a successful login locked the role-id: {result:?}"
+        );
+    }
+}
