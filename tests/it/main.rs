@@ -92,3 +92,7 @@ mod dyn12_attack;
 mod dynamic_plugin;
 mod dynamic_refresh;
 mod ui_attack;
+
+// Leader election, fencing, cluster status (issue 14).
+#[cfg(feature = "etcd")]
+mod ha_leader;
