@@ -10,6 +10,7 @@
 //! only the handles it uses (never the `Core`), and is awaited at shutdown
 //! within [`DRAIN_DEADLINE`].
 
+mod leader;
 mod limits;
 mod tasks;
 mod tls;
@@ -38,7 +39,6 @@ use crate::barrier::{Barrier, BarrierOptions};
 use crate::clock::{Clock, ShutdownTrigger};
 use crate::config::{ServerConfig, ServerLimits};
 use crate::core::Core;
-use crate::identity::expiry::IdentityExpiry;
 use crate::metrics::Metrics;
 use crate::proto::v1::auth_server::AuthServer;
 use crate::proto::v1::governance_server::GovernanceServer;
@@ -48,7 +48,7 @@ use crate::proto::v1::policies_server::PoliciesServer;
 use crate::proto::v1::rotation_server::RotationServer;
 use crate::proto::v1::secrets_server::SecretsServer;
 use crate::proto::v1::sys_server::SysServer;
-use crate::rotation::Broker;
+use crate::storage::cluster::{AlwaysLeader, Leadership};
 use crate::storage::SledBackend;
 
 pub use tasks::Tasks;
@@ -122,6 +122,9 @@ pub struct Server {
     shutdown: ShutdownTrigger,
     /// The HTTPS listener (`http.listen`), served beside gRPC if given.
     http_listener: Option<TcpListener>,
+    /// Whether this node leads (always, on sled): leader-only tasks run
+    /// while it does (see `cluster`).
+    leadership: Arc<dyn Leadership>,
 }
 
 impl Server {
@@ -140,21 +143,37 @@ impl Server {
         if let Some(tls) = &config.tls {
             check_key_file(&tls.key)?;
         }
-        let backend: Arc<dyn crate::storage::Backend> = match &config.storage_backend {
-            crate::config::StorageBackend::Sled => Arc::new(
-                SledBackend::open(&config.storage_path)
-                    .map_err(|e| ServerError::Storage(e.to_string()))?,
-            ),
-            #[cfg(feature = "etcd")]
-            crate::config::StorageBackend::Etcd(options) => Arc::new(
-                crate::storage::EtcdBackend::open(options)
-                    .map_err(|e| ServerError::Storage(e.to_string()))?,
-            ),
-            #[cfg(not(feature = "etcd"))]
-            crate::config::StorageBackend::Etcd(_) => {
-                return Err(ServerError::Storage(crate::storage::NO_ETCD.to_owned()))
-            }
-        };
+        #[cfg_attr(not(feature = "etcd"), allow(unused_mut))]
+        let mut etcd_durations = None;
+        let (backend, leadership): (Arc<dyn crate::storage::Backend>, Arc<dyn Leadership>) =
+            match &config.storage_backend {
+                crate::config::StorageBackend::Sled => (
+                    Arc::new(
+                        SledBackend::open(&config.storage_path)
+                            .map_err(|e| ServerError::Storage(e.to_string()))?,
+                    ),
+                    Arc::new(AlwaysLeader::new(config.node_id.clone())),
+                ),
+                #[cfg(feature = "etcd")]
+                crate::config::StorageBackend::Etcd(options) => {
+                    let etcd = Arc::new(
+                        crate::storage::EtcdBackend::open(options)
+                            .map_err(|e| ServerError::Storage(e.to_string()))?,
+                    );
+                    etcd_durations = Some(etcd.request_durations());
+                    let leadership = crate::storage::EtcdLeadership::start(
+                        etcd.clone(),
+                        options,
+                        &config.node_id,
+                    )
+                    .map_err(|e| ServerError::Storage(e.to_string()))?;
+                    (etcd, Arc::new(leadership))
+                }
+                #[cfg(not(feature = "etcd"))]
+                crate::config::StorageBackend::Etcd(_) => {
+                    return Err(ServerError::Storage(crate::storage::NO_ETCD.to_owned()))
+                }
+            };
         // A store made by `snapshot restore` and not unsealed since.
         let restored = crate::barrier::restore::read_marker(backend.as_ref())
             .map_err(|e| ServerError::Storage(e.to_string()))?;
@@ -166,6 +185,11 @@ impl Server {
         }
         let audit = AuditLog::open_with(&config.audit_path, clock.clone(), config.audit.clone())
             .map_err(|e| ServerError::Audit(e.to_string()))?;
+        if !leadership.is_single_node() {
+            // Each node of a cluster writes its own chain; its id is in
+            // every record.
+            audit.set_node_id(&config.node_id);
+        }
         if let Some(marker) = restored {
             // The restored vault's audit log begins with where it came from.
             audit
@@ -191,6 +215,17 @@ impl Server {
                 .map_err(|e| ServerError::Audit(e.to_string()))?;
         }
         let metrics = Arc::new(Metrics::new());
+        #[cfg(feature = "etcd")]
+        if let Some(durations) = etcd_durations {
+            metrics.register(
+                "etcd_request_duration_seconds",
+                "etcd requests by storage call (get, put, delete, scan, batch, \
+                 apply_in_order, compare_and_swap, fence_check), in seconds",
+                durations,
+            );
+        }
+        #[cfg(not(feature = "etcd"))]
+        let _: Option<()> = etcd_durations;
         let shutdown = ShutdownTrigger::new();
         let mut core = Core::new(
             Arc::new(barrier),
@@ -211,6 +246,7 @@ impl Server {
             config,
             shutdown,
             http_listener: None,
+            leadership,
         })
     }
 
@@ -240,7 +276,7 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let (router, health) = self.router().await?;
-        let mut tasks = self.start_tasks(metrics_listener);
+        let mut tasks = self.start_tasks(metrics_listener, health.clone());
         if let Some(listener) = self.http_listener.take() {
             self.start_http(&mut tasks, listener, health)?;
         }
@@ -283,7 +319,8 @@ impl Server {
             .add_service(
                 SysServer::new(
                     SysService::new(core.clone(), health)
-                        .with_snapshot_dir(self.config.storage_path.clone()),
+                        .with_snapshot_dir(self.config.storage_path.clone())
+                        .with_cluster(self.leadership.clone()),
                 )
                 .max_decoding_message_size(max),
             )
@@ -381,8 +418,14 @@ impl Server {
         Ok(())
     }
 
-    /// Starts the background tasks, each with the handles it uses.
-    fn start_tasks(&self, metrics_listener: Option<TcpListener>) -> Tasks {
+    /// Starts the background tasks, each with the handles it uses: those
+    /// of every node here, the leader's through `leader::LeaderWork` (at
+    /// once on a single node, else whenever this node leads).
+    fn start_tasks(
+        &self,
+        metrics_listener: Option<TcpListener>,
+        health: tonic_health::server::HealthReporter,
+    ) -> Tasks {
         let core = &self.core;
         let clock = core.clock().clone();
         let mut tasks = Tasks::new(self.shutdown.signal());
@@ -392,25 +435,8 @@ impl Server {
                 crate::metrics_http::serve(listener, metrics, shutdown)
             });
         }
-        // Token expiry: one sleeper over the time-ordered index.
-        let tokens = core.tokens.clone();
-        tasks.spawn("token-sweeper", move |shutdown| {
-            tokens.run_sweeper(shutdown)
-        });
-        // Lease expiry and revocation: one sleeper over the time-ordered index.
-        let leases = core.leases.clone();
-        tasks.spawn("lease-sweeper", move |shutdown| {
-            leases.run_sweeper(shutdown)
-        });
-        // Revokes the tokens of identities whose expiry passed.
-        let expiry = IdentityExpiry {
-            identities: core.identities.clone(),
-            tokens: Arc::new(core.tokens.clone()),
-            barrier: core.barrier.clone(),
-            clock: clock.clone(),
-        };
-        tasks.spawn("identity-expiry", move |shutdown| expiry.run(shutdown));
         // Usage: kept in memory on the request path, written periodically.
+        // Every node counts its own requests, so every node writes them.
         let usage = core.usage.clone();
         tasks.spawn("usage-flush", move |shutdown| {
             usage.run_flusher(clock, USAGE_PERSIST_EVERY, shutdown)
@@ -420,29 +446,11 @@ impl Server {
         tasks.spawn("audit-reopen", move |shutdown| {
             reopen_audit_on_hangup(audit, shutdown)
         });
-        // OIDC signing keys: a new one every oidc_provider.rotation_period.
-        let federation = core.federation.clone();
-        tasks.spawn("oidc-key-rotation", move |shutdown| {
-            federation.run_rotation(shutdown)
-        });
-        // Rotation: the scheduler runs while unsealed; its task ends once its
-        // workers have stopped at a step boundary.
-        let broker = Broker::clone(&core.rotation);
-        tasks.spawn("rotation-scheduler", move |shutdown| async move {
-            if let Err(e) = crate::rotation::scheduler::start(broker, shutdown).await {
-                tracing::error!(error = %e, "rotation scheduler failed");
-            }
-        });
-        // Lifecycle (issue 13): read times, unfinished decommissions after
-        // an unseal, the recertifier and its gauges.
+        // Lifecycle (issue 13): read times, counted on each node.
         let lifecycle_clock = core.clock().clone();
         let reads = core.reads.clone();
         tasks.spawn("read-set-flush", move |shutdown| {
             reads.run_flusher(lifecycle_clock, USAGE_PERSIST_EVERY, shutdown)
-        });
-        let lifecycle = core.lifecycle.clone();
-        tasks.spawn("decommission-resume", move |shutdown| {
-            lifecycle.run_resumer(shutdown)
         });
         let governance = self.config.governance;
         crate::lifecycle::attest::AttestGauges::register(
@@ -450,10 +458,6 @@ impl Server {
             governance,
             &core.metrics,
         );
-        let lifecycle = core.lifecycle.clone();
-        tasks.spawn("recertifier", move |shutdown| {
-            lifecycle.run_recertifier(governance, crate::lifecycle::attest::PASS_EVERY, shutdown)
-        });
         // Federation figures: counted in memory, written periodically.
         let figures = core.federation.figures.clone();
         let figures_clock = core.clock().clone();
@@ -461,6 +465,8 @@ impl Server {
             figures.run_flusher(figures_clock, USAGE_PERSIST_EVERY, shutdown)
         });
         // Anomaly detection (issue 13): the worker that owns the baselines.
+        // It reads this node's own queue of request events, so it runs on
+        // every node.
         let anomalies = core.anomalies.clone();
         let anomaly_deps = core.anomaly_deps();
         tasks.spawn("anomaly-detector", move |shutdown| {
@@ -472,6 +478,19 @@ impl Server {
             let throttle_clock = core.clock().clone();
             tasks.spawn("login-throttle-flush", move |shutdown| {
                 shared.run_flusher(throttle_clock, shutdown)
+            });
+        }
+        // What must run once per vault: on the leader only.
+        let work = leader::LeaderWork::new(core, governance);
+        let gauge = leader::register_gauge(&core.metrics);
+        if self.leadership.is_single_node() {
+            gauge.set(1);
+            work.spawn_into(&mut tasks, None);
+        } else {
+            let leadership = self.leadership.clone();
+            let core = core.clone();
+            tasks.spawn("leader-supervisor", move |shutdown| {
+                leader::supervise(leadership, work, gauge, core, health, shutdown)
             });
         }
         tasks

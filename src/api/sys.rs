@@ -18,6 +18,10 @@ pub struct SysService {
     /// Where a snapshot's content is staged (an unlinked file) while it is
     /// streamed: the storage folder, so a snapshot never lands in a tmpfs.
     snapshot_dir: std::path::PathBuf,
+    /// The node's leadership, for the cluster fields of `Status`.
+    cluster: Option<Arc<dyn crate::storage::cluster::Leadership>>,
+    /// The last probe of the etcd endpoints and when it was made.
+    endpoints: Arc<tokio::sync::Mutex<Option<EndpointProbe>>>,
 }
 
 impl SysService {
@@ -26,6 +30,52 @@ impl SysService {
             core,
             health,
             snapshot_dir: std::env::temp_dir(),
+            cluster: None,
+            endpoints: Arc::new(tokio::sync::Mutex::new(None)),
+        }
+    }
+
+    /// Reports this node's id, the leader and the store's endpoints in `Status`.
+    pub fn with_cluster(mut self, cluster: Arc<dyn crate::storage::cluster::Leadership>) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// Fills the cluster fields of `status`. The endpoints are probed at
+    /// most once per `ENDPOINT_PROBE_EVERY` whatever the number of callers
+    /// (`Status` needs no token), and concurrent callers share one probe.
+    async fn cluster_status(&self, status: &mut StatusResponse) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        let view = cluster.watch().borrow().clone();
+        status.node_id = cluster.node_id().to_owned();
+        status.leader = view.leader.unwrap_or_default();
+        status.is_leader = view.is_leader;
+        if cluster.is_single_node() {
+            return;
+        }
+        let mut probe = self.endpoints.lock().await;
+        let fresh = probe
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < ENDPOINT_PROBE_EVERY);
+        if !fresh {
+            let asked = cluster.clone();
+            let found = tokio::task::spawn_blocking(move || asked.endpoints())
+                .await
+                .unwrap_or_default();
+            let found = found
+                .into_iter()
+                .map(|e| EtcdEndpoint {
+                    endpoint: e.endpoint,
+                    healthy: e.healthy,
+                    detail: e.detail,
+                })
+                .collect();
+            *probe = Some((std::time::Instant::now(), found));
+        }
+        if let Some((_, endpoints)) = probe.as_ref() {
+            status.etcd_endpoints = endpoints.clone();
         }
     }
 
@@ -35,6 +85,12 @@ impl SysService {
         self
     }
 }
+
+/// The last probe of the etcd endpoints, and when it was made.
+type EndpointProbe = (std::time::Instant, Vec<EtcdEndpoint>);
+
+/// How often `Status` may probe the etcd endpoints.
+const ENDPOINT_PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How much of a snapshot file one streamed chunk carries.
 const SNAPSHOT_CHUNK: usize = 256 * 1024;
@@ -73,6 +129,16 @@ fn status_message(core: &Core) -> StatusResponse {
         shares: s.shares,
         key_term: s.key_term,
         audit_head: core.audit.head(),
+        ..StatusResponse::default()
+    }
+}
+
+/// Tells the health service the node cannot serve: it lost its store.
+pub async fn publish_not_serving(health: &tonic_health::server::HealthReporter) {
+    for name in ["", "keyward.v1.Secrets", "keyward.v1.Sys"] {
+        health
+            .set_service_status(name, tonic_health::ServingStatus::NotServing)
+            .await;
     }
 }
 
@@ -227,7 +293,8 @@ impl Sys for SysService {
     ) -> Result<Response<StatusResponse>, Status> {
         let mut call = begin(&self.core, "keyward.v1.Sys/Status", Access::Open, &req).await?;
         call.set_resource("sys/status");
-        let status = status_message(&self.core);
+        let mut status = status_message(&self.core);
+        self.cluster_status(&mut status).await;
         call.ok(&[])?;
         Ok(Response::new(status))
     }

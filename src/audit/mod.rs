@@ -16,6 +16,9 @@
 //!  "prev":"<64 hex>","hash":"<64 hex>"}
 //! ```
 //!
+//! On a node of a cluster (etcd) `"node":"<cluster.node_id>"` follows `time` in every record
+//! ([`AuditLog::set_node_id`]); a single node's records have no `node`.
+//!
 //! Tokens and field values appear only as `hmac-sha256:<hex>` under the audit key
 //! ([`AuditLog::set_hmac_key`], set at unseal and cleared at seal); while no key is set they are
 //! recorded as `"unavailable"`. The raw bytes are never written. `keyward audit hash VALUE`
@@ -384,6 +387,9 @@ pub struct AuditLog {
     aggregates: Mutex<Aggregates>,
     /// When any append next looks for ended windows ([`Self::write_ended_windows`]).
     next_sweep_ms: AtomicU64,
+    /// `,"node":"<id>"`, written after `time` in every record once set
+    /// ([`Self::set_node_id`]): a cluster node's id.
+    node: std::sync::OnceLock<Vec<u8>>,
 }
 
 /// What repeats of unauthenticated calls are counted under.
@@ -522,6 +528,7 @@ impl AuditLog {
             queue: Mutex::new(Vec::new()),
             key: RwLock::new(None),
             key_generation: AtomicU64::new(0),
+            node: std::sync::OnceLock::new(),
             aggregates: Mutex::new(Aggregates::default()),
             next_sweep_ms: AtomicU64::new(0),
         };
@@ -832,6 +839,18 @@ impl AuditLog {
         fields
     }
 
+    /// From now on every record carries `"node":"<id>"` right after
+    /// `time`: which node of a cluster wrote it (each node writes its own
+    /// file and chain). Set once, before the first request; later calls do
+    /// nothing. A file without the field (one node, or older files)
+    /// verifies as before: the verifier hashes bytes and ignores fields it
+    /// does not check.
+    pub fn set_node_id(&self, id: &str) {
+        let mut field = b",\"node\":".to_vec();
+        push_json_str(&mut field, id);
+        let _ = self.node.set(field);
+    }
+
     /// Numbers, times and chains `records` (each as [`Self::render`] made it)
     /// and writes them with one `write_all`: all of them or none.
     fn write_records<'a>(
@@ -873,6 +892,9 @@ impl AuditLog {
             chain.buf.extend_from_slice(b",\"time\":\"");
             push_time_ms(&mut chain.buf, now_ms, &mut chain.second);
             chain.buf.push(b'"');
+            if let Some(node) = self.node.get() {
+                chain.buf.extend_from_slice(node);
+            }
             chain.buf.extend_from_slice(fields);
             chain.buf.extend_from_slice(b",\"prev\":\"");
             push_hex(&mut chain.buf, &head);

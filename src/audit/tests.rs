@@ -1084,3 +1084,39 @@ fn a_token_mac_shows_nothing_in_debug() {
     let tag = hex::encode(mac.slot.lock().unwrap().unwrap().1);
     assert!(!format!("{mac:?}").contains(&tag[..16]));
 }
+
+#[test]
+fn a_cluster_nodes_id_follows_time_and_the_file_still_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = AuditLog::open(&path, Clock::system()).unwrap();
+    log.set_hmac_key(key(7));
+    // Records before the id (an old file, or one node) have no `node`.
+    log.append(&event("before", &[])).unwrap();
+    log.set_node_id("kw-2 \"east\"");
+    log.set_node_id("ignored: set once");
+    log.append(&event("after-1", &[])).unwrap();
+    log.append(&event("after-2", &[])).unwrap();
+    let lines = read_lines(&path);
+    assert_eq!(lines.len(), 3);
+    let first: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    assert!(first.get("node").is_none(), "{}", lines[0]);
+    for line in &lines[1..] {
+        let record: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(record["node"], "kw-2 \"east\"", "{line}");
+        let time_at = line.find("\"time\":").unwrap();
+        let node_at = line.find("\"node\":").unwrap();
+        let request_at = line.find("\"request_id\":").unwrap();
+        assert!(time_at < node_at && node_at < request_at, "{line}");
+    }
+    let report = verify_file(&path).unwrap();
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.records, 3);
+    // An edit of the node id breaks the chain like any other edit.
+    let mut edited = lines.clone();
+    edited[1] = edited[1].replace("kw-2", "kw-9");
+    write_lines(&path, &edited);
+    let report = verify_file(&path).unwrap();
+    assert!(!report.ok);
+    assert_eq!(report.first_bad, Some(2));
+}

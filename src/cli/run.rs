@@ -101,6 +101,10 @@ async fn status(g: &Global, format: Format) -> Result<()> {
             "sealed": r.sealed, "initialized": r.initialized, "version": r.version,
             "progress": r.progress, "threshold": r.threshold, "shares": r.shares,
             "key_term": r.key_term, "audit_head": r.audit_head,
+            "node_id": r.node_id, "leader": r.leader, "is_leader": r.is_leader,
+            "etcd_endpoints": r.etcd_endpoints.iter().map(|e| json!({
+                "endpoint": e.endpoint, "healthy": e.healthy, "detail": e.detail,
+            })).collect::<Vec<_>>(),
         }),
     );
     Ok(())

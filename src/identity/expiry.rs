@@ -42,7 +42,13 @@ impl IdentityExpiry {
                 continue;
             }
             let sweep = Arc::clone(&this);
-            match tokio::task::spawn_blocking(move || sweep.sweep_once()).await {
+            // Its writes go under the leader term's fence, if any.
+            let fence = crate::storage::cluster::current();
+            match tokio::task::spawn_blocking(move || {
+                crate::storage::cluster::blocking(fence, || sweep.sweep_once())
+            })
+            .await
+            {
                 Ok(()) => {}
                 Err(e) => tracing::warn!(error = %e, "identity expiry sweep panicked"),
             }

@@ -477,7 +477,10 @@ impl LeaseStore {
             while running.len() < SWEEP_PARALLEL {
                 let Some(record) = queue.next() else { break };
                 let store = self.clone();
-                running.spawn(async move { store.attempt(record).await });
+                // Under the sweeper's fence (the leader term), if any.
+                running.spawn(crate::storage::cluster::carry(async move {
+                    store.attempt(record).await
+                }));
             }
             let Some(joined) = running.join_next().await else {
                 break;

@@ -85,6 +85,31 @@ fn danger_test_fault_point(step: RotationStep) {
     }
 }
 
+/// `KEYWARD_TEST_STOP_AT=generated`, read once: the process stops itself
+/// (SIGSTOP) after generating a value and before storing it, as a leader
+/// frozen mid-step would. For the fencing test only; DANGER anywhere else.
+fn danger_test_stop_point(point: &str) {
+    static STOP_AT: OnceLock<Option<String>> = OnceLock::new();
+    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let armed = STOP_AT
+        .get_or_init(|| {
+            std::env::var("KEYWARD_TEST_STOP_AT")
+                .ok()
+                .filter(|s| !s.is_empty())
+        })
+        .as_deref()
+        == Some(point);
+    // Once per process.
+    if armed && !FIRED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        tracing::error!(point, "test stop point: stopping the process (SIGSTOP)");
+        let pid = std::process::id().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-STOP", &pid])
+            .status();
+        tracing::warn!(point, "test stop point: continued");
+    }
+}
+
 // ---------------------------------------------------------------- audit
 
 /// The audit record of one step (and its metric). `failed` is the reason
@@ -348,8 +373,17 @@ pub async fn drive(
     }
 }
 
+/// Whether this worker's leader term still holds (always, on a single
+/// node). Asked before every step, so a leader deposed while paused does
+/// not act on a target once it runs again; the step's record afterwards is
+/// a fenced write, refused as well if the term ended during the step.
+fn check_fence() -> Result<(), RotationError> {
+    crate::storage::cluster::check_fence().map_err(|e| RotationError::Barrier(e.into()))
+}
+
 /// Runs the step the record is at.
 async fn run_step(cx: &RunContext<'_>, run: &mut RunRecord) -> Result<Flow, RotationError> {
+    check_fence()?;
     let step = run.step;
     let rolling_back = step == RotationStep::Rollback;
     let Some(provider) = cx.broker.provider(&run.provider) else {
@@ -449,6 +483,7 @@ async fn generate(
             return failed_attempt(cx, run, step, 0, &StepFailure::new(&e, retry)).await;
         }
     };
+    danger_test_stop_point("generated");
     let version = cx.secrets().put(
         &Authorized::for_broker(cx.path.resource(), Capability::Write),
         PutRequest {
@@ -779,6 +814,7 @@ pub async fn retire(
         if shutdown.is_triggered() {
             return Err(RotationError::Stopping);
         }
+        check_fence()?;
         let outcome = retire_once(broker, &record, &path, &settings).await;
         let failed = outcome.as_ref().err().map(|f| f.message.clone());
         audit_step(

@@ -54,7 +54,7 @@ pub mod scheduler;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -243,9 +243,11 @@ struct Shared {
     /// when all have dropped theirs (see [`scheduler::start`]).
     guard: Mutex<Option<tokio::sync::mpsc::Sender<()>>>,
     guard_rx: Mutex<Option<tokio::sync::mpsc::Receiver<()>>>,
-    /// The server's shutdown, given when the scheduler starts; workers
-    /// select on it. No worker starts before it is set.
-    shutdown: OnceLock<Shutdown>,
+    /// The server's shutdown (on a cluster: the leader term's), given
+    /// when the scheduler starts, with the term's fence; workers select on
+    /// it and write under the fence. No worker starts before it is set. A
+    /// later start replaces it once it has fired (leadership regained).
+    shutdown: Mutex<Option<(Shutdown, Option<crate::storage::cluster::Fence>)>>,
 }
 
 impl Broker {
@@ -282,7 +284,7 @@ impl Broker {
             steps,
             guard: Mutex::new(Some(guard)),
             guard_rx: Mutex::new(Some(guard_rx)),
-            shutdown: OnceLock::new(),
+            shutdown: Mutex::new(None),
             options,
         };
         Self {
@@ -337,15 +339,64 @@ impl Broker {
         self.shared.sleeper_passes.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Records the server's shutdown for the workers; false if it was set
-    /// already (the scheduler was started before).
+    /// Records the server's shutdown for the workers, with the fence of
+    /// the caller's task (the leader term's, on a cluster); false if the
+    /// scheduler is running already. After a shutdown that has fired (this
+    /// node led before), the scheduler may start again: the guard is armed
+    /// anew and recorded runs are resumed.
     pub(crate) fn set_shutdown(&self, shutdown: Shutdown) -> bool {
-        self.shared.shutdown.set(shutdown).is_ok()
+        let mut slot = self
+            .shared
+            .shutdown
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match slot.as_ref() {
+            None => {}
+            Some((old, _)) if old.is_triggered() => {
+                let (guard, guard_rx) = tokio::sync::mpsc::channel(1);
+                *self
+                    .shared
+                    .guard
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(guard);
+                *self
+                    .shared
+                    .guard_rx
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(guard_rx);
+                self.shared.resume_needed.store(true, Ordering::SeqCst);
+            }
+            Some(_) => return false,
+        }
+        *slot = Some((shutdown, crate::storage::cluster::current()));
+        true
     }
 
     /// The server's shutdown; `None` before the scheduler started.
     pub(crate) fn shutdown(&self) -> Option<Shutdown> {
-        self.shared.shutdown.get().cloned()
+        self.shared
+            .shutdown
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|(shutdown, _)| shutdown.clone())
+    }
+
+    /// The fence the workers write under (the leader term's); `None` on a
+    /// single node.
+    pub(crate) fn fence(&self) -> Option<crate::storage::cluster::Fence> {
+        self.shared
+            .shutdown
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .and_then(|(_, fence)| fence.clone())
+    }
+
+    /// Whether other nodes share the store (etcd): runs they record are
+    /// looked up by this node's sleeper on every pass.
+    pub(crate) fn is_shared_store(&self) -> bool {
+        self.barrier().is_shared_store()
     }
 
     pub fn options(&self) -> &BrokerOptions {

@@ -37,6 +37,9 @@ pub const MAX_SLEEP: Duration = Duration::from_secs(60);
 /// How often a sealed vault is looked at again (an unseal through another
 /// path than `Broker::on_unseal` still gets noticed).
 const SEALED_LOOK: Duration = Duration::from_secs(5);
+/// The longest sleep on a shared store (etcd): runs and due entries that
+/// other nodes record are seen within it.
+pub const SHARED_LOOK: Duration = Duration::from_secs(2);
 /// Index entries read per look.
 const HEAD: usize = 256;
 /// How much later a retire is tried again when a run on the same secret is
@@ -102,8 +105,16 @@ async fn sleeper(broker: &Broker, shutdown: &Shutdown) {
             }
             continue;
         }
+        // On a shared store other nodes record runs (a manual trigger on
+        // a follower): the leader looks them up on every pass.
         if broker.take_resume_needed() {
             resume_recorded(broker).await;
+        } else if broker.is_shared_store() {
+            if let Ok(runs) = broker.active_runs() {
+                for run in runs {
+                    spawn_run(broker, run, None);
+                }
+            }
         }
         broker.count_pass();
         let now = broker.clock().now_ms();
@@ -153,7 +164,12 @@ async fn rest(broker: &Broker, shutdown: &Shutdown, pass: &Pass) {
         return;
     }
     let clock = broker.clock();
-    let latest = clock.now_ms() + MAX_SLEEP.as_millis() as u64;
+    let longest = if broker.is_shared_store() {
+        SHARED_LOOK
+    } else {
+        MAX_SLEEP
+    };
+    let latest = clock.now_ms() + longest.as_millis() as u64;
     let until = pass.next.map_or(latest, |at| at.min(latest));
     tokio::select! {
         _ = clock.sleep_until_ms(until) => {}
@@ -287,7 +303,11 @@ pub fn spawn_run(broker: &Broker, run: RunRecord, permit: Option<OwnedSemaphoreP
     };
     let broker = broker.clone();
     let span = tracing::info_span!("rotation", path = %run.path, run = %run.run_id);
-    tokio::spawn(
+    // The worker writes under the leader term's fence, whoever spawned it
+    // (the sleeper, or a request on this node).
+    let fence = broker.fence();
+    tokio::spawn(crate::storage::cluster::fenced(
+        fence,
         async move {
             let _guard = guard;
             let finished = run_on_worker(&broker, &run, permit, &shutdown).await;
@@ -304,7 +324,7 @@ pub fn spawn_run(broker: &Broker, run: RunRecord, permit: Option<OwnedSemaphoreP
             }
         }
         .instrument(span),
-    );
+    ));
 }
 
 /// Takes a worker and the provider's limit, then drives the run; true if
@@ -364,7 +384,9 @@ fn spawn_retire(broker: &Broker, key: String, record: RetireRecord, permit: Owne
     };
     let broker = broker.clone();
     let span = tracing::info_span!("rotation_retire", path = %record.path, run = %record.run_id);
-    tokio::spawn(
+    let fence = broker.fence();
+    tokio::spawn(crate::storage::cluster::fenced(
+        fence,
         async move {
             let _guard = guard;
             let _worker = permit;
@@ -380,7 +402,7 @@ fn spawn_retire(broker: &Broker, key: String, record: RetireRecord, permit: Owne
             broker.wake();
         }
         .instrument(span),
-    );
+    ));
 }
 
 /// Takes the provider's limit and retires, unless a run was recorded on the

@@ -67,6 +67,7 @@ use etcd_client::{
     TxnOp, TxnOpResponse,
 };
 
+use super::cluster::{self, Fence};
 use super::{
     format, Backend, BatchOp, CasOutcome, EtcdOptions, ExportSink, KeyValues, StorageError,
 };
@@ -104,6 +105,8 @@ pub struct EtcdBackend {
     data: Vec<u8>,
     /// `PREFIX m/format`.
     format_key: Vec<u8>,
+    /// Leadership and request timings (see "Leadership, fence, timings").
+    extra: Extra,
 }
 
 impl std::fmt::Debug for EtcdBackend {
@@ -186,6 +189,34 @@ fn fold(ops: Vec<BatchOp>) -> Vec<BatchOp> {
         .collect()
 }
 
+/// The client's options for `options`: timeouts, keep-alive and TLS.
+pub(super) fn connect_options(options: &EtcdOptions) -> Result<ConnectOptions, StorageError> {
+    let mut connect = ConnectOptions::new()
+        .with_timeout(REQUEST_TIMEOUT)
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+    if let Some(ca) = &options.ca {
+        let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read_file(ca)?));
+        match (&options.cert, &options.key) {
+            (Some(cert), Some(key)) => {
+                tls = tls.identity(Identity::from_pem(read_file(cert)?, read_file(key)?));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(StorageError::Io(
+                    "etcd: storage.etcd.cert and storage.etcd.key go together".into(),
+                ))
+            }
+        }
+        connect = connect.with_tls(tls);
+    } else if options.cert.is_some() || options.key.is_some() {
+        return Err(StorageError::Io(
+            "etcd: a client certificate needs storage.etcd.ca".into(),
+        ));
+    }
+    Ok(connect)
+}
+
 impl EtcdBackend {
     /// Connects to the cluster and checks (or writes) the format version.
     /// The connection is made lazily by the client: an unreachable cluster
@@ -194,29 +225,7 @@ impl EtcdBackend {
         if options.endpoints.is_empty() {
             return Err(StorageError::Io("etcd: no endpoints configured".into()));
         }
-        let mut connect = ConnectOptions::new()
-            .with_timeout(REQUEST_TIMEOUT)
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
-        if let Some(ca) = &options.ca {
-            let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read_file(ca)?));
-            match (&options.cert, &options.key) {
-                (Some(cert), Some(key)) => {
-                    tls = tls.identity(Identity::from_pem(read_file(cert)?, read_file(key)?));
-                }
-                (None, None) => {}
-                _ => {
-                    return Err(StorageError::Io(
-                        "etcd: storage.etcd.cert and storage.etcd.key go together".into(),
-                    ))
-                }
-            }
-            connect = connect.with_tls(tls);
-        } else if options.cert.is_some() || options.key.is_some() {
-            return Err(StorageError::Io(
-                "etcd: a client certificate needs storage.etcd.ca".into(),
-            ));
-        }
+        let connect = connect_options(options)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("keyward-etcd")
@@ -235,6 +244,7 @@ impl EtcdBackend {
             runtime: Some(runtime),
             data: [prefix, DATA].concat(),
             format_key: [prefix, FORMAT_KEY].concat(),
+            extra: Extra::new(prefix),
         };
         backend.check_format()?;
         Ok(backend)
@@ -465,6 +475,9 @@ impl EtcdBackend {
                 BatchOp::Delete(key) => TxnOp::delete(self.data_key(&key), None),
             })
             .collect();
+        if let Some(fence) = cluster::current() {
+            return self.fenced(txn_ops, fence, operation);
+        }
         self.call(move |mut client| async move {
             client
                 .txn(Txn::new().and_then(txn_ops))
@@ -491,6 +504,7 @@ fn wait<T>(rx: mpsc::Receiver<T>) -> Result<T, StorageError> {
 
 impl Backend for EtcdBackend {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        let _timer = self.time("get");
         let key = self.data_key(key);
         self.call(move |mut client| async move {
             let mut answer = client
@@ -511,8 +525,12 @@ impl Backend for EtcdBackend {
                 "put: the value is larger than etcd's request limit ({MAX_REQUEST_BYTES} bytes)"
             )));
         }
+        let _timer = self.time("put");
         let key = self.data_key(key);
         let value = value.to_vec();
+        if let Some(fence) = cluster::current() {
+            return self.fenced(vec![TxnOp::put(key, value, None)], fence, "put");
+        }
         self.call(move |mut client| async move {
             client
                 .put(key, value, None)
@@ -523,7 +541,11 @@ impl Backend for EtcdBackend {
     }
 
     fn delete(&self, key: &[u8]) -> Result<(), StorageError> {
+        let _timer = self.time("delete");
         let key = self.data_key(key);
+        if let Some(fence) = cluster::current() {
+            return self.fenced(vec![TxnOp::delete(key, None)], fence, "delete");
+        }
         self.call(move |mut client| async move {
             client
                 .delete(key, None)
@@ -534,6 +556,7 @@ impl Backend for EtcdBackend {
     }
 
     fn scan_prefix(&self, prefix: &[u8]) -> Result<KeyValues, StorageError> {
+        let _timer = self.time("scan");
         let start = self.data_key(prefix);
         let end = prefix_end(&start);
         self.scan_range_raw(start, end, usize::MAX)
@@ -548,6 +571,7 @@ impl Backend for EtcdBackend {
         if start >= end || limit == 0 {
             return Ok(Vec::new());
         }
+        let _timer = self.time("scan");
         self.scan_range_raw(self.data_key(start), self.data_key(end), limit)
     }
 
@@ -557,6 +581,7 @@ impl Backend for EtcdBackend {
         expected: Option<&[u8]>,
         new: Option<&[u8]>,
     ) -> Result<CasOutcome, StorageError> {
+        let _timer = self.time("compare_and_swap");
         let key = self.data_key(key);
         let compare = match expected {
             Some(value) => Compare::value(key.clone(), CompareOp::Equal, value.to_vec()),
@@ -566,35 +591,46 @@ impl Backend for EtcdBackend {
             Some(value) => TxnOp::put(key.clone(), value.to_vec(), None),
             None => TxnOp::delete(key.clone(), None),
         };
+        // Under a fence the same transaction also compares the leader
+        // key, and on failure reads it to tell a lost term from a conflict.
+        let fence = cluster::current();
+        let mut compares = vec![compare];
+        let mut otherwise = vec![TxnOp::get(key, None)];
+        if let Some(fence) = &fence {
+            compares.push(fence_compare(fence));
+            otherwise.push(TxnOp::get(fence.key.clone(), None));
+        }
+        let term = fence.as_ref().map(|f| f.revision);
         self.call(move |mut client| async move {
             let answer = client
                 .txn(
                     Txn::new()
-                        .when([compare])
+                        .when(compares)
                         .and_then([write])
-                        .or_else([TxnOp::get(key, None)]),
+                        .or_else(otherwise),
                 )
                 .await
                 .map_err(|e| etcd_error("compare_and_swap", e))?;
             if answer.succeeded() {
                 return Ok(CasOutcome::Swapped);
             }
-            let current = answer.op_responses().into_iter().find_map(|r| match r {
-                TxnOpResponse::Get(mut get) => Some(
-                    get.take_kvs()
-                        .into_iter()
-                        .next()
-                        .map(|kv| kv.into_key_value().1),
-                ),
+            let mut reads = answer.op_responses().into_iter().filter_map(|r| match r {
+                TxnOpResponse::Get(mut get) => Some(get.take_kvs().into_iter().next()),
                 _ => None,
             });
-            Ok(CasOutcome::Conflict {
-                current: current.flatten(),
-            })
+            let current = reads.next().flatten().map(|kv| kv.into_key_value().1);
+            if let Some(revision) = term {
+                let holder = reads.next().flatten().map(|kv| kv.create_revision());
+                if holder != Some(revision) {
+                    return Err(fenced_error("compare_and_swap"));
+                }
+            }
+            Ok(CasOutcome::Conflict { current })
         })
     }
 
     fn batch(&self, ops: Vec<BatchOp>) -> Result<(), StorageError> {
+        let _timer = self.time("batch");
         let ops = fold(ops);
         let bytes: usize = ops.iter().map(op_bytes).sum();
         if ops.len() > MAX_TXN_OPS || bytes > MAX_REQUEST_BYTES {
@@ -609,6 +645,7 @@ impl Backend for EtcdBackend {
     }
 
     fn apply_in_order(&self, ops: Vec<BatchOp>) -> Result<(), StorageError> {
+        let _timer = self.time("apply_in_order");
         let mut chunk: Vec<BatchOp> = Vec::new();
         let mut chunk_bytes = 0usize;
         for op in ops {
@@ -650,6 +687,145 @@ impl Backend for EtcdBackend {
 
     fn is_shared(&self) -> bool {
         true
+    }
+}
+
+// ---------------------------------------------------------------- leadership, fence, timings
+
+/// The leader key, under the prefix (outside the data keys).
+const LEADER_KEY: &[u8] = b"l/leader";
+
+/// The label of `keyward_etcd_request_duration_seconds`: the trait call.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct EtcdOpLabels {
+    op: std::borrow::Cow<'static, str>,
+}
+
+/// Request durations by trait call (a histogram family the server registers).
+pub type RequestDurations = prometheus_client::metrics::family::Family<
+    EtcdOpLabels,
+    prometheus_client::metrics::histogram::Histogram,
+    fn() -> prometheus_client::metrics::histogram::Histogram,
+>;
+
+/// Buckets of the request durations: 250 µs to 10 s (etcd's own bound).
+const DURATION_BUCKETS: [f64; 13] = [
+    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5, 10.0,
+];
+
+fn duration_histogram() -> prometheus_client::metrics::histogram::Histogram {
+    prometheus_client::metrics::histogram::Histogram::new(DURATION_BUCKETS)
+}
+
+/// What the backend keeps beside the client for leadership and metrics.
+struct Extra {
+    prefix: Vec<u8>,
+    durations: RequestDurations,
+}
+
+impl Extra {
+    fn new(prefix: &[u8]) -> Self {
+        Self {
+            prefix: prefix.to_vec(),
+            durations: RequestDurations::new_with_constructor(duration_histogram),
+        }
+    }
+}
+
+/// Observes one trait call's duration when dropped.
+struct Timer<'a> {
+    op: &'static str,
+    started: std::time::Instant,
+    durations: &'a RequestDurations,
+}
+
+impl Drop for Timer<'_> {
+    fn drop(&mut self) {
+        self.durations
+            .get_or_create(&EtcdOpLabels {
+                op: std::borrow::Cow::Borrowed(self.op),
+            })
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// The comparison that holds while `fence`'s term does.
+fn fence_compare(fence: &Fence) -> Compare {
+    Compare::create_revision(fence.key.clone(), CompareOp::Equal, fence.revision)
+}
+
+fn fenced_error(operation: &'static str) -> StorageError {
+    StorageError::Io(format!(
+        "{operation}: {}: its leader term ended (lease expired or another node leads), \
+         nothing was written",
+        cluster::FENCED
+    ))
+}
+
+impl EtcdBackend {
+    fn time(&self, op: &'static str) -> Timer<'_> {
+        Timer {
+            op,
+            started: std::time::Instant::now(),
+            durations: &self.extra.durations,
+        }
+    }
+
+    /// The request durations by trait call, for `/metrics`.
+    pub fn request_durations(&self) -> RequestDurations {
+        self.extra.durations.clone()
+    }
+
+    /// The raw etcd key whose holder leads (`PREFIX l/leader`).
+    pub fn leader_key(&self) -> Vec<u8> {
+        [self.extra.prefix.as_slice(), LEADER_KEY].concat()
+    }
+
+    /// A client on the backend's runtime, and that runtime (for `etcd_leader`).
+    pub(super) fn client_and_runtime(&self) -> Option<(Client, tokio::runtime::Handle)> {
+        self.runtime
+            .as_ref()
+            .map(|runtime| (self.client.clone(), runtime.handle().clone()))
+    }
+
+    /// Sends `ops` as one transaction that applies only while `fence`'s
+    /// term holds; a lost term is [`cluster::FENCED`] and nothing is written.
+    fn fenced(
+        &self,
+        ops: Vec<TxnOp>,
+        fence: Fence,
+        operation: &'static str,
+    ) -> Result<(), StorageError> {
+        let compare = fence_compare(&fence);
+        self.call(move |mut client| async move {
+            let answer = client
+                .txn(Txn::new().when([compare]).and_then(ops))
+                .await
+                .map_err(|e| etcd_error(operation, e))?;
+            if answer.succeeded() {
+                Ok(())
+            } else {
+                Err(fenced_error(operation))
+            }
+        })
+    }
+
+    /// Whether the term (`key` created at `revision`) still holds: a
+    /// transaction that only compares.
+    pub fn check_term(&self, key: Vec<u8>, revision: i64) -> Result<(), StorageError> {
+        let _timer = self.time("fence_check");
+        let compare = Compare::create_revision(key, CompareOp::Equal, revision);
+        self.call(move |mut client| async move {
+            let answer = client
+                .txn(Txn::new().when([compare]))
+                .await
+                .map_err(|e| etcd_error("fence check", e))?;
+            if answer.succeeded() {
+                Ok(())
+            } else {
+                Err(fenced_error("fence check"))
+            }
+        })
     }
 }
 

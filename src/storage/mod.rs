@@ -18,8 +18,11 @@
 //! `GroupCommit` wraps a backend for async callers: concurrent callers of
 //! `GroupCommit::durable` share one flush.
 
+pub mod cluster;
 #[cfg(feature = "etcd")]
 mod etcd_backend;
+#[cfg(feature = "etcd")]
+mod etcd_leader;
 mod etcd_options;
 pub mod format;
 mod group_commit;
@@ -27,6 +30,10 @@ mod sled_backend;
 
 #[cfg(feature = "etcd")]
 pub use etcd_backend::EtcdBackend;
+#[cfg(feature = "etcd")]
+pub use etcd_backend::RequestDurations as EtcdRequestDurations;
+#[cfg(feature = "etcd")]
+pub use etcd_leader::EtcdLeadership;
 pub use etcd_options::EtcdOptions;
 
 /// What a binary built without the `etcd` feature says when asked for etcd.

@@ -96,3 +96,7 @@ mod ui_attack;
 // issue 14: cluster-wide counters
 #[cfg(feature = "etcd")]
 mod ha_counters;
+
+// Leader election, fencing, cluster status (issue 14).
+#[cfg(feature = "etcd")]
+mod ha_leader;

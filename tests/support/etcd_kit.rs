@@ -27,11 +27,32 @@ pub struct Member {
     pub name: String,
     pub client_url: String,
     child: Option<Child>,
+    /// The program and arguments it was started with (for `restart`).
+    args: Vec<std::ffi::OsString>,
+    log: PathBuf,
 }
 
 impl Member {
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// Starts a killed member again on its data folder (etcd ignores the
+    /// initial-cluster flags once the folder holds data).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart of a running member");
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(etcd_binary())
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
     }
 
     /// Kills this member (SIGKILL, by its pid) and waits for it.
@@ -103,13 +124,16 @@ impl EtcdCluster {
             if let Some(quota) = flags.quota_backend_bytes {
                 command.arg("--quota-backend-bytes").arg(quota.to_string());
             }
+            let args = command.get_args().map(|a| a.to_owned()).collect();
             let child = command
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot start {}: {e}", etcd_binary().display()));
             started.push(Member {
+                log: dir.path().join(format!("{name}.log")),
                 name,
                 client_url,
                 child: Some(child),
+                args,
             });
         }
         let cluster = Self {

@@ -1,0 +1,444 @@
+//! Leader election on etcd: a lease and a key created only if absent.
+//!
+//! Every node runs one loop on the backend's own runtime:
+//!
+//! - **follower**: it reads `PREFIX l/leader` every [`POLL`]. While the key
+//!   exists its value names the leader. Once it is gone the node grants a
+//!   lease of [`LEASE_TTL`] and, in one transaction, creates the key with
+//!   its node id on that lease if the key is still absent. One node wins;
+//!   the others read the winner's id.
+//! - **leader**: it keeps the lease alive every [`KEEP_ALIVE_EVERY`]. It
+//!   steps down when etcd answers that the lease is gone (TTL 0), when the
+//!   key no longer holds its term, or when no keep-alive was answered for
+//!   so long that the lease may have expired in etcd ([`LEASE_TTL`] from the
+//!   last answered keep-alive, less [`MARGIN`]). It then revokes the lease
+//!   (best effort) and becomes a follower.
+//!
+//! The term is the key's create revision: a new key (another term) always
+//! has a larger one, so a [`Fence`] on it cannot be satisfied by a later
+//! leader's key. At shutdown the leader revokes its lease, which deletes
+//! the key: another node takes over within [`POLL`].
+//!
+//! When the leader is killed, its key lives until the lease expires in etcd
+//! (at most [`LEASE_TTL`] after its last keep-alive), and a follower sees it
+//! gone within [`POLL`]: a new leader within `LEASE_TTL + POLL` plus one
+//! transaction (about 3.5 s on loopback), the bound the README states.
+//!
+//! The view is `reachable: false` once every request of the loop has failed
+//! for [`UNREACHABLE_AFTER`]: the server then reports NOT_SERVING.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::cluster::{EndpointHealth, Fence, LeaderView, Leadership};
+use super::etcd_backend::connect_options;
+use super::{EtcdBackend, EtcdOptions, StorageError};
+
+/// The lease of a leader term.
+pub const LEASE_TTL: Duration = Duration::from_secs(3);
+/// How often a leader renews its lease.
+pub const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(1);
+/// How often a follower looks at the leader key.
+pub const POLL: Duration = Duration::from_millis(500);
+/// How long before the lease's end (as this node counts it) a leader that
+/// cannot renew steps down.
+pub const MARGIN: Duration = Duration::from_millis(750);
+/// The bound on each request of the loop.
+const REQUEST_BOUND: Duration = Duration::from_secs(2);
+/// How long the loop's requests must all fail before etcd counts as lost.
+pub const UNREACHABLE_AFTER: Duration = Duration::from_secs(3);
+/// The bound on one endpoint's health question.
+const HEALTH_BOUND: Duration = Duration::from_secs(2);
+
+/// The leadership of one node on etcd. Dropping it stops its loop.
+pub struct EtcdLeadership {
+    node_id: String,
+    view: watch::Receiver<LeaderView>,
+    backend: Arc<EtcdBackend>,
+    options: EtcdOptions,
+    /// Set at shutdown: the loop revokes its lease and ends.
+    stop: Arc<tokio::sync::Notify>,
+    stopped: watch::Receiver<bool>,
+}
+
+impl EtcdLeadership {
+    /// Starts the election loop for `node_id` on `backend`'s runtime.
+    pub fn start(
+        backend: Arc<EtcdBackend>,
+        options: &EtcdOptions,
+        node_id: &str,
+    ) -> Result<Self, StorageError> {
+        let (client, runtime) = backend
+            .client_and_runtime()
+            .ok_or_else(|| StorageError::Io("etcd: the backend is closed".into()))?;
+        let (tx, view) = watch::channel(LeaderView::default());
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let (stopped_tx, stopped) = watch::channel(false);
+        let key = backend.leader_key();
+        let checker = backend.clone();
+        let check_key = key.clone();
+        let term_check =
+            move |revision: i64| -> Arc<dyn Fn() -> Result<(), StorageError> + Send + Sync> {
+                let backend = checker.clone();
+                let key = check_key.clone();
+                Arc::new(move || backend.check_term(key.clone(), revision))
+            };
+        let election = Election {
+            client,
+            key,
+            node_id: node_id.to_owned(),
+            view: tx,
+            term_check: Box::new(term_check),
+            last_answer: Instant::now(),
+        };
+        let stop_signal = stop.clone();
+        runtime.spawn(async move {
+            election.run(stop_signal).await;
+            let _ = stopped_tx.send(true);
+        });
+        Ok(Self {
+            node_id: node_id.to_owned(),
+            view,
+            backend,
+            options: options.clone(),
+            stop,
+            stopped,
+        })
+    }
+}
+
+impl Drop for EtcdLeadership {
+    fn drop(&mut self) {
+        self.stop.notify_one();
+    }
+}
+
+impl Leadership for EtcdLeadership {
+    fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    fn watch(&self) -> watch::Receiver<LeaderView> {
+        self.view.clone()
+    }
+
+    fn endpoints(&self) -> Vec<EndpointHealth> {
+        let Some((_, runtime)) = self.backend.client_and_runtime() else {
+            return Vec::new();
+        };
+        let options = self.options.clone();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        runtime.spawn(async move {
+            let asks = options.endpoints.iter().map(|endpoint| {
+                let options = options.clone();
+                let endpoint = endpoint.clone();
+                async move { endpoint_health(&options, endpoint).await }
+            });
+            let _ = tx.send(futures_join_all(asks).await);
+        });
+        let wait = || rx.recv_timeout(HEALTH_BOUND * 3).unwrap_or_default();
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
+            }
+            _ => wait(),
+        }
+    }
+
+    fn resign(&self) {
+        self.stop.notify_one();
+        let mut stopped = self.stopped.clone();
+        let wait = async move {
+            let _ = tokio::time::timeout(REQUEST_BOUND * 2, stopped.wait_for(|s| *s)).await;
+        };
+        if let Some((_, runtime)) = self.backend.client_and_runtime() {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            runtime.spawn(async move {
+                wait.await;
+                let _ = tx.send(());
+            });
+            let _ = rx.recv_timeout(REQUEST_BOUND * 3);
+        }
+    }
+}
+
+/// Runs every future at once (on the current runtime) and returns their
+/// outputs in order.
+async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for handle in handles {
+        if let Ok(found) = handle.await {
+            out.push(found);
+        }
+    }
+    out
+}
+
+/// One member's `Status`, over a connection to it alone.
+async fn endpoint_health(options: &EtcdOptions, endpoint: String) -> EndpointHealth {
+    let asked = async {
+        let connect = connect_options(options).map_err(|e| e.to_string())?;
+        let mut client = Client::connect([endpoint.clone()], Some(connect))
+            .await
+            .map_err(|e| e.to_string())?;
+        client.status().await.map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(HEALTH_BOUND, asked).await {
+        Ok(Ok(status)) => {
+            let leads = status.header().map(|h| h.member_id()) == Some(status.leader());
+            EndpointHealth {
+                endpoint,
+                healthy: true,
+                detail: format!(
+                    "etcd {}{}",
+                    status.version(),
+                    if leads { ", raft leader" } else { "" }
+                ),
+            }
+        }
+        Ok(Err(error)) => EndpointHealth {
+            endpoint,
+            healthy: false,
+            detail: error,
+        },
+        Err(_) => EndpointHealth {
+            endpoint,
+            healthy: false,
+            detail: format!("no answer within {} s", HEALTH_BOUND.as_secs()),
+        },
+    }
+}
+
+type TermCheck = Box<dyn Fn(i64) -> Arc<dyn Fn() -> Result<(), StorageError> + Send + Sync> + Send>;
+
+/// The election loop's state.
+struct Election {
+    client: Client,
+    key: Vec<u8>,
+    node_id: String,
+    view: watch::Sender<LeaderView>,
+    term_check: TermCheck,
+    /// When etcd last answered a request of the loop.
+    last_answer: Instant,
+}
+
+/// What one follower look found.
+enum Look {
+    Leader(String),
+    Vacant,
+}
+
+impl Election {
+    async fn run(mut self, stop: Arc<tokio::sync::Notify>) {
+        loop {
+            let step = async {
+                match self.look().await {
+                    Ok(Look::Leader(leader)) => {
+                        self.publish(false, Some(leader), None);
+                        tokio::time::sleep(POLL).await;
+                        None
+                    }
+                    Ok(Look::Vacant) => match self.campaign().await {
+                        Ok(Some(won)) => Some(won),
+                        Ok(None) => None,
+                        Err(error) => {
+                            tracing::debug!(%error, "leader campaign failed");
+                            self.unanswered();
+                            tokio::time::sleep(POLL).await;
+                            None
+                        }
+                    },
+                    Err(error) => {
+                        tracing::debug!(%error, "cannot read the leader key");
+                        self.unanswered();
+                        tokio::time::sleep(POLL).await;
+                        None
+                    }
+                }
+            };
+            let won = tokio::select! {
+                won = step => won,
+                () = stop.notified() => return,
+            };
+            if let Some((lease, revision, asked)) = won {
+                let resigned = self.lead(lease, revision, asked, &stop).await;
+                self.publish(false, None, None);
+                let mut lease_client = self.client.lease_client();
+                let _ = tokio::time::timeout(REQUEST_BOUND, lease_client.revoke(lease)).await;
+                if resigned {
+                    tracing::info!(node = %self.node_id, "resigned the cluster leadership");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Publishes a view (if it changed).
+    fn publish(&mut self, is_leader: bool, leader: Option<String>, fence: Option<Fence>) {
+        let reachable = self.last_answer.elapsed() < UNREACHABLE_AFTER;
+        self.view.send_if_modified(|view| {
+            let changed = view.is_leader != is_leader
+                || view.leader != leader
+                || view.reachable != reachable
+                || view.fence.as_ref().map(|f| f.revision) != fence.as_ref().map(|f| f.revision);
+            if changed {
+                *view = LeaderView {
+                    is_leader,
+                    leader: leader.clone(),
+                    reachable,
+                    fence: fence.clone(),
+                };
+            }
+            changed
+        });
+    }
+
+    /// A request failed: the view says so once they all have for a while.
+    fn unanswered(&mut self) {
+        let (leader, fence) = {
+            let view = self.view.borrow();
+            (view.leader.clone(), view.fence.clone())
+        };
+        let is_leader = fence.is_some();
+        self.publish(is_leader, leader, fence);
+    }
+
+    async fn look(&mut self) -> Result<Look, String> {
+        let mut kv = self.client.kv_client();
+        let answer = tokio::time::timeout(REQUEST_BOUND, kv.get(self.key.clone(), None))
+            .await
+            .map_err(|_| "no answer".to_owned())?
+            .map_err(|e| e.to_string())?;
+        self.last_answer = Instant::now();
+        Ok(match answer.kvs().first() {
+            Some(kv) => Look::Leader(String::from_utf8_lossy(kv.value()).into_owned()),
+            None => Look::Vacant,
+        })
+    }
+
+    /// Grants a lease and creates the key on it if still absent: the
+    /// lease, the key's create revision and when the lease was asked for
+    /// (its TTL counts from no earlier) when this node won.
+    async fn campaign(&mut self) -> Result<Option<(i64, i64, Instant)>, String> {
+        let ttl = i64::try_from(LEASE_TTL.as_secs()).unwrap_or(3);
+        let asked = Instant::now();
+        let mut lease_client = self.client.lease_client();
+        let granted = tokio::time::timeout(REQUEST_BOUND, lease_client.grant(ttl, None))
+            .await
+            .map_err(|_| "no answer".to_owned())?
+            .map_err(|e| e.to_string())?;
+        let lease = granted.id();
+        let txn = Txn::new()
+            .when([Compare::version(self.key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                self.key.clone(),
+                self.node_id.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .or_else([TxnOp::get(self.key.clone(), Some(GetOptions::new()))]);
+        let mut kv = self.client.kv_client();
+        let answer = match tokio::time::timeout(REQUEST_BOUND, kv.txn(txn)).await {
+            Ok(Ok(answer)) => answer,
+            other => {
+                let _ = tokio::time::timeout(REQUEST_BOUND, lease_client.revoke(lease)).await;
+                return Err(match other {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "no answer".to_owned(),
+                });
+            }
+        };
+        self.last_answer = Instant::now();
+        if answer.succeeded() {
+            let revision = answer.header().map_or(0, |h| h.revision());
+            return Ok(Some((lease, revision, asked)));
+        }
+        let _ = tokio::time::timeout(REQUEST_BOUND, lease_client.revoke(lease)).await;
+        let holder = answer.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Get(get) => get
+                .kvs()
+                .first()
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+            _ => None,
+        });
+        self.publish(false, holder, None);
+        Ok(None)
+    }
+
+    /// Leads until the term ends (false) or `stop` (true).
+    async fn lead(
+        &mut self,
+        lease: i64,
+        revision: i64,
+        asked: Instant,
+        stop: &tokio::sync::Notify,
+    ) -> bool {
+        let fence = Fence::new(self.key.clone(), revision, (self.term_check)(revision));
+        let mut valid_until = asked + LEASE_TTL;
+        tracing::info!(node = %self.node_id, term = revision, "became the cluster leader");
+        self.publish(true, Some(self.node_id.clone()), Some(fence.clone()));
+        let mut lease_client = self.client.lease_client();
+        let mut stream = None;
+        loop {
+            let pause = tokio::time::sleep(KEEP_ALIVE_EVERY);
+            tokio::select! {
+                () = pause => {}
+                () = stop.notified() => return true,
+            }
+            if Instant::now() + MARGIN >= valid_until {
+                tracing::warn!(node = %self.node_id, "lease not renewed in time: stepping down");
+                return false;
+            }
+            if stream.is_none() {
+                match tokio::time::timeout(REQUEST_BOUND, lease_client.keep_alive(lease)).await {
+                    Ok(Ok(opened)) => stream = Some(opened),
+                    _ => {
+                        self.unanswered();
+                        continue;
+                    }
+                }
+            }
+            let Some((keeper, answers)) = stream.as_mut() else {
+                continue;
+            };
+            let sent = Instant::now();
+            let renewed = async {
+                keeper.keep_alive().await.map_err(|e| e.to_string())?;
+                answers
+                    .message()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| "keep-alive stream ended".to_owned())
+            };
+            match tokio::time::timeout(REQUEST_BOUND, renewed).await {
+                Ok(Ok(answer)) if answer.ttl() > 0 => {
+                    self.last_answer = Instant::now();
+                    let ttl = Duration::from_secs(u64::try_from(answer.ttl()).unwrap_or(0));
+                    valid_until = sent + ttl;
+                    self.publish(true, Some(self.node_id.clone()), Some(fence.clone()));
+                }
+                Ok(Ok(_)) => {
+                    tracing::warn!(node = %self.node_id, "the leader lease expired: stepping down");
+                    return false;
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, "lease keep-alive failed");
+                    stream = None;
+                    self.unanswered();
+                }
+                Err(_) => {
+                    stream = None;
+                    self.unanswered();
+                }
+            }
+        }
+    }
+}
