@@ -31,6 +31,8 @@ mod dynamic_creds;
 #[cfg(feature = "etcd")]
 mod etcd_cluster;
 #[cfg(feature = "etcd")]
+mod etcd_caches;
+#[cfg(feature = "etcd")]
 #[path = "../support/etcd_kit.rs"]
 #[allow(dead_code)]
 mod etcd_kit;
