@@ -31,7 +31,7 @@
 //! target/release/examples/etcd_bench [CONNECTIONS] [SECONDS] [--sizing N]
 //! ```
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[cfg(feature = "etcd")]
 #[path = "../tests/support/etcd_kit.rs"]
@@ -534,7 +534,10 @@ mod bench {
         };
         let http_put = http_write_phase("http_kv_write", &keyward_http, connections, seconds).await;
         let login = {
-            let (role, secret) = (Arc::new(sid.role_id.clone()), Arc::new(sid.secret_id.clone()));
+            let (role, secret) = (
+                Arc::new(sid.role_id.clone()),
+                Arc::new(sid.secret_id.clone()),
+            );
             phase(
                 "grpc_login",
                 connections,

@@ -142,7 +142,10 @@ impl Coherence {
             }
         }
         if !keys.is_empty() {
-            let listeners = self.listeners.read().unwrap_or_else(PoisonError::into_inner);
+            let listeners = self
+                .listeners
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
             for key in &keys {
                 for listener in listeners.iter() {
                     if key.starts_with(listener.prefix.as_bytes()) {
@@ -168,7 +171,10 @@ impl Coherence {
     /// A new watch runs from just after `revision` (read before this call):
     /// every cache forgets everything, and the watch counts as live.
     pub fn reset(&self, revision: i64) {
-        let listeners = self.listeners.read().unwrap_or_else(PoisonError::into_inner);
+        let listeners = self
+            .listeners
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         for listener in listeners.iter() {
             (listener.on_reset)();
         }

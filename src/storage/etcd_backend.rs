@@ -628,7 +628,11 @@ impl Backend for EtcdBackend {
             Some(value) => TxnOp::put(key.clone(), value.to_vec(), None),
             None => TxnOp::delete(key.clone(), None),
         };
-        let writes = if bump { vec![write, epoch] } else { vec![write] };
+        let writes = if bump {
+            vec![write, epoch]
+        } else {
+            vec![write]
+        };
         self.call(move |mut client| async move {
             let answer = client
                 .txn(

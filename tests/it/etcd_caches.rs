@@ -51,7 +51,11 @@ async fn caught_up(server: &TestServer) {
     let barrier = server.core.barrier.clone();
     eventually("the node's etcd watch has caught up", || {
         let barrier = barrier.clone();
-        async move { tokio::task::spawn_blocking(move || barrier.cache_fence()).await.unwrap() }
+        async move {
+            tokio::task::spawn_blocking(move || barrier.cache_fence())
+                .await
+                .unwrap()
+        }
     })
     .await;
 }
@@ -90,7 +94,8 @@ async fn caches_on_etcd_honour_changes_made_on_another_node() {
         .await
         .unwrap();
     let policy = unique("p");
-    let rw = format!("[[rule]]\npath = \"secret/{area}/**\"\ncapabilities = [\"read\", \"write\"]\n");
+    let rw =
+        format!("[[rule]]\npath = \"secret/{area}/**\"\ncapabilities = [\"read\", \"write\"]\n");
     let ro = format!("[[rule]]\npath = \"secret/{area}/**\"\ncapabilities = [\"read\"]\n");
     root1.policy_put(&policy, &rw).await.unwrap();
 
@@ -110,7 +115,8 @@ async fn caches_on_etcd_honour_changes_made_on_another_node() {
     let to_revoke = anon2.with_token(&second).unwrap();
     let narrowed = anon2.with_token(&issue(&root1, &policy).await).unwrap();
     let identity = unique("svc");
-    let (role_id, secret_id) = approle_identity(&root1, &identity, &[policy.clone()]).await;
+    let (role_id, secret_id) =
+        approle_identity(&root1, &identity, std::slice::from_ref(&policy)).await;
     let (_, of_identity) = login(&two, &role_id, &secret_id).await;
     caught_up(&two).await;
     for _ in 0..3 {
@@ -122,7 +128,11 @@ async fn caches_on_etcd_honour_changes_made_on_another_node() {
             .unwrap();
     }
 
-    let coherence = two.core.barrier.coherence().expect("etcd has a change feed");
+    let coherence = two
+        .core
+        .barrier
+        .coherence()
+        .expect("etcd has a change feed");
     let hold = coherence.hold();
 
     // A revoke acknowledged by node 1: node 2's next request is refused.

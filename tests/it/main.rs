@@ -29,9 +29,9 @@ mod delegation_exchange;
 mod dynamic_crash;
 mod dynamic_creds;
 #[cfg(feature = "etcd")]
-mod etcd_cluster;
-#[cfg(feature = "etcd")]
 mod etcd_caches;
+#[cfg(feature = "etcd")]
+mod etcd_cluster;
 #[cfg(feature = "etcd")]
 #[path = "../support/etcd_kit.rs"]
 #[allow(dead_code)]
