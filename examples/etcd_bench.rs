@@ -533,7 +533,9 @@ mod bench {
             token: Arc::new(token.clone()),
         };
         let http_put = http_write_phase("http_kv_write", &keyward_http, connections, seconds).await;
+        let login_errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let login = {
+            let errors = login_errors.clone();
             let (role, secret) = (
                 Arc::new(sid.role_id.clone()),
                 Arc::new(sid.secret_id.clone()),
@@ -544,9 +546,15 @@ mod bench {
                 seconds,
                 grpc(None),
                 move |c: Client| {
-                    let (role, secret) = (role.clone(), secret.clone());
+                    let (role, secret, errors) = (role.clone(), secret.clone(), errors.clone());
                     async move {
-                        c.login_approle(&role, &secret, 0).await.unwrap();
+                        // A refused login is counted (and its first reason
+                        // printed), not fatal: the figure is of successes.
+                        if let Err(e) = c.login_approle(&role, &secret, 0).await {
+                            if errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
+                                println!("grpc_login: first refusal: {e}");
+                            }
+                        }
                         c
                     }
                 },
@@ -682,6 +690,12 @@ mod bench {
         push(&mut line, "grpc_put", put);
         push(&mut line, "http_kv_write", http_put);
         push(&mut line, "grpc_login", login);
+        write!(
+            line,
+            " grpc_login_errors={}",
+            login_errors.load(std::sync::atomic::Ordering::Relaxed)
+        )
+        .unwrap();
         write!(
             line,
             " ratio_get_noop={ratio_get:.2} goal_get_0.5={}",

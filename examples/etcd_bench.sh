@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 CONNECTIONS=${1:-64}
 SECONDS_PER_PHASE=${2:-5}
 SIZING_N=${3:-2000}
-BENCH=target/release/examples/etcd_bench
+BENCH=${BENCH:-target/release/examples/etcd_bench}
 BAO=${BAO:-target/vault-clients-venv/bin/bao}
 for f in "$BENCH" "$BAO"; do
     if [ ! -x "$f" ]; then
