@@ -11,6 +11,11 @@
 //! nothing. A compile that raced a put or delete is not cached: the cache
 //! carries a generation that every clear bumps, and a result is inserted only
 //! if the generation read before its storage read is still current.
+//!
+//! On a shared store (etcd) the cache is kept right by the store's watch: a
+//! change of any `policies/` key by any node clears it, and a request uses it
+//! only after its cache fence (`storage::coherence`); the `*_fenced` calls
+//! take the fence a request took at its start.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -145,29 +150,64 @@ struct Inner {
     cache: RwLock<Cache>,
 }
 
-impl PolicyStore {
-    pub fn new(barrier: Arc<Barrier>) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                barrier,
-                cache: RwLock::new(Cache::default()),
-            }),
-        }
-    }
-
+impl Inner {
     fn clear_cache(&self) {
-        let mut cache = self.inner.cache.write().unwrap_or_else(|e| e.into_inner());
+        let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
         cache.policies.clear();
         cache.sets.clear();
         cache.generation = cache.generation.wrapping_add(1);
     }
 
+    /// Whether results may be cached: always on a store this process owns;
+    /// on a shared store only where its watch clears the cache.
+    fn may_cache(&self) -> bool {
+        !self.barrier.is_shared_store() || self.barrier.coherence().is_some()
+    }
+}
+
+impl PolicyStore {
+    pub fn new(barrier: Arc<Barrier>) -> Self {
+        let inner = Arc::new(Inner {
+            barrier,
+            cache: RwLock::new(Cache::default()),
+        });
+        if let Some(coherence) = inner.barrier.coherence() {
+            // On a shared store: a policy changed by any node (seen by the
+            // store's watch) clears the cache, and so does a new watch. Weak:
+            // the store (through the barrier) holds these callbacks.
+            let changed = Arc::downgrade(&inner);
+            let reset = Arc::downgrade(&inner);
+            coherence.track(
+                PREFIX,
+                Arc::new(move |_key: &str| {
+                    if let Some(inner) = changed.upgrade() {
+                        inner.clear_cache();
+                    }
+                }),
+                Arc::new(move || {
+                    if let Some(inner) = reset.upgrade() {
+                        inner.clear_cache();
+                    }
+                }),
+            );
+        }
+        Self { inner }
+    }
+
+    fn clear_cache(&self) {
+        self.inner.clear_cache();
+    }
+
+    /// Whether the cache may serve a request starting now: the request's
+    /// fence (`Barrier::cache_fence`).
+    fn fence(&self) -> bool {
+        self.inner.barrier.cache_fence()
+    }
+
     /// Caches a compiled policy read at `generation`; refused (false) if the
     /// cache was cleared since.
     fn insert_policy_if_current(&self, generation: u64, name: &str, entry: Option<Entry>) -> bool {
-        // On a shared store (etcd) another node may change a policy at any
-        // time: nothing is cached, every request compiles from storage.
-        if self.inner.barrier.is_shared_store() {
+        if !self.inner.may_cache() {
             return false;
         }
         let mut cache = self.inner.cache.write().unwrap_or_else(|e| e.into_inner());
@@ -186,9 +226,7 @@ impl PolicyStore {
         names: &[String],
         set: Arc<CompiledSet>,
     ) -> bool {
-        // On a shared store (etcd) another node may change a policy at any
-        // time: nothing is cached, every request compiles from storage.
-        if self.inner.barrier.is_shared_store() {
+        if !self.inner.may_cache() {
             return false;
         }
         let mut cache = self.inner.cache.write().unwrap_or_else(|e| e.into_inner());
@@ -276,10 +314,10 @@ impl PolicyStore {
         Ok(())
     }
 
-    fn compiled(&self, name: &str) -> Result<Option<Entry>, PolicyStoreError> {
+    fn compiled(&self, name: &str, fresh: bool) -> Result<Option<Entry>, PolicyStoreError> {
         let generation = {
             let cache = self.inner.cache.read().unwrap_or_else(|e| e.into_inner());
-            if let Some(hit) = cache.policies.get(name) {
+            if let Some(hit) = cache.policies.get(name).filter(|_| fresh) {
                 return Ok(hit.clone());
             }
             cache.generation
@@ -297,9 +335,20 @@ impl PolicyStore {
     /// The compiled set for a token's policy list; cached, so after the first
     /// request with a given list this is one hash lookup and no allocation.
     pub fn compiled_set(&self, names: &[String]) -> Result<Arc<CompiledSet>, PolicyStoreError> {
+        self.compiled_set_fenced(names, self.fence())
+    }
+
+    /// [`Self::compiled_set`] for a request whose cache fence was taken at
+    /// its start (`Barrier::cache_fence`): `fresh` false compiles from
+    /// storage.
+    pub fn compiled_set_fenced(
+        &self,
+        names: &[String],
+        fresh: bool,
+    ) -> Result<Arc<CompiledSet>, PolicyStoreError> {
         let generation = {
             let cache = self.inner.cache.read().unwrap_or_else(|e| e.into_inner());
-            if let Some(set) = cache.sets.get(names) {
+            if let Some(set) = cache.sets.get(names).filter(|_| fresh) {
                 return Ok(set.clone());
             }
             cache.generation
@@ -308,7 +357,7 @@ impl PolicyStore {
         let mut set_names = Vec::with_capacity(names.len());
         let mut rule_paths = Vec::with_capacity(names.len());
         for name in names {
-            if let Some(entry) = self.compiled(name)? {
+            if let Some(entry) = self.compiled(name, fresh)? {
                 let (policy, compiled_policy) = &*entry;
                 compiled.push(compiled_policy.clone());
                 set_names.push(Arc::<str>::from(name.as_str()));
@@ -339,19 +388,29 @@ impl PolicyStore {
         subject: &[String],
         actor: &[String],
     ) -> Result<Arc<CompiledSet>, PolicyStoreError> {
+        self.delegated_set_fenced(subject, actor, self.fence())
+    }
+
+    /// [`Self::delegated_set`] with the request's cache fence.
+    pub fn delegated_set_fenced(
+        &self,
+        subject: &[String],
+        actor: &[String],
+        fresh: bool,
+    ) -> Result<Arc<CompiledSet>, PolicyStoreError> {
         let mut key = Vec::with_capacity(subject.len() + actor.len() + 1);
         key.extend_from_slice(subject);
         key.push("\0actor".to_owned());
         key.extend_from_slice(actor);
         let generation = {
             let cache = self.inner.cache.read().unwrap_or_else(|e| e.into_inner());
-            if let Some(set) = cache.sets.get(&key) {
+            if let Some(set) = cache.sets.get(&key).filter(|_| fresh) {
                 return Ok(set.clone());
             }
             cache.generation
         };
-        let subject = self.compiled_set(subject)?;
-        let actor = self.compiled_set(actor)?;
+        let subject = self.compiled_set_fenced(subject, fresh)?;
+        let actor = self.compiled_set_fenced(actor, fresh)?;
         let set = Arc::new(CompiledSet {
             set: subject.set.clone(),
             names: subject.names.clone(),

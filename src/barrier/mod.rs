@@ -561,6 +561,20 @@ impl Barrier {
         self.backend.is_shared()
     }
 
+    /// On a shared store, where caches of stored records register the
+    /// prefixes they are fed from (`storage::coherence`); `None` otherwise.
+    pub fn coherence(&self) -> Option<&crate::storage::coherence::Coherence> {
+        self.backend.coherence()
+    }
+
+    /// Whether those caches may serve a request that starts now: always on
+    /// a store this process owns; on a shared store once the store's watch
+    /// has delivered every change acknowledged before this call
+    /// (`storage::coherence`). Call it once per request, at its start.
+    pub fn cache_fence(&self) -> bool {
+        self.backend.cache_fence()
+    }
+
     pub fn get(&self, key: &str) -> Result<Option<Plaintext>, BarrierError> {
         check_key(key)?;
         let mut keys = self.keys()?;

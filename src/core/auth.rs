@@ -172,7 +172,11 @@ impl Gate {
     /// `source`; a limited token's use is counted.
     pub fn authenticate(&self, token: &str, source: Option<IpAddr>) -> Result<Caller, AuthError> {
         let now = self.clock.now_ms();
-        let used = self.tokens.use_token(token, source, now)?;
+        // One cache fence for the whole request, taken at its start: the
+        // token and policy caches answer only if it holds (on etcd, once the
+        // store's watch has delivered every change acknowledged before now).
+        let fresh = self.tokens.cache_fence();
+        let used = self.tokens.use_token_fenced(token, source, now, fresh)?;
         // Here, where every call's token is authenticated, so that no
         // handler can forget it: an exchange-only token acts for nobody
         // (`token exchange` reads it as the subject token, not through here).
@@ -183,6 +187,7 @@ impl Gate {
             &used.record.policies,
             &used.record.actor_policies,
             used.record.is_delegated(),
+            fresh,
         )?;
         self.usage.record(&used.record.identity, None, now);
         Ok(Caller {
@@ -208,11 +213,12 @@ impl Gate {
         policies: &[String],
         actor_policies: &[String],
         delegated: bool,
+        fresh: bool,
     ) -> Result<Arc<CompiledSet>, AuthError> {
         Ok(if delegated {
-            self.policies.delegated_set(policies, actor_policies)?
+            (self.policies).delegated_set_fenced(policies, actor_policies, fresh)?
         } else {
-            self.policies.compiled_set(policies)?
+            self.policies.compiled_set_fenced(policies, fresh)?
         })
     }
 
@@ -231,7 +237,8 @@ impl Gate {
             return Err(AuthError::ExchangeOnly);
         }
         let delegated = !info.actor_accessor.is_empty();
-        let set = self.set_of(&info.policies, &info.actor_policies, delegated)?;
+        let fresh = self.tokens.cache_fence();
+        let set = self.set_of(&info.policies, &info.actor_policies, delegated, fresh)?;
         Ok(Caller {
             actor: ActorChain::of(
                 &info.actor_identity,

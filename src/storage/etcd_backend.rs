@@ -57,6 +57,14 @@
 //!   every write fails with an error saying so; reads go on.
 //!
 //! Error messages name the operation and etcd's reason, never a key or value.
+//!
+//! # Caches (`storage::coherence`, `etcd_watch`)
+//!
+//! Every write of a key under a prefix a cache tracks also writes
+//! `PREFIX m/epoch` (empty) in the same transaction, so the epoch's
+//! revision is that of the last tracked change. A watch on the prefix feeds
+//! the caches' invalidations; [`Backend::cache_fence`] lets a request use
+//! them once the watch has delivered the epoch read after the request began.
 
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -68,6 +76,7 @@ use etcd_client::{
 };
 
 use super::cluster::{self, Fence};
+use super::coherence::Coherence;
 use super::{
     format, Backend, BatchOp, CasOutcome, EtcdOptions, ExportSink, KeyValues, StorageError,
 };
@@ -90,12 +99,14 @@ const NOT_SENT: &str = "an etcd member could not be reached, the request was not
 const NOT_SENT_RETRIES: u64 = 12;
 /// The largest answer the client decodes: a page of a scan is halved until
 /// its answer fits (one value is at most etcd's 1.5 MiB request limit).
-const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
+pub(super) const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
 
 /// Where the data keys start, under the prefix.
 const DATA: &[u8] = b"d/";
 /// The format version's key, under the prefix.
 const FORMAT_KEY: &[u8] = b"m/format";
+/// The change marker of tracked prefixes, under the prefix (see the module doc).
+const EPOCH_KEY: &[u8] = b"m/epoch";
 
 /// A `Backend` on an etcd cluster. See the module doc.
 pub struct EtcdBackend {
@@ -107,6 +118,10 @@ pub struct EtcdBackend {
     format_key: Vec<u8>,
     /// Leadership and request timings (see "Leadership, fence, timings").
     extra: Extra,
+    /// `PREFIX m/epoch`.
+    epoch_key: Vec<u8>,
+    /// What the caches of this node register with (see `coherence`).
+    coherence: std::sync::Arc<Coherence>,
 }
 
 impl std::fmt::Debug for EtcdBackend {
@@ -148,7 +163,7 @@ fn etcd_error(operation: &'static str, error: etcd_client::Error) -> StorageErro
 
 /// The first key after every key starting with `prefix` (etcd's range end);
 /// empty when there is none (all bytes 0xff).
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+pub(super) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {
@@ -245,8 +260,18 @@ impl EtcdBackend {
             data: [prefix, DATA].concat(),
             format_key: [prefix, FORMAT_KEY].concat(),
             extra: Extra::new(prefix),
+            epoch_key: [prefix, EPOCH_KEY].concat(),
+            coherence: std::sync::Arc::new(Coherence::new()),
         };
         backend.check_format()?;
+        if let Some(runtime) = &backend.runtime {
+            runtime.spawn(super::etcd_watch::run(super::etcd_watch::Feed {
+                client: backend.client.clone(),
+                prefix: prefix.to_vec(),
+                data: backend.data.clone(),
+                coherence: backend.coherence.clone(),
+            }));
+        }
         Ok(backend)
     }
 
@@ -463,18 +488,47 @@ impl EtcdBackend {
         Ok(handed)
     }
 
+    /// Whether any of `ops` is under a tracked prefix (the epoch is then
+    /// written in the same transaction).
+    fn bumps(&self, ops: &[BatchOp]) -> bool {
+        ops.iter().any(|op| match op {
+            BatchOp::Put(key, _) | BatchOp::Delete(key) => self.coherence.tracks(key),
+        })
+    }
+
+    /// The epoch's write, to go in a transaction that changes a tracked key.
+    fn epoch_op(&self) -> TxnOp {
+        TxnOp::put(self.epoch_key.clone(), Vec::new(), None)
+    }
+
+    /// The revision of the last tracked change: one linearizable read.
+    fn read_epoch(&self) -> Result<i64, StorageError> {
+        let key = self.epoch_key.clone();
+        self.call(move |mut client| async move {
+            let answer = client
+                .get(key, Some(GetOptions::new().with_keys_only()))
+                .await
+                .map_err(|e| etcd_error("cache fence", e))?;
+            Ok(answer.kvs().first().map_or(0, |kv| kv.mod_revision()))
+        })
+    }
+
     /// Sends `ops` (within the limits) as one transaction.
     fn txn(&self, ops: Vec<BatchOp>, operation: &'static str) -> Result<(), StorageError> {
         if ops.is_empty() {
             return Ok(());
         }
-        let txn_ops: Vec<TxnOp> = ops
+        let bump = self.bumps(&ops);
+        let mut txn_ops: Vec<TxnOp> = ops
             .into_iter()
             .map(|op| match op {
                 BatchOp::Put(key, value) => TxnOp::put(self.data_key(&key), value, None),
                 BatchOp::Delete(key) => TxnOp::delete(self.data_key(&key), None),
             })
             .collect();
+        if bump {
+            txn_ops.push(self.epoch_op());
+        }
         if let Some(fence) = cluster::current() {
             return self.fenced(txn_ops, fence, operation);
         }
@@ -526,6 +580,9 @@ impl Backend for EtcdBackend {
             )));
         }
         let _timer = self.time("put");
+        if self.coherence.tracks(key) {
+            return self.txn(vec![BatchOp::Put(key.to_vec(), value.to_vec())], "put");
+        }
         let key = self.data_key(key);
         let value = value.to_vec();
         if let Some(fence) = cluster::current() {
@@ -542,6 +599,9 @@ impl Backend for EtcdBackend {
 
     fn delete(&self, key: &[u8]) -> Result<(), StorageError> {
         let _timer = self.time("delete");
+        if self.coherence.tracks(key) {
+            return self.txn(vec![BatchOp::Delete(key.to_vec())], "delete");
+        }
         let key = self.data_key(key);
         if let Some(fence) = cluster::current() {
             return self.fenced(vec![TxnOp::delete(key, None)], fence, "delete");
@@ -582,6 +642,8 @@ impl Backend for EtcdBackend {
         new: Option<&[u8]>,
     ) -> Result<CasOutcome, StorageError> {
         let _timer = self.time("compare_and_swap");
+        let bump = self.coherence.tracks(key);
+        let epoch = self.epoch_op();
         let key = self.data_key(key);
         let compare = match expected {
             Some(value) => Compare::value(key.clone(), CompareOp::Equal, value.to_vec()),
@@ -601,12 +663,17 @@ impl Backend for EtcdBackend {
             otherwise.push(TxnOp::get(fence.key.clone(), None));
         }
         let term = fence.as_ref().map(|f| f.revision);
+        let writes = if bump {
+            vec![write, epoch]
+        } else {
+            vec![write]
+        };
         self.call(move |mut client| async move {
             let answer = client
                 .txn(
                     Txn::new()
                         .when(compares)
-                        .and_then([write])
+                        .and_then(writes)
                         .or_else(otherwise),
                 )
                 .await
@@ -633,7 +700,9 @@ impl Backend for EtcdBackend {
         let _timer = self.time("batch");
         let ops = fold(ops);
         let bytes: usize = ops.iter().map(op_bytes).sum();
-        if ops.len() > MAX_TXN_OPS || bytes > MAX_REQUEST_BYTES {
+        // The epoch's write takes one of etcd's operations.
+        let room = MAX_TXN_OPS - usize::from(self.bumps(&ops));
+        if ops.len() > room || bytes > MAX_REQUEST_BYTES {
             return Err(StorageError::Io(format!(
                 "batch: {} operations of {bytes} bytes exceed one etcd transaction \
                  ({MAX_TXN_OPS} operations, {MAX_REQUEST_BYTES} bytes); an atomic batch cannot \
@@ -658,7 +727,8 @@ impl Backend for EtcdBackend {
                      ({MAX_REQUEST_BYTES} bytes)"
                 )));
             }
-            if chunk.len() == MAX_TXN_OPS || chunk_bytes + size > MAX_REQUEST_BYTES {
+            // One operation is left for the epoch's write.
+            if chunk.len() == MAX_TXN_OPS - 1 || chunk_bytes + size > MAX_REQUEST_BYTES {
                 self.txn(fold(std::mem::take(&mut chunk)), "apply_in_order")?;
                 chunk_bytes = 0;
             }
@@ -687,6 +757,21 @@ impl Backend for EtcdBackend {
 
     fn is_shared(&self) -> bool {
         true
+    }
+
+    fn coherence(&self) -> Option<&Coherence> {
+        Some(&self.coherence)
+    }
+
+    fn cache_fence(&self) -> bool {
+        let read = || self.read_epoch();
+        let fence = || self.coherence.fence(&read);
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(fence)
+            }
+            _ => fence(),
+        }
     }
 }
 

@@ -19,11 +19,14 @@
 //! `GroupCommit::durable` share one flush.
 
 pub mod cluster;
+pub mod coherence;
 #[cfg(feature = "etcd")]
 mod etcd_backend;
 #[cfg(feature = "etcd")]
 mod etcd_leader;
 mod etcd_options;
+#[cfg(feature = "etcd")]
+mod etcd_watch;
 pub mod format;
 mod group_commit;
 mod sled_backend;
@@ -131,5 +134,16 @@ pub trait Backend: Send + Sync + 'static {
     /// trusted across requests (see `etcd_backend`).
     fn is_shared(&self) -> bool {
         false
+    }
+    /// On a shared store, what keeps caches of stored records right (see
+    /// `coherence`): caches register there. `None` on a store one process owns.
+    fn coherence(&self) -> Option<&coherence::Coherence> {
+        None
+    }
+    /// Whether caches registered with [`Backend::coherence`] may serve a
+    /// request that starts now. Always on a store one process owns (its own
+    /// writes empty its caches); on a shared one, see `coherence`.
+    fn cache_fence(&self) -> bool {
+        !self.is_shared()
     }
 }

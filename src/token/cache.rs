@@ -35,8 +35,13 @@
 //!   compiles them from the policy store on every use, so a policy change is
 //!   seen at once too.
 //!
-//! One process owns a store (sled locks its folder), so no other writer can
-//! revoke behind this cache's back.
+//! On sled one process owns the store (sled locks its folder), so no other
+//! writer can revoke behind this cache's back. On etcd other nodes can: the
+//! store's watch removes the entry of every `tokens/accessor/` record any
+//! node changes (the same `InvalidateOnDrop`, so the generation rule holds),
+//! and a request reads the cache only after its cache fence has seen the
+//! watch deliver every change acknowledged before the request began
+//! (`storage::coherence`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;

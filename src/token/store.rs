@@ -360,8 +360,9 @@ struct Inner {
     sweep_planned_ms: AtomicU64,
     /// The earliest expiry of each identity's part of `tokens/ttl/`.
     heads: Mutex<Heads>,
-    /// Unlimited tokens already verified (`token::cache`).
-    verified: VerifiedTokens,
+    /// Unlimited tokens already verified (`token::cache`); shared with the
+    /// store's change feed on etcd, which forgets changed records.
+    verified: Arc<VerifiedTokens>,
     /// Told of every revoked token ([`TokenStore::set_revoke_listener`]).
     revoked: std::sync::OnceLock<Arc<dyn RevokeListener>>,
 }
@@ -558,6 +559,22 @@ impl TokenRequest {
 
 impl TokenStore {
     pub fn new(barrier: Arc<Barrier>, policies: Arc<dyn PolicyNames>, clock: Clock) -> Self {
+        let verified = Arc::new(VerifiedTokens::new());
+        if let Some(coherence) = barrier.coherence() {
+            // On a shared store: a change of a record by any node (seen by
+            // the store's watch) forgets that token; a new watch, all.
+            let changed = verified.clone();
+            let reset = verified.clone();
+            coherence.track(
+                ACCESSOR_PREFIX,
+                Arc::new(move |key: &str| {
+                    if let Some(accessor) = key.strip_prefix(ACCESSOR_PREFIX) {
+                        drop(changed.invalidate_on_drop([accessor]));
+                    }
+                }),
+                Arc::new(move || reset.invalidate()),
+            );
+        }
         Self {
             inner: Arc::new(Inner {
                 barrier,
@@ -568,7 +585,7 @@ impl TokenStore {
                 wake: Notify::new(),
                 sweep_planned_ms: AtomicU64::new(u64::MAX),
                 heads: Mutex::new(Heads::default()),
-                verified: VerifiedTokens::new(),
+                verified,
                 revoked: std::sync::OnceLock::new(),
             }),
         }
@@ -980,10 +997,32 @@ impl TokenStore {
         source: Option<IpAddr>,
         now_ms: u64,
     ) -> Result<TokenUse, TokenError> {
+        let fresh = self.inner.barrier.cache_fence();
+        self.use_token_fenced(token, source, now_ms, fresh)
+    }
+
+    /// Whether the caches may serve a request starting now
+    /// (`Barrier::cache_fence`): taken once per request and handed to
+    /// [`Self::use_token_fenced`] and the policy store.
+    pub fn cache_fence(&self) -> bool {
+        self.inner.barrier.cache_fence()
+    }
+
+    /// [`Self::use_token`] for a request whose cache fence was taken at its
+    /// start: `fresh` false reads the record from storage.
+    pub fn use_token_fenced(
+        &self,
+        token: &str,
+        source: Option<IpAddr>,
+        now_ms: u64,
+        fresh: bool,
+    ) -> Result<TokenUse, TokenError> {
         let tag = self.with_keys(|keys| Ok(cache::tag(&keys.hash, token)))?;
         let generation = self.inner.verified.generation();
-        if let Some(hit) = self.inner.verified.get(&tag, source, now_ms) {
-            return hit;
+        if fresh {
+            if let Some(hit) = self.inner.verified.get(&tag, source, now_ms) {
+                return hit;
+            }
         }
         let record = self.find(token)?.ok_or(TokenError::Invalid)?;
         let accessor = record.accessor.clone();
@@ -997,9 +1036,10 @@ impl TokenStore {
             return Err(TokenError::SourceNotAllowed);
         }
         if record.uses_remaining == 0 {
-            // On a shared store (etcd) another node may revoke the token at
-            // any time: nothing is cached, every use reads the record.
-            if !self.inner.barrier.is_shared_store() {
+            // On a shared store the cache is filled only where the store's
+            // watch empties it (`storage::coherence`); a hit is used only
+            // after the request's fence.
+            if !self.inner.barrier.is_shared_store() || self.inner.barrier.coherence().is_some() {
                 self.inner.verified.insert(tag, &record, cidrs, generation);
             }
             return Ok(TokenUse {

@@ -1,0 +1,364 @@
+//! Keeping in-memory caches right on a store that other nodes write (etcd).
+//!
+//! A cache owner (the verified-token cache, the compiled-policy cache)
+//! registers the key prefix its entries come from with [`Coherence::track`],
+//! with two callbacks: one told of every changed key under that prefix, one
+//! told to forget everything. The backend feeds this struct from a watch on
+//! the store (`deliver`, `reset`) and bumps a change marker (the *epoch*) in
+//! the same transaction as every write under a tracked prefix.
+//!
+//! A request may use those caches only after [`Coherence::fence`] said yes:
+//!
+//! 1. one linearizable read of the epoch key, shared by concurrent requests,
+//!    gives `M`, the revision of the last write under a tracked prefix. A
+//!    request only takes the result of a read that was *issued after it
+//!    started* (it waits for the next one when one is already in flight), so
+//!    `M` covers every tracked write acknowledged before the request began;
+//! 2. then it waits until the watch has delivered every event up to `M`
+//!    (their callbacks have run). After that, no cache entry stands for a
+//!    record that an acknowledged write changed: the write's event removed
+//!    it, and an entry read before that write cannot be inserted afterwards
+//!    (the owners insert under a generation that every removal bumps).
+//!
+//! While the watch is down (error, compaction, restart) the fence says no
+//! and requests read the store. A new watch starts at a revision read
+//! *before* the caches are emptied, so nothing read afterwards can miss an
+//! event. If the watch has not caught up within [`FENCE_WAIT`] the fence also
+//! says no: slower, never wrong.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use super::StorageError;
+
+/// The longest a request waits for the watch (or for a shared read) before
+/// it reads the store instead.
+pub const FENCE_WAIT: Duration = Duration::from_secs(2);
+
+/// Told of one changed key (the barrier's key, under the tracked prefix).
+pub type OnChange = Arc<dyn Fn(&str) + Send + Sync>;
+/// Told to forget everything.
+pub type OnReset = Arc<dyn Fn() + Send + Sync>;
+
+struct Listener {
+    prefix: String,
+    on_change: OnChange,
+    on_reset: OnReset,
+}
+
+/// What the watch has delivered.
+#[derive(Default)]
+struct Progress {
+    /// A watch is running and every event up to `delivered` was handed out.
+    live: bool,
+    delivered: i64,
+    /// Deliveries kept back by [`Coherence::hold`] (tests).
+    held: Option<Vec<(i64, Vec<Vec<u8>>)>>,
+}
+
+/// The shared epoch reads.
+#[derive(Default)]
+struct Reads {
+    issued: u64,
+    finished: u64,
+    in_flight: bool,
+    /// The result of read number `finished`.
+    last: Option<Result<i64, String>>,
+}
+
+/// See the module doc.
+#[derive(Default)]
+pub struct Coherence {
+    listeners: RwLock<Vec<Listener>>,
+    progress: Mutex<Progress>,
+    progressed: Condvar,
+    reads: Mutex<Reads>,
+    read_done: Condvar,
+}
+
+impl std::fmt::Debug for Coherence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coherence").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics under these locks; the state is whole whatever happened.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Keeps deliveries back until dropped (see [`Coherence::hold`]).
+#[must_use = "deliveries go on when this is dropped"]
+pub struct Hold<'a> {
+    coherence: &'a Coherence,
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        let pending = lock(&self.coherence.progress).held.take();
+        for (revision, keys) in pending.unwrap_or_default() {
+            self.coherence.deliver(revision, keys);
+        }
+    }
+}
+
+impl Coherence {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a cache fed from `prefix` (a barrier key prefix such as
+    /// `tokens/accessor/`). From now on this node's writes under it bump the
+    /// epoch, and the watch's events under it reach `on_change`.
+    pub fn track(&self, prefix: &str, on_change: OnChange, on_reset: OnReset) {
+        self.listeners
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Listener {
+                prefix: prefix.to_owned(),
+                on_change,
+                on_reset,
+            });
+    }
+
+    /// Whether a write of `key` (a barrier key) must bump the epoch.
+    pub fn tracks(&self, key: &[u8]) -> bool {
+        self.listeners
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .any(|l| key.starts_with(l.prefix.as_bytes()))
+    }
+
+    /// The watch delivered every event up to `revision`; `keys` are the
+    /// barrier keys they changed. Callbacks run before `revision` counts as
+    /// delivered.
+    pub fn deliver(&self, revision: i64, keys: Vec<Vec<u8>>) {
+        {
+            let mut progress = lock(&self.progress);
+            if let Some(held) = progress.held.as_mut() {
+                held.push((revision, keys));
+                return;
+            }
+        }
+        if !keys.is_empty() {
+            let listeners = self
+                .listeners
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            for key in &keys {
+                for listener in listeners.iter() {
+                    if key.starts_with(listener.prefix.as_bytes()) {
+                        (listener.on_change)(&String::from_utf8_lossy(key));
+                    }
+                }
+            }
+        }
+        let mut progress = lock(&self.progress);
+        if revision > progress.delivered {
+            progress.delivered = revision;
+        }
+        drop(progress);
+        self.progressed.notify_all();
+    }
+
+    /// The watch stopped: fences say no until the next [`Coherence::reset`].
+    pub fn down(&self) {
+        lock(&self.progress).live = false;
+        self.progressed.notify_all();
+    }
+
+    /// A new watch runs from just after `revision` (read before this call):
+    /// every cache forgets everything, and the watch counts as live.
+    pub fn reset(&self, revision: i64) {
+        let listeners = self
+            .listeners
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        for listener in listeners.iter() {
+            (listener.on_reset)();
+        }
+        drop(listeners);
+        let mut progress = lock(&self.progress);
+        if let Some(held) = progress.held.as_mut() {
+            // Everything before the reset is covered by it.
+            held.clear();
+        }
+        progress.delivered = revision;
+        progress.live = true;
+        drop(progress);
+        self.progressed.notify_all();
+    }
+
+    /// Whether the watch is live (status and tests).
+    pub fn is_live(&self) -> bool {
+        lock(&self.progress).live
+    }
+
+    /// Keeps the watch's deliveries back until the guard is dropped: a watch
+    /// that lags, on demand (tests show the fence waits for it).
+    #[doc(hidden)]
+    pub fn hold(&self) -> Hold<'_> {
+        let mut progress = lock(&self.progress);
+        if progress.held.is_none() {
+            progress.held = Some(Vec::new());
+        }
+        Hold { coherence: self }
+    }
+
+    /// Whether caches fed from tracked prefixes may serve a request that
+    /// starts now (see the module doc). `read_epoch` is one linearizable
+    /// read of the epoch: the revision of the last tracked write.
+    pub fn fence(&self, read_epoch: &dyn Fn() -> Result<i64, StorageError>) -> bool {
+        let deadline = Instant::now() + FENCE_WAIT;
+        let Some(needed) = self.shared_read(read_epoch, deadline) else {
+            return false;
+        };
+        let mut progress = lock(&self.progress);
+        loop {
+            if progress.live && progress.delivered >= needed {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            progress = self
+                .progressed
+                .wait_timeout(progress, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// The result of an epoch read issued after this call began: the one
+    /// this caller issues, or the next one another caller issues.
+    fn shared_read(
+        &self,
+        read_epoch: &dyn Fn() -> Result<i64, StorageError>,
+        deadline: Instant,
+    ) -> Option<i64> {
+        let mut reads = lock(&self.reads);
+        // A read in flight now was issued before this call: not good enough.
+        let ticket = reads.issued + 1;
+        loop {
+            if reads.finished >= ticket {
+                return reads.last.clone().and_then(Result::ok);
+            }
+            if !reads.in_flight {
+                reads.in_flight = true;
+                reads.issued += 1;
+                let mine = reads.issued;
+                drop(reads);
+                let out = read_epoch().map_err(|e| e.to_string());
+                reads = lock(&self.reads);
+                reads.in_flight = false;
+                reads.finished = mine;
+                reads.last = Some(out);
+                self.read_done.notify_all();
+                continue;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            reads = self
+                .read_done
+                .wait_timeout(reads, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+
+    #[test]
+    fn the_fence_waits_for_the_epoch_to_be_delivered() {
+        let c = Coherence::new();
+        let epoch = AtomicI64::new(0);
+        let read = || Ok(epoch.load(Ordering::SeqCst));
+        // No watch yet: no.
+        assert!(!c.fence(&read));
+        c.reset(5);
+        assert!(c.fence(&read));
+        epoch.store(7, Ordering::SeqCst);
+        // The watch has delivered 5 only: no (after the bound).
+        assert!(!c.fence(&read));
+        c.deliver(7, Vec::new());
+        assert!(c.fence(&read));
+        c.down();
+        assert!(!c.fence(&read));
+    }
+
+    #[test]
+    fn changes_reach_the_listeners_of_their_prefix_and_held_ones_wait() {
+        let c = Coherence::new();
+        let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+        let resets = Arc::new(AtomicUsize::new(0));
+        let (s, r) = (seen.clone(), resets.clone());
+        c.track(
+            "tokens/accessor/",
+            Arc::new(move |k| s.lock().unwrap().push(k.to_owned())),
+            Arc::new(move || {
+                r.fetch_add(1, Ordering::SeqCst);
+            }),
+        );
+        assert!(c.tracks(b"tokens/accessor/kwa_x"));
+        assert!(!c.tracks(b"secret/x"));
+        c.reset(1);
+        assert_eq!(resets.load(Ordering::SeqCst), 1);
+        c.deliver(
+            2,
+            vec![b"tokens/accessor/kwa_x".to_vec(), b"secret/y".to_vec()],
+        );
+        assert_eq!(*seen.lock().unwrap(), vec!["tokens/accessor/kwa_x"]);
+        let hold = c.hold();
+        c.deliver(3, vec![b"tokens/accessor/kwa_z".to_vec()]);
+        assert_eq!(seen.lock().unwrap().len(), 1);
+        assert!(!c.fence(&|| Ok(3)));
+        drop(hold);
+        assert_eq!(seen.lock().unwrap().len(), 2);
+        assert!(c.fence(&|| Ok(3)));
+    }
+
+    #[test]
+    fn a_read_in_flight_at_the_start_is_not_used() {
+        // Thread A's read blocks until B has started; B must not take A's
+        // answer but the next read's.
+        let c = Arc::new(Coherence::new());
+        c.reset(100);
+        let calls = Arc::new(AtomicI64::new(0));
+        let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+        let gate_rx = Mutex::new(gate_rx);
+        let read = {
+            let calls = calls.clone();
+            move || -> Result<i64, StorageError> {
+                let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                if n == 1 {
+                    gate_rx.lock().unwrap().recv().unwrap();
+                }
+                Ok(n)
+            }
+        };
+        let read = Arc::new(read);
+        let (c1, r1) = (c.clone(), read.clone());
+        let a = std::thread::spawn(move || c1.shared_read(&*r1, Instant::now() + FENCE_WAIT * 5));
+        while calls.load(Ordering::SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        let (c2, r2) = (c.clone(), read.clone());
+        let b = std::thread::spawn(move || c2.shared_read(&*r2, Instant::now() + FENCE_WAIT * 5));
+        // B is waiting (or about to): let A's read finish.
+        while lock(&c.reads).issued != 1 {
+            std::thread::yield_now();
+        }
+        gate_tx.send(()).unwrap();
+        assert_eq!(a.join().unwrap(), Some(1));
+        assert_eq!(b.join().unwrap(), Some(2));
+    }
+}
