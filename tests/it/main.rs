@@ -92,3 +92,4 @@ mod dyn12_attack;
 mod dynamic_plugin;
 mod dynamic_refresh;
 mod ui_attack;
+mod dynamic_pool;
