@@ -21,8 +21,11 @@
 //! ```
 //!
 //! Prints one line per phase, then one `summary` line of `key=value` pairs
-//! (calls per second, p99 in milliseconds, ratios to the no-op call, the
-//! 1-minute load average before and after, users left). Figures depend on
+//! (calls per second, p99 in milliseconds, CPU microseconds per call of
+//! this process — server and client — and of PostgreSQL's processes,
+//! ratios to the no-op call, the 1-minute load average before and after,
+//! users left). The CPU per call depends much less on the machine's load
+//! than the rates do. Figures depend on
 //! the machine and its load; the ratios less so.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -35,26 +38,79 @@ use std::time::{Duration, Instant};
 use keyward::client::{Client, ClientOptions, DynamicRoleSpec, PutOptions};
 use keyward::secrecy::{SecretBytes, SecretData};
 
-/// Calls per second and 99th percentile latency of one phase.
+/// Calls per second, 99th percentile latency, and CPU microseconds per
+/// call of this process (server and client) and of PostgreSQL's processes.
 #[derive(Clone, Copy)]
 struct Stats {
     rate: f64,
     p99_ms: f64,
+    cpu_us: f64,
+    pg_cpu_us: f64,
 }
 
-fn stats(name: &str, in_flight: usize, mut latencies: Vec<Duration>, elapsed: f64) -> Stats {
+/// User + system CPU ticks (1/100 s on Linux) of process `pid`, from
+/// /proc/PID/stat (fields 14 and 15), and its command name.
+fn ticks(pid: &str) -> Option<(String, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat[open + 1..close].to_owned();
+    let rest: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+    let u: u64 = rest.get(11)?.parse().ok()?;
+    let s: u64 = rest.get(12)?.parse().ok()?;
+    Some((comm, u + s))
+}
+
+/// CPU ticks of this process and of every `postgres` process now (a
+/// backend that exits meanwhile takes its ticks with it; the pooled admin
+/// sessions stay).
+fn cpu_now() -> (u64, u64) {
+    let own = ticks("self").map_or(0, |(_, t)| t);
+    let mut pg = 0;
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.bytes().all(|b| b.is_ascii_digit()) {
+                if let Some((comm, t)) = ticks(&name) {
+                    if comm == "postgres" {
+                        pg += t;
+                    }
+                }
+            }
+        }
+    }
+    (own, pg)
+}
+
+fn stats(
+    name: &str,
+    in_flight: usize,
+    mut latencies: Vec<Duration>,
+    elapsed: f64,
+    cpu_before: (u64, u64),
+) -> Stats {
+    let cpu_after = cpu_now();
     latencies.sort();
+    let n = latencies.len().max(1) as f64;
     let rate = latencies.len() as f64 / elapsed;
     let p99 = latencies
         .get(latencies.len().saturating_mul(99) / 100)
         .copied()
         .unwrap_or_default();
     let p99_ms = p99.as_secs_f64() * 1000.0;
+    let cpu_us = cpu_after.0.saturating_sub(cpu_before.0) as f64 * 10_000.0 / n;
+    let pg_cpu_us = cpu_after.1.saturating_sub(cpu_before.1) as f64 * 10_000.0 / n;
     println!(
-        "phase={name} in_flight={in_flight} calls={} seconds={elapsed:.2} per_second={rate:.0} p99_ms={p99_ms:.2}",
+        "phase={name} in_flight={in_flight} calls={} seconds={elapsed:.2} per_second={rate:.0} p99_ms={p99_ms:.2} cpu_us_per_call={cpu_us:.0} postgres_cpu_us_per_call={pg_cpu_us:.0}",
         latencies.len()
     );
-    Stats { rate, p99_ms }
+    Stats {
+        rate,
+        p99_ms,
+        cpu_us,
+        pg_cpu_us,
+    }
 }
 
 /// `in_flight` workers, each on its own connection, call `op` for
@@ -70,6 +126,7 @@ where
     F: Fn(Client) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = Option<String>> + Send,
 {
+    let cpu = cpu_now();
     let start = Instant::now();
     let until = start + Duration::from_secs(seconds);
     let kept = Arc::new(Mutex::new(Vec::new()));
@@ -96,12 +153,13 @@ where
     }
     let elapsed = start.elapsed().as_secs_f64();
     let kept = std::mem::take(&mut *kept.lock().unwrap());
-    (stats(name, in_flight, all, elapsed), kept)
+    (stats(name, in_flight, all, elapsed, cpu), kept)
 }
 
 /// Revokes `ids` by id, `in_flight` at a time.
 async fn revoke_all(clients: &[Client], ids: Vec<String>, in_flight: usize) -> Stats {
     let queue = Arc::new(Mutex::new(ids));
+    let cpu = cpu_now();
     let start = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..in_flight {
@@ -130,6 +188,7 @@ async fn revoke_all(clients: &[Client], ids: Vec<String>, in_flight: usize) -> S
         in_flight,
         all,
         start.elapsed().as_secs_f64(),
+        cpu,
     )
 }
 
@@ -147,8 +206,8 @@ fn load1() -> String {
 fn push(line: &mut String, name: &str, s: Stats) {
     write!(
         line,
-        " {name}_per_second={:.0} {name}_p99_ms={:.2}",
-        s.rate, s.p99_ms
+        " {name}_per_second={:.0} {name}_p99_ms={:.2} {name}_cpu_us={:.0} {name}_pg_cpu_us={:.0}",
+        s.rate, s.p99_ms, s.cpu_us, s.pg_cpu_us
     )
     .unwrap();
 }

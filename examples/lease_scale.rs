@@ -99,7 +99,11 @@ async fn write_store(dir: &Path, count: usize) -> f64 {
     while workers.join_next().await.is_some() {}
     let seconds = started.elapsed().as_secs_f64();
     if count > 0 {
-        std::fs::write(dir.join(ONE_ID_FILE), format!("dynamic/scale/{:024}", count / 2)).unwrap();
+        std::fs::write(
+            dir.join(ONE_ID_FILE),
+            format!("dynamic/scale/{:024}", count / 2),
+        )
+        .unwrap();
     }
     core.seal().await;
     drop(core);
@@ -114,11 +118,19 @@ async fn open_and_report(dir: &Path) {
     let rss_before = rss_kib();
     let started = Instant::now();
     let server = Server::open(config(dir)).unwrap();
+    let opened = started.elapsed();
     let core = server.core().clone();
     let status = core.unseal(share.trim()).await.unwrap();
     assert!(!status.sealed);
+    let unsealed = started.elapsed();
     let (next, _) = core.leases.sweep(core.clock().now_ms()).await.unwrap();
     let ready = started.elapsed();
+    eprintln!(
+        "child: open_ms={:.1} unseal_ms={:.1} first_sweep_ms={:.1}",
+        opened.as_secs_f64() * 1000.0,
+        (unsealed - opened).as_secs_f64() * 1000.0,
+        (ready - unsealed).as_secs_f64() * 1000.0
+    );
     let rss_after = rss_kib();
     // After the measurement: the leases are there.
     let found_one = match std::fs::read_to_string(dir.join(ONE_ID_FILE)) {

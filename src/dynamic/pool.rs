@@ -128,9 +128,7 @@ impl Pool {
                     pool.reaping.store(false, Ordering::SeqCst);
                     // A connection put back meanwhile found the flag set:
                     // look after it here.
-                    if locked(&pool.idle).is_empty()
-                        || pool.reaping.swap(true, Ordering::SeqCst)
-                    {
+                    if locked(&pool.idle).is_empty() || pool.reaping.swap(true, Ordering::SeqCst) {
                         return;
                     }
                 }
@@ -245,23 +243,24 @@ impl AdminPools {
         let key = self.key(kind, secret, admin);
         let pool = self.pool(&key);
         let call = Call::new(server(kind), admin, "take an admin connection");
-        let permit = match tokio::time::timeout(COMMAND_TIMEOUT, pool.slots.clone().acquire_owned())
-            .await
-        {
-            Ok(Ok(permit)) => permit,
-            Ok(Err(_)) => return Err(call.failed("the pool is closed")),
-            Err(_) => {
-                return Err(call.unreachable(format_args!(
-                    "all {MAX_PER_LOGIN} admin connections stayed busy for {} s",
-                    COMMAND_TIMEOUT.as_secs()
-                )))
-            }
-        };
+        let permit =
+            match tokio::time::timeout(COMMAND_TIMEOUT, pool.slots.clone().acquire_owned()).await {
+                Ok(Ok(permit)) => permit,
+                Ok(Err(_)) => return Err(call.failed("the pool is closed")),
+                Err(_) => {
+                    return Err(call.unreachable(format_args!(
+                        "all {MAX_PER_LOGIN} admin connections stayed busy for {} s",
+                        COMMAND_TIMEOUT.as_secs()
+                    )))
+                }
+            };
         loop {
             let candidate = locked(&pool.idle).pop();
             let Some(idle) = candidate else { break };
-            let idle_for = Instant::now().saturating_duration_since(idle.since);
-            if idle_for >= IDLE_CLOSE {
+            let now = Instant::now();
+            let idle_for = now.saturating_duration_since(idle.since);
+            if idle_for >= IDLE_CLOSE || now.saturating_duration_since(idle.opened) >= MAX_LIFETIME
+            {
                 continue;
             }
             let (mut conn, opened) = (idle.conn, idle.opened);

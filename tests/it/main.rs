@@ -90,6 +90,6 @@ mod anomaly_attack;
 mod decommission_creds;
 mod dyn12_attack;
 mod dynamic_plugin;
+mod dynamic_pool;
 mod dynamic_refresh;
 mod ui_attack;
-mod dynamic_pool;
