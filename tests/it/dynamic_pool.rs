@@ -330,9 +330,10 @@ async fn a_rotated_admin_secret_is_used_for_the_next_credential() {
     admin.put(&root, &path, &new_password).await;
     let c = root.creds(&role, None).await.unwrap();
     assert!(target.can_login(&c.username, &c.password).await);
-    let now = admin.keyward_sessions().await;
-    assert_eq!(now.len(), 1, "{now:?}");
-    assert_ne!(now[0], old[0]);
+    // (How many sessions are open now is not fixed: the sweeper may be
+    // retrying the refused issue's lease with the version it read before,
+    // which retires the new pool for a moment. None is the old session.)
+    assert!(!admin.keyward_sessions().await.contains(&old[0]));
 
     // The lease of the refused issue was left to the sweeper (its undo
     // failed with the wrong password too); with the secret fixed, every
