@@ -281,6 +281,8 @@ impl Core {
         self.barrier.seal();
         self.metrics.set_sealed(true);
         self.rotation.on_seal();
+        // Pooled admin connections logged in with secrets: closed at seal.
+        self.dynamic.on_seal();
     }
 
     pub async fn rotate_key(&self) -> Result<u32, CoreError> {

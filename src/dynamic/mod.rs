@@ -23,7 +23,11 @@
 //! the sleeper revokes at its expiry. A failed create revokes the lease at
 //! once (dropping whatever part of the user was made).
 
+mod pool;
 mod targets;
+
+pub use pool::{CHECK_AFTER, IDLE_CLOSE, MAX_LIFETIME, MAX_PER_LOGIN};
+pub use targets::DEFAULT_SCRAM_ITERATIONS;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock, Weak};
@@ -53,6 +57,8 @@ pub const MAX_TTL: Duration = Duration::from_secs(366 * 86_400);
 const MAX_ROLES: usize = 16;
 /// Longest `acl=` rule list.
 const MAX_ACL_LEN: usize = 4096;
+/// Most PBKDF2 rounds a role may ask for (`scram_iterations=`).
+const MAX_SCRAM_ITERATIONS: u32 = 1_000_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DynamicError {
@@ -76,7 +82,7 @@ pub enum DynamicError {
 }
 
 /// The providers dynamic credentials can be made with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     Postgres,
     Mysql,
@@ -206,6 +212,10 @@ pub struct RoleRecord {
     /// A plugin role's `--config` pairs (`admin_secret` apart).
     #[prost(btree_map = "string, string", tag = "10")]
     pub settings: BTreeMap<String, String>,
+    /// PostgreSQL: PBKDF2 rounds of each user's SCRAM verifier (0: the
+    /// default, [`DEFAULT_SCRAM_ITERATIONS`]).
+    #[prost(uint32, tag = "11")]
+    pub scram_iterations: u32,
 }
 
 impl RoleRecord {
@@ -224,6 +234,12 @@ impl RoleRecord {
         }
         if !self.acl.is_empty() {
             out.insert("acl".to_owned(), self.acl.clone());
+        }
+        if self.scram_iterations != 0 {
+            out.insert(
+                "scram_iterations".to_owned(),
+                self.scram_iterations.to_string(),
+            );
         }
         out
     }
@@ -313,6 +329,8 @@ pub struct RoleSpec {
     pub acl: Vec<String>,
     pub ttl: Duration,
     pub max_ttl: Duration,
+    /// PostgreSQL `scram_iterations=` (0: the default).
+    pub scram_iterations: u32,
 }
 
 impl RoleSpec {
@@ -332,7 +350,8 @@ impl RoleSpec {
             }
         };
         let allowed: &[&str] = match kind {
-            Kind::Postgres | Kind::Mysql => &["admin_secret", "roles"],
+            Kind::Postgres => &["admin_secret", "roles", "scram_iterations"],
+            Kind::Mysql => &["admin_secret", "roles"],
             Kind::Redis => &["admin_secret", "acl"],
         };
         if let Some(key) = config.keys().find(|k| !allowed.contains(&k.as_str())) {
@@ -371,6 +390,19 @@ impl RoleSpec {
             Kind::Redis => check_acl(config.get("acl").map(String::as_str).unwrap_or(""))?,
             _ => Vec::new(),
         };
+        let scram_iterations = match config.get("scram_iterations") {
+            None => 0,
+            Some(text) => text
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=MAX_SCRAM_ITERATIONS).contains(n))
+                .ok_or_else(|| {
+                    DynamicError::Invalid(format!(
+                        "scram_iterations=: a whole number from 1 to {MAX_SCRAM_ITERATIONS} (default {DEFAULT_SCRAM_ITERATIONS})"
+                    ))
+                })?,
+        };
         check_ttls(ttl, max_ttl)?;
         Ok(Self {
             name: name.to_owned(),
@@ -381,6 +413,7 @@ impl RoleSpec {
             acl,
             ttl,
             max_ttl,
+            scram_iterations,
         })
     }
 
@@ -412,6 +445,7 @@ impl RoleSpec {
             acl: Vec::new(),
             ttl,
             max_ttl,
+            scram_iterations: 0,
         })
     }
 }
@@ -471,6 +505,8 @@ pub struct DynamicStore {
     clock: Clock,
     /// The registered plugins (set once, after the broker exists).
     plugins: PluginSlot,
+    /// Admin connections, per admin login (shared with the revoker).
+    pools: Arc<pool::AdminPools>,
 }
 
 impl DynamicStore {
@@ -482,9 +518,11 @@ impl DynamicStore {
         clock: Clock,
     ) -> Self {
         let plugins: PluginSlot = Arc::default();
+        let pools = Arc::new(pool::AdminPools::new());
         leases.set_revoker(Arc::new(TargetRevoker {
             secrets: secrets.clone(),
             plugins: plugins.clone(),
+            pools: pools.clone(),
         }));
         Self {
             barrier,
@@ -492,7 +530,19 @@ impl DynamicStore {
             leases,
             clock,
             plugins,
+            pools,
         }
+    }
+
+    /// Closes every pooled admin connection (called at seal: nothing that
+    /// logged in with a secret stays open while the vault is sealed).
+    pub fn on_seal(&self) {
+        self.pools.clear();
+    }
+
+    /// Idle admin connections held open now (tests, figures).
+    pub fn idle_admin_connections(&self) -> usize {
+        self.pools.idle_count()
     }
 
     /// Where registered plugins are found (the rotation broker, held
@@ -560,6 +610,7 @@ impl DynamicStore {
             max_ttl_ms: ms(spec.max_ttl),
             created_ms: self.clock.now_ms(),
             set_by: set_by.to_owned(),
+            scram_iterations: spec.scram_iterations,
         };
         self.barrier.put(
             &format!("{ROLE_PREFIX}{}", spec.name),
@@ -680,22 +731,29 @@ impl DynamicStore {
             settings: BTreeMap::new(),
         };
         let password = new_password()?;
+        let rules: Vec<String> = role.acl.split_whitespace().map(str::to_owned).collect();
         // The lease first, durably: a crash from here on leaves a lease
         // whose revocation removes whatever the target got.
         self.leases.create(&record).await?;
         crate::lease::danger_test_fault_point("recorded");
         let made = targets::create(
+            &self.pools,
             kind,
-            &admin,
-            &username,
-            &password,
-            &role.roles,
-            &role
-                .acl
-                .split_whitespace()
-                .map(str::to_owned)
-                .collect::<Vec<_>>(),
-            max_expiry,
+            targets::Admin {
+                secret: &role.admin_secret,
+                login: &admin,
+            },
+            &targets::NewUser {
+                name: &username,
+                password: &password,
+                roles: &role.roles,
+                rules: &rules,
+                valid_until_ms: max_expiry,
+                scram_iterations: match role.scram_iterations {
+                    0 => DEFAULT_SCRAM_ITERATIONS,
+                    n => n,
+                },
+            },
         )
         .await;
         if let Err(e) = made {
@@ -829,6 +887,7 @@ fn read_admin(secrets: &SecretStore, path: &str, kind: Kind) -> Result<Login, Dy
 struct TargetRevoker {
     secrets: Arc<SecretStore>,
     plugins: PluginSlot,
+    pools: Arc<pool::AdminPools>,
 }
 
 impl TargetRevoker {
@@ -865,7 +924,11 @@ impl Revoker for TargetRevoker {
             };
             let admin =
                 read_admin(&self.secrets, &lease.admin_secret, kind).map_err(|e| e.to_string())?;
-            targets::drop_user(kind, &admin, &lease.username)
+            let admin_ref = targets::Admin {
+                secret: &lease.admin_secret,
+                login: &admin,
+            };
+            targets::drop_user(&self.pools, kind, admin_ref, &lease.username)
                 .await
                 .map_err(|e| e.to_string())
         })

@@ -92,6 +92,7 @@ mod anomaly_attack;
 mod decommission_creds;
 mod dyn12_attack;
 mod dynamic_plugin;
+mod dynamic_pool;
 mod dynamic_refresh;
 mod ui_attack;
 
