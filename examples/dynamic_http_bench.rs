@@ -133,7 +133,14 @@ async fn timed(
             let mut latencies = Vec::new();
             while Instant::now() < until {
                 let t0 = Instant::now();
-                let (code, body) = call(&mut s, "GET", &path, tok.as_deref().map(String::as_str), b"").await;
+                let (code, body) = call(
+                    &mut s,
+                    "GET",
+                    &path,
+                    tok.as_deref().map(String::as_str),
+                    b"",
+                )
+                .await;
                 assert_eq!(code, 200, "GET {path}: {}", String::from_utf8_lossy(&body));
                 if tok.is_some() {
                     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -175,7 +182,12 @@ async fn revoke_all(t: &Target, ids: Vec<String>, in_flight: usize) -> Stats {
                 let t0 = Instant::now();
                 let (code, answer) =
                     call(&mut s, "PUT", "/v1/sys/leases/revoke", Some(&token), &body).await;
-                assert_eq!(code / 100, 2, "revoke {id}: {}", String::from_utf8_lossy(&answer));
+                assert_eq!(
+                    code / 100,
+                    2,
+                    "revoke {id}: {}",
+                    String::from_utf8_lossy(&answer)
+                );
                 latencies.push(t0.elapsed());
             }
             latencies
@@ -185,7 +197,12 @@ async fn revoke_all(t: &Target, ids: Vec<String>, in_flight: usize) -> Stats {
     for task in tasks {
         all.extend(task.await.unwrap());
     }
-    stats("revoke_by_id", in_flight, all, start.elapsed().as_secs_f64())
+    stats(
+        "revoke_by_id",
+        in_flight,
+        all,
+        start.elapsed().as_secs_f64(),
+    )
 }
 
 fn env(name: &str) -> String {
@@ -203,7 +220,12 @@ fn load1() -> String {
 }
 
 fn push(line: &mut String, name: &str, s: Stats) {
-    write!(line, " {name}_per_second={:.0} {name}_p99_ms={:.2}", s.rate, s.p99_ms).unwrap();
+    write!(
+        line,
+        " {name}_per_second={:.0} {name}_p99_ms={:.2}",
+        s.rate, s.p99_ms
+    )
+    .unwrap();
 }
 
 fn client_tls(ca: &Path) -> rustls::ClientConfig {
@@ -220,18 +242,31 @@ fn client_tls(ca: &Path) -> rustls::ClientConfig {
 async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let name = args.first().cloned().expect("usage: dynamic_http_bench NAME [IN_FLIGHT] [SECONDS]");
+    let name = args
+        .first()
+        .cloned()
+        .expect("usage: dynamic_http_bench NAME [IN_FLIGHT] [SECONDS]");
     let in_flight: usize = args.get(1).map_or(16, |a| a.parse().unwrap());
     let seconds: u64 = args.get(2).map_or(5, |a| a.parse().unwrap());
     let target = Target {
-        addr: env("BENCH_HTTP_ADDR").parse().expect("BENCH_HTTP_ADDR: ip:port"),
+        addr: env("BENCH_HTTP_ADDR")
+            .parse()
+            .expect("BENCH_HTTP_ADDR: ip:port"),
         tls: Arc::new(client_tls(Path::new(&env("BENCH_CA")))),
         token: Arc::new(env("BENCH_TOKEN")),
     };
     let role = env("BENCH_ROLE");
     let prefix = env("BENCH_PREFIX");
     let load_before = load1();
-    let (noop, _) = timed(&target, "http_noop", in_flight, seconds, "/v1/sys/health".into(), false).await;
+    let (noop, _) = timed(
+        &target,
+        "http_noop",
+        in_flight,
+        seconds,
+        "/v1/sys/health".into(),
+        false,
+    )
+    .await;
     let (creds, mut leases) = timed(
         &target,
         "creds",
@@ -254,7 +289,12 @@ async fn main() {
     )
     .await;
     let prefix_s = t0.elapsed().as_secs_f64();
-    assert_eq!(code / 100, 2, "revoke-prefix: {}", String::from_utf8_lossy(&answer));
+    assert_eq!(
+        code / 100,
+        2,
+        "revoke-prefix: {}",
+        String::from_utf8_lossy(&answer)
+    );
     let prefix_rate = by_prefix.len() as f64 / prefix_s;
     println!(
         "phase=revoke_prefix leases={} seconds={prefix_s:.2} per_second={prefix_rate:.0}",

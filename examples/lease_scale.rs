@@ -99,7 +99,11 @@ async fn write_store(dir: &Path, count: usize) -> f64 {
     while workers.join_next().await.is_some() {}
     let seconds = started.elapsed().as_secs_f64();
     if count > 0 {
-        std::fs::write(dir.join(ONE_ID_FILE), format!("dynamic/scale/{:024}", count / 2)).unwrap();
+        std::fs::write(
+            dir.join(ONE_ID_FILE),
+            format!("dynamic/scale/{:024}", count / 2),
+        )
+        .unwrap();
     }
     core.seal().await;
     drop(core);

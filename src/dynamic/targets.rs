@@ -123,7 +123,6 @@ async fn my_missing_roles(
     Ok(())
 }
 
-
 /// An admin login and the path of the secret it was read from: together
 /// they choose the pool a connection is borrowed from.
 #[derive(Clone, Copy)]
@@ -336,8 +335,7 @@ async fn pg_create(
         // 42704 undefined_object: a granted role is gone since the role
         // was defined (the new user's own name cannot be undefined).
         Err(PgFailed {
-            code: Some(code),
-            ..
+            code: Some(code), ..
         }) if code == "42704" => Err(pg_vanished(pools, admin, user.roles).await),
         Err(failed) => Err(failed.error.into()),
     }
@@ -351,10 +349,7 @@ async fn pg_vanished(pools: &AdminPools, admin: Admin<'_>, roles: &[String]) -> 
             admin.login.address()
         ))
     };
-    let Ok(lent) = pools
-        .lend(Kind::Postgres, admin.secret, admin.login)
-        .await
-    else {
+    let Ok(lent) = pools.lend(Kind::Postgres, admin.secret, admin.login).await else {
         return generic();
     };
     let AdminConn::Postgres(client) = &lent.conn else {
@@ -405,11 +400,11 @@ async fn my_create(
     );
     let mut retried = false;
     loop {
-        let mut lent = pools
-            .lend(Kind::Mysql, admin.secret, admin.login)
-            .await?;
+        let mut lent = pools.lend(Kind::Mysql, admin.secret, admin.login).await?;
         let AdminConn::Mysql(conn) = &mut lent.conn else {
-            return Err(call.failed("the pool lent a connection of another kind").into());
+            return Err(call
+                .failed("the pool lent a connection of another kind")
+                .into());
         };
         let result =
             tokio::time::timeout(COMMAND_TIMEOUT, conn.query_drop(statement.as_str())).await;
@@ -472,11 +467,11 @@ async fn redis_create(
     );
     let mut retried = false;
     loop {
-        let mut lent = pools
-            .lend(Kind::Redis, admin.secret, admin.login)
-            .await?;
+        let mut lent = pools.lend(Kind::Redis, admin.secret, admin.login).await?;
         let AdminConn::Redis(conn) = &mut lent.conn else {
-            return Err(call.failed("the pool lent a connection of another kind").into());
+            return Err(call
+                .failed("the pool lent a connection of another kind")
+                .into());
         };
         // ACL SETUSER with `reset` is idempotent: a retry is safe.
         match redis::command::<::redis::Value>(conn, &cmd, &call).await {

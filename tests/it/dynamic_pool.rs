@@ -89,7 +89,10 @@ impl AdminUser {
             async move {
                 pg_admin()
                     .await
-                    .query("SELECT 1 FROM pg_stat_activity WHERE usename = $1", &[&name])
+                    .query(
+                        "SELECT 1 FROM pg_stat_activity WHERE usename = $1",
+                        &[&name],
+                    )
                     .await
                     .unwrap()
                     .is_empty()
@@ -201,7 +204,10 @@ async fn a_connection_is_reused_and_one_ended_by_the_server_is_not() {
         .unwrap();
     let old = pids[0];
     sessions_become(&admin, "the ended session is gone", |p| !p.contains(&old)).await;
-    let after = root.creds(&role, None).await.expect("an issue after the session ended works");
+    let after = root
+        .creds(&role, None)
+        .await
+        .expect("an issue after the session ended works");
     assert!(target.can_login(&after.username, &after.password).await);
     let now = admin.keyward_sessions().await;
     assert_eq!(now.len(), 1, "{now:?}");
@@ -236,7 +242,11 @@ async fn roles_with_different_admin_secrets_never_share_a_connection() {
     for i in 0..12 {
         let (root, role) = (
             root.clone(),
-            if i % 2 == 0 { role_a.clone() } else { role_b.clone() },
+            if i % 2 == 0 {
+                role_a.clone()
+            } else {
+                role_b.clone()
+            },
         );
         calls.push(tokio::spawn(async move {
             (role.clone(), root.creds(&role, None).await.unwrap())
@@ -296,7 +306,10 @@ async fn a_rotated_admin_secret_is_used_for_the_next_credential() {
     // old one must not be used, so the issue fails at the login.
     admin.put(&root, &path, "not-the-password").await;
     let refused = root.creds(&role, None).await;
-    assert!(refused.is_err(), "an issue went through a connection of the old secret");
+    assert!(
+        refused.is_err(),
+        "an issue went through a connection of the old secret"
+    );
     // The retired pool closed the old session.
     sessions_become(&admin, "the old secret's session is closed", |p| {
         !p.contains(&old[0])
