@@ -154,3 +154,33 @@ async fn sessions_become(admin: &str, what: &str, check: impl Fn(&[i32]) -> bool
     }
     panic!("timed out waiting until {what}");
 }
+
+/// The benchmark beside OpenBao starts real servers with the PostgreSQL
+/// admin password (`BENCH_PG_PASSWORD` when the cluster is not on trust)
+/// and an unseal key: none may be an argument of a command, which every
+/// local user reads in `ps` / `/proc/<pid>/cmdline`.
+#[test]
+fn the_openbao_bench_script_puts_no_secret_on_a_command_line() {
+    let script = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/openbao_dynamic_bench.sh"),
+    )
+    .unwrap();
+    for (n, line) in script.lines().enumerate() {
+        let line = line.trim();
+        if line.starts_with('#') {
+            continue;
+        }
+        assert!(
+            !line.contains("=\"$PGPASSWORD\"")
+                || line.starts_with("PGPASSWORD=")
+                || line.starts_with("export "),
+            "line {}: the admin password is a command argument: {line}",
+            n + 1
+        );
+        assert!(
+            !(line.contains("operator unseal") && line.contains("$(")),
+            "line {}: the unseal key is a command argument: {line}",
+            n + 1
+        );
+    }
+}
