@@ -119,15 +119,19 @@ PIDS+=($!)
 export BAO_ADDR="https://127.0.0.1:$BAO_PORT" BAO_CACERT="$B/tls/ca.pem"
 retry 60 bash -c '"$0" status; [ $? -eq 2 ]' "$BAO"
 "$BAO" operator init -key-shares=1 -key-threshold=1 -format=json >"$B/init.json"
-"$BAO" operator unseal "$(jq -r '.unseal_keys_b64[0]' "$B/init.json")" >/dev/null
+# The unseal key and the passwords go through stdin, never a command line
+# (every local user sees those in ps).
+jq '{key: .unseal_keys_b64[0]}' "$B/init.json" |
+    curl -sSf --cacert "$B/tls/ca.pem" -X PUT --data @- "$BAO_ADDR/v1/sys/unseal" >/dev/null
 BAO_TOKEN=$(jq -r .root_token "$B/init.json")
 export BAO_TOKEN
 retry 60 "$BAO" secrets list
 "$BAO" audit list | grep -q '^bench/ *file' || { echo "openbao: no file audit device" >&2; exit 1; }
 "$BAO" secrets enable database >/dev/null
-"$BAO" write database/config/pg plugin_name=postgresql-database-plugin allowed_roles='*' \
-    connection_url='postgresql://{{username}}:{{password}}@127.0.0.1:5432/postgres?sslmode=disable' \
-    username=postgres password="$PGPASSWORD" username_template='kwbao_{{random 20}}' >/dev/null
+printf '%s' "$PGPASSWORD" |
+    "$BAO" write database/config/pg plugin_name=postgresql-database-plugin allowed_roles='*' \
+        connection_url='postgresql://{{username}}:{{password}}@127.0.0.1:5432/postgres?sslmode=disable' \
+        username=postgres password=- username_template='kwbao_{{random 20}}' >/dev/null
 cat >"$B/create.sql" <<'SQL'
 CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}' IN ROLE kwbench_granted;
 SQL
@@ -157,7 +161,8 @@ KW_HTTP=$(sed -n 's|^export VAULT_ADDR=https://||p' "$WORK/kw.out")
 KW_CA=$K/certs/ca.pem
 KW_TOKEN=$(jq -r .root_token "$K/dev-credentials.json")
 kw() { KEYWARD_ADDR=$KW_GRPC KEYWARD_CACERT=$KW_CA KEYWARD_TOKEN=$KW_TOKEN "$KEYWARD" "$@"; }
-kw secret put bench/pg-admin host=127.0.0.1 port=5432 username=postgres password="$PGPASSWORD" database=postgres >/dev/null
+printf '%s' "$PGPASSWORD" |
+    kw secret put bench/pg-admin host=127.0.0.1 port=5432 username=postgres password=- database=postgres >/dev/null
 kw dynamic role put kwb --provider postgres --config admin_secret=bench/pg-admin \
     --config roles=kwbench_granted --ttl 1h --max-ttl 2h >/dev/null
 kw dynamic role put kwbfast --provider postgres --config admin_secret=bench/pg-admin \

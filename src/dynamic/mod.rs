@@ -518,7 +518,10 @@ impl DynamicStore {
         clock: Clock,
     ) -> Self {
         let plugins: PluginSlot = Arc::default();
-        let pools = Arc::new(pool::AdminPools::new());
+        let gate = barrier.clone();
+        let pools = Arc::new(pool::AdminPools::new(Box::new(move || {
+            gate.status().sealed
+        })));
         leases.set_revoker(Arc::new(TargetRevoker {
             secrets: secrets.clone(),
             plugins: plugins.clone(),

@@ -26,7 +26,13 @@
 //!   password changed on the server leaves open sessions alone). A PostgreSQL
 //!   connection whose server side ended is skipped when lending; MariaDB and
 //!   Redis connections idle for more than [`CHECK_AFTER`] are pinged first.
-//! - Sealing empties every pool ([`AdminPools::clear`]).
+//! - Sealing empties every pool ([`AdminPools::clear`]), and no pool is
+//!   made or lent from while the vault is sealed: the sealed check and the
+//!   making of a pool hold the same lock as `clear`, and the barrier is
+//!   sealed before `clear` runs, so an issue or revocation that read its
+//!   admin secret before the seal and borrows after it gets either a
+//!   refusal or a pool that `clear` retires (its connection is closed when
+//!   it comes back).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -181,14 +187,18 @@ impl Lent {
     }
 }
 
+/// Whether the vault is sealed now.
+pub(crate) type SealedCheck = Box<dyn Fn() -> bool + Send + Sync>;
+
 /// Every admin pool of one server.
 pub(crate) struct AdminPools {
     mac_key: ring::hmac::Key,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    sealed: SealedCheck,
 }
 
 impl AdminPools {
-    pub fn new() -> Self {
+    pub fn new(sealed: SealedCheck) -> Self {
         let rng = ring::rand::SystemRandom::new();
         let mac_key = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
             // No randomness: a key of a fixed value would still separate
@@ -197,6 +207,7 @@ impl AdminPools {
         Self {
             mac_key,
             pools: Mutex::new(HashMap::new()),
+            sealed,
         }
     }
 
@@ -214,10 +225,16 @@ impl AdminPools {
         }
     }
 
-    fn pool(&self, key: &PoolKey) -> Arc<Pool> {
+    /// The pool of `key`; `None` while the vault is sealed. Checked under
+    /// the lock `clear` takes: a pool handed out here either existed before
+    /// `clear` (which retires it) or was made while the vault was unsealed.
+    fn pool(&self, key: &PoolKey) -> Option<Arc<Pool>> {
         let mut pools = locked(&self.pools);
+        if (self.sealed)() {
+            return None;
+        }
         if let Some(pool) = pools.get(key) {
-            return pool.clone();
+            return Some(pool.clone());
         }
         // The same secret under another key: it was rotated (or edited).
         pools.retain(|k, pool| {
@@ -229,7 +246,7 @@ impl AdminPools {
         });
         let pool = Arc::new(Pool::new());
         pools.insert(key.clone(), pool.clone());
-        pool
+        Some(pool)
     }
 
     /// Lends a connection logged in as `admin` (the login read from the
@@ -241,8 +258,10 @@ impl AdminPools {
         admin: &Login,
     ) -> Result<Lent, ProviderError> {
         let key = self.key(kind, secret, admin);
-        let pool = self.pool(&key);
         let call = Call::new(server(kind), admin, "take an admin connection");
+        let Some(pool) = self.pool(&key) else {
+            return Err(call.failed("the vault is sealed"));
+        };
         let permit =
             match tokio::time::timeout(COMMAND_TIMEOUT, pool.slots.clone().acquire_owned()).await {
                 Ok(Ok(permit)) => permit,

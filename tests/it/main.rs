@@ -94,6 +94,7 @@ mod dyn12_attack;
 mod dynamic_plugin;
 mod dynamic_pool;
 mod dynamic_refresh;
+mod dynpool_attack;
 mod ui_attack;
 
 // issue 14: cluster-wide counters
