@@ -428,10 +428,11 @@ impl Detector {
                 format!("first use after {} days idle", idle / 86_400_000),
             );
         }
-        // Source network.
-        if let Some(ip) = obs.source {
-            let net = network_of(ip);
-            match b.networks.iter_mut().find(|(n, _)| *n == net) {
+        // Source network: its text is made once per observation and used
+        // by the token check below too.
+        let net = obs.source.map(network_of);
+        if let Some(net) = &net {
+            match b.networks.iter_mut().find(|(n, _)| n == net) {
                 Some((_, seen)) => *seen = now,
                 None => {
                     raise(
@@ -451,7 +452,7 @@ impl Detector {
                             b.networks.swap_remove(oldest);
                         }
                     }
-                    b.networks.push((net, now));
+                    b.networks.push((net.clone(), now));
                 }
             }
         }
@@ -515,16 +516,22 @@ impl Detector {
         }
         b.requests = b.requests.saturating_add(1);
         b.last_ms = b.last_ms.max(now);
-        self.dirty.insert(identity.to_owned());
+        // Under load the identity is nearly always marked already: no copy then.
+        if !self.dirty.contains(identity) {
+            self.dirty.insert(identity.to_owned());
+        }
         // The same token from two sources (networks) at once: replicas that
         // share a subnet and a token are common, a token copied elsewhere
         // is not.
-        if let (Some(accessor), Some(ip)) = (obs.accessor.as_deref(), obs.source) {
+        if let (Some(accessor), Some(ip), Some(net)) = (obs.accessor.as_deref(), obs.source, net) {
             let window = self.cfg.token_reuse_window.as_millis() as u64;
-            let net = network_of(ip);
-            let previous = self.tokens.get(accessor).cloned();
-            if let Some((other_net, other, at)) = previous {
-                if other_net != net && now.saturating_sub(at) <= window {
+            // Only what the check needs, without copying the stored text.
+            let previous = self
+                .tokens
+                .get(accessor)
+                .map(|(other_net, other, at)| (*other_net != net, *other, *at));
+            if let Some((moved, other, at)) = previous {
+                if moved && now.saturating_sub(at) <= window {
                     if let Some(b) = self.baselines.get_mut(identity) {
                         let held = if warm {
                             b.may_raise(Kind::TokenReuse, now)
@@ -554,7 +561,11 @@ impl Detector {
 
     fn follow_token(&mut self, accessor: &str, net: String, ip: IpAddr, now: u64) {
         if let Some(entry) = self.tokens.get_mut(accessor) {
-            *entry = (net, ip, now);
+            if entry.0 != net {
+                entry.0 = net;
+            }
+            entry.1 = ip;
+            entry.2 = now;
             return;
         }
         if self.tokens.len() >= MAX_TOKENS {

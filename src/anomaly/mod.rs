@@ -65,6 +65,8 @@ pub const CHANNEL_CAPACITY: usize = 8_192;
 /// once less than this is free, so a flood of them cannot crowd out the
 /// calls the baselines are about.
 pub const RESERVED_FOR_IDENTITIES: usize = CHANNEL_CAPACITY / 2;
+/// The most observations the worker takes from the queue at once.
+const RECV_BATCH: usize = 256;
 /// Events kept (in memory and in storage); the oldest go first.
 pub const MAX_EVENTS: usize = 10_000;
 /// How often baselines and events are written.
@@ -595,18 +597,25 @@ impl Anomalies {
         tokio::pin!(login_check);
         let mut login_pending = false;
         let mut login_seen = LoginCounts::default();
+        let mut batch = Vec::with_capacity(RECV_BATCH);
         loop {
             tokio::select! {
-                got = rx.recv() => {
-                    let Some(observation) = got else { break };
+                // Everything queued at once: one wake-up and one pass of
+                // this `select!` serve a burst of calls, in their order.
+                got = rx.recv_many(&mut batch, RECV_BATCH) => {
+                    if got == 0 {
+                        break;
+                    }
                     if !loaded {
                         loaded = self.load(&deps, &mut detector);
                     }
-                    if observation.method == LOGIN_METHOD && observation.is_failed_auth() && !login_pending {
-                        login_pending = true;
-                        login_check.as_mut().reset(tokio::time::Instant::now() + LOGIN_CHECK_AFTER);
+                    for observation in batch.drain(..) {
+                        if observation.method == LOGIN_METHOD && observation.is_failed_auth() && !login_pending {
+                            login_pending = true;
+                            login_check.as_mut().reset(tokio::time::Instant::now() + LOGIN_CHECK_AFTER);
+                        }
+                        self.handle(&deps, &mut detector, observation).await;
                     }
-                    self.handle(&deps, &mut detector, observation).await;
                 }
                 _ = &mut login_check, if login_pending => {
                     login_pending = false;

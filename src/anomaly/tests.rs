@@ -394,3 +394,35 @@ fn a_burst_of_failed_logins_as_one_identity_is_raised_once_per_window() {
         d.count_identity_failures(&format!("id{i}"), 1, T0 + 11 * MIN);
     }
 }
+
+/// A followed token keeps the network and time of its latest use: the
+/// check compares with those, not with where it was first seen.
+#[test]
+fn a_followed_token_is_compared_with_its_latest_network_and_time() {
+    let (mut d, _, next) = trained();
+    let at = next + 10 * HOUR;
+    let shared = |at: u64, source: &str| Observation {
+        accessor: Some("acc-moving".into()),
+        ..obs("svc", at, source, "read", PATHS[0])
+    };
+    assert!(d.observe(&shared(at, "10.0.1.7"), &mut no_owner).is_empty());
+    let f = d.observe(&shared(at + 1000, "10.0.2.9"), &mut no_owner);
+    assert_eq!(kinds(&f), vec![Kind::TokenReuse]);
+    // Used on in the network it moved to: nothing new.
+    assert!(d
+        .observe(&shared(at + 2000, "10.0.2.10"), &mut no_owner)
+        .is_empty());
+    // Kept in use there, each use less than the window after the last one,
+    // until the first use is long out of the window.
+    let window = cfg().token_reuse_window.as_millis() as u64;
+    let mut t = at + 2000;
+    while t < at + 3 * window {
+        t += window / 2;
+        assert!(d.observe(&shared(t, "10.0.2.11"), &mut no_owner).is_empty());
+    }
+    // Back in the first network within the window of the latest use (and
+    // past the one-a-minute cooldown): raised, so the time and network
+    // compared are the latest ones.
+    let f = d.observe(&shared(t + 1000, "10.0.1.7"), &mut no_owner);
+    assert_eq!(kinds(&f), vec![Kind::TokenReuse]);
+}
