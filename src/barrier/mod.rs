@@ -54,9 +54,11 @@
 //! range handed out.
 //!
 //! On a shared store another node may add a term. This node loads it (after
-//! checking that the stored keyring only extends the one it holds) when its
-//! own keyring write meets the change, and before it reads a value sealed
-//! under a term it does not know.
+//! checking that the stored keyring only extends the one it holds) at its
+//! next encryption after the store's watch delivered the keyring write (the
+//! barrier tracks `sys/keyring` in `storage::coherence`), when its own
+//! keyring write meets the change, and before it reads a value sealed under
+//! a term it does not know.
 //!
 //! # Concurrency
 //!
@@ -80,7 +82,7 @@ mod shamir;
 #[cfg(test)]
 mod tests;
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use ring::hkdf;
@@ -300,6 +302,10 @@ pub struct Barrier {
     keyring_seen: Mutex<Option<Vec<u8>>>,
     /// `(term, start, end)` of the last ranges this barrier took.
     ranges: Mutex<std::collections::VecDeque<(u32, u64, u64)>>,
+    /// Set by the store's watch (shared store only) when `sys/keyring`
+    /// changed or the watch restarted; the next encryption reads the
+    /// keyring first, so a term another node added is used at once.
+    keyring_changed: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Barrier {
@@ -327,6 +333,19 @@ impl Barrier {
             Some(record) => SealState::sealed(SealConfig::from_record(&record)?),
             None => SealState::Uninitialized,
         };
+        let keyring_changed = Arc::new(AtomicBool::new(false));
+        if let Some(coherence) = backend.coherence() {
+            // Every write of `sys/keyring` (by any node) reaches this node's
+            // watch; so does a restart of the watch, after which a change
+            // may have been missed.
+            let changed = Arc::clone(&keyring_changed);
+            let reset = Arc::clone(&keyring_changed);
+            coherence.track(
+                KEYRING_KEY,
+                Arc::new(move |_: &str| changed.store(true, Ordering::Release)),
+                Arc::new(move || reset.store(true, Ordering::Release)),
+            );
+        }
         Ok(Self {
             commit: GroupCommit::new(Arc::clone(&backend)),
             backend,
@@ -336,6 +355,7 @@ impl Barrier {
             keyring_writes: Mutex::new(()),
             keyring_seen: Mutex::new(None),
             ranges: Mutex::new(std::collections::VecDeque::new()),
+            keyring_changed,
         })
     }
 
@@ -799,7 +819,23 @@ impl Barrier {
     fn encrypt(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, BarrierError> {
         let limit = self.options.max_encryptions_per_term;
         loop {
-            let keys = self.keys()?;
+            let mut keys = self.keys()?;
+            if self.keyring_changed.swap(false, Ordering::AcqRel) {
+                // Another node may have added a term: read the keyring (one
+                // store read) and adopt it before sealing anything more. If
+                // that read fails, the term held now is still valid and its
+                // range still reserved: seal under it and read again next time.
+                // A keyring that does not extend this node's (a rollback) is
+                // refused here as at a range write.
+                match self.reload(&keys) {
+                    Ok(reloaded) => keys = reloaded,
+                    Err(BarrierError::Storage(error @ StorageError::Io(_))) => {
+                        self.keyring_changed.store(true, Ordering::Release);
+                        tracing::warn!(%error, "could not read the keyring another node changed");
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
             let active = &keys.active;
             let taken = active
                 .taken

@@ -220,6 +220,35 @@ fn a_term_added_on_one_node_is_loaded_by_the_others() {
     assert_eq!(raw.get(b"sys/keyring").unwrap().unwrap(), old);
 }
 
+/// A term added on one node is used by another node's next encryption as
+/// soon as that node's watch has delivered the keyring write, although the
+/// other node still holds an unfinished range of the old term (65,536
+/// encryptions by default; before 0.6.1 it sealed under the old term until
+/// that range ran out).
+#[test]
+fn a_term_added_elsewhere_is_used_by_the_next_encryption() {
+    let etcd = EtcdCluster::start(3);
+    let prefix = format!("{}/", unique("kw-nextterm"));
+    let nodes = barrier_nodes(&etcd, &prefix, 2, BarrierOptions::default());
+    let raw = backend(&etcd, &prefix);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    b.put("b/before", b"v").unwrap();
+    assert_eq!(term_of(&raw.get(b"b/before").unwrap().unwrap()), 1);
+
+    assert_eq!(a.rotate_key().unwrap(), 2);
+    // The fence holds once B's watch has delivered every write acknowledged
+    // before the call, the new keyring among them.
+    let caught_up = (0..60).any(|_| b.cache_fence());
+    assert!(caught_up, "node B's etcd watch did not catch up");
+    b.put("b/after", b"sealed under the new term").unwrap();
+    assert_eq!(term_of(&raw.get(b"b/after").unwrap().unwrap()), 2);
+    assert_eq!(b.status().key_term, 2);
+    assert_eq!(
+        a.get("b/after").unwrap().unwrap().as_slice(),
+        b"sealed under the new term"
+    );
+}
+
 /// A node on `etcd` under `prefix`, over TLS with the certificates in `certs`.
 async fn node(
     etcd: &EtcdCluster,
