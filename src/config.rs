@@ -768,7 +768,10 @@ mod tests {
             defaults.compact_every,
             Some(std::time::Duration::from_secs(300))
         );
-        assert_eq!(defaults.compact_retain, std::time::Duration::from_secs(3600));
+        assert_eq!(
+            defaults.compact_retain,
+            std::time::Duration::from_secs(3600)
+        );
         for off in ["0", "off", "0s"] {
             assert_eq!(
                 etcd(&[("storage.etcd.compact_every", off)])

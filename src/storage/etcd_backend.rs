@@ -132,6 +132,9 @@ pub struct EtcdBackend {
     epoch_key: Vec<u8>,
     /// What the caches of this node register with (see `coherence`).
     coherence: std::sync::Arc<Coherence>,
+    /// When a request last ran out of retries with nothing answered since
+    /// (see `call`).
+    lost: std::sync::Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
 }
 
 impl std::fmt::Debug for EtcdBackend {
@@ -302,6 +305,7 @@ impl EtcdBackend {
             extra: Extra::new(prefix),
             epoch_key: [prefix, EPOCH_KEY].concat(),
             coherence: std::sync::Arc::new(Coherence::new()),
+            lost: std::sync::Arc::new(std::sync::Mutex::new(None)),
         };
         backend.check_format()?;
         if let Some(runtime) = &backend.runtime {
@@ -325,7 +329,10 @@ impl EtcdBackend {
     /// may cause) is not an error. Only such requests are retried: a request
     /// that may have been applied is never sent twice (a compare-and-swap
     /// would misreport its outcome). When the retries run out (quorum lost)
-    /// the error is [`StorageError::Unavailable`].
+    /// the error is [`StorageError::Unavailable`], and for the next
+    /// [`RETRY_FOR`], unless a request succeeds meanwhile, requests are
+    /// tried once: a request makes several calls, and each would otherwise
+    /// wait out the retries again.
     fn call<T, F, Fut>(&self, work: F) -> Result<T, StorageError>
     where
         T: Send + 'static,
@@ -338,18 +345,37 @@ impl EtcdBackend {
             .ok_or_else(|| StorageError::Io("etcd: the backend is closed".into()))?;
         let (tx, rx) = mpsc::sync_channel(1);
         let client = self.client.clone();
+        let lost = self.lost.clone();
         runtime.spawn(async move {
             let started = tokio::time::Instant::now();
+            let known_lost = lock(&lost).is_some_and(|at| at.elapsed() < RETRY_FOR);
             let mut tries = 0u64;
             let out = loop {
                 match (work.clone())(client.clone()).await {
                     Err(StorageError::Unavailable(message))
-                        if (message.contains(NOT_SENT) || message.contains(NO_LEADER))
-                            && started.elapsed() < RETRY_FOR =>
+                        if message.contains(NOT_SENT) || message.contains(NO_LEADER) =>
                     {
+                        if known_lost || started.elapsed() >= RETRY_FOR {
+                            *lock(&lost) = Some(tokio::time::Instant::now());
+                            let retried = if known_lost {
+                                "tried once, as no request has succeeded since the last ran \
+                                 out of retries"
+                                    .to_owned()
+                            } else {
+                                format!("still so after {} s of retries", RETRY_FOR.as_secs())
+                            };
+                            break Err(StorageError::Unavailable(format!(
+                                "{message}; {retried}: the etcd cluster has lost its quorum \
+                                 or cannot be reached"
+                            )));
+                        }
                         tries += 1;
                         let pause = Duration::from_millis((20 * tries).min(250));
                         tokio::time::sleep(pause).await;
+                    }
+                    Ok(answer) => {
+                        *lock(&lost) = None;
+                        break Ok(answer);
                     }
                     other => break other,
                 }
@@ -586,6 +612,10 @@ impl EtcdBackend {
             Ok(())
         })
     }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Waits for an answer from the backend's runtime (see the module doc).

@@ -130,7 +130,10 @@ impl Compactor {
             }
             // Someone (etcd's own auto-compaction, or an earlier leader)
             // compacted past it already: nothing to do.
-            Ok(Err(e)) if e.to_string().contains("required revision has been compacted") => {
+            Ok(Err(e))
+                if e.to_string()
+                    .contains("required revision has been compacted") =>
+            {
                 samples.compacted = target;
                 Ok(())
             }

@@ -53,7 +53,8 @@ async fn revision(client: &mut etcd_client::Client) -> i64 {
     answer.header().unwrap().revision()
 }
 
-/// Whether etcd has compacted past `revision` (a read at it is refused).
+/// Whether etcd has compacted past `revision` (a read at it is refused:
+/// the compacted revision is newer).
 async fn compacted_past(client: &mut etcd_client::Client, revision: i64) -> bool {
     let options = GetOptions::new().with_keys_only().with_revision(revision);
     match client.get("kw-test-probe", Some(options)).await {
@@ -66,13 +67,14 @@ async fn compacted_past(client: &mut etcd_client::Client, revision: i64) -> bool
     }
 }
 
-/// Waits until etcd has compacted past the revision current now.
+/// Waits until etcd has compacted at the revision current now (or later):
+/// every older revision is gone. Returns that revision.
 async fn wait_compaction_past_now(client: &etcd_client::Client, what: &str) -> i64 {
     let mut client = client.clone();
     let now = revision(&mut client).await;
     wait_for(what, || {
         let mut client = client.clone();
-        async move { compacted_past(&mut client, now).await.then_some(()) }
+        async move { compacted_past(&mut client, now - 1).await.then_some(()) }
     })
     .await;
     now
@@ -123,9 +125,8 @@ async fn the_leader_compacts_etcd_and_the_caches_stay_right() {
     // policy and then revokes the token: kw2 refuses at once each time.
     let policy = unique("p");
     let folder = path.split('/').next().unwrap().to_owned();
-    let rule = |caps: &str| {
-        format!("[[rule]]\npath = \"secret/{folder}/**\"\ncapabilities = [{caps}]\n")
-    };
+    let rule =
+        |caps: &str| format!("[[rule]]\npath = \"secret/{folder}/**\"\ncapabilities = [{caps}]\n");
     root1
         .policy_put(&policy, &rule("\"read\", \"write\""))
         .await
@@ -245,7 +246,9 @@ async fn a_watch_overtaken_by_a_compaction_starts_again_and_empties_the_caches()
         let ops: Vec<TxnOp> = (0..64)
             .map(|j| TxnOp::put(data_key(i, j), value.clone(), None))
             .collect();
-        raw.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
+        raw.txn(etcd_client::Txn::new().and_then(ops))
+            .await
+            .unwrap();
     }
     let now = revision(&mut raw).await;
     raw.compact(now, None).await.unwrap();

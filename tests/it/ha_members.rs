@@ -147,8 +147,7 @@ async fn etcd_members_killed_under_writes_and_brought_back() {
                 .etcd_endpoints
                 .iter()
                 .partition(|e| e.endpoint == dead_url);
-            (dead.len() == 1 && !dead[0].healthy && alive.iter().all(|e| e.healthy))
-                .then_some(())
+            (dead.len() == 1 && !dead[0].healthy && alive.iter().all(|e| e.healthy)).then_some(())
         }
     })
     .await;
@@ -160,6 +159,17 @@ async fn etcd_members_killed_under_writes_and_brought_back() {
         let w = writes.lock().unwrap();
         (w.acked.clone(), w.failed[failed_before..].to_vec())
     };
+    // What the refusals were, as each node logged them (operation and
+    // etcd's reason only).
+    for node in [&kw1, &kw2] {
+        for line in node
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("internal error"))
+        {
+            println!("{} logged: {line}", node.id);
+        }
+    }
     println!(
         "with one member down: {} writes acknowledged in all, {} refused after the kill{}",
         acked_one_down.len(),
@@ -177,6 +187,19 @@ async fn etcd_members_killed_under_writes_and_brought_back() {
         .expect("a second running member");
     etcd.members[second].kill();
     let lost_at = Instant::now();
+    // Both nodes' health, watched from now on while the calls below run.
+    let mut not_serving = Vec::new();
+    for node in [&kw1, &kw2] {
+        let client = node.client(None).await;
+        not_serving.push(tokio::spawn(async move {
+            wait_for("NOT_SERVING without quorum", || {
+                let client = client.clone();
+                async move { (!client.health().await.unwrap_or(true)).then_some(()) }
+            })
+            .await;
+            lost_at.elapsed()
+        }));
+    }
     // A write fails UNAVAILABLE, naming etcd, within the bound (no hang).
     let refused_key = unique("refused");
     let refused = tokio::time::timeout(
@@ -212,16 +235,29 @@ async fn etcd_members_killed_under_writes_and_brought_back() {
         assert!(read.to_string().contains("etcd"), "{read}");
     }
     // Both nodes say NOT_SERVING.
-    for node in [&kw1, &kw2] {
-        wait_for("NOT_SERVING without quorum", || async move {
-            (!serving(node).await).then_some(())
-        })
-        .await;
+    for (node, seen) in [&kw1, &kw2].into_iter().zip(not_serving) {
+        let after = seen.await.unwrap();
+        println!(
+            "{} says NOT_SERVING {:.2} s after the second member was killed",
+            node.id,
+            after.as_secs_f64()
+        );
     }
+    // A request now, with the quorum known lost, is refused at once.
+    let started = Instant::now();
+    let again = roots[0]
+        .put(
+            &unique("refused"),
+            &data(&[("v", "x")]),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap_err();
     println!(
-        "NOT_SERVING on both nodes {:.2} s after the second member was killed",
-        lost_at.elapsed().as_secs_f64()
+        "a later Put refused after {:.2} s: {again}",
+        started.elapsed().as_secs_f64()
     );
+    assert_eq!(again.code(), Some(Code::Unavailable), "{again}");
 
     // ---- both members back
     etcd.members[first].restart();
