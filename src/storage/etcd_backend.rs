@@ -177,10 +177,15 @@ fn etcd_error(operation: &'static str, error: etcd_client::Error) -> StorageErro
                  each other: quorum lost, or an election is under way); nothing was applied"
             ));
         }
-        if matches!(
-            status.code(),
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-        ) {
+        // The connection to the member broke while the request was out
+        // (the member was killed): tonic says Unknown, "transport error".
+        let broken = status.code() == tonic::Code::Unknown && message.contains("transport error");
+        if broken
+            || matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            )
+        {
             return StorageError::Unavailable(format!(
                 "{operation}: etcd did not answer ({:?}: {message}); a write may or may not \
                  have been applied",
