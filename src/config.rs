@@ -760,7 +760,8 @@ mod tests {
             pairs.extend_from_slice(extra);
             match parse(&src(&pairs), Path::new("."))?.storage_backend {
                 StorageBackend::Etcd(options) => Ok(options),
-                StorageBackend::Sled => panic!("etcd expected"),
+                // Not expected: the test's unwraps then fail, naming it.
+                StorageBackend::Sled => Err(ConfigError::Missing("storage.etcd")),
             }
         };
         let defaults = etcd(&[]).unwrap();
