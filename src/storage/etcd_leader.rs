@@ -26,6 +26,9 @@
 //!
 //! The view is `reachable: false` once every request of the loop has failed
 //! for [`UNREACHABLE_AFTER`]: the server then reports NOT_SERVING.
+//!
+//! The loop also runs the sampler that compacts etcd's history while this
+//! node leads (`etcd_compact`, unless `storage.etcd.compact_every` is off).
 
 use std::sync::Arc;
 use std::time::Duration;
