@@ -110,12 +110,38 @@ fn parse_storage_backend(src: &dyn Source, base: &Path) -> Result<StorageBackend
                 ));
             }
             let path = |key: &str| src.get(key).map(|v| base.join(v));
+            // `0` or `off` leaves compaction to etcd's own settings.
+            let compact_every = match src.get("storage.etcd.compact_every").as_deref() {
+                None => Some(crate::storage::etcd_options::DEFAULT_COMPACT_EVERY),
+                Some("off") => None,
+                Some(v) => match crate::duration::parse(v) {
+                    Ok(d) if d.is_zero() => None,
+                    Ok(d) => Some(d),
+                    Err(_) => {
+                        return Err(ConfigError::Invalid(
+                            "storage.etcd.compact_every".into(),
+                            "expected a duration such as 5m, or 0 or off",
+                        ))
+                    }
+                },
+            };
+            let compact_retain = match src.get("storage.etcd.compact_retain") {
+                None => crate::storage::etcd_options::DEFAULT_COMPACT_RETAIN,
+                Some(v) => crate::duration::parse(&v).map_err(|_| {
+                    ConfigError::Invalid(
+                        "storage.etcd.compact_retain".into(),
+                        "expected a duration such as 1h (0 keeps no history)",
+                    )
+                })?,
+            };
             Ok(StorageBackend::Etcd(crate::storage::EtcdOptions {
                 endpoints,
                 prefix,
                 ca: path("storage.etcd.ca"),
                 cert: path("storage.etcd.cert"),
                 key: path("storage.etcd.key"),
+                compact_every,
+                compact_retain,
             }))
         }
         Some(_) => Err(ConfigError::Invalid(
@@ -503,6 +529,14 @@ pub const KEYS: &[(&str, &str)] = &[
     ("storage.etcd.ca", "KEYWARD_STORAGE_ETCD_CA"),
     ("storage.etcd.cert", "KEYWARD_STORAGE_ETCD_CERT"),
     ("storage.etcd.key", "KEYWARD_STORAGE_ETCD_KEY"),
+    (
+        "storage.etcd.compact_every",
+        "KEYWARD_STORAGE_ETCD_COMPACT_EVERY",
+    ),
+    (
+        "storage.etcd.compact_retain",
+        "KEYWARD_STORAGE_ETCD_COMPACT_RETAIN",
+    ),
     ("cluster.node_id", "KEYWARD_CLUSTER_NODE_ID"),
 ];
 
@@ -711,6 +745,57 @@ mod tests {
         assert!(c.metrics_listen.is_none());
         assert!(c.oidc.jwks_dir.is_none());
         assert!(!c.oidc.allow_private_hosts);
+    }
+
+    #[test]
+    fn etcd_compaction_has_defaults_and_can_be_off() {
+        let base = [
+            ("storage.path", "d"),
+            ("audit.path", "a"),
+            ("storage.backend", "etcd"),
+            ("storage.etcd.endpoints", "http://127.0.0.1:2379"),
+        ];
+        let etcd = |extra: &[(&'static str, &'static str)]| {
+            let mut pairs = base.to_vec();
+            pairs.extend_from_slice(extra);
+            match parse(&src(&pairs), Path::new("."))?.storage_backend {
+                StorageBackend::Etcd(options) => Ok(options),
+                // Not expected: the test's unwraps then fail, naming it.
+                StorageBackend::Sled => Err(ConfigError::Missing("storage.etcd")),
+            }
+        };
+        let defaults = etcd(&[]).unwrap();
+        assert_eq!(
+            defaults.compact_every,
+            Some(std::time::Duration::from_secs(300))
+        );
+        assert_eq!(
+            defaults.compact_retain,
+            std::time::Duration::from_secs(3600)
+        );
+        for off in ["0", "off", "0s"] {
+            assert_eq!(
+                etcd(&[("storage.etcd.compact_every", off)])
+                    .unwrap()
+                    .compact_every,
+                None
+            );
+        }
+        let set = etcd(&[
+            ("storage.etcd.compact_every", "1m"),
+            ("storage.etcd.compact_retain", "0"),
+        ])
+        .unwrap();
+        assert_eq!(set.compact_every, Some(std::time::Duration::from_secs(60)));
+        assert!(set.compact_retain.is_zero());
+        assert!(matches!(
+            etcd(&[("storage.etcd.compact_every", "often")]),
+            Err(ConfigError::Invalid(key, _)) if key == "storage.etcd.compact_every"
+        ));
+        assert!(matches!(
+            etcd(&[("storage.etcd.compact_retain", "off")]),
+            Err(ConfigError::Invalid(key, _)) if key == "storage.etcd.compact_retain"
+        ));
     }
 
     #[test]

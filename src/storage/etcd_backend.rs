@@ -30,6 +30,11 @@
 //!
 //! Every request is bounded by `REQUEST_TIMEOUT` on the client and by
 //! `WAIT_BOUND` on the wait, so a lost cluster is an error, never a hang.
+//! The client asks etcd for a leader on every request, so a member cut off
+//! from its quorum refuses at once ("no leader") instead of holding the
+//! request until it times out; such refusals, and requests that could not
+//! be sent, are sent again for a few seconds (an etcd election) and then
+//! fail as [`StorageError::Unavailable`] (UNAVAILABLE to callers).
 //! Dropping the backend shuts its runtime down in the background (allowed
 //! from async code, where a plain runtime drop would panic).
 //!
@@ -89,14 +94,19 @@ pub const MAX_REQUEST_BYTES: usize = 1_572_864 - 4096;
 const PAGE: i64 = 512;
 /// The bound on one etcd request (the client's own timeout).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// The bound on waiting for an answer: a little past the request's own.
-const WAIT_BOUND: Duration = Duration::from_secs(15);
+/// How long a request that etcd refused unapplied (see `call`) is sent
+/// again: long enough to cover an etcd leader election after a member died.
+const RETRY_FOR: Duration = Duration::from_secs(5);
+/// The bound on waiting for an answer: a little past the retries and the
+/// last request's own bound.
+const WAIT_BOUND: Duration = Duration::from_secs(16);
 
 /// Marks an error of a request that never reached etcd (see `call`).
 const NOT_SENT: &str = "an etcd member could not be reached, the request was not sent";
-/// How often such a request is sent again (to another member, if the
-/// client's balancer picks one), with a growing pause of 20 ms per try.
-const NOT_SENT_RETRIES: u64 = 12;
+/// Marks an error of a request that an etcd member refused because it has
+/// no leader (the client asks for a leader on every request): nothing was
+/// applied.
+const NO_LEADER: &str = "etcd has no leader";
 /// The largest answer the client decodes: a page of a scan is halved until
 /// its answer fits (one value is at most etcd's 1.5 MiB request limit).
 pub(super) const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
@@ -122,6 +132,9 @@ pub struct EtcdBackend {
     epoch_key: Vec<u8>,
     /// What the caches of this node register with (see `coherence`).
     coherence: std::sync::Arc<Coherence>,
+    /// When a request last ran out of retries with nothing answered since
+    /// (see `call`).
+    lost: std::sync::Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
 }
 
 impl std::fmt::Debug for EtcdBackend {
@@ -140,6 +153,11 @@ impl Drop for EtcdBackend {
 
 /// Maps an etcd client error to ours; the messages of etcd name the failed
 /// check (`etcdserver: mvcc: database space exceeded`), never a key or value.
+///
+/// A cluster that cannot answer is [`StorageError::Unavailable`]: a member
+/// that could not be reached, one without a leader (quorum lost, or an
+/// election under way), or no answer in time. Only the last may have
+/// applied a write, and its message says so.
 fn etcd_error(operation: &'static str, error: etcd_client::Error) -> StorageError {
     if let etcd_client::Error::GRpcStatus(status) = &error {
         let message = status.message();
@@ -151,11 +169,38 @@ fn etcd_error(operation: &'static str, error: etcd_client::Error) -> StorageErro
             ));
         }
         if status.code() == tonic::Code::Unavailable && message.contains("tcp connect error") {
-            return StorageError::Io(format!("{operation}: {NOT_SENT}: {message}"));
+            return StorageError::Unavailable(format!("{operation}: {NOT_SENT}: {message}"));
+        }
+        if message.contains("etcdserver: no leader") {
+            return StorageError::Unavailable(format!(
+                "{operation}: {NO_LEADER} (fewer than a majority of its members can reach \
+                 each other: quorum lost, or an election is under way); nothing was applied"
+            ));
+        }
+        // The connection to the member broke while the request was out
+        // (the member was killed): tonic says Unknown, "transport error".
+        let broken = status.code() == tonic::Code::Unknown && message.contains("transport error");
+        if broken
+            || matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            )
+        {
+            return StorageError::Unavailable(format!(
+                "{operation}: etcd did not answer ({:?}: {message}); a write may or may not \
+                 have been applied",
+                status.code()
+            ));
         }
         return StorageError::Io(format!(
             "{operation}: etcd answered {:?}: {message}",
             status.code()
+        ));
+    }
+    if let etcd_client::Error::TransportError(_) = &error {
+        return StorageError::Unavailable(format!(
+            "{operation}: etcd could not be reached ({error}); a write may or may not have \
+             been applied"
         ));
     }
     StorageError::Io(format!("{operation}: etcd: {error}"))
@@ -206,7 +251,10 @@ fn fold(ops: Vec<BatchOp>) -> Vec<BatchOp> {
 
 /// The client's options for `options`: timeouts, keep-alive and TLS.
 pub(super) fn connect_options(options: &EtcdOptions) -> Result<ConnectOptions, StorageError> {
+    // A member without a leader refuses at once ("no leader") instead of
+    // holding the request until it times out (see `call`).
     let mut connect = ConnectOptions::new()
+        .with_require_leader(true)
         .with_timeout(REQUEST_TIMEOUT)
         .with_connect_timeout(Duration::from_secs(5))
         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
@@ -262,6 +310,7 @@ impl EtcdBackend {
             extra: Extra::new(prefix),
             epoch_key: [prefix, EPOCH_KEY].concat(),
             coherence: std::sync::Arc::new(Coherence::new()),
+            lost: std::sync::Arc::new(std::sync::Mutex::new(None)),
         };
         backend.check_format()?;
         if let Some(runtime) = &backend.runtime {
@@ -279,10 +328,16 @@ impl EtcdBackend {
     /// (see the module doc on why this cannot deadlock).
     ///
     /// A request that etcd never received (the TCP connection to the member
-    /// the client picked was refused: a member is down) is sent again, up to
-    /// `NOT_SENT_RETRIES` times, so one member down of three is not an error.
-    /// Only such requests are retried: a request that may have reached etcd
-    /// is never sent twice (a compare-and-swap would misreport its outcome).
+    /// the client picked was refused: a member is down), or that a member
+    /// refused because it has no leader, is sent again for up to
+    /// [`RETRY_FOR`], so one member down of three (and the etcd election it
+    /// may cause) is not an error. Only such requests are retried: a request
+    /// that may have been applied is never sent twice (a compare-and-swap
+    /// would misreport its outcome). When the retries run out (quorum lost)
+    /// the error is [`StorageError::Unavailable`], and for the next
+    /// [`RETRY_FOR`], unless a request succeeds meanwhile, requests are
+    /// tried once: a request makes several calls, and each would otherwise
+    /// wait out the retries again.
     fn call<T, F, Fut>(&self, work: F) -> Result<T, StorageError>
     where
         T: Send + 'static,
@@ -295,15 +350,37 @@ impl EtcdBackend {
             .ok_or_else(|| StorageError::Io("etcd: the backend is closed".into()))?;
         let (tx, rx) = mpsc::sync_channel(1);
         let client = self.client.clone();
+        let lost = self.lost.clone();
         runtime.spawn(async move {
+            let started = tokio::time::Instant::now();
+            let known_lost = lock(&lost).is_some_and(|at| at.elapsed() < RETRY_FOR);
             let mut tries = 0u64;
             let out = loop {
                 match (work.clone())(client.clone()).await {
-                    Err(StorageError::Io(message))
-                        if message.contains(NOT_SENT) && tries < NOT_SENT_RETRIES =>
+                    Err(StorageError::Unavailable(message))
+                        if message.contains(NOT_SENT) || message.contains(NO_LEADER) =>
                     {
+                        if known_lost || started.elapsed() >= RETRY_FOR {
+                            *lock(&lost) = Some(tokio::time::Instant::now());
+                            let retried = if known_lost {
+                                "tried once, as no request has succeeded since the last ran \
+                                 out of retries"
+                                    .to_owned()
+                            } else {
+                                format!("still so after {} s of retries", RETRY_FOR.as_secs())
+                            };
+                            break Err(StorageError::Unavailable(format!(
+                                "{message}; {retried}: the etcd cluster has lost its quorum \
+                                 or cannot be reached"
+                            )));
+                        }
                         tries += 1;
-                        tokio::time::sleep(Duration::from_millis(20 * tries)).await;
+                        let pause = Duration::from_millis((20 * tries).min(250));
+                        tokio::time::sleep(pause).await;
+                    }
+                    Ok(answer) => {
+                        *lock(&lost) = None;
+                        break Ok(answer);
                     }
                     other => break other,
                 }
@@ -542,11 +619,20 @@ impl EtcdBackend {
     }
 }
 
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Waits for an answer from the backend's runtime (see the module doc).
 fn wait<T>(rx: mpsc::Receiver<T>) -> Result<T, StorageError> {
     let receive = || {
-        rx.recv_timeout(WAIT_BOUND)
-            .map_err(|_| StorageError::Io("etcd: no answer from the etcd client in time".into()))
+        rx.recv_timeout(WAIT_BOUND).map_err(|_| {
+            StorageError::Unavailable(
+                "etcd: no answer from the etcd client in time; a write may or may not have \
+                 been applied"
+                    .into(),
+            )
+        })
     };
     match tokio::runtime::Handle::try_current() {
         Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
@@ -832,6 +918,16 @@ impl Drop for Timer<'_> {
             })
             .observe(self.started.elapsed().as_secs_f64());
     }
+}
+
+/// Observes one request's duration under `op`, for requests made outside
+/// the trait calls (the leader's compaction).
+pub(super) fn observe(durations: &RequestDurations, op: &'static str, seconds: f64) {
+    durations
+        .get_or_create(&EtcdOpLabels {
+            op: std::borrow::Cow::Borrowed(op),
+        })
+        .observe(seconds);
 }
 
 /// The comparison that holds while `fence`'s term does.

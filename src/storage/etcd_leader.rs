@@ -26,6 +26,9 @@
 //!
 //! The view is `reachable: false` once every request of the loop has failed
 //! for [`UNREACHABLE_AFTER`]: the server then reports NOT_SERVING.
+//!
+//! The loop also runs the sampler that compacts etcd's history while this
+//! node leads (`etcd_compact`, unless `storage.etcd.compact_every` is off).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +39,7 @@ use tokio::time::Instant;
 
 use super::cluster::{EndpointHealth, Fence, LeaderView, Leadership};
 use super::etcd_backend::connect_options;
+use super::etcd_compact::Compactor;
 use super::{EtcdBackend, EtcdOptions, StorageError};
 
 /// The lease of a leader term.
@@ -87,6 +91,16 @@ impl EtcdLeadership {
                 let key = check_key.clone();
                 Arc::new(move || backend.check_term(key.clone(), revision))
             };
+        // etcd's history is compacted by the leader (see `etcd_compact`).
+        let compactor = options.compact_every.map(|every| Compactor {
+            client: client.clone(),
+            probe: key.clone(),
+            every,
+            retain: options.compact_retain,
+            view: view.clone(),
+            durations: backend.request_durations(),
+            node_id: node_id.to_owned(),
+        });
         let election = Election {
             client,
             key,
@@ -94,6 +108,7 @@ impl EtcdLeadership {
             view: tx,
             term_check: Box::new(term_check),
             last_answer: Instant::now(),
+            compactor,
         };
         let stop_signal = stop.clone();
         runtime.spawn(async move {
@@ -229,6 +244,17 @@ struct Election {
     term_check: TermCheck,
     /// When etcd last answered a request of the loop.
     last_answer: Instant,
+    /// Started with the loop and stopped with it.
+    compactor: Option<Compactor>,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// What one follower look found.
@@ -239,6 +265,10 @@ enum Look {
 
 impl Election {
     async fn run(mut self, stop: Arc<tokio::sync::Notify>) {
+        let _compacting = self
+            .compactor
+            .take()
+            .map(|compactor| AbortOnDrop(tokio::spawn(compactor.run())));
         loop {
             let step = async {
                 match self.look().await {

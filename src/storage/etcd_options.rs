@@ -2,6 +2,14 @@
 //! configuration names it); the backend itself needs the `etcd` feature.
 
 use std::path::PathBuf;
+use std::time::Duration;
+
+/// How often the leader compacts etcd's history by default
+/// (`storage.etcd.compact_every`).
+pub const DEFAULT_COMPACT_EVERY: Duration = Duration::from_secs(5 * 60);
+/// How much history a compaction keeps by default
+/// (`storage.etcd.compact_retain`).
+pub const DEFAULT_COMPACT_RETAIN: Duration = Duration::from_secs(3600);
 
 /// How to reach the cluster (`[storage.etcd]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,10 +23,19 @@ pub struct EtcdOptions {
     /// Client certificate and key for mTLS (both or neither).
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// How often the elected leader compacts etcd's history
+    /// (`storage.etcd.compact_every`); `None` (`0` or `off`) leaves it to
+    /// etcd's own `--auto-compaction-*`.
+    pub compact_every: Option<Duration>,
+    /// The history a compaction keeps: it compacts at the revision the
+    /// leader saw this long ago (`storage.etcd.compact_retain`; `0` keeps
+    /// none, compacting at the current revision).
+    pub compact_retain: Duration,
 }
 
 impl EtcdOptions {
-    /// Plaintext endpoints under `prefix` (loopback tests).
+    /// Plaintext endpoints under `prefix` (loopback tests), compaction at
+    /// its defaults.
     pub fn plaintext(endpoints: Vec<String>, prefix: impl Into<String>) -> Self {
         Self {
             endpoints,
@@ -26,6 +43,8 @@ impl EtcdOptions {
             ca: None,
             cert: None,
             key: None,
+            compact_every: Some(DEFAULT_COMPACT_EVERY),
+            compact_retain: DEFAULT_COMPACT_RETAIN,
         }
     }
 }

@@ -90,7 +90,10 @@ async fn session(feed: &Feed) -> Result<(), String> {
             Ok(None) => return Err("watch stream ended".into()),
             Err(e) => return Err(format!("watch: {e}")),
         };
-        if answer.canceled() {
+        // etcd marks a watch that a compaction overtook with the compacted
+        // revision (and cancels it); either ends this session, and the next
+        // starts from a fresh revision and empties the caches.
+        if answer.canceled() || answer.compact_revision() != 0 {
             return Err(format!(
                 "watch cancelled (compacted at {}): {}",
                 answer.compact_revision(),

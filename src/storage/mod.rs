@@ -23,8 +23,10 @@ pub mod coherence;
 #[cfg(feature = "etcd")]
 mod etcd_backend;
 #[cfg(feature = "etcd")]
+mod etcd_compact;
+#[cfg(feature = "etcd")]
 mod etcd_leader;
-mod etcd_options;
+pub mod etcd_options;
 #[cfg(feature = "etcd")]
 mod etcd_watch;
 pub mod format;
@@ -52,6 +54,12 @@ pub use sled_backend::SledBackend;
 pub enum StorageError {
     #[error("storage i/o failed: {0}")]
     Io(String),
+    /// The store cannot answer now (a shared store lost its quorum, or no
+    /// member can be reached). The message says whether anything may have
+    /// been written; callers are answered "unavailable", not an internal
+    /// error.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
     #[error("storage is corrupt: {0}")]
     Corrupt(String),
     /// The operation cannot run now (another snapshot is running).

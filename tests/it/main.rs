@@ -33,6 +33,8 @@ mod etcd_caches;
 #[cfg(feature = "etcd")]
 mod etcd_cluster;
 #[cfg(feature = "etcd")]
+mod etcd_compaction;
+#[cfg(feature = "etcd")]
 #[path = "../support/etcd_kit.rs"]
 #[allow(dead_code)]
 mod etcd_kit;
@@ -103,4 +105,10 @@ mod ha_counters;
 
 // Leader election, fencing, cluster status (issue 14).
 #[cfg(feature = "etcd")]
+#[path = "../support/ha_kit.rs"]
+#[allow(dead_code)]
+mod ha_kit;
+#[cfg(feature = "etcd")]
 mod ha_leader;
+#[cfg(feature = "etcd")]
+mod ha_members;

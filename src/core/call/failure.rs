@@ -19,6 +19,7 @@ use crate::pki::PkiError;
 use crate::policy::PolicyError;
 use crate::policy_store::PolicyStoreError;
 use crate::secrets::{InputError, SecretsError};
+use crate::storage::StorageError;
 use crate::token::TokenError;
 
 /// What kind of failure ended a call, independent of the transport.
@@ -148,6 +149,12 @@ impl From<BarrierError> for Failure {
                 Self::new(FailureKind::Unavailable, "the vault is not initialized")
             }
             BarrierError::AlreadyInitialized => Self::new(FailureKind::Conflict, e.to_string()),
+            // A shared store that lost its quorum: the caller may try again
+            // later. The message names the operation and the store's reason
+            // (never a key or value).
+            BarrierError::Storage(StorageError::Unavailable(_)) => {
+                Self::new(FailureKind::Unavailable, e.to_string())
+            }
             // A restored store whose snapshot fails its HMAC: the vault stays
             // sealed, and the caller is told why (the message names the file).
             BarrierError::SnapshotRejected(_) => Self::new(FailureKind::Conflict, e.to_string()),
@@ -431,6 +438,20 @@ mod tests {
     /// A restored store whose snapshot fails its HMAC says so to the caller
     /// (a conflict with the stored state, gRPC `FAILED_PRECONDITION`, HTTP
     /// 400), never as an opaque internal error.
+    /// A store that cannot answer (etcd without a quorum) is UNAVAILABLE
+    /// with the store's reason, not an opaque internal error.
+    #[test]
+    fn an_unavailable_store_is_unavailable_with_its_reason() {
+        let why = "put: etcd has no leader";
+        let failure = Failure::from(BarrierError::Storage(StorageError::Unavailable(
+            why.to_owned(),
+        )));
+        assert_eq!(failure.kind(), FailureKind::Unavailable);
+        assert!(failure.message().contains(why), "{}", failure.message());
+        let other = Failure::from(BarrierError::Storage(StorageError::Io("disk".into())));
+        assert_eq!(other.kind(), FailureKind::Internal);
+    }
+
     #[test]
     fn a_rejected_snapshot_is_a_conflict_with_its_message() {
         let why = "the snapshot vault.snap failed its HMAC check";
