@@ -110,12 +110,28 @@ fn parse_storage_backend(src: &dyn Source, base: &Path) -> Result<StorageBackend
                 ));
             }
             let path = |key: &str| src.get(key).map(|v| base.join(v));
+            let size = |key: &'static str, default: usize| -> Result<usize, ConfigError> {
+                match src.get(key) {
+                    None => Ok(default),
+                    Some(v) => v.parse().map_err(|_| {
+                        ConfigError::Invalid(key.to_owned(), "expected a whole number (0: off)")
+                    }),
+                }
+            };
             Ok(StorageBackend::Etcd(crate::storage::EtcdOptions {
                 endpoints,
                 prefix,
                 ca: path("storage.etcd.ca"),
                 cert: path("storage.etcd.cert"),
                 key: path("storage.etcd.key"),
+                read_cache_bytes: size(
+                    "storage.etcd.read_cache_bytes",
+                    crate::storage::read_cache::DEFAULT_MAX_BYTES,
+                )?,
+                read_cache_entries: size(
+                    "storage.etcd.read_cache_entries",
+                    crate::storage::read_cache::DEFAULT_MAX_ENTRIES,
+                )?,
             }))
         }
         Some(_) => Err(ConfigError::Invalid(
@@ -503,6 +519,14 @@ pub const KEYS: &[(&str, &str)] = &[
     ("storage.etcd.ca", "KEYWARD_STORAGE_ETCD_CA"),
     ("storage.etcd.cert", "KEYWARD_STORAGE_ETCD_CERT"),
     ("storage.etcd.key", "KEYWARD_STORAGE_ETCD_KEY"),
+    (
+        "storage.etcd.read_cache_bytes",
+        "KEYWARD_STORAGE_ETCD_READ_CACHE_BYTES",
+    ),
+    (
+        "storage.etcd.read_cache_entries",
+        "KEYWARD_STORAGE_ETCD_READ_CACHE_ENTRIES",
+    ),
     ("cluster.node_id", "KEYWARD_CLUSTER_NODE_ID"),
 ];
 

@@ -15,6 +15,10 @@ pub struct EtcdOptions {
     /// Client certificate and key for mTLS (both or neither).
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// Bounds of the read cache of secrets (`storage.etcd.read_cache_bytes`,
+    /// `read_cache_entries`; 0 turns it off): see `storage::read_cache`.
+    pub read_cache_bytes: usize,
+    pub read_cache_entries: usize,
 }
 
 impl EtcdOptions {
@@ -26,6 +30,8 @@ impl EtcdOptions {
             ca: None,
             cert: None,
             key: None,
+            read_cache_bytes: super::read_cache::DEFAULT_MAX_BYTES,
+            read_cache_entries: super::read_cache::DEFAULT_MAX_ENTRIES,
         }
     }
 }

@@ -33,6 +33,10 @@ mod etcd_caches;
 #[cfg(feature = "etcd")]
 mod etcd_cluster;
 #[cfg(feature = "etcd")]
+mod etcd_nodes;
+#[cfg(feature = "etcd")]
+mod etcd_reads;
+#[cfg(feature = "etcd")]
 #[path = "../support/etcd_kit.rs"]
 #[allow(dead_code)]
 mod etcd_kit;
