@@ -600,7 +600,13 @@ impl Login {
         let identity = match store.by_role_id(role_id)? {
             Some(record) if record.is_active(now_ms) => record,
             Some(record) => {
-                return Err(self.failed(&record.name, admitted.attempt, source, now_ms, LoginError::Invalid))
+                return Err(self.failed(
+                    &record.name,
+                    admitted.attempt,
+                    source,
+                    now_ms,
+                    LoginError::Invalid,
+                ))
             }
             None => {
                 return Err(self.failed(

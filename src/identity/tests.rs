@@ -6,9 +6,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::login::{
-    Login, LoginError, Refusal, SourceNet, Throttle, ThrottleConfig, ThrottleKey,
-};
+use super::login::{Login, LoginError, Refusal, SourceNet, Throttle, ThrottleConfig, ThrottleKey};
 use super::*;
 use crate::barrier::BarrierOptions;
 use crate::oidc::JwksCache;

@@ -164,7 +164,10 @@ impl ReadCache {
 
     /// Serves keys under `prefix` from now on; false if it already did.
     pub fn add_prefix(&self, prefix: &str) -> bool {
-        let mut prefixes = self.prefixes.write().unwrap_or_else(PoisonError::into_inner);
+        let mut prefixes = self
+            .prefixes
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         if prefixes.iter().any(|p| p == prefix.as_bytes()) {
             return false;
         }
@@ -391,7 +394,12 @@ mod tests {
     fn the_bounds_hold_and_the_least_recently_used_go_first() {
         let c = cache();
         for i in 0..4u8 {
-            fill(&c, &[b's', b'e', b'c', b'r', b'e', b't', b's', b'/', i], b"v", 1);
+            fill(
+                &c,
+                &[b's', b'e', b'c', b'r', b'e', b't', b's', b'/', i],
+                b"v",
+                1,
+            );
         }
         // Touch the first: the second is now the oldest.
         assert!(c.get(b"secrets/\x00").is_some());

@@ -213,7 +213,10 @@ async fn the_read_cache_keeps_to_its_bounds() {
     let f = figures(two);
     assert!(f.evicted > 0, "the bounds pushed entries out: {f:?}");
     assert!(f.hits > 0, "recent entries answered reads: {f:?}");
-    assert_eq!((f.max_entries, f.max_bytes), (MAX_ENTRIES as u64, MAX_BYTES as u64));
+    assert_eq!(
+        (f.max_entries, f.max_bytes),
+        (MAX_ENTRIES as u64, MAX_BYTES as u64)
+    );
 }
 
 /// Writes of one secret on two nodes at once: every write gets its own
@@ -251,9 +254,7 @@ async fn writes_of_one_secret_on_two_nodes_at_once_lose_nothing() {
                                 break;
                             }
                             Err(e) if e.code() == Some(tonic::Code::Aborted) => continue,
-                            Err(e) if e.code() == Some(tonic::Code::FailedPrecondition) => {
-                                continue
-                            }
+                            Err(e) if e.code() == Some(tonic::Code::FailedPrecondition) => continue,
                             Err(e) => panic!("write failed: {e}"),
                         }
                     }

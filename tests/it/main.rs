@@ -33,13 +33,13 @@ mod etcd_caches;
 #[cfg(feature = "etcd")]
 mod etcd_cluster;
 #[cfg(feature = "etcd")]
-mod etcd_nodes;
-#[cfg(feature = "etcd")]
-mod etcd_reads;
-#[cfg(feature = "etcd")]
 #[path = "../support/etcd_kit.rs"]
 #[allow(dead_code)]
 mod etcd_kit;
+#[cfg(feature = "etcd")]
+mod etcd_nodes;
+#[cfg(feature = "etcd")]
+mod etcd_reads;
 mod fed17_attack;
 mod federation_claims;
 mod federation_figures;
