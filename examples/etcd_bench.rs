@@ -28,6 +28,8 @@
 //! before and after; at the end the history is compacted and every member
 //! defragmented, and the database size read again.
 //!
+//! `BENCH_READ_CACHE=0` turns the read cache of secrets off.
+//!
 //! Prints one line per phase, one `sizing` line per kind, then one `summary`
 //! line with the ratios (`get/noop`, keyward write / OpenBao write) and the
 //! 1-minute load average before and after.
@@ -411,16 +413,20 @@ mod bench {
             .unwrap();
         let certs = keyward::pki::ensure_dev_certs(&dir.path().join("certs")).unwrap();
         let prefix = "bench/".to_owned();
+        // BENCH_READ_CACHE=0 turns the read cache of secrets off (every Get
+        // reads etcd): the same run's figures with and without it.
+        let mut etcd_options = EtcdOptions::plaintext(endpoints.clone(), prefix.clone());
+        if std::env::var("BENCH_READ_CACHE").as_deref() == Ok("0") {
+            etcd_options.read_cache_bytes = 0;
+            println!("read cache: off (BENCH_READ_CACHE=0)");
+        }
         let config = ServerConfig {
             tls: Some(TlsConfig {
                 cert: certs.server.clone(),
                 key: certs.server_key.clone(),
                 client_ca: Some(certs.ca.clone()),
             }),
-            storage_backend: StorageBackend::Etcd(EtcdOptions::plaintext(
-                endpoints.clone(),
-                prefix.clone(),
-            )),
+            storage_backend: StorageBackend::Etcd(etcd_options),
             node_id: "kw1".into(),
             ..ServerConfig::local(dir.path().join("data"), dir.path().join("audit.log"))
         };
