@@ -54,6 +54,10 @@ struct Listener {
     on_reset: OnReset,
 }
 
+/// One delivery: the revision reached, and each changed key with the
+/// revision of its change.
+type Delivery = (i64, Vec<(Vec<u8>, i64)>);
+
 /// What the watch has delivered.
 #[derive(Default)]
 struct Progress {
@@ -61,7 +65,7 @@ struct Progress {
     live: bool,
     delivered: i64,
     /// Deliveries kept back by [`Coherence::hold`] (tests).
-    held: Option<Vec<(i64, Vec<(Vec<u8>, i64)>)>>,
+    held: Option<Vec<Delivery>>,
 }
 
 /// The shared epoch reads.
