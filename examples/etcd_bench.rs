@@ -5,7 +5,8 @@
 //!
 //! - `grpc_noop` (`grpc.health.v1.Health/Check`, no token, no etcd);
 //! - `grpc_get`: a token with a policy reads one secret (token and policy
-//!   from the revision-checked caches, the secret from etcd);
+//!   from the revision-checked caches, and the secret from the read cache
+//!   of stored ciphertext, under the same fence);
 //! - `grpc_put`: durable writes (answered once committed on an etcd quorum),
 //!   each connection its own path;
 //! - `http_kv_write`: the same writes over the Vault-compatible HTTP API
@@ -13,13 +14,21 @@
 //!   OpenBao when `BENCH_BAO_ADDR`, `BENCH_BAO_CA`, `BENCH_BAO_TOKEN` are set
 //!   (`examples/etcd_bench.sh` starts OpenBao 2.x on single-node raft and
 //!   sets them);
-//! - `grpc_login`: AppRole logins (each writes a token record to etcd).
+//! - `grpc_login`: AppRole logins (each writes a token record to etcd), on
+//!   at most 16 connections, each with its own role-id (the login throttle
+//!   judges at most 5 attempts of one role-id from one address at once).
+//!
+//! Before the phases, one call at a time: how many requests a Get, a Put
+//! and a login send to etcd (`round_trips`). After them, the read cache's
+//! figures.
 //!
 //! Then, unless `--sizing 0`: how many bytes etcd holds per secret version,
 //! per token and per lease: N of each are written and the vault prefix's
 //! key and value bytes, etcd's revisions and its database size are read
 //! before and after; at the end the history is compacted and every member
 //! defragmented, and the database size read again.
+//!
+//! `BENCH_READ_CACHE=0` turns the read cache of secrets off.
 //!
 //! Prints one line per phase, one `sizing` line per kind, then one `summary`
 //! line with the ratios (`get/noop`, keyward write / OpenBao write) and the
@@ -74,6 +83,11 @@ mod bench {
     use crate::etcd_kit::EtcdCluster;
 
     type Sender = hyper::client::conn::http1::SendRequest<axum::body::Body>;
+
+    /// Login connections at most, each with its own role-id (see `run`).
+    const LOGIN_CONNECTIONS: usize = 16;
+    /// Calls per operation in the round-trip count.
+    const TRIP_CALLS: u64 = 50;
     type Setup<S> = Box<dyn Fn(usize) -> Pin<Box<dyn Future<Output = S> + Send>>>;
 
     #[derive(Clone, Copy, Default)]
@@ -399,16 +413,20 @@ mod bench {
             .unwrap();
         let certs = keyward::pki::ensure_dev_certs(&dir.path().join("certs")).unwrap();
         let prefix = "bench/".to_owned();
+        // BENCH_READ_CACHE=0 turns the read cache of secrets off (every Get
+        // reads etcd): the same run's figures with and without it.
+        let mut etcd_options = EtcdOptions::plaintext(endpoints.clone(), prefix.clone());
+        if std::env::var("BENCH_READ_CACHE").as_deref() == Ok("0") {
+            etcd_options.read_cache_bytes = 0;
+            println!("read cache: off (BENCH_READ_CACHE=0)");
+        }
         let config = ServerConfig {
             tls: Some(TlsConfig {
                 cert: certs.server.clone(),
                 key: certs.server_key.clone(),
                 client_ca: Some(certs.ca.clone()),
             }),
-            storage_backend: StorageBackend::Etcd(EtcdOptions::plaintext(
-                endpoints.clone(),
-                prefix.clone(),
-            )),
+            storage_backend: StorageBackend::Etcd(etcd_options),
             node_id: "kw1".into(),
             ..ServerConfig::local(dir.path().join("data"), dir.path().join("audit.log"))
         };
@@ -457,20 +475,60 @@ mod bench {
             .await
             .unwrap()
             .token;
-        root.identity_create(CreateIdentityRequest {
-            name: "bench-bot".into(),
-            kind: "service-account".into(),
-            owner: "bench".into(),
-            description: "etcd bench".into(),
-            policies: vec!["bench-rw".into()],
-            expires_in_seconds: 0,
-        })
-        .await
-        .unwrap();
-        let sid = root
-            .identity_secret_id("bench-bot", 0, 0, &[])
+        // One identity per login connection: the login throttle judges at
+        // most 5 attempts of one role-id from one address at once (and 20
+        // from one address), refusing the rest as busy (see the README's
+        // "Speed on etcd"), and every connection here comes from 127.0.0.1.
+        let login_connections = connections.min(LOGIN_CONNECTIONS);
+        let mut creds = Vec::new();
+        for i in 0..login_connections {
+            let name = format!("bench-bot-{i}");
+            root.identity_create(CreateIdentityRequest {
+                name: name.clone(),
+                kind: "service-account".into(),
+                owner: "bench".into(),
+                description: "etcd bench".into(),
+                policies: vec!["bench-rw".into()],
+                expires_in_seconds: 0,
+            })
             .await
             .unwrap();
+            let sid = root.identity_secret_id(&name, 0, 0, &[]).await.unwrap();
+            creds.push((sid.role_id.clone(), sid.secret_id.clone()));
+        }
+        let creds = Arc::new(creds);
+
+        // Round trips to etcd per call, one call at a time (the background
+        // tasks' few requests fall in the same count, so these are upper
+        // bounds): the backend counts every request it sends.
+        let sent = || core.barrier.store_requests_sent().unwrap_or(0);
+        let user = Client::connect(options(Some(&token))).await.unwrap();
+        let anon_login = Client::connect(options(None)).await.unwrap();
+        let mut write = SecretData::new();
+        write.insert("password".into(), SecretBytes::from("bench-write-value"));
+        let mut trips = String::new();
+        for op in ["get", "put", "login"] {
+            let before = sent();
+            for _ in 0..TRIP_CALLS {
+                match op {
+                    "get" => drop(user.get("bench/kv").await.unwrap()),
+                    "put" => drop(
+                        user.put("bench/trips", &write, PutOptions::default())
+                            .await
+                            .unwrap(),
+                    ),
+                    _ => drop(
+                        anon_login
+                            .login_approle(&creds[0].0, &creds[0].1, 0)
+                            .await
+                            .unwrap(),
+                    ),
+                }
+            }
+            let per = (sent() - before) as f64 / TRIP_CALLS as f64;
+            println!("round_trips op={op} calls={TRIP_CALLS} etcd_requests_per_call={per:.2}");
+            write!(trips, " trips_{op}={per:.2}").unwrap();
+        }
 
         let grpc = |token: Option<String>| -> Setup<Client> {
             let options = options.clone();
@@ -536,31 +594,48 @@ mod bench {
         let login_errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let login = {
             let errors = login_errors.clone();
-            let (role, secret) = (
-                Arc::new(sid.role_id.clone()),
-                Arc::new(sid.secret_id.clone()),
-            );
+            let options = options.clone();
             phase(
                 "grpc_login",
-                connections,
+                login_connections,
                 seconds,
-                grpc(None),
-                move |c: Client| {
-                    let (role, secret, errors) = (role.clone(), secret.clone(), errors.clone());
+                Box::new(move |i| {
+                    let opts = options(None);
+                    let creds = creds.clone();
+                    Box::pin(async move {
+                        let (role, secret) = creds[i].clone();
+                        (Client::connect(opts).await.unwrap(), role, secret)
+                    })
+                }),
+                move |(c, role, secret): (Client, String, String)| {
+                    let errors = errors.clone();
                     async move {
                         // A refused login is counted (and its first reason
-                        // printed), not fatal: the figure is of successes.
+                        // printed), not fatal: the figure is of calls.
                         if let Err(e) = c.login_approle(&role, &secret, 0).await {
                             if errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
                                 println!("grpc_login: first refusal: {e}");
                             }
                         }
-                        c
+                        (c, role, secret)
                     }
                 },
             )
             .await
         };
+        let cache = core.barrier.read_cache_figures().unwrap_or_default();
+        println!(
+            "read_cache entries={} bytes={} hits={} misses={} inserted={} refused={} evicted={} invalidated={} resets={}",
+            cache.entries,
+            cache.bytes,
+            cache.hits,
+            cache.misses,
+            cache.inserted,
+            cache.refused,
+            cache.evicted,
+            cache.invalidated,
+            cache.resets
+        );
         let bao = match openbao() {
             Some(target) => Some((
                 http_noop_phase("openbao_http_noop", &target, connections, seconds).await,
@@ -692,8 +767,9 @@ mod bench {
         push(&mut line, "grpc_login", login);
         write!(
             line,
-            " grpc_login_errors={}",
-            login_errors.load(std::sync::atomic::Ordering::Relaxed)
+            " grpc_login_connections={login_connections} grpc_login_errors={}{trips} read_cache_hits={}",
+            login_errors.load(std::sync::atomic::Ordering::Relaxed),
+            cache.hits
         )
         .unwrap();
         write!(

@@ -134,6 +134,14 @@ fn parse_storage_backend(src: &dyn Source, base: &Path) -> Result<StorageBackend
                     )
                 })?,
             };
+            let size = |key: &'static str, default: usize| -> Result<usize, ConfigError> {
+                match src.get(key) {
+                    None => Ok(default),
+                    Some(v) => v.parse().map_err(|_| {
+                        ConfigError::Invalid(key.to_owned(), "expected a whole number (0: off)")
+                    }),
+                }
+            };
             Ok(StorageBackend::Etcd(crate::storage::EtcdOptions {
                 endpoints,
                 prefix,
@@ -142,6 +150,14 @@ fn parse_storage_backend(src: &dyn Source, base: &Path) -> Result<StorageBackend
                 key: path("storage.etcd.key"),
                 compact_every,
                 compact_retain,
+                read_cache_bytes: size(
+                    "storage.etcd.read_cache_bytes",
+                    crate::storage::read_cache::DEFAULT_MAX_BYTES,
+                )?,
+                read_cache_entries: size(
+                    "storage.etcd.read_cache_entries",
+                    crate::storage::read_cache::DEFAULT_MAX_ENTRIES,
+                )?,
             }))
         }
         Some(_) => Err(ConfigError::Invalid(
@@ -536,6 +552,14 @@ pub const KEYS: &[(&str, &str)] = &[
     (
         "storage.etcd.compact_retain",
         "KEYWARD_STORAGE_ETCD_COMPACT_RETAIN",
+    ),
+    (
+        "storage.etcd.read_cache_bytes",
+        "KEYWARD_STORAGE_ETCD_READ_CACHE_BYTES",
+    ),
+    (
+        "storage.etcd.read_cache_entries",
+        "KEYWARD_STORAGE_ETCD_READ_CACHE_ENTRIES",
     ),
     ("cluster.node_id", "KEYWARD_CLUSTER_NODE_ID"),
 ];

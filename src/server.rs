@@ -160,7 +160,7 @@ impl Server {
                         crate::storage::EtcdBackend::open(options)
                             .map_err(|e| ServerError::Storage(e.to_string()))?,
                     );
-                    etcd_durations = Some(etcd.request_durations());
+                    etcd_durations = Some((etcd.request_durations(), etcd.read_cache_metrics()));
                     let leadership = crate::storage::EtcdLeadership::start(
                         etcd.clone(),
                         options,
@@ -216,12 +216,47 @@ impl Server {
         }
         let metrics = Arc::new(Metrics::new());
         #[cfg(feature = "etcd")]
-        if let Some(durations) = etcd_durations {
+        if let Some((durations, cache)) = etcd_durations {
             metrics.register(
                 "etcd_request_duration_seconds",
                 "etcd requests by storage call (get, put, delete, scan, batch, \
-                 apply_in_order, compare_and_swap, fence_check), in seconds",
+                 apply_in_order, compare_and_swap, fence_check, cache_fence), in seconds",
                 durations,
+            );
+            metrics.register(
+                "etcd_read_cache_entries",
+                "entries in the read cache of secrets (stored ciphertext)",
+                cache.entries,
+            );
+            metrics.register(
+                "etcd_read_cache_bytes",
+                "bytes held by the read cache of secrets (keys, values, overhead)",
+                cache.bytes,
+            );
+            metrics.register(
+                "etcd_read_cache_hits",
+                "reads answered by the read cache",
+                cache.hits,
+            );
+            metrics.register(
+                "etcd_read_cache_misses",
+                "reads of fresh requests the read cache could not answer",
+                cache.misses,
+            );
+            metrics.register(
+                "etcd_read_cache_evicted",
+                "entries pushed out of the read cache by its bounds",
+                cache.evicted,
+            );
+            metrics.register(
+                "etcd_read_cache_invalidated",
+                "read cache entries removed by a change the etcd watch delivered",
+                cache.invalidated,
+            );
+            metrics.register(
+                "etcd_read_cache_refused",
+                "read cache inserts refused because the key changed during the read",
+                cache.refused,
             );
         }
         #[cfg(not(feature = "etcd"))]

@@ -287,11 +287,13 @@ impl Secrets for SecretsService {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let version = call.check(
-            self.core
-                .secrets
-                .put(&proof, put, self.core.clock().now_ms()),
-        )?;
+        let fresh = call.caller().is_some_and(|c| c.fresh);
+        let version = call.check(self.core.secrets.put_fenced(
+            &proof,
+            put,
+            self.core.clock().now_ms(),
+            fresh,
+        ))?;
         call.check(self.core.secrets.durable().await)?;
         let refs: Vec<(&str, &[u8])> = values
             .iter()
@@ -316,7 +318,8 @@ impl Secrets for SecretsService {
             (_, stage) => Selector::Stage(call.check(Stage::parse(stage.unwrap_or("")))?),
         };
         call.authorize(Capability::Read, path.resource())?;
-        let found = call.check(self.core.secrets.get(&path, selector))?;
+        let fresh = call.caller().is_some_and(|c| c.fresh);
+        let found = call.check(self.core.secrets.get_fenced(&path, selector, fresh))?;
         // The read set (issue 13): a path new to this identity is on disk
         // before the answer leaves; a known one is a lookup in memory.
         let noted = match call.caller() {

@@ -596,20 +596,55 @@ impl Barrier {
     }
 
     pub fn get(&self, key: &str) -> Result<Option<Plaintext>, BarrierError> {
+        self.get_fenced(key, false)
+    }
+
+    /// [`Barrier::get`] for a request whose [`Barrier::cache_fence`] said
+    /// `fresh`: on a shared store the stored value (ciphertext) may come
+    /// from the backend's read cache (`storage::read_cache`); it is
+    /// decrypted here each time, so no plaintext is cached.
+    pub fn get_fenced(&self, key: &str, fresh: bool) -> Result<Option<Plaintext>, BarrierError> {
         check_key(key)?;
         let mut keys = self.keys()?;
-        match self.backend.get(key.as_bytes())? {
+        match self.backend.get_fenced(key.as_bytes(), fresh)? {
             Some(envelope) => self.decrypt(&mut keys, key, &envelope).map(Some),
             None => Ok(None),
         }
     }
 
+    /// Asks the store to cache reads of values under `prefix` (see
+    /// `Backend::cache_reads`); call it before the first read.
+    pub fn cache_reads(&self, prefix: &str) {
+        self.backend.cache_reads(prefix);
+    }
+
+    /// What the store's read cache holds and did (`None` without one).
+    pub fn read_cache_figures(&self) -> Option<crate::storage::read_cache::ReadCacheFigures> {
+        self.backend.read_cache_figures()
+    }
+
+    /// Requests sent to the store so far, where counted (etcd).
+    pub fn store_requests_sent(&self) -> Option<u64> {
+        self.backend.requests_sent()
+    }
+
     /// The value of `key` with a stamp of the stored record, for
     /// `compare_and_swap`.
     pub fn get_stamped(&self, key: &str) -> Result<Option<(Plaintext, Stamp)>, BarrierError> {
+        self.get_stamped_fenced(key, false)
+    }
+
+    /// [`Barrier::get_stamped`] for a request whose cache fence said `fresh`
+    /// (see [`Barrier::get_fenced`]): a stamp from the cache is checked by
+    /// the write that uses it ([`Barrier::batch_if`]).
+    pub fn get_stamped_fenced(
+        &self,
+        key: &str,
+        fresh: bool,
+    ) -> Result<Option<(Plaintext, Stamp)>, BarrierError> {
         check_key(key)?;
         let mut keys = self.keys()?;
-        match self.backend.get(key.as_bytes())? {
+        match self.backend.get_fenced(key.as_bytes(), fresh)? {
             Some(envelope) => {
                 let value = self.decrypt(&mut keys, key, &envelope)?;
                 Ok(Some((value, Stamp(envelope))))
@@ -743,6 +778,26 @@ impl Barrier {
         Ok(())
     }
 
+    /// Applies every operation or none, and only if each key of `expect`
+    /// still holds the record its stamp names (`None`: absent); returns
+    /// whether it did (on `false` nothing was written: read again). On a
+    /// shared store the check is in the same transaction as the write.
+    pub fn batch_if(
+        &self,
+        expect: &[(&str, Option<&Stamp>)],
+        ops: &[PlainOp<'_>],
+    ) -> Result<bool, BarrierError> {
+        for (key, _) in expect {
+            check_key(key)?;
+        }
+        let sealed = self.seal_ops(ops)?;
+        let expect = expect
+            .iter()
+            .map(|(key, stamp)| (key.as_bytes().to_vec(), stamp.map(|s| s.0.clone())))
+            .collect();
+        Ok(self.backend.batch_if(expect, sealed)?)
+    }
+
     /// Applies the operations one at a time, in order: a crash keeps a prefix
     /// of them (see `storage`). Keys are checked and every value encrypted
     /// before the first write, so a refused key or a sealed barrier writes
@@ -829,7 +884,9 @@ impl Barrier {
                 // refused here as at a range write.
                 match self.reload(&keys) {
                     Ok(reloaded) => keys = reloaded,
-                    Err(BarrierError::Storage(error @ StorageError::Io(_))) => {
+                    Err(BarrierError::Storage(
+                        error @ (StorageError::Io(_) | StorageError::Unavailable(_)),
+                    )) => {
                         self.keyring_changed.store(true, Ordering::Release);
                         tracing::warn!(%error, "could not read the keyring another node changed");
                     }

@@ -89,6 +89,10 @@ pub struct Caller {
     /// (`None` unless this call was a cache hit); only for this caller's own
     /// token.
     pub audit_mac: Option<Arc<crate::audit::TokenMac>>,
+    /// This request's cache fence held (taken once, at its start): caches
+    /// of stored records may answer it (`storage::coherence`). Always true
+    /// on a store this process owns.
+    pub fresh: bool,
 }
 
 /// The actor chain of a delegated token (RFC 8693 `act`), for the audit
@@ -203,6 +207,7 @@ impl Gate {
             counted_use: used.counted,
             set,
             audit_mac: used.audit_mac,
+            fresh,
         })
     }
 
@@ -252,6 +257,7 @@ impl Gate {
             counted_use: false,
             set,
             audit_mac: None,
+            fresh,
         })
     }
 

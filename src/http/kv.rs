@@ -138,7 +138,8 @@ async fn read(state: &HttpState, req: &VaultRequest, path: &str) -> Answer {
         ),
     };
     call.authorize(Capability::Read, path.resource())?;
-    let found = call.check(state.core.secrets.get(&path, selector))?;
+    let fresh = call.caller().is_some_and(|c| c.fresh);
+    let found = call.check(state.core.secrets.get_fenced(&path, selector, fresh))?;
     let refs: Vec<(&str, &[u8])> = found
         .data
         .iter()
@@ -214,7 +215,8 @@ async fn put(state: &HttpState, req: &VaultRequest, path: &str) -> Answer {
         stage: Stage::Current,
     };
     let now = state.core.clock().now_ms();
-    let version = call.check(state.core.secrets.put(&proof, put, now))?;
+    let fresh = call.caller().is_some_and(|c| c.fresh);
+    let version = call.check(state.core.secrets.put_fenced(&proof, put, now, fresh))?;
     call.check(state.core.secrets.durable().await)?;
     let refs: Vec<(&str, &[u8])> = values
         .iter()

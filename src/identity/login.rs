@@ -38,6 +38,13 @@ pub enum LoginError {
     Invalid,
     #[error("too many failed logins; try again in {0} s")]
     Locked(u64),
+    /// More attempts of this role-id from this source (or from this source)
+    /// are being judged at once than it has failures left: none failed.
+    #[error(
+        "too many logins of this role-id from this address (or from this address) in flight \
+         at once; try again in 1 s"
+    )]
+    Busy,
     #[error("no client certificate was presented on this connection")]
     NoCertificate,
     #[error("no identity is bound to this certificate")]
@@ -216,6 +223,16 @@ impl ThrottleState {
     }
 }
 
+/// Why [`Throttle::admit`] refused an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Locked out after failures: seconds to wait.
+    Locked(u64),
+    /// As many attempts in flight as failures left (none need have failed):
+    /// a burst is judged a few at a time.
+    Busy,
+}
+
 /// Failure counts, lock-outs and attempts in flight, by [`ThrottleKey`].
 ///
 /// Checking and counting are one step: [`Throttle::admit`] reserves a place
@@ -251,10 +268,14 @@ impl Throttle {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Admits an attempt counted under each `(key, limit)`, or `Err(seconds
-    /// to wait)` while one of them is locked out or has as many attempts in
-    /// flight as it has failures left.
-    pub fn admit(&self, keys: Vec<(ThrottleKey, u32)>, now_ms: u64) -> Result<Attempt<'_>, u64> {
+    /// Admits an attempt counted under each `(key, limit)`, or refuses it
+    /// while one of them is locked out ([`Refusal::Locked`]) or has as many
+    /// attempts in flight as it has failures left ([`Refusal::Busy`]).
+    pub fn admit(
+        &self,
+        keys: Vec<(ThrottleKey, u32)>,
+        now_ms: u64,
+    ) -> Result<Attempt<'_>, Refusal> {
         let cfg = self.config;
         let mut state = self.state();
         for (key, limit) in &keys {
@@ -262,11 +283,13 @@ impl Throttle {
             if let Some(s) = state.map.get_mut(key) {
                 s.age(now_ms, cfg.window_ms);
                 if s.locked_until_ms > now_ms {
-                    return Err((s.locked_until_ms - now_ms).div_ceil(1000).max(1));
+                    return Err(Refusal::Locked(
+                        (s.locked_until_ms - now_ms).div_ceil(1000).max(1),
+                    ));
                 }
                 let allowance = limit.saturating_sub(s.failures).max(1);
                 if s.in_flight >= allowance {
-                    return Err(1);
+                    return Err(Refusal::Busy);
                 }
             }
         }
@@ -279,6 +302,15 @@ impl Throttle {
             throttle: self,
             keys,
             settled: false,
+        })
+    }
+
+    /// Whether `key` has failures within the window, or a lock-out, now.
+    pub fn counts(&self, key: &ThrottleKey, now_ms: u64) -> bool {
+        let cfg = self.config;
+        self.state().map.get(key).is_some_and(|s| {
+            s.locked_until_ms > now_ms
+                || (s.failures != 0 && now_ms.saturating_sub(s.last_failure_ms) < cfg.window_ms)
         })
     }
 
@@ -362,6 +394,13 @@ impl Drop for Attempt<'_> {
     }
 }
 
+/// An admitted attempt, and whether the shared record (on a shared store)
+/// may hold a count of its role-id from its source.
+struct Admitted<'a> {
+    attempt: Attempt<'a>,
+    shared_role_count: bool,
+}
+
 /// One login failure count for governance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailedLogins {
@@ -441,7 +480,7 @@ impl Login {
         source: Option<IpAddr>,
         now_ms: u64,
         identity: impl FnOnce() -> Result<String, IdentityError>,
-    ) -> Result<Attempt<'_>, LoginError> {
+    ) -> Result<Admitted<'_>, LoginError> {
         let net = SourceNet::of(source);
         let mut keys = Vec::with_capacity(2);
         if let Some(role_id) = role_id {
@@ -451,6 +490,11 @@ impl Login {
             ));
         }
         keys.push((ThrottleKey::Source(net), self.config.source_failures));
+        // Whether the shared record may hold a count of this role-id from
+        // this source (a success must then clear it there): it was
+        // unreadable, or the count here (this node's own failures, flushed
+        // or not, and what it took in from the record) is not zero.
+        let mut shared_role_count = false;
         if let Some(shared) = &self.shared {
             // What the other nodes counted (flushed so far). A read error
             // leaves this node's own count to decide.
@@ -458,15 +502,27 @@ impl Login {
                 match shared.stored(key, now_ms) {
                     Ok(Some(stored)) => self.throttle.absorb(key, &stored, now_ms),
                     Ok(None) => {}
-                    Err(error) => tracing::warn!(%error, "shared login throttle unreadable"),
+                    Err(error) => {
+                        shared_role_count |= matches!(key, ThrottleKey::RoleSource(..));
+                        tracing::warn!(%error, "shared login throttle unreadable");
+                    }
                 }
             }
+            shared_role_count |= keys.iter().any(|(key, _)| {
+                matches!(key, ThrottleKey::RoleSource(..)) && self.throttle.counts(key, now_ms)
+            });
         }
         match self.throttle.admit(keys, now_ms) {
-            Ok(attempt) => Ok(attempt),
-            Err(seconds) => {
+            Ok(attempt) => Ok(Admitted {
+                attempt,
+                shared_role_count,
+            }),
+            Err(refusal) => {
                 self.count_failure(&identity()?, source);
-                Err(LoginError::Locked(seconds))
+                Err(match refusal {
+                    Refusal::Locked(seconds) => LoginError::Locked(seconds),
+                    Refusal::Busy => LoginError::Busy,
+                })
             }
         }
     }
@@ -492,14 +548,29 @@ impl Login {
 
     /// Ends a successful attempt: the role-id's failures from this source
     /// are forgotten in memory and, on a shared store, in the shared record
-    /// too (otherwise the next admission would read them back).
-    fn succeeded(&self, attempt: Attempt<'_>, now_ms: u64) {
+    /// too (otherwise the next admission would read them back). When
+    /// neither the shared record (as read at admission) nor this node held
+    /// a count of the role-id from this source (the usual case), there is
+    /// nothing to clear and no storage request is made: a failure another
+    /// node flushed in between happened alongside this success and may
+    /// stay counted, as it would on one node had it been judged after it.
+    fn succeeded(&self, admitted: Admitted<'_>, now_ms: u64) {
+        let Admitted {
+            attempt,
+            shared_role_count,
+        } = admitted;
         if let Some(shared) = &self.shared {
             for (key, _) in attempt.keys() {
-                if matches!(key, ThrottleKey::RoleSource(..)) {
-                    if let Err(error) = shared.succeeded(key, now_ms) {
-                        tracing::warn!(%error, "shared login throttle not reset");
-                    }
+                if !matches!(key, ThrottleKey::RoleSource(..)) {
+                    continue;
+                }
+                let cleared = if shared_role_count {
+                    shared.succeeded(key, now_ms)
+                } else {
+                    shared.forget_pending(key)
+                };
+                if let Err(error) = cleared {
+                    tracing::warn!(%error, "shared login throttle not reset");
                 }
             }
         }
@@ -521,7 +592,7 @@ impl Login {
         source: Option<IpAddr>,
         now_ms: u64,
     ) -> Result<Grant, LoginError> {
-        let attempt = self.admit(Some(role_id), source, now_ms, || {
+        let admitted = self.admit(Some(role_id), source, now_ms, || {
             Ok(store
                 .by_role_id(role_id)?
                 .map_or_else(|| UNKNOWN_IDENTITY.to_owned(), |r| r.name))
@@ -529,12 +600,18 @@ impl Login {
         let identity = match store.by_role_id(role_id)? {
             Some(record) if record.is_active(now_ms) => record,
             Some(record) => {
-                return Err(self.failed(&record.name, attempt, source, now_ms, LoginError::Invalid))
+                return Err(self.failed(
+                    &record.name,
+                    admitted.attempt,
+                    source,
+                    now_ms,
+                    LoginError::Invalid,
+                ))
             }
             None => {
                 return Err(self.failed(
                     UNKNOWN_IDENTITY,
-                    attempt,
+                    admitted.attempt,
                     source,
                     now_ms,
                     LoginError::Invalid,
@@ -546,14 +623,14 @@ impl Login {
             _ => {
                 return Err(self.failed(
                     &identity.name,
-                    attempt,
+                    admitted.attempt,
                     source,
                     now_ms,
                     LoginError::Invalid,
                 ))
             }
         }
-        self.succeeded(attempt, now_ms);
+        self.succeeded(admitted, now_ms);
         store.record_login(&identity, now_ms)?;
         Ok(Grant {
             hard_expiry_ms: identity_expiry(&identity),
@@ -572,7 +649,9 @@ impl Login {
         source: Option<IpAddr>,
         now_ms: u64,
     ) -> Result<Grant, LoginError> {
-        let attempt = self.admit(None, source, now_ms, || Ok(UNKNOWN_IDENTITY.to_owned()))?;
+        let attempt = self
+            .admit(None, source, now_ms, || Ok(UNKNOWN_IDENTITY.to_owned()))?
+            .attempt;
         let Some(der) = leaf else {
             return Err(self.failed(
                 UNKNOWN_IDENTITY,
@@ -628,7 +707,9 @@ impl Login {
         source: Option<IpAddr>,
         now_ms: u64,
     ) -> Result<Grant, LoginError> {
-        let attempt = self.admit(None, source, now_ms, || Ok(UNKNOWN_IDENTITY.to_owned()))?;
+        let attempt = self
+            .admit(None, source, now_ms, || Ok(UNKNOWN_IDENTITY.to_owned()))?
+            .attempt;
         let Some(record) = store.issuer(issuer)? else {
             return Err(self.failed(
                 UNKNOWN_IDENTITY,

@@ -304,6 +304,15 @@ impl SharedThrottle {
         }
     }
 
+    /// Forgets this node's failures of `key` not yet flushed (a success
+    /// when the shared record holds no count of `key`: nothing to clear
+    /// there, no storage request).
+    pub fn forget_pending(&self, key: &ThrottleKey) -> Result<(), IdentityError> {
+        let (tag, _) = self.tag(key)?;
+        self.pending().remove(&tag);
+        Ok(())
+    }
+
     /// A successful login of `key` (a role-id from a source): its failures
     /// are forgotten here and in the shared record, as the in-memory
     /// throttle forgets them, so that the other nodes (and this one, which

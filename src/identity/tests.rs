@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::login::{Login, LoginError, SourceNet, Throttle, ThrottleConfig, ThrottleKey};
+use super::login::{Login, LoginError, Refusal, SourceNet, Throttle, ThrottleConfig, ThrottleKey};
 use super::*;
 use crate::barrier::BarrierOptions;
 use crate::oidc::JwksCache;
@@ -394,12 +394,16 @@ fn throttle_backs_off_doubling_and_forgets_old_failures() {
     fail(0);
     assert!(t.admit(key(), 0).is_ok());
     fail(0);
-    assert_eq!(t.admit(key(), 0).unwrap_err(), 1);
+    assert_eq!(t.admit(key(), 0).unwrap_err(), Refusal::Locked(1));
     fail(1000);
-    assert_eq!(t.admit(key(), 1000).unwrap_err(), 2);
+    assert_eq!(t.admit(key(), 1000).unwrap_err(), Refusal::Locked(2));
     fail(3000);
     fail(7000);
-    assert_eq!(t.admit(key(), 7000).unwrap_err(), 4, "capped");
+    assert_eq!(
+        t.admit(key(), 7000).unwrap_err(),
+        Refusal::Locked(4),
+        "capped"
+    );
     fail(100_000);
     assert!(
         t.admit(key(), 100_000).is_ok(),
@@ -415,7 +419,8 @@ fn throttle_admits_no_more_attempts_than_failures_left() {
     // Three attempts in flight at once: a fourth is refused before any of
     // them has failed (check and count are one step).
     let held: Vec<_> = (0..3).map(|_| t.admit(key(), NOW).unwrap()).collect();
-    assert!(t.admit(key(), NOW).is_err());
+    // Refused as busy, not as failed: none of them has failed yet.
+    assert_eq!(t.admit(key(), NOW).unwrap_err(), Refusal::Busy);
     // One ends without a verdict (a server fault): its place is free again.
     let mut held = held.into_iter();
     drop(held.next());
@@ -423,7 +428,10 @@ fn throttle_admits_no_more_attempts_than_failures_left() {
     for attempt in held.chain([again]) {
         attempt.failed(NOW);
     }
-    assert!(t.admit(key(), NOW).is_err(), "three failures: locked");
+    assert!(
+        matches!(t.admit(key(), NOW), Err(Refusal::Locked(_))),
+        "three failures: locked"
+    );
     // Another source, and the same address as IPv4-mapped IPv6 is the same.
     let b = SourceNet::of(Some("192.0.2.2".parse().unwrap()));
     assert!(t

@@ -28,7 +28,7 @@ use super::{data_key, MetaRecord, SecretPath, SecretStore, SecretsError};
 use crate::secrecy::SecretData;
 
 const FP: &str = "scan/fp/";
-const VER: &str = "scan/ver/";
+pub(super) const VER: &str = "scan/ver/";
 /// The derivation purpose of the fingerprint key.
 const PURPOSE: &str = "scan/value-fingerprint";
 
@@ -58,6 +58,9 @@ pub struct ValueMatch {
 pub(super) struct PrintOps {
     pub puts: Vec<(String, Vec<u8>)>,
     pub deletes: Vec<String>,
+    /// The records read to decide them, with their stamps (`None`:
+    /// absent): a write on a shared store checks they are unchanged.
+    pub read: Vec<(String, Option<crate::barrier::Stamp>)>,
 }
 
 impl PrintOps {
@@ -108,6 +111,19 @@ impl SecretStore {
         after: &MetaRecord,
         new: Option<(u64, &SecretData)>,
     ) -> Result<PrintOps, SecretsError> {
+        self.print_ops_fenced(path, before, touched, after, new, false)
+    }
+
+    /// [`Self::print_ops`] for a request whose cache fence said `fresh`.
+    pub(super) fn print_ops_fenced(
+        &self,
+        path: &SecretPath,
+        before: [u64; 3],
+        touched: Option<u64>,
+        after: &MetaRecord,
+        new: Option<(u64, &SecretData)>,
+        fresh: bool,
+    ) -> Result<PrintOps, SecretsError> {
         let mut ops = PrintOps::default();
         let mut gone: Vec<u64> = before
             .into_iter()
@@ -118,7 +134,10 @@ impl SecretStore {
         gone.dedup();
         for version in gone {
             let ver_key = format!("{VER}{}", version_suffix(path, version));
-            if let Some(raw) = self.barrier.get(&ver_key)? {
+            let found = self.barrier.get_stamped_fenced(&ver_key, fresh)?;
+            ops.read
+                .push((ver_key.clone(), found.as_ref().map(|(_, s)| s.clone())));
+            if let Some((raw, _)) = found {
                 let prints =
                     VersionPrints::decode(raw.as_slice()).map_err(|_| SecretsError::Corrupt)?;
                 ops.deletes.extend(prints.keys);

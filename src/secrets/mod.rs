@@ -45,6 +45,9 @@ use crate::secrecy::{SecretBytes, SecretData};
 const META: &str = "secrets/meta/";
 const DATA: &str = "secrets/data/";
 const LOCK_STRIPES: usize = 64;
+/// Tries of a write on a shared store whose records other nodes change
+/// meanwhile (each failed try follows another node's successful write).
+const PUT_ATTEMPTS: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretsError {
@@ -64,6 +67,9 @@ pub enum SecretsError {
     CasMismatch { expected: u64, actual: u64 },
     #[error("stored secret record is corrupt")]
     Corrupt,
+    /// Other nodes wrote the secret at every try (a shared store).
+    #[error("the secret was changed by other writers at every try; try again")]
+    Contended,
     /// The proof handed to a write is for another path or capability (a bug
     /// in the caller: it checked one thing and wrote another).
     #[error("the write's authorization is for another path or capability")]
@@ -335,6 +341,11 @@ fn data_prefix(path: &SecretPath) -> String {
 
 impl SecretStore {
     pub fn new(barrier: Arc<Barrier>, limits: DataLimits) -> Self {
+        // On etcd, reads of fresh requests come from a cache of the stored
+        // ciphertext, kept right by the store's watch (`storage::read_cache`).
+        barrier.cache_reads(META);
+        barrier.cache_reads(DATA);
+        barrier.cache_reads(fingerprint::VER);
         Self {
             barrier,
             limits,
@@ -382,9 +393,19 @@ impl SecretStore {
     }
 
     pub fn metadata(&self, path: &SecretPath) -> Result<MetaRecord, SecretsError> {
+        self.metadata_fenced(path, false)
+    }
+
+    /// [`SecretStore::metadata`] for a request whose cache fence said
+    /// `fresh` (`Barrier::cache_fence`, taken once at the request's start).
+    pub fn metadata_fenced(
+        &self,
+        path: &SecretPath,
+        fresh: bool,
+    ) -> Result<MetaRecord, SecretsError> {
         let raw = self
             .barrier
-            .get(&meta_key(path))?
+            .get_fenced(&meta_key(path), fresh)?
             .ok_or(SecretsError::NotFound)?;
         MetaRecord::decode(raw.as_slice()).map_err(|_| SecretsError::Corrupt)
     }
@@ -397,6 +418,26 @@ impl SecretStore {
         req: PutRequest,
         now_ms: u64,
     ) -> Result<u64, SecretsError> {
+        self.put_fenced(proof, req, now_ms, false)
+    }
+
+    /// [`SecretStore::put`] for a request whose cache fence said `fresh`
+    /// (`Barrier::cache_fence`, taken once at its start).
+    ///
+    /// On a shared store (etcd) other nodes write too, and this node's
+    /// stripe lock does not stop them: the write is one transaction that
+    /// applies only if the metadata (and every fingerprint record it relied
+    /// on) is still the record it read. So the records may come from the
+    /// read cache (`fresh`), which saves the reads; if another node wrote
+    /// in between, nothing is written and the write is made again from
+    /// records read from the store.
+    pub fn put_fenced(
+        &self,
+        proof: &Authorized,
+        req: PutRequest,
+        now_ms: u64,
+        fresh: bool,
+    ) -> Result<u64, SecretsError> {
         require(proof, Capability::Write, &req.path)?;
         self.limits.check(&req.data)?;
         let max_versions = req
@@ -404,18 +445,52 @@ impl SecretStore {
             .map(|n| self.limits.check_max_versions(n))
             .transpose()?;
         let _guard = self.stripe(&req.path);
-        let mut meta = match self.metadata(&req.path) {
-            Ok(m) => m,
-            Err(SecretsError::NotFound) => MetaRecord {
-                max_versions: self.limits.default_max_versions,
-                created_at_ms: now_ms,
-                ..MetaRecord::default()
-            },
-            Err(e) => return Err(e),
+        let shared = self.barrier.is_shared_store();
+        let mut fresh = fresh && shared;
+        for _ in 0..PUT_ATTEMPTS {
+            if let Some(version) = self.put_once(&req, max_versions, now_ms, fresh, shared)? {
+                if req.stage == Stage::Current {
+                    self.announce(&req.path, version, now_ms);
+                }
+                return Ok(version);
+            }
+            fresh = false;
+        }
+        Err(SecretsError::Contended)
+    }
+
+    /// One try of a write: `None` when, on a shared store, a record it read
+    /// changed before the write (nothing was written), or a check-and-set
+    /// failed on records from the cache (checked again against the store).
+    fn put_once(
+        &self,
+        req: &PutRequest,
+        max_versions: Option<u32>,
+        now_ms: u64,
+        fresh: bool,
+        shared: bool,
+    ) -> Result<Option<u64>, SecretsError> {
+        let meta_k = meta_key(&req.path);
+        let (mut meta, stamp) = match self.barrier.get_stamped_fenced(&meta_k, fresh)? {
+            Some((raw, stamp)) => (
+                MetaRecord::decode(raw.as_slice()).map_err(|_| SecretsError::Corrupt)?,
+                Some(stamp),
+            ),
+            None => (
+                MetaRecord {
+                    max_versions: self.limits.default_max_versions,
+                    created_at_ms: now_ms,
+                    ..MetaRecord::default()
+                },
+                None,
+            ),
         };
         let staged_before = fingerprint::staged(&meta);
         if let Some(expected) = req.cas {
             if expected != meta.newest {
+                if fresh {
+                    return Ok(None);
+                }
                 return Err(SecretsError::CasMismatch {
                     expected,
                     actual: meta.newest,
@@ -425,8 +500,8 @@ impl SecretStore {
         if let Some(n) = max_versions {
             meta.max_versions = n;
         }
-        if let Some(owner) = req.owner {
-            meta.owner = owner;
+        if let Some(owner) = &req.owner {
+            meta.owner.clone_from(owner);
         }
         let version = meta.newest + 1;
         meta.newest = version;
@@ -458,15 +533,15 @@ impl SecretStore {
         let encoded = Zeroizing::new(fields.encode_to_vec());
         fields.fields.values_mut().for_each(|v| v.zeroize());
         let meta_bytes = meta.encode_to_vec();
-        let meta_k = meta_key(&req.path);
         let data_k = data_key(&req.path, version);
         let pruned_keys: Vec<String> = pruned.iter().map(|v| data_key(&req.path, *v)).collect();
-        let prints = self.print_ops(
+        let prints = self.print_ops_fenced(
             &req.path,
             staged_before,
             None,
             &meta,
             Some((version, &req.data)),
+            fresh,
         )?;
         let mut ops = vec![
             PlainOp::Put(&meta_k, &meta_bytes),
@@ -474,11 +549,16 @@ impl SecretStore {
         ];
         ops.extend(pruned_keys.iter().map(|k| PlainOp::Delete(k)));
         prints.extend_batch(&mut ops);
-        self.barrier.batch(&ops)?;
-        if req.stage == Stage::Current {
-            self.announce(&req.path, version, now_ms);
+        if shared {
+            let mut expect = vec![(meta_k.as_str(), stamp.as_ref())];
+            expect.extend(prints.read.iter().map(|(k, s)| (k.as_str(), s.as_ref())));
+            if !self.barrier.batch_if(&expect, &ops)? {
+                return Ok(None);
+            }
+        } else {
+            self.barrier.batch(&ops)?;
         }
-        Ok(version)
+        Ok(Some(version))
     }
 
     /// Reads one version.
@@ -487,7 +567,20 @@ impl SecretStore {
         path: &SecretPath,
         selector: Selector,
     ) -> Result<SecretVersion, SecretsError> {
-        let meta = self.metadata(path)?;
+        self.get_fenced(path, selector, false)
+    }
+
+    /// Reads one version for a request whose cache fence said `fresh`
+    /// (`Barrier::cache_fence`, taken once at the request's start): on etcd
+    /// the stored records may then come from the read cache, which holds
+    /// every change acknowledged before the request began.
+    pub fn get_fenced(
+        &self,
+        path: &SecretPath,
+        selector: Selector,
+        fresh: bool,
+    ) -> Result<SecretVersion, SecretsError> {
+        let meta = self.metadata_fenced(path, fresh)?;
         let version = match selector {
             Selector::Version(0) => return Err(InputError::BadVersion.into()),
             Selector::Version(v) => v,
@@ -507,7 +600,7 @@ impl SecretStore {
         }
         let raw = self
             .barrier
-            .get(&data_key(path, version))?
+            .get_fenced(&data_key(path, version), fresh)?
             .ok_or(SecretsError::Corrupt)?;
         let fields = FieldsRecord::decode(raw.as_slice()).map_err(|_| SecretsError::Corrupt)?;
         let data = fields

@@ -37,14 +37,26 @@ pub const FENCE_WAIT: Duration = Duration::from_secs(2);
 
 /// Told of one changed key (the barrier's key, under the tracked prefix).
 pub type OnChange = Arc<dyn Fn(&str) + Send + Sync>;
+/// Told of one changed key (the barrier's key) and the revision of the
+/// change (its etcd `mod_revision`).
+pub type OnRevision = Arc<dyn Fn(&[u8], i64) + Send + Sync>;
 /// Told to forget everything.
 pub type OnReset = Arc<dyn Fn() + Send + Sync>;
 
+enum Change {
+    Key(OnChange),
+    Revision(OnRevision),
+}
+
 struct Listener {
     prefix: String,
-    on_change: OnChange,
+    on_change: Change,
     on_reset: OnReset,
 }
+
+/// One delivery: the revision reached, and each changed key with the
+/// revision of its change.
+type Delivery = (i64, Vec<(Vec<u8>, i64)>);
 
 /// What the watch has delivered.
 #[derive(Default)]
@@ -53,7 +65,7 @@ struct Progress {
     live: bool,
     delivered: i64,
     /// Deliveries kept back by [`Coherence::hold`] (tests).
-    held: Option<Vec<(i64, Vec<Vec<u8>>)>>,
+    held: Option<Vec<Delivery>>,
 }
 
 /// The shared epoch reads.
@@ -116,7 +128,20 @@ impl Coherence {
             .unwrap_or_else(PoisonError::into_inner)
             .push(Listener {
                 prefix: prefix.to_owned(),
-                on_change,
+                on_change: Change::Key(on_change),
+                on_reset,
+            });
+    }
+
+    /// As [`Coherence::track`], for a cache that also wants each change's
+    /// revision (`read_cache`).
+    pub fn track_revisions(&self, prefix: &str, on_change: OnRevision, on_reset: OnReset) {
+        self.listeners
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Listener {
+                prefix: prefix.to_owned(),
+                on_change: Change::Revision(on_change),
                 on_reset,
             });
     }
@@ -131,9 +156,9 @@ impl Coherence {
     }
 
     /// The watch delivered every event up to `revision`; `keys` are the
-    /// barrier keys they changed. Callbacks run before `revision` counts as
-    /// delivered.
-    pub fn deliver(&self, revision: i64, keys: Vec<Vec<u8>>) {
+    /// barrier keys they changed, each with the revision of its change.
+    /// Callbacks run before `revision` counts as delivered.
+    pub fn deliver(&self, revision: i64, keys: Vec<(Vec<u8>, i64)>) {
         {
             let mut progress = lock(&self.progress);
             if let Some(held) = progress.held.as_mut() {
@@ -146,10 +171,13 @@ impl Coherence {
                 .listeners
                 .read()
                 .unwrap_or_else(PoisonError::into_inner);
-            for key in &keys {
+            for (key, changed_at) in &keys {
                 for listener in listeners.iter() {
                     if key.starts_with(listener.prefix.as_bytes()) {
-                        (listener.on_change)(&String::from_utf8_lossy(key));
+                        match &listener.on_change {
+                            Change::Key(f) => f(&String::from_utf8_lossy(key)),
+                            Change::Revision(f) => f(key, *changed_at),
+                        }
                     }
                 }
             }
@@ -314,11 +342,14 @@ mod tests {
         assert_eq!(resets.load(Ordering::SeqCst), 1);
         c.deliver(
             2,
-            vec![b"tokens/accessor/kwa_x".to_vec(), b"secret/y".to_vec()],
+            vec![
+                (b"tokens/accessor/kwa_x".to_vec(), 2),
+                (b"secret/y".to_vec(), 2),
+            ],
         );
         assert_eq!(*seen.lock().unwrap(), vec!["tokens/accessor/kwa_x"]);
         let hold = c.hold();
-        c.deliver(3, vec![b"tokens/accessor/kwa_z".to_vec()]);
+        c.deliver(3, vec![(b"tokens/accessor/kwa_z".to_vec(), 3)]);
         assert_eq!(seen.lock().unwrap().len(), 1);
         assert!(!c.fence(&|| Ok(3)));
         drop(hold);

@@ -82,8 +82,10 @@ use etcd_client::{
 
 use super::cluster::{self, Fence};
 use super::coherence::Coherence;
+use super::read_cache::{ReadCache, ReadCacheFigures, ReadCacheMetrics};
 use super::{
-    format, Backend, BatchOp, CasOutcome, EtcdOptions, ExportSink, KeyValues, StorageError,
+    format, Backend, BatchOp, CasOutcome, EtcdOptions, Expected, ExportSink, KeyValues,
+    StorageError,
 };
 
 /// etcd's default `--max-txn-ops`.
@@ -135,6 +137,10 @@ pub struct EtcdBackend {
     /// When a request last ran out of retries with nothing answered since
     /// (see `call`).
     lost: std::sync::Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
+    /// Values of the prefixes asked for by `cache_reads` (`read_cache`).
+    read_cache: std::sync::Arc<ReadCache>,
+    /// Requests sent to etcd by `call` (each try counts): round trips.
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for EtcdBackend {
@@ -311,6 +317,11 @@ impl EtcdBackend {
             epoch_key: [prefix, EPOCH_KEY].concat(),
             coherence: std::sync::Arc::new(Coherence::new()),
             lost: std::sync::Arc::new(std::sync::Mutex::new(None)),
+            read_cache: std::sync::Arc::new(ReadCache::new(
+                options.read_cache_bytes,
+                options.read_cache_entries,
+            )),
+            sent: std::sync::Arc::default(),
         };
         backend.check_format()?;
         if let Some(runtime) = &backend.runtime {
@@ -351,11 +362,13 @@ impl EtcdBackend {
         let (tx, rx) = mpsc::sync_channel(1);
         let client = self.client.clone();
         let lost = self.lost.clone();
+        let sent = self.sent.clone();
         runtime.spawn(async move {
             let started = tokio::time::Instant::now();
             let known_lost = lock(&lost).is_some_and(|at| at.elapsed() < RETRY_FOR);
             let mut tries = 0u64;
             let out = loop {
+                sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 match (work.clone())(client.clone()).await {
                     Err(StorageError::Unavailable(message))
                         if message.contains(NOT_SENT) || message.contains(NO_LEADER) =>
@@ -580,6 +593,7 @@ impl EtcdBackend {
 
     /// The revision of the last tracked change: one linearizable read.
     fn read_epoch(&self) -> Result<i64, StorageError> {
+        let _timer = self.time("cache_fence");
         let key = self.epoch_key.clone();
         self.call(move |mut client| async move {
             let answer = client
@@ -642,8 +656,10 @@ fn wait<T>(rx: mpsc::Receiver<T>) -> Result<T, StorageError> {
     }
 }
 
-impl Backend for EtcdBackend {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+impl EtcdBackend {
+    /// One linearizable read of `key` (a barrier key): its value and the
+    /// revision that wrote it.
+    fn get_with_revision(&self, key: &[u8]) -> Result<Option<(Vec<u8>, i64)>, StorageError> {
         let _timer = self.time("get");
         let key = self.data_key(key);
         self.call(move |mut client| async move {
@@ -651,12 +667,62 @@ impl Backend for EtcdBackend {
                 .get(key, None)
                 .await
                 .map_err(|e| etcd_error("get", e))?;
-            Ok(answer
-                .take_kvs()
-                .into_iter()
-                .next()
-                .map(|kv| kv.into_key_value().1))
+            Ok(answer.take_kvs().into_iter().next().map(|kv| {
+                let revision = kv.mod_revision();
+                (kv.into_key_value().1, revision)
+            }))
         })
+    }
+
+    /// The read cache's metrics, for `/metrics`.
+    pub fn read_cache_metrics(&self) -> ReadCacheMetrics {
+        self.read_cache.metrics()
+    }
+}
+
+impl Backend for EtcdBackend {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.get_with_revision(key)?.map(|(value, _)| value))
+    }
+
+    /// A fresh request (its fence held) is answered from the read cache
+    /// when it holds the key; any other read goes to etcd, and what it
+    /// returns is inserted under the insert rule (`read_cache`).
+    fn get_fenced(&self, key: &[u8], fresh: bool) -> Result<Option<Vec<u8>>, StorageError> {
+        if !self.read_cache.covers(key) {
+            return self.get(key);
+        }
+        if fresh {
+            if let Some(value) = self.read_cache.get(key) {
+                return Ok(Some(value));
+            }
+        }
+        let ticket = self.read_cache.ticket();
+        let found = self.get_with_revision(key)?;
+        Ok(found.map(|(value, revision)| {
+            self.read_cache.insert(key, &value, revision, ticket);
+            value
+        }))
+    }
+
+    fn cache_reads(&self, prefix: &str) {
+        let (on_change, on_reset) = (self.read_cache.clone(), self.read_cache.clone());
+        if !self.read_cache.add_prefix(prefix) {
+            return;
+        }
+        self.coherence.track_revisions(
+            prefix,
+            std::sync::Arc::new(move |key: &[u8], revision: i64| on_change.changed(key, revision)),
+            std::sync::Arc::new(move || on_reset.reset()),
+        );
+    }
+
+    fn read_cache_figures(&self) -> Option<ReadCacheFigures> {
+        Some(self.read_cache.figures())
+    }
+
+    fn requests_sent(&self) -> Option<u64> {
+        Some(self.sent.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     fn put(&self, key: &[u8], value: &[u8]) -> Result<(), StorageError> {
@@ -797,6 +863,103 @@ impl Backend for EtcdBackend {
             )));
         }
         self.txn(ops, "batch")
+    }
+
+    /// One transaction: the values of `expect` compared (and, under a
+    /// leader's fence, its term), then `ops` and the change marker. What it
+    /// wrote under a cached prefix goes into the read cache at the
+    /// transaction's revision, under the insert rule (a ticket taken
+    /// before it was sent).
+    fn batch_if(&self, expect: Expected, ops: Vec<BatchOp>) -> Result<bool, StorageError> {
+        // Timed as a batch: it is one, with comparisons.
+        let _timer = self.time("batch");
+        let ops = fold(ops);
+        let bytes: usize = ops.iter().map(op_bytes).sum::<usize>()
+            + expect
+                .iter()
+                .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len) + 16)
+                .sum::<usize>();
+        let bump = self.bumps(&ops);
+        if ops.len() > MAX_TXN_OPS - usize::from(bump) || bytes > MAX_REQUEST_BYTES {
+            return Err(StorageError::Io(format!(
+                "batch_if: {} operations of {bytes} bytes exceed one etcd transaction \
+                 ({MAX_TXN_OPS} operations, {MAX_REQUEST_BYTES} bytes); nothing was written",
+                ops.len()
+            )));
+        }
+        let cached: Vec<(Vec<u8>, Vec<u8>, super::read_cache::Ticket)> = ops
+            .iter()
+            .filter_map(|op| match op {
+                BatchOp::Put(key, value) if self.read_cache.covers(key) => {
+                    Some((key.clone(), value.clone(), self.read_cache.ticket()))
+                }
+                _ => None,
+            })
+            .collect();
+        let mut compares: Vec<Compare> = expect
+            .into_iter()
+            .map(|(key, value)| {
+                let key = self.data_key(&key);
+                match value {
+                    Some(value) => Compare::value(key, CompareOp::Equal, value),
+                    None => Compare::version(key, CompareOp::Equal, 0),
+                }
+            })
+            .collect();
+        let fence = cluster::current();
+        let mut otherwise = Vec::new();
+        if let Some(fence) = &fence {
+            compares.push(fence_compare(fence));
+            otherwise.push(TxnOp::get(fence.key.clone(), None));
+        }
+        let term = fence.as_ref().map(|f| f.revision);
+        let mut txn_ops: Vec<TxnOp> = ops
+            .into_iter()
+            .map(|op| match op {
+                BatchOp::Put(key, value) => TxnOp::put(self.data_key(&key), value, None),
+                BatchOp::Delete(key) => TxnOp::delete(self.data_key(&key), None),
+            })
+            .collect();
+        if bump {
+            txn_ops.push(self.epoch_op());
+        }
+        let written = self.call(move |mut client| async move {
+            let answer = client
+                .txn(
+                    Txn::new()
+                        .when(compares)
+                        .and_then(txn_ops)
+                        .or_else(otherwise),
+                )
+                .await
+                .map_err(|e| etcd_error("batch_if", e))?;
+            if answer.succeeded() {
+                return Ok(Some(answer.header().map_or(0, |h| h.revision())));
+            }
+            if let Some(revision) = term {
+                let holder = answer
+                    .op_responses()
+                    .into_iter()
+                    .find_map(|r| match r {
+                        TxnOpResponse::Get(mut get) => get.take_kvs().into_iter().next(),
+                        _ => None,
+                    })
+                    .map(|kv| kv.create_revision());
+                if holder != Some(revision) {
+                    return Err(fenced_error("batch_if"));
+                }
+            }
+            Ok(None)
+        })?;
+        let Some(revision) = written else {
+            return Ok(false);
+        };
+        if revision > 0 {
+            for (key, value, ticket) in cached {
+                self.read_cache.insert(&key, &value, revision, ticket);
+            }
+        }
+        Ok(true)
     }
 
     fn apply_in_order(&self, ops: Vec<BatchOp>) -> Result<(), StorageError> {

@@ -31,6 +31,10 @@ pub struct EtcdOptions {
     /// leader saw this long ago (`storage.etcd.compact_retain`; `0` keeps
     /// none, compacting at the current revision).
     pub compact_retain: Duration,
+    /// Bounds of the read cache of secrets (`storage.etcd.read_cache_bytes`,
+    /// `read_cache_entries`; 0 turns it off): see `storage::read_cache`.
+    pub read_cache_bytes: usize,
+    pub read_cache_entries: usize,
 }
 
 impl EtcdOptions {
@@ -45,6 +49,8 @@ impl EtcdOptions {
             key: None,
             compact_every: Some(DEFAULT_COMPACT_EVERY),
             compact_retain: DEFAULT_COMPACT_RETAIN,
+            read_cache_bytes: super::read_cache::DEFAULT_MAX_BYTES,
+            read_cache_entries: super::read_cache::DEFAULT_MAX_ENTRIES,
         }
     }
 }

@@ -106,7 +106,7 @@ async fn session(feed: &Feed) -> Result<(), String> {
             let Some(kv) = event.kv() else { continue };
             highest = highest.max(kv.mod_revision());
             if let Some(key) = kv.key().strip_prefix(feed.data.as_slice()) {
-                keys.push(key.to_vec());
+                keys.push((key.to_vec(), kv.mod_revision()));
             }
         }
         if highest > 0 {

@@ -31,6 +31,7 @@ pub mod etcd_options;
 mod etcd_watch;
 pub mod format;
 mod group_commit;
+pub mod read_cache;
 mod sled_backend;
 
 #[cfg(feature = "etcd")]
@@ -77,6 +78,10 @@ pub type ExportSink<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), StorageError> + 
 
 /// Key/value pairs in key order, as scans return them.
 pub type KeyValues = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// What [`Backend::batch_if`] checks: keys and the values they must hold
+/// (`None`: absent).
+pub type Expected = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
 /// One operation of an atomic batch.
 #[derive(Clone)]
@@ -153,5 +158,40 @@ pub trait Backend: Send + Sync + 'static {
     /// writes empty its caches); on a shared one, see `coherence`.
     fn cache_fence(&self) -> bool {
         !self.is_shared()
+    }
+    /// Reads `key` for a request whose [`Backend::cache_fence`] said
+    /// `fresh`: on a shared store with a read cache over the key's prefix
+    /// (see [`Backend::cache_reads`]) a fresh request may be answered from
+    /// it; otherwise the same as [`Backend::get`].
+    fn get_fenced(&self, key: &[u8], _fresh: bool) -> Result<Option<Vec<u8>>, StorageError> {
+        self.get(key)
+    }
+    /// Applies every operation of `ops` (atomically, as [`Backend::batch`])
+    /// only if each key of `expect` still holds its value (`None`: absent);
+    /// otherwise writes nothing and returns false. On a shared store the
+    /// check and the write are one transaction. This default checks, then
+    /// writes: it is atomic only for callers that serialise every writer
+    /// of the checked keys themselves (one process, under its own lock).
+    fn batch_if(&self, expect: Expected, ops: Vec<BatchOp>) -> Result<bool, StorageError> {
+        for (key, value) in &expect {
+            if self.get(key)?.as_ref() != value.as_ref() {
+                return Ok(false);
+            }
+        }
+        self.batch(ops)?;
+        Ok(true)
+    }
+    /// Asks for reads of keys under `prefix` to be cached (values as
+    /// stored: ciphertext), kept right by the store's change feed
+    /// (`read_cache`). Nothing to do on a store one process owns.
+    fn cache_reads(&self, _prefix: &str) {}
+    /// What the read cache holds and did (`None` without one).
+    fn read_cache_figures(&self) -> Option<read_cache::ReadCacheFigures> {
+        None
+    }
+    /// Requests sent to the store so far (a debug count of round trips;
+    /// `None` where it is not counted).
+    fn requests_sent(&self) -> Option<u64> {
+        None
     }
 }

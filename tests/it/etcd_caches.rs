@@ -13,62 +13,13 @@
 use tonic::Code;
 
 use crate::etcd_kit::EtcdCluster;
-use crate::harness::{data, eventually, private_tempdir, unique, TestServer};
+use crate::etcd_nodes::{caught_up, issue, node};
+use crate::harness::{data, private_tempdir, unique};
 use crate::ident_kit::{approle_identity, login};
-use keyward::client::{Client, ClientError, IssueOptions, PutOptions};
-use keyward::config::{ServerConfig, StorageBackend, TlsConfig};
-use keyward::storage::EtcdOptions;
+use keyward::client::{ClientError, PutOptions};
 
 fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> Code {
     r.unwrap_err().code().unwrap_or(Code::Unknown)
-}
-
-/// A node on `etcd` under `prefix`, with the certificates in `certs`.
-async fn node(
-    etcd: &EtcdCluster,
-    prefix: &str,
-    certs: &keyward::pki::CertPaths,
-    node_id: &str,
-) -> TestServer {
-    crate::harness::install_crypto();
-    let dir = private_tempdir();
-    let config = ServerConfig {
-        tls: Some(TlsConfig {
-            cert: certs.server.clone(),
-            key: certs.server_key.clone(),
-            client_ca: Some(certs.ca.clone()),
-        }),
-        storage_backend: StorageBackend::Etcd(EtcdOptions::plaintext(etcd.endpoints(), prefix)),
-        node_id: node_id.to_owned(),
-        ..ServerConfig::local(dir.path().join("data"), dir.path().join("audit.log"))
-    };
-    TestServer::from_config(dir, config, certs.ca.clone()).await
-}
-
-/// Waits until `server`'s watch runs and has delivered every change
-/// acknowledged so far (its cache fence holds).
-async fn caught_up(server: &TestServer) {
-    let barrier = server.core.barrier.clone();
-    eventually("the node's etcd watch has caught up", || {
-        let barrier = barrier.clone();
-        async move {
-            tokio::task::spawn_blocking(move || barrier.cache_fence())
-                .await
-                .unwrap()
-        }
-    })
-    .await;
-}
-
-/// A token of `policy` issued by `root` (on any node).
-async fn issue(root: &Client, policy: &str) -> String {
-    root.issue_token(IssueOptions {
-        policies: vec![policy.to_owned()],
-        ..IssueOptions::default()
-    })
-    .await
-    .unwrap()
-    .token
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -38,6 +38,10 @@ mod etcd_compaction;
 #[path = "../support/etcd_kit.rs"]
 #[allow(dead_code)]
 mod etcd_kit;
+#[cfg(feature = "etcd")]
+mod etcd_nodes;
+#[cfg(feature = "etcd")]
+mod etcd_reads;
 mod fed17_attack;
 mod federation_claims;
 mod federation_figures;

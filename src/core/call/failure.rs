@@ -295,7 +295,9 @@ impl From<SecretsError> for Failure {
             | SecretsError::NoSuchStage(_)
             | SecretsError::Deleted(_)
             | SecretsError::Destroyed(_) => Self::new(FailureKind::NotFound, e.to_string()),
-            SecretsError::CasMismatch { .. } => Self::new(FailureKind::Conflict, e.to_string()),
+            SecretsError::CasMismatch { .. } | SecretsError::Contended => {
+                Self::new(FailureKind::Conflict, e.to_string())
+            }
             SecretsError::Barrier(b) => b.into(),
             SecretsError::Corrupt | SecretsError::WrongProof => Self::internal(e),
         }
@@ -341,7 +343,9 @@ impl From<IdentityError> for Failure {
 impl From<LoginError> for Failure {
     fn from(e: LoginError) -> Self {
         match e {
-            LoginError::Locked(_) => Self::new(FailureKind::Exhausted, e.to_string()),
+            LoginError::Locked(_) | LoginError::Busy => {
+                Self::new(FailureKind::Exhausted, e.to_string())
+            }
             LoginError::KeysUnavailable(_) => Self::new(FailureKind::Unavailable, e.to_string()),
             LoginError::Identity(i) => i.into(),
             LoginError::Invalid
