@@ -450,15 +450,24 @@ async fn bench(g: &Global, format: Format, opts: BenchOptions) -> Result<()> {
         })
         .await?;
     }
-    let ratio = |a: f64, b: f64| (a / b.max(1e-9) * 1000.0).round() / 1000.0;
     let round = |v: f64| (v * 10.0).round() / 10.0;
+    // A ratio only between two phases that ran.
+    let ratio = |a: (&str, &Phase), b: (&str, &Phase)| {
+        (wanted(a.0) && wanted(b.0))
+            .then(|| (a.1.rps() / b.1.rps().max(1e-9) * 1000.0).round() / 1000.0)
+    };
+    let (h, gt, is, sg) = (
+        ("health", &health),
+        ("get", &get),
+        ("issue", &issue),
+        ("sign", &sign),
+    );
     let mut summary = json!({
         "concurrency": concurrency, "connections": clients.len(),
         "health_per_s": round(health.rps()), "get_per_s": round(get.rps()),
         "issue_per_s": round(issue.rps()), "sign_per_s": round(sign.rps()),
-        "issue_vs_get": ratio(issue.rps(), get.rps()), "sign_vs_get": ratio(sign.rps(), get.rps()),
-        "issue_vs_health": ratio(issue.rps(), health.rps()),
-        "sign_vs_health": ratio(sign.rps(), health.rps()),
+        "issue_vs_get": ratio(is, gt), "sign_vs_get": ratio(sg, gt),
+        "issue_vs_health": ratio(is, h), "sign_vs_health": ratio(sg, h),
         "issue_p99_ms": round(issue.percentile_ms(0.99)), "sign_p99_ms": round(sign.percentile_ms(0.99)),
         "errors": health.errors + get.errors + issue.errors + sign.errors,
     });
@@ -468,12 +477,7 @@ async fn bench(g: &Global, format: Format, opts: BenchOptions) -> Result<()> {
             Stop::Calls(n) => map.insert("calls".into(), json!(n)),
         };
         if server_pid.is_some() {
-            for (name, p) in [
-                ("health", &health),
-                ("get", &get),
-                ("issue", &issue),
-                ("sign", &sign),
-            ] {
+            for (name, p) in [h, gt, is, sg] {
                 if wanted(name) {
                     let us = p.cpu_us_per_op().map(round);
                     map.insert(format!("{name}_cpu_us_per_op"), json!(us));

@@ -193,6 +193,7 @@ pub fn pem(label: &str, der: &[u8]) -> zeroize::Zeroizing<String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use rcgen::PublicKeyData as _;
