@@ -360,6 +360,14 @@ impl PkiStore {
         *self.signer.write().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
+    /// Whether the parsed CA (its private key) is held in memory now.
+    pub fn keeps_ca_key(&self) -> bool {
+        self.signer
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
     /// The run-time trust store of client certificates (`login cert`).
     pub fn trust(&self) -> &Arc<ClientTrust> {
         &self.trust
