@@ -484,7 +484,10 @@ async fn pki_sealing_drops_the_kept_ca_key_and_signing_resumes_after_unseal() {
     assert!(server.core.pki.keeps_ca_key(), "the CA is kept after use");
 
     root.seal().await.unwrap();
-    assert!(!server.core.pki.keeps_ca_key(), "the CA key outlived the seal");
+    assert!(
+        !server.core.pki.keeps_ca_key(),
+        "the CA key outlived the seal"
+    );
     assert!(root
         .pki_issue(issue_req("seal", &[&spiffe], &[]))
         .await
