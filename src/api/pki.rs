@@ -39,7 +39,9 @@ impl PkiService {
         Self { core }
     }
 
-    /// Records a built certificate (durably) and answers it.
+    /// Records a built certificate (durably) and answers it. The audit
+    /// record shares one write with those of concurrent calls
+    /// (`Call::ok_async`) and is written before the answer.
     async fn hand_out(
         &self,
         mut call: Call,
@@ -51,7 +53,7 @@ impl PkiService {
             .as_ref()
             .map(|k| k.as_str().to_owned())
             .unwrap_or_default();
-        call.ok(&[("private_key", key.as_bytes())])?;
+        call.ok_async(&[("private_key", key.as_bytes())]).await?;
         Ok(Response::new(PkiIssueResponse {
             certificate: built.certificate_pem.clone(),
             private_key: key,

@@ -39,7 +39,7 @@ impl Phase {
     }
 
     /// Server CPU microseconds per answered call.
-    fn cpu_us_per_op(&self) -> Option<f64> {
+    pub(super) fn cpu_us_per_op(&self) -> Option<f64> {
         let cpu = self.server_cpu?;
         Some(cpu.as_secs_f64() * 1e6 / (self.ok.max(1) as f64))
     }
@@ -76,6 +76,16 @@ fn process_cpu(pid: u32) -> Result<Duration> {
     Ok(Duration::from_millis(total.saturating_mul(1000 / USER_HZ)))
 }
 
+/// When a phase ends.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Stop {
+    /// After this long.
+    After(Duration),
+    /// After this many calls in all (answered or failed), for counting what
+    /// the server does per call (e.g. under `valgrind --tool=callgrind`).
+    Calls(u64),
+}
+
 /// Runs `op` from `concurrency` workers for `duration`, and reads the CPU
 /// time the server at `server_pid` used meanwhile.
 pub(super) async fn phase<F, Fut>(
@@ -89,35 +99,56 @@ where
     F: Fn(Client, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = bool> + Send,
 {
+    phase_until(clients, concurrency, Stop::After(duration), server_pid, op).await
+}
+
+/// [`phase`] that ends as `stop` says.
+pub(super) async fn phase_until<F, Fut>(
+    clients: &[Client],
+    concurrency: usize,
+    stop: Stop,
+    server_pid: Option<u32>,
+    op: F,
+) -> Result<Phase>
+where
+    F: Fn(Client, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
     let cpu_before = server_pid.map(process_cpu).transpose()?;
-    let mut total = run_phase(clients, concurrency, duration, op).await;
+    let mut total = run_phase(clients, concurrency, stop, op).await;
     if let (Some(pid), Some(before)) = (server_pid, cpu_before) {
         total.server_cpu = Some(process_cpu(pid)?.saturating_sub(before));
     }
     Ok(total)
 }
 
-async fn run_phase<F, Fut>(
-    clients: &[Client],
-    concurrency: usize,
-    duration: Duration,
-    op: F,
-) -> Phase
+async fn run_phase<F, Fut>(clients: &[Client], concurrency: usize, stop: Stop, op: F) -> Phase
 where
     F: Fn(Client, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = bool> + Send,
 {
+    use std::sync::atomic::{AtomicU64, Ordering};
     let op = Arc::new(op);
     let start = Instant::now();
-    let deadline = start + duration;
+    let (deadline, calls) = match stop {
+        Stop::After(d) => (Some(start + d), u64::MAX),
+        Stop::Calls(n) => (None, n),
+    };
+    // Calls not yet started, shared by the workers.
+    let left = Arc::new(AtomicU64::new(calls));
     let mut tasks = Vec::with_capacity(concurrency);
     for w in 0..concurrency {
         let client = clients[w % clients.len()].clone();
         let op = op.clone();
+        let left = left.clone();
         tasks.push(tokio::spawn(async move {
             let mut p = Phase::default();
             let mut i = 0u64;
-            while Instant::now() < deadline {
+            while deadline.is_none_or(|d| Instant::now() < d)
+                && left
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+            {
                 let t = Instant::now();
                 let ok = op(client.clone(), (w as u64) << 32 | i).await;
                 i += 1;

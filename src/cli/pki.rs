@@ -7,6 +7,7 @@ use base64::Engine as _;
 use clap::Subcommand;
 use serde_json::{json, Value};
 
+use super::bench::Stop;
 use super::common::{connect, rfc3339};
 use super::output::{emit, Format};
 use super::{Global, UsageError};
@@ -73,6 +74,16 @@ pub enum PkiCommand {
         seconds: u64,
         #[arg(long, default_value_t = 4)]
         connections: usize,
+        /// A fixed number of calls per phase instead of `--seconds` (for
+        /// counting instructions per call under callgrind).
+        #[arg(long)]
+        calls: Option<u64>,
+        /// The phases to run, comma-separated, of health, get, issue, sign.
+        #[arg(long, value_delimiter = ',', default_value = "health,get,issue,sign")]
+        phases: Vec<String>,
+        /// The server's pid on this machine: adds its CPU time per call.
+        #[arg(long)]
+        server_pid: Option<u32>,
     },
 }
 
@@ -271,7 +282,31 @@ pub async fn pki(g: &Global, format: Format, cmd: PkiCommand) -> Result<()> {
             concurrency,
             seconds,
             connections,
-        } => bench(g, format, concurrency, seconds, connections).await?,
+            calls,
+            phases,
+            server_pid,
+        } => {
+            let stop = match calls {
+                Some(n) => Stop::Calls(n),
+                None => Stop::After(std::time::Duration::from_secs(seconds.max(1))),
+            };
+            for p in &phases {
+                if !["health", "get", "issue", "sign"].contains(&p.as_str()) {
+                    return Err(UsageError(format!(
+                        "--phases: {p:?} is none of health, get, issue, sign"
+                    ))
+                    .into());
+                }
+            }
+            let opts = BenchOptions {
+                concurrency,
+                connections,
+                stop,
+                phases,
+                server_pid,
+            };
+            bench(g, format, opts).await?
+        }
         PkiCommand::Crl { der } => {
             let bytes = client.pki_crl().await?;
             if let Some(path) = der {
@@ -303,22 +338,31 @@ fn crl_pem(der: &[u8]) -> String {
     out
 }
 
-async fn bench(
-    g: &Global,
-    format: Format,
+/// What `pki bench` runs.
+struct BenchOptions {
     concurrency: usize,
-    seconds: u64,
     connections: usize,
-) -> Result<()> {
-    use std::sync::Arc;
-    use std::time::Duration;
+    stop: Stop,
+    phases: Vec<String>,
+    server_pid: Option<u32>,
+}
 
-    use super::bench::phase;
+async fn bench(g: &Global, format: Format, opts: BenchOptions) -> Result<()> {
+    use std::sync::Arc;
+
+    use super::bench::{phase_until, Phase};
     use keyward::client::PutOptions;
     use keyward::secrecy::{SecretBytes, SecretData};
 
+    let BenchOptions {
+        concurrency,
+        connections,
+        stop,
+        phases,
+        server_pid,
+    } = opts;
     let concurrency = concurrency.max(1);
-    let duration = Duration::from_secs(seconds.max(1));
+    let wanted = |name: &str| phases.iter().any(|p| p == name);
     let mut clients = Vec::new();
     for _ in 0..connections.max(1) {
         clients.push(connect(g).await?);
@@ -356,52 +400,91 @@ async fn bench(
     let csr = Arc::new(params.serialize_request(&key)?.pem()?);
 
     eprintln!(
-        "pki bench: {concurrency} in flight over {} connections, {}s per phase",
+        "pki bench: {concurrency} in flight over {} connections, {} per phase",
         clients.len(),
-        duration.as_secs()
-    );
-    let health = phase(&clients, concurrency, duration, None, |c, _| async move {
-        c.health().await.is_ok()
-    })
-    .await?;
-    let path = Arc::new(get_path);
-    let get = phase(&clients, concurrency, duration, None, move |c, _| {
-        let path = path.clone();
-        async move { c.get(&path).await.is_ok() }
-    })
-    .await?;
-    let (r, i) = (Arc::new(role.clone()), Arc::new(id.clone()));
-    let issue = phase(&clients, concurrency, duration, None, move |c, n| {
-        let (r, i) = (r.clone(), i.clone());
-        async move {
-            c.pki_issue(keyward::proto::v1::PkiIssueRequest {
-                role: r.to_string(),
-                spiffe_ids: vec![format!("spiffe://bench.test/{i}/w{}", n % 1024)],
-                dns_names: vec![],
-                ttl_seconds: 600,
-            })
-            .await
-            .is_ok()
+        match stop {
+            Stop::After(d) => format!("{}s", d.as_secs()),
+            Stop::Calls(n) => format!("{n} calls"),
         }
-    })
-    .await?;
-    let r = Arc::new(role.clone());
-    let sign = phase(&clients, concurrency, duration, None, move |c, _| {
-        let (r, csr) = (r.clone(), csr.clone());
-        async move { c.pki_sign(&r, &csr, 600).await.is_ok() }
-    })
-    .await?;
-    let ratio = |a: f64, b: f64| (a / b.max(1e-9) * 1000.0).round() / 1000.0;
+    );
+    let mut health = Phase::default();
+    if wanted("health") {
+        health = phase_until(&clients, concurrency, stop, server_pid, |c, _| async move {
+            c.health().await.is_ok()
+        })
+        .await?;
+    }
+    let mut get = Phase::default();
+    if wanted("get") {
+        let path = Arc::new(get_path);
+        get = phase_until(&clients, concurrency, stop, server_pid, move |c, _| {
+            let path = path.clone();
+            async move { c.get(&path).await.is_ok() }
+        })
+        .await?;
+    }
+    let mut issue = Phase::default();
+    if wanted("issue") {
+        let (r, i) = (Arc::new(role.clone()), Arc::new(id.clone()));
+        issue = phase_until(&clients, concurrency, stop, server_pid, move |c, n| {
+            let (r, i) = (r.clone(), i.clone());
+            async move {
+                c.pki_issue(keyward::proto::v1::PkiIssueRequest {
+                    role: r.to_string(),
+                    spiffe_ids: vec![format!("spiffe://bench.test/{i}/w{}", n % 1024)],
+                    dns_names: vec![],
+                    ttl_seconds: 600,
+                })
+                .await
+                .is_ok()
+            }
+        })
+        .await?;
+    }
+    let mut sign = Phase::default();
+    if wanted("sign") {
+        let r = Arc::new(role.clone());
+        sign = phase_until(&clients, concurrency, stop, server_pid, move |c, _| {
+            let (r, csr) = (r.clone(), csr.clone());
+            async move { c.pki_sign(&r, &csr, 600).await.is_ok() }
+        })
+        .await?;
+    }
     let round = |v: f64| (v * 10.0).round() / 10.0;
-    let summary = json!({
-        "concurrency": concurrency, "connections": clients.len(), "seconds": duration.as_secs(),
+    // A ratio only between two phases that ran.
+    let ratio = |a: (&str, &Phase), b: (&str, &Phase)| {
+        (wanted(a.0) && wanted(b.0))
+            .then(|| (a.1.rps() / b.1.rps().max(1e-9) * 1000.0).round() / 1000.0)
+    };
+    let (h, gt, is, sg) = (
+        ("health", &health),
+        ("get", &get),
+        ("issue", &issue),
+        ("sign", &sign),
+    );
+    let mut summary = json!({
+        "concurrency": concurrency, "connections": clients.len(),
         "health_per_s": round(health.rps()), "get_per_s": round(get.rps()),
         "issue_per_s": round(issue.rps()), "sign_per_s": round(sign.rps()),
-        "issue_vs_get": ratio(issue.rps(), get.rps()), "sign_vs_get": ratio(sign.rps(), get.rps()),
-        "issue_vs_health": ratio(issue.rps(), health.rps()),
+        "issue_vs_get": ratio(is, gt), "sign_vs_get": ratio(sg, gt),
+        "issue_vs_health": ratio(is, h), "sign_vs_health": ratio(sg, h),
         "issue_p99_ms": round(issue.percentile_ms(0.99)), "sign_p99_ms": round(sign.percentile_ms(0.99)),
         "errors": health.errors + get.errors + issue.errors + sign.errors,
     });
+    if let Some(map) = summary.as_object_mut() {
+        match stop {
+            Stop::After(d) => map.insert("seconds".into(), json!(d.as_secs())),
+            Stop::Calls(n) => map.insert("calls".into(), json!(n)),
+        };
+        if server_pid.is_some() {
+            for (name, p) in [h, gt, is, sg] {
+                if wanted(name) {
+                    let us = p.cpu_us_per_op().map(round);
+                    map.insert(format!("{name}_cpu_us_per_op"), json!(us));
+                }
+            }
+        }
+    }
     // One line a script can read, then the document.
     eprintln!("pki-bench {summary}");
     emit(format, &summary);

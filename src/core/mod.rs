@@ -257,6 +257,7 @@ impl Core {
         if loaded.is_err() {
             self.gate.on_seal();
             self.barrier.seal();
+            self.pki.on_seal();
         } else {
             self.rotation.on_unseal();
             // The PKI's CA joins the client-certificate trust store.
@@ -279,6 +280,8 @@ impl Core {
         self.federation.issuer.on_seal();
         self.audit.set_hmac_key(None);
         self.barrier.seal();
+        // After the barrier: the PKI keeps nothing it parses meanwhile.
+        self.pki.on_seal();
         self.metrics.set_sealed(true);
         self.rotation.on_seal();
         // Pooled admin connections logged in with secrets: closed at seal.

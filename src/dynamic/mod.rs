@@ -548,6 +548,11 @@ impl DynamicStore {
         self.pools.idle_count()
     }
 
+    /// Admin connections opened (or tried) since start (tests, figures).
+    pub fn admin_connections_opened(&self) -> u64 {
+        self.pools.opened_count()
+    }
+
     /// Where registered plugins are found (the rotation broker, held
     /// weakly); set once.
     pub fn set_plugins(&self, plugins: Weak<dyn Plugins>) {

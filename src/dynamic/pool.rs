@@ -19,8 +19,18 @@
 //!   from the one pooled for the same secret (the secret was rotated), the
 //!   old pool is retired at once: its idle connections are closed and lent
 //!   ones are closed when they come back.
-//! - A connection that failed in any way is closed, never lent again: only
-//!   [`Lent::give_back`] after a call that succeeded returns it.
+//! - A connection that failed is closed, never lent again: only
+//!   [`Lent::give_back`] after a call that succeeded returns it, with one
+//!   exception. A PostgreSQL statement the server refused with a SQLSTATE
+//!   (say 42704, a role that does not exist) leaves the session open and
+//!   usable once it is out of any transaction block:
+//!   [`Lent::give_back_if_idle`] then asks it `SELECT 1`, which succeeds
+//!   only outside a failed transaction block (inside one the server answers
+//!   25P02 and the connection is closed). After an error a session is
+//!   either idle or in a failed block, never in a healthy open one, so that
+//!   answer is exactly "idle". Without it, many drops of users already gone
+//!   would close one pooled connection each and make the pool log in anew
+//!   (a SCRAM exchange) every time.
 //! - Idle connections are closed after [`IDLE_CLOSE`], and every
 //!   connection once it is [`MAX_LIFETIME`] old (a login disabled or a
 //!   password changed on the server leaves open sessions alone). A PostgreSQL
@@ -35,7 +45,7 @@
 //!   it comes back).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
@@ -187,6 +197,28 @@ impl Lent {
     }
 }
 
+/// How long the idle check of [`Lent::give_back_if_idle`] may take.
+const IDLE_CHECK: Duration = Duration::from_secs(2);
+
+impl Lent {
+    /// After a PostgreSQL statement the server answered with an error
+    /// (SQLSTATE) that did not end the session: returns the connection if
+    /// it is idle, outside any transaction block, and closes it otherwise.
+    /// Any other kind of connection is closed, as after any failure.
+    pub async fn give_back_if_idle(self) {
+        let idle = match &self.conn {
+            AdminConn::Postgres(c) if !c.is_closed() => matches!(
+                tokio::time::timeout(IDLE_CHECK, c.simple_query("SELECT 1")).await,
+                Ok(Ok(_))
+            ),
+            _ => false,
+        };
+        if idle {
+            self.give_back();
+        }
+    }
+}
+
 /// Whether the vault is sealed now.
 pub(crate) type SealedCheck = Box<dyn Fn() -> bool + Send + Sync>;
 
@@ -195,6 +227,8 @@ pub(crate) struct AdminPools {
     mac_key: ring::hmac::Key,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     sealed: SealedCheck,
+    /// Connections opened since start (tests, figures).
+    opened: AtomicU64,
 }
 
 impl AdminPools {
@@ -208,6 +242,7 @@ impl AdminPools {
             mac_key,
             pools: Mutex::new(HashMap::new()),
             sealed,
+            opened: AtomicU64::new(0),
         }
     }
 
@@ -314,6 +349,7 @@ impl AdminPools {
                 });
             }
         }
+        self.opened.fetch_add(1, Ordering::Relaxed);
         let conn = match kind {
             Kind::Postgres => AdminConn::Postgres(postgres::connect(admin).await?),
             Kind::Mysql => AdminConn::Mysql(mysql::connect(admin).await?),
@@ -336,6 +372,11 @@ impl AdminPools {
             pool.retire();
         }
         pools.clear();
+    }
+
+    /// Connections opened (or tried) since start, across all pools.
+    pub fn opened_count(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
     }
 
     /// Idle connections across all pools (for tests and figures).

@@ -233,7 +233,8 @@ struct PgFailed {
 /// Runs `sql` (simple protocol; several statements are one round trip) on a
 /// pooled connection. A reused connection that turns out dead (closed, or
 /// its session ended by the server) is closed and the call is made once
-/// more on a new one.
+/// more on a new one. One whose statement the server refused with a
+/// SQLSTATE goes back to the pool if it is idle (`Lent::give_back_if_idle`).
 async fn pg_run(
     pools: &AdminPools,
     admin: Admin<'_>,
@@ -285,6 +286,12 @@ async fn pg_run(
             drop(lent);
             retried = true;
             continue;
+        }
+        if !dead {
+            // The server refused a statement and the session lives on: back
+            // to the pool if it is out of any transaction block (see the
+            // pool's rules).
+            lent.give_back_if_idle().await;
         }
         return Err(PgFailed {
             code,

@@ -63,6 +63,8 @@ pub enum PkiError {
     CaExists,
     #[error("the system random source failed")]
     Random,
+    #[error("key generation failed: {0}")]
+    NewKey(#[from] builder::NewKeyError),
     #[error("stored PKI record is corrupt")]
     Corrupt,
     #[error("the write's authorization is for another resource or capability")]

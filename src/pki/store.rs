@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::builder::{
-    ca_params, leaf_params, name, offset_of_ms, random_serial, set_serial, set_validity,
+    ca_params, leaf_params, name, offset_of_ms, random_serial, set_serial, set_validity, NewKey,
 };
 use super::names::{DnsName, DnsPattern, SpiffeId, SpiffePattern};
 use super::trust::ClientTrust;
@@ -276,6 +276,19 @@ pub struct PkiStore {
     /// builds never take the same number. Rebuilt on every revoke, init,
     /// set-signed and unseal (`refresh_trust`).
     last_crl: std::sync::Mutex<Option<(Vec<u8>, u64)>>,
+    /// The signing CA, parsed once (its key from PKCS#8, its certificate
+    /// from DER) and kept until the vault is sealed ([`PkiStore::on_seal`]).
+    /// A CA is made once and never replaced, so the kept one stays right;
+    /// only a CA that exists is kept.
+    signer: std::sync::RwLock<Option<Arc<Signer>>>,
+}
+
+/// The signing CA ready to sign: its issuer (key and name), how it was
+/// made, and the chain handed out with each certificate.
+struct Signer {
+    issuer: Issuer<'static, KeyPair>,
+    ca: CaCert,
+    chain: Vec<String>,
 }
 
 fn require(proof: &Authorized, capability: Capability, resource: &str) -> Result<(), PkiError> {
@@ -307,6 +320,12 @@ fn der_to_pem(der: &[u8]) -> String {
     out
 }
 
+/// `ms` cut to whole seconds, as a certificate's validity holds it (see
+/// `builder::set_validity`).
+fn whole_seconds(ms: u64) -> u64 {
+    ms - ms % 1000
+}
+
 fn not_after_ms(der: &[u8]) -> Result<u64, PkiError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|_| PkiError::Invalid("the certificate does not parse".into()))?;
@@ -332,7 +351,21 @@ impl PkiStore {
             trust,
             ca_lock: std::sync::Mutex::new(()),
             last_crl: std::sync::Mutex::new(None),
+            signer: std::sync::RwLock::new(None),
         }
+    }
+
+    /// Drops the CA's parsed private key from memory (called at seal).
+    pub fn on_seal(&self) {
+        *self.signer.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Whether the parsed CA (its private key) is held in memory now.
+    pub fn keeps_ca_key(&self) -> bool {
+        self.signer
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     /// The run-time trust store of client certificates (`login cert`).
@@ -349,13 +382,27 @@ impl PkiStore {
         }
     }
 
-    fn issuer(&self) -> Result<(Issuer<'static, KeyPair>, CaCert), PkiError> {
+    /// The signing CA, parsed from the store the first time after unseal.
+    fn signer(&self) -> Result<Arc<Signer>, PkiError> {
+        if let Some(kept) = &*self.signer.read().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(kept.clone());
+        }
         let ca = self.ca()?.ok_or(PkiError::NoCa)?;
         let key_pem = self.barrier.get(CA_KEY)?.ok_or(PkiError::Corrupt)?;
         let key_text = std::str::from_utf8(&key_pem).map_err(|_| PkiError::Corrupt)?;
         let key = KeyPair::from_pem(key_text)?;
         let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, key)?;
-        Ok((issuer, ca))
+        let mut chain = vec![ca.cert_pem.clone()];
+        chain.extend(ca.parents_pem.iter().cloned());
+        let signer = Arc::new(Signer { issuer, ca, chain });
+        let mut kept = self.signer.write().unwrap_or_else(|e| e.into_inner());
+        // `on_seal` runs after the barrier is sealed: if it ran before this
+        // lock was taken, the barrier says sealed now and nothing is kept;
+        // if it runs after, it drops what is kept here.
+        if !self.barrier.status().sealed {
+            *kept = Some(signer.clone());
+        }
+        Ok(signer)
     }
 
     /// The signing CA's certificate, then those above it (PEM).
@@ -649,8 +696,8 @@ impl PkiStore {
     ) -> Result<Built, PkiError> {
         let role = self.role_for_use(proof, role_name)?;
         let sans = role.check_sans(spiffe, dns)?;
-        let (issuer, ca) = self.issuer()?;
-        let not_after = self.not_after(&role, &ca, ttl_secs, now_ms)?;
+        let signer = self.signer()?;
+        let not_after = self.not_after(&role, &signer.ca, ttl_secs, now_ms)?;
         let serial = random_serial().map_err(|_| PkiError::Random)?;
         let names: Vec<String> = spiffe.iter().chain(dns).cloned().collect();
         let params = Self::leaf(
@@ -661,13 +708,13 @@ impl PkiStore {
             not_after,
             &serial,
         );
-        let key = KeyPair::generate_for(role.key_type.algorithm())?;
-        let cert = params.signed_by(&key, &issuer)?;
+        let key = NewKey::generate(role.key_type == KeyType::Ed25519)?;
+        let cert = params.signed_by(&key, &signer.issuer)?;
         Ok(Built {
             der: cert.der().to_vec(),
             certificate_pem: cert.pem(),
-            private_key: Some(Zeroizing::new(key.serialize_pem())),
-            ca_chain: self.ca_chain()?,
+            private_key: Some(key.pkcs8_pem()),
+            ca_chain: signer.chain.clone(),
             record: CertRecord {
                 serial: hex::encode(serial),
                 role: role.name,
@@ -675,7 +722,7 @@ impl PkiStore {
                 requested_by: String::new(),
                 sans: names,
                 issued_at_ms: now_ms,
-                not_after_ms: not_after_ms(cert.der())?,
+                not_after_ms: whole_seconds(not_after),
                 revoked_at_ms: 0,
                 origin: "issue".into(),
             },
@@ -732,8 +779,8 @@ impl PkiStore {
             }
         }
         let sans = role.check_sans(&spiffe, &dns)?;
-        let (issuer, ca) = self.issuer()?;
-        let not_after = self.not_after(&role, &ca, ttl_secs, now_ms)?;
+        let signer = self.signer()?;
+        let not_after = self.not_after(&role, &signer.ca, ttl_secs, now_ms)?;
         let serial = random_serial().map_err(|_| PkiError::Random)?;
         let names: Vec<String> = spiffe.iter().chain(&dns).cloned().collect();
         let params = Self::leaf(
@@ -748,12 +795,12 @@ impl PkiStore {
             params,
             public_key: csr.public_key,
         }
-        .signed_by(&issuer)?;
+        .signed_by(&signer.issuer)?;
         Ok(Built {
             der: signed.der().to_vec(),
             certificate_pem: signed.pem(),
             private_key: None,
-            ca_chain: self.ca_chain()?,
+            ca_chain: signer.chain.clone(),
             record: CertRecord {
                 serial: hex::encode(serial),
                 role: role.name,
@@ -761,7 +808,7 @@ impl PkiStore {
                 requested_by: String::new(),
                 sans: names,
                 issued_at_ms: now_ms,
-                not_after_ms: not_after_ms(signed.der())?,
+                not_after_ms: whole_seconds(not_after),
                 revoked_at_ms: 0,
                 origin: "sign".into(),
             },
@@ -892,7 +939,7 @@ impl PkiStore {
 
     /// A new CRL under the next CRL number (`last_crl`'s lock is held).
     fn build_crl(&self, now_ms: u64) -> Result<Vec<u8>, PkiError> {
-        let (issuer, _) = self.issuer()?;
+        let signer = self.signer()?;
         let revoked: Vec<RevokedCertParams> = self
             .list(None, now_ms)?
             .into_iter()
@@ -915,7 +962,7 @@ impl PkiStore {
             revoked_certs: revoked,
             key_identifier_method: KeyIdMethod::Sha256,
         };
-        Ok(params.signed_by(&issuer)?.der().to_vec())
+        Ok(params.signed_by(&signer.issuer)?.der().to_vec())
     }
 
     fn next_crl_number(&self) -> Result<u64, PkiError> {

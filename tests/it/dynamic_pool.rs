@@ -9,8 +9,9 @@
 //! secrets never act through each other's connection (the grantor of each
 //! new user's membership is its own role's admin), a rotated admin secret
 //! is used for the very next credential (a wrong new password fails even
-//! though a connection made with the old one is open), and sealing closes
-//! the pooled connections.
+//! though a connection made with the old one is open), sealing closes
+//! the pooled connections, and a statement the server refuses (dropping a
+//! user that is already gone) leaves the connection in the pool.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -221,6 +222,57 @@ async fn a_connection_is_reused_and_one_ended_by_the_server_is_not() {
     assert_eq!((done, pending), (5, 0));
     assert!(!target.user_exists(&first.username).await);
     assert!(!target.user_exists(&after.username).await);
+    server.stop().await;
+    admin.drop().await;
+}
+
+#[tokio::test]
+async fn a_drop_of_a_user_already_gone_gives_the_connection_back() {
+    let target = Target::new(Kind::Postgres).await;
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let admin = AdminUser::new().await;
+    let path = admin.store(&root, &admin.password).await;
+    let granted = granted_role().await;
+    let role = define(&root, &path, &granted).await;
+
+    let gone = root.creds(&role, None).await.unwrap();
+    let kept = root.creds(&role, None).await.unwrap();
+    let pids = admin.keyward_sessions().await;
+    assert_eq!(pids.len(), 1, "one pooled admin session: {pids:?}");
+    let opened = server.core.dynamic.admin_connections_opened();
+    assert_eq!(opened, 1, "one connection opened for two issues");
+
+    // Someone drops the user behind keyward's back: the revocation's first
+    // statement is refused with 42704 (role does not exist).
+    pg_admin()
+        .await
+        .batch_execute(&format!("DROP ROLE {}", gone.username))
+        .await
+        .unwrap();
+    assert_eq!(root.lease_revoke(&gone.lease_id).await.unwrap(), (1, 0));
+    // Twice more the same way, on the same connection each time.
+    for _ in 0..2 {
+        let c = root.creds(&role, None).await.unwrap();
+        pg_admin()
+            .await
+            .batch_execute(&format!("DROP ROLE {}", c.username))
+            .await
+            .unwrap();
+        assert_eq!(root.lease_revoke(&c.lease_id).await.unwrap(), (1, 0));
+    }
+    assert_eq!(
+        server.core.dynamic.admin_connections_opened(),
+        opened,
+        "a refused statement closed the pooled connection"
+    );
+    assert_eq!(admin.keyward_sessions().await, pids, "the same session");
+    assert_eq!(server.core.dynamic.idle_admin_connections(), 1);
+
+    // The connection still works: a revocation of a live user through it.
+    assert_eq!(root.lease_revoke(&kept.lease_id).await.unwrap(), (1, 0));
+    assert!(!target.user_exists(&kept.username).await);
+    assert_eq!(server.core.dynamic.admin_connections_opened(), opened);
     server.stop().await;
     admin.drop().await;
 }

@@ -3,7 +3,9 @@
 //! chains of an internal root and of an intermediate signed outside, for
 //! the purposes the role gives and no other; two workloads holding
 //! keyward-issued certificates complete a mutual TLS handshake; a revoked
-//! serial is in the CRL.
+//! serial is in the CRL; each issued private key is the key of its
+//! certificate (both key types); the CA key kept in memory for signing is
+//! dropped at seal and signing resumes with the same CA after unseal.
 
 use std::sync::Arc;
 
@@ -422,5 +424,86 @@ async fn pki_revoked_serial_is_in_the_crl_and_the_inventory() {
         code(root.pki_revoke("0badc0de").await),
         tonic::Code::NotFound
     );
+    server.stop().await;
+}
+
+/// The raw public key of a PEM certificate.
+fn cert_public_key(pem: &str) -> Vec<u8> {
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&der).unwrap();
+    cert.public_key().subject_public_key.data.to_vec()
+}
+
+#[tokio::test]
+async fn pki_issued_private_keys_are_the_keys_of_their_certificates() {
+    let (server, root) = pki_server("keys").await;
+    let mut ed = role("keys-ed", "keys");
+    ed.key_type = "ed25519".into();
+    root.pki_role_put(ed).await.unwrap();
+    let dir = private_tempdir();
+    let ca = write(dir.path(), "ca.pem", &root.pki_ca().await.unwrap()[0]);
+    let mut seen = Vec::new();
+    for (role_name, alg) in [
+        ("keys", &rcgen::PKCS_ECDSA_P256_SHA256),
+        ("keys-ed", &rcgen::PKCS_ED25519),
+    ] {
+        for n in 0..3 {
+            let spiffe = format!("spiffe://{TRUST_DOMAIN}/keys/w{n}");
+            let issued = root
+                .pki_issue(issue_req(role_name, &[&spiffe], &[]))
+                .await
+                .unwrap();
+            let key = rcgen::KeyPair::from_pem(&issued.private_key).unwrap();
+            assert_eq!(key.algorithm(), alg, "{role_name}");
+            let public = cert_public_key(&issued.certificate);
+            assert_eq!(
+                key.public_key_raw(),
+                public.as_slice(),
+                "{role_name}: the private key is not the certificate's"
+            );
+            assert!(!seen.contains(&public), "a key was handed out twice");
+            seen.push(public);
+            let leaf = write(dir.path(), "leaf.pem", &issued.certificate);
+            let (ok, text) = openssl_verify(&ca, None, &leaf, "any");
+            assert!(ok, "{role_name}: {text}");
+        }
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn pki_sealing_drops_the_kept_ca_key_and_signing_resumes_after_unseal() {
+    let (server, root) = pki_server("seal").await;
+    let chain = root.pki_ca().await.unwrap();
+    let spiffe = format!("spiffe://{TRUST_DOMAIN}/seal/a");
+    let first = root
+        .pki_issue(issue_req("seal", &[&spiffe], &[]))
+        .await
+        .unwrap();
+    assert_eq!(first.ca_chain, chain);
+    assert!(server.core.pki.keeps_ca_key(), "the CA is kept after use");
+
+    root.seal().await.unwrap();
+    assert!(
+        !server.core.pki.keeps_ca_key(),
+        "the CA key outlived the seal"
+    );
+    assert!(root
+        .pki_issue(issue_req("seal", &[&spiffe], &[]))
+        .await
+        .is_err());
+    assert!(!server.core.pki.keeps_ca_key());
+
+    root.unseal(&server.unseal_share).await.unwrap();
+    let (csr_pem, _key) = csr(&[&spiffe], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let again = root.pki_sign("seal", &csr_pem, 600).await.unwrap();
+    assert_eq!(again.ca_chain, chain, "the same CA signs after unseal");
+    let dir = private_tempdir();
+    let ca = write(dir.path(), "ca.pem", &chain[0]);
+    for (name, pem) in [("first", &first.certificate), ("again", &again.certificate)] {
+        let leaf = write(dir.path(), &format!("{name}.pem"), pem);
+        let (ok, text) = openssl_verify(&ca, None, &leaf, "any");
+        assert!(ok, "{name}: {text}");
+    }
     server.stop().await;
 }
