@@ -442,12 +442,7 @@ impl PkiStore {
         };
         let key_pem = Zeroizing::new(key.serialize_pem());
         let json = serde_json::to_vec(&record).map_err(|_| PkiError::Corrupt)?;
-        self.barrier.batch(&[
-            PlainOp::Put(CA_KEY, key_pem.as_bytes()),
-            PlainOp::Put(CA_CERT, &json),
-            PlainOp::Delete(PENDING_KEY),
-            PlainOp::Delete(PENDING_CSR),
-        ])?;
+        self.install_ca(key_pem.as_bytes(), &json)?;
         self.refresh_trust(now_ms)?;
         Ok(record.cert_pem)
     }
@@ -548,14 +543,30 @@ impl PkiStore {
             not_after_ms: not_after_ms(&ders[0])?,
         };
         let json = serde_json::to_vec(&record).map_err(|_| PkiError::Corrupt)?;
-        self.barrier.batch(&[
-            PlainOp::Put(CA_KEY, &key_pem),
-            PlainOp::Put(CA_CERT, &json),
-            PlainOp::Delete(PENDING_KEY),
-            PlainOp::Delete(PENDING_CSR),
-        ])?;
+        self.install_ca(&key_pem, &json)?;
         self.refresh_trust(now_ms)?;
         Ok(())
+    }
+
+    /// Writes the CA's key and certificate, only if no CA is stored: `ca_lock`
+    /// serializes this node's calls, the condition those of other nodes on a
+    /// shared store (two `pki init` at once: one CA wins, the other call
+    /// answers `CaExists` and nothing of it is kept).
+    fn install_ca(&self, key_pem: &[u8], cert_json: &[u8]) -> Result<(), PkiError> {
+        let written = self.barrier.batch_if(
+            &[(CA_CERT, None)],
+            &[
+                PlainOp::Put(CA_KEY, key_pem),
+                PlainOp::Put(CA_CERT, cert_json),
+                PlainOp::Delete(PENDING_KEY),
+                PlainOp::Delete(PENDING_CSR),
+            ],
+        )?;
+        if written {
+            Ok(())
+        } else {
+            Err(PkiError::CaExists)
+        }
     }
 
     pub fn put_role(
@@ -1021,4 +1032,39 @@ fn check_common_name(cn: &str) -> Result<(), PkiError> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    /// The CA is written only where none is stored, checked in the write
+    /// itself: a second install (another node's `pki init` that passed its
+    /// own "no CA yet" check at the same moment) answers `CaExists` and
+    /// leaves the first CA's key and certificate in place.
+    #[test]
+    fn a_ca_is_installed_only_where_none_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = crate::storage::SledBackend::open(dir.path()).unwrap();
+        let barrier = Arc::new(
+            Barrier::new(Arc::new(backend), crate::barrier::BarrierOptions::default()).unwrap(),
+        );
+        let shares = barrier.init(1, 1).unwrap();
+        barrier.unseal(&shares[0].0).unwrap();
+        let store = PkiStore::new(barrier.clone(), Arc::new(ClientTrust::new()));
+        store
+            .install_ca(b"first key", b"first certificate")
+            .unwrap();
+        let second = store.install_ca(b"second key", b"second certificate");
+        assert!(matches!(second, Err(PkiError::CaExists)), "{second:?}");
+        assert_eq!(
+            barrier.get(CA_KEY).unwrap().unwrap().as_slice(),
+            b"first key"
+        );
+        assert_eq!(
+            barrier.get(CA_CERT).unwrap().unwrap().as_slice(),
+            b"first certificate"
+        );
+    }
 }
