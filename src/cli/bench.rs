@@ -561,11 +561,17 @@ pub async fn instructions(
         "instructions_ratio": (get_ir / health_ir.max(1.0) * 1000.0).round() / 1000.0,
     });
     if http {
-        let (noop_ir, read_ir) = http_instructions(&server, &path, concurrency, requests, keep)
-            .await?;
+        let (noop_ir, read_ir) =
+            http_instructions(&server, &path, concurrency, requests, keep).await?;
         if let Some(map) = summary.as_object_mut() {
-            map.insert("http_health_instructions_per_op".into(), json!(noop_ir.round()));
-            map.insert("http_read_instructions_per_op".into(), json!(read_ir.round()));
+            map.insert(
+                "http_health_instructions_per_op".into(),
+                json!(noop_ir.round()),
+            );
+            map.insert(
+                "http_read_instructions_per_op".into(),
+                json!(read_ir.round()),
+            );
             map.insert(
                 "http_instructions_ratio".into(),
                 json!((read_ir / noop_ir.max(1.0) * 1000.0).round() / 1000.0),
@@ -603,8 +609,9 @@ async fn http_instructions(
     for _ in 0..concurrency {
         conns.push(HttpConn::open(&addr, tls.clone()).await?);
     }
-    let health: Arc<[u8]> =
-        b"GET /v1/sys/health HTTP/1.1\r\nhost: localhost\r\n\r\n".as_slice().into();
+    let health: Arc<[u8]> = b"GET /v1/sys/health HTTP/1.1\r\nhost: localhost\r\n\r\n"
+        .as_slice()
+        .into();
     let read: Arc<[u8]> = format!(
         "GET /v1/secret/data/{path} HTTP/1.1\r\nhost: localhost\r\nx-vault-token: {token}\r\n\r\n"
     )

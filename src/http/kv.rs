@@ -23,8 +23,8 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::reply::{
-    errors, json_bytes_response, json_response, no_content, time, Answer, Envelope, Methods,
-    Route, VaultRequest,
+    errors, json_bytes_response, json_response, no_content, time, Answer, Envelope, Methods, Route,
+    VaultRequest,
 };
 use super::HttpState;
 use crate::core::call::{Access, Call, Failure};
@@ -160,7 +160,11 @@ fn read_answer(request_id: &str, found: &crate::secrets::SecretVersion) -> Vec<u
         // Writing a `&str` into a `Vec` cannot fail.
         let _ = serde_json::to_writer(&mut *out, text);
     }
-    let values: usize = found.data.iter().map(|(k, v)| k.len() + v.expose().len() + 6).sum();
+    let values: usize = found
+        .data
+        .iter()
+        .map(|(k, v)| k.len() + v.expose().len() + 6)
+        .sum();
     let mut out = Vec::with_capacity(400 + request_id.len() + values * 4 / 3);
     let mut warnings = Vec::new();
     out.extend_from_slice(b"{\"auth\":null,\"data\":{\"data\":{");
@@ -596,7 +600,11 @@ mod tests {
                         rng ^= rng << 13;
                         rng ^= rng >> 7;
                         rng ^= rng << 17;
-                        if field == 0 { b'a' + (rng % 26) as u8 } else { rng as u8 }
+                        if field == 0 {
+                            b'a' + (rng % 26) as u8
+                        } else {
+                            rng as u8
+                        }
                     })
                     .collect();
                 data.insert(format!("f{field}"), SecretBytes::new(bytes));
@@ -607,7 +615,11 @@ mod tests {
             let found = SecretVersion {
                 version: i as u64 + 1,
                 stage: None,
-                created_at_ms: if i == 0 { 0 } else { 1_764_000_000_123 + i as u64 },
+                created_at_ms: if i == 0 {
+                    0
+                } else {
+                    1_764_000_000_123 + i as u64
+                },
                 data,
             };
             let request_id = format!("req-{i}");

@@ -567,8 +567,7 @@ pub fn string_list(
 // parses and checks the name each time.
 static X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
 static X_VAULT_TOKEN: header::HeaderName = header::HeaderName::from_static("x-vault-token");
-static X_VAULT_NAMESPACE: header::HeaderName =
-    header::HeaderName::from_static("x-vault-namespace");
+static X_VAULT_NAMESPACE: header::HeaderName = header::HeaderName::from_static("x-vault-namespace");
 
 /// The token of a request: `X-Vault-Token`, else `Authorization: Bearer`.
 fn token_of(headers: &HeaderMap) -> Option<Zeroizing<String>> {
