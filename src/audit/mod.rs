@@ -1964,7 +1964,7 @@ fn push_json_str(buf: &mut Vec<u8>, text: &str) {
 
 /// How many leading bytes of `bytes` (a multiple of 8) need no escaping
 /// in [`push_json_str`]: none is a control character (below 0x20, or
-/// 0x7f), `"` or `\\`. Eight bytes at a time, in a `u64` (the test holds it
+/// 0x7f), `"` or `\`. Eight bytes at a time, in a `u64` (the test holds it
 /// to a byte-by-byte check); it may stop early, never late.
 fn plain_prefix(bytes: &[u8]) -> usize {
     const ONES: u64 = 0x0101_0101_0101_0101;
