@@ -169,8 +169,22 @@ fn held_back_note(held: u32) -> String {
 pub fn network_of(ip: IpAddr) -> String {
     match ip {
         IpAddr::V4(v4) => {
-            let o = v4.octets();
-            format!("{}.{}.{}.0/24", o[0], o[1], o[2])
+            // `a.b.c.0/24` by hand: made for every observation, and the
+            // formatting machinery costs more than the digits.
+            let mut text = String::with_capacity(18);
+            for octet in &v4.octets()[..3] {
+                let (hundreds, tens, ones) = (octet / 100, octet / 10 % 10, octet % 10);
+                if hundreds > 0 {
+                    text.push(char::from(b'0' + hundreds));
+                }
+                if hundreds > 0 || tens > 0 {
+                    text.push(char::from(b'0' + tens));
+                }
+                text.push(char::from(b'0' + ones));
+                text.push('.');
+            }
+            text.push_str("0/24");
+            text
         }
         IpAddr::V6(v6) => {
             if let Some(v4) = v6.to_ipv4_mapped() {
@@ -381,27 +395,33 @@ impl Detector {
             (Some(cap), Some(resource)) => Some(path_digest(cap, resource)),
             _ => None,
         };
-        let known_path = digest.is_some_and(|d| {
-            self.baselines
-                .get(identity)
-                .is_some_and(|b| b.paths.contains(&d))
-        });
+        let (has_baseline, known_path) = match self.baselines.get(identity) {
+            Some(b) => (true, digest.is_some_and(|d| b.paths.contains(&d))),
+            None => (false, false),
+        };
         let sibling = if new_read && !known_path && !self.decommissions.is_empty() {
             self.sibling_of(identity, now, owner_of)
         } else {
             None
         };
-        self.make_room(identity);
+        // A known identity's baseline is found without copying its name
+        // (an `entry` would take an owned key on every observation).
+        if !has_baseline {
+            self.make_room(identity);
+            self.baselines.insert(
+                identity.to_owned(),
+                Baseline {
+                    first_ms: now,
+                    last_ms: now,
+                    minute: now / MINUTE_MS,
+                    ..Baseline::default()
+                },
+            );
+        }
         let cfg = &self.cfg;
-        let b = self
-            .baselines
-            .entry(identity.to_owned())
-            .or_insert_with(|| Baseline {
-                first_ms: now,
-                last_ms: now,
-                minute: now / MINUTE_MS,
-                ..Baseline::default()
-            });
+        let Some(b) = self.baselines.get_mut(identity) else {
+            return found;
+        };
         let warm = b.warm(cfg, now);
         let raise = |found: &mut Vec<Finding>, b: &mut Baseline, kind: Kind, detail: String| {
             if !warm {

@@ -166,6 +166,13 @@ fn ipv6_sources_are_grouped_by_64() {
     assert_eq!(network_of(ip("2001:db8:1:2:ffff::9")), "2001:db8:1:2::/64");
     assert_eq!(network_of(ip("::ffff:10.1.2.3")), "10.1.2.0/24");
     assert_eq!(network_of(ip("10.1.2.3")), "10.1.2.0/24");
+    // Written by hand: the same text `format!` gives, for every octet value.
+    for octet in 0..=255u8 {
+        for (a, b, c) in [(octet, 0, 9), (0, octet, 100), (255, 10, octet)] {
+            let addr = IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, octet));
+            assert_eq!(network_of(addr), format!("{a}.{b}.{c}.0/24"));
+        }
+    }
 }
 
 #[test]

@@ -1834,9 +1834,15 @@ fn push_hmac(buf: &mut Vec<u8>, tag: &[u8]) {
 
 fn push_hex(buf: &mut Vec<u8>, bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for &byte in bytes {
-        buf.push(DIGITS[usize::from(byte >> 4)]);
-        buf.push(DIGITS[usize::from(byte & 0x0f)]);
+    // Through a stack buffer, one `extend` per 32 bytes: a `push` per digit
+    // checks the capacity each time (the HMACs and chain hashes are 32).
+    let mut text = [0u8; 64];
+    for chunk in bytes.chunks(32) {
+        for (pair, &byte) in text.chunks_exact_mut(2).zip(chunk) {
+            pair[0] = DIGITS[usize::from(byte >> 4)];
+            pair[1] = DIGITS[usize::from(byte & 0x0f)];
+        }
+        buf.extend_from_slice(&text[..chunk.len() * 2]);
     }
 }
 
@@ -1928,8 +1934,11 @@ fn push_json_str(buf: &mut Vec<u8>, text: &str) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let bytes = text.as_bytes();
     buf.push(b'"');
+    // Nearly every byte of a record's strings is plain: skip them eight at
+    // a time, then go byte by byte from the first word that needs care.
+    let plain = plain_prefix(bytes);
     let mut start = 0;
-    for (i, &byte) in bytes.iter().enumerate() {
+    for (i, &byte) in bytes.iter().enumerate().skip(plain) {
         let short: &[u8] = match byte {
             b'"' => b"\\\"",
             b'\\' => b"\\\\",
@@ -1951,6 +1960,38 @@ fn push_json_str(buf: &mut Vec<u8>, text: &str) {
     }
     buf.extend_from_slice(&bytes[start..]);
     buf.push(b'"');
+}
+
+/// How many leading bytes of `bytes` (a multiple of 8) need no escaping
+/// in [`push_json_str`]: none is a control character (below 0x20, or
+/// 0x7f), `"` or `\`. Eight bytes at a time, in a `u64` (the test holds it
+/// to a byte-by-byte check); it may stop early, never late.
+fn plain_prefix(bytes: &[u8]) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    /// A byte of `word` is zero (exact: no false positive, no miss).
+    fn has_zero(word: u64) -> bool {
+        (word.wrapping_sub(ONES) & !word & HIGH) != 0
+    }
+    let mut done = 0;
+    for chunk in bytes.chunks_exact(8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let w = u64::from_le_bytes(word);
+        // Bytes of 0x80 and above are plain (UTF-8 text passes as is); for
+        // the others, below 0x20 is a control character.
+        let ascii = !w & HIGH;
+        let control = (w & !HIGH).wrapping_sub(0x2020_2020_2020_2020) & ascii & HIGH;
+        if control != 0
+            || has_zero(w ^ (ONES * u64::from(b'"')))
+            || has_zero(w ^ (ONES * u64::from(b'\\')))
+            || has_zero(w ^ (ONES * 0x7f))
+        {
+            break;
+        }
+        done += 8;
+    }
+    done
 }
 
 #[cfg(test)]

@@ -1120,3 +1120,90 @@ fn a_cluster_nodes_id_follows_time_and_the_file_still_verifies() {
     assert!(!report.ok);
     assert_eq!(report.first_bad, Some(2));
 }
+
+/// `push_json_str` as it was written before its word-at-a-time scan: one
+/// byte at a time. The reference the fast one is held to.
+fn json_str_bytewise(text: &str) -> Vec<u8> {
+    let mut out = vec![b'"'];
+    for &byte in text.as_bytes() {
+        match byte {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0x00..=0x1f | 0x7f => out.extend_from_slice(format!("\\u{byte:04x}").as_bytes()),
+            _ => out.push(byte),
+        }
+    }
+    out.push(b'"');
+    out
+}
+
+fn needs_escape(byte: u8) -> bool {
+    byte < 0x20 || byte == 0x7f || byte == b'"' || byte == b'\\'
+}
+
+#[test]
+fn json_strings_are_escaped_as_byte_by_byte_escaping_does() {
+    let mut fixed: Vec<String> = vec![
+        String::new(),
+        "plain-request-id-0123456789abcdef".into(),
+        "a\"b\\c\nd\re\tf\u{0}g\u{1f}h\u{7f}i".into(),
+        "secret/app/db ünïcödé ✓ \u{80}\u{85} \u{a0}".into(),
+        "\u{85} x".into(),
+        "12345678\"".into(),
+        "1234567\"".into(),
+        "123456789012345\\".into(),
+    ];
+    for b in 0u8..0x80 {
+        fixed.push(format!("abcdefg{}hijklmnop", char::from(b)));
+        fixed.push(char::from(b).to_string().repeat(9));
+    }
+    let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let alphabet: Vec<char> = "abcXYZ019 -_/:.\"\\\n\r\t\u{0}\u{1}\u{1f}\u{7f}\u{80}\u{85}éü✓😀"
+        .chars()
+        .collect();
+    for _ in 0..5000 {
+        let len = (next() % 40) as usize;
+        let text: String = (0..len)
+            .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+            .collect();
+        fixed.push(text);
+    }
+    for text in &fixed {
+        let mut fast = Vec::new();
+        push_json_str(&mut fast, text);
+        assert_eq!(fast, json_str_bytewise(text), "{text:?}");
+        // The scan never passes a byte that needs escaping, and stops at
+        // a whole number of words.
+        let plain = plain_prefix(text.as_bytes());
+        assert_eq!(plain % 8, 0);
+        assert!(
+            text.as_bytes()[..plain].iter().all(|&b| !needs_escape(b)),
+            "{text:?}"
+        );
+        // On ASCII text it stops only at the word that needs escaping.
+        if text.is_ascii() {
+            let first = text.bytes().position(needs_escape).unwrap_or(text.len());
+            assert_eq!(plain, first - first % 8, "{text:?}");
+        }
+    }
+}
+
+#[test]
+fn hex_is_lower_case_two_digits_a_byte() {
+    for len in [0usize, 1, 31, 32, 33, 64, 65, 100] {
+        let bytes: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
+        let mut out = b"x".to_vec();
+        push_hex(&mut out, &bytes);
+        assert_eq!(&out[..1], b"x");
+        assert_eq!(std::str::from_utf8(&out[1..]).unwrap(), hex::encode(&bytes));
+    }
+}

@@ -380,6 +380,8 @@ struct CallgrindServer {
     child: std::process::Child,
     dir: PathBuf,
     options: ClientOptions,
+    /// The Vault-compatible API's `host:port` (`VAULT_ADDR`).
+    http_addr: Option<String>,
 }
 
 impl Drop for CallgrindServer {
@@ -417,6 +419,8 @@ impl CallgrindServer {
             ))
             .arg(std::env::current_exe()?)
             .args(["dev", "--listen", "127.0.0.1:0", "--metrics-listen", "off"])
+            // A free port: Vault's 8200 may be another server's.
+            .args(["--http-listen", "127.0.0.1:0"])
             .arg("--data")
             .arg(dir.join("dev"))
             .stdin(std::process::Stdio::null())
@@ -427,6 +431,7 @@ impl CallgrindServer {
             child,
             dir,
             options: ClientOptions::default(),
+            http_addr: None,
         };
         let stdout = server
             .child
@@ -434,6 +439,7 @@ impl CallgrindServer {
             .take()
             .ok_or_else(|| anyhow::anyhow!("no stdout of the server"))?;
         let (mut addr, mut ca, mut token) = (None, None, None);
+        // The gRPC lines come first, then the Vault ones; VAULT_TOKEN is last.
         for line in std::io::BufReader::new(stdout).lines() {
             let line = line?;
             if let Some(v) = line.strip_prefix("export KEYWARD_ADDR=") {
@@ -442,6 +448,9 @@ impl CallgrindServer {
                 ca = Some(PathBuf::from(v));
             } else if let Some(v) = line.strip_prefix("export KEYWARD_TOKEN=") {
                 token = Some(v.to_owned());
+            } else if let Some(v) = line.strip_prefix("export VAULT_ADDR=https://") {
+                server.http_addr = Some(v.to_owned());
+            } else if line.starts_with("export VAULT_TOKEN=") {
                 break;
             }
         }
@@ -463,8 +472,9 @@ impl CallgrindServer {
     }
 
     /// Dumps callgrind's counters (which zeroes them) and returns the
-    /// instructions counted since the previous dump.
-    fn dump(&self) -> Result<u64> {
+    /// instructions counted since the previous dump; with `keep`, the dump
+    /// is copied to `DIR/callgrind.PHASE`.
+    fn dump(&self, keep: Option<(&Path, &str)>) -> Result<u64> {
         let before = self.dump_files()?;
         let status = std::process::Command::new("callgrind_control")
             .arg("--dump")
@@ -481,6 +491,10 @@ impl CallgrindServer {
             .filter(|f| !before.contains(f))
             .max_by_key(|f| dump_number(f))
             .ok_or_else(|| anyhow::anyhow!("callgrind wrote no dump"))?;
+        if let Some((dir, phase)) = keep {
+            std::fs::create_dir_all(dir)?;
+            std::fs::copy(&newest, dir.join(format!("callgrind.{phase}")))?;
+        }
         let text = std::fs::read_to_string(&newest)?;
         callgrind_total(&text).ok_or_else(|| anyhow::anyhow!("{} has no totals", newest.display()))
     }
@@ -518,7 +532,13 @@ fn dump_number(path: &Path) -> u64 {
 }
 
 /// `keyward bench instructions`: see `BenchMode::Instructions`.
-pub async fn instructions(args: &BenchArgs, requests: u64, format: Format) -> Result<()> {
+pub async fn instructions(
+    args: &BenchArgs,
+    requests: u64,
+    http: bool,
+    keep: Option<&Path>,
+    format: Format,
+) -> Result<()> {
     let concurrency = args.concurrency.max(1);
     let requests = requests.max(1);
     eprintln!("bench: starting keyward dev under valgrind --tool=callgrind (slow)");
@@ -551,29 +571,209 @@ pub async fn instructions(args: &BenchArgs, requests: u64, format: Format) -> Re
     for name in ["health", "get"] {
         eprintln!("bench: {requests} calls of {name} under callgrind");
         let srv = &server;
-        tokio::task::block_in_place(|| srv.dump())?;
+        tokio::task::block_in_place(|| srv.dump(None))?;
         let phase = match name {
             "health" => run_count(&clients, concurrency, requests, health).await,
             _ => run_count(&clients, concurrency, requests, get.clone()).await,
         };
-        let ir = tokio::task::block_in_place(|| srv.dump())?;
+        let ir = tokio::task::block_in_place(|| srv.dump(keep.map(|k| (k, name))))?;
         if phase.errors > 0 {
             anyhow::bail!("{} of the {name} calls failed", phase.errors);
         }
         counted.push(ir as f64 / requests as f64);
     }
     drop(clients);
-    drop(server);
     let (health_ir, get_ir) = (counted[0], counted[1]);
-    let summary = json!({
+    let mut summary = json!({
         "concurrency": concurrency,
         "requests": requests,
         "health_instructions_per_op": health_ir.round(),
         "get_instructions_per_op": get_ir.round(),
         "instructions_ratio": (get_ir / health_ir.max(1.0) * 1000.0).round() / 1000.0,
     });
+    if http {
+        let (noop_ir, read_ir) =
+            http_instructions(&server, &path, concurrency, requests, keep).await?;
+        if let Some(map) = summary.as_object_mut() {
+            map.insert(
+                "http_health_instructions_per_op".into(),
+                json!(noop_ir.round()),
+            );
+            map.insert(
+                "http_read_instructions_per_op".into(),
+                json!(read_ir.round()),
+            );
+            map.insert(
+                "http_instructions_ratio".into(),
+                json!((read_ir / noop_ir.max(1.0) * 1000.0).round() / 1000.0),
+            );
+        }
+    }
+    drop(server);
     print_summary(format, &summary);
     Ok(())
+}
+
+/// The HTTP half of `bench instructions`: `GET /v1/sys/health` (the
+/// Vault API's no-op) and a KV v2 read of `path`, `requests` of each over
+/// `concurrency` keep-alive connections opened before counting (so no TLS
+/// handshake is counted). Returns (no-op, read) instructions per call.
+async fn http_instructions(
+    server: &CallgrindServer,
+    path: &str,
+    concurrency: usize,
+    requests: u64,
+    keep: Option<&Path>,
+) -> Result<(f64, f64)> {
+    let addr = server
+        .http_addr
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("the server printed no VAULT_ADDR"))?;
+    let ca = server
+        .options
+        .ca_cert
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("no CA certificate of the server"))?;
+    let token = server.options.token.clone().unwrap_or_default();
+    let tls = Arc::new(http_client_tls(&ca)?);
+    let mut conns = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        conns.push(HttpConn::open(&addr, tls.clone()).await?);
+    }
+    let health: Arc<[u8]> = b"GET /v1/sys/health HTTP/1.1\r\nhost: localhost\r\n\r\n"
+        .as_slice()
+        .into();
+    let read: Arc<[u8]> = format!(
+        "GET /v1/secret/data/{path} HTTP/1.1\r\nhost: localhost\r\nx-vault-token: {token}\r\n\r\n"
+    )
+    .into_bytes()
+    .into();
+    let warm = (requests / 10).max(concurrency as u64);
+    conns = run_http_count(conns, health.clone(), warm).await?.0;
+    conns = run_http_count(conns, read.clone(), warm).await?.0;
+    let mut counted = Vec::new();
+    for (name, request) in [("http_health", health), ("http_read", read)] {
+        eprintln!("bench: {requests} calls of {name} under callgrind");
+        tokio::task::block_in_place(|| server.dump(None))?;
+        let (back, refused) = run_http_count(conns, request, requests).await?;
+        conns = back;
+        let ir = tokio::task::block_in_place(|| server.dump(keep.map(|k| (k, name))))?;
+        if refused > 0 {
+            anyhow::bail!("{refused} of the {name} calls were not answered 200");
+        }
+        counted.push(ir as f64 / requests as f64);
+    }
+    Ok((counted[0], counted[1]))
+}
+
+fn http_client_tls(ca: &Path) -> Result<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca)? {
+        roots.add(cert?)?;
+    }
+    Ok(rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// One keep-alive HTTP/1.1 connection over TLS, one request at a time:
+/// just enough client to count a server's instructions per request.
+struct HttpConn {
+    stream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    buf: Vec<u8>,
+}
+
+impl HttpConn {
+    async fn open(addr: &str, tls: Arc<rustls::ClientConfig>) -> Result<Self> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let name = rustls::pki_types::ServerName::try_from("localhost")?;
+        let stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await?;
+        Ok(Self {
+            stream,
+            buf: Vec::with_capacity(4096),
+        })
+    }
+
+    /// Sends `request` and reads the whole answer (a `Content-Length`
+    /// body); returns its status code.
+    async fn call(&mut self, request: &[u8]) -> Result<u16> {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(request).await?;
+        self.stream.flush().await?;
+        let head_end = loop {
+            if let Some(at) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            self.fill().await?;
+        };
+        let head = std::str::from_utf8(&self.buf[..head_end])?;
+        let status: u16 = head
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("malformed status line"))?;
+        let length: usize = head
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse().ok())?
+            })
+            .ok_or_else(|| anyhow::anyhow!("an answer without Content-Length"))?;
+        while self.buf.len() < head_end + length {
+            self.fill().await?;
+        }
+        self.buf.drain(..head_end + length);
+        Ok(status)
+    }
+
+    async fn fill(&mut self) -> Result<()> {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 4096];
+        let n = self.stream.read(&mut chunk).await?;
+        if n == 0 {
+            anyhow::bail!("the server closed the connection");
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+}
+
+/// Makes `requests` calls of `request` over `conns`, one task per
+/// connection; hands the connections back with the count of answers that
+/// were not 200.
+async fn run_http_count(
+    conns: Vec<HttpConn>,
+    request: Arc<[u8]>,
+    requests: u64,
+) -> Result<(Vec<HttpConn>, u64)> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::with_capacity(conns.len());
+    for mut conn in conns {
+        let (next, request) = (next.clone(), request.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut refused = 0u64;
+            while next.fetch_add(1, Ordering::Relaxed) < requests {
+                if conn.call(&request).await? != 200 {
+                    refused += 1;
+                }
+            }
+            anyhow::Ok((conn, refused))
+        }));
+    }
+    let mut back = Vec::with_capacity(tasks.len());
+    let mut refused = 0;
+    for task in tasks {
+        let (conn, r) = task.await??;
+        back.push(conn);
+        refused += r;
+    }
+    Ok((back, refused))
 }
 
 fn print_summary(format: Format, summary: &serde_json::Value) {

@@ -430,6 +430,15 @@ pub enum BenchMode {
         /// Calls of each kind counted.
         #[arg(long, default_value_t = 2000)]
         requests: u64,
+        /// Also count the Vault-compatible HTTP API: `GET /v1/sys/health`
+        /// (its no-op) and a KV v2 read (`GET /v1/secret/data/...`), each
+        /// over `--concurrency` keep-alive HTTP/1.1 TLS connections.
+        #[arg(long)]
+        http: bool,
+        /// Keep callgrind's dump of each counted phase in DIR
+        /// (`callgrind.PHASE`), for `callgrind_annotate`.
+        #[arg(long)]
+        keep: Option<PathBuf>,
     },
 }
 

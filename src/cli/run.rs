@@ -130,9 +130,11 @@ async fn bench(g: &Global, format: Format, args: BenchArgs) -> Result<()> {
             open_only,
         }) => super::bench::startup(tokens, dir, write_seconds, open_only, format).await,
         Some(BenchMode::Snapshot { dir }) => super::ops::bench_snapshot(&dir, format).await,
-        Some(BenchMode::Instructions { requests }) => {
-            super::bench::instructions(&args, requests, format).await
-        }
+        Some(BenchMode::Instructions {
+            requests,
+            http,
+            keep,
+        }) => super::bench::instructions(&args, requests, http, keep.as_deref(), format).await,
         None => super::bench::run(&options(g), &args, format).await,
     }
 }

@@ -84,6 +84,15 @@ pub fn time(ms: u64) -> String {
 
 pub fn json_response(status: StatusCode, body: &Value) -> Response {
     let bytes = serde_json::to_vec(body).unwrap_or_default();
+    json_bytes_with(status, bytes)
+}
+
+/// A 200 with a JSON body already written (the headers of [`json_response`]).
+pub fn json_bytes_response(bytes: Vec<u8>) -> Response {
+    json_bytes_with(StatusCode::OK, bytes)
+}
+
+fn json_bytes_with(status: StatusCode, bytes: Vec<u8>) -> Response {
     (
         status,
         [
@@ -325,7 +334,7 @@ impl VaultRequest {
         let request_id = request_id(
             parts
                 .headers
-                .get("x-request-id")
+                .get(&X_REQUEST_ID)
                 .and_then(|v| v.to_str().ok()),
         );
         let mut req = Self {
@@ -554,9 +563,15 @@ pub fn string_list(
     }
 }
 
+// Header names looked up on every request, made once: a lookup by `&str`
+// parses and checks the name each time.
+static X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+static X_VAULT_TOKEN: header::HeaderName = header::HeaderName::from_static("x-vault-token");
+static X_VAULT_NAMESPACE: header::HeaderName = header::HeaderName::from_static("x-vault-namespace");
+
 /// The token of a request: `X-Vault-Token`, else `Authorization: Bearer`.
 fn token_of(headers: &HeaderMap) -> Option<Zeroizing<String>> {
-    if let Some(v) = headers.get("x-vault-token").and_then(|v| v.to_str().ok()) {
+    if let Some(v) = headers.get(&X_VAULT_TOKEN).and_then(|v| v.to_str().ok()) {
         let v = v.trim();
         if !v.is_empty() {
             return Some(Zeroizing::new(v.to_owned()));
@@ -572,7 +587,7 @@ fn token_of(headers: &HeaderMap) -> Option<Zeroizing<String>> {
 /// keyward has no namespaces, and serving another one's request from the
 /// root would mix what the client keeps apart.
 fn check_namespace(headers: &HeaderMap) -> Result<(), &'static str> {
-    let Some(ns) = headers.get("x-vault-namespace") else {
+    let Some(ns) = headers.get(&X_VAULT_NAMESPACE) else {
         return Ok(());
     };
     let ns = ns.to_str().unwrap_or("?").trim().trim_matches('/');

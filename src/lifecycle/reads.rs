@@ -130,6 +130,18 @@ impl ReadSet {
     /// that must be flushed before the answer.
     fn note_sync(&self, identity: &str, path: &str, now_ms: u64) -> Result<bool, BarrierError> {
         let mut table = self.lock();
+        // The common case first, in one lookup of each table: a path this
+        // identity has read before.
+        if let Some(slot) = table
+            .get_mut(identity)
+            .and_then(|reads| reads.paths.get_mut(path))
+        {
+            if now_ms > slot.last_ms {
+                slot.last_ms = now_ms;
+                slot.dirty = true;
+            }
+            return Ok(false);
+        }
         if !table.contains_key(identity) {
             let loaded = self.load(identity)?;
             table.insert(identity.to_owned(), loaded);

@@ -423,7 +423,21 @@ impl Call {
                 .await
         };
         let answered = self.after_audit("OK", written.map_err(Failure::from));
-        self.observe(&answered, "OK");
+        // The call ends here (`self` is consumed): its identity, accessor and
+        // resource move into the observation instead of being copied.
+        let caller = self.caller.take();
+        let subject = self.subject.take();
+        let resource = self.resource.take();
+        let code = match &answered {
+            Ok(()) => "OK",
+            Err(f) => f.kind().code_name(),
+        };
+        let (identity, accessor) = match (caller, subject) {
+            (Some(c), _) => (Some(c.identity), Some(c.accessor)),
+            (None, Some((identity, accessor))) => (Some(identity), Some(accessor)),
+            (None, None) => (None, None),
+        };
+        self.send_observation(identity, accessor, resource, code);
         answered
     }
 
@@ -469,13 +483,34 @@ impl Call {
         {
             return;
         }
+        self.send_observation(
+            identity.cloned(),
+            accessor.cloned(),
+            self.resource.clone(),
+            code,
+        );
+    }
+
+    /// Queues the observation of this call's answer (see [`Self::observe`]):
+    /// only calls of an identity, failed authentications and logins.
+    fn send_observation(
+        &self,
+        identity: Option<String>,
+        accessor: Option<String>,
+        resource: Option<String>,
+        code: &'static str,
+    ) {
+        if identity.is_none() && code != "UNAUTHENTICATED" && self.method != "keyward.v1.Auth/Login"
+        {
+            return;
+        }
         self.core.anomalies.observe(crate::anomaly::Observation {
             at_ms: self.core.clock().now_ms(),
-            identity: identity.cloned(),
-            accessor: accessor.cloned(),
+            identity,
+            accessor,
             source: self.source.map(|s| s.ip()),
             method: self.method,
-            resource: self.resource.clone(),
+            resource,
             capability: self.capability.map(Capability::as_str),
             code,
         });
