@@ -81,7 +81,28 @@ impl EtcdCluster {
         Self::start_with(members, EtcdFlags::default())
     }
 
+    /// Ports are picked free and then handed to etcd, so another process
+    /// of a parallel test can take one in between (seen: a member's peer
+    /// port answered by some other HTTP server, the cluster never formed).
+    /// A cluster that does not form is killed and started again on new
+    /// ports and a new folder, up to three times.
     pub fn start_with(members: usize, flags: EtcdFlags) -> Self {
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            let mut cluster = Self::spawn(members, &flags);
+            match cluster.formed() {
+                Ok(()) => return cluster,
+                Err(why) => failures.push(why),
+            }
+            // Dropping it kills its members by pid.
+        }
+        panic!(
+            "etcd cluster did not form in 3 tries:\n{}",
+            failures.join("\n----\n")
+        );
+    }
+
+    fn spawn(members: usize, flags: &EtcdFlags) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let token = format!("kw-test-{}", uuid::Uuid::new_v4().simple());
         let ports: Vec<(u16, u16)> = (0..members).map(|_| (free_port(), free_port())).collect();
@@ -136,12 +157,42 @@ impl EtcdCluster {
                 args,
             });
         }
-        let cluster = Self {
+        Self {
             dir,
             members: started,
-        };
-        cluster.wait_healthy();
-        cluster
+        }
+    }
+
+    /// Waits (at most 60 s) until every member is healthy; a member whose
+    /// process has ended (a port it could not bind) fails at once. The
+    /// error carries the members' logs.
+    fn formed(&mut self) -> Result<(), String> {
+        for _ in 0..600 {
+            if self.endpoints().iter().all(|url| healthy(url)) {
+                return Ok(());
+            }
+            let ended = self.members.iter_mut().any(|m| {
+                m.child
+                    .as_mut()
+                    .is_some_and(|c| c.try_wait().ok().flatten().is_some())
+            });
+            if ended {
+                return Err(format!("a member exited; logs:\n{}", self.logs()));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(format!("not healthy within 60 s; logs:\n{}", self.logs()))
+    }
+
+    fn logs(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| {
+                std::fs::read_to_string(self.dir.path().join(format!("{}.log", m.name)))
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// The client URLs of the members still running.
@@ -166,17 +217,9 @@ impl EtcdCluster {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let logs: Vec<String> = self
-            .members
-            .iter()
-            .map(|m| {
-                std::fs::read_to_string(self.dir.path().join(format!("{}.log", m.name)))
-                    .unwrap_or_default()
-            })
-            .collect();
         panic!(
             "etcd cluster not healthy within 60 s; logs:\n{}",
-            logs.join("\n")
+            self.logs()
         );
     }
 }
