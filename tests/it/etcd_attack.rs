@@ -165,7 +165,10 @@ fn proof(path: &SecretPath, capability: Capability) -> Authorized {
 
 fn put(store: &SecretStore, path: &SecretPath, value: &str) -> u64 {
     let mut data = SecretData::new();
-    data.insert("password".into(), SecretBytes::new(value.as_bytes().to_vec()));
+    data.insert(
+        "password".into(),
+        SecretBytes::new(value.as_bytes().to_vec()),
+    );
     store
         .put(
             &proof(path, Capability::Write),
@@ -231,7 +234,6 @@ fn a_destroy_racing_a_put_on_another_node_loses_no_version() {
     // And the next write is version 3: version 2's data is not overwritten.
     assert_eq!(put(&race.a, &path, "three"), 3);
     assert_eq!(password(&race.b, &path, 2).as_deref(), Some("two"));
-
 }
 
 /// Soft delete of the current version on A, put on B in between: the new
@@ -252,7 +254,6 @@ fn a_delete_racing_a_put_on_another_node_loses_no_version() {
     assert_eq!(password(&race.b, &path, 1), None, "version 1 is deleted");
     assert_eq!(password(&race.b, &path, 2).as_deref(), Some("two"));
     assert_eq!(race.b.metadata(&path).unwrap().current, 2);
-
 }
 
 /// Soft delete of v1 on A, destroy of v1 on B in between: the version stays
