@@ -282,3 +282,43 @@ fn a_delete_racing_a_destroy_on_another_node_keeps_the_destroy() {
         "a destroy made on node B while node A soft-deleted is kept"
     );
 }
+
+/// A rotation that did not verify drops `pending` on node A (the broker's
+/// `clear_pending`) while node B writes a new current version: B's version
+/// stays, and `pending` is dropped.
+#[test]
+fn a_pending_dropped_racing_a_put_on_another_node_loses_no_version() {
+    let (_etcd, race) = race();
+    let path = SecretPath::parse(&format!("{}/db", unique("app"))).unwrap();
+    put(&race.a, &path, "one");
+    let mut data = SecretData::new();
+    data.insert("password".into(), SecretBytes::new(b"rotated".to_vec()));
+    let pending = race
+        .a
+        .put(
+            &proof(&path, Capability::Write),
+            PutRequest {
+                path: path.clone(),
+                data,
+                cas: None,
+                max_versions: None,
+                owner: None,
+                stage: Stage::Pending,
+            },
+            1_500,
+        )
+        .unwrap();
+    assert_eq!(pending, 2);
+    let target = path.clone();
+    race.before_a_writes(move |b| {
+        assert_eq!(put(b, &target, "three"), 3);
+    });
+    race.a.clear_pending(&path, 2_000).unwrap();
+    let meta = race.b.metadata(&path).unwrap();
+    assert_eq!(
+        (meta.newest, meta.current, meta.pending),
+        (3, 3, 0),
+        "version 3, written on node B while node A dropped pending, is current"
+    );
+    assert_eq!(password(&race.b, &path, 3).as_deref(), Some("three"));
+}
