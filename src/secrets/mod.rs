@@ -702,35 +702,83 @@ impl SecretStore {
         })
     }
 
+    /// Reads the metadata, applies `change` to version `version` (default:
+    /// current) and writes it back with the data and fingerprint records
+    /// the change touches. On a shared store (etcd) other nodes write the
+    /// same records and this node's stripe lock does not stop them: the
+    /// write applies only if the metadata and the fingerprint records it
+    /// relied on are still the ones read, else it is made again from a new
+    /// read (as a put is), so a version another node wrote in between, or a
+    /// destroy it made, is never lost.
     fn update_version(
         &self,
         path: &SecretPath,
         version: Option<u64>,
-        change: impl FnOnce(&mut MetaRecord, u64) -> Result<Option<u64>, SecretsError>,
+        change: impl Fn(&mut MetaRecord, u64) -> Result<Option<u64>, SecretsError>,
     ) -> Result<u64, SecretsError> {
         if version == Some(0) {
             return Err(InputError::BadVersion.into());
         }
         let _guard = self.stripe(path);
-        let mut meta = self.metadata(path)?;
-        let v = match version {
-            Some(v) => v,
-            None if meta.current != 0 => meta.current,
-            None => return Err(SecretsError::NoSuchStage("current")),
-        };
-        let staged_before = fingerprint::staged(&meta);
-        let remove = change(&mut meta, v)?;
-        let meta_bytes = meta.encode_to_vec();
+        let shared = self.barrier.is_shared_store();
         let meta_k = meta_key(path);
-        let removed_key = remove.map(|v| data_key(path, v));
-        let prints = self.print_ops(path, staged_before, Some(v), &meta, None)?;
-        let mut ops = vec![PlainOp::Put(&meta_k, &meta_bytes)];
-        if let Some(k) = &removed_key {
-            ops.push(PlainOp::Delete(k));
+        for _ in 0..PUT_ATTEMPTS {
+            let (mut meta, stamp) = self.metadata_stamped(&meta_k)?;
+            let v = match version {
+                Some(v) => v,
+                None if meta.current != 0 => meta.current,
+                None => return Err(SecretsError::NoSuchStage("current")),
+            };
+            let staged_before = fingerprint::staged(&meta);
+            let remove = change(&mut meta, v)?;
+            let meta_bytes = meta.encode_to_vec();
+            let removed_key = remove.map(|v| data_key(path, v));
+            let prints = self.print_ops(path, staged_before, Some(v), &meta, None)?;
+            let mut ops = vec![PlainOp::Put(&meta_k, &meta_bytes)];
+            if let Some(k) = &removed_key {
+                ops.push(PlainOp::Delete(k));
+            }
+            prints.extend_batch(&mut ops);
+            if self.write_if_unchanged(shared, &meta_k, &stamp, &prints, &ops)? {
+                return Ok(v);
+            }
         }
-        prints.extend_batch(&mut ops);
-        self.barrier.batch(&ops)?;
-        Ok(v)
+        Err(SecretsError::Contended)
+    }
+
+    /// The metadata of `meta_k` read from the store (never a cache), with
+    /// the stamp a guarded write compares.
+    fn metadata_stamped(
+        &self,
+        meta_k: &str,
+    ) -> Result<(MetaRecord, crate::barrier::Stamp), SecretsError> {
+        let (raw, stamp) = self
+            .barrier
+            .get_stamped(meta_k)?
+            .ok_or(SecretsError::NotFound)?;
+        let meta = MetaRecord::decode(raw.as_slice()).map_err(|_| SecretsError::Corrupt)?;
+        Ok((meta, stamp))
+    }
+
+    /// Writes `ops`: on a shared store only if the metadata still holds
+    /// `stamp` and every fingerprint record `prints` read is unchanged
+    /// (false: nothing written, read again); elsewhere at once (the stripe
+    /// lock serialises this process's writers).
+    fn write_if_unchanged(
+        &self,
+        shared: bool,
+        meta_k: &str,
+        stamp: &crate::barrier::Stamp,
+        prints: &fingerprint::PrintOps,
+        ops: &[PlainOp<'_>],
+    ) -> Result<bool, SecretsError> {
+        if !shared {
+            self.barrier.batch(ops)?;
+            return Ok(true);
+        }
+        let mut expect = vec![(meta_k, Some(stamp))];
+        expect.extend(prints.read.iter().map(|(k, s)| (k.as_str(), s.as_ref())));
+        Ok(self.barrier.batch_if(&expect, ops)?)
     }
 
     /// Moves `pending` to `current` (the old current becomes `previous`).
@@ -757,16 +805,22 @@ impl SecretStore {
     /// Drops the `pending` stage (a rotation that did not verify).
     pub fn clear_pending(&self, path: &SecretPath, now_ms: u64) -> Result<(), SecretsError> {
         let _guard = self.stripe(path);
-        let mut meta = self.metadata(path)?;
-        let staged_before = fingerprint::staged(&meta);
-        meta.pending = 0;
-        meta.updated_at_ms = now_ms;
-        let prints = self.print_ops(path, staged_before, None, &meta, None)?;
-        let (meta_k, meta_bytes) = (meta_key(path), meta.encode_to_vec());
-        let mut ops = vec![PlainOp::Put(&meta_k, &meta_bytes)];
-        prints.extend_batch(&mut ops);
-        self.barrier.batch(&ops)?;
-        Ok(())
+        let shared = self.barrier.is_shared_store();
+        let meta_k = meta_key(path);
+        for _ in 0..PUT_ATTEMPTS {
+            let (mut meta, stamp) = self.metadata_stamped(&meta_k)?;
+            let staged_before = fingerprint::staged(&meta);
+            meta.pending = 0;
+            meta.updated_at_ms = now_ms;
+            let prints = self.print_ops(path, staged_before, None, &meta, None)?;
+            let meta_bytes = meta.encode_to_vec();
+            let mut ops = vec![PlainOp::Put(&meta_k, &meta_bytes)];
+            prints.extend_batch(&mut ops);
+            if self.write_if_unchanged(shared, &meta_k, &stamp, &prints, &ops)? {
+                return Ok(());
+            }
+        }
+        Err(SecretsError::Contended)
     }
 
     /// Data keys of every version of a path, for tests and tools.

@@ -36,7 +36,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
-use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -91,11 +91,16 @@ struct Entry {
     used: u64,
 }
 
+/// A key, held once and shared by the map and the eviction order (so the
+/// bytes counted are the bytes held: a second copy in the order would be
+/// up to 512 bytes a path beyond the bound).
+type Key = Arc<[u8]>;
+
 #[derive(Default)]
 struct State {
-    map: HashMap<Vec<u8>, Entry>,
+    map: HashMap<Key, Entry>,
     /// use sequence -> key: the least recently used first.
-    order: BTreeMap<u64, Vec<u8>>,
+    order: BTreeMap<u64, Key>,
     seq: u64,
     bytes: usize,
     /// Per bucket: the highest revision of a delivered change of its keys.
@@ -234,9 +239,10 @@ impl ReadCache {
         Self::remove_locked(&mut state, key);
         state.seq += 1;
         let used = state.seq;
-        state.order.insert(used, key.to_vec());
+        let shared: Key = Arc::from(key);
+        state.order.insert(used, Arc::clone(&shared));
         state.map.insert(
-            key.to_vec(),
+            shared,
             Entry {
                 value: value.to_vec(),
                 revision,
@@ -249,7 +255,7 @@ impl ReadCache {
             let Some((_, oldest)) = state.order.pop_first() else {
                 break;
             };
-            if let Some(entry) = state.map.remove(&oldest) {
+            if let Some(entry) = state.map.remove(&*oldest) {
                 state.bytes -= cost(&oldest, &entry.value);
                 self.metrics.evicted.inc();
             }

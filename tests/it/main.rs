@@ -29,6 +29,8 @@ mod delegation_exchange;
 mod dynamic_crash;
 mod dynamic_creds;
 #[cfg(feature = "etcd")]
+mod etcd_attack;
+#[cfg(feature = "etcd")]
 mod etcd_caches;
 #[cfg(feature = "etcd")]
 mod etcd_cluster;

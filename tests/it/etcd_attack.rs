@@ -1,0 +1,324 @@
+//! Attacks on the etcd changes of 0.6.1 (issue 14): nodes racing each
+//! other on one real 3-member etcd cluster (`etcd_kit`).
+//!
+//! A race between two nodes is made without timing: node A's store is the
+//! real `EtcdBackend` behind a pass-through (`Interposed`) that, once, runs
+//! node B's write just before A's write goes out, that is after A read the
+//! records it decided on. Every call still goes to etcd.
+
+use std::sync::{Arc, Mutex};
+
+use keyward::barrier::{Barrier, BarrierOptions};
+use keyward::policy::{Authorized, Capability, Policy, PolicySet};
+use keyward::secrecy::{SecretBytes, SecretData};
+use keyward::secrets::{
+    DataLimits, PutRequest, SecretPath, SecretStore, SecretsError, Selector, Stage,
+};
+use keyward::storage::coherence::Coherence;
+use keyward::storage::read_cache::ReadCacheFigures;
+use keyward::storage::{
+    Backend, BatchOp, CasOutcome, EtcdBackend, EtcdOptions, Expected, ExportSink, KeyValues,
+    StorageError,
+};
+
+use crate::etcd_kit::EtcdCluster;
+use crate::harness::unique;
+
+type Hook = Box<dyn FnOnce() + Send>;
+
+/// The real etcd backend, with a hook run once before the next batch
+/// (guarded or not) is sent.
+struct Interposed {
+    inner: Arc<EtcdBackend>,
+    before_write: Mutex<Option<Hook>>,
+}
+
+impl Interposed {
+    fn run_hook(&self) {
+        let hook = self.before_write.lock().unwrap().take();
+        if let Some(hook) = hook {
+            hook();
+        }
+    }
+}
+
+impl Backend for Interposed {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner.get(key)
+    }
+    fn put(&self, key: &[u8], value: &[u8]) -> Result<(), StorageError> {
+        self.inner.put(key, value)
+    }
+    fn delete(&self, key: &[u8]) -> Result<(), StorageError> {
+        self.inner.delete(key)
+    }
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<KeyValues, StorageError> {
+        self.inner.scan_prefix(prefix)
+    }
+    fn scan_range(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<KeyValues, StorageError> {
+        self.inner.scan_range(start, end, limit)
+    }
+    fn compare_and_swap(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<CasOutcome, StorageError> {
+        self.inner.compare_and_swap(key, expected, new)
+    }
+    fn batch(&self, ops: Vec<BatchOp>) -> Result<(), StorageError> {
+        self.run_hook();
+        self.inner.batch(ops)
+    }
+    fn apply_in_order(&self, ops: Vec<BatchOp>) -> Result<(), StorageError> {
+        self.inner.apply_in_order(ops)
+    }
+    fn flush(&self) -> Result<(), StorageError> {
+        self.inner.flush()
+    }
+    fn export(&self, sink: &mut ExportSink<'_>) -> Result<u64, StorageError> {
+        self.inner.export(sink)
+    }
+    fn is_shared(&self) -> bool {
+        self.inner.is_shared()
+    }
+    fn coherence(&self) -> Option<&Coherence> {
+        self.inner.coherence()
+    }
+    fn cache_fence(&self) -> bool {
+        self.inner.cache_fence()
+    }
+    fn get_fenced(&self, key: &[u8], fresh: bool) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner.get_fenced(key, fresh)
+    }
+    fn batch_if(&self, expect: Expected, ops: Vec<BatchOp>) -> Result<bool, StorageError> {
+        self.run_hook();
+        self.inner.batch_if(expect, ops)
+    }
+    fn cache_reads(&self, prefix: &str) {
+        self.inner.cache_reads(prefix)
+    }
+    fn read_cache_figures(&self) -> Option<ReadCacheFigures> {
+        self.inner.read_cache_figures()
+    }
+    fn requests_sent(&self) -> Option<u64> {
+        self.inner.requests_sent()
+    }
+}
+
+/// Node A (interposed) and node B: a secret store each on one vault under
+/// `prefix`, each with its own etcd connection.
+struct Race {
+    a: SecretStore,
+    b: Arc<SecretStore>,
+    a_backend: Arc<Interposed>,
+}
+
+impl Race {
+    fn new(etcd: &EtcdCluster, prefix: &str) -> Self {
+        let open = || {
+            Arc::new(EtcdBackend::open(&EtcdOptions::plaintext(etcd.endpoints(), prefix)).unwrap())
+        };
+        let a_backend = Arc::new(Interposed {
+            inner: open(),
+            before_write: Mutex::new(None),
+        });
+        let a = Barrier::new(a_backend.clone(), BarrierOptions::default()).unwrap();
+        let b = Barrier::new(open(), BarrierOptions::default()).unwrap();
+        let shares = a.init(1, 1).unwrap();
+        let share: String = (*shares[0].0).clone();
+        a.seal();
+        a.unseal(&share).unwrap();
+        b.unseal(&share).unwrap();
+        Race {
+            a: SecretStore::new(Arc::new(a), DataLimits::default()),
+            b: Arc::new(SecretStore::new(Arc::new(b), DataLimits::default())),
+            a_backend,
+        }
+    }
+
+    /// Runs `write` on node B just before node A's next write is sent.
+    fn before_a_writes(&self, write: impl FnOnce(&SecretStore) + Send + 'static) {
+        let b = self.b.clone();
+        *self.a_backend.before_write.lock().unwrap() = Some(Box::new(move || write(&b)));
+    }
+}
+
+/// A proof of every secret capability on `secret/**`.
+fn proof(path: &SecretPath, capability: Capability) -> Authorized {
+    let policy = Policy::parse(
+        "attacker",
+        "[[rule]]\npath = \"secret/**\"\ncapabilities = [\"read\", \"write\", \"delete\", \
+         \"destroy\"]\n",
+    )
+    .unwrap();
+    PolicySet::compile([&policy])
+        .unwrap()
+        .authorize(&path.resource(), capability)
+        .unwrap()
+}
+
+fn put(store: &SecretStore, path: &SecretPath, value: &str) -> u64 {
+    let mut data = SecretData::new();
+    data.insert(
+        "password".into(),
+        SecretBytes::new(value.as_bytes().to_vec()),
+    );
+    store
+        .put(
+            &proof(path, Capability::Write),
+            PutRequest {
+                path: path.clone(),
+                data,
+                cas: None,
+                max_versions: None,
+                owner: None,
+                stage: Stage::Current,
+            },
+            1_000,
+        )
+        .unwrap()
+}
+
+fn password(store: &SecretStore, path: &SecretPath, version: u64) -> Option<String> {
+    let found = store.get(path, Selector::Version(version)).ok()?;
+    Some(found.data["password"].expose_str().unwrap().to_owned())
+}
+
+fn destroyed(store: &SecretStore, path: &SecretPath, version: u64) -> bool {
+    let meta = store.metadata(path).unwrap();
+    meta.versions
+        .iter()
+        .find(|v| v.version == version)
+        .is_some_and(|v| v.destroyed)
+}
+
+/// Issue 14 said delete, undelete and destroy were not guarded: each read
+/// the metadata, changed it and wrote it back unconditionally, so a write
+/// another node made in between was lost. Here node B writes version 2 (or
+/// destroys version 1) after node A read the metadata and before A's write.
+/// Both changes must survive.
+fn race() -> (EtcdCluster, Race) {
+    let etcd = EtcdCluster::start(3);
+    let prefix = format!("{}/", unique("kwatk"));
+    let race = Race::new(&etcd, &prefix);
+    (etcd, race)
+}
+
+/// Destroy of v1 on A, put of v2 on B in between.
+#[test]
+fn a_destroy_racing_a_put_on_another_node_loses_no_version() {
+    let (_etcd, race) = race();
+    let path = SecretPath::parse(&format!("{}/db", unique("app"))).unwrap();
+    put(&race.a, &path, "one");
+    let target = path.clone();
+    race.before_a_writes(move |b| {
+        assert_eq!(put(b, &target, "two"), 2);
+    });
+    race.a
+        .destroy(&proof(&path, Capability::Destroy), &path, 1, 2_000)
+        .unwrap();
+    assert!(destroyed(&race.b, &path, 1), "the destroy was applied");
+    let meta = race.b.metadata(&path).unwrap();
+    assert_eq!(
+        (meta.newest, meta.current),
+        (2, 2),
+        "version 2, written on node B while node A destroyed version 1, is still there"
+    );
+    assert_eq!(password(&race.b, &path, 2).as_deref(), Some("two"));
+    // And the next write is version 3: version 2's data is not overwritten.
+    assert_eq!(put(&race.a, &path, "three"), 3);
+    assert_eq!(password(&race.b, &path, 2).as_deref(), Some("two"));
+}
+
+/// Soft delete of the current version on A, put on B in between: the new
+/// version stays current and readable.
+#[test]
+fn a_delete_racing_a_put_on_another_node_loses_no_version() {
+    let (_etcd, race) = race();
+    let path = SecretPath::parse(&format!("{}/db", unique("app"))).unwrap();
+    put(&race.a, &path, "one");
+    let target = path.clone();
+    race.before_a_writes(move |b| {
+        assert_eq!(put(b, &target, "two"), 2);
+    });
+    // The delete names version 1 (the current one A read).
+    race.a
+        .delete(&proof(&path, Capability::Delete), &path, Some(1), 2_000)
+        .unwrap();
+    assert_eq!(password(&race.b, &path, 1), None, "version 1 is deleted");
+    assert_eq!(password(&race.b, &path, 2).as_deref(), Some("two"));
+    assert_eq!(race.b.metadata(&path).unwrap().current, 2);
+}
+
+/// Soft delete of v1 on A, destroy of v1 on B in between: the version stays
+/// destroyed (its data is gone; the metadata must say so).
+#[test]
+fn a_delete_racing_a_destroy_on_another_node_keeps_the_destroy() {
+    let (_etcd, race) = race();
+    let path = SecretPath::parse(&format!("{}/db", unique("app"))).unwrap();
+    put(&race.a, &path, "one");
+    let target = path.clone();
+    race.before_a_writes(move |b| {
+        b.destroy(&proof(&target, Capability::Destroy), &target, 1, 1_500)
+            .unwrap();
+    });
+    // Either the delete applied first (and the destroy on top), or it is
+    // refused as of a destroyed version; never a destroy undone.
+    match race
+        .a
+        .delete(&proof(&path, Capability::Delete), &path, Some(1), 2_000)
+    {
+        Ok(_) | Err(SecretsError::Destroyed(1)) => {}
+        Err(other) => panic!("delete after a concurrent destroy: {other}"),
+    }
+    assert!(
+        destroyed(&race.b, &path, 1),
+        "a destroy made on node B while node A soft-deleted is kept"
+    );
+}
+
+/// A rotation that did not verify drops `pending` on node A (the broker's
+/// `clear_pending`) while node B writes a new current version: B's version
+/// stays, and `pending` is dropped.
+#[test]
+fn a_pending_dropped_racing_a_put_on_another_node_loses_no_version() {
+    let (_etcd, race) = race();
+    let path = SecretPath::parse(&format!("{}/db", unique("app"))).unwrap();
+    put(&race.a, &path, "one");
+    let mut data = SecretData::new();
+    data.insert("password".into(), SecretBytes::new(b"rotated".to_vec()));
+    let pending = race
+        .a
+        .put(
+            &proof(&path, Capability::Write),
+            PutRequest {
+                path: path.clone(),
+                data,
+                cas: None,
+                max_versions: None,
+                owner: None,
+                stage: Stage::Pending,
+            },
+            1_500,
+        )
+        .unwrap();
+    assert_eq!(pending, 2);
+    let target = path.clone();
+    race.before_a_writes(move |b| {
+        assert_eq!(put(b, &target, "three"), 3);
+    });
+    race.a.clear_pending(&path, 2_000).unwrap();
+    let meta = race.b.metadata(&path).unwrap();
+    assert_eq!(
+        (meta.newest, meta.current, meta.pending),
+        (3, 3, 0),
+        "version 3, written on node B while node A dropped pending, is current"
+    );
+    assert_eq!(password(&race.b, &path, 3).as_deref(), Some("three"));
+}
