@@ -21,13 +21,13 @@ use crate::harness::{data, eventually, unique, TestServer};
 use keyward::client::{Client, DynamicRoleSpec, PutOptions};
 
 /// A superuser login made for one test, dropped by [`AdminUser::drop`].
-struct AdminUser {
-    name: String,
-    password: String,
+pub(crate) struct AdminUser {
+    pub(crate) name: String,
+    pub(crate) password: String,
 }
 
 impl AdminUser {
-    async fn new() -> Self {
+    pub(crate) async fn new() -> Self {
         let name = format!("kwadm_{}", suffix());
         let password = crate::db_target::password();
         pg_admin()
@@ -41,7 +41,7 @@ impl AdminUser {
     }
 
     /// Stores this login as a secret; returns its path.
-    async fn store(&self, root: &Client, password: &str) -> String {
+    pub(crate) async fn store(&self, root: &Client, password: &str) -> String {
         let path = unique("dynpool/admin");
         self.put(root, &path, password).await;
         path
@@ -62,7 +62,7 @@ impl AdminUser {
     }
 
     /// The pids of keyward's sessions logged in as this admin.
-    async fn keyward_sessions(&self) -> Vec<i32> {
+    pub(crate) async fn keyward_sessions(&self) -> Vec<i32> {
         pg_admin()
             .await
             .query(
@@ -76,7 +76,7 @@ impl AdminUser {
             .collect()
     }
 
-    async fn drop(self) {
+    pub(crate) async fn drop(self) {
         let pg = pg_admin().await;
         pg.query(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
@@ -106,7 +106,7 @@ impl AdminUser {
     }
 }
 
-async fn granted_role() -> String {
+pub(crate) async fn granted_role() -> String {
     let name = format!("kwpoolgrp_{}", suffix());
     pg_admin()
         .await
@@ -116,7 +116,7 @@ async fn granted_role() -> String {
     name
 }
 
-async fn define(root: &Client, admin_secret: &str, granted: &str) -> String {
+pub(crate) async fn define(root: &Client, admin_secret: &str, granted: &str) -> String {
     let role = format!("pool_{}", suffix());
     let config: BTreeMap<String, String> = [
         ("admin_secret".to_owned(), admin_secret.to_owned()),

@@ -99,6 +99,7 @@ mod ui;
 mod anomaly_attack;
 mod decommission_creds;
 mod dyn12_attack;
+mod dyn_attack2;
 mod dynamic_plugin;
 mod dynamic_pool;
 mod dynamic_refresh;
