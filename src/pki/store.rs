@@ -1068,3 +1068,90 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod seal_race_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    /// Seal lands while callers are parsing the CA for the first time after
+    /// unseal (the slow part of `signer`): a caller that parsed it while
+    /// unsealed and takes the lock after `on_seal` must not keep it. The
+    /// main thread seals a varying moment after each unseal, in `Core::seal`'s order
+    /// (barrier, then `on_seal`), so most rounds land inside a parse.
+    #[test]
+    fn a_ca_parsed_across_a_seal_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = crate::storage::SledBackend::open(dir.path()).unwrap();
+        let barrier = Arc::new(
+            Barrier::new(Arc::new(backend), crate::barrier::BarrierOptions::default()).unwrap(),
+        );
+        let shares = barrier.init(1, 1).unwrap();
+        barrier.unseal(&shares[0].0).unwrap();
+        let store = Arc::new(PkiStore::new(barrier.clone(), Arc::new(ClientTrust::new())));
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = ca_params(name("keyward", "race root"))
+            .self_signed(&key)
+            .unwrap();
+        let record = CaCert {
+            kind: "root".into(),
+            cert_pem: cert.pem(),
+            parents_pem: Vec::new(),
+            not_after_ms: u64::MAX / 2,
+        };
+        store
+            .install_ca(
+                key.serialize_pem().as_bytes(),
+                &serde_json::to_vec(&record).unwrap(),
+            )
+            .unwrap();
+        assert!(store.signer().is_ok());
+        store.on_seal();
+        barrier.seal();
+
+        let stop = Arc::new(AtomicBool::new(false));
+        // Calls each caller has finished, to wait out those in flight.
+        let done: Arc<Vec<AtomicU64>> = Arc::new((0..3).map(|_| AtomicU64::new(0)).collect());
+        let callers: Vec<_> = (0..3)
+            .map(|i| {
+                let (store, stop, done) = (store.clone(), stop.clone(), done.clone());
+                std::thread::spawn(move || {
+                    let mut signed = 0u64;
+                    while !stop.load(Ordering::SeqCst) {
+                        signed += u64::from(store.signer().is_ok());
+                        done[i].fetch_add(1, Ordering::SeqCst);
+                    }
+                    signed
+                })
+            })
+            .collect();
+        for round in 0..300u64 {
+            barrier.unseal(&shares[0].0).unwrap();
+            // A different moment of each round's parse (no bound depends
+            // on it: a round that misses the parse only checks less).
+            std::thread::sleep(std::time::Duration::from_micros((round * 37) % 3000));
+            barrier.seal();
+            store.on_seal();
+            // Every call in flight at the seal has ended: each caller has
+            // finished two more.
+            let seen: Vec<u64> = done.iter().map(|d| d.load(Ordering::SeqCst)).collect();
+            while done
+                .iter()
+                .zip(&seen)
+                .any(|(d, s)| d.load(Ordering::SeqCst) < s + 2)
+            {
+                std::thread::yield_now();
+            }
+            assert!(
+                !store.keeps_ca_key(),
+                "round {round}: a CA parsed before the seal is kept after it"
+            );
+        }
+        stop.store(true, Ordering::SeqCst);
+        let signed: u64 = callers.into_iter().map(|c| c.join().unwrap()).sum();
+        // The rounds did reach the parse at all (the test is not empty).
+        assert!(signed > 0, "no caller ever got the CA while unsealed");
+        assert!(!store.keeps_ca_key());
+    }
+}

@@ -148,7 +148,9 @@ async fn pki_seal_racing_issues_keeps_no_ca_key_and_signs_nothing_after() {
     let (server, root) = pki_server("sealrace").await;
     let spiffe = format!("spiffe://{TRUST_DOMAIN}/sealrace/a");
     for round in 0..6 {
-        root.pki_issue(issue_req("sealrace", &spiffe)).await.unwrap();
+        root.pki_issue(issue_req("sealrace", &spiffe))
+            .await
+            .unwrap();
         assert!(server.core.pki.keeps_ca_key(), "round {round}: kept");
         let sealed = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
@@ -256,7 +258,10 @@ async fn pki_issue_answers_only_after_their_audit_records_and_keys_stay_out_of_t
     let log = std::fs::read_to_string(&server.audit_path).unwrap();
     for key in &keys {
         assert!(key.contains("PRIVATE KEY"), "an issue without a key");
-        for line in key.lines().filter(|l| !l.starts_with("-----") && l.len() >= 32) {
+        for line in key
+            .lines()
+            .filter(|l| !l.starts_with("-----") && l.len() >= 32)
+        {
             assert!(!log.contains(line), "a private key line in the audit log");
         }
     }
