@@ -1038,6 +1038,20 @@ fn check_common_name(cn: &str) -> Result<(), PkiError> {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    /// An unsealed barrier on a new sled store, and its one share.
+    fn unsealed_barrier() -> (tempfile::TempDir, Arc<Barrier>, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = crate::storage::SledBackend::open(dir.path()).unwrap();
+        let barrier = Arc::new(
+            Barrier::new(Arc::new(backend), crate::barrier::BarrierOptions::default()).unwrap(),
+        );
+        let shares = barrier.init(1, 1).unwrap();
+        let share: String = (*shares[0].0).clone();
+        barrier.unseal(&share).unwrap();
+        (dir, barrier, share)
+    }
 
     /// The CA is written only where none is stored, checked in the write
     /// itself: a second install (another node's `pki init` that passed its
@@ -1045,13 +1059,7 @@ mod tests {
     /// leaves the first CA's key and certificate in place.
     #[test]
     fn a_ca_is_installed_only_where_none_is_stored() {
-        let dir = tempfile::tempdir().unwrap();
-        let backend = crate::storage::SledBackend::open(dir.path()).unwrap();
-        let barrier = Arc::new(
-            Barrier::new(Arc::new(backend), crate::barrier::BarrierOptions::default()).unwrap(),
-        );
-        let shares = barrier.init(1, 1).unwrap();
-        barrier.unseal(&shares[0].0).unwrap();
+        let (_dir, barrier, _share) = unsealed_barrier();
         let store = PkiStore::new(barrier.clone(), Arc::new(ClientTrust::new()));
         store
             .install_ca(b"first key", b"first certificate")
@@ -1067,13 +1075,6 @@ mod tests {
             b"first certificate"
         );
     }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-mod seal_race_tests {
-    use super::*;
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
     /// Seal lands while callers are parsing the CA for the first time after
     /// unseal (the slow part of `signer`): a caller that parsed it while
@@ -1082,13 +1083,7 @@ mod seal_race_tests {
     /// (barrier, then `on_seal`), so most rounds land inside a parse.
     #[test]
     fn a_ca_parsed_across_a_seal_is_not_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let backend = crate::storage::SledBackend::open(dir.path()).unwrap();
-        let barrier = Arc::new(
-            Barrier::new(Arc::new(backend), crate::barrier::BarrierOptions::default()).unwrap(),
-        );
-        let shares = barrier.init(1, 1).unwrap();
-        barrier.unseal(&shares[0].0).unwrap();
+        let (_dir, barrier, share) = unsealed_barrier();
         let store = Arc::new(PkiStore::new(barrier.clone(), Arc::new(ClientTrust::new())));
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let cert = ca_params(name("keyward", "race root"))
@@ -1127,7 +1122,7 @@ mod seal_race_tests {
             })
             .collect();
         for round in 0..300u64 {
-            barrier.unseal(&shares[0].0).unwrap();
+            barrier.unseal(&share).unwrap();
             // A different moment of each round's parse (no bound depends
             // on it: a round that misses the parse only checks less).
             std::thread::sleep(std::time::Duration::from_micros((round * 37) % 3000));

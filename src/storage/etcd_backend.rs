@@ -604,11 +604,9 @@ impl EtcdBackend {
         })
     }
 
-    /// Sends `ops` (within the limits) as one transaction.
-    fn txn(&self, ops: Vec<BatchOp>, operation: &'static str) -> Result<(), StorageError> {
-        if ops.is_empty() {
-            return Ok(());
-        }
+    /// The transaction operations of `ops`, with the epoch bump when one of
+    /// them is under a tracked prefix.
+    fn write_ops(&self, ops: Vec<BatchOp>) -> Vec<TxnOp> {
         let bump = self.bumps(&ops);
         let mut txn_ops: Vec<TxnOp> = ops
             .into_iter()
@@ -620,6 +618,15 @@ impl EtcdBackend {
         if bump {
             txn_ops.push(self.epoch_op());
         }
+        txn_ops
+    }
+
+    /// Sends `ops` (within the limits) as one transaction.
+    fn txn(&self, ops: Vec<BatchOp>, operation: &'static str) -> Result<(), StorageError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let txn_ops = self.write_ops(ops);
         if let Some(fence) = cluster::current() {
             return self.fenced(txn_ops, fence, operation);
         }
@@ -879,8 +886,7 @@ impl Backend for EtcdBackend {
                 .iter()
                 .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len) + 16)
                 .sum::<usize>();
-        let bump = self.bumps(&ops);
-        if ops.len() > MAX_TXN_OPS - usize::from(bump) || bytes > MAX_REQUEST_BYTES {
+        if ops.len() > MAX_TXN_OPS - usize::from(self.bumps(&ops)) || bytes > MAX_REQUEST_BYTES {
             return Err(StorageError::Io(format!(
                 "batch_if: {} operations of {bytes} bytes exceed one etcd transaction \
                  ({MAX_TXN_OPS} operations, {MAX_REQUEST_BYTES} bytes); nothing was written",
@@ -913,16 +919,7 @@ impl Backend for EtcdBackend {
             otherwise.push(TxnOp::get(fence.key.clone(), None));
         }
         let term = fence.as_ref().map(|f| f.revision);
-        let mut txn_ops: Vec<TxnOp> = ops
-            .into_iter()
-            .map(|op| match op {
-                BatchOp::Put(key, value) => TxnOp::put(self.data_key(&key), value, None),
-                BatchOp::Delete(key) => TxnOp::delete(self.data_key(&key), None),
-            })
-            .collect();
-        if bump {
-            txn_ops.push(self.epoch_op());
-        }
+        let txn_ops = self.write_ops(ops);
         let written = self.call(move |mut client| async move {
             let answer = client
                 .txn(

@@ -9,9 +9,8 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::db_target::{pg_admin, suffix, Kind, Target};
-use crate::dynamic_pool::{define, granted_role, AdminUser};
-use crate::harness::TestServer;
+use crate::db_target::{pg_admin, suffix};
+use crate::dynamic_pool::PooledRole;
 use crate::pki_kit::{pki_server, TRUST_DOMAIN};
 use keyward::proto::v1::PkiIssueRequest;
 
@@ -52,13 +51,14 @@ async fn session_states(admin: &str) -> Vec<(i32, String, bool)> {
 /// runs on it, and its user logs in from a fresh connection (committed).
 #[tokio::test]
 async fn a_refusal_after_the_commits_of_a_drop_leaves_the_pooled_session_idle() {
-    let target = Target::new(Kind::Postgres).await;
-    let server = TestServer::dev().await;
-    let root = server.root().await;
-    let admin = AdminUser::new().await;
-    let path = admin.store(&root, &admin.password).await;
-    let granted = granted_role().await;
-    let role = define(&root, &path, &granted).await;
+    let PooledRole {
+        target,
+        server,
+        root,
+        admin,
+        role,
+        ..
+    } = PooledRole::new().await;
 
     let victim = root.creds(&role, None).await.unwrap();
     let pids = admin.keyward_sessions().await;

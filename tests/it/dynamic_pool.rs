@@ -116,6 +116,38 @@ pub(crate) async fn granted_role() -> String {
     name
 }
 
+/// The setup most pool tests share: a PostgreSQL target, a dev server and
+/// its root client, a private admin login stored as the admin secret at
+/// `path`, and a dynamic role granting an existing role.
+pub(crate) struct PooledRole {
+    pub target: std::sync::Arc<Target>,
+    pub server: TestServer,
+    pub root: Client,
+    pub admin: AdminUser,
+    pub path: String,
+    pub role: String,
+}
+
+impl PooledRole {
+    pub(crate) async fn new() -> Self {
+        let target = Target::new(Kind::Postgres).await;
+        let server = TestServer::dev().await;
+        let root = server.root().await;
+        let admin = AdminUser::new().await;
+        let path = admin.store(&root, &admin.password).await;
+        let granted = granted_role().await;
+        let role = define(&root, &path, &granted).await;
+        Self {
+            target,
+            server,
+            root,
+            admin,
+            path,
+            role,
+        }
+    }
+}
+
 pub(crate) async fn define(root: &Client, admin_secret: &str, granted: &str) -> String {
     let role = format!("pool_{}", suffix());
     let config: BTreeMap<String, String> = [
@@ -177,13 +209,14 @@ async fn sessions_become(admin: &AdminUser, what: &str, check: impl Fn(&[i32]) -
 
 #[tokio::test]
 async fn a_connection_is_reused_and_one_ended_by_the_server_is_not() {
-    let target = Target::new(Kind::Postgres).await;
-    let server = TestServer::dev().await;
-    let root = server.root().await;
-    let admin = AdminUser::new().await;
-    let path = admin.store(&root, &admin.password).await;
-    let granted = granted_role().await;
-    let role = define(&root, &path, &granted).await;
+    let PooledRole {
+        target,
+        server,
+        root,
+        admin,
+        role,
+        ..
+    } = PooledRole::new().await;
 
     let first = root.creds(&role, None).await.unwrap();
     let pids = admin.keyward_sessions().await;
@@ -228,13 +261,14 @@ async fn a_connection_is_reused_and_one_ended_by_the_server_is_not() {
 
 #[tokio::test]
 async fn a_drop_of_a_user_already_gone_gives_the_connection_back() {
-    let target = Target::new(Kind::Postgres).await;
-    let server = TestServer::dev().await;
-    let root = server.root().await;
-    let admin = AdminUser::new().await;
-    let path = admin.store(&root, &admin.password).await;
-    let granted = granted_role().await;
-    let role = define(&root, &path, &granted).await;
+    let PooledRole {
+        target,
+        server,
+        root,
+        admin,
+        role,
+        ..
+    } = PooledRole::new().await;
 
     let gone = root.creds(&role, None).await.unwrap();
     let kept = root.creds(&role, None).await.unwrap();
@@ -344,13 +378,15 @@ async fn roles_with_different_admin_secrets_never_share_a_connection() {
 
 #[tokio::test]
 async fn a_rotated_admin_secret_is_used_for_the_next_credential() {
-    let target = Target::new(Kind::Postgres).await;
-    let server = TestServer::dev().await;
-    let root = server.root().await;
-    let admin = AdminUser::new().await;
-    let path = admin.store(&root, &admin.password).await;
-    let granted = granted_role().await;
-    let role = define(&root, &path, &granted).await;
+    let PooledRole {
+        target,
+        server,
+        root,
+        admin,
+        path,
+        role,
+        ..
+    } = PooledRole::new().await;
     root.creds(&role, None).await.unwrap();
     let old = admin.keyward_sessions().await;
     assert_eq!(old.len(), 1);
@@ -406,13 +442,14 @@ async fn a_rotated_admin_secret_is_used_for_the_next_credential() {
 
 #[tokio::test]
 async fn sealing_closes_the_pooled_admin_connections() {
-    let target = Target::new(Kind::Postgres).await;
-    let server = TestServer::dev().await;
-    let root = server.root().await;
-    let admin = AdminUser::new().await;
-    let path = admin.store(&root, &admin.password).await;
-    let granted = granted_role().await;
-    let role = define(&root, &path, &granted).await;
+    let PooledRole {
+        target,
+        server,
+        root,
+        admin,
+        role,
+        ..
+    } = PooledRole::new().await;
     let c = root.creds(&role, None).await.unwrap();
     assert_eq!(admin.keyward_sessions().await.len(), 1);
     assert!(server.core.dynamic.idle_admin_connections() >= 1);

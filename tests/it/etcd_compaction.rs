@@ -24,7 +24,7 @@ use etcd_client::{GetOptions, TxnOp};
 use tonic::Code;
 
 use crate::etcd_kit::EtcdCluster;
-use crate::ha_kit::{cluster, init_and_unseal, leads, wait_for, Node};
+use crate::ha_kit::{cluster, init_and_unseal, leads, wait_for, wait_until_leads, Node};
 use crate::harness::{data, unique};
 use keyward::client::{ClientError, IssueOptions, PutOptions};
 use keyward::storage::{Backend, EtcdBackend, EtcdOptions};
@@ -84,11 +84,7 @@ async fn wait_compaction_past_now(client: &etcd_client::Client, what: &str) -> i
 async fn the_leader_compacts_etcd_and_the_caches_stay_right() {
     let (etcd, _certs_dir, certs, prefix) = cluster();
     let mut kw1 = Node::start_with(&etcd, &prefix, &certs, "kw1", &[], EAGER);
-    wait_for("kw1 leads", || {
-        let n = &kw1;
-        async move { leads(n).await.then_some(()) }
-    })
-    .await;
+    wait_until_leads(&kw1).await;
     let kw2 = Node::start_with(&etcd, &prefix, &certs, "kw2", &[], EAGER);
     let root_token = init_and_unseal(&[&kw1, &kw2]).await;
     let root1 = kw1.client(Some(&root_token)).await;
@@ -168,11 +164,7 @@ async fn the_leader_compacts_etcd_and_the_caches_stay_right() {
         async move { dead.then_some(()) }
     })
     .await;
-    wait_for("kw2 leads", || {
-        let n = &kw2;
-        async move { leads(n).await.then_some(()) }
-    })
-    .await;
+    wait_until_leads(&kw2).await;
     root2
         .put(&path, &data(&[("v", "5")]), PutOptions::default())
         .await

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::db_target::{password, with_cleanup, Kind, Target};
-use crate::ha_kit::{cluster, init_and_unseal, leads, wait_for, Node};
+use crate::ha_kit::{cluster, init_and_unseal, leads, wait_for, wait_until_leads, Node};
 use crate::harness::{data, unique};
 use keyward::client::{Client, PutOptions, RotationPolicySpec, ScheduleSpec};
 
@@ -85,11 +85,7 @@ async fn leader_killed_under_writes_and_a_rotation() {
             "kw1",
             &[("KEYWARD_TEST_CRASH_AFTER", "apply")],
         );
-        wait_for("kw1 leads", || {
-            let n = &kw1;
-            async move { leads(n).await.then_some(()) }
-        })
-        .await;
+        wait_until_leads(&kw1).await;
         let kw2 = Node::start(&etcd, &prefix, &certs, "kw2", &[]);
         let kw3 = Node::start(&etcd, &prefix, &certs, "kw3", &[]);
         let root_token = init_and_unseal(&[&kw1, &kw2, &kw3]).await;
@@ -259,11 +255,7 @@ async fn a_leader_paused_past_its_lease_cannot_finish_its_step() {
             "kw1",
             &[("KEYWARD_TEST_STOP_AT", "generated")],
         );
-        wait_for("kw1 leads", || {
-            let n = &kw1;
-            async move { leads(n).await.then_some(()) }
-        })
-        .await;
+        wait_until_leads(&kw1).await;
         let kw2 = Node::start(&etcd, &prefix, &certs, "kw2", &[]);
         let root_token = init_and_unseal(&[&kw1, &kw2]).await;
         let one = kw1.client(Some(&root_token)).await;
@@ -341,11 +333,7 @@ async fn a_leader_paused_past_its_lease_cannot_finish_its_step() {
 async fn status_metrics_audit_and_health_follow_the_cluster() {
     let (mut etcd, _certs_dir, certs, prefix) = cluster();
     let kw1 = Node::start(&etcd, &prefix, &certs, "kw1", &[]);
-    wait_for("kw1 leads", || {
-        let n = &kw1;
-        async move { leads(n).await.then_some(()) }
-    })
-    .await;
+    wait_until_leads(&kw1).await;
     let kw2 = Node::start(&etcd, &prefix, &certs, "kw2", &[]);
     let root_token = init_and_unseal(&[&kw1, &kw2]).await;
     let two = kw2.client(Some(&root_token)).await;

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use tonic::Code;
 
-use crate::ha_kit::{cluster, init_and_unseal, leads, wait_for, Node, BOUND};
+use crate::ha_kit::{cluster, init_and_unseal, leads, wait_for, wait_until_leads, Node, BOUND};
 use crate::harness::{data, unique};
 use keyward::client::{Client, PutOptions};
 
@@ -80,11 +80,7 @@ async fn serving(node: &Node) -> bool {
 async fn etcd_members_killed_under_writes_and_brought_back() {
     let (mut etcd, _certs_dir, certs, prefix) = cluster();
     let kw1 = Node::start(&etcd, &prefix, &certs, "kw1", &[]);
-    wait_for("kw1 leads", || {
-        let n = &kw1;
-        async move { leads(n).await.then_some(()) }
-    })
-    .await;
+    wait_until_leads(&kw1).await;
     let kw2 = Node::start(&etcd, &prefix, &certs, "kw2", &[]);
     let root_token = init_and_unseal(&[&kw1, &kw2]).await;
     let roots = [

@@ -218,6 +218,14 @@ pub async fn leads(node: &Node) -> bool {
     client.status().await.is_ok_and(|s| s.is_leader)
 }
 
+/// Waits (generous bound) until `node` says it leads.
+pub async fn wait_until_leads(node: &Node) {
+    wait_for(&format!("{} leads", node.id), || async move {
+        leads(node).await.then_some(())
+    })
+    .await;
+}
+
 /// The shared certificates, a unique prefix and a 3-member etcd cluster.
 pub fn cluster() -> (
     EtcdCluster,
