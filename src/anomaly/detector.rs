@@ -268,11 +268,60 @@ pub struct Detector {
     dirty: HashSet<String>,
     /// Token accessor -> (source network, source, when).
     tokens: HashMap<String, (String, IpAddr, u64)>,
+    token_sweep: Sweep,
     fails: HashMap<IpAddr, FailWindow>,
+    fail_sweep: Sweep,
     fails_elsewhere: FailWindow,
     /// Failed logins per identity named (by the login module's counts).
     identity_fails: HashMap<String, FailWindow>,
+    identity_fail_sweep: Sweep,
     decommissions: VecDeque<Decommissioned>,
+}
+
+/// When a full table of windowed entries may next be swept. Sweeping a full
+/// table on every new key while none of its entries has left the window
+/// would cost a pass over the whole table per new key: anyone who can make
+/// new keys (mint tokens, send failed logins from many networks) could keep
+/// the detector busy that way. A full table is therefore swept again only
+/// once its oldest entry can have left the window; new keys meanwhile are
+/// not followed, as the bounds say.
+#[derive(Debug, Default)]
+struct Sweep {
+    /// No sweep before this time (ms).
+    at_ms: u64,
+    /// Sweeps made so far (tests read it).
+    count: u64,
+}
+
+impl Sweep {
+    /// Whether `table` (bounded at `max`, entries of time `at` kept for
+    /// `window` ms) has room for one more key at `now`, sweeping it when due.
+    fn room<K: Eq + std::hash::Hash, V>(
+        &mut self,
+        table: &mut HashMap<K, V>,
+        max: usize,
+        now: u64,
+        window: u64,
+        at: impl Fn(&V) -> u64,
+    ) -> bool {
+        if table.len() < max {
+            return true;
+        }
+        if now < self.at_ms {
+            return false;
+        }
+        table.retain(|_, v| now.saturating_sub(at(v)) <= window);
+        self.count += 1;
+        if table.len() < max {
+            return true;
+        }
+        let oldest = table.values().map(&at).min().unwrap_or(now);
+        self.at_ms = oldest
+            .saturating_add(window)
+            .saturating_add(1)
+            .max(now.saturating_add(1));
+        false
+    }
 }
 
 impl Detector {
@@ -282,9 +331,12 @@ impl Detector {
             baselines: HashMap::new(),
             dirty: HashSet::new(),
             tokens: HashMap::new(),
+            token_sweep: Sweep::default(),
             fails: HashMap::new(),
+            fail_sweep: Sweep::default(),
             fails_elsewhere: FailWindow::default(),
             identity_fails: HashMap::new(),
+            identity_fail_sweep: Sweep::default(),
             decommissions: VecDeque::new(),
         }
     }
@@ -588,15 +640,24 @@ impl Detector {
             entry.2 = now;
             return;
         }
-        if self.tokens.len() >= MAX_TOKENS {
-            let window = self.cfg.token_reuse_window.as_millis() as u64;
-            self.tokens
-                .retain(|_, (_, _, at)| now.saturating_sub(*at) <= window);
-            if self.tokens.len() >= MAX_TOKENS {
-                return;
-            }
+        let window = self.cfg.token_reuse_window.as_millis() as u64;
+        if !self
+            .token_sweep
+            .room(&mut self.tokens, MAX_TOKENS, now, window, |t| t.2)
+        {
+            return;
         }
         self.tokens.insert(accessor.to_owned(), (net, ip, now));
+    }
+
+    /// Passes made over the full table of followed tokens so far.
+    pub fn token_sweeps(&self) -> u64 {
+        self.token_sweep.count
+    }
+
+    /// Passes made over the full table of failure sources so far.
+    pub fn fail_sweeps(&self) -> u64 {
+        self.fail_sweep.count
     }
 
     /// Findings held back by the cooldown whose cooldown is over, one per
@@ -667,14 +728,16 @@ impl Detector {
     ) -> Option<Finding> {
         let window = self.cfg.failed_login_window.as_millis() as u64;
         let burst = self.cfg.failed_login_burst;
-        if !self.identity_fails.contains_key(identity) {
-            if self.identity_fails.len() >= MAX_FAIL_SOURCES {
-                self.identity_fails
-                    .retain(|_, w| now_ms.saturating_sub(w.start_ms) <= window);
-            }
-            if self.identity_fails.len() >= MAX_FAIL_SOURCES {
-                return None;
-            }
+        if !self.identity_fails.contains_key(identity)
+            && !self.identity_fail_sweep.room(
+                &mut self.identity_fails,
+                MAX_FAIL_SOURCES,
+                now_ms,
+                window,
+                |w| w.start_ms,
+            )
+        {
+            return None;
         }
         let w = self.identity_fails.entry(identity.to_owned()).or_default();
         let n = u32::try_from(failures).unwrap_or(u32::MAX);
@@ -707,11 +770,12 @@ impl Detector {
         let slot = match ip {
             Some(ip) if self.fails.contains_key(&ip) => self.fails.get_mut(&ip),
             Some(ip) => {
-                if self.fails.len() >= MAX_FAIL_SOURCES {
-                    self.fails
-                        .retain(|_, w| now.saturating_sub(w.start_ms) <= window);
-                }
-                if self.fails.len() < MAX_FAIL_SOURCES {
+                if self
+                    .fail_sweep
+                    .room(&mut self.fails, MAX_FAIL_SOURCES, now, window, |w| {
+                        w.start_ms
+                    })
+                {
                     Some(self.fails.entry(ip).or_default())
                 } else {
                     None

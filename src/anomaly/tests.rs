@@ -344,6 +344,65 @@ fn identities_and_tokens_are_bounded() {
     assert!(tokens <= MAX_TOKENS);
 }
 
+/// One identity whose every call comes with a new token (a login per
+/// call): once MAX_TOKENS are followed within the window, new tokens are
+/// not followed, and the full table is swept once per window, not once per
+/// new token (a sweep per login was a pass over 50,000 entries each).
+#[test]
+fn a_full_token_table_is_swept_once_its_oldest_entry_can_have_left_the_window() {
+    let window = cfg().token_reuse_window.as_millis() as u64;
+    let mut d = Detector::new(cfg());
+    let call = |d: &mut Detector, n: u64, at: u64| {
+        let mut o = obs("app", at, "10.0.0.1", "read", "secret/a");
+        o.accessor = Some(format!("acc-{n}"));
+        d.observe(&o, &mut no_owner);
+    };
+    // Fill the table within one second.
+    for n in 0..MAX_TOKENS as u64 {
+        call(&mut d, n, T0 + n / 50);
+    }
+    assert_eq!(d.sizes().1, MAX_TOKENS);
+    assert_eq!(d.token_sweeps(), 0);
+    // 5,000 more tokens over the next minute: one sweep finds nothing to
+    // drop; the rest wait for the oldest entry to leave the window.
+    for n in 0..5_000u64 {
+        call(&mut d, MAX_TOKENS as u64 + n, T0 + 1_000 + n * 12);
+    }
+    assert_eq!((d.token_sweeps(), d.sizes().1), (1, MAX_TOKENS));
+    // Past the window of the oldest entries: the next new token sweeps
+    // again, drops what left the window and is followed.
+    let later = T0 + window + 500;
+    call(&mut d, 9_000_000, later);
+    assert_eq!(d.token_sweeps(), 2);
+    let followed = d.sizes().1;
+    assert!(followed < MAX_TOKENS, "{followed} followed after the sweep");
+}
+
+/// Failed logins from more networks than MAX_FAIL_SOURCES within one
+/// window (an outsider with many addresses): the full table of sources is
+/// swept once, not once per new network.
+#[test]
+fn a_flood_from_many_networks_sweeps_the_failure_table_once_per_window() {
+    let mut d = Detector::new(cfg());
+    for i in 0..(4 * MAX_FAIL_SOURCES as u32) {
+        // One address in each of as many /24 networks.
+        let source = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000u32 + (i << 8)));
+        let failed = Observation {
+            at_ms: T0 + u64::from(i),
+            identity: None,
+            accessor: None,
+            source: Some(source),
+            method: "keyward.v1.Auth/Login",
+            resource: Some("auth/login/approle".into()),
+            capability: None,
+            code: "UNAUTHENTICATED",
+        };
+        d.observe(&failed, &mut no_owner);
+    }
+    assert_eq!(d.sizes().2, MAX_FAIL_SOURCES);
+    assert_eq!(d.fail_sweeps(), 1);
+}
+
 #[test]
 fn config_refuses_anything_but_alert_for_failed_logins() {
     let get = |pairs: &'static [(&'static str, &'static str)]| {

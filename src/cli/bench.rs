@@ -31,6 +31,9 @@ pub(super) struct Phase {
     latencies: Vec<Duration>,
     /// CPU time the server spent during the phase (with `--server-pid`).
     server_cpu: Option<Duration>,
+    /// Context switches of the server's threads during the phase (with
+    /// `--server-pid`; threads that ended during the phase are not counted).
+    server_switches: Option<u64>,
 }
 
 impl Phase {
@@ -42,6 +45,11 @@ impl Phase {
     pub(super) fn cpu_us_per_op(&self) -> Option<f64> {
         let cpu = self.server_cpu?;
         Some(cpu.as_secs_f64() * 1e6 / (self.ok.max(1) as f64))
+    }
+
+    /// Server context switches per answered call.
+    pub(super) fn switches_per_op(&self) -> Option<f64> {
+        Some(self.server_switches? as f64 / (self.ok.max(1) as f64))
     }
 
     pub(super) fn percentile_ms(&self, p: f64) -> f64 {
@@ -74,6 +82,28 @@ fn process_cpu(pid: u32) -> Result<Duration> {
     };
     let total = ticks(14)?.saturating_add(ticks(15)?);
     Ok(Duration::from_millis(total.saturating_mul(1000 / USER_HZ)))
+}
+
+/// Context switches (voluntary and involuntary) of every live thread of
+/// process `pid`, from `/proc/PID/task/*/status`. A thread that ended is no
+/// longer listed, so use this over a phase where threads persist.
+fn process_switches(pid: u32) -> Result<u64> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        // A thread may end between the listing and the read.
+        let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else {
+            continue;
+        };
+        for line in status.lines() {
+            if let Some(rest) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                total = total.saturating_add(rest.trim().parse().unwrap_or(0));
+            }
+        }
+    }
+    Ok(total)
 }
 
 /// When a phase ends.
@@ -115,9 +145,13 @@ where
     Fut: std::future::Future<Output = bool> + Send,
 {
     let cpu_before = server_pid.map(process_cpu).transpose()?;
+    let switches_before = server_pid.map(process_switches).transpose()?;
     let mut total = run_phase(clients, concurrency, stop, op).await;
     if let (Some(pid), Some(before)) = (server_pid, cpu_before) {
         total.server_cpu = Some(process_cpu(pid)?.saturating_sub(before));
+    }
+    if let (Some(pid), Some(before)) = (server_pid, switches_before) {
+        total.server_switches = Some(process_switches(pid)?.saturating_sub(before));
     }
     Ok(total)
 }
@@ -327,6 +361,15 @@ pub async fn run(options: &ClientOptions, args: &BenchArgs, format: Format) -> R
             json!(us(issue.cpu_us_per_op())),
         );
         map.insert("cpu_ratio".into(), json!(ratio(get_cpu, health_cpu)));
+        let per = |v: Option<f64>| v.map(|v| (v * 100.0).round() / 100.0);
+        map.insert(
+            "health_switches_per_op".into(),
+            json!(per(health.switches_per_op())),
+        );
+        map.insert(
+            "get_switches_per_op".into(),
+            json!(per(get.switches_per_op())),
+        );
     }
     print_summary(format, &summary);
     Ok(())
@@ -945,6 +988,9 @@ async fn wait_for_unlocked(db_file: &Path) -> Result<()> {
     anyhow::bail!("{} stayed locked for 30 s", db_file.display())
 }
 
+/// How long after start-up `bench startup` reads the resident memory again.
+const SETTLE: Duration = Duration::from_secs(12);
+
 async fn open_and_report(dir: &Path, format: Format) -> Result<()> {
     let share = zeroize::Zeroizing::new(std::fs::read_to_string(dir.join(SHARE_FILE))?);
     // The process that wrote the store may still be letting go of sled's
@@ -962,6 +1008,11 @@ async fn open_and_report(dir: &Path, format: Format) -> Result<()> {
         anyhow::bail!("the store did not unseal");
     }
     let rss_after = rss_kib().unwrap_or(0);
+    // The allocator gives freed pages back to the system over its decay
+    // time (jemalloc's default is 10 s), so what the process holds once
+    // start-up's buffers are gone is read again after that.
+    tokio::time::sleep(SETTLE).await;
+    let rss_settled = rss_kib().unwrap_or(0);
     let report = json!({
         "startup_ms": (ready.as_secs_f64() * 1000.0 * 10.0).round() / 10.0,
         "open_ms": (opened.as_secs_f64() * 1000.0 * 10.0).round() / 10.0,
@@ -969,6 +1020,8 @@ async fn open_and_report(dir: &Path, format: Format) -> Result<()> {
         "rss_opened_kib": rss_opened,
         "rss_after_kib": rss_after,
         "rss_growth_mib": ((rss_after.saturating_sub(rss_before)) as f64 / 1024.0 * 10.0).round() / 10.0,
+        "rss_settled_kib": rss_settled,
+        "rss_settled_growth_mib": ((rss_settled.saturating_sub(rss_before)) as f64 / 1024.0 * 10.0).round() / 10.0,
     });
     print_summary(format, &report);
     Ok(())
