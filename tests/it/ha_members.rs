@@ -406,11 +406,13 @@ async fn etcd_members_killed_under_writes_and_brought_back() {
             node.id
         );
         said.push(after);
-        // Not before the loop's requests have gone unanswered for the
-        // ride-out (the first of them is sent after the kill, or at most a
-        // moment before it), and within it plus a generous margin.
+        // Within the ride-out plus a generous margin (before: 10-11 s on
+        // the leader). No lower bound is asserted: a request of the loop
+        // sent a moment before the kill, and slow to be answered on this
+        // loaded machine, counts from when it was sent. That health does
+        // not flip early is asserted above, with one member down.
         assert!(
-            (RIDE_OUT - 1.0..RIDE_OUT + SLACK).contains(&after),
+            after < RIDE_OUT + SLACK,
             "{}: NOT_SERVING after {after:.2} s",
             node.id
         );
