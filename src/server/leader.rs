@@ -146,7 +146,12 @@ async fn stop(running: Running, core: &Core) {
     }
 }
 
-/// Runs the leader's tasks while this node leads, until `shutdown`.
+/// Runs the leader's tasks while this node leads, and says NOT_SERVING
+/// while etcd cannot be reached, until `shutdown`.
+///
+/// The two follow the view apart (`follow_leadership`, `follow_reach`):
+/// stopping the leader's tasks may take up to [`LEADER_DRAIN`] when they
+/// are waiting on a lost etcd, and health must not wait for that.
 pub(super) async fn supervise(
     leadership: Arc<dyn Leadership>,
     work: LeaderWork,
@@ -155,9 +160,25 @@ pub(super) async fn supervise(
     health: tonic_health::server::HealthReporter,
     shutdown: Shutdown,
 ) {
+    tokio::join!(
+        follow_leadership(&*leadership, work, gauge, &core, shutdown.clone()),
+        follow_reach(&*leadership, &core, &health, shutdown),
+    );
+    // Lets another node take over at once rather than after the lease.
+    let _ = tokio::task::spawn_blocking(move || leadership.resign()).await;
+}
+
+/// Starts the leader's tasks when this node becomes leader, and stops them
+/// (waiting for them) when it stops leading or the term changes.
+async fn follow_leadership(
+    leadership: &dyn Leadership,
+    work: LeaderWork,
+    gauge: Gauge,
+    core: &Core,
+    shutdown: Shutdown,
+) {
     let mut view = leadership.watch();
     let mut running: Option<Running> = None;
-    let mut lost = false;
     loop {
         let now = view.borrow_and_update().clone();
         gauge.set(i64::from(now.is_leader));
@@ -169,7 +190,7 @@ pub(super) async fn supervise(
                     node = leadership.node_id(),
                     "no longer the cluster leader: stopping leader tasks"
                 );
-                stop(old, &core).await;
+                stop(old, core).await;
             }
         }
         if now.is_leader && running.is_none() {
@@ -186,19 +207,46 @@ pub(super) async fn supervise(
                 term,
             });
         }
-        if !now.reachable {
-            crate::api::sys::publish_not_serving(&health).await;
-        } else if lost {
-            crate::api::sys::publish_health(&health, core.is_sealed()).await;
+        tokio::select! {
+            () = shutdown.wait() => break,
+            changed = view.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
         }
-        if now.reachable == lost {
-            if now.reachable {
+    }
+    if let Some(old) = running.take() {
+        stop(old, core).await;
+    }
+    gauge.set(0);
+}
+
+/// Says NOT_SERVING while the view says etcd cannot be reached (again every
+/// [`LOST_REPEAT`]), and the sealed state's health once it can.
+async fn follow_reach(
+    leadership: &dyn Leadership,
+    core: &Core,
+    health: &tonic_health::server::HealthReporter,
+    shutdown: Shutdown,
+) {
+    let mut view = leadership.watch();
+    let mut lost = false;
+    loop {
+        let reachable = view.borrow_and_update().reachable;
+        if !reachable {
+            crate::api::sys::publish_not_serving(health).await;
+        } else if lost {
+            crate::api::sys::publish_health(health, core.is_sealed()).await;
+        }
+        if reachable == lost {
+            if reachable {
                 tracing::info!("etcd reachable again: serving");
             } else {
                 tracing::error!("etcd cannot be reached: health says NOT_SERVING");
             }
         }
-        lost = !now.reachable;
+        lost = !reachable;
         tokio::select! {
             () = shutdown.wait() => break,
             changed = view.changed() => {
@@ -209,10 +257,4 @@ pub(super) async fn supervise(
             () = tokio::time::sleep(LOST_REPEAT), if lost => {}
         }
     }
-    if let Some(old) = running.take() {
-        stop(old, &core).await;
-    }
-    gauge.set(0);
-    // Lets another node take over at once rather than after the lease.
-    let _ = tokio::task::spawn_blocking(move || leadership.resign()).await;
 }

@@ -28,13 +28,51 @@
 //!   caller's, so the wait cannot deadlock; it stalls that one runtime for
 //!   the round trip, as any synchronous I/O would.
 //!
-//! Every request is bounded by `REQUEST_TIMEOUT` on the client and by
-//! `WAIT_BOUND` on the wait, so a lost cluster is an error, never a hang.
+//! # When etcd cannot answer: what is sent again, and the deadline
+//!
+//! Every storage call is bounded by keyward's own deadline,
+//! [`CALL_DEADLINE`] (6 s), retries included: a request still out when it
+//! passes is given up, and the call fails as [`StorageError::Unavailable`]
+//! (UNAVAILABLE to callers) saying so. Without it the first call after the
+//! quorum was lost waited out the etcd client's own timeout
+//! (`REQUEST_TIMEOUT`, 10 s) before its retries began. `WAIT_BOUND` on the
+//! caller's wait is a last guard past that deadline.
+//!
 //! The client asks etcd for a leader on every request, so a member cut off
 //! from its quorum refuses at once ("no leader") instead of holding the
-//! request until it times out; such refusals, and requests that could not
-//! be sent, are sent again for a few seconds (an etcd election) and then
-//! fail as [`StorageError::Unavailable`] (UNAVAILABLE to callers).
+//! request until it times out. For [`RIDE_OUT`] (5 s, long enough for an
+//! etcd election after a member died) a failed request is sent again, after
+//! a short pause, when sending it twice is harmless:
+//!
+//! - **Reads** (`get`, scans and `export`, the caches' epoch read behind
+//!   `cache_fence`, the fence check, the format check) are sent again after
+//!   any failure that means "etcd could not answer": not sent, "no leader",
+//!   a connection broken while the request was out ("transport error", a
+//!   member killed), "leader changed", a timeout. A read changes nothing, so
+//!   the second try cannot do harm, and the client's balancer sends it to a
+//!   member that answers. A try of a read that hangs (a follower waiting on
+//!   a leader that died) is given up after `READ_TRY` (3 s) and sent again.
+//!   One member of three killed under reads therefore fails no read. (The format check's write is a create-if-absent whose
+//!   outcome is read back, so sending it twice is harmless too.)
+//! - **Writes** (`put`, `delete`, `batch`, `batch_if`, `apply_in_order`,
+//!   `compare_and_swap`, the fenced writes) are sent again only when they
+//!   were certainly not applied: not sent (the TCP connection was refused)
+//!   or refused for "no leader". A write whose outcome is unknown (a
+//!   connection broken mid-request, "leader changed", no answer before the
+//!   deadline) is never sent again, and its error says it may have been
+//!   applied. That holds for the guarded ones too: a compare-and-swap or a
+//!   guarded transaction sent twice after its first try was applied finds
+//!   its own value and reports a conflict, so the caller would read again and
+//!   apply its change a second time (a use counted twice, a version written
+//!   twice); a plain put sent again could overwrite a later write of another
+//!   node.
+//!
+//! When a call runs out of retries or meets the deadline with nothing
+//! answered, the quorum counts as lost: for the next [`RIDE_OUT`], unless a
+//! request succeeds meanwhile, calls are tried once (a request makes several
+//! calls, and each would otherwise wait out the retries again). The election
+//! loop (`etcd_leader`) uses the same [`RIDE_OUT`] before its node says
+//! NOT_SERVING, so a blip the storage calls ride out does not flip health.
 //! Dropping the backend shuts its runtime down in the background (allowed
 //! from async code, where a plain runtime drop would panic).
 //!
@@ -94,14 +132,25 @@ pub const MAX_TXN_OPS: usize = 128;
 pub const MAX_REQUEST_BYTES: usize = 1_572_864 - 4096;
 /// Keys per page of a scan.
 const PAGE: i64 = 512;
-/// The bound on one etcd request (the client's own timeout).
+/// The bound on one etcd request (the client's own timeout); keyward's
+/// [`CALL_DEADLINE`] is shorter and cuts a request first.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a request that etcd refused unapplied (see `call`) is sent
-/// again: long enough to cover an etcd leader election after a member died.
-const RETRY_FOR: Duration = Duration::from_secs(5);
-/// The bound on waiting for an answer: a little past the retries and the
-/// last request's own bound.
-const WAIT_BOUND: Duration = Duration::from_secs(16);
+/// How long etcd may fail to answer before keyward gives up: storage calls
+/// send a failed request again for this long (see the module doc on which
+/// ones), and the election loop says NOT_SERVING once its requests have gone
+/// unanswered for this long (`etcd_leader`). Long enough to cover an etcd
+/// leader election after a member died; one constant, so that a blip the
+/// storage calls ride out does not flip health.
+pub const RIDE_OUT: Duration = Duration::from_secs(5);
+/// keyward's own deadline on one storage call, its retries included: a
+/// request still out when it passes is given up (UNAVAILABLE).
+pub const CALL_DEADLINE: Duration = Duration::from_secs(6);
+/// The bound on one try of a read: a read that hangs (a follower waiting
+/// on a leader that died) is given up and sent again, within the deadline.
+const READ_TRY: Duration = Duration::from_secs(3);
+/// The bound on waiting for an answer from the backend's runtime: a last
+/// guard a little past [`CALL_DEADLINE`].
+const WAIT_BOUND: Duration = Duration::from_secs(8);
 
 /// Marks an error of a request that never reached etcd (see `call`).
 const NOT_SENT: &str = "an etcd member could not be reached, the request was not sent";
@@ -109,6 +158,28 @@ const NOT_SENT: &str = "an etcd member could not be reached, the request was not
 /// no leader (the client asks for a leader on every request): nothing was
 /// applied.
 const NO_LEADER: &str = "etcd has no leader";
+/// Which failed requests `call` sends again (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Resend {
+    /// A read (or a request harmless to send twice): after any failure
+    /// that means etcd could not answer.
+    Read,
+    /// A write: only when it was certainly not applied (not sent, or
+    /// refused for "no leader").
+    IfNotApplied,
+}
+
+impl Resend {
+    /// Whether a request that failed with `StorageError::Unavailable(message)`
+    /// is sent again.
+    fn allows(self, message: &str) -> bool {
+        match self {
+            Self::Read => true,
+            Self::IfNotApplied => message.contains(NOT_SENT) || message.contains(NO_LEADER),
+        }
+    }
+}
+
 /// The largest answer the client decodes: a page of a scan is halved until
 /// its answer fits (one value is at most etcd's 1.5 MiB request limit).
 pub(super) const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
@@ -338,18 +409,19 @@ impl EtcdBackend {
     /// Runs `work` with a client on the backend's runtime and waits for it
     /// (see the module doc on why this cannot deadlock).
     ///
-    /// A request that etcd never received (the TCP connection to the member
-    /// the client picked was refused: a member is down), or that a member
-    /// refused because it has no leader, is sent again for up to
-    /// [`RETRY_FOR`], so one member down of three (and the etcd election it
-    /// may cause) is not an error. Only such requests are retried: a request
-    /// that may have been applied is never sent twice (a compare-and-swap
-    /// would misreport its outcome). When the retries run out (quorum lost)
-    /// the error is [`StorageError::Unavailable`], and for the next
-    /// [`RETRY_FOR`], unless a request succeeds meanwhile, requests are
-    /// tried once: a request makes several calls, and each would otherwise
-    /// wait out the retries again.
-    fn call<T, F, Fut>(&self, work: F) -> Result<T, StorageError>
+    /// A failed request is sent again for up to [`RIDE_OUT`] when `resend`
+    /// allows it (see the module doc: reads after any "etcd could not
+    /// answer", writes only when certainly not applied), and the whole call
+    /// ends by [`CALL_DEADLINE`]. When the retries run out, or the deadline
+    /// passes with no answer, the error is [`StorageError::Unavailable`], and
+    /// for the next [`RIDE_OUT`], unless a request succeeds meanwhile,
+    /// requests are tried once.
+    fn call<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        resend: Resend,
+        work: F,
+    ) -> Result<T, StorageError>
     where
         T: Send + 'static,
         F: FnOnce(Client) -> Fut + Clone + Send + 'static,
@@ -365,22 +437,46 @@ impl EtcdBackend {
         let sent = self.sent.clone();
         runtime.spawn(async move {
             let started = tokio::time::Instant::now();
-            let known_lost = lock(&lost).is_some_and(|at| at.elapsed() < RETRY_FOR);
+            let deadline = started + CALL_DEADLINE;
+            let known_lost = lock(&lost).is_some_and(|at| at.elapsed() < RIDE_OUT);
             let mut tries = 0u64;
             let out = loop {
                 sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                match (work.clone())(client.clone()).await {
-                    Err(StorageError::Unavailable(message))
-                        if message.contains(NOT_SENT) || message.contains(NO_LEADER) =>
-                    {
-                        if known_lost || started.elapsed() >= RETRY_FOR {
+                let attempt = (work.clone())(client.clone());
+                let bound = match resend {
+                    Resend::Read => deadline.min(tokio::time::Instant::now() + READ_TRY),
+                    Resend::IfNotApplied => deadline,
+                };
+                let result = match tokio::time::timeout_at(bound, attempt).await {
+                    Ok(result) => result,
+                    // A read that hung: sent again while the deadline allows.
+                    Err(_) if tokio::time::Instant::now() < deadline => {
+                        Err(StorageError::Unavailable(format!(
+                            "{operation}: etcd did not answer within {} s",
+                            READ_TRY.as_secs()
+                        )))
+                    }
+                    Err(_) => {
+                        *lock(&lost) = Some(tokio::time::Instant::now());
+                        break Err(past_deadline(operation, resend));
+                    }
+                };
+                match result {
+                    Err(StorageError::Unavailable(message)) if resend.allows(&message) => {
+                        if !Resend::IfNotApplied.allows(&message) {
+                            // A read that met a member as it died (rare):
+                            // logged so that an operator (and the tests)
+                            // can see it was answered by another member.
+                            tracing::info!(operation, reason = %message, "etcd read sent again");
+                        }
+                        if known_lost || started.elapsed() >= RIDE_OUT {
                             *lock(&lost) = Some(tokio::time::Instant::now());
                             let retried = if known_lost {
                                 "tried once, as no request has succeeded since the last ran \
                                  out of retries"
                                     .to_owned()
                             } else {
-                                format!("still so after {} s of retries", RETRY_FOR.as_secs())
+                                format!("still so after {} s of retries", RIDE_OUT.as_secs())
                             };
                             break Err(StorageError::Unavailable(format!(
                                 "{message}; {retried}: the etcd cluster has lost its quorum \
@@ -389,7 +485,8 @@ impl EtcdBackend {
                         }
                         tries += 1;
                         let pause = Duration::from_millis((20 * tries).min(250));
-                        tokio::time::sleep(pause).await;
+                        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                        tokio::time::sleep(pause.min(left)).await;
                     }
                     Ok(answer) => {
                         *lock(&lost) = None;
@@ -413,42 +510,46 @@ impl EtcdBackend {
         let key = self.format_key.clone();
         let data = self.data.clone();
         let current = format::CURRENT.to_be_bytes().to_vec();
-        let found = self.call(move |mut client| async move {
-            let stored = client
-                .get(key.clone(), None)
-                .await
-                .map_err(|e| etcd_error("format version", e))?;
-            if let Some(kv) = stored.kvs().first() {
-                return Ok(Some(kv.value().to_vec()));
-            }
-            let any = client
-                .get(
-                    data.clone(),
-                    Some(
-                        GetOptions::new()
-                            .with_range(prefix_end(&data))
-                            .with_limit(1)
-                            .with_keys_only(),
-                    ),
-                )
-                .await
-                .map_err(|e| etcd_error("format version", e))?;
-            if !any.kvs().is_empty() {
-                return Err(StorageError::Corrupt(
-                    "the etcd prefix holds data but no format version".into(),
-                ));
-            }
-            // Written only if still absent: two nodes starting at once agree.
-            client
-                .txn(
-                    Txn::new()
-                        .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
-                        .and_then([TxnOp::put(key, current, None)]),
-                )
-                .await
-                .map_err(|e| etcd_error("format version", e))?;
-            Ok(None)
-        })?;
+        let found = self.call(
+            "format version",
+            Resend::Read,
+            move |mut client| async move {
+                let stored = client
+                    .get(key.clone(), None)
+                    .await
+                    .map_err(|e| etcd_error("format version", e))?;
+                if let Some(kv) = stored.kvs().first() {
+                    return Ok(Some(kv.value().to_vec()));
+                }
+                let any = client
+                    .get(
+                        data.clone(),
+                        Some(
+                            GetOptions::new()
+                                .with_range(prefix_end(&data))
+                                .with_limit(1)
+                                .with_keys_only(),
+                        ),
+                    )
+                    .await
+                    .map_err(|e| etcd_error("format version", e))?;
+                if !any.kvs().is_empty() {
+                    return Err(StorageError::Corrupt(
+                        "the etcd prefix holds data but no format version".into(),
+                    ));
+                }
+                // Written only if still absent: two nodes starting at once agree.
+                client
+                    .txn(
+                        Txn::new()
+                            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+                            .and_then([TxnOp::put(key, current, None)]),
+                    )
+                    .await
+                    .map_err(|e| etcd_error("format version", e))?;
+                Ok(None)
+            },
+        )?;
         if let Some(bytes) = found {
             let raw: [u8; 4] = bytes
                 .as_slice()
@@ -468,13 +569,17 @@ impl EtcdBackend {
     /// The store's format version, as recorded (`migrate` copies it).
     pub fn set_format_version(&self, version: u32) -> Result<(), StorageError> {
         let key = self.format_key.clone();
-        self.call(move |mut client| async move {
-            client
-                .put(key, version.to_be_bytes().to_vec(), None)
-                .await
-                .map_err(|e| etcd_error("format version", e))?;
-            Ok(())
-        })
+        self.call(
+            "format version",
+            Resend::IfNotApplied,
+            move |mut client| async move {
+                client
+                    .put(key, version.to_be_bytes().to_vec(), None)
+                    .await
+                    .map_err(|e| etcd_error("format version", e))?;
+                Ok(())
+            },
+        )
     }
 
     /// Whether no data key exists under the prefix (`migrate` refuses to
@@ -523,7 +628,7 @@ impl EtcdBackend {
             let page = PAGE.min(i64::try_from(left).unwrap_or(PAGE));
             let range_end = end.clone();
             let from = start.clone();
-            let (kvs, more, rev) = self.call(move |client| async move {
+            let (kvs, more, rev) = self.call("scan", Resend::Read, move |client| async move {
                 let mut kv = client
                     .kv_client()
                     .max_decoding_message_size(MAX_ANSWER_BYTES);
@@ -595,7 +700,7 @@ impl EtcdBackend {
     fn read_epoch(&self) -> Result<i64, StorageError> {
         let _timer = self.time("cache_fence");
         let key = self.epoch_key.clone();
-        self.call(move |mut client| async move {
+        self.call("cache fence", Resend::Read, move |mut client| async move {
             let answer = client
                 .get(key, Some(GetOptions::new().with_keys_only()))
                 .await
@@ -630,14 +735,31 @@ impl EtcdBackend {
         if let Some(fence) = cluster::current() {
             return self.fenced(txn_ops, fence, operation);
         }
-        self.call(move |mut client| async move {
-            client
-                .txn(Txn::new().and_then(txn_ops))
-                .await
-                .map_err(|e| etcd_error(operation, e))?;
-            Ok(())
-        })
+        self.call(
+            operation,
+            Resend::IfNotApplied,
+            move |mut client| async move {
+                client
+                    .txn(Txn::new().and_then(txn_ops))
+                    .await
+                    .map_err(|e| etcd_error(operation, e))?;
+                Ok(())
+            },
+        )
     }
+}
+
+/// The error of a call that [`CALL_DEADLINE`] ended.
+fn past_deadline(operation: &'static str, resend: Resend) -> StorageError {
+    let applied = match resend {
+        Resend::Read => "",
+        Resend::IfNotApplied => "; a write may or may not have been applied",
+    };
+    StorageError::Unavailable(format!(
+        "{operation}: etcd did not answer within keyward's deadline of {} s{applied}: the etcd \
+         cluster has lost its quorum or cannot be reached",
+        CALL_DEADLINE.as_secs()
+    ))
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -669,7 +791,7 @@ impl EtcdBackend {
     fn get_with_revision(&self, key: &[u8]) -> Result<Option<(Vec<u8>, i64)>, StorageError> {
         let _timer = self.time("get");
         let key = self.data_key(key);
-        self.call(move |mut client| async move {
+        self.call("get", Resend::Read, move |mut client| async move {
             let mut answer = client
                 .get(key, None)
                 .await
@@ -747,7 +869,7 @@ impl Backend for EtcdBackend {
         if let Some(fence) = cluster::current() {
             return self.fenced(vec![TxnOp::put(key, value, None)], fence, "put");
         }
-        self.call(move |mut client| async move {
+        self.call("put", Resend::IfNotApplied, move |mut client| async move {
             client
                 .put(key, value, None)
                 .await
@@ -765,13 +887,17 @@ impl Backend for EtcdBackend {
         if let Some(fence) = cluster::current() {
             return self.fenced(vec![TxnOp::delete(key, None)], fence, "delete");
         }
-        self.call(move |mut client| async move {
-            client
-                .delete(key, None)
-                .await
-                .map_err(|e| etcd_error("delete", e))?;
-            Ok(())
-        })
+        self.call(
+            "delete",
+            Resend::IfNotApplied,
+            move |mut client| async move {
+                client
+                    .delete(key, None)
+                    .await
+                    .map_err(|e| etcd_error("delete", e))?;
+                Ok(())
+            },
+        )
     }
 
     fn scan_prefix(&self, prefix: &[u8]) -> Result<KeyValues, StorageError> {
@@ -827,32 +953,36 @@ impl Backend for EtcdBackend {
         } else {
             vec![write]
         };
-        self.call(move |mut client| async move {
-            let answer = client
-                .txn(
-                    Txn::new()
-                        .when(compares)
-                        .and_then(writes)
-                        .or_else(otherwise),
-                )
-                .await
-                .map_err(|e| etcd_error("compare_and_swap", e))?;
-            if answer.succeeded() {
-                return Ok(CasOutcome::Swapped);
-            }
-            let mut reads = answer.op_responses().into_iter().filter_map(|r| match r {
-                TxnOpResponse::Get(mut get) => Some(get.take_kvs().into_iter().next()),
-                _ => None,
-            });
-            let current = reads.next().flatten().map(|kv| kv.into_key_value().1);
-            if let Some(revision) = term {
-                let holder = reads.next().flatten().map(|kv| kv.create_revision());
-                if holder != Some(revision) {
-                    return Err(fenced_error("compare_and_swap"));
+        self.call(
+            "compare_and_swap",
+            Resend::IfNotApplied,
+            move |mut client| async move {
+                let answer = client
+                    .txn(
+                        Txn::new()
+                            .when(compares)
+                            .and_then(writes)
+                            .or_else(otherwise),
+                    )
+                    .await
+                    .map_err(|e| etcd_error("compare_and_swap", e))?;
+                if answer.succeeded() {
+                    return Ok(CasOutcome::Swapped);
                 }
-            }
-            Ok(CasOutcome::Conflict { current })
-        })
+                let mut reads = answer.op_responses().into_iter().filter_map(|r| match r {
+                    TxnOpResponse::Get(mut get) => Some(get.take_kvs().into_iter().next()),
+                    _ => None,
+                });
+                let current = reads.next().flatten().map(|kv| kv.into_key_value().1);
+                if let Some(revision) = term {
+                    let holder = reads.next().flatten().map(|kv| kv.create_revision());
+                    if holder != Some(revision) {
+                        return Err(fenced_error("compare_and_swap"));
+                    }
+                }
+                Ok(CasOutcome::Conflict { current })
+            },
+        )
     }
 
     fn batch(&self, ops: Vec<BatchOp>) -> Result<(), StorageError> {
@@ -920,34 +1050,38 @@ impl Backend for EtcdBackend {
         }
         let term = fence.as_ref().map(|f| f.revision);
         let txn_ops = self.write_ops(ops);
-        let written = self.call(move |mut client| async move {
-            let answer = client
-                .txn(
-                    Txn::new()
-                        .when(compares)
-                        .and_then(txn_ops)
-                        .or_else(otherwise),
-                )
-                .await
-                .map_err(|e| etcd_error("batch_if", e))?;
-            if answer.succeeded() {
-                return Ok(Some(answer.header().map_or(0, |h| h.revision())));
-            }
-            if let Some(revision) = term {
-                let holder = answer
-                    .op_responses()
-                    .into_iter()
-                    .find_map(|r| match r {
-                        TxnOpResponse::Get(mut get) => get.take_kvs().into_iter().next(),
-                        _ => None,
-                    })
-                    .map(|kv| kv.create_revision());
-                if holder != Some(revision) {
-                    return Err(fenced_error("batch_if"));
+        let written = self.call(
+            "batch_if",
+            Resend::IfNotApplied,
+            move |mut client| async move {
+                let answer = client
+                    .txn(
+                        Txn::new()
+                            .when(compares)
+                            .and_then(txn_ops)
+                            .or_else(otherwise),
+                    )
+                    .await
+                    .map_err(|e| etcd_error("batch_if", e))?;
+                if answer.succeeded() {
+                    return Ok(Some(answer.header().map_or(0, |h| h.revision())));
                 }
-            }
-            Ok(None)
-        })?;
+                if let Some(revision) = term {
+                    let holder = answer
+                        .op_responses()
+                        .into_iter()
+                        .find_map(|r| match r {
+                            TxnOpResponse::Get(mut get) => get.take_kvs().into_iter().next(),
+                            _ => None,
+                        })
+                        .map(|kv| kv.create_revision());
+                    if holder != Some(revision) {
+                        return Err(fenced_error("batch_if"));
+                    }
+                }
+                Ok(None)
+            },
+        )?;
         let Some(revision) = written else {
             return Ok(false);
         };
@@ -1138,17 +1272,21 @@ impl EtcdBackend {
         operation: &'static str,
     ) -> Result<(), StorageError> {
         let compare = fence_compare(&fence);
-        self.call(move |mut client| async move {
-            let answer = client
-                .txn(Txn::new().when([compare]).and_then(ops))
-                .await
-                .map_err(|e| etcd_error(operation, e))?;
-            if answer.succeeded() {
-                Ok(())
-            } else {
-                Err(fenced_error(operation))
-            }
-        })
+        self.call(
+            operation,
+            Resend::IfNotApplied,
+            move |mut client| async move {
+                let answer = client
+                    .txn(Txn::new().when([compare]).and_then(ops))
+                    .await
+                    .map_err(|e| etcd_error(operation, e))?;
+                if answer.succeeded() {
+                    Ok(())
+                } else {
+                    Err(fenced_error(operation))
+                }
+            },
+        )
     }
 
     /// Whether the term (`key` created at `revision`) still holds: a
@@ -1156,7 +1294,7 @@ impl EtcdBackend {
     pub fn check_term(&self, key: Vec<u8>, revision: i64) -> Result<(), StorageError> {
         let _timer = self.time("fence_check");
         let compare = Compare::create_revision(key, CompareOp::Equal, revision);
-        self.call(move |mut client| async move {
+        self.call("fence check", Resend::Read, move |mut client| async move {
             let answer = client
                 .txn(Txn::new().when([compare]))
                 .await
@@ -1180,6 +1318,33 @@ mod tests {
         assert_eq!(prefix_end(b"kw/d/"), b"kw/d0".to_vec());
         assert_eq!(prefix_end(b"a\xff\xff"), b"b".to_vec());
         assert_eq!(prefix_end(b"\xff"), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn reads_are_sent_again_after_any_unanswered_request_writes_only_when_unapplied() {
+        let not_sent = format!("put: {NOT_SENT}: tcp connect error");
+        let no_leader = format!("put: {NO_LEADER} (...); nothing was applied");
+        let broken = "put: etcd did not answer (Unknown: transport error); a write may or may \
+                      not have been applied";
+        let changed = "put: etcd did not answer (Unavailable: etcdserver: leader changed); a \
+                       write may or may not have been applied";
+        for message in [&not_sent, &no_leader] {
+            assert!(Resend::Read.allows(message));
+            assert!(Resend::IfNotApplied.allows(message));
+        }
+        for message in [broken, changed] {
+            assert!(Resend::Read.allows(message));
+            assert!(!Resend::IfNotApplied.allows(message), "{message}");
+        }
+    }
+
+    #[test]
+    fn the_call_deadline_ends_the_retries() {
+        // The last try starts before the ride-out ends and the deadline cuts
+        // it; the wait on the caller's side outlasts both.
+        assert!(RIDE_OUT < CALL_DEADLINE);
+        assert!(CALL_DEADLINE < WAIT_BOUND);
+        assert!(CALL_DEADLINE < REQUEST_TIMEOUT);
     }
 
     #[test]

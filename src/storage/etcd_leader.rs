@@ -7,12 +7,15 @@
 //!   lease of [`LEASE_TTL`] and, in one transaction, creates the key with
 //!   its node id on that lease if the key is still absent. One node wins;
 //!   the others read the winner's id.
-//! - **leader**: it keeps the lease alive every [`KEEP_ALIVE_EVERY`]. It
-//!   steps down when etcd answers that the lease is gone (TTL 0), when the
-//!   key no longer holds its term, or when no keep-alive was answered for
+//! - **leader**: it keeps the lease alive every [`KEEP_ALIVE_EVERY`], and
+//!   after each renewal reads the key (a linearizable read). It steps down
+//!   when etcd answers that the lease is gone (TTL 0), when the key no
+//!   longer holds its term, or when no keep-alive was answered for
 //!   so long that the lease may have expired in etcd ([`LEASE_TTL`] from the
-//!   last answered keep-alive, less [`MARGIN`]). It then revokes the lease
-//!   (best effort) and becomes a follower.
+//!   last answered keep-alive, less [`MARGIN`]). That last bound is kept
+//!   on time: a keep-alive that hangs is given up when it comes, so a
+//!   leader that cannot renew steps down then, whatever its requests do. It
+//!   then revokes the lease (best effort) and becomes a follower.
 //!
 //! The term is the key's create revision: a new key (another term) always
 //! has a larger one, so a [`Fence`] on it cannot be satisfied by a later
@@ -24,8 +27,13 @@
 //! gone within [`POLL`]: a new leader within `LEASE_TTL + POLL` plus one
 //! transaction (about 3.5 s on loopback), the bound the README states.
 //!
-//! The view is `reachable: false` once every request of the loop has failed
-//! for [`UNREACHABLE_AFTER`]: the server then reports NOT_SERVING.
+//! The view is `reachable: false` once a request of the loop has gone
+//! unanswered (failed, or still out) for [`RIDE_OUT`] with no answer since:
+//! the server then reports NOT_SERVING. It is the storage calls' own bound
+//! (`etcd_backend`), so a blip they ride out does not flip health, and a
+//! small watcher task checks it every [`REACH_CHECK`], so a leader and a
+//! follower say it within the same bound whatever request each is waiting
+//! on.
 //!
 //! The loop also runs the sampler that compacts etcd's history while this
 //! node leads (`etcd_compact`, unless `storage.etcd.compact_every` is off).
@@ -38,7 +46,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::cluster::{EndpointHealth, Fence, LeaderView, Leadership};
-use super::etcd_backend::connect_options;
+use super::etcd_backend::{connect_options, RIDE_OUT};
 use super::etcd_compact::Compactor;
 use super::{EtcdBackend, EtcdOptions, StorageError};
 
@@ -53,8 +61,8 @@ pub const POLL: Duration = Duration::from_millis(500);
 pub const MARGIN: Duration = Duration::from_millis(750);
 /// The bound on each request of the loop.
 const REQUEST_BOUND: Duration = Duration::from_secs(2);
-/// How long the loop's requests must all fail before etcd counts as lost.
-pub const UNREACHABLE_AFTER: Duration = Duration::from_secs(3);
+/// How often the watcher compares the unanswered time with [`RIDE_OUT`].
+const REACH_CHECK: Duration = Duration::from_millis(100);
 /// The bound on one endpoint's health question.
 const HEALTH_BOUND: Duration = Duration::from_secs(2);
 
@@ -107,7 +115,7 @@ impl EtcdLeadership {
             node_id: node_id.to_owned(),
             view: tx,
             term_check: Box::new(term_check),
-            last_answer: Instant::now(),
+            reach: Arc::new(std::sync::Mutex::new(Reach::default())),
             compactor,
         };
         let stop_signal = stop.clone();
@@ -242,10 +250,55 @@ struct Election {
     node_id: String,
     view: watch::Sender<LeaderView>,
     term_check: TermCheck,
-    /// When etcd last answered a request of the loop.
-    last_answer: Instant,
+    /// Whether the loop's requests are answered (shared with the watcher).
+    reach: Arc<std::sync::Mutex<Reach>>,
     /// Started with the loop and stopped with it.
     compactor: Option<Compactor>,
+}
+
+/// Whether etcd answers the loop's requests.
+#[derive(Default)]
+struct Reach {
+    /// When the first request sent since the last answer was sent; `None`
+    /// while every request sent has been answered.
+    unanswered_since: Option<Instant>,
+}
+
+impl Reach {
+    /// A request is about to be sent.
+    fn asked(&mut self) {
+        self.unanswered_since.get_or_insert_with(Instant::now);
+    }
+
+    /// etcd answered a request.
+    fn answered(&mut self) {
+        self.unanswered_since = None;
+    }
+
+    /// Whether etcd counts as reachable: nothing has gone unanswered for
+    /// [`RIDE_OUT`].
+    fn reachable(&self) -> bool {
+        self.unanswered_since
+            .is_none_or(|since| since.elapsed() < RIDE_OUT)
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Flips the view's `reachable` when [`Reach`] says so, every
+/// [`REACH_CHECK`], while the loop may be waiting on a request.
+async fn watch_reach(reach: Arc<std::sync::Mutex<Reach>>, view: watch::Sender<LeaderView>) {
+    loop {
+        tokio::time::sleep(REACH_CHECK).await;
+        let reachable = lock(&reach).reachable();
+        view.send_if_modified(|view| {
+            let changed = view.reachable != reachable;
+            view.reachable = reachable;
+            changed
+        });
+    }
 }
 
 /// Aborts a task when dropped.
@@ -269,6 +322,10 @@ impl Election {
             .compactor
             .take()
             .map(|compactor| AbortOnDrop(tokio::spawn(compactor.run())));
+        let _watching = AbortOnDrop(tokio::spawn(watch_reach(
+            self.reach.clone(),
+            self.view.clone(),
+        )));
         loop {
             let step = async {
                 match self.look().await {
@@ -314,7 +371,7 @@ impl Election {
 
     /// Publishes a view (if it changed).
     fn publish(&mut self, is_leader: bool, leader: Option<String>, fence: Option<Fence>) {
-        let reachable = self.last_answer.elapsed() < UNREACHABLE_AFTER;
+        let reachable = lock(&self.reach).reachable();
         self.view.send_if_modified(|view| {
             let changed = view.is_leader != is_leader
                 || view.leader != leader
@@ -344,15 +401,35 @@ impl Election {
 
     async fn look(&mut self) -> Result<Look, String> {
         let mut kv = self.client.kv_client();
+        lock(&self.reach).asked();
         let answer = tokio::time::timeout(REQUEST_BOUND, kv.get(self.key.clone(), None))
             .await
             .map_err(|_| "no answer".to_owned())?
             .map_err(|e| e.to_string())?;
-        self.last_answer = Instant::now();
+        lock(&self.reach).answered();
         Ok(match answer.kvs().first() {
             Some(kv) => Look::Leader(String::from_utf8_lossy(kv.value()).into_owned()),
             None => Look::Vacant,
         })
+    }
+
+    /// Whether the leader key still holds the term `revision`: a
+    /// linearizable read, bounded by `bound`. This is the request that
+    /// counts as answered for a leader (see [`Reach`]): a keep-alive can be
+    /// answered by an etcd leader that has not yet seen it lost its quorum,
+    /// a linearizable read cannot, so a leader and a follower count etcd as
+    /// lost after the same kind of request went unanswered.
+    async fn holds(&mut self, revision: i64, bound: Instant) -> Result<bool, String> {
+        let mut kv = self.client.kv_client();
+        let answer = tokio::time::timeout_at(bound, kv.get(self.key.clone(), None))
+            .await
+            .map_err(|_| "no answer".to_owned())?
+            .map_err(|e| e.to_string())?;
+        lock(&self.reach).answered();
+        Ok(answer
+            .kvs()
+            .first()
+            .is_some_and(|kv| kv.create_revision() == revision))
     }
 
     /// Grants a lease and creates the key on it if still absent: the
@@ -362,10 +439,12 @@ impl Election {
         let ttl = i64::try_from(LEASE_TTL.as_secs()).unwrap_or(3);
         let asked = Instant::now();
         let mut lease_client = self.client.lease_client();
+        lock(&self.reach).asked();
         let granted = tokio::time::timeout(REQUEST_BOUND, lease_client.grant(ttl, None))
             .await
             .map_err(|_| "no answer".to_owned())?
             .map_err(|e| e.to_string())?;
+        lock(&self.reach).answered();
         let lease = granted.id();
         let txn = Txn::new()
             .when([Compare::version(self.key.clone(), CompareOp::Equal, 0)])
@@ -386,7 +465,7 @@ impl Election {
                 });
             }
         };
-        self.last_answer = Instant::now();
+        lock(&self.reach).answered();
         if answer.succeeded() {
             let revision = answer.header().map_or(0, |h| h.revision());
             return Ok(Some((lease, revision, asked)));
@@ -404,6 +483,10 @@ impl Election {
     }
 
     /// Leads until the term ends (false) or `stop` (true).
+    ///
+    /// The step-down time (the lease's end as this node counts it, less
+    /// [`MARGIN`]) bounds every wait of the loop, so a keep-alive that hangs
+    /// cannot keep a leader that cannot renew past it.
     async fn lead(
         &mut self,
         lease: i64,
@@ -412,23 +495,27 @@ impl Election {
         stop: &tokio::sync::Notify,
     ) -> bool {
         let fence = Fence::new(self.key.clone(), revision, (self.term_check)(revision));
-        let mut valid_until = asked + LEASE_TTL;
+        let mut step_down_at = asked + LEASE_TTL - MARGIN;
         tracing::info!(node = %self.node_id, term = revision, "became the cluster leader");
         self.publish(true, Some(self.node_id.clone()), Some(fence.clone()));
         let mut lease_client = self.client.lease_client();
         let mut stream = None;
         loop {
-            let pause = tokio::time::sleep(KEEP_ALIVE_EVERY);
+            let pause =
+                tokio::time::sleep_until(step_down_at.min(Instant::now() + KEEP_ALIVE_EVERY));
             tokio::select! {
                 () = pause => {}
                 () = stop.notified() => return true,
             }
-            if Instant::now() + MARGIN >= valid_until {
+            if Instant::now() >= step_down_at {
                 tracing::warn!(node = %self.node_id, "lease not renewed in time: stepping down");
                 return false;
             }
+            // No request of the loop is waited for past the step-down time.
+            let bound = step_down_at.min(Instant::now() + REQUEST_BOUND);
             if stream.is_none() {
-                match tokio::time::timeout(REQUEST_BOUND, lease_client.keep_alive(lease)).await {
+                lock(&self.reach).asked();
+                match tokio::time::timeout_at(bound, lease_client.keep_alive(lease)).await {
                     Ok(Ok(opened)) => stream = Some(opened),
                     _ => {
                         self.unanswered();
@@ -440,6 +527,7 @@ impl Election {
                 continue;
             };
             let sent = Instant::now();
+            lock(&self.reach).asked();
             let renewed = async {
                 keeper.keep_alive().await.map_err(|e| e.to_string())?;
                 answers
@@ -448,12 +536,26 @@ impl Election {
                     .map_err(|e| e.to_string())?
                     .ok_or_else(|| "keep-alive stream ended".to_owned())
             };
-            match tokio::time::timeout(REQUEST_BOUND, renewed).await {
+            match tokio::time::timeout_at(bound, renewed).await {
                 Ok(Ok(answer)) if answer.ttl() > 0 => {
-                    self.last_answer = Instant::now();
                     let ttl = Duration::from_secs(u64::try_from(answer.ttl()).unwrap_or(0));
-                    valid_until = sent + ttl;
-                    self.publish(true, Some(self.node_id.clone()), Some(fence.clone()));
+                    step_down_at = sent + ttl - MARGIN;
+                    match self.holds(revision, bound).await {
+                        Ok(true) => {
+                            self.publish(true, Some(self.node_id.clone()), Some(fence.clone()));
+                        }
+                        Ok(false) => {
+                            tracing::warn!(
+                                node = %self.node_id,
+                                "the leader key no longer holds this term: stepping down"
+                            );
+                            return false;
+                        }
+                        Err(error) => {
+                            tracing::debug!(%error, "cannot read the leader key");
+                            self.unanswered();
+                        }
+                    }
                 }
                 Ok(Ok(_)) => {
                     tracing::warn!(node = %self.node_id, "the leader lease expired: stepping down");
@@ -470,5 +572,28 @@ impl Election {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn etcd_counts_as_lost_once_a_request_went_unanswered_for_the_ride_out() {
+        let mut reach = Reach::default();
+        assert!(reach.reachable());
+        reach.asked();
+        tokio::time::advance(RIDE_OUT - Duration::from_millis(1)).await;
+        // Another request sent meanwhile does not move the start.
+        reach.asked();
+        assert!(reach.reachable());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(!reach.reachable());
+        reach.answered();
+        assert!(reach.reachable());
+        reach.asked();
+        tokio::time::advance(RIDE_OUT / 2).await;
+        assert!(reach.reachable());
     }
 }
