@@ -39,6 +39,11 @@
 //! atomic batch as the `tokens/children/` link to it, so a revoke cut short by
 //! a storage error never leaves a usable token unreachable from its parent.
 //!
+//! The last use of a limited token marks its record `spent` with an expiry
+//! of now (its index entry moved there first, the old one deleted after), then
+//! revokes it: a revocation cut short leaves a token every node refuses and
+//! the sweeper finds due at once (see `mark_spent`).
+//!
 //! Every write that links records (issuing a child, revoke, renew, a counted
 //! use, the sweeper) holds one mutex, so a child can never be linked under a
 //! parent being revoked. Issuing a token without a parent links nothing and
