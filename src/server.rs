@@ -509,6 +509,11 @@ impl Server {
         });
         // On a shared store (etcd): login throttle counts shared with the
         // other nodes, written in bounded batches.
+        crate::identity::throttle_metrics::ThrottleRefresh::register(
+            core.login.clone(),
+            &core.metrics,
+            core.clock().clone(),
+        );
         if let Some(shared) = core.login.shared() {
             let throttle_clock = core.clock().clone();
             tasks.spawn("login-throttle-flush", move |shutdown| {

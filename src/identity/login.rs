@@ -314,6 +314,17 @@ impl Throttle {
         })
     }
 
+    /// How many keys are locked out at `now_ms`: (role-id and source
+    /// pairs, sources), counting lock-outs read from the shared record too.
+    pub fn locked(&self, now_ms: u64) -> (usize, usize) {
+        let state = self.state();
+        let locked = state.map.iter().filter(|(_, s)| s.locked_until_ms > now_ms);
+        locked.fold((0, 0), |(pairs, sources), (key, _)| match key {
+            ThrottleKey::RoleSource(..) => (pairs + 1, sources),
+            ThrottleKey::Source(_) => (pairs, sources + 1),
+        })
+    }
+
     /// How many entries are tracked (for tests of the memory bound).
     pub fn tracked(&self) -> usize {
         self.state().map.len()
@@ -443,6 +454,12 @@ impl Login {
     /// The shared counts, if any (its flusher runs as a server task).
     pub fn shared(&self) -> Option<Arc<SharedThrottle>> {
         self.shared.clone()
+    }
+
+    /// Keys of this node's throttle locked out at `now_ms`: (role-id and
+    /// source pairs, sources).
+    pub fn locked(&self, now_ms: u64) -> (usize, usize) {
+        self.throttle.locked(now_ms)
     }
 
     /// Failed logins so far, by identity and source, in order.

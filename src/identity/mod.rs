@@ -28,6 +28,7 @@ pub mod expiry;
 pub mod login;
 mod secret_id;
 pub mod shared_throttle;
+pub mod throttle_metrics;
 
 #[cfg(test)]
 mod issuer_tests;

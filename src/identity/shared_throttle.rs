@@ -32,9 +32,10 @@
 //! last failure ms (u64) || locked until ms (u64))`, big-endian.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
 
 use super::login::{SourceNet, ThrottleConfig, ThrottleKey};
 use super::IdentityError;
@@ -101,6 +102,21 @@ pub struct FlushFigures {
     pub slots_written: u64,
     /// Failures not shared because the pending table was full.
     pub dropped: u64,
+    /// Flushes that stopped on an error (storage refused or unreachable, a
+    /// record that changed at every attempt, a sealed vault); their counts
+    /// wait for the next flush.
+    pub failed: u64,
+}
+
+/// What the stored records hold at one moment (read for `/metrics`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoredFigures {
+    /// Throttle records in the store (at most `slots`).
+    pub records: usize,
+    /// Live entries in them.
+    pub entries: usize,
+    /// Entries locked out at the time asked.
+    pub locked: usize,
 }
 
 /// The shared part of the login throttle (see the module text).
@@ -109,9 +125,11 @@ pub struct SharedThrottle {
     throttle: ThrottleConfig,
     config: SharedThrottleConfig,
     pending: Mutex<HashMap<Tag, Pending>>,
-    flushes: AtomicU64,
-    slots_written: AtomicU64,
-    dropped: AtomicU64,
+    /// The counters below are also on `/metrics` (`throttle_metrics`).
+    flushes: Counter,
+    slots_written: Counter,
+    dropped: Counter,
+    failed: Counter,
 }
 
 impl std::fmt::Debug for SharedThrottle {
@@ -220,10 +238,40 @@ impl SharedThrottle {
                 max_pending: config.max_pending.max(1),
             },
             pending: Mutex::new(HashMap::new()),
-            flushes: AtomicU64::new(0),
-            slots_written: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
+            flushes: Counter::default(),
+            slots_written: Counter::default(),
+            dropped: Counter::default(),
+            failed: Counter::default(),
         }
+    }
+
+    /// The counters, for `/metrics`: (flushes, records written, flushes
+    /// failed, failures dropped at the pending cap). Clones share the count.
+    pub(super) fn counters(&self) -> [(&'static str, &'static str, Counter); 4] {
+        [
+            (
+                "login_throttle_flushes",
+                "flushes of this node's pending login failures to the shared throttle records",
+                self.flushes.clone(),
+            ),
+            (
+                "login_throttle_records_written",
+                "shared login throttle records this node wrote (one per slot per flush)",
+                self.slots_written.clone(),
+            ),
+            (
+                "login_throttle_flush_failures",
+                "flushes that stopped on an error (storage refused or unreachable, a record \
+                 that changed at every attempt); their counts wait for the next flush",
+                self.failed.clone(),
+            ),
+            (
+                "login_throttle_dropped",
+                "login failures not shared because the pending table was full (counted on \
+                 this node only)",
+                self.dropped.clone(),
+            ),
+        ]
     }
 
     pub fn config(&self) -> SharedThrottleConfig {
@@ -232,10 +280,30 @@ impl SharedThrottle {
 
     pub fn figures(&self) -> FlushFigures {
         FlushFigures {
-            flushes: self.flushes.load(Ordering::Relaxed),
-            slots_written: self.slots_written.load(Ordering::Relaxed),
-            dropped: self.dropped.load(Ordering::Relaxed),
+            flushes: self.flushes.get(),
+            slots_written: self.slots_written.get(),
+            dropped: self.dropped.get(),
+            failed: self.failed.get(),
         }
+    }
+
+    /// Reads every stored record (for `/metrics`: at most `slots` reads of
+    /// one scan). Damaged records count as records with no entries.
+    pub fn stored_figures(&self, now_ms: u64) -> Result<StoredFigures, IdentityError> {
+        let mut figures = StoredFigures::default();
+        for (_, raw) in self.barrier.scan_prefix(PREFIX)? {
+            figures.records += 1;
+            let Ok(entries) = decode(&raw) else {
+                continue;
+            };
+            for (_, s) in entries.iter().filter(|(_, s)| self.live(s, now_ms)) {
+                figures.entries += 1;
+                if s.locked_until_ms > now_ms {
+                    figures.locked += 1;
+                }
+            }
+        }
+        Ok(figures)
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<Tag, Pending>> {
@@ -288,7 +356,7 @@ impl SharedThrottle {
                 p.last_failure_ms = p.last_failure_ms.max(now_ms);
             }
             None if full => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
+                self.dropped.inc();
             }
             None => {
                 pending.insert(
@@ -361,7 +429,7 @@ impl SharedThrottle {
         if taken.is_empty() {
             return Ok(0);
         }
-        self.flushes.fetch_add(1, Ordering::Relaxed);
+        self.flushes.inc();
         let mut by_slot: BTreeMap<u32, Vec<(Tag, Pending)>> = BTreeMap::new();
         for (tag, p) in taken {
             by_slot.entry(p.slot).or_default().push((tag, p));
@@ -377,12 +445,13 @@ impl SharedThrottle {
         let mut slots = slots.into_iter();
         while let Some((slot, entries)) = slots.next() {
             if let Err(error) = self.merge_slot(slot, &entries, now_ms) {
+                self.failed.inc();
                 self.put_back(entries.into_iter(), now_ms);
                 self.put_back(slots.flat_map(|(_, e)| e), now_ms);
                 return Err(error);
             }
             written += 1;
-            self.slots_written.fetch_add(1, Ordering::Relaxed);
+            self.slots_written.inc();
         }
         Ok(written)
     }
@@ -400,8 +469,7 @@ impl SharedThrottle {
                     q.last_failure_ms = q.last_failure_ms.max(p.last_failure_ms);
                 }
                 None if full => {
-                    self.dropped
-                        .fetch_add(u64::from(p.failures), Ordering::Relaxed);
+                    self.dropped.inc_by(u64::from(p.failures));
                 }
                 None => {
                     pending.insert(tag, p);

@@ -103,6 +103,7 @@ impl EtcdLeadership {
         let compactor = options.compact_every.map(|every| Compactor {
             client: client.clone(),
             probe: key.clone(),
+            samples_key: [options.prefix.as_bytes(), super::etcd_compact::SAMPLES_KEY].concat(),
             every,
             retain: options.compact_retain,
             view: view.clone(),

@@ -39,6 +39,11 @@
 //! atomic batch as the `tokens/children/` link to it, so a revoke cut short by
 //! a storage error never leaves a usable token unreachable from its parent.
 //!
+//! The last use of a limited token marks its record `spent` with an expiry
+//! of now (its index entry moved there first, the old one deleted after), then
+//! revokes it: a revocation cut short leaves a token every node refuses and
+//! the sweeper finds due at once (see `mark_spent`).
+//!
 //! Every write that links records (issuing a child, revoke, renew, a counted
 //! use, the sweeper) holds one mutex, so a child can never be linked under a
 //! parent being revoked. Issuing a token without a parent links nothing and
@@ -1077,12 +1082,13 @@ impl TokenStore {
             match record.uses_remaining {
                 0 => return Ok(record),
                 1 => {
-                    record.spent = true;
-                    let spent = record.encode_to_vec();
-                    if !(self.barrier()).compare_and_swap(&acc_key, Some(&stamp), Some(&spent))? {
+                    let expires_at_ms = record.expires_at_ms;
+                    if !self.mark_spent(&acc_key, &stamp, &mut record, now_ms)? {
                         continue;
                     }
                     self.revoke_locked(accessor)?;
+                    // The use itself sees the token as it was before the mark.
+                    record.expires_at_ms = expires_at_ms;
                     record.spent = false;
                     record.uses_remaining = 0;
                     return Ok(record);
@@ -1101,6 +1107,94 @@ impl TokenStore {
                 "the token's use count changed at every attempt; try again".into(),
             ),
         )))
+    }
+
+    /// Marks `record` (read at `stamp`) `spent` by compare-and-swap, and
+    /// makes it due for the sweeper at `now_ms`: its expiry becomes `now_ms`
+    /// and its index entry moves there. So if the revocation that follows is
+    /// cut short (a crash, a storage error), the sweeper finishes it at its
+    /// next pass, and after a restart right after it loaded the index (on
+    /// etcd, on the leader), instead of at the token's old expiry (never, for
+    /// a token that never expires). Until then the token itself is refused
+    /// everywhere; its children work until the sweep.
+    ///
+    /// Write order, each prefix harmless: the new index entry (an entry whose
+    /// record says otherwise is stale, and the sweeper drops it), the record
+    /// by compare-and-swap, then the old entry's delete (left behind by a
+    /// crash: stale, dropped the same way). `false`: another write won the
+    /// compare-and-swap; nothing of the record changed.
+    fn mark_spent(
+        &self,
+        acc_key: &str,
+        stamp: &crate::barrier::Stamp,
+        record: &mut TokenRecord,
+        now_ms: u64,
+    ) -> Result<bool, TokenError> {
+        let due = now_ms.max(1);
+        let (old_key, new_key, value) = if record.derived {
+            (
+                Some(ttl_key(
+                    &record.identity,
+                    record.expires_at_ms,
+                    &record.accessor,
+                )),
+                ttl_key(&record.identity, due, &record.accessor),
+                record.parent_accessor.clone(),
+            )
+        } else {
+            (
+                (record.expires_at_ms != 0)
+                    .then(|| expiry_key(record.expires_at_ms, &record.accessor)),
+                expiry_key(due, &record.accessor),
+                String::new(),
+            )
+        };
+        let old_key = old_key.filter(|old| *old != new_key);
+        if record.derived {
+            self.heads()
+                .lower(&hex::encode(record.identity.as_bytes()), due);
+        }
+        self.barrier().put(&new_key, value.as_bytes())?;
+        let before = (record.spent, record.expires_at_ms);
+        record.spent = true;
+        record.expires_at_ms = due;
+        let spent = record.encode_to_vec();
+        if !(self.barrier()).compare_and_swap(acc_key, Some(stamp), Some(&spent))? {
+            (record.spent, record.expires_at_ms) = before;
+            return Ok(false);
+        }
+        if let Some(old) = old_key {
+            self.barrier().delete(&old)?;
+        }
+        self.expiry_added(due);
+        Ok(true)
+    }
+
+    /// Test hook: the state a crash leaves between the last use's `spent`
+    /// mark and its revocation. Counts the last use of the limited token
+    /// `accessor` exactly as a use does, marks it spent, and stops there.
+    /// Fails unless the token has exactly one use left.
+    #[doc(hidden)]
+    pub fn danger_test_mark_spent_without_revoking(
+        &self,
+        accessor: &str,
+        now_ms: u64,
+    ) -> Result<(), TokenError> {
+        let _guard = self.inner.writes.lock().unwrap_or_else(|e| e.into_inner());
+        let acc_key = format!("{ACCESSOR_PREFIX}{accessor}");
+        let (raw, stamp) = self
+            .barrier()
+            .get_stamped(&acc_key)?
+            .ok_or(TokenError::NotFound)?;
+        let mut record = TokenRecord::decode(raw.as_slice()).map_err(|_| TokenError::Corrupt)?;
+        if record.uses_remaining != 1 || record.is_expired(now_ms) {
+            return Err(TokenError::InvalidRequest("not a token with one use left"));
+        }
+        if !self.mark_spent(&acc_key, &stamp, &mut record, now_ms)? {
+            return Err(TokenError::InvalidRequest("the record changed meanwhile"));
+        }
+        let _forget = self.inner.verified.invalidate_on_drop([accessor]);
+        Ok(())
     }
 
     /// The record of a token, by its text; `None` if unknown or expired.

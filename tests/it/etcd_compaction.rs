@@ -277,3 +277,118 @@ async fn a_watch_overtaken_by_a_compaction_starts_again_and_empties_the_caches()
     .await;
     drop(backend);
 }
+
+/// Compaction every second, keeping 20 s of history.
+const KEEP_20S: &str = "compact_every = \"1s\"\ncompact_retain = \"20s\"";
+
+/// The wall clock in ms (the samples' clock).
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// The `(ms, revision)` samples stored under `PREFIX m/compaction`.
+async fn stored_samples(client: &etcd_client::Client, prefix: &str) -> Vec<(u64, i64)> {
+    let mut client = client.clone();
+    let answer = client
+        .get(format!("{prefix}m/compaction"), None)
+        .await
+        .unwrap();
+    let Some(kv) = answer.kvs().first() else {
+        return Vec::new();
+    };
+    let text = std::str::from_utf8(kv.value()).unwrap().to_owned();
+    let mut lines = text.split('\n');
+    assert_eq!(lines.next(), Some("KWC1"), "{text}");
+    lines
+        .map(|line| {
+            let (at, revision) = line.split_once(' ').unwrap();
+            (at.parse().unwrap(), revision.parse().unwrap())
+        })
+        .collect()
+}
+
+/// The revision of the first "compacted etcd history" line of `log`.
+fn first_compaction(log: &str) -> Option<i64> {
+    let line = log.lines().find(|l| l.contains("compacted etcd history"))?;
+    let digits: String = line
+        .split("revision=")
+        .nth(1)?
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// The leader keeps its `(time, revision)` samples in etcd, so a leader
+/// that starts after every node went down compacts at once at a stored
+/// revision old enough, instead of waiting `compact_retain` for samples of
+/// its own (which are all newer than its start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_leader_compacts_at_the_stored_revision_at_once() {
+    let (etcd, _certs_dir, certs, prefix) = cluster();
+    let raw = raw_client(&etcd).await;
+    let mut kw1 = Node::start_with(&etcd, &prefix, &certs, "kw1", &[], KEEP_20S);
+    wait_until_leads(&kw1).await;
+    wait_for("kw1 stores a compaction sample", || {
+        let (raw, prefix) = (raw.clone(), prefix.clone());
+        async move { (!stored_samples(&raw, &prefix).await.is_empty()).then_some(()) }
+    })
+    .await;
+    kw1.signal("KILL");
+    wait_for("kw1 is dead", || {
+        let dead = kw1.has_exited();
+        async move { dead.then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        first_compaction(&kw1.log_text()),
+        None,
+        "kw1 compacted before it was killed; the test needs a longer compact_retain"
+    );
+    let stored = stored_samples(&raw, &prefix).await;
+    println!("stored samples before the restart: {stored:?}");
+    // At most one sample per compact_every (9/10 of it apart).
+    assert!(
+        stored.windows(2).all(|w| w[1].0 - w[0].0 >= 900),
+        "{stored:?}"
+    );
+
+    // Writes after the samples: every revision a node samples after its
+    // restart is past every stored one.
+    let mut writer = raw.clone();
+    for i in 0..5 {
+        writer
+            .put("kw-test-probe", format!("{i}"), None)
+            .await
+            .unwrap();
+    }
+    let before_restart = revision(&mut writer).await;
+    assert!(stored.iter().all(|(_, r)| *r < before_restart));
+    // Until the first stored sample is compact_retain old (its own clock is
+    // the wall clock): the restarted node may then compact at it at once.
+    let due = stored[0].0 + 20_000 + 1_000;
+    while wall_ms() < due {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!compacted_past(&mut writer, stored[0].1 - 1).await);
+
+    let kw1 = Node::start_with(&etcd, &prefix, &certs, "kw1", &[], KEEP_20S);
+    let compacted_at = wait_for("the restarted kw1 compacts", || {
+        let log = kw1.log_text();
+        async move { first_compaction(&log) }
+    })
+    .await;
+    println!(
+        "restarted kw1 compacted first at revision {compacted_at}; the revision at its \
+         restart was {before_restart}"
+    );
+    assert!(
+        stored.iter().any(|(_, r)| *r == compacted_at),
+        "compacted at {compacted_at}, not at a stored sample {stored:?}"
+    );
+    assert!(compacted_at < before_restart);
+    assert!(compacted_past(&mut writer, compacted_at - 1).await);
+}

@@ -534,3 +534,245 @@ fn a_login_flood_writes_a_bounded_number_of_keys() {
         );
     }
 }
+
+/// `/metrics` of a node, over plain HTTP.
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+/// The value of the series `series` (name and labels, as printed).
+fn series_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+}
+
+/// Waits (bound: 120 s) until the node at `addr` shows every `(series, at
+/// least)`; its last scrape.
+async fn wait_for_figures(
+    addr: std::net::SocketAddr,
+    what: &str,
+    wanted: &[(&str, f64)],
+) -> String {
+    let started = std::time::Instant::now();
+    loop {
+        let text = scrape(addr).await;
+        if wanted
+            .iter()
+            .all(|(series, least)| series_value(&text, series).is_some_and(|v| v >= *least))
+        {
+            return text;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "timed out waiting until {what}; last scrape:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+/// The shared login throttle's figures on `/metrics`: after failed logins
+/// on node 1, its flushes, the records it wrote, the records in etcd and
+/// the locked role-id; node 2, which saw none of the failures, shows the
+/// lock-out it read from etcd. No series names a role-id or an address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_shared_throttles_figures_are_on_metrics() {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let etcd = EtcdCluster::start(3);
+    let prefix = format!("{}/", unique("kw-thrm"));
+    let (servers, roots, _certs) = three_servers(&etcd, &prefix).await;
+    let name = unique("svc");
+    roots[0]
+        .identity_create(create(&name, "service-account", "team-a", &[]))
+        .await
+        .unwrap();
+    let sid = roots[0].identity_secret_id(&name, 0, 0, &[]).await.unwrap();
+    let one = servers[0].anonymous().await;
+    let two = servers[1].anonymous().await;
+
+    let before = scrape(servers[0].metrics_addr).await;
+    assert_eq!(
+        series_value(&before, "keyward_login_throttle_records_written_total"),
+        Some(0.0),
+        "{before}"
+    );
+    let wrong = format!("kws_{}", "A".repeat(43));
+    for _ in 0..5 {
+        assert_eq!(
+            code(one.login_approle(&sid.role_id, &wrong, 0).await),
+            Code::Unauthenticated
+        );
+    }
+    assert_eq!(
+        code(one.login_approle(&sid.role_id, &sid.secret_id, 0).await),
+        Code::ResourceExhausted
+    );
+    let text = wait_for_figures(
+        servers[0].metrics_addr,
+        "node 1 shows its flush and the records in etcd",
+        &[
+            ("keyward_login_throttle_flushes_total", 1.0),
+            ("keyward_login_throttle_records_written_total", 1.0),
+            ("keyward_login_throttle_shared_records", 1.0),
+            ("keyward_login_throttle_shared_entries", 2.0),
+            ("keyward_login_throttle_shared_locked", 1.0),
+            ("keyward_login_throttle_locked{kind=\"role_source\"}", 1.0),
+        ],
+    )
+    .await;
+    println!(
+        "node 1: {}",
+        text.lines()
+            .filter(|l| l.starts_with("keyward_login_throttle"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    // Five failures lock the role-id from this address, not the address.
+    assert_eq!(
+        series_value(&text, "keyward_login_throttle_locked{kind=\"source\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        series_value(&text, "keyward_login_throttle_flush_failures_total"),
+        Some(0.0)
+    );
+    assert_eq!(
+        series_value(&text, "keyward_login_throttle_dropped_total"),
+        Some(0.0)
+    );
+
+    // Node 2 refuses once it reads the shared record, and says so.
+    eventually("node 2 refuses the role-id node 1 locked", || {
+        let two = two.clone();
+        let (role, secret) = (sid.role_id.clone(), sid.secret_id.clone());
+        async move {
+            matches!(
+                two.login_approle(&role, &secret, 0).await,
+                Err(e) if e.code() == Some(Code::ResourceExhausted)
+            )
+        }
+    })
+    .await;
+    let text = wait_for_figures(
+        servers[1].metrics_addr,
+        "node 2 shows the lock-out it read and the records in etcd",
+        &[
+            ("keyward_login_throttle_locked{kind=\"role_source\"}", 1.0),
+            ("keyward_login_throttle_shared_records", 1.0),
+            ("keyward_login_throttle_shared_locked", 1.0),
+        ],
+    )
+    .await;
+    assert_eq!(
+        series_value(&text, "keyward_login_throttle_records_written_total"),
+        Some(0.0),
+        "node 2 saw no failure to share"
+    );
+    for server in &servers[..2] {
+        let text = scrape(server.metrics_addr).await;
+        assert!(!text.contains(&sid.role_id), "a role-id in /metrics");
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.starts_with("keyward_login_throttle") && l.contains("127.0.0.1")),
+            "an address in the throttle's series"
+        );
+    }
+}
+
+/// Policy names for token stores built at the library level: every name
+/// exists.
+struct AnyPolicy;
+
+impl keyward::token::store::PolicyNames for AnyPolicy {
+    fn policy_exists(&self, _name: &str) -> Result<bool, keyward::token::TokenError> {
+        Ok(true)
+    }
+}
+
+/// A token whose last use was marked `spent` on node A, which then
+/// "crashed" before revoking it (the test hook stops there): its child
+/// still works on node B. A token store started afresh on node B (a
+/// restart: nothing in memory) finishes the revocation at its first sweep,
+/// long before the parent's expiry a year away, and both nodes refuse the
+/// child from then on.
+#[test]
+fn a_spent_token_cut_short_is_revoked_with_its_children_after_a_restart() {
+    use keyward::clock::Clock;
+    use keyward::token::{TokenRequest, TokenStore};
+
+    let etcd = EtcdCluster::start(3);
+    let prefix = format!("{}/", unique("kw-spent"));
+    let nodes: Vec<Arc<Barrier>> = barrier_nodes(&etcd, &prefix, 2, BarrierOptions::default())
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    let t0 = 1_800_000_000_000u64;
+    let store = |barrier: &Arc<Barrier>, now: u64| {
+        let store = TokenStore::new(
+            barrier.clone(),
+            Arc::new(AnyPolicy),
+            Clock::starting_at(now),
+        );
+        store.on_unseal(now).unwrap();
+        store
+    };
+    let (a, b) = (store(&nodes[0], t0), store(&nodes[1], t0));
+    let year = std::time::Duration::from_secs(365 * 24 * 3600);
+    let request = |uses: u32, parent: Option<String>| TokenRequest {
+        identity: "svc".into(),
+        policies: vec!["app".into()],
+        ttl: year,
+        max_ttl: std::time::Duration::ZERO,
+        hard_expiry_ms: None,
+        uses,
+        cidrs: vec![],
+        parent_accessor: parent,
+        method: "token",
+    };
+    let local = Some(std::net::IpAddr::from([127, 0, 0, 1]));
+    // A token with a use limit issues no child tokens: its children are
+    // the delegated tokens it is the actor of (linked under it).
+    let parent = a.issue(request(1, None), t0).unwrap();
+    let child = a
+        .issue_with(
+            request(0, None),
+            keyward::token::Delegation {
+                may_act: None,
+                actor_accessor: Some(parent.accessor.clone()),
+            },
+            t0,
+        )
+        .unwrap();
+    b.use_token(child.token.expose(), local, t0).unwrap();
+
+    let crashed_at = t0 + 1_000;
+    a.danger_test_mark_spent_without_revoking(&parent.accessor, crashed_at)
+        .unwrap();
+    assert!(b
+        .lookup_accessor(&parent.accessor, crashed_at)
+        .unwrap()
+        .is_none());
+    // The crash state: nothing revoked the child.
+    b.use_token(child.token.expose(), local, crashed_at)
+        .unwrap();
+
+    let after = crashed_at + 1_000;
+    let restarted = store(&nodes[1], after);
+    let swept = restarted.sweep(after).unwrap();
+    assert_eq!(swept.revoked, 2, "{swept:?}");
+    for (node, tokens) in [("a", &a), ("b", &b), ("b restarted", &restarted)] {
+        let refused = tokens.use_token(child.token.expose(), local, after + 1);
+        assert!(
+            matches!(refused, Err(keyward::token::TokenError::Invalid)),
+            "node {node}: {refused:?}"
+        );
+    }
+}

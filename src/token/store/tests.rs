@@ -833,3 +833,80 @@ async fn the_running_sweeper_revokes_a_token_once_it_expires() {
     stop.trigger();
     sweeper.await.unwrap();
 }
+
+/// The state a crash leaves between the last use's `spent` mark and the
+/// revocation: the spent token is refused, its child still works (nothing
+/// revoked it), and the sweeper of a store started afresh on the same data
+/// (a restart: nothing of the first store's memory) revokes both at its first
+/// pass, long before the parent's old expiry. A token with a use limit
+/// issues no child tokens, so its children are the delegated tokens it is
+/// the actor of (linked under it the same way).
+#[test]
+fn a_spent_mark_cut_short_by_a_crash_is_finished_by_the_next_sweep() {
+    let (_d, s) = store();
+    let year = 365 * 24 * 3600;
+    let mut p = req("agent", &["a"], year);
+    p.uses = 1;
+    let parent = s.issue(p, T0).unwrap();
+    let child = s
+        .issue_with(
+            req("svc", &["a"], year),
+            Delegation {
+                may_act: None,
+                actor_accessor: Some(parent.accessor.clone()),
+            },
+            T0,
+        )
+        .unwrap();
+    s.use_token(child.token.expose(), local(), T0).unwrap();
+
+    let crashed_at = T0 + 1_000;
+    s.danger_test_mark_spent_without_revoking(&parent.accessor, crashed_at)
+        .unwrap();
+    assert!(s
+        .lookup_accessor(&parent.accessor, crashed_at)
+        .unwrap()
+        .is_none());
+    s.use_token(child.token.expose(), local(), crashed_at)
+        .unwrap();
+
+    let restarted = TokenStore::new(
+        s.inner.barrier.clone(),
+        Arc::new(Names(vec!["a", "b", "c"])),
+        Clock::starting_at(crashed_at),
+    );
+    restarted.on_unseal(crashed_at).unwrap();
+    let after = crashed_at + 1_000;
+    let out = restarted.sweep(after).unwrap();
+    assert_eq!(out.revoked, 2, "{out:?}");
+    assert!(matches!(
+        restarted.use_token(child.token.expose(), local(), after),
+        Err(TokenError::Invalid)
+    ));
+    assert!(restarted
+        .lookup_accessor(&child.accessor, after)
+        .unwrap()
+        .is_none());
+    // Nothing of either token is left in the index.
+    let keys = s.inner.barrier.scan_keys(TTL_PREFIX).unwrap();
+    assert!(
+        !keys
+            .iter()
+            .any(|k| k.ends_with(&parent.accessor) || k.ends_with(&child.accessor)),
+        "{keys:?}"
+    );
+}
+
+/// A last use that is not cut short leaves the token's use as it was (its
+/// expiry unchanged) and no index entry behind.
+#[test]
+fn the_last_use_reports_the_token_as_it_was_and_cleans_the_index() {
+    let (_d, s) = store();
+    let mut r = req("svc", &["a"], 100);
+    r.uses = 1;
+    let t = s.issue(r, T0).unwrap();
+    let used = s.use_token(t.token.expose(), local(), T0 + 10).unwrap();
+    assert_eq!(used.record.expires_at_ms, T0 + 100_000);
+    assert_eq!(used.record.uses_remaining, 0);
+    assert!(s.inner.barrier.scan_keys(TTL_PREFIX).unwrap().is_empty());
+}
