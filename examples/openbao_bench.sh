@@ -31,7 +31,7 @@ CONNECTIONS=${1:-64}
 SECONDS_PER_PHASE=${2:-5}
 ROUNDS=${3:-3}
 BENCH=target/release/examples/http_bench
-KEYWARD=target/release/keyward
+KEYWARD=${KEYWARD:-target/release/keyward}   # KEYWARD=PATH: another build
 BAO=${BAO:-target/vault-clients-venv/bin/bao}
 for f in "$BENCH" "$KEYWARD" "$BAO"; do
     if [ ! -x "$f" ]; then
