@@ -279,12 +279,14 @@ pub struct Detector {
 }
 
 /// When a full table of windowed entries may next be swept. Sweeping a full
-/// table on every new key while none of its entries has left the window
-/// would cost a pass over the whole table per new key: anyone who can make
-/// new keys (mint tokens, send failed logins from many networks) could keep
-/// the detector busy that way. A full table is therefore swept again only
-/// once its oldest entry can have left the window; new keys meanwhile are
-/// not followed, as the bounds say.
+/// table on every new key would cost a pass over the whole table per new
+/// key: anyone who can make new keys (mint tokens, send failed logins from
+/// many networks) could keep the detector busy that way, both while no
+/// entry has left the window and while entries leave it one by one (a table
+/// that rolls over at the rate keys arrive). A full table is therefore swept
+/// again only once its oldest kept entry can have left the window, and at
+/// most [`SWEEPS_PER_WINDOW`] times per window. New keys that find it full
+/// in between are not followed, as the bounds say.
 #[derive(Debug, Default)]
 struct Sweep {
     /// No sweep before this time (ms).
@@ -292,6 +294,9 @@ struct Sweep {
     /// Sweeps made so far (tests read it).
     count: u64,
 }
+
+/// The most sweeps of one full table per window (see [`Sweep`]).
+const SWEEPS_PER_WINDOW: u64 = 16;
 
 impl Sweep {
     /// Whether `table` (bounded at `max`, entries of time `at` kept for
@@ -310,17 +315,20 @@ impl Sweep {
         if now < self.at_ms {
             return false;
         }
-        table.retain(|_, v| now.saturating_sub(at(v)) <= window);
+        let mut oldest = now;
+        table.retain(|_, v| {
+            let kept = now.saturating_sub(at(v)) <= window;
+            if kept {
+                oldest = oldest.min(at(v));
+            }
+            kept
+        });
         self.count += 1;
-        if table.len() < max {
-            return true;
-        }
-        let oldest = table.values().map(&at).min().unwrap_or(now);
         self.at_ms = oldest
             .saturating_add(window)
             .saturating_add(1)
-            .max(now.saturating_add(1));
-        false
+            .max(now.saturating_add((window / SWEEPS_PER_WINDOW).max(1)));
+        table.len() < max
     }
 }
 

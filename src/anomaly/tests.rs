@@ -378,6 +378,36 @@ fn a_full_token_table_is_swept_once_its_oldest_entry_can_have_left_the_window() 
     assert!(followed < MAX_TOKENS, "{followed} followed after the sweep");
 }
 
+/// A table that rolls over: tokens keep arriving at the rate old ones leave
+/// the window, so each new token finds one expired entry. It is swept at
+/// most SWEEPS_PER_WINDOW (16) times a window, not once per new token (a
+/// reviewer's case: the first version of `Sweep` swept 10,000 times here).
+#[test]
+fn a_table_that_rolls_over_is_not_swept_per_new_key() {
+    let window = cfg().token_reuse_window.as_millis() as u64;
+    let mut d = Detector::new(cfg());
+    let call = |d: &mut Detector, n: u64, at: u64| {
+        let mut o = obs("app", at, "10.0.0.1", "read", "secret/a");
+        o.accessor = Some(format!("acc-{n}"));
+        d.observe(&o, &mut no_owner);
+    };
+    // One token every 6 ms fills the table in exactly one window (300 s).
+    for n in 0..MAX_TOKENS as u64 {
+        call(&mut d, n, T0 + 6 * n);
+    }
+    // Then one new token every 6 ms for another minute.
+    let start = T0 + window + 1;
+    for k in 0..10_000u64 {
+        call(&mut d, MAX_TOKENS as u64 + k, start + 6 * k);
+    }
+    // A sweep at most every window / 16 (18.75 s) over 60 s: at most 5.
+    let sweeps = d.token_sweeps();
+    assert!((1..=5).contains(&sweeps), "{sweeps} sweeps");
+    // The table still follows recent tokens: the sweeps made room for them.
+    let followed = d.sizes().1;
+    assert!(followed > MAX_TOKENS * 9 / 10, "{followed} followed");
+}
+
 /// Failed logins from more networks than MAX_FAIL_SOURCES within one
 /// window (an outsider with many addresses): the full table of sources is
 /// swept once, not once per new network.

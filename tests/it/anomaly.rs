@@ -628,6 +628,51 @@ mod paused {
         calls
     }
 
+    /// A full queue (one identity flooding calls) is drained without the
+    /// worker pausing between full batches: the pause after a small batch
+    /// must not cap how fast a backlog drains (a reviewer's finding: with a
+    /// pause after every batch, the queue stayed full under a flood and the
+    /// calls of other identities were dropped). On the paused clock no time
+    /// passes while this test only yields, so a worker that slept after a
+    /// full batch would stop at the first one.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_is_drained_without_pausing_between_full_batches() {
+        let v = vault().await;
+        let fresh = keyward::anomaly::Anomalies::new(&Metrics::new());
+        let trigger = ShutdownTrigger::new();
+        let at = v.core.clock().now_ms();
+        let total = keyward::anomaly::CHANNEL_CAPACITY as u64;
+        for i in 0..total {
+            fresh.observe(keyward::anomaly::Observation {
+                at_ms: at,
+                identity: Some("flooder".into()),
+                accessor: Some("acc-flood".into()),
+                source: Some(HOSTS[0].parse().unwrap()),
+                method: "keyward.v1.Secrets/Get",
+                resource: Some(format!("secret/denied/{}", i % 7)),
+                capability: Some("read"),
+                code: "PERMISSION_DENIED",
+            });
+        }
+        assert_eq!(fresh.queued(), total, "the flood did not fill the queue");
+        let started = tokio::time::Instant::now();
+        let worker = tokio::spawn(fresh.clone().run(v.core.anomaly_deps(), trigger.signal()));
+        for _ in 0..1_000_000 {
+            if fresh.handled() >= total {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(fresh.handled(), total, "the backlog was not drained");
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "time passed while draining"
+        );
+        trigger.trigger();
+        worker.await.unwrap();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn steady_traffic_is_quiet_then_use_after_dormancy_is_loud_and_survives_a_restart() {
         let v = vault().await;
