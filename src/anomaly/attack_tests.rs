@@ -5,23 +5,11 @@
 
 use std::net::IpAddr;
 
+use super::tests::failed;
 use super::*;
 
 /// 2026-01-05 00:00 UTC.
 const T0: u64 = 1_767_571_200_000;
-
-fn failed(at_ms: u64, source: IpAddr) -> Observation {
-    Observation {
-        at_ms,
-        identity: None,
-        accessor: None,
-        source: Some(source),
-        method: "keyward.v1.Auth/Login",
-        resource: Some("auth/login/approle".into()),
-        capability: None,
-        code: "UNAUTHENTICATED",
-    }
-}
 
 fn no_owner(_: &str) -> Option<String> {
     None

@@ -317,9 +317,10 @@ impl Sweep {
         }
         let mut oldest = now;
         table.retain(|_, v| {
-            let kept = now.saturating_sub(at(v)) <= window;
+            let t = at(v);
+            let kept = now.saturating_sub(t) <= window;
             if kept {
-                oldest = oldest.min(at(v));
+                oldest = oldest.min(t);
             }
             kept
         });

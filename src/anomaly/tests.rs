@@ -41,6 +41,27 @@ fn no_owner(_: &str) -> Option<String> {
     None
 }
 
+/// A failed login (no identity) from `source`.
+pub(super) fn failed(at_ms: u64, source: IpAddr) -> Observation {
+    Observation {
+        at_ms,
+        identity: None,
+        accessor: None,
+        source: Some(source),
+        method: "keyward.v1.Auth/Login",
+        resource: Some("auth/login/approle".into()),
+        capability: None,
+        code: "UNAUTHENTICATED",
+    }
+}
+
+/// A read by identity `app` with a token of its own, `acc-N`.
+fn with_new_token(d: &mut Detector, n: u64, at: u64) {
+    let mut o = obs("app", at, "10.0.0.1", "read", "secret/a");
+    o.accessor = Some(format!("acc-{n}"));
+    d.observe(&o, &mut no_owner);
+}
+
 /// A deterministic generator (xorshift) so the "varying" traffic is the
 /// same on every run.
 struct Rng(u64);
@@ -295,16 +316,6 @@ fn a_first_read_right_after_a_siblings_decommission_is_raised() {
 #[test]
 fn a_burst_of_failed_logins_is_raised_per_source_and_memory_stays_bounded() {
     let mut d = Detector::new(cfg());
-    let failed = |at: u64, source: IpAddr| Observation {
-        at_ms: at,
-        identity: None,
-        accessor: None,
-        source: Some(source),
-        method: "keyward.v1.Auth/Login",
-        resource: Some("auth/login/approle".into()),
-        capability: None,
-        code: "UNAUTHENTICATED",
-    };
     let mut found = Vec::new();
     for i in 0..50 {
         found.extend(d.observe(&failed(T0 + i * 100, ip("198.51.100.7")), &mut no_owner));
@@ -352,27 +363,22 @@ fn identities_and_tokens_are_bounded() {
 fn a_full_token_table_is_swept_once_its_oldest_entry_can_have_left_the_window() {
     let window = cfg().token_reuse_window.as_millis() as u64;
     let mut d = Detector::new(cfg());
-    let call = |d: &mut Detector, n: u64, at: u64| {
-        let mut o = obs("app", at, "10.0.0.1", "read", "secret/a");
-        o.accessor = Some(format!("acc-{n}"));
-        d.observe(&o, &mut no_owner);
-    };
     // Fill the table within one second.
     for n in 0..MAX_TOKENS as u64 {
-        call(&mut d, n, T0 + n / 50);
+        with_new_token(&mut d, n, T0 + n / 50);
     }
     assert_eq!(d.sizes().1, MAX_TOKENS);
     assert_eq!(d.token_sweeps(), 0);
     // 5,000 more tokens over the next minute: one sweep finds nothing to
     // drop; the rest wait for the oldest entry to leave the window.
     for n in 0..5_000u64 {
-        call(&mut d, MAX_TOKENS as u64 + n, T0 + 1_000 + n * 12);
+        with_new_token(&mut d, MAX_TOKENS as u64 + n, T0 + 1_000 + n * 12);
     }
     assert_eq!((d.token_sweeps(), d.sizes().1), (1, MAX_TOKENS));
     // Past the window of the oldest entries: the next new token sweeps
     // again, drops what left the window and is followed.
     let later = T0 + window + 500;
-    call(&mut d, 9_000_000, later);
+    with_new_token(&mut d, 9_000_000, later);
     assert_eq!(d.token_sweeps(), 2);
     let followed = d.sizes().1;
     assert!(followed < MAX_TOKENS, "{followed} followed after the sweep");
@@ -386,19 +392,14 @@ fn a_full_token_table_is_swept_once_its_oldest_entry_can_have_left_the_window() 
 fn a_table_that_rolls_over_is_not_swept_per_new_key() {
     let window = cfg().token_reuse_window.as_millis() as u64;
     let mut d = Detector::new(cfg());
-    let call = |d: &mut Detector, n: u64, at: u64| {
-        let mut o = obs("app", at, "10.0.0.1", "read", "secret/a");
-        o.accessor = Some(format!("acc-{n}"));
-        d.observe(&o, &mut no_owner);
-    };
     // One token every 6 ms fills the table in exactly one window (300 s).
     for n in 0..MAX_TOKENS as u64 {
-        call(&mut d, n, T0 + 6 * n);
+        with_new_token(&mut d, n, T0 + 6 * n);
     }
     // Then one new token every 6 ms for another minute.
     let start = T0 + window + 1;
     for k in 0..10_000u64 {
-        call(&mut d, MAX_TOKENS as u64 + k, start + 6 * k);
+        with_new_token(&mut d, MAX_TOKENS as u64 + k, start + 6 * k);
     }
     // A sweep at most every window / 16 (18.75 s) over 60 s: at most 5.
     let sweeps = d.token_sweeps();
@@ -417,17 +418,7 @@ fn a_flood_from_many_networks_sweeps_the_failure_table_once_per_window() {
     for i in 0..(4 * MAX_FAIL_SOURCES as u32) {
         // One address in each of as many /24 networks.
         let source = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000u32 + (i << 8)));
-        let failed = Observation {
-            at_ms: T0 + u64::from(i),
-            identity: None,
-            accessor: None,
-            source: Some(source),
-            method: "keyward.v1.Auth/Login",
-            resource: Some("auth/login/approle".into()),
-            capability: None,
-            code: "UNAUTHENTICATED",
-        };
-        d.observe(&failed, &mut no_owner);
+        d.observe(&failed(T0 + u64::from(i), source), &mut no_owner);
     }
     assert_eq!(d.sizes().2, MAX_FAIL_SOURCES);
     assert_eq!(d.fail_sweeps(), 1);

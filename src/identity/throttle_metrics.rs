@@ -2,8 +2,8 @@
 //! where the throttle counts are shared between nodes (`shared_throttle`).
 //!
 //! No storage prefix of its own: it reads `identities/throttle/` through
-//! [`SharedThrottle::stored_figures`] (at most once per [`REFRESH_EVERY`],
-//! before a scrape) and this node's in-memory throttle. Registered through
+//! [`SharedThrottle::stored_figures`] and this node's in-memory throttle,
+//! both at most once per [`REFRESH_EVERY`] (before a scrape). Registered through
 //! the generic `metrics` API, as every domain's gauges are; the counters
 //! live in [`SharedThrottle`] and are registered as they are. Labels carry
 //! only the kind of key (`role_source`, `source`), never a role-id, an
@@ -95,6 +95,13 @@ impl ThrottleRefresh {
 impl Refresh for ThrottleRefresh {
     fn refresh(&self, _metrics: &Metrics) {
         let now = self.clock.now_ms();
+        // Both figures cost a pass: over this node's throttle table (up to
+        // its 100,000 entries, under the lock every login takes) and over
+        // the stored records. /metrics needs no token, so they are made at
+        // most once per REFRESH_EVERY whatever the scrape rate.
+        if !self.every.due(now) {
+            return;
+        }
         let (pairs, sources) = self.login.locked(now);
         self.locked
             .get_or_create(&KindLabels {
@@ -104,9 +111,6 @@ impl Refresh for ThrottleRefresh {
         self.locked
             .get_or_create(&KindLabels { kind: "source" })
             .set(gauge_value(sources));
-        if !self.every.due(now) {
-            return;
-        }
         match self.shared.stored_figures(now) {
             Ok(figures) => {
                 self.records.set(gauge_value(figures.records));

@@ -13,11 +13,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use tonic::Code;
 
-use crate::harness::{cli, data, eventually, unique, TestServer};
+use crate::harness::{cli, data, eventually, scrape, unique, TestServer};
 use crate::ident_kit::{approle_identity, login, put_policy, read_policy};
 use keyward::anomaly::AnomalyConfig;
 use keyward::client::{Client, PutOptions};
@@ -98,16 +97,6 @@ async fn listed(root: &Client, identity: Option<&str>, kind: &str) -> Anomaly {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("no {kind} anomaly was listed within 30 s");
-}
-
-async fn scrape(addr: SocketAddr) -> String {
-    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    conn.read_to_string(&mut body).await.unwrap();
-    body
 }
 
 #[tokio::test]

@@ -4,24 +4,13 @@
 //! keeps the counts.
 
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
 use crate::federation_issuer::{issuer_server, role_and_identity};
-use crate::harness::{cli, unique, TestServer};
+use crate::harness::{cli, scrape, unique, TestServer};
 use crate::ident_kit::{create, login};
 use keyward::client::{Client, ExchangeOptions, IssueOptions};
 use keyward::proto::v1::ReportResponse;
-
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    conn.read_to_string(&mut body).await.unwrap();
-    body
-}
 
 fn series(text: &str, prefix: &str) -> Option<u64> {
     text.lines()

@@ -3,31 +3,9 @@
 
 use std::collections::HashMap;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-use crate::harness::{data, unique, TestServer};
+use crate::harness::{data, scrape, series_value, unique, TestServer};
 use crate::ident_kit::*;
 use keyward::client::PutOptions;
-
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    conn.read_to_string(&mut body).await.unwrap();
-    body
-}
-
-fn gauge(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
 
 #[tokio::test]
 async fn report_of_a_known_fixture() {
@@ -169,19 +147,19 @@ async fn report_of_a_known_fixture() {
 
     let text = scrape(server.metrics_addr).await;
     assert_eq!(
-        gauge(&text, r#"keyward_identities{kind="bot"}"#),
+        series_value(&text, r#"keyward_identities{kind="bot"}"#),
         Some(1.0),
         "{text}"
     );
     assert_eq!(
-        gauge(&text, r#"keyward_identities{kind="ci-runner"}"#),
+        series_value(&text, r#"keyward_identities{kind="ci-runner"}"#),
         Some(1.0)
     );
-    assert_eq!(gauge(&text, "keyward_identities_unowned"), Some(1.0));
-    assert_eq!(gauge(&text, "keyward_unused_grants"), Some(1.0));
-    assert_eq!(gauge(&text, "keyward_failed_logins"), Some(2.0));
+    assert_eq!(series_value(&text, "keyward_identities_unowned"), Some(1.0));
+    assert_eq!(series_value(&text, "keyward_unused_grants"), Some(1.0));
+    assert_eq!(series_value(&text, "keyward_failed_logins"), Some(2.0));
     assert_eq!(
-        gauge(
+        series_value(
             &text,
             r#"keyward_credentials_expiring_soon{kind="secret-id"}"#
         ),

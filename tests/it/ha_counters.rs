@@ -14,7 +14,7 @@ use std::sync::Arc;
 use tonic::Code;
 
 use crate::etcd_kit::EtcdCluster;
-use crate::harness::{data, eventually, private_tempdir, unique, TestServer};
+use crate::harness::{data, eventually, private_tempdir, scrape, series_value, unique, TestServer};
 use crate::ident_kit::create;
 use keyward::barrier::{Barrier, BarrierOptions};
 use keyward::client::{ClientError, IssueOptions, PutOptions};
@@ -533,25 +533,6 @@ fn a_login_flood_writes_a_bounded_number_of_keys() {
             "the pending cap was never met: {figures:?}"
         );
     }
-}
-
-/// `/metrics` of a node, over plain HTTP.
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    conn.read_to_string(&mut body).await.unwrap();
-    body
-}
-
-/// The value of the series `series` (name and labels, as printed).
-fn series_value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
 }
 
 /// Waits (bound: 120 s) until the node at `addr` shows every `(series, at

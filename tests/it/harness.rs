@@ -55,6 +55,31 @@ where
     panic!("timed out waiting until {what}");
 }
 
+/// The body of `GET PATH` from a server's plain-HTTP listener (the
+/// `/metrics` listener in most tests), headers included.
+pub async fn scrape_path(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+/// `/metrics` of a server, in Prometheus' text format.
+pub async fn scrape(addr: SocketAddr) -> String {
+    scrape_path(addr, "/metrics").await
+}
+
+/// The value of the series `series` (its name and labels, as printed) in a
+/// scrape, if it is there.
+pub fn series_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+}
+
 /// An in-process server over TLS on 127.0.0.1:0.
 pub struct TestServer {
     pub dir: tempfile::TempDir,

@@ -1,8 +1,6 @@
 //! Health, reflection, metrics and plaintext refusal of the running server.
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-use crate::harness::{data, unique, TestServer};
+use crate::harness::{data, scrape_path, unique, TestServer};
 use keyward::client::PutOptions;
 
 #[tokio::test]
@@ -59,16 +57,6 @@ async fn reflection_lists_the_services() {
     }
 }
 
-async fn scrape(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-    conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut body = String::new();
-    conn.read_to_string(&mut body).await.unwrap();
-    body
-}
-
 #[tokio::test]
 async fn metrics_count_requests_by_method_and_code() {
     let server = TestServer::dev().await;
@@ -79,7 +67,7 @@ async fn metrics_count_requests_by_method_and_code() {
         .unwrap();
     root.get(&path).await.unwrap();
     let _ = root.get(&unique("missing")).await;
-    let text = scrape(server.metrics_addr, "/metrics").await;
+    let text = scrape_path(server.metrics_addr, "/metrics").await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     let line = |needle: &str| {
         text.lines()
@@ -96,7 +84,7 @@ async fn metrics_count_requests_by_method_and_code() {
         "{text}"
     );
     assert!(text.contains("keyward_barrier_encryptions"), "{text}");
-    assert!(scrape(server.metrics_addr, "/nope")
+    assert!(scrape_path(server.metrics_addr, "/nope")
         .await
         .starts_with("HTTP/1.1 404"));
 }

@@ -9,8 +9,6 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 use crate::etcd_kit::EtcdCluster;
 use crate::harness::{binary, private_tempdir, unique};
 use keyward::client::{Client, ClientOptions};
@@ -167,13 +165,7 @@ impl Node {
     }
 
     pub async fn scrape(&self) -> String {
-        let mut conn = tokio::net::TcpStream::connect(self.metrics).await.unwrap();
-        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-            .await
-            .unwrap();
-        let mut body = String::new();
-        conn.read_to_string(&mut body).await.unwrap();
-        body
+        crate::harness::scrape(self.metrics).await
     }
 }
 
