@@ -94,6 +94,7 @@ mod bench {
     struct Stats {
         rate: f64,
         p99_ms: f64,
+        calls: usize,
     }
 
     /// Runs `connections` workers for `seconds`; worker `i` makes its state
@@ -145,7 +146,11 @@ mod bench {
             "phase={name} connections={connections} seconds={seconds} calls={} per_second={rate:.0} p99_ms={p99_ms:.2}",
             all.len()
         );
-        Stats { rate, p99_ms }
+        Stats {
+            rate,
+            p99_ms,
+            calls: all.len(),
+        }
     }
 
     fn client_tls(ca: &Path) -> Arc<rustls::ClientConfig> {
@@ -548,6 +553,7 @@ mod bench {
             },
         )
         .await;
+        let sent_before_get = sent();
         let get = phase(
             "grpc_get",
             connections,
@@ -559,6 +565,7 @@ mod bench {
             },
         )
         .await;
+        let sent_before_put = sent();
         let put = {
             let options = options.clone();
             let token = token.clone();
@@ -585,6 +592,17 @@ mod bench {
             )
             .await
         };
+        // Under load, concurrent requests share fence reads and gathered
+        // writes: the same count divided by the phase's calls.
+        let sent_after_put = sent();
+        for (op, requests, calls) in [
+            ("get", sent_before_put - sent_before_get, get.calls),
+            ("put", sent_after_put - sent_before_put, put.calls),
+        ] {
+            let per = requests as f64 / calls.max(1) as f64;
+            println!("loaded_round_trips op={op} etcd_requests_per_call={per:.2}");
+            write!(trips, " loaded_trips_{op}={per:.2}").unwrap();
+        }
         let keyward_http = HttpTarget {
             addr: http_addr,
             tls: client_tls(&certs.ca),

@@ -595,6 +595,16 @@ impl Barrier {
         self.backend.cache_fence()
     }
 
+    /// [`Barrier::cache_fence`] for async callers: on a shared store it
+    /// waits without holding the thread; on a store this process owns it
+    /// is `true` at once.
+    pub async fn cache_fence_async(&self) -> bool {
+        if !self.backend.is_shared() {
+            return self.backend.cache_fence();
+        }
+        self.backend.cache_fence_async().await
+    }
+
     pub fn get(&self, key: &str) -> Result<Option<Plaintext>, BarrierError> {
         self.get_fenced(key, false)
     }

@@ -175,11 +175,21 @@ impl Gate {
     /// Finds the caller a token belongs to: known, not expired, allowed from
     /// `source`; a limited token's use is counted.
     pub fn authenticate(&self, token: &str, source: Option<IpAddr>) -> Result<Caller, AuthError> {
-        let now = self.clock.now_ms();
         // One cache fence for the whole request, taken at its start: the
         // token and policy caches answer only if it holds (on etcd, once the
         // store's watch has delivered every change acknowledged before now).
-        let fresh = self.tokens.cache_fence();
+        self.authenticate_fenced(token, source, self.tokens.cache_fence())
+    }
+
+    /// [`Self::authenticate`] for a request whose cache fence was taken at
+    /// its start (`Barrier::cache_fence_async` in the request seam).
+    pub fn authenticate_fenced(
+        &self,
+        token: &str,
+        source: Option<IpAddr>,
+        fresh: bool,
+    ) -> Result<Caller, AuthError> {
+        let now = self.clock.now_ms();
         let used = self.tokens.use_token_fenced(token, source, now, fresh)?;
         // Here, where every call's token is authenticated, so that no
         // handler can forget it: an exchange-only token acts for nobody

@@ -26,8 +26,11 @@
 //! event. If the watch has not caught up within [`FENCE_WAIT`] the fence also
 //! says no: slower, never wrong.
 
+use std::future::Future;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use super::StorageError;
 
@@ -86,6 +89,9 @@ pub struct Coherence {
     progressed: Condvar,
     reads: Mutex<Reads>,
     read_done: Condvar,
+    /// The async fence's wake-ups, told whenever the condvars are.
+    progressed_async: Notify,
+    read_done_async: Notify,
 }
 
 impl std::fmt::Debug for Coherence {
@@ -187,13 +193,23 @@ impl Coherence {
             progress.delivered = revision;
         }
         drop(progress);
-        self.progressed.notify_all();
+        self.told_progress();
     }
 
     /// The watch stopped: fences say no until the next [`Coherence::reset`].
     pub fn down(&self) {
         lock(&self.progress).live = false;
+        self.told_progress();
+    }
+
+    fn told_progress(&self) {
         self.progressed.notify_all();
+        self.progressed_async.notify_waiters();
+    }
+
+    fn told_read(&self) {
+        self.read_done.notify_all();
+        self.read_done_async.notify_waiters();
     }
 
     /// A new watch runs from just after `revision` (read before this call):
@@ -215,7 +231,7 @@ impl Coherence {
         progress.delivered = revision;
         progress.live = true;
         drop(progress);
-        self.progressed.notify_all();
+        self.told_progress();
     }
 
     /// Whether the watch is live (status and tests).
@@ -283,7 +299,9 @@ impl Coherence {
                 reads.in_flight = false;
                 reads.finished = mine;
                 reads.last = Some(out);
-                self.read_done.notify_all();
+                drop(reads);
+                self.told_read();
+                reads = lock(&self.reads);
                 continue;
             }
             let now = Instant::now();
@@ -295,6 +313,112 @@ impl Coherence {
                 .wait_timeout(reads, deadline - now)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
+        }
+    }
+}
+
+impl Coherence {
+    /// [`Coherence::fence`] for async callers: the same rule, waiting
+    /// without holding a thread (a request on a runtime worker would
+    /// otherwise park that thread for the round trip; 64 requests in flight
+    /// were 64 parked threads). `read_epoch` is called at most once, when
+    /// this caller is the one to issue the shared read.
+    pub async fn fence_async<F, Fut>(&self, read_epoch: F) -> bool
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<i64, StorageError>>,
+    {
+        let deadline = tokio::time::Instant::now() + FENCE_WAIT;
+        let Some(needed) = self.shared_read_async(read_epoch, deadline).await else {
+            return false;
+        };
+        loop {
+            let told = self.progressed_async.notified();
+            tokio::pin!(told);
+            // Registered before the check, so a delivery between the check
+            // and the wait still wakes it.
+            told.as_mut().enable();
+            {
+                let progress = lock(&self.progress);
+                if progress.live && progress.delivered >= needed {
+                    return true;
+                }
+            }
+            if tokio::time::timeout_at(deadline, told).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// [`Coherence::shared_read`] for async callers; the two share one
+    /// count of reads, so a read either issues serves both.
+    async fn shared_read_async<F, Fut>(
+        &self,
+        read_epoch: F,
+        deadline: tokio::time::Instant,
+    ) -> Option<i64>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<i64, StorageError>>,
+    {
+        let ticket = lock(&self.reads).issued + 1;
+        let mut read_epoch = Some(read_epoch);
+        loop {
+            let told = self.read_done_async.notified();
+            tokio::pin!(told);
+            told.as_mut().enable();
+            let mine = {
+                let mut reads = lock(&self.reads);
+                if reads.finished >= ticket {
+                    return reads.last.clone().and_then(Result::ok);
+                }
+                match (reads.in_flight, read_epoch.take()) {
+                    (false, Some(read)) => {
+                        reads.in_flight = true;
+                        reads.issued += 1;
+                        Some((reads.issued, read))
+                    }
+                    (_, read) => {
+                        read_epoch = read;
+                        None
+                    }
+                }
+            };
+            if let Some((mine, read)) = mine {
+                // Cleared however this ends, so that a cancelled request
+                // does not leave the others waiting for a read nobody makes.
+                let mut flight = InFlight {
+                    coherence: self,
+                    done: false,
+                };
+                let out = read().await.map_err(|e| e.to_string());
+                flight.done = true;
+                let mut reads = lock(&self.reads);
+                reads.in_flight = false;
+                reads.finished = mine;
+                reads.last = Some(out);
+                drop(reads);
+                self.told_read();
+                continue;
+            }
+            if tokio::time::timeout_at(deadline, told).await.is_err() {
+                return None;
+            }
+        }
+    }
+}
+
+/// Clears `in_flight` when an async shared read is dropped before it ended.
+struct InFlight<'a> {
+    coherence: &'a Coherence,
+    done: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            lock(&self.coherence.reads).in_flight = false;
+            self.coherence.told_read();
         }
     }
 }
@@ -391,5 +515,115 @@ mod tests {
         gate_tx.send(()).unwrap();
         assert_eq!(a.join().unwrap(), Some(1));
         assert_eq!(b.join().unwrap(), Some(2));
+    }
+
+    fn epoch_reader(
+        epoch: &Arc<AtomicI64>,
+    ) -> impl FnOnce() -> std::future::Ready<Result<i64, StorageError>> {
+        let value = epoch.load(Ordering::SeqCst);
+        move || std::future::ready(Ok(value))
+    }
+
+    /// The async fence says yes and no exactly where the blocking one does
+    /// (paused time: its bound passes at once when nothing else can happen).
+    #[tokio::test(start_paused = true)]
+    async fn the_async_fence_keeps_the_blocking_ones_rule() {
+        let c = Coherence::new();
+        let epoch = Arc::new(AtomicI64::new(0));
+        assert!(!c.fence_async(epoch_reader(&epoch)).await, "no watch yet");
+        c.reset(5);
+        assert!(c.fence_async(epoch_reader(&epoch)).await);
+        epoch.store(7, Ordering::SeqCst);
+        assert!(
+            !c.fence_async(epoch_reader(&epoch)).await,
+            "only 5 delivered"
+        );
+        c.deliver(7, Vec::new());
+        assert!(c.fence_async(epoch_reader(&epoch)).await);
+        c.down();
+        assert!(!c.fence_async(epoch_reader(&epoch)).await);
+    }
+
+    /// A delivery that comes while a request waits for it wakes the request.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_async_fence_wakes_when_the_watch_catches_up() {
+        let c = Arc::new(Coherence::new());
+        c.reset(5);
+        let epoch = Arc::new(AtomicI64::new(9));
+        let waiting = {
+            let (c, epoch) = (c.clone(), epoch.clone());
+            tokio::spawn(async move { c.fence_async(epoch_reader(&epoch)).await })
+        };
+        // Delivered only once the request has read the epoch (its read is
+        // counted as finished).
+        while lock(&c.reads).finished == 0 {
+            tokio::task::yield_now().await;
+        }
+        c.deliver(9, Vec::new());
+        assert!(waiting.await.unwrap());
+    }
+
+    /// As the blocking `a_read_in_flight_at_the_start_is_not_used`: a request
+    /// that starts while a read is out takes the next read's answer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_async_read_in_flight_at_the_start_is_not_used() {
+        let c = Arc::new(Coherence::new());
+        c.reset(100);
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let a = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + FENCE_WAIT * 5;
+                c.shared_read_async(
+                    || async move {
+                        released.await.unwrap();
+                        Ok(1)
+                    },
+                    deadline,
+                )
+                .await
+            })
+        };
+        while lock(&c.reads).issued != 1 {
+            tokio::task::yield_now().await;
+        }
+        let b = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + FENCE_WAIT * 5;
+                c.shared_read_async(|| std::future::ready(Ok(2)), deadline)
+                    .await
+            })
+        };
+        // B has taken its ticket once it waits; give it the chance, then let
+        // A's read finish. Whenever B started, A's read was out before it.
+        tokio::task::yield_now().await;
+        release.send(()).unwrap();
+        assert_eq!(a.await.unwrap(), Some(1));
+        assert_eq!(b.await.unwrap(), Some(2));
+    }
+
+    /// A request dropped while its shared read is out (its client went away)
+    /// does not leave the others waiting for a read nobody makes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_async_read_does_not_hold_up_the_others() {
+        let c = Arc::new(Coherence::new());
+        c.reset(3);
+        let stuck = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                c.fence_async(std::future::pending::<Result<i64, StorageError>>)
+                    .await
+            })
+        };
+        while !lock(&c.reads).in_flight {
+            tokio::task::yield_now().await;
+        }
+        stuck.abort();
+        assert!(stuck.await.unwrap_err().is_cancelled());
+        assert!(!lock(&c.reads).in_flight);
+        // The next request reads for itself (a stuck flag would leave it
+        // waiting out its bound and saying no).
+        assert!(c.fence_async(|| std::future::ready(Ok(3))).await);
     }
 }

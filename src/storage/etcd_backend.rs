@@ -120,6 +120,7 @@ use etcd_client::{
 
 use super::cluster::{self, Fence};
 use super::coherence::Coherence;
+use super::etcd_combine::{Combiner, Write, WriteHold};
 use super::read_cache::{ReadCache, ReadCacheFigures, ReadCacheMetrics};
 use super::{
     format, Backend, BatchOp, CasOutcome, EtcdOptions, Expected, ExportSink, KeyValues,
@@ -160,7 +161,7 @@ const NOT_SENT: &str = "an etcd member could not be reached, the request was not
 const NO_LEADER: &str = "etcd has no leader";
 /// Which failed requests `call` sends again (see the module doc).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Resend {
+pub(super) enum Resend {
     /// A read (or a request harmless to send twice): after any failure
     /// that means etcd could not answer.
     Read,
@@ -212,6 +213,9 @@ pub struct EtcdBackend {
     read_cache: std::sync::Arc<ReadCache>,
     /// Requests sent to etcd by `call` (each try counts): round trips.
     sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Gathers concurrent unfenced writes into one transaction
+    /// (`etcd_combine`); set once the runtime runs.
+    combiner: Option<Combiner>,
 }
 
 impl std::fmt::Debug for EtcdBackend {
@@ -235,7 +239,7 @@ impl Drop for EtcdBackend {
 /// that could not be reached, one without a leader (quorum lost, or an
 /// election under way), or no answer in time. Only the last may have
 /// applied a write, and its message says so.
-fn etcd_error(operation: &'static str, error: etcd_client::Error) -> StorageError {
+pub(super) fn etcd_error(operation: &'static str, error: etcd_client::Error) -> StorageError {
     if let etcd_client::Error::GRpcStatus(status) = &error {
         let message = status.message();
         if message.contains("database space exceeded") || message.contains("NOSPACE") {
@@ -379,7 +383,7 @@ impl EtcdBackend {
         });
         let client = wait(rx)?.map_err(|e| etcd_error("connect", e))?;
         let prefix = options.prefix.as_bytes();
-        let backend = Self {
+        let mut backend = Self {
             client,
             runtime: Some(runtime),
             data: [prefix, DATA].concat(),
@@ -393,7 +397,15 @@ impl EtcdBackend {
                 options.read_cache_entries,
             )),
             sent: std::sync::Arc::default(),
+            combiner: None,
         };
+        if let Some(runtime) = &backend.runtime {
+            backend.combiner = Some(Combiner::start(
+                runtime.handle(),
+                backend.sender(),
+                backend.epoch_key.clone(),
+            ));
+        }
         backend.check_format()?;
         if let Some(runtime) = &backend.runtime {
             runtime.spawn(super::etcd_watch::run(super::etcd_watch::Feed {
@@ -427,77 +439,65 @@ impl EtcdBackend {
         F: FnOnce(Client) -> Fut + Clone + Send + 'static,
         Fut: std::future::Future<Output = Result<T, StorageError>> + Send + 'static,
     {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.start(operation, resend, work, move |out| {
+            let _ = tx.send(out);
+        })?;
+        wait(rx)?
+    }
+
+    /// [`Self::call`] for async callers: the same request, retries and
+    /// deadline, awaited instead of waited for on a parked thread.
+    async fn call_async<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        resend: Resend,
+        work: F,
+    ) -> Result<T, StorageError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Client) -> Fut + Clone + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, StorageError>> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.start(operation, resend, work, move |out| {
+            let _ = tx.send(out);
+        })?;
+        match tokio::time::timeout(WAIT_BOUND, rx).await {
+            Ok(Ok(out)) => out,
+            _ => Err(no_answer()),
+        }
+    }
+
+    /// Spawns `work` on the backend's runtime with the retries and deadline
+    /// of [`Self::call`]; `reply` gets the outcome there.
+    fn start<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        resend: Resend,
+        work: F,
+        reply: impl FnOnce(Result<T, StorageError>) + Send + 'static,
+    ) -> Result<(), StorageError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Client) -> Fut + Clone + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, StorageError>> + Send + 'static,
+    {
         let runtime = self
             .runtime
             .as_ref()
             .ok_or_else(|| StorageError::Io("etcd: the backend is closed".into()))?;
-        let (tx, rx) = mpsc::sync_channel(1);
-        let client = self.client.clone();
-        let lost = self.lost.clone();
-        let sent = self.sent.clone();
-        runtime.spawn(async move {
-            let started = tokio::time::Instant::now();
-            let deadline = started + CALL_DEADLINE;
-            let known_lost = lock(&lost).is_some_and(|at| at.elapsed() < RIDE_OUT);
-            let mut tries = 0u64;
-            let out = loop {
-                sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let attempt = (work.clone())(client.clone());
-                let bound = match resend {
-                    Resend::Read => deadline.min(tokio::time::Instant::now() + READ_TRY),
-                    Resend::IfNotApplied => deadline,
-                };
-                let result = match tokio::time::timeout_at(bound, attempt).await {
-                    Ok(result) => result,
-                    // A read that hung: sent again while the deadline allows.
-                    Err(_) if tokio::time::Instant::now() < deadline => {
-                        Err(StorageError::Unavailable(format!(
-                            "{operation}: etcd did not answer within {} s",
-                            READ_TRY.as_secs()
-                        )))
-                    }
-                    Err(_) => {
-                        *lock(&lost) = Some(tokio::time::Instant::now());
-                        break Err(past_deadline(operation, resend));
-                    }
-                };
-                match result {
-                    Err(StorageError::Unavailable(message)) if resend.allows(&message) => {
-                        if !Resend::IfNotApplied.allows(&message) {
-                            // A read that met a member as it died (rare):
-                            // logged so that an operator (and the tests)
-                            // can see it was answered by another member.
-                            tracing::info!(operation, reason = %message, "etcd read sent again");
-                        }
-                        if known_lost || started.elapsed() >= RIDE_OUT {
-                            *lock(&lost) = Some(tokio::time::Instant::now());
-                            let retried = if known_lost {
-                                "tried once, as no request has succeeded since the last ran \
-                                 out of retries"
-                                    .to_owned()
-                            } else {
-                                format!("still so after {} s of retries", RIDE_OUT.as_secs())
-                            };
-                            break Err(StorageError::Unavailable(format!(
-                                "{message}; {retried}: the etcd cluster has lost its quorum \
-                                 or cannot be reached"
-                            )));
-                        }
-                        tries += 1;
-                        let pause = Duration::from_millis((20 * tries).min(250));
-                        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                        tokio::time::sleep(pause.min(left)).await;
-                    }
-                    Ok(answer) => {
-                        *lock(&lost) = None;
-                        break Ok(answer);
-                    }
-                    other => break other,
-                }
-            };
-            let _ = tx.send(out);
-        });
-        wait(rx)?
+        let sender = self.sender();
+        runtime.spawn(async move { reply(sender.send(operation, resend, work).await) });
+        Ok(())
+    }
+
+    fn sender(&self) -> Sender {
+        Sender {
+            client: self.client.clone(),
+            lost: self.lost.clone(),
+            sent: self.sent.clone(),
+        }
     }
 
     fn data_key(&self, key: &[u8]) -> Vec<u8> {
@@ -709,43 +709,169 @@ impl EtcdBackend {
         })
     }
 
+    /// [`Self::read_epoch`] for async callers.
+    async fn read_epoch_async(&self) -> Result<i64, StorageError> {
+        let _timer = self.time("cache_fence");
+        let key = self.epoch_key.clone();
+        self.call_async("cache fence", Resend::Read, move |mut client| async move {
+            let answer = client
+                .get(key, Some(GetOptions::new().with_keys_only()))
+                .await
+                .map_err(|e| etcd_error("cache fence", e))?;
+            Ok(answer.kvs().first().map_or(0, |kv| kv.mod_revision()))
+        })
+        .await
+    }
+
     /// The transaction operations of `ops`, with the epoch bump when one of
     /// them is under a tracked prefix.
     fn write_ops(&self, ops: Vec<BatchOp>) -> Vec<TxnOp> {
-        let bump = self.bumps(&ops);
-        let mut txn_ops: Vec<TxnOp> = ops
-            .into_iter()
-            .map(|op| match op {
-                BatchOp::Put(key, value) => TxnOp::put(self.data_key(&key), value, None),
-                BatchOp::Delete(key) => TxnOp::delete(self.data_key(&key), None),
-            })
-            .collect();
-        if bump {
+        let write = self.unguarded(ops, "batch");
+        let mut txn_ops = write.ops;
+        if write.bump {
             txn_ops.push(self.epoch_op());
         }
         txn_ops
     }
 
-    /// Sends `ops` (within the limits) as one transaction.
+    /// `ops` as a write for the combiner, with nothing compared.
+    fn unguarded(&self, ops: Vec<BatchOp>, operation: &'static str) -> Write {
+        let bump = self.bumps(&ops);
+        let bytes = ops.iter().map(op_bytes).sum();
+        let mut keys = Vec::with_capacity(ops.len());
+        let ops = ops
+            .into_iter()
+            .map(|op| match op {
+                BatchOp::Put(key, value) => {
+                    let key = self.data_key(&key);
+                    keys.push(key.clone());
+                    TxnOp::put(key, value, None)
+                }
+                BatchOp::Delete(key) => {
+                    let key = self.data_key(&key);
+                    keys.push(key.clone());
+                    TxnOp::delete(key, None)
+                }
+            })
+            .collect();
+        Write {
+            operation,
+            compares: Vec::new(),
+            ops,
+            bump,
+            keys,
+            bytes,
+        }
+    }
+
+    /// Sends `write` through the combiner and waits for its outcome:
+    /// applied at a revision, or a comparison failed.
+    fn combined(&self, write: Write) -> Result<Option<i64>, StorageError> {
+        let combiner = self
+            .combiner
+            .as_ref()
+            .ok_or_else(|| StorageError::Io("etcd: the backend is closed".into()))?;
+        let (tx, rx) = mpsc::sync_channel(1);
+        combiner.submit(write, move |out| {
+            let _ = tx.send(out);
+        })?;
+        wait(rx)?
+    }
+
+    /// Sends `ops` (within the limits) as one transaction (gathered with
+    /// other writes when no fence applies: `etcd_combine`).
     fn txn(&self, ops: Vec<BatchOp>, operation: &'static str) -> Result<(), StorageError> {
         if ops.is_empty() {
             return Ok(());
         }
-        let txn_ops = self.write_ops(ops);
         if let Some(fence) = cluster::current() {
-            return self.fenced(txn_ops, fence, operation);
+            return self.fenced(self.write_ops(ops), fence, operation);
         }
-        self.call(
-            operation,
-            Resend::IfNotApplied,
-            move |mut client| async move {
-                client
-                    .txn(Txn::new().and_then(txn_ops))
-                    .await
-                    .map_err(|e| etcd_error(operation, e))?;
-                Ok(())
-            },
-        )
+        self.combined(self.unguarded(ops, operation)).map(|_| ())
+    }
+}
+
+/// What sends requests to etcd: the client, and the state its retries
+/// share (see [`EtcdBackend::call`]). Cloned into tasks on the backend's
+/// runtime (`start`, the write combiner).
+#[derive(Clone)]
+pub(super) struct Sender {
+    client: Client,
+    lost: std::sync::Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Sender {
+    /// Sends `work` with the retries and deadline of [`EtcdBackend::call`].
+    pub(super) async fn send<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        resend: Resend,
+        work: F,
+    ) -> Result<T, StorageError>
+    where
+        F: FnOnce(Client) -> Fut + Clone,
+        Fut: std::future::Future<Output = Result<T, StorageError>>,
+    {
+        let started = tokio::time::Instant::now();
+        let deadline = started + CALL_DEADLINE;
+        let known_lost = lock(&self.lost).is_some_and(|at| at.elapsed() < RIDE_OUT);
+        let mut tries = 0u64;
+        loop {
+            self.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let attempt = (work.clone())(self.client.clone());
+            let bound = match resend {
+                Resend::Read => deadline.min(tokio::time::Instant::now() + READ_TRY),
+                Resend::IfNotApplied => deadline,
+            };
+            let result = match tokio::time::timeout_at(bound, attempt).await {
+                Ok(result) => result,
+                // A read that hung: sent again while the deadline allows.
+                Err(_) if tokio::time::Instant::now() < deadline => {
+                    Err(StorageError::Unavailable(format!(
+                        "{operation}: etcd did not answer within {} s",
+                        READ_TRY.as_secs()
+                    )))
+                }
+                Err(_) => {
+                    *lock(&self.lost) = Some(tokio::time::Instant::now());
+                    break Err(past_deadline(operation, resend));
+                }
+            };
+            match result {
+                Err(StorageError::Unavailable(message)) if resend.allows(&message) => {
+                    if !Resend::IfNotApplied.allows(&message) {
+                        // A read that met a member as it died (rare):
+                        // logged so that an operator (and the tests)
+                        // can see it was answered by another member.
+                        tracing::info!(operation, reason = %message, "etcd read sent again");
+                    }
+                    if known_lost || started.elapsed() >= RIDE_OUT {
+                        *lock(&self.lost) = Some(tokio::time::Instant::now());
+                        let retried = if known_lost {
+                            "tried once, as no request has succeeded since the last ran \
+                             out of retries"
+                                .to_owned()
+                        } else {
+                            format!("still so after {} s of retries", RIDE_OUT.as_secs())
+                        };
+                        break Err(StorageError::Unavailable(format!(
+                            "{message}; {retried}: the etcd cluster has lost its quorum \
+                             or cannot be reached"
+                        )));
+                    }
+                    tries += 1;
+                    let pause = Duration::from_millis((20 * tries).min(250));
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    tokio::time::sleep(pause.min(left)).await;
+                }
+                Ok(answer) => {
+                    *lock(&self.lost) = None;
+                    break Ok(answer);
+                }
+                other => break other,
+            }
+        }
     }
 }
 
@@ -766,17 +892,17 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// No answer came back from the backend's runtime within `WAIT_BOUND`.
+fn no_answer() -> StorageError {
+    StorageError::Unavailable(
+        "etcd: no answer from the etcd client in time; a write may or may not have been applied"
+            .into(),
+    )
+}
+
 /// Waits for an answer from the backend's runtime (see the module doc).
 fn wait<T>(rx: mpsc::Receiver<T>) -> Result<T, StorageError> {
-    let receive = || {
-        rx.recv_timeout(WAIT_BOUND).map_err(|_| {
-            StorageError::Unavailable(
-                "etcd: no answer from the etcd client in time; a write may or may not have \
-                 been applied"
-                    .into(),
-            )
-        })
-    };
+    let receive = || rx.recv_timeout(WAIT_BOUND).map_err(|_| no_answer());
     match tokio::runtime::Handle::try_current() {
         Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
             tokio::task::block_in_place(receive)
@@ -801,6 +927,19 @@ impl EtcdBackend {
                 (kv.into_key_value().1, revision)
             }))
         })
+    }
+
+    /// Stops the write combiner from sending until the guard is dropped
+    /// (tests: writes queued meanwhile go together; `etcd_combine`).
+    #[doc(hidden)]
+    pub fn hold_writes(&self) -> Option<WriteHold> {
+        self.combiner.as_ref().map(Combiner::hold)
+    }
+
+    /// Writes waiting in the combiner (tests, with [`Self::hold_writes`]).
+    #[doc(hidden)]
+    pub fn writes_queued(&self) -> usize {
+        self.combiner.as_ref().map_or(0, Combiner::queued)
     }
 
     /// The read cache's metrics, for `/metrics`.
@@ -861,43 +1000,12 @@ impl Backend for EtcdBackend {
             )));
         }
         let _timer = self.time("put");
-        if self.coherence.tracks(key) {
-            return self.txn(vec![BatchOp::Put(key.to_vec(), value.to_vec())], "put");
-        }
-        let key = self.data_key(key);
-        let value = value.to_vec();
-        if let Some(fence) = cluster::current() {
-            return self.fenced(vec![TxnOp::put(key, value, None)], fence, "put");
-        }
-        self.call("put", Resend::IfNotApplied, move |mut client| async move {
-            client
-                .put(key, value, None)
-                .await
-                .map_err(|e| etcd_error("put", e))?;
-            Ok(())
-        })
+        self.txn(vec![BatchOp::Put(key.to_vec(), value.to_vec())], "put")
     }
 
     fn delete(&self, key: &[u8]) -> Result<(), StorageError> {
         let _timer = self.time("delete");
-        if self.coherence.tracks(key) {
-            return self.txn(vec![BatchOp::Delete(key.to_vec())], "delete");
-        }
-        let key = self.data_key(key);
-        if let Some(fence) = cluster::current() {
-            return self.fenced(vec![TxnOp::delete(key, None)], fence, "delete");
-        }
-        self.call(
-            "delete",
-            Resend::IfNotApplied,
-            move |mut client| async move {
-                client
-                    .delete(key, None)
-                    .await
-                    .map_err(|e| etcd_error("delete", e))?;
-                Ok(())
-            },
-        )
+        self.txn(vec![BatchOp::Delete(key.to_vec())], "delete")
     }
 
     fn scan_prefix(&self, prefix: &[u8]) -> Result<KeyValues, StorageError> {
@@ -1032,10 +1140,12 @@ impl Backend for EtcdBackend {
                 _ => None,
             })
             .collect();
-        let mut compares: Vec<Compare> = expect
+        let mut compared = Vec::with_capacity(expect.len());
+        let compares: Vec<Compare> = expect
             .into_iter()
             .map(|(key, value)| {
                 let key = self.data_key(&key);
+                compared.push(key.clone());
                 match value {
                     Some(value) => Compare::value(key, CompareOp::Equal, value),
                     None => Compare::version(key, CompareOp::Equal, 0),
@@ -1043,45 +1153,16 @@ impl Backend for EtcdBackend {
             })
             .collect();
         let fence = cluster::current();
-        let mut otherwise = Vec::new();
-        if let Some(fence) = &fence {
-            compares.push(fence_compare(fence));
-            otherwise.push(TxnOp::get(fence.key.clone(), None));
-        }
-        let term = fence.as_ref().map(|f| f.revision);
-        let txn_ops = self.write_ops(ops);
-        let written = self.call(
-            "batch_if",
-            Resend::IfNotApplied,
-            move |mut client| async move {
-                let answer = client
-                    .txn(
-                        Txn::new()
-                            .when(compares)
-                            .and_then(txn_ops)
-                            .or_else(otherwise),
-                    )
-                    .await
-                    .map_err(|e| etcd_error("batch_if", e))?;
-                if answer.succeeded() {
-                    return Ok(Some(answer.header().map_or(0, |h| h.revision())));
-                }
-                if let Some(revision) = term {
-                    let holder = answer
-                        .op_responses()
-                        .into_iter()
-                        .find_map(|r| match r {
-                            TxnOpResponse::Get(mut get) => get.take_kvs().into_iter().next(),
-                            _ => None,
-                        })
-                        .map(|kv| kv.create_revision());
-                    if holder != Some(revision) {
-                        return Err(fenced_error("batch_if"));
-                    }
-                }
-                Ok(None)
-            },
-        )?;
+        let written = match fence {
+            None => {
+                let mut write = self.unguarded(ops, "batch_if");
+                write.compares = compares;
+                write.keys.extend(compared);
+                write.bytes = bytes;
+                self.combined(write)?
+            }
+            Some(fence) => self.fenced_if(compares, ops, fence)?,
+        };
         let Some(revision) = written else {
             return Ok(false);
         };
@@ -1152,6 +1233,10 @@ impl Backend for EtcdBackend {
             }
             _ => fence(),
         }
+    }
+
+    fn cache_fence_async(&self) -> super::FenceFuture<'_> {
+        Box::pin(self.coherence.fence_async(|| self.read_epoch_async()))
     }
 }
 
@@ -1261,6 +1346,51 @@ impl EtcdBackend {
         self.runtime
             .as_ref()
             .map(|runtime| (self.client.clone(), runtime.handle().clone()))
+    }
+
+    /// `batch_if` under a leader's fence: the same transaction also
+    /// compares the leader key, and on failure reads it to tell a lost term
+    /// (an error) from a failed comparison.
+    fn fenced_if(
+        &self,
+        mut compares: Vec<Compare>,
+        ops: Vec<BatchOp>,
+        fence: Fence,
+    ) -> Result<Option<i64>, StorageError> {
+        compares.push(fence_compare(&fence));
+        let otherwise = vec![TxnOp::get(fence.key.clone(), None)];
+        let term = fence.revision;
+        let txn_ops = self.write_ops(ops);
+        self.call(
+            "batch_if",
+            Resend::IfNotApplied,
+            move |mut client| async move {
+                let answer = client
+                    .txn(
+                        Txn::new()
+                            .when(compares)
+                            .and_then(txn_ops)
+                            .or_else(otherwise),
+                    )
+                    .await
+                    .map_err(|e| etcd_error("batch_if", e))?;
+                if answer.succeeded() {
+                    return Ok(Some(answer.header().map_or(0, |h| h.revision())));
+                }
+                let holder = answer
+                    .op_responses()
+                    .into_iter()
+                    .find_map(|r| match r {
+                        TxnOpResponse::Get(mut get) => get.take_kvs().into_iter().next(),
+                        _ => None,
+                    })
+                    .map(|kv| kv.create_revision());
+                if holder != Some(term) {
+                    return Err(fenced_error("batch_if"));
+                }
+                Ok(None)
+            },
+        )
     }
 
     /// Sends `ops` as one transaction that applies only while `fence`'s

@@ -23,6 +23,8 @@ pub mod coherence;
 #[cfg(feature = "etcd")]
 mod etcd_backend;
 #[cfg(feature = "etcd")]
+mod etcd_combine;
+#[cfg(feature = "etcd")]
 mod etcd_compact;
 #[cfg(feature = "etcd")]
 mod etcd_leader;
@@ -38,6 +40,8 @@ mod sled_backend;
 pub use etcd_backend::EtcdBackend;
 #[cfg(feature = "etcd")]
 pub use etcd_backend::RequestDurations as EtcdRequestDurations;
+#[cfg(feature = "etcd")]
+pub use etcd_combine::WriteHold;
 #[cfg(feature = "etcd")]
 pub use etcd_leader::EtcdLeadership;
 pub use etcd_options::EtcdOptions;
@@ -72,6 +76,9 @@ pub enum StorageError {
     )]
     NewerFormat { found: u32, supported: u32 },
 }
+
+/// What [`Backend::cache_fence_async`] returns.
+pub type FenceFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>>;
 
 /// Where `Backend::export` hands each pair.
 pub type ExportSink<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), StorageError> + 'a;
@@ -158,6 +165,12 @@ pub trait Backend: Send + Sync + 'static {
     /// writes empty its caches); on a shared one, see `coherence`.
     fn cache_fence(&self) -> bool {
         !self.is_shared()
+    }
+    /// [`Backend::cache_fence`] for async callers, waiting without holding
+    /// a thread. Only called on a shared store (a store one process owns
+    /// needs no wait: see [`Backend::cache_fence`]).
+    fn cache_fence_async(&self) -> FenceFuture<'_> {
+        Box::pin(std::future::ready(self.cache_fence()))
     }
     /// Reads `key` for a request whose [`Backend::cache_fence`] said
     /// `fresh`: on a shared store with a read cache over the key's prefix

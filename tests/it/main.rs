@@ -37,6 +37,8 @@ mod etcd_cluster;
 #[cfg(feature = "etcd")]
 mod etcd_compaction;
 #[cfg(feature = "etcd")]
+mod etcd_gather;
+#[cfg(feature = "etcd")]
 #[path = "../support/etcd_kit.rs"]
 #[allow(dead_code)]
 mod etcd_kit;

@@ -237,7 +237,12 @@ impl Call {
             }
             let authenticated = match call.token.as_deref() {
                 None => Err(AuthError::MissingToken),
-                Some(token) => core.gate.authenticate(token, call.source.map(|s| s.ip())),
+                Some(token) => {
+                    // The cache fence is taken here, at the request's start,
+                    // without holding a runtime thread while etcd answers.
+                    let fresh = core.barrier.cache_fence_async().await;
+                    (core.gate).authenticate_fenced(token, call.source.map(|s| s.ip()), fresh)
+                }
             };
             let caller = match authenticated {
                 Ok(caller) => caller,
