@@ -28,7 +28,8 @@
 //! before and after; at the end the history is compacted and every member
 //! defragmented, and the database size read again.
 //!
-//! `BENCH_READ_CACHE=0` turns the read cache of secrets off.
+//! `BENCH_READ_CACHE=0` turns the read cache of secrets off;
+//! `BENCH_FENCE_INTERVAL_US=N` sets `storage.etcd.fence_interval_us` (2000 by default).
 //!
 //! Prints one line per phase, one `sizing` line per kind, then one `summary`
 //! line with the ratios (`get/noop`, keyward write / OpenBao write) and the
@@ -425,6 +426,14 @@ mod bench {
             etcd_options.read_cache_bytes = 0;
             println!("read cache: off (BENCH_READ_CACHE=0)");
         }
+        if let Ok(us) = std::env::var("BENCH_FENCE_INTERVAL_US") {
+            let us: u64 = us.parse().expect("BENCH_FENCE_INTERVAL_US: microseconds");
+            etcd_options.fence_interval = Duration::from_micros(us);
+        }
+        println!(
+            "fence interval: {} us",
+            etcd_options.fence_interval.as_micros()
+        );
         let config = ServerConfig {
             tls: Some(TlsConfig {
                 cert: certs.server.clone(),

@@ -158,11 +158,29 @@ fn parse_storage_backend(src: &dyn Source, base: &Path) -> Result<StorageBackend
                     "storage.etcd.read_cache_entries",
                     crate::storage::read_cache::DEFAULT_MAX_ENTRIES,
                 )?,
+                fence_interval: fence_interval(src.get("storage.etcd.fence_interval_us"))?,
             }))
         }
         Some(_) => Err(ConfigError::Invalid(
             "storage.backend".into(),
             "expected sled or etcd",
+        )),
+    }
+}
+
+/// `storage.etcd.fence_interval_us`: microseconds, 0 to 100,000.
+fn fence_interval(value: Option<String>) -> Result<std::time::Duration, ConfigError> {
+    use crate::storage::etcd_options::{DEFAULT_FENCE_INTERVAL, MAX_FENCE_INTERVAL};
+    let Some(value) = value else {
+        return Ok(DEFAULT_FENCE_INTERVAL);
+    };
+    match value.parse::<u64>() {
+        Ok(us) if u128::from(us) <= MAX_FENCE_INTERVAL.as_micros() => {
+            Ok(std::time::Duration::from_micros(us))
+        }
+        _ => Err(ConfigError::Invalid(
+            "storage.etcd.fence_interval_us".into(),
+            "expected whole microseconds from 0 to 100000 (0: no pause between fence reads)",
         )),
     }
 }
@@ -561,6 +579,10 @@ pub const KEYS: &[(&str, &str)] = &[
         "storage.etcd.read_cache_entries",
         "KEYWARD_STORAGE_ETCD_READ_CACHE_ENTRIES",
     ),
+    (
+        "storage.etcd.fence_interval_us",
+        "KEYWARD_STORAGE_ETCD_FENCE_INTERVAL_US",
+    ),
     ("cluster.node_id", "KEYWARD_CLUSTER_NODE_ID"),
 ];
 
@@ -820,6 +842,22 @@ mod tests {
             etcd(&[("storage.etcd.compact_retain", "off")]),
             Err(ConfigError::Invalid(key, _)) if key == "storage.etcd.compact_retain"
         ));
+        // The fence interval: 2 ms by default, whole microseconds up to 0.1 s.
+        assert_eq!(defaults.fence_interval, std::time::Duration::from_millis(2));
+        for (text, us) in [("0", 0), ("500", 500), ("100000", 100_000)] {
+            assert_eq!(
+                etcd(&[("storage.etcd.fence_interval_us", text)])
+                    .unwrap()
+                    .fence_interval,
+                std::time::Duration::from_micros(us)
+            );
+        }
+        for bad in ["100001", "-1", "2ms", ""] {
+            assert!(matches!(
+                etcd(&[("storage.etcd.fence_interval_us", bad)]),
+                Err(ConfigError::Invalid(key, _)) if key == "storage.etcd.fence_interval_us"
+            ));
+        }
     }
 
     #[test]

@@ -20,6 +20,15 @@
 //!    it, and an entry read before that write cannot be inserted afterwards
 //!    (the owners insert under a generation that every removal bumps).
 //!
+//! The async fence of a request (`fence_async`, the one the request seam
+//! takes) sends its shared reads at least an *interval* apart
+//! (`storage.etcd.fence_interval_us`, 2 ms by default): a read is still
+//! issued only after the request began, so the rule above holds; a busy
+//! node waits up to one interval longer per request and sends at most one
+//! read per interval. The number that counts a read as issued is taken
+//! when it is sent, after that pause, so every request that arrived during
+//! the pause is served by it.
+//!
 //! While the watch is down (error, compaction, restart) the fence says no
 //! and requests read the store. A new watch starts at a revision read
 //! *before* the caches are emptied, so nothing read afterwards can miss an
@@ -79,6 +88,8 @@ struct Reads {
     in_flight: bool,
     /// The result of read number `finished`.
     last: Option<Result<i64, String>>,
+    /// When the last async read was sent (see `interval`).
+    last_issued: Option<tokio::time::Instant>,
 }
 
 /// See the module doc.
@@ -92,6 +103,9 @@ pub struct Coherence {
     /// The async fence's wake-ups, told whenever the condvars are.
     progressed_async: Notify,
     read_done_async: Notify,
+    /// The least time between two async epoch reads (see
+    /// [`Coherence::with_interval`]).
+    interval: Duration,
 }
 
 impl std::fmt::Debug for Coherence {
@@ -123,6 +137,20 @@ impl Drop for Hold<'_> {
 impl Coherence {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A coherence whose async fence sends its shared epoch reads at least
+    /// `interval` apart (`storage.etcd.fence_interval_us`). A request that
+    /// arrives within `interval` of the last read waits for the next one a
+    /// little longer (at most `interval`); in exchange a busy node sends at
+    /// most one read per `interval` to etcd's leader, however many requests
+    /// it serves (each read is a linearizable read: a heartbeat round of the
+    /// etcd members). A request after a quiet spell reads at once.
+    pub fn with_interval(interval: Duration) -> Self {
+        Self {
+            interval,
+            ..Self::default()
+        }
     }
 
     /// Registers a cache fed from `prefix` (a barrier key prefix such as
@@ -375,8 +403,7 @@ impl Coherence {
                 match (reads.in_flight, read_epoch.take()) {
                     (false, Some(read)) => {
                         reads.in_flight = true;
-                        reads.issued += 1;
-                        Some((reads.issued, read))
+                        Some((reads.last_issued.map(|at| at + self.interval), read))
                     }
                     (_, read) => {
                         read_epoch = read;
@@ -384,12 +411,21 @@ impl Coherence {
                     }
                 }
             };
-            if let Some((mine, read)) = mine {
+            if let Some((not_before, read)) = mine {
                 // Cleared however this ends, so that a cancelled request
                 // does not leave the others waiting for a read nobody makes.
                 let mut flight = InFlight {
                     coherence: self,
                     done: false,
+                };
+                if let Some(at) = not_before {
+                    tokio::time::sleep_until(at).await;
+                }
+                let mine = {
+                    let mut reads = lock(&self.reads);
+                    reads.issued += 1;
+                    reads.last_issued = Some(tokio::time::Instant::now());
+                    reads.issued
                 };
                 let out = read().await.map_err(|e| e.to_string());
                 flight.done = true;
@@ -625,5 +661,35 @@ mod tests {
         // The next request reads for itself (a stuck flag would leave it
         // waiting out its bound and saying no).
         assert!(c.fence_async(|| std::future::ready(Ok(3))).await);
+    }
+
+    /// Reads of the async fence go at least the interval apart; whoever
+    /// arrived during the pause is served by the next read; after a quiet
+    /// spell a request reads at once (paused time: exact instants).
+    #[tokio::test(start_paused = true)]
+    async fn async_reads_go_an_interval_apart_and_serve_who_came_meanwhile() {
+        let c = Coherence::with_interval(Duration::from_millis(2));
+        c.reset(1);
+        let sent = Arc::new(Mutex::new(Vec::<tokio::time::Instant>::new()));
+        let reader = |sent: &Arc<Mutex<Vec<tokio::time::Instant>>>| {
+            let sent = sent.clone();
+            move || {
+                sent.lock().unwrap().push(tokio::time::Instant::now());
+                std::future::ready(Ok(1))
+            }
+        };
+        let start = tokio::time::Instant::now();
+        assert!(c.fence_async(reader(&sent)).await);
+        let (a, b) = tokio::join!(c.fence_async(reader(&sent)), c.fence_async(reader(&sent)));
+        assert!(a && b);
+        tokio::time::advance(Duration::from_millis(10)).await;
+        let quiet = tokio::time::Instant::now();
+        assert!(c.fence_async(reader(&sent)).await);
+        let sent = sent.lock().unwrap().clone();
+        assert_eq!(
+            sent,
+            vec![start, start + Duration::from_millis(2), quiet],
+            "one read for the two that came together, 2 ms after the first"
+        );
     }
 }

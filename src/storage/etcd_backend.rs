@@ -390,7 +390,7 @@ impl EtcdBackend {
             format_key: [prefix, FORMAT_KEY].concat(),
             extra: Extra::new(prefix),
             epoch_key: [prefix, EPOCH_KEY].concat(),
-            coherence: std::sync::Arc::new(Coherence::new()),
+            coherence: std::sync::Arc::new(Coherence::with_interval(options.fence_interval)),
             lost: std::sync::Arc::new(std::sync::Mutex::new(None)),
             read_cache: std::sync::Arc::new(ReadCache::new(
                 options.read_cache_bytes,

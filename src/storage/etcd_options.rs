@@ -10,6 +10,12 @@ pub const DEFAULT_COMPACT_EVERY: Duration = Duration::from_secs(5 * 60);
 /// How much history a compaction keeps by default
 /// (`storage.etcd.compact_retain`).
 pub const DEFAULT_COMPACT_RETAIN: Duration = Duration::from_secs(3600);
+/// The least time between two of a node's cache-fence reads by default
+/// (`storage.etcd.fence_interval_us`): see `storage::coherence`.
+pub const DEFAULT_FENCE_INTERVAL: Duration = Duration::from_millis(2);
+/// The most `storage.etcd.fence_interval_us` may be: well under the
+/// fence's own bound (`coherence::FENCE_WAIT`, 2 s).
+pub const MAX_FENCE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How to reach the cluster (`[storage.etcd]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +41,10 @@ pub struct EtcdOptions {
     /// `read_cache_entries`; 0 turns it off): see `storage::read_cache`.
     pub read_cache_bytes: usize,
     pub read_cache_entries: usize,
+    /// The least time between two cache-fence reads of this node
+    /// (`storage.etcd.fence_interval_us`; 0: a new read as soon as the
+    /// last one is answered): see `storage::coherence`.
+    pub fence_interval: Duration,
 }
 
 impl EtcdOptions {
@@ -51,6 +61,7 @@ impl EtcdOptions {
             compact_retain: DEFAULT_COMPACT_RETAIN,
             read_cache_bytes: super::read_cache::DEFAULT_MAX_BYTES,
             read_cache_entries: super::read_cache::DEFAULT_MAX_ENTRIES,
+            fence_interval: DEFAULT_FENCE_INTERVAL,
         }
     }
 }
