@@ -326,11 +326,12 @@ impl Coherence {
                 reads = lock(&self.reads);
                 reads.in_flight = false;
                 reads.finished = mine;
-                reads.last = Some(out);
+                reads.last = Some(out.clone());
                 drop(reads);
                 self.told_read();
-                reads = lock(&self.reads);
-                continue;
+                // Its own read (issued after it began): not a later one
+                // that finished meanwhile.
+                return out.ok();
             }
             let now = Instant::now();
             if now >= deadline {
@@ -432,10 +433,10 @@ impl Coherence {
                 let mut reads = lock(&self.reads);
                 reads.in_flight = false;
                 reads.finished = mine;
-                reads.last = Some(out);
+                reads.last = Some(out.clone());
                 drop(reads);
                 self.told_read();
-                continue;
+                return out.ok();
             }
             if tokio::time::timeout_at(deadline, told).await.is_err() {
                 return None;
@@ -691,5 +692,41 @@ mod tests {
             vec![start, start + Duration::from_millis(2), quiet],
             "one read for the two that came together, 2 ms after the first"
         );
+    }
+
+    /// Sync and async fences share one count of reads: an async request that
+    /// starts while a blocking fence's read is out does not take that read's
+    /// answer (it was issued before the request began), however the two
+    /// interleave.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_async_request_does_not_take_a_blocking_read_issued_before_it() {
+        let c = Arc::new(Coherence::new());
+        c.reset(100);
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let blocking = {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let read = || {
+                    released.recv().unwrap();
+                    Ok(1)
+                };
+                c.shared_read(&read, Instant::now() + FENCE_WAIT * 5)
+            })
+        };
+        while lock(&c.reads).issued != 1 {
+            tokio::task::yield_now().await;
+        }
+        let fenced = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + FENCE_WAIT * 5;
+                c.shared_read_async(|| std::future::ready(Ok(2)), deadline)
+                    .await
+            })
+        };
+        tokio::task::yield_now().await;
+        release.send(()).unwrap();
+        assert_eq!(blocking.join().unwrap(), Some(1));
+        assert_eq!(fenced.await.unwrap(), Some(2));
     }
 }

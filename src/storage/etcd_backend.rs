@@ -120,7 +120,7 @@ use etcd_client::{
 
 use super::cluster::{self, Fence};
 use super::coherence::Coherence;
-use super::etcd_combine::{Combiner, Write, WriteHold};
+use super::etcd_combine::{Claim, Combiner, Write, WriteHold};
 use super::read_cache::{ReadCache, ReadCacheFigures, ReadCacheMetrics};
 use super::{
     format, Backend, BatchOp, CasOutcome, EtcdOptions, Expected, ExportSink, KeyValues,
@@ -737,7 +737,8 @@ impl EtcdBackend {
     /// `ops` as a write for the combiner, with nothing compared.
     fn unguarded(&self, ops: Vec<BatchOp>, operation: &'static str) -> Write {
         let bump = self.bumps(&ops);
-        let bytes = ops.iter().map(op_bytes).sum();
+        // etcd counts its keys, the prefix with them.
+        let bytes = ops.iter().map(op_bytes).sum::<usize>() + ops.len() * self.data.len();
         let mut keys = Vec::with_capacity(ops.len());
         let ops = ops
             .into_iter()
@@ -761,6 +762,7 @@ impl EtcdBackend {
             bump,
             keys,
             bytes,
+            claim: Claim::default(),
         }
     }
 
@@ -771,11 +773,21 @@ impl EtcdBackend {
             .combiner
             .as_ref()
             .ok_or_else(|| StorageError::Io("etcd: the backend is closed".into()))?;
+        let (operation, claim) = (write.operation, write.claim.clone());
         let (tx, rx) = mpsc::sync_channel(1);
         combiner.submit(write, move |out| {
             let _ = tx.send(out);
         })?;
-        wait(rx)?
+        match wait(rx) {
+            Ok(out) => out,
+            // Not out yet: it never will be (a write sent after its caller
+            // was answered could overwrite one acknowledged meanwhile).
+            Err(_) if claim.give_up() => Err(StorageError::Unavailable(format!(
+                "{operation}: etcd: the write waited too long for its turn and was not sent; \
+                 nothing of it was applied"
+            ))),
+            Err(e) => Err(e),
+        }
     }
 
     /// Sends `ops` (within the limits) as one transaction (gathered with
@@ -1155,10 +1167,11 @@ impl Backend for EtcdBackend {
         let fence = cluster::current();
         let written = match fence {
             None => {
+                let ops_len = ops.len();
                 let mut write = self.unguarded(ops, "batch_if");
                 write.compares = compares;
+                write.bytes = bytes + (ops_len + compared.len()) * self.data.len();
                 write.keys.extend(compared);
-                write.bytes = bytes;
                 self.combined(write)?
             }
             Some(fence) => self.fenced_if(compares, ops, fence)?,

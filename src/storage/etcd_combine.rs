@@ -32,6 +32,18 @@
 //!   certainly not applied (`etcd_backend`'s `Resend::IfNotApplied`), and a
 //!   failure is every gathered write's failure, with the same message ("may
 //!   or may not have been applied" when etcd did not answer).
+//! - **Order and fairness.** Writes of one key keep their order: a write
+//!   that overlaps one already gathered waits for the next transaction, and
+//!   so does every later write that names a key of a write passed over. A
+//!   disjoint write is not held back by them: it joins the transaction
+//!   being gathered, so that a caller who keeps many writes of one key
+//!   queued (each needs its own transaction) does not make every other
+//!   caller's write wait behind all of them.
+//! - **A caller that gave up.** A caller waits for its answer within a
+//!   bound; one that stops waiting before its write was taken into a
+//!   transaction marks it ([`Claim::give_up`]) and is told it was not sent,
+//!   and the write is then never sent (a write sent after its caller was
+//!   answered could overwrite one acknowledged meanwhile).
 //! - **Limits.** A gathered transaction stays within etcd's
 //!   [`MAX_TXN_OPS`] operations (comparisons counted apart) and
 //!   [`MAX_REQUEST_BYTES`]; a write is checked against them alone before it
@@ -41,8 +53,8 @@
 //! gathered: they need their own failure branch to tell a lost term or read
 //! the current value.
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use etcd_client::{Compare, Txn, TxnOp};
@@ -55,6 +67,48 @@ use super::StorageError;
 /// writes that arrive wait and go together in the next.
 const IN_FLIGHT: usize = 1;
 
+/// Writes passed over for one transaction (they overlap a write before
+/// them) past which no more are taken from the queue for it.
+const PASSED_OVER: usize = 1024;
+
+/// Whether a queued write may still be sent: shared by its caller, who
+/// may give up waiting, and the gathering task.
+#[derive(Clone, Default)]
+pub(super) struct Claim(Arc<AtomicU8>);
+
+const WAITING: u8 = 0;
+const SENDING: u8 = 1;
+const GIVEN_UP: u8 = 2;
+
+impl Claim {
+    /// The gathering task takes the write to send it: false once its
+    /// caller gave up.
+    fn take(&self) -> bool {
+        self.0
+            .compare_exchange(WAITING, SENDING, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+
+    /// A transaction that applied nothing hands the write back (to be sent
+    /// alone), unless its caller gave up meanwhile.
+    fn put_back(&self) {
+        let _ = self
+            .0
+            .compare_exchange(SENDING, WAITING, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    fn is_given_up(&self) -> bool {
+        self.0.load(Ordering::SeqCst) == GIVEN_UP
+    }
+
+    /// The caller stops waiting. True when the write is not out (never
+    /// sent, or sent in a transaction that applied nothing): it will never
+    /// be sent, and nothing of it was applied.
+    pub(super) fn give_up(&self) -> bool {
+        self.0.swap(GIVEN_UP, Ordering::SeqCst) == WAITING
+    }
+}
+
 /// One write: what it compares, what it does, and the keys of both.
 pub(super) struct Write {
     /// The trait call it comes from, for error messages when sent alone.
@@ -66,8 +120,10 @@ pub(super) struct Write {
     pub bump: bool,
     /// Every etcd key it compares or writes.
     pub keys: Vec<Vec<u8>>,
-    /// Its size in bytes, keys and values (for etcd's request limit).
+    /// Its size in bytes, etcd keys and values (for etcd's request limit).
     pub bytes: usize,
+    /// Whether it may still be sent (its caller may give up).
+    pub claim: Claim,
 }
 
 /// Applied (at this revision), or one of its comparisons failed.
@@ -197,33 +253,56 @@ impl Queue {
 
 async fn gather(mut queue: Queue, sender: Sender, epoch_key: Arc<Vec<u8>>) {
     let permits = Arc::new(Semaphore::new(IN_FLIGHT));
-    let mut carried: Option<(Write, Reply)> = None;
+    // Writes passed over, oldest first: they come before the queue's.
+    let mut waiting: VecDeque<(Write, Reply)> = VecDeque::new();
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
-        let first = match carried.take() {
-            Some(write) => write,
-            None => match queue.rx.recv().await {
-                Some(write) => write,
+        if waiting.is_empty() {
+            match queue.rx.recv().await {
+                Some(write) => waiting.push_back(write),
                 None => return,
-            },
-        };
+            }
+        }
         // Held (tests): wait with the first write in hand, counted as queued.
         if queue.held.wait_for(|held| !held).await.is_err() {
             return;
         }
-        queue.took();
         let mut gathered = Gathered::default();
-        gathered.add(first);
-        while let Ok(next) = queue.rx.try_recv() {
-            if gathered.fits(&next.0) {
+        // The keys of the writes passed over: a later write naming one of
+        // them is passed over too, so that writes of one key keep their order.
+        let mut passed: HashSet<Vec<u8>> = HashSet::new();
+        let mut kept: VecDeque<(Write, Reply)> = VecDeque::new();
+        loop {
+            let next = match waiting.pop_front() {
+                Some(next) => next,
+                None if kept.len() < PASSED_OVER => match queue.rx.try_recv() {
+                    Ok(next) => next,
+                    Err(_) => break,
+                },
+                None => break,
+            };
+            let write = &next.0;
+            if write.claim.is_given_up() {
+                // Its caller was answered: never sent.
                 queue.took();
-                gathered.add(next);
-            } else {
-                carried = Some(next);
-                break;
+                continue;
             }
+            if gathered.fits(write) && write.keys.iter().all(|k| !passed.contains(k)) {
+                queue.took();
+                if write.claim.take() {
+                    gathered.add(next);
+                }
+            } else {
+                passed.extend(write.keys.iter().cloned());
+                kept.push_back(next);
+            }
+        }
+        kept.append(&mut waiting);
+        waiting = kept;
+        if gathered.writes.is_empty() {
+            continue;
         }
         let (sender, epoch_key) = (sender.clone(), epoch_key.clone());
         tokio::spawn(async move {
@@ -251,7 +330,13 @@ async fn send_gathered(sender: Sender, epoch_key: Arc<Vec<u8>>, mut writes: Vec<
             let mut each = tokio::task::JoinSet::new();
             for (write, reply) in alone.into_iter().zip(replies) {
                 let (sender, epoch_key) = (sender.clone(), epoch_key.clone());
+                write.claim.put_back();
                 each.spawn(async move {
+                    if !write.claim.take() {
+                        // Its caller gave up meanwhile and was told nothing
+                        // of it was applied.
+                        return;
+                    }
                     let operation = write.operation;
                     reply(send(&sender, &epoch_key, operation, vec![write]).await);
                 });
@@ -274,6 +359,7 @@ fn copy(write: &Write) -> Write {
         bump: write.bump,
         keys: Vec::new(),
         bytes: write.bytes,
+        claim: write.claim.clone(),
     }
 }
 

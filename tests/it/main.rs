@@ -39,6 +39,8 @@ mod etcd_compaction;
 #[cfg(feature = "etcd")]
 mod etcd_gather;
 #[cfg(feature = "etcd")]
+mod etcd_gather_attack;
+#[cfg(feature = "etcd")]
 #[path = "../support/etcd_kit.rs"]
 #[allow(dead_code)]
 mod etcd_kit;
