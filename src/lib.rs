@@ -64,8 +64,10 @@
 //!   the CA, roles, the inventory and CRL, and the run-time client trust the
 //!   TLS listeners verify against.
 //! - `storage` — the `Backend` trait and its sled implementation with group
-//!   commit, the etcd implementation (feature `etcd`), the store's format
-//!   version, and the point-in-time export.
+//!   commit, the etcd implementation (feature `etcd`: its watch, leader
+//!   election, compaction, and `etcd_combine`, which gathers concurrent
+//!   writes into one transaction), the caches' coherence on a shared store,
+//!   the store's format version, and the point-in-time export.
 //! - Leaves used by anyone: `clock` (the one `Clock`, wall time driven by
 //!   tokio's clock so tests pause it; the one `Shutdown`), `policy` (pure
 //!   rules, globs, the `Authorized` proof), `oidc` (JWT and JWKS), `cidr`,
