@@ -699,27 +699,21 @@ impl EtcdBackend {
     /// The revision of the last tracked change: one linearizable read.
     fn read_epoch(&self) -> Result<i64, StorageError> {
         let _timer = self.time("cache_fence");
-        let key = self.epoch_key.clone();
-        self.call("cache fence", Resend::Read, move |mut client| async move {
-            let answer = client
-                .get(key, Some(GetOptions::new().with_keys_only()))
-                .await
-                .map_err(|e| etcd_error("cache fence", e))?;
-            Ok(answer.kvs().first().map_or(0, |kv| kv.mod_revision()))
-        })
+        self.call(
+            "cache fence",
+            Resend::Read,
+            epoch_read(self.epoch_key.clone()),
+        )
     }
 
     /// [`Self::read_epoch`] for async callers.
     async fn read_epoch_async(&self) -> Result<i64, StorageError> {
         let _timer = self.time("cache_fence");
-        let key = self.epoch_key.clone();
-        self.call_async("cache fence", Resend::Read, move |mut client| async move {
-            let answer = client
-                .get(key, Some(GetOptions::new().with_keys_only()))
-                .await
-                .map_err(|e| etcd_error("cache fence", e))?;
-            Ok(answer.kvs().first().map_or(0, |kv| kv.mod_revision()))
-        })
+        self.call_async(
+            "cache fence",
+            Resend::Read,
+            epoch_read(self.epoch_key.clone()),
+        )
         .await
     }
 
@@ -884,6 +878,27 @@ impl Sender {
                 other => break other,
             }
         }
+    }
+}
+
+/// The epoch's read: the revision of its last write (0 when never written).
+fn epoch_read(
+    key: Vec<u8>,
+) -> impl FnOnce(
+    Client,
+) -> std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<i64, StorageError>> + Send>,
+> + Clone
+       + Send
+       + 'static {
+    move |mut client: Client| {
+        Box::pin(async move {
+            let answer = client
+                .get(key, Some(GetOptions::new().with_keys_only()))
+                .await
+                .map_err(|e| etcd_error("cache fence", e))?;
+            Ok(answer.kvs().first().map_or(0, |kv| kv.mod_revision()))
+        })
     }
 }
 
