@@ -600,6 +600,17 @@ mod tests {
         assert!(waiting.await.unwrap());
     }
 
+    /// A request that reads the epoch through the async shared read,
+    /// answering `value` if it is the one to read.
+    fn async_read(c: &Arc<Coherence>, value: i64) -> tokio::task::JoinHandle<Option<i64>> {
+        let c = c.clone();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + FENCE_WAIT * 5;
+            c.shared_read_async(|| std::future::ready(Ok(value)), deadline)
+                .await
+        })
+    }
+
     /// As the blocking `a_read_in_flight_at_the_start_is_not_used`: a request
     /// that starts while a read is out takes the next read's answer.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -624,14 +635,7 @@ mod tests {
         while lock(&c.reads).issued != 1 {
             tokio::task::yield_now().await;
         }
-        let b = {
-            let c = c.clone();
-            tokio::spawn(async move {
-                let deadline = tokio::time::Instant::now() + FENCE_WAIT * 5;
-                c.shared_read_async(|| std::future::ready(Ok(2)), deadline)
-                    .await
-            })
-        };
+        let b = async_read(&c, 2);
         // B has taken its ticket once it waits; give it the chance, then let
         // A's read finish. Whenever B started, A's read was out before it.
         tokio::task::yield_now().await;
@@ -716,14 +720,7 @@ mod tests {
         while lock(&c.reads).issued != 1 {
             tokio::task::yield_now().await;
         }
-        let fenced = {
-            let c = c.clone();
-            tokio::spawn(async move {
-                let deadline = tokio::time::Instant::now() + FENCE_WAIT * 5;
-                c.shared_read_async(|| std::future::ready(Ok(2)), deadline)
-                    .await
-            })
-        };
+        let fenced = async_read(&c, 2);
         tokio::task::yield_now().await;
         release.send(()).unwrap();
         assert_eq!(blocking.join().unwrap(), Some(1));

@@ -13,11 +13,11 @@ use keyward::storage::{Backend, BatchOp, EtcdBackend, EtcdOptions};
 
 use crate::etcd_kit::EtcdCluster;
 
-fn open(cluster: &EtcdCluster, prefix: &str) -> Arc<EtcdBackend> {
+pub(crate) fn open(cluster: &EtcdCluster, prefix: &str) -> Arc<EtcdBackend> {
     Arc::new(EtcdBackend::open(&EtcdOptions::plaintext(cluster.endpoints(), prefix)).unwrap())
 }
 
-fn put(key: &str, value: &str) -> BatchOp {
+pub(crate) fn put(key: &str, value: &str) -> BatchOp {
     BatchOp::Put(key.as_bytes().to_vec(), value.as_bytes().to_vec())
 }
 
@@ -30,7 +30,7 @@ fn expect(key: &str, value: Option<&str>) -> (Vec<u8>, Option<Vec<u8>>) {
 
 /// Waits until `n` writes wait in the held combiner (generous bound: an
 /// event, not a speed).
-fn wait_queued(backend: &EtcdBackend, n: usize) {
+pub(crate) fn wait_queued(backend: &EtcdBackend, n: usize) {
     let until = Instant::now() + Duration::from_secs(60);
     while backend.writes_queued() < n {
         assert!(

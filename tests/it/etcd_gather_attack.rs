@@ -8,33 +8,12 @@
 //! (the queue, a thread's answer), never for a time.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use etcd_client::GetOptions;
-use keyward::storage::{Backend, BatchOp, EtcdBackend, EtcdOptions};
+use keyward::storage::{Backend, BatchOp, EtcdBackend};
 
+use crate::etcd_gather::{open, put, wait_queued};
 use crate::etcd_kit::EtcdCluster;
-
-fn open(cluster: &EtcdCluster, prefix: &str) -> Arc<EtcdBackend> {
-    Arc::new(EtcdBackend::open(&EtcdOptions::plaintext(cluster.endpoints(), prefix)).unwrap())
-}
-
-fn put(key: &str, value: &str) -> BatchOp {
-    BatchOp::Put(key.as_bytes().to_vec(), value.as_bytes().to_vec())
-}
-
-/// Waits until `n` writes wait in the held combiner (an event, not a speed).
-fn wait_queued(backend: &EtcdBackend, n: usize) {
-    let until = Instant::now() + Duration::from_secs(60);
-    while backend.writes_queued() < n {
-        assert!(
-            Instant::now() < until,
-            "{} of {n} writes queued",
-            backend.writes_queued()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
 
 type Job = Box<dyn FnOnce(&EtcdBackend) -> Result<(), String> + Send>;
 
