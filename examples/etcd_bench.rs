@@ -31,6 +31,11 @@
 //! `BENCH_READ_CACHE=0` turns the read cache of secrets off;
 //! `BENCH_FENCE_INTERVAL_US=N` sets `storage.etcd.fence_interval_us` (2000 by default).
 //!
+//! Under load it also prints the mean time of each storage call in the Get
+//! and Put phases (`loaded_etcd_times`, from the node's
+//! `keyward_etcd_request_duration_seconds`): `fence_wait` is a request's
+//! whole wait at its cache fence, `cache_fence` the shared read in it.
+//!
 //! Prints one line per phase, one `sizing` line per kind, then one `summary`
 //! line with the ratios (`get/noop`, keyward write / OpenBao write) and the
 //! 1-minute load average before and after.
@@ -280,6 +285,43 @@ mod bench {
         .await
     }
 
+    /// Count and sum of seconds of each op of
+    /// `keyward_etcd_request_duration_seconds`, from the node's `/metrics`.
+    async fn etcd_times(
+        addr: std::net::SocketAddr,
+    ) -> std::collections::BTreeMap<String, (f64, f64)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await.unwrap();
+        let mut out = std::collections::BTreeMap::<String, (f64, f64)>::new();
+        for line in text.lines() {
+            for (suffix, slot) in [("_count{op=\"", 0), ("_sum{op=\"", 1)] {
+                let Some(rest) = line
+                    .strip_prefix("keyward_etcd_request_duration_seconds")
+                    .and_then(|r| r.strip_prefix(suffix))
+                else {
+                    continue;
+                };
+                let Some((op, value)) = rest.split_once("\"} ") else {
+                    continue;
+                };
+                let value: f64 = value.trim().parse().unwrap_or(0.0);
+                let entry = out.entry(op.to_owned()).or_default();
+                if slot == 0 {
+                    entry.0 = value;
+                } else {
+                    entry.1 = value;
+                }
+            }
+        }
+        out
+    }
+
     fn load1() -> String {
         std::fs::read_to_string("/proc/loadavg")
             .ok()
@@ -451,9 +493,11 @@ mod bench {
         let grpc_addr = grpc_listener.local_addr().unwrap();
         let http_addr = http_listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics_addr = metrics_listener.local_addr().unwrap();
         let served = tokio::spawn(server.with_http_listener(http_listener).serve(
             grpc_listener,
-            None,
+            Some(metrics_listener),
             async move {
                 let _ = stopped.await;
             },
@@ -563,6 +607,7 @@ mod bench {
         )
         .await;
         let sent_before_get = sent();
+        let etcd_before_get = etcd_times(metrics_addr).await;
         let get = phase(
             "grpc_get",
             connections,
@@ -575,6 +620,7 @@ mod bench {
         )
         .await;
         let sent_before_put = sent();
+        let etcd_before_put = etcd_times(metrics_addr).await;
         let put = {
             let options = options.clone();
             let token = token.clone();
@@ -604,6 +650,24 @@ mod bench {
         // Under load, concurrent requests share fence reads and gathered
         // writes: the same count divided by the phase's calls.
         let sent_after_put = sent();
+        let etcd_after_put = etcd_times(metrics_addr).await;
+        // Mean times by storage call in each loaded phase (`fence_wait` is a
+        // request's whole wait at its fence; `cache_fence` the shared read).
+        for (phase, before, after) in [
+            ("get", &etcd_before_get, &etcd_before_put),
+            ("put", &etcd_before_put, &etcd_after_put),
+        ] {
+            for (op, (count, sum)) in after {
+                let (c0, s0) = before.get(op).copied().unwrap_or((0.0, 0.0));
+                if count - c0 > 0.0 {
+                    println!(
+                        "loaded_etcd_times phase={phase} op={op} calls={:.0} mean_ms={:.2}",
+                        count - c0,
+                        (sum - s0) * 1000.0 / (count - c0)
+                    );
+                }
+            }
+        }
         for (op, requests, calls) in [
             ("get", sent_before_put - sent_before_get, get.calls),
             ("put", sent_after_put - sent_before_put, put.calls),

@@ -220,7 +220,9 @@ impl Server {
             metrics.register(
                 "etcd_request_duration_seconds",
                 "etcd requests by storage call (get, put, delete, scan, batch, \
-                 apply_in_order, compare_and_swap, fence_check, cache_fence), in seconds",
+                 apply_in_order, compare_and_swap, fence_check, cache_fence), in seconds; \
+                 fence_wait: a request's whole wait at the cache fence (its shared read \
+                 and the watch catching up)",
                 durations,
             );
             metrics.register(

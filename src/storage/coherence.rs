@@ -80,16 +80,59 @@ struct Progress {
     held: Option<Vec<Delivery>>,
 }
 
+/// The most epoch reads out at once. A request that starts while reads are
+/// out needs one issued after it began; it need not wait for those to
+/// finish before that one is sent (see [`Coherence::with_interval`]).
+pub const READS_IN_FLIGHT: usize = 4;
+
 /// The shared epoch reads.
 #[derive(Default)]
 struct Reads {
+    /// Reads numbered so far: a read's number is taken when it is sent.
     issued: u64,
+    /// The highest number of a read that has finished.
     finished: u64,
-    in_flight: bool,
+    /// The numbers of the reads out now (at most [`READS_IN_FLIGHT`]).
+    in_flight: Vec<u64>,
+    /// An async read is waiting for its turn (the interval) to be sent.
+    scheduled: bool,
     /// The result of read number `finished`.
     last: Option<Result<i64, String>>,
     /// When the last async read was sent (see `interval`).
     last_issued: Option<tokio::time::Instant>,
+}
+
+impl Reads {
+    /// The result for a caller that holds `ticket` (one more than the
+    /// reads issued when it began), once a read issued after it began has
+    /// finished: the latest finished read's, whose number is at least the
+    /// ticket.
+    fn served(&self, ticket: u64) -> Option<Option<i64>> {
+        (self.finished >= ticket).then(|| self.last.clone().and_then(Result::ok))
+    }
+
+    /// Whether a read that can serve `ticket` is out.
+    fn covered(&self, ticket: u64) -> bool {
+        self.in_flight.iter().any(|&n| n >= ticket)
+    }
+
+    /// Numbers and records a read as sent.
+    fn send(&mut self) -> u64 {
+        self.issued += 1;
+        self.in_flight.push(self.issued);
+        self.issued
+    }
+
+    /// Read `number` ended with `out` (or was abandoned: `None`).
+    fn end(&mut self, number: u64, out: Option<Result<i64, String>>) {
+        self.in_flight.retain(|&n| n != number);
+        if let Some(out) = out {
+            if number > self.finished {
+                self.finished = number;
+                self.last = Some(out);
+            }
+        }
+    }
 }
 
 /// See the module doc.
@@ -314,19 +357,15 @@ impl Coherence {
         // A read in flight now was issued before this call: not good enough.
         let ticket = reads.issued + 1;
         loop {
-            if reads.finished >= ticket {
-                return reads.last.clone().and_then(Result::ok);
+            if let Some(out) = reads.served(ticket) {
+                return out;
             }
-            if !reads.in_flight {
-                reads.in_flight = true;
-                reads.issued += 1;
-                let mine = reads.issued;
+            if !reads.covered(ticket) && reads.in_flight.len() < READS_IN_FLIGHT {
+                let mine = reads.send();
                 drop(reads);
                 let out = read_epoch().map_err(|e| e.to_string());
                 reads = lock(&self.reads);
-                reads.in_flight = false;
-                reads.finished = mine;
-                reads.last = Some(out.clone());
+                reads.end(mine, Some(out.clone()));
                 drop(reads);
                 self.told_read();
                 // Its own read (issued after it began): not a later one
@@ -398,12 +437,15 @@ impl Coherence {
             told.as_mut().enable();
             let mine = {
                 let mut reads = lock(&self.reads);
-                if reads.finished >= ticket {
-                    return reads.last.clone().and_then(Result::ok);
+                if let Some(out) = reads.served(ticket) {
+                    return out;
                 }
-                match (reads.in_flight, read_epoch.take()) {
-                    (false, Some(read)) => {
-                        reads.in_flight = true;
+                let turn = !reads.covered(ticket)
+                    && !reads.scheduled
+                    && reads.in_flight.len() < READS_IN_FLIGHT;
+                match (turn, read_epoch.take()) {
+                    (true, Some(read)) => {
+                        reads.scheduled = true;
                         Some((reads.last_issued.map(|at| at + self.interval), read))
                     }
                     (_, read) => {
@@ -413,50 +455,79 @@ impl Coherence {
                 }
             };
             if let Some((not_before, read)) = mine {
-                // Cleared however this ends, so that a cancelled request
-                // does not leave the others waiting for a read nobody makes.
-                let mut flight = InFlight {
-                    coherence: self,
-                    done: false,
-                };
-                if let Some(at) = not_before {
-                    tokio::time::sleep_until(at).await;
-                }
-                let mine = {
-                    let mut reads = lock(&self.reads);
-                    reads.issued += 1;
-                    reads.last_issued = Some(tokio::time::Instant::now());
-                    reads.issued
-                };
-                let out = read().await.map_err(|e| e.to_string());
-                flight.done = true;
-                let mut reads = lock(&self.reads);
-                reads.in_flight = false;
-                reads.finished = mine;
-                reads.last = Some(out.clone());
-                drop(reads);
-                self.told_read();
-                return out.ok();
+                return self.read_in_turn(not_before, read).await;
             }
             if tokio::time::timeout_at(deadline, told).await.is_err() {
                 return None;
             }
         }
     }
-}
 
-/// Clears `in_flight` when an async shared read is dropped before it ended.
-struct InFlight<'a> {
-    coherence: &'a Coherence,
-    done: bool,
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            lock(&self.coherence.reads).in_flight = false;
-            self.coherence.told_read();
+    /// Sends the shared read scheduled by this caller once `not_before` has
+    /// passed, and returns its result. Every request that began before it is
+    /// sent is served by it (or by a later one).
+    async fn read_in_turn<F, Fut>(
+        &self,
+        not_before: Option<tokio::time::Instant>,
+        read: F,
+    ) -> Option<i64>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<i64, StorageError>>,
+    {
+        // Undone however this ends, so that a cancelled request does not
+        // leave the others waiting for a read nobody makes.
+        let mut turn = Turn {
+            coherence: self,
+            state: TurnState::Scheduled,
+        };
+        if let Some(at) = not_before {
+            tokio::time::sleep_until(at).await;
         }
+        let mine = {
+            let mut reads = lock(&self.reads);
+            reads.scheduled = false;
+            reads.last_issued = Some(tokio::time::Instant::now());
+            reads.send()
+        };
+        turn.state = TurnState::Sent(mine);
+        // Whoever starts from now on needs the next read: it may be
+        // scheduled at once.
+        self.told_read();
+        let out = read().await.map_err(|e| e.to_string());
+        turn.state = TurnState::Ended;
+        lock(&self.reads).end(mine, Some(out.clone()));
+        self.told_read();
+        out.ok()
+    }
+}
+
+/// Undoes an async read's turn when it is dropped before its read ended:
+/// not yet sent, the turn passes to another caller; sent, the read no
+/// longer counts as out, so its waiters send another.
+struct Turn<'a> {
+    coherence: &'a Coherence,
+    state: TurnState,
+}
+
+enum TurnState {
+    /// Waiting for the interval (`Reads::scheduled` is this turn's).
+    Scheduled,
+    /// Out, with this number.
+    Sent(u64),
+    Ended,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut reads = lock(&self.coherence.reads);
+        match self.state {
+            TurnState::Scheduled => reads.scheduled = false,
+            TurnState::Sent(number) => reads.end(number, None),
+            TurnState::Ended => return,
+        }
+        drop(reads);
+        self.coherence.told_read();
     }
 }
 
@@ -520,8 +591,8 @@ mod tests {
 
     #[test]
     fn a_read_in_flight_at_the_start_is_not_used() {
-        // Thread A's read blocks until B has started; B must not take A's
-        // answer but the next read's.
+        // Thread A's read blocks until B is done; B must not take A's
+        // answer but a read of its own, sent while A's is still out.
         let c = Arc::new(Coherence::new());
         c.reset(100);
         let calls = Arc::new(AtomicI64::new(0));
@@ -545,13 +616,11 @@ mod tests {
         }
         let (c2, r2) = (c.clone(), read.clone());
         let b = std::thread::spawn(move || c2.shared_read(&*r2, Instant::now() + FENCE_WAIT * 5));
-        // B is waiting (or about to): let A's read finish.
-        while lock(&c.reads).issued != 1 {
-            std::thread::yield_now();
-        }
+        assert_eq!(b.join().unwrap(), Some(2), "its own read, A's still out");
         gate_tx.send(()).unwrap();
         assert_eq!(a.join().unwrap(), Some(1));
-        assert_eq!(b.join().unwrap(), Some(2));
+        // A's read ended after B's: the latest finished read stays B's.
+        assert_eq!(lock(&c.reads).finished, 2);
     }
 
     fn epoch_reader(
@@ -612,7 +681,8 @@ mod tests {
     }
 
     /// As the blocking `a_read_in_flight_at_the_start_is_not_used`: a request
-    /// that starts while a read is out takes the next read's answer.
+    /// that starts while a read is out sends the next read without waiting
+    /// for that one, and takes the next read's answer.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_async_read_in_flight_at_the_start_is_not_used() {
         let c = Arc::new(Coherence::new());
@@ -636,12 +706,106 @@ mod tests {
             tokio::task::yield_now().await;
         }
         let b = async_read(&c, 2);
-        // B has taken its ticket once it waits; give it the chance, then let
-        // A's read finish. Whenever B started, A's read was out before it.
-        tokio::task::yield_now().await;
+        assert_eq!(b.await.unwrap(), Some(2), "its own read, A's still out");
         release.send(()).unwrap();
         assert_eq!(a.await.unwrap(), Some(1));
-        assert_eq!(b.await.unwrap(), Some(2));
+    }
+
+    /// A request that begins while one read is out and the next is waiting
+    /// for its interval is served by the next one, not by the one out, even
+    /// when that one ends first (paused time: exact instants).
+    #[tokio::test(start_paused = true)]
+    async fn a_read_that_ends_while_the_next_waits_serves_no_one_who_came_after_it() {
+        let c = Arc::new(Coherence::with_interval(Duration::from_millis(2)));
+        c.reset(1);
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let first = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + FENCE_WAIT;
+                c.shared_read_async(
+                    || async move {
+                        released.await.unwrap();
+                        Ok(1)
+                    },
+                    deadline,
+                )
+                .await
+            })
+        };
+        while lock(&c.reads).issued != 1 {
+            tokio::task::yield_now().await;
+        }
+        // Both start after read 1 was sent: one schedules read 2 (2 ms
+        // later), the other waits for it.
+        let (second, third) = (async_read(&c, 2), async_read(&c, 2));
+        while !lock(&c.reads).scheduled {
+            tokio::task::yield_now().await;
+        }
+        release.send(()).unwrap();
+        assert_eq!(first.await.unwrap(), Some(1));
+        assert_eq!(lock(&c.reads).issued, 1, "read 2 still waits for its turn");
+        assert_eq!(second.await.unwrap(), Some(2));
+        assert_eq!(third.await.unwrap(), Some(2));
+        assert_eq!(lock(&c.reads).issued, 2, "one read for the two");
+    }
+
+    /// At most [`READS_IN_FLIGHT`] reads are out at once; a request that
+    /// needs another waits until one ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_out_at_once_are_bounded() {
+        let c = Arc::new(Coherence::new());
+        c.reset(1);
+        let mut gates = Vec::new();
+        let mut waiting = Vec::new();
+        for n in 1..=READS_IN_FLIGHT as u64 + 1 {
+            let (release, released) = tokio::sync::oneshot::channel::<()>();
+            gates.push(release);
+            let c2 = c.clone();
+            waiting.push(tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + FENCE_WAIT * 5;
+                c2.shared_read_async(
+                    || async move {
+                        let _ = released.await;
+                        Ok(n as i64)
+                    },
+                    deadline,
+                )
+                .await
+            }));
+            // Each starts once the one before is out (or, the last, once
+            // the bound is reached).
+            let target = n.min(READS_IN_FLIGHT as u64);
+            while lock(&c.reads).issued != target {
+                tokio::task::yield_now().await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(lock(&c.reads).in_flight.len(), READS_IN_FLIGHT);
+        assert_eq!(
+            lock(&c.reads).issued,
+            READS_IN_FLIGHT as u64,
+            "the last waits"
+        );
+        let mut gates = gates.into_iter();
+        gates.next().unwrap().send(()).unwrap();
+        while lock(&c.reads).issued != READS_IN_FLIGHT as u64 + 1 {
+            tokio::task::yield_now().await;
+        }
+        for gate in gates {
+            gate.send(()).unwrap();
+        }
+        let answers: Vec<Option<i64>> = futures_join(waiting).await;
+        assert_eq!(answers[0], Some(1));
+        assert_eq!(answers[READS_IN_FLIGHT], Some(READS_IN_FLIGHT as i64 + 1));
+    }
+
+    async fn futures_join(handles: Vec<tokio::task::JoinHandle<Option<i64>>>) -> Vec<Option<i64>> {
+        let mut out = Vec::new();
+        for handle in handles {
+            out.push(handle.await.unwrap());
+        }
+        out
     }
 
     /// A request dropped while its shared read is out (its client went away)
@@ -657,12 +821,12 @@ mod tests {
                     .await
             })
         };
-        while !lock(&c.reads).in_flight {
+        while lock(&c.reads).in_flight.is_empty() {
             tokio::task::yield_now().await;
         }
         stuck.abort();
         assert!(stuck.await.unwrap_err().is_cancelled());
-        assert!(!lock(&c.reads).in_flight);
+        assert!(lock(&c.reads).in_flight.is_empty());
         // The next request reads for itself (a stuck flag would leave it
         // waiting out its bound and saying no).
         assert!(c.fence_async(|| std::future::ready(Ok(3))).await);

@@ -1264,7 +1264,12 @@ impl Backend for EtcdBackend {
     }
 
     fn cache_fence_async(&self) -> super::FenceFuture<'_> {
-        Box::pin(self.coherence.fence_async(|| self.read_epoch_async()))
+        Box::pin(async move {
+            // A request's whole wait: the shared read and the watch's
+            // catching up (the read alone is timed as `cache_fence`).
+            let _timer = self.time("fence_wait");
+            self.coherence.fence_async(|| self.read_epoch_async()).await
+        })
     }
 }
 

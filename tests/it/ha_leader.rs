@@ -388,6 +388,11 @@ async fn status_metrics_audit_and_health_follow_the_cluster() {
         "{two_metrics}"
     );
     assert!(two_metrics.contains("keyward_etcd_request_duration_seconds_count{op=\"get\"}"));
+    // A request with a token waited at the cache fence on kw2.
+    assert!(
+        two_metrics.contains("keyward_etcd_request_duration_seconds_count{op=\"fence_wait\"}"),
+        "{two_metrics}"
+    );
 
     // Each node's audit file names the node in every record and verifies.
     for node in [&kw1, &kw2] {
