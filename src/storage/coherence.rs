@@ -116,6 +116,12 @@ impl Reads {
         self.in_flight.iter().any(|&n| n >= ticket)
     }
 
+    /// Whether another read may be sent: the reads out and an async turn
+    /// waiting to send one stay within [`READS_IN_FLIGHT`].
+    fn room(&self) -> bool {
+        self.in_flight.len() + usize::from(self.scheduled) < READS_IN_FLIGHT
+    }
+
     /// Numbers and records a read as sent.
     fn send(&mut self) -> u64 {
         self.issued += 1;
@@ -360,7 +366,7 @@ impl Coherence {
             if let Some(out) = reads.served(ticket) {
                 return out;
             }
-            if !reads.covered(ticket) && reads.in_flight.len() < READS_IN_FLIGHT {
+            if !reads.covered(ticket) && reads.room() {
                 let mine = reads.send();
                 drop(reads);
                 let out = read_epoch().map_err(|e| e.to_string());
@@ -440,9 +446,7 @@ impl Coherence {
                 if let Some(out) = reads.served(ticket) {
                     return out;
                 }
-                let turn = !reads.covered(ticket)
-                    && !reads.scheduled
-                    && reads.in_flight.len() < READS_IN_FLIGHT;
+                let turn = !reads.covered(ticket) && !reads.scheduled && reads.room();
                 match (turn, read_epoch.take()) {
                     (true, Some(read)) => {
                         reads.scheduled = true;
@@ -455,7 +459,13 @@ impl Coherence {
                 }
             };
             if let Some((not_before, read)) = mine {
-                return self.read_in_turn(not_before, read).await;
+                match self.read_in_turn(ticket, not_before, read).await {
+                    InTurn::Read(out) => return out,
+                    // Served or covered meanwhile (by a blocking read):
+                    // wait as the others do.
+                    InTurn::NotNeeded(read) => read_epoch = Some(read),
+                }
+                continue;
             }
             if tokio::time::timeout_at(deadline, told).await.is_err() {
                 return None;
@@ -468,9 +478,10 @@ impl Coherence {
     /// sent is served by it (or by a later one).
     async fn read_in_turn<F, Fut>(
         &self,
+        ticket: u64,
         not_before: Option<tokio::time::Instant>,
         read: F,
-    ) -> Option<i64>
+    ) -> InTurn<F>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<i64, StorageError>>,
@@ -487,19 +498,35 @@ impl Coherence {
         let mine = {
             let mut reads = lock(&self.reads);
             reads.scheduled = false;
+            if reads.served(ticket).is_some() || reads.covered(ticket) || !reads.room() {
+                // A blocking read sent meanwhile serves this caller, or took
+                // the last place: this read is not needed, or must wait.
+                turn.state = TurnState::Ended;
+                drop(reads);
+                self.told_read();
+                return InTurn::NotNeeded(read);
+            }
             reads.last_issued = Some(tokio::time::Instant::now());
             reads.send()
         };
+        // Whoever began before this send is served by it; whoever begins
+        // after it finds `scheduled` false and may schedule the next at once.
         turn.state = TurnState::Sent(mine);
-        // Whoever starts from now on needs the next read: it may be
-        // scheduled at once.
-        self.told_read();
         let out = read().await.map_err(|e| e.to_string());
         turn.state = TurnState::Ended;
         lock(&self.reads).end(mine, Some(out.clone()));
         self.told_read();
-        out.ok()
+        InTurn::Read(out.ok())
     }
+}
+
+/// What a caller's turn to send the shared read came to.
+enum InTurn<F> {
+    /// It sent the read: its result.
+    Read(Option<i64>),
+    /// No read was needed or there was no room when its time came: the
+    /// read is handed back.
+    NotNeeded(F),
 }
 
 /// Undoes an async read's turn when it is dropped before its read ended:
@@ -748,6 +775,31 @@ mod tests {
         assert_eq!(second.await.unwrap(), Some(2));
         assert_eq!(third.await.unwrap(), Some(2));
         assert_eq!(lock(&c.reads).issued, 2, "one read for the two");
+    }
+
+    /// A blocking read sent while an async request waits for its turn
+    /// serves that request: when the turn comes, no second read is sent
+    /// (found by the review: the turn used to send regardless, past the
+    /// bound). Paused time; the blocking read answers at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_turn_served_meanwhile_by_a_blocking_read_sends_nothing() {
+        let c = Arc::new(Coherence::with_interval(Duration::from_millis(300)));
+        c.reset(1);
+        assert!(c.fence_async(|| std::future::ready(Ok(1))).await);
+        let waiting = async_read(&c, 99);
+        while !lock(&c.reads).scheduled {
+            tokio::task::yield_now().await;
+        }
+        let deadline = Instant::now() + FENCE_WAIT;
+        assert_eq!(c.shared_read(&|| Ok(7), deadline), Some(7));
+        assert_eq!(
+            waiting.await.unwrap(),
+            Some(7),
+            "the blocking read's answer"
+        );
+        let reads = lock(&c.reads);
+        assert_eq!(reads.issued, 2, "no read sent for the turn");
+        assert!(!reads.scheduled && reads.in_flight.is_empty());
     }
 
     /// At most [`READS_IN_FLIGHT`] reads are out at once; a request that
