@@ -707,6 +707,27 @@ mod tests {
         })
     }
 
+    /// A request whose shared read, if it sends one, answers `value` only
+    /// once `released` is told (a read held out as long as a test wants).
+    fn held_read(
+        c: &Arc<Coherence>,
+        value: i64,
+        released: tokio::sync::oneshot::Receiver<()>,
+    ) -> tokio::task::JoinHandle<Option<i64>> {
+        let c = c.clone();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + FENCE_WAIT * 5;
+            c.shared_read_async(
+                || async move {
+                    released.await.unwrap();
+                    Ok(value)
+                },
+                deadline,
+            )
+            .await
+        })
+    }
+
     /// As the blocking `a_read_in_flight_at_the_start_is_not_used`: a request
     /// that starts while a read is out sends the next read without waiting
     /// for that one, and takes the next read's answer.
@@ -715,20 +736,7 @@ mod tests {
         let c = Arc::new(Coherence::new());
         c.reset(100);
         let (release, released) = tokio::sync::oneshot::channel::<()>();
-        let a = {
-            let c = c.clone();
-            tokio::spawn(async move {
-                let deadline = tokio::time::Instant::now() + FENCE_WAIT * 5;
-                c.shared_read_async(
-                    || async move {
-                        released.await.unwrap();
-                        Ok(1)
-                    },
-                    deadline,
-                )
-                .await
-            })
-        };
+        let a = held_read(&c, 1, released);
         while lock(&c.reads).issued != 1 {
             tokio::task::yield_now().await;
         }
@@ -746,20 +754,7 @@ mod tests {
         let c = Arc::new(Coherence::with_interval(Duration::from_millis(2)));
         c.reset(1);
         let (release, released) = tokio::sync::oneshot::channel::<()>();
-        let first = {
-            let c = c.clone();
-            tokio::spawn(async move {
-                let deadline = tokio::time::Instant::now() + FENCE_WAIT;
-                c.shared_read_async(
-                    || async move {
-                        released.await.unwrap();
-                        Ok(1)
-                    },
-                    deadline,
-                )
-                .await
-            })
-        };
+        let first = held_read(&c, 1, released);
         while lock(&c.reads).issued != 1 {
             tokio::task::yield_now().await;
         }
@@ -813,18 +808,7 @@ mod tests {
         for n in 1..=READS_IN_FLIGHT as u64 + 1 {
             let (release, released) = tokio::sync::oneshot::channel::<()>();
             gates.push(release);
-            let c2 = c.clone();
-            waiting.push(tokio::spawn(async move {
-                let deadline = tokio::time::Instant::now() + FENCE_WAIT * 5;
-                c2.shared_read_async(
-                    || async move {
-                        let _ = released.await;
-                        Ok(n as i64)
-                    },
-                    deadline,
-                )
-                .await
-            }));
+            waiting.push(held_read(&c, n as i64, released));
             // Each starts once the one before is out (or, the last, once
             // the bound is reached).
             let target = n.min(READS_IN_FLIGHT as u64);
@@ -847,17 +831,12 @@ mod tests {
         for gate in gates {
             gate.send(()).unwrap();
         }
-        let answers: Vec<Option<i64>> = futures_join(waiting).await;
+        let mut answers = Vec::new();
+        for handle in waiting {
+            answers.push(handle.await.unwrap());
+        }
         assert_eq!(answers[0], Some(1));
         assert_eq!(answers[READS_IN_FLIGHT], Some(READS_IN_FLIGHT as i64 + 1));
-    }
-
-    async fn futures_join(handles: Vec<tokio::task::JoinHandle<Option<i64>>>) -> Vec<Option<i64>> {
-        let mut out = Vec::new();
-        for handle in handles {
-            out.push(handle.await.unwrap());
-        }
-        out
     }
 
     /// A request dropped while its shared read is out (its client went away)
