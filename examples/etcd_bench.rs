@@ -29,7 +29,9 @@
 //! defragmented, and the database size read again.
 //!
 //! `BENCH_READ_CACHE=0` turns the read cache of secrets off;
-//! `BENCH_FENCE_INTERVAL_US=N` sets `storage.etcd.fence_interval_us` (2000 by default).
+//! `BENCH_FENCE_INTERVAL_US=N` sets `storage.etcd.fence_interval_us` (2000 by default);
+//! `BENCH_READ_LEASE=0` turns the node's read lease off (every request takes
+//! the fence read, as before 0.6.5).
 //!
 //! Under load it also prints the mean time of each storage call in the Get
 //! and Put phases (`loaded_etcd_times`, from the node's
@@ -472,9 +474,13 @@ mod bench {
             let us: u64 = us.parse().expect("BENCH_FENCE_INTERVAL_US: microseconds");
             etcd_options.fence_interval = Duration::from_micros(us);
         }
+        if std::env::var("BENCH_READ_LEASE").as_deref() == Ok("0") {
+            etcd_options.read_lease = false;
+        }
         println!(
-            "fence interval: {} us",
-            etcd_options.fence_interval.as_micros()
+            "fence interval: {} us; read lease: {}",
+            etcd_options.fence_interval.as_micros(),
+            if etcd_options.read_lease { "on" } else { "off" }
         );
         let config = ServerConfig {
             tls: Some(TlsConfig {

@@ -159,6 +159,16 @@ fn parse_storage_backend(src: &dyn Source, base: &Path) -> Result<StorageBackend
                     crate::storage::read_cache::DEFAULT_MAX_ENTRIES,
                 )?,
                 fence_interval: fence_interval(src.get("storage.etcd.fence_interval_us"))?,
+                read_lease: match src.get("storage.etcd.read_lease").as_deref() {
+                    None | Some("true") => true,
+                    Some("false") => false,
+                    Some(_) => {
+                        return Err(ConfigError::Invalid(
+                            "storage.etcd.read_lease".into(),
+                            "expected true or false",
+                        ))
+                    }
+                },
             }))
         }
         Some(_) => Err(ConfigError::Invalid(
@@ -583,6 +593,7 @@ pub const KEYS: &[(&str, &str)] = &[
         "storage.etcd.fence_interval_us",
         "KEYWARD_STORAGE_ETCD_FENCE_INTERVAL_US",
     ),
+    ("storage.etcd.read_lease", "KEYWARD_STORAGE_ETCD_READ_LEASE"),
     ("cluster.node_id", "KEYWARD_CLUSTER_NODE_ID"),
 ];
 
@@ -858,6 +869,17 @@ mod tests {
                 Err(ConfigError::Invalid(key, _)) if key == "storage.etcd.fence_interval_us"
             ));
         }
+        // The read lease: on by default.
+        assert!(defaults.read_lease);
+        assert!(
+            !etcd(&[("storage.etcd.read_lease", "false")])
+                .unwrap()
+                .read_lease
+        );
+        assert!(matches!(
+            etcd(&[("storage.etcd.read_lease", "no")]),
+            Err(ConfigError::Invalid(key, _)) if key == "storage.etcd.read_lease"
+        ));
     }
 
     #[test]

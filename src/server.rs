@@ -160,7 +160,11 @@ impl Server {
                         crate::storage::EtcdBackend::open(options)
                             .map_err(|e| ServerError::Storage(e.to_string()))?,
                     );
-                    etcd_durations = Some((etcd.request_durations(), etcd.read_cache_metrics()));
+                    etcd_durations = Some((
+                        etcd.request_durations(),
+                        etcd.read_cache_metrics(),
+                        etcd.read_lease_metrics(),
+                    ));
                     let leadership = crate::storage::EtcdLeadership::start(
                         etcd.clone(),
                         options,
@@ -216,13 +220,14 @@ impl Server {
         }
         let metrics = Arc::new(Metrics::new());
         #[cfg(feature = "etcd")]
-        if let Some((durations, cache)) = etcd_durations {
+        if let Some((durations, cache, lease)) = etcd_durations {
             metrics.register(
                 "etcd_request_duration_seconds",
                 "etcd requests by storage call (get, put, delete, scan, batch, \
                  apply_in_order, compare_and_swap, fence_check, cache_fence), in seconds; \
                  fence_wait: a request's whole wait at the cache fence (its shared read \
-                 and the watch catching up)",
+                 and the watch catching up); ack_wait: a tracked write's wait for the \
+                 other nodes' read-lease acknowledgements",
                 durations,
             );
             metrics.register(
@@ -259,6 +264,22 @@ impl Server {
                 "etcd_read_cache_refused",
                 "read cache inserts refused because the key changed during the read",
                 cache.refused,
+            );
+            metrics.register(
+                "etcd_read_lease",
+                "1 while this node holds a read lease: its requests use the caches with \
+                 no fence read",
+                lease.serving,
+            );
+            metrics.register(
+                "etcd_read_lease_nodes",
+                "nodes holding a read lease (this one included), as this node's watch shows",
+                lease.nodes,
+            );
+            metrics.register(
+                "etcd_read_lease_given_up",
+                "read leases this node gave up (watch down or lagging, lease expired)",
+                lease.given_up,
             );
         }
         #[cfg(not(feature = "etcd"))]

@@ -41,6 +41,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use super::members::{Entry, Roll};
 use super::StorageError;
 
 /// The longest a request waits for the watch (or for a shared read) before
@@ -66,9 +67,10 @@ struct Listener {
     on_reset: OnReset,
 }
 
-/// One delivery: the revision reached, and each changed key with the
-/// revision of its change.
-type Delivery = (i64, Vec<(Vec<u8>, i64)>);
+/// One delivery: the revision reached, each changed key with the revision
+/// of its change, each changed key of the read-lease roll (`members`), and
+/// the highest revision of the change marker in it (0: none).
+type Delivery = (i64, Vec<(Vec<u8>, i64)>, Vec<(String, Option<Entry>)>, i64);
 
 /// What the watch has delivered.
 #[derive(Default)]
@@ -155,6 +157,11 @@ pub struct Coherence {
     /// The least time between two async epoch reads (see
     /// [`Coherence::with_interval`]).
     interval: Duration,
+    /// The read-lease roll (see `storage::members`), told on every change.
+    roll: Mutex<Roll>,
+    roll_changed: Condvar,
+    /// Told when this node may owe the roll an acknowledgement.
+    ack_due: Notify,
 }
 
 impl std::fmt::Debug for Coherence {
@@ -176,9 +183,21 @@ pub struct Hold<'a> {
 
 impl Drop for Hold<'_> {
     fn drop(&mut self) {
-        let pending = lock(&self.coherence.progress).held.take();
-        for (revision, keys) in pending.unwrap_or_default() {
-            self.coherence.deliver(revision, keys);
+        // Hand out what was held while still holding, so that nothing the
+        // watch delivers meanwhile overtakes it; stop holding once empty.
+        loop {
+            let pending = {
+                let mut progress = lock(&self.coherence.progress);
+                let held = progress.held.get_or_insert_with(Vec::new);
+                if held.is_empty() {
+                    progress.held = None;
+                    return;
+                }
+                std::mem::take(held)
+            };
+            for (revision, keys, nodes, marker) in pending {
+                self.coherence.hand_out(revision, keys, nodes, marker);
+            }
         }
     }
 }
@@ -242,35 +261,83 @@ impl Coherence {
     /// barrier keys they changed, each with the revision of its change.
     /// Callbacks run before `revision` counts as delivered.
     pub fn deliver(&self, revision: i64, keys: Vec<(Vec<u8>, i64)>) {
+        self.deliver_all(revision, keys, Vec::new(), 0);
+    }
+
+    /// [`Coherence::deliver`], with the changes of the read-lease roll
+    /// (`PREFIX m/node/` keys) in the same events, and `marker`, the highest
+    /// revision of the change marker among them (a tracked write always
+    /// writes it, even when its only operation deleted a missing key, which
+    /// makes no event of its own). The roll is told after the caches'
+    /// callbacks ran: an acknowledgement seen on the roll then never runs
+    /// ahead of the changes delivered before it.
+    pub fn deliver_all(
+        &self,
+        revision: i64,
+        keys: Vec<(Vec<u8>, i64)>,
+        nodes: Vec<(String, Option<Entry>)>,
+        marker: i64,
+    ) {
         {
             let mut progress = lock(&self.progress);
             if let Some(held) = progress.held.as_mut() {
-                held.push((revision, keys));
+                held.push((revision, keys, nodes, marker));
                 return;
             }
         }
-        if !keys.is_empty() {
-            let listeners = self
-                .listeners
-                .read()
-                .unwrap_or_else(PoisonError::into_inner);
-            for (key, changed_at) in &keys {
-                for listener in listeners.iter() {
-                    if key.starts_with(listener.prefix.as_bytes()) {
-                        match &listener.on_change {
-                            Change::Key(f) => f(&String::from_utf8_lossy(key)),
-                            Change::Revision(f) => f(key, *changed_at),
-                        }
-                    }
-                }
-            }
-        }
+        self.hand_out(revision, keys, nodes, marker);
+    }
+
+    /// [`Coherence::deliver_all`] past the hold.
+    fn hand_out(
+        &self,
+        revision: i64,
+        keys: Vec<(Vec<u8>, i64)>,
+        nodes: Vec<(String, Option<Entry>)>,
+        marker: i64,
+    ) {
+        let tracked = self.tell(&keys).max(marker);
         let mut progress = lock(&self.progress);
         if revision > progress.delivered {
             progress.delivered = revision;
         }
         drop(progress);
+        if tracked > 0 || !nodes.is_empty() {
+            let mut roll = lock(&self.roll);
+            roll.changed(tracked);
+            for (name, entry) in nodes {
+                roll.update(&name, entry);
+            }
+            drop(roll);
+            self.roll_changed.notify_all();
+            self.ack_due.notify_one();
+        }
         self.told_progress();
+    }
+
+    /// Runs the callbacks of the listeners of `keys`; the highest revision
+    /// of a tracked key among them (0 if none).
+    fn tell(&self, keys: &[(Vec<u8>, i64)]) -> i64 {
+        let mut tracked = 0;
+        if keys.is_empty() {
+            return tracked;
+        }
+        let listeners = self
+            .listeners
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (key, changed_at) in keys {
+            for listener in listeners.iter() {
+                if key.starts_with(listener.prefix.as_bytes()) {
+                    tracked = tracked.max(*changed_at);
+                    match &listener.on_change {
+                        Change::Key(f) => f(&String::from_utf8_lossy(key)),
+                        Change::Revision(f) => f(key, *changed_at),
+                    }
+                }
+            }
+        }
+        tracked
     }
 
     /// The watch stopped: fences say no until the next [`Coherence::reset`].
@@ -292,6 +359,15 @@ impl Coherence {
     /// A new watch runs from just after `revision` (read before this call):
     /// every cache forgets everything, and the watch counts as live.
     pub fn reset(&self, revision: i64) {
+        self.reset_with(revision, None);
+    }
+
+    /// [`Coherence::reset`], with the read-lease roll as read at `revision`.
+    pub fn reset_with(
+        &self,
+        revision: i64,
+        roll: Option<std::collections::HashMap<String, Entry>>,
+    ) {
         let listeners = self
             .listeners
             .read()
@@ -308,7 +384,118 @@ impl Coherence {
         progress.delivered = revision;
         progress.live = true;
         drop(progress);
+        if let Some(nodes) = roll {
+            lock(&self.roll).reset(revision, nodes);
+            self.roll_changed.notify_all();
+            self.ack_due.notify_one();
+        }
         self.told_progress();
+    }
+
+    /// Whether a request that starts now may use the caches with no fence
+    /// read: this node holds a read lease that every other node on the
+    /// roll has acknowledged, and its watch is live (see
+    /// `storage::members`).
+    pub fn leased(&self) -> bool {
+        let (live, delivered) = {
+            let progress = lock(&self.progress);
+            (progress.live, progress.delivered)
+        };
+        live && lock(&self.roll).serving(Instant::now(), delivered)
+    }
+
+    /// Whether the watch is live, and what it has delivered.
+    pub fn delivered(&self) -> (bool, i64) {
+        let progress = lock(&self.progress);
+        (progress.live, progress.delivered)
+    }
+
+    /// This node's own write of `keys` (barrier keys) was applied at
+    /// `revision`: its caches take it at once (as the watch would later).
+    /// Then this waits, until `deadline`, for this node's watch to deliver
+    /// `revision`, so that the roll it knows holds every node registered
+    /// before the write, and then for every other node on the roll to
+    /// acknowledge `revision` or leave the roll. `Err` says which wait ran
+    /// out.
+    pub fn settle(
+        &self,
+        revision: i64,
+        keys: Vec<Vec<u8>>,
+        deadline: Instant,
+    ) -> Result<(), String> {
+        let keys: Vec<(Vec<u8>, i64)> = keys.into_iter().map(|k| (k, revision)).collect();
+        self.tell(&keys);
+        let mut progress = lock(&self.progress);
+        while !(progress.live && progress.delivered >= revision) {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err("this node's etcd watch did not deliver it".into());
+            }
+            progress = self
+                .progressed
+                .wait_timeout(progress, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        drop(progress);
+        let mut roll = lock(&self.roll);
+        loop {
+            let pending = roll.pending(revision);
+            if pending == 0 {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(format!(
+                    "{pending} other keyward node(s) holding a read lease did not confirm it"
+                ));
+            }
+            roll = self
+                .roll_changed
+                .wait_timeout(roll, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// This node registered on the roll as `name` at revision `created`,
+    /// its lease holding until `valid_until` (less margin).
+    pub fn registered(&self, name: String, created: i64, valid_until: Instant) {
+        lock(&self.roll).registered(name, created, valid_until);
+        self.ack_due.notify_one();
+    }
+
+    /// A keep-alive of this node's lease was answered.
+    pub fn renewed(&self, valid_until: Instant) {
+        lock(&self.roll).renewed(valid_until);
+    }
+
+    /// Whether this node's own count of its read lease has not run out.
+    pub fn lease_held(&self) -> bool {
+        lock(&self.roll).holds(Instant::now())
+    }
+
+    /// This node stops using its read lease (before giving it up).
+    pub fn left(&self) {
+        lock(&self.roll).left();
+    }
+
+    /// Waits until an acknowledgement is due and returns it: the revision
+    /// the watch has delivered, taken as sent (see `Roll::due`).
+    pub async fn next_ack(&self) -> i64 {
+        loop {
+            let told = self.ack_due.notified();
+            let (_, delivered) = self.delivered();
+            if let Some(ack) = lock(&self.roll).due(delivered) {
+                return ack;
+            }
+            told.await;
+        }
+    }
+
+    /// How many nodes are on the read-lease roll, this one included.
+    pub fn roll_len(&self) -> usize {
+        lock(&self.roll).len()
     }
 
     /// Whether the watch is live (status and tests).
@@ -580,6 +767,117 @@ mod tests {
         assert!(c.fence(&read));
         c.down();
         assert!(!c.fence(&read));
+    }
+
+    fn node(created: i64, acked: i64) -> Option<Entry> {
+        Some(Entry { created, acked })
+    }
+
+    #[test]
+    fn a_read_lease_serves_once_registered_and_writes_wait_for_the_others() {
+        let c = Arc::new(Coherence::new());
+        let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+        let s = seen.clone();
+        c.track(
+            "tokens/",
+            Arc::new(move |k| s.lock().unwrap().push(k.to_owned())),
+            Arc::new(|| {}),
+        );
+        c.reset_with(
+            10,
+            Some(std::collections::HashMap::from([(
+                "b".to_owned(),
+                Entry {
+                    created: 5,
+                    acked: 10,
+                },
+            )])),
+        );
+        c.registered("a".into(), 11, Instant::now() + Duration::from_secs(60));
+        assert!(!c.leased(), "its registration is not delivered yet");
+        c.deliver_all(11, Vec::new(), vec![("a".into(), node(11, 0))], 0);
+        assert!(c.leased());
+
+        // This node's write at 13: its own caches take it at once; its
+        // caller waits for its watch to deliver 13, then for b.
+        let settle = |revision: i64, key: &'static [u8]| {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                c.settle(
+                    revision,
+                    vec![key.to_vec()],
+                    Instant::now() + Duration::from_secs(30),
+                )
+            })
+        };
+        let writer = settle(13, b"tokens/x");
+        while !seen.lock().unwrap().contains(&"tokens/x".to_owned()) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!writer.is_finished(), "answered before its watch had it");
+        c.deliver_all(13, Vec::new(), Vec::new(), 13);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!writer.is_finished(), "answered before b acknowledged");
+        c.deliver_all(14, Vec::new(), vec![("b".into(), node(5, 13))], 0);
+        assert_eq!(writer.join().unwrap(), Ok(()));
+
+        // A node that registered before the write, and that this node's
+        // watch had not shown yet when the write was applied, is waited for.
+        let writer = settle(20, b"tokens/y");
+        std::thread::sleep(Duration::from_millis(20));
+        c.deliver_all(15, Vec::new(), vec![("c".into(), node(15, 12))], 0);
+        c.deliver_all(20, Vec::new(), vec![("b".into(), node(5, 20))], 20);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!writer.is_finished(), "answered before c acknowledged");
+        c.deliver_all(21, Vec::new(), vec![("c".into(), node(15, 20))], 0);
+        assert_eq!(writer.join().unwrap(), Ok(()));
+
+        // A node that leaves the roll is no longer waited for; one that
+        // neither acknowledges nor leaves holds the writer to its deadline.
+        let soon = || Instant::now() + Duration::from_millis(20);
+        c.deliver_all(22, Vec::new(), Vec::new(), 22);
+        let late = c.settle(22, vec![b"tokens/z".to_vec()], soon());
+        assert!(late.unwrap_err().contains("2 other keyward node(s)"));
+        c.deliver_all(23, Vec::new(), vec![("c".into(), None)], 0);
+        c.deliver_all(24, Vec::new(), vec![("b".into(), node(5, 22))], 0);
+        assert_eq!(c.settle(22, vec![b"tokens/z".to_vec()], soon()), Ok(()));
+        // A write its watch never delivers: the deadline, named.
+        let undelivered = c.settle(30, vec![b"tokens/z".to_vec()], soon());
+        assert!(undelivered.unwrap_err().contains("watch did not deliver"));
+
+        // The watch down, the lease counted out, or its key deleted: no.
+        c.down();
+        assert!(!c.leased());
+        c.reset_with(25, None);
+        assert!(c.leased());
+        c.deliver_all(26, Vec::new(), vec![("a".into(), None)], 0);
+        assert!(!c.leased());
+        c.registered("a2".into(), 27, Instant::now() + Duration::from_secs(60));
+        c.deliver_all(27, Vec::new(), vec![("a2".into(), node(27, 0))], 0);
+        assert!(c.leased());
+        c.left();
+        assert!(!c.leased());
+    }
+
+    #[tokio::test]
+    async fn acknowledgements_are_due_after_tracked_changes() {
+        let c = Coherence::new();
+        c.track("tokens/", Arc::new(|_| {}), Arc::new(|| {}));
+        c.reset_with(10, Some(std::collections::HashMap::new()));
+        c.registered("a".into(), 11, Instant::now() + Duration::from_secs(60));
+        c.deliver_all(11, Vec::new(), vec![("a".into(), node(11, 0))], 0);
+        // What the new session covered is acknowledged first.
+        assert_eq!(c.next_ack().await, 11);
+        // An untracked change asks for nothing; a tracked one does, and so
+        // does the marker alone (a tracked write that changed no key).
+        c.deliver(13, vec![(b"other/k".to_vec(), 13)]);
+        let next = tokio::time::timeout(Duration::from_millis(50), c.next_ack()).await;
+        assert!(next.is_err(), "no acknowledgement without a tracked change");
+        c.deliver(14, vec![(b"tokens/k".to_vec(), 14)]);
+        assert_eq!(c.next_ack().await, 14);
+        c.deliver_all(15, Vec::new(), Vec::new(), 15);
+        assert_eq!(c.next_ack().await, 15);
     }
 
     #[test]

@@ -121,6 +121,7 @@ use etcd_client::{
 use super::cluster::{self, Fence};
 use super::coherence::Coherence;
 use super::etcd_combine::{Claim, Combiner, Write, WriteHold};
+pub use super::etcd_members::ReadLeaseMetrics;
 use super::read_cache::{ReadCache, ReadCacheFigures, ReadCacheMetrics};
 use super::{
     format, Backend, BatchOp, CasOutcome, EtcdOptions, Expected, ExportSink, KeyValues,
@@ -191,6 +192,8 @@ const DATA: &[u8] = b"d/";
 const FORMAT_KEY: &[u8] = b"m/format";
 /// The change marker of tracked prefixes, under the prefix (see the module doc).
 const EPOCH_KEY: &[u8] = b"m/epoch";
+/// The read-lease roll, under the prefix (see `storage::members`).
+const ROLL: &[u8] = b"m/node/";
 
 /// A `Backend` on an etcd cluster. See the module doc.
 pub struct EtcdBackend {
@@ -216,6 +219,11 @@ pub struct EtcdBackend {
     /// Gathers concurrent unfenced writes into one transaction
     /// (`etcd_combine`); set once the runtime runs.
     combiner: Option<Combiner>,
+    /// This node's read lease (0: none now), given up on `Drop`
+    /// (`etcd_members`).
+    lease: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    closing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    read_lease_metrics: ReadLeaseMetrics,
 }
 
 impl std::fmt::Debug for EtcdBackend {
@@ -226,6 +234,21 @@ impl std::fmt::Debug for EtcdBackend {
 
 impl Drop for EtcdBackend {
     fn drop(&mut self) {
+        // Stop trusting the caches, then give the read lease up, so that
+        // the other nodes' writers need not wait for it to run out.
+        self.closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.coherence.left();
+        let lease = self.lease.load(std::sync::atomic::Ordering::SeqCst);
+        if let (Some(runtime), true) = (&self.runtime, lease != 0) {
+            let mut leases = self.client.lease_client();
+            let (tx, rx) = mpsc::sync_channel(1);
+            runtime.spawn(async move {
+                let _ = leases.revoke(lease).await;
+                let _ = tx.send(());
+            });
+            let _ = rx.recv_timeout(std::time::Duration::from_secs(1));
+        }
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
@@ -398,6 +421,9 @@ impl EtcdBackend {
             )),
             sent: std::sync::Arc::default(),
             combiner: None,
+            lease: std::sync::Arc::default(),
+            closing: std::sync::Arc::default(),
+            read_lease_metrics: ReadLeaseMetrics::default(),
         };
         if let Some(runtime) = &backend.runtime {
             backend.combiner = Some(Combiner::start(
@@ -412,8 +438,21 @@ impl EtcdBackend {
                 client: backend.client.clone(),
                 prefix: prefix.to_vec(),
                 data: backend.data.clone(),
+                roll: [prefix, ROLL].concat(),
+                epoch: backend.epoch_key.clone(),
                 coherence: backend.coherence.clone(),
             }));
+            if options.read_lease {
+                runtime.spawn(super::etcd_members::run(super::etcd_members::Lessee {
+                    client: backend.client.clone(),
+                    roll: [prefix, ROLL].concat(),
+                    epoch_key: backend.epoch_key.clone(),
+                    coherence: backend.coherence.clone(),
+                    lease: backend.lease.clone(),
+                    closing: backend.closing.clone(),
+                    metrics: backend.read_lease_metrics.clone(),
+                }));
+            }
         }
         Ok(backend)
     }
@@ -691,6 +730,44 @@ impl EtcdBackend {
         })
     }
 
+    /// The keys of `ops` under a tracked prefix (barrier keys).
+    fn tracked_keys(&self, ops: &[BatchOp]) -> Vec<Vec<u8>> {
+        ops.iter()
+            .filter_map(|op| match op {
+                BatchOp::Put(key, _) | BatchOp::Delete(key) => {
+                    self.coherence.tracks(key).then(|| key.clone())
+                }
+            })
+            .collect()
+    }
+
+    /// After this node's write of the tracked `keys` applied at `revision`:
+    /// its caches take it, and the other nodes with a read lease
+    /// acknowledge it (or leave the roll) before its caller is answered
+    /// (`Coherence::settle`).
+    fn settle(&self, revision: i64, keys: Vec<Vec<u8>>) -> Result<(), StorageError> {
+        if keys.is_empty() || revision <= 0 {
+            return Ok(());
+        }
+        let _timer = self.time("ack_wait");
+        let deadline = std::time::Instant::now() + super::etcd_members::ACK_WAIT;
+        let settle = || self.coherence.settle(revision, keys, deadline);
+        // The wait parks the thread: not a runtime worker's, unannounced.
+        let settled = match tokio::runtime::Handle::try_current() {
+            Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(settle)
+            }
+            _ => settle(),
+        };
+        settled.map_err(|why| {
+            StorageError::Unavailable(format!(
+                "etcd: the write was applied, but {why} within {} s; until it is confirmed, \
+                 other nodes may answer with what it replaced",
+                super::etcd_members::ACK_WAIT.as_secs()
+            ))
+        })
+    }
+
     /// The epoch's write, to go in a transaction that changes a tracked key.
     fn epoch_op(&self) -> TxnOp {
         TxnOp::put(self.epoch_key.clone(), Vec::new(), None)
@@ -790,10 +867,12 @@ impl EtcdBackend {
         if ops.is_empty() {
             return Ok(());
         }
-        if let Some(fence) = cluster::current() {
-            return self.fenced(self.write_ops(ops), fence, operation);
-        }
-        self.combined(self.unguarded(ops, operation)).map(|_| ())
+        let tracked = self.tracked_keys(&ops);
+        let revision = match cluster::current() {
+            Some(fence) => self.fenced(self.write_ops(ops), fence, operation)?,
+            None => self.combined(self.unguarded(ops, operation))?.unwrap_or(0),
+        };
+        self.settle(revision, tracked)
     }
 }
 
@@ -973,6 +1052,11 @@ impl EtcdBackend {
     pub fn read_cache_metrics(&self) -> ReadCacheMetrics {
         self.read_cache.metrics()
     }
+
+    /// The read lease's metrics, for `/metrics`.
+    pub fn read_lease_metrics(&self) -> ReadLeaseMetrics {
+        self.read_lease_metrics.clone()
+    }
 }
 
 impl Backend for EtcdBackend {
@@ -1063,6 +1147,7 @@ impl Backend for EtcdBackend {
     ) -> Result<CasOutcome, StorageError> {
         let _timer = self.time("compare_and_swap");
         let bump = self.coherence.tracks(key);
+        let tracked = if bump { vec![key.to_vec()] } else { Vec::new() };
         let epoch = self.epoch_op();
         let key = self.data_key(key);
         let compare = match expected {
@@ -1088,7 +1173,7 @@ impl Backend for EtcdBackend {
         } else {
             vec![write]
         };
-        self.call(
+        let outcome = self.call(
             "compare_and_swap",
             Resend::IfNotApplied,
             move |mut client| async move {
@@ -1102,7 +1187,8 @@ impl Backend for EtcdBackend {
                     .await
                     .map_err(|e| etcd_error("compare_and_swap", e))?;
                 if answer.succeeded() {
-                    return Ok(CasOutcome::Swapped);
+                    let revision = answer.header().map_or(0, |h| h.revision());
+                    return Ok((CasOutcome::Swapped, revision));
                 }
                 let mut reads = answer.op_responses().into_iter().filter_map(|r| match r {
                     TxnOpResponse::Get(mut get) => Some(get.take_kvs().into_iter().next()),
@@ -1115,9 +1201,11 @@ impl Backend for EtcdBackend {
                         return Err(fenced_error("compare_and_swap"));
                     }
                 }
-                Ok(CasOutcome::Conflict { current })
+                Ok((CasOutcome::Conflict { current }, 0))
             },
-        )
+        )?;
+        self.settle(outcome.1, tracked)?;
+        Ok(outcome.0)
     }
 
     fn batch(&self, ops: Vec<BatchOp>) -> Result<(), StorageError> {
@@ -1179,6 +1267,7 @@ impl Backend for EtcdBackend {
                 }
             })
             .collect();
+        let tracked = self.tracked_keys(&ops);
         let fence = cluster::current();
         let written = match fence {
             None => {
@@ -1194,12 +1283,15 @@ impl Backend for EtcdBackend {
         let Some(revision) = written else {
             return Ok(false);
         };
+        // The caches take the write first (what it replaced goes), then
+        // what it wrote goes into the read cache, under the insert rule.
+        let settled = self.settle(revision, tracked);
         if revision > 0 {
             for (key, value, ticket) in cached {
                 self.read_cache.insert(&key, &value, revision, ticket);
             }
         }
-        Ok(true)
+        settled.map(|()| true)
     }
 
     fn apply_in_order(&self, ops: Vec<BatchOp>) -> Result<(), StorageError> {
@@ -1253,6 +1345,9 @@ impl Backend for EtcdBackend {
     }
 
     fn cache_fence(&self) -> bool {
+        if self.coherence.leased() {
+            return true;
+        }
         let read = || self.read_epoch();
         let fence = || self.coherence.fence(&read);
         match tokio::runtime::Handle::try_current() {
@@ -1267,6 +1362,9 @@ impl Backend for EtcdBackend {
         Box::pin(async move {
             // A request's whole wait: the shared read and the watch's
             // catching up (the read alone is timed as `cache_fence`).
+            if self.coherence.leased() {
+                return true;
+            }
             let _timer = self.time("fence_wait");
             self.coherence.fence_async(|| self.read_epoch_async()).await
         })
@@ -1428,12 +1526,13 @@ impl EtcdBackend {
 
     /// Sends `ops` as one transaction that applies only while `fence`'s
     /// term holds; a lost term is [`cluster::FENCED`] and nothing is written.
+    /// The revision it applied at.
     fn fenced(
         &self,
         ops: Vec<TxnOp>,
         fence: Fence,
         operation: &'static str,
-    ) -> Result<(), StorageError> {
+    ) -> Result<i64, StorageError> {
         let compare = fence_compare(&fence);
         self.call(
             operation,
@@ -1444,7 +1543,7 @@ impl EtcdBackend {
                     .await
                     .map_err(|e| etcd_error(operation, e))?;
                 if answer.succeeded() {
-                    Ok(())
+                    Ok(answer.header().map_or(0, |h| h.revision()))
                 } else {
                     Err(fenced_error(operation))
                 }

@@ -45,6 +45,11 @@ pub struct EtcdOptions {
     /// (`storage.etcd.fence_interval_us`; 0: a new read as soon as the
     /// last one is answered): see `storage::coherence`.
     pub fence_interval: Duration,
+    /// Whether this node takes a read lease (`storage.etcd.read_lease`,
+    /// on by default): while it holds one, its requests use the caches
+    /// with no fence read, and writers on every node wait for its
+    /// acknowledgement (see `storage::members`).
+    pub read_lease: bool,
 }
 
 impl EtcdOptions {
@@ -62,6 +67,7 @@ impl EtcdOptions {
             read_cache_bytes: super::read_cache::DEFAULT_MAX_BYTES,
             read_cache_entries: super::read_cache::DEFAULT_MAX_ENTRIES,
             fence_interval: DEFAULT_FENCE_INTERVAL,
+            read_lease: true,
         }
     }
 }

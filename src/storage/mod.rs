@@ -28,11 +28,14 @@ mod etcd_combine;
 mod etcd_compact;
 #[cfg(feature = "etcd")]
 mod etcd_leader;
+#[cfg(feature = "etcd")]
+mod etcd_members;
 pub mod etcd_options;
 #[cfg(feature = "etcd")]
 mod etcd_watch;
 pub mod format;
 mod group_commit;
+pub mod members;
 pub mod read_cache;
 mod sled_backend;
 

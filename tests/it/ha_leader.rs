@@ -388,9 +388,15 @@ async fn status_metrics_audit_and_health_follow_the_cluster() {
         "{two_metrics}"
     );
     assert!(two_metrics.contains("keyward_etcd_request_duration_seconds_count{op=\"get\"}"));
-    // A request with a token waited at the cache fence on kw2.
+    // kw2's secret write waited for the read-lease acknowledgements (none
+    // from kw1 may be needed, but the wait is always timed), and kw2 shows
+    // its read lease.
     assert!(
-        two_metrics.contains("keyward_etcd_request_duration_seconds_count{op=\"fence_wait\"}"),
+        two_metrics.contains("keyward_etcd_request_duration_seconds_count{op=\"ack_wait\"}"),
+        "{two_metrics}"
+    );
+    assert!(
+        two_metrics.contains("\nkeyward_etcd_read_lease_nodes "),
         "{two_metrics}"
     );
 

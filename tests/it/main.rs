@@ -47,6 +47,8 @@ mod etcd_kit;
 #[cfg(feature = "etcd")]
 mod etcd_nodes;
 #[cfg(feature = "etcd")]
+mod etcd_read_lease;
+#[cfg(feature = "etcd")]
 mod etcd_reads;
 mod fed17_attack;
 mod federation_claims;
