@@ -751,14 +751,8 @@ impl EtcdBackend {
         }
         let _timer = self.time("ack_wait");
         let deadline = std::time::Instant::now() + super::etcd_members::ACK_WAIT;
-        let settle = || self.coherence.settle(revision, keys, deadline);
         // The wait parks the thread: not a runtime worker's, unannounced.
-        let settled = match tokio::runtime::Handle::try_current() {
-            Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(settle)
-            }
-            _ => settle(),
-        };
+        let settled = super::blocking(|| self.coherence.settle(revision, keys, deadline));
         settled.map_err(|why| {
             StorageError::Unavailable(format!(
                 "etcd: the write was applied, but {why} within {} s; until it is confirmed, \
@@ -1008,13 +1002,7 @@ fn no_answer() -> StorageError {
 
 /// Waits for an answer from the backend's runtime (see the module doc).
 fn wait<T>(rx: mpsc::Receiver<T>) -> Result<T, StorageError> {
-    let receive = || rx.recv_timeout(WAIT_BOUND).map_err(|_| no_answer());
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(receive)
-        }
-        _ => receive(),
-    }
+    super::blocking(|| rx.recv_timeout(WAIT_BOUND).map_err(|_| no_answer()))
 }
 
 impl EtcdBackend {
@@ -1349,13 +1337,7 @@ impl Backend for EtcdBackend {
             return true;
         }
         let read = || self.read_epoch();
-        let fence = || self.coherence.fence(&read);
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(fence)
-            }
-            _ => fence(),
-        }
+        super::blocking(|| self.coherence.fence(&read))
     }
 
     fn cache_fence_async(&self) -> super::FenceFuture<'_> {

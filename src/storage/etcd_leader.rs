@@ -164,13 +164,7 @@ impl Leadership for EtcdLeadership {
             });
             let _ = tx.send(futures_join_all(asks).await);
         });
-        let wait = || rx.recv_timeout(HEALTH_BOUND * 3).unwrap_or_default();
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(wait)
-            }
-            _ => wait(),
-        }
+        super::blocking(|| rx.recv_timeout(HEALTH_BOUND * 3).unwrap_or_default())
     }
 
     fn resign(&self) {

@@ -49,6 +49,20 @@ pub use etcd_combine::WriteHold;
 pub use etcd_leader::EtcdLeadership;
 pub use etcd_options::EtcdOptions;
 
+/// Runs `work`, which blocks its thread (a lock, a store's answer), telling
+/// the runtime first when called on a multi-thread runtime's worker, so that
+/// the worker's other tasks move on to another thread meanwhile
+/// (`tokio::task::block_in_place`). Elsewhere (a current-thread runtime, a
+/// plain thread) it just runs it.
+pub fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
+
 /// What a binary built without the `etcd` feature says when asked for etcd.
 pub const NO_ETCD: &str =
     "storage.backend = \"etcd\" needs a keyward built with the `etcd` feature \
