@@ -444,19 +444,31 @@ impl SecretStore {
             .max_versions
             .map(|n| self.limits.check_max_versions(n))
             .transpose()?;
-        let _guard = self.stripe(&req.path);
         let shared = self.barrier.is_shared_store();
-        let mut fresh = fresh && shared;
-        for _ in 0..PUT_ATTEMPTS {
-            if let Some(version) = self.put_once(&req, max_versions, now_ms, fresh, shared)? {
-                if req.stage == Stage::Current {
-                    self.announce(&req.path, version, now_ms);
+        let write = || {
+            let _guard = self.stripe(&req.path);
+            let mut fresh = fresh && shared;
+            for _ in 0..PUT_ATTEMPTS {
+                if let Some(version) = self.put_once(&req, max_versions, now_ms, fresh, shared)? {
+                    if req.stage == Stage::Current {
+                        self.announce(&req.path, version, now_ms);
+                    }
+                    return Ok(version);
                 }
-                return Ok(version);
+                fresh = false;
             }
-            fresh = false;
+            Err(SecretsError::Contended)
+        };
+        if shared {
+            // The write waits on etcd while it holds its path's lock, and
+            // other writes of the path wait for that lock: the runtime is
+            // told first, so a worker's other requests move on meanwhile.
+            // On sled the write is short, and handing the worker over would
+            // cost more than it saves.
+            crate::storage::blocking(write)
+        } else {
+            write()
         }
-        Err(SecretsError::Contended)
     }
 
     /// One try of a write: `None` when, on a shared store, a record it read
