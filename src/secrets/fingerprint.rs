@@ -163,6 +163,8 @@ impl SecretStore {
                         .push((k.clone(), FieldNames { fields }.encode_to_vec()));
                     written.keys.push(k);
                 }
+                // The version's list goes last: a write made one record at
+                // a time (`SecretStore::write_in_order`) relies on it.
                 ops.puts
                     .push((format!("{VER}{suffix}"), written.encode_to_vec()));
             }
@@ -172,6 +174,12 @@ impl SecretStore {
 
     /// The stored versions (holding a stage, not destroyed) one of whose
     /// fields is exactly `value`. The value is neither kept nor logged.
+    ///
+    /// A fingerprint counts only while the secret's metadata stages its
+    /// version and the version's list names it. On sled a write's records
+    /// go one at a time, so a crash can leave fingerprints of a version that
+    /// was never written (its number then reused by the next write) or of
+    /// one that lost its stage; neither is reported.
     pub fn match_value(&self, value: &[u8]) -> Result<Vec<ValueMatch>, SecretsError> {
         let key = self.print_key()?;
         let print = hex::encode(ring::hmac::sign(&key, value).as_ref());
@@ -185,6 +193,9 @@ impl SecretStore {
                 return Err(SecretsError::Corrupt);
             };
             let version: u64 = version.parse().map_err(|_| SecretsError::Corrupt)?;
+            if !self.print_stands(path, version, &k)? {
+                continue;
+            }
             let names = FieldNames::decode(raw.as_slice()).map_err(|_| SecretsError::Corrupt)?;
             out.push(ValueMatch {
                 path: path.to_owned(),
@@ -193,6 +204,32 @@ impl SecretStore {
             });
         }
         Ok(out)
+    }
+
+    /// Whether the fingerprint record `print_key` of `path`'s `version` is
+    /// one the store stands by: the metadata stages the version (not
+    /// destroyed) and the version's list of fingerprints names the record.
+    fn print_stands(
+        &self,
+        path: &str,
+        version: u64,
+        print_key: &str,
+    ) -> Result<bool, SecretsError> {
+        let path = SecretPath::parse(path).map_err(|_| SecretsError::Corrupt)?;
+        let meta = match self.metadata(&path) {
+            Ok(meta) => meta,
+            Err(SecretsError::NotFound) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        if !holds_prints(&meta, version) {
+            return Ok(false);
+        }
+        let ver_key = format!("{VER}{}", version_suffix(&path, version));
+        let Some(raw) = self.barrier.get(&ver_key)? else {
+            return Ok(false);
+        };
+        let listed = VersionPrints::decode(raw.as_slice()).map_err(|_| SecretsError::Corrupt)?;
+        Ok(listed.keys.iter().any(|k| k == print_key))
     }
 
     /// How many fingerprint keys the store holds (for tests and tools).
@@ -210,7 +247,7 @@ mod tests {
     use crate::barrier::{Barrier, BarrierOptions};
     use crate::policy::Capability;
     use crate::secrecy::SecretBytes;
-    use crate::secrets::{DataLimits, PutRequest, Stage};
+    use crate::secrets::{DataLimits, PutRequest, Selector, Stage};
     use crate::storage::SledBackend;
 
     fn store() -> (tempfile::TempDir, SecretStore) {
@@ -255,6 +292,96 @@ mod tests {
             .into_iter()
             .map(|m| (m.path, m.version, m.fields))
             .collect()
+    }
+
+    /// A Put on sled writes its records one at a time. Stopped after any
+    /// number of them, as by a crash, readers get the old secret or the new
+    /// one whole, and a value matches exactly when a version the metadata
+    /// stages holds it, also after the next write reuses the version number
+    /// of a write that never took effect.
+    #[test]
+    fn a_put_stopped_after_any_record_leaves_old_or_new_and_only_true_matches() {
+        use std::sync::atomic::Ordering;
+        let path = SecretPath::parse("app/db").unwrap();
+        let write = |store: &SecretStore, password: &str| {
+            let data: SecretData = [
+                ("password".to_owned(), SecretBytes::from(password)),
+                ("user".to_owned(), SecretBytes::from("user-Value-Same")),
+            ]
+            .into_iter()
+            .collect();
+            store.put(
+                &proof("app/db", Capability::Write),
+                PutRequest {
+                    path: path.clone(),
+                    data,
+                    cas: None,
+                    max_versions: Some(2),
+                    owner: None,
+                    stage: Stage::Current,
+                },
+                1_000,
+            )
+        };
+        let mut stops = 0;
+        for stop in 0.. {
+            let (_dir, store) = store();
+            write(&store, "first-Value-0001").unwrap();
+            write(&store, "second-Value-002").unwrap();
+            store.crash_after.store(stop, Ordering::SeqCst);
+            let third = write(&store, "third-Value-0003");
+            store.crash_after.store(usize::MAX, Ordering::SeqCst);
+            let current = store.get(&path, Selector::Stage(Stage::Current)).unwrap();
+            let password = current.data["password"].expose().to_vec();
+            let took = current.version == 3;
+            assert!(
+                took || current.version == 2,
+                "stop {stop}: version {}",
+                current.version
+            );
+            let expected: &[u8] = if took {
+                b"third-Value-0003"
+            } else {
+                b"second-Value-002"
+            };
+            assert_eq!(password, expected, "stop {stop}");
+            // Version 1 loses its stage with the third write's metadata.
+            assert_eq!(
+                !matched(&store, "first-Value-0001").is_empty(),
+                !took,
+                "stop {stop}"
+            );
+            assert_eq!(
+                matched(&store, "third-Value-0003"),
+                if took {
+                    vec![("app/db".into(), 3, vec!["password".into()])]
+                } else {
+                    vec![]
+                },
+                "stop {stop}"
+            );
+            assert_eq!(matched(&store, "second-Value-002").len(), 1, "stop {stop}");
+            assert_eq!(matched(&store, "user-Value-Same").len(), 2, "stop {stop}");
+            // The next write: version 3 again if the third never took effect.
+            let next = write(&store, "fourth-Value-004").unwrap();
+            assert_eq!(next, if took { 4 } else { 3 }, "stop {stop}");
+            assert_eq!(
+                matched(&store, "third-Value-0003").len(),
+                usize::from(took),
+                "stop {stop}: the unfinished write's value matched"
+            );
+            assert_eq!(
+                matched(&store, "fourth-Value-004"),
+                [("app/db".into(), next, vec!["password".into()])]
+            );
+            if third.is_ok() {
+                break;
+            }
+            stops += 1;
+        }
+        // data, two fingerprints and their list, metadata, then the pruned
+        // version's data and version 1's fingerprints and list: each a stop.
+        assert_eq!(stops, 9);
     }
 
     #[test]
