@@ -7,9 +7,12 @@
 //! the store without the keyring cannot test a guess against them). The
 //! fingerprints of a version exist while it holds a stage (`current`,
 //! `previous`, `pending`) and is not destroyed; they are written and
-//! dropped in the same batch as the metadata change that decides it (put,
-//! promotion, clearing a pending version, destroy), under the path's
-//! write lock. A write costs one HMAC per field.
+//! dropped with the metadata change that decides it (put, promotion,
+//! clearing a pending version, destroy), under the path's write lock: in
+//! the same batch, except a Put on sled, which writes its records one at a
+//! time (`SecretStore::write_in_order`; a match then checks each
+//! fingerprint against the metadata and the version's list). A write costs
+//! one HMAC per field.
 //!
 //! Storage prefix `scan/` (through the barrier):
 //! - `scan/fp/<hex fingerprint>/<path>#<version, 20 digits>`: the field
@@ -157,16 +160,19 @@ impl SecretStore {
                         .push(field.clone());
                 }
                 let mut written = VersionPrints::default();
+                let mut puts = Vec::with_capacity(by_print.len());
                 for (print, fields) in by_print {
                     let k = format!("{FP}{print}/{suffix}");
-                    ops.puts
-                        .push((k.clone(), FieldNames { fields }.encode_to_vec()));
+                    puts.push((k.clone(), FieldNames { fields }.encode_to_vec()));
                     written.keys.push(k);
                 }
-                // The version's list goes last: a write made one record at
-                // a time (`SecretStore::write_in_order`) relies on it.
+                // The version's list goes first: a write made one record at
+                // a time (`SecretStore::write_in_order`) relies on it, so
+                // that every fingerprint it may have written is named by a
+                // list the next write of the version number finds.
                 ops.puts
                     .push((format!("{VER}{suffix}"), written.encode_to_vec()));
+                ops.puts.extend(puts);
             }
         }
         Ok(ops)
@@ -193,7 +199,9 @@ impl SecretStore {
                 return Err(SecretsError::Corrupt);
             };
             let version: u64 = version.parse().map_err(|_| SecretsError::Corrupt)?;
-            if !self.print_stands(path, version, &k)? {
+            // On etcd a write's records go in one transaction: every
+            // fingerprint there is one the store stands by.
+            if !self.barrier.is_shared_store() && !self.print_stands(path, version, &k)? {
                 continue;
             }
             let names = FieldNames::decode(raw.as_slice()).map_err(|_| SecretsError::Corrupt)?;
@@ -230,6 +238,44 @@ impl SecretStore {
         };
         let listed = VersionPrints::decode(raw.as_slice()).map_err(|_| SecretsError::Corrupt)?;
         Ok(listed.keys.iter().any(|k| k == print_key))
+    }
+
+    /// Fingerprint records of `path` that `after` no longer stands by and
+    /// `planned` neither drops nor writes: the lists (and their
+    /// fingerprints) of versions it does not stage, and the fingerprints of
+    /// an earlier list of the version `planned` lists anew. After finished
+    /// writes there are none; a write cut off by a crash leaves some, which
+    /// the next write of the path finds here.
+    pub(super) fn stray_prints(
+        &self,
+        path: &SecretPath,
+        after: &MetaRecord,
+        planned: &PrintOps,
+    ) -> Result<Vec<String>, SecretsError> {
+        let prefix = format!("{VER}{path}#");
+        let mut out = Vec::new();
+        for ver_key in self.barrier.scan_keys(&prefix)? {
+            let version: u64 = ver_key[prefix.len()..]
+                .parse()
+                .map_err(|_| SecretsError::Corrupt)?;
+            let written = |k: &String| planned.puts.iter().any(|(p, _)| p == k);
+            // The list of the version this write makes already exists only
+            // when a write of the same number was cut off: the fingerprints
+            // it names and this write does not are strays.
+            let relisted = written(&ver_key);
+            if !relisted && (holds_prints(after, version) || planned.deletes.contains(&ver_key)) {
+                continue;
+            }
+            if let Some(raw) = self.barrier.get(&ver_key)? {
+                let listed =
+                    VersionPrints::decode(raw.as_slice()).map_err(|_| SecretsError::Corrupt)?;
+                out.extend(listed.keys.into_iter().filter(|k| !written(k)));
+            }
+            if !relisted {
+                out.push(ver_key);
+            }
+        }
+        Ok(out)
     }
 
     /// How many fingerprint keys the store holds (for tests and tools).
@@ -373,6 +419,25 @@ mod tests {
             assert_eq!(
                 matched(&store, "fourth-Value-004"),
                 [("app/db".into(), next, vec!["password".into()])]
+            );
+            // The next write leaves nothing of a cut-off one behind: the
+            // data of the two listed versions (`max_versions` 2) and the
+            // fingerprints of the two staged ones (two fields each), nothing
+            // else.
+            assert_eq!(
+                store
+                    .barrier
+                    .scan_keys("secrets/data/app/db#")
+                    .unwrap()
+                    .len(),
+                2,
+                "stop {stop}"
+            );
+            assert_eq!(store.fingerprint_count().unwrap(), 4, "stop {stop}");
+            assert_eq!(
+                store.barrier.scan_keys("scan/ver/app/db#").unwrap().len(),
+                2,
+                "stop {stop}"
             );
             if third.is_ok() {
                 break;

@@ -471,7 +471,7 @@ impl SecretStore {
             // told first, so a worker's other requests move on meanwhile.
             // On sled the write is short, and handing the worker over would
             // cost more than it saves.
-            crate::storage::blocking(write)
+            crate::storage::off_worker(write)
         } else {
             write()
         }
@@ -552,7 +552,6 @@ impl SecretStore {
         fields.fields.values_mut().for_each(|v| v.zeroize());
         let meta_bytes = meta.encode_to_vec();
         let data_k = data_key(&req.path, version);
-        let pruned_keys: Vec<String> = pruned.iter().map(|v| data_key(&req.path, *v)).collect();
         let prints = self.print_ops_fenced(
             &req.path,
             staged_before,
@@ -563,15 +562,15 @@ impl SecretStore {
         )?;
         if !shared {
             self.write_in_order(
-                &meta_k,
-                &meta_bytes,
-                &data_k,
-                &encoded,
-                &pruned_keys,
+                &req.path,
+                &meta,
+                (&meta_k, &meta_bytes),
+                (&data_k, &encoded),
                 &prints,
             )?;
             return Ok(Some(version));
         }
+        let pruned_keys: Vec<String> = pruned.iter().map(|v| data_key(&req.path, *v)).collect();
         let mut ops = vec![
             PlainOp::Put(&meta_k, &meta_bytes),
             PlainOp::Put(&data_k, &encoded),
@@ -593,36 +592,44 @@ impl SecretStore {
     /// Not one batch: sled takes a store-wide lock for a batch, which stops
     /// every other read and write, and writes its log buffer out twice for
     /// it, so a batched Put cost about twice the server CPU of this (see the
-    /// README, "Durable Put on sled without a batch"). The path's write lock
-    /// is held by the caller, so no other write of the path runs between.
+    /// README, "Sixth round: durable Put on sled without a batch"). The
+    /// path's write lock is held by the caller, so no other write of the
+    /// path runs between. Every value is encrypted before the first write
+    /// (`Barrier::write_in_order`), so a seal or a refused key meanwhile
+    /// writes nothing.
     ///
     /// 1. the version's data: no metadata names the version yet, so no read
     ///    finds it (a crash here leaves a record the next write of the same
     ///    version number replaces);
-    /// 2. its fingerprints, the version's list of them last: a match counts
-    ///    only a fingerprint that the version's list names while the
+    /// 2. the version's list of fingerprints, then the fingerprints: a match
+    ///    counts only a fingerprint that the version's list names while the
     ///    metadata stages the version (`match_value`), so fingerprints of an
-    ///    unfinished write are never reported;
+    ///    unfinished write are never reported, and the next write of the
+    ///    same version number finds them by that list and drops them;
     /// 3. the metadata: the write takes effect;
-    /// 4. what the new metadata no longer names: pruned versions' data and
-    ///    the fingerprints of versions that lost their stage (left behind by
-    ///    a crash, they are never read: the metadata no longer names them).
+    /// 4. what the new metadata no longer names: data of versions it does
+    ///    not list, and fingerprints of versions it does not stage. These
+    ///    are found by listing the path's keys, not only from what this
+    ///    write pruned, so what an earlier write cut off by a crash left
+    ///    behind goes too.
     fn write_in_order(
         &self,
-        meta_k: &str,
-        meta_bytes: &[u8],
-        data_k: &str,
-        encoded: &[u8],
-        pruned_keys: &[String],
+        path: &SecretPath,
+        meta: &MetaRecord,
+        (meta_k, meta_bytes): (&str, &[u8]),
+        (data_k, encoded): (&str, &[u8]),
         prints: &fingerprint::PrintOps,
     ) -> Result<(), SecretsError> {
+        let unlisted = self.unlisted_data(path, meta)?;
+        let strays = self.stray_prints(path, meta, prints)?;
         let mut steps = vec![PlainOp::Put(data_k, encoded)];
         steps.extend(prints.puts.iter().map(|(k, v)| PlainOp::Put(k, v)));
         steps.push(PlainOp::Put(meta_k, meta_bytes));
         steps.extend(
-            pruned_keys
+            unlisted
                 .iter()
                 .chain(&prints.deletes)
+                .chain(&strays)
                 .map(|k| PlainOp::Delete(k)),
         );
         #[cfg(test)]
@@ -632,17 +639,32 @@ impl SecretStore {
             steps.truncate(stop);
             stopped
         };
-        for step in steps {
-            match step {
-                PlainOp::Put(k, v) => self.barrier.put(k, v)?,
-                PlainOp::Delete(k) => self.barrier.delete(k)?,
-            }
-        }
+        self.barrier.write_in_order(&steps)?;
         #[cfg(test)]
         if stopped {
             return Err(SecretsError::Corrupt);
         }
         Ok(())
+    }
+
+    /// The data keys of `path` whose version `meta` does not list: the
+    /// versions this write prunes, and any an earlier write left behind.
+    fn unlisted_data(
+        &self,
+        path: &SecretPath,
+        meta: &MetaRecord,
+    ) -> Result<Vec<String>, SecretsError> {
+        let prefix = format!("{DATA}{path}#");
+        let mut out = Vec::new();
+        for key in self.barrier.scan_keys(&prefix)? {
+            let version: u64 = key[prefix.len()..]
+                .parse()
+                .map_err(|_| SecretsError::Corrupt)?;
+            if meta.version(version).is_none() {
+                out.push(key);
+            }
+        }
+        Ok(out)
     }
 
     /// Reads one version.

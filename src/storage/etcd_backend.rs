@@ -752,7 +752,7 @@ impl EtcdBackend {
         let _timer = self.time("ack_wait");
         let deadline = std::time::Instant::now() + super::etcd_members::ACK_WAIT;
         // The wait parks the thread: not a runtime worker's, unannounced.
-        let settled = super::blocking(|| self.coherence.settle(revision, keys, deadline));
+        let settled = super::off_worker(|| self.coherence.settle(revision, keys, deadline));
         settled.map_err(|why| {
             StorageError::Unavailable(format!(
                 "etcd: the write was applied, but {why} within {} s; until it is confirmed, \
@@ -1002,7 +1002,7 @@ fn no_answer() -> StorageError {
 
 /// Waits for an answer from the backend's runtime (see the module doc).
 fn wait<T>(rx: mpsc::Receiver<T>) -> Result<T, StorageError> {
-    super::blocking(|| rx.recv_timeout(WAIT_BOUND).map_err(|_| no_answer()))
+    super::off_worker(|| rx.recv_timeout(WAIT_BOUND).map_err(|_| no_answer()))
 }
 
 impl EtcdBackend {
@@ -1337,7 +1337,7 @@ impl Backend for EtcdBackend {
             return true;
         }
         let read = || self.read_epoch();
-        super::blocking(|| self.coherence.fence(&read))
+        super::off_worker(|| self.coherence.fence(&read))
     }
 
     fn cache_fence_async(&self) -> super::FenceFuture<'_> {

@@ -164,7 +164,7 @@ impl Leadership for EtcdLeadership {
             });
             let _ = tx.send(futures_join_all(asks).await);
         });
-        super::blocking(|| rx.recv_timeout(HEALTH_BOUND * 3).unwrap_or_default())
+        super::off_worker(|| rx.recv_timeout(HEALTH_BOUND * 3).unwrap_or_default())
     }
 
     fn resign(&self) {

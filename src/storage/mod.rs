@@ -52,9 +52,15 @@ pub use etcd_options::EtcdOptions;
 /// Runs `work`, which blocks its thread (a lock, a store's answer), telling
 /// the runtime first when called on a multi-thread runtime's worker, so that
 /// the worker's other tasks move on to another thread meanwhile
-/// (`tokio::task::block_in_place`). Elsewhere (a current-thread runtime, a
-/// plain thread) it just runs it.
-pub fn blocking<T>(work: impl FnOnce() -> T) -> T {
+/// (`tokio::task::block_in_place`). On a current-thread runtime, in a
+/// `spawn_blocking` body or on a plain thread it just runs it. It panics
+/// where `block_in_place` does and this crate never runs: inside a
+/// `LocalSet` on a multi-thread runtime, or with a multi-thread runtime's
+/// handle entered inside a current-thread runtime's `block_on`.
+///
+/// Not to be confused with `cluster::blocking`, which carries a leader's
+/// fence into a `spawn_blocking` body.
+pub fn off_worker<T>(work: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current() {
         Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
             tokio::task::block_in_place(work)

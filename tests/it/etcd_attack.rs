@@ -322,3 +322,60 @@ fn a_pending_dropped_racing_a_put_on_another_node_loses_no_version() {
     );
     assert_eq!(password(&race.b, &path, 3).as_deref(), Some("three"));
 }
+
+/// One vault on etcd: its barrier and a secret store over it.
+fn etcd_vault(etcd: &EtcdCluster, prefix: &str) -> (Arc<Barrier>, SecretStore) {
+    let backend =
+        Arc::new(EtcdBackend::open(&EtcdOptions::plaintext(etcd.endpoints(), prefix)).unwrap());
+    let barrier = Arc::new(Barrier::new(backend, BarrierOptions::default()).unwrap());
+    let shares = barrier.init(1, 1).unwrap();
+    barrier.unseal(&shares[0].0).unwrap();
+    let store = SecretStore::new(barrier.clone(), DataLimits::default());
+    (barrier, store)
+}
+
+/// On etcd an answered write is already on a quorum, so `durable` runs no
+/// group-commit round (none is counted), and a secret write, which hands
+/// its worker over on a multi-thread runtime, also works on a
+/// current-thread runtime (where `block_in_place` would panic).
+#[tokio::test]
+async fn on_etcd_durable_runs_no_round_and_a_put_works_on_a_current_thread_runtime() {
+    let etcd = EtcdCluster::start(1);
+    let (barrier, store) = etcd_vault(&etcd, &format!("{}/", unique("kw-durable")));
+    let path = SecretPath::parse("app/db").unwrap();
+    let version = put(&store, &path, "first-value");
+    store.durable().await.unwrap();
+    barrier.durable().await.unwrap();
+    assert_eq!(barrier.flush_count(), 0, "a group-commit round ran on etcd");
+    assert_eq!(
+        password(&store, &path, version).as_deref(),
+        Some("first-value")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_etcd_puts_from_multi_thread_workers_all_land() {
+    let etcd = EtcdCluster::start(1);
+    let (barrier, store) = etcd_vault(&etcd, &format!("{}/", unique("kw-workers")));
+    let store = Arc::new(store);
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            // Two tasks a path: writes of one path wait for its lock.
+            let path = SecretPath::parse(&format!("app/s{}", t % 4)).unwrap();
+            for i in 0..10 {
+                put(&store, &path, &format!("v-{t}-{i}"));
+                store.durable().await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    for s in 0..4 {
+        let path = SecretPath::parse(&format!("app/s{s}")).unwrap();
+        assert_eq!(store.metadata(&path).unwrap().newest, 20);
+    }
+    assert_eq!(barrier.flush_count(), 0);
+}
