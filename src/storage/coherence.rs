@@ -837,27 +837,39 @@ mod tests {
         c.deliver_all(21, Vec::new(), vec![("c".into(), node(16, 20))], 0);
         assert_eq!(writer.join().unwrap(), Ok(()));
 
+        // Two other lease holders: the writer waits for both, whichever
+        // acknowledges first.
+        c.deliver_all(22, Vec::new(), vec![("b".into(), node(22, 21))], 0);
+        let writer = settle(24, b"tokens/w");
+        c.deliver_all(24, Vec::new(), Vec::new(), 24);
+        c.deliver_all(25, Vec::new(), vec![("b".into(), node(22, 24))], 0);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!writer.is_finished(), "answered before c acknowledged");
+        c.deliver_all(26, Vec::new(), vec![("c".into(), node(16, 24))], 0);
+        assert_eq!(writer.join().unwrap(), Ok(()));
+
         // A node that leaves the roll is no longer waited for; one that
         // neither acknowledges nor leaves holds the writer to its deadline.
         let soon = || Instant::now() + Duration::from_millis(20);
-        c.deliver_all(22, Vec::new(), Vec::new(), 22);
-        let late = c.settle(22, vec![b"tokens/z".to_vec()], soon());
-        assert!(late.unwrap_err().contains("1 other keyward node(s)"));
-        c.deliver_all(23, Vec::new(), vec![("c".into(), None)], 0);
-        assert_eq!(c.settle(22, vec![b"tokens/z".to_vec()], soon()), Ok(()));
+        c.deliver_all(32, Vec::new(), Vec::new(), 32);
+        let late = c.settle(32, vec![b"tokens/z".to_vec()], soon());
+        assert!(late.unwrap_err().contains("2 other keyward node(s)"));
+        c.deliver_all(33, Vec::new(), vec![("c".into(), None)], 0);
+        c.deliver_all(34, Vec::new(), vec![("b".into(), node(22, 32))], 0);
+        assert_eq!(c.settle(32, vec![b"tokens/z".to_vec()], soon()), Ok(()));
         // A write its watch never delivers: the deadline, named.
-        let undelivered = c.settle(30, vec![b"tokens/z".to_vec()], soon());
+        let undelivered = c.settle(40, vec![b"tokens/z".to_vec()], soon());
         assert!(undelivered.unwrap_err().contains("watch did not deliver"));
 
         // The watch down, the lease counted out, or its key deleted: no.
         c.down();
         assert!(!c.leased());
-        c.reset_with(25, None);
+        c.reset_with(45, None);
         assert!(c.leased());
-        c.deliver_all(26, Vec::new(), vec![("a".into(), None)], 0);
+        c.deliver_all(46, Vec::new(), vec![("a".into(), None)], 0);
         assert!(!c.leased());
-        c.registered("a2".into(), 27, Instant::now() + Duration::from_secs(60));
-        c.deliver_all(27, Vec::new(), vec![("a2".into(), node(27, 0))], 0);
+        c.registered("a2".into(), 47, Instant::now() + Duration::from_secs(60));
+        c.deliver_all(47, Vec::new(), vec![("a2".into(), node(47, 0))], 0);
         assert!(c.leased());
         c.left();
         assert!(!c.leased());
