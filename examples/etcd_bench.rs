@@ -61,6 +61,13 @@ fn main() {
     std::process::exit(2);
 }
 
+// The allocator of the `keyward` binary (src/main.rs): the node runs in this
+// process, so it is measured as it ships. (The load client shares it, for
+// keyward and OpenBao alike.)
+#[cfg(unix)]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[cfg(feature = "etcd")]
 fn main() {
     tokio::runtime::Builder::new_multi_thread()
@@ -289,6 +296,36 @@ mod bench {
 
     /// Count and sum of seconds of each op of
     /// `keyward_etcd_request_duration_seconds`, from the node's `/metrics`.
+    /// User + system CPU time of process `pid` so far, in milliseconds,
+    /// from `/proc/PID/stat` (fields 14 and 15, in ticks of Linux's fixed
+    /// `USER_HZ` of 100).
+    fn cpu_ms(pid: u32) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            return 0;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i - 3)
+                .and_then(|t| t.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        (ticks(14) + ticks(15)) * 10
+    }
+
+    /// CPU so far of the etcd members (summed) and of this process (the
+    /// keyward node and the load client together).
+    fn cpu_split(etcd: &EtcdCluster) -> (u64, u64) {
+        let members = etcd
+            .members
+            .iter()
+            .filter_map(|m| m.pid())
+            .map(cpu_ms)
+            .sum();
+        (members, cpu_ms(std::process::id()))
+    }
+
     async fn etcd_times(
         addr: std::net::SocketAddr,
     ) -> std::collections::BTreeMap<String, (f64, f64)> {
@@ -627,6 +664,7 @@ mod bench {
         .await;
         let sent_before_put = sent();
         let etcd_before_put = etcd_times(metrics_addr).await;
+        let cpu_before_put = cpu_split(&etcd);
         let put = {
             let options = options.clone();
             let token = token.clone();
@@ -657,6 +695,17 @@ mod bench {
         // writes: the same count divided by the phase's calls.
         let sent_after_put = sent();
         let etcd_after_put = etcd_times(metrics_addr).await;
+        let cpu_after_put = cpu_split(&etcd);
+        {
+            // Where the Put phase's CPU went: the three etcd members, and
+            // this process (keyward node and load client), per Put.
+            let per = |a: u64, b: u64| (b - a) as f64 * 1000.0 / put.calls.max(1) as f64;
+            println!(
+                "put_cpu etcd_members_us_per_put={:.0} bench_process_us_per_put={:.0}",
+                per(cpu_before_put.0, cpu_after_put.0),
+                per(cpu_before_put.1, cpu_after_put.1)
+            );
+        }
         // Mean times by storage call in each loaded phase (`fence_wait` is a
         // request's whole wait at its fence; `cache_fence` the shared read).
         for (phase, before, after) in [

@@ -81,14 +81,49 @@ fn version_suffix(path: &SecretPath, version: u64) -> String {
     format!("{path}{}", &data[at..])
 }
 
+/// The staged versions of a metadata record before a change, with the
+/// fingerprints its records list (see `VersionRecord::prints_listed`).
+pub(super) struct Staged {
+    versions: [u64; 3],
+    /// The staged versions whose metadata lists their fingerprints.
+    listed: Vec<(u64, Vec<Vec<u8>>)>,
+}
+
+impl Staged {
+    /// The fingerprints `version`'s record lists; `None` when its list is
+    /// a `scan/ver/` record.
+    fn listed(&self, version: u64) -> Option<&[Vec<u8>]> {
+        self.listed
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map(|(_, prints)| prints.as_slice())
+    }
+}
+
+pub(super) fn staged(meta: &MetaRecord) -> Staged {
+    let versions = stages(meta);
+    let listed = meta
+        .versions
+        .iter()
+        .filter(|v| v.prints_listed && versions.contains(&v.version))
+        .map(|v| (v.version, v.prints.clone()))
+        .collect();
+    Staged { versions, listed }
+}
+
 /// The staged versions of a metadata record (0 for none).
-pub(super) fn staged(meta: &MetaRecord) -> [u64; 3] {
+fn stages(meta: &MetaRecord) -> [u64; 3] {
     [meta.current, meta.previous, meta.pending]
+}
+
+/// `scan/fp/<hex tag>/<path>#<version>`.
+fn fp_key(tag: &[u8], suffix: &str) -> String {
+    format!("{FP}{}/{suffix}", hex::encode(tag))
 }
 
 fn holds_prints(meta: &MetaRecord, version: u64) -> bool {
     version != 0
-        && staged(meta).contains(&version)
+        && stages(meta).contains(&version)
         && meta
             .versions
             .iter()
@@ -106,29 +141,50 @@ impl SecretStore {
 
     /// The fingerprint changes of a metadata change from `before` (staged
     /// versions) to `after`, plus the fingerprints of `new`'s fields.
+    ///
+    /// `after` is the changed metadata, not yet encoded: on a shared store
+    /// it is made to list the new version's fingerprints, and a version
+    /// that loses its stage loses its listed ones.
     pub(super) fn print_ops(
         &self,
         path: &SecretPath,
-        before: [u64; 3],
+        before: &Staged,
         touched: Option<u64>,
-        after: &MetaRecord,
+        after: &mut MetaRecord,
         new: Option<(u64, &SecretData)>,
     ) -> Result<PrintOps, SecretsError> {
         self.print_ops_fenced(path, before, touched, after, new, false)
+    }
+
+    /// Whether a new version's fingerprints are listed in its metadata:
+    /// on a shared store, where one transaction writes them together, so a
+    /// list is never missing for fingerprints that exist. On sled the
+    /// records go one at a time, and the `scan/ver/` list written before
+    /// the fingerprints is what finds those of a cut-off write.
+    fn lists_in_meta(&self) -> bool {
+        #[cfg(test)]
+        if self
+            .prints_in_meta
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return true;
+        }
+        self.barrier.is_shared_store()
     }
 
     /// [`Self::print_ops`] for a request whose cache fence said `fresh`.
     pub(super) fn print_ops_fenced(
         &self,
         path: &SecretPath,
-        before: [u64; 3],
+        before: &Staged,
         touched: Option<u64>,
-        after: &MetaRecord,
+        after: &mut MetaRecord,
         new: Option<(u64, &SecretData)>,
         fresh: bool,
     ) -> Result<PrintOps, SecretsError> {
         let mut ops = PrintOps::default();
         let mut gone: Vec<u64> = before
+            .versions
             .into_iter()
             .chain(touched)
             .filter(|v| *v != 0 && !holds_prints(after, *v))
@@ -136,6 +192,16 @@ impl SecretStore {
         gone.sort_unstable();
         gone.dedup();
         for version in gone {
+            if let Some(listed) = before.listed(version) {
+                // Listed in the metadata, whose stamp the write compares.
+                let suffix = version_suffix(path, version);
+                ops.deletes
+                    .extend(listed.iter().map(|tag| fp_key(tag, &suffix)));
+                if let Some(record) = after.versions.iter_mut().find(|v| v.version == version) {
+                    record.prints.clear();
+                }
+                continue;
+            }
             let ver_key = format!("{VER}{}", version_suffix(path, version));
             let found = self.barrier.get_stamped_fenced(&ver_key, fresh)?;
             ops.read
@@ -151,27 +217,38 @@ impl SecretStore {
             if holds_prints(after, version) {
                 let key = self.print_key()?;
                 let suffix = version_suffix(path, version);
-                let mut by_print: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                let mut by_print: BTreeMap<Vec<u8>, Vec<String>> = BTreeMap::new();
                 for (field, value) in data.iter() {
                     let tag = ring::hmac::sign(&key, value.expose());
                     by_print
-                        .entry(hex::encode(tag.as_ref()))
+                        .entry(tag.as_ref().to_vec())
                         .or_default()
                         .push(field.clone());
                 }
-                let mut written = VersionPrints::default();
                 let mut puts = Vec::with_capacity(by_print.len());
-                for (print, fields) in by_print {
-                    let k = format!("{FP}{print}/{suffix}");
-                    puts.push((k.clone(), FieldNames { fields }.encode_to_vec()));
-                    written.keys.push(k);
+                for (tag, fields) in &by_print {
+                    let fields = fields.clone();
+                    puts.push((fp_key(tag, &suffix), FieldNames { fields }.encode_to_vec()));
                 }
-                // The version's list goes first: a write made one record at
-                // a time (`SecretStore::write_in_order`) relies on it, so
-                // that every fingerprint it may have written is named by a
-                // list the next write of the version number finds.
-                ops.puts
-                    .push((format!("{VER}{suffix}"), written.encode_to_vec()));
+                let record = after.versions.iter_mut().find(|v| v.version == version);
+                match record {
+                    Some(record) if self.lists_in_meta() => {
+                        record.prints_listed = true;
+                        record.prints = by_print.into_keys().collect();
+                    }
+                    _ => {
+                        // The version's list goes first: a write made one
+                        // record at a time (`SecretStore::write_in_order`)
+                        // relies on it, so that every fingerprint it may
+                        // have written is named by a list the next write of
+                        // the version number finds.
+                        let written = VersionPrints {
+                            keys: puts.iter().map(|(k, _)| k.clone()).collect(),
+                        };
+                        ops.puts
+                            .push((format!("{VER}{suffix}"), written.encode_to_vec()));
+                    }
+                }
                 ops.puts.extend(puts);
             }
         }
@@ -231,6 +308,13 @@ impl SecretStore {
         };
         if !holds_prints(&meta, version) {
             return Ok(false);
+        }
+        if let Some(record) = meta.version(version).filter(|v| v.prints_listed) {
+            let suffix = version_suffix(&path, version);
+            return Ok(record
+                .prints
+                .iter()
+                .any(|tag| fp_key(tag, &suffix) == print_key));
         }
         let ver_key = format!("{VER}{}", version_suffix(&path, version));
         let Some(raw) = self.barrier.get(&ver_key)? else {
@@ -449,9 +533,29 @@ mod tests {
         assert_eq!(stops, 9);
     }
 
+    /// A store whose new versions list their fingerprints in the metadata
+    /// (as on a shared store) when `in_meta`.
+    fn store_listing(in_meta: bool) -> (tempfile::TempDir, SecretStore) {
+        let (dir, store) = store();
+        store
+            .prints_in_meta
+            .store(in_meta, std::sync::atomic::Ordering::SeqCst);
+        (dir, store)
+    }
+
+    fn list_records(store: &SecretStore) -> usize {
+        store.barrier.scan_keys(VER).unwrap().len()
+    }
+
     #[test]
     fn current_and_previous_match_older_and_destroyed_do_not() {
-        let (_dir, store) = store();
+        for in_meta in [false, true] {
+            current_and_previous_match_older_and_destroyed_do_not_with(in_meta);
+        }
+    }
+
+    fn current_and_previous_match_older_and_destroyed_do_not_with(in_meta: bool) {
+        let (_dir, store) = store_listing(in_meta);
         put(
             &store,
             "app/db",
@@ -492,11 +596,24 @@ mod tests {
         // Nothing else close matches, and the keys hold no value.
         assert!(matched(&store, "third-Value-0004").is_empty());
         assert_eq!(store.fingerprint_count().unwrap(), 1);
+        // One list record for the one version with fingerprints, or none
+        // when the metadata lists them.
+        assert_eq!(
+            list_records(&store),
+            usize::from(!in_meta),
+            "in_meta {in_meta}"
+        );
     }
 
     #[test]
     fn pending_values_match_until_cleared_and_promotion_drops_the_old_previous() {
-        let (_dir, store) = store();
+        for in_meta in [false, true] {
+            pending_values_match_until_cleared_with(in_meta);
+        }
+    }
+
+    fn pending_values_match_until_cleared_with(in_meta: bool) {
+        let (_dir, store) = store_listing(in_meta);
         let path = SecretPath::parse("svc/key").unwrap();
         put(
             &store,
@@ -530,5 +647,61 @@ mod tests {
         store.clear_pending(&path, 3_000).unwrap();
         assert!(matched(&store, "v4-dddddddddddd").is_empty());
         assert_eq!(matched(&store, "v3-cccccccccccc").len(), 1);
+        // Versions 3 (current) and 2 (previous) hold fingerprints.
+        assert_eq!(store.fingerprint_count().unwrap(), 2);
+        assert_eq!(list_records(&store), if in_meta { 0 } else { 2 });
+    }
+
+    /// A store written before fingerprints were listed in the metadata (or
+    /// copied from sled to etcd) has `scan/ver/` lists; writes that list in
+    /// the metadata drop those lists with their versions' stages, and
+    /// matches stay exact throughout.
+    #[test]
+    fn versions_listed_either_way_lose_their_fingerprints_with_their_stage() {
+        let (_dir, store) = store_listing(false);
+        let path = SecretPath::parse("mix/db").unwrap();
+        let fields = |p: &'static str| [("password", p), ("user", "mix-User-Same")];
+        put(&store, "mix/db", &fields("old-Value-00001"), Stage::Current);
+        put(&store, "mix/db", &fields("old-Value-00002"), Stage::Current);
+        assert_eq!(list_records(&store), 2);
+        store
+            .prints_in_meta
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        put(&store, "mix/db", &fields("new-Value-00003"), Stage::Current);
+        // Version 1 (listed in `scan/ver/`) lost its stage, and its list.
+        assert_eq!(list_records(&store), 1);
+        assert!(matched(&store, "old-Value-00001").is_empty());
+        assert_eq!(matched(&store, "old-Value-00002").len(), 1);
+        assert_eq!(
+            matched(&store, "new-Value-00003"),
+            [("mix/db".into(), 3, vec!["password".into()])]
+        );
+        assert_eq!(
+            matched(&store, "mix-User-Same")
+                .into_iter()
+                .map(|m| m.1)
+                .collect::<Vec<_>>(),
+            [2, 3]
+        );
+        put(&store, "mix/db", &fields("new-Value-00004"), Stage::Current);
+        assert_eq!(list_records(&store), 0);
+        assert!(matched(&store, "old-Value-00002").is_empty());
+        let p = put(&store, "mix/db", &fields("new-Value-00005"), Stage::Pending);
+        assert_eq!(matched(&store, "new-Value-00005").len(), 1);
+        // Version 3 loses its stage by the promotion: its fingerprints,
+        // listed in the metadata, go, and the metadata lists none for it.
+        store.promote_pending(&path, p, 2_000).unwrap();
+        assert!(matched(&store, "new-Value-00003").is_empty());
+        let meta = store.metadata(&path).unwrap();
+        let listed = |v: u64| meta.version(v).unwrap().prints.len();
+        assert_eq!((listed(3), listed(4), listed(5)), (0, 2, 2));
+        // Destroying the previous version drops its listed fingerprints.
+        store
+            .destroy(&proof("mix/db", Capability::Destroy), &path, 4, 3_000)
+            .unwrap();
+        assert!(matched(&store, "new-Value-00004").is_empty());
+        // Version 5's two values; nothing else is left.
+        assert_eq!(store.fingerprint_count().unwrap(), 2);
+        assert_eq!(list_records(&store), 0);
     }
 }

@@ -103,6 +103,18 @@ pub struct VersionRecord {
     pub deleted_at_ms: u64,
     #[prost(bool, tag = "4")]
     pub destroyed: bool,
+    /// This record lists the version's fingerprints (`prints`; empty once
+    /// it holds no stage). A version written on a shared store is listed
+    /// here, in the transaction that writes it, so dropping its
+    /// fingerprints reads nothing and writes no list record. Otherwise
+    /// (sled, and versions written before 0.6.6) the list is the record
+    /// `scan/ver/<path>#<version>` (`fingerprint`).
+    #[prost(bool, tag = "5")]
+    pub prints_listed: bool,
+    /// The fingerprints (HMAC tags, 32 bytes each) of the version's
+    /// values, when `prints_listed`.
+    #[prost(bytes = "vec", repeated, tag = "6")]
+    pub prints: Vec<Vec<u8>>,
 }
 
 /// A secret's metadata; versions in ascending order.
@@ -213,6 +225,10 @@ pub struct SecretStore {
     /// records, as a crash would stop it (`write_in_order`).
     #[cfg(test)]
     crash_after: std::sync::atomic::AtomicUsize,
+    /// Tests: list a new version's fingerprints in its metadata on sled
+    /// too, as on a shared store.
+    #[cfg(test)]
+    prints_in_meta: std::sync::atomic::AtomicBool,
 }
 
 /// A new `current` version: what watchers are told (no value).
@@ -357,6 +373,8 @@ impl SecretStore {
             changes: tokio::sync::broadcast::channel(WATCH_BACKLOG).0,
             #[cfg(test)]
             crash_after: std::sync::atomic::AtomicUsize::new(usize::MAX),
+            #[cfg(test)]
+            prints_in_meta: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -550,16 +568,17 @@ impl SecretStore {
         };
         let encoded = Zeroizing::new(fields.encode_to_vec());
         fields.fields.values_mut().for_each(|v| v.zeroize());
-        let meta_bytes = meta.encode_to_vec();
         let data_k = data_key(&req.path, version);
+        // Before the metadata is encoded: it may list the new fingerprints.
         let prints = self.print_ops_fenced(
             &req.path,
-            staged_before,
+            &staged_before,
             None,
-            &meta,
+            &mut meta,
             Some((version, &req.data)),
             fresh,
         )?;
+        let meta_bytes = meta.encode_to_vec();
         if !shared {
             self.write_in_order(
                 &req.path,
@@ -837,9 +856,9 @@ impl SecretStore {
             };
             let staged_before = fingerprint::staged(&meta);
             let remove = change(&mut meta, v)?;
-            let meta_bytes = meta.encode_to_vec();
             let removed_key = remove.map(|v| data_key(path, v));
-            let prints = self.print_ops(path, staged_before, Some(v), &meta, None)?;
+            let prints = self.print_ops(path, &staged_before, Some(v), &mut meta, None)?;
+            let meta_bytes = meta.encode_to_vec();
             let mut ops = vec![PlainOp::Put(&meta_k, &meta_bytes)];
             if let Some(k) = &removed_key {
                 ops.push(PlainOp::Delete(k));
@@ -918,7 +937,7 @@ impl SecretStore {
             let staged_before = fingerprint::staged(&meta);
             meta.pending = 0;
             meta.updated_at_ms = now_ms;
-            let prints = self.print_ops(path, staged_before, None, &meta, None)?;
+            let prints = self.print_ops(path, &staged_before, None, &mut meta, None)?;
             let meta_bytes = meta.encode_to_vec();
             let mut ops = vec![PlainOp::Put(&meta_k, &meta_bytes)];
             prints.extend_batch(&mut ops);

@@ -379,3 +379,46 @@ async fn on_etcd_puts_from_multi_thread_workers_all_land() {
     }
     assert_eq!(barrier.flush_count(), 0);
 }
+
+/// On etcd a version's fingerprints are listed in its metadata, written in
+/// the same transaction: no `scan/ver/` record is written, a value matches
+/// exactly the staged versions holding it, and a version losing its stage
+/// (a newer Put, a destroy) loses its fingerprints in the transaction that
+/// takes the stage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_etcd_fingerprints_are_listed_in_the_metadata_and_follow_the_stages() {
+    let etcd = EtcdCluster::start(1);
+    let (barrier, store) = etcd_vault(&etcd, &format!("{}/", unique("kw-prints")));
+    let path = SecretPath::parse("app/fp").unwrap();
+    let versions = |value: &str| -> Vec<u64> {
+        store
+            .match_value(value.as_bytes())
+            .unwrap()
+            .into_iter()
+            .map(|m| m.version)
+            .collect()
+    };
+    for i in 1..=4 {
+        assert_eq!(put(&store, &path, &format!("fp-Value-{i:05}")), i);
+    }
+    // Current (4) and previous (3) hold fingerprints; 1 and 2 do not.
+    assert!(versions("fp-Value-00001").is_empty());
+    assert!(versions("fp-Value-00002").is_empty());
+    assert_eq!(versions("fp-Value-00003"), [3]);
+    assert_eq!(versions("fp-Value-00004"), [4]);
+    assert_eq!(store.fingerprint_count().unwrap(), 2);
+    assert!(barrier.scan_keys("scan/ver/").unwrap().is_empty());
+    let meta = store.metadata(&path).unwrap();
+    let listed = |v: u64| {
+        let record = meta.versions.iter().find(|r| r.version == v).unwrap();
+        (record.prints_listed, record.prints.len())
+    };
+    assert_eq!(listed(4), (true, 1));
+    assert_eq!(listed(3), (true, 1));
+    assert_eq!(listed(2), (true, 0));
+    store
+        .destroy(&proof(&path, Capability::Destroy), &path, 3, 2_000)
+        .unwrap();
+    assert!(versions("fp-Value-00003").is_empty());
+    assert_eq!(store.fingerprint_count().unwrap(), 1);
+}
