@@ -17,8 +17,16 @@
 //! Storage prefix `scan/` (through the barrier):
 //! - `scan/fp/<hex fingerprint>/<path>#<version, 20 digits>`: the field
 //!   names of that version holding the value;
-//! - `scan/ver/<path>#<version, 20 digits>`: the fingerprint keys written
-//!   for that version, so they can be dropped without its data.
+//! - the version's list of its fingerprints, so they can be dropped without
+//!   its data: on etcd in the version's metadata record
+//!   (`VersionRecord::prints`, written in the same transaction; since
+//!   0.6.6), on sled the record `scan/ver/<path>#<version, 20 digits>`
+//!   (written before the fingerprints, so the next write finds those of a
+//!   cut-off one). Both forms are read on both stores: a store copied from
+//!   sled to etcd keeps its lists, an etcd snapshot restored onto sled has
+//!   lists in its metadata, and a version whose metadata a node of 0.6.5 or
+//!   older rewrote (it drops the fields it does not know) is listed
+//!   nowhere: its fingerprints are found again from its values.
 //!
 //! Versions written before this existed have no fingerprints until the
 //! next write of their secret.
@@ -26,6 +34,7 @@
 use std::collections::BTreeMap;
 
 use prost::Message;
+use zeroize::Zeroize;
 
 use super::{data_key, MetaRecord, SecretPath, SecretStore, SecretsError};
 use crate::secrecy::SecretData;
@@ -156,11 +165,44 @@ impl SecretStore {
         self.print_ops_fenced(path, before, touched, after, new, false)
     }
 
+    /// The fingerprint keys `version`'s stored values have (none when its
+    /// data is gone). The data record's stamp joins `read`, so a guarded
+    /// write compares it too.
+    fn prints_from_values(
+        &self,
+        path: &SecretPath,
+        version: u64,
+        suffix: &str,
+        fresh: bool,
+        read: &mut Vec<(String, Option<crate::barrier::Stamp>)>,
+    ) -> Result<Vec<String>, SecretsError> {
+        let data_k = data_key(path, version);
+        let found = self.barrier.get_stamped_fenced(&data_k, fresh)?;
+        read.push((data_k, found.as_ref().map(|(_, s)| s.clone())));
+        let Some((raw, _)) = found else {
+            return Ok(Vec::new());
+        };
+        let mut fields =
+            super::FieldsRecord::decode(raw.as_slice()).map_err(|_| SecretsError::Corrupt)?;
+        let key = self.print_key()?;
+        let mut keys: Vec<String> = fields
+            .fields
+            .values()
+            .map(|value| fp_key(ring::hmac::sign(&key, value).as_ref(), suffix))
+            .collect();
+        fields.fields.values_mut().for_each(|v| v.zeroize());
+        keys.sort_unstable();
+        keys.dedup();
+        Ok(keys)
+    }
+
     /// Whether a new version's fingerprints are listed in its metadata:
     /// on a shared store, where one transaction writes them together, so a
     /// list is never missing for fingerprints that exist. On sled the
     /// records go one at a time, and the `scan/ver/` list written before
-    /// the fingerprints is what finds those of a cut-off write.
+    /// the fingerprints is what finds those of a cut-off write. (The test
+    /// switch `prints_in_meta` lists in the metadata on sled too, which is
+    /// not crash-safe there: only for tests of the form.)
     fn lists_in_meta(&self) -> bool {
         #[cfg(test)]
         if self
@@ -192,17 +234,29 @@ impl SecretStore {
         gone.sort_unstable();
         gone.dedup();
         for version in gone {
+            let suffix = version_suffix(path, version);
             if let Some(listed) = before.listed(version) {
                 // Listed in the metadata, whose stamp the write compares.
-                let suffix = version_suffix(path, version);
-                ops.deletes
-                    .extend(listed.iter().map(|tag| fp_key(tag, &suffix)));
+                let keys: Vec<String> = listed.iter().map(|tag| fp_key(tag, &suffix)).collect();
+                if !self.lists_in_meta() {
+                    // On sled the metadata (list cleared) is written before
+                    // the fingerprints go: a list record written first and
+                    // dropped last lets the next write find them if a crash
+                    // comes between (`stray_prints`).
+                    let ver_key = format!("{VER}{suffix}");
+                    let list = VersionPrints { keys: keys.clone() };
+                    ops.puts.push((ver_key.clone(), list.encode_to_vec()));
+                    ops.deletes.extend(keys);
+                    ops.deletes.push(ver_key);
+                } else {
+                    ops.deletes.extend(keys);
+                }
                 if let Some(record) = after.versions.iter_mut().find(|v| v.version == version) {
                     record.prints.clear();
                 }
                 continue;
             }
-            let ver_key = format!("{VER}{}", version_suffix(path, version));
+            let ver_key = format!("{VER}{suffix}");
             let found = self.barrier.get_stamped_fenced(&ver_key, fresh)?;
             ops.read
                 .push((ver_key.clone(), found.as_ref().map(|(_, s)| s.clone())));
@@ -211,6 +265,18 @@ impl SecretStore {
                     VersionPrints::decode(raw.as_slice()).map_err(|_| SecretsError::Corrupt)?;
                 ops.deletes.extend(prints.keys);
                 ops.deletes.push(ver_key);
+            } else if before.versions.contains(&version) {
+                // A staged version listed nowhere: its metadata was written
+                // by a node of 0.6.5 or older, which drops the fields it
+                // does not know (`prints_listed`, `prints`). Its
+                // fingerprints are found again from its values.
+                ops.deletes.extend(self.prints_from_values(
+                    path,
+                    version,
+                    &suffix,
+                    fresh,
+                    &mut ops.read,
+                )?);
             }
         }
         if let Some((version, data)) = new {
@@ -259,7 +325,7 @@ impl SecretStore {
     /// fields is exactly `value`. The value is neither kept nor logged.
     ///
     /// A fingerprint counts only while the secret's metadata stages its
-    /// version and the version's list names it. On sled a write's records
+    /// version and (on sled) the version's list names it. On sled a write's records
     /// go one at a time, so a crash can leave fingerprints of a version that
     /// was never written (its number then reused by the next write) or of
     /// one that lost its stage; neither is reported.
@@ -276,9 +342,7 @@ impl SecretStore {
                 return Err(SecretsError::Corrupt);
             };
             let version: u64 = version.parse().map_err(|_| SecretsError::Corrupt)?;
-            // On etcd a write's records go in one transaction: every
-            // fingerprint there is one the store stands by.
-            if !self.barrier.is_shared_store() && !self.print_stands(path, version, &k)? {
+            if !self.print_stands(path, version, &k)? {
                 continue;
             }
             let names = FieldNames::decode(raw.as_slice()).map_err(|_| SecretsError::Corrupt)?;
@@ -293,7 +357,8 @@ impl SecretStore {
 
     /// Whether the fingerprint record `print_key` of `path`'s `version` is
     /// one the store stands by: the metadata stages the version (not
-    /// destroyed) and the version's list of fingerprints names the record.
+    /// destroyed) and, on sled, the version's list of fingerprints names
+    /// the record.
     fn print_stands(
         &self,
         path: &str,
@@ -308,6 +373,14 @@ impl SecretStore {
         };
         if !holds_prints(&meta, version) {
             return Ok(false);
+        }
+        if self.barrier.is_shared_store() {
+            // On etcd a write's records go in one transaction: a staged
+            // version's fingerprints are its own. (The stage is checked
+            // still: a node of 0.6.5 or older, during a rolling upgrade,
+            // drops a metadata-listed version's fingerprints from its
+            // metadata without deleting them.)
+            return Ok(true);
         }
         if let Some(record) = meta.version(version).filter(|v| v.prints_listed) {
             let suffix = version_suffix(&path, version);
@@ -650,6 +723,78 @@ mod tests {
         // Versions 3 (current) and 2 (previous) hold fingerprints.
         assert_eq!(store.fingerprint_count().unwrap(), 2);
         assert_eq!(list_records(&store), if in_meta { 0 } else { 2 });
+    }
+
+    /// A sled store holding versions whose metadata lists their
+    /// fingerprints (an etcd snapshot restored onto sled): a Put that takes
+    /// a stage from one, stopped after any of its records, leaves nothing
+    /// of its fingerprints behind once the next Put ran.
+    #[test]
+    fn a_cut_off_put_on_sled_leaves_nothing_of_a_metadata_listed_version() {
+        use std::sync::atomic::Ordering;
+        let fields = |p: &'static str| [("password", p), ("user", "user-Value-Same")];
+        let mut stops = 0;
+        for stop in 0.. {
+            let (_dir, store) = store_listing(true);
+            put(
+                &store,
+                "app/db",
+                &fields("first-Value-0001"),
+                Stage::Current,
+            );
+            put(
+                &store,
+                "app/db",
+                &fields("second-Value-002"),
+                Stage::Current,
+            );
+            store.prints_in_meta.store(false, Ordering::SeqCst);
+            store.crash_after.store(stop, Ordering::SeqCst);
+            let data: SecretData = fields("third-Value-0003")
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), SecretBytes::from(*v)))
+                .collect();
+            let third = store.put(
+                &proof("app/db", Capability::Write),
+                PutRequest {
+                    path: SecretPath::parse("app/db").unwrap(),
+                    data,
+                    cas: None,
+                    max_versions: None,
+                    owner: None,
+                    stage: Stage::Current,
+                },
+                1_000,
+            );
+            store.crash_after.store(usize::MAX, Ordering::SeqCst);
+            let fourth = put(
+                &store,
+                "app/db",
+                &fields("fourth-Value-004"),
+                Stage::Current,
+            );
+            // Current and previous, two fields each; no list is left of a
+            // version without a stage (version 2, listed in its metadata,
+            // is previous when the third write did not take).
+            assert_eq!(store.fingerprint_count().unwrap(), 4, "stop {stop}");
+            assert!(
+                matched(&store, "first-Value-0001").is_empty(),
+                "stop {stop}"
+            );
+            // The third write took when its metadata was written.
+            let took = fourth == 4;
+            assert!(took || fourth == 3, "stop {stop}: {fourth}");
+            assert_eq!(
+                list_records(&store),
+                if took { 2 } else { 1 },
+                "stop {stop}"
+            );
+            if third.is_ok() {
+                break;
+            }
+            stops += 1;
+        }
+        assert!(stops >= 5, "{stops}");
     }
 
     /// A store written before fingerprints were listed in the metadata (or

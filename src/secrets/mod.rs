@@ -106,9 +106,10 @@ pub struct VersionRecord {
     /// This record lists the version's fingerprints (`prints`; empty once
     /// it holds no stage). A version written on a shared store is listed
     /// here, in the transaction that writes it, so dropping its
-    /// fingerprints reads nothing and writes no list record. Otherwise
-    /// (sled, and versions written before 0.6.6) the list is the record
-    /// `scan/ver/<path>#<version>` (`fingerprint`).
+    /// fingerprints reads nothing and writes no list record. A version
+    /// written on sled, or before 0.6.6, has the record
+    /// `scan/ver/<path>#<version>` instead (`fingerprint`'s module doc
+    /// names the cases).
     #[prost(bool, tag = "5")]
     pub prints_listed: bool,
     /// The fingerprints (HMAC tags, 32 bytes each) of the version's

@@ -422,3 +422,53 @@ async fn on_etcd_fingerprints_are_listed_in_the_metadata_and_follow_the_stages()
     assert!(versions("fp-Value-00003").is_empty());
     assert_eq!(store.fingerprint_count().unwrap(), 1);
 }
+
+/// A node of 0.6.5 or older, during a rolling upgrade, rewrites a secret's
+/// metadata without the fields it does not know (its versions'
+/// fingerprint lists). Its fingerprints are then listed nowhere; the next
+/// write that takes a stage from such a version finds them again from its
+/// values, and a match never reports a version that holds no stage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_etcd_a_metadata_rewritten_by_an_older_node_orphans_no_fingerprint() {
+    use prost::Message;
+    let etcd = EtcdCluster::start(1);
+    let (barrier, store) = etcd_vault(&etcd, &format!("{}/", unique("kw-old")));
+    let path = SecretPath::parse("app/old").unwrap();
+    put(&store, &path, "old-Value-00001");
+    put(&store, &path, "old-Value-00002");
+    // What an older node's decoding and encoding does: fields 5 and 6 gone.
+    let key = format!("secrets/meta/{path}");
+    let raw = barrier.get(&key).unwrap().unwrap();
+    let mut meta = keyward::secrets::MetaRecord::decode(raw.as_slice()).unwrap();
+    for v in &mut meta.versions {
+        v.prints_listed = false;
+        v.prints.clear();
+    }
+    barrier.put(&key, &meta.encode_to_vec()).unwrap();
+    assert_eq!(store.fingerprint_count().unwrap(), 2);
+    // Version 1 loses its stage: its fingerprint goes.
+    put(&store, &path, "old-Value-00003");
+    assert!(store.match_value(b"old-Value-00001").unwrap().is_empty());
+    assert_eq!(store.fingerprint_count().unwrap(), 2);
+    // An orphan left by an older node's own write (the fingerprint of a
+    // version it unstaged without deleting it) is not reported either:
+    // version 2's record, put back after the write that unstaged it.
+    assert_eq!(store.match_value(b"old-Value-00002").unwrap().len(), 1);
+    let orphan = barrier
+        .scan_prefix("scan/fp/")
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k.ends_with(&format!("#{:020}", 2)))
+        .unwrap();
+    put(&store, &path, "old-Value-00004");
+    assert_eq!(store.fingerprint_count().unwrap(), 2);
+    barrier.put(&orphan.0, orphan.1.as_slice()).unwrap();
+    assert_eq!(store.fingerprint_count().unwrap(), 3);
+    let versions: Vec<u64> = store
+        .match_value(b"old-Value-00002")
+        .unwrap()
+        .into_iter()
+        .map(|m| m.version)
+        .collect();
+    assert!(versions.is_empty(), "{versions:?}");
+}
