@@ -159,21 +159,26 @@ fn parse_storage_backend(src: &dyn Source, base: &Path) -> Result<StorageBackend
                     crate::storage::read_cache::DEFAULT_MAX_ENTRIES,
                 )?,
                 fence_interval: fence_interval(src.get("storage.etcd.fence_interval_us"))?,
-                read_lease: match src.get("storage.etcd.read_lease").as_deref() {
-                    None | Some("true") => true,
-                    Some("false") => false,
-                    Some(_) => {
-                        return Err(ConfigError::Invalid(
-                            "storage.etcd.read_lease".into(),
-                            "expected true or false",
-                        ))
-                    }
-                },
+                read_lease: flag(src, "storage.etcd.read_lease", true)?,
             }))
         }
         Some(_) => Err(ConfigError::Invalid(
             "storage.backend".into(),
             "expected sled or etcd",
+        )),
+    }
+}
+
+/// A `true`/`false` setting (exactly those words; anything else is refused,
+/// so a `yes` or `True` is not taken for either), `default` when unset.
+fn flag(src: &dyn Source, key: &'static str, default: bool) -> Result<bool, ConfigError> {
+    match src.get(key).as_deref() {
+        None => Ok(default),
+        Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some(_) => Err(ConfigError::Invalid(
+            key.to_owned(),
+            "expected true or false",
         )),
     }
 }
@@ -309,16 +314,7 @@ fn parse_governance(src: &dyn Source) -> Result<GovernanceConfig, ConfigError> {
             )),
         },
     };
-    let disable_unattested = match src.get("governance.disable_unattested").as_deref() {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(_) => {
-            return Err(ConfigError::Invalid(
-                "governance.disable_unattested".into(),
-                "expected true or false",
-            ))
-        }
-    };
+    let disable_unattested = flag(src, "governance.disable_unattested", false)?;
     Ok(GovernanceConfig {
         every: duration("governance.recertify_every", defaults.every)?,
         grace: duration("governance.unattested_grace", defaults.grace)?,
@@ -684,16 +680,6 @@ pub fn parse(src: &dyn Source, base: &Path) -> Result<ServerConfig, ConfigError>
                 .map_err(|_| ConfigError::Invalid(key.to_owned(), "expected a positive integer")),
         }
     };
-    let flag = |key: &'static str| -> Result<bool, ConfigError> {
-        match src.get(key).as_deref() {
-            None | Some("false") => Ok(false),
-            Some("true") => Ok(true),
-            Some(_) => Err(ConfigError::Invalid(
-                key.to_owned(),
-                "expected true or false",
-            )),
-        }
-    };
     let defaults = DataLimits::default();
     let limits = DataLimits {
         max_fields: number("limits.max_fields", defaults.max_fields)?,
@@ -740,14 +726,14 @@ pub fn parse(src: &dyn Source, base: &Path) -> Result<ServerConfig, ConfigError>
         oidc: OidcConfig {
             ca_file: path("oidc.ca_file"),
             jwks_dir: path("oidc.jwks_dir"),
-            allow_private_hosts: flag("oidc.allow_private_hosts")?,
+            allow_private_hosts: flag(src, "oidc.allow_private_hosts", false)?,
         },
         server_limits: parse_server_limits(src, limits.max_bytes)?,
         audit: crate::audit::AuditOptions {
             max_bytes: number("audit.max_bytes", 0)? as u64,
             max_files: u32::try_from(number("audit.max_files", 0)?)
                 .map_err(|_| ConfigError::Invalid("audit.max_files".into(), "too large"))?,
-            syslog: if flag("audit.syslog")? {
+            syslog: if flag(src, "audit.syslog", false)? {
                 Some(
                     src.get("audit.syslog_socket")
                         .map(PathBuf::from)

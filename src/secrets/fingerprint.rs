@@ -292,15 +292,16 @@ impl SecretStore {
                         .push(field.clone());
                 }
                 let mut puts = Vec::with_capacity(by_print.len());
-                for (tag, fields) in &by_print {
-                    let fields = fields.clone();
-                    puts.push((fp_key(tag, &suffix), FieldNames { fields }.encode_to_vec()));
+                let mut tags = Vec::with_capacity(by_print.len());
+                for (tag, fields) in by_print {
+                    puts.push((fp_key(&tag, &suffix), FieldNames { fields }.encode_to_vec()));
+                    tags.push(tag);
                 }
                 let record = after.versions.iter_mut().find(|v| v.version == version);
                 match record {
                     Some(record) if self.lists_in_meta() => {
                         record.prints_listed = true;
-                        record.prints = by_print.into_keys().collect();
+                        record.prints = tags;
                     }
                     _ => {
                         // The version's list goes first: a write made one
@@ -409,12 +410,8 @@ impl SecretStore {
         after: &MetaRecord,
         planned: &PrintOps,
     ) -> Result<Vec<String>, SecretsError> {
-        let prefix = format!("{VER}{path}#");
         let mut out = Vec::new();
-        for ver_key in self.barrier.scan_keys(&prefix)? {
-            let version: u64 = ver_key[prefix.len()..]
-                .parse()
-                .map_err(|_| SecretsError::Corrupt)?;
+        for (ver_key, version) in self.versioned_keys(VER, path)? {
             let written = |k: &String| planned.puts.iter().any(|(p, _)| p == k);
             // The list of the version this write makes already exists only
             // when a write of the same number was cut off: the fingerprints

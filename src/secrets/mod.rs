@@ -674,17 +674,33 @@ impl SecretStore {
         path: &SecretPath,
         meta: &MetaRecord,
     ) -> Result<Vec<String>, SecretsError> {
-        let prefix = format!("{DATA}{path}#");
         let mut out = Vec::new();
-        for key in self.barrier.scan_keys(&prefix)? {
-            let version: u64 = key[prefix.len()..]
-                .parse()
-                .map_err(|_| SecretsError::Corrupt)?;
+        for (key, version) in self.versioned_keys(DATA, path)? {
             if meta.version(version).is_none() {
                 out.push(key);
             }
         }
         Ok(out)
+    }
+
+    /// The keys `<kind><path>#<version>` the store holds, with their
+    /// versions (a key whose version does not parse is `Corrupt`).
+    fn versioned_keys(
+        &self,
+        kind: &str,
+        path: &SecretPath,
+    ) -> Result<Vec<(String, u64)>, SecretsError> {
+        let prefix = format!("{kind}{path}#");
+        self.barrier
+            .scan_keys(&prefix)?
+            .into_iter()
+            .map(|key| {
+                let version = key[prefix.len()..]
+                    .parse()
+                    .map_err(|_| SecretsError::Corrupt)?;
+                Ok((key, version))
+            })
+            .collect()
     }
 
     /// Reads one version.

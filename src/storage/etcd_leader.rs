@@ -523,15 +523,7 @@ impl Election {
             };
             let sent = Instant::now();
             lock(&self.reach).asked();
-            let renewed = async {
-                keeper.keep_alive().await.map_err(|e| e.to_string())?;
-                answers
-                    .message()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .ok_or_else(|| "keep-alive stream ended".to_owned())
-            };
-            match tokio::time::timeout_at(bound, renewed).await {
+            match tokio::time::timeout_at(bound, keep_alive_once(keeper, answers)).await {
                 Ok(Ok(answer)) if answer.ttl() > 0 => {
                     let ttl = Duration::from_secs(u64::try_from(answer.ttl()).unwrap_or(0));
                     step_down_at = sent + ttl - MARGIN;
@@ -568,6 +560,20 @@ impl Election {
             }
         }
     }
+}
+
+/// One renewal of a lease on its keep-alive stream: the request, then
+/// etcd's answer (its `ttl` is 0 when etcd no longer knows the lease).
+pub(super) async fn keep_alive_once(
+    keeper: &mut etcd_client::LeaseKeeper,
+    answers: &mut etcd_client::LeaseKeepAliveStream,
+) -> Result<etcd_client::LeaseKeepAliveResponse, String> {
+    keeper.keep_alive().await.map_err(|e| e.to_string())?;
+    answers
+        .message()
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "keep-alive stream ended".to_owned())
 }
 
 #[cfg(test)]

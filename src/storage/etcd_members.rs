@@ -26,7 +26,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
 use super::coherence::Coherence;
-use super::etcd_leader::{LEASE_TTL, MARGIN};
+use super::etcd_leader::{keep_alive_once, LEASE_TTL, MARGIN};
 
 /// How often the lease is renewed and the watch's lag checked.
 const TICK: Duration = Duration::from_millis(500);
@@ -185,15 +185,7 @@ async fn hold(lessee: &Lessee, lease: i64, asked: Instant) -> Result<(), String>
         }
         if let Some((keeper, answers)) = stream.as_mut() {
             let sent = Instant::now();
-            let renewed = async {
-                keeper.keep_alive().await.map_err(|e| e.to_string())?;
-                answers
-                    .message()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .ok_or_else(|| "keep-alive stream ended".to_owned())
-            };
-            match tokio::time::timeout(REQUEST_BOUND, renewed).await {
+            match tokio::time::timeout(REQUEST_BOUND, keep_alive_once(keeper, answers)).await {
                 Ok(Ok(answer)) if answer.ttl() > 0 => {
                     let ttl = Duration::from_secs(u64::try_from(answer.ttl()).unwrap_or(0));
                     lessee.coherence.renewed(sent + ttl.min(LEASE_TTL) - MARGIN);

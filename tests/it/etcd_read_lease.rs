@@ -33,7 +33,7 @@ use crate::etcd_kit::EtcdCluster;
 use crate::etcd_nodes::{issue, node, node_with};
 use crate::ha_kit::{cluster, init_and_unseal, wait_for, Node};
 use crate::harness::{data, eventually, private_tempdir, series_value, unique, TestServer};
-use keyward::client::{ClientError, PutOptions};
+use keyward::client::{Client, ClientError, PutOptions};
 
 fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> Code {
     r.unwrap_err().code().unwrap_or(Code::Unknown)
@@ -66,6 +66,23 @@ async fn password(client: &keyward::client::Client, path: &str) -> String {
         .to_owned()
 }
 
+/// Initializes the vault on `one`, unseals both nodes and waits until each
+/// holds a read lease: the init answer and each node's root client.
+async fn unsealed_and_leased(
+    one: &TestServer,
+    two: &TestServer,
+) -> (keyward::proto::v1::InitResponse, Client, Client) {
+    let anon1 = one.anonymous().await;
+    let init = anon1.init(1, 1).await.unwrap();
+    anon1.unseal(&init.shares[0]).await.unwrap();
+    two.anonymous().await.unseal(&init.shares[0]).await.unwrap();
+    let root1 = anon1.with_token(&init.root_token).unwrap();
+    let root2 = two.anonymous().await.with_token(&init.root_token).unwrap();
+    until_leased(one, "node 1 holds a read lease").await;
+    until_leased(two, "node 2 holds a read lease").await;
+    (init, root1, root2)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn read_leases_join_give_way_to_a_lagging_watch_and_leave() {
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
@@ -75,14 +92,7 @@ async fn read_leases_join_give_way_to_a_lagging_watch_and_leave() {
     let prefix = format!("{}/", unique("kwl"));
     let one = node(&etcd, &prefix, &certs, "kw1").await;
     let two = node(&etcd, &prefix, &certs, "kw2").await;
-    let anon1 = one.anonymous().await;
-    let init = anon1.init(1, 1).await.unwrap();
-    anon1.unseal(&init.shares[0]).await.unwrap();
-    two.anonymous().await.unseal(&init.shares[0]).await.unwrap();
-    let root1 = anon1.with_token(&init.root_token).unwrap();
-    let root2 = two.anonymous().await.with_token(&init.root_token).unwrap();
-    until_leased(&one, "node 1 holds a read lease").await;
-    until_leased(&two, "node 2 holds a read lease").await;
+    let (init, root1, root2) = unsealed_and_leased(&one, &two).await;
     let roll = |s: &TestServer| s.core.barrier.coherence().unwrap().roll_len();
     assert_eq!(roll(&one), 2);
 
@@ -263,14 +273,7 @@ async fn a_node_cut_off_from_etcd_stops_answering_from_its_caches_before_writers
         o.endpoints = endpoints
     })
     .await;
-    let anon1 = one.anonymous().await;
-    let init = anon1.init(1, 1).await.unwrap();
-    anon1.unseal(&init.shares[0]).await.unwrap();
-    two.anonymous().await.unseal(&init.shares[0]).await.unwrap();
-    let root1 = anon1.with_token(&init.root_token).unwrap();
-    let root2 = two.anonymous().await.with_token(&init.root_token).unwrap();
-    until_leased(&one, "node 1 holds a read lease").await;
-    until_leased(&two, "node 2 holds a read lease").await;
+    let (init, root1, root2) = unsealed_and_leased(&one, &two).await;
     let policy = unique("p");
     root1
         .policy_put(
