@@ -136,6 +136,21 @@ async fn a_change_leaves_a_request_and_an_outcome_and_a_read_one_record() {
             assert_eq!(phases, ["request", "outcome"], "{id} {method}: {rs:?}");
             assert!(rs[0]["seq"].as_u64() < rs[1]["seq"].as_u64());
             assert_eq!(rs[1]["method"], method);
+            // Both records name the same caller: the request record takes
+            // the token's HMAC the call remembered, as the outcome does.
+            // (A login's outcome also names the token it issued.)
+            let fields: &[&str] = if method == "keyward.v1.Auth/Login" {
+                &["token"]
+            } else {
+                &["token", "accessor", "identity"]
+            };
+            for field in fields {
+                assert_eq!(rs[0][field], rs[1][field], "{id} {method}: {field}");
+            }
+            if fields.len() > 1 && rs[1]["accessor"].is_string() {
+                let token = rs[0]["token"].as_str().unwrap_or("");
+                assert!(token.starts_with("hmac-sha256:"), "{id} {method}: {rs:?}");
+            }
             *changes.entry(method).or_default() += 1;
         } else {
             assert_eq!(phases, [""], "a read has one record: {id} {method}: {rs:?}");

@@ -258,7 +258,7 @@ impl Call {
                 }
             }
             if requested_at_begin(call.method, access) {
-                call.record_request()?;
+                call.record_request_async().await?;
             }
         }
         Ok(call)
@@ -271,9 +271,42 @@ impl Call {
         if self.requested || class(self.method) == Class::Read {
             return Ok(());
         }
-        let source = self.source.map(|s| s.to_string());
-        let event = self.event(Outcome::Allowed, "OK", None, &[], source.as_deref());
-        match self.core.audit.append_phase(&event, Some(Phase::Request)) {
+        let mut text = AddrText::default();
+        let source = self.source.map(|s| text.format(s));
+        let event = self.event(Outcome::Allowed, "OK", None, &[], source);
+        let written =
+            self.core
+                .audit
+                .append_phase_with(&event, Some(Phase::Request), self.audit_mac());
+        self.requested_or_end(written)
+    }
+
+    /// [`Self::record_request`] for async callers: the record goes through
+    /// the log's batched writer (`AuditLog::append_async_with`), which
+    /// answers once this record is written, so the call still does not act
+    /// before its request record is in the log.
+    pub async fn record_request_async(&mut self) -> Result<(), Failure> {
+        if self.requested || class(self.method) == Class::Read {
+            return Ok(());
+        }
+        let mut text = AddrText::default();
+        let source = self.source.map(|s| text.format(s));
+        let event = self.event(Outcome::Allowed, "OK", None, &[], source);
+        let written = self
+            .core
+            .audit
+            .append_async_with(&event, Some(Phase::Request), self.audit_mac())
+            .await;
+        self.requested_or_end(written)
+    }
+
+    /// After the request record was tried: marks it written, or ends the
+    /// call (`UNAVAILABLE`) when it was not.
+    fn requested_or_end(
+        &mut self,
+        written: Result<(), crate::audit::AuditError>,
+    ) -> Result<(), Failure> {
+        match written {
             Ok(()) => {
                 self.requested = true;
                 Ok(())
