@@ -81,7 +81,7 @@ pub(crate) async fn issue_login(
 ) -> Result<crate::token::IssuedToken, crate::core::call::Failure> {
     let now = core.clock().now_ms();
     // The credential checks out: record the request before the token is issued.
-    call.record_request_async().await?;
+    call.record_request()?;
     call.set_resource(format!("identity/{}", grant.identity));
     let issued = call.check(core.tokens.issue(
         TokenRequest {

@@ -288,9 +288,12 @@ impl Secrets for SecretsService {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let fresh = call.caller().is_some_and(|c| c.fresh);
-        let now = self.core.clock().now_ms();
-        let put = self.core.secrets.put_fenced_async(proof, put, now, fresh);
-        let version = call.check(put.await)?;
+        let version = call.check(self.core.secrets.put_fenced(
+            &proof,
+            put,
+            self.core.clock().now_ms(),
+            fresh,
+        ))?;
         call.check(self.core.secrets.durable().await)?;
         let refs: Vec<(&str, &[u8])> = values
             .iter()

@@ -1072,6 +1072,15 @@ impl AuditLog {
     /// hash of the last record of the moved file. A non-empty file that is
     /// not ours is refused, and writing goes on in the old one.
     pub fn reopen(&self) -> Result<(), AuditError> {
+        let reopened = self.reopen_file();
+        // Every way out of `reopen_file` let go of the chain; what was queued
+        // while it was held is written now (see `head`).
+        self.drain();
+        reopened
+    }
+
+    /// [`Self::reopen`] under the chain's lock.
+    fn reopen_file(&self) -> Result<(), AuditError> {
         let mut chain = self.lock_chain();
         let io_err = |source| AuditError::Io {
             path: self.path.clone(),
@@ -1118,7 +1127,6 @@ impl AuditLog {
         let batch = self.write_records(&mut chain, queued.iter().map(|q| q.fields.as_slice()));
         drop(chain);
         answer(queued, &batch);
-        self.drain();
         result
     }
 
@@ -1163,7 +1171,11 @@ impl AuditLog {
 
     /// The hash of the newest record (64 `0`s for an empty log): anchor it elsewhere.
     pub fn head(&self) -> String {
-        hex::encode(self.lock_chain().head)
+        let head = hex::encode(self.lock_chain().head);
+        // A caller that queued while the chain was held here left its record
+        // to the holder (`drain`): write it now, not at some later append.
+        self.drain();
+        head
     }
 
     /// Writes the counted repeats ([`Self::flush_aggregates`]) and flushes
@@ -1171,8 +1183,10 @@ impl AuditLog {
     pub fn sync(&self) -> Result<(), AuditError> {
         self.drain();
         let flushed = self.flush_aggregates();
-        let chain = self.lock_chain();
-        chain.file.sync_data().map_err(|source| AuditError::Io {
+        let synced = self.lock_chain().file.sync_data();
+        // What was queued while the chain was held (see `head`).
+        self.drain();
+        synced.map_err(|source| AuditError::Io {
             path: self.path.clone(),
             source,
         })?;

@@ -496,44 +496,6 @@ impl SecretStore {
         }
     }
 
-    /// [`SecretStore::put_fenced`] for async callers. On a shared store the
-    /// write runs on the runtime's blocking pool and the caller's task waits
-    /// for it without holding a worker's thread: no worker is handed over
-    /// (as `off_worker` would), and the two worker threads keep their
-    /// queues. The caller's leader fence, if any, goes with it. On sled the
-    /// write runs in place, as `put_fenced` does.
-    ///
-    /// Once started, the write runs to its end even if the caller's task is
-    /// dropped (a request whose client went away): it is then applied or not
-    /// as a write whose answer was lost.
-    pub async fn put_fenced_async(
-        self: &Arc<Self>,
-        proof: Authorized,
-        req: PutRequest,
-        now_ms: u64,
-        fresh: bool,
-    ) -> Result<u64, SecretsError> {
-        if !self.barrier.is_shared_store() {
-            return self.put_fenced(&proof, req, now_ms, fresh);
-        }
-        let store = Arc::clone(self);
-        let fence = crate::storage::cluster::current();
-        let write = tokio::task::spawn_blocking(move || {
-            crate::storage::cluster::blocking(fence, || {
-                store.put_fenced(&proof, req, now_ms, fresh)
-            })
-        });
-        match write.await {
-            Ok(answer) => answer,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => Err(SecretsError::Barrier(BarrierError::Storage(
-                crate::storage::StorageError::Unavailable(
-                    "the server is shutting down; the write was not started".into(),
-                ),
-            ))),
-        }
-    }
-
     /// One try of a write: `None` when, on a shared store, a record it read
     /// changed before the write (nothing was written), or a check-and-set
     /// failed on records from the cache (checked again against the store).

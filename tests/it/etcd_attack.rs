@@ -380,69 +380,6 @@ async fn on_etcd_puts_from_multi_thread_workers_all_land() {
     assert_eq!(barrier.flush_count(), 0);
 }
 
-/// An API Put on etcd (`SecretStore::put_fenced_async`) waits on the
-/// runtime's blocking pool, not on a worker: with one worker and the write
-/// parked in the held combiner, that worker still runs other tasks. A caller
-/// that goes away meanwhile does not stop the write: it applies whole once
-/// the combiner sends, as a write whose answer was lost.
-#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-async fn on_etcd_an_async_put_leaves_the_worker_free_and_outlives_its_dropped_caller() {
-    let etcd = EtcdCluster::start(1);
-    let backend = Arc::new(
-        EtcdBackend::open(&EtcdOptions::plaintext(
-            etcd.endpoints(),
-            format!("{}/", unique("kw-async-put")),
-        ))
-        .unwrap(),
-    );
-    let barrier = Arc::new(Barrier::new(backend.clone(), BarrierOptions::default()).unwrap());
-    let shares = barrier.init(1, 1).unwrap();
-    barrier.unseal(&shares[0].0).unwrap();
-    let store = Arc::new(SecretStore::new(barrier, DataLimits::default()));
-    let path = SecretPath::parse("app/async").unwrap();
-    assert_eq!(put(&store, &path, "first-value"), 1);
-
-    let hold = backend.hold_writes().expect("the combiner runs");
-    let caller = {
-        let (store, path) = (store.clone(), path.clone());
-        tokio::spawn(async move {
-            let mut data = SecretData::new();
-            data.insert("password".into(), SecretBytes::from("second-value"));
-            let request = PutRequest {
-                path: path.clone(),
-                data,
-                cas: None,
-                max_versions: None,
-                owner: None,
-                stage: Stage::Current,
-            };
-            store
-                .put_fenced_async(proof(&path, Capability::Write), request, 2_000, false)
-                .await
-        })
-    };
-    // Waits for the event (the write queued), with a generous bound.
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while backend.writes_queued() < 1 {
-        assert!(std::time::Instant::now() < until, "the Put never queued");
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-    // The one worker is not held by the parked write.
-    assert_eq!(tokio::spawn(async { 7 }).await.unwrap(), 7);
-    caller.abort();
-    assert!(caller.await.unwrap_err().is_cancelled());
-    drop(hold);
-    while store.metadata(&path).unwrap().newest < 2 {
-        assert!(
-            std::time::Instant::now() < until,
-            "the dropped caller's write never applied"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-    assert_eq!(password(&store, &path, 2).as_deref(), Some("second-value"));
-    assert_eq!(password(&store, &path, 1).as_deref(), Some("first-value"));
-}
-
 /// On etcd a version's fingerprints are listed in its metadata, written in
 /// the same transaction: no `scan/ver/` record is written, a value matches
 /// exactly the staged versions holding it, and a version losing its stage

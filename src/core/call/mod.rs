@@ -285,10 +285,19 @@ impl Call {
     /// the log's batched writer (`AuditLog::append_async_with`), which
     /// answers once this record is written, so the call still does not act
     /// before its request record is in the log.
+    ///
+    /// The call counts as requested from the first poll on: that poll queues
+    /// the record, and a queued record is written even if this future is
+    /// dropped (a client that went away). A call dropped meanwhile is then
+    /// recorded as the outcome of that request (`CANCELLED`), never as a
+    /// record of no phase that would leave the request open in
+    /// `audit verify`. If the record cannot be written, the call ends as
+    /// `record_request`'s does.
     pub async fn record_request_async(&mut self) -> Result<(), Failure> {
         if self.requested || class(self.method) == Class::Read {
             return Ok(());
         }
+        self.requested = true;
         let mut text = AddrText::default();
         let source = self.source.map(|s| text.format(s));
         let event = self.event(Outcome::Allowed, "OK", None, &[], source);
@@ -297,6 +306,9 @@ impl Call {
             .audit
             .append_async_with(&event, Some(Phase::Request), self.audit_mac())
             .await;
+        if written.is_err() {
+            self.requested = false;
+        }
         self.requested_or_end(written)
     }
 
@@ -869,6 +881,47 @@ mod tests {
         assert_eq!(r["code"], "NOT_FOUND");
         assert_eq!(r["outcome"], "failed");
         assert_eq!(r["identity"], "root");
+    }
+
+    /// A change whose client goes away while its request record waits in
+    /// the log's queue (polled once, then dropped): the record is written,
+    /// and the call's own record is that request's outcome (`CANCELLED`),
+    /// so `audit verify` finds no request left open.
+    #[tokio::test]
+    async fn a_change_dropped_while_its_request_record_is_queued_leaves_no_request_open() {
+        let v = vault().await;
+        tokio::select! {
+            biased;
+            _ = Call::begin(&v.core, meta("req-gone", Some(&v.root)), Access::Token) => {
+                panic!("the request record was written without a yield")
+            }
+            _ = std::future::ready(()) => {}
+        }
+        // One whole change after it, so the dropped one is not the last.
+        let mut call = Call::begin(&v.core, meta("req-next", Some(&v.root)), Access::Token)
+            .await
+            .unwrap();
+        call.authorize(Capability::Write, "secret/app/db".into())
+            .unwrap();
+        call.ok(&[]).unwrap();
+        let text = std::fs::read_to_string(&v.audit).unwrap();
+        let gone: Vec<serde_json::Value> = text
+            .lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+            .filter(|r| r["request_id"] == "req-gone")
+            .collect();
+        assert_eq!(gone.len(), 2, "{gone:?}");
+        assert_eq!(gone[0]["phase"], "request");
+        assert_eq!(gone[1]["phase"], "outcome");
+        assert_eq!(gone[1]["code"], "CANCELLED");
+        let report = crate::audit::verify_file(&v.audit).unwrap();
+        assert!(report.ok, "{report:?}");
+        assert!(report.unanswered.is_empty(), "{:?}", report.unanswered);
+        assert!(
+            report.in_flight_at_end.is_empty(),
+            "{:?}",
+            report.in_flight_at_end
+        );
     }
 
     #[tokio::test]
