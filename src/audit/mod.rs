@@ -1193,6 +1193,10 @@ impl AuditLog {
         flushed
     }
 
+    /// The chain, for writing or reading its head. Whoever takes it must call
+    /// [`Self::drain`] after letting go: an async append that found it held
+    /// left its record in the queue for the holder (`head`, `sync`, `reopen`
+    /// and every writer do).
     fn lock_chain(&self) -> MutexGuard<'_, Chain> {
         // Nothing under this lock panics; should something, the state is still whole
         // (it only changes after a successful write).

@@ -306,14 +306,12 @@ impl Call {
             .audit
             .append_async_with(&event, Some(Phase::Request), self.audit_mac())
             .await;
-        if written.is_err() {
-            self.requested = false;
-        }
         self.requested_or_end(written)
     }
 
     /// After the request record was tried: marks it written, or ends the
-    /// call (`UNAVAILABLE`) when it was not.
+    /// call (`UNAVAILABLE`) when it was not, with a record of no phase
+    /// (there is no request for it to answer).
     fn requested_or_end(
         &mut self,
         written: Result<(), crate::audit::AuditError>,
@@ -324,6 +322,7 @@ impl Call {
                 Ok(())
             }
             Err(e) => {
+                self.requested = false;
                 let failure = Failure::from(e);
                 let kind = failure.kind();
                 // Its own record most likely fails too; the answer is
