@@ -69,7 +69,8 @@
 //!
 //! When a call runs out of retries or meets the deadline with nothing
 //! answered, the quorum counts as lost: for the next [`RIDE_OUT`], unless a
-//! request succeeds meanwhile, calls are tried once (a request makes several
+//! request succeeds meanwhile (the node's own, or one of its election loop,
+//! which clears the mark), calls are tried once (a request makes several
 //! calls, and each would otherwise wait out the retries again). The election
 //! loop (`etcd_leader`) uses the same [`RIDE_OUT`] before its node says
 //! NOT_SERVING, so a blip the storage calls ride out does not flip health.
@@ -211,7 +212,7 @@ pub struct EtcdBackend {
     coherence: std::sync::Arc<Coherence>,
     /// When a request last ran out of retries with nothing answered since
     /// (see `call`).
-    lost: std::sync::Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
+    lost: LostFlag,
     /// Values of the prefixes asked for by `cache_reads` (`read_cache`).
     read_cache: std::sync::Arc<ReadCache>,
     /// Requests sent to etcd by `call` (each try counts): round trips.
@@ -873,10 +874,14 @@ impl EtcdBackend {
 /// What sends requests to etcd: the client, and the state its retries
 /// share (see [`EtcdBackend::call`]). Cloned into tasks on the backend's
 /// runtime (`start`, the write combiner).
+/// When a storage request last ran out of retries with nothing answered
+/// since (`None`: not lost).
+pub(super) type LostFlag = std::sync::Arc<std::sync::Mutex<Option<tokio::time::Instant>>>;
+
 #[derive(Clone)]
 pub(super) struct Sender {
     client: Client,
-    lost: std::sync::Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
+    lost: LostFlag,
     sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -1455,6 +1460,12 @@ impl EtcdBackend {
     }
 
     /// A client on the backend's runtime, and that runtime (for `etcd_leader`).
+    /// The mark of a lost quorum that `call` keeps; the election loop
+    /// clears it when etcd answers one of its requests.
+    pub(super) fn lost_flag(&self) -> LostFlag {
+        self.lost.clone()
+    }
+
     pub(super) fn client_and_runtime(&self) -> Option<(Client, tokio::runtime::Handle)> {
         self.runtime
             .as_ref()

@@ -116,7 +116,10 @@ impl EtcdLeadership {
             node_id: node_id.to_owned(),
             view: tx,
             term_check: Box::new(term_check),
-            reach: Arc::new(std::sync::Mutex::new(Reach::default())),
+            reach: Arc::new(std::sync::Mutex::new(Reach {
+                unanswered_since: None,
+                storage_lost: Some(backend.lost_flag()),
+            })),
             compactor,
         };
         let stop_signal = stop.clone();
@@ -257,6 +260,14 @@ struct Reach {
     /// When the first request sent since the last answer was sent; `None`
     /// while every request sent has been answered.
     unanswered_since: Option<Instant>,
+    /// The storage calls' mark that the quorum counts as lost
+    /// (`etcd_backend`), cleared by any answer here: the loop's requests
+    /// are linearizable, so an answer means etcd has its quorum again, and
+    /// the node's storage calls go back to riding out a blip at the moment
+    /// its health says SERVING again (before, a call made in the
+    /// [`RIDE_OUT`] after the last refusal was tried once, and a first try
+    /// that met a member's connection not yet made again failed).
+    storage_lost: Option<super::etcd_backend::LostFlag>,
 }
 
 impl Reach {
@@ -268,6 +279,9 @@ impl Reach {
     /// etcd answered a request.
     fn answered(&mut self) {
         self.unanswered_since = None;
+        if let Some(lost) = &self.storage_lost {
+            *lock(lost) = None;
+        }
     }
 
     /// Whether etcd counts as reachable: nothing has gone unanswered for
@@ -596,5 +610,21 @@ mod tests {
         reach.asked();
         tokio::time::advance(RIDE_OUT / 2).await;
         assert!(reach.reachable());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_to_the_loop_clears_the_storage_calls_lost_mark() {
+        let lost: super::super::etcd_backend::LostFlag = Arc::default();
+        *lock(&lost) = Some(Instant::now());
+        let mut reach = Reach {
+            unanswered_since: None,
+            storage_lost: Some(lost.clone()),
+        };
+        // Asking is not hearing: the mark stays.
+        reach.asked();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(lock(&lost).is_some());
+        reach.answered();
+        assert!(lock(&lost).is_none());
     }
 }

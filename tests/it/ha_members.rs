@@ -168,13 +168,22 @@ async fn etcd_members_killed_under_writes_and_brought_back() {
         async move { (n >= 20).then_some(()) }
     })
     .await;
-    let status = kw1.client(None).await.status().await.unwrap();
-    let raft_leader = status
-        .etcd_endpoints
-        .iter()
-        .find(|e| e.detail.contains("raft leader"))
-        .map(|e| e.endpoint.clone())
-        .unwrap_or_else(|| panic!("no member says it is etcd's leader: {status:?}"));
+    // Which member is etcd's leader, as `Sys/Status` says: waited for, as
+    // each member's answer has its own bound (2 s), which a loaded machine
+    // can pass.
+    let anonymous = kw1.client(None).await;
+    let raft_leader = wait_for("a member says it is etcd's leader", || {
+        let anonymous = anonymous.clone();
+        async move {
+            let status = anonymous.status().await.ok()?;
+            status
+                .etcd_endpoints
+                .iter()
+                .find(|e| e.detail.contains("raft leader"))
+                .map(|e| e.endpoint.clone())
+        }
+    })
+    .await;
     let first = etcd
         .members
         .iter()
