@@ -871,13 +871,13 @@ impl EtcdBackend {
     }
 }
 
-/// What sends requests to etcd: the client, and the state its retries
-/// share (see [`EtcdBackend::call`]). Cloned into tasks on the backend's
-/// runtime (`start`, the write combiner).
 /// When a storage request last ran out of retries with nothing answered
 /// since (`None`: not lost).
 pub(super) type LostFlag = std::sync::Arc<std::sync::Mutex<Option<tokio::time::Instant>>>;
 
+/// What sends requests to etcd: the client, and the state its retries
+/// share (see [`EtcdBackend::call`]). Cloned into tasks on the backend's
+/// runtime (`start`, the write combiner).
 #[derive(Clone)]
 pub(super) struct Sender {
     client: Client,
@@ -1459,13 +1459,13 @@ impl EtcdBackend {
         [self.extra.prefix.as_slice(), LEADER_KEY].concat()
     }
 
-    /// A client on the backend's runtime, and that runtime (for `etcd_leader`).
     /// The mark of a lost quorum that `call` keeps; the election loop
     /// clears it when etcd answers one of its requests.
     pub(super) fn lost_flag(&self) -> LostFlag {
         self.lost.clone()
     }
 
+    /// A client on the backend's runtime, and that runtime (for `etcd_leader`).
     pub(super) fn client_and_runtime(&self) -> Option<(Client, tokio::runtime::Handle)> {
         self.runtime
             .as_ref()

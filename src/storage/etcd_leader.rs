@@ -261,8 +261,10 @@ struct Reach {
     /// while every request sent has been answered.
     unanswered_since: Option<Instant>,
     /// The storage calls' mark that the quorum counts as lost
-    /// (`etcd_backend`), cleared by any answer here: the loop's requests
-    /// are linearizable, so an answer means etcd has its quorum again, and
+    /// (`etcd_backend`), cleared by every answer counted here (linearizable
+    /// reads, a lease grant and a transaction, all through etcd's quorum;
+    /// keep-alives, which a leader that lost its quorum may still answer,
+    /// never count): such an answer means etcd has its quorum again, and
     /// the node's storage calls go back to riding out a blip at the moment
     /// its health says SERVING again (before, a call made in the
     /// [`RIDE_OUT`] after the last refusal was tried once, and a first try

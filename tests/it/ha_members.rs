@@ -175,12 +175,19 @@ async fn etcd_members_killed_under_writes_and_brought_back() {
     let raft_leader = wait_for("a member says it is etcd's leader", || {
         let anonymous = anonymous.clone();
         async move {
-            let status = anonymous.status().await.ok()?;
-            status
-                .etcd_endpoints
-                .iter()
-                .find(|e| e.detail.contains("raft leader"))
-                .map(|e| e.endpoint.clone())
+            let status = anonymous.status().await;
+            let found = status.as_ref().ok().and_then(|status| {
+                status
+                    .etcd_endpoints
+                    .iter()
+                    .find(|e| e.detail.contains("raft leader"))
+                    .map(|e| e.endpoint.clone())
+            });
+            if found.is_none() {
+                // In the test's output should the wait time out.
+                println!("no member says it is etcd's leader yet: {status:?}");
+            }
+            found
         }
     })
     .await;
