@@ -71,7 +71,9 @@
 //! answered, the quorum counts as lost: for the next [`RIDE_OUT`], unless a
 //! request succeeds meanwhile (the node's own, or one of its election loop,
 //! which clears the mark), calls are tried once (a request makes several
-//! calls, and each would otherwise wait out the retries again). The election
+//! calls, and each would otherwise wait out the retries again; a try that
+//! could not reach its member is made again on another, a few times at most,
+//! as it says nothing of the quorum). The election
 //! loop (`etcd_leader`) uses the same [`RIDE_OUT`] before its node says
 //! NOT_SERVING, so a blip the storage calls ride out does not flip health.
 //! Dropping the backend shuts its runtime down in the background (allowed
@@ -157,6 +159,14 @@ const WAIT_BOUND: Duration = Duration::from_secs(8);
 
 /// Marks an error of a request that never reached etcd (see `call`).
 const NOT_SENT: &str = "an etcd member could not be reached, the request was not sent";
+/// While the quorum is known lost (see `Sender::send`), how many tries that
+/// were not sent (a connection to a member that is down could not be made)
+/// a call makes before it gives up. Such a try proves nothing about the
+/// quorum; a reachable member's answer does. Refused connections come back
+/// at once, so a cluster that is really gone is still answered within
+/// about 0.3 s (pauses of 20 to 100 ms); five make it unlikely that every
+/// try meets the same member that is down.
+const LOST_NOT_SENT_TRIES: u64 = 5;
 /// Marks an error of a request that an etcd member refused because it has
 /// no leader (the client asks for a leader on every request): nothing was
 /// applied.
@@ -930,11 +940,16 @@ impl Sender {
                         // can see it was answered by another member.
                         tracing::info!(operation, reason = %message, "etcd read sent again");
                     }
-                    if known_lost || started.elapsed() >= RIDE_OUT {
+                    // While the loss is known, a try that was never sent
+                    // (the client picked a member that is down) says
+                    // nothing of the quorum: it is made again on another
+                    // member, a few times at most.
+                    let another_member = message.contains(NOT_SENT) && tries < LOST_NOT_SENT_TRIES;
+                    if (known_lost && !another_member) || started.elapsed() >= RIDE_OUT {
                         *lock(&self.lost) = Some(tokio::time::Instant::now());
                         let retried = if known_lost {
-                            "tried once, as no request has succeeded since the last ran \
-                             out of retries"
+                            "tried once (a member that could not be reached not counted), \
+                             as no request has succeeded since the last ran out of retries"
                                 .to_owned()
                         } else {
                             format!("still so after {} s of retries", RIDE_OUT.as_secs())
