@@ -27,6 +27,7 @@ use tower::layer::util::{Identity as NoLayer, Stack};
 use tower::util::MapResponseLayer;
 
 use crate::api::auth::AuthService;
+use crate::api::detach::{self, Changes};
 use crate::api::governance::GovernanceService;
 use crate::api::identities::IdentitiesService;
 use crate::api::pki::PkiService;
@@ -88,8 +89,12 @@ async fn reopen_audit_on_hangup(audit: Arc<AuditLog>, shutdown: crate::clock::Sh
 }
 
 /// The gRPC router with the transport's layers (see `limits`).
-type GrpcRouter =
-    Router<Stack<MapResponseLayer<fn(limits::GrpcResponse) -> limits::GrpcResponse>, NoLayer>>;
+type GrpcRouter = Router<
+    Stack<
+        Changes,
+        Stack<MapResponseLayer<fn(limits::GrpcResponse) -> limits::GrpcResponse>, NoLayer>,
+    >,
+>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -125,6 +130,9 @@ pub struct Server {
     /// Whether this node leads (always, on sled): leader-only tasks run
     /// while it does (see `cluster`).
     leadership: Arc<dyn Leadership>,
+    /// The changes running as their own task (`api::detach`), over both
+    /// listeners; shutdown waits for them before it closes the audit log.
+    changes: Changes,
 }
 
 impl Server {
@@ -305,6 +313,7 @@ impl Server {
             shutdown,
             http_listener: None,
             leadership,
+            changes: Changes::new(detach::MAX_DETACHED),
         })
     }
 
@@ -366,7 +375,8 @@ impl Server {
             .max_concurrent_streams(limits.max_concurrent_streams)
             .layer(MapResponseLayer::new(
                 limits::oversized_is_exhausted as fn(_) -> _,
-            ));
+            ))
+            .layer(self.changes.clone());
         let core = &self.core;
         let secrets =
             SecretsService::new(core.clone()).with_watch_limit(limits.max_watch_per_identity);
@@ -470,8 +480,9 @@ impl Server {
         let state = state.with_governance(self.config.governance);
         let router = crate::http::router(state);
         let limits = self.config.server_limits;
+        let changes = self.changes.clone();
         tasks.spawn("http-listener", move |shutdown| {
-            crate::http::listen::serve(listener, tls, router, limits, shutdown)
+            crate::http::listen::serve(listener, tls, router, limits, changes, shutdown)
         });
         Ok(())
     }
@@ -615,6 +626,14 @@ impl Server {
     /// Stops the background tasks, then writes what is kept in memory.
     async fn stop(&self, tasks: Tasks) {
         self.begin_shutdown();
+        // A change whose client left before the drain ends runs on as its
+        // own task; it may still wait on the store's background work.
+        if !self.changes.settled(DRAIN_DEADLINE).await {
+            tracing::warn!(
+                running = self.changes.running(),
+                "drain deadline passed with changes still running"
+            );
+        }
         tasks.drain(DRAIN_DEADLINE).await;
         // The calls have drained and the tasks let go of the store.
         self.core.persist_usage().await;

@@ -6,6 +6,7 @@
 //! rule lives here: which domain error is which kind is decided in core.
 
 pub mod auth;
+pub mod detach;
 pub mod dynamic;
 pub mod federation;
 pub mod governance;

@@ -30,6 +30,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower::ServiceExt as _;
 
+use crate::api::detach::{self, Changes};
 use crate::clock::Shutdown;
 use crate::config::ServerLimits;
 
@@ -65,6 +66,7 @@ pub async fn serve(
     tls: Option<Arc<rustls::ServerConfig>>,
     router: axum::Router,
     limits: ServerLimits,
+    changes: Changes,
     shutdown: Shutdown,
 ) {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
@@ -109,6 +111,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let acceptor = acceptor.clone();
         let router = router.clone();
+        let changes = changes.clone();
         let builder = builder.clone();
         // Taken now, so the drain also waits for connections mid-handshake.
         let watcher = graceful.watcher();
@@ -119,7 +122,7 @@ pub async fn serve(
                     addr,
                     client_cert: None,
                 };
-                serve_connection(&builder, watcher, stream, router, peer).await;
+                serve_connection(&builder, watcher, stream, router, &changes, peer).await;
                 return;
             };
             let tls = match tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(stream)).await
@@ -141,7 +144,7 @@ pub async fn serve(
                 .and_then(|chain| chain.first())
                 .map(|leaf| Arc::new(leaf.as_ref().to_vec()));
             let peer = Peer { addr, client_cert };
-            serve_connection(&builder, watcher, tls, router, peer).await;
+            serve_connection(&builder, watcher, tls, router, &changes, peer).await;
         });
     }
     drop(listener);
@@ -162,6 +165,7 @@ async fn serve_connection<I>(
     watcher: hyper_util::server::graceful::Watcher,
     io: I,
     router: axum::Router,
+    changes: &Changes,
     peer: Peer,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -172,11 +176,13 @@ async fn serve_connection<I>(
         activity: activity.clone(),
     });
     let in_flight = activity.clone();
-    let service = router
-        .map_request(move |mut req: Request<hyper::body::Incoming>| {
-            req.extensions_mut().insert(peer.clone());
-            req.map(axum::body::Body::new)
-        })
+    let routed = router.map_request(move |mut req: Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(peer.clone());
+        req.map(axum::body::Body::new)
+    });
+    // A change runs to its end if its client leaves (`api::detach`).
+    let service = changes
+        .detach(routed, detach::http_is_change)
         .map_future(move |answer| {
             // Counted until the answer is made or the request dropped.
             let guard = InFlight::new(in_flight.clone());

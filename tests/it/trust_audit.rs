@@ -361,3 +361,95 @@ async fn unauthenticated_loops_grow_the_log_by_a_bounded_amount_and_are_counted_
     assert_eq!(status, 0, "{report}");
     assert_eq!(report["ok"], true);
 }
+
+/// A Put whose client goes away at any point: if its version was written,
+/// its outcome record says so (`OK`, with the value's HMAC), never
+/// `CANCELLED` (`api::detach`); a `CANCELLED` Put wrote nothing.
+#[tokio::test]
+async fn a_put_whose_client_leaves_midway_is_recorded_as_what_it_did() {
+    let server = TestServer::dev().await;
+    let base = unique("leaves");
+    const PUTS: usize = 240;
+    // Eight connections: HTTP/2 servers close one that resets too many
+    // streams (hyper's guard against rapid-reset floods).
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(server.root().await);
+    }
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..PUTS {
+        let root = clients[i % clients.len()].clone();
+        let path = format!("{base}/{i}");
+        calls.spawn(async move {
+            // Gone after 0 to ~6 ms: before, during and after the write
+            // and its durability wait, differently each run.
+            let after = std::time::Duration::from_micros((i as u64 * 389) % 6_000);
+            let value = data(&[("k", "left")]);
+            let put = root.put(&path, &value, PutOptions::default());
+            tokio::time::timeout(after, put).await.is_err()
+        });
+    }
+    let mut left = 0;
+    while let Some(gone) = calls.join_next().await {
+        left += usize::from(gone.unwrap());
+    }
+    assert!(left > 0, "no client went away: the test checked nothing");
+
+    // A Put's outcome record names its path (its request record does not:
+    // the resource comes with the policy check) and holds the values'
+    // HMACs if it wrote. A Put may still be running when its client's
+    // future is gone, so each check reads the log after the store.
+    let outcome = |path: &str| -> Option<(String, bool)> {
+        records(&server.audit_path)
+            .iter()
+            .filter(|r| r["method"] == "keyward.v1.Secrets/Put" && r["phase"] == "outcome")
+            .find(|r| r["resource"] == format!("secret/{path}"))
+            .map(|r| {
+                let code = r["code"].as_str().unwrap_or_default().to_owned();
+                (code, r["data"].get("k").is_some())
+            })
+    };
+    let root = server.root().await;
+    let stored = |path: String| {
+        let root = root.clone();
+        async move {
+            match root.get(&path).await {
+                Ok(_) => true,
+                Err(e) if e.code() == Some(Code::NotFound) => false,
+                Err(e) => panic!("{path}: {e}"),
+            }
+        }
+    };
+    let (mut written, mut other) = (0, 0);
+    for i in 0..PUTS {
+        let path = format!("{base}/{i}");
+        let was_stored = stored(path.clone()).await;
+        let mut recorded = outcome(&path);
+        if was_stored && recorded.is_none() {
+            // Written; its outcome record follows (the call runs on).
+            crate::harness::eventually("the stored Put's outcome record", || {
+                recorded = outcome(&path);
+                let found = recorded.is_some();
+                async move { found }
+            })
+            .await;
+        }
+        match recorded {
+            Some((code, hmac)) if code == "OK" => {
+                assert!(
+                    stored(path.clone()).await,
+                    "{path}: recorded OK, not stored"
+                );
+                assert!(hmac, "{path}: recorded OK without the value's HMAC");
+                written += 1;
+            }
+            Some((code, _)) => {
+                assert!(!was_stored, "{path}: stored, yet its outcome says {code}");
+                assert!(!stored(path.clone()).await, "{path}: stored after {code}");
+                other += 1;
+            }
+            None => assert!(!was_stored),
+        }
+    }
+    println!("{left} clients left; {written} Puts recorded OK, {other} recorded otherwise");
+}

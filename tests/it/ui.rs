@@ -573,6 +573,7 @@ async fn serve_dashboard(
         Some(Arc::new(tls)),
         router,
         limits,
+        keyward::api::detach::Changes::new(keyward::api::detach::MAX_DETACHED),
         shutdown,
     ));
     addr
