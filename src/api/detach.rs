@@ -9,41 +9,42 @@
 //! of the values' HMACs, so the audit trail told a reader the change had
 //! not happened. A client could choose that on purpose.
 //!
-//! So [`Detach`] runs the handler of a change as its own task, and the
-//! transport's future only waits for that task. Dropped, it leaves the task
-//! to finish: the change, its durability wait and its outcome record stay
-//! one sequence, and the answer is thrown away. Reads are served in place,
-//! with no task and no allocation added.
+//! So [`Detach`] polls a change's handler in place, as any other, but
+//! boxed: if the transport drops it after it began and before its end, the
+//! box is handed to a task of its own, which runs it out. The change, its
+//! durability wait and its outcome record stay one sequence, and only the
+//! answer is thrown away. A change dropped before its first poll never
+//! began and is simply dropped. Reads are served in place with nothing
+//! added; a change pays one allocation, and a task only when orphaned.
 //!
-//! **Bound.** At most [`MAX_DETACHED`] changes run this way at once (one
+//! **Bound.** At most [`MAX_DETACHED`] orphaned changes run at once (one
 //! count for the gRPC and HTTPS listeners of a server, [`Changes`]). Past
-//! that a change is served in place, as before this existed, so a flood of
-//! changes whose clients leave holds at most that many tasks (and their
-//! request bodies) beyond what the connection limits allow anyway.
-//! [`Changes::settled`] lets shutdown wait for the running ones before the
-//! audit log is closed.
+//! that an orphaned change is dropped where it stands, as before this
+//! existed, so a flood of changes whose clients leave holds at most that
+//! many tasks beyond what the connection and stream limits allow anyway.
+//! [`Changes::settled`] lets shutdown wait for them before the audit log
+//! is closed.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
-use tokio::task::JoinHandle;
 use tonic::codegen::http;
 use tower::Service;
 
-/// How many changes may run as their own task at once, per server.
+/// How many orphaned changes may run on at once, per server.
 pub const MAX_DETACHED: usize = 1024;
 
 /// An error of the transport's service, as tonic and hyper take it.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Why a request got no answer from [`Detach`]: the inner service's error
-/// (none of keyward's routers has one), or a detached change's task that
-/// ended without an answer (the runtime shutting down). A concrete type,
-/// so hyper's bound on service errors holds for every lifetime.
+/// The inner service's error (none of keyward's routers has one), as a
+/// concrete type, so hyper's bound on service errors holds for every
+/// lifetime.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct DetachError(String);
@@ -51,7 +52,7 @@ pub struct DetachError(String);
 /// Decides from the request line whether a request may change state.
 pub type IsChange = fn(&http::Method, &http::Uri) -> bool;
 
-/// The slots of detached changes, shared by a server's listeners.
+/// The slots of orphaned changes, shared by a server's listeners.
 #[derive(Clone)]
 pub struct Changes {
     slots: Arc<Semaphore>,
@@ -66,29 +67,38 @@ impl Changes {
         }
     }
 
-    /// Changes running as their own task now.
+    /// Orphaned changes running now.
     pub fn running(&self) -> usize {
         self.limit - self.slots.available_permits()
     }
 
-    /// Waits until no detached change runs, at most `deadline`; false if
-    /// some still ran then.
+    /// At shutdown: waits until no orphaned change runs, at most
+    /// `deadline` (false if some still ran then), and from then on orphans
+    /// no more, so none runs on past the audit log's last flush. While it
+    /// waits, a change whose client leaves is dropped where it stands.
     pub async fn settled(&self, deadline: Duration) -> bool {
         let Ok(count) = u32::try_from(self.limit) else {
+            self.slots.close();
             return false;
         };
-        matches!(
-            tokio::time::timeout(deadline, self.slots.acquire_many(count)).await,
-            Ok(Ok(_))
-        )
+        let all = tokio::time::timeout(deadline, self.slots.acquire_many(count)).await;
+        self.slots.close();
+        matches!(all, Ok(Ok(_)))
     }
 
-    /// `inner` with its changes (as `is_change` tells) detached.
-    pub fn detach<S>(&self, inner: S, is_change: IsChange) -> Detach<S> {
+    /// `inner`, whose changes (as `is_change` tells) run to their end;
+    /// `rebody` makes the inner service's body type of a [`Received`].
+    pub fn detach<S, B>(
+        &self,
+        inner: S,
+        is_change: IsChange,
+        rebody: fn(Received<B>) -> B,
+    ) -> Detach<S, B> {
         Detach {
             inner,
             changes: self.clone(),
             is_change,
+            rebody,
         }
     }
 }
@@ -101,64 +111,135 @@ pub fn grpc_is_change(_: &http::Method, uri: &http::Uri) -> bool {
 }
 
 /// An HTTPS request may change state unless its method only reads (`GET`,
-/// `HEAD`, `OPTIONS`, and Vault's `LIST`).
-pub fn http_is_change(method: &http::Method, _: &http::Uri) -> bool {
-    !matches!(method.as_str(), "GET" | "HEAD" | "OPTIONS" | "LIST")
-}
-
-/// See the module documentation.
-#[derive(Clone)]
-pub struct Detach<S> {
-    inner: S,
-    changes: Changes,
-    is_change: IsChange,
-}
-
-impl<S> tower::Layer<S> for Changes {
-    type Service = Detach<S>;
-
-    fn layer(&self, inner: S) -> Detach<S> {
-        self.detach(inner, grpc_is_change)
+/// `HEAD`, `OPTIONS`, and Vault's `LIST`). The one Vault read that makes
+/// something is a `GET` of `database/creds/<role>` (a database user under
+/// a lease); the path is compared as the router matches it, undecoded.
+pub fn http_is_change(method: &http::Method, uri: &http::Uri) -> bool {
+    match method.as_str() {
+        "GET" | "HEAD" => uri.path().starts_with("/v1/database/creds/"),
+        "OPTIONS" | "LIST" => false,
+        _ => true,
     }
 }
 
-impl<S, B> Service<http::Request<B>> for Detach<S>
+/// See the module documentation.
+pub struct Detach<S, B> {
+    inner: S,
+    changes: Changes,
+    is_change: IsChange,
+    /// Puts a change's request body, wrapped in [`Received`], back into the
+    /// body type the inner service takes.
+    rebody: fn(Received<B>) -> B,
+}
+
+impl<S: Clone, B> Clone for Detach<S, B> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            changes: self.changes.clone(),
+            is_change: self.is_change,
+            rebody: self.rebody,
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for Changes {
+    type Service = Detach<S, tonic::body::Body>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        self.detach(inner, grpc_is_change, tonic::body::Body::new)
+    }
+}
+
+impl<S, B> Service<http::Request<B>> for Detach<S, B>
 where
-    S: Service<http::Request<B>> + Clone + Send + 'static,
+    S: Service<http::Request<B>>,
     S::Future: Send + 'static,
-    S::Response: Send + 'static,
-    S::Error: Into<BoxError> + Send + 'static,
-    B: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: hyper::body::Body,
 {
     type Response = S::Response;
     type Error = DetachError;
-    type Future = DetachFuture<S::Future, S::Response, S::Error>;
+    type Future = DetachFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(detach_error)
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let permit = if (self.is_change)(req.method(), req.uri()) {
-            self.changes.slots.clone().try_acquire_owned().ok()
-        } else {
-            None
-        };
-        let Some(permit) = permit else {
+        if !(self.is_change)(req.method(), req.uri()) {
             return DetachFuture::Inline {
                 inner: self.inner.call(req),
             };
-        };
-        // The service that was made ready is the one called (tower's rule);
-        // its clone takes its place for the next request.
-        let clone = self.inner.clone();
-        let mut ready = std::mem::replace(&mut self.inner, clone);
-        let task = tokio::spawn(async move {
-            let answer = ready.call(req).await;
-            drop(permit);
-            answer
+        }
+        let whole = Arc::new(AtomicBool::new(false));
+        let rebody = self.rebody;
+        let req = req.map(|inner| {
+            whole.store(inner.is_end_stream(), Ordering::Release);
+            rebody(Received {
+                inner,
+                whole: whole.clone(),
+            })
         });
-        DetachFuture::Detached { task }
+        // For the log line of an orphan: a gRPC method's name, or the HTTP
+        // method alone (an HTTPS path names secrets and identities).
+        let what = if req.uri().path().starts_with("/keyward.") {
+            Describe::Grpc(req.uri().clone())
+        } else {
+            Describe::Http(req.method().clone())
+        };
+        DetachFuture::Change {
+            inner: Orphanable {
+                fut: Some(Box::pin(self.inner.call(req))),
+                began: false,
+                whole,
+                slots: self.changes.slots.clone(),
+                what,
+            },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A change's request body, which says when the client has sent all of
+    /// it. Until then the handler cannot have begun (a unary gRPC handler
+    /// and keyward's HTTPS handlers take the whole body first), so a change
+    /// dropped before is not run on: a client that never ends its body
+    /// holds no task.
+    pub struct Received<B> {
+        #[pin]
+        inner: B,
+        whole: Arc<AtomicBool>,
+    }
+}
+
+impl<B: hyper::body::Body> hyper::body::Body for Received<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        let whole = match &frame {
+            None => true,
+            Some(Ok(frame)) => frame.is_trailers() || this.inner.is_end_stream(),
+            Some(Err(_)) => false,
+        };
+        if whole {
+            this.whole.store(true, Ordering::Release);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -167,17 +248,22 @@ fn detach_error(e: impl Into<BoxError>) -> DetachError {
 }
 
 pin_project_lite::pin_project! {
-    /// The answer of a request served in place, or of a detached change.
+    /// The answer of a read served in place, or of a change.
     #[project = DetachProj]
-    pub enum DetachFuture<F, T, E> {
+    pub enum DetachFuture<F>
+    where
+        F: Future,
+        F: Send,
+        F: 'static,
+    {
         Inline { #[pin] inner: F },
-        Detached { task: JoinHandle<Result<T, E>> },
+        Change { inner: Orphanable<F> },
     }
 }
 
-impl<F, T, E> Future for DetachFuture<F, T, E>
+impl<F, T, E> Future for DetachFuture<F>
 where
-    F: Future<Output = Result<T, E>>,
+    F: Future<Output = Result<T, E>> + Send + 'static,
     E: Into<BoxError>,
 {
     type Output = Result<T, DetachError>;
@@ -185,15 +271,85 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
             DetachProj::Inline { inner } => inner.poll(cx).map_err(detach_error),
-            DetachProj::Detached { task } => Poll::Ready(match ready!(Pin::new(task).poll(cx)) {
-                Ok(answer) => answer.map_err(detach_error),
-                // The runtime is shutting down (or the handler panicked):
-                // the client sees the stream reset.
-                Err(e) => Err(DetachError(format!(
-                    "the change's task ended without an answer: {e}"
-                ))),
-            }),
+            DetachProj::Change { inner } => Pin::new(inner).poll(cx).map_err(detach_error),
         }
+    }
+}
+
+/// A change's handler, polled in place. Dropped after its first poll,
+/// with its whole request received, and before its end, it is handed to a
+/// task of its own that runs it out, if one of the [`Changes`] slots is
+/// free (the task holds it until the end).
+pub struct Orphanable<F>
+where
+    F: Future + Send + 'static,
+{
+    fut: Option<Pin<Box<F>>>,
+    began: bool,
+    /// Set by [`Received`].
+    whole: Arc<AtomicBool>,
+    slots: Arc<Semaphore>,
+    what: Describe,
+}
+
+/// What an orphaned change was, for the server log.
+enum Describe {
+    Grpc(http::Uri),
+    Http(http::Method),
+}
+
+impl std::fmt::Display for Describe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Grpc(uri) => f.write_str(uri.path().trim_start_matches('/')),
+            Self::Http(method) => write!(f, "HTTPS {method}"),
+        }
+    }
+}
+
+impl<F> Future for Orphanable<F>
+where
+    F: Future + Send + 'static,
+{
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.began = true;
+        let Some(fut) = self.fut.as_mut() else {
+            // Polled again after its answer: a caller's bug; never ready.
+            return Poll::Pending;
+        };
+        let answer = ready!(fut.as_mut().poll(cx));
+        self.fut = None;
+        Poll::Ready(answer)
+    }
+}
+
+impl<F> Drop for Orphanable<F>
+where
+    F: Future + Send + 'static,
+{
+    fn drop(&mut self) {
+        let Some(fut) = self.fut.take() else {
+            return; // answered
+        };
+        if !self.began || !self.whole.load(Ordering::Acquire) {
+            return; // never began, or still reading its request
+        }
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            return; // over the bound: dropped where it stands
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // no runtime left to run it on
+        };
+        tracing::info!(
+            change = %self.what,
+            "a change whose client left runs to its end; its answer will not be sent"
+        );
+        runtime.spawn(async move {
+            drop(fut.await);
+            drop(slot);
+        });
     }
 }
 
@@ -204,6 +360,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use tokio::sync::oneshot;
+    use tonic::body::Body;
 
     use super::*;
 
@@ -214,7 +371,7 @@ mod tests {
         finished: Arc<AtomicUsize>,
     }
 
-    impl Service<http::Request<()>> for Waits {
+    impl Service<http::Request<Body>> for Waits {
         type Response = &'static str;
         type Error = Infallible;
         type Future = Pin<Box<dyn Future<Output = Result<&'static str, Infallible>> + Send>>;
@@ -223,7 +380,7 @@ mod tests {
             Poll::Ready(Ok(()))
         }
 
-        fn call(&mut self, _: http::Request<()>) -> Self::Future {
+        fn call(&mut self, _: http::Request<Body>) -> Self::Future {
             let this = self.clone();
             Box::pin(async move {
                 let go = this.go.lock().await.take();
@@ -245,12 +402,29 @@ mod tests {
         (service, tx)
     }
 
-    fn request(method: &str, path: &str) -> http::Request<()> {
+    /// A request whose body has all arrived.
+    fn request(method: &str, path: &str) -> http::Request<Body> {
         http::Request::builder()
             .method(method)
             .uri(path)
-            .body(())
+            .body(Body::empty())
             .unwrap()
+    }
+
+    /// A body whose client never sends its end.
+    struct NeverEnds;
+
+    impl hyper::body::Body for NeverEnds {
+        type Data = tonic::codegen::Bytes;
+        type Error = tonic::Status;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<hyper::body::Frame<tonic::codegen::Bytes>, tonic::Status>>>
+        {
+            Poll::Pending
+        }
     }
 
     #[tokio::test]
@@ -258,10 +432,19 @@ mod tests {
         let (service, go) = waits();
         let finished = service.finished.clone();
         let changes = Changes::new(4);
-        let mut detach = changes.detach(service, grpc_is_change);
-        let call = detach.call(request("POST", "/keyward.v1.Secrets/Put"));
-        assert_eq!(changes.running(), 1);
+        let mut detach = changes.detach(service, grpc_is_change, Body::new);
+        let mut call = Box::pin(detach.call(request("POST", "/keyward.v1.Secrets/Put")));
+        assert!(
+            poll_once(call.as_mut()).await.is_none(),
+            "the handler waits"
+        );
+        assert_eq!(
+            changes.running(),
+            0,
+            "served in place while its caller waits"
+        );
         drop(call); // the client went away while the handler waited
+        assert_eq!(changes.running(), 1, "orphaned: runs on as its own task");
         go.send(()).unwrap();
         assert!(changes.settled(Duration::from_secs(30)).await);
         assert_eq!(
@@ -273,46 +456,73 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_change_dropped_before_it_began_does_not_run() {
+        let (service, _go) = waits();
+        let finished = service.finished.clone();
+        let changes = Changes::new(4);
+        let mut detach = changes.detach(service, grpc_is_change, Body::new);
+        drop(detach.call(request("POST", "/keyward.v1.Secrets/Put")));
+        assert_eq!(changes.running(), 0);
+        tokio::task::yield_now().await;
+        assert_eq!(finished.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_change_dropped_while_its_request_is_still_arriving_does_not_run_on() {
+        let (service, go) = waits();
+        let finished = service.finished.clone();
+        let changes = Changes::new(4);
+        let mut detach = changes.detach(service, grpc_is_change, Body::new);
+        let arriving = http::Request::builder()
+            .method("POST")
+            .uri("/keyward.v1.Auth/Login")
+            .body(Body::new(NeverEnds))
+            .unwrap();
+        let mut call = Box::pin(detach.call(arriving));
+        assert!(poll_once(call.as_mut()).await.is_none());
+        drop(call); // say, tonic's grpc-timeout ran out
+        assert_eq!(
+            changes.running(),
+            0,
+            "no task holds a request that never ends"
+        );
+        assert!(go.send(()).is_err(), "dropped where it stood");
+        assert_eq!(finished.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
     async fn a_read_whose_caller_leaves_is_dropped_in_place() {
         let (service, go) = waits();
         let finished = service.finished.clone();
         let changes = Changes::new(4);
-        let mut detach = changes.detach(service, grpc_is_change);
+        let mut detach = changes.detach(service, grpc_is_change, Body::new);
         let mut call = Box::pin(detach.call(request("POST", "/keyward.v1.Secrets/Get")));
-        assert!(futures_poll_once(call.as_mut()).await.is_none());
-        assert_eq!(changes.running(), 0, "a read takes no slot");
+        assert!(poll_once(call.as_mut()).await.is_none());
         drop(call);
-        let _ = go.send(());
-        tokio::task::yield_now().await;
+        assert_eq!(changes.running(), 0, "a read is never orphaned");
+        assert!(go.send(()).is_err(), "the dropped read let go of its wait");
         assert_eq!(finished.load(Ordering::SeqCst), 0, "a dropped read stops");
     }
 
     #[tokio::test]
-    async fn past_the_bound_a_change_is_served_in_place() {
-        let (service, go) = waits();
+    async fn past_the_bound_an_orphaned_change_is_dropped_where_it_stands() {
+        let (first, go_first) = waits();
+        let (second, go_second) = waits();
         let changes = Changes::new(1);
-        let mut detach = changes.detach(service.clone(), http_is_change);
-        let first = detach.call(request("PUT", "/v1/secret/data/a"));
-        assert_eq!(changes.running(), 1);
-        // The second finds no slot: it is served in place, and answers.
-        let mut other = changes.detach(
-            Waits {
-                go: Arc::new(tokio::sync::Mutex::new(None)),
-                finished: service.finished.clone(),
-            },
-            http_is_change,
-        );
-        assert_eq!(
-            other
-                .call(request("PUT", "/v1/secret/data/b"))
-                .await
-                .unwrap(),
-            "answered"
-        );
-        assert_eq!(changes.running(), 1);
-        go.send(()).unwrap();
-        assert_eq!(first.await.unwrap(), "answered");
+        let mut a = changes.detach(first.clone(), http_is_change, Body::new);
+        let mut b = changes.detach(second.clone(), http_is_change, Body::new);
+        let mut call_a = Box::pin(a.call(request("PUT", "/v1/secret/data/a")));
+        let mut call_b = Box::pin(b.call(request("DELETE", "/v1/secret/data/b")));
+        assert!(poll_once(call_a.as_mut()).await.is_none());
+        assert!(poll_once(call_b.as_mut()).await.is_none());
+        drop(call_a);
+        drop(call_b);
+        assert_eq!(changes.running(), 1, "one slot: the second is not kept");
+        assert!(go_second.send(()).is_err(), "the second was dropped");
+        go_first.send(()).unwrap();
         assert!(changes.settled(Duration::from_secs(30)).await);
+        assert_eq!(first.finished.load(Ordering::SeqCst), 1);
+        assert_eq!(second.finished.load(Ordering::SeqCst), 0);
     }
 
     #[test]
@@ -351,7 +561,7 @@ mod tests {
     }
 
     /// Polls `f` once: `Some` if it was ready.
-    async fn futures_poll_once<F: Future + Unpin>(mut f: F) -> Option<F::Output> {
+    async fn poll_once<F: Future + Unpin>(mut f: F) -> Option<F::Output> {
         std::future::poll_fn(|cx| {
             Poll::Ready(match Pin::new(&mut f).poll(cx) {
                 Poll::Ready(v) => Some(v),

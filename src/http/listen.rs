@@ -176,13 +176,13 @@ async fn serve_connection<I>(
         activity: activity.clone(),
     });
     let in_flight = activity.clone();
-    let routed = router.map_request(move |mut req: Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(peer.clone());
-        req.map(axum::body::Body::new)
-    });
     // A change runs to its end if its client leaves (`api::detach`).
     let service = changes
-        .detach(routed, detach::http_is_change)
+        .detach(router, detach::http_is_change, axum::body::Body::new)
+        .map_request(move |mut req: Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(peer.clone());
+            req.map(axum::body::Body::new)
+        })
         .map_future(move |answer| {
             // Counted until the answer is made or the request dropped.
             let guard = InFlight::new(in_flight.clone());

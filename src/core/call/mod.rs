@@ -89,6 +89,7 @@ pub fn class(method: &str) -> Class {
         | "keyward.v1.Identities/CreateSecretId"
         | "keyward.v1.Identities/RevokeSecretId"
         | "keyward.v1.Identities/PutOidcIssuer"
+        | "keyward.v1.Identities/SetMetadata"
         | "keyward.v1.Sys/Init"
         | "keyward.v1.Sys/Unseal"
         | "keyward.v1.Sys/Seal"
@@ -951,6 +952,66 @@ mod tests {
         assert_eq!(r["code"], "OK");
         assert_eq!(r["outcome"], "allowed");
         assert!(!r.to_string().contains("hunter2"));
+    }
+
+    /// Every method keyward serves is a change (in `class`) or one of
+    /// these reads, so a new method that writes cannot be left a read by
+    /// accident: a change writes a request record before it acts and runs
+    /// to its end when its client leaves (`api::detach`).
+    #[test]
+    fn every_served_method_is_classed_on_purpose() {
+        use prost::Message as _;
+        const READS: &[&str] = &[
+            "keyward.v1.Auth/LookupToken",
+            "keyward.v1.Dynamic/GetRole",
+            "keyward.v1.Dynamic/ListRoles",
+            "keyward.v1.Federation/Discovery",
+            "keyward.v1.Federation/GetOidcRole",
+            "keyward.v1.Governance/ListAnomalies",
+            "keyward.v1.Governance/Report",
+            "keyward.v1.Governance/WatchAnomalies",
+            "keyward.v1.Identities/Get",
+            "keyward.v1.Identities/List",
+            "keyward.v1.Identities/ListOidcIssuers",
+            "keyward.v1.Identities/ListSecretIds",
+            "keyward.v1.Leases/List",
+            "keyward.v1.Leases/Lookup",
+            "keyward.v1.Lifecycle/Attestations",
+            "keyward.v1.Lifecycle/Reads",
+            "keyward.v1.Pki/Ca",
+            "keyward.v1.Pki/Crl",
+            "keyward.v1.Pki/GetRole",
+            "keyward.v1.Pki/List",
+            "keyward.v1.Pki/ListRoles",
+            "keyward.v1.Policies/Get",
+            "keyward.v1.Policies/List",
+            "keyward.v1.Rotation/GetPolicy",
+            "keyward.v1.Rotation/History",
+            "keyward.v1.Rotation/ListPolicies",
+            "keyward.v1.Scan/Match",
+            "keyward.v1.Secrets/Get",
+            "keyward.v1.Secrets/List",
+            "keyward.v1.Secrets/Metadata",
+            "keyward.v1.Secrets/Watch",
+            "keyward.v1.Sys/AuditHash",
+            "keyward.v1.Sys/SnapshotSave",
+            "keyward.v1.Sys/Status",
+        ];
+        let set =
+            prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET).unwrap();
+        let mut served = 0;
+        for file in set.file.iter().filter(|f| f.package() == "keyward.v1") {
+            for service in &file.service {
+                for method in &service.method {
+                    let name = format!("keyward.v1.{}/{}", service.name(), method.name());
+                    let change = class(&name) == Class::Change;
+                    let read = READS.contains(&name.as_str());
+                    assert!(change != read, "{name}: a change and a read, or neither");
+                    served += 1;
+                }
+            }
+        }
+        assert_eq!(served, READS.len() + 50, "a listed method is not served");
     }
 
     #[test]
