@@ -626,15 +626,15 @@ impl Server {
     /// Stops the background tasks, then writes what is kept in memory.
     async fn stop(&self, tasks: Tasks) {
         self.begin_shutdown();
-        // A change whose client left before the drain ends runs on as its
-        // own task; it may still wait on the store's background work.
+        // The HTTPS listener drains with the tasks; then the changes whose
+        // clients left (`api::detach`) may still run, on their own tasks.
+        tasks.drain(DRAIN_DEADLINE).await;
         if !self.changes.settled(DRAIN_DEADLINE).await {
             tracing::warn!(
                 running = self.changes.running(),
-                "drain deadline passed with changes still running"
+                "drain deadline passed with changes whose clients left still running"
             );
         }
-        tasks.drain(DRAIN_DEADLINE).await;
         // The calls have drained and the tasks let go of the store.
         self.core.persist_usage().await;
         if let Err(e) = self.core.audit.sync() {

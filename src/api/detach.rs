@@ -10,24 +10,29 @@
 //! not happened. A client could choose that on purpose.
 //!
 //! So [`Detach`] polls a change's handler in place, as any other, but
-//! boxed: if the transport drops it after it began and before its end, the
-//! box is handed to a task of its own, which runs it out. The change, its
-//! durability wait and its outcome record stay one sequence, and only the
-//! answer is thrown away. A change dropped before its first poll never
-//! began and is simply dropped. Reads are served in place with nothing
-//! added; a change pays one allocation, and a task only when orphaned.
+//! boxed, and hands it an [`Acting`] mark (in the request's extensions)
+//! that its call sets once it acts: once its request record is written or
+//! queued (`core::call`). If the transport drops the handler after that and
+//! before its end, the box is handed to a task of its own, which runs it
+//! out: the change, its durability wait and its outcome record stay one
+//! sequence, and only the answer is thrown away. The call learns that its
+//! client left (`Call::client_left`), so a wait that only served the client
+//! (a Rotate's `wait`) ends. A change dropped before it acts (still reading
+//! its request, waiting for a key set, refused) is dropped where it stands
+//! and recorded `CANCELLED`: it changed nothing. Reads are served in place
+//! with nothing added; a change pays one allocation, and a task only when
+//! orphaned.
 //!
 //! **Bound.** At most [`MAX_DETACHED`] orphaned changes run at once (one
 //! count for the gRPC and HTTPS listeners of a server, [`Changes`]). Past
 //! that an orphaned change is dropped where it stands, as before this
-//! existed, so a flood of changes whose clients leave holds at most that
-//! many tasks beyond what the connection and stream limits allow anyway.
-//! [`Changes::settled`] lets shutdown wait for them before the audit log
-//! is closed.
+//! existed, and the server log says so (at the 1st, 2nd, 4th, 8th, ...
+//! such drop, so a flood cannot flood the log). [`Changes::settled`] lets
+//! shutdown wait for them before the audit log is closed.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -35,6 +40,8 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tonic::codegen::http;
 use tower::Service;
+
+use crate::core::call::{class, Acting, Class};
 
 /// How many orphaned changes may run on at once, per server.
 pub const MAX_DETACHED: usize = 1024;
@@ -57,6 +64,8 @@ pub type IsChange = fn(&http::Method, &http::Uri) -> bool;
 pub struct Changes {
     slots: Arc<Semaphore>,
     limit: usize,
+    /// Orphans stopped where they stood (no slot, or shutting down).
+    dropped: Arc<AtomicU64>,
 }
 
 impl Changes {
@@ -64,12 +73,18 @@ impl Changes {
         Self {
             slots: Arc::new(Semaphore::new(limit)),
             limit,
+            dropped: Arc::new(AtomicU64::new(0)),
         }
     }
 
     /// Orphaned changes running now.
     pub fn running(&self) -> usize {
         self.limit - self.slots.available_permits()
+    }
+
+    /// Orphaned changes stopped where they stood so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     /// At shutdown: waits until no orphaned change runs, at most
@@ -86,19 +101,12 @@ impl Changes {
         matches!(all, Ok(Ok(_)))
     }
 
-    /// `inner`, whose changes (as `is_change` tells) run to their end;
-    /// `rebody` makes the inner service's body type of a [`Received`].
-    pub fn detach<S, B>(
-        &self,
-        inner: S,
-        is_change: IsChange,
-        rebody: fn(Received<B>) -> B,
-    ) -> Detach<S, B> {
+    /// `inner`, whose changes (as `is_change` tells) run to their end.
+    pub fn detach<S>(&self, inner: S, is_change: IsChange) -> Detach<S> {
         Detach {
             inner,
             changes: self.clone(),
             is_change,
-            rebody,
         }
     }
 }
@@ -106,8 +114,7 @@ impl Changes {
 /// A gRPC request is a change when its method's class says so
 /// (`core::call::class`; the path is `/package.Service/Method`).
 pub fn grpc_is_change(_: &http::Method, uri: &http::Uri) -> bool {
-    let method = uri.path().trim_start_matches('/');
-    crate::core::call::class(method) == crate::core::call::Class::Change
+    class(uri.path().trim_start_matches('/')) == Class::Change
 }
 
 /// An HTTPS request may change state unless its method only reads (`GET`,
@@ -123,40 +130,26 @@ pub fn http_is_change(method: &http::Method, uri: &http::Uri) -> bool {
 }
 
 /// See the module documentation.
-pub struct Detach<S, B> {
+#[derive(Clone)]
+pub struct Detach<S> {
     inner: S,
     changes: Changes,
     is_change: IsChange,
-    /// Puts a change's request body, wrapped in [`Received`], back into the
-    /// body type the inner service takes.
-    rebody: fn(Received<B>) -> B,
-}
-
-impl<S: Clone, B> Clone for Detach<S, B> {
-    fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-            changes: self.changes.clone(),
-            is_change: self.is_change,
-            rebody: self.rebody,
-        }
-    }
 }
 
 impl<S> tower::Layer<S> for Changes {
-    type Service = Detach<S, tonic::body::Body>;
+    type Service = Detach<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        self.detach(inner, grpc_is_change, tonic::body::Body::new)
+        self.detach(inner, grpc_is_change)
     }
 }
 
-impl<S, B> Service<http::Request<B>> for Detach<S, B>
+impl<S, B> Service<http::Request<B>> for Detach<S>
 where
     S: Service<http::Request<B>>,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
-    B: hyper::body::Body,
 {
     type Response = S::Response;
     type Error = DetachError;
@@ -166,21 +159,14 @@ where
         self.inner.poll_ready(cx).map_err(detach_error)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         if !(self.is_change)(req.method(), req.uri()) {
             return DetachFuture::Inline {
                 inner: self.inner.call(req),
             };
         }
-        let whole = Arc::new(AtomicBool::new(false));
-        let rebody = self.rebody;
-        let req = req.map(|inner| {
-            whole.store(inner.is_end_stream(), Ordering::Release);
-            rebody(Received {
-                inner,
-                whole: whole.clone(),
-            })
-        });
+        let acting = Acting::new();
+        req.extensions_mut().insert(acting.clone());
         // For the log line of an orphan: a gRPC method's name, or the HTTP
         // method alone (an HTTPS path names secrets and identities).
         let what = if req.uri().path().starts_with("/keyward.") {
@@ -191,55 +177,11 @@ where
         DetachFuture::Change {
             inner: Orphanable {
                 fut: Some(Box::pin(self.inner.call(req))),
-                began: false,
-                whole,
-                slots: self.changes.slots.clone(),
+                acting,
+                changes: self.changes.clone(),
                 what,
             },
         }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A change's request body, which says when the client has sent all of
-    /// it. Until then the handler cannot have begun (a unary gRPC handler
-    /// and keyward's HTTPS handlers take the whole body first), so a change
-    /// dropped before is not run on: a client that never ends its body
-    /// holds no task.
-    pub struct Received<B> {
-        #[pin]
-        inner: B,
-        whole: Arc<AtomicBool>,
-    }
-}
-
-impl<B: hyper::body::Body> hyper::body::Body for Received<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
-        let mut this = self.project();
-        let frame = ready!(this.inner.as_mut().poll_frame(cx));
-        let whole = match &frame {
-            None => true,
-            Some(Ok(frame)) => frame.is_trailers() || this.inner.is_end_stream(),
-            Some(Err(_)) => false,
-        };
-        if whole {
-            this.whole.store(true, Ordering::Release);
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
     }
 }
 
@@ -276,19 +218,16 @@ where
     }
 }
 
-/// A change's handler, polled in place. Dropped after its first poll,
-/// with its whole request received, and before its end, it is handed to a
-/// task of its own that runs it out, if one of the [`Changes`] slots is
-/// free (the task holds it until the end).
+/// A change's handler, polled in place. Dropped once its call acts and
+/// before its end, it is handed to a task of its own that runs it out, if
+/// one of the [`Changes`] slots is free (the task holds it until the end).
 pub struct Orphanable<F>
 where
     F: Future + Send + 'static,
 {
     fut: Option<Pin<Box<F>>>,
-    began: bool,
-    /// Set by [`Received`].
-    whole: Arc<AtomicBool>,
-    slots: Arc<Semaphore>,
+    acting: Acting,
+    changes: Changes,
     what: Describe,
 }
 
@@ -314,7 +253,6 @@ where
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        self.began = true;
         let Some(fut) = self.fut.as_mut() else {
             // Polled again after its answer: a caller's bug; never ready.
             return Poll::Pending;
@@ -333,19 +271,31 @@ where
         let Some(fut) = self.fut.take() else {
             return; // answered
         };
-        if !self.began || !self.whole.load(Ordering::Acquire) {
-            return; // never began, or still reading its request
+        if !self.acting.is_acting() || std::thread::panicking() {
+            // It changed nothing yet (its call records `CANCELLED`), or its
+            // handler panicked and cannot be polled again.
+            return;
         }
-        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-            return; // over the bound: dropped where it stands
+        let Ok(slot) = self.changes.slots.clone().try_acquire_owned() else {
+            let dropped = self.changes.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if dropped.is_power_of_two() {
+                tracing::warn!(
+                    change = %self.what,
+                    dropped,
+                    "a change whose client left was stopped where it stood (no slot free, \
+                     api::detach::MAX_DETACHED, or shutting down); its record says CANCELLED"
+                );
+            }
+            return;
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return; // no runtime left to run it on
         };
-        tracing::info!(
+        tracing::debug!(
             change = %self.what,
             "a change whose client left runs to its end; its answer will not be sent"
         );
+        self.acting.client_left();
         runtime.spawn(async move {
             drop(fut.await);
             drop(slot);
@@ -357,21 +307,24 @@ where
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use std::convert::Infallible;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
 
     use tokio::sync::oneshot;
-    use tonic::body::Body;
 
     use super::*;
 
-    /// A handler that waits for `go`, then counts itself finished.
+    /// A handler that acts at once (as a change's call marks it) if `acts`,
+    /// then waits for `go`, then counts itself finished.
     #[derive(Clone)]
     struct Waits {
+        acts: bool,
         go: Arc<tokio::sync::Mutex<Option<oneshot::Receiver<()>>>>,
         finished: Arc<AtomicUsize>,
+        /// The mark of the last change it was given.
+        seen: Arc<std::sync::Mutex<Option<Acting>>>,
     }
 
-    impl Service<http::Request<Body>> for Waits {
+    impl Service<http::Request<()>> for Waits {
         type Response = &'static str;
         type Error = Infallible;
         type Future = Pin<Box<dyn Future<Output = Result<&'static str, Infallible>> + Send>>;
@@ -380,9 +333,14 @@ mod tests {
             Poll::Ready(Ok(()))
         }
 
-        fn call(&mut self, _: http::Request<Body>) -> Self::Future {
+        fn call(&mut self, req: http::Request<()>) -> Self::Future {
             let this = self.clone();
+            let acting = req.extensions().get::<Acting>().cloned();
+            self.seen.lock().unwrap().clone_from(&acting);
             Box::pin(async move {
+                if let (true, Some(acting)) = (this.acts, &acting) {
+                    acting.set_acting();
+                }
                 let go = this.go.lock().await.take();
                 if let Some(go) = go {
                     let _ = go.await;
@@ -393,47 +351,45 @@ mod tests {
         }
     }
 
-    fn waits() -> (Waits, oneshot::Sender<()>) {
+    fn waits(acts: bool) -> (Waits, oneshot::Sender<()>) {
         let (tx, rx) = oneshot::channel();
         let service = Waits {
+            acts,
             go: Arc::new(tokio::sync::Mutex::new(Some(rx))),
             finished: Arc::new(AtomicUsize::new(0)),
+            seen: Arc::new(std::sync::Mutex::new(None)),
         };
         (service, tx)
     }
 
-    /// A request whose body has all arrived.
-    fn request(method: &str, path: &str) -> http::Request<Body> {
+    fn request(method: &str, path: &str) -> http::Request<()> {
         http::Request::builder()
             .method(method)
             .uri(path)
-            .body(Body::empty())
+            .body(())
             .unwrap()
     }
 
-    /// A body whose client never sends its end.
-    struct NeverEnds;
-
-    impl hyper::body::Body for NeverEnds {
-        type Data = tonic::codegen::Bytes;
-        type Error = tonic::Status;
-
-        fn poll_frame(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<hyper::body::Frame<tonic::codegen::Bytes>, tonic::Status>>>
-        {
-            Poll::Pending
-        }
+    /// Polls `f` once: `Some` if it was ready.
+    async fn poll_once<F: Future + Unpin>(mut f: F) -> Option<F::Output> {
+        std::future::poll_fn(|cx| {
+            Poll::Ready(match Pin::new(&mut f).poll(cx) {
+                Poll::Ready(v) => Some(v),
+                Poll::Pending => None,
+            })
+        })
+        .await
     }
 
+    const PUT: &str = "/keyward.v1.Secrets/Put";
+
     #[tokio::test]
-    async fn a_change_whose_caller_leaves_runs_to_its_end() {
-        let (service, go) = waits();
-        let finished = service.finished.clone();
+    async fn a_change_whose_caller_leaves_once_it_acts_runs_to_its_end() {
+        let (service, go) = waits(true);
+        let (finished, seen) = (service.finished.clone(), service.seen.clone());
         let changes = Changes::new(4);
-        let mut detach = changes.detach(service, grpc_is_change, Body::new);
-        let mut call = Box::pin(detach.call(request("POST", "/keyward.v1.Secrets/Put")));
+        let mut detach = changes.detach(service, grpc_is_change);
+        let mut call = Box::pin(detach.call(request("POST", PUT)));
         assert!(
             poll_once(call.as_mut()).await.is_none(),
             "the handler waits"
@@ -443,8 +399,15 @@ mod tests {
             0,
             "served in place while its caller waits"
         );
+        let acting = seen
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("a change is given the mark");
+        assert!(!acting.has_left());
         drop(call); // the client went away while the handler waited
         assert_eq!(changes.running(), 1, "orphaned: runs on as its own task");
+        assert!(acting.has_left(), "the call is told its client left");
         go.send(()).unwrap();
         assert!(changes.settled(Duration::from_secs(30)).await);
         assert_eq!(
@@ -452,52 +415,36 @@ mod tests {
             1,
             "the handler ran to its end"
         );
-        assert_eq!(changes.running(), 0);
+        assert_eq!(changes.dropped(), 0);
     }
 
     #[tokio::test]
-    async fn a_change_dropped_before_it_began_does_not_run() {
-        let (service, _go) = waits();
+    async fn a_change_dropped_before_it_acts_is_dropped_where_it_stands() {
+        let (service, go) = waits(false);
         let finished = service.finished.clone();
         let changes = Changes::new(4);
-        let mut detach = changes.detach(service, grpc_is_change, Body::new);
-        drop(detach.call(request("POST", "/keyward.v1.Secrets/Put")));
-        assert_eq!(changes.running(), 0);
-        tokio::task::yield_now().await;
-        assert_eq!(finished.load(Ordering::SeqCst), 0);
-    }
-
-    #[tokio::test]
-    async fn a_change_dropped_while_its_request_is_still_arriving_does_not_run_on() {
-        let (service, go) = waits();
-        let finished = service.finished.clone();
-        let changes = Changes::new(4);
-        let mut detach = changes.detach(service, grpc_is_change, Body::new);
-        let arriving = http::Request::builder()
-            .method("POST")
-            .uri("/keyward.v1.Auth/Login")
-            .body(Body::new(NeverEnds))
-            .unwrap();
-        let mut call = Box::pin(detach.call(arriving));
+        let mut detach = changes.detach(service, grpc_is_change);
+        // Before its first poll, and after one that did not act (a login
+        // waiting for a key set, a request body still arriving).
+        drop(detach.call(request("POST", PUT)));
+        let mut call = Box::pin(detach.call(request("POST", PUT)));
         assert!(poll_once(call.as_mut()).await.is_none());
-        drop(call); // say, tonic's grpc-timeout ran out
-        assert_eq!(
-            changes.running(),
-            0,
-            "no task holds a request that never ends"
-        );
-        assert!(go.send(()).is_err(), "dropped where it stood");
+        drop(call);
+        assert_eq!(changes.running(), 0);
+        assert!(go.send(()).is_err(), "its wait was dropped with it");
         assert_eq!(finished.load(Ordering::SeqCst), 0);
+        assert_eq!(changes.dropped(), 0, "nothing to count: it changed nothing");
     }
 
     #[tokio::test]
     async fn a_read_whose_caller_leaves_is_dropped_in_place() {
-        let (service, go) = waits();
-        let finished = service.finished.clone();
+        let (service, go) = waits(true);
+        let (finished, seen) = (service.finished.clone(), service.seen.clone());
         let changes = Changes::new(4);
-        let mut detach = changes.detach(service, grpc_is_change, Body::new);
+        let mut detach = changes.detach(service, grpc_is_change);
         let mut call = Box::pin(detach.call(request("POST", "/keyward.v1.Secrets/Get")));
         assert!(poll_once(call.as_mut()).await.is_none());
+        assert!(seen.lock().unwrap().is_none(), "a read gets no mark");
         drop(call);
         assert_eq!(changes.running(), 0, "a read is never orphaned");
         assert!(go.send(()).is_err(), "the dropped read let go of its wait");
@@ -505,12 +452,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn past_the_bound_an_orphaned_change_is_dropped_where_it_stands() {
-        let (first, go_first) = waits();
-        let (second, go_second) = waits();
+    async fn past_the_bound_an_orphaned_change_is_dropped_and_counted() {
+        let (first, go_first) = waits(true);
+        let (second, go_second) = waits(true);
         let changes = Changes::new(1);
-        let mut a = changes.detach(first.clone(), http_is_change, Body::new);
-        let mut b = changes.detach(second.clone(), http_is_change, Body::new);
+        let mut a = changes.detach(first.clone(), http_is_change);
+        let mut b = changes.detach(second.clone(), http_is_change);
         let mut call_a = Box::pin(a.call(request("PUT", "/v1/secret/data/a")));
         let mut call_b = Box::pin(b.call(request("DELETE", "/v1/secret/data/b")));
         assert!(poll_once(call_a.as_mut()).await.is_none());
@@ -518,6 +465,7 @@ mod tests {
         drop(call_a);
         drop(call_b);
         assert_eq!(changes.running(), 1, "one slot: the second is not kept");
+        assert_eq!(changes.dropped(), 1);
         assert!(go_second.send(()).is_err(), "the second was dropped");
         go_first.send(()).unwrap();
         assert!(changes.settled(Duration::from_secs(30)).await);
@@ -525,14 +473,34 @@ mod tests {
         assert_eq!(second.finished.load(Ordering::SeqCst), 0);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn settled_says_when_an_orphan_outlived_the_deadline_and_then_orphans_no_more() {
+        let (held, _go_held) = waits(true);
+        let (late, go_late) = waits(true);
+        let changes = Changes::new(4);
+        let mut a = changes.detach(held, grpc_is_change);
+        let mut call = Box::pin(a.call(request("POST", PUT)));
+        assert!(poll_once(call.as_mut()).await.is_none());
+        drop(call);
+        assert_eq!(changes.running(), 1);
+        assert!(
+            !changes.settled(Duration::from_secs(10)).await,
+            "still running"
+        );
+        // Shutting down: a change whose client leaves now is not kept.
+        let mut b = changes.detach(late, grpc_is_change);
+        let mut call = Box::pin(b.call(request("POST", PUT)));
+        assert!(poll_once(call.as_mut()).await.is_none());
+        drop(call);
+        assert_eq!(changes.dropped(), 1);
+        assert!(go_late.send(()).is_err());
+    }
+
     #[test]
     fn which_requests_are_changes() {
         let get = http::Method::GET;
         let uri = |p: &str| p.parse::<http::Uri>().unwrap();
-        assert!(grpc_is_change(
-            &http::Method::POST,
-            &uri("/keyward.v1.Secrets/Put")
-        ));
+        assert!(grpc_is_change(&http::Method::POST, &uri(PUT)));
         assert!(grpc_is_change(
             &http::Method::POST,
             &uri("/keyward.v1.Auth/Login")
@@ -558,16 +526,11 @@ mod tests {
             &http::Method::DELETE,
             &uri("/v1/secret/data/a")
         ));
-    }
-
-    /// Polls `f` once: `Some` if it was ready.
-    async fn poll_once<F: Future + Unpin>(mut f: F) -> Option<F::Output> {
-        std::future::poll_fn(|cx| {
-            Poll::Ready(match Pin::new(&mut f).poll(cx) {
-                Poll::Ready(v) => Some(v),
-                Poll::Pending => None,
-            })
-        })
-        .await
+        assert!(http_is_change(&get, &uri("/v1/database/creds/app")));
+        assert!(http_is_change(
+            &http::Method::HEAD,
+            &uri("/v1/database/creds/app")
+        ));
+        assert!(!http_is_change(&get, &uri("/v1/sys/leases/lookup/x")));
     }
 }

@@ -27,7 +27,7 @@ use tonic::metadata::{Ascii, MetadataKey};
 use tonic::{Code, Request, Status};
 
 use crate::core::call::{bearer, request_id, RequestMeta};
-use crate::core::call::{Access, Call, Failure, FailureKind};
+use crate::core::call::{Access, Acting, Call, Failure, FailureKind};
 use crate::core::Core;
 
 /// The gRPC code a failure kind is answered with. The one place gRPC codes
@@ -70,6 +70,7 @@ fn request_meta<T>(method: &'static str, req: &Request<T>) -> RequestMeta {
         request_id: request_id(text(&REQUEST_ID)),
         source: req.remote_addr(),
         token: text(&AUTHORIZATION).and_then(bearer),
+        acting: req.extensions().get::<Acting>().cloned(),
     }
 }
 

@@ -246,7 +246,10 @@ impl Rotation for RotationService {
             if let Some(done) = call.check(broker.finished_run(&path, &run.run_id))? {
                 break done;
             }
-            if tokio::time::Instant::now() >= deadline || stop.is_triggered() {
+            // The wait served the client only: once it left (`api::detach`),
+            // the run goes on and the call records it as it stands.
+            let over = tokio::time::Instant::now() >= deadline || stop.is_triggered();
+            if over || call.client_left() {
                 let now = call.check(broker.active_run(&path))?;
                 break now.unwrap_or(run);
             }
@@ -256,6 +259,7 @@ impl Rotation for RotationService {
                 _ = finished.recv() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = stop.wait() => {}
+                () = call.client_gone() => {}
             }
         };
         call.ok(&[])?;

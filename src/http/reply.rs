@@ -17,7 +17,9 @@ use zeroize::Zeroizing;
 
 use super::listen::Peer;
 use super::HttpState;
-use crate::core::call::{bearer, request_id, Access, Call, Failure, FailureKind, RequestMeta};
+use crate::core::call::{
+    bearer, request_id, Access, Acting, Call, Failure, FailureKind, RequestMeta,
+};
 use crate::core::Core;
 
 /// The HTTP status a failure kind is answered with: the one place HTTP
@@ -227,6 +229,7 @@ pub async fn refuse(
         request_id: request_id.to_owned(),
         source,
         token: None,
+        acting: None,
     };
     let mut call = match Call::begin(core, meta, Access::Open).await {
         Ok(call) => call,
@@ -312,6 +315,8 @@ pub struct VaultRequest {
     token: Option<Zeroizing<String>>,
     request_id: String,
     body: Bytes,
+    /// The transport's mark of a change (`api::detach`).
+    acting: Option<Acting>,
 }
 
 impl VaultRequest {
@@ -330,6 +335,7 @@ impl VaultRequest {
             .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
             .unwrap_or_default();
         let peer = parts.extensions.get::<Peer>().cloned();
+        let acting = parts.extensions.get::<Acting>().cloned();
         let token = token_of(&parts.headers);
         let request_id = request_id(
             parts
@@ -344,6 +350,7 @@ impl VaultRequest {
             token,
             request_id,
             body: Bytes::new(),
+            acting,
         };
         if let Err(message) = namespace {
             return Err(req.refuse(state, Refusal::Namespace, message).await);
@@ -471,6 +478,7 @@ impl VaultRequest {
             request_id: self.request_id.clone(),
             source: self.peer.as_ref().map(|p| p.addr),
             token: self.token.clone(),
+            acting: self.acting.clone(),
         }
     }
 

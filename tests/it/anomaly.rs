@@ -544,6 +544,7 @@ mod paused {
             request_id: keyward::core::call::request_id(None),
             source: Some(SocketAddr::new(source.parse().unwrap(), 40_000)),
             token: Some(Zeroizing::new(v.tokens[token_index(source)].clone())),
+            acting: None,
         };
         let mut call = Call::begin(&v.core, meta, Access::Token).await.unwrap();
         call.authorize(Capability::Read, format!("secret/{path}"))

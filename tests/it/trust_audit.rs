@@ -370,30 +370,63 @@ async fn a_put_whose_client_leaves_midway_is_recorded_as_what_it_did() {
     let server = TestServer::dev().await;
     let base = unique("leaves");
     const PUTS: usize = 240;
+    const CLIENTS: usize = 8;
     // Eight connections: HTTP/2 servers close one that resets too many
     // streams (hyper's guard against rapid-reset floods).
     let mut clients = Vec::new();
-    for _ in 0..8 {
+    for _ in 0..CLIENTS {
         clients.push(server.root().await);
     }
-    let mut calls = tokio::task::JoinSet::new();
-    for i in 0..PUTS {
-        let root = clients[i % clients.len()].clone();
-        let path = format!("{base}/{i}");
-        calls.spawn(async move {
-            // Gone after 0 to ~6 ms: before, during and after the write
-            // and its durability wait, differently each run.
-            let after = std::time::Duration::from_micros((i as u64 * 389) % 6_000);
-            let value = data(&[("k", "left")]);
-            let put = root.put(&path, &value, PutOptions::default());
-            tokio::time::timeout(after, put).await.is_err()
+    // How long a Put takes here, eight at a time, so that the clients
+    // below leave before, during and after the write and its durability
+    // wait on a machine of any speed.
+    let timing = std::time::Instant::now();
+    let mut warm = tokio::task::JoinSet::new();
+    for (c, client) in clients.iter().enumerate() {
+        let client = client.clone();
+        let path = format!("{base}/warm{c}");
+        warm.spawn(async move {
+            for _ in 0..4 {
+                let value = data(&[("k", "warm")]);
+                client
+                    .put(&path, &value, PutOptions::default())
+                    .await
+                    .unwrap();
+            }
         });
     }
-    let mut left = 0;
-    while let Some(gone) = calls.join_next().await {
-        left += usize::from(gone.unwrap());
+    while let Some(done) = warm.join_next().await {
+        done.unwrap();
     }
-    assert!(left > 0, "no client went away: the test checked nothing");
+    let put_micros = (timing.elapsed().as_micros() / 4).max(1) as u64;
+    let mut calls = tokio::task::JoinSet::new();
+    for (c, client) in clients.iter().enumerate() {
+        let client = client.clone();
+        let base = base.clone();
+        calls.spawn(async move {
+            let mut left = Vec::new();
+            for i in (c..PUTS).step_by(CLIENTS) {
+                // Gone after 0 to 2x a Put's time, spread over the Puts.
+                let after = put_micros * 2 * (i as u64 * 37 % 100) / 100;
+                let path = format!("{base}/{i}");
+                let value = data(&[("k", "left")]);
+                let put = client.put(&path, &value, PutOptions::default());
+                let put = tokio::time::timeout(std::time::Duration::from_micros(after), put);
+                if put.await.is_err() {
+                    left.push(i);
+                }
+            }
+            left
+        });
+    }
+    let mut left = std::collections::HashSet::new();
+    while let Some(gone) = calls.join_next().await {
+        left.extend(gone.unwrap());
+    }
+    assert!(
+        !left.is_empty(),
+        "no client went away: the test checked nothing"
+    );
 
     // A Put's outcome record names its path (its request record does not:
     // the resource comes with the policy check) and holds the values'
@@ -420,7 +453,7 @@ async fn a_put_whose_client_leaves_midway_is_recorded_as_what_it_did() {
             }
         }
     };
-    let (mut written, mut other) = (0, 0);
+    let (mut written, mut other, mut left_and_written) = (0, 0, 0);
     for i in 0..PUTS {
         let path = format!("{base}/{i}");
         let was_stored = stored(path.clone()).await;
@@ -442,6 +475,7 @@ async fn a_put_whose_client_leaves_midway_is_recorded_as_what_it_did() {
                 );
                 assert!(hmac, "{path}: recorded OK without the value's HMAC");
                 written += 1;
+                left_and_written += usize::from(left.contains(&i));
             }
             Some((code, _)) => {
                 assert!(!was_stored, "{path}: stored, yet its outcome says {code}");
@@ -451,5 +485,15 @@ async fn a_put_whose_client_leaves_midway_is_recorded_as_what_it_did() {
             None => assert!(!was_stored),
         }
     }
-    println!("{left} clients left; {written} Puts recorded OK, {other} recorded otherwise");
+    println!(
+        "a Put took ~{put_micros} us; {} clients left, {left_and_written} of them after \
+         their Put was written; {written} Puts recorded OK, {other} otherwise",
+        left.len()
+    );
+    // Some clients left between the write and the answer: the case the
+    // layer is for was met (the spread of leaving times makes sure).
+    assert!(
+        left_and_written > 0,
+        "no client left after its Put was written"
+    );
 }

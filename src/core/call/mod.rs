@@ -24,6 +24,7 @@ pub use failure::{Failure, FailureKind};
 
 use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -135,6 +136,51 @@ pub struct RequestMeta {
     pub source: Option<SocketAddr>,
     /// The bearer token, if one was sent (see [`bearer`]).
     pub token: Option<Zeroizing<String>>,
+    /// The transport's mark of a change (`api::detach`): set once the call
+    /// acts, so that a client that leaves from then on does not stop it.
+    pub acting: Option<Acting>,
+}
+
+/// Shared by a change's call and its transport (`api::detach`): the call
+/// sets it when it begins to act (its request record is written, or
+/// queued); the transport, when the client left after that, lets the call
+/// run to its end and says so (`client_left`), so that a wait that only
+/// served the client (a Rotate's `wait`) can end early.
+#[derive(Clone, Default)]
+pub struct Acting(Arc<ActingState>);
+
+#[derive(Default)]
+struct ActingState {
+    acting: AtomicBool,
+    left: AtomicBool,
+    wake: tokio::sync::Notify,
+}
+
+impl Acting {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether the call has begun to act.
+    pub fn is_acting(&self) -> bool {
+        self.0.acting.load(Ordering::Acquire)
+    }
+
+    /// The call begins to act (crate-visible for the transport's tests).
+    pub(crate) fn set_acting(&self) {
+        self.0.acting.store(true, Ordering::Release);
+    }
+
+    /// The transport: the client left; the call runs on without it.
+    pub fn client_left(&self) {
+        self.0.left.store(true, Ordering::Release);
+        self.0.wake.notify_one();
+    }
+
+    /// Whether the client left while the call acted.
+    pub fn has_left(&self) -> bool {
+        self.0.left.load(Ordering::Acquire)
+    }
 }
 
 impl std::fmt::Debug for RequestMeta {
@@ -208,6 +254,8 @@ pub struct Call {
     requested: bool,
     /// The capability the call was authorized for (anomaly baselines).
     capability: Option<Capability>,
+    /// See [`Acting`].
+    acting: Option<Acting>,
 }
 
 impl Call {
@@ -231,6 +279,7 @@ impl Call {
             finished: false,
             requested: false,
             capability: None,
+            acting: meta.acting,
         };
         if access == Access::Token {
             if core.is_sealed() {
@@ -263,6 +312,32 @@ impl Call {
             }
         }
         Ok(call)
+    }
+
+    /// From here on the call acts: its transport lets it run to its end if
+    /// the client leaves (`api::detach`).
+    fn mark_acting(&self) {
+        if let Some(acting) = &self.acting {
+            acting.set_acting();
+        }
+    }
+
+    /// Whether the client left while the call acted (see [`Acting`]).
+    pub fn client_left(&self) -> bool {
+        self.acting.as_ref().is_some_and(Acting::has_left)
+    }
+
+    /// Resolves when the client leaves while the call acts; never for a
+    /// call whose transport does not tell.
+    pub async fn client_gone(&self) {
+        match &self.acting {
+            Some(acting) => {
+                while !acting.has_left() {
+                    acting.0.wake.notified().await;
+                }
+            }
+            None => std::future::pending().await,
+        }
     }
 
     /// Writes the request record of a change before it acts; a call that
@@ -299,6 +374,7 @@ impl Call {
             return Ok(());
         }
         self.requested = true;
+        self.mark_acting();
         let mut text = AddrText::default();
         let source = self.source.map(|s| text.format(s));
         let event = self.event(Outcome::Allowed, "OK", None, &[], source);
@@ -320,6 +396,7 @@ impl Call {
         match written {
             Ok(()) => {
                 self.requested = true;
+                self.mark_acting();
                 Ok(())
             }
             Err(e) => {
@@ -347,7 +424,10 @@ impl Call {
         let source = self.source.map(|s| s.to_string());
         let event = self.event(Outcome::Allowed, "OK", None, &[], source.as_deref());
         match self.core.audit.append_phase(&event, Some(Phase::Request)) {
-            Ok(()) => self.requested = true,
+            Ok(()) => {
+                self.requested = true;
+                self.mark_acting();
+            }
             Err(e) => tracing::error!(
                 method = self.method,
                 request_id = %self.request_id,
@@ -806,6 +886,7 @@ mod tests {
 
     fn meta(request_id: &str, token: Option<&str>) -> RequestMeta {
         RequestMeta {
+            acting: None,
             method: "keyward.v1.Secrets/Put",
             request_id: request_id.to_owned(),
             source: Some("127.0.0.1:40000".parse().unwrap()),

@@ -182,6 +182,7 @@ fn meta(req_headers: &HeaderMap, peer: Option<&Peer>, method: &'static str) -> R
         ),
         source: peer.map(|p| p.addr),
         token: None,
+        acting: None,
     }
 }
 
