@@ -307,13 +307,15 @@ impl Server {
         core.anomalies.configure(config.anomaly.clone());
         let core = Arc::new(core);
         core.publish_gauges();
+        let changes = Changes::new(detach::MAX_DETACHED);
+        changes.register(&core.metrics);
         Ok(Self {
             core,
             config,
             shutdown,
             http_listener: None,
             leadership,
-            changes: Changes::new(detach::MAX_DETACHED),
+            changes,
         })
     }
 

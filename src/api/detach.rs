@@ -32,16 +32,17 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Semaphore;
 use tonic::codegen::http;
 use tower::Service;
 
 use crate::core::call::{class, Acting, Class};
+use crate::metrics::Metrics;
 
 /// How many orphaned changes may run on at once, per server.
 pub const MAX_DETACHED: usize = 1024;
@@ -64,8 +65,10 @@ pub type IsChange = fn(&http::Method, &http::Uri) -> bool;
 pub struct Changes {
     slots: Arc<Semaphore>,
     limit: usize,
+    /// Orphans run to their end.
+    orphaned: Counter,
     /// Orphans stopped where they stood (no slot, or shutting down).
-    dropped: Arc<AtomicU64>,
+    dropped: Counter,
 }
 
 impl Changes {
@@ -73,8 +76,30 @@ impl Changes {
         Self {
             slots: Arc::new(Semaphore::new(limit)),
             limit,
-            dropped: Arc::new(AtomicU64::new(0)),
+            orphaned: Counter::default(),
+            dropped: Counter::default(),
         }
+    }
+
+    /// Publishes the counts as `keyward_changes_orphaned_total` and
+    /// `keyward_changes_orphan_dropped_total`.
+    pub fn register(&self, metrics: &Metrics) {
+        metrics.register(
+            "changes_orphaned",
+            "Changes whose client left once they acted, run to their end on a task of their own",
+            self.orphaned.clone(),
+        );
+        metrics.register(
+            "changes_orphan_dropped",
+            "Changes whose client left once they acted, stopped where they stood (no slot free, \
+             or shutting down); their record says that what they changed is not known",
+            self.dropped.clone(),
+        );
+    }
+
+    /// Orphans run so far.
+    pub fn orphaned(&self) -> u64 {
+        self.orphaned.get()
     }
 
     /// Orphaned changes running now.
@@ -84,7 +109,7 @@ impl Changes {
 
     /// Orphaned changes stopped where they stood so far.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.dropped.get()
     }
 
     /// At shutdown: waits until no orphaned change runs, at most
@@ -276,21 +301,24 @@ where
             // handler panicked and cannot be polled again.
             return;
         }
-        let Ok(slot) = self.changes.slots.clone().try_acquire_owned() else {
-            let dropped = self.changes.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        let slot = self.changes.slots.clone().try_acquire_owned();
+        let runtime = tokio::runtime::Handle::try_current();
+        let (Ok(slot), Ok(runtime)) = (slot, runtime) else {
+            // Its call's record, written as `fut` drops below, says that
+            // what it changed is not known.
+            self.acting.stopped();
+            let dropped = self.changes.dropped.inc() + 1;
             if dropped.is_power_of_two() {
                 tracing::warn!(
                     change = %self.what,
                     dropped,
                     "a change whose client left was stopped where it stood (no slot free, \
-                     api::detach::MAX_DETACHED, or shutting down); its record says CANCELLED"
+                     api::detach::MAX_DETACHED, or shutting down)"
                 );
             }
             return;
         };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return; // no runtime left to run it on
-        };
+        self.changes.orphaned.inc();
         tracing::debug!(
             change = %self.what,
             "a change whose client left runs to its end; its answer will not be sent"
@@ -307,7 +335,7 @@ where
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use std::convert::Infallible;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use tokio::sync::oneshot;
 
@@ -465,7 +493,7 @@ mod tests {
         drop(call_a);
         drop(call_b);
         assert_eq!(changes.running(), 1, "one slot: the second is not kept");
-        assert_eq!(changes.dropped(), 1);
+        assert_eq!((changes.orphaned(), changes.dropped()), (1, 1));
         assert!(go_second.send(()).is_err(), "the second was dropped");
         go_first.send(()).unwrap();
         assert!(changes.settled(Duration::from_secs(30)).await);

@@ -490,10 +490,26 @@ async fn a_put_whose_client_leaves_midway_is_recorded_as_what_it_did() {
          their Put was written; {written} Puts recorded OK, {other} otherwise",
         left.len()
     );
-    // Some clients left between the write and the answer: the case the
-    // layer is for was met (the spread of leaving times makes sure).
+    // Some Puts lost their client after they acted and ran on: the case
+    // the layer is for was met (the spread of leaving times makes sure).
+    let orphaned = crate::harness::series_value(
+        &server.core.metrics.encode(),
+        "keyward_changes_orphaned_total",
+    )
+    .unwrap_or_default();
+    println!("{orphaned} Puts ran on after their client left");
+    assert!(orphaned > 0.0, "no Put ran on after its client left");
     assert!(
         left_and_written > 0,
         "no client left after its Put was written"
+    );
+    // Every request record has its outcome: nothing was left open.
+    let verified = keyward::audit::verify_file(&server.audit_path).unwrap();
+    assert!(verified.ok, "the chain holds");
+    assert!(verified.unanswered.is_empty(), "{:?}", verified.unanswered);
+    assert!(
+        verified.in_flight_at_end.is_empty(),
+        "{:?}",
+        verified.in_flight_at_end
     );
 }

@@ -153,6 +153,9 @@ pub struct Acting(Arc<ActingState>);
 struct ActingState {
     acting: AtomicBool,
     left: AtomicBool,
+    /// The client left once the call acted, and the transport could not
+    /// keep the call (no slot, or shutting down): it ends where it stands.
+    stopped: AtomicBool,
     wake: tokio::sync::Notify,
 }
 
@@ -175,6 +178,16 @@ impl Acting {
     pub fn client_left(&self) {
         self.0.left.store(true, Ordering::Release);
         self.0.wake.notify_one();
+    }
+
+    /// The transport: the client left once the call acted, and the call
+    /// is stopped where it stands; its record says its effect is unknown.
+    pub fn stopped(&self) {
+        self.0.stopped.store(true, Ordering::Release);
+    }
+
+    fn was_stopped(&self) -> bool {
+        self.0.stopped.load(Ordering::Acquire)
     }
 
     /// Whether the client left while the call acted.
@@ -807,12 +820,15 @@ impl Drop for Call {
             // A handler returned without answering through `ok` or `fail`
             // (a bug, or the client went away mid-call): still audit it.
             let kind = FailureKind::Cancelled;
-            let _ = self.finish(
-                kind.outcome(),
-                kind.code_name(),
-                Some("call ended without an answer"),
-                &[],
-            );
+            let message = if self.acting.as_ref().is_some_and(Acting::was_stopped) {
+                // `api::detach` could not keep a change whose client left
+                // after it acted: it may have changed something.
+                "the client left after the call began to act, and the call was stopped where it \
+                 stood (no room to finish it, or shutting down): what it changed is not known"
+            } else {
+                "call ended without an answer"
+            };
+            let _ = self.finish(kind.outcome(), kind.code_name(), Some(message), &[]);
         }
     }
 }
@@ -905,6 +921,52 @@ mod tests {
             .collect();
         assert_eq!(found.len(), 1, "records of {request_id}: {found:?}");
         found.remove(0)
+    }
+
+    /// The transport's mark (`api::detach`): set once a change acts, never
+    /// by a read; a change the transport had to stop after it acted says
+    /// so in its record instead of a plain `CANCELLED`.
+    #[tokio::test]
+    async fn the_acting_mark_follows_the_request_record() {
+        let v = vault().await;
+        let read = Acting::new();
+        let mut m = meta("req-read", Some(&v.root));
+        m.method = "keyward.v1.Secrets/Get";
+        m.acting = Some(read.clone());
+        drop(Call::begin(&v.core, m, Access::Token).await.unwrap());
+        assert!(!read.is_acting(), "a read never acts");
+
+        let left = Acting::new();
+        let mut m = meta("req-left", Some(&v.root));
+        m.acting = Some(left.clone());
+        let call = Call::begin(&v.core, m, Access::Token).await.unwrap();
+        assert!(
+            left.is_acting(),
+            "a token change acts from its request record on"
+        );
+        assert!(!call.client_left());
+        left.client_left();
+        assert!(call.client_left());
+        tokio::time::timeout(Duration::from_secs(30), call.client_gone())
+            .await
+            .expect("the call hears that its client left");
+        left.stopped();
+        drop(call);
+        let r = record(&v.audit, "req-left");
+        assert_eq!(r["code"], "CANCELLED");
+        assert!(
+            r["error"]
+                .as_str()
+                .unwrap()
+                .contains("what it changed is not known"),
+            "{r}"
+        );
+        let plain = Acting::new();
+        let mut m = meta("req-plain", Some(&v.root));
+        m.acting = Some(plain);
+        drop(Call::begin(&v.core, m, Access::Token).await.unwrap());
+        let r = record(&v.audit, "req-plain");
+        assert_eq!(r["error"], "call ended without an answer");
     }
 
     #[tokio::test]
