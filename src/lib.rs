@@ -27,6 +27,8 @@
 //! - `api` — one file per gRPC service: reads the request's metadata into a
 //!   `core::call::RequestMeta`, parses protobuf into domain types, calls the
 //!   domain, and maps `core::call::FailureKind` to a gRPC code in one function.
+//!   `api/detach.rs` is the layer both listeners put in front of their
+//!   routers: a change whose client leaves once it acts runs to its end.
 //! - `server` — opens storage, barrier, audit and metrics before any port is
 //!   bound; serves gRPC; owns the `ShutdownTrigger` and the task set
 //!   (`server/tasks.rs`: every background task named, traced and awaited
