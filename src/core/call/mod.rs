@@ -314,8 +314,14 @@ impl Call {
             let counted = caller.counted_use;
             call.caller = Some(caller);
             // A counted use is on disk before the call acts, so a crash
-            // cannot hand the use back.
+            // cannot hand the use back. A change has acted from the spent
+            // use on (its last use revokes the token): if its client
+            // leaves during this wait, it runs to its end and its records
+            // show the use (`api::detach`).
             if counted {
+                if class(call.method) == Class::Change {
+                    call.mark_acting();
+                }
                 if let Err(e) = core.barrier.durable().await {
                     return Err(call.fail(e));
                 }
@@ -921,6 +927,55 @@ mod tests {
             .collect();
         assert_eq!(found.len(), 1, "records of {request_id}: {found:?}");
         found.remove(0)
+    }
+
+    /// A use-limited token's use is spent at the token check, before the
+    /// call waits for it to be durable: a change has acted from there on
+    /// (so a client that leaves during that wait does not stop it), a read
+    /// has not.
+    #[tokio::test]
+    async fn a_change_acts_from_its_spent_use_on() {
+        let v = vault().await;
+        let limited = v
+            .core
+            .tokens
+            .issue(
+                TokenRequest {
+                    identity: "svc".into(),
+                    policies: Vec::new(),
+                    ttl: Duration::from_secs(60),
+                    max_ttl: Duration::ZERO,
+                    hard_expiry_ms: None,
+                    uses: 5,
+                    cidrs: Vec::new(),
+                    parent_accessor: None,
+                    method: "token",
+                },
+                Clock::system().now_ms(),
+            )
+            .unwrap();
+        let token = limited.token.expose().to_owned();
+        for (method, acts) in [
+            ("keyward.v1.Secrets/Put", true),
+            ("keyward.v1.Secrets/Get", false),
+        ] {
+            let acting = Acting::new();
+            let mut m = meta(&format!("req-use-{acts}"), Some(&token));
+            m.method = method;
+            m.acting = Some(acting.clone());
+            let mut begin = Box::pin(Call::begin(&v.core, m, Access::Token));
+            // The first poll spends the use and stops at the durability
+            // wait (the group commit runs on a task of its own).
+            let first = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(std::future::Future::poll(begin.as_mut(), cx).is_ready())
+            });
+            assert!(
+                !first.await,
+                "{method}: waits for the spent use to be durable"
+            );
+            assert_eq!(acting.is_acting(), acts, "{method}");
+            drop(begin.await.unwrap());
+        }
     }
 
     /// The transport's mark (`api::detach`): set once a change acts, never
