@@ -440,13 +440,13 @@ impl Call {
     /// vault whose audit log cannot be written. The failure goes to the
     /// server log.
     pub fn record_request_or_log(&mut self) {
+        // It goes ahead either way, so it acts from here whatever the log
+        // says: a client that leaves now does not stop it (`api::detach`).
+        self.mark_acting();
         let source = self.source.map(|s| s.to_string());
         let event = self.event(Outcome::Allowed, "OK", None, &[], source.as_deref());
         match self.core.audit.append_phase(&event, Some(Phase::Request)) {
-            Ok(()) => {
-                self.requested = true;
-                self.mark_acting();
-            }
+            Ok(()) => self.requested = true,
             Err(e) => tracing::error!(
                 method = self.method,
                 request_id = %self.request_id,
@@ -927,6 +927,27 @@ mod tests {
             .collect();
         assert_eq!(found.len(), 1, "records of {request_id}: {found:?}");
         found.remove(0)
+    }
+
+    /// A seal goes ahead when its request record cannot be written, so it
+    /// acts from there either way.
+    #[tokio::test]
+    async fn a_seal_acts_from_its_request_even_with_the_log_down() {
+        let v = vault().await;
+        // The log's path now names a device every write to fails on (the
+        // reopen's own first record fails already).
+        std::fs::remove_file(&v.audit).unwrap();
+        std::os::unix::fs::symlink("/dev/full", &v.audit).unwrap();
+        assert!(v.core.audit.reopen().is_err());
+        let acting = Acting::new();
+        let mut m = meta("req-seal", Some(&v.root));
+        m.method = "keyward.v1.Sys/Seal";
+        m.acting = Some(acting.clone());
+        let mut call = Call::begin(&v.core, m, Access::Token).await.unwrap();
+        assert!(!acting.is_acting());
+        call.record_request_or_log();
+        assert!(acting.is_acting(), "a seal acts though its record failed");
+        assert!(!call.requested, "no request record was written");
     }
 
     /// A use-limited token's use is spent at the token check, before the
