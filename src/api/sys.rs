@@ -251,17 +251,16 @@ impl Sys for SysService {
         let mut call = begin(&self.core, "keyward.v1.Sys/Unseal", Access::Open, &req).await?;
         call.set_resource("sys/unseal");
         let r = req.into_inner();
-        if self.core.is_sealed() {
-            // A share or a reset changes the unseal progress: recorded before
-            // it acts. On an unsealed vault unseal changes nothing and stays
-            // one (aggregatable) record.
-            call.record_request()?;
-        }
-        let status = if r.reset {
-            self.core.reset_unseal().await
-        } else {
-            call.check(self.core.unseal(&r.share).await)?
-        };
+        // A share or a reset changes the unseal progress: recorded before it
+        // acts, decided under the seal lock (a seal cannot come between).
+        // On an unsealed vault unseal changes nothing and stays one
+        // (aggregatable) record.
+        let share = (!r.reset).then_some(r.share.as_str());
+        let unsealed = self
+            .core
+            .unseal_if_sealed(share, || call.record_request())
+            .await?;
+        let status = call.check(unsealed)?;
         publish_health(&self.health, status.sealed).await;
         call.ok(&[])?;
         Ok(Response::new(UnsealResponse {

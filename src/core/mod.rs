@@ -240,6 +240,40 @@ impl Core {
         Ok(status)
     }
 
+    /// An operator's unseal call: `Some(share)` gives a share, `None`
+    /// resets the progress. Only while the vault is sealed, decided under
+    /// the seal lock, so no seal can come between the check and the act:
+    /// then `before` runs first (the call's request record; its error
+    /// stops the call, which acts on nothing). On an unsealed vault nothing
+    /// changes and `before` does not run.
+    pub async fn unseal_if_sealed<E>(
+        &self,
+        share: Option<&str>,
+        before: impl FnOnce() -> Result<(), E>,
+    ) -> Result<Result<SealStatus, CoreError>, E> {
+        let _guard = self.seal_lock.lock().await;
+        if !self.is_sealed() {
+            return Ok(Ok(self.status()));
+        }
+        before()?;
+        Ok(match share {
+            Some(share) => self
+                .barrier
+                .unseal(share)
+                .map_err(CoreError::from)
+                .and_then(|status| {
+                    if !status.sealed {
+                        self.after_unseal()?;
+                    }
+                    Ok(status)
+                }),
+            None => {
+                self.barrier.reset_unseal();
+                Ok(self.barrier.status())
+            }
+        })
+    }
+
     pub async fn reset_unseal(&self) -> SealStatus {
         let _guard = self.seal_lock.lock().await;
         self.barrier.reset_unseal();

@@ -214,18 +214,17 @@ async fn unseal(State(state): State<HttpState>, req: Request) -> Response {
             "give key (an unseal share) or reset: true",
         )));
     }
-    if state.core.is_sealed() {
-        if let Err(f) = call.record_request() {
-            return failure(&f);
-        }
-    }
-    let status = if body.reset {
-        state.core.reset_unseal().await
-    } else {
-        match call.check(state.core.unseal(key).await) {
-            Ok(s) => s,
-            Err(f) => return failure(&f),
-        }
+    // Recorded before it acts, decided under the seal lock (see
+    // `Core::unseal_if_sealed`).
+    let share = (!body.reset).then_some(key);
+    let status = match state
+        .core
+        .unseal_if_sealed(share, || call.record_request())
+        .await
+        .map(|unsealed| call.check(unsealed))
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(f)) | Err(f) => return failure(&f),
     };
     state.notify_seal(status.sealed);
     if let Err(f) = call.ok(&[]) {

@@ -859,6 +859,7 @@ mod tests {
         core: Arc<Core>,
         audit: PathBuf,
         root: String,
+        share: Zeroizing<String>,
     }
 
     async fn vault() -> Vault {
@@ -878,6 +879,7 @@ mod tests {
         core.unseal(&init.shares[0].0).await.unwrap();
         Vault {
             root: init.root_token.expose().to_owned(),
+            share: init.shares[0].0.clone(),
             _dir: dir,
             core,
             audit,
@@ -927,6 +929,51 @@ mod tests {
             .collect();
         assert_eq!(found.len(), 1, "records of {request_id}: {found:?}");
         found.remove(0)
+    }
+
+    /// An operator's unseal acts only on a sealed vault, decided under the
+    /// seal lock, and its request record (`before`) comes first: on an
+    /// unsealed vault nothing runs; a record that fails stops it.
+    #[tokio::test]
+    async fn an_unseal_records_first_and_acts_only_on_a_sealed_vault() {
+        let v = vault().await;
+        let mut recorded = 0;
+        let open = v
+            .core
+            .unseal_if_sealed(Some("not a share"), || {
+                recorded += 1;
+                Ok::<(), ()>(())
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!open.sealed);
+        assert_eq!(recorded, 0, "an unsealed vault: nothing to record");
+
+        v.core.seal().await;
+        let refused = v
+            .core
+            .unseal_if_sealed(Some(&v.share), || Err("no record"))
+            .await;
+        assert_eq!(refused.err(), Some("no record"));
+        assert!(
+            v.core.is_sealed(),
+            "a share whose record failed is not given"
+        );
+
+        let core = v.core.clone();
+        let status = v
+            .core
+            .unseal_if_sealed(Some(&v.share), || {
+                assert!(core.is_sealed(), "recorded before the share is given");
+                recorded += 1;
+                Ok::<(), ()>(())
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!status.sealed);
+        assert_eq!(recorded, 1);
     }
 
     /// A seal goes ahead when its request record cannot be written, so it
