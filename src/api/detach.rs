@@ -19,9 +19,11 @@
 //! client left (`Call::client_left`), so a wait that only served the client
 //! (a Rotate's `wait`) ends. A change dropped before it acts (still reading
 //! its request, waiting for a key set, refused) is dropped where it stands
-//! and recorded `CANCELLED`: it changed nothing. Reads are served in place
-//! with nothing added; a change pays one allocation, and a task only when
-//! orphaned.
+//! and recorded `CANCELLED`: it changed nothing. gRPC reads are served in
+//! place with nothing added (the method's class is known from the path);
+//! over HTTPS the route names the method, so every request gets the box
+//! and the mark, and only a change sets it. A change pays one allocation,
+//! and a task only when orphaned.
 //!
 //! **Bound.** At most [`MAX_DETACHED`] orphaned changes run at once (one
 //! count for the gRPC and HTTPS listeners of a server, [`Changes`]). Past
@@ -142,16 +144,13 @@ pub fn grpc_is_change(_: &http::Method, uri: &http::Uri) -> bool {
     class(uri.path().trim_start_matches('/')) == Class::Change
 }
 
-/// An HTTPS request may change state unless its method only reads (`GET`,
-/// `HEAD`, `OPTIONS`, and Vault's `LIST`). The one Vault read that makes
-/// something is a `GET` of `database/creds/<role>` (a database user under
-/// a lease); the path is compared as the router matches it, undecoded.
-pub fn http_is_change(method: &http::Method, uri: &http::Uri) -> bool {
-    match method.as_str() {
-        "GET" | "HEAD" => uri.path().starts_with("/v1/database/creds/"),
-        "OPTIONS" | "LIST" => false,
-        _ => true,
-    }
+/// Over HTTPS the route, not the request line, names the seam's method
+/// (Vault makes a database user on a `GET` of `database/creds/<role>`), so
+/// every request gets the mark. Only a call whose method is a change ever
+/// sets it (`core::call::class`, the one table), so a read is never kept;
+/// it pays the box and the mark.
+pub fn every_request(_: &http::Method, _: &http::Uri) -> bool {
+    true
 }
 
 /// See the module documentation.
@@ -484,8 +483,8 @@ mod tests {
         let (first, go_first) = waits(true);
         let (second, go_second) = waits(true);
         let changes = Changes::new(1);
-        let mut a = changes.detach(first.clone(), http_is_change);
-        let mut b = changes.detach(second.clone(), http_is_change);
+        let mut a = changes.detach(first.clone(), every_request);
+        let mut b = changes.detach(second.clone(), every_request);
         let mut call_a = Box::pin(a.call(request("PUT", "/v1/secret/data/a")));
         let mut call_b = Box::pin(b.call(request("DELETE", "/v1/secret/data/b")));
         assert!(poll_once(call_a.as_mut()).await.is_none());
@@ -526,7 +525,6 @@ mod tests {
 
     #[test]
     fn which_requests_are_changes() {
-        let get = http::Method::GET;
         let uri = |p: &str| p.parse::<http::Uri>().unwrap();
         assert!(grpc_is_change(&http::Method::POST, &uri(PUT)));
         assert!(grpc_is_change(
@@ -541,24 +539,5 @@ mod tests {
             &http::Method::POST,
             &uri("/grpc.health.v1.Health/Check")
         ));
-        assert!(!http_is_change(&get, &uri("/v1/secret/data/a")));
-        assert!(!http_is_change(
-            &"LIST".parse().unwrap(),
-            &uri("/v1/secret/metadata/")
-        ));
-        assert!(http_is_change(
-            &http::Method::POST,
-            &uri("/v1/secret/data/a")
-        ));
-        assert!(http_is_change(
-            &http::Method::DELETE,
-            &uri("/v1/secret/data/a")
-        ));
-        assert!(http_is_change(&get, &uri("/v1/database/creds/app")));
-        assert!(http_is_change(
-            &http::Method::HEAD,
-            &uri("/v1/database/creds/app")
-        ));
-        assert!(!http_is_change(&get, &uri("/v1/sys/leases/lookup/x")));
     }
 }

@@ -178,7 +178,7 @@ async fn serve_connection<I>(
     let in_flight = activity.clone();
     // A change runs to its end if its client leaves (`api::detach`).
     let service = changes
-        .detach(router, detach::http_is_change)
+        .detach(router, detach::every_request)
         .map_request(move |mut req: Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(peer.clone());
             req.map(axum::body::Body::new)

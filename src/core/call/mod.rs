@@ -888,6 +888,11 @@ mod tests {
 
     /// A token that holds no policy: it authenticates, and may do nothing.
     fn powerless_token(core: &Core) -> String {
+        token_with_uses(core, 0)
+    }
+
+    /// [`powerless_token`] good for `uses` calls (0: unlimited).
+    fn token_with_uses(core: &Core, uses: u32) -> String {
         let issued = core
             .tokens
             .issue(
@@ -897,7 +902,7 @@ mod tests {
                     ttl: Duration::from_secs(60),
                     max_ttl: Duration::ZERO,
                     hard_expiry_ms: None,
-                    uses: 0,
+                    uses,
                     cidrs: Vec::new(),
                     parent_accessor: None,
                     method: "token",
@@ -1004,25 +1009,7 @@ mod tests {
     #[tokio::test]
     async fn a_change_acts_from_its_spent_use_on() {
         let v = vault().await;
-        let limited = v
-            .core
-            .tokens
-            .issue(
-                TokenRequest {
-                    identity: "svc".into(),
-                    policies: Vec::new(),
-                    ttl: Duration::from_secs(60),
-                    max_ttl: Duration::ZERO,
-                    hard_expiry_ms: None,
-                    uses: 5,
-                    cidrs: Vec::new(),
-                    parent_accessor: None,
-                    method: "token",
-                },
-                Clock::system().now_ms(),
-            )
-            .unwrap();
-        let token = limited.token.expose().to_owned();
+        let token = token_with_uses(&v.core, 5);
         for (method, acts) in [
             ("keyward.v1.Secrets/Put", true),
             ("keyward.v1.Secrets/Get", false),
