@@ -150,13 +150,14 @@ impl Scan for ScanService {
         }
         let mut matches = Vec::new();
         let mut metas = HashMap::new();
-        for (index, value) in &strong {
+        let values: Vec<&[u8]> = strong.iter().map(|(_, c)| c.as_bytes()).collect();
+        let found = self.core.secrets.match_values(&values, caller.fresh);
+        for ((index, _), found) in strong.iter().zip(call.check(found)?) {
             // Owners already named for this candidate without a path: one
             // answer per owner, so a blind caller learns no count of the
             // secrets, versions or fields holding the value.
             let mut blind_owners = std::collections::HashSet::new();
-            let found = self.core.secrets.match_value(value.as_bytes());
-            for m in call.check(found)? {
+            for m in found {
                 if !metas.contains_key(&m.path) {
                     let path = call.check(crate::secrets::SecretPath::parse(&m.path))?;
                     let meta = call.check(self.core.secrets.metadata(&path))?;

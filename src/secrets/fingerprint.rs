@@ -16,7 +16,7 @@
 //!
 //! Storage prefix `scan/` (through the barrier):
 //! - `scan/fp/<hex fingerprint>/<path>#<version, 20 digits>`: the field
-//!   names of that version holding the value;
+//!   names of that version holding the value (sled; on etcd before 0.6.10);
 //! - the version's list of its fingerprints, so they can be dropped without
 //!   its data: on etcd in the version's metadata record
 //!   (`VersionRecord::prints`, written in the same transaction; since
@@ -28,6 +28,13 @@
 //!   older rewrote (it drops the fields it does not know) is listed
 //!   nowhere: its fingerprints are found again from its values.
 //!
+//! On etcd since 0.6.10 the list in the metadata is the only copy
+//! (`VersionRecord::prints_unrecorded`): no `scan/fp/` record is written,
+//! and a Match looks values up in the node's in-memory index
+//! (`print_index`), built from the metadata and kept right by the store's
+//! change feed. Records a node of 0.6.6 to 0.6.9 wrote are dropped with
+//! their version's stage as before, and never read.
+//!
 //! Versions written before this existed have no fingerprints until the
 //! next write of their secret.
 
@@ -36,6 +43,7 @@ use std::collections::BTreeMap;
 use prost::Message;
 use zeroize::Zeroize;
 
+use super::print_index::{PathPrints, Source, Tag};
 use super::{data_key, MetaRecord, SecretPath, SecretStore, SecretsError};
 use crate::secrecy::SecretData;
 
@@ -83,6 +91,126 @@ impl PrintOps {
     }
 }
 
+fn tag_of(key: &ring::hmac::Key, value: &[u8]) -> Tag {
+    let mut tag = [0u8; 32];
+    tag.copy_from_slice(ring::hmac::sign(key, value).as_ref());
+    tag
+}
+
+/// What the node's index reads: metadata records, through the request's
+/// fence, and for a staged version its metadata lists nowhere (written on
+/// sled, or by a node of 0.6.5 or older) the fingerprints of its values.
+struct IndexSource<'a> {
+    store: &'a SecretStore,
+    key: &'a ring::hmac::Key,
+    fresh: bool,
+    /// Only versions listed with `prints_unrecorded` (sled).
+    only_unrecorded: bool,
+}
+
+impl IndexSource<'_> {
+    fn prints_of(&self, path: &SecretPath, meta: &MetaRecord) -> Result<PathPrints, SecretsError> {
+        let mut out = Vec::new();
+        for version in stages(meta) {
+            if !holds_prints(meta, version) || out.iter().any(|(v, _)| *v == version) {
+                continue;
+            }
+            let Some(record) = meta.version(version) else {
+                continue;
+            };
+            if self.only_unrecorded && !(record.prints_listed && record.prints_unrecorded) {
+                continue;
+            }
+            let tags = if record.prints_listed {
+                record
+                    .prints
+                    .iter()
+                    .filter_map(|t| Tag::try_from(t.as_slice()).ok())
+                    .collect()
+            } else {
+                self.value_tags(path, version)?
+            };
+            out.push((version, tags));
+        }
+        Ok(out)
+    }
+
+    /// The fingerprints of `version`'s stored values (none when its data
+    /// is gone).
+    fn value_tags(&self, path: &SecretPath, version: u64) -> Result<Vec<Tag>, SecretsError> {
+        let Some(mut fields) = self.fields(path, version)? else {
+            return Ok(Vec::new());
+        };
+        let tags = fields.fields.values().map(|v| tag_of(self.key, v)).collect();
+        fields.fields.values_mut().for_each(|v| v.zeroize());
+        Ok(tags)
+    }
+
+    fn fields(
+        &self,
+        path: &SecretPath,
+        version: u64,
+    ) -> Result<Option<super::FieldsRecord>, SecretsError> {
+        let Some(raw) = self
+            .store
+            .barrier
+            .get_fenced(&data_key(path, version), self.fresh)?
+        else {
+            return Ok(None);
+        };
+        super::FieldsRecord::decode(raw.as_slice())
+            .map(Some)
+            .map_err(|_| SecretsError::Corrupt)
+    }
+
+    /// The names of `path`'s `version`'s fields whose fingerprint is `tag`
+    /// (none when the version's data is gone).
+    fn fields_holding(
+        &self,
+        path: &str,
+        version: u64,
+        tag: &Tag,
+    ) -> Result<Vec<String>, SecretsError> {
+        let path = SecretPath::parse(path).map_err(|_| SecretsError::Corrupt)?;
+        let Some(mut fields) = self.fields(&path, version)? else {
+            return Ok(Vec::new());
+        };
+        let names = fields
+            .fields
+            .iter()
+            .filter(|(_, v)| tag_of(self.key, v) == *tag)
+            .map(|(name, _)| name.clone())
+            .collect();
+        fields.fields.values_mut().for_each(|v| v.zeroize());
+        Ok(names)
+    }
+}
+
+impl Source for IndexSource<'_> {
+    fn all(&self) -> Result<Vec<(String, PathPrints)>, SecretsError> {
+        let mut out = Vec::new();
+        for (key, raw) in self.store.barrier.scan_prefix(super::META)? {
+            let Some(path) = key.strip_prefix(super::META) else {
+                continue;
+            };
+            let path = SecretPath::parse(path).map_err(|_| SecretsError::Corrupt)?;
+            let meta = MetaRecord::decode(raw.as_slice()).map_err(|_| SecretsError::Corrupt)?;
+            let prints = self.prints_of(&path, &meta)?;
+            out.push((path.as_str().to_owned(), prints));
+        }
+        Ok(out)
+    }
+
+    fn one(&self, path: &str) -> Result<PathPrints, SecretsError> {
+        let path = SecretPath::parse(path).map_err(|_| SecretsError::Corrupt)?;
+        match self.store.metadata_fenced(&path, self.fresh) {
+            Ok(meta) => self.prints_of(&path, &meta),
+            Err(SecretsError::NotFound) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// `<path>#<version>` as in the data keys (the `#` and 20 digits).
 fn version_suffix(path: &SecretPath, version: u64) -> String {
     let data = data_key(path, version);
@@ -96,6 +224,8 @@ pub(super) struct Staged {
     versions: [u64; 3],
     /// The staged versions whose metadata lists their fingerprints.
     listed: Vec<(u64, Vec<Vec<u8>>)>,
+    /// Those of them with no `scan/fp/` record (`prints_unrecorded`).
+    unrecorded: Vec<u64>,
 }
 
 impl Staged {
@@ -117,7 +247,17 @@ pub(super) fn staged(meta: &MetaRecord) -> Staged {
         .filter(|v| v.prints_listed && versions.contains(&v.version))
         .map(|v| (v.version, v.prints.clone()))
         .collect();
-    Staged { versions, listed }
+    let unrecorded = meta
+        .versions
+        .iter()
+        .filter(|v| v.prints_listed && v.prints_unrecorded && versions.contains(&v.version))
+        .map(|v| v.version)
+        .collect();
+    Staged {
+        versions,
+        listed,
+        unrecorded,
+    }
 }
 
 /// The staged versions of a metadata record (0 for none).
@@ -214,6 +354,22 @@ impl SecretStore {
         self.barrier.is_shared_store()
     }
 
+    /// Whether a new version's fingerprints get `scan/fp/` records: on a
+    /// store this process owns. On a shared store (etcd) each operation of
+    /// a write's transaction costs every member CPU, and the records would
+    /// be two of a Put's five; the metadata's list is the only copy there,
+    /// and a Match reads it through the node's index (`print_index`).
+    fn records_prints(&self) -> bool {
+        #[cfg(test)]
+        if self
+            .prints_unrecorded
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return false;
+        }
+        !self.barrier.is_shared_store()
+    }
+
     /// [`Self::print_ops`] for a request whose cache fence said `fresh`.
     pub(super) fn print_ops_fenced(
         &self,
@@ -248,7 +404,9 @@ impl SecretStore {
                     ops.puts.push((ver_key.clone(), list.encode_to_vec()));
                     ops.deletes.extend(keys);
                     ops.deletes.push(ver_key);
-                } else {
+                } else if !before.unrecorded.contains(&version) {
+                    // Listed by a node of 0.6.6 to 0.6.9, which also wrote
+                    // the records.
                     ops.deletes.extend(keys);
                 }
                 if let Some(record) = after.versions.iter_mut().find(|v| v.version == version) {
@@ -299,6 +457,14 @@ impl SecretStore {
                 }
                 let record = after.versions.iter_mut().find(|v| v.version == version);
                 match record {
+                    Some(record) if !self.records_prints() => {
+                        // A shared store: the list in the metadata is the
+                        // only copy (`print_index`).
+                        record.prints_listed = true;
+                        record.prints_unrecorded = true;
+                        record.prints = tags;
+                        return Ok(ops);
+                    }
                     Some(record) if self.lists_in_meta() => {
                         record.prints_listed = true;
                         record.prints = tags;
@@ -331,6 +497,102 @@ impl SecretStore {
     /// was never written (its number then reused by the next write) or of
     /// one that lost its stage; neither is reported.
     pub fn match_value(&self, value: &[u8]) -> Result<Vec<ValueMatch>, SecretsError> {
+        let fresh = self.barrier.cache_fence();
+        Ok(self
+            .match_values(&[value], fresh)?
+            .into_iter()
+            .next()
+            .unwrap_or_default())
+    }
+
+    /// [`Self::match_value`] for each of `values`, in one request whose
+    /// cache fence said `fresh` (taken at its start): on a shared store the
+    /// node's index is brought up to date once for all of them.
+    pub fn match_values(
+        &self,
+        values: &[&[u8]],
+        fresh: bool,
+    ) -> Result<Vec<Vec<ValueMatch>>, SecretsError> {
+        let key = self.print_key()?;
+        let tags: Vec<Tag> = values.iter().map(|v| tag_of(&key, v)).collect();
+        if !self.barrier.is_shared_store() {
+            let mut out = values
+                .iter()
+                .map(|v| self.match_recorded(v))
+                .collect::<Result<Vec<_>, _>>()?;
+            self.match_unrecorded(&key, &tags, &mut out)?;
+            return Ok(out);
+        }
+        // Without a change feed the marks cannot be trusted: every Match
+        // reads every metadata record.
+        let fresh = fresh && self.barrier.coherence().is_some();
+        let source = IndexSource {
+            store: self,
+            key: &key,
+            fresh,
+            only_unrecorded: false,
+        };
+        let found = self.index.lookup(&tags, fresh, &source)?;
+        let mut out = Vec::with_capacity(found.len());
+        for (hits, tag) in found.into_iter().zip(&tags) {
+            let mut matches = Vec::new();
+            for (path, version) in hits {
+                let fields = source.fields_holding(&path, version, tag)?;
+                if !fields.is_empty() {
+                    matches.push(ValueMatch {
+                        path,
+                        version,
+                        fields,
+                    });
+                }
+            }
+            out.push(matches);
+        }
+        Ok(out)
+    }
+
+    /// On sled, the matches among versions whose fingerprints only their
+    /// metadata lists: versions an etcd vault of 0.6.10 or later wrote,
+    /// whose snapshot was restored here (a store this process owns never
+    /// writes such a version). They are read once, at the first Match, and
+    /// each hit is checked against the metadata as it is now (a version
+    /// loses its stage by a later write here, and never gains one back).
+    fn match_unrecorded(
+        &self,
+        key: &ring::hmac::Key,
+        tags: &[Tag],
+        out: &mut [Vec<ValueMatch>],
+    ) -> Result<(), SecretsError> {
+        let source = IndexSource {
+            store: self,
+            key,
+            fresh: true,
+            only_unrecorded: true,
+        };
+        let found = self.unrecorded.lookup(tags, true, &source)?;
+        for ((hits, tag), matches) in found.into_iter().zip(tags).zip(out.iter_mut()) {
+            for (path, version) in hits {
+                let parsed = SecretPath::parse(&path).map_err(|_| SecretsError::Corrupt)?;
+                match self.metadata(&parsed) {
+                    Ok(meta) if holds_prints(&meta, version) => {}
+                    Ok(_) | Err(SecretsError::NotFound) => continue,
+                    Err(e) => return Err(e),
+                }
+                let fields = source.fields_holding(&path, version, tag)?;
+                if !fields.is_empty() {
+                    matches.push(ValueMatch {
+                        path,
+                        version,
+                        fields,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A match through the `scan/fp/` records (a store this process owns).
+    fn match_recorded(&self, value: &[u8]) -> Result<Vec<ValueMatch>, SecretsError> {
         let key = self.print_key()?;
         let print = hex::encode(ring::hmac::sign(&key, value).as_ref());
         let prefix = format!("{FP}{print}/");

@@ -25,6 +25,7 @@
 
 mod fingerprint;
 mod path;
+mod print_index;
 #[cfg(test)]
 mod proof_tests;
 
@@ -116,6 +117,13 @@ pub struct VersionRecord {
     /// values, when `prints_listed`.
     #[prost(bytes = "vec", repeated, tag = "6")]
     pub prints: Vec<Vec<u8>>,
+    /// The version's fingerprints are in `prints` only: no `scan/fp/`
+    /// record was written for them (a version written on a shared store
+    /// since 0.6.10; a Match finds it through each node's index,
+    /// `print_index`). A version listed without it (0.6.6 to 0.6.9) also
+    /// has records, which go with its stage.
+    #[prost(bool, tag = "7")]
+    pub prints_unrecorded: bool,
 }
 
 /// A secret's metadata; versions in ascending order.
@@ -230,6 +238,15 @@ pub struct SecretStore {
     /// too, as on a shared store.
     #[cfg(test)]
     prints_in_meta: std::sync::atomic::AtomicBool,
+    /// The discovery scan's fingerprints on a shared store (`print_index`).
+    index: Arc<print_index::PrintIndex>,
+    /// On sled: the staged versions whose fingerprints only their metadata
+    /// lists (brought by an etcd snapshot), read once, at the first Match.
+    unrecorded: print_index::PrintIndex,
+    /// Tests: write a new version's fingerprints as on a shared store (in
+    /// the metadata only), which an etcd snapshot restored onto sled holds.
+    #[cfg(test)]
+    prints_unrecorded: std::sync::atomic::AtomicBool,
 }
 
 /// A new `current` version: what watchers are told (no value).
@@ -367,6 +384,27 @@ impl SecretStore {
         barrier.cache_reads(META);
         barrier.cache_reads(DATA);
         barrier.cache_reads(fingerprint::VER);
+        let index = Arc::new(print_index::PrintIndex::default());
+        if let Some(coherence) = barrier.coherence() {
+            // Every metadata change any node makes marks its path for the
+            // index; a new watch session marks it all. Weak: the store
+            // (through the barrier) holds these callbacks.
+            let changed = Arc::downgrade(&index);
+            let reset = Arc::downgrade(&index);
+            coherence.track(
+                META,
+                Arc::new(move |key: &str| {
+                    if let Some(index) = changed.upgrade() {
+                        index.changed(META, key);
+                    }
+                }),
+                Arc::new(move || {
+                    if let Some(index) = reset.upgrade() {
+                        index.reset();
+                    }
+                }),
+            );
+        }
         Self {
             barrier,
             limits,
@@ -376,6 +414,10 @@ impl SecretStore {
             crash_after: std::sync::atomic::AtomicUsize::new(usize::MAX),
             #[cfg(test)]
             prints_in_meta: std::sync::atomic::AtomicBool::new(false),
+            index,
+            unrecorded: print_index::PrintIndex::default(),
+            #[cfg(test)]
+            prints_unrecorded: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

@@ -380,13 +380,13 @@ async fn on_etcd_puts_from_multi_thread_workers_all_land() {
     assert_eq!(barrier.flush_count(), 0);
 }
 
-/// On etcd a version's fingerprints are listed in its metadata, written in
-/// the same transaction: no `scan/ver/` record is written, a value matches
+/// On etcd a version's fingerprints are listed in its metadata only (no
+/// `scan/fp/` or `scan/ver/` record is written: a Put's transaction holds
+/// the metadata, the data and the pruned version's delete), a value matches
 /// exactly the staged versions holding it, and a version losing its stage
-/// (a newer Put, a destroy) loses its fingerprints in the transaction that
-/// takes the stage.
+/// (a newer Put, a destroy) stops matching at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_etcd_fingerprints_are_listed_in_the_metadata_and_follow_the_stages() {
+async fn on_etcd_fingerprints_are_listed_in_the_metadata_only_and_follow_the_stages() {
     let etcd = EtcdCluster::start(1);
     let (barrier, store) = etcd_vault(&etcd, &format!("{}/", unique("kw-prints")));
     let path = SecretPath::parse("app/fp").unwrap();
@@ -406,69 +406,148 @@ async fn on_etcd_fingerprints_are_listed_in_the_metadata_and_follow_the_stages()
     assert!(versions("fp-Value-00002").is_empty());
     assert_eq!(versions("fp-Value-00003"), [3]);
     assert_eq!(versions("fp-Value-00004"), [4]);
-    assert_eq!(store.fingerprint_count().unwrap(), 2);
-    assert!(barrier.scan_keys("scan/ver/").unwrap().is_empty());
+    let found = store.match_value(b"fp-Value-00004").unwrap();
+    assert_eq!(found[0].fields, ["password"]);
+    assert_eq!(found[0].path, "app/fp");
+    assert!(barrier.scan_keys("scan/").unwrap().is_empty());
     let meta = store.metadata(&path).unwrap();
     let listed = |v: u64| {
         let record = meta.versions.iter().find(|r| r.version == v).unwrap();
-        (record.prints_listed, record.prints.len())
+        (record.prints_listed, record.prints_unrecorded, record.prints.len())
     };
-    assert_eq!(listed(4), (true, 1));
-    assert_eq!(listed(3), (true, 1));
-    assert_eq!(listed(2), (true, 0));
+    assert_eq!(listed(4), (true, true, 1));
+    assert_eq!(listed(3), (true, true, 1));
+    assert_eq!(listed(2), (true, true, 0));
     store
         .destroy(&proof(&path, Capability::Destroy), &path, 3, 2_000)
         .unwrap();
     assert!(versions("fp-Value-00003").is_empty());
-    assert_eq!(store.fingerprint_count().unwrap(), 1);
+    assert_eq!(versions("fp-Value-00004"), [4]);
+    assert!(barrier.scan_keys("scan/").unwrap().is_empty());
+}
+
+/// Two nodes: node A has built its index with a first Match; node B's
+/// writes (a new value, a newer one taking the stage, a delete of the
+/// destroy of both staged versions) are matched, or no longer matched, by A's very next
+/// Match, with no wait in between: A's fence waits for its watch to
+/// deliver B's acknowledged writes, and each delivered change marks the
+/// path for A's index.
+#[test]
+fn a_match_on_one_node_sees_the_writes_another_node_acknowledged() {
+    let (_etcd, race) = race();
+    let (a, b) = (&race.a, &race.b);
+    let path = SecretPath::parse("app/shared").unwrap();
+    let other = SecretPath::parse("app/other").unwrap();
+    put(b, &other, "other-Value-0001");
+    let on_a = |value: &str| -> Vec<(String, u64)> {
+        a.match_value(value.as_bytes())
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.path, m.version))
+            .collect()
+    };
+    assert_eq!(on_a("other-Value-0001"), [("app/other".to_owned(), 1)]);
+    for round in 1..=5u64 {
+        let value = format!("shared-Value-{round:04}");
+        assert_eq!(put(b, &path, &value), round);
+        assert_eq!(on_a(&value), [("app/shared".to_owned(), round)], "round {round}");
+        if round >= 3 {
+            // Two versions back: no stage, no match.
+            let old = format!("shared-Value-{:04}", round - 2);
+            assert!(on_a(&old).is_empty(), "round {round}");
+        }
+    }
+    for version in [5, 4] {
+        b.destroy(&proof(&path, Capability::Destroy), &path, version, 3_000)
+            .unwrap();
+    }
+    assert!(on_a("shared-Value-0005").is_empty());
+    assert!(on_a("shared-Value-0004").is_empty());
+    assert_eq!(on_a("other-Value-0001"), [("app/other".to_owned(), 1)]);
 }
 
 /// A node of 0.6.5 or older, during a rolling upgrade, rewrites a secret's
 /// metadata without the fields it does not know (its versions'
-/// fingerprint lists). Its fingerprints are then listed nowhere; the next
-/// write that takes a stage from such a version finds them again from its
-/// values, and a match never reports a version that holds no stage.
+/// fingerprint lists). The index then finds those versions' fingerprints
+/// from their values, and a version that lost its stage is not reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_etcd_a_metadata_rewritten_by_an_older_node_orphans_no_fingerprint() {
+async fn on_etcd_a_metadata_rewritten_by_an_older_node_is_matched_from_its_values() {
     use prost::Message;
     let etcd = EtcdCluster::start(1);
     let (barrier, store) = etcd_vault(&etcd, &format!("{}/", unique("kw-old")));
     let path = SecretPath::parse("app/old").unwrap();
     put(&store, &path, "old-Value-00001");
     put(&store, &path, "old-Value-00002");
-    // What an older node's decoding and encoding does: fields 5 and 6 gone.
+    // What an older node's decoding and encoding does: fields 5 to 7 gone.
     let key = format!("secrets/meta/{path}");
     let raw = barrier.get(&key).unwrap().unwrap();
     let mut meta = keyward::secrets::MetaRecord::decode(raw.as_slice()).unwrap();
     for v in &mut meta.versions {
         v.prints_listed = false;
+        v.prints_unrecorded = false;
         v.prints.clear();
     }
     barrier.put(&key, &meta.encode_to_vec()).unwrap();
-    assert_eq!(store.fingerprint_count().unwrap(), 2);
-    // Version 1 loses its stage: its fingerprint goes.
+    let versions = |value: &[u8]| -> Vec<u64> {
+        let mut v: Vec<u64> = store
+            .match_value(value)
+            .unwrap()
+            .into_iter()
+            .map(|m| m.version)
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    assert_eq!(versions(b"old-Value-00001"), [1]);
+    assert_eq!(versions(b"old-Value-00002"), [2]);
+    // Version 1 loses its stage; 3 is listed by this node.
     put(&store, &path, "old-Value-00003");
-    assert!(store.match_value(b"old-Value-00001").unwrap().is_empty());
+    assert!(versions(b"old-Value-00001").is_empty());
+    assert_eq!(versions(b"old-Value-00002"), [2]);
+    assert_eq!(versions(b"old-Value-00003"), [3]);
+    assert!(barrier.scan_keys("scan/").unwrap().is_empty());
+}
+
+/// A vault carried over from 0.6.6 to 0.6.9 on etcd: its versions are
+/// listed in the metadata *and* have `scan/fp/` records. A version of that
+/// form losing its stage loses its records in the same transaction, so the
+/// store keeps none it no longer needs; the records themselves are never
+/// read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_etcd_records_of_an_older_node_go_with_their_stage() {
+    use prost::Message;
+    let etcd = EtcdCluster::start(1);
+    let (barrier, store) = etcd_vault(&etcd, &format!("{}/", unique("kw-rec")));
+    let path = SecretPath::parse("app/rec").unwrap();
+    put(&store, &path, "rec-Value-00001");
+    put(&store, &path, "rec-Value-00002");
+    // What 0.6.9 stored: the same lists, not marked, and a record per
+    // listed fingerprint (its value: the field names).
+    let key = format!("secrets/meta/{path}");
+    let raw = barrier.get(&key).unwrap().unwrap();
+    let mut meta = keyward::secrets::MetaRecord::decode(raw.as_slice()).unwrap();
+    let mut records = Vec::new();
+    for v in &mut meta.versions {
+        v.prints_unrecorded = false;
+        for tag in &v.prints {
+            let hex: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+            records.push(format!("scan/fp/{hex}/{path}#{:020}", v.version));
+        }
+    }
+    assert_eq!(records.len(), 2);
+    barrier.put(&key, &meta.encode_to_vec()).unwrap();
+    for record in &records {
+        // prost: field 1, a string "password".
+        barrier.put(record, b"\x0a\x08password").unwrap();
+    }
     assert_eq!(store.fingerprint_count().unwrap(), 2);
-    // An orphan left by an older node's own write (the fingerprint of a
-    // version it unstaged without deleting it) is not reported either:
-    // version 2's record, put back after the write that unstaged it.
-    assert_eq!(store.match_value(b"old-Value-00002").unwrap().len(), 1);
-    let orphan = barrier
-        .scan_prefix("scan/fp/")
-        .unwrap()
-        .into_iter()
-        .find(|(k, _)| k.ends_with(&format!("#{:020}", 2)))
-        .unwrap();
-    put(&store, &path, "old-Value-00004");
-    assert_eq!(store.fingerprint_count().unwrap(), 2);
-    barrier.put(&orphan.0, orphan.1.as_slice()).unwrap();
-    assert_eq!(store.fingerprint_count().unwrap(), 3);
-    let versions: Vec<u64> = store
-        .match_value(b"old-Value-00002")
-        .unwrap()
-        .into_iter()
-        .map(|m| m.version)
-        .collect();
-    assert!(versions.is_empty(), "{versions:?}");
+    put(&store, &path, "rec-Value-00003");
+    // Version 1's record went with its stage; version 2's stays.
+    let left = barrier.scan_keys("scan/fp/").unwrap();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].ends_with(&format!("#{:020}", 2)), "{left:?}");
+    assert!(store.match_value(b"rec-Value-00001").unwrap().is_empty());
+    assert_eq!(store.match_value(b"rec-Value-00002").unwrap().len(), 1);
+    put(&store, &path, "rec-Value-00004");
+    assert!(barrier.scan_keys("scan/fp/").unwrap().is_empty());
 }

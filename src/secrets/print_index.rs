@@ -1,0 +1,374 @@
+//! The discovery scan's fingerprint index on a shared store (etcd), held in
+//! memory by each node and kept right by the store's change feed
+//! (`storage::coherence`), in place of `scan/fp/` records.
+//!
+//! Why: on etcd every operation of a write's transaction costs about 30 µs
+//! of CPU on the members together, and a Put wrote two for the scan alone
+//! (the new version's fingerprint record and the delete of the one of the
+//! version losing its stage). The metadata record already lists every
+//! staged version's fingerprints (`VersionRecord::prints`, since 0.6.6), so
+//! since 0.6.10 a version written on etcd has no fingerprint record: its
+//! metadata is the only copy, and a Match looks its values up here.
+//!
+//! **What it holds.** For each secret, the fingerprints of its staged,
+//! not destroyed versions, as its metadata lists them (a version whose
+//! metadata lists none, written on sled or by a node of 0.6.5 or older, has
+//! its fingerprints computed from its values when its metadata is read).
+//! Nothing else: tags are HMACs under a key only the unsealed keyring
+//! gives, the same bytes the store already holds.
+//!
+//! **Why a Match sees every acknowledged write.** A Match takes the
+//! request fence (`Barrier::cache_fence`): once it says yes, the watch has
+//! delivered every change to a metadata record acknowledged before the
+//! Match began, and each delivered change marked its path *dirty* here. The
+//! Match then reads each dirty path's metadata anew (the mark is taken off
+//! before the read, so a change delivered during the read marks it again
+//! for the next Match) and only then looks its values up. A new watch
+//! session (`reset`) may have missed changes, so it marks the whole index
+//! unbuilt: the next Match reads every metadata record, after clearing the
+//! marks, so a change delivered meanwhile is read again next time. When
+//! the fence says no (watch down or behind), the Match reads every
+//! metadata record itself and the index stays unbuilt.
+//!
+//! **Bounds.** Nothing is held until the first Match. Dirty marks are at
+//! most [`MAX_DIRTY`]; past that the index forgets everything and the next
+//! Match rebuilds it (a rebuild reads what many single reads would). One
+//! Match at a time refreshes and reads the index (a lock); the Scan
+//! service's rate limit bounds how often.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+/// A fingerprint: HMAC-SHA256 of one value.
+pub(super) type Tag = [u8; 32];
+
+/// Dirty paths remembered before the index is dropped for a rebuild.
+pub(super) const MAX_DIRTY: usize = 100_000;
+
+/// A secret's staged versions and the fingerprints each holds.
+pub(super) type PathPrints = Vec<(u64, Vec<Tag>)>;
+
+#[derive(Default)]
+struct Marks {
+    /// The entries stand for every metadata change the watch delivered,
+    /// except the paths in `dirty` (false: rebuild before use).
+    built: bool,
+    dirty: HashSet<String>,
+    /// Bumped by every reset, so a rebuild that a reset overtook is not
+    /// trusted afterwards.
+    resets: u64,
+}
+
+#[derive(Default)]
+struct Entries {
+    by_tag: HashMap<Tag, Vec<(Arc<str>, u64)>>,
+    by_path: HashMap<Arc<str>, Vec<Tag>>,
+}
+
+impl Entries {
+    fn remove_path(&mut self, path: &str) {
+        let Some((path, tags)) = self.by_path.remove_entry(path) else {
+            return;
+        };
+        for tag in tags {
+            if let Some(hits) = self.by_tag.get_mut(&tag) {
+                hits.retain(|(p, _)| **p != *path);
+                if hits.is_empty() {
+                    self.by_tag.remove(&tag);
+                }
+            }
+        }
+    }
+
+    fn set_path(&mut self, path: &str, prints: PathPrints) {
+        self.remove_path(path);
+        if prints.iter().all(|(_, tags)| tags.is_empty()) {
+            return;
+        }
+        let path: Arc<str> = Arc::from(path);
+        let mut all = Vec::new();
+        for (version, tags) in prints {
+            for tag in tags {
+                let hits = self.by_tag.entry(tag).or_default();
+                if !hits.iter().any(|(p, v)| *p == path && *v == version) {
+                    hits.push((Arc::clone(&path), version));
+                }
+                all.push(tag);
+            }
+        }
+        all.sort_unstable();
+        all.dedup();
+        self.by_path.insert(path, all);
+    }
+
+    fn rebuilt(all: Vec<(String, PathPrints)>) -> Self {
+        let mut entries = Self::default();
+        for (path, prints) in all {
+            entries.set_path(&path, prints);
+        }
+        entries
+    }
+}
+
+/// How a Match reads the store for the index.
+pub(super) trait Source {
+    /// Every secret's staged fingerprints.
+    fn all(&self) -> Result<Vec<(String, PathPrints)>, super::SecretsError>;
+    /// One secret's (empty when it is gone).
+    fn one(&self, path: &str) -> Result<PathPrints, super::SecretsError>;
+}
+
+#[derive(Default)]
+pub(super) struct PrintIndex {
+    marks: Mutex<Marks>,
+    entries: Mutex<Entries>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl PrintIndex {
+    /// The watch delivered a change of `key` (a barrier key under the
+    /// metadata prefix `meta`).
+    pub fn changed(&self, meta: &str, key: &str) {
+        let Some(path) = key.strip_prefix(meta) else {
+            return;
+        };
+        let mut marks = lock(&self.marks);
+        if !marks.built {
+            return;
+        }
+        if marks.dirty.len() >= MAX_DIRTY {
+            marks.built = false;
+            marks.dirty = HashSet::new();
+            return;
+        }
+        marks.dirty.insert(path.to_owned());
+    }
+
+    /// A new watch session: changes may have been missed.
+    pub fn reset(&self) {
+        let mut marks = lock(&self.marks);
+        marks.built = false;
+        marks.dirty = HashSet::new();
+        marks.resets += 1;
+    }
+
+    /// The (path, version) pairs holding each of `tags`, for a request
+    /// whose fence said `fresh`, after bringing the index up to date.
+    pub fn lookup(
+        &self,
+        tags: &[Tag],
+        fresh: bool,
+        source: &dyn Source,
+    ) -> Result<Vec<Vec<(String, u64)>>, super::SecretsError> {
+        let mut entries = lock(&self.entries);
+        if let Err(e) = self.refresh(&mut entries, fresh, source) {
+            lock(&self.marks).built = false;
+            return Err(e);
+        }
+        Ok(tags
+            .iter()
+            .map(|tag| {
+                entries
+                    .by_tag
+                    .get(tag)
+                    .map(|hits| hits.iter().map(|(p, v)| (p.to_string(), *v)).collect())
+                    .unwrap_or_default()
+            })
+            .collect())
+    }
+
+    fn refresh(
+        &self,
+        entries: &mut Entries,
+        fresh: bool,
+        source: &dyn Source,
+    ) -> Result<(), super::SecretsError> {
+        if !fresh {
+            // The feed cannot be trusted now: read everything, and leave
+            // the index unbuilt for the next Match.
+            lock(&self.marks).built = false;
+            *entries = Entries::rebuilt(source.all()?);
+            return Ok(());
+        }
+        let (dirty, resets) = {
+            let mut marks = lock(&self.marks);
+            if marks.built {
+                (Some(std::mem::take(&mut marks.dirty)), marks.resets)
+            } else {
+                marks.built = true;
+                marks.dirty = HashSet::new();
+                (None, marks.resets)
+            }
+        };
+        match dirty {
+            Some(paths) => {
+                for path in paths {
+                    let prints = source.one(&path)?;
+                    entries.set_path(&path, prints);
+                }
+            }
+            None => {
+                *entries = Entries::rebuilt(source.all()?);
+                if lock(&self.marks).resets != resets {
+                    lock(&self.marks).built = false;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Paths with fingerprints in the index (tests).
+    #[cfg(test)]
+    pub fn paths(&self) -> usize {
+        lock(&self.entries).by_path.len()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    /// A store of metadata as the index reads it, counting the reads.
+    #[derive(Default)]
+    struct Fake {
+        secrets: RefCell<HashMap<String, PathPrints>>,
+        all_reads: RefCell<usize>,
+        one_reads: RefCell<Vec<String>>,
+        fail: RefCell<bool>,
+    }
+
+    impl Source for Fake {
+        fn all(&self) -> Result<Vec<(String, PathPrints)>, super::super::SecretsError> {
+            if *self.fail.borrow() {
+                return Err(super::super::SecretsError::Corrupt);
+            }
+            *self.all_reads.borrow_mut() += 1;
+            Ok(self
+                .secrets
+                .borrow()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect())
+        }
+        fn one(&self, path: &str) -> Result<PathPrints, super::super::SecretsError> {
+            if *self.fail.borrow() {
+                return Err(super::super::SecretsError::Corrupt);
+            }
+            self.one_reads.borrow_mut().push(path.to_owned());
+            Ok(self
+                .secrets
+                .borrow()
+                .get(path)
+                .cloned()
+                .unwrap_or_default())
+        }
+    }
+
+    fn tag(n: u8) -> Tag {
+        [n; 32]
+    }
+
+    const META: &str = "secrets/meta/";
+
+    fn hits(index: &PrintIndex, fake: &Fake, t: u8, fresh: bool) -> Vec<(String, u64)> {
+        let mut out = index.lookup(&[tag(t)], fresh, fake).unwrap().remove(0);
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn a_delivered_change_is_read_again_before_the_next_lookup_and_nothing_else_is() {
+        let index = PrintIndex::default();
+        let fake = Fake::default();
+        fake.secrets
+            .borrow_mut()
+            .insert("a".into(), vec![(2, vec![tag(1)]), (1, vec![tag(9)])]);
+        fake.secrets
+            .borrow_mut()
+            .insert("b".into(), vec![(5, vec![tag(1)])]);
+        assert_eq!(
+            hits(&index, &fake, 1, true),
+            [("a".to_owned(), 2), ("b".to_owned(), 5)]
+        );
+        assert_eq!(*fake.all_reads.borrow(), 1);
+        // A new version of `a` no longer holds tag 1, and the watch says so.
+        fake.secrets
+            .borrow_mut()
+            .insert("a".into(), vec![(3, vec![tag(2)]), (2, vec![tag(1)])]);
+        // Not yet delivered: the index still answers from what it read.
+        fake.secrets.borrow_mut().insert("a".into(), vec![(3, vec![tag(2)])]);
+        assert_eq!(hits(&index, &fake, 2, true), []);
+        index.changed(META, "secrets/meta/a");
+        assert_eq!(hits(&index, &fake, 2, true), [("a".to_owned(), 3)]);
+        assert_eq!(hits(&index, &fake, 1, true), [("b".to_owned(), 5)]);
+        assert_eq!(hits(&index, &fake, 9, true), []);
+        assert_eq!(*fake.one_reads.borrow(), ["a"]);
+        assert_eq!(*fake.all_reads.borrow(), 1);
+        // A deleted secret leaves nothing behind.
+        fake.secrets.borrow_mut().remove("b");
+        index.changed(META, "secrets/meta/b");
+        assert_eq!(hits(&index, &fake, 1, true), []);
+        assert_eq!(index.paths(), 1);
+    }
+
+    #[test]
+    fn a_reset_a_stale_fence_and_a_failed_read_each_mean_a_full_read() {
+        let index = PrintIndex::default();
+        let fake = Fake::default();
+        fake.secrets
+            .borrow_mut()
+            .insert("a".into(), vec![(1, vec![tag(1)])]);
+        assert_eq!(hits(&index, &fake, 1, true), [("a".to_owned(), 1)]);
+        // A change the feed never delivered (a new watch session instead).
+        fake.secrets
+            .borrow_mut()
+            .insert("a".into(), vec![(2, vec![tag(2)])]);
+        index.reset();
+        assert_eq!(hits(&index, &fake, 2, true), [("a".to_owned(), 2)]);
+        assert_eq!(*fake.all_reads.borrow(), 2);
+        // A fence that said no reads everything, and the next fresh
+        // lookup reads everything again (marks taken meanwhile are not
+        // trusted).
+        fake.secrets
+            .borrow_mut()
+            .insert("c".into(), vec![(1, vec![tag(3)])]);
+        assert_eq!(hits(&index, &fake, 3, false), [("c".to_owned(), 1)]);
+        assert_eq!(*fake.all_reads.borrow(), 3);
+        assert_eq!(hits(&index, &fake, 3, true), [("c".to_owned(), 1)]);
+        assert_eq!(*fake.all_reads.borrow(), 4);
+        // A read that fails drops the marks it took: the next lookup reads
+        // everything rather than missing the paths they named.
+        index.changed(META, "secrets/meta/c");
+        fake.secrets.borrow_mut().insert("c".into(), vec![]);
+        *fake.fail.borrow_mut() = true;
+        assert!(index.lookup(&[tag(3)], true, &fake).is_err());
+        *fake.fail.borrow_mut() = false;
+        assert_eq!(hits(&index, &fake, 3, true), []);
+        assert_eq!(*fake.all_reads.borrow(), 5);
+    }
+
+    #[test]
+    fn too_many_marks_drop_the_index_for_a_rebuild() {
+        let index = PrintIndex::default();
+        let fake = Fake::default();
+        fake.secrets
+            .borrow_mut()
+            .insert("a".into(), vec![(1, vec![tag(1)])]);
+        hits(&index, &fake, 1, true);
+        for i in 0..=MAX_DIRTY {
+            index.changed(META, &format!("secrets/meta/p{i}"));
+        }
+        assert!(lock(&index.marks).dirty.is_empty());
+        assert_eq!(hits(&index, &fake, 1, true), [("a".to_owned(), 1)]);
+        assert_eq!(*fake.all_reads.borrow(), 2);
+        assert!(fake.one_reads.borrow().is_empty());
+        // A key outside the metadata prefix marks nothing.
+        index.changed(META, "secrets/data/a#00000000000000000001");
+        assert!(lock(&index.marks).dirty.is_empty());
+    }
+}
