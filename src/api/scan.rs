@@ -150,9 +150,38 @@ impl Scan for ScanService {
         }
         let mut matches = Vec::new();
         let mut metas = HashMap::new();
-        let values: Vec<&[u8]> = strong.iter().map(|(_, c)| c.as_bytes()).collect();
-        let found = self.core.secrets.match_values(&values, caller.fresh);
-        for ((index, _), found) in strong.iter().zip(call.check(found)?) {
+        let found = if strong.is_empty() {
+            Vec::new()
+        } else {
+            // On the blocking pool: on etcd a Match may read the whole
+            // store's metadata for the node's index (`secrets::print_index`),
+            // under a lock the next Match waits for, which must not hold a
+            // runtime worker. The candidates are copied in as zeroized
+            // buffers.
+            let secrets = Arc::clone(&self.core.secrets);
+            let values: Vec<zeroize::Zeroizing<Vec<u8>>> = strong
+                .iter()
+                .map(|(_, c)| zeroize::Zeroizing::new(c.as_bytes().to_vec()))
+                .collect();
+            let fresh = caller.fresh;
+            let joined = tokio::task::spawn_blocking(move || {
+                let values: Vec<&[u8]> = values.iter().map(|v| v.as_slice()).collect();
+                secrets.match_values(&values, fresh)
+            })
+            .await;
+            match joined {
+                Ok(found) => call.check(found)?,
+                Err(_) => {
+                    return Err(call
+                        .fail(Failure::new(
+                            FailureKind::Internal,
+                            "the scan match stopped unexpectedly".to_owned(),
+                        ))
+                        .into())
+                }
+            }
+        };
+        for ((index, _), found) in strong.iter().zip(found) {
             // Owners already named for this candidate without a path: one
             // answer per owner, so a blind caller learns no count of the
             // secrets, versions or fields holding the value.
@@ -166,6 +195,15 @@ impl Scan for ScanService {
                 let Some(meta) = metas.get(&m.path) else {
                     continue;
                 };
+                // The metadata as read now: a version that lost its stage
+                // (or was destroyed) since the match is not reported.
+                let destroyed = !meta
+                    .versions
+                    .iter()
+                    .any(|v| v.version == m.version && !v.destroyed);
+                if meta.stage_of(m.version).is_none() || destroyed {
+                    continue;
+                }
                 let owner = meta.owner.clone();
                 if may_read(&caller, &m.path) {
                     let stage = meta

@@ -127,6 +127,8 @@ impl IndexSource<'_> {
                     .iter()
                     .filter_map(|t| Tag::try_from(t.as_slice()).ok())
                     .collect()
+            } else if let Some(tags) = self.version_list(path, version)? {
+                tags
             } else {
                 self.value_tags(path, version)?
             };
@@ -135,13 +137,43 @@ impl IndexSource<'_> {
         Ok(out)
     }
 
+    /// The fingerprints a `scan/ver/` record lists for `version` (written
+    /// on sled, carried to etcd by `keyward migrate`): the tags are in its
+    /// record keys, so no value is decrypted. `None` when there is none.
+    fn version_list(
+        &self,
+        path: &SecretPath,
+        version: u64,
+    ) -> Result<Option<Vec<Tag>>, SecretsError> {
+        let ver_key = format!("{VER}{}", version_suffix(path, version));
+        let Some(raw) = self.store.barrier.get_fenced(&ver_key, self.fresh)? else {
+            return Ok(None);
+        };
+        let listed = VersionPrints::decode(raw.as_slice()).map_err(|_| SecretsError::Corrupt)?;
+        let mut tags = Vec::with_capacity(listed.keys.len());
+        for key in &listed.keys {
+            let hex_tag = key
+                .strip_prefix(FP)
+                .and_then(|rest| rest.split_once('/'))
+                .map(|(tag, _)| tag)
+                .ok_or(SecretsError::Corrupt)?;
+            let bytes = hex::decode(hex_tag).map_err(|_| SecretsError::Corrupt)?;
+            tags.push(Tag::try_from(bytes.as_slice()).map_err(|_| SecretsError::Corrupt)?);
+        }
+        Ok(Some(tags))
+    }
+
     /// The fingerprints of `version`'s stored values (none when its data
     /// is gone).
     fn value_tags(&self, path: &SecretPath, version: u64) -> Result<Vec<Tag>, SecretsError> {
         let Some(mut fields) = self.fields(path, version)? else {
             return Ok(Vec::new());
         };
-        let tags = fields.fields.values().map(|v| tag_of(self.key, v)).collect();
+        let tags = fields
+            .fields
+            .values()
+            .map(|v| tag_of(self.key, v))
+            .collect();
         fields.fields.values_mut().for_each(|v| v.zeroize());
         Ok(tags)
     }
@@ -187,16 +219,31 @@ impl IndexSource<'_> {
 }
 
 impl Source for IndexSource<'_> {
+    /// A secret whose records do not decode is left out and logged (its
+    /// path only), so one damaged record does not stop every Match.
     fn all(&self) -> Result<Vec<(String, PathPrints)>, SecretsError> {
         let mut out = Vec::new();
         for (key, raw) in self.store.barrier.scan_prefix(super::META)? {
             let Some(path) = key.strip_prefix(super::META) else {
                 continue;
             };
-            let path = SecretPath::parse(path).map_err(|_| SecretsError::Corrupt)?;
-            let meta = MetaRecord::decode(raw.as_slice()).map_err(|_| SecretsError::Corrupt)?;
-            let prints = self.prints_of(&path, &meta)?;
-            out.push((path.as_str().to_owned(), prints));
+            let prints = SecretPath::parse(path)
+                .map_err(|_| SecretsError::Corrupt)
+                .and_then(|parsed| {
+                    let meta =
+                        MetaRecord::decode(raw.as_slice()).map_err(|_| SecretsError::Corrupt)?;
+                    self.prints_of(&parsed, &meta)
+                });
+            match prints {
+                Ok(prints) => out.push((path.to_owned(), prints)),
+                Err(SecretsError::Corrupt) => {
+                    tracing::warn!(
+                        path,
+                        "a secret's records do not decode; left out of the scan index"
+                    );
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(out)
     }
@@ -513,6 +560,9 @@ impl SecretStore {
         values: &[&[u8]],
         fresh: bool,
     ) -> Result<Vec<Vec<ValueMatch>>, SecretsError> {
+        if values.is_empty() {
+            return Ok(Vec::new());
+        }
         let key = self.print_key()?;
         let tags: Vec<Tag> = values.iter().map(|v| tag_of(&key, v)).collect();
         if !self.barrier.is_shared_store() {
@@ -1107,5 +1157,80 @@ mod tests {
         // Version 5's two values; nothing else is left.
         assert_eq!(store.fingerprint_count().unwrap(), 2);
         assert_eq!(list_records(&store), 0);
+    }
+
+    /// An etcd snapshot of 0.6.10 or later restored onto sled holds
+    /// versions whose fingerprints only their metadata lists (no record).
+    /// A Match on sled finds them (read once, at the first Match of the
+    /// process), as long as the metadata stages them, beside the versions
+    /// written here (records), and the version that loses its stage to a
+    /// write here stops matching.
+    #[test]
+    fn versions_an_etcd_snapshot_brought_to_sled_match_while_staged() {
+        use std::sync::atomic::Ordering;
+        let (_dir, etcd_written) = store();
+        etcd_written.prints_unrecorded.store(true, Ordering::SeqCst);
+        put(
+            &etcd_written,
+            "app/a",
+            &[("k", "restored-Value-01")],
+            Stage::Current,
+        );
+        put(
+            &etcd_written,
+            "app/a",
+            &[("k", "restored-Value-02"), ("j", "restored-Value-02")],
+            Stage::Current,
+        );
+        put(
+            &etcd_written,
+            "app/b",
+            &[("k", "restored-Value-02")],
+            Stage::Pending,
+        );
+        assert_eq!(etcd_written.fingerprint_count().unwrap(), 0);
+        assert_eq!(list_records(&etcd_written), 0);
+        // The same store opened by a process of its own (the index starts
+        // empty), writing as sled does.
+        let store = SecretStore::new(Arc::clone(&etcd_written.barrier), DataLimits::default());
+        let mut two = matched(&store, "restored-Value-02");
+        two.sort();
+        assert_eq!(
+            two,
+            [
+                ("app/a".to_owned(), 2, vec!["j".to_owned(), "k".to_owned()]),
+                ("app/b".to_owned(), 1, vec!["k".to_owned()]),
+            ]
+        );
+        assert_eq!(
+            matched(&store, "restored-Value-01"),
+            [("app/a".to_owned(), 1, vec!["k".to_owned()])]
+        );
+        // A write here: version 1 loses its stage, version 3 has records.
+        put(
+            &store,
+            "app/a",
+            &[("k", "sled-Value-000003")],
+            Stage::Current,
+        );
+        assert!(matched(&store, "restored-Value-01").is_empty());
+        assert_eq!(
+            matched(&store, "sled-Value-000003"),
+            [("app/a".to_owned(), 3, vec!["k".to_owned()])]
+        );
+        assert_eq!(matched(&store, "restored-Value-02").len(), 2);
+        // Destroyed: gone from the answer.
+        store
+            .destroy(
+                &proof("app/b", Capability::Destroy),
+                &SecretPath::parse("app/b").unwrap(),
+                1,
+                9,
+            )
+            .unwrap();
+        assert_eq!(
+            matched(&store, "restored-Value-02"),
+            [("app/a".to_owned(), 2, vec!["j".to_owned(), "k".to_owned()])]
+        );
     }
 }

@@ -31,10 +31,14 @@
 //! metadata record itself and the index stays unbuilt.
 //!
 //! **Bounds.** Nothing is held until the first Match. Dirty marks are at
-//! most [`MAX_DIRTY`]; past that the index forgets everything and the next
-//! Match rebuilds it (a rebuild reads what many single reads would). One
-//! Match at a time refreshes and reads the index (a lock); the Scan
-//! service's rate limit bounds how often.
+//! most [`MIN_DIRTY_LIMIT`] or an eighth of the indexed paths; past that
+//! the index forgets its marks and the next Match rebuilds it (one read of
+//! everything costs less than that many single reads). A refresh that
+//! fails or panics leaves the index unbuilt. One Match at a time refreshes
+//! and reads the index (a lock; the Scan service runs it on the blocking
+//! pool, never on a runtime worker); the service's rate limit bounds how
+//! often. Holders are kept per tag and path, so a value that many secrets
+//! share costs a change of one of them a map removal.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -42,8 +46,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 /// A fingerprint: HMAC-SHA256 of one value.
 pub(super) type Tag = [u8; 32];
 
-/// Dirty paths remembered before the index is dropped for a rebuild.
-pub(super) const MAX_DIRTY: usize = 100_000;
+/// Dirty paths remembered before the index is dropped for a rebuild: this
+/// many, or an eighth of the paths the index holds if that is more (past
+/// it, one read of everything costs less than a read per path).
+pub(super) const MIN_DIRTY_LIMIT: usize = 1024;
 
 /// A secret's staged versions and the fingerprints each holds.
 pub(super) type PathPrints = Vec<(u64, Vec<Tag>)>;
@@ -57,11 +63,16 @@ struct Marks {
     /// Bumped by every reset, so a rebuild that a reset overtook is not
     /// trusted afterwards.
     resets: u64,
+    /// Paths the index held after its last refresh (for the dirty limit).
+    indexed: usize,
 }
 
+/// Each tag's holders: path, then the versions (at most the three staged).
+/// Keyed by path, so a value many secrets share (`port=5432`) costs each
+/// change of one of them a map removal, not a walk over all of them.
 #[derive(Default)]
 struct Entries {
-    by_tag: HashMap<Tag, Vec<(Arc<str>, u64)>>,
+    by_tag: HashMap<Tag, HashMap<Arc<str>, Vec<u64>>>,
     by_path: HashMap<Arc<str>, Vec<Tag>>,
 }
 
@@ -71,9 +82,9 @@ impl Entries {
             return;
         };
         for tag in tags {
-            if let Some(hits) = self.by_tag.get_mut(&tag) {
-                hits.retain(|(p, _)| **p != *path);
-                if hits.is_empty() {
+            if let Some(holders) = self.by_tag.get_mut(&tag) {
+                holders.remove(&path);
+                if holders.is_empty() {
                     self.by_tag.remove(&tag);
                 }
             }
@@ -89,9 +100,14 @@ impl Entries {
         let mut all = Vec::new();
         for (version, tags) in prints {
             for tag in tags {
-                let hits = self.by_tag.entry(tag).or_default();
-                if !hits.iter().any(|(p, v)| *p == path && *v == version) {
-                    hits.push((Arc::clone(&path), version));
+                let versions = self
+                    .by_tag
+                    .entry(tag)
+                    .or_default()
+                    .entry(Arc::clone(&path))
+                    .or_default();
+                if !versions.contains(&version) {
+                    versions.push(version);
                 }
                 all.push(tag);
             }
@@ -118,6 +134,17 @@ pub(super) trait Source {
     fn one(&self, path: &str) -> Result<PathPrints, super::SecretsError>;
 }
 
+/// Marks the index unbuilt when dropped (a refresh that did not finish).
+struct Unbuilt<'a>(&'a PrintIndex, bool);
+
+impl Drop for Unbuilt<'_> {
+    fn drop(&mut self) {
+        if self.1 {
+            lock(&self.0.marks).built = false;
+        }
+    }
+}
+
 #[derive(Default)]
 pub(super) struct PrintIndex {
     marks: Mutex<Marks>,
@@ -139,7 +166,7 @@ impl PrintIndex {
         if !marks.built {
             return;
         }
-        if marks.dirty.len() >= MAX_DIRTY {
+        if marks.dirty.len() >= MIN_DIRTY_LIMIT.max(marks.indexed / 8) {
             marks.built = false;
             marks.dirty = HashSet::new();
             return;
@@ -163,19 +190,28 @@ impl PrintIndex {
         fresh: bool,
         source: &dyn Source,
     ) -> Result<Vec<Vec<(String, u64)>>, super::SecretsError> {
-        let mut entries = lock(&self.entries);
-        if let Err(e) = self.refresh(&mut entries, fresh, source) {
-            lock(&self.marks).built = false;
-            return Err(e);
+        if tags.is_empty() {
+            return Ok(Vec::new());
         }
+        let mut entries = lock(&self.entries);
+        // Marks taken by a refresh that fails or panics are gone: the index
+        // is then unbuilt, so the next lookup reads everything.
+        let mut unbuilt = Unbuilt(self, true);
+        self.refresh(&mut entries, fresh, source)?;
+        unbuilt.1 = false;
+        lock(&self.marks).indexed = entries.by_path.len();
         Ok(tags
             .iter()
             .map(|tag| {
-                entries
+                let mut hits: Vec<(String, u64)> = entries
                     .by_tag
                     .get(tag)
-                    .map(|hits| hits.iter().map(|(p, v)| (p.to_string(), *v)).collect())
-                    .unwrap_or_default()
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|(p, versions)| versions.iter().map(|v| (p.to_string(), *v)))
+                    .collect();
+                hits.sort_unstable();
+                hits
             })
             .collect())
     }
@@ -260,12 +296,7 @@ mod tests {
                 return Err(super::super::SecretsError::Corrupt);
             }
             self.one_reads.borrow_mut().push(path.to_owned());
-            Ok(self
-                .secrets
-                .borrow()
-                .get(path)
-                .cloned()
-                .unwrap_or_default())
+            Ok(self.secrets.borrow().get(path).cloned().unwrap_or_default())
         }
     }
 
@@ -296,12 +327,11 @@ mod tests {
             [("a".to_owned(), 2), ("b".to_owned(), 5)]
         );
         assert_eq!(*fake.all_reads.borrow(), 1);
-        // A new version of `a` no longer holds tag 1, and the watch says so.
+        // A new version of `a` (tag 2) takes the stages: tag 1 is gone from
+        // it. Not yet delivered: the index still answers from what it read.
         fake.secrets
             .borrow_mut()
-            .insert("a".into(), vec![(3, vec![tag(2)]), (2, vec![tag(1)])]);
-        // Not yet delivered: the index still answers from what it read.
-        fake.secrets.borrow_mut().insert("a".into(), vec![(3, vec![tag(2)])]);
+            .insert("a".into(), vec![(3, vec![tag(2)])]);
         assert_eq!(hits(&index, &fake, 2, true), []);
         index.changed(META, "secrets/meta/a");
         assert_eq!(hits(&index, &fake, 2, true), [("a".to_owned(), 3)]);
@@ -352,6 +382,63 @@ mod tests {
         assert_eq!(*fake.all_reads.borrow(), 5);
     }
 
+    /// A value held by many secrets: each keeps its own entry, and a
+    /// change of one leaves the others' as they were.
+    #[test]
+    fn a_value_many_secrets_share_is_kept_per_secret() {
+        let index = PrintIndex::default();
+        let fake = Fake::default();
+        for i in 0..500u64 {
+            fake.secrets
+                .borrow_mut()
+                .insert(format!("p{i:03}"), vec![(i + 1, vec![tag(7)])]);
+        }
+        assert_eq!(hits(&index, &fake, 7, true).len(), 500);
+        fake.secrets.borrow_mut().remove("p123");
+        fake.secrets.borrow_mut().insert(
+            "p124".into(),
+            vec![(200, vec![tag(7)]), (125, vec![tag(7)])],
+        );
+        index.changed(META, "secrets/meta/p123");
+        index.changed(META, "secrets/meta/p124");
+        let after = hits(&index, &fake, 7, true);
+        assert_eq!(after.len(), 500);
+        assert!(!after.iter().any(|(p, _)| p == "p123"));
+        assert!(after.contains(&("p124".to_owned(), 200)));
+        assert!(after.contains(&("p124".to_owned(), 125)));
+        assert!(after.contains(&("p125".to_owned(), 126)));
+        assert_eq!(*fake.all_reads.borrow(), 1);
+    }
+
+    /// A refresh that panics (a bug in a read) drops the marks it took:
+    /// the index is left unbuilt, so the next lookup reads everything.
+    #[test]
+    fn a_refresh_that_panics_leaves_the_index_unbuilt() {
+        struct Panics;
+        impl Source for Panics {
+            fn all(&self) -> Result<Vec<(String, PathPrints)>, super::super::SecretsError> {
+                Ok(Vec::new())
+            }
+            fn one(&self, _: &str) -> Result<PathPrints, super::super::SecretsError> {
+                panic!("a read that panics");
+            }
+        }
+        let index = PrintIndex::default();
+        index.lookup(&[tag(1)], true, &Panics).unwrap();
+        index.changed(META, "secrets/meta/a");
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            index.lookup(&[tag(1)], true, &Panics)
+        }));
+        assert!(caught.is_err());
+        assert!(!lock(&index.marks).built);
+        let fake = Fake::default();
+        fake.secrets
+            .borrow_mut()
+            .insert("a".into(), vec![(1, vec![tag(1)])]);
+        assert_eq!(hits(&index, &fake, 1, true), [("a".to_owned(), 1)]);
+        assert_eq!(*fake.all_reads.borrow(), 1);
+    }
+
     #[test]
     fn too_many_marks_drop_the_index_for_a_rebuild() {
         let index = PrintIndex::default();
@@ -360,7 +447,7 @@ mod tests {
             .borrow_mut()
             .insert("a".into(), vec![(1, vec![tag(1)])]);
         hits(&index, &fake, 1, true);
-        for i in 0..=MAX_DIRTY {
+        for i in 0..=MIN_DIRTY_LIMIT {
             index.changed(META, &format!("secrets/meta/p{i}"));
         }
         assert!(lock(&index.marks).dirty.is_empty());

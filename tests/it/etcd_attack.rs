@@ -413,7 +413,11 @@ async fn on_etcd_fingerprints_are_listed_in_the_metadata_only_and_follow_the_sta
     let meta = store.metadata(&path).unwrap();
     let listed = |v: u64| {
         let record = meta.versions.iter().find(|r| r.version == v).unwrap();
-        (record.prints_listed, record.prints_unrecorded, record.prints.len())
+        (
+            record.prints_listed,
+            record.prints_unrecorded,
+            record.prints.len(),
+        )
     };
     assert_eq!(listed(4), (true, true, 1));
     assert_eq!(listed(3), (true, true, 1));
@@ -450,7 +454,11 @@ fn a_match_on_one_node_sees_the_writes_another_node_acknowledged() {
     for round in 1..=5u64 {
         let value = format!("shared-Value-{round:04}");
         assert_eq!(put(b, &path, &value), round);
-        assert_eq!(on_a(&value), [("app/shared".to_owned(), round)], "round {round}");
+        assert_eq!(
+            on_a(&value),
+            [("app/shared".to_owned(), round)],
+            "round {round}"
+        );
         if round >= 3 {
             // Two versions back: no stage, no match.
             let old = format!("shared-Value-{:04}", round - 2);
@@ -550,4 +558,52 @@ async fn on_etcd_records_of_an_older_node_go_with_their_stage() {
     assert_eq!(store.match_value(b"rec-Value-00002").unwrap().len(), 1);
     put(&store, &path, "rec-Value-00004");
     assert!(barrier.scan_keys("scan/fp/").unwrap().is_empty());
+}
+
+/// A vault moved from sled (`keyward migrate`) keeps each version's
+/// `scan/ver/` list, whose keys carry the fingerprints: the index takes
+/// them from there. A secret whose list does not decode is left out of the
+/// index (and logged), and every other secret still matches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_etcd_lists_carried_from_sled_are_read_and_a_damaged_one_stops_only_its_secret() {
+    use prost::Message;
+    let etcd = EtcdCluster::start(1);
+    let (barrier, store) = etcd_vault(&etcd, &format!("{}/", unique("kw-mig")));
+    let moved = SecretPath::parse("app/moved").unwrap();
+    let damaged = SecretPath::parse("app/damaged").unwrap();
+    let fine = SecretPath::parse("app/fine").unwrap();
+    put(&store, &moved, "moved-Value-0001");
+    put(&store, &damaged, "damaged-Value-01");
+    put(&store, &fine, "fine-Value-00001");
+    // What sled wrote: no list in the metadata, a `scan/ver/` record.
+    for (path, list) in [(&moved, None), (&damaged, Some(b"\xff\xff".to_vec()))] {
+        let key = format!("secrets/meta/{path}");
+        let raw = barrier.get(&key).unwrap().unwrap();
+        let mut meta = keyward::secrets::MetaRecord::decode(raw.as_slice()).unwrap();
+        let v = &mut meta.versions[0];
+        let hex: String = v.prints[0].iter().map(|b| format!("{b:02x}")).collect();
+        v.prints_listed = false;
+        v.prints_unrecorded = false;
+        v.prints.clear();
+        barrier.put(&key, &meta.encode_to_vec()).unwrap();
+        // prost: field 1, one string (the record key).
+        let record = format!("scan/fp/{hex}/{path}#{:020}", 1);
+        let mut encoded = vec![0x0a, record.len() as u8];
+        encoded.extend_from_slice(record.as_bytes());
+        let list = list.unwrap_or(encoded);
+        barrier
+            .put(&format!("scan/ver/{path}#{:020}", 1), &list)
+            .unwrap();
+    }
+    let versions = |value: &[u8]| -> Vec<(String, u64)> {
+        store
+            .match_value(value)
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.path, m.version))
+            .collect()
+    };
+    assert_eq!(versions(b"moved-Value-0001"), [("app/moved".to_owned(), 1)]);
+    assert_eq!(versions(b"fine-Value-00001"), [("app/fine".to_owned(), 1)]);
+    assert!(versions(b"damaged-Value-01").is_empty());
 }
