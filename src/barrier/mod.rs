@@ -189,6 +189,10 @@ pub enum PlainOp<'a> {
     Delete(&'a str),
 }
 
+/// One record of [`Barrier::scan_prefix_each`]: its key, and its value or
+/// why it did not decrypt.
+pub type EachRecord = (String, Result<Plaintext, BarrierError>);
+
 pub(crate) const KEY_LEN: usize = 32;
 /// A 256-bit key, zeroized on drop.
 pub(crate) type Key = Zeroizing<[u8; KEY_LEN]>;
@@ -732,6 +736,24 @@ impl Barrier {
                 continue;
             }
             let value = self.decrypt(&mut keys, &key, &envelope)?;
+            out.push((key, value));
+        }
+        Ok(out)
+    }
+
+    /// [`Barrier::scan_prefix`], with each record's decryption its own
+    /// result: a record that fails to decrypt (damaged, or written under
+    /// another vault's keys) fails only its own entry.
+    pub fn scan_prefix_each(&self, prefix: &str) -> Result<Vec<EachRecord>, BarrierError> {
+        check_key(prefix)?;
+        let mut keys = self.keys()?;
+        let mut out = Vec::new();
+        for (key, envelope) in self.backend.scan_prefix(prefix.as_bytes())? {
+            let key = key_text(key)?;
+            if is_reserved(&key) {
+                continue;
+            }
+            let value = self.decrypt(&mut keys, &key, &envelope);
             out.push((key, value));
         }
         Ok(out)

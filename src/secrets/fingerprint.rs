@@ -97,9 +97,10 @@ fn tag_of(key: &ring::hmac::Key, value: &[u8]) -> Tag {
     tag
 }
 
-/// What the node's index reads: metadata records, through the request's
-/// fence, and for a staged version its metadata lists nowhere (written on
-/// sled, or by a node of 0.6.5 or older) the fingerprints of its values.
+/// What the node's index reads: metadata records (all of them in one range
+/// read, or one marked path's from the store), and for a staged version its
+/// metadata lists nowhere (written on sled, or by a node of 0.6.5 or older)
+/// its `scan/ver/` list, or failing that the fingerprints of its values.
 struct IndexSource<'a> {
     store: &'a SecretStore,
     key: &'a ring::hmac::Key,
@@ -127,10 +128,18 @@ impl IndexSource<'_> {
                     .iter()
                     .filter_map(|t| Tag::try_from(t.as_slice()).ok())
                     .collect()
-            } else if let Some(tags) = self.version_list(path, version)? {
-                tags
             } else {
-                self.value_tags(path, version)?
+                // A list that cannot be read only costs the decryption of
+                // the values: a wrong list could hide a match, never make
+                // one (each hit is checked against the data).
+                match self.version_list(path, version) {
+                    Ok(Some(tags)) => tags,
+                    Ok(None) | Err(SecretsError::Corrupt) => self.value_tags(path, version)?,
+                    Err(SecretsError::Barrier(crate::barrier::BarrierError::Decrypt)) => {
+                        self.value_tags(path, version)?
+                    }
+                    Err(e) => return Err(e),
+                }
             };
             out.push((version, tags));
         }
@@ -219,24 +228,26 @@ impl IndexSource<'_> {
 }
 
 impl Source for IndexSource<'_> {
-    /// A secret whose records do not decode is left out and logged (its
-    /// path only), so one damaged record does not stop every Match.
+    /// A secret whose records do not decrypt or decode is left out and
+    /// logged (its path only), so one damaged record does not stop every
+    /// Match.
     fn all(&self) -> Result<Vec<(String, PathPrints)>, SecretsError> {
         let mut out = Vec::new();
-        for (key, raw) in self.store.barrier.scan_prefix(super::META)? {
+        for (key, raw) in self.store.barrier.scan_prefix_each(super::META)? {
             let Some(path) = key.strip_prefix(super::META) else {
                 continue;
             };
-            let prints = SecretPath::parse(path)
-                .map_err(|_| SecretsError::Corrupt)
-                .and_then(|parsed| {
-                    let meta =
-                        MetaRecord::decode(raw.as_slice()).map_err(|_| SecretsError::Corrupt)?;
-                    self.prints_of(&parsed, &meta)
-                });
+            let prints = raw.map_err(SecretsError::from).and_then(|raw| {
+                let parsed = SecretPath::parse(path).map_err(|_| SecretsError::Corrupt)?;
+                let meta = MetaRecord::decode(raw.as_slice()).map_err(|_| SecretsError::Corrupt)?;
+                self.prints_of(&parsed, &meta)
+            });
             match prints {
                 Ok(prints) => out.push((path.to_owned(), prints)),
-                Err(SecretsError::Corrupt) => {
+                Err(
+                    SecretsError::Corrupt
+                    | SecretsError::Barrier(crate::barrier::BarrierError::Decrypt),
+                ) => {
                     tracing::warn!(
                         path,
                         "a secret's records do not decode; left out of the scan index"
@@ -248,9 +259,13 @@ impl Source for IndexSource<'_> {
         Ok(out)
     }
 
+    /// Read from the store itself, never the read cache: the mark this
+    /// read answers was set by the same delivery that removed the cache's
+    /// entry, and this way the answer does not depend on which of the two
+    /// listeners ran first.
     fn one(&self, path: &str) -> Result<PathPrints, SecretsError> {
         let path = SecretPath::parse(path).map_err(|_| SecretsError::Corrupt)?;
-        match self.store.metadata_fenced(&path, self.fresh) {
+        match self.store.metadata(&path) {
             Ok(meta) => self.prints_of(&path, &meta),
             Err(SecretsError::NotFound) => Ok(Vec::new()),
             Err(e) => Err(e),

@@ -12,8 +12,9 @@
 //!
 //! **What it holds.** For each secret, the fingerprints of its staged,
 //! not destroyed versions, as its metadata lists them (a version whose
-//! metadata lists none, written on sled or by a node of 0.6.5 or older, has
-//! its fingerprints computed from its values when its metadata is read).
+//! metadata lists none, written on sled or by a node of 0.6.5 or older,
+//! has them from its `scan/ver/` list if there is one, else from its
+//! values, when its metadata is read).
 //! Nothing else: tags are HMACs under a key only the unsealed keyring
 //! gives, the same bytes the store already holds.
 //!
@@ -31,14 +32,17 @@
 //! metadata record itself and the index stays unbuilt.
 //!
 //! **Bounds.** Nothing is held until the first Match. Dirty marks are at
-//! most [`MIN_DIRTY_LIMIT`] or an eighth of the indexed paths; past that
-//! the index forgets its marks and the next Match rebuilds it (one read of
+//! most [`MIN_DIRTY_LIMIT`] or 1/128 of the indexed paths; past that the
+//! index forgets its marks and the next Match rebuilds it (one read of
 //! everything costs less than that many single reads). A refresh that
 //! fails or panics leaves the index unbuilt. One Match at a time refreshes
-//! and reads the index (a lock; the Scan service runs it on the blocking
-//! pool, never on a runtime worker); the service's rate limit bounds how
-//! often. Holders are kept per tag and path, so a value that many secrets
-//! share costs a change of one of them a map removal.
+//! and reads the index (a lock); the Scan service runs at most a few
+//! Matches at once per node, on the blocking pool, never on a runtime
+//! worker, and skips one whose client left before it started. Holders are
+//! kept per tag and path, so a value that many secrets share costs a change
+//! of one of them a map removal. A secret whose metadata does not decrypt
+//! or decode is left out (and logged by path), so one damaged record does
+//! not stop every Match.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -47,9 +51,13 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 pub(super) type Tag = [u8; 32];
 
 /// Dirty paths remembered before the index is dropped for a rebuild: this
-/// many, or an eighth of the paths the index holds if that is more (past
-/// it, one read of everything costs less than a read per path).
+/// many, or 1/128 of the paths the index holds if that is more. A marked
+/// path costs a read of its own (a round trip to etcd), a path in a full
+/// read a share of one range read, about a hundred times less: past the
+/// limit one read of everything costs less.
 pub(super) const MIN_DIRTY_LIMIT: usize = 1024;
+/// The share of indexed paths that may be marked (see [`MIN_DIRTY_LIMIT`]).
+const DIRTY_SHARE: usize = 128;
 
 /// A secret's staged versions and the fingerprints each holds.
 pub(super) type PathPrints = Vec<(u64, Vec<Tag>)>;
@@ -166,7 +174,7 @@ impl PrintIndex {
         if !marks.built {
             return;
         }
-        if marks.dirty.len() >= MIN_DIRTY_LIMIT.max(marks.indexed / 8) {
+        if marks.dirty.len() >= MIN_DIRTY_LIMIT.max(marks.indexed / DIRTY_SHARE) {
             marks.built = false;
             marks.dirty = HashSet::new();
             return;

@@ -562,13 +562,15 @@ async fn on_etcd_records_of_an_older_node_go_with_their_stage() {
 
 /// A vault moved from sled (`keyward migrate`) keeps each version's
 /// `scan/ver/` list, whose keys carry the fingerprints: the index takes
-/// them from there. A secret whose list does not decode is left out of the
-/// index (and logged), and every other secret still matches.
+/// them from there, and from the values when a list does not decode. A
+/// secret whose metadata does not decrypt (damaged in etcd) is left out of
+/// the index, and every other secret still matches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_etcd_lists_carried_from_sled_are_read_and_a_damaged_one_stops_only_its_secret() {
+async fn on_etcd_lists_carried_from_sled_are_read_and_a_damaged_record_stops_only_its_secret() {
     use prost::Message;
     let etcd = EtcdCluster::start(1);
-    let (barrier, store) = etcd_vault(&etcd, &format!("{}/", unique("kw-mig")));
+    let prefix = format!("{}/", unique("kw-mig"));
+    let (barrier, store) = etcd_vault(&etcd, &prefix);
     let moved = SecretPath::parse("app/moved").unwrap();
     let damaged = SecretPath::parse("app/damaged").unwrap();
     let fine = SecretPath::parse("app/fine").unwrap();
@@ -605,5 +607,26 @@ async fn on_etcd_lists_carried_from_sled_are_read_and_a_damaged_one_stops_only_i
     };
     assert_eq!(versions(b"moved-Value-0001"), [("app/moved".to_owned(), 1)]);
     assert_eq!(versions(b"fine-Value-00001"), [("app/fine".to_owned(), 1)]);
-    assert!(versions(b"damaged-Value-01").is_empty());
+    assert_eq!(
+        versions(b"damaged-Value-01"),
+        [("app/damaged".to_owned(), 1)]
+    );
+    // A metadata record that does not decrypt: term 1, then bytes that are
+    // no sealed value. The next full read (a rebuild, as after a new watch
+    // session) leaves that secret out and keeps the others.
+    let raw = EtcdBackend::open(&EtcdOptions::plaintext(etcd.endpoints(), &prefix)).unwrap();
+    let mut garbage = vec![0, 0, 0, 1];
+    garbage.extend_from_slice(&[0x5a; 64]);
+    raw.put(b"secrets/meta/app/garbage", &garbage).unwrap();
+    assert!(store
+        .metadata(&SecretPath::parse("app/garbage").unwrap())
+        .is_err());
+    // A store of its own: its index is built by a full read.
+    let fresh = SecretStore::new(barrier.clone(), DataLimits::default());
+    assert_eq!(
+        fresh.match_value(b"fine-Value-00001").unwrap().len(),
+        1,
+        "one damaged record failed the whole Match"
+    );
+    assert_eq!(fresh.match_value(b"moved-Value-0001").unwrap().len(), 1);
 }
