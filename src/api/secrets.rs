@@ -288,12 +288,12 @@ impl Secrets for SecretsService {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let fresh = call.caller().is_some_and(|c| c.fresh);
-        let version = call.check(self.core.secrets.put_fenced(
-            &proof,
-            put,
-            self.core.clock().now_ms(),
-            fresh,
-        ))?;
+        let version = call.check(
+            self.core
+                .secrets
+                .put_async(proof, put, self.core.clock().now_ms(), fresh)
+                .await,
+        )?;
         call.check(self.core.secrets.durable().await)?;
         let refs: Vec<(&str, &[u8])> = values
             .iter()

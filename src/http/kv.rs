@@ -271,7 +271,7 @@ async fn put(state: &HttpState, req: &VaultRequest, path: &str) -> Answer {
     };
     let now = state.core.clock().now_ms();
     let fresh = call.caller().is_some_and(|c| c.fresh);
-    let version = call.check(state.core.secrets.put_fenced(&proof, put, now, fresh))?;
+    let version = call.check(state.core.secrets.put_async(proof, put, now, fresh).await)?;
     call.check(state.core.secrets.durable().await)?;
     let refs: Vec<(&str, &[u8])> = values
         .iter()

@@ -68,6 +68,10 @@ pub enum SecretsError {
     CasMismatch { expected: u64, actual: u64 },
     #[error("stored secret record is corrupt")]
     Corrupt,
+    /// A write on the blocking pool ended without an answer (it panicked):
+    /// whether it was applied is not known.
+    #[error("the write stopped without an answer; whether it was applied is not known")]
+    WriteStopped,
     /// Other nodes wrote the secret at every try (a shared store).
     #[error("the secret was changed by other writers at every try; try again")]
     Contended,
@@ -230,6 +234,10 @@ pub struct SecretStore {
     limits: DataLimits,
     stripes: Vec<Mutex<()>>,
     changes: tokio::sync::broadcast::Sender<CurrentChanged>,
+    /// One turn per lock stripe for a write on the blocking pool (a shared
+    /// store; `put_async`), taken on the runtime before the write is sent
+    /// there.
+    turns: Vec<Arc<tokio::sync::Semaphore>>,
     /// Tests: a write made one record at a time stops after this many
     /// records, as a crash would stop it (`write_in_order`).
     #[cfg(test)]
@@ -373,6 +381,14 @@ fn push_padded(out: &mut String, mut n: u64) {
     out.extend(digits.iter().map(|&d| char::from(d)));
 }
 
+/// The lock stripe of `path`.
+fn stripe_of(path: &SecretPath) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    path.hash(&mut h);
+    (h.finish() as usize) % LOCK_STRIPES
+}
+
 fn data_prefix(path: &SecretPath) -> String {
     format!("{DATA}{path}#")
 }
@@ -410,6 +426,9 @@ impl SecretStore {
             limits,
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             changes: tokio::sync::broadcast::channel(WATCH_BACKLOG).0,
+            turns: (0..LOCK_STRIPES)
+                .map(|_| Arc::new(tokio::sync::Semaphore::new(1)))
+                .collect(),
             #[cfg(test)]
             crash_after: std::sync::atomic::AtomicUsize::new(usize::MAX),
             #[cfg(test)]
@@ -451,12 +470,23 @@ impl SecretStore {
     }
 
     fn stripe(&self, path: &SecretPath) -> std::sync::MutexGuard<'_, ()> {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        path.hash(&mut h);
-        let i = (h.finish() as usize) % LOCK_STRIPES;
         // A poisoned stripe only means another writer panicked; the data is in storage.
-        self.stripes[i].lock().unwrap_or_else(|e| e.into_inner())
+        self.stripes[stripe_of(path)]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits, up to `within`, until no write runs on the blocking pool
+    /// (`put_async`); false if one still ran then. For shutdown: the
+    /// listeners and the changes whose clients left have stopped, so no
+    /// new write starts.
+    pub async fn writes_settled(&self, within: std::time::Duration) -> bool {
+        let all = async {
+            for turn in &self.turns {
+                drop(turn.acquire().await);
+            }
+        };
+        tokio::time::timeout(within, all).await.is_ok()
     }
 
     pub fn metadata(&self, path: &SecretPath) -> Result<MetaRecord, SecretsError> {
@@ -536,6 +566,48 @@ impl SecretStore {
         } else {
             write()
         }
+    }
+
+    /// [`SecretStore::put_fenced`] for an async caller (the API's Put).
+    ///
+    /// On a shared store (etcd) the write waits for its gathered
+    /// transaction, about 10 ms under load, while it holds its path's lock:
+    /// it runs on the blocking pool, so no runtime worker is handed over
+    /// (`storage::off_worker` hands one over, and its thread switches were
+    /// a fifth of a node's CPU in a Put phase). A write first takes its
+    /// path's turn, one per lock stripe, on the runtime: writes of one
+    /// stripe wait there for each other, holding no thread and having
+    /// written nothing, so at most 64 writes are on the pool at once and
+    /// many writes of one path cannot keep those of other paths out. A caller
+    /// dropped after its write started does not stop it: the caller's
+    /// request seam keeps a change running once it acted (`api::detach`),
+    /// so its outcome record follows the write. A leader's fence, if the
+    /// caller runs under one, goes with the write. On sled the write runs
+    /// in place.
+    pub async fn put_async(
+        self: &Arc<Self>,
+        proof: Authorized,
+        req: PutRequest,
+        now_ms: u64,
+        fresh: bool,
+    ) -> Result<u64, SecretsError> {
+        if !self.barrier.is_shared_store() {
+            return self.put_fenced(&proof, req, now_ms, fresh);
+        }
+        let slot = Arc::clone(&self.turns[stripe_of(&req.path)])
+            .acquire_owned()
+            .await
+            .map_err(|_| SecretsError::WriteStopped)?; // never closed
+        let store = Arc::clone(self);
+        let fence = crate::storage::cluster::current();
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            crate::storage::cluster::blocking(fence, || {
+                store.put_fenced(&proof, req, now_ms, fresh)
+            })
+        })
+        .await
+        .map_err(|_| SecretsError::WriteStopped)?
     }
 
     /// One try of a write: `None` when, on a shared store, a record it read

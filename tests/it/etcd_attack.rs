@@ -630,3 +630,60 @@ async fn on_etcd_lists_carried_from_sled_are_read_and_a_damaged_record_stops_onl
     );
     assert_eq!(fresh.match_value(b"moved-Value-0001").unwrap().len(), 1);
 }
+
+/// The API's Put on etcd runs on the blocking pool (`put_async`), one
+/// write per lock stripe at a time: concurrent writes of a few paths all
+/// land, each path's versions numbered without a gap, and once they are
+/// answered no write is left running (`writes_settled`, which shutdown
+/// waits on before the audit log's last flush).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_etcd_puts_on_the_blocking_pool_all_land_and_settle() {
+    let etcd = EtcdCluster::start(1);
+    let (_barrier, store) = etcd_vault(&etcd, &format!("{}/", unique("kw-async")));
+    let store = Arc::new(store);
+    let mut tasks = Vec::new();
+    for t in 0..40 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let path = SecretPath::parse(&format!("app/a{}", t % 4)).unwrap();
+            let mut data = SecretData::new();
+            data.insert(
+                "password".into(),
+                SecretBytes::from(format!("async-{t:04}")),
+            );
+            store
+                .put_async(
+                    proof(&path, Capability::Write),
+                    PutRequest {
+                        path: path.clone(),
+                        data,
+                        cas: None,
+                        max_versions: Some(20),
+                        owner: None,
+                        stage: Stage::Current,
+                    },
+                    1_000,
+                    false,
+                )
+                .await
+                .unwrap()
+        }));
+    }
+    let mut versions = Vec::new();
+    for task in tasks {
+        versions.push(task.await.unwrap());
+    }
+    for s in 0..4 {
+        let path = SecretPath::parse(&format!("app/a{s}")).unwrap();
+        let meta = store.metadata(&path).unwrap();
+        assert_eq!(meta.newest, 10);
+        assert_eq!(meta.versions.len(), 10);
+    }
+    versions.sort_unstable();
+    assert_eq!(versions.iter().filter(|v| **v == 10).count(), 4);
+    assert!(
+        store
+            .writes_settled(std::time::Duration::from_secs(60))
+            .await
+    );
+}

@@ -300,6 +300,9 @@ impl From<SecretsError> for Failure {
             }
             SecretsError::Barrier(b) => b.into(),
             SecretsError::Corrupt | SecretsError::WrongProof => Self::internal(e),
+            // Said in the record, not only in the server log: the write
+            // may have been applied.
+            SecretsError::WriteStopped => Self::new(FailureKind::Internal, e.to_string()),
         }
     }
 }
