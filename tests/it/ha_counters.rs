@@ -430,7 +430,17 @@ async fn login_failures_on_one_node_count_on_another() {
         Code::ResourceExhausted
     );
     // Node 2 saw none of the failures: it refuses once node 1's flush of
-    // them reached etcd (until then the right secret-id logs in).
+    // them reached etcd. Node 2 is asked only after the record in etcd
+    // holds the lock-out: a success on node 2 while node 1's five failures
+    // were only partly flushed (its flushes run every 500 ms, and a loaded
+    // machine can spread the five over two) clears what was flushed, as it
+    // should, and the rest never reaches five.
+    wait_for_figures(
+        servers[0].metrics_addr,
+        "node 1's flush locked the shared record",
+        &[("keyward_login_throttle_shared_locked", 1.0)],
+    )
+    .await;
     eventually("node 2 refuses the role-id node 1 locked", || {
         let two = two.clone();
         let (role, secret) = (sid.role_id.clone(), sid.secret_id.clone());
