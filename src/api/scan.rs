@@ -253,11 +253,7 @@ impl Scan for ScanService {
                 };
                 // The metadata as read now: a version that lost its stage
                 // (or was destroyed) since the match is not reported.
-                let destroyed = !meta
-                    .versions
-                    .iter()
-                    .any(|v| v.version == m.version && !v.destroyed);
-                if meta.stage_of(m.version).is_none() || destroyed {
+                if !meta.is_staged_and_kept(m.version) {
                     continue;
                 }
                 let owner = meta.owner.clone();

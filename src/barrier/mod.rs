@@ -727,18 +727,10 @@ impl Barrier {
 
     /// Keys and decrypted values under `prefix`, in key order.
     pub fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Plaintext)>, BarrierError> {
-        check_key(prefix)?;
-        let mut keys = self.keys()?;
-        let mut out = Vec::new();
-        for (key, envelope) in self.backend.scan_prefix(prefix.as_bytes())? {
-            let key = key_text(key)?;
-            if is_reserved(&key) {
-                continue;
-            }
-            let value = self.decrypt(&mut keys, &key, &envelope)?;
-            out.push((key, value));
-        }
-        Ok(out)
+        self.scan_prefix_each(prefix)?
+            .into_iter()
+            .map(|(key, value)| Ok((key, value?)))
+            .collect()
     }
 
     /// [`Barrier::scan_prefix`], with each record's decryption its own

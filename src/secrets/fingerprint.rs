@@ -113,7 +113,7 @@ impl IndexSource<'_> {
     fn prints_of(&self, path: &SecretPath, meta: &MetaRecord) -> Result<PathPrints, SecretsError> {
         let mut out = Vec::new();
         for version in stages(meta) {
-            if !holds_prints(meta, version) || out.iter().any(|(v, _)| *v == version) {
+            if !meta.is_staged_and_kept(version) || out.iter().any(|(v, _)| *v == version) {
                 continue;
             }
             let Some(record) = meta.version(version) else {
@@ -134,10 +134,8 @@ impl IndexSource<'_> {
                 // one (each hit is checked against the data).
                 match self.version_list(path, version) {
                     Ok(Some(tags)) => tags,
-                    Ok(None) | Err(SecretsError::Corrupt) => self.value_tags(path, version)?,
-                    Err(SecretsError::Barrier(crate::barrier::BarrierError::Decrypt)) => {
-                        self.value_tags(path, version)?
-                    }
+                    Ok(None) => self.value_tags(path, version)?,
+                    Err(e) if e.is_damaged_record() => self.value_tags(path, version)?,
                     Err(e) => return Err(e),
                 }
             };
@@ -244,10 +242,7 @@ impl Source for IndexSource<'_> {
             });
             match prints {
                 Ok(prints) => out.push((path.to_owned(), prints)),
-                Err(
-                    SecretsError::Corrupt
-                    | SecretsError::Barrier(crate::barrier::BarrierError::Decrypt),
-                ) => {
+                Err(e) if e.is_damaged_record() => {
                     tracing::warn!(
                         path,
                         "a secret's records do not decode; left out of the scan index"
@@ -330,15 +325,6 @@ fn stages(meta: &MetaRecord) -> [u64; 3] {
 /// `scan/fp/<hex tag>/<path>#<version>`.
 fn fp_key(tag: &[u8], suffix: &str) -> String {
     format!("{FP}{}/{suffix}", hex::encode(tag))
-}
-
-fn holds_prints(meta: &MetaRecord, version: u64) -> bool {
-    version != 0
-        && stages(meta).contains(&version)
-        && meta
-            .versions
-            .iter()
-            .any(|v| v.version == version && !v.destroyed)
 }
 
 impl SecretStore {
@@ -447,7 +433,7 @@ impl SecretStore {
             .versions
             .into_iter()
             .chain(touched)
-            .filter(|v| *v != 0 && !holds_prints(after, *v))
+            .filter(|v| *v != 0 && !after.is_staged_and_kept(*v))
             .collect();
         gone.sort_unstable();
         gone.dedup();
@@ -500,7 +486,7 @@ impl SecretStore {
             }
         }
         if let Some((version, data)) = new {
-            if holds_prints(after, version) {
+            if after.is_staged_and_kept(version) {
                 let key = self.print_key()?;
                 let suffix = version_suffix(path, version);
                 let mut by_print: BTreeMap<Vec<u8>, Vec<String>> = BTreeMap::new();
@@ -639,7 +625,7 @@ impl SecretStore {
             for (path, version) in hits {
                 let parsed = SecretPath::parse(&path).map_err(|_| SecretsError::Corrupt)?;
                 match self.metadata(&parsed) {
-                    Ok(meta) if holds_prints(&meta, version) => {}
+                    Ok(meta) if meta.is_staged_and_kept(version) => {}
                     Ok(_) | Err(SecretsError::NotFound) => continue,
                     Err(e) => return Err(e),
                 }
@@ -699,7 +685,7 @@ impl SecretStore {
             Err(SecretsError::NotFound) => return Ok(false),
             Err(e) => return Err(e),
         };
-        if !holds_prints(&meta, version) {
+        if !meta.is_staged_and_kept(version) {
             return Ok(false);
         }
         if self.barrier.is_shared_store() {
@@ -744,7 +730,9 @@ impl SecretStore {
             // when a write of the same number was cut off: the fingerprints
             // it names and this write does not are strays.
             let relisted = written(&ver_key);
-            if !relisted && (holds_prints(after, version) || planned.deletes.contains(&ver_key)) {
+            if !relisted
+                && (after.is_staged_and_kept(version) || planned.deletes.contains(&ver_key))
+            {
                 continue;
             }
             if let Some(raw) = self.barrier.get(&ver_key)? {

@@ -83,6 +83,14 @@ pub enum SecretsError {
     Barrier(#[from] BarrierError),
 }
 
+impl SecretsError {
+    /// A stored record that does not decode or decrypt: one secret's
+    /// damage, which a whole-store read (the scan index) passes over.
+    fn is_damaged_record(&self) -> bool {
+        matches!(self, Self::Corrupt | Self::Barrier(BarrierError::Decrypt))
+    }
+}
+
 /// Refuses a write whose proof is not `capability` on `secret/<path>`.
 fn require(
     proof: &Authorized,
@@ -166,6 +174,17 @@ impl MetaRecord {
             Ok(i) => Some(&mut self.versions[i]),
             Err(_) => None,
         }
+    }
+
+    /// Whether `version` holds a stage and is not destroyed: the versions
+    /// whose fingerprints a Match reports.
+    pub fn is_staged_and_kept(&self, version: u64) -> bool {
+        version != 0
+            && [self.current, self.previous, self.pending].contains(&version)
+            && self
+                .versions
+                .iter()
+                .any(|v| v.version == version && !v.destroyed)
     }
 
     /// The stage a version holds, if any.
