@@ -221,11 +221,7 @@ impl Auth for AuthService {
         )?;
         // `--may-act`: an exchange-only token naming the agent (issue 17).
         let delegation = super::federation::may_act(&self.core, &mut call, &r.may_act)?;
-        let issued = call.check(self.core.tokens.issue_with(
-            request,
-            delegation,
-            self.core.clock().now_ms(),
-        ))?;
+        let issued = call.check(self.core.tokens.issue_on_runtime(request, delegation).await)?;
         call.check(self.core.barrier.durable().await)?;
         call.set_resource(format!("{TOKEN_RESOURCE}/{}", issued.accessor));
         call.ok_async(&[]).await?;

@@ -18,7 +18,7 @@ use super::HttpState;
 use crate::api::auth::{child_request, AuthService, Target};
 use crate::core::call::{Access, Call, Failure};
 use crate::policy::Capability;
-use crate::token::{TokenError, TokenInfo};
+use crate::token::{Delegation, TokenError, TokenInfo};
 
 pub fn routes() -> Router<HttpState> {
     Router::new().route("/v1/auth/token/{op}", any(token))
@@ -218,8 +218,13 @@ async fn create(state: &HttpState, req: &VaultRequest) -> Answer {
     };
     let cidrs = call.check(super::reply::string_list(&body, "bound_cidrs"))?;
     let request = child_request(&mut call, policies, ttl, max_ttl, uses, &cidrs)?;
-    let now = state.core.clock().now_ms();
-    let issued = call.check(state.core.tokens.issue(request, now))?;
+    let issued = call.check(
+        state
+            .core
+            .tokens
+            .issue_on_runtime(request, Delegation::default())
+            .await,
+    )?;
     call.check(state.core.barrier.durable().await)?;
     call.set_resource(format!("sys/token/{}", issued.accessor));
     call.ok_async(&[]).await?;
@@ -228,7 +233,7 @@ async fn create(state: &HttpState, req: &VaultRequest) -> Answer {
         &issued.accessor,
         &issued.policies,
         issued.expires_at_ms,
-        now,
+        state.core.clock().now_ms(),
         uses,
     );
     Ok(Envelope::auth(req.request_id(), auth).into_response())

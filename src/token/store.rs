@@ -355,6 +355,9 @@ struct Inner {
     /// Present while unsealed.
     keys: RwLock<Option<TokenKeys>>,
     writes: Mutex<()>,
+    /// The turn of a child or delegated issue made on the runtime
+    /// ([`TokenStore::issue_on_runtime`]), taken before `writes`.
+    child_turn: tokio::sync::Mutex<()>,
     /// Wakes the sweeper: a new expiry earlier than its planned wake, an unseal.
     wake: Notify,
     /// When the sleeping sweeper plans to wake (ms; `u64::MAX`: nothing
@@ -510,6 +513,19 @@ fn cidr_intersection(a: &[Cidr], b: &[Cidr]) -> Vec<Cidr> {
     out
 }
 
+/// A token minted by [`TokenStore::mint`], not yet stored.
+struct Minted {
+    token: TokenSecret,
+    accessor: String,
+    hash: String,
+}
+
+/// Whether an issue links the new token under another (a parent or an
+/// actor), and so is made under the store's write lock.
+fn takes_write_lock(req: &TokenRequest, delegation: &Delegation) -> bool {
+    req.parent_accessor.is_some() || delegation.actor_accessor.is_some()
+}
+
 struct Bounds {
     /// The latest the token may live to (ms; 0: unbounded).
     cap_ms: u64,
@@ -587,6 +603,7 @@ impl TokenStore {
                 clock,
                 keys: RwLock::new(None),
                 writes: Mutex::new(()),
+                child_turn: tokio::sync::Mutex::new(()),
                 wake: Notify::new(),
                 sweep_planned_ms: AtomicU64::new(u64::MAX),
                 heads: Mutex::new(Heads::default()),
@@ -769,6 +786,25 @@ impl TokenStore {
         self.issue_with(req, Delegation::default(), now_ms)
     }
 
+    /// [`Self::issue_with`] for a handler on the runtime, at the store's
+    /// clock. A child or delegated token is made under the store's write
+    /// lock, a `std` mutex that blocks the thread waiting for it; here such
+    /// an issue first waits for its turn among the others made on the
+    /// runtime (a `tokio` mutex), so that a waiting issue gives its worker
+    /// to other requests instead of blocking it (on 2 cores one blocked
+    /// worker is half the server). The time is read once the turn is taken.
+    pub async fn issue_on_runtime(
+        &self,
+        req: TokenRequest,
+        delegation: Delegation,
+    ) -> Result<IssuedToken, TokenError> {
+        let _turn = match takes_write_lock(&req, &delegation) {
+            true => Some(self.inner.child_turn.lock().await),
+            false => None,
+        };
+        self.issue_with(req, delegation, self.inner.clock.now_ms())
+    }
+
     /// [`TokenStore::issue`] of an exchange-only or a delegated token. A
     /// delegated token also lives no longer than its actor's token, holds its
     /// policies as `actor_policies` and is linked under it as a child, so
@@ -780,12 +816,16 @@ impl TokenStore {
         now_ms: u64,
     ) -> Result<IssuedToken, TokenError> {
         let policies = self.checked_policies(&req)?;
+        // Minted before the lock: the secret, its accessor and hash depend on
+        // nothing the lock protects, and a child issue holds the lock for
+        // every other child issue and revocation of this store.
+        let minted = self.mint()?;
         // The write lock keeps a child from being linked under a parent being
         // revoked. A token without a parent links to nothing: a login (the
         // hot path) does not queue behind other writes. (A login checks its
         // identity again once the token is stored, for a disable or delete
         // that ran meanwhile.)
-        let _guard = (req.parent_accessor.is_some() || delegation.actor_accessor.is_some())
+        let _guard = takes_write_lock(&req, &delegation)
             .then(|| self.inner.writes.lock().unwrap_or_else(|e| e.into_inner()));
         let mut bounds = self.parent_bounds(&req, &policies, now_ms)?;
         let actor = match &delegation.actor_accessor {
@@ -815,7 +855,8 @@ impl TokenStore {
             None => None,
         };
         let life = Lifetime::of(&req, bounds.cap_ms, now_ms)?;
-        let (token, mut record) = self.new_record(&req, policies, bounds.cidrs, life, now_ms)?;
+        let (token, mut record) =
+            self.new_record(minted, &req, policies, bounds.cidrs, life, now_ms);
         record.may_act = delegation.may_act.unwrap_or_default();
         if let Some(actor) = actor {
             record.actor_identity = actor.identity;
@@ -909,21 +950,37 @@ impl TokenStore {
     }
 
     /// A fresh token and its record (not stored yet).
+    /// A new token: its secret, its accessor (derived from it) and its hash.
+    /// Refuses an accessor already stored (143 random bits: never seen, but
+    /// refused rather than overwritten).
+    fn mint(&self) -> Result<Minted, TokenError> {
+        let token = TokenSecret::generate().map_err(|_| TokenError::Random)?;
+        let accessor = self.derive_accessor(token.expose())?;
+        if self.record(&accessor)?.is_some() {
+            return Err(TokenError::Random);
+        }
+        let hash = self.hash(token.expose())?;
+        Ok(Minted {
+            token,
+            accessor,
+            hash,
+        })
+    }
+
     fn new_record(
         &self,
+        minted: Minted,
         req: &TokenRequest,
         policies: Vec<String>,
         cidrs: Vec<Cidr>,
         life: Lifetime,
         now_ms: u64,
-    ) -> Result<(TokenSecret, TokenRecord), TokenError> {
-        let token = TokenSecret::generate().map_err(|_| TokenError::Random)?;
-        let accessor = self.derive_accessor(token.expose())?;
-        if self.record(&accessor)?.is_some() {
-            // 143 bits: never seen; refuse rather than overwrite.
-            return Err(TokenError::Random);
-        }
-        let hash = self.hash(token.expose())?;
+    ) -> (TokenSecret, TokenRecord) {
+        let Minted {
+            token,
+            accessor,
+            hash,
+        } = minted;
         let record = TokenRecord {
             accessor,
             identity: req.identity.clone(),
@@ -943,7 +1000,7 @@ impl TokenStore {
             derived: true,
             ..TokenRecord::default()
         };
-        Ok((token, record))
+        (token, record)
     }
 
     /// Writes a new token's index entries and record, in the order a crash

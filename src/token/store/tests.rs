@@ -910,3 +910,78 @@ fn the_last_use_reports_the_token_as_it_was_and_cleans_the_index() {
     assert_eq!(used.record.uses_remaining, 0);
     assert!(s.inner.barrier.scan_keys(TTL_PREFIX).unwrap().is_empty());
 }
+
+/// Children issued from many tasks on a 2-worker runtime while their parent
+/// is revoked: every child made is revoked with it (the revocation counts
+/// each), none is made after it, and each task ends on `ParentInvalid`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn children_issued_on_the_runtime_never_outlive_a_racing_revoke() {
+    let (_d, s) = store();
+    let s = Arc::new(s);
+    let parent = s.issue(req("svc", &["a"], 100), T0).unwrap();
+    let made = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (s, made, acc) = (s.clone(), made.clone(), parent.accessor.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let mut r = req("svc", &["a"], 100);
+                r.parent_accessor = Some(acc.clone());
+                match s.issue_on_runtime(r, Delegation::default()).await {
+                    Ok(child) => made.lock().unwrap().push(child),
+                    Err(e) => return e,
+                }
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    // Revoke once children are being made, while the tasks go on.
+    while made.lock().unwrap().len() < 20 {
+        tokio::task::yield_now().await;
+    }
+    let revoker = s.clone();
+    let acc = parent.accessor.clone();
+    let revoked = tokio::task::spawn_blocking(move || revoker.revoke(&acc))
+        .await
+        .unwrap()
+        .unwrap();
+    for task in tasks {
+        assert!(matches!(task.await.unwrap(), TokenError::ParentInvalid));
+    }
+    let made = made.lock().unwrap();
+    assert_eq!(
+        revoked as usize,
+        made.len() + 1,
+        "the parent and every child"
+    );
+    for child in made.iter() {
+        assert!(s.use_token(child.token.expose(), local(), T0).is_err());
+    }
+}
+
+/// A child issue waits for its turn without holding a runtime worker: on a
+/// one-thread runtime, while the turn is taken, the waiting child lets
+/// another task run (an issue without a parent takes no turn).
+#[tokio::test(flavor = "current_thread")]
+async fn a_child_issue_waits_for_its_turn_without_blocking_the_runtime() {
+    let (_d, s) = store();
+    let s = Arc::new(s);
+    let parent = s.issue(req("svc", &["a"], 100), T0).unwrap();
+    let turn = s.inner.child_turn.lock().await;
+    let mut r = req("svc", &["a"], 100);
+    r.parent_accessor = Some(parent.accessor.clone());
+    let waiting = tokio::spawn({
+        let s = s.clone();
+        async move { s.issue_on_runtime(r, Delegation::default()).await }
+    });
+    tokio::task::yield_now().await;
+    assert!(!waiting.is_finished(), "the child waits for the turn");
+    let free = s
+        .issue_on_runtime(req("other", &["a"], 100), Delegation::default())
+        .await
+        .unwrap();
+    s.use_token(free.token.expose(), local(), T0).unwrap();
+    drop(turn);
+    let child = waiting.await.unwrap().unwrap();
+    s.use_token(child.token.expose(), local(), T0).unwrap();
+}
