@@ -108,24 +108,26 @@ pub(crate) async fn exchange(
         config.delegation_max_ttl,
         &config.actor_kinds,
     ))?;
-    let issued = core.tokens.issue_with(
-        TokenRequest {
-            identity: plan.identity,
-            policies: plan.policies,
-            ttl: plan.ttl,
-            max_ttl: plan.ttl,
-            hard_expiry_ms: (plan.hard_expiry_ms != 0).then_some(plan.hard_expiry_ms),
-            uses: plan.uses,
-            cidrs: Vec::new(),
-            parent_accessor: Some(plan.parent_accessor),
-            method: "exchange",
-        },
-        Delegation {
-            may_act: None,
-            actor_accessor: Some(plan.actor_accessor),
-        },
-        now,
-    );
+    let issued = core
+        .tokens
+        .issue_on_runtime(
+            TokenRequest {
+                identity: plan.identity,
+                policies: plan.policies,
+                ttl: plan.ttl,
+                max_ttl: plan.ttl,
+                hard_expiry_ms: (plan.hard_expiry_ms != 0).then_some(plan.hard_expiry_ms),
+                uses: plan.uses,
+                cidrs: Vec::new(),
+                parent_accessor: Some(plan.parent_accessor),
+                method: "exchange",
+            },
+            Delegation {
+                may_act: None,
+                actor_accessor: Some(plan.actor_accessor),
+            },
+        )
+        .await;
     let issued = match issued {
         Ok(issued) => issued,
         // The subject token went away between the look-up and the issue.

@@ -233,7 +233,7 @@ async fn create(state: &HttpState, req: &VaultRequest) -> Answer {
         &issued.accessor,
         &issued.policies,
         issued.expires_at_ms,
-        state.core.clock().now_ms(),
+        issued.issued_at_ms,
         uses,
     );
     Ok(Envelope::auth(req.request_id(), auth).into_response())

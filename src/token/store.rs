@@ -153,6 +153,8 @@ pub struct TokenRequest {
 #[derive(Debug)]
 pub struct IssuedToken {
     pub token: TokenSecret,
+    /// The time the token was made at (its `created_at`).
+    pub issued_at_ms: u64,
     pub accessor: String,
     /// 0 when the token never expires (the root token).
     pub expires_at_ms: u64,
@@ -792,17 +794,22 @@ impl TokenStore {
     /// an issue first waits for its turn among the others made on the
     /// runtime (a `tokio` mutex), so that a waiting issue gives its worker
     /// to other requests instead of blocking it (on 2 cores one blocked
-    /// worker is half the server). The time is read once the turn is taken.
+    /// worker is half the server). The policies are checked and the token
+    /// minted before the turn; the time is read under the write lock. (The
+    /// turn's holder still waits for the lock while a revocation, a renewal
+    /// or a counted use holds it.)
     pub async fn issue_on_runtime(
         &self,
         req: TokenRequest,
         delegation: Delegation,
     ) -> Result<IssuedToken, TokenError> {
+        let policies = self.checked_policies(&req)?;
+        let minted = self.mint()?;
         let _turn = match takes_write_lock(&req, &delegation) {
             true => Some(self.inner.child_turn.lock().await),
             false => None,
         };
-        self.issue_with(req, delegation, self.inner.clock.now_ms())
+        self.issue_minted(req, delegation, policies, minted, None)
     }
 
     /// [`TokenStore::issue`] of an exchange-only or a delegated token. A
@@ -816,10 +823,23 @@ impl TokenStore {
         now_ms: u64,
     ) -> Result<IssuedToken, TokenError> {
         let policies = self.checked_policies(&req)?;
-        // Minted before the lock: the secret, its accessor and hash depend on
-        // nothing the lock protects, and a child issue holds the lock for
-        // every other child issue and revocation of this store.
         let minted = self.mint()?;
+        self.issue_minted(req, delegation, policies, minted, Some(now_ms))
+    }
+
+    /// Stores a minted token for `req`, at `now_ms` (`None`: the store's
+    /// clock, read under the write lock). The secret, its accessor and hash
+    /// are minted before the lock: they depend on nothing it protects, and
+    /// a child issue holds it against every other child issue and
+    /// revocation of this store.
+    fn issue_minted(
+        &self,
+        req: TokenRequest,
+        delegation: Delegation,
+        policies: Vec<String>,
+        minted: Minted,
+        now_ms: Option<u64>,
+    ) -> Result<IssuedToken, TokenError> {
         // The write lock keeps a child from being linked under a parent being
         // revoked. A token without a parent links to nothing: a login (the
         // hot path) does not queue behind other writes. (A login checks its
@@ -827,6 +847,7 @@ impl TokenStore {
         // that ran meanwhile.)
         let _guard = takes_write_lock(&req, &delegation)
             .then(|| self.inner.writes.lock().unwrap_or_else(|e| e.into_inner()));
+        let now_ms = now_ms.unwrap_or_else(|| self.inner.clock.now_ms());
         let mut bounds = self.parent_bounds(&req, &policies, now_ms)?;
         let actor = match &delegation.actor_accessor {
             Some(acc) => {
@@ -866,6 +887,7 @@ impl TokenStore {
         self.store_issued(&record)?;
         Ok(IssuedToken {
             token,
+            issued_at_ms: now_ms,
             accessor: record.accessor,
             expires_at_ms: record.expires_at_ms,
             policies: record.policies,
@@ -949,7 +971,7 @@ impl TokenStore {
         Ok(bounds)
     }
 
-    /// A fresh token and its record (not stored yet).
+    /// A minted token's record (not stored yet).
     /// A new token: its secret, its accessor (derived from it) and its hash.
     /// Refuses an accessor already stored (143 random bits: never seen, but
     /// refused rather than overwritten).

@@ -936,9 +936,13 @@ async fn children_issued_on_the_runtime_never_outlive_a_racing_revoke() {
         }));
     }
     // Revoke once children are being made, while the tasks go on.
-    while made.lock().unwrap().len() < 20 {
-        tokio::task::yield_now().await;
-    }
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while made.lock().unwrap().len() < 20 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("children are made");
     let revoker = s.clone();
     let acc = parent.accessor.clone();
     let revoked = tokio::task::spawn_blocking(move || revoker.revoke(&acc))
@@ -955,33 +959,71 @@ async fn children_issued_on_the_runtime_never_outlive_a_racing_revoke() {
         "the parent and every child"
     );
     for child in made.iter() {
-        assert!(s.use_token(child.token.expose(), local(), T0).is_err());
+        assert!(matches!(
+            s.use_token(child.token.expose(), local(), T0),
+            Err(TokenError::Invalid)
+        ));
     }
 }
 
 /// A child issue waits for its turn without holding a runtime worker: on a
 /// one-thread runtime, while the turn is taken, the waiting child lets
-/// another task run (an issue without a parent takes no turn).
+/// another task run (an issue without a parent takes no turn). While a
+/// revocation on another thread holds the store's write lock, the turn's
+/// holder waits for it and then completes.
 #[tokio::test(flavor = "current_thread")]
 async fn a_child_issue_waits_for_its_turn_without_blocking_the_runtime() {
+    let bound = Duration::from_secs(60);
     let (_d, s) = store();
     let s = Arc::new(s);
     let parent = s.issue(req("svc", &["a"], 100), T0).unwrap();
+    let child_of_parent = || {
+        let mut r = req("svc", &["a"], 100);
+        r.parent_accessor = Some(parent.accessor.clone());
+        r
+    };
     let turn = s.inner.child_turn.lock().await;
-    let mut r = req("svc", &["a"], 100);
-    r.parent_accessor = Some(parent.accessor.clone());
     let waiting = tokio::spawn({
-        let s = s.clone();
+        let (s, r) = (s.clone(), child_of_parent());
         async move { s.issue_on_runtime(r, Delegation::default()).await }
     });
     tokio::task::yield_now().await;
     assert!(!waiting.is_finished(), "the child waits for the turn");
-    let free = s
-        .issue_on_runtime(req("other", &["a"], 100), Delegation::default())
-        .await
-        .unwrap();
+    let free = tokio::time::timeout(
+        bound,
+        s.issue_on_runtime(req("other", &["a"], 100), Delegation::default()),
+    )
+    .await
+    .expect("an issue without a parent takes no turn")
+    .unwrap();
     s.use_token(free.token.expose(), local(), T0).unwrap();
     drop(turn);
-    let child = waiting.await.unwrap().unwrap();
+    let child = tokio::time::timeout(bound, waiting)
+        .await
+        .expect("the child gets its turn")
+        .unwrap()
+        .unwrap();
     s.use_token(child.token.expose(), local(), T0).unwrap();
+
+    // The write lock held on another thread: the turn's holder waits for it.
+    let held = s.inner.writes.lock().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let other = std::thread::spawn({
+        let (s, r) = (s.clone(), child_of_parent());
+        move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let issued = rt.block_on(s.issue_on_runtime(r, Delegation::default()));
+            tx.send(issued).unwrap();
+        }
+    });
+    assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+    drop(held);
+    let second = rx
+        .recv_timeout(bound)
+        .expect("issued once the lock is free");
+    s.use_token(second.unwrap().token.expose(), local(), T0)
+        .unwrap();
+    other.join().unwrap();
 }
