@@ -971,7 +971,6 @@ impl TokenStore {
         Ok(bounds)
     }
 
-    /// A minted token's record (not stored yet).
     /// A new token: its secret, its accessor (derived from it) and its hash.
     /// Refuses an accessor already stored (143 random bits: never seen, but
     /// refused rather than overwritten).
@@ -989,6 +988,7 @@ impl TokenStore {
         })
     }
 
+    /// A minted token's record (not stored yet).
     fn new_record(
         &self,
         minted: Minted,

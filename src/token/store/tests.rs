@@ -968,9 +968,9 @@ async fn children_issued_on_the_runtime_never_outlive_a_racing_revoke() {
 
 /// A child issue waits for its turn without holding a runtime worker: on a
 /// one-thread runtime, while the turn is taken, the waiting child lets
-/// another task run (an issue without a parent takes no turn). While a
-/// revocation on another thread holds the store's write lock, the turn's
-/// holder waits for it and then completes.
+/// another task run (an issue without a parent takes no turn). While the
+/// store's write lock is held (as a revocation holds it), an issue on
+/// another thread's runtime waits for it, and completes once it is free.
 #[tokio::test(flavor = "current_thread")]
 async fn a_child_issue_waits_for_its_turn_without_blocking_the_runtime() {
     let bound = Duration::from_secs(60);
