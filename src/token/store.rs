@@ -46,8 +46,17 @@
 //!
 //! Every write that links records (issuing a child, revoke, renew, a counted
 //! use, the sweeper) holds one mutex, so a child can never be linked under a
-//! parent being revoked. Issuing a token without a parent links nothing and
-//! takes no lock; reads of unlimited tokens take none either.
+//! parent being revoked by this process. Issuing a token without a parent
+//! links nothing and takes no lock; reads of unlimited tokens take none
+//! either.
+//!
+//! On a shared store (etcd) another node revokes without that mutex. There a
+//! child's record is written only if its parent's (and actor's) record is
+//! still the one read, in the same transaction (`store_issued`: the
+//! anchors), and a revocation scans the children of every token it deleted
+//! once more after deleting it (`revoke_locked`). A child's link is written
+//! before its record, so it either fails its condition or is found by that
+//! second scan.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
@@ -58,7 +67,7 @@ use std::time::Duration;
 use prost::Message;
 use tokio::sync::Notify;
 
-use crate::barrier::{Barrier, BarrierError, PlainOp};
+use crate::barrier::{Barrier, BarrierError, PlainOp, Stamp};
 use crate::cidr::Cidr;
 use crate::clock::{Clock, Shutdown};
 use crate::policy::ROOT_POLICY;
@@ -118,6 +127,10 @@ pub enum TokenError {
     UnknownPolicy(String),
     #[error("invalid token request: {0}")]
     InvalidRequest(&'static str),
+    /// The parent's or actor's record kept changing while a child was
+    /// written (renewals on other nodes of a shared store).
+    #[error("the parent or actor token changed while the token was issued; try again")]
+    Contended,
     #[error("stored token record is corrupt")]
     Corrupt,
     #[error("the system random number generator failed")]
@@ -375,6 +388,29 @@ struct Inner {
     verified: Arc<VerifiedTokens>,
     /// Told of every revoked token ([`TokenStore::set_revoke_listener`]).
     revoked: std::sync::OnceLock<Arc<dyn RevokeListener>>,
+    #[cfg(test)]
+    hooks: TestHooks,
+}
+
+/// Code a test runs inside a write, to interleave two stores (two nodes)
+/// deterministically. Each runs once.
+#[cfg(test)]
+#[derive(Default)]
+struct TestHooks {
+    /// In an anchored issue, after the index entries, before the record.
+    before_anchored_write: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// In a revocation, after planning a tree, before deleting it.
+    after_revoke_plan: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+#[cfg(test)]
+impl TestHooks {
+    fn run(&self, slot: &Mutex<Option<Box<dyn FnOnce() + Send>>>) {
+        let hook = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(hook) = hook {
+            hook();
+        }
+    }
 }
 
 /// Where the sweeper looks next: per identity (hex, as in the keys), a time
@@ -524,9 +560,30 @@ struct Minted {
 
 /// Whether an issue links the new token under another (a parent or an
 /// actor), and so is made under the store's write lock.
+/// The accessors whose records a revocation's batches delete.
+fn revoked_accessors(batches: &[Vec<String>]) -> impl Iterator<Item = &str> {
+    batches
+        .iter()
+        .flatten()
+        .filter_map(|key| key.strip_prefix(ACCESSOR_PREFIX))
+}
+
 fn takes_write_lock(req: &TokenRequest, delegation: &Delegation) -> bool {
     req.parent_accessor.is_some() || delegation.actor_accessor.is_some()
 }
+
+/// A record a new token hangs from (its parent's, its actor's), as read
+/// when the token was bounded by it: on a shared store the token's record is
+/// written only if this one is still stored unchanged (`store_issued`).
+struct Anchor {
+    key: String,
+    stamp: Stamp,
+}
+
+/// How many times an issue reads its parent and actor again when one of
+/// their records changed between the read and the write (a renewal on another
+/// node) before it gives up with [`TokenError::Contended`].
+const ANCHOR_TRIES: usize = 3;
 
 struct Bounds {
     /// The latest the token may live to (ms; 0: unbounded).
@@ -611,6 +668,8 @@ impl TokenStore {
                 heads: Mutex::new(Heads::default()),
                 verified,
                 revoked: std::sync::OnceLock::new(),
+                #[cfg(test)]
+                hooks: TestHooks::default(),
             }),
         }
     }
@@ -747,6 +806,20 @@ impl TokenStore {
         }
     }
 
+    /// [`TokenStore::record`] with the stamp of the stored record, for a
+    /// write conditional on it.
+    fn record_stamped(&self, accessor: &str) -> Result<Option<(TokenRecord, Stamp)>, TokenError> {
+        match self
+            .barrier()
+            .get_stamped(&format!("{ACCESSOR_PREFIX}{accessor}"))?
+        {
+            Some((raw, stamp)) => TokenRecord::decode(raw.as_slice())
+                .map(|record| Some((record, stamp)))
+                .map_err(|_| TokenError::Corrupt),
+            None => Ok(None),
+        }
+    }
+
     /// The record of a token text, if the token is known: one read for a
     /// derived accessor, two for a token from before (`tokens/hash/`).
     fn find(&self, token: &str) -> Result<Option<TokenRecord>, TokenError> {
@@ -841,23 +914,66 @@ impl TokenStore {
         now_ms: Option<u64>,
     ) -> Result<IssuedToken, TokenError> {
         // The write lock keeps a child from being linked under a parent being
-        // revoked. A token without a parent links to nothing: a login (the
-        // hot path) does not queue behind other writes. (A login checks its
-        // identity again once the token is stored, for a disable or delete
-        // that ran meanwhile.)
+        // revoked by this process. A token without a parent links to nothing:
+        // a login (the hot path) does not queue behind other writes. (A login
+        // checks its identity again once the token is stored, for a disable
+        // or delete that ran meanwhile.) Other processes on a shared store are
+        // kept out by the anchors (`store_issued`).
         let _guard = takes_write_lock(&req, &delegation)
             .then(|| self.inner.writes.lock().unwrap_or_else(|e| e.into_inner()));
-        let now_ms = now_ms.unwrap_or_else(|| self.inner.clock.now_ms());
-        let mut bounds = self.parent_bounds(&req, &policies, now_ms)?;
+        let (mut policies, mut minted) = (policies, minted);
+        for _ in 0..ANCHOR_TRIES {
+            let now_ms = now_ms.unwrap_or_else(|| self.inner.clock.now_ms());
+            let (token, record, anchors) =
+                self.linked_record(&req, &delegation, policies, minted, now_ms)?;
+            if self.store_issued(&record, &anchors)? {
+                return Ok(IssuedToken {
+                    token,
+                    issued_at_ms: now_ms,
+                    accessor: record.accessor,
+                    expires_at_ms: record.expires_at_ms,
+                    policies: record.policies,
+                    identity: req.identity,
+                });
+            }
+            // A parent or actor record changed (a renewal on another node)
+            // or went (a revocation) since it was read: read it again.
+            policies = record.policies;
+            minted = Minted {
+                token,
+                accessor: record.accessor,
+                hash: record.hash,
+            };
+        }
+        Err(TokenError::Contended)
+    }
+
+    /// A minted token's record for `req` at `now_ms`, bounded by its parent
+    /// and actor (read now), with the stamps of their records: the anchors
+    /// its write is conditional on where another process may revoke them.
+    fn linked_record(
+        &self,
+        req: &TokenRequest,
+        delegation: &Delegation,
+        policies: Vec<String>,
+        minted: Minted,
+        now_ms: u64,
+    ) -> Result<(TokenSecret, TokenRecord, Vec<Anchor>), TokenError> {
+        let mut anchors = Vec::new();
+        let mut bounds = self.parent_bounds(req, &policies, now_ms, &mut anchors)?;
         let actor = match &delegation.actor_accessor {
             Some(acc) => {
-                let actor = self
-                    .record(acc)?
-                    .filter(|a| !a.is_expired(now_ms))
+                let (actor, stamp) = self
+                    .record_stamped(acc)?
+                    .filter(|(a, _)| !a.is_expired(now_ms))
                     .ok_or(TokenError::ActorInvalid)?;
                 if actor.is_delegated() || actor.is_exchange_only() {
                     return Err(TokenError::ActorInvalid);
                 }
+                anchors.push(Anchor {
+                    key: format!("{ACCESSOR_PREFIX}{acc}"),
+                    stamp,
+                });
                 bounds.cap_ms = min_time(bounds.cap_ms, actor.expires_at_ms);
                 // Bound to the source addresses both tokens allow: an
                 // agent's token bound to a network must not yield a token
@@ -875,24 +991,16 @@ impl TokenStore {
             }
             None => None,
         };
-        let life = Lifetime::of(&req, bounds.cap_ms, now_ms)?;
+        let life = Lifetime::of(req, bounds.cap_ms, now_ms)?;
         let (token, mut record) =
-            self.new_record(minted, &req, policies, bounds.cidrs, life, now_ms);
-        record.may_act = delegation.may_act.unwrap_or_default();
+            self.new_record(minted, req, policies, bounds.cidrs, life, now_ms);
+        record.may_act = delegation.may_act.clone().unwrap_or_default();
         if let Some(actor) = actor {
             record.actor_identity = actor.identity;
             record.actor_accessor = actor.accessor;
             record.actor_policies = actor.policies;
         }
-        self.store_issued(&record)?;
-        Ok(IssuedToken {
-            token,
-            issued_at_ms: now_ms,
-            accessor: record.accessor,
-            expires_at_ms: record.expires_at_ms,
-            policies: record.policies,
-            identity: req.identity,
-        })
+        Ok((token, record, anchors))
     }
 
     /// The request's policies, each once, every one known; refuses a request
@@ -927,18 +1035,23 @@ impl TokenStore {
         req: &TokenRequest,
         policies: &[String],
         now_ms: u64,
+        anchors: &mut Vec<Anchor>,
     ) -> Result<Bounds, TokenError> {
         let mut bounds = Bounds {
             cap_ms: req.hard_expiry_ms.unwrap_or(0),
             cidrs: req.cidrs.clone(),
         };
-        let Some(parent) = &req.parent_accessor else {
+        let Some(parent_accessor) = &req.parent_accessor else {
             return Ok(bounds);
         };
-        let parent = self
-            .record(parent)?
-            .filter(|p| !p.is_expired(now_ms))
+        let (parent, stamp) = self
+            .record_stamped(parent_accessor)?
+            .filter(|(p, _)| !p.is_expired(now_ms))
             .ok_or(TokenError::ParentInvalid)?;
+        anchors.push(Anchor {
+            key: format!("{ACCESSOR_PREFIX}{parent_accessor}"),
+            stamp,
+        });
         if parent.is_delegated() {
             return Err(TokenError::InvalidRequest(
                 "a delegated token cannot issue child tokens or be exchanged again",
@@ -1029,8 +1142,10 @@ impl TokenStore {
     /// may cut (see `Barrier::write_in_order`): the index entry first (its
     /// value names the parent), so that whatever prefix survives is found
     /// and removed by the sweeper; the record last, so that a token is
-    /// usable only once its index entries are.
-    fn store_issued(&self, record: &TokenRecord) -> Result<(), TokenError> {
+    /// usable only once its index entries are. Returns false, having
+    /// written nothing that lasts, when an anchor's record changed or went
+    /// (on a shared store).
+    fn store_issued(&self, record: &TokenRecord, anchors: &[Anchor]) -> Result<bool, TokenError> {
         let encoded = record.encode_to_vec();
         let acc_key = format!("{ACCESSOR_PREFIX}{}", record.accessor);
         let ttl = ttl_key(&record.identity, record.expires_at_ms, &record.accessor);
@@ -1055,6 +1170,19 @@ impl TokenStore {
             ops.push(PlainOp::Put(k, b""));
         }
         ops.push(PlainOp::Put(&acc_key, &encoded));
+        // Another process on a shared store (etcd) may be revoking the
+        // parent or actor: it holds no lock of ours. The record, which makes
+        // the token usable, is written only if their records are still the
+        // ones read, in the same transaction; a revocation deletes a token's
+        // record after planning its children and then scans its children
+        // again (`revoke_locked`), so a child either fails here or is found.
+        let expect: Vec<(&str, Option<&Stamp>)> = match self.barrier().is_shared_store() {
+            true => anchors
+                .iter()
+                .map(|a| (a.key.as_str(), Some(&a.stamp)))
+                .collect(),
+            false => Vec::new(),
+        };
         if record.expires_at_ms != 0 {
             // The head first: a head earlier than the entries is harmless,
             // an entry the heads do not cover would be found only after a
@@ -1063,14 +1191,47 @@ impl TokenStore {
                 &hex::encode(record.identity.as_bytes()),
                 record.expires_at_ms,
             );
-            self.barrier().write_in_order(&ops)?;
+            match ops.split_last() {
+                Some((last, links)) if !expect.is_empty() => {
+                    self.barrier().write_in_order(links)?;
+                    #[cfg(test)]
+                    self.inner
+                        .hooks
+                        .run(&self.inner.hooks.before_anchored_write);
+                    if !self
+                        .barrier()
+                        .batch_if(&expect, std::slice::from_ref(last))?
+                    {
+                        self.remove_unanchored(links);
+                        return Ok(false);
+                    }
+                }
+                _ => self.barrier().write_in_order(&ops)?,
+            }
             self.expiry_added(record.expires_at_ms);
-        } else {
+        } else if expect.is_empty() {
             // Nothing would sweep a partial write of a token that never
             // expires (root tokens): those stay atomic.
             self.barrier().batch(&ops)?;
+        } else if !self.barrier().batch_if(&expect, &ops)? {
+            return Ok(false);
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// Deletes the index entries of a token whose record was not written
+    /// (its parent or actor changed or went). Nothing reaches them; if
+    /// this fails the sweeper removes them after their expiry.
+    fn remove_unanchored(&self, written: &[PlainOp<'_>]) {
+        let deletes: Vec<PlainOp<'_>> = written
+            .iter()
+            .map(|op| match op {
+                PlainOp::Put(key, _) | PlainOp::Delete(key) => PlainOp::Delete(key),
+            })
+            .collect();
+        if let Err(e) = self.barrier().batch(&deletes) {
+            tracing::warn!(error = %e, "could not remove the index entries of a token not issued; the sweeper will");
+        }
     }
 
     /// Checks a token for one use: known, not expired, from an allowed
@@ -1486,23 +1647,48 @@ impl TokenStore {
     }
 
     fn revoke_locked(&self, accessor: &str) -> Result<u32, TokenError> {
-        let (count, batches) = self.revoke_plan(accessor, REVOKE_BATCH_OPS)?;
-        let revoked = batches.iter().flatten();
-        let _forget = (self.inner.verified)
-            .invalidate_on_drop(revoked.filter_map(|key| key.strip_prefix(ACCESSOR_PREFIX)));
-        for batch in &batches {
+        let shared = self.barrier().is_shared_store();
+        let mut count = 0u32;
+        // Trees to revoke: a token, and the link it was found by.
+        let mut trees: Vec<(String, Option<String>)> = vec![(accessor.to_owned(), None)];
+        while let Some(tree) = trees.pop() {
+            let (removed, batches) = self.revoke_plan(tree, REVOKE_BATCH_OPS)?;
+            count = count.saturating_add(removed);
+            #[cfg(test)]
+            self.inner.hooks.run(&self.inner.hooks.after_revoke_plan);
+            self.apply_revoke(&batches)?;
+            if shared {
+                // Another node may have linked a child under one of these
+                // tokens after the plan scanned its children. Such a child's
+                // record was written before its parent's was deleted (the
+                // write is conditional on it: `store_issued`), and its link
+                // before its record: a scan now finds it.
+                for revoked in revoked_accessors(&batches) {
+                    let prefix = format!("{CHILDREN_PREFIX}{revoked}/");
+                    for key in self.barrier().scan_keys(&prefix)? {
+                        if let Some(child) = key.strip_prefix(&prefix) {
+                            trees.push((child.to_owned(), Some(key.clone())));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(count)
+    }
+
+    /// Applies a revocation's batches in order and tells the verified-token
+    /// cache and the listener of the tokens they removed.
+    fn apply_revoke(&self, batches: &[Vec<String>]) -> Result<(), TokenError> {
+        let _forget = (self.inner.verified).invalidate_on_drop(revoked_accessors(batches));
+        for batch in batches {
             let ops: Vec<PlainOp<'_>> = batch.iter().map(|k| PlainOp::Delete(k)).collect();
             self.barrier().batch(&ops)?;
         }
         if let Some(listener) = self.inner.revoked.get() {
-            let gone: Vec<&str> = batches
-                .iter()
-                .flatten()
-                .filter_map(|key| key.strip_prefix(ACCESSOR_PREFIX))
-                .collect();
+            let gone: Vec<&str> = revoked_accessors(batches).collect();
             listener.tokens_revoked(&gone);
         }
-        Ok(count)
+        Ok(())
     }
 
     /// The deletes that revoke `accessor` and its descendants, as batches to
@@ -1516,11 +1702,11 @@ impl TokenStore {
     /// there too: revoking again finds it.
     fn revoke_plan(
         &self,
-        accessor: &str,
+        tree: (String, Option<String>),
         max_ops: usize,
     ) -> Result<(u32, Vec<Vec<String>>), TokenError> {
         // (accessor, the link key it was found by), parents before children.
-        let mut pending: Vec<(String, Option<String>)> = vec![(accessor.to_owned(), None)];
+        let mut pending: Vec<(String, Option<String>)> = vec![tree];
         let mut seen = HashSet::new();
         let mut groups: Vec<Vec<String>> = Vec::new();
         let mut count = 0u32;

@@ -50,6 +50,8 @@ mod etcd_nodes;
 mod etcd_read_lease;
 #[cfg(feature = "etcd")]
 mod etcd_reads;
+#[cfg(feature = "etcd")]
+mod etcd_tokens;
 mod fed17_attack;
 mod federation_claims;
 mod federation_figures;

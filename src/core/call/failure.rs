@@ -199,6 +199,7 @@ impl From<TokenError> for Failure {
             TokenError::UnknownPolicy(_) | TokenError::InvalidRequest(_) => {
                 Self::invalid(e.to_string())
             }
+            TokenError::Contended => Self::new(FailureKind::Aborted, e.to_string()),
             TokenError::Barrier(b) => b.into(),
             TokenError::Corrupt | TokenError::Random => Self::internal(e),
         }

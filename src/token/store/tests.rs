@@ -417,7 +417,9 @@ fn revoke_plan_deletes_children_first_with_their_links() {
     for max_ops in [1, 5, 12, 1024] {
         let (_d, s) = store();
         let (p, tree, parents) = revoke_tree(&s);
-        let (count, batches) = s.revoke_plan(&tree[0].accessor, max_ops).unwrap();
+        let (count, batches) = s
+            .revoke_plan((tree[0].accessor.clone(), None), max_ops)
+            .unwrap();
         assert_eq!(count, 5);
         let batch_of = |key: &str| {
             let found: Vec<usize> = (0..batches.len())
@@ -464,11 +466,15 @@ fn revoke_cut_short_leaves_every_live_token_reachable() {
     // error part-way would.
     let (_d, s) = store();
     let (_, tree, _) = revoke_tree(&s);
-    let batches = s.revoke_plan(&tree[0].accessor, 1).unwrap().1.len();
+    let batches = s
+        .revoke_plan((tree[0].accessor.clone(), None), 1)
+        .unwrap()
+        .1
+        .len();
     for applied in 0..=batches {
         let (_d, s) = store();
         let (p, tree, parents) = revoke_tree(&s);
-        let (_, plan) = s.revoke_plan(&tree[0].accessor, 1).unwrap();
+        let (_, plan) = s.revoke_plan((tree[0].accessor.clone(), None), 1).unwrap();
         for batch in &plan[..applied] {
             let ops: Vec<PlainOp<'_>> = batch.iter().map(|k| PlainOp::Delete(k)).collect();
             s.barrier().batch(&ops).unwrap();
@@ -1026,4 +1032,223 @@ async fn a_child_issue_waits_for_its_turn_without_blocking_the_runtime() {
     s.use_token(second.unwrap().token.expose(), local(), T0)
         .unwrap();
     other.join().unwrap();
+}
+
+/// A sled store that says it is shared, as etcd is: two barriers over it
+/// are two nodes, each with its own token store and write lock. Its
+/// conditional batch checks and writes under one mutex, as an etcd
+/// transaction does.
+struct SharedSled {
+    inner: SledBackend,
+    txn: std::sync::Mutex<()>,
+}
+
+impl crate::storage::Backend for SharedSled {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, crate::storage::StorageError> {
+        self.inner.get(key)
+    }
+    fn put(&self, key: &[u8], value: &[u8]) -> Result<(), crate::storage::StorageError> {
+        let _txn = self.txn.lock().unwrap();
+        self.inner.put(key, value)
+    }
+    fn delete(&self, key: &[u8]) -> Result<(), crate::storage::StorageError> {
+        let _txn = self.txn.lock().unwrap();
+        self.inner.delete(key)
+    }
+    fn scan_prefix(
+        &self,
+        prefix: &[u8],
+    ) -> Result<crate::storage::KeyValues, crate::storage::StorageError> {
+        self.inner.scan_prefix(prefix)
+    }
+    fn scan_range(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<crate::storage::KeyValues, crate::storage::StorageError> {
+        self.inner.scan_range(start, end, limit)
+    }
+    fn compare_and_swap(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<crate::storage::CasOutcome, crate::storage::StorageError> {
+        let _txn = self.txn.lock().unwrap();
+        self.inner.compare_and_swap(key, expected, new)
+    }
+    fn batch(&self, ops: Vec<crate::storage::BatchOp>) -> Result<(), crate::storage::StorageError> {
+        let _txn = self.txn.lock().unwrap();
+        self.inner.batch(ops)
+    }
+    fn batch_if(
+        &self,
+        expect: crate::storage::Expected,
+        ops: Vec<crate::storage::BatchOp>,
+    ) -> Result<bool, crate::storage::StorageError> {
+        let _txn = self.txn.lock().unwrap();
+        for (key, value) in &expect {
+            if self.inner.get(key)?.as_ref() != value.as_ref() {
+                return Ok(false);
+            }
+        }
+        self.inner.batch(ops)?;
+        Ok(true)
+    }
+    fn flush(&self) -> Result<(), crate::storage::StorageError> {
+        self.inner.flush()
+    }
+    fn is_shared(&self) -> bool {
+        true
+    }
+}
+
+/// Two token stores ("nodes") over one shared store, both unsealed.
+fn two_nodes() -> (tempfile::TempDir, TokenStore, TokenStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let backend: Arc<dyn crate::storage::Backend> = Arc::new(SharedSled {
+        inner: SledBackend::open(dir.path()).unwrap(),
+        txn: std::sync::Mutex::new(()),
+    });
+    let one = Barrier::new(backend.clone(), BarrierOptions::default()).unwrap();
+    let shares = one.init(1, 1).unwrap();
+    one.unseal(&shares[0].0).unwrap();
+    let two = Barrier::new(backend, BarrierOptions::default()).unwrap();
+    two.unseal(&shares[0].0).unwrap();
+    let node = |barrier: Barrier| {
+        let store = TokenStore::new(
+            Arc::new(barrier),
+            Arc::new(Names(vec!["a", "b", "c"])),
+            Clock::starting_at(T0),
+        );
+        store.on_unseal(T0).unwrap();
+        store
+    };
+    (dir, node(one), node(two))
+}
+
+fn child_of(parent_accessor: &str, identity: &str) -> TokenRequest {
+    let mut r = req(identity, &["a"], 60);
+    r.parent_accessor = Some(parent_accessor.to_owned());
+    r
+}
+
+/// Every key a token has under `tokens/` (its record, index entry and
+/// links), by its accessor.
+fn keys_of(store: &TokenStore, accessor: &str) -> Vec<String> {
+    store
+        .barrier()
+        .scan_keys("tokens/")
+        .unwrap()
+        .into_iter()
+        .filter(|k| k.contains(accessor))
+        .collect()
+}
+
+#[test]
+fn a_child_whose_parent_is_revoked_on_another_node_before_its_record_is_not_issued() {
+    let (_d, one, two) = two_nodes();
+    let parent = one.issue(req("svc", &["a"], 600), T0).unwrap();
+    // Node one has written the child's index entry and link, not its
+    // record, when node two revokes the parent.
+    let (two_, parent_acc) = (two.clone(), parent.accessor.clone());
+    let revoked = Arc::new(std::sync::Mutex::new(None));
+    let seen = revoked.clone();
+    *one.inner.hooks.before_anchored_write.lock().unwrap() = Some(Box::new(move || {
+        *seen.lock().unwrap() = Some(two_.revoke(&parent_acc).unwrap());
+    }));
+    let issued = one.issue(child_of(&parent.accessor, "svc"), T0 + 1);
+    assert!(
+        matches!(issued, Err(TokenError::ParentInvalid)),
+        "the child must be refused, got {:?}",
+        issued.map(|t| t.accessor)
+    );
+    assert_eq!(
+        *revoked.lock().unwrap(),
+        Some(1),
+        "the hook ran the revocation"
+    );
+    // Nothing of the child, or of the parent, is left.
+    let left = one.barrier().scan_keys("tokens/").unwrap();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert!(two
+        .lookup_accessor(&parent.accessor, T0 + 2)
+        .unwrap()
+        .is_none());
+}
+
+#[test]
+fn a_child_linked_after_a_revocation_on_another_node_planned_is_revoked_with_its_parent() {
+    let (_d, one, two) = two_nodes();
+    let parent = one.issue(req("svc", &["a"], 600), T0).unwrap();
+    // Node two has scanned the parent's children (none) when node one
+    // issues a child; then node two deletes the parent.
+    let (one_, parent_acc) = (one.clone(), parent.accessor.clone());
+    let child = Arc::new(std::sync::Mutex::new(None));
+    let made = child.clone();
+    *two.inner.hooks.after_revoke_plan.lock().unwrap() = Some(Box::new(move || {
+        *made.lock().unwrap() = Some(one_.issue(child_of(&parent_acc, "svc"), T0 + 1).unwrap());
+    }));
+    let count = two.revoke(&parent.accessor).unwrap();
+    let child = child
+        .lock()
+        .unwrap()
+        .take()
+        .expect("the hook issued a child");
+    assert_eq!(
+        count, 2,
+        "the parent and the child linked during the revocation"
+    );
+    for node in [&one, &two] {
+        assert!(matches!(
+            node.use_token(child.token.expose(), local(), T0 + 2),
+            Err(TokenError::Invalid)
+        ));
+        assert!(node
+            .lookup_accessor(&child.accessor, T0 + 2)
+            .unwrap()
+            .is_none());
+    }
+    assert!(keys_of(&one, &child.accessor).is_empty());
+    assert!(keys_of(&one, &parent.accessor).is_empty());
+}
+
+#[test]
+fn a_child_issue_reads_a_parent_renewed_on_another_node_again() {
+    let (_d, one, two) = two_nodes();
+    let mut r = req("svc", &["a"], 60);
+    r.max_ttl = Duration::from_secs(3600);
+    let parent = one.issue(r, T0).unwrap();
+    let (two_, parent_acc) = (two.clone(), parent.accessor.clone());
+    *one.inner.hooks.before_anchored_write.lock().unwrap() = Some(Box::new(move || {
+        two_.renew(&parent_acc, Some(Duration::from_secs(120)), T0 + 1)
+            .unwrap();
+    }));
+    let child = one
+        .issue(child_of(&parent.accessor, "svc"), T0 + 1)
+        .unwrap();
+    let used = two
+        .use_token(child.token.expose(), local(), T0 + 2)
+        .unwrap();
+    assert_eq!(used.record.parent_accessor, parent.accessor);
+    let renewed = one
+        .lookup_accessor(&parent.accessor, T0 + 2)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        renewed.expires_at_ms,
+        T0 + 1 + 120_000,
+        "the hook renewed the parent"
+    );
+    // The first try's index entry was removed: the child has one.
+    let ttl: Vec<String> = one
+        .barrier()
+        .scan_keys("tokens/ttl/")
+        .unwrap()
+        .into_iter()
+        .filter(|k| k.ends_with(&child.accessor))
+        .collect();
+    assert_eq!(ttl.len(), 1, "{ttl:?}");
+    assert_eq!(two.revoke(&parent.accessor).unwrap(), 2);
 }
