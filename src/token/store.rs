@@ -54,9 +54,9 @@
 //! child's record is written only if its parent's (and actor's) record is
 //! still the one read, in the same transaction (`store_issued`: the
 //! anchors), and a revocation scans the children of every token it deleted
-//! once more after deleting it (`revoke_locked`). A child's link is written
-//! before its record, so it either fails its condition or is found by that
-//! second scan.
+//! once more after deleting it, and reads again each child whose link it
+//! found without a record (`revoke_locked`). A child's link is written
+//! before its record, so it either fails its condition or is found.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
@@ -558,8 +558,17 @@ struct Minted {
     hash: String,
 }
 
-/// Whether an issue links the new token under another (a parent or an
-/// actor), and so is made under the store's write lock.
+/// What [`TokenStore::revoke_plan`] found to delete.
+struct RevokePlan {
+    /// How many tokens (records) the batches remove.
+    count: u32,
+    /// Deletes to apply in order, each batch atomic.
+    batches: Vec<Vec<String>>,
+    /// Tokens found by a children link but without a record: an issue
+    /// still writing, or one a crash cut short (the link alone is deleted).
+    unrecorded: Vec<String>,
+}
+
 /// The accessors whose records a revocation's batches delete.
 fn revoked_accessors(batches: &[Vec<String>]) -> impl Iterator<Item = &str> {
     batches
@@ -568,6 +577,8 @@ fn revoked_accessors(batches: &[Vec<String>]) -> impl Iterator<Item = &str> {
         .filter_map(|key| key.strip_prefix(ACCESSOR_PREFIX))
 }
 
+/// Whether an issue links the new token under another (a parent or an
+/// actor), and so is made under the store's write lock.
 fn takes_write_lock(req: &TokenRequest, delegation: &Delegation) -> bool {
     req.parent_accessor.is_some() || delegation.actor_accessor.is_some()
 }
@@ -959,7 +970,8 @@ impl TokenStore {
         minted: Minted,
         now_ms: u64,
     ) -> Result<(TokenSecret, TokenRecord, Vec<Anchor>), TokenError> {
-        let mut anchors = Vec::new();
+        // Kept only where another process may revoke (see `store_issued`).
+        let mut anchors = self.barrier().is_shared_store().then(Vec::new);
         let mut bounds = self.parent_bounds(req, &policies, now_ms, &mut anchors)?;
         let actor = match &delegation.actor_accessor {
             Some(acc) => {
@@ -970,10 +982,12 @@ impl TokenStore {
                 if actor.is_delegated() || actor.is_exchange_only() {
                     return Err(TokenError::ActorInvalid);
                 }
-                anchors.push(Anchor {
-                    key: format!("{ACCESSOR_PREFIX}{acc}"),
-                    stamp,
-                });
+                if let Some(anchors) = &mut anchors {
+                    anchors.push(Anchor {
+                        key: format!("{ACCESSOR_PREFIX}{acc}"),
+                        stamp,
+                    });
+                }
                 bounds.cap_ms = min_time(bounds.cap_ms, actor.expires_at_ms);
                 // Bound to the source addresses both tokens allow: an
                 // agent's token bound to a network must not yield a token
@@ -1000,7 +1014,7 @@ impl TokenStore {
             record.actor_accessor = actor.accessor;
             record.actor_policies = actor.policies;
         }
-        Ok((token, record, anchors))
+        Ok((token, record, anchors.unwrap_or_default()))
     }
 
     /// The request's policies, each once, every one known; refuses a request
@@ -1035,7 +1049,7 @@ impl TokenStore {
         req: &TokenRequest,
         policies: &[String],
         now_ms: u64,
-        anchors: &mut Vec<Anchor>,
+        anchors: &mut Option<Vec<Anchor>>,
     ) -> Result<Bounds, TokenError> {
         let mut bounds = Bounds {
             cap_ms: req.hard_expiry_ms.unwrap_or(0),
@@ -1048,10 +1062,12 @@ impl TokenStore {
             .record_stamped(parent_accessor)?
             .filter(|(p, _)| !p.is_expired(now_ms))
             .ok_or(TokenError::ParentInvalid)?;
-        anchors.push(Anchor {
-            key: format!("{ACCESSOR_PREFIX}{parent_accessor}"),
-            stamp,
-        });
+        if let Some(anchors) = anchors {
+            anchors.push(Anchor {
+                key: format!("{ACCESSOR_PREFIX}{parent_accessor}"),
+                stamp,
+            });
+        }
         if parent.is_delegated() {
             return Err(TokenError::InvalidRequest(
                 "a delegated token cannot issue child tokens or be exchanged again",
@@ -1176,13 +1192,11 @@ impl TokenStore {
         // ones read, in the same transaction; a revocation deletes a token's
         // record after planning its children and then scans its children
         // again (`revoke_locked`), so a child either fails here or is found.
-        let expect: Vec<(&str, Option<&Stamp>)> = match self.barrier().is_shared_store() {
-            true => anchors
-                .iter()
-                .map(|a| (a.key.as_str(), Some(&a.stamp)))
-                .collect(),
-            false => Vec::new(),
-        };
+        // (No anchors on a store one process owns: its write lock does it.)
+        let expect: Vec<(&str, Option<&Stamp>)> = anchors
+            .iter()
+            .map(|a| (a.key.as_str(), Some(&a.stamp)))
+            .collect();
         if record.expires_at_ms != 0 {
             // The head first: a head earlier than the entries is harmless,
             // an entry the heads do not cover would be found only after a
@@ -1652,18 +1666,24 @@ impl TokenStore {
         // Trees to revoke: a token, and the link it was found by.
         let mut trees: Vec<(String, Option<String>)> = vec![(accessor.to_owned(), None)];
         while let Some(tree) = trees.pop() {
-            let (removed, batches) = self.revoke_plan(tree, REVOKE_BATCH_OPS)?;
-            count = count.saturating_add(removed);
+            let plan = self.revoke_plan(tree, REVOKE_BATCH_OPS)?;
+            count = count.saturating_add(plan.count);
             #[cfg(test)]
             self.inner.hooks.run(&self.inner.hooks.after_revoke_plan);
-            self.apply_revoke(&batches)?;
+            self.apply_revoke(&plan.batches)?;
             if shared {
-                // Another node may have linked a child under one of these
-                // tokens after the plan scanned its children. Such a child's
-                // record was written before its parent's was deleted (the
-                // write is conditional on it: `store_issued`), and its link
-                // before its record: a scan now finds it.
-                for revoked in revoked_accessors(&batches) {
+                // Another node may be issuing a child under one of these
+                // tokens. Its record is written only while its parent's is
+                // stored (the write is conditional on it: `store_issued`),
+                // and its link before its record. So now that the parents
+                // are gone, a child whose link the plan found without a
+                // record either has its record (read it again) or never
+                // will; and a child whose link the plan did not see at all
+                // is found by scanning the children once more.
+                for child in plan.unrecorded {
+                    trees.push((child, None));
+                }
+                for revoked in revoked_accessors(&plan.batches) {
                     let prefix = format!("{CHILDREN_PREFIX}{revoked}/");
                     for key in self.barrier().scan_keys(&prefix)? {
                         if let Some(child) = key.strip_prefix(&prefix) {
@@ -1704,12 +1724,13 @@ impl TokenStore {
         &self,
         tree: (String, Option<String>),
         max_ops: usize,
-    ) -> Result<(u32, Vec<Vec<String>>), TokenError> {
+    ) -> Result<RevokePlan, TokenError> {
         // (accessor, the link key it was found by), parents before children.
         let mut pending: Vec<(String, Option<String>)> = vec![tree];
         let mut seen = HashSet::new();
         let mut groups: Vec<Vec<String>> = Vec::new();
         let mut count = 0u32;
+        let mut unrecorded = Vec::new();
         while let Some((acc, link)) = pending.pop() {
             if !seen.insert(acc.clone()) {
                 // Reached twice (a corrupt index): the extra link goes in a
@@ -1728,8 +1749,13 @@ impl TokenStore {
                     groups.push(vec![key]);
                 }
             }
+            let found_by_link = link.is_some();
             let mut group: Vec<String> = link.into_iter().collect();
-            if let Some(record) = self.record(&acc)? {
+            let record = self.record(&acc)?;
+            if record.is_none() && found_by_link {
+                unrecorded.push(acc.clone());
+            }
+            if let Some(record) = record {
                 count = count.saturating_add(1);
                 group.push(format!("{ACCESSOR_PREFIX}{acc}"));
                 if record.derived {
@@ -1769,7 +1795,11 @@ impl TokenStore {
         if !current.is_empty() {
             batches.push(current);
         }
-        Ok((count, batches))
+        Ok(RevokePlan {
+            count,
+            batches,
+            unrecorded,
+        })
     }
 
     /// Revokes every token (and its children) of this identity; returns how many.

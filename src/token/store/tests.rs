@@ -417,7 +417,7 @@ fn revoke_plan_deletes_children_first_with_their_links() {
     for max_ops in [1, 5, 12, 1024] {
         let (_d, s) = store();
         let (p, tree, parents) = revoke_tree(&s);
-        let (count, batches) = s
+        let RevokePlan { count, batches, .. } = s
             .revoke_plan((tree[0].accessor.clone(), None), max_ops)
             .unwrap();
         assert_eq!(count, 5);
@@ -469,12 +469,15 @@ fn revoke_cut_short_leaves_every_live_token_reachable() {
     let batches = s
         .revoke_plan((tree[0].accessor.clone(), None), 1)
         .unwrap()
-        .1
+        .batches
         .len();
     for applied in 0..=batches {
         let (_d, s) = store();
         let (p, tree, parents) = revoke_tree(&s);
-        let (_, plan) = s.revoke_plan((tree[0].accessor.clone(), None), 1).unwrap();
+        let plan = s
+            .revoke_plan((tree[0].accessor.clone(), None), 1)
+            .unwrap()
+            .batches;
         for batch in &plan[..applied] {
             let ops: Vec<PlainOp<'_>> = batch.iter().map(|k| PlainOp::Delete(k)).collect();
             s.barrier().batch(&ops).unwrap();
@@ -1214,41 +1217,158 @@ fn a_child_linked_after_a_revocation_on_another_node_planned_is_revoked_with_its
     assert!(keys_of(&one, &parent.accessor).is_empty());
 }
 
+/// Arms `one`'s hook before the child's record: each run renews `parent` on
+/// `two` and counts itself; it arms itself again until it has run `times`.
+fn renew_before_each_try(
+    one: &TokenStore,
+    two: &TokenStore,
+    parent: &str,
+    times: usize,
+    runs: Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let (one_, two_, parent_) = (one.clone(), two.clone(), parent.to_owned());
+    *one.inner.hooks.before_anchored_write.lock().unwrap() = Some(Box::new(move || {
+        let run = runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        two_.renew(&parent_, Some(Duration::from_secs(60 + run as u64)), T0 + 1)
+            .unwrap();
+        if run < times {
+            renew_before_each_try(&one_, &two_, &parent_, times, runs);
+        }
+    }));
+}
+
 #[test]
 fn a_child_issue_reads_a_parent_renewed_on_another_node_again() {
     let (_d, one, two) = two_nodes();
     let mut r = req("svc", &["a"], 60);
     r.max_ttl = Duration::from_secs(3600);
     let parent = one.issue(r, T0).unwrap();
-    let (two_, parent_acc) = (two.clone(), parent.accessor.clone());
-    *one.inner.hooks.before_anchored_write.lock().unwrap() = Some(Box::new(move || {
-        two_.renew(&parent_acc, Some(Duration::from_secs(120)), T0 + 1)
-            .unwrap();
-    }));
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    renew_before_each_try(&one, &two, &parent.accessor, 1, runs.clone());
     let child = one
         .issue(child_of(&parent.accessor, "svc"), T0 + 1)
         .unwrap();
-    let used = two
-        .use_token(child.token.expose(), local(), T0 + 2)
-        .unwrap();
-    assert_eq!(used.record.parent_accessor, parent.accessor);
+    // The first try found the parent renewed; the second wrote the child.
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
     let renewed = one
         .lookup_accessor(&parent.accessor, T0 + 2)
         .unwrap()
         .unwrap();
     assert_eq!(
         renewed.expires_at_ms,
-        T0 + 1 + 120_000,
+        T0 + 1 + 61_000,
         "the hook renewed the parent"
     );
-    // The first try's index entry was removed: the child has one.
-    let ttl: Vec<String> = one
-        .barrier()
-        .scan_keys("tokens/ttl/")
-        .unwrap()
-        .into_iter()
-        .filter(|k| k.ends_with(&child.accessor))
-        .collect();
-    assert_eq!(ttl.len(), 1, "{ttl:?}");
+    let used = two
+        .use_token(child.token.expose(), local(), T0 + 2)
+        .unwrap();
+    assert_eq!(used.record.parent_accessor, parent.accessor);
+    assert_eq!(
+        keys_of(&one, &child.accessor).len(),
+        3,
+        "record, index entry, link"
+    );
     assert_eq!(two.revoke(&parent.accessor).unwrap(), 2);
+}
+
+#[test]
+fn a_child_issue_gives_up_after_three_renewals_and_leaves_nothing() {
+    let (_d, one, two) = two_nodes();
+    let mut r = req("svc", &["a"], 60);
+    r.max_ttl = Duration::from_secs(3600);
+    let parent = one.issue(r, T0).unwrap();
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    renew_before_each_try(&one, &two, &parent.accessor, 10, runs.clone());
+    let refused = one.issue(child_of(&parent.accessor, "svc"), T0 + 1);
+    assert!(
+        matches!(refused, Err(TokenError::Contended)),
+        "{:?}",
+        refused.map(|t| t.accessor)
+    );
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), ANCHOR_TRIES);
+    // Only the parent's record and index entry are stored.
+    let left = one.barrier().scan_keys("tokens/").unwrap();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(
+        left.iter().all(|k| k.contains(&parent.accessor)),
+        "{left:?}"
+    );
+}
+
+/// The interleaving the second read is for: node two's plan finds the
+/// child's link before its record exists; node one then writes the record
+/// (the parent is still stored); node two deletes the link and the parent.
+/// The link is gone, so scanning the children again finds nothing: the child
+/// is found by reading its record again.
+#[test]
+fn a_child_whose_link_a_revocation_planned_without_its_record_is_revoked() {
+    let (_d, one, two) = two_nodes();
+    let parent = one.issue(req("svc", &["a"], 600), T0).unwrap();
+    let (linked_tx, linked_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    *one.inner.hooks.before_anchored_write.lock().unwrap() = Some(Box::new(move || {
+        linked_tx.send(()).unwrap();
+        go_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the revocation planned");
+    }));
+    let (one_, parent_acc) = (one.clone(), parent.accessor.clone());
+    let issuer =
+        std::thread::spawn(move || one_.issue(child_of(&parent_acc, "svc"), T0 + 1).unwrap());
+    linked_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the child's link is written");
+    let issued = Arc::new(std::sync::Mutex::new(None));
+    let (issued_, planned_links) = (issued.clone(), Arc::new(std::sync::Mutex::new(0)));
+    let (two_, parent_acc, seen) = (two.clone(), parent.accessor.clone(), planned_links.clone());
+    *two.inner.hooks.after_revoke_plan.lock().unwrap() = Some(Box::new(move || {
+        // The plan was made with the link there and no record.
+        *seen.lock().unwrap() = two_
+            .barrier()
+            .scan_keys(&format!("{CHILDREN_PREFIX}{parent_acc}/"))
+            .unwrap()
+            .len();
+        go_tx.send(()).unwrap();
+        *issued_.lock().unwrap() = Some(issuer.join().unwrap());
+    }));
+    let count = two.revoke(&parent.accessor).unwrap();
+    let child = issued.lock().unwrap().take().expect("the child was issued");
+    assert_eq!(*planned_links.lock().unwrap(), 1);
+    assert_eq!(
+        count, 2,
+        "the parent and the child whose record came after the plan"
+    );
+    for node in [&one, &two] {
+        assert!(matches!(
+            node.use_token(child.token.expose(), local(), T0 + 2),
+            Err(TokenError::Invalid)
+        ));
+    }
+    let left = one.barrier().scan_keys("tokens/").unwrap();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn a_delegated_token_whose_actor_is_revoked_on_another_node_is_not_issued() {
+    let (_d, one, two) = two_nodes();
+    let actor = one.issue(req("agent", &["a"], 600), T0).unwrap();
+    let (two_, actor_acc) = (two.clone(), actor.accessor.clone());
+    *one.inner.hooks.before_anchored_write.lock().unwrap() = Some(Box::new(move || {
+        assert_eq!(two_.revoke(&actor_acc).unwrap(), 1);
+    }));
+    let refused = one.issue_with(
+        req("svc", &["a"], 600),
+        Delegation {
+            may_act: None,
+            actor_accessor: Some(actor.accessor.clone()),
+        },
+        T0 + 1,
+    );
+    assert!(
+        matches!(refused, Err(TokenError::ActorInvalid)),
+        "{:?}",
+        refused.map(|t| t.accessor)
+    );
+    let left = one.barrier().scan_keys("tokens/").unwrap();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
