@@ -252,6 +252,10 @@ pub struct SecretStore {
     barrier: Arc<Barrier>,
     limits: DataLimits,
     stripes: Vec<Mutex<()>>,
+    /// Picks a path's stripe (and turn) under keys drawn at random for this
+    /// process: a caller who may write many paths cannot choose ones that
+    /// share a victim path's stripe to make its writes wait.
+    stripe_keys: std::collections::hash_map::RandomState,
     changes: tokio::sync::broadcast::Sender<CurrentChanged>,
     /// One turn per lock stripe for a write on the blocking pool (a shared
     /// store; `put_async`), taken on the runtime before the write is sent
@@ -400,14 +404,6 @@ fn push_padded(out: &mut String, mut n: u64) {
     out.extend(digits.iter().map(|&d| char::from(d)));
 }
 
-/// The lock stripe of `path`.
-fn stripe_of(path: &SecretPath) -> usize {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    path.hash(&mut h);
-    (h.finish() as usize) % LOCK_STRIPES
-}
-
 fn data_prefix(path: &SecretPath) -> String {
     format!("{DATA}{path}#")
 }
@@ -444,6 +440,7 @@ impl SecretStore {
             barrier,
             limits,
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            stripe_keys: std::collections::hash_map::RandomState::new(),
             changes: tokio::sync::broadcast::channel(WATCH_BACKLOG).0,
             turns: (0..LOCK_STRIPES)
                 .map(|_| Arc::new(tokio::sync::Semaphore::new(1)))
@@ -488,9 +485,15 @@ impl SecretStore {
         &self.limits
     }
 
+    /// The lock stripe of `path`.
+    fn stripe_of(&self, path: &SecretPath) -> usize {
+        use std::hash::BuildHasher;
+        (self.stripe_keys.hash_one(path) as usize) % LOCK_STRIPES
+    }
+
     fn stripe(&self, path: &SecretPath) -> std::sync::MutexGuard<'_, ()> {
         // A poisoned stripe only means another writer panicked; the data is in storage.
-        self.stripes[stripe_of(path)]
+        self.stripes[self.stripe_of(path)]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }
@@ -613,7 +616,7 @@ impl SecretStore {
         if !self.barrier.is_shared_store() {
             return self.put_fenced(&proof, req, now_ms, fresh);
         }
-        let slot = Arc::clone(&self.turns[stripe_of(&req.path)])
+        let slot = Arc::clone(&self.turns[self.stripe_of(&req.path)])
             .acquire_owned()
             .await
             .map_err(|_| SecretsError::WriteStopped)?; // never closed
@@ -1144,6 +1147,21 @@ mod tests {
             dir,
             SecretStore::new(Arc::new(barrier), DataLimits::default()),
         )
+    }
+
+    /// Which paths share a lock stripe is drawn anew for each store: the
+    /// same 64 paths fall on other stripes in a second store, so nobody can
+    /// compute, from the code alone, paths whose writes queue behind a
+    /// victim's.
+    #[test]
+    fn lock_stripes_are_keyed_per_store() {
+        let ((_d1, one), (_d2, two)) = (store(), store());
+        let paths: Vec<SecretPath> = (0..64)
+            .map(|i| SecretPath::parse(&format!("app/p{i}")).unwrap())
+            .collect();
+        let stripes = |s: &SecretStore| paths.iter().map(|p| s.stripe_of(p)).collect::<Vec<_>>();
+        assert_eq!(stripes(&one), stripes(&one), "a store's choice is stable");
+        assert_ne!(stripes(&one), stripes(&two));
     }
 
     /// The hand-built storage keys are the ones `format!` made before, so

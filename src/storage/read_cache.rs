@@ -35,7 +35,6 @@
 //! Plaintext is never held here: the barrier decrypts each answer anew.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use prometheus_client::metrics::counter::Counter;
@@ -125,6 +124,9 @@ pub struct ReadCache {
     prefixes: RwLock<Vec<Vec<u8>>>,
     state: Mutex<State>,
     metrics: ReadCacheMetrics,
+    /// Picks a key's bucket under keys drawn at random for this process, so
+    /// that nobody can choose keys that share a victim key's bucket.
+    bucket_keys: std::collections::hash_map::RandomState,
 }
 
 impl std::fmt::Debug for ReadCache {
@@ -134,12 +136,6 @@ impl std::fmt::Debug for ReadCache {
             .field("figures", &self.figures())
             .finish_non_exhaustive()
     }
-}
-
-fn bucket_of(key: &[u8]) -> usize {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    key.hash(&mut h);
-    (h.finish() as usize) % BUCKETS
 }
 
 fn cost(key: &[u8], value: &[u8]) -> usize {
@@ -159,7 +155,13 @@ impl ReadCache {
                 ..State::default()
             }),
             metrics: ReadCacheMetrics::default(),
+            bucket_keys: std::collections::hash_map::RandomState::new(),
         }
+    }
+
+    fn bucket_of(&self, key: &[u8]) -> usize {
+        use std::hash::BuildHasher;
+        (self.bucket_keys.hash_one(key) as usize) % BUCKETS
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -227,7 +229,7 @@ impl ReadCache {
             return;
         }
         let mut state = self.state();
-        if state.era != ticket.era || state.delivered[bucket_of(key)] > revision {
+        if state.era != ticket.era || state.delivered[self.bucket_of(key)] > revision {
             self.metrics.refused.inc();
             return;
         }
@@ -288,7 +290,7 @@ impl ReadCache {
     /// bucket remembers the revision either way.
     pub fn changed(&self, key: &[u8], revision: i64) {
         let mut state = self.state();
-        let bucket = bucket_of(key);
+        let bucket = self.bucket_of(key);
         state.delivered[bucket] = state.delivered[bucket].max(revision);
         let stale = state.map.get(key).is_some_and(|e| e.revision < revision);
         if stale && Self::remove_locked(&mut state, key) {
@@ -346,6 +348,18 @@ mod tests {
     fn fill(c: &ReadCache, key: &[u8], value: &[u8], revision: i64) {
         let t = c.ticket();
         c.insert(key, value, revision, t);
+    }
+
+    /// Buckets are drawn anew for each cache (see `bucket_keys`).
+    #[test]
+    fn buckets_are_keyed_per_cache() {
+        let (one, two) = (cache(), cache());
+        let keys: Vec<Vec<u8>> = (0..64)
+            .map(|i| format!("secrets/meta/k{i}").into_bytes())
+            .collect();
+        let buckets = |c: &ReadCache| keys.iter().map(|k| c.bucket_of(k)).collect::<Vec<_>>();
+        assert_eq!(buckets(&one), buckets(&one));
+        assert_ne!(buckets(&one), buckets(&two));
     }
 
     #[test]
