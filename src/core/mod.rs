@@ -314,8 +314,10 @@ impl Core {
         self.federation.issuer.on_seal();
         self.audit.set_hmac_key(None);
         self.barrier.seal();
-        // After the barrier: the PKI keeps nothing it parses meanwhile.
+        // After the barrier: the PKI and the scan index keep nothing they
+        // read meanwhile.
         self.pki.on_seal();
+        self.secrets.on_seal();
         self.metrics.set_sealed(true);
         self.rotation.on_seal();
         // Pooled admin connections logged in with secrets: closed at seal.

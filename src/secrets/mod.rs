@@ -456,6 +456,13 @@ impl SecretStore {
         }
     }
 
+    /// The vault was sealed: the discovery scan's fingerprint indexes drop
+    /// what they hold (tags and paths), so a sealed node keeps none of it.
+    pub fn on_seal(&self) {
+        self.index.forget();
+        self.unrecorded.forget();
+    }
+
     /// Announcements of new `current` versions, from now on.
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<CurrentChanged> {
         self.changes.subscribe()

@@ -190,6 +190,14 @@ impl PrintIndex {
         marks.resets += 1;
     }
 
+    /// The vault was sealed: drops every tag and path held, after any Match
+    /// reading the index now, and reads everything at the next Match (an
+    /// unsealed one: a sealed store reads nothing).
+    pub fn forget(&self) {
+        self.reset();
+        *lock(&self.entries) = Entries::default();
+    }
+
     /// The (path, version) pairs holding each of `tags`, for a request
     /// whose fence said `fresh`, after bringing the index up to date.
     pub fn lookup(
@@ -352,6 +360,32 @@ mod tests {
         index.changed(META, "secrets/meta/b");
         assert_eq!(hits(&index, &fake, 1, true), []);
         assert_eq!(index.paths(), 1);
+    }
+
+    /// A seal drops every tag and path; a Match while sealed (its reads
+    /// fail) leaves the index empty; the first after the unseal reads all.
+    #[test]
+    fn a_seal_forgets_everything_held() {
+        let index = PrintIndex::default();
+        let fake = Fake::default();
+        fake.secrets
+            .borrow_mut()
+            .insert("a".into(), vec![(1, vec![tag(1)])]);
+        assert_eq!(hits(&index, &fake, 1, true), [("a".to_owned(), 1)]);
+        assert_eq!(index.paths(), 1);
+        index.forget();
+        assert_eq!(index.paths(), 0);
+        assert!(lock(&index.entries).by_tag.is_empty());
+        *fake.fail.borrow_mut() = true;
+        assert!(index.lookup(&[tag(1)], true, &fake).is_err());
+        assert_eq!(index.paths(), 0);
+        *fake.fail.borrow_mut() = false;
+        assert_eq!(hits(&index, &fake, 1, true), [("a".to_owned(), 1)]);
+        assert_eq!(
+            *fake.all_reads.borrow(),
+            2,
+            "read whole again after the seal"
+        );
     }
 
     #[test]
