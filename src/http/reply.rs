@@ -173,6 +173,9 @@ pub enum Refusal {
     Timeout,
     /// 413: the body is over `limits.max_request_bytes`.
     TooLarge,
+    /// 400: the body could not be read (a malformed chunked encoding, a
+    /// connection that broke part-way).
+    Unreadable,
     /// 400: `X-Vault-Namespace` names a namespace (keyward has none).
     Namespace,
 }
@@ -200,6 +203,11 @@ impl Refusal {
                 "keyward.v1.Http/BodyTooLarge",
                 FailureKind::Exhausted,
                 StatusCode::PAYLOAD_TOO_LARGE,
+            ),
+            Self::Unreadable => (
+                "keyward.v1.Http/BodyUnreadable",
+                FailureKind::InvalidInput,
+                StatusCode::BAD_REQUEST,
             ),
             Self::Namespace => (
                 "keyward.v1.Http/Namespace",
@@ -372,11 +380,22 @@ impl VaultRequest {
                 );
                 return Err(answer);
             }
-            Ok(Err(_)) => {
-                let message = format!(
-                    "the request body is larger than limits.max_request_bytes ({max_body} bytes)"
+            Ok(Err(e)) => {
+                if e.into_inner().is::<http_body_util::LengthLimitError>() {
+                    let message = format!(
+                        "the request body is larger than limits.max_request_bytes ({max_body} bytes)"
+                    );
+                    return Err(req.refuse(state, Refusal::TooLarge, &message).await);
+                }
+                // The transport's error is not repeated: it says nothing
+                // the client needs, and the record names nobody.
+                let message = "the request body could not be read";
+                let mut answer = req.refuse(state, Refusal::Unreadable, message).await;
+                answer.headers_mut().insert(
+                    header::CONNECTION,
+                    axum::http::HeaderValue::from_static("close"),
                 );
-                return Err(req.refuse(state, Refusal::TooLarge, &message).await);
+                return Err(answer);
             }
         }
         Ok(req)

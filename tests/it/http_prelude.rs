@@ -166,6 +166,54 @@ async fn refusals_are_audited_without_token_path_or_body() {
     server.stop().await;
 }
 
+/// A body that breaks part-way (a malformed chunk, a connection closed
+/// before the declared length) is answered 400 and audited as unreadable,
+/// not as too large, and the record holds neither the token nor the body.
+#[tokio::test]
+async fn a_body_that_breaks_part_way_is_audited_as_unreadable() {
+    let server = TestServer::dev().await;
+    let root = server.root_token.clone();
+    let in_body = "BodyMarker-81d0aa";
+    let heads = [
+        (
+            "req-400-chunk",
+            "transfer-encoding: chunked",
+            format!("10\r\n{{\"key\": \"{in_body}\r\nzz\r\n"),
+        ),
+        (
+            "req-400-eof",
+            "content-length: 1000",
+            format!("{{\"key\": \"{in_body}"),
+        ),
+    ];
+    for (id, framing, body) in &heads {
+        let mut tls = raw_tls(&server).await;
+        let request = format!(
+            "POST /v1/sys/unseal HTTP/1.1\r\nhost: localhost\r\nx-vault-token: {root}\r\n\
+             x-request-id: {id}\r\ncontent-type: application/json\r\n{framing}\r\n\r\n{body}"
+        );
+        tls.write_all(request.as_bytes()).await.unwrap();
+        tls.flush().await.unwrap();
+        // The end of what this client sends (a TLS close_notify, then FIN).
+        tls.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(60), tls.read_to_end(&mut got)).await;
+        assert!(read.is_ok(), "{id}: no answer after 60 s");
+        let answer = String::from_utf8_lossy(&got);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{id}: {answer}");
+        let r = record_of(&server, id);
+        assert_eq!(r["method"], "keyward.v1.Http/BodyUnreadable", "{r}");
+        assert_eq!(r["code"], "INVALID_ARGUMENT", "{r}");
+        assert!(r["identity"].is_null() && r["accessor"].is_null(), "{r}");
+        assert!(r["resource"].is_null(), "{r}");
+    }
+    let text = std::fs::read_to_string(&server.audit_path).unwrap();
+    for leak in [root.as_str(), in_body] {
+        assert!(!text.contains(leak), "{leak} in the audit log");
+    }
+    server.stop().await;
+}
+
 /// An outsider looping over unknown paths and wrong methods grows the log
 /// by a bounded amount; the counted repeats add up to the calls made.
 #[tokio::test]
