@@ -292,6 +292,7 @@ impl Core {
             self.gate.on_seal();
             self.barrier.seal();
             self.pki.on_seal();
+            self.secrets.on_seal();
         } else {
             self.rotation.on_unseal();
             // The PKI's CA joins the client-certificate trust store.
@@ -314,14 +315,21 @@ impl Core {
         self.federation.issuer.on_seal();
         self.audit.set_hmac_key(None);
         self.barrier.seal();
-        // After the barrier: the PKI and the scan index keep nothing they
-        // read meanwhile.
+        // After the barrier: the PKI keeps nothing it parses meanwhile.
         self.pki.on_seal();
-        self.secrets.on_seal();
         self.metrics.set_sealed(true);
         self.rotation.on_seal();
         // Pooled admin connections logged in with secrets: closed at seal.
         self.dynamic.on_seal();
+        // Last, off the runtime: emptying the scan index waits for a Match
+        // reading it (whose reads now fail on the sealed barrier).
+        let secrets = self.secrets.clone();
+        if tokio::task::spawn_blocking(move || secrets.on_seal())
+            .await
+            .is_err()
+        {
+            tracing::error!("the discovery scan's index was not emptied at seal");
+        }
     }
 
     pub async fn rotate_key(&self) -> Result<u32, CoreError> {

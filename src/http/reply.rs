@@ -218,6 +218,12 @@ impl Refusal {
     }
 }
 
+/// Whether reading a body with `axum::body::to_bytes` failed because it was
+/// over its limit (not because the body broke: malformed, cut short).
+pub fn over_limit(e: &axum::Error) -> bool {
+    std::error::Error::source(e).is_some_and(|inner| inner.is::<http_body_util::LengthLimitError>())
+}
+
 /// Answers `refusal` with `message`, after auditing it through the seam as
 /// a call that names nobody: no token (not even its HMAC), no body and no
 /// path (a client may put a token in one) reach the record, which carries
@@ -329,10 +335,10 @@ pub struct VaultRequest {
 
 impl VaultRequest {
     /// Reads `req`: headers, then the body, refused past
-    /// `limits.max_request_bytes` with 413 naming the limit, or when it does
-    /// not arrive within [`BODY_DEADLINE`] with 408 (both audited, see
-    /// [`refuse`]); a namespace other than the root one is refused
-    /// (keyward has none).
+    /// `limits.max_request_bytes` with 413 naming the limit, when it does
+    /// not arrive within [`BODY_DEADLINE`] with 408, and when it cannot be
+    /// read (malformed, cut short) with 400 (all audited, see [`refuse`]); a
+    /// namespace other than the root one is refused (keyward has none).
     pub async fn read(req: Request, state: &HttpState) -> Result<Self, Response> {
         let max_body = state.limits.max_request_bytes;
         let (parts, body) = req.into_parts();
@@ -381,7 +387,7 @@ impl VaultRequest {
                 return Err(answer);
             }
             Ok(Err(e)) => {
-                if e.into_inner().is::<http_body_util::LengthLimitError>() {
+                if over_limit(&e) {
                     let message = format!(
                         "the request body is larger than limits.max_request_bytes ({max_body} bytes)"
                     );
@@ -629,6 +635,27 @@ fn check_namespace(headers: &HeaderMap) -> Result<(), &'static str> {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+
+    /// A body over the limit, whole or streamed in chunks, is told apart
+    /// from one whose stream breaks (413 against 400): the check names
+    /// the error type of the http-body-util that axum uses.
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_told_from_a_broken_one() {
+        let read = |body: axum::body::Body| axum::body::to_bytes(body, 10);
+        let whole = read(axum::body::Body::from(vec![b'x'; 100])).await;
+        assert!(over_limit(&whole.unwrap_err()));
+        let chunks = (0..5).map(|_| Ok::<_, std::io::Error>(Bytes::from_static(b"xxxx")));
+        let streamed = read(axum::body::Body::from_stream(tokio_stream::iter(chunks))).await;
+        assert!(over_limit(&streamed.unwrap_err()));
+        let broken = [
+            Ok(Bytes::from_static(b"xx")),
+            Err(std::io::Error::other("connection reset")),
+        ];
+        let broken = read(axum::body::Body::from_stream(tokio_stream::iter(broken))).await;
+        assert!(!over_limit(&broken.unwrap_err()));
+        let fits = read(axum::body::Body::from(vec![b'x'; 10])).await;
+        assert_eq!(fits.unwrap().len(), 10);
+    }
 
     #[test]
     fn each_kind_has_vaults_status() {

@@ -1162,6 +1162,37 @@ mod tests {
         assert_eq!(list_records(&store), 0);
     }
 
+    /// A seal empties the index a Match filled (tags and paths); after
+    /// the unseal the next Match reads it again and finds the same.
+    #[test]
+    fn a_seal_empties_the_index_a_match_filled() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let backend = SledBackend::open(dir.path()).unwrap();
+        let barrier = Barrier::new(Arc::new(backend), BarrierOptions::default()).unwrap();
+        let shares = barrier.init(1, 1).unwrap();
+        barrier.unseal(&shares[0].0).unwrap();
+        let etcd_written = SecretStore::new(Arc::new(barrier), DataLimits::default());
+        etcd_written.prints_unrecorded.store(true, Ordering::SeqCst);
+        put(
+            &etcd_written,
+            "app/a",
+            &[("k", "sealed-Value-01")],
+            Stage::Current,
+        );
+        let store = SecretStore::new(Arc::clone(&etcd_written.barrier), DataLimits::default());
+        let found = [("app/a".to_owned(), 1, vec!["k".to_owned()])];
+        assert_eq!(matched(&store, "sealed-Value-01"), found);
+        assert_eq!(store.unrecorded.paths(), 1);
+        store.barrier.seal();
+        store.on_seal();
+        assert_eq!(store.unrecorded.paths(), 0);
+        assert!(store.match_value(b"sealed-Value-01").is_err(), "sealed");
+        assert_eq!(store.unrecorded.paths(), 0);
+        store.barrier.unseal(&shares[0].0).unwrap();
+        assert_eq!(matched(&store, "sealed-Value-01"), found);
+    }
+
     /// An etcd snapshot of 0.6.10 or later restored onto sled holds
     /// versions whose fingerprints only their metadata lists (no record).
     /// A Match on sled finds them (read once, at the first Match of the

@@ -1,5 +1,6 @@
 //! The answers the HTTPS listener gives before any call of the seam of its
-//! own (404 no handler, 405 method, 408 body too slow, 413 body too big)
+//! own (404 no handler, 405 method, 408 body too slow, 413 body too big,
+//! 400 body unreadable)
 //! are audited like every other answer: one record each, under
 //! `keyward.v1.Http/...`, with the request id and the source, without the
 //! token, the path or the body; a flood of them is counted, not written
@@ -171,7 +172,10 @@ async fn refusals_are_audited_without_token_path_or_body() {
 /// not as too large, and the record holds neither the token nor the body.
 #[tokio::test]
 async fn a_body_that_breaks_part_way_is_audited_as_unreadable() {
-    let server = TestServer::dev().await;
+    let server = TestServer::dev_with(|c| {
+        c.server_limits.max_request_bytes = 64 * 1024;
+    })
+    .await;
     let root = server.root_token.clone();
     let in_body = "BodyMarker-81d0aa";
     let heads = [
@@ -205,8 +209,40 @@ async fn a_body_that_breaks_part_way_is_audited_as_unreadable() {
         assert_eq!(r["method"], "keyward.v1.Http/BodyUnreadable", "{r}");
         assert_eq!(r["code"], "INVALID_ARGUMENT", "{r}");
         assert!(r["identity"].is_null() && r["accessor"].is_null(), "{r}");
+        assert!(r.get("token").is_none_or(Value::is_null), "{r}");
         assert!(r["resource"].is_null(), "{r}");
+        assert!(
+            !answer.contains(in_body),
+            "{id}: the answer echoes the body"
+        );
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{id}: {answer}"
+        );
     }
+    // A chunked body that grows past the limit is still 413, not 400.
+    let limit = 64 * 1024;
+    let mut tls = raw_tls(&server).await;
+    let head = format!(
+        "POST /v1/sys/unseal HTTP/1.1\r\nhost: localhost\r\nx-vault-token: {root}\r\n\
+         x-request-id: req-413-chunked\r\ncontent-type: application/json\r\n\
+         transfer-encoding: chunked\r\n\r\n"
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    // Just past the limit, in 1 KiB chunks: what the server leaves unread
+    // when it answers is at most one chunk.
+    let chunk = format!("{:x}\r\n{}\r\n", 1024, "x".repeat(1024));
+    for _ in 0..(limit / 1024 + 2) {
+        tls.write_all(chunk.as_bytes()).await.unwrap();
+    }
+    tls.flush().await.unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(60), tls.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "no answer to the chunked body after 60 s");
+    let answer = String::from_utf8_lossy(&got);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    let r = record_of(&server, "req-413-chunked");
+    assert_eq!(r["method"], "keyward.v1.Http/BodyTooLarge", "{r}");
     let text = std::fs::read_to_string(&server.audit_path).unwrap();
     for leak in [root.as_str(), in_body] {
         assert!(!text.contains(leak), "{leak} in the audit log");

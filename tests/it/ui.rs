@@ -327,6 +327,33 @@ async fn a_cross_site_sign_in_is_refused() {
     server.stop().await;
 }
 
+/// A sign-in form over its 8 KiB bound is answered 413 and signs nobody
+/// in, even with a valid token in it; the page does not echo the form.
+#[tokio::test]
+async fn an_oversized_sign_in_form_is_refused_as_too_large() {
+    let server = TestServer::dev().await;
+    let ui = Browserless::new(server.http_addr, &server.ca);
+    let mut body = format!("token={}&pad=", server.root_token).into_bytes();
+    body.resize(16 * 1024, b'x');
+    let origin = ui.origin();
+    let a = ui
+        .send(
+            "POST",
+            "/ui/sign-in",
+            &[
+                ("origin", &origin),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ],
+            body,
+        )
+        .await;
+    assert_eq!(a.status, 413, "{}", a.text);
+    assert!(a.text.contains("The form is too large."), "{}", a.text);
+    assert!(a.session().is_none());
+    assert!(!a.text.contains(&server.root_token));
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_low_privileged_token_sees_only_what_it_may_and_no_token_leaks() {
     let server = TestServer::dev().await;

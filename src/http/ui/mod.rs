@@ -278,10 +278,22 @@ async fn sign_in(
     .await;
     let bytes = match read {
         Ok(Ok(b)) => Zeroizing::new(b.to_vec()),
-        _ => {
+        Ok(Err(e)) if crate::http::reply::over_limit(&e) => {
             return html(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                page::sign_in(Some("The form could not be read (too large or too slow).")),
+                page::sign_in(Some("The form is too large.")),
+            )
+        }
+        Ok(Err(_)) => {
+            return html(
+                StatusCode::BAD_REQUEST,
+                page::sign_in(Some("The form could not be read.")),
+            )
+        }
+        Err(_) => {
+            return html(
+                StatusCode::REQUEST_TIMEOUT,
+                page::sign_in(Some("The form did not arrive in time.")),
             )
         }
     };
