@@ -637,6 +637,11 @@ impl Barrier {
         self.backend.read_cache_figures()
     }
 
+    /// The most operations one [`Barrier::batch`] may hold on this store.
+    pub fn max_batch_ops(&self) -> usize {
+        self.backend.max_batch_ops()
+    }
+
     /// Requests sent to the store so far, where counted (etcd).
     pub fn store_requests_sent(&self) -> Option<u64> {
         self.backend.requests_sent()

@@ -1108,6 +1108,12 @@ impl Backend for EtcdBackend {
         Some(self.read_cache.figures())
     }
 
+    /// One transaction's operations, less the one the change marker may
+    /// take (see `batch`).
+    fn max_batch_ops(&self) -> usize {
+        MAX_TXN_OPS - 1
+    }
+
     fn requests_sent(&self) -> Option<u64> {
         Some(self.sent.load(std::sync::atomic::Ordering::Relaxed))
     }

@@ -225,6 +225,12 @@ pub trait Backend: Send + Sync + 'static {
     fn read_cache_figures(&self) -> Option<read_cache::ReadCacheFigures> {
         None
     }
+    /// The most operations one atomic [`Backend::batch`] may hold (etcd:
+    /// one transaction); callers that can split their work into several
+    /// batches stay under it.
+    fn max_batch_ops(&self) -> usize {
+        usize::MAX
+    }
     /// Requests sent to the store so far (a debug count of round trips;
     /// `None` where it is not counted).
     fn requests_sent(&self) -> Option<u64> {

@@ -564,9 +564,11 @@ struct RevokePlan {
     count: u32,
     /// Deletes to apply in order, each batch atomic.
     batches: Vec<Vec<String>>,
-    /// Tokens found by a children link but without a record: an issue
-    /// still writing, or one a crash cut short (the link alone is deleted).
-    unrecorded: Vec<String>,
+    /// On a shared store, tokens found by a children link under a token
+    /// with a record, but without a record of their own: an issue still
+    /// writing on another node (or one a crash cut short), with the link
+    /// that found each. Their links are not in the batches.
+    unrecorded: Vec<(String, String)>,
 }
 
 /// The accessors whose records a revocation's batches delete.
@@ -1662,11 +1664,13 @@ impl TokenStore {
 
     fn revoke_locked(&self, accessor: &str) -> Result<u32, TokenError> {
         let shared = self.barrier().is_shared_store();
+        // etcd takes at most 127 operations in one atomic batch.
+        let max_ops = REVOKE_BATCH_OPS.min(self.barrier().max_batch_ops());
         let mut count = 0u32;
         // Trees to revoke: a token, and the link it was found by.
         let mut trees: Vec<(String, Option<String>)> = vec![(accessor.to_owned(), None)];
         while let Some(tree) = trees.pop() {
-            let plan = self.revoke_plan(tree, REVOKE_BATCH_OPS)?;
+            let plan = self.revoke_plan(tree, max_ops, shared)?;
             count = count.saturating_add(plan.count);
             #[cfg(test)]
             self.inner.hooks.run(&self.inner.hooks.after_revoke_plan);
@@ -1677,11 +1681,12 @@ impl TokenStore {
                 // stored (the write is conditional on it: `store_issued`),
                 // and its link before its record. So now that the parents
                 // are gone, a child whose link the plan found without a
-                // record either has its record (read it again) or never
-                // will; and a child whose link the plan did not see at all
-                // is found by scanning the children once more.
-                for child in plan.unrecorded {
-                    trees.push((child, None));
+                // record (and left in place) either has its record now or
+                // never will: planned again, with its link; and a child
+                // whose link the plan did not see at all is found by
+                // scanning the children once more.
+                for (child, link) in plan.unrecorded {
+                    trees.push((child, Some(link)));
                 }
                 for revoked in revoked_accessors(&plan.batches) {
                     let prefix = format!("{CHILDREN_PREFIX}{revoked}/");
@@ -1711,27 +1716,35 @@ impl TokenStore {
         Ok(())
     }
 
-    /// The deletes that revoke `accessor` and its descendants, as batches to
-    /// apply in order, and how many tokens they remove.
+    /// The deletes that revoke the tree's root (an accessor, and the link
+    /// it was found by) and its descendants, as batches to apply in order,
+    /// and how many tokens they remove.
     ///
     /// Each token's keys form one group: its record and `tokens/ttl/` entry
     /// (or, stored before, its hash, identity and expiry entries) together
-    /// with the `tokens/children/...` link that leads to it. Groups are ordered children before parents and never split
-    /// across batches (a batch is atomic), so if a batch fails part-way every
-    /// token still usable keeps the link from its parent, which is still
-    /// there too: revoking again finds it.
+    /// with the `tokens/children/...` link that leads to it. Groups are
+    /// ordered children before parents and never split across batches (a
+    /// batch is atomic), so if a batch fails part-way every token still
+    /// usable keeps the link from its parent, which is still there too:
+    /// revoking again finds it. With `defer_unrecorded` (a shared store) a
+    /// link to a token without a record, under a token with one, is left
+    /// out and listed in [`RevokePlan::unrecorded`]: that token's record
+    /// may still be written.
     fn revoke_plan(
         &self,
         tree: (String, Option<String>),
         max_ops: usize,
+        defer_unrecorded: bool,
     ) -> Result<RevokePlan, TokenError> {
-        // (accessor, the link key it was found by), parents before children.
-        let mut pending: Vec<(String, Option<String>)> = vec![tree];
+        // (accessor, the link key it was found by, whether the token it was
+        // found under had a record), parents before children.
+        let (root, root_link) = tree;
+        let mut pending: Vec<(String, Option<String>, bool)> = vec![(root, root_link, false)];
         let mut seen = HashSet::new();
         let mut groups: Vec<Vec<String>> = Vec::new();
         let mut count = 0u32;
         let mut unrecorded = Vec::new();
-        while let Some((acc, link)) = pending.pop() {
+        while let Some((acc, link, under_record)) = pending.pop() {
             if !seen.insert(acc.clone()) {
                 // Reached twice (a corrupt index): the extra link goes in a
                 // group of its own, deleted before the token's group; the
@@ -1741,44 +1754,35 @@ impl TokenStore {
                 }
                 continue;
             }
-            let children_prefix = format!("{CHILDREN_PREFIX}{acc}/");
-            for key in self.barrier().scan_keys(&children_prefix)? {
-                if let Some(child) = key.strip_prefix(&children_prefix) {
-                    pending.push((child.to_owned(), Some(key.clone())));
-                } else {
-                    groups.push(vec![key]);
-                }
-            }
-            let found_by_link = link.is_some();
-            let mut group: Vec<String> = link.into_iter().collect();
+            // The record before the children: a child found under a token
+            // read without a record can never get one (its write is
+            // conditional on this record), so its link alone may go.
             let record = self.record(&acc)?;
-            if record.is_none() && found_by_link {
-                unrecorded.push(acc.clone());
-            }
-            if let Some(record) = record {
-                count = count.saturating_add(1);
-                group.push(format!("{ACCESSOR_PREFIX}{acc}"));
-                if record.derived {
-                    group.push(ttl_key(&record.identity, record.expires_at_ms, &acc));
-                } else {
-                    group.push(format!("{HASH_PREFIX}{}", record.hash));
-                    group.push(format!("{}{acc}", identity_prefix(&record.identity)));
-                    if record.expires_at_ms != 0 {
-                        group.push(expiry_key(record.expires_at_ms, &acc));
+            match (&record, link) {
+                (None, Some(link)) if under_record && defer_unrecorded => {
+                    // Its record may still be written (an issue on another
+                    // node, its parent still stored): the link stays, so
+                    // that whatever cuts this revocation short leaves the
+                    // child reachable; it is planned again once its parent
+                    // is gone (`revoke_locked`).
+                    unrecorded.push((acc, link));
+                    continue;
+                }
+                (_, link) => {
+                    let children_prefix = format!("{CHILDREN_PREFIX}{acc}/");
+                    for key in self.barrier().scan_keys(&children_prefix)? {
+                        if let Some(child) = key.strip_prefix(&children_prefix) {
+                            pending.push((child.to_owned(), Some(key.clone()), record.is_some()));
+                        } else {
+                            groups.push(vec![key]);
+                        }
+                    }
+                    let mut group: Vec<String> = link.into_iter().collect();
+                    self.plan_token(&acc, record, &mut group, &mut count);
+                    if !group.is_empty() {
+                        groups.push(group);
                     }
                 }
-                for linked_from in [&record.parent_accessor, &record.actor_accessor] {
-                    if linked_from.is_empty() {
-                        continue;
-                    }
-                    let own_link = format!("{CHILDREN_PREFIX}{linked_from}/{acc}");
-                    if !group.contains(&own_link) {
-                        group.push(own_link);
-                    }
-                }
-            }
-            if !group.is_empty() {
-                groups.push(group);
             }
         }
         // Every token was reached from its parent, after it: reversed, each
@@ -1800,6 +1804,40 @@ impl TokenStore {
             batches,
             unrecorded,
         })
+    }
+
+    /// Adds a token's own keys to its group: its record and index entries,
+    /// and the links to it from its parent and actor.
+    fn plan_token(
+        &self,
+        acc: &str,
+        record: Option<TokenRecord>,
+        group: &mut Vec<String>,
+        count: &mut u32,
+    ) {
+        let Some(record) = record else {
+            return;
+        };
+        *count = count.saturating_add(1);
+        group.push(format!("{ACCESSOR_PREFIX}{acc}"));
+        if record.derived {
+            group.push(ttl_key(&record.identity, record.expires_at_ms, acc));
+        } else {
+            group.push(format!("{HASH_PREFIX}{}", record.hash));
+            group.push(format!("{}{acc}", identity_prefix(&record.identity)));
+            if record.expires_at_ms != 0 {
+                group.push(expiry_key(record.expires_at_ms, acc));
+            }
+        }
+        for linked_from in [&record.parent_accessor, &record.actor_accessor] {
+            if linked_from.is_empty() {
+                continue;
+            }
+            let own_link = format!("{CHILDREN_PREFIX}{linked_from}/{acc}");
+            if !group.contains(&own_link) {
+                group.push(own_link);
+            }
+        }
     }
 
     /// Revokes every token (and its children) of this identity; returns how many.

@@ -112,3 +112,45 @@ async fn children_issued_on_one_node_never_outlive_a_revoke_on_the_other() {
          {revoked_with_parent} revoked with their parent on node 2, none usable after"
     );
 }
+
+/// A tree larger than one etcd transaction (128 operations; a child takes
+/// three: its record, index entry and link) is revoked in several batches,
+/// not refused whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_larger_than_one_etcd_transaction_is_revoked() {
+    let etcd = EtcdCluster::start(1);
+    let nodes = two_nodes(&etcd, &format!("{}/", unique("kwt")), |_| {}).await;
+    let policy = unique("issuer");
+    let doc = "[[rule]]\npath = \"sys/token\"\ncapabilities = [\"issue\"]\n";
+    nodes.root1.policy_put(&policy, doc).await.unwrap();
+    let options = || IssueOptions {
+        policies: vec![policy.clone()],
+        ttl: Some(Duration::from_secs(600)),
+        ..IssueOptions::default()
+    };
+    let parent = nodes.root1.issue_token(options()).await.unwrap();
+    let issuer = nodes
+        .one
+        .anonymous()
+        .await
+        .with_token(&parent.token)
+        .unwrap();
+    const CHILDREN: usize = 60;
+    let mut children = Vec::new();
+    for _ in 0..CHILDREN {
+        children.push(issuer.issue_token(options()).await.unwrap().token);
+    }
+    let removed = nodes.root2.revoke_accessor(&parent.accessor).await.unwrap();
+    assert_eq!(removed as usize, CHILDREN + 1);
+    let anon2 = nodes.two.anonymous().await;
+    for child in &children {
+        let refused = anon2.with_token(child).unwrap().lookup_self().await;
+        assert!(
+            matches!(
+                refused.as_ref().map_err(|e| e.code()),
+                Err(Some(Code::Unauthenticated))
+            ),
+            "a child of the revoked parent still works"
+        );
+    }
+}

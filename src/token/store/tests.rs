@@ -418,7 +418,7 @@ fn revoke_plan_deletes_children_first_with_their_links() {
         let (_d, s) = store();
         let (p, tree, parents) = revoke_tree(&s);
         let RevokePlan { count, batches, .. } = s
-            .revoke_plan((tree[0].accessor.clone(), None), max_ops)
+            .revoke_plan((tree[0].accessor.clone(), None), max_ops, false)
             .unwrap();
         assert_eq!(count, 5);
         let batch_of = |key: &str| {
@@ -467,7 +467,7 @@ fn revoke_cut_short_leaves_every_live_token_reachable() {
     let (_d, s) = store();
     let (_, tree, _) = revoke_tree(&s);
     let batches = s
-        .revoke_plan((tree[0].accessor.clone(), None), 1)
+        .revoke_plan((tree[0].accessor.clone(), None), 1, false)
         .unwrap()
         .batches
         .len();
@@ -475,7 +475,7 @@ fn revoke_cut_short_leaves_every_live_token_reachable() {
         let (_d, s) = store();
         let (p, tree, parents) = revoke_tree(&s);
         let plan = s
-            .revoke_plan((tree[0].accessor.clone(), None), 1)
+            .revoke_plan((tree[0].accessor.clone(), None), 1, false)
             .unwrap()
             .batches;
         for batch in &plan[..applied] {
@@ -1346,6 +1346,70 @@ fn a_child_whose_link_a_revocation_planned_without_its_record_is_revoked() {
     }
     let left = one.barrier().scan_keys("tokens/").unwrap();
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// A revocation cut short after its delete (a crash, a storage error
+/// before it plans the unrecorded child again) leaves the child's link in
+/// place: the child, whose record was written after the plan, is still
+/// reachable, and revoking the parent again revokes it.
+#[test]
+fn a_revocation_cut_short_leaves_a_child_written_after_its_plan_reachable() {
+    let (_d, one, two) = two_nodes();
+    let parent = one.issue(req("svc", &["a"], 600), T0).unwrap();
+    let plan = Arc::new(std::sync::Mutex::new(None));
+    let (two_, parent_acc, planned) = (two.clone(), parent.accessor.clone(), plan.clone());
+    // Node two plans while node one's child has its link and no record.
+    *one.inner.hooks.before_anchored_write.lock().unwrap() = Some(Box::new(move || {
+        *planned.lock().unwrap() = Some(two_.revoke_plan((parent_acc, None), 1024, true).unwrap());
+    }));
+    let child = one
+        .issue(child_of(&parent.accessor, "svc"), T0 + 1)
+        .unwrap();
+    let plan = plan.lock().unwrap().take().expect("the hook planned");
+    let link = format!("{CHILDREN_PREFIX}{}/{}", parent.accessor, child.accessor);
+    assert_eq!(plan.count, 1, "the parent only");
+    assert_eq!(plan.unrecorded, [(child.accessor.clone(), link.clone())]);
+    assert!(
+        plan.batches.iter().flatten().all(|k| k != &link),
+        "the link of a child without a record under a live parent stays"
+    );
+    // Node two deletes the parent, then stops (no second look).
+    two.apply_revoke(&plan.batches).unwrap();
+    assert!(two.barrier().get(&link).unwrap().is_some());
+    assert!(one.use_token(child.token.expose(), local(), T0 + 2).is_ok());
+    // Revoking the parent again (its record gone) finds the child by its link.
+    assert_eq!(two.revoke(&parent.accessor).unwrap(), 1);
+    assert!(matches!(
+        one.use_token(child.token.expose(), local(), T0 + 3),
+        Err(TokenError::Invalid)
+    ));
+    let left = one.barrier().scan_keys("tokens/").unwrap();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// On a store one process owns, and under a token without a record, the
+/// link to a token without a record is deleted at once (nothing can write
+/// that record any more: the write lock, or the missing parent).
+#[test]
+fn a_link_without_a_record_is_deferred_only_under_a_live_parent_on_a_shared_store() {
+    let (_d, one, _two) = two_nodes();
+    let parent = one.issue(req("svc", &["a"], 600), T0).unwrap();
+    let link = format!("{CHILDREN_PREFIX}{}/kwa_neverwritten", parent.accessor);
+    one.barrier().put(&link, b"").unwrap();
+    let shared = one
+        .revoke_plan((parent.accessor.clone(), None), 1024, true)
+        .unwrap();
+    assert_eq!(shared.unrecorded.len(), 1);
+    assert!(shared.batches.iter().flatten().all(|k| k != &link));
+    let owned = one
+        .revoke_plan((parent.accessor.clone(), None), 1024, false)
+        .unwrap();
+    assert!(owned.unrecorded.is_empty());
+    assert!(owned.batches.iter().flatten().any(|k| k == &link));
+    // Once the parent is gone, a plan from the parent deletes the link.
+    assert_eq!(one.revoke(&parent.accessor).unwrap(), 1);
+    assert!(one.barrier().get(&link).unwrap().is_none());
+    assert!(one.barrier().scan_keys("tokens/").unwrap().is_empty());
 }
 
 #[test]
