@@ -927,7 +927,9 @@ impl Anomalies {
         if ops.is_empty() {
             return;
         }
-        let written = match deps.barrier.batch(&ops) {
+        // Each write stands alone (written again on a failure): in batches
+        // that fit the store.
+        let written = match deps.barrier.batch_in_chunks(&ops) {
             Ok(()) => deps.barrier.durable().await,
             Err(e) => Err(e),
         };

@@ -827,6 +827,39 @@ impl Barrier {
         Ok(self.backend.batch_if(expect, sealed)?)
     }
 
+    /// Applies `ops` in order as consecutive atomic batches that each fit
+    /// the store (on etcd one transaction: 127 operations, 1.5 MiB; on sled
+    /// one batch): a failure or a crash part-way keeps the batches before
+    /// it, never part of one. For writes that need their order kept but not
+    /// the whole set atomic: what must come last (a record that says the
+    /// work is done) goes last.
+    pub fn batch_in_chunks(&self, ops: &[PlainOp<'_>]) -> Result<(), BarrierError> {
+        // What a stored value adds to its plaintext (nonce, tag, header),
+        // and the store's own key prefix, with room to spare.
+        const OVERHEAD: usize = 512;
+        let max_ops = self.backend.max_batch_ops().max(1);
+        let max_bytes = self.backend.max_batch_bytes();
+        let mut start = 0;
+        let mut bytes = 0usize;
+        for (i, op) in ops.iter().enumerate() {
+            let size = match op {
+                PlainOp::Put(key, value) => key.len() + value.len(),
+                PlainOp::Delete(key) => key.len(),
+            }
+            .saturating_add(OVERHEAD);
+            if i > start && (i - start >= max_ops || bytes.saturating_add(size) > max_bytes) {
+                self.batch(&ops[start..i])?;
+                start = i;
+                bytes = 0;
+            }
+            bytes = bytes.saturating_add(size);
+        }
+        if start < ops.len() {
+            self.batch(&ops[start..])?;
+        }
+        Ok(())
+    }
+
     /// Applies the operations one at a time, in order: a crash keeps a prefix
     /// of them (see `storage`). Keys are checked and every value encrypted
     /// before the first write, so a refused key or a sealed barrier writes

@@ -165,7 +165,8 @@ impl Usage {
             .iter()
             .map(|(k, v)| PlainOp::Put(k, v.as_slice()))
             .collect();
-        let written = self.inner.barrier.batch(&ops);
+        // In batches that fit the store; a failure writes all again.
+        let written = self.inner.barrier.batch_in_chunks(&ops);
         if written.is_err() {
             // Try again next time.
             let mut table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());

@@ -857,11 +857,13 @@ impl IdentityStore {
             if disabled && !keep_secret_ids {
                 keys = self.secret_id_keys(&record.name)?;
             }
-            // The record and the secret-ids in one atomic batch: a disabled
-            // identity never keeps the secret-ids the operator revoked.
-            let mut ops = vec![PlainOp::Put(&record_key, &bytes)];
-            ops.extend(keys.iter().map(|k| PlainOp::Delete(k)));
-            self.barrier.batch(&ops)?;
+            // The secret-ids first (each record before its index entry),
+            // the record last, in batches that fit the store: a disabled
+            // identity never keeps the secret-ids the operator revoked, and
+            // a disable cut short leaves it enabled, with fewer of them.
+            let mut ops: Vec<PlainOp<'_>> = keys.iter().map(|k| PlainOp::Delete(k)).collect();
+            ops.push(PlainOp::Put(&record_key, &bytes));
+            self.barrier.batch_in_chunks(&ops)?;
             (record, u32::try_from(keys.len() / 2).unwrap_or(u32::MAX))
         };
         if disabled {
@@ -955,16 +957,17 @@ impl IdentityStore {
         {
             let _guard = self.lock();
             let record = self.require(name)?;
-            let mut keys = vec![
-                format!("{RECORD_PREFIX}{}", record.name),
-                format!("{ROLE_PREFIX}{}", record.role_id),
-            ];
-            keys.extend(self.secret_id_keys(&record.name)?);
+            // Secret-ids and bindings first, the role index and the record
+            // last, in batches that fit the store: a delete cut short
+            // leaves the identity, with less of what it held.
+            let mut keys = self.secret_id_keys(&record.name)?;
             for binding in &record.cert_bindings {
                 keys.push(cert_key(binding));
             }
+            keys.push(format!("{ROLE_PREFIX}{}", record.role_id));
+            keys.push(format!("{RECORD_PREFIX}{}", record.name));
             let ops: Vec<PlainOp<'_>> = keys.iter().map(|k| PlainOp::Delete(k)).collect();
-            self.barrier.batch(&ops)?;
+            self.barrier.batch_in_chunks(&ops)?;
         }
         revoked += tokens.revoke_identity(name.as_str(), now_ms)?;
         Ok(revoked)

@@ -268,7 +268,8 @@ impl ReadSet {
             .iter()
             .map(|(k, v)| PlainOp::Put(k, v.as_slice()))
             .collect();
-        self.inner.barrier.batch(&ops)?;
+        // In batches that fit the store; a failure writes all again.
+        self.inner.barrier.batch_in_chunks(&ops)?;
         for reads in table.values_mut() {
             for slot in reads.paths.values_mut() {
                 slot.dirty = false;

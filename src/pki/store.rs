@@ -930,7 +930,8 @@ impl PkiStore {
             .iter()
             .map(|(k, v)| PlainOp::Put(k.as_str(), v.as_slice()))
             .collect();
-        self.barrier.batch(&ops)?;
+        // Each mark stands alone: in batches that fit the store.
+        self.barrier.batch_in_chunks(&ops)?;
         self.refresh_trust(now_ms)?;
         Ok(u32::try_from(records.len()).unwrap_or(u32::MAX))
     }

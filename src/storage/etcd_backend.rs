@@ -1114,6 +1114,10 @@ impl Backend for EtcdBackend {
         MAX_TXN_OPS - 1
     }
 
+    fn max_batch_bytes(&self) -> usize {
+        MAX_REQUEST_BYTES
+    }
+
     fn requests_sent(&self) -> Option<u64> {
         Some(self.sent.load(std::sync::atomic::Ordering::Relaxed))
     }

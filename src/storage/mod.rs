@@ -231,6 +231,10 @@ pub trait Backend: Send + Sync + 'static {
     fn max_batch_ops(&self) -> usize {
         usize::MAX
     }
+    /// The most bytes (keys and stored values) one atomic batch may hold.
+    fn max_batch_bytes(&self) -> usize {
+        usize::MAX
+    }
     /// Requests sent to the store so far (a debug count of round trips;
     /// `None` where it is not counted).
     fn requests_sent(&self) -> Option<u64> {

@@ -154,3 +154,68 @@ async fn a_tree_larger_than_one_etcd_transaction_is_revoked() {
         );
     }
 }
+
+/// An identity with more secret-ids than one etcd transaction holds (each
+/// is two records) is disabled (none of them logs in any more) and deleted
+/// on etcd; before 0.6.12 both were refused whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_with_many_secret_ids_is_disabled_and_deleted_on_etcd() {
+    let etcd = EtcdCluster::start(1);
+    let nodes = two_nodes(&etcd, &format!("{}/", unique("kwi")), |_| {}).await;
+    let name = unique("svc");
+    nodes
+        .root1
+        .identity_create(crate::ident_kit::create(
+            &name,
+            "service-account",
+            "team-a",
+            &[],
+        ))
+        .await
+        .unwrap();
+    const SECRET_IDS: usize = 70;
+    let mut secret_ids = Vec::new();
+    for _ in 0..SECRET_IDS {
+        secret_ids.push(
+            nodes
+                .root1
+                .identity_secret_id(&name, 0, 0, &[])
+                .await
+                .unwrap(),
+        );
+    }
+    let anon2 = nodes.two.anonymous().await;
+    anon2
+        .login_approle(&secret_ids[0].role_id, &secret_ids[0].secret_id, 0)
+        .await
+        .unwrap();
+    let disabled = nodes.root2.identity_disable(&name).await.unwrap();
+    assert!(disabled.disabled);
+    assert!(nodes
+        .root2
+        .identity_secret_ids(&name)
+        .await
+        .unwrap()
+        .is_empty());
+    for sid in [&secret_ids[0], &secret_ids[SECRET_IDS - 1]] {
+        let refused = anon2.login_approle(&sid.role_id, &sid.secret_id, 0).await;
+        assert!(
+            refused.is_err(),
+            "a secret-id of a disabled identity logged in"
+        );
+    }
+    nodes.root1.identity_enable(&name).await.unwrap();
+    for _ in 0..SECRET_IDS {
+        nodes
+            .root1
+            .identity_secret_id(&name, 0, 0, &[])
+            .await
+            .unwrap();
+    }
+    nodes.root2.identity_delete(&name).await.unwrap();
+    let gone = nodes.root2.identity_get(&name).await;
+    assert!(matches!(
+        gone.map_err(|e| e.code()),
+        Err(Some(Code::NotFound))
+    ));
+}
