@@ -662,6 +662,9 @@ pub fn load_file(path: &Path) -> Result<ServerConfig, ConfigError> {
 }
 
 /// Builds the typed configuration from a source.
+/// The largest `limits.max_version_bytes` on etcd.
+pub const ETCD_MAX_VERSION_BYTES: usize = 1024 * 1024;
+
 pub fn parse(src: &dyn Source, base: &Path) -> Result<ServerConfig, ConfigError> {
     let path = |key: &'static str| src.get(key).map(|v| base.join(v));
     let addr = |key: &'static str, default: &str| -> Result<SocketAddr, ConfigError> {
@@ -715,6 +718,17 @@ pub fn parse(src: &dyn Source, base: &Path) -> Result<ServerConfig, ConfigError>
         Some("off") | Some("") => None,
         _ => Some(addr("http.listen", DEFAULT_HTTP_LISTEN)?),
     };
+    let storage_backend = parse_storage_backend(src, base)?;
+    // One etcd request holds at most 1.5 MiB: a version's record, with its
+    // metadata in the same transaction, must fit.
+    if matches!(storage_backend, StorageBackend::Etcd(_))
+        && limits.max_bytes > ETCD_MAX_VERSION_BYTES
+    {
+        return Err(ConfigError::Invalid(
+            "limits.max_version_bytes".into(),
+            "at most 1048576 on etcd (one etcd request holds at most 1.5 MiB)",
+        ));
+    }
     Ok(ServerConfig {
         http_listen,
         listen: addr("listen", DEFAULT_LISTEN)?,
@@ -747,7 +761,7 @@ pub fn parse(src: &dyn Source, base: &Path) -> Result<ServerConfig, ConfigError>
         federation: parse_federation(src)?,
         anomaly: crate::anomaly::parse_config(&|key| src.get(key))
             .map_err(|(key, why)| ConfigError::Invalid(key, why))?,
-        storage_backend: parse_storage_backend(src, base)?,
+        storage_backend,
         node_id: src
             .get("cluster.node_id")
             .unwrap_or_else(|| DEFAULT_NODE_ID.to_owned()),
@@ -807,6 +821,12 @@ mod tests {
                 StorageBackend::Sled => Err(ConfigError::Missing("storage.etcd")),
             }
         };
+        // A version must fit one etcd request.
+        assert!(etcd(&[("limits.max_version_bytes", "1048576")]).is_ok());
+        assert!(matches!(
+            etcd(&[("limits.max_version_bytes", "1048577")]),
+            Err(ConfigError::Invalid(key, _)) if key == "limits.max_version_bytes"
+        ));
         let defaults = etcd(&[]).unwrap();
         assert_eq!(
             defaults.compact_every,
