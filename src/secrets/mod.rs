@@ -738,12 +738,24 @@ impl SecretStore {
             PlainOp::Put(&meta_k, &meta_bytes),
             PlainOp::Put(&data_k, &encoded),
         ];
-        ops.extend(pruned_keys.iter().map(|k| PlainOp::Delete(k)));
         prints.extend_batch(&mut ops);
+        // The pruned versions' data goes in the same transaction as far as
+        // it fits (etcd: 127 operations); the rest, which the metadata no
+        // longer lists, right after it (a `max_versions` lowered a lot).
+        let room = self.barrier.max_batch_ops().saturating_sub(ops.len());
+        let (now, later) = pruned_keys.split_at(room.min(pruned_keys.len()));
+        ops.extend(now.iter().map(|k| PlainOp::Delete(k)));
         let mut expect = vec![(meta_k.as_str(), stamp.as_ref())];
         expect.extend(prints.read.iter().map(|(k, s)| (k.as_str(), s.as_ref())));
         if !self.barrier.batch_if(&expect, &ops)? {
             return Ok(None);
+        }
+        if !later.is_empty() {
+            let deletes: Vec<PlainOp<'_>> = later.iter().map(|k| PlainOp::Delete(k)).collect();
+            if let Err(e) = self.barrier.batch_in_chunks(&deletes) {
+                // Unlisted data: read by nothing.
+                tracing::warn!(path = %req.path, error = %e, "the data of pruned versions was not all deleted");
+            }
         }
         Ok(Some(version))
     }

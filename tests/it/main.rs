@@ -31,6 +31,8 @@ mod dynamic_creds;
 #[cfg(feature = "etcd")]
 mod etcd_attack;
 #[cfg(feature = "etcd")]
+mod etcd_batches;
+#[cfg(feature = "etcd")]
 mod etcd_caches;
 #[cfg(feature = "etcd")]
 mod etcd_cluster;
