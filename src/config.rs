@@ -661,10 +661,12 @@ pub fn load_file(path: &Path) -> Result<ServerConfig, ConfigError> {
     parse(&MapSource(flat), base)
 }
 
-/// Builds the typed configuration from a source.
 /// The largest `limits.max_version_bytes` on etcd.
 pub const ETCD_MAX_VERSION_BYTES: usize = 1024 * 1024;
+/// The largest `limits.max_fields` on etcd.
+pub const ETCD_MAX_FIELDS: usize = 512;
 
+/// Builds the typed configuration from a source.
 pub fn parse(src: &dyn Source, base: &Path) -> Result<ServerConfig, ConfigError> {
     let path = |key: &'static str| src.get(key).map(|v| base.join(v));
     let addr = |key: &'static str, default: &str| -> Result<SocketAddr, ConfigError> {
@@ -721,13 +723,21 @@ pub fn parse(src: &dyn Source, base: &Path) -> Result<ServerConfig, ConfigError>
     let storage_backend = parse_storage_backend(src, base)?;
     // One etcd request holds at most 1.5 MiB: a version's record, with its
     // metadata in the same transaction, must fit.
-    if matches!(storage_backend, StorageBackend::Etcd(_))
-        && limits.max_bytes > ETCD_MAX_VERSION_BYTES
-    {
-        return Err(ConfigError::Invalid(
-            "limits.max_version_bytes".into(),
-            "at most 1048576 on etcd (one etcd request holds at most 1.5 MiB)",
-        ));
+    if matches!(storage_backend, StorageBackend::Etcd(_)) {
+        if limits.max_bytes > ETCD_MAX_VERSION_BYTES {
+            return Err(ConfigError::Invalid(
+                "limits.max_version_bytes".into(),
+                "at most 1048576 on etcd (one etcd request holds at most 1.5 MiB)",
+            ));
+        }
+        // The metadata lists each staged version's fingerprints (32 bytes a
+        // field, up to three versions) and a guarded write sends it twice.
+        if limits.max_fields > ETCD_MAX_FIELDS {
+            return Err(ConfigError::Invalid(
+                "limits.max_fields".into(),
+                "at most 512 on etcd (a version's metadata must fit one etcd request)",
+            ));
+        }
     }
     Ok(ServerConfig {
         http_listen,
@@ -826,6 +836,11 @@ mod tests {
         assert!(matches!(
             etcd(&[("limits.max_version_bytes", "1048577")]),
             Err(ConfigError::Invalid(key, _)) if key == "limits.max_version_bytes"
+        ));
+        assert!(etcd(&[("limits.max_fields", "512")]).is_ok());
+        assert!(matches!(
+            etcd(&[("limits.max_fields", "513")]),
+            Err(ConfigError::Invalid(key, _)) if key == "limits.max_fields"
         ));
         let defaults = etcd(&[]).unwrap();
         assert_eq!(

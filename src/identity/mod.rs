@@ -962,7 +962,13 @@ impl IdentityStore {
             // leaves the identity, with less of what it held.
             let mut keys = self.secret_id_keys(&record.name)?;
             for binding in &record.cert_bindings {
-                keys.push(cert_key(binding));
+                // Only while it still names this identity: after a delete
+                // cut short, another identity may have bound it since.
+                let key = cert_key(binding);
+                let holder = self.barrier.get(&key)?;
+                if holder.is_some_and(|h| h.as_slice() == record.name.as_bytes()) {
+                    keys.push(key);
+                }
             }
             keys.push(format!("{ROLE_PREFIX}{}", record.role_id));
             keys.push(format!("{RECORD_PREFIX}{}", record.name));

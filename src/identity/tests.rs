@@ -471,6 +471,37 @@ fn throttle_memory_is_bounded_by_evicting_the_oldest() {
     );
 }
 
+/// A delete cut short after its certificate index went (chunks on etcd)
+/// may see the certificate bound to another identity before it is run
+/// again: running it again leaves that binding alone.
+#[test]
+fn a_delete_run_again_leaves_a_certificate_bound_since_to_another() {
+    let f = fixture();
+    let revoked = Revocations::default();
+    f.store.create(new("ci"), &AllPolicies, NOW).unwrap();
+    f.store.create(new("web"), &AllPolicies, NOW).unwrap();
+    let ci = f
+        .store
+        .bind_cert(&name("ci"), None, Some("spiffe://acme.test/job"))
+        .unwrap();
+    // The first run's chunk that deleted the index entry, alone.
+    f.store
+        .barrier
+        .delete(&cert_key(&ci.cert_bindings[0]))
+        .unwrap();
+    f.store
+        .bind_cert(&name("web"), None, Some("spiffe://acme.test/job"))
+        .unwrap();
+    f.store.delete(&name("ci"), &revoked, NOW).unwrap();
+    assert!(f.store.get("ci").unwrap().is_none());
+    let found = f
+        .store
+        .by_cert(None, &["spiffe://acme.test/job".into()])
+        .unwrap()
+        .expect("still bound");
+    assert_eq!(found.name, "web");
+}
+
 #[test]
 fn cert_bindings_find_the_identity() {
     let f = fixture();

@@ -251,10 +251,13 @@ impl ReadSet {
     }
 
     /// Writes the read times that moved since the last call; returns how many.
+    /// The table is copied and let go before the writes (several etcd
+    /// transactions for many paths), so reads noting a path never wait for
+    /// them; a slot read again meanwhile stays marked for the next call.
     pub fn persist(&self) -> Result<usize, BarrierError> {
-        let mut table = self.lock();
         let mut records = Vec::new();
-        for (identity, reads) in table.iter() {
+        let mut written = Vec::new();
+        for (identity, reads) in self.lock().iter() {
             for (path, slot) in reads.paths.iter().filter(|(_, s)| s.dirty) {
                 let value = ReadEntry {
                     first_ms: slot.first_ms,
@@ -262,6 +265,7 @@ impl ReadSet {
                 }
                 .encode_to_vec();
                 records.push((entry_key(identity, path), value));
+                written.push((identity.clone(), path.clone(), slot.last_ms));
             }
         }
         let ops: Vec<PlainOp<'_>> = records
@@ -270,9 +274,15 @@ impl ReadSet {
             .collect();
         // In batches that fit the store; a failure writes all again.
         self.inner.barrier.batch_in_chunks(&ops)?;
-        for reads in table.values_mut() {
-            for slot in reads.paths.values_mut() {
-                slot.dirty = false;
+        let mut table = self.lock();
+        for (identity, path, last_ms) in written {
+            if let Some(slot) = table
+                .get_mut(&identity)
+                .and_then(|reads| reads.paths.get_mut(&path))
+            {
+                if slot.last_ms == last_ms {
+                    slot.dirty = false;
+                }
             }
         }
         Ok(records.len())
@@ -360,5 +370,25 @@ mod tests {
         );
         assert_eq!(after.dropped, 1);
         assert!(reads.of("other").unwrap().paths.is_empty());
+    }
+
+    /// A persist clears what it wrote, and only that: a later read of the
+    /// path is written by the next one.
+    #[tokio::test]
+    async fn a_persist_clears_the_slots_it_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = barrier(dir.path());
+        let share = b.init(1, 1).unwrap().remove(0);
+        b.unseal(&share.0).unwrap();
+        let reads = ReadSet::with_bound(b.clone(), 8);
+        reads.note("svc", "app/a", 10).await.unwrap();
+        reads.note("svc", "app/a", 20).await.unwrap();
+        reads.note("ci", "app/b", 30).await.unwrap();
+        reads.note("ci", "app/b", 35).await.unwrap();
+        assert_eq!(reads.persist().unwrap(), 2);
+        assert_eq!(reads.persist().unwrap(), 0);
+        reads.note("svc", "app/a", 40).await.unwrap();
+        assert_eq!(reads.persist().unwrap(), 1);
+        assert_eq!(ReadSet::new(b).of("svc").unwrap().paths[0].2, 40);
     }
 }

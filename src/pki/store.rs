@@ -910,6 +910,9 @@ impl PkiStore {
     pub fn revoke_identity(&self, identity: &str, now_ms: u64) -> Result<u32, PkiError> {
         let serials = self.valid_serials_of_identity(identity, now_ms)?;
         if serials.is_empty() {
+            // A run cut short may have marked them all: the trust store
+            // learns of it now.
+            self.refresh_trust(now_ms)?;
             return Ok(0);
         }
         let mut records = Vec::with_capacity(serials.len());
@@ -930,9 +933,11 @@ impl PkiStore {
             .iter()
             .map(|(k, v)| PlainOp::Put(k.as_str(), v.as_slice()))
             .collect();
-        // Each mark stands alone: in batches that fit the store.
-        self.barrier.batch_in_chunks(&ops)?;
+        // Each mark stands alone: in batches that fit the store. The trust
+        // store learns of those written even if a later batch failed.
+        let written = self.barrier.batch_in_chunks(&ops);
         self.refresh_trust(now_ms)?;
+        written?;
         Ok(u32::try_from(records.len()).unwrap_or(u32::MAX))
     }
 

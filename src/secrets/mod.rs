@@ -701,7 +701,11 @@ impl SecretStore {
             Stage::Pending => meta.pending = version,
             Stage::Previous => return Err(InputError::BadStage.into()),
         }
-        let pruned = prune(&mut meta);
+        // On a shared store the pruned versions' data goes in the guarded
+        // transaction (etcd: 127 operations), so at most `PRUNE_PER_WRITE`
+        // go per write; the rest stay listed (readable, destroyable) and
+        // go with the next writes.
+        let pruned = prune(&mut meta, if shared { PRUNE_PER_WRITE } else { usize::MAX });
 
         let mut fields = FieldsRecord {
             fields: req
@@ -738,24 +742,12 @@ impl SecretStore {
             PlainOp::Put(&meta_k, &meta_bytes),
             PlainOp::Put(&data_k, &encoded),
         ];
+        ops.extend(pruned_keys.iter().map(|k| PlainOp::Delete(k)));
         prints.extend_batch(&mut ops);
-        // The pruned versions' data goes in the same transaction as far as
-        // it fits (etcd: 127 operations); the rest, which the metadata no
-        // longer lists, right after it (a `max_versions` lowered a lot).
-        let room = self.barrier.max_batch_ops().saturating_sub(ops.len());
-        let (now, later) = pruned_keys.split_at(room.min(pruned_keys.len()));
-        ops.extend(now.iter().map(|k| PlainOp::Delete(k)));
         let mut expect = vec![(meta_k.as_str(), stamp.as_ref())];
         expect.extend(prints.read.iter().map(|(k, s)| (k.as_str(), s.as_ref())));
         if !self.barrier.batch_if(&expect, &ops)? {
             return Ok(None);
-        }
-        if !later.is_empty() {
-            let deletes: Vec<PlainOp<'_>> = later.iter().map(|k| PlainOp::Delete(k)).collect();
-            if let Err(e) = self.barrier.batch_in_chunks(&deletes) {
-                // Unlisted data: read by nothing.
-                tracing::warn!(path = %req.path, error = %e, "the data of pruned versions was not all deleted");
-            }
         }
         Ok(Some(version))
     }
@@ -1130,12 +1122,18 @@ impl SecretStore {
     }
 }
 
+/// Versions one write on a shared store prunes at most: their data's
+/// deletes share its guarded transaction (etcd: 127 operations) with its
+/// own records and fingerprint changes.
+const PRUNE_PER_WRITE: usize = 64;
+
 /// Drops the oldest versions beyond `max_versions`, never one that holds a
-/// stage; returns the versions whose data must be deleted.
-fn prune(meta: &mut MetaRecord) -> Vec<u64> {
+/// stage, at most `limit` of them; returns the versions whose data must be
+/// deleted.
+fn prune(meta: &mut MetaRecord, limit: usize) -> Vec<u64> {
     let max = meta.max_versions.max(1) as usize;
     let mut removed = Vec::new();
-    while meta.versions.len() > max {
+    while meta.versions.len() > max && removed.len() < limit {
         let Some(pos) = meta
             .versions
             .iter()

@@ -75,8 +75,8 @@ async fn an_identity_with_many_secret_ids_is_disabled_and_deleted_on_etcd() {
 }
 
 /// A Put that lowers `max_versions` far below the versions a secret holds
-/// prunes them all: what does not fit the guarded transaction is deleted
-/// right after it.
+/// prunes at most 64 of them (their deletes share its guarded transaction);
+/// the rest stay listed and go with the next writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_put_that_prunes_many_versions_on_etcd_succeeds() {
     let etcd = EtcdCluster::start(1);
@@ -94,6 +94,14 @@ async fn a_put_that_prunes_many_versions_on_etcd_succeeds() {
             .await
             .unwrap();
     }
+    let gone = |v: u64| {
+        let root = nodes.root1.clone();
+        let path = path.clone();
+        async move {
+            let read = root.get_with(&path, Some(v), None).await;
+            matches!(read.map_err(|e| e.code()), Err(Some(Code::NotFound)))
+        }
+    };
     let last = nodes
         .root2
         .put(&path, &data(&[("password", "final")]), keep(2))
@@ -102,19 +110,22 @@ async fn a_put_that_prunes_many_versions_on_etcd_succeeds() {
     assert_eq!(last, VERSIONS + 1);
     let read = nodes.root2.get(&path).await.unwrap();
     assert_eq!(read.field_str("password"), Some("final"));
-    // Only the two newest versions are left.
-    let old = nodes.root1.get_with(&path, Some(1), None).await;
-    assert!(matches!(
-        old.map_err(|e| e.code()),
-        Err(Some(Code::NotFound))
-    ));
-    let previous = nodes
-        .root1
-        .get_with(&path, Some(VERSIONS), None)
-        .await
-        .unwrap();
-    assert_eq!(
-        previous.field_str("password"),
-        Some(format!("v{}", VERSIONS - 1).as_str())
+    assert!(gone(1).await && gone(64).await, "the 64 oldest went");
+    assert!(
+        !gone(65).await,
+        "the rest stays listed until the next writes"
     );
+    for i in 0..2 {
+        nodes
+            .root2
+            .put(&path, &data(&[("password", &format!("after{i}"))]), keep(2))
+            .await
+            .unwrap();
+    }
+    for v in [65, 100, VERSIONS, VERSIONS + 1] {
+        assert!(gone(v).await, "version {v} is still there");
+    }
+    let newest = nodes.root1.get(&path).await.unwrap();
+    assert_eq!(newest.version, VERSIONS + 3);
+    assert!(!gone(VERSIONS + 2).await);
 }
