@@ -558,6 +558,9 @@ pub struct IdentityStore {
     write_lock: Mutex<()>,
     /// Woken when an expiry is set, so the sweeper can sleep until the next one.
     expiry_set: tokio::sync::Notify,
+    /// Tests: run once inside `record_login`, between its read and its write.
+    #[cfg(test)]
+    before_login_write: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl IdentityStore {
@@ -566,6 +569,8 @@ impl IdentityStore {
             barrier,
             write_lock: Mutex::new(()),
             expiry_set: tokio::sync::Notify::new(),
+            #[cfg(test)]
+            before_login_write: Mutex::new(None),
         }
     }
 
@@ -1159,14 +1164,32 @@ impl IdentityStore {
         }
         let name = seen.name.as_str();
         let _guard = self.lock();
-        if let Some(mut record) = self.get(name)? {
-            // One write per second at most per identity: login throughput is
-            // not spent on a timestamp nobody reads at millisecond precision.
-            if now_ms.saturating_sub(record.last_login_ms) >= 1000 {
-                record.last_login_ms = now_ms;
-                self.put_record(&record)?;
-            }
+        let key = format!("{RECORD_PREFIX}{name}");
+        let Some((raw, stamp)) = self.barrier.get_stamped(&key)? else {
+            return Ok(());
+        };
+        let mut record: IdentityRecord = Self::decode(&raw)?;
+        // One write per second at most per identity: login throughput is
+        // not spent on a timestamp nobody reads at millisecond precision.
+        if now_ms.saturating_sub(record.last_login_ms) < 1000 {
+            return Ok(());
         }
+        record.last_login_ms = now_ms;
+        #[cfg(test)]
+        if let Some(hook) = self
+            .before_login_write
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            hook();
+        }
+        // Only over the record read: on a shared store another node may
+        // have written it since (a disable), and a login must never write
+        // back what it read before. The lock does it on a store this
+        // process owns. Lost to a change, the time waits for the next login.
+        self.barrier
+            .compare_and_swap(&key, Some(&stamp), Some(&record.encode_to_vec()))?;
         Ok(())
     }
 

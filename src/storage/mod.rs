@@ -37,6 +37,8 @@ pub mod format;
 mod group_commit;
 pub mod members;
 pub mod read_cache;
+#[cfg(test)]
+pub(crate) mod shared_sled;
 mod sled_backend;
 
 #[cfg(feature = "etcd")]

@@ -1037,83 +1037,11 @@ async fn a_child_issue_waits_for_its_turn_without_blocking_the_runtime() {
     other.join().unwrap();
 }
 
-/// A sled store that says it is shared, as etcd is: two barriers over it
-/// are two nodes, each with its own token store and write lock. Its
-/// conditional batch checks and writes under one mutex, as an etcd
-/// transaction does.
-struct SharedSled {
-    inner: SledBackend,
-    txn: std::sync::Mutex<()>,
-}
-
-impl crate::storage::Backend for SharedSled {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, crate::storage::StorageError> {
-        self.inner.get(key)
-    }
-    fn put(&self, key: &[u8], value: &[u8]) -> Result<(), crate::storage::StorageError> {
-        let _txn = self.txn.lock().unwrap();
-        self.inner.put(key, value)
-    }
-    fn delete(&self, key: &[u8]) -> Result<(), crate::storage::StorageError> {
-        let _txn = self.txn.lock().unwrap();
-        self.inner.delete(key)
-    }
-    fn scan_prefix(
-        &self,
-        prefix: &[u8],
-    ) -> Result<crate::storage::KeyValues, crate::storage::StorageError> {
-        self.inner.scan_prefix(prefix)
-    }
-    fn scan_range(
-        &self,
-        start: &[u8],
-        end: &[u8],
-        limit: usize,
-    ) -> Result<crate::storage::KeyValues, crate::storage::StorageError> {
-        self.inner.scan_range(start, end, limit)
-    }
-    fn compare_and_swap(
-        &self,
-        key: &[u8],
-        expected: Option<&[u8]>,
-        new: Option<&[u8]>,
-    ) -> Result<crate::storage::CasOutcome, crate::storage::StorageError> {
-        let _txn = self.txn.lock().unwrap();
-        self.inner.compare_and_swap(key, expected, new)
-    }
-    fn batch(&self, ops: Vec<crate::storage::BatchOp>) -> Result<(), crate::storage::StorageError> {
-        let _txn = self.txn.lock().unwrap();
-        self.inner.batch(ops)
-    }
-    fn batch_if(
-        &self,
-        expect: crate::storage::Expected,
-        ops: Vec<crate::storage::BatchOp>,
-    ) -> Result<bool, crate::storage::StorageError> {
-        let _txn = self.txn.lock().unwrap();
-        for (key, value) in &expect {
-            if self.inner.get(key)?.as_ref() != value.as_ref() {
-                return Ok(false);
-            }
-        }
-        self.inner.batch(ops)?;
-        Ok(true)
-    }
-    fn flush(&self) -> Result<(), crate::storage::StorageError> {
-        self.inner.flush()
-    }
-    fn is_shared(&self) -> bool {
-        true
-    }
-}
-
 /// Two token stores ("nodes") over one shared store, both unsealed.
 fn two_nodes() -> (tempfile::TempDir, TokenStore, TokenStore) {
     let dir = tempfile::tempdir().unwrap();
-    let backend: Arc<dyn crate::storage::Backend> = Arc::new(SharedSled {
-        inner: SledBackend::open(dir.path()).unwrap(),
-        txn: std::sync::Mutex::new(()),
-    });
+    let backend: Arc<dyn crate::storage::Backend> =
+        Arc::new(crate::storage::shared_sled::SharedSled::open(dir.path()));
     let one = Barrier::new(backend.clone(), BarrierOptions::default()).unwrap();
     let shares = one.init(1, 1).unwrap();
     one.unseal(&shares[0].0).unwrap();
