@@ -108,6 +108,8 @@ pub mod secrets;
 pub mod server;
 pub mod snapshot;
 pub mod storage;
+#[cfg(test)]
+pub(crate) mod test_hook;
 pub mod token;
 // -- anomaly detection (issue 13) --
 pub mod anomaly;

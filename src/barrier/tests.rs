@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use super::*;
+use crate::storage::test_sled::TestSled;
 use crate::storage::SledBackend;
 
 struct Vault {
@@ -782,85 +783,15 @@ fn options_are_checked() {
     assert!(matches!(error, BarrierError::InvalidOptions(_)));
 }
 
-/// A sled store with etcd-like bounds on one batch (3 operations, or
-/// `max_bytes`), recording each batch's size; the `fail_at`-th batch fails.
-struct Bounded {
-    inner: SledBackend,
+/// A barrier over a store taking batches of at most 3 operations and
+/// `max_bytes` (see `TestSled::bounded`), unsealed, its batches so far
+/// forgotten.
+fn bounded(
     max_bytes: usize,
-    sizes: std::sync::Mutex<Vec<usize>>,
     fail_at: Option<usize>,
-}
-
-impl Backend for Bounded {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, crate::storage::StorageError> {
-        self.inner.get(key)
-    }
-    fn put(&self, key: &[u8], value: &[u8]) -> Result<(), crate::storage::StorageError> {
-        self.inner.put(key, value)
-    }
-    fn delete(&self, key: &[u8]) -> Result<(), crate::storage::StorageError> {
-        self.inner.delete(key)
-    }
-    fn scan_prefix(
-        &self,
-        prefix: &[u8],
-    ) -> Result<crate::storage::KeyValues, crate::storage::StorageError> {
-        self.inner.scan_prefix(prefix)
-    }
-    fn scan_range(
-        &self,
-        start: &[u8],
-        end: &[u8],
-        limit: usize,
-    ) -> Result<crate::storage::KeyValues, crate::storage::StorageError> {
-        self.inner.scan_range(start, end, limit)
-    }
-    fn compare_and_swap(
-        &self,
-        key: &[u8],
-        expected: Option<&[u8]>,
-        new: Option<&[u8]>,
-    ) -> Result<crate::storage::CasOutcome, crate::storage::StorageError> {
-        self.inner.compare_and_swap(key, expected, new)
-    }
-    fn batch(&self, ops: Vec<BatchOp>) -> Result<(), crate::storage::StorageError> {
-        let bytes: usize = ops
-            .iter()
-            .map(|op| match op {
-                BatchOp::Put(k, v) => k.len() + v.len(),
-                BatchOp::Delete(k) => k.len(),
-            })
-            .sum();
-        assert!(
-            ops.len() <= 3 && bytes <= self.max_bytes,
-            "a batch over the bounds"
-        );
-        let mut sizes = self.sizes.lock().unwrap();
-        sizes.push(ops.len());
-        if Some(sizes.len()) == self.fail_at {
-            return Err(crate::storage::StorageError::Io("batch: refused".into()));
-        }
-        self.inner.batch(ops)
-    }
-    fn flush(&self) -> Result<(), crate::storage::StorageError> {
-        self.inner.flush()
-    }
-    fn max_batch_ops(&self) -> usize {
-        3
-    }
-    fn max_batch_bytes(&self) -> usize {
-        self.max_bytes
-    }
-}
-
-fn bounded(max_bytes: usize, fail_at: Option<usize>) -> (tempfile::TempDir, Arc<Bounded>, Barrier) {
+) -> (tempfile::TempDir, Arc<TestSled>, Barrier) {
     let dir = tempfile::tempdir().unwrap();
-    let backend = Arc::new(Bounded {
-        inner: SledBackend::open(dir.path()).unwrap(),
-        max_bytes,
-        sizes: std::sync::Mutex::new(Vec::new()),
-        fail_at,
-    });
+    let backend = Arc::new(TestSled::bounded(dir.path(), 3, max_bytes, fail_at));
     let barrier = Barrier::new(backend.clone(), BarrierOptions::default()).unwrap();
     let shares = barrier.init(1, 1).unwrap();
     barrier.unseal(&shares[0].0).unwrap();

@@ -560,7 +560,7 @@ pub struct IdentityStore {
     expiry_set: tokio::sync::Notify,
     /// Tests: run once inside `record_login`, between its read and its write.
     #[cfg(test)]
-    before_login_write: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    before_login_write: crate::test_hook::Hook,
 }
 
 impl IdentityStore {
@@ -570,7 +570,7 @@ impl IdentityStore {
             write_lock: Mutex::new(()),
             expiry_set: tokio::sync::Notify::new(),
             #[cfg(test)]
-            before_login_write: Mutex::new(None),
+            before_login_write: crate::test_hook::Hook::default(),
         }
     }
 
@@ -1176,14 +1176,7 @@ impl IdentityStore {
         }
         record.last_login_ms = now_ms;
         #[cfg(test)]
-        if let Some(hook) = self
-            .before_login_write
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
-            hook();
-        }
+        self.before_login_write.run();
         // Only over the record read: on a shared store another node may
         // have written it since (a disable), and a login must never write
         // back what it read before. The lock does it on a store this

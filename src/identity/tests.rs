@@ -509,13 +509,7 @@ fn a_delete_run_again_leaves_a_certificate_bound_since_to_another() {
 #[test]
 fn a_login_never_writes_back_a_record_disabled_meanwhile_on_another_node() {
     let dir = tempfile::tempdir().unwrap();
-    let backend: Arc<dyn crate::storage::Backend> =
-        Arc::new(crate::storage::shared_sled::SharedSled::open(dir.path()));
-    let one = Barrier::new(backend.clone(), BarrierOptions::default()).unwrap();
-    let shares = one.init(1, 1).unwrap();
-    one.unseal(shares[0].0.as_str()).unwrap();
-    let two = Barrier::new(backend, BarrierOptions::default()).unwrap();
-    two.unseal(shares[0].0.as_str()).unwrap();
+    let (one, two) = crate::storage::test_sled::two_barriers(dir.path());
     let (one, two) = (
         Arc::new(IdentityStore::new(Arc::new(one))),
         Arc::new(IdentityStore::new(Arc::new(two))),
@@ -523,17 +517,14 @@ fn a_login_never_writes_back_a_record_disabled_meanwhile_on_another_node() {
     one.create(new("ci"), &AllPolicies, NOW).unwrap();
     let seen = one.get("ci").unwrap().unwrap();
     let other = two.clone();
-    *one.before_login_write.lock().unwrap() = Some(Box::new(move || {
+    one.before_login_write.set(move || {
         let revoked = Revocations::default();
         other
             .set_disabled(&name("ci"), true, false, &revoked, NOW + 5_000)
             .unwrap();
-    }));
+    });
     one.record_login(&seen, NOW + 5_000).unwrap();
-    assert!(
-        one.before_login_write.lock().unwrap().is_none(),
-        "the hook ran"
-    );
+    assert!(!one.before_login_write.is_set(), "the hook ran");
     assert!(two.get("ci").unwrap().unwrap().disabled);
     assert!(one.get("ci").unwrap().unwrap().disabled);
 }

@@ -766,13 +766,19 @@ mod tests {
     use crate::storage::SledBackend;
 
     fn store() -> (tempfile::TempDir, SecretStore) {
+        let (dir, store, _) = store_and_share();
+        (dir, store)
+    }
+
+    /// [`store`], and the unseal share of its barrier.
+    fn store_and_share() -> (tempfile::TempDir, SecretStore, crate::barrier::UnsealShare) {
         let dir = tempfile::tempdir().unwrap();
         let backend = SledBackend::open(dir.path()).unwrap();
         let barrier = Barrier::new(Arc::new(backend), BarrierOptions::default()).unwrap();
-        let shares = barrier.init(1, 1).unwrap();
-        barrier.unseal(&shares[0].0).unwrap();
+        let share = barrier.init(1, 1).unwrap().remove(0);
+        barrier.unseal(&share.0).unwrap();
         let store = SecretStore::new(Arc::new(barrier), DataLimits::default());
-        (dir, store)
+        (dir, store, share)
     }
 
     fn proof(path: &str, cap: Capability) -> crate::policy::Authorized {
@@ -1167,12 +1173,7 @@ mod tests {
     #[test]
     fn a_seal_empties_the_index_a_match_filled() {
         use std::sync::atomic::Ordering;
-        let dir = tempfile::tempdir().unwrap();
-        let backend = SledBackend::open(dir.path()).unwrap();
-        let barrier = Barrier::new(Arc::new(backend), BarrierOptions::default()).unwrap();
-        let shares = barrier.init(1, 1).unwrap();
-        barrier.unseal(&shares[0].0).unwrap();
-        let etcd_written = SecretStore::new(Arc::new(barrier), DataLimits::default());
+        let (_dir, etcd_written, share) = store_and_share();
         etcd_written.prints_unrecorded.store(true, Ordering::SeqCst);
         put(
             &etcd_written,
@@ -1189,7 +1190,7 @@ mod tests {
         assert_eq!(store.unrecorded.paths(), 0);
         assert!(store.match_value(b"sealed-Value-01").is_err(), "sealed");
         assert_eq!(store.unrecorded.paths(), 0);
-        store.barrier.unseal(&shares[0].0).unwrap();
+        store.barrier.unseal(&share.0).unwrap();
         assert_eq!(matched(&store, "sealed-Value-01"), found);
     }
 

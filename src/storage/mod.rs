@@ -37,9 +37,9 @@ pub mod format;
 mod group_commit;
 pub mod members;
 pub mod read_cache;
-#[cfg(test)]
-pub(crate) mod shared_sled;
 mod sled_backend;
+#[cfg(test)]
+pub(crate) mod test_sled;
 
 #[cfg(feature = "etcd")]
 pub use etcd_backend::EtcdBackend;

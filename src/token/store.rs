@@ -392,25 +392,15 @@ struct Inner {
     hooks: TestHooks,
 }
 
-/// Code a test runs inside a write, to interleave two stores (two nodes)
-/// deterministically. Each runs once.
+/// Points inside a write where a test runs code, to interleave two stores
+/// (two nodes) deterministically.
 #[cfg(test)]
 #[derive(Default)]
 struct TestHooks {
     /// In an anchored issue, after the index entries, before the record.
-    before_anchored_write: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    before_anchored_write: crate::test_hook::Hook,
     /// In a revocation, after planning a tree, before deleting it.
-    after_revoke_plan: Mutex<Option<Box<dyn FnOnce() + Send>>>,
-}
-
-#[cfg(test)]
-impl TestHooks {
-    fn run(&self, slot: &Mutex<Option<Box<dyn FnOnce() + Send>>>) {
-        let hook = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(hook) = hook {
-            hook();
-        }
-    }
+    after_revoke_plan: crate::test_hook::Hook,
 }
 
 /// Where the sweeper looks next: per identity (hex, as in the keys), a time
@@ -569,6 +559,30 @@ struct RevokePlan {
     /// writing on another node (or one a crash cut short), with the link
     /// that found each. Their links are not in the batches.
     unrecorded: Vec<(String, String)>,
+}
+
+/// Adds a token's own keys to its revocation group: its record and index
+/// entries, and the links to it from its parent and actor.
+fn push_token_keys(acc: &str, record: &TokenRecord, group: &mut Vec<String>) {
+    group.push(format!("{ACCESSOR_PREFIX}{acc}"));
+    if record.derived {
+        group.push(ttl_key(&record.identity, record.expires_at_ms, acc));
+    } else {
+        group.push(format!("{HASH_PREFIX}{}", record.hash));
+        group.push(format!("{}{acc}", identity_prefix(&record.identity)));
+        if record.expires_at_ms != 0 {
+            group.push(expiry_key(record.expires_at_ms, acc));
+        }
+    }
+    for linked_from in [&record.parent_accessor, &record.actor_accessor] {
+        if linked_from.is_empty() {
+            continue;
+        }
+        let own_link = format!("{CHILDREN_PREFIX}{linked_from}/{acc}");
+        if !group.contains(&own_link) {
+            group.push(own_link);
+        }
+    }
 }
 
 /// The accessors whose records a revocation's batches delete.
@@ -808,15 +822,7 @@ impl TokenStore {
     }
 
     fn record(&self, accessor: &str) -> Result<Option<TokenRecord>, TokenError> {
-        match self
-            .barrier()
-            .get(&format!("{ACCESSOR_PREFIX}{accessor}"))?
-        {
-            Some(raw) => TokenRecord::decode(raw.as_slice())
-                .map(Some)
-                .map_err(|_| TokenError::Corrupt),
-            None => Ok(None),
-        }
+        Ok(self.record_stamped(accessor)?.map(|(record, _)| record))
     }
 
     /// [`TokenStore::record`] with the stamp of the stored record, for a
@@ -1211,9 +1217,7 @@ impl TokenStore {
                 Some((last, links)) if !expect.is_empty() => {
                     self.barrier().write_in_order(links)?;
                     #[cfg(test)]
-                    self.inner
-                        .hooks
-                        .run(&self.inner.hooks.before_anchored_write);
+                    self.inner.hooks.before_anchored_write.run();
                     if !self
                         .barrier()
                         .batch_if(&expect, std::slice::from_ref(last))?
@@ -1673,7 +1677,7 @@ impl TokenStore {
             let plan = self.revoke_plan(tree, max_ops, shared)?;
             count = count.saturating_add(plan.count);
             #[cfg(test)]
-            self.inner.hooks.run(&self.inner.hooks.after_revoke_plan);
+            self.inner.hooks.after_revoke_plan.run();
             self.apply_revoke(&plan.batches)?;
             if shared {
                 // Another node may be issuing a child under one of these
@@ -1689,11 +1693,8 @@ impl TokenStore {
                     trees.push((child, Some(link)));
                 }
                 for revoked in revoked_accessors(&plan.batches) {
-                    let prefix = format!("{CHILDREN_PREFIX}{revoked}/");
-                    for key in self.barrier().scan_keys(&prefix)? {
-                        if let Some(child) = key.strip_prefix(&prefix) {
-                            trees.push((child.to_owned(), Some(key.clone())));
-                        }
+                    for (child, link) in self.children_links(revoked)? {
+                        trees.push((child, Some(link)));
                     }
                 }
             }
@@ -1758,31 +1759,26 @@ impl TokenStore {
             // read without a record can never get one (its write is
             // conditional on this record), so its link alone may go.
             let record = self.record(&acc)?;
-            match (&record, link) {
-                (None, Some(link)) if under_record && defer_unrecorded => {
-                    // Its record may still be written (an issue on another
-                    // node, its parent still stored): the link stays, so
-                    // that whatever cuts this revocation short leaves the
-                    // child reachable; it is planned again once its parent
-                    // is gone (`revoke_locked`).
-                    unrecorded.push((acc, link));
-                    continue;
-                }
-                (_, link) => {
-                    let children_prefix = format!("{CHILDREN_PREFIX}{acc}/");
-                    for key in self.barrier().scan_keys(&children_prefix)? {
-                        if let Some(child) = key.strip_prefix(&children_prefix) {
-                            pending.push((child.to_owned(), Some(key.clone()), record.is_some()));
-                        } else {
-                            groups.push(vec![key]);
-                        }
-                    }
-                    let mut group: Vec<String> = link.into_iter().collect();
-                    self.plan_token(&acc, record, &mut group, &mut count);
-                    if !group.is_empty() {
-                        groups.push(group);
-                    }
-                }
+            if let (None, Some(found_by), true) = (&record, &link, under_record && defer_unrecorded)
+            {
+                // Its record may still be written (an issue on another
+                // node, its parent still stored): the link stays, so that
+                // whatever cuts this revocation short leaves the child
+                // reachable; it is planned again once its parent is gone
+                // (`revoke_locked`).
+                unrecorded.push((acc, found_by.clone()));
+                continue;
+            }
+            for (child, child_link) in self.children_links(&acc)? {
+                pending.push((child, Some(child_link), record.is_some()));
+            }
+            let mut group: Vec<String> = link.into_iter().collect();
+            if let Some(record) = &record {
+                count = count.saturating_add(1);
+                push_token_keys(&acc, record, &mut group);
+            }
+            if !group.is_empty() {
+                groups.push(group);
             }
         }
         // Every token was reached from its parent, after it: reversed, each
@@ -1806,38 +1802,15 @@ impl TokenStore {
         })
     }
 
-    /// Adds a token's own keys to its group: its record and index entries,
-    /// and the links to it from its parent and actor.
-    fn plan_token(
-        &self,
-        acc: &str,
-        record: Option<TokenRecord>,
-        group: &mut Vec<String>,
-        count: &mut u32,
-    ) {
-        let Some(record) = record else {
-            return;
-        };
-        *count = count.saturating_add(1);
-        group.push(format!("{ACCESSOR_PREFIX}{acc}"));
-        if record.derived {
-            group.push(ttl_key(&record.identity, record.expires_at_ms, acc));
-        } else {
-            group.push(format!("{HASH_PREFIX}{}", record.hash));
-            group.push(format!("{}{acc}", identity_prefix(&record.identity)));
-            if record.expires_at_ms != 0 {
-                group.push(expiry_key(record.expires_at_ms, acc));
-            }
-        }
-        for linked_from in [&record.parent_accessor, &record.actor_accessor] {
-            if linked_from.is_empty() {
-                continue;
-            }
-            let own_link = format!("{CHILDREN_PREFIX}{linked_from}/{acc}");
-            if !group.contains(&own_link) {
-                group.push(own_link);
-            }
-        }
+    /// The children linked under `acc`: (child accessor, link key).
+    fn children_links(&self, acc: &str) -> Result<Vec<(String, String)>, TokenError> {
+        let prefix = format!("{CHILDREN_PREFIX}{acc}/");
+        Ok(self
+            .barrier()
+            .scan_keys(&prefix)?
+            .into_iter()
+            .filter_map(|key| Some((key.strip_prefix(&prefix)?.to_owned(), key.clone())))
+            .collect())
     }
 
     /// Revokes every token (and its children) of this identity; returns how many.

@@ -1040,13 +1040,7 @@ async fn a_child_issue_waits_for_its_turn_without_blocking_the_runtime() {
 /// Two token stores ("nodes") over one shared store, both unsealed.
 fn two_nodes() -> (tempfile::TempDir, TokenStore, TokenStore) {
     let dir = tempfile::tempdir().unwrap();
-    let backend: Arc<dyn crate::storage::Backend> =
-        Arc::new(crate::storage::shared_sled::SharedSled::open(dir.path()));
-    let one = Barrier::new(backend.clone(), BarrierOptions::default()).unwrap();
-    let shares = one.init(1, 1).unwrap();
-    one.unseal(&shares[0].0).unwrap();
-    let two = Barrier::new(backend, BarrierOptions::default()).unwrap();
-    two.unseal(&shares[0].0).unwrap();
+    let (one, two) = crate::storage::test_sled::two_barriers(dir.path());
     let node = |barrier: Barrier| {
         let store = TokenStore::new(
             Arc::new(barrier),
@@ -1086,9 +1080,9 @@ fn a_child_whose_parent_is_revoked_on_another_node_before_its_record_is_not_issu
     let (two_, parent_acc) = (two.clone(), parent.accessor.clone());
     let revoked = Arc::new(std::sync::Mutex::new(None));
     let seen = revoked.clone();
-    *one.inner.hooks.before_anchored_write.lock().unwrap() = Some(Box::new(move || {
+    one.inner.hooks.before_anchored_write.set(move || {
         *seen.lock().unwrap() = Some(two_.revoke(&parent_acc).unwrap());
-    }));
+    });
     let issued = one.issue(child_of(&parent.accessor, "svc"), T0 + 1);
     assert!(
         matches!(issued, Err(TokenError::ParentInvalid)),
@@ -1118,9 +1112,9 @@ fn a_child_linked_after_a_revocation_on_another_node_planned_is_revoked_with_its
     let (one_, parent_acc) = (one.clone(), parent.accessor.clone());
     let child = Arc::new(std::sync::Mutex::new(None));
     let made = child.clone();
-    *two.inner.hooks.after_revoke_plan.lock().unwrap() = Some(Box::new(move || {
+    two.inner.hooks.after_revoke_plan.set(move || {
         *made.lock().unwrap() = Some(one_.issue(child_of(&parent_acc, "svc"), T0 + 1).unwrap());
-    }));
+    });
     let count = two.revoke(&parent.accessor).unwrap();
     let child = child
         .lock()
@@ -1155,14 +1149,14 @@ fn renew_before_each_try(
     runs: Arc<std::sync::atomic::AtomicUsize>,
 ) {
     let (one_, two_, parent_) = (one.clone(), two.clone(), parent.to_owned());
-    *one.inner.hooks.before_anchored_write.lock().unwrap() = Some(Box::new(move || {
+    one.inner.hooks.before_anchored_write.set(move || {
         let run = runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
         two_.renew(&parent_, Some(Duration::from_secs(60 + run as u64)), T0 + 1)
             .unwrap();
         if run < times {
             renew_before_each_try(&one_, &two_, &parent_, times, runs);
         }
-    }));
+    });
 }
 
 #[test]
@@ -1234,12 +1228,12 @@ fn a_child_whose_link_a_revocation_planned_without_its_record_is_revoked() {
     let parent = one.issue(req("svc", &["a"], 600), T0).unwrap();
     let (linked_tx, linked_rx) = std::sync::mpsc::channel::<()>();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-    *one.inner.hooks.before_anchored_write.lock().unwrap() = Some(Box::new(move || {
+    one.inner.hooks.before_anchored_write.set(move || {
         linked_tx.send(()).unwrap();
         go_rx
             .recv_timeout(Duration::from_secs(60))
             .expect("the revocation planned");
-    }));
+    });
     let (one_, parent_acc) = (one.clone(), parent.accessor.clone());
     let issuer =
         std::thread::spawn(move || one_.issue(child_of(&parent_acc, "svc"), T0 + 1).unwrap());
@@ -1249,7 +1243,7 @@ fn a_child_whose_link_a_revocation_planned_without_its_record_is_revoked() {
     let issued = Arc::new(std::sync::Mutex::new(None));
     let (issued_, planned_links) = (issued.clone(), Arc::new(std::sync::Mutex::new(0)));
     let (two_, parent_acc, seen) = (two.clone(), parent.accessor.clone(), planned_links.clone());
-    *two.inner.hooks.after_revoke_plan.lock().unwrap() = Some(Box::new(move || {
+    two.inner.hooks.after_revoke_plan.set(move || {
         // The plan was made with the link there and no record.
         *seen.lock().unwrap() = two_
             .barrier()
@@ -1258,7 +1252,7 @@ fn a_child_whose_link_a_revocation_planned_without_its_record_is_revoked() {
             .len();
         go_tx.send(()).unwrap();
         *issued_.lock().unwrap() = Some(issuer.join().unwrap());
-    }));
+    });
     let count = two.revoke(&parent.accessor).unwrap();
     let child = issued.lock().unwrap().take().expect("the child was issued");
     assert_eq!(*planned_links.lock().unwrap(), 1);
@@ -1287,9 +1281,9 @@ fn a_revocation_cut_short_leaves_a_child_written_after_its_plan_reachable() {
     let plan = Arc::new(std::sync::Mutex::new(None));
     let (two_, parent_acc, planned) = (two.clone(), parent.accessor.clone(), plan.clone());
     // Node two plans while node one's child has its link and no record.
-    *one.inner.hooks.before_anchored_write.lock().unwrap() = Some(Box::new(move || {
+    one.inner.hooks.before_anchored_write.set(move || {
         *planned.lock().unwrap() = Some(two_.revoke_plan((parent_acc, None), 1024, true).unwrap());
-    }));
+    });
     let child = one
         .issue(child_of(&parent.accessor, "svc"), T0 + 1)
         .unwrap();
@@ -1345,9 +1339,9 @@ fn a_delegated_token_whose_actor_is_revoked_on_another_node_is_not_issued() {
     let (_d, one, two) = two_nodes();
     let actor = one.issue(req("agent", &["a"], 600), T0).unwrap();
     let (two_, actor_acc) = (two.clone(), actor.accessor.clone());
-    *one.inner.hooks.before_anchored_write.lock().unwrap() = Some(Box::new(move || {
+    one.inner.hooks.before_anchored_write.set(move || {
         assert_eq!(two_.revoke(&actor_acc).unwrap(), 1);
-    }));
+    });
     let refused = one.issue_with(
         req("svc", &["a"], 600),
         Delegation {
