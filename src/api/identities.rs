@@ -259,6 +259,24 @@ impl Identities for IdentitiesService {
         // it needs the policies the identity keeps (new ones were checked),
         // and the store applies it only if they are still those.
         let mut checked_policies = None;
+        let owner_is_claimed = match &r.owner {
+            Some(_) => {
+                let named = self.core.federation.issuer.templates_name("identity.owner");
+                call.check(named)?
+            }
+            None => false,
+        };
+        if owner_is_claimed && !r.set_policies {
+            // A role's claims carry the owner: changing it changes what the
+            // identity's tokens say to relying parties, a grant.
+            let found = call.check(self.core.identities.get(name.as_str()))?;
+            if let Some(record) = found {
+                if r.owner.as_deref() != Some(record.owner.as_str()) {
+                    call.require_policy_subset(&record.policies)?;
+                    checked_policies = Some(record.policies);
+                }
+            }
+        }
         if let (Some(new), false) = (expires_at_ms, r.set_policies) {
             let found = call.check(self.core.identities.get(name.as_str()))?;
             if let Some(record) = found {
@@ -569,6 +587,13 @@ impl Identities for IdentitiesService {
         let r = req.into_inner();
         let name = call.check(IdentityName::parse(&r.name))?;
         call.authorize(Capability::Write, name.resource())?;
+        // Labels may be claims of the identity's tokens, which a relying
+        // party may map to access: a change is a grant, and needs every
+        // policy the identity holds (as `enable` does).
+        let found = call.check(self.core.identities.get(name.as_str()))?;
+        if let Some(record) = found {
+            call.require_policy_subset(&record.policies)?;
+        }
         let record = call.check(self.core.identities.set_metadata(
             &name,
             r.set.into_iter().collect(),

@@ -27,9 +27,10 @@ pub(crate) async fn login(
         return Err(call.fail(BarrierError::Sealed).into());
     }
     let source = req.remote_addr().map(|a| a.ip());
-    let leaf: Option<Vec<u8>> = req
+    let chain: Vec<Vec<u8>> = req
         .peer_certs()
-        .and_then(|certs| certs.first().map(|c| c.as_ref().to_vec()));
+        .map(|certs| certs.iter().map(|c| c.as_ref().to_vec()).collect())
+        .unwrap_or_default();
     let r = req.into_inner();
     let now = core.clock().now_ms();
     let grant = match r.method {
@@ -41,7 +42,7 @@ pub(crate) async fn login(
         Some(Method::Cert(_)) => {
             call.set_resource("auth/login/cert");
             core.login
-                .cert(&core.identities, leaf.as_deref(), source, now)
+                .cert(&core.identities, core.pki.trust(), &chain, source, now)
         }
         Some(Method::Oidc(o)) => {
             call.set_resource("auth/login/oidc");

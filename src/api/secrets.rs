@@ -320,16 +320,7 @@ impl Secrets for SecretsService {
         call.authorize(Capability::Read, path.resource())?;
         let fresh = call.caller().is_some_and(|c| c.fresh);
         let found = call.check(self.core.secrets.get_fenced(&path, selector, fresh))?;
-        // The read set (issue 13): a path new to this identity is on disk
-        // before the answer leaves; a known one is a lookup in memory.
-        let noted = match call.caller() {
-            Some(c) => {
-                let now = self.core.clock().now_ms();
-                self.core.reads.note(&c.identity, path.as_str(), now).await
-            }
-            None => Ok(()),
-        };
-        call.check(noted)?;
+        call.note_read(path.as_str()).await?;
         let refs: Vec<(&str, &[u8])> = found
             .data
             .iter()

@@ -138,20 +138,7 @@ async fn list(State(state): State<HttpState>, Path(prefix): Path<String>, req: R
     let leases = api_leases::list(&state.core, &mut call, &prefix, false)?;
     call.ok(&[])?;
     let under = format!("{}/", prefix.trim_end_matches('/'));
-    let mut keys: Vec<String> = Vec::new();
-    for lease in &leases {
-        let Some(rest) = lease.id.strip_prefix(&under) else {
-            continue;
-        };
-        let key = match rest.split_once('/') {
-            Some((folder, _)) => format!("{folder}/"),
-            None => rest.to_owned(),
-        };
-        if !key.is_empty() && !keys.contains(&key) {
-            keys.push(key);
-        }
-    }
-    keys.sort();
+    let keys = super::reply::child_keys(leases.iter().map(|l| l.id.as_str()), &under);
     if keys.is_empty() {
         return Err(super::reply::errors(axum::http::StatusCode::NOT_FOUND, ""));
     }

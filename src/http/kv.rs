@@ -140,6 +140,7 @@ async fn read(state: &HttpState, req: &VaultRequest, path: &str) -> Answer {
     call.authorize(Capability::Read, path.resource())?;
     let fresh = call.caller().is_some_and(|c| c.fresh);
     let found = call.check(state.core.secrets.get_fenced(&path, selector, fresh))?;
+    call.note_read(path.as_str()).await?;
     let refs: Vec<(&str, &[u8])> = found
         .data
         .iter()
@@ -420,20 +421,7 @@ async fn list(state: &HttpState, req: &VaultRequest, prefix: &str) -> Answer {
     }))?;
     call.ok(&[])?;
     let under = prefix.path().map(|p| format!("{p}/")).unwrap_or_default();
-    let mut keys: Vec<String> = Vec::new();
-    for path in &paths {
-        let Some(rest) = path.strip_prefix(&under) else {
-            continue;
-        };
-        let key = match rest.split_once('/') {
-            Some((folder, _)) => format!("{folder}/"),
-            None => rest.to_owned(),
-        };
-        if !key.is_empty() && keys.last() != Some(&key) && !keys.contains(&key) {
-            keys.push(key);
-        }
-    }
-    keys.sort();
+    let keys = super::reply::child_keys(paths.iter().map(String::as_str), &under);
     if keys.is_empty() {
         return Err(errors(StatusCode::NOT_FOUND, ""));
     }

@@ -53,9 +53,9 @@ pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug)]
 pub struct Peer {
     pub addr: SocketAddr,
-    /// The client's leaf certificate (DER), verified against the client CA
-    /// during the handshake; `None` without one.
-    pub client_cert: Option<Arc<Vec<u8>>>,
+    /// The certificates the client presented (DER, leaf first), verified
+    /// against the client CA during the handshake; `None` without one.
+    pub client_chain: Option<Arc<Vec<Vec<u8>>>>,
 }
 
 /// Serves `router` on `listener` (TLS unless `tls` is `None`, which only
@@ -120,7 +120,7 @@ pub async fn serve(
             let Some(acceptor) = acceptor else {
                 let peer = Peer {
                     addr,
-                    client_cert: None,
+                    client_chain: None,
                 };
                 serve_connection(&builder, watcher, stream, router, &changes, peer).await;
                 return;
@@ -137,13 +137,15 @@ pub async fn serve(
                     return;
                 }
             };
-            let client_cert = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|chain| chain.first())
-                .map(|leaf| Arc::new(leaf.as_ref().to_vec()));
-            let peer = Peer { addr, client_cert };
+            let client_chain = tls.get_ref().1.peer_certificates().map(|chain| {
+                Arc::new(
+                    chain
+                        .iter()
+                        .map(|c| c.as_ref().to_vec())
+                        .collect::<Vec<_>>(),
+                )
+            });
+            let peer = Peer { addr, client_chain };
             serve_connection(&builder, watcher, tls, router, &changes, peer).await;
         });
     }

@@ -114,11 +114,12 @@ async fn cert_login(State(state): State<HttpState>, req: Request) -> Answer {
     // the certificate alone names the identity.
     let _: serde_json::Map<String, Value> = req.json(&mut call)?;
     let source = req.peer.as_ref().map(|p| p.addr.ip());
-    let leaf = req.peer.as_ref().and_then(|p| p.client_cert.clone());
+    let chain = req.peer.as_ref().and_then(|p| p.client_chain.clone());
     let now = state.core.clock().now_ms();
     let grant = state.core.login.cert(
         &state.core.identities,
-        leaf.as_deref().map(Vec::as_slice),
+        state.core.pki.trust(),
+        chain.as_deref().map_or(&[], Vec::as_slice),
         source,
         now,
     );

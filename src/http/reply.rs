@@ -445,10 +445,16 @@ impl VaultRequest {
 
     /// An audited 405 naming the methods this path serves (`allowed`).
     pub async fn method_not_allowed(&self, state: &HttpState, allowed: &str) -> Response {
-        let message = format!(
-            "method {} is not supported here; use {allowed}",
-            self.method
-        );
+        // A method of hyper's own list is named; an extension method (any
+        // token the client made up, of any length) is not repeated.
+        let message = if is_standard(&self.method) {
+            format!(
+                "method {} is not supported here; use {allowed}",
+                self.method
+            )
+        } else {
+            format!("this method is not supported here; use {allowed}")
+        };
         self.refuse(state, Refusal::MethodNotAllowed, &message)
             .await
     }
@@ -542,6 +548,45 @@ impl VaultRequest {
 /// answer is 408 and the connection is closed.
 pub const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The keys a Vault LIST answers for `paths` under `under` (which ends in
+/// `/`, or is empty): each path's next segment, with a `/` when more
+/// follows; sorted, each once. (A set, not a search of the list so far:
+/// that was quadratic in the number of keys.)
+pub fn child_keys<'a>(paths: impl IntoIterator<Item = &'a str>, under: &str) -> Vec<String> {
+    let mut keys = std::collections::BTreeSet::new();
+    for path in paths {
+        let Some(rest) = path.strip_prefix(under) else {
+            continue;
+        };
+        let key = match rest.split_once('/') {
+            Some((folder, _)) => format!("{folder}/"),
+            None => rest.to_owned(),
+        };
+        if !key.is_empty() {
+            keys.insert(key);
+        }
+    }
+    keys.into_iter().collect()
+}
+
+/// Whether `method` is one of HTTP's own or Vault's `LIST`: one a 405
+/// names back.
+fn is_standard(method: &Method) -> bool {
+    matches!(
+        method.as_str(),
+        "GET"
+            | "HEAD"
+            | "POST"
+            | "PUT"
+            | "DELETE"
+            | "PATCH"
+            | "OPTIONS"
+            | "TRACE"
+            | "CONNECT"
+            | "LIST"
+    )
+}
+
 /// serde_json's message for a body it refused, without the value it
 /// refused: serde quotes it (`invalid type: string "...", expected a map`),
 /// and a request body carries secrets. The kind of value, what was
@@ -552,6 +597,18 @@ fn json_error_text(e: &serde_json::Error) -> String {
         // Syntax and end-of-input messages name characters expected, never
         // the input.
         return text;
+    }
+    // serde quotes the name of an unknown field (or variant) the caller
+    // sent, which can be anything of any length: it is not repeated; the
+    // names expected, from the endpoint's schema, are.
+    for lead in ["unknown field ", "unknown variant "] {
+        if let Some(rest) = text.strip_prefix(lead) {
+            let tail = ["`, expected ", "`, there are no "]
+                .iter()
+                .find_map(|sep| rest.rfind(sep).map(|at| &rest[at + 1..]))
+                .unwrap_or("");
+            return format!("{lead}(its name is not repeated){tail}");
+        }
     }
     for lead in ["invalid type: ", "invalid value: "] {
         if let Some(rest) = text.strip_prefix(lead) {
@@ -655,6 +712,50 @@ mod tests {
         assert!(!over_limit(&broken.unwrap_err()));
         let fits = read(axum::body::Body::from(vec![b'x'; 10])).await;
         assert_eq!(fits.unwrap().len(), 10);
+    }
+
+    /// The name of an unknown field comes from the caller (any length):
+    /// it is not repeated; the names the endpoint expects are.
+    #[test]
+    fn an_unknown_field_is_not_named_back() {
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Body {
+            role_id: String,
+        }
+        let name = "A".repeat(10_000);
+        let body = format!("{{\"{name}\": 1}}");
+        let e = serde_json::from_str::<Body>(&body).unwrap_err();
+        let text = json_error_text(&e);
+        assert!(!text.contains("AAAA"), "{text}");
+        assert!(
+            text.starts_with("unknown field (its name is not repeated)"),
+            "{text}"
+        );
+        assert!(text.contains("`role_id`"), "{text}");
+        // Even one whose name looks like the separator.
+        let body = "{\"x`, expected nothing\": 1}";
+        let e = serde_json::from_str::<Body>(body).unwrap_err();
+        let text = json_error_text(&e);
+        assert!(!text.contains("nothing"), "{text}");
+    }
+
+    #[test]
+    fn list_keys_are_each_next_segment_once_and_sorted() {
+        let paths = ["a/x", "b", "a/y/z", "c/", "a", "other/q"];
+        let keys = child_keys(paths, "");
+        assert_eq!(keys, ["a", "a/", "b", "c/", "other/"]);
+        let under = child_keys(["t/a/b", "t/c", "u/d", "t/a/e"], "t/");
+        assert_eq!(under, ["a/", "c"]);
+    }
+
+    #[test]
+    fn only_known_methods_are_named_back() {
+        assert!(is_standard(&Method::GET));
+        assert!(is_standard(&Method::from_bytes(b"LIST").unwrap()));
+        let made_up = Method::from_bytes("X".repeat(5000).as_bytes()).unwrap();
+        assert!(!is_standard(&made_up));
     }
 
     #[test]

@@ -200,10 +200,22 @@ async fn create(state: &HttpState, req: &VaultRequest) -> Answer {
     // Vault adds its "default" policy to every token; keyward has none of
     // that name unless an operator made one, so it is dropped when absent.
     let default_exists = matches!(state.core.policies.get("default"), Ok(Some(_)));
+    let named = !policies.is_empty();
     if !default_exists {
         policies.retain(|p| p != "default");
     }
     if policies.is_empty() {
+        if named {
+            // Only `default` was asked for: a narrow token. Falling back to
+            // the caller's policies would hand out the widest one it can
+            // make (a root token, for a root caller).
+            return Err(call
+                .fail(Failure::invalid(
+                    "policy default does not exist in keyward (Vault's default policy has no \
+                     counterpart here): name the policies the new token should hold",
+                ))
+                .into());
+        }
         policies = caller.policies.clone();
     }
     let ttl = call.check(seconds_of(&body, "ttl"))?;

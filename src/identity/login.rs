@@ -19,6 +19,7 @@ use std::time::Duration;
 use super::shared_throttle::{SharedThrottle, Stored};
 use super::{Dn, IdentityError, IdentityRecord, IdentityStore};
 use crate::oidc::{JwksCache, OidcError};
+use crate::pki::trust::ClientTrust;
 
 /// TTL of a login token when the request names none.
 pub const DEFAULT_LOGIN_TTL: Duration = Duration::from_secs(60 * 60);
@@ -47,6 +48,10 @@ pub enum LoginError {
     Busy,
     #[error("no client certificate was presented on this connection")]
     NoCertificate,
+    /// The presented chain no longer passes the check of a handshake made
+    /// now: expired, revoked, or its CA no longer trusted.
+    #[error("the client certificate is no longer valid (expired, revoked or untrusted)")]
+    CertificateRefused,
     #[error("no identity is bound to this certificate")]
     UnboundCertificate,
     #[error("no enabled identity is bound to this token's claims")]
@@ -657,19 +662,24 @@ impl Login {
         })
     }
 
-    /// Client certificate login: `leaf` is the DER of the connection's peer
-    /// certificate, already verified against `tls.client_ca` by the TLS layer.
+    /// Client certificate login: `chain` is the DER of the certificates the
+    /// connection presented, leaf first (empty: none). The TLS layer
+    /// verified it at the handshake, but a connection can outlive that: one
+    /// held open, or resumed (a resumed handshake does not verify again).
+    /// So the chain is checked again against `trust` as it is now (expiry,
+    /// CRL), and the token never outlives the certificate.
     pub fn cert(
         &self,
         store: &IdentityStore,
-        leaf: Option<&[u8]>,
+        trust: &ClientTrust,
+        chain: &[Vec<u8>],
         source: Option<IpAddr>,
         now_ms: u64,
     ) -> Result<Grant, LoginError> {
         let attempt = self
             .admit(None, source, now_ms, || Ok(UNKNOWN_IDENTITY.to_owned()))?
             .attempt;
-        let Some(der) = leaf else {
+        let Some(der) = chain.first() else {
             return Err(self.failed(
                 UNKNOWN_IDENTITY,
                 attempt,
@@ -678,6 +688,15 @@ impl Login {
                 LoginError::NoCertificate,
             ));
         };
+        if !trust.recheck(chain, now_ms) {
+            return Err(self.failed(
+                UNKNOWN_IDENTITY,
+                attempt,
+                source,
+                now_ms,
+                LoginError::CertificateRefused,
+            ));
+        }
         let names = match cert_names(der) {
             Some(names) => names,
             None => {
@@ -708,7 +727,7 @@ impl Login {
         attempt.succeeded();
         store.record_login(&identity, now_ms)?;
         Ok(Grant {
-            hard_expiry_ms: identity_expiry(&identity),
+            hard_expiry_ms: min_expiry(identity_expiry(&identity), names.not_after_ms),
             identity: identity.name,
             policies: identity.policies,
             method: "cert",
@@ -812,6 +831,9 @@ pub struct CertNames {
     /// The subject's RDNs, when every value is a string.
     pub subject: Option<Dn>,
     pub spiffe_ids: Vec<String>,
+    /// The end of the certificate's validity, in ms since the epoch (none
+    /// before the epoch).
+    pub not_after_ms: Option<u64>,
 }
 
 /// The subject DN and SPIFFE IDs (URI SANs) of a DER certificate.
@@ -830,8 +852,12 @@ pub fn cert_names(der: &[u8]) -> Option<CertNames> {
             }
         }
     }
+    let not_after_ms = u64::try_from(cert.validity().not_after.timestamp())
+        .ok()
+        .map(|secs| secs.saturating_mul(1000));
     Some(CertNames {
         subject,
         spiffe_ids,
+        not_after_ms,
     })
 }

@@ -120,6 +120,27 @@ impl ClientTrust {
         self.current().is_none()
     }
 
+    /// Checks a chain a connection presented (leaf first) against the
+    /// trust store as it is at `now_ms`: chain, validity period and CRL,
+    /// as a full handshake would now. A login made over a connection that
+    /// outlived its certificate (held open, or resumed) is refused by this.
+    pub fn recheck(&self, chain: &[Vec<u8>], now_ms: u64) -> bool {
+        let Some((leaf, rest)) = chain.split_first() else {
+            return false;
+        };
+        let Some(verifier) = self.current() else {
+            return false;
+        };
+        let intermediates: Vec<CertificateDer<'_>> = rest
+            .iter()
+            .map(|der| CertificateDer::from(der.as_slice()))
+            .collect();
+        let now = UnixTime::since_unix_epoch(std::time::Duration::from_millis(now_ms));
+        verifier
+            .verify_client_cert(&CertificateDer::from(leaf.as_slice()), &intermediates, now)
+            .is_ok()
+    }
+
     /// The verifier to give the TLS server once.
     pub fn verifier(self: &Arc<Self>) -> Arc<dyn ClientCertVerifier> {
         Arc::new(SwappableClientVerifier {

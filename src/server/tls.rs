@@ -55,6 +55,13 @@ pub(super) fn server_config(
     .with_single_cert(certs, key)
     .map_err(|e| bad(&tls.cert, &e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    // No session resumption: a resumed handshake does not run the
+    // client-certificate verifier, so a certificate revoked or expired
+    // since would come back with it. (A login checks the chain again
+    // anyway; this keeps the handshake's own answer true.) Clients keep
+    // their connections, so a full handshake is rare.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 

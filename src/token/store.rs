@@ -1839,6 +1839,20 @@ impl TokenStore {
         Ok(count)
     }
 
+    /// How many unexpired tokens `identity` holds, counted from its expiry
+    /// index (keys only: no record is read or decrypted), so a request may
+    /// ask it. Tokens stored before the index (0.2.x) are not counted.
+    pub fn live_count_of(&self, identity: &str, now_ms: u64) -> Result<usize, TokenError> {
+        let prefix = ttl_prefix_hex(&hex::encode(identity.as_bytes()));
+        Ok(self
+            .barrier()
+            .scan_keys(&prefix)?
+            .iter()
+            .filter_map(|key| parse_ttl_key(key))
+            .filter(|(_, at, _)| *at > now_ms)
+            .count())
+    }
+
     /// Tokens whose total allowed life (max_ttl, or ttl when larger) exceeds
     /// `threshold`. Reads every live token: for the governance report, never
     /// for a request.

@@ -186,3 +186,73 @@ async fn claim_templates_use_identity_metadata_and_never_a_secret() {
         assert_eq!(e.code(), Some(Code::InvalidArgument), "{bad}: {e}");
     }
 }
+
+/// `write` on `identity/<name>` alone only takes access away. Labels, and
+/// the owner once a role's claims name it, are claims that relying parties
+/// may map to access: changing them needs every policy the identity holds,
+/// as `identity enable` does. Before, a holder of `write` could label an
+/// identity `env=prod` and so win it a cloud role.
+#[tokio::test]
+async fn write_alone_cannot_change_what_identity_tokens_claim() {
+    use keyward::proto::v1::UpdateIdentityRequest;
+    let (server, _issuer) = issuer_server().await;
+    let root = server.root().await;
+    let policy = unique("claimed");
+    root.policy_put(
+        &policy,
+        "[[rule]]\npath = \"secret/claimed/*\"\ncapabilities = [\"read\"]\n",
+    )
+    .await
+    .unwrap();
+    let name = unique("claimed");
+    root.identity_create(create(&name, "ci-runner", "team-a", &[policy]))
+        .await
+        .unwrap();
+    let writer = crate::pki_kit::token_with(
+        &server,
+        &format!("[[rule]]\npath = \"identity/{name}\"\ncapabilities = [\"read\", \"write\"]\n"),
+    )
+    .await;
+    let owner = |owner: &str| UpdateIdentityRequest {
+        name: name.clone(),
+        owner: Some(owner.to_owned()),
+        ..Default::default()
+    };
+    // No role names the owner: changing it is bookkeeping, `write` does.
+    writer.identity_update(owner("team-b")).await.unwrap();
+    let e = writer
+        .identity_set_metadata(&name, labels(&[("env", "prod")]), vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
+    let e = writer
+        .identity_set_metadata(&name, HashMap::new(), vec!["env".into()])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
+
+    root.put_oidc_role(
+        &unique("owner-claim"),
+        vec!["sts.example".into()],
+        Duration::from_secs(600),
+        [("team".to_owned(), "{{identity.owner}}".to_owned())].into(),
+    )
+    .await
+    .unwrap();
+    let e = writer
+        .identity_update(owner("team-prod"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
+    // The same owner again changes nothing and is not refused.
+    writer.identity_update(owner("team-b")).await.unwrap();
+    // Whoever holds the identity's policies (here root) may.
+    root.identity_update(owner("team-prod")).await.unwrap();
+    let shown = root
+        .identity_set_metadata(&name, labels(&[("env", "prod")]), vec![])
+        .await
+        .unwrap();
+    assert_eq!(shown.owner, "team-prod");
+    assert_eq!(shown.metadata.get("env").map(String::as_str), Some("prod"));
+    server.stop().await;
+}

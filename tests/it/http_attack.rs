@@ -222,3 +222,45 @@ async fn an_idle_http2_connection_is_closed() {
         "an idle HTTP/2 connection is still open after 90 s"
     );
 }
+
+/// serde names an unknown field back, and the open routes refuse unknown
+/// fields: a caller with no token wrote a megabyte of its own text into the
+/// audit record of each refusal (about ten records in full per minute and
+/// source before they are counted into an aggregate), and so filled the
+/// disk of a log that fails closed. A made-up method name was echoed the
+/// same way by the 405.
+#[tokio::test]
+async fn an_unauthenticated_caller_cannot_write_its_own_bytes_into_the_audit_log() {
+    let server = TestServer::dev().await;
+    let http = HttpClient::new(server.http_addr, &server.ca);
+    let before = std::fs::metadata(&server.audit_path).unwrap().len();
+    let name = "Q".repeat(256 * 1024);
+    let mut body = serde_json::Map::new();
+    body.insert(name.clone(), json!(1));
+    let body = serde_json::Value::Object(body);
+    for route in [
+        "/v1/auth/approle/login",
+        "/v1/sys/unseal",
+        "/v1/auth/jwt/login",
+    ] {
+        for _ in 0..3 {
+            let a = http.call("POST", route, None, Some(body.clone())).await;
+            assert_eq!(
+                a.status,
+                400,
+                "{route}: {}",
+                &a.text[..a.text.len().min(300)]
+            );
+            assert!(!a.text.contains("QQQQ"), "{route}: the name is echoed");
+            assert!(a.text.len() < 4096, "{route}: {} bytes", a.text.len());
+        }
+    }
+    let method = "M".repeat(4 * 1024);
+    let a = http.call(&method, "/v1/sys/health", None, None).await;
+    assert!(!a.text.contains("MMMM"), "the method is echoed");
+    let grown = std::fs::metadata(&server.audit_path).unwrap().len() - before;
+    assert!(grown < 64 * 1024, "the audit log grew by {grown} bytes");
+    let audit = audit_text(&server);
+    assert!(!audit.contains("QQQQ") && !audit.contains("MMMM"));
+    server.stop().await;
+}

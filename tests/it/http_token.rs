@@ -504,3 +504,34 @@ async fn connections_over_the_limit_are_closed_at_once() {
     .await;
     server.stop().await;
 }
+
+/// `vault token create -policy=default` asks for a narrow token. keyward has
+/// no `default` policy, and an empty list means "the caller's policies":
+/// the request got a root token when the caller was root. Now it is
+/// refused; with no policies named at all, the caller's are still copied.
+#[tokio::test]
+async fn a_token_asked_for_with_only_the_default_policy_is_never_the_callers() {
+    let server = TestServer::dev().await;
+    let http = HttpClient::new(server.http_addr, &server.ca);
+    let root = Some(server.root_token.as_str());
+    for body in [
+        json!({"policies": ["default"]}),
+        json!({"policies": "default"}),
+    ] {
+        let a = http
+            .call("POST", "/v1/auth/token/create", root, Some(body.clone()))
+            .await;
+        assert_eq!(a.status, 400, "{body}: {}", a.text);
+        assert!(
+            a.error().contains("policy default does not exist"),
+            "{}",
+            a.text
+        );
+    }
+    let a = http
+        .call("POST", "/v1/auth/token/create", root, Some(json!({})))
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.json["auth"]["policies"], json!(["root"]));
+    server.stop().await;
+}

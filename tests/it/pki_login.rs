@@ -163,3 +163,86 @@ async fn pki_tls_listener_is_closed_when_the_server_stops() {
     })
     .await;
 }
+
+/// A connection outlives the handshake that checked its certificate. A
+/// login made later on the same connection is checked again: after the
+/// certificate is revoked it is refused, and a token never outlives the
+/// certificate it was issued for.
+#[tokio::test]
+async fn a_certificate_revoked_while_its_connection_stays_open_logs_in_no_more() {
+    let (server, root) = pki_server("held").await;
+    let name = unique("held");
+    root.identity_create(create(&name, "workload", "team-h", &[]))
+        .await
+        .unwrap();
+    let spiffe = format!("spiffe://acme.test/held/{name}");
+    root.identity_bind_cert(&name, None, Some(&spiffe))
+        .await
+        .unwrap();
+    let mut r = role("held", "held");
+    r.client = true;
+    root.pki_role_put(r).await.unwrap();
+    let (csr_pem, key_pem) = csr(&[&spiffe], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let signed = root.pki_sign("held", &csr_pem, 600).await.unwrap();
+    let not_after = signed.expires_at.unwrap().seconds;
+
+    let held = with_cert(&server, &signed.certificate, &key_pem)
+        .await
+        .unwrap();
+    let first = held.login_cert(0).await.unwrap();
+    assert_eq!(first.identity, name);
+    // The default login TTL (1 h) is longer than the certificate's 600 s.
+    assert!(
+        first.expires_at.unwrap().seconds <= not_after,
+        "a token outlived its certificate"
+    );
+
+    root.pki_revoke(&signed.serial).await.unwrap();
+    let (code, message) = refusal(held.login_cert(0).await);
+    assert_eq!(code, Code::Unauthenticated, "{message}");
+    assert!(message.contains("no longer valid"), "{message}");
+    server.stop().await;
+}
+
+/// The server offers no session resumption: a resumed TLS handshake does
+/// not run the client-certificate verifier, so it would bring back a
+/// certificate revoked (or expired) since the first one.
+#[tokio::test]
+async fn the_server_resumes_no_tls_session() {
+    use rustls::pki_types::pem::PemObject;
+    use tokio::io::AsyncReadExt;
+    let server = TestServer::dev().await;
+    crate::harness::install_crypto();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(&server.ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut kinds = Vec::new();
+    for _ in 0..2 {
+        let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let mut tls = connector.connect(name.clone(), tcp).await.unwrap();
+        kinds.push(tls.get_ref().1.handshake_kind());
+        // Reading the server's first frame also takes in any session
+        // ticket it sent after the handshake.
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(30), tls.read(&mut buf))
+            .await
+            .expect("the server sent nothing in 30 s")
+            .unwrap();
+        assert!(n > 0);
+    }
+    assert_eq!(
+        kinds,
+        vec![
+            Some(rustls::HandshakeKind::Full),
+            Some(rustls::HandshakeKind::Full)
+        ]
+    );
+    server.stop().await;
+}

@@ -107,11 +107,29 @@ pub struct Failure {
     message: String,
 }
 
+/// The most bytes of a failure's message: part of a message can come from
+/// the request (a name the caller sent, serde's words on a body), and the
+/// message is what the audit record keeps, also of a call that names
+/// nobody. Longer ones are cut at a character boundary and end in `...`.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
+fn bounded(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE_BYTES {
+        let mut end = MAX_MESSAGE_BYTES;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("...");
+    }
+    message
+}
+
 impl Failure {
     pub fn new(kind: FailureKind, message: impl Into<String>) -> Self {
         Self {
             kind,
-            message: message.into(),
+            message: bounded(message.into()),
         }
     }
 
@@ -355,6 +373,7 @@ impl From<LoginError> for Failure {
             LoginError::Invalid
             | LoginError::NoCertificate
             | LoginError::UnboundCertificate
+            | LoginError::CertificateRefused
             | LoginError::UnboundToken
             | LoginError::Ambiguous
             | LoginError::Oidc(_) => Self::new(FailureKind::Unauthenticated, e.to_string()),
@@ -442,6 +461,20 @@ impl From<crate::dynamic::DynamicError> for Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A message that carries what the caller sent cannot make the audit
+    /// record large: it is cut (at a character boundary) and says so.
+    #[test]
+    fn a_long_message_is_cut_at_a_character_boundary() {
+        let long = format!("x{}", "é".repeat(4000));
+        let failure = Failure::invalid(long);
+        let message = failure.message();
+        assert!(message.len() <= MAX_MESSAGE_BYTES + 3, "{}", message.len());
+        assert!(message.ends_with("..."));
+        assert!(message.starts_with("xé"));
+        let short = Failure::invalid("short");
+        assert_eq!(short.message(), "short");
+    }
 
     /// A restored store whose snapshot fails its HMAC says so to the caller
     /// (a conflict with the stored state, gRPC `FAILED_PRECONDITION`, HTTP

@@ -461,6 +461,28 @@ impl Call {
         self.caller.as_ref()
     }
 
+    /// Notes a secret read in the read set (issue 13) of the caller's
+    /// identity and, for a delegated token, of its actor's too: what an
+    /// agent reads on a subject's behalf is the agent's read as well, so
+    /// decommissioning either one rotates it. A path new to an identity is
+    /// on disk before the answer; a known one is a lookup in memory. Every
+    /// transport's read goes through here (gRPC `Get`, HTTPS KV read).
+    pub async fn note_read(&mut self, path: &str) -> Result<(), Failure> {
+        let Some(caller) = &self.caller else {
+            return Ok(());
+        };
+        let now = self.core.clock().now_ms();
+        let mut noted = self.core.reads.note(&caller.identity, path, now).await;
+        if let (Ok(()), Some(actor)) = (&noted, &caller.actor) {
+            if actor.actor_identity != caller.identity {
+                noted = (self.core.reads)
+                    .note(&actor.actor_identity, path, now)
+                    .await;
+            }
+        }
+        self.check(noted)
+    }
+
     /// The authenticated caller, or an audited `UNAUTHENTICATED` for a call
     /// that has none.
     pub fn require_caller(&mut self) -> Result<Caller, Failure> {
