@@ -834,11 +834,47 @@ impl Barrier {
     /// the whole set atomic: what must come last (a record that says the
     /// work is done) goes last.
     pub fn batch_in_chunks(&self, ops: &[PlainOp<'_>]) -> Result<(), BarrierError> {
+        for chunk in self.chunks(ops, 0) {
+            self.batch(chunk)?;
+        }
+        Ok(())
+    }
+
+    /// [`Barrier::batch_in_chunks`] whose last batch is written only if each
+    /// key of `expect` still holds the record its stamp names (`None`:
+    /// absent), as [`Barrier::batch_if`]; returns whether it was. On `false`
+    /// the batches before the last were applied and the last was not: what
+    /// goes before the conditional write (the last operation) must be
+    /// harmless without it.
+    pub fn batch_in_chunks_if(
+        &self,
+        expect: &[(&str, Option<&Stamp>)],
+        ops: &[PlainOp<'_>],
+    ) -> Result<bool, BarrierError> {
+        // Every batch is kept small enough to carry the comparisons too.
+        let compared = expect
+            .iter()
+            .map(|(key, stamp)| key.len() + stamp.map_or(0, |s| s.0.len()))
+            .sum();
+        let chunks = self.chunks(ops, compared);
+        let Some((last, before)) = chunks.split_last() else {
+            return self.batch_if(expect, ops);
+        };
+        for chunk in before {
+            self.batch(chunk)?;
+        }
+        self.batch_if(expect, last)
+    }
+
+    /// `ops` cut into consecutive runs that each fit one batch of the store
+    /// with `reserved` bytes to spare.
+    fn chunks<'o, 'a>(&self, ops: &'o [PlainOp<'a>], reserved: usize) -> Vec<&'o [PlainOp<'a>]> {
         // What a stored value adds to its plaintext (nonce, tag, header),
         // and the store's own key prefix, with room to spare.
         const OVERHEAD: usize = 512;
         let max_ops = self.backend.max_batch_ops().max(1);
-        let max_bytes = self.backend.max_batch_bytes();
+        let max_bytes = self.backend.max_batch_bytes().saturating_sub(reserved);
+        let mut out = Vec::new();
         let mut start = 0;
         let mut bytes = 0usize;
         for (i, op) in ops.iter().enumerate() {
@@ -848,16 +884,16 @@ impl Barrier {
             }
             .saturating_add(OVERHEAD);
             if i > start && (i - start >= max_ops || bytes.saturating_add(size) > max_bytes) {
-                self.batch(&ops[start..i])?;
+                out.push(&ops[start..i]);
                 start = i;
                 bytes = 0;
             }
             bytes = bytes.saturating_add(size);
         }
         if start < ops.len() {
-            self.batch(&ops[start..])?;
+            out.push(&ops[start..]);
         }
-        Ok(())
+        out
     }
 
     /// Applies the operations one at a time, in order: a crash keeps a prefix

@@ -825,3 +825,49 @@ fn batches_in_chunks_cut_short_keep_the_chunks_before() {
     assert_eq!(*backend.sizes.lock().unwrap(), [3, 3]);
     assert_eq!(barrier.scan_keys("t/").unwrap(), ["t/k0", "t/k1", "t/k2"]);
 }
+
+/// A conditional batch in chunks: the chunks before the last are written
+/// as they come, the last only if the expected record is still the one
+/// stamped; each chunk leaves room for the comparison's bytes.
+#[test]
+fn batches_in_chunks_if_check_the_last_chunk_only() {
+    let (_d, backend, barrier) = bounded(1 << 20, None);
+    barrier.put("t/anchor", b"v1").unwrap();
+    let (_, stamp) = barrier.get_stamped("t/anchor").unwrap().unwrap();
+    let keys: Vec<String> = (0..8).map(|i| format!("t/k{i}")).collect();
+    let ops: Vec<PlainOp<'_>> = keys.iter().map(|k| PlainOp::Put(k, b"v")).collect();
+    backend.sizes.lock().unwrap().clear();
+    assert!(barrier
+        .batch_in_chunks_if(&[("t/anchor", Some(&stamp))], &ops)
+        .unwrap());
+    assert_eq!(*backend.sizes.lock().unwrap(), [3, 3, 2]);
+    assert_eq!(barrier.scan_keys("t/k").unwrap().len(), 8);
+
+    // The anchor written again since: the last chunk is not written.
+    barrier.put("t/anchor", b"v1").unwrap();
+    let others: Vec<String> = (0..8).map(|i| format!("t/j{i}")).collect();
+    let ops: Vec<PlainOp<'_>> = others.iter().map(|k| PlainOp::Put(k, b"v")).collect();
+    assert!(!barrier
+        .batch_in_chunks_if(&[("t/anchor", Some(&stamp))], &ops)
+        .unwrap());
+    assert_eq!(
+        barrier.scan_keys("t/j").unwrap(),
+        ["t/j0", "t/j1", "t/j2", "t/j3", "t/j4", "t/j5"]
+    );
+    // Nothing to write: only the check.
+    assert!(!barrier
+        .batch_in_chunks_if(&[("t/anchor", Some(&stamp))], &[])
+        .unwrap());
+
+    // The comparison's bytes count against each chunk.
+    let value = vec![b'x'; 1000];
+    let (_d2, small, barrier2) = bounded(4000, None);
+    barrier2.put("t/anchor", &value).unwrap();
+    let (_, stamp) = barrier2.get_stamped("t/anchor").unwrap().unwrap();
+    let ops: Vec<PlainOp<'_>> = keys.iter().map(|k| PlainOp::Put(k, &value)).collect();
+    small.sizes.lock().unwrap().clear();
+    assert!(barrier2
+        .batch_in_chunks_if(&[("t/anchor", Some(&stamp))], &ops)
+        .unwrap());
+    assert_eq!(*small.sizes.lock().unwrap(), [1; 8]);
+}

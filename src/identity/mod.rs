@@ -19,6 +19,13 @@
 //! asks the token store (through [`TokenRevoker`]) to revoke every token of
 //! the identity. It must not read `tokens/`, `policies/` or `usage/`.
 //!
+//! Every change to an identity record is written only over the record it
+//! read (`IdentityStore::modify_record`): on a shared store (etcd) another
+//! node may write the record between the read and the write, and a change
+//! must never write back what it read before (an update undoing a disable).
+//! A change that loses is applied again to the record read again, three
+//! tries at most ([`IdentityError::Contended`]).
+//!
 //! [`login`] turns presented credentials into a [`login::Grant`]; the caller
 //! issues the token.
 
@@ -42,7 +49,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use prost::Message;
 
-use crate::barrier::{Barrier, BarrierError, PlainOp};
+use crate::barrier::{Barrier, BarrierError, PlainOp, Stamp};
 use crate::cidr::Cidr;
 
 pub use dn::{Dn, DnAttribute};
@@ -54,6 +61,10 @@ const SECRET_ID_RECORD_PREFIX: &str = "identities/secret-id/";
 const SECRET_IDS_OF_PREFIX: &str = "identities/sid-of/";
 /// Compare-and-swap attempts on one secret-id record before giving up.
 const SPEND_ATTEMPTS: usize = 64;
+/// How many times a change to an identity record reads the record again
+/// when another node wrote it between the read and the write, before the
+/// change is refused with [`IdentityError::Contended`].
+const RECORD_TRIES: usize = 3;
 const CERT_PREFIX: &str = "identities/cert/";
 const ISSUER_PREFIX: &str = "identities/issuer/";
 
@@ -80,6 +91,10 @@ pub enum IdentityError {
     PoliciesChanged,
     #[error("the identity has no secret-id with that accessor")]
     NoSuchSecretId,
+    /// The identity's record changed between the read and the write at
+    /// every try (other nodes of a shared store writing it at once).
+    #[error("the identity changed while the change was applied, at every try; try again")]
+    Contended,
     #[error("identity {0} already exists")]
     AlreadyExists(String),
     #[error("the binding is already held by identity {0}")]
@@ -550,6 +565,33 @@ fn cert_key(binding: &CertBinding) -> String {
     }
 }
 
+/// A change to one identity record, as [`IdentityStore::modify_record`]
+/// applies it: the record as read, changed in place, and what is written
+/// with it.
+struct Draft {
+    record: IdentityRecord,
+    write: RecordWrite,
+    /// Written before the record, in order (`None`: deleted), in batches
+    /// that fit the store, the record in the last. A try that loses keeps
+    /// the batches before the last: each must be harmless without the
+    /// record's write.
+    before: Vec<(String, Option<Vec<u8>>)>,
+    /// Other keys the change read: the record is written only if they
+    /// still hold what it read (`None`: absent).
+    expect: Vec<(String, Option<Stamp>)>,
+}
+
+/// What becomes of the record a [`Draft`] changed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RecordWrite {
+    /// Written back as changed (the default).
+    Put,
+    /// Nothing is written: the change found nothing to do.
+    Keep,
+    /// Removed.
+    Delete,
+}
+
 /// The identity store.
 pub struct IdentityStore {
     barrier: Arc<Barrier>,
@@ -558,9 +600,10 @@ pub struct IdentityStore {
     write_lock: Mutex<()>,
     /// Woken when an expiry is set, so the sweeper can sleep until the next one.
     expiry_set: tokio::sync::Notify,
-    /// Tests: run once inside `record_login`, between its read and its write.
+    /// Tests: run once inside `modify_record`, between a try's read of the
+    /// record and its conditional write.
     #[cfg(test)]
-    before_login_write: crate::test_hook::Hook,
+    before_record_write: crate::test_hook::Hook,
 }
 
 impl IdentityStore {
@@ -570,7 +613,7 @@ impl IdentityStore {
             write_lock: Mutex::new(()),
             expiry_set: tokio::sync::Notify::new(),
             #[cfg(test)]
-            before_login_write: crate::test_hook::Hook::default(),
+            before_record_write: crate::test_hook::Hook::default(),
         }
     }
 
@@ -611,12 +654,58 @@ impl IdentityStore {
         self.get(name.as_str())?.ok_or(IdentityError::NotFound)
     }
 
-    fn put_record(&self, record: &IdentityRecord) -> Result<(), IdentityError> {
-        self.barrier.put(
-            &format!("{RECORD_PREFIX}{}", record.name),
-            &record.encode_to_vec(),
-        )?;
-        Ok(())
+    /// Applies `change` to the stored record of `name` and writes the
+    /// result only over the record read (with what `change` adds, in one
+    /// conditional write: `Barrier::batch_in_chunks_if`). When another node
+    /// wrote the record meanwhile, `change` runs again on the record read
+    /// again, [`RECORD_TRIES`] times at most, then the change is refused
+    /// with [`IdentityError::Contended`]. Under the store's lock: on a store
+    /// this process owns, the first try is written. Returns the record as
+    /// written (or as read, if nothing was) and what `change` returned.
+    fn modify_record<T>(
+        &self,
+        name: &str,
+        mut change: impl FnMut(&mut Draft) -> Result<T, IdentityError>,
+    ) -> Result<(IdentityRecord, T), IdentityError> {
+        let key = format!("{RECORD_PREFIX}{name}");
+        let _guard = self.lock();
+        for _ in 0..RECORD_TRIES {
+            let (raw, stamp) = self
+                .barrier
+                .get_stamped(&key)?
+                .ok_or(IdentityError::NotFound)?;
+            let mut draft = Draft {
+                record: Self::decode(&raw)?,
+                write: RecordWrite::Put,
+                before: Vec::new(),
+                expect: Vec::new(),
+            };
+            let out = change(&mut draft)?;
+            if draft.write == RecordWrite::Keep {
+                return Ok((draft.record, out));
+            }
+            let bytes = draft.record.encode_to_vec();
+            let mut ops: Vec<PlainOp<'_>> = draft
+                .before
+                .iter()
+                .map(|(k, v)| match v {
+                    Some(v) => PlainOp::Put(k, v),
+                    None => PlainOp::Delete(k),
+                })
+                .collect();
+            ops.push(match draft.write {
+                RecordWrite::Delete => PlainOp::Delete(&key),
+                _ => PlainOp::Put(&key, &bytes),
+            });
+            let mut expect: Vec<(&str, Option<&Stamp>)> = vec![(&key, Some(&stamp))];
+            expect.extend(draft.expect.iter().map(|(k, s)| (k.as_str(), s.as_ref())));
+            #[cfg(test)]
+            self.before_record_write.run();
+            if self.barrier.batch_in_chunks_if(&expect, &ops)? {
+                return Ok((draft.record, out));
+            }
+        }
+        Err(IdentityError::Contended)
     }
 
     /// Every identity, in name order.
@@ -731,47 +820,54 @@ impl IdentityStore {
             .as_ref()
             .map(|p| Self::check_policies(p, catalog))
             .transpose()?;
-        let guard = self.lock();
-        let mut record = self.require(name)?;
-        if update
-            .checked_policies
-            .is_some_and(|checked| checked != record.policies)
-        {
-            return Err(IdentityError::PoliciesChanged);
+        if let Some(owner) = &update.owner {
+            check_text("owner", owner)?;
         }
-        if let Some(owner) = update.owner {
-            check_text("owner", &owner)?;
-            record.owner = owner;
-        }
-        if let Some(description) = update.description {
-            check_text("description", &description)?;
-            record.description = description;
-        }
-        let policies_changed = policies.as_ref().is_some_and(|p| *p != record.policies);
-        if let Some(p) = policies {
-            record.policies = p;
-        }
-        if let Some(expires) = update.expires_at_ms {
-            record.expires_at_ms = expires;
-            record.expiry_handled = false;
-            self.expiry_set.notify_one();
-        }
-        let expired = record.is_expired(now_ms);
-        if expired {
-            record.expiry_handled = true;
+        if let Some(description) = &update.description {
+            check_text("description", description)?;
         }
         // Tokens carry the policies they were issued with: a narrowed identity
         // must not keep wider tokens alive. Revoked before the record is
         // written (a crash between the two leaves no token of the old record)
         // and again after it (for a login that ran in between).
-        let revoke = expired || policies_changed;
-        if revoke {
-            tokens.revoke_identity(&record.name, now_ms)?;
+        let (record, revoke) = self.modify_record(name.as_str(), |draft| {
+            let record = &mut draft.record;
+            if update
+                .checked_policies
+                .as_ref()
+                .is_some_and(|checked| *checked != record.policies)
+            {
+                return Err(IdentityError::PoliciesChanged);
+            }
+            if let Some(owner) = &update.owner {
+                record.owner.clone_from(owner);
+            }
+            if let Some(description) = &update.description {
+                record.description.clone_from(description);
+            }
+            let policies_changed = policies.as_ref().is_some_and(|p| *p != record.policies);
+            if let Some(p) = &policies {
+                record.policies.clone_from(p);
+            }
+            if let Some(expires) = update.expires_at_ms {
+                record.expires_at_ms = expires;
+                record.expiry_handled = false;
+            }
+            let expired = record.is_expired(now_ms);
+            if expired {
+                record.expiry_handled = true;
+            }
+            let revoke = expired || policies_changed;
+            if revoke {
+                tokens.revoke_identity(&record.name, now_ms)?;
+            }
+            Ok(revoke)
+        })?;
+        if update.expires_at_ms.is_some() {
+            self.expiry_set.notify_one();
         }
-        self.put_record(&record)?;
         // The second pass needs no identity lock: logins (which take it to
         // spend a secret-id) need not wait for it.
-        drop(guard);
         if revoke {
             tokens.revoke_identity(&record.name, now_ms)?;
         }
@@ -798,18 +894,19 @@ impl IdentityStore {
                 )));
             }
         }
-        let _guard = self.lock();
-        let mut record = self.require(name)?;
-        for key in remove {
-            record.metadata.remove(key);
-        }
-        record.metadata.extend(set);
-        if record.metadata.len() > MAX_METADATA {
-            return Err(IdentityError::Invalid(format!(
-                "an identity has at most {MAX_METADATA} metadata labels"
-            )));
-        }
-        self.put_record(&record)?;
+        let (record, ()) = self.modify_record(name.as_str(), |draft| {
+            let metadata = &mut draft.record.metadata;
+            for key in remove {
+                metadata.remove(key);
+            }
+            metadata.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+            if metadata.len() > MAX_METADATA {
+                return Err(IdentityError::Invalid(format!(
+                    "an identity has at most {MAX_METADATA} metadata labels"
+                )));
+            }
+            Ok(())
+        })?;
         Ok(record)
     }
 
@@ -849,28 +946,31 @@ impl IdentityStore {
             self.require(name)?;
             revoked += tokens.revoke_identity(name.as_str(), now_ms)?;
         }
-        let (record, secret_ids) = {
-            let _guard = self.lock();
-            let mut record = self.require(name)?;
-            if checked_policies.is_some_and(|checked| checked != record.policies.as_slice()) {
+        // The secret-ids first (each record before its index entry), the
+        // record last, in batches that fit the store: a disabled identity
+        // never keeps the secret-ids the operator revoked, and a disable cut
+        // short leaves it enabled, with fewer of them. A try that lost to
+        // another node's write of the record deleted the secret-ids of its
+        // batches before the last; the next try reads the record again and
+        // deletes what is left.
+        let mut secret_ids = std::collections::BTreeSet::new();
+        let (record, ()) = self.modify_record(name.as_str(), |draft| {
+            if checked_policies.is_some_and(|checked| checked != draft.record.policies.as_slice()) {
                 return Err(IdentityError::PoliciesChanged);
             }
-            record.disabled = disabled;
-            let bytes = record.encode_to_vec();
-            let record_key = format!("{RECORD_PREFIX}{}", record.name);
-            let mut keys = Vec::new();
+            draft.record.disabled = disabled;
             if disabled && !keep_secret_ids {
-                keys = self.secret_id_keys(&record.name)?;
+                let keys = self.secret_id_keys(&draft.record.name)?;
+                secret_ids.extend(
+                    keys.iter()
+                        .filter(|k| k.starts_with(SECRET_ID_RECORD_PREFIX))
+                        .cloned(),
+                );
+                draft.before = keys.into_iter().map(|k| (k, None)).collect();
             }
-            // The secret-ids first (each record before its index entry),
-            // the record last, in batches that fit the store: a disabled
-            // identity never keeps the secret-ids the operator revoked, and
-            // a disable cut short leaves it enabled, with fewer of them.
-            let mut ops: Vec<PlainOp<'_>> = keys.iter().map(|k| PlainOp::Delete(k)).collect();
-            ops.push(PlainOp::Put(&record_key, &bytes));
-            self.barrier.batch_in_chunks(&ops)?;
-            (record, u32::try_from(keys.len() / 2).unwrap_or(u32::MAX))
-        };
+            Ok(())
+        })?;
+        let secret_ids = u32::try_from(secret_ids.len()).unwrap_or(u32::MAX);
         if disabled {
             revoked += tokens.revoke_identity(&record.name, now_ms)?;
         }
@@ -959,12 +1059,12 @@ impl IdentityStore {
         // As for a disable: revoked before and after the records go.
         self.require(name)?;
         let mut revoked = tokens.revoke_identity(name.as_str(), now_ms)?;
-        {
-            let _guard = self.lock();
-            let record = self.require(name)?;
-            // Secret-ids and bindings first, the role index and the record
-            // last, in batches that fit the store: a delete cut short
-            // leaves the identity, with less of what it held.
+        // Secret-ids and bindings first, the role index and the record last,
+        // in batches that fit the store: a delete cut short leaves the
+        // identity, with less of what it held. The record goes only as read:
+        // a binding another node added meanwhile is read again and deleted.
+        self.modify_record(name.as_str(), |draft| {
+            let record = &draft.record;
             let mut keys = self.secret_id_keys(&record.name)?;
             for binding in &record.cert_bindings {
                 // Only while it still names this identity: after a delete
@@ -976,10 +1076,10 @@ impl IdentityStore {
                 }
             }
             keys.push(format!("{ROLE_PREFIX}{}", record.role_id));
-            keys.push(format!("{RECORD_PREFIX}{}", record.name));
-            let ops: Vec<PlainOp<'_>> = keys.iter().map(|k| PlainOp::Delete(k)).collect();
-            self.barrier.batch_in_chunks(&ops)?;
-        }
+            draft.before = keys.into_iter().map(|k| (k, None)).collect();
+            draft.write = RecordWrite::Delete;
+            Ok(())
+        })?;
         revoked += tokens.revoke_identity(name.as_str(), now_ms)?;
         Ok(revoked)
     }
@@ -996,12 +1096,20 @@ impl IdentityStore {
         for record in self.all()? {
             if record.is_expired(now_ms) && !record.expiry_handled {
                 revoked += tokens.revoke_identity(&record.name, now_ms)?;
-                let _guard = self.lock();
-                if let Some(mut fresh) = self.get(&record.name)? {
-                    if fresh.is_expired(now_ms) {
+                let handled = self.modify_record(&record.name, |draft| {
+                    let fresh = &mut draft.record;
+                    // Not if its expiry moved (or another node marked it).
+                    if fresh.is_expired(now_ms) && !fresh.expiry_handled {
                         fresh.expiry_handled = true;
-                        self.put_record(&fresh)?;
+                    } else {
+                        draft.write = RecordWrite::Keep;
                     }
+                    Ok(())
+                });
+                match handled {
+                    // Deleted since: its delete revoked its tokens.
+                    Ok(_) | Err(IdentityError::NotFound) => {}
+                    Err(e) => return Err(e),
                 }
             }
         }
@@ -1162,28 +1270,25 @@ impl IdentityStore {
         if now_ms.saturating_sub(seen.last_login_ms) < 1000 {
             return Ok(());
         }
-        let name = seen.name.as_str();
-        let _guard = self.lock();
-        let key = format!("{RECORD_PREFIX}{name}");
-        let Some((raw, stamp)) = self.barrier.get_stamped(&key)? else {
-            return Ok(());
-        };
-        let mut record: IdentityRecord = Self::decode(&raw)?;
-        // One write per second at most per identity: login throughput is
-        // not spent on a timestamp nobody reads at millisecond precision.
-        if now_ms.saturating_sub(record.last_login_ms) < 1000 {
-            return Ok(());
-        }
-        record.last_login_ms = now_ms;
-        #[cfg(test)]
-        self.before_login_write.run();
         // Only over the record read: on a shared store another node may
         // have written it since (a disable), and a login must never write
-        // back what it read before. The lock does it on a store this
-        // process owns. Lost to a change, the time waits for the next login.
-        self.barrier
-            .compare_and_swap(&key, Some(&stamp), Some(&record.encode_to_vec()))?;
-        Ok(())
+        // back what it read before.
+        let noted = self.modify_record(&seen.name, |draft| {
+            // One write per second at most per identity: login throughput is
+            // not spent on a timestamp nobody reads at millisecond precision.
+            if now_ms.saturating_sub(draft.record.last_login_ms) < 1000 {
+                draft.write = RecordWrite::Keep;
+            } else {
+                draft.record.last_login_ms = now_ms;
+            }
+            Ok(())
+        });
+        match noted {
+            // Deleted since the login read it, or changed at every try:
+            // the login stands, the time waits for the next one.
+            Ok(_) | Err(IdentityError::NotFound | IdentityError::Contended) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Binds a certificate (subject DN or SPIFFE ID) to an identity. A DN
@@ -1206,29 +1311,36 @@ impl IdentityStore {
                 ))
             }
         };
-        let _guard = self.lock();
-        let mut record = self.require(name)?;
         let key = cert_key(&binding);
-        if let Some(holder) = self.barrier.get(&key)? {
-            let holder = String::from_utf8_lossy(&holder).into_owned();
-            if holder != record.name {
-                return Err(IdentityError::BindingTaken(holder));
+        let (record, ()) = self.modify_record(name.as_str(), |draft| {
+            let holder = self.barrier.get_stamped(&key)?;
+            if let Some((holder, _)) = &holder {
+                if holder.as_slice() != draft.record.name.as_bytes() {
+                    return Err(IdentityError::BindingTaken(
+                        String::from_utf8_lossy(holder).into_owned(),
+                    ));
+                }
             }
-        }
-        if !record.cert_bindings.iter().any(|b| cert_key(b) == key) {
-            if record.cert_bindings.len() >= MAX_LIST {
-                return Err(IdentityError::Invalid(format!(
-                    "at most {MAX_LIST} certificate bindings"
-                )));
+            let record = &mut draft.record;
+            if !record.cert_bindings.iter().any(|b| cert_key(b) == key) {
+                if record.cert_bindings.len() >= MAX_LIST {
+                    return Err(IdentityError::Invalid(format!(
+                        "at most {MAX_LIST} certificate bindings"
+                    )));
+                }
+                record.cert_bindings.push(binding.clone());
             }
-            record.cert_bindings.push(binding);
-        }
-        let bytes = record.encode_to_vec();
-        let record_key = format!("{RECORD_PREFIX}{}", record.name);
-        self.barrier.batch(&[
-            PlainOp::Put(&record_key, &bytes),
-            PlainOp::Put(&key, record.name.as_bytes()),
-        ])?;
+            // The index entry with the record, in one batch, and only while
+            // it is as read: another node may be binding the certificate
+            // to another identity.
+            draft
+                .before
+                .push((key.clone(), Some(record.name.clone().into_bytes())));
+            draft
+                .expect
+                .push((key.clone(), holder.map(|(_, stamp)| stamp)));
+            Ok(())
+        })?;
         Ok(record)
     }
 
@@ -1286,43 +1398,35 @@ impl IdentityStore {
             Unbind::CertSubject(text) => Some(Dn::parse(text)?),
             _ => None,
         };
-        let _guard = self.lock();
-        let mut record = self.require(name)?;
-        let mut freed: Vec<String> = Vec::new();
-        match which {
-            Unbind::CertSubject(_) => record.cert_bindings.retain(|b| {
-                let hit = b.spiffe_id.is_empty() && b.dn() == dn;
-                if hit {
-                    freed.push(cert_key(b));
-                }
-                !hit
-            }),
-            Unbind::CertSpiffe(id) => record.cert_bindings.retain(|b| {
-                let hit = b.spiffe_id == *id;
-                if hit {
-                    freed.push(cert_key(b));
-                }
-                !hit
-            }),
-            Unbind::OidcIssuer(issuer) => {
-                let before = record.oidc_bindings.len();
-                record.oidc_bindings.retain(|b| b.issuer != *issuer);
-                if record.oidc_bindings.len() != before {
-                    freed.push(String::new());
-                }
+        let (record, ()) = self.modify_record(name.as_str(), |draft| {
+            let record = &mut draft.record;
+            let held = (record.cert_bindings.len(), record.oidc_bindings.len());
+            let mut freed: Vec<String> = Vec::new();
+            match which {
+                Unbind::CertSubject(_) => record.cert_bindings.retain(|b| {
+                    let hit = b.spiffe_id.is_empty() && b.dn() == dn;
+                    if hit {
+                        freed.push(cert_key(b));
+                    }
+                    !hit
+                }),
+                Unbind::CertSpiffe(id) => record.cert_bindings.retain(|b| {
+                    let hit = b.spiffe_id == *id;
+                    if hit {
+                        freed.push(cert_key(b));
+                    }
+                    !hit
+                }),
+                Unbind::OidcIssuer(issuer) => record.oidc_bindings.retain(|b| b.issuer != *issuer),
             }
-        }
-        if freed.is_empty() {
-            return Err(IdentityError::NoSuchBinding);
-        }
-        let bytes = record.encode_to_vec();
-        let record_key = format!("{RECORD_PREFIX}{}", record.name);
-        // One atomic batch: the record and its index entries.
-        let mut ops = vec![PlainOp::Put(&record_key, &bytes)];
-        for key in freed.iter().filter(|k| !k.is_empty()) {
-            ops.push(PlainOp::Delete(key));
-        }
-        self.barrier.batch(&ops)?;
+            if (record.cert_bindings.len(), record.oidc_bindings.len()) == held {
+                return Err(IdentityError::NoSuchBinding);
+            }
+            // The index entries with the record: one batch (a record holds
+            // at most 64 certificate bindings).
+            draft.before = freed.into_iter().map(|k| (k, None)).collect();
+            Ok(())
+        })?;
         Ok(record)
     }
 
@@ -1355,17 +1459,18 @@ impl IdentityStore {
                 .map(|(key, value)| ClaimPair { key, value })
                 .collect(),
         };
-        let _guard = self.lock();
-        let mut record = self.require(name)?;
-        if !record.oidc_bindings.contains(&binding) {
-            if record.oidc_bindings.len() >= MAX_LIST {
-                return Err(IdentityError::Invalid(format!(
-                    "at most {MAX_LIST} OIDC bindings"
-                )));
+        let (record, ()) = self.modify_record(name.as_str(), |draft| {
+            let record = &mut draft.record;
+            if !record.oidc_bindings.contains(&binding) {
+                if record.oidc_bindings.len() >= MAX_LIST {
+                    return Err(IdentityError::Invalid(format!(
+                        "at most {MAX_LIST} OIDC bindings"
+                    )));
+                }
+                record.oidc_bindings.push(binding.clone());
             }
-            record.oidc_bindings.push(binding);
-        }
-        self.put_record(&record)?;
+            Ok(())
+        })?;
         Ok(record)
     }
 

@@ -502,31 +502,343 @@ fn a_delete_run_again_leaves_a_certificate_bound_since_to_another() {
     assert_eq!(found.name, "web");
 }
 
-/// On a shared store a disable on another node lands between a login's
-/// read of the record and its write of the login time: the login's write
-/// is dropped, so the identity stays disabled (it wrote back the enabled
-/// record it had read before).
-#[test]
-fn a_login_never_writes_back_a_record_disabled_meanwhile_on_another_node() {
+/// Two identity stores ("nodes") over one shared store, identity `ci`
+/// created.
+fn two_nodes() -> (tempfile::TempDir, Arc<IdentityStore>, Arc<IdentityStore>) {
     let dir = tempfile::tempdir().unwrap();
     let (one, two) = crate::storage::test_sled::two_barriers(dir.path());
+    two_nodes_over(dir, one, two)
+}
+
+fn two_nodes_over(
+    dir: tempfile::TempDir,
+    one: Barrier,
+    two: Barrier,
+) -> (tempfile::TempDir, Arc<IdentityStore>, Arc<IdentityStore>) {
     let (one, two) = (
         Arc::new(IdentityStore::new(Arc::new(one))),
         Arc::new(IdentityStore::new(Arc::new(two))),
     );
     one.create(new("ci"), &AllPolicies, NOW).unwrap();
-    let seen = one.get("ci").unwrap().unwrap();
+    (dir, one, two)
+}
+
+/// `two` disables `ci` the next time `one` is between its read of a
+/// record and its write.
+fn disable_in_the_window(one: &IdentityStore, two: &Arc<IdentityStore>) {
     let other = two.clone();
-    one.before_login_write.set(move || {
-        let revoked = Revocations::default();
+    one.before_record_write.set(move || {
         other
-            .set_disabled(&name("ci"), true, false, &revoked, NOW + 5_000)
+            .set_disabled(&name("ci"), true, false, &Revocations::default(), NOW)
             .unwrap();
     });
+}
+
+/// On a shared store a disable on another node lands between a login's
+/// read of the record and its write of the login time: the login never
+/// writes back the enabled record it read (which re-enabled the identity);
+/// it notes the time on the record read again.
+#[test]
+fn a_login_never_writes_back_a_record_disabled_meanwhile_on_another_node() {
+    let (_d, one, two) = two_nodes();
+    let seen = one.get("ci").unwrap().unwrap();
+    disable_in_the_window(&one, &two);
     one.record_login(&seen, NOW + 5_000).unwrap();
-    assert!(!one.before_login_write.is_set(), "the hook ran");
-    assert!(two.get("ci").unwrap().unwrap().disabled);
-    assert!(one.get("ci").unwrap().unwrap().disabled);
+    assert!(!one.before_record_write.is_set(), "the hook ran");
+    let record = two.get("ci").unwrap().unwrap();
+    assert!(record.disabled);
+    assert_eq!(record.last_login_ms, NOW + 5_000);
+}
+
+/// An update read before a disable on another node is applied to the
+/// disabled record: the identity stays disabled (the kill switch is not
+/// undone) and the update is not lost.
+#[test]
+fn an_update_read_before_a_disable_on_another_node_keeps_it_disabled() {
+    let (_d, one, two) = two_nodes();
+    disable_in_the_window(&one, &two);
+    let revoked = Revocations::default();
+    let updated = one
+        .update(
+            &name("ci"),
+            IdentityUpdate {
+                owner: Some("sre".into()),
+                policies: Some(vec!["narrow".into()]),
+                ..Default::default()
+            },
+            &AllPolicies,
+            &revoked,
+            NOW,
+        )
+        .unwrap();
+    assert!(!one.before_record_write.is_set(), "the hook ran");
+    assert!(updated.disabled);
+    let stored = two.get("ci").unwrap().unwrap();
+    assert!(stored.disabled, "the disable was undone");
+    assert_eq!(
+        (stored.owner.as_str(), stored.policies.as_slice()),
+        ("sre", ["narrow".to_owned()].as_slice())
+    );
+    // Narrowed: revoked before the write (each try) and after it.
+    assert_eq!(*revoked.0.lock().unwrap(), ["ci", "ci", "ci"]);
+}
+
+#[test]
+fn metadata_set_after_a_disable_on_another_node_keeps_it_disabled() {
+    let (_d, one, two) = two_nodes();
+    disable_in_the_window(&one, &two);
+    let set = [("team".to_owned(), "payments".to_owned())].into();
+    one.set_metadata(&name("ci"), set, &[]).unwrap();
+    assert!(!one.before_record_write.is_set(), "the hook ran");
+    let stored = two.get("ci").unwrap().unwrap();
+    assert!(stored.disabled, "the disable was undone");
+    assert_eq!(stored.metadata["team"], "payments");
+}
+
+#[test]
+fn a_certificate_bound_after_a_disable_on_another_node_keeps_it_disabled() {
+    let (_d, one, two) = two_nodes();
+    disable_in_the_window(&one, &two);
+    one.bind_cert(&name("ci"), None, Some("spiffe://acme.test/job"))
+        .unwrap();
+    assert!(!one.before_record_write.is_set(), "the hook ran");
+    let stored = two.get("ci").unwrap().unwrap();
+    assert!(stored.disabled, "the disable was undone");
+    assert_eq!(stored.cert_bindings[0].spiffe_id, "spiffe://acme.test/job");
+    let holder = two
+        .by_cert(None, &["spiffe://acme.test/job".into()])
+        .unwrap()
+        .unwrap();
+    assert_eq!(holder.name, "ci");
+}
+
+#[test]
+fn a_binding_removed_after_a_disable_on_another_node_keeps_it_disabled() {
+    let (_d, one, two) = two_nodes();
+    one.bind_cert(&name("ci"), None, Some("spiffe://acme.test/job"))
+        .unwrap();
+    disable_in_the_window(&one, &two);
+    one.unbind(
+        &name("ci"),
+        &Unbind::CertSpiffe("spiffe://acme.test/job".into()),
+    )
+    .unwrap();
+    assert!(!one.before_record_write.is_set(), "the hook ran");
+    let stored = two.get("ci").unwrap().unwrap();
+    assert!(stored.disabled, "the disable was undone");
+    assert!(stored.cert_bindings.is_empty());
+    assert!(two
+        .by_cert(None, &["spiffe://acme.test/job".into()])
+        .unwrap()
+        .is_none());
+}
+
+/// A disable whose secret-ids take several batches (as on etcd) meets a
+/// change of the record on another node before its last batch: the
+/// batches before it are kept, the record is read again and written
+/// disabled, with the other node's change and the last secret-id gone.
+#[test]
+fn a_disable_in_batches_read_before_a_change_on_another_node_is_applied_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(crate::storage::test_sled::TestSled::shared_bounded(
+        dir.path(),
+        3,
+        usize::MAX,
+    ));
+    let (one, two) = crate::storage::test_sled::two_barriers_over(backend.clone());
+    let (_d, one, two) = two_nodes_over(dir, one, two);
+    let sids: Vec<NewSecretId> = (0..5)
+        .map(|i| {
+            one.create_secret_id(&name("ci"), SecretIdSpec::default(), NOW + i)
+                .unwrap()
+        })
+        .collect();
+    let other = two.clone();
+    one.before_record_write.set(move || {
+        let set = [("team".to_owned(), "payments".to_owned())].into();
+        other.set_metadata(&name("ci"), set, &[]).unwrap();
+    });
+    backend.sizes.lock().unwrap().clear();
+    let (record, _, gone) = one
+        .set_disabled(&name("ci"), true, false, &Revocations::default(), NOW)
+        .unwrap();
+    assert!(!one.before_record_write.is_set(), "the hook ran");
+    let stored = two.get("ci").unwrap().unwrap();
+    assert_eq!(
+        stored.metadata.get("team").map(String::as_str),
+        Some("payments"),
+        "the change was undone"
+    );
+    assert!(stored.disabled);
+    assert!(record.disabled);
+    assert_eq!(gone, 5);
+    // The other node's write; 10 keys and the record in batches of 3, the
+    // last refused; then the last index entry (and its record's key, gone
+    // already) with the record.
+    assert_eq!(*backend.sizes.lock().unwrap(), [1, 3, 3, 3, 2, 3]);
+    assert!(one
+        .barrier
+        .scan_keys("identities/sid-of/")
+        .unwrap()
+        .is_empty());
+    for sid in &sids {
+        assert!(two
+            .spend_secret_id(&sid.role_id, sid.secret_id.expose(), LOCAL, NOW)
+            .unwrap()
+            .is_none());
+    }
+}
+
+/// Two nodes bind one certificate to two identities at once: one of them
+/// is refused, and the index names the identity whose record holds it.
+#[test]
+fn a_certificate_bound_on_two_nodes_at_once_goes_to_one_identity() {
+    let (_d, one, two) = two_nodes();
+    one.create(new("web"), &AllPolicies, NOW).unwrap();
+    let other = two.clone();
+    one.before_record_write.set(move || {
+        other
+            .bind_cert(&name("web"), None, Some("spiffe://acme.test/job"))
+            .unwrap();
+    });
+    let refused = one.bind_cert(&name("ci"), None, Some("spiffe://acme.test/job"));
+    assert!(!one.before_record_write.is_set(), "the hook ran");
+    assert!(
+        matches!(&refused, Err(IdentityError::BindingTaken(holder)) if holder == "web"),
+        "{:?}",
+        refused.map(|r| r.name)
+    );
+    assert!(two.get("ci").unwrap().unwrap().cert_bindings.is_empty());
+    let holder = two
+        .by_cert(None, &["spiffe://acme.test/job".into()])
+        .unwrap()
+        .unwrap();
+    assert_eq!(holder.name, "web");
+}
+
+/// A delete that read the record before another node bound a certificate
+/// to it deletes that binding's index entry too: the certificate is free
+/// for another identity.
+#[test]
+fn a_delete_read_before_a_binding_on_another_node_deletes_it_too() {
+    let (_d, one, two) = two_nodes();
+    one.create(new("web"), &AllPolicies, NOW).unwrap();
+    let other = two.clone();
+    one.before_record_write.set(move || {
+        other
+            .bind_cert(&name("ci"), None, Some("spiffe://acme.test/job"))
+            .unwrap();
+    });
+    one.delete(&name("ci"), &Revocations::default(), NOW)
+        .unwrap();
+    assert!(!one.before_record_write.is_set(), "the hook ran");
+    assert!(two.get("ci").unwrap().is_none());
+    assert!(one
+        .barrier
+        .scan_keys("identities/cert/")
+        .unwrap()
+        .is_empty());
+    two.bind_cert(&name("web"), None, Some("spiffe://acme.test/job"))
+        .unwrap();
+}
+
+/// The expiry sweep read an expired identity before another node moved
+/// its expiry: the move is kept (the sweep marked the old record handled
+/// and wrote back the old expiry).
+#[test]
+fn an_expiry_moved_on_another_node_during_a_sweep_is_kept() {
+    let (_d, one, two) = two_nodes();
+    let revoked = Revocations::default();
+    let at = |ms| IdentityUpdate {
+        expires_at_ms: Some(ms),
+        ..Default::default()
+    };
+    one.update(&name("ci"), at(NOW + 1_000), &AllPolicies, &revoked, NOW)
+        .unwrap();
+    let other = two.clone();
+    one.before_record_write.set(move || {
+        other
+            .update(
+                &name("ci"),
+                at(NOW + 3_600_000),
+                &AllPolicies,
+                &Revocations::default(),
+                NOW + 2_000,
+            )
+            .unwrap();
+    });
+    one.sweep_expired(&revoked, NOW + 2_000).unwrap();
+    assert!(!one.before_record_write.is_set(), "the hook ran");
+    let stored = two.get("ci").unwrap().unwrap();
+    assert_eq!(stored.expires_at_ms, NOW + 3_600_000);
+    assert!(!stored.expiry_handled);
+}
+
+/// Has `two` change `ci`'s metadata each time `one` is between its read
+/// and its write, `times` times; counts the runs.
+fn change_before_each_try(
+    one: &Arc<IdentityStore>,
+    two: &Arc<IdentityStore>,
+    times: usize,
+    runs: Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let (one_, two_) = (one.clone(), two.clone());
+    one.before_record_write.set(move || {
+        let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+        let set = [("run".to_owned(), run.to_string())].into();
+        two_.set_metadata(&name("ci"), set, &[]).unwrap();
+        if run < times {
+            change_before_each_try(&one_, &two_, times, runs);
+        }
+    });
+}
+
+#[test]
+fn a_change_read_again_after_each_change_on_another_node_is_applied() {
+    let (_d, one, two) = two_nodes();
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    change_before_each_try(&one, &two, RECORD_TRIES - 1, runs.clone());
+    let disabled = one.set_disabled(&name("ci"), true, false, &Revocations::default(), NOW);
+    assert!(disabled.is_ok());
+    assert_eq!(runs.load(Ordering::SeqCst), RECORD_TRIES - 1);
+    let stored = two.get("ci").unwrap().unwrap();
+    assert!(stored.disabled);
+    assert_eq!(stored.metadata["run"], (RECORD_TRIES - 1).to_string());
+}
+
+/// A change whose record another node changes before each of its tries
+/// gives up with `Contended` (ABORTED) and writes nothing of its own.
+#[test]
+fn a_change_that_loses_every_try_is_contended() {
+    let (_d, one, two) = two_nodes();
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    change_before_each_try(&one, &two, 10, runs.clone());
+    let refused = one.update(
+        &name("ci"),
+        IdentityUpdate {
+            owner: Some("sre".into()),
+            ..Default::default()
+        },
+        &AllPolicies,
+        &Revocations::default(),
+        NOW,
+    );
+    assert!(
+        matches!(refused, Err(IdentityError::Contended)),
+        "{:?}",
+        refused.map(|r| r.name)
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), RECORD_TRIES);
+    let stored = two.get("ci").unwrap().unwrap();
+    assert_eq!(stored.owner, "platform");
+    assert_eq!(stored.metadata["run"], RECORD_TRIES.to_string());
+    let failure = crate::core::call::Failure::from(IdentityError::Contended);
+    assert_eq!(
+        failure.kind(),
+        crate::core::call::FailureKind::Aborted,
+        "{}",
+        failure.message()
+    );
 }
 
 #[test]

@@ -2,8 +2,8 @@
 //! says it is shared: two barriers over it are two nodes, each with its own
 //! in-process locks, and its conditional writes check and write under one
 //! mutex, as an etcd transaction does. `TestSled::bounded` takes batches
-//! of at most so many operations and bytes, as etcd does, records each
-//! batch's size and can fail one.
+//! (conditional ones too) of at most so many operations and bytes, as etcd
+//! does, records each batch's size and can fail one.
 
 #![allow(clippy::unwrap_used)]
 
@@ -27,6 +27,11 @@ pub struct TestSled {
 impl TestSled {
     pub fn shared(path: &std::path::Path) -> Self {
         Self::open(path, true, usize::MAX, usize::MAX, None)
+    }
+
+    /// Shared, and bounded as [`TestSled::bounded`] (no batch fails).
+    pub fn shared_bounded(path: &std::path::Path, max_ops: usize, max_bytes: usize) -> Self {
+        Self::open(path, true, max_ops, max_bytes, None)
     }
 
     pub fn bounded(
@@ -55,11 +60,37 @@ impl TestSled {
             txn: Mutex::new(()),
         }
     }
+
+    /// Checks a batch against the bounds, records its size and fails the
+    /// one `fail_at` names.
+    fn admit(&self, ops: &[BatchOp]) -> Result<(), StorageError> {
+        let bytes: usize = ops
+            .iter()
+            .map(|op| match op {
+                BatchOp::Put(k, v) => k.len() + v.len(),
+                BatchOp::Delete(k) => k.len(),
+            })
+            .sum();
+        assert!(
+            ops.len() <= self.max_ops && bytes <= self.max_bytes,
+            "a batch over the bounds"
+        );
+        let mut sizes = self.sizes.lock().unwrap();
+        sizes.push(ops.len());
+        if Some(sizes.len()) == self.fail_at {
+            return Err(StorageError::Io("batch: refused".into()));
+        }
+        Ok(())
+    }
 }
 
 /// Two barriers ("nodes") over one shared store in `path`, both unsealed.
 pub fn two_barriers(path: &std::path::Path) -> (Barrier, Barrier) {
-    let backend: Arc<dyn Backend> = Arc::new(TestSled::shared(path));
+    two_barriers_over(Arc::new(TestSled::shared(path)))
+}
+
+/// Two barriers ("nodes") over `backend` (a shared one), both unsealed.
+pub fn two_barriers_over(backend: Arc<dyn Backend>) -> (Barrier, Barrier) {
     let one = Barrier::new(backend.clone(), BarrierOptions::default()).unwrap();
     let shares = one.init(1, 1).unwrap();
     one.unseal(&shares[0].0).unwrap();
@@ -101,27 +132,13 @@ impl Backend for TestSled {
         self.inner.compare_and_swap(key, expected, new)
     }
     fn batch(&self, ops: Vec<BatchOp>) -> Result<(), StorageError> {
-        let bytes: usize = ops
-            .iter()
-            .map(|op| match op {
-                BatchOp::Put(k, v) => k.len() + v.len(),
-                BatchOp::Delete(k) => k.len(),
-            })
-            .sum();
-        assert!(
-            ops.len() <= self.max_ops && bytes <= self.max_bytes,
-            "a batch over the bounds"
-        );
         let _txn = self.txn.lock().unwrap();
-        let mut sizes = self.sizes.lock().unwrap();
-        sizes.push(ops.len());
-        if Some(sizes.len()) == self.fail_at {
-            return Err(StorageError::Io("batch: refused".into()));
-        }
+        self.admit(&ops)?;
         self.inner.batch(ops)
     }
     fn batch_if(&self, expect: Expected, ops: Vec<BatchOp>) -> Result<bool, StorageError> {
         let _txn = self.txn.lock().unwrap();
+        self.admit(&ops)?;
         for (key, value) in &expect {
             if self.inner.get(key)?.as_ref() != value.as_ref() {
                 return Ok(false);

@@ -45,7 +45,9 @@ pub enum FailureKind {
     Upstream,
     /// Too many attempts: a login locked out by the brute-force limit.
     Exhausted,
-    /// A stream cut off because its reader fell behind; start again.
+    /// A stream cut off because its reader fell behind, or a write that
+    /// lost to other nodes' writes of the same record at every try; start
+    /// again.
     Aborted,
     /// The call ended without an answer (the client went away, or a bug).
     Cancelled,
@@ -356,6 +358,7 @@ impl From<IdentityError> for Failure {
                 Self::new(FailureKind::AlreadyExists, e.to_string())
             }
             IdentityError::PoliciesChanged => Self::new(FailureKind::Conflict, e.to_string()),
+            IdentityError::Contended => Self::new(FailureKind::Aborted, e.to_string()),
             IdentityError::Barrier(b) => b.into(),
             IdentityError::Corrupt | IdentityError::Tokens(_) => Self::internal(e),
         }
