@@ -573,3 +573,29 @@ async fn bad_exchanges_are_refused_with_the_rule_and_issue_nothing() {
         .collect();
     assert!(tree.is_empty(), "no exchange succeeded: {tree:?}");
 }
+
+/// What an agent reads through a delegated token is in the read sets of
+/// both identities: decommissioning the agent rotates it. Before, it went
+/// to the subject's only, and the agent's plan called the path readable but
+/// never read.
+#[tokio::test]
+async fn a_delegated_read_is_in_the_agents_read_set_too() {
+    let w = world().await;
+    let (_, _, delegated) = w.delegated().await;
+    let path = format!("{}/both", w.p);
+    delegated.get(&path).await.unwrap();
+    let root = w.server.root().await;
+    let subject_name = w.subject.lookup_self().await.unwrap().identity;
+    for name in [&w.agent_name, &subject_name] {
+        let reads = root.identity_reads(name).await.unwrap();
+        assert!(
+            reads.paths.iter().any(|r| r.path == path),
+            "{name}: {reads:?}"
+        );
+    }
+    let plan = root
+        .identity_decommission(&w.agent_name, true)
+        .await
+        .unwrap();
+    assert!(!plan.readable_never_read.contains(&path), "{plan:?}");
+}

@@ -264,3 +264,49 @@ async fn an_unauthenticated_caller_cannot_write_its_own_bytes_into_the_audit_log
     assert!(!audit.contains("QQQQ") && !audit.contains("MMMM"));
     server.stop().await;
 }
+
+/// A read over the Vault API is a read: it goes into the identity's read
+/// set, so `identity decommission` rotates it. Before, only gRPC `Get`
+/// noted reads, and an identity that read over HTTPS was said never to
+/// have read the path.
+#[tokio::test]
+async fn a_read_over_https_is_in_the_read_set() {
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let prefix = unique("httpread");
+    let policy = unique("httpread");
+    super::ident_kit::put_policy(
+        &server,
+        &policy,
+        &format!("[[rule]]\npath = \"secret/{prefix}/**\"\ncapabilities = [\"read\"]\n"),
+    )
+    .await;
+    let path = format!("{prefix}/db");
+    root.put(
+        &path,
+        &super::harness::data(&[("password", "x")]),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let name = unique("httpreader");
+    let (role_id, secret_id) = approle_identity(&root, &name, &[policy]).await;
+    let (token, _) = super::ident_kit::login(&server, &role_id, &secret_id).await;
+    let http = HttpClient::new(server.http_addr, &server.ca);
+    let a = http
+        .get(&format!("/v1/secret/data/{path}"), Some(&token.token))
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let reads = root.identity_reads(&name).await.unwrap();
+    assert_eq!(
+        reads
+            .paths
+            .iter()
+            .map(|r| r.path.as_str())
+            .collect::<Vec<_>>(),
+        [path.as_str()]
+    );
+    let plan = root.identity_decommission(&name, true).await.unwrap();
+    assert!(plan.readable_never_read.is_empty(), "{plan:?}");
+    server.stop().await;
+}
