@@ -990,6 +990,14 @@ impl TokenStore {
                 if actor.is_delegated() || actor.is_exchange_only() {
                     return Err(TokenError::ActorInvalid);
                 }
+                // As for a parent: one counted use must not buy an uncounted
+                // token (the delegated one) that acts for as long.
+                if actor.uses_total != 0 {
+                    return Err(TokenError::InvalidRequest(
+                        "a token with a use limit cannot act for another (exchange a token \
+                         without one)",
+                    ));
+                }
                 if let Some(anchors) = &mut anchors {
                     anchors.push(Anchor {
                         key: format!("{ACCESSOR_PREFIX}{acc}"),

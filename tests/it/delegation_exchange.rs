@@ -599,3 +599,32 @@ async fn a_delegated_read_is_in_the_agents_read_set_too() {
         .unwrap();
     assert!(!plan.readable_never_read.contains(&path), "{plan:?}");
 }
+
+/// A token with a use limit cannot be the actor of an exchange: spending
+/// one of its uses would buy a delegated token with no limit. (A parent
+/// with a use limit was already refused.)
+#[tokio::test]
+async fn an_actor_with_a_use_limit_is_refused() {
+    let w = world().await;
+    let subject_token = w.may_act(&w.agent_name).await;
+    let counted = w
+        .agent
+        .issue_token(IssueOptions {
+            uses: 2,
+            ..IssueOptions::default()
+        })
+        .await
+        .unwrap();
+    let counted = w.agent.with_token(&counted.token).unwrap();
+    let e = counted
+        .exchange_token(&subject_token, ExchangeOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(Code::InvalidArgument), "{e}");
+    assert!(e.to_string().contains("use limit"), "{e}");
+    // The agent's own token still may.
+    w.agent
+        .exchange_token(&subject_token, ExchangeOptions::default())
+        .await
+        .unwrap();
+}
