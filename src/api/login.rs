@@ -42,7 +42,7 @@ pub(crate) async fn login(
         Some(Method::Cert(_)) => {
             call.set_resource("auth/login/cert");
             core.login
-                .cert(&core.identities, core.pki.trust(), &chain, source, now)
+                .cert(&core.identities, &core.pki, &chain, source, now)
         }
         Some(Method::Oidc(o)) => {
             call.set_resource("auth/login/oidc");

@@ -118,7 +118,7 @@ async fn cert_login(State(state): State<HttpState>, req: Request) -> Answer {
     let now = state.core.clock().now_ms();
     let grant = state.core.login.cert(
         &state.core.identities,
-        state.core.pki.trust(),
+        &state.core.pki,
         chain.as_deref().map_or(&[], Vec::as_slice),
         source,
         now,

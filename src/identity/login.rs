@@ -19,7 +19,7 @@ use std::time::Duration;
 use super::shared_throttle::{SharedThrottle, Stored};
 use super::{Dn, IdentityError, IdentityRecord, IdentityStore};
 use crate::oidc::{JwksCache, OidcError};
-use crate::pki::trust::ClientTrust;
+use crate::pki::{PkiError, PkiStore};
 
 /// TTL of a login token when the request names none.
 pub const DEFAULT_LOGIN_TTL: Duration = Duration::from_secs(60 * 60);
@@ -52,6 +52,16 @@ pub enum LoginError {
     /// now: expired, revoked, or its CA no longer trusted.
     #[error("the client certificate is no longer valid (expired, revoked or untrusted)")]
     CertificateRefused,
+    /// Issued by this PKI for another identity, or before its names were
+    /// bound to this one.
+    #[error(
+        "this certificate was issued for another identity, or before its name was bound to this \
+         one: issue a new one"
+    )]
+    IssuedForAnother,
+    /// The PKI's inventory could not be read.
+    #[error(transparent)]
+    Inventory(PkiError),
     #[error("no identity is bound to this certificate")]
     UnboundCertificate,
     #[error("no enabled identity is bound to this token's claims")]
@@ -668,10 +678,15 @@ impl Login {
     /// held open, or resumed (a resumed handshake does not verify again).
     /// So the chain is checked again against `trust` as it is now (expiry,
     /// CRL), and the token never outlives the certificate.
+    ///
+    /// A certificate this PKI issued logs in only as the identity it was
+    /// issued for: the issue checked that its requester held that
+    /// identity's policies, and a binding made later must not hand the
+    /// certificate an identity nobody checked it for.
     pub fn cert(
         &self,
         store: &IdentityStore,
-        trust: &ClientTrust,
+        pki: &PkiStore,
         chain: &[Vec<u8>],
         source: Option<IpAddr>,
         now_ms: u64,
@@ -688,7 +703,7 @@ impl Login {
                 LoginError::NoCertificate,
             ));
         };
-        if !trust.recheck(chain, now_ms) {
+        if !pki.trust().recheck(chain, now_ms) {
             return Err(self.failed(
                 UNKNOWN_IDENTITY,
                 attempt,
@@ -724,6 +739,18 @@ impl Login {
                 ))
             }
         };
+        match pki.issued_for(der).map_err(LoginError::Inventory)? {
+            Some(issued_for) if issued_for != identity.name => {
+                return Err(self.failed(
+                    &identity.name,
+                    attempt,
+                    source,
+                    now_ms,
+                    LoginError::IssuedForAnother,
+                ))
+            }
+            _ => {}
+        }
         attempt.succeeded();
         store.record_login(&identity, now_ms)?;
         Ok(Grant {

@@ -901,33 +901,37 @@ fn cert_bindings_find_the_identity() {
     trust
         .set_configured_pem(&std::fs::read(&paths.ca).unwrap())
         .unwrap();
+    let pki = crate::pki::PkiStore::new(f.store.barrier.clone(), Arc::new(trust));
     let chain = [der.to_vec()];
     assert!(matches!(
-        f.login.cert(&f.store, &trust, &chain, LOCAL, NOW),
+        f.login.cert(&f.store, &pki, &chain, LOCAL, NOW),
         Err(LoginError::UnboundCertificate)
     ));
     f.store
         .bind_cert(&name("ci"), None, Some("spiffe://acme.test/x"))
         .unwrap();
-    let grant = f.login.cert(&f.store, &trust, &chain, LOCAL, NOW).unwrap();
+    let grant = f.login.cert(&f.store, &pki, &chain, LOCAL, NOW).unwrap();
     assert_eq!((grant.identity.as_str(), grant.method), ("ci", "cert"));
     // The token never outlives the certificate.
     assert_eq!(grant.hard_expiry_ms, names.not_after_ms);
     assert!(names.not_after_ms.is_some());
     assert!(matches!(
-        f.login.cert(&f.store, &trust, &[], LOCAL, NOW),
+        f.login.cert(&f.store, &pki, &[], LOCAL, NOW),
         Err(LoginError::NoCertificate)
     ));
     // Checked again at the login, not only at the handshake: a store that
     // no longer trusts the CA, or a time past the certificate's end.
-    let untrusting = crate::pki::trust::ClientTrust::new();
+    let untrusting = crate::pki::PkiStore::new(
+        f.store.barrier.clone(),
+        Arc::new(crate::pki::trust::ClientTrust::new()),
+    );
     assert!(matches!(
         f.login.cert(&f.store, &untrusting, &chain, LOCAL, NOW),
         Err(LoginError::CertificateRefused)
     ));
     let after = names.not_after_ms.unwrap().saturating_add(1000);
     assert!(matches!(
-        f.login.cert(&f.store, &trust, &chain, LOCAL, after),
+        f.login.cert(&f.store, &pki, &chain, LOCAL, after),
         Err(LoginError::CertificateRefused)
     ));
 }

@@ -857,6 +857,25 @@ impl PkiStore {
         Ok(out)
     }
 
+    /// For a certificate this PKI issued (its serial is in the inventory):
+    /// the identity it was issued for (empty: none was bound to its names
+    /// then). `None` for any other certificate.
+    pub fn issued_for(&self, leaf_der: &[u8]) -> Result<Option<String>, PkiError> {
+        use x509_parser::prelude::FromDer;
+        let Ok((_, cert)) = x509_parser::certificate::X509Certificate::from_der(leaf_der) else {
+            return Ok(None);
+        };
+        let serial = hex::encode(cert.raw_serial());
+        match self.barrier.get(&format!("{CERTS}{serial}"))? {
+            None => Ok(None),
+            Some(raw) => {
+                let record: CertRecord =
+                    serde_json::from_slice(&raw).map_err(|_| PkiError::Corrupt)?;
+                Ok(Some(record.identity))
+            }
+        }
+    }
+
     /// Revokes a certificate: it enters the CRL, and `login cert` refuses
     /// it from now on. Revoking it again changes nothing.
     pub fn revoke(

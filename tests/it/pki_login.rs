@@ -246,3 +246,40 @@ async fn the_server_resumes_no_tls_session() {
     );
     server.stop().await;
 }
+
+/// A certificate issued for a name nobody was bound to does not log in as
+/// an identity bound to that name later: the issue checked its requester
+/// against the identities bound then, and nobody checked it against the
+/// new one. A certificate issued after the binding logs in.
+#[tokio::test]
+async fn a_certificate_issued_before_its_name_was_bound_does_not_log_in_as_that_identity() {
+    let (server, root) = pki_server("early").await;
+    let mut r = role("early", "early");
+    r.client = true;
+    root.pki_role_put(r).await.unwrap();
+    let name = unique("early");
+    let spiffe = format!("spiffe://acme.test/early/{name}");
+    // Nothing is bound to the name yet: anyone with `issue` on the role
+    // could ask for this one.
+    let (csr_early, key_early) = csr(&[&spiffe], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let early = root.pki_sign("early", &csr_early, 600).await.unwrap();
+    root.identity_create(create(&name, "workload", "team-e", &[]))
+        .await
+        .unwrap();
+    root.identity_bind_cert(&name, None, Some(&spiffe))
+        .await
+        .unwrap();
+    let (code, message) = refusal(login(&server, &early.certificate, &key_early).await);
+    assert_eq!(code, Code::Unauthenticated, "{message}");
+    assert!(message.contains("issued for another identity"), "{message}");
+    let (csr_late, key_late) = csr(&[&spiffe], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let late = root.pki_sign("early", &csr_late, 600).await.unwrap();
+    assert_eq!(
+        login(&server, &late.certificate, &key_late)
+            .await
+            .unwrap()
+            .identity,
+        name
+    );
+    server.stop().await;
+}

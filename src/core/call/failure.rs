@@ -373,10 +373,12 @@ impl From<LoginError> for Failure {
             }
             LoginError::KeysUnavailable(_) => Self::new(FailureKind::Unavailable, e.to_string()),
             LoginError::Identity(i) => i.into(),
+            LoginError::Inventory(p) => p.into(),
             LoginError::Invalid
             | LoginError::NoCertificate
             | LoginError::UnboundCertificate
             | LoginError::CertificateRefused
+            | LoginError::IssuedForAnother
             | LoginError::UnboundToken
             | LoginError::Ambiguous
             | LoginError::Oidc(_) => Self::new(FailureKind::Unauthenticated, e.to_string()),
