@@ -18,7 +18,8 @@
 //!   clock of the call, as on the full path. An entry past its expiry is a
 //!   miss: the full path then revokes the token, as before.
 //! - Revocation takes effect on the very next request: every path that
-//!   removes or rewrites a token record (revoke and with it the revocation of
+//!   removes or rewrites a token record (revoke, and on a shared store its
+//!   `revoking` mark, written before anything is removed; the revocation of
 //!   an identity's tokens on disable, delete, expiry or narrowing; the last
 //!   use of a limited token; renew; the sweeper) holds an
 //!   [`InvalidateOnDrop`] naming those tokens across its storage writes, so
@@ -38,7 +39,8 @@
 //! On sled one process owns the store (sled locks its folder), so no other
 //! writer can revoke behind this cache's back. On etcd other nodes can: the
 //! store's watch removes the entry of every `tokens/accessor/` record any
-//! node changes (the same `InvalidateOnDrop`, so the generation rule holds),
+//! node changes (the same `InvalidateOnDrop`, so the generation rule holds;
+//! a revocation's `revoking` mark is such a change, seen as fast as a delete),
 //! and a request reads the cache only after its cache fence has seen the
 //! watch deliver every change acknowledged before the request began
 //! (`storage::coherence`).
@@ -147,7 +149,9 @@ impl VerifiedTokens {
     /// Caches a token just verified against storage, unless a record was
     /// removed or changed since `generation` was read, or it has a use limit.
     pub fn insert(&self, tag: Tag, record: &TokenRecord, cidrs: Vec<Cidr>, generation: u64) {
-        if record.uses_total != 0 || record.uses_remaining != 0 {
+        // A spent token, or one a revocation marked (the caller refused it
+        // already), is never cached.
+        if record.uses_total != 0 || record.uses_remaining != 0 || record.spent || record.revoking {
             return;
         }
         let mut table = self.write();

@@ -10,6 +10,11 @@
 //!   keeps the earliest expiry of each identity in memory: one read per
 //!   identity, in the background, after an unseal);
 //! - `tokens/children/<parent accessor>/<child accessor>` -> empty;
+//! - on a shared store only, `tokens/revoking/<accessor>` -> the time (ms,
+//!   8 bytes big-endian) a revocation marked the token's record `revoking`;
+//!   written in one transaction with that mark, deleted with the token's
+//!   keys. The sweeper finishes the revocation of every token it lists
+//!   (`sweep_revoking`), and a child issue checks its lineage against it;
 //! - tokens stored before derived accessors (`TokenRecord::derived` false)
 //!   have instead `tokens/hash/<hex HMAC of the token text>` -> the
 //!   accessor, `tokens/identity/<hex identity name>/<accessor>` and
@@ -52,11 +57,17 @@
 //!
 //! On a shared store (etcd) another node revokes without that mutex. There a
 //! child's record is written only if its parent's (and actor's) record is
-//! still the one read, in the same transaction (`store_issued`: the
-//! anchors), and a revocation scans the children of every token it deleted
-//! once more after deleting it, and reads again each child whose link it
-//! found without a record (`revoke_locked`). A child's link is written
-//! before its record, so it either fails its condition or is found.
+//! still the one read, and no token of its lineage (the tokens above its
+//! parent) is being revoked, in the same transaction (`store_issued`: the
+//! anchors). A revocation first marks the tree top-down (`mark_tree`): each
+//! token's record is rewritten `revoking` (every node refuses it from then
+//! on, as if it were gone), with its `tokens/revoking/` entry, and only then
+//! are its children read. A marked token's bytes changed, so no child can
+//! be written under it any more: the children read after the mark are all
+//! there will ever be, and the tree the marks cover is the tree deleted
+//! after (children first, as above). A revocation cut short after a mark
+//! (a crash) leaves marked tokens, which every node refuses and the
+//! sweeper finishes. On sled none of this runs: no mark, no lineage.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
@@ -100,6 +111,23 @@ const SWEEP_BATCH: usize = 256;
 /// Deletes per storage batch when revoking a tree; a token's own keys are
 /// never split across batches.
 const REVOKE_BATCH_OPS: usize = 1024;
+/// On a shared store: `tokens/revoking/<accessor>`, a token marked by a
+/// revocation that has not deleted it yet.
+const REVOKING_PREFIX: &str = "tokens/revoking/";
+/// How long after its mark the sweeper leaves a marked token to the
+/// revocation that marked it (which may still be running on another node)
+/// before it finishes the revocation itself.
+const REVOKING_GRACE_MS: u64 = 30_000;
+/// On a shared store the sweeper looks at `tokens/revoking/` at least this
+/// often: a mark left by another node (which crashed) wakes nothing here.
+const REVOKING_RECHECK_MS: u64 = 30_000;
+/// Conditional tries of a revocation's mark on one record before it is
+/// written over the latest record read (`TokenStore::mark`).
+const MARK_TRIES: usize = 3;
+/// The most ancestors a token's record lists above its parent (its
+/// `lineage`, on a shared store); a deeper token keeps the nearest. One
+/// etcd comparison each when it issues a child.
+const MAX_LINEAGE: usize = 64;
 /// How long past its expiry an index entry without a record is left alone
 /// (its issue may still be writing) before the sweeper drops it.
 const ORPHAN_GRACE_MS: u64 = 60_000;
@@ -248,11 +276,26 @@ pub struct TokenRecord {
     /// is refused as if expired.
     #[prost(bool, tag = "21")]
     pub spent: bool,
+    /// A revocation marked this token (on a shared store, before it read its
+    /// children): it is refused everywhere as if it were gone, and no child
+    /// is issued under it. `spent` is set with it, so that a node of an
+    /// earlier release (a rolling upgrade) refuses it too.
+    #[prost(bool, tag = "22")]
+    pub revoking: bool,
+    /// On a shared store: the tokens above this token's parent (its
+    /// grandparent first, then up), at most `MAX_LINEAGE`. This record was
+    /// written only while none of them had a `tokens/revoking/` entry, in
+    /// the same transaction (`store_issued`; a mark of the parent fails the
+    /// parent's anchor), so a revocation stops every issue below its root
+    /// from the root's mark on. Empty on sled, for a token without a parent
+    /// and for a child of one.
+    #[prost(string, repeated, tag = "23")]
+    pub lineage: Vec<String>,
 }
 
 impl TokenRecord {
     fn is_expired(&self, now_ms: u64) -> bool {
-        self.spent || (self.expires_at_ms != 0 && now_ms >= self.expires_at_ms)
+        self.spent || self.revoking || (self.expires_at_ms != 0 && now_ms >= self.expires_at_ms)
     }
 
     fn cidr_blocks(&self) -> Result<Vec<Cidr>, TokenError> {
@@ -401,6 +444,14 @@ struct TestHooks {
     before_anchored_write: crate::test_hook::Hook,
     /// In a revocation, after planning a tree, before deleting it.
     after_revoke_plan: crate::test_hook::Hook,
+    /// In a revocation on a shared store, after each token's mark (or its
+    /// read, marked or gone already), before its children are read.
+    after_mark: crate::test_hook::Hook,
+    /// In a renewal on a shared store, after the record's read, before its
+    /// write.
+    before_renew_write: crate::test_hook::Hook,
+    /// In a revocation's mark, after the record's read, before its write.
+    before_mark_write: crate::test_hook::Hook,
 }
 
 /// Where the sweeper looks next: per identity (hex, as in the keys), a time
@@ -548,17 +599,50 @@ struct Minted {
     hash: String,
 }
 
-/// What [`TokenStore::revoke_plan`] found to delete.
+/// What [`TokenStore::revoke_plan`] (or, on a shared store,
+/// [`TokenStore::mark_tree`]) found to delete.
 struct RevokePlan {
-    /// How many tokens (records) the batches remove.
+    /// How many tokens the revocation counts: on sled the records the
+    /// batches remove; on a shared store the tokens whose mark it wrote.
     count: u32,
     /// Deletes to apply in order, each batch atomic.
     batches: Vec<Vec<String>>,
-    /// On a shared store, tokens found by a children link under a token
-    /// with a record, but without a record of their own: an issue still
-    /// writing on another node (or one a crash cut short), with the link
-    /// that found each. Their links are not in the batches.
-    unrecorded: Vec<(String, String)>,
+}
+
+/// Whose `revoking` mark a token carries ([`TokenStore::mark`]).
+enum Mark {
+    /// This call wrote it.
+    Written(TokenRecord),
+    /// Another revocation did (perhaps one cut short).
+    Found(TokenRecord),
+    /// No record: revoked already, or an issue that will never write it.
+    NoRecord,
+}
+
+/// A token's `tokens/revoking/` key (shared store).
+fn revoking_key(accessor: &str) -> String {
+    format!("{REVOKING_PREFIX}{accessor}")
+}
+
+/// Groups of deletes (each a token's keys, or a stray link), children's
+/// after their parents', as atomic batches of at most `max_ops`, in the order
+/// to apply: each group after every group of its descendants, never split.
+fn revoke_batches(mut groups: Vec<Vec<String>>, max_ops: usize) -> Vec<Vec<String>> {
+    // Every token was reached from its parent, after it: reversed, each
+    // group comes after all of its descendants'.
+    groups.reverse();
+    let mut batches: Vec<Vec<String>> = Vec::new();
+    let mut current: Vec<String> = Vec::new();
+    for group in groups {
+        if !current.is_empty() && current.len().saturating_add(group.len()) > max_ops {
+            batches.push(std::mem::take(&mut current));
+        }
+        current.extend(group);
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    batches
 }
 
 /// Adds a token's own keys to its revocation group: its record and index
@@ -582,6 +666,9 @@ fn push_token_keys(acc: &str, record: &TokenRecord, group: &mut Vec<String>) {
         if !group.contains(&own_link) {
             group.push(own_link);
         }
+    }
+    if record.revoking {
+        group.push(revoking_key(acc));
     }
 }
 
@@ -616,6 +703,8 @@ struct Bounds {
     /// The latest the token may live to (ms; 0: unbounded).
     cap_ms: u64,
     cidrs: Vec<Cidr>,
+    /// The new token's `lineage` (on a shared store).
+    lineage: Vec<String>,
 }
 
 /// A new token's expiry, maximum expiry and TTL (ms; all 0: never expires).
@@ -955,8 +1044,13 @@ impl TokenStore {
                     identity: req.identity,
                 });
             }
-            // A parent or actor record changed (a renewal on another node)
-            // or went (a revocation) since it was read: read it again.
+            // A parent or actor record changed (a renewal on another node, a
+            // revocation's mark) or went (a revocation) since it was read:
+            // read it again. A token above the parent being revoked refuses
+            // the child as its parent's mark would.
+            if self.lineage_revoking(&record.lineage)? {
+                return Err(TokenError::ParentInvalid);
+            }
             policies = record.policies;
             minted = Minted {
                 token,
@@ -1024,6 +1118,7 @@ impl TokenStore {
         let life = Lifetime::of(req, bounds.cap_ms, now_ms)?;
         let (token, mut record) =
             self.new_record(minted, req, policies, bounds.cidrs, life, now_ms);
+        record.lineage = bounds.lineage;
         record.may_act = delegation.may_act.clone().unwrap_or_default();
         if let Some(actor) = actor {
             record.actor_identity = actor.identity;
@@ -1070,6 +1165,7 @@ impl TokenStore {
         let mut bounds = Bounds {
             cap_ms: req.hard_expiry_ms.unwrap_or(0),
             cidrs: req.cidrs.clone(),
+            lineage: Vec::new(),
         };
         let Some(parent_accessor) = &req.parent_accessor else {
             return Ok(bounds);
@@ -1113,6 +1209,15 @@ impl TokenStore {
             }
         }
         bounds.cap_ms = min_time(bounds.cap_ms, parent.max_expiry_ms);
+        if anchors.is_some() && !parent.parent_accessor.is_empty() {
+            // The tokens above the parent: checked, with the parent's own
+            // record, when the child's record is written (`store_issued`).
+            bounds.lineage = std::iter::once(&parent.parent_accessor)
+                .chain(&parent.lineage)
+                .take(MAX_LINEAGE)
+                .cloned()
+                .collect();
+        }
         Ok(bounds)
     }
 
@@ -1205,13 +1310,18 @@ impl TokenStore {
         // Another process on a shared store (etcd) may be revoking the
         // parent or actor: it holds no lock of ours. The record, which makes
         // the token usable, is written only if their records are still the
-        // ones read, in the same transaction; a revocation deletes a token's
-        // record after planning its children and then scans its children
-        // again (`revoke_locked`), so a child either fails here or is found.
+        // ones read, in the same transaction; a revocation marks a token's
+        // record (which changes it) before it reads its children
+        // (`mark_tree`), so a child either fails here or is read there.
         // (No anchors on a store one process owns: its write lock does it.)
+        // The lineage's marks are checked in it too: a revocation marks its
+        // root first, so from then on no child is written anywhere below
+        // it, however deep.
+        let unmarked: Vec<String> = record.lineage.iter().map(|a| revoking_key(a)).collect();
         let expect: Vec<(&str, Option<&Stamp>)> = anchors
             .iter()
             .map(|a| (a.key.as_str(), Some(&a.stamp)))
+            .chain(unmarked.iter().map(|key| (key.as_str(), None)))
             .collect();
         if record.expires_at_ms != 0 {
             // The head first: a head earlier than the entries is harmless,
@@ -1301,7 +1411,11 @@ impl TokenStore {
         let accessor = record.accessor.clone();
         if record.is_expired(now_ms) {
             // Do not wait for the sweeper; a failure here is the sweeper's job.
-            let _ = self.revoke(&accessor);
+            // A token marked by a revocation is left to it (or, if it was cut
+            // short, to the sweeper): a use must not start another.
+            if !record.revoking {
+                let _ = self.revoke(&accessor);
+            }
             return Err(TokenError::Invalid);
         }
         let cidrs = record.cidr_blocks()?;
@@ -1465,6 +1579,23 @@ impl TokenStore {
         Ok(())
     }
 
+    /// Test hook: the state a crash leaves right after a revocation's marks
+    /// (a shared store). Marks the tree under `accessor` exactly as a
+    /// revocation does, then stops (deletes nothing); returns how many marks
+    /// it wrote. Refused on a store one process owns, which has no marks.
+    #[doc(hidden)]
+    pub fn danger_test_mark_without_revoking(&self, accessor: &str) -> Result<u32, TokenError> {
+        if !self.barrier().is_shared_store() {
+            return Err(TokenError::InvalidRequest(
+                "marks are written on a shared store only",
+            ));
+        }
+        let _guard = self.inner.writes.lock().unwrap_or_else(|e| e.into_inner());
+        let max_ops = REVOKE_BATCH_OPS.min(self.barrier().max_batch_ops());
+        let marked_at = self.inner.clock.now_ms();
+        Ok(self.mark_tree(accessor, marked_at, false, max_ops)?.count)
+    }
+
     /// The record of a token, by its text; `None` if unknown or expired.
     pub fn lookup_token(&self, token: &str, now_ms: u64) -> Result<Option<TokenInfo>, TokenError> {
         Ok(self
@@ -1600,6 +1731,10 @@ impl TokenStore {
             }
             record.expires_at_ms = expires;
             let encoded = record.encode_to_vec();
+            #[cfg(test)]
+            self.inner.hooks.before_renew_write.run();
+            // Conditional on the record read: a revocation's mark written
+            // meanwhile is never written over (the next read refuses it).
             if !(self.barrier()).compare_and_swap(&acc_key, Some(&stamp), Some(&encoded))? {
                 // The entry just written stays: another node's renewal may
                 // have written the same one, and a stale entry is harmless
@@ -1668,46 +1803,34 @@ impl TokenStore {
     }
 
     /// Revokes a token and, recursively, its children; returns how many
-    /// tokens were removed (0 if it was already gone).
+    /// tokens were removed (0 if it was already gone). On a shared store:
+    /// how many this revocation marked, so two revocations of overlapping
+    /// trees on two nodes count each token once.
     pub fn revoke(&self, accessor: &str) -> Result<u32, TokenError> {
         let _guard = self.inner.writes.lock().unwrap_or_else(|e| e.into_inner());
         self.revoke_locked(accessor)
     }
 
     fn revoke_locked(&self, accessor: &str) -> Result<u32, TokenError> {
-        let shared = self.barrier().is_shared_store();
+        self.revoke_tree(accessor, false)
+    }
+
+    /// Revokes the tree under `accessor`. On a shared store it marks the
+    /// tree first (`mark_tree`); `finishing` (the sweeper, after a
+    /// revocation cut short) also counts the tokens it finds marked already.
+    fn revoke_tree(&self, accessor: &str, finishing: bool) -> Result<u32, TokenError> {
         // etcd takes at most 127 operations in one atomic batch.
         let max_ops = REVOKE_BATCH_OPS.min(self.barrier().max_batch_ops());
-        let mut count = 0u32;
-        // Trees to revoke: a token, and the link it was found by.
-        let mut trees: Vec<(String, Option<String>)> = vec![(accessor.to_owned(), None)];
-        while let Some(tree) = trees.pop() {
-            let plan = self.revoke_plan(tree, max_ops, shared)?;
-            count = count.saturating_add(plan.count);
-            #[cfg(test)]
-            self.inner.hooks.after_revoke_plan.run();
-            self.apply_revoke(&plan.batches)?;
-            if shared {
-                // Another node may be issuing a child under one of these
-                // tokens. Its record is written only while its parent's is
-                // stored (the write is conditional on it: `store_issued`),
-                // and its link before its record. So now that the parents
-                // are gone, a child whose link the plan found without a
-                // record (and left in place) either has its record now or
-                // never will: planned again, with its link; and a child
-                // whose link the plan did not see at all is found by
-                // scanning the children once more.
-                for (child, link) in plan.unrecorded {
-                    trees.push((child, Some(link)));
-                }
-                for revoked in revoked_accessors(&plan.batches) {
-                    for (child, link) in self.children_links(revoked)? {
-                        trees.push((child, Some(link)));
-                    }
-                }
-            }
-        }
-        Ok(count)
+        let plan = if self.barrier().is_shared_store() {
+            let marked_at = self.inner.clock.now_ms();
+            self.mark_tree(accessor, marked_at, finishing, max_ops)?
+        } else {
+            self.revoke_plan(accessor, max_ops)?
+        };
+        #[cfg(test)]
+        self.inner.hooks.after_revoke_plan.run();
+        self.apply_revoke(&plan.batches)?;
+        Ok(plan.count)
     }
 
     /// Applies a revocation's batches in order and tells the verified-token
@@ -1725,9 +1848,9 @@ impl TokenStore {
         Ok(())
     }
 
-    /// The deletes that revoke the tree's root (an accessor, and the link
-    /// it was found by) and its descendants, as batches to apply in order,
-    /// and how many tokens they remove.
+    /// The deletes that revoke `root` and its descendants, as batches to
+    /// apply in order, and how many tokens they remove (a store one process
+    /// owns: its write lock keeps child issues out meanwhile).
     ///
     /// Each token's keys form one group: its record and `tokens/ttl/` entry
     /// (or, stored before, its hash, identity and expiry entries) together
@@ -1735,25 +1858,14 @@ impl TokenStore {
     /// ordered children before parents and never split across batches (a
     /// batch is atomic), so if a batch fails part-way every token still
     /// usable keeps the link from its parent, which is still there too:
-    /// revoking again finds it. With `defer_unrecorded` (a shared store) a
-    /// link to a token without a record, under a token with one, is left
-    /// out and listed in [`RevokePlan::unrecorded`]: that token's record
-    /// may still be written.
-    fn revoke_plan(
-        &self,
-        tree: (String, Option<String>),
-        max_ops: usize,
-        defer_unrecorded: bool,
-    ) -> Result<RevokePlan, TokenError> {
-        // (accessor, the link key it was found by, whether the token it was
-        // found under had a record), parents before children.
-        let (root, root_link) = tree;
-        let mut pending: Vec<(String, Option<String>, bool)> = vec![(root, root_link, false)];
+    /// revoking again finds it.
+    fn revoke_plan(&self, root: &str, max_ops: usize) -> Result<RevokePlan, TokenError> {
+        // (accessor, the link key it was found by), parents before children.
+        let mut pending: Vec<(String, Option<String>)> = vec![(root.to_owned(), None)];
         let mut seen = HashSet::new();
         let mut groups: Vec<Vec<String>> = Vec::new();
         let mut count = 0u32;
-        let mut unrecorded = Vec::new();
-        while let Some((acc, link, under_record)) = pending.pop() {
+        while let Some((acc, link)) = pending.pop() {
             if !seen.insert(acc.clone()) {
                 // Reached twice (a corrupt index): the extra link goes in a
                 // group of its own, deleted before the token's group; the
@@ -1763,22 +1875,9 @@ impl TokenStore {
                 }
                 continue;
             }
-            // The record before the children: a child found under a token
-            // read without a record can never get one (its write is
-            // conditional on this record), so its link alone may go.
             let record = self.record(&acc)?;
-            if let (None, Some(found_by), true) = (&record, &link, under_record && defer_unrecorded)
-            {
-                // Its record may still be written (an issue on another
-                // node, its parent still stored): the link stays, so that
-                // whatever cuts this revocation short leaves the child
-                // reachable; it is planned again once its parent is gone
-                // (`revoke_locked`).
-                unrecorded.push((acc, found_by.clone()));
-                continue;
-            }
             for (child, child_link) in self.children_links(&acc)? {
-                pending.push((child, Some(child_link), record.is_some()));
+                pending.push((child, Some(child_link)));
             }
             let mut group: Vec<String> = link.into_iter().collect();
             if let Some(record) = &record {
@@ -1789,25 +1888,149 @@ impl TokenStore {
                 groups.push(group);
             }
         }
-        // Every token was reached from its parent, after it: reversed, each
-        // group comes after all of its descendants'.
-        groups.reverse();
-        let mut batches: Vec<Vec<String>> = Vec::new();
-        let mut current: Vec<String> = Vec::new();
-        for group in groups {
-            if !current.is_empty() && current.len().saturating_add(group.len()) > max_ops {
-                batches.push(std::mem::take(&mut current));
+        Ok(RevokePlan {
+            count,
+            batches: revoke_batches(groups, max_ops),
+        })
+    }
+
+    /// On a shared store, the first step of a revocation, and its plan: marks
+    /// every token of the tree under `root` `revoking`, top-down, reading a
+    /// token's children only once it is marked (the marks say `marked_at`,
+    /// for the sweeper); returns the deletes, grouped
+    /// and ordered as [`Self::revoke_plan`]'s, and how many marks it wrote
+    /// (with `finishing`, also the tokens it found marked).
+    ///
+    /// Why this closes the tree: a child's record is written only if its
+    /// parent's record is still the one read (`store_issued`), and a mark
+    /// changes it. So a child whose record is not stored when its parent's
+    /// children are read (after the mark) never will be; the link to it goes
+    /// with the tree. And from the root's mark on no token below it gets a
+    /// child at all, however deep: each child issue also checks that none
+    /// of its lineage is marked. What the walk read is therefore the whole
+    /// tree, for good: no second look, and no chase (a holder issuing
+    /// children of its newest child on other nodes is refused from the
+    /// root's mark on). A token reached without a record is gone already,
+    /// or its issue will never write it.
+    ///
+    /// Each mark is one transaction: the record rewritten `revoking`, with
+    /// its `tokens/revoking/` entry ([`Self::mark`]). Every node refuses a
+    /// marked token from that write on, and the sweeper finishes a
+    /// revocation cut short after it (a crash).
+    fn mark_tree(
+        &self,
+        root: &str,
+        marked_at: u64,
+        finishing: bool,
+        max_ops: usize,
+    ) -> Result<RevokePlan, TokenError> {
+        // (accessor, the link key it was found by), in the order reached:
+        // each token after its parent.
+        let mut pending: std::collections::VecDeque<(String, Option<String>)> =
+            std::collections::VecDeque::from([(root.to_owned(), None)]);
+        let mut seen = HashSet::new();
+        let mut groups: Vec<Vec<String>> = Vec::new();
+        let mut count = 0u32;
+        while let Some((acc, link)) = pending.pop_front() {
+            if !seen.insert(acc.clone()) {
+                // Reached twice (a corrupt index, or a delegated token under
+                // its parent and its actor): see `revoke_plan`.
+                if let Some(link) = link {
+                    groups.push(vec![link]);
+                }
+                continue;
             }
-            current.extend(group);
-        }
-        if !current.is_empty() {
-            batches.push(current);
+            let record = match self.mark(&acc, marked_at)? {
+                Mark::Written(record) => {
+                    count = count.saturating_add(1);
+                    Some(record)
+                }
+                Mark::Found(record) => {
+                    if finishing {
+                        count = count.saturating_add(1);
+                    }
+                    Some(record)
+                }
+                Mark::NoRecord => None,
+            };
+            #[cfg(test)]
+            self.inner.hooks.after_mark.run();
+            // Only now: the children of a marked token are all it will have.
+            for (child, child_link) in self.children_links(&acc)? {
+                pending.push_back((child, Some(child_link)));
+            }
+            let mut group: Vec<String> = link.into_iter().collect();
+            if let Some(record) = &record {
+                push_token_keys(&acc, record, &mut group);
+            }
+            if !group.is_empty() {
+                groups.push(group);
+            }
         }
         Ok(RevokePlan {
             count,
-            batches,
-            unrecorded,
+            batches: revoke_batches(groups, max_ops),
         })
+    }
+
+    /// Marks the record of `acc` `revoking` (and `spent`) at `marked_at`,
+    /// with its `tokens/revoking/` entry, in one transaction conditional on
+    /// the record read; reads again when another write won (a renewal, a
+    /// counted use, another revocation's mark, which it then reports).
+    ///
+    /// After `MARK_TRIES` lost tries the mark is written over the latest
+    /// record read, unconditionally: a holder renewing its token on other
+    /// nodes as fast as it can must not make its revocation fail. What that
+    /// write may undo (a later expiry, a use counted) no longer matters for
+    /// a token being revoked, and every write of a record that could follow
+    /// it is conditional on the record it read, so nothing writes over the
+    /// mark. (If the record went meanwhile, the mark writes it again, marked:
+    /// refused, and deleted by this revocation or the sweeper.)
+    fn mark(&self, acc: &str, marked_at: u64) -> Result<Mark, TokenError> {
+        let acc_key = format!("{ACCESSOR_PREFIX}{acc}");
+        let index_key = revoking_key(acc);
+        let at = marked_at.to_be_bytes();
+        // Forgotten here however the write ends; other nodes' caches by the
+        // store's watch (the record changed), as for a delete.
+        let _forget = self.inner.verified.invalidate_on_drop([acc]);
+        let mut tries = 0;
+        loop {
+            let Some((mut record, stamp)) = self.record_stamped(acc)? else {
+                return Ok(Mark::NoRecord);
+            };
+            if record.revoking {
+                return Ok(Mark::Found(record));
+            }
+            record.revoking = true;
+            record.spent = true;
+            let encoded = record.encode_to_vec();
+            let ops = [
+                PlainOp::Put(&acc_key, &encoded),
+                PlainOp::Put(&index_key, &at),
+            ];
+            #[cfg(test)]
+            self.inner.hooks.before_mark_write.run();
+            tries += 1;
+            if tries > MARK_TRIES {
+                self.barrier().batch(&ops)?;
+                return Ok(Mark::Written(record));
+            }
+            if (self.barrier()).batch_if(&[(acc_key.as_str(), Some(&stamp))], &ops)? {
+                return Ok(Mark::Written(record));
+            }
+        }
+    }
+
+    /// Whether a token of `lineage` is marked by a revocation (read after a
+    /// child's conditional write failed, to tell a revocation above the
+    /// parent from a renewal).
+    fn lineage_revoking(&self, lineage: &[String]) -> Result<bool, TokenError> {
+        for acc in lineage {
+            if self.barrier().get(&revoking_key(acc))?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// The children linked under `acc`: (child accessor, link key).
@@ -1901,12 +2124,19 @@ impl TokenStore {
     /// ahead, if any. Reads only index heads: one key per identity the first
     /// time (`load_heads`), then the due part of each due identity.
     pub fn sweep(&self, now_ms: u64) -> Result<SweepOutcome, TokenError> {
+        let marked = self.sweep_revoking(now_ms)?;
+        if marked.more_due {
+            return Ok(marked);
+        }
         let legacy = self.sweep_legacy(now_ms)?;
         if legacy.more_due {
-            return Ok(legacy);
+            return Ok(SweepOutcome {
+                revoked: legacy.revoked.saturating_add(marked.revoked),
+                ..legacy
+            });
         }
         self.load_heads()?;
-        let mut revoked = legacy.revoked;
+        let mut revoked = legacy.revoked.saturating_add(marked.revoked);
         let mut budget = SWEEP_BATCH;
         loop {
             let picked = self.heads().start_sweep(now_ms);
@@ -1933,14 +2163,63 @@ impl TokenStore {
                 });
             }
         }
-        let next = match (legacy.next_ms, self.heads().earliest()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let earliest = self.heads().earliest();
+        let next = [legacy.next_ms, earliest, marked.next_ms]
+            .into_iter()
+            .flatten()
+            .min();
         Ok(SweepOutcome {
             revoked,
             next_ms: next,
             more_due: false,
+        })
+    }
+
+    /// On a shared store: finishes the revocation of each token listed under
+    /// `tokens/revoking/` whose mark is older than `REVOKING_GRACE_MS` (a
+    /// revocation cut short, most likely by a crash of its node; a younger
+    /// one is left to the revocation still running), at most `SWEEP_BATCH`
+    /// of them. Its `next_ms` is when to look again: when the first mark
+    /// left comes of age, and at most `REVOKING_RECHECK_MS` from now (another
+    /// node's mark wakes nothing here). Nothing on sled, which has no marks.
+    fn sweep_revoking(&self, now_ms: u64) -> Result<SweepOutcome, TokenError> {
+        if !self.barrier().is_shared_store() {
+            return Ok(SweepOutcome {
+                revoked: 0,
+                next_ms: None,
+                more_due: false,
+            });
+        }
+        let entries = self.barrier().scan_range(
+            REVOKING_PREFIX,
+            &prefix_end(REVOKING_PREFIX),
+            SWEEP_BATCH,
+        )?;
+        let mut revoked = 0u32;
+        let mut next = now_ms.saturating_add(REVOKING_RECHECK_MS);
+        for (key, value) in &entries {
+            let accessor = key.strip_prefix(REVOKING_PREFIX).unwrap_or_default();
+            let marked_at = <[u8; 8]>::try_from(value.as_slice()).map_or(0, u64::from_be_bytes);
+            let due = marked_at.saturating_add(REVOKING_GRACE_MS);
+            if due > now_ms {
+                next = next.min(due);
+                continue;
+            }
+            let _guard = self.inner.writes.lock().unwrap_or_else(|e| e.into_inner());
+            match self.record(accessor)? {
+                Some(record) if record.revoking && !accessor.is_empty() => {
+                    // Deletes this entry with the token.
+                    revoked = revoked.saturating_add(self.revoke_tree(accessor, true)?);
+                }
+                // The record went without its entry (deleted by a node that
+                // does not know the index) or never had the mark: stale.
+                _ => self.barrier().delete(key)?,
+            }
+        }
+        Ok(SweepOutcome {
+            revoked,
+            next_ms: Some(next),
+            more_due: entries.len() == SWEEP_BATCH,
         })
     }
 
@@ -2135,7 +2414,8 @@ impl TokenStore {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SweepOutcome {
     pub revoked: u32,
-    /// The first expiry still in the future.
+    /// The first expiry still in the future; on a shared store, no later
+    /// than the next look at `tokens/revoking/`.
     pub next_ms: Option<u64>,
     /// The batch was full: sweep again at once.
     pub more_due: bool,

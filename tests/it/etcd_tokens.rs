@@ -1,9 +1,9 @@
 //! Tokens on two keyward nodes sharing one etcd cluster: a child issued on
 //! one node while the other revokes its parent never outlives the
 //! revocation. Each node's token write lock is its own; what keeps them
-//! apart is the child's record written only if the parent's is still
-//! stored (one etcd transaction) and the revocation's second scan of the
-//! children after it deleted the parent.
+//! apart is the child's record written only if the parent's is still the
+//! one read (one etcd transaction), and the revocation's mark of the parent
+//! (a rewrite of its record) before it reads the parent's children.
 
 use std::sync::Arc;
 use std::time::Duration;

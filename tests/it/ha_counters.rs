@@ -767,3 +767,100 @@ fn a_spent_token_cut_short_is_revoked_with_its_children_after_a_restart() {
         );
     }
 }
+
+/// A revocation on node A cut short right after its marks (the test hook
+/// stops there: the crash). Node B refuses every marked token at once, one
+/// its verified-token cache held included (the mark reaches that cache
+/// through the store's watch, as a delete would), and issues no child under
+/// any of them. A token store started afresh on node B (a restart) finishes
+/// the revocation at its first sweep once the marks are older than their
+/// grace (30 s), and every node refuses the tokens for good.
+#[test]
+fn a_revocation_cut_short_after_its_marks_is_refused_everywhere_and_swept() {
+    use keyward::clock::Clock;
+    use keyward::token::{TokenError, TokenRequest, TokenStore};
+
+    let etcd = EtcdCluster::start(1);
+    let prefix = format!("{}/", unique("kw-marks"));
+    let nodes: Vec<Arc<Barrier>> = barrier_nodes(&etcd, &prefix, 2, BarrierOptions::default())
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    let t0 = 1_800_000_000_000u64;
+    let store = |barrier: &Arc<Barrier>, now: u64| {
+        let store = TokenStore::new(
+            barrier.clone(),
+            Arc::new(AnyPolicy),
+            Clock::starting_at(now),
+        );
+        store.on_unseal(now).unwrap();
+        store
+    };
+    let (a, b) = (store(&nodes[0], t0), store(&nodes[1], t0));
+    let request = |parent: Option<&str>| TokenRequest {
+        identity: "svc".into(),
+        policies: vec!["app".into()],
+        ttl: std::time::Duration::from_secs(3600),
+        max_ttl: std::time::Duration::ZERO,
+        hard_expiry_ms: None,
+        uses: 0,
+        cidrs: vec![],
+        parent_accessor: parent.map(str::to_owned),
+        method: "token",
+    };
+    let local = Some(std::net::IpAddr::from([127, 0, 0, 1]));
+    let parent = a.issue(request(None), t0).unwrap();
+    let child = a.issue(request(Some(&parent.accessor)), t0).unwrap();
+    let grandchild = a.issue(request(Some(&child.accessor)), t0).unwrap();
+    b.use_token(child.token.expose(), local, t0).unwrap();
+    let cached = b.use_token(child.token.expose(), local, t0).unwrap();
+    assert!(
+        cached.audit_mac.is_some(),
+        "node B's second use is a cache hit"
+    );
+
+    assert_eq!(
+        a.danger_test_mark_without_revoking(&parent.accessor)
+            .unwrap(),
+        3
+    );
+    let now = t0 + 1_000;
+    for (node, tokens) in [("a", &a), ("b", &b)] {
+        for (name, token) in [
+            ("parent", &parent),
+            ("child", &child),
+            ("grandchild", &grandchild),
+        ] {
+            let refused = tokens.use_token(token.token.expose(), local, now);
+            assert!(
+                matches!(refused, Err(TokenError::Invalid)),
+                "node {node}, {name}: {:?}",
+                refused.map(|u| u.record.accessor)
+            );
+            let below = tokens.issue(request(Some(&token.accessor)), now);
+            assert!(
+                matches!(below, Err(TokenError::ParentInvalid)),
+                "node {node}, a child of the {name}: {:?}",
+                below.map(|t| t.accessor)
+            );
+        }
+    }
+
+    let after = t0 + 60_000;
+    let restarted = store(&nodes[1], after);
+    let swept = restarted.sweep(after).unwrap();
+    assert_eq!(swept.revoked, 3, "{swept:?}");
+    for (node, tokens) in [("a", &a), ("b", &b), ("b restarted", &restarted)] {
+        for token in [&parent, &child, &grandchild] {
+            assert!(
+                tokens
+                    .lookup_accessor(&token.accessor, after)
+                    .unwrap()
+                    .is_none(),
+                "node {node}"
+            );
+        }
+    }
+    let left = nodes[0].scan_keys("tokens/").unwrap();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

@@ -417,9 +417,7 @@ fn revoke_plan_deletes_children_first_with_their_links() {
     for max_ops in [1, 5, 12, 1024] {
         let (_d, s) = store();
         let (p, tree, parents) = revoke_tree(&s);
-        let RevokePlan { count, batches, .. } = s
-            .revoke_plan((tree[0].accessor.clone(), None), max_ops, false)
-            .unwrap();
+        let RevokePlan { count, batches, .. } = s.revoke_plan(&tree[0].accessor, max_ops).unwrap();
         assert_eq!(count, 5);
         let batch_of = |key: &str| {
             let found: Vec<usize> = (0..batches.len())
@@ -466,18 +464,11 @@ fn revoke_cut_short_leaves_every_live_token_reachable() {
     // error part-way would.
     let (_d, s) = store();
     let (_, tree, _) = revoke_tree(&s);
-    let batches = s
-        .revoke_plan((tree[0].accessor.clone(), None), 1, false)
-        .unwrap()
-        .batches
-        .len();
+    let batches = s.revoke_plan(&tree[0].accessor, 1).unwrap().batches.len();
     for applied in 0..=batches {
         let (_d, s) = store();
         let (p, tree, parents) = revoke_tree(&s);
-        let plan = s
-            .revoke_plan((tree[0].accessor.clone(), None), 1, false)
-            .unwrap()
-            .batches;
+        let plan = s.revoke_plan(&tree[0].accessor, 1).unwrap().batches;
         for batch in &plan[..applied] {
             let ops: Vec<PlainOp<'_>> = batch.iter().map(|k| PlainOp::Delete(k)).collect();
             s.barrier().batch(&ops).unwrap();
@@ -1109,40 +1100,32 @@ fn a_child_whose_parent_is_revoked_on_another_node_before_its_record_is_not_issu
         .is_none());
 }
 
+/// Node two has marked the parent (and read its children: none) when node
+/// one issues a child: the child is refused, and the revocation removes the
+/// parent alone. (Before the marks, this child was issued, then found by
+/// the revocation's second scan.)
 #[test]
-fn a_child_linked_after_a_revocation_on_another_node_planned_is_revoked_with_its_parent() {
+fn a_child_issued_after_a_revocation_on_another_node_marked_its_parent_is_refused() {
     let (_d, one, two) = two_nodes();
     let parent = one.issue(req("svc", &["a"], 600), T0).unwrap();
-    // Node two has scanned the parent's children (none) when node one
-    // issues a child; then node two deletes the parent.
     let (one_, parent_acc) = (one.clone(), parent.accessor.clone());
-    let child = Arc::new(std::sync::Mutex::new(None));
-    let made = child.clone();
+    let issued = Arc::new(std::sync::Mutex::new(None));
+    let seen = issued.clone();
     two.inner.hooks.after_revoke_plan.set(move || {
-        *made.lock().unwrap() = Some(one_.issue(child_of(&parent_acc, "svc"), T0 + 1).unwrap());
+        *seen.lock().unwrap() = Some(
+            one_.issue(child_of(&parent_acc, "svc"), T0 + 1)
+                .map(|t| t.accessor),
+        );
     });
     let count = two.revoke(&parent.accessor).unwrap();
-    let child = child
-        .lock()
-        .unwrap()
-        .take()
-        .expect("the hook issued a child");
-    assert_eq!(
-        count, 2,
-        "the parent and the child linked during the revocation"
+    let issued = issued.lock().unwrap().take().expect("the hook issued");
+    assert!(
+        matches!(issued, Err(TokenError::ParentInvalid)),
+        "{issued:?}"
     );
-    for node in [&one, &two] {
-        assert!(matches!(
-            node.use_token(child.token.expose(), local(), T0 + 2),
-            Err(TokenError::Invalid)
-        ));
-        assert!(node
-            .lookup_accessor(&child.accessor, T0 + 2)
-            .unwrap()
-            .is_none());
-    }
-    assert!(keys_of(&one, &child.accessor).is_empty());
-    assert!(keys_of(&one, &parent.accessor).is_empty());
+    assert_eq!(count, 1, "the parent");
+    let left = one.barrier().scan_keys("tokens/").unwrap();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 /// Arms `one`'s hook before the child's record: each run renews `parent` on
@@ -1223,13 +1206,14 @@ fn a_child_issue_gives_up_after_three_renewals_and_leaves_nothing() {
     );
 }
 
-/// The interleaving the second read is for: node two's plan finds the
-/// child's link before its record exists; node one then writes the record
-/// (the parent is still stored); node two deletes the link and the parent.
-/// The link is gone, so scanning the children again finds nothing: the child
-/// is found by reading its record again.
+/// Node one has written the child's link, not its record, when node two
+/// marks the parent and reads its children (the link, without a record).
+/// Node one's record write then fails its anchor (the parent's record
+/// changed) and its next read finds the parent marked: the child is refused,
+/// and nothing of it stays. (Before the marks, this child was issued, and
+/// found by reading it again after the delete.)
 #[test]
-fn a_child_whose_link_a_revocation_planned_without_its_record_is_revoked() {
+fn a_child_linked_before_a_mark_on_another_node_and_written_after_is_refused() {
     let (_d, one, two) = two_nodes();
     let parent = one.issue(req("svc", &["a"], 600), T0).unwrap();
     let (linked_tx, linked_rx) = std::sync::mpsc::channel::<()>();
@@ -1238,11 +1222,13 @@ fn a_child_whose_link_a_revocation_planned_without_its_record_is_revoked() {
         linked_tx.send(()).unwrap();
         go_rx
             .recv_timeout(Duration::from_secs(60))
-            .expect("the revocation planned");
+            .expect("the revocation marked");
     });
     let (one_, parent_acc) = (one.clone(), parent.accessor.clone());
-    let issuer =
-        std::thread::spawn(move || one_.issue(child_of(&parent_acc, "svc"), T0 + 1).unwrap());
+    let issuer = std::thread::spawn(move || {
+        one_.issue(child_of(&parent_acc, "svc"), T0 + 1)
+            .map(|t| t.accessor)
+    });
     linked_rx
         .recv_timeout(Duration::from_secs(60))
         .expect("the child's link is written");
@@ -1250,7 +1236,7 @@ fn a_child_whose_link_a_revocation_planned_without_its_record_is_revoked() {
     let (issued_, planned_links) = (issued.clone(), Arc::new(std::sync::Mutex::new(0)));
     let (two_, parent_acc, seen) = (two.clone(), parent.accessor.clone(), planned_links.clone());
     two.inner.hooks.after_revoke_plan.set(move || {
-        // The plan was made with the link there and no record.
+        // The parent was marked with the link there and no record.
         *seen.lock().unwrap() = two_
             .barrier()
             .scan_keys(&format!("{CHILDREN_PREFIX}{parent_acc}/"))
@@ -1260,84 +1246,421 @@ fn a_child_whose_link_a_revocation_planned_without_its_record_is_revoked() {
         *issued_.lock().unwrap() = Some(issuer.join().unwrap());
     });
     let count = two.revoke(&parent.accessor).unwrap();
-    let child = issued.lock().unwrap().take().expect("the child was issued");
+    let issued = issued.lock().unwrap().take().expect("the issue ended");
     assert_eq!(*planned_links.lock().unwrap(), 1);
-    assert_eq!(
-        count, 2,
-        "the parent and the child whose record came after the plan"
+    assert!(
+        matches!(issued, Err(TokenError::ParentInvalid)),
+        "{issued:?}"
     );
-    for node in [&one, &two] {
-        assert!(matches!(
-            node.use_token(child.token.expose(), local(), T0 + 2),
+    assert_eq!(count, 1, "the parent");
+    let left = one.barrier().scan_keys("tokens/").unwrap();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// A tree: `parent` (a login token) -> a -> b, and parent -> c; all issued
+/// on `node`. Returns (parent, [a, b, c]).
+fn marked_tree(node: &TokenStore) -> (IssuedToken, Vec<IssuedToken>) {
+    let parent = node.issue(req("svc", &["a"], 600), T0).unwrap();
+    let a = node.issue(child_of(&parent.accessor, "svc"), T0).unwrap();
+    let b = node.issue(child_of(&a.accessor, "svc"), T0).unwrap();
+    let c = node.issue(child_of(&parent.accessor, "svc"), T0).unwrap();
+    (parent, vec![a, b, c])
+}
+
+/// Every way a token is accepted, on `node`: each must refuse it.
+fn assert_refused(node: &TokenStore, token: &IssuedToken, now_ms: u64, what: &str) {
+    assert!(
+        matches!(
+            node.use_token(token.token.expose(), local(), now_ms),
             Err(TokenError::Invalid)
-        ));
+        ),
+        "{what}: used"
+    );
+    assert!(
+        node.lookup_token(token.token.expose(), now_ms)
+            .unwrap()
+            .is_none(),
+        "{what}: found by its text"
+    );
+    assert!(
+        node.lookup_accessor(&token.accessor, now_ms)
+            .unwrap()
+            .is_none(),
+        "{what}: found by its accessor"
+    );
+    assert!(
+        matches!(
+            node.renew(&token.accessor, None, now_ms),
+            Err(TokenError::NotFound)
+        ),
+        "{what}: renewed"
+    );
+    let child = node.issue(child_of(&token.accessor, "svc"), now_ms);
+    assert!(
+        matches!(child, Err(TokenError::ParentInvalid)),
+        "{what}: issued a child: {:?}",
+        child.map(|t| t.accessor)
+    );
+    let delegated = node.issue_with(
+        req("svc", &["a"], 60),
+        Delegation {
+            may_act: None,
+            actor_accessor: Some(token.accessor.clone()),
+        },
+        now_ms,
+    );
+    assert!(
+        matches!(delegated, Err(TokenError::ActorInvalid)),
+        "{what}: acted for: {:?}",
+        delegated.map(|t| t.accessor)
+    );
+}
+
+/// A revocation cut short right after its marks (a crash of its node
+/// before any delete): every marked token is refused at once by both
+/// nodes, whatever the way in. The other node's sweep leaves the marks to
+/// the revocation while it may still run (`REVOKING_GRACE_MS`), then
+/// finishes it: every record, index entry, link and mark gone, each token
+/// counted once.
+#[test]
+fn a_revocation_cut_short_after_its_marks_leaves_nothing_usable_and_is_swept() {
+    let (_d, one, two) = two_nodes();
+    let (parent, tree) = marked_tree(&one);
+    let outside = one.issue(req("svc", &["a"], 600), T0).unwrap();
+    // Node two's revocation writes its marks, and stops (the crash).
+    let plan = two.mark_tree(&parent.accessor, T0, false, 127).unwrap();
+    assert_eq!(plan.count, 4);
+    drop(plan);
+    let marks = one.barrier().scan_keys(REVOKING_PREFIX).unwrap();
+    assert_eq!(marks.len(), 4, "{marks:?}");
+    let now = T0 + 1_000;
+    for node in [&one, &two] {
+        for (i, token) in std::iter::once(&parent).chain(&tree).enumerate() {
+            assert_refused(node, token, now, &format!("token {i}"));
+        }
+        node.use_token(outside.token.expose(), local(), now)
+            .unwrap();
+    }
+    // The marks are young: a revocation may still be running on node two.
+    let early = one.sweep(now).unwrap();
+    assert_eq!(
+        (early.revoked, early.next_ms),
+        (0, Some(T0 + REVOKING_GRACE_MS))
+    );
+    // Once they are old, node one's sweep finishes the revocation.
+    let later = T0 + REVOKING_GRACE_MS;
+    let swept = one.sweep(later).unwrap();
+    assert_eq!(swept.revoked, 4, "{swept:?}");
+    for token in std::iter::once(&parent).chain(&tree) {
+        assert!(keys_of(&one, &token.accessor).is_empty());
+    }
+    let left = one.barrier().scan_keys("tokens/").unwrap();
+    assert_eq!(left.len(), 2, "the outside token alone: {left:?}");
+    assert_eq!(one.sweep(later).unwrap().revoked, 0);
+}
+
+/// The time of the latest `tokens/revoking/` mark.
+fn latest_mark(node: &TokenStore) -> u64 {
+    let end = prefix_end(REVOKING_PREFIX);
+    node.barrier()
+        .scan_range(REVOKING_PREFIX, &end, 1024)
+        .unwrap()
+        .iter()
+        .map(|(_, at)| u64::from_be_bytes(<[u8; 8]>::try_from(at.as_slice()).unwrap()))
+        .max()
+        .expect("a mark")
+}
+
+/// A crash in the middle of the marks (here: right after the root's):
+/// the root is refused at once; the tokens below it, not marked yet, are not
+/// (the one window left), until the sweep finishes the revocation, which
+/// marks and removes them too.
+#[test]
+fn a_revocation_cut_short_between_its_marks_is_finished_by_the_sweep() {
+    let (_d, one, two) = two_nodes();
+    let (parent, tree) = marked_tree(&one);
+    two.inner
+        .hooks
+        .after_mark
+        .set(|| panic!("test: the revoking node stops after its first mark"));
+    let crashed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        two.revoke(&parent.accessor)
+    }));
+    assert!(crashed.is_err());
+    let now = T0 + 1_000;
+    assert_refused(&one, &parent, now, "the root");
+    for token in &tree {
+        one.use_token(token.token.expose(), local(), now).unwrap();
+    }
+    // No child is issued below the root any more, however deep.
+    let below = one.issue(child_of(&tree[1].accessor, "svc"), now);
+    assert!(
+        matches!(below, Err(TokenError::ParentInvalid)),
+        "{:?}",
+        below.map(|t| t.accessor)
+    );
+    let marked_at = latest_mark(&one);
+    assert_eq!(one.sweep(marked_at).unwrap().revoked, 0);
+    let swept = one.sweep(marked_at + REVOKING_GRACE_MS).unwrap();
+    assert_eq!(swept.revoked, 4, "{swept:?}");
+    for token in std::iter::once(&parent).chain(&tree) {
+        assert_refused(&two, token, now, "after the sweep");
     }
     let left = one.barrier().scan_keys("tokens/").unwrap();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
-/// A revocation cut short after its delete (a crash, a storage error
-/// before it plans the unrecorded child again) leaves the child's link in
-/// place: the child, whose record was written after the plan, is still
-/// reachable, and revoking the parent again revokes it.
+/// A link to a token that never got a record, under a token a revocation
+/// marks, goes with the tree: no record can be written under a marked token.
 #[test]
-fn a_revocation_cut_short_leaves_a_child_written_after_its_plan_reachable() {
-    let (_d, one, two) = two_nodes();
-    let parent = one.issue(req("svc", &["a"], 600), T0).unwrap();
-    let plan = Arc::new(std::sync::Mutex::new(None));
-    let (two_, parent_acc, planned) = (two.clone(), parent.accessor.clone(), plan.clone());
-    // Node two plans while node one's child has its link and no record.
-    one.inner.hooks.before_anchored_write.set(move || {
-        *planned.lock().unwrap() = Some(two_.revoke_plan((parent_acc, None), 1024, true).unwrap());
-    });
-    let child = one
-        .issue(child_of(&parent.accessor, "svc"), T0 + 1)
-        .unwrap();
-    let plan = plan.lock().unwrap().take().expect("the hook planned");
-    let link = format!("{CHILDREN_PREFIX}{}/{}", parent.accessor, child.accessor);
-    assert_eq!(plan.count, 1, "the parent only");
-    assert_eq!(plan.unrecorded, [(child.accessor.clone(), link.clone())]);
-    assert!(
-        plan.batches.iter().flatten().all(|k| k != &link),
-        "the link of a child without a record under a live parent stays"
-    );
-    // Node two deletes the parent, then stops (no second look).
-    two.apply_revoke(&plan.batches).unwrap();
-    assert!(two.barrier().get(&link).unwrap().is_some());
-    assert!(one.use_token(child.token.expose(), local(), T0 + 2).is_ok());
-    // Revoking the parent again (its record gone) finds the child by its link.
-    assert_eq!(two.revoke(&parent.accessor).unwrap(), 1);
-    assert!(matches!(
-        one.use_token(child.token.expose(), local(), T0 + 3),
-        Err(TokenError::Invalid)
-    ));
-    let left = one.barrier().scan_keys("tokens/").unwrap();
-    assert!(left.is_empty(), "left behind: {left:?}");
-}
-
-/// On a store one process owns, and under a token without a record, the
-/// link to a token without a record is deleted at once (nothing can write
-/// that record any more: the write lock, or the missing parent).
-#[test]
-fn a_link_without_a_record_is_deferred_only_under_a_live_parent_on_a_shared_store() {
+fn a_link_without_a_record_under_a_marked_token_goes_with_the_tree() {
     let (_d, one, _two) = two_nodes();
     let parent = one.issue(req("svc", &["a"], 600), T0).unwrap();
     let link = format!("{CHILDREN_PREFIX}{}/kwa_neverwritten", parent.accessor);
     one.barrier().put(&link, b"").unwrap();
-    let shared = one
-        .revoke_plan((parent.accessor.clone(), None), 1024, true)
-        .unwrap();
-    assert_eq!(shared.unrecorded.len(), 1);
-    assert!(shared.batches.iter().flatten().all(|k| k != &link));
-    let owned = one
-        .revoke_plan((parent.accessor.clone(), None), 1024, false)
-        .unwrap();
-    assert!(owned.unrecorded.is_empty());
-    assert!(owned.batches.iter().flatten().any(|k| k == &link));
-    // Once the parent is gone, a plan from the parent deletes the link.
     assert_eq!(one.revoke(&parent.accessor).unwrap(), 1);
     assert!(one.barrier().get(&link).unwrap().is_none());
     assert!(one.barrier().scan_keys("tokens/").unwrap().is_empty());
+}
+
+/// The chase: a chain issued on node one (parent -> a -> b -> c); node two
+/// revokes the parent; each time node two's revocation reaches `point`, the
+/// holder issues a child of its newest token on node one (and arms the hook
+/// again, at most `CHASE_ROUNDS` times). Returns (tokens in the chain at the
+/// end, times the holder tried, times it was refused, the count revoked),
+/// once every token of the chain is checked refused on both nodes and
+/// nothing of the tree is left.
+fn chase(point: fn(&TestHooks) -> &crate::test_hook::Hook) -> (usize, usize, usize, u32) {
+    const CHASE_ROUNDS: usize = 12;
+    type Chain = Arc<std::sync::Mutex<Vec<IssuedToken>>>;
+    type Counter = Arc<std::sync::atomic::AtomicUsize>;
+    fn arm(
+        point: fn(&TestHooks) -> &crate::test_hook::Hook,
+        one: TokenStore,
+        two: TokenStore,
+        chain: Chain,
+        tries: Counter,
+        refused: Counter,
+    ) {
+        let hooks = two.clone();
+        point(&hooks.inner.hooks).set(move || {
+            let round = tries.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            let newest = chain.lock().unwrap().last().unwrap().accessor.clone();
+            match one.issue(child_of(&newest, "svc"), T0 + 1) {
+                Ok(child) => chain.lock().unwrap().push(child),
+                Err(TokenError::ParentInvalid) => {
+                    refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                Err(e) => panic!("round {round}: {e}"),
+            }
+            if round < CHASE_ROUNDS {
+                arm(point, one, two, chain, tries, refused);
+            }
+        });
+    }
+    let (_d, one, two) = two_nodes();
+    let parent = one.issue(req("svc", &["a"], 600), T0).unwrap();
+    let root = parent.accessor.clone();
+    let mut tokens = vec![parent];
+    for _ in 0..3 {
+        let next = one
+            .issue(child_of(&tokens[tokens.len() - 1].accessor, "svc"), T0)
+            .unwrap();
+        tokens.push(next);
+    }
+    let chain: Chain = Arc::new(std::sync::Mutex::new(tokens));
+    let (tries, refused): (Counter, Counter) = Default::default();
+    arm(
+        point,
+        one.clone(),
+        two.clone(),
+        chain.clone(),
+        tries.clone(),
+        refused.clone(),
+    );
+    let count = two.revoke(&root).unwrap();
+    // The hook, if still armed, holds both stores: let it go.
+    point(&two.inner.hooks).set(|| {});
+    let chain = chain.lock().unwrap();
+    for node in [&one, &two] {
+        for (i, token) in chain.iter().enumerate() {
+            assert_refused(node, token, T0 + 2, &format!("token {i}"));
+        }
+    }
+    let left = one.barrier().scan_keys("tokens/").unwrap();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    (
+        chain.len(),
+        tries.load(std::sync::atomic::Ordering::SeqCst),
+        refused.load(std::sync::atomic::Ordering::SeqCst),
+        count,
+    )
+}
+
+/// The chase as it ran before the marks: after each plan of node two's
+/// revocation, before its delete. Then every round found the holder's new
+/// child and planned once more, for as long as the holder kept going (the
+/// test's 12 rounds: 16 tokens). Now the plan comes after the marks: the
+/// holder's one try is refused, and the revocation ends with the four
+/// tokens it started with.
+#[test]
+fn a_chase_between_a_revocations_plan_and_its_delete_ends_at_once() {
+    assert_eq!(
+        chase(|hooks| &hooks.after_revoke_plan),
+        (4, 1, 1, 4),
+        "(tokens in the chain, tries, refused, revoked)"
+    );
+}
+
+/// The chase inside the marks: after each of node two's marks (before it
+/// reads that token's children), the holder issues a child of its newest
+/// token, which is below the marks so far. Each such issue is refused from
+/// the root's mark on (the lineage check), so the revocation marks the four
+/// tokens it started with, in four steps, and ends. (Marks without the
+/// lineage check do not end it: the holder stays one level ahead, and the
+/// test's 12 rounds end with 16 tokens.)
+#[test]
+fn a_chase_below_a_tree_being_marked_ends_at_the_roots_mark() {
+    assert_eq!(
+        chase(|hooks| &hooks.after_mark),
+        (4, 4, 4, 4),
+        "(tokens in the chain, tries, refused, revoked)"
+    );
+}
+
+/// A child issue racing the marks: node two marks a token two levels
+/// above the child's parent (the parent itself is not marked yet) between
+/// node one's link and record. The record write fails on the lineage's
+/// mark, and the issue is refused as under a revoked parent, not retried
+/// into `Contended`; nothing of the child stays.
+#[test]
+fn a_child_issue_racing_a_mark_above_its_parent_is_refused_and_leaves_nothing() {
+    let (_d, one, two) = two_nodes();
+    let (parent, tree) = marked_tree(&one);
+    let (two_, root) = (two.clone(), parent.accessor.clone());
+    one.inner.hooks.before_anchored_write.set(move || {
+        assert!(matches!(two_.mark(&root, T0).unwrap(), Mark::Written(_)));
+    });
+    let before = one.barrier().scan_keys("tokens/").unwrap();
+    // b's parent is a, whose parent is the root.
+    let refused = one.issue(child_of(&tree[1].accessor, "svc"), T0 + 1);
+    assert!(
+        matches!(refused, Err(TokenError::ParentInvalid)),
+        "{:?}",
+        refused.map(|t| t.accessor)
+    );
+    assert!(!one.inner.hooks.before_anchored_write.is_set());
+    let mut after = one.barrier().scan_keys("tokens/").unwrap();
+    after.retain(|k| !k.starts_with(REVOKING_PREFIX));
+    assert_eq!(after, before, "only the mark was added");
+    // The parent itself marked while its child is written: its next read
+    // finds the mark and refuses.
+    let lone = one.issue(req("svc", &["a"], 600), T0).unwrap();
+    let (two_, acc) = (two.clone(), lone.accessor.clone());
+    one.inner.hooks.before_anchored_write.set(move || {
+        assert!(matches!(two_.mark(&acc, T0).unwrap(), Mark::Written(_)));
+    });
+    let before = one.barrier().scan_keys("tokens/").unwrap();
+    let refused = one.issue(child_of(&lone.accessor, "svc"), T0 + 1);
+    assert!(
+        matches!(refused, Err(TokenError::ParentInvalid)),
+        "{:?}",
+        refused.map(|t| t.accessor)
+    );
+    assert!(!one.inner.hooks.before_anchored_write.is_set());
+    let mut after = one.barrier().scan_keys("tokens/").unwrap();
+    after.retain(|k| !k.starts_with(REVOKING_PREFIX));
+    let mut before = before;
+    before.retain(|k| !k.starts_with(REVOKING_PREFIX));
+    assert_eq!(after, before, "nothing of the child");
+}
+
+/// A renewal on node one reads the token, then node two marks it, then the
+/// renewal writes: its write is conditional on the record it read, so it
+/// fails, reads the marked record and refuses; the mark stays.
+#[test]
+fn a_renewal_racing_a_mark_on_another_node_does_not_unmark() {
+    let (_d, one, two) = two_nodes();
+    let mut r = req("svc", &["a"], 60);
+    r.max_ttl = Duration::from_secs(3600);
+    let token = one.issue(r, T0).unwrap();
+    let (two_, acc) = (two.clone(), token.accessor.clone());
+    one.inner.hooks.before_renew_write.set(move || {
+        assert!(matches!(two_.mark(&acc, T0).unwrap(), Mark::Written(_)));
+    });
+    let renewed = one.renew(&token.accessor, Some(Duration::from_secs(600)), T0 + 1);
+    assert!(
+        matches!(renewed, Err(TokenError::NotFound)),
+        "{:?}",
+        renewed.map(|i| i.expires_at_ms)
+    );
+    assert!(!one.inner.hooks.before_renew_write.is_set());
+    let (record, _) = one.record_stamped(&token.accessor).unwrap().unwrap();
+    assert!(record.revoking && record.spent);
+    assert_eq!(record.expires_at_ms, T0 + 60_000, "not renewed");
+    for node in [&one, &two] {
+        assert_refused(node, &token, T0 + 2, "the marked token");
+    }
+}
+
+/// Node two revokes a token; after its first mark, node one revokes that
+/// token's parent. Each token is counted by the revocation that marked it:
+/// three tokens, three in all (before the marks, five: each counted what
+/// its plan found).
+#[test]
+fn overlapping_revocations_on_two_nodes_count_each_token_once() {
+    let (_d, one, two) = two_nodes();
+    let (parent, tree) = marked_tree(&one);
+    let (one_, root) = (one.clone(), parent.accessor.clone());
+    let outer = Arc::new(std::sync::Mutex::new(None));
+    let seen = outer.clone();
+    two.inner.hooks.after_mark.set(move || {
+        *seen.lock().unwrap() = Some(one_.revoke(&root).unwrap());
+    });
+    // a, with b under it.
+    let inner = two.revoke(&tree[0].accessor).unwrap();
+    let outer = outer.lock().unwrap().take().expect("the hook revoked");
+    assert_eq!((inner, outer), (1, 3), "(a; the parent, b and c)");
+    let left = one.barrier().scan_keys("tokens/").unwrap();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// On sled nothing of the marks is written: no `revoking` record, no
+/// `tokens/revoking/` entry, no lineage; on a shared store a grandchild
+/// lists the tokens above its parent.
+#[test]
+fn marks_and_lineages_are_written_only_on_a_shared_store() {
+    let (_d, s) = store();
+    let (parent, tree) = marked_tree(&s);
+    assert!(s
+        .record(&tree[1].accessor)
+        .unwrap()
+        .unwrap()
+        .lineage
+        .is_empty());
+    let plan = s.revoke_plan(&parent.accessor, 1024).unwrap();
+    assert_eq!(plan.count, 4);
+    assert!(plan
+        .batches
+        .iter()
+        .flatten()
+        .all(|k| !k.starts_with(REVOKING_PREFIX)));
+    assert_eq!(s.revoke(&parent.accessor).unwrap(), 4);
+    assert!(s.barrier().scan_keys("tokens/").unwrap().is_empty());
+
+    let (_d, one, _two) = two_nodes();
+    let (parent, tree) = marked_tree(&one);
+    let lineage = |t: &IssuedToken| one.record(&t.accessor).unwrap().unwrap().lineage;
+    assert!(
+        lineage(&tree[0]).is_empty(),
+        "a child of a token without a parent"
+    );
+    assert_eq!(lineage(&tree[1]), std::slice::from_ref(&parent.accessor));
+    let d = one.issue(child_of(&tree[1].accessor, "svc"), T0).unwrap();
+    assert_eq!(
+        lineage(&d),
+        [tree[0].accessor.clone(), parent.accessor.clone()]
+    );
 }
 
 #[test]
@@ -1361,6 +1684,57 @@ fn a_delegated_token_whose_actor_is_revoked_on_another_node_is_not_issued() {
         "{:?}",
         refused.map(|t| t.accessor)
     );
+    let left = one.barrier().scan_keys("tokens/").unwrap();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// Arms `two`'s hook before its mark's write: each run renews `token` on
+/// `one` and counts itself; it arms itself again until it has run 100 times.
+fn renew_before_each_mark(
+    one: &TokenStore,
+    two: &TokenStore,
+    token: &str,
+    runs: Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let (one_, two_, token_) = (one.clone(), two.clone(), token.to_owned());
+    two.inner.hooks.before_mark_write.set(move || {
+        let run = runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        one_.renew(&token_, Some(Duration::from_secs(60 + run as u64)), T0 + 1)
+            .unwrap();
+        if run < 100 {
+            renew_before_each_mark(&one_, &two_, &token_, runs);
+        }
+    });
+}
+
+/// A holder renewing its token on node one between each read and write of
+/// node two's mark, as often as it can: the mark loses `MARK_TRIES` tries,
+/// then is written over the latest record read. The revocation does not
+/// fail, the token is refused on both nodes, and all that is left is the
+/// index entry of the last renewal, which the sweeper drops.
+#[test]
+fn a_mark_is_written_even_when_renewals_on_another_node_win_every_try() {
+    let (_d, one, two) = two_nodes();
+    let mut r = req("svc", &["a"], 60);
+    r.max_ttl = Duration::from_secs(3600);
+    let token = one.issue(r, T0).unwrap();
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    renew_before_each_mark(&one, &two, &token.accessor, runs.clone());
+    let count = two.revoke(&token.accessor);
+    two.inner.hooks.before_mark_write.set(|| {});
+    assert_eq!(count.unwrap(), 1);
+    assert_eq!(
+        runs.load(std::sync::atomic::Ordering::SeqCst),
+        MARK_TRIES + 1
+    );
+    for node in [&one, &two] {
+        assert_refused(node, &token, T0 + 2, "the revoked token");
+    }
+    let left = one.barrier().scan_keys("tokens/").unwrap();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].starts_with(TTL_PREFIX), "{left:?}");
+    let swept = two.sweep(T0 + 200_000 + ORPHAN_GRACE_MS).unwrap();
+    assert_eq!(swept.revoked, 0);
     let left = one.barrier().scan_keys("tokens/").unwrap();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
