@@ -259,16 +259,11 @@ impl Identities for IdentitiesService {
         // it needs the policies the identity keeps (new ones were checked),
         // and the store applies it only if they are still those.
         let mut checked_policies = None;
-        let owner_is_claimed = match &r.owner {
-            Some(_) => {
-                let named = self.core.federation.issuer.templates_name("identity.owner");
-                call.check(named)?
-            }
-            None => false,
-        };
-        if owner_is_claimed && !r.set_policies {
-            // A role's claims carry the owner: changing it changes what the
-            // identity's tokens say to relying parties, a grant.
+        if r.owner.is_some() {
+            // Every identity token carries the owner (its `owner` claim, and
+            // any template naming it): changing it changes what the tokens
+            // say to relying parties, which may map it to access. A grant,
+            // whether or not the policies are set in the same call.
             let found = call.check(self.core.identities.get(name.as_str()))?;
             if let Some(record) = found {
                 if r.owner.as_deref() != Some(record.owner.as_str()) {
@@ -339,11 +334,13 @@ impl Identities for IdentitiesService {
         .await?;
         let name = call.check(IdentityName::parse(&req.get_ref().name))?;
         call.authorize(Capability::Delete, name.resource())?;
-        let revoked = call.check(self.core.identities.delete(
-            &name,
-            &self.core.tokens,
-            self.core.clock().now_ms(),
-        ))?;
+        let now = self.core.clock().now_ms();
+        // Its certificates first (as decommission does): one issued for this
+        // name would otherwise log in as an identity made again under it,
+        // which nobody checked it against. Revoked first, so a delete that
+        // fails after leaves the safe side.
+        call.check(self.core.pki.revoke_identity(name.as_str(), now))?;
+        let revoked = call.check(self.core.identities.delete(&name, &self.core.tokens, now))?;
         call.check(self.core.usage.forget(name.as_str()))?;
         call.check(self.core.barrier.durable().await)?;
         call.ok(&[])?;

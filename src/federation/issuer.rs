@@ -549,23 +549,6 @@ impl Issuer {
         Ok(())
     }
 
-    /// Whether any role's claim templates name `field` (e.g.
-    /// `identity.owner`): then a change of that field changes what identity
-    /// tokens say, which relying parties may map to access.
-    pub fn templates_name(&self, field: &str) -> Result<bool, IssuerError> {
-        for (_, raw) in self.barrier.scan_prefix(ROLES_PREFIX)? {
-            let role = RoleRecord::decode(raw.as_slice()).map_err(|_| IssuerError::Corrupt)?;
-            if role
-                .claims
-                .values()
-                .any(|template| template.contains(field))
-            {
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    }
-
     pub fn role(&self, name: &str) -> Result<Option<RoleRecord>, IssuerError> {
         if crate::policy::validate_name(name).is_err() {
             return Ok(None);

@@ -603,10 +603,13 @@ fn json_error_text(e: &serde_json::Error) -> String {
     // names expected, from the endpoint's schema, are.
     for lead in ["unknown field ", "unknown variant "] {
         if let Some(rest) = text.strip_prefix(lead) {
+            // The name ends at the last separator (the text after it is
+            // serde's own); a name holding one is cut there, never shown.
             let tail = ["`, expected ", "`, there are no "]
                 .iter()
-                .find_map(|sep| rest.rfind(sep).map(|at| &rest[at + 1..]))
-                .unwrap_or("");
+                .filter_map(|sep| rest.rfind(sep))
+                .max()
+                .map_or("", |at| &rest[at + 1..]);
             return format!("{lead}(its name is not repeated){tail}");
         }
     }

@@ -739,17 +739,19 @@ impl Login {
                 ))
             }
         };
-        match pki.issued_for(der).map_err(LoginError::Inventory)? {
-            Some(issued_for) if issued_for != identity.name => {
-                return Err(self.failed(
-                    &identity.name,
-                    attempt,
-                    source,
-                    now_ms,
-                    LoginError::IssuedForAnother,
-                ))
+        if let Some(issued) = pki.issued_for(der).map_err(LoginError::Inventory)? {
+            // The inventory is shared by every node: a revocation on another
+            // node is known here before this node's CRL is refreshed.
+            let refused = if issued.revoked_at_ms != 0 {
+                Some(LoginError::CertificateRefused)
+            } else if issued.identity != identity.name {
+                Some(LoginError::IssuedForAnother)
+            } else {
+                None
+            };
+            if let Some(refused) = refused {
+                return Err(self.failed(&identity.name, attempt, source, now_ms, refused));
             }
-            _ => {}
         }
         attempt.succeeded();
         store.record_login(&identity, now_ms)?;

@@ -65,6 +65,11 @@ const SPEND_ATTEMPTS: usize = 64;
 /// when another node wrote it between the read and the write, before the
 /// change is refused with [`IdentityError::Contended`].
 const RECORD_TRIES: usize = 3;
+/// The same for the changes that take access away (disable, delete): a
+/// caller who keeps writing the record on another node (its description,
+/// with `write` on it) must not be able to keep an identity enabled by
+/// making each try of its disable lose.
+const REVOKING_TRIES: usize = 32;
 const CERT_PREFIX: &str = "identities/cert/";
 const ISSUER_PREFIX: &str = "identities/issuer/";
 
@@ -665,11 +670,23 @@ impl IdentityStore {
     fn modify_record<T>(
         &self,
         name: &str,
+        change: impl FnMut(&mut Draft) -> Result<T, IdentityError>,
+    ) -> Result<(IdentityRecord, T), IdentityError> {
+        self.modify_record_tries(name, RECORD_TRIES, change)
+    }
+
+    /// [`Self::modify_record`] with `tries` tries. A change that leaves the
+    /// record as read and adds no write is not written (so a caller writing
+    /// nothing new does not make other changes retry).
+    fn modify_record_tries<T>(
+        &self,
+        name: &str,
+        tries: usize,
         mut change: impl FnMut(&mut Draft) -> Result<T, IdentityError>,
     ) -> Result<(IdentityRecord, T), IdentityError> {
         let key = format!("{RECORD_PREFIX}{name}");
         let _guard = self.lock();
-        for _ in 0..RECORD_TRIES {
+        for _ in 0..tries {
             let (raw, stamp) = self
                 .barrier
                 .get_stamped(&key)?
@@ -680,8 +697,13 @@ impl IdentityStore {
                 before: Vec::new(),
                 expect: Vec::new(),
             };
+            let read = draft.record.clone();
             let out = change(&mut draft)?;
-            if draft.write == RecordWrite::Keep {
+            let unchanged = draft.write == RecordWrite::Put
+                && draft.record == read
+                && draft.before.is_empty()
+                && draft.expect.is_empty();
+            if draft.write == RecordWrite::Keep || unchanged {
                 return Ok((draft.record, out));
             }
             let bytes = draft.record.encode_to_vec();
@@ -954,7 +976,12 @@ impl IdentityStore {
         // batches before the last; the next try reads the record again and
         // deletes what is left.
         let mut secret_ids = std::collections::BTreeSet::new();
-        let (record, ()) = self.modify_record(name.as_str(), |draft| {
+        let tries = if disabled {
+            REVOKING_TRIES
+        } else {
+            RECORD_TRIES
+        };
+        let (record, ()) = self.modify_record_tries(name.as_str(), tries, |draft| {
             if checked_policies.is_some_and(|checked| checked != draft.record.policies.as_slice()) {
                 return Err(IdentityError::PoliciesChanged);
             }
@@ -1063,7 +1090,7 @@ impl IdentityStore {
         // in batches that fit the store: a delete cut short leaves the
         // identity, with less of what it held. The record goes only as read:
         // a binding another node added meanwhile is read again and deleted.
-        self.modify_record(name.as_str(), |draft| {
+        self.modify_record_tries(name.as_str(), REVOKING_TRIES, |draft| {
             let record = &draft.record;
             let mut keys = self.secret_id_keys(&record.name)?;
             for binding in &record.cert_bindings {

@@ -806,6 +806,49 @@ fn a_change_read_again_after_each_change_on_another_node_is_applied() {
     assert_eq!(stored.metadata["run"], (RECORD_TRIES - 1).to_string());
 }
 
+/// The kill switch outlasts a writer: a disable whose record another node
+/// changes before each of ten tries (more than any other change would take)
+/// is still written. Before, three lost tries refused it, so a caller with
+/// `write` on the identity who kept changing its description on another
+/// node could keep it enabled.
+#[test]
+fn a_disable_outlasts_changes_that_would_refuse_another_change() {
+    let (_d, one, two) = two_nodes();
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    change_before_each_try(&one, &two, 10, runs.clone());
+    let disabled = one.set_disabled(&name("ci"), true, false, &Revocations::default(), NOW);
+    assert!(disabled.is_ok(), "{:?}", disabled.map(|r| r.0.name));
+    assert_eq!(runs.load(Ordering::SeqCst), 10);
+    assert!(two.get("ci").unwrap().unwrap().disabled);
+    const { assert!(10 > RECORD_TRIES && 10 < REVOKING_TRIES) };
+}
+
+/// A change that changes nothing is not written, so it costs another
+/// node's change no try.
+#[test]
+fn a_change_that_changes_nothing_is_not_written() {
+    let (_d, one, _two) = two_nodes();
+    let written = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = written.clone();
+    one.before_record_write.set(move || {
+        count.fetch_add(1, Ordering::SeqCst);
+    });
+    let set = [("env".to_owned(), "prod".to_owned())].into();
+    one.set_metadata(&name("ci"), set, &[]).unwrap();
+    assert_eq!(written.load(Ordering::SeqCst), 1);
+    let count = written.clone();
+    one.before_record_write.set(move || {
+        count.fetch_add(1, Ordering::SeqCst);
+    });
+    let same = [("env".to_owned(), "prod".to_owned())].into();
+    one.set_metadata(&name("ci"), same, &[]).unwrap();
+    assert_eq!(
+        written.load(Ordering::SeqCst),
+        1,
+        "an unchanged record was written"
+    );
+}
+
 /// A change whose record another node changes before each of its tries
 /// gives up with `Contended` (ABORTED) and writes nothing of its own.
 #[test]
@@ -933,6 +976,45 @@ fn cert_bindings_find_the_identity() {
     assert!(matches!(
         f.login.cert(&f.store, &pki, &chain, LOCAL, after),
         Err(LoginError::CertificateRefused)
+    ));
+
+    // A certificate in the PKI's inventory (shared by every node): one
+    // revoked there is refused although this node's CRL does not know it
+    // yet, and one issued for another identity is refused.
+    use x509_parser::prelude::FromDer;
+    let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(&der).unwrap();
+    let serial = hex::encode(parsed.raw_serial());
+    let inventory = |identity: &str, revoked_at_ms: u64| {
+        let record = crate::pki::CertRecord {
+            serial: serial.clone(),
+            role: "r".into(),
+            identity: identity.into(),
+            requested_by: "root".into(),
+            sans: vec!["spiffe://acme.test/x".into()],
+            issued_at_ms: NOW,
+            not_after_ms: names.not_after_ms.unwrap(),
+            revoked_at_ms,
+            origin: "sign".into(),
+        };
+        f.store
+            .barrier
+            .put(
+                &format!("pki/certs/{serial}"),
+                &serde_json::to_vec(&record).unwrap(),
+            )
+            .unwrap();
+    };
+    inventory("ci", 0);
+    assert!(f.login.cert(&f.store, &pki, &chain, LOCAL, NOW).is_ok());
+    inventory("ci", NOW);
+    assert!(matches!(
+        f.login.cert(&f.store, &pki, &chain, LOCAL, NOW),
+        Err(LoginError::CertificateRefused)
+    ));
+    inventory("", 0);
+    assert!(matches!(
+        f.login.cert(&f.store, &pki, &chain, LOCAL, NOW),
+        Err(LoginError::IssuedForAnother)
     ));
 }
 

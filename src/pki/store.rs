@@ -858,9 +858,12 @@ impl PkiStore {
     }
 
     /// For a certificate this PKI issued (its serial is in the inventory):
-    /// the identity it was issued for (empty: none was bound to its names
-    /// then). `None` for any other certificate.
-    pub fn issued_for(&self, leaf_der: &[u8]) -> Result<Option<String>, PkiError> {
+    /// its inventory record, which names the identity it was issued for
+    /// (empty: none was bound to its names then) and whether it is revoked.
+    /// `None` for any other certificate. Read from the store, so on etcd it
+    /// is every node's answer at once (a node's trust store and CRL are its
+    /// own, refreshed when it revokes or unseals).
+    pub fn issued_for(&self, leaf_der: &[u8]) -> Result<Option<CertRecord>, PkiError> {
         use x509_parser::prelude::FromDer;
         let Ok((_, cert)) = x509_parser::certificate::X509Certificate::from_der(leaf_der) else {
             return Ok(None);
@@ -871,7 +874,7 @@ impl PkiStore {
             Some(raw) => {
                 let record: CertRecord =
                     serde_json::from_slice(&raw).map_err(|_| PkiError::Corrupt)?;
-                Ok(Some(record.identity))
+                Ok(Some(record))
             }
         }
     }

@@ -187,11 +187,12 @@ async fn claim_templates_use_identity_metadata_and_never_a_secret() {
     }
 }
 
-/// `write` on `identity/<name>` alone only takes access away. Labels, and
-/// the owner once a role's claims name it, are claims that relying parties
-/// may map to access: changing them needs every policy the identity holds,
-/// as `identity enable` does. Before, a holder of `write` could label an
-/// identity `env=prod` and so win it a cloud role.
+/// `write` on `identity/<name>` alone only takes access away. Labels and
+/// the owner are claims of identity tokens (the owner always: its `owner`
+/// claim) that relying parties may map to access: changing them needs every
+/// policy the identity holds, as `identity enable` does, also when the same
+/// call sets the policies. Before, a holder of `write` could label an
+/// identity `env=prod`, or change its owner, and so win it a cloud role.
 #[tokio::test]
 async fn write_alone_cannot_change_what_identity_tokens_claim() {
     use keyward::proto::v1::UpdateIdentityRequest;
@@ -208,18 +209,35 @@ async fn write_alone_cannot_change_what_identity_tokens_claim() {
     root.identity_create(create(&name, "ci-runner", "team-a", &[policy]))
         .await
         .unwrap();
-    let writer = crate::pki_kit::token_with(
-        &server,
+    let writer_policy = unique("writer");
+    root.policy_put(
+        &writer_policy,
         &format!("[[rule]]\npath = \"identity/{name}\"\ncapabilities = [\"read\", \"write\"]\n"),
     )
-    .await;
+    .await
+    .unwrap();
+    let writer = root
+        .issue_token(keyward::client::IssueOptions {
+            policies: vec![writer_policy.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let writer = server.anonymous().await.with_token(&writer.token).unwrap();
     let owner = |owner: &str| UpdateIdentityRequest {
         name: name.clone(),
         owner: Some(owner.to_owned()),
         ..Default::default()
     };
-    // No role names the owner: changing it is bookkeeping, `write` does.
-    writer.identity_update(owner("team-b")).await.unwrap();
+    let e = writer.identity_update(owner("team-b")).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
+    // Setting policies the writer holds in the same call does not carry
+    // the owner change past the check.
+    let mut both = owner("team-b");
+    both.set_policies = true;
+    both.policies = vec![writer_policy.clone()];
+    let e = writer.identity_update(both).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
     let e = writer
         .identity_set_metadata(&name, labels(&[("env", "prod")]), vec![])
         .await
@@ -230,22 +248,8 @@ async fn write_alone_cannot_change_what_identity_tokens_claim() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
-
-    root.put_oidc_role(
-        &unique("owner-claim"),
-        vec!["sts.example".into()],
-        Duration::from_secs(600),
-        [("team".to_owned(), "{{identity.owner}}".to_owned())].into(),
-    )
-    .await
-    .unwrap();
-    let e = writer
-        .identity_update(owner("team-prod"))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
     // The same owner again changes nothing and is not refused.
-    writer.identity_update(owner("team-b")).await.unwrap();
+    writer.identity_update(owner("team-a")).await.unwrap();
     // Whoever holds the identity's policies (here root) may.
     root.identity_update(owner("team-prod")).await.unwrap();
     let shown = root

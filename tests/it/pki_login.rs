@@ -283,3 +283,43 @@ async fn a_certificate_issued_before_its_name_was_bound_does_not_log_in_as_that_
     );
     server.stop().await;
 }
+
+/// Deleting an identity revokes the certificates issued for it: one kept
+/// would log in as an identity made again under the same name (with other
+/// policies), which nobody checked it against.
+#[tokio::test]
+async fn a_certificate_does_not_outlive_the_deletion_of_its_identity() {
+    let (server, root) = pki_server("gone").await;
+    let mut r = role("gone", "gone");
+    r.client = true;
+    root.pki_role_put(r).await.unwrap();
+    let name = unique("gone");
+    let spiffe = format!("spiffe://acme.test/gone/{name}");
+    root.identity_create(create(&name, "workload", "team-g", &[]))
+        .await
+        .unwrap();
+    root.identity_bind_cert(&name, None, Some(&spiffe))
+        .await
+        .unwrap();
+    let (csr_pem, key_pem) = csr(&[&spiffe], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let old = root.pki_sign("gone", &csr_pem, 600).await.unwrap();
+    assert_eq!(
+        login(&server, &old.certificate, &key_pem)
+            .await
+            .unwrap()
+            .identity,
+        name
+    );
+    root.identity_delete(&name).await.unwrap();
+    root.identity_create(create(&name, "workload", "team-g", &[]))
+        .await
+        .unwrap();
+    root.identity_bind_cert(&name, None, Some(&spiffe))
+        .await
+        .unwrap();
+    assert!(
+        login(&server, &old.certificate, &key_pem).await.is_err(),
+        "a certificate of the deleted identity logged in as the new one"
+    );
+    server.stop().await;
+}
