@@ -100,6 +100,8 @@ pub enum IdentityError {
     /// every try (other nodes of a shared store writing it at once).
     #[error("the identity changed while the change was applied, at every try; try again")]
     Contended,
+    #[error("identity {0} is disabled: enable it before making a secret-id")]
+    Disabled(String),
     #[error("identity {0} already exists")]
     AlreadyExists(String),
     #[error("the binding is already held by identity {0}")]
@@ -793,10 +795,20 @@ impl IdentityStore {
         let bytes = record.encode_to_vec();
         let record_key = format!("{RECORD_PREFIX}{}", record.name);
         let role_key = format!("{ROLE_PREFIX}{role_id}");
-        self.barrier.batch(&[
-            PlainOp::Put(&record_key, &bytes),
-            PlainOp::Put(&role_key, record.name.as_bytes()),
-        ])?;
+        // Only where no record is: on a shared store another node may have
+        // created the name since the read above (its lock is its own).
+        #[cfg(test)]
+        self.before_record_write.run();
+        let written = self.barrier.batch_if(
+            &[(record_key.as_str(), None)],
+            &[
+                PlainOp::Put(&record_key, &bytes),
+                PlainOp::Put(&role_key, record.name.as_bytes()),
+            ],
+        )?;
+        if !written {
+            return Err(IdentityError::AlreadyExists(new.name.to_string()));
+        }
         if record.expires_at_ms != 0 {
             self.expiry_set.notify_one();
         }
@@ -1155,33 +1167,43 @@ impl IdentityStore {
                 "at most {MAX_LIST} CIDR blocks"
             )));
         }
-        let record = self.require(name)?;
-        let text = SecretIdText::generate()?;
-        let hash = self.secret_id_hash(&text)?;
-        let expires_at_ms = if spec.ttl_ms == 0 {
-            0
-        } else {
-            now_ms.saturating_add(spec.ttl_ms)
-        };
-        let stored = SecretIdRecord {
-            identity: record.name.clone(),
-            role_id: record.role_id.clone(),
-            created_at_ms: now_ms,
-            expires_at_ms,
-            uses_left: spec.uses,
-            cidrs: spec.cidrs.iter().map(ToString::to_string).collect(),
-            handle: format!("sid_{}", &hash[..12]),
-        };
-        let bytes = stored.encode_to_vec();
-        let key = format!("{SECRET_ID_RECORD_PREFIX}{hash}");
-        let index = format!("{SECRET_IDS_OF_PREFIX}{}/{hash}", record.name);
-        self.barrier
-            .batch(&[PlainOp::Put(&key, &bytes), PlainOp::Put(&index, b"")])?;
-        Ok(NewSecretId {
-            role_id: record.role_id,
-            secret_id: text,
-            expires_at_ms,
-        })
+        // With the record, written only over the record read (one batch):
+        // a disable that commits first makes this read again and refuse,
+        // and one that commits after finds this secret-id, since the
+        // record it read is no longer the one stored.
+        let (_, made) = self.modify_record_tries(name.as_str(), REVOKING_TRIES, |draft| {
+            // A disabled identity gets no new credential: its disable
+            // revoked the secret-ids it had, and `enable` is the way back.
+            if draft.record.disabled {
+                return Err(IdentityError::Disabled(draft.record.name.clone()));
+            }
+            let text = SecretIdText::generate()?;
+            let hash = self.secret_id_hash(&text)?;
+            let expires_at_ms = if spec.ttl_ms == 0 {
+                0
+            } else {
+                now_ms.saturating_add(spec.ttl_ms)
+            };
+            let stored = SecretIdRecord {
+                identity: draft.record.name.clone(),
+                role_id: draft.record.role_id.clone(),
+                created_at_ms: now_ms,
+                expires_at_ms,
+                uses_left: spec.uses,
+                cidrs: spec.cidrs.iter().map(ToString::to_string).collect(),
+                handle: format!("sid_{}", &hash[..12]),
+            };
+            let key = format!("{SECRET_ID_RECORD_PREFIX}{hash}");
+            let index = format!("{SECRET_IDS_OF_PREFIX}{}/{hash}", draft.record.name);
+            draft.before.push((key, Some(stored.encode_to_vec())));
+            draft.before.push((index, Some(Vec::new())));
+            Ok(NewSecretId {
+                role_id: draft.record.role_id.clone(),
+                secret_id: text,
+                expires_at_ms,
+            })
+        })?;
+        Ok(made)
     }
 
     fn secret_id_hash(&self, text: &SecretIdText) -> Result<String, IdentityError> {

@@ -823,6 +823,63 @@ fn a_disable_outlasts_changes_that_would_refuse_another_change() {
     const { assert!(10 > RECORD_TRIES && 10 < REVOKING_TRIES) };
 }
 
+/// A secret-id made while another node disables the identity: the disable
+/// wins (its write came first), so the secret-id is refused, and none is
+/// left. Before, it was written after the disable had deleted the others,
+/// and outlived it.
+#[test]
+fn a_secret_id_made_during_a_disable_on_another_node_is_refused() {
+    let (_d, one, two) = two_nodes();
+    let two_ = two.clone();
+    one.before_record_write.set(move || {
+        two_.set_disabled(&name("ci"), true, false, &Revocations::default(), NOW)
+            .unwrap();
+    });
+    let made = one.create_secret_id(&name("ci"), SecretIdSpec::default(), NOW);
+    assert!(
+        matches!(made, Err(IdentityError::Disabled(_))),
+        "{:?}",
+        made.map(|m| m.expires_at_ms)
+    );
+    assert!(one.list_secret_ids(&name("ci"), NOW).unwrap().is_empty());
+}
+
+/// A disable whose record another node changes by making a secret-id in
+/// between reads again and deletes that secret-id too.
+#[test]
+fn a_disable_deletes_a_secret_id_made_on_another_node_meanwhile() {
+    let (_d, one, two) = two_nodes();
+    let two_ = two.clone();
+    one.before_record_write.set(move || {
+        two_.create_secret_id(&name("ci"), SecretIdSpec::default(), NOW)
+            .unwrap();
+    });
+    one.set_disabled(&name("ci"), true, false, &Revocations::default(), NOW)
+        .unwrap();
+    assert!(two.get("ci").unwrap().unwrap().disabled);
+    assert!(two.list_secret_ids(&name("ci"), NOW).unwrap().is_empty());
+}
+
+/// Two nodes creating one name at once: the second write is refused, and
+/// the first one's record stays.
+#[test]
+fn a_name_created_on_two_nodes_at_once_is_created_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = crate::storage::test_sled::two_barriers(dir.path());
+    let (one, two) = (
+        Arc::new(IdentityStore::new(Arc::new(one))),
+        Arc::new(IdentityStore::new(Arc::new(two))),
+    );
+    let two_ = two.clone();
+    one.before_record_write.set(move || {
+        two_.create(new("dup"), &AllPolicies, NOW).unwrap();
+    });
+    let second = one.create(new("dup"), &AllPolicies, NOW);
+    assert!(matches!(second, Err(IdentityError::AlreadyExists(_))));
+    let stored = one.get("dup").unwrap().unwrap();
+    assert_eq!(two.get("dup").unwrap().unwrap().role_id, stored.role_id);
+}
+
 /// A change that changes nothing is not written, so it costs another
 /// node's change no try.
 #[test]
