@@ -688,6 +688,18 @@ impl keyward::token::store::PolicyNames for AnyPolicy {
     }
 }
 
+/// A token store ("node") over `barrier` whose clock starts at `now`,
+/// unsealed (its sweeper's memory loaded, as after a start).
+fn token_store(barrier: &Arc<Barrier>, now: u64) -> keyward::token::TokenStore {
+    let store = keyward::token::TokenStore::new(
+        barrier.clone(),
+        Arc::new(AnyPolicy),
+        keyward::clock::Clock::starting_at(now),
+    );
+    store.on_unseal(now).unwrap();
+    store
+}
+
 /// A token whose last use was marked `spent` on node A, which then
 /// "crashed" before revoking it (the test hook stops there): its child
 /// still works on node B. A token store started afresh on node B (a
@@ -696,8 +708,7 @@ impl keyward::token::store::PolicyNames for AnyPolicy {
 /// child from then on.
 #[test]
 fn a_spent_token_cut_short_is_revoked_with_its_children_after_a_restart() {
-    use keyward::clock::Clock;
-    use keyward::token::{TokenRequest, TokenStore};
+    use keyward::token::TokenRequest;
 
     let etcd = EtcdCluster::start(3);
     let prefix = format!("{}/", unique("kw-spent"));
@@ -706,16 +717,7 @@ fn a_spent_token_cut_short_is_revoked_with_its_children_after_a_restart() {
         .map(Arc::new)
         .collect();
     let t0 = 1_800_000_000_000u64;
-    let store = |barrier: &Arc<Barrier>, now: u64| {
-        let store = TokenStore::new(
-            barrier.clone(),
-            Arc::new(AnyPolicy),
-            Clock::starting_at(now),
-        );
-        store.on_unseal(now).unwrap();
-        store
-    };
-    let (a, b) = (store(&nodes[0], t0), store(&nodes[1], t0));
+    let (a, b) = (token_store(&nodes[0], t0), token_store(&nodes[1], t0));
     let year = std::time::Duration::from_secs(365 * 24 * 3600);
     let request = |uses: u32, parent: Option<String>| TokenRequest {
         identity: "svc".into(),
@@ -766,7 +768,7 @@ fn a_spent_token_cut_short_is_revoked_with_its_children_after_a_restart() {
         .unwrap();
 
     let after = crashed_at + 1_000;
-    let restarted = store(&nodes[1], after);
+    let restarted = token_store(&nodes[1], after);
     let swept = restarted.sweep(after).unwrap();
     assert_eq!(swept.revoked, 2, "{swept:?}");
     for (node, tokens) in [("a", &a), ("b", &b), ("b restarted", &restarted)] {
@@ -787,8 +789,7 @@ fn a_spent_token_cut_short_is_revoked_with_its_children_after_a_restart() {
 /// grace (30 s), and every node refuses the tokens for good.
 #[test]
 fn a_revocation_cut_short_after_its_marks_is_refused_everywhere_and_swept() {
-    use keyward::clock::Clock;
-    use keyward::token::{TokenError, TokenRequest, TokenStore};
+    use keyward::token::{TokenError, TokenRequest};
 
     let etcd = EtcdCluster::start(1);
     let prefix = format!("{}/", unique("kw-marks"));
@@ -797,16 +798,7 @@ fn a_revocation_cut_short_after_its_marks_is_refused_everywhere_and_swept() {
         .map(Arc::new)
         .collect();
     let t0 = 1_800_000_000_000u64;
-    let store = |barrier: &Arc<Barrier>, now: u64| {
-        let store = TokenStore::new(
-            barrier.clone(),
-            Arc::new(AnyPolicy),
-            Clock::starting_at(now),
-        );
-        store.on_unseal(now).unwrap();
-        store
-    };
-    let (a, b) = (store(&nodes[0], t0), store(&nodes[1], t0));
+    let (a, b) = (token_store(&nodes[0], t0), token_store(&nodes[1], t0));
     let request = |parent: Option<&str>| TokenRequest {
         identity: "svc".into(),
         policies: vec!["app".into()],
@@ -857,7 +849,7 @@ fn a_revocation_cut_short_after_its_marks_is_refused_everywhere_and_swept() {
     }
 
     let after = t0 + 60_000;
-    let restarted = store(&nodes[1], after);
+    let restarted = token_store(&nodes[1], after);
     let swept = restarted.sweep(after).unwrap();
     assert_eq!(swept.revoked, 3, "{swept:?}");
     for (node, tokens) in [("a", &a), ("b", &b), ("b restarted", &restarted)] {

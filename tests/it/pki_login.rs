@@ -164,26 +164,46 @@ async fn pki_tls_listener_is_closed_when_the_server_stops() {
     .await;
 }
 
+/// A dev server whose PKI role `ns` issues client certificates.
+async fn client_pki(ns: &str) -> (TestServer, Client) {
+    let (server, root) = pki_server(ns).await;
+    let mut r = role(ns, ns);
+    r.client = true;
+    root.pki_role_put(r).await.unwrap();
+    (server, root)
+}
+
+/// Identity `name` (no policies), bound to `spiffe`.
+async fn bound(root: &Client, name: &str, spiffe: &str) {
+    root.identity_create(create(name, "workload", "team-w", &[]))
+        .await
+        .unwrap();
+    root.identity_bind_cert(name, None, Some(spiffe))
+        .await
+        .unwrap();
+}
+
+/// A certificate for `spiffe` signed by role `ns` (600 s), with its key.
+async fn signed_for(
+    root: &Client,
+    ns: &str,
+    spiffe: &str,
+) -> (keyward::proto::v1::PkiIssueResponse, String) {
+    let (csr_pem, key_pem) = csr(&[spiffe], &rcgen::PKCS_ECDSA_P256_SHA256);
+    (root.pki_sign(ns, &csr_pem, 600).await.unwrap(), key_pem)
+}
+
 /// A connection outlives the handshake that checked its certificate. A
 /// login made later on the same connection is checked again: after the
 /// certificate is revoked it is refused, and a token never outlives the
 /// certificate it was issued for.
 #[tokio::test]
 async fn a_certificate_revoked_while_its_connection_stays_open_logs_in_no_more() {
-    let (server, root) = pki_server("held").await;
+    let (server, root) = client_pki("held").await;
     let name = unique("held");
-    root.identity_create(create(&name, "workload", "team-h", &[]))
-        .await
-        .unwrap();
     let spiffe = format!("spiffe://acme.test/held/{name}");
-    root.identity_bind_cert(&name, None, Some(&spiffe))
-        .await
-        .unwrap();
-    let mut r = role("held", "held");
-    r.client = true;
-    root.pki_role_put(r).await.unwrap();
-    let (csr_pem, key_pem) = csr(&[&spiffe], &rcgen::PKCS_ECDSA_P256_SHA256);
-    let signed = root.pki_sign("held", &csr_pem, 600).await.unwrap();
+    bound(&root, &name, &spiffe).await;
+    let (signed, key_pem) = signed_for(&root, "held", &spiffe).await;
     let not_after = signed.expires_at.unwrap().seconds;
 
     let held = with_cert(&server, &signed.certificate, &key_pem)
@@ -253,27 +273,17 @@ async fn the_server_resumes_no_tls_session() {
 /// new one. A certificate issued after the binding logs in.
 #[tokio::test]
 async fn a_certificate_issued_before_its_name_was_bound_does_not_log_in_as_that_identity() {
-    let (server, root) = pki_server("early").await;
-    let mut r = role("early", "early");
-    r.client = true;
-    root.pki_role_put(r).await.unwrap();
+    let (server, root) = client_pki("early").await;
     let name = unique("early");
     let spiffe = format!("spiffe://acme.test/early/{name}");
     // Nothing is bound to the name yet: anyone with `issue` on the role
     // could ask for this one.
-    let (csr_early, key_early) = csr(&[&spiffe], &rcgen::PKCS_ECDSA_P256_SHA256);
-    let early = root.pki_sign("early", &csr_early, 600).await.unwrap();
-    root.identity_create(create(&name, "workload", "team-e", &[]))
-        .await
-        .unwrap();
-    root.identity_bind_cert(&name, None, Some(&spiffe))
-        .await
-        .unwrap();
+    let (early, key_early) = signed_for(&root, "early", &spiffe).await;
+    bound(&root, &name, &spiffe).await;
     let (code, message) = refusal(login(&server, &early.certificate, &key_early).await);
     assert_eq!(code, Code::Unauthenticated, "{message}");
     assert!(message.contains("issued for another identity"), "{message}");
-    let (csr_late, key_late) = csr(&[&spiffe], &rcgen::PKCS_ECDSA_P256_SHA256);
-    let late = root.pki_sign("early", &csr_late, 600).await.unwrap();
+    let (late, key_late) = signed_for(&root, "early", &spiffe).await;
     assert_eq!(
         login(&server, &late.certificate, &key_late)
             .await
@@ -289,20 +299,11 @@ async fn a_certificate_issued_before_its_name_was_bound_does_not_log_in_as_that_
 /// policies), which nobody checked it against.
 #[tokio::test]
 async fn a_certificate_does_not_outlive_the_deletion_of_its_identity() {
-    let (server, root) = pki_server("gone").await;
-    let mut r = role("gone", "gone");
-    r.client = true;
-    root.pki_role_put(r).await.unwrap();
+    let (server, root) = client_pki("gone").await;
     let name = unique("gone");
     let spiffe = format!("spiffe://acme.test/gone/{name}");
-    root.identity_create(create(&name, "workload", "team-g", &[]))
-        .await
-        .unwrap();
-    root.identity_bind_cert(&name, None, Some(&spiffe))
-        .await
-        .unwrap();
-    let (csr_pem, key_pem) = csr(&[&spiffe], &rcgen::PKCS_ECDSA_P256_SHA256);
-    let old = root.pki_sign("gone", &csr_pem, 600).await.unwrap();
+    bound(&root, &name, &spiffe).await;
+    let (old, key_pem) = signed_for(&root, "gone", &spiffe).await;
     assert_eq!(
         login(&server, &old.certificate, &key_pem)
             .await
@@ -311,12 +312,7 @@ async fn a_certificate_does_not_outlive_the_deletion_of_its_identity() {
         name
     );
     root.identity_delete(&name).await.unwrap();
-    root.identity_create(create(&name, "workload", "team-g", &[]))
-        .await
-        .unwrap();
-    root.identity_bind_cert(&name, None, Some(&spiffe))
-        .await
-        .unwrap();
+    bound(&root, &name, &spiffe).await;
     assert!(
         login(&server, &old.certificate, &key_pem).await.is_err(),
         "a certificate of the deleted identity logged in as the new one"
