@@ -255,34 +255,30 @@ impl Identities for IdentitiesService {
         }
         let now = self.core.clock().now_ms();
         let expires_at_ms = r.expires_in_seconds.map(|s| expiry_from(s, now));
-        // A later expiry (or none) keeps the identity's access alive longer:
-        // it needs the policies the identity keeps (new ones were checked),
-        // and the store applies it only if they are still those.
+        // Two changes give access: a later expiry (or none), which keeps the
+        // identity's access alive longer, and a new owner, which every
+        // identity token carries (its `owner` claim, and any template
+        // naming it), so relying parties may map it to access. Each needs
+        // the policies the identity keeps (new ones were checked), also
+        // when the policies are set in the same call, and the store applies
+        // the update only if they are still those. Judged to grant nothing,
+        // the update is applied only over the owner and expiry it read.
         let mut checked_policies = None;
-        if r.owner.is_some() {
-            // Every identity token carries the owner (its `owner` claim, and
-            // any template naming it): changing it changes what the tokens
-            // say to relying parties, which may map it to access. A grant,
-            // whether or not the policies are set in the same call.
+        let mut judged_on = None;
+        if r.owner.is_some() || expires_at_ms.is_some() {
             let found = call.check(self.core.identities.get(name.as_str()))?;
             if let Some(record) = found {
-                if r.owner.as_deref() != Some(record.owner.as_str()) {
-                    call.require_policy_subset(&record.policies)?;
-                    checked_policies = Some(record.policies);
-                }
-            }
-        }
-        if let (Some(new), false) = (expires_at_ms, r.set_policies) {
-            let found = call.check(self.core.identities.get(name.as_str()))?;
-            if let Some(record) = found {
-                let later = match (record.expires_at_ms, new) {
+                let owner_moved = r.owner.as_deref().is_some_and(|o| o != record.owner);
+                let later = expires_at_ms.is_some_and(|new| match (record.expires_at_ms, new) {
                     (0, _) => false,
                     (_, 0) => true,
                     (old, new) => new > old,
-                };
-                if later {
+                });
+                if owner_moved || (later && !r.set_policies) {
                     call.require_policy_subset(&record.policies)?;
                     checked_policies = Some(record.policies);
+                } else {
+                    judged_on = Some((record.owner, record.expires_at_ms));
                 }
             }
         }
@@ -292,6 +288,7 @@ impl Identities for IdentitiesService {
             policies: r.set_policies.then_some(r.policies),
             expires_at_ms,
             checked_policies,
+            judged_on,
         };
         let record = call.check(self.core.identities.update(
             &name,
@@ -335,11 +332,15 @@ impl Identities for IdentitiesService {
         let name = call.check(IdentityName::parse(&req.get_ref().name))?;
         call.authorize(Capability::Delete, name.resource())?;
         let now = self.core.clock().now_ms();
-        // Its certificates first (as decommission does): one issued for this
-        // name would otherwise log in as an identity made again under it,
-        // which nobody checked it against. Revoked first, so a delete that
-        // fails after leaves the safe side.
-        call.check(self.core.pki.revoke_identity(name.as_str(), now))?;
+        // The certificates issued for it first: one would otherwise log in
+        // as an identity made again under the name, which nobody checked it
+        // against. First, so a delete that fails after leaves the safe side;
+        // only once the identity is known, and only those issued *for* it
+        // (not those it asked for on others' behalf: decommission's call).
+        call.check(self.core.identities.get(name.as_str()))?
+            .ok_or(IdentityError::NotFound)
+            .map_err(|e| call.fail(e))?;
+        call.check(self.core.pki.revoke_issued_for(name.as_str(), now))?;
         let revoked = call.check(self.core.identities.delete(&name, &self.core.tokens, now))?;
         call.check(self.core.usage.forget(name.as_str()))?;
         call.check(self.core.barrier.durable().await)?;

@@ -92,7 +92,7 @@ pub enum IdentityError {
     NotFound,
     #[error("the identity has no such binding")]
     NoSuchBinding,
-    #[error("the identity's policies changed while the request was checked; try again")]
+    #[error("the identity changed while the request was checked; try again")]
     PoliciesChanged,
     #[error("the identity has no secret-id with that accessor")]
     NoSuchSecretId,
@@ -463,6 +463,11 @@ pub struct IdentityUpdate {
     /// access back): the update is refused if the identity's policies are no
     /// longer these when it is applied.
     pub checked_policies: Option<Vec<String>>,
+    /// The owner and expiry (ms, 0: never) the caller read when it was judged
+    /// to grant nothing (its owner unchanged, its expiry no later): the
+    /// update is refused if either is no longer that when it is applied,
+    /// so a stale value never lands over another's change unchecked.
+    pub judged_on: Option<(String, u64)>,
 }
 
 /// Which binding `unbind` removes, as `identity get` lists them.
@@ -873,6 +878,13 @@ impl IdentityStore {
             {
                 return Err(IdentityError::PoliciesChanged);
             }
+            if update.judged_on.as_ref().is_some_and(|(owner, expiry)| {
+                *owner != record.owner || *expiry != record.expires_at_ms
+            }) {
+                // The caller was judged to grant nothing on an owner and an
+                // expiry another change has replaced since: judged again.
+                return Err(IdentityError::PoliciesChanged);
+            }
             if let Some(owner) = &update.owner {
                 record.owner.clone_from(owner);
             }
@@ -1009,6 +1021,20 @@ impl IdentityStore {
             }
             Ok(())
         })?;
+        if disabled && !keep_secret_ids {
+            // Once more, after the disabled record is stored: a secret-id
+            // written meanwhile (on any node) is found here, or its maker
+            // reads the disabled record and takes it back
+            // (`create_secret_id`).
+            let keys = self.secret_id_keys(&record.name)?;
+            secret_ids.extend(
+                keys.iter()
+                    .filter(|k| k.starts_with(SECRET_ID_RECORD_PREFIX))
+                    .cloned(),
+            );
+            let ops: Vec<PlainOp<'_>> = keys.iter().map(|k| PlainOp::Delete(k)).collect();
+            self.barrier.batch_in_chunks(&ops)?;
+        }
         let secret_ids = u32::try_from(secret_ids.len()).unwrap_or(u32::MAX);
         if disabled {
             revoked += tokens.revoke_identity(&record.name, now_ms)?;
@@ -1167,43 +1193,57 @@ impl IdentityStore {
                 "at most {MAX_LIST} CIDR blocks"
             )));
         }
-        // With the record, written only over the record read (one batch):
-        // a disable that commits first makes this read again and refuse,
-        // and one that commits after finds this secret-id, since the
-        // record it read is no longer the one stored.
-        let (_, made) = self.modify_record_tries(name.as_str(), REVOKING_TRIES, |draft| {
-            // A disabled identity gets no new credential: its disable
-            // revoked the secret-ids it had, and `enable` is the way back.
-            if draft.record.disabled {
-                return Err(IdentityError::Disabled(draft.record.name.clone()));
-            }
-            let text = SecretIdText::generate()?;
-            let hash = self.secret_id_hash(&text)?;
-            let expires_at_ms = if spec.ttl_ms == 0 {
-                0
-            } else {
-                now_ms.saturating_add(spec.ttl_ms)
-            };
-            let stored = SecretIdRecord {
-                identity: draft.record.name.clone(),
-                role_id: draft.record.role_id.clone(),
-                created_at_ms: now_ms,
-                expires_at_ms,
-                uses_left: spec.uses,
-                cidrs: spec.cidrs.iter().map(ToString::to_string).collect(),
-                handle: format!("sid_{}", &hash[..12]),
-            };
-            let key = format!("{SECRET_ID_RECORD_PREFIX}{hash}");
-            let index = format!("{SECRET_IDS_OF_PREFIX}{}/{hash}", draft.record.name);
-            draft.before.push((key, Some(stored.encode_to_vec())));
-            draft.before.push((index, Some(Vec::new())));
-            Ok(NewSecretId {
-                role_id: draft.record.role_id.clone(),
-                secret_id: text,
-                expires_at_ms,
-            })
-        })?;
-        Ok(made)
+        // Written first, then the record read: a disable stores the
+        // disabled record and then deletes the secret-ids it finds
+        // (`set_disabled_checked`), so either that read sees the disable
+        // (and this secret-id is taken back) or the disable's scan comes
+        // after this write and finds it. No lock and no write of the
+        // record: making secret-ids holds up no other change.
+        let record = self.require(name)?;
+        if record.disabled {
+            return Err(IdentityError::Disabled(record.name));
+        }
+        let text = SecretIdText::generate()?;
+        let hash = self.secret_id_hash(&text)?;
+        let expires_at_ms = if spec.ttl_ms == 0 {
+            0
+        } else {
+            now_ms.saturating_add(spec.ttl_ms)
+        };
+        let stored = SecretIdRecord {
+            identity: record.name.clone(),
+            role_id: record.role_id.clone(),
+            created_at_ms: now_ms,
+            expires_at_ms,
+            uses_left: spec.uses,
+            cidrs: spec.cidrs.iter().map(ToString::to_string).collect(),
+            handle: format!("sid_{}", &hash[..12]),
+        };
+        let bytes = stored.encode_to_vec();
+        let key = format!("{SECRET_ID_RECORD_PREFIX}{hash}");
+        let index = format!("{SECRET_IDS_OF_PREFIX}{}/{hash}", record.name);
+        self.barrier
+            .batch(&[PlainOp::Put(&key, &bytes), PlainOp::Put(&index, b"")])?;
+        #[cfg(test)]
+        self.before_record_write.run();
+        let now = self.get(&record.name)?;
+        if now
+            .as_ref()
+            .is_none_or(|r| r.disabled || r.role_id != record.role_id)
+        {
+            // Disabled (or deleted, or made again) since: taken back.
+            self.barrier
+                .batch(&[PlainOp::Delete(&key), PlainOp::Delete(&index)])?;
+            return Err(match now {
+                Some(_) => IdentityError::Disabled(record.name),
+                None => IdentityError::NotFound,
+            });
+        }
+        Ok(NewSecretId {
+            role_id: record.role_id,
+            secret_id: text,
+            expires_at_ms,
+        })
     }
 
     fn secret_id_hash(&self, text: &SecretIdText) -> Result<String, IdentityError> {

@@ -880,6 +880,44 @@ fn a_name_created_on_two_nodes_at_once_is_created_once() {
     assert_eq!(two.get("dup").unwrap().unwrap().role_id, stored.role_id);
 }
 
+/// An update judged to grant nothing (its owner as read, with a new
+/// description) is refused when another node changed the owner between
+/// that judgement and the write: applied again to the record read again,
+/// the stale owner would otherwise land, unchecked.
+#[test]
+fn an_update_judged_on_an_owner_changed_since_is_refused() {
+    let (_d, one, two) = two_nodes();
+    let read = one.get("ci").unwrap().unwrap();
+    let two_ = two.clone();
+    one.before_record_write.set(move || {
+        two_.update(
+            &name("ci"),
+            IdentityUpdate {
+                owner: Some("team-prod".into()),
+                ..Default::default()
+            },
+            &AllPolicies,
+            &Revocations::default(),
+            NOW,
+        )
+        .unwrap();
+    });
+    let stale = one.update(
+        &name("ci"),
+        IdentityUpdate {
+            owner: Some(read.owner.clone()),
+            description: Some("changed with it".into()),
+            judged_on: Some((read.owner.clone(), read.expires_at_ms)),
+            ..Default::default()
+        },
+        &AllPolicies,
+        &Revocations::default(),
+        NOW,
+    );
+    assert!(matches!(stale, Err(IdentityError::PoliciesChanged)));
+    assert_eq!(two.get("ci").unwrap().unwrap().owner, "team-prod");
+}
+
 /// A change that changes nothing is not written, so it costs another
 /// node's change no try.
 #[test]

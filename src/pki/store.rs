@@ -937,8 +937,32 @@ impl PkiStore {
             self.refresh_trust(now_ms)?;
             return Ok(0);
         }
+        self.revoke_serials(&serials, now_ms)
+    }
+
+    /// Revokes the valid certificates issued *for* `identity` (those that
+    /// log in as it), not those it asked for on others' behalf: what an
+    /// identity's delete takes with it, so that none logs in as an identity
+    /// made again under the name. Nothing to revoke: nothing written, the
+    /// CRL not signed again.
+    pub fn revoke_issued_for(&self, identity: &str, now_ms: u64) -> Result<u32, PkiError> {
+        let serials: Vec<String> = self
+            .list(None, now_ms)?
+            .into_iter()
+            .filter(|c| c.revoked_at_ms == 0 && c.not_after_ms > now_ms && c.identity == identity)
+            .map(|c| c.serial)
+            .collect();
+        if serials.is_empty() {
+            return Ok(0);
+        }
+        self.revoke_serials(&serials, now_ms)
+    }
+
+    /// Marks `serials` revoked (those still valid), in batches that fit the
+    /// store, and refreshes the trust store; returns how many it marked.
+    fn revoke_serials(&self, serials: &[String], now_ms: u64) -> Result<u32, PkiError> {
         let mut records = Vec::with_capacity(serials.len());
-        for serial in &serials {
+        for serial in serials {
             let key = format!("{CERTS}{serial}");
             let Some(raw) = self.barrier.get(&key)? else {
                 continue;
@@ -1079,6 +1103,43 @@ mod tests {
         let share: String = (*shares[0].0).clone();
         barrier.unseal(&share).unwrap();
         (dir, barrier, share)
+    }
+
+    /// An identity's delete revokes the certificates issued for it, and not
+    /// those it asked for on others' behalf (decommission's call); with none
+    /// to revoke it writes nothing.
+    #[test]
+    fn revoke_issued_for_takes_only_the_certificates_that_log_in_as_it() {
+        let (_dir, barrier, _share) = unsealed_barrier();
+        let store = PkiStore::new(barrier.clone(), Arc::new(ClientTrust::new()));
+        let put = |serial: &str, identity: &str, requested_by: &str| {
+            let record = CertRecord {
+                serial: serial.into(),
+                role: "r".into(),
+                identity: identity.into(),
+                requested_by: requested_by.into(),
+                sans: vec![],
+                issued_at_ms: 1,
+                not_after_ms: 10_000,
+                revoked_at_ms: 0,
+                origin: "sign".into(),
+            };
+            let json = serde_json::to_vec(&record).unwrap();
+            barrier.put(&format!("{CERTS}{serial}"), &json).unwrap();
+        };
+        put("aa", "x", "root");
+        put("bb", "y", "x");
+        put("cc", "", "x");
+        assert_eq!(store.revoke_issued_for("x", 5).unwrap(), 1);
+        let revoked: Vec<String> = store
+            .list(None, 5)
+            .unwrap()
+            .into_iter()
+            .filter(|c| c.revoked_at_ms != 0)
+            .map(|c| c.serial)
+            .collect();
+        assert_eq!(revoked, ["aa"]);
+        assert_eq!(store.revoke_issued_for("nobody", 5).unwrap(), 0);
     }
 
     /// The CA is written only where none is stored, checked in the write
