@@ -588,14 +588,20 @@ impl Identities for IdentitiesService {
         // Labels may be claims of the identity's tokens, which a relying
         // party may map to access: a change is a grant, and needs every
         // policy the identity holds (as `enable` does).
+        // The store applies it only if the policies are still those.
         let found = call.check(self.core.identities.get(name.as_str()))?;
-        if let Some(record) = found {
-            call.require_policy_subset(&record.policies)?;
-        }
-        let record = call.check(self.core.identities.set_metadata(
+        let checked = match found {
+            Some(record) => {
+                call.require_policy_subset(&record.policies)?;
+                Some(record.policies)
+            }
+            None => None,
+        };
+        let record = call.check(self.core.identities.set_metadata_checked(
             &name,
             r.set.into_iter().collect(),
             &r.remove,
+            checked.as_deref(),
         ))?;
         call.check(self.core.barrier.durable().await)?;
         call.ok(&[])?;

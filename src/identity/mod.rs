@@ -930,6 +930,20 @@ impl IdentityStore {
         set: std::collections::BTreeMap<String, String>,
         remove: &[String],
     ) -> Result<IdentityRecord, IdentityError> {
+        self.set_metadata_checked(name, set, remove, None)
+    }
+
+    /// [`Self::set_metadata`], refused with `PoliciesChanged` if
+    /// `checked_policies` (those the caller was checked against: labels can
+    /// be claims of the identity's tokens) are no longer the identity's
+    /// when it is applied.
+    pub fn set_metadata_checked(
+        &self,
+        name: &IdentityName,
+        set: std::collections::BTreeMap<String, String>,
+        remove: &[String],
+        checked_policies: Option<&[String]>,
+    ) -> Result<IdentityRecord, IdentityError> {
         for key in set.keys().chain(remove.iter()) {
             check_metadata_key(key)?;
         }
@@ -941,6 +955,9 @@ impl IdentityStore {
             }
         }
         let (record, ()) = self.modify_record(name.as_str(), |draft| {
+            if checked_policies.is_some_and(|checked| checked != draft.record.policies.as_slice()) {
+                return Err(IdentityError::PoliciesChanged);
+            }
             let metadata = &mut draft.record.metadata;
             for key in remove {
                 metadata.remove(key);

@@ -918,6 +918,32 @@ fn an_update_judged_on_an_owner_changed_since_is_refused() {
     assert_eq!(two.get("ci").unwrap().unwrap().owner, "team-prod");
 }
 
+/// A metadata change checked against the identity's policies is refused
+/// when another node changed them between that check and the write.
+#[test]
+fn a_metadata_change_checked_against_policies_changed_since_is_refused() {
+    let (_d, one, two) = two_nodes();
+    let read = one.get("ci").unwrap().unwrap();
+    let two_ = two.clone();
+    one.before_record_write.set(move || {
+        two_.update(
+            &name("ci"),
+            IdentityUpdate {
+                policies: Some(vec!["wider".into()]),
+                ..Default::default()
+            },
+            &AllPolicies,
+            &Revocations::default(),
+            NOW,
+        )
+        .unwrap();
+    });
+    let set = [("env".to_owned(), "prod".to_owned())].into();
+    let stale = one.set_metadata_checked(&name("ci"), set, &[], Some(&read.policies));
+    assert!(matches!(stale, Err(IdentityError::PoliciesChanged)));
+    assert!(two.get("ci").unwrap().unwrap().metadata.is_empty());
+}
+
 /// A change that changes nothing is not written, so it costs another
 /// node's change no try.
 #[test]
