@@ -337,9 +337,8 @@ impl Identities for IdentitiesService {
         // against. First, so a delete that fails after leaves the safe side;
         // only once the identity is known, and only those issued *for* it
         // (not those it asked for on others' behalf: decommission's call).
-        call.check(self.core.identities.get(name.as_str()))?
-            .ok_or(IdentityError::NotFound)
-            .map_err(|e| call.fail(e))?;
+        let known = self.core.identities.get(name.as_str());
+        call.check(known.and_then(|r| r.ok_or(IdentityError::NotFound)))?;
         call.check(self.core.pki.revoke_issued_for(name.as_str(), now))?;
         let revoked = call.check(self.core.identities.delete(&name, &self.core.tokens, now))?;
         call.check(self.core.usage.forget(name.as_str()))?;

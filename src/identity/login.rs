@@ -739,7 +739,10 @@ impl Login {
                 ))
             }
         };
-        if let Some(issued) = pki.issued_for(der).map_err(LoginError::Inventory)? {
+        if let Some(issued) = pki
+            .issued_for(&names.serial)
+            .map_err(LoginError::Inventory)?
+        {
             // The inventory is shared by every node: a revocation on another
             // node is known here before this node's CRL is refreshed.
             let refused = if issued.revoked_at_ms != 0 {
@@ -863,6 +866,9 @@ pub struct CertNames {
     /// The end of the certificate's validity, in ms since the epoch (none
     /// before the epoch).
     pub not_after_ms: Option<u64>,
+    /// The serial number's bytes in lower-case hex (the PKI inventory's
+    /// key).
+    pub serial: String,
 }
 
 /// The subject DN and SPIFFE IDs (URI SANs) of a DER certificate.
@@ -888,5 +894,6 @@ pub fn cert_names(der: &[u8]) -> Option<CertNames> {
         subject,
         spiffe_ids,
         not_after_ms,
+        serial: hex::encode(cert.raw_serial()),
     })
 }

@@ -1102,9 +1102,7 @@ fn cert_bindings_find_the_identity() {
     // A certificate in the PKI's inventory (shared by every node): one
     // revoked there is refused although this node's CRL does not know it
     // yet, and one issued for another identity is refused.
-    use x509_parser::prelude::FromDer;
-    let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(&der).unwrap();
-    let serial = hex::encode(parsed.raw_serial());
+    let serial = names.serial.clone();
     let inventory = |identity: &str, revoked_at_ms: u64| {
         let record = crate::pki::CertRecord {
             serial: serial.clone(),

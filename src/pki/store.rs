@@ -857,18 +857,14 @@ impl PkiStore {
         Ok(out)
     }
 
-    /// For a certificate this PKI issued (its serial is in the inventory):
+    /// For a certificate this PKI issued (its serial, lower-case hex, is in
+    /// the inventory):
     /// its inventory record, which names the identity it was issued for
     /// (empty: none was bound to its names then) and whether it is revoked.
     /// `None` for any other certificate. Read from the store, so on etcd it
     /// is every node's answer at once (a node's trust store and CRL are its
     /// own, refreshed when it revokes or unseals).
-    pub fn issued_for(&self, leaf_der: &[u8]) -> Result<Option<CertRecord>, PkiError> {
-        use x509_parser::prelude::FromDer;
-        let Ok((_, cert)) = x509_parser::certificate::X509Certificate::from_der(leaf_der) else {
-            return Ok(None);
-        };
-        let serial = hex::encode(cert.raw_serial());
+    pub fn issued_for(&self, serial: &str) -> Result<Option<CertRecord>, PkiError> {
         match self.barrier.get(&format!("{CERTS}{serial}"))? {
             None => Ok(None),
             Some(raw) => {

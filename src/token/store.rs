@@ -1860,28 +1860,49 @@ impl TokenStore {
     /// usable keeps the link from its parent, which is still there too:
     /// revoking again finds it.
     fn revoke_plan(&self, root: &str, max_ops: usize) -> Result<RevokePlan, TokenError> {
-        // (accessor, the link key it was found by), parents before children.
+        self.walk_tree(root, max_ops, |acc| {
+            let record = self.record(acc)?;
+            let counted = record.is_some();
+            Ok((record, counted))
+        })
+    }
+
+    /// The walk of [`Self::revoke_plan`] and [`Self::mark_tree`]: `visit`
+    /// reads (or marks) each token reached, and says whether it counts,
+    /// before that token's children are read; returns the deletes, one
+    /// group per token (its keys with the link that found it), as ordered
+    /// batches ([`revoke_batches`]).
+    fn walk_tree(
+        &self,
+        root: &str,
+        max_ops: usize,
+        mut visit: impl FnMut(&str) -> Result<(Option<TokenRecord>, bool), TokenError>,
+    ) -> Result<RevokePlan, TokenError> {
+        // (accessor, the link key it was found by), each after its parent.
         let mut pending: Vec<(String, Option<String>)> = vec![(root.to_owned(), None)];
         let mut seen = HashSet::new();
         let mut groups: Vec<Vec<String>> = Vec::new();
         let mut count = 0u32;
         while let Some((acc, link)) = pending.pop() {
             if !seen.insert(acc.clone()) {
-                // Reached twice (a corrupt index): the extra link goes in a
-                // group of its own, deleted before the token's group; the
-                // link that found it first stays until that group.
+                // Reached twice (a corrupt index, or a delegated token under
+                // its parent and its actor): the extra link goes in a group
+                // of its own, deleted before the token's group; the link
+                // that found it first stays until that group.
                 if let Some(link) = link {
                     groups.push(vec![link]);
                 }
                 continue;
             }
-            let record = self.record(&acc)?;
+            let (record, counted) = visit(&acc)?;
+            if counted {
+                count = count.saturating_add(1);
+            }
             for (child, child_link) in self.children_links(&acc)? {
                 pending.push((child, Some(child_link)));
             }
             let mut group: Vec<String> = link.into_iter().collect();
             if let Some(record) = &record {
-                count = count.saturating_add(1);
                 push_token_keys(&acc, record, &mut group);
             }
             if !group.is_empty() {
@@ -1924,52 +1945,17 @@ impl TokenStore {
         finishing: bool,
         max_ops: usize,
     ) -> Result<RevokePlan, TokenError> {
-        // (accessor, the link key it was found by), in the order reached:
-        // each token after its parent.
-        let mut pending: std::collections::VecDeque<(String, Option<String>)> =
-            std::collections::VecDeque::from([(root.to_owned(), None)]);
-        let mut seen = HashSet::new();
-        let mut groups: Vec<Vec<String>> = Vec::new();
-        let mut count = 0u32;
-        while let Some((acc, link)) = pending.pop_front() {
-            if !seen.insert(acc.clone()) {
-                // Reached twice (a corrupt index, or a delegated token under
-                // its parent and its actor): see `revoke_plan`.
-                if let Some(link) = link {
-                    groups.push(vec![link]);
-                }
-                continue;
-            }
-            let record = match self.mark(&acc, marked_at)? {
-                Mark::Written(record) => {
-                    count = count.saturating_add(1);
-                    Some(record)
-                }
-                Mark::Found(record) => {
-                    if finishing {
-                        count = count.saturating_add(1);
-                    }
-                    Some(record)
-                }
-                Mark::NoRecord => None,
+        self.walk_tree(root, max_ops, |acc| {
+            let visited = match self.mark(acc, marked_at)? {
+                Mark::Written(record) => (Some(record), true),
+                Mark::Found(record) => (Some(record), finishing),
+                Mark::NoRecord => (None, false),
             };
             #[cfg(test)]
             self.inner.hooks.after_mark.run();
-            // Only now: the children of a marked token are all it will have.
-            for (child, child_link) in self.children_links(&acc)? {
-                pending.push_back((child, Some(child_link)));
-            }
-            let mut group: Vec<String> = link.into_iter().collect();
-            if let Some(record) = &record {
-                push_token_keys(&acc, record, &mut group);
-            }
-            if !group.is_empty() {
-                groups.push(group);
-            }
-        }
-        Ok(RevokePlan {
-            count,
-            batches: revoke_batches(groups, max_ops),
+            // Only after the mark are the token's children read (by the
+            // walk): they are all it will have.
+            Ok(visited)
         })
     }
 

@@ -700,6 +700,26 @@ fn token_store(barrier: &Arc<Barrier>, now: u64) -> keyward::token::TokenStore {
     store
 }
 
+/// Two barrier nodes over `etcd` (a fresh prefix named after `name`), and
+/// a token store on each, at `t0`.
+fn two_token_nodes(
+    etcd: &EtcdCluster,
+    name: &str,
+    t0: u64,
+) -> (
+    Vec<Arc<Barrier>>,
+    keyward::token::TokenStore,
+    keyward::token::TokenStore,
+) {
+    let prefix = format!("{}/", unique(name));
+    let nodes: Vec<Arc<Barrier>> = barrier_nodes(etcd, &prefix, 2, BarrierOptions::default())
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    let (a, b) = (token_store(&nodes[0], t0), token_store(&nodes[1], t0));
+    (nodes, a, b)
+}
+
 /// A token whose last use was marked `spent` on node A, which then
 /// "crashed" before revoking it (the test hook stops there): its child
 /// still works on node B. A token store started afresh on node B (a
@@ -711,13 +731,8 @@ fn a_spent_token_cut_short_is_revoked_with_its_children_after_a_restart() {
     use keyward::token::TokenRequest;
 
     let etcd = EtcdCluster::start(3);
-    let prefix = format!("{}/", unique("kw-spent"));
-    let nodes: Vec<Arc<Barrier>> = barrier_nodes(&etcd, &prefix, 2, BarrierOptions::default())
-        .into_iter()
-        .map(Arc::new)
-        .collect();
     let t0 = 1_800_000_000_000u64;
-    let (a, b) = (token_store(&nodes[0], t0), token_store(&nodes[1], t0));
+    let (nodes, a, b) = two_token_nodes(&etcd, "kw-spent", t0);
     let year = std::time::Duration::from_secs(365 * 24 * 3600);
     let request = |uses: u32, parent: Option<String>| TokenRequest {
         identity: "svc".into(),
@@ -792,13 +807,8 @@ fn a_revocation_cut_short_after_its_marks_is_refused_everywhere_and_swept() {
     use keyward::token::{TokenError, TokenRequest};
 
     let etcd = EtcdCluster::start(1);
-    let prefix = format!("{}/", unique("kw-marks"));
-    let nodes: Vec<Arc<Barrier>> = barrier_nodes(&etcd, &prefix, 2, BarrierOptions::default())
-        .into_iter()
-        .map(Arc::new)
-        .collect();
     let t0 = 1_800_000_000_000u64;
-    let (a, b) = (token_store(&nodes[0], t0), token_store(&nodes[1], t0));
+    let (nodes, a, b) = two_token_nodes(&etcd, "kw-marks", t0);
     let request = |parent: Option<&str>| TokenRequest {
         identity: "svc".into(),
         policies: vec!["app".into()],
