@@ -807,7 +807,8 @@ impl Anomalies {
                     &[
                         ("anomaly_id", &id_text),
                         ("response", response.as_str()),
-                        ("outcome", &outcome),
+                        // Not `outcome`: every record has one.
+                        ("response_outcome", &outcome),
                     ],
                 ) {
                     tracing::error!(error = %e, "anomaly response not audited");

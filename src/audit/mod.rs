@@ -103,6 +103,33 @@ pub const MAX_RECORD_BYTES: usize = 16 * 1024 * 1024;
 pub const UNAVAILABLE: &str = "unavailable";
 
 const HMAC_PREFIX: &[u8] = b"hmac-sha256:";
+/// The names of the fields a record of a call can have, which a note's
+/// own fields may not take ([`AuditLog::append_note`]): `audit verify` and
+/// the log's reopening refuse a record with a name twice.
+const RESERVED: &[&str] = &[
+    "seq",
+    "time",
+    "node",
+    "request_id",
+    "method",
+    "resource",
+    "identity",
+    "accessor",
+    "actor_identity",
+    "actor_accessor",
+    "subject_accessor",
+    "source",
+    "outcome",
+    "code",
+    "error",
+    "phase",
+    "call",
+    "token",
+    "data",
+    "prev",
+    "hash",
+];
+
 const HASH_KEY: &[u8] = b",\"hash\":\"";
 /// `,"hash":"` + 64 hex digits + `"}`.
 const SUFFIX_LEN: usize = HASH_KEY.len() + 64 + 2;
@@ -139,6 +166,10 @@ pub enum AuditError {
     /// A second sink (syslog) did not take a record.
     #[error("audit sink failed: {0}")]
     Sink(String),
+    /// A note's extra field had the name of a field every record has (a
+    /// record with a name twice would not verify).
+    #[error("audit note field {0:?} has a reserved name")]
+    ReservedField(String),
 }
 
 /// What became of a request.
@@ -207,6 +238,12 @@ pub struct AuditEvent<'a> {
     pub token: Option<&'a [u8]>,
     /// Field name -> value: values recorded only as HMACs. Names should be unique.
     pub values: &'a [(&'a str, &'a [u8])],
+    /// The server's own id of a state-changing call, the same in its
+    /// request and outcome records (`"call"`, right after `phase`; written
+    /// only in a record with a phase). `audit verify` pairs the two records
+    /// on it: `request_id` is the client's choice, and another caller may
+    /// send the same one.
+    pub call: Option<&'a str>,
 }
 
 /// Who acted with a delegated token (RFC 8693 `act`), written after the
@@ -235,6 +272,7 @@ impl fmt::Debug for AuditEvent<'_> {
             .field("error", &self.error)
             .field("token", &self.token.map(|_| "[redacted]"))
             .field("values", &fields)
+            .field("call", &self.call)
             .finish()
     }
 }
@@ -1139,6 +1177,9 @@ impl AuditLog {
         resource: &str,
         fields: &[(&str, &str)],
     ) -> Result<(), AuditError> {
+        if let Some((name, _)) = fields.iter().find(|(name, _)| RESERVED.contains(name)) {
+            return Err(AuditError::ReservedField((*name).to_owned()));
+        }
         let mut buf = Vec::with_capacity(FIELDS_CAPACITY);
         buf.extend_from_slice(b",\"request_id\":\"system\",\"method\":");
         push_json_str(&mut buf, method);
@@ -1390,6 +1431,10 @@ struct RecordHead {
     #[serde(default)]
     phase: Option<String>,
     method: String,
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    call: Option<String>,
     #[serde(rename = "outcome")]
     _outcome: Outcome,
     #[serde(rename = "code")]
@@ -1401,6 +1446,9 @@ struct CheckedRecord {
     continues: bool,
     seq: u64,
     request_id: String,
+    /// What pairs a request record with its outcome besides the request
+    /// id, which the client chooses (see [`OpenRequests`]).
+    caller: CallKey,
     phase: Option<String>,
     prev: [u8; 32],
     hash: [u8; 32],
@@ -1434,6 +1482,13 @@ fn check_record(line: &[u8]) -> Result<CheckedRecord, &'static str> {
         continues: head.method == CONTINUE_METHOD,
         seq: head.seq,
         request_id: head.request_id,
+        caller: match head.call {
+            Some(call) => CallKey::Call(call),
+            None => CallKey::Peer {
+                method: head.method,
+                source: head.source,
+            },
+        },
         phase: head.phase,
         prev,
         hash,
@@ -1650,31 +1705,49 @@ pub fn verify_files(paths: &[PathBuf]) -> Result<ChainReport, AuditError> {
 
 /// The request records of state-changing calls still waiting for their
 /// outcome, while [`verify_reader`] walks the chain.
+///
+/// A request and its outcome are paired on the request id *and* on what no
+/// caller chooses: the server's id of the call (`call`, since 0.6.14), or,
+/// in records written before it, the method and the peer address with its
+/// port (so the connection). The request id alone is the client's
+/// (`x-request-id`): paired on it alone, any caller could answer another's
+/// open request by reusing its id, and a change cut short by a crash would
+/// vanish from `unanswered`.
 #[derive(Default)]
 struct OpenRequests {
-    /// request_id -> the `seq`s of its request records with no outcome yet
-    /// (a client may reuse its own request id).
-    open: HashMap<String, Vec<u64>>,
+    /// (request_id, caller) -> the `seq`s of its request records with no
+    /// outcome yet (a client may reuse its own request id).
+    open: HashMap<(String, CallKey), Vec<u64>>,
     /// The newest request record whose outcome was found.
     last_answered: u64,
 }
 
+/// What a request record and its outcome record share and a caller cannot
+/// set to another caller's: see [`OpenRequests`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum CallKey {
+    /// The server's id of the call.
+    Call(String),
+    /// Records without one (written before 0.6.14).
+    Peer {
+        method: String,
+        source: Option<String>,
+    },
+}
+
 impl OpenRequests {
     fn note(&mut self, record: CheckedRecord) {
+        let key = (record.request_id, record.caller);
         match record.phase.as_deref() {
-            Some("request") => self
-                .open
-                .entry(record.request_id)
-                .or_default()
-                .push(record.seq),
+            Some("request") => self.open.entry(key).or_default().push(record.seq),
             Some("outcome") => {
-                if let Some(seqs) = self.open.get_mut(&record.request_id) {
+                if let Some(seqs) = self.open.get_mut(&key) {
                     if !seqs.is_empty() {
                         let request = seqs.remove(0);
                         self.last_answered = self.last_answered.max(request);
                     }
                     if seqs.is_empty() {
-                        self.open.remove(&record.request_id);
+                        self.open.remove(&key);
                     }
                 }
             }
@@ -1689,7 +1762,7 @@ impl OpenRequests {
         let mut all: Vec<Unanswered> = self
             .open
             .into_iter()
-            .flat_map(|(request_id, seqs)| {
+            .flat_map(|((request_id, _), seqs)| {
                 seqs.into_iter().map(move |seq| Unanswered {
                     seq,
                     request_id: request_id.clone(),
@@ -1773,6 +1846,7 @@ fn write_fields(
         buf.extend_from_slice(b",\"phase\":\"");
         buf.extend_from_slice(phase.as_str().as_bytes());
         buf.push(b'"');
+        push_optional(buf, b"call", event.call);
     }
     if let Some(token) = event.token.filter(|token| !token.is_empty()) {
         buf.extend_from_slice(b",\"token\":");

@@ -27,6 +27,7 @@ fn event<'a>(request_id: &'a str, values: &'a [(&'a str, &'a [u8])]) -> AuditEve
         error: None,
         token: Some(TOKEN),
         values,
+        call: None,
     }
 }
 
@@ -109,6 +110,7 @@ fn record_shape() {
         error: Some("no token"),
         token: None,
         values: &[],
+        call: None,
     })
     .unwrap();
     let lines = read_lines(&path);
@@ -701,6 +703,7 @@ fn anonymous<'a>(request_id: &'a str, method: &'a str, source: &'a str) -> Audit
         error: Some("invalid token"),
         token: Some(TOKEN),
         values: &[],
+        call: None,
     }
 }
 
@@ -849,6 +852,105 @@ fn verify_names_requests_without_an_outcome() {
     assert!(lines[1].contains(",\"phase\":\"request\""));
     assert!(lines[3].contains(",\"phase\":\"outcome\""));
     assert!(!lines[5].contains("phase"));
+}
+
+/// A note's own field may not take the name of a field every record has:
+/// a record with a name twice does not verify (an anomaly response once
+/// wrote `outcome` twice).
+#[test]
+fn a_note_with_a_reserved_field_name_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, log) = log_with(dir.path(), 1);
+    for name in ["outcome", "request_id", "hash", "call"] {
+        let refused = log.append_note("keyward.anomaly/Respond", "identity/x", &[(name, "v")]);
+        assert!(
+            matches!(&refused, Err(AuditError::ReservedField(n)) if n == name),
+            "{name}: {refused:?}"
+        );
+    }
+    log.append_note(
+        "keyward.anomaly/Respond",
+        "identity/x",
+        &[
+            ("response", "revoke-token"),
+            ("response_outcome", "revoked 1 token(s)"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(read_lines(&path).len(), 2);
+    let report = verify_file(&path).unwrap();
+    assert!(report.ok, "{report:?}");
+}
+
+/// A request id is the client's: another call reusing it (here after the
+/// first change was cut short), even from the same address, must not answer
+/// the first one's request. Records pair on the server's `call` id.
+#[test]
+fn a_request_id_reused_by_another_call_does_not_answer_its_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, log) = log_with(dir.path(), 0);
+    let victim = AuditEvent {
+        call: Some("k1-1"),
+        ..event("ci-build-42", &[])
+    };
+    let other = AuditEvent {
+        call: Some("k1-2"),
+        ..event("ci-build-42", &[])
+    };
+    log.append_phase(&victim, Some(Phase::Request)).unwrap();
+    log.append_phase(&other, Some(Phase::Request)).unwrap();
+    log.append_phase(&other, Some(Phase::Outcome)).unwrap();
+    // A read has no phase, and so no call id.
+    log.append(&victim).unwrap();
+    let lines = read_lines(&path);
+    assert!(lines[0].contains(",\"phase\":\"request\",\"call\":\"k1-1\""));
+    assert!(!lines[3].contains("\"call\""));
+    let report = verify_file(&path).unwrap();
+    assert!(report.ok, "{report:?}");
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(
+        json["unanswered"],
+        serde_json::json!([{"seq": 1, "request_id": "ci-build-42"}])
+    );
+    log.append_phase(&victim, Some(Phase::Outcome)).unwrap();
+    let report = verify_file(&path).unwrap();
+    assert_eq!(report.unanswered, Vec::new());
+    assert_eq!(report.in_flight_at_end, Vec::new());
+}
+
+/// Records written before the call id (0.6.14) pair on the request id, the
+/// method and the connection: a reuse from another connection or for
+/// another method does not answer the first request.
+#[test]
+fn a_request_id_reused_by_another_caller_does_not_answer_its_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, log) = log_with(dir.path(), 0);
+    let victim = event("ci-build-42", &[]);
+    let other_connection = AuditEvent {
+        source: Some("127.0.0.1:50999"),
+        ..event("ci-build-42", &[])
+    };
+    let other_method = AuditEvent {
+        method: "keyward.v1.Secrets/Delete",
+        ..event("ci-build-42", &[])
+    };
+    log.append_phase(&victim, Some(Phase::Request)).unwrap();
+    for other in [&other_connection, &other_method] {
+        log.append_phase(other, Some(Phase::Request)).unwrap();
+        log.append_phase(other, Some(Phase::Outcome)).unwrap();
+    }
+    let report = verify_file(&path).unwrap();
+    assert!(report.ok, "{report:?}");
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(
+        json["unanswered"],
+        serde_json::json!([{"seq": 1, "request_id": "ci-build-42"}])
+    );
+    // The caller's own outcome still answers it.
+    log.append_phase(&victim, Some(Phase::Outcome)).unwrap();
+    let report = verify_file(&path).unwrap();
+    assert_eq!(report.unanswered, Vec::new());
+    assert_eq!(report.in_flight_at_end, Vec::new());
 }
 
 #[tokio::test(start_paused = true)]

@@ -375,9 +375,9 @@ impl Client {
         });
         let r = self.secrets().get(req).await?.into_inner();
         Ok(Secret {
-            path: r.path.clone(),
+            path: r.path,
             version: r.version,
-            stage: r.stage.clone(),
+            stage: r.stage,
             created_at: r.created_at,
             data: r
                 .data

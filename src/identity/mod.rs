@@ -102,6 +102,10 @@ pub enum IdentityError {
     Contended,
     #[error("identity {0} is disabled: enable it before making a secret-id")]
     Disabled(String),
+    /// Past its `expires_at`: it can no longer log in, so it gets no new
+    /// credential either.
+    #[error("identity {0} has expired: extend its expiry before making a secret-id")]
+    Expired(String),
     #[error("identity {0} already exists")]
     AlreadyExists(String),
     #[error("the binding is already held by identity {0}")]
@@ -1220,6 +1224,9 @@ impl IdentityStore {
         if record.disabled {
             return Err(IdentityError::Disabled(record.name));
         }
+        if record.is_expired(now_ms) {
+            return Err(IdentityError::Expired(record.name));
+        }
         let text = SecretIdText::generate()?;
         let hash = self.secret_id_hash(&text)?;
         let expires_at_ms = if spec.ttl_ms == 0 {
@@ -1246,12 +1253,15 @@ impl IdentityStore {
         let now = self.get(&record.name)?;
         if now
             .as_ref()
-            .is_none_or(|r| r.disabled || r.role_id != record.role_id)
+            .is_none_or(|r| r.disabled || r.role_id != record.role_id || r.is_expired(now_ms))
         {
-            // Disabled (or deleted, or made again) since: taken back.
+            // Disabled, expired (or deleted, or made again) since: taken back.
             self.barrier
                 .batch(&[PlainOp::Delete(&key), PlainOp::Delete(&index)])?;
             return Err(match now {
+                Some(r) if r.is_expired(now_ms) && !r.disabled => {
+                    IdentityError::Expired(record.name)
+                }
                 Some(_) => IdentityError::Disabled(record.name),
                 None => IdentityError::NotFound,
             });

@@ -823,6 +823,76 @@ fn a_disable_outlasts_changes_that_would_refuse_another_change() {
     const { assert!(10 > RECORD_TRIES && 10 < REVOKING_TRIES) };
 }
 
+/// An identity past its expiry gets no new secret-id (its logins fail
+/// already; the expiry sweep revokes its tokens but leaves the record as
+/// it is); one with its expiry moved on gets one again. An expiry moved
+/// into the past while a secret-id is made takes it back.
+#[test]
+fn an_expired_identity_gets_no_secret_id() {
+    let f = fixture();
+    let mut short = new("short");
+    short.expires_at_ms = NOW + 1_000;
+    f.store.create(short, &AllPolicies, NOW).unwrap();
+    assert!(f
+        .store
+        .create_secret_id(&name("short"), SecretIdSpec::default(), NOW + 999)
+        .is_ok());
+    let late = f
+        .store
+        .create_secret_id(&name("short"), SecretIdSpec::default(), NOW + 1_000);
+    assert!(
+        matches!(late, Err(IdentityError::Expired(ref n)) if n == "short"),
+        "{:?}",
+        late.map(|m| m.expires_at_ms)
+    );
+    assert_eq!(
+        f.store.list_secret_ids(&name("short"), NOW).unwrap().len(),
+        1
+    );
+    let later = IdentityUpdate {
+        expires_at_ms: Some(NOW + 60_000),
+        ..Default::default()
+    };
+    f.store
+        .update(
+            &name("short"),
+            later,
+            &AllPolicies,
+            &Revocations::default(),
+            NOW + 1_000,
+        )
+        .unwrap();
+    assert!(f
+        .store
+        .create_secret_id(&name("short"), SecretIdSpec::default(), NOW + 1_000)
+        .is_ok());
+
+    // Another node moves the expiry into the past between the check and
+    // the write.
+    let (_d, one, two) = two_nodes();
+    one.before_record_write.set(move || {
+        let past = IdentityUpdate {
+            expires_at_ms: Some(NOW + 1_500),
+            ..Default::default()
+        };
+        two.update(
+            &name("ci"),
+            past,
+            &AllPolicies,
+            &Revocations::default(),
+            NOW,
+        )
+        .unwrap();
+    });
+    let cut = one.create_secret_id(&name("ci"), SecretIdSpec::default(), NOW + 2_000);
+    assert!(
+        matches!(cut, Err(IdentityError::Expired(_))),
+        "{:?}",
+        cut.map(|m| m.expires_at_ms)
+    );
+    assert!(one.list_secret_ids(&name("ci"), NOW).unwrap().is_empty());
+}
+
 /// A secret-id made while another node disables the identity: the disable
 /// wins (its write came first), so the secret-id is refused, and none is
 /// left. Before, it was written after the disable had deleted the others,

@@ -216,6 +216,7 @@ impl Lifecycle {
                 error: Some(&reason),
                 token: None,
                 values: &[],
+                call: None,
             })?;
             let (_, tokens, secret_ids) = self.deps.identities.set_disabled(
                 &name,

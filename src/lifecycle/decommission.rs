@@ -319,6 +319,7 @@ impl Lifecycle {
                             error: Some(&note),
                             token: None,
                             values: &[],
+                            call: None,
                         })?;
                         run.rotated.push(RotatedSecret {
                             path: path.clone(),
@@ -417,6 +418,7 @@ impl Lifecycle {
                 error: None,
                 token: None,
                 values: &[],
+                call: None,
             })?;
             tracing::info!(identity = %run.identity, run = %run.id, "resuming a decommission");
             self.drive(run).await?;

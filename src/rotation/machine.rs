@@ -145,6 +145,7 @@ fn audit_step(
         error: failed,
         token: None,
         values: &refs,
+        call: None,
     })?;
     Ok(())
 }
@@ -215,6 +216,7 @@ fn audit_reference(
         error: refused,
         token: None,
         values: &[],
+        call: None,
     })?;
     Ok(())
 }

@@ -1009,6 +1009,7 @@ impl Broker {
                 error: Some(&note),
                 token: None,
                 values: &[],
+                call: None,
             })?;
             tracing::info!(provider = %name, old = %before, new = %endpoint, identity = %who.identity, "rotation provider endpoint replaced");
         }

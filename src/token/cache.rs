@@ -68,7 +68,8 @@ pub fn tag(hash_key: &ring::hmac::Key, token: &str) -> Tag {
 }
 
 struct Entry {
-    record: TokenRecord,
+    /// Shared with every hit: a use copies only what its caller keeps.
+    record: Arc<TokenRecord>,
     cidrs: Vec<Cidr>,
     /// The token's audit HMAC, once a record has computed it; bound to the
     /// audit key's generation (see `audit::TokenMac`), gone with the entry.
@@ -169,7 +170,7 @@ impl VerifiedTokens {
         table.entries.insert(
             tag,
             Entry {
-                record,
+                record: Arc::new(record),
                 cidrs,
                 audit_mac: Arc::new(TokenMac::new()),
             },
@@ -237,7 +238,7 @@ mod tests {
         match hit? {
             Ok(used) => {
                 assert!(!used.counted);
-                Some(used.record)
+                Some(TokenRecord::clone(&used.record))
             }
             Err(e) => panic!("refused: {e}"),
         }

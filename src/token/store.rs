@@ -373,7 +373,9 @@ pub struct Delegation {
 /// The answer to "may this token be used now, from here?".
 #[derive(Debug, Clone)]
 pub struct TokenUse {
-    pub record: TokenRecord,
+    /// The token's record; on a hit of the verified-token cache, the cached
+    /// one itself (no copy).
+    pub record: Arc<TokenRecord>,
     /// A use was counted (and stored); the caller should wait for
     /// `Barrier::durable` before acting.
     pub counted: bool,
@@ -1430,14 +1432,14 @@ impl TokenStore {
                 self.inner.verified.insert(tag, &record, cidrs, generation);
             }
             return Ok(TokenUse {
-                record,
+                record: Arc::new(record),
                 counted: false,
                 audit_mac: None,
             });
         }
         let record = self.count_use(&accessor, now_ms)?;
         Ok(TokenUse {
-            record,
+            record: Arc::new(record),
             counted: true,
             audit_mac: None,
         })

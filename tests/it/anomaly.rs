@@ -206,6 +206,19 @@ async fn a_revoke_token_response_revokes_the_token_that_made_the_request() {
     assert_eq!(refused.code(), Some(Code::Unauthenticated));
     // The identity itself is not disabled.
     assert!(!root.identity_get(&name).await.unwrap().disabled);
+    // The response is in the audit log, and the log verifies (the record
+    // once had `outcome` twice, which no verifier accepts).
+    let audit = std::fs::read_to_string(&server.audit_path).unwrap();
+    let responded: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|r: &serde_json::Value| r["method"] == "keyward.anomaly/Respond")
+        .collect();
+    assert_eq!(responded.len(), 1, "{responded:?}");
+    assert_eq!(responded[0]["response_outcome"], "revoked 1 token(s)");
+    assert_eq!(responded[0]["outcome"], "allowed");
+    let verified = keyward::audit::verify_file(&server.audit_path).unwrap();
+    assert!(verified.ok, "{verified:?}");
 }
 
 #[tokio::test]

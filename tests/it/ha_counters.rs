@@ -847,7 +847,7 @@ fn a_revocation_cut_short_after_its_marks_is_refused_everywhere_and_swept() {
             assert!(
                 matches!(refused, Err(TokenError::Invalid)),
                 "node {node}, {name}: {:?}",
-                refused.map(|u| u.record.accessor)
+                refused.map(|u| u.record.accessor.clone())
             );
             let below = tokens.issue(request(Some(&token.accessor)), now);
             assert!(

@@ -464,6 +464,7 @@ async fn a_record_queued_by_a_dropped_append_is_written_without_a_later_call() {
         error: None,
         token: None,
         values: &[],
+        call: None,
     };
     // Polled once (it queues its record and yields), then dropped.
     tokio::select! {

@@ -126,6 +126,7 @@ async fn a_change_leaves_a_request_and_an_outcome_and_a_read_one_record() {
     }
     let mut changes: HashMap<&str, usize> = HashMap::new();
     let mut reads: HashMap<&str, usize> = HashMap::new();
+    let mut calls = std::collections::HashSet::new();
     for (id, rs) in &by_id {
         let method = rs[0]["method"].as_str().unwrap();
         let phases: Vec<&str> = rs
@@ -152,9 +153,16 @@ async fn a_change_leaves_a_request_and_an_outcome_and_a_read_one_record() {
                 let token = rs[0]["token"].as_str().unwrap_or("");
                 assert!(token.starts_with("hmac-sha256:"), "{id} {method}: {rs:?}");
             }
+            // The server's id of the call is in both, and no other call's.
+            let call = rs[0]["call"]
+                .as_str()
+                .expect("a request record has its call id");
+            assert_eq!(rs[1]["call"], call, "{id} {method}");
+            assert!(calls.insert(call), "{call} names two calls");
             *changes.entry(method).or_default() += 1;
         } else {
             assert_eq!(phases, [""], "a read has one record: {id} {method}: {rs:?}");
+            assert!(rs[0].get("call").is_none(), "{id} {method}: {rs:?}");
             *reads.entry(method).or_default() += 1;
         }
     }
@@ -231,6 +239,7 @@ fn change(log: &AuditLog, request_id: &str, phase: Option<Phase>) {
             error: None,
             token: None,
             values: &[],
+            call: None,
         },
         phase,
     )

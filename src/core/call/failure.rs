@@ -357,9 +357,9 @@ impl From<IdentityError> for Failure {
             IdentityError::AlreadyExists(_) | IdentityError::BindingTaken(_) => {
                 Self::new(FailureKind::AlreadyExists, e.to_string())
             }
-            IdentityError::PoliciesChanged | IdentityError::Disabled(_) => {
-                Self::new(FailureKind::Conflict, e.to_string())
-            }
+            IdentityError::PoliciesChanged
+            | IdentityError::Disabled(_)
+            | IdentityError::Expired(_) => Self::new(FailureKind::Conflict, e.to_string()),
             IdentityError::Contended => Self::new(FailureKind::Aborted, e.to_string()),
             IdentityError::Barrier(b) => b.into(),
             IdentityError::Corrupt | IdentityError::Tokens(_) => Self::internal(e),

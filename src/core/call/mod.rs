@@ -208,35 +208,37 @@ impl std::fmt::Debug for RequestMeta {
 }
 
 /// The request id of a call: the client's own (`x-request-id`), if it is 1
-/// to 64 ASCII letters, digits and dashes, else a new one unique to this
-/// process run: a random prefix chosen at start-up and a counter (no system
-/// call per request, unlike a UUID).
+/// to 64 ASCII letters, digits and dashes, else a new one ([`server_id`]).
 pub fn request_id(given: Option<&str>) -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::OnceLock;
-    static PREFIX: OnceLock<String> = OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let given = given.filter(|v| {
         !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
     });
     match given {
         Some(id) => id.to_owned(),
-        None => {
-            let prefix =
-                PREFIX.get_or_init(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_owned());
-            // `{prefix}-{n:x}`, by hand: `format!` costs more than the copy.
-            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-            let mut id = String::with_capacity(prefix.len() + 17);
-            id.push_str(prefix);
-            id.push('-');
-            let digits = (64 - n.leading_zeros()).div_ceil(4).max(1);
-            for i in (0..digits).rev() {
-                let nibble = ((n >> (i * 4)) & 0xf) as u8;
-                id.push(char::from(b"0123456789abcdef"[usize::from(nibble)]));
-            }
-            id
-        }
+        None => server_id(),
     }
+}
+
+/// An id unique to this process run and chosen by no client: a random
+/// prefix chosen at start-up and a counter (no system call per request,
+/// unlike a UUID). Made request ids and the `call` of a change's records.
+fn server_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static PREFIX: OnceLock<String> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = PREFIX.get_or_init(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_owned());
+    // `{prefix}-{n:x}`, by hand: `format!` costs more than the copy.
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut id = String::with_capacity(prefix.len() + 17);
+    id.push_str(prefix);
+    id.push('-');
+    let digits = (64 - n.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        let nibble = ((n >> (i * 4)) & 0xf) as u8;
+        id.push(char::from(b"0123456789abcdef"[usize::from(nibble)]));
+    }
+    id
 }
 
 /// The token of an `authorization: Bearer <token>` header value.
@@ -265,6 +267,9 @@ pub struct Call {
     finished: bool,
     /// The request record of this change is written: the answer is its outcome.
     requested: bool,
+    /// The server's id of this change, in both its records (`call`); made
+    /// with its request record (a read has none).
+    call_id: Option<String>,
     /// The capability the call was authorized for (anomaly baselines).
     capability: Option<Capability>,
     /// See [`Acting`].
@@ -291,6 +296,7 @@ impl Call {
             started: Instant::now(),
             finished: false,
             requested: false,
+            call_id: None,
             capability: None,
             acting: meta.acting,
         };
@@ -341,6 +347,13 @@ impl Call {
         }
     }
 
+    /// Gives this change its server id (`call` in its two records), once.
+    fn name_call(&mut self) {
+        if self.call_id.is_none() {
+            self.call_id = Some(server_id());
+        }
+    }
+
     /// Whether the client left while the call acted (see [`Acting`]).
     pub fn client_left(&self) -> bool {
         self.acting.as_ref().is_some_and(Acting::has_left)
@@ -366,6 +379,7 @@ impl Call {
         if self.requested || class(self.method) == Class::Read {
             return Ok(());
         }
+        self.name_call();
         let mut text = AddrText::default();
         let source = self.source.map(|s| text.format(s));
         let event = self.event(Outcome::Allowed, "OK", None, &[], source);
@@ -394,6 +408,7 @@ impl Call {
         }
         self.requested = true;
         self.mark_acting();
+        self.name_call();
         let mut text = AddrText::default();
         let source = self.source.map(|s| text.format(s));
         let event = self.event(Outcome::Allowed, "OK", None, &[], source);
@@ -443,6 +458,7 @@ impl Call {
         // It goes ahead either way, so it acts from here whatever the log
         // says: a client that leaves now does not stop it (`api::detach`).
         self.mark_acting();
+        self.name_call();
         let source = self.source.map(|s| s.to_string());
         let event = self.event(Outcome::Allowed, "OK", None, &[], source.as_deref());
         match self.core.audit.append_phase(&event, Some(Phase::Request)) {
@@ -744,6 +760,7 @@ impl Call {
             error,
             token: self.token.as_deref().map(|t| t.as_bytes()),
             values,
+            call: self.call_id.as_deref(),
         }
     }
 
