@@ -882,6 +882,53 @@ fn a_note_with_a_reserved_field_name_is_refused() {
     assert!(report.ok, "{report:?}");
 }
 
+/// After other calls reused its request id: `verify` lists the request at
+/// seq 1 (`victim`'s) as unanswered, and its own outcome then answers it.
+fn only_the_first_request_is_open_until_its_own_outcome(
+    log: &AuditLog,
+    path: &Path,
+    victim: &AuditEvent<'_>,
+) {
+    let report = verify_file(path).unwrap();
+    assert!(report.ok, "{report:?}");
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(
+        json["unanswered"],
+        serde_json::json!([{"seq": 1, "request_id": victim.request_id}])
+    );
+    log.append_phase(victim, Some(Phase::Outcome)).unwrap();
+    let report = verify_file(path).unwrap();
+    assert_eq!(report.unanswered, Vec::new());
+    assert_eq!(report.in_flight_at_end, Vec::new());
+}
+
+/// Every field a record of a call can have is reserved for notes: a record
+/// with every optional field set has no key outside [`RESERVED`].
+#[test]
+fn every_field_of_a_record_is_reserved_for_notes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, log) = log_with(dir.path(), 0);
+    log.set_node_id("node-1");
+    let values: [(&str, &[u8]); 1] = [("password", PASSWORD)];
+    let full = AuditEvent {
+        actor: Some(AuditActor {
+            identity: "agent",
+            accessor: "acc-agent",
+            subject_accessor: "acc-subject",
+        }),
+        error: Some("refused"),
+        call: Some("k1-1"),
+        ..event("full", &values)
+    };
+    log.append_phase(&full, Some(Phase::Outcome)).unwrap();
+    let record: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&read_lines(&path)[0]).unwrap();
+    for key in record.keys() {
+        assert!(RESERVED.contains(&key.as_str()), "{key} is not reserved");
+    }
+    assert_eq!(record.len(), RESERVED.len(), "{:?}", record.keys());
+}
+
 /// A request id is the client's: another call reusing it (here after the
 /// first change was cut short), even from the same address, must not answer
 /// the first one's request. Records pair on the server's `call` id.
@@ -905,17 +952,7 @@ fn a_request_id_reused_by_another_call_does_not_answer_its_request() {
     let lines = read_lines(&path);
     assert!(lines[0].contains(",\"phase\":\"request\",\"call\":\"k1-1\""));
     assert!(!lines[3].contains("\"call\""));
-    let report = verify_file(&path).unwrap();
-    assert!(report.ok, "{report:?}");
-    let json = serde_json::to_value(&report).unwrap();
-    assert_eq!(
-        json["unanswered"],
-        serde_json::json!([{"seq": 1, "request_id": "ci-build-42"}])
-    );
-    log.append_phase(&victim, Some(Phase::Outcome)).unwrap();
-    let report = verify_file(&path).unwrap();
-    assert_eq!(report.unanswered, Vec::new());
-    assert_eq!(report.in_flight_at_end, Vec::new());
+    only_the_first_request_is_open_until_its_own_outcome(&log, &path, &victim);
 }
 
 /// Records written before the call id (0.6.14) pair on the request id, the
@@ -939,18 +976,7 @@ fn a_request_id_reused_by_another_caller_does_not_answer_its_request() {
         log.append_phase(other, Some(Phase::Request)).unwrap();
         log.append_phase(other, Some(Phase::Outcome)).unwrap();
     }
-    let report = verify_file(&path).unwrap();
-    assert!(report.ok, "{report:?}");
-    let json = serde_json::to_value(&report).unwrap();
-    assert_eq!(
-        json["unanswered"],
-        serde_json::json!([{"seq": 1, "request_id": "ci-build-42"}])
-    );
-    // The caller's own outcome still answers it.
-    log.append_phase(&victim, Some(Phase::Outcome)).unwrap();
-    let report = verify_file(&path).unwrap();
-    assert_eq!(report.unanswered, Vec::new());
-    assert_eq!(report.in_flight_at_end, Vec::new());
+    only_the_first_request_is_open_until_its_own_outcome(&log, &path, &victim);
 }
 
 #[tokio::test(start_paused = true)]

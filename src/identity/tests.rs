@@ -825,8 +825,7 @@ fn a_disable_outlasts_changes_that_would_refuse_another_change() {
 
 /// An identity past its expiry gets no new secret-id (its logins fail
 /// already; the expiry sweep revokes its tokens but leaves the record as
-/// it is); one with its expiry moved on gets one again. An expiry moved
-/// into the past while a secret-id is made takes it back.
+/// it is); one with its expiry moved on gets one again.
 #[test]
 fn an_expired_identity_gets_no_secret_id() {
     let f = fixture();
@@ -866,11 +865,27 @@ fn an_expired_identity_gets_no_secret_id() {
         .store
         .create_secret_id(&name("short"), SecretIdSpec::default(), NOW + 1_000)
         .is_ok());
+}
 
-    // Another node moves the expiry into the past between the check and
-    // the write.
+/// Makes a secret-id for `ci` on node one at `now_ms` while node two runs
+/// `change` between its write and its second read of the record; the
+/// secret-id must be taken back: what is left of `ci`'s secret-ids (none
+/// expected) and the refusal.
+fn secret_id_made_while(
+    now_ms: u64,
+    change: impl FnOnce(&IdentityStore) + Send + 'static,
+) -> (usize, Result<NewSecretId, IdentityError>) {
     let (_d, one, two) = two_nodes();
-    one.before_record_write.set(move || {
+    one.before_record_write.set(move || change(&two));
+    let made = one.create_secret_id(&name("ci"), SecretIdSpec::default(), now_ms);
+    (one.list_secret_ids(&name("ci"), NOW).unwrap().len(), made)
+}
+
+/// An expiry moved into the past on another node between the secret-id's
+/// check and its write takes the secret-id back.
+#[test]
+fn a_secret_id_made_while_the_expiry_passes_on_another_node_is_refused() {
+    let (left, made) = secret_id_made_while(NOW + 2_000, |two| {
         let past = IdentityUpdate {
             expires_at_ms: Some(NOW + 1_500),
             ..Default::default()
@@ -884,13 +899,12 @@ fn an_expired_identity_gets_no_secret_id() {
         )
         .unwrap();
     });
-    let cut = one.create_secret_id(&name("ci"), SecretIdSpec::default(), NOW + 2_000);
     assert!(
-        matches!(cut, Err(IdentityError::Expired(_))),
+        matches!(made, Err(IdentityError::Expired(_))),
         "{:?}",
-        cut.map(|m| m.expires_at_ms)
+        made.map(|m| m.expires_at_ms)
     );
-    assert!(one.list_secret_ids(&name("ci"), NOW).unwrap().is_empty());
+    assert_eq!(left, 0);
 }
 
 /// A secret-id made while another node disables the identity: the disable
@@ -899,19 +913,16 @@ fn an_expired_identity_gets_no_secret_id() {
 /// and outlived it.
 #[test]
 fn a_secret_id_made_during_a_disable_on_another_node_is_refused() {
-    let (_d, one, two) = two_nodes();
-    let two_ = two.clone();
-    one.before_record_write.set(move || {
-        two_.set_disabled(&name("ci"), true, false, &Revocations::default(), NOW)
+    let (left, made) = secret_id_made_while(NOW, |two| {
+        two.set_disabled(&name("ci"), true, false, &Revocations::default(), NOW)
             .unwrap();
     });
-    let made = one.create_secret_id(&name("ci"), SecretIdSpec::default(), NOW);
     assert!(
         matches!(made, Err(IdentityError::Disabled(_))),
         "{:?}",
         made.map(|m| m.expires_at_ms)
     );
-    assert!(one.list_secret_ids(&name("ci"), NOW).unwrap().is_empty());
+    assert_eq!(left, 0);
 }
 
 /// A disable whose record another node changes by making a secret-id in
