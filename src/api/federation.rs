@@ -58,7 +58,8 @@ pub(crate) fn may_act(
         return Err(call.fail(ExchangeInputError::UnknownActor));
     };
     let kinds = core.federation.config().actor_kinds;
-    let kind = (!record.disabled).then_some(record.kind.as_str());
+    let active = record.is_active(core.clock().now_ms());
+    let kind = active.then_some(record.kind.as_str());
     call.check(delegation::check_actor_kind(kind, &kinds))?;
     Ok(Delegation {
         may_act: Some(record.name),
@@ -91,7 +92,7 @@ pub(crate) async fn exchange(
     let actor_record = call.check(core.identities.get(&caller.identity))?;
     let kind = actor_record
         .as_ref()
-        .filter(|a| !a.disabled)
+        .filter(|a| a.is_active(now))
         .map(|a| a.kind.as_str());
     let config = core.federation.config();
     let plan = call.check(delegation::plan(
@@ -279,16 +280,19 @@ impl Federation for FederationService {
         let (Some(iss), Some(trust_domain)) = (config.issuer, config.trust_domain) else {
             return Err(call.fail(IssuerError::NotConfigured).into());
         };
+        let now = self.core.clock().now_ms();
         let identity = call.check(self.core.identities.get(&caller.identity))?;
-        let Some(identity) = identity.filter(|i| !i.disabled) else {
+        let Some(identity) = identity.filter(|i| i.is_active(now)) else {
             return Err(call.fail(IssuerError::NotAnIdentity).into());
         };
-        let now = self.core.clock().now_ms();
         let mut exp = now.saturating_add(ttl.saturating_mul(1000));
-        if caller.expires_at_ms != 0 {
-            exp = exp.min(caller.expires_at_ms);
+        for limit in [caller.expires_at_ms, identity.expires_at_ms] {
+            if limit != 0 {
+                exp = exp.min(limit);
+            }
         }
-        // Whole seconds, never past the caller's token.
+        // Whole seconds, never past the caller's token nor the identity's
+        // expiry (which may have moved closer since the token was issued).
         exp -= exp % 1000;
         if exp <= now - now % 1000 {
             return Err(call.fail(IssuerError::CallerExpiring).into());

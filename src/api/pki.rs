@@ -336,7 +336,8 @@ pub fn build_sign(
 }
 
 /// Refuses a certificate that would log in as an identity whose policies
-/// the caller does not all hold, then records it in the inventory
+/// the caller does not all hold, that is disabled or past its expiry, or
+/// whose expiry comes before the certificate's, then records it in the inventory
 /// (durably) with who asked.
 pub async fn record_built(core: &Core, call: &mut Call, built: &mut Built) -> Result<(), Failure> {
     built.record.identity = require_holds_identities(core, call, built)?;
@@ -374,8 +375,23 @@ fn require_holds_identities(
             holders.push(record);
         }
     }
+    let now = core.clock().now_ms();
     for record in &holders {
         call.require_policy_subset(&record.policies)?;
+        // Like a secret-id: no new login credential for an identity that
+        // could not log in with it (checked after the policies, so only a
+        // caller who holds them all learns the identity's state).
+        if !record.is_active(now) {
+            return Err(call.fail(PkiError::InactiveIdentity));
+        }
+        // Nor one that outlives it: outside keyward nobody asks whether
+        // the identity is still there. `notAfter` is a whole second and
+        // included, so the certificate is valid until a second after it.
+        if record.expires_at_ms != 0
+            && built.record.not_after_ms.saturating_add(1000) > record.expires_at_ms
+        {
+            return Err(call.fail(PkiError::OutlivesIdentity));
+        }
     }
     Ok(holders.first().map(|r| r.name.clone()).unwrap_or_default())
 }

@@ -170,6 +170,13 @@ pub fn audit_verify(format: Format, files: &[PathBuf]) -> Result<()> {
             report.unanswered.len()
         );
     }
+    if !report.in_flight_at_end.is_empty() {
+        eprintln!(
+            "note: the last {} request record(s) have no outcome record yet: in flight when the \
+             log was read, or cut off by a crash (see \"in_flight_at_end\")",
+            report.in_flight_at_end.len()
+        );
+    }
     if !report.ok {
         anyhow::bail!(
             "the audit chain is broken in {} at line {} (seq {}): {}",

@@ -29,7 +29,7 @@ pub enum DelegationError {
     Chained,
     #[error("identity kind '{kind}' may not act for others (delegation.actor_kinds is {allowed})")]
     ActorKind { kind: String, allowed: String },
-    #[error("the actor must be an identity of the inventory, enabled")]
+    #[error("the actor must be an identity of the inventory, enabled and not past its expiry")]
     ActorUnknown,
     #[error("a delegated token never carries root: name the policies to delegate with --policy")]
     Root,
@@ -43,7 +43,7 @@ pub struct Actor<'a> {
     pub identity: &'a str,
     pub accessor: &'a str,
     /// The inventory kind; `None` when the identity is not in the inventory
-    /// (the root lineage) or disabled.
+    /// (the root lineage), disabled or past its expiry.
     pub kind: Option<&'a str>,
     /// The caller's own token is delegated.
     pub delegated: bool,

@@ -61,7 +61,9 @@ pub enum IssuerError {
     AudienceNeeded,
     #[error("the TTL ({asked}s) is longer than the role's max TTL ({max}s)")]
     TtlTooLong { asked: u64, max: u64 },
-    #[error("only identities of the inventory get identity tokens")]
+    #[error(
+        "only identities of the inventory, enabled and not past their expiry, get identity tokens"
+    )]
     NotAnIdentity,
     #[error("the caller's token expires before the identity token could start")]
     CallerExpiring,

@@ -1,6 +1,7 @@
-//! The token and policy stores as this module sees them.
+//! The token, certificate and policy stores as this module sees them.
 
-use super::{IdentityError, PolicyCatalog, TokenRevoker};
+use super::{CertificateRevoker, IdentityError, PolicyCatalog, TokenRevoker};
+use crate::pki::PkiStore;
 use crate::policy_store::PolicyStore;
 use crate::token::TokenStore;
 
@@ -8,6 +9,13 @@ impl TokenRevoker for TokenStore {
     fn revoke_identity(&self, identity: &str, now_ms: u64) -> Result<u32, IdentityError> {
         TokenStore::revoke_identity(self, identity, now_ms)
             .map_err(|e| IdentityError::Tokens(e.to_string()))
+    }
+}
+
+impl CertificateRevoker for PkiStore {
+    fn revoke_issued_for(&self, identity: &str, now_ms: u64) -> Result<u32, IdentityError> {
+        PkiStore::revoke_issued_for(self, identity, now_ms)
+            .map_err(|e| IdentityError::Certificates(e.to_string()))
     }
 }
 

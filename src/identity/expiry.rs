@@ -1,15 +1,17 @@
 //! The identity-expiry sweep: a background task that revokes the tokens of
-//! identities whose expiry has passed.
+//! identities whose expiry has passed, and the certificates issued to log
+//! in as them.
 //!
 //! It holds exactly what it uses ([`IdentityExpiry`]): the identity store,
-//! the token store as a [`TokenRevoker`], the barrier (only to skip a sweep
+//! the token store as a [`TokenRevoker`], the PKI as a
+//! [`CertificateRevoker`], the barrier (only to skip a sweep
 //! while sealed) and the clock. Tokens also carry their identity's expiry as
 //! a hard limit, so this sweep is the second line, not the first.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{IdentityStore, TokenRevoker};
+use super::{CertificateRevoker, IdentityStore, Swept, TokenRevoker};
 use crate::barrier::Barrier;
 use crate::clock::{Clock, Shutdown};
 
@@ -22,6 +24,7 @@ const MIN_SLEEP: Duration = Duration::from_millis(50);
 pub struct IdentityExpiry {
     pub identities: Arc<IdentityStore>,
     pub tokens: Arc<dyn TokenRevoker + Send + Sync>,
+    pub certificates: Arc<dyn CertificateRevoker + Send + Sync>,
     pub barrier: Arc<Barrier>,
     pub clock: Clock,
 }
@@ -64,12 +67,23 @@ impl IdentityExpiry {
 
     /// One sweep, now (blocking: it reads and writes the store).
     pub fn sweep_once(&self) {
-        match self
-            .identities
-            .sweep_expired(self.tokens.as_ref(), self.clock.now_ms())
-        {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(revoked = n, "tokens of expired identities revoked"),
+        match self.identities.sweep_expired(
+            self.tokens.as_ref(),
+            self.certificates.as_ref(),
+            self.clock.now_ms(),
+        ) {
+            Ok(Swept {
+                tokens: 0,
+                certificates: 0,
+            }) => {}
+            Ok(Swept {
+                tokens,
+                certificates,
+            }) => tracing::info!(
+                tokens,
+                certificates,
+                "tokens and certificates of expired identities revoked"
+            ),
             Err(e) => tracing::warn!(error = %e, "identity expiry sweep failed"),
         }
     }

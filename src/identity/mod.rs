@@ -118,6 +118,8 @@ pub enum IdentityError {
     Corrupt,
     #[error("token store: {0}")]
     Tokens(String),
+    #[error("certificate store: {0}")]
+    Certificates(String),
     #[error(transparent)]
     Barrier(#[from] BarrierError),
 }
@@ -436,6 +438,20 @@ impl IssuerRecord {
 pub trait TokenRevoker {
     /// Revokes every token of `identity`; returns how many.
     fn revoke_identity(&self, identity: &str, now_ms: u64) -> Result<u32, IdentityError>;
+}
+
+/// Revokes the certificates issued to log in as an identity, when its
+/// expiry passes. `PkiStore` implements it.
+pub trait CertificateRevoker {
+    /// Revokes the valid certificates issued for `identity`; returns how many.
+    fn revoke_issued_for(&self, identity: &str, now_ms: u64) -> Result<u32, IdentityError>;
+}
+
+/// What one expiry sweep revoked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Swept {
+    pub tokens: u32,
+    pub certificates: u32,
 }
 
 /// Whether a policy exists. `PolicyStore` implements it.
@@ -869,8 +885,10 @@ impl IdentityStore {
         if let Some(description) = &update.description {
             check_text("description", description)?;
         }
-        // Tokens carry the policies they were issued with: a narrowed identity
-        // must not keep wider tokens alive. Revoked before the record is
+        // Tokens carry the policies they were issued with, and their
+        // identity's expiry as it was: a narrowed identity must not keep
+        // wider tokens alive, nor one whose expiry was brought forward
+        // tokens that outlive it. Revoked before the record is
         // written (a crash between the two leaves no token of the old record)
         // and again after it (for a login that ran in between).
         let (record, revoke) = self.modify_record(name.as_str(), |draft| {
@@ -899,15 +917,18 @@ impl IdentityStore {
             if let Some(p) = &policies {
                 record.policies.clone_from(p);
             }
+            // An expiry brought forward: a token issued before it may live
+            // (or be renewed, or have children) past it.
+            let mut sooner = false;
             if let Some(expires) = update.expires_at_ms {
+                sooner =
+                    expires != 0 && (record.expires_at_ms == 0 || expires < record.expires_at_ms);
                 record.expires_at_ms = expires;
                 record.expiry_handled = false;
             }
-            let expired = record.is_expired(now_ms);
-            if expired {
-                record.expiry_handled = true;
-            }
-            let revoke = expired || policies_changed;
+            // An expiry already passed is left to the sweep to finish (it
+            // takes back the identity's certificates too), woken below.
+            let revoke = sooner || record.is_expired(now_ms) || policies_changed;
             if revoke {
                 tokens.revoke_identity(&record.name, now_ms)?;
             }
@@ -1170,18 +1191,23 @@ impl IdentityStore {
         Ok(revoked)
     }
 
-    /// Revokes the tokens of identities whose expiry has passed (once each);
-    /// returns how many tokens were revoked. Tokens also carry the identity's
-    /// expiry as a hard limit, so this is the second line, not the first.
+    /// Revokes the tokens of identities whose expiry has passed, and the
+    /// certificates issued to log in as them (once each); returns how many
+    /// of each were revoked. Tokens also carry the identity's expiry as a
+    /// hard limit, so for them this is the second line, not the first; a
+    /// certificate is also used outside keyward, where only the CRL tells
+    /// that its identity is gone.
     pub fn sweep_expired(
         &self,
         tokens: &dyn TokenRevoker,
+        certificates: &dyn CertificateRevoker,
         now_ms: u64,
-    ) -> Result<u32, IdentityError> {
-        let mut revoked = 0;
+    ) -> Result<Swept, IdentityError> {
+        let mut revoked = Swept::default();
         for record in self.all()? {
             if record.is_expired(now_ms) && !record.expiry_handled {
-                revoked += tokens.revoke_identity(&record.name, now_ms)?;
+                revoked.tokens += tokens.revoke_identity(&record.name, now_ms)?;
+                revoked.certificates += certificates.revoke_issued_for(&record.name, now_ms)?;
                 let handled = self.modify_record(&record.name, |draft| {
                     let fresh = &mut draft.record;
                     // Not if its expiry moved (or another node marked it).

@@ -56,6 +56,16 @@ impl Revocations {
         self.2.lock().unwrap().insert(identity.to_owned(), 2);
     }
 }
+/// Records the identities whose certificates were revoked; each had one.
+#[derive(Default)]
+struct CertRevocations(Mutex<Vec<String>>);
+impl CertificateRevoker for CertRevocations {
+    fn revoke_issued_for(&self, identity: &str, _now_ms: u64) -> Result<u32, IdentityError> {
+        self.0.lock().unwrap().push(identity.to_owned());
+        Ok(1)
+    }
+}
+
 impl TokenRevoker for Revocations {
     fn revoke_identity(&self, identity: &str, _now_ms: u64) -> Result<u32, IdentityError> {
         self.0.lock().unwrap().push(identity.to_owned());
@@ -224,13 +234,18 @@ fn disable_expire_and_delete_revoke_tokens() {
     let mut short = new("short");
     short.expires_at_ms = NOW + 1000;
     f.store.create(short, &AllPolicies, NOW).unwrap();
-    assert_eq!(f.store.sweep_expired(&revoked, NOW).unwrap(), 0);
-    assert_eq!(f.store.sweep_expired(&revoked, NOW + 1000).unwrap(), 2);
+    let certs = CertRevocations::default();
+    let swept = |at| f.store.sweep_expired(&revoked, &certs, at).unwrap();
+    assert_eq!(swept(NOW), Swept::default());
     assert_eq!(
-        f.store.sweep_expired(&revoked, NOW + 2000).unwrap(),
-        0,
-        "once"
+        swept(NOW + 1000),
+        Swept {
+            tokens: 2,
+            certificates: 1
+        }
     );
+    assert_eq!(swept(NOW + 2000), Swept::default(), "once");
+    assert_eq!(*certs.0.lock().unwrap(), vec!["short"]);
 
     let sid = f
         .store
@@ -742,6 +757,41 @@ fn a_delete_read_before_a_binding_on_another_node_deletes_it_too() {
         .unwrap();
 }
 
+/// Tokens carry their identity's expiry as it was when they were issued: an
+/// update that brings it forward (from none, or to sooner) revokes them, so
+/// none lives, is renewed or has a child past the new expiry. One that moves
+/// it later, or sets it to the same, does not. An expiry set in the past is
+/// left unhandled, so that the sweep takes back the certificates too.
+#[test]
+fn an_expiry_brought_forward_revokes_the_identitys_tokens() {
+    let f = fixture();
+    f.store.create(new("ci"), &AllPolicies, NOW).unwrap();
+    let at = |ms| IdentityUpdate {
+        expires_at_ms: Some(ms),
+        ..Default::default()
+    };
+    let revocations_after = |update| {
+        let revoked = Revocations::default();
+        f.store
+            .update(&name("ci"), update, &AllPolicies, &revoked, NOW)
+            .unwrap();
+        revoked.1.load(Ordering::SeqCst)
+    };
+    assert!(revocations_after(at(NOW + 3_600_000)) > 0, "from none");
+    assert!(revocations_after(at(NOW + 60_000)) > 0, "to sooner");
+    assert_eq!(revocations_after(at(NOW + 60_000)), 0, "the same");
+    assert_eq!(revocations_after(at(NOW + 7_200_000)), 0, "later");
+    assert_eq!(revocations_after(at(0)), 0, "never");
+    assert!(revocations_after(at(NOW - 1)) > 0, "passed");
+    let record = f.store.get("ci").unwrap().unwrap();
+    assert!(!record.expiry_handled, "left to the sweep");
+    let certs = CertRevocations::default();
+    f.store
+        .sweep_expired(&Revocations::default(), &certs, NOW)
+        .unwrap();
+    assert_eq!(*certs.0.lock().unwrap(), vec!["ci"]);
+}
+
 /// The expiry sweep read an expired identity before another node moved
 /// its expiry: the move is kept (the sweep marked the old record handled
 /// and wrote back the old expiry).
@@ -767,7 +817,8 @@ fn an_expiry_moved_on_another_node_during_a_sweep_is_kept() {
             )
             .unwrap();
     });
-    one.sweep_expired(&revoked, NOW + 2_000).unwrap();
+    one.sweep_expired(&revoked, &CertRevocations::default(), NOW + 2_000)
+        .unwrap();
     assert!(!one.before_record_write.is_set(), "the hook ran");
     let stored = two.get("ci").unwrap().unwrap();
     assert_eq!(stored.expires_at_ms, NOW + 3_600_000);
@@ -1279,6 +1330,7 @@ async fn the_expiry_sweep_revokes_when_the_clock_passes_the_expiry() {
     let barrier = Arc::new(barrier);
     let store = Arc::new(IdentityStore::new(barrier.clone()));
     let revoked = Arc::new(Revocations::default());
+    let certs = Arc::new(CertRevocations::default());
     let clock = Clock::starting_at(NOW);
     let mut short = new("short");
     short.expires_at_ms = NOW + 60_000;
@@ -1289,6 +1341,7 @@ async fn the_expiry_sweep_revokes_when_the_clock_passes_the_expiry() {
         IdentityExpiry {
             identities: store.clone(),
             tokens: revoked.clone(),
+            certificates: certs.clone(),
             barrier,
             clock: clock.clone(),
         }
@@ -1308,6 +1361,7 @@ async fn the_expiry_sweep_revokes_when_the_clock_passes_the_expiry() {
     }
     assert!(clock.now_ms() < NOW + 60_000 + expiry::SWEEP_EVERY.as_millis() as u64 + 1_000);
     assert_eq!(*revoked.0.lock().unwrap(), vec!["short"]);
+    assert_eq!(*certs.0.lock().unwrap(), vec!["short"]);
     // Once: later sweeps (one every SWEEP_EVERY) leave it alone.
     for _ in 0..20 {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;

@@ -53,6 +53,12 @@ pub enum PkiError {
     NameNotAllowed(String),
     #[error("no PKI role named {0:?}")]
     NoRole(String),
+    /// Neither names the identity nor gives its expiry: a caller may hold
+    /// every policy of an identity that has none, and still not `read` it.
+    #[error("the certificate would log in as an identity that is disabled or past its expiry")]
+    InactiveIdentity,
+    #[error("the certificate would outlive the expiry of the identity it logs in as: ask for a shorter ttl")]
+    OutlivesIdentity,
     #[error("no certificate with serial {0} in the inventory")]
     NoCert(String),
     #[error(

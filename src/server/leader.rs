@@ -75,10 +75,12 @@ impl LeaderWork {
         tasks.spawn("lease-sweeper", move |shutdown| {
             cluster::fenced(f, leases.run_sweeper(shutdown))
         });
-        // Revokes the tokens of identities whose expiry passed.
+        // Revokes the tokens of identities whose expiry passed, and their
+        // certificates.
         let expiry = IdentityExpiry {
             identities: core.identities.clone(),
             tokens: Arc::new(core.tokens.clone()),
+            certificates: core.pki.clone(),
             barrier: core.barrier.clone(),
             clock,
         };

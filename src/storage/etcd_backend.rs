@@ -425,7 +425,7 @@ impl EtcdBackend {
             extra: Extra::new(prefix),
             epoch_key: [prefix, EPOCH_KEY].concat(),
             coherence: std::sync::Arc::new(Coherence::with_interval(options.fence_interval)),
-            lost: std::sync::Arc::new(std::sync::Mutex::new(None)),
+            lost: LostFlag::default(),
             read_cache: std::sync::Arc::new(ReadCache::new(
                 options.read_cache_bytes,
                 options.read_cache_entries,
@@ -881,9 +881,49 @@ impl EtcdBackend {
     }
 }
 
-/// When a storage request last ran out of retries with nothing answered
-/// since (`None`: not lost).
-pub(super) type LostFlag = std::sync::Arc<std::sync::Mutex<Option<tokio::time::Instant>>>;
+/// The mark of a lost quorum that a node's storage calls share (see
+/// [`Sender::send`]), cleared by any answer through etcd's quorum: the
+/// calls' own, or one of the election loop's (`etcd_leader`).
+#[derive(Clone, Default)]
+pub(super) struct LostFlag(std::sync::Arc<std::sync::Mutex<LostState>>);
+
+#[derive(Default)]
+struct LostState {
+    /// When a call last ran out of retries; `None` once anything was
+    /// answered since.
+    lost_at: Option<tokio::time::Instant>,
+    /// When etcd last answered.
+    answered_at: Option<tokio::time::Instant>,
+}
+
+impl LostFlag {
+    /// Whether the quorum counts as lost now: a call ran out of retries in
+    /// the last [`RIDE_OUT`] and nothing was answered since.
+    pub(super) fn known(&self) -> bool {
+        lock(&self.0)
+            .lost_at
+            .is_some_and(|at| at.elapsed() < RIDE_OUT)
+    }
+
+    /// A call begun at `started` ran out of retries. It marks the quorum
+    /// lost only if nothing was answered since it began: an answer it did
+    /// not see (the election loop's, or another call's) says the quorum was
+    /// back while it tried, and a mark set then would make the calls that
+    /// follow try once and fail, while etcd answers.
+    pub(super) fn ran_out(&self, started: tokio::time::Instant) {
+        let mut state = lock(&self.0);
+        if state.answered_at.is_none_or(|at| at < started) {
+            state.lost_at = Some(tokio::time::Instant::now());
+        }
+    }
+
+    /// etcd answered a request through its quorum.
+    pub(super) fn answered(&self) {
+        let mut state = lock(&self.0);
+        state.lost_at = None;
+        state.answered_at = Some(tokio::time::Instant::now());
+    }
+}
 
 /// What sends requests to etcd: the client, and the state its retries
 /// share (see [`EtcdBackend::call`]). Cloned into tasks on the backend's
@@ -909,7 +949,7 @@ impl Sender {
     {
         let started = tokio::time::Instant::now();
         let deadline = started + CALL_DEADLINE;
-        let known_lost = lock(&self.lost).is_some_and(|at| at.elapsed() < RIDE_OUT);
+        let known_lost = self.lost.known();
         let mut tries = 0u64;
         loop {
             self.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -928,7 +968,7 @@ impl Sender {
                     )))
                 }
                 Err(_) => {
-                    *lock(&self.lost) = Some(tokio::time::Instant::now());
+                    self.lost.ran_out(started);
                     break Err(past_deadline(operation, resend));
                 }
             };
@@ -946,7 +986,7 @@ impl Sender {
                     // member, a few times at most.
                     let another_member = message.contains(NOT_SENT) && tries < LOST_NOT_SENT_TRIES;
                     if (known_lost && !another_member) || started.elapsed() >= RIDE_OUT {
-                        *lock(&self.lost) = Some(tokio::time::Instant::now());
+                        self.lost.ran_out(started);
                         let retried = if known_lost {
                             "tried once (a member that could not be reached not counted), \
                              as no request has succeeded since the last ran out of retries"
@@ -965,7 +1005,7 @@ impl Sender {
                     tokio::time::sleep(pause.min(left)).await;
                 }
                 Ok(answer) => {
-                    *lock(&self.lost) = None;
+                    self.lost.answered();
                     break Ok(answer);
                 }
                 other => break other,
@@ -1592,6 +1632,40 @@ impl EtcdBackend {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_lost_mark_lasts_the_ride_out_unless_etcd_answers() {
+        let lost = LostFlag::default();
+        assert!(!lost.known());
+        lost.ran_out(tokio::time::Instant::now());
+        assert!(lost.known());
+        tokio::time::advance(RIDE_OUT - Duration::from_millis(1)).await;
+        assert!(lost.known());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(!lost.known(), "the mark ends after the ride-out");
+        lost.ran_out(tokio::time::Instant::now());
+        lost.answered();
+        assert!(!lost.known(), "an answer clears it");
+    }
+
+    /// A call that began before an answer it did not see (the election
+    /// loop's) and ran out of retries after it does not mark the quorum
+    /// lost again: the calls that follow would be tried once while etcd
+    /// answers. A call begun after the answer still marks it.
+    #[tokio::test(start_paused = true)]
+    async fn a_call_begun_before_an_answer_does_not_mark_the_quorum_lost_again() {
+        let lost = LostFlag::default();
+        let before = tokio::time::Instant::now();
+        tokio::time::advance(Duration::from_millis(10)).await;
+        lost.answered();
+        tokio::time::advance(Duration::from_millis(10)).await;
+        let after = tokio::time::Instant::now();
+        tokio::time::advance(RIDE_OUT).await;
+        lost.ran_out(before);
+        assert!(!lost.known(), "a stale failure set the mark again");
+        lost.ran_out(after);
+        assert!(lost.known(), "a failure begun after the answer counts");
+    }
 
     #[test]
     fn prefix_end_increments_the_last_byte_below_0xff() {

@@ -281,7 +281,7 @@ impl Reach {
     /// etcd answered a request.
     fn answered(&mut self) {
         self.unanswered_since = None;
-        *lock(&self.storage_lost) = None;
+        self.storage_lost.answered();
     }
 
     /// Whether etcd counts as reachable: nothing has gone unanswered for
@@ -614,13 +614,14 @@ mod tests {
 
     #[test]
     fn an_answer_to_the_loop_clears_the_storage_calls_lost_mark() {
-        let lost: super::super::etcd_backend::LostFlag = Arc::default();
-        *lock(&lost) = Some(Instant::now());
+        let lost = super::super::etcd_backend::LostFlag::default();
+        lost.ran_out(Instant::now());
+        assert!(lost.known());
         let mut reach = Reach {
             unanswered_since: None,
             storage_lost: lost.clone(),
         };
         reach.answered();
-        assert!(lock(&lost).is_none());
+        assert!(!lost.known());
     }
 }

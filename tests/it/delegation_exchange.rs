@@ -369,6 +369,38 @@ async fn disabling_the_agent_stops_it() {
 }
 
 #[tokio::test]
+async fn an_agent_past_its_expiry_cannot_be_named_to_act() {
+    let w = world().await;
+    // Named while it is active: fine.
+    w.may_act(&w.other_agent_name).await;
+    w.server
+        .root()
+        .await
+        .identity_update(keyward::proto::v1::UpdateIdentityRequest {
+            name: w.other_agent_name.clone(),
+            expires_in_seconds: Some(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Waits for the expiry itself; from then on it may not be named.
+    eventually("an expired agent may not be named to act", || async {
+        let named = w
+            .subject
+            .issue_may_act_token(
+                IssueOptions {
+                    policies: vec![w.subject_policy.clone()],
+                    ..IssueOptions::default()
+                },
+                &w.other_agent_name,
+            )
+            .await;
+        matches!(named, Err(e) if e.to_string().contains("not past its expiry"))
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn its_life_is_bounded_by_both_tokens_and_the_ceiling() {
     let w = world().await;
     let subject_token = w.may_act(&w.agent_name).await;

@@ -177,6 +177,41 @@ async fn a_relying_party_verifies_an_identity_token() {
     assert!(!audit.contains(parts[1]));
 }
 
+/// Bringing an identity's expiry forward revokes the tokens it had (they
+/// carry the old expiry); a token it gets after the change, and every
+/// identity token from that, ends by the new expiry. (`IdentityToken` also
+/// caps `exp` at the identity's expiry itself, a second line this cannot
+/// reach once the tokens are revoked.)
+#[tokio::test]
+async fn an_identity_token_never_outlives_its_identity() {
+    let (server, _issuer) = issuer_server().await;
+    let (role, name, ci) = role_and_identity(&server, &["sts.example"]).await;
+    let root = server.root().await;
+    ci.identity_token(&role, None, None).await.unwrap();
+    root.identity_update(keyward::proto::v1::UpdateIdentityRequest {
+        name: name.clone(),
+        expires_in_seconds: Some(120),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let expires = root.identity_get(&name).await.unwrap().expires_at.unwrap();
+    assert_eq!(
+        code(ci.identity_token(&role, None, None).await),
+        Code::Unauthenticated,
+        "a token from before the expiry was brought forward still works"
+    );
+    let sid = root.identity_secret_id(&name, 0, 0, &[]).await.unwrap();
+    let (t, again) = login(&server, &sid.role_id, &sid.secret_id).await;
+    assert!(t.expires_at.unwrap().seconds <= expires.seconds);
+    // The role allows 600 s.
+    let token = again.identity_token(&role, None, None).await.unwrap();
+    assert!(
+        token.expires_at.unwrap().seconds <= expires.seconds,
+        "an identity token outlived its identity"
+    );
+}
+
 #[tokio::test]
 async fn identity_tokens_are_refused_with_the_rule() {
     let (server, _issuer) = issuer_server().await;

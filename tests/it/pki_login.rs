@@ -7,7 +7,7 @@
 
 use tonic::Code;
 
-use crate::harness::{data, unique, TestServer};
+use crate::harness::{data, eventually, unique, TestServer};
 use crate::ident_kit::{create, read_policy};
 use crate::pki_kit::*;
 use keyward::client::{Client, ClientError, PutOptions};
@@ -158,7 +158,7 @@ async fn pki_tls_listener_is_closed_when_the_server_stops() {
     let addr = server.addr;
     assert!(tokio::net::TcpStream::connect(addr).await.is_ok());
     let _dir = server.stop().await;
-    crate::harness::eventually("the listener is closed", || async move {
+    eventually("the listener is closed", || async move {
         tokio::net::TcpStream::connect(addr).await.is_err()
     })
     .await;
@@ -318,4 +318,66 @@ async fn a_certificate_does_not_outlive_the_deletion_of_its_identity() {
         "a certificate of the deleted identity logged in as the new one"
     );
     server.stop().await;
+}
+
+/// A certificate that logs in as an identity is a login credential for it,
+/// used outside keyward too: none outlives the identity's expiry, none is
+/// made once that has passed, and those made before are revoked then (the
+/// expiry sweep puts them in the CRL).
+#[tokio::test]
+async fn no_certificate_outlives_or_follows_its_identitys_expiry() {
+    let (_server, root) = client_pki("brief").await;
+    let name = unique("brief");
+    let spiffe = format!("spiffe://acme.test/brief/{name}");
+    bound(&root, &name, &spiffe).await;
+    root.identity_update(keyward::proto::v1::UpdateIdentityRequest {
+        name: name.clone(),
+        expires_in_seconds: Some(300),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (csr_pem, _key) = csr(&[spiffe.as_str()], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let long = root.pki_sign("brief", &csr_pem, 600).await;
+    let refused = long.expect_err("a certificate outliving its identity");
+    assert_eq!(refused.code(), Some(Code::InvalidArgument), "{refused}");
+    assert!(refused.to_string().contains("shorter ttl"), "{refused}");
+    let short = root.pki_sign("brief", &csr_pem, 60).await.unwrap();
+    let expires = root.identity_get(&name).await.unwrap().expires_at.unwrap();
+    assert!(short.expires_at.unwrap().seconds <= expires.seconds);
+
+    root.identity_update(keyward::proto::v1::UpdateIdentityRequest {
+        name: name.clone(),
+        expires_in_seconds: Some(1),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // Waits for the expiry itself; then no certificate at all.
+    eventually("no certificate for an expired identity", || async {
+        matches!(
+            root.pki_sign("brief", &csr_pem, 60).await,
+            Err(e) if e.code() == Some(Code::FailedPrecondition)
+                && e.to_string().contains("past its expiry")
+        )
+    })
+    .await;
+    let serial = short.serial.clone();
+    eventually(
+        "the expiry sweep revokes the identity's certificate",
+        || async {
+            root.pki_list(0)
+                .await
+                .unwrap()
+                .iter()
+                .any(|c| c.serial == serial && c.revoked_at.is_some())
+        },
+    )
+    .await;
+    let crl = root.pki_crl().await.unwrap();
+    let serial_bytes = hex::decode(&serial).unwrap();
+    assert!(
+        crl.windows(serial_bytes.len()).any(|w| w == serial_bytes),
+        "the CRL lists the serial"
+    );
 }

@@ -207,7 +207,8 @@ async fn a_change_leaves_a_request_and_an_outcome_and_a_read_one_record() {
     assert_eq!(report["unanswered"], serde_json::json!([]));
 }
 
-fn verify(path: &Path) -> (i32, Value) {
+/// `keyward audit verify --format json`: its exit status, report and stderr.
+fn verify_with_notes(path: &Path) -> (i32, Value, String) {
     let (code, out, err) = cli(
         &[
             "audit",
@@ -221,6 +222,11 @@ fn verify(path: &Path) -> (i32, Value) {
     );
     let report: Value =
         serde_json::from_str(&out).unwrap_or_else(|_| panic!("not JSON: {out} / {err}"));
+    (code, report, err)
+}
+
+fn verify(path: &Path) -> (i32, Value) {
+    let (code, report, _) = verify_with_notes(path);
     (code, report)
 }
 
@@ -257,8 +263,13 @@ async fn verify_reports_unanswered_requests_and_names_the_last_as_in_flight() {
     change(&log, "cut-off", Some(Phase::Request));
     drop(log);
 
-    let (status, report) = verify(&path);
+    let (status, report, notes) = verify_with_notes(&path);
     assert_eq!(status, 0, "{report}");
+    assert!(
+        notes.contains("the last 1 request record(s) have no outcome record yet"),
+        "{notes}"
+    );
+    assert!(!notes.contains("warning"), "{notes}");
     assert_eq!(report["ok"], true);
     assert_eq!(report["records"], 4);
     assert_eq!(report["first_bad"], Value::Null);
@@ -275,8 +286,12 @@ async fn verify_reports_unanswered_requests_and_names_the_last_as_in_flight() {
     change(&log, "later", Some(Phase::Outcome));
     change(&log, "newest", Some(Phase::Request));
     drop(log);
-    let (status, report) = verify(&path);
+    let (status, report, notes) = verify_with_notes(&path);
     assert_eq!(status, 0, "{report}");
+    assert!(
+        notes.contains("warning: 1 request record(s) have no outcome record"),
+        "{notes}"
+    );
     assert_eq!(report["ok"], true);
     assert_eq!(
         report["unanswered"],

@@ -331,12 +331,16 @@ impl From<SecretsError> for Failure {
 impl From<PkiError> for Failure {
     fn from(e: PkiError) -> Self {
         match e {
-            PkiError::Invalid(_) | PkiError::NoCa => Self::invalid(e.to_string()),
+            PkiError::Invalid(_) | PkiError::NoCa | PkiError::OutlivesIdentity => {
+                Self::invalid(e.to_string())
+            }
             PkiError::NameNotAllowed(_) => Self::new(FailureKind::Denied, e.to_string()),
             PkiError::NoRole(_) | PkiError::NoCert(_) => {
                 Self::new(FailureKind::NotFound, e.to_string())
             }
-            PkiError::CaExists => Self::new(FailureKind::Conflict, e.to_string()),
+            PkiError::CaExists | PkiError::InactiveIdentity => {
+                Self::new(FailureKind::Conflict, e.to_string())
+            }
             PkiError::Barrier(b) => b.into(),
             other => Self::internal(other),
         }
@@ -362,7 +366,9 @@ impl From<IdentityError> for Failure {
             | IdentityError::Expired(_) => Self::new(FailureKind::Conflict, e.to_string()),
             IdentityError::Contended => Self::new(FailureKind::Aborted, e.to_string()),
             IdentityError::Barrier(b) => b.into(),
-            IdentityError::Corrupt | IdentityError::Tokens(_) => Self::internal(e),
+            IdentityError::Corrupt | IdentityError::Tokens(_) | IdentityError::Certificates(_) => {
+                Self::internal(e)
+            }
         }
     }
 }
