@@ -285,18 +285,10 @@ impl Federation for FederationService {
         let Some(identity) = identity.filter(|i| i.is_active(now)) else {
             return Err(call.fail(IssuerError::NotAnIdentity).into());
         };
-        let mut exp = now.saturating_add(ttl.saturating_mul(1000));
-        for limit in [caller.expires_at_ms, identity.expires_at_ms] {
-            if limit != 0 {
-                exp = exp.min(limit);
-            }
-        }
-        // Whole seconds, never past the caller's token nor the identity's
-        // expiry (which may have moved closer since the token was issued).
-        exp -= exp % 1000;
-        if exp <= now - now % 1000 {
+        let exp = issuer::token_exp(now, ttl, caller.expires_at_ms, identity.expires_at_ms);
+        let Some(exp) = exp else {
             return Err(call.fail(IssuerError::CallerExpiring).into());
-        }
+        };
         let jti = uuid::Uuid::new_v4().simple().to_string();
         let token = call.check(self.core.federation.issuer.sign(
             &config.algorithm,

@@ -106,15 +106,85 @@ pub(crate) async fn issue_login(
     // revoked its tokens too: the new one must match the record as it is now.
     let still_active = call
         .check(core.identities.get(&grant.identity))?
-        .is_some_and(|record| {
-            record.is_active(core.clock().now_ms())
-                && record.policies == grant.policies
-                && (record.expires_at_ms == 0 || issued.expires_at_ms <= record.expires_at_ms)
-        });
+        .is_some_and(|record| fits(&record, grant, now, core.clock().now_ms()));
     if !still_active {
         call.check(core.tokens.revoke(&issued.accessor))?;
         return Err(call.fail(LoginError::Invalid));
     }
     call.check(core.barrier.durable().await)?;
     Ok(issued)
+}
+
+/// Whether a login token issued at `issued_at_ms` under `grant` fits the
+/// identity's record as read after the issue (at `now_ms`): active, the
+/// same policies, and no life past its expiry. Its life is its renewal
+/// cap (the grant's hard expiry, or [`MAX_LOGIN_TTL`] from the issue), not
+/// its first TTL: renewed, or through its children and leases, it would
+/// otherwise reach past an expiry brought forward meanwhile.
+fn fits(
+    record: &crate::identity::IdentityRecord,
+    grant: &crate::identity::login::Grant,
+    issued_at_ms: u64,
+    now_ms: u64,
+) -> bool {
+    let most =
+        issued_at_ms.saturating_add(u64::try_from(MAX_LOGIN_TTL.as_millis()).unwrap_or(u64::MAX));
+    let cap = grant.hard_expiry_ms.map_or(most, |hard| hard.min(most));
+    record.is_active(now_ms)
+        && record.policies == grant.policies
+        && (record.expires_at_ms == 0 || cap <= record.expires_at_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::login::Grant;
+    use crate::identity::IdentityRecord;
+
+    const NOW: u64 = 1_700_000_000_000;
+
+    fn grant(hard_expiry_ms: Option<u64>) -> Grant {
+        Grant {
+            identity: "ci".into(),
+            policies: vec!["app".into()],
+            hard_expiry_ms,
+            method: "approle",
+        }
+    }
+
+    fn record(expires_at_ms: u64) -> IdentityRecord {
+        IdentityRecord {
+            name: "ci".into(),
+            policies: vec!["app".into()],
+            expires_at_ms,
+            ..IdentityRecord::default()
+        }
+    }
+
+    /// A login read the identity with no expiry; an update set one 2 h out
+    /// before the token was issued. The token's first hour fits; its
+    /// renewal cap (24 h) does not, so the login is refused.
+    #[test]
+    fn a_token_whose_renewals_would_pass_an_expiry_set_meanwhile_does_not_fit() {
+        let two_hours = NOW + 2 * 3_600_000;
+        assert!(!fits(&record(two_hours), &grant(None), NOW, NOW));
+        // Read with the expiry: capped by it, so it fits.
+        assert!(fits(&record(two_hours), &grant(Some(two_hours)), NOW, NOW));
+        assert!(fits(&record(0), &grant(None), NOW, NOW));
+        // Brought forward meanwhile, below the grant's cap.
+        assert!(!fits(
+            &record(NOW + 3_600_000),
+            &grant(Some(two_hours)),
+            NOW,
+            NOW
+        ));
+        // Expired, disabled or with other policies: no.
+        assert!(!fits(&record(NOW), &grant(Some(NOW)), NOW, NOW));
+        let mut disabled = record(0);
+        disabled.disabled = true;
+        assert!(!fits(&disabled, &grant(None), NOW, NOW));
+        let mut other = record(0);
+        other.policies = vec!["admin".into()];
+        assert!(!fits(&other, &grant(None), NOW, NOW));
+    }
 }

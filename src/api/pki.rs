@@ -21,6 +21,7 @@ use super::secrets::timestamp;
 use super::{begin, Access, Call, Failure};
 use crate::core::Core;
 use crate::identity::login::cert_names;
+use crate::identity::IdentityRecord;
 use crate::pki::store::{check_role_name, role_resource};
 use crate::pki::{Built, CertRecord, PkiError, Role, RoleSpec, CA_RESOURCE, CERTS_RESOURCE};
 use crate::policy::Capability;
@@ -337,27 +338,43 @@ pub fn build_sign(
 
 /// Refuses a certificate that would log in as an identity whose policies
 /// the caller does not all hold, that is disabled or past its expiry, or
-/// whose expiry comes before the certificate's, then records it in the inventory
-/// (durably) with who asked.
+/// whose expiry comes before the certificate's, then records it in the
+/// inventory (durably) with who asked.
+///
+/// The identities are read again once it is recorded, as for a secret-id:
+/// a disable or an expiry brought forward that ran meanwhile (on another
+/// node) takes the certificate back, since the expiry sweep may have
+/// listed the inventory before it was there.
 pub async fn record_built(core: &Core, call: &mut Call, built: &mut Built) -> Result<(), Failure> {
-    built.record.identity = require_holds_identities(core, call, built)?;
+    let holders = holders_of(core, call, built)?;
+    for record in &holders {
+        call.require_policy_subset(&record.policies)?;
+    }
+    // Checked after the policies, so only a caller who holds them all
+    // learns the identity's state.
+    if let Err(refused) = may_hold(&holders, built, core.clock().now_ms()) {
+        return Err(call.fail(refused));
+    }
+    built.record.identity = holders.first().map(|r| r.name.clone()).unwrap_or_default();
     built.record.requested_by = call
         .caller()
         .map(|c| c.identity.clone())
         .unwrap_or_default();
     call.check(core.pki.record(built))?;
+    let holders = holders_of(core, call, built)?;
+    if let Err(refused) = may_hold(&holders, built, core.clock().now_ms()) {
+        let now = core.clock().now_ms();
+        call.check(core.pki.take_back(&built.record.serial, now))?;
+        call.check(core.barrier.durable().await)?;
+        return Err(call.fail(refused));
+    }
     call.check(core.barrier.durable().await)?;
     Ok(())
 }
 
-/// The identities a certificate would make its holder, each of whose
-/// policies the caller must hold; returns the first one's name for the
-/// inventory.
-fn require_holds_identities(
-    core: &Core,
-    call: &mut Call,
-    built: &Built,
-) -> Result<String, Failure> {
+/// The identities a certificate would make its holder (by SPIFFE ID, then
+/// by subject DN); the first is the one the inventory names.
+fn holders_of(core: &Core, call: &mut Call, built: &Built) -> Result<Vec<IdentityRecord>, Failure> {
     let names = cert_names(&built.der).ok_or_else(|| {
         call.fail(PkiError::Invalid(
             "issued certificate does not parse".into(),
@@ -375,23 +392,23 @@ fn require_holds_identities(
             holders.push(record);
         }
     }
-    let now = core.clock().now_ms();
-    for record in &holders {
-        call.require_policy_subset(&record.policies)?;
-        // Like a secret-id: no new login credential for an identity that
-        // could not log in with it (checked after the policies, so only a
-        // caller who holds them all learns the identity's state).
-        if !record.is_active(now) {
-            return Err(call.fail(PkiError::InactiveIdentity));
+    Ok(holders)
+}
+
+/// Like a secret-id: no new login credential for an identity that could
+/// not log in with it, nor one that outlives it (outside keyward nobody
+/// asks whether the identity is still there). `notAfter` is a whole second
+/// and included, so the certificate is valid until a second after it.
+fn may_hold(holders: &[IdentityRecord], built: &Built, now_ms: u64) -> Result<(), PkiError> {
+    for record in holders {
+        if !record.is_active(now_ms) {
+            return Err(PkiError::InactiveIdentity);
         }
-        // Nor one that outlives it: outside keyward nobody asks whether
-        // the identity is still there. `notAfter` is a whole second and
-        // included, so the certificate is valid until a second after it.
         if record.expires_at_ms != 0
             && built.record.not_after_ms.saturating_add(1000) > record.expires_at_ms
         {
-            return Err(call.fail(PkiError::OutlivesIdentity));
+            return Err(PkiError::OutlivesIdentity);
         }
     }
-    Ok(holders.first().map(|r| r.name.clone()).unwrap_or_default())
+    Ok(())
 }

@@ -564,6 +564,27 @@ impl Issuer {
     }
 }
 
+/// The `exp` (in milliseconds, a whole second) of an identity token asked
+/// for at `now_ms` with `ttl_seconds`: never past the caller's token nor
+/// the identity's expiry (each 0 when there is none; the identity's is a
+/// second line, as bringing it forward revokes the identity's tokens).
+/// `None` when nothing would be left of it.
+pub fn token_exp(
+    now_ms: u64,
+    ttl_seconds: u64,
+    caller_expires_ms: u64,
+    identity_expires_ms: u64,
+) -> Option<u64> {
+    let mut exp = now_ms.saturating_add(ttl_seconds.saturating_mul(1000));
+    for limit in [caller_expires_ms, identity_expires_ms] {
+        if limit != 0 {
+            exp = exp.min(limit);
+        }
+    }
+    exp -= exp % 1000;
+    (exp > now_ms - now_ms % 1000).then_some(exp)
+}
+
 /// Picks the audience and TTL of a request against its role.
 pub fn choose(
     role: &RoleRecord,
@@ -599,6 +620,26 @@ mod tests {
     use super::*;
     use crate::barrier::BarrierOptions;
     use crate::storage::SledBackend;
+
+    #[test]
+    fn an_identity_tokens_exp_is_capped_by_the_caller_and_the_identity() {
+        let now = 1_700_000_000_500;
+        // The role's TTL alone, to the whole second.
+        assert_eq!(token_exp(now, 600, 0, 0), Some(1_700_000_600_000));
+        // The caller's token ends first.
+        assert_eq!(
+            token_exp(now, 600, now + 30_000, 0),
+            Some(1_700_000_030_000)
+        );
+        // The identity's expiry ends first, though the caller's token lives on.
+        assert_eq!(
+            token_exp(now, 600, now + 3_600_000, now + 120_000),
+            Some(1_700_000_120_000)
+        );
+        // Nothing left: within the current second.
+        assert_eq!(token_exp(now, 600, now + 400, 0), None);
+        assert_eq!(token_exp(now, 600, 0, now + 200), None);
+    }
 
     fn issuer() -> (tempfile::TempDir, Issuer) {
         let dir = tempfile::tempdir().unwrap();

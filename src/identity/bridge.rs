@@ -13,8 +13,8 @@ impl TokenRevoker for TokenStore {
 }
 
 impl CertificateRevoker for PkiStore {
-    fn revoke_issued_for(&self, identity: &str, now_ms: u64) -> Result<u32, IdentityError> {
-        PkiStore::revoke_issued_for(self, identity, now_ms)
+    fn revoke_issued_for(&self, identities: &[&str], now_ms: u64) -> Result<u32, IdentityError> {
+        PkiStore::revoke_issued_for_any(self, identities, now_ms)
             .map_err(|e| IdentityError::Certificates(e.to_string()))
     }
 }

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{CertificateRevoker, IdentityStore, Swept, TokenRevoker};
+use super::{CertificateRevoker, IdentityStore, TokenRevoker};
 use crate::barrier::Barrier;
 use crate::clock::{Clock, Shutdown};
 
@@ -31,29 +31,47 @@ pub struct IdentityExpiry {
 
 impl IdentityExpiry {
     /// Sleeps until the next identity expiry (at most [`SWEEP_EVERY`], or
-    /// until an expiry is set), revokes what is due; until `shutdown`.
+    /// until an expiry is set), revokes what is due; until `shutdown`. The
+    /// first sweep that runs catches up on the certificates of identities
+    /// that expired before 0.6.15 (see [`IdentityStore::sweep_expired`]); a
+    /// sweep that failed for some identity waits [`SWEEP_EVERY`] before the
+    /// next, so a store that keeps failing is not read again every
+    /// [`MIN_SLEEP`].
     pub async fn run(self, shutdown: Shutdown) {
         let this = Arc::new(self);
+        let mut caught_up = false;
+        let mut failed = false;
         loop {
-            let wait = this.next_wait();
+            let wait = if failed {
+                SWEEP_EVERY
+            } else {
+                this.next_wait()
+            };
             tokio::select! {
                 _ = this.clock.sleep(wait) => {}
-                _ = this.identities.expiry_changed() => continue,
+                _ = this.identities.expiry_changed(), if !failed => continue,
                 _ = shutdown.wait() => return,
             }
             if this.barrier.status().sealed {
                 continue;
             }
             let sweep = Arc::clone(&this);
+            let catch_up = !caught_up;
             // Its writes go under the leader term's fence, if any.
             let fence = crate::storage::cluster::current();
             match tokio::task::spawn_blocking(move || {
-                crate::storage::cluster::blocking(fence, || sweep.sweep_once())
+                crate::storage::cluster::blocking(fence, || sweep.sweep_once(catch_up))
             })
             .await
             {
-                Ok(()) => {}
-                Err(e) => tracing::warn!(error = %e, "identity expiry sweep panicked"),
+                Ok(ok) => {
+                    caught_up |= ok;
+                    failed = !ok;
+                }
+                Err(e) => {
+                    failed = true;
+                    tracing::warn!(error = %e, "identity expiry sweep panicked");
+                }
             }
         }
     }
@@ -65,26 +83,30 @@ impl IdentityExpiry {
         }
     }
 
-    /// One sweep, now (blocking: it reads and writes the store).
-    pub fn sweep_once(&self) {
+    /// One sweep, now (blocking: it reads and writes the store); with
+    /// `catch_up`, also the certificates of identities handled before.
+    /// Whether it went through for every identity.
+    pub fn sweep_once(&self, catch_up: bool) -> bool {
         match self.identities.sweep_expired(
             self.tokens.as_ref(),
             self.certificates.as_ref(),
             self.clock.now_ms(),
+            catch_up,
         ) {
-            Ok(Swept {
-                tokens: 0,
-                certificates: 0,
-            }) => {}
-            Ok(Swept {
-                tokens,
-                certificates,
-            }) => tracing::info!(
-                tokens,
-                certificates,
-                "tokens and certificates of expired identities revoked"
-            ),
-            Err(e) => tracing::warn!(error = %e, "identity expiry sweep failed"),
+            Ok(swept) => {
+                if swept.tokens > 0 || swept.certificates > 0 {
+                    tracing::info!(
+                        tokens = swept.tokens,
+                        certificates = swept.certificates,
+                        "tokens and certificates of expired identities revoked"
+                    );
+                }
+                swept.failed == 0
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "identity expiry sweep failed");
+                false
+            }
         }
     }
 }

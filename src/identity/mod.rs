@@ -440,18 +440,21 @@ pub trait TokenRevoker {
     fn revoke_identity(&self, identity: &str, now_ms: u64) -> Result<u32, IdentityError>;
 }
 
-/// Revokes the certificates issued to log in as an identity, when its
+/// Revokes the certificates issued to log in as identities, when their
 /// expiry passes. `PkiStore` implements it.
 pub trait CertificateRevoker {
-    /// Revokes the valid certificates issued for `identity`; returns how many.
-    fn revoke_issued_for(&self, identity: &str, now_ms: u64) -> Result<u32, IdentityError>;
+    /// Revokes the valid certificates issued for any of `identities`;
+    /// returns how many.
+    fn revoke_issued_for(&self, identities: &[&str], now_ms: u64) -> Result<u32, IdentityError>;
 }
 
-/// What one expiry sweep revoked.
+/// What one expiry sweep revoked, and for how many identities it failed
+/// (each is tried again at the next sweep).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Swept {
     pub tokens: u32,
     pub certificates: u32,
+    pub failed: u32,
 }
 
 /// Whether a policy exists. `PolicyStore` implements it.
@@ -921,8 +924,11 @@ impl IdentityStore {
             // (or be renewed, or have children) past it.
             let mut sooner = false;
             if let Some(expires) = update.expires_at_ms {
-                sooner =
-                    expires != 0 && (record.expires_at_ms == 0 || expires < record.expires_at_ms);
+                // By more than a second: the API takes an expiry in
+                // seconds from now, so a date set again lands within one.
+                sooner = expires != 0
+                    && (record.expires_at_ms == 0
+                        || expires.saturating_add(1000) < record.expires_at_ms);
                 record.expires_at_ms = expires;
                 record.expiry_handled = false;
             }
@@ -1197,35 +1203,69 @@ impl IdentityStore {
     /// hard limit, so for them this is the second line, not the first; a
     /// certificate is also used outside keyward, where only the CRL tells
     /// that its identity is gone.
+    ///
+    /// The certificates of every identity due go in one call (one pass over
+    /// the inventory, one CRL). With `catch_up`, those of identities whose
+    /// expiry was handled already are revoked too: versions before 0.6.15
+    /// left them valid (the sweep's first pass in a process does it). An
+    /// identity is marked handled only once its tokens and the certificates
+    /// are revoked; one whose tokens or mark fail is counted, logged and
+    /// left for the next sweep, and the others go on.
     pub fn sweep_expired(
         &self,
         tokens: &dyn TokenRevoker,
         certificates: &dyn CertificateRevoker,
         now_ms: u64,
+        catch_up: bool,
     ) -> Result<Swept, IdentityError> {
-        let mut revoked = Swept::default();
-        for record in self.all()? {
-            if record.is_expired(now_ms) && !record.expiry_handled {
-                revoked.tokens += tokens.revoke_identity(&record.name, now_ms)?;
-                revoked.certificates += certificates.revoke_issued_for(&record.name, now_ms)?;
-                let handled = self.modify_record(&record.name, |draft| {
-                    let fresh = &mut draft.record;
-                    // Not if its expiry moved (or another node marked it).
-                    if fresh.is_expired(now_ms) && !fresh.expiry_handled {
-                        fresh.expiry_handled = true;
-                    } else {
-                        draft.write = RecordWrite::Keep;
-                    }
-                    Ok(())
-                });
-                match handled {
-                    // Deleted since: its delete revoked its tokens.
-                    Ok(_) | Err(IdentityError::NotFound) => {}
-                    Err(e) => return Err(e),
+        let expired: Vec<IdentityRecord> = self
+            .all()?
+            .into_iter()
+            .filter(|r| r.is_expired(now_ms))
+            .collect();
+        let mut swept = Swept::default();
+        let mut due = Vec::new();
+        for record in expired.iter().filter(|r| !r.expiry_handled) {
+            match tokens.revoke_identity(&record.name, now_ms) {
+                Ok(n) => {
+                    swept.tokens += n;
+                    due.push(record.name.as_str());
+                }
+                Err(error) => {
+                    swept.failed += 1;
+                    tracing::warn!(identity = %record.name, %error, "expiry sweep: the identity's tokens were not revoked");
                 }
             }
         }
-        Ok(revoked)
+        let certified: Vec<&str> = if catch_up {
+            expired.iter().map(|r| r.name.as_str()).collect()
+        } else {
+            due.clone()
+        };
+        if !certified.is_empty() {
+            swept.certificates = certificates.revoke_issued_for(&certified, now_ms)?;
+        }
+        for name in due {
+            let handled = self.modify_record(name, |draft| {
+                let fresh = &mut draft.record;
+                // Not if its expiry moved (or another node marked it).
+                if fresh.is_expired(now_ms) && !fresh.expiry_handled {
+                    fresh.expiry_handled = true;
+                } else {
+                    draft.write = RecordWrite::Keep;
+                }
+                Ok(())
+            });
+            match handled {
+                // Deleted since: its delete revoked its tokens.
+                Ok(_) | Err(IdentityError::NotFound) => {}
+                Err(error) => {
+                    swept.failed += 1;
+                    tracing::warn!(identity = %name, %error, "expiry sweep: the identity was not marked handled");
+                }
+            }
+        }
+        Ok(swept)
     }
 
     /// Makes a secret-id for role-id login; its text is returned once.

@@ -56,13 +56,32 @@ impl Revocations {
         self.2.lock().unwrap().insert(identity.to_owned(), 2);
     }
 }
-/// Records the identities whose certificates were revoked; each had one.
+/// Records the identities whose certificates were revoked, a list per
+/// call; each had one.
 #[derive(Default)]
-struct CertRevocations(Mutex<Vec<String>>);
+struct CertRevocations(Mutex<Vec<Vec<String>>>);
+impl CertRevocations {
+    fn calls(&self) -> Vec<Vec<String>> {
+        self.0.lock().unwrap().clone()
+    }
+}
 impl CertificateRevoker for CertRevocations {
-    fn revoke_issued_for(&self, identity: &str, _now_ms: u64) -> Result<u32, IdentityError> {
-        self.0.lock().unwrap().push(identity.to_owned());
-        Ok(1)
+    fn revoke_issued_for(&self, identities: &[&str], _now_ms: u64) -> Result<u32, IdentityError> {
+        let names: Vec<String> = identities.iter().map(|n| n.to_string()).collect();
+        self.0.lock().unwrap().push(names);
+        Ok(u32::try_from(identities.len()).unwrap())
+    }
+}
+
+/// Revokes tokens as [`Revocations`] does, but fails for `ci`.
+#[derive(Default)]
+struct FailsForCi(Revocations);
+impl TokenRevoker for FailsForCi {
+    fn revoke_identity(&self, identity: &str, now_ms: u64) -> Result<u32, IdentityError> {
+        if identity == "ci" {
+            return Err(IdentityError::Tokens("refused".into()));
+        }
+        self.0.revoke_identity(identity, now_ms)
     }
 }
 
@@ -235,17 +254,18 @@ fn disable_expire_and_delete_revoke_tokens() {
     short.expires_at_ms = NOW + 1000;
     f.store.create(short, &AllPolicies, NOW).unwrap();
     let certs = CertRevocations::default();
-    let swept = |at| f.store.sweep_expired(&revoked, &certs, at).unwrap();
+    let swept = |at| f.store.sweep_expired(&revoked, &certs, at, false).unwrap();
     assert_eq!(swept(NOW), Swept::default());
     assert_eq!(
         swept(NOW + 1000),
         Swept {
             tokens: 2,
-            certificates: 1
+            certificates: 1,
+            failed: 0
         }
     );
     assert_eq!(swept(NOW + 2000), Swept::default(), "once");
-    assert_eq!(*certs.0.lock().unwrap(), vec!["short"]);
+    assert_eq!(certs.calls(), vec![vec!["short"]]);
 
     let sid = f
         .store
@@ -780,6 +800,11 @@ fn an_expiry_brought_forward_revokes_the_identitys_tokens() {
     assert!(revocations_after(at(NOW + 3_600_000)) > 0, "from none");
     assert!(revocations_after(at(NOW + 60_000)) > 0, "to sooner");
     assert_eq!(revocations_after(at(NOW + 60_000)), 0, "the same");
+    assert_eq!(
+        revocations_after(at(NOW + 59_500)),
+        0,
+        "the same date set again, within the second the API rounds to"
+    );
     assert_eq!(revocations_after(at(NOW + 7_200_000)), 0, "later");
     assert_eq!(revocations_after(at(0)), 0, "never");
     assert!(revocations_after(at(NOW - 1)) > 0, "passed");
@@ -787,9 +812,85 @@ fn an_expiry_brought_forward_revokes_the_identitys_tokens() {
     assert!(!record.expiry_handled, "left to the sweep");
     let certs = CertRevocations::default();
     f.store
-        .sweep_expired(&Revocations::default(), &certs, NOW)
+        .sweep_expired(&Revocations::default(), &certs, NOW, false)
         .unwrap();
-    assert_eq!(*certs.0.lock().unwrap(), vec!["ci"]);
+    assert_eq!(certs.calls(), vec![vec!["ci"]]);
+}
+
+/// An identity the sweep fails for is counted and left for the next sweep
+/// (not marked handled); the others are swept, their certificates in one
+/// call. The first sweep of a process (`catch_up`) also revokes the
+/// certificates of identities handled before (versions before 0.6.15 left
+/// them valid).
+#[test]
+fn the_expiry_sweep_goes_on_past_a_failure_and_catches_up_on_certificates() {
+    let f = fixture();
+    for n in ["ci", "web", "old"] {
+        let mut short = new(n);
+        short.expires_at_ms = NOW + 1000;
+        f.store.create(short, &AllPolicies, NOW).unwrap();
+    }
+    // "old" was handled by an older version: its certificates are valid.
+    let certs = CertRevocations::default();
+    f.store
+        .sweep_expired(
+            &Revocations::default(),
+            &CertRevocations::default(),
+            NOW + 1000,
+            false,
+        )
+        .unwrap();
+    f.store
+        .update(
+            &name("ci"),
+            IdentityUpdate {
+                expires_at_ms: Some(NOW + 1500),
+                ..Default::default()
+            },
+            &AllPolicies,
+            &Revocations::default(),
+            NOW + 1000,
+        )
+        .unwrap();
+    f.store
+        .update(
+            &name("web"),
+            IdentityUpdate {
+                expires_at_ms: Some(NOW + 1500),
+                ..Default::default()
+            },
+            &AllPolicies,
+            &Revocations::default(),
+            NOW + 1000,
+        )
+        .unwrap();
+
+    let swept = f
+        .store
+        .sweep_expired(&FailsForCi::default(), &certs, NOW + 2000, false)
+        .unwrap();
+    assert_eq!(swept.failed, 1);
+    assert_eq!(
+        certs.calls(),
+        vec![vec!["web"]],
+        "one call, without the failed one"
+    );
+    assert!(
+        !f.store.get("ci").unwrap().unwrap().expiry_handled,
+        "tried again later"
+    );
+    assert!(f.store.get("web").unwrap().unwrap().expiry_handled);
+
+    let certs = CertRevocations::default();
+    let swept = f
+        .store
+        .sweep_expired(&Revocations::default(), &certs, NOW + 3000, true)
+        .unwrap();
+    assert_eq!(swept.failed, 0);
+    let mut called = certs.calls().concat();
+    called.sort();
+    assert_eq!(called, vec!["ci", "old", "web"], "every expired identity");
+    assert_eq!(certs.calls().len(), 1);
 }
 
 /// The expiry sweep read an expired identity before another node moved
@@ -817,7 +918,7 @@ fn an_expiry_moved_on_another_node_during_a_sweep_is_kept() {
             )
             .unwrap();
     });
-    one.sweep_expired(&revoked, &CertRevocations::default(), NOW + 2_000)
+    one.sweep_expired(&revoked, &CertRevocations::default(), NOW + 2_000, false)
         .unwrap();
     assert!(!one.before_record_write.is_set(), "the hook ran");
     let stored = two.get("ci").unwrap().unwrap();
@@ -1361,7 +1462,7 @@ async fn the_expiry_sweep_revokes_when_the_clock_passes_the_expiry() {
     }
     assert!(clock.now_ms() < NOW + 60_000 + expiry::SWEEP_EVERY.as_millis() as u64 + 1_000);
     assert_eq!(*revoked.0.lock().unwrap(), vec!["short"]);
-    assert_eq!(*certs.0.lock().unwrap(), vec!["short"]);
+    assert_eq!(certs.calls(), vec![vec!["short"]]);
     // Once: later sweeps (one every SWEEP_EVERY) leave it alone.
     for _ in 0..20 {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;

@@ -942,16 +942,34 @@ impl PkiStore {
     /// made again under the name. Nothing to revoke: nothing written, the
     /// CRL not signed again.
     pub fn revoke_issued_for(&self, identity: &str, now_ms: u64) -> Result<u32, PkiError> {
+        self.revoke_issued_for_any(&[identity], now_ms)
+    }
+
+    /// [`Self::revoke_issued_for`] for several identities at once (the
+    /// expiry sweep's): one pass over the inventory, one CRL.
+    pub fn revoke_issued_for_any(&self, identities: &[&str], now_ms: u64) -> Result<u32, PkiError> {
+        let identities: std::collections::HashSet<&str> = identities.iter().copied().collect();
         let serials: Vec<String> = self
             .list(None, now_ms)?
             .into_iter()
-            .filter(|c| c.revoked_at_ms == 0 && c.not_after_ms > now_ms && c.identity == identity)
+            .filter(|c| {
+                c.revoked_at_ms == 0
+                    && c.not_after_ms > now_ms
+                    && identities.contains(c.identity.as_str())
+            })
             .map(|c| c.serial)
             .collect();
         if serials.is_empty() {
             return Ok(0);
         }
         self.revoke_serials(&serials, now_ms)
+    }
+
+    /// Revokes a certificate that its own issue refused after recording it
+    /// (the identity it logs in as changed meanwhile): the issue's own
+    /// check is its authority, so no proof is asked for.
+    pub fn take_back(&self, serial: &str, now_ms: u64) -> Result<u32, PkiError> {
+        self.revoke_serials(&[serial.to_owned()], now_ms)
     }
 
     /// Marks `serials` revoked (those still valid), in batches that fit the
