@@ -342,9 +342,11 @@ pub fn build_sign(
 /// inventory (durably) with who asked.
 ///
 /// The identities are read again once it is recorded, as for a secret-id:
-/// a disable or an expiry brought forward that ran meanwhile (on another
-/// node) takes the certificate back, since the expiry sweep may have
-/// listed the inventory before it was there.
+/// a disable, an expiry brought forward, a delete (with a new identity
+/// under the name, or none) or new policies that came meanwhile (on another
+/// node) take the certificate back, since the expiry sweep or the delete
+/// may have listed the inventory before it was there; so does a read that
+/// fails.
 pub async fn record_built(core: &Core, call: &mut Call, built: &mut Built) -> Result<(), Failure> {
     let holders = holders_of(core, call, built)?;
     for record in &holders {
@@ -361,15 +363,37 @@ pub async fn record_built(core: &Core, call: &mut Call, built: &mut Built) -> Re
         .map(|c| c.identity.clone())
         .unwrap_or_default();
     call.check(core.pki.record(built))?;
-    let holders = holders_of(core, call, built)?;
-    if let Err(refused) = may_hold(&holders, built, core.clock().now_ms()) {
+    let refused = match holders_of(core, call, built) {
+        Ok(again) if !same_holders(&holders, &again) => Some(Ok(PkiError::HolderChanged)),
+        Ok(again) => may_hold(&again, built, core.clock().now_ms()).err().map(Ok),
+        Err(failure) => Some(Err(failure)),
+    };
+    if let Some(refused) = refused {
         let now = core.clock().now_ms();
-        call.check(core.pki.take_back(&built.record.serial, now))?;
-        call.check(core.barrier.durable().await)?;
-        return Err(call.fail(refused));
+        let taken_back = core.pki.take_back(&built.record.serial, now);
+        if let Err(error) = &taken_back {
+            tracing::warn!(serial = %built.record.serial, %error, "a certificate refused after it was recorded could not be revoked");
+        }
+        return Err(match refused {
+            Ok(refused) => {
+                call.check(taken_back)?;
+                call.check(core.barrier.durable().await)?;
+                call.fail(refused)
+            }
+            Err(failure) => failure,
+        });
     }
     call.check(core.barrier.durable().await)?;
     Ok(())
+}
+
+/// Whether two reads found the same identities: the same names, made at
+/// the same time (not deleted and made again), with the same policies.
+fn same_holders(before: &[IdentityRecord], after: &[IdentityRecord]) -> bool {
+    before.len() == after.len()
+        && before.iter().zip(after).all(|(a, b)| {
+            a.name == b.name && a.created_at_ms == b.created_at_ms && a.policies == b.policies
+        })
 }
 
 /// The identities a certificate would make its holder (by SPIFFE ID, then

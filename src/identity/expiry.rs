@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{CertificateRevoker, IdentityStore, TokenRevoker};
+use super::{CertificateRevoker, IdentityError, IdentityStore, Swept, TokenRevoker};
 use crate::barrier::Barrier;
 use crate::clock::{Clock, Shutdown};
 
@@ -64,9 +64,11 @@ impl IdentityExpiry {
             })
             .await
             {
-                Ok(ok) => {
-                    caught_up |= ok;
-                    failed = !ok;
+                Ok(outcome) => {
+                    // The catch-up is done once its certificates are: an
+                    // identity whose tokens keep failing does not repeat it.
+                    caught_up |= outcome.is_ok();
+                    failed = !matches!(outcome, Ok(swept) if swept.failed == 0);
                 }
                 Err(e) => {
                     failed = true;
@@ -85,8 +87,9 @@ impl IdentityExpiry {
 
     /// One sweep, now (blocking: it reads and writes the store); with
     /// `catch_up`, also the certificates of identities handled before.
-    /// Whether it went through for every identity.
-    pub fn sweep_once(&self, catch_up: bool) -> bool {
+    /// Logs what it did; `Err` when it stopped (no certificate revoked),
+    /// else what it revoked and for how many identities it failed.
+    pub fn sweep_once(&self, catch_up: bool) -> Result<Swept, IdentityError> {
         match self.identities.sweep_expired(
             self.tokens.as_ref(),
             self.certificates.as_ref(),
@@ -101,11 +104,11 @@ impl IdentityExpiry {
                         "tokens and certificates of expired identities revoked"
                     );
                 }
-                swept.failed == 0
+                Ok(swept)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "identity expiry sweep failed");
-                false
+                Err(e)
             }
         }
     }

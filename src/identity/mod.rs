@@ -924,11 +924,8 @@ impl IdentityStore {
             // (or be renewed, or have children) past it.
             let mut sooner = false;
             if let Some(expires) = update.expires_at_ms {
-                // By more than a second: the API takes an expiry in
-                // seconds from now, so a date set again lands within one.
-                sooner = expires != 0
-                    && (record.expires_at_ms == 0
-                        || expires.saturating_add(1000) < record.expires_at_ms);
+                sooner =
+                    expires != 0 && (record.expires_at_ms == 0 || expires < record.expires_at_ms);
                 record.expires_at_ms = expires;
                 record.expiry_handled = false;
             }

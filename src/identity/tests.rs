@@ -800,10 +800,9 @@ fn an_expiry_brought_forward_revokes_the_identitys_tokens() {
     assert!(revocations_after(at(NOW + 3_600_000)) > 0, "from none");
     assert!(revocations_after(at(NOW + 60_000)) > 0, "to sooner");
     assert_eq!(revocations_after(at(NOW + 60_000)), 0, "the same");
-    assert_eq!(
-        revocations_after(at(NOW + 59_500)),
-        0,
-        "the same date set again, within the second the API rounds to"
+    assert!(
+        revocations_after(at(NOW + 59_500)) > 0,
+        "sooner by less than a second (steps must not add up)"
     );
     assert_eq!(revocations_after(at(NOW + 7_200_000)), 0, "later");
     assert_eq!(revocations_after(at(0)), 0, "never");

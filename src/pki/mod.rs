@@ -57,6 +57,8 @@ pub enum PkiError {
     /// every policy of an identity that has none, and still not `read` it.
     #[error("the certificate would log in as an identity that is disabled or past its expiry")]
     InactiveIdentity,
+    #[error("the identity the certificate would log in as changed while it was issued: ask again")]
+    HolderChanged,
     #[error("the certificate would outlive the expiry of the identity it logs in as: ask for a shorter ttl")]
     OutlivesIdentity,
     #[error("no certificate with serial {0} in the inventory")]

@@ -281,6 +281,10 @@ pub struct PkiStore {
     /// A CA is made once and never replaced, so the kept one stays right;
     /// only a CA that exists is kept.
     signer: std::sync::RwLock<Option<Arc<Signer>>>,
+    /// Tests (integration tests too, so not `test_hook`): runs once right
+    /// after a certificate is recorded.
+    #[allow(clippy::type_complexity)]
+    after_record: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 /// The signing CA ready to sign: its issuer (key and name), how it was
@@ -352,7 +356,16 @@ impl PkiStore {
             ca_lock: std::sync::Mutex::new(()),
             last_crl: std::sync::Mutex::new(None),
             signer: std::sync::RwLock::new(None),
+            after_record: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Test hook: runs `f` once, right after the next certificate is
+    /// recorded (what another node may do between an issue's record and
+    /// its second read of the identities).
+    #[doc(hidden)]
+    pub fn danger_test_after_record(&self, f: impl FnOnce() + Send + 'static) {
+        *self.after_record.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
     }
 
     /// Drops the CA's parsed private key from memory (called at seal).
@@ -832,6 +845,14 @@ impl PkiStore {
         let json = serde_json::to_vec(&built.record).map_err(|_| PkiError::Corrupt)?;
         self.barrier
             .put(&format!("{CERTS}{}", built.record.serial), &json)?;
+        let hook = self
+            .after_record
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(hook) = hook {
+            hook();
+        }
         Ok(())
     }
 

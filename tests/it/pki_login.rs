@@ -381,3 +381,60 @@ async fn no_certificate_outlives_or_follows_its_identitys_expiry() {
         "the CRL lists the serial"
     );
 }
+
+/// A delete of the identity (and a new identity made under its name) that
+/// runs between an issue's record and its second read of the identities:
+/// the delete's revocation listed the inventory before the certificate was
+/// there, so the issue takes the certificate back itself. Otherwise it
+/// would log in as the new identity, which nobody checked it against.
+#[tokio::test]
+async fn a_certificate_recorded_while_its_identity_is_deleted_is_taken_back() {
+    let (server, root) = client_pki("gone").await;
+    let name = unique("gone");
+    let spiffe = format!("spiffe://acme.test/gone/{name}");
+    bound(&root, &name, &spiffe).await;
+    let core = server.core.clone();
+    let (gone, again) = (name.clone(), spiffe.clone());
+    let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hook_ran = ran.clone();
+    server.core.pki.danger_test_after_record(move || {
+        // What `identity delete` does, then a new identity under the name,
+        // bound to the same SPIFFE ID (made at a later millisecond).
+        let now = core.clock().now_ms();
+        let id = keyward::identity::IdentityName::parse(&gone).unwrap();
+        core.pki.revoke_issued_for(&gone, now).unwrap();
+        core.identities.delete(&id, &core.tokens, now).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let made = keyward::identity::NewIdentity {
+            name: id.clone(),
+            kind: keyward::identity::IdentityKind::Workload,
+            owner: "someone-else".into(),
+            description: String::new(),
+            policies: Vec::new(),
+            expires_at_ms: 0,
+        };
+        core.identities
+            .create(made, &core.policies, core.clock().now_ms())
+            .unwrap();
+        core.identities.bind_cert(&id, None, Some(&again)).unwrap();
+        hook_ran.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let (csr_pem, _key) = csr(&[spiffe.as_str()], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let refused = root
+        .pki_sign("gone", &csr_pem, 60)
+        .await
+        .expect_err("a certificate whose identity was made again meanwhile");
+    assert!(
+        ran.load(std::sync::atomic::Ordering::SeqCst),
+        "the hook ran"
+    );
+    assert_eq!(refused.code(), Some(Code::Aborted), "{refused}");
+    let valid: Vec<_> = root
+        .pki_list(0)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.identity == name && c.revoked_at.is_none())
+        .collect();
+    assert!(valid.is_empty(), "a valid certificate is left: {valid:?}");
+}

@@ -338,6 +338,7 @@ impl From<PkiError> for Failure {
             PkiError::NoRole(_) | PkiError::NoCert(_) => {
                 Self::new(FailureKind::NotFound, e.to_string())
             }
+            PkiError::HolderChanged => Self::new(FailureKind::Aborted, e.to_string()),
             PkiError::CaExists | PkiError::InactiveIdentity => {
                 Self::new(FailureKind::Conflict, e.to_string())
             }
