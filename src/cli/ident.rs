@@ -397,7 +397,26 @@ pub async fn identity(g: &Global, format: Format, cmd: IdentityCommand) -> Resul
         }
         IdentityCommand::Update(args) => {
             let request = args.request()?;
-            identity_json(&connect(g).await?.identity_update(request).await?)
+            let client = connect(g).await?;
+            // Best effort (it needs `read`, the update only `write`): the
+            // expiry before, to say when the update logs the identity out.
+            let before = match request.expires_in_seconds {
+                Some(seconds) if seconds > 0 => client.identity_get(&request.name).await.ok(),
+                _ => None,
+            };
+            let updated = client.identity_update(request).await?;
+            if let Some(before) = before {
+                let was = before.expires_at.map(|t| (t.seconds, t.nanos));
+                let now = updated.expires_at.map(|t| (t.seconds, t.nanos));
+                if now.is_some() && (was.is_none() || now < was) {
+                    eprintln!(
+                        "note: the expiry of {} was brought forward, so its tokens were revoked: \
+                         its clients log in again",
+                        updated.name
+                    );
+                }
+            }
+            identity_json(&updated)
         }
         IdentityCommand::Disable {
             name,

@@ -435,6 +435,37 @@ async fn identity_and_login_from_the_command_line() {
     let t: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(t["token"].as_str().unwrap().starts_with("kwt_"));
     assert!(t["accessor"].is_string() && t["expires_at"].is_string());
+    // An expiry brought forward logs the identity out, and says so; one
+    // pushed later does neither.
+    let token_env = [
+        env[0],
+        env[1],
+        ("KEYWARD_TOKEN", t["token"].as_str().unwrap()),
+        env[3],
+    ];
+    let (status, _, err) = cli(&["token", "lookup"], &token_env, None);
+    assert_eq!(status, 0, "{err}");
+    let (status, _, err) = cli(
+        &["identity", "update", &name, "--expires", "60d"],
+        &env,
+        None,
+    );
+    assert_eq!(status, 0, "{err}");
+    assert!(!err.contains("brought forward"), "{err}");
+    let (status, _, err) = cli(&["token", "lookup"], &token_env, None);
+    assert_eq!(status, 0, "a later expiry keeps the token: {err}");
+    let (status, _, err) = cli(
+        &["identity", "update", &name, "--expires", "1d"],
+        &env,
+        None,
+    );
+    assert_eq!(status, 0, "{err}");
+    assert!(
+        err.contains("brought forward, so its tokens were revoked"),
+        "{err}"
+    );
+    let (status, _, _) = cli(&["token", "lookup"], &token_env, None);
+    assert_ne!(status, 0, "the token was revoked");
     let (status, out, err) = cli(&["identity", "list", "--kind", "ai-agent"], &env, None);
     assert_eq!(status, 0, "{err}");
     assert!(out.contains(&name));
