@@ -105,6 +105,14 @@ fn new(name: &str) -> NewIdentity {
     }
 }
 
+/// An update that sets the expiry and nothing else.
+fn expiring_at(ms: u64) -> IdentityUpdate {
+    IdentityUpdate {
+        expires_at_ms: Some(ms),
+        ..Default::default()
+    }
+}
+
 fn name(text: &str) -> IdentityName {
     IdentityName::parse(text).unwrap()
 }
@@ -786,10 +794,6 @@ fn a_delete_read_before_a_binding_on_another_node_deletes_it_too() {
 fn an_expiry_brought_forward_revokes_the_identitys_tokens() {
     let f = fixture();
     f.store.create(new("ci"), &AllPolicies, NOW).unwrap();
-    let at = |ms| IdentityUpdate {
-        expires_at_ms: Some(ms),
-        ..Default::default()
-    };
     let revocations_after = |update| {
         let revoked = Revocations::default();
         f.store
@@ -797,16 +801,22 @@ fn an_expiry_brought_forward_revokes_the_identitys_tokens() {
             .unwrap();
         revoked.1.load(Ordering::SeqCst)
     };
-    assert!(revocations_after(at(NOW + 3_600_000)) > 0, "from none");
-    assert!(revocations_after(at(NOW + 60_000)) > 0, "to sooner");
-    assert_eq!(revocations_after(at(NOW + 60_000)), 0, "the same");
     assert!(
-        revocations_after(at(NOW + 59_500)) > 0,
+        revocations_after(expiring_at(NOW + 3_600_000)) > 0,
+        "from none"
+    );
+    assert!(
+        revocations_after(expiring_at(NOW + 60_000)) > 0,
+        "to sooner"
+    );
+    assert_eq!(revocations_after(expiring_at(NOW + 60_000)), 0, "the same");
+    assert!(
+        revocations_after(expiring_at(NOW + 59_500)) > 0,
         "sooner by less than a second (steps must not add up)"
     );
-    assert_eq!(revocations_after(at(NOW + 7_200_000)), 0, "later");
-    assert_eq!(revocations_after(at(0)), 0, "never");
-    assert!(revocations_after(at(NOW - 1)) > 0, "passed");
+    assert_eq!(revocations_after(expiring_at(NOW + 7_200_000)), 0, "later");
+    assert_eq!(revocations_after(expiring_at(0)), 0, "never");
+    assert!(revocations_after(expiring_at(NOW - 1)) > 0, "passed");
     let record = f.store.get("ci").unwrap().unwrap();
     assert!(!record.expiry_handled, "left to the sweep");
     let certs = CertRevocations::default();
@@ -824,13 +834,13 @@ fn an_expiry_brought_forward_revokes_the_identitys_tokens() {
 #[test]
 fn the_expiry_sweep_goes_on_past_a_failure_and_catches_up_on_certificates() {
     let f = fixture();
-    for n in ["ci", "web", "old"] {
+    let expiring = |n| {
         let mut short = new(n);
         short.expires_at_ms = NOW + 1000;
         f.store.create(short, &AllPolicies, NOW).unwrap();
-    }
+    };
     // "old" was handled by an older version: its certificates are valid.
-    let certs = CertRevocations::default();
+    expiring("old");
     f.store
         .sweep_expired(
             &Revocations::default(),
@@ -839,30 +849,9 @@ fn the_expiry_sweep_goes_on_past_a_failure_and_catches_up_on_certificates() {
             false,
         )
         .unwrap();
-    f.store
-        .update(
-            &name("ci"),
-            IdentityUpdate {
-                expires_at_ms: Some(NOW + 1500),
-                ..Default::default()
-            },
-            &AllPolicies,
-            &Revocations::default(),
-            NOW + 1000,
-        )
-        .unwrap();
-    f.store
-        .update(
-            &name("web"),
-            IdentityUpdate {
-                expires_at_ms: Some(NOW + 1500),
-                ..Default::default()
-            },
-            &AllPolicies,
-            &Revocations::default(),
-            NOW + 1000,
-        )
-        .unwrap();
+    expiring("ci");
+    expiring("web");
+    let certs = CertRevocations::default();
 
     let swept = f
         .store
@@ -899,18 +888,20 @@ fn the_expiry_sweep_goes_on_past_a_failure_and_catches_up_on_certificates() {
 fn an_expiry_moved_on_another_node_during_a_sweep_is_kept() {
     let (_d, one, two) = two_nodes();
     let revoked = Revocations::default();
-    let at = |ms| IdentityUpdate {
-        expires_at_ms: Some(ms),
-        ..Default::default()
-    };
-    one.update(&name("ci"), at(NOW + 1_000), &AllPolicies, &revoked, NOW)
-        .unwrap();
+    one.update(
+        &name("ci"),
+        expiring_at(NOW + 1_000),
+        &AllPolicies,
+        &revoked,
+        NOW,
+    )
+    .unwrap();
     let other = two.clone();
     one.before_record_write.set(move || {
         other
             .update(
                 &name("ci"),
-                at(NOW + 3_600_000),
+                expiring_at(NOW + 3_600_000),
                 &AllPolicies,
                 &Revocations::default(),
                 NOW + 2_000,
@@ -999,14 +990,10 @@ fn an_expired_identity_gets_no_secret_id() {
         f.store.list_secret_ids(&name("short"), NOW).unwrap().len(),
         1
     );
-    let later = IdentityUpdate {
-        expires_at_ms: Some(NOW + 60_000),
-        ..Default::default()
-    };
     f.store
         .update(
             &name("short"),
-            later,
+            expiring_at(NOW + 60_000),
             &AllPolicies,
             &Revocations::default(),
             NOW + 1_000,
@@ -1037,13 +1024,9 @@ fn secret_id_made_while(
 #[test]
 fn a_secret_id_made_while_the_expiry_passes_on_another_node_is_refused() {
     let (left, made) = secret_id_made_while(NOW + 2_000, |two| {
-        let past = IdentityUpdate {
-            expires_at_ms: Some(NOW + 1_500),
-            ..Default::default()
-        };
         two.update(
             &name("ci"),
-            past,
+            expiring_at(NOW + 1_500),
             &AllPolicies,
             &Revocations::default(),
             NOW,

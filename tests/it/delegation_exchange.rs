@@ -8,7 +8,7 @@ use serde_json::Value;
 use tonic::Code;
 
 use crate::harness::{data, eventually, unique, TestServer};
-use crate::ident_kit::{create, login};
+use crate::ident_kit::{create, expire_in, login};
 use keyward::client::{Client, ClientError, ExchangeOptions, IssueOptions, PutOptions};
 
 fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> Code {
@@ -373,16 +373,7 @@ async fn an_agent_past_its_expiry_cannot_be_named_to_act() {
     let w = world().await;
     // Named while it is active: fine.
     w.may_act(&w.other_agent_name).await;
-    w.server
-        .root()
-        .await
-        .identity_update(keyward::proto::v1::UpdateIdentityRequest {
-            name: w.other_agent_name.clone(),
-            expires_in_seconds: Some(1),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    expire_in(&w.server.root().await, &w.other_agent_name, 1).await;
     // Waits for the expiry itself; from then on it may not be named.
     eventually("an expired agent may not be named to act", || async {
         let named = w

@@ -10,7 +10,7 @@ use tonic::Code;
 
 use crate::harness::{unique, TestServer};
 use crate::http_client::HttpClient;
-use crate::ident_kit::{create, login};
+use crate::ident_kit::{create, expire_in, login};
 use keyward::client::{Client, ClientError};
 use keyward::proto::v1::PutOidcIssuerRequest;
 
@@ -188,13 +188,7 @@ async fn an_identity_token_never_outlives_its_identity() {
     let (role, name, ci) = role_and_identity(&server, &["sts.example"]).await;
     let root = server.root().await;
     ci.identity_token(&role, None, None).await.unwrap();
-    root.identity_update(keyward::proto::v1::UpdateIdentityRequest {
-        name: name.clone(),
-        expires_in_seconds: Some(120),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    expire_in(&root, &name, 120).await;
     let expires = root.identity_get(&name).await.unwrap().expires_at.unwrap();
     assert_eq!(
         code(ci.identity_token(&role, None, None).await),

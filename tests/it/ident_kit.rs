@@ -14,7 +14,18 @@ use serde_json::{json, Value};
 
 use crate::harness::{unique, TestServer};
 use keyward::client::Client;
-use keyward::proto::v1::{CreateIdentityRequest, TokenResponse};
+use keyward::proto::v1::{CreateIdentityRequest, TokenResponse, UpdateIdentityRequest};
+
+/// Sets identity `name`'s expiry `seconds` from now (0: never) with `root`.
+pub async fn expire_in(root: &Client, name: &str, seconds: u64) {
+    root.identity_update(UpdateIdentityRequest {
+        name: name.to_owned(),
+        expires_in_seconds: Some(seconds),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("identity update {name} --expires {seconds}s: {e}"));
+}
 
 /// A policy from TOML text, stored by the root client.
 pub async fn put_policy(server: &TestServer, name: &str, toml: &str) {

@@ -214,13 +214,7 @@ async fn deleted_and_expired_identities_lose_their_tokens() {
     // older tokens at once (they carry no expiry of their identity's).
     let (name, _, _, client) = reader(&server, &prefix).await;
     client.get(&path).await.unwrap();
-    root.identity_update(UpdateIdentityRequest {
-        name: name.clone(),
-        expires_in_seconds: Some(3600),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    expire_in(&root, &name, 3600).await;
     assert_eq!(
         code(client.get(&path).await),
         Code::Unauthenticated,

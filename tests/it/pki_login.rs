@@ -8,7 +8,7 @@
 use tonic::Code;
 
 use crate::harness::{data, eventually, unique, TestServer};
-use crate::ident_kit::{create, read_policy};
+use crate::ident_kit::{create, expire_in, read_policy};
 use crate::pki_kit::*;
 use keyward::client::{Client, ClientError, PutOptions};
 
@@ -330,13 +330,7 @@ async fn no_certificate_outlives_or_follows_its_identitys_expiry() {
     let name = unique("brief");
     let spiffe = format!("spiffe://acme.test/brief/{name}");
     bound(&root, &name, &spiffe).await;
-    root.identity_update(keyward::proto::v1::UpdateIdentityRequest {
-        name: name.clone(),
-        expires_in_seconds: Some(300),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    expire_in(&root, &name, 300).await;
     let (csr_pem, _key) = csr(&[spiffe.as_str()], &rcgen::PKCS_ECDSA_P256_SHA256);
     let long = root.pki_sign("brief", &csr_pem, 600).await;
     let refused = long.expect_err("a certificate outliving its identity");
@@ -346,13 +340,7 @@ async fn no_certificate_outlives_or_follows_its_identitys_expiry() {
     let expires = root.identity_get(&name).await.unwrap().expires_at.unwrap();
     assert!(short.expires_at.unwrap().seconds <= expires.seconds);
 
-    root.identity_update(keyward::proto::v1::UpdateIdentityRequest {
-        name: name.clone(),
-        expires_in_seconds: Some(1),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    expire_in(&root, &name, 1).await;
     // Waits for the expiry itself; then no certificate at all.
     eventually("no certificate for an expired identity", || async {
         matches!(
