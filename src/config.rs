@@ -64,6 +64,10 @@ pub struct ServerConfig {
     pub storage_backend: StorageBackend,
     /// `cluster.node_id`: this node's name among the nodes of one store.
     pub node_id: String,
+    /// `listen_threads`: threads that serve the gRPC listener's connections,
+    /// each with a runtime of its own (`server::lanes`); 0 serves them on
+    /// the process's shared runtime.
+    pub listen_threads: usize,
 }
 
 /// Where the store lives (`storage.backend`).
@@ -223,7 +227,22 @@ impl ServerConfig {
             anomaly: crate::anomaly::AnomalyConfig::default(),
             storage_backend: StorageBackend::Sled,
             node_id: DEFAULT_NODE_ID.to_owned(),
+            listen_threads: 0,
         }
+    }
+}
+
+/// The most `listen_threads` a configuration may ask for.
+pub const MAX_LISTEN_THREADS: usize = 256;
+
+/// `listen_threads` when none is given: a lane per core on sled; on etcd
+/// none (the connections are served on the shared runtime), because a
+/// call there blocks its thread for etcd's answers and a lane has no other
+/// thread to move its other calls to (`server::lanes`).
+pub fn default_listen_threads(backend: &StorageBackend) -> usize {
+    match backend {
+        StorageBackend::Sled => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        StorageBackend::Etcd(_) => 0,
     }
 }
 
@@ -591,6 +610,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ),
     ("storage.etcd.read_lease", "KEYWARD_STORAGE_ETCD_READ_LEASE"),
     ("cluster.node_id", "KEYWARD_CLUSTER_NODE_ID"),
+    ("listen_threads", "KEYWARD_LISTEN_THREADS"),
 ];
 
 fn flatten(
@@ -739,7 +759,15 @@ pub fn parse(src: &dyn Source, base: &Path) -> Result<ServerConfig, ConfigError>
             ));
         }
     }
+    let listen_threads = number("listen_threads", default_listen_threads(&storage_backend))?;
+    if listen_threads > MAX_LISTEN_THREADS {
+        return Err(ConfigError::Invalid(
+            "listen_threads".into(),
+            "at most 256 (0 serves on the shared runtime)",
+        ));
+    }
     Ok(ServerConfig {
+        listen_threads,
         http_listen,
         listen: addr("listen", DEFAULT_LISTEN)?,
         storage_path: path("storage.path").ok_or(ConfigError::Missing("storage.path"))?,

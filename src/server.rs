@@ -10,6 +10,7 @@
 //! only the handles it uses (never the `Core`), and is awaited at shutdown
 //! within [`DRAIN_DEADLINE`].
 
+mod lanes;
 mod leader;
 mod limits;
 mod tasks;
@@ -349,8 +350,12 @@ impl Server {
         if let Some(listener) = self.http_listener.take() {
             self.start_http(&mut tasks, listener, health)?;
         }
-        let served = self.serve_until(router, listener, shutdown).await;
+        let (served, lanes) = self.serve_until(router, listener, shutdown).await;
         self.stop(tasks).await;
+        // Last: what calls started on a lane ran until the server stopped.
+        if let Some(lanes) = lanes {
+            lanes.release().await;
+        }
         served
     }
 
@@ -574,12 +579,14 @@ impl Server {
 
     /// Serves calls until `shutdown` resolves (or the server's own trigger
     /// fires), then lets in-flight calls finish within `DRAIN_DEADLINE`.
+    /// Served on lanes, it also returns them, to be released once the
+    /// server has stopped.
     async fn serve_until(
         &self,
         router: GrpcRouter,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
-    ) -> Result<(), ServerError> {
+    ) -> (Result<(), ServerError>, Option<lanes::Lanes>) {
         let gate = limits::ConnectionGate::new(self.config.server_limits.max_connections);
         let incoming = TcpIncoming::from(listener)
             .with_nodelay(Some(true))
@@ -587,15 +594,27 @@ impl Server {
                 Ok(stream) => gate.admit(stream).map(Ok),
                 Err(e) => Some(Err(e)),
             });
-        let signal = self.shutdown.signal();
-        let stop = async move { signal.wait().await };
         // TLS is keyward's own (server/tls.rs): the client-certificate trust
         // store changes at run time (PKI).
+        let tls = match &self.config.tls {
+            Some(tls) => match tls::server_config(tls, self.core.pki.trust()) {
+                Ok(config) => Some(config),
+                Err(e) => return (Err(e), None),
+            },
+            None => None,
+        };
+        if self.config.listen_threads > 0 {
+            return match self.serve_on_lanes(router, incoming, tls, shutdown).await {
+                Ok((served, lanes)) => (served, Some(lanes)),
+                Err(e) => (Err(e), None),
+            };
+        }
+        let signal = self.shutdown.signal();
+        let stop = async move { signal.wait().await };
         let serving: std::pin::Pin<
             Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
-        > = match &self.config.tls {
-            Some(tls) => {
-                let config = tls::server_config(tls, self.core.pki.trust())?;
+        > = match tls {
+            Some(config) => {
                 Box::pin(router.serve_with_incoming_shutdown(tls::accept(incoming, config), stop))
             }
             None => Box::pin(router.serve_with_incoming_shutdown(incoming, stop)),
@@ -603,19 +622,76 @@ impl Server {
         tokio::pin!(serving);
         tokio::select! {
             result = &mut serving => {
-                return result.map_err(|e| ServerError::Transport(e.to_string()));
+                return (result.map_err(|e| ServerError::Transport(e.to_string())), None);
             }
             () = shutdown => {}
         }
         tracing::info!("shutting down: draining in-flight calls");
         self.begin_shutdown();
-        match tokio::time::timeout(DRAIN_DEADLINE, serving).await {
+        let served = match tokio::time::timeout(DRAIN_DEADLINE, serving).await {
             Ok(result) => result.map_err(|e| ServerError::Transport(e.to_string())),
             Err(_) => {
                 tracing::warn!("drain deadline passed; closing remaining calls");
                 Ok(())
             }
+        };
+        (served, None)
+    }
+
+    /// [`Server::serve_until`] with the connections served on
+    /// `listen_threads` lanes (`lanes`): this runtime accepts and hands
+    /// each admitted connection over; each lane drains its own calls.
+    async fn serve_on_lanes(
+        &self,
+        router: GrpcRouter,
+        incoming: impl tokio_stream::Stream<Item = std::io::Result<limits::Admitted>>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(Result<(), ServerError>, lanes::Lanes), ServerError> {
+        if matches!(
+            self.config.storage_backend,
+            crate::config::StorageBackend::Etcd(_)
+        ) {
+            tracing::warn!(
+                lanes = self.config.listen_threads,
+                "listen_threads on etcd: a call waiting for etcd holds up the other calls of its \
+                 lane (0, the default on etcd, serves on the shared runtime)"
+            );
         }
+        let setup = lanes::LaneSetup {
+            router,
+            tls,
+            shutdown: self.shutdown.signal(),
+            drain: DRAIN_DEADLINE,
+        };
+        let mut lanes = lanes::Lanes::start(self.config.listen_threads, &setup, &self.core.metrics)
+            .map_err(|e| ServerError::Transport(format!("cannot start a serving thread: {e}")))?;
+        drop(setup);
+        {
+            // The listener closes as the shutdown begins, before the drain:
+            // new clients are refused at once and can go elsewhere.
+            let signal = self.shutdown.signal();
+            tokio::pin!(incoming);
+            tokio::pin!(shutdown);
+            loop {
+                tokio::select! {
+                    accepted = incoming.next() => match accepted {
+                        Some(Ok(conn)) => lanes.hand_off(conn),
+                        Some(Err(e)) => tracing::debug!(error = %e, "accept failed"),
+                        None => break,
+                    },
+                    () = &mut shutdown => break,
+                    () = signal.wait() => break,
+                }
+            }
+        }
+        tracing::info!("shutting down: draining in-flight calls");
+        self.begin_shutdown();
+        let served = lanes
+            .drain()
+            .await
+            .map_err(|e| ServerError::Transport(e.to_string()));
+        Ok((served, lanes))
     }
 
     /// Tells every task and stream to stop; rotation workers stop at a step

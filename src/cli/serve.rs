@@ -30,7 +30,12 @@ pub(super) async fn dev(
     } else {
         Some(parse_addr(http_listen, "--http-listen")?)
     };
-    let mut vault = keyward::dev::open(data, metrics).await?;
+    let threads = dev_listen_threads()?;
+    let mut vault =
+        keyward::dev::open_with(data, metrics, keyward::clock::Clock::system(), |config| {
+            config.listen_threads = threads
+        })
+        .await?;
     let listener = bind(listen).await?;
     let metrics_listener = bind_optional(metrics).await?;
     let http_listener = bind_optional(http).await?;
@@ -47,6 +52,22 @@ pub(super) async fn dev(
         .await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `listen_threads` of a dev server: `KEYWARD_LISTEN_THREADS` if set, else
+/// the default of a sled server (a lane per core).
+fn dev_listen_threads() -> Result<usize> {
+    use keyward::config::{default_listen_threads, StorageBackend, MAX_LISTEN_THREADS};
+    match std::env::var("KEYWARD_LISTEN_THREADS") {
+        Err(_) => Ok(default_listen_threads(&StorageBackend::Sled)),
+        Ok(v) => match v.parse::<usize>() {
+            Ok(n) if n <= MAX_LISTEN_THREADS => Ok(n),
+            _ => Err(UsageError(format!(
+                "KEYWARD_LISTEN_THREADS: expected a number from 0 to {MAX_LISTEN_THREADS}"
+            ))
+            .into()),
+        },
+    }
 }
 
 /// What a shell needs to talk to the dev server (the root token included:

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -49,6 +50,7 @@ impl ConnectionGate {
                 Some(Admitted {
                     stream,
                     _slot: slot,
+                    _seat: None,
                 })
             }
             Err(_) => {
@@ -68,6 +70,50 @@ impl ConnectionGate {
 pub(super) struct Admitted {
     stream: TcpStream,
     _slot: OwnedSemaphorePermit,
+    /// The lane serving it, if one does (`lanes`).
+    _seat: Option<Seat>,
+}
+
+/// An admitted connection on its way to a lane (`lanes`): its socket
+/// belongs to no runtime, and it still holds its slot.
+pub(super) struct Departed {
+    stream: std::net::TcpStream,
+    slot: OwnedSemaphorePermit,
+    seat: Seat,
+}
+
+/// One of a lane's open connections: counted while it lives.
+struct Seat(Gauge);
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl Admitted {
+    /// Takes the socket off this runtime, counted in `open` (a lane's
+    /// connections) until the connection closes.
+    pub(super) fn leave_runtime(self, open: Gauge) -> io::Result<Departed> {
+        let stream = self.stream.into_std()?;
+        open.inc();
+        Ok(Departed {
+            stream,
+            slot: self._slot,
+            seat: Seat(open),
+        })
+    }
+}
+
+impl Departed {
+    /// Registers the socket with the runtime this is called on.
+    pub(super) fn join_runtime(self) -> io::Result<Admitted> {
+        Ok(Admitted {
+            stream: TcpStream::from_std(self.stream)?,
+            _slot: self.slot,
+            _seat: Some(self.seat),
+        })
+    }
 }
 
 impl Connected for Admitted {

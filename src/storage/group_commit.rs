@@ -141,6 +141,11 @@ impl Inner {
     /// The first round was marked started by the caller that spawned this
     /// runner; a chained one is marked after its linger, when it begins.
     async fn run(self: Arc<Self>) {
+        // Dropped before the last round is told (its runtime ended under
+        // it): the callers of the round in progress get an error and the
+        // next caller starts a new runner, instead of every later caller
+        // waiting for a runner that is gone.
+        let mut stranded = Stranded(Some(Arc::clone(&self)));
         let mut chained = false;
         loop {
             if chained {
@@ -175,9 +180,30 @@ impl Inner {
                 chained = true;
             } else {
                 rounds.running = false;
+                stranded.0 = None;
                 return;
             }
         }
+    }
+}
+
+/// The runner's guard: see [`Inner::run`].
+struct Stranded(Option<Arc<Inner>>);
+
+impl Drop for Stranded {
+    fn drop(&mut self) {
+        let Some(inner) = self.0.take() else {
+            return;
+        };
+        let mut rounds = inner.rounds.lock().unwrap_or_else(PoisonError::into_inner);
+        rounds.running = false;
+        // Every caller waiting fails: none of their rounds will run. A
+        // later caller's round comes after these.
+        rounds.started = rounds.started.max(rounds.requested);
+        inner.done.send_replace(Finished {
+            round: rounds.started,
+            result: Err(StorageError::Io("flush: the flush task was stopped".into())),
+        });
     }
 }
 
@@ -369,6 +395,58 @@ mod tests {
             task.await.unwrap().unwrap();
         }
         assert_eq!(commit.flush_count(), 2, "the late callers shared round 2");
+    }
+
+    /// The runner lives on the runtime of the caller that started it (a
+    /// lane of the server, `server::lanes`). If that runtime ends mid-round,
+    /// the callers waiting elsewhere fail instead of waiting for ever, and
+    /// the next caller starts a runner of its own.
+    #[test]
+    fn a_runner_stopped_with_its_runtime_fails_its_callers_and_the_next_starts_anew() {
+        let gate = gate();
+        let commit = Arc::new(GroupCommit::with_linger(
+            gate.backend.clone(),
+            Duration::ZERO,
+        ));
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let lane = runtime();
+        lane.block_on(async {
+            tokio::spawn({
+                let commit = Arc::clone(&commit);
+                async move { commit.durable().await }
+            });
+            gate.flush_began().await;
+        });
+        let other = runtime();
+        other.block_on(async {
+            let waiting = tokio::spawn({
+                let commit = Arc::clone(&commit);
+                async move { commit.durable().await }
+            });
+            for _ in 0..8 {
+                tokio::task::yield_now().await;
+            }
+            assert!(!waiting.is_finished());
+            // The runner's runtime ends while its flush hangs.
+            lane.shutdown_background();
+            let failed = tokio::time::timeout(Duration::from_secs(30), waiting)
+                .await
+                .expect("a caller waiting on a stopped runner should fail, not hang")
+                .unwrap();
+            assert!(failed.unwrap_err().to_string().contains("stopped"));
+            // One release for the stranded flush, one for the next round.
+            gate.release.send(()).unwrap();
+            gate.release.send(()).unwrap();
+            tokio::time::timeout(Duration::from_secs(30), commit.durable())
+                .await
+                .expect("the next caller starts a runner")
+                .unwrap();
+        });
     }
 
     #[tokio::test]

@@ -58,7 +58,13 @@ fn relying_party_accepts(
 #[tokio::test(start_paused = true)]
 async fn a_scheduled_rotation_keeps_b_trusting_a_and_the_old_key_leaves_after_the_longest_ttl() {
     // A: an issuer whose key rotates every 30 minutes.
-    let a = TestServer::dev_with(|c| c.federation.rotation_period = PERIOD).await;
+    // Both servers serve on the test's runtime (no lanes): a lane's runtime
+    // keeps the real time, and this test moves tokio's paused clock.
+    let a = TestServer::dev_with(|c| {
+        c.federation.rotation_period = PERIOD;
+        c.listen_threads = 0;
+    })
+    .await;
     let issuer = format!("https://127.0.0.1:{}", a.http_addr.port());
     let mut config = a.core.federation.config();
     config.issuer = Some(issuer.clone());
@@ -102,6 +108,7 @@ async fn a_scheduled_rotation_keeps_b_trusting_a_and_the_old_key_leaves_after_th
     let b = TestServer::dev_with(move |c| {
         c.oidc.ca_file = Some(a_ca);
         c.oidc.allow_private_hosts = true;
+        c.listen_threads = 0;
     })
     .await;
     let b_root = b.root().await;

@@ -80,6 +80,21 @@ pub fn series_value(text: &str, series: &str) -> Option<f64> {
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
 }
 
+/// The lanes an in-process test server serves its gRPC connections on
+/// (`listen_threads`): the path `keyward server` takes on sled, with more
+/// than one lane so that connections and calls cross between them.
+pub const LANES: usize = 2;
+
+/// A dev vault over an existing folder, serving on [`LANES`] lanes.
+async fn open_dev_on_lanes(
+    dir: &std::path::Path,
+) -> Result<keyward::dev::DevVault, keyward::dev::DevError> {
+    keyward::dev::open_with(dir, None, keyward::clock::Clock::system(), |config| {
+        config.listen_threads = LANES;
+    })
+    .await
+}
+
 /// An in-process server over TLS on 127.0.0.1:0.
 pub struct TestServer {
     pub dir: tempfile::TempDir,
@@ -103,14 +118,19 @@ impl TestServer {
         Self::dev_with(|_| {}).await
     }
 
-    /// [`Self::dev`] with its configuration adjusted before it opens.
+    /// [`Self::dev`] with its configuration adjusted before it opens. It
+    /// serves on [`LANES`] lanes unless `adjust` says otherwise (a test on
+    /// tokio's paused clock must: a lane's runtime keeps the real time).
     pub async fn dev_with(adjust: impl FnOnce(&mut ServerConfig)) -> Self {
         install_crypto();
         let dir = private_tempdir();
         let clock = keyward::clock::Clock::system();
-        let vault = keyward::dev::open_with(dir.path(), None, clock, adjust)
-            .await
-            .unwrap();
+        let vault = keyward::dev::open_with(dir.path(), None, clock, |config| {
+            config.listen_threads = LANES;
+            adjust(config);
+        })
+        .await
+        .unwrap();
         let root_token = vault.credentials.root_token.clone();
         let unseal_share = vault.credentials.unseal_share.clone();
         let ca = vault.certs.ca.clone();
@@ -121,7 +141,7 @@ impl TestServer {
     /// unseals with the stored dev credentials).
     pub async fn restart(self) -> Self {
         let dir = self.stop().await;
-        let vault = keyward::dev::open(dir.path(), None).await.unwrap();
+        let vault = open_dev_on_lanes(dir.path()).await.unwrap();
         let root_token = vault.credentials.root_token.clone();
         let unseal_share = vault.credentials.unseal_share.clone();
         let ca = vault.certs.ca.clone();
@@ -132,7 +152,7 @@ impl TestServer {
     /// fixture): it unseals with the folder's dev credentials.
     pub async fn open_dev(dir: tempfile::TempDir) -> Result<Self, keyward::dev::DevError> {
         install_crypto();
-        let vault = keyward::dev::open(dir.path(), None).await?;
+        let vault = open_dev_on_lanes(dir.path()).await?;
         let root_token = vault.credentials.root_token.clone();
         let unseal_share = vault.credentials.unseal_share.clone();
         let ca = vault.certs.ca.clone();
@@ -150,6 +170,7 @@ impl TestServer {
                 key: certs.server_key.clone(),
                 client_ca: Some(certs.ca.clone()),
             }),
+            listen_threads: LANES,
             ..ServerConfig::local(dir.path().join("data"), dir.path().join("audit.log"))
         };
         let server = Server::open(config).unwrap();

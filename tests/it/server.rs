@@ -104,3 +104,52 @@ async fn plaintext_clients_are_refused_by_a_tls_server() {
         ),
     }
 }
+
+/// The connections of a server on lanes (`listen_threads`, here the
+/// harness's two): each goes to the lane with the fewest open, every call
+/// is answered whichever lane serves it, and a lane's count falls as its
+/// connections close.
+#[tokio::test]
+async fn connections_are_spread_over_the_lanes_and_counted_until_they_close() {
+    use crate::harness::{eventually, series_value, LANES};
+    assert_eq!(LANES, 2);
+    let server = TestServer::dev().await;
+    let lanes = || async {
+        let text = scrape_path(server.metrics_addr, "/metrics").await;
+        let open = |n: usize| {
+            series_value(
+                &text,
+                &format!("keyward_listen_lane_connections{{lane=\"{n}\"}}"),
+            )
+            .unwrap_or(-1.0)
+        };
+        (open(0), open(1))
+    };
+    let path = unique("laned");
+    let first = server.root().await;
+    first
+        .put(&path, &data(&[("k", "v")]), PutOptions::default())
+        .await
+        .unwrap();
+    let mut clients = vec![first];
+    for _ in 0..5 {
+        clients.push(server.root().await);
+    }
+    for (n, client) in clients.iter().enumerate() {
+        let got = client.get(&path).await.unwrap();
+        assert_eq!(got.field_str("k"), Some("v"), "connection {n}");
+    }
+    let (zero, one) = lanes().await;
+    assert!(
+        zero >= 3.0 && one >= 3.0 && (zero - one).abs() <= 1.0,
+        "six connections over two lanes: {zero} and {one}"
+    );
+    drop(clients);
+    eventually("every lane's connections are closed", || async {
+        lanes().await == (0.0, 0.0)
+    })
+    .await;
+    // A lane that served takes new connections afterwards.
+    let again = server.root().await;
+    assert!(again.get(&path).await.is_ok());
+}

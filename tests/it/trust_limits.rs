@@ -99,6 +99,9 @@ impl Limited {
                 client_ca: Some(certs.ca.clone()),
             }),
             server_limits: limits,
+            // The connection gate in front of lanes, as `keyward server`
+            // serves on sled.
+            listen_threads: 2,
             ..ServerConfig::local(dir.path().join("data"), dir.path().join("audit.log"))
         };
         let server = Server::open(config).unwrap();
