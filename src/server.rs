@@ -57,6 +57,9 @@ pub use tasks::Tasks;
 
 /// How long in-flight calls may take to finish after shutdown begins.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+/// How much longer than `DRAIN_DEADLINE` the server waits for its lanes
+/// to drain (each applies the deadline itself, on its own thread).
+const LANE_DRAIN_SLACK: Duration = Duration::from_secs(2);
 /// How often the in-memory usage table is written (also at seal and shutdown).
 pub const USAGE_PERSIST_EVERY: Duration = Duration::from_secs(60);
 /// How long a new connection may take to finish its TLS handshake; it holds
@@ -676,7 +679,15 @@ impl Server {
             loop {
                 tokio::select! {
                     accepted = incoming.next() => match accepted {
-                        Some(Ok(conn)) => lanes.hand_off(conn),
+                        Some(Ok(conn)) => {
+                            if !lanes.hand_off(conn) {
+                                // Only a panic ends a lane early: a server
+                                // that cannot serve stops, rather than
+                                // accept and close every connection.
+                                tracing::error!("every lane has stopped: shutting down");
+                                break;
+                            }
+                        }
                         Some(Err(e)) => tracing::debug!(error = %e, "accept failed"),
                         None => break,
                     },
@@ -687,10 +698,16 @@ impl Server {
         }
         tracing::info!("shutting down: draining in-flight calls");
         self.begin_shutdown();
-        let served = lanes
-            .drain()
-            .await
-            .map_err(|e| ServerError::Transport(e.to_string()));
+        // Each lane keeps the drain deadline on its own clock; this bound
+        // holds even if a lane's thread is stuck in a call that blocks it.
+        let served =
+            match tokio::time::timeout(DRAIN_DEADLINE + LANE_DRAIN_SLACK, lanes.drain()).await {
+                Ok(result) => result.map_err(|e| ServerError::Transport(e.to_string())),
+                Err(_) => {
+                    tracing::warn!("a lane did not finish draining in time");
+                    Ok(())
+                }
+            };
         Ok((served, lanes))
     }
 

@@ -44,9 +44,14 @@ use super::{tls, GrpcRouter};
 use crate::clock::Shutdown;
 use crate::metrics::Metrics;
 
+/// Threads each lane's blocking pool may start (tokio's default is 512 a
+/// runtime, and a server may have up to 256 lanes).
+const LANE_BLOCKING_THREADS: usize = 64;
+
 /// The running lanes of one server.
 pub(super) struct Lanes {
     lanes: Vec<Lane>,
+    drain: Duration,
 }
 
 struct Lane {
@@ -89,20 +94,22 @@ impl Lanes {
                 .clone();
             lanes.push(Lane::start(n, setup, gauge)?);
         }
-        Ok(Self { lanes })
+        Ok(Self {
+            lanes,
+            drain: setup.drain,
+        })
     }
 
     /// Hands `conn` to the open lane with the fewest connections. A
-    /// connection no lane can take is closed.
-    pub(super) fn hand_off(&self, conn: Admitted) {
+    /// connection no lane can take is closed; false when no lane is open.
+    pub(super) fn hand_off(&self, conn: Admitted) -> bool {
         let Some(lane) = self
             .lanes
             .iter()
             .filter(|lane| !lane.handoff.is_closed())
             .min_by_key(|lane| lane.open.get())
         else {
-            tracing::warn!("no lane is serving: closing a new connection");
-            return;
+            return false;
         };
         match conn.leave_runtime(lane.open.clone()) {
             Ok(conn) => {
@@ -115,6 +122,7 @@ impl Lanes {
             }
             Err(e) => tracing::debug!(error = %e, "cannot hand a connection to a lane"),
         }
+        true
     }
 
     /// Waits until every lane has stopped serving: the shutdown has fired,
@@ -133,8 +141,10 @@ impl Lanes {
     }
 
     /// Lets every lane's runtime end (what still runs on it is dropped)
-    /// and waits for their threads.
+    /// and waits for their threads, at most about twice the drain deadline
+    /// (a lane waits up to one for its blocking tasks).
     pub(super) async fn release(self) {
+        let bound = self.drain * 2 + Duration::from_secs(2);
         let threads: Vec<_> = self
             .lanes
             .into_iter()
@@ -150,7 +160,9 @@ impl Lanes {
                 }
             }
         });
-        let _ = joined.await;
+        if tokio::time::timeout(bound, joined).await.is_err() {
+            tracing::warn!("a lane's thread did not end in time; left to end on its own");
+        }
     }
 }
 
@@ -161,6 +173,7 @@ impl Lane {
         let (release, released) = oneshot::channel::<()>();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            .max_blocking_threads(LANE_BLOCKING_THREADS)
             .build()?;
         let router = setup.router.clone();
         let tls = setup.tls.clone();
@@ -177,6 +190,9 @@ impl Lane {
                     // Up until the server has stopped (or is gone).
                     let _ = released.await;
                 });
+                // A blocking task still running (a scan, a snapshot) is
+                // waited for only this long; it then ends on its own.
+                runtime.shutdown_timeout(drain);
             })?;
         Ok(Self {
             n,
