@@ -986,6 +986,42 @@ mod tests {
     }
 
     #[test]
+    fn listen_threads_default_to_a_lane_per_core_on_sled_and_none_on_etcd() {
+        let sled = [("storage.path", "d"), ("audit.path", "a")];
+        let etcd = [
+            ("storage.path", "d"),
+            ("audit.path", "a"),
+            ("storage.backend", "etcd"),
+            ("storage.etcd.endpoints", "http://127.0.0.1:2379"),
+        ];
+        let parsed = |base: &[(&str, &str)], extra: Option<&str>| {
+            let mut pairs = base.to_vec();
+            if let Some(n) = extra {
+                pairs.push(("listen_threads", n));
+            }
+            parse(&src(&pairs), Path::new("."))
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(parsed(&sled, None).unwrap().listen_threads, cores);
+        assert_eq!(parsed(&etcd, None).unwrap().listen_threads, 0);
+        assert_eq!(parsed(&sled, Some("0")).unwrap().listen_threads, 0);
+        assert_eq!(parsed(&etcd, Some("3")).unwrap().listen_threads, 3);
+        assert_eq!(parsed(&sled, Some("256")).unwrap().listen_threads, 256);
+        for bad in ["257", "-1", "two"] {
+            assert!(
+                matches!(
+                    parsed(&sled, Some(bad)),
+                    Err(ConfigError::Invalid(key, _)) if key == "listen_threads"
+                ),
+                "{bad}"
+            );
+        }
+        // The library's own starting point serves on the caller's runtime.
+        let local = ServerConfig::local("d".into(), "a".into());
+        assert_eq!(local.listen_threads, 0);
+    }
+
+    #[test]
     fn server_limits_have_defaults_and_refuse_zero_and_a_too_small_request() {
         let base = [("storage.path", "d"), ("audit.path", "a")];
         let c = parse(&src(&base), Path::new(".")).unwrap();

@@ -702,7 +702,7 @@ impl Server {
         // holds even if a lane's thread is stuck in a call that blocks it.
         let served =
             match tokio::time::timeout(DRAIN_DEADLINE + LANE_DRAIN_SLACK, lanes.drain()).await {
-                Ok(result) => result.map_err(|e| ServerError::Transport(e.to_string())),
+                Ok(result) => result.map_err(ServerError::Transport),
                 Err(_) => {
                     tracing::warn!("a lane did not finish draining in time");
                     Ok(())

@@ -128,12 +128,15 @@ impl Lanes {
     /// Waits until every lane has stopped serving: the shutdown has fired,
     /// and each drains its calls within the drain deadline. Their runtimes
     /// stay up until [`Lanes::release`].
-    pub(super) async fn drain(&mut self) -> Result<(), tonic::transport::Error> {
+    pub(super) async fn drain(&mut self) -> Result<(), String> {
         let mut result = Ok(());
         for lane in &mut self.lanes {
             if let Some(served) = lane.served.take() {
-                if let Ok(Err(e)) = served.await {
-                    result = Err(e);
+                match served.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => result = Err(e.to_string()),
+                    // Its thread ended without a word: it panicked.
+                    Err(_) => result = Err(format!("lane {} stopped serving", lane.n)),
                 }
             }
         }
@@ -153,13 +156,23 @@ impl Lanes {
                 lane.thread
             })
             .collect();
-        let joined = tokio::task::spawn_blocking(move || {
-            for thread in threads {
-                if thread.join().is_err() {
-                    tracing::error!("a lane's thread panicked");
+        // Joined on a thread of its own, not the blocking pool: a lane
+        // stuck past the bound must not hold up the runtime's own end.
+        let (joined_tx, joined) = oneshot::channel::<()>();
+        let joiner = std::thread::Builder::new()
+            .name("keyward-lane-join".into())
+            .spawn(move || {
+                for thread in threads {
+                    if thread.join().is_err() {
+                        tracing::error!("a lane's thread panicked");
+                    }
                 }
-            }
-        });
+                let _ = joined_tx.send(());
+            });
+        if joiner.is_err() {
+            tracing::warn!("cannot wait for the lanes' threads; left to end on their own");
+            return;
+        }
         if tokio::time::timeout(bound, joined).await.is_err() {
             tracing::warn!("a lane's thread did not end in time; left to end on its own");
         }

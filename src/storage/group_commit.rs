@@ -21,9 +21,7 @@
 //! that chains rounds runs in its own task, so a caller that gives up (its
 //! future is dropped) never strands the callers waiting on the same round.
 //! The round bookkeeping sits under a std `Mutex` that is never held across an
-//! `.await`. The runner is spawned on the runtime the group commit was made
-//! on, and if that runtime ends under it, its guard fails the callers still
-//! waiting rather than leave them waiting for ever.
+//! `.await`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -41,11 +39,6 @@ pub const LINGER: Duration = Duration::from_millis(1);
 /// Shares `Backend::flush` between concurrent async callers.
 pub struct GroupCommit {
     inner: Arc<Inner>,
-    /// The runtime the runner is spawned on: the one this group commit was
-    /// made on (a server's shared runtime), not the caller's, which may be
-    /// a lane that is busy or gone (`server::lanes`). `None` outside a
-    /// runtime: then the caller's.
-    home: Option<tokio::runtime::Handle>,
 }
 
 struct Inner {
@@ -104,7 +97,6 @@ impl GroupCommit {
                 done,
                 flushes: AtomicU64::new(0),
             }),
-            home: tokio::runtime::Handle::try_current().ok(),
         }
     }
 
@@ -126,13 +118,7 @@ impl GroupCommit {
             if !rounds.running {
                 rounds.running = true;
                 rounds.started = target;
-                // The guard exists before the runner first runs: a runner
-                // dropped unpolled (its runtime ended) fails its callers too.
-                let runner = Inner::run(Arc::clone(&self.inner), Stranded::new(&self.inner));
-                match &self.home {
-                    Some(home) => drop(home.spawn(runner)),
-                    None => drop(tokio::spawn(runner)),
-                }
+                tokio::spawn(Inner::run(Arc::clone(&self.inner)));
             }
             target
         };
@@ -154,12 +140,12 @@ impl Inner {
     /// Runs rounds back to back while callers wait for one not yet started.
     /// The first round was marked started by the caller that spawned this
     /// runner; a chained one is marked after its linger, when it begins.
-    ///
-    /// `stranded` fires if the runner is dropped before the last round is
-    /// told (its runtime ended under it): the callers waiting get an error
-    /// and the next caller starts a new runner, instead of every later
-    /// caller waiting for a runner that is gone.
-    async fn run(self: Arc<Self>, mut stranded: Stranded) {
+    async fn run(self: Arc<Self>) {
+        // Dropped before the last round is told (its runtime ended under
+        // it): the callers of the round in progress get an error and the
+        // next caller starts a new runner, instead of every later caller
+        // waiting for a runner that is gone.
+        let mut stranded = Stranded(Some(Arc::clone(&self)));
         let mut chained = false;
         loop {
             if chained {
@@ -203,12 +189,6 @@ impl Inner {
 
 /// The runner's guard: see [`Inner::run`].
 struct Stranded(Option<Arc<Inner>>);
-
-impl Stranded {
-    fn new(inner: &Arc<Inner>) -> Self {
-        Self(Some(Arc::clone(inner)))
-    }
-}
 
 impl Drop for Stranded {
     fn drop(&mut self) {
@@ -466,57 +446,6 @@ mod tests {
                 .await
                 .expect("the next caller starts a runner")
                 .unwrap();
-        });
-    }
-
-    /// Made on a runtime (a server's shared one), a group commit runs its
-    /// rounds there, whatever runtime the caller that starts one is on: a
-    /// caller's lane ending mid-round does not stop the round.
-    #[test]
-    fn the_runner_lives_on_the_runtime_the_group_commit_was_made_on() {
-        let gate = gate();
-        let runtime = || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-        };
-        let home = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let commit = home.block_on(async {
-            Arc::new(GroupCommit::with_linger(
-                gate.backend.clone(),
-                Duration::ZERO,
-            ))
-        });
-        let lane = runtime();
-        lane.block_on(async {
-            tokio::spawn({
-                let commit = Arc::clone(&commit);
-                async move { commit.durable().await }
-            });
-            gate.flush_began().await;
-        });
-        home.block_on(async {
-            // A caller on the home runtime asks for round 2 while round 1
-            // hangs, then the lane that started round 1 ends.
-            let mut waiting = std::pin::pin!(commit.durable());
-            let first = std::future::poll_fn(|cx| {
-                std::task::Poll::Ready(std::future::Future::poll(waiting.as_mut(), cx))
-            })
-            .await;
-            assert!(first.is_pending());
-            lane.shutdown_background();
-            // Round 1 ends normally, and round 2 (the waiting caller's) too.
-            gate.release.send(()).unwrap();
-            gate.release.send(()).unwrap();
-            tokio::time::timeout(Duration::from_secs(30), waiting)
-                .await
-                .expect("the waiting caller's round should run")
-                .expect("the round should not fail: its runner is not on the lane");
         });
     }
 
