@@ -22,8 +22,18 @@
 //! future is dropped) never strands the callers waiting on the same round.
 //! The round bookkeeping sits under a std `Mutex` that is never held across an
 //! `.await`.
+//!
+//! The runner is spawned on the runtime the group commit was made on when
+//! that is a multi-thread runtime (a server's shared one), so that a busy
+//! caller's runtime (a lane, `server::lanes`) does not hold up the rounds of
+//! every other caller; otherwise on the caller's. (A current-thread runtime
+//! is no home: a test blocked in a synchronous call would hold up every
+//! round, and on tokio's paused clock a round on a thread outside the
+//! runtime would let the clock jump ahead.) If the runner's runtime ends
+//! under it, its guard fails the callers still waiting rather than leave
+//! them waiting for ever, and a home found gone is not used again.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -39,6 +49,9 @@ pub const LINGER: Duration = Duration::from_millis(1);
 /// Shares `Backend::flush` between concurrent async callers.
 pub struct GroupCommit {
     inner: Arc<Inner>,
+    /// The runtime the runner is spawned on: the multi-thread runtime this
+    /// group commit was made on (see the module's doc). `None`: the caller's.
+    home: Option<tokio::runtime::Handle>,
 }
 
 struct Inner {
@@ -48,6 +61,8 @@ struct Inner {
     /// The last finished round and its outcome.
     done: watch::Sender<Finished>,
     flushes: AtomicU64,
+    /// The home runtime dropped a runner unrun: callers' runtimes from now on.
+    home_gone: AtomicBool,
 }
 
 /// Round numbers start at 1; 0 means "none yet".
@@ -96,6 +111,10 @@ impl GroupCommit {
                 }),
                 done,
                 flushes: AtomicU64::new(0),
+                home_gone: AtomicBool::new(false),
+            }),
+            home: tokio::runtime::Handle::try_current().ok().filter(|handle| {
+                handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
             }),
         }
     }
@@ -106,7 +125,7 @@ impl GroupCommit {
     /// Must be called from within a tokio runtime.
     pub async fn durable(&self) -> Result<(), StorageError> {
         let mut done = self.inner.done.subscribe();
-        let target = {
+        let (target, runner) = {
             let mut rounds = self
                 .inner
                 .rounds
@@ -115,19 +134,49 @@ impl GroupCommit {
             // The running round (if any) may have begun before our write.
             let target = rounds.started + 1;
             rounds.requested = rounds.requested.max(target);
+            let mut runner = None;
             if !rounds.running {
                 rounds.running = true;
                 rounds.started = target;
-                tokio::spawn(Inner::run(Arc::clone(&self.inner)));
+                runner = Some(self.runner());
             }
-            target
+            (target, runner)
         };
+        // Spawned with the lock released: a runtime that has ended drops
+        // the runner at once, and its guard takes the lock.
+        if let Some((runner, on_home)) = runner {
+            match on_home {
+                Some(home) => drop(home.spawn(runner)),
+                None => drop(tokio::spawn(runner)),
+            }
+        }
         let finished = done
             .wait_for(|finished| finished.round >= target)
             .await
             .map_err(|_| StorageError::Io("flush: group commit stopped".into()))?;
         // A later round also began after our write: its outcome is ours.
         finished.result.clone()
+    }
+
+    /// A runner for the round just marked started, and the home runtime to
+    /// spawn it on (`None`: the caller's). Its guard exists before it first
+    /// runs, so a runner dropped unpolled fails its callers too.
+    fn runner(
+        &self,
+    ) -> (
+        impl std::future::Future<Output = ()> + Send + 'static,
+        Option<&tokio::runtime::Handle>,
+    ) {
+        let home = self
+            .home
+            .as_ref()
+            .filter(|_| !self.inner.home_gone.load(Ordering::Relaxed));
+        let guard = Stranded {
+            inner: Some(Arc::clone(&self.inner)),
+            polled: false,
+            on_home: home.is_some(),
+        };
+        (Inner::run(Arc::clone(&self.inner), guard), home)
     }
 
     /// How many flushes this group commit has run (failed ones included).
@@ -140,12 +189,13 @@ impl Inner {
     /// Runs rounds back to back while callers wait for one not yet started.
     /// The first round was marked started by the caller that spawned this
     /// runner; a chained one is marked after its linger, when it begins.
-    async fn run(self: Arc<Self>) {
-        // Dropped before the last round is told (its runtime ended under
-        // it): the callers of the round in progress get an error and the
-        // next caller starts a new runner, instead of every later caller
-        // waiting for a runner that is gone.
-        let mut stranded = Stranded(Some(Arc::clone(&self)));
+    ///
+    /// `stranded` fires if the runner is dropped before the last round is
+    /// told (its runtime ended under it): the callers waiting get an error
+    /// and the next caller starts a new runner, instead of every later
+    /// caller waiting for a runner that is gone.
+    async fn run(self: Arc<Self>, mut stranded: Stranded) {
+        stranded.polled = true;
         let mut chained = false;
         loop {
             if chained {
@@ -180,7 +230,7 @@ impl Inner {
                 chained = true;
             } else {
                 rounds.running = false;
-                stranded.0 = None;
+                stranded.inner = None;
                 return;
             }
         }
@@ -188,13 +238,23 @@ impl Inner {
 }
 
 /// The runner's guard: see [`Inner::run`].
-struct Stranded(Option<Arc<Inner>>);
+struct Stranded {
+    inner: Option<Arc<Inner>>,
+    /// The runner ran at least once.
+    polled: bool,
+    /// It was spawned on the home runtime.
+    on_home: bool,
+}
 
 impl Drop for Stranded {
     fn drop(&mut self) {
-        let Some(inner) = self.0.take() else {
+        let Some(inner) = self.inner.take() else {
             return;
         };
+        if self.on_home && !self.polled {
+            // The home runtime dropped it unrun: it has ended.
+            inner.home_gone.store(true, Ordering::Relaxed);
+        }
         let mut rounds = inner.rounds.lock().unwrap_or_else(PoisonError::into_inner);
         rounds.running = false;
         // Every caller waiting fails: none of their rounds will run. A
@@ -447,6 +507,93 @@ mod tests {
                 .expect("the next caller starts a runner")
                 .unwrap();
         });
+    }
+
+    /// Made on a runtime (a server's shared one), a group commit runs its
+    /// rounds there, whatever runtime the caller that starts one is on: a
+    /// caller's lane ending mid-round does not stop the round.
+    #[test]
+    fn the_runner_lives_on_the_runtime_the_group_commit_was_made_on() {
+        let gate = gate();
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let home = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let commit = home.block_on(async {
+            Arc::new(GroupCommit::with_linger(
+                gate.backend.clone(),
+                Duration::ZERO,
+            ))
+        });
+        let lane = runtime();
+        lane.block_on(async {
+            tokio::spawn({
+                let commit = Arc::clone(&commit);
+                async move { commit.durable().await }
+            });
+            gate.flush_began().await;
+        });
+        home.block_on(async {
+            // A caller on the home runtime asks for round 2 while round 1
+            // hangs, then the lane that started round 1 ends.
+            let mut waiting = std::pin::pin!(commit.durable());
+            let first = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(std::future::Future::poll(waiting.as_mut(), cx))
+            })
+            .await;
+            assert!(first.is_pending());
+            lane.shutdown_background();
+            // Round 1 ends normally, and round 2 (the waiting caller's) too.
+            gate.release.send(()).unwrap();
+            gate.release.send(()).unwrap();
+            tokio::time::timeout(Duration::from_secs(30), waiting)
+                .await
+                .expect("the waiting caller's round should run")
+                .expect("the round should not fail: its runner is not on the lane");
+        });
+    }
+
+    /// A group commit outliving the multi-thread runtime it was made on:
+    /// the first round spawned there is dropped unrun, its caller is told
+    /// so (no deadlock on the round lock), and later rounds run on the
+    /// callers' runtime.
+    #[test]
+    fn a_home_runtime_that_has_ended_is_not_used_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend: Arc<dyn Backend> = Arc::new(SledBackend::open(dir.path()).unwrap());
+        let home = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let commit = home.block_on(async { Arc::new(GroupCommit::new(backend)) });
+        assert!(commit.home.is_some());
+        drop(home);
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let caller = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let outcomes = caller.block_on(async {
+                let first = commit.durable().await;
+                let second = commit.durable().await;
+                (first, second)
+            });
+            let _ = tx.send(outcomes);
+        });
+        let (first, second) = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the callers should be answered, not stuck");
+        assert!(first.unwrap_err().to_string().contains("stopped"));
+        second.unwrap();
     }
 
     #[tokio::test]
