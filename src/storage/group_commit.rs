@@ -457,10 +457,10 @@ mod tests {
         assert_eq!(commit.flush_count(), 2, "the late callers shared round 2");
     }
 
-    /// The runner lives on the runtime of the caller that started it (a
-    /// lane of the server, `server::lanes`). If that runtime ends mid-round,
-    /// the callers waiting elsewhere fail instead of waiting for ever, and
-    /// the next caller starts a runner of its own.
+    /// A group commit made outside a multi-thread runtime runs its runner on
+    /// the runtime of the caller that starts a round. If that runtime ends
+    /// mid-round, the callers waiting elsewhere fail instead of waiting for
+    /// ever, and the next caller starts a runner of its own.
     #[test]
     fn a_runner_stopped_with_its_runtime_fails_its_callers_and_the_next_starts_anew() {
         let gate = gate();
