@@ -246,6 +246,24 @@ pub fn default_listen_threads(backend: &StorageBackend) -> usize {
     }
 }
 
+/// `listen_threads` from its value, if one is given: 0 to
+/// [`MAX_LISTEN_THREADS`]; else [`default_listen_threads`].
+pub fn parse_listen_threads(
+    value: Option<&str>,
+    backend: &StorageBackend,
+) -> Result<usize, ConfigError> {
+    let Some(value) = value else {
+        return Ok(default_listen_threads(backend));
+    };
+    match value.parse::<usize>() {
+        Ok(n) if n <= MAX_LISTEN_THREADS => Ok(n),
+        _ => Err(ConfigError::Invalid(
+            "listen_threads".into(),
+            "expected a number from 0 to 256 (0 serves on the shared runtime)",
+        )),
+    }
+}
+
 /// `cluster.node_id` when none is given.
 pub const DEFAULT_NODE_ID: &str = "kw1";
 
@@ -759,13 +777,8 @@ pub fn parse(src: &dyn Source, base: &Path) -> Result<ServerConfig, ConfigError>
             ));
         }
     }
-    let listen_threads = number("listen_threads", default_listen_threads(&storage_backend))?;
-    if listen_threads > MAX_LISTEN_THREADS {
-        return Err(ConfigError::Invalid(
-            "listen_threads".into(),
-            "at most 256 (0 serves on the shared runtime)",
-        ));
-    }
+    let listen_threads =
+        parse_listen_threads(src.get("listen_threads").as_deref(), &storage_backend)?;
     Ok(ServerConfig {
         listen_threads,
         http_listen,

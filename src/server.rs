@@ -38,7 +38,7 @@ use crate::api::secrets::SecretsService;
 use crate::api::sys::{publish_health, SysService};
 use crate::audit::AuditLog;
 use crate::barrier::{Barrier, BarrierOptions};
-use crate::clock::{Clock, ShutdownTrigger};
+use crate::clock::{Clock, Shutdown, ShutdownTrigger};
 use crate::config::{ServerConfig, ServerLimits};
 use crate::core::Core;
 use crate::metrics::Metrics;
@@ -89,6 +89,41 @@ async fn reopen_audit_on_hangup(audit: Arc<AuditLog>, shutdown: crate::clock::Sh
                 }
             }
         }
+    }
+}
+
+/// Serves the connections of `incoming` (over TLS with `tls`) until
+/// `shutdown` fires, then drains their calls for at most `drain` more. The
+/// shared runtime's listener and each lane (`lanes`) serve this way.
+async fn serve_connections(
+    router: GrpcRouter,
+    incoming: impl tokio_stream::Stream<Item = std::io::Result<limits::Admitted>> + Send + 'static,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: &Shutdown,
+    drain: Duration,
+) -> Result<(), tonic::transport::Error> {
+    let stop = {
+        let shutdown = shutdown.clone();
+        async move { shutdown.wait().await }
+    };
+    let serving: std::pin::Pin<
+        Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > = match tls {
+        Some(config) => {
+            Box::pin(router.serve_with_incoming_shutdown(tls::accept(incoming, config), stop))
+        }
+        None => Box::pin(router.serve_with_incoming_shutdown(incoming, stop)),
+    };
+    tokio::pin!(serving);
+    tokio::select! {
+        result = &mut serving => result,
+        () = shutdown.wait() => match tokio::time::timeout(drain, &mut serving).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!("drain deadline passed; closing remaining calls");
+                Ok(())
+            }
+        },
     }
 }
 
@@ -607,21 +642,10 @@ impl Server {
             None => None,
         };
         if self.config.listen_threads > 0 {
-            return match self.serve_on_lanes(router, incoming, tls, shutdown).await {
-                Ok((served, lanes)) => (served, Some(lanes)),
-                Err(e) => (Err(e), None),
-            };
+            return self.serve_on_lanes(router, incoming, tls, shutdown).await;
         }
         let signal = self.shutdown.signal();
-        let stop = async move { signal.wait().await };
-        let serving: std::pin::Pin<
-            Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
-        > = match tls {
-            Some(config) => {
-                Box::pin(router.serve_with_incoming_shutdown(tls::accept(incoming, config), stop))
-            }
-            None => Box::pin(router.serve_with_incoming_shutdown(incoming, stop)),
-        };
+        let serving = serve_connections(router, incoming, tls, &signal, DRAIN_DEADLINE);
         tokio::pin!(serving);
         tokio::select! {
             result = &mut serving => {
@@ -631,13 +655,10 @@ impl Server {
         }
         tracing::info!("shutting down: draining in-flight calls");
         self.begin_shutdown();
-        let served = match tokio::time::timeout(DRAIN_DEADLINE, serving).await {
-            Ok(result) => result.map_err(|e| ServerError::Transport(e.to_string())),
-            Err(_) => {
-                tracing::warn!("drain deadline passed; closing remaining calls");
-                Ok(())
-            }
-        };
+        // It drains within `DRAIN_DEADLINE` of the signal `begin_shutdown` fired.
+        let served = serving
+            .await
+            .map_err(|e| ServerError::Transport(e.to_string()));
         (served, None)
     }
 
@@ -650,7 +671,7 @@ impl Server {
         incoming: impl tokio_stream::Stream<Item = std::io::Result<limits::Admitted>>,
         tls: Option<Arc<rustls::ServerConfig>>,
         shutdown: impl Future<Output = ()>,
-    ) -> Result<(Result<(), ServerError>, lanes::Lanes), ServerError> {
+    ) -> (Result<(), ServerError>, Option<lanes::Lanes>) {
         if matches!(
             self.config.storage_backend,
             crate::config::StorageBackend::Etcd(_)
@@ -667,8 +688,14 @@ impl Server {
             shutdown: self.shutdown.signal(),
             drain: DRAIN_DEADLINE,
         };
-        let mut lanes = lanes::Lanes::start(self.config.listen_threads, &setup, &self.core.metrics)
-            .map_err(|e| ServerError::Transport(format!("cannot start a serving thread: {e}")))?;
+        let mut lanes =
+            match lanes::Lanes::start(self.config.listen_threads, &setup, &self.core.metrics) {
+                Ok(lanes) => lanes,
+                Err(e) => {
+                    let e = format!("cannot start a serving thread: {e}");
+                    return (Err(ServerError::Transport(e)), None);
+                }
+            };
         drop(setup);
         {
             // The listener closes as the shutdown begins, before the drain:
@@ -708,7 +735,7 @@ impl Server {
                     Ok(())
                 }
             };
-        Ok((served, lanes))
+        (served, Some(lanes))
     }
 
     /// Tells every task and stream to stop; rotation workers stop at a step

@@ -57,17 +57,10 @@ pub(super) async fn dev(
 /// `listen_threads` of a dev server: `KEYWARD_LISTEN_THREADS` if set, else
 /// the default of a sled server (a lane per core).
 fn dev_listen_threads() -> Result<usize> {
-    use keyward::config::{default_listen_threads, StorageBackend, MAX_LISTEN_THREADS};
-    match std::env::var("KEYWARD_LISTEN_THREADS") {
-        Err(_) => Ok(default_listen_threads(&StorageBackend::Sled)),
-        Ok(v) => match v.parse::<usize>() {
-            Ok(n) if n <= MAX_LISTEN_THREADS => Ok(n),
-            _ => Err(UsageError(format!(
-                "KEYWARD_LISTEN_THREADS: expected a number from 0 to {MAX_LISTEN_THREADS}"
-            ))
-            .into()),
-        },
-    }
+    use keyward::config::{parse_listen_threads, StorageBackend};
+    let value = std::env::var("KEYWARD_LISTEN_THREADS").ok();
+    parse_listen_threads(value.as_deref(), &StorageBackend::Sled)
+        .map_err(|e| UsageError(format!("KEYWARD_LISTEN_THREADS: {e}")).into())
 }
 
 /// What a shell needs to talk to the dev server (the root token included:

@@ -40,7 +40,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt as _;
 
 use super::limits::{Admitted, Departed};
-use super::{tls, GrpcRouter};
+use super::{serve_connections, GrpcRouter};
 use crate::clock::Shutdown;
 use crate::metrics::Metrics;
 
@@ -87,8 +87,9 @@ impl Lanes {
              listen_threads)",
             open.clone(),
         );
-        let mut lanes = Vec::with_capacity(count.max(1));
-        for n in 0..count.max(1) {
+        let count = count.max(1);
+        let mut lanes = Vec::with_capacity(count);
+        for n in 0..count {
             let gauge = open
                 .get_or_create(&vec![("lane".to_owned(), n.to_string())])
                 .clone();
@@ -218,8 +219,8 @@ impl Lane {
     }
 }
 
-/// A lane's serving: the connections that arrive, until the shutdown fires
-/// and then for at most `drain` more.
+/// A lane's serving: the connections that arrive, registered with this
+/// lane's runtime, until the shutdown fires and then for at most `drain`.
 async fn serve(
     router: GrpcRouter,
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -236,29 +237,5 @@ async fn serve(
             }
         },
     );
-    let stop = {
-        let shutdown = shutdown.clone();
-        async move { shutdown.wait().await }
-    };
-    let serving = async move {
-        match tls {
-            Some(config) => {
-                router
-                    .serve_with_incoming_shutdown(tls::accept(arrivals, config), stop)
-                    .await
-            }
-            None => router.serve_with_incoming_shutdown(arrivals, stop).await,
-        }
-    };
-    tokio::pin!(serving);
-    tokio::select! {
-        result = &mut serving => result,
-        () = shutdown.wait() => match tokio::time::timeout(drain, &mut serving).await {
-            Ok(result) => result,
-            Err(_) => {
-                tracing::warn!("drain deadline passed; closing the lane's remaining calls");
-                Ok(())
-            }
-        },
-    }
+    serve_connections(router, arrivals, tls, shutdown, drain).await
 }

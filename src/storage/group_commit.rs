@@ -126,11 +126,7 @@ impl GroupCommit {
     pub async fn durable(&self) -> Result<(), StorageError> {
         let mut done = self.inner.done.subscribe();
         let (target, runner) = {
-            let mut rounds = self
-                .inner
-                .rounds
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut rounds = self.inner.rounds();
             // The running round (if any) may have begun before our write.
             let target = rounds.started + 1;
             rounds.requested = rounds.requested.max(target);
@@ -186,6 +182,11 @@ impl GroupCommit {
 }
 
 impl Inner {
+    /// The round bookkeeping (never held across an `.await`).
+    fn rounds(&self) -> std::sync::MutexGuard<'_, Rounds> {
+        self.rounds.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Runs rounds back to back while callers wait for one not yet started.
     /// The first round was marked started by the caller that spawned this
     /// runner; a chained one is marked after its linger, when it begins.
@@ -205,10 +206,7 @@ impl Inner {
                     let linger = self.linger;
                     let _ = tokio::task::spawn_blocking(move || std::thread::sleep(linger)).await;
                 }
-                self.rounds
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .started += 1;
+                self.rounds().started += 1;
             }
             let backend = Arc::clone(&self.backend);
             // A flush task that cannot run (the runtime is shutting down)
@@ -221,7 +219,7 @@ impl Inner {
                 tracing::error!(%error, "storage flush failed");
             }
 
-            let mut rounds = self.rounds.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut rounds = self.rounds();
             self.done.send_replace(Finished {
                 round: rounds.started,
                 result,
@@ -255,7 +253,7 @@ impl Drop for Stranded {
             // The home runtime dropped it unrun: it has ended.
             inner.home_gone.store(true, Ordering::Relaxed);
         }
-        let mut rounds = inner.rounds.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut rounds = inner.rounds();
         rounds.running = false;
         // Every caller waiting fails: none of their rounds will run. A
         // later caller's round comes after these.
@@ -270,7 +268,6 @@ impl Drop for Stranded {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
-    use std::sync::atomic::AtomicBool;
     use std::sync::mpsc;
     use std::time::Duration;
 
@@ -351,6 +348,14 @@ mod tests {
                 Ok(())
             }
         }
+    }
+
+    /// A runtime of the kind a lane runs (`server::lanes`).
+    fn current_thread() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
     }
 
     struct Gate {
@@ -468,13 +473,7 @@ mod tests {
             gate.backend.clone(),
             Duration::ZERO,
         ));
-        let runtime = || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-        };
-        let lane = runtime();
+        let lane = current_thread();
         lane.block_on(async {
             tokio::spawn({
                 let commit = Arc::clone(&commit);
@@ -482,7 +481,7 @@ mod tests {
             });
             gate.flush_began().await;
         });
-        let other = runtime();
+        let other = current_thread();
         other.block_on(async {
             let waiting = tokio::spawn({
                 let commit = Arc::clone(&commit);
@@ -515,12 +514,6 @@ mod tests {
     #[test]
     fn the_runner_lives_on_the_runtime_the_group_commit_was_made_on() {
         let gate = gate();
-        let runtime = || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-        };
         let home = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -532,7 +525,7 @@ mod tests {
                 Duration::ZERO,
             ))
         });
-        let lane = runtime();
+        let lane = current_thread();
         lane.block_on(async {
             tokio::spawn({
                 let commit = Arc::clone(&commit);
@@ -578,11 +571,7 @@ mod tests {
         drop(home);
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
-            let caller = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let outcomes = caller.block_on(async {
+            let outcomes = current_thread().block_on(async {
                 let first = commit.durable().await;
                 let second = commit.durable().await;
                 (first, second)
