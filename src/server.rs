@@ -418,6 +418,13 @@ impl Server {
         let reflection_v1alpha = reflection().build_v1alpha().map_err(transport)?;
         let mut builder = TonicServer::builder()
             .max_concurrent_streams(limits.max_concurrent_streams)
+            // Calls their client cancelled before the server read them (a
+            // burst of client timeouts while a lane was busy) wait in h2's
+            // accept queue. h2 closes the whole connection when more than
+            // 20 do, failing every other call on it; the stream limit
+            // bounds them the same way and lets a client's own timeouts
+            // pass. A reset flood past it is still cut off.
+            .http2_max_pending_accept_reset_streams(Some(limits.max_concurrent_streams as usize))
             .layer(MapResponseLayer::new(
                 limits::oversized_is_exhausted as fn(_) -> _,
             ))

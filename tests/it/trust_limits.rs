@@ -175,10 +175,12 @@ async fn a_connection_over_the_limit_is_closed() {
     .await;
 }
 
-/// Reads the server's first HTTP/2 SETTINGS frame over TLS and returns its
-/// SETTINGS_MAX_CONCURRENT_STREAMS, if it sets one: what every HTTP/2
-/// client is told (and then queues the calls over it).
-async fn advertised_max_streams(addr: std::net::SocketAddr, ca: &Path) -> Option<u32> {
+/// A TLS connection that speaks HTTP/2 frame by frame: the client preface
+/// and an empty SETTINGS frame are sent.
+async fn raw_h2(
+    addr: std::net::SocketAddr,
+    ca: &Path,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, ServerName};
     let mut roots = rustls::RootCertStore::empty();
@@ -193,24 +195,107 @@ async fn advertised_max_streams(addr: std::net::SocketAddr, ca: &Path) -> Option
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = ServerName::try_from("localhost").unwrap();
     let mut tls = connector.connect(name, tcp).await.unwrap();
-    // The client preface and an empty SETTINGS frame.
     tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
         .await
         .unwrap();
+    tls
+}
+
+/// The next HTTP/2 frame: its type, flags and payload; `None` once the
+/// server has closed the connection.
+async fn read_frame(
+    tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) -> Option<(u8, u8, Vec<u8>)> {
+    let mut header = [0u8; 9];
+    tls.read_exact(&mut header).await.ok()?;
+    let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    tls.read_exact(&mut payload).await.ok()?;
+    Some((header[3], header[4], payload))
+}
+
+/// Reads the server's first HTTP/2 SETTINGS frame over TLS and returns its
+/// SETTINGS_MAX_CONCURRENT_STREAMS, if it sets one: what every HTTP/2
+/// client is told (and then queues the calls over it).
+async fn advertised_max_streams(addr: std::net::SocketAddr, ca: &Path) -> Option<u32> {
+    let mut tls = raw_h2(addr, ca).await;
     loop {
-        let mut header = [0u8; 9];
-        tls.read_exact(&mut header).await.unwrap();
-        let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
-        let mut payload = vec![0u8; len];
-        tls.read_exact(&mut payload).await.unwrap();
+        let (kind, flags, payload) = read_frame(&mut tls).await.unwrap();
         // A SETTINGS frame that is not an acknowledgement.
-        if header[3] == 0x4 && header[4] & 0x1 == 0 {
+        if kind == 0x4 && flags & 0x1 == 0 {
             return payload.chunks_exact(6).find_map(|setting| {
                 (u16::from_be_bytes([setting[0], setting[1]]) == 0x3)
                     .then(|| u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]))
             });
         }
     }
+}
+
+/// One write holding `calls` requests, each opened (HEADERS: POST https /,
+/// from HPACK's static table) and at once cancelled by its client
+/// (RST_STREAM CANCEL), then a PING: what a server that had not read the
+/// socket for a moment finds from a client whose calls timed out
+/// meanwhile. Returns how the server answered: `Ok(())` for the PING's
+/// acknowledgement, `Err(code)` for a GOAWAY with its error code.
+async fn cancelled_burst(addr: std::net::SocketAddr, ca: &Path, calls: u32) -> Result<(), u32> {
+    let mut tls = raw_h2(addr, ca).await;
+    let mut burst = Vec::new();
+    for n in 0..calls {
+        let stream = (2 * n + 1).to_be_bytes();
+        // HEADERS, END_HEADERS, no END_STREAM: the call is open.
+        burst.extend_from_slice(&[0, 0, 3, 0x1, 0x4]);
+        burst.extend_from_slice(&stream);
+        burst.extend_from_slice(&[0x83, 0x87, 0x84]);
+        // RST_STREAM CANCEL.
+        burst.extend_from_slice(&[0, 0, 4, 0x3, 0]);
+        burst.extend_from_slice(&stream);
+        burst.extend_from_slice(&0x8u32.to_be_bytes());
+    }
+    burst.extend_from_slice(&[0, 0, 8, 0x6, 0, 0, 0, 0, 0]);
+    burst.extend_from_slice(b"keyward!");
+    tls.write_all(&burst).await.unwrap();
+    loop {
+        match read_frame(&mut tls).await {
+            Some((0x6, flags, payload)) if flags & 0x1 == 1 && payload == b"keyward!" => {
+                return Ok(())
+            }
+            Some((0x7, _, payload)) => {
+                return Err(u32::from_be_bytes([
+                    payload[4], payload[5], payload[6], payload[7],
+                ]))
+            }
+            Some(_) => {}
+            None => panic!("the server closed the connection without a GOAWAY"),
+        }
+    }
+}
+
+/// Calls that their client cancels before the server has read them (a
+/// burst of timeouts while the server was busy) leave the connection
+/// open: the other calls on it go on. HTTP/2 servers cap such streams per
+/// connection against a reset flood; keyward's cap is the stream limit,
+/// not h2's default of 20, which closed the connection under the 24
+/// cancelled calls of `review_hot_path::mixed_batched_single_and_
+/// cancelled_calls_keep_the_chain_whole` and failed every call beside
+/// them. A flood past the cap is still cut off with ENHANCE_YOUR_CALM.
+#[tokio::test]
+async fn calls_cancelled_before_the_server_reads_them_leave_the_connection_open() {
+    let server = Limited::start(ServerLimits::default()).await;
+    let cap = ServerLimits::default().max_concurrent_streams;
+    assert_eq!(
+        cancelled_burst(server.addr, &server.ca, cap - 1).await,
+        Ok(())
+    );
+    // Past the cap in one TLS record (a record of 16 KiB holds more than
+    // 500 such pairs, so the server reads them all before any is taken).
+    const ENHANCE_YOUR_CALM: u32 = 0xb;
+    assert_eq!(
+        cancelled_burst(server.addr, &server.ca, 2 * cap).await,
+        Err(ENHANCE_YOUR_CALM)
+    );
+    // The flood cost the flooder its own connection only.
+    let root = server.connect(Some(&server.root_token)).await.unwrap();
+    root.status().await.unwrap();
 }
 
 /// `limits.max_concurrent_streams` is HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS:
