@@ -39,7 +39,7 @@ use crate::api::sys::{publish_health, SysService};
 use crate::audit::AuditLog;
 use crate::barrier::{Barrier, BarrierOptions};
 use crate::clock::{Clock, Shutdown, ShutdownTrigger};
-use crate::config::{ServerConfig, ServerLimits};
+use crate::config::{ServerConfig, ServerLimits, MAX_LOCAL_ERROR_RESETS};
 use crate::core::Core;
 use crate::metrics::Metrics;
 use crate::proto::v1::auth_server::AuthServer;
@@ -418,13 +418,8 @@ impl Server {
         let reflection_v1alpha = reflection().build_v1alpha().map_err(transport)?;
         let mut builder = TonicServer::builder()
             .max_concurrent_streams(limits.max_concurrent_streams)
-            // Calls their client cancelled before the server read them (a
-            // burst of client timeouts while a lane was busy) wait in h2's
-            // accept queue. h2 closes the whole connection when more than
-            // 20 do, failing every other call on it; the stream limit
-            // bounds them the same way and lets a client's own timeouts
-            // pass. A reset flood past it is still cut off.
-            .http2_max_pending_accept_reset_streams(Some(limits.max_concurrent_streams as usize))
+            .http2_max_pending_accept_reset_streams(Some(limits.max_pending_reset_streams()))
+            .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
             .layer(MapResponseLayer::new(
                 limits::oversized_is_exhausted as fn(_) -> _,
             ))

@@ -13,7 +13,10 @@
 //! `limits.max_connections`; over it a connection is closed at once. A TLS
 //! handshake and an HTTP/1 request head must each arrive within
 //! [`HANDSHAKE_DEADLINE`]; HTTP/2 streams per connection are
-//! `limits.max_concurrent_streams`; a body over `limits.max_request_bytes`
+//! `limits.max_concurrent_streams`, and so are the streams a client reset
+//! before they were taken (`ServerLimits::max_pending_reset_streams`);
+//! the server resets at most `config::MAX_LOCAL_ERROR_RESETS` streams of a
+//! connection for the client's protocol errors; a body over `limits.max_request_bytes`
 //! is refused by the handlers (`super::reply::read_body`).
 
 use std::net::SocketAddr;
@@ -82,7 +85,9 @@ pub async fn serve(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.max_concurrent_streams);
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_pending_accept_reset_streams(limits.max_pending_reset_streams())
+        .max_local_error_reset_streams(crate::config::MAX_LOCAL_ERROR_RESETS);
     let builder = Arc::new(builder);
     loop {
         let (stream, addr) = tokio::select! {

@@ -201,17 +201,18 @@ async fn raw_h2(
     tls
 }
 
-/// The next HTTP/2 frame: its type, flags and payload; `None` once the
-/// server has closed the connection.
+/// The next HTTP/2 frame: its type, flags, payload and stream; `None`
+/// once the server has closed the connection.
 async fn read_frame(
     tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
-) -> Option<(u8, u8, Vec<u8>)> {
+) -> Option<(u8, u8, Vec<u8>, u32)> {
     let mut header = [0u8; 9];
     tls.read_exact(&mut header).await.ok()?;
     let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+    let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
     let mut payload = vec![0u8; len];
     tls.read_exact(&mut payload).await.ok()?;
-    Some((header[3], header[4], payload))
+    Some((header[3], header[4], payload, stream))
 }
 
 /// Reads the server's first HTTP/2 SETTINGS frame over TLS and returns its
@@ -220,7 +221,7 @@ async fn read_frame(
 async fn advertised_max_streams(addr: std::net::SocketAddr, ca: &Path) -> Option<u32> {
     let mut tls = raw_h2(addr, ca).await;
     loop {
-        let (kind, flags, payload) = read_frame(&mut tls).await.unwrap();
+        let (kind, flags, payload, _) = read_frame(&mut tls).await.unwrap();
         // A SETTINGS frame that is not an acknowledgement.
         if kind == 0x4 && flags & 0x1 == 0 {
             return payload.chunks_exact(6).find_map(|setting| {
@@ -231,71 +232,238 @@ async fn advertised_max_streams(addr: std::net::SocketAddr, ca: &Path) -> Option
     }
 }
 
-/// One write holding `calls` requests, each opened (HEADERS: POST https /,
-/// from HPACK's static table) and at once cancelled by its client
-/// (RST_STREAM CANCEL), then a PING: what a server that had not read the
-/// socket for a moment finds from a client whose calls timed out
-/// meanwhile. Returns how the server answered: `Ok(())` for the PING's
-/// acknowledgement, `Err(code)` for a GOAWAY with its error code.
-async fn cancelled_burst(addr: std::net::SocketAddr, ca: &Path, calls: u32) -> Result<(), u32> {
-    let mut tls = raw_h2(addr, ca).await;
-    let mut burst = Vec::new();
-    for n in 0..calls {
-        let stream = (2 * n + 1).to_be_bytes();
-        // HEADERS, END_HEADERS, no END_STREAM: the call is open.
-        burst.extend_from_slice(&[0, 0, 3, 0x1, 0x4]);
-        burst.extend_from_slice(&stream);
-        burst.extend_from_slice(&[0x83, 0x87, 0x84]);
-        // RST_STREAM CANCEL.
-        burst.extend_from_slice(&[0, 0, 4, 0x3, 0]);
-        burst.extend_from_slice(&stream);
-        burst.extend_from_slice(&0x8u32.to_be_bytes());
+/// One HTTP/2 frame.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    out.extend_from_slice(&[kind, flags]);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// An HPACK string literal, without Huffman coding.
+fn hpack_str(text: &str) -> Vec<u8> {
+    assert!(text.len() < 127);
+    let mut out = vec![text.len() as u8];
+    out.extend_from_slice(text.as_bytes());
+    out
+}
+
+/// HEADERS (END_HEADERS) opening a POST to `/` from HPACK's static table
+/// (`:method POST`, `:scheme https`, `:path /`), with `extra` fields.
+fn open_stream(stream: u32, extra: &[u8]) -> Vec<u8> {
+    let mut block = vec![0x83, 0x87, 0x84];
+    block.extend_from_slice(extra);
+    frame(0x1, 0x4, stream, &block)
+}
+
+/// How the server met a burst of frames followed by one real call.
+#[derive(Debug, PartialEq)]
+enum Met {
+    /// It answered the call on the same connection.
+    Answered,
+    /// It reset the call's stream, with this error code.
+    Refused(u32),
+    /// It closed the connection with a GOAWAY: error code, debug data.
+    GoAway(u32, String),
+}
+
+/// The call after the burst: a gRPC health check, or an HTTPS
+/// `GET /v1/sys/health`, on `stream`.
+#[derive(Clone, Copy)]
+enum Call {
+    Grpc,
+    Https,
+}
+
+impl Call {
+    fn frames(self, stream: u32) -> Vec<u8> {
+        match self {
+            Call::Grpc => {
+                let mut block = vec![0x83, 0x87, 0x04];
+                block.extend(hpack_str("/grpc.health.v1.Health/Check"));
+                // content-type (static index 31), te (a new name).
+                block.extend([0x0f, 0x10]);
+                block.extend(hpack_str("application/grpc"));
+                block.push(0x00);
+                block.extend(hpack_str("te"));
+                block.extend(hpack_str("trailers"));
+                let mut out = frame(0x1, 0x4, stream, &block);
+                // An empty HealthCheckRequest, END_STREAM.
+                out.extend(frame(0x0, 0x1, stream, &[0, 0, 0, 0, 0]));
+                out
+            }
+            Call::Https => {
+                let mut block = vec![0x82, 0x87, 0x04];
+                block.extend(hpack_str("/v1/sys/health"));
+                frame(0x1, 0x5, stream, &block)
+            }
+        }
     }
-    burst.extend_from_slice(&[0, 0, 8, 0x6, 0, 0, 0, 0, 0]);
-    burst.extend_from_slice(b"keyward!");
-    tls.write_all(&burst).await.unwrap();
+}
+
+/// Writes `per_stream` on `streams` streams (ids 1, 3, ...), `per_write`
+/// streams a write, each write followed by a PING whose answer it waits
+/// for (so the server has read it), then `call` on the next stream, and
+/// reads until the server answers or refuses the call, or sends a GOAWAY.
+async fn bursts_then_call(
+    addr: std::net::SocketAddr,
+    ca: &Path,
+    streams: u32,
+    per_write: u32,
+    per_stream: impl Fn(u32) -> Vec<u8>,
+    call: Call,
+) -> Met {
+    fn goaway(payload: &[u8]) -> Met {
+        let code = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
+        Met::GoAway(code, String::from_utf8_lossy(&payload[8..]).into_owned())
+    }
+    let mut tls = raw_h2(addr, ca).await;
+    let ids: Vec<u32> = (0..streams).map(|n| 2 * n + 1).collect();
+    for (write, chunk) in ids.chunks(per_write as usize).enumerate() {
+        let mut bytes: Vec<u8> = chunk.iter().flat_map(|&id| per_stream(id)).collect();
+        let ping = (write as u64).to_be_bytes();
+        bytes.extend(frame(0x6, 0, 0, &ping));
+        tls.write_all(&bytes).await.unwrap();
+        loop {
+            match read_frame(&mut tls).await {
+                Some((0x6, 0x1, payload, _)) if payload == ping => break,
+                Some((0x7, _, payload, _)) => return goaway(&payload),
+                Some(_) => {}
+                None => panic!("the server closed the connection without a GOAWAY"),
+            }
+        }
+    }
+    let answered = 2 * streams + 1;
+    tls.write_all(&call.frames(answered)).await.unwrap();
     loop {
         match read_frame(&mut tls).await {
-            Some((0x6, flags, payload)) if flags & 0x1 == 1 && payload == b"keyward!" => {
-                return Ok(())
-            }
-            Some((0x7, _, payload)) => {
-                return Err(u32::from_be_bytes([
-                    payload[4], payload[5], payload[6], payload[7],
+            Some((0x1, _, _, stream)) if stream == answered => return Met::Answered,
+            Some((0x3, _, payload, stream)) if stream == answered => {
+                return Met::Refused(u32::from_be_bytes([
+                    payload[0], payload[1], payload[2], payload[3],
                 ]))
             }
+            Some((0x7, _, payload, _)) => return goaway(&payload),
             Some(_) => {}
             None => panic!("the server closed the connection without a GOAWAY"),
         }
     }
 }
 
+/// A call opened and at once cancelled by its client (RST_STREAM CANCEL):
+/// what a server that had not read the socket for a moment finds from a
+/// client whose calls timed out meanwhile. 25 bytes.
+fn cancelled(stream: u32) -> Vec<u8> {
+    let mut out = open_stream(stream, &[]);
+    out.extend(frame(0x3, 0, stream, &0x8u32.to_be_bytes()));
+    out
+}
+
+/// A call whose body breaks its own `content-length: 0` (one byte of
+/// DATA): the server resets the stream itself (PROTOCOL_ERROR).
+fn overlong(stream: u32) -> Vec<u8> {
+    // content-length (static index 28): "0".
+    let mut out = open_stream(stream, &[0x0f, 0x0d, 0x01, b'0']);
+    out.extend(frame(0x0, 0, stream, &[0]));
+    out
+}
+
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+/// Streams a write when the server must take each write's streams before
+/// the next comes: three writes' worth stay under the stream limit, so no
+/// stream is refused (a refusal counts as a reset of the server's too).
+const PACED: u32 = 32;
+
 /// Calls that their client cancels before the server has read them (a
 /// burst of timeouts while the server was busy) leave the connection
-/// open: the other calls on it go on. HTTP/2 servers cap such streams per
-/// connection against a reset flood; keyward's cap is the stream limit,
-/// not h2's default of 20, which closed the connection under the 24
+/// open, and a call after them is answered, up to the stream limit of
+/// them at once. h2's default of 20 closed the connection under the 24
 /// cancelled calls of `review_hot_path::mixed_batched_single_and_
 /// cancelled_calls_keep_the_chain_whole` and failed every call beside
-/// them. A flood past the cap is still cut off with ENHANCE_YOUR_CALM.
+/// them. One more than the limit in one burst is a reset flood, cut off
+/// with ENHANCE_YOUR_CALM. The whole burst is one TLS record (16 KiB hold
+/// 655 of them), so the server reads it all before it takes any stream.
 #[tokio::test]
 async fn calls_cancelled_before_the_server_reads_them_leave_the_connection_open() {
     let server = Limited::start(ServerLimits::default()).await;
     let cap = ServerLimits::default().max_concurrent_streams;
     assert_eq!(
-        cancelled_burst(server.addr, &server.ca, cap - 1).await,
-        Ok(())
+        bursts_then_call(server.addr, &server.ca, cap, cap, cancelled, Call::Grpc).await,
+        Met::Answered
     );
-    // Past the cap in one TLS record (a record of 16 KiB holds more than
-    // 500 such pairs, so the server reads them all before any is taken).
-    const ENHANCE_YOUR_CALM: u32 = 0xb;
     assert_eq!(
-        cancelled_burst(server.addr, &server.ca, 2 * cap).await,
-        Err(ENHANCE_YOUR_CALM)
+        bursts_then_call(
+            server.addr,
+            &server.ca,
+            cap + 1,
+            cap + 1,
+            cancelled,
+            Call::Grpc
+        )
+        .await,
+        Met::GoAway(ENHANCE_YOUR_CALM, "too_many_resets".into())
     );
     // The flood cost the flooder its own connection only.
     let root = server.connect(Some(&server.root_token)).await.unwrap();
     root.status().await.unwrap();
+}
+
+/// A stream the server resets itself for the client's protocol error (a
+/// body past its `content-length`) frees its slot once the server has
+/// taken it: without a bound, a client that paces its streams could make
+/// the server take streams without end on one connection (CVE-2025-8671).
+/// tonic switches hyper's bound off unless it is set; keyward sets it on
+/// the gRPC and the HTTPS listener alike. The bound is exact: one stream
+/// more than `MAX_LOCAL_ERROR_RESETS` closes the connection.
+#[tokio::test]
+async fn streams_reset_for_the_clients_protocol_errors_are_bounded_per_connection() {
+    let max = keyward::config::MAX_LOCAL_ERROR_RESETS as u32;
+    let server = Limited::start(ServerLimits::default()).await;
+    assert_eq!(
+        bursts_then_call(server.addr, &server.ca, max, PACED, overlong, Call::Grpc).await,
+        Met::Answered
+    );
+    assert_eq!(
+        bursts_then_call(
+            server.addr,
+            &server.ca,
+            max + 1,
+            PACED,
+            overlong,
+            Call::Grpc
+        )
+        .await,
+        Met::GoAway(ENHANCE_YOUR_CALM, "too_many_internal_resets".into())
+    );
+    let root = server.connect(Some(&server.root_token)).await.unwrap();
+    root.status().await.unwrap();
+}
+
+/// The HTTPS listener has the same two bounds as the gRPC one.
+#[tokio::test]
+async fn the_https_listener_bounds_reset_streams_as_grpc_does() {
+    let server = TestServer::dev().await;
+    let (addr, ca) = (server.http_addr, server.ca.as_path());
+    let cap = ServerLimits::default().max_concurrent_streams;
+    assert_eq!(
+        bursts_then_call(addr, ca, cap, cap, cancelled, Call::Https).await,
+        Met::Answered
+    );
+    assert_eq!(
+        bursts_then_call(addr, ca, cap + 1, cap + 1, cancelled, Call::Https).await,
+        Met::GoAway(ENHANCE_YOUR_CALM, "too_many_resets".into())
+    );
+    let max = keyward::config::MAX_LOCAL_ERROR_RESETS as u32;
+    assert_eq!(
+        bursts_then_call(addr, ca, max, PACED, overlong, Call::Https).await,
+        Met::Answered
+    );
+    assert_eq!(
+        bursts_then_call(addr, ca, max + 1, PACED, overlong, Call::Https).await,
+        Met::GoAway(ENHANCE_YOUR_CALM, "too_many_internal_resets".into())
+    );
 }
 
 /// `limits.max_concurrent_streams` is HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS:
