@@ -497,20 +497,23 @@ impl ServerLimits {
     /// busy) that may wait at once on one HTTP/2 connection; one more and
     /// the connection is closed (`GOAWAY` `ENHANCE_YOUR_CALM`). The stream
     /// limit: h2's default of 20 closed connections under a client's own
-    /// timeouts and failed every other call on them. Memory stays bounded:
-    /// at most twice the stream limit of request heads wait per connection.
+    /// timeouts and failed every other call on them. What waits stays
+    /// bounded: this many beside the stream limit of open streams and
+    /// [`MAX_LOCAL_ERROR_RESETS`].
     pub fn max_pending_reset_streams(&self) -> usize {
         self.max_concurrent_streams as usize
     }
 }
 
-/// Streams that the server itself resets over one HTTP/2 connection's life
-/// because the client broke the protocol on them (a body longer than its
-/// `content-length`, a window overrun), before it closes the connection.
-/// Such a reset frees the stream's slot while the server still takes the
-/// stream, so without a bound a client could make the server take streams
+/// Streams that the server itself resets or refuses over one HTTP/2
+/// connection's life (a body longer than its `content-length`, a window
+/// overrun, a stream over the stream limit), before it closes the
+/// connection. Such a stream gives its slot back once the server has taken
+/// it, so without a bound a client could make the server take streams
 /// without end (CVE-2025-8671, "MadeYouReset"). hyper's default, which
-/// tonic switches off unless it is set; a well-behaved client causes none.
+/// tonic switches off unless it is set. A well-behaved client causes few:
+/// refusals before it has read the server's stream limit (when that is
+/// under its guess of 100), data arriving on a stream already refused.
 pub const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 /// What a request may carry beyond one secret version's data (path, field

@@ -318,37 +318,42 @@ async fn bursts_then_call(
         let code = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
         Met::GoAway(code, String::from_utf8_lossy(&payload[8..]).into_owned())
     }
-    let mut tls = raw_h2(addr, ca).await;
-    let ids: Vec<u32> = (0..streams).map(|n| 2 * n + 1).collect();
-    for (write, chunk) in ids.chunks(per_write as usize).enumerate() {
-        let mut bytes: Vec<u8> = chunk.iter().flat_map(|&id| per_stream(id)).collect();
-        let ping = (write as u64).to_be_bytes();
-        bytes.extend(frame(0x6, 0, 0, &ping));
-        tls.write_all(&bytes).await.unwrap();
+    let talk = async move {
+        let mut tls = raw_h2(addr, ca).await;
+        let ids: Vec<u32> = (0..streams).map(|n| 2 * n + 1).collect();
+        for (write, chunk) in ids.chunks(per_write as usize).enumerate() {
+            let mut bytes: Vec<u8> = chunk.iter().flat_map(|&id| per_stream(id)).collect();
+            let ping = (write as u64).to_be_bytes();
+            bytes.extend(frame(0x6, 0, 0, &ping));
+            tls.write_all(&bytes).await.unwrap();
+            loop {
+                match read_frame(&mut tls).await {
+                    Some((0x6, 0x1, payload, _)) if payload == ping => break,
+                    Some((0x7, _, payload, _)) => return goaway(&payload),
+                    Some(_) => {}
+                    None => panic!("the server closed the connection without a GOAWAY"),
+                }
+            }
+        }
+        let answered = 2 * streams + 1;
+        tls.write_all(&call.frames(answered)).await.unwrap();
         loop {
             match read_frame(&mut tls).await {
-                Some((0x6, 0x1, payload, _)) if payload == ping => break,
+                Some((0x1, _, _, stream)) if stream == answered => return Met::Answered,
+                Some((0x3, _, payload, stream)) if stream == answered => {
+                    return Met::Refused(u32::from_be_bytes([
+                        payload[0], payload[1], payload[2], payload[3],
+                    ]))
+                }
                 Some((0x7, _, payload, _)) => return goaway(&payload),
                 Some(_) => {}
                 None => panic!("the server closed the connection without a GOAWAY"),
             }
         }
-    }
-    let answered = 2 * streams + 1;
-    tls.write_all(&call.frames(answered)).await.unwrap();
-    loop {
-        match read_frame(&mut tls).await {
-            Some((0x1, _, _, stream)) if stream == answered => return Met::Answered,
-            Some((0x3, _, payload, stream)) if stream == answered => {
-                return Met::Refused(u32::from_be_bytes([
-                    payload[0], payload[1], payload[2], payload[3],
-                ]))
-            }
-            Some((0x7, _, payload, _)) => return goaway(&payload),
-            Some(_) => {}
-            None => panic!("the server closed the connection without a GOAWAY"),
-        }
-    }
+    };
+    tokio::time::timeout(Duration::from_secs(120), talk)
+        .await
+        .expect("the server neither answered the call nor closed the connection")
 }
 
 /// A call opened and at once cancelled by its client (RST_STREAM CANCEL):
@@ -372,8 +377,10 @@ fn overlong(stream: u32) -> Vec<u8> {
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 
 /// Streams a write when the server must take each write's streams before
-/// the next comes: three writes' worth stay under the stream limit, so no
-/// stream is refused (a refusal counts as a reset of the server's too).
+/// the next comes. Whether a stream the server reset still holds its slot
+/// until it is taken depends on how the server's reads fall; a few
+/// writes' worth stay under the stream limit either way, so no stream is
+/// refused (a refusal counts as a reset of the server's too).
 const PACED: u32 = 32;
 
 /// Calls that their client cancels before the server has read them (a
@@ -441,7 +448,9 @@ async fn streams_reset_for_the_clients_protocol_errors_are_bounded_per_connectio
     root.status().await.unwrap();
 }
 
-/// The HTTPS listener has the same two bounds as the gRPC one.
+/// The HTTPS listener has the same two bounds as the gRPC one. (Its
+/// bound on the server's own resets is hyper's default, which keyward
+/// sets again: that half passes without keyward's line too.)
 #[tokio::test]
 async fn the_https_listener_bounds_reset_streams_as_grpc_does() {
     let server = TestServer::dev().await;
