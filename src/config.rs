@@ -508,9 +508,10 @@ impl ServerLimits {
 /// Streams that the server itself resets or refuses over one HTTP/2
 /// connection's life (a body longer than its `content-length`, a window
 /// overrun, a stream over the stream limit), before it closes the
-/// connection. Such a stream gives its slot back once the server has taken
-/// it, so without a bound a client could make the server take streams
-/// without end (CVE-2025-8671, "MadeYouReset"). hyper's default, which
+/// connection. Such a stream gives its slot back as soon as the server
+/// has written its reset, taken or not, while a stream not yet taken
+/// still waits to be; so without a bound a client could make the server
+/// take streams without end (CVE-2025-8671, "MadeYouReset"). hyper's default, which
 /// tonic switches off unless it is set. A well-behaved client causes few:
 /// refusals before it has read the server's stream limit (when that is
 /// under its guess of 100), data arriving on a stream already refused.

@@ -377,10 +377,10 @@ fn overlong(stream: u32) -> Vec<u8> {
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 
 /// Streams a write when the server must take each write's streams before
-/// the next comes. Whether a stream the server reset still holds its slot
-/// until it is taken depends on how the server's reads fall; a few
-/// writes' worth stay under the stream limit either way, so no stream is
-/// refused (a refusal counts as a reset of the server's too).
+/// the next comes. A stream the server reset holds its slot until the
+/// server has read what was sent and written its resets; a few writes'
+/// worth stay under the stream limit, so no stream is refused (a refusal
+/// counts as a reset of the server's too).
 const PACED: u32 = 32;
 
 /// Calls that their client cancels before the server has read them (a
@@ -418,8 +418,9 @@ async fn calls_cancelled_before_the_server_reads_them_leave_the_connection_open(
 }
 
 /// A stream the server resets itself for the client's protocol error (a
-/// body past its `content-length`) frees its slot once the server has
-/// taken it: without a bound, a client that paces its streams could make
+/// body past its `content-length`) frees its slot as soon as the server
+/// has written the reset, taken or not: without a bound, a client that
+/// paces its streams could make
 /// the server take streams without end on one connection (CVE-2025-8671).
 /// tonic switches hyper's bound off unless it is set; keyward sets it on
 /// the gRPC and the HTTPS listener alike. The bound is exact: one stream
