@@ -49,7 +49,7 @@ impl ConnectionGate {
                 self.full.store(false, Ordering::Relaxed);
                 Some(Admitted {
                     stream,
-                    _slot: slot,
+                    slot,
                     _seat: None,
                 })
             }
@@ -69,7 +69,7 @@ impl ConnectionGate {
 /// An accepted connection holding one of the gate's slots.
 pub(super) struct Admitted {
     stream: TcpStream,
-    _slot: OwnedSemaphorePermit,
+    slot: OwnedSemaphorePermit,
     /// The lane serving it, if one does (`lanes`).
     _seat: Option<Seat>,
 }
@@ -99,7 +99,7 @@ impl Admitted {
         open.inc();
         Ok(Departed {
             stream,
-            slot: self._slot,
+            slot: self.slot,
             seat: Seat(open),
         })
     }
@@ -110,7 +110,7 @@ impl Departed {
     pub(super) fn join_runtime(self) -> io::Result<Admitted> {
         Ok(Admitted {
             stream: TcpStream::from_std(self.stream)?,
-            _slot: self.slot,
+            slot: self.slot,
             _seat: Some(self.seat),
         })
     }

@@ -358,6 +358,23 @@ mod tests {
             .unwrap()
     }
 
+    /// A multi-thread runtime (a server's shared one), with one worker.
+    fn multi_thread() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// A caller waiting for `commit` to be durable, on the current runtime.
+    fn spawn_durable(
+        commit: &Arc<GroupCommit>,
+    ) -> tokio::task::JoinHandle<Result<(), StorageError>> {
+        let commit = Arc::clone(commit);
+        tokio::spawn(async move { commit.durable().await })
+    }
+
     struct Gate {
         backend: Arc<GatedBackend>,
         entered: Arc<Mutex<mpsc::Receiver<()>>>,
@@ -399,19 +416,11 @@ mod tests {
         let gate = gate();
         let commit = Arc::new(GroupCommit::new(gate.backend.clone()));
 
-        let first = tokio::spawn({
-            let commit = Arc::clone(&commit);
-            async move { commit.durable().await }
-        });
+        let first = spawn_durable(&commit);
         gate.flush_began().await;
 
         // Round 1 is running: these callers' writes may have missed it.
-        let late: Vec<_> = (0..8)
-            .map(|_| {
-                let commit = Arc::clone(&commit);
-                tokio::spawn(async move { commit.durable().await })
-            })
-            .collect();
+        let late: Vec<_> = (0..8).map(|_| spawn_durable(&commit)).collect();
         for _ in 0..8 {
             tokio::task::yield_now().await;
         }
@@ -436,15 +445,10 @@ mod tests {
             gate.backend.clone(),
             Duration::from_millis(500),
         ));
-        let durable = |commit: &Arc<GroupCommit>| {
-            let commit = Arc::clone(commit);
-            tokio::spawn(async move { commit.durable().await })
-        };
-
-        let first = durable(&commit);
+        let first = spawn_durable(&commit);
         gate.flush_began().await;
         // Arrives during round 1: needs round 2, which is chained and lingers.
-        let second = durable(&commit);
+        let second = spawn_durable(&commit);
         for _ in 0..8 {
             tokio::task::yield_now().await;
         }
@@ -452,7 +456,7 @@ mod tests {
         first.await.unwrap().unwrap();
 
         // Round 2 is lingering, not flushing: these join it.
-        let during: Vec<_> = (0..8).map(|_| durable(&commit)).collect();
+        let during: Vec<_> = (0..8).map(|_| spawn_durable(&commit)).collect();
         gate.flush_began().await;
         gate.release.send(()).unwrap();
         second.await.unwrap().unwrap();
@@ -475,18 +479,12 @@ mod tests {
         ));
         let lane = current_thread();
         lane.block_on(async {
-            tokio::spawn({
-                let commit = Arc::clone(&commit);
-                async move { commit.durable().await }
-            });
+            spawn_durable(&commit);
             gate.flush_began().await;
         });
         let other = current_thread();
         other.block_on(async {
-            let waiting = tokio::spawn({
-                let commit = Arc::clone(&commit);
-                async move { commit.durable().await }
-            });
+            let waiting = spawn_durable(&commit);
             for _ in 0..8 {
                 tokio::task::yield_now().await;
             }
@@ -514,11 +512,7 @@ mod tests {
     #[test]
     fn the_runner_lives_on_the_runtime_the_group_commit_was_made_on() {
         let gate = gate();
-        let home = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let home = multi_thread();
         let commit = home.block_on(async {
             Arc::new(GroupCommit::with_linger(
                 gate.backend.clone(),
@@ -527,10 +521,7 @@ mod tests {
         });
         let lane = current_thread();
         lane.block_on(async {
-            tokio::spawn({
-                let commit = Arc::clone(&commit);
-                async move { commit.durable().await }
-            });
+            spawn_durable(&commit);
             gate.flush_began().await;
         });
         home.block_on(async {
@@ -561,11 +552,7 @@ mod tests {
     fn a_home_runtime_that_has_ended_is_not_used_again() {
         let dir = tempfile::tempdir().unwrap();
         let backend: Arc<dyn Backend> = Arc::new(SledBackend::open(dir.path()).unwrap());
-        let home = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let home = multi_thread();
         let commit = home.block_on(async { Arc::new(GroupCommit::new(backend)) });
         assert!(commit.home.is_some());
         drop(home);
@@ -589,20 +576,15 @@ mod tests {
     async fn a_failed_flush_is_reported_to_its_callers() {
         let gate = gate();
         let commit = Arc::new(GroupCommit::new(gate.backend.clone()));
-        let durable = |commit: &Arc<GroupCommit>| {
-            let commit = Arc::clone(commit);
-            tokio::spawn(async move { commit.durable().await })
-        };
-
         gate.backend.fail.store(true, Ordering::SeqCst);
-        let failing = durable(&commit);
+        let failing = spawn_durable(&commit);
         gate.flush_began().await;
         gate.release.send(()).unwrap();
         let error = failing.await.unwrap().unwrap_err();
         assert!(error.to_string().contains("disk on fire"), "{error}");
 
         gate.backend.fail.store(false, Ordering::SeqCst);
-        let working = durable(&commit);
+        let working = spawn_durable(&commit);
         gate.flush_began().await;
         gate.release.send(()).unwrap();
         working.await.unwrap().unwrap();

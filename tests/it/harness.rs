@@ -85,12 +85,15 @@ pub fn series_value(text: &str, series: &str) -> Option<f64> {
 /// than one lane so that connections and calls cross between them.
 pub const LANES: usize = 2;
 
-/// A dev vault over an existing folder, serving on [`LANES`] lanes.
+/// A dev vault over `dir`, serving on [`LANES`] lanes unless `adjust`
+/// says otherwise.
 async fn open_dev_on_lanes(
     dir: &std::path::Path,
+    adjust: impl FnOnce(&mut ServerConfig),
 ) -> Result<keyward::dev::DevVault, keyward::dev::DevError> {
     keyward::dev::open_with(dir, None, keyward::clock::Clock::system(), |config| {
         config.listen_threads = LANES;
+        adjust(config);
     })
     .await
 }
@@ -124,13 +127,7 @@ impl TestServer {
     pub async fn dev_with(adjust: impl FnOnce(&mut ServerConfig)) -> Self {
         install_crypto();
         let dir = private_tempdir();
-        let clock = keyward::clock::Clock::system();
-        let vault = keyward::dev::open_with(dir.path(), None, clock, |config| {
-            config.listen_threads = LANES;
-            adjust(config);
-        })
-        .await
-        .unwrap();
+        let vault = open_dev_on_lanes(dir.path(), adjust).await.unwrap();
         let root_token = vault.credentials.root_token.clone();
         let unseal_share = vault.credentials.unseal_share.clone();
         let ca = vault.certs.ca.clone();
@@ -141,7 +138,7 @@ impl TestServer {
     /// unseals with the stored dev credentials).
     pub async fn restart(self) -> Self {
         let dir = self.stop().await;
-        let vault = open_dev_on_lanes(dir.path()).await.unwrap();
+        let vault = open_dev_on_lanes(dir.path(), |_| {}).await.unwrap();
         let root_token = vault.credentials.root_token.clone();
         let unseal_share = vault.credentials.unseal_share.clone();
         let ca = vault.certs.ca.clone();
@@ -152,7 +149,7 @@ impl TestServer {
     /// fixture): it unseals with the folder's dev credentials.
     pub async fn open_dev(dir: tempfile::TempDir) -> Result<Self, keyward::dev::DevError> {
         install_crypto();
-        let vault = open_dev_on_lanes(dir.path()).await?;
+        let vault = open_dev_on_lanes(dir.path(), |_| {}).await?;
         let root_token = vault.credentials.root_token.clone();
         let unseal_share = vault.credentials.unseal_share.clone();
         let ca = vault.certs.ca.clone();

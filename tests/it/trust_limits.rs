@@ -383,6 +383,47 @@ const ENHANCE_YOUR_CALM: u32 = 0xb;
 /// counts as a reset of the server's too).
 const PACED: u32 = 32;
 
+/// A listener under attack, and the real call made on it after a burst.
+struct Listener<'a> {
+    addr: std::net::SocketAddr,
+    ca: &'a Path,
+    call: Call,
+}
+
+impl<'a> Listener<'a> {
+    fn grpc(server: &'a Limited) -> Self {
+        Self {
+            addr: server.addr,
+            ca: &server.ca,
+            call: Call::Grpc,
+        }
+    }
+
+    /// Up to the stream limit of calls cancelled at once, in one write, and
+    /// the call after them is answered; one more closes the connection.
+    async fn bounds_pending_resets(&self) {
+        let cap = ServerLimits::default().max_concurrent_streams;
+        let after = |n| bursts_then_call(self.addr, self.ca, n, n, cancelled, self.call);
+        assert_eq!(after(cap).await, Met::Answered);
+        assert_eq!(
+            after(cap + 1).await,
+            Met::GoAway(ENHANCE_YOUR_CALM, "too_many_resets".into())
+        );
+    }
+
+    /// Up to `MAX_LOCAL_ERROR_RESETS` streams that the server resets, paced,
+    /// and the call after them is answered; one more closes the connection.
+    async fn bounds_its_own_resets(&self) {
+        let max = keyward::config::MAX_LOCAL_ERROR_RESETS as u32;
+        let after = |n| bursts_then_call(self.addr, self.ca, n, PACED, overlong, self.call);
+        assert_eq!(after(max).await, Met::Answered);
+        assert_eq!(
+            after(max + 1).await,
+            Met::GoAway(ENHANCE_YOUR_CALM, "too_many_internal_resets".into())
+        );
+    }
+}
+
 /// Calls that their client cancels before the server has read them (a
 /// burst of timeouts while the server was busy) leave the connection
 /// open, and a call after them is answered, up to the stream limit of
@@ -395,23 +436,7 @@ const PACED: u32 = 32;
 #[tokio::test]
 async fn calls_cancelled_before_the_server_reads_them_leave_the_connection_open() {
     let server = Limited::start(ServerLimits::default()).await;
-    let cap = ServerLimits::default().max_concurrent_streams;
-    assert_eq!(
-        bursts_then_call(server.addr, &server.ca, cap, cap, cancelled, Call::Grpc).await,
-        Met::Answered
-    );
-    assert_eq!(
-        bursts_then_call(
-            server.addr,
-            &server.ca,
-            cap + 1,
-            cap + 1,
-            cancelled,
-            Call::Grpc
-        )
-        .await,
-        Met::GoAway(ENHANCE_YOUR_CALM, "too_many_resets".into())
-    );
+    Listener::grpc(&server).bounds_pending_resets().await;
     // The flood cost the flooder its own connection only.
     let root = server.connect(Some(&server.root_token)).await.unwrap();
     root.status().await.unwrap();
@@ -420,31 +445,16 @@ async fn calls_cancelled_before_the_server_reads_them_leave_the_connection_open(
 /// A stream the server resets itself for the client's protocol error (a
 /// body past its `content-length`) frees its slot as soon as the server
 /// has written the reset, taken or not: without a bound, a client that
-/// paces its streams could make
-/// the server take streams without end on one connection (CVE-2025-8671).
+/// paces its streams could make the server take streams without end on
+/// one connection (CVE-2025-8671).
 /// tonic switches hyper's bound off unless it is set; keyward sets it on
 /// the gRPC and the HTTPS listener alike. The bound is exact: one stream
 /// more than `MAX_LOCAL_ERROR_RESETS` closes the connection.
 #[tokio::test]
 async fn streams_reset_for_the_clients_protocol_errors_are_bounded_per_connection() {
-    let max = keyward::config::MAX_LOCAL_ERROR_RESETS as u32;
     let server = Limited::start(ServerLimits::default()).await;
-    assert_eq!(
-        bursts_then_call(server.addr, &server.ca, max, PACED, overlong, Call::Grpc).await,
-        Met::Answered
-    );
-    assert_eq!(
-        bursts_then_call(
-            server.addr,
-            &server.ca,
-            max + 1,
-            PACED,
-            overlong,
-            Call::Grpc
-        )
-        .await,
-        Met::GoAway(ENHANCE_YOUR_CALM, "too_many_internal_resets".into())
-    );
+    Listener::grpc(&server).bounds_its_own_resets().await;
+    // The flood cost the flooder its own connection only.
     let root = server.connect(Some(&server.root_token)).await.unwrap();
     root.status().await.unwrap();
 }
@@ -455,25 +465,13 @@ async fn streams_reset_for_the_clients_protocol_errors_are_bounded_per_connectio
 #[tokio::test]
 async fn the_https_listener_bounds_reset_streams_as_grpc_does() {
     let server = TestServer::dev().await;
-    let (addr, ca) = (server.http_addr, server.ca.as_path());
-    let cap = ServerLimits::default().max_concurrent_streams;
-    assert_eq!(
-        bursts_then_call(addr, ca, cap, cap, cancelled, Call::Https).await,
-        Met::Answered
-    );
-    assert_eq!(
-        bursts_then_call(addr, ca, cap + 1, cap + 1, cancelled, Call::Https).await,
-        Met::GoAway(ENHANCE_YOUR_CALM, "too_many_resets".into())
-    );
-    let max = keyward::config::MAX_LOCAL_ERROR_RESETS as u32;
-    assert_eq!(
-        bursts_then_call(addr, ca, max, PACED, overlong, Call::Https).await,
-        Met::Answered
-    );
-    assert_eq!(
-        bursts_then_call(addr, ca, max + 1, PACED, overlong, Call::Https).await,
-        Met::GoAway(ENHANCE_YOUR_CALM, "too_many_internal_resets".into())
-    );
+    let https = Listener {
+        addr: server.http_addr,
+        ca: &server.ca,
+        call: Call::Https,
+    };
+    https.bounds_pending_resets().await;
+    https.bounds_its_own_resets().await;
 }
 
 /// `limits.max_concurrent_streams` is HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS:
