@@ -16,6 +16,9 @@ mod limits;
 mod tasks;
 mod tls;
 
+#[cfg(test)]
+mod tests;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;

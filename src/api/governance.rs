@@ -8,6 +8,7 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 use super::{begin, Access};
+use crate::core::call::Failure;
 use crate::core::Core;
 use crate::policy::Capability;
 use crate::proto::v1::governance_server::Governance;
@@ -38,20 +39,21 @@ impl Governance for GovernanceService {
         .await?;
         let r = req.into_inner();
         call.authorize(Capability::Read, "sys/governance".to_owned())?;
-        let report = call.check(self.core.governance_report(
-            r.dormant_after_seconds.saturating_mul(1000),
-            Duration::from_secs(r.long_ttl_seconds),
-        ))?;
-        let rotation = call.check(
-            self.core
-                .rotation
-                .rotation_summary(self.core.clock().now_ms()),
-        )?;
-        let pki = call.check(self.core.pki.figures(
-            crate::governance::EXPIRING_WITHIN_MS,
-            self.core.clock().now_ms(),
-        ))?;
-        let lease_revocations_failing = call.check(self.core.leases.failed_count())? as u64;
+        let dormant_after_ms = r.dormant_after_seconds.saturating_mul(1000);
+        let long_ttl = Duration::from_secs(r.long_ttl_seconds);
+        // It reads every identity and token record: off the connection's thread.
+        let (report, rotation, pki, lease_revocations_failing) = call
+            .off_thread(move |core| -> Result<_, Failure> {
+                let now = core.clock().now_ms();
+                Ok((
+                    core.governance_report(dormant_after_ms, long_ttl)?,
+                    core.rotation.rotation_summary(now)?,
+                    core.pki
+                        .figures(crate::governance::EXPIRING_WITHIN_MS, now)?,
+                    core.leases.failed_count()? as u64,
+                ))
+            })
+            .await?;
         let anomalies_recent = self
             .core
             .anomalies

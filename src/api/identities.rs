@@ -149,7 +149,7 @@ pub(crate) fn parse_cidrs(texts: &[String]) -> Result<Vec<Cidr>, IdentityError> 
 
 impl IdentitiesService {
     fn one(&self, record: &IdentityRecord) -> Identity {
-        let used = token_use(&self.core).get(&record.name).copied();
+        let used = self.core.usage.of(&record.name).map(|u| u.last_used_ms);
         identity_message(record, used)
     }
 }
@@ -215,18 +215,22 @@ impl Identities for IdentitiesService {
             Some(call.check(IdentityKind::parse(&r.kind))?)
         };
         call.authorize(Capability::List, "identity".to_owned())?;
-        let used = token_use(&self.core);
         let filter = ListFilter {
             kind,
             no_owner: r.no_owner,
             dormant_ms: r.dormant_seconds.saturating_mul(1000),
         };
-        let lookup = |name: &str| used.get(name).copied();
-        let records = call.check(self.core.identities.list(
-            &filter,
-            &lookup,
-            self.core.clock().now_ms(),
-        ))?;
+        // It reads every identity record: off the connection's thread.
+        let (records, used) = call
+            .off_thread(move |core| {
+                let used = token_use(core);
+                let lookup = |name: &str| used.get(name).copied();
+                let records = core
+                    .identities
+                    .list(&filter, &lookup, core.clock().now_ms())?;
+                Ok::<_, crate::identity::IdentityError>((records, used))
+            })
+            .await?;
         call.ok(&[])?;
         Ok(Response::new(ListIdentitiesResponse {
             identities: records

@@ -68,7 +68,7 @@ impl Leases for LeasesService {
     ) -> Result<Response<LeaseListResponse>, Status> {
         let mut call = begin(&self.core, "keyward.v1.Leases/List", Access::Token, &req).await?;
         let r = req.get_ref();
-        let leases = list(&self.core, &mut call, &r.prefix, r.failed)?;
+        let leases = list(&mut call, &r.prefix, r.failed).await?;
         call.ok(&[])?;
         Ok(Response::new(LeaseListResponse {
             leases: leases.iter().map(lease_message).collect(),
@@ -137,8 +137,7 @@ pub fn owned_or_allowed(
 
 /// The leases under `prefix` ("" for all; `list` on `sys/leases/<prefix>`,
 /// or `sys/leases`), only the failing ones if `failed`.
-pub fn list(
-    core: &Core,
+pub async fn list(
     call: &mut Call,
     prefix: &str,
     failed: bool,
@@ -154,7 +153,9 @@ pub fn list(
         format!("sys/leases/{prefix}")
     };
     call.authorize(Capability::List, resource)?;
-    call.check(core.leases.list(&prefix, failed))
+    // It reads every lease under the prefix: off the connection's thread.
+    call.off_thread(move |core| core.leases.list(&prefix, failed))
+        .await
 }
 
 /// Renews lease `id` by `increment` (the role's TTL if `None`), never past

@@ -279,9 +279,7 @@ impl Lifecycle for LifecycleService {
         let exercised: Vec<(String, String)> = self
             .core
             .usage
-            .snapshot()
-            .into_iter()
-            .find(|u| u.identity == name.as_str())
+            .of(name.as_str())
             .map(|u| u.exercised)
             .unwrap_or_default();
         let suggestion = call.check(self.core.lifecycle.suggestion(&name, since_ms, &exercised))?;

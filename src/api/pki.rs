@@ -258,7 +258,10 @@ impl Pki for PkiService {
         call.authorize(Capability::List, CERTS_RESOURCE.to_owned())?;
         let within = (r.expiring_within_seconds != 0)
             .then(|| r.expiring_within_seconds.saturating_mul(1000));
-        let certs = call.check(self.core.pki.list(within, self.core.clock().now_ms()))?;
+        // It reads the whole certificate inventory: off the connection's thread.
+        let certs = call
+            .off_thread(move |core| core.pki.list(within, core.clock().now_ms()))
+            .await?;
         call.ok(&[])?;
         Ok(Response::new(PkiListResponse {
             certificates: certs.iter().map(record_message).collect(),

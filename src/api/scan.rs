@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status};
 
 use super::{begin, Access, Failure, FailureKind};
 use crate::core::auth::Caller;
+use crate::core::offload::Offload;
 use crate::core::Core;
 use crate::policy::Capability;
 use crate::proto::v1::scan_server::Scan;
@@ -85,46 +86,18 @@ impl Limiter {
 
 /// Matches that may run at once on a node, each on the blocking pool.
 pub const MATCHES_AT_ONCE: usize = 4;
+/// Of those, how many one identity may run at once.
+pub const MATCHES_PER_CALLER: usize = 2;
 /// How long a call waits for its turn before it is refused.
 const MATCH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// The turns of Matches on the blocking pool: a flood of calls waits here,
-/// on the runtime, holding no thread, and past [`MATCH_WAIT`] is refused.
-struct Turns {
-    slots: Arc<tokio::sync::Semaphore>,
-    wait: std::time::Duration,
-}
-
-impl Turns {
-    fn new(at_once: usize, wait: std::time::Duration) -> Self {
-        Self {
-            slots: Arc::new(tokio::sync::Semaphore::new(at_once)),
-            wait,
-        }
-    }
-
-    async fn take(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        tokio::time::timeout(self.wait, Arc::clone(&self.slots).acquire_owned())
-            .await
-            .ok()?
-            .ok()
-    }
-}
-
-/// Set when the handler is dropped (its client left): a Match not started
-/// by then does no work.
-struct Left(Arc<std::sync::atomic::AtomicBool>);
-
-impl Drop for Left {
-    fn drop(&mut self) {
-        self.0.store(true, std::sync::atomic::Ordering::Release);
-    }
-}
 
 pub struct ScanService {
     core: Arc<Core>,
     limiter: Limiter,
-    turns: Turns,
+    /// The turns of Matches on the blocking pool: a flood of calls waits
+    /// there, on the runtime, holding no thread, and past [`MATCH_WAIT`]
+    /// is refused.
+    turns: Offload,
 }
 
 impl ScanService {
@@ -137,7 +110,12 @@ impl ScanService {
         Self {
             core,
             limiter: Limiter::new(per_minute),
-            turns: Turns::new(MATCHES_AT_ONCE, MATCH_WAIT),
+            turns: Offload::new(
+                MATCHES_AT_ONCE,
+                MATCHES_PER_CALLER,
+                MATCH_WAIT,
+                "scan matches",
+            ),
         }
     }
 }
@@ -199,42 +177,22 @@ impl Scan for ScanService {
             // runtime worker. At most MATCHES_AT_ONCE at once, so a flood
             // cannot fill the pool that durable writes also use. The
             // candidates are copied in as zeroized buffers.
-            let Some(turn) = self.turns.take().await else {
-                return Err(call
-                    .fail(Failure::new(
-                        FailureKind::Exhausted,
-                        "too many scan matches are running on this node; try again later"
-                            .to_owned(),
-                    ))
-                    .into());
-            };
-            let left = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let _left = Left(Arc::clone(&left));
             let secrets = Arc::clone(&self.core.secrets);
             let values: Vec<zeroize::Zeroizing<Vec<u8>>> = strong
                 .iter()
                 .map(|(_, c)| zeroize::Zeroizing::new(c.as_bytes().to_vec()))
                 .collect();
             let fresh = caller.fresh;
-            let joined = tokio::task::spawn_blocking(move || {
-                let _turn = turn;
-                if left.load(std::sync::atomic::Ordering::Acquire) {
-                    return Ok(Vec::new());
-                }
-                let values: Vec<&[u8]> = values.iter().map(|v| v.as_slice()).collect();
-                secrets.match_values(&values, fresh)
-            })
-            .await;
-            match joined {
+            let done = self
+                .turns
+                .run(&caller.identity, move || {
+                    let values: Vec<&[u8]> = values.iter().map(|v| v.as_slice()).collect();
+                    secrets.match_values(&values, fresh)
+                })
+                .await;
+            match done {
                 Ok(found) => call.check(found)?,
-                Err(_) => {
-                    return Err(call
-                        .fail(Failure::new(
-                            FailureKind::Internal,
-                            "the scan match stopped unexpectedly".to_owned(),
-                        ))
-                        .into())
-                }
+                Err(refused) => return Err(call.fail(refused).into()),
             }
         };
         for ((index, _), found) in strong.iter().zip(found) {
@@ -304,30 +262,6 @@ impl Scan for ScanService {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
-
-    /// At most `at_once` Matches hold a turn; another waits for one to end,
-    /// and past the wait is refused.
-    #[tokio::test(start_paused = true)]
-    async fn matches_take_turns_and_a_call_that_waits_too_long_is_refused() {
-        let turns = Turns::new(2, std::time::Duration::from_secs(10));
-        let first = turns.take().await.unwrap();
-        let _second = turns.take().await.unwrap();
-        // Paused clock: the wait runs out at once, no real time passes.
-        assert!(turns.take().await.is_none());
-        let third = tokio::spawn({
-            let slots = Arc::clone(&turns.slots);
-            async move {
-                let turns = Turns {
-                    slots,
-                    wait: std::time::Duration::from_secs(10),
-                };
-                turns.take().await.is_some()
-            }
-        });
-        tokio::task::yield_now().await;
-        drop(first);
-        assert!(third.await.unwrap());
-    }
 
     #[test]
     fn the_bucket_refuses_beyond_its_rate_and_refills_with_time() {

@@ -357,11 +357,10 @@ impl Secrets for SecretsService {
         let prefix = call.check(ListPrefix::parse(&req.get_ref().prefix))?;
         call.authorize(Capability::List, prefix.resource())?;
         let caller = call.require_caller()?;
-        let paths = call.check(
-            self.core
-                .secrets
-                .list(&prefix, |path| visible_to(&caller, path)),
-        )?;
+        // It reads every path under the prefix: off the connection's thread.
+        let paths = call
+            .off_thread(move |core| core.secrets.list(&prefix, |path| visible_to(&caller, path)))
+            .await?;
         call.ok(&[])?;
         Ok(Response::new(ListSecretsResponse { paths }))
     }

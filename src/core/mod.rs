@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod call;
+pub mod offload;
 mod reads;
 mod report;
 pub mod usage;
@@ -85,6 +86,9 @@ pub struct Core {
     pub federation: Arc<crate::federation::Federation>,
     /// Anomaly detection (issue 13): the seam's queue, the events, the stream.
     pub anomalies: crate::anomaly::Anomalies,
+    /// The turns of listings and reports on the blocking pool
+    /// ([`Call::off_thread`](call::Call::off_thread)).
+    pub offload: offload::Offload,
 }
 
 impl Core {
@@ -192,6 +196,12 @@ impl Core {
             reads,
             lifecycle,
             anomalies,
+            offload: offload::Offload::new(
+                offload::LISTINGS_AT_ONCE,
+                offload::LISTINGS_PER_CALLER,
+                offload::LISTING_WAIT,
+                "listings and reports",
+            ),
         }
     }
 

@@ -106,22 +106,18 @@ impl Usage {
         let table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
         let mut out: Vec<IdentityUsage> = table
             .iter()
-            .map(|(identity, entry)| {
-                let mut exercised: Vec<(String, String)> = entry
-                    .exercised
-                    .iter()
-                    .map(|(p, r)| (p.to_string(), r.to_string()))
-                    .collect();
-                exercised.sort();
-                IdentityUsage {
-                    identity: identity.clone(),
-                    last_used_ms: entry.last_used_ms,
-                    exercised,
-                }
-            })
+            .map(|(identity, entry)| usage_of(identity, entry))
             .collect();
         out.sort_by(|a, b| a.identity.cmp(&b.identity));
         out
+    }
+
+    /// One identity's entry of [`Self::snapshot`], if it was seen: a
+    /// lookup, not a copy of the table (which every authorization's
+    /// [`Self::record`] waits for while it is held).
+    pub fn of(&self, identity: &str) -> Option<IdentityUsage> {
+        let table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
+        table.get(identity).map(|entry| usage_of(identity, entry))
     }
 
     /// Forgets an identity (it was deleted), in memory and in storage.
@@ -228,6 +224,21 @@ impl Usage {
     }
 }
 
+/// An entry as [`Usage::snapshot`] gives it: the rules it exercised, sorted.
+fn usage_of(identity: &str, entry: &Entry) -> IdentityUsage {
+    let mut exercised: Vec<(String, String)> = entry
+        .exercised
+        .iter()
+        .map(|(p, r)| (p.to_string(), r.to_string()))
+        .collect();
+    exercised.sort();
+    IdentityUsage {
+        identity: identity.to_owned(),
+        last_used_ms: entry.last_used_ms,
+        exercised,
+    }
+}
+
 fn key(identity: &str) -> String {
     format!("{PREFIX}{}", hex::encode(identity.as_bytes()))
 }
@@ -279,6 +290,10 @@ mod tests {
                 },
             ]
         );
+        // One identity's entry is the snapshot's, and nothing for one unseen.
+        assert_eq!(usage.of("svc").as_ref(), Some(&snap[1]));
+        assert_eq!(usage.of("bot").as_ref(), Some(&snap[0]));
+        assert_eq!(usage.of("nobody"), None);
         assert_eq!(usage.persist().unwrap(), 2);
         assert_eq!(usage.persist().unwrap(), 0, "nothing changed since");
         let fresh = Usage::new(barrier);

@@ -135,7 +135,7 @@ async fn list(State(state): State<HttpState>, Path(prefix): Path<String>, req: R
             .await);
     }
     let mut call = req.begin(&state.core, LIST.seam, LIST.access).await?;
-    let leases = api_leases::list(&state.core, &mut call, &prefix, false)?;
+    let leases = api_leases::list(&mut call, &prefix, false).await?;
     call.ok(&[])?;
     let under = format!("{}/", prefix.trim_end_matches('/'));
     let keys = super::reply::child_keys(leases.iter().map(|l| l.id.as_str()), &under);

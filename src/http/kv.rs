@@ -416,11 +416,16 @@ async fn list(state: &HttpState, req: &VaultRequest, prefix: &str) -> Answer {
     let prefix = call.check(ListPrefix::parse(prefix))?;
     call.authorize(Capability::List, prefix.resource())?;
     let caller = call.require_caller()?;
-    let paths = call.check(state.core.secrets.list(&prefix, |path| {
-        crate::api::secrets::visible_to(&caller, path)
-    }))?;
-    call.ok(&[])?;
     let under = prefix.path().map(|p| format!("{p}/")).unwrap_or_default();
+    // It reads every path under the prefix: off the connection's thread.
+    let paths = call
+        .off_thread(move |core| {
+            core.secrets.list(&prefix, |path| {
+                crate::api::secrets::visible_to(&caller, path)
+            })
+        })
+        .await?;
+    call.ok(&[])?;
     let keys = super::reply::child_keys(paths.iter().map(String::as_str), &under);
     if keys.is_empty() {
         return Err(errors(StatusCode::NOT_FOUND, ""));

@@ -278,6 +278,9 @@ pub struct SecretStore {
     /// the metadata only), which an etcd snapshot restored onto sled holds.
     #[cfg(test)]
     prints_unrecorded: std::sync::atomic::AtomicBool,
+    /// Tests: run once inside `list`, before it reads the prefix.
+    #[cfg(test)]
+    pub(crate) during_list: crate::test_hook::Hook,
 }
 
 /// A new `current` version: what watchers are told (no value).
@@ -453,6 +456,8 @@ impl SecretStore {
             unrecorded: print_index::PrintIndex::default(),
             #[cfg(test)]
             prints_unrecorded: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            during_list: crate::test_hook::Hook::default(),
         }
     }
 
@@ -913,6 +918,8 @@ impl SecretStore {
         prefix: &ListPrefix,
         visible: impl Fn(&str) -> bool,
     ) -> Result<Vec<String>, SecretsError> {
+        #[cfg(test)]
+        self.during_list.run();
         let keys = match prefix.path() {
             None => self.barrier.scan_keys(META)?,
             Some(p) => {

@@ -499,6 +499,27 @@ impl Call {
         self.check(noted)
     }
 
+    /// Runs `work` on the blocking pool, not on the thread that serves this
+    /// call's connection (see [`crate::core::offload`]): for a call that
+    /// reads a whole table or prefix. Its turn is one of the caller's
+    /// identity's own. A refusal (no turn in time) or a failure of `work`
+    /// is audited as this call's outcome.
+    pub async fn off_thread<T, E, F>(&mut self, work: F) -> Result<T, Failure>
+    where
+        T: Send + 'static,
+        E: Into<Failure> + Send + 'static,
+        F: FnOnce(&Core) -> Result<T, E> + Send + 'static,
+    {
+        let core = Arc::clone(&self.core);
+        let caller = self.caller.as_ref().map_or("", |c| c.identity.as_str());
+        let done = self.core.offload.run(caller, move || work(&core)).await;
+        match done {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(self.fail(e)),
+            Err(refused) => Err(self.fail(refused)),
+        }
+    }
+
     /// The authenticated caller, or an audited `UNAUTHENTICATED` for a call
     /// that has none.
     pub fn require_caller(&mut self) -> Result<Caller, Failure> {

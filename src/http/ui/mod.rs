@@ -397,8 +397,12 @@ async fn overview(
         return redirect("/ui/sign-in");
     };
     let now = state.core.clock().now_ms();
-    let body = views::overview(&state.core, &caller, &state.governance, now);
-    let body = match call.check(body) {
+    let settings = state.governance;
+    // It reads every identity and token record: off the connection's thread.
+    let body = call
+        .off_thread(move |core| views::overview(core, &caller, &settings, now))
+        .await;
+    let body = match body {
         Ok(b) => b,
         Err(f) => return failure_page(&f, "read the governance report"),
     };

@@ -430,9 +430,8 @@ pub fn overview(
 fn unused_rules(core: &Core, record: &IdentityRecord, now: u64) -> Result<Vec<String>, Failure> {
     let usage: Vec<UsageEntry> = core
         .usage
-        .snapshot()
+        .of(&record.name)
         .into_iter()
-        .filter(|u| u.identity == record.name)
         .map(|u| UsageEntry {
             identity: u.identity,
             last_used_ms: u.last_used_ms,
