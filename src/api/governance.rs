@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 
 use super::{begin, Access};
 use crate::core::call::Failure;
+use crate::core::offload::Work;
 use crate::core::Core;
 use crate::policy::Capability;
 use crate::proto::v1::governance_server::Governance;
@@ -43,7 +44,7 @@ impl Governance for GovernanceService {
         let long_ttl = Duration::from_secs(r.long_ttl_seconds);
         // It reads every identity and token record: off the connection's thread.
         let (report, rotation, pki, lease_revocations_failing) = call
-            .off_thread(move |core| -> Result<_, Failure> {
+            .off_thread(Work::Report, move |core| -> Result<_, Failure> {
                 let now = core.clock().now_ms();
                 Ok((
                     core.governance_report(dormant_after_ms, long_ttl)?,

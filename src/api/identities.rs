@@ -24,6 +24,7 @@ use tonic::{Request, Response, Status};
 use super::secrets::timestamp;
 use super::{begin, Access, Call, Failure};
 use crate::cidr::Cidr;
+use crate::core::offload::Work;
 use crate::core::Core;
 use crate::identity::{
     last_used_ms, IdentityError, IdentityKind, IdentityName, IdentityRecord, IdentityUpdate,
@@ -222,7 +223,7 @@ impl Identities for IdentitiesService {
         };
         // It reads every identity record: off the connection's thread.
         let (records, used) = call
-            .off_thread(move |core| {
+            .off_thread(Work::Listing, move |core| {
                 let used = token_use(core);
                 let lookup = |name: &str| used.get(name).copied();
                 let records = core

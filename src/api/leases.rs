@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 use super::secrets::timestamp;
 use super::{begin, Access};
 use crate::core::call::{Call, Failure};
+use crate::core::offload::Work;
 use crate::core::Core;
 use crate::lease::{check_prefix, LeaseError, LeaseRecord};
 use crate::policy::Capability;
@@ -154,7 +155,7 @@ pub async fn list(
     };
     call.authorize(Capability::List, resource)?;
     // It reads every lease under the prefix: off the connection's thread.
-    call.off_thread(move |core| core.leases.list(&prefix, failed))
+    call.off_thread(Work::Listing, move |core| core.leases.list(&prefix, failed))
         .await
 }
 

@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 use super::secrets::timestamp;
 use super::{begin, Access, Failure, FailureKind};
 use crate::core::auth::Caller;
+use crate::core::offload::Work;
 use crate::core::Core;
 use crate::identity::IdentityName;
 use crate::lifecycle::attest::{status_of, AttestStatus, RecertSettings};
@@ -210,11 +211,14 @@ impl Lifecycle for LifecycleService {
         )
         .await?;
         call.authorize(Capability::List, "identity".to_owned())?;
-        let all = call.check(
-            self.core
-                .lifecycle
-                .attestations(&self.settings, self.core.clock().now_ms()),
-        )?;
+        let settings = self.settings;
+        // It reads every identity record: off the connection's thread.
+        let all = call
+            .off_thread(Work::Listing, move |core| {
+                core.lifecycle
+                    .attestations(&settings, core.clock().now_ms())
+            })
+            .await?;
         call.ok(&[])?;
         Ok(Response::new(AttestationsResponse {
             identities: all.iter().map(status_message).collect(),

@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 
 use super::secrets::timestamp;
 use super::{begin, Access, Call, Failure};
+use crate::core::offload::Work;
 use crate::core::Core;
 use crate::identity::login::cert_names;
 use crate::identity::IdentityRecord;
@@ -260,7 +261,9 @@ impl Pki for PkiService {
             .then(|| r.expiring_within_seconds.saturating_mul(1000));
         // It reads the whole certificate inventory: off the connection's thread.
         let certs = call
-            .off_thread(move |core| core.pki.list(within, core.clock().now_ms()))
+            .off_thread(Work::Listing, move |core| {
+                core.pki.list(within, core.clock().now_ms())
+            })
             .await?;
         call.ok(&[])?;
         Ok(Response::new(PkiListResponse {

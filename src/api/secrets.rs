@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 use super::{begin, Access, Failure, FailureKind};
 use crate::config::ServerLimits;
 use crate::core::auth::Caller;
+use crate::core::offload::Work;
 use crate::core::Core;
 use crate::policy::Capability;
 use crate::proto::v1::secrets_server::Secrets;
@@ -359,7 +360,9 @@ impl Secrets for SecretsService {
         let caller = call.require_caller()?;
         // It reads every path under the prefix: off the connection's thread.
         let paths = call
-            .off_thread(move |core| core.secrets.list(&prefix, |path| visible_to(&caller, path)))
+            .off_thread(Work::Listing, move |core| {
+                core.secrets.list(&prefix, |path| visible_to(&caller, path))
+            })
             .await?;
         call.ok(&[])?;
         Ok(Response::new(ListSecretsResponse { paths }))

@@ -88,7 +88,7 @@ pub struct Core {
     pub anomalies: crate::anomaly::Anomalies,
     /// The turns of listings and reports on the blocking pool
     /// ([`Call::off_thread`](call::Call::off_thread)).
-    pub offload: offload::Offload,
+    pub offload: offload::Offloads,
 }
 
 impl Core {
@@ -196,12 +196,7 @@ impl Core {
             reads,
             lifecycle,
             anomalies,
-            offload: offload::Offload::new(
-                offload::LISTINGS_AT_ONCE,
-                offload::LISTINGS_PER_CALLER,
-                offload::LISTING_WAIT,
-                "listings and reports",
-            ),
+            offload: offload::Offloads::new(),
         }
     }
 

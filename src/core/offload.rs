@@ -24,13 +24,63 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::call::{Failure, FailureKind};
 
-/// Listings and reports (`Core::offload`) that may run at once on a node.
+/// Listings ([`Work::Listing`]) that may run at once on a node.
 pub const LISTINGS_AT_ONCE: usize = 8;
-/// Of those, how many one identity may run at once: a flood from one
+/// Of those, how many one caller may run at once: a flood from one
 /// caller queues behind its own turns and leaves the others to the rest.
 pub const LISTINGS_PER_CALLER: usize = 2;
+/// Reports ([`Work::Report`]) that may run at once on a node; they have
+/// turns of their own, so no flood of listings delays one.
+pub const REPORTS_AT_ONCE: usize = 2;
+/// Of those, how many one caller may run at once.
+pub const REPORTS_PER_CALLER: usize = 1;
 /// How long a listing or report waits for its turn before it is refused.
 pub const LISTING_WAIT: Duration = Duration::from_secs(10);
+
+/// Which turns a work takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// A listing: a prefix (secrets, leases) or a table (identities,
+    /// certificates, attestations). A caller with list on a prefix of its
+    /// own can make these.
+    Listing,
+    /// The governance report and the dashboard's overview: they need read
+    /// on `sys/governance`, an operator's right.
+    Report,
+}
+
+/// The node's turns of each [`Work`] (`Core::offload`).
+pub struct Offloads {
+    pub listings: Offload,
+    pub reports: Offload,
+}
+
+impl Offloads {
+    pub fn new() -> Self {
+        Self {
+            listings: Offload::new(
+                LISTINGS_AT_ONCE,
+                LISTINGS_PER_CALLER,
+                LISTING_WAIT,
+                "listings",
+            ),
+            reports: Offload::new(REPORTS_AT_ONCE, REPORTS_PER_CALLER, LISTING_WAIT, "reports"),
+        }
+    }
+
+    pub fn of(&self, work: Work) -> &Offload {
+        match work {
+            Work::Listing => &self.listings,
+            Work::Report => &self.reports,
+        }
+    }
+}
+
+impl Default for Offloads {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// Callers with a turn or waiting for one, past which the table drops the
 /// entries nobody holds (a caller that gave up waiting leaves its entry).

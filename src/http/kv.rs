@@ -28,6 +28,7 @@ use super::reply::{
 };
 use super::HttpState;
 use crate::core::call::{Access, Call, Failure};
+use crate::core::offload::Work;
 use crate::policy::Capability;
 use crate::secrecy::{SecretBytes, SecretData};
 use crate::secrets::{ListPrefix, PutRequest, SecretPath, Selector, Stage};
@@ -419,7 +420,7 @@ async fn list(state: &HttpState, req: &VaultRequest, prefix: &str) -> Answer {
     let under = prefix.path().map(|p| format!("{p}/")).unwrap_or_default();
     // It reads every path under the prefix: off the connection's thread.
     let paths = call
-        .off_thread(move |core| {
+        .off_thread(Work::Listing, move |core| {
             core.secrets.list(&prefix, |path| {
                 crate::api::secrets::visible_to(&caller, path)
             })

@@ -2,15 +2,79 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::client::{Client, ClientOptions, PutOptions};
+use crate::client::{Client, ClientError, ClientOptions, PutOptions};
 use crate::clock::Clock;
+use crate::core::Core;
 use crate::secrecy::{SecretBytes, SecretData};
 
 /// Bounds of the waits below. Generous: they pass on a loaded machine, and
 /// only a call held up for their whole length fails.
 const WAIT: Duration = Duration::from_secs(60);
+
+/// A dev server on one lane, with two root clients: two connections of
+/// that lane.
+struct OneLane {
+    core: Arc<Core>,
+    audit: std::path::PathBuf,
+    clients: (Client, Client),
+    stop: tokio::sync::oneshot::Sender<()>,
+    served: tokio::task::JoinHandle<Result<(), crate::server::ServerError>>,
+    _dir: tempfile::TempDir,
+}
+
+impl OneLane {
+    async fn start() -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::Builder::new()
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .tempdir()
+            .unwrap();
+        let vault = crate::dev::open_with(dir.path(), None, Clock::system(), |config| {
+            config.listen_threads = 1;
+        })
+        .await
+        .unwrap();
+        let core = vault.server.core().clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(vault.server.serve(listener, None, async move {
+            let _ = stopped.await;
+        }));
+        let options = ClientOptions {
+            addr: format!("https://{addr}"),
+            token: Some(vault.credentials.root_token.clone()),
+            ca_cert: Some(vault.certs.ca.clone()),
+            ..ClientOptions::default()
+        };
+        let clients = (
+            Client::connect(options.clone()).await.unwrap(),
+            Client::connect(options).await.unwrap(),
+        );
+        Self {
+            core,
+            audit: dir.path().join("audit.log"),
+            clients,
+            stop,
+            served,
+            _dir: dir,
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.served.await.unwrap().unwrap();
+    }
+}
+
+fn data() -> SecretData {
+    [("k".to_owned(), SecretBytes::from("v"))]
+        .into_iter()
+        .collect()
+}
 
 /// A listing runs its scan on the blocking pool (`core::offload`), not on
 /// its lane. The scan is held inside `SecretStore::list` until the end, and
@@ -19,42 +83,16 @@ const WAIT: Duration = Duration::from_secs(60);
 /// whole hold and the test fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listing_that_takes_long_holds_up_no_other_call_of_its_lane() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let dir = tempfile::Builder::new()
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .tempdir()
-        .unwrap();
-    let vault = crate::dev::open_with(dir.path(), None, Clock::system(), |config| {
-        config.listen_threads = 1;
-    })
-    .await
-    .unwrap();
-    let core = vault.server.core().clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(vault.server.serve(listener, None, async move {
-        let _ = stopped.await;
-    }));
-    let options = ClientOptions {
-        addr: format!("https://{addr}"),
-        token: Some(vault.credentials.root_token.clone()),
-        ca_cert: Some(vault.certs.ca.clone()),
-        ..ClientOptions::default()
-    };
-    let lister = Client::connect(options.clone()).await.unwrap();
-    let other = Client::connect(options).await.unwrap();
-    let data: SecretData = [("k".to_owned(), SecretBytes::from("v"))]
-        .into_iter()
-        .collect();
+    let server = OneLane::start().await;
+    let (lister, other) = (server.clients.0.clone(), server.clients.1.clone());
     other
-        .put("held/a", &data, PutOptions::default())
+        .put("held/a", &data(), PutOptions::default())
         .await
         .unwrap();
 
     let (entered, in_scan) = std::sync::mpsc::channel::<()>();
     let (release, released) = std::sync::mpsc::channel::<()>();
-    core.secrets.during_list.set(move || {
+    server.core.secrets.during_list.set(move || {
         let _ = entered.send(());
         let _ = released.recv_timeout(WAIT * 2);
     });
@@ -67,10 +105,54 @@ async fn a_listing_that_takes_long_holds_up_no_other_call_of_its_lane() {
     let answered = tokio::time::timeout(WAIT, other.get("held/a")).await;
     let _ = release.send(());
     let read = answered.expect("a call on the listing's lane waited for its scan");
-    assert_eq!(read.unwrap().data, data);
+    assert_eq!(read.unwrap().data, data());
     let listed = tokio::time::timeout(WAIT, listing).await.unwrap();
     assert_eq!(listed.unwrap().unwrap(), vec!["held/a".to_owned()]);
+    server.stop().await;
+}
 
-    let _ = stop.send(());
-    served.await.unwrap().unwrap();
+/// Listings that hold every listing turn of the node delay no report: the
+/// report has turns of its own. A listing that finds no turn in time is
+/// refused with `RESOURCE_EXHAUSTED`, and that refusal is audited once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_is_answered_while_listings_hold_every_listing_turn() {
+    let server = OneLane::start().await;
+    let client = server.clients.0.clone();
+    let listings = &server.core.offload.listings;
+    let mut held = Vec::new();
+    for caller in ["a", "b", "c", "d"] {
+        for _ in 0..crate::core::offload::LISTINGS_PER_CALLER {
+            held.push(listings.turn(caller).await.expect("a free turn"));
+        }
+    }
+    assert_eq!(held.len(), crate::core::offload::LISTINGS_AT_ONCE);
+
+    let report = tokio::time::timeout(WAIT, client.governance_report(0, 0))
+        .await
+        .expect("the report waited for the listings' turns");
+    assert!(report.is_ok(), "{:?}", report.err());
+
+    // The node's listing turns are all taken: root's listing waits its
+    // LISTING_WAIT, then is refused.
+    let refused = client.list("anything").await.unwrap_err();
+    match &refused {
+        ClientError::Status(status) => {
+            assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+            assert!(status.message().contains("too many listings"), "{status}");
+        }
+        other => panic!("not a status: {other}"),
+    }
+    drop(held);
+    assert!(client.list("anything").await.unwrap().is_empty());
+
+    let audit = std::fs::read_to_string(&server.audit).unwrap();
+    let refusals: Vec<&str> = audit
+        .lines()
+        .filter(|l| {
+            l.contains("\"method\":\"keyward.v1.Secrets/List\"")
+                && l.contains("\"code\":\"RESOURCE_EXHAUSTED\"")
+        })
+        .collect();
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
+    server.stop().await;
 }

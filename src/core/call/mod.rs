@@ -35,6 +35,7 @@ use crate::barrier::BarrierError;
 use crate::policy::{Authorized, Capability};
 
 use super::auth::{AuthError, Caller};
+use super::offload::Work;
 use super::Core;
 
 /// Whether a call needs a token.
@@ -501,18 +502,24 @@ impl Call {
 
     /// Runs `work` on the blocking pool, not on the thread that serves this
     /// call's connection (see [`crate::core::offload`]): for a call that
-    /// reads a whole table or prefix. Its turn is one of the caller's
-    /// identity's own. A refusal (no turn in time) or a failure of `work`
+    /// reads a whole table or prefix. It takes one of the caller's turns of
+    /// `kind`; the caller is the actor of a delegated token, else the
+    /// token's identity. A refusal (no turn in time) or a failure of `work`
     /// is audited as this call's outcome.
-    pub async fn off_thread<T, E, F>(&mut self, work: F) -> Result<T, Failure>
+    pub async fn off_thread<T, E, F>(&mut self, kind: Work, work: F) -> Result<T, Failure>
     where
         T: Send + 'static,
         E: Into<Failure> + Send + 'static,
         F: FnOnce(&Core) -> Result<T, E> + Send + 'static,
     {
         let core = Arc::clone(&self.core);
-        let caller = self.caller.as_ref().map_or("", |c| c.identity.as_str());
-        let done = self.core.offload.run(caller, move || work(&core)).await;
+        let caller = self.caller.as_ref().map_or("", |c| {
+            c.actor
+                .as_ref()
+                .map_or(c.identity.as_str(), |a| a.actor_identity.as_str())
+        });
+        let pool = self.core.offload.of(kind);
+        let done = pool.run(caller, move || work(&core)).await;
         match done {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(self.fail(e)),

@@ -44,6 +44,7 @@ use super::listen::Peer;
 use super::reply::{http_status, BODY_DEADLINE};
 use super::HttpState;
 use crate::core::call::{request_id, Access, Call, Failure, FailureKind, RequestMeta};
+use crate::core::offload::Work;
 use crate::identity::{IdentityError, IdentityName};
 use crate::policy::Capability;
 use session::{Sessions, COOKIE, SESSION_LIFETIME};
@@ -400,7 +401,9 @@ async fn overview(
     let settings = state.governance;
     // It reads every identity and token record: off the connection's thread.
     let body = call
-        .off_thread(move |core| views::overview(core, &caller, &settings, now))
+        .off_thread(Work::Report, move |core| {
+            views::overview(core, &caller, &settings, now)
+        })
         .await;
     let body = match body {
         Ok(b) => b,
