@@ -185,7 +185,7 @@ impl Scan for ScanService {
             let fresh = caller.fresh;
             let done = self
                 .turns
-                .run(&caller.identity, move || {
+                .run(caller.turn_owner(), move || {
                     let values: Vec<&[u8]> = values.iter().map(|v| v.as_slice()).collect();
                     secrets.match_values(&values, fresh)
                 })

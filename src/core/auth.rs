@@ -116,6 +116,16 @@ impl ActorChain {
 }
 
 impl Caller {
+    /// Who the turns of long works are counted for (`core::offload`): the
+    /// actor of a delegated token, so that an agent acting for several
+    /// subjects is one caller and spends none of its subjects' turns; else
+    /// the token's identity.
+    pub fn turn_owner(&self) -> &str {
+        self.actor
+            .as_ref()
+            .map_or(self.identity.as_str(), |a| a.actor_identity.as_str())
+    }
+
     pub fn is_root(&self) -> bool {
         self.actor.is_none()
             && self
@@ -320,6 +330,24 @@ mod tests {
         );
         gate.on_unseal().unwrap();
         (dir, gate, tokens, policies, usage)
+    }
+
+    #[test]
+    fn the_turns_of_a_delegated_token_are_its_actors() {
+        let (_d, gate, ..) = gate();
+        let root = gate.create_root_token(Clock::system().now_ms()).unwrap();
+        let caller = gate.authenticate(root.expose(), None).unwrap();
+        assert_eq!(caller.turn_owner(), "root");
+        let delegated = Caller {
+            identity: "subject".to_owned(),
+            actor: Some(ActorChain {
+                actor_identity: "agent".to_owned(),
+                actor_accessor: "acc-agent".to_owned(),
+                subject_accessor: "acc-subject".to_owned(),
+            }),
+            ..caller
+        };
+        assert_eq!(delegated.turn_owner(), "agent");
     }
 
     #[test]

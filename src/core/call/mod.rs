@@ -503,8 +503,7 @@ impl Call {
     /// Runs `work` on the blocking pool, not on the thread that serves this
     /// call's connection (see [`crate::core::offload`]): for a call that
     /// reads a whole table or prefix. It takes one of the caller's turns of
-    /// `kind`; the caller is the actor of a delegated token, else the
-    /// token's identity. A refusal (no turn in time) or a failure of `work`
+    /// `kind` ([`Caller::turn_owner`]). A refusal (no turn in time) or a failure of `work`
     /// is audited as this call's outcome.
     pub async fn off_thread<T, E, F>(&mut self, kind: Work, work: F) -> Result<T, Failure>
     where
@@ -513,11 +512,7 @@ impl Call {
         F: FnOnce(&Core) -> Result<T, E> + Send + 'static,
     {
         let core = Arc::clone(&self.core);
-        let caller = self.caller.as_ref().map_or("", |c| {
-            c.actor
-                .as_ref()
-                .map_or(c.identity.as_str(), |a| a.actor_identity.as_str())
-        });
+        let caller = self.caller.as_ref().map_or("", Caller::turn_owner);
         let pool = self.core.offload.of(kind);
         let done = pool.run(caller, move || work(&core)).await;
         match done {
