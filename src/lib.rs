@@ -38,7 +38,9 @@
 //!   `Drop` too); `Failure` is the transport-neutral error and the one place
 //!   a domain error becomes a kind. `core/auth.rs` is the `Gate`: token
 //!   authentication and the policy check, which alone mints
-//!   `policy::Authorized`.
+//!   `policy::Authorized`. `core/offload.rs` runs a call's whole-table
+//!   reads (listings, reports) on the blocking pool, in bounded turns
+//!   (`Call::off_thread`).
 //! - `http` — the one HTTPS listener (`http.listen`): the Vault-compatible
 //!   `/v1/` API through the same request seam as `api`, one `routes()` per
 //!   file; `FailureKind` -> HTTP status in one function (`http/reply.rs`);
