@@ -94,7 +94,7 @@ pub struct Offload {
     per_caller: usize,
     callers: Callers,
     wait: Duration,
-    /// What the work is, plural, for the refusal: "listings and reports".
+    /// What the work is, plural, for the refusal: "listings".
     what: &'static str,
 }
 

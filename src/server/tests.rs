@@ -112,28 +112,36 @@ async fn a_listing_that_takes_long_holds_up_no_other_call_of_its_lane() {
 }
 
 /// Listings that hold every listing turn of the node delay no report: the
-/// report has turns of its own. A listing that finds no turn in time is
-/// refused with `RESOURCE_EXHAUSTED`, and that refusal is audited once.
+/// report has turns of its own. A caller's listing waits for its own turns
+/// even while the node has others free, and one that finds none in time is
+/// refused with `RESOURCE_EXHAUSTED`, audited once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_report_is_answered_while_listings_hold_every_listing_turn() {
+    use crate::core::offload::{LISTINGS_AT_ONCE, LISTINGS_PER_CALLER};
     let server = OneLane::start().await;
     let client = server.clients.0.clone();
     let listings = &server.core.offload.listings;
-    let mut held = Vec::new();
-    for caller in ["a", "b", "c", "d"] {
-        for _ in 0..crate::core::offload::LISTINGS_PER_CALLER {
-            held.push(listings.turn(caller).await.expect("a free turn"));
+    let mut others = Vec::new();
+    for caller in ["a", "b", "c"] {
+        for _ in 0..LISTINGS_PER_CALLER {
+            others.push(listings.turn(caller).await.expect("a free turn"));
         }
     }
-    assert_eq!(held.len(), crate::core::offload::LISTINGS_AT_ONCE);
+    // The root token's own turns (its identity is `root`).
+    let mut roots = Vec::new();
+    for _ in 0..LISTINGS_PER_CALLER {
+        roots.push(listings.turn("root").await.expect("a free turn"));
+    }
+    assert_eq!(others.len() + roots.len(), LISTINGS_AT_ONCE);
 
     let report = tokio::time::timeout(WAIT, client.governance_report(0, 0))
         .await
         .expect("the report waited for the listings' turns");
     assert!(report.is_ok(), "{:?}", report.err());
 
-    // The node's listing turns are all taken: root's listing waits its
-    // LISTING_WAIT, then is refused.
+    // The node has free listing turns again, but root's own are taken:
+    // root's listing waits its LISTING_WAIT, then is refused.
+    drop(others);
     let refused = client.list("anything").await.unwrap_err();
     match &refused {
         ClientError::Status(status) => {
@@ -142,7 +150,7 @@ async fn a_report_is_answered_while_listings_hold_every_listing_turn() {
         }
         other => panic!("not a status: {other}"),
     }
-    drop(held);
+    drop(roots);
     assert!(client.list("anything").await.unwrap().is_empty());
 
     let audit = std::fs::read_to_string(&server.audit).unwrap();
