@@ -60,11 +60,7 @@ impl IdentitiesService {
 
 /// Last token use per identity, from `usage`.
 pub(crate) fn token_use(core: &Core) -> HashMap<String, u64> {
-    core.usage
-        .snapshot()
-        .into_iter()
-        .map(|u| (u.identity, u.last_used_ms))
-        .collect()
+    core.usage.last_uses()
 }
 
 pub(crate) fn identity_message(record: &IdentityRecord, token_use: Option<u64>) -> Identity {

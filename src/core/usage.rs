@@ -112,6 +112,18 @@ impl Usage {
         out
     }
 
+    /// The last use of every identity seen: what [`Self::snapshot`] holds
+    /// without the rules, for a listing. The lock, which every
+    /// authorization's [`Self::record`] waits for, is held for one copy of
+    /// each name, not the rules' copies and a sort.
+    pub fn last_uses(&self) -> HashMap<String, u64> {
+        let table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
+        table
+            .iter()
+            .map(|(identity, entry)| (identity.clone(), entry.last_used_ms))
+            .collect()
+    }
+
     /// One identity's entry of [`Self::snapshot`], if it was seen: a
     /// lookup, not a copy of the table (which every authorization's
     /// [`Self::record`] waits for while it is held).
@@ -294,6 +306,11 @@ mod tests {
         assert_eq!(usage.of("svc").as_ref(), Some(&snap[1]));
         assert_eq!(usage.of("bot").as_ref(), Some(&snap[0]));
         assert_eq!(usage.of("nobody"), None);
+        let last: HashMap<String, u64> = snap
+            .iter()
+            .map(|u| (u.identity.clone(), u.last_used_ms))
+            .collect();
+        assert_eq!(usage.last_uses(), last);
         assert_eq!(usage.persist().unwrap(), 2);
         assert_eq!(usage.persist().unwrap(), 0, "nothing changed since");
         let fresh = Usage::new(barrier);
