@@ -292,7 +292,13 @@ impl Pki for PkiService {
     async fn crl(&self, req: Request<PkiCrlRequest>) -> Result<Response<PkiCrlResponse>, Status> {
         let mut call = begin(&self.core, "keyward.v1.Pki/Crl", Access::Token, &req).await?;
         call.set_resource(CERTS_RESOURCE);
-        let der = call.check(self.core.pki.crl(self.core.clock().now_ms()))?;
+        // Any token may ask, and a CRL being rebuilt (a revoke) holds the
+        // lock this waits on: off the connection's thread.
+        let der = call
+            .off_thread(Work::Listing, move |core| {
+                core.pki.crl(core.clock().now_ms())
+            })
+            .await?;
         call.ok(&[])?;
         Ok(Response::new(PkiCrlResponse { der }))
     }

@@ -276,6 +276,9 @@ pub struct PkiStore {
     /// builds never take the same number. Rebuilt on every revoke, init,
     /// set-signed and unseal (`refresh_trust`).
     last_crl: std::sync::Mutex<Option<(Vec<u8>, u64)>>,
+    /// Tests: run once inside `crl`, before it takes `last_crl`'s lock.
+    #[cfg(test)]
+    pub(crate) before_crl: crate::test_hook::Hook,
     /// The signing CA, parsed once (its key from PKCS#8, its certificate
     /// from DER) and kept until the vault is sealed ([`PkiStore::on_seal`]).
     /// A CA is made once and never replaced, so the kept one stays right;
@@ -355,6 +358,8 @@ impl PkiStore {
             trust,
             ca_lock: std::sync::Mutex::new(()),
             last_crl: std::sync::Mutex::new(None),
+            #[cfg(test)]
+            before_crl: crate::test_hook::Hook::default(),
             signer: std::sync::RwLock::new(None),
             after_record: std::sync::Mutex::new(None),
         }
@@ -1022,8 +1027,17 @@ impl PkiStore {
         Ok(u32::try_from(records.len()).unwrap_or(u32::MAX))
     }
 
+    /// Tests: holds the lock a CRL is served and built under, as a rebuild
+    /// over a large inventory would.
+    #[cfg(test)]
+    pub(crate) fn crl_lock(&self) -> std::sync::MutexGuard<'_, Option<(Vec<u8>, u64)>> {
+        self.last_crl.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// A CRL signed by the CA: every revoked certificate not yet expired.
     pub fn crl(&self, now_ms: u64) -> Result<Vec<u8>, PkiError> {
+        #[cfg(test)]
+        self.before_crl.run();
         let mut last = self.last_crl.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((der, built_ms)) = last.as_ref() {
             if now_ms >= *built_ms && now_ms - built_ms < CRL_VALIDITY_MS / 2 {

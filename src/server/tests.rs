@@ -111,6 +111,55 @@ async fn a_listing_that_takes_long_holds_up_no_other_call_of_its_lane() {
     server.stop().await;
 }
 
+/// `Pki/Crl`, which any token may call, waits on the lock a CRL is built
+/// under on a blocking thread, not on its lane. The test holds that lock
+/// (as a revoke rebuilding the CRL of a large inventory would) and a Get on
+/// another connection of the same lane is answered meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crl_waiting_for_a_rebuild_holds_up_no_other_call_of_its_lane() {
+    let server = OneLane::start().await;
+    let (asker, other) = (server.clients.0.clone(), server.clients.1.clone());
+    other
+        .put("crl/a", &data(), PutOptions::default())
+        .await
+        .unwrap();
+
+    let (held, lock_held) = std::sync::mpsc::channel::<()>();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let core = Arc::clone(&server.core);
+    let holder = tokio::task::spawn_blocking(move || {
+        let _rebuilding = core.pki.crl_lock();
+        let _ = held.send(());
+        let _ = released.recv_timeout(WAIT * 2);
+    });
+    tokio::task::spawn_blocking(move || lock_held.recv_timeout(WAIT))
+        .await
+        .unwrap()
+        .expect("the lock was taken");
+    // The CRL call is at the lock once this hook has run: whatever thread
+    // runs it goes straight on to wait there.
+    let (entered, at_lock) = std::sync::mpsc::channel::<()>();
+    server.core.pki.before_crl.set(move || {
+        let _ = entered.send(());
+    });
+    let asking = tokio::spawn(async move { asker.pki_crl().await });
+    tokio::task::spawn_blocking(move || at_lock.recv_timeout(WAIT))
+        .await
+        .unwrap()
+        .expect("the CRL call reached the lock");
+
+    let answered = tokio::time::timeout(WAIT, other.get("crl/a")).await;
+    let _ = release.send(());
+    let read = answered.expect("a call on the CRL's lane waited for the rebuild");
+    assert_eq!(read.unwrap().data, data());
+    holder.await.unwrap();
+    // No CA was made, so the CRL itself is refused once the lock is free;
+    // what matters is that it ends.
+    let asked = tokio::time::timeout(WAIT, asking).await.unwrap().unwrap();
+    assert!(asked.is_err());
+    server.stop().await;
+}
+
 /// Listings that hold every listing turn of the node delay no report: the
 /// report has turns of its own. A caller's listing waits for its own turns
 /// even while the node has others free, and one that finds none in time is
