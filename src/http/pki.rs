@@ -26,6 +26,7 @@ use super::token::seconds_value;
 use super::HttpState;
 use crate::api::pki as api_pki;
 use crate::core::call::{Access, Call, Failure};
+use crate::core::offload::Work;
 use crate::pki::store::KeyType;
 use crate::pki::{Built, CA_RESOURCE, CERTS_RESOURCE};
 
@@ -328,7 +329,13 @@ async fn ca_chain(State(state): State<HttpState>, req: Request) -> Answer {
 async fn read_crl(state: &HttpState, req: Request) -> Result<Vec<u8>, Response> {
     let (_req, mut call) = VaultRequest::start(req, state, CRL).await?;
     call.set_resource(CERTS_RESOURCE);
-    let der = call.check(state.core.pki.crl(state.core.clock().now_ms()))?;
+    // As gRPC's: the lock a revoke rebuilds the CRL under is waited on off
+    // the runtime's workers.
+    let der = call
+        .off_thread(Work::Listing, move |core| {
+            core.pki.crl(core.clock().now_ms())
+        })
+        .await?;
     call.ok(&[])?;
     Ok(der)
 }

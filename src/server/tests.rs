@@ -70,6 +70,28 @@ impl OneLane {
     }
 }
 
+/// Waits, off the runtime, for `signal`, at most [`WAIT`].
+async fn signalled(signal: std::sync::mpsc::Receiver<()>, what: &'static str) {
+    tokio::task::spawn_blocking(move || signal.recv_timeout(WAIT))
+        .await
+        .unwrap()
+        .unwrap_or_else(|_| panic!("{what}"));
+}
+
+/// Reads `path` (written with [`data`]) on `other` while a call of the
+/// same lane is held, then lets that call go with `release`.
+async fn read_meanwhile(
+    other: &Client,
+    path: &str,
+    release: std::sync::mpsc::Sender<()>,
+    what: &'static str,
+) {
+    let answered = tokio::time::timeout(WAIT, other.get(path)).await;
+    let _ = release.send(());
+    let read = answered.unwrap_or_else(|_| panic!("{what}"));
+    assert_eq!(read.unwrap().data, data());
+}
+
 fn data() -> SecretData {
     [("k".to_owned(), SecretBytes::from("v"))]
         .into_iter()
@@ -97,15 +119,9 @@ async fn a_listing_that_takes_long_holds_up_no_other_call_of_its_lane() {
         let _ = released.recv_timeout(WAIT * 2);
     });
     let listing = tokio::spawn(async move { lister.list("held").await });
-    tokio::task::spawn_blocking(move || in_scan.recv_timeout(WAIT))
-        .await
-        .unwrap()
-        .expect("the listing reached its scan");
-
-    let answered = tokio::time::timeout(WAIT, other.get("held/a")).await;
-    let _ = release.send(());
-    let read = answered.expect("a call on the listing's lane waited for its scan");
-    assert_eq!(read.unwrap().data, data());
+    signalled(in_scan, "the listing reached its scan").await;
+    let waited = "a call on the listing's lane waited for its scan";
+    read_meanwhile(&other, "held/a", release, waited).await;
     let listed = tokio::time::timeout(WAIT, listing).await.unwrap();
     assert_eq!(listed.unwrap().unwrap(), vec!["held/a".to_owned()]);
     server.stop().await;
@@ -132,10 +148,7 @@ async fn a_crl_waiting_for_a_rebuild_holds_up_no_other_call_of_its_lane() {
         let _ = held.send(());
         let _ = released.recv_timeout(WAIT * 2);
     });
-    tokio::task::spawn_blocking(move || lock_held.recv_timeout(WAIT))
-        .await
-        .unwrap()
-        .expect("the lock was taken");
+    signalled(lock_held, "the lock was taken").await;
     // The CRL call is at the lock once this hook has run: whatever thread
     // runs it goes straight on to wait there.
     let (entered, at_lock) = std::sync::mpsc::channel::<()>();
@@ -143,15 +156,9 @@ async fn a_crl_waiting_for_a_rebuild_holds_up_no_other_call_of_its_lane() {
         let _ = entered.send(());
     });
     let asking = tokio::spawn(async move { asker.pki_crl().await });
-    tokio::task::spawn_blocking(move || at_lock.recv_timeout(WAIT))
-        .await
-        .unwrap()
-        .expect("the CRL call reached the lock");
-
-    let answered = tokio::time::timeout(WAIT, other.get("crl/a")).await;
-    let _ = release.send(());
-    let read = answered.expect("a call on the CRL's lane waited for the rebuild");
-    assert_eq!(read.unwrap().data, data());
+    signalled(at_lock, "the CRL call reached the lock").await;
+    let waited = "a call on the CRL's lane waited for the rebuild";
+    read_meanwhile(&other, "crl/a", release, waited).await;
     holder.await.unwrap();
     // No CA was made, so the CRL itself is refused once the lock is free;
     // what matters is that it ends.
