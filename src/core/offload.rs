@@ -41,8 +41,8 @@ pub const LISTING_WAIT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Work {
     /// A listing: a prefix (secrets, leases) or a table (identities,
-    /// certificates, attestations). A caller with list on a prefix of its
-    /// own can make these.
+    /// certificates, attestations), and the CRL. A caller with list on a
+    /// prefix of its own can make these, and any token can ask for the CRL.
     Listing,
     /// The governance report and the dashboard's overview: they need read
     /// on `sys/governance`, an operator's right.
