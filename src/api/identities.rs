@@ -225,7 +225,7 @@ impl Identities for IdentitiesService {
                 let records = core
                     .identities
                     .list(&filter, &lookup, core.clock().now_ms())?;
-                Ok::<_, crate::identity::IdentityError>((records, used))
+                Ok::<_, IdentityError>((records, used))
             })
             .await?;
         call.ok(&[])?;

@@ -175,7 +175,7 @@ impl Scan for ScanService {
             // store's metadata for the node's index (`secrets::print_index`),
             // under a lock the next Match waits for, which must not hold a
             // runtime worker. At most MATCHES_AT_ONCE at once, so a flood
-            // cannot fill the pool that durable writes also use. The
+            // cannot fill the blocking pools with threads. The
             // candidates are copied in as zeroized buffers.
             let secrets = Arc::clone(&self.core.secrets);
             let values: Vec<zeroize::Zeroizing<Vec<u8>>> = strong
@@ -190,10 +190,7 @@ impl Scan for ScanService {
                     secrets.match_values(&values, fresh)
                 })
                 .await;
-            match done {
-                Ok(found) => call.check(found)?,
-                Err(refused) => return Err(call.fail(refused).into()),
-            }
+            call.check(done.and_then(|found| found.map_err(Into::into)))?
         };
         for ((index, _), found) in strong.iter().zip(found) {
             // Owners already named for this candidate without a path: one

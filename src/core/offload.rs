@@ -9,8 +9,9 @@
 //! a thread of the blocking pool instead, and the connection's thread goes
 //! on serving the other calls.
 //!
-//! The blocking pool is shared with the durable writes' flushes, so an
-//! [`Offload`] lets at most `at_once` works run at once on a node. A call
+//! So that a flood of such calls cannot fill the blocking pools with
+//! threads, an [`Offload`] lets at most `at_once` works run at once on a
+//! node, and `per_caller` of them for one caller. A call
 //! waits for its turn on the runtime, holding no thread, and is refused
 //! ([`FailureKind::Exhausted`]) once it has waited `wait`. A call whose
 //! client leaves before its work has started does no work.

@@ -14,8 +14,11 @@ use crate::secrecy::{SecretBytes, SecretData};
 /// only a call held up for their whole length fails.
 const WAIT: Duration = Duration::from_secs(60);
 
-/// A dev server on one lane, with two root clients: two connections of
-/// that lane.
+/// What [`OneLane::start`] writes at [`HELD`].
+const HELD: &str = "held/a";
+
+/// A dev server on one lane, with two root clients (two connections of
+/// that lane) and [`data`] written at [`HELD`].
 struct OneLane {
     core: Arc<Core>,
     audit: std::path::PathBuf,
@@ -54,6 +57,11 @@ impl OneLane {
             Client::connect(options.clone()).await.unwrap(),
             Client::connect(options).await.unwrap(),
         );
+        clients
+            .1
+            .put(HELD, &data(), PutOptions::default())
+            .await
+            .unwrap();
         Self {
             core,
             audit: dir.path().join("audit.log"),
@@ -78,15 +86,10 @@ async fn signalled(signal: std::sync::mpsc::Receiver<()>, what: &'static str) {
         .unwrap_or_else(|_| panic!("{what}"));
 }
 
-/// Reads `path` (written with [`data`]) on `other` while a call of the
-/// same lane is held, then lets that call go with `release`.
-async fn read_meanwhile(
-    other: &Client,
-    path: &str,
-    release: std::sync::mpsc::Sender<()>,
-    what: &'static str,
-) {
-    let answered = tokio::time::timeout(WAIT, other.get(path)).await;
+/// Reads [`HELD`] on `other` while a call of the same lane is held, then
+/// lets that call go with `release`.
+async fn read_meanwhile(other: &Client, release: std::sync::mpsc::Sender<()>, what: &'static str) {
+    let answered = tokio::time::timeout(WAIT, other.get(HELD)).await;
     let _ = release.send(());
     let read = answered.unwrap_or_else(|_| panic!("{what}"));
     assert_eq!(read.unwrap().data, data());
@@ -107,11 +110,6 @@ fn data() -> SecretData {
 async fn a_listing_that_takes_long_holds_up_no_other_call_of_its_lane() {
     let server = OneLane::start().await;
     let (lister, other) = (server.clients.0.clone(), server.clients.1.clone());
-    other
-        .put("held/a", &data(), PutOptions::default())
-        .await
-        .unwrap();
-
     let (entered, in_scan) = std::sync::mpsc::channel::<()>();
     let (release, released) = std::sync::mpsc::channel::<()>();
     server.core.secrets.during_list.set(move || {
@@ -121,9 +119,9 @@ async fn a_listing_that_takes_long_holds_up_no_other_call_of_its_lane() {
     let listing = tokio::spawn(async move { lister.list("held").await });
     signalled(in_scan, "the listing reached its scan").await;
     let waited = "a call on the listing's lane waited for its scan";
-    read_meanwhile(&other, "held/a", release, waited).await;
+    read_meanwhile(&other, release, waited).await;
     let listed = tokio::time::timeout(WAIT, listing).await.unwrap();
-    assert_eq!(listed.unwrap().unwrap(), vec!["held/a".to_owned()]);
+    assert_eq!(listed.unwrap().unwrap(), vec![HELD.to_owned()]);
     server.stop().await;
 }
 
@@ -135,11 +133,6 @@ async fn a_listing_that_takes_long_holds_up_no_other_call_of_its_lane() {
 async fn a_crl_waiting_for_a_rebuild_holds_up_no_other_call_of_its_lane() {
     let server = OneLane::start().await;
     let (asker, other) = (server.clients.0.clone(), server.clients.1.clone());
-    other
-        .put("crl/a", &data(), PutOptions::default())
-        .await
-        .unwrap();
-
     let (held, lock_held) = std::sync::mpsc::channel::<()>();
     let (release, released) = std::sync::mpsc::channel::<()>();
     let core = Arc::clone(&server.core);
@@ -158,7 +151,7 @@ async fn a_crl_waiting_for_a_rebuild_holds_up_no_other_call_of_its_lane() {
     let asking = tokio::spawn(async move { asker.pki_crl().await });
     signalled(at_lock, "the CRL call reached the lock").await;
     let waited = "a call on the CRL's lane waited for the rebuild";
-    read_meanwhile(&other, "crl/a", release, waited).await;
+    read_meanwhile(&other, release, waited).await;
     holder.await.unwrap();
     // No CA was made, so the CRL itself is refused once the lock is free;
     // what matters is that it ends.

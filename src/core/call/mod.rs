@@ -503,8 +503,8 @@ impl Call {
     /// Runs `work` on the blocking pool, not on the thread that serves this
     /// call's connection (see [`crate::core::offload`]): for a call that
     /// reads a whole table or prefix. It takes one of the caller's turns of
-    /// `kind` ([`Caller::turn_owner`]). A refusal (no turn in time) or a failure of `work`
-    /// is audited as this call's outcome.
+    /// `kind` ([`Caller::turn_owner`]). A refusal (no turn in time) or a
+    /// failure of `work` is audited as this call's outcome.
     pub async fn off_thread<T, E, F>(&mut self, kind: Work, work: F) -> Result<T, Failure>
     where
         T: Send + 'static,
@@ -515,11 +515,7 @@ impl Call {
         let caller = self.caller.as_ref().map_or("", Caller::turn_owner);
         let pool = self.core.offload.of(kind);
         let done = pool.run(caller, move || work(&core)).await;
-        match done {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(self.fail(e)),
-            Err(refused) => Err(self.fail(refused)),
-        }
+        self.check(done.and_then(|worked| worked.map_err(Into::into)))
     }
 
     /// The authenticated caller, or an audited `UNAUTHENTICATED` for a call
