@@ -274,6 +274,13 @@ impl PolicyStore {
         }
     }
 
+    /// Whether a policy of this name is stored (every token issue and
+    /// login asks, for each policy the token will carry). Answered from the
+    /// cache of compiled policies where it holds the name; otherwise read,
+    /// and a policy that is there is compiled and cached as a token's list
+    /// would have it. A name that is not there is not cached, so names a
+    /// caller makes up cannot fill the cache. A stored policy that does not
+    /// parse is an error, not a yes.
     pub fn exists(&self, name: &str) -> Result<bool, PolicyStoreError> {
         if name == ROOT_POLICY {
             return Ok(true);
@@ -281,11 +288,23 @@ impl PolicyStore {
         if crate::policy::validate_name(name).is_err() {
             return Ok(false);
         }
-        Ok(self
-            .inner
-            .barrier
-            .get(&format!("{PREFIX}{name}"))?
-            .is_some())
+        let fresh = self.fence();
+        let generation = {
+            let cache = self.inner.cache.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(hit) = cache.policies.get(name).filter(|_| fresh) {
+                return Ok(hit.is_some());
+            }
+            cache.generation
+        };
+        match self.get(name)? {
+            Some(policy) => {
+                let compiled = Arc::new(CompiledPolicy::compile(&policy));
+                let entry = Some(Arc::new((policy, compiled)));
+                self.insert_policy_if_current(generation, name, entry);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// Every policy name, `root` first, then in name order.
@@ -543,6 +562,32 @@ mod tests {
             delete(&store, "root"),
             Err(PolicyStoreError::RootImmutable)
         ));
+    }
+
+    #[test]
+    fn exists_follows_put_and_delete_and_caches_only_what_is_there() {
+        let (_dir, barrier) = unsealed_barrier();
+        let store = PolicyStore::new(barrier.clone());
+        let cached = |store: &PolicyStore| store.inner.cache.read().unwrap().policies.len();
+        for i in 0..100 {
+            assert!(!store.exists(&format!("made-up-{i}")).unwrap());
+        }
+        assert_eq!(cached(&store), 0, "absent names are not cached");
+        let app = "[[rule]]\npath = \"secret/app/*\"\ncapabilities = [\"read\"]\n";
+        put(&store, &policy("app", app)).unwrap();
+        assert!(store.exists("app").unwrap());
+        assert_eq!(cached(&store), 1);
+        // The second answer is the cache's: the record removed behind the
+        // store's back (no clear) is not seen.
+        barrier.delete("policies/app").unwrap();
+        assert!(store.exists("app").unwrap());
+        // A delete through the store clears it.
+        put(&store, &policy("app", app)).unwrap();
+        delete(&store, "app").unwrap();
+        assert!(!store.exists("app").unwrap());
+        // A stored policy that does not parse is an error, not a yes.
+        barrier.put("policies/broken", b"not toml [[").unwrap();
+        assert!(store.exists("broken").is_err());
     }
 
     #[test]

@@ -574,11 +574,19 @@ fn dump_number(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// What `keyward bench instructions` counts beside the gRPC no-op and Get.
+pub struct Counted {
+    /// The HTTP API's no-op and KV read.
+    pub http: bool,
+    /// Child-token issues.
+    pub issue: bool,
+}
+
 /// `keyward bench instructions`: see `BenchMode::Instructions`.
 pub async fn instructions(
     args: &BenchArgs,
     requests: u64,
-    http: bool,
+    counted_too: Counted,
     keep: Option<&Path>,
     format: Format,
 ) -> Result<()> {
@@ -634,7 +642,17 @@ pub async fn instructions(
         "get_instructions_per_op": get_ir.round(),
         "instructions_ratio": (get_ir / health_ir.max(1.0) * 1000.0).round() / 1000.0,
     });
-    if http {
+    if counted_too.issue {
+        let issue_ir = issue_instructions(&server, concurrency, requests, keep).await?;
+        if let Some(map) = summary.as_object_mut() {
+            map.insert("issue_instructions_per_op".into(), json!(issue_ir.round()));
+            map.insert(
+                "issue_to_get_instructions".into(),
+                json!((issue_ir / get_ir.max(1.0) * 1000.0).round() / 1000.0),
+            );
+        }
+    }
+    if counted_too.http {
         let (noop_ir, read_ir) =
             http_instructions(&server, &path, concurrency, requests, keep).await?;
         if let Some(map) = summary.as_object_mut() {
@@ -655,6 +673,49 @@ pub async fn instructions(
     drop(server);
     print_summary(format, &summary);
     Ok(())
+}
+
+/// The child-issue part of `bench instructions`: a policy made for the
+/// count, then `requests` child tokens of the dev server's root token with
+/// it, each living a minute. Returns instructions per issue.
+async fn issue_instructions(
+    server: &CallgrindServer,
+    concurrency: usize,
+    requests: u64,
+    keep: Option<&Path>,
+) -> Result<f64> {
+    let client = Client::connect(server.options.clone()).await?;
+    let name = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    client
+        .policy_put(
+            &name,
+            &format!("[[rule]]\npath = \"secret/{name}/**\"\ncapabilities = [\"read\"]\n"),
+        )
+        .await?;
+    let clients = vec![client];
+    let policies = Arc::new(vec![name]);
+    let issue = move |c: Client, _| {
+        let policies = policies.clone();
+        async move {
+            c.issue_token(IssueOptions {
+                policies: policies.to_vec(),
+                ttl: Some(Duration::from_secs(60)),
+                ..IssueOptions::default()
+            })
+            .await
+            .is_ok()
+        }
+    };
+    let warm = (requests / 10).max(concurrency as u64);
+    run_count(&clients, concurrency, warm, issue.clone()).await;
+    eprintln!("bench: {requests} calls of issue under callgrind");
+    tokio::task::block_in_place(|| server.dump(None))?;
+    let phase = run_count(&clients, concurrency, requests, issue).await;
+    let ir = tokio::task::block_in_place(|| server.dump(keep.map(|k| (k, "issue"))))?;
+    if phase.errors > 0 {
+        anyhow::bail!("{} of the issue calls failed", phase.errors);
+    }
+    Ok(ir as f64 / requests as f64)
 }
 
 /// The HTTP half of `bench instructions`: `GET /v1/sys/health` (the

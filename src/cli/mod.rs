@@ -435,6 +435,11 @@ pub enum BenchMode {
         /// over `--concurrency` keep-alive HTTP/1.1 TLS connections.
         #[arg(long)]
         http: bool,
+        /// Also count child-token issues (`Auth/IssueToken`, durable, one
+        /// named policy, a minute's life, as `keyward bench` makes them):
+        /// all of the server's threads, the store's flushes included.
+        #[arg(long)]
+        issue: bool,
         /// Keep callgrind's dump of each counted phase in DIR
         /// (`callgrind.PHASE`), for `callgrind_annotate`.
         #[arg(long)]

@@ -133,8 +133,12 @@ async fn bench(g: &Global, format: Format, args: BenchArgs) -> Result<()> {
         Some(BenchMode::Instructions {
             requests,
             http,
+            issue,
             keep,
-        }) => super::bench::instructions(&args, requests, http, keep.as_deref(), format).await,
+        }) => {
+            let counted = super::bench::Counted { http, issue };
+            super::bench::instructions(&args, requests, counted, keep.as_deref(), format).await
+        }
         None => super::bench::run(&options(g), &args, format).await,
     }
 }

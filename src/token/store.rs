@@ -454,6 +454,9 @@ struct TestHooks {
     before_renew_write: crate::test_hook::Hook,
     /// In a revocation's mark, after the record's read, before its write.
     before_mark_write: crate::test_hook::Hook,
+    /// The next mint's token text instead of a random one (a generator that
+    /// repeats itself).
+    replay_mint: Mutex<Option<String>>,
 }
 
 /// Where the sweeper looks next: per identity (hex, as in the keys), a time
@@ -1226,12 +1229,22 @@ impl TokenStore {
     /// A new token: its secret, its accessor (derived from it) and its hash.
     /// Refuses an accessor already stored (143 random bits: never seen, but
     /// refused rather than overwritten).
+    ///
+    /// No read checks that the accessor is new: the record's write does
+    /// (`store_issued` writes it only where no record is), in the same
+    /// step on sled and in the same transaction on etcd.
     fn mint(&self) -> Result<Minted, TokenError> {
+        #[cfg(test)]
+        let token = {
+            let replay = self.inner.hooks.replay_mint.lock();
+            match replay.unwrap_or_else(|e| e.into_inner()).take() {
+                Some(text) => TokenSecret::parse(&text).map_err(|_| TokenError::Random)?,
+                None => TokenSecret::generate().map_err(|_| TokenError::Random)?,
+            }
+        };
+        #[cfg(not(test))]
         let token = TokenSecret::generate().map_err(|_| TokenError::Random)?;
         let accessor = self.derive_accessor(token.expose())?;
-        if self.record(&accessor)?.is_some() {
-            return Err(TokenError::Random);
-        }
         let hash = self.hash(token.expose())?;
         Ok(Minted {
             token,
@@ -1320,11 +1333,16 @@ impl TokenStore {
         // root first, so from then on no child is written anywhere below
         // it, however deep.
         let unmarked: Vec<String> = record.lineage.iter().map(|a| revoking_key(a)).collect();
+        // The record itself is written only where none is: a second token
+        // with the same accessor (a random generator that repeats itself)
+        // must not take over the first one's record.
         let expect: Vec<(&str, Option<&Stamp>)> = anchors
             .iter()
             .map(|a| (a.key.as_str(), Some(&a.stamp)))
             .chain(unmarked.iter().map(|key| (key.as_str(), None)))
+            .chain(std::iter::once((acc_key.as_str(), None)))
             .collect();
+        let anchored = expect.len() > 1;
         if record.expires_at_ms != 0 {
             // The head first: a head earlier than the entries is harmless,
             // an entry the heads do not cover would be found only after a
@@ -1333,30 +1351,47 @@ impl TokenStore {
                 &hex::encode(record.identity.as_bytes()),
                 record.expires_at_ms,
             );
-            match ops.split_last() {
-                Some((last, links)) if !expect.is_empty() => {
-                    self.barrier().write_in_order(links)?;
-                    #[cfg(test)]
-                    self.inner.hooks.before_anchored_write.run();
-                    if !self
-                        .barrier()
-                        .batch_if(&expect, std::slice::from_ref(last))?
-                    {
-                        self.remove_unanchored(links);
-                        return Ok(false);
-                    }
-                }
-                _ => self.barrier().write_in_order(&ops)?,
+            let Some((last, links)) = ops.split_last() else {
+                unreachable!("the record is always the last operation")
+            };
+            self.barrier().write_in_order(links)?;
+            #[cfg(test)]
+            if anchored {
+                self.inner.hooks.before_anchored_write.run();
+            }
+            let written = match anchored {
+                true => self
+                    .barrier()
+                    .batch_if(&expect, std::slice::from_ref(last))?,
+                false => self
+                    .barrier()
+                    .compare_and_swap(&acc_key, None, Some(&encoded))?,
+            };
+            if !written {
+                // The links stay where the accessor is taken: they may be
+                // the other token's own.
+                self.refuse_taken(&acc_key)?;
+                self.remove_unanchored(links);
+                return Ok(false);
             }
             self.expiry_added(record.expires_at_ms);
-        } else if expect.is_empty() {
+        } else if !self.barrier().batch_if(&expect, &ops)? {
             // Nothing would sweep a partial write of a token that never
             // expires (root tokens): those stay atomic.
-            self.barrier().batch(&ops)?;
-        } else if !self.barrier().batch_if(&expect, &ops)? {
+            self.refuse_taken(&acc_key)?;
             return Ok(false);
         }
         Ok(true)
+    }
+
+    /// After a conditional write of a new record failed: an error if the
+    /// record's accessor is taken (the random generator repeated itself;
+    /// no retry can help), `Ok` if an anchor moved instead.
+    fn refuse_taken(&self, acc_key: &str) -> Result<(), TokenError> {
+        match self.barrier().get(acc_key)? {
+            Some(_) => Err(TokenError::Random),
+            None => Ok(()),
+        }
     }
 
     /// Deletes the index entries of a token whose record was not written

@@ -1738,3 +1738,46 @@ fn a_mark_is_written_even_when_renewals_on_another_node_win_every_try() {
     let left = one.barrier().scan_keys("tokens/").unwrap();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// A random generator that repeats itself yields a token whose accessor is
+/// taken: the issue is refused and the first token keeps its record, with
+/// no read of the accessor before the write (the write itself checks).
+#[test]
+fn a_repeated_token_is_refused_and_the_first_keeps_its_record() {
+    let (_d, s) = store();
+    let (_d2, one, _two) = two_nodes();
+    let shared_parent = one.issue(req("svc", &["a"], 600), T0).unwrap();
+    let parent = s.issue(req("svc", &["a", "b"], 600), T0).unwrap();
+    let grandparent = root(&s);
+    let mut of_root = req("agent", &["a", "b"], 600);
+    of_root.parent_accessor = Some(grandparent.accessor.clone());
+    let of_root = s.issue(of_root, T0).unwrap();
+    let mut root_req = req("root", &["root"], 0);
+    root_req.method = "root";
+    let mut cases: Vec<(&str, &TokenStore, TokenRequest)> = vec![
+        ("a login", &s, req("svc", &["a"], 60)),
+        ("a child", &s, child_of(&parent.accessor, "svc")),
+        ("a grandchild", &s, child_of(&of_root.accessor, "agent")),
+        ("a root token", &s, root_req),
+        ("a login on a shared store", &one, req("svc", &["a"], 60)),
+        (
+            "a child on a shared store",
+            &one,
+            child_of(&shared_parent.accessor, "svc"),
+        ),
+    ];
+    for (what, store, first) in cases.drain(..) {
+        let first = store.issue(first, T0).unwrap();
+        let text = first.token.expose().to_owned();
+        *store.inner.hooks.replay_mint.lock().unwrap() = Some(text.clone());
+        let second = store.issue(req("intruder", &["b"], 60), T0);
+        assert!(
+            matches!(second, Err(TokenError::Random)),
+            "{what}: {second:?}"
+        );
+        let used = store.use_token(&text, local(), T0 + 1).unwrap();
+        assert_eq!(used.record.accessor, first.accessor, "{what}");
+        assert_ne!(used.record.identity, "intruder", "{what}");
+        assert_ne!(used.record.policies, vec!["b".to_owned()], "{what}");
+    }
+}
