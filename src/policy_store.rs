@@ -275,12 +275,13 @@ impl PolicyStore {
     }
 
     /// Whether a policy of this name is stored (every token issue and
-    /// login asks, for each policy the token will carry). Answered from the
-    /// cache of compiled policies where it holds the name; otherwise read,
-    /// and a policy that is there is compiled and cached as a token's list
-    /// would have it. A name that is not there is not cached, so names a
-    /// caller makes up cannot fill the cache. A stored policy that does not
-    /// parse is an error, not a yes.
+    /// login asks, for each policy the token will carry). On a store this
+    /// process owns it is answered from the cache of compiled policies
+    /// where that holds the name; otherwise read, and a policy that is
+    /// there and parses is compiled and cached as a token's list would have
+    /// it. A name that is not there is not cached, so names a caller makes
+    /// up cannot fill the cache. On a shared store it is one read, as the
+    /// cache would cost a fence per call there.
     pub fn exists(&self, name: &str) -> Result<bool, PolicyStoreError> {
         if name == ROOT_POLICY {
             return Ok(true);
@@ -288,23 +289,30 @@ impl PolicyStore {
         if crate::policy::validate_name(name).is_err() {
             return Ok(false);
         }
-        let fresh = self.fence();
+        let key = format!("{PREFIX}{name}");
+        if self.inner.barrier.is_shared_store() {
+            return Ok(self.inner.barrier.get(&key)?.is_some());
+        }
         let generation = {
             let cache = self.inner.cache.read().unwrap_or_else(|e| e.into_inner());
-            if let Some(hit) = cache.policies.get(name).filter(|_| fresh) {
+            if let Some(hit) = cache.policies.get(name) {
                 return Ok(hit.is_some());
             }
             cache.generation
         };
-        match self.get(name)? {
-            Some(policy) => {
-                let compiled = Arc::new(CompiledPolicy::compile(&policy));
-                let entry = Some(Arc::new((policy, compiled)));
-                self.insert_policy_if_current(generation, name, entry);
-                Ok(true)
-            }
-            None => Ok(false),
+        let Some(raw) = self.inner.barrier.get(&key)? else {
+            return Ok(false);
+        };
+        // One that does not parse still exists (it can be deleted or
+        // replaced); it is not cached.
+        if let Some(policy) = std::str::from_utf8(&raw)
+            .ok()
+            .and_then(|text| Policy::parse(name, text).ok())
+        {
+            let compiled = Arc::new(CompiledPolicy::compile(&policy));
+            self.insert_policy_if_current(generation, name, Some(Arc::new((policy, compiled))));
         }
+        Ok(true)
     }
 
     /// Every policy name, `root` first, then in name order.
@@ -585,9 +593,13 @@ mod tests {
         put(&store, &policy("app", app)).unwrap();
         delete(&store, "app").unwrap();
         assert!(!store.exists("app").unwrap());
-        // A stored policy that does not parse is an error, not a yes.
+        // A stored policy that does not parse exists, is not cached, and
+        // can be deleted.
         barrier.put("policies/broken", b"not toml [[").unwrap();
-        assert!(store.exists("broken").is_err());
+        assert!(store.exists("broken").unwrap());
+        assert_eq!(cached(&store), 0);
+        delete(&store, "broken").unwrap();
+        assert!(!store.exists("broken").unwrap());
     }
 
     #[test]

@@ -530,6 +530,29 @@ fn ttl_prefix_hex(identity_hex: &str) -> String {
 }
 
 /// The `tokens/ttl/` key of a token (`0` = never expires).
+/// A token's index entries, as its issue writes them before its record:
+/// its `tokens/ttl/` entry (naming its parent) and its links under its
+/// parent and its actor.
+fn own_links(record: &TokenRecord) -> Vec<(String, Vec<u8>)> {
+    let ttl = ttl_key(&record.identity, record.expires_at_ms, &record.accessor);
+    let mut links = vec![(ttl, record.parent_accessor.as_bytes().to_vec())];
+    if !record.parent_accessor.is_empty() {
+        let key = format!(
+            "{CHILDREN_PREFIX}{}/{}",
+            record.parent_accessor, record.accessor
+        );
+        links.push((key, Vec::new()));
+    }
+    if record.is_delegated() {
+        let key = format!(
+            "{CHILDREN_PREFIX}{}/{}",
+            record.actor_accessor, record.accessor
+        );
+        links.push((key, Vec::new()));
+    }
+    links
+}
+
 fn ttl_key(identity: &str, expires_at_ms: u64, accessor: &str) -> String {
     let at = if expires_at_ms == 0 {
         NEVER
@@ -1300,27 +1323,11 @@ impl TokenStore {
     fn store_issued(&self, record: &TokenRecord, anchors: &[Anchor]) -> Result<bool, TokenError> {
         let encoded = record.encode_to_vec();
         let acc_key = format!("{ACCESSOR_PREFIX}{}", record.accessor);
-        let ttl = ttl_key(&record.identity, record.expires_at_ms, &record.accessor);
-        let child_key = (!record.parent_accessor.is_empty()).then(|| {
-            format!(
-                "{CHILDREN_PREFIX}{}/{}",
-                record.parent_accessor, record.accessor
-            )
-        });
-        let actor_key = record.is_delegated().then(|| {
-            format!(
-                "{CHILDREN_PREFIX}{}/{}",
-                record.actor_accessor, record.accessor
-            )
-        });
-        let mut ops = Vec::with_capacity(4);
-        ops.push(PlainOp::Put(&ttl, record.parent_accessor.as_bytes()));
-        if let Some(k) = &child_key {
-            ops.push(PlainOp::Put(k, b""));
-        }
-        if let Some(k) = &actor_key {
-            ops.push(PlainOp::Put(k, b""));
-        }
+        let links = own_links(record);
+        let mut ops: Vec<PlainOp<'_>> = links
+            .iter()
+            .map(|(key, value)| PlainOp::Put(key, value))
+            .collect();
         ops.push(PlainOp::Put(&acc_key, &encoded));
         // Another process on a shared store (etcd) may be revoking the
         // parent or actor: it holds no lock of ours. The record, which makes
@@ -1354,44 +1361,92 @@ impl TokenStore {
             let Some((last, links)) = ops.split_last() else {
                 unreachable!("the record is always the last operation")
             };
-            self.barrier().write_in_order(links)?;
-            #[cfg(test)]
-            if anchored {
-                self.inner.hooks.before_anchored_write.run();
-            }
-            let written = match anchored {
-                true => self
-                    .barrier()
-                    .batch_if(&expect, std::slice::from_ref(last))?,
-                false => self
-                    .barrier()
-                    .compare_and_swap(&acc_key, None, Some(&encoded))?,
-            };
-            if !written {
-                // The links stay where the accessor is taken: they may be
-                // the other token's own.
-                self.refuse_taken(&acc_key)?;
-                self.remove_unanchored(links);
-                return Ok(false);
+            if !anchored && self.barrier().is_shared_store() {
+                // One transaction for the entries and the record (on etcd
+                // a compare-and-swap would be a second, ungrouped one).
+                if !self.barrier().batch_if(&expect, &ops)? {
+                    return Err(self.taken(&acc_key, &[])?);
+                }
+            } else {
+                self.barrier().write_in_order(links)?;
+                #[cfg(test)]
+                if anchored {
+                    self.inner.hooks.before_anchored_write.run();
+                }
+                let written = match anchored {
+                    true => self
+                        .barrier()
+                        .batch_if(&expect, std::slice::from_ref(last))?,
+                    false => self
+                        .barrier()
+                        .compare_and_swap(&acc_key, None, Some(&encoded))?,
+                };
+                if !written {
+                    if anchored {
+                        if let Some(e) = self.taken_or_moved(&acc_key, links)? {
+                            return Err(e);
+                        }
+                        self.remove_unanchored(links);
+                        return Ok(false);
+                    }
+                    return Err(self.taken(&acc_key, links)?);
+                }
             }
             self.expiry_added(record.expires_at_ms);
         } else if !self.barrier().batch_if(&expect, &ops)? {
             // Nothing would sweep a partial write of a token that never
-            // expires (root tokens): those stay atomic.
-            self.refuse_taken(&acc_key)?;
+            // expires (root tokens): those stay atomic. (On sled the check
+            // and the write are two steps, and a root issue takes no lock.)
+            if let Some(e) = self.taken_or_moved(&acc_key, &[])? {
+                return Err(e);
+            }
             return Ok(false);
         }
         Ok(true)
     }
 
-    /// After a conditional write of a new record failed: an error if the
-    /// record's accessor is taken (the random generator repeated itself;
-    /// no retry can help), `Ok` if an anchor moved instead.
-    fn refuse_taken(&self, acc_key: &str) -> Result<(), TokenError> {
-        match self.barrier().get(acc_key)? {
-            Some(_) => Err(TokenError::Random),
-            None => Ok(()),
+    /// After a conditional write of a new record failed where only the
+    /// accessor's absence was expected: [`Self::taken_or_moved`], which
+    /// must find it taken.
+    fn taken(&self, acc_key: &str, written: &[PlainOp<'_>]) -> Result<TokenError, TokenError> {
+        Ok(self
+            .taken_or_moved(acc_key, written)?
+            .unwrap_or(TokenError::Contended))
+    }
+
+    /// After a conditional write of a new record failed: the error to
+    /// return if its accessor is taken (a random generator that repeated
+    /// itself; no retry can help), `None` if an anchor moved instead. Where
+    /// it is taken, the index entries `written` for the refused token are
+    /// put back as the other token's own were, or removed where they are
+    /// not its own: left, they would end it with another identity's or
+    /// parent's revocation.
+    fn taken_or_moved(
+        &self,
+        acc_key: &str,
+        written: &[PlainOp<'_>],
+    ) -> Result<Option<TokenError>, TokenError> {
+        let Some(raw) = self.barrier().get(acc_key)? else {
+            return Ok(None);
+        };
+        let other = TokenRecord::decode(raw.as_slice()).map_err(|_| TokenError::Corrupt)?;
+        let own = own_links(&other);
+        let undo: Vec<PlainOp<'_>> = written
+            .iter()
+            .map(|op| {
+                let key = match op {
+                    PlainOp::Put(key, _) | PlainOp::Delete(key) => *key,
+                };
+                match own.iter().find(|(k, _)| k == key) {
+                    Some((_, value)) => PlainOp::Put(key, value.as_slice()),
+                    None => PlainOp::Delete(key),
+                }
+            })
+            .collect();
+        if !undo.is_empty() {
+            self.barrier().batch(&undo)?;
         }
+        Ok(Some(TokenError::Random))
     }
 
     /// Deletes the index entries of a token whose record was not written

@@ -1739,45 +1739,99 @@ fn a_mark_is_written_even_when_renewals_on_another_node_win_every_try() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
+/// Every entry under `tokens/` that names `accessor` (its record excluded:
+/// its ciphertext changes with each write), with its value.
+fn entries_of(store: &TokenStore, accessor: &str) -> Vec<(String, Vec<u8>)> {
+    store
+        .barrier()
+        .scan_prefix("tokens/")
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| k.contains(accessor) && !k.starts_with(ACCESSOR_PREFIX))
+        .map(|(k, v)| (k, v.to_vec()))
+        .collect()
+}
+
 /// A random generator that repeats itself yields a token whose accessor is
-/// taken: the issue is refused and the first token keeps its record, with
-/// no read of the accessor before the write (the write itself checks).
+/// taken: the issue is refused on every write path, the first token keeps
+/// its record, and its index entries are as they were (those the refused
+/// issue wrote are removed, or put back where they were the first's own),
+/// with no read of the accessor before the write (the write itself checks).
 #[test]
-fn a_repeated_token_is_refused_and_the_first_keeps_its_record() {
+fn a_repeated_token_is_refused_and_the_first_keeps_its_record_and_entries() {
     let (_d, s) = store();
     let (_d2, one, _two) = two_nodes();
-    let shared_parent = one.issue(req("svc", &["a"], 600), T0).unwrap();
     let parent = s.issue(req("svc", &["a", "b"], 600), T0).unwrap();
-    let grandparent = root(&s);
+    let shared_parent = one.issue(req("svc", &["a", "b"], 600), T0).unwrap();
     let mut of_root = req("agent", &["a", "b"], 600);
-    of_root.parent_accessor = Some(grandparent.accessor.clone());
+    of_root.parent_accessor = Some(root(&s).accessor.clone());
     let of_root = s.issue(of_root, T0).unwrap();
-    let mut root_req = req("root", &["root"], 0);
-    root_req.method = "root";
-    let mut cases: Vec<(&str, &TokenStore, TokenRequest)> = vec![
-        ("a login", &s, req("svc", &["a"], 60)),
-        ("a child", &s, child_of(&parent.accessor, "svc")),
-        ("a grandchild", &s, child_of(&of_root.accessor, "agent")),
-        ("a root token", &s, root_req),
-        ("a login on a shared store", &one, req("svc", &["a"], 60)),
+    let root_req = || {
+        let mut r = req("root", &["root"], 0);
+        r.method = "root";
+        r
+    };
+    let intruder = |parent: Option<&str>| {
+        let mut r = req("intruder", &["b"], 30);
+        r.parent_accessor = parent.map(str::to_owned);
+        r
+    };
+    // (what, store, the first token's request, the repeated one's)
+    let cases: Vec<(&str, &TokenStore, TokenRequest, TokenRequest)> = vec![
+        ("a login", &s, req("svc", &["a"], 60), intruder(None)),
+        (
+            "a child",
+            &s,
+            req("svc", &["a"], 60),
+            intruder(Some(&parent.accessor)),
+        ),
+        (
+            "a grandchild",
+            &s,
+            req("svc", &["a"], 60),
+            child_of(&of_root.accessor, "intruder"),
+        ),
+        ("a root token", &s, req("svc", &["a"], 60), root_req()),
+        (
+            "the same identity and expiry",
+            &s,
+            req("svc", &["a"], 60),
+            req("svc", &["b"], 60),
+        ),
+        (
+            "the same parent, identity and expiry",
+            &s,
+            child_of(&parent.accessor, "svc"),
+            child_of(&parent.accessor, "svc"),
+        ),
+        (
+            "a login on a shared store",
+            &one,
+            req("svc", &["a"], 60),
+            intruder(None),
+        ),
         (
             "a child on a shared store",
             &one,
-            child_of(&shared_parent.accessor, "svc"),
+            req("svc", &["a"], 60),
+            intruder(Some(&shared_parent.accessor)),
         ),
     ];
-    for (what, store, first) in cases.drain(..) {
+    for (what, store, first, repeated) in cases {
         let first = store.issue(first, T0).unwrap();
+        let entries = entries_of(store, &first.accessor);
+        assert!(!entries.is_empty(), "{what}");
         let text = first.token.expose().to_owned();
         *store.inner.hooks.replay_mint.lock().unwrap() = Some(text.clone());
-        let second = store.issue(req("intruder", &["b"], 60), T0);
+        let second = store.issue(repeated, T0);
         assert!(
             matches!(second, Err(TokenError::Random)),
             "{what}: {second:?}"
         );
+        assert_eq!(entries_of(store, &first.accessor), entries, "{what}");
         let used = store.use_token(&text, local(), T0 + 1).unwrap();
         assert_eq!(used.record.accessor, first.accessor, "{what}");
-        assert_ne!(used.record.identity, "intruder", "{what}");
-        assert_ne!(used.record.policies, vec!["b".to_owned()], "{what}");
+        assert_eq!(used.record.identity, first.identity, "{what}");
+        assert_eq!(used.record.policies, first.policies, "{what}");
     }
 }
