@@ -279,8 +279,9 @@ impl PolicyStore {
     /// process owns it is answered from the cache of compiled policies
     /// where that holds the name; otherwise read, and a policy that is
     /// there and parses is compiled and cached as a token's list would have
-    /// it. A name that is not there is not cached, so names a caller makes
-    /// up cannot fill the cache. On a shared store it is one read, as the
+    /// it. This check caches no name that is not there, so names a caller
+    /// makes up cannot fill the cache (a token's list may still hold a
+    /// policy deleted since: its compile caches that absence). On a shared store it is one read, as the
     /// cache would cost a fence per call there.
     pub fn exists(&self, name: &str) -> Result<bool, PolicyStoreError> {
         if name == ROOT_POLICY {

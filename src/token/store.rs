@@ -529,7 +529,6 @@ fn ttl_prefix_hex(identity_hex: &str) -> String {
     format!("{TTL_PREFIX}{identity_hex}/")
 }
 
-/// The `tokens/ttl/` key of a token (`0` = never expires).
 /// A token's index entries, as its issue writes them before its record:
 /// its `tokens/ttl/` entry (naming its parent) and its links under its
 /// parent and its actor.
@@ -553,6 +552,7 @@ fn own_links(record: &TokenRecord) -> Vec<(String, Vec<u8>)> {
     links
 }
 
+/// The `tokens/ttl/` key of a token (`0` = never expires).
 fn ttl_key(identity: &str, expires_at_ms: u64, accessor: &str) -> String {
     let at = if expires_at_ms == 0 {
         NEVER
@@ -1255,7 +1255,8 @@ impl TokenStore {
     ///
     /// No read checks that the accessor is new: the record's write does
     /// (`store_issued` writes it only where no record is), in the same
-    /// step on sled and in the same transaction on etcd.
+    /// step on sled and in the same transaction on etcd (a root token on
+    /// sled: a read, then its atomic batch).
     fn mint(&self) -> Result<Minted, TokenError> {
         #[cfg(test)]
         let token = {
@@ -1406,12 +1407,15 @@ impl TokenStore {
     }
 
     /// After a conditional write of a new record failed where only the
-    /// accessor's absence was expected: [`Self::taken_or_moved`], which
-    /// must find it taken.
+    /// accessor's absence was expected: [`Self::taken_or_moved`]. Found
+    /// gone again (the other token revoked meanwhile), the entries `written`
+    /// are removed; the accessor is refused all the same.
     fn taken(&self, acc_key: &str, written: &[PlainOp<'_>]) -> Result<TokenError, TokenError> {
-        Ok(self
-            .taken_or_moved(acc_key, written)?
-            .unwrap_or(TokenError::Contended))
+        if let Some(e) = self.taken_or_moved(acc_key, written)? {
+            return Ok(e);
+        }
+        self.remove_unanchored(written);
+        Ok(TokenError::Random)
     }
 
     /// After a conditional write of a new record failed: the error to
@@ -1443,8 +1447,13 @@ impl TokenStore {
                 }
             })
             .collect();
+        // Read once: a renewal of the other token in this instant can move
+        // its `tokens/ttl/` entry, and the sweeper then finds what is left.
         if !undo.is_empty() {
-            self.barrier().batch(&undo)?;
+            if let Err(e) = self.barrier().batch(&undo) {
+                tracing::warn!(error = %e, "could not undo the index entries of a refused repeated token");
+                return Err(e.into());
+            }
         }
         Ok(Some(TokenError::Random))
     }

@@ -1799,6 +1799,12 @@ fn a_repeated_token_is_refused_and_the_first_keeps_its_record_and_entries() {
             req("svc", &["b"], 60),
         ),
         (
+            "the same identity and expiry, another parent",
+            &s,
+            child_of(&parent.accessor, "svc"),
+            req("svc", &["a"], 60),
+        ),
+        (
             "the same parent, identity and expiry",
             &s,
             child_of(&parent.accessor, "svc"),
@@ -1815,6 +1821,12 @@ fn a_repeated_token_is_refused_and_the_first_keeps_its_record_and_entries() {
             &one,
             req("svc", &["a"], 60),
             intruder(Some(&shared_parent.accessor)),
+        ),
+        (
+            "a root token on a shared store",
+            &one,
+            req("svc", &["a"], 60),
+            root_req(),
         ),
     ];
     for (what, store, first, repeated) in cases {
@@ -1833,5 +1845,24 @@ fn a_repeated_token_is_refused_and_the_first_keeps_its_record_and_entries() {
         assert_eq!(used.record.accessor, first.accessor, "{what}");
         assert_eq!(used.record.identity, first.identity, "{what}");
         assert_eq!(used.record.policies, first.policies, "{what}");
+    }
+    // A delegated token (its link under the actor too), on both stores.
+    for (what, store, actor) in [("sled", &s, &parent), ("shared", &one, &shared_parent)] {
+        let first = store.issue(req("svc", &["a"], 60), T0).unwrap();
+        let entries = entries_of(store, &first.accessor);
+        let text = first.token.expose().to_owned();
+        *store.inner.hooks.replay_mint.lock().unwrap() = Some(text.clone());
+        let delegated = Delegation {
+            may_act: None,
+            actor_accessor: Some(actor.accessor.clone()),
+        };
+        let second = store.issue_with(req("intruder", &["a"], 30), delegated, T0);
+        assert!(
+            matches!(second, Err(TokenError::Random)),
+            "{what}: {second:?}"
+        );
+        assert_eq!(entries_of(store, &first.accessor), entries, "{what}");
+        let used = store.use_token(&text, local(), T0 + 1).unwrap();
+        assert_eq!(used.record.identity, first.identity, "{what}");
     }
 }
