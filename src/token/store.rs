@@ -1250,10 +1250,9 @@ impl TokenStore {
     }
 
     /// A new token: its secret, its accessor (derived from it) and its hash.
-    /// Refuses an accessor already stored (143 random bits: never seen, but
-    /// refused rather than overwritten).
-    ///
-    /// No read checks that the accessor is new: the record's write does
+    /// An accessor already stored (143 random bits: never seen) is refused
+    /// rather than overwritten, but not here: no read checks that it is
+    /// new; the record's write does
     /// (`store_issued` writes it only where no record is), in the same
     /// step on sled and in the same transaction on etcd (a root token on
     /// sled: a read, then its atomic batch).
@@ -1447,8 +1446,12 @@ impl TokenStore {
                 }
             })
             .collect();
-        // Read once: a renewal of the other token in this instant can move
-        // its `tokens/ttl/` entry, and the sweeper then finds what is left.
+        // Read once. A renewal of the other token in this instant moves its
+        // `tokens/ttl/` entry: an old one put back is swept; were the refused
+        // token's entry the same as the new one (same identity, the same
+        // millisecond of expiry), it would be removed, and the other token
+        // would end only at its record's expiry, unswept and out of reach
+        // of its identity's revocation. Both need the generator repeated.
         if !undo.is_empty() {
             if let Err(e) = self.barrier().batch(&undo) {
                 tracing::warn!(error = %e, "could not undo the index entries of a refused repeated token");
