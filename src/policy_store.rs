@@ -165,6 +165,12 @@ impl Inner {
     }
 }
 
+/// A policy with its compiled form, as the cache keeps it.
+fn compiled_entry(policy: Policy) -> Entry {
+    let compiled = Arc::new(CompiledPolicy::compile(&policy));
+    Arc::new((policy, compiled))
+}
+
 impl PolicyStore {
     pub fn new(barrier: Arc<Barrier>) -> Self {
         let inner = Arc::new(Inner {
@@ -278,11 +284,13 @@ impl PolicyStore {
     /// login asks, for each policy the token will carry). On a store this
     /// process owns it is answered from the cache of compiled policies
     /// where that holds the name; otherwise read, and a policy that is
-    /// there and parses is compiled and cached as a token's list would have
-    /// it. This check caches no name that is not there, so names a caller
-    /// makes up cannot fill the cache (a token's list may still hold a
-    /// policy deleted since: its compile caches that absence). On a shared store it is one read, as the
-    /// cache would cost a fence per call there.
+    /// there and parses is cached as a token's list would have it. This
+    /// check caches no name that is not there, so names a caller makes up
+    /// cannot fill the cache (a token's list may still hold a policy
+    /// deleted since: its compile caches that absence). A stored policy
+    /// that does not parse exists (it can be deleted or replaced) and is not
+    /// cached. On a shared store it is one read: the cache would cost a
+    /// fence per call there.
     pub fn exists(&self, name: &str) -> Result<bool, PolicyStoreError> {
         if name == ROOT_POLICY {
             return Ok(true);
@@ -290,9 +298,12 @@ impl PolicyStore {
         if crate::policy::validate_name(name).is_err() {
             return Ok(false);
         }
-        let key = format!("{PREFIX}{name}");
         if self.inner.barrier.is_shared_store() {
-            return Ok(self.inner.barrier.get(&key)?.is_some());
+            return Ok(self
+                .inner
+                .barrier
+                .get(&format!("{PREFIX}{name}"))?
+                .is_some());
         }
         let generation = {
             let cache = self.inner.cache.read().unwrap_or_else(|e| e.into_inner());
@@ -301,19 +312,15 @@ impl PolicyStore {
             }
             cache.generation
         };
-        let Some(raw) = self.inner.barrier.get(&key)? else {
-            return Ok(false);
-        };
-        // One that does not parse still exists (it can be deleted or
-        // replaced); it is not cached.
-        if let Some(policy) = std::str::from_utf8(&raw)
-            .ok()
-            .and_then(|text| Policy::parse(name, text).ok())
-        {
-            let compiled = Arc::new(CompiledPolicy::compile(&policy));
-            self.insert_policy_if_current(generation, name, Some(Arc::new((policy, compiled))));
+        match self.get(name) {
+            Ok(Some(policy)) => {
+                self.insert_policy_if_current(generation, name, Some(compiled_entry(policy)));
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(PolicyStoreError::Corrupt(_)) => Ok(true),
+            Err(e) => Err(e),
         }
-        Ok(true)
     }
 
     /// Every policy name, `root` first, then in name order.
@@ -350,10 +357,7 @@ impl PolicyStore {
             }
             cache.generation
         };
-        let entry = self.get(name)?.map(|policy| {
-            let compiled = Arc::new(CompiledPolicy::compile(&policy));
-            Arc::new((policy, compiled))
-        });
+        let entry = self.get(name)?.map(compiled_entry);
         // A refused insert still answers this request with what storage held
         // when it was read; only the cache must not keep it.
         self.insert_policy_if_current(generation, name, entry.clone());

@@ -307,16 +307,7 @@ pub async fn run(options: &ClientOptions, args: &BenchArgs, format: Format) -> R
     eprintln!("bench: phase issue (keyward.v1.Auth/IssueToken, child tokens)");
     let policies = Arc::new(vec![bench_name.clone()]);
     let issue = phase(&clients, concurrency, duration, server_pid, move |c, _| {
-        let policies = policies.clone();
-        async move {
-            c.issue_token(IssueOptions {
-                policies: policies.to_vec(),
-                ttl: Some(Duration::from_secs(60)),
-                ..IssueOptions::default()
-            })
-            .await
-            .is_ok()
-        }
+        issue_child(c, policies.clone())
     })
     .await?;
 
@@ -675,6 +666,20 @@ pub async fn instructions(
     Ok(())
 }
 
+/// One child token of the client's token, carrying `policies` and living a
+/// minute (durable before its answer, like a login): a call of the issue
+/// phase of `keyward bench` and of `bench instructions --issue`.
+async fn issue_child(client: Client, policies: Arc<Vec<String>>) -> bool {
+    client
+        .issue_token(IssueOptions {
+            policies: policies.to_vec(),
+            ttl: Some(Duration::from_secs(60)),
+            ..IssueOptions::default()
+        })
+        .await
+        .is_ok()
+}
+
 /// The child-issue part of `bench instructions`: a policy made for the
 /// count, then `requests` child tokens of the dev server's root token with
 /// it, each living a minute. Returns instructions per issue.
@@ -694,18 +699,7 @@ async fn issue_instructions(
         .await?;
     let clients = vec![client];
     let policies = Arc::new(vec![name]);
-    let issue = move |c: Client, _| {
-        let policies = policies.clone();
-        async move {
-            c.issue_token(IssueOptions {
-                policies: policies.to_vec(),
-                ttl: Some(Duration::from_secs(60)),
-                ..IssueOptions::default()
-            })
-            .await
-            .is_ok()
-        }
-    };
+    let issue = move |c: Client, _| issue_child(c, policies.clone());
     let warm = (requests / 10).max(concurrency as u64);
     run_count(&clients, concurrency, warm, issue.clone()).await;
     eprintln!("bench: {requests} calls of issue under callgrind");

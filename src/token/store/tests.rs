@@ -1776,66 +1776,93 @@ fn a_repeated_token_is_refused_and_the_first_keeps_its_record_and_entries() {
         r.parent_accessor = parent.map(str::to_owned);
         r
     };
-    // (what, store, the first token's request, the repeated one's)
-    let cases: Vec<(&str, &TokenStore, TokenRequest, TokenRequest)> = vec![
-        ("a login", &s, req("svc", &["a"], 60), intruder(None)),
+    // (what, store, the first token's request, the repeated one's, the
+    // actor the repeated one acts for)
+    let cases: Vec<(&str, &TokenStore, TokenRequest, TokenRequest, Option<&str>)> = vec![
+        ("a login", &s, req("svc", &["a"], 60), intruder(None), None),
         (
             "a child",
             &s,
             req("svc", &["a"], 60),
             intruder(Some(&parent.accessor)),
+            None,
         ),
         (
             "a grandchild",
             &s,
             req("svc", &["a"], 60),
             child_of(&of_root.accessor, "intruder"),
+            None,
         ),
-        ("a root token", &s, req("svc", &["a"], 60), root_req()),
+        ("a root token", &s, req("svc", &["a"], 60), root_req(), None),
         (
             "the same identity and expiry",
             &s,
             req("svc", &["a"], 60),
             req("svc", &["b"], 60),
+            None,
         ),
         (
             "the same identity and expiry, another parent",
             &s,
             child_of(&parent.accessor, "svc"),
             req("svc", &["a"], 60),
+            None,
         ),
         (
             "the same parent, identity and expiry",
             &s,
             child_of(&parent.accessor, "svc"),
             child_of(&parent.accessor, "svc"),
+            None,
         ),
         (
             "a login on a shared store",
             &one,
             req("svc", &["a"], 60),
             intruder(None),
+            None,
         ),
         (
             "a child on a shared store",
             &one,
             req("svc", &["a"], 60),
             intruder(Some(&shared_parent.accessor)),
+            None,
         ),
         (
             "a root token on a shared store",
             &one,
             req("svc", &["a"], 60),
             root_req(),
+            None,
+        ),
+        (
+            "a delegated token",
+            &s,
+            req("svc", &["a"], 60),
+            req("intruder", &["a"], 30),
+            Some(&parent.accessor),
+        ),
+        (
+            "a delegated token on a shared store",
+            &one,
+            req("svc", &["a"], 60),
+            req("intruder", &["a"], 30),
+            Some(&shared_parent.accessor),
         ),
     ];
-    for (what, store, first, repeated) in cases {
+    for (what, store, first, repeated, actor) in cases {
         let first = store.issue(first, T0).unwrap();
         let entries = entries_of(store, &first.accessor);
         assert!(!entries.is_empty(), "{what}");
         let text = first.token.expose().to_owned();
         *store.inner.hooks.replay_mint.lock().unwrap() = Some(text.clone());
-        let second = store.issue(repeated, T0);
+        let delegation = Delegation {
+            may_act: None,
+            actor_accessor: actor.map(str::to_owned),
+        };
+        let second = store.issue_with(repeated, delegation, T0);
         assert!(
             matches!(second, Err(TokenError::Random)),
             "{what}: {second:?}"
@@ -1845,24 +1872,5 @@ fn a_repeated_token_is_refused_and_the_first_keeps_its_record_and_entries() {
         assert_eq!(used.record.accessor, first.accessor, "{what}");
         assert_eq!(used.record.identity, first.identity, "{what}");
         assert_eq!(used.record.policies, first.policies, "{what}");
-    }
-    // A delegated token (its link under the actor too), on both stores.
-    for (what, store, actor) in [("sled", &s, &parent), ("shared", &one, &shared_parent)] {
-        let first = store.issue(req("svc", &["a"], 60), T0).unwrap();
-        let entries = entries_of(store, &first.accessor);
-        let text = first.token.expose().to_owned();
-        *store.inner.hooks.replay_mint.lock().unwrap() = Some(text.clone());
-        let delegated = Delegation {
-            may_act: None,
-            actor_accessor: Some(actor.accessor.clone()),
-        };
-        let second = store.issue_with(req("intruder", &["a"], 30), delegated, T0);
-        assert!(
-            matches!(second, Err(TokenError::Random)),
-            "{what}: {second:?}"
-        );
-        assert_eq!(entries_of(store, &first.accessor), entries, "{what}");
-        let used = store.use_token(&text, local(), T0 + 1).unwrap();
-        assert_eq!(used.record.identity, first.identity, "{what}");
     }
 }
