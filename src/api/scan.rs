@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status};
 
 use super::{begin, Access, Failure, FailureKind};
 use crate::core::auth::Caller;
-use crate::core::offload::Offload;
+use crate::core::offload::Work;
 use crate::core::Core;
 use crate::policy::Capability;
 use crate::proto::v1::scan_server::Scan;
@@ -84,20 +84,9 @@ impl Limiter {
     }
 }
 
-/// Matches that may run at once on a node, each on the blocking pool.
-pub const MATCHES_AT_ONCE: usize = 4;
-/// Of those, how many one identity may run at once.
-pub const MATCHES_PER_CALLER: usize = 2;
-/// How long a call waits for its turn before it is refused.
-const MATCH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
 pub struct ScanService {
     core: Arc<Core>,
     limiter: Limiter,
-    /// The turns of Matches on the blocking pool: a flood of calls waits
-    /// there, on the runtime, holding no thread, and past [`MATCH_WAIT`]
-    /// is refused.
-    turns: Offload,
 }
 
 impl ScanService {
@@ -110,12 +99,6 @@ impl ScanService {
         Self {
             core,
             limiter: Limiter::new(per_minute),
-            turns: Offload::new(
-                MATCHES_AT_ONCE,
-                MATCHES_PER_CALLER,
-                MATCH_WAIT,
-                "scan matches",
-            ),
         }
     }
 }
@@ -135,7 +118,7 @@ impl Scan for ScanService {
     ) -> Result<Response<ScanMatchResponse>, Status> {
         let mut call = begin(&self.core, "keyward.v1.Scan/Match", Access::Token, &req).await?;
         call.authorize(Capability::Scan, "sys/scan".to_owned())?;
-        let caller = call.require_caller()?;
+        let mut caller = call.require_caller()?;
         let r = req.into_inner();
         if r.candidates.len() > MAX_CANDIDATES_PER_CALL {
             return Err(call
@@ -174,23 +157,28 @@ impl Scan for ScanService {
             // On the blocking pool: on etcd a Match may read the whole
             // store's metadata for the node's index (`secrets::print_index`),
             // under a lock the next Match waits for, which must not hold a
-            // runtime worker. At most MATCHES_AT_ONCE at once, so a flood
-            // cannot fill the blocking pools with threads. The
-            // candidates are copied in as zeroized buffers.
-            let secrets = Arc::clone(&self.core.secrets);
+            // runtime worker. It takes a turn of the node's matches
+            // (`core::offload::MATCHES_AT_ONCE`), so a flood cannot fill
+            // the blocking pools with threads, and the caller is checked
+            // again once its turn has come: what it may see follows its
+            // token and policies as they stand then. The candidates are
+            // copied in as zeroized buffers.
             let values: Vec<zeroize::Zeroizing<Vec<u8>>> = strong
                 .iter()
                 .map(|(_, c)| zeroize::Zeroizing::new(c.as_bytes().to_vec()))
                 .collect();
             let fresh = caller.fresh;
-            let done = self
-                .turns
-                .run(caller.turn_owner(), move || {
+            let (found, checked) = call
+                .off_thread_as(Work::Match, move |core, checked| {
                     let values: Vec<&[u8]> = values.iter().map(|v| v.as_slice()).collect();
-                    secrets.match_values(&values, fresh)
+                    let found = core.secrets.match_values(&values, fresh)?;
+                    Ok::<_, Failure>((found, checked.cloned()))
                 })
-                .await;
-            call.check(done.and_then(|found| found.map_err(Into::into)))?
+                .await?;
+            if let Some(checked) = checked {
+                caller = checked;
+            }
+            found
         };
         for ((index, _), found) in strong.iter().zip(found) {
             // Owners already named for this candidate without a path: one

@@ -357,11 +357,14 @@ impl Secrets for SecretsService {
         let mut call = begin(&self.core, "keyward.v1.Secrets/List", Access::Token, &req).await?;
         let prefix = call.check(ListPrefix::parse(&req.get_ref().prefix))?;
         call.authorize(Capability::List, prefix.resource())?;
-        let caller = call.require_caller()?;
-        // It reads every path under the prefix: off the connection's thread.
+        call.require_caller()?;
+        // It reads every path under the prefix: off the connection's thread,
+        // filtered by the caller's policies as they stand once its turn came.
         let paths = call
-            .off_thread(Work::Listing, move |core| {
-                core.secrets.list(&prefix, |path| visible_to(&caller, path))
+            .off_thread_as(Work::Listing, move |core, caller| {
+                core.secrets.list(&prefix, |path| {
+                    caller.is_some_and(|caller| visible_to(caller, path))
+                })
             })
             .await?;
         call.ok(&[])?;

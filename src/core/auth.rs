@@ -80,6 +80,9 @@ pub struct Caller {
     /// This call used up one of a limited token's uses: the count is written
     /// but must be made durable before acting (`Call::begin` does).
     pub counted_use: bool,
+    /// This call spent the last use of a limited token, which revoked it:
+    /// a check after a wait ([`Gate::recheck`]) finds the token gone.
+    pub last_use: bool,
     /// The compiled policies of the token (for a delegated token, both the
     /// subject's and the actor's sides).
     pub set: Arc<CompiledSet>,
@@ -225,6 +228,7 @@ impl Gate {
             policies: used.record.policies.clone(),
             expires_at_ms: used.record.expires_at_ms,
             counted_use: used.counted,
+            last_use: used.counted && used.record.uses_remaining == 0,
             set,
             audit_mac: used.audit_mac,
             fresh,
@@ -275,10 +279,28 @@ impl Gate {
             policies: info.policies,
             expires_at_ms: info.expires_at_ms,
             counted_use: false,
+            last_use: false,
             set,
             audit_mac: None,
             fresh,
         })
+    }
+
+    /// [`Self::refresh`] for a call that checks its caller again after it
+    /// waited for a turn (`Call::off_thread`). A call that spent the last use of
+    /// its token, which revoked the token, is that token's one call: it is
+    /// not refused for the token being gone, and a token of its own (not a
+    /// delegated one) has its policies compiled as they stand now.
+    pub fn recheck(&self, caller: &Caller) -> Result<Caller, AuthError> {
+        if !caller.last_use {
+            return self.refresh(caller);
+        }
+        let mut again = caller.clone();
+        if caller.actor.is_none() {
+            again.fresh = self.tokens.cache_fence();
+            again.set = self.set_of(&caller.policies, &[], false, again.fresh)?;
+        }
+        Ok(again)
     }
 
     /// Checks a capability on a resource against the caller's policies and

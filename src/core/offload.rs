@@ -17,7 +17,7 @@
 //! client leaves before its work has started does no work.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -37,6 +37,13 @@ pub const REPORTS_AT_ONCE: usize = 2;
 pub const REPORTS_PER_CALLER: usize = 1;
 /// How long a listing or report waits for its turn before it is refused.
 pub const LISTING_WAIT: Duration = Duration::from_secs(10);
+/// Scan matches (`Scan/Match`) that may run at once on a node, each on the
+/// blocking pool. They have turns of their own.
+pub const MATCHES_AT_ONCE: usize = 4;
+/// Of those, how many one caller may run at once.
+pub const MATCHES_PER_CALLER: usize = 2;
+/// How long a match waits for its turn before it is refused.
+pub const MATCH_WAIT: Duration = Duration::from_secs(10);
 
 /// Which turns a work takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,12 +55,16 @@ pub enum Work {
     /// The governance report and the dashboard's overview: they need read
     /// on `sys/governance`, an operator's right.
     Report,
+    /// A scan match (`Scan/Match`): on etcd it may read the whole store's
+    /// metadata for the node's fingerprint index.
+    Match,
 }
 
 /// The node's turns of each [`Work`] (`Core::offload`).
 pub struct Offloads {
     pub listings: Offload,
     pub reports: Offload,
+    pub matches: Offload,
 }
 
 impl Offloads {
@@ -66,6 +77,12 @@ impl Offloads {
                 "listings",
             ),
             reports: Offload::new(REPORTS_AT_ONCE, REPORTS_PER_CALLER, LISTING_WAIT, "reports"),
+            matches: Offload::new(
+                MATCHES_AT_ONCE,
+                MATCHES_PER_CALLER,
+                MATCH_WAIT,
+                "scan matches",
+            ),
         }
     }
 
@@ -73,6 +90,7 @@ impl Offloads {
         match work {
             Work::Listing => &self.listings,
             Work::Report => &self.reports,
+            Work::Match => &self.matches,
         }
     }
 }
@@ -97,6 +115,8 @@ pub struct Offload {
     wait: Duration,
     /// What the work is, plural, for the refusal: "listings".
     what: &'static str,
+    /// Calls waiting for a turn now.
+    waiting: AtomicUsize,
 }
 
 /// A turn: one of the caller's own and one of the node's. Given back when
@@ -131,7 +151,13 @@ impl Offload {
             callers: Arc::default(),
             wait,
             what,
+            waiting: AtomicUsize::new(0),
         }
+    }
+
+    /// How many calls are waiting for a turn now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
     }
 
     /// The semaphore of `caller`'s own turns.
@@ -150,6 +176,8 @@ impl Offload {
     /// A turn for `caller` (first one of its own, then one of the node's),
     /// or `None` once `wait` has passed without one.
     pub async fn turn(&self, caller: &str) -> Option<Turn> {
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let _waited = Waited(&self.waiting);
         let own = self.own_slots(caller);
         let take = async {
             let own = own.acquire_owned().await.ok()?;
@@ -199,6 +227,16 @@ impl Offload {
                 self.what
             ))),
         }
+    }
+}
+
+/// Counts a wait for a turn off when it ends (a turn, a timeout, or the
+/// caller gone).
+struct Waited<'a>(&'a AtomicUsize);
+
+impl Drop for Waited<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

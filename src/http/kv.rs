@@ -416,13 +416,14 @@ async fn list(state: &HttpState, req: &VaultRequest, prefix: &str) -> Answer {
         .await?;
     let prefix = call.check(ListPrefix::parse(prefix))?;
     call.authorize(Capability::List, prefix.resource())?;
-    let caller = call.require_caller()?;
+    call.require_caller()?;
     let under = prefix.path().map(|p| format!("{p}/")).unwrap_or_default();
-    // It reads every path under the prefix: off the connection's thread.
+    // It reads every path under the prefix: off the connection's thread,
+    // filtered by the caller's policies as they stand once its turn came.
     let paths = call
-        .off_thread(Work::Listing, move |core| {
+        .off_thread_as(Work::Listing, move |core, caller| {
             core.secrets.list(&prefix, |path| {
-                crate::api::secrets::visible_to(&caller, path)
+                caller.is_some_and(|caller| crate::api::secrets::visible_to(caller, path))
             })
         })
         .await?;

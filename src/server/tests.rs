@@ -213,3 +213,197 @@ async fn a_report_is_answered_while_listings_hold_every_listing_turn() {
     assert_eq!(refusals.len(), 1, "{refusals:?}");
     server.stop().await;
 }
+
+/// What [`a_wait_for_a_turn_ends_with_the_caller_checked_again`] does while
+/// a call waits for its turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Meanwhile {
+    /// Nothing: the answer is the plain one.
+    Nothing,
+    /// The waiting token is revoked.
+    Revoked,
+    /// The token's policy is rewritten to grant none of what the call asked.
+    Narrowed,
+    /// The token's policy is rewritten without its read of the secrets:
+    /// the call is still allowed, and what it answers is filtered.
+    ReadTaken,
+}
+
+/// The policy of the waiting tokens: list and read under [`HELD`]'s
+/// folder, and scan.
+const WAITER: &str = "[[rule]]\npath = \"secret/held\"\ncapabilities = [\"list\"]\n\
+                      [[rule]]\npath = \"secret/held/**\"\ncapabilities = [\"read\"]\n\
+                      [[rule]]\npath = \"sys/scan\"\ncapabilities = [\"scan\"]\n";
+/// [`WAITER`] rewritten to grant nothing the calls below ask for.
+const NARROWED: &str = "[[rule]]\npath = \"secret/other/**\"\ncapabilities = [\"read\"]\n";
+/// [`WAITER`] without its read of the secrets.
+const READ_TAKEN: &str = "[[rule]]\npath = \"secret/held\"\ncapabilities = [\"list\"]\n\
+                          [[rule]]\npath = \"sys/scan\"\ncapabilities = [\"scan\"]\n";
+
+/// Runs `ask` with a new token of policy `waiter` (`uses` 0: unlimited)
+/// while the token's identity holds every turn of its own in `turns`, does
+/// `meanwhile` once the call waits for one, then gives the turns back.
+/// `Err` is the refusal's code.
+async fn after_a_wait<T, F, Fut>(
+    server: &OneLane,
+    turns: &crate::core::offload::Offload,
+    per_caller: usize,
+    uses: u32,
+    meanwhile: Meanwhile,
+    ask: F,
+) -> Result<T, tonic::Code>
+where
+    T: Send + 'static,
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>> + Send + 'static,
+{
+    let root = &server.clients.0;
+    root.policy_put("waiter", WAITER).await.unwrap();
+    let issued = root
+        .issue_token(crate::client::IssueOptions {
+            policies: vec!["waiter".into()],
+            uses,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let owner = root
+        .lookup_accessor(&issued.accessor)
+        .await
+        .unwrap()
+        .identity;
+    let mut held = Vec::new();
+    for _ in 0..per_caller {
+        held.push(turns.turn(&owner).await.expect("a free turn"));
+    }
+    assert_eq!(turns.waiting(), 0);
+    let asking = tokio::spawn(ask(root.with_token(&issued.token).unwrap()));
+    // The call has been authorized once it waits for a turn.
+    let waits = async {
+        while turns.waiting() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, waits)
+        .await
+        .expect("the call waits for a turn");
+    match meanwhile {
+        Meanwhile::Nothing => {}
+        Meanwhile::Revoked => {
+            root.revoke_accessor(&issued.accessor).await.unwrap();
+        }
+        Meanwhile::Narrowed => {
+            root.policy_put("waiter", NARROWED).await.unwrap();
+        }
+        Meanwhile::ReadTaken => {
+            root.policy_put("waiter", READ_TAKEN).await.unwrap();
+        }
+    }
+    drop(held);
+    let answer = tokio::time::timeout(WAIT, asking).await.unwrap().unwrap();
+    answer.map_err(|e| match e {
+        ClientError::Status(status) => status.code(),
+        other => panic!("not a status: {other}"),
+    })
+}
+
+/// `attempt` again (up to 3 times in all) while it is refused
+/// `RESOURCE_EXHAUSTED`: on a machine so loaded that the revoke or the
+/// policy write took the whole 10 s of the call's wait for a turn.
+async fn again_if_out_of_time<T, F, Fut>(mut attempt: F) -> Result<T, tonic::Code>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Code>>,
+{
+    let mut left = 3;
+    loop {
+        let answer = attempt().await;
+        left -= 1;
+        if left == 0 || answer.as_ref().err() != Some(&tonic::Code::ResourceExhausted) {
+            return answer;
+        }
+    }
+}
+
+/// A listing, a report or a scan match waits up to 10 s for its turn after
+/// it was authorized. Once its turn comes its token and policies are
+/// checked again: a token revoked meanwhile is refused `UNAUTHENTICATED`,
+/// a policy narrowed meanwhile `PERMISSION_DENIED`, and a read taken away
+/// meanwhile leaves the secret out of a listing and blinds a match. The
+/// last use of a use-limited token, which revokes it, still gets its
+/// answer. Without the second check every case but the plain ones gets the
+/// first answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_for_a_turn_ends_with_the_caller_checked_again() {
+    use crate::core::offload::{LISTINGS_PER_CALLER, MATCHES_PER_CALLER};
+    use Meanwhile::*;
+    let server = OneLane::start().await;
+    let core = Arc::clone(&server.core);
+    let listings = &core.offload.listings;
+    let list = |client: Client| async move { client.list("held").await };
+    for (uses, meanwhile, expected) in [
+        (0, Nothing, Ok(vec![HELD.to_owned()])),
+        (1, Nothing, Ok(vec![HELD.to_owned()])),
+        (0, Revoked, Err(tonic::Code::Unauthenticated)),
+        (2, Revoked, Err(tonic::Code::Unauthenticated)),
+        (0, Narrowed, Err(tonic::Code::PermissionDenied)),
+        (1, Narrowed, Err(tonic::Code::PermissionDenied)),
+        (0, ReadTaken, Ok(Vec::new())),
+    ] {
+        let listed = again_if_out_of_time(|| {
+            after_a_wait(
+                &server,
+                listings,
+                LISTINGS_PER_CALLER,
+                uses,
+                meanwhile,
+                list,
+            )
+        })
+        .await;
+        assert_eq!(listed, expected, "a listing, {meanwhile:?}, uses {uses}");
+    }
+
+    // A scan match of a value stored under the folder the token may read.
+    let value = "kw-wait-7Gq2Lx9Vb4Tz8Np3Hc6Rm1";
+    let stored = [("key".to_owned(), SecretBytes::from(value))]
+        .into_iter()
+        .collect();
+    let root = &server.clients.0;
+    root.put("held/b", &stored, PutOptions::default())
+        .await
+        .unwrap();
+    let matches = &core.offload.matches;
+    let scan = |client: Client| async move { client.scan_match(vec![value.to_owned()]).await };
+    for (meanwhile, readable) in [
+        (Nothing, Some(true)),
+        (ReadTaken, Some(false)),
+        (Revoked, None),
+        (Narrowed, None),
+    ] {
+        let answer = again_if_out_of_time(|| {
+            after_a_wait(&server, matches, MATCHES_PER_CALLER, 0, meanwhile, scan)
+        })
+        .await;
+        match readable {
+            Some(readable) => {
+                let answer = answer.unwrap();
+                assert_eq!(answer.matches.len(), 1, "{meanwhile:?}");
+                let found = &answer.matches[0];
+                assert_eq!(found.readable, readable, "{meanwhile:?}");
+                let path = if readable { "held/b" } else { "" };
+                assert_eq!(found.path, path, "{meanwhile:?}");
+            }
+            None => {
+                let code = answer.unwrap_err();
+                let expected = if meanwhile == Revoked {
+                    tonic::Code::Unauthenticated
+                } else {
+                    tonic::Code::PermissionDenied
+                };
+                assert_eq!(code, expected, "a match, {meanwhile:?}");
+            }
+        }
+    }
+    server.stop().await;
+}

@@ -441,9 +441,11 @@ mod tests {
     #[tokio::test]
     async fn callers_arriving_during_a_linger_join_that_round() {
         let gate = gate();
+        // A linger far longer than the test's own steps take on a loaded
+        // machine: the callers below must arrive while it lasts.
         let commit = Arc::new(GroupCommit::with_linger(
             gate.backend.clone(),
-            Duration::from_millis(500),
+            Duration::from_secs(5),
         ));
         let first = spawn_durable(&commit);
         gate.flush_began().await;

@@ -255,5 +255,5 @@ async fn never_prints_as_null_in_json_and_status_gives_the_crate_version() {
 
     let status = json(run(&["status", "--format", "json"]));
     assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
-    assert_eq!(env!("CARGO_PKG_VERSION"), "0.6.19");
+    assert_eq!(env!("CARGO_PKG_VERSION"), "0.6.20");
 }

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::db_target::{pg_admin, suffix};
 use crate::dynamic_pool::PooledRole;
+use crate::harness::eventually;
 use crate::pki_kit::{pki_server, TRUST_DOMAIN};
 use keyward::proto::v1::PkiIssueRequest;
 
@@ -154,10 +155,13 @@ async fn pki_seal_racing_issues_keeps_no_ca_key_and_signs_nothing_after() {
         assert!(server.core.pki.keeps_ca_key(), "round {round}: kept");
         let sealed = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
+        // Calls made after the seal returned, of any task, once they ended.
+        let answered_late = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
         for _ in 0..8 {
             let (client, spiffe) = (root.clone(), spiffe.clone());
             let (sealed, stop) = (sealed.clone(), stop.clone());
+            let answered_late = answered_late.clone();
             tasks.push(tokio::spawn(async move {
                 // (calls made after the seal returned that were answered, calls after it)
                 let (mut late_ok, mut late) = (0u32, 0u32);
@@ -167,6 +171,7 @@ async fn pki_seal_racing_issues_keeps_no_ca_key_and_signs_nothing_after() {
                     if after {
                         late += 1;
                         late_ok += u32::from(r.is_ok());
+                        answered_late.fetch_add(1, Ordering::SeqCst);
                     }
                 }
                 (late_ok, late)
@@ -179,8 +184,13 @@ async fn pki_seal_racing_issues_keeps_no_ca_key_and_signs_nothing_after() {
             !server.core.pki.keeps_ca_key(),
             "round {round}: the CA key outlived the seal"
         );
-        // Let every task make calls after the seal, then stop them.
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        // Let the tasks make calls after the seal (as many as there are
+        // tasks, waited for, not timed), then stop them.
+        eventually("calls are made after the seal", || {
+            let answered = answered_late.load(Ordering::SeqCst);
+            async move { answered >= 8 }
+        })
+        .await;
         stop.store(true, Ordering::SeqCst);
         let (mut late_ok, mut late) = (0, 0);
         for t in tasks {

@@ -205,9 +205,10 @@ async fn postgres_creds_use_the_granted_role_and_end_on_revoke_renew_and_expiry(
     assert!(user.simple_query("SELECT 1").await.is_err());
     assert_eq!(code(root.lease_lookup(&c.lease_id).await), Code::NotFound);
 
-    // Expiry: a short lease is revoked by the sleeper.
+    // Expiry: a short lease is revoked by the sleeper (long enough for the
+    // login below on a loaded machine; `gone` waits up to 30 s).
     let short = root
-        .creds(&role, Some(Duration::from_secs(2)))
+        .creds(&role, Some(Duration::from_secs(8)))
         .await
         .unwrap();
     assert!(target.can_login(&short.username, &short.password).await);

@@ -154,9 +154,11 @@ async fn a_cached_token_is_refused_on_the_first_request_after_its_expiry() {
     let server = TestServer::dev().await;
     let root = server.root().await;
     let (path, policy) = secret_and_reader(&root).await;
+    // Long enough for the warming reads on a loaded machine (they must
+    // land before the expiry); the test then waits for the expiry itself.
     let t = root
         .issue_token(IssueOptions {
-            ttl: Some(Duration::from_secs(1)),
+            ttl: Some(Duration::from_secs(6)),
             ..opts(&policy)
         })
         .await
@@ -635,7 +637,9 @@ async fn a_cached_token_of_an_identity_is_refused_on_the_first_request_after_the
         "team-a",
         std::slice::from_ref(&policy),
     );
-    request.expires_in_seconds = 2;
+    // Long enough for the writes and reads before the expiry on a loaded
+    // machine; the test then waits for the expiry itself.
+    request.expires_in_seconds = 8;
     let created = root.identity_create(request).await.unwrap();
     let sid = root.identity_secret_id(&name, 0, 0, &[]).await.unwrap();
     let (_, client) = login(&server, &sid.role_id, &sid.secret_id).await;

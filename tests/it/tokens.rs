@@ -48,9 +48,11 @@ async fn a_token_expires_and_is_swept() {
     let root = server.root().await;
     let prefix = unique("exp");
     let policy = reader_policy(&root, &prefix).await;
+    // Long enough for the lookup below on a loaded machine; the refusal
+    // after it is waited for.
     let issued = root
         .issue_token(IssueOptions {
-            ttl: Some(Duration::from_secs(1)),
+            ttl: Some(Duration::from_secs(6)),
             ..opts(&[&policy])
         })
         .await

@@ -503,19 +503,51 @@ impl Call {
     /// Runs `work` on the blocking pool, not on the thread that serves this
     /// call's connection (see [`crate::core::offload`]): for a call that
     /// reads a whole table or prefix. It takes one of the caller's turns of
-    /// `kind` ([`Caller::turn_owner`]). A refusal (no turn in time) or a
-    /// failure of `work` is audited as this call's outcome.
+    /// `kind` ([`Caller::turn_owner`]). Once the turn has come (a wait of
+    /// up to 10 s), the caller is checked again before `work` starts: its
+    /// token as it stands then, and the capability this call was
+    /// authorized for against the token's policies as they stand then
+    /// ([`recheck`]). A token revoked or expired meanwhile is
+    /// `UNAUTHENTICATED`, a policy narrowed meanwhile `PERMISSION_DENIED`.
+    /// A refusal (no turn in time, or the second check) or a failure of
+    /// `work` is audited as this call's outcome.
     pub async fn off_thread<T, E, F>(&mut self, kind: Work, work: F) -> Result<T, Failure>
     where
         T: Send + 'static,
         E: Into<Failure> + Send + 'static,
         F: FnOnce(&Core) -> Result<T, E> + Send + 'static,
     {
+        self.off_thread_as(kind, move |core, _| work(core)).await
+    }
+
+    /// [`Self::off_thread`] for a work that filters what it reads by the
+    /// caller's policies: it is given the caller as checked once its turn
+    /// came (`None` for a call without a token). The call keeps its first
+    /// caller for its audit record (the same token).
+    pub async fn off_thread_as<T, E, F>(&mut self, kind: Work, work: F) -> Result<T, Failure>
+    where
+        T: Send + 'static,
+        E: Into<Failure> + Send + 'static,
+        F: FnOnce(&Core, Option<&Caller>) -> Result<T, E> + Send + 'static,
+    {
         let core = Arc::clone(&self.core);
-        let caller = self.caller.as_ref().map_or("", Caller::turn_owner);
+        let caller = self.caller.clone();
+        let authorized = self.authorized();
+        let owner = self.caller.as_ref().map_or("", Caller::turn_owner);
         let pool = self.core.offload.of(kind);
-        let done = pool.run(caller, move || work(&core)).await;
-        self.check(done.and_then(|worked| worked.map_err(Into::into)))
+        let done = pool
+            .run(owner, move || {
+                let authorized = authorized.as_ref().map(|(c, r)| (*c, r.as_str()));
+                let fresh = recheck(&core, caller.as_ref(), authorized)?;
+                work(&core, fresh.as_ref()).map_err(Into::into)
+            })
+            .await;
+        self.check(done.and_then(|worked| worked))
+    }
+
+    /// The capability and resource this call was authorized for, if it was.
+    fn authorized(&self) -> Option<(Capability, String)> {
+        self.capability.zip(self.resource.clone())
     }
 
     /// The authenticated caller, or an audited `UNAUTHENTICATED` for a call
@@ -895,6 +927,28 @@ impl Drop for Call {
             let _ = self.finish(kind.outcome(), kind.code_name(), Some(message), &[]);
         }
     }
+}
+
+/// The second check of [`Call::off_thread`], on the blocking thread once
+/// the call's turn has come: the caller as its token stands now
+/// ([`Gate::recheck`](super::auth::Gate::recheck)), allowed `authorized`
+/// by its policies as they stand now. It records no use of a grant: the
+/// first check did.
+fn recheck(
+    core: &Core,
+    caller: Option<&Caller>,
+    authorized: Option<(Capability, &str)>,
+) -> Result<Option<Caller>, Failure> {
+    let Some(caller) = caller else {
+        return Ok(None);
+    };
+    let fresh = core.gate.recheck(caller)?;
+    if let Some((capability, resource)) = authorized {
+        if fresh.set.check(resource, capability).is_none() {
+            return Err(AuthError::Denied.into());
+        }
+    }
+    Ok(Some(fresh))
 }
 
 #[cfg(test)]

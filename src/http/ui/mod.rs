@@ -394,15 +394,17 @@ async fn overview(
             "read the governance report (it needs read on sys/governance)",
         );
     }
-    let Some(caller) = call.caller().cloned() else {
+    if call.caller().is_none() {
         return redirect("/ui/sign-in");
-    };
+    }
     let now = state.core.clock().now_ms();
     let settings = state.governance;
-    // It reads every identity and token record: off the connection's thread.
+    // It reads every identity and token record: off the connection's
+    // thread, for the caller as its token stands once its turn came.
     let body = call
-        .off_thread(Work::Report, move |core| {
-            views::overview(core, &caller, &settings, now)
+        .off_thread_as(Work::Report, move |core, caller| match caller {
+            Some(caller) => views::overview(core, caller, &settings, now),
+            None => Err(Failure::from(crate::core::auth::AuthError::MissingToken)),
         })
         .await;
     let body = match body {
