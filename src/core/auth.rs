@@ -81,8 +81,9 @@ pub struct Caller {
     /// but must be made durable before acting (`Call::begin` does).
     pub counted_use: bool,
     /// This call spent the last use of a limited token, which revoked it:
-    /// a check after a wait ([`Gate::recheck`]) finds the token gone.
-    pub last_use: bool,
+    /// a check after a wait ([`Gate::recheck`]) finds the token gone, and
+    /// checks what it hung from instead.
+    pub last_use: Option<Arc<LastUse>>,
     /// The compiled policies of the token (for a delegated token, both the
     /// subject's and the actor's sides).
     pub set: Arc<CompiledSet>,
@@ -96,6 +97,16 @@ pub struct Caller {
     /// of stored records may answer it (`storage::coherence`). Always true
     /// on a store this process owns.
     pub fresh: bool,
+}
+
+/// What [`Gate::recheck`] reads of a token whose last use the call spent.
+#[derive(Debug)]
+pub struct LastUse {
+    /// The token's parent (a delegated token's subject token); empty for a
+    /// token without one.
+    parent_accessor: String,
+    /// A delegated token's actor-side policies.
+    actor_policies: Vec<String>,
 }
 
 /// The actor chain of a delegated token (RFC 8693 `act`), for the audit
@@ -228,7 +239,12 @@ impl Gate {
             policies: used.record.policies.clone(),
             expires_at_ms: used.record.expires_at_ms,
             counted_use: used.counted,
-            last_use: used.counted && used.record.uses_remaining == 0,
+            last_use: used.last_use.then(|| {
+                Arc::new(LastUse {
+                    parent_accessor: used.record.parent_accessor.clone(),
+                    actor_policies: used.record.actor_policies.clone(),
+                })
+            }),
             set,
             audit_mac: used.audit_mac,
             fresh,
@@ -279,7 +295,7 @@ impl Gate {
             policies: info.policies,
             expires_at_ms: info.expires_at_ms,
             counted_use: false,
-            last_use: false,
+            last_use: None,
             set,
             audit_mac: None,
             fresh,
@@ -287,20 +303,36 @@ impl Gate {
     }
 
     /// [`Self::refresh`] for a call that checks its caller again after it
-    /// waited for a turn (`Call::off_thread`). A call that spent the last use of
-    /// its token, which revoked the token, is that token's one call: it is
-    /// not refused for the token being gone, and a token of its own (not a
-    /// delegated one) has its policies compiled as they stand now.
+    /// waited for a turn (`Call::off_thread`). A call that spent the last
+    /// use of its token, which revoked the token, is that token's one call:
+    /// it is not refused for the token being gone. The tokens it hung from
+    /// must still stand (its parent, a delegated token's subject token, and
+    /// a delegated token's actor token), and its policies are compiled
+    /// again as they stand now.
     pub fn recheck(&self, caller: &Caller) -> Result<Caller, AuthError> {
-        if !caller.last_use {
+        let Some(last) = &caller.last_use else {
             return self.refresh(caller);
+        };
+        let now = self.clock.now_ms();
+        let parent = Some(last.parent_accessor.as_str()).filter(|a| !a.is_empty());
+        let actor = caller.actor.as_ref().map(|a| a.actor_accessor.as_str());
+        for accessor in [parent, actor].into_iter().flatten() {
+            self.tokens
+                .lookup_accessor(accessor, now)?
+                .ok_or(AuthError::BadToken)?;
         }
-        let mut again = caller.clone();
-        if caller.actor.is_none() {
-            again.fresh = self.tokens.cache_fence();
-            again.set = self.set_of(&caller.policies, &[], false, again.fresh)?;
-        }
-        Ok(again)
+        let fresh = self.tokens.cache_fence();
+        let set = self.set_of(
+            &caller.policies,
+            &last.actor_policies,
+            caller.actor.is_some(),
+            fresh,
+        )?;
+        Ok(Caller {
+            set,
+            fresh,
+            ..caller.clone()
+        })
     }
 
     /// Checks a capability on a resource against the caller's policies and

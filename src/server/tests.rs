@@ -222,6 +222,9 @@ enum Meanwhile {
     Nothing,
     /// The waiting token is revoked.
     Revoked,
+    /// The waiting token's parent is revoked (the waiting token is a
+    /// child of a token of policy [`WAITER`], not of root's).
+    ParentRevoked,
     /// The token's policy is rewritten to grant none of what the call asked.
     Narrowed,
     /// The token's policy is rewritten without its read of the secrets:
@@ -230,10 +233,11 @@ enum Meanwhile {
 }
 
 /// The policy of the waiting tokens: list and read under [`HELD`]'s
-/// folder, and scan.
+/// folder, scan, and issue (a parent's children).
 const WAITER: &str = "[[rule]]\npath = \"secret/held\"\ncapabilities = [\"list\"]\n\
                       [[rule]]\npath = \"secret/held/**\"\ncapabilities = [\"read\"]\n\
-                      [[rule]]\npath = \"sys/scan\"\ncapabilities = [\"scan\"]\n";
+                      [[rule]]\npath = \"sys/scan\"\ncapabilities = [\"scan\"]\n\
+                      [[rule]]\npath = \"sys/token\"\ncapabilities = [\"issue\"]\n";
 /// [`WAITER`] rewritten to grant nothing the calls below ask for.
 const NARROWED: &str = "[[rule]]\npath = \"secret/other/**\"\ncapabilities = [\"read\"]\n";
 /// [`WAITER`] without its read of the secrets.
@@ -259,14 +263,18 @@ where
 {
     let root = &server.clients.0;
     root.policy_put("waiter", WAITER).await.unwrap();
-    let issued = root
-        .issue_token(crate::client::IssueOptions {
-            policies: vec!["waiter".into()],
-            uses,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let waiter = |uses| crate::client::IssueOptions {
+        policies: vec!["waiter".into()],
+        uses,
+        ..Default::default()
+    };
+    let parent = root.issue_token(waiter(0)).await.unwrap();
+    let issuer = if meanwhile == Meanwhile::ParentRevoked {
+        root.with_token(&parent.token).unwrap()
+    } else {
+        root.clone()
+    };
+    let issued = issuer.issue_token(waiter(uses)).await.unwrap();
     let owner = root
         .lookup_accessor(&issued.accessor)
         .await
@@ -291,6 +299,9 @@ where
         Meanwhile::Nothing => {}
         Meanwhile::Revoked => {
             root.revoke_accessor(&issued.accessor).await.unwrap();
+        }
+        Meanwhile::ParentRevoked => {
+            root.revoke_accessor(&parent.accessor).await.unwrap();
         }
         Meanwhile::Narrowed => {
             root.policy_put("waiter", NARROWED).await.unwrap();
@@ -331,8 +342,8 @@ where
 /// a policy narrowed meanwhile `PERMISSION_DENIED`, and a read taken away
 /// meanwhile leaves the secret out of a listing and blinds a match. The
 /// last use of a use-limited token, which revokes it, still gets its
-/// answer. Without the second check every case but the plain ones gets the
-/// first answer.
+/// answer, unless its parent was revoked meanwhile. Without the second
+/// check every case but the plain ones gets the first answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wait_for_a_turn_ends_with_the_caller_checked_again() {
     use crate::core::offload::{LISTINGS_PER_CALLER, MATCHES_PER_CALLER};
@@ -346,6 +357,8 @@ async fn a_wait_for_a_turn_ends_with_the_caller_checked_again() {
         (1, Nothing, Ok(vec![HELD.to_owned()])),
         (0, Revoked, Err(tonic::Code::Unauthenticated)),
         (2, Revoked, Err(tonic::Code::Unauthenticated)),
+        (1, ParentRevoked, Err(tonic::Code::Unauthenticated)),
+        (2, ParentRevoked, Err(tonic::Code::Unauthenticated)),
         (0, Narrowed, Err(tonic::Code::PermissionDenied)),
         (1, Narrowed, Err(tonic::Code::PermissionDenied)),
         (0, ReadTaken, Ok(Vec::new())),

@@ -143,6 +143,7 @@ impl VerifiedTokens {
         Some(Ok(TokenUse {
             record: entry.record.clone(),
             counted: false,
+            last_use: false,
             audit_mac: Some(entry.audit_mac.clone()),
         }))
     }

@@ -379,6 +379,8 @@ pub struct TokenUse {
     /// A use was counted (and stored); the caller should wait for
     /// `Barrier::durable` before acting.
     pub counted: bool,
+    /// The use counted was the token's last: counting it revoked the token.
+    pub last_use: bool,
     /// The token's audit HMAC kept by the verified-token cache (a hit); `None`
     /// on the full path.
     pub audit_mac: Option<Arc<crate::audit::TokenMac>>,
@@ -1536,13 +1538,15 @@ impl TokenStore {
             return Ok(TokenUse {
                 record: Arc::new(record),
                 counted: false,
+                last_use: false,
                 audit_mac: None,
             });
         }
-        let record = self.count_use(&accessor, now_ms)?;
+        let (record, last_use) = self.count_use(&accessor, now_ms)?;
         Ok(TokenUse {
             record: Arc::new(record),
             counted: true,
+            last_use,
             audit_mac: None,
         })
     }
@@ -1552,8 +1556,9 @@ impl TokenStore {
     /// counted use wrote a record another use must have read. The last use
     /// marks the record `spent` the same way (every node refuses it from
     /// then on) and then revokes the token. A conflict means another use,
-    /// renewal or revocation won: read again and retry.
-    fn count_use(&self, accessor: &str, now_ms: u64) -> Result<TokenRecord, TokenError> {
+    /// renewal or revocation won: read again and retry. The flag says the
+    /// use was the last.
+    fn count_use(&self, accessor: &str, now_ms: u64) -> Result<(TokenRecord, bool), TokenError> {
         let _guard = self.inner.writes.lock().unwrap_or_else(|e| e.into_inner());
         let acc_key = format!("{ACCESSOR_PREFIX}{accessor}");
         for _ in 0..USE_ATTEMPTS {
@@ -1566,7 +1571,7 @@ impl TokenStore {
                 return Err(TokenError::Invalid);
             }
             match record.uses_remaining {
-                0 => return Ok(record),
+                0 => return Ok((record, false)),
                 1 => {
                     let expires_at_ms = record.expires_at_ms;
                     if !self.mark_spent(&acc_key, &stamp, &mut record, now_ms)? {
@@ -1577,13 +1582,13 @@ impl TokenStore {
                     record.expires_at_ms = expires_at_ms;
                     record.spent = false;
                     record.uses_remaining = 0;
-                    return Ok(record);
+                    return Ok((record, true));
                 }
                 n => {
                     record.uses_remaining = n - 1;
                     let encoded = record.encode_to_vec();
                     if (self.barrier()).compare_and_swap(&acc_key, Some(&stamp), Some(&encoded))? {
-                        return Ok(record);
+                        return Ok((record, false));
                     }
                 }
             }

@@ -651,3 +651,118 @@ async fn an_actor_with_a_use_limit_is_refused() {
         .await
         .unwrap();
 }
+
+/// The last use of a delegated token (uses 1) is a listing that waits for
+/// a turn of the actor's (the test holds the actor's own turns). Its use
+/// revoked the delegated token, so the check after the wait
+/// (`Gate::recheck`) cannot read it; it reads what it hung from instead: the
+/// actor's token revoked meanwhile is `UNAUTHENTICATED`, and the actor's
+/// policy narrowed meanwhile `PERMISSION_DENIED`. Undisturbed, the last use
+/// gets its answer.
+#[tokio::test]
+async fn a_delegated_last_use_that_waited_follows_its_actor() {
+    use keyward::core::offload::LISTINGS_PER_CALLER;
+    let server = TestServer::dev().await;
+    let root = server.root().await;
+    let p = unique("dlgw");
+    root.put(
+        &format!("{p}/a"),
+        &data(&[("v", "a")]),
+        PutOptions::default(),
+    )
+    .await
+    .unwrap();
+    let rules = format!(
+        "[[rule]]\npath = \"secret/{p}\"\ncapabilities = [\"list\"]\n\
+         [[rule]]\npath = \"secret/{p}/**\"\ncapabilities = [\"read\"]\n"
+    );
+    let subject_policy = unique("subj");
+    let issue = "[[rule]]\npath = \"sys/token\"\ncapabilities = [\"issue\"]\n";
+    root.policy_put(&subject_policy, &format!("{rules}{issue}"))
+        .await
+        .unwrap();
+    let (_, subject) = identity(
+        &server,
+        &root,
+        "service-account",
+        std::slice::from_ref(&subject_policy),
+    )
+    .await;
+    let listings = &server.core.offload.listings;
+    for meanwhile in ["nothing", "actor revoked", "actor narrowed"] {
+        let mut attempts = 0;
+        let answer = loop {
+            // A new agent each time: one case revokes its token, another
+            // narrows its policy.
+            let agent_policy = unique("agent");
+            root.policy_put(&agent_policy, &rules).await.unwrap();
+            let (agent_name, agent) = identity(
+                &server,
+                &root,
+                "ai-agent",
+                std::slice::from_ref(&agent_policy),
+            )
+            .await;
+            let actor_accessor = agent.lookup_self().await.unwrap().accessor;
+            let subject_token = subject
+                .issue_may_act_token(
+                    IssueOptions {
+                        policies: vec![subject_policy.clone()],
+                        ..IssueOptions::default()
+                    },
+                    &agent_name,
+                )
+                .await
+                .unwrap()
+                .token;
+            let d = agent
+                .exchange_token(
+                    &subject_token,
+                    ExchangeOptions {
+                        uses: 1,
+                        ..ExchangeOptions::default()
+                    },
+                )
+                .await
+                .unwrap();
+            let delegated = agent.with_token(&d.token).unwrap();
+            let mut held = Vec::new();
+            for _ in 0..LISTINGS_PER_CALLER {
+                held.push(listings.turn(&agent_name).await.expect("a free turn"));
+            }
+            let prefix = p.clone();
+            let listing = tokio::spawn(async move { delegated.list(&prefix).await });
+            eventually("the listing waits for a turn", || async {
+                listings.waiting() > 0
+            })
+            .await;
+            match meanwhile {
+                "actor revoked" => {
+                    root.revoke_accessor(&actor_accessor).await.unwrap();
+                }
+                "actor narrowed" => {
+                    let other = format!(
+                        "[[rule]]\npath = \"secret/{p}-other/**\"\ncapabilities = [\"read\"]\n"
+                    );
+                    root.policy_put(&agent_policy, &other).await.unwrap();
+                }
+                _ => {}
+            }
+            drop(held);
+            let answer = listing.await.unwrap();
+            attempts += 1;
+            // Only a machine so loaded that the step above took the whole
+            // 10 s of the listing's wait for a turn: try again.
+            let out_of_time =
+                matches!(&answer, Err(e) if e.code() == Some(Code::ResourceExhausted));
+            if !out_of_time || attempts == 3 {
+                break answer;
+            }
+        };
+        match meanwhile {
+            "nothing" => assert_eq!(answer.unwrap(), vec![format!("{p}/a")]),
+            "actor revoked" => assert_eq!(code(answer), Code::Unauthenticated),
+            _ => assert_eq!(code(answer), Code::PermissionDenied, "{meanwhile}"),
+        }
+    }
+}
