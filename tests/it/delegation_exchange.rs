@@ -656,9 +656,9 @@ async fn an_actor_with_a_use_limit_is_refused() {
 /// a turn of the actor's (the test holds the actor's own turns). Its use
 /// revoked the delegated token, so the check after the wait
 /// (`Gate::recheck`) cannot read it; it reads what it hung from instead: the
-/// actor's token revoked meanwhile is `UNAUTHENTICATED`, and the actor's
-/// policy narrowed meanwhile `PERMISSION_DENIED`. Undisturbed, the last use
-/// gets its answer.
+/// actor's token or the subject's (exchange-only) token revoked meanwhile
+/// is `UNAUTHENTICATED`, and either side's policy narrowed meanwhile
+/// `PERMISSION_DENIED`. Undisturbed, the last use gets its answer.
 #[tokio::test]
 async fn a_delegated_last_use_that_waited_follows_its_actor() {
     use keyward::core::offload::LISTINGS_PER_CALLER;
@@ -678,7 +678,8 @@ async fn a_delegated_last_use_that_waited_follows_its_actor() {
     );
     let subject_policy = unique("subj");
     let issue = "[[rule]]\npath = \"sys/token\"\ncapabilities = [\"issue\"]\n";
-    root.policy_put(&subject_policy, &format!("{rules}{issue}"))
+    let subject_rules = format!("{rules}{issue}");
+    root.policy_put(&subject_policy, &subject_rules)
         .await
         .unwrap();
     let (_, subject) = identity(
@@ -689,9 +690,20 @@ async fn a_delegated_last_use_that_waited_follows_its_actor() {
     )
     .await;
     let listings = &server.core.offload.listings;
-    for meanwhile in ["nothing", "actor revoked", "actor narrowed"] {
+    let narrowed = format!("[[rule]]\npath = \"secret/{p}-other/**\"\ncapabilities = [\"read\"]\n");
+    for meanwhile in [
+        "nothing",
+        "actor revoked",
+        "actor narrowed",
+        "subject revoked",
+        "subject narrowed",
+    ] {
         let mut attempts = 0;
         let answer = loop {
+            // The subject's policy as it was (a case below narrows it).
+            root.policy_put(&subject_policy, &subject_rules)
+                .await
+                .unwrap();
             // A new agent each time: one case revokes its token, another
             // narrows its policy.
             let agent_policy = unique("agent");
@@ -704,7 +716,7 @@ async fn a_delegated_last_use_that_waited_follows_its_actor() {
             )
             .await;
             let actor_accessor = agent.lookup_self().await.unwrap().accessor;
-            let subject_token = subject
+            let may_act = subject
                 .issue_may_act_token(
                     IssueOptions {
                         policies: vec![subject_policy.clone()],
@@ -713,8 +725,8 @@ async fn a_delegated_last_use_that_waited_follows_its_actor() {
                     &agent_name,
                 )
                 .await
-                .unwrap()
-                .token;
+                .unwrap();
+            let subject_token = may_act.token.clone();
             let d = agent
                 .exchange_token(
                     &subject_token,
@@ -741,10 +753,13 @@ async fn a_delegated_last_use_that_waited_follows_its_actor() {
                     root.revoke_accessor(&actor_accessor).await.unwrap();
                 }
                 "actor narrowed" => {
-                    let other = format!(
-                        "[[rule]]\npath = \"secret/{p}-other/**\"\ncapabilities = [\"read\"]\n"
-                    );
-                    root.policy_put(&agent_policy, &other).await.unwrap();
+                    root.policy_put(&agent_policy, &narrowed).await.unwrap();
+                }
+                "subject revoked" => {
+                    root.revoke_accessor(&may_act.accessor).await.unwrap();
+                }
+                "subject narrowed" => {
+                    root.policy_put(&subject_policy, &narrowed).await.unwrap();
                 }
                 _ => {}
             }
@@ -761,7 +776,9 @@ async fn a_delegated_last_use_that_waited_follows_its_actor() {
         };
         match meanwhile {
             "nothing" => assert_eq!(answer.unwrap(), vec![format!("{p}/a")]),
-            "actor revoked" => assert_eq!(code(answer), Code::Unauthenticated),
+            "actor revoked" | "subject revoked" => {
+                assert_eq!(code(answer), Code::Unauthenticated, "{meanwhile}")
+            }
             _ => assert_eq!(code(answer), Code::PermissionDenied, "{meanwhile}"),
         }
     }

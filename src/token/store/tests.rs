@@ -159,13 +159,22 @@ fn uses_are_counted_and_the_last_revokes() {
     let t = s.issue(r, T0).unwrap();
     let first = s.use_token(t.token.expose(), local(), T0).unwrap();
     assert!(first.counted);
+    assert!(!first.last_use);
     assert_eq!(first.record.uses_remaining, 1);
     let second = s.use_token(t.token.expose(), local(), T0).unwrap();
     assert!(second.counted);
+    assert!(second.last_use, "the second of two uses is the last");
     assert!(matches!(
         s.use_token(t.token.expose(), local(), T0),
         Err(TokenError::Invalid)
     ));
+    // An unlimited token counts no use and has no last one, read from
+    // storage or from the verified-token cache.
+    let unlimited = s.issue(req("svc", &["a"], 100), T0).unwrap();
+    for _ in 0..2 {
+        let used = s.use_token(unlimited.token.expose(), local(), T0).unwrap();
+        assert!(!used.counted && !used.last_use);
+    }
 }
 
 #[test]
