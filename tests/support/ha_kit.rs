@@ -16,12 +16,13 @@ use keyward::client::{Client, ClientOptions};
 /// The bound on every wait for an event.
 pub const BOUND: Duration = Duration::from_secs(60);
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `N` distinct ports that were free a moment ago: every listener is held
+/// until all are picked, so no two are the same.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
 }
 
 /// One `keyward server` child process.
@@ -50,7 +51,9 @@ impl Node {
     }
 
     /// As [`Node::start`], with `etcd_settings` (TOML lines) added to the
-    /// node's `[storage.etcd]` table.
+    /// node's `[storage.etcd]` table. A node that exits before it listens
+    /// (a port taken between its pick and the node's bind, by a test
+    /// running beside) is started again on other ports, 3 tries in all.
     pub fn start_with(
         etcd: &EtcdCluster,
         prefix: &str,
@@ -59,8 +62,31 @@ impl Node {
         env: &[(&str, &str)],
         etcd_settings: &str,
     ) -> Self {
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            match Self::try_start(etcd, prefix, certs, id, env, etcd_settings) {
+                Ok(node) => return node,
+                Err(log) => failures.push(log),
+            }
+        }
+        panic!(
+            "node {id} exited before it listened, 3 times; logs:\n{}",
+            failures.join("\n----\n")
+        );
+    }
+
+    /// One try of [`Node::start_with`]: `Err` is the log of a node that
+    /// exited before it listened.
+    fn try_start(
+        etcd: &EtcdCluster,
+        prefix: &str,
+        certs: &keyward::pki::CertPaths,
+        id: &str,
+        env: &[(&str, &str)],
+        etcd_settings: &str,
+    ) -> Result<Self, String> {
         let dir = private_tempdir();
-        let (port, metrics_port) = (free_port(), free_port());
+        let [port, metrics_port] = free_ports();
         let endpoints: Vec<String> = etcd
             .endpoints()
             .iter()
@@ -85,7 +111,7 @@ impl Node {
         std::fs::write(&config_path, config).unwrap();
         let log = dir.path().join("server.log");
         let stderr = std::fs::File::create(&log).unwrap();
-        let child = Command::new(binary())
+        let mut child = Command::new(binary())
             .arg("server")
             .arg("--config")
             .arg(&config_path)
@@ -100,14 +126,21 @@ impl Node {
             .unwrap();
         let started = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < BOUND,
-                "node {id} did not listen within {BOUND:?}; log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
+            if child.try_wait().ok().flatten().is_some() {
+                return Err(std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            if started.elapsed() >= BOUND {
+                // Our own child, by its handle: no process is left behind.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "node {id} did not listen within {BOUND:?}; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Self {
+        Ok(Self {
             id: id.to_owned(),
             child: Some(child),
             addr: format!("https://127.0.0.1:{port}"),
@@ -116,7 +149,7 @@ impl Node {
             audit: dir.path().join("audit.log"),
             log,
             _dir: dir,
-        }
+        })
     }
 
     pub async fn client(&self, token: Option<&str>) -> Client {
